@@ -1,0 +1,131 @@
+//! The kernel registry: one shader module per `shaders/*.wgsl`, compiled once, and one pipeline per
+//! (kernel, entry point, override constants).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::Gpu;
+
+/// How a kernel declares one binding of `@group(0)`, in binding order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// `var<storage, read>`
+    Storage,
+    /// `var<storage, read_write>`
+    StorageMut,
+    /// `var<uniform>`
+    Uniform,
+}
+
+/// One WGSL file and the bindings its entry points share.
+#[derive(Debug)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub bindings: &'static [Binding],
+}
+
+use Binding::{Storage, StorageMut, Uniform};
+
+macro_rules! kernel {
+    ($ident:ident, $file:literal, [$($binding:expr),*]) => {
+        pub const $ident: Kernel = Kernel {
+            name: $file,
+            source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
+            bindings: &[$($binding),*],
+        };
+    };
+}
+
+kernel!(EMBEDDING, "embedding", [Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(RMSNORM, "rmsnorm", [Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(ROPE, "rope", [Storage, StorageMut, Uniform, Uniform]);
+kernel!(MATMUL, "matmul", [Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(SILU_MUL, "silu_mul", [Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
+
+/// Every kernel the engine uses.
+pub const KERNELS: [&Kernel; 7] = [&EMBEDDING, &RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX];
+
+struct Module {
+    shader: wgpu::ShaderModule,
+    bind_group_layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+}
+
+#[derive(Default)]
+pub(super) struct Registry {
+    modules: Mutex<HashMap<&'static str, Module>>,
+    pipelines: Mutex<HashMap<String, Pipeline>>,
+}
+
+/// A compute pipeline with the layout its bind groups are made from.
+#[derive(Clone, Debug)]
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+impl Gpu {
+    /// The pipeline for `entry` of `kernel` with the given override constants, made once and shared.
+    pub fn pipeline(&self, kernel: &Kernel, entry: &str, constants: &[(&str, f64)]) -> Pipeline {
+        let key = format!("{}:{entry}:{constants:?}", kernel.name);
+        let mut pipelines = self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pipeline) = pipelines.get(&key) {
+            return pipeline.clone();
+        }
+        let mut modules = self.kernels.modules.lock().unwrap_or_else(|e| e.into_inner());
+        let module = modules.entry(kernel.name).or_insert_with(|| self.compile(kernel));
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: Some(&module.pipeline_layout),
+            module: &module.shader,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants, ..Default::default() },
+            cache: None,
+        });
+        let pipeline = Pipeline { pipeline, layout: module.bind_group_layout.clone() };
+        pipelines.insert(key, pipeline.clone());
+        pipeline
+    }
+
+    fn compile(&self, kernel: &Kernel) -> Module {
+        let shader = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(kernel.name),
+            source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
+        });
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
+            .bindings
+            .iter()
+            .enumerate()
+            .map(|(i, binding)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: match binding {
+                    Storage | StorageMut => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: *binding == Storage },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
+        let bind_group_layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(kernel.name),
+            entries: &entries,
+        });
+        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(kernel.name),
+            bind_group_layouts: &[Some(&bind_group_layout)],
+            immediate_size: 0,
+        });
+        Module { shader, bind_group_layout, pipeline_layout }
+    }
+}

@@ -1,0 +1,243 @@
+//! The GPU layer: adapter choice, feature and limit negotiation, weight buffers split over the
+//! binding limit, the kernel registry and readback.
+
+mod kernels;
+pub mod ops;
+mod readback;
+mod tensor;
+
+use std::sync::{Arc, Mutex};
+
+pub use kernels::{Binding, Kernel, KERNELS};
+pub use tensor::WeightMatrix;
+
+/// Picks an adapter by a case-insensitive substring of its name or backend ("vulkan", "llvmpipe", ...).
+pub const ADAPTER_ENV: &str = "LLAMA_WEBGPU_ADAPTER";
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU adapter found{}", match .wanted { Some(w) => format!(" matching {w:?} (available: {})", .available.join(", ")), None => String::new() })]
+    NoAdapter { wanted: Option<String>, available: Vec<String> },
+    #[error("the GPU adapter {adapter:?} is short of limit {name}: needed {needed}, available {available}")]
+    Limit { adapter: String, name: &'static str, needed: u64, available: u64 },
+    #[error("requesting a device from {adapter:?} failed: {message}")]
+    RequestDevice { adapter: String, message: String },
+    #[error("the GPU device was lost: {0}")]
+    DeviceLost(String),
+    #[error("the GPU reported an error: {0}")]
+    Validation(String),
+    #[error("out of GPU memory allocating {what} ({bytes} bytes)")]
+    OutOfMemory { what: String, bytes: u64 },
+    #[error("tensor {tensor} has {cols} columns; the kernels need an even number")]
+    OddColumns { tensor: String, cols: usize },
+    #[error("reading back from the GPU failed: {0}")]
+    Readback(String),
+}
+
+/// How to choose and configure the GPU.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Substring of the adapter name or backend; falls back to `LLAMA_WEBGPU_ADAPTER`, then to the
+    /// high-performance adapter.
+    pub adapter: Option<String>,
+    /// Prefer the low-power adapter when none is named.
+    pub low_power: bool,
+    /// Caps `max_storage_buffer_binding_size` below the adapter's, e.g. to mimic a browser's 128 MiB.
+    pub max_storage_binding: Option<u64>,
+}
+
+/// What the engine needs from every adapter, whatever the model.
+const REQUIRED: [(&str, fn(&wgpu::Limits) -> u64, u64); 6] = [
+    ("max_compute_invocations_per_workgroup", |l| l.max_compute_invocations_per_workgroup as u64, 256),
+    ("max_compute_workgroup_size_x", |l| l.max_compute_workgroup_size_x as u64, 256),
+    ("max_compute_workgroup_size_y", |l| l.max_compute_workgroup_size_y as u64, 16),
+    ("max_compute_workgroup_storage_size", |l| l.max_compute_workgroup_storage_size as u64, 8192),
+    ("max_storage_buffers_per_shader_stage", |l| l.max_storage_buffers_per_shader_stage as u64, 4),
+    ("max_uniform_buffers_per_shader_stage", |l| l.max_uniform_buffers_per_shader_stage as u64, 2),
+];
+
+/// A device and queue with the features and limits negotiated for the engine.
+#[derive(Clone)]
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    /// The limits granted, which the engine sizes its buffers by.
+    pub limits: wgpu::Limits,
+    /// Optional features granted (shader-f16, subgroups); nothing requires them.
+    pub features: wgpu::Features,
+    kernels: Arc<kernels::Registry>,
+    failure: Arc<Mutex<Option<GpuError>>>,
+}
+
+impl Gpu {
+    pub async fn new(options: &GpuOptions) -> Result<Self, GpuError> {
+        let instance = instance();
+        let adapter = choose_adapter(&instance, options).await?;
+        let info = adapter.get_info();
+        let available = adapter.limits();
+        for (name, get, needed) in REQUIRED {
+            if get(&available) < needed {
+                return Err(GpuError::Limit { adapter: info.name.clone(), name, needed, available: get(&available) });
+            }
+        }
+        let mut limits = wgpu::Limits::downlevel_defaults();
+        limits.max_storage_buffer_binding_size = available.max_storage_buffer_binding_size;
+        limits.max_buffer_size = available.max_buffer_size;
+        limits.max_compute_workgroups_per_dimension = available.max_compute_workgroups_per_dimension;
+        limits.max_compute_workgroup_storage_size = available.max_compute_workgroup_storage_size;
+        if let Some(cap) = options.max_storage_binding {
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
+        }
+        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("llama-webgpu"),
+                required_features: features,
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| GpuError::RequestDevice { adapter: info.name.clone(), message: e.to_string() })?;
+
+        // Errors surface as values on the next readback instead of wgpu's default panic.
+        let failure = Arc::new(Mutex::new(None));
+        let slot = failure.clone();
+        device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert(GpuError::Validation(error.to_string()));
+        }));
+        let slot = failure.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert(GpuError::DeviceLost(format!("{reason:?}: {message}")));
+        });
+        log::info!("adapter {:?} ({:?}), features {:?}", info.name, info.backend, features);
+        Ok(Self { device, queue, info, limits, features, kernels: Default::default(), failure })
+    }
+
+    /// The first error the device reported since it was created, if any: a lost device or a
+    /// failed validation leaves the engine unusable.
+    pub fn check(&self) -> Result<(), GpuError> {
+        match &*self.failure.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => Ok(()),
+            Some(error) => Err(error.clone()),
+        }
+    }
+
+    /// Fails with a named limit when one buffer of `bytes` cannot be bound as a whole.
+    pub fn check_binding(&self, what: &'static str, bytes: u64) -> Result<(), GpuError> {
+        let available = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        if bytes > available {
+            return Err(GpuError::Limit {
+                adapter: self.info.name.clone(),
+                name: what,
+                needed: bytes,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// A storage buffer of `bytes`, zeroed, usable as kernel input and output and for copies.
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn storage_buffer_with<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
+        let buffer = self.storage_buffer(label, std::mem::size_of_val(data) as u64);
+        self.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(data));
+        buffer
+    }
+
+    /// A uniform buffer holding `value`.
+    pub fn uniform_buffer<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: std::mem::size_of::<T>() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.queue.write_buffer(&buffer, 0, bytemuck::bytes_of(value));
+        buffer
+    }
+
+    /// Copies `bytes` from the start of `buffer` back to the host through a new staging buffer.
+    pub async fn read(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        let staging = self.readback_buffer("readback", bytes);
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, staging.size());
+        self.queue.submit([encoder.finish()]);
+        self.read_mapped(&staging, bytes).await
+    }
+
+    /// A buffer the host can map to read what a command buffer copied into it.
+    pub fn readback_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Waits for the submitted work, then reads the first `bytes` of a readback buffer.
+    pub async fn read_mapped(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        readback::read_mapped(self, staging, bytes).await
+    }
+
+    /// Runs `encode` in one compute pass, submits it and waits for the GPU.
+    pub async fn run(&self, encode: impl FnOnce(&mut wgpu::ComputePass)) -> Result<(), GpuError> {
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            encode(&mut pass);
+        }
+        self.queue.submit([encoder.finish()]);
+        readback::wait(self).await
+    }
+}
+
+/// Lists every adapter as "name (backend)", for `info` and for errors.
+pub async fn adapter_names() -> Vec<String> {
+    let instance = instance();
+    instance.enumerate_adapters(wgpu::Backends::all()).await.iter().map(describe).collect()
+}
+
+/// Vulkan, Metal, DX12 or the browser's WebGPU unless WGPU_BACKEND says otherwise: the GL backend
+/// lacks storage buffers in compute on many drivers.
+fn instance() -> wgpu::Instance {
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    descriptor.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    wgpu::Instance::new(descriptor)
+}
+
+fn describe(adapter: &wgpu::Adapter) -> String {
+    let info = adapter.get_info();
+    format!("{} ({:?})", info.name, info.backend)
+}
+
+async fn choose_adapter(instance: &wgpu::Instance, options: &GpuOptions) -> Result<wgpu::Adapter, GpuError> {
+    let wanted = options.adapter.clone().or_else(|| std::env::var(ADAPTER_ENV).ok()).filter(|w| !w.is_empty());
+    if let Some(wanted) = wanted {
+        let adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        let needle = wanted.to_lowercase();
+        let available: Vec<String> = adapters.iter().map(describe).collect();
+        return adapters
+            .into_iter()
+            .find(|a| describe(a).to_lowercase().contains(&needle))
+            .ok_or(GpuError::NoAdapter { wanted: Some(wanted), available });
+    }
+    let power_preference =
+        if options.low_power { wgpu::PowerPreference::LowPower } else { wgpu::PowerPreference::HighPerformance };
+    instance
+        .request_adapter(&wgpu::RequestAdapterOptions { power_preference, ..Default::default() })
+        .await
+        .map_err(|_| GpuError::NoAdapter { wanted: None, available: vec![] })
+}

@@ -1,0 +1,331 @@
+//! Ops: a kernel bound to its buffers once, at load, and encoded per forward pass with the token
+//! count of that pass. Each `*Params` struct mirrors the `Params` struct of its WGSL file.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::kernels::{self, Kernel};
+use super::{Gpu, WeightMatrix};
+
+/// Per-pass values every token-wise kernel reads: the number of tokens and the first one's position.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct StepParams {
+    pub n_tokens: u32,
+    pub start_pos: u32,
+    pub _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct EmbeddingParams {
+    pub dim: u32,
+    pub row_start: u32,
+    pub rows: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct RmsNormParams {
+    pub dim: u32,
+    pub eps: f32,
+    pub _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct RopeParams {
+    pub n_heads: u32,
+    pub head_dim: u32,
+    pub row_stride: u32,
+    pub rows_at_position: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct MatmulParams {
+    pub k: u32,
+    pub rows: u32,
+    pub row_start: u32,
+    pub in_stride: u32,
+    pub out_stride: u32,
+    pub accumulate: u32,
+    pub rows_at_position: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionParams {
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct SiluMulParams {
+    pub width: u32,
+    pub _pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct ArgmaxParams {
+    pub n: u32,
+    pub _pad: [u32; 3],
+}
+
+/// The largest head_dim the attention kernel holds (its MAX_HEAD_DIM).
+pub const MAX_HEAD_DIM: usize = 256;
+/// Below this many tokens a matmul runs as GEMVs; from it on, as tiles.
+pub const GEMV_MAX_TOKENS: u32 = 8;
+const TILE: u32 = 32;
+const WG_1D: u32 = 64;
+
+/// How many workgroups a dispatch needs for `n` tokens.
+#[derive(Clone, Copy, Debug)]
+enum Grid {
+    /// One workgroup per token: (n, 1, 1).
+    TokenRows,
+    /// (x, n, 1).
+    PerToken(u32),
+    /// (x, ceil(n / tile), 1).
+    TokenTiles { x: u32, tile: u32 },
+    /// Rows folded over x and y to respect the per-dimension limit, tokens in z.
+    RowsByToken { x: u32, y: u32 },
+    Fixed([u32; 3]),
+}
+
+impl Grid {
+    fn size(self, n: u32) -> [u32; 3] {
+        match self {
+            Grid::TokenRows => [n, 1, 1],
+            Grid::PerToken(x) => [x, n, 1],
+            Grid::TokenTiles { x, tile } => [x, n.div_ceil(tile), 1],
+            Grid::RowsByToken { x, y } => [x, y, n],
+            Grid::Fixed(size) => size,
+        }
+    }
+
+    fn rows_by_token(gpu: &Gpu, rows: u32) -> Self {
+        let x = rows.min(gpu.limits.max_compute_workgroups_per_dimension).max(1);
+        Grid::RowsByToken { x, y: rows.div_ceil(x) }
+    }
+}
+
+struct Dispatch {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    grid: Grid,
+}
+
+/// One logical operation: one dispatch, or one per part of a split weight.
+pub struct Op {
+    dispatches: Vec<Dispatch>,
+}
+
+impl Op {
+    pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
+        for d in &self.dispatches {
+            let [x, y, z] = d.grid.size(n_tokens);
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+    }
+
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches.len()
+    }
+}
+
+/// A matrix product bound for both strategies; the token count picks one per pass.
+pub struct Matmul {
+    gemv: Op,
+    tiled: Op,
+}
+
+impl Matmul {
+    pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
+        if n_tokens < GEMV_MAX_TOKENS {
+            self.gemv.encode(pass, n_tokens);
+        } else {
+            self.tiled.encode(pass, n_tokens);
+        }
+    }
+
+    pub fn dispatch_count(&self) -> usize {
+        self.gemv.dispatch_count()
+    }
+}
+
+fn dispatch(
+    gpu: &Gpu,
+    kernel: &Kernel,
+    entry: &str,
+    constants: &[(&str, f64)],
+    buffers: &[&wgpu::Buffer],
+    grid: Grid,
+) -> Dispatch {
+    debug_assert_eq!(buffers.len(), kernel.bindings.len(), "{} bindings", kernel.name);
+    let pipeline = gpu.pipeline(kernel, entry, constants);
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(i, buffer)| wgpu::BindGroupEntry { binding: i as u32, resource: buffer.as_entire_binding() })
+        .collect();
+    let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(kernel.name),
+        layout: &pipeline.layout,
+        entries: &entries,
+    });
+    Dispatch { pipeline: pipeline.pipeline, bind_group, grid }
+}
+
+fn dtype_constant(weights: &WeightMatrix) -> [(&'static str, f64); 1] {
+    [("WEIGHT_DTYPE", weights.dtype.shader_code() as f64)]
+}
+
+/// out[t] = table[tokens[t]] for (n_tokens) token ids.
+pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    let constants = dtype_constant(table);
+    let dispatches = table
+        .parts
+        .iter()
+        .map(|part| {
+            let params = EmbeddingParams {
+                dim: table.cols as u32,
+                row_start: part.row_start as u32,
+                rows: part.rows as u32,
+                _pad: 0,
+            };
+            let params = gpu.uniform_buffer("embedding params", &params);
+            let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
+            dispatch(gpu, &kernels::EMBEDDING, "main", &constants, &[tokens, &part.buffer, out, &params, step], grid)
+        })
+        .collect();
+    Op { dispatches }
+}
+
+/// out = rmsnorm(x) * weight over rows of `dim`.
+pub fn rmsnorm(
+    gpu: &Gpu,
+    x: &wgpu::Buffer,
+    weight: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    dim: usize,
+    eps: f32,
+    step: &wgpu::Buffer,
+) -> Op {
+    let params = gpu.uniform_buffer("rmsnorm params", &RmsNormParams { dim: dim as u32, eps, _pad: [0; 2] });
+    Op { dispatches: vec![dispatch(gpu, &kernels::RMSNORM, "main", &[], &[x, weight, out, &params, step], Grid::TokenRows)] }
+}
+
+/// Rotates `n_heads` heads of each token row of `x` in place by the position's angles.
+pub fn rope(gpu: &Gpu, cos_sin: &wgpu::Buffer, x: &wgpu::Buffer, params: RopeParams, step: &wgpu::Buffer) -> Op {
+    let grid = Grid::PerToken((params.n_heads * params.head_dim / 2).div_ceil(WG_1D));
+    let params = gpu.uniform_buffer("rope params", &params);
+    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, x, &params, step], grid)] }
+}
+
+/// Where a matmul reads its input rows and writes its output rows.
+#[derive(Clone, Copy, Debug)]
+pub struct MatmulLayout {
+    /// Elements between token rows of the input.
+    pub in_stride: usize,
+    /// Elements between token rows of the output.
+    pub out_stride: usize,
+    /// Add to the output (a residual connection) instead of overwriting it.
+    pub accumulate: bool,
+    /// Token t goes to output row start_pos + t (writing a KV cache).
+    pub rows_at_position: bool,
+}
+
+/// out = x @ w.T (or out += x @ w.T), one dispatch per part of `w`.
+pub fn matmul(
+    gpu: &Gpu,
+    x: &wgpu::Buffer,
+    w: &WeightMatrix,
+    out: &wgpu::Buffer,
+    layout: MatmulLayout,
+    step: &wgpu::Buffer,
+) -> Matmul {
+    let constants = dtype_constant(w);
+    let build = |entry: &str| {
+        let dispatches = w
+            .parts
+            .iter()
+            .map(|part| {
+                let params = MatmulParams {
+                    k: w.cols as u32,
+                    rows: part.rows as u32,
+                    row_start: part.row_start as u32,
+                    in_stride: layout.in_stride as u32,
+                    out_stride: layout.out_stride as u32,
+                    accumulate: layout.accumulate as u32,
+                    rows_at_position: layout.rows_at_position as u32,
+                    _pad: 0,
+                };
+                let grid = match entry {
+                    "gemv" => Grid::rows_by_token(gpu, part.rows as u32),
+                    _ => Grid::TokenTiles { x: (part.rows as u32).div_ceil(TILE), tile: TILE },
+                };
+                let params = gpu.uniform_buffer("matmul params", &params);
+                dispatch(gpu, &kernels::MATMUL, entry, &constants, &[x, &part.buffer, out, &params, step], grid)
+            })
+            .collect();
+        Op { dispatches }
+    };
+    Matmul { gemv: build("gemv"), tiled: build("tiled") }
+}
+
+/// Causal grouped-query attention of (n_tokens) queries over the KV cache.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    q: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    step: &wgpu::Buffer,
+) -> Op {
+    let params = AttentionParams {
+        n_heads: n_heads as u32,
+        n_kv_heads: n_kv_heads as u32,
+        head_dim: head_dim as u32,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    let params = gpu.uniform_buffer("attention params", &params);
+    let buffers = [q, k_cache, v_cache, out, &params, step];
+    Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32))] }
+}
+
+/// out = silu(gate) * up over rows of `width`.
+pub fn silu_mul(
+    gpu: &Gpu,
+    gate: &wgpu::Buffer,
+    up: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    width: usize,
+    step: &wgpu::Buffer,
+) -> Op {
+    let params = gpu.uniform_buffer("silu_mul params", &SiluMulParams { width: width as u32, _pad: [0; 3] });
+    let grid = Grid::PerToken((width as u32).div_ceil(WG_1D));
+    Op { dispatches: vec![dispatch(gpu, &kernels::SILU_MUL, "main", &[], &[gate, up, out, &params, step], grid)] }
+}
+
+/// out[0] = the index of the largest of `n` logits.
+pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
+    let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, _pad: [0; 3] });
+    Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]))] }
+}
+
+/// The uniform every token-wise op of a pass reads, rewritten before each pass.
+pub fn step_buffer(gpu: &Gpu, step: StepParams) -> wgpu::Buffer {
+    gpu.uniform_buffer("step", &step)
+}

@@ -1,0 +1,70 @@
+//! Weight matrices on the GPU, split by rows over as many buffers as the binding limit requires.
+
+use super::{Gpu, GpuError};
+use crate::quant::DType;
+
+/// A (rows, cols) weight matrix. Each part is one buffer of whole rows, no larger than the device's
+/// `max_storage_buffer_binding_size`, so kernels bind a part at a time.
+#[derive(Debug)]
+pub struct WeightMatrix {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub parts: Vec<WeightPart>,
+}
+
+#[derive(Debug)]
+pub struct WeightPart {
+    pub buffer: wgpu::Buffer,
+    pub row_start: usize,
+    pub rows: usize,
+}
+
+impl WeightMatrix {
+    /// Allocates the parts; fill them with [`WeightMatrix::write_rows`].
+    pub fn new(gpu: &Gpu, label: &str, dtype: DType, rows: usize, cols: usize) -> Result<Self, GpuError> {
+        // Kernels read weights in pairs, so every row starts on a 4-byte word.
+        if cols % 2 != 0 {
+            return Err(GpuError::OddColumns { tensor: label.to_string(), cols });
+        }
+        let row_bytes = (cols * dtype.bytes_per_element()) as u64;
+        let max_part = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
+        let rows_per_part = (max_part / row_bytes.max(1)) as usize;
+        if rows_per_part == 0 {
+            return Err(GpuError::Limit {
+                adapter: gpu.info.name.clone(),
+                name: "max_storage_buffer_binding_size",
+                needed: row_bytes,
+                available: max_part,
+            });
+        }
+        let parts = (0..rows)
+            .step_by(rows_per_part)
+            .map(|row_start| {
+                let part_rows = rows_per_part.min(rows - row_start);
+                let buffer = gpu.storage_buffer(label, part_rows as u64 * row_bytes);
+                WeightPart { buffer, row_start, rows: part_rows }
+            })
+            .collect();
+        Ok(Self { dtype, rows, cols, parts })
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.cols * self.dtype.bytes_per_element()
+    }
+
+    /// Writes whole rows starting at `first_row`; `bytes` may span several parts.
+    pub fn write_rows(&self, gpu: &Gpu, first_row: usize, bytes: &[u8]) {
+        let row_bytes = self.row_bytes();
+        let end_row = first_row + bytes.len() / row_bytes;
+        for part in &self.parts {
+            let start = first_row.max(part.row_start);
+            let end = end_row.min(part.row_start + part.rows);
+            if start >= end {
+                continue;
+            }
+            let chunk = &bytes[(start - first_row) * row_bytes..(end - first_row) * row_bytes];
+            gpu.queue.write_buffer(&part.buffer, ((start - part.row_start) * row_bytes) as u64, chunk);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! llama-webgpu: Llama 3.1 / 3.2 inference through hand-written WGSL compute shaders, on WebGPU in the
+//! browser and on wgpu natively.
+
+pub mod gpu;
+pub mod load;
+pub mod model;
+pub mod quant;
+pub mod reference;
+
+mod error;
+
+pub use error::{Error, Result};
+pub use gpu::{Gpu, GpuOptions};
+pub use model::{Config, Llama, LoadOptions};

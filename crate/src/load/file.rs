@@ -1,0 +1,40 @@
+//! Native weight files, memory-mapped so tensors are read straight from the page cache.
+
+use std::path::Path;
+
+use super::safetensors::index_shards;
+use super::{LoadError, Safetensors};
+
+/// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`, in `dir`.
+pub fn open_safetensors_dir(dir: &Path) -> Result<Safetensors<memmap2::Mmap>, LoadError> {
+    let index = dir.join("model.safetensors.index.json");
+    let names = if index.exists() {
+        index_shards(&read_to_string(&index)?)?
+    } else {
+        vec!["model.safetensors".to_string()]
+    };
+    let files = names
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(&name);
+            let io = |source| LoadError::Io { path: path.display().to_string(), source };
+            let file = std::fs::File::open(&path).map_err(io)?;
+            // SAFETY: the map is read-only; a checkpoint changed underneath a running engine is not supported.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+            Ok((name, map))
+        })
+        .collect::<Result<_, LoadError>>()?;
+    Safetensors::new(files)
+}
+
+fn read_to_string(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })
+}
+
+/// Reads `config.json` and, when present, `generation_config.json` from a Hugging Face model folder.
+pub fn read_hf_config(dir: &Path) -> Result<crate::Config, crate::Error> {
+    let config = read_to_string(&dir.join("config.json"))?;
+    let generation_path = dir.join("generation_config.json");
+    let generation = if generation_path.exists() { Some(read_to_string(&generation_path)?) } else { None };
+    Ok(crate::Config::from_hf_json(&config, generation.as_deref())?)
+}

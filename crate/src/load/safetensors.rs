@@ -1,0 +1,87 @@
+//! Safetensors checkpoints, single-file or sharded, over any byte storage (a memory map natively).
+
+use std::collections::HashMap;
+
+use super::{LoadError, TensorData, WeightSource};
+use crate::quant::DType;
+
+/// One or several safetensors files with their tensor tables read and checked.
+pub struct Safetensors<B> {
+    files: Vec<(String, B)>,
+    /// name -> (file index, dtype, shape, byte range within the file)
+    tensors: HashMap<String, (usize, DType, Vec<usize>, std::ops::Range<usize>)>,
+}
+
+impl<B: AsRef<[u8]>> Safetensors<B> {
+    /// Reads the header of each (file name, bytes) and checks that every tensor lies within its file.
+    pub fn new(files: Vec<(String, B)>) -> Result<Self, LoadError> {
+        let mut tensors = HashMap::new();
+        for (index, (file, bytes)) in files.iter().enumerate() {
+            let bytes = bytes.as_ref();
+            let header = |message: String| LoadError::Header { file: file.clone(), message };
+            let (header_len, metadata) =
+                ::safetensors::SafeTensors::read_metadata(bytes).map_err(|e| header(e.to_string()))?;
+            let data_start = 8 + header_len;
+            let available = bytes.len().saturating_sub(data_start);
+            for (name, info) in metadata.tensors() {
+                let dtype = match info.dtype {
+                    ::safetensors::Dtype::F32 => DType::F32,
+                    ::safetensors::Dtype::F16 => DType::F16,
+                    ::safetensors::Dtype::BF16 => DType::BF16,
+                    other => {
+                        return Err(LoadError::UnsupportedDType {
+                            file: file.clone(),
+                            tensor: name,
+                            dtype: format!("{other:?}"),
+                        })
+                    }
+                };
+                let (start, end) = info.data_offsets;
+                if end > available || start > end {
+                    return Err(LoadError::Truncated { file: file.clone(), tensor: name, start, end, available });
+                }
+                let expected = info.shape.iter().product::<usize>() * dtype.bytes_per_element();
+                if end - start != expected {
+                    return Err(LoadError::SizeMismatch {
+                        file: file.clone(),
+                        tensor: name,
+                        shape: info.shape.clone(),
+                        dtype,
+                        bytes: end - start,
+                        expected,
+                    });
+                }
+                tensors.insert(name, (index, dtype, info.shape.clone(), data_start + start..data_start + end));
+            }
+        }
+        Ok(Self { files, tensors })
+    }
+}
+
+impl<B: AsRef<[u8]>> WeightSource for Safetensors<B> {
+    fn tensor(&self, name: &str) -> Result<TensorData<'_>, LoadError> {
+        let (file, dtype, shape, range) =
+            self.tensors.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        Ok(TensorData { dtype: *dtype, shape: shape.clone(), bytes: &self.files[*file].1.as_ref()[range.clone()] })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`, in first-use order.
+pub fn index_shards(index_json: &str) -> Result<Vec<String>, LoadError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let index: Index = serde_json::from_str(index_json).map_err(|e| LoadError::Index(e.to_string()))?;
+    let mut shards: Vec<String> = index.weight_map.into_values().collect();
+    shards.sort();
+    shards.dedup();
+    if let Some(bad) = shards.iter().find(|s| s.contains('/') || s.contains('\\') || s.starts_with('.')) {
+        return Err(LoadError::Index(format!("shard name {bad:?} must be a plain file name")));
+    }
+    Ok(shards)
+}

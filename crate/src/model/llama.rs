@@ -1,0 +1,339 @@
+//! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
+//! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
+
+use crate::gpu::ops::{self, Matmul, MatmulLayout, Op, RopeParams, StepParams};
+use crate::gpu::{Gpu, WeightMatrix};
+use crate::load::WeightSource;
+use crate::Result;
+
+use super::{Config, KvCache, ModelError};
+
+/// How the model is laid out on the GPU.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Positions the KV cache holds; default min(4096, max_position_embeddings).
+    pub context_length: Option<usize>,
+    /// The most prompt tokens one pass processes; longer prompts run in several passes. Lowered
+    /// automatically so every activation buffer fits the binding limit.
+    pub max_batch: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { context_length: None, max_batch: 256 }
+    }
+}
+
+pub const DEFAULT_CONTEXT: usize = 4096;
+
+/// The ops of one transformer block, in the order they run.
+struct Layer {
+    attn_norm: Op,  // xn = rmsnorm(x) * input_layernorm
+    q_proj: Matmul, // q = xn @ q_proj.T
+    k_proj: Matmul, // k_cache[pos] = xn @ k_proj.T
+    v_proj: Matmul, // v_cache[pos] = xn @ v_proj.T
+    rope_q: Op,     // q = rope(q, pos)
+    rope_k: Op,     // k_cache[pos] = rope(k_cache[pos], pos)
+    attention: Op,  // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
+    o_proj: Matmul, // x += attn @ o_proj.T
+    mlp_norm: Op,   // xn = rmsnorm(x) * post_attention_layernorm
+    gate_proj: Matmul, // gate = xn @ gate_proj.T
+    up_proj: Matmul,   // up = xn @ up_proj.T
+    silu_mul: Op,      // act = silu(gate) * up
+    down_proj: Matmul, // x += act @ down_proj.T
+}
+
+/// A Llama model resident on one GPU, with its KV cache.
+pub struct Llama {
+    gpu: Gpu,
+    config: Config,
+    max_batch: usize,
+    kv_cache: KvCache,
+    step: wgpu::Buffer,           // StepParams of the pass being run
+    tokens: wgpu::Buffer,         // (max_batch) u32 token ids
+    x: wgpu::Buffer,              // (max_batch, hidden) residual stream
+    x_last: wgpu::Buffer,         // (hidden) the last token's residual stream
+    logits: wgpu::Buffer,         // (vocab) of the last token
+    next_token: wgpu::Buffer,     // (1) u32 argmax of the logits
+    logits_readback: wgpu::Buffer,
+    token_readback: wgpu::Buffer,
+    embed: Op,
+    layers: Vec<Layer>,
+    final_norm: Op,
+    lm_head: Matmul,
+    argmax: Op,
+}
+
+/// What a pass hands back to the host.
+enum Output {
+    Logits,
+    Argmax,
+}
+
+impl Llama {
+    /// Uploads the weights of `source` (Hugging Face tensor names) and allocates everything a pass
+    /// needs.
+    pub async fn load(gpu: &Gpu, config: Config, source: &dyn WeightSource, options: &LoadOptions) -> Result<Self> {
+        gpu.check()?;
+        let c = &config;
+        let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(c.max_position_embeddings));
+        if context > c.max_position_embeddings || context == 0 {
+            return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
+        }
+        let widest_row = 4 * c.hidden_size.max(c.q_dim()).max(c.intermediate_size) as u64;
+        let binding = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
+        let max_batch = options.max_batch.min((binding / widest_row) as usize);
+        if max_batch == 0 {
+            gpu.check_binding("activation row", widest_row)?;
+        }
+        let cos_sin = c.rope_cos_sin(context);
+        gpu.check_binding("rope cos/sin table", (cos_sin.len() * 8) as u64)?;
+        gpu.check_binding("logits", 4 * c.vocab_size as u64)?;
+
+        let kv_cache = KvCache::new(gpu, c, context).await?;
+        let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
+        let step = ops::step_buffer(gpu, StepParams::default());
+        let one_token = ops::step_buffer(gpu, StepParams { n_tokens: 1, ..Default::default() });
+        let tokens = gpu.storage_buffer("tokens", 4 * max_batch as u64);
+        let x = f32_buffer("x", max_batch * c.hidden_size);
+        let xn = f32_buffer("xn", max_batch * c.hidden_size);
+        let q = f32_buffer("q", max_batch * c.q_dim());
+        let attn = f32_buffer("attn", max_batch * c.q_dim());
+        let gate = f32_buffer("gate", max_batch * c.intermediate_size);
+        let up = f32_buffer("up", max_batch * c.intermediate_size);
+        let act = f32_buffer("act", max_batch * c.intermediate_size);
+        let x_last = f32_buffer("x_last", c.hidden_size);
+        let xn_last = f32_buffer("xn_last", c.hidden_size);
+        let logits = f32_buffer("logits", c.vocab_size);
+        let next_token = gpu.storage_buffer("next token", 4);
+        let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
+
+        let matrix = |name: &str, rows: usize, cols: usize| upload_matrix(gpu, source, name, rows, cols);
+        let vector = |name: &str, len: usize| upload_vector(gpu, source, name, len);
+        let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, accumulate: false, rows_at_position: false };
+        let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, accumulate: true, rows_at_position: false };
+        let cache_rows = MatmulLayout { in_stride: c.hidden_size, out_stride: c.kv_dim(), accumulate: false, rows_at_position: true };
+
+        let embed_tokens = matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size)?;
+        let embed = ops::embedding(gpu, &tokens, &embed_tokens, &x, &step);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for (i, (k_cache, v_cache)) in kv_cache.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let norm = |name: &str| vector(&format!("{p}.{name}.weight"), c.hidden_size);
+            let proj = |name: &str, rows: usize, cols: usize| matrix(&format!("{p}.{name}.weight"), rows, cols);
+            let rope = |buffer: &wgpu::Buffer, n_heads: usize, row_stride: usize, rows_at_position: bool| {
+                let params = RopeParams {
+                    n_heads: n_heads as u32,
+                    head_dim: c.head_dim as u32,
+                    row_stride: row_stride as u32,
+                    rows_at_position: rows_at_position as u32,
+                };
+                ops::rope(gpu, &cos_sin, buffer, params, &step)
+            };
+            layers.push(Layer {
+                attn_norm: ops::rmsnorm(gpu, &x, &norm("input_layernorm")?, &xn, c.hidden_size, c.rms_norm_eps, &step),
+                q_proj: ops::matmul(gpu, &xn, &proj("self_attn.q_proj", c.q_dim(), c.hidden_size)?, &q, rows(c.q_dim()), &step),
+                k_proj: ops::matmul(gpu, &xn, &proj("self_attn.k_proj", c.kv_dim(), c.hidden_size)?, k_cache, cache_rows, &step),
+                v_proj: ops::matmul(gpu, &xn, &proj("self_attn.v_proj", c.kv_dim(), c.hidden_size)?, v_cache, cache_rows, &step),
+                rope_q: rope(&q, c.n_heads, c.q_dim(), false),
+                rope_k: rope(k_cache, c.n_kv_heads, c.kv_dim(), true),
+                attention: ops::attention(gpu, &q, k_cache, v_cache, &attn, c.n_heads, c.n_kv_heads, c.head_dim, &step),
+                o_proj: ops::matmul(gpu, &attn, &proj("self_attn.o_proj", c.hidden_size, c.q_dim())?, &x, residual(c.q_dim()), &step),
+                mlp_norm: ops::rmsnorm(gpu, &x, &norm("post_attention_layernorm")?, &xn, c.hidden_size, c.rms_norm_eps, &step),
+                gate_proj: ops::matmul(gpu, &xn, &proj("mlp.gate_proj", c.intermediate_size, c.hidden_size)?, &gate, rows(c.intermediate_size), &step),
+                up_proj: ops::matmul(gpu, &xn, &proj("mlp.up_proj", c.intermediate_size, c.hidden_size)?, &up, rows(c.intermediate_size), &step),
+                silu_mul: ops::silu_mul(gpu, &gate, &up, &act, c.intermediate_size, &step),
+                down_proj: ops::matmul(gpu, &act, &proj("mlp.down_proj", c.hidden_size, c.intermediate_size)?, &x, residual(c.intermediate_size), &step),
+            });
+        }
+        let final_norm = ops::rmsnorm(gpu, &x_last, &vector("model.norm.weight", c.hidden_size)?, &xn_last, c.hidden_size, c.rms_norm_eps, &one_token);
+        let untied_head;
+        let head = if c.tie_word_embeddings && !source.contains("lm_head.weight") {
+            &embed_tokens
+        } else {
+            untied_head = matrix("lm_head.weight", c.vocab_size, c.hidden_size)?;
+            &untied_head
+        };
+        let lm_head = ops::matmul(gpu, &xn_last, head, &logits, rows(c.vocab_size), &one_token);
+        let argmax = ops::argmax(gpu, &logits, &next_token, c.vocab_size);
+
+        gpu.run(|_| {}).await?;
+        Ok(Self {
+            gpu: gpu.clone(),
+            max_batch,
+            kv_cache,
+            step,
+            tokens,
+            x,
+            x_last,
+            logits_readback: gpu.readback_buffer("logits readback", 4 * c.vocab_size as u64),
+            token_readback: gpu.readback_buffer("token readback", 4),
+            logits,
+            next_token,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            argmax,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Positions the KV cache holds.
+    pub fn context_length(&self) -> usize {
+        self.kv_cache.context
+    }
+
+    /// The most tokens one pass processes.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Compute dispatches of a one-token pass that returns a greedy token.
+    pub fn dispatches_per_token(&self) -> usize {
+        let layer = |l: &Layer| {
+            [&l.attn_norm, &l.rope_q, &l.rope_k, &l.attention, &l.mlp_norm, &l.silu_mul].iter().map(|op| op.dispatch_count()).sum::<usize>()
+                + [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                    .iter()
+                    .map(|m| m.dispatch_count())
+                    .sum::<usize>()
+        };
+        self.embed.dispatch_count()
+            + self.layers.iter().map(layer).sum::<usize>()
+            + self.final_norm.dispatch_count()
+            + self.lm_head.dispatch_count()
+            + self.argmax.dispatch_count()
+    }
+
+    /// Runs `tokens` at positions start_pos.. (filling the KV cache there) and returns the logits of
+    /// the last one. A prompt and a single decode token take the same path.
+    pub async fn forward(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>> {
+        self.pass(tokens, start_pos, Output::Logits).await?;
+        let bytes = self.gpu.read_mapped(&self.logits_readback, 4 * self.config.vocab_size as u64).await?;
+        let logits: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NonFiniteLogits.into());
+        }
+        Ok(logits)
+    }
+
+    /// Like [`Llama::forward`], but returns only the id of the largest logit, chosen on the GPU.
+    pub async fn forward_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<u32> {
+        self.pass(tokens, start_pos, Output::Argmax).await?;
+        let bytes = self.gpu.read_mapped(&self.token_readback, 4).await?;
+        let token = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if token as usize >= self.config.vocab_size {
+            return Err(ModelError::NonFiniteLogits.into());
+        }
+        Ok(token)
+    }
+
+    /// Greedy continuation of `prompt` from position 0: `n` new tokens.
+    pub async fn generate_greedy(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(n);
+        let mut next = self.forward_greedy(prompt, 0).await?;
+        for i in 0..n {
+            out.push(next);
+            if i + 1 < n {
+                next = self.forward_greedy(&[next], prompt.len() + i).await?;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn pass(&mut self, tokens: &[u32], start_pos: usize, output: Output) -> Result<()> {
+        self.gpu.check()?;
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyInput.into());
+        }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
+        }
+        let needed = start_pos + tokens.len();
+        if needed > self.kv_cache.context {
+            return Err(ModelError::ContextFull { start_pos, n_tokens: tokens.len(), needed, context: self.kv_cache.context }.into());
+        }
+        let n_chunks = tokens.len().div_ceil(self.max_batch);
+        for (i, chunk) in tokens.chunks(self.max_batch).enumerate() {
+            let n = chunk.len() as u32;
+            let step = StepParams { n_tokens: n, start_pos: (start_pos + i * self.max_batch) as u32, _pad: [0; 2] };
+            self.gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
+            self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(chunk));
+            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                self.encode_blocks(&mut pass, n);
+            }
+            if i + 1 == n_chunks {
+                let row_bytes = 4 * c.hidden_size as u64;
+                encoder.copy_buffer_to_buffer(&self.x, (n as u64 - 1) * row_bytes, &self.x_last, 0, row_bytes);
+                {
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    self.final_norm.encode(&mut pass, 1); // xn_last = rmsnorm(x_last) * norm
+                    self.lm_head.encode(&mut pass, 1); // logits = xn_last @ lm_head.T
+                    if let Output::Argmax = output {
+                        self.argmax.encode(&mut pass, 1); // next_token = argmax(logits)
+                    }
+                }
+                match output {
+                    Output::Logits => encoder.copy_buffer_to_buffer(&self.logits, 0, &self.logits_readback, 0, None),
+                    Output::Argmax => encoder.copy_buffer_to_buffer(&self.next_token, 0, &self.token_readback, 0, None),
+                }
+            }
+            self.gpu.queue.submit([encoder.finish()]);
+        }
+        Ok(())
+    }
+
+    /// Embedding and every transformer block, for `n` tokens.
+    fn encode_blocks(&self, pass: &mut wgpu::ComputePass, n: u32) {
+        self.embed.encode(pass, n);
+        for l in &self.layers {
+            l.attn_norm.encode(pass, n);
+            l.q_proj.encode(pass, n);
+            l.k_proj.encode(pass, n);
+            l.v_proj.encode(pass, n);
+            l.rope_q.encode(pass, n);
+            l.rope_k.encode(pass, n);
+            l.attention.encode(pass, n);
+            l.o_proj.encode(pass, n);
+            l.mlp_norm.encode(pass, n);
+            l.gate_proj.encode(pass, n);
+            l.up_proj.encode(pass, n);
+            l.silu_mul.encode(pass, n);
+            l.down_proj.encode(pass, n);
+        }
+    }
+}
+
+/// Rows of a weight are uploaded this many bytes at a time, so host staging stays bounded.
+const UPLOAD_CHUNK: usize = 16 << 20;
+
+fn upload_matrix(gpu: &Gpu, source: &dyn WeightSource, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+    let tensor = source.tensor(name)?;
+    if tensor.shape != [rows, cols] {
+        return Err(ModelError::Shape { tensor: name.to_string(), expected: vec![rows, cols], got: tensor.shape }.into());
+    }
+    let matrix = WeightMatrix::new(gpu, name, tensor.dtype, rows, cols)?;
+    let row_bytes = matrix.row_bytes();
+    let rows_per_chunk = (UPLOAD_CHUNK / row_bytes).max(1);
+    for (i, chunk) in tensor.bytes.chunks(rows_per_chunk * row_bytes).enumerate() {
+        matrix.write_rows(gpu, i * rows_per_chunk, chunk);
+        gpu.queue.submit([]);
+    }
+    Ok(matrix)
+}
+
+/// Norm weights are tiny: whatever their dtype, they are kept as f32.
+fn upload_vector(gpu: &Gpu, source: &dyn WeightSource, name: &str, len: usize) -> Result<wgpu::Buffer> {
+    let tensor = source.tensor(name)?;
+    if tensor.shape != [len] {
+        return Err(ModelError::Shape { tensor: name.to_string(), expected: vec![len], got: tensor.shape }.into());
+    }
+    Ok(gpu.storage_buffer_with(name, &tensor.dtype.to_f32(tensor.bytes)))
+}
