@@ -1,0 +1,92 @@
+//! Shared test helpers: a GPU that is required in CI, seeded inputs and tolerance checks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use llama_webgpu::{Gpu, GpuOptions};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// Set by CI: a GPU test that finds no adapter fails instead of skipping.
+pub const REQUIRE_GPU_ENV: &str = "LLAMA_WEBGPU_REQUIRE_GPU";
+
+/// A device with the given options, or None (reported on stderr) when the machine has no adapter
+/// and CI has not demanded one.
+pub fn gpu_with(options: &GpuOptions) -> Option<Gpu> {
+    match pollster::block_on(Gpu::new(options)) {
+        Ok(gpu) => Some(gpu),
+        Err(error) => {
+            if std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1") {
+                panic!("{REQUIRE_GPU_ENV}=1 but no GPU: {error}");
+            }
+            eprintln!("SKIPPED: no GPU adapter ({error})");
+            None
+        }
+    }
+}
+
+pub fn gpu() -> Option<Gpu> {
+    gpu_with(&GpuOptions::default())
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+pub fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+/// Asserts |got - want| <= atol + rtol * |want| everywhere, naming the worst element; returns the
+/// largest absolute error.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0f32);
+    let mut max_abs = 0f32;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        max_abs = max_abs.max(err);
+        let excess = err - (atol + rtol * w.abs());
+        if !(excess <= worst.1) || !g.is_finite() {
+            worst = (i, if g.is_finite() { excess } else { f32::INFINITY });
+        }
+    }
+    let (i, excess) = worst;
+    assert!(excess <= 0.0, "{what}: element {i} is {} but should be {} (|err| {} beyond tolerance by {excess})", got[i], want[i], (got[i] - want[i]).abs());
+    max_abs
+}
+
+/// Loads a fixture model folder onto `gpu`.
+pub fn load_model(gpu: &Gpu, name: &str, options: &llama_webgpu::LoadOptions) -> llama_webgpu::Result<llama_webgpu::Llama> {
+    let dir = fixture(name);
+    let config = llama_webgpu::load::read_hf_config(&dir)?;
+    let source = llama_webgpu::load::open_safetensors_dir(&dir)?;
+    pollster::block_on(llama_webgpu::Llama::load(gpu, config, &source, options))
+}
+
+/// The transformers outputs recorded by tests/fixtures/make_fixtures.py.
+#[derive(serde::Deserialize)]
+pub struct Golden {
+    pub logits: Vec<GoldenLogits>,
+    pub greedy: GoldenGreedy,
+}
+
+#[derive(serde::Deserialize)]
+pub struct GoldenLogits {
+    pub tokens: Vec<u32>,
+    pub last_logits: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct GoldenGreedy {
+    pub prompt: Vec<u32>,
+    pub tokens: Vec<u32>,
+}
+
+pub fn golden(name: &str) -> Golden {
+    let text = std::fs::read_to_string(fixture(name).join("golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}

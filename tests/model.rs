@@ -1,0 +1,114 @@
+//! The whole forward pass against transformers goldens (tests/fixtures/make_fixtures.py), on both
+//! fixtures: Llama 3.1-style (untied, f32, sharded) and Llama 3.2-style (tied, f16 + bf16).
+
+mod common;
+
+use common::{assert_close, golden, gpu, gpu_with, load_model};
+use llama_webgpu::{Error, GpuOptions, LoadOptions};
+
+const FIXTURES: [&str; 2] = ["tiny-llama31", "tiny-llama32-tied"];
+/// Logits agree within ATOL + RTOL * |logit|.
+const ATOL: f32 = 1e-4;
+const RTOL: f32 = 1e-4;
+
+#[test]
+fn last_logits_match_transformers_at_every_prompt_length() {
+    let Some(gpu) = gpu() else { return };
+    for name in FIXTURES {
+        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        for case in golden(name).logits {
+            let logits = pollster::block_on(model.forward(&case.tokens, 0)).unwrap();
+            let what = format!("{name}, prompt of {}", case.tokens.len());
+            let max_err = assert_close(&what, &logits, &case.last_logits, ATOL, RTOL);
+            println!("{what}: max |logit error| {max_err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn prefill_then_decode_equals_one_prefill() {
+    let Some(gpu) = gpu() else { return };
+    for name in FIXTURES {
+        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        let golden = golden(name);
+        let longest = golden.logits.iter().max_by_key(|c| c.tokens.len()).unwrap();
+        // Prefill 10 tokens, then decode the rest one at a time through the KV cache.
+        let split = 10;
+        pollster::block_on(model.forward(&longest.tokens[..split], 0)).unwrap();
+        let mut logits = vec![];
+        for (i, &token) in longest.tokens.iter().enumerate().skip(split) {
+            logits = pollster::block_on(model.forward(&[token], i)).unwrap();
+        }
+        assert_close(&format!("{name}: decoded step by step"), &logits, &longest.last_logits, ATOL, RTOL);
+    }
+}
+
+#[test]
+fn greedy_continuation_matches_transformers() {
+    let Some(gpu) = gpu() else { return };
+    for name in FIXTURES {
+        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        let golden = golden(name);
+        let tokens = pollster::block_on(model.generate_greedy(&golden.greedy.prompt, golden.greedy.tokens.len())).unwrap();
+        assert_eq!(tokens, golden.greedy.tokens, "{name}");
+    }
+}
+
+#[test]
+fn long_prompts_run_in_chunks_with_the_same_logits() {
+    let Some(gpu) = gpu() else { return };
+    for name in FIXTURES {
+        let mut model = load_model(&gpu, name, &LoadOptions { max_batch: 7, ..Default::default() }).unwrap();
+        for case in golden(name).logits {
+            let logits = pollster::block_on(model.forward(&case.tokens, 0)).unwrap();
+            assert_close(&format!("{name}, {} tokens in chunks of 7", case.tokens.len()), &logits, &case.last_logits, ATOL, RTOL);
+        }
+    }
+}
+
+#[test]
+fn a_tiny_binding_limit_splits_weights_and_keeps_the_logits() {
+    // 48 KiB: every matrix above 48 KiB (embeddings, lm_head, MLP) is split over several buffers,
+    // and the prompt batch shrinks so each activation buffer fits.
+    let limit = 48 << 10;
+    let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), ..Default::default() }) else { return };
+    let Some(gpu) = gpu() else { return };
+    assert_eq!(small.limits.max_storage_buffer_binding_size, limit);
+    for name in FIXTURES {
+        let whole = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        let mut split = load_model(&small, name, &LoadOptions::default()).unwrap();
+        assert!(split.dispatches_per_token() > whole.dispatches_per_token(), "{name}: nothing was split");
+        assert!(split.max_batch() < 80, "{name}: the batch should shrink to the limit");
+        for case in golden(name).logits {
+            let logits = pollster::block_on(split.forward(&case.tokens, 0)).unwrap();
+            assert_close(&format!("{name} split, prompt of {}", case.tokens.len()), &logits, &case.last_logits, ATOL, RTOL);
+        }
+    }
+}
+
+#[test]
+fn bad_requests_get_named_errors_and_leave_the_model_usable() {
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama31";
+    let mut model = load_model(&gpu, name, &LoadOptions { context_length: Some(48), ..Default::default() }).unwrap();
+    let err = pollster::block_on(model.forward(&[1, 5000], 0)).unwrap_err().to_string();
+    assert!(err.contains("token id 5000") && err.contains("1003"), "{err}");
+    let err = pollster::block_on(model.forward(&[1; 10], 40)).unwrap_err().to_string();
+    assert!(err.contains("50 positions") && err.contains("48"), "{err}");
+    let err = pollster::block_on(model.forward(&[], 0)).unwrap_err().to_string();
+    assert!(err.contains("no input tokens"), "{err}");
+    let case = &golden(name).logits[1];
+    let logits = pollster::block_on(model.forward(&case.tokens, 0)).unwrap();
+    assert_close("after errors", &logits, &case.last_logits, ATOL, RTOL);
+}
+
+#[test]
+fn context_length_is_checked_against_the_model_and_the_device() {
+    let Some(gpu) = gpu() else { return };
+    let err = load_model(&gpu, "tiny-llama31", &LoadOptions { context_length: Some(257), ..Default::default() }).err().unwrap();
+    assert!(matches!(err, Error::Model(_)) && err.to_string().contains("max_position_embeddings 256"), "{err}");
+    // A KV cache layer buffer of 256 positions is 32 KiB; the rope table 16 KiB.
+    let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(20 << 10), ..Default::default() }) else { return };
+    let err = load_model(&small, "tiny-llama31", &LoadOptions { context_length: Some(256), ..Default::default() }).err().unwrap().to_string();
+    assert!(err.contains("KV cache of 256 positions needs 196608 bytes") && err.contains("20480"), "{err}");
+}
