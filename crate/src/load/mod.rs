@@ -4,7 +4,7 @@ mod safetensors;
 #[cfg(not(target_arch = "wasm32"))]
 mod file;
 
-pub use self::safetensors::Safetensors;
+pub use self::safetensors::{index_shards, Safetensors};
 #[cfg(not(target_arch = "wasm32"))]
 pub use file::{open_safetensors_dir, read_hf_config};
 
@@ -16,14 +16,12 @@ pub enum LoadError {
     Io { path: String, source: std::io::Error },
     #[error("{file}: malformed safetensors header: {message}")]
     Header { file: String, message: String },
-    #[error("{file}: tensor {tensor} claims bytes {start}..{end} but the file's data is {available} bytes (truncated?)")]
-    Truncated { file: String, tensor: String, start: usize, end: usize, available: usize },
+    #[error("{file}: the header describes {expected} bytes but the file has {actual} (truncated or corrupt)")]
+    FileSize { file: String, expected: usize, actual: usize },
     #[error("{file}: tensor {tensor} has unsupported dtype {dtype}")]
     UnsupportedDType { file: String, tensor: String, dtype: String },
     #[error("tensor {0} is missing from the checkpoint")]
     MissingTensor(String),
-    #[error("{file}: tensor {tensor} has {bytes} bytes, but its shape {shape:?} in {dtype} needs {expected}")]
-    SizeMismatch { file: String, tensor: String, shape: Vec<usize>, dtype: DType, bytes: usize, expected: usize },
     #[error("model.safetensors.index.json: {0}")]
     Index(String),
 }
