@@ -1,0 +1,98 @@
+//! Hugging Face configs of the real Llama 3, 3.1 and 3.2 checkpoints, and the llama3 RoPE frequencies
+//! against an independent f64 evaluation of Meta's formula.
+
+mod common;
+
+use common::fixture;
+use llama_webgpu::model::Llama3Scaling;
+use llama_webgpu::Config;
+
+fn config(name: &str, generation: Option<&str>) -> Config {
+    let read = |f: &str| std::fs::read_to_string(fixture("configs").join(f)).unwrap();
+    Config::from_hf_json(&read(name), generation.map(read).as_deref()).unwrap()
+}
+
+#[test]
+fn llama_3_1_8b() {
+    let c = config("llama-3.1-8b-instruct.config.json", None);
+    assert_eq!((c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim), (4096, 32, 32, 8, 128));
+    assert_eq!((c.intermediate_size, c.vocab_size, c.max_position_embeddings), (14336, 128256, 131072));
+    assert_eq!(c.rope.theta, 500000.0);
+    assert_eq!(
+        c.rope.scaling,
+        Some(Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })
+    );
+    assert!(!c.tie_word_embeddings);
+    assert_eq!(c.eos_token_ids, [128001, 128008, 128009]);
+    assert_eq!(c.bos_token_id, Some(128000));
+}
+
+#[test]
+fn llama_3_2_1b_is_tied_with_explicit_head_dim() {
+    let c = config("llama-3.2-1b-instruct.config.json", None);
+    assert_eq!((c.hidden_size, c.n_layers, c.head_dim, c.q_dim(), c.kv_dim()), (2048, 16, 64, 2048, 512));
+    assert!(c.tie_word_embeddings);
+    assert_eq!(c.rope.scaling.as_ref().unwrap().factor, 32.0);
+}
+
+#[test]
+fn llama_3_takes_stop_tokens_from_generation_config_and_has_no_scaling() {
+    let c = config("llama-3-8b.config.json", Some("llama-3-8b.generation_config.json"));
+    assert_eq!(c.eos_token_ids, [128001, 128009]);
+    assert_eq!(c.rope.scaling, None);
+    assert_eq!(c.max_position_embeddings, 8192);
+}
+
+#[test]
+fn transformers_5_rope_parameters_are_read() {
+    let text = std::fs::read_to_string(fixture("tiny-llama32-tied/config.json")).unwrap();
+    let c = Config::from_hf_json(&text, None).unwrap();
+    assert_eq!(c.rope.theta, 500000.0);
+    assert_eq!(c.rope.scaling.as_ref().unwrap().original_max_position_embeddings, 64);
+    assert_eq!((c.hidden_size, c.q_dim()), (96, 128));
+}
+
+/// Meta's reference (llama/model.py apply_scaling), in f64.
+fn llama3_inv_freq_f64(theta: f64, head_dim: usize, s: &Llama3Scaling) -> Vec<f64> {
+    let original = s.original_max_position_embeddings as f64;
+    let (low, high, factor) = (s.low_freq_factor as f64, s.high_freq_factor as f64, s.factor as f64);
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < original / high {
+                freq
+            } else if wavelen > original / low {
+                freq / factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn llama3_rope_frequencies_cover_all_three_bands() {
+    let c = config("llama-3.1-8b-instruct.config.json", None);
+    let scaling = c.rope.scaling.clone().unwrap();
+    let want = llama3_inv_freq_f64(500000.0, 128, &scaling);
+    let got = c.rope_inv_freq();
+    let unscaled = Config { rope: llama_webgpu::model::Rope { theta: 500000.0, scaling: None }, ..c.clone() }.rope_inv_freq();
+    let (mut kept, mut smoothed, mut divided) = (0, 0, 0);
+    for i in 0..64 {
+        assert!(((got[i] as f64 - want[i]) / want[i]).abs() < 1e-6, "pair {i}: {} vs {}", got[i], want[i]);
+        let ratio = unscaled[i] / got[i];
+        match ratio {
+            r if (r - 1.0).abs() < 1e-6 => kept += 1,
+            r if (r - 8.0).abs() < 1e-4 => divided += 1,
+            _ => smoothed += 1,
+        }
+    }
+    assert!(kept > 0 && smoothed > 0 && divided > 0, "bands: {kept} kept, {smoothed} smoothed, {divided} divided");
+    // The cos/sin table holds each position's angles.
+    let table = c.rope_cos_sin(3);
+    let angle = 2.0 * got[5] as f64;
+    assert!((table[2 * 64 + 5][0] as f64 - angle.cos()).abs() < 1e-7);
+    assert!((table[2 * 64 + 5][1] as f64 - angle.sin()).abs() < 1e-7);
+}
