@@ -5,7 +5,7 @@ use crate::quant::DType;
 
 /// shaders/embedding.wgsl: rows of a (vocab, dim) table stored as `dtype`.
 pub fn embedding(tokens: &[u32], table: &[u8], dtype: DType, dim: usize) -> Vec<f32> {
-    let row_bytes = dim * dtype.bytes_per_element();
+    let row_bytes = dtype.row_bytes(dim).expect("whole blocks per row");
     tokens.iter().flat_map(|&t| dtype.to_f32(&table[t as usize * row_bytes..][..row_bytes])).collect()
 }
 

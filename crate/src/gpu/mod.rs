@@ -28,8 +28,8 @@ pub enum GpuError {
     Validation(String),
     #[error("out of GPU memory allocating {what} ({bytes} bytes)")]
     OutOfMemory { what: String, bytes: u64 },
-    #[error("tensor {tensor} has {cols} columns; the kernels need an even number")]
-    OddColumns { tensor: String, cols: usize },
+    #[error("tensor {tensor} has rows of {cols} {dtype} elements; the kernels need whole blocks filling 4-byte words")]
+    RowLayout { tensor: String, cols: usize, dtype: crate::quant::DType },
     #[error("reading back from the GPU failed: {0}")]
     Readback(String),
 }

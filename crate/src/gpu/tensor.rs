@@ -23,11 +23,11 @@ pub struct WeightPart {
 impl WeightMatrix {
     /// Allocates the parts; fill them with [`WeightMatrix::write_rows`].
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, rows: usize, cols: usize) -> Result<Self, GpuError> {
-        // Kernels read weights in pairs, so every row starts on a 4-byte word.
-        if cols % 2 != 0 {
-            return Err(GpuError::OddColumns { tensor: label.to_string(), cols });
-        }
-        let row_bytes = (cols * dtype.bytes_per_element()) as u64;
+        // Kernels read rows as u32 words of whole blocks (pairs of plain floats).
+        let row_bytes = match dtype.row_bytes(cols) {
+            Some(bytes) if cols % 2 == 0 && bytes % 4 == 0 => bytes as u64,
+            _ => return Err(GpuError::RowLayout { tensor: label.to_string(), cols, dtype }),
+        };
         let max_part = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
         let rows_per_part = (max_part / row_bytes.max(1)) as usize;
         if rows_per_part == 0 {
@@ -50,7 +50,7 @@ impl WeightMatrix {
     }
 
     pub fn row_bytes(&self) -> usize {
-        self.cols * self.dtype.bytes_per_element()
+        self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
 
     /// Writes whole rows starting at `first_row`; `bytes` may span several parts.

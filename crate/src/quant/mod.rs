@@ -19,11 +19,18 @@ impl DType {
         }
     }
 
-    pub fn bytes_per_element(self) -> usize {
+    /// Elements per block and bytes per block (a block of one element for plain floats).
+    pub fn block(self) -> (usize, usize) {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
         }
+    }
+
+    /// Bytes of a row of `cols` elements, or None when `cols` is not a whole number of blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        let (elements, bytes) = self.block();
+        (cols % elements == 0).then_some(cols / elements * bytes)
     }
 
     /// The value of the `WEIGHT_DTYPE` override constant in the kernels that read this format.
