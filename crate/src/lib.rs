@@ -1,6 +1,7 @@
 //! llama-webgpu: Llama 3.1 / 3.2 inference through hand-written WGSL compute shaders, on WebGPU in the
 //! browser and on wgpu natively.
 
+pub mod api;
 pub mod gpu;
 pub mod load;
 pub mod model;
