@@ -7,6 +7,7 @@ pub mod load;
 pub mod model;
 pub mod quant;
 pub mod reference;
+pub mod sample;
 
 mod error;
 
