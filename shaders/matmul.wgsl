@@ -1,16 +1,20 @@
-// out = x @ W^T for a (rows, k) weight matrix in f32, f16 or bf16 (packed in u32 words), f32 arithmetic.
-// Two entry points share the bindings: `gemv` for a few tokens (decode), `tiled` for prompt prefill.
-// A weight split by rows over several buffers is multiplied with one dispatch per part, each writing
-// its slice of output columns [row_start, row_start + rows).
+// Reading a weight matrix: out = x @ W^T, and the embedding gather out[t] = W[token t], for a
+// (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
+// f32 arithmetic. The gather lives here because it shares the block decoding with the products.
+// Entry points: `gemv` for a few tokens (decode), `tiled` for prompt prefill, `gather` for embeddings.
+// A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
+// output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
 // PyTorch: out = x @ W.T            (accumulate = 0)
 //          out = out + x @ W.T      (accumulate = 1, the residual add fused into the epilogue)
+//          out = W[tokens]          (gather)
 
-override WEIGHT_DTYPE: u32 = 0u; // 0 = f32, 1 = f16, 2 = bf16
+// 0 f32, 1 f16, 2 bf16, 3 q4_0, 4 q4_1, 5 q8_0, 6 q4_k, 7 q6_k (crate::quant::DType::shader_code)
+override WEIGHT_DTYPE: u32 = 0u;
 
 struct Params {
-    k: u32,                // input features (even)
+    k: u32,                // input features (elements per weight row, even)
     rows: u32,             // weight rows in this part
-    row_start: u32,        // output column of this part's first row
+    row_start: u32,        // output column of this part's first row (gather: its first token id)
     in_stride: u32,        // elements between token rows of x
     out_stride: u32,       // elements between token rows of out
     accumulate: u32,       // 1: add to out instead of overwriting it
@@ -25,18 +29,82 @@ struct Step {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> x: array<f32>;         // (n_tokens, in_stride)
-@group(0) @binding(1) var<storage, read> w: array<u32>;         // (rows, k) in WEIGHT_DTYPE
+@group(0) @binding(0) var<storage, read> x: array<f32>;         // (n_tokens, in_stride); gather: (n_tokens) ids as f32
+@group(0) @binding(1) var<storage, read> w: array<u32>;         // (rows, k) in WEIGHT_DTYPE, rows packed back to back
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // (out rows, out_stride)
 @group(0) @binding(3) var<uniform> params: Params;
 @group(0) @binding(4) var<uniform> step: Step;
 
-// Weights i*2 and i*2+1 of the matrix, row-major, as f32.
-fn weight_pair(i: u32) -> vec2<f32> {
+fn byte_at(offset: u32) -> u32 {
+    return (w[offset >> 2u] >> ((offset & 3u) * 8u)) & 0xffu;
+}
+
+fn f16_at(offset: u32) -> f32 { // offset is even
+    return unpack2x16float(w[offset >> 2u] >> ((offset & 2u) * 8u)).x;
+}
+
+fn i8_at(offset: u32) -> f32 {
+    return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
+}
+
+// Element `col` of `row` for the block formats (llama.cpp's dequantize_row_*).
+fn block_weight(row: u32, col: u32) -> f32 {
     switch WEIGHT_DTYPE {
+        case 3u: { // q4_0: f16 d, 16 bytes; j < 16 low nibbles, j >= 16 high nibbles
+            let base = (row * (params.k / 32u) + col / 32u) * 18u;
+            let j = col % 32u;
+            let q = (byte_at(base + 2u + j % 16u) >> (j / 16u * 4u)) & 0xfu;
+            return f16_at(base) * (f32(q) - 8.0);
+        }
+        case 4u: { // q4_1: f16 d, f16 m, 16 bytes as q4_0
+            let base = (row * (params.k / 32u) + col / 32u) * 20u;
+            let j = col % 32u;
+            let q = (byte_at(base + 4u + j % 16u) >> (j / 16u * 4u)) & 0xfu;
+            return f16_at(base) * f32(q) + f16_at(base + 2u);
+        }
+        case 5u: { // q8_0: f16 d, 32 int8
+            let base = (row * (params.k / 32u) + col / 32u) * 34u;
+            return f16_at(base) * i8_at(base + 2u + col % 32u);
+        }
+        case 6u: { // q4_k: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+            let base = (row * (params.k / 256u) + col / 256u) * 144u;
+            let j = col % 256u;
+            let sub = j / 32u;
+            let scales = base + 4u;
+            var sc: u32;
+            var m: u32;
+            if (sub < 4u) {
+                sc = byte_at(scales + sub) & 63u;
+                m = byte_at(scales + sub + 4u) & 63u;
+            } else {
+                sc = (byte_at(scales + sub + 4u) & 0xfu) | ((byte_at(scales + sub - 4u) >> 6u) << 4u);
+                m = (byte_at(scales + sub + 4u) >> 4u) | ((byte_at(scales + sub) >> 6u) << 4u);
+            }
+            let q = (byte_at(base + 16u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
+            return (f16_at(base) * f32(sc)) * f32(q) - f16_at(base + 2u) * f32(m);
+        }
+        default: { // q6_k: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, f16 d
+            let base = (row * (params.k / 256u) + col / 256u) * 210u;
+            let j = col % 256u;
+            let half = j / 128u;
+            let quarter = j % 128u / 32u;
+            let l = j % 32u;
+            let low = (byte_at(base + half * 64u + l + quarter % 2u * 32u) >> (quarter / 2u * 4u)) & 0xfu;
+            let high = (byte_at(base + 128u + half * 32u + l) >> (2u * quarter)) & 3u;
+            let scale = i8_at(base + 192u + half * 8u + l / 16u + 2u * quarter);
+            return (f16_at(base + 208u) * scale) * (f32(low | (high << 4u)) - 32.0);
+        }
+    }
+}
+
+// Elements col and col + 1 (col even) of `row` as f32.
+fn weight_pair(row: u32, col: u32) -> vec2<f32> {
+    let i = (row * params.k + col) / 2u;
+    switch WEIGHT_DTYPE {
+        case 0u: { return vec2(bitcast<f32>(w[2u * i]), bitcast<f32>(w[2u * i + 1u])); }
         case 1u: { return unpack2x16float(w[i]); }
         case 2u: { let b = w[i]; return vec2(bitcast<f32>(b << 16u), bitcast<f32>(b & 0xffff0000u)); }
-        default: { return vec2(bitcast<f32>(w[2u * i]), bitcast<f32>(w[2u * i + 1u])); }
+        default: { return vec2(block_weight(row, col), block_weight(row, col + 1u)); }
     }
 }
 
@@ -58,12 +126,11 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
     if (row >= params.rows || t >= step.n_tokens) {
         return;
     }
-    let half_k = params.k / 2u;
     let x_base = t * params.in_stride;
     var sum = 0.0;
-    for (var j = lid.x; j < half_k; j += GEMV_WG) {
-        let wv = weight_pair(row * half_k + j);
-        sum += x[x_base + 2u * j] * wv.x + x[x_base + 2u * j + 1u] * wv.y;
+    for (var col = 2u * lid.x; col < params.k; col += 2u * GEMV_WG) {
+        let wv = weight_pair(row, col);
+        sum += x[x_base + col] * wv.x + x[x_base + col + 1u] * wv.y;
     }
     gemv_partial[lid.x] = sum;
     workgroupBarrier();
@@ -88,22 +155,21 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
          @builtin(local_invocation_index) li: u32) {
     let row0 = wg.x * TILE;
     let t0 = wg.y * TILE;
-    let half_k = params.k / 2u;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < params.k; k0 += TILE) {
-        // 256 threads stage 512 pairs of each tile: pair p covers tile row p / 16, k pair p % 16.
+        // 256 threads stage 512 pairs of each tile: pair p covers tile row p / 16, columns 2 (p % 16).
         for (var p = li; p < TILE * TILE / 2u; p += 256u) {
             let r = p / 16u;
-            let kp = k0 / 2u + p % 16u;
+            let col = k0 + 2u * (p % 16u);
             var xv = vec2(0.0, 0.0);
             var wv = vec2(0.0, 0.0);
-            if (kp < half_k) {
+            if (col < params.k) {
                 if (t0 + r < step.n_tokens) {
-                    let xi = (t0 + r) * params.in_stride + 2u * kp;
+                    let xi = (t0 + r) * params.in_stride + col;
                     xv = vec2(x[xi], x[xi + 1u]);
                 }
                 if (row0 + r < params.rows) {
-                    wv = weight_pair((row0 + r) * half_k + kp);
+                    wv = weight_pair(row0 + r, col);
                 }
             }
             x_tile[2u * p] = xv.x;
@@ -131,4 +197,21 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
             store(t, row, acc[i]);
         }
     }
+}
+
+// out[t] = W[token t] for the tokens whose row lies in this part; x holds the token ids.
+@compute @workgroup_size(64)
+fn gather(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = gid.y;
+    let col = 2u * gid.x;
+    if (t >= step.n_tokens || col >= params.k) {
+        return;
+    }
+    let token = u32(x[t]);
+    if (token < params.row_start || token >= params.row_start + params.rows) {
+        return;
+    }
+    let wv = weight_pair(token - params.row_start, col);
+    out[t * params.out_stride + col] = wv.x;
+    out[t * params.out_stride + col + 1u] = wv.y;
 }

@@ -45,7 +45,8 @@ fn embedding_matches_reference_in_every_format_and_split() {
     for dtype in DTYPES {
         let (bytes, table) = weights(&gpu, 1, dtype, vocab, dim);
         assert!(table.parts.len() >= 2 || dtype != DType::F32, "the f32 table should be split, got {} part", table.parts.len());
-        let token_buffer = gpu.storage_buffer_with("tokens", &tokens);
+        let ids: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
+        let token_buffer = gpu.storage_buffer_with("tokens", &ids);
         let out = gpu.storage_buffer("out", (tokens.len() * dim * 4) as u64);
         let op = ops::embedding(&gpu, &token_buffer, &table, &out, &step(&gpu, tokens.len(), 0));
         run(&gpu, |pass| op.encode(pass, tokens.len() as u32));

@@ -61,7 +61,6 @@ fn bindings_match_the_rust_layouts() {
 #[test]
 fn params_structs_match_their_rust_mirrors() {
     let rust_sizes = [
-        ("embedding", std::mem::size_of::<ops::EmbeddingParams>()),
         ("rmsnorm", std::mem::size_of::<ops::RmsNormParams>()),
         ("rope", std::mem::size_of::<ops::RopeParams>()),
         ("matmul", std::mem::size_of::<ops::MatmulParams>()),

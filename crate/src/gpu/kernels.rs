@@ -37,7 +37,6 @@ macro_rules! kernel {
     };
 }
 
-kernel!(EMBEDDING, "embedding", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(RMSNORM, "rmsnorm", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ROPE, "rope", [Storage, StorageMut, Uniform, Uniform]);
 kernel!(MATMUL, "matmul", [Storage, Storage, StorageMut, Uniform, Uniform]);
@@ -46,7 +45,7 @@ kernel!(SILU_MUL, "silu_mul", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 7] = [&EMBEDDING, &RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX];
+pub const KERNELS: [&Kernel; 6] = [&RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX];
 
 struct Module {
     shader: wgpu::ShaderModule,

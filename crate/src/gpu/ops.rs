@@ -17,15 +17,6 @@ pub struct StepParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct EmbeddingParams {
-    pub dim: u32,
-    pub row_start: u32,
-    pub rows: u32,
-    pub _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct RmsNormParams {
     pub dim: u32,
     pub eps: f32,
@@ -184,29 +175,11 @@ fn dispatch(
     Dispatch { pipeline: pipeline.pipeline, bind_group, grid }
 }
 
-fn dtype_constant(weights: &WeightMatrix) -> [(&'static str, f64); 1] {
-    [("WEIGHT_DTYPE", weights.dtype.shader_code() as f64)]
-}
-
-/// out[t] = table[tokens[t]] for (n_tokens) token ids.
+/// out[t] = table[tokens[t]]; `tokens` holds (n_tokens) ids as f32 (exact below 2^24).
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    let constants = dtype_constant(table);
-    let dispatches = table
-        .parts
-        .iter()
-        .map(|part| {
-            let params = EmbeddingParams {
-                dim: table.cols as u32,
-                row_start: part.row_start as u32,
-                rows: part.rows as u32,
-                _pad: 0,
-            };
-            let params = gpu.uniform_buffer("embedding params", &params);
-            let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-            dispatch(gpu, &kernels::EMBEDDING, "main", &constants, &[tokens, &part.buffer, out, &params, step], grid)
-        })
-        .collect();
-    Op { dispatches }
+    let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, accumulate: false, rows_at_position: false };
+    let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
+    weight_op(gpu, "gather", tokens, table, out, layout, step, |_| grid)
 }
 
 /// out = rmsnorm(x) * weight over rows of `dim`.
@@ -252,33 +225,45 @@ pub fn matmul(
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> Matmul {
-    let constants = dtype_constant(w);
-    let build = |entry: &str| {
-        let dispatches = w
-            .parts
-            .iter()
-            .map(|part| {
-                let params = MatmulParams {
-                    k: w.cols as u32,
-                    rows: part.rows as u32,
-                    row_start: part.row_start as u32,
-                    in_stride: layout.in_stride as u32,
-                    out_stride: layout.out_stride as u32,
-                    accumulate: layout.accumulate as u32,
-                    rows_at_position: layout.rows_at_position as u32,
-                    _pad: 0,
-                };
-                let grid = match entry {
-                    "gemv" => Grid::rows_by_token(gpu, part.rows as u32),
-                    _ => Grid::TokenTiles { x: (part.rows as u32).div_ceil(TILE), tile: TILE },
-                };
-                let params = gpu.uniform_buffer("matmul params", &params);
-                dispatch(gpu, &kernels::MATMUL, entry, &constants, &[x, &part.buffer, out, &params, step], grid)
-            })
-            .collect();
-        Op { dispatches }
-    };
-    Matmul { gemv: build("gemv"), tiled: build("tiled") }
+    Matmul {
+        gemv: weight_op(gpu, "gemv", x, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows)),
+        tiled: weight_op(gpu, "tiled", x, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
+    }
+}
+
+/// One dispatch of a matmul.wgsl entry point per part of `w`; `grid` sizes it from the part's rows.
+#[allow(clippy::too_many_arguments)]
+fn weight_op(
+    gpu: &Gpu,
+    entry: &str,
+    x: &wgpu::Buffer,
+    w: &WeightMatrix,
+    out: &wgpu::Buffer,
+    layout: MatmulLayout,
+    step: &wgpu::Buffer,
+    grid: impl Fn(u32) -> Grid,
+) -> Op {
+    let constants = [("WEIGHT_DTYPE", w.dtype.shader_code() as f64)];
+    let dispatches = w
+        .parts
+        .iter()
+        .map(|part| {
+            let params = MatmulParams {
+                k: w.cols as u32,
+                rows: part.rows as u32,
+                row_start: part.row_start as u32,
+                in_stride: layout.in_stride as u32,
+                out_stride: layout.out_stride as u32,
+                accumulate: layout.accumulate as u32,
+                rows_at_position: layout.rows_at_position as u32,
+                _pad: 0,
+            };
+            let params = gpu.uniform_buffer(entry, &params);
+            let buffers = [x, &part.buffer, out, &params, step];
+            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32))
+        })
+        .collect();
+    Op { dispatches }
 }
 
 /// Causal grouped-query attention of (n_tokens) queries over the KV cache.

@@ -23,13 +23,15 @@ pub struct WeightPart {
 impl WeightMatrix {
     /// Allocates the parts; fill them with [`WeightMatrix::write_rows`].
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, rows: usize, cols: usize) -> Result<Self, GpuError> {
-        // Kernels read rows as u32 words of whole blocks (pairs of plain floats).
+        // Kernels read elements in pairs and rows of whole blocks; every format's row is then an even
+        // number of bytes, so an even number of rows fills whole u32 words.
         let row_bytes = match dtype.row_bytes(cols) {
-            Some(bytes) if cols % 2 == 0 && bytes % 4 == 0 => bytes as u64,
+            Some(bytes) if cols % 2 == 0 => bytes as u64,
             _ => return Err(GpuError::RowLayout { tensor: label.to_string(), cols, dtype }),
         };
         let max_part = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
-        let rows_per_part = (max_part / row_bytes.max(1)) as usize;
+        let fitting_rows = (max_part / row_bytes.max(1)) as usize;
+        let rows_per_part = if fitting_rows >= rows { rows.max(1) } else { fitting_rows / 2 * 2 };
         if rows_per_part == 0 {
             return Err(GpuError::Limit {
                 adapter: gpu.info.name.clone(),
@@ -53,8 +55,9 @@ impl WeightMatrix {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
 
-    /// Writes whole rows starting at `first_row`; `bytes` may span several parts.
+    /// Writes whole rows starting at an even `first_row`; `bytes` may span several parts.
     pub fn write_rows(&self, gpu: &Gpu, first_row: usize, bytes: &[u8]) {
+        debug_assert!(first_row % 2 == 0, "rows are written from even offsets");
         let row_bytes = self.row_bytes();
         let end_row = first_row + bytes.len() / row_bytes;
         for part in &self.parts {
@@ -64,7 +67,17 @@ impl WeightMatrix {
                 continue;
             }
             let chunk = &bytes[(start - first_row) * row_bytes..(end - first_row) * row_bytes];
-            gpu.queue.write_buffer(&part.buffer, ((start - part.row_start) * row_bytes) as u64, chunk);
+            let offset = ((start - part.row_start) * row_bytes) as u64;
+            // A part's odd last row ends mid-word; its buffer is padded to a whole word.
+            let aligned = chunk.len() / 4 * 4;
+            if aligned > 0 {
+                gpu.queue.write_buffer(&part.buffer, offset, &chunk[..aligned]);
+            }
+            if aligned < chunk.len() {
+                let mut tail = [0u8; 4];
+                tail[..chunk.len() - aligned].copy_from_slice(&chunk[aligned..]);
+                gpu.queue.write_buffer(&part.buffer, offset + aligned as u64, &tail);
+            }
         }
     }
 }

@@ -167,6 +167,10 @@ impl Config {
         if self.n_layers == 0 || self.vocab_size == 0 || self.max_position_embeddings == 0 {
             return invalid("num_hidden_layers, vocab_size and max_position_embeddings must be positive".into());
         }
+        // Token ids travel to the GPU as f32, exact below 2^24.
+        if self.vocab_size > 1 << 24 {
+            return invalid(format!("vocab_size {} is above 2^24", self.vocab_size));
+        }
         if let Some(&id) = self.eos_token_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
             return invalid(format!("eos_token_id {id} is outside the vocabulary of {}", self.vocab_size));
         }

@@ -50,7 +50,7 @@ pub struct Llama {
     max_batch: usize,
     kv_cache: KvCache,
     step: wgpu::Buffer,           // StepParams of the pass being run
-    tokens: wgpu::Buffer,         // (max_batch) u32 token ids
+    tokens: wgpu::Buffer,         // (max_batch) token ids as f32
     x: wgpu::Buffer,              // (max_batch, hidden) residual stream
     x_last: wgpu::Buffer,         // (hidden) the last token's residual stream
     logits: wgpu::Buffer,         // (vocab) of the last token
@@ -263,7 +263,8 @@ impl Llama {
             let n = chunk.len() as u32;
             let step = StepParams { n_tokens: n, start_pos: (start_pos + i * self.max_batch) as u32, _pad: [0; 2] };
             self.gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
-            self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(chunk));
+            let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
+            self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
             let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -321,7 +322,7 @@ fn upload_matrix(gpu: &Gpu, source: &dyn WeightSource, name: &str, rows: usize, 
     }
     let matrix = WeightMatrix::new(gpu, name, tensor.dtype, rows, cols)?;
     let row_bytes = matrix.row_bytes();
-    let rows_per_chunk = (UPLOAD_CHUNK / row_bytes).max(1);
+    let rows_per_chunk = (UPLOAD_CHUNK / row_bytes).max(2) / 2 * 2;
     for (i, chunk) in tensor.bytes.chunks(rows_per_chunk * row_bytes).enumerate() {
         matrix.write_rows(gpu, i * rows_per_chunk, chunk);
         gpu.queue.submit([]);
