@@ -91,7 +91,7 @@ fn edited_fixture(edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>
 fn load_error(source: &Safetensors<Vec<u8>>) -> Option<String> {
     let gpu = gpu()?;
     let config = llama_webgpu::load::read_hf_config(&fixture("tiny-llama32-tied")).unwrap();
-    Some(pollster::block_on(Llama::load(&gpu, config, source, &LoadOptions::default())).err().unwrap().to_string())
+    Some(pollster::block_on(Llama::load(&gpu, config, source, &LoadOptions::default(), &mut |_| {})).err().unwrap().to_string())
 }
 
 #[test]

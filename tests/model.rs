@@ -112,3 +112,32 @@ fn context_length_is_checked_against_the_model_and_the_device() {
     let err = load_model(&small, "tiny-llama31", &LoadOptions { context_length: Some(256), ..Default::default() }).err().unwrap().to_string();
     assert!(err.contains("KV cache of 256 positions needs 196608 bytes") && err.contains("20480"), "{err}");
 }
+
+#[test]
+fn load_progress_counts_every_weight_byte_once() {
+    let Some(gpu) = gpu() else { return };
+    for name in FIXTURES {
+        let dir = common::fixture(name);
+        let config = llama_webgpu::load::read_hf_config(&dir).unwrap();
+        let source = llama_webgpu::load::open_safetensors_dir(&dir).unwrap();
+        let mut reports = vec![];
+        pollster::block_on(llama_webgpu::Llama::load(&gpu, config, &source, &LoadOptions::default(), &mut |p| {
+            reports.push((p.tensor.to_string(), p.bytes_done, p.bytes_total))
+        }))
+        .unwrap();
+        let safetensors_bytes: u64 = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap();
+                let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+                bytes.len() as u64 - 8 - header
+            })
+            .sum();
+        let (_, done, total) = reports.last().unwrap().clone();
+        assert_eq!((done, total), (safetensors_bytes, safetensors_bytes), "{name}");
+        assert!(reports.windows(2).all(|w| w[0].1 < w[1].1), "{name}: progress must grow");
+        assert!(reports.iter().any(|r| r.0 == "model.layers.1.mlp.down_proj.weight"), "{name}");
+    }
+}

@@ -13,4 +13,4 @@ mod error;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions};
-pub use model::{Config, Llama, LoadOptions};
+pub use model::{Config, Llama, LoadOptions, LoadProgress};

@@ -64,7 +64,7 @@ pub fn load_model(gpu: &Gpu, name: &str, options: &llama_webgpu::LoadOptions) ->
     let dir = fixture(name);
     let config = llama_webgpu::load::read_hf_config(&dir)?;
     let source = llama_webgpu::load::open_safetensors_dir(&dir)?;
-    pollster::block_on(llama_webgpu::Llama::load(gpu, config, &source, options))
+    pollster::block_on(llama_webgpu::Llama::load(gpu, config, &source, options, &mut |_| {}))
 }
 
 /// The transformers outputs recorded by tests/fixtures/make_fixtures.py.

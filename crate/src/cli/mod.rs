@@ -77,9 +77,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load::read_hf_config(&model)?;
             let source = load::open_safetensors_dir(&model)?;
             let load_options = LoadOptions { context_length: context, ..Default::default() };
-            let mut llama = Llama::load(&gpu, config, &source, &load_options)
-                .await
-                .with_context(|| format!("loading {}", model.display()))?;
+            let bar = load_bar();
+            let mut llama = Llama::load(&gpu, config, &source, &load_options, &mut |p| {
+                bar.set_length(p.bytes_total);
+                bar.set_position(p.bytes_done);
+            })
+            .await
+            .with_context(|| format!("loading {}", model.display()))?;
+            bar.finish_and_clear();
             let load_s = started.elapsed().as_secs_f64();
             let started = std::time::Instant::now();
             let generated = llama.generate_greedy(&prompt, max_tokens).await?;
@@ -100,6 +105,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn load_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("a valid progress template"),
+    );
+    bar
 }
 
 fn parse_tokens(text: &str) -> anyhow::Result<Vec<u32>> {

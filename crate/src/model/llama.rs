@@ -26,6 +26,43 @@ impl Default for LoadOptions {
 
 pub const DEFAULT_CONTEXT: usize = 4096;
 
+/// How far a load has come: weight bytes uploaded of the total, and the tensor being uploaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadProgress<'a> {
+    pub tensor: &'a str,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// The checkpoint tensors a model of `config` reads from `source`, with their sizes.
+fn weight_tensors(c: &Config, source: &dyn WeightSource) -> Result<Vec<(String, u64)>> {
+    let mut names = vec!["model.embed_tokens.weight".to_string()];
+    for i in 0..c.n_layers {
+        for name in [
+            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+        ] {
+            names.push(format!("model.layers.{i}.{name}.weight"));
+        }
+    }
+    names.push("model.norm.weight".to_string());
+    if !head_is_tied(c, source) {
+        names.push("lm_head.weight".to_string());
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let bytes = source.tensor(&name)?.bytes.len() as u64;
+            Ok((name, bytes))
+        })
+        .collect()
+}
+
+/// Tied checkpoints reuse the embedding as lm_head; some still store a copy, which then wins.
+fn head_is_tied(c: &Config, source: &dyn WeightSource) -> bool {
+    c.tie_word_embeddings && !source.contains("lm_head.weight")
+}
+
 /// The ops of one transformer block, in the order they run.
 struct Layer {
     attn_norm: Op,  // xn = rmsnorm(x) * input_layernorm
@@ -73,9 +110,22 @@ enum Output {
 impl Llama {
     /// Uploads the weights of `source` (Hugging Face tensor names) and allocates everything a pass
     /// needs.
-    pub async fn load(gpu: &Gpu, config: Config, source: &dyn WeightSource, options: &LoadOptions) -> Result<Self> {
+    pub async fn load(
+        gpu: &Gpu,
+        config: Config,
+        source: &dyn WeightSource,
+        options: &LoadOptions,
+        on_progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self> {
         gpu.check()?;
         let c = &config;
+        let bytes_total = weight_tensors(c, source)?.iter().map(|(_, bytes)| bytes).sum();
+        let progress = std::cell::RefCell::new((0u64, on_progress));
+        let report = |tensor: &str, bytes: u64| {
+            let (done, on_progress) = &mut *progress.borrow_mut();
+            *done += bytes;
+            on_progress(LoadProgress { tensor, bytes_done: *done, bytes_total });
+        };
         let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(c.max_position_embeddings));
         if context > c.max_position_embeddings || context == 0 {
             return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
@@ -108,8 +158,8 @@ impl Llama {
         let next_token = gpu.storage_buffer("next token", 4);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
 
-        let matrix = |name: &str, rows: usize, cols: usize| upload_matrix(gpu, source, name, rows, cols);
-        let vector = |name: &str, len: usize| upload_vector(gpu, source, name, len);
+        let matrix = |name: &str, rows: usize, cols: usize| upload_matrix(gpu, source, name, rows, cols, &report);
+        let vector = |name: &str, len: usize| upload_vector(gpu, source, name, len, &report);
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, accumulate: false, rows_at_position: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, accumulate: true, rows_at_position: false };
         let cache_rows = MatmulLayout { in_stride: c.hidden_size, out_stride: c.kv_dim(), accumulate: false, rows_at_position: true };
@@ -148,7 +198,7 @@ impl Llama {
         }
         let final_norm = ops::rmsnorm(gpu, &x_last, &vector("model.norm.weight", c.hidden_size)?, &xn_last, c.hidden_size, c.rms_norm_eps, &one_token);
         let untied_head;
-        let head = if c.tie_word_embeddings && !source.contains("lm_head.weight") {
+        let head = if head_is_tied(c, source) {
             &embed_tokens
         } else {
             untied_head = matrix("lm_head.weight", c.vocab_size, c.hidden_size)?;
@@ -315,7 +365,14 @@ impl Llama {
 /// Rows of a weight are uploaded this many bytes at a time, so host staging stays bounded.
 const UPLOAD_CHUNK: usize = 16 << 20;
 
-fn upload_matrix(gpu: &Gpu, source: &dyn WeightSource, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+fn upload_matrix(
+    gpu: &Gpu,
+    source: &dyn WeightSource,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    report: &dyn Fn(&str, u64),
+) -> Result<WeightMatrix> {
     let tensor = source.tensor(name)?;
     if tensor.shape != [rows, cols] {
         return Err(ModelError::Shape { tensor: name.to_string(), expected: vec![rows, cols], got: tensor.shape }.into());
@@ -326,15 +383,18 @@ fn upload_matrix(gpu: &Gpu, source: &dyn WeightSource, name: &str, rows: usize, 
     for (i, chunk) in tensor.bytes.chunks(rows_per_chunk * row_bytes).enumerate() {
         matrix.write_rows(gpu, i * rows_per_chunk, chunk);
         gpu.queue.submit([]);
+        report(name, chunk.len() as u64);
     }
     Ok(matrix)
 }
 
 /// Norm weights are tiny: whatever their dtype, they are kept as f32.
-fn upload_vector(gpu: &Gpu, source: &dyn WeightSource, name: &str, len: usize) -> Result<wgpu::Buffer> {
+fn upload_vector(gpu: &Gpu, source: &dyn WeightSource, name: &str, len: usize, report: &dyn Fn(&str, u64)) -> Result<wgpu::Buffer> {
     let tensor = source.tensor(name)?;
     if tensor.shape != [len] {
         return Err(ModelError::Shape { tensor: name.to_string(), expected: vec![len], got: tensor.shape }.into());
     }
-    Ok(gpu.storage_buffer_with(name, &tensor.dtype.to_f32(tensor.bytes)))
+    let buffer = gpu.storage_buffer_with(name, &tensor.dtype.to_f32(tensor.bytes));
+    report(name, tensor.bytes.len() as u64);
+    Ok(buffer)
 }

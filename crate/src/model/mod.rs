@@ -6,7 +6,7 @@ mod llama;
 
 pub use config::{Config, Llama3Scaling, Rope};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LoadOptions};
+pub use llama::{Llama, LoadOptions, LoadProgress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
