@@ -8,6 +8,7 @@ pub mod model;
 pub mod quant;
 pub mod reference;
 pub mod sample;
+pub mod text;
 
 mod error;
 

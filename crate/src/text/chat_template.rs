@@ -1,0 +1,195 @@
+use std::collections::BTreeMap;
+use std::fmt;
+
+use minijinja::value::Kwargs;
+use minijinja::{Environment, Error, ErrorKind, Value};
+
+use super::json::{dumps, DumpOptions};
+use super::strftime::{strftime, unix_now};
+use super::TextError;
+use crate::api::{ChatMessage, Tool};
+
+/// Meta's Llama 3.1 Instruct template, verbatim from the `chat_template` of
+/// Meta-Llama-3.1-8B-Instruct's tokenizer_config.json.
+const LLAMA31_SOURCE: &str = include_str!("llama31_chat_template.jinja");
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// A chat template (Jinja), rendered as transformers' `apply_chat_template` renders it: blocks
+/// trimmed and left-stripped, Python string methods available, and the helpers transformers adds
+/// (`raise_exception`, `strftime_now`, a `tojson` that is Python's `json.dumps`).
+#[derive(Clone)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+/// What a template reads besides the messages and tools.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderOptions {
+    pub bos_token: String,
+    pub eos_token: String,
+    /// "Today Date" of the Llama 3.1 system header. `None` leaves it to the template: Meta's 3.1
+    /// template then writes its fixed "26 Jul 2024", templates that call `strftime_now` today's
+    /// date. [`today_date_string`] gives today's in the same format.
+    pub date_string: Option<String>,
+    /// Llama 3.1: put custom tool definitions in the first user message (the template's default,
+    /// true) or in the system message (false).
+    pub tools_in_user_message: Option<bool>,
+    /// Llama 3.1's built-in tools, e.g. `["brave_search", "wolfram_alpha"]`; calls to them are
+    /// rendered as `<|python_tag|>name.call(...)` ending in `<|eom_id|>`.
+    pub builtin_tools: Option<Vec<String>>,
+}
+
+impl Default for RenderOptions {
+    /// Llama 3.1's special tokens; everything else left to the template.
+    fn default() -> Self {
+        Self {
+            bos_token: "<|begin_of_text|>".into(),
+            eos_token: "<|eot_id|>".into(),
+            date_string: None,
+            tools_in_user_message: None,
+            builtin_tools: None,
+        }
+    }
+}
+
+/// Today's date (UTC) as Llama templates write it: "26 Jul 2024".
+pub fn today_date_string() -> String {
+    strftime("%d %b %Y", unix_now()).unwrap_or_default()
+}
+
+impl ChatTemplate {
+    /// Compiles a template, e.g. the `chat_template` of a model's tokenizer_config.json.
+    pub fn new(source: &str) -> Result<Self, TextError> {
+        let mut env = Environment::new();
+        // transformers: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| TextError::TemplateSyntax { reason: describe(&e) })?;
+        Ok(Self { env })
+    }
+
+    /// Meta's official Llama 3.1 Instruct template.
+    pub fn llama31() -> Self {
+        Self::new(LLAMA31_SOURCE).expect("the built-in Llama 3.1 template parses")
+    }
+
+    /// The prompt text for a conversation. It already holds BOS when the template writes it (as
+    /// Llama's does), so encode it with `parse_special = true` and add nothing.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[Tool]>,
+        add_generation_prompt: bool,
+        options: &RenderOptions,
+    ) -> Result<String, TextError> {
+        let mut context: BTreeMap<&str, Value> = BTreeMap::new();
+        context.insert("messages", Value::from_serialize(template_messages(messages)));
+        context.insert("tools", tools.map_or(Value::from(()), Value::from_serialize));
+        context.insert("documents", Value::from(()));
+        context.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        context.insert("bos_token", Value::from(options.bos_token.as_str()));
+        context.insert("eos_token", Value::from(options.eos_token.as_str()));
+        if let Some(date) = &options.date_string {
+            context.insert("date_string", Value::from(date.as_str()));
+        }
+        if let Some(in_user_message) = options.tools_in_user_message {
+            context.insert("tools_in_user_message", Value::from(in_user_message));
+        }
+        if let Some(builtin) = &options.builtin_tools {
+            context.insert("builtin_tools", Value::from_serialize(builtin));
+        }
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TextError::TemplateRender { reason: describe(&e) })?;
+        template.render(context).map_err(|e| match raised_message(&e) {
+            Some(message) => TextError::TemplateRaised { message },
+            None => TextError::TemplateRender { reason: describe(&e) },
+        })
+    }
+}
+
+/// Messages as templates expect them: OpenAI sends tool-call arguments as a string holding JSON,
+/// but templates iterate and re-serialize them as an object.
+fn template_messages(messages: &[ChatMessage]) -> Vec<ChatMessage> {
+    let mut messages = messages.to_vec();
+    for call in messages.iter_mut().flat_map(|m| m.tool_calls.iter_mut().flatten()) {
+        if let serde_json::Value::String(text) = &call.function.arguments {
+            if let Ok(parsed) = serde_json::from_str(text) {
+                call.function.arguments = parsed;
+            }
+        }
+    }
+    messages
+}
+
+/// transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)`.
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent = match kwargs.get::<Option<Value>>("indent")? {
+        Some(indent) if indent.is_integer() => Some(" ".repeat(usize::try_from(indent).unwrap_or(0))),
+        Some(indent) if indent.as_str().is_some() => indent.as_str().map(str::to_string),
+        Some(indent) if !indent.is_none() => {
+            let message = format!("tojson: indent must be an integer or a string, not {indent}");
+            return Err(Error::new(ErrorKind::InvalidOperation, message));
+        }
+        _ => None,
+    };
+    let mut options = DumpOptions::new(indent);
+    options.ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
+    options.sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+    if let Some(separators) = kwargs.get::<Option<Vec<String>>>("separators")? {
+        let [item, key]: [String; 2] = separators.try_into().map_err(|given: Vec<String>| {
+            let message = format!("tojson: separators must be (item, key), got {} strings", given.len());
+            Error::new(ErrorKind::InvalidOperation, message)
+        })?;
+        options.item_separator = item;
+        options.key_separator = key;
+    }
+    kwargs.assert_all_used()?;
+    Ok(Value::from(dumps(value, &options)?))
+}
+
+/// Marks an error as the template's own `raise_exception`, so it maps to `TemplateRaised`.
+#[derive(Debug)]
+struct Raised(String);
+
+impl fmt::Display for Raised {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Raised {}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(Raised(message)))
+}
+
+fn strftime_now(format: &str) -> Result<String, Error> {
+    strftime(format, unix_now()).map_err(|message| Error::new(ErrorKind::InvalidOperation, message))
+}
+
+fn raised_message(error: &Error) -> Option<String> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(raised) = cause.downcast_ref::<Raised>() {
+            return Some(raised.0.clone());
+        }
+        source = cause.source();
+    }
+    None
+}
+
+/// The error with its causes, which minijinja keeps apart from its own message.
+fn describe(error: &Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}

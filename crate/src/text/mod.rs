@@ -1,0 +1,33 @@
+//! Text in and out of the model: the tokenizer (Hugging Face `tokenizer.json`), a streaming
+//! detokenizer that never splits a UTF-8 character, and chat templates rendered with minijinja the
+//! way transformers' `apply_chat_template` renders them.
+
+mod chat_template;
+mod json;
+mod stream;
+mod strftime;
+mod tokenizer;
+
+pub use chat_template::{today_date_string, ChatTemplate, RenderOptions};
+pub use stream::TextStream;
+pub use tokenizer::Tokenizer;
+
+/// Errors from tokenizing, detokenizing and rendering chat templates.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("tokenizer.json could not be loaded: {reason}")]
+    Load { reason: String },
+    #[error("encoding text failed: {reason}")]
+    Encode { reason: String },
+    #[error("decoding token ids failed: {reason}")]
+    Decode { reason: String },
+    #[error("token id {id} is outside the vocabulary of {vocab_size} ids")]
+    UnknownTokenId { id: u32, vocab_size: usize },
+    #[error("chat template has a syntax error: {reason}")]
+    TemplateSyntax { reason: String },
+    #[error("chat template failed to render: {reason}")]
+    TemplateRender { reason: String },
+    /// The template called `raise_exception(message)`, as templates do to reject a conversation.
+    #[error("chat template rejected the conversation: {message}")]
+    TemplateRaised { message: String },
+}

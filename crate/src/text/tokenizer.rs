@@ -1,0 +1,61 @@
+use std::sync::Arc;
+
+use tokenizers::{AddedVocabulary, Model, OffsetType, PreTokenizer};
+
+use super::TextError;
+
+/// A Hugging Face `tokenizer.json` tokenizer. Cloning is cheap: the tables are shared.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: Arc<tokenizers::Tokenizer>,
+    /// The added-token table with special tokens switched off, for encoding their text as text.
+    plain_text_tokens: Arc<AddedVocabulary>,
+    vocab_size: usize,
+}
+
+impl Tokenizer {
+    pub fn from_json_bytes(json: &[u8]) -> Result<Self, TextError> {
+        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| TextError::Load { reason: e.to_string() })?;
+        let mut plain_text_tokens = inner.get_added_vocabulary().clone();
+        plain_text_tokens.set_encode_special_tokens(true);
+        // Ids are what embeddings are indexed by, so the size is the id range, not the count.
+        let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&id| id as usize + 1);
+        Ok(Self { inner: Arc::new(inner), plain_text_tokens: Arc::new(plain_text_tokens), vocab_size })
+    }
+
+    /// Token ids of `text`. Never adds BOS or any other token by itself. With `parse_special`,
+    /// special-token text such as `<|eot_id|>` becomes its special id (as in a rendered chat
+    /// template); without, it is encoded as the plain text it is (as for user input).
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TextError> {
+        let added = if parse_special { self.inner.get_added_vocabulary() } else { &self.plain_text_tokens };
+        let encode_error = |e: tokenizers::Error| TextError::Encode { reason: e.to_string() };
+        // The steps of tokenizers' own encode, with our choice of added-token table; without
+        // post-processing, which is where a tokenizer.json adds BOS.
+        let mut pieces = added.extract_and_normalize(self.inner.get_normalizer(), text);
+        if let Some(pre_tokenizer) = self.inner.get_pre_tokenizer() {
+            pre_tokenizer.pre_tokenize(&mut pieces).map_err(encode_error)?;
+        }
+        let model = self.inner.get_model();
+        pieces.tokenize(|piece| model.tokenize(piece.get())).map_err(encode_error)?;
+        let encoding = pieces.into_encoding(None, 0, OffsetType::None).map_err(encode_error)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The text of `ids`; invalid UTF-8 (a character cut off at the end) becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TextError> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(TextError::UnknownTokenId { id, vocab_size: self.vocab_size });
+        }
+        self.inner.decode(ids, skip_special).map_err(|e| TextError::Decode { reason: e.to_string() })
+    }
+
+    /// The id of a token given by its vocabulary string, e.g. `<|eot_id|>` or `Hello`.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// One past the largest token id (128,256 for Llama 3).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}
