@@ -25,7 +25,7 @@ fn run(gpu: &Gpu, encode: impl FnOnce(&mut wgpu::ComputePass)) {
 
 /// Random weights rounded to `dtype`, as stored bytes, uploaded as a matrix.
 fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec<u8>, WeightMatrix) {
-    let bytes = dtype.from_f32(&random_vec(&mut rng(seed), rows * cols, 1.0));
+    let bytes = dtype.from_f32(&random_vec(&mut rng(seed), rows * cols, 1.0)).unwrap();
     let matrix = WeightMatrix::new(gpu, "w", dtype, rows, cols).unwrap();
     matrix.write_rows(gpu, 0, &bytes);
     (bytes, matrix)
@@ -196,5 +196,27 @@ fn argmax_picks_the_first_largest() {
         run(&gpu, |pass| op.encode(pass, 1));
         let got = u32::from_le_bytes(pollster::block_on(gpu.read(&out, 4)).unwrap().try_into().unwrap());
         assert_eq!(got as usize, reference::argmax(&values[..n]), "n={n}");
+    }
+}
+
+#[test]
+fn top_k_matches_reference_with_ties() {
+    let Some(gpu) = gpu() else { return };
+    let mut values = random_vec(&mut rng(12), 5003, 6.0);
+    values[17] = 9.5;
+    values[4001] = 9.5; // a tie: the lower id ranks first
+    values[900] = 9.0;
+    let input = gpu.storage_buffer_with("logits", &values);
+    let out = gpu.storage_buffer("out", ops::TopK::OUT_BYTES);
+    let top_k = ops::TopK::new(&gpu, &input, &out, values.len());
+    for (k, temperature) in [(1, 1.0), (3, 0.7), (40, 1.3), (64, 2.0)] {
+        top_k.set(&gpu, k, temperature);
+        run(&gpu, |pass| top_k.encode(pass));
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&out, ops::TopK::OUT_BYTES)).unwrap());
+        let got = ops::Candidates::from_words(&words, k);
+        let (want, max, exp_sum) = reference::top_k(&values, k, temperature);
+        assert_eq!(got.tokens, want, "k={k}");
+        assert_eq!(got.max, max);
+        assert!((got.exp_sum - exp_sum).abs() <= 1e-5 * exp_sum, "k={k}: sum {} vs {}", got.exp_sum, exp_sum);
     }
 }

@@ -148,3 +148,47 @@ fn options_are_validated() {
     let ok = SamplerOptions::from_params(&SamplingParams { top_k: Some(5), logit_bias: Some([("7".to_string(), -100.0)].into()), ..Default::default() }, 100).unwrap();
     assert_eq!((ok.top_k, ok.logit_bias), (5, vec![(7, -100.0)]));
 }
+
+/// Candidates as the GPU's top_k kernel returns them (its CPU reference).
+fn candidates(logits: &[f32], k: usize, temperature: f32) -> llama_webgpu::gpu::ops::Candidates {
+    let (tokens, max, exp_sum) = llama_webgpu::reference::top_k(logits, k, temperature);
+    llama_webgpu::gpu::ops::Candidates { tokens, max, exp_sum }
+}
+
+#[test]
+fn gpu_candidates_give_the_same_tokens_as_full_logits() {
+    // A long-tailed distribution over 5000 tokens: the head holds most of the mass.
+    let logits: Vec<f32> = (0..5000).map(|i| 8.0 - (i as f32).sqrt() * 0.9 + ((i * 37) % 11) as f32 * 0.01).collect();
+    let cases: [fn(&mut SamplerOptions); 4] = [
+        |o| o.top_k = 5,
+        |o| o.top_k = 64,
+        |o| o.top_p = 0.6,
+        |o| {
+            o.min_p = 0.05;
+            o.temperature = 0.8
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let o = options(case);
+        let k = Sampler::new(o.clone(), 0, &[]).candidates_wanted().expect("candidates apply");
+        let (mut full, mut partial) = (Sampler::new(o.clone(), 3, &[]), Sampler::new(o.clone(), 3, &[]));
+        for _ in 0..200 {
+            let want = full.sample(&mut logits.clone());
+            let got = partial.sample_candidates(&candidates(&logits, k, o.temperature)).expect("enough candidates");
+            assert_eq!(got, want, "case {i}");
+        }
+    }
+}
+
+#[test]
+fn too_few_candidates_fall_back_to_the_full_logits() {
+    let flat = vec![0.0f32; 1000];
+    let mut s = Sampler::new(options(|o| o.top_p = 0.9), 1, &[]);
+    assert_eq!(s.candidates_wanted(), Some(64));
+    assert_eq!(s.sample_candidates(&candidates(&flat, 64, 1.0)), None);
+    let mut s = Sampler::new(options(|o| o.min_p = 0.5), 1, &[]);
+    assert_eq!(s.sample_candidates(&candidates(&flat, 64, 1.0)), None);
+    // Bias and penalties need every logit.
+    assert_eq!(Sampler::new(options(|o| { o.top_k = 5; o.presence_penalty = 0.5 }), 1, &[]).candidates_wanted(), None);
+    assert_eq!(Sampler::new(options(|_| {}), 1, &[]).candidates_wanted(), None);
+}

@@ -67,6 +67,7 @@ fn params_structs_match_their_rust_mirrors() {
         ("attention", std::mem::size_of::<ops::AttentionParams>()),
         ("silu_mul", std::mem::size_of::<ops::SiluMulParams>()),
         ("argmax", std::mem::size_of::<ops::ArgmaxParams>()),
+        ("top_k", std::mem::size_of::<ops::TopKParams>()),
     ];
     for kernel in KERNELS {
         let (module, _) = parse(kernel);

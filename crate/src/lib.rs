@@ -2,6 +2,7 @@
 //! browser and on wgpu natively.
 
 pub mod api;
+pub mod engine;
 pub mod gpu;
 pub mod load;
 pub mod model;
@@ -12,6 +13,7 @@ pub mod text;
 
 mod error;
 
+pub use engine::{CancelToken, Completion, Delta, Engine};
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions};
 pub use model::{Config, Llama, LoadOptions, LoadProgress};

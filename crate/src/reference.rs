@@ -6,7 +6,7 @@ use crate::quant::DType;
 /// shaders/embedding.wgsl: rows of a (vocab, dim) table stored as `dtype`.
 pub fn embedding(tokens: &[u32], table: &[u8], dtype: DType, dim: usize) -> Vec<f32> {
     let row_bytes = dtype.row_bytes(dim).expect("whole blocks per row");
-    tokens.iter().flat_map(|&t| dtype.to_f32(&table[t as usize * row_bytes..][..row_bytes])).collect()
+    tokens.iter().flat_map(|&t| dtype.to_f32(&table[t as usize * row_bytes..][..row_bytes]).expect("whole blocks")).collect()
 }
 
 /// shaders/rmsnorm.wgsl
@@ -40,7 +40,7 @@ pub fn rope(x: &mut [f32], positions: &[usize], cos_sin: &[[f32; 2]], n_heads: u
 
 /// shaders/matmul.wgsl: x (n, k) @ w.T for w (rows, k) stored as `dtype`.
 pub fn matmul(x: &[f32], w: &[u8], dtype: DType, rows: usize, k: usize) -> Vec<f32> {
-    let w = dtype.to_f32(w);
+    let w = dtype.to_f32(w).expect("whole blocks");
     x.chunks(k)
         .flat_map(|xr| {
             let w = &w;
@@ -100,4 +100,15 @@ pub fn argmax(values: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// shaders/top_k.wgsl: the k largest (id, value) pairs, value descending then id ascending, the
+/// maximum and the sum of exp((v - max) / temperature) over all values.
+pub fn top_k(values: &[f32], k: usize, temperature: f32) -> (Vec<(u32, f32)>, f32, f32) {
+    let mut ranked: Vec<(u32, f32)> = values.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let max = ranked[0].1;
+    let exp_sum = values.iter().map(|v| ((v - max) as f64 / temperature as f64).exp()).sum::<f64>() as f32;
+    ranked.truncate(k);
+    (ranked, max, exp_sum)
 }

@@ -11,6 +11,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::api::SamplingParams;
+use crate::gpu::ops::{Candidates, MAX_TOP_K};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SampleError {
@@ -141,47 +142,77 @@ impl Sampler {
             logits[token as usize] -= o.frequency_penalty * count as f32 + o.presence_penalty;
         }
         let candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-        self.choose(candidates)
+        self.draw(candidates, None).unwrap_or(0)
     }
 
-    /// Picks among candidate (token, logit) pairs, e.g. the top-k the GPU selected. Ties between
-    /// equal logits go to the lower token id, so the order of the candidates does not matter.
-    pub fn choose(&mut self, mut candidates: Vec<(u32, f32)>) -> u32 {
+    /// How many GPU-selected candidates (see [`Llama::forward_top_k`](crate::Llama::forward_top_k))
+    /// can replace the full logits: only without bias or penalties, which need every logit.
+    pub fn candidates_wanted(&self) -> Option<usize> {
         let o = &self.options;
+        let untouched = o.logit_bias.is_empty()
+            && o.repetition_penalty == 1.0
+            && o.frequency_penalty == 0.0
+            && o.presence_penalty == 0.0;
+        match o.top_k {
+            _ if !untouched || o.temperature == 0.0 => None,
+            k if (1..=MAX_TOP_K).contains(&k) => Some(k),
+            0 if o.top_p < 1.0 || o.min_p > 0.0 => Some(MAX_TOP_K),
+            _ => None,
+        }
+    }
+
+    /// Samples from GPU candidates; None when they may not hold every token the filters keep, and
+    /// the full logits are needed. Consumes the same random draw as [`Sampler::sample`].
+    pub fn sample_candidates(&mut self, candidates: &Candidates) -> Option<u32> {
+        let vocabulary_mass = (self.options.top_k == 0).then_some(candidates.exp_sum);
+        self.draw(candidates.tokens.clone(), vocabulary_mass)
+    }
+
+    /// Filters and draws. `vocabulary_mass`, when the candidates are only the head of the
+    /// vocabulary, is the softmax normaliser of all of it (relative to the largest logit).
+    fn draw(&mut self, mut candidates: Vec<(u32, f32)>, vocabulary_mass: Option<f32>) -> Option<u32> {
+        let o = &self.options;
+        // Ties between equal logits go to the lower token id, so candidate order does not matter.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if o.temperature == 0.0 {
-            return candidates.iter().min_by(|a, b| by_logit(a, b)).map_or(0, |c| c.0);
+            return candidates.iter().min_by(|a, b| by_logit(a, b)).map(|c| c.0);
         }
         if o.top_k > 0 && o.top_k < candidates.len() {
             candidates.select_nth_unstable_by(o.top_k - 1, by_logit);
             candidates.truncate(o.top_k);
         }
         candidates.sort_unstable_by(by_logit);
-        let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|c| libm::expf((c.1 - max) / o.temperature)).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        // top-p: the smallest prefix whose mass reaches top_p; min-p: drop what is below min_p * max.
-        let mut keep = probs.len();
+        let max = candidates.first()?.1;
+        let weights: Vec<f32> = candidates.iter().map(|c| libm::expf((c.1 - max) / o.temperature)).collect();
+        let total = vocabulary_mass.unwrap_or_else(|| weights.iter().sum());
+        // top-p: the smallest head whose mass reaches top_p; min-p: drop what is below min_p * best.
+        let mut keep = weights.len();
         if o.top_p < 1.0 {
             let mut mass = 0.0;
-            keep = probs.iter().position(|p| {
-                mass += p;
+            match weights.iter().position(|w| {
+                mass += w / total;
                 mass >= o.top_p
-            }).map_or(keep, |i| i + 1);
-        }
-        let floor = o.min_p * probs[0];
-        keep = probs[..keep].iter().take_while(|&&p| p >= floor).count().max(1);
-        let kept = &probs[..keep];
-        let target = self.uniform() * kept.iter().sum::<f32>();
-        let mut cumulative = 0.0;
-        for (i, p) in kept.iter().enumerate() {
-            cumulative += p;
-            if target < cumulative {
-                return candidates[i].0;
+            }) {
+                Some(i) => keep = i + 1,
+                None if vocabulary_mass.is_some() => return None,
+                None => {}
             }
         }
-        candidates[keep - 1].0
+        let floor = o.min_p * weights[0];
+        let above_floor = weights[..keep].iter().take_while(|&&w| w >= floor).count();
+        if vocabulary_mass.is_some() && above_floor == weights.len() {
+            return None;
+        }
+        let kept = &weights[..above_floor.max(1)];
+        let target = self.uniform() * kept.iter().sum::<f32>();
+        let mut cumulative = 0.0;
+        for (i, w) in kept.iter().enumerate() {
+            cumulative += w;
+            if target < cumulative {
+                return Some(candidates[i].0);
+            }
+        }
+        Some(candidates[kept.len() - 1].0)
     }
 
     /// A uniform draw in [0, 1) from 24 random bits, exact in f32.

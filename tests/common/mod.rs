@@ -90,3 +90,47 @@ pub fn golden(name: &str) -> Golden {
     let text = std::fs::read_to_string(fixture(name).join("golden.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
+
+/// Meta's Llama 3 tokenizer, fetched by scripts/fetch-tokenizer.
+pub fn llama3_tokenizer_json() -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/models/llama3-tokenizer/tokenizer.json");
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-tokenizer", path.display()))
+}
+
+/// The Llama 3 tokenizer cut to its first `vocab` ids (byte-level BPE stays complete: the first 256
+/// ids are the bytes), for the tiny fixtures' vocabulary.
+pub fn truncated_llama3_tokenizer(vocab: usize) -> llama_webgpu::text::Tokenizer {
+    let mut json: serde_json::Value = serde_json::from_slice(&llama3_tokenizer_json()).unwrap();
+    let model = &mut json["model"];
+    let kept: serde_json::Map<String, serde_json::Value> = model["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, id)| (id.as_u64().unwrap() as usize) < vocab)
+        .map(|(t, id)| (t.clone(), id.clone()))
+        .collect();
+    let merge_parts = |m: &serde_json::Value| -> (String, String) {
+        match m {
+            serde_json::Value::String(s) => {
+                let (a, b) = s.split_once(' ').unwrap();
+                (a.to_string(), b.to_string())
+            }
+            pair => (pair[0].as_str().unwrap().to_string(), pair[1].as_str().unwrap().to_string()),
+        }
+    };
+    let merges: Vec<serde_json::Value> = model["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            let (a, b) = merge_parts(m);
+            kept.contains_key(&a) && kept.contains_key(&b) && kept.contains_key(&format!("{a}{b}"))
+        })
+        .cloned()
+        .collect();
+    model["vocab"] = serde_json::Value::Object(kept);
+    model["merges"] = serde_json::Value::Array(merges);
+    json["added_tokens"] = serde_json::Value::Array(vec![]);
+    json["post_processor"] = serde_json::Value::Null;
+    llama_webgpu::text::Tokenizer::from_json_bytes(&serde_json::to_vec(&json).unwrap()).unwrap()
+}

@@ -1,11 +1,14 @@
 //! The `llama-webgpu` command line (native only).
 
-use std::path::PathBuf;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
-use llama_webgpu::{load, Gpu, GpuOptions, Llama, LoadOptions};
+use clap::{Args, Parser, Subcommand};
+use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams, Stop};
+use llama_webgpu::{load, CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 #[derive(Parser)]
 #[command(name = "llama-webgpu", version, about = "Llama 3.1 through WGSL compute shaders")]
@@ -13,32 +16,95 @@ struct Cli {
     /// Adapter to use: a substring of its name or backend (also LLAMA_WEBGPU_ADAPTER).
     #[arg(long, global = true)]
     adapter: Option<String>,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print the greedy continuation of a prompt given as token ids.
+    /// Generate from one prompt and print the result.
     Run {
-        /// A Hugging Face model folder: config.json and safetensors weights.
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt text. With --chat it is the user's message in the model's chat template.
+        #[arg(long, short, conflicts_with = "tokens", required_unless_present = "tokens")]
+        prompt: Option<String>,
+        /// Prompt token ids (commas or spaces); prints the greedy continuation's ids. Needs no tokenizer.
         #[arg(long)]
-        model: PathBuf,
-        /// Prompt token ids, separated by commas or spaces.
+        tokens: Option<String>,
+        /// Render the prompt as a chat turn.
         #[arg(long)]
-        tokens: String,
-        /// Number of tokens to generate.
-        #[arg(short = 'n', long, default_value_t = 32)]
-        max_tokens: usize,
-        /// KV cache positions (default min(4096, max_position_embeddings)).
-        #[arg(long)]
-        context: Option<usize>,
-        /// Print JSON: prompt, generated ids, timings.
+        chat: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Print one JSON object: text, token ids, finish reason, usage, timings.
         #[arg(long)]
         json: bool,
     },
+    /// Chat in the terminal, streaming replies; /reset starts over, /exit or end of input quits.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A system prompt.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
     /// List GPU adapters, and the features and limits the engine gets on the chosen one.
     Info,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hugging Face model folder: config.json, safetensors weights, tokenizer.json.
+    #[arg(long, short)]
+    model: PathBuf,
+    /// KV cache positions (default min(4096, max_position_embeddings)).
+    #[arg(long)]
+    context: Option<usize>,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long)]
+    max_tokens: Option<u32>,
+    /// 0 is greedy.
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop: (!self.stop.is_empty()).then(|| Stop::Many(self.stop.clone())),
+            ..Default::default()
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -67,35 +133,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("max_buffer_size: {}", gpu.limits.max_buffer_size);
             Ok(())
         }
-        Command::Run { model, tokens, max_tokens, context, json } => {
+        Command::Run { model, prompt: None, tokens: Some(tokens), json, sampling, .. } => {
             let prompt = parse_tokens(&tokens)?;
-            if prompt.is_empty() {
-                bail!("--tokens is empty");
-            }
             let gpu = Gpu::new(&options).await?;
-            let started = std::time::Instant::now();
-            let config = load::read_hf_config(&model)?;
-            let source = load::open_safetensors_dir(&model)?;
-            let load_options = LoadOptions { context_length: context, ..Default::default() };
-            let bar = load_bar();
-            let mut llama = Llama::load(&gpu, config, &source, &load_options, &mut |p| {
-                bar.set_length(p.bytes_total);
-                bar.set_position(p.bytes_done);
-            })
-            .await
-            .with_context(|| format!("loading {}", model.display()))?;
-            bar.finish_and_clear();
+            let started = Instant::now();
+            let mut llama = load_model(&gpu, &model, cli.quiet).await?;
             let load_s = started.elapsed().as_secs_f64();
-            let started = std::time::Instant::now();
-            let generated = llama.generate_greedy(&prompt, max_tokens).await?;
-            let generate_s = started.elapsed().as_secs_f64();
+            let started = Instant::now();
+            let generated = llama.generate_greedy(&prompt, sampling.max_tokens.unwrap_or(32) as usize).await?;
             if json {
                 let out = serde_json::json!({
                     "adapter": gpu.info.name,
                     "prompt": prompt,
                     "tokens": generated,
                     "load_seconds": load_s,
-                    "generate_seconds": generate_s,
+                    "generate_seconds": started.elapsed().as_secs_f64(),
                 });
                 println!("{out}");
             } else {
@@ -104,10 +156,128 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Run { model, prompt, chat, sampling, json, .. } => {
+            let prompt = prompt.context("--prompt or --tokens is required")?;
+            let gpu = Gpu::new(&options).await?;
+            let started = Instant::now();
+            let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
+            let load_s = started.elapsed().as_secs_f64();
+            let params = sampling.params();
+            let prompt_tokens = if chat {
+                let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", &prompt)], ..Default::default() };
+                engine.chat_prompt(&request, &Default::default())?
+            } else {
+                let mut ids: Vec<u32> = engine.model().config().bos_token_id.into_iter().collect();
+                ids.extend(engine.tokenizer().encode(&prompt, true).map_err(llama_webgpu::engine::EngineError::from)?);
+                ids
+            };
+            let started = Instant::now();
+            let mut stdout = std::io::stdout();
+            let completion = engine
+                .generate(&prompt_tokens, &params, &CancelToken::default(), &mut |delta| {
+                    if !json {
+                        let _ = stdout.write_all(delta.text.as_bytes());
+                        let _ = stdout.flush();
+                    }
+                })
+                .await?;
+            let generate_s = started.elapsed().as_secs_f64();
+            if json {
+                let out = serde_json::json!({
+                    "adapter": gpu.info.name,
+                    "text": completion.text,
+                    "tokens": completion.tokens,
+                    "finish_reason": completion.finish_reason,
+                    "usage": completion.usage,
+                    "load_seconds": load_s,
+                    "generate_seconds": generate_s,
+                });
+                println!("{out}");
+            } else {
+                println!();
+            }
+            Ok(())
+        }
+        Command::Chat { model, system, sampling } => {
+            let gpu = Gpu::new(&options).await?;
+            let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
+            chat(&mut engine, system, sampling.params()).await
+        }
     }
 }
 
-fn load_bar() -> indicatif::ProgressBar {
+async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParams) -> anyhow::Result<()> {
+    let initial: Vec<ChatMessage> = system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let mut messages = initial.clone();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        print!("> ");
+        stdout.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            return Ok(());
+        }
+        match line.trim() {
+            "" => continue,
+            "/exit" => return Ok(()),
+            "/reset" => {
+                messages = initial.clone();
+                continue;
+            }
+            text => messages.push(ChatMessage::new("user", text)),
+        }
+        let request = ChatCompletionRequest { messages: messages.clone(), sampling: params.clone(), ..Default::default() };
+        let started = Instant::now();
+        let completion = engine
+            .chat(&request, &CancelToken::default(), &mut |delta| {
+                print!("{}", delta.text);
+                let _ = std::io::stdout().flush();
+            })
+            .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "\n[{} tokens, {:.1} tok/s, {} prompt tokens reused]",
+            completion.usage.completion_tokens,
+            completion.usage.completion_tokens as f64 / seconds,
+            completion.usage.cached_prompt_tokens
+        );
+        messages.push(ChatMessage::new("assistant", &completion.text));
+    }
+}
+
+async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
+    let dir = &args.model;
+    let config = load::read_hf_config(dir)?;
+    let source = load::open_safetensors_dir(dir)?;
+    let options = LoadOptions { context_length: args.context, ..Default::default() };
+    let bar = load_bar(quiet);
+    let llama = Llama::load(gpu, config, &source, &options, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+    })
+    .await
+    .with_context(|| format!("loading {}", dir.display()))?;
+    bar.finish_and_clear();
+    Ok(llama)
+}
+
+async fn load_engine(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Engine> {
+    let (tokenizer, template) = load::read_hf_text(&args.model).with_context(|| text_files(&args.model))?;
+    let model = load_model(gpu, args, quiet).await?;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    Ok(Engine::new(model, tokenizer, template, seed)?)
+}
+
+fn text_files(dir: &Path) -> String {
+    format!("reading the tokenizer of {} (text prompts need tokenizer.json; --tokens does not)", dir.display())
+}
+
+fn load_bar(quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("loading {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
@@ -117,8 +287,13 @@ fn load_bar() -> indicatif::ProgressBar {
 }
 
 fn parse_tokens(text: &str) -> anyhow::Result<Vec<u32>> {
-    text.split(|c: char| c == ',' || c.is_whitespace())
+    let tokens = text
+        .split(|c: char| c == ',' || c.is_whitespace())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<u32>().with_context(|| format!("{s:?} is not a token id")))
-        .collect()
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    if tokens.is_empty() {
+        bail!("--tokens is empty");
+    }
+    Ok(tokens)
 }

@@ -43,9 +43,10 @@ kernel!(MATMUL, "matmul", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(SILU_MUL, "silu_mul", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
+kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 6] = [&RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX];
+pub const KERNELS: [&Kernel; 7] = [&RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX, &TOP_K];
 
 struct Module {
     shader: wgpu::ShaderModule,

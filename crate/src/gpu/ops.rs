@@ -68,6 +68,18 @@ pub struct ArgmaxParams {
     pub _pad: [u32; 3],
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct TopKParams {
+    pub n: u32,
+    pub k: u32,
+    pub inv_temperature: f32,
+    pub _pad: u32,
+}
+
+/// The most candidates top_k.wgsl selects (its MAX_K).
+pub const MAX_TOP_K: usize = 64;
+
 /// The largest head_dim the attention kernel holds (its MAX_HEAD_DIM).
 pub const MAX_HEAD_DIM: usize = 256;
 /// Below this many tokens a matmul runs as GEMVs; from it on, as tiles.
@@ -308,6 +320,52 @@ pub fn silu_mul(
 pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
     let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, _pad: [0; 3] });
     Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]))] }
+}
+
+/// Selects the top candidates of `n` logits into `out`; `params` is rewritten per request with
+/// [`TopK::set`].
+pub struct TopK {
+    op: Op,
+    params: wgpu::Buffer,
+    n: usize,
+}
+
+impl TopK {
+    pub fn new(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Self {
+        let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, k: 1, inv_temperature: 1.0, _pad: 0 });
+        let op = Op { dispatches: vec![dispatch(gpu, &kernels::TOP_K, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]))] };
+        Self { op, params, n }
+    }
+
+    /// Bytes of `out`: max, normaliser and MAX_TOP_K (id, logit) pairs.
+    pub const OUT_BYTES: u64 = (2 + 2 * MAX_TOP_K as u64) * 4;
+
+    /// How many candidates (1..=MAX_TOP_K) and the temperature of the normaliser.
+    pub fn set(&self, gpu: &Gpu, k: usize, temperature: f32) {
+        let params = TopKParams { n: self.n as u32, k: k.clamp(1, MAX_TOP_K) as u32, inv_temperature: 1.0 / temperature, _pad: 0 };
+        gpu.queue.write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
+    }
+
+    pub fn encode(&self, pass: &mut wgpu::ComputePass) {
+        self.op.encode(pass, 1);
+    }
+}
+
+/// Top candidates read back from [`TopK`]: (id, logit) in rank order, the largest logit and the sum
+/// of exp((logit - max) / temperature) over the whole vocabulary.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidates {
+    pub tokens: Vec<(u32, f32)>,
+    pub max: f32,
+    pub exp_sum: f32,
+}
+
+impl Candidates {
+    pub fn from_words(words: &[u32], k: usize) -> Self {
+        let f = f32::from_bits;
+        let tokens = (0..k.min(MAX_TOP_K)).map(|i| (words[2 + 2 * i], f(words[3 + 2 * i]))).collect();
+        Self { tokens, max: f(words[0]), exp_sum: f(words[1]) }
+    }
 }
 
 /// The uniform every token-wise op of a pass reads, rewritten before each pass.

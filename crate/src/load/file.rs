@@ -38,3 +38,36 @@ pub fn read_hf_config(dir: &Path) -> Result<crate::Config, crate::Error> {
     let generation = if generation_path.exists() { Some(read_to_string(&generation_path)?) } else { None };
     Ok(crate::Config::from_hf_json(&config, generation.as_deref())?)
 }
+
+/// The tokenizer (`tokenizer.json`) and chat template of a Hugging Face model folder: the
+/// `chat_template` of `tokenizer_config.json` or `chat_template.jinja` when present, else Llama 3.1's.
+pub fn read_hf_text(dir: &Path) -> Result<(crate::text::Tokenizer, crate::text::ChatTemplate), crate::Error> {
+    use crate::engine::EngineError;
+    use crate::text::{ChatTemplate, Tokenizer};
+    let path = dir.join("tokenizer.json");
+    let json = std::fs::read(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+    let tokenizer = Tokenizer::from_json_bytes(&json).map_err(EngineError::from)?;
+    let source = match (dir.join("chat_template.jinja"), dir.join("tokenizer_config.json")) {
+        (jinja, _) if jinja.exists() => Some(read_to_string(&jinja)?),
+        (_, config) if config.exists() => chat_template_of(&read_to_string(&config)?),
+        _ => None,
+    };
+    let template = match source {
+        Some(source) => ChatTemplate::new(&source).map_err(EngineError::from)?,
+        None => ChatTemplate::llama31(),
+    };
+    Ok((tokenizer, template))
+}
+
+/// `chat_template` of a tokenizer_config.json: a string, or a list of named templates ("default").
+fn chat_template_of(tokenizer_config: &str) -> Option<String> {
+    let config: serde_json::Value = serde_json::from_str(tokenizer_config).ok()?;
+    match config.get("chat_template")? {
+        serde_json::Value::String(template) => Some(template.clone()),
+        serde_json::Value::Array(named) => named
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+        _ => None,
+    }
+}

@@ -1,5 +1,6 @@
 //! Safetensors checkpoints, single-file or sharded, over any byte storage (a memory map natively).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use super::{LoadError, TensorData, WeightSource};
@@ -53,7 +54,7 @@ impl<B: AsRef<[u8]>> WeightSource for Safetensors<B> {
     fn tensor(&self, name: &str) -> Result<TensorData<'_>, LoadError> {
         let (file, dtype, shape, range) =
             self.tensors.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
-        Ok(TensorData { dtype: *dtype, shape: shape.clone(), bytes: &self.files[*file].1.as_ref()[range.clone()] })
+        Ok(TensorData { dtype: *dtype, shape: shape.clone(), bytes: Cow::Borrowed(&self.files[*file].1.as_ref()[range.clone()]) })
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -148,7 +148,7 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ModelError> {
+    pub(crate) fn validate(&self) -> Result<(), ModelError> {
         let invalid = |what: String| Err(ModelError::Config(what));
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
             return invalid(format!(

@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Matmul, MatmulLayout, Op, RopeParams, StepParams};
+use crate::gpu::ops::{self, Candidates, Matmul, MatmulLayout, Op, RopeParams, StepParams, TopK};
 use crate::gpu::{Gpu, WeightMatrix};
 use crate::load::WeightSource;
 use crate::Result;
@@ -86,25 +86,30 @@ pub struct Llama {
     config: Config,
     max_batch: usize,
     kv_cache: KvCache,
+    tokens_processed: u64,
     step: wgpu::Buffer,           // StepParams of the pass being run
     tokens: wgpu::Buffer,         // (max_batch) token ids as f32
     x: wgpu::Buffer,              // (max_batch, hidden) residual stream
     x_last: wgpu::Buffer,         // (hidden) the last token's residual stream
     logits: wgpu::Buffer,         // (vocab) of the last token
     next_token: wgpu::Buffer,     // (1) u32 argmax of the logits
+    candidates: wgpu::Buffer,     // top-k candidates of the logits, see ops::Candidates
     logits_readback: wgpu::Buffer,
     token_readback: wgpu::Buffer,
+    candidates_readback: wgpu::Buffer,
     embed: Op,
     layers: Vec<Layer>,
     final_norm: Op,
     lm_head: Matmul,
     argmax: Op,
+    top_k: TopK,
 }
 
 /// What a pass hands back to the host.
 enum Output {
     Logits,
     Argmax,
+    TopK,
 }
 
 impl Llama {
@@ -206,18 +211,24 @@ impl Llama {
         };
         let lm_head = ops::matmul(gpu, &xn_last, head, &logits, rows(c.vocab_size), &one_token);
         let argmax = ops::argmax(gpu, &logits, &next_token, c.vocab_size);
+        let candidates = gpu.storage_buffer("candidates", TopK::OUT_BYTES);
+        let top_k = TopK::new(gpu, &logits, &candidates, c.vocab_size);
 
         gpu.run(|_| {}).await?;
         Ok(Self {
             gpu: gpu.clone(),
             max_batch,
             kv_cache,
+            tokens_processed: 0,
             step,
             tokens,
             x,
             x_last,
             logits_readback: gpu.readback_buffer("logits readback", 4 * c.vocab_size as u64),
             token_readback: gpu.readback_buffer("token readback", 4),
+            candidates_readback: gpu.readback_buffer("candidates readback", TopK::OUT_BYTES),
+            candidates,
+            top_k,
             logits,
             next_token,
             embed,
@@ -241,6 +252,11 @@ impl Llama {
     /// The most tokens one pass processes.
     pub fn max_batch(&self) -> usize {
         self.max_batch
+    }
+
+    /// Tokens run through the model since it was loaded (prompt and decode alike).
+    pub fn tokens_processed(&self) -> u64 {
+        self.tokens_processed
     }
 
     /// Compute dispatches of a one-token pass that returns a greedy token.
@@ -282,6 +298,28 @@ impl Llama {
         Ok(token)
     }
 
+    /// Like [`Llama::forward`], but returns the `k` (at most [`ops::MAX_TOP_K`]) largest logits and
+    /// the softmax normaliser at `temperature`, chosen on the GPU.
+    pub async fn forward_top_k(&mut self, tokens: &[u32], start_pos: usize, k: usize, temperature: f32) -> Result<Candidates> {
+        self.top_k.set(&self.gpu, k, temperature);
+        self.pass(tokens, start_pos, Output::TopK).await?;
+        let bytes = self.gpu.read_mapped(&self.candidates_readback, TopK::OUT_BYTES).await?;
+        let candidates = Candidates::from_words(&bytemuck::pod_collect_to_vec(&bytes), k);
+        if !candidates.max.is_finite() || !candidates.exp_sum.is_finite() {
+            return Err(ModelError::NonFiniteLogits.into());
+        }
+        Ok(candidates)
+    }
+
+    /// The logits of the last position of the latest pass, read back without recomputing them.
+    pub async fn last_logits(&self) -> Result<Vec<f32>> {
+        let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.logits, 0, &self.logits_readback, 0, None);
+        self.gpu.queue.submit([encoder.finish()]);
+        let bytes = self.gpu.read_mapped(&self.logits_readback, 4 * self.config.vocab_size as u64).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
     /// Greedy continuation of `prompt` from position 0: `n` new tokens.
     pub async fn generate_greedy(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(n);
@@ -308,6 +346,7 @@ impl Llama {
         if needed > self.kv_cache.context {
             return Err(ModelError::ContextFull { start_pos, n_tokens: tokens.len(), needed, context: self.kv_cache.context }.into());
         }
+        self.tokens_processed += tokens.len() as u64;
         let n_chunks = tokens.len().div_ceil(self.max_batch);
         for (i, chunk) in tokens.chunks(self.max_batch).enumerate() {
             let n = chunk.len() as u32;
@@ -327,14 +366,18 @@ impl Llama {
                     let mut pass = encoder.begin_compute_pass(&Default::default());
                     self.final_norm.encode(&mut pass, 1); // xn_last = rmsnorm(x_last) * norm
                     self.lm_head.encode(&mut pass, 1); // logits = xn_last @ lm_head.T
-                    if let Output::Argmax = output {
-                        self.argmax.encode(&mut pass, 1); // next_token = argmax(logits)
+                    match output {
+                        Output::Logits => {}
+                        Output::Argmax => self.argmax.encode(&mut pass, 1), // next_token = argmax(logits)
+                        Output::TopK => self.top_k.encode(&mut pass),     // candidates = top_k(logits)
                     }
                 }
-                match output {
-                    Output::Logits => encoder.copy_buffer_to_buffer(&self.logits, 0, &self.logits_readback, 0, None),
-                    Output::Argmax => encoder.copy_buffer_to_buffer(&self.next_token, 0, &self.token_readback, 0, None),
-                }
+                let (from, to) = match output {
+                    Output::Logits => (&self.logits, &self.logits_readback),
+                    Output::Argmax => (&self.next_token, &self.token_readback),
+                    Output::TopK => (&self.candidates, &self.candidates_readback),
+                };
+                encoder.copy_buffer_to_buffer(from, 0, to, 0, None);
             }
             self.gpu.queue.submit([encoder.finish()]);
         }
@@ -394,7 +437,7 @@ fn upload_vector(gpu: &Gpu, source: &dyn WeightSource, name: &str, len: usize, r
     if tensor.shape != [len] {
         return Err(ModelError::Shape { tensor: name.to_string(), expected: vec![len], got: tensor.shape }.into());
     }
-    let buffer = gpu.storage_buffer_with(name, &tensor.dtype.to_f32(tensor.bytes));
+    let buffer = gpu.storage_buffer_with(name, &tensor.dtype.to_f32(&tensor.bytes)?);
     report(name, tensor.bytes.len() as u64);
     Ok(buffer)
 }

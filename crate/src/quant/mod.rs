@@ -1,4 +1,12 @@
-//! Weight storage formats and their CPU reference decoders.
+//! Weight storage formats and their CPU reference (de)quantizers.
+//!
+//! The quantized formats are llama.cpp's, byte for byte (`ggml-quants.c`): blocks of 32 (q4_0, q4_1,
+//! q8_0) or 256 (q4_k, q6_k) consecutive elements of a row, little-endian. Dequantization is bit-exact
+//! with ggml's and with llama.cpp's `gguf` Python package (tests/quant.rs checks goldens from it);
+//! quantization follows ggml's `quantize_row_*_ref`.
+
+mod k_quants;
+mod legacy;
 
 use half::{bf16, f16};
 
@@ -8,6 +16,30 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// 32 weights in 18 bytes: f16 d, 16 bytes of nibbles; w = d * (q - 8).
+    Q4_0,
+    /// 32 weights in 20 bytes: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m.
+    Q4_1,
+    /// 32 weights in 34 bytes: f16 d, 32 int8; w = d * q.
+    Q8_0,
+    /// 256 weights in 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks
+    /// of 32, 128 bytes of nibbles; w = d * scale * q - dmin * min.
+    Q4K,
+    /// 256 weights in 210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales of
+    /// sub-blocks of 16, f16 d; w = d * scale * (q - 32).
+    Q6K,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantError {
+    #[error("{dtype}: {len} bytes are not a whole number of {block_bytes}-byte blocks")]
+    PartialBlockBytes { dtype: DType, len: usize, block_bytes: usize },
+    #[error("{dtype}: {len} values are not a whole number of {block_elements}-element blocks")]
+    PartialBlockValues { dtype: DType, len: usize, block_elements: usize },
+    #[error("{dtype}: rows of {cols} values are not a whole number of {block_elements}-element blocks")]
+    RowNotWholeBlocks { dtype: DType, cols: usize, block_elements: usize },
+    #[error("{len} values are not a whole number of rows of {cols}")]
+    PartialRow { len: usize, cols: usize },
 }
 
 impl DType {
@@ -16,6 +48,11 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q8_0 => "q8_0",
+            DType::Q4K => "q4_k",
+            DType::Q6K => "q6_k",
         }
     }
 
@@ -24,13 +61,18 @@ impl DType {
         match self {
             DType::F32 => (1, 4),
             DType::F16 | DType::BF16 => (1, 2),
+            DType::Q4_0 => (32, 18),
+            DType::Q4_1 => (32, 20),
+            DType::Q8_0 => (32, 34),
+            DType::Q4K => (256, 144),
+            DType::Q6K => (256, 210),
         }
     }
 
     /// Bytes of a row of `cols` elements, or None when `cols` is not a whole number of blocks.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
         let (elements, bytes) = self.block();
-        (cols % elements == 0).then_some(cols / elements * bytes)
+        cols.is_multiple_of(elements).then_some(cols / elements * bytes)
     }
 
     /// The value of the `WEIGHT_DTYPE` override constant in the kernels that read this format.
@@ -39,25 +81,70 @@ impl DType {
             DType::F32 => 0,
             DType::F16 => 1,
             DType::BF16 => 2,
+            DType::Q4_0 => 3,
+            DType::Q4_1 => 4,
+            DType::Q8_0 => 5,
+            DType::Q4K => 6,
+            DType::Q6K => 7,
         }
     }
 
-    /// Decodes little-endian elements to f32 (the CPU reference for the kernels' weight loads).
-    pub fn to_f32(self, bytes: &[u8]) -> Vec<f32> {
-        match self {
-            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            DType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    /// Decodes whole blocks of little-endian data to f32 (the CPU reference for the kernels' weight
+    /// loads), bit-exact with ggml's `dequantize_row_*`.
+    pub fn to_f32(self, bytes: &[u8]) -> Result<Vec<f32>, QuantError> {
+        let (elements, block_bytes) = self.block();
+        if !bytes.len().is_multiple_of(block_bytes) {
+            return Err(QuantError::PartialBlockBytes { dtype: self, len: bytes.len(), block_bytes });
         }
+        let blocks = bytes.chunks_exact(block_bytes);
+        Ok(match self {
+            DType::F32 => blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::F16 => blocks.map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::BF16 => blocks.map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => {
+                let dequantize = match self {
+                    DType::Q4_0 => legacy::dequantize_q4_0,
+                    DType::Q4_1 => legacy::dequantize_q4_1,
+                    DType::Q8_0 => legacy::dequantize_q8_0,
+                    DType::Q4K => k_quants::dequantize_q4_k,
+                    _ => k_quants::dequantize_q6_k,
+                };
+                let mut out = vec![0.0; bytes.len() / block_bytes * elements];
+                for (block, values) in blocks.zip(out.chunks_exact_mut(elements)) {
+                    dequantize(block, values);
+                }
+                out
+            }
+        })
     }
 
-    /// Encodes f32 values in this format, rounding to nearest even.
-    pub fn from_f32(self, values: &[f32]) -> Vec<u8> {
-        match self {
+    /// Encodes f32 values in this format: floats round to nearest even; q4_0, q4_1 and q8_0 are
+    /// byte-identical to ggml's `quantize_row_*_ref` (as the `gguf` package computes them), q4_k and
+    /// q6_k follow ggml's reference quantizers. `values` must be whole blocks.
+    pub fn from_f32(self, values: &[f32]) -> Result<Vec<u8>, QuantError> {
+        let (elements, block_bytes) = self.block();
+        if !values.len().is_multiple_of(elements) {
+            return Err(QuantError::PartialBlockValues { dtype: self, len: values.len(), block_elements: elements });
+        }
+        Ok(match self {
             DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
             DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
-        }
+            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => {
+                let quantize = match self {
+                    DType::Q4_0 => legacy::quantize_q4_0,
+                    DType::Q4_1 => legacy::quantize_q4_1,
+                    DType::Q8_0 => legacy::quantize_q8_0,
+                    DType::Q4K => k_quants::quantize_q4_k,
+                    _ => k_quants::quantize_q6_k,
+                };
+                let mut out = vec![0; values.len() / elements * block_bytes];
+                for (block, bytes) in values.chunks_exact(elements).zip(out.chunks_exact_mut(block_bytes)) {
+                    quantize(block, bytes);
+                }
+                out
+            }
+        })
     }
 }
 
@@ -65,4 +152,31 @@ impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// Encodes a row-major (rows, cols) matrix row by row, checking that each row is whole blocks (the
+/// layout the kernels and GGUF files use: blocks never straddle rows).
+pub fn quantize_rows(dtype: DType, values: &[f32], cols: usize) -> Result<Vec<u8>, QuantError> {
+    let (block_elements, _) = dtype.block();
+    if cols == 0 || !cols.is_multiple_of(block_elements) {
+        return Err(QuantError::RowNotWholeBlocks { dtype, cols, block_elements });
+    }
+    if !values.len().is_multiple_of(cols) {
+        return Err(QuantError::PartialRow { len: values.len(), cols });
+    }
+    dtype.from_f32(values)
+}
+
+/// The f16 at `offset` of a block, as f32.
+fn read_f16(block: &[u8], offset: usize) -> f32 {
+    f16::from_le_bytes([block[offset], block[offset + 1]]).to_f32()
+}
+
+fn write_f16(block: &mut [u8], offset: usize, value: f32) {
+    block[offset..offset + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
+}
+
+/// ggml's `nearest_int`: round half to even (exact for |v| < 2^22, the range ggml asserts).
+fn nearest_int(v: f32) -> i32 {
+    v.round_ties_even() as i32
 }

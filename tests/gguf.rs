@@ -1,0 +1,732 @@
+//! The GGUF reader against: a file written by llama.cpp's own `gguf` writer with every metadata type;
+//! the real SmolLM2 GGUF (scripts/fetch-smollm2) and goldens from the `gguf` package; files written
+//! here to reach every error; and the tiny HF fixtures converted to GGUF the way llama.cpp's converter
+//! does (q/k rows permuted, rope_freqs), which must load to the same config and logits.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{assert_close, fixture, gpu};
+use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource};
+use llama_webgpu::model::ModelError;
+use llama_webgpu::quant::{quantize_rows, DType};
+use llama_webgpu::{Config, Error, Llama, LoadOptions};
+
+// ggml type ids (ggml.h).
+const F32: u32 = 0;
+const F16: u32 = 1;
+const Q8_0: u32 = 8;
+const BF16: u32 = 30;
+
+/// Builds GGUF files in memory, laid out as llama.cpp's writer does: header, metadata, tensor infos,
+/// padding to the alignment, tensor data each padded to the alignment.
+#[derive(Clone)]
+struct Writer {
+    version: u32,
+    alignment: u64,
+    n_kv: u64,
+    kv: Vec<u8>,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+impl Writer {
+    fn new() -> Self {
+        Self { version: 3, alignment: 32, n_kv: 0, kv: vec![], tensors: vec![] }
+    }
+
+    fn version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    fn kv(mut self, key: &str, value: V) -> Self {
+        if let ("general.alignment", V::U32(a)) = (key, &value) {
+            self.alignment = u64::from(*a);
+        }
+        put_string(&mut self.kv, key);
+        self.kv.extend(type_id(&value).to_le_bytes());
+        encode(&value, &mut self.kv);
+        self.n_kv += 1;
+        self
+    }
+
+    /// `dims` innermost first, as GGUF lists them.
+    fn tensor(mut self, name: &str, dims: &[u64], ggml_type: u32, data: Vec<u8>) -> Self {
+        self.tensors.push((name.to_string(), dims.to_vec(), ggml_type, data));
+        self
+    }
+
+    fn build(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend(self.version.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend(self.n_kv.to_le_bytes());
+        out.extend(&self.kv);
+        let mut offset = 0u64;
+        for (name, dims, ggml_type, data) in &self.tensors {
+            put_string(&mut out, name);
+            out.extend((dims.len() as u32).to_le_bytes());
+            dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+            out.extend(ggml_type.to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            offset = (offset + data.len() as u64).next_multiple_of(self.alignment);
+        }
+        for (_, _, _, data) in &self.tensors {
+            out.resize((out.len() as u64).next_multiple_of(self.alignment) as usize, 0);
+            out.extend(data);
+        }
+        out
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn type_id(value: &V) -> u32 {
+    match value {
+        V::U8(_) => 0,
+        V::I8(_) => 1,
+        V::U16(_) => 2,
+        V::I16(_) => 3,
+        V::U32(_) => 4,
+        V::I32(_) => 5,
+        V::F32(_) => 6,
+        V::Bool(_) => 7,
+        V::String(_) => 8,
+        V::Array(_) => 9,
+        V::U64(_) => 10,
+        V::I64(_) => 11,
+        V::F64(_) => 12,
+    }
+}
+
+fn encode(value: &V, out: &mut Vec<u8>) {
+    match value {
+        V::U8(v) => out.extend(v.to_le_bytes()),
+        V::I8(v) => out.extend(v.to_le_bytes()),
+        V::U16(v) => out.extend(v.to_le_bytes()),
+        V::I16(v) => out.extend(v.to_le_bytes()),
+        V::U32(v) => out.extend(v.to_le_bytes()),
+        V::I32(v) => out.extend(v.to_le_bytes()),
+        V::U64(v) => out.extend(v.to_le_bytes()),
+        V::I64(v) => out.extend(v.to_le_bytes()),
+        V::F32(v) => out.extend(v.to_le_bytes()),
+        V::F64(v) => out.extend(v.to_le_bytes()),
+        V::Bool(v) => out.push(*v as u8),
+        V::String(s) => put_string(out, s),
+        V::Array(items) => {
+            out.extend(items.first().map_or(0, type_id).to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            items.iter().for_each(|item| encode(item, out));
+        }
+    }
+}
+
+fn string(s: &str) -> V {
+    V::String(s.to_string())
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn parse(bytes: Vec<u8>) -> Result<Gguf<Vec<u8>>, LoadError> {
+    Gguf::new("test.gguf", bytes)
+}
+
+/// A small valid file: two metadata keys and two tensors.
+fn small_file() -> Writer {
+    Writer::new()
+        .kv("general.architecture", string("llama"))
+        .kv("t.list", V::Array(vec![string("a"), string("bc")]))
+        .tensor("a.weight", &[3, 2], F32, f32_bytes(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+        .tensor("b.weight", &[4], F16, vec![0; 8])
+}
+
+#[test]
+fn reads_every_metadata_type_written_by_llama_cpps_writer() {
+    let bytes = std::fs::read(fixture("quant/all_types.gguf")).unwrap();
+    let g = parse(bytes).unwrap();
+    let h = g.header();
+    let array = |items: Vec<V>| V::Array(items);
+    let expected = [
+        ("general.architecture", string("llama")),
+        ("general.alignment", V::U32(64)),
+        ("t.u8", V::U8(200)),
+        ("t.i8", V::I8(-100)),
+        ("t.u16", V::U16(60000)),
+        ("t.i16", V::I16(-30000)),
+        ("t.u32", V::U32(4_000_000_000)),
+        ("t.i32", V::I32(-2_000_000_000)),
+        ("t.u64", V::U64((1 << 40) + 1)),
+        ("t.i64", V::I64(-(1 << 40))),
+        ("t.f32", V::F32(1.5)),
+        ("t.f64", V::F64(0.1)),
+        ("t.bool", V::Bool(true)),
+        ("t.string", string("héllo")),
+        ("t.array.u16", array(vec![V::U16(1), V::U16(2), V::U16(65535)])),
+        ("t.array.f64", array(vec![V::F64(0.5), V::F64(-2.0)])),
+        ("t.array.bool", array(vec![V::Bool(true), V::Bool(false)])),
+        ("t.array.str", array(vec![string("a"), string("bc"), string("")])),
+        ("t.array.nested", array(vec![array(vec![V::I32(1), V::I32(2)]), array(vec![V::I32(3)])])),
+        ("t.array.nested_str", array(vec![array(vec![string("x")]), array(vec![string("y"), string("z")])])),
+    ];
+    let got: Vec<(&str, &V)> = h.metadata().iter().map(|(k, v)| (k.as_str(), v)).collect();
+    assert_eq!(got, expected.iter().map(|(k, v)| (*k, v)).collect::<Vec<_>>());
+    assert_eq!((h.version(), h.alignment(), h.data_offset() % 64), (3, 64, 0));
+
+    let shapes: Vec<_> = h.tensors().iter().map(|t| (t.name.as_str(), t.dtype, t.shape.clone(), t.range.start % 64)).collect();
+    assert_eq!(
+        shapes,
+        [("a.weight", DType::F32, vec![2, 3], 0), ("b.weight", DType::Q8_0, vec![2, 64], 0), ("c.weight", DType::F16, vec![5], 0)]
+    );
+    let a = g.tensor("a.weight").unwrap();
+    assert_eq!(a.dtype.to_f32(&a.bytes).unwrap(), [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]);
+    let b = g.tensor("b.weight").unwrap();
+    let linspace = (0..128).map(|i| -1.0 + 2.0 * i as f32 / 127.0);
+    assert!(b.dtype.to_f32(&b.bytes).unwrap().iter().zip(linspace).all(|(q, v)| (q - v).abs() <= 0.5 / 127.0 + 1e-6));
+    let c = g.tensor("c.weight").unwrap();
+    assert_eq!(c.dtype.to_f32(&c.bytes).unwrap(), [1.0, -2.0, 3.5, 0.0, 65504.0]);
+
+    // Typed getters: integer widths are interchangeable when the value fits, other types are errors.
+    assert_eq!(h.get_u32("t.u8").unwrap(), Some(200));
+    let err = h.get_u32("t.u64").unwrap_err().to_string();
+    assert_eq!(err, "test.gguf: metadata t.u64: is U64(1099511627777), expected an integer that fits a uint32");
+    assert!(h.get_u32("t.i8").is_err());
+    assert_eq!(h.get_f32("t.f64").unwrap(), Some(0.1));
+    assert_eq!(h.get_str("t.string").unwrap(), Some("héllo"));
+    assert_eq!(h.get_str("t.missing").unwrap(), None);
+    assert!(h.get_str("t.u8").is_err());
+    assert_eq!(h.get_bool("t.bool").unwrap(), Some(true));
+    assert_eq!(h.get_str_array("t.array.str").unwrap(), Some(vec!["a", "bc", ""]));
+    assert!(h.get_str_array("t.array.u16").is_err());
+    assert_eq!(h.get_array("t.array.nested").unwrap().map(<[V]>::len), Some(2));
+}
+
+#[test]
+fn versions_2_and_3_read_alike_and_others_are_refused() {
+    let v3 = parse(small_file().build()).unwrap();
+    let v2 = parse(small_file().version(2).build()).unwrap();
+    assert_eq!((v2.header().version(), v3.header().version()), (2, 3));
+    assert_eq!(v2.header().metadata(), v3.header().metadata());
+    assert_eq!(v2.header().tensors(), v3.header().tensors());
+    for version in [0, 1, 4, 0x0300_0000] {
+        let err = parse(small_file().version(version).build()).err().unwrap();
+        assert!(matches!(err, LoadError::GgufVersion { version: v, .. } if v == version), "{err}");
+        assert!(err.to_string().starts_with("test.gguf: GGUF version"), "{err}");
+    }
+}
+
+#[test]
+fn metadata_round_trips_through_nested_and_empty_arrays() {
+    let deep = V::Array(vec![V::Array(vec![V::Array(vec![V::I64(-1), V::I64(2)]), V::Array(vec![])]), V::Array(vec![])]);
+    let values = [
+        ("a", V::U8(1)),
+        ("b", V::I8(-1)),
+        ("c", V::U16(2)),
+        ("d", V::I16(-2)),
+        ("e", V::U32(3)),
+        ("f", V::I32(-3)),
+        ("g", V::U64(u64::MAX)),
+        ("h", V::I64(i64::MIN)),
+        ("i", V::F32(-0.25)),
+        ("j", V::F64(1e300)),
+        ("k", V::Bool(false)),
+        ("l", string("")),
+        ("m", V::Array(vec![])),
+        ("n", deep),
+        ("o", V::Array(vec![V::F32(1.0), V::F32(f32::INFINITY)])),
+    ];
+    let file = values.iter().fold(Writer::new(), |w, (k, v)| w.kv(k, v.clone()));
+    let g = parse(file.build()).unwrap();
+    let got: Vec<(String, V)> = g.header().metadata().to_vec();
+    assert_eq!(got, values.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<Vec<_>>());
+    assert_eq!(g.header().tensors().len(), 0);
+}
+
+#[test]
+fn alignment_defaults_to_32_and_follows_general_alignment() {
+    for alignment in [None, Some(1), Some(64), Some(256)] {
+        let mut file = Writer::new();
+        if let Some(a) = alignment {
+            file = file.kv("general.alignment", V::U32(a));
+        }
+        let file = file
+            .tensor("odd.weight", &[3], F32, f32_bytes(&[1.0, 2.0, 3.0]))
+            .tensor("next.weight", &[2], F32, f32_bytes(&[4.0, 5.0]));
+        let g = parse(file.build()).unwrap();
+        let expected = alignment.unwrap_or(32) as u64;
+        let h = g.header();
+        assert_eq!(h.alignment(), expected);
+        assert_eq!(h.data_offset() % expected, 0);
+        let next = h.tensor("next.weight").unwrap();
+        assert_eq!(next.range.start, h.data_offset() + 12u64.next_multiple_of(expected));
+        assert_eq!(g.tensor_bytes("next.weight").unwrap(), f32_bytes(&[4.0, 5.0]));
+    }
+    for bad in [V::U32(0), V::U32(48), V::U64(32)] {
+        let err = parse(Writer::new().kv("general.alignment", bad.clone()).build()).err().unwrap();
+        assert!(matches!(&err, LoadError::Metadata { key, .. } if key == "general.alignment"), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn a_cut_anywhere_is_an_error_naming_the_file_and_offset() {
+    let bytes = small_file().build();
+    let g = parse(bytes.clone()).unwrap();
+    let header_end = g.header().data_offset() as usize;
+    for len in 0..bytes.len() {
+        let err = parse(bytes[..len].to_vec()).err().unwrap_or_else(|| panic!("a cut at {len} parsed"));
+        let message = err.to_string();
+        assert!(message.starts_with("test.gguf: "), "{message}");
+        match err {
+            LoadError::GgufMagic { .. } => assert_eq!(len, 0),
+            LoadError::Truncated { offset, .. } => {
+                assert!(len < header_end && offset <= len, "cut at {len}: {message}");
+                assert!(message.contains(&format!("offset {offset}")), "{message}");
+            }
+            LoadError::TensorOutOfBounds { tensor, .. } => {
+                // Only the padding after the tensor infos may be cut without touching the header.
+                assert!(len + 32 > header_end, "cut at {len}: {message}");
+                assert!(["a.weight", "b.weight"].contains(&tensor.as_str()));
+            }
+            other => panic!("cut at {len}: unexpected {other}"),
+        }
+    }
+    // The header alone is enough for GgufHeader (a streaming reader's first step).
+    let header = GgufHeader::parse("test.gguf", &bytes[..header_end]).unwrap();
+    assert_eq!(header.tensors(), g.header().tensors());
+}
+
+#[test]
+fn bad_magic_is_refused() {
+    let mut bytes = small_file().build();
+    bytes[..4].copy_from_slice(b"GGML");
+    let err = parse(bytes).err().unwrap();
+    assert!(matches!(&err, LoadError::GgufMagic { magic, .. } if magic == b"GGML"), "{err}");
+    assert!(err.to_string().contains("not a GGUF file"), "{err}");
+    assert!(matches!(parse(b"{\"__metadata__\"".to_vec()), Err(LoadError::GgufMagic { .. })));
+}
+
+#[test]
+fn tensor_data_beyond_the_file_names_the_tensor() {
+    let mut bytes = small_file().build();
+    bytes.truncate(bytes.len() - 1);
+    let err = parse(bytes.clone()).err().unwrap();
+    assert!(matches!(&err, LoadError::TensorOutOfBounds { tensor, file_size, .. } if tensor == "b.weight" && *file_size == bytes.len()), "{err}");
+    assert!(err.to_string().contains("test.gguf: tensor b.weight occupies bytes"), "{err}");
+}
+
+#[test]
+fn unknown_and_unsupported_ggml_types_name_the_type_id() {
+    for (type_id, name) in [(13, "Q5_K"), (6, "Q5_0"), (99, "unknown")] {
+        let file = small_file().tensor("c.weight", &[256], type_id, vec![0; 256]);
+        let err = parse(file.build()).err().unwrap();
+        assert!(
+            matches!(&err, LoadError::UnknownGgmlType { tensor, type_id: t, type_name, .. } if tensor == "c.weight" && *t == type_id && *type_name == name),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("ggml type {type_id} ({name})")), "{err}");
+    }
+}
+
+#[test]
+fn malformed_headers_are_errors_not_panics_or_huge_allocations() {
+    let malformed = |bytes: Vec<u8>, needle: &str| {
+        let err = parse(bytes).err().unwrap_or_else(|| panic!("parsed, expected an error containing {needle:?}"));
+        assert!(matches!(err, LoadError::Gguf { .. }), "{err}");
+        assert!(err.to_string().contains(needle), "{err} does not contain {needle:?}");
+    };
+    malformed(small_file().tensor("q.weight", &[48, 2], Q8_0, vec![0; 102]).build(), "not whole q8_0 blocks of 32");
+    malformed(small_file().tensor("d.weight", &[1, 1, 1, 1, 1], F32, vec![0; 4]).build(), "5 dimensions");
+    malformed(small_file().tensor("d.weight", &[], F32, vec![]).build(), "0 dimensions");
+    malformed(small_file().tensor("a.weight", &[1], F32, vec![0; 4]).build(), "appears twice");
+    malformed(small_file().kv("t.list", V::U8(0)).build(), "metadata key t.list appears twice");
+    malformed(small_file().tensor("big.weight", &[1 << 40, 1 << 40], F32, vec![]).build(), "overflow");
+    malformed(small_file().tensor("big.weight", &[u64::MAX], F32, vec![]).build(), "overflow");
+
+    // Edit single fields of a valid file: a bool byte, a value type, UTF-8, a misaligned offset.
+    let bytes = |file: Writer, find: &[u8], replace: &[u8]| {
+        let mut bytes = file.build();
+        let at = bytes.windows(find.len()).position(|w| w == find).unwrap();
+        bytes[at..at + replace.len()].copy_from_slice(replace);
+        bytes
+    };
+    let flag = Writer::new().kv("flag", V::Bool(true));
+    malformed(bytes(flag.clone(), b"flag\x07\0\0\0\x01", b"flag\x07\0\0\0\x02"), "bool byte 2");
+    malformed(bytes(flag.clone(), b"flag\x07", b"flag\x0d"), "unknown value type 13");
+    malformed(bytes(Writer::new().kv("name", string("ok")), b"ok", b"\xff\xfe"), "not valid UTF-8");
+    let array = Writer::new().kv("list", V::Array(vec![V::U8(1)]));
+    malformed(bytes(array, b"list\x09\0\0\0\0", b"list\x09\0\0\0\x0e"), "unknown array element type 14");
+    // b.weight's info ends with dims [4], type F16, offset 32.
+    let misaligned = bytes(small_file(), &[4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 32], &[4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 36]);
+    malformed(misaligned, "data offset 36 is not a multiple of the alignment 32");
+
+    let mut nested = V::Array(vec![V::U8(1)]);
+    for _ in 0..9 {
+        nested = V::Array(vec![nested]);
+    }
+    malformed(Writer::new().kv("deep", nested).build(), "nest deeper than 8");
+
+    // Counts and lengths far beyond the file are truncation, found before anything is allocated.
+    let huge = u64::MAX / 2;
+    let truncated = |bytes: Vec<u8>| assert!(matches!(parse(bytes), Err(LoadError::Truncated { .. })));
+    for field in [8..16, 16..24] {
+        // The tensor count, then the metadata count.
+        let mut count = small_file().build();
+        count[field].copy_from_slice(&huge.to_le_bytes());
+        truncated(count);
+    }
+    let list = [b"list".as_slice(), &[9, 0, 0, 0, 10, 0, 0, 0]].concat();
+    let array = Writer::new().kv("list", V::Array(vec![V::U64(7)]));
+    truncated(bytes(array, &[&list[..], &1u64.to_le_bytes()].concat(), &[&list[..], &huge.to_le_bytes()].concat()));
+    let s = [b"s".as_slice(), &[8, 0, 0, 0]].concat();
+    let long = bytes(Writer::new().kv("s", string("x")), &[&s[..], &1u64.to_le_bytes()].concat(), &[&s[..], &u64::MAX.to_le_bytes()].concat());
+    truncated(long);
+}
+
+/// llama.cpp's converter (`LlamaModel.permute`): HF row j * head_dim / 2 + i of each head is stored
+/// as row 2i + j, so RoPE rotates adjacent pairs.
+fn permute_rows(bytes: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
+    let row_bytes = bytes.len() / rows;
+    let head_dim = rows / n_heads;
+    let mut out = vec![0; bytes.len()];
+    for head in 0..n_heads {
+        for j in 0..2 {
+            for i in 0..head_dim / 2 {
+                let (hf, stored) = (head * head_dim + j * head_dim / 2 + i, head * head_dim + 2 * i + j);
+                out[stored * row_bytes..][..row_bytes].copy_from_slice(&bytes[hf * row_bytes..][..row_bytes]);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn hf_names_reach_llama_cpp_tensors_with_q_and_k_rows_unpermuted() {
+    let (n_heads, n_kv_heads, head_dim, cols) = (4, 2, 8, 64);
+    for (dtype, ggml_type) in [(DType::F32, F32), (DType::Q8_0, Q8_0)] {
+        // Row r of the HF matrices holds r + its column / 1000, so every row is recognisable.
+        let hf = |rows: usize| -> Vec<f32> { (0..rows * cols).map(|e| (e / cols) as f32 + (e % cols) as f32 / 1000.0).collect() };
+        let q = quantize_rows(dtype, &hf(n_heads * head_dim), cols).unwrap();
+        let k = quantize_rows(dtype, &hf(n_kv_heads * head_dim), cols).unwrap();
+        let v = quantize_rows(dtype, &hf(n_kv_heads * head_dim), cols).unwrap();
+        let file = Writer::new()
+            .kv("general.architecture", string("llama"))
+            .kv("llama.attention.head_count", V::U32(n_heads as u32))
+            .kv("llama.attention.head_count_kv", V::U32(n_kv_heads as u32))
+            .tensor("blk.3.attn_q.weight", &[cols as u64, (n_heads * head_dim) as u64], ggml_type, permute_rows(&q, n_heads * head_dim, n_heads))
+            .tensor("blk.3.attn_k.weight", &[cols as u64, (n_kv_heads * head_dim) as u64], ggml_type, permute_rows(&k, n_kv_heads * head_dim, n_kv_heads))
+            .tensor("blk.3.attn_v.weight", &[cols as u64, (n_kv_heads * head_dim) as u64], ggml_type, v.clone())
+            .tensor("token_embd.weight", &[cols as u64, 2], ggml_type, quantize_rows(dtype, &hf(2), cols).unwrap());
+        let g = parse(file.build()).unwrap();
+        for (name, want) in [("q_proj", &q), ("k_proj", &k), ("v_proj", &v)] {
+            let t = g.tensor(&format!("model.layers.3.self_attn.{name}.weight")).unwrap();
+            assert_eq!(t.shape, [want.len() / dtype.row_bytes(cols).unwrap(), cols], "{dtype} {name}");
+            assert!(*t.bytes == want[..], "{dtype} {name}: rows not in Hugging Face order");
+        }
+        // Stored names are served as stored.
+        assert!(*g.tensor("blk.3.attn_q.weight").unwrap().bytes != q[..]);
+        assert_eq!(g.tensor("model.embed_tokens.weight").unwrap().shape, [2, cols]);
+        assert!(g.contains("model.layers.3.self_attn.q_proj.weight") && g.contains("blk.3.attn_v.weight"));
+        assert!(!g.contains("lm_head.weight") && !g.contains("model.layers.4.self_attn.q_proj.weight"));
+        let err = g.tensor("lm_head.weight").unwrap_err();
+        assert_eq!(err.to_string(), "tensor lm_head.weight (output.weight) is missing from the checkpoint");
+    }
+}
+
+/// The converter's llama3 `rope_freqs` (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors):
+/// f32 frequencies, then f64 arithmetic.
+fn converter_rope_freqs(theta: f32, head_dim: usize, factor: f64, low: f64, high: f64, original: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf((2 * i) as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
+            if wavelen < original / high {
+                1.0
+            } else if wavelen > original / low {
+                factor as f32
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect()
+}
+
+/// A GGUF holding `config` as llama.cpp's converter writes it, with tensors converted from `source`
+/// (q/k rows permuted, llama.cpp names); llama3 scaling goes into rope_freqs.
+fn convert_to_gguf(config: &Config, source: &dyn WeightSource) -> Vec<u8> {
+    let c = config;
+    let mut file = Writer::new()
+        .kv("general.architecture", string("llama"))
+        .kv("llama.context_length", V::U32(c.max_position_embeddings as u32))
+        .kv("llama.embedding_length", V::U32(c.hidden_size as u32))
+        .kv("llama.block_count", V::U32(c.n_layers as u32))
+        .kv("llama.feed_forward_length", V::U32(c.intermediate_size as u32))
+        .kv("llama.attention.head_count", V::U32(c.n_heads as u32))
+        .kv("llama.attention.head_count_kv", V::U32(c.n_kv_heads as u32))
+        .kv("llama.attention.key_length", V::U32(c.head_dim as u32))
+        .kv("llama.attention.value_length", V::U32(c.head_dim as u32))
+        .kv("llama.rope.dimension_count", V::U32(c.head_dim as u32))
+        .kv("llama.attention.layer_norm_rms_epsilon", V::F32(c.rms_norm_eps))
+        .kv("llama.rope.freq_base", V::F32(c.rope.theta));
+    if let Some(bos) = c.bos_token_id {
+        file = file.kv("tokenizer.ggml.bos_token_id", V::U32(bos));
+    }
+    for (key, id) in ["eos", "eot", "eom"].iter().zip(&c.eos_token_ids) {
+        file = file.kv(&format!("tokenizer.ggml.{key}_token_id"), V::U32(*id));
+    }
+    if let Some(s) = &c.rope.scaling {
+        file = file.kv("llama.rope.scaling.original_context_length", V::U32(s.original_max_position_embeddings as u32));
+        let freqs = converter_rope_freqs(
+            c.rope.theta,
+            c.head_dim,
+            s.factor as f64,
+            s.low_freq_factor as f64,
+            s.high_freq_factor as f64,
+            s.original_max_position_embeddings as f64,
+        );
+        file = file.tensor("rope_freqs.weight", &[freqs.len() as u64], F32, f32_bytes(&freqs));
+    }
+    let mut names = vec![("model.embed_tokens.weight".to_string(), "token_embd.weight".to_string(), 0)];
+    names.push(("model.norm.weight".into(), "output_norm.weight".into(), 0));
+    if source.contains("lm_head.weight") {
+        names.push(("lm_head.weight".into(), "output.weight".into(), 0));
+    }
+    for i in 0..c.n_layers {
+        for (hf, gguf, heads) in [
+            ("self_attn.q_proj", "attn_q", c.n_heads),
+            ("self_attn.k_proj", "attn_k", c.n_kv_heads),
+            ("self_attn.v_proj", "attn_v", 0),
+            ("self_attn.o_proj", "attn_output", 0),
+            ("mlp.gate_proj", "ffn_gate", 0),
+            ("mlp.up_proj", "ffn_up", 0),
+            ("mlp.down_proj", "ffn_down", 0),
+            ("input_layernorm", "attn_norm", 0),
+            ("post_attention_layernorm", "ffn_norm", 0),
+        ] {
+            names.push((format!("model.layers.{i}.{hf}.weight"), format!("blk.{i}.{gguf}.weight"), heads));
+        }
+    }
+    for (hf, gguf, heads) in names {
+        let t = source.tensor(&hf).unwrap();
+        let ggml_type = match t.dtype {
+            DType::F32 => F32,
+            DType::F16 => F16,
+            DType::BF16 => BF16,
+            other => panic!("fixture dtype {other}"),
+        };
+        let bytes = if heads > 0 { permute_rows(&t.bytes, t.shape[0], heads) } else { t.bytes.to_vec() };
+        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+        file = file.tensor(&gguf, &dims, ggml_type, bytes);
+    }
+    file.build()
+}
+
+#[test]
+fn hf_fixtures_converted_to_gguf_give_the_same_config_and_logits() {
+    let gpu = gpu();
+    for name in ["tiny-llama31", "tiny-llama32-tied"] {
+        let dir = fixture(name);
+        let config = read_hf_config(&dir).unwrap();
+        let safetensors = open_safetensors_dir(&dir).unwrap();
+        let gguf = parse(convert_to_gguf(&config, &safetensors)).unwrap();
+        assert_eq!(gguf.config().unwrap(), config, "{name}");
+        assert!(config.rope.scaling.is_some(), "{name}: the fixture should exercise rope_freqs");
+
+        let Some(gpu) = &gpu else { continue };
+        let golden = common::golden(name);
+        let tokens = &golden.logits.iter().max_by_key(|c| c.tokens.len()).unwrap().tokens;
+        let logits = |source: &dyn WeightSource| {
+            let mut model = pollster::block_on(Llama::load(gpu, config.clone(), source, &LoadOptions::default(), &mut |_| {})).unwrap();
+            pollster::block_on(model.forward(tokens, 0)).unwrap()
+        };
+        let want = logits(&safetensors);
+        assert_close(&format!("{name} from GGUF"), &logits(&gguf), &want, 0.0, 0.0);
+    }
+}
+
+fn tiny_llama_metadata() -> Writer {
+    Writer::new()
+        .kv("general.architecture", string("llama"))
+        .kv("llama.context_length", V::U32(131072))
+        .kv("llama.embedding_length", V::U32(64))
+        .kv("llama.block_count", V::U32(2))
+        .kv("llama.feed_forward_length", V::U32(128))
+        .kv("llama.attention.head_count", V::U32(4))
+        .kv("llama.attention.head_count_kv", V::U32(2))
+        .kv("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5))
+        .kv("llama.rope.freq_base", V::F32(500000.0))
+        .kv("tokenizer.ggml.tokens", V::Array((0..100).map(|i| string(&format!("t{i}"))).collect()))
+        .kv("tokenizer.ggml.bos_token_id", V::U32(1))
+        .kv("tokenizer.ggml.eos_token_id", V::U32(2))
+        .kv("tokenizer.ggml.eot_token_id", V::U32(3))
+        .tensor("output.weight", &[64, 100], F32, vec![0; 64 * 100 * 4])
+}
+
+#[test]
+fn config_comes_from_llama_metadata_and_rope_freqs() {
+    let g = parse(tiny_llama_metadata().build()).unwrap();
+    let c = g.config().unwrap();
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size),
+        (64, 128, 2, 4, 2, 16, 100)
+    );
+    assert_eq!((c.max_position_embeddings, c.rms_norm_eps, c.rope.theta, c.rope.scaling.clone()), (131072, 1e-5, 500000.0, None));
+    assert_eq!((c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids.clone()), (false, Some(1), vec![2, 3]));
+
+    // Llama 3.1's own scaling (factor 8, Meta's 1 / 4 / 8192) is derived from rope_freqs alone.
+    let freqs = converter_rope_freqs(500000.0, 16, 8.0, 1.0, 4.0, 8192.0);
+    assert!(freqs.iter().any(|&f| f > 1.0 && f < 8.0), "no factor in the smoothing band: {freqs:?}");
+    let scaled = |freqs: &[f32]| {
+        let file = tiny_llama_metadata().tensor("rope_freqs.weight", &[freqs.len() as u64], F32, f32_bytes(freqs));
+        parse(file.build()).unwrap()
+    };
+    let scaling = scaled(&freqs).config().unwrap().rope.scaling.unwrap();
+    assert_eq!(
+        (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_max_position_embeddings),
+        (8.0, 1.0, 4.0, 8192)
+    );
+    assert_eq!(scaled(&[1.0; 8]).config().unwrap().rope.scaling, None);
+
+    // Factors that no llama3 scaling with those parameters gives are refused, naming the first.
+    let mut wrong = freqs.clone();
+    wrong[3] *= 1.01;
+    let err = scaled(&wrong).config().unwrap_err();
+    assert!(matches!(&err, Error::Model(ModelError::Unsupported(m)) if m.starts_with("rope_freqs.weight[3] is")), "{err}");
+    let err = scaled(&freqs[..4]).config().unwrap_err();
+    assert!(matches!(&err, Error::Model(ModelError::Shape { .. })), "{err}");
+
+    // Missing, mistyped and unsupported metadata.
+    let without = |key: &str| {
+        let file = tiny_llama_metadata();
+        let mut kept = Writer::new();
+        let g = parse(file.build()).unwrap();
+        for (k, v) in g.header().metadata() {
+            if k != key {
+                kept = kept.kv(k, v.clone());
+            }
+        }
+        kept.tensors = file.tensors;
+        parse(kept.build()).unwrap().config()
+    };
+    let err = without("llama.block_count").unwrap_err();
+    assert_eq!(err.to_string(), "test.gguf: metadata llama.block_count: is missing");
+    assert_eq!(without("llama.attention.head_count_kv").unwrap().n_kv_heads, 4);
+    let other = parse(tiny_llama_metadata().kv("llama.rope.scaling.type", string("yarn")).build()).unwrap();
+    assert!(matches!(other.config(), Err(Error::Model(ModelError::Unsupported(_)))));
+    let mut qwen = tiny_llama_metadata();
+    let at = qwen.kv.windows(5).position(|w| w == b"llama").unwrap();
+    qwen.kv[at..at + 5].copy_from_slice(b"qwen2");
+    let err = parse(qwen.build()).unwrap().config().unwrap_err();
+    assert_eq!(err.to_string(), "unsupported model: GGUF architecture \"qwen2\" (only \"llama\")");
+}
+
+/// The SmolLM2 GGUF from scripts/fetch-smollm2; missing is a failure, not a skip.
+fn smollm2_path() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.exists(), "{} is missing: run scripts/fetch-smollm2", path.display());
+    path
+}
+
+#[test]
+fn smollm2_metadata_tensors_and_config() {
+    let g = Gguf::open(&smollm2_path()).unwrap();
+    let h = g.header();
+    assert_eq!((h.version(), h.alignment(), h.tensors().len()), (3, 32, 272));
+    assert_eq!(h.get_str("general.architecture").unwrap(), Some("llama"));
+    let tokens = h.get_str_array("tokenizer.ggml.tokens").unwrap().unwrap();
+    assert_eq!((tokens.len(), tokens[0], tokens[2]), (49152, "<|endoftext|>", "<|im_end|>"));
+    assert_eq!(h.get_str_array("tokenizer.ggml.merges").unwrap().unwrap().len(), 48900);
+    assert_eq!(h.get_str("tokenizer.ggml.model").unwrap(), Some("gpt2"));
+    assert!(h.get_str("tokenizer.chat_template").unwrap().unwrap().contains("<|im_start|>"));
+
+    let count = |dtype| h.tensors().iter().filter(|t| t.dtype == dtype).count();
+    assert_eq!((count(DType::Q4_1), count(DType::Q8_0), count(DType::F32)), (210, 1, 61));
+    assert_eq!(h.tensor("token_embd.weight").unwrap().dtype, DType::Q8_0);
+    assert!(h.tensor("rope_freqs.weight").is_none());
+
+    let c = g.config().unwrap();
+    assert_eq!((c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size), (30, 576, 9, 3, 64, 1536));
+    assert_eq!((c.vocab_size, c.max_position_embeddings, c.rope.theta, c.rope.scaling.clone()), (49152, 8192, 100000.0, None));
+    assert_eq!((c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids.clone(), c.rms_norm_eps), (true, Some(1), vec![2], 1e-5));
+
+    // Every tensor the Llama loader asks for, by its Hugging Face name, with HF's row-major shape.
+    let expect = |name: String, dtype: DType, shape: &[usize]| {
+        let t = g.tensor(&name).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((t.dtype, t.shape.as_slice(), t.bytes.len()), (dtype, shape, shape.iter().product::<usize>() / dtype.block().0 * dtype.block().1), "{name}");
+    };
+    expect("model.embed_tokens.weight".into(), DType::Q8_0, &[49152, 576]);
+    expect("model.norm.weight".into(), DType::F32, &[576]);
+    assert!(!g.contains("lm_head.weight"));
+    for i in 0..30 {
+        let layer = |name: &str| format!("model.layers.{i}.{name}.weight");
+        expect(layer("self_attn.q_proj"), DType::Q4_1, &[576, 576]);
+        expect(layer("self_attn.k_proj"), DType::Q4_1, &[192, 576]);
+        expect(layer("self_attn.v_proj"), DType::Q4_1, &[192, 576]);
+        expect(layer("self_attn.o_proj"), DType::Q4_1, &[576, 576]);
+        expect(layer("mlp.gate_proj"), DType::Q4_1, &[1536, 576]);
+        expect(layer("mlp.up_proj"), DType::Q4_1, &[1536, 576]);
+        expect(layer("mlp.down_proj"), DType::Q4_1, &[576, 1536]);
+        expect(layer("input_layernorm"), DType::F32, &[576]);
+        expect(layer("post_attention_layernorm"), DType::F32, &[576]);
+    }
+}
+
+#[test]
+fn smollm2_q_and_k_rows_match_the_gguf_package_unpermuted() {
+    let g = Gguf::new("smollm2", std::fs::read(smollm2_path()).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("quant/smollm2_qk_rows.json")).unwrap()).unwrap();
+    let hex_f32 = |s: &str| -> Vec<f32> {
+        let bytes: Vec<u8> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+        bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let first = golden["first_values"].as_u64().unwrap() as usize;
+    for (hf, gguf) in [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight"), ("model.layers.0.self_attn.k_proj.weight", "blk.0.attn_k.weight")] {
+        let want = &golden[gguf];
+        let t = g.tensor(hf).unwrap();
+        let cols = t.shape[1];
+        let values = t.dtype.to_f32(&t.bytes).unwrap();
+        let rows: Vec<&[f32]> = values.chunks(cols).collect();
+        assert_eq!(rows.len(), want["shape"][0].as_u64().unwrap() as usize);
+        let got_first: Vec<f32> = rows.iter().flat_map(|r| r[..first].iter().copied()).collect();
+        let want_first = hex_f32(want["first"].as_str().unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&got_first) == bits(&want_first), "{hf}: the first values of the rows differ from the gguf package's");
+        for (r, (row, sum)) in rows.iter().zip(want["row_sums"].as_array().unwrap()).enumerate() {
+            let (got, want) = (row.iter().map(|&v| v as f64).sum::<f64>(), sum.as_f64().unwrap());
+            let scale: f64 = row.iter().map(|v| v.abs() as f64).sum();
+            assert!((got - want).abs() <= 1e-9 * scale, "{hf} row {r}: sum {got} but the gguf package gives {want}");
+        }
+        // As stored, the rows are llama.cpp's permutation of these.
+        let stored = g.tensor(gguf).unwrap();
+        assert!(stored.bytes != t.bytes && stored.bytes.len() == t.bytes.len());
+    }
+    let embd = &golden["token_embd.weight"];
+    let t = g.tensor("model.embed_tokens.weight").unwrap();
+    let row_bytes = t.dtype.row_bytes(576).unwrap();
+    let got: Vec<f32> = embd["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| t.dtype.to_f32(&t.bytes[r.as_u64().unwrap() as usize * row_bytes..][..row_bytes]).unwrap()[..8].to_vec())
+        .collect();
+    assert_eq!(got, hex_f32(embd["first"].as_str().unwrap()));
+}
+
+#[test]
+fn smollm2_q8_0_round_trip_matches_its_stored_blocks() {
+    // Re-quantizing the dequantized Q8_0 embedding gives the same bytes: our q8_0 quantizer agrees
+    // with the one that made the file, on real weights.
+    let g = Gguf::new("smollm2", std::fs::read(smollm2_path()).unwrap()).unwrap();
+    let stored = g.tensor_bytes("token_embd.weight").unwrap();
+    let sample = &stored[..DType::Q8_0.row_bytes(576).unwrap() * 64];
+    let values = DType::Q8_0.to_f32(sample).unwrap();
+    let again = DType::Q8_0.from_f32(&values).unwrap();
+    let differing = sample.iter().zip(&again).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} bytes differ after a q8_0 round trip");
+}
