@@ -220,3 +220,44 @@ fn top_k_matches_reference_with_ties() {
         assert!((got.exp_sum - exp_sum).abs() <= 1e-5 * exp_sum, "k={k}: sum {} vs {}", got.exp_sum, exp_sum);
     }
 }
+
+const BLOCK_FORMATS: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K];
+
+#[test]
+fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
+    let Some(whole) = gpu() else { return };
+    // 37 rows: a part ends on an odd row; k = 96 gives 54-byte q4_0 rows that straddle u32 words.
+    let shapes = [(37, 512), (37, 96)];
+    for dtype in BLOCK_FORMATS {
+        for (rows, k) in shapes {
+            if k % dtype.block().0 != 0 {
+                continue;
+            }
+            let row_bytes = dtype.row_bytes(k).unwrap();
+            // The split device binds 3 tokens of activations, and a dozen rows or more per part.
+            let limit = (row_bytes * 12).max(3 * k * 4).next_multiple_of(4) as u64;
+            let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), ..Default::default() }) else { return };
+            for (gpu, token_counts) in [(&whole, [1, 9]), (&split, [1, 3])] {
+                let (bytes, w) = weights(gpu, 21, dtype, rows, k);
+                assert!(std::ptr::eq(gpu, &whole) || w.parts.len() > 1, "{dtype} {rows}x{k} was not split");
+                for n in token_counts {
+                    let x = random_vec(&mut rng(n as u64 + 100), n * k, 1.0);
+                    let want = reference::matmul(&x, &bytes, dtype, rows, k);
+                    let (xb, out) = (gpu.storage_buffer_with("x", &x), gpu.storage_buffer("out", (n * rows * 4) as u64));
+                    let layout = MatmulLayout { in_stride: k, out_stride: rows, accumulate: false, rows_at_position: false };
+                    let op = ops::matmul(gpu, &xb, &w, &out, layout, &step(gpu, n, 0));
+                    run(gpu, |pass| op.encode(pass, n as u32));
+                    let what = format!("{dtype} matmul {rows}x{k} n={n} parts={}", w.parts.len());
+                    assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);
+                }
+                let tokens = [36u32, 0, 13]; // rows in different parts
+                let ids: Vec<f32> = tokens.iter().map(|&t| t as f32).collect();
+                let (tb, out) = (gpu.storage_buffer_with("tokens", &ids), gpu.storage_buffer("out", (tokens.len() * k * 4) as u64));
+                let op = ops::embedding(gpu, &tb, &w, &out, &step(gpu, tokens.len(), 0));
+                run(gpu, |pass| op.encode(pass, tokens.len() as u32));
+                let want = reference::embedding(&tokens, &bytes, dtype, k);
+                assert_close(&format!("{dtype} gather {rows}x{k} parts={}", w.parts.len()), &read_f32(gpu, &out, want.len()), &want, 0.0, 0.0);
+            }
+        }
+    }
+}
