@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{assert_close, fixture, gpu};
-use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource};
+use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource, WeightStream};
 use llama_webgpu::model::ModelError;
 use llama_webgpu::quant::{quantize_rows, DType};
 use llama_webgpu::{Config, Error, Llama, LoadOptions};
@@ -540,7 +540,7 @@ fn hf_fixtures_converted_to_gguf_give_the_same_config_and_logits() {
         let Some(gpu) = &gpu else { continue };
         let golden = common::golden(name);
         let tokens = &golden.logits.iter().max_by_key(|c| c.tokens.len()).unwrap().tokens;
-        let logits = |source: &dyn WeightSource| {
+        let logits = |source: &dyn WeightStream| {
             let mut model = pollster::block_on(Llama::load(gpu, config.clone(), source, &LoadOptions::default(), &mut |_| {})).unwrap();
             pollster::block_on(model.forward(tokens, 0)).unwrap()
         };

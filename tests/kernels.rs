@@ -27,7 +27,7 @@ fn run(gpu: &Gpu, encode: impl FnOnce(&mut wgpu::ComputePass)) {
 fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec<u8>, WeightMatrix) {
     let bytes = dtype.from_f32(&random_vec(&mut rng(seed), rows * cols, 1.0)).unwrap();
     let matrix = WeightMatrix::new(gpu, "w", dtype, rows, cols).unwrap();
-    matrix.write_rows(gpu, 0, &bytes);
+    matrix.write_bytes(gpu, 0, &bytes);
     (bytes, matrix)
 }
 

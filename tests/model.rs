@@ -138,6 +138,7 @@ fn load_progress_counts_every_weight_byte_once() {
         let (_, done, total) = reports.last().unwrap().clone();
         assert_eq!((done, total), (safetensors_bytes, safetensors_bytes), "{name}");
         assert!(reports.windows(2).all(|w| w[0].1 < w[1].1), "{name}: progress must grow");
-        assert!(reports.iter().any(|r| r.0 == "model.layers.1.mlp.down_proj.weight"), "{name}");
+        // One report per chunk read, naming the last tensor it reached.
+        assert!(reports.iter().all(|r| r.0.starts_with("model.") || r.0 == "lm_head.weight"), "{name}: {reports:?}");
     }
 }

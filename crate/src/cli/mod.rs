@@ -1,5 +1,7 @@
 //! The `llama-webgpu` command line (native only).
 
+mod serve;
+
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -54,13 +56,21 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        server: serve::ServeArgs,
+    },
     /// List GPU adapters, and the features and limits the engine gets on the chosen one.
     Info,
 }
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A Hugging Face model folder: config.json, safetensors weights, tokenizer.json.
+    /// A Hugging Face model folder (config.json, safetensors weights, tokenizer.json) or a GGUF
+    /// file (weights, configuration, tokenizer and chat template in one).
     #[arg(long, short)]
     model: PathBuf,
     /// KV cache positions (default min(4096, max_position_embeddings)).
@@ -198,6 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Serve { model, server } => serve::serve(options, model, server, cli.quiet),
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;
             let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
@@ -248,30 +259,40 @@ async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParam
 }
 
 async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
-    let dir = &args.model;
-    let config = load::read_hf_config(dir)?;
-    let source = load::open_safetensors_dir(dir)?;
-    let options = LoadOptions { context_length: args.context, ..Default::default() };
-    let bar = load_bar(quiet);
-    let llama = Llama::load(gpu, config, &source, &options, &mut |p| {
-        bar.set_length(p.bytes_total);
-        bar.set_position(p.bytes_done);
-    })
-    .await
-    .with_context(|| format!("loading {}", dir.display()))?;
-    bar.finish_and_clear();
-    Ok(llama)
+    let files = open_model(args)?;
+    upload_model(gpu, &files, args, quiet).await
 }
 
 async fn load_engine(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Engine> {
-    let (tokenizer, template) = load::read_hf_text(&args.model).with_context(|| text_files(&args.model))?;
-    let model = load_model(gpu, args, quiet).await?;
+    let files = open_model(args)?;
+    let (tokenizer, template) = files.text().with_context(|| text_files(&args.model))?;
+    let model = upload_model(gpu, &files, args, quiet).await?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     Ok(Engine::new(model, tokenizer, template, seed)?)
 }
 
-fn text_files(dir: &Path) -> String {
-    format!("reading the tokenizer of {} (text prompts need tokenizer.json; --tokens does not)", dir.display())
+fn open_model(args: &ModelArgs) -> anyhow::Result<load::ModelFiles> {
+    load::open_model(&args.model).with_context(|| format!("opening {}", args.model.display()))
+}
+
+async fn upload_model(gpu: &Gpu, files: &load::ModelFiles, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
+    let options = LoadOptions { context_length: args.context, ..Default::default() };
+    let bar = load_bar(quiet);
+    let llama = Llama::load(gpu, files.config.clone(), files.stream(), &options, &mut |p| {
+        bar.set_length(p.bytes_total);
+        bar.set_position(p.bytes_done);
+    })
+    .await
+    .with_context(|| format!("loading {}", files.path.display()))?;
+    bar.finish_and_clear();
+    Ok(llama)
+}
+
+fn text_files(path: &Path) -> String {
+    format!(
+        "reading the tokenizer of {} (text prompts need a folder's tokenizer.json or a GGUF file's tokenizer; --tokens does not)",
+        path.display()
+    )
 }
 
 fn load_bar(quiet: bool) -> indicatif::ProgressBar {

@@ -55,28 +55,34 @@ impl WeightMatrix {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
 
-    /// Writes whole rows starting at an even `first_row`; `bytes` may span several parts.
-    pub fn write_rows(&self, gpu: &Gpu, first_row: usize, bytes: &[u8]) {
-        debug_assert!(first_row % 2 == 0, "rows are written from even offsets");
-        let row_bytes = self.row_bytes();
-        let end_row = first_row + bytes.len() / row_bytes;
-        for part in &self.parts {
-            let start = first_row.max(part.row_start);
-            let end = end_row.min(part.row_start + part.rows);
-            if start >= end {
-                continue;
-            }
-            let chunk = &bytes[(start - first_row) * row_bytes..(end - first_row) * row_bytes];
-            let offset = ((start - part.row_start) * row_bytes) as u64;
-            // A part's odd last row ends mid-word; its buffer is padded to a whole word.
+    /// Where `len` bytes at byte `offset` of the row-major matrix land: (part buffer, offset in
+    /// it, range of the bytes). Parts start on even rows of an even number of bytes, so a piece
+    /// starts on a 4-byte word when `offset` does; it can end mid-word only where a part of an odd
+    /// number of rows ends, and part buffers are padded to the word.
+    pub fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (&wgpu::Buffer, u64, std::ops::Range<usize>)> {
+        let row_bytes = self.row_bytes() as u64;
+        let end = offset + len as u64;
+        self.parts.iter().filter_map(move |part| {
+            let part_start = part.row_start as u64 * row_bytes;
+            let part_end = part_start + part.rows as u64 * row_bytes;
+            let (start, stop) = (offset.max(part_start), end.min(part_end));
+            (start < stop).then(|| (&part.buffer, start - part_start, (start - offset) as usize..(stop - offset) as usize))
+        })
+    }
+
+    /// Writes `bytes` at byte `offset` of the matrix through the queue. `offset` is a multiple of 4,
+    /// and so is the length unless the bytes end the matrix.
+    pub fn write_bytes(&self, gpu: &Gpu, offset: u64, bytes: &[u8]) {
+        for (buffer, at, range) in self.pieces(offset, bytes.len()) {
+            let chunk = &bytes[range];
             let aligned = chunk.len() / 4 * 4;
             if aligned > 0 {
-                gpu.queue.write_buffer(&part.buffer, offset, &chunk[..aligned]);
+                gpu.queue.write_buffer(buffer, at, &chunk[..aligned]);
             }
             if aligned < chunk.len() {
                 let mut tail = [0u8; 4];
                 tail[..chunk.len() - aligned].copy_from_slice(&chunk[aligned..]);
-                gpu.queue.write_buffer(&part.buffer, offset + aligned as u64, &tail);
+                gpu.queue.write_buffer(buffer, at + aligned as u64, &tail);
             }
         }
     }

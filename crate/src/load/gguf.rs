@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::{LoadError, TensorData, WeightSource};
+use super::{ChunkReader, LoadError, LoadFuture, SliceReader, SourceFile, Storage, TensorData, TensorLocation, WeightSource, WeightStream};
 use crate::model::{Config, Llama3Scaling, ModelError, Rope};
 use crate::quant::DType;
 
@@ -327,6 +327,8 @@ impl GgufHeader {
 pub struct Gguf<B> {
     header: GgufHeader,
     bytes: B,
+    stream_file: [SourceFile; 1],
+    locations: Vec<TensorLocation>,
 }
 
 impl<B: AsRef<[u8]>> Gguf<B> {
@@ -343,7 +345,27 @@ impl<B: AsRef<[u8]>> Gguf<B> {
                 file_size,
             });
         }
-        Ok(Self { header, bytes })
+        let stream_file = [SourceFile { name: file.to_string(), size: file_size as u64, sha256: None }];
+        let mut gguf = Self { header, bytes, stream_file, locations: vec![] };
+        gguf.locations = gguf.hf_locations()?;
+        Ok(gguf)
+    }
+
+    /// Every tensor under its Hugging Face name (as [`WeightSource`] serves it), for streaming.
+    fn hf_locations(&self) -> Result<Vec<TensorLocation>, LoadError> {
+        let hf_names: HashMap<String, String> = hf_names(&self.header).into_iter().map(|(hf, gguf)| (gguf, hf)).collect();
+        self.header
+            .tensors
+            .iter()
+            .map(|t| {
+                let name = hf_names.get(&t.name).cloned().unwrap_or_else(|| t.name.clone());
+                let rope_heads = match gguf_name(&name).1 {
+                    Some(tensor) => Some(self.rope_heads(tensor)?.1),
+                    None => None,
+                };
+                Ok(TensorLocation { name, dtype: t.dtype, shape: t.shape.clone(), file: 0, range: t.range.clone(), rope_heads })
+            })
+            .collect()
     }
 
     pub fn header(&self) -> &GgufHeader {
@@ -516,6 +538,33 @@ impl<B: AsRef<[u8]>> WeightSource for Gguf<B> {
     }
 }
 
+impl<B: Storage> WeightStream for Gguf<B> {
+    fn files(&self) -> &[SourceFile] {
+        &self.stream_file
+    }
+
+    fn locations(&self) -> &[TensorLocation] {
+        &self.locations
+    }
+
+    fn open(&self, _index: usize) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
+        let reader: Box<dyn ChunkReader + '_> = Box::new(SliceReader::new(&self.bytes));
+        Box::pin(std::future::ready(Ok(reader)))
+    }
+}
+
+/// (Hugging Face name, llama.cpp name) of every tensor a llama model of `header` has.
+fn hf_names(header: &GgufHeader) -> Vec<(String, String)> {
+    let layers = header.get_u32("llama.block_count").ok().flatten().unwrap_or(0) as usize;
+    let mut names: Vec<(String, String)> = MODEL_TENSORS.iter().map(|(hf, gguf)| (hf.to_string(), gguf.to_string())).collect();
+    for i in 0..layers {
+        for (hf, gguf) in LAYER_TENSORS {
+            names.push((format!("model.layers.{i}.{hf}"), format!("blk.{i}.{gguf}")));
+        }
+    }
+    names
+}
+
 /// The projections llama.cpp's converter permutes for its RoPE.
 #[derive(Clone, Copy, Debug)]
 enum RopeTensor {
@@ -565,7 +614,7 @@ fn gguf_name(name: &str) -> (Cow<'_, str>, Option<RopeTensor>) {
 /// rotate adjacent pairs: within each head of `head_dim` rows, stored row 2i + j (j = 0, 1) is
 /// Hugging Face row j * head_dim / 2 + i, whose RoPE rotates halves. Whole rows move, so this is
 /// exact for every block format. None when the rows do not split into heads of even size.
-fn unpermute_rows(bytes: &[u8], shape: &[usize], n_heads: usize) -> Option<Vec<u8>> {
+pub(crate) fn unpermute_rows(bytes: &[u8], shape: &[usize], n_heads: usize) -> Option<Vec<u8>> {
     let rows = *shape.first()?;
     if shape.len() != 2 || n_heads == 0 || !rows.is_multiple_of(2 * n_heads) {
         return None;

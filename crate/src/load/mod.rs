@@ -2,6 +2,7 @@
 
 mod gguf;
 mod safetensors;
+mod upload;
 #[cfg(not(target_arch = "wasm32"))]
 mod file;
 
@@ -9,8 +10,17 @@ pub use self::gguf::{Gguf, GgufHeader, GgufTensor, MetadataValue};
 pub use self::safetensors::{index_shards, Safetensors};
 #[cfg(not(target_arch = "wasm32"))]
 pub use file::{open_safetensors_dir, read_hf_config, read_hf_text};
+#[cfg(not(target_arch = "wasm32"))]
+mod native_model;
+#[cfg(not(target_arch = "wasm32"))]
+pub use native_model::{open_model, ModelFiles, ModelWeights};
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::ops::Range;
+use std::pin::Pin;
+
+pub(crate) use upload::{stream_weights, Destination};
 
 use crate::quant::DType;
 
@@ -40,6 +50,8 @@ pub enum LoadError {
     UnknownGgmlType { file: String, tensor: String, offset: usize, type_id: u32, type_name: &'static str },
     #[error("{file}: tensor {tensor} occupies bytes {start}..{end} but the file has {file_size} (truncated or corrupt)")]
     TensorOutOfBounds { file: String, tensor: String, start: u64, end: u64, file_size: usize },
+    #[error("{file}: sha256 is {actual}, the manifest expects {expected} (corrupt or wrong file)")]
+    Checksum { file: String, expected: String, actual: String },
     #[error("{file}: metadata {key}: {message}")]
     Metadata { file: String, key: String, message: String },
 }
@@ -57,4 +69,91 @@ pub struct TensorData<'a> {
 pub trait WeightSource {
     fn tensor(&self, name: &str) -> Result<TensorData<'_>, LoadError>;
     fn contains(&self, name: &str) -> bool;
+}
+
+/// A file of a checkpoint, as the loader streams it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceFile {
+    pub name: String,
+    pub size: u64,
+    /// Checked while streaming when known (shard manifests carry one per shard).
+    pub sha256: Option<[u8; 32]>,
+}
+
+/// Where a tensor's bytes lie: Hugging Face name, format, row-major shape, file and byte range.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorLocation {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub file: usize,
+    pub range: Range<u64>,
+    /// Heads whose rows llama.cpp's converter permuted for its RoPE; undone on upload.
+    pub rope_heads: Option<usize>,
+}
+
+/// A future of the loaders, boxed so sources can be trait objects on every host.
+pub type LoadFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, LoadError>> + 'a>>;
+
+/// Sequential reads of one file.
+pub trait ChunkReader {
+    /// Fills as much of `buf` as the file has left; 0 at its end.
+    fn read<'a>(&'a mut self, buf: &'a mut [u8]) -> LoadFuture<'a, usize>;
+}
+
+/// A checkpoint the loader streams file by file, chunk by chunk, into GPU buffers.
+pub trait WeightStream {
+    fn files(&self) -> &[SourceFile];
+    fn locations(&self) -> &[TensorLocation];
+    /// Opens file `index` for reading from its start.
+    fn open(&self, index: usize) -> LoadFuture<'_, Box<dyn ChunkReader + '_>>;
+}
+
+/// Bytes a source streams from: in memory, or memory-mapped.
+pub trait Storage: AsRef<[u8]> {
+    /// The loader is done with these bytes (a memory map hands their pages back to the page cache,
+    /// so streaming a file does not grow the process by its size).
+    fn release(&self, _range: Range<usize>) {}
+}
+
+impl Storage for Vec<u8> {}
+impl Storage for &[u8] {}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Storage for memmap2::Mmap {
+    fn release(&self, range: Range<usize>) {
+        // SAFETY: the map is read-only; dropped pages are read from the file again if touched.
+        let _ = unsafe { self.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len()) };
+    }
+}
+
+/// Reads a [`Storage`] from its start, releasing what it has read.
+pub struct SliceReader<'a, S: ?Sized> {
+    storage: &'a S,
+    position: usize,
+}
+
+impl<'a, S: Storage + ?Sized> SliceReader<'a, S> {
+    pub fn new(storage: &'a S) -> Self {
+        Self { storage, position: 0 }
+    }
+}
+
+impl<S: Storage + ?Sized> ChunkReader for SliceReader<'_, S> {
+    fn read<'a>(&'a mut self, buf: &'a mut [u8]) -> LoadFuture<'a, usize> {
+        let bytes = self.storage.as_ref();
+        let n = buf.len().min(bytes.len() - self.position);
+        buf[..n].copy_from_slice(&bytes[self.position..self.position + n]);
+        self.storage.release(self.position..self.position + n);
+        self.position += n;
+        Box::pin(std::future::ready(Ok(n)))
+    }
+}
+
+/// How far a load has come: weight bytes uploaded of the total, and the tensor being uploaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadProgress<'a> {
+    pub tensor: &'a str,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
 }

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use super::{LoadError, TensorData, WeightSource};
+use super::{ChunkReader, LoadError, LoadFuture, SliceReader, SourceFile, Storage, TensorData, TensorLocation, WeightSource, WeightStream};
 use crate::quant::DType;
 
 /// One or several safetensors files with their tensor tables read and checked.
@@ -11,6 +11,8 @@ pub struct Safetensors<B> {
     files: Vec<(String, B)>,
     /// name -> (file index, dtype, shape, byte range within the file)
     tensors: HashMap<String, (usize, DType, Vec<usize>, std::ops::Range<usize>)>,
+    stream_files: Vec<SourceFile>,
+    locations: Vec<TensorLocation>,
 }
 
 impl<B: AsRef<[u8]>> Safetensors<B> {
@@ -46,7 +48,38 @@ impl<B: AsRef<[u8]>> Safetensors<B> {
                 tensors.insert(name, (index, dtype, info.shape.clone(), data_start + start..data_start + end));
             }
         }
-        Ok(Self { files, tensors })
+        let stream_files = files
+            .iter()
+            .map(|(name, bytes)| SourceFile { name: name.clone(), size: bytes.as_ref().len() as u64, sha256: None })
+            .collect();
+        let mut locations: Vec<TensorLocation> = tensors
+            .iter()
+            .map(|(name, (file, dtype, shape, range))| TensorLocation {
+                name: name.clone(),
+                dtype: *dtype,
+                shape: shape.clone(),
+                file: *file,
+                range: range.start as u64..range.end as u64,
+                rope_heads: None,
+            })
+            .collect();
+        locations.sort_by_key(|l| (l.file, l.range.start));
+        Ok(Self { files, tensors, stream_files, locations })
+    }
+}
+
+impl<B: Storage> WeightStream for Safetensors<B> {
+    fn files(&self) -> &[SourceFile] {
+        &self.stream_files
+    }
+
+    fn locations(&self) -> &[TensorLocation] {
+        &self.locations
+    }
+
+    fn open(&self, index: usize) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
+        let reader: Box<dyn ChunkReader + '_> = Box::new(SliceReader::new(&self.files[index].1));
+        Box::pin(std::future::ready(Ok(reader)))
     }
 }
 

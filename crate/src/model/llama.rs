@@ -3,7 +3,9 @@
 
 use crate::gpu::ops::{self, Candidates, Matmul, MatmulLayout, Op, RopeParams, StepParams, TopK};
 use crate::gpu::{Gpu, WeightMatrix};
-use crate::load::WeightSource;
+use std::collections::HashMap;
+
+use crate::load::{stream_weights, Destination, LoadError, LoadProgress, TensorLocation, WeightStream};
 use crate::Result;
 
 use super::{Config, KvCache, ModelError};
@@ -26,41 +28,68 @@ impl Default for LoadOptions {
 
 pub const DEFAULT_CONTEXT: usize = 4096;
 
-/// How far a load has come: weight bytes uploaded of the total, and the tensor being uploaded.
-#[derive(Clone, Copy, Debug)]
-pub struct LoadProgress<'a> {
-    pub tensor: &'a str,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
+/// The checkpoint tensors a model of `config` reads: name, shape, and whether it is a norm weight
+/// (kept as f32, converted on the host) rather than a matrix (kept in its format on the GPU).
+fn weight_specs(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize>, bool)> {
+    let matrix = |name: String, rows: usize, cols: usize| (name, vec![rows, cols], false);
+    let norm = |name: String| (name, vec![c.hidden_size], true);
+    let mut specs = vec![matrix("model.embed_tokens.weight".into(), c.vocab_size, c.hidden_size)];
+    for i in 0..c.n_layers {
+        let p = format!("model.layers.{i}");
+        specs.extend([
+            norm(format!("{p}.input_layernorm.weight")),
+            matrix(format!("{p}.self_attn.q_proj.weight"), c.q_dim(), c.hidden_size),
+            matrix(format!("{p}.self_attn.k_proj.weight"), c.kv_dim(), c.hidden_size),
+            matrix(format!("{p}.self_attn.v_proj.weight"), c.kv_dim(), c.hidden_size),
+            matrix(format!("{p}.self_attn.o_proj.weight"), c.hidden_size, c.q_dim()),
+            norm(format!("{p}.post_attention_layernorm.weight")),
+            matrix(format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, c.hidden_size),
+            matrix(format!("{p}.mlp.up_proj.weight"), c.intermediate_size, c.hidden_size),
+            matrix(format!("{p}.mlp.down_proj.weight"), c.hidden_size, c.intermediate_size),
+        ]);
+    }
+    specs.push(norm("model.norm.weight".into()));
+    if !tied_head {
+        specs.push(matrix("lm_head.weight".into(), c.vocab_size, c.hidden_size));
+    }
+    specs
 }
 
-/// The checkpoint tensors a model of `config` reads from `source`, with their sizes.
-fn weight_tensors(c: &Config, source: &dyn WeightSource) -> Result<Vec<(String, u64)>> {
-    let mut names = vec!["model.embed_tokens.weight".to_string()];
-    for i in 0..c.n_layers {
-        for name in [
-            "input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-        ] {
-            names.push(format!("model.layers.{i}.{name}.weight"));
+/// Allocates every weight, streams the checkpoint into them, and returns the matrices and the norm
+/// weights (as f32 buffers) by name.
+async fn upload_weights(
+    gpu: &Gpu,
+    c: &Config,
+    source: &dyn WeightStream,
+    on_progress: &mut dyn FnMut(LoadProgress),
+) -> Result<(HashMap<String, WeightMatrix>, HashMap<String, wgpu::Buffer>)> {
+    let locations: HashMap<&str, &TensorLocation> = source.locations().iter().map(|l| (l.name.as_str(), l)).collect();
+    // Tied checkpoints reuse the embedding as lm_head; some still store a copy, which then wins.
+    let tied_head = c.tie_word_embeddings && !locations.contains_key("lm_head.weight");
+    let mut matrices = HashMap::new();
+    let mut norms = vec![];
+    for (name, shape, is_norm) in weight_specs(c, tied_head) {
+        let location = locations.get(name.as_str()).ok_or_else(|| LoadError::MissingTensor(name.clone()))?;
+        if location.shape != shape {
+            return Err(ModelError::Shape { tensor: name, expected: shape, got: location.shape.clone() }.into());
+        }
+        if is_norm {
+            norms.push((name, location.dtype));
+        } else {
+            let matrix = WeightMatrix::new(gpu, &name, location.dtype, shape[0], shape[1])?;
+            matrices.insert(name, matrix);
         }
     }
-    names.push("model.norm.weight".to_string());
-    if !head_is_tied(c, source) {
-        names.push("lm_head.weight".to_string());
+    let mut wanted: HashMap<String, Destination> =
+        matrices.iter().map(|(name, matrix)| (name.clone(), Destination::Matrix(matrix))).collect();
+    wanted.extend(norms.iter().map(|(name, _)| (name.clone(), Destination::Host)));
+    let host = stream_weights(gpu, source, &wanted, on_progress).await?;
+    let mut vectors = HashMap::new();
+    for (name, dtype) in norms {
+        let values = dtype.to_f32(&host[&name])?;
+        vectors.insert(name.clone(), gpu.storage_buffer_with(&name, &values));
     }
-    names
-        .into_iter()
-        .map(|name| {
-            let bytes = source.tensor(&name)?.bytes.len() as u64;
-            Ok((name, bytes))
-        })
-        .collect()
-}
-
-/// Tied checkpoints reuse the embedding as lm_head; some still store a copy, which then wins.
-fn head_is_tied(c: &Config, source: &dyn WeightSource) -> bool {
-    c.tie_word_embeddings && !source.contains("lm_head.weight")
+    Ok((matrices, vectors))
 }
 
 /// The ops of one transformer block, in the order they run.
@@ -118,19 +147,12 @@ impl Llama {
     pub async fn load(
         gpu: &Gpu,
         config: Config,
-        source: &dyn WeightSource,
+        source: &dyn WeightStream,
         options: &LoadOptions,
         on_progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
         gpu.check()?;
         let c = &config;
-        let bytes_total = weight_tensors(c, source)?.iter().map(|(_, bytes)| bytes).sum();
-        let progress = std::cell::RefCell::new((0u64, on_progress));
-        let report = |tensor: &str, bytes: u64| {
-            let (done, on_progress) = &mut *progress.borrow_mut();
-            *done += bytes;
-            on_progress(LoadProgress { tensor, bytes_done: *done, bytes_total });
-        };
         let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(c.max_position_embeddings));
         if context > c.max_position_embeddings || context == 0 {
             return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
@@ -163,19 +185,19 @@ impl Llama {
         let next_token = gpu.storage_buffer("next token", 4);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
 
-        let matrix = |name: &str, rows: usize, cols: usize| upload_matrix(gpu, source, name, rows, cols, &report);
-        let vector = |name: &str, len: usize| upload_vector(gpu, source, name, len, &report);
+        let (matrices, vectors) = upload_weights(gpu, c, source, on_progress).await?;
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, accumulate: false, rows_at_position: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, accumulate: true, rows_at_position: false };
         let cache_rows = MatmulLayout { in_stride: c.hidden_size, out_stride: c.kv_dim(), accumulate: false, rows_at_position: true };
 
-        let embed_tokens = matrix("model.embed_tokens.weight", c.vocab_size, c.hidden_size)?;
-        let embed = ops::embedding(gpu, &tokens, &embed_tokens, &x, &step);
+        let embed_tokens = &matrices["model.embed_tokens.weight"];
+        let embed = ops::embedding(gpu, &tokens, embed_tokens, &x, &step);
         let mut layers = Vec::with_capacity(c.n_layers);
         for (i, (k_cache, v_cache)) in kv_cache.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let norm = |name: &str| vector(&format!("{p}.{name}.weight"), c.hidden_size);
-            let proj = |name: &str, rows: usize, cols: usize| matrix(&format!("{p}.{name}.weight"), rows, cols);
+            // upload_weights checked every name and shape.
+            let norm = |name: &str| &vectors[&format!("{p}.{name}.weight")];
+            let proj = |name: &str| &matrices[&format!("{p}.{name}.weight")];
             let rope = |buffer: &wgpu::Buffer, n_heads: usize, row_stride: usize, rows_at_position: bool| {
                 let params = RopeParams {
                     n_heads: n_heads as u32,
@@ -186,29 +208,23 @@ impl Llama {
                 ops::rope(gpu, &cos_sin, buffer, params, &step)
             };
             layers.push(Layer {
-                attn_norm: ops::rmsnorm(gpu, &x, &norm("input_layernorm")?, &xn, c.hidden_size, c.rms_norm_eps, &step),
-                q_proj: ops::matmul(gpu, &xn, &proj("self_attn.q_proj", c.q_dim(), c.hidden_size)?, &q, rows(c.q_dim()), &step),
-                k_proj: ops::matmul(gpu, &xn, &proj("self_attn.k_proj", c.kv_dim(), c.hidden_size)?, k_cache, cache_rows, &step),
-                v_proj: ops::matmul(gpu, &xn, &proj("self_attn.v_proj", c.kv_dim(), c.hidden_size)?, v_cache, cache_rows, &step),
+                attn_norm: ops::rmsnorm(gpu, &x, norm("input_layernorm"), &xn, c.hidden_size, c.rms_norm_eps, &step),
+                q_proj: ops::matmul(gpu, &xn, proj("self_attn.q_proj"), &q, rows(c.q_dim()), &step),
+                k_proj: ops::matmul(gpu, &xn, proj("self_attn.k_proj"), k_cache, cache_rows, &step),
+                v_proj: ops::matmul(gpu, &xn, proj("self_attn.v_proj"), v_cache, cache_rows, &step),
                 rope_q: rope(&q, c.n_heads, c.q_dim(), false),
                 rope_k: rope(k_cache, c.n_kv_heads, c.kv_dim(), true),
                 attention: ops::attention(gpu, &q, k_cache, v_cache, &attn, c.n_heads, c.n_kv_heads, c.head_dim, &step),
-                o_proj: ops::matmul(gpu, &attn, &proj("self_attn.o_proj", c.hidden_size, c.q_dim())?, &x, residual(c.q_dim()), &step),
-                mlp_norm: ops::rmsnorm(gpu, &x, &norm("post_attention_layernorm")?, &xn, c.hidden_size, c.rms_norm_eps, &step),
-                gate_proj: ops::matmul(gpu, &xn, &proj("mlp.gate_proj", c.intermediate_size, c.hidden_size)?, &gate, rows(c.intermediate_size), &step),
-                up_proj: ops::matmul(gpu, &xn, &proj("mlp.up_proj", c.intermediate_size, c.hidden_size)?, &up, rows(c.intermediate_size), &step),
+                o_proj: ops::matmul(gpu, &attn, proj("self_attn.o_proj"), &x, residual(c.q_dim()), &step),
+                mlp_norm: ops::rmsnorm(gpu, &x, norm("post_attention_layernorm"), &xn, c.hidden_size, c.rms_norm_eps, &step),
+                gate_proj: ops::matmul(gpu, &xn, proj("mlp.gate_proj"), &gate, rows(c.intermediate_size), &step),
+                up_proj: ops::matmul(gpu, &xn, proj("mlp.up_proj"), &up, rows(c.intermediate_size), &step),
                 silu_mul: ops::silu_mul(gpu, &gate, &up, &act, c.intermediate_size, &step),
-                down_proj: ops::matmul(gpu, &act, &proj("mlp.down_proj", c.hidden_size, c.intermediate_size)?, &x, residual(c.intermediate_size), &step),
+                down_proj: ops::matmul(gpu, &act, proj("mlp.down_proj"), &x, residual(c.intermediate_size), &step),
             });
         }
-        let final_norm = ops::rmsnorm(gpu, &x_last, &vector("model.norm.weight", c.hidden_size)?, &xn_last, c.hidden_size, c.rms_norm_eps, &one_token);
-        let untied_head;
-        let head = if head_is_tied(c, source) {
-            &embed_tokens
-        } else {
-            untied_head = matrix("lm_head.weight", c.vocab_size, c.hidden_size)?;
-            &untied_head
-        };
+        let final_norm = ops::rmsnorm(gpu, &x_last, &vectors["model.norm.weight"], &xn_last, c.hidden_size, c.rms_norm_eps, &one_token);
+        let head = matrices.get("lm_head.weight").unwrap_or(embed_tokens);
         let lm_head = ops::matmul(gpu, &xn_last, head, &logits, rows(c.vocab_size), &one_token);
         let argmax = ops::argmax(gpu, &logits, &next_token, c.vocab_size);
         let candidates = gpu.storage_buffer("candidates", TopK::OUT_BYTES);
@@ -403,41 +419,4 @@ impl Llama {
             l.down_proj.encode(pass, n);
         }
     }
-}
-
-/// Rows of a weight are uploaded this many bytes at a time, so host staging stays bounded.
-const UPLOAD_CHUNK: usize = 16 << 20;
-
-fn upload_matrix(
-    gpu: &Gpu,
-    source: &dyn WeightSource,
-    name: &str,
-    rows: usize,
-    cols: usize,
-    report: &dyn Fn(&str, u64),
-) -> Result<WeightMatrix> {
-    let tensor = source.tensor(name)?;
-    if tensor.shape != [rows, cols] {
-        return Err(ModelError::Shape { tensor: name.to_string(), expected: vec![rows, cols], got: tensor.shape }.into());
-    }
-    let matrix = WeightMatrix::new(gpu, name, tensor.dtype, rows, cols)?;
-    let row_bytes = matrix.row_bytes();
-    let rows_per_chunk = (UPLOAD_CHUNK / row_bytes).max(2) / 2 * 2;
-    for (i, chunk) in tensor.bytes.chunks(rows_per_chunk * row_bytes).enumerate() {
-        matrix.write_rows(gpu, i * rows_per_chunk, chunk);
-        gpu.queue.submit([]);
-        report(name, chunk.len() as u64);
-    }
-    Ok(matrix)
-}
-
-/// Norm weights are tiny: whatever their dtype, they are kept as f32.
-fn upload_vector(gpu: &Gpu, source: &dyn WeightSource, name: &str, len: usize, report: &dyn Fn(&str, u64)) -> Result<wgpu::Buffer> {
-    let tensor = source.tensor(name)?;
-    if tensor.shape != [len] {
-        return Err(ModelError::Shape { tensor: name.to_string(), expected: vec![len], got: tensor.shape }.into());
-    }
-    let buffer = gpu.storage_buffer_with(name, &tensor.dtype.to_f32(&tensor.bytes)?);
-    report(name, tensor.bytes.len() as u64);
-    Ok(buffer)
 }

@@ -6,7 +6,8 @@ mod llama;
 
 pub use config::{Config, Llama3Scaling, Rope};
 pub use kv_cache::KvCache;
-pub use llama::{Llama, LoadOptions, LoadProgress};
+pub use crate::load::LoadProgress;
+pub use llama::{Llama, LoadOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

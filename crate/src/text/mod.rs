@@ -1,8 +1,9 @@
-//! Text in and out of the model: the tokenizer (Hugging Face `tokenizer.json`), a streaming
-//! detokenizer that never splits a UTF-8 character, and chat templates rendered with minijinja the
-//! way transformers' `apply_chat_template` renders them.
+//! Text in and out of the model: the tokenizer (Hugging Face `tokenizer.json`, or the vocabulary in
+//! a GGUF file's metadata), a streaming detokenizer that never splits a UTF-8 character, and chat
+//! templates rendered with minijinja the way transformers' `apply_chat_template` renders them.
 
 mod chat_template;
+mod gguf_tokenizer;
 mod json;
 mod stream;
 mod strftime;
@@ -17,6 +18,9 @@ pub use tokenizer::Tokenizer;
 pub enum TextError {
     #[error("tokenizer.json could not be loaded: {reason}")]
     Load { reason: String },
+    /// The tokenizer in a GGUF file's metadata is malformed or of a kind not supported.
+    #[error("{file}: tokenizer metadata: {message}")]
+    Gguf { file: String, message: String },
     #[error("encoding text failed: {reason}")]
     Encode { reason: String },
     #[error("decoding token ids failed: {reason}")]

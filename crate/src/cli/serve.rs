@@ -1,0 +1,390 @@
+//! `llama-webgpu serve`: an OpenAI-compatible HTTP server over one engine.
+//!
+//! HTTP runs on a single-threaded tokio runtime (axum). The engine runs on a thread of its own
+//! (engine_thread.rs) and serves a bounded FIFO queue of jobs one at a time, so requests never
+//! interleave on the GPU and each gets the output it would get alone; consecutive requests still
+//! share the KV cache for their common prompt prefix. Every job carries a CancelToken that a guard
+//! sets when its handler or response stream is dropped, which is what hyper does when the client
+//! disconnects: a queued job is then skipped, a running one stops at the next token.
+
+mod engine_thread;
+mod requests;
+mod responses;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use clap::Args;
+use llama_webgpu::{CancelToken, GpuOptions};
+use serde_json::json;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use self::engine_thread::{Event, Job, Stats};
+use self::requests::Parsed;
+use self::responses::{ApiError, ChunkStream, Endpoint, ResponseMeta};
+use super::ModelArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on. The default keeps the server to this machine.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port; 0 picks a free one (the address is printed on stderr).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 requests (or set LLAMA_WEBGPU_API_KEY, which
+    /// keeps the key out of the process list).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Requests that may wait for the engine while it works on another; more get 503.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+}
+
+/// What the handlers share.
+struct Server {
+    model_id: String,
+    api_key: Option<String>,
+    max_body_bytes: usize,
+    queue_capacity: usize,
+    jobs: SyncSender<Job>,
+    stats: Arc<Stats>,
+    /// Unix seconds at start, for /v1/models.
+    started: u64,
+    next_id: AtomicU64,
+}
+
+pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: bool) -> anyhow::Result<()> {
+    // The model's id is its folder's name (or a model file's, less the extension).
+    let path = model.model.canonicalize().with_context(|| format!("model {}", model.model.display()))?;
+    let name = if path.is_file() { path.file_stem() } else { path.file_name() };
+    let model_id = name.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let api_key = args.api_key.clone().or_else(|| std::env::var("LLAMA_WEBGPU_API_KEY").ok()).filter(|k| !k.is_empty());
+
+    // Bind before the (long) load so that a taken port fails at once; connections that arrive
+    // during the load wait in the backlog.
+    let listener = std::net::TcpListener::bind((args.host.as_str(), args.port))
+        .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
+    listener.set_nonblocking(true)?;
+    let address = listener.local_addr()?;
+
+    let stats = Arc::new(Stats::default());
+    let (jobs, queue) = sync_channel::<Job>(args.queue);
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let thread_stats = stats.clone();
+    std::thread::Builder::new().name("engine".into()).spawn(move || {
+        let loaded = pollster::block_on(async {
+            let gpu = llama_webgpu::Gpu::new(&gpu_options).await?;
+            log::info!("adapter: {} ({:?})", gpu.info.name, gpu.info.backend);
+            super::load_engine(&gpu, &model, quiet).await
+        });
+        match loaded {
+            Ok(engine) => {
+                let _ = loaded_tx.send(Ok(()));
+                engine_thread::run(engine, queue, thread_stats);
+            }
+            Err(error) => {
+                let _ = loaded_tx.send(Err(error));
+            }
+        }
+    })?;
+    loaded_rx.recv().context("the engine thread ended while loading")??;
+
+    let server = Arc::new(Server {
+        model_id,
+        api_key,
+        max_body_bytes: args.max_body_bytes,
+        queue_capacity: args.queue,
+        jobs,
+        stats,
+        started: unix_seconds(),
+        next_id: AtomicU64::new(1),
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        eprintln!("llama-webgpu: serving {} on http://{address}", server.model_id);
+        if server.api_key.is_some() {
+            log::info!("/v1 requests need the API key");
+        }
+        // Each token is a small write: without TCP_NODELAY, Nagle's algorithm can hold it back.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                log::warn!("TCP_NODELAY: {error}");
+            }
+        });
+        axum::serve(listener, router(server)).await?;
+        Ok(())
+    })
+}
+
+fn router(server: Arc<Server>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .route_layer(middleware::from_fn_with_state(server.clone(), require_api_key));
+    Router::new()
+        .route("/health", get(health))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(server.max_body_bytes))
+        .with_state(server)
+}
+
+async fn require_api_key(State(server): State<Arc<Server>>, request: Request, next: Next) -> Response {
+    if let Some(key) = &server.api_key {
+        let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let error = match given.map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim()) {
+            None => Some("missing API key: send the header `Authorization: Bearer <key>`"),
+            Some(given) if !same_bytes(given.as_bytes(), key.as_bytes()) => Some("invalid API key"),
+            Some(_) => None,
+        };
+        if let Some(message) = error {
+            return ApiError::invalid(message).with_status(StatusCode::UNAUTHORIZED).code("invalid_api_key").into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares in time that does not depend on where the bytes differ.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health(State(server): State<Arc<Server>>) -> Response {
+    let stats = &server.stats;
+    let alive = stats.alive.load(Ordering::SeqCst);
+    let count = |c: &AtomicU64| c.load(Ordering::SeqCst);
+    let body = json!({
+        "status": if alive { "ok" } else { "error: the engine has stopped" },
+        "model": server.model_id,
+        "queue": {"waiting": stats.waiting.load(Ordering::SeqCst), "capacity": server.queue_capacity},
+        "requests": {
+            "running": stats.running.load(Ordering::SeqCst),
+            "completed": count(&stats.completed),
+            "cancelled": count(&stats.cancelled),
+            "skipped": count(&stats.skipped),
+            "failed": count(&stats.failed),
+            "rejected": count(&stats.rejected),
+        },
+        "generated_tokens": count(&stats.generated_tokens),
+    });
+    let status = if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+fn model_object(server: &Server) -> serde_json::Value {
+    json!({"id": server.model_id, "object": "model", "created": server.started, "owned_by": "llama-webgpu"})
+}
+
+async fn models(State(server): State<Arc<Server>>) -> Response {
+    Json(json!({"object": "list", "data": [model_object(&server)]})).into_response()
+}
+
+async fn model(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Response {
+    if id == server.model_id {
+        Json(model_object(&server)).into_response()
+    } else {
+        ApiError::invalid(format!("model {id:?} is not served here; this server has {:?}", server.model_id))
+            .with_status(StatusCode::NOT_FOUND)
+            .param("model")
+            .code("model_not_found")
+            .into_response()
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::invalid(format!("no such endpoint: {method} {}", uri.path()))
+        .with_status(StatusCode::NOT_FOUND)
+        .code("not_found")
+        .into_response()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    ApiError::invalid(format!("{method} is not allowed on {}", uri.path()))
+        .with_status(StatusCode::METHOD_NOT_ALLOWED)
+        .code("method_not_allowed")
+        .into_response()
+}
+
+async fn chat_completions(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match read_body(&server, body).and_then(|b| requests::parse_chat(&b)) {
+        Ok(parsed) => respond(server, Endpoint::Chat, parsed).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn completions(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match read_body(&server, body).and_then(|b| requests::parse_completion(&b)) {
+        Ok(parsed) => respond(server, Endpoint::Completion, parsed).await,
+        Err(error) => error.into_response(),
+    }
+}
+
+fn read_body(server: &Server, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is larger than this server's limit of {} bytes (--max-body-bytes)", server.max_body_bytes)
+        } else {
+            format!("could not read the request body: {}", rejection.body_text())
+        };
+        ApiError::invalid(message).with_status(status)
+    })
+}
+
+/// Cancels its job when dropped: when the handler's future or the response stream goes away,
+/// the client has gone. Cancelling a finished job does nothing.
+struct CancelOnDrop(CancelToken);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Queues the job, then answers with the whole completion or a stream of its chunks.
+async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Response {
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+    };
+    let meta = ResponseMeta {
+        endpoint,
+        id: format!("{prefix}-{:x}-{}", server.started, server.next_id.fetch_add(1, Ordering::Relaxed)),
+        created: unix_seconds(),
+        model: server.model_id.clone(),
+    };
+    let cancel = CancelToken::default();
+    let guard = CancelOnDrop(cancel.clone());
+    let (events_tx, mut events) = unbounded_channel();
+    let job = Job { id: meta.id.clone(), work: parsed.work, cancel, events: events_tx };
+    if let Err(error) = submit(&server, job) {
+        return error.into_response();
+    }
+    log::debug!("{}: queued", meta.id);
+
+    if !parsed.stream {
+        let started = Instant::now();
+        loop {
+            match events.recv().await {
+                Some(Event::Delta(_)) => {}
+                Some(Event::Done(completion)) => {
+                    log::debug!("{}: answered in {:.2} s", meta.id, started.elapsed().as_secs_f64());
+                    return Json(meta.completion(&completion)).into_response();
+                }
+                Some(Event::Failed(error)) => return error.into_response(),
+                None => return ApiError::server("the engine stopped without finishing the request").into_response(),
+            }
+        }
+    }
+
+    // Wait for the first event so that a request the engine rejects (prompt too long, a sampling
+    // parameter out of range) gets its HTTP status rather than a stream that fails at once.
+    let first = match events.recv().await {
+        Some(Event::Failed(error)) => return error.into_response(),
+        None => return ApiError::server("the engine stopped without finishing the request").into_response(),
+        Some(event) => event,
+    };
+    let chunks = ChunkStream::new(meta, parsed.include_usage);
+    let mut stream = SseStream { pending: chunks.start().into(), chunks, events, done: false, _guard: guard };
+    stream.push(first);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        // Tells a reverse proxy (nginx) not to buffer the stream.
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|error| ApiError::server(error.to_string()).into_response())
+}
+
+fn submit(server: &Server, job: Job) -> Result<(), ApiError> {
+    let stats = &server.stats;
+    // Counted before the send so that the engine thread never takes one off before it is on.
+    stats.waiting.fetch_add(1, Ordering::SeqCst);
+    let refused = match server.jobs.try_send(job) {
+        Ok(()) => return Ok(()),
+        Err(TrySendError::Full(_)) => format!(
+            "the server is busy: {} requests are already waiting for the engine (--queue {}); try again later",
+            server.queue_capacity, server.queue_capacity
+        ),
+        Err(TrySendError::Disconnected(_)) => "the engine has stopped; restart the server".to_string(),
+    };
+    stats.waiting.fetch_sub(1, Ordering::SeqCst);
+    stats.rejected.fetch_add(1, Ordering::SeqCst);
+    log::warn!("{refused}");
+    Err(ApiError::server(refused).with_status(StatusCode::SERVICE_UNAVAILABLE).code("server_busy"))
+}
+
+/// The body of a streamed response: server-sent events made from the job's events as they come.
+/// hyper drops it when the client disconnects, and the guard then cancels the generation.
+struct SseStream {
+    chunks: ChunkStream,
+    events: UnboundedReceiver<Event>,
+    pending: VecDeque<Bytes>,
+    done: bool,
+    _guard: CancelOnDrop,
+}
+
+impl SseStream {
+    fn push(&mut self, event: Event) {
+        match event {
+            Event::Delta(text) => self.pending.push_back(self.chunks.delta(&text)),
+            Event::Done(completion) => {
+                self.pending.extend(self.chunks.finish(&completion));
+                self.done = true;
+            }
+            Event::Failed(error) => {
+                self.pending.extend(self.chunks.error(&error));
+                self.done = true;
+            }
+        }
+    }
+}
+
+impl futures_core::Stream for SseStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(bytes) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(bytes)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.events.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(event)) => this.push(event),
+                Poll::Ready(None) => this.push(Event::Failed(ApiError::server("the engine stopped without finishing the request"))),
+            }
+        }
+    }
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,282 @@
+//! What the server sends: OpenAI's response objects, their streamed chunks as server-sent events,
+//! and OpenAI-shaped error bodies.
+
+use axum::body::Bytes;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use llama_webgpu::api::{FinishReason, Usage};
+use llama_webgpu::Completion;
+use serde_json::{json, Value};
+
+/// An error as OpenAI reports one: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: invalid_request_error or server_error.
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400: the request is wrong.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: None, code: None }
+    }
+
+    /// 400: a parameter asks for something this server does not do.
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        Self::invalid(message).param(param).code("unsupported_parameter")
+    }
+
+    /// 500: the server failed.
+    pub fn server(message: impl Into<String>) -> Self {
+        Self { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, code: None }
+    }
+
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, [(header::CONTENT_TYPE, "application/json")], self.body().to_string()).into_response()
+    }
+}
+
+/// Which endpoint a response belongs to: it decides the object names and the choice's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`: `message` / `delta` objects.
+    Chat,
+    /// `/v1/completions`: `text`.
+    Completion,
+}
+
+/// What every object of one response shares.
+#[derive(Clone, Debug)]
+pub struct ResponseMeta {
+    pub endpoint: Endpoint,
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+}
+
+pub fn usage_json(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+    })
+}
+
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        // Only a client that has gone could be told this.
+        FinishReason::Abort => "abort",
+    }
+}
+
+impl ResponseMeta {
+    fn object(&self, kind: &str, choices: Value) -> Value {
+        json!({"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices})
+    }
+
+    fn chunk_object(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completion => "text_completion",
+        }
+    }
+
+    /// The whole response of a request that did not stream.
+    pub fn completion(&self, completion: &Completion) -> Value {
+        let reason = finish_reason(completion.finish_reason);
+        let (kind, choice) = match self.endpoint {
+            Endpoint::Chat => (
+                "chat.completion",
+                json!({"index": 0, "message": {"role": "assistant", "content": completion.text}, "logprobs": null, "finish_reason": reason}),
+            ),
+            Endpoint::Completion => {
+                ("text_completion", json!({"index": 0, "text": completion.text, "logprobs": null, "finish_reason": reason}))
+            }
+        };
+        let mut object = self.object(kind, json!([choice]));
+        object["usage"] = usage_json(&completion.usage);
+        object
+    }
+
+    /// A chunk with one choice; `usage: null` on every chunk when the final one carries usage, as
+    /// OpenAI does.
+    fn chunk(&self, choice: Value, include_usage: bool) -> Value {
+        let mut object = self.object(self.chunk_object(), json!([choice]));
+        if include_usage {
+            object["usage"] = Value::Null;
+        }
+        object
+    }
+
+    fn content_choice(&self, text: &str, reason: Option<&str>) -> Value {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let delta = if reason.is_some() { json!({}) } else { json!({"content": text}) };
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+            }
+            Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
+        }
+    }
+}
+
+/// Turns a generation's deltas and result into the server-sent events of a streamed response:
+/// (chat only) a first chunk with the assistant's role, a chunk per delta, a chunk with the
+/// finish reason, a usage chunk when asked for, then `data: [DONE]`. An error ends the stream
+/// with an error event instead.
+pub struct ChunkStream {
+    meta: ResponseMeta,
+    include_usage: bool,
+}
+
+pub const SSE_DONE: &str = "data: [DONE]\n\n";
+
+pub fn sse_event(data: &Value) -> Bytes {
+    Bytes::from(format!("data: {data}\n\n"))
+}
+
+impl ChunkStream {
+    pub fn new(meta: ResponseMeta, include_usage: bool) -> Self {
+        Self { meta, include_usage }
+    }
+
+    pub fn start(&self) -> Vec<Bytes> {
+        match self.meta.endpoint {
+            Endpoint::Chat => {
+                let choice = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                vec![sse_event(&self.meta.chunk(choice, self.include_usage))]
+            }
+            Endpoint::Completion => vec![],
+        }
+    }
+
+    pub fn delta(&self, text: &str) -> Bytes {
+        sse_event(&self.meta.chunk(self.meta.content_choice(text, None), self.include_usage))
+    }
+
+    pub fn finish(&self, completion: &Completion) -> Vec<Bytes> {
+        let reason = finish_reason(completion.finish_reason);
+        let mut events = vec![sse_event(&self.meta.chunk(self.meta.content_choice("", Some(reason)), self.include_usage))];
+        if self.include_usage {
+            let mut object = self.meta.object(self.meta.chunk_object(), json!([]));
+            object["usage"] = usage_json(&completion.usage);
+            events.push(sse_event(&object));
+        }
+        events.push(Bytes::from_static(SSE_DONE.as_bytes()));
+        events
+    }
+
+    /// The openai clients raise an event with an `error` member as an APIError.
+    pub fn error(&self, error: &ApiError) -> Vec<Bytes> {
+        vec![sse_event(&error.body())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(endpoint: Endpoint) -> ResponseMeta {
+        ResponseMeta { endpoint, id: "chatcmpl-1".into(), created: 7, model: "tiny".into() }
+    }
+
+    fn completion() -> Completion {
+        Completion {
+            text: "Hi there".into(),
+            tokens: vec![1, 2],
+            finish_reason: FinishReason::Length,
+            usage: Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 },
+        }
+    }
+
+    fn parse(event: &Bytes) -> Value {
+        let text = std::str::from_utf8(event).unwrap();
+        let data = text.strip_prefix("data: ").unwrap().strip_suffix("\n\n").unwrap();
+        assert!(!data.contains('\n'), "one line of data per event: {text:?}");
+        serde_json::from_str(data).unwrap()
+    }
+
+    #[test]
+    fn chat_completion_object() {
+        let body = meta(Endpoint::Chat).completion(&completion());
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "Hi there"}));
+        assert_eq!(body["choices"][0]["finish_reason"], "length");
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 3}})
+        );
+    }
+
+    #[test]
+    fn chat_stream_events() {
+        let stream = ChunkStream::new(meta(Endpoint::Chat), true);
+        let mut events = stream.start();
+        events.push(stream.delta("Hi\nthere \"x\""));
+        events.extend(stream.finish(&completion()));
+        assert_eq!(events.len(), 5);
+        let first = parse(&events[0]);
+        assert_eq!(first["object"], "chat.completion.chunk");
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(first["usage"], Value::Null);
+        assert_eq!(parse(&events[1])["choices"][0]["delta"]["content"], "Hi\nthere \"x\"");
+        let last = parse(&events[2]);
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
+        assert_eq!(last["choices"][0]["delta"], json!({}));
+        let usage = parse(&events[3]);
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["total_tokens"], 7);
+        assert_eq!(&events[4][..], b"data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn completion_stream_events_without_usage() {
+        let stream = ChunkStream::new(meta(Endpoint::Completion), false);
+        assert!(stream.start().is_empty());
+        let delta = parse(&stream.delta("abc"));
+        assert_eq!(delta["object"], "text_completion");
+        assert_eq!(delta["choices"][0]["text"], "abc");
+        assert!(delta.get("usage").is_none());
+        let end = stream.finish(&completion());
+        assert_eq!(end.len(), 2);
+        assert_eq!(parse(&end[0])["choices"][0]["finish_reason"], "length");
+    }
+
+    #[test]
+    fn error_body() {
+        let error = ApiError::unsupported("n", "n = 2 is not supported");
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            parse(&ChunkStream::new(meta(Endpoint::Chat), false).error(&error)[0]),
+            json!({"error": {"message": "n = 2 is not supported", "type": "invalid_request_error", "param": "n", "code": "unsupported_parameter"}})
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! The streaming uploader, one path for every source: each file is read from start to end in chunks
+//! that are hashed, staged in one of two mappable buffers and copied on the GPU into the buffers of
+//! the tensors they hold. Host memory stays at the two staging chunks plus the few tensors
+//! rearranged on the host (norm weights, and q/k rows llama.cpp permuted), whatever the model's size.
+
+use std::collections::HashMap;
+
+use futures_channel::oneshot;
+use sha2::{Digest, Sha256};
+
+use super::{LoadError, LoadProgress, TensorLocation, WeightStream};
+use crate::gpu::{Gpu, GpuError, WeightMatrix};
+
+/// Bytes read and uploaded at a time.
+pub const CHUNK_BYTES: usize = 8 << 20;
+
+/// Where a tensor's bytes go.
+pub enum Destination<'a> {
+    /// Straight into the matrix's GPU buffers.
+    Matrix(&'a WeightMatrix),
+    /// Gathered on the host and handed back (small tensors the caller converts).
+    Host,
+}
+
+enum Target<'a> {
+    Gpu { matrix: &'a WeightMatrix, carry: Vec<u8> },
+    /// Whole on the host: returned, or (q/k rows to put back in order) uploaded when complete.
+    Host { bytes: Vec<u8>, then_upload: Option<(&'a WeightMatrix, usize)> },
+}
+
+struct Writer<'a> {
+    location: &'a TensorLocation,
+    target: Target<'a>,
+    written: u64,
+}
+
+impl Writer<'_> {
+    fn len(&self) -> u64 {
+        self.location.range.end - self.location.range.start
+    }
+
+    fn push<'s>(&mut self, gpu: &Gpu, stage: &mut Stage<'s>, bytes: &[u8]) -> Result<(), LoadError>
+    where
+        Self: 's,
+    {
+        let done = self.written + bytes.len() as u64 == self.len();
+        match &mut self.target {
+            Target::Host { bytes: held, then_upload } => {
+                held.extend_from_slice(bytes);
+                if let (true, Some((matrix, heads))) = (done, then_upload) {
+                    let rows = super::gguf::unpermute_rows(held, &self.location.shape, *heads).ok_or_else(|| LoadError::Gguf {
+                        file: self.location.name.clone(),
+                        offset: self.location.range.start as usize,
+                        message: format!("{heads} heads do not split shape {:?} into heads of even size", self.location.shape),
+                    })?;
+                    matrix.write_bytes(gpu, 0, &rows);
+                    held.clear();
+                }
+            }
+            Target::Gpu { matrix, carry } => {
+                // Writes start on 4-byte words; up to 3 bytes wait for the next chunk.
+                let start = self.written - carry.len() as u64;
+                carry.extend_from_slice(bytes);
+                let ready = if done { carry.len() } else { carry.len() / 4 * 4 };
+                for (buffer, at, range) in matrix.pieces(start, ready) {
+                    stage.copy(gpu, &carry[range], buffer, at);
+                }
+                carry.drain(..ready);
+            }
+        }
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Chunk-sized buffers the host fills while the GPU copies out of the other one.
+struct StagingRing {
+    buffers: [wgpu::Buffer; 2],
+    mapped: [Option<oneshot::Receiver<Result<(), wgpu::BufferAsyncError>>>; 2],
+    next: usize,
+}
+
+/// Staged bytes are at most a chunk plus a word of padding per piece; the rest is room for them.
+const STAGING_BYTES: u64 = CHUNK_BYTES as u64 + (1 << 20);
+
+impl StagingRing {
+    fn new(gpu: &Gpu) -> Self {
+        let buffer = || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("weight staging"),
+                size: STAGING_BYTES,
+                usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            })
+        };
+        Self { buffers: [buffer(), buffer()], mapped: [None, None], next: 0 }
+    }
+
+    /// The next buffer, once the GPU has copied out of it and it is mapped again.
+    async fn take(&mut self, gpu: &Gpu) -> Result<&wgpu::Buffer, GpuError> {
+        let slot = self.next;
+        self.next = 1 - slot;
+        if let Some(mapped) = self.mapped[slot].take() {
+            gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| gpu.check().err().unwrap_or(GpuError::DeviceLost(e.to_string())))?;
+            let failed = |e: String| gpu.check().err().unwrap_or(GpuError::Readback(e));
+            mapped.await.map_err(|e| failed(e.to_string()))?.map_err(|e| failed(e.to_string()))?;
+        }
+        Ok(&self.buffers[slot])
+    }
+
+    /// Maps the buffer just submitted again for writing, once its copies are done.
+    fn recycle(&mut self) {
+        let slot = 1 - self.next;
+        let (sender, receiver) = oneshot::channel();
+        self.buffers[slot].slice(..).map_async(wgpu::MapMode::Write, move |result| {
+            let _ = sender.send(result);
+        });
+        self.mapped[slot] = Some(receiver);
+    }
+}
+
+/// One chunk's bytes in a mapped staging buffer and the copies that place them.
+struct Stage<'a> {
+    view: wgpu::BufferViewMut,
+    used: u64,
+    copies: Vec<(&'a wgpu::Buffer, u64, u64, u64)>, // (destination, its offset, staging offset, bytes)
+}
+
+impl<'a> Stage<'a> {
+    /// Queues `bytes` for `destination` at `offset` (a multiple of 4), padded to a whole word.
+    fn copy(&mut self, gpu: &Gpu, bytes: &[u8], destination: &'a wgpu::Buffer, offset: u64) {
+        let padded = (bytes.len() as u64).next_multiple_of(4);
+        if self.used + padded > STAGING_BYTES {
+            // Cannot happen with CHUNK_BYTES of input; stay correct if it ever does.
+            let mut word_aligned = bytes.to_vec();
+            word_aligned.resize(padded as usize, 0);
+            gpu.queue.write_buffer(destination, offset, &word_aligned);
+            return;
+        }
+        let at = self.used as usize;
+        self.view.slice(at..at + bytes.len()).copy_from_slice(bytes);
+        self.view.slice(at + bytes.len()..at + padded as usize).fill(0);
+        self.copies.push((destination, offset, self.used, padded));
+        self.used += padded;
+    }
+}
+
+/// Streams every file of `source` that holds a tensor of `wanted`, verifying checksums, and returns
+/// the tensors wanted on the host. Fails, naming the file and offset, on a short file or a
+/// checksum mismatch; the matrices are then half-written and must be dropped.
+pub async fn stream_weights(
+    gpu: &Gpu,
+    source: &dyn WeightStream,
+    wanted: &HashMap<String, Destination<'_>>,
+    on_progress: &mut dyn FnMut(LoadProgress),
+) -> Result<HashMap<String, Vec<u8>>, crate::Error> {
+    let mut writers: Vec<Writer> = source
+        .locations()
+        .iter()
+        .filter_map(|location| {
+            let target = match (wanted.get(&location.name)?, location.rope_heads) {
+                (Destination::Matrix(matrix), None) => Target::Gpu { matrix, carry: vec![] },
+                (Destination::Matrix(matrix), Some(heads)) => Target::Host { bytes: vec![], then_upload: Some((matrix, heads)) },
+                (Destination::Host, _) => Target::Host { bytes: vec![], then_upload: None },
+            };
+            Some(Writer { location, target, written: 0 })
+        })
+        .collect();
+    writers.sort_by_key(|w| (w.location.file, w.location.range.start));
+    let bytes_total: u64 = writers.iter().map(Writer::len).sum();
+    let mut bytes_done = 0;
+    let mut buffer = vec![0u8; CHUNK_BYTES];
+    let mut ring = StagingRing::new(gpu);
+    for (index, file) in source.files().iter().enumerate() {
+        let first = writers.partition_point(|w| w.location.file < index);
+        let last = writers.partition_point(|w| w.location.file <= index);
+        if first == last {
+            continue;
+        }
+        let mut reader = source.open(index).await?;
+        let mut hasher = Sha256::new();
+        let mut position = 0u64;
+        while position < file.size {
+            let want = CHUNK_BYTES.min((file.size - position) as usize);
+            let n = reader.read(&mut buffer[..want]).await?;
+            if n == 0 {
+                return Err(LoadError::Truncated {
+                    file: file.name.clone(),
+                    offset: position as usize,
+                    what: "tensor data".into(),
+                    needed: file.size - position,
+                    available: 0,
+                }
+                .into());
+            }
+            let chunk = &buffer[..n];
+            hasher.update(chunk);
+            let chunk_range = position..position + n as u64;
+            let mut current = "";
+            // At most two chunks in flight: this buffer's previous copies are done before it refills.
+            let staging = ring.take(gpu).await?;
+            let mut stage = Stage { view: staging.slice(..).get_mapped_range_mut().map_err(|e| GpuError::Readback(e.to_string()))?, used: 0, copies: vec![] };
+            for writer in &mut writers[first..last] {
+                let range = &writer.location.range;
+                let (start, end) = (range.start.max(chunk_range.start), range.end.min(chunk_range.end));
+                if start < end {
+                    writer.push(gpu, &mut stage, &chunk[(start - position) as usize..(end - position) as usize])?;
+                    bytes_done += end - start;
+                    current = &writer.location.name;
+                }
+            }
+            let Stage { view, copies, .. } = stage;
+            drop(view);
+            staging.unmap();
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            for (destination, offset, from, bytes) in copies {
+                encoder.copy_buffer_to_buffer(staging, from, destination, offset, bytes);
+            }
+            gpu.queue.submit([encoder.finish()]);
+            ring.recycle();
+            position += n as u64;
+            on_progress(LoadProgress { tensor: current, bytes_done, bytes_total });
+        }
+        if let Some(expected) = file.sha256 {
+            let actual: [u8; 32] = hasher.finalize().into();
+            if actual != expected {
+                return Err(LoadError::Checksum { file: file.name.clone(), expected: hex(&expected), actual: hex(&actual) }.into());
+            }
+        }
+    }
+    Ok(writers
+        .into_iter()
+        .filter_map(|w| match w.target {
+            Target::Host { bytes, then_upload: None } => Some((w.location.name.clone(), bytes)),
+            _ => None,
+        })
+        .collect())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,182 @@
+//! The tokenizer and chat template a GGUF file carries in its metadata, so a GGUF file alone is
+//! enough to chat.
+//!
+//! llama.cpp stores a byte-level BPE vocabulary (`tokenizer.ggml.model` = "gpt2") as the token
+//! strings in id order (already in GPT-2's byte-to-character spelling), the merges as "left right"
+//! strings in rank order, a type per token, and the name of the pre-tokenizer
+//! (`tokenizer.ggml.pre`) whose split regexes llama.cpp hard-codes per name. We compose the
+//! equivalent `tokenizer.json` (BPE model, those regexes as isolating splits, byte-level mapping and
+//! decoder, control tokens as special added tokens) and load it like any other.
+
+use serde_json::{json, Value};
+
+use super::{ChatTemplate, TextError, Tokenizer};
+use crate::load::{GgufHeader, LoadError, MetadataValue};
+
+/// llama.cpp's `llama_token_type` values in `tokenizer.ggml.token_type`.
+const TOKEN_TYPE_UNKNOWN: u64 = 2;
+const TOKEN_TYPE_CONTROL: u64 = 3;
+const TOKEN_TYPE_USER_DEFINED: u64 = 4;
+
+/// GPT-2's split: contractions, letters, numbers, other symbols, each with an optional leading
+/// space, and whitespace not followed by a non-space. llama.cpp's `llm_tokenizer_bpe` for
+/// LLAMA_VOCAB_PRE_TYPE_GPT2 (and the second expression of SMOLLM / STARCODER and of DEFAULT).
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+
+/// Llama 3's split (numbers in runs of at most three, case-insensitive contractions spelled out as
+/// llama.cpp adapted them): llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3.
+const LLAMA3_SPLIT: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How llama.cpp pre-tokenizes text for a `tokenizer.ggml.pre` name (src/llama-vocab.cpp,
+/// `llama_vocab::impl::load` and `llm_tokenizer_bpe`): regexes applied one after another, each
+/// splitting every piece further into its matches and the text between them; and whether a piece
+/// that is itself a vocabulary token skips the merges (`ignore_merges`).
+struct PreTokenizer {
+    splits: &'static [&'static str],
+    ignore_merges: bool,
+}
+
+/// The pre-tokenizer llama.cpp uses for `pre`, for the names this engine supports.
+fn pre_tokenizer(pre: Option<&str>) -> Option<PreTokenizer> {
+    const DEFAULT: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"];
+    let (splits, ignore_merges): (&'static [&'static str], bool) = match pre {
+        // llama.cpp warns "GENERATION QUALITY WILL BE DEGRADED" when the name is missing.
+        None | Some("default") => (DEFAULT, false),
+        Some("llama3" | "llama-v3" | "llama-bpe") => (&[LLAMA3_SPLIT], true),
+        Some("dbrx" | "smaug-bpe") => (&[LLAMA3_SPLIT], false),
+        // Every digit on its own, then GPT-2's split.
+        Some("smollm" | "starcoder" | "refact" | "codeshell") => (&[r"\p{N}", GPT2_SPLIT], false),
+        Some("gpt-2" | "phi-2" | "mpt" | "olmo") => (&[GPT2_SPLIT], false),
+        Some(_) => return None,
+    };
+    Some(PreTokenizer { splits, ignore_merges })
+}
+
+impl Tokenizer {
+    /// The tokenizer in a GGUF file's `tokenizer.ggml.*` metadata. Only byte-level BPE ("gpt2", as
+    /// Llama 3 and SmolLM2 files have) is supported; SentencePiece ("llama", Llama 1 and 2) and
+    /// others are refused with an error naming the model.
+    pub fn from_gguf(header: &GgufHeader) -> Result<Self, TextError> {
+        let json = tokenizer_json(header)?;
+        let bytes = serde_json::to_vec(&json).map_err(|e| TextError::Load { reason: e.to_string() })?;
+        Self::from_json_bytes(&bytes)
+    }
+}
+
+impl ChatTemplate {
+    /// The template in a GGUF file's `tokenizer.chat_template`, or Llama 3.1's when it has none.
+    pub fn from_gguf(header: &GgufHeader) -> Result<Self, TextError> {
+        match header.get_str("tokenizer.chat_template").map_err(metadata_error)? {
+            Some(source) => Self::new(source),
+            None => Ok(Self::llama31()),
+        }
+    }
+}
+
+fn metadata_error(error: LoadError) -> TextError {
+    TextError::Load { reason: error.to_string() }
+}
+
+/// The `tokenizer.json` equivalent to the GGUF vocabulary.
+fn tokenizer_json(header: &GgufHeader) -> Result<Value, TextError> {
+    let file = header.file();
+    let gguf_error = |message: String| TextError::Gguf { file: file.to_string(), message };
+    let required = |key: &str| gguf_error(format!("{key} is missing"));
+
+    let model = header.get_str("tokenizer.ggml.model").map_err(metadata_error)?.ok_or_else(|| required("tokenizer.ggml.model"))?;
+    if model != "gpt2" {
+        let kind = match model {
+            "llama" => " (SentencePiece)",
+            "bert" => " (WordPiece)",
+            "t5" => " (Unigram)",
+            _ => "",
+        };
+        return Err(gguf_error(format!("tokenizer model {model:?}{kind} is not supported (only \"gpt2\", byte-level BPE)")));
+    }
+    let pre = header.get_str("tokenizer.ggml.pre").map_err(metadata_error)?;
+    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
+        gguf_error(format!(
+            "pre-tokenizer {:?} is not supported (supported: default, llama3, llama-v3, llama-bpe, dbrx, smaug-bpe, smollm, \
+             starcoder, refact, codeshell, gpt-2, phi-2, mpt, olmo)",
+            pre.unwrap_or_default()
+        ))
+    })?;
+
+    let tokens = header.get_str_array("tokenizer.ggml.tokens").map_err(metadata_error)?.ok_or_else(|| required("tokenizer.ggml.tokens"))?;
+    let merges = header.get_str_array("tokenizer.ggml.merges").map_err(metadata_error)?.ok_or_else(|| required("tokenizer.ggml.merges"))?;
+    let types = match header.get_array("tokenizer.ggml.token_type").map_err(metadata_error)? {
+        Some(types) if types.len() < tokens.len() => {
+            return Err(gguf_error(format!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len())))
+        }
+        Some(types) => types.iter().map(MetadataValue::as_u64).collect::<Option<Vec<_>>>(),
+        None => Some(vec![]),
+    };
+    let types = types.ok_or_else(|| gguf_error("tokenizer.ggml.token_type holds a value that is not a non-negative integer".into()))?;
+
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut added = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        // llama.cpp renames empty tokens the same way, so that every token has a distinct text.
+        let text = if token.is_empty() { format!("[EMPTY_{id}]") } else { token.to_string() };
+        let special = match types.get(id).copied() {
+            Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN) => Some(true),
+            Some(TOKEN_TYPE_USER_DEFINED) => Some(false),
+            _ => None,
+        };
+        // llama.cpp matches control, unknown and user-defined tokens whole before splitting the
+        // text; control and unknown ones only when special tokens are parsed.
+        if let Some(special) = special {
+            added.push(json!({
+                "id": id, "content": text, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": special,
+            }));
+        }
+        if let Some(previous) = vocab.insert(text, json!(id)) {
+            return Err(gguf_error(format!("token {token:?} appears twice in tokenizer.ggml.tokens (ids {previous} and {id})")));
+        }
+    }
+
+    // "left right"; llama.cpp splits at the first space after the first character.
+    let merges = merges
+        .iter()
+        .enumerate()
+        .map(|(rank, merge)| {
+            let split = merge.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(at, _)| at);
+            let (left, right) = split
+                .map(|at| (&merge[..at], &merge[at + 1..]))
+                .ok_or_else(|| gguf_error(format!("merge {rank} ({merge:?}) is not two tokens separated by a space")))?;
+            Ok(json!([left, right]))
+        })
+        .collect::<Result<Vec<_>, TextError>>()?;
+
+    let mut pre_tokenizers: Vec<Value> = pre_tokenizer
+        .splits
+        .iter()
+        .map(|pattern| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false}))
+        .collect();
+    // Bytes to GPT-2's characters, with no further splitting (the regexes above did that).
+    pre_tokenizers.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": null,
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": false,
+            "byte_fallback": false,
+            "ignore_merges": pre_tokenizer.ignore_merges,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }))
+}

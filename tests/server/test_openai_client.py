@@ -1,0 +1,388 @@
+"""`llama-webgpu serve` driven by the official OpenAI Python client (and raw HTTP where the client
+would refuse to send something malformed).
+
+The model is a tiny random-weight Llama, so outputs are gibberish, but they are deterministic for
+greedy decoding or a fixed seed, which is what the tests compare. Token counts stay small: the GPU
+here may be lavapipe on two CPU cores.
+"""
+
+import threading
+import time
+
+import json
+
+import openai
+import pytest
+
+from conftest import API_KEY, CONTEXT, MAX_BODY_BYTES, Server, http
+
+
+def chat(client, text, **options):
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": text}], **{"temperature": 0, **options}
+    )
+
+
+def stream_chat(client, text, **options):
+    """Streams a chat completion; returns (text, finish_reason, usage, chunks)."""
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": text}],
+            stream=True,
+            stream_options={"include_usage": True},
+            **{"temperature": 0, **options},
+        )
+    )
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1, finish
+    return content, finish[0], chunks[-1].usage, chunks
+
+
+def stream_completion(client, prompt, **options):
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, stream=True, **{"temperature": 0, **options}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1, finish
+    return text, finish[0]
+
+
+def raw_post(server, path, body, headers=None):
+    """POSTs a body as it is (bytes) or as JSON, for requests the client would not send."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return http("POST", f"{server.url}{path}", data, {"Content-Type": "application/json", **(headers or {})})
+
+
+def error_of(response, status):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"], error
+    assert set(error) == {"message", "type", "param", "code"}, error
+    return error
+
+
+def wait_until(condition, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def idle(server):
+    health = server.health()
+    return health if health["requests"]["running"] == 0 and health["queue"]["waiting"] == 0 else None
+
+
+def test_health_and_models(server, client, model_dir):
+    health = server.health()
+    assert health["status"] == "ok"
+    assert health["model"] == model_dir.name
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model_dir.name]
+    assert client.models.retrieve(model_dir.name).id == model_dir.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("another-model")
+
+
+def test_chat_non_streaming(client, model_dir):
+    response = chat(client, "Hello! Who are you?", max_tokens=12)
+    assert response.object == "chat.completion"
+    assert response.id.startswith("chatcmpl-")
+    assert response.model == model_dir.name
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason == "length"
+    usage = response.usage
+    assert usage.completion_tokens == 12
+    assert usage.prompt_tokens > 10
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    whole = chat(client, "Tell me a story.", max_tokens=16)
+    text, finish, usage, chunks = stream_chat(client, "Tell me a story.", max_tokens=16)
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1
+    assert text == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason == "length"
+    # The last chunk carries the usage and no choices; the ones before carry none.
+    assert chunks[-1].choices == []
+    assert all(c.usage is None for c in chunks[:-1])
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, 16)
+    # The same prompt again reuses all of its KV cache but the last token.
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_completions(client):
+    response = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert response.object == "text_completion"
+    assert response.id.startswith("cmpl-")
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage.completion_tokens == 10
+    text, finish = stream_completion(client, "Once upon a time", max_tokens=10)
+    assert (text, finish) == (response.choices[0].text, "length")
+    # A prompt given as token ids runs as given: the same ids give the same text.
+    ids = [1000, 837, 52, 842, 708, 330]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert by_ids.usage.prompt_tokens == len(ids)
+    assert by_ids.choices[0].text == client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0).choices[0].text
+
+
+def test_stop_sequences(client):
+    prompt = "The quick brown fox"
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+    assert len(full) >= 12, repr(full)
+    stop = full[8:11]
+    expected = full[: full.index(stop)]
+    for stream in [False, True]:
+        if stream:
+            text, finish = stream_completion(client, prompt, max_tokens=24, stop=[stop])
+        else:
+            choice = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop).choices[0]
+            text, finish = choice.text, choice.finish_reason
+        assert (text, finish) == (expected, "stop"), (stream, stop, full)
+    # And through the chat endpoint.
+    full = chat(client, prompt, max_tokens=24).choices[0].message.content
+    assert len(full) >= 12, repr(full)
+    stop = full[6:9]
+    response = chat(client, prompt, max_tokens=24, stop=[stop, "never appears"])
+    assert response.choices[0].message.content == full[: full.index(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_16_concurrent_streaming_clients(server, client):
+    """Each client gets exactly what it gets alone; requests queue FIFO for the single engine."""
+    requests = [
+        {"text": f"Client {i} asks: what is {i} times {i + 3}?", "max_tokens": 12 + i % 5, "temperature": 0 if i % 2 else 0.8, "seed": 100 + i}
+        for i in range(16)
+    ]
+
+    def run(request):
+        return stream_chat(client, request["text"], max_tokens=request["max_tokens"], temperature=request["temperature"], seed=request["seed"])
+
+    started = time.monotonic()
+    alone = [run(r)[:2] for r in requests]
+    alone_seconds = time.monotonic() - started
+
+    results = [None] * len(requests)
+    timings = [None] * len(requests)
+    errors = []
+    barrier = threading.Barrier(len(requests))
+
+    def client_thread(i):
+        try:
+            barrier.wait()
+            t0 = time.monotonic()
+            first = None
+            chunks = []
+            stream = client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": requests[i]["text"]}],
+                stream=True,
+                max_tokens=requests[i]["max_tokens"],
+                temperature=requests[i]["temperature"],
+                seed=requests[i]["seed"],
+            )
+            for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.monotonic() - t0
+                chunks.append(chunk)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+            results[i] = (text, finish)
+            timings[i] = (first, time.monotonic() - t0)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append((i, error))
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(len(requests))]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    total = time.monotonic() - started
+    assert not errors, errors
+    print(f"\n16 concurrent streaming clients: {total:.2f} s in all; the same 16 one after another: {alone_seconds:.2f} s")
+    for i, (first, seconds) in enumerate(timings):
+        print(f"  client {i:2d}: {requests[i]['max_tokens']} tokens, first content after {first:.3f} s, done after {seconds:.3f} s")
+    for i, (got, want) in enumerate(zip(results, alone)):
+        assert got == want, f"client {i}: {got!r} != alone {want!r}"
+    assert len(set(alone)) == len(alone), "the clients should not all get the same text"
+
+
+def test_cancel_by_disconnect(server, client):
+    prompt = "Once"
+    lone = client.completions.create(model="tiny", prompt="A lone request", max_tokens=8, temperature=0).choices[0].text
+    before = wait_until(lambda: idle(server), what="an idle server")
+    max_tokens = 240
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
+    received = 0
+    for _ in stream:
+        received += 1
+        if received == 3:
+            break
+    stream.close()
+    after = wait_until(
+        lambda: (h := idle(server)) and h["requests"]["cancelled"] > before["requests"]["cancelled"] and h,
+        what="the generation to be cancelled",
+    )
+    assert after["requests"]["completed"] == before["requests"]["completed"]
+    generated = after["generated_tokens"] - before["generated_tokens"]
+    assert generated < max_tokens, f"{generated} tokens: the generation ran to the end"
+    print(f"\ncancelled a {max_tokens}-token stream after {received} chunks: {generated} tokens were generated")
+    # The server carries on, and the next request gets what it gets alone.
+    assert server.health()["status"] == "ok"
+    again = client.completions.create(model="tiny", prompt="A lone request", max_tokens=8, temperature=0).choices[0].text
+    assert again == lone
+
+
+def test_cancel_non_streaming_and_queued_by_disconnect(server, client):
+    """A non-streaming client that gives up cancels its generation; one that leaves while queued
+    is skipped."""
+    before = wait_until(lambda: idle(server), what="an idle server")
+    ends = {}
+
+    def long_request(prompt, timeout):
+        try:
+            server.client(timeout=timeout).completions.create(model="tiny", prompt=prompt, max_tokens=240, temperature=0)
+            ends[prompt] = "finished"
+        except openai.APITimeoutError:
+            ends[prompt] = "timed out"
+
+    # The first runs and gives up after 2 s; the second waits behind it and gives up after 0.3 s.
+    threads = [threading.Thread(target=long_request, args=args) for args in [("Once", 2.0), ("Twice", 0.3)]]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    after = wait_until(lambda: idle(server), what="an idle server")
+    counts = {k: after["requests"][k] - before["requests"][k] for k in ["completed", "cancelled", "skipped"]}
+    print(f"\ntwo impatient non-streaming clients: {ends}, server counts {counts}")
+    if ends["Once"] == "finished":
+        pytest.skip(f"the engine is too fast here for a 2 s timeout to interrupt 240 tokens: {ends}")
+    assert ends == {"Once": "timed out", "Twice": "timed out"}, ends
+    assert counts == {"completed": 0, "cancelled": 1, "skipped": 1}, counts
+    assert server.health()["status"] == "ok"
+
+
+def test_malformed_requests(server, client):
+    user = [{"role": "user", "content": "hi"}]
+    error = error_of(raw_post(server, "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}'), 400)
+    assert "not valid JSON" in error["message"] and "line 1 column" in error["message"], error
+
+    error = error_of(raw_post(server, "/v1/chat/completions", {"messages": "hi"}), 400)
+    assert error["param"] == "messages" and "list" in error["message"], error
+
+    error = error_of(raw_post(server, "/v1/chat/completions", {"messages": user, "temperature": "hot"}), 400)
+    assert error["param"] == "temperature" and error["message"].startswith("temperature:"), error
+
+    error = error_of(raw_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}), 400)
+    assert "messages[0].content" in error["message"], error
+
+    error = error_of(raw_post(server, "/v1/chat/completions", {"messages": user, "max_tokens": 100_000}), 400)
+    assert error["param"] == "max_tokens" and "too large" in error["message"], error
+
+    # Rejected before any stream starts, with the status.
+    error = error_of(raw_post(server, "/v1/chat/completions", {"messages": user, "max_tokens": 100_000, "stream": True}), 400)
+    assert error["param"] == "max_tokens", error
+
+    error = error_of(raw_post(server, "/v1/completions", {"prompt": "word " * (CONTEXT + 20), "max_tokens": 4}), 400)
+    assert error["code"] == "context_length_exceeded" and f"context holds {CONTEXT}" in error["message"], error
+
+    error = error_of(raw_post(server, "/v1/completions", {"prompt": "hi", "top_p": 0}), 400)
+    assert error["param"] == "top_p", error
+
+    error = error_of(raw_post(server, "/v1/completions", {"max_tokens": 4}), 400)
+    assert error["param"] == "prompt", error
+
+    error = error_of(raw_post(server, "/v1/completions", {"prompt": [5000], "max_tokens": 4}), 400)
+    assert "outside the vocabulary" in error["message"], error
+
+    error = error_of(http("GET", f"{server.url}/v1/nothing-here"), 404)
+    assert "no such endpoint" in error["message"], error
+
+    # The same through the client, which raises BadRequestError with the server's message.
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client, "hi", n=2)
+    assert raised.value.status_code == 400 and "n = 2 is not supported" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client, "hi", temperature=3.5)
+    assert "temperature must be in [0, 2]" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client, "hi", response_format={"type": "json_object"})
+    assert raised.value.body["param"] == "response_format"
+
+    # None of that disturbed the engine.
+    assert server.health()["status"] == "ok"
+    assert chat(client, "hi", max_tokens=3).usage.completion_tokens == 3
+
+
+def test_oversized_body(server):
+    body = {"messages": [{"role": "user", "content": "x" * (MAX_BODY_BYTES + 1000)}]}
+    error = error_of(raw_post(server, "/v1/chat/completions", body), 413)
+    assert f"limit of {MAX_BODY_BYTES} bytes" in error["message"], error
+    assert server.health()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def key_server(model_dir):
+    process = Server(model_dir, "--queue", "1", env={"LLAMA_WEBGPU_API_KEY": API_KEY})
+    yield process
+    process.stop()
+
+
+def test_api_key(key_server):
+    with pytest.raises(openai.AuthenticationError) as raised:
+        key_server.client(api_key="wrong-key").models.list()
+    assert raised.value.status_code == 401 and "invalid API key" in raised.value.message
+    error = error_of(http("GET", f"{key_server.url}/v1/models"), 401)
+    assert "missing API key" in error["message"], error
+    error = error_of(raw_post(key_server, "/v1/completions", {"prompt": "hi"}), 401)
+    assert error["code"] == "invalid_api_key", error
+    # /health stays open for probes.
+    assert http("GET", f"{key_server.url}/health").status_code == 200
+    good = key_server.client(api_key=API_KEY)
+    assert len(good.models.list().data) == 1
+    assert chat(good, "hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_full_queue_is_503(key_server):
+    """With --queue 1: one request runs, one waits, the next is turned away with 503."""
+    client = key_server.client(api_key=API_KEY)
+    # A stream's headers come with its first token, so this one is running when create returns.
+    running = client.completions.create(model="tiny", prompt="Once", max_tokens=240, temperature=0, stream=True)
+    queued = []
+
+    def queued_request():
+        try:
+            queued.append(client.completions.create(model="tiny", prompt="Twice", max_tokens=4, temperature=0).choices[0].finish_reason)
+        except Exception as error:  # noqa: BLE001 - checked below
+            queued.append(error)
+
+    thread = threading.Thread(target=queued_request)
+    thread.start()
+    try:
+
+        def queue_filled_or_idle():
+            health = key_server.health()
+            return health if health["queue"]["waiting"] == 1 or health["requests"]["running"] == 0 else None
+
+        health = wait_until(queue_filled_or_idle, timeout=30, what="a queued request")
+        if health["requests"]["running"] == 0 or health["queue"]["waiting"] == 0:
+            pytest.skip("the engine is too fast here: the long request ended before the queue filled")
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.completions.create(model="tiny", prompt="Thrice", max_tokens=4, temperature=0)
+        assert raised.value.status_code == 503 and "busy" in raised.value.message
+        assert key_server.health()["requests"]["rejected"] == 1
+    finally:
+        running.close()
+        thread.join(timeout=120)
+    assert queued == ["length"]
