@@ -63,6 +63,21 @@ enum Command {
         #[command(flatten)]
         server: serve::ServeArgs,
     },
+    /// Convert a Hugging Face folder or a GGUF file to the shard format (manifest.json, shards,
+    /// tokenizer.json) for the browser, re-encoding the matrices.
+    Convert {
+        /// The model to convert.
+        source: PathBuf,
+        /// Format of the matrices: q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16 or f32.
+        #[arg(long, default_value = "q4_0")]
+        quant: String,
+        /// Largest shard, e.g. 64MiB (a bigger tensor gets a shard of its own).
+        #[arg(long, default_value = "64MiB")]
+        shard_size: String,
+        /// Output folder.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// List GPU adapters, and the features and limits the engine gets on the chosen one.
     Info,
 }
@@ -208,6 +223,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Convert { source, quant, shard_size, out } => {
+            let quant = llama_webgpu::quant::DType::from_name(&quant).with_context(|| format!("--quant {quant:?}: expected q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16 or f32"))?;
+            let shard_bytes = parse_size(&shard_size)?;
+            let bar = load_bar(cli.quiet);
+            let report = load::convert(&source, quant, shard_bytes, &out, &mut |p| {
+                bar.set_length(p.bytes_total);
+                bar.set_position(p.bytes_done);
+            })?;
+            bar.finish_and_clear();
+            println!("wrote {} tensors in {} shards ({} bytes) to {}", report.tensors, report.shards, report.bytes, out.display());
+            Ok(())
+        }
         Command::Serve { model, server } => serve::serve(options, model, server, cli.quiet),
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;
@@ -305,6 +332,21 @@ fn load_bar(quiet: bool) -> indicatif::ProgressBar {
             .expect("a valid progress template"),
     );
     bar
+}
+
+/// "64MiB", "512KiB", "1GiB", "1000000".
+fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        other => bail!("size unit {other:?} in {text:?}: use B, KiB, MiB or GiB"),
+    };
+    let n: u64 = digits.parse().with_context(|| format!("{text:?} is not a size"))?;
+    n.checked_mul(scale).filter(|&b| b > 0).with_context(|| format!("{text:?} is not a usable size"))
 }
 
 fn parse_tokens(text: &str) -> anyhow::Result<Vec<u32>> {

@@ -71,3 +71,76 @@ fn chat_template_of(tokenizer_config: &str) -> Option<String> {
         _ => None,
     }
 }
+
+/// A folder of our shard format: `manifest.json`, the shards it lists, `tokenizer.json`.
+pub struct ShardDir {
+    pub dir: std::path::PathBuf,
+    pub manifest: super::manifest::Manifest,
+    files: Vec<super::SourceFile>,
+    locations: Vec<super::TensorLocation>,
+}
+
+impl ShardDir {
+    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+        let manifest = super::manifest::Manifest::parse(&read_to_string(&dir.join("manifest.json"))?)?;
+        let (files, locations) = (manifest.files(), manifest.locations());
+        Ok(Self { dir: dir.to_path_buf(), manifest, files, locations })
+    }
+
+    pub fn text(&self) -> Result<(crate::text::Tokenizer, crate::text::ChatTemplate), crate::Error> {
+        use crate::engine::EngineError;
+        let path = self.dir.join(&self.manifest.tokenizer);
+        let json = std::fs::read(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+        let tokenizer = crate::text::Tokenizer::from_json_bytes(&json).map_err(EngineError::from)?;
+        let template = match &self.manifest.chat_template {
+            Some(source) => crate::text::ChatTemplate::new(source).map_err(EngineError::from)?,
+            None => crate::text::ChatTemplate::llama31(),
+        };
+        Ok((tokenizer, template))
+    }
+}
+
+impl super::WeightStream for ShardDir {
+    fn files(&self) -> &[super::SourceFile] {
+        &self.files
+    }
+
+    fn locations(&self) -> &[super::TensorLocation] {
+        &self.locations
+    }
+
+    fn open(&self, index: usize) -> super::LoadFuture<'_, Box<dyn super::ChunkReader + '_>> {
+        let path = self.dir.join(&self.files[index].name);
+        Box::pin(async move {
+            let file = std::fs::File::open(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+            Ok(Box::new(FileReader { file, path }) as Box<dyn super::ChunkReader>)
+        })
+    }
+}
+
+/// Plain reads of a file: its pages go through the page cache, never into this process.
+struct FileReader {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl super::ChunkReader for FileReader {
+    fn read<'a>(&'a mut self, buf: &'a mut [u8]) -> super::LoadFuture<'a, usize> {
+        use std::io::Read;
+        let mut filled = 0;
+        let result = loop {
+            match self.file.read(&mut buf[filled..]) {
+                Ok(0) => break Ok(filled),
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        break Ok(filled);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => break Err(LoadError::Io { path: self.path.display().to_string(), source }),
+            }
+        };
+        Box::pin(std::future::ready(result))
+    }
+}

@@ -1,6 +1,7 @@
 //! Weight sources: where tensor bytes come from before they are uploaded.
 
 mod gguf;
+pub mod manifest;
 mod safetensors;
 mod upload;
 #[cfg(not(target_arch = "wasm32"))]
@@ -9,7 +10,11 @@ mod file;
 pub use self::gguf::{Gguf, GgufHeader, GgufTensor, MetadataValue};
 pub use self::safetensors::{index_shards, Safetensors};
 #[cfg(not(target_arch = "wasm32"))]
-pub use file::{open_safetensors_dir, read_hf_config, read_hf_text};
+pub use file::{open_safetensors_dir, read_hf_config, read_hf_text, ShardDir};
+#[cfg(not(target_arch = "wasm32"))]
+mod convert;
+#[cfg(not(target_arch = "wasm32"))]
+pub use convert::{convert, ConvertReport};
 #[cfg(not(target_arch = "wasm32"))]
 mod native_model;
 #[cfg(not(target_arch = "wasm32"))]
@@ -36,6 +41,8 @@ pub enum LoadError {
     UnsupportedDType { file: String, tensor: String, dtype: String },
     #[error("tensor {0} is missing from the checkpoint")]
     MissingTensor(String),
+    #[error("manifest.json: {0}")]
+    Manifest(String),
     #[error("model.safetensors.index.json: {0}")]
     Index(String),
     #[error("{file}: not a GGUF file (starts with {magic:02x?}, expected \"GGUF\")")]

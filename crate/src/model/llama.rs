@@ -30,7 +30,7 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 
 /// The checkpoint tensors a model of `config` reads: name, shape, and whether it is a norm weight
 /// (kept as f32, converted on the host) rather than a matrix (kept in its format on the GPU).
-fn weight_specs(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize>, bool)> {
+pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize>, bool)> {
     let matrix = |name: String, rows: usize, cols: usize| (name, vec![rows, cols], false);
     let norm = |name: String| (name, vec![c.hidden_size], true);
     let mut specs = vec![matrix("model.embed_tokens.weight".into(), c.vocab_size, c.hidden_size)];
@@ -68,7 +68,7 @@ async fn upload_weights(
     let tied_head = c.tie_word_embeddings && !locations.contains_key("lm_head.weight");
     let mut matrices = HashMap::new();
     let mut norms = vec![];
-    for (name, shape, is_norm) in weight_specs(c, tied_head) {
+    for (name, shape, is_norm) in checkpoint_tensors(c, tied_head) {
         let location = locations.get(name.as_str()).ok_or_else(|| LoadError::MissingTensor(name.clone()))?;
         if location.shape != shape {
             return Err(ModelError::Shape { tensor: name, expected: shape, got: location.shape.clone() }.into());

@@ -7,7 +7,7 @@ mod llama;
 pub use config::{Config, Llama3Scaling, Rope};
 pub use kv_cache::KvCache;
 pub use crate::load::LoadProgress;
-pub use llama::{Llama, LoadOptions};
+pub use llama::{checkpoint_tensors, Llama, LoadOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -56,6 +56,13 @@ impl DType {
         }
     }
 
+    /// The format named as [`DType::name`] gives it ("q4_0", "f16", ...).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K]
+            .into_iter()
+            .find(|d| d.name() == name)
+    }
+
     /// Elements per block and bytes per block (a block of one element for plain floats).
     pub fn block(self) -> (usize, usize) {
         match self {

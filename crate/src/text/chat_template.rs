@@ -20,6 +20,7 @@ const TEMPLATE_NAME: &str = "chat_template";
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
 }
 
 /// What a template reads besides the messages and tools.
@@ -71,7 +72,12 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| TextError::TemplateSyntax { reason: describe(&e) })?;
-        Ok(Self { env })
+        Ok(Self { env, source: source.to_string() })
+    }
+
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Meta's official Llama 3.1 Instruct template.

@@ -23,6 +23,11 @@ impl Tokenizer {
         Ok(Self { inner: Arc::new(inner), plain_text_tokens: Arc::new(plain_text_tokens), vocab_size })
     }
 
+    /// The tokenizer as `tokenizer.json` text, for writing it beside converted weights.
+    pub fn to_json(&self) -> Result<String, TextError> {
+        self.inner.to_string(false).map_err(|e| TextError::Load { reason: e.to_string() })
+    }
+
     /// Token ids of `text`. Never adds BOS or any other token by itself. With `parse_special`,
     /// special-token text such as `<|eot_id|>` becomes its special id (as in a rendered chat
     /// template); without, it is encoded as the plain text it is (as for user input).

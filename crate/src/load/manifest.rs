@@ -1,0 +1,120 @@
+//! The shard format for the web: `manifest.json` (configuration, tokenizer file, chat template,
+//! shard list with sizes and sha256, tensor table) beside shard files of whole tensors and
+//! `tokenizer.json`. Shards are fetched and checked one by one; each tensor lies in one shard.
+
+use serde::{Deserialize, Serialize};
+
+use super::{LoadError, SourceFile, TensorLocation};
+use crate::quant::DType;
+use crate::Config;
+
+/// The `format` of the manifests this version writes and reads.
+pub const FORMAT: &str = "llama-webgpu-shards/1";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    /// A Hugging Face `config.json`.
+    pub config: serde_json::Value,
+    /// The tokenizer's file name beside the manifest.
+    pub tokenizer: String,
+    /// The chat template's source; absent means Llama 3.1's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
+    pub shards: Vec<Shard>,
+    pub tensors: Vec<ShardTensor>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Shard {
+    pub file: String,
+    pub bytes: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub shard: usize,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+impl Manifest {
+    /// Parses and checks a manifest: known format and dtypes, plain shard names, every tensor
+    /// inside its shard and of the size its shape and dtype give.
+    pub fn parse(json: &str) -> Result<Self, LoadError> {
+        let bad = |message: String| LoadError::Manifest(message);
+        let manifest: Manifest = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        if manifest.format != FORMAT {
+            return Err(bad(format!("format {:?} is not {FORMAT:?}", manifest.format)));
+        }
+        for shard in &manifest.shards {
+            if !is_plain_file_name(&shard.file) {
+                return Err(bad(format!("shard name {:?} must be a plain file name", shard.file)));
+            }
+            if shard.sha256.len() != 64 || !shard.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(format!("shard {}: sha256 {:?} is not 64 hex digits", shard.file, shard.sha256)));
+            }
+        }
+        if !is_plain_file_name(&manifest.tokenizer) {
+            return Err(bad(format!("tokenizer name {:?} must be a plain file name", manifest.tokenizer)));
+        }
+        for t in &manifest.tensors {
+            let dtype = DType::from_name(&t.dtype).ok_or_else(|| bad(format!("tensor {}: unknown dtype {:?}", t.name, t.dtype)))?;
+            let shard = manifest.shards.get(t.shard).ok_or_else(|| bad(format!("tensor {}: no shard {}", t.name, t.shard)))?;
+            if t.offset.checked_add(t.bytes).is_none_or(|end| end > shard.bytes) {
+                return Err(bad(format!("tensor {} lies outside shard {} of {} bytes", t.name, shard.file, shard.bytes)));
+            }
+            let cols = t.shape.last().copied().unwrap_or(1);
+            let rows: usize = t.shape.iter().rev().skip(1).product();
+            if dtype.row_bytes(cols).map(|b| (b * rows) as u64) != Some(t.bytes) {
+                return Err(bad(format!("tensor {}: {} bytes do not hold shape {:?} in {}", t.name, t.bytes, t.shape, t.dtype)));
+            }
+        }
+        Ok(manifest)
+    }
+
+    pub fn model_config(&self) -> Result<Config, crate::Error> {
+        Ok(Config::from_hf_json(&self.config.to_string(), None)?)
+    }
+
+    pub fn files(&self) -> Vec<SourceFile> {
+        self.shards
+            .iter()
+            .map(|s| SourceFile { name: s.file.clone(), size: s.bytes, sha256: Some(parse_hex(&s.sha256)) })
+            .collect()
+    }
+
+    /// `parse` checked every dtype.
+    pub fn locations(&self) -> Vec<TensorLocation> {
+        self.tensors
+            .iter()
+            .filter_map(|t| {
+                Some(TensorLocation {
+                    name: t.name.clone(),
+                    dtype: DType::from_name(&t.dtype)?,
+                    shape: t.shape.clone(),
+                    file: t.shard,
+                    range: t.offset..t.offset + t.bytes,
+                    rope_heads: None,
+                })
+            })
+            .collect()
+    }
+}
+
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.')
+}
+
+fn parse_hex(hex: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
+    out
+}

@@ -1,0 +1,153 @@
+//! The shard format: the converter's output loads to the same logits as the checkpoint it came
+//! from (exactly for f32, to the quantized values for q8_0 / q4_0), and a corrupt, truncated or
+//! missing shard stops the load with an error naming it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_close, fixture, golden, gpu, truncated_llama3_tokenizer};
+use llama_webgpu::load::{self, ShardDir, WeightStream};
+use llama_webgpu::quant::DType;
+use llama_webgpu::{Gpu, Llama, LoadOptions};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llama-webgpu-shards-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A copy of a fixture with a tokenizer (the fixtures have none): the Llama 3 tokenizer cut to its
+/// vocabulary.
+fn fixture_with_tokenizer(name: &str) -> PathBuf {
+    let dir = temp_dir(&format!("{name}-src"));
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json" || e == "safetensors") && !path.ends_with("golden.json") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("tokenizer.json"), truncated_llama3_tokenizer(1003).to_json().unwrap()).unwrap();
+    dir
+}
+
+fn convert(name: &str, quant: DType, shard_bytes: u64) -> PathBuf {
+    let source = fixture_with_tokenizer(name);
+    let out = temp_dir(&format!("{name}-{quant}"));
+    load::convert(&source, quant, shard_bytes, &out, &mut |_| {}).unwrap();
+    out
+}
+
+fn logits(gpu: &Gpu, source: &dyn WeightStream, config: llama_webgpu::Config, tokens: &[u32]) -> llama_webgpu::Result<Vec<f32>> {
+    let mut model = pollster::block_on(Llama::load(gpu, config, source, &LoadOptions::default(), &mut |_| {}))?;
+    pollster::block_on(model.forward(tokens, 0))
+}
+
+fn shard_logits(gpu: &Gpu, dir: &Path, tokens: &[u32]) -> llama_webgpu::Result<Vec<f32>> {
+    let shards = ShardDir::open(dir)?;
+    logits(gpu, &shards, shards.manifest.model_config()?, tokens)
+}
+
+fn hf_logits(gpu: &Gpu, name: &str, tokens: &[u32]) -> Vec<f32> {
+    let dir = fixture(name);
+    logits(gpu, &load::open_safetensors_dir(&dir).unwrap(), load::read_hf_config(&dir).unwrap(), tokens).unwrap()
+}
+
+fn longest_prompt(name: &str) -> Vec<u32> {
+    golden(name).logits.into_iter().max_by_key(|c| c.tokens.len()).unwrap().tokens
+}
+
+#[test]
+fn f32_shards_give_exactly_the_checkpoints_logits() {
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama31";
+    // 256 KiB shards: the 3 MB checkpoint spreads over many.
+    let out = convert(name, DType::F32, 256 << 10);
+    let manifest = ShardDir::open(&out).unwrap().manifest;
+    assert!(manifest.shards.len() > 5, "{} shards", manifest.shards.len());
+    for shard in &manifest.shards {
+        let only_tensor = manifest.tensors.iter().filter(|t| manifest.shards[t.shard] == *shard).count() == 1;
+        assert!(shard.bytes <= 256 << 10 || only_tensor, "{} has {} bytes", shard.file, shard.bytes);
+    }
+    let tokens = longest_prompt(name);
+    assert_close("f32 shards", &shard_logits(&gpu, &out, &tokens).unwrap(), &hf_logits(&gpu, name, &tokens), 0.0, 0.0);
+    // The shards carry the tokenizer and template along.
+    let (tokenizer, template) = ShardDir::open(&out).unwrap().text().unwrap();
+    assert_eq!(tokenizer.vocab_size(), 1003);
+    assert_eq!(template.source(), llama_webgpu::text::ChatTemplate::llama31().source());
+}
+
+#[test]
+fn f16_shards_of_an_f16_and_bf16_checkpoint_are_exact() {
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama32-tied";
+    let out = convert(name, DType::F16, 64 << 20);
+    let tokens = longest_prompt(name);
+    assert_close("f16 shards", &shard_logits(&gpu, &out, &tokens).unwrap(), &hf_logits(&gpu, name, &tokens), 1e-5, 1e-5);
+}
+
+#[test]
+fn quantized_shards_compute_with_exactly_the_quantized_weights() {
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama31";
+    let tokens = longest_prompt(name);
+    let original = hf_logits(&gpu, name, &tokens);
+    for quant in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        let out = convert(name, quant, 64 << 20);
+        let got = shard_logits(&gpu, &out, &tokens).unwrap();
+        // The same values on the CPU: each matrix quantized and decoded back to f32.
+        let source = load::open_safetensors_dir(&fixture(name)).unwrap();
+        let config = load::read_hf_config(&fixture(name)).unwrap();
+        let mut tensors = vec![];
+        for (tensor, shape, is_norm) in llama_webgpu::model::checkpoint_tensors(&config, false) {
+            let data = load::WeightSource::tensor(&source, &tensor).unwrap();
+            let values = data.dtype.to_f32(&data.bytes).unwrap();
+            let values = if is_norm { values } else { quant.to_f32(&quant.from_f32(&values).unwrap()).unwrap() };
+            tensors.push((tensor, shape, DType::F32.from_f32(&values).unwrap()));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+            .collect();
+        let bytes = safetensors::serialize(views, None).unwrap();
+        let dequantized = load::Safetensors::new(vec![("dequantized.safetensors".into(), bytes)]).unwrap();
+        let want = logits(&gpu, &dequantized, config, &tokens).unwrap();
+        assert_close(&format!("{quant} shards"), &got, &want, 1e-4, 1e-4);
+        let drift = got.iter().zip(&original).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let same_top = llama_webgpu::reference::argmax(&got) == llama_webgpu::reference::argmax(&original);
+        println!("{quant}: max |logit - f32 checkpoint's| = {drift:.4}, same top token: {same_top}");
+    }
+}
+
+#[test]
+fn corrupt_truncated_and_missing_shards_are_named() {
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama31";
+    let out = convert(name, DType::F16, 256 << 10);
+    let tokens = [1000, 5];
+    let shard = out.join("shard-00001.bin");
+    let original = std::fs::read(&shard).unwrap();
+
+    let mut corrupt = original.clone();
+    corrupt[1000] ^= 0x40;
+    std::fs::write(&shard, &corrupt).unwrap();
+    let err = shard_logits(&gpu, &out, &tokens).unwrap_err().to_string();
+    assert!(err.starts_with("shard-00001.bin: sha256 is ") && err.contains("corrupt"), "{err}");
+
+    std::fs::write(&shard, &original[..original.len() - 100]).unwrap();
+    let err = shard_logits(&gpu, &out, &tokens).unwrap_err().to_string();
+    assert_eq!(err, format!("shard-00001.bin: truncated at offset {} while reading tensor data: needs 100 bytes, 0 remain", original.len() - 100));
+
+    std::fs::remove_file(&shard).unwrap();
+    let err = shard_logits(&gpu, &out, &tokens).unwrap_err().to_string();
+    assert!(err.contains("shard-00001.bin") && err.contains("No such file"), "{err}");
+
+    std::fs::write(&shard, &original).unwrap();
+    shard_logits(&gpu, &out, &tokens).unwrap();
+
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    std::fs::write(out.join("manifest.json"), manifest.replacen("\"offset\": 0", "\"offset\": 99999999", 1)).unwrap();
+    let err = ShardDir::open(&out).err().unwrap().to_string();
+    assert!(err.starts_with("manifest.json: tensor") && err.contains("lies outside shard"), "{err}");
+}
