@@ -261,3 +261,19 @@ fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
         }
     }
 }
+
+#[test]
+fn fill_matches_reference_and_decodes_to_finite_weights() {
+    let Some(gpu) = gpu() else { return };
+    let buffer = gpu.storage_buffer("w", 4 * 10_007);
+    let op = ops::fill(&gpu, &buffer, 42);
+    run(&gpu, |pass| op.encode(pass, 1));
+    let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&buffer, 4 * 10_007)).unwrap());
+    let want: Vec<u32> = (0..10_007).map(|i| reference::fill_word(i, 42)).collect();
+    assert_eq!(words, want);
+    let bytes: Vec<u8> = bytemuck::cast_slice(&words).to_vec();
+    for dtype in [DType::F16, DType::BF16, DType::Q4_0, DType::Q8_0, DType::Q4K, DType::Q6K] {
+        let whole = bytes.len() / dtype.block().1 * dtype.block().1;
+        assert!(dtype.to_f32(&bytes[..whole]).unwrap().iter().all(|v| v.is_finite()), "{dtype}");
+    }
+}

@@ -68,6 +68,7 @@ fn params_structs_match_their_rust_mirrors() {
         ("silu_mul", std::mem::size_of::<ops::SiluMulParams>()),
         ("argmax", std::mem::size_of::<ops::ArgmaxParams>()),
         ("top_k", std::mem::size_of::<ops::TopKParams>()),
+        ("fill", std::mem::size_of::<ops::FillParams>()),
     ];
     for kernel in KERNELS {
         let (module, _) = parse(kernel);

@@ -1,5 +1,6 @@
 //! The `llama-webgpu` command line (native only).
 
+mod bench;
 mod serve;
 
 use std::io::{BufRead, Write};
@@ -78,6 +79,8 @@ enum Command {
         #[arg(long, short)]
         out: PathBuf,
     },
+    /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench.
+    Bench(bench::BenchArgs),
     /// List GPU adapters, and the features and limits the engine gets on the chosen one.
     Info,
 }
@@ -235,6 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} tensors in {} shards ({} bytes) to {}", report.tensors, report.shards, report.bytes, out.display());
             Ok(())
         }
+        Command::Bench(args) => bench::bench(Gpu::new(&options).await?, args, cli.quiet).await,
         Command::Serve { model, server } => serve::serve(options, model, server, cli.quiet),
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;

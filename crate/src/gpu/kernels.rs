@@ -44,9 +44,10 @@ kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, Uniform,
 kernel!(SILU_MUL, "silu_mul", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
 kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
+kernel!(FILL, "fill", [StorageMut, Uniform]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 7] = [&RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX, &TOP_K];
+pub const KERNELS: [&Kernel; 8] = [&RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX, &TOP_K, &FILL];
 
 struct Module {
     shader: wgpu::ShaderModule,

@@ -77,6 +77,24 @@ pub struct TopKParams {
     pub _pad: u32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct FillParams {
+    pub words: u32,
+    pub seed: u32,
+    pub _pad: [u32; 2],
+}
+
+/// Fills `buffer` (its whole size) with the hashed words of fill.wgsl.
+pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, seed: u32) -> Op {
+    let words = (buffer.size() / 4) as u32;
+    let params = gpu.uniform_buffer("fill params", &FillParams { words, seed, _pad: [0; 2] });
+    let groups = words.div_ceil(WG_1D).max(1);
+    let x = groups.min(gpu.limits.max_compute_workgroups_per_dimension);
+    let grid = Grid::Fixed([x, groups.div_ceil(x), 1]);
+    Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid)] }
+}
+
 /// The most candidates top_k.wgsl selects (its MAX_K).
 pub const MAX_TOP_K: usize = 64;
 

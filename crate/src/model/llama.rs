@@ -5,6 +5,7 @@ use crate::gpu::ops::{self, Candidates, Matmul, MatmulLayout, Op, RopeParams, St
 use crate::gpu::{Gpu, WeightMatrix};
 use std::collections::HashMap;
 
+use crate::quant::DType;
 use crate::load::{stream_weights, Destination, LoadError, LoadProgress, TensorLocation, WeightStream};
 use crate::Result;
 
@@ -53,6 +54,35 @@ pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize
         specs.push(matrix("lm_head.weight".into(), c.vocab_size, c.hidden_size));
     }
     specs
+}
+
+/// Where a model's weights come from.
+enum Weights<'a> {
+    Stream(&'a dyn WeightStream, &'a mut dyn FnMut(LoadProgress)),
+    Synthetic(DType),
+}
+
+/// Every matrix of `c` in `dtype`, filled with hashed values on the GPU; norm weights are ones.
+fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<String, WeightMatrix>, HashMap<String, wgpu::Buffer>)> {
+    let mut matrices = HashMap::new();
+    let mut vectors = HashMap::new();
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        for (i, (name, shape, is_norm)) in checkpoint_tensors(c, c.tie_word_embeddings).into_iter().enumerate() {
+            if is_norm {
+                vectors.insert(name.clone(), gpu.storage_buffer_with(&name, &vec![1.0f32; shape[0]]));
+                continue;
+            }
+            let matrix = WeightMatrix::new(gpu, &name, dtype, shape[0], shape[1])?;
+            for part in &matrix.parts {
+                ops::fill(gpu, &part.buffer, i as u32).encode(&mut pass, 1);
+            }
+            matrices.insert(name, matrix);
+        }
+    }
+    gpu.queue.submit([encoder.finish()]);
+    Ok((matrices, vectors))
 }
 
 /// Allocates every weight, streams the checkpoint into them, and returns the matrices and the norm
@@ -151,6 +181,16 @@ impl Llama {
         options: &LoadOptions,
         on_progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Self> {
+        Self::build(gpu, config, options, Weights::Stream(source, on_progress)).await
+    }
+
+    /// A model of `config`'s shapes with hashed weights in `dtype`, made on the GPU: for benchmarks,
+    /// whose speed depends on shapes, not values.
+    pub async fn synthetic(gpu: &Gpu, config: Config, dtype: DType, options: &LoadOptions) -> Result<Self> {
+        Self::build(gpu, config, options, Weights::Synthetic(dtype)).await
+    }
+
+    async fn build(gpu: &Gpu, config: Config, options: &LoadOptions, weights: Weights<'_>) -> Result<Self> {
         gpu.check()?;
         let c = &config;
         let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(c.max_position_embeddings));
@@ -185,7 +225,10 @@ impl Llama {
         let next_token = gpu.storage_buffer("next token", 4);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
 
-        let (matrices, vectors) = upload_weights(gpu, c, source, on_progress).await?;
+        let (matrices, vectors) = match weights {
+            Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
+            Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
+        };
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, accumulate: false, rows_at_position: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, accumulate: true, rows_at_position: false };
         let cache_rows = MatmulLayout { in_stride: c.hidden_size, out_stride: c.kv_dim(), accumulate: false, rows_at_position: true };

@@ -1,0 +1,212 @@
+//! `bench`: prompt processing (pp) and generation (tg) speed, llama-bench style, on a model file or
+//! on synthetic weights of a real Llama shape built on the GPU.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use llama_webgpu::model::{Llama3Scaling, Rope};
+use llama_webgpu::quant::DType;
+use llama_webgpu::{Config, Gpu, Llama, LoadOptions};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A model to load (Hugging Face folder, GGUF file or shard folder).
+    #[arg(long, short, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+    model: Option<std::path::PathBuf>,
+    /// Random weights of a real shape: llama3.1-8b, llama3.2-1b, llama3.2-3b, llama3.1-70b-layer.
+    #[arg(long)]
+    synthetic: Option<String>,
+    /// Weight format of the synthetic model: q4_0, q4_1, q8_0, q4_k, q6_k, f16 or bf16.
+    #[arg(long, default_value = "q4_0")]
+    quant: String,
+    /// Fewer layers than the shape has (a smaller synthetic model).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Prompt lengths to time (0 skips prompt processing).
+    #[arg(short = 'p', long, default_value = "512", value_delimiter = ',')]
+    prompt: Vec<usize>,
+    /// Tokens to generate (0 skips generation).
+    #[arg(short = 'n', long, default_value = "128", value_delimiter = ',')]
+    generate: Vec<usize>,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 3)]
+    repetitions: usize,
+    /// Memory bandwidth of the card in GB/s, to report the fraction the speed implies.
+    #[arg(long)]
+    bandwidth_gbps: Option<f64>,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Configs of the published Llama shapes (../shared LLAMA.md).
+fn preset(name: &str) -> anyhow::Result<Config> {
+    let (hidden, layers, heads, head_dim, ffn, tied, factor) = match name {
+        "llama3.2-1b" => (2048, 16, 32, 64, 8192, true, 32.0),
+        "llama3.2-3b" => (3072, 28, 24, 128, 8192, true, 32.0),
+        "llama3.1-8b" => (4096, 32, 32, 128, 14336, false, 8.0),
+        "llama3.1-70b-layer" => (8192, 1, 64, 128, 28672, false, 8.0),
+        other => bail!("unknown synthetic model {other:?}: llama3.1-8b, llama3.2-1b, llama3.2-3b or llama3.1-70b-layer"),
+    };
+    Ok(Config {
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        n_layers: layers,
+        n_heads: heads,
+        n_kv_heads: 8,
+        head_dim,
+        vocab_size: 128256,
+        max_position_embeddings: 131072,
+        rms_norm_eps: 1e-5,
+        rope: Rope {
+            theta: 500000.0,
+            scaling: Some(Llama3Scaling { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }),
+        },
+        tie_word_embeddings: tied,
+        bos_token_id: Some(128000),
+        eos_token_ids: vec![128001, 128008, 128009],
+    })
+}
+
+/// Bytes of weights a decode step reads: every layer matrix and the head (the embedding row is
+/// negligible).
+fn weight_bytes_per_token(c: &Config, dtype: DType) -> u64 {
+    let row = |cols: usize| dtype.row_bytes(cols).unwrap_or(0) as u64;
+    let (hidden, q, kv, ffn) = (c.hidden_size as u64, c.q_dim() as u64, c.kv_dim() as u64, c.intermediate_size as u64);
+    let q_k_v = (q + 2 * kv) * row(c.hidden_size);
+    let o = hidden * row(c.q_dim());
+    let gate_up = 2 * ffn * row(c.hidden_size);
+    let down = hidden * row(c.intermediate_size);
+    let layer = q_k_v + o + gate_up + down;
+    c.n_layers as u64 * layer + row(c.hidden_size) * c.vocab_size as u64
+}
+
+struct Sample {
+    test: String,
+    tokens_per_second: Vec<f64>,
+}
+
+pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()> {
+    let longest = args.prompt.iter().max().copied().unwrap_or(0) + args.generate.iter().max().copied().unwrap_or(0) + 1;
+    let options = LoadOptions { context_length: Some(longest.max(16)), ..Default::default() };
+    let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
+        (Some(name), _) => {
+            let mut config = preset(name)?;
+            if let Some(layers) = args.layers {
+                config.n_layers = layers;
+            }
+            let dtype = DType::from_name(&args.quant).with_context(|| format!("--quant {:?}", args.quant))?;
+            let started = Instant::now();
+            let model = Llama::synthetic(&gpu, config, dtype, &options).await?;
+            if !quiet {
+                eprintln!("built {name} ({dtype}) on the GPU in {:.1} s", started.elapsed().as_secs_f64());
+            }
+            (name.clone(), Some(dtype), model)
+        }
+        (None, Some(path)) => {
+            let files = llama_webgpu::load::open_model(path)?;
+            let model = Llama::load(&gpu, files.config.clone(), files.stream(), &options, &mut |_| {}).await?;
+            (path.display().to_string(), None, model)
+        }
+        (None, None) => bail!("--model or --synthetic is required"),
+    };
+    let vocab = model.config().vocab_size as u32;
+    // Token ids from a fixed sequence: speed does not depend on which ids.
+    let tokens: Vec<u32> = (0..longest as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    // A warm-up pass compiles pipelines and touches every buffer.
+    model.forward_greedy(&tokens[..1], 0).await?;
+    let mut samples = vec![];
+    for &n in args.prompt.iter().filter(|&&n| n > 0) {
+        let mut rates = vec![];
+        for _ in 0..args.repetitions {
+            let started = Instant::now();
+            model.forward_greedy(&tokens[..n], 0).await?;
+            rates.push(n as f64 / started.elapsed().as_secs_f64());
+        }
+        samples.push(Sample { test: format!("pp{n}"), tokens_per_second: rates });
+    }
+    for &n in args.generate.iter().filter(|&&n| n > 0) {
+        let mut rates = vec![];
+        for _ in 0..args.repetitions {
+            let started = Instant::now();
+            let mut token = tokens[0];
+            for position in 0..n {
+                token = model.forward_greedy(&[token], position).await?;
+            }
+            rates.push(n as f64 / started.elapsed().as_secs_f64());
+        }
+        samples.push(Sample { test: format!("tg{n}"), tokens_per_second: rates });
+    }
+    let bytes_per_token = dtype.map(|d| weight_bytes_per_token(model.config(), d));
+    report(&gpu, &label, dtype, &model, &samples, bytes_per_token, args.bandwidth_gbps, args.json);
+    Ok(())
+}
+
+fn mean_and_std(values: &[f64]) -> (f64, f64) {
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len().max(2) - 1) as f64;
+    (mean, variance.sqrt())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    gpu: &Gpu,
+    label: &str,
+    dtype: Option<DType>,
+    model: &Llama,
+    samples: &[Sample],
+    bytes_per_token: Option<u64>,
+    bandwidth_gbps: Option<f64>,
+    json: bool,
+) {
+    let rows: Vec<serde_json::Value> = samples
+        .iter()
+        .map(|s| {
+            let (mean, std) = mean_and_std(&s.tokens_per_second);
+            // Decode reads every weight once per token; prefill shares the reads across the batch.
+            let bandwidth_fraction = match (s.test.starts_with("tg"), bytes_per_token, bandwidth_gbps) {
+                (true, Some(bytes), Some(gbps)) => Some(bytes as f64 * mean / (gbps * 1e9)),
+                _ => None,
+            };
+            serde_json::json!({
+                "test": s.test,
+                "tokens_per_second": mean,
+                "std": std,
+                "samples": s.tokens_per_second,
+                "bandwidth_fraction": bandwidth_fraction,
+            })
+        })
+        .collect();
+    if json {
+        let out = serde_json::json!({
+            "model": label,
+            "quant": dtype.map(DType::name),
+            "adapter": gpu.info.name,
+            "backend": format!("{:?}", gpu.info.backend),
+            "layers": model.config().n_layers,
+            "dispatches_per_token": model.dispatches_per_token(),
+            "weight_bytes_per_token": bytes_per_token,
+            "bandwidth_gbps": bandwidth_gbps,
+            "results": rows,
+        });
+        println!("{out}");
+        return;
+    }
+    println!("| model | quant | adapter | test | t/s | fraction of bandwidth |");
+    println!("| --- | --- | --- | --- | ---: | ---: |");
+    for row in &rows {
+        let fraction = row["bandwidth_fraction"].as_f64().map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f));
+        println!(
+            "| {label} | {} | {} | {} | {:.2} ± {:.2} | {fraction} |",
+            dtype.map_or("as stored", DType::name),
+            gpu.info.name,
+            row["test"].as_str().unwrap_or(""),
+            row["tokens_per_second"].as_f64().unwrap_or(0.0),
+            row["std"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if let Some(bytes) = bytes_per_token {
+        println!("weights read per token: {:.1} MiB; dispatches per token: {}", bytes as f64 / (1 << 20) as f64, model.dispatches_per_token());
+    }
+}

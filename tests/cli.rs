@@ -1,0 +1,59 @@
+//! The `llama-webgpu` binary end to end: run, bench (JSON checked) and convert.
+
+mod common;
+
+use std::process::Command;
+
+use common::{fixture, golden, gpu};
+
+fn llama_webgpu(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_llama-webgpu")).args(args).arg("--quiet").output().unwrap();
+    assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn run_prints_the_greedy_continuation() {
+    if gpu().is_none() {
+        return;
+    }
+    let golden = golden("tiny-llama31").greedy;
+    let prompt: Vec<String> = golden.prompt.iter().map(u32::to_string).collect();
+    let model = fixture("tiny-llama31");
+    let out = llama_webgpu(&["run", "--model", model.to_str().unwrap(), "--tokens", &prompt.join(","), "-n", "32"]);
+    let tokens: Vec<u32> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(tokens, golden.tokens);
+}
+
+#[test]
+fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = fixture("tiny-llama31");
+    let out = llama_webgpu(&["bench", "--model", model.to_str().unwrap(), "-p", "16", "-n", "4", "-r", "2", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let results = report["results"].as_array().unwrap();
+    assert_eq!(results.iter().map(|r| r["test"].as_str().unwrap()).collect::<Vec<_>>(), ["pp16", "tg4"]);
+    for r in results {
+        assert!(r["tokens_per_second"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["samples"].as_array().unwrap().len(), 2);
+    }
+    assert_eq!(report["layers"], 3);
+    assert!(report["dispatches_per_token"].as_u64().unwrap() > 3 * 10);
+
+    // One layer of Llama 3.2 1B's shape in q4_0: 1B's lm_head dominates the bytes per token.
+    let out = llama_webgpu(&[
+        "bench", "--synthetic", "llama3.2-1b", "--layers", "1", "--quant", "q4_0", "-p", "0", "-n", "1", "-r", "1",
+        "--bandwidth-gbps", "100", "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let layer = (2048 + 2 * 512) * 64 * 18 + 2048 * 64 * 18 + 2 * 8192 * 64 * 18 + 2048 * 256 * 18;
+    let head = 128256 * 64 * 18;
+    assert_eq!(report["weight_bytes_per_token"].as_u64().unwrap(), (layer + head) as u64);
+    let tg = &report["results"][0];
+    assert_eq!(tg["test"], "tg1");
+    let fraction = tg["bandwidth_fraction"].as_f64().unwrap();
+    let implied = (layer + head) as f64 * tg["tokens_per_second"].as_f64().unwrap() / 100e9;
+    assert!((fraction - implied).abs() < 1e-12);
+}
