@@ -118,6 +118,25 @@ impl super::WeightStream for ShardDir {
     }
 }
 
+/// Reads a tensor's bytes from its shard, for tools that need whole tensors (the converter).
+impl super::WeightSource for ShardDir {
+    fn tensor(&self, name: &str) -> Result<super::TensorData<'_>, LoadError> {
+        use std::io::{Read, Seek};
+        let location = self.locations.iter().find(|l| l.name == name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        let path = self.dir.join(&self.files[location.file].name);
+        let io = |source| LoadError::Io { path: path.display().to_string(), source };
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        file.seek(std::io::SeekFrom::Start(location.range.start)).map_err(io)?;
+        let mut bytes = vec![0u8; (location.range.end - location.range.start) as usize];
+        file.read_exact(&mut bytes).map_err(io)?;
+        Ok(super::TensorData { dtype: location.dtype, shape: location.shape.clone(), bytes: std::borrow::Cow::Owned(bytes) })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.locations.iter().any(|l| l.name == name)
+    }
+}
+
 /// Plain reads of a file: its pages go through the page cache, never into this process.
 struct FileReader {
     file: std::fs::File,

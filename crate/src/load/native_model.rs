@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::{open_safetensors_dir, read_hf_config, read_hf_text, Gguf, LoadError, Safetensors, WeightSource, WeightStream};
+use super::{open_safetensors_dir, ShardDir, read_hf_config, read_hf_text, Gguf, LoadError, Safetensors, WeightSource, WeightStream};
 use crate::engine::EngineError;
 use crate::text::{ChatTemplate, Tokenizer};
 use crate::Config;
@@ -24,13 +24,19 @@ pub enum ModelWeights {
     Safetensors(Safetensors<Mmap>),
     /// A GGUF file, which also holds the configuration, tokenizer and chat template.
     Gguf(Gguf<Mmap>),
+    /// Our shard format: manifest.json, shards, tokenizer.json.
+    Shards(ShardDir),
 }
 
-/// Opens `path`: a directory is a Hugging Face model folder (config.json, optional
-/// generation_config.json, safetensors weights); a file is a GGUF file.
+/// Opens `path`: a directory is a shard folder when it has a manifest.json, else a Hugging Face
+/// model folder (config.json, optional generation_config.json, safetensors weights); a file is a
+/// GGUF file.
 pub fn open_model(path: &Path) -> Result<ModelFiles, crate::Error> {
     let metadata = std::fs::metadata(path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
-    let (config, weights) = if metadata.is_dir() {
+    let (config, weights) = if metadata.is_dir() && path.join("manifest.json").exists() {
+        let shards = ShardDir::open(path)?;
+        (shards.manifest.model_config()?, ModelWeights::Shards(shards))
+    } else if metadata.is_dir() {
         (read_hf_config(path)?, ModelWeights::Safetensors(open_safetensors_dir(path)?))
     } else {
         let gguf = Gguf::open(path)?;
@@ -45,6 +51,7 @@ impl ModelFiles {
         match &self.weights {
             ModelWeights::Safetensors(source) => source,
             ModelWeights::Gguf(source) => source,
+            ModelWeights::Shards(source) => source,
         }
     }
 
@@ -53,6 +60,7 @@ impl ModelFiles {
         match &self.weights {
             ModelWeights::Safetensors(source) => source,
             ModelWeights::Gguf(source) => source,
+            ModelWeights::Shards(source) => source,
         }
     }
 
@@ -62,6 +70,7 @@ impl ModelFiles {
     pub fn text(&self) -> Result<(Tokenizer, ChatTemplate), crate::Error> {
         match &self.weights {
             ModelWeights::Safetensors(_) => read_hf_text(&self.path),
+            ModelWeights::Shards(shards) => shards.text(),
             ModelWeights::Gguf(gguf) => {
                 let header = gguf.header();
                 let tokenizer = Tokenizer::from_gguf(header).map_err(EngineError::from)?;
