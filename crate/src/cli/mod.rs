@@ -85,11 +85,15 @@ enum Command {
     Info,
 }
 
+/// Where scripts/setup puts SmolLM2-135M-Instruct, relative to the repository.
+const DEFAULT_MODEL: &str = "target/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
 #[derive(Args)]
 struct ModelArgs {
-    /// A Hugging Face model folder (config.json, safetensors weights, tokenizer.json) or a GGUF
-    /// file (weights, configuration, tokenizer and chat template in one).
-    #[arg(long, short)]
+    /// A Hugging Face model folder (config.json, safetensors weights, tokenizer.json), a GGUF file
+    /// (weights, configuration, tokenizer and chat template in one) or a shard folder. The default
+    /// is the SmolLM2 GGUF that scripts/setup fetches.
+    #[arg(long, short, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// KV cache positions (default min(4096, max_position_embeddings)).
     #[arg(long)]
