@@ -4,21 +4,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::sync::OnceLock;
+use common::llama3_tokenizer as llama3;
+
 
 use llama_webgpu::text::{TextError, TextStream, Tokenizer};
 use serde::Deserialize;
-
-fn llama3() -> &'static Tokenizer {
-    static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
-    TOKENIZER.get_or_init(|| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/models/llama3-tokenizer/tokenizer.json");
-        let json = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("{} is missing ({e}): run scripts/fetch-tokenizer", path.display()));
-        Tokenizer::from_json_bytes(&json).expect("tokenizer.json loads")
-    })
-}
 
 #[derive(Deserialize)]
 struct Goldens {

@@ -97,6 +97,12 @@ pub fn llama3_tokenizer_json() -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run scripts/fetch-tokenizer", path.display()))
 }
 
+/// Meta's Llama 3 tokenizer, loaded once per test binary.
+pub fn llama3_tokenizer() -> &'static llama_webgpu::text::Tokenizer {
+    static TOKENIZER: std::sync::OnceLock<llama_webgpu::text::Tokenizer> = std::sync::OnceLock::new();
+    TOKENIZER.get_or_init(|| llama_webgpu::text::Tokenizer::from_json_bytes(&llama3_tokenizer_json()).expect("tokenizer.json loads"))
+}
+
 /// The Llama 3 tokenizer cut to its first `vocab` ids (byte-level BPE stays complete: the first 256
 /// ids are the bytes), for the tiny fixtures' vocabulary.
 pub fn truncated_llama3_tokenizer(vocab: usize) -> llama_webgpu::text::Tokenizer {
