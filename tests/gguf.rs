@@ -652,7 +652,9 @@ fn smollm2_metadata_tensors_and_config() {
     let c = g.config().unwrap();
     assert_eq!((c.n_layers, c.hidden_size, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size), (30, 576, 9, 3, 64, 1536));
     assert_eq!((c.vocab_size, c.max_position_embeddings, c.rope.theta, c.rope.scaling.clone()), (49152, 8192, 100000.0, None));
-    assert_eq!((c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids.clone(), c.rms_norm_eps), (true, Some(1), vec![2], 1e-5));
+    // SmolLM2's tokenizer adds no BOS (tokenizer.ggml.add_bos_token = false), so raw prompts get none.
+    assert_eq!(g.header().get_bool("tokenizer.ggml.add_bos_token").unwrap(), Some(false));
+    assert_eq!((c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids.clone(), c.rms_norm_eps), (true, None, vec![2], 1e-5));
 
     // Every tensor the Llama loader asks for, by its Hugging Face name, with HF's row-major shape.
     let expect = |name: String, dtype: DType, shape: &[usize]| {

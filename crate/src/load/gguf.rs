@@ -440,7 +440,11 @@ impl<B: AsRef<[u8]>> Gguf<B> {
             rms_norm_eps: h.required("llama.attention.layer_norm_rms_epsilon", h.get_f32("llama.attention.layer_norm_rms_epsilon"))?,
             rope: Rope { theta: h.get_f32("llama.rope.freq_base")?.unwrap_or(10000.0), scaling: None },
             tie_word_embeddings: h.tensor("output.weight").is_none(),
-            bos_token_id: token("tokenizer.ggml.bos_token_id")?,
+            // Raw prompts start with BOS unless the tokenizer says it adds none (SmolLM2).
+            bos_token_id: match h.get_bool("tokenizer.ggml.add_bos_token")? {
+                Some(false) => None,
+                _ => token("tokenizer.ggml.bos_token_id")?,
+            },
             eos_token_ids,
         };
         config.validate()?;

@@ -18,6 +18,7 @@ pub struct Config {
     pub rms_norm_eps: f32,
     pub rope: Rope,
     pub tie_word_embeddings: bool,
+    /// The token raw (non-chat) prompts start with; None when the model's tokenizer adds none.
     pub bos_token_id: Option<u32>,
     /// Every token that ends generation (Llama 3.1 Instruct: 128001, 128008, 128009).
     pub eos_token_ids: Vec<u32>,
