@@ -19,7 +19,7 @@ var<workgroup> best_index: array<u32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
-    var value = -3.4028235e38;
+    var value = -0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
     var index = 0xffffffffu;
     for (var i = lid.x; i < params.n; i += WG) {
         let v = logits[i];

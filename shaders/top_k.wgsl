@@ -39,11 +39,11 @@ fn reduce_best(lid: u32) {
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_id) lid3: vec3<u32>) {
     let lid = lid3.x;
-    var prev_value = 3.4028235e38;
+    var prev_value = 0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
     var prev_index = 0u;
     var max_value = 0.0; // round 0's pick
     for (var round = 0u; round < min(params.k, MAX_K); round++) {
-        var value = -3.4028235e38;
+        var value = -0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
         var index = 0xffffffffu;
         for (var i = lid; i < params.n; i += WG) {
             let v = logits[i];

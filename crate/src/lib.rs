@@ -10,6 +10,8 @@ pub mod quant;
 pub mod reference;
 pub mod sample;
 pub mod text;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 
 mod error;
 

@@ -19,6 +19,10 @@ pub use convert::{convert, ConvertReport};
 mod native_model;
 #[cfg(not(target_arch = "wasm32"))]
 pub use native_model::{open_model, ModelFiles, ModelWeights};
+#[cfg(target_arch = "wasm32")]
+mod web;
+#[cfg(target_arch = "wasm32")]
+pub use web::{WebShards, CACHE_NAME};
 
 use std::borrow::Cow;
 use std::future::Future;

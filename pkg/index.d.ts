@@ -1,0 +1,101 @@
+export interface EngineOptions {
+  /** URL of a shard folder's manifest.json (made by `llama-webgpu convert`), relative to the page. */
+  model: string;
+  onProgress?: (report: LoadProgress) => void;
+  /** Positions the KV cache holds; default min(4096, the model's maximum). */
+  contextLength?: number;
+  /** Caps the storage binding size below the adapter's (bytes); for testing the split path. */
+  maxStorageBinding?: number;
+  /** Run the engine in a Web Worker (default) or on this thread. */
+  worker?: boolean;
+}
+
+export interface LoadProgress {
+  /** 0..1 of the weight bytes uploaded. */
+  progress: number;
+  loaded: number;
+  total: number;
+  /** Seconds since loading started. */
+  timeElapsed: number;
+  text: string;
+}
+
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | "tool" | "ipython";
+  content?: string;
+  name?: string;
+  tool_call_id?: string;
+}
+
+export interface ChatCompletionParams {
+  messages: ChatMessage[];
+  stream?: boolean;
+  /** 0 is greedy. */
+  temperature?: number;
+  top_p?: number;
+  top_k?: number;
+  min_p?: number;
+  repetition_penalty?: number;
+  frequency_penalty?: number;
+  presence_penalty?: number;
+  max_tokens?: number;
+  stop?: string | string[];
+  seed?: number;
+  signal?: AbortSignal;
+}
+
+export type FinishReason = "stop" | "length" | "abort";
+
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** Prompt tokens whose KV cache entries were reused from the previous request. */
+  cached_prompt_tokens: number;
+}
+
+export interface ChatCompletion {
+  id: string;
+  object: "chat.completion";
+  created: number;
+  model: string;
+  choices: [{ index: 0; message: { role: "assistant"; content: string }; finish_reason: FinishReason; logprobs: null; token_ids: number[] }];
+  usage: Usage;
+}
+
+export interface ChatCompletionChunk {
+  id: string;
+  object: "chat.completion.chunk";
+  created: number;
+  model: string;
+  choices: [{ index: 0; delta: { content?: string }; finish_reason: FinishReason | null; logprobs: null; token_ids: number[] }];
+  /** On the last chunk only. */
+  usage?: Usage;
+}
+
+export interface EngineInfo {
+  adapter: { name: string; vendor: number; device_type: string; backend: string };
+  features: string[];
+  limits: Record<string, number>;
+  model: { layers: number; hidden_size: number; vocab_size: number; context_length: number };
+}
+
+export interface Engine {
+  chat: {
+    completions: {
+      create(params: ChatCompletionParams & { stream: true }): AsyncIterable<ChatCompletionChunk>;
+      create(params: ChatCompletionParams & { stream?: false }): Promise<ChatCompletion>;
+    };
+  };
+  info(): EngineInfo;
+  unload(): Promise<void>;
+}
+
+export function createEngine(options: EngineOptions): Promise<Engine>;
+
+export class LlamaWebGpuError extends Error {}
+export class NoWebGpuError extends LlamaWebGpuError {}
+export class LimitError extends LlamaWebGpuError {}
+export class LoadError extends LlamaWebGpuError {}
+export class AbortError extends LlamaWebGpuError {}
+export class EngineError extends LlamaWebGpuError {}

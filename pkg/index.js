@@ -1,0 +1,146 @@
+// llama-webgpu's JS API: an OpenAI-shaped chat engine running Llama in WebGPU, in a Web Worker by
+// default so the page never blocks.
+import { createHandler } from "./protocol.js";
+
+export class LlamaWebGpuError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = new.target.name;
+  }
+}
+/** The browser has no WebGPU, or offers no adapter. */
+export class NoWebGpuError extends LlamaWebGpuError {}
+/** An adapter limit is below what the engine needs; the message has the numbers. */
+export class LimitError extends LlamaWebGpuError {}
+/** Fetching, checking or uploading the model failed; the message names the file. */
+export class LoadError extends LlamaWebGpuError {}
+/** The request was aborted through its signal. */
+export class AbortError extends LlamaWebGpuError {}
+/** Anything else the engine refused or failed at. */
+export class EngineError extends LlamaWebGpuError {}
+
+const ERRORS = { NoWebGpuError, LimitError, LoadError, AbortError, EngineError };
+
+function toError({ name, message }) {
+  return new (ERRORS[name] ?? EngineError)(message);
+}
+
+/** A port to an engine on this thread, with the worker's postMessage/onmessage shape. */
+function mainThreadPort() {
+  const port = { onmessage: null };
+  const handle = import("./llama_webgpu.js").then(async (wasm) => {
+    await wasm.default();
+    return createHandler(wasm, (data) => port.onmessage?.({ data }));
+  });
+  port.postMessage = (data) => handle.then((h) => h(data));
+  port.terminate = () => {};
+  return port;
+}
+
+/**
+ * Loads a model and returns an engine.
+ * @param {import("./index.d.ts").EngineOptions} options
+ */
+export async function createEngine({ model, onProgress, contextLength, maxStorageBinding, worker = true } = {}) {
+  if (!model) throw new LoadError("createEngine: `model` (a manifest.json URL) is required");
+  if (!globalThis.navigator?.gpu) throw new NoWebGpuError("this browser has no WebGPU (navigator.gpu is missing)");
+  const port = worker ? new Worker(new URL("./worker.js", import.meta.url), { type: "module" }) : mainThreadPort();
+  const pending = new Map();
+  let nextId = 1;
+  port.onmessage = ({ data }) => {
+    const request = pending.get(data.id);
+    if (!request) return;
+    if (data.type === "result" || data.type === "error") pending.delete(data.id);
+    request(data);
+  };
+  if (worker) {
+    port.onerror = (event) => {
+      const error = { type: "error", name: "LoadError", message: `the engine worker failed: ${event.message ?? "unknown error"}` };
+      for (const request of pending.values()) request(error);
+      pending.clear();
+    };
+  }
+  const call = (message, onEvent) =>
+    new Promise((resolve, reject) => {
+      const id = nextId++;
+      pending.set(id, (data) => {
+        if (data.type === "result") resolve(data.value);
+        else if (data.type === "error") reject(toError(data));
+        else onEvent?.(data);
+      });
+      port.postMessage({ ...message, id });
+    });
+
+  const started = performance.now();
+  const url = new URL(model, globalThis.location?.href).href;
+  const options = { contextLength, maxStorageBinding };
+  const info = await call({ type: "load", url, options }, ({ done, total, tensor }) =>
+    onProgress?.({
+      progress: total ? done / total : 0,
+      loaded: done,
+      total,
+      timeElapsed: (performance.now() - started) / 1000,
+      text: `loading ${tensor}`,
+    }));
+
+  let busy = Promise.resolve();
+  const create = (params) => {
+    const { signal, stream = false, ...request } = params;
+    const id = `chatcmpl-${crypto.randomUUID()}`;
+    const created = Math.floor(Date.now() / 1000);
+    const chunk = (delta, finish_reason, extra = {}) => ({
+      id, object: "chat.completion.chunk", created, model,
+      choices: [{ index: 0, delta, finish_reason, logprobs: null, ...extra }],
+    });
+    const queue = [];
+    let wake = null;
+    const push = (item) => { queue.push(item); wake?.(); };
+    // One request at a time: the engine keeps one KV cache.
+    const run = busy.then(async () => {
+      if (signal?.aborted) throw new AbortError("the request was aborted before it started");
+      const onAbort = () => port.postMessage({ type: "abort" });
+      signal?.addEventListener("abort", onAbort);
+      try {
+        const result = await call({ type: "chat", request }, ({ text, token }) =>
+          push(chunk({ content: text }, null, { token_ids: token === undefined ? [] : [token] })));
+        if (result.finish_reason === "abort") throw new AbortError("the request was aborted");
+        return result;
+      } finally {
+        signal?.removeEventListener("abort", onAbort);
+      }
+    });
+    busy = run.catch(() => {});
+    if (!stream) {
+      return run.then((result) => ({
+        id, object: "chat.completion", created, model,
+        choices: [{ index: 0, message: { role: "assistant", content: result.text }, finish_reason: result.finish_reason, logprobs: null, token_ids: result.tokens }],
+        usage: result.usage,
+      }));
+    }
+    run.then(
+      (result) => push({ done: chunk({}, result.finish_reason, { token_ids: [] }), usage: result.usage }),
+      (error) => push({ error }),
+    );
+    return {
+      async *[Symbol.asyncIterator]() {
+        for (;;) {
+          if (!queue.length) await new Promise((resolve) => (wake = resolve));
+          wake = null;
+          const item = queue.shift();
+          if (item.error) throw item.error;
+          if (item.done) return yield { ...item.done, usage: item.usage };
+          yield item;
+        }
+      },
+    };
+  };
+
+  return {
+    chat: { completions: { create } },
+    info: () => info,
+    async unload() {
+      await call({ type: "unload" });
+      port.terminate();
+    },
+  };
+}

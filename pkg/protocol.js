@@ -1,0 +1,32 @@
+// The engine's message protocol, the same in a Web Worker and on the main thread:
+//   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "unload"} | {type: "abort"}
+//   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", text, token}
+//        | {id, type: "result", value} | {id, type: "error", name, message}
+
+/** Returns a function that runs one incoming message against the wasm exports, answering with `post`. */
+export function createHandler(wasm, post) {
+  async function run(message) {
+    const { id, type } = message;
+    switch (type) {
+      case "load":
+        return JSON.parse(await wasm.load(message.url, JSON.stringify(message.options ?? {}), (done, total, tensor) =>
+          post({ id, type: "progress", done, total, tensor })));
+      case "chat":
+        return JSON.parse(await wasm.chat(JSON.stringify(message.request), (text, token) =>
+          post({ id, type: "chunk", text, token })));
+      case "unload":
+        return wasm.unload();
+      default:
+        throw new Error(`unknown message type ${type}`);
+    }
+  }
+  return async (message) => {
+    // Abort answers nothing and must not wait behind the running request.
+    if (message.type === "abort") return wasm.abort();
+    try {
+      post({ id: message.id, type: "result", value: await run(message) });
+    } catch (error) {
+      post({ id: message.id, type: "error", name: error?.name ?? "Error", message: error?.message ?? String(error) });
+    }
+  };
+}
