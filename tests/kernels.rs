@@ -277,3 +277,9 @@ fn fill_matches_reference_and_decodes_to_finite_weights() {
         assert!(dtype.to_f32(&bytes[..whole]).unwrap().iter().all(|v| v.is_finite()), "{dtype}");
     }
 }
+
+#[test]
+fn the_load_time_self_test_passes_on_this_adapter() {
+    let Some(gpu) = gpu() else { return };
+    pollster::block_on(llama_webgpu::gpu::self_test(&gpu)).unwrap();
+}

@@ -4,11 +4,13 @@
 mod kernels;
 pub mod ops;
 mod readback;
+mod self_test;
 mod tensor;
 
 use std::sync::{Arc, Mutex};
 
 pub use kernels::{Binding, Kernel, KERNELS};
+pub use self_test::self_test;
 pub use tensor::WeightMatrix;
 
 /// Picks an adapter by a case-insensitive substring of its name or backend ("vulkan", "llvmpipe", ...).
@@ -30,6 +32,8 @@ pub enum GpuError {
     OutOfMemory { what: String, bytes: u64 },
     #[error("tensor {tensor} has rows of {cols} {dtype} elements; the kernels need whole blocks filling 4-byte words")]
     RowLayout { tensor: String, cols: usize, dtype: crate::quant::DType },
+    #[error("the GPU failed its self-test, so it would compute garbage (a broken adapter or driver?): {0}")]
+    SelfTest(String),
     #[error("reading back from the GPU failed: {0}")]
     Readback(String),
 }

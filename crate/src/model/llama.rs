@@ -192,6 +192,7 @@ impl Llama {
 
     async fn build(gpu: &Gpu, config: Config, options: &LoadOptions, weights: Weights<'_>) -> Result<Self> {
         gpu.check()?;
+        crate::gpu::self_test(gpu).await?;
         let c = &config;
         let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(c.max_position_embeddings));
         if context > c.max_position_embeddings || context == 0 {
