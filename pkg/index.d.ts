@@ -1,5 +1,8 @@
 export interface EngineOptions {
-  /** URL of a shard folder's manifest.json (made by `llama-webgpu convert`), relative to the page. */
+  /**
+   * URL of a shard folder's manifest.json (made by `llama-webgpu convert`) or of a GGUF file (read
+   * with HTTP Range requests), relative to the page. Weights are kept in the Cache API.
+   */
   model: string;
   onProgress?: (report: LoadProgress) => void;
   /** Positions the KV cache holds; default min(4096, the model's maximum). */
@@ -74,10 +77,15 @@ export interface ChatCompletionChunk {
 }
 
 export interface EngineInfo {
-  adapter: { name: string; vendor: number; device_type: string; backend: string };
+  /** The adapter as the browser describes it (`GPUAdapterInfo`) where it does. */
+  adapter: { name: string; vendor: number | string; architecture?: string; description?: string; device_type: string; backend: string };
   features: string[];
   limits: Record<string, number>;
   model: { layers: number; hidden_size: number; vocab_size: number; context_length: number };
+  /** "cache" when the weights are kept in the Cache API, else "network (why not)". */
+  weights: string;
+  /** Bytes of wasm memory after loading (its peak: wasm memory never shrinks). */
+  wasm_memory_bytes: number;
 }
 
 export interface Engine {
@@ -92,6 +100,11 @@ export interface Engine {
 }
 
 export function createEngine(options: EngineOptions): Promise<Engine>;
+
+/** The Cache API bucket that holds downloaded weights. */
+export const CACHE_NAME: string;
+/** Deletes every cached model; resolves to whether there was a cache to delete. */
+export function clearModelCache(): Promise<boolean>;
 
 export class LlamaWebGpuError extends Error {}
 export class NoWebGpuError extends LlamaWebGpuError {}

@@ -37,12 +37,20 @@ function mainThreadPort() {
   return port;
 }
 
+/** The name of the Cache API bucket that holds downloaded weights. */
+export const CACHE_NAME = "llama-webgpu-shards";
+
+/** Deletes every cached model (e.g. after a model changed under the same URL). */
+export async function clearModelCache() {
+  return globalThis.caches ? caches.delete(CACHE_NAME) : false;
+}
+
 /**
  * Loads a model and returns an engine.
  * @param {import("./index.d.ts").EngineOptions} options
  */
 export async function createEngine({ model, onProgress, contextLength, maxStorageBinding, worker = true } = {}) {
-  if (!model) throw new LoadError("createEngine: `model` (a manifest.json URL) is required");
+  if (!model) throw new LoadError("createEngine: `model` (a manifest.json or .gguf URL) is required");
   if (!globalThis.navigator?.gpu) throw new NoWebGpuError("this browser has no WebGPU (navigator.gpu is missing)");
   const port = worker ? new Worker(new URL("./worker.js", import.meta.url), { type: "module" }) : mainThreadPort();
   const pending = new Map();
@@ -74,14 +82,21 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
   const started = performance.now();
   const url = new URL(model, globalThis.location?.href).href;
   const options = { contextLength, maxStorageBinding };
-  const info = await call({ type: "load", url, options }, ({ done, total, tensor }) =>
-    onProgress?.({
-      progress: total ? done / total : 0,
-      loaded: done,
-      total,
-      timeElapsed: (performance.now() - started) / 1000,
-      text: `loading ${tensor}`,
-    }));
+  let info;
+  try {
+    info = await call({ type: "load", url, options }, ({ done, total, tensor }) =>
+      onProgress?.({
+        progress: total ? done / total : 0,
+        loaded: done,
+        total,
+        timeElapsed: (performance.now() - started) / 1000,
+        text: `loading ${tensor}`,
+      }));
+  } catch (error) {
+    // A failed load leaves nothing behind: the worker and its GPU device go.
+    port.terminate();
+    throw error;
+  }
 
   let busy = Promise.resolve();
   const create = (params) => {
@@ -123,13 +138,28 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
     );
     return {
       async *[Symbol.asyncIterator]() {
-        for (;;) {
-          if (!queue.length) await new Promise((resolve) => (wake = resolve));
-          wake = null;
-          const item = queue.shift();
-          if (item.error) throw item.error;
-          if (item.done) return yield { ...item.done, usage: item.usage };
-          yield item;
+        let finished = false;
+        try {
+          for (;;) {
+            if (!queue.length) await new Promise((resolve) => (wake = resolve));
+            wake = null;
+            const item = queue.shift();
+            if (item.error) {
+              finished = true;
+              throw item.error;
+            }
+            if (item.done) {
+              finished = true;
+              return yield { ...item.done, usage: item.usage };
+            }
+            yield item;
+          }
+        } finally {
+          // The consumer stopped early (break, return, a throw in its loop): stop generating.
+          if (!finished) {
+            port.postMessage({ type: "abort" });
+            await run.catch(() => {});
+          }
         }
       },
     };

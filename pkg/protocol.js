@@ -3,14 +3,28 @@
 //   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", text, token}
 //        | {id, type: "result", value} | {id, type: "error", name, message}
 
+/** What the browser says about its adapter (wgpu leaves the name empty on the web). */
+async function adapterInfo() {
+  try {
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+    const { vendor, architecture, device, description } = adapter?.info ?? {};
+    const name = description || [vendor, architecture, device].filter(Boolean).join(" ");
+    return name ? { name, vendor, architecture, description } : {};
+  } catch {
+    return {};
+  }
+}
+
 /** Returns a function that runs one incoming message against the wasm exports, answering with `post`. */
 export function createHandler(wasm, post) {
   async function run(message) {
     const { id, type } = message;
     switch (type) {
-      case "load":
-        return JSON.parse(await wasm.load(message.url, JSON.stringify(message.options ?? {}), (done, total, tensor) =>
+      case "load": {
+        const info = JSON.parse(await wasm.load(message.url, JSON.stringify(message.options ?? {}), (done, total, tensor) =>
           post({ id, type: "progress", done, total, tensor })));
+        return { ...info, adapter: { ...info.adapter, ...(await adapterInfo()) } };
+      }
       case "chat":
         return JSON.parse(await wasm.chat(JSON.stringify(message.request), (text, token) =>
           post({ id, type: "chunk", text, token })));

@@ -90,11 +90,11 @@ fn loading_streams_weights_through_bounded_host_memory() {
     let (anon, file) = (status_kib("RssAnon:") * 1024, status_kib("RssFile:") * 1024);
     drop(model);
     std::fs::remove_dir_all(&dir).unwrap();
-    // lavapipe keeps "GPU" buffers in this process's memory, so the weights themselves count once,
-    // and its copies into them hold about 30% more until the load ends (measured, not ours: the
-    // loader's own staging is two 9 MiB buffers). A loader that held the checkpoint, or left its
-    // pages mapped, would add the whole 1.2 GB again, past this bound.
-    let bound = weight_bytes + weight_bytes * 35 / 100 + 96 * MIB;
+    // lavapipe keeps "GPU" buffers in this process's memory, so the weights themselves count once;
+    // the loader adds its 8 MiB read chunk and two 9 MiB staging buffers, lavapipe a little more
+    // (measured: 36 MiB over the weights). A loader that held the checkpoint, left its pages mapped
+    // or kept each tensor's bytes until the end would add the whole 1.2 GB again, past this bound.
+    let bound = weight_bytes + weight_bytes / 20 + 64 * MIB;
     println!(
         "weights {} MiB; peak RSS growth {} MiB (bound {} MiB); after load: anon {} MiB, file-backed {} MiB",
         weight_bytes / MIB,

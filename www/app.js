@@ -3,7 +3,7 @@ import { createEngine, AbortError, NoWebGpuError } from "../pkg/index.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-$("model").value = params.get("model") ?? "../target/web/smollm2/manifest.json";
+$("model").value = params.get("model") ?? "../target/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 let engine = null;
 let controller = null;
@@ -38,9 +38,10 @@ $("load-form").addEventListener("submit", async (event) => {
         $("progress-text").textContent = `${mb(loaded)} / ${mb(total)} MB, ${mb(loaded / Math.max(timeElapsed, 1e-3))} MB/s`;
       },
     });
-    const { adapter, model } = engine.info();
+    const { adapter, model, weights } = engine.info();
     $("progress").value = 1;
-    $("progress-text").textContent = `loaded: ${model.layers} layers on ${adapter.name || adapter.backend}`;
+    const kept = weights === "cache" ? "cached for the next visit" : weights;
+    $("progress-text").textContent = `loaded: ${model.layers} layers on ${adapter.name || adapter.backend}; weights ${kept}`;
     $("prompt").disabled = $("send").disabled = false;
     $("prompt").focus();
   } catch (error) {
@@ -70,6 +71,7 @@ $("chat-form").addEventListener("submit", async (event) => {
       messages: system ? [{ role: "system", content: system }, ...history] : history,
       stream: true,
       temperature: Number($("temperature").value),
+      top_p: Number($("top-p").value),
       max_tokens: Number($("max-tokens").value),
       signal: controller.signal,
     });

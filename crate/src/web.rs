@@ -10,7 +10,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::api::ChatCompletionRequest;
 use crate::gpu::GpuError;
-use crate::load::{LoadError, WebShards};
+use crate::load::{LoadError, WebModel};
 use crate::{CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 /// The `name` of the errors thrown to JS.
@@ -87,11 +87,11 @@ fn start() {
     console_error_panic_hook::set_once();
 }
 
-/// Loads the model of the shard manifest at `manifest_url` (absolute), replacing any loaded one.
-/// `options_json`: `{"contextLength"?, "maxStorageBinding"?}`. `on_progress(bytesDone, bytesTotal,
-/// tensor)` is called as weights upload. Returns `info()`.
+/// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file), replacing any
+/// loaded one. `options_json`: `{"contextLength"?, "maxStorageBinding"?}`. `on_progress(bytesDone,
+/// bytesTotal, tensor)` is called as weights upload. Returns `info()`.
 #[wasm_bindgen]
-pub async fn load(manifest_url: String, options_json: String, on_progress: Function) -> Result<String, JsValue> {
+pub async fn load(url: String, options_json: String, on_progress: Function) -> Result<String, JsValue> {
     let options: WebLoadOptions =
         serde_json::from_str(&options_json).map_err(|e| js_error(ErrorKind::Engine, format!("load options: {e}")))?;
     if STATE.with_borrow(|s| s.busy) {
@@ -104,9 +104,9 @@ pub async fn load(manifest_url: String, options_json: String, on_progress: Funct
     let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, ..Default::default() })
         .await
         .map_err(|e| to_js(e.into()))?;
-    let shards = WebShards::open(&manifest_url).await.map_err(|e| to_js(e.into()))?;
-    let config = shards.manifest.model_config().map_err(to_js)?;
-    let (tokenizer, template) = shards.text().await.map_err(to_js)?;
+    let source = WebModel::open(&url).await.map_err(to_js)?;
+    let config = source.config().map_err(to_js)?;
+    let (tokenizer, template) = source.text().await.map_err(to_js)?;
     let load_options = LoadOptions { context_length: options.context_length, ..Default::default() };
     let mut progress = |p: crate::LoadProgress| {
         let _ = on_progress.call3(
@@ -116,16 +116,16 @@ pub async fn load(manifest_url: String, options_json: String, on_progress: Funct
             &JsValue::from_str(p.tensor),
         );
     };
-    let model = match Llama::load(&gpu, config, &shards, &load_options, &mut progress).await {
+    let model = match Llama::load(&gpu, config, source.weights(), &load_options, &mut progress).await {
         Ok(model) => model,
         Err(error) => {
             if let crate::Error::Load(LoadError::Checksum { file, .. }) = &error {
-                shards.forget(file).await;
+                source.forget(file).await;
             }
             return Err(to_js(error));
         }
     };
-    let info = describe_engine(&gpu, &model);
+    let info = describe_engine(&gpu, &model, &source);
     let seed = (js_sys::Math::random() * 9007199254740992.0) as u64;
     let engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?;
     let text = info.to_string();
@@ -204,7 +204,13 @@ fn has_webgpu() -> bool {
         .is_ok_and(|gpu| !gpu.is_undefined() && !gpu.is_null())
 }
 
-fn describe_engine(gpu: &Gpu, model: &Llama) -> serde_json::Value {
+/// Bytes of wasm linear memory: it never shrinks, so after a load this is the load's peak.
+fn wasm_memory_bytes() -> f64 {
+    let memory: js_sys::WebAssembly::Memory = wasm_bindgen::memory().unchecked_into();
+    memory.buffer().unchecked_into::<js_sys::ArrayBuffer>().byte_length() as f64
+}
+
+fn describe_engine(gpu: &Gpu, model: &Llama, source: &WebModel) -> serde_json::Value {
     let limits = &gpu.limits;
     let config = model.config();
     serde_json::json!({
@@ -227,5 +233,7 @@ fn describe_engine(gpu: &Gpu, model: &Llama) -> serde_json::Value {
             "vocab_size": config.vocab_size,
             "context_length": model.context_length(),
         },
+        "weights": source.storage(),
+        "wasm_memory_bytes": wasm_memory_bytes(),
     })
 }

@@ -1,19 +1,30 @@
-// The browser test: the tiny fixture converted to shards, served from 127.0.0.1, loaded in headless
-// Chromium (SwiftShader WebGPU) through the package's worker API and through the chat demo; the
-// browser's greedy tokens must equal the native engine's, token for token.
+// The browser test: the tiny fixture converted to shards and SmolLM2's GGUF file, served from
+// 127.0.0.1, loaded in headless Chromium (SwiftShader WebGPU) through the package's worker API and
+// through the chat demo. The browser's greedy tokens must equal the native engine's, token for token;
+// weights come from the Cache API on reload and after an interrupted load; the wasm heap stays
+// under a stated bound while loading.
 import { execFileSync } from "node:child_process";
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync, createReadStream, statSync } from "node:fs";
-import { createServer } from "node:http";
+import { cpSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { extname, join, normalize } from "node:path";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { serve } from "../../scripts/static-server.mjs";
 
 const root = fileURLToPath(new URL("../..", import.meta.url)).replace(/\/$/, "");
 const out = join(root, "target/browser-test");
 const cli = join(root, "target/release/llama-webgpu");
 const PROMPT = "Hello";
 const MAX_TOKENS = 8;
+const SMOLLM2 = "/target/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+// SwiftShader makes a SmolLM2 token in seconds: a few are enough to compare.
+const SMOLLM2_TOKENS = 3;
+// Wasm memory after loading SmolLM2 (98 MB of weights, 49k-token vocabulary): about 40 MB for the
+// GGUF header and building the tokenizer, then one 8 MiB read chunk and the mapped staging chunk
+// while the weights stream through. Measured: 49.3 MiB.
+const SMOLLM2_WASM_BOUND = 64 << 20;
+// The fixture's shards: 8 MiB read chunk, staging chunk, tokenizer and engine.
+const TINY_WASM_BOUND = 48 << 20;
 
 function log(...args) {
   console.log(`[${(performance.now() / 1000).toFixed(1)}s]`, ...args);
@@ -50,27 +61,9 @@ function prepareFixture() {
   return shards;
 }
 
-function nativeChat(shards) {
-  const args = ["-q", "run", "--model", shards, "--prompt", PROMPT, "--chat", "--temperature", "0", "-n", String(MAX_TOKENS), "--json"];
+function nativeChat(model, maxTokens) {
+  const args = ["-q", "run", "--model", model, "--prompt", PROMPT, "--chat", "--temperature", "0", "-n", String(maxTokens), "--json"];
   return JSON.parse(execFileSync(cli, args, { encoding: "utf8" }));
-}
-
-const TYPES = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".json": "application/json", ".wasm": "application/wasm" };
-
-// Serves the repository read-only; records the paths asked for.
-function serve(requests) {
-  const server = createServer((req, res) => {
-    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
-    requests.push(path);
-    const file = join(root, path);
-    if (!file.startsWith(root + "/") || !statSync(file, { throwIfNoEntry: false })?.isFile()) {
-      res.writeHead(404).end("not found");
-      return;
-    }
-    res.writeHead(200, { "content-type": TYPES[extname(file)] ?? "application/octet-stream", "cache-control": "no-store" });
-    createReadStream(file).pipe(res);
-  });
-  return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
 }
 
 function assertEqual(actual, expected, what) {
@@ -80,12 +73,32 @@ function assertEqual(actual, expected, what) {
   log(`ok: ${what} = ${JSON.stringify(actual)}`);
 }
 
-const shards = prepareFixture();
-const native = nativeChat(shards);
-log("native:", JSON.stringify({ tokens: native.tokens, text: native.text, adapter: native.adapter }));
+function assert(condition, what) {
+  if (!condition) throw new Error(what);
+  log(`ok: ${what}`);
+}
 
+const shards = prepareFixture();
+const native = nativeChat(shards, MAX_TOKENS);
+log("native:", JSON.stringify({ tokens: native.tokens, text: native.text, adapter: native.adapter }));
+const nativeSmol = nativeChat(join(root, SMOLLM2), SMOLLM2_TOKENS);
+log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeSmol.text }));
+
+// Every request the pages make, and shards whose download is cut off halfway (an interrupted load).
 const requests = [];
-const server = await serve(requests);
+const interrupted = new Set();
+const server = await serve({
+  root,
+  onRequest(req, res, path) {
+    requests.push({ path, range: req.headers.range ?? null });
+    if (!interrupted.has(path)) return false;
+    const bytes = readFileSync(join(root, path));
+    res.writeHead(200, { "content-length": bytes.length, "content-type": "application/octet-stream" });
+    res.write(bytes.subarray(0, bytes.length >> 1), () => res.destroy());
+    return true;
+  },
+});
+const requestsOf = (path, since = 0) => requests.slice(since).filter((r) => r.path === path);
 const origin = `http://127.0.0.1:${server.address().port}`;
 const profile = mkdtempSync(join(tmpdir(), "llama-webgpu-chromium-"));
 const context = await chromium.launchPersistentContext(profile, {
@@ -99,9 +112,22 @@ try {
   page.on("console", (message) => log(`console.${message.type()}: ${message.text()}`));
   page.on("pageerror", (error) => log(`page error: ${error.message}`));
   const model = `/target/browser-test/tiny-llama31/manifest.json`;
+  const shardPath = (i) => `/target/browser-test/tiny-llama31/shard-${String(i).padStart(5, "0")}.bin`;
   await page.goto(`${origin}/www/index.html?model=${encodeURIComponent(model)}`);
 
-  // 1. The package API in its worker: greedy chat, streamed, token ids and usage.
+  // 1. An interrupted load fails naming the shard; the next load resumes with the stored shards.
+  interrupted.add(shardPath(3));
+  const failed = await page.evaluate(async (model) => {
+    const { createEngine } = await import("/pkg/index.js");
+    return createEngine({ model }).then(() => null, (e) => ({ name: e.name, message: e.message }));
+  }, model);
+  interrupted.clear();
+  log("interrupted load:", JSON.stringify(failed));
+  assertEqual(failed?.name, "LoadError", "load with shard 3 cut off halfway");
+  assert(failed.message.includes("shard-00003.bin"), `the error names the shard: ${failed.message}`);
+  const resumedFrom = requests.length;
+
+  // 2. The package API in its worker: greedy chat, streamed, token ids and usage.
   const api = await page.evaluate(async ({ model, prompt, maxTokens }) => {
     const { createEngine } = await import("/pkg/index.js");
     const progress = [];
@@ -116,35 +142,107 @@ try {
     const aborted = engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], max_tokens: maxTokens, signal: controller.signal });
     controller.abort();
     const abortError = await aborted.then(() => "none", (e) => e.name);
+    // Leaving a stream early stops it; the engine then serves the next request.
+    for await (const chunk of engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], stream: true, max_tokens: 100 })) break;
+    const afterBreak = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
     const info = engine.info();
     await engine.unload();
     const missing = await createEngine({ model: "/target/browser-test/missing/manifest.json" }).then(() => null, (e) => ({ name: e.name, message: e.message }));
+    // A binding limit too small for one row of a weight matrix.
+    const limit = await createEngine({ model, maxStorageBinding: 256 }).then(() => null, (e) => ({ name: e.name, message: e.message }));
     return {
       tokens: chunks.flatMap((c) => c.choices[0].token_ids),
       text: chunks.map((c) => c.choices[0].delta.content ?? "").join(""),
       usage: chunks.at(-1).usage,
       finish: chunks.at(-1).choices[0].finish_reason,
       again: again.choices[0].token_ids,
+      afterBreak: afterBreak.choices[0].token_ids,
       lastProgress: progress.at(-1),
-      abortError, info, missing,
+      abortError, info, missing, limit,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
   log("browser info:", JSON.stringify(api.info));
+  for (const i of [0, 1, 2]) assertEqual(requestsOf(shardPath(i), resumedFrom).length, 0, `requests for shard ${i} when resuming (stored before the interruption)`);
+  assertEqual(requestsOf(shardPath(3), resumedFrom).length, 1, "requests for the interrupted shard 3 when resuming");
   assertEqual(api.tokens, native.tokens, "streamed browser tokens vs native");
   assertEqual(api.text, native.text, "streamed browser text vs native");
   assertEqual(api.again, native.tokens, "second, non-streamed request (KV cache reused)");
+  assertEqual(api.afterBreak, native.tokens, "a request after a stream left early");
   assertEqual(api.usage.completion_tokens, native.tokens.length, "usage.completion_tokens on the last chunk");
   assertEqual(api.lastProgress, 1, "final load progress");
   assertEqual(api.abortError, "AbortError", "aborted request");
   assertEqual(api.missing?.name, "LoadError", "missing model");
-  if (!api.missing.message.includes("missing/manifest.json")) throw new Error(`the load error does not name the file: ${api.missing.message}`);
-  if (!api.info.adapter || api.info.features.includes("SHADER_F16")) throw new Error(`unexpected adapter info ${JSON.stringify(api.info)}`);
+  assert(api.missing.message.includes("missing/manifest.json"), `the load error names the file: ${api.missing.message}`);
+  assertEqual(api.limit?.name, "LimitError", "a 256-byte storage binding limit");
+  assert(/needed \d+, available 256/.test(api.limit.message), `the limit error has the numbers: ${api.limit.message}`);
+  assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
+  assertEqual(api.info.weights, "cache", "where the weights are kept");
+  assert(api.info.wasm_memory_bytes < TINY_WASM_BOUND, `wasm memory ${api.info.wasm_memory_bytes} < ${TINY_WASM_BOUND} after loading the fixture`);
 
-  // 2. The demo page: load (shards now come from the Cache API), chat greedily, screenshot.
-  const shardsBefore = requests.filter((p) => p.endsWith(".bin")).length;
+  // 3. No room in the cache: on this thread (worker: false) with a storage estimate of no quota
+  // left, the weights stream from the network and the tokens are the same.
+  const streamed = await page.evaluate(async ({ model, prompt, maxTokens }) => {
+    const { createEngine } = await import("/pkg/index.js");
+    const estimate = navigator.storage.estimate;
+    navigator.storage.estimate = async () => ({ quota: 1000, usage: 1000 });
+    try {
+      const engine = await createEngine({ model, worker: false });
+      const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+      const info = engine.info();
+      await engine.unload();
+      return { tokens: reply.choices[0].token_ids, weights: info.weights };
+    } finally {
+      navigator.storage.estimate = estimate;
+    }
+  }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
+  assert(streamed.weights.startsWith("network (the storage quota has 0.0 MiB left"), `weights streamed without quota: ${streamed.weights}`);
+  assertEqual(streamed.tokens, native.tokens, "main-thread tokens without a cache vs native");
+
+  // 4. SmolLM2's GGUF file, read with Range requests; then again from the cache.
+  const smolFrom = requests.length;
+  const smol = await page.evaluate(async ({ model, prompt, maxTokens }) => {
+    const { createEngine } = await import("/pkg/index.js");
+    const run = async () => {
+      const engine = await createEngine({ model });
+      const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+      const info = engine.info();
+      await engine.unload();
+      return { tokens: reply.choices[0].token_ids, text: reply.choices[0].message.content, info };
+    };
+    const first = await run();
+    const second = await run();
+    return { first, second };
+  }, { model: SMOLLM2, prompt: PROMPT, maxTokens: SMOLLM2_TOKENS });
+  const smolRequests = requestsOf(SMOLLM2, smolFrom);
+  log(`SmolLM2: ${smolRequests.length} requests, wasm memory ${(smol.first.info.wasm_memory_bytes / 2 ** 20).toFixed(1)} MiB`);
+  assert(smolRequests.length > 3 && smolRequests.every((r) => /^bytes=\d+-\d+$/.test(r.range ?? "")), "every request for the GGUF file is a Range request");
+  const fetched = smolRequests.reduce((sum, r) => sum + (([a, b]) => b - a + 1)(r.range.slice(6).split("-").map(Number)), 0);
+  const size = statSync(join(root, SMOLLM2)).size;
+  assert(fetched < size * 1.1, `bytes fetched ${fetched} for a file of ${size} (each downloaded once)`);
+  assertEqual(smol.first.tokens, nativeSmol.tokens, "SmolLM2 browser tokens vs native");
+  assertEqual(smol.second.tokens, nativeSmol.tokens, "SmolLM2 browser tokens, loaded from the cache");
+  assert(smol.first.info.wasm_memory_bytes < SMOLLM2_WASM_BOUND, `wasm memory ${smol.first.info.wasm_memory_bytes} < ${SMOLLM2_WASM_BOUND} after loading SmolLM2`);
+  writeFileSync(join(out, "wasm-memory.json"), JSON.stringify({ smollm2: smol.first.info.wasm_memory_bytes, tiny: api.info.wasm_memory_bytes }) + "\n");
+
+  // 5. No WebGPU: a typed error, and the demo says so.
+  const bare = await context.newPage();
+  await bare.addInitScript(() => Object.defineProperty(Navigator.prototype, "gpu", { get: () => undefined }));
+  await bare.goto(`${origin}/www/index.html?model=${encodeURIComponent(model)}`);
+  const noGpu = await bare.evaluate(async (model) => {
+    const { createEngine } = await import("/pkg/index.js");
+    return createEngine({ model }).then(() => null, (e) => e.name);
+  }, model);
+  assertEqual(noGpu, "NoWebGpuError", "createEngine without WebGPU");
+  await bare.click("#load");
+  await bare.waitForSelector("#error:not([hidden])");
+  assert((await bare.textContent("#error")).includes("WebGPU"), "the demo explains that WebGPU is missing");
+  await bare.close();
+
+  // 6. The demo page: load (shards now come from the Cache API), chat greedily, screenshot.
+  const shardsBefore = requests.filter((r) => r.path.endsWith(".bin")).length;
   await page.click("#load");
   await page.waitForSelector("#prompt:not([disabled])", { timeout: 120_000 });
-  assertEqual(requests.filter((p) => p.endsWith(".bin")).length, shardsBefore, "shard requests after the reload (unchanged: served from the Cache API)");
+  assertEqual(requests.filter((r) => r.path.endsWith(".bin")).length, shardsBefore, "shard requests after the reload (unchanged: served from the Cache API)");
   await page.click("details summary");
   await page.fill("#temperature", "0");
   await page.fill("#max-tokens", String(MAX_TOKENS));

@@ -109,10 +109,13 @@ impl super::WeightStream for ShardDir {
         &self.locations
     }
 
-    fn open(&self, index: usize) -> super::LoadFuture<'_, Box<dyn super::ChunkReader + '_>> {
+    fn open(&self, index: usize, from: u64) -> super::LoadFuture<'_, Box<dyn super::ChunkReader + '_>> {
+        use std::io::Seek;
         let path = self.dir.join(&self.files[index].name);
         Box::pin(async move {
-            let file = std::fs::File::open(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+            let io = |source| LoadError::Io { path: path.display().to_string(), source };
+            let mut file = std::fs::File::open(&path).map_err(io)?;
+            file.seek(std::io::SeekFrom::Start(from)).map_err(io)?;
             Ok(Box::new(FileReader { file, path }) as Box<dyn super::ChunkReader>)
         })
     }

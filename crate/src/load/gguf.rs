@@ -323,38 +323,11 @@ impl GgufHeader {
     }
 }
 
-/// A GGUF file: its header, checked against the bytes, and the bytes.
-pub struct Gguf<B> {
-    header: GgufHeader,
-    bytes: B,
-    stream_file: [SourceFile; 1],
-    locations: Vec<TensorLocation>,
-}
-
-impl<B: AsRef<[u8]>> Gguf<B> {
-    /// Reads the header of `file` and checks that every tensor lies within `bytes`.
-    pub fn new(file: &str, bytes: B) -> Result<Self, LoadError> {
-        let header = GgufHeader::parse(file, bytes.as_ref())?;
-        let file_size = bytes.as_ref().len();
-        if let Some(t) = header.tensors.iter().find(|t| t.range.end > file_size as u64) {
-            return Err(LoadError::TensorOutOfBounds {
-                file: file.to_string(),
-                tensor: t.name.clone(),
-                start: t.range.start,
-                end: t.range.end,
-                file_size,
-            });
-        }
-        let stream_file = [SourceFile { name: file.to_string(), size: file_size as u64, sha256: None }];
-        let mut gguf = Self { header, bytes, stream_file, locations: vec![] };
-        gguf.locations = gguf.hf_locations()?;
-        Ok(gguf)
-    }
-
+impl GgufHeader {
     /// Every tensor under its Hugging Face name (as [`WeightSource`] serves it), for streaming.
-    fn hf_locations(&self) -> Result<Vec<TensorLocation>, LoadError> {
-        let hf_names: HashMap<String, String> = hf_names(&self.header).into_iter().map(|(hf, gguf)| (gguf, hf)).collect();
-        self.header
+    pub fn hf_locations(&self) -> Result<Vec<TensorLocation>, LoadError> {
+        let hf_names: HashMap<String, String> = hf_names(self).into_iter().map(|(hf, gguf)| (gguf, hf)).collect();
+        self
             .tensors
             .iter()
             .map(|t| {
@@ -368,16 +341,6 @@ impl<B: AsRef<[u8]>> Gguf<B> {
             .collect()
     }
 
-    pub fn header(&self) -> &GgufHeader {
-        &self.header
-    }
-
-    /// A tensor's bytes as stored, by its llama.cpp name.
-    pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
-        let t = self.header.tensor(name)?;
-        // `new` checked the range against the bytes.
-        self.bytes.as_ref().get(t.range.start as usize..t.range.end as usize)
-    }
 
     /// The model configuration from the `llama.*` and `tokenizer.ggml.*` metadata.
     ///
@@ -388,8 +351,9 @@ impl<B: AsRef<[u8]>> Gguf<B> {
     /// Meta's values (the last from `llama.rope.scaling.original_context_length` when present). Every
     /// stored factor must then agree with what those parameters give (relative 1e-4); a file whose
     /// factors do not is refused rather than run with different frequencies.
-    pub fn config(&self) -> Result<Config, crate::Error> {
-        let h = &self.header;
+    /// `rope_freqs` holds the bytes of that tensor, where the file has one.
+    pub fn config(&self, rope_freqs: Option<&[u8]>) -> Result<Config, crate::Error> {
+        let h = self;
         let architecture = h.required("general.architecture", h.get_str("general.architecture"))?;
         if architecture != "llama" {
             return Err(ModelError::Unsupported(format!("GGUF architecture {architecture:?} (only \"llama\")")).into());
@@ -448,24 +412,24 @@ impl<B: AsRef<[u8]>> Gguf<B> {
             eos_token_ids,
         };
         config.validate()?;
-        config.rope.scaling = self.llama3_scaling(&config)?;
+        config.rope.scaling = self.llama3_scaling(&config, rope_freqs)?;
         Ok(config)
     }
 
-    /// The llama3 scaling that `rope_freqs.weight` encodes, if any (see [`Gguf::config`]).
-    fn llama3_scaling(&self, config: &Config) -> Result<Option<Llama3Scaling>, crate::Error> {
+    /// The llama3 scaling that `rope_freqs.weight` encodes, if any (see [`GgufHeader::config`]).
+    fn llama3_scaling(&self, config: &Config, rope_freqs: Option<&[u8]>) -> Result<Option<Llama3Scaling>, crate::Error> {
         const NAME: &str = "rope_freqs.weight";
-        let Some(info) = self.header.tensor(NAME) else { return Ok(None) };
+        let Some(info) = self.tensor(NAME) else { return Ok(None) };
         let pairs = config.head_dim / 2;
         if info.shape != [pairs] {
             return Err(ModelError::Shape { tensor: NAME.into(), expected: vec![pairs], got: info.shape.clone() }.into());
         }
-        let factors = info.dtype.to_f32(self.tensor_bytes(NAME).unwrap_or_default())?;
+        let factors = info.dtype.to_f32(rope_freqs.unwrap_or_default())?;
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * b.abs();
         if factors.iter().all(|&f| close(f, 1.0)) {
             return Ok(None);
         }
-        let original = self.header.get_u32("llama.rope.scaling.original_context_length")?.unwrap_or(8192);
+        let original = self.get_u32("llama.rope.scaling.original_context_length")?.unwrap_or(8192);
         let scaling = Llama3Scaling {
             factor: factors.iter().copied().fold(f32::MIN, f32::max),
             low_freq_factor: 1.0,
@@ -487,7 +451,7 @@ impl<B: AsRef<[u8]>> Gguf<B> {
 
     /// The metadata key and count of the heads the rows of q or k are grouped in.
     fn rope_heads(&self, tensor: RopeTensor) -> Result<(String, usize), LoadError> {
-        let h = &self.header;
+        let h = self;
         let architecture = h.required("general.architecture", h.get_str("general.architecture"))?;
         let heads = format!("{architecture}.attention.head_count");
         let n_heads = h.required(&heads, h.get_u32(&heads))?;
@@ -499,6 +463,52 @@ impl<B: AsRef<[u8]>> Gguf<B> {
                 (kv_heads, n_kv_heads as usize)
             }
         })
+    }
+}
+
+/// A GGUF file: its header, checked against the bytes, and the bytes.
+pub struct Gguf<B> {
+    header: GgufHeader,
+    bytes: B,
+    stream_file: [SourceFile; 1],
+    locations: Vec<TensorLocation>,
+}
+
+impl<B: AsRef<[u8]>> Gguf<B> {
+    /// Reads the header of `file` and checks that every tensor lies within `bytes`.
+    pub fn new(file: &str, bytes: B) -> Result<Self, LoadError> {
+        let header = GgufHeader::parse(file, bytes.as_ref())?;
+        let file_size = bytes.as_ref().len();
+        if let Some(t) = header.tensors.iter().find(|t| t.range.end > file_size as u64) {
+            return Err(LoadError::TensorOutOfBounds {
+                file: file.to_string(),
+                tensor: t.name.clone(),
+                start: t.range.start,
+                end: t.range.end,
+                file_size,
+            });
+        }
+        let stream_file = [SourceFile { name: file.to_string(), size: file_size as u64, sha256: None }];
+        let mut gguf = Self { header, bytes, stream_file, locations: vec![] };
+        gguf.locations = gguf.header.hf_locations()?;
+        Ok(gguf)
+    }
+
+
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+
+    /// The model configuration (see [`GgufHeader::config`]).
+    pub fn config(&self) -> Result<Config, crate::Error> {
+        self.header.config(self.tensor_bytes("rope_freqs.weight"))
+    }
+
+    /// A tensor's bytes as stored, by its llama.cpp name.
+    pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
+        let t = self.header.tensor(name)?;
+        // `new` checked the range against the bytes.
+        self.bytes.as_ref().get(t.range.start as usize..t.range.end as usize)
     }
 }
 
@@ -527,7 +537,7 @@ impl<B: AsRef<[u8]>> WeightSource for Gguf<B> {
         let bytes = match rope {
             None => Cow::Borrowed(bytes),
             Some(tensor) => {
-                let (key, n_heads) = self.rope_heads(tensor)?;
+                let (key, n_heads) = self.header.rope_heads(tensor)?;
                 Cow::Owned(unpermute_rows(bytes, &info.shape, n_heads).ok_or_else(|| {
                     let message = format!("{n_heads} heads do not split tensor {gguf_name} of shape {:?} into heads of even size", info.shape);
                     self.header.metadata_error(&key, message)
@@ -551,8 +561,8 @@ impl<B: Storage> WeightStream for Gguf<B> {
         &self.locations
     }
 
-    fn open(&self, _index: usize) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
-        let reader: Box<dyn ChunkReader + '_> = Box::new(SliceReader::new(&self.bytes));
+    fn open(&self, _index: usize, from: u64) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
+        let reader: Box<dyn ChunkReader + '_> = Box::new(SliceReader::new(&self.bytes, from));
         Box::pin(std::future::ready(Ok(reader)))
     }
 }

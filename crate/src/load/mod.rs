@@ -22,7 +22,7 @@ pub use native_model::{open_model, ModelFiles, ModelWeights};
 #[cfg(target_arch = "wasm32")]
 mod web;
 #[cfg(target_arch = "wasm32")]
-pub use web::{WebShards, CACHE_NAME};
+pub use web::{WebModel, CACHE_NAME};
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -116,8 +116,9 @@ pub trait ChunkReader {
 pub trait WeightStream {
     fn files(&self) -> &[SourceFile];
     fn locations(&self) -> &[TensorLocation];
-    /// Opens file `index` for reading from its start.
-    fn open(&self, index: usize) -> LoadFuture<'_, Box<dyn ChunkReader + '_>>;
+    /// Opens file `index` for reading from byte `from` (0 when the whole file is checksummed; past
+    /// the header otherwise, so remote sources fetch only tensor data).
+    fn open(&self, index: usize, from: u64) -> LoadFuture<'_, Box<dyn ChunkReader + '_>>;
 }
 
 /// Bytes a source streams from: in memory, or memory-mapped.
@@ -138,15 +139,15 @@ impl Storage for memmap2::Mmap {
     }
 }
 
-/// Reads a [`Storage`] from its start, releasing what it has read.
+/// Reads a [`Storage`] from a position on, releasing what it has read.
 pub struct SliceReader<'a, S: ?Sized> {
     storage: &'a S,
     position: usize,
 }
 
 impl<'a, S: Storage + ?Sized> SliceReader<'a, S> {
-    pub fn new(storage: &'a S) -> Self {
-        Self { storage, position: 0 }
+    pub fn new(storage: &'a S, from: u64) -> Self {
+        Self { storage, position: (from as usize).min(storage.as_ref().len()) }
     }
 }
 

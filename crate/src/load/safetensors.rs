@@ -77,8 +77,8 @@ impl<B: Storage> WeightStream for Safetensors<B> {
         &self.locations
     }
 
-    fn open(&self, index: usize) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
-        let reader: Box<dyn ChunkReader + '_> = Box::new(SliceReader::new(&self.files[index].1));
+    fn open(&self, index: usize, from: u64) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
+        let reader: Box<dyn ChunkReader + '_> = Box::new(SliceReader::new(&self.files[index].1, from));
         Box::pin(std::future::ready(Ok(reader)))
     }
 }

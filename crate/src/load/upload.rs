@@ -54,22 +54,40 @@ impl Writer<'_> {
                         message: format!("{heads} heads do not split shape {:?} into heads of even size", self.location.shape),
                     })?;
                     matrix.write_bytes(gpu, 0, &rows);
-                    held.clear();
+                    *held = Vec::new();
                 }
             }
             Target::Gpu { matrix, carry } => {
-                // Writes start on 4-byte words; up to 3 bytes wait for the next chunk.
-                let start = self.written - carry.len() as u64;
-                carry.extend_from_slice(bytes);
-                let ready = if done { carry.len() } else { carry.len() / 4 * 4 };
-                for (buffer, at, range) in matrix.pieces(start, ready) {
-                    stage.copy(gpu, &carry[range], buffer, at);
+                // Writes start on 4-byte words: up to 3 bytes wait in `carry` for the next chunk,
+                // which completes their word first. Nothing larger is held between chunks.
+                let mut start = self.written - carry.len() as u64;
+                let mut rest = bytes;
+                if !carry.is_empty() {
+                    let take = (4 - carry.len()).min(rest.len());
+                    carry.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if carry.len() < 4 && !done {
+                        self.written += bytes.len() as u64;
+                        return Ok(());
+                    }
+                    place(gpu, stage, matrix, carry, start);
+                    start += carry.len() as u64;
+                    carry.clear();
                 }
-                carry.drain(..ready);
+                let ready = if done { rest.len() } else { rest.len() / 4 * 4 };
+                place(gpu, stage, matrix, &rest[..ready], start);
+                carry.extend_from_slice(&rest[ready..]);
             }
         }
         self.written += bytes.len() as u64;
         Ok(())
+    }
+}
+
+/// Stages `bytes`, which start `start` bytes into `matrix`, for copying into its buffers.
+fn place<'s>(gpu: &Gpu, stage: &mut Stage<'s>, matrix: &'s WeightMatrix, bytes: &[u8], start: u64) {
+    for (buffer, at, range) in matrix.pieces(start, bytes.len()) {
+        stage.copy(gpu, &bytes[range], buffer, at);
     }
 }
 
@@ -177,9 +195,13 @@ pub async fn stream_weights(
         if first == last {
             continue;
         }
-        let mut reader = source.open(index).await?;
+        // A checksum covers the whole file; without one, reading starts at the first tensor.
+        let mut position = match file.sha256 {
+            Some(_) => 0,
+            None => writers[first].location.range.start,
+        };
+        let mut reader = source.open(index, position).await?;
         let mut hasher = Sha256::new();
-        let mut position = 0u64;
         while position < file.size {
             let want = CHUNK_BYTES.min((file.size - position) as usize);
             let n = reader.read(&mut buffer[..want]).await?;
