@@ -35,8 +35,12 @@ export function serve({ root, port = 0, onRequest }) {
   const server = createServer((req, res) => {
     const path = normalize(decodeURIComponent(new URL(req.url, "http://127.0.0.1").pathname));
     if (onRequest?.(req, res, path)) return;
-    const file = join(root, path);
-    const stat = file.startsWith(root + "/") || file === root ? statSync(file, { throwIfNoEntry: false }) : undefined;
+    let file = join(root, path);
+    let stat = file.startsWith(root + "/") || file === root ? statSync(file, { throwIfNoEntry: false }) : undefined;
+    if (stat?.isDirectory()) {
+      file = join(file, "index.html");
+      stat = statSync(file, { throwIfNoEntry: false });
+    }
     if (!stat?.isFile()) {
       res.writeHead(404, { "content-type": "text/plain" }).end("not found");
       return;
@@ -66,7 +70,7 @@ if (process.argv[1] === fileURLToPath(import.meta.url)) {
     const i = args.indexOf(name);
     return i >= 0 ? args[i + 1] : fallback;
   };
-  const root = option("--root", fileURLToPath(new URL("..", import.meta.url)));
+  const root = resolve(option("--root", fileURLToPath(new URL("..", import.meta.url))));
   const server = await serve({ root, port: Number(option("--port", 8000)) });
   console.log(`serving ${root} on http://127.0.0.1:${server.address().port}${option("--open", "/")}`);
 }
