@@ -78,7 +78,11 @@ impl Gpu {
     pub async fn new(options: &GpuOptions) -> Result<Self, GpuError> {
         let instance = instance();
         let adapter = choose_adapter(&instance, options).await?;
-        let info = adapter.get_info();
+        let mut info = adapter.get_info();
+        if info.name.is_empty() {
+            // Browsers do not name their adapter to wgpu; errors still say which API it is.
+            info.name = format!("{:?} adapter", info.backend);
+        }
         let available = adapter.limits();
         for (name, get, needed) in REQUIRED {
             if get(&available) < needed {
