@@ -3,6 +3,7 @@
 
 mod kernels;
 pub mod ops;
+mod profile;
 mod readback;
 mod self_test;
 mod tensor;
@@ -10,6 +11,7 @@ mod tensor;
 use std::sync::{Arc, Mutex};
 
 pub use kernels::{Binding, Kernel, KERNELS};
+pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::WeightMatrix;
 
@@ -36,6 +38,8 @@ pub enum GpuError {
     SelfTest(String),
     #[error("reading back from the GPU failed: {0}")]
     Readback(String),
+    #[error("the GPU adapter {0:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed")]
+    NoTimestamps(String),
 }
 
 /// How to choose and configure the GPU.
@@ -48,6 +52,8 @@ pub struct GpuOptions {
     pub low_power: bool,
     /// Caps `max_storage_buffer_binding_size` below the adapter's, e.g. to mimic a browser's 128 MiB.
     pub max_storage_binding: Option<u64>,
+    /// Request timestamp queries where the adapter has them (for profiling dispatches).
+    pub timestamps: bool,
 }
 
 /// What the engine needs from every adapter, whatever the model.
@@ -68,7 +74,7 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     /// The limits granted, which the engine sizes its buffers by.
     pub limits: wgpu::Limits,
-    /// Optional features granted (shader-f16, subgroups); nothing requires them.
+    /// Optional features granted (shader-f16, subgroups, timestamp queries); nothing requires them.
     pub features: wgpu::Features,
     kernels: Arc<kernels::Registry>,
     failure: Arc<Mutex<Option<GpuError>>>,
@@ -93,7 +99,11 @@ impl Gpu {
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
-        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
+        let mut wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        if options.timestamps {
+            wanted |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        let features = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("llama-webgpu"),

@@ -92,7 +92,7 @@ pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, seed: u32) -> Op {
     let groups = words.div_ceil(WG_1D).max(1);
     let x = groups.min(gpu.limits.max_compute_workgroups_per_dimension);
     let grid = Grid::Fixed([x, groups.div_ceil(x), 1]);
-    Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid)] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid, Traffic::fixed(buffer.size()))] }
 }
 
 /// The most candidates top_k.wgsl selects (its MAX_K).
@@ -136,10 +136,44 @@ impl Grid {
     }
 }
 
-struct Dispatch {
+/// Bytes a one-token dispatch reads and writes, each buffer region counted once: `bytes`, plus
+/// `bytes_per_position` for every cached position it attends to. For `bench --profile`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes: u64,
+    pub bytes_per_position: u64,
+}
+
+impl Traffic {
+    fn fixed(bytes: u64) -> Self {
+        Self { bytes, bytes_per_position: 0 }
+    }
+
+    /// Bytes moved by a one-token pass at `position`.
+    pub fn at(self, position: usize) -> u64 {
+        self.bytes + self.bytes_per_position * (position as u64 + 1)
+    }
+}
+
+/// One compute dispatch, bound at load.
+pub struct Dispatch {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     grid: Grid,
+    traffic: Traffic,
+}
+
+impl Dispatch {
+    pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
+        let [x, y, z] = self.grid.size(n_tokens);
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
 }
 
 /// One logical operation: one dispatch, or one per part of a split weight.
@@ -150,15 +184,12 @@ pub struct Op {
 impl Op {
     pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
         for d in &self.dispatches {
-            let [x, y, z] = d.grid.size(n_tokens);
-            pass.set_pipeline(&d.pipeline);
-            pass.set_bind_group(0, &d.bind_group, &[]);
-            pass.dispatch_workgroups(x, y, z);
+            d.encode(pass, n_tokens);
         }
     }
 
-    pub fn dispatch_count(&self) -> usize {
-        self.dispatches.len()
+    pub fn dispatches(&self) -> &[Dispatch] {
+        &self.dispatches
     }
 }
 
@@ -170,15 +201,16 @@ pub struct Matmul {
 
 impl Matmul {
     pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
-        if n_tokens < GEMV_MAX_TOKENS {
-            self.gemv.encode(pass, n_tokens);
-        } else {
-            self.tiled.encode(pass, n_tokens);
-        }
+        self.for_tokens(n_tokens).encode(pass, n_tokens);
     }
 
-    pub fn dispatch_count(&self) -> usize {
-        self.gemv.dispatch_count()
+    /// The strategy a pass of `n_tokens` runs.
+    pub fn for_tokens(&self, n_tokens: u32) -> &Op {
+        if n_tokens < GEMV_MAX_TOKENS {
+            &self.gemv
+        } else {
+            &self.tiled
+        }
     }
 }
 
@@ -189,6 +221,7 @@ fn dispatch(
     constants: &[(&str, f64)],
     buffers: &[&wgpu::Buffer],
     grid: Grid,
+    traffic: Traffic,
 ) -> Dispatch {
     debug_assert_eq!(buffers.len(), kernel.bindings.len(), "{} bindings", kernel.name);
     let pipeline = gpu.pipeline(kernel, entry, constants);
@@ -202,7 +235,7 @@ fn dispatch(
         layout: &pipeline.layout,
         entries: &entries,
     });
-    Dispatch { pipeline: pipeline.pipeline, bind_group, grid }
+    Dispatch { pipeline: pipeline.pipeline, bind_group, grid, traffic }
 }
 
 /// out[t] = table[tokens[t]]; `tokens` holds (n_tokens) ids as f32 (exact below 2^24).
@@ -223,14 +256,15 @@ pub fn rmsnorm(
     step: &wgpu::Buffer,
 ) -> Op {
     let params = gpu.uniform_buffer("rmsnorm params", &RmsNormParams { dim: dim as u32, eps, _pad: [0; 2] });
-    Op { dispatches: vec![dispatch(gpu, &kernels::RMSNORM, "main", &[], &[x, weight, out, &params, step], Grid::TokenRows)] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::RMSNORM, "main", &[], &[x, weight, out, &params, step], Grid::TokenRows, Traffic::fixed(12 * dim as u64))] }
 }
 
 /// Rotates `n_heads` heads of each token row of `x` in place by the position's angles.
 pub fn rope(gpu: &Gpu, cos_sin: &wgpu::Buffer, x: &wgpu::Buffer, params: RopeParams, step: &wgpu::Buffer) -> Op {
     let grid = Grid::PerToken((params.n_heads * params.head_dim / 2).div_ceil(WG_1D));
+    let traffic = Traffic::fixed(4 * (params.n_heads * params.head_dim * 2 + params.head_dim) as u64);
     let params = gpu.uniform_buffer("rope params", &params);
-    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, x, &params, step], grid)] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, x, &params, step], grid, traffic)] }
 }
 
 /// Where a matmul reads its input rows and writes its output rows.
@@ -290,7 +324,11 @@ fn weight_op(
             };
             let params = gpu.uniform_buffer(entry, &params);
             let buffers = [x, &part.buffer, out, &params, step];
-            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32))
+            // The gather reads one row of the table; a product reads the whole part.
+            let weights = if entry == "gather" { w.row_bytes() } else { part.rows * w.row_bytes() };
+            let outputs = if entry == "gather" { w.cols } else { part.rows * (1 + layout.accumulate as usize) };
+            let traffic = Traffic::fixed((weights + 4 * w.cols + 4 * outputs) as u64);
+            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32), traffic)
         })
         .collect();
     Op { dispatches }
@@ -317,7 +355,9 @@ pub fn attention(
     };
     let params = gpu.uniform_buffer("attention params", &params);
     let buffers = [q, k_cache, v_cache, out, &params, step];
-    Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32))] }
+    // q and out, plus a key and a value row of every KV head per attended position.
+    let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 8 * (n_kv_heads * head_dim) as u64 };
+    Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32), traffic)] }
 }
 
 /// out = silu(gate) * up over rows of `width`.
@@ -331,13 +371,13 @@ pub fn silu_mul(
 ) -> Op {
     let params = gpu.uniform_buffer("silu_mul params", &SiluMulParams { width: width as u32, _pad: [0; 3] });
     let grid = Grid::PerToken((width as u32).div_ceil(WG_1D));
-    Op { dispatches: vec![dispatch(gpu, &kernels::SILU_MUL, "main", &[], &[gate, up, out, &params, step], grid)] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::SILU_MUL, "main", &[], &[gate, up, out, &params, step], grid, Traffic::fixed(12 * width as u64))] }
 }
 
 /// out[0] = the index of the largest of `n` logits.
 pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
     let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, _pad: [0; 3] });
-    Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]))] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]), Traffic::fixed(4 * n as u64 + 4))] }
 }
 
 /// Selects the top candidates of `n` logits into `out`; `params` is rewritten per request with
@@ -351,7 +391,8 @@ pub struct TopK {
 impl TopK {
     pub fn new(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Self {
         let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, k: 1, inv_temperature: 1.0, _pad: 0 });
-        let op = Op { dispatches: vec![dispatch(gpu, &kernels::TOP_K, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]))] };
+        let traffic = Traffic::fixed(4 * n as u64 + Self::OUT_BYTES);
+        let op = Op { dispatches: vec![dispatch(gpu, &kernels::TOP_K, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]), traffic)] };
         Self { op, params, n }
     }
 
@@ -366,6 +407,10 @@ impl TopK {
 
     pub fn encode(&self, pass: &mut wgpu::ComputePass) {
         self.op.encode(pass, 1);
+    }
+
+    pub fn op(&self) -> &Op {
+        &self.op
     }
 }
 

@@ -1,8 +1,8 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Candidates, Matmul, MatmulLayout, Op, RopeParams, StepParams, TopK};
-use crate::gpu::{Gpu, WeightMatrix};
+use crate::gpu::ops::{self, Candidates, Dispatch, Matmul, MatmulLayout, Op, RopeParams, StepParams, TopK};
+use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::HashMap;
 
 use crate::quant::DType;
@@ -321,24 +321,23 @@ impl Llama {
 
     /// Compute dispatches of a one-token pass that returns a greedy token.
     pub fn dispatches_per_token(&self) -> usize {
-        let layer = |l: &Layer| {
-            [&l.attn_norm, &l.rope_q, &l.rope_k, &l.attention, &l.mlp_norm, &l.silu_mul].iter().map(|op| op.dispatch_count()).sum::<usize>()
-                + [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                    .iter()
-                    .map(|m| m.dispatch_count())
-                    .sum::<usize>()
-        };
-        self.embed.dispatch_count()
-            + self.layers.iter().map(layer).sum::<usize>()
-            + self.final_norm.dispatch_count()
-            + self.lm_head.dispatch_count()
-            + self.argmax.dispatch_count()
+        let (blocks, head) = self.plan(1, &Output::Argmax);
+        blocks.len() + head.len()
+    }
+
+    /// Runs one greedy decode step of `token` at `position` with every dispatch timed on the GPU;
+    /// needs a device made with [`crate::GpuOptions::timestamps`] on an adapter that has them.
+    pub async fn profile_greedy(&mut self, token: u32, position: usize) -> Result<(u32, Vec<DispatchTime>)> {
+        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token())?;
+        self.submit_timed(&[token], position, Output::Argmax, Some(&mut timer))?;
+        let next = self.read_greedy().await?;
+        Ok((next, timer.read(&self.gpu, position).await?))
     }
 
     /// Runs `tokens` at positions start_pos.. (filling the KV cache there) and returns the logits of
     /// the last one. A prompt and a single decode token take the same path.
     pub async fn forward(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>> {
-        self.pass(tokens, start_pos, Output::Logits).await?;
+        self.submit(tokens, start_pos, Output::Logits)?;
         let bytes = self.gpu.read_mapped(&self.logits_readback, 4 * self.config.vocab_size as u64).await?;
         let logits: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         if logits.iter().any(|v| !v.is_finite()) {
@@ -349,7 +348,18 @@ impl Llama {
 
     /// Like [`Llama::forward`], but returns only the id of the largest logit, chosen on the GPU.
     pub async fn forward_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<u32> {
-        self.pass(tokens, start_pos, Output::Argmax).await?;
+        self.submit_greedy(tokens, start_pos)?;
+        self.read_greedy().await
+    }
+
+    /// The host half of [`Llama::forward_greedy`]: checks, encodes and submits the pass without
+    /// waiting for the GPU; [`Llama::read_greedy`] then waits for its token.
+    pub fn submit_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
+        self.submit(tokens, start_pos, Output::Argmax)
+    }
+
+    /// The token of the pass [`Llama::submit_greedy`] submitted.
+    pub async fn read_greedy(&self) -> Result<u32> {
         let bytes = self.gpu.read_mapped(&self.token_readback, 4).await?;
         let token = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         if token as usize >= self.config.vocab_size {
@@ -362,7 +372,7 @@ impl Llama {
     /// the softmax normaliser at `temperature`, chosen on the GPU.
     pub async fn forward_top_k(&mut self, tokens: &[u32], start_pos: usize, k: usize, temperature: f32) -> Result<Candidates> {
         self.top_k.set(&self.gpu, k, temperature);
-        self.pass(tokens, start_pos, Output::TopK).await?;
+        self.submit(tokens, start_pos, Output::TopK)?;
         let bytes = self.gpu.read_mapped(&self.candidates_readback, TopK::OUT_BYTES).await?;
         let candidates = Candidates::from_words(&bytemuck::pod_collect_to_vec(&bytes), k);
         if !candidates.max.is_finite() || !candidates.exp_sum.is_finite() {
@@ -393,7 +403,12 @@ impl Llama {
         Ok(out)
     }
 
-    async fn pass(&mut self, tokens: &[u32], start_pos: usize, output: Output) -> Result<()> {
+    /// Encodes and submits a pass over `tokens`; the caller reads back what `output` names.
+    fn submit(&mut self, tokens: &[u32], start_pos: usize, output: Output) -> Result<()> {
+        self.submit_timed(tokens, start_pos, output, None)
+    }
+
+    fn submit_timed(&mut self, tokens: &[u32], start_pos: usize, output: Output, mut timer: Option<&mut Timestamps>) -> Result<()> {
         self.gpu.check()?;
         let c = &self.config;
         if tokens.is_empty() {
@@ -414,53 +429,82 @@ impl Llama {
             self.gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
             let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
             self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
+            let last = i + 1 == n_chunks;
+            let (blocks, head) = self.plan(n, &output);
             let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                self.encode_blocks(&mut pass, n);
-            }
-            if i + 1 == n_chunks {
+            encode(&mut encoder, &blocks, n, timer.as_deref_mut())?;
+            if last {
                 let row_bytes = 4 * c.hidden_size as u64;
                 encoder.copy_buffer_to_buffer(&self.x, (n as u64 - 1) * row_bytes, &self.x_last, 0, row_bytes);
-                {
-                    let mut pass = encoder.begin_compute_pass(&Default::default());
-                    self.final_norm.encode(&mut pass, 1); // xn_last = rmsnorm(x_last) * norm
-                    self.lm_head.encode(&mut pass, 1); // logits = xn_last @ lm_head.T
-                    match output {
-                        Output::Logits => {}
-                        Output::Argmax => self.argmax.encode(&mut pass, 1), // next_token = argmax(logits)
-                        Output::TopK => self.top_k.encode(&mut pass),     // candidates = top_k(logits)
-                    }
-                }
+                encode(&mut encoder, &head, 1, timer.as_deref_mut())?;
                 let (from, to) = match output {
                     Output::Logits => (&self.logits, &self.logits_readback),
                     Output::Argmax => (&self.next_token, &self.token_readback),
                     Output::TopK => (&self.candidates, &self.candidates_readback),
                 };
                 encoder.copy_buffer_to_buffer(from, 0, to, 0, None);
+                if let Some(timer) = timer.as_deref() {
+                    timer.resolve(&mut encoder);
+                }
             }
             self.gpu.queue.submit([encoder.finish()]);
         }
         Ok(())
     }
 
-    /// Embedding and every transformer block, for `n` tokens.
-    fn encode_blocks(&self, pass: &mut wgpu::ComputePass, n: u32) {
-        self.embed.encode(pass, n);
+    /// The dispatches of a pass over `n` tokens, in order, each named by what it computes: the
+    /// blocks, then the head, which runs on the last token's row (copied to x_last in between).
+    /// Encoding, the dispatch count and the profile all read this one list.
+    fn plan(&self, n: u32, output: &Output) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
+        fn add<'a>(list: &mut Vec<Named<'a>>, name: &'static str, op: &'a Op) {
+            list.extend(op.dispatches().iter().map(|d| (name, d)));
+        }
+        let mut blocks = vec![];
+        add(&mut blocks, "embed", &self.embed); // x = embed_tokens[tokens]
         for l in &self.layers {
-            l.attn_norm.encode(pass, n);
-            l.q_proj.encode(pass, n);
-            l.k_proj.encode(pass, n);
-            l.v_proj.encode(pass, n);
-            l.rope_q.encode(pass, n);
-            l.rope_k.encode(pass, n);
-            l.attention.encode(pass, n);
-            l.o_proj.encode(pass, n);
-            l.mlp_norm.encode(pass, n);
-            l.gate_proj.encode(pass, n);
-            l.up_proj.encode(pass, n);
-            l.silu_mul.encode(pass, n);
-            l.down_proj.encode(pass, n);
+            add(&mut blocks, "attn_norm", &l.attn_norm); // xn = rmsnorm(x) * input_layernorm
+            add(&mut blocks, "q_proj", l.q_proj.for_tokens(n)); // q = xn @ q_proj.T
+            add(&mut blocks, "k_proj", l.k_proj.for_tokens(n)); // k_cache[pos] = xn @ k_proj.T
+            add(&mut blocks, "v_proj", l.v_proj.for_tokens(n)); // v_cache[pos] = xn @ v_proj.T
+            add(&mut blocks, "rope_q", &l.rope_q); // q = rope(q, pos)
+            add(&mut blocks, "rope_k", &l.rope_k); // k_cache[pos] = rope(k_cache[pos], pos)
+            add(&mut blocks, "attention", &l.attention); // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
+            add(&mut blocks, "o_proj", l.o_proj.for_tokens(n)); // x += attn @ o_proj.T
+            add(&mut blocks, "mlp_norm", &l.mlp_norm); // xn = rmsnorm(x) * post_attention_layernorm
+            add(&mut blocks, "gate_proj", l.gate_proj.for_tokens(n)); // gate = xn @ gate_proj.T
+            add(&mut blocks, "up_proj", l.up_proj.for_tokens(n)); // up = xn @ up_proj.T
+            add(&mut blocks, "silu_mul", &l.silu_mul); // act = silu(gate) * up
+            add(&mut blocks, "down_proj", l.down_proj.for_tokens(n)); // x += act @ down_proj.T
+        }
+        let mut head = vec![];
+        add(&mut head, "final_norm", &self.final_norm); // xn_last = rmsnorm(x_last) * norm
+        add(&mut head, "lm_head", self.lm_head.for_tokens(1)); // logits = xn_last @ lm_head.T
+        match output {
+            Output::Logits => {}
+            Output::Argmax => add(&mut head, "argmax", &self.argmax), // next_token = argmax(logits)
+            Output::TopK => add(&mut head, "top_k", self.top_k.op()), // candidates = top_k(logits)
+        }
+        (blocks, head)
+    }
+}
+
+/// A dispatch and the name of what it computes.
+type Named<'a> = (&'static str, &'a Dispatch);
+
+/// Encodes `dispatches` for `n` tokens: in one compute pass, or each in a timed pass of its own.
+fn encode(encoder: &mut wgpu::CommandEncoder, dispatches: &[Named], n: u32, timer: Option<&mut Timestamps>) -> Result<()> {
+    match timer {
+        None => {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for (_, d) in dispatches {
+                d.encode(&mut pass, n);
+            }
+        }
+        Some(timer) => {
+            for (name, d) in dispatches {
+                timer.encode(encoder, name, d, n)?;
+            }
         }
     }
+    Ok(())
 }
