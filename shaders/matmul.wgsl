@@ -4,12 +4,18 @@
 // Entry points: `gemv` for a few tokens (decode), `tiled` for prompt prefill, `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
-// PyTorch: out = x @ W.T            (accumulate = 0)
-//          out = out + x @ W.T      (accumulate = 1, the residual add fused into the epilogue)
-//          out = W[tokens]          (gather)
+// The products can transform their input on the way in, fusing the op before them (INPUT):
+//   0: x as it is
+//   1: rmsnorm(x) * norm; each workgroup sums the squares of its token rows itself
+//   2: silu(x[:, :k]) * x[:, k:2k], the gated MLP activation of a stacked gate/up output
+// PyTorch: out = f(x) @ W.T            (accumulate = 0)
+//          out = out + f(x) @ W.T      (accumulate = 1, the residual add fused into the epilogue)
+//          out = W[tokens]             (gather)
 
 // 0 f32, 1 f16, 2 bf16, 3 q4_0, 4 q4_1, 5 q8_0, 6 q4_k, 7 q6_k (crate::quant::DType::shader_code)
 override WEIGHT_DTYPE: u32 = 0u;
+// 0 plain, 1 rmsnorm, 2 silu_mul (crate::gpu::ops::MatmulInput)
+override INPUT: u32 = 0u;
 
 struct Params {
     k: u32,                // input features (elements per weight row, even)
@@ -18,7 +24,7 @@ struct Params {
     in_stride: u32,        // elements between token rows of x
     out_stride: u32,       // elements between token rows of out
     accumulate: u32,       // 1: add to out instead of overwriting it
-    rows_at_position: u32, // 1: token t is written to out row start_pos + t (a KV cache)
+    eps: f32,              // INPUT 1: the RMSNorm epsilon
     _pad: u32,
 }
 
@@ -31,9 +37,10 @@ struct Step {
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;         // (n_tokens, in_stride); gather: (n_tokens) ids as f32
 @group(0) @binding(1) var<storage, read> w: array<u32>;         // (rows, k) in WEIGHT_DTYPE, rows packed back to back
-@group(0) @binding(2) var<storage, read_write> out: array<f32>; // (out rows, out_stride)
-@group(0) @binding(3) var<uniform> params: Params;
-@group(0) @binding(4) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> norm: array<f32>;      // INPUT 1: (k) RMSNorm weight; otherwise unread
+@group(0) @binding(3) var<storage, read_write> out: array<f32>; // (n_tokens, out_stride)
+@group(0) @binding(4) var<uniform> params: Params;
+@group(0) @binding(5) var<uniform> step: Step;
 
 fn byte_at(offset: u32) -> u32 {
     return (w[offset >> 2u] >> ((offset & 3u) * 8u)) & 0xffu;
@@ -108,14 +115,32 @@ fn weight_pair(row: u32, col: u32) -> vec2<f32> {
     }
 }
 
+// Input elements col and col + 1 of the token row at `base`, transformed by INPUT (RMSNorm without
+// its per-row scale, which the caller applies to the dot product).
+fn input_pair(base: u32, col: u32) -> vec2<f32> {
+    let v = vec2(x[base + col], x[base + col + 1u]);
+    switch INPUT {
+        case 1u: { return v * vec2(norm[col], norm[col + 1u]); }
+        case 2u: {
+            let up = vec2(x[base + params.k + col], x[base + params.k + col + 1u]);
+            return v / (1.0 + exp(-v)) * up;
+        }
+        default: { return v; }
+    }
+}
+
+// RMSNorm's 1 / sqrt(mean(x^2) + eps) from a token row's sum of squares; 1 for other inputs.
+fn row_scale(sum_of_squares: f32) -> f32 {
+    return select(1.0, inverseSqrt(sum_of_squares / f32(params.k) + params.eps), INPUT == 1u);
+}
+
 fn store(t: u32, row: u32, value: f32) {
-    let out_row = select(t, step.start_pos + t, params.rows_at_position == 1u);
-    let i = out_row * params.out_stride + params.row_start + row;
+    let i = t * params.out_stride + params.row_start + row;
     out[i] = select(value, out[i] + value, params.accumulate == 1u);
 }
 
 const GEMV_WG: u32 = 64u;
-var<workgroup> gemv_partial: array<f32, GEMV_WG>;
+var<workgroup> gemv_partial: array<vec2<f32>, GEMV_WG>; // (dot product, sum of squares)
 
 // One workgroup per (weight row, token); rows are laid over x and y so huge matrices fit the grid.
 @compute @workgroup_size(GEMV_WG)
@@ -128,11 +153,15 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
     }
     let x_base = t * params.in_stride;
     var sum = 0.0;
+    var squares = 0.0;
     for (var col = 2u * lid.x; col < params.k; col += 2u * GEMV_WG) {
-        let wv = weight_pair(row, col);
-        sum += x[x_base + col] * wv.x + x[x_base + col + 1u] * wv.y;
+        sum += dot(input_pair(x_base, col), weight_pair(row, col));
+        if (INPUT == 1u) {
+            let v = vec2(x[x_base + col], x[x_base + col + 1u]);
+            squares += dot(v, v);
+        }
     }
-    gemv_partial[lid.x] = sum;
+    gemv_partial[lid.x] = vec2(sum, squares);
     workgroupBarrier();
     for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
         if (lid.x < stride) {
@@ -141,7 +170,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
         workgroupBarrier();
     }
     if (lid.x == 0u) {
-        store(t, row, gemv_partial[0]);
+        store(t, row, gemv_partial[0].x * row_scale(gemv_partial[0].y));
     }
 }
 
@@ -155,6 +184,27 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
          @builtin(local_invocation_index) li: u32) {
     let row0 = wg.x * TILE;
     let t0 = wg.y * TILE;
+    // RMSNorm: 8 threads sum the squares of each of the tile's token rows (in x_tile, free until
+    // the k loop); each thread keeps the scales of its own two tokens.
+    var scales = vec2(1.0, 1.0);
+    if (INPUT == 1u) {
+        let r = li / 8u;
+        var squares = 0.0;
+        if (t0 + r < step.n_tokens) {
+            for (var col = li % 8u; col < params.k; col += 8u) {
+                let v = x[(t0 + r) * params.in_stride + col];
+                squares += v * v;
+            }
+        }
+        x_tile[li] = squares;
+        workgroupBarrier();
+        var sums = vec2(0.0, 0.0);
+        for (var i = 0u; i < 8u; i++) {
+            sums += vec2(x_tile[16u * lid.y + i], x_tile[16u * lid.y + 8u + i]);
+        }
+        scales = vec2(row_scale(sums.x), row_scale(sums.y));
+        workgroupBarrier();
+    }
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < params.k; k0 += TILE) {
         // 256 threads stage 512 pairs of each tile: pair p covers tile row p / 16, columns 2 (p % 16).
@@ -165,8 +215,7 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
             var wv = vec2(0.0, 0.0);
             if (col < params.k) {
                 if (t0 + r < step.n_tokens) {
-                    let xi = (t0 + r) * params.in_stride + col;
-                    xv = vec2(x[xi], x[xi + 1u]);
+                    xv = input_pair((t0 + r) * params.in_stride, col);
                 }
                 if (row0 + r < params.rows) {
                     wv = weight_pair(row0 + r, col);
@@ -194,7 +243,7 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
         let t = t0 + 2u * lid.y + i / 2u;
         let row = row0 + 2u * lid.x + i % 2u;
         if (t < step.n_tokens && row < params.rows) {
-            store(t, row, acc[i]);
+            store(t, row, acc[i] * scales[i / 2u]);
         }
     }
 }

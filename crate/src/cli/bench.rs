@@ -299,6 +299,7 @@ fn report(
         println!("| **{}** | {:.0} | {:.1} | {:.3} | {:.2} |", total.name, total.dispatches, total.seconds * 1e6, total.bytes / 1e6, gbps(&total));
     }
     if let Some(bytes) = bytes_per_token {
-        println!("weights read per token: {:.1} MiB; dispatches per token: {}", bytes as f64 / (1 << 20) as f64, model.dispatches_per_token());
+        println!("weights read per token: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
     }
+    println!("dispatches per token: {}", model.dispatches_per_token());
 }

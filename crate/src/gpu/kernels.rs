@@ -37,17 +37,15 @@ macro_rules! kernel {
     };
 }
 
-kernel!(RMSNORM, "rmsnorm", [Storage, Storage, StorageMut, Uniform, Uniform]);
-kernel!(ROPE, "rope", [Storage, StorageMut, Uniform, Uniform]);
-kernel!(MATMUL, "matmul", [Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(ROPE, "rope", [Storage, StorageMut, StorageMut, StorageMut, Uniform, Uniform]);
+kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, Uniform, Uniform]);
-kernel!(SILU_MUL, "silu_mul", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
 kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
 kernel!(FILL, "fill", [StorageMut, Uniform]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 8] = [&RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX, &TOP_K, &FILL];
+pub const KERNELS: [&Kernel; 6] = [&ROPE, &MATMUL, &ATTENTION, &ARGMAX, &TOP_K, &FILL];
 
 struct Module {
     shader: wgpu::ShaderModule,

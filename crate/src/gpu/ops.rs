@@ -17,19 +17,11 @@ pub struct StepParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct RmsNormParams {
-    pub dim: u32,
-    pub eps: f32,
-    pub _pad: [u32; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct RopeParams {
     pub n_heads: u32,
+    pub n_kv_heads: u32,
     pub head_dim: u32,
-    pub row_stride: u32,
-    pub rows_at_position: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -41,7 +33,7 @@ pub struct MatmulParams {
     pub in_stride: u32,
     pub out_stride: u32,
     pub accumulate: u32,
-    pub rows_at_position: u32,
+    pub eps: f32,
     pub _pad: u32,
 }
 
@@ -52,12 +44,7 @@ pub struct AttentionParams {
     pub n_kv_heads: u32,
     pub head_dim: u32,
     pub scale: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct SiluMulParams {
-    pub width: u32,
+    pub q_stride: u32,
     pub _pad: [u32; 3],
 }
 
@@ -108,8 +95,6 @@ const WG_1D: u32 = 64;
 /// How many workgroups a dispatch needs for `n` tokens.
 #[derive(Clone, Copy, Debug)]
 enum Grid {
-    /// One workgroup per token: (n, 1, 1).
-    TokenRows,
     /// (x, n, 1).
     PerToken(u32),
     /// (x, ceil(n / tile), 1).
@@ -122,7 +107,6 @@ enum Grid {
 impl Grid {
     fn size(self, n: u32) -> [u32; 3] {
         match self {
-            Grid::TokenRows => [n, 1, 1],
             Grid::PerToken(x) => [x, n, 1],
             Grid::TokenTiles { x, tile } => [x, n.div_ceil(tile), 1],
             Grid::RowsByToken { x, y } => [x, y, n],
@@ -240,31 +224,28 @@ fn dispatch(
 
 /// out[t] = table[tokens[t]]; `tokens` holds (n_tokens) ids as f32 (exact below 2^24).
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, accumulate: false, rows_at_position: false };
+    let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, out_offset: 0, accumulate: false };
     let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-    weight_op(gpu, "gather", tokens, table, out, layout, step, |_| grid)
+    weight_op(gpu, "gather", tokens, MatmulInput::Plain, table, out, layout, step, |_| grid)
 }
 
-/// out = rmsnorm(x) * weight over rows of `dim`.
-pub fn rmsnorm(
+/// Rotates the q and k heads of each token row of a stacked q/k/v projection output by the
+/// position's angles: q in place, k into `k_cache`; v is copied into `v_cache`.
+pub fn rope(
     gpu: &Gpu,
-    x: &wgpu::Buffer,
-    weight: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    dim: usize,
-    eps: f32,
+    cos_sin: &wgpu::Buffer,
+    qkv: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    params: RopeParams,
     step: &wgpu::Buffer,
 ) -> Op {
-    let params = gpu.uniform_buffer("rmsnorm params", &RmsNormParams { dim: dim as u32, eps, _pad: [0; 2] });
-    Op { dispatches: vec![dispatch(gpu, &kernels::RMSNORM, "main", &[], &[x, weight, out, &params, step], Grid::TokenRows, Traffic::fixed(12 * dim as u64))] }
-}
-
-/// Rotates `n_heads` heads of each token row of `x` in place by the position's angles.
-pub fn rope(gpu: &Gpu, cos_sin: &wgpu::Buffer, x: &wgpu::Buffer, params: RopeParams, step: &wgpu::Buffer) -> Op {
-    let grid = Grid::PerToken((params.n_heads * params.head_dim / 2).div_ceil(WG_1D));
-    let traffic = Traffic::fixed(4 * (params.n_heads * params.head_dim * 2 + params.head_dim) as u64);
+    let (qk_dim, kv_dim) = ((params.n_heads + params.n_kv_heads) * params.head_dim, params.n_kv_heads * params.head_dim);
+    let grid = Grid::PerToken((qk_dim / 2 + kv_dim).div_ceil(WG_1D));
+    // q and k read and written, v read and written, and the position's cos/sin row.
+    let traffic = Traffic::fixed(4 * (2 * qk_dim + 2 * kv_dim + params.head_dim) as u64);
     let params = gpu.uniform_buffer("rope params", &params);
-    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, x, &params, step], grid, traffic)] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, qkv, k_cache, v_cache, &params, step], grid, traffic)] }
 }
 
 /// Where a matmul reads its input rows and writes its output rows.
@@ -274,24 +255,57 @@ pub struct MatmulLayout {
     pub in_stride: usize,
     /// Elements between token rows of the output.
     pub out_stride: usize,
+    /// Output column of the matrix's first row (a matrix stacked after others).
+    pub out_offset: usize,
     /// Add to the output (a residual connection) instead of overwriting it.
     pub accumulate: bool,
-    /// Token t goes to output row start_pos + t (writing a KV cache).
-    pub rows_at_position: bool,
 }
 
-/// out = x @ w.T (or out += x @ w.T), one dispatch per part of `w`.
+/// What a matmul multiplies: its input as it is, or the op before it fused in (matmul.wgsl's INPUT).
+#[derive(Clone, Copy, Debug)]
+pub enum MatmulInput<'a> {
+    Plain,
+    /// rmsnorm(x) * weight, with the kernel computing each token row's scale.
+    RmsNorm { weight: &'a wgpu::Buffer, eps: f32 },
+    /// silu(x[:, :k]) * x[:, k:2k] for a (rows, k) matrix: the gated MLP activation.
+    SiluMul,
+}
+
+impl MatmulInput<'_> {
+    fn code(self) -> u32 {
+        match self {
+            MatmulInput::Plain => 0,
+            MatmulInput::RmsNorm { .. } => 1,
+            MatmulInput::SiluMul => 2,
+        }
+    }
+}
+
+/// out = f(x) @ w.T (or out += f(x) @ w.T), one dispatch per part of `w`.
 pub fn matmul(
     gpu: &Gpu,
     x: &wgpu::Buffer,
+    input: MatmulInput,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> Matmul {
     Matmul {
-        gemv: weight_op(gpu, "gemv", x, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows)),
-        tiled: weight_op(gpu, "tiled", x, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
+        gemv: weight_op(gpu, "gemv", x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows)),
+        tiled: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
+    }
+}
+
+impl Matmul {
+    /// One product over matrices stacked by rows, each writing its own output columns.
+    pub fn join(parts: impl IntoIterator<Item = Matmul>) -> Matmul {
+        let (mut gemv, mut tiled) = (vec![], vec![]);
+        for part in parts {
+            gemv.extend(part.gemv.dispatches);
+            tiled.extend(part.tiled.dispatches);
+        }
+        Matmul { gemv: Op { dispatches: gemv }, tiled: Op { dispatches: tiled } }
     }
 }
 
@@ -301,13 +315,19 @@ fn weight_op(
     gpu: &Gpu,
     entry: &str,
     x: &wgpu::Buffer,
+    input: MatmulInput,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
     grid: impl Fn(u32) -> Grid,
 ) -> Op {
-    let constants = [("WEIGHT_DTYPE", w.dtype.shader_code() as f64)];
+    let constants = [("WEIGHT_DTYPE", w.dtype.shader_code() as f64), ("INPUT", input.code() as f64)];
+    let (norm, eps) = match input {
+        MatmulInput::RmsNorm { weight, eps } => (weight, eps),
+        // The binding is unread; any read-only buffer fills it.
+        _ => (x, 0.0),
+    };
     let dispatches = w
         .parts
         .iter()
@@ -315,30 +335,39 @@ fn weight_op(
             let params = MatmulParams {
                 k: w.cols as u32,
                 rows: part.rows as u32,
-                row_start: part.row_start as u32,
+                row_start: (layout.out_offset + part.row_start) as u32,
                 in_stride: layout.in_stride as u32,
                 out_stride: layout.out_stride as u32,
                 accumulate: layout.accumulate as u32,
-                rows_at_position: layout.rows_at_position as u32,
+                eps,
                 _pad: 0,
             };
             let params = gpu.uniform_buffer(entry, &params);
-            let buffers = [x, &part.buffer, out, &params, step];
-            // The gather reads one row of the table; a product reads the whole part.
-            let weights = if entry == "gather" { w.row_bytes() } else { part.rows * w.row_bytes() };
-            let outputs = if entry == "gather" { w.cols } else { part.rows * (1 + layout.accumulate as usize) };
-            let traffic = Traffic::fixed((weights + 4 * w.cols + 4 * outputs) as u64);
-            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32), traffic)
+            let buffers = [x, &part.buffer, norm, out, &params, step];
+            // The gather reads one row of the table; a product reads the whole part, its input
+            // row (two halves for SiLU-mul) and the norm weight.
+            let traffic = if entry == "gather" {
+                w.row_bytes() + 4 * w.cols
+            } else {
+                let inputs = match input {
+                    MatmulInput::Plain => w.cols,
+                    _ => 2 * w.cols,
+                };
+                part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize)
+            };
+            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32), Traffic::fixed(traffic as u64))
         })
         .collect();
     Op { dispatches }
 }
 
-/// Causal grouped-query attention of (n_tokens) queries over the KV cache.
+/// Causal grouped-query attention of (n_tokens) queries over the KV cache; token rows of `q` lie
+/// `q_stride` elements apart, its heads first.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
     q: &wgpu::Buffer,
+    q_stride: usize,
     k_cache: &wgpu::Buffer,
     v_cache: &wgpu::Buffer,
     out: &wgpu::Buffer,
@@ -352,26 +381,14 @@ pub fn attention(
         n_kv_heads: n_kv_heads as u32,
         head_dim: head_dim as u32,
         scale: 1.0 / (head_dim as f32).sqrt(),
+        q_stride: q_stride as u32,
+        _pad: [0; 3],
     };
     let params = gpu.uniform_buffer("attention params", &params);
     let buffers = [q, k_cache, v_cache, out, &params, step];
     // q and out, plus a key and a value row of every KV head per attended position.
     let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 8 * (n_kv_heads * head_dim) as u64 };
     Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32), traffic)] }
-}
-
-/// out = silu(gate) * up over rows of `width`.
-pub fn silu_mul(
-    gpu: &Gpu,
-    gate: &wgpu::Buffer,
-    up: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    width: usize,
-    step: &wgpu::Buffer,
-) -> Op {
-    let params = gpu.uniform_buffer("silu_mul params", &SiluMulParams { width: width as u32, _pad: [0; 3] });
-    let grid = Grid::PerToken((width as u32).div_ceil(WG_1D));
-    Op { dispatches: vec![dispatch(gpu, &kernels::SILU_MUL, "main", &[], &[gate, up, out, &params, step], grid, Traffic::fixed(12 * width as u64))] }
 }
 
 /// out[0] = the index of the largest of `n` logits.

@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Candidates, Dispatch, Matmul, MatmulLayout, Op, RopeParams, StepParams, TopK};
+use crate::gpu::ops::{self, Candidates, Dispatch, Matmul, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::HashMap;
 
@@ -56,6 +56,79 @@ pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize
     specs
 }
 
+/// The matrices the forward pass multiplies by, each named, with the checkpoint tensors stacked
+/// in it by rows: q/k/v and gate/up read the same input, so one dispatch computes each group.
+fn stacked_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<String>)> {
+    let single = |name: String| (name.clone(), vec![name]);
+    let mut stacks = vec![single("model.embed_tokens.weight".into())];
+    for i in 0..c.n_layers {
+        let p = format!("model.layers.{i}");
+        let t = |name: &str| format!("{p}.{name}.weight");
+        stacks.extend([
+            (format!("{p}.qkv_proj"), vec![t("self_attn.q_proj"), t("self_attn.k_proj"), t("self_attn.v_proj")]),
+            single(t("self_attn.o_proj")),
+            (format!("{p}.gate_up_proj"), vec![t("mlp.gate_proj"), t("mlp.up_proj")]),
+            single(t("mlp.down_proj")),
+        ]);
+    }
+    if !tied_head {
+        stacks.push(single("lm_head.weight".into()));
+    }
+    stacks
+}
+
+/// Checkpoint tensors stacked by rows on the GPU, as blocks: a matrix and the output column of its
+/// first row. A tensor in another format than the one before it, or whose first byte would not start
+/// a 4-byte word (uploads write whole words), begins a block of its own.
+struct Stacked {
+    blocks: Vec<(usize, WeightMatrix)>,
+}
+
+/// Where a checkpoint tensor goes: its stack, block and first row in that block.
+type Placement = (String, usize, usize);
+
+/// Allocates the stacked matrices of `c` with each tensor in the format `dtype_of` names, and
+/// returns them by name with the placement of every tensor.
+fn allocate_matrices(
+    gpu: &Gpu,
+    c: &Config,
+    tied_head: bool,
+    dtype_of: impl Fn(&str) -> DType,
+) -> Result<(HashMap<String, Stacked>, HashMap<String, Placement>)> {
+    let shapes: HashMap<String, Vec<usize>> = checkpoint_tensors(c, tied_head).into_iter().map(|(name, shape, _)| (name, shape)).collect();
+    let mut stacks = HashMap::new();
+    let mut placements = HashMap::new();
+    for (stack, tensors) in stacked_tensors(c, tied_head) {
+        let cols = shapes[&tensors[0]][1];
+        // (first output column, format, rows) of each block
+        let mut blocks: Vec<(usize, DType, usize)> = vec![];
+        let mut column = 0;
+        for tensor in &tensors {
+            let dtype = dtype_of(tensor);
+            let rows = shapes[tensor][0];
+            let row_bytes = dtype.row_bytes(cols).unwrap_or_default();
+            let next = blocks.len();
+            match blocks.last_mut() {
+                Some((_, block_dtype, block_rows)) if *block_dtype == dtype && *block_rows * row_bytes % 4 == 0 => {
+                    placements.insert(tensor.clone(), (stack.clone(), next - 1, *block_rows));
+                    *block_rows += rows;
+                }
+                _ => {
+                    placements.insert(tensor.clone(), (stack.clone(), next, 0));
+                    blocks.push((column, dtype, rows));
+                }
+            }
+            column += rows;
+        }
+        let blocks = blocks
+            .into_iter()
+            .map(|(column, dtype, rows)| Ok((column, WeightMatrix::new(gpu, &stack, dtype, rows, cols)?)))
+            .collect::<Result<_>>()?;
+        stacks.insert(stack, Stacked { blocks });
+    }
+    Ok((stacks, placements))
+}
+
 /// Where a model's weights come from.
 enum Weights<'a> {
     Stream(&'a dyn WeightStream, &'a mut dyn FnMut(LoadProgress)),
@@ -63,40 +136,39 @@ enum Weights<'a> {
 }
 
 /// Every matrix of `c` in `dtype`, filled with hashed values on the GPU; norm weights are ones.
-fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<String, WeightMatrix>, HashMap<String, wgpu::Buffer>)> {
-    let mut matrices = HashMap::new();
-    let mut vectors = HashMap::new();
+fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<String, Stacked>, HashMap<String, wgpu::Buffer>)> {
+    let (matrices, _) = allocate_matrices(gpu, c, c.tie_word_embeddings, |_| dtype)?;
+    let vectors = checkpoint_tensors(c, c.tie_word_embeddings)
+        .into_iter()
+        .filter(|(_, _, is_norm)| *is_norm)
+        .map(|(name, shape, _)| {
+            let ones = gpu.storage_buffer_with(&name, &vec![1.0f32; shape[0]]);
+            (name, ones)
+        })
+        .collect();
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     {
         let mut pass = encoder.begin_compute_pass(&Default::default());
-        for (i, (name, shape, is_norm)) in checkpoint_tensors(c, c.tie_word_embeddings).into_iter().enumerate() {
-            if is_norm {
-                vectors.insert(name.clone(), gpu.storage_buffer_with(&name, &vec![1.0f32; shape[0]]));
-                continue;
-            }
-            let matrix = WeightMatrix::new(gpu, &name, dtype, shape[0], shape[1])?;
-            for part in &matrix.parts {
-                ops::fill(gpu, &part.buffer, i as u32).encode(&mut pass, 1);
-            }
-            matrices.insert(name, matrix);
+        let parts = matrices.values().flat_map(|s| &s.blocks).flat_map(|(_, m)| &m.parts);
+        for (seed, part) in parts.enumerate() {
+            ops::fill(gpu, &part.buffer, seed as u32).encode(&mut pass, 1);
         }
     }
     gpu.queue.submit([encoder.finish()]);
     Ok((matrices, vectors))
 }
 
-/// Allocates every weight, streams the checkpoint into them, and returns the matrices and the norm
-/// weights (as f32 buffers) by name.
+/// Allocates every weight, streams the checkpoint into them, and returns the stacked matrices and
+/// the norm weights (as f32 buffers) by name.
 async fn upload_weights(
     gpu: &Gpu,
     c: &Config,
     source: &dyn WeightStream,
     on_progress: &mut dyn FnMut(LoadProgress),
-) -> Result<(HashMap<String, WeightMatrix>, HashMap<String, wgpu::Buffer>)> {
+) -> Result<(HashMap<String, Stacked>, HashMap<String, wgpu::Buffer>)> {
     let locations: HashMap<&str, &TensorLocation> = source.locations().iter().map(|l| (l.name.as_str(), l)).collect();
     // Tied checkpoints reuse the embedding as lm_head; some still store a copy, which then wins.
     let tied_head = c.tie_word_embeddings && !locations.contains_key("lm_head.weight");
-    let mut matrices = HashMap::new();
     let mut norms = vec![];
     for (name, shape, is_norm) in checkpoint_tensors(c, tied_head) {
         let location = locations.get(name.as_str()).ok_or_else(|| LoadError::MissingTensor(name.clone()))?;
@@ -105,13 +177,13 @@ async fn upload_weights(
         }
         if is_norm {
             norms.push((name, location.dtype));
-        } else {
-            let matrix = WeightMatrix::new(gpu, &name, location.dtype, shape[0], shape[1])?;
-            matrices.insert(name, matrix);
         }
     }
-    let mut wanted: HashMap<String, Destination> =
-        matrices.iter().map(|(name, matrix)| (name.clone(), Destination::Matrix(matrix))).collect();
+    let (matrices, placements) = allocate_matrices(gpu, c, tied_head, |name| locations[name].dtype)?;
+    let mut wanted: HashMap<String, Destination> = placements
+        .iter()
+        .map(|(tensor, (stack, block, row))| (tensor.clone(), Destination::Matrix(&matrices[stack].blocks[*block].1, *row)))
+        .collect();
     wanted.extend(norms.iter().map(|(name, _)| (name.clone(), Destination::Host)));
     let host = stream_weights(gpu, source, &wanted, on_progress).await?;
     let mut vectors = HashMap::new();
@@ -124,19 +196,12 @@ async fn upload_weights(
 
 /// The ops of one transformer block, in the order they run.
 struct Layer {
-    attn_norm: Op,  // xn = rmsnorm(x) * input_layernorm
-    q_proj: Matmul, // q = xn @ q_proj.T
-    k_proj: Matmul, // k_cache[pos] = xn @ k_proj.T
-    v_proj: Matmul, // v_cache[pos] = xn @ v_proj.T
-    rope_q: Op,     // q = rope(q, pos)
-    rope_k: Op,     // k_cache[pos] = rope(k_cache[pos], pos)
-    attention: Op,  // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
-    o_proj: Matmul, // x += attn @ o_proj.T
-    mlp_norm: Op,   // xn = rmsnorm(x) * post_attention_layernorm
-    gate_proj: Matmul, // gate = xn @ gate_proj.T
-    up_proj: Matmul,   // up = xn @ up_proj.T
-    silu_mul: Op,      // act = silu(gate) * up
-    down_proj: Matmul, // x += act @ down_proj.T
+    qkv_proj: Matmul,     // qkv = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T
+    rope: Op,             // q = rope(q, pos); k_cache[pos] = rope(k, pos); v_cache[pos] = v
+    attention: Op,        // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
+    o_proj: Matmul,       // x += attn @ o_proj.T
+    gate_up_proj: Matmul, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
+    down_proj: Matmul,    // x += (silu(gate) * up) @ down_proj.T
 }
 
 /// A Llama model resident on one GPU, with its KV cache.
@@ -158,7 +223,6 @@ pub struct Llama {
     candidates_readback: wgpu::Buffer,
     embed: Op,
     layers: Vec<Layer>,
-    final_norm: Op,
     lm_head: Matmul,
     argmax: Op,
     top_k: TopK,
@@ -198,7 +262,9 @@ impl Llama {
         if context > c.max_position_embeddings || context == 0 {
             return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
         }
-        let widest_row = 4 * c.hidden_size.max(c.q_dim()).max(c.intermediate_size) as u64;
+        let qkv_dim = c.q_dim() + 2 * c.kv_dim();
+        let gate_up_dim = 2 * c.intermediate_size;
+        let widest_row = 4 * c.hidden_size.max(qkv_dim).max(gate_up_dim) as u64;
         let binding = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
         let max_batch = options.max_batch.min((binding / widest_row) as usize);
         if max_batch == 0 {
@@ -214,14 +280,10 @@ impl Llama {
         let one_token = ops::step_buffer(gpu, StepParams { n_tokens: 1, ..Default::default() });
         let tokens = gpu.storage_buffer("tokens", 4 * max_batch as u64);
         let x = f32_buffer("x", max_batch * c.hidden_size);
-        let xn = f32_buffer("xn", max_batch * c.hidden_size);
-        let q = f32_buffer("q", max_batch * c.q_dim());
+        let qkv = f32_buffer("qkv", max_batch * qkv_dim);
         let attn = f32_buffer("attn", max_batch * c.q_dim());
-        let gate = f32_buffer("gate", max_batch * c.intermediate_size);
-        let up = f32_buffer("up", max_batch * c.intermediate_size);
-        let act = f32_buffer("act", max_batch * c.intermediate_size);
+        let gate_up = f32_buffer("gate_up", max_batch * gate_up_dim);
         let x_last = f32_buffer("x_last", c.hidden_size);
-        let xn_last = f32_buffer("xn_last", c.hidden_size);
         let logits = f32_buffer("logits", c.vocab_size);
         let next_token = gpu.storage_buffer("next token", 4);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
@@ -230,46 +292,34 @@ impl Llama {
             Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
             Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
         };
-        let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, accumulate: false, rows_at_position: false };
-        let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, accumulate: true, rows_at_position: false };
-        let cache_rows = MatmulLayout { in_stride: c.hidden_size, out_stride: c.kv_dim(), accumulate: false, rows_at_position: true };
+        let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
+        let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
+        // One dispatch per part of each block of a stacked matrix.
+        let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, layout: MatmulLayout, step: &wgpu::Buffer| {
+            Matmul::join(w.blocks.iter().map(|(column, m)| ops::matmul(gpu, x, input, m, out, MatmulLayout { out_offset: *column, ..layout }, step)))
+        };
+        let norm = |name: &str| MatmulInput::RmsNorm { weight: &vectors[name], eps: c.rms_norm_eps };
 
+        // upload_weights checked every name and shape; a one-tensor stack is one block.
         let embed_tokens = &matrices["model.embed_tokens.weight"];
-        let embed = ops::embedding(gpu, &tokens, embed_tokens, &x, &step);
+        let embed = ops::embedding(gpu, &tokens, &embed_tokens.blocks[0].1, &x, &step);
+        let rope_params = RopeParams { n_heads: c.n_heads as u32, n_kv_heads: c.n_kv_heads as u32, head_dim: c.head_dim as u32, _pad: 0 };
         let mut layers = Vec::with_capacity(c.n_layers);
         for (i, (k_cache, v_cache)) in kv_cache.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            // upload_weights checked every name and shape.
-            let norm = |name: &str| &vectors[&format!("{p}.{name}.weight")];
-            let proj = |name: &str| &matrices[&format!("{p}.{name}.weight")];
-            let rope = |buffer: &wgpu::Buffer, n_heads: usize, row_stride: usize, rows_at_position: bool| {
-                let params = RopeParams {
-                    n_heads: n_heads as u32,
-                    head_dim: c.head_dim as u32,
-                    row_stride: row_stride as u32,
-                    rows_at_position: rows_at_position as u32,
-                };
-                ops::rope(gpu, &cos_sin, buffer, params, &step)
-            };
+            let w = |name: &str| &matrices[&format!("{p}.{name}")];
+            let ln = |name: &str| norm(&format!("{p}.{name}.weight"));
             layers.push(Layer {
-                attn_norm: ops::rmsnorm(gpu, &x, norm("input_layernorm"), &xn, c.hidden_size, c.rms_norm_eps, &step),
-                q_proj: ops::matmul(gpu, &xn, proj("self_attn.q_proj"), &q, rows(c.q_dim()), &step),
-                k_proj: ops::matmul(gpu, &xn, proj("self_attn.k_proj"), k_cache, cache_rows, &step),
-                v_proj: ops::matmul(gpu, &xn, proj("self_attn.v_proj"), v_cache, cache_rows, &step),
-                rope_q: rope(&q, c.n_heads, c.q_dim(), false),
-                rope_k: rope(k_cache, c.n_kv_heads, c.kv_dim(), true),
-                attention: ops::attention(gpu, &q, k_cache, v_cache, &attn, c.n_heads, c.n_kv_heads, c.head_dim, &step),
-                o_proj: ops::matmul(gpu, &attn, proj("self_attn.o_proj"), &x, residual(c.q_dim()), &step),
-                mlp_norm: ops::rmsnorm(gpu, &x, norm("post_attention_layernorm"), &xn, c.hidden_size, c.rms_norm_eps, &step),
-                gate_proj: ops::matmul(gpu, &xn, proj("mlp.gate_proj"), &gate, rows(c.intermediate_size), &step),
-                up_proj: ops::matmul(gpu, &xn, proj("mlp.up_proj"), &up, rows(c.intermediate_size), &step),
-                silu_mul: ops::silu_mul(gpu, &gate, &up, &act, c.intermediate_size, &step),
-                down_proj: ops::matmul(gpu, &act, proj("mlp.down_proj"), &x, residual(c.intermediate_size), &step),
+                qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, rows(qkv_dim), &step),
+                rope: ops::rope(gpu, &cos_sin, &qkv, k_cache, v_cache, rope_params, &step),
+                attention: ops::attention(gpu, &qkv, qkv_dim, k_cache, v_cache, &attn, c.n_heads, c.n_kv_heads, c.head_dim, &step),
+                o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, residual(c.q_dim()), &step),
+                gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, rows(gate_up_dim), &step),
+                down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, residual(gate_up_dim), &step),
             });
         }
-        let final_norm = ops::rmsnorm(gpu, &x_last, &vectors["model.norm.weight"], &xn_last, c.hidden_size, c.rms_norm_eps, &one_token);
         let head = matrices.get("lm_head.weight").unwrap_or(embed_tokens);
-        let lm_head = ops::matmul(gpu, &xn_last, head, &logits, rows(c.vocab_size), &one_token);
+        let lm_head = project(&x_last, norm("model.norm.weight"), head, &logits, rows(c.vocab_size), &one_token);
         let argmax = ops::argmax(gpu, &logits, &next_token, c.vocab_size);
         let candidates = gpu.storage_buffer("candidates", TopK::OUT_BYTES);
         let top_k = TopK::new(gpu, &logits, &candidates, c.vocab_size);
@@ -293,7 +343,6 @@ impl Llama {
             next_token,
             embed,
             layers,
-            final_norm,
             lm_head,
             argmax,
             config,
@@ -460,25 +509,17 @@ impl Llama {
             list.extend(op.dispatches().iter().map(|d| (name, d)));
         }
         let mut blocks = vec![];
-        add(&mut blocks, "embed", &self.embed); // x = embed_tokens[tokens]
+        add(&mut blocks, "embed", &self.embed);
         for l in &self.layers {
-            add(&mut blocks, "attn_norm", &l.attn_norm); // xn = rmsnorm(x) * input_layernorm
-            add(&mut blocks, "q_proj", l.q_proj.for_tokens(n)); // q = xn @ q_proj.T
-            add(&mut blocks, "k_proj", l.k_proj.for_tokens(n)); // k_cache[pos] = xn @ k_proj.T
-            add(&mut blocks, "v_proj", l.v_proj.for_tokens(n)); // v_cache[pos] = xn @ v_proj.T
-            add(&mut blocks, "rope_q", &l.rope_q); // q = rope(q, pos)
-            add(&mut blocks, "rope_k", &l.rope_k); // k_cache[pos] = rope(k_cache[pos], pos)
-            add(&mut blocks, "attention", &l.attention); // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
-            add(&mut blocks, "o_proj", l.o_proj.for_tokens(n)); // x += attn @ o_proj.T
-            add(&mut blocks, "mlp_norm", &l.mlp_norm); // xn = rmsnorm(x) * post_attention_layernorm
-            add(&mut blocks, "gate_proj", l.gate_proj.for_tokens(n)); // gate = xn @ gate_proj.T
-            add(&mut blocks, "up_proj", l.up_proj.for_tokens(n)); // up = xn @ up_proj.T
-            add(&mut blocks, "silu_mul", &l.silu_mul); // act = silu(gate) * up
-            add(&mut blocks, "down_proj", l.down_proj.for_tokens(n)); // x += act @ down_proj.T
+            add(&mut blocks, "qkv_proj", l.qkv_proj.for_tokens(n));
+            add(&mut blocks, "rope", &l.rope);
+            add(&mut blocks, "attention", &l.attention);
+            add(&mut blocks, "o_proj", l.o_proj.for_tokens(n));
+            add(&mut blocks, "gate_up_proj", l.gate_up_proj.for_tokens(n));
+            add(&mut blocks, "down_proj", l.down_proj.for_tokens(n));
         }
         let mut head = vec![];
-        add(&mut head, "final_norm", &self.final_norm); // xn_last = rmsnorm(x_last) * norm
-        add(&mut head, "lm_head", self.lm_head.for_tokens(1)); // logits = xn_last @ lm_head.T
+        add(&mut head, "lm_head", self.lm_head.for_tokens(1)); // logits = rmsnorm(x_last) * norm @ lm_head.T
         match output {
             Output::Logits => {}
             Output::Argmax => add(&mut head, "argmax", &self.argmax), // next_token = argmax(logits)
