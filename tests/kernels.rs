@@ -207,7 +207,7 @@ fn argmax_picks_the_first_largest() {
         let out = gpu.storage_buffer("out", 4);
         let op = ops::argmax(&gpu, &input, &out, n);
         run(&gpu, |pass| op.encode(pass, 1));
-        let got = u32::from_le_bytes(pollster::block_on(gpu.read(&out, 4)).unwrap().try_into().unwrap());
+        let got = f32::from_le_bytes(pollster::block_on(gpu.read(&out, 4)).unwrap().try_into().unwrap()) as u32;
         assert_eq!(got as usize, reference::argmax(&values[..n]), "n={n}");
     }
 }

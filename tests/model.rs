@@ -57,6 +57,28 @@ fn greedy_continuation_matches_transformers() {
 }
 
 #[test]
+fn greedy_tokens_kept_on_the_gpu_equal_tokens_read_back_each_step() {
+    let Some(gpu) = gpu() else { return };
+    for name in FIXTURES {
+        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        let prompt = golden(name).greedy.prompt;
+        let n = 12;
+        // Each step's token read back and written again by the host.
+        let mut stepwise = vec![pollster::block_on(model.forward_greedy(&prompt, 0)).unwrap()];
+        while stepwise.len() < n {
+            let position = prompt.len() + stepwise.len() - 1;
+            stepwise.push(pollster::block_on(model.forward_greedy(&[*stepwise.last().unwrap()], position)).unwrap());
+        }
+        // Each step submitted before the token it takes from the GPU is read.
+        let pipelined = pollster::block_on(model.generate_greedy(&prompt, n)).unwrap();
+        assert_eq!(pipelined, stepwise, "{name}");
+        // Only a pass in flight can feed the next one.
+        let err = model.submit_greedy_next(prompt.len()).unwrap_err().to_string();
+        assert!(err.contains("0 greedy passes are in flight"), "{err}");
+    }
+}
+
+#[test]
 fn long_prompts_run_in_chunks_with_the_same_logits() {
     let Some(gpu) = gpu() else { return };
     for name in FIXTURES {

@@ -203,7 +203,13 @@ impl Gpu {
 
     /// Waits for the submitted work, then reads the first `bytes` of a readback buffer.
     pub async fn read_mapped(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
-        readback::read_mapped(self, staging, bytes).await
+        readback::read_mapped(self, staging, bytes, None).await
+    }
+
+    /// Like [`Gpu::read_mapped`], but waits only for `submission` (the one that wrote the buffer),
+    /// not for work submitted after it.
+    pub async fn read_mapped_after(&self, staging: &wgpu::Buffer, bytes: u64, submission: wgpu::SubmissionIndex) -> Result<Vec<u8>, GpuError> {
+        readback::read_mapped(self, staging, bytes, Some(submission)).await
     }
 
     /// Runs `encode` in one compute pass, submits it and waits for the GPU.

@@ -391,7 +391,7 @@ pub fn attention(
     Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32), traffic)] }
 }
 
-/// out[0] = the index of the largest of `n` logits.
+/// out[0] = the index of the largest of `n` logits, as f32 like the token ids the embedding reads.
 pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
     let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, _pad: [0; 3] });
     Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]), Traffic::fixed(4 * n as u64 + 4))] }

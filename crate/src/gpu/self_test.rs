@@ -56,7 +56,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let best = gpu.storage_buffer("self-test argmax", 4);
     let op = ops::argmax(gpu, &x_buffer, &best, x.len());
     gpu.run(|pass| op.encode(pass, 1)).await?;
-    let got = u32::from_le_bytes(gpu.read(&best, 4).await?.try_into().unwrap_or_default());
+    let got = f32::from_le_bytes(gpu.read(&best, 4).await?.try_into().unwrap_or_default()) as u32;
     let want = reference::argmax(&x);
     if got as usize != want {
         return Err(GpuError::SelfTest(format!("argmax gave {got}, the CPU {want}")));

@@ -3,7 +3,7 @@
 
 use crate::gpu::ops::{self, Candidates, Dispatch, Matmul, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::quant::DType;
 use crate::load::{stream_weights, Destination, LoadError, LoadProgress, TensorLocation, WeightStream};
@@ -216,11 +216,13 @@ pub struct Llama {
     x: wgpu::Buffer,              // (max_batch, hidden) residual stream
     x_last: wgpu::Buffer,         // (hidden) the last token's residual stream
     logits: wgpu::Buffer,         // (vocab) of the last token
-    next_token: wgpu::Buffer,     // (1) u32 argmax of the logits
+    next_token: wgpu::Buffer,     // (1) argmax of the logits as f32, like the token ids
     candidates: wgpu::Buffer,     // top-k candidates of the logits, see ops::Candidates
     logits_readback: wgpu::Buffer,
-    token_readback: wgpu::Buffer,
+    token_readback: [wgpu::Buffer; 2], // one per greedy pass in flight
     candidates_readback: wgpu::Buffer,
+    /// Greedy passes submitted and not read yet, oldest first: (token_readback slot, submission).
+    in_flight: VecDeque<(usize, wgpu::SubmissionIndex)>,
     embed: Op,
     layers: Vec<Layer>,
     lm_head: Matmul,
@@ -231,8 +233,16 @@ pub struct Llama {
 /// What a pass hands back to the host.
 enum Output {
     Logits,
-    Argmax,
+    /// The greedy token, into this slot of `token_readback`, and into `tokens` for a next pass.
+    Argmax(usize),
     TopK,
+}
+
+/// Where a pass's input tokens come from.
+enum Tokens<'a> {
+    Host(&'a [u32]),
+    /// The token the greedy pass before chose, left on the GPU.
+    Previous,
 }
 
 impl Llama {
@@ -335,7 +345,8 @@ impl Llama {
             x,
             x_last,
             logits_readback: gpu.readback_buffer("logits readback", 4 * c.vocab_size as u64),
-            token_readback: gpu.readback_buffer("token readback", 4),
+            token_readback: [0, 1].map(|_| gpu.readback_buffer("token readback", 4)),
+            in_flight: VecDeque::new(),
             candidates_readback: gpu.readback_buffer("candidates readback", TopK::OUT_BYTES),
             candidates,
             top_k,
@@ -370,7 +381,7 @@ impl Llama {
 
     /// Compute dispatches of a one-token pass that returns a greedy token.
     pub fn dispatches_per_token(&self) -> usize {
-        let (blocks, head) = self.plan(1, &Output::Argmax);
+        let (blocks, head) = self.plan(1, &Output::Argmax(0));
         blocks.len() + head.len()
     }
 
@@ -378,7 +389,8 @@ impl Llama {
     /// needs a device made with [`crate::GpuOptions::timestamps`] on an adapter that has them.
     pub async fn profile_greedy(&mut self, token: u32, position: usize) -> Result<(u32, Vec<DispatchTime>)> {
         let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token())?;
-        self.submit_timed(&[token], position, Output::Argmax, Some(&mut timer))?;
+        self.in_flight.clear();
+        self.submit_argmax(Tokens::Host(&[token]), position, Some(&mut timer))?;
         let next = self.read_greedy().await?;
         Ok((next, timer.read(&self.gpu, position).await?))
     }
@@ -402,19 +414,39 @@ impl Llama {
     }
 
     /// The host half of [`Llama::forward_greedy`]: checks, encodes and submits the pass without
-    /// waiting for the GPU; [`Llama::read_greedy`] then waits for its token.
+    /// waiting for the GPU; [`Llama::read_greedy`] then waits for its token. Greedy passes still
+    /// unread are dropped.
     pub fn submit_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
-        self.submit(tokens, start_pos, Output::Argmax)
+        self.in_flight.clear();
+        self.submit_argmax(Tokens::Host(tokens), start_pos, None)
     }
 
-    /// The token of the pass [`Llama::submit_greedy`] submitted.
-    pub async fn read_greedy(&self) -> Result<u32> {
-        let bytes = self.gpu.read_mapped(&self.token_readback, 4).await?;
-        let token = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        if token as usize >= self.config.vocab_size {
+    /// Submits a one-token greedy pass at `position` whose input is the token of the greedy pass in
+    /// flight, which never leaves the GPU: the host encodes this step while the GPU still runs the
+    /// last, and reads each token a step late. Needs exactly one unread greedy pass.
+    pub fn submit_greedy_next(&mut self, position: usize) -> Result<()> {
+        if self.in_flight.len() != 1 {
+            return Err(ModelError::GreedyChain { in_flight: self.in_flight.len() }.into());
+        }
+        self.submit_argmax(Tokens::Previous, position, None)
+    }
+
+    fn submit_argmax(&mut self, tokens: Tokens, start_pos: usize, timer: Option<&mut Timestamps>) -> Result<()> {
+        let slot = self.in_flight.back().map_or(0, |(slot, _)| 1 - slot);
+        let submission = self.submit_timed(tokens, start_pos, Output::Argmax(slot), timer)?;
+        self.in_flight.push_back((slot, submission));
+        Ok(())
+    }
+
+    /// The token of the oldest greedy pass submitted and not read yet; waits for that pass only.
+    pub async fn read_greedy(&mut self) -> Result<u32> {
+        let (slot, submission) = self.in_flight.pop_front().ok_or(ModelError::GreedyChain { in_flight: 0 })?;
+        let bytes = self.gpu.read_mapped_after(&self.token_readback[slot], 4, submission).await?;
+        let token = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if !(token >= 0.0 && (token as usize) < self.config.vocab_size) {
             return Err(ModelError::NonFiniteLogits.into());
         }
-        Ok(token)
+        Ok(token as u32)
     }
 
     /// Like [`Llama::forward`], but returns the `k` (at most [`ops::MAX_TOP_K`]) largest logits and
@@ -439,45 +471,59 @@ impl Llama {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    /// Greedy continuation of `prompt` from position 0: `n` new tokens.
+    /// Greedy continuation of `prompt` from position 0: `n` new tokens, each step submitted before
+    /// the token of the one before is read.
     pub async fn generate_greedy(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(n);
-        let mut next = self.forward_greedy(prompt, 0).await?;
+        self.submit_greedy(prompt, 0)?;
         for i in 0..n {
-            out.push(next);
             if i + 1 < n {
-                next = self.forward_greedy(&[next], prompt.len() + i).await?;
+                self.submit_greedy_next(prompt.len() + i)?;
             }
+            out.push(self.read_greedy().await?);
         }
         Ok(out)
     }
 
     /// Encodes and submits a pass over `tokens`; the caller reads back what `output` names.
     fn submit(&mut self, tokens: &[u32], start_pos: usize, output: Output) -> Result<()> {
-        self.submit_timed(tokens, start_pos, output, None)
+        self.submit_timed(Tokens::Host(tokens), start_pos, output, None).map(|_| ())
     }
 
-    fn submit_timed(&mut self, tokens: &[u32], start_pos: usize, output: Output, mut timer: Option<&mut Timestamps>) -> Result<()> {
+    /// Encodes and submits a pass, each dispatch timed when `timer` is given; returns the
+    /// submission of its last command buffer.
+    fn submit_timed(&mut self, tokens: Tokens, start_pos: usize, output: Output, mut timer: Option<&mut Timestamps>) -> Result<wgpu::SubmissionIndex> {
         self.gpu.check()?;
         let c = &self.config;
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyInput.into());
-        }
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
-        }
-        let needed = start_pos + tokens.len();
+        // Chunks of at most max_batch host tokens, or the one token the GPU holds.
+        let chunks: Vec<Option<&[u32]>> = match tokens {
+            Tokens::Host(tokens) => {
+                if tokens.is_empty() {
+                    return Err(ModelError::EmptyInput.into());
+                }
+                if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                    return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
+                }
+                tokens.chunks(self.max_batch).map(Some).collect()
+            }
+            Tokens::Previous => vec![None],
+        };
+        let n_tokens = chunks.iter().map(|chunk| chunk.map_or(1, <[u32]>::len)).sum::<usize>();
+        let needed = start_pos + n_tokens;
         if needed > self.kv_cache.context {
-            return Err(ModelError::ContextFull { start_pos, n_tokens: tokens.len(), needed, context: self.kv_cache.context }.into());
+            return Err(ModelError::ContextFull { start_pos, n_tokens, needed, context: self.kv_cache.context }.into());
         }
-        self.tokens_processed += tokens.len() as u64;
-        let n_chunks = tokens.len().div_ceil(self.max_batch);
-        for (i, chunk) in tokens.chunks(self.max_batch).enumerate() {
-            let n = chunk.len() as u32;
+        self.tokens_processed += n_tokens as u64;
+        let n_chunks = chunks.len();
+        let mut submission = None;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let n = chunk.map_or(1, <[u32]>::len) as u32;
             let step = StepParams { n_tokens: n, start_pos: (start_pos + i * self.max_batch) as u32, _pad: [0; 2] };
             self.gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
-            let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
-            self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
+            if let Some(chunk) = chunk {
+                let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
+                self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
+            }
             let last = i + 1 == n_chunks;
             let (blocks, head) = self.plan(n, &output);
             let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
@@ -488,7 +534,11 @@ impl Llama {
                 encode(&mut encoder, &head, 1, timer.as_deref_mut())?;
                 let (from, to) = match output {
                     Output::Logits => (&self.logits, &self.logits_readback),
-                    Output::Argmax => (&self.next_token, &self.token_readback),
+                    Output::Argmax(slot) => {
+                        // The input of a next pass that takes the token from the GPU.
+                        encoder.copy_buffer_to_buffer(&self.next_token, 0, &self.tokens, 0, 4);
+                        (&self.next_token, &self.token_readback[slot])
+                    }
                     Output::TopK => (&self.candidates, &self.candidates_readback),
                 };
                 encoder.copy_buffer_to_buffer(from, 0, to, 0, None);
@@ -496,9 +546,10 @@ impl Llama {
                     timer.resolve(&mut encoder);
                 }
             }
-            self.gpu.queue.submit([encoder.finish()]);
+            submission = Some(self.gpu.queue.submit([encoder.finish()]));
         }
-        Ok(())
+        // At least one chunk ran.
+        submission.ok_or_else(|| ModelError::EmptyInput.into())
     }
 
     /// The dispatches of a pass over `n` tokens, in order, each named by what it computes: the
@@ -522,7 +573,7 @@ impl Llama {
         add(&mut head, "lm_head", self.lm_head.for_tokens(1)); // logits = rmsnorm(x_last) * norm @ lm_head.T
         match output {
             Output::Logits => {}
-            Output::Argmax => add(&mut head, "argmax", &self.argmax), // next_token = argmax(logits)
+            Output::Argmax(_) => add(&mut head, "argmax", &self.argmax), // next_token = argmax(logits)
             Output::TopK => add(&mut head, "top_k", self.top_k.op()), // candidates = top_k(logits)
         }
         (blocks, head)
