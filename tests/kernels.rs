@@ -32,15 +32,28 @@ fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec
 }
 
 /// A device whose binding limit splits a (rows, cols) f32 matrix into about `parts` buffers.
-fn splitting_gpu(rows: usize, cols: usize, parts: usize) -> Option<Gpu> {
+fn splitting_gpu(rows: usize, cols: usize, parts: usize, bounds_checks: bool) -> Option<Gpu> {
     let bytes = (rows * cols * 4).div_ceil(parts).next_multiple_of(256) as u64;
-    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), ..Default::default() })
+    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), bounds_checks, ..Default::default() })
+}
+
+/// A device that keeps naga's bounds checks in every kernel, or drops them where kernels are in
+/// bounds by construction (the default on native): matmul tests run both ways, so an index past a
+/// buffer would show as a difference (or a fault) between the two.
+fn checked_gpu(bounds_checks: bool) -> Option<Gpu> {
+    gpu_with(&GpuOptions { bounds_checks, ..Default::default() })
+}
+
+#[test]
+fn matmul_runs_without_bounds_checks_by_default() {
+    let Some(gpu) = gpu() else { return };
+    assert!(!gpu.bounds_checks && llama_webgpu::gpu::KERNELS.iter().any(|k| k.name == "matmul" && k.in_bounds));
 }
 
 #[test]
 fn embedding_matches_reference_in_every_format_and_split() {
     let (vocab, dim) = (97, 18);
-    let Some(gpu) = splitting_gpu(vocab, dim, 3) else { return };
+    let Some(gpu) = splitting_gpu(vocab, dim, 3, false) else { return };
     let tokens: Vec<u32> = vec![0, 96, 13, 50, 13, 95, 64];
     for dtype in DTYPES {
         let (bytes, table) = weights(&gpu, 1, dtype, vocab, dim);
@@ -90,10 +103,16 @@ fn rope_rotates_q_in_place_and_writes_k_and_v_to_the_cache() {
 
 #[test]
 fn matmul_matches_reference_in_every_format_strategy_and_split() {
+    for bounds_checks in [false, true] {
+        matmul_in_every_format_strategy_and_split(bounds_checks);
+    }
+}
+
+fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
     let (rows, k) = (67, 46);
     // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles; the split device binds only up to 9 tokens.
-    let Some(split) = splitting_gpu(rows, k, 3) else { return };
-    let Some(whole) = gpu() else { return };
+    let Some(split) = splitting_gpu(rows, k, 3, bounds_checks) else { return };
+    let Some(whole) = checked_gpu(bounds_checks) else { return };
     for (gpu, token_counts) in [(&split, &[1, 3, 9][..]), (&whole, &[1, 37][..])] {
         for dtype in DTYPES {
             let (bytes, w) = weights(gpu, 2, dtype, rows, k);
@@ -117,9 +136,15 @@ fn matmul_matches_reference_in_every_format_strategy_and_split() {
 
 #[test]
 fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
+    for bounds_checks in [false, true] {
+        matmul_of_rmsnorm_and_silu_mul(bounds_checks);
+    }
+}
+
+fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
     // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial second tile of tokens).
     let (rows, k) = (37, 256);
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = checked_gpu(bounds_checks) else { return };
     for dtype in [DType::F32, DType::Q4_0, DType::Q6K] {
         let (bytes, w) = weights(&gpu, 31, dtype, rows, k);
         let norm = random_vec(&mut rng(32), k, 2.0);
@@ -238,7 +263,13 @@ const BLOCK_FORMATS: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType:
 
 #[test]
 fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
-    let Some(whole) = gpu() else { return };
+    for bounds_checks in [false, true] {
+        block_formats_in_every_strategy(bounds_checks);
+    }
+}
+
+fn block_formats_in_every_strategy(bounds_checks: bool) {
+    let Some(whole) = checked_gpu(bounds_checks) else { return };
     // 37 rows: a part ends on an odd row; k = 96 gives 54-byte q4_0 rows that straddle u32 words.
     let shapes = [(37, 512), (37, 96)];
     for dtype in BLOCK_FORMATS {
@@ -249,7 +280,7 @@ fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
             let row_bytes = dtype.row_bytes(k).unwrap();
             // The split device binds 3 tokens of activations, and a dozen rows or more per part.
             let limit = (row_bytes * 12).max(3 * k * 4).next_multiple_of(4) as u64;
-            let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), ..Default::default() }) else { return };
+            let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), bounds_checks, ..Default::default() }) else { return };
             for (gpu, token_counts) in [(&whole, [1, 9]), (&split, [1, 3])] {
                 let (bytes, w) = weights(gpu, 21, dtype, rows, k);
                 assert!(std::ptr::eq(gpu, &whole) || w.parts.len() > 1, "{dtype} {rows}x{k} was not split");

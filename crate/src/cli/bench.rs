@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// them) and report time, bytes moved and GB/s per kernel per token.
     #[arg(long)]
     pub profile: bool,
+    /// Decode as before GPU-resident greedy decoding: read each token back and write it again
+    /// before submitting the next step (for comparison).
+    #[arg(long)]
+    sync: bool,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -141,17 +145,22 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
             let started = Instant::now();
             let mut encoding = Duration::ZERO;
             // As the engine decodes: each step is submitted before the token it takes from the GPU
-            // is read back.
+            // is read back (unless --sync).
             let submitting = Instant::now();
             model.submit_greedy(&tokens[..1], 0)?;
             encoding += submitting.elapsed();
             for position in 1..=n {
-                if position < n {
+                if position < n && !args.sync {
                     let submitting = Instant::now();
                     model.submit_greedy_next(position)?;
                     encoding += submitting.elapsed();
                 }
-                model.read_greedy().await?;
+                let token = model.read_greedy().await?;
+                if position < n && args.sync {
+                    let submitting = Instant::now();
+                    model.submit_greedy(&[token], position)?;
+                    encoding += submitting.elapsed();
+                }
             }
             rates.push(n as f64 / started.elapsed().as_secs_f64());
             encode.push(encoding.as_secs_f64() * 1e6 / n as f64);

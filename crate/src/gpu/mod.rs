@@ -54,6 +54,9 @@ pub struct GpuOptions {
     pub max_storage_binding: Option<u64>,
     /// Request timestamp queries where the adapter has them (for profiling dispatches).
     pub timestamps: bool,
+    /// Keep naga's runtime bounds checks in every kernel, also those in bounds by construction
+    /// (`Kernel::in_bounds`), which otherwise run without them on native backends.
+    pub bounds_checks: bool,
 }
 
 /// What the engine needs from every adapter, whatever the model.
@@ -76,6 +79,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// Optional features granted (shader-f16, subgroups, timestamp queries); nothing requires them.
     pub features: wgpu::Features,
+    /// See [`GpuOptions::bounds_checks`].
+    pub bounds_checks: bool,
     kernels: Arc<kernels::Registry>,
     failure: Arc<Mutex<Option<GpuError>>>,
 }
@@ -127,7 +132,7 @@ impl Gpu {
             slot.get_or_insert(GpuError::DeviceLost(format!("{reason:?}: {message}")));
         });
         log::info!("adapter {:?} ({:?}), features {:?}", info.name, info.backend, features);
-        Ok(Self { device, queue, info, limits, features, kernels: Default::default(), failure })
+        Ok(Self { device, queue, info, limits, features, bounds_checks: options.bounds_checks, kernels: Default::default(), failure })
     }
 
     /// The first error the device reported since it was created, if any: a lost device or a

@@ -5,6 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::kernels::{self, Kernel};
 use super::{Gpu, WeightMatrix};
+use crate::quant::DType;
 
 /// Per-pass values every token-wise kernel reads: the number of tokens and the first one's position.
 #[repr(C)]
@@ -90,6 +91,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Below this many tokens a matmul runs as GEMVs; from it on, as tiles.
 pub const GEMV_MAX_TOKENS: u32 = 8;
 const TILE: u32 = 32;
+/// Rows per workgroup of matmul.wgsl's gemv_q4_0 (its GEMV_Q4_ROWS).
+const GEMV_Q4_ROWS: u32 = 4;
 const WG_1D: u32 = 64;
 
 /// How many workgroups a dispatch needs for `n` tokens.
@@ -291,8 +294,10 @@ pub fn matmul(
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> Matmul {
+    // q4_0 has a GEMV of its own that takes GEMV_Q4_ROWS rows per workgroup.
+    let (gemv, rows_per_workgroup) = if w.dtype == DType::Q4_0 { ("gemv_q4_0", GEMV_Q4_ROWS) } else { ("gemv", 1) };
     Matmul {
-        gemv: weight_op(gpu, "gemv", x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows)),
+        gemv: weight_op(gpu, gemv, x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows.div_ceil(rows_per_workgroup))),
         tiled: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
     }
 }
