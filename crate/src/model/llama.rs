@@ -109,7 +109,7 @@ fn allocate_matrices(
             let row_bytes = dtype.row_bytes(cols).unwrap_or_default();
             let next = blocks.len();
             match blocks.last_mut() {
-                Some((_, block_dtype, block_rows)) if *block_dtype == dtype && *block_rows * row_bytes % 4 == 0 => {
+                Some((_, block_dtype, block_rows)) if *block_dtype == dtype && (*block_rows * row_bytes).is_multiple_of(4) => {
                     placements.insert(tensor.clone(), (stack.clone(), next - 1, *block_rows));
                     *block_rows += rows;
                 }
@@ -389,7 +389,6 @@ impl Llama {
     /// needs a device made with [`crate::GpuOptions::timestamps`] on an adapter that has them.
     pub async fn profile_greedy(&mut self, token: u32, position: usize) -> Result<(u32, Vec<DispatchTime>)> {
         let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token())?;
-        self.in_flight.clear();
         self.submit_argmax(Tokens::Host(&[token]), position, Some(&mut timer))?;
         let next = self.read_greedy().await?;
         Ok((next, timer.read(&self.gpu, position).await?))
@@ -414,10 +413,8 @@ impl Llama {
     }
 
     /// The host half of [`Llama::forward_greedy`]: checks, encodes and submits the pass without
-    /// waiting for the GPU; [`Llama::read_greedy`] then waits for its token. Greedy passes still
-    /// unread are dropped.
+    /// waiting for the GPU; [`Llama::read_greedy`] then waits for its token.
     pub fn submit_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
-        self.in_flight.clear();
         self.submit_argmax(Tokens::Host(tokens), start_pos, None)
     }
 
@@ -443,7 +440,7 @@ impl Llama {
         let (slot, submission) = self.in_flight.pop_front().ok_or(ModelError::GreedyChain { in_flight: 0 })?;
         let bytes = self.gpu.read_mapped_after(&self.token_readback[slot], 4, submission).await?;
         let token = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        if !(token >= 0.0 && (token as usize) < self.config.vocab_size) {
+        if !(0.0..self.config.vocab_size as f32).contains(&token) {
             return Err(ModelError::NonFiniteLogits.into());
         }
         Ok(token as u32)
@@ -491,9 +488,13 @@ impl Llama {
     }
 
     /// Encodes and submits a pass, each dispatch timed when `timer` is given; returns the
-    /// submission of its last command buffer.
+    /// submission of its last command buffer. Tokens from the host drop the greedy passes still
+    /// unread: the pass no longer follows them.
     fn submit_timed(&mut self, tokens: Tokens, start_pos: usize, output: Output, mut timer: Option<&mut Timestamps>) -> Result<wgpu::SubmissionIndex> {
         self.gpu.check()?;
+        if let Tokens::Host(_) = tokens {
+            self.in_flight.clear();
+        }
         let c = &self.config;
         // Chunks of at most max_batch host tokens, or the one token the GPU holds.
         let chunks: Vec<Option<&[u32]>> = match tokens {
