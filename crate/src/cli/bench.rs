@@ -100,6 +100,9 @@ struct Sample {
 }
 
 pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()> {
+    if args.profile && !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+        bail!("--profile: the adapter {:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed", gpu.info.name);
+    }
     let longest = args.prompt.iter().max().copied().unwrap_or(0) + args.generate.iter().max().copied().unwrap_or(0) + 1;
     let options = LoadOptions { context_length: Some(longest.max(16)), ..Default::default() };
     let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
@@ -168,9 +171,6 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
         samples.push(Sample { test: format!("tg{n}"), tokens_per_second: rates, encode_us_per_token: Some(encode) });
     }
     let profile = if args.profile {
-        if !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
-            bail!("--profile: the adapter {:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed", gpu.info.name);
-        }
         // As many decode steps as the longest tg test, at least one.
         let steps = args.generate.iter().max().copied().unwrap_or(0).max(1);
         let mut times = vec![];
