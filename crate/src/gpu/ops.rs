@@ -349,10 +349,11 @@ fn weight_op(
             };
             let params = gpu.uniform_buffer(entry, &params);
             let buffers = [x, &part.buffer, norm, out, &params, step];
-            // The gather reads one row of the table; a product reads the whole part, its input
-            // row (two halves for SiLU-mul) and the norm weight.
+            // The gather reads a token's row in whichever part holds it (counted evenly over the
+            // parts); a product reads the whole part, its input row (two halves for SiLU-mul) and
+            // the norm weight.
             let traffic = if entry == "gather" {
-                w.row_bytes() + 4 * w.cols
+                (w.row_bytes() + 4 * w.cols) / w.parts.len()
             } else {
                 let inputs = match input {
                     MatmulInput::Plain => w.cols,
