@@ -1,8 +1,8 @@
 // Reading a weight matrix: out = x @ W^T, and the embedding gather out[t] = W[token t], for a
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
-// Entry points: `gemv` for a few tokens (decode; `gemv_q4_0` for q4_0), `tiled` for prompt prefill,
-// `gather` for embeddings.
+// Entry points: `gemv` for a few tokens (decode; `gemv_blocks` for q4_0, q4_1 and q8_0), `tiled`
+// for prompt prefill, `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
 // The products can transform their input on the way in, fusing the op before them (INPUT):
@@ -175,14 +175,15 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
     }
 }
 
-// GEMV for q4_0, GEMV_Q4_ROWS rows of one token per workgroup. Each thread takes whole blocks of 32
-// weights: it loads the block's 32 inputs once and reuses them for every row, reads the 16 quant
-// bytes as 4 words, and takes the -8 offset out of the dot product: d * (sum x q - 8 sum x).
-const GEMV_Q4_ROWS: u32 = 4u;
-var<workgroup> q4_partial: array<vec4<f32>, GEMV_WG>; // per thread, the sums of the 4 rows
-var<workgroup> q4_squares: array<f32, GEMV_WG>;
+// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_BLOCK_ROWS rows of one token per
+// workgroup. Each thread takes whole blocks: it loads a block's 32 inputs once and reuses them for
+// every row, reads the quants as u32 words and unpacks 4 at a time, and takes the offset out of the
+// dot product: q4_0 d * (sum x q - 8 sum x), q4_1 d * sum x q + m * sum x.
+const GEMV_BLOCK_ROWS: u32 = 4u;
+var<workgroup> block_partial: array<vec4<f32>, GEMV_WG>; // per thread, the sums of the 4 rows
+var<workgroup> block_squares: array<f32, GEMV_WG>;
 
-// Inputs col..col + 3 (col a multiple of 4) transformed by INPUT, and their raw squares' sum.
+// Inputs col..col + 3 (col a multiple of 4) transformed by INPUT.
 fn input_quad(base: u32, col: u32) -> vec4<f32> {
     return vec4(input_pair(base, col), input_pair(base, col + 2u));
 }
@@ -192,13 +193,12 @@ fn squares_quad(base: u32, col: u32) -> f32 {
     return dot(v, v);
 }
 
-// The 16 quant bytes of the q4_0 block at byte `start` (even) as 4 words; they follow the f16
-// scale, so they start on a word when the block starts 2 bytes into one, else 2 bytes into one.
-// The last word read ends at most 2 bytes past the block, inside the buffer's padding to a word.
-fn q4_0_quants(start: u32) -> vec4<u32> {
-    let i = start / 4u;
-    if ((start & 2u) != 0u) {
-        return vec4(w[i + 1u], w[i + 2u], w[i + 3u], w[i + 4u]);
+// The 16 bytes at byte `p` (even) as 4 words. Off a word boundary the last word read ends 2 bytes
+// past them: inside the next block, or in the buffer's padding to a whole word after the last.
+fn words_at(p: u32) -> vec4<u32> {
+    let i = p / 4u;
+    if ((p & 2u) == 0u) {
+        return vec4(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
     }
     let a = w[i];
     let b = w[i + 1u];
@@ -208,7 +208,7 @@ fn q4_0_quants(start: u32) -> vec4<u32> {
     return vec4((a >> 16u) | (b << 16u), (b >> 16u) | (c << 16u), (c >> 16u) | (d << 16u), (d >> 16u) | (e << 16u));
 }
 
-// Weights 4i..4i + 3 (low nibbles of word i) and 16 + 4i..16 + 4i + 3 (high nibbles) as f32.
+// Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
 fn low_nibbles(word: u32) -> vec4<f32> {
     return vec4<f32>((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu));
 }
@@ -217,10 +217,24 @@ fn high_nibbles(word: u32) -> vec4<f32> {
     return vec4<f32>((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu));
 }
 
+// Bytes 0..3 of a word as int8 values.
+fn signed_bytes(word: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4(word) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u));
+}
+
+// sum x * q over a q4 block's quant words; low[i] and high[i] are the inputs of word i's nibbles.
+fn nibble_dot(q: vec4<u32>, low: array<vec4<f32>, 4>, high: array<vec4<f32>, 4>) -> f32 {
+    var sum = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        sum += dot(low[i], low_nibbles(q[i])) + dot(high[i], high_nibbles(q[i]));
+    }
+    return sum;
+}
+
 @compute @workgroup_size(GEMV_WG)
-fn gemv_q4_0(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>,
-             @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_Q4_ROWS;
+fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
     let t = wg.z;
     if (row0 >= params.rows || t >= step.n_tokens) {
         return;
@@ -231,8 +245,8 @@ fn gemv_q4_0(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg
     var squares = 0.0;
     for (var b = lid.x; b < blocks; b += GEMV_WG) {
         let col = b * 32u;
-        var low: array<vec4<f32>, 4>;  // inputs of the low nibbles of quant word i
-        var high: array<vec4<f32>, 4>; // inputs of the high nibbles
+        var low: array<vec4<f32>, 4>;  // inputs 4i..4i + 3 of the block
+        var high: array<vec4<f32>, 4>; // inputs 16 + 4i..16 + 4i + 3
         var x_sum = vec4(0.0, 0.0, 0.0, 0.0);
         for (var i = 0u; i < 4u; i++) {
             low[i] = input_quad(x_base, col + 4u * i);
@@ -242,30 +256,44 @@ fn gemv_q4_0(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg
                 squares += squares_quad(x_base, col + 4u * i) + squares_quad(x_base, col + 16u + 4u * i);
             }
         }
-        let offset = 8.0 * dot(x_sum, vec4(1.0, 1.0, 1.0, 1.0));
-        for (var r = 0u; r < GEMV_Q4_ROWS; r++) {
+        let x_total = dot(x_sum, vec4(1.0, 1.0, 1.0, 1.0));
+        for (var r = 0u; r < GEMV_BLOCK_ROWS; r++) {
             // Rows past the end repeat the last row; their sums are not stored.
-            let start = (min(row0 + r, params.rows - 1u) * blocks + b) * 18u;
-            let q = q4_0_quants(start);
-            var dot_q = 0.0;
-            for (var i = 0u; i < 4u; i++) {
-                dot_q += dot(low[i], low_nibbles(q[i])) + dot(high[i], high_nibbles(q[i]));
+            let block = min(row0 + r, params.rows - 1u) * blocks + b;
+            switch WEIGHT_DTYPE {
+                case 3u: { // q4_0: f16 d, 16 bytes of nibbles
+                    let start = block * 18u;
+                    sums[r] += f16_at(start) * (nibble_dot(words_at(start + 2u), low, high) - 8.0 * x_total);
+                }
+                case 4u: { // q4_1: f16 d, f16 m, 16 bytes of nibbles
+                    let start = block * 20u;
+                    sums[r] += f16_at(start) * nibble_dot(words_at(start + 4u), low, high) + f16_at(start + 2u) * x_total;
+                }
+                default: { // q8_0: f16 d, 32 int8
+                    let start = block * 34u;
+                    let first = words_at(start + 2u);
+                    let second = words_at(start + 18u);
+                    var dot_q = 0.0;
+                    for (var i = 0u; i < 4u; i++) {
+                        dot_q += dot(low[i], signed_bytes(first[i])) + dot(high[i], signed_bytes(second[i]));
+                    }
+                    sums[r] += f16_at(start) * dot_q;
+                }
             }
-            sums[r] += f16_at(start) * (dot_q - offset);
         }
     }
-    q4_partial[lid.x] = sums;
-    q4_squares[lid.x] = squares;
+    block_partial[lid.x] = sums;
+    block_squares[lid.x] = squares;
     workgroupBarrier();
     for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
         if (lid.x < stride) {
-            q4_partial[lid.x] += q4_partial[lid.x + stride];
-            q4_squares[lid.x] += q4_squares[lid.x + stride];
+            block_partial[lid.x] += block_partial[lid.x + stride];
+            block_squares[lid.x] += block_squares[lid.x + stride];
         }
         workgroupBarrier();
     }
-    if (lid.x < GEMV_Q4_ROWS && row0 + lid.x < params.rows) {
-        store(t, row0 + lid.x, q4_partial[0][lid.x] * row_scale(q4_squares[0]));
+    if (lid.x < GEMV_BLOCK_ROWS && row0 + lid.x < params.rows) {
+        store(t, row0 + lid.x, block_partial[0][lid.x] * row_scale(block_squares[0]));
     }
 }
 

@@ -91,8 +91,8 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Below this many tokens a matmul runs as GEMVs; from it on, as tiles.
 pub const GEMV_MAX_TOKENS: u32 = 8;
 const TILE: u32 = 32;
-/// Rows per workgroup of matmul.wgsl's gemv_q4_0 (its GEMV_Q4_ROWS).
-const GEMV_Q4_ROWS: u32 = 4;
+/// Rows per workgroup of matmul.wgsl's gemv_blocks (its GEMV_BLOCK_ROWS).
+const GEMV_BLOCK_ROWS: u32 = 4;
 const WG_1D: u32 = 64;
 
 /// How many workgroups a dispatch needs for `n` tokens.
@@ -294,8 +294,12 @@ pub fn matmul(
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> Matmul {
-    // q4_0 has a GEMV of its own that takes GEMV_Q4_ROWS rows per workgroup.
-    let (gemv, rows_per_workgroup) = if w.dtype == DType::Q4_0 { ("gemv_q4_0", GEMV_Q4_ROWS) } else { ("gemv", 1) };
+    // The 32-weight block formats have a GEMV of their own that takes GEMV_BLOCK_ROWS rows per
+    // workgroup.
+    let (gemv, rows_per_workgroup) = match w.dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", GEMV_BLOCK_ROWS),
+        _ => ("gemv", 1),
+    };
     Matmul {
         gemv: weight_op(gpu, gemv, x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows.div_ceil(rows_per_workgroup))),
         tiled: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
