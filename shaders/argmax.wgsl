@@ -11,7 +11,7 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> logits: array<f32>;    // (n)
-@group(0) @binding(1) var<storage, read_write> out: array<u32>; // (1)
+@group(0) @binding(1) var<storage, read_write> out: array<f32>; // (1) the index as f32, as the embedding reads token ids
 @group(0) @binding(2) var<uniform> params: Params;
 
 var<workgroup> best_value: array<f32, WG>;
@@ -43,6 +43,6 @@ fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
         workgroupBarrier();
     }
     if (lid.x == 0u) {
-        out[0] = best_index[0];
+        out[0] = f32(best_index[0]); // exact below 2^24
     }
 }

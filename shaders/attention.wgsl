@@ -12,7 +12,11 @@ struct Params {
     n_heads: u32,
     n_kv_heads: u32,
     head_dim: u32,
-    scale: f32, // 1 / sqrt(head_dim)
+    scale: f32,    // 1 / sqrt(head_dim)
+    q_stride: u32, // elements between token rows of q (q heads lead a stacked q/k/v row)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 struct Step {
@@ -22,7 +26,7 @@ struct Step {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> q: array<f32>;         // (n_tokens, n_heads, head_dim)
+@group(0) @binding(0) var<storage, read> q: array<f32>;         // (n_tokens, q_stride), n_heads heads first
 @group(0) @binding(1) var<storage, read> k_cache: array<f32>;   // (context, n_kv_heads, head_dim)
 @group(0) @binding(2) var<storage, read> v_cache: array<f32>;   // (context, n_kv_heads, head_dim)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // (n_tokens, n_heads, head_dim)
@@ -44,7 +48,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     let kv_head = head / (params.n_heads / params.n_kv_heads);
     let kv_stride = params.n_kv_heads * hd;
     let pos = step.start_pos + t;
-    let q_base = (t * params.n_heads + head) * hd;
+    let q_base = t * params.q_stride + head * hd;
     for (var d = lid.x; d < hd; d += WG) {
         q_head[d] = q[q_base + d];
     }
@@ -101,7 +105,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     for (var i = 0u; i < DIMS_PER_THREAD; i++) {
         let d = lid.x + i * WG;
         if (d < hd) {
-            out[q_base + d] = acc[i] / running_sum;
+            out[(t * params.n_heads + head) * hd + d] = acc[i] / running_sum;
         }
     }
 }

@@ -1,15 +1,22 @@
 // Reading a weight matrix: out = x @ W^T, and the embedding gather out[t] = W[token t], for a
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
-// Entry points: `gemv` for a few tokens (decode), `tiled` for prompt prefill, `gather` for embeddings.
+// Entry points: `gemv` for a few tokens (decode; `gemv_blocks` for q4_0, q4_1 and q8_0), `tiled`
+// for prompt prefill, `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
-// PyTorch: out = x @ W.T            (accumulate = 0)
-//          out = out + x @ W.T      (accumulate = 1, the residual add fused into the epilogue)
-//          out = W[tokens]          (gather)
+// The products can transform their input on the way in, fusing the op before them (INPUT):
+//   0: x as it is
+//   1: rmsnorm(x) * norm; each workgroup sums the squares of its token rows itself
+//   2: silu(x[:, :k]) * x[:, k:2k], the gated MLP activation of a stacked gate/up output
+// PyTorch: out = f(x) @ W.T            (accumulate = 0)
+//          out = out + f(x) @ W.T      (accumulate = 1, the residual add fused into the epilogue)
+//          out = W[tokens]             (gather)
 
 // 0 f32, 1 f16, 2 bf16, 3 q4_0, 4 q4_1, 5 q8_0, 6 q4_k, 7 q6_k (crate::quant::DType::shader_code)
 override WEIGHT_DTYPE: u32 = 0u;
+// 0 plain, 1 rmsnorm, 2 silu_mul (crate::gpu::ops::MatmulInput)
+override INPUT: u32 = 0u;
 
 struct Params {
     k: u32,                // input features (elements per weight row, even)
@@ -18,7 +25,7 @@ struct Params {
     in_stride: u32,        // elements between token rows of x
     out_stride: u32,       // elements between token rows of out
     accumulate: u32,       // 1: add to out instead of overwriting it
-    rows_at_position: u32, // 1: token t is written to out row start_pos + t (a KV cache)
+    eps: f32,              // INPUT 1: the RMSNorm epsilon
     _pad: u32,
 }
 
@@ -31,9 +38,10 @@ struct Step {
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;         // (n_tokens, in_stride); gather: (n_tokens) ids as f32
 @group(0) @binding(1) var<storage, read> w: array<u32>;         // (rows, k) in WEIGHT_DTYPE, rows packed back to back
-@group(0) @binding(2) var<storage, read_write> out: array<f32>; // (out rows, out_stride)
-@group(0) @binding(3) var<uniform> params: Params;
-@group(0) @binding(4) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> norm: array<f32>;      // INPUT 1: (k) RMSNorm weight; otherwise unread
+@group(0) @binding(3) var<storage, read_write> out: array<f32>; // (n_tokens, out_stride)
+@group(0) @binding(4) var<uniform> params: Params;
+@group(0) @binding(5) var<uniform> step: Step;
 
 fn byte_at(offset: u32) -> u32 {
     return (w[offset >> 2u] >> ((offset & 3u) * 8u)) & 0xffu;
@@ -108,14 +116,32 @@ fn weight_pair(row: u32, col: u32) -> vec2<f32> {
     }
 }
 
+// Input elements col and col + 1 of the token row at `base`, transformed by INPUT (RMSNorm without
+// its per-row scale, which the caller applies to the dot product).
+fn input_pair(base: u32, col: u32) -> vec2<f32> {
+    let v = vec2(x[base + col], x[base + col + 1u]);
+    switch INPUT {
+        case 1u: { return v * vec2(norm[col], norm[col + 1u]); }
+        case 2u: {
+            let up = vec2(x[base + params.k + col], x[base + params.k + col + 1u]);
+            return v / (1.0 + exp(-v)) * up;
+        }
+        default: { return v; }
+    }
+}
+
+// RMSNorm's 1 / sqrt(mean(x^2) + eps) from a token row's sum of squares; 1 for other inputs.
+fn row_scale(sum_of_squares: f32) -> f32 {
+    return select(1.0, inverseSqrt(sum_of_squares / f32(params.k) + params.eps), INPUT == 1u);
+}
+
 fn store(t: u32, row: u32, value: f32) {
-    let out_row = select(t, step.start_pos + t, params.rows_at_position == 1u);
-    let i = out_row * params.out_stride + params.row_start + row;
+    let i = t * params.out_stride + params.row_start + row;
     out[i] = select(value, out[i] + value, params.accumulate == 1u);
 }
 
 const GEMV_WG: u32 = 64u;
-var<workgroup> gemv_partial: array<f32, GEMV_WG>;
+var<workgroup> gemv_partial: array<vec2<f32>, GEMV_WG>; // (dot product, sum of squares)
 
 // One workgroup per (weight row, token); rows are laid over x and y so huge matrices fit the grid.
 @compute @workgroup_size(GEMV_WG)
@@ -128,11 +154,15 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
     }
     let x_base = t * params.in_stride;
     var sum = 0.0;
+    var squares = 0.0;
     for (var col = 2u * lid.x; col < params.k; col += 2u * GEMV_WG) {
-        let wv = weight_pair(row, col);
-        sum += x[x_base + col] * wv.x + x[x_base + col + 1u] * wv.y;
+        sum += dot(input_pair(x_base, col), weight_pair(row, col));
+        if (INPUT == 1u) {
+            let v = vec2(x[x_base + col], x[x_base + col + 1u]);
+            squares += dot(v, v);
+        }
     }
-    gemv_partial[lid.x] = sum;
+    gemv_partial[lid.x] = vec2(sum, squares);
     workgroupBarrier();
     for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
         if (lid.x < stride) {
@@ -141,7 +171,129 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
         workgroupBarrier();
     }
     if (lid.x == 0u) {
-        store(t, row, gemv_partial[0]);
+        store(t, row, gemv_partial[0].x * row_scale(gemv_partial[0].y));
+    }
+}
+
+// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_BLOCK_ROWS rows of one token per
+// workgroup. Each thread takes whole blocks: it loads a block's 32 inputs once and reuses them for
+// every row, reads the quants as u32 words and unpacks 4 at a time, and takes the offset out of the
+// dot product: q4_0 d * (sum x q - 8 sum x), q4_1 d * sum x q + m * sum x.
+const GEMV_BLOCK_ROWS: u32 = 4u;
+var<workgroup> block_partial: array<vec4<f32>, GEMV_WG>; // per thread, the sums of the 4 rows
+var<workgroup> block_squares: array<f32, GEMV_WG>;
+
+// Inputs col..col + 3 (col a multiple of 4) transformed by INPUT.
+fn input_quad(base: u32, col: u32) -> vec4<f32> {
+    return vec4(input_pair(base, col), input_pair(base, col + 2u));
+}
+
+fn squares_quad(base: u32, col: u32) -> f32 {
+    let v = vec4(x[base + col], x[base + col + 1u], x[base + col + 2u], x[base + col + 3u]);
+    return dot(v, v);
+}
+
+// The 16 bytes at byte `p` (even) as 4 words. Off a word boundary the last word read ends 2 bytes
+// past them: inside the next block, or in the buffer's padding to a whole word after the last.
+fn words_at(p: u32) -> vec4<u32> {
+    let i = p / 4u;
+    if ((p & 2u) == 0u) {
+        return vec4(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
+    }
+    let a = w[i];
+    let b = w[i + 1u];
+    let c = w[i + 2u];
+    let d = w[i + 3u];
+    let e = w[i + 4u];
+    return vec4((a >> 16u) | (b << 16u), (b >> 16u) | (c << 16u), (c >> 16u) | (d << 16u), (d >> 16u) | (e << 16u));
+}
+
+// Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
+fn low_nibbles(word: u32) -> vec4<f32> {
+    return vec4<f32>((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu));
+}
+
+fn high_nibbles(word: u32) -> vec4<f32> {
+    return vec4<f32>((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu));
+}
+
+// Bytes 0..3 of a word as int8 values.
+fn signed_bytes(word: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4(word) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u));
+}
+
+// sum x * q over a q4 block's quant words; low[i] and high[i] are the inputs of word i's nibbles.
+fn nibble_dot(q: vec4<u32>, low: array<vec4<f32>, 4>, high: array<vec4<f32>, 4>) -> f32 {
+    var sum = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        sum += dot(low[i], low_nibbles(q[i])) + dot(high[i], high_nibbles(q[i]));
+    }
+    return sum;
+}
+
+@compute @workgroup_size(GEMV_WG)
+fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>,
+               @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
+    let t = wg.z;
+    if (row0 >= params.rows || t >= step.n_tokens) {
+        return;
+    }
+    let x_base = t * params.in_stride;
+    let blocks = params.k / 32u;
+    var sums = vec4(0.0, 0.0, 0.0, 0.0);
+    var squares = 0.0;
+    for (var b = lid.x; b < blocks; b += GEMV_WG) {
+        let col = b * 32u;
+        var low: array<vec4<f32>, 4>;  // inputs 4i..4i + 3 of the block
+        var high: array<vec4<f32>, 4>; // inputs 16 + 4i..16 + 4i + 3
+        var x_sum = vec4(0.0, 0.0, 0.0, 0.0);
+        for (var i = 0u; i < 4u; i++) {
+            low[i] = input_quad(x_base, col + 4u * i);
+            high[i] = input_quad(x_base, col + 16u + 4u * i);
+            x_sum += low[i] + high[i];
+            if (INPUT == 1u) {
+                squares += squares_quad(x_base, col + 4u * i) + squares_quad(x_base, col + 16u + 4u * i);
+            }
+        }
+        let x_total = dot(x_sum, vec4(1.0, 1.0, 1.0, 1.0));
+        for (var r = 0u; r < GEMV_BLOCK_ROWS; r++) {
+            // Rows past the end repeat the last row; their sums are not stored.
+            let block = min(row0 + r, params.rows - 1u) * blocks + b;
+            switch WEIGHT_DTYPE {
+                case 3u: { // q4_0: f16 d, 16 bytes of nibbles
+                    let start = block * 18u;
+                    sums[r] += f16_at(start) * (nibble_dot(words_at(start + 2u), low, high) - 8.0 * x_total);
+                }
+                case 4u: { // q4_1: f16 d, f16 m, 16 bytes of nibbles
+                    let start = block * 20u;
+                    sums[r] += f16_at(start) * nibble_dot(words_at(start + 4u), low, high) + f16_at(start + 2u) * x_total;
+                }
+                default: { // q8_0: f16 d, 32 int8
+                    let start = block * 34u;
+                    let first = words_at(start + 2u);
+                    let second = words_at(start + 18u);
+                    var dot_q = 0.0;
+                    for (var i = 0u; i < 4u; i++) {
+                        dot_q += dot(low[i], signed_bytes(first[i])) + dot(high[i], signed_bytes(second[i]));
+                    }
+                    sums[r] += f16_at(start) * dot_q;
+                }
+            }
+        }
+    }
+    block_partial[lid.x] = sums;
+    block_squares[lid.x] = squares;
+    workgroupBarrier();
+    for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid.x < stride) {
+            block_partial[lid.x] += block_partial[lid.x + stride];
+            block_squares[lid.x] += block_squares[lid.x + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid.x < GEMV_BLOCK_ROWS && row0 + lid.x < params.rows) {
+        store(t, row0 + lid.x, block_partial[0][lid.x] * row_scale(block_squares[0]));
     }
 }
 
@@ -155,6 +307,27 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
          @builtin(local_invocation_index) li: u32) {
     let row0 = wg.x * TILE;
     let t0 = wg.y * TILE;
+    // RMSNorm: 8 threads sum the squares of each of the tile's token rows (in x_tile, free until
+    // the k loop); each thread keeps the scales of its own two tokens.
+    var scales = vec2(1.0, 1.0);
+    if (INPUT == 1u) {
+        let r = li / 8u;
+        var squares = 0.0;
+        if (t0 + r < step.n_tokens) {
+            for (var col = li % 8u; col < params.k; col += 8u) {
+                let v = x[(t0 + r) * params.in_stride + col];
+                squares += v * v;
+            }
+        }
+        x_tile[li] = squares;
+        workgroupBarrier();
+        var sums = vec2(0.0, 0.0);
+        for (var i = 0u; i < 8u; i++) {
+            sums += vec2(x_tile[16u * lid.y + i], x_tile[16u * lid.y + 8u + i]);
+        }
+        scales = vec2(row_scale(sums.x), row_scale(sums.y));
+        workgroupBarrier();
+    }
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < params.k; k0 += TILE) {
         // 256 threads stage 512 pairs of each tile: pair p covers tile row p / 16, columns 2 (p % 16).
@@ -165,8 +338,7 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
             var wv = vec2(0.0, 0.0);
             if (col < params.k) {
                 if (t0 + r < step.n_tokens) {
-                    let xi = (t0 + r) * params.in_stride + col;
-                    xv = vec2(x[xi], x[xi + 1u]);
+                    xv = input_pair((t0 + r) * params.in_stride, col);
                 }
                 if (row0 + r < params.rows) {
                     wv = weight_pair(row0 + r, col);
@@ -194,7 +366,7 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
         let t = t0 + 2u * lid.y + i / 2u;
         let row = row0 + 2u * lid.x + i % 2u;
         if (t < step.n_tokens && row < params.rows) {
-            store(t, row, acc[i]);
+            store(t, row, acc[i] * scales[i / 2u]);
         }
     }
 }

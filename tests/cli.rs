@@ -4,7 +4,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{fixture, golden, gpu};
+use common::{fixture, golden, gpu, gpu_with};
+use llama_webgpu::GpuOptions;
 
 fn llama_webgpu(args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_llama-webgpu")).args(args).arg("--quiet").output().unwrap();
@@ -40,7 +41,9 @@ fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
         assert_eq!(r["samples"].as_array().unwrap().len(), 2);
     }
     assert_eq!(report["layers"], 3);
-    assert!(report["dispatches_per_token"].as_u64().unwrap() > 3 * 10);
+    // The embedding, six per layer (q/k/v, RoPE with the cache write, attention, o, gate/up,
+    // down), lm_head and argmax.
+    assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 2);
 
     // One layer of Llama 3.2 1B's shape in q4_0: 1B's lm_head dominates the bytes per token.
     let out = llama_webgpu(&[
@@ -56,4 +59,30 @@ fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
     let fraction = tg["bandwidth_fraction"].as_f64().unwrap();
     let implied = (layer + head) as f64 * tg["tokens_per_second"].as_f64().unwrap() / 100e9;
     assert!((fraction - implied).abs() < 1e-12);
+}
+
+#[test]
+fn bench_profiles_every_dispatch_of_a_decode_step() {
+    let Some(gpu) = gpu_with(&GpuOptions { timestamps: true, ..Default::default() }) else { return };
+    let model = fixture("tiny-llama31");
+    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-r", "1", "--profile", "--json"];
+    if !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+        let output = Command::new(env!("CARGO_BIN_EXE_llama-webgpu")).args(args).arg("--quiet").output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains("no timestamp queries"), "{stderr}");
+        return;
+    }
+    let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
+    let kernels = report["profile"].as_array().unwrap();
+    let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
+    assert_eq!(names, ["embed", "qkv_proj", "rope", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head", "argmax"]);
+    let dispatches: f64 = kernels.iter().map(|k| k["dispatches_per_token"].as_f64().unwrap()).sum();
+    assert_eq!(dispatches, report["dispatches_per_token"].as_f64().unwrap());
+    for k in kernels {
+        assert!(k["us_per_token"].as_f64().unwrap() > 0.0 && k["bytes_per_token"].as_f64().unwrap() > 0.0, "{k}");
+    }
+    // Per layer, q/k/v reads its (128 + 2 * 32, 128) f32 rows, the input row and the norm weight,
+    // and writes 192 outputs.
+    let qkv = kernels.iter().find(|k| k["kernel"] == "qkv_proj").unwrap();
+    assert_eq!(qkv["bytes_per_token"].as_f64().unwrap(), (3 * (192 * 128 * 4 + 2 * 128 * 4 + 192 * 4)) as f64);
 }

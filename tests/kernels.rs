@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, gpu, gpu_with, random_vec, rng};
-use llama_webgpu::gpu::ops::{self, MatmulLayout, RopeParams, StepParams};
+use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, RopeParams, StepParams};
 use llama_webgpu::gpu::WeightMatrix;
 use llama_webgpu::quant::DType;
 use llama_webgpu::{reference, Gpu, GpuOptions};
@@ -32,15 +32,28 @@ fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec
 }
 
 /// A device whose binding limit splits a (rows, cols) f32 matrix into about `parts` buffers.
-fn splitting_gpu(rows: usize, cols: usize, parts: usize) -> Option<Gpu> {
+fn splitting_gpu(rows: usize, cols: usize, parts: usize, bounds_checks: bool) -> Option<Gpu> {
     let bytes = (rows * cols * 4).div_ceil(parts).next_multiple_of(256) as u64;
-    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), ..Default::default() })
+    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), bounds_checks, ..Default::default() })
+}
+
+/// A device that keeps naga's bounds checks in every kernel, or drops them where kernels are in
+/// bounds by construction (the default on native): matmul tests run both ways, so an index past a
+/// buffer would show as a difference (or a fault) between the two.
+fn checked_gpu(bounds_checks: bool) -> Option<Gpu> {
+    gpu_with(&GpuOptions { bounds_checks, ..Default::default() })
+}
+
+#[test]
+fn matmul_runs_without_bounds_checks_by_default() {
+    let Some(gpu) = gpu() else { return };
+    assert!(!gpu.bounds_checks && llama_webgpu::gpu::KERNELS.iter().any(|k| k.name == "matmul" && k.in_bounds));
 }
 
 #[test]
 fn embedding_matches_reference_in_every_format_and_split() {
     let (vocab, dim) = (97, 18);
-    let Some(gpu) = splitting_gpu(vocab, dim, 3) else { return };
+    let Some(gpu) = splitting_gpu(vocab, dim, 3, false) else { return };
     let tokens: Vec<u32> = vec![0, 96, 13, 50, 13, 95, 64];
     for dtype in DTYPES {
         let (bytes, table) = weights(&gpu, 1, dtype, vocab, dim);
@@ -56,56 +69,50 @@ fn embedding_matches_reference_in_every_format_and_split() {
 }
 
 #[test]
-fn rmsnorm_matches_reference() {
+fn rope_rotates_q_in_place_and_writes_k_and_v_to_the_cache() {
     let Some(gpu) = gpu() else { return };
-    for (rows, dim) in [(1, 2), (5, 300), (3, 1030)] {
-        let mut r = rng(dim as u64);
-        let x = random_vec(&mut r, rows * dim, 3.0);
-        let weight = random_vec(&mut r, dim, 2.0);
-        let (xb, wb) = (gpu.storage_buffer_with("x", &x), gpu.storage_buffer_with("w", &weight));
-        let out = gpu.storage_buffer("out", (x.len() * 4) as u64);
-        let op = ops::rmsnorm(&gpu, &xb, &wb, &out, dim, 1e-5, &step(&gpu, rows, 0));
-        run(&gpu, |pass| op.encode(pass, rows as u32));
-        let want = reference::rmsnorm(&x, &weight, 1e-5);
-        assert_close(&format!("rmsnorm {rows}x{dim}"), &read_f32(&gpu, &out, want.len()), &want, 1e-6, 1e-5);
-    }
-}
-
-#[test]
-fn rope_matches_reference_for_activations_and_cache_rows() {
-    let Some(gpu) = gpu() else { return };
-    let (n_heads, head_dim, context) = (3, 10, 40);
+    let (n_heads, n_kv_heads, head_dim, context) = (6, 2, 10, 40);
+    let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
+    let row = q_dim + 2 * kv_dim;
     let mut r = rng(7);
     let cos_sin: Vec<[f32; 2]> = (0..context * head_dim / 2).map(|i| [(i as f32 * 0.37).cos(), (i as f32 * 0.37).sin()]).collect();
     let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
     let (start_pos, n) = (29, 5);
-    for rows_at_position in [false, true] {
-        let row_stride = n_heads * head_dim + 4; // a gap between rows must stay untouched
-        let rows = if rows_at_position { context } else { n };
-        let x = random_vec(&mut r, rows * row_stride, 2.0);
-        let buffer = gpu.storage_buffer_with("x", &x);
-        let params = RopeParams {
-            n_heads: n_heads as u32,
-            head_dim: head_dim as u32,
-            row_stride: row_stride as u32,
-            rows_at_position: rows_at_position as u32,
-        };
-        let op = ops::rope(&gpu, &table, &buffer, params, &step(&gpu, n, start_pos));
-        run(&gpu, |pass| op.encode(pass, n as u32));
-        let mut want = x.clone();
-        let first_row = if rows_at_position { start_pos } else { 0 };
-        let positions: Vec<usize> = (start_pos..start_pos + n).collect();
-        reference::rope(&mut want[first_row * row_stride..], &positions, &cos_sin, n_heads, head_dim, row_stride);
-        assert_close(&format!("rope at_position={rows_at_position}"), &read_f32(&gpu, &buffer, want.len()), &want, 1e-6, 1e-6);
+    let qkv = random_vec(&mut r, n * row, 2.0);
+    // Cache rows outside start_pos..start_pos + n must stay as they are.
+    let (k_cache, v_cache) = (random_vec(&mut r, context * kv_dim, 1.0), random_vec(&mut r, context * kv_dim, 1.0));
+    let buffers = [&qkv, &k_cache, &v_cache].map(|v| gpu.storage_buffer_with("in", v));
+    let params = RopeParams { n_heads: n_heads as u32, n_kv_heads: n_kv_heads as u32, head_dim: head_dim as u32, _pad: 0 };
+    let op = ops::rope(&gpu, &table, &buffers[0], &buffers[1], &buffers[2], params, &step(&gpu, n, start_pos));
+    run(&gpu, |pass| op.encode(pass, n as u32));
+
+    let positions: Vec<usize> = (start_pos..start_pos + n).collect();
+    let (mut want_qkv, mut want_k, mut want_v) = (qkv.clone(), k_cache.clone(), v_cache.clone());
+    reference::rope(&mut want_qkv, &positions, &cos_sin, n_heads, head_dim, row);
+    for t in 0..n {
+        let (k, v) = (&qkv[t * row + q_dim..][..kv_dim], &qkv[t * row + q_dim + kv_dim..][..kv_dim]);
+        want_k[(start_pos + t) * kv_dim..][..kv_dim].copy_from_slice(k);
+        want_v[(start_pos + t) * kv_dim..][..kv_dim].copy_from_slice(v);
     }
+    reference::rope(&mut want_k[start_pos * kv_dim..], &positions, &cos_sin, n_kv_heads, head_dim, kv_dim);
+    // The k and v columns of qkv are read, not rotated in place.
+    assert_close("rope q", &read_f32(&gpu, &buffers[0], want_qkv.len()), &want_qkv, 1e-6, 1e-6);
+    assert_close("rope k cache", &read_f32(&gpu, &buffers[1], want_k.len()), &want_k, 1e-6, 1e-6);
+    assert_close("v cache", &read_f32(&gpu, &buffers[2], want_v.len()), &want_v, 0.0, 0.0);
 }
 
 #[test]
 fn matmul_matches_reference_in_every_format_strategy_and_split() {
+    for bounds_checks in [false, true] {
+        matmul_in_every_format_strategy_and_split(bounds_checks);
+    }
+}
+
+fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
     let (rows, k) = (67, 46);
     // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles; the split device binds only up to 9 tokens.
-    let Some(split) = splitting_gpu(rows, k, 3) else { return };
-    let Some(whole) = gpu() else { return };
+    let Some(split) = splitting_gpu(rows, k, 3, bounds_checks) else { return };
+    let Some(whole) = checked_gpu(bounds_checks) else { return };
     for (gpu, token_counts) in [(&split, &[1, 3, 9][..]), (&whole, &[1, 37][..])] {
         for dtype in DTYPES {
             let (bytes, w) = weights(gpu, 2, dtype, rows, k);
@@ -117,8 +124,8 @@ fn matmul_matches_reference_in_every_format_strategy_and_split() {
                 let want = reference::matmul(&x, &bytes, dtype, rows, k);
                 let xb = gpu.storage_buffer_with("x", &x);
                 let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
-                let layout = MatmulLayout { in_stride: k, out_stride: rows, accumulate: false, rows_at_position: false };
-                let op = ops::matmul(gpu, &xb, &w, &out, layout, &step(gpu, n, 0));
+                let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
+                let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, layout, &step(gpu, n, 0));
                 run(gpu, |pass| op.encode(pass, n as u32));
                 let what = format!("matmul {dtype} n={n} parts={}", w.parts.len());
                 assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-5, 1e-5);
@@ -128,24 +135,66 @@ fn matmul_matches_reference_in_every_format_strategy_and_split() {
 }
 
 #[test]
-fn matmul_accumulates_and_writes_rows_at_positions() {
-    let (rows, k, n, start_pos, context) = (20, 30, 9, 5, 16);
-    let Some(gpu) = gpu() else { return };
-    let (bytes, w) = weights(&gpu, 3, DType::BF16, rows, k);
-    let x = random_vec(&mut rng(4), n * k, 1.0);
-    let product = reference::matmul(&x, &bytes, DType::BF16, rows, k);
-    for n_run in [1, n] {
-        let initial = random_vec(&mut rng(5), context * rows, 1.0);
-        let out = gpu.storage_buffer_with("out", &initial);
-        let layout = MatmulLayout { in_stride: k, out_stride: rows, accumulate: true, rows_at_position: true };
-        let xb = gpu.storage_buffer_with("x", &x);
-        let op = ops::matmul(&gpu, &xb, &w, &out, layout, &step(&gpu, n_run, start_pos));
-        run(&gpu, |pass| op.encode(pass, n_run as u32));
-        let mut want = initial.clone();
-        for (i, v) in product[..n_run * rows].iter().enumerate() {
-            want[start_pos * rows + i] += v;
+fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
+    for bounds_checks in [false, true] {
+        matmul_of_rmsnorm_and_silu_mul(bounds_checks);
+    }
+}
+
+fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
+    // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial second tile of tokens).
+    let (rows, k) = (37, 256);
+    let Some(gpu) = checked_gpu(bounds_checks) else { return };
+    for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q6K] {
+        let (bytes, w) = weights(&gpu, 31, dtype, rows, k);
+        let norm = random_vec(&mut rng(32), k, 2.0);
+        let norm_buffer = gpu.storage_buffer_with("norm", &norm);
+        for n in [1, 3, 9, 37] {
+            // Rows of 2k: x (the gate) and the up half after it; rmsnorm reads only the first k.
+            let x = random_vec(&mut rng(n as u64 + 33), n * 2 * k, 3.0);
+            let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
+            let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
+            let xb = gpu.storage_buffer_with("x", &x);
+            let cases = [
+                ("rmsnorm", MatmulInput::RmsNorm { weight: &norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, &norm, 1e-5)),
+                ("silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
+            ];
+            for (what, input, input_rows) in cases {
+                let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
+                let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
+                let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+                let op = ops::matmul(&gpu, &xb, input, &w, &out, layout, &step(&gpu, n, 0));
+                run(&gpu, |pass| op.encode(pass, n as u32));
+                assert_close(&format!("{dtype} matmul of {what}, n={n}"), &read_f32(&gpu, &out, want.len()), &want, 1e-4, 1e-4);
+            }
         }
-        assert_close(&format!("accumulate at positions, n={n_run}"), &read_f32(&gpu, &out, want.len()), &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn stacked_matmuls_accumulate_into_their_own_output_columns() {
+    let (rows, k, n, stride) = (20, 30, 9, 50);
+    let Some(gpu) = gpu() else { return };
+    let x = random_vec(&mut rng(4), n * k, 1.0);
+    let xb = gpu.storage_buffer_with("x", &x);
+    // Two matrices in different formats stacked at columns 3 and 23 of 50-wide output rows.
+    let stacked = [(3, DType::BF16), (23, DType::F16)].map(|(column, dtype)| (column, dtype, weights(&gpu, column as u64, dtype, rows, k)));
+    for n_run in [1, n] {
+        let initial = random_vec(&mut rng(5), n * stride, 1.0);
+        let out = gpu.storage_buffer_with("out", &initial);
+        let matmul = ops::Matmul::join(stacked.iter().map(|(column, _, (_, w))| {
+            let layout = MatmulLayout { in_stride: k, out_stride: stride, out_offset: *column, accumulate: true };
+            ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, layout, &step(&gpu, n_run, 0))
+        }));
+        run(&gpu, |pass| matmul.encode(pass, n_run as u32));
+        let mut want = initial.clone();
+        for (column, dtype, (bytes, _)) in &stacked {
+            let product = reference::matmul(&x[..n_run * k], bytes, *dtype, rows, k);
+            for (i, v) in product.iter().enumerate() {
+                want[i / rows * stride + column + i % rows] += v;
+            }
+        }
+        assert_close(&format!("stacked and accumulated, n={n_run}"), &read_f32(&gpu, &out, want.len()), &want, 1e-5, 1e-5);
     }
 }
 
@@ -156,31 +205,20 @@ fn attention_matches_reference_across_key_blocks() {
     for (n_heads, n_kv_heads, head_dim, start_pos, n) in [(6, 2, 12, 0, 1), (6, 2, 12, 70, 5), (4, 4, 130, 3, 9), (8, 1, 16, 127, 2)] {
         let context = start_pos + n + 3;
         let mut r = rng((start_pos + head_dim) as u64);
-        let q = random_vec(&mut r, n * n_heads * head_dim, 1.0);
+        // q rows lead stacked q/k/v rows; the k and v columns after them are not read.
+        let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
+        let qkv = random_vec(&mut r, n * q_stride, 1.0);
+        let q: Vec<f32> = qkv.chunks(q_stride).flat_map(|row| &row[..n_heads * head_dim]).copied().collect();
         let k_cache = random_vec(&mut r, context * n_kv_heads * head_dim, 1.0);
         let v_cache = random_vec(&mut r, context * n_kv_heads * head_dim, 1.0);
-        let buffers = [&q, &k_cache, &v_cache].map(|v| gpu.storage_buffer_with("in", v));
+        let buffers = [&qkv, &k_cache, &v_cache].map(|v| gpu.storage_buffer_with("in", v));
         let out = gpu.storage_buffer("out", (q.len() * 4) as u64);
-        let op = ops::attention(&gpu, &buffers[0], &buffers[1], &buffers[2], &out, n_heads, n_kv_heads, head_dim, &step(&gpu, n, start_pos));
+        let op = ops::attention(&gpu, &buffers[0], q_stride, &buffers[1], &buffers[2], &out, n_heads, n_kv_heads, head_dim, &step(&gpu, n, start_pos));
         run(&gpu, |pass| op.encode(pass, n as u32));
         let want = reference::attention(&q, &k_cache, &v_cache, start_pos, n_heads, n_kv_heads, head_dim);
         let what = format!("attention heads {n_heads}/{n_kv_heads} hd {head_dim} start {start_pos} n {n}");
         assert_close(&what, &read_f32(&gpu, &out, want.len()), &want, 1e-5, 1e-5);
     }
-}
-
-#[test]
-fn silu_mul_matches_reference() {
-    let Some(gpu) = gpu() else { return };
-    let (rows, width) = (3, 77);
-    let mut r = rng(9);
-    let (gate, up) = (random_vec(&mut r, rows * width, 8.0), random_vec(&mut r, rows * width, 2.0));
-    let (gb, ub) = (gpu.storage_buffer_with("gate", &gate), gpu.storage_buffer_with("up", &up));
-    let out = gpu.storage_buffer("out", (gate.len() * 4) as u64);
-    let op = ops::silu_mul(&gpu, &gb, &ub, &out, width, &step(&gpu, rows, 0));
-    run(&gpu, |pass| op.encode(pass, rows as u32));
-    let want = reference::silu_mul(&gate, &up);
-    assert_close("silu_mul", &read_f32(&gpu, &out, want.len()), &want, 1e-6, 1e-5);
 }
 
 #[test]
@@ -194,7 +232,7 @@ fn argmax_picks_the_first_largest() {
         let out = gpu.storage_buffer("out", 4);
         let op = ops::argmax(&gpu, &input, &out, n);
         run(&gpu, |pass| op.encode(pass, 1));
-        let got = u32::from_le_bytes(pollster::block_on(gpu.read(&out, 4)).unwrap().try_into().unwrap());
+        let got = f32::from_le_bytes(pollster::block_on(gpu.read(&out, 4)).unwrap().try_into().unwrap()) as u32;
         assert_eq!(got as usize, reference::argmax(&values[..n]), "n={n}");
     }
 }
@@ -225,7 +263,13 @@ const BLOCK_FORMATS: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType:
 
 #[test]
 fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
-    let Some(whole) = gpu() else { return };
+    for bounds_checks in [false, true] {
+        block_formats_in_every_strategy(bounds_checks);
+    }
+}
+
+fn block_formats_in_every_strategy(bounds_checks: bool) {
+    let Some(whole) = checked_gpu(bounds_checks) else { return };
     // 37 rows: a part ends on an odd row; k = 96 gives 54-byte q4_0 rows that straddle u32 words.
     let shapes = [(37, 512), (37, 96)];
     for dtype in BLOCK_FORMATS {
@@ -236,7 +280,7 @@ fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
             let row_bytes = dtype.row_bytes(k).unwrap();
             // The split device binds 3 tokens of activations, and a dozen rows or more per part.
             let limit = (row_bytes * 12).max(3 * k * 4).next_multiple_of(4) as u64;
-            let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), ..Default::default() }) else { return };
+            let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), bounds_checks, ..Default::default() }) else { return };
             for (gpu, token_counts) in [(&whole, [1, 9]), (&split, [1, 3])] {
                 let (bytes, w) = weights(gpu, 21, dtype, rows, k);
                 assert!(std::ptr::eq(gpu, &whole) || w.parts.len() > 1, "{dtype} {rows}x{k} was not split");
@@ -244,8 +288,8 @@ fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
                     let x = random_vec(&mut rng(n as u64 + 100), n * k, 1.0);
                     let want = reference::matmul(&x, &bytes, dtype, rows, k);
                     let (xb, out) = (gpu.storage_buffer_with("x", &x), gpu.storage_buffer("out", (n * rows * 4) as u64));
-                    let layout = MatmulLayout { in_stride: k, out_stride: rows, accumulate: false, rows_at_position: false };
-                    let op = ops::matmul(gpu, &xb, &w, &out, layout, &step(gpu, n, 0));
+                    let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
+                    let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, layout, &step(gpu, n, 0));
                     run(gpu, |pass| op.encode(pass, n as u32));
                     let what = format!("{dtype} matmul {rows}x{k} n={n} parts={}", w.parts.len());
                     assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);

@@ -5,6 +5,8 @@ mod common;
 
 use common::{assert_close, golden, gpu, gpu_with, load_model};
 use llama_webgpu::{Error, GpuOptions, LoadOptions};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 
 const FIXTURES: [&str; 2] = ["tiny-llama31", "tiny-llama32-tied"];
 /// Logits agree within ATOL + RTOL * |logit|.
@@ -55,6 +57,28 @@ fn greedy_continuation_matches_transformers() {
 }
 
 #[test]
+fn greedy_tokens_kept_on_the_gpu_equal_tokens_read_back_each_step() {
+    let Some(gpu) = gpu() else { return };
+    for name in FIXTURES {
+        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        let prompt = golden(name).greedy.prompt;
+        let n = 12;
+        // Each step's token read back and written again by the host.
+        let mut stepwise = vec![pollster::block_on(model.forward_greedy(&prompt, 0)).unwrap()];
+        while stepwise.len() < n {
+            let position = prompt.len() + stepwise.len() - 1;
+            stepwise.push(pollster::block_on(model.forward_greedy(&[*stepwise.last().unwrap()], position)).unwrap());
+        }
+        // Each step submitted before the token it takes from the GPU is read.
+        let pipelined = pollster::block_on(model.generate_greedy(&prompt, n)).unwrap();
+        assert_eq!(pipelined, stepwise, "{name}");
+        // Only a pass in flight can feed the next one.
+        let err = model.submit_greedy_next(prompt.len()).unwrap_err().to_string();
+        assert!(err.contains("0 greedy passes are in flight"), "{err}");
+    }
+}
+
+#[test]
 fn long_prompts_run_in_chunks_with_the_same_logits() {
     let Some(gpu) = gpu() else { return };
     for name in FIXTURES {
@@ -84,6 +108,49 @@ fn a_tiny_binding_limit_splits_weights_and_keeps_the_logits() {
             assert_close(&format!("{name} split, prompt of {}", case.tokens.len()), &logits, &case.last_logits, ATOL, RTOL);
         }
     }
+}
+
+#[test]
+fn stacked_tensors_in_different_formats_load_as_blocks_of_their_own() {
+    // The tied fixture with every k_proj (f16) and up_proj (bf16) widened exactly to f32: q/k/v
+    // become three blocks and gate/up two, and the logits stay those of transformers.
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama32-tied";
+    let bytes = std::fs::read(common::fixture(name).join("model.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let widened: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(tensor, view)| {
+            let data = view.data();
+            let f32_bytes = |values: Vec<f32>| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+            let halves = || data.chunks(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+            let (dtype, data) = match view.dtype() {
+                Dtype::F16 if tensor.contains("k_proj") => (Dtype::F32, f32_bytes(halves().map(|h| half::f16::from_bits(h).to_f32()).collect())),
+                Dtype::BF16 if tensor.contains("up_proj") => (Dtype::F32, f32_bytes(halves().map(|h| f32::from_bits((h as u32) << 16)).collect())),
+                dtype => (dtype, data.to_vec()),
+            };
+            (tensor, view.shape().to_vec(), dtype, data)
+        })
+        .collect();
+    let views: Vec<(&str, TensorView)> =
+        widened.iter().map(|(tensor, shape, dtype, data)| (tensor.as_str(), TensorView::new(*dtype, shape.clone(), data).unwrap())).collect();
+    let dir = std::env::temp_dir().join(format!("llama-webgpu-mixed-formats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::copy(common::fixture(name).join("config.json"), dir.join("config.json")).unwrap();
+
+    let config = llama_webgpu::load::read_hf_config(&dir).unwrap();
+    let source = llama_webgpu::load::open_safetensors_dir(&dir).unwrap();
+    let mut mixed = pollster::block_on(llama_webgpu::Llama::load(&gpu, config, &source, &LoadOptions::default(), &mut |_| {})).unwrap();
+    let uniform = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+    let layers = mixed.config().n_layers;
+    assert_eq!(mixed.dispatches_per_token(), uniform.dispatches_per_token() + 3 * layers);
+    for case in golden(name).logits {
+        let logits = pollster::block_on(mixed.forward(&case.tokens, 0)).unwrap();
+        assert_close(&format!("mixed formats, prompt of {}", case.tokens.len()), &logits, &case.last_logits, ATOL, RTOL);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

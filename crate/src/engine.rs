@@ -163,11 +163,19 @@ impl Engine {
         let mut stream = TextStream::new();
         let mut next_input = &prompt[shared..];
         let mut sampled;
+        // Plain greedy steps after the first are submitted before the token they take as input is
+        // read (it stays on the GPU), whenever the loop is sure to run them.
+        let mut in_flight = false;
         let finish_reason = loop {
             if cancel.is_cancelled() {
                 break FinishReason::Abort;
             }
-            let token = match self.step(next_input, &mut sampler).await {
+            let greedy = sampler.options().is_plain_greedy();
+            // Whether the loop runs again unless a stop token, a stop string or a cancel ends it.
+            let runs_next = greedy && tokens.len() + 1 < max_tokens && self.cached.len() + next_input.len() + 1 < context;
+            let step = if greedy { self.greedy_step(next_input, in_flight, runs_next).await } else { self.step(next_input, &mut sampler).await };
+            in_flight = runs_next;
+            let token = match step {
                 Ok(token) => token,
                 Err(error) => {
                     self.cached.clear();
@@ -213,13 +221,28 @@ impl Engine {
         })
     }
 
-    /// Runs `input` at the end of the cache and picks the next token, reading back as little as
-    /// the sampler needs: a token id (plain greedy), top-k candidates, or all the logits.
+    /// A plain greedy step: runs `input` at the end of the cache unless its pass is already in
+    /// flight, submits the step after it (fed by this step's token, which stays on the GPU) when
+    /// `runs_next`, and then reads this step's token. A step left in flight when generation stops
+    /// goes unread; the KV row it wrote lies past the cached tokens and is rewritten before use.
+    async fn greedy_step(&mut self, input: &[u32], in_flight: bool, runs_next: bool) -> Result<u32> {
+        let start = self.cached.len();
+        if !in_flight {
+            self.model.submit_greedy(input, start)?;
+        }
+        if runs_next {
+            self.model.submit_greedy_next(start + input.len())?;
+        }
+        let token = self.model.read_greedy().await?;
+        self.cached.extend_from_slice(input);
+        Ok(token)
+    }
+
+    /// Runs `input` at the end of the cache and samples the next token, reading back as little as
+    /// the sampler needs: top-k candidates, or all the logits.
     async fn step(&mut self, input: &[u32], sampler: &mut Sampler) -> Result<u32> {
         let start = self.cached.len();
-        let token = if sampler.options().is_plain_greedy() {
-            self.model.forward_greedy(input, start).await?
-        } else if let Some(k) = sampler.candidates_wanted() {
+        let token = if let Some(k) = sampler.candidates_wanted() {
             let candidates = self.model.forward_top_k(input, start, k, sampler.options().temperature).await?;
             match sampler.sample_candidates(&candidates) {
                 Some(token) => token,

@@ -3,13 +3,13 @@
 
 use crate::quant::DType;
 
-/// shaders/embedding.wgsl: rows of a (vocab, dim) table stored as `dtype`.
+/// The gather of shaders/matmul.wgsl: rows of a (vocab, dim) table stored as `dtype`.
 pub fn embedding(tokens: &[u32], table: &[u8], dtype: DType, dim: usize) -> Vec<f32> {
     let row_bytes = dtype.row_bytes(dim).expect("whole blocks per row");
     tokens.iter().flat_map(|&t| dtype.to_f32(&table[t as usize * row_bytes..][..row_bytes]).expect("whole blocks")).collect()
 }
 
-/// shaders/rmsnorm.wgsl
+/// RMSNorm, which shaders/matmul.wgsl fuses into its input (INPUT 1).
 pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let dim = weight.len();
     x.chunks(dim)
@@ -21,7 +21,8 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
         .collect()
 }
 
-/// shaders/rope.wgsl: rotates halves of each head of each row; row `r` is at position `positions[r]`.
+/// The rotation of shaders/rope.wgsl: rotates halves of the first `n_heads` heads of each row; row `r`
+/// is at position `positions[r]`.
 /// `cos_sin` is the (positions, head_dim / 2) table of (cos, sin) pairs.
 pub fn rope(x: &mut [f32], positions: &[usize], cos_sin: &[[f32; 2]], n_heads: usize, head_dim: usize, row_stride: usize) {
     let half = head_dim / 2;
@@ -38,7 +39,7 @@ pub fn rope(x: &mut [f32], positions: &[usize], cos_sin: &[[f32; 2]], n_heads: u
     }
 }
 
-/// shaders/matmul.wgsl: x (n, k) @ w.T for w (rows, k) stored as `dtype`.
+/// shaders/matmul.wgsl (INPUT 0): x (n, k) @ w.T for w (rows, k) stored as `dtype`.
 pub fn matmul(x: &[f32], w: &[u8], dtype: DType, rows: usize, k: usize) -> Vec<f32> {
     let w = dtype.to_f32(w).expect("whole blocks");
     x.chunks(k)
@@ -86,7 +87,7 @@ pub fn attention(
     out
 }
 
-/// shaders/silu_mul.wgsl
+/// The gated MLP activation, which shaders/matmul.wgsl fuses into its input (INPUT 2).
 pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
 }

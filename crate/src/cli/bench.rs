@@ -1,12 +1,13 @@
 //! `bench`: prompt processing (pp) and generation (tg) speed, llama-bench style, on a model file or
 //! on synthetic weights of a real Llama shape built on the GPU.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use llama_webgpu::model::{Llama3Scaling, Rope};
 use llama_webgpu::quant::DType;
+use llama_webgpu::gpu::DispatchTime;
 use llama_webgpu::{Config, Gpu, Llama, LoadOptions};
 
 #[derive(Args)]
@@ -38,6 +39,14 @@ pub struct BenchArgs {
     /// One JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time every dispatch of the decode steps with GPU timestamp queries (where the adapter has
+    /// them) and report time, bytes moved and GB/s per kernel per token.
+    #[arg(long)]
+    pub profile: bool,
+    /// Decode as before GPU-resident greedy decoding: read each token back and write it again
+    /// before submitting the next step (for comparison).
+    #[arg(long)]
+    sync: bool,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -85,9 +94,15 @@ fn weight_bytes_per_token(c: &Config, dtype: DType) -> u64 {
 struct Sample {
     test: String,
     tokens_per_second: Vec<f64>,
+    /// Decode only: host time per token spent checking, encoding and submitting a step (the
+    /// part the CPU must finish before the GPU can start it), per repetition.
+    encode_us_per_token: Option<Vec<f64>>,
 }
 
 pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()> {
+    if args.profile && !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+        bail!("--profile: the adapter {:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed", gpu.info.name);
+    }
     let longest = args.prompt.iter().max().copied().unwrap_or(0) + args.generate.iter().max().copied().unwrap_or(0) + 1;
     let options = LoadOptions { context_length: Some(longest.max(16)), ..Default::default() };
     let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
@@ -124,23 +139,81 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
             model.forward_greedy(&tokens[..n], 0).await?;
             rates.push(n as f64 / started.elapsed().as_secs_f64());
         }
-        samples.push(Sample { test: format!("pp{n}"), tokens_per_second: rates });
+        samples.push(Sample { test: format!("pp{n}"), tokens_per_second: rates, encode_us_per_token: None });
     }
     for &n in args.generate.iter().filter(|&&n| n > 0) {
         let mut rates = vec![];
+        let mut encode = vec![];
         for _ in 0..args.repetitions {
             let started = Instant::now();
-            let mut token = tokens[0];
-            for position in 0..n {
-                token = model.forward_greedy(&[token], position).await?;
+            let mut encoding = Duration::ZERO;
+            // As the engine decodes: each step is submitted before the token it takes from the GPU
+            // is read back (unless --sync).
+            let submitting = Instant::now();
+            model.submit_greedy(&tokens[..1], 0)?;
+            encoding += submitting.elapsed();
+            for position in 1..=n {
+                if position < n && !args.sync {
+                    let submitting = Instant::now();
+                    model.submit_greedy_next(position)?;
+                    encoding += submitting.elapsed();
+                }
+                let token = model.read_greedy().await?;
+                if position < n && args.sync {
+                    let submitting = Instant::now();
+                    model.submit_greedy(&[token], position)?;
+                    encoding += submitting.elapsed();
+                }
             }
             rates.push(n as f64 / started.elapsed().as_secs_f64());
+            encode.push(encoding.as_secs_f64() * 1e6 / n as f64);
         }
-        samples.push(Sample { test: format!("tg{n}"), tokens_per_second: rates });
+        samples.push(Sample { test: format!("tg{n}"), tokens_per_second: rates, encode_us_per_token: Some(encode) });
     }
+    let profile = if args.profile {
+        // As many decode steps as the longest tg test, at least one.
+        let steps = args.generate.iter().max().copied().unwrap_or(0).max(1);
+        let mut times = vec![];
+        let mut token = tokens[0];
+        for position in 0..steps {
+            let (next, step) = model.profile_greedy(token, position).await?;
+            times.extend(step);
+            token = next;
+        }
+        Some(kernel_profile(&times, steps))
+    } else {
+        None
+    };
     let bytes_per_token = dtype.map(|d| weight_bytes_per_token(model.config(), d));
-    report(&gpu, &label, dtype, &model, &samples, bytes_per_token, args.bandwidth_gbps, args.json);
+    report(&gpu, &label, dtype, &model, &samples, bytes_per_token, args.bandwidth_gbps, profile.as_deref(), args.json);
     Ok(())
+}
+
+/// One kernel's share of a decode step, averaged over the profiled steps.
+struct KernelTime {
+    name: &'static str,
+    dispatches: f64,
+    seconds: f64,
+    bytes: f64,
+}
+
+/// Sums the profiled dispatches by name, in order of first appearance, per decode step.
+fn kernel_profile(times: &[DispatchTime], steps: usize) -> Vec<KernelTime> {
+    let mut kernels: Vec<KernelTime> = vec![];
+    for t in times {
+        let index = match kernels.iter().position(|k| k.name == t.name) {
+            Some(i) => i,
+            None => {
+                kernels.push(KernelTime { name: t.name, dispatches: 0.0, seconds: 0.0, bytes: 0.0 });
+                kernels.len() - 1
+            }
+        };
+        let k = &mut kernels[index];
+        k.dispatches += 1.0 / steps as f64;
+        k.seconds += t.seconds / steps as f64;
+        k.bytes += t.bytes as f64 / steps as f64;
+    }
+    kernels
 }
 
 fn mean_and_std(values: &[f64]) -> (f64, f64) {
@@ -158,8 +231,24 @@ fn report(
     samples: &[Sample],
     bytes_per_token: Option<u64>,
     bandwidth_gbps: Option<f64>,
+    profile: Option<&[KernelTime]>,
     json: bool,
 ) {
+    let gbps = |k: &KernelTime| if k.seconds > 0.0 { k.bytes / k.seconds / 1e9 } else { 0.0 };
+    let profile_rows: Option<Vec<serde_json::Value>> = profile.map(|kernels| {
+        kernels
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kernel": k.name,
+                    "dispatches_per_token": k.dispatches,
+                    "us_per_token": k.seconds * 1e6,
+                    "bytes_per_token": k.bytes,
+                    "gbps": gbps(k),
+                })
+            })
+            .collect()
+    });
     let rows: Vec<serde_json::Value> = samples
         .iter()
         .map(|s| {
@@ -175,6 +264,7 @@ fn report(
                 "std": std,
                 "samples": s.tokens_per_second,
                 "bandwidth_fraction": bandwidth_fraction,
+                "cpu_encode_us_per_token": s.encode_us_per_token.as_deref().map(|e| mean_and_std(e).0),
             })
         })
         .collect();
@@ -189,16 +279,18 @@ fn report(
             "weight_bytes_per_token": bytes_per_token,
             "bandwidth_gbps": bandwidth_gbps,
             "results": rows,
+            "profile": profile_rows,
         });
         println!("{out}");
         return;
     }
-    println!("| model | quant | adapter | test | t/s | fraction of bandwidth |");
-    println!("| --- | --- | --- | --- | ---: | ---: |");
+    println!("| model | quant | adapter | test | t/s | fraction of bandwidth | CPU encode us/token |");
+    println!("| --- | --- | --- | --- | ---: | ---: | ---: |");
     for row in &rows {
         let fraction = row["bandwidth_fraction"].as_f64().map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f));
+        let encode = row["cpu_encode_us_per_token"].as_f64().map_or("-".to_string(), |us| format!("{us:.0}"));
         println!(
-            "| {label} | {} | {} | {} | {:.2} ± {:.2} | {fraction} |",
+            "| {label} | {} | {} | {} | {:.2} ± {:.2} | {fraction} | {encode} |",
             dtype.map_or("as stored", DType::name),
             gpu.info.name,
             row["test"].as_str().unwrap_or(""),
@@ -206,7 +298,23 @@ fn report(
             row["std"].as_f64().unwrap_or(0.0),
         );
     }
-    if let Some(bytes) = bytes_per_token {
-        println!("weights read per token: {:.1} MiB; dispatches per token: {}", bytes as f64 / (1 << 20) as f64, model.dispatches_per_token());
+    if let Some(kernels) = profile {
+        println!();
+        println!("| kernel | dispatches/token | us/token | MB/token | GB/s |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for k in kernels {
+            println!("| {} | {:.0} | {:.1} | {:.3} | {:.2} |", k.name, k.dispatches, k.seconds * 1e6, k.bytes / 1e6, gbps(k));
+        }
+        let total = KernelTime {
+            name: "total",
+            dispatches: kernels.iter().map(|k| k.dispatches).sum(),
+            seconds: kernels.iter().map(|k| k.seconds).sum(),
+            bytes: kernels.iter().map(|k| k.bytes).sum(),
+        };
+        println!("| **{}** | {:.0} | {:.1} | {:.3} | {:.2} |", total.name, total.dispatches, total.seconds * 1e6, total.bytes / 1e6, gbps(&total));
     }
+    if let Some(bytes) = bytes_per_token {
+        println!("weights read per token: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
+    }
+    println!("dispatches per token: {}", model.dispatches_per_token());
 }

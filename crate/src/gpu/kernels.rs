@@ -23,31 +23,38 @@ pub struct Kernel {
     pub name: &'static str,
     pub source: &'static str,
     pub bindings: &'static [Binding],
+    /// Every index stays inside its buffer whenever the host's params match the buffers (which
+    /// ops.rs sizes together), so native backends may drop naga's runtime bounds checks.
+    pub in_bounds: bool,
 }
 
 use Binding::{Storage, StorageMut, Uniform};
 
 macro_rules! kernel {
     ($ident:ident, $file:literal, [$($binding:expr),*]) => {
+        kernel!($ident, $file, [$($binding),*], in_bounds: false);
+    };
+    ($ident:ident, $file:literal, [$($binding:expr),*], in_bounds: $in_bounds:literal) => {
         pub const $ident: Kernel = Kernel {
             name: $file,
             source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
             bindings: &[$($binding),*],
+            in_bounds: $in_bounds,
         };
     };
 }
 
-kernel!(RMSNORM, "rmsnorm", [Storage, Storage, StorageMut, Uniform, Uniform]);
-kernel!(ROPE, "rope", [Storage, StorageMut, Uniform, Uniform]);
-kernel!(MATMUL, "matmul", [Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(ROPE, "rope", [Storage, StorageMut, StorageMut, StorageMut, Uniform, Uniform]);
+// The hot kernel: rows, columns and tokens are checked against params; reads past a part's
+// last row stay within the padding of its last word.
+kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: true);
 kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, Uniform, Uniform]);
-kernel!(SILU_MUL, "silu_mul", [Storage, Storage, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
 kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
 kernel!(FILL, "fill", [StorageMut, Uniform]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 8] = [&RMSNORM, &ROPE, &MATMUL, &ATTENTION, &SILU_MUL, &ARGMAX, &TOP_K, &FILL];
+pub const KERNELS: [&Kernel; 6] = [&ROPE, &MATMUL, &ATTENTION, &ARGMAX, &TOP_K, &FILL];
 
 struct Module {
     shader: wgpu::ShaderModule,
@@ -92,10 +99,15 @@ impl Gpu {
     }
 
     fn compile(&self, kernel: &Kernel) -> Module {
-        let shader = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(kernel.name),
-            source: wgpu::ShaderSource::Wgsl(kernel.source.into()),
-        });
+        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source.into()) };
+        let shader = if kernel.in_bounds && !self.bounds_checks {
+            // SAFETY: the kernel indexes only inside its buffers (Kernel::in_bounds); its tests run
+            // with and without the checks. Browsers keep their own checks either way.
+            let checks = wgpu::ShaderRuntimeChecks { bounds_checks: false, ..wgpu::ShaderRuntimeChecks::checked() };
+            unsafe { self.device.create_shader_module_trusted(descriptor, checks) }
+        } else {
+            self.device.create_shader_module(descriptor)
+        };
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
             .bindings
             .iter()

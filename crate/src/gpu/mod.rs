@@ -3,6 +3,7 @@
 
 mod kernels;
 pub mod ops;
+mod profile;
 mod readback;
 mod self_test;
 mod tensor;
@@ -10,6 +11,7 @@ mod tensor;
 use std::sync::{Arc, Mutex};
 
 pub use kernels::{Binding, Kernel, KERNELS};
+pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::WeightMatrix;
 
@@ -36,6 +38,8 @@ pub enum GpuError {
     SelfTest(String),
     #[error("reading back from the GPU failed: {0}")]
     Readback(String),
+    #[error("the GPU adapter {0:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed")]
+    NoTimestamps(String),
 }
 
 /// How to choose and configure the GPU.
@@ -48,6 +52,11 @@ pub struct GpuOptions {
     pub low_power: bool,
     /// Caps `max_storage_buffer_binding_size` below the adapter's, e.g. to mimic a browser's 128 MiB.
     pub max_storage_binding: Option<u64>,
+    /// Request timestamp queries where the adapter has them (for profiling dispatches).
+    pub timestamps: bool,
+    /// Keep naga's runtime bounds checks in every kernel, also those in bounds by construction
+    /// (`Kernel::in_bounds`), which otherwise run without them on native backends.
+    pub bounds_checks: bool,
 }
 
 /// What the engine needs from every adapter, whatever the model.
@@ -68,8 +77,10 @@ pub struct Gpu {
     pub info: wgpu::AdapterInfo,
     /// The limits granted, which the engine sizes its buffers by.
     pub limits: wgpu::Limits,
-    /// Optional features granted (shader-f16, subgroups); nothing requires them.
+    /// Optional features granted (shader-f16, subgroups, timestamp queries); nothing requires them.
     pub features: wgpu::Features,
+    /// See [`GpuOptions::bounds_checks`].
+    pub bounds_checks: bool,
     kernels: Arc<kernels::Registry>,
     failure: Arc<Mutex<Option<GpuError>>>,
 }
@@ -97,7 +108,11 @@ impl Gpu {
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
-        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
+        let mut wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        if options.timestamps {
+            wanted |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        let features = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("llama-webgpu"),
@@ -121,7 +136,7 @@ impl Gpu {
             slot.get_or_insert(GpuError::DeviceLost(format!("{reason:?}: {message}")));
         });
         log::info!("adapter {:?} ({:?}), features {:?}", info.name, info.backend, features);
-        Ok(Self { device, queue, info, limits, features, kernels: Default::default(), failure })
+        Ok(Self { device, queue, info, limits, features, bounds_checks: options.bounds_checks, kernels: Default::default(), failure })
     }
 
     /// The first error the device reported since it was created, if any: a lost device or a
@@ -197,7 +212,13 @@ impl Gpu {
 
     /// Waits for the submitted work, then reads the first `bytes` of a readback buffer.
     pub async fn read_mapped(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
-        readback::read_mapped(self, staging, bytes).await
+        readback::read_mapped(self, staging, bytes, None).await
+    }
+
+    /// Like [`Gpu::read_mapped`], but waits only for `submission` (the one that wrote the buffer),
+    /// not for work submitted after it.
+    pub async fn read_mapped_after(&self, staging: &wgpu::Buffer, bytes: u64, submission: wgpu::SubmissionIndex) -> Result<Vec<u8>, GpuError> {
+        readback::read_mapped(self, staging, bytes, Some(submission)).await
     }
 
     /// Runs `encode` in one compute pass, submits it and waits for the GPU.

@@ -5,6 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::kernels::{self, Kernel};
 use super::{Gpu, WeightMatrix};
+use crate::quant::DType;
 
 /// Per-pass values every token-wise kernel reads: the number of tokens and the first one's position.
 #[repr(C)]
@@ -17,19 +18,11 @@ pub struct StepParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct RmsNormParams {
-    pub dim: u32,
-    pub eps: f32,
-    pub _pad: [u32; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct RopeParams {
     pub n_heads: u32,
+    pub n_kv_heads: u32,
     pub head_dim: u32,
-    pub row_stride: u32,
-    pub rows_at_position: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -41,7 +34,7 @@ pub struct MatmulParams {
     pub in_stride: u32,
     pub out_stride: u32,
     pub accumulate: u32,
-    pub rows_at_position: u32,
+    pub eps: f32,
     pub _pad: u32,
 }
 
@@ -52,12 +45,7 @@ pub struct AttentionParams {
     pub n_kv_heads: u32,
     pub head_dim: u32,
     pub scale: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct SiluMulParams {
-    pub width: u32,
+    pub q_stride: u32,
     pub _pad: [u32; 3],
 }
 
@@ -92,7 +80,7 @@ pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, seed: u32) -> Op {
     let groups = words.div_ceil(WG_1D).max(1);
     let x = groups.min(gpu.limits.max_compute_workgroups_per_dimension);
     let grid = Grid::Fixed([x, groups.div_ceil(x), 1]);
-    Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid)] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid, Traffic::fixed(buffer.size()))] }
 }
 
 /// The most candidates top_k.wgsl selects (its MAX_K).
@@ -103,13 +91,13 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Below this many tokens a matmul runs as GEMVs; from it on, as tiles.
 pub const GEMV_MAX_TOKENS: u32 = 8;
 const TILE: u32 = 32;
+/// Rows per workgroup of matmul.wgsl's gemv_blocks (its GEMV_BLOCK_ROWS).
+const GEMV_BLOCK_ROWS: u32 = 4;
 const WG_1D: u32 = 64;
 
 /// How many workgroups a dispatch needs for `n` tokens.
 #[derive(Clone, Copy, Debug)]
 enum Grid {
-    /// One workgroup per token: (n, 1, 1).
-    TokenRows,
     /// (x, n, 1).
     PerToken(u32),
     /// (x, ceil(n / tile), 1).
@@ -122,7 +110,6 @@ enum Grid {
 impl Grid {
     fn size(self, n: u32) -> [u32; 3] {
         match self {
-            Grid::TokenRows => [n, 1, 1],
             Grid::PerToken(x) => [x, n, 1],
             Grid::TokenTiles { x, tile } => [x, n.div_ceil(tile), 1],
             Grid::RowsByToken { x, y } => [x, y, n],
@@ -136,10 +123,44 @@ impl Grid {
     }
 }
 
-struct Dispatch {
+/// Bytes a one-token dispatch reads and writes, each buffer region counted once: `bytes`, plus
+/// `bytes_per_position` for every cached position it attends to. For `bench --profile`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub bytes: u64,
+    pub bytes_per_position: u64,
+}
+
+impl Traffic {
+    fn fixed(bytes: u64) -> Self {
+        Self { bytes, bytes_per_position: 0 }
+    }
+
+    /// Bytes moved by a one-token pass at `position`.
+    pub fn at(self, position: usize) -> u64 {
+        self.bytes + self.bytes_per_position * (position as u64 + 1)
+    }
+}
+
+/// One compute dispatch, bound at load.
+pub struct Dispatch {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     grid: Grid,
+    traffic: Traffic,
+}
+
+impl Dispatch {
+    pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
+        let [x, y, z] = self.grid.size(n_tokens);
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
 }
 
 /// One logical operation: one dispatch, or one per part of a split weight.
@@ -150,15 +171,12 @@ pub struct Op {
 impl Op {
     pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
         for d in &self.dispatches {
-            let [x, y, z] = d.grid.size(n_tokens);
-            pass.set_pipeline(&d.pipeline);
-            pass.set_bind_group(0, &d.bind_group, &[]);
-            pass.dispatch_workgroups(x, y, z);
+            d.encode(pass, n_tokens);
         }
     }
 
-    pub fn dispatch_count(&self) -> usize {
-        self.dispatches.len()
+    pub fn dispatches(&self) -> &[Dispatch] {
+        &self.dispatches
     }
 }
 
@@ -170,15 +188,16 @@ pub struct Matmul {
 
 impl Matmul {
     pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
-        if n_tokens < GEMV_MAX_TOKENS {
-            self.gemv.encode(pass, n_tokens);
-        } else {
-            self.tiled.encode(pass, n_tokens);
-        }
+        self.for_tokens(n_tokens).encode(pass, n_tokens);
     }
 
-    pub fn dispatch_count(&self) -> usize {
-        self.gemv.dispatch_count()
+    /// The strategy a pass of `n_tokens` runs.
+    pub fn for_tokens(&self, n_tokens: u32) -> &Op {
+        if n_tokens < GEMV_MAX_TOKENS {
+            &self.gemv
+        } else {
+            &self.tiled
+        }
     }
 }
 
@@ -189,6 +208,7 @@ fn dispatch(
     constants: &[(&str, f64)],
     buffers: &[&wgpu::Buffer],
     grid: Grid,
+    traffic: Traffic,
 ) -> Dispatch {
     debug_assert_eq!(buffers.len(), kernel.bindings.len(), "{} bindings", kernel.name);
     let pipeline = gpu.pipeline(kernel, entry, constants);
@@ -202,35 +222,33 @@ fn dispatch(
         layout: &pipeline.layout,
         entries: &entries,
     });
-    Dispatch { pipeline: pipeline.pipeline, bind_group, grid }
+    Dispatch { pipeline: pipeline.pipeline, bind_group, grid, traffic }
 }
 
 /// out[t] = table[tokens[t]]; `tokens` holds (n_tokens) ids as f32 (exact below 2^24).
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
-    let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, accumulate: false, rows_at_position: false };
+    let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, out_offset: 0, accumulate: false };
     let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-    weight_op(gpu, "gather", tokens, table, out, layout, step, |_| grid)
+    weight_op(gpu, "gather", tokens, MatmulInput::Plain, table, out, layout, step, |_| grid)
 }
 
-/// out = rmsnorm(x) * weight over rows of `dim`.
-pub fn rmsnorm(
+/// Rotates the q and k heads of each token row of a stacked q/k/v projection output by the
+/// position's angles: q in place, k into `k_cache`; v is copied into `v_cache`.
+pub fn rope(
     gpu: &Gpu,
-    x: &wgpu::Buffer,
-    weight: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    dim: usize,
-    eps: f32,
+    cos_sin: &wgpu::Buffer,
+    qkv: &wgpu::Buffer,
+    k_cache: &wgpu::Buffer,
+    v_cache: &wgpu::Buffer,
+    params: RopeParams,
     step: &wgpu::Buffer,
 ) -> Op {
-    let params = gpu.uniform_buffer("rmsnorm params", &RmsNormParams { dim: dim as u32, eps, _pad: [0; 2] });
-    Op { dispatches: vec![dispatch(gpu, &kernels::RMSNORM, "main", &[], &[x, weight, out, &params, step], Grid::TokenRows)] }
-}
-
-/// Rotates `n_heads` heads of each token row of `x` in place by the position's angles.
-pub fn rope(gpu: &Gpu, cos_sin: &wgpu::Buffer, x: &wgpu::Buffer, params: RopeParams, step: &wgpu::Buffer) -> Op {
-    let grid = Grid::PerToken((params.n_heads * params.head_dim / 2).div_ceil(WG_1D));
+    let (qk_dim, kv_dim) = ((params.n_heads + params.n_kv_heads) * params.head_dim, params.n_kv_heads * params.head_dim);
+    let grid = Grid::PerToken((qk_dim / 2 + kv_dim).div_ceil(WG_1D));
+    // q and k read and written, v read and written, and the position's cos/sin row.
+    let traffic = Traffic::fixed(4 * (2 * qk_dim + 2 * kv_dim + params.head_dim) as u64);
     let params = gpu.uniform_buffer("rope params", &params);
-    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, x, &params, step], grid)] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, qkv, k_cache, v_cache, &params, step], grid, traffic)] }
 }
 
 /// Where a matmul reads its input rows and writes its output rows.
@@ -240,24 +258,63 @@ pub struct MatmulLayout {
     pub in_stride: usize,
     /// Elements between token rows of the output.
     pub out_stride: usize,
+    /// Output column of the matrix's first row (a matrix stacked after others).
+    pub out_offset: usize,
     /// Add to the output (a residual connection) instead of overwriting it.
     pub accumulate: bool,
-    /// Token t goes to output row start_pos + t (writing a KV cache).
-    pub rows_at_position: bool,
 }
 
-/// out = x @ w.T (or out += x @ w.T), one dispatch per part of `w`.
+/// What a matmul multiplies: its input as it is, or the op before it fused in (matmul.wgsl's INPUT).
+#[derive(Clone, Copy, Debug)]
+pub enum MatmulInput<'a> {
+    Plain,
+    /// rmsnorm(x) * weight, with the kernel computing each token row's scale.
+    RmsNorm { weight: &'a wgpu::Buffer, eps: f32 },
+    /// silu(x[:, :k]) * x[:, k:2k] for a (rows, k) matrix: the gated MLP activation.
+    SiluMul,
+}
+
+impl MatmulInput<'_> {
+    fn code(self) -> u32 {
+        match self {
+            MatmulInput::Plain => 0,
+            MatmulInput::RmsNorm { .. } => 1,
+            MatmulInput::SiluMul => 2,
+        }
+    }
+}
+
+/// out = f(x) @ w.T (or out += f(x) @ w.T), one dispatch per part of `w`.
 pub fn matmul(
     gpu: &Gpu,
     x: &wgpu::Buffer,
+    input: MatmulInput,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> Matmul {
+    // The 32-weight block formats have a GEMV of their own that takes GEMV_BLOCK_ROWS rows per
+    // workgroup.
+    let (gemv, rows_per_workgroup) = match w.dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", GEMV_BLOCK_ROWS),
+        _ => ("gemv", 1),
+    };
     Matmul {
-        gemv: weight_op(gpu, "gemv", x, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows)),
-        tiled: weight_op(gpu, "tiled", x, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
+        gemv: weight_op(gpu, gemv, x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows.div_ceil(rows_per_workgroup))),
+        tiled: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
+    }
+}
+
+impl Matmul {
+    /// One product over matrices stacked by rows, each writing its own output columns.
+    pub fn join(parts: impl IntoIterator<Item = Matmul>) -> Matmul {
+        let (mut gemv, mut tiled) = (vec![], vec![]);
+        for part in parts {
+            gemv.extend(part.gemv.dispatches);
+            tiled.extend(part.tiled.dispatches);
+        }
+        Matmul { gemv: Op { dispatches: gemv }, tiled: Op { dispatches: tiled } }
     }
 }
 
@@ -267,13 +324,19 @@ fn weight_op(
     gpu: &Gpu,
     entry: &str,
     x: &wgpu::Buffer,
+    input: MatmulInput,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
     grid: impl Fn(u32) -> Grid,
 ) -> Op {
-    let constants = [("WEIGHT_DTYPE", w.dtype.shader_code() as f64)];
+    let constants = [("WEIGHT_DTYPE", w.dtype.shader_code() as f64), ("INPUT", input.code() as f64)];
+    let (norm, eps) = match input {
+        MatmulInput::RmsNorm { weight, eps } => (weight, eps),
+        // The binding is unread; any read-only buffer fills it.
+        _ => (x, 0.0),
+    };
     let dispatches = w
         .parts
         .iter()
@@ -281,26 +344,40 @@ fn weight_op(
             let params = MatmulParams {
                 k: w.cols as u32,
                 rows: part.rows as u32,
-                row_start: part.row_start as u32,
+                row_start: (layout.out_offset + part.row_start) as u32,
                 in_stride: layout.in_stride as u32,
                 out_stride: layout.out_stride as u32,
                 accumulate: layout.accumulate as u32,
-                rows_at_position: layout.rows_at_position as u32,
+                eps,
                 _pad: 0,
             };
             let params = gpu.uniform_buffer(entry, &params);
-            let buffers = [x, &part.buffer, out, &params, step];
-            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32))
+            let buffers = [x, &part.buffer, norm, out, &params, step];
+            // The gather reads a token's row in whichever part holds it (counted evenly over the
+            // parts); a product reads the whole part, its input row (two halves for SiLU-mul) and
+            // the norm weight.
+            let traffic = if entry == "gather" {
+                (w.row_bytes() + 4 * w.cols) / w.parts.len()
+            } else {
+                let inputs = match input {
+                    MatmulInput::Plain => w.cols,
+                    _ => 2 * w.cols,
+                };
+                part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize)
+            };
+            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32), Traffic::fixed(traffic as u64))
         })
         .collect();
     Op { dispatches }
 }
 
-/// Causal grouped-query attention of (n_tokens) queries over the KV cache.
+/// Causal grouped-query attention of (n_tokens) queries over the KV cache; token rows of `q` lie
+/// `q_stride` elements apart, its heads first.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
     q: &wgpu::Buffer,
+    q_stride: usize,
     k_cache: &wgpu::Buffer,
     v_cache: &wgpu::Buffer,
     out: &wgpu::Buffer,
@@ -314,30 +391,20 @@ pub fn attention(
         n_kv_heads: n_kv_heads as u32,
         head_dim: head_dim as u32,
         scale: 1.0 / (head_dim as f32).sqrt(),
+        q_stride: q_stride as u32,
+        _pad: [0; 3],
     };
     let params = gpu.uniform_buffer("attention params", &params);
     let buffers = [q, k_cache, v_cache, out, &params, step];
-    Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32))] }
+    // q and out, plus a key and a value row of every KV head per attended position.
+    let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 8 * (n_kv_heads * head_dim) as u64 };
+    Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32), traffic)] }
 }
 
-/// out = silu(gate) * up over rows of `width`.
-pub fn silu_mul(
-    gpu: &Gpu,
-    gate: &wgpu::Buffer,
-    up: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    width: usize,
-    step: &wgpu::Buffer,
-) -> Op {
-    let params = gpu.uniform_buffer("silu_mul params", &SiluMulParams { width: width as u32, _pad: [0; 3] });
-    let grid = Grid::PerToken((width as u32).div_ceil(WG_1D));
-    Op { dispatches: vec![dispatch(gpu, &kernels::SILU_MUL, "main", &[], &[gate, up, out, &params, step], grid)] }
-}
-
-/// out[0] = the index of the largest of `n` logits.
+/// out[0] = the index of the largest of `n` logits, as f32 like the token ids the embedding reads.
 pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
     let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, _pad: [0; 3] });
-    Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]))] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]), Traffic::fixed(4 * n as u64 + 4))] }
 }
 
 /// Selects the top candidates of `n` logits into `out`; `params` is rewritten per request with
@@ -351,7 +418,8 @@ pub struct TopK {
 impl TopK {
     pub fn new(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Self {
         let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, k: 1, inv_temperature: 1.0, _pad: 0 });
-        let op = Op { dispatches: vec![dispatch(gpu, &kernels::TOP_K, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]))] };
+        let traffic = Traffic::fixed(4 * n as u64 + Self::OUT_BYTES);
+        let op = Op { dispatches: vec![dispatch(gpu, &kernels::TOP_K, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]), traffic)] };
         Self { op, params, n }
     }
 
@@ -366,6 +434,10 @@ impl TopK {
 
     pub fn encode(&self, pass: &mut wgpu::ComputePass) {
         self.op.encode(pass, 1);
+    }
+
+    pub fn op(&self) -> &Op {
+        &self.op
     }
 }
 

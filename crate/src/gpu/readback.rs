@@ -10,18 +10,19 @@ pub(super) async fn wait(gpu: &Gpu) -> Result<(), GpuError> {
     gpu.queue.on_submitted_work_done(move || {
         let _ = sender.send(());
     });
-    poll(gpu)?;
+    poll(gpu, None)?;
     receiver.await.map_err(|_| lost(gpu))?;
     gpu.check()
 }
 
-pub(super) async fn read_mapped(gpu: &Gpu, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+/// Maps and reads `staging` once `submission` (or, without one, all submitted work) is done.
+pub(super) async fn read_mapped(gpu: &Gpu, staging: &wgpu::Buffer, bytes: u64, submission: Option<wgpu::SubmissionIndex>) -> Result<Vec<u8>, GpuError> {
     let slice = staging.slice(..);
     let (sender, receiver) = oneshot::channel();
     slice.map_async(wgpu::MapMode::Read, move |result| {
         let _ = sender.send(result);
     });
-    poll(gpu)?;
+    poll(gpu, submission)?;
     receiver
         .await
         .map_err(|_| lost(gpu))?
@@ -32,8 +33,8 @@ pub(super) async fn read_mapped(gpu: &Gpu, staging: &wgpu::Buffer, bytes: u64) -
     Ok(data)
 }
 
-fn poll(gpu: &Gpu) -> Result<(), GpuError> {
-    gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| gpu.check().err().unwrap_or(GpuError::DeviceLost(e.to_string())))?;
+fn poll(gpu: &Gpu, submission: Option<wgpu::SubmissionIndex>) -> Result<(), GpuError> {
+    gpu.device.poll(wgpu::PollType::Wait { submission_index: submission, timeout: None }).map_err(|e| gpu.check().err().unwrap_or(GpuError::DeviceLost(e.to_string())))?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! A load-time self-test: a small known computation through the real kernels, compared with the CPU
 //! references, so a broken adapter or driver fails loudly instead of producing garbage text.
 
-use super::ops::{self, MatmulLayout, StepParams};
+use super::ops::{self, MatmulInput, MatmulLayout, StepParams};
 use super::{Gpu, GpuError, WeightMatrix};
 use crate::quant::DType;
 use crate::reference;
@@ -11,33 +11,37 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32).map(|i| (reference::fill_word(i, seed) % 2000) as f32 / 1000.0 - 1.0).collect()
 }
 
-/// Runs a q4_0 matrix product (GEMV and tiled), RMSNorm, causal attention, SiLU-mul and argmax on
-/// the GPU and checks each against its CPU reference.
+/// Runs a q4_0 matrix product (GEMV and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal
+/// attention and argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (rows, k, n) = (24, 64, 9);
     let weights = DType::Q4_0.from_f32(&inputs(rows * k, 1)).map_err(|e| GpuError::SelfTest(e.to_string()))?;
     let matrix = WeightMatrix::new(gpu, "self-test weights", DType::Q4_0, rows, k)?;
     matrix.write_bytes(gpu, 0, &weights);
-    let x = inputs(n * k, 2);
+    // Token rows of 2k: x and, for the SiLU-gated input, the up half after it.
+    let x = inputs(n * 2 * k, 2);
     let x_buffer = gpu.storage_buffer_with("self-test x", &x);
     let step = |n: usize, start_pos: usize| {
         ops::step_buffer(gpu, StepParams { n_tokens: n as u32, start_pos: start_pos as u32, _pad: [0; 2] })
     };
-    let layout = MatmulLayout { in_stride: k, out_stride: rows, accumulate: false, rows_at_position: false };
-    let product = reference::matmul(&x, &weights, DType::Q4_0, rows, k);
-    for tokens in [1, n] {
-        let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
-        let op = ops::matmul(gpu, &x_buffer, &matrix, &out, layout, &step(tokens, 0));
-        gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
-        compare(gpu, "matmul q4_0", &out, &product[..tokens * rows]).await?;
+    let norm = inputs(k, 3);
+    let norm_buffer = gpu.storage_buffer_with("self-test norm", &norm);
+    let (gate, up): (Vec<f32>, Vec<f32>) = (x.chunks(k).step_by(2).flatten().copied().collect(), x.chunks(k).skip(1).step_by(2).flatten().copied().collect());
+    let cases = [
+        ("matmul q4_0", MatmulInput::Plain, gate.clone()),
+        ("matmul q4_0 of rmsnorm", MatmulInput::RmsNorm { weight: &norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, &norm, 1e-5)),
+        ("matmul q4_0 of silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
+    ];
+    let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+    for (kernel, input, input_rows) in cases {
+        let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
+        for tokens in [1, n] {
+            let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
+            let op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, layout, &step(tokens, 0));
+            gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
+            compare(gpu, kernel, &out, &product[..tokens * rows]).await?;
+        }
     }
-
-    let weight = inputs(k, 3);
-    let norm_weight = gpu.storage_buffer_with("self-test norm", &weight);
-    let normed = gpu.storage_buffer("self-test normed", (n * k * 4) as u64);
-    let op = ops::rmsnorm(gpu, &x_buffer, &norm_weight, &normed, k, 1e-5, &step(n, 0));
-    gpu.run(|pass| op.encode(pass, n as u32)).await?;
-    compare(gpu, "rmsnorm", &normed, &reference::rmsnorm(&x, &weight, 1e-5)).await?;
 
     // Four query heads over two KV heads of 16, nine tokens after five cached positions.
     let (heads, kv_heads, head_dim, start) = (4, 2, 16, 5);
@@ -45,21 +49,14 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (keys, values) = (inputs((start + n) * kv_heads * head_dim, 5), inputs((start + n) * kv_heads * head_dim, 6));
     let buffers = [&q, &keys, &values].map(|v| gpu.storage_buffer_with("self-test attention", v));
     let attended = gpu.storage_buffer("self-test attended", (q.len() * 4) as u64);
-    let op = ops::attention(gpu, &buffers[0], &buffers[1], &buffers[2], &attended, heads, kv_heads, head_dim, &step(n, start));
+    let op = ops::attention(gpu, &buffers[0], heads * head_dim, &buffers[1], &buffers[2], &attended, heads, kv_heads, head_dim, &step(n, start));
     gpu.run(|pass| op.encode(pass, n as u32)).await?;
     compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim)).await?;
-
-    let up = inputs(n * k, 7);
-    let up_buffer = gpu.storage_buffer_with("self-test up", &up);
-    let activated = gpu.storage_buffer("self-test activated", (n * k * 4) as u64);
-    let op = ops::silu_mul(gpu, &x_buffer, &up_buffer, &activated, k, &step(n, 0));
-    gpu.run(|pass| op.encode(pass, n as u32)).await?;
-    compare(gpu, "silu_mul", &activated, &reference::silu_mul(&x, &up)).await?;
 
     let best = gpu.storage_buffer("self-test argmax", 4);
     let op = ops::argmax(gpu, &x_buffer, &best, x.len());
     gpu.run(|pass| op.encode(pass, 1)).await?;
-    let got = u32::from_le_bytes(gpu.read(&best, 4).await?.try_into().unwrap_or_default());
+    let got = f32::from_le_bytes(gpu.read(&best, 4).await?.try_into().unwrap_or_default()) as u32;
     let want = reference::argmax(&x);
     if got as usize != want {
         return Err(GpuError::SelfTest(format!("argmax gave {got}, the CPU {want}")));

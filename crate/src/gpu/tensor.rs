@@ -55,6 +55,11 @@ impl WeightMatrix {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
 
+    /// Where `row` starts in the row-major matrix.
+    pub fn byte_offset(&self, row: usize) -> u64 {
+        (row * self.row_bytes()) as u64
+    }
+
     /// Where `len` bytes at byte `offset` of the row-major matrix land: (part buffer, offset in
     /// it, range of the bytes). Parts start on even rows of an even number of bytes, so a piece
     /// starts on a 4-byte word when `offset` does; it can end mid-word only where a part of an odd

@@ -16,16 +16,16 @@ pub const CHUNK_BYTES: usize = 8 << 20;
 
 /// Where a tensor's bytes go.
 pub enum Destination<'a> {
-    /// Straight into the matrix's GPU buffers.
-    Matrix(&'a WeightMatrix),
+    /// Straight into the matrix's GPU buffers, from the given row on (tensors stacked by rows).
+    Matrix(&'a WeightMatrix, usize),
     /// Gathered on the host and handed back (small tensors the caller converts).
     Host,
 }
 
 enum Target<'a> {
-    Gpu { matrix: &'a WeightMatrix, carry: Vec<u8> },
+    Gpu { matrix: &'a WeightMatrix, offset: u64, carry: Vec<u8> },
     /// Whole on the host: returned, or (q/k rows to put back in order) uploaded when complete.
-    Host { bytes: Vec<u8>, then_upload: Option<(&'a WeightMatrix, usize)> },
+    Host { bytes: Vec<u8>, then_upload: Option<(&'a WeightMatrix, u64, usize)> },
 }
 
 struct Writer<'a> {
@@ -47,20 +47,20 @@ impl Writer<'_> {
         match &mut self.target {
             Target::Host { bytes: held, then_upload } => {
                 held.extend_from_slice(bytes);
-                if let (true, Some((matrix, heads))) = (done, then_upload) {
+                if let (true, Some((matrix, offset, heads))) = (done, then_upload) {
                     let rows = super::gguf::unpermute_rows(held, &self.location.shape, *heads).ok_or_else(|| LoadError::Gguf {
                         file: self.location.name.clone(),
                         offset: self.location.range.start as usize,
                         message: format!("{heads} heads do not split shape {:?} into heads of even size", self.location.shape),
                     })?;
-                    matrix.write_bytes(gpu, 0, &rows);
+                    matrix.write_bytes(gpu, *offset, &rows);
                     *held = Vec::new();
                 }
             }
-            Target::Gpu { matrix, carry } => {
+            Target::Gpu { matrix, offset, carry } => {
                 // Writes start on 4-byte words: up to 3 bytes wait in `carry` for the next chunk,
                 // which completes their word first. Nothing larger is held between chunks.
-                let mut start = self.written - carry.len() as u64;
+                let mut start = *offset + self.written - carry.len() as u64;
                 let mut rest = bytes;
                 if !carry.is_empty() {
                     let take = (4 - carry.len()).min(rest.len());
@@ -177,8 +177,10 @@ pub async fn stream_weights(
         .iter()
         .filter_map(|location| {
             let target = match (wanted.get(&location.name)?, location.rope_heads) {
-                (Destination::Matrix(matrix), None) => Target::Gpu { matrix, carry: vec![] },
-                (Destination::Matrix(matrix), Some(heads)) => Target::Host { bytes: vec![], then_upload: Some((matrix, heads)) },
+                (Destination::Matrix(matrix, row), None) => Target::Gpu { matrix, offset: matrix.byte_offset(*row), carry: vec![] },
+                (Destination::Matrix(matrix, row), Some(heads)) => {
+                    Target::Host { bytes: vec![], then_upload: Some((matrix, matrix.byte_offset(*row), heads)) }
+                }
                 (Destination::Host, _) => Target::Host { bytes: vec![], then_upload: None },
             };
             Some(Writer { location, target, written: 0 })

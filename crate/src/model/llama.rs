@@ -1,9 +1,9 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Candidates, Matmul, MatmulLayout, Op, RopeParams, StepParams, TopK};
-use crate::gpu::{Gpu, WeightMatrix};
-use std::collections::HashMap;
+use crate::gpu::ops::{self, Candidates, Dispatch, Matmul, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
+use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
+use std::collections::{HashMap, VecDeque};
 
 use crate::quant::DType;
 use crate::load::{stream_weights, Destination, LoadError, LoadProgress, TensorLocation, WeightStream};
@@ -56,6 +56,79 @@ pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize
     specs
 }
 
+/// The matrices the forward pass multiplies by, each named, with the checkpoint tensors stacked
+/// in it by rows: q/k/v and gate/up read the same input, so one dispatch computes each group.
+fn stacked_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<String>)> {
+    let single = |name: String| (name.clone(), vec![name]);
+    let mut stacks = vec![single("model.embed_tokens.weight".into())];
+    for i in 0..c.n_layers {
+        let p = format!("model.layers.{i}");
+        let t = |name: &str| format!("{p}.{name}.weight");
+        stacks.extend([
+            (format!("{p}.qkv_proj"), vec![t("self_attn.q_proj"), t("self_attn.k_proj"), t("self_attn.v_proj")]),
+            single(t("self_attn.o_proj")),
+            (format!("{p}.gate_up_proj"), vec![t("mlp.gate_proj"), t("mlp.up_proj")]),
+            single(t("mlp.down_proj")),
+        ]);
+    }
+    if !tied_head {
+        stacks.push(single("lm_head.weight".into()));
+    }
+    stacks
+}
+
+/// Checkpoint tensors stacked by rows on the GPU, as blocks: a matrix and the output column of its
+/// first row. A tensor in another format than the one before it, or whose first byte would not start
+/// a 4-byte word (uploads write whole words), begins a block of its own.
+struct Stacked {
+    blocks: Vec<(usize, WeightMatrix)>,
+}
+
+/// Where a checkpoint tensor goes: its stack, block and first row in that block.
+type Placement = (String, usize, usize);
+
+/// Allocates the stacked matrices of `c` with each tensor in the format `dtype_of` names, and
+/// returns them by name with the placement of every tensor.
+fn allocate_matrices(
+    gpu: &Gpu,
+    c: &Config,
+    tied_head: bool,
+    dtype_of: impl Fn(&str) -> DType,
+) -> Result<(HashMap<String, Stacked>, HashMap<String, Placement>)> {
+    let shapes: HashMap<String, Vec<usize>> = checkpoint_tensors(c, tied_head).into_iter().map(|(name, shape, _)| (name, shape)).collect();
+    let mut stacks = HashMap::new();
+    let mut placements = HashMap::new();
+    for (stack, tensors) in stacked_tensors(c, tied_head) {
+        let cols = shapes[&tensors[0]][1];
+        // (first output column, format, rows) of each block
+        let mut blocks: Vec<(usize, DType, usize)> = vec![];
+        let mut column = 0;
+        for tensor in &tensors {
+            let dtype = dtype_of(tensor);
+            let rows = shapes[tensor][0];
+            let row_bytes = dtype.row_bytes(cols).unwrap_or_default();
+            let next = blocks.len();
+            match blocks.last_mut() {
+                Some((_, block_dtype, block_rows)) if *block_dtype == dtype && (*block_rows * row_bytes).is_multiple_of(4) => {
+                    placements.insert(tensor.clone(), (stack.clone(), next - 1, *block_rows));
+                    *block_rows += rows;
+                }
+                _ => {
+                    placements.insert(tensor.clone(), (stack.clone(), next, 0));
+                    blocks.push((column, dtype, rows));
+                }
+            }
+            column += rows;
+        }
+        let blocks = blocks
+            .into_iter()
+            .map(|(column, dtype, rows)| Ok((column, WeightMatrix::new(gpu, &stack, dtype, rows, cols)?)))
+            .collect::<Result<_>>()?;
+        stacks.insert(stack, Stacked { blocks });
+    }
+    Ok((stacks, placements))
+}
+
 /// Where a model's weights come from.
 enum Weights<'a> {
     Stream(&'a dyn WeightStream, &'a mut dyn FnMut(LoadProgress)),
@@ -63,40 +136,39 @@ enum Weights<'a> {
 }
 
 /// Every matrix of `c` in `dtype`, filled with hashed values on the GPU; norm weights are ones.
-fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<String, WeightMatrix>, HashMap<String, wgpu::Buffer>)> {
-    let mut matrices = HashMap::new();
-    let mut vectors = HashMap::new();
+fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<String, Stacked>, HashMap<String, wgpu::Buffer>)> {
+    let (matrices, _) = allocate_matrices(gpu, c, c.tie_word_embeddings, |_| dtype)?;
+    let vectors = checkpoint_tensors(c, c.tie_word_embeddings)
+        .into_iter()
+        .filter(|(_, _, is_norm)| *is_norm)
+        .map(|(name, shape, _)| {
+            let ones = gpu.storage_buffer_with(&name, &vec![1.0f32; shape[0]]);
+            (name, ones)
+        })
+        .collect();
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     {
         let mut pass = encoder.begin_compute_pass(&Default::default());
-        for (i, (name, shape, is_norm)) in checkpoint_tensors(c, c.tie_word_embeddings).into_iter().enumerate() {
-            if is_norm {
-                vectors.insert(name.clone(), gpu.storage_buffer_with(&name, &vec![1.0f32; shape[0]]));
-                continue;
-            }
-            let matrix = WeightMatrix::new(gpu, &name, dtype, shape[0], shape[1])?;
-            for part in &matrix.parts {
-                ops::fill(gpu, &part.buffer, i as u32).encode(&mut pass, 1);
-            }
-            matrices.insert(name, matrix);
+        let parts = matrices.values().flat_map(|s| &s.blocks).flat_map(|(_, m)| &m.parts);
+        for (seed, part) in parts.enumerate() {
+            ops::fill(gpu, &part.buffer, seed as u32).encode(&mut pass, 1);
         }
     }
     gpu.queue.submit([encoder.finish()]);
     Ok((matrices, vectors))
 }
 
-/// Allocates every weight, streams the checkpoint into them, and returns the matrices and the norm
-/// weights (as f32 buffers) by name.
+/// Allocates every weight, streams the checkpoint into them, and returns the stacked matrices and
+/// the norm weights (as f32 buffers) by name.
 async fn upload_weights(
     gpu: &Gpu,
     c: &Config,
     source: &dyn WeightStream,
     on_progress: &mut dyn FnMut(LoadProgress),
-) -> Result<(HashMap<String, WeightMatrix>, HashMap<String, wgpu::Buffer>)> {
+) -> Result<(HashMap<String, Stacked>, HashMap<String, wgpu::Buffer>)> {
     let locations: HashMap<&str, &TensorLocation> = source.locations().iter().map(|l| (l.name.as_str(), l)).collect();
     // Tied checkpoints reuse the embedding as lm_head; some still store a copy, which then wins.
     let tied_head = c.tie_word_embeddings && !locations.contains_key("lm_head.weight");
-    let mut matrices = HashMap::new();
     let mut norms = vec![];
     for (name, shape, is_norm) in checkpoint_tensors(c, tied_head) {
         let location = locations.get(name.as_str()).ok_or_else(|| LoadError::MissingTensor(name.clone()))?;
@@ -105,13 +177,13 @@ async fn upload_weights(
         }
         if is_norm {
             norms.push((name, location.dtype));
-        } else {
-            let matrix = WeightMatrix::new(gpu, &name, location.dtype, shape[0], shape[1])?;
-            matrices.insert(name, matrix);
         }
     }
-    let mut wanted: HashMap<String, Destination> =
-        matrices.iter().map(|(name, matrix)| (name.clone(), Destination::Matrix(matrix))).collect();
+    let (matrices, placements) = allocate_matrices(gpu, c, tied_head, |name| locations[name].dtype)?;
+    let mut wanted: HashMap<String, Destination> = placements
+        .iter()
+        .map(|(tensor, (stack, block, row))| (tensor.clone(), Destination::Matrix(&matrices[stack].blocks[*block].1, *row)))
+        .collect();
     wanted.extend(norms.iter().map(|(name, _)| (name.clone(), Destination::Host)));
     let host = stream_weights(gpu, source, &wanted, on_progress).await?;
     let mut vectors = HashMap::new();
@@ -124,19 +196,12 @@ async fn upload_weights(
 
 /// The ops of one transformer block, in the order they run.
 struct Layer {
-    attn_norm: Op,  // xn = rmsnorm(x) * input_layernorm
-    q_proj: Matmul, // q = xn @ q_proj.T
-    k_proj: Matmul, // k_cache[pos] = xn @ k_proj.T
-    v_proj: Matmul, // v_cache[pos] = xn @ v_proj.T
-    rope_q: Op,     // q = rope(q, pos)
-    rope_k: Op,     // k_cache[pos] = rope(k_cache[pos], pos)
-    attention: Op,  // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
-    o_proj: Matmul, // x += attn @ o_proj.T
-    mlp_norm: Op,   // xn = rmsnorm(x) * post_attention_layernorm
-    gate_proj: Matmul, // gate = xn @ gate_proj.T
-    up_proj: Matmul,   // up = xn @ up_proj.T
-    silu_mul: Op,      // act = silu(gate) * up
-    down_proj: Matmul, // x += act @ down_proj.T
+    qkv_proj: Matmul,     // qkv = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T
+    rope: Op,             // q = rope(q, pos); k_cache[pos] = rope(k, pos); v_cache[pos] = v
+    attention: Op,        // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
+    o_proj: Matmul,       // x += attn @ o_proj.T
+    gate_up_proj: Matmul, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
+    down_proj: Matmul,    // x += (silu(gate) * up) @ down_proj.T
 }
 
 /// A Llama model resident on one GPU, with its KV cache.
@@ -151,14 +216,15 @@ pub struct Llama {
     x: wgpu::Buffer,              // (max_batch, hidden) residual stream
     x_last: wgpu::Buffer,         // (hidden) the last token's residual stream
     logits: wgpu::Buffer,         // (vocab) of the last token
-    next_token: wgpu::Buffer,     // (1) u32 argmax of the logits
+    next_token: wgpu::Buffer,     // (1) argmax of the logits as f32, like the token ids
     candidates: wgpu::Buffer,     // top-k candidates of the logits, see ops::Candidates
     logits_readback: wgpu::Buffer,
-    token_readback: wgpu::Buffer,
+    token_readback: [wgpu::Buffer; 2], // one per greedy pass in flight
     candidates_readback: wgpu::Buffer,
+    /// Greedy passes submitted and not read yet, oldest first: (token_readback slot, submission).
+    in_flight: VecDeque<(usize, wgpu::SubmissionIndex)>,
     embed: Op,
     layers: Vec<Layer>,
-    final_norm: Op,
     lm_head: Matmul,
     argmax: Op,
     top_k: TopK,
@@ -167,8 +233,16 @@ pub struct Llama {
 /// What a pass hands back to the host.
 enum Output {
     Logits,
-    Argmax,
+    /// The greedy token, into this slot of `token_readback`, and into `tokens` for a next pass.
+    Argmax(usize),
     TopK,
+}
+
+/// Where a pass's input tokens come from.
+enum Tokens<'a> {
+    Host(&'a [u32]),
+    /// The token the greedy pass before chose, left on the GPU.
+    Previous,
 }
 
 impl Llama {
@@ -198,7 +272,9 @@ impl Llama {
         if context > c.max_position_embeddings || context == 0 {
             return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
         }
-        let widest_row = 4 * c.hidden_size.max(c.q_dim()).max(c.intermediate_size) as u64;
+        let qkv_dim = c.q_dim() + 2 * c.kv_dim();
+        let gate_up_dim = 2 * c.intermediate_size;
+        let widest_row = 4 * c.hidden_size.max(qkv_dim).max(gate_up_dim) as u64;
         let binding = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
         let max_batch = options.max_batch.min((binding / widest_row) as usize);
         if max_batch == 0 {
@@ -214,14 +290,10 @@ impl Llama {
         let one_token = ops::step_buffer(gpu, StepParams { n_tokens: 1, ..Default::default() });
         let tokens = gpu.storage_buffer("tokens", 4 * max_batch as u64);
         let x = f32_buffer("x", max_batch * c.hidden_size);
-        let xn = f32_buffer("xn", max_batch * c.hidden_size);
-        let q = f32_buffer("q", max_batch * c.q_dim());
+        let qkv = f32_buffer("qkv", max_batch * qkv_dim);
         let attn = f32_buffer("attn", max_batch * c.q_dim());
-        let gate = f32_buffer("gate", max_batch * c.intermediate_size);
-        let up = f32_buffer("up", max_batch * c.intermediate_size);
-        let act = f32_buffer("act", max_batch * c.intermediate_size);
+        let gate_up = f32_buffer("gate_up", max_batch * gate_up_dim);
         let x_last = f32_buffer("x_last", c.hidden_size);
-        let xn_last = f32_buffer("xn_last", c.hidden_size);
         let logits = f32_buffer("logits", c.vocab_size);
         let next_token = gpu.storage_buffer("next token", 4);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
@@ -230,46 +302,34 @@ impl Llama {
             Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
             Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
         };
-        let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, accumulate: false, rows_at_position: false };
-        let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, accumulate: true, rows_at_position: false };
-        let cache_rows = MatmulLayout { in_stride: c.hidden_size, out_stride: c.kv_dim(), accumulate: false, rows_at_position: true };
+        let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
+        let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
+        // One dispatch per part of each block of a stacked matrix.
+        let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, layout: MatmulLayout, step: &wgpu::Buffer| {
+            Matmul::join(w.blocks.iter().map(|(column, m)| ops::matmul(gpu, x, input, m, out, MatmulLayout { out_offset: *column, ..layout }, step)))
+        };
+        let norm = |name: &str| MatmulInput::RmsNorm { weight: &vectors[name], eps: c.rms_norm_eps };
 
+        // upload_weights checked every name and shape; a one-tensor stack is one block.
         let embed_tokens = &matrices["model.embed_tokens.weight"];
-        let embed = ops::embedding(gpu, &tokens, embed_tokens, &x, &step);
+        let embed = ops::embedding(gpu, &tokens, &embed_tokens.blocks[0].1, &x, &step);
+        let rope_params = RopeParams { n_heads: c.n_heads as u32, n_kv_heads: c.n_kv_heads as u32, head_dim: c.head_dim as u32, _pad: 0 };
         let mut layers = Vec::with_capacity(c.n_layers);
         for (i, (k_cache, v_cache)) in kv_cache.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            // upload_weights checked every name and shape.
-            let norm = |name: &str| &vectors[&format!("{p}.{name}.weight")];
-            let proj = |name: &str| &matrices[&format!("{p}.{name}.weight")];
-            let rope = |buffer: &wgpu::Buffer, n_heads: usize, row_stride: usize, rows_at_position: bool| {
-                let params = RopeParams {
-                    n_heads: n_heads as u32,
-                    head_dim: c.head_dim as u32,
-                    row_stride: row_stride as u32,
-                    rows_at_position: rows_at_position as u32,
-                };
-                ops::rope(gpu, &cos_sin, buffer, params, &step)
-            };
+            let w = |name: &str| &matrices[&format!("{p}.{name}")];
+            let ln = |name: &str| norm(&format!("{p}.{name}.weight"));
             layers.push(Layer {
-                attn_norm: ops::rmsnorm(gpu, &x, norm("input_layernorm"), &xn, c.hidden_size, c.rms_norm_eps, &step),
-                q_proj: ops::matmul(gpu, &xn, proj("self_attn.q_proj"), &q, rows(c.q_dim()), &step),
-                k_proj: ops::matmul(gpu, &xn, proj("self_attn.k_proj"), k_cache, cache_rows, &step),
-                v_proj: ops::matmul(gpu, &xn, proj("self_attn.v_proj"), v_cache, cache_rows, &step),
-                rope_q: rope(&q, c.n_heads, c.q_dim(), false),
-                rope_k: rope(k_cache, c.n_kv_heads, c.kv_dim(), true),
-                attention: ops::attention(gpu, &q, k_cache, v_cache, &attn, c.n_heads, c.n_kv_heads, c.head_dim, &step),
-                o_proj: ops::matmul(gpu, &attn, proj("self_attn.o_proj"), &x, residual(c.q_dim()), &step),
-                mlp_norm: ops::rmsnorm(gpu, &x, norm("post_attention_layernorm"), &xn, c.hidden_size, c.rms_norm_eps, &step),
-                gate_proj: ops::matmul(gpu, &xn, proj("mlp.gate_proj"), &gate, rows(c.intermediate_size), &step),
-                up_proj: ops::matmul(gpu, &xn, proj("mlp.up_proj"), &up, rows(c.intermediate_size), &step),
-                silu_mul: ops::silu_mul(gpu, &gate, &up, &act, c.intermediate_size, &step),
-                down_proj: ops::matmul(gpu, &act, proj("mlp.down_proj"), &x, residual(c.intermediate_size), &step),
+                qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, rows(qkv_dim), &step),
+                rope: ops::rope(gpu, &cos_sin, &qkv, k_cache, v_cache, rope_params, &step),
+                attention: ops::attention(gpu, &qkv, qkv_dim, k_cache, v_cache, &attn, c.n_heads, c.n_kv_heads, c.head_dim, &step),
+                o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, residual(c.q_dim()), &step),
+                gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, rows(gate_up_dim), &step),
+                down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, residual(gate_up_dim), &step),
             });
         }
-        let final_norm = ops::rmsnorm(gpu, &x_last, &vectors["model.norm.weight"], &xn_last, c.hidden_size, c.rms_norm_eps, &one_token);
         let head = matrices.get("lm_head.weight").unwrap_or(embed_tokens);
-        let lm_head = ops::matmul(gpu, &xn_last, head, &logits, rows(c.vocab_size), &one_token);
+        let lm_head = project(&x_last, norm("model.norm.weight"), head, &logits, rows(c.vocab_size), &one_token);
         let argmax = ops::argmax(gpu, &logits, &next_token, c.vocab_size);
         let candidates = gpu.storage_buffer("candidates", TopK::OUT_BYTES);
         let top_k = TopK::new(gpu, &logits, &candidates, c.vocab_size);
@@ -285,7 +345,8 @@ impl Llama {
             x,
             x_last,
             logits_readback: gpu.readback_buffer("logits readback", 4 * c.vocab_size as u64),
-            token_readback: gpu.readback_buffer("token readback", 4),
+            token_readback: [0, 1].map(|_| gpu.readback_buffer("token readback", 4)),
+            in_flight: VecDeque::new(),
             candidates_readback: gpu.readback_buffer("candidates readback", TopK::OUT_BYTES),
             candidates,
             top_k,
@@ -293,7 +354,6 @@ impl Llama {
             next_token,
             embed,
             layers,
-            final_norm,
             lm_head,
             argmax,
             config,
@@ -321,24 +381,23 @@ impl Llama {
 
     /// Compute dispatches of a one-token pass that returns a greedy token.
     pub fn dispatches_per_token(&self) -> usize {
-        let layer = |l: &Layer| {
-            [&l.attn_norm, &l.rope_q, &l.rope_k, &l.attention, &l.mlp_norm, &l.silu_mul].iter().map(|op| op.dispatch_count()).sum::<usize>()
-                + [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
-                    .iter()
-                    .map(|m| m.dispatch_count())
-                    .sum::<usize>()
-        };
-        self.embed.dispatch_count()
-            + self.layers.iter().map(layer).sum::<usize>()
-            + self.final_norm.dispatch_count()
-            + self.lm_head.dispatch_count()
-            + self.argmax.dispatch_count()
+        let (blocks, head) = self.plan(1, &Output::Argmax(0));
+        blocks.len() + head.len()
+    }
+
+    /// Runs one greedy decode step of `token` at `position` with every dispatch timed on the GPU;
+    /// needs a device made with [`crate::GpuOptions::timestamps`] on an adapter that has them.
+    pub async fn profile_greedy(&mut self, token: u32, position: usize) -> Result<(u32, Vec<DispatchTime>)> {
+        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token())?;
+        self.submit_argmax(Tokens::Host(&[token]), position, Some(&mut timer))?;
+        let next = self.read_greedy().await?;
+        Ok((next, timer.read(&self.gpu, position).await?))
     }
 
     /// Runs `tokens` at positions start_pos.. (filling the KV cache there) and returns the logits of
     /// the last one. A prompt and a single decode token take the same path.
     pub async fn forward(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>> {
-        self.pass(tokens, start_pos, Output::Logits).await?;
+        self.submit(tokens, start_pos, Output::Logits)?;
         let bytes = self.gpu.read_mapped(&self.logits_readback, 4 * self.config.vocab_size as u64).await?;
         let logits: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         if logits.iter().any(|v| !v.is_finite()) {
@@ -349,20 +408,49 @@ impl Llama {
 
     /// Like [`Llama::forward`], but returns only the id of the largest logit, chosen on the GPU.
     pub async fn forward_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<u32> {
-        self.pass(tokens, start_pos, Output::Argmax).await?;
-        let bytes = self.gpu.read_mapped(&self.token_readback, 4).await?;
-        let token = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        if token as usize >= self.config.vocab_size {
+        self.submit_greedy(tokens, start_pos)?;
+        self.read_greedy().await
+    }
+
+    /// The host half of [`Llama::forward_greedy`]: checks, encodes and submits the pass without
+    /// waiting for the GPU; [`Llama::read_greedy`] then waits for its token.
+    pub fn submit_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
+        self.submit_argmax(Tokens::Host(tokens), start_pos, None)
+    }
+
+    /// Submits a one-token greedy pass at `position` whose input is the token of the greedy pass in
+    /// flight, which never leaves the GPU: the host encodes this step while the GPU still runs the
+    /// last, and reads each token a step late. Needs exactly one unread greedy pass.
+    pub fn submit_greedy_next(&mut self, position: usize) -> Result<()> {
+        if self.in_flight.len() != 1 {
+            return Err(ModelError::GreedyChain { in_flight: self.in_flight.len() }.into());
+        }
+        self.submit_argmax(Tokens::Previous, position, None)
+    }
+
+    fn submit_argmax(&mut self, tokens: Tokens, start_pos: usize, timer: Option<&mut Timestamps>) -> Result<()> {
+        let slot = self.in_flight.back().map_or(0, |(slot, _)| 1 - slot);
+        let submission = self.submit_timed(tokens, start_pos, Output::Argmax(slot), timer)?;
+        self.in_flight.push_back((slot, submission));
+        Ok(())
+    }
+
+    /// The token of the oldest greedy pass submitted and not read yet; waits for that pass only.
+    pub async fn read_greedy(&mut self) -> Result<u32> {
+        let (slot, submission) = self.in_flight.pop_front().ok_or(ModelError::GreedyChain { in_flight: 0 })?;
+        let bytes = self.gpu.read_mapped_after(&self.token_readback[slot], 4, submission).await?;
+        let token = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        if !(0.0..self.config.vocab_size as f32).contains(&token) {
             return Err(ModelError::NonFiniteLogits.into());
         }
-        Ok(token)
+        Ok(token as u32)
     }
 
     /// Like [`Llama::forward`], but returns the `k` (at most [`ops::MAX_TOP_K`]) largest logits and
     /// the softmax normaliser at `temperature`, chosen on the GPU.
     pub async fn forward_top_k(&mut self, tokens: &[u32], start_pos: usize, k: usize, temperature: f32) -> Result<Candidates> {
         self.top_k.set(&self.gpu, k, temperature);
-        self.pass(tokens, start_pos, Output::TopK).await?;
+        self.submit(tokens, start_pos, Output::TopK)?;
         let bytes = self.gpu.read_mapped(&self.candidates_readback, TopK::OUT_BYTES).await?;
         let candidates = Candidates::from_words(&bytemuck::pod_collect_to_vec(&bytes), k);
         if !candidates.max.is_finite() || !candidates.exp_sum.is_finite() {
@@ -380,87 +468,136 @@ impl Llama {
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
-    /// Greedy continuation of `prompt` from position 0: `n` new tokens.
+    /// Greedy continuation of `prompt` from position 0: `n` new tokens, each step submitted before
+    /// the token of the one before is read.
     pub async fn generate_greedy(&mut self, prompt: &[u32], n: usize) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(n);
-        let mut next = self.forward_greedy(prompt, 0).await?;
+        self.submit_greedy(prompt, 0)?;
         for i in 0..n {
-            out.push(next);
             if i + 1 < n {
-                next = self.forward_greedy(&[next], prompt.len() + i).await?;
+                self.submit_greedy_next(prompt.len() + i)?;
             }
+            out.push(self.read_greedy().await?);
         }
         Ok(out)
     }
 
-    async fn pass(&mut self, tokens: &[u32], start_pos: usize, output: Output) -> Result<()> {
+    /// Encodes and submits a pass over `tokens`; the caller reads back what `output` names.
+    fn submit(&mut self, tokens: &[u32], start_pos: usize, output: Output) -> Result<()> {
+        self.submit_timed(Tokens::Host(tokens), start_pos, output, None).map(|_| ())
+    }
+
+    /// Encodes and submits a pass, each dispatch timed when `timer` is given; returns the
+    /// submission of its last command buffer. Tokens from the host drop the greedy passes still
+    /// unread: the pass no longer follows them.
+    fn submit_timed(&mut self, tokens: Tokens, start_pos: usize, output: Output, mut timer: Option<&mut Timestamps>) -> Result<wgpu::SubmissionIndex> {
         self.gpu.check()?;
+        if let Tokens::Host(_) = tokens {
+            self.in_flight.clear();
+        }
         let c = &self.config;
-        if tokens.is_empty() {
-            return Err(ModelError::EmptyInput.into());
-        }
-        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
-        }
-        let needed = start_pos + tokens.len();
+        // Chunks of at most max_batch host tokens, or the one token the GPU holds.
+        let chunks: Vec<Option<&[u32]>> = match tokens {
+            Tokens::Host(tokens) => {
+                if tokens.is_empty() {
+                    return Err(ModelError::EmptyInput.into());
+                }
+                if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                    return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
+                }
+                tokens.chunks(self.max_batch).map(Some).collect()
+            }
+            Tokens::Previous => vec![None],
+        };
+        let n_tokens = chunks.iter().map(|chunk| chunk.map_or(1, <[u32]>::len)).sum::<usize>();
+        let needed = start_pos + n_tokens;
         if needed > self.kv_cache.context {
-            return Err(ModelError::ContextFull { start_pos, n_tokens: tokens.len(), needed, context: self.kv_cache.context }.into());
+            return Err(ModelError::ContextFull { start_pos, n_tokens, needed, context: self.kv_cache.context }.into());
         }
-        self.tokens_processed += tokens.len() as u64;
-        let n_chunks = tokens.len().div_ceil(self.max_batch);
-        for (i, chunk) in tokens.chunks(self.max_batch).enumerate() {
-            let n = chunk.len() as u32;
+        self.tokens_processed += n_tokens as u64;
+        let n_chunks = chunks.len();
+        let mut submission = None;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let n = chunk.map_or(1, <[u32]>::len) as u32;
             let step = StepParams { n_tokens: n, start_pos: (start_pos + i * self.max_batch) as u32, _pad: [0; 2] };
             self.gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
-            let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
-            self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
-            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                self.encode_blocks(&mut pass, n);
+            if let Some(chunk) = chunk {
+                let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
+                self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
             }
-            if i + 1 == n_chunks {
+            let last = i + 1 == n_chunks;
+            let (blocks, head) = self.plan(n, &output);
+            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+            encode(&mut encoder, &blocks, n, timer.as_deref_mut())?;
+            if last {
                 let row_bytes = 4 * c.hidden_size as u64;
                 encoder.copy_buffer_to_buffer(&self.x, (n as u64 - 1) * row_bytes, &self.x_last, 0, row_bytes);
-                {
-                    let mut pass = encoder.begin_compute_pass(&Default::default());
-                    self.final_norm.encode(&mut pass, 1); // xn_last = rmsnorm(x_last) * norm
-                    self.lm_head.encode(&mut pass, 1); // logits = xn_last @ lm_head.T
-                    match output {
-                        Output::Logits => {}
-                        Output::Argmax => self.argmax.encode(&mut pass, 1), // next_token = argmax(logits)
-                        Output::TopK => self.top_k.encode(&mut pass),     // candidates = top_k(logits)
-                    }
-                }
+                encode(&mut encoder, &head, 1, timer.as_deref_mut())?;
                 let (from, to) = match output {
                     Output::Logits => (&self.logits, &self.logits_readback),
-                    Output::Argmax => (&self.next_token, &self.token_readback),
+                    Output::Argmax(slot) => {
+                        // The input of a next pass that takes the token from the GPU.
+                        encoder.copy_buffer_to_buffer(&self.next_token, 0, &self.tokens, 0, 4);
+                        (&self.next_token, &self.token_readback[slot])
+                    }
                     Output::TopK => (&self.candidates, &self.candidates_readback),
                 };
                 encoder.copy_buffer_to_buffer(from, 0, to, 0, None);
+                if let Some(timer) = timer.as_deref() {
+                    timer.resolve(&mut encoder);
+                }
             }
-            self.gpu.queue.submit([encoder.finish()]);
+            submission = Some(self.gpu.queue.submit([encoder.finish()]));
         }
-        Ok(())
+        // At least one chunk ran.
+        submission.ok_or_else(|| ModelError::EmptyInput.into())
     }
 
-    /// Embedding and every transformer block, for `n` tokens.
-    fn encode_blocks(&self, pass: &mut wgpu::ComputePass, n: u32) {
-        self.embed.encode(pass, n);
+    /// The dispatches of a pass over `n` tokens, in order, each named by what it computes: the
+    /// blocks, then the head, which runs on the last token's row (copied to x_last in between).
+    /// Encoding, the dispatch count and the profile all read this one list.
+    fn plan(&self, n: u32, output: &Output) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
+        fn add<'a>(list: &mut Vec<Named<'a>>, name: &'static str, op: &'a Op) {
+            list.extend(op.dispatches().iter().map(|d| (name, d)));
+        }
+        let mut blocks = vec![];
+        add(&mut blocks, "embed", &self.embed);
         for l in &self.layers {
-            l.attn_norm.encode(pass, n);
-            l.q_proj.encode(pass, n);
-            l.k_proj.encode(pass, n);
-            l.v_proj.encode(pass, n);
-            l.rope_q.encode(pass, n);
-            l.rope_k.encode(pass, n);
-            l.attention.encode(pass, n);
-            l.o_proj.encode(pass, n);
-            l.mlp_norm.encode(pass, n);
-            l.gate_proj.encode(pass, n);
-            l.up_proj.encode(pass, n);
-            l.silu_mul.encode(pass, n);
-            l.down_proj.encode(pass, n);
+            add(&mut blocks, "qkv_proj", l.qkv_proj.for_tokens(n));
+            add(&mut blocks, "rope", &l.rope);
+            add(&mut blocks, "attention", &l.attention);
+            add(&mut blocks, "o_proj", l.o_proj.for_tokens(n));
+            add(&mut blocks, "gate_up_proj", l.gate_up_proj.for_tokens(n));
+            add(&mut blocks, "down_proj", l.down_proj.for_tokens(n));
+        }
+        let mut head = vec![];
+        add(&mut head, "lm_head", self.lm_head.for_tokens(1)); // logits = rmsnorm(x_last) * norm @ lm_head.T
+        match output {
+            Output::Logits => {}
+            Output::Argmax(_) => add(&mut head, "argmax", &self.argmax), // next_token = argmax(logits)
+            Output::TopK => add(&mut head, "top_k", self.top_k.op()), // candidates = top_k(logits)
+        }
+        (blocks, head)
+    }
+}
+
+/// A dispatch and the name of what it computes.
+type Named<'a> = (&'static str, &'a Dispatch);
+
+/// Encodes `dispatches` for `n` tokens: in one compute pass, or each in a timed pass of its own.
+fn encode(encoder: &mut wgpu::CommandEncoder, dispatches: &[Named], n: u32, timer: Option<&mut Timestamps>) -> Result<()> {
+    match timer {
+        None => {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for (_, d) in dispatches {
+                d.encode(&mut pass, n);
+            }
+        }
+        Some(timer) => {
+            for (name, d) in dispatches {
+                timer.encode(encoder, name, d, n)?;
+            }
         }
     }
+    Ok(())
 }

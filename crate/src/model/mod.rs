@@ -27,6 +27,8 @@ pub enum ModelError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("no input tokens")]
     EmptyInput,
+    #[error("{in_flight} greedy passes are in flight; the next pass needs exactly one to take its token from")]
+    GreedyChain { in_flight: usize },
     #[error("the logits are not finite (NaN or infinite): the GPU computed garbage")]
     NonFiniteLogits,
 }
