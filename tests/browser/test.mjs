@@ -180,8 +180,9 @@ try {
   assert(api.info.wasm_memory_bytes < TINY_WASM_BOUND, `wasm memory ${api.info.wasm_memory_bytes} < ${TINY_WASM_BOUND} after loading the fixture`);
 
   // 3. No room in the cache: on this thread (worker: false) with a storage estimate of no quota
-  // left, the weights stream from the network; with a 48 KiB storage binding limit the matrices are
-  // split over several buffers. The tokens are the same.
+  // left, the weights of a copy not cached yet stream from the network; with a 48 KiB storage
+  // binding limit the matrices are split over several buffers. The tokens are the same.
+  cpSync(shards, `${shards}-copy`, { recursive: true });
   const streamed = await page.evaluate(async ({ model, prompt, maxTokens }) => {
     const { createEngine } = await import("/pkg/index.js");
     const estimate = navigator.storage.estimate;
@@ -195,7 +196,7 @@ try {
     } finally {
       navigator.storage.estimate = estimate;
     }
-  }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
+  }, { model: model.replace("tiny-llama31/", "tiny-llama31-copy/"), prompt: PROMPT, maxTokens: MAX_TOKENS });
   assert(streamed.weights.startsWith("network (the storage quota has 0.0 MiB left"), `weights streamed without quota: ${streamed.weights}`);
   assertEqual(streamed.tokens, native.tokens, "main-thread tokens without a cache, split by a 48 KiB binding limit, vs native");
 

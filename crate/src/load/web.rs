@@ -287,13 +287,23 @@ impl Pieces {
         let by_file = (0..files)
             .map(|f| pieces.partition_point(|p| p.file_index < f)..pieces.partition_point(|p| p.file_index <= f))
             .collect();
-        let total: u64 = pieces.iter().map(|p| p.size).sum();
         let (cache, reason) = match open_cache().await {
             None => (None, Some("no Cache API in this context".to_string())),
-            Some(cache) => match storage_left().await {
-                Some(left) if left < total => (None, Some(format!("the storage quota has {:.1} MiB left, the model needs {:.1} MiB", mib(left), mib(total)))),
-                _ => (Some(cache), None),
-            },
+            Some(cache) => {
+                // Only what is not stored yet needs room (a reload of a cached model needs none).
+                let mut missing = 0;
+                for piece in &pieces {
+                    if cached(&cache, &piece.key).await.is_none() {
+                        missing += piece.size;
+                    }
+                }
+                match storage_left().await {
+                    Some(left) if left < missing => {
+                        (None, Some(format!("the storage quota has {:.1} MiB left, the model needs {:.1} MiB more", mib(left), mib(missing))))
+                    }
+                    _ => (Some(cache), None),
+                }
+            }
         };
         if let Some(reason) = &reason {
             web_sys::console::warn_1(&format!("llama-webgpu: weights are not cached ({reason}); they stream from the network").into());
