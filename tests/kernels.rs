@@ -182,7 +182,7 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
     for n_run in [1, n] {
         let initial = random_vec(&mut rng(5), n * stride, 1.0);
         let out = gpu.storage_buffer_with("out", &initial);
-        let matmul = ops::Matmul::join(stacked.iter().map(|(column, _, (_, w))| {
+        let matmul = ops::ByTokens::join(stacked.iter().map(|(column, _, (_, w))| {
             let layout = MatmulLayout { in_stride: k, out_stride: stride, out_offset: *column, accumulate: true };
             ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, layout, &step(&gpu, n_run, 0))
         }));
@@ -199,12 +199,26 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
 }
 
 #[test]
-fn attention_matches_reference_across_key_blocks() {
+fn attention_matches_reference_in_both_strategies() {
     let Some(gpu) = gpu() else { return };
-    // head_dim 130 exercises several dimensions per thread; positions beyond 64 several key blocks.
-    for (n_heads, n_kv_heads, head_dim, start_pos, n) in [(6, 2, 12, 0, 1), (6, 2, 12, 70, 5), (4, 4, 130, 3, 9), (8, 1, 16, 127, 2)] {
+    // Below 8 tokens one query per workgroup (decode), from 8 on query blocks sharing K/V tiles
+    // (prefill). head_dim 130 exercises several dimensions per thread and a 7-key tile; positions
+    // beyond 64 several key blocks; start_pos > 0 a chunked prefill; GQA groups of 1, 3, 4 and 8
+    // lay query blocks over several tokens or heads, and 9, 13 and 37 tokens leave partial blocks.
+    let cases = [
+        (6, 2, 12, 0, 1),
+        (6, 2, 12, 70, 5),
+        (4, 4, 130, 3, 9),
+        (8, 1, 16, 127, 2),
+        (6, 2, 12, 0, 37),
+        (6, 2, 12, 70, 13),
+        (8, 2, 64, 0, 9),
+        (8, 1, 16, 127, 8),
+        (4, 4, 256, 40, 11),
+    ];
+    for (n_heads, n_kv_heads, head_dim, start_pos, n) in cases {
         let context = start_pos + n + 3;
-        let mut r = rng((start_pos + head_dim) as u64);
+        let mut r = rng((start_pos + head_dim + n) as u64);
         // q rows lead stacked q/k/v rows; the k and v columns after them are not read.
         let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
         let qkv = random_vec(&mut r, n * q_stride, 1.0);

@@ -64,7 +64,7 @@ const REQUIRED: [(&str, fn(&wgpu::Limits) -> u64, u64); 6] = [
     ("max_compute_invocations_per_workgroup", |l| l.max_compute_invocations_per_workgroup as u64, 256),
     ("max_compute_workgroup_size_x", |l| l.max_compute_workgroup_size_x as u64, 256),
     ("max_compute_workgroup_size_y", |l| l.max_compute_workgroup_size_y as u64, 16),
-    ("max_compute_workgroup_storage_size", |l| l.max_compute_workgroup_storage_size as u64, 8192),
+    ("max_compute_workgroup_storage_size", |l| l.max_compute_workgroup_storage_size as u64, 16352),
     ("max_storage_buffers_per_shader_stage", |l| l.max_storage_buffers_per_shader_stage as u64, 4),
     ("max_uniform_buffers_per_shader_stage", |l| l.max_uniform_buffers_per_shader_stage as u64, 2),
 ];
