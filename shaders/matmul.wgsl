@@ -298,20 +298,84 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
 }
 
 // Tiles of TILE tokens x TILE rows; 16x16 threads each compute 2x2 outputs, stepping k by TILE.
+// Each k step stages the tile's inputs and its weights, decoded once, in workgroup memory as tile_t,
+// where all 32 tokens (rows) of the tile reuse them; products are accumulated in f32.
+// tile_t is f32 here; Kernel::source_for(TileType::F16) makes it f16 in a module of its own (where
+// the device has shader-f16: half the workgroup memory and packed f16 math on GPUs).
+alias tile_t = f32;
 const TILE: u32 = 32u;
-var<workgroup> x_tile: array<f32, 1024>; // (TILE tokens, TILE k)
-var<workgroup> w_tile: array<f32, 1024>; // (TILE rows, TILE k)
+var<workgroup> x_tile: array<tile_t, 1024>; // (TILE tokens, TILE k)
+var<workgroup> w_tile: array<tile_t, 1024>; // (TILE rows, TILE k)
+var<workgroup> row_squares: array<f32, 256>; // RMSNorm: 8 partial sums of squares per token row
+
+// The 4 bytes at byte `p` (even) as one word.
+fn word_at(p: u32) -> u32 {
+    let i = p / 4u;
+    if ((p & 2u) == 0u) {
+        return w[i];
+    }
+    return (w[i] >> 16u) | (w[i + 1u] << 16u);
+}
+
+// Weights col..col + 3 (col a multiple of 4) of `row`, zero past k. The 32-weight block formats
+// decode 4 at a time from one quant word (TILE = 32: a tile's row segment is one block, and its
+// columns 4j..4j + 3 are word j's low nibbles for j < 4, word j - 4's high nibbles for j >= 4).
+fn weight_quad(row: u32, col: u32) -> vec4<f32> {
+    let block = row * (params.k / 32u) + col / 32u;
+    let j = col % 32u / 4u;
+    switch WEIGHT_DTYPE {
+        case 3u: { // q4_0
+            let start = block * 18u;
+            let word = word_at(start + 2u + 4u * (j % 4u));
+            let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
+            return f16_at(start) * (q - 8.0);
+        }
+        case 4u: { // q4_1
+            let start = block * 20u;
+            let word = word_at(start + 4u + 4u * (j % 4u));
+            let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
+            return f16_at(start) * q + f16_at(start + 2u);
+        }
+        case 5u: { // q8_0
+            let start = block * 34u;
+            return f16_at(start) * signed_bytes(word_at(start + 2u + 4u * j));
+        }
+        default: { // k is even, so each pair lies wholly inside or past the row
+            var pairs = vec4(0.0, 0.0, 0.0, 0.0);
+            if (col < params.k) {
+                pairs = vec4(weight_pair(row, col), pairs.zw);
+            }
+            if (col + 2u < params.k) {
+                pairs = vec4(pairs.xy, weight_pair(row, col + 2u));
+            }
+            return pairs;
+        }
+    }
+}
+
+fn input_quad_checked(base: u32, col: u32) -> vec4<f32> {
+    var v = vec4(0.0, 0.0, 0.0, 0.0);
+    if (col < params.k) {
+        v = vec4(input_pair(base, col), v.zw);
+    }
+    if (col + 2u < params.k) {
+        v = vec4(v.xy, input_pair(base, col + 2u));
+    }
+    return v;
+}
 
 @compute @workgroup_size(16, 16)
 fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
          @builtin(local_invocation_index) li: u32) {
     let row0 = wg.x * TILE;
     let t0 = wg.y * TILE;
-    // RMSNorm: 8 threads sum the squares of each of the tile's token rows (in x_tile, free until
-    // the k loop); each thread keeps the scales of its own two tokens.
+    // Thread li stages elements 4 (li % 8)..+3 of tile row li / 8, of both tiles.
+    let r = li / 8u;
+    let c = 4u * (li % 8u);
+    // RMSNorm: 8 threads sum the squares of each of the tile's token rows; each thread keeps the
+    // scales of its own two tokens.
     var scales = vec2(1.0, 1.0);
     if (INPUT == 1u) {
-        let r = li / 8u;
         var squares = 0.0;
         if (t0 + r < step.n_tokens) {
             for (var col = li % 8u; col < params.k; col += 8u) {
@@ -319,35 +383,27 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
                 squares += v * v;
             }
         }
-        x_tile[li] = squares;
+        row_squares[li] = squares;
         workgroupBarrier();
         var sums = vec2(0.0, 0.0);
         for (var i = 0u; i < 8u; i++) {
-            sums += vec2(x_tile[16u * lid.y + i], x_tile[16u * lid.y + 8u + i]);
+            sums += vec2(row_squares[16u * lid.y + i], row_squares[16u * lid.y + 8u + i]);
         }
         scales = vec2(row_scale(sums.x), row_scale(sums.y));
-        workgroupBarrier();
     }
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < params.k; k0 += TILE) {
-        // 256 threads stage 512 pairs of each tile: pair p covers tile row p / 16, columns 2 (p % 16).
-        for (var p = li; p < TILE * TILE / 2u; p += 256u) {
-            let r = p / 16u;
-            let col = k0 + 2u * (p % 16u);
-            var xv = vec2(0.0, 0.0);
-            var wv = vec2(0.0, 0.0);
-            if (col < params.k) {
-                if (t0 + r < step.n_tokens) {
-                    xv = input_pair((t0 + r) * params.in_stride, col);
-                }
-                if (row0 + r < params.rows) {
-                    wv = weight_pair(row0 + r, col);
-                }
-            }
-            x_tile[2u * p] = xv.x;
-            x_tile[2u * p + 1u] = xv.y;
-            w_tile[2u * p] = wv.x;
-            w_tile[2u * p + 1u] = wv.y;
+        var xv = vec4(0.0, 0.0, 0.0, 0.0);
+        var wv = vec4(0.0, 0.0, 0.0, 0.0);
+        if (t0 + r < step.n_tokens) {
+            xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c);
+        }
+        if (row0 + r < params.rows) {
+            wv = weight_quad(row0 + r, k0 + c);
+        }
+        for (var i = 0u; i < 4u; i++) {
+            x_tile[TILE * r + c + i] = tile_t(xv[i]);
+            w_tile[TILE * r + c + i] = tile_t(wv[i]);
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE; kk++) {
@@ -355,10 +411,10 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
             let xb = x_tile[(2u * lid.y + 1u) * TILE + kk];
             let wa = w_tile[(2u * lid.x) * TILE + kk];
             let wb = w_tile[(2u * lid.x + 1u) * TILE + kk];
-            acc[0] += xa * wa;
-            acc[1] += xa * wb;
-            acc[2] += xb * wa;
-            acc[3] += xb * wb;
+            acc[0] += f32(xa * wa);
+            acc[1] += f32(xa * wb);
+            acc[2] += f32(xb * wa);
+            acc[3] += f32(xb * wb);
         }
         workgroupBarrier();
     }

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::kernels::{self, Kernel};
+use super::kernels::{self, Kernel, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
@@ -217,8 +217,23 @@ fn dispatch(
     grid: Grid,
     traffic: Traffic,
 ) -> Dispatch {
+    dispatch_tiled(gpu, kernel, TileType::F32, entry, constants, buffers, grid, traffic)
+}
+
+/// [`dispatch`] of a kernel's form with tiles of `tile`.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_tiled(
+    gpu: &Gpu,
+    kernel: &Kernel,
+    tile: TileType,
+    entry: &str,
+    constants: &[(&str, f64)],
+    buffers: &[&wgpu::Buffer],
+    grid: Grid,
+    traffic: Traffic,
+) -> Dispatch {
     debug_assert_eq!(buffers.len(), kernel.bindings.len(), "{} bindings", kernel.name);
-    let pipeline = gpu.pipeline(kernel, entry, constants);
+    let pipeline = gpu.pipeline(kernel, tile, entry, constants);
     let entries: Vec<wgpu::BindGroupEntry> = buffers
         .iter()
         .enumerate()
@@ -372,7 +387,9 @@ fn weight_op(
                 };
                 part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize)
             };
-            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32), Traffic::fixed(traffic as u64))
+            // Only the tiled product stages tiles; the other entry points are the same in both forms.
+            let tile = if entry == "tiled" { gpu.tile_type } else { TileType::F32 };
+            dispatch_tiled(gpu, &kernels::MATMUL, tile, entry, &constants, &buffers, grid(part.rows as u32), Traffic::fixed(traffic as u64))
         })
         .collect();
     Op { dispatches }
