@@ -385,13 +385,15 @@ impl Llama {
         blocks.len() + head.len()
     }
 
-    /// Runs one greedy decode step of `token` at `position` with every dispatch timed on the GPU;
-    /// needs a device made with [`crate::GpuOptions::timestamps`] on an adapter that has them.
-    pub async fn profile_greedy(&mut self, token: u32, position: usize) -> Result<(u32, Vec<DispatchTime>)> {
-        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token())?;
-        self.submit_argmax(Tokens::Host(&[token]), position, Some(&mut timer))?;
+    /// Runs a greedy pass of `tokens` at positions start_pos.. (one token: a decode step; more: a
+    /// prefill) with every dispatch timed on the GPU; needs a device made with
+    /// [`crate::GpuOptions::timestamps`] on an adapter that has them. Bytes are a one-token pass's.
+    pub async fn profile_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<(u32, Vec<DispatchTime>)> {
+        let passes = tokens.len().div_ceil(self.max_batch).max(1);
+        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token() * passes)?;
+        self.submit_argmax(Tokens::Host(tokens), start_pos, Some(&mut timer))?;
         let next = self.read_greedy().await?;
-        Ok((next, timer.read(&self.gpu, position).await?))
+        Ok((next, timer.read(&self.gpu, start_pos + tokens.len().saturating_sub(1)).await?))
     }
 
     /// Runs `tokens` at positions start_pos.. (filling the KV cache there) and returns the logits of
