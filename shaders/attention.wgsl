@@ -151,6 +151,8 @@ fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let my_row = li / THREADS_PER_ROW;
     let sub = li % THREADS_PER_ROW;
     let my_pos = step.start_pos + min(row0 + my_row, n_rows - 1u) / group;
+    // How many of those dimensions lie below head_dim: loops run to it, not to the array's size.
+    let my_dims = (hd + THREADS_PER_ROW - 1u - sub) / THREADS_PER_ROW;
     var running_max = MASKED;
     var running_sum = 0.0;
     var acc: array<f32, DIMS_PER_ROW_THREAD>;
@@ -187,17 +189,14 @@ fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         }
         let correction = exp(running_max - new_max);
         running_sum *= correction;
-        for (var i = 0u; i < DIMS_PER_ROW_THREAD; i++) {
+        for (var i = 0u; i < my_dims; i++) {
             acc[i] *= correction;
         }
         for (var j = 0u; j < n_keys; j++) {
             let weight = select(0.0, exp(tile_scores[scores + j] - new_max), key0 + j <= my_pos);
             running_sum += weight;
-            for (var i = 0u; i < DIMS_PER_ROW_THREAD; i++) {
-                let d = sub + i * THREADS_PER_ROW;
-                if (d < hd) {
-                    acc[i] += weight * kv_tile[j * hd + d];
-                }
+            for (var i = 0u; i < my_dims; i++) {
+                acc[i] += weight * kv_tile[j * hd + sub + i * THREADS_PER_ROW];
             }
         }
         running_max = new_max;
@@ -206,11 +205,8 @@ fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let row = row0 + my_row;
     if (row < n_rows) {
         let head = kv_head * group + row % group;
-        for (var i = 0u; i < DIMS_PER_ROW_THREAD; i++) {
-            let d = sub + i * THREADS_PER_ROW;
-            if (d < hd) {
-                out[((row / group) * params.n_heads + head) * hd + d] = acc[i] / running_sum;
-            }
+        for (var i = 0u; i < my_dims; i++) {
+            out[((row / group) * params.n_heads + head) * hd + sub + i * THREADS_PER_ROW] = acc[i] / running_sum;
         }
     }
 }
