@@ -299,9 +299,10 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
 
 // Tiles of TILE tokens x TILE rows; 16x16 threads each compute 2x2 outputs, stepping k by TILE.
 // Each k step stages the tile's inputs and its weights, decoded once, in workgroup memory as tile_t,
-// where all 32 tokens (rows) of the tile reuse them; products are accumulated in f32.
-// tile_t is f32 here; Kernel::source_for(TileType::F16) makes it f16 in a module of its own (where
-// the device has shader-f16: half the workgroup memory and packed f16 math on GPUs).
+// where all 32 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for(
+// TileType::F16) makes it f16 in a module of its own (where the device has shader-f16), halving the
+// tiles' workgroup memory and its traffic. Products and sums stay f32 in both: an f16 product
+// overflows (past 65504) on the 1e4-sized gate * up activations of random-weight models.
 alias tile_t = f32;
 const TILE: u32 = 32u;
 var<workgroup> x_tile: array<tile_t, 1024>; // (TILE tokens, TILE k)
@@ -372,9 +373,10 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
     // Thread li stages elements 4 (li % 8)..+3 of tile row li / 8, of both tiles.
     let r = li / 8u;
     let c = 4u * (li % 8u);
-    // RMSNorm: 8 threads sum the squares of each of the tile's token rows; each thread keeps the
-    // scales of its own two tokens.
-    var scales = vec2(1.0, 1.0);
+    // RMSNorm: 8 threads sum the squares of each of the tile's token rows, and each thread scales
+    // the inputs it stages by its row's 1 / rms, so that f16 tiles hold normalised values (the
+    // products of GEMV scale the dot product instead).
+    var scale = 1.0;
     if (INPUT == 1u) {
         var squares = 0.0;
         if (t0 + r < step.n_tokens) {
@@ -385,18 +387,18 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
         }
         row_squares[li] = squares;
         workgroupBarrier();
-        var sums = vec2(0.0, 0.0);
+        var sum = 0.0;
         for (var i = 0u; i < 8u; i++) {
-            sums += vec2(row_squares[16u * lid.y + i], row_squares[16u * lid.y + 8u + i]);
+            sum += row_squares[8u * r + i];
         }
-        scales = vec2(row_scale(sums.x), row_scale(sums.y));
+        scale = row_scale(sum);
     }
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < params.k; k0 += TILE) {
         var xv = vec4(0.0, 0.0, 0.0, 0.0);
         var wv = vec4(0.0, 0.0, 0.0, 0.0);
         if (t0 + r < step.n_tokens) {
-            xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c);
+            xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c) * scale;
         }
         if (row0 + r < params.rows) {
             wv = weight_quad(row0 + r, k0 + c);
@@ -411,10 +413,10 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
             let xb = x_tile[(2u * lid.y + 1u) * TILE + kk];
             let wa = w_tile[(2u * lid.x) * TILE + kk];
             let wb = w_tile[(2u * lid.x + 1u) * TILE + kk];
-            acc[0] += f32(xa * wa);
-            acc[1] += f32(xa * wb);
-            acc[2] += f32(xb * wa);
-            acc[3] += f32(xb * wb);
+            acc[0] += f32(xa) * f32(wa);
+            acc[1] += f32(xa) * f32(wb);
+            acc[2] += f32(xb) * f32(wa);
+            acc[3] += f32(xb) * f32(wb);
         }
         workgroupBarrier();
     }
@@ -422,7 +424,7 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
         let t = t0 + 2u * lid.y + i / 2u;
         let row = row0 + 2u * lid.x + i % 2u;
         if (t < step.n_tokens && row < params.rows) {
-            store(t, row, acc[i] * scales[i / 2u]);
+            store(t, row, acc[i]);
         }
     }
 }

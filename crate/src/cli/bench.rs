@@ -48,7 +48,7 @@ pub struct BenchArgs {
     /// before submitting the next step (for comparison).
     #[arg(long)]
     sync: bool,
-    /// Prefill matmul tiles in f16 (f32 sums) where the adapter has shader-f16.
+    /// Prefill matmul tiles stored as f16 where the adapter has shader-f16.
     #[arg(long)]
     pub f16_tiles: bool,
 }

@@ -57,9 +57,9 @@ pub struct GpuOptions {
     /// Keep naga's runtime bounds checks in every kernel, also those in bounds by construction
     /// (`Kernel::in_bounds`), which otherwise run without them on native backends.
     pub bounds_checks: bool,
-    /// Stage prefill matmul tiles as f16 (f16 products, f32 sums) where the adapter has
-    /// shader-f16. Faster on GPUs, but its logits leave the f32 goldens' 1e-4 tolerance, so off
-    /// unless asked for.
+    /// Stage prefill matmul tiles as f16 (products and sums in f32) where the adapter has
+    /// shader-f16: half the workgroup memory, but its logits leave the f32 goldens' 1e-4
+    /// tolerance, so off unless asked for.
     pub f16_tiles: bool,
 }
 
