@@ -297,7 +297,9 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     }
 }
 
-// Tiles of TILE tokens x TILE rows; 16x16 threads each compute 2x2 outputs, stepping k by TILE.
+// Tiles of TILE tokens x TILE_ROWS rows; 16x16 threads each compute 2 tokens x 4 rows, stepping k
+// by TILE. The tiles are stored k-major so that a thread reads its 2 inputs and 4 weights of each k
+// as one vec2 and one vec4.
 // Each k step stages the tile's inputs and its weights, decoded once, in workgroup memory as tile_t,
 // where all 32 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for(
 // TileType::F16) makes it f16 in a module of its own (where the device has shader-f16), halving the
@@ -305,8 +307,9 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
 // overflows (past 65504) on the 1e4-sized gate * up activations of random-weight models.
 alias tile_t = f32;
 const TILE: u32 = 32u;
-var<workgroup> x_tile: array<tile_t, 1024>; // (TILE tokens, TILE k)
-var<workgroup> w_tile: array<tile_t, 1024>; // (TILE rows, TILE k)
+const TILE_ROWS: u32 = 64u;
+var<workgroup> x_tile: array<vec2<tile_t>, 512>;  // (TILE k, TILE / 2 token pairs)
+var<workgroup> w_tile: array<vec4<tile_t>, 512>;  // (TILE k, TILE_ROWS / 4 row quads)
 var<workgroup> row_squares: array<f32, 256>; // RMSNorm: 8 partial sums of squares per token row
 
 // The 4 bytes at byte `p` (even) as one word.
@@ -368,9 +371,10 @@ fn input_quad_checked(base: u32, col: u32) -> vec4<f32> {
 @compute @workgroup_size(16, 16)
 fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
          @builtin(local_invocation_index) li: u32) {
-    let row0 = wg.x * TILE;
+    let row0 = wg.x * TILE_ROWS;
     let t0 = wg.y * TILE;
-    // Thread li stages elements 4 (li % 8)..+3 of tile row li / 8, of both tiles.
+    // Thread li stages elements 4 (li % 8)..+3 of token row li / 8 and of weight rows li / 8 and
+    // li / 8 + 32.
     let r = li / 8u;
     let c = 4u * (li % 8u);
     // RMSNorm: 8 threads sum the squares of each of the tile's token rows, and each thread scales
@@ -393,38 +397,44 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
         }
         scale = row_scale(sum);
     }
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc_a = vec4(0.0, 0.0, 0.0, 0.0); // token 2 lid.y, rows 4 lid.x..4 lid.x + 3
+    var acc_b = vec4(0.0, 0.0, 0.0, 0.0); // token 2 lid.y + 1
     for (var k0 = 0u; k0 < params.k; k0 += TILE) {
         var xv = vec4(0.0, 0.0, 0.0, 0.0);
-        var wv = vec4(0.0, 0.0, 0.0, 0.0);
+        var wv = array<vec4<f32>, 2>(vec4(0.0, 0.0, 0.0, 0.0), vec4(0.0, 0.0, 0.0, 0.0));
         if (t0 + r < step.n_tokens) {
             xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c) * scale;
         }
-        if (row0 + r < params.rows) {
-            wv = weight_quad(row0 + r, k0 + c);
+        for (var h = 0u; h < 2u; h++) {
+            if (row0 + r + 32u * h < params.rows) {
+                wv[h] = weight_quad(row0 + r + 32u * h, k0 + c);
+            }
         }
         for (var i = 0u; i < 4u; i++) {
-            x_tile[TILE * r + c + i] = tile_t(xv[i]);
-            w_tile[TILE * r + c + i] = tile_t(wv[i]);
+            x_tile[(c + i) * (TILE / 2u) + r / 2u][r % 2u] = tile_t(xv[i]);
+            for (var h = 0u; h < 2u; h++) {
+                let row = r + 32u * h;
+                w_tile[(c + i) * (TILE_ROWS / 4u) + row / 4u][row % 4u] = tile_t(wv[h][i]);
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE; kk++) {
-            let xa = x_tile[(2u * lid.y) * TILE + kk];
-            let xb = x_tile[(2u * lid.y + 1u) * TILE + kk];
-            let wa = w_tile[(2u * lid.x) * TILE + kk];
-            let wb = w_tile[(2u * lid.x + 1u) * TILE + kk];
-            acc[0] += f32(xa) * f32(wa);
-            acc[1] += f32(xa) * f32(wb);
-            acc[2] += f32(xb) * f32(wa);
-            acc[3] += f32(xb) * f32(wb);
+            let xs = vec2<f32>(x_tile[kk * (TILE / 2u) + lid.y]);
+            let ws = vec4<f32>(w_tile[kk * (TILE_ROWS / 4u) + lid.x]);
+            acc_a += xs.x * ws;
+            acc_b += xs.y * ws;
         }
         workgroupBarrier();
     }
     for (var i = 0u; i < 4u; i++) {
-        let t = t0 + 2u * lid.y + i / 2u;
-        let row = row0 + 2u * lid.x + i % 2u;
-        if (t < step.n_tokens && row < params.rows) {
-            store(t, row, acc[i]);
+        let row = row0 + 4u * lid.x + i;
+        if (row < params.rows) {
+            if (t0 + 2u * lid.y < step.n_tokens) {
+                store(t0 + 2u * lid.y, row, acc_a[i]);
+            }
+            if (t0 + 2u * lid.y + 1u < step.n_tokens) {
+                store(t0 + 2u * lid.y + 1u, row, acc_b[i]);
+            }
         }
     }
 }

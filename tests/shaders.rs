@@ -18,12 +18,12 @@ fn parse_with(kernel: &Kernel, tile: TileType) -> (naga::Module, naga::valid::Mo
     (module, info)
 }
 
-/// The scalar type of a module's `x_tile` workgroup array.
+/// The scalar type of the elements (or their components) of a module's `x_tile` workgroup array.
 fn tile_scalar(module: &naga::Module) -> Option<Scalar> {
     let (_, var) = module.global_variables.iter().find(|(_, v)| v.name.as_deref() == Some("x_tile"))?;
     match module.types[var.ty].inner {
         TypeInner::Array { base, .. } => match module.types[base].inner {
-            TypeInner::Scalar(scalar) => Some(scalar),
+            TypeInner::Scalar(scalar) | TypeInner::Vector { scalar, .. } => Some(scalar),
             _ => None,
         },
         _ => None,

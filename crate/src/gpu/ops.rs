@@ -91,7 +91,9 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Below this many tokens a matmul runs as GEMVs and attention one query per workgroup; from it
 /// on, both run as tiles.
 pub const GEMV_MAX_TOKENS: u32 = 8;
+/// Tokens and rows per workgroup of matmul.wgsl's tiled (its TILE and TILE_ROWS).
 const TILE: u32 = 32;
+const TILE_ROWS: u32 = 64;
 /// Query rows per workgroup of attention.wgsl's prefill (its QUERY_BLOCK).
 const ATTENTION_QUERY_BLOCK: u32 = 8;
 /// Rows per workgroup of matmul.wgsl's gemv_blocks (its GEMV_BLOCK_ROWS).
@@ -324,7 +326,7 @@ pub fn matmul(
     };
     ByTokens {
         few: weight_op(gpu, gemv, x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows.div_ceil(rows_per_workgroup))),
-        many: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
+        many: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }),
     }
 }
 
