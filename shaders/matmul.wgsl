@@ -297,21 +297,91 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     }
 }
 
-// Tiles of TILE tokens x TILE rows; 16x16 threads each compute 2x2 outputs, stepping k by TILE.
+// Tiles of TILE tokens x TILE_ROWS rows; 16x16 threads each compute 2 tokens x 4 rows, stepping k
+// by TILE. The tiles are stored k-major so that a thread reads its 2 inputs and 4 weights of each k
+// as one vec2 and one vec4.
+// Each k step stages the tile's inputs and its weights, decoded once, in workgroup memory as tile_t,
+// where all 32 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for(
+// TileType::F16) makes it f16 in a module of its own (where the device has shader-f16), halving the
+// tiles' workgroup memory and its traffic. Products and sums stay f32 in both: an f16 product
+// overflows (past 65504) on the 1e4-sized gate * up activations of random-weight models.
+alias tile_t = f32;
 const TILE: u32 = 32u;
-var<workgroup> x_tile: array<f32, 1024>; // (TILE tokens, TILE k)
-var<workgroup> w_tile: array<f32, 1024>; // (TILE rows, TILE k)
+const TILE_ROWS: u32 = 64u;
+var<workgroup> x_tile: array<vec2<tile_t>, 512>;  // (TILE k, TILE / 2 token pairs)
+var<workgroup> w_tile: array<vec4<tile_t>, 512>;  // (TILE k, TILE_ROWS / 4 row quads)
+var<workgroup> row_squares: array<f32, 256>; // RMSNorm: 8 partial sums of squares per token row
+
+// The 4 bytes at byte `p` (even) as one word.
+fn word_at(p: u32) -> u32 {
+    let i = p / 4u;
+    if ((p & 2u) == 0u) {
+        return w[i];
+    }
+    return (w[i] >> 16u) | (w[i + 1u] << 16u);
+}
+
+// Weights col..col + 3 (col a multiple of 4) of `row`, zero past k. The 32-weight block formats
+// decode 4 at a time from one quant word (TILE = 32: a tile's row segment is one block, and its
+// columns 4j..4j + 3 are word j's low nibbles for j < 4, word j - 4's high nibbles for j >= 4).
+fn weight_quad(row: u32, col: u32) -> vec4<f32> {
+    let block = row * (params.k / 32u) + col / 32u;
+    let j = col % 32u / 4u;
+    switch WEIGHT_DTYPE {
+        case 3u: { // q4_0
+            let start = block * 18u;
+            let word = word_at(start + 2u + 4u * (j % 4u));
+            let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
+            return f16_at(start) * (q - 8.0);
+        }
+        case 4u: { // q4_1
+            let start = block * 20u;
+            let word = word_at(start + 4u + 4u * (j % 4u));
+            let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
+            return f16_at(start) * q + f16_at(start + 2u);
+        }
+        case 5u: { // q8_0
+            let start = block * 34u;
+            return f16_at(start) * signed_bytes(word_at(start + 2u + 4u * j));
+        }
+        default: { // k is even, so each pair lies wholly inside or past the row
+            var pairs = vec4(0.0, 0.0, 0.0, 0.0);
+            if (col < params.k) {
+                pairs = vec4(weight_pair(row, col), pairs.zw);
+            }
+            if (col + 2u < params.k) {
+                pairs = vec4(pairs.xy, weight_pair(row, col + 2u));
+            }
+            return pairs;
+        }
+    }
+}
+
+fn input_quad_checked(base: u32, col: u32) -> vec4<f32> {
+    var v = vec4(0.0, 0.0, 0.0, 0.0);
+    if (col < params.k) {
+        v = vec4(input_pair(base, col), v.zw);
+    }
+    if (col + 2u < params.k) {
+        v = vec4(v.xy, input_pair(base, col + 2u));
+    }
+    return v;
+}
 
 @compute @workgroup_size(16, 16)
 fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
          @builtin(local_invocation_index) li: u32) {
-    let row0 = wg.x * TILE;
+    let row0 = wg.x * TILE_ROWS;
     let t0 = wg.y * TILE;
-    // RMSNorm: 8 threads sum the squares of each of the tile's token rows (in x_tile, free until
-    // the k loop); each thread keeps the scales of its own two tokens.
-    var scales = vec2(1.0, 1.0);
+    // Thread li stages elements 4 (li % 8)..+3 of token row li / 8 and of weight rows li / 8 and
+    // li / 8 + 32.
+    let r = li / 8u;
+    let c = 4u * (li % 8u);
+    // RMSNorm: 8 threads sum the squares of each of the tile's token rows, and each thread scales
+    // the inputs it stages by its row's 1 / rms, so that f16 tiles hold normalised values (the
+    // products of GEMV scale the dot product instead).
+    var scale = 1.0;
     if (INPUT == 1u) {
-        let r = li / 8u;
         var squares = 0.0;
         if (t0 + r < step.n_tokens) {
             for (var col = li % 8u; col < params.k; col += 8u) {
@@ -319,54 +389,52 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
                 squares += v * v;
             }
         }
-        x_tile[li] = squares;
+        row_squares[li] = squares;
         workgroupBarrier();
-        var sums = vec2(0.0, 0.0);
+        var sum = 0.0;
         for (var i = 0u; i < 8u; i++) {
-            sums += vec2(x_tile[16u * lid.y + i], x_tile[16u * lid.y + 8u + i]);
+            sum += row_squares[8u * r + i];
         }
-        scales = vec2(row_scale(sums.x), row_scale(sums.y));
-        workgroupBarrier();
+        scale = row_scale(sum);
     }
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
+    var acc_a = vec4(0.0, 0.0, 0.0, 0.0); // token 2 lid.y, rows 4 lid.x..4 lid.x + 3
+    var acc_b = vec4(0.0, 0.0, 0.0, 0.0); // token 2 lid.y + 1
     for (var k0 = 0u; k0 < params.k; k0 += TILE) {
-        // 256 threads stage 512 pairs of each tile: pair p covers tile row p / 16, columns 2 (p % 16).
-        for (var p = li; p < TILE * TILE / 2u; p += 256u) {
-            let r = p / 16u;
-            let col = k0 + 2u * (p % 16u);
-            var xv = vec2(0.0, 0.0);
-            var wv = vec2(0.0, 0.0);
-            if (col < params.k) {
-                if (t0 + r < step.n_tokens) {
-                    xv = input_pair((t0 + r) * params.in_stride, col);
-                }
-                if (row0 + r < params.rows) {
-                    wv = weight_pair(row0 + r, col);
-                }
+        var xv = vec4(0.0, 0.0, 0.0, 0.0);
+        var wv = array<vec4<f32>, 2>(vec4(0.0, 0.0, 0.0, 0.0), vec4(0.0, 0.0, 0.0, 0.0));
+        if (t0 + r < step.n_tokens) {
+            xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c) * scale;
+        }
+        for (var h = 0u; h < 2u; h++) {
+            if (row0 + r + 32u * h < params.rows) {
+                wv[h] = weight_quad(row0 + r + 32u * h, k0 + c);
             }
-            x_tile[2u * p] = xv.x;
-            x_tile[2u * p + 1u] = xv.y;
-            w_tile[2u * p] = wv.x;
-            w_tile[2u * p + 1u] = wv.y;
+        }
+        for (var i = 0u; i < 4u; i++) {
+            x_tile[(c + i) * (TILE / 2u) + r / 2u][r % 2u] = tile_t(xv[i]);
+            for (var h = 0u; h < 2u; h++) {
+                let row = r + 32u * h;
+                w_tile[(c + i) * (TILE_ROWS / 4u) + row / 4u][row % 4u] = tile_t(wv[h][i]);
+            }
         }
         workgroupBarrier();
         for (var kk = 0u; kk < TILE; kk++) {
-            let xa = x_tile[(2u * lid.y) * TILE + kk];
-            let xb = x_tile[(2u * lid.y + 1u) * TILE + kk];
-            let wa = w_tile[(2u * lid.x) * TILE + kk];
-            let wb = w_tile[(2u * lid.x + 1u) * TILE + kk];
-            acc[0] += xa * wa;
-            acc[1] += xa * wb;
-            acc[2] += xb * wa;
-            acc[3] += xb * wb;
+            let xs = vec2<f32>(x_tile[kk * (TILE / 2u) + lid.y]);
+            let ws = vec4<f32>(w_tile[kk * (TILE_ROWS / 4u) + lid.x]);
+            acc_a += xs.x * ws;
+            acc_b += xs.y * ws;
         }
         workgroupBarrier();
     }
     for (var i = 0u; i < 4u; i++) {
-        let t = t0 + 2u * lid.y + i / 2u;
-        let row = row0 + 2u * lid.x + i % 2u;
-        if (t < step.n_tokens && row < params.rows) {
-            store(t, row, acc[i] * scales[i / 2u]);
+        let row = row0 + 4u * lid.x + i;
+        if (row < params.rows) {
+            if (t0 + 2u * lid.y < step.n_tokens) {
+                store(t0 + 2u * lid.y, row, acc_a[i]);
+            }
+            if (t0 + 2u * lid.y + 1u < step.n_tokens) {
+                store(t0 + 2u * lid.y + 1u, row, acc_b[i]);
+            }
         }
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_close, gpu, gpu_with, random_vec, rng};
 use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, RopeParams, StepParams};
-use llama_webgpu::gpu::WeightMatrix;
+use llama_webgpu::gpu::{TileType, WeightMatrix};
 use llama_webgpu::quant::DType;
 use llama_webgpu::{reference, Gpu, GpuOptions};
 
@@ -171,6 +171,56 @@ fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
     }
 }
 
+/// A device staging prefill tiles as f16, or None (reported) where the adapter lacks shader-f16.
+fn f16_tile_gpu() -> Option<Gpu> {
+    let gpu = gpu_with(&GpuOptions { f16_tiles: true, ..Default::default() })?;
+    if !gpu.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("SKIPPED: {} has no shader-f16", gpu.info.name);
+        return None;
+    }
+    assert_eq!(gpu.tile_type, TileType::F16);
+    Some(gpu)
+}
+
+#[test]
+fn tiled_matmul_with_f16_tiles_stays_within_f16_rounding_of_the_reference() {
+    let Some(gpu) = f16_tile_gpu() else { return };
+    let (rows, k) = (45, 256);
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K] {
+        let (bytes, w) = weights(&gpu, 41, dtype, rows, k);
+        let norm = random_vec(&mut rng(42), k, 2.0);
+        let norm_buffer = gpu.storage_buffer_with("norm", &norm);
+        for n in [9, 37] {
+            let x = random_vec(&mut rng(n as u64 + 43), n * 2 * k, 3.0);
+            let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
+            let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
+            let xb = gpu.storage_buffer_with("x", &x);
+            let cases = [
+                ("plain", MatmulInput::Plain, gate.clone()),
+                ("rmsnorm", MatmulInput::RmsNorm { weight: &norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, &norm, 1e-5)),
+                ("silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
+            ];
+            for (what, input, input_rows) in cases {
+                let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
+                // x and w rounded to f16: each product within 2 * 2^-11 (1e-3) of its value, so the
+                // sum within 2e-3 of the sum of |products|.
+                let abs_x: Vec<f32> = input_rows.iter().map(|v| v.abs()).collect();
+                let abs_w: Vec<f32> = dtype.to_f32(&bytes).unwrap().iter().map(|v| v.abs()).collect();
+                let magnitude = reference::matmul(&abs_x, &DType::F32.from_f32(&abs_w).unwrap(), DType::F32, rows, k);
+                let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
+                let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+                let op = ops::matmul(&gpu, &xb, input, &w, &out, layout, &step(&gpu, n, 0));
+                run(&gpu, |pass| op.encode(pass, n as u32));
+                let got = read_f32(&gpu, &out, want.len());
+                let (i, excess) = (0..want.len())
+                    .map(|i| (i, (got[i] - want[i]).abs() - 2e-3 * magnitude[i]))
+                    .fold((0, f32::NEG_INFINITY), |a, b| if b.1 > a.1 || b.1.is_nan() { b } else { a });
+                assert!(excess <= 0.0, "{dtype} f16 tiles of {what}, n={n}: element {i} is {} but should be {} (|products| {})", got[i], want[i], magnitude[i]);
+            }
+        }
+    }
+}
+
 #[test]
 fn stacked_matmuls_accumulate_into_their_own_output_columns() {
     let (rows, k, n, stride) = (20, 30, 9, 50);
@@ -182,7 +232,7 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
     for n_run in [1, n] {
         let initial = random_vec(&mut rng(5), n * stride, 1.0);
         let out = gpu.storage_buffer_with("out", &initial);
-        let matmul = ops::Matmul::join(stacked.iter().map(|(column, _, (_, w))| {
+        let matmul = ops::ByTokens::join(stacked.iter().map(|(column, _, (_, w))| {
             let layout = MatmulLayout { in_stride: k, out_stride: stride, out_offset: *column, accumulate: true };
             ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, layout, &step(&gpu, n_run, 0))
         }));
@@ -199,12 +249,26 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
 }
 
 #[test]
-fn attention_matches_reference_across_key_blocks() {
+fn attention_matches_reference_in_both_strategies() {
     let Some(gpu) = gpu() else { return };
-    // head_dim 130 exercises several dimensions per thread; positions beyond 64 several key blocks.
-    for (n_heads, n_kv_heads, head_dim, start_pos, n) in [(6, 2, 12, 0, 1), (6, 2, 12, 70, 5), (4, 4, 130, 3, 9), (8, 1, 16, 127, 2)] {
+    // Below 8 tokens one query per workgroup (decode), from 8 on query blocks sharing K/V tiles
+    // (prefill). head_dim 130 exercises several dimensions per thread and a 7-key tile; positions
+    // beyond 64 several key blocks; start_pos > 0 a chunked prefill; GQA groups of 1, 3, 4 and 8
+    // lay query blocks over several tokens or heads, and 9, 13 and 37 tokens leave partial blocks.
+    let cases = [
+        (6, 2, 12, 0, 1),
+        (6, 2, 12, 70, 5),
+        (4, 4, 130, 3, 9),
+        (8, 1, 16, 127, 2),
+        (6, 2, 12, 0, 37),
+        (6, 2, 12, 70, 13),
+        (8, 2, 64, 0, 9),
+        (8, 1, 16, 127, 8),
+        (4, 4, 256, 40, 11),
+    ];
+    for (n_heads, n_kv_heads, head_dim, start_pos, n) in cases {
         let context = start_pos + n + 3;
-        let mut r = rng((start_pos + head_dim) as u64);
+        let mut r = rng((start_pos + head_dim + n) as u64);
         // q rows lead stacked q/k/v rows; the k and v columns after them are not read.
         let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
         let qkv = random_vec(&mut r, n * q_stride, 1.0);

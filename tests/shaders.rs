@@ -1,15 +1,33 @@
-//! Every shader is valid WGSL (checked by naga, no GPU needed), declares the bindings the Rust side
-//! binds, and has a `Params` struct of the same size as its Rust mirror.
+//! Every shader is valid WGSL (checked by naga, no GPU needed), in both tile types where it has
+//! tiles, declares the bindings the Rust side binds, and has a `Params` struct of the same size as
+//! its Rust mirror.
 
-use llama_webgpu::gpu::{ops, Binding, Kernel, KERNELS};
-use naga::{AddressSpace, StorageAccess, TypeInner};
+use llama_webgpu::gpu::{ops, Binding, Kernel, TileType, KERNELS};
+use naga::{AddressSpace, Scalar, StorageAccess, TypeInner};
 
 fn parse(kernel: &Kernel) -> (naga::Module, naga::valid::ModuleInfo) {
-    let module = naga::front::wgsl::parse_str(kernel.source).unwrap_or_else(|e| panic!("{}: {}", kernel.name, e.emit_to_string(kernel.source)));
+    parse_with(kernel, TileType::F32)
+}
+
+fn parse_with(kernel: &Kernel, tile: TileType) -> (naga::Module, naga::valid::ModuleInfo) {
+    let source = kernel.source_for(tile);
+    let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{} {tile:?}: {}", kernel.name, e.emit_to_string(&source)));
     let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
         .validate(&module)
-        .unwrap_or_else(|e| panic!("{}: {}", kernel.name, e.emit_to_string(kernel.source)));
+        .unwrap_or_else(|e| panic!("{} {tile:?}: {}", kernel.name, e.emit_to_string(&source)));
     (module, info)
+}
+
+/// The scalar type of the elements (or their components) of a module's `x_tile` workgroup array.
+fn tile_scalar(module: &naga::Module) -> Option<Scalar> {
+    let (_, var) = module.global_variables.iter().find(|(_, v)| v.name.as_deref() == Some("x_tile"))?;
+    match module.types[var.ty].inner {
+        TypeInner::Array { base, .. } => match module.types[base].inner {
+            TypeInner::Scalar(scalar) | TypeInner::Vector { scalar, .. } => Some(scalar),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 #[test]
@@ -30,6 +48,19 @@ fn shaders_validate() {
     for kernel in KERNELS {
         let (module, _) = parse(kernel);
         assert!(!module.entry_points.is_empty(), "{} has no entry point", kernel.name);
+    }
+}
+
+#[test]
+fn the_f16_form_of_the_matmul_validates_with_f16_tiles() {
+    assert!(KERNELS.iter().any(|k| k.name == "matmul" && k.has_tiles()));
+    for kernel in KERNELS.iter().filter(|k| k.has_tiles()) {
+        let (f32_module, _) = parse_with(kernel, TileType::F32);
+        let (f16_module, _) = parse_with(kernel, TileType::F16);
+        assert_eq!(tile_scalar(&f32_module), Some(Scalar::F32), "{}", kernel.name);
+        assert_eq!(tile_scalar(&f16_module), Some(Scalar::F16), "{}", kernel.name);
+        let entries = |m: &naga::Module| m.entry_points.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        assert_eq!(entries(&f32_module), entries(&f16_module), "{}", kernel.name);
     }
 }
 

@@ -40,13 +40,17 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Time every dispatch of the decode steps with GPU timestamp queries (where the adapter has
-    /// them) and report time, bytes moved and GB/s per kernel per token.
+    /// them) and report time, bytes moved and GB/s per kernel per token; and the time per kernel
+    /// of one pass over the longest prompt.
     #[arg(long)]
     pub profile: bool,
     /// Decode as before GPU-resident greedy decoding: read each token back and write it again
     /// before submitting the next step (for comparison).
     #[arg(long)]
     sync: bool,
+    /// Prefill matmul tiles stored as f16 where the adapter has shader-f16.
+    #[arg(long)]
+    pub f16_tiles: bool,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -176,7 +180,7 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
         let mut times = vec![];
         let mut token = tokens[0];
         for position in 0..steps {
-            let (next, step) = model.profile_greedy(token, position).await?;
+            let (next, step) = model.profile_greedy(&[token], position).await?;
             times.extend(step);
             token = next;
         }
@@ -184,8 +188,19 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     } else {
         None
     };
+    // One pass over the longest prompt, timed the same way.
+    let prefill_profile = match args.prompt.iter().max() {
+        Some(&n) if args.profile && n > 0 => {
+            let (_, times) = model.profile_greedy(&tokens[..n], 0).await?;
+            Some((n, kernel_profile(&times, 1)))
+        }
+        _ => None,
+    };
     let bytes_per_token = dtype.map(|d| weight_bytes_per_token(model.config(), d));
     report(&gpu, &label, dtype, &model, &samples, bytes_per_token, args.bandwidth_gbps, profile.as_deref(), args.json);
+    if let Some((n, kernels)) = prefill_profile {
+        report_prefill(n, &kernels, args.json);
+    }
     Ok(())
 }
 
@@ -214,6 +229,26 @@ fn kernel_profile(times: &[DispatchTime], steps: usize) -> Vec<KernelTime> {
         k.bytes += t.bytes as f64 / steps as f64;
     }
     kernels
+}
+
+/// GPU time per kernel of one prefill pass of `n` tokens (its bytes are not a one-token pass's, so
+/// none are reported).
+fn report_prefill(n: usize, kernels: &[KernelTime], json: bool) {
+    let total: f64 = kernels.iter().map(|k| k.seconds).sum();
+    if json {
+        let rows: Vec<serde_json::Value> = kernels
+            .iter()
+            .map(|k| serde_json::json!({"kernel": k.name, "dispatches": k.dispatches, "ms_per_pass": k.seconds * 1e3, "us_per_token": k.seconds * 1e6 / n as f64}))
+            .collect();
+        println!("{}", serde_json::json!({"prefill_tokens": n, "prefill_profile": rows, "prefill_ms": total * 1e3}));
+        return;
+    }
+    println!();
+    println!("| prefill pp{n} kernel | dispatches | ms/pass | us/token | share |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for k in kernels.iter().chain([&KernelTime { name: "total", dispatches: kernels.iter().map(|k| k.dispatches).sum(), seconds: total, bytes: 0.0 }]) {
+        println!("| {} | {:.0} | {:.2} | {:.1} | {:.1}% |", k.name, k.dispatches, k.seconds * 1e3, k.seconds * 1e6 / n as f64, 100.0 * k.seconds / total);
+    }
 }
 
 fn mean_and_std(values: &[f64]) -> (f64, f64) {

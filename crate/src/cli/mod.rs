@@ -242,7 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} tensors in {} shards ({} bytes) to {}", report.tensors, report.shards, report.bytes, out.display());
             Ok(())
         }
-        Command::Bench(args) => bench::bench(Gpu::new(&GpuOptions { timestamps: args.profile, ..options }).await?, args, cli.quiet).await,
+        Command::Bench(args) => bench::bench(Gpu::new(&GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, ..options }).await?, args, cli.quiet).await,
         Command::Serve { model, server } => serve::serve(options, model, server, cli.quiet),
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;

@@ -1,6 +1,7 @@
-//! The kernel registry: one shader module per `shaders/*.wgsl`, compiled once, and one pipeline per
-//! (kernel, entry point, override constants).
+//! The kernel registry: one shader module per `shaders/*.wgsl` (and tile type), compiled once, and
+//! one pipeline per (kernel, tile type, entry point, override constants).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -29,6 +30,35 @@ pub struct Kernel {
 }
 
 use Binding::{Storage, StorageMut, Uniform};
+
+/// The element type of a kernel's workgroup tiles (matmul.wgsl's `alias tile_t`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TileType {
+    #[default]
+    F32,
+    /// Needs the device feature SHADER_F16.
+    F16,
+}
+
+/// The line of a shader file that declares its tile type; the file as it is uses f32.
+const F32_TILES: &str = "alias tile_t = f32;";
+
+impl Kernel {
+    /// Whether the kernel declares a tile type, so that it has an f16 form.
+    pub fn has_tiles(&self) -> bool {
+        self.source.contains(F32_TILES)
+    }
+
+    /// The kernel's WGSL with tiles of `tile`: the file as it is for f32. For f16 the alias names
+    /// f16 and `enable f16;` leads the module (WGSL takes it only there, which is why the f16 form
+    /// is a module of its own).
+    pub fn source_for(&self, tile: TileType) -> Cow<'static, str> {
+        match tile {
+            TileType::F32 => Cow::Borrowed(self.source),
+            TileType::F16 => Cow::Owned(format!("enable f16;\n{}", self.source.replacen(F32_TILES, "alias tile_t = f16;", 1))),
+        }
+    }
+}
 
 macro_rules! kernel {
     ($ident:ident, $file:literal, [$($binding:expr),*]) => {
@@ -64,7 +94,7 @@ struct Module {
 
 #[derive(Default)]
 pub(super) struct Registry {
-    modules: Mutex<HashMap<&'static str, Module>>,
+    modules: Mutex<HashMap<(&'static str, TileType), Module>>,
     pipelines: Mutex<HashMap<String, Pipeline>>,
 }
 
@@ -76,15 +106,16 @@ pub struct Pipeline {
 }
 
 impl Gpu {
-    /// The pipeline for `entry` of `kernel` with the given override constants, made once and shared.
-    pub fn pipeline(&self, kernel: &Kernel, entry: &str, constants: &[(&str, f64)]) -> Pipeline {
-        let key = format!("{}:{entry}:{constants:?}", kernel.name);
+    /// The pipeline for `entry` of `kernel` with tiles of `tile` and the given override constants,
+    /// made once and shared.
+    pub fn pipeline(&self, kernel: &Kernel, tile: TileType, entry: &str, constants: &[(&str, f64)]) -> Pipeline {
+        let key = format!("{}:{tile:?}:{entry}:{constants:?}", kernel.name);
         let mut pipelines = self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pipeline) = pipelines.get(&key) {
             return pipeline.clone();
         }
         let mut modules = self.kernels.modules.lock().unwrap_or_else(|e| e.into_inner());
-        let module = modules.entry(kernel.name).or_insert_with(|| self.compile(kernel));
+        let module = modules.entry((kernel.name, tile)).or_insert_with(|| self.compile(kernel, tile));
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: Some(&module.pipeline_layout),
@@ -98,8 +129,8 @@ impl Gpu {
         pipeline
     }
 
-    fn compile(&self, kernel: &Kernel) -> Module {
-        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source.into()) };
+    fn compile(&self, kernel: &Kernel, tile: TileType) -> Module {
+        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source_for(tile)) };
         let shader = if kernel.in_bounds && !self.bounds_checks {
             // SAFETY: the kernel indexes only inside its buffers (Kernel::in_bounds); its tests run
             // with and without the checks. Browsers keep their own checks either way.

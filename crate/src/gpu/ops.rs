@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::kernels::{self, Kernel};
+use super::kernels::{self, Kernel, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
@@ -88,9 +88,14 @@ pub const MAX_TOP_K: usize = 64;
 
 /// The largest head_dim the attention kernel holds (its MAX_HEAD_DIM).
 pub const MAX_HEAD_DIM: usize = 256;
-/// Below this many tokens a matmul runs as GEMVs; from it on, as tiles.
+/// Below this many tokens a matmul runs as GEMVs and attention one query per workgroup; from it
+/// on, both run as tiles.
 pub const GEMV_MAX_TOKENS: u32 = 8;
+/// Tokens and rows per workgroup of matmul.wgsl's tiled (its TILE and TILE_ROWS).
 const TILE: u32 = 32;
+const TILE_ROWS: u32 = 64;
+/// Query rows per workgroup of attention.wgsl's prefill (its QUERY_BLOCK).
+const ATTENTION_QUERY_BLOCK: u32 = 8;
 /// Rows per workgroup of matmul.wgsl's gemv_blocks (its GEMV_BLOCK_ROWS).
 const GEMV_BLOCK_ROWS: u32 = 4;
 const WG_1D: u32 = 64;
@@ -102,6 +107,8 @@ enum Grid {
     PerToken(u32),
     /// (x, ceil(n / tile), 1).
     TokenTiles { x: u32, tile: u32 },
+    /// (x, ceil(n * rows_per_token / block), 1).
+    RowBlocks { x: u32, rows_per_token: u32, block: u32 },
     /// Rows folded over x and y to respect the per-dimension limit, tokens in z.
     RowsByToken { x: u32, y: u32 },
     Fixed([u32; 3]),
@@ -112,6 +119,7 @@ impl Grid {
         match self {
             Grid::PerToken(x) => [x, n, 1],
             Grid::TokenTiles { x, tile } => [x, n.div_ceil(tile), 1],
+            Grid::RowBlocks { x, rows_per_token, block } => [x, (n * rows_per_token).div_ceil(block), 1],
             Grid::RowsByToken { x, y } => [x, y, n],
             Grid::Fixed(size) => size,
         }
@@ -180,13 +188,14 @@ impl Op {
     }
 }
 
-/// A matrix product bound for both strategies; the token count picks one per pass.
-pub struct Matmul {
-    gemv: Op,
-    tiled: Op,
+/// An op bound for both strategies, one for the few tokens of a decode step (GEMV, one query per
+/// workgroup) and one for many (tiles shared by several tokens); the token count picks one per pass.
+pub struct ByTokens {
+    few: Op,
+    many: Op,
 }
 
-impl Matmul {
+impl ByTokens {
     pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
         self.for_tokens(n_tokens).encode(pass, n_tokens);
     }
@@ -194,9 +203,9 @@ impl Matmul {
     /// The strategy a pass of `n_tokens` runs.
     pub fn for_tokens(&self, n_tokens: u32) -> &Op {
         if n_tokens < GEMV_MAX_TOKENS {
-            &self.gemv
+            &self.few
         } else {
-            &self.tiled
+            &self.many
         }
     }
 }
@@ -210,8 +219,23 @@ fn dispatch(
     grid: Grid,
     traffic: Traffic,
 ) -> Dispatch {
+    dispatch_tiled(gpu, kernel, TileType::F32, entry, constants, buffers, grid, traffic)
+}
+
+/// [`dispatch`] of a kernel's form with tiles of `tile`.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_tiled(
+    gpu: &Gpu,
+    kernel: &Kernel,
+    tile: TileType,
+    entry: &str,
+    constants: &[(&str, f64)],
+    buffers: &[&wgpu::Buffer],
+    grid: Grid,
+    traffic: Traffic,
+) -> Dispatch {
     debug_assert_eq!(buffers.len(), kernel.bindings.len(), "{} bindings", kernel.name);
-    let pipeline = gpu.pipeline(kernel, entry, constants);
+    let pipeline = gpu.pipeline(kernel, tile, entry, constants);
     let entries: Vec<wgpu::BindGroupEntry> = buffers
         .iter()
         .enumerate()
@@ -293,28 +317,28 @@ pub fn matmul(
     out: &wgpu::Buffer,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
-) -> Matmul {
+) -> ByTokens {
     // The 32-weight block formats have a GEMV of their own that takes GEMV_BLOCK_ROWS rows per
     // workgroup.
     let (gemv, rows_per_workgroup) = match w.dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", GEMV_BLOCK_ROWS),
         _ => ("gemv", 1),
     };
-    Matmul {
-        gemv: weight_op(gpu, gemv, x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows.div_ceil(rows_per_workgroup))),
-        tiled: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE), tile: TILE }),
+    ByTokens {
+        few: weight_op(gpu, gemv, x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows.div_ceil(rows_per_workgroup))),
+        many: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }),
     }
 }
 
-impl Matmul {
+impl ByTokens {
     /// One product over matrices stacked by rows, each writing its own output columns.
-    pub fn join(parts: impl IntoIterator<Item = Matmul>) -> Matmul {
-        let (mut gemv, mut tiled) = (vec![], vec![]);
+    pub fn join(parts: impl IntoIterator<Item = ByTokens>) -> ByTokens {
+        let (mut few, mut many) = (vec![], vec![]);
         for part in parts {
-            gemv.extend(part.gemv.dispatches);
-            tiled.extend(part.tiled.dispatches);
+            few.extend(part.few.dispatches);
+            many.extend(part.many.dispatches);
         }
-        Matmul { gemv: Op { dispatches: gemv }, tiled: Op { dispatches: tiled } }
+        ByTokens { few: Op { dispatches: few }, many: Op { dispatches: many } }
     }
 }
 
@@ -365,7 +389,9 @@ fn weight_op(
                 };
                 part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize)
             };
-            dispatch(gpu, &kernels::MATMUL, entry, &constants, &buffers, grid(part.rows as u32), Traffic::fixed(traffic as u64))
+            // Only the tiled product stages tiles; the other entry points are the same in both forms.
+            let tile = if entry == "tiled" { gpu.tile_type } else { TileType::F32 };
+            dispatch_tiled(gpu, &kernels::MATMUL, tile, entry, &constants, &buffers, grid(part.rows as u32), Traffic::fixed(traffic as u64))
         })
         .collect();
     Op { dispatches }
@@ -385,7 +411,7 @@ pub fn attention(
     n_kv_heads: usize,
     head_dim: usize,
     step: &wgpu::Buffer,
-) -> Op {
+) -> ByTokens {
     let params = AttentionParams {
         n_heads: n_heads as u32,
         n_kv_heads: n_kv_heads as u32,
@@ -398,7 +424,12 @@ pub fn attention(
     let buffers = [q, k_cache, v_cache, out, &params, step];
     // q and out, plus a key and a value row of every KV head per attended position.
     let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 8 * (n_kv_heads * head_dim) as u64 };
-    Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "main", &[], &buffers, Grid::PerToken(n_heads as u32), traffic)] }
+    let group = (n_heads / n_kv_heads) as u32;
+    let block_grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block: ATTENTION_QUERY_BLOCK };
+    ByTokens {
+        few: Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "decode", &[], &buffers, Grid::PerToken(n_heads as u32), traffic)] },
+        many: Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "prefill", &[], &buffers, block_grid, traffic)] },
+    }
 }
 
 /// out[0] = the index of the largest of `n` logits, as f32 like the token ids the embedding reads.

@@ -2,7 +2,7 @@
 //! references, so a broken adapter or driver fails loudly instead of producing garbage text.
 
 use super::ops::{self, MatmulInput, MatmulLayout, StepParams};
-use super::{Gpu, GpuError, WeightMatrix};
+use super::{Gpu, GpuError, TileType, WeightMatrix};
 use crate::quant::DType;
 use crate::reference;
 
@@ -39,7 +39,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, layout, &step(tokens, 0));
             gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
-            compare(gpu, kernel, &out, &product[..tokens * rows]).await?;
+            // f16 tiles round inputs and weights to 11 bits; garbage still lies far outside this.
+            let f16_tiles = tokens as u32 >= ops::GEMV_MAX_TOKENS && gpu.tile_type == TileType::F16;
+            compare(gpu, kernel, &out, &product[..tokens * rows], if f16_tiles { 1e-2 } else { 1e-4 }).await?;
         }
     }
 
@@ -51,7 +53,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let attended = gpu.storage_buffer("self-test attended", (q.len() * 4) as u64);
     let op = ops::attention(gpu, &buffers[0], heads * head_dim, &buffers[1], &buffers[2], &attended, heads, kv_heads, head_dim, &step(n, start));
     gpu.run(|pass| op.encode(pass, n as u32)).await?;
-    compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim)).await?;
+    compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim), 1e-4).await?;
 
     let best = gpu.storage_buffer("self-test argmax", 4);
     let op = ops::argmax(gpu, &x_buffer, &best, x.len());
@@ -64,8 +66,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     Ok(())
 }
 
-/// Fails naming the kernel and the worst element when the GPU's values leave 1e-4 of the CPU's.
-async fn compare(gpu: &Gpu, kernel: &str, buffer: &wgpu::Buffer, want: &[f32]) -> Result<(), GpuError> {
+/// Fails naming the kernel and the worst element when the GPU's values leave `tolerance` (relative
+/// to 1 + |value|) of the CPU's.
+async fn compare(gpu: &Gpu, kernel: &str, buffer: &wgpu::Buffer, want: &[f32], tolerance: f32) -> Result<(), GpuError> {
     let got: Vec<f32> = bytemuck::pod_collect_to_vec(&gpu.read(buffer, (want.len() * 4) as u64).await?);
     let worst = got
         .iter()
@@ -73,7 +76,7 @@ async fn compare(gpu: &Gpu, kernel: &str, buffer: &wgpu::Buffer, want: &[f32]) -
         .enumerate()
         .map(|(i, (g, w))| (i, if g.is_finite() { (g - w).abs() / (1.0 + w.abs()) } else { f32::INFINITY }))
         .fold((0, 0.0f32), |a, b| if b.1 > a.1 { b } else { a });
-    if worst.1 > 1e-4 {
+    if worst.1 > tolerance {
         let (i, _) = worst;
         return Err(GpuError::SelfTest(format!("{kernel}: element {i} is {} on the GPU but {} on the CPU", got[i], want[i])));
     }

@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Candidates, Dispatch, Matmul, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
+use crate::gpu::ops::{self, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -196,12 +196,12 @@ async fn upload_weights(
 
 /// The ops of one transformer block, in the order they run.
 struct Layer {
-    qkv_proj: Matmul,     // qkv = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T
+    qkv_proj: ByTokens,     // qkv = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T
     rope: Op,             // q = rope(q, pos); k_cache[pos] = rope(k, pos); v_cache[pos] = v
-    attention: Op,        // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
-    o_proj: Matmul,       // x += attn @ o_proj.T
-    gate_up_proj: Matmul, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
-    down_proj: Matmul,    // x += (silu(gate) * up) @ down_proj.T
+    attention: ByTokens,    // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
+    o_proj: ByTokens,       // x += attn @ o_proj.T
+    gate_up_proj: ByTokens, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
+    down_proj: ByTokens,    // x += (silu(gate) * up) @ down_proj.T
 }
 
 /// A Llama model resident on one GPU, with its KV cache.
@@ -225,7 +225,7 @@ pub struct Llama {
     in_flight: VecDeque<(usize, wgpu::SubmissionIndex)>,
     embed: Op,
     layers: Vec<Layer>,
-    lm_head: Matmul,
+    lm_head: ByTokens,
     argmax: Op,
     top_k: TopK,
 }
@@ -306,7 +306,7 @@ impl Llama {
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
         // One dispatch per part of each block of a stacked matrix.
         let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, layout: MatmulLayout, step: &wgpu::Buffer| {
-            Matmul::join(w.blocks.iter().map(|(column, m)| ops::matmul(gpu, x, input, m, out, MatmulLayout { out_offset: *column, ..layout }, step)))
+            ByTokens::join(w.blocks.iter().map(|(column, m)| ops::matmul(gpu, x, input, m, out, MatmulLayout { out_offset: *column, ..layout }, step)))
         };
         let norm = |name: &str| MatmulInput::RmsNorm { weight: &vectors[name], eps: c.rms_norm_eps };
 
@@ -385,13 +385,15 @@ impl Llama {
         blocks.len() + head.len()
     }
 
-    /// Runs one greedy decode step of `token` at `position` with every dispatch timed on the GPU;
-    /// needs a device made with [`crate::GpuOptions::timestamps`] on an adapter that has them.
-    pub async fn profile_greedy(&mut self, token: u32, position: usize) -> Result<(u32, Vec<DispatchTime>)> {
-        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token())?;
-        self.submit_argmax(Tokens::Host(&[token]), position, Some(&mut timer))?;
+    /// Runs a greedy pass of `tokens` at positions start_pos.. (one token: a decode step; more: a
+    /// prefill) with every dispatch timed on the GPU; needs a device made with
+    /// [`crate::GpuOptions::timestamps`] on an adapter that has them. Bytes are a one-token pass's.
+    pub async fn profile_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<(u32, Vec<DispatchTime>)> {
+        let passes = tokens.len().div_ceil(self.max_batch).max(1);
+        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token() * passes)?;
+        self.submit_argmax(Tokens::Host(tokens), start_pos, Some(&mut timer))?;
         let next = self.read_greedy().await?;
-        Ok((next, timer.read(&self.gpu, position).await?))
+        Ok((next, timer.read(&self.gpu, start_pos + tokens.len().saturating_sub(1)).await?))
     }
 
     /// Runs `tokens` at positions start_pos.. (filling the KV cache there) and returns the logits of
@@ -565,7 +567,7 @@ impl Llama {
         for l in &self.layers {
             add(&mut blocks, "qkv_proj", l.qkv_proj.for_tokens(n));
             add(&mut blocks, "rope", &l.rope);
-            add(&mut blocks, "attention", &l.attention);
+            add(&mut blocks, "attention", l.attention.for_tokens(n));
             add(&mut blocks, "o_proj", l.o_proj.for_tokens(n));
             add(&mut blocks, "gate_up_proj", l.gate_up_proj.for_tokens(n));
             add(&mut blocks, "down_proj", l.down_proj.for_tokens(n));
