@@ -4,7 +4,7 @@
 // weights come from the Cache API on reload and after an interrupted load; the wasm heap stays
 // under a stated bound while loading.
 import { execFileSync } from "node:child_process";
-import { cpSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { cpSync, createReadStream, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -84,13 +84,21 @@ log("native:", JSON.stringify({ tokens: native.tokens, text: native.text, adapte
 const nativeSmol = nativeChat(join(root, SMOLLM2), SMOLLM2_TOKENS);
 log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeSmol.text }));
 
-// Every request the pages make, and shards whose download is cut off halfway (an interrupted load).
+// Every request the pages make, shards whose download is cut off halfway (an interrupted load), and
+// under /no-range/ the repository again from a server that ignores Range requests.
 const requests = [];
 const interrupted = new Set();
+const NO_RANGE = "/no-range";
 const server = await serve({
   root,
   onRequest(req, res, path) {
     requests.push({ path, range: req.headers.range ?? null });
+    if (path.startsWith(`${NO_RANGE}/`)) {
+      const file = join(root, path.slice(NO_RANGE.length));
+      res.writeHead(200, { "content-length": statSync(file).size, "content-type": "application/octet-stream" });
+      createReadStream(file).pipe(res);
+      return true;
+    }
     if (!interrupted.has(path)) return false;
     const bytes = readFileSync(join(root, path));
     res.writeHead(200, { "content-length": bytes.length, "content-type": "application/octet-stream" });
@@ -224,6 +232,18 @@ try {
   assertEqual(smol.first.tokens, nativeSmol.tokens, "SmolLM2 browser tokens vs native");
   assertEqual(smol.second.tokens, nativeSmol.tokens, "SmolLM2 browser tokens, loaded from the cache");
   assert(smol.first.info.wasm_memory_bytes < SMOLLM2_WASM_BOUND, `wasm memory ${smol.first.info.wasm_memory_bytes} < ${SMOLLM2_WASM_BOUND} after loading SmolLM2`);
+  // The same file from a server without Range support: read whole, once for the header's first
+  // bytes and once for the weights.
+  const plainFrom = requests.length;
+  const plain = await page.evaluate(async ({ model, prompt }) => {
+    const { createEngine } = await import("/pkg/index.js");
+    const engine = await createEngine({ model });
+    const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: 1 });
+    await engine.unload();
+    return reply.choices[0].token_ids;
+  }, { model: NO_RANGE + SMOLLM2, prompt: PROMPT });
+  assertEqual(plain, nativeSmol.tokens.slice(0, 1), "SmolLM2's first token from a server that ignores Range");
+  assertEqual(requestsOf(NO_RANGE + SMOLLM2, plainFrom).length, 2, "requests for the file without Range support");
   writeFileSync(join(out, "wasm-memory.json"), JSON.stringify({ smollm2: smol.first.info.wasm_memory_bytes, tiny: api.info.wasm_memory_bytes }) + "\n");
 
   // 5. No WebGPU: a typed error, and the demo says so.
