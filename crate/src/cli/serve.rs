@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Requests that may wait for the engine while it works on another; more get 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// Waits this long after each generated token, so tests of queueing and cancellation do not
+    /// depend on how fast the GPU is.
+    #[arg(long, default_value_t = 0, hide = true)]
+    token_interval_ms: u64,
 }
 
 /// What the handlers share.
@@ -91,6 +95,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
     let (jobs, queue) = sync_channel::<Job>(args.queue);
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let thread_stats = stats.clone();
+    let token_interval = std::time::Duration::from_millis(args.token_interval_ms);
     std::thread::Builder::new().name("engine".into()).spawn(move || {
         let loaded = pollster::block_on(async {
             let gpu = llama_webgpu::Gpu::new(&gpu_options).await?;
@@ -100,7 +105,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         match loaded {
             Ok(engine) => {
                 let _ = loaded_tx.send(Ok(()));
-                engine_thread::run(engine, queue, thread_stats);
+                engine_thread::run(engine, queue, thread_stats, token_interval);
             }
             Err(error) => {
                 let _ = loaded_tx.send(Err(error));

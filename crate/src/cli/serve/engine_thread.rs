@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llama_webgpu::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams};
 use llama_webgpu::engine::EngineError;
@@ -68,7 +68,7 @@ pub struct Stats {
 }
 
 /// Runs jobs until every sender of the queue is gone.
-pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>) {
+pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_interval: Duration) {
     /// Marks the engine as gone however the thread ends.
     struct Alive(Arc<Stats>);
     impl Drop for Alive {
@@ -90,7 +90,7 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>) {
         let started = Instant::now();
         // A panic is a bug in the engine; the client gets a 500 and the server carries on (the KV
         // cache's bookkeeping only advances after a step succeeded).
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&mut engine, &job, vocab)))
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&mut engine, &job, vocab, token_interval)))
             .unwrap_or_else(|panic| {
                 let what = panic
                     .downcast_ref::<String>()
@@ -131,12 +131,15 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>) {
     }
 }
 
-fn run_job(engine: &mut Engine, job: &Job, vocab: usize) -> Result<Completion, ApiError> {
+fn run_job(engine: &mut Engine, job: &Job, vocab: usize, token_interval: Duration) -> Result<Completion, ApiError> {
     let cancel = &job.cancel;
     // Deltas go out as they come; a send that fails means the client left, so stop generating.
     let mut on_delta = |delta: &Delta| {
         if !delta.text.is_empty() && job.events.send(Event::Delta(delta.text.clone())).is_err() {
             cancel.cancel();
+        }
+        if !token_interval.is_zero() {
+            std::thread::sleep(token_interval);
         }
     };
     let result = pollster::block_on(async {
