@@ -116,7 +116,7 @@ pub async fn load(url: String, options_json: String, on_progress: Function) -> R
             &JsValue::from_str(p.tensor),
         );
     };
-    let model = match Llama::load(&gpu, config, source.weights(), &load_options, &mut progress).await {
+    let model = match Llama::load(&gpu, config, &source, &load_options, &mut progress).await {
         Ok(model) => model,
         Err(error) => {
             if let crate::Error::Load(LoadError::Checksum { file, .. }) = &error {

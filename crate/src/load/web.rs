@@ -87,13 +87,6 @@ impl WebModel {
         }
     }
 
-    pub fn weights(&self) -> &dyn WeightStream {
-        match self {
-            WebModel::Shards(shards) => shards,
-            WebModel::Gguf(gguf) => gguf,
-        }
-    }
-
     fn pieces(&self) -> &Pieces {
         match self {
             WebModel::Shards(shards) => &shards.pieces,
@@ -109,6 +102,28 @@ impl WebModel {
     /// How the weights are kept: "cache" or why not.
     pub fn storage(&self) -> String {
         self.pieces().storage()
+    }
+}
+
+/// Both kinds stream through their pieces.
+impl WeightStream for WebModel {
+    fn files(&self) -> &[SourceFile] {
+        match self {
+            WebModel::Shards(shards) => &shards.files,
+            WebModel::Gguf(gguf) => &gguf.files,
+        }
+    }
+
+    fn locations(&self) -> &[TensorLocation] {
+        match self {
+            WebModel::Shards(shards) => &shards.locations,
+            WebModel::Gguf(gguf) => &gguf.locations,
+        }
+    }
+
+    fn open(&self, index: usize, from: u64) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
+        let reader = self.pieces().reader(index, from);
+        Box::pin(std::future::ready(Ok(Box::new(reader) as Box<dyn ChunkReader>)))
     }
 }
 
@@ -148,20 +163,6 @@ impl WebShards {
             None => ChatTemplate::llama31(),
         };
         Ok((tokenizer, template))
-    }
-}
-
-impl WeightStream for WebShards {
-    fn files(&self) -> &[SourceFile] {
-        &self.files
-    }
-
-    fn locations(&self) -> &[TensorLocation] {
-        &self.locations
-    }
-
-    fn open(&self, index: usize, from: u64) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
-        Box::pin(async move { Ok(Box::new(self.pieces.reader(index, from)) as Box<dyn ChunkReader>) })
     }
 }
 
@@ -233,20 +234,6 @@ impl WebGguf {
 
     pub fn config(&self) -> Result<Config, crate::Error> {
         self.header.config(self.rope_freqs.as_deref())
-    }
-}
-
-impl WeightStream for WebGguf {
-    fn files(&self) -> &[SourceFile] {
-        &self.files
-    }
-
-    fn locations(&self) -> &[TensorLocation] {
-        &self.locations
-    }
-
-    fn open(&self, _index: usize, from: u64) -> LoadFuture<'_, Box<dyn ChunkReader + '_>> {
-        Box::pin(async move { Ok(Box::new(self.pieces.reader(0, from)) as Box<dyn ChunkReader>) })
     }
 }
 
@@ -369,9 +356,8 @@ impl Pieces {
     }
 
     async fn forget_file(&self, file: &str) {
-        let Some(cache) = &self.cache else { return };
         for piece in self.pieces.iter().filter(|p| p.file == file) {
-            let _ = JsFuture::from(cache.delete_with_str(&piece.key)).await;
+            self.forget(piece).await;
         }
     }
 
@@ -531,10 +517,11 @@ struct Prefix {
 
 async fn fetch_prefix(url: &str, len: u64, cache: Option<&Cache>) -> Result<Prefix, LoadError> {
     let key = format!("{url}{}llama-webgpu-prefix={len}", if url.contains('?') { '&' } else { '?' });
-    if let Some(response) = match cache {
+    let hit = match cache {
         Some(cache) => cached(cache, &key).await,
         None => None,
-    } {
+    };
+    if let Some(response) = hit {
         let file_size = response.headers().get(FILE_SIZE_HEADER).ok().flatten().and_then(|s| s.parse().ok());
         if let Some(file_size) = file_size {
             return Ok(Prefix { bytes: response_bytes(url, &response).await?, file_size, ranged: true });
