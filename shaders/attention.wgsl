@@ -1,138 +1,70 @@
 // Causal grouped-query attention over the KV cache: token t at position start_pos + t attends to
-// cache positions 0..=start_pos + t. Keys are taken in tiles with an online softmax (a running max and
-// sum per query, earlier outputs rescaled when the max grows), so no score matrix is stored and any
-// context length fits. Entry points:
-//   `decode`: one workgroup per (query head, token), its threads splitting each tile's keys; for the
-//             few tokens of a decode step, where there are no queries to share keys between.
-//   `prefill`: flash-style, one workgroup per (KV head, block of QUERY_BLOCK query rows), the rows
-//             being the (token, head) pairs of that KV head's group, token-major; each K/V tile is
-//             loaded once into workgroup memory and shared by the block's rows.
+// cache positions 0..=start_pos + t. Flash-style: one workgroup per (KV head, block of QUERY_BLOCK
+// query rows, key split), the rows being the (token, head) pairs of that KV head's group,
+// token-major. Each K/V tile is loaded once into workgroup memory and shared by the block's rows;
+// an online softmax (a running max and sum per row, earlier outputs rescaled when the max grows)
+// means no score matrix is stored and any context length fits.
+// Key splits (flash-decoding): a decode step has one query row per head, too few workgroups to fill
+// a GPU or to hide the latency of a long context, so its keys are cut into step.key_splits ranges of
+// step.keys_per_split, attended in parallel. Each split writes its rows' unnormalised outputs, max
+// and sum to `partials`, and `combine` merges them. A pass of one split writes `out` directly.
+// Entry points: `attend` (both cases), `combine` (after a split pass).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
 const WG: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u;
-const DIMS_PER_THREAD: u32 = MAX_HEAD_DIM / WG;
 const MASKED: f32 = -1.0e30;
+// The most key splits any pass has (crate::gpu::ops::MAX_KEY_SPLITS).
+const MAX_KEY_SPLITS: u32 = 32u;
 
 struct Params {
     n_heads: u32,
     n_kv_heads: u32,
     head_dim: u32,
-    scale: f32,    // 1 / sqrt(head_dim)
-    q_stride: u32, // elements between token rows of q (q heads lead a stacked q/k/v row)
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    scale: f32,          // 1 / sqrt(head_dim)
+    q_stride: u32,       // elements between token rows of q (q heads lead a stacked q/k/v row)
+    split_stride: u32,   // partials per (token, head): the most key splits a pass has
+    stats_offset: u32,   // where the (max, sum) pairs start in partials
+    _pad: u32,
 }
 
 struct Step {
     n_tokens: u32,
     start_pos: u32,
-    _pad0: u32,
-    _pad1: u32,
+    keys_per_split: u32, // keys each split attends to, the last one fewer
+    key_splits: u32,     // splits of this pass (their keys cover start_pos + n_tokens); 1: attend writes out
 }
 
-@group(0) @binding(0) var<storage, read> q: array<f32>;         // (n_tokens, q_stride), n_heads heads first
-@group(0) @binding(1) var<storage, read> k_cache: array<f32>;   // (context, n_kv_heads, head_dim)
-@group(0) @binding(2) var<storage, read> v_cache: array<f32>;   // (context, n_kv_heads, head_dim)
-@group(0) @binding(3) var<storage, read_write> out: array<f32>; // (n_tokens, n_heads, head_dim)
-@group(0) @binding(4) var<uniform> params: Params;
-@group(0) @binding(5) var<uniform> step: Step;
+@group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
+@group(0) @binding(1) var<storage, read> k_cache: array<f32>;        // (context, n_kv_heads, head_dim)
+@group(0) @binding(2) var<storage, read> v_cache: array<f32>;        // (context, n_kv_heads, head_dim)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;      // (n_tokens, n_heads, head_dim)
+@group(0) @binding(4) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, split_stride) outputs of head_dim, then their (max, sum) at stats_offset
+@group(0) @binding(5) var<uniform> params: Params;
+@group(0) @binding(6) var<uniform> step: Step;
 
-var<workgroup> q_head: array<f32, MAX_HEAD_DIM>;
-var<workgroup> scores: array<f32, WG>;
-var<workgroup> reduce_max: array<f32, WG>;
-
-@compute @workgroup_size(WG)
-fn decode(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let head = wg.x;
-    let t = wg.y;
-    if (head >= params.n_heads || t >= step.n_tokens) {
-        return;
-    }
-    let hd = params.head_dim;
-    let kv_head = head / (params.n_heads / params.n_kv_heads);
-    let kv_stride = params.n_kv_heads * hd;
-    let pos = step.start_pos + t;
-    let q_base = t * params.q_stride + head * hd;
-    for (var d = lid.x; d < hd; d += WG) {
-        q_head[d] = q[q_base + d];
-    }
-    workgroupBarrier();
-
-    var running_max = MASKED;
-    var running_sum = 0.0;
-    var acc: array<f32, DIMS_PER_THREAD>;
-    for (var block = 0u; block <= pos; block += WG) {
-        // Each thread scores one key of the block.
-        let j = block + lid.x;
-        var s = MASKED;
-        if (j <= pos) {
-            let k_base = j * kv_stride + kv_head * hd;
-            var dot = 0.0;
-            for (var d = 0u; d < hd; d++) {
-                dot += q_head[d] * k_cache[k_base + d];
-            }
-            s = dot * params.scale;
-        }
-        reduce_max[lid.x] = s;
-        workgroupBarrier();
-        for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-            if (lid.x < stride) {
-                reduce_max[lid.x] = max(reduce_max[lid.x], reduce_max[lid.x + stride]);
-            }
-            workgroupBarrier();
-        }
-        let new_max = max(running_max, reduce_max[0]);
-        scores[lid.x] = select(0.0, exp(s - new_max), j <= pos);
-        workgroupBarrier();
-
-        // Each thread rescales and extends the outputs of its own head dimensions.
-        let correction = exp(running_max - new_max);
-        let n_keys = min(WG, pos + 1u - block);
-        var block_sum = 0.0;
-        for (var jj = 0u; jj < n_keys; jj++) {
-            block_sum += scores[jj];
-        }
-        running_sum = running_sum * correction + block_sum;
-        for (var i = 0u; i < DIMS_PER_THREAD; i++) {
-            let d = lid.x + i * WG;
-            if (d < hd) {
-                var a = acc[i] * correction;
-                for (var jj = 0u; jj < n_keys; jj++) {
-                    a += scores[jj] * v_cache[(block + jj) * kv_stride + kv_head * hd + d];
-                }
-                acc[i] = a;
-            }
-        }
-        running_max = new_max;
-        workgroupBarrier();
-    }
-    for (var i = 0u; i < DIMS_PER_THREAD; i++) {
-        let d = lid.x + i * WG;
-        if (d < hd) {
-            out[(t * params.n_heads + head) * hd + d] = acc[i] / running_sum;
-        }
-    }
-}
-
-const QUERY_BLOCK: u32 = 8u;            // query rows per workgroup
-const THREADS_PER_ROW: u32 = WG / QUERY_BLOCK;
+// Query rows per workgroup, a power of two up to MAX_QUERY_BLOCK: for the few tokens of a decode
+// pass the GQA group's size rounded up, so that a token's heads fill a block (crate::gpu::ops).
+override QUERY_BLOCK: u32 = 8u;
+override THREADS_PER_ROW: u32 = WG / QUERY_BLOCK;
+const MAX_QUERY_BLOCK: u32 = 8u;
 const KV_TILE: u32 = 1024u;             // elements of one K or V tile (keys x head_dim)
+const KV_TILE_PER_THREAD: u32 = KV_TILE / WG;
 const MAX_TILE_KEYS: u32 = 32u;
-const DIMS_PER_ROW_THREAD: u32 = MAX_HEAD_DIM / THREADS_PER_ROW;
+const DIMS_PER_ROW_THREAD: u32 = MAX_HEAD_DIM / (WG / MAX_QUERY_BLOCK); // the most per thread
 
-var<workgroup> q_block: array<f32, QUERY_BLOCK * MAX_HEAD_DIM>;  // (QUERY_BLOCK, head_dim), scaled
+var<workgroup> q_block: array<f32, MAX_QUERY_BLOCK * MAX_HEAD_DIM>;  // (QUERY_BLOCK, head_dim), scaled
 var<workgroup> kv_tile: array<f32, KV_TILE>; // (tile_keys, head_dim): the K tile, then the V tile
-var<workgroup> tile_scores: array<f32, QUERY_BLOCK * MAX_TILE_KEYS>; // (QUERY_BLOCK, tile_keys)
+var<workgroup> tile_scores: array<f32, MAX_QUERY_BLOCK * MAX_TILE_KEYS>; // (QUERY_BLOCK, tile_keys)
 
 @compute @workgroup_size(WG)
-fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let kv_head = wg.x;
     let group = params.n_heads / params.n_kv_heads;
     let row0 = wg.y * QUERY_BLOCK;
+    let split = wg.z;
     let n_rows = step.n_tokens * group;
-    if (kv_head >= params.n_kv_heads || row0 >= n_rows) {
+    if (kv_head >= params.n_kv_heads || row0 >= n_rows || split >= step.key_splits) {
         return;
     }
     let hd = params.head_dim;
@@ -141,6 +73,9 @@ fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let tile_keys = min(MAX_TILE_KEYS, KV_TILE / hd);
     // Rows past the last one repeat it; they are computed but not stored.
     let last_pos = step.start_pos + (min(row0 + QUERY_BLOCK, n_rows) - 1u) / group;
+    // This split's keys: [first_key, end_key) (the splits cover the step's context).
+    let first_key = split * step.keys_per_split;
+    let end_key = min(first_key + step.keys_per_split, last_pos + 1u);
     for (var i = li; i < QUERY_BLOCK * hd; i += WG) {
         let row = min(row0 + i / hd, n_rows - 1u);
         let head = kv_head * group + row % group;
@@ -156,10 +91,18 @@ fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     var running_max = MASKED;
     var running_sum = 0.0;
     var acc: array<f32, DIMS_PER_ROW_THREAD>;
-    for (var key0 = 0u; key0 <= last_pos; key0 += tile_keys) {
-        let n_keys = min(tile_keys, last_pos + 1u - key0);
-        for (var i = li; i < n_keys * hd; i += WG) {
-            kv_tile[i] = k_cache[(key0 + i / hd) * kv_stride + kv_head * hd + i % hd];
+    for (var key0 = first_key; key0 < end_key; key0 += tile_keys) {
+        let n_keys = min(tile_keys, end_key - key0);
+        // The V tile is read with the K tile, into registers, so that one memory latency per tile
+        // is waited for, not two; it goes to workgroup memory once the scores are done with K.
+        var v_next: array<f32, KV_TILE_PER_THREAD>;
+        for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
+            let e = li + i * WG;
+            if (e < n_keys * hd) {
+                let at = (key0 + e / hd) * kv_stride + kv_head * hd + e % hd;
+                kv_tile[e] = k_cache[at];
+                v_next[i] = v_cache[at];
+            }
         }
         workgroupBarrier();
         // Scores of every (row, key) pair of the tile, the causal mask applied.
@@ -177,8 +120,11 @@ fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             tile_scores[p] = s;
         }
         workgroupBarrier();
-        for (var i = li; i < n_keys * hd; i += WG) {
-            kv_tile[i] = v_cache[(key0 + i / hd) * kv_stride + kv_head * hd + i % hd];
+        for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
+            let e = li + i * WG;
+            if (e < n_keys * hd) {
+                kv_tile[e] = v_next[i];
+            }
         }
         workgroupBarrier();
         // Each thread updates its row's softmax state (the row's threads alike) and its dimensions.
@@ -203,10 +149,56 @@ fn prefill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         workgroupBarrier();
     }
     let row = row0 + my_row;
-    if (row < n_rows) {
-        let head = kv_head * group + row % group;
+    if (row >= n_rows) {
+        return;
+    }
+    let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
+    if (step.key_splits == 1u) {
         for (var i = 0u; i < my_dims; i++) {
-            out[((row / group) * params.n_heads + head) * hd + sub + i * THREADS_PER_ROW] = acc[i] / running_sum;
+            out[token_head * hd + sub + i * THREADS_PER_ROW] = acc[i] / running_sum;
         }
+        return;
+    }
+    // A row with no keys in this split (a token before the split's first key) leaves max MASKED,
+    // sum 0 and outputs 0, which combine weighs as nothing.
+    let partial = token_head * params.split_stride + split;
+    for (var i = 0u; i < my_dims; i++) {
+        partials[partial * hd + sub + i * THREADS_PER_ROW] = acc[i];
+    }
+    if (sub == 0u) {
+        partials[params.stats_offset + 2u * partial] = running_max;
+        partials[params.stats_offset + 2u * partial + 1u] = running_sum;
+    }
+}
+
+// out = the splits' outputs weighed by exp(split max - overall max), over the weighed sums; one
+// workgroup per (head, token), its threads over head dimensions.
+@compute @workgroup_size(WG)
+fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let head = wg.x;
+    let t = wg.y;
+    // One split: attend wrote out.
+    if (head >= params.n_heads || t >= step.n_tokens || step.key_splits == 1u) {
+        return;
+    }
+    let hd = params.head_dim;
+    let first = (t * params.n_heads + head) * params.split_stride;
+    var overall_max = MASKED;
+    for (var s = 0u; s < step.key_splits; s++) {
+        overall_max = max(overall_max, partials[params.stats_offset + 2u * (first + s)]);
+    }
+    var weights: array<f32, MAX_KEY_SPLITS>;
+    var sum = 0.0;
+    for (var s = 0u; s < step.key_splits; s++) {
+        let stats = params.stats_offset + 2u * (first + s);
+        weights[s] = exp(partials[stats] - overall_max);
+        sum += weights[s] * partials[stats + 1u];
+    }
+    for (var d = li; d < hd; d += WG) {
+        var value = 0.0;
+        for (var s = 0u; s < step.key_splits; s++) {
+            value += weights[s] * partials[(first + s) * hd + d];
+        }
+        out[(t * params.n_heads + head) * hd + d] = value / sum;
     }
 }

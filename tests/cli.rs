@@ -85,4 +85,14 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     // and writes 192 outputs.
     let qkv = kernels.iter().find(|k| k["kernel"] == "qkv_proj").unwrap();
     assert_eq!(qkv["bytes_per_token"].as_f64().unwrap(), (3 * (192 * 128 * 4 + 2 * 128 * 4 + 192 * 4)) as f64);
+
+    // 40 positions deep a decode step's 41 keys come in two splits, merged in one more dispatch
+    // per layer.
+    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--profile", "--json"];
+    let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
+    assert_eq!(report["results"][0]["test"], "tg2 @ d40");
+    assert_eq!(report["depth"], 40);
+    assert_eq!(report["dispatches_per_token"], 1 + 3 * 7 + 2);
+    let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
+    assert_eq!(attention["dispatches_per_token"], 6.0);
 }

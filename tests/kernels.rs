@@ -12,7 +12,7 @@ use llama_webgpu::{reference, Gpu, GpuOptions};
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 fn step(gpu: &Gpu, n_tokens: usize, start_pos: usize) -> wgpu::Buffer {
-    ops::step_buffer(gpu, StepParams { n_tokens: n_tokens as u32, start_pos: start_pos as u32, _pad: [0; 2] })
+    ops::step_buffer(gpu, StepParams::new(n_tokens as u32, start_pos as u32, ops::MAX_KEY_SPLITS))
 }
 
 fn read_f32(gpu: &Gpu, buffer: &wgpu::Buffer, n: usize) -> Vec<f32> {
@@ -251,22 +251,30 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
 #[test]
 fn attention_matches_reference_in_both_strategies() {
     let Some(gpu) = gpu() else { return };
-    // Below 8 tokens one query per workgroup (decode), from 8 on query blocks sharing K/V tiles
-    // (prefill). head_dim 130 exercises several dimensions per thread and a 7-key tile; positions
-    // beyond 64 several key blocks; start_pos > 0 a chunked prefill; GQA groups of 1, 3, 4 and 8
-    // lay query blocks over several tokens or heads, and 9, 13 and 37 tokens leave partial blocks.
+    // Below 8 tokens (decode) the keys are cut into splits merged after, from 8 on (prefill) one
+    // split. head_dim 130 exercises several dimensions per thread and a 7-key tile; start_pos > 0 a
+    // chunked prefill; GQA groups of 1, 3, 4 and 8 lay query blocks over several tokens or heads,
+    // and 9, 13 and 37 tokens leave partial blocks. Decode: 32-key splits up to the cap (context
+    // 71-75: 3 splits; 129: 5), a last split that some of the step's tokens do not reach (start
+    // 62, 5 tokens: keys 64-66), wider splits at a long context (1503 keys: 24 of 64, or 3 of 512
+    // under a cap of 3), and one split (a cap of 1, or a context of 1).
     let cases = [
-        (6, 2, 12, 0, 1),
-        (6, 2, 12, 70, 5),
-        (4, 4, 130, 3, 9),
-        (8, 1, 16, 127, 2),
-        (6, 2, 12, 0, 37),
-        (6, 2, 12, 70, 13),
-        (8, 2, 64, 0, 9),
-        (8, 1, 16, 127, 8),
-        (4, 4, 256, 40, 11),
+        (6, 2, 12, 0, 1, 32),
+        (6, 2, 12, 70, 5, 32),
+        (4, 4, 130, 3, 9, 32),
+        (8, 1, 16, 127, 2, 32),
+        (6, 2, 12, 0, 37, 32),
+        (6, 2, 12, 70, 13, 32),
+        (8, 2, 64, 0, 9, 32),
+        (8, 1, 16, 127, 8, 32),
+        (4, 4, 256, 40, 11, 32),
+        (8, 2, 16, 62, 5, 32),
+        (8, 2, 64, 1500, 3, 32),
+        (6, 2, 130, 1500, 1, 3),
+        (8, 2, 16, 200, 4, 1),
+        (4, 1, 256, 300, 7, 32),
     ];
-    for (n_heads, n_kv_heads, head_dim, start_pos, n) in cases {
+    for (n_heads, n_kv_heads, head_dim, start_pos, n, max_key_splits) in cases {
         let context = start_pos + n + 3;
         let mut r = rng((start_pos + head_dim + n) as u64);
         // q rows lead stacked q/k/v rows; the k and v columns after them are not read.
@@ -277,11 +285,35 @@ fn attention_matches_reference_in_both_strategies() {
         let v_cache = random_vec(&mut r, context * n_kv_heads * head_dim, 1.0);
         let buffers = [&qkv, &k_cache, &v_cache].map(|v| gpu.storage_buffer_with("in", v));
         let out = gpu.storage_buffer("out", (q.len() * 4) as u64);
-        let op = ops::attention(&gpu, &buffers[0], q_stride, &buffers[1], &buffers[2], &out, n_heads, n_kv_heads, head_dim, &step(&gpu, n, start_pos));
-        run(&gpu, |pass| op.encode(pass, n as u32));
+        let partials = gpu.storage_buffer("partials", ops::attention_partials_bytes(n_heads, head_dim, max_key_splits));
+        let step = StepParams::new(n as u32, start_pos as u32, max_key_splits);
+        let step_buffer = ops::step_buffer(&gpu, step);
+        let op = ops::attention(&gpu, &buffers[0], q_stride, &buffers[1], &buffers[2], &out, &partials, max_key_splits, n_heads, n_kv_heads, head_dim, &step_buffer);
+        run(&gpu, |pass| op.encode(pass, &step));
         let want = reference::attention(&q, &k_cache, &v_cache, start_pos, n_heads, n_kv_heads, head_dim);
-        let what = format!("attention heads {n_heads}/{n_kv_heads} hd {head_dim} start {start_pos} n {n}");
+        let what = format!("attention heads {n_heads}/{n_kv_heads} hd {head_dim} start {start_pos} n {n} splits <= {max_key_splits}");
         assert_close(&what, &read_f32(&gpu, &out, want.len()), &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn decode_steps_split_their_keys() {
+    let split = |n, start, cap| {
+        let s = StepParams::new(n, start, cap);
+        (s.keys_per_split, s.key_splits)
+    };
+    assert_eq!(split(1, 0, 32), (32, 1));
+    assert_eq!(split(1, 32, 32), (32, 2));
+    assert_eq!(split(1, 639, 32), (32, 20));
+    assert_eq!(split(1, 2047, 32), (64, 32));
+    assert_eq!(split(3, 1500, 32), (64, 24));
+    assert_eq!(split(1, 131_071, 32), (4096, 32));
+    assert_eq!(split(1, 1000, 1), (1024, 1));
+    // Prefill attends in one split.
+    assert_eq!(split(8, 1000, 32), (1008, 1));
+    for (n, start, cap) in [(1, 0, 32), (7, 93, 5), (2, 100_000, 32), (1, 31, 2)] {
+        let (keys, splits) = split(n, start, cap);
+        assert!(splits <= cap && keys * splits >= n + start && keys * (splits - 1) < n + start, "{n} tokens from {start}, cap {cap}");
     }
 }
 

@@ -123,7 +123,7 @@ fn a_tiny_binding_limit_splits_weights_and_keeps_the_logits() {
     for name in FIXTURES {
         let whole = load_model(&gpu, name, &LoadOptions::default()).unwrap();
         let mut split = load_model(&small, name, &LoadOptions::default()).unwrap();
-        assert!(split.dispatches_per_token() > whole.dispatches_per_token(), "{name}: nothing was split");
+        assert!(split.dispatches_per_token(0) > whole.dispatches_per_token(0), "{name}: nothing was split");
         assert!(split.max_batch() < 80, "{name}: the batch should shrink to the limit");
         for case in golden(name).logits {
             let logits = pollster::block_on(split.forward(&case.tokens, 0)).unwrap();
@@ -167,7 +167,7 @@ fn stacked_tensors_in_different_formats_load_as_blocks_of_their_own() {
     let mut mixed = pollster::block_on(llama_webgpu::Llama::load(&gpu, config, &source, &LoadOptions::default(), &mut |_| {})).unwrap();
     let uniform = load_model(&gpu, name, &LoadOptions::default()).unwrap();
     let layers = mixed.config().n_layers;
-    assert_eq!(mixed.dispatches_per_token(), uniform.dispatches_per_token() + 3 * layers);
+    assert_eq!(mixed.dispatches_per_token(0), uniform.dispatches_per_token(0) + 3 * layers);
     for case in golden(name).logits {
         let logits = pollster::block_on(mixed.forward(&case.tokens, 0)).unwrap();
         assert_close(&format!("mixed formats, prompt of {}", case.tokens.len()), &logits, &case.last_logits, ATOL, RTOL);

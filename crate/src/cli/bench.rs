@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Tokens to generate (0 skips generation).
     #[arg(short = 'n', long, default_value = "128", value_delimiter = ',')]
     generate: Vec<usize>,
+    /// Tokens already in the KV cache when each test starts (llama-bench's depth): prefill and
+    /// decode at a long context.
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
@@ -107,7 +111,8 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     if args.profile && !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
         bail!("--profile: the adapter {:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed", gpu.info.name);
     }
-    let longest = args.prompt.iter().max().copied().unwrap_or(0) + args.generate.iter().max().copied().unwrap_or(0) + 1;
+    let depth = args.depth;
+    let longest = depth + args.prompt.iter().max().copied().unwrap_or(0) + args.generate.iter().max().copied().unwrap_or(0) + 1;
     let options = LoadOptions { context_length: Some(longest.max(16)), ..Default::default() };
     let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
         (Some(name), _) => {
@@ -135,15 +140,20 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     let tokens: Vec<u32> = (0..longest as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
     // A warm-up pass compiles pipelines and touches every buffer.
     model.forward_greedy(&tokens[..1], 0).await?;
+    // The tests write positions from depth on, so the context before it is filled once.
+    if depth > 0 {
+        model.forward_greedy(&tokens[..depth], 0).await?;
+    }
+    let at_depth = |test: String| if depth > 0 { format!("{test} @ d{depth}") } else { test };
     let mut samples = vec![];
     for &n in args.prompt.iter().filter(|&&n| n > 0) {
         let mut rates = vec![];
         for _ in 0..args.repetitions {
             let started = Instant::now();
-            model.forward_greedy(&tokens[..n], 0).await?;
+            model.forward_greedy(&tokens[depth..depth + n], depth).await?;
             rates.push(n as f64 / started.elapsed().as_secs_f64());
         }
-        samples.push(Sample { test: format!("pp{n}"), tokens_per_second: rates, encode_us_per_token: None });
+        samples.push(Sample { test: at_depth(format!("pp{n}")), tokens_per_second: rates, encode_us_per_token: None });
     }
     for &n in args.generate.iter().filter(|&&n| n > 0) {
         let mut rates = vec![];
@@ -154,32 +164,32 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
             // As the engine decodes: each step is submitted before the token it takes from the GPU
             // is read back (unless --sync).
             let submitting = Instant::now();
-            model.submit_greedy(&tokens[..1], 0)?;
+            model.submit_greedy(&tokens[depth..depth + 1], depth)?;
             encoding += submitting.elapsed();
-            for position in 1..=n {
-                if position < n && !args.sync {
+            for step in 1..=n {
+                if step < n && !args.sync {
                     let submitting = Instant::now();
-                    model.submit_greedy_next(position)?;
+                    model.submit_greedy_next(depth + step)?;
                     encoding += submitting.elapsed();
                 }
                 let token = model.read_greedy().await?;
-                if position < n && args.sync {
+                if step < n && args.sync {
                     let submitting = Instant::now();
-                    model.submit_greedy(&[token], position)?;
+                    model.submit_greedy(&[token], depth + step)?;
                     encoding += submitting.elapsed();
                 }
             }
             rates.push(n as f64 / started.elapsed().as_secs_f64());
             encode.push(encoding.as_secs_f64() * 1e6 / n as f64);
         }
-        samples.push(Sample { test: format!("tg{n}"), tokens_per_second: rates, encode_us_per_token: Some(encode) });
+        samples.push(Sample { test: at_depth(format!("tg{n}")), tokens_per_second: rates, encode_us_per_token: Some(encode) });
     }
     let profile = if args.profile {
         // As many decode steps as the longest tg test, at least one.
         let steps = args.generate.iter().max().copied().unwrap_or(0).max(1);
         let mut times = vec![];
-        let mut token = tokens[0];
-        for position in 0..steps {
+        let mut token = tokens[depth];
+        for position in depth..depth + steps {
             let (next, step) = model.profile_greedy(&[token], position).await?;
             times.extend(step);
             token = next;
@@ -191,13 +201,13 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     // One pass over the longest prompt, timed the same way.
     let prefill_profile = match args.prompt.iter().max() {
         Some(&n) if args.profile && n > 0 => {
-            let (_, times) = model.profile_greedy(&tokens[..n], 0).await?;
+            let (_, times) = model.profile_greedy(&tokens[depth..depth + n], depth).await?;
             Some((n, kernel_profile(&times, 1)))
         }
         _ => None,
     };
     let bytes_per_token = dtype.map(|d| weight_bytes_per_token(model.config(), d));
-    report(&gpu, &label, dtype, &model, &samples, bytes_per_token, args.bandwidth_gbps, profile.as_deref(), args.json);
+    report(&gpu, &label, dtype, &model, depth, &samples, bytes_per_token, args.bandwidth_gbps, profile.as_deref(), args.json);
     if let Some((n, kernels)) = prefill_profile {
         report_prefill(n, &kernels, args.json);
     }
@@ -263,6 +273,7 @@ fn report(
     label: &str,
     dtype: Option<DType>,
     model: &Llama,
+    depth: usize,
     samples: &[Sample],
     bytes_per_token: Option<u64>,
     bandwidth_gbps: Option<f64>,
@@ -310,7 +321,8 @@ fn report(
             "adapter": gpu.info.name,
             "backend": format!("{:?}", gpu.info.backend),
             "layers": model.config().n_layers,
-            "dispatches_per_token": model.dispatches_per_token(),
+            "depth": depth,
+            "dispatches_per_token": model.dispatches_per_token(depth),
             "weight_bytes_per_token": bytes_per_token,
             "bandwidth_gbps": bandwidth_gbps,
             "results": rows,
@@ -351,5 +363,5 @@ fn report(
     if let Some(bytes) = bytes_per_token {
         println!("weights read per token: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
     }
-    println!("dispatches per token: {}", model.dispatches_per_token());
+    println!("dispatches per token at position {depth}: {}", model.dispatches_per_token(depth));
 }

@@ -78,7 +78,7 @@ kernel!(ROPE, "rope", [Storage, StorageMut, StorageMut, StorageMut, Uniform, Uni
 // The hot kernel: rows, columns and tokens are checked against params; reads past a part's
 // last row stay within the padding of its last word.
 kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: true);
-kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, Uniform, Uniform]);
+kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
 kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
 kernel!(FILL, "fill", [StorageMut, Uniform]);

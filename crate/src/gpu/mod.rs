@@ -63,13 +63,16 @@ pub struct GpuOptions {
     pub f16_tiles: bool,
 }
 
+/// Storage buffers of the kernel with the most (attention.wgsl); WebGPU grants 8 everywhere.
+const STORAGE_BUFFERS: u64 = 5;
+
 /// What the engine needs from every adapter, whatever the model.
 const REQUIRED: [(&str, fn(&wgpu::Limits) -> u64, u64); 6] = [
     ("max_compute_invocations_per_workgroup", |l| l.max_compute_invocations_per_workgroup as u64, 256),
     ("max_compute_workgroup_size_x", |l| l.max_compute_workgroup_size_x as u64, 256),
     ("max_compute_workgroup_size_y", |l| l.max_compute_workgroup_size_y as u64, 16),
     ("max_compute_workgroup_storage_size", |l| l.max_compute_workgroup_storage_size as u64, 16352),
-    ("max_storage_buffers_per_shader_stage", |l| l.max_storage_buffers_per_shader_stage as u64, 4),
+    ("max_storage_buffers_per_shader_stage", |l| l.max_storage_buffers_per_shader_stage as u64, STORAGE_BUFFERS),
     ("max_uniform_buffers_per_shader_stage", |l| l.max_uniform_buffers_per_shader_stage as u64, 2),
 ];
 
@@ -111,6 +114,7 @@ impl Gpu {
         limits.max_buffer_size = available.max_buffer_size;
         limits.max_compute_workgroups_per_dimension = available.max_compute_workgroups_per_dimension;
         limits.max_compute_workgroup_storage_size = available.max_compute_workgroup_storage_size;
+        limits.max_storage_buffers_per_shader_stage = STORAGE_BUFFERS as u32;
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
@@ -157,7 +161,7 @@ impl Gpu {
 
     /// Fails with a named limit when one buffer of `bytes` cannot be bound as a whole.
     pub fn check_binding(&self, what: &'static str, bytes: u64) -> Result<(), GpuError> {
-        let available = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        let available = self.max_binding();
         if bytes > available {
             return Err(GpuError::Limit {
                 adapter: self.info.name.clone(),
@@ -167,6 +171,11 @@ impl Gpu {
             });
         }
         Ok(())
+    }
+
+    /// The largest buffer a kernel can bind.
+    pub fn max_binding(&self) -> u64 {
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 
     /// A storage buffer of `bytes`, zeroed, usable as kernel input and output and for copies.

@@ -7,13 +7,30 @@ use super::kernels::{self, Kernel, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
-/// Per-pass values every token-wise kernel reads: the number of tokens and the first one's position.
+/// Per-pass values every token-wise kernel reads: the number of tokens and the first one's position,
+/// and how attention splits the keys (see [`StepParams::new`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct StepParams {
     pub n_tokens: u32,
     pub start_pos: u32,
-    pub _pad: [u32; 2],
+    pub keys_per_split: u32,
+    pub key_splits: u32,
+}
+
+impl StepParams {
+    /// A pass of `n_tokens` from `start_pos`. A decode pass (fewer than GEMV_MAX_TOKENS tokens)
+    /// cuts its keys into up to `max_key_splits` splits of a multiple of MIN_SPLIT_KEYS, attended
+    /// in parallel and merged after; a prefill pass has query blocks enough to fill the GPU, so one.
+    pub fn new(n_tokens: u32, start_pos: u32, max_key_splits: u32) -> Self {
+        let context = (start_pos + n_tokens).max(1);
+        let keys_per_split = if n_tokens < GEMV_MAX_TOKENS {
+            context.div_ceil(max_key_splits.max(1)).next_multiple_of(MIN_SPLIT_KEYS)
+        } else {
+            context
+        };
+        Self { n_tokens, start_pos, keys_per_split, key_splits: context.div_ceil(keys_per_split) }
+    }
 }
 
 #[repr(C)]
@@ -46,7 +63,9 @@ pub struct AttentionParams {
     pub head_dim: u32,
     pub scale: f32,
     pub q_stride: u32,
-    pub _pad: [u32; 3],
+    pub split_stride: u32,
+    pub stats_offset: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -94,8 +113,14 @@ pub const GEMV_MAX_TOKENS: u32 = 8;
 /// Tokens and rows per workgroup of matmul.wgsl's tiled (its TILE and TILE_ROWS).
 const TILE: u32 = 32;
 const TILE_ROWS: u32 = 64;
-/// Query rows per workgroup of attention.wgsl's prefill (its QUERY_BLOCK).
+/// Query rows per workgroup of attention.wgsl for prefill (its MAX_QUERY_BLOCK, QUERY_BLOCK's default).
 const ATTENTION_QUERY_BLOCK: u32 = 8;
+/// The most key splits of a decode pass (attention.wgsl's MAX_KEY_SPLITS): with 8 KV heads, 256
+/// workgroups, about two per SM of an H100/H200.
+pub const MAX_KEY_SPLITS: u32 = 32;
+/// The fewest keys a split attends to: a few K/V tiles, so that its work outweighs writing and
+/// merging its partial output.
+const MIN_SPLIT_KEYS: u32 = 32;
 /// Rows per workgroup of matmul.wgsl's gemv_blocks (its GEMV_BLOCK_ROWS).
 const GEMV_BLOCK_ROWS: u32 = 4;
 const WG_1D: u32 = 64;
@@ -107,8 +132,8 @@ enum Grid {
     PerToken(u32),
     /// (x, ceil(n / tile), 1).
     TokenTiles { x: u32, tile: u32 },
-    /// (x, ceil(n * rows_per_token / block), 1).
-    RowBlocks { x: u32, rows_per_token: u32, block: u32 },
+    /// (x, ceil(n * rows_per_token / block), z).
+    RowBlocks { x: u32, rows_per_token: u32, block: u32, z: u32 },
     /// Rows folded over x and y to respect the per-dimension limit, tokens in z.
     RowsByToken { x: u32, y: u32 },
     Fixed([u32; 3]),
@@ -119,7 +144,7 @@ impl Grid {
         match self {
             Grid::PerToken(x) => [x, n, 1],
             Grid::TokenTiles { x, tile } => [x, n.div_ceil(tile), 1],
-            Grid::RowBlocks { x, rows_per_token, block } => [x, (n * rows_per_token).div_ceil(block), 1],
+            Grid::RowBlocks { x, rows_per_token, block, z } => [x, (n * rows_per_token).div_ceil(block), z],
             Grid::RowsByToken { x, y } => [x, y, n],
             Grid::Fixed(size) => size,
         }
@@ -397,8 +422,28 @@ fn weight_op(
     Op { dispatches }
 }
 
+/// The most key splits a model's decode passes have: MAX_KEY_SPLITS, fewer where the context is
+/// short or the partials would pass the binding limit.
+pub fn max_key_splits(gpu: &Gpu, n_heads: usize, head_dim: usize, context: usize) -> u32 {
+    let by_context = (context as u32).div_ceil(MIN_SPLIT_KEYS);
+    let by_binding = gpu.max_binding() / attention_partials_bytes(n_heads, head_dim, 1);
+    MAX_KEY_SPLITS.min(by_context).min(by_binding.min(u32::MAX as u64) as u32).max(1)
+}
+
+/// Bytes of the scratch buffer through which [`attention`] merges a decode pass's key splits: an
+/// output of head_dim and its (max, sum) per (token, head, split).
+pub fn attention_partials_bytes(n_heads: usize, head_dim: usize, max_key_splits: u32) -> u64 {
+    4 * partial_rows(n_heads, max_key_splits) * (head_dim as u64 + 2)
+}
+
+fn partial_rows(n_heads: usize, max_key_splits: u32) -> u64 {
+    (GEMV_MAX_TOKENS - 1) as u64 * n_heads as u64 * max_key_splits as u64
+}
+
 /// Causal grouped-query attention of (n_tokens) queries over the KV cache; token rows of `q` lie
-/// `q_stride` elements apart, its heads first.
+/// `q_stride` elements apart, its heads first. A decode pass splits the keys (flash-decoding, up
+/// to `max_key_splits` splits as StepParams::new cut them) and merges the splits' outputs through
+/// `partials` (attention_partials_bytes long, shared by every layer); a prefill pass attends in one.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
@@ -407,30 +452,70 @@ pub fn attention(
     k_cache: &wgpu::Buffer,
     v_cache: &wgpu::Buffer,
     out: &wgpu::Buffer,
+    partials: &wgpu::Buffer,
+    max_key_splits: u32,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
     step: &wgpu::Buffer,
-) -> ByTokens {
+) -> Attention {
     let params = AttentionParams {
         n_heads: n_heads as u32,
         n_kv_heads: n_kv_heads as u32,
         head_dim: head_dim as u32,
         scale: 1.0 / (head_dim as f32).sqrt(),
         q_stride: q_stride as u32,
-        _pad: [0; 3],
+        split_stride: max_key_splits,
+        stats_offset: (partial_rows(n_heads, max_key_splits) * head_dim as u64) as u32,
+        _pad: 0,
     };
     let params = gpu.uniform_buffer("attention params", &params);
-    let buffers = [q, k_cache, v_cache, out, &params, step];
+    let buffers = [q, k_cache, v_cache, out, partials, &params, step];
     // q and out, plus a key and a value row of every KV head per attended position.
     let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 8 * (n_kv_heads * head_dim) as u64 };
     let group = (n_heads / n_kv_heads) as u32;
-    let block_grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block: ATTENTION_QUERY_BLOCK };
-    ByTokens {
-        few: Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "decode", &[], &buffers, Grid::PerToken(n_heads as u32), traffic)] },
-        many: Op { dispatches: vec![dispatch(gpu, &kernels::ATTENTION, "prefill", &[], &buffers, block_grid, traffic)] },
+    // A decode token's query rows are its GQA group: blocks of that many (a power of two) waste
+    // no rows on one token; prefill fills blocks of 8 with several tokens.
+    let decode_block = group.next_power_of_two().min(ATTENTION_QUERY_BLOCK);
+    let attend = |block: u32, splits: u32| {
+        let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
+        dispatch(gpu, &kernels::ATTENTION, "attend", &[("QUERY_BLOCK", block as f64)], &buffers, grid, traffic)
+    };
+    // Splits past the pass's key_splits return at once; the merge reads at most every split.
+    let partial_bytes = 4 * (n_heads * (head_dim + 2)) as u64 * max_key_splits as u64;
+    let combine = dispatch(gpu, &kernels::ATTENTION, "combine", &[], &buffers, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes));
+    Attention {
+        prefill: Op { dispatches: vec![attend(ATTENTION_QUERY_BLOCK, 1)] },
+        decode: Op { dispatches: vec![attend(decode_block, 1)] },
+        decode_split: Op { dispatches: vec![attend(decode_block, max_key_splits), combine] },
     }
 }
+
+/// Attention bound for each kind of pass: prefill, and decode with its keys whole or in splits
+/// merged after.
+pub struct Attention {
+    prefill: Op,
+    decode: Op,
+    decode_split: Op,
+}
+
+impl Attention {
+    /// The dispatches of a pass of `step` (the step buffer's value).
+    pub fn for_step(&self, step: &StepParams) -> &Op {
+        if step.n_tokens >= GEMV_MAX_TOKENS {
+            &self.prefill
+        } else if step.key_splits > 1 {
+            &self.decode_split
+        } else {
+            &self.decode
+        }
+    }
+
+    pub fn encode(&self, pass: &mut wgpu::ComputePass, step: &StepParams) {
+        self.for_step(step).encode(pass, step.n_tokens);
+    }
+}
+
 
 /// out[0] = the index of the largest of `n` logits, as f32 like the token ids the embedding reads.
 pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {

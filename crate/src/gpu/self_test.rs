@@ -21,9 +21,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     // Token rows of 2k: x and, for the SiLU-gated input, the up half after it.
     let x = inputs(n * 2 * k, 2);
     let x_buffer = gpu.storage_buffer_with("self-test x", &x);
-    let step = |n: usize, start_pos: usize| {
-        ops::step_buffer(gpu, StepParams { n_tokens: n as u32, start_pos: start_pos as u32, _pad: [0; 2] })
-    };
+    // Two key splits at most: the partials stay small enough for any binding limit.
+    let max_key_splits = 2;
+    let step = |n: usize, start_pos: usize| ops::step_buffer(gpu, StepParams::new(n as u32, start_pos as u32, max_key_splits));
     let norm = inputs(k, 3);
     let norm_buffer = gpu.storage_buffer_with("self-test norm", &norm);
     let (gate, up): (Vec<f32>, Vec<f32>) = (x.chunks(k).step_by(2).flatten().copied().collect(), x.chunks(k).skip(1).step_by(2).flatten().copied().collect());
@@ -45,15 +45,23 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         }
     }
 
-    // Four query heads over two KV heads of 16, nine tokens after five cached positions.
-    let (heads, kv_heads, head_dim, start) = (4, 2, 16, 5);
-    let q = inputs(n * heads * head_dim, 4);
-    let (keys, values) = (inputs((start + n) * kv_heads * head_dim, 5), inputs((start + n) * kv_heads * head_dim, 6));
-    let buffers = [&q, &keys, &values].map(|v| gpu.storage_buffer_with("self-test attention", v));
-    let attended = gpu.storage_buffer("self-test attended", (q.len() * 4) as u64);
-    let op = ops::attention(gpu, &buffers[0], heads * head_dim, &buffers[1], &buffers[2], &attended, heads, kv_heads, head_dim, &step(n, start));
-    gpu.run(|pass| op.encode(pass, n as u32)).await?;
-    compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim), 1e-4).await?;
+    // Four query heads over two KV heads of 16: nine tokens after five cached positions (prefill),
+    // and three after forty (decode, its keys in two splits).
+    let (heads, kv_heads, head_dim) = (4, 2, 16);
+    let context = 43;
+    let (keys, values) = (inputs(context * kv_heads * head_dim, 5), inputs(context * kv_heads * head_dim, 6));
+    let caches = [&keys, &values].map(|v| gpu.storage_buffer_with("self-test kv cache", v));
+    let partials = gpu.storage_buffer("self-test partials", ops::attention_partials_bytes(heads, head_dim, max_key_splits));
+    for (tokens, start) in [(n, 5), (3, 40)] {
+        let q = inputs(tokens * heads * head_dim, 4);
+        let q_buffer = gpu.storage_buffer_with("self-test q", &q);
+        let attended = gpu.storage_buffer("self-test attended", (q.len() * 4) as u64);
+        let step_params = StepParams::new(tokens as u32, start as u32, max_key_splits);
+        let step_buffer = ops::step_buffer(gpu, step_params);
+        let op = ops::attention(gpu, &q_buffer, heads * head_dim, &caches[0], &caches[1], &attended, &partials, max_key_splits, heads, kv_heads, head_dim, &step_buffer);
+        gpu.run(|pass| op.encode(pass, &step_params)).await?;
+        compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim), 1e-4).await?;
+    }
 
     let best = gpu.storage_buffer("self-test argmax", 4);
     let op = ops::argmax(gpu, &x_buffer, &best, x.len());

@@ -29,7 +29,7 @@ impl WeightMatrix {
             Some(bytes) if cols % 2 == 0 => bytes as u64,
             _ => return Err(GpuError::RowLayout { tensor: label.to_string(), cols, dtype }),
         };
-        let max_part = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
+        let max_part = gpu.max_binding();
         let fitting_rows = (max_part / row_bytes.max(1)) as usize;
         let rows_per_part = if fitting_rows >= rows { rows.max(1) } else { fitting_rows / 2 * 2 };
         if rows_per_part == 0 {

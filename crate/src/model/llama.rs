@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
+use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -198,7 +198,7 @@ async fn upload_weights(
 struct Layer {
     qkv_proj: ByTokens,     // qkv = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T
     rope: Op,             // q = rope(q, pos); k_cache[pos] = rope(k, pos); v_cache[pos] = v
-    attention: ByTokens,    // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
+    attention: Attention,   // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
     o_proj: ByTokens,       // x += attn @ o_proj.T
     gate_up_proj: ByTokens, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
     down_proj: ByTokens,    // x += (silu(gate) * up) @ down_proj.T
@@ -209,6 +209,7 @@ pub struct Llama {
     gpu: Gpu,
     config: Config,
     max_batch: usize,
+    max_key_splits: u32,          // of a decode pass's attention (StepParams::new)
     kv_cache: KvCache,
     tokens_processed: u64,
     step: wgpu::Buffer,           // StepParams of the pass being run
@@ -275,7 +276,7 @@ impl Llama {
         let qkv_dim = c.q_dim() + 2 * c.kv_dim();
         let gate_up_dim = 2 * c.intermediate_size;
         let widest_row = 4 * c.hidden_size.max(qkv_dim).max(gate_up_dim) as u64;
-        let binding = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
+        let binding = gpu.max_binding();
         let max_batch = options.max_batch.min((binding / widest_row) as usize);
         if max_batch == 0 {
             gpu.check_binding("activation row", widest_row)?;
@@ -287,11 +288,13 @@ impl Llama {
         let kv_cache = KvCache::new(gpu, c, context).await?;
         let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
         let step = ops::step_buffer(gpu, StepParams::default());
-        let one_token = ops::step_buffer(gpu, StepParams { n_tokens: 1, ..Default::default() });
+        let one_token = ops::step_buffer(gpu, StepParams::new(1, 0, 1));
         let tokens = gpu.storage_buffer("tokens", 4 * max_batch as u64);
         let x = f32_buffer("x", max_batch * c.hidden_size);
         let qkv = f32_buffer("qkv", max_batch * qkv_dim);
         let attn = f32_buffer("attn", max_batch * c.q_dim());
+        let max_key_splits = ops::max_key_splits(gpu, c.n_heads, c.head_dim, context);
+        let attention_partials = gpu.storage_buffer("attention partials", ops::attention_partials_bytes(c.n_heads, c.head_dim, max_key_splits));
         let gate_up = f32_buffer("gate_up", max_batch * gate_up_dim);
         let x_last = f32_buffer("x_last", c.hidden_size);
         let logits = f32_buffer("logits", c.vocab_size);
@@ -322,7 +325,7 @@ impl Llama {
             layers.push(Layer {
                 qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, rows(qkv_dim), &step),
                 rope: ops::rope(gpu, &cos_sin, &qkv, k_cache, v_cache, rope_params, &step),
-                attention: ops::attention(gpu, &qkv, qkv_dim, k_cache, v_cache, &attn, c.n_heads, c.n_kv_heads, c.head_dim, &step),
+                attention: ops::attention(gpu, &qkv, qkv_dim, k_cache, v_cache, &attn, &attention_partials, max_key_splits, c.n_heads, c.n_kv_heads, c.head_dim, &step),
                 o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, residual(c.q_dim()), &step),
                 gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, rows(gate_up_dim), &step),
                 down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, residual(gate_up_dim), &step),
@@ -338,6 +341,7 @@ impl Llama {
         Ok(Self {
             gpu: gpu.clone(),
             max_batch,
+            max_key_splits,
             kv_cache,
             tokens_processed: 0,
             step,
@@ -379,10 +383,15 @@ impl Llama {
         self.tokens_processed
     }
 
-    /// Compute dispatches of a one-token pass that returns a greedy token.
-    pub fn dispatches_per_token(&self) -> usize {
-        let (blocks, head) = self.plan(1, &Output::Argmax(0));
+    /// Compute dispatches of a one-token pass at `position` that returns a greedy token (past
+    /// the first keys of a split, attention merges its splits in one more per layer).
+    pub fn dispatches_per_token(&self, position: usize) -> usize {
+        let (blocks, head) = self.plan(&self.step_params(1, position), &Output::Argmax(0));
         blocks.len() + head.len()
+    }
+
+    fn step_params(&self, n_tokens: usize, start_pos: usize) -> StepParams {
+        StepParams::new(n_tokens as u32, start_pos as u32, self.max_key_splits)
     }
 
     /// Runs a greedy pass of `tokens` at positions start_pos.. (one token: a decode step; more: a
@@ -390,7 +399,8 @@ impl Llama {
     /// [`crate::GpuOptions::timestamps`] on an adapter that has them. Bytes are a one-token pass's.
     pub async fn profile_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<(u32, Vec<DispatchTime>)> {
         let passes = tokens.len().div_ceil(self.max_batch).max(1);
-        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token() * passes)?;
+        // A one-token pass at the last position has the most dispatches.
+        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token(start_pos + tokens.len()) * passes)?;
         self.submit_argmax(Tokens::Host(tokens), start_pos, Some(&mut timer))?;
         let next = self.read_greedy().await?;
         Ok((next, timer.read(&self.gpu, start_pos + tokens.len().saturating_sub(1)).await?))
@@ -521,14 +531,14 @@ impl Llama {
         let mut submission = None;
         for (i, chunk) in chunks.into_iter().enumerate() {
             let n = chunk.map_or(1, <[u32]>::len) as u32;
-            let step = StepParams { n_tokens: n, start_pos: (start_pos + i * self.max_batch) as u32, _pad: [0; 2] };
+            let step = self.step_params(n as usize, start_pos + i * self.max_batch);
             self.gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
             if let Some(chunk) = chunk {
                 let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
                 self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
             }
             let last = i + 1 == n_chunks;
-            let (blocks, head) = self.plan(n, &output);
+            let (blocks, head) = self.plan(&step, &output);
             let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
             encode(&mut encoder, &blocks, n, timer.as_deref_mut())?;
             if last {
@@ -555,10 +565,11 @@ impl Llama {
         submission.ok_or_else(|| ModelError::EmptyInput.into())
     }
 
-    /// The dispatches of a pass over `n` tokens, in order, each named by what it computes: the
+    /// The dispatches of a pass of `step`, in order, each named by what it computes: the
     /// blocks, then the head, which runs on the last token's row (copied to x_last in between).
     /// Encoding, the dispatch count and the profile all read this one list.
-    fn plan(&self, n: u32, output: &Output) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
+    fn plan(&self, step: &StepParams, output: &Output) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
+        let n = step.n_tokens;
         fn add<'a>(list: &mut Vec<Named<'a>>, name: &'static str, op: &'a Op) {
             list.extend(op.dispatches().iter().map(|d| (name, d)));
         }
@@ -567,7 +578,7 @@ impl Llama {
         for l in &self.layers {
             add(&mut blocks, "qkv_proj", l.qkv_proj.for_tokens(n));
             add(&mut blocks, "rope", &l.rope);
-            add(&mut blocks, "attention", l.attention.for_tokens(n));
+            add(&mut blocks, "attention", l.attention.for_step(step));
             add(&mut blocks, "o_proj", l.o_proj.for_tokens(n));
             add(&mut blocks, "gate_up_proj", l.gate_up_proj.for_tokens(n));
             add(&mut blocks, "down_proj", l.down_proj.for_tokens(n));
