@@ -1,12 +1,13 @@
-// Fills a buffer with hashed words whose 16-bit halves are all finite numbers below 1 in
-// magnitude as f16 or bf16 (exponent bits capped), so synthetic weights of any format compute
-// finite results: benchmarks build models of real shapes on the GPU without a download.
+// Fills a buffer with hashed words, exponent bits cleared by a mask so that every value is finite
+// and small (crate::gpu::ops::fill_mask): synthetic weights of any format then compute finite
+// results, even through f16 tiles, and benchmarks build models of real shapes on the GPU without a
+// download.
 
 struct Params {
     words: u32,
     seed: u32,
-    _pad0: u32,
-    _pad1: u32,
+    mask: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read_write> out: array<u32>; // (words)
@@ -29,5 +30,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if (i >= params.words) {
         return;
     }
-    out[i] = hash(i ^ hash(params.seed)) & 0xbbffbbffu;
+    out[i] = hash(i ^ hash(params.seed)) & params.mask;
 }

@@ -403,18 +403,21 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
 }
 
 #[test]
-fn fill_matches_reference_and_decodes_to_finite_weights() {
+fn fill_matches_reference_and_decodes_to_small_finite_weights() {
     let Some(gpu) = gpu() else { return };
     let buffer = gpu.storage_buffer("w", 4 * 10_007);
-    let op = ops::fill(&gpu, &buffer, 42);
-    run(&gpu, |pass| op.encode(pass, 1));
-    let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&buffer, 4 * 10_007)).unwrap());
-    let want: Vec<u32> = (0..10_007).map(|i| reference::fill_word(i, 42)).collect();
-    assert_eq!(words, want);
-    let bytes: Vec<u8> = bytemuck::cast_slice(&words).to_vec();
-    for dtype in [DType::F16, DType::BF16, DType::Q4_0, DType::Q8_0, DType::Q4K, DType::Q6K] {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
+        let mask = ops::fill_mask(dtype);
+        let op = ops::fill(&gpu, &buffer, 42, mask);
+        run(&gpu, |pass| op.encode(pass, 1));
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&buffer, 4 * 10_007)).unwrap());
+        let want: Vec<u32> = (0..10_007).map(|i| reference::fill_word(i, 42, mask)).collect();
+        assert_eq!(words, want, "{dtype}");
+        let bytes: Vec<u8> = bytemuck::cast_slice(&words).to_vec();
         let whole = bytes.len() / dtype.block().1 * dtype.block().1;
-        assert!(dtype.to_f32(&bytes[..whole]).unwrap().iter().all(|v| v.is_finite()), "{dtype}");
+        // Small like a real model's weights, so random activations stay inside f16's range.
+        let largest = dtype.to_f32(&bytes[..whole]).unwrap().iter().fold(0.0f32, |m, v| if v.is_finite() { m.max(v.abs()) } else { f32::INFINITY });
+        assert!(largest < 2.0, "{dtype}: largest weight {largest}");
     }
 }
 

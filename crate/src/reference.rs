@@ -114,8 +114,8 @@ pub fn top_k(values: &[f32], k: usize, temperature: f32) -> (Vec<(u32, f32)>, f3
     (ranked, max, exp_sum)
 }
 
-/// shaders/fill.wgsl: word i of a synthetic weight buffer.
-pub fn fill_word(i: u32, seed: u32) -> u32 {
+/// shaders/fill.wgsl: word i of a synthetic weight buffer, masked by `mask`.
+pub fn fill_word(i: u32, seed: u32, mask: u32) -> u32 {
     fn hash(mut x: u32) -> u32 {
         x ^= x >> 16;
         x = x.wrapping_mul(0x7feb352d);
@@ -123,5 +123,5 @@ pub fn fill_word(i: u32, seed: u32) -> u32 {
         x = x.wrapping_mul(0x846ca68b);
         x ^ (x >> 16)
     }
-    hash(i ^ hash(seed)) & 0xbbffbbff
+    hash(i ^ hash(seed)) & mask
 }

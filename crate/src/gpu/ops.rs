@@ -89,13 +89,25 @@ pub struct TopKParams {
 pub struct FillParams {
     pub words: u32,
     pub seed: u32,
-    pub _pad: [u32; 2],
+    pub mask: u32,
+    pub _pad: u32,
 }
 
-/// Fills `buffer` (its whole size) with the hashed words of fill.wgsl.
-pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, seed: u32) -> Op {
+/// The bits fill.wgsl keeps of each hashed word for weights of `dtype`. f32 and bf16: the
+/// exponent's top and fifth bits cleared, |value| < 2^-7. f16 and the blocks' f16 scales: the top
+/// three, |scale| < 2^-11, so that even q6_k's weights (scale x int8 x 32) stay below 2 and a
+/// random model's activations stay well inside f16's range, like a real model's.
+pub fn fill_mask(dtype: DType) -> u32 {
+    match dtype {
+        DType::F32 | DType::BF16 => 0xbbff_bbff,
+        _ => 0x8fff_8fff,
+    }
+}
+
+/// Fills `buffer` (its whole size) with the hashed words of fill.wgsl, masked by `mask`.
+pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, seed: u32, mask: u32) -> Op {
     let words = (buffer.size() / 4) as u32;
-    let params = gpu.uniform_buffer("fill params", &FillParams { words, seed, _pad: [0; 2] });
+    let params = gpu.uniform_buffer("fill params", &FillParams { words, seed, mask, _pad: 0 });
     let groups = words.div_ceil(WG_1D).max(1);
     let x = groups.min(gpu.limits.max_compute_workgroups_per_dimension);
     let grid = Grid::Fixed([x, groups.div_ceil(x), 1]);

@@ -8,7 +8,7 @@ use crate::reference;
 
 /// Deterministic inputs in [-1, 1).
 fn inputs(n: usize, seed: u32) -> Vec<f32> {
-    (0..n as u32).map(|i| (reference::fill_word(i, seed) % 2000) as f32 / 1000.0 - 1.0).collect()
+    (0..n as u32).map(|i| (reference::fill_word(i, seed, u32::MAX) % 2000) as f32 / 1000.0 - 1.0).collect()
 }
 
 /// Runs a q4_0 matrix product (GEMV and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal

@@ -151,7 +151,7 @@ fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<Str
         let mut pass = encoder.begin_compute_pass(&Default::default());
         let parts = matrices.values().flat_map(|s| &s.blocks).flat_map(|(_, m)| &m.parts);
         for (seed, part) in parts.enumerate() {
-            ops::fill(gpu, &part.buffer, seed as u32).encode(&mut pass, 1);
+            ops::fill(gpu, &part.buffer, seed as u32, ops::fill_mask(dtype)).encode(&mut pass, 1);
         }
     }
     gpu.queue.submit([encoder.finish()]);

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The whole GPU check in one run, for a machine lent for a few minutes (an NVIDIA H100/H200 with
+# Vulkan): build here, run there, each result as JSON under $OUT and a short table last.
+#
+#   bench/device.sh build   here: the release CLI and the GPU test binaries, stripped, into target/device
+#   bench/device.sh run     there (in the repository root, target/device carried): kernel, model and
+#                           engine tests on the GPU, then the benchmarks below
+#
+# run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
+# N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dir=target/device
+
+build() {
+    cargo build --release --locked
+    mkdir -p "$dir"
+    cp target/release/llama-webgpu "$dir/"
+    local tests=(kernels model engine)
+    local args=()
+    for t in "${tests[@]}"; do args+=(--test "$t"); done
+    cargo test --release --locked --no-run "${args[@]}" --message-format=json |
+        python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+' "$dir"
+    strip "$dir"/*
+    # The tests find their fixtures under the path they were built in.
+    pwd >"$dir/built-in"
+    ls -la "$dir"
+    du -sh "$dir"
+}
+
+run() {
+    local out=${OUT:-target/device-out}
+    mkdir -p "$out"
+    # The Vulkan loader, where the machine lacks it (bench/NOTES.md: .gl holds its Debian package).
+    if compgen -G ".gl/*.deb" >/dev/null; then
+        for f in .gl/*.deb; do dpkg -x "$f" /; done
+        ldconfig
+    fi
+    local icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    [ -f "$icd" ] && export VK_DRIVER_FILES=$icd
+    local bin=$dir/llama-webgpu
+    local built_in
+    built_in=$(cat "$dir/built-in")
+    if [ "$built_in" != "$PWD" ] && [ ! -e "$built_in" ]; then
+        mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"
+    fi
+    "$bin" info >"$out/info.txt" 2>&1
+    cat "$out/info.txt"
+    local bandwidth=""
+    grep -q "H200" "$out/info.txt" && bandwidth="--bandwidth-gbps 4800"
+    grep -q "H100" "$out/info.txt" && bandwidth="--bandwidth-gbps 3350"
+
+    local failed=()
+    if [ -z "${SKIP_TESTS:-}" ]; then
+        for t in kernels model engine; do
+            if LLAMA_WEBGPU_REQUIRE_GPU=1 timeout 300 "$dir/$t" >"$out/test-$t.txt" 2>&1; then
+                echo "tests $t: passed"
+            else
+                echo "tests $t: FAILED (see test-$t.txt)"
+                failed+=("test-$t")
+            fi
+            tail -3 "$out/test-$t.txt"
+        done
+    fi
+
+    local layers=${LAYERS:+--layers $LAYERS} p=${P:-512} n=${N:-128} depth=${DEPTH:-4096} reps=${REPS:-3}
+    # name, then the bench arguments.
+    local runs=(
+        "8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
+        "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
+        "8b-q4_0-sync|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --sync"
+        "8b-q4_0-f16-tiles|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --f16-tiles --profile"
+        "8b-q4_0-depth|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d $depth --profile"
+        "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
+        "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
+        "1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"
+        "3b-q4_0|--synthetic llama3.2-3b --quant q4_0 -p $p -n $n"
+    )
+    for entry in "${runs[@]}"; do
+        local name=${entry%%|*} args=${entry#*|}
+        [[ " $args " == *" -r "* ]] || args="$args -r $reps"
+        # shellcheck disable=SC2086 # the arguments are words
+        if timeout 240 "$bin" bench $args $layers $bandwidth --json -q >"$out/$name.json" 2>"$out/$name.err"; then
+            echo "bench $name: done"
+        else
+            echo "bench $name: FAILED: $(tail -2 "$out/$name.err")"
+            failed+=("$name")
+        fi
+    done
+    summary "$out"
+    [ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; return 1; }
+}
+
+# One line per test of every bench JSON, then the decode profile of the 8B run.
+summary() {
+    python3 - "$1" <<'EOF' || cat "$1"/*.json
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+print(f"\n| run | test | tok/s | std | of bandwidth | CPU encode us/token | dispatches/token |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+for path in sorted(out.glob("*.json")):
+    lines = path.read_text().splitlines()
+    if not lines:
+        continue
+    report = json.loads(lines[0])
+    for r in report["results"]:
+        fraction = r.get("bandwidth_fraction")
+        encode = r.get("cpu_encode_us_per_token")
+        print(f"| {path.stem} | {r['test']} | {r['tokens_per_second']:.1f} | {r['std']:.1f} | "
+              f"{'-' if fraction is None else f'{100 * fraction:.1f}%'} | {'-' if encode is None else f'{encode:.0f}'} | "
+              f"{report['dispatches_per_token']} |")
+profile = out / "8b-q4_0-profile.json"
+if profile.exists() and profile.read_text():
+    report = json.loads(profile.read_text().splitlines()[0])
+    print("\n| kernel | dispatches/token | us/token | GB/s |")
+    print("| --- | ---: | ---: | ---: |")
+    for k in report["profile"] or []:
+        print(f"| {k['kernel']} | {k['dispatches_per_token']:.0f} | {k['us_per_token']:.1f} | {k['gbps']:.0f} |")
+EOF
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) run ;;
+    *) echo "usage: $0 build|run" >&2; exit 2 ;;
+esac
