@@ -297,20 +297,21 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     }
 }
 
-// Tiles of TILE tokens x TILE_ROWS rows; 16x16 threads each compute 2 tokens x 4 rows, stepping k
-// by TILE. The tiles are stored k-major so that a thread reads its 2 inputs and 4 weights of each k
-// as one vec2 and one vec4.
+// Tiles of TILE tokens x TILE_ROWS rows; 16x16 threads each compute 4 tokens x 4 rows (16 sums
+// in registers), stepping k by TILE_K. The tiles are stored k-major so that a thread reads its 4
+// inputs and 4 weights of each k as two vec4: 16 FMAs per 2 workgroup-memory reads.
 // Each k step stages the tile's inputs and its weights, decoded once, in workgroup memory as tile_t,
-// where all 32 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for(
+// where all 64 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for(
 // TileType::F16) makes it f16 in a module of its own (where the device has shader-f16), halving the
 // tiles' workgroup memory and its traffic. Products and sums stay f32 in both: an f16 product
 // overflows (past 65504) on the 1e4-sized gate * up activations of random-weight models.
 alias tile_t = f32;
-const TILE: u32 = 32u;
+const TILE: u32 = 64u;
 const TILE_ROWS: u32 = 64u;
-var<workgroup> x_tile: array<vec2<tile_t>, 512>;  // (TILE k, TILE / 2 token pairs)
-var<workgroup> w_tile: array<vec4<tile_t>, 512>;  // (TILE k, TILE_ROWS / 4 row quads)
-var<workgroup> row_squares: array<f32, 256>; // RMSNorm: 8 partial sums of squares per token row
+const TILE_K: u32 = 16u;
+var<workgroup> x_tile: array<vec4<tile_t>, 256>;  // (TILE_K k, TILE / 4 token quads)
+var<workgroup> w_tile: array<vec4<tile_t>, 256>;  // (TILE_K k, TILE_ROWS / 4 row quads)
+var<workgroup> row_squares: array<f32, 256>; // RMSNorm: 4 partial sums of squares per token row
 
 // The 4 bytes at byte `p` (even) as one word.
 fn word_at(p: u32) -> u32 {
@@ -322,8 +323,8 @@ fn word_at(p: u32) -> u32 {
 }
 
 // Weights col..col + 3 (col a multiple of 4) of `row`, zero past k. The 32-weight block formats
-// decode 4 at a time from one quant word (TILE = 32: a tile's row segment is one block, and its
-// columns 4j..4j + 3 are word j's low nibbles for j < 4, word j - 4's high nibbles for j >= 4).
+// decode 4 at a time from one quant word (a block's columns 4j..4j + 3 are word j's low nibbles
+// for j < 4, word j - 4's high nibbles for j >= 4).
 fn weight_quad(row: u32, col: u32) -> vec4<f32> {
     let block = row * (params.k / 32u) + col / 32u;
     let j = col % 32u / 4u;
@@ -373,67 +374,57 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
          @builtin(local_invocation_index) li: u32) {
     let row0 = wg.x * TILE_ROWS;
     let t0 = wg.y * TILE;
-    // Thread li stages elements 4 (li % 8)..+3 of token row li / 8 and of weight rows li / 8 and
-    // li / 8 + 32.
-    let r = li / 8u;
-    let c = 4u * (li % 8u);
-    // RMSNorm: 8 threads sum the squares of each of the tile's token rows, and each thread scales
+    // Thread li stages elements c..c + 3 of token row r and of weight row r.
+    let r = li / 4u;
+    let c = 4u * (li % 4u);
+    // RMSNorm: 4 threads sum the squares of each of the tile's token rows, and each thread scales
     // the inputs it stages by its row's 1 / rms, so that f16 tiles hold normalised values (the
     // products of GEMV scale the dot product instead).
     var scale = 1.0;
     if (INPUT == 1u) {
         var squares = 0.0;
         if (t0 + r < step.n_tokens) {
-            for (var col = li % 8u; col < params.k; col += 8u) {
+            for (var col = li % 4u; col < params.k; col += 4u) {
                 let v = x[(t0 + r) * params.in_stride + col];
                 squares += v * v;
             }
         }
         row_squares[li] = squares;
         workgroupBarrier();
-        var sum = 0.0;
-        for (var i = 0u; i < 8u; i++) {
-            sum += row_squares[8u * r + i];
-        }
-        scale = row_scale(sum);
+        let first = 4u * r;
+        scale = row_scale(row_squares[first] + row_squares[first + 1u] + row_squares[first + 2u] + row_squares[first + 3u]);
     }
-    var acc_a = vec4(0.0, 0.0, 0.0, 0.0); // token 2 lid.y, rows 4 lid.x..4 lid.x + 3
-    var acc_b = vec4(0.0, 0.0, 0.0, 0.0); // token 2 lid.y + 1
-    for (var k0 = 0u; k0 < params.k; k0 += TILE) {
+    var acc: array<vec4<f32>, 4>; // tokens 4 lid.y + j, rows 4 lid.x..4 lid.x + 3
+    for (var k0 = 0u; k0 < params.k; k0 += TILE_K) {
         var xv = vec4(0.0, 0.0, 0.0, 0.0);
-        var wv = array<vec4<f32>, 2>(vec4(0.0, 0.0, 0.0, 0.0), vec4(0.0, 0.0, 0.0, 0.0));
+        var wv = vec4(0.0, 0.0, 0.0, 0.0);
         if (t0 + r < step.n_tokens) {
             xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c) * scale;
         }
-        for (var h = 0u; h < 2u; h++) {
-            if (row0 + r + 32u * h < params.rows) {
-                wv[h] = weight_quad(row0 + r + 32u * h, k0 + c);
-            }
+        if (row0 + r < params.rows) {
+            wv = weight_quad(row0 + r, k0 + c);
         }
         for (var i = 0u; i < 4u; i++) {
-            x_tile[(c + i) * (TILE / 2u) + r / 2u][r % 2u] = tile_t(xv[i]);
-            for (var h = 0u; h < 2u; h++) {
-                let row = r + 32u * h;
-                w_tile[(c + i) * (TILE_ROWS / 4u) + row / 4u][row % 4u] = tile_t(wv[h][i]);
-            }
+            x_tile[(c + i) * (TILE / 4u) + r / 4u][r % 4u] = tile_t(xv[i]);
+            w_tile[(c + i) * (TILE_ROWS / 4u) + r / 4u][r % 4u] = tile_t(wv[i]);
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < TILE; kk++) {
-            let xs = vec2<f32>(x_tile[kk * (TILE / 2u) + lid.y]);
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let xs = vec4<f32>(x_tile[kk * (TILE / 4u) + lid.y]);
             let ws = vec4<f32>(w_tile[kk * (TILE_ROWS / 4u) + lid.x]);
-            acc_a += xs.x * ws;
-            acc_b += xs.y * ws;
+            acc[0] += xs.x * ws;
+            acc[1] += xs.y * ws;
+            acc[2] += xs.z * ws;
+            acc[3] += xs.w * ws;
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        let row = row0 + 4u * lid.x + i;
-        if (row < params.rows) {
-            if (t0 + 2u * lid.y < step.n_tokens) {
-                store(t0 + 2u * lid.y, row, acc_a[i]);
-            }
-            if (t0 + 2u * lid.y + 1u < step.n_tokens) {
-                store(t0 + 2u * lid.y + 1u, row, acc_b[i]);
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + 4u * lid.y + j;
+        for (var i = 0u; i < 4u; i++) {
+            let row = row0 + 4u * lid.x + i;
+            if (row < params.rows && t < step.n_tokens) {
+                store(t, row, acc[j][i]);
             }
         }
     }

@@ -123,7 +123,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// on, both run as tiles.
 pub const GEMV_MAX_TOKENS: u32 = 8;
 /// Tokens and rows per workgroup of matmul.wgsl's tiled (its TILE and TILE_ROWS).
-const TILE: u32 = 32;
+const TILE: u32 = 64;
 const TILE_ROWS: u32 = 64;
 /// Query rows per workgroup of attention.wgsl for prefill (its MAX_QUERY_BLOCK, QUERY_BLOCK's default).
 const ATTENTION_QUERY_BLOCK: u32 = 8;
