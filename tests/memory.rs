@@ -54,14 +54,14 @@ fn write_checkpoint(dir: &std::path::Path) -> u64 {
         offset += bytes;
     }
     let mut header = serde_json::Value::Object(header).to_string();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join("model.safetensors")).unwrap());
     file.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
     file.write_all(header.as_bytes()).unwrap();
     // 0x2c00 is f16 1/16; as f32 pairs it is a small positive number: finite either way.
-    let block = vec![0x00u8, 0x2c].repeat(512 * 1024);
+    let block = [0x00u8, 0x2c].repeat(512 * 1024);
     let mut left = offset;
     while left > 0 {
         let n = left.min(block.len() as u64) as usize;

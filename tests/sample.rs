@@ -111,7 +111,7 @@ fn same_seed_same_tokens() {
 #[test]
 fn greedy_takes_the_first_largest() {
     let mut s = Sampler::new(options(|o| o.temperature = 0.0), 1, &[]);
-    assert_eq!(s.sample(&mut vec![1.0, 3.0, 2.0, 3.0]), 1);
+    assert_eq!(s.sample(&mut [1.0, 3.0, 2.0, 3.0]), 1);
     assert!(s.options().is_plain_greedy());
 }
 

@@ -50,7 +50,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         let err = (g - w).abs();
         max_abs = max_abs.max(err);
         let excess = err - (atol + rtol * w.abs());
-        if !(excess <= worst.1) || !g.is_finite() {
+        if excess > worst.1 || excess.is_nan() || !g.is_finite() {
             worst = (i, if g.is_finite() { excess } else { f32::INFINITY });
         }
     }

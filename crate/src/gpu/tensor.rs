@@ -26,7 +26,7 @@ impl WeightMatrix {
         // Kernels read elements in pairs and rows of whole blocks; every format's row is then an even
         // number of bytes, so an even number of rows fills whole u32 words.
         let row_bytes = match dtype.row_bytes(cols) {
-            Some(bytes) if cols % 2 == 0 => bytes as u64,
+            Some(bytes) if cols.is_multiple_of(2) => bytes as u64,
             _ => return Err(GpuError::RowLayout { tensor: label.to_string(), cols, dtype }),
         };
         let max_part = gpu.max_binding();

@@ -151,13 +151,13 @@ impl Config {
 
     pub(crate) fn validate(&self) -> Result<(), ModelError> {
         let invalid = |what: String| Err(ModelError::Config(what));
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return invalid(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 || self.head_dim > crate::gpu::ops::MAX_HEAD_DIM {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim > crate::gpu::ops::MAX_HEAD_DIM {
             return invalid(format!("head_dim {} must be even and at most {}", self.head_dim, crate::gpu::ops::MAX_HEAD_DIM));
         }
         for (name, value) in [("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size)] {
