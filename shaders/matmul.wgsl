@@ -1,7 +1,8 @@
 // Reading a weight matrix: out = x @ W^T, and the embedding gather out[t] = W[token t], for a
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
-// Entry points: `gemv` for a few tokens (decode; `gemv_blocks` for q4_0, q4_1 and q8_0), `tiled`
+// Entry points: `gemv` for a few tokens (decode; `gemv_blocks` for q4_0, q4_1 and q8_0,
+// `gemv_superblocks` for q4_k and q6_k), `tiled`
 // for prompt prefill, `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
@@ -55,6 +56,17 @@ fn i8_at(offset: u32) -> f32 {
     return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
 }
 
+// The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base`.
+fn q4k_scale_min(base: u32, sub: u32) -> vec2<f32> {
+    let scales = base + 4u;
+    if (sub < 4u) {
+        return vec2<f32>(vec2(byte_at(scales + sub) & 63u, byte_at(scales + sub + 4u) & 63u));
+    }
+    let sc = (byte_at(scales + sub + 4u) & 0xfu) | ((byte_at(scales + sub - 4u) >> 6u) << 4u);
+    let m = (byte_at(scales + sub + 4u) >> 4u) | ((byte_at(scales + sub) >> 6u) << 4u);
+    return vec2<f32>(vec2(sc, m));
+}
+
 // Element `col` of `row` for the block formats (llama.cpp's dequantize_row_*).
 fn block_weight(row: u32, col: u32) -> f32 {
     switch WEIGHT_DTYPE {
@@ -78,18 +90,9 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let base = (row * (params.k / 256u) + col / 256u) * 144u;
             let j = col % 256u;
             let sub = j / 32u;
-            let scales = base + 4u;
-            var sc: u32;
-            var m: u32;
-            if (sub < 4u) {
-                sc = byte_at(scales + sub) & 63u;
-                m = byte_at(scales + sub + 4u) & 63u;
-            } else {
-                sc = (byte_at(scales + sub + 4u) & 0xfu) | ((byte_at(scales + sub - 4u) >> 6u) << 4u);
-                m = (byte_at(scales + sub + 4u) >> 4u) | ((byte_at(scales + sub) >> 6u) << 4u);
-            }
+            let scale_min = q4k_scale_min(base, sub);
             let q = (byte_at(base + 16u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
-            return (f16_at(base) * f32(sc)) * f32(q) - f16_at(base + 2u) * f32(m);
+            return (f16_at(base) * scale_min.x) * f32(q) - f16_at(base + 2u) * scale_min.y;
         }
         default: { // q6_k: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, f16 d
             let base = (row * (params.k / 256u) + col / 256u) * 210u;
@@ -279,6 +282,100 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
                     }
                     sums[r] += f16_at(start) * dot_q;
                 }
+            }
+        }
+    }
+    block_partial[lid.x] = sums;
+    block_squares[lid.x] = squares;
+    workgroupBarrier();
+    for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid.x < stride) {
+            block_partial[lid.x] += block_partial[lid.x + stride];
+            block_squares[lid.x] += block_squares[lid.x + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid.x < GEMV_BLOCK_ROWS && row0 + lid.x < params.rows) {
+        store(t, row0 + lid.x, block_partial[0][lid.x] * row_scale(block_squares[0]));
+    }
+}
+
+// GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_BLOCK_ROWS rows of one token per
+// workgroup. Each thread takes 64-weight units: two runs of 32 weights, a and b, whose quants are
+// the low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters
+// q and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). It loads a unit's 64
+// inputs once for every row, reads quants as u32 words, and takes q4_k's mins out of the dot
+// product: d sc (sum x q) - dmin m (sum x) per sub-block.
+@compute @workgroup_size(GEMV_WG)
+fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>,
+                    @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
+    let t = wg.z;
+    if (row0 >= params.rows || t >= step.n_tokens) {
+        return;
+    }
+    let x_base = t * params.in_stride;
+    let superblocks = params.k / 256u;
+    var sums = vec4(0.0, 0.0, 0.0, 0.0);
+    var squares = 0.0;
+    for (var u = lid.x; u < superblocks * 4u; u += GEMV_WG) {
+        let sb = u / 4u;
+        let part = u % 4u;
+        // q4_k: runs at 64 part and + 32; q6_k: half part / 2, quarters part % 2 and + 2.
+        let half = part / 2u;
+        let quarter = part % 2u;
+        let col_a = sb * 256u + select(half * 128u + quarter * 32u, part * 64u, WEIGHT_DTYPE == 6u);
+        let col_b = col_a + select(64u, 32u, WEIGHT_DTYPE == 6u);
+        var a: array<vec4<f32>, 8>;
+        var b: array<vec4<f32>, 8>;
+        var sum_a = vec4(0.0, 0.0, 0.0, 0.0);
+        var sum_b = vec4(0.0, 0.0, 0.0, 0.0);
+        for (var i = 0u; i < 8u; i++) {
+            a[i] = input_quad(x_base, col_a + 4u * i);
+            b[i] = input_quad(x_base, col_b + 4u * i);
+            sum_a += a[i];
+            sum_b += b[i];
+            if (INPUT == 1u) {
+                squares += squares_quad(x_base, col_a + 4u * i) + squares_quad(x_base, col_b + 4u * i);
+            }
+        }
+        let ones = vec4(1.0, 1.0, 1.0, 1.0);
+        for (var r = 0u; r < GEMV_BLOCK_ROWS; r++) {
+            // Rows past the end repeat the last row; their sums are not stored.
+            let block = min(row0 + r, params.rows - 1u) * superblocks + sb;
+            if (WEIGHT_DTYPE == 6u) { // q4_k: f16 d, f16 dmin, 12 bytes of scales, 128 of nibbles (144: word-aligned)
+                let start = block * 144u;
+                let quants = (start + 16u + part * 32u) / 4u;
+                var dot_a = 0.0;
+                var dot_b = 0.0;
+                for (var i = 0u; i < 8u; i++) {
+                    let word = w[quants + i];
+                    dot_a += dot(a[i], low_nibbles(word));
+                    dot_b += dot(b[i], high_nibbles(word));
+                }
+                let sm_a = q4k_scale_min(start, 2u * part);
+                let sm_b = q4k_scale_min(start, 2u * part + 1u);
+                let d = f16_at(start);
+                let dmin = f16_at(start + 2u);
+                sums[r] += d * (sm_a.x * dot_a + sm_b.x * dot_b) - dmin * (sm_a.y * dot(sum_a, ones) + sm_b.y * dot(sum_b, ones));
+            } else { // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales, f16 d
+                let start = block * 210u;
+                let low = array<vec4<u32>, 2>(words_at(start + half * 64u + quarter * 32u), words_at(start + half * 64u + quarter * 32u + 16u));
+                let high = array<vec4<u32>, 2>(words_at(start + 128u + half * 32u), words_at(start + 128u + half * 32u + 16u));
+                let bytes = vec4(0u, 8u, 16u, 24u);
+                // Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4, 2q + 5.
+                var dots = vec4(0.0, 0.0, 0.0, 0.0); // a's first 16, a's second, b's first, b's second
+                for (var i = 0u; i < 8u; i++) {
+                    let ql = vec4(low[i / 4u][i % 4u]) >> bytes;
+                    let qh = vec4(high[i / 4u][i % 4u]) >> bytes;
+                    let qa = vec4<f32>((ql & vec4(0xfu)) | (((qh >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
+                    let qb = vec4<f32>(((ql >> vec4(4u)) & vec4(0xfu)) | (((qh >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
+                    dots[i / 4u] += dot(a[i], qa);
+                    dots[2u + i / 4u] += dot(b[i], qb);
+                }
+                let scales = start + 192u + half * 8u + 2u * quarter;
+                let sc = vec4(i8_at(scales), i8_at(scales + 1u), i8_at(scales + 4u), i8_at(scales + 5u));
+                sums[r] += f16_at(start + 208u) * dot(sc, dots);
             }
         }
     }

@@ -142,10 +142,10 @@ fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
 }
 
 fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
-    // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial second tile of tokens).
+    // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial tile of tokens).
     let (rows, k) = (37, 256);
     let Some(gpu) = checked_gpu(bounds_checks) else { return };
-    for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q6K] {
+    for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
         let (bytes, w) = weights(&gpu, 31, dtype, rows, k);
         let norm = random_vec(&mut rng(32), k, 2.0);
         let norm_buffer = gpu.storage_buffer_with("norm", &norm);

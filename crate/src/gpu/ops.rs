@@ -355,10 +355,10 @@ pub fn matmul(
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> ByTokens {
-    // The 32-weight block formats have a GEMV of their own that takes GEMV_BLOCK_ROWS rows per
-    // workgroup.
+    // The block formats have GEMVs of their own that take GEMV_BLOCK_ROWS rows per workgroup.
     let (gemv, rows_per_workgroup) = match w.dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", GEMV_BLOCK_ROWS),
+        DType::Q4K | DType::Q6K => ("gemv_superblocks", GEMV_BLOCK_ROWS),
         _ => ("gemv", 1),
     };
     ByTokens {
