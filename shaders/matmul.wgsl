@@ -442,6 +442,27 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
             let start = block * 34u;
             return f16_at(start) * signed_bytes(word_at(start + 2u + 4u * j));
         }
+        case 6u: { // q4_k: 4 nibbles of one sub-block from one word (low: even sub-blocks, high: odd)
+            let start = (row * (params.k / 256u) + col / 256u) * 144u;
+            let c = col % 256u;
+            let sub = c / 32u;
+            let word = w[(start + 16u + c / 64u * 32u + c % 32u) / 4u];
+            let q = select(low_nibbles(word), high_nibbles(word), sub % 2u == 1u);
+            let scale_min = q4k_scale_min(start, sub);
+            return f16_at(start) * scale_min.x * q - f16_at(start + 2u) * scale_min.y;
+        }
+        case 7u: { // q6_k: as block_weight, 4 weights of one quarter at a time
+            let start = (row * (params.k / 256u) + col / 256u) * 210u;
+            let c = col % 256u;
+            let half = c / 128u;
+            let quarter = c % 128u / 32u;
+            let l = c % 32u;
+            let bytes = vec4(0u, 8u, 16u, 24u);
+            let low = (vec4(word_at(start + half * 64u + l + quarter % 2u * 32u)) >> (bytes + vec4(quarter / 2u * 4u))) & vec4(0xfu);
+            let high = (vec4(word_at(start + 128u + half * 32u + l)) >> (bytes + vec4(2u * quarter))) & vec4(3u);
+            let scale = i8_at(start + 192u + half * 8u + l / 16u + 2u * quarter);
+            return f16_at(start + 208u) * scale * (vec4<f32>(low | (high << vec4(4u))) - 32.0);
+        }
         default: { // k is even, so each pair lies wholly inside or past the row
             var pairs = vec4(0.0, 0.0, 0.0, 0.0);
             if (col < params.k) {
