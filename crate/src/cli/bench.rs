@@ -51,6 +51,13 @@ pub struct BenchArgs {
     /// Prefill matmul tiles stored as f16 where the adapter has shader-f16.
     #[arg(long)]
     pub f16_tiles: bool,
+    /// Reduce the decode GEMVs through workgroup memory even where the adapter has subgroups.
+    #[arg(long)]
+    pub no_subgroups: bool,
+    /// Rows per workgroup of the q4_0/q4_1/q8_0 decode GEMV, 1, 2 or 4, for every matrix instead
+    /// of the choice by matrix size.
+    #[arg(long)]
+    pub gemv_rows: Option<u32>,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -313,6 +320,9 @@ fn report(
             "dispatches_per_token": model.dispatches_per_token(),
             "weight_bytes_per_token": bytes_per_token,
             "bandwidth_gbps": bandwidth_gbps,
+            "gemv_reduction": gemv_reduction(gpu),
+            "gemv_rows": gpu.gemv_rows.map_or(serde_json::json!("auto"), serde_json::Value::from),
+            "subgroup_sizes": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
             "results": rows,
             "profile": profile_rows,
         });
@@ -352,4 +362,15 @@ fn report(
         println!("weights read per token: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
     }
     println!("dispatches per token: {}", model.dispatches_per_token());
+    let rows = gpu.gemv_rows.map_or("by matrix size".to_string(), |n| n.to_string());
+    println!("GEMV reduction: {}; block GEMV rows per workgroup: {rows}", gemv_reduction(gpu));
+}
+
+/// How the decode GEMVs reduce over their workgroup.
+fn gemv_reduction(gpu: &Gpu) -> &'static str {
+    if gpu.subgroups {
+        "subgroups"
+    } else {
+        "workgroup memory"
+    }
 }
