@@ -232,10 +232,14 @@ fn gemv_against_reference(gpu: &Gpu, dtype: DType, rows: usize, k: usize, what: 
 #[test]
 fn block_gemv_rows_per_workgroup_fill_a_large_gpu_where_rows_allow() {
     // Llama 3.1-8B: q/k/v 6144 rows, o and down 4096, gate/up 28672, lm_head 128256; 3.2-1B: q/k/v
-    // 3072, o and down 2048, gate/up 16384.
-    let chosen: Vec<u32> = [6144, 4096, 28672, 128256, 3072, 2048, 16384].iter().map(|&rows| ops::gemv_block_rows(rows, None)).collect();
-    assert_eq!(chosen, [2, 2, 4, 4, 1, 1, 4]);
-    assert_eq!(ops::gemv_block_rows(28672, Some(1)), 1);
+    // 3072, o and down 2048, gate/up 16384; SmolLM2: q/k/v 960.
+    let shapes = [6144, 4096, 28672, 128256, 3072, 2048, 16384, 960];
+    let chosen = |device| shapes.iter().map(|&rows| ops::gemv_block_rows(rows, device, None)).collect::<Vec<u32>>();
+    assert_eq!(chosen(wgpu::DeviceType::DiscreteGpu), [2, 2, 4, 4, 1, 1, 4, 1]);
+    assert_eq!(chosen(wgpu::DeviceType::Other), [2, 2, 4, 4, 1, 1, 4, 1]); // a GPU in a browser
+    // A CPU has no latency to hide with more workgroups.
+    assert_eq!(chosen(wgpu::DeviceType::Cpu), [4; 8]);
+    assert_eq!(ops::gemv_block_rows(28672, wgpu::DeviceType::DiscreteGpu, Some(1)), 1);
 }
 
 #[test]

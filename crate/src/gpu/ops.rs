@@ -100,8 +100,16 @@ const ATTENTION_QUERY_BLOCK: u32 = 8;
 /// 2048 threads: 4224 workgroups of 64 resident at once. An earlier q4_0 GEMV with 4 rows per
 /// 32-thread workgroup read 28672x4096 at 1.29 TB/s but 4096-row matrices at 0.5-0.6 TB/s: 1024
 /// workgroups leave too few threads in flight to cover the memory latency. Half the resident
-/// count is the aim; past it, fewer rows per workgroup only lose input reuse.
-const GEMV_MIN_WORKGROUPS: u32 = 2048;
+/// count is the aim; past it, fewer rows per workgroup only lose input reuse. WebGPU does not say
+/// how large a GPU is, so every GPU aims at this. A CPU adapter (lavapipe, SwiftShader) runs one
+/// workgroup per core at a time and has no latency to hide: there only reuse counts (1 row per
+/// workgroup halved SmolLM2's decode speed on lavapipe).
+fn gemv_min_workgroups(device: wgpu::DeviceType) -> u32 {
+    match device {
+        wgpu::DeviceType::Cpu => 0,
+        _ => 2048,
+    }
+}
 const WG_1D: u32 = 64;
 
 /// How many workgroups a dispatch needs for `n` tokens.
@@ -325,7 +333,7 @@ pub fn matmul(
     // The 32-weight block formats have a GEMV of their own that takes several rows per workgroup.
     let few = match w.dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => weight_op(gpu, "gemv_blocks", x, input, w, out, layout, step, |rows| {
-            let per_workgroup = gemv_block_rows(rows, gpu.gemv_rows);
+            let per_workgroup = gemv_block_rows(rows, gpu.info.device_type, gpu.gemv_rows);
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup)), vec![("GEMV_BLOCK_ROWS", per_workgroup as f64)])
         }),
         _ => weight_op(gpu, "gemv", x, input, w, out, layout, step, |rows| (Grid::rows_by_token(gpu, rows), vec![])),
@@ -335,12 +343,13 @@ pub fn matmul(
 }
 
 /// Rows per workgroup of matmul.wgsl's gemv_blocks (its GEMV_BLOCK_ROWS) for a matrix of `rows`
-/// rows (a part of a split one: each part is a dispatch of its own): `forced` if given, else the
-/// most of 4 and 2 that still makes GEMV_MIN_WORKGROUPS workgroups per token, else 1. Each row a
-/// workgroup takes reuses the input blocks its threads loaded, so more is better where the GPU
-/// stays full.
-pub fn gemv_block_rows(rows: u32, forced: Option<u32>) -> u32 {
-    forced.unwrap_or_else(|| [4, 2].into_iter().find(|n| rows.div_ceil(*n) >= GEMV_MIN_WORKGROUPS).unwrap_or(1))
+/// rows (a part of a split one: each part is a dispatch of its own) on a `device`: `forced` if
+/// given, else the most of 4 and 2 that still makes gemv_min_workgroups per token, else 1. Each
+/// row a workgroup takes reuses the input blocks its threads loaded, so more is better where the
+/// device stays full.
+pub fn gemv_block_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>) -> u32 {
+    let min_workgroups = gemv_min_workgroups(device);
+    forced.unwrap_or_else(|| [4, 2].into_iter().find(|n| rows.div_ceil(*n) >= min_workgroups).unwrap_or(1))
 }
 
 impl ByTokens {
