@@ -6,6 +6,8 @@
 #   bench/device.sh run     there (in the repository root, target/device carried): kernel, model and
 #                           engine tests on the GPU, then the benchmarks below
 #
+# The 8B runs: pp512/tg128 (with the card's bandwidth), the same profiled, --sync, --f16-tiles,
+# 4096 deep, the plain reduction, 1/2/4 GEMV rows per workgroup; q8_0, q4_k; 1B and 3B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1.
 set -uo pipefail
@@ -77,6 +79,10 @@ run() {
         "8b-q4_0-sync|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --sync"
         "8b-q4_0-f16-tiles|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --f16-tiles --profile"
         "8b-q4_0-depth|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d $depth --profile"
+        "8b-q4_0-plain-reduction|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --no-subgroups"
+        "8b-q4_0-rows1|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 1 --profile"
+        "8b-q4_0-rows2|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 2 --profile"
+        "8b-q4_0-rows4|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 4 --profile"
         "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
         "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
         "1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"

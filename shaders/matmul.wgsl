@@ -144,12 +144,75 @@ fn store(t: u32, row: u32, value: f32) {
 }
 
 const GEMV_WG: u32 = 64u;
-var<workgroup> gemv_partial: array<vec2<f32>, GEMV_WG>; // (dot product, sum of squares)
+
+// Each GEMV thread's row sums and its sum of squares of the input (RMSNorm), and their totals over
+// the workgroup.
+struct Totals {
+    sums: vec4<f32>,
+    squares: f32,
+}
+
+// The GEMVs' reduction over their workgroup. The file as it is reduces through workgroup memory: a
+// tree of log2(GEMV_WG) = 6 barriers. Its subgroup form (Kernel::source_for) replaces the block
+// from "workgroup reduction {" to "} workgroup reduction" with the commented block after it, which
+// adds within each subgroup (subgroupAdd) and joins the subgroups with one barrier. A swap rather
+// than a switch: a module for an adapter without subgroups must not name their builtins at all.
+// workgroup reduction {
+// The builtins a GEMV thread reads.
+struct Thread {
+    @builtin(local_invocation_index) index: u32,
+}
+
+var<workgroup> thread_sums: array<vec4<f32>, GEMV_WG>;
+var<workgroup> thread_squares: array<f32, GEMV_WG>;
+
+// The totals of every thread's `sums` and `squares`, returned to every thread.
+fn workgroup_totals(thread: Thread, sums: vec4<f32>, squares: f32) -> Totals {
+    thread_sums[thread.index] = sums;
+    thread_squares[thread.index] = squares;
+    workgroupBarrier();
+    for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
+        if (thread.index < stride) {
+            thread_sums[thread.index] += thread_sums[thread.index + stride];
+            thread_squares[thread.index] += thread_squares[thread.index + stride];
+        }
+        workgroupBarrier();
+    }
+    return Totals(thread_sums[0], thread_squares[0]);
+}
+// } workgroup reduction
+/* subgroup reduction {
+struct Thread {
+    @builtin(local_invocation_index) index: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) subgroup: u32,
+    @builtin(num_subgroups) subgroups: u32,
+}
+
+// One slot per subgroup: GEMV_WG / 4 covers the smallest subgroups an adapter may have (4).
+var<workgroup> subgroup_sums: array<vec4<f32>, GEMV_WG / 4u>;
+var<workgroup> subgroup_squares: array<f32, GEMV_WG / 4u>;
+
+fn workgroup_totals(thread: Thread, sums: vec4<f32>, squares: f32) -> Totals {
+    let sums_of_subgroup = subgroupAdd(sums);
+    let squares_of_subgroup = subgroupAdd(squares);
+    if (thread.lane == 0u) {
+        subgroup_sums[thread.subgroup] = sums_of_subgroup;
+        subgroup_squares[thread.subgroup] = squares_of_subgroup;
+    }
+    workgroupBarrier();
+    var totals = Totals(vec4(0.0, 0.0, 0.0, 0.0), 0.0);
+    for (var i = 0u; i < thread.subgroups; i++) {
+        totals.sums += subgroup_sums[i];
+        totals.squares += subgroup_squares[i];
+    }
+    return totals;
+}
+} subgroup reduction */
 
 // One workgroup per (weight row, token); rows are laid over x and y so huge matrices fit the grid.
 @compute @workgroup_size(GEMV_WG)
-fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>,
-        @builtin(local_invocation_id) lid: vec3<u32>) {
+fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row = wg.x + wg.y * n_wg.x;
     let t = wg.z;
     if (row >= params.rows || t >= step.n_tokens) {
@@ -158,23 +221,16 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
     let x_base = t * params.in_stride;
     var sum = 0.0;
     var squares = 0.0;
-    for (var col = 2u * lid.x; col < params.k; col += 2u * GEMV_WG) {
+    for (var col = 2u * thread.index; col < params.k; col += 2u * GEMV_WG) {
         sum += dot(input_pair(x_base, col), weight_pair(row, col));
         if (INPUT == 1u) {
             let v = vec2(x[x_base + col], x[x_base + col + 1u]);
             squares += dot(v, v);
         }
     }
-    gemv_partial[lid.x] = vec2(sum, squares);
-    workgroupBarrier();
-    for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid.x < stride) {
-            gemv_partial[lid.x] += gemv_partial[lid.x + stride];
-        }
-        workgroupBarrier();
-    }
-    if (lid.x == 0u) {
-        store(t, row, gemv_partial[0].x * row_scale(gemv_partial[0].y));
+    let totals = workgroup_totals(thread, vec4(sum, 0.0, 0.0, 0.0), squares);
+    if (thread.index == 0u) {
+        store(t, row, totals.sums.x * row_scale(totals.squares));
     }
 }
 
@@ -182,9 +238,9 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
 // workgroup. Each thread takes whole blocks: it loads a block's 32 inputs once and reuses them for
 // every row, reads the quants as u32 words and unpacks 4 at a time, and takes the offset out of the
 // dot product: q4_0 d * (sum x q - 8 sum x), q4_1 d * sum x q + m * sum x.
-const GEMV_BLOCK_ROWS: u32 = 4u;
-var<workgroup> block_partial: array<vec4<f32>, GEMV_WG>; // per thread, the sums of the 4 rows
-var<workgroup> block_squares: array<f32, GEMV_WG>;
+// GEMV_BLOCK_ROWS is 1, 2 or 4, chosen by the host per matrix (ops::gemv_block_rows): more rows
+// reuse each loaded input more, fewer make more workgroups to fill a large GPU.
+override GEMV_BLOCK_ROWS: u32 = 4u;
 
 // Inputs col..col + 3 (col a multiple of 4) transformed by INPUT.
 fn input_quad(base: u32, col: u32) -> vec4<f32> {
@@ -235,8 +291,7 @@ fn nibble_dot(q: vec4<u32>, low: array<vec4<f32>, 4>, high: array<vec4<f32>, 4>)
 }
 
 @compute @workgroup_size(GEMV_WG)
-fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>,
-               @builtin(local_invocation_id) lid: vec3<u32>) {
+fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
     let t = wg.z;
     if (row0 >= params.rows || t >= step.n_tokens) {
@@ -244,9 +299,9 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     }
     let x_base = t * params.in_stride;
     let blocks = params.k / 32u;
-    var sums = vec4(0.0, 0.0, 0.0, 0.0);
+    var sums = vec4(0.0, 0.0, 0.0, 0.0); // rows row0..row0 + GEMV_BLOCK_ROWS - 1
     var squares = 0.0;
-    for (var b = lid.x; b < blocks; b += GEMV_WG) {
+    for (var b = thread.index; b < blocks; b += GEMV_WG) {
         let col = b * 32u;
         var low: array<vec4<f32>, 4>;  // inputs 4i..4i + 3 of the block
         var high: array<vec4<f32>, 4>; // inputs 16 + 4i..16 + 4i + 3
@@ -285,18 +340,10 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
             }
         }
     }
-    block_partial[lid.x] = sums;
-    block_squares[lid.x] = squares;
-    workgroupBarrier();
-    for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid.x < stride) {
-            block_partial[lid.x] += block_partial[lid.x + stride];
-            block_squares[lid.x] += block_squares[lid.x + stride];
-        }
-        workgroupBarrier();
-    }
-    if (lid.x < GEMV_BLOCK_ROWS && row0 + lid.x < params.rows) {
-        store(t, row0 + lid.x, block_partial[0][lid.x] * row_scale(block_squares[0]));
+    let totals = workgroup_totals(thread, sums, squares);
+    let r = thread.index;
+    if (r < GEMV_BLOCK_ROWS && row0 + r < params.rows) {
+        store(t, row0 + r, totals.sums[r] * row_scale(totals.squares));
     }
 }
 
@@ -307,8 +354,7 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
 // inputs once for every row, reads quants as u32 words, and takes q4_k's mins out of the dot
 // product: d sc (sum x q) - dmin m (sum x) per sub-block.
 @compute @workgroup_size(GEMV_WG)
-fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>,
-                    @builtin(local_invocation_id) lid: vec3<u32>) {
+fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
     let t = wg.z;
     if (row0 >= params.rows || t >= step.n_tokens) {
@@ -318,7 +364,7 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     let superblocks = params.k / 256u;
     var sums = vec4(0.0, 0.0, 0.0, 0.0);
     var squares = 0.0;
-    for (var u = lid.x; u < superblocks * 4u; u += GEMV_WG) {
+    for (var u = thread.index; u < superblocks * 4u; u += GEMV_WG) {
         let sb = u / 4u;
         let part = u % 4u;
         // q4_k: runs at 64 part and + 32; q6_k: half part / 2, quarters part % 2 and + 2.
@@ -379,18 +425,10 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             }
         }
     }
-    block_partial[lid.x] = sums;
-    block_squares[lid.x] = squares;
-    workgroupBarrier();
-    for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid.x < stride) {
-            block_partial[lid.x] += block_partial[lid.x + stride];
-            block_squares[lid.x] += block_squares[lid.x + stride];
-        }
-        workgroupBarrier();
-    }
-    if (lid.x < GEMV_BLOCK_ROWS && row0 + lid.x < params.rows) {
-        store(t, row0 + lid.x, block_partial[0][lid.x] * row_scale(block_squares[0]));
+    let totals = workgroup_totals(thread, sums, squares);
+    let r = thread.index;
+    if (r < GEMV_BLOCK_ROWS && row0 + r < params.rows) {
+        store(t, row0 + r, totals.sums[r] * row_scale(totals.squares));
     }
 }
 
@@ -398,8 +436,8 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
 // in registers), stepping k by TILE_K. The tiles are stored k-major so that a thread reads its 4
 // inputs and 4 weights of each k as two vec4: 16 FMAs per 2 workgroup-memory reads.
 // Each k step stages the tile's inputs and its weights, decoded once, in workgroup memory as tile_t,
-// where all 64 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for(
-// TileType::F16) makes it f16 in a module of its own (where the device has shader-f16), halving the
+// where all 64 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for with
+// f16 tiles makes it f16 in a module of its own (where the device has shader-f16), halving the
 // tiles' workgroup memory and its traffic. Products and sums stay f32 in both: an f16 product
 // overflows (past 65504) on the 1e4-sized gate * up activations of random-weight models.
 alias tile_t = f32;

@@ -171,6 +171,85 @@ fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
     }
 }
 
+/// The decode GEMVs in both reductions (subgroups where the adapter has them, and workgroup memory)
+/// and the block GEMV at 1, 2 and 4 rows per workgroup, with every fused input, with and without
+/// bounds checks.
+#[test]
+fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
+    let Some(probe) = gpu() else { return };
+    let subgroup_forms = if probe.subgroups {
+        vec![true, false]
+    } else {
+        eprintln!("SKIPPED the subgroup reduction: {} has no subgroups", probe.info.name);
+        vec![false]
+    };
+    for (subgroups, bounds_checks) in subgroup_forms.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+        for gemv_rows in [1, 2, 4] {
+            let options = GpuOptions { no_subgroups: !subgroups, gemv_rows: Some(gemv_rows), bounds_checks, ..Default::default() };
+            let Some(gpu) = gpu_with(&options) else { return };
+            assert_eq!(gpu.subgroups, subgroups);
+            // 37 rows leave the last workgroup part-filled at 2 and 4 rows per workgroup, 3 rows
+            // one short at 4; k = 2304 (72 blocks, 36 super-block units) gives threads 1 or 2
+            // blocks and some threads no unit, k = 768 some threads no block.
+            for (rows, k) in [(37, 2304), (3, 768)] {
+                // The generic GEMV (f32) has no rows per workgroup to vary.
+                let block_formats = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K];
+                let dtypes: Vec<DType> = if gemv_rows == 1 { [DType::F32].into_iter().chain(block_formats).collect() } else { block_formats.to_vec() };
+                for dtype in dtypes {
+                    let what = format!("{gemv_rows} rows per workgroup, subgroups {subgroups}, bounds checks {bounds_checks}");
+                    gemv_against_reference(&gpu, dtype, rows, k, &what);
+                }
+            }
+        }
+    }
+}
+
+/// 1 and 3 tokens of plain, RMSNorm-ed and SiLU-gated inputs through a (rows, k) matrix.
+fn gemv_against_reference(gpu: &Gpu, dtype: DType, rows: usize, k: usize, what: &str) {
+    let (bytes, w) = weights(gpu, 51, dtype, rows, k);
+    let norm = random_vec(&mut rng(52), k, 2.0);
+    let norm_buffer = gpu.storage_buffer_with("norm", &norm);
+    for n in [1, 3] {
+        let x = random_vec(&mut rng(n as u64 + 53), n * 2 * k, 3.0);
+        let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
+        let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
+        let xb = gpu.storage_buffer_with("x", &x);
+        let cases = [
+            ("plain", MatmulInput::Plain, gate.clone()),
+            ("rmsnorm", MatmulInput::RmsNorm { weight: &norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, &norm, 1e-5)),
+            ("silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
+        ];
+        for (input_name, input, input_rows) in cases {
+            let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
+            let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
+            let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+            let op = ops::matmul(gpu, &xb, input, &w, &out, layout, &step(gpu, n, 0));
+            run(gpu, |pass| op.encode(pass, n as u32));
+            let label = format!("{dtype} gemv {rows}x{k} of {input_name}, n={n}, {what}");
+            assert_close(&label, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn block_gemv_rows_per_workgroup_fill_a_large_gpu_where_rows_allow() {
+    // Llama 3.1-8B: q/k/v 6144 rows, o and down 4096, gate/up 28672, lm_head 128256; 3.2-1B: q/k/v
+    // 3072, o and down 2048, gate/up 16384; SmolLM2: q/k/v 960.
+    let shapes = [6144, 4096, 28672, 128256, 3072, 2048, 16384, 960];
+    let chosen = |device| shapes.iter().map(|&rows| ops::gemv_block_rows(rows, device, None)).collect::<Vec<u32>>();
+    assert_eq!(chosen(wgpu::DeviceType::DiscreteGpu), [2, 2, 4, 4, 1, 1, 4, 1]);
+    assert_eq!(chosen(wgpu::DeviceType::Other), [2, 2, 4, 4, 1, 1, 4, 1]); // a GPU in a browser
+    // A CPU has no latency to hide with more workgroups.
+    assert_eq!(chosen(wgpu::DeviceType::Cpu), [4; 8]);
+    assert_eq!(ops::gemv_block_rows(28672, wgpu::DeviceType::DiscreteGpu, Some(1)), 1);
+}
+
+#[test]
+fn gemv_rows_other_than_1_2_or_4_are_an_error() {
+    let error = pollster::block_on(Gpu::new(&GpuOptions { gemv_rows: Some(3), ..Default::default() })).err();
+    assert!(matches!(error, Some(llama_webgpu::gpu::GpuError::InvalidOption { name: "gemv_rows", value: 3, .. })), "{error:?}");
+}
+
 /// A device staging prefill tiles as f16, or None (reported) where the adapter lacks shader-f16.
 fn f16_tile_gpu() -> Option<Gpu> {
     let gpu = gpu_with(&GpuOptions { f16_tiles: true, ..Default::default() })?;

@@ -1,21 +1,36 @@
-//! Every shader is valid WGSL (checked by naga, no GPU needed), in both tile types where it has
-//! tiles, declares the bindings the Rust side binds, and has a `Params` struct of the same size as
-//! its Rust mirror.
+//! Every shader is valid WGSL (checked by naga, no GPU needed), in every module form it has (f16
+//! tiles, subgroup reductions), declares the bindings the Rust side binds, and has a `Params`
+//! struct of the same size as its Rust mirror.
 
-use llama_webgpu::gpu::{ops, Binding, Kernel, TileType, KERNELS};
+use llama_webgpu::gpu::{ops, Binding, Kernel, ModuleForm, TileType, KERNELS, WORKGROUP_STORAGE};
+use naga::valid::Capabilities;
 use naga::{AddressSpace, Scalar, StorageAccess, TypeInner};
 
-fn parse(kernel: &Kernel) -> (naga::Module, naga::valid::ModuleInfo) {
-    parse_with(kernel, TileType::F32)
+/// What an adapter without subgroups lets a shader use.
+fn without_subgroups() -> Capabilities {
+    Capabilities::all() - Capabilities::SUBGROUP - Capabilities::SUBGROUP_BARRIER - Capabilities::SUBGROUP_VERTEX_STAGE
 }
 
-fn parse_with(kernel: &Kernel, tile: TileType) -> (naga::Module, naga::valid::ModuleInfo) {
-    let source = kernel.source_for(tile);
-    let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{} {tile:?}: {}", kernel.name, e.emit_to_string(&source)));
-    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+fn parse(kernel: &Kernel) -> (naga::Module, naga::valid::ModuleInfo) {
+    parse_with(kernel, ModuleForm::default())
+}
+
+fn parse_with(kernel: &Kernel, form: ModuleForm) -> (naga::Module, naga::valid::ModuleInfo) {
+    validate(kernel, form, Capabilities::all()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The kernel's module in `form`, parsed and validated for a device with `capabilities`.
+fn validate(kernel: &Kernel, form: ModuleForm, capabilities: Capabilities) -> Result<(naga::Module, naga::valid::ModuleInfo), String> {
+    let source = kernel.source_for(form);
+    let module = naga::front::wgsl::parse_str(&source).map_err(|e| format!("{} {form:?}: {}", kernel.name, e.emit_to_string(&source)))?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
         .validate(&module)
-        .unwrap_or_else(|e| panic!("{} {tile:?}: {}", kernel.name, e.emit_to_string(&source)));
-    (module, info)
+        .map_err(|e| format!("{} {form:?}: {}", kernel.name, e.emit_to_string(&source)))?;
+    Ok((module, info))
+}
+
+fn entry_points(module: &naga::Module) -> Vec<String> {
+    module.entry_points.iter().map(|e| e.name.clone()).collect()
 }
 
 /// The scalar type of the elements (or their components) of a module's `x_tile` workgroup array.
@@ -52,15 +67,47 @@ fn shaders_validate() {
 }
 
 #[test]
+fn shaders_as_they_are_run_without_subgroups() {
+    for kernel in KERNELS {
+        validate(kernel, ModuleForm::default(), without_subgroups()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn the_subgroup_form_of_the_matmul_validates_and_needs_subgroups() {
+    assert!(KERNELS.iter().any(|k| k.name == "matmul" && k.has_subgroup_form()));
+    for kernel in KERNELS.iter().filter(|k| k.has_subgroup_form()) {
+        for tiles in [TileType::F32, TileType::F16] {
+            let plain = ModuleForm { tiles, subgroups: false };
+            let form = ModuleForm { tiles, subgroups: true };
+            let (module, _) = parse_with(kernel, form);
+            assert_eq!(entry_points(&module), entry_points(&parse_with(kernel, plain).0), "{}", kernel.name);
+            // It really uses subgroups (so it is not the workgroup-memory form by mistake).
+            assert!(validate(kernel, form, without_subgroups()).is_err(), "{} {form:?} validates without subgroups", kernel.name);
+        }
+    }
+}
+
+/// Why the subgroup form has no `enable subgroups;` (which WebGPU wants): naga rejects it. When
+/// this fails, naga takes the directive, and Kernel::source_for should put it in front.
+#[test]
+fn naga_rejects_enable_subgroups() {
+    let source = KERNELS.iter().find(|k| k.has_subgroup_form()).unwrap().source_for(ModuleForm { subgroups: true, ..Default::default() });
+    let error = naga::front::wgsl::parse_str(&format!("enable subgroups;\n{source}")).expect_err("naga now takes `enable subgroups;`");
+    assert!(error.message().contains("not yet supported"), "{}", error.message());
+}
+
+#[test]
 fn the_f16_form_of_the_matmul_validates_with_f16_tiles() {
     assert!(KERNELS.iter().any(|k| k.name == "matmul" && k.has_tiles()));
     for kernel in KERNELS.iter().filter(|k| k.has_tiles()) {
-        let (f32_module, _) = parse_with(kernel, TileType::F32);
-        let (f16_module, _) = parse_with(kernel, TileType::F16);
+        let (f32_module, _) = parse_with(kernel, ModuleForm::default());
+        let f16_tiles = ModuleForm { tiles: TileType::F16, subgroups: false };
+        let (f16_module, _) = parse_with(kernel, f16_tiles);
+        validate(kernel, f16_tiles, without_subgroups()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(tile_scalar(&f32_module), Some(Scalar::F32), "{}", kernel.name);
         assert_eq!(tile_scalar(&f16_module), Some(Scalar::F16), "{}", kernel.name);
-        let entries = |m: &naga::Module| m.entry_points.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
-        assert_eq!(entries(&f32_module), entries(&f16_module), "{}", kernel.name);
+        assert_eq!(entry_points(&f32_module), entry_points(&f16_module), "{}", kernel.name);
     }
 }
 
@@ -113,4 +160,30 @@ fn params_structs_match_their_rust_mirrors() {
             assert_eq!(step, std::mem::size_of::<ops::StepParams>(), "{}: Step", kernel.name);
         }
     }
+}
+
+#[test]
+fn workgroup_memory_is_what_the_engine_requires() {
+    // The sum over a module's workgroup variables bounds what any of its entry points uses.
+    let mut largest = 0;
+    for kernel in KERNELS {
+        for tiles in [TileType::F32, TileType::F16] {
+            for subgroups in [false, true] {
+                let form = ModuleForm { tiles, subgroups };
+                if (tiles == TileType::F16 && !kernel.has_tiles()) || (subgroups && !kernel.has_subgroup_form()) {
+                    continue;
+                }
+                let (module, _) = parse_with(kernel, form);
+                let bytes: u64 = module
+                    .global_variables
+                    .iter()
+                    .filter(|(_, v)| v.space == AddressSpace::WorkGroup)
+                    .map(|(_, v)| module.types[v.ty].inner.size(module.to_ctx()) as u64)
+                    .sum();
+                assert!(bytes <= WORKGROUP_STORAGE, "{} {form:?}: {bytes} bytes of workgroup memory", kernel.name);
+                largest = largest.max(bytes);
+            }
+        }
+    }
+    assert_eq!(largest, WORKGROUP_STORAGE, "the requirement should be what the largest kernel uses");
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use llama_webgpu::model::{Llama3Scaling, Rope};
 use llama_webgpu::quant::DType;
-use llama_webgpu::gpu::DispatchTime;
+use llama_webgpu::gpu::{ops, DispatchTime};
 use llama_webgpu::{Config, Gpu, Llama, LoadOptions};
 
 #[derive(Args)]
@@ -55,6 +55,13 @@ pub struct BenchArgs {
     /// Prefill matmul tiles stored as f16 where the adapter has shader-f16.
     #[arg(long)]
     pub f16_tiles: bool,
+    /// Reduce the decode GEMVs through workgroup memory even where the adapter has subgroups.
+    #[arg(long)]
+    pub no_subgroups: bool,
+    /// Rows per workgroup of the q4_0/q4_1/q8_0 decode GEMV, 1, 2 or 4, for every matrix instead
+    /// of the choice by matrix size.
+    #[arg(long)]
+    pub gemv_rows: Option<u32>,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -325,6 +332,10 @@ fn report(
             "dispatches_per_token": model.dispatches_per_token(depth),
             "weight_bytes_per_token": bytes_per_token,
             "bandwidth_gbps": bandwidth_gbps,
+            "gemv_reduction": gemv_reduction(gpu),
+            "gemv_rows": gpu.gemv_rows.map_or(serde_json::json!("auto"), serde_json::Value::from),
+            "gemv_rows_by_matrix": serde_json::Map::from_iter(gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| (matrix.to_string(), n.into()))),
+            "subgroup_sizes": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
             "results": rows,
             "profile": profile_rows,
         });
@@ -364,4 +375,28 @@ fn report(
         println!("weights read per token: {:.1} MiB", bytes as f64 / (1 << 20) as f64);
     }
     println!("dispatches per token at position {depth}: {}", model.dispatches_per_token(depth));
+    let rows: Vec<String> = gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| format!("{matrix} {n}")).to_vec();
+    let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
+    println!("GEMV reduction: {}; block GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
+}
+
+/// Rows per workgroup the q4_0/q4_1/q8_0 GEMV takes for each matrix of the model, unsplit.
+fn gemv_rows_by_matrix(gpu: &Gpu, c: &Config) -> [(&'static str, u32); 5] {
+    let rows = |n: usize| ops::gemv_block_rows(n as u32, gpu.info.device_type, gpu.gemv_rows);
+    [
+        ("qkv_proj", rows(c.q_dim() + 2 * c.kv_dim())),
+        ("o_proj", rows(c.hidden_size)),
+        ("gate_up_proj", rows(2 * c.intermediate_size)),
+        ("down_proj", rows(c.hidden_size)),
+        ("lm_head", rows(c.vocab_size)),
+    ]
+}
+
+/// How the decode GEMVs reduce over their workgroup.
+fn gemv_reduction(gpu: &Gpu) -> &'static str {
+    if gpu.subgroups {
+        "subgroups"
+    } else {
+        "workgroup memory"
+    }
 }

@@ -161,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let gpu = Gpu::new(&options).await?;
             println!("chosen: {} ({:?})", gpu.info.name, gpu.info.backend);
             println!("features: {:?}", gpu.features);
+            println!("subgroup sizes: {}..={}", gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
             println!("max_storage_buffer_binding_size: {}", gpu.limits.max_storage_buffer_binding_size);
             println!("max_buffer_size: {}", gpu.limits.max_buffer_size);
             Ok(())
@@ -242,7 +243,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} tensors in {} shards ({} bytes) to {}", report.tensors, report.shards, report.bytes, out.display());
             Ok(())
         }
-        Command::Bench(args) => bench::bench(Gpu::new(&GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, ..options }).await?, args, cli.quiet).await,
+        Command::Bench(args) => {
+            let options = GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, no_subgroups: args.no_subgroups, gemv_rows: args.gemv_rows, ..options };
+            bench::bench(Gpu::new(&options).await?, args, cli.quiet).await
+        }
         Command::Serve { model, server } => serve::serve(options, model, server, cli.quiet),
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;

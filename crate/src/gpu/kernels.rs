@@ -1,5 +1,5 @@
-//! The kernel registry: one shader module per `shaders/*.wgsl` (and tile type), compiled once, and
-//! one pipeline per (kernel, tile type, entry point, override constants).
+//! The kernel registry: one shader module per `shaders/*.wgsl` (and module form), compiled once,
+//! and one pipeline per (kernel, module form, entry point, override constants).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -40,8 +40,29 @@ pub enum TileType {
     F16,
 }
 
+/// Which module a kernel's file makes: the file as it is (the default), or a variant of it made by
+/// [`Kernel::source_for`], where the device has the features the variant needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ModuleForm {
+    /// The element type of workgroup tiles.
+    pub tiles: TileType,
+    /// Reduce with subgroup operations (needs the device feature SUBGROUP).
+    pub subgroups: bool,
+}
+
 /// The line of a shader file that declares its tile type; the file as it is uses f32.
 const F32_TILES: &str = "alias tile_t = f32;";
+/// The workgroup-memory reduction of a shader file, and the subgroup reduction commented out
+/// after it that replaces it in the subgroup form.
+const WORKGROUP_REDUCTION: (&str, &str) = ("// workgroup reduction {", "// } workgroup reduction");
+const SUBGROUP_REDUCTION: (&str, &str) = ("/* subgroup reduction {", "} subgroup reduction */");
+
+/// `source` split around the `(start, end)` markers: before, between, after.
+fn split_around<'a>(source: &'a str, (start, end): (&str, &str)) -> Option<(&'a str, &'a str, &'a str)> {
+    let (before, rest) = source.split_once(start)?;
+    let (between, after) = rest.split_once(end)?;
+    Some((before, between, after))
+}
 
 impl Kernel {
     /// Whether the kernel declares a tile type, so that it has an f16 form.
@@ -49,14 +70,36 @@ impl Kernel {
         self.source.contains(F32_TILES)
     }
 
-    /// The kernel's WGSL with tiles of `tile`: the file as it is for f32. For f16 the alias names
-    /// f16 and `enable f16;` leads the module (WGSL takes it only there, which is why the f16 form
-    /// is a module of its own).
-    pub fn source_for(&self, tile: TileType) -> Cow<'static, str> {
-        match tile {
-            TileType::F32 => Cow::Borrowed(self.source),
-            TileType::F16 => Cow::Owned(format!("enable f16;\n{}", self.source.replacen(F32_TILES, "alias tile_t = f16;", 1))),
+    /// Whether the kernel has a subgroup reduction to swap in.
+    pub fn has_subgroup_form(&self) -> bool {
+        self.subgroup_reduction().is_some()
+    }
+
+    /// The file with its workgroup-memory reduction replaced by the commented subgroup one.
+    fn subgroup_reduction(&self) -> Option<String> {
+        let (head, _, rest) = split_around(self.source, WORKGROUP_REDUCTION)?;
+        let (middle, subgroup, tail) = split_around(rest, SUBGROUP_REDUCTION)?;
+        Some(format!("{head}{subgroup}{middle}{tail}"))
+    }
+
+    /// The kernel's WGSL in `form`: the file as it is for the default form. With f16 tiles the
+    /// alias names f16 and `enable f16;` leads the module (WGSL takes it only there, which is why
+    /// each form is a module of its own). The subgroup form swaps in the subgroup reduction
+    /// (a kernel without one stays as it is). It omits the `enable subgroups;` that WebGPU
+    /// requires: naga 30 rejects that directive as not yet implemented (gfx-rs/wgpu#5555) and
+    /// takes subgroup operations without it, and wgpu 30's browser backend never grants SUBGROUP,
+    /// so browsers always get the workgroup-memory form.
+    pub fn source_for(&self, form: ModuleForm) -> Cow<'static, str> {
+        let mut source = Cow::Borrowed(self.source);
+        if form.subgroups {
+            if let Some(swapped) = self.subgroup_reduction() {
+                source = Cow::Owned(swapped);
+            }
         }
+        if form.tiles == TileType::F16 {
+            source = Cow::Owned(format!("enable f16;\n{}", source.replacen(F32_TILES, "alias tile_t = f16;", 1)));
+        }
+        source
     }
 }
 
@@ -94,7 +137,7 @@ struct Module {
 
 #[derive(Default)]
 pub(super) struct Registry {
-    modules: Mutex<HashMap<(&'static str, TileType), Module>>,
+    modules: Mutex<HashMap<(&'static str, ModuleForm), Module>>,
     pipelines: Mutex<HashMap<String, Pipeline>>,
 }
 
@@ -106,16 +149,16 @@ pub struct Pipeline {
 }
 
 impl Gpu {
-    /// The pipeline for `entry` of `kernel` with tiles of `tile` and the given override constants,
-    /// made once and shared.
-    pub fn pipeline(&self, kernel: &Kernel, tile: TileType, entry: &str, constants: &[(&str, f64)]) -> Pipeline {
-        let key = format!("{}:{tile:?}:{entry}:{constants:?}", kernel.name);
+    /// The pipeline for `entry` of `kernel` in `form` with the given override constants, made once
+    /// and shared.
+    pub fn pipeline(&self, kernel: &Kernel, form: ModuleForm, entry: &str, constants: &[(&str, f64)]) -> Pipeline {
+        let key = format!("{}:{form:?}:{entry}:{constants:?}", kernel.name);
         let mut pipelines = self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pipeline) = pipelines.get(&key) {
             return pipeline.clone();
         }
         let mut modules = self.kernels.modules.lock().unwrap_or_else(|e| e.into_inner());
-        let module = modules.entry((kernel.name, tile)).or_insert_with(|| self.compile(kernel, tile));
+        let module = modules.entry((kernel.name, form)).or_insert_with(|| self.compile(kernel, form));
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: Some(&module.pipeline_layout),
@@ -129,8 +172,8 @@ impl Gpu {
         pipeline
     }
 
-    fn compile(&self, kernel: &Kernel, tile: TileType) -> Module {
-        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source_for(tile)) };
+    fn compile(&self, kernel: &Kernel, form: ModuleForm) -> Module {
+        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source_for(form)) };
         let shader = if kernel.in_bounds && !self.bounds_checks {
             // SAFETY: the kernel indexes only inside its buffers (Kernel::in_bounds); its tests run
             // with and without the checks. Browsers keep their own checks either way.

@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{Binding, Kernel, TileType, KERNELS};
+pub use kernels::{Binding, Kernel, ModuleForm, TileType, KERNELS};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::WeightMatrix;
@@ -38,6 +38,8 @@ pub enum GpuError {
     SelfTest(String),
     #[error("reading back from the GPU failed: {0}")]
     Readback(String),
+    #[error("GPU option {name} is {value}; it takes {allowed}")]
+    InvalidOption { name: &'static str, value: u32, allowed: &'static str },
     #[error("the GPU adapter {0:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed")]
     NoTimestamps(String),
 }
@@ -61,17 +63,30 @@ pub struct GpuOptions {
     /// shader-f16: half the workgroup memory, but its logits leave the f32 goldens' 1e-4
     /// tolerance, so off unless asked for.
     pub f16_tiles: bool,
+    /// Reduce the decode GEMVs through workgroup memory even where the adapter has subgroups, as
+    /// on adapters without them (for comparison); SUBGROUP is then not requested.
+    pub no_subgroups: bool,
+    /// Rows per workgroup of the block-format GEMV, 1, 2 or 4, for every matrix instead of the
+    /// choice by matrix size (`ops::gemv_block_rows`); for tuning.
+    pub gemv_rows: Option<u32>,
 }
 
 /// Storage buffers of the kernel with the most (attention.wgsl); WebGPU grants 8 everywhere.
 const STORAGE_BUFFERS: u64 = 5;
 
+/// Workgroup memory of the kernel entry point with the most (attention.wgsl's `attend`); a test
+/// checks every kernel against it.
+pub const WORKGROUP_STORAGE: u64 = 13312;
+
+/// A limit's name, how to read it, and the least the engine needs of it.
+type Requirement = (&'static str, fn(&wgpu::Limits) -> u64, u64);
+
 /// What the engine needs from every adapter, whatever the model.
-const REQUIRED: [(&str, fn(&wgpu::Limits) -> u64, u64); 6] = [
+const REQUIRED: [Requirement; 6] = [
     ("max_compute_invocations_per_workgroup", |l| l.max_compute_invocations_per_workgroup as u64, 256),
     ("max_compute_workgroup_size_x", |l| l.max_compute_workgroup_size_x as u64, 256),
     ("max_compute_workgroup_size_y", |l| l.max_compute_workgroup_size_y as u64, 16),
-    ("max_compute_workgroup_storage_size", |l| l.max_compute_workgroup_storage_size as u64, 16352),
+    ("max_compute_workgroup_storage_size", |l| l.max_compute_workgroup_storage_size as u64, WORKGROUP_STORAGE),
     ("max_storage_buffers_per_shader_stage", |l| l.max_storage_buffers_per_shader_stage as u64, STORAGE_BUFFERS),
     ("max_uniform_buffers_per_shader_stage", |l| l.max_uniform_buffers_per_shader_stage as u64, 2),
 ];
@@ -90,12 +105,19 @@ pub struct Gpu {
     pub bounds_checks: bool,
     /// The element type of prefill matmul tiles: f16 when asked for and granted (SHADER_F16).
     pub tile_type: TileType,
+    /// The decode GEMVs reduce with subgroup operations: SUBGROUP granted and not turned off.
+    pub subgroups: bool,
+    /// See [`GpuOptions::gemv_rows`].
+    pub gemv_rows: Option<u32>,
     kernels: Arc<kernels::Registry>,
     failure: Arc<Mutex<Option<GpuError>>>,
 }
 
 impl Gpu {
     pub async fn new(options: &GpuOptions) -> Result<Self, GpuError> {
+        if let Some(rows) = options.gemv_rows.filter(|rows| ![1, 2, 4].contains(rows)) {
+            return Err(GpuError::InvalidOption { name: "gemv_rows", value: rows, allowed: "1, 2 or 4" });
+        }
         let instance = instance();
         let adapter = choose_adapter(&instance, options).await?;
         let mut info = adapter.get_info();
@@ -118,7 +140,10 @@ impl Gpu {
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
-        let mut wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+        let mut wanted = wgpu::Features::SHADER_F16;
+        if !options.no_subgroups {
+            wanted |= wgpu::Features::SUBGROUP;
+        }
         if options.timestamps {
             wanted |= wgpu::Features::TIMESTAMP_QUERY;
         }
@@ -146,8 +171,21 @@ impl Gpu {
             slot.get_or_insert(GpuError::DeviceLost(format!("{reason:?}: {message}")));
         });
         let tile_type = if options.f16_tiles && features.contains(wgpu::Features::SHADER_F16) { TileType::F16 } else { TileType::F32 };
-        log::info!("adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}", info.name, info.backend, features);
-        Ok(Self { device, queue, info, limits, features, bounds_checks: options.bounds_checks, tile_type, kernels: Default::default(), failure })
+        let subgroups = features.contains(wgpu::Features::SUBGROUP);
+        log::info!("adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}", info.name, info.backend, features);
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            bounds_checks: options.bounds_checks,
+            tile_type,
+            subgroups,
+            gemv_rows: options.gemv_rows,
+            kernels: Default::default(),
+            failure,
+        })
     }
 
     /// The first error the device reported since it was created, if any: a lost device or a

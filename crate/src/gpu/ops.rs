@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::kernels::{self, Kernel, TileType};
+use super::kernels::{self, Kernel, ModuleForm, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
@@ -133,8 +133,20 @@ pub const MAX_KEY_SPLITS: u32 = 32;
 /// The fewest keys a split attends to: a few K/V tiles, so that its work outweighs writing and
 /// merging its partial output.
 const MIN_SPLIT_KEYS: u32 = 32;
-/// Rows per workgroup of matmul.wgsl's gemv_blocks (its GEMV_BLOCK_ROWS).
-const GEMV_BLOCK_ROWS: u32 = 4;
+/// Workgroups per token a GEMV dispatch should have to fill a large GPU. An H200 has 132 SMs of
+/// 2048 threads: 4224 workgroups of 64 resident at once. An earlier q4_0 GEMV with 4 rows per
+/// 32-thread workgroup read 28672x4096 at 1.29 TB/s but 4096-row matrices at 0.5-0.6 TB/s: 1024
+/// workgroups leave too few threads in flight to cover the memory latency. Half the resident
+/// count is the aim; past it, fewer rows per workgroup only lose input reuse. WebGPU does not say
+/// how large a GPU is, so every GPU aims at this. A CPU adapter (lavapipe, SwiftShader) runs one
+/// workgroup per core at a time and has no latency to hide: there only reuse counts (1 row per
+/// workgroup halved SmolLM2's decode speed on lavapipe).
+fn gemv_min_workgroups(device: wgpu::DeviceType) -> u32 {
+    match device {
+        wgpu::DeviceType::Cpu => 0,
+        _ => 2048,
+    }
+}
 const WG_1D: u32 = 64;
 
 /// How many workgroups a dispatch needs for `n` tokens.
@@ -256,15 +268,15 @@ fn dispatch(
     grid: Grid,
     traffic: Traffic,
 ) -> Dispatch {
-    dispatch_tiled(gpu, kernel, TileType::F32, entry, constants, buffers, grid, traffic)
+    dispatch_in(gpu, kernel, ModuleForm::default(), entry, constants, buffers, grid, traffic)
 }
 
-/// [`dispatch`] of a kernel's form with tiles of `tile`.
+/// [`dispatch`] of the kernel's module in `form`.
 #[allow(clippy::too_many_arguments)]
-fn dispatch_tiled(
+fn dispatch_in(
     gpu: &Gpu,
     kernel: &Kernel,
-    tile: TileType,
+    form: ModuleForm,
     entry: &str,
     constants: &[(&str, f64)],
     buffers: &[&wgpu::Buffer],
@@ -272,7 +284,7 @@ fn dispatch_tiled(
     traffic: Traffic,
 ) -> Dispatch {
     debug_assert_eq!(buffers.len(), kernel.bindings.len(), "{} bindings", kernel.name);
-    let pipeline = gpu.pipeline(kernel, tile, entry, constants);
+    let pipeline = gpu.pipeline(kernel, form, entry, constants);
     let entries: Vec<wgpu::BindGroupEntry> = buffers
         .iter()
         .enumerate()
@@ -290,7 +302,7 @@ fn dispatch_tiled(
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, out_offset: 0, accumulate: false };
     let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-    weight_op(gpu, "gather", tokens, MatmulInput::Plain, table, out, layout, step, |_| grid)
+    weight_op(gpu, "gather", tokens, MatmulInput::Plain, table, out, layout, step, |_| (grid, vec![]))
 }
 
 /// Rotates the q and k heads of each token row of a stacked q/k/v projection output by the
@@ -355,16 +367,30 @@ pub fn matmul(
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> ByTokens {
-    // The block formats have GEMVs of their own that take GEMV_BLOCK_ROWS rows per workgroup.
-    let (gemv, rows_per_workgroup) = match w.dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", GEMV_BLOCK_ROWS),
-        DType::Q4K | DType::Q6K => ("gemv_superblocks", GEMV_BLOCK_ROWS),
-        _ => ("gemv", 1),
+    // The block formats have GEMVs of their own that take several rows per workgroup.
+    let block_gemv = |entry| {
+        weight_op(gpu, entry, x, input, w, out, layout, step, |rows| {
+            let per_workgroup = gemv_block_rows(rows, gpu.info.device_type, gpu.gemv_rows);
+            (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup)), vec![("GEMV_BLOCK_ROWS", per_workgroup as f64)])
+        })
     };
-    ByTokens {
-        few: weight_op(gpu, gemv, x, input, w, out, layout, step, |rows| Grid::rows_by_token(gpu, rows.div_ceil(rows_per_workgroup))),
-        many: weight_op(gpu, "tiled", x, input, w, out, layout, step, |rows| Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }),
-    }
+    let few = match w.dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => block_gemv("gemv_blocks"),
+        DType::Q4K | DType::Q6K => block_gemv("gemv_superblocks"),
+        _ => weight_op(gpu, "gemv", x, input, w, out, layout, step, |rows| (Grid::rows_by_token(gpu, rows), vec![])),
+    };
+    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![]);
+    ByTokens { few, many: weight_op(gpu, "tiled", x, input, w, out, layout, step, tiles) }
+}
+
+/// Rows per workgroup of matmul.wgsl's block GEMVs (their GEMV_BLOCK_ROWS) for a matrix of `rows`
+/// rows (a part of a split one: each part is a dispatch of its own) on a `device`: `forced` if
+/// given, else the most of 4 and 2 that still makes gemv_min_workgroups per token, else 1. Each
+/// row a workgroup takes reuses the input blocks its threads loaded, so more is better where the
+/// device stays full.
+pub fn gemv_block_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>) -> u32 {
+    let min_workgroups = gemv_min_workgroups(device);
+    forced.unwrap_or_else(|| [4, 2].into_iter().find(|n| rows.div_ceil(*n) >= min_workgroups).unwrap_or(1))
 }
 
 impl ByTokens {
@@ -379,7 +405,8 @@ impl ByTokens {
     }
 }
 
-/// One dispatch of a matmul.wgsl entry point per part of `w`; `grid` sizes it from the part's rows.
+/// One dispatch of a matmul.wgsl entry point per part of `w`; `launch` gives its grid and extra
+/// override constants from the part's rows.
 #[allow(clippy::too_many_arguments)]
 fn weight_op(
     gpu: &Gpu,
@@ -390,9 +417,14 @@ fn weight_op(
     out: &wgpu::Buffer,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
-    grid: impl Fn(u32) -> Grid,
+    launch: impl Fn(u32) -> (Grid, Vec<(&'static str, f64)>),
 ) -> Op {
-    let constants = [("WEIGHT_DTYPE", w.dtype.shader_code() as f64), ("INPUT", input.code() as f64)];
+    // Only the tiled product stages tiles, and only the GEMVs reduce over their workgroup; the
+    // other entry points are the same in every form.
+    let form = ModuleForm {
+        tiles: if entry == "tiled" { gpu.tile_type } else { TileType::F32 },
+        subgroups: matches!(entry, "gemv" | "gemv_blocks") && gpu.subgroups,
+    };
     let (norm, eps) = match input {
         MatmulInput::RmsNorm { weight, eps } => (weight, eps),
         // The binding is unread; any read-only buffer fills it.
@@ -426,9 +458,10 @@ fn weight_op(
                 };
                 part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize)
             };
-            // Only the tiled product stages tiles; the other entry points are the same in both forms.
-            let tile = if entry == "tiled" { gpu.tile_type } else { TileType::F32 };
-            dispatch_tiled(gpu, &kernels::MATMUL, tile, entry, &constants, &buffers, grid(part.rows as u32), Traffic::fixed(traffic as u64))
+            let (grid, extra_constants) = launch(part.rows as u32);
+            let mut constants = vec![("WEIGHT_DTYPE", w.dtype.shader_code() as f64), ("INPUT", input.code() as f64)];
+            constants.extend(extra_constants);
+            dispatch_in(gpu, &kernels::MATMUL, form, entry, &constants, &buffers, grid, Traffic::fixed(traffic as u64))
         })
         .collect();
     Op { dispatches }
