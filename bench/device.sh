@@ -3,8 +3,9 @@
 # Vulkan): build here, run there, each result as JSON under $OUT and a short table last.
 #
 #   bench/device.sh build   here: the release CLI and the GPU test binaries, stripped, into target/device
-#   bench/device.sh run     there (in the repository root, target/device carried): kernel, model and
-#                           engine tests on the GPU, then the benchmarks below
+#   bench/device.sh run     there (in the repository root; carry target/device, .gl and
+#                           target/models/llama3-tokenizer, the engine tests' tokenizer: 48 MB): kernel,
+#                           model and engine tests on the GPU, then the benchmarks below
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth), the same profiled, --sync, --f16-tiles,
 # 4096 deep, the plain reduction, 1/2/4 GEMV rows per workgroup; q8_0, q4_k; 1B and 3B.
