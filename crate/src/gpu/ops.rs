@@ -423,7 +423,7 @@ fn weight_op(
     // other entry points are the same in every form.
     let form = ModuleForm {
         tiles: if entry == "tiled" { gpu.tile_type } else { TileType::F32 },
-        subgroups: matches!(entry, "gemv" | "gemv_blocks") && gpu.subgroups,
+        subgroups: matches!(entry, "gemv" | "gemv_blocks" | "gemv_superblocks") && gpu.subgroups,
     };
     let (norm, eps) = match input {
         MatmulInput::RmsNorm { weight, eps } => (weight, eps),
