@@ -109,6 +109,10 @@ summary() {
     python3 - "$1" <<'EOF' || cat "$1"/*.json
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
+first = next((p for p in sorted(out.glob("*.json")) if p.read_text()), None)
+if first:
+    report = json.loads(first.read_text().splitlines()[0])
+    print(f"\n{report['adapter']} ({report['backend']}), commit {report.get('commit', 'unknown')}")
 print(f"\n| run | test | tok/s | std | of bandwidth | CPU encode us/token | dispatches/token |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 for path in sorted(out.glob("*.json")):

@@ -41,6 +41,9 @@ fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
         assert_eq!(r["samples"].as_array().unwrap().len(), 2);
     }
     assert_eq!(report["layers"], 3);
+    // The commit the binary was built from, for reports filed under bench/results.
+    let commit = report["commit"].as_str().unwrap();
+    assert!(commit == "unknown" || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())), "{commit}");
     // The embedding, six per layer (q/k/v, RoPE with the cache write, attention, o, gate/up,
     // down), lm_head and argmax.
     assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 2);

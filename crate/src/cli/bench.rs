@@ -323,6 +323,7 @@ fn report(
         .collect();
     if json {
         let out = serde_json::json!({
+            "commit": env!("LLAMA_WEBGPU_COMMIT"),
             "model": label,
             "quant": dtype.map(DType::name),
             "adapter": gpu.info.name,

@@ -14,7 +14,7 @@ use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams, Stop
 use llama_webgpu::{load, CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 #[derive(Parser)]
-#[command(name = "llama-webgpu", version, about = "Llama 3.1 through WGSL compute shaders")]
+#[command(name = "llama-webgpu", version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("LLAMA_WEBGPU_COMMIT"), ")"), about = "Llama 3.1 through WGSL compute shaders")]
 struct Cli {
     /// Adapter to use: a substring of its name or backend (also LLAMA_WEBGPU_ADAPTER).
     #[arg(long, global = true)]
