@@ -57,6 +57,32 @@ var<workgroup> q_block: array<f32, MAX_QUERY_BLOCK * MAX_HEAD_DIM>;  // (QUERY_B
 var<workgroup> kv_tile: array<f32, KV_TILE>; // (tile_keys, head_dim): the K tile, then the V tile
 var<workgroup> tile_scores: array<f32, MAX_QUERY_BLOCK * MAX_TILE_KEYS>; // (QUERY_BLOCK, tile_keys)
 
+// One thread's share of a K/V tile: elements li, li + WG, ... of the tile's keys x head_dim.
+struct TileShare {
+    k: array<f32, KV_TILE_PER_THREAD>,
+    v: array<f32, KV_TILE_PER_THREAD>,
+}
+
+// Thread li's share of the tile of keys [key0, end_key) (at most tile_keys of them; none if key0 is
+// past the end).
+fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, li: u32) -> TileShare {
+    var share: TileShare;
+    if (key0 >= end_key) {
+        return share;
+    }
+    let hd = params.head_dim;
+    let n = min(tile_keys, end_key - key0) * hd;
+    for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
+        let e = li + i * WG;
+        if (e < n) {
+            let at = (key0 + e / hd) * params.n_kv_heads * hd + kv_head * hd + e % hd;
+            share.k[i] = k_cache[at];
+            share.v[i] = v_cache[at];
+        }
+    }
+    return share;
+}
+
 @compute @workgroup_size(WG)
 fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let kv_head = wg.x;
@@ -68,7 +94,6 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         return;
     }
     let hd = params.head_dim;
-    let kv_stride = params.n_kv_heads * hd;
     // Fewer keys per tile for wider heads: the tile's size is fixed.
     let tile_keys = min(MAX_TILE_KEYS, KV_TILE / hd);
     // Rows past the last one repeat it; they are computed but not stored.
@@ -91,20 +116,19 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var running_max = MASKED;
     var running_sum = 0.0;
     var acc: array<f32, DIMS_PER_ROW_THREAD>;
+    // Tiles are read into registers one ahead: the next tile's K and V loads are in flight while
+    // this tile's scores and outputs are computed, so the memory latency hides behind the math.
+    var current = load_tile(first_key, end_key, tile_keys, kv_head, li);
     for (var key0 = first_key; key0 < end_key; key0 += tile_keys) {
         let n_keys = min(tile_keys, end_key - key0);
-        // The V tile is read with the K tile, into registers, so that one memory latency per tile
-        // is waited for, not two; it goes to workgroup memory once the scores are done with K.
-        var v_next: array<f32, KV_TILE_PER_THREAD>;
         for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
             let e = li + i * WG;
             if (e < n_keys * hd) {
-                let at = (key0 + e / hd) * kv_stride + kv_head * hd + e % hd;
-                kv_tile[e] = k_cache[at];
-                v_next[i] = v_cache[at];
+                kv_tile[e] = current.k[i];
             }
         }
         workgroupBarrier();
+        let next = load_tile(key0 + tile_keys, end_key, tile_keys, kv_head, li);
         // Scores of every (row, key) pair of the tile, the causal mask applied.
         for (var p = li; p < QUERY_BLOCK * tile_keys; p += WG) {
             let r = p / tile_keys;
@@ -123,7 +147,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
             let e = li + i * WG;
             if (e < n_keys * hd) {
-                kv_tile[e] = v_next[i];
+                kv_tile[e] = current.v[i];
             }
         }
         workgroupBarrier();
@@ -146,6 +170,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             }
         }
         running_max = new_max;
+        current = next;
         workgroupBarrier();
     }
     let row = row0 + my_row;
