@@ -290,6 +290,16 @@ fn nibble_dot(q: vec4<u32>, low: array<vec4<f32>, 4>, high: array<vec4<f32>, 4>)
     return sum;
 }
 
+// The end of a block GEMV: the workgroup's sums of rows row0.. (scaled for RMSNorm) stored, one
+// row per thread.
+fn store_block_rows(thread: Thread, t: u32, row0: u32, sums: vec4<f32>, squares: f32) {
+    let totals = workgroup_totals(thread, sums, squares);
+    let r = thread.index;
+    if (r < GEMV_BLOCK_ROWS && row0 + r < params.rows) {
+        store(t, row0 + r, totals.sums[r] * row_scale(totals.squares));
+    }
+}
+
 @compute @workgroup_size(GEMV_WG)
 fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
@@ -340,11 +350,7 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
             }
         }
     }
-    let totals = workgroup_totals(thread, sums, squares);
-    let r = thread.index;
-    if (r < GEMV_BLOCK_ROWS && row0 + r < params.rows) {
-        store(t, row0 + r, totals.sums[r] * row_scale(totals.squares));
-    }
+    store_block_rows(thread, t, row0, sums, squares);
 }
 
 // GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_BLOCK_ROWS rows of one token per
@@ -425,11 +431,7 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             }
         }
     }
-    let totals = workgroup_totals(thread, sums, squares);
-    let r = thread.index;
-    if (r < GEMV_BLOCK_ROWS && row0 + r < params.rows) {
-        store(t, row0 + r, totals.sums[r] * row_scale(totals.squares));
-    }
+    store_block_rows(thread, t, row0, sums, squares);
 }
 
 // Tiles of TILE tokens x TILE_ROWS rows; 16x16 threads each compute 4 tokens x 4 rows (16 sums

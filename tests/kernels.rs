@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, gpu, gpu_with, random_vec, rng};
+use common::{assert_close, gpu, gpu_with, has_feature, random_vec, rng};
 use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, RopeParams, StepParams};
 use llama_webgpu::gpu::{TileType, WeightMatrix};
 use llama_webgpu::quant::DType;
@@ -143,31 +143,9 @@ fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
 
 fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
     // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial tile of tokens).
-    let (rows, k) = (37, 256);
     let Some(gpu) = checked_gpu(bounds_checks) else { return };
     for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
-        let (bytes, w) = weights(&gpu, 31, dtype, rows, k);
-        let norm = random_vec(&mut rng(32), k, 2.0);
-        let norm_buffer = gpu.storage_buffer_with("norm", &norm);
-        for n in [1, 3, 9, 37] {
-            // Rows of 2k: x (the gate) and the up half after it; rmsnorm reads only the first k.
-            let x = random_vec(&mut rng(n as u64 + 33), n * 2 * k, 3.0);
-            let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
-            let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
-            let xb = gpu.storage_buffer_with("x", &x);
-            let cases = [
-                ("rmsnorm", MatmulInput::RmsNorm { weight: &norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, &norm, 1e-5)),
-                ("silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
-            ];
-            for (what, input, input_rows) in cases {
-                let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
-                let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
-                let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(&gpu, &xb, input, &w, &out, layout, &step(&gpu, n, 0));
-                run(&gpu, |pass| op.encode(pass, n as u32));
-                assert_close(&format!("{dtype} matmul of {what}, n={n}"), &read_f32(&gpu, &out, want.len()), &want, 1e-4, 1e-4);
-            }
-        }
+        matmul_of_every_input(&gpu, dtype, 37, 256, &[1, 3, 9, 37], &format!("bounds checks {bounds_checks}"));
     }
 }
 
@@ -177,12 +155,7 @@ fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
 #[test]
 fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
     let Some(probe) = gpu() else { return };
-    let subgroup_forms = if probe.subgroups {
-        vec![true, false]
-    } else {
-        eprintln!("SKIPPED the subgroup reduction: {} has no subgroups", probe.info.name);
-        vec![false]
-    };
+    let subgroup_forms = if has_feature(&probe, probe.subgroups, "subgroups") { vec![true, false] } else { vec![false] };
     for (subgroups, bounds_checks) in subgroup_forms.into_iter().flat_map(|s| [(s, false), (s, true)]) {
         for gemv_rows in [1, 2, 4] {
             let options = GpuOptions { no_subgroups: !subgroups, gemv_rows: Some(gemv_rows), bounds_checks, ..Default::default() };
@@ -197,19 +170,21 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
                 let dtypes: Vec<DType> = if gemv_rows == 1 { [DType::F32].into_iter().chain(block_formats).collect() } else { block_formats.to_vec() };
                 for dtype in dtypes {
                     let what = format!("{gemv_rows} rows per workgroup, subgroups {subgroups}, bounds checks {bounds_checks}");
-                    gemv_against_reference(&gpu, dtype, rows, k, &what);
+                    matmul_of_every_input(&gpu, dtype, rows, k, &[1, 3], &what);
                 }
             }
         }
     }
 }
 
-/// 1 and 3 tokens of plain, RMSNorm-ed and SiLU-gated inputs through a (rows, k) matrix.
-fn gemv_against_reference(gpu: &Gpu, dtype: DType, rows: usize, k: usize, what: &str) {
+/// `token_counts` tokens of plain, RMSNorm-ed and SiLU-gated inputs through a (rows, k) matrix
+/// against the CPU reference.
+fn matmul_of_every_input(gpu: &Gpu, dtype: DType, rows: usize, k: usize, token_counts: &[usize], what: &str) {
     let (bytes, w) = weights(gpu, 51, dtype, rows, k);
     let norm = random_vec(&mut rng(52), k, 2.0);
     let norm_buffer = gpu.storage_buffer_with("norm", &norm);
-    for n in [1, 3] {
+    for &n in token_counts {
+        // Rows of 2k: x (the gate) and the up half after it; the other inputs read only the first k.
         let x = random_vec(&mut rng(n as u64 + 53), n * 2 * k, 3.0);
         let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
         let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
@@ -225,7 +200,7 @@ fn gemv_against_reference(gpu: &Gpu, dtype: DType, rows: usize, k: usize, what: 
             let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
             let op = ops::matmul(gpu, &xb, input, &w, &out, layout, &step(gpu, n, 0));
             run(gpu, |pass| op.encode(pass, n as u32));
-            let label = format!("{dtype} gemv {rows}x{k} of {input_name}, n={n}, {what}");
+            let label = format!("{dtype} matmul {rows}x{k} of {input_name}, n={n}, {what}");
             assert_close(&label, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);
         }
     }
@@ -253,8 +228,7 @@ fn gemv_rows_other_than_1_2_or_4_are_an_error() {
 /// A device staging prefill tiles as f16, or None (reported) where the adapter lacks shader-f16.
 fn f16_tile_gpu() -> Option<Gpu> {
     let gpu = gpu_with(&GpuOptions { f16_tiles: true, ..Default::default() })?;
-    if !gpu.features.contains(wgpu::Features::SHADER_F16) {
-        eprintln!("SKIPPED: {} has no shader-f16", gpu.info.name);
+    if !has_feature(&gpu, gpu.features.contains(wgpu::Features::SHADER_F16), "shader-f16") {
         return None;
     }
     assert_eq!(gpu.tile_type, TileType::F16);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, golden, gpu, gpu_with, load_model};
+use common::{assert_close, golden, gpu, gpu_with, has_feature, load_model};
 use llama_webgpu::{Error, GpuOptions, LoadOptions};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -34,8 +34,7 @@ const F16_TILES_TOLERANCE: f32 = 5e-2;
 #[test]
 fn f16_prefill_tiles_keep_logits_within_their_tolerance() {
     let Some(gpu) = gpu_with(&GpuOptions { f16_tiles: true, ..Default::default() }) else { return };
-    if gpu.tile_type != llama_webgpu::gpu::TileType::F16 {
-        eprintln!("SKIPPED: {} has no shader-f16", gpu.info.name);
+    if !has_feature(&gpu, gpu.tile_type == llama_webgpu::gpu::TileType::F16, "shader-f16") {
         return;
     }
     for name in FIXTURES {
@@ -55,6 +54,9 @@ fn f16_prefill_tiles_keep_logits_within_their_tolerance() {
 fn prefill_then_decode_equals_one_prefill() {
     for no_subgroups in [false, true] {
         let Some(gpu) = gpu_with(&GpuOptions { no_subgroups, ..Default::default() }) else { return };
+        if !no_subgroups && !has_feature(&gpu, gpu.subgroups, "subgroups") {
+            continue;
+        }
         for name in FIXTURES {
             let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
             let golden = golden(name);

@@ -6,8 +6,25 @@ use std::path::{Path, PathBuf};
 use llama_webgpu::{Gpu, GpuOptions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Set by CI: a GPU test that finds no adapter fails instead of skipping.
+/// Set by CI: a GPU test that finds no adapter, or an adapter without an optional feature the test
+/// covers (shader-f16, subgroups: lavapipe and the H100/H200 have both), fails instead of skipping.
 pub const REQUIRE_GPU_ENV: &str = "LLAMA_WEBGPU_REQUIRE_GPU";
+
+fn gpu_required() -> bool {
+    std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Whether `gpu` has the optional `feature` (`has`); without it the caller skips its check, which
+/// is reported, or fails where CI requires a GPU.
+pub fn has_feature(gpu: &Gpu, has: bool, feature: &str) -> bool {
+    if !has {
+        if gpu_required() {
+            panic!("{REQUIRE_GPU_ENV}=1 but {} has no {feature}", gpu.info.name);
+        }
+        eprintln!("SKIPPED: {} has no {feature}", gpu.info.name);
+    }
+    has
+}
 
 /// A device with the given options, or None (reported on stderr) when the machine has no adapter
 /// and CI has not demanded one.
@@ -15,7 +32,7 @@ pub fn gpu_with(options: &GpuOptions) -> Option<Gpu> {
     match pollster::block_on(Gpu::new(options)) {
         Ok(gpu) => Some(gpu),
         Err(error) => {
-            if std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1") {
+            if gpu_required() {
                 panic!("{REQUIRE_GPU_ENV}=1 but no GPU: {error}");
             }
             eprintln!("SKIPPED: no GPU adapter ({error})");
