@@ -37,12 +37,22 @@ struct Step {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> x: array<f32>;         // (n_tokens, in_stride); gather: (n_tokens) ids as f32
+// x and norm are f32 arrays read as vec4s (their buffers are whole vec4s: Gpu::storage_buffer), so
+// that the block GEMVs load 4 inputs per instruction; x_at and norm_at read one element.
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;   // (n_tokens, in_stride); gather: (n_tokens) ids as f32
 @group(0) @binding(1) var<storage, read> w: array<u32>;         // (rows, k) in WEIGHT_DTYPE, rows packed back to back
-@group(0) @binding(2) var<storage, read> norm: array<f32>;      // INPUT 1: (k) RMSNorm weight; otherwise unread
+@group(0) @binding(2) var<storage, read> norm: array<vec4<f32>>; // INPUT 1: (k) RMSNorm weight; otherwise unread
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // (n_tokens, out_stride)
 @group(0) @binding(4) var<uniform> params: Params;
 @group(0) @binding(5) var<uniform> step: Step;
+
+fn x_at(i: u32) -> f32 {
+    return x[i / 4u][i % 4u];
+}
+
+fn norm_at(i: u32) -> f32 {
+    return norm[i / 4u][i % 4u];
+}
 
 fn byte_at(offset: u32) -> u32 {
     return (w[offset >> 2u] >> ((offset & 3u) * 8u)) & 0xffu;
@@ -122,11 +132,11 @@ fn weight_pair(row: u32, col: u32) -> vec2<f32> {
 // Input elements col and col + 1 of the token row at `base`, transformed by INPUT (RMSNorm without
 // its per-row scale, which the caller applies to the dot product).
 fn input_pair(base: u32, col: u32) -> vec2<f32> {
-    let v = vec2(x[base + col], x[base + col + 1u]);
+    let v = vec2(x_at(base + col), x_at(base + col + 1u));
     switch INPUT {
-        case 1u: { return v * vec2(norm[col], norm[col + 1u]); }
+        case 1u: { return v * vec2(norm_at(col), norm_at(col + 1u)); }
         case 2u: {
-            let up = vec2(x[base + params.k + col], x[base + params.k + col + 1u]);
+            let up = vec2(x_at(base + params.k + col), x_at(base + params.k + col + 1u));
             return v / (1.0 + exp(-v)) * up;
         }
         default: { return v; }
@@ -224,7 +234,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
     for (var col = 2u * thread.index; col < params.k; col += 2u * GEMV_WG) {
         sum += dot(input_pair(x_base, col), weight_pair(row, col));
         if (INPUT == 1u) {
-            let v = vec2(x[x_base + col], x[x_base + col + 1u]);
+            let v = vec2(x_at(x_base + col), x_at(x_base + col + 1u));
             squares += dot(v, v);
         }
     }
@@ -235,20 +245,29 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
 }
 
 // GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_BLOCK_ROWS rows of one token per
-// workgroup. Each thread takes whole blocks: it loads a block's 32 inputs once and reuses them for
-// every row, reads the quants as u32 words and unpacks 4 at a time, and takes the offset out of the
-// dot product: q4_0 d * (sum x q - 8 sum x), q4_1 d * sum x q + m * sum x.
+// workgroup. Four neighbouring threads share a block, each taking a quarter of it: 8 weights, from
+// one q4 quant word (word j's low nibbles are the block's weights 4j..4j + 3, its high nibbles
+// 16 + 4j..) or two q8_0 words (weights 8j..8j + 7). So a subgroup's loads of inputs (2 vec4 per
+// thread) and of quants each cover contiguous memory, and a thread loads its 8 inputs once for every
+// row. The offset comes out of the dot product: q4_0 d * (sum x q - 8 sum x), q4_1 d * sum x q +
+// m * sum x. A thread takes two quarters per step (GEMV_WG apart) to have twice the loads in flight.
 // GEMV_BLOCK_ROWS is 1, 2 or 4, chosen by the host per matrix (ops::gemv_block_rows): more rows
 // reuse each loaded input more, fewer make more workgroups to fill a large GPU.
 override GEMV_BLOCK_ROWS: u32 = 4u;
 
-// Inputs col..col + 3 (col a multiple of 4) transformed by INPUT.
+// Inputs col..col + 3 of the token row at `base` (both multiples of 4) transformed by INPUT
+// (RMSNorm without its per-row scale), and the sum of their squares as read.
 fn input_quad(base: u32, col: u32) -> vec4<f32> {
-    return vec4(input_pair(base, col), input_pair(base, col + 2u));
+    let v = x[(base + col) / 4u];
+    switch INPUT {
+        case 1u: { return v * norm[col / 4u]; }
+        case 2u: { return v / (1.0 + exp(-v)) * x[(base + params.k + col) / 4u]; }
+        default: { return v; }
+    }
 }
 
 fn squares_quad(base: u32, col: u32) -> f32 {
-    let v = vec4(x[base + col], x[base + col + 1u], x[base + col + 2u], x[base + col + 3u]);
+    let v = x[(base + col) / 4u];
     return dot(v, v);
 }
 
@@ -267,6 +286,15 @@ fn words_at(p: u32) -> vec4<u32> {
     return vec4((a >> 16u) | (b << 16u), (b >> 16u) | (c << 16u), (c >> 16u) | (d << 16u), (d >> 16u) | (e << 16u));
 }
 
+// The 4 bytes at byte `p` (even) as one word.
+fn word_at(p: u32) -> u32 {
+    let i = p / 4u;
+    if ((p & 2u) == 0u) {
+        return w[i];
+    }
+    return (w[i] >> 16u) | (w[i + 1u] << 16u);
+}
+
 // Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
 fn low_nibbles(word: u32) -> vec4<f32> {
     return vec4<f32>((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu));
@@ -281,13 +309,34 @@ fn signed_bytes(word: u32) -> vec4<f32> {
     return vec4<f32>(bitcast<vec4<i32>>(vec4(word) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u));
 }
 
-// sum x * q over a q4 block's quant words; low[i] and high[i] are the inputs of word i's nibbles.
-fn nibble_dot(q: vec4<u32>, low: array<vec4<f32>, 4>, high: array<vec4<f32>, 4>) -> f32 {
-    var sum = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        sum += dot(low[i], low_nibbles(q[i])) + dot(high[i], high_nibbles(q[i]));
+// The block columns of quarter j's inputs: two quads, whose weights a quarter_dot takes in order.
+fn quarter_cols(j: u32) -> vec2<u32> {
+    if (WEIGHT_DTYPE == 5u) {
+        return vec2(8u * j, 8u * j + 4u);
     }
-    return sum;
+    return vec2(4u * j, 16u + 4u * j);
+}
+
+// sum x * w over quarter j of `block`, whose inputs are the quads a and b with the sum x_sum.
+fn quarter_dot(block: u32, j: u32, a: vec4<f32>, b: vec4<f32>, x_sum: f32) -> f32 {
+    switch WEIGHT_DTYPE {
+        case 3u: { // q4_0: f16 d, 16 bytes of nibbles
+            let start = block * 18u;
+            let q = word_at(start + 2u + 4u * j);
+            return f16_at(start) * (dot(a, low_nibbles(q)) + dot(b, high_nibbles(q)) - 8.0 * x_sum);
+        }
+        case 4u: { // q4_1: f16 d, f16 m, 16 bytes of nibbles (20: word-aligned)
+            let start = block * 5u;
+            let q = w[start + 1u + j];
+            let dm = unpack2x16float(w[start]);
+            return dm.x * (dot(a, low_nibbles(q)) + dot(b, high_nibbles(q))) + dm.y * x_sum;
+        }
+        default: { // q8_0: f16 d, 32 int8
+            let start = block * 34u;
+            let p = start + 2u + 8u * j;
+            return f16_at(start) * (dot(a, signed_bytes(word_at(p))) + dot(b, signed_bytes(word_at(p + 4u))));
+        }
+    }
 }
 
 // The end of a block GEMV: the workgroup's sums of rows row0.. (scaled for RMSNorm) stored, one
@@ -309,44 +358,32 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     }
     let x_base = t * params.in_stride;
     let blocks = params.k / 32u;
+    let quarters = 4u * blocks;
     var sums = vec4(0.0, 0.0, 0.0, 0.0); // rows row0..row0 + GEMV_BLOCK_ROWS - 1
     var squares = 0.0;
-    for (var b = thread.index; b < blocks; b += GEMV_WG) {
-        let col = b * 32u;
-        var low: array<vec4<f32>, 4>;  // inputs 4i..4i + 3 of the block
-        var high: array<vec4<f32>, 4>; // inputs 16 + 4i..16 + 4i + 3
-        var x_sum = vec4(0.0, 0.0, 0.0, 0.0);
-        for (var i = 0u; i < 4u; i++) {
-            low[i] = input_quad(x_base, col + 4u * i);
-            high[i] = input_quad(x_base, col + 16u + 4u * i);
-            x_sum += low[i] + high[i];
-            if (INPUT == 1u) {
-                squares += squares_quad(x_base, col + 4u * i) + squares_quad(x_base, col + 16u + 4u * i);
+    for (var first = thread.index; first < quarters; first += 2u * GEMV_WG) {
+        // Where the row's quarters are not a multiple of 2 GEMV_WG, the last step's second quarter
+        // may be past the row: it then takes zero inputs and re-reads the first one's weights.
+        let has_second = first + GEMV_WG < quarters;
+        let quarter = array(first, select(first, first + GEMV_WG, has_second));
+        var a: array<vec4<f32>, 2>;
+        var b: array<vec4<f32>, 2>;
+        var x_sums: array<f32, 2>;
+        for (var i = 0u; i < 2u; i++) {
+            let live = i == 0u || has_second;
+            let cols = quarter[i] / 4u * 32u + quarter_cols(quarter[i] % 4u);
+            a[i] = select(vec4(0.0), input_quad(x_base, cols.x), live);
+            b[i] = select(vec4(0.0), input_quad(x_base, cols.y), live);
+            x_sums[i] = dot(a[i] + b[i], vec4(1.0, 1.0, 1.0, 1.0));
+            if (INPUT == 1u && live) {
+                squares += squares_quad(x_base, cols.x) + squares_quad(x_base, cols.y);
             }
         }
-        let x_total = dot(x_sum, vec4(1.0, 1.0, 1.0, 1.0));
         for (var r = 0u; r < GEMV_BLOCK_ROWS; r++) {
             // Rows past the end repeat the last row; their sums are not stored.
-            let block = min(row0 + r, params.rows - 1u) * blocks + b;
-            switch WEIGHT_DTYPE {
-                case 3u: { // q4_0: f16 d, 16 bytes of nibbles
-                    let start = block * 18u;
-                    sums[r] += f16_at(start) * (nibble_dot(words_at(start + 2u), low, high) - 8.0 * x_total);
-                }
-                case 4u: { // q4_1: f16 d, f16 m, 16 bytes of nibbles
-                    let start = block * 20u;
-                    sums[r] += f16_at(start) * nibble_dot(words_at(start + 4u), low, high) + f16_at(start + 2u) * x_total;
-                }
-                default: { // q8_0: f16 d, 32 int8
-                    let start = block * 34u;
-                    let first = words_at(start + 2u);
-                    let second = words_at(start + 18u);
-                    var dot_q = 0.0;
-                    for (var i = 0u; i < 4u; i++) {
-                        dot_q += dot(low[i], signed_bytes(first[i])) + dot(high[i], signed_bytes(second[i]));
-                    }
-                    sums[r] += f16_at(start) * dot_q;
-                }
+            let row_block = min(row0 + r, params.rows - 1u) * blocks;
+            for (var i = 0u; i < 2u; i++) {
+                sums[r] += quarter_dot(row_block + quarter[i] / 4u, quarter[i] % 4u, a[i], b[i], x_sums[i]);
             }
         }
     }
@@ -450,15 +487,6 @@ var<workgroup> x_tile: array<vec4<tile_t>, 256>;  // (TILE_K k, TILE / 4 token q
 var<workgroup> w_tile: array<vec4<tile_t>, 256>;  // (TILE_K k, TILE_ROWS / 4 row quads)
 var<workgroup> row_squares: array<f32, 256>; // RMSNorm: 4 partial sums of squares per token row
 
-// The 4 bytes at byte `p` (even) as one word.
-fn word_at(p: u32) -> u32 {
-    let i = p / 4u;
-    if ((p & 2u) == 0u) {
-        return w[i];
-    }
-    return (w[i] >> 16u) | (w[i + 1u] << 16u);
-}
-
 // Weights col..col + 3 (col a multiple of 4) of `row`, zero past k. The 32-weight block formats
 // decode 4 at a time from one quant word (a block's columns 4j..4j + 3 are word j's low nibbles
 // for j < 4, word j - 4's high nibbles for j >= 4).
@@ -543,7 +571,7 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
         var squares = 0.0;
         if (t0 + r < step.n_tokens) {
             for (var col = li % 4u; col < params.k; col += 4u) {
-                let v = x[(t0 + r) * params.in_stride + col];
+                let v = x_at((t0 + r) * params.in_stride + col);
                 squares += v * v;
             }
         }
@@ -596,7 +624,7 @@ fn gather(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (t >= step.n_tokens || col >= params.k) {
         return;
     }
-    let token = u32(x[t]);
+    let token = u32(x_at(t));
     if (token < params.row_start || token >= params.row_start + params.rows) {
         return;
     }

@@ -213,14 +213,16 @@ impl Gpu {
 
     /// The largest buffer a kernel can bind.
     pub fn max_binding(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
+        // Whole vec4s, as storage_buffer makes them.
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size) / 16 * 16
     }
 
-    /// A storage buffer of `bytes`, zeroed, usable as kernel input and output and for copies.
+    /// A storage buffer of `bytes` (rounded up by [`whole_vec4s`]), zeroed, usable as kernel input
+    /// and output and for copies.
     pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
+            size: whole_vec4s(bytes),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
@@ -254,11 +256,12 @@ impl Gpu {
         self.read_mapped(&staging, bytes).await
     }
 
-    /// A buffer the host can map to read what a command buffer copied into it.
+    /// A buffer the host can map to read what a command buffer copied into it, as large as a
+    /// storage buffer of `bytes` (so that a whole one copies into it).
     pub fn readback_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(4).next_multiple_of(4),
+            size: whole_vec4s(bytes),
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
@@ -288,6 +291,12 @@ impl Gpu {
 }
 
 /// Lists every adapter as "name (backend)", for `info` and for errors.
+/// A buffer size: `bytes` rounded up to whole vec4s, so kernels may read f32 arrays 4 elements at
+/// a time (matmul.wgsl's inputs).
+fn whole_vec4s(bytes: u64) -> u64 {
+    bytes.max(16).next_multiple_of(16)
+}
+
 pub async fn adapter_names() -> Vec<String> {
     let instance = instance();
     instance.enumerate_adapters(wgpu::Backends::all()).await.iter().map(describe).collect()

@@ -367,8 +367,10 @@ pub fn matmul(
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> ByTokens {
-    // The block formats have GEMVs of their own that take several rows per workgroup.
+    // The block formats have GEMVs of their own that take several rows per workgroup and read
+    // their inputs as vec4s (the block sizes make k a multiple of 32).
     let block_gemv = |entry| {
+        assert!(layout.in_stride % 4 == 0, "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
         weight_op(gpu, entry, x, input, w, out, layout, step, |rows| {
             let per_workgroup = gemv_block_rows(rows, gpu.info.device_type, gpu.gemv_rows);
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup)), vec![("GEMV_BLOCK_ROWS", per_workgroup as f64)])
