@@ -10,14 +10,24 @@
 //   0: x as it is
 //   1: rmsnorm(x) * norm; each workgroup sums the squares of its token rows itself
 //   2: silu(x[:, :k]) * x[:, k:2k], the gated MLP activation of a stacked gate/up output
-// PyTorch: out = f(x) @ W.T            (accumulate = 0)
-//          out = out + f(x) @ W.T      (accumulate = 1, the residual add fused into the epilogue)
+// and can write their output rotated into the KV cache, fusing the op after them (OUTPUT):
+//   0: out, overwritten or added to (accumulate = 1, the residual add)
+//   1: a stacked q/k/v projection with RoPE: q rotated into out, k rotated into k_cache and v into
+//      v_cache at each token's position. Halves rotate (dims i and i + head_dim / 2), as Hugging
+//      Face checkpoints expect, by the f32 cos/sin table the host computes once with the model's
+//      frequency scaling (llama3 rope_type).
+// PyTorch: out = f(x) @ W.T            (OUTPUT 0, accumulate = 0)
+//          out = out + f(x) @ W.T      (OUTPUT 0, accumulate = 1)
+//          q, k, v = (f(x) @ W.T).split(); q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+//          k_cache[pos], v_cache[pos] = k, v   (OUTPUT 1)
 //          out = W[tokens]             (gather)
 
 // 0 f32, 1 f16, 2 bf16, 3 q4_0, 4 q4_1, 5 q8_0, 6 q4_k, 7 q6_k (crate::quant::DType::shader_code)
 override WEIGHT_DTYPE: u32 = 0u;
 // 0 plain, 1 rmsnorm, 2 silu_mul (crate::gpu::ops::MatmulInput)
 override INPUT: u32 = 0u;
+// 0 out, 1 q/k/v rotated into out and the KV cache (crate::gpu::ops::MatmulOutput)
+override OUTPUT: u32 = 0u;
 
 struct Params {
     k: u32,                // input features (elements per weight row, even)
@@ -27,7 +37,11 @@ struct Params {
     out_stride: u32,       // elements between token rows of out
     accumulate: u32,       // 1: add to out instead of overwriting it
     eps: f32,              // INPUT 1: the RMSNorm epsilon
-    _pad: u32,
+    head_dim: u32,         // OUTPUT 1: elements per head (even)
+    q_dim: u32,            // OUTPUT 1: columns of q (n_heads head_dim), then k's and v's
+    kv_dim: u32,           // OUTPUT 1: columns of k and of v (n_kv_heads head_dim)
+    _pad0: u32,
+    _pad1: u32,
 }
 
 struct Step {
@@ -45,6 +59,9 @@ struct Step {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>; // (n_tokens, out_stride)
 @group(0) @binding(4) var<uniform> params: Params;
 @group(0) @binding(5) var<uniform> step: Step;
+@group(0) @binding(6) var<storage, read> cos_sin: array<vec2<f32>>;   // OUTPUT 1: (context, head_dim / 2) (cos, sin)
+@group(0) @binding(7) var<storage, read_write> k_cache: array<f32>;  // OUTPUT 1: (context, kv_dim)
+@group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;  // OUTPUT 1: (context, kv_dim)
 
 fn x_at(i: u32) -> f32 {
     return x[i / 4u][i % 4u];
@@ -148,12 +165,49 @@ fn row_scale(sum_of_squares: f32) -> f32 {
     return select(1.0, inverseSqrt(sum_of_squares / f32(params.k) + params.eps), INPUT == 1u);
 }
 
-fn store(t: u32, row: u32, value: f32) {
-    let i = t * params.out_stride + params.row_start + row;
-    out[i] = select(value, out[i] + value, params.accumulate == 1u);
+// The weight row that output slot `slot` of this part computes. Rotary output takes each head's
+// rows in rotation pairs, dims i and i + head_dim / 2 in slots 2m and 2m + 1, so that whoever
+// computes one (a GEMV workgroup of an even number of rows, a tile thread's 4 rows) has the other.
+// Parts and stacked blocks start at whole heads (the host splits them so).
+fn matrix_row(slot: u32) -> u32 {
+    if (OUTPUT == 0u) {
+        return slot;
+    }
+    let half = params.head_dim / 2u;
+    let pair = slot / 2u;
+    return pair / half * params.head_dim + pair % half + slot % 2u * half;
+}
+
+// Token t's value of output slot `slot` stored; `partner` is the value of slot ^ 1, which rotary
+// output rotates it with.
+fn store(t: u32, slot: u32, value: f32, partner: f32) {
+    let column = params.row_start + matrix_row(slot);
+    if (OUTPUT == 0u) {
+        let i = t * params.out_stride + column;
+        out[i] = select(value, out[i] + value, params.accumulate == 1u);
+        return;
+    }
+    let pos = step.start_pos + t;
+    if (column >= params.q_dim + params.kv_dim) {
+        v_cache[pos * params.kv_dim + column - params.q_dim - params.kv_dim] = value;
+        return;
+    }
+    // An even slot holds x1 (dim i), an odd one x2 (dim i + half): (x1 cos - x2 sin, x2 cos + x1 sin).
+    let half = params.head_dim / 2u;
+    let cs = cos_sin[pos * half + column % half];
+    let rotated = value * cs.x + select(partner, -partner, slot % 2u == 0u) * cs.y;
+    if (column < params.q_dim) {
+        out[t * params.out_stride + column] = rotated;
+    } else {
+        k_cache[pos * params.kv_dim + column - params.q_dim] = rotated;
+    }
 }
 
 const GEMV_WG: u32 = 64u;
+// Rows (output slots) per GEMV workgroup, 1, 2 or 4, chosen by the host per matrix
+// (ops::gemv_rows): more rows reuse each loaded input more, fewer make more workgroups to fill a
+// large GPU. Rotary output needs an even number.
+override GEMV_ROWS: u32 = 4u;
 
 // Each GEMV thread's row sums and its sum of squares of the input (RMSNorm), and their totals over
 // the workgroup.
@@ -220,40 +274,40 @@ fn workgroup_totals(thread: Thread, sums: vec4<f32>, squares: f32) -> Totals {
 }
 } subgroup reduction */
 
-// One workgroup per (weight row, token); rows are laid over x and y so huge matrices fit the grid.
+// GEMV for f32, f16 and bf16, GEMV_ROWS rows of one token per workgroup (rows are laid over x and y
+// so that huge matrices fit the grid): each thread takes pairs of columns, loading a pair's inputs
+// once for every row.
 @compute @workgroup_size(GEMV_WG)
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row = wg.x + wg.y * n_wg.x;
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
     let t = wg.z;
-    if (row >= params.rows || t >= step.n_tokens) {
+    if (row0 >= params.rows || t >= step.n_tokens) {
         return;
     }
     let x_base = t * params.in_stride;
-    var sum = 0.0;
+    var sums = vec4(0.0, 0.0, 0.0, 0.0); // slots row0..row0 + GEMV_ROWS - 1
     var squares = 0.0;
     for (var col = 2u * thread.index; col < params.k; col += 2u * GEMV_WG) {
-        sum += dot(input_pair(x_base, col), weight_pair(row, col));
+        let input = input_pair(x_base, col);
         if (INPUT == 1u) {
             let v = vec2(x_at(x_base + col), x_at(x_base + col + 1u));
             squares += dot(v, v);
         }
+        for (var r = 0u; r < GEMV_ROWS; r++) {
+            // Slots past the end repeat the last one; their sums are not stored.
+            sums[r] += dot(input, weight_pair(matrix_row(min(row0 + r, params.rows - 1u)), col));
+        }
     }
-    let totals = workgroup_totals(thread, vec4(sum, 0.0, 0.0, 0.0), squares);
-    if (thread.index == 0u) {
-        store(t, row, totals.sums.x * row_scale(totals.squares));
-    }
+    store_rows(thread, t, row0, sums, squares);
 }
 
-// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_BLOCK_ROWS rows of one token per
+// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_ROWS rows of one token per
 // workgroup. Four neighbouring threads share a block, each taking a quarter of it: 8 weights, from
 // one q4 quant word (word j's low nibbles are the block's weights 4j..4j + 3, its high nibbles
 // 16 + 4j..) or two q8_0 words (weights 8j..8j + 7). So a subgroup's loads of inputs (2 vec4 per
 // thread) and of quants each cover contiguous memory, and a thread loads its 8 inputs once for every
 // row. The offset comes out of the dot product: q4_0 d * (sum x q - 8 sum x), q4_1 d * sum x q +
 // m * sum x. A thread takes two quarters per step (GEMV_WG apart) to have twice the loads in flight.
-// GEMV_BLOCK_ROWS is 1, 2 or 4, chosen by the host per matrix (ops::gemv_block_rows): more rows
-// reuse each loaded input more, fewer make more workgroups to fill a large GPU.
-override GEMV_BLOCK_ROWS: u32 = 4u;
 
 // Inputs col..col + 3 of the token row at `base` (both multiples of 4) transformed by INPUT
 // (RMSNorm without its per-row scale), and the sum of their squares as read.
@@ -339,19 +393,20 @@ fn quarter_dot(block: u32, j: u32, a: vec4<f32>, b: vec4<f32>, x_sum: f32) -> f3
     }
 }
 
-// The end of a block GEMV: the workgroup's sums of rows row0.. (scaled for RMSNorm) stored, one
-// row per thread.
-fn store_block_rows(thread: Thread, t: u32, row0: u32, sums: vec4<f32>, squares: f32) {
+// The end of a GEMV: the workgroup's sums of slots row0.. (scaled for RMSNorm) stored, one slot
+// per thread.
+fn store_rows(thread: Thread, t: u32, row0: u32, sums: vec4<f32>, squares: f32) {
     let totals = workgroup_totals(thread, sums, squares);
+    let scale = row_scale(totals.squares);
     let r = thread.index;
-    if (r < GEMV_BLOCK_ROWS && row0 + r < params.rows) {
-        store(t, row0 + r, totals.sums[r] * row_scale(totals.squares));
+    if (r < GEMV_ROWS && row0 + r < params.rows) {
+        store(t, row0 + r, totals.sums[r] * scale, totals.sums[r ^ 1u] * scale);
     }
 }
 
 @compute @workgroup_size(GEMV_WG)
 fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
     let t = wg.z;
     if (row0 >= params.rows || t >= step.n_tokens) {
         return;
@@ -359,7 +414,7 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     let x_base = t * params.in_stride;
     let blocks = params.k / 32u;
     let quarters = 4u * blocks;
-    var sums = vec4(0.0, 0.0, 0.0, 0.0); // rows row0..row0 + GEMV_BLOCK_ROWS - 1
+    var sums = vec4(0.0, 0.0, 0.0, 0.0); // rows row0..row0 + GEMV_ROWS - 1
     var squares = 0.0;
     for (var first = thread.index; first < quarters; first += 2u * GEMV_WG) {
         // Where the row's quarters are not a multiple of 2 GEMV_WG, the last step's second quarter
@@ -379,18 +434,18 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
                 squares += squares_quad(x_base, cols.x) + squares_quad(x_base, cols.y);
             }
         }
-        for (var r = 0u; r < GEMV_BLOCK_ROWS; r++) {
-            // Rows past the end repeat the last row; their sums are not stored.
-            let row_block = min(row0 + r, params.rows - 1u) * blocks;
+        for (var r = 0u; r < GEMV_ROWS; r++) {
+            // Slots past the end repeat the last one; their sums are not stored.
+            let row_block = matrix_row(min(row0 + r, params.rows - 1u)) * blocks;
             for (var i = 0u; i < 2u; i++) {
                 sums[r] += quarter_dot(row_block + quarter[i] / 4u, quarter[i] % 4u, a[i], b[i], x_sums[i]);
             }
         }
     }
-    store_block_rows(thread, t, row0, sums, squares);
+    store_rows(thread, t, row0, sums, squares);
 }
 
-// GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_BLOCK_ROWS rows of one token per
+// GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_ROWS rows of one token per
 // workgroup. Each thread takes 64-weight units: two runs of 32 weights, a and b, whose quants are
 // the low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters
 // q and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). It loads a unit's 64
@@ -398,7 +453,7 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
 // product: d sc (sum x q) - dmin m (sum x) per sub-block.
 @compute @workgroup_size(GEMV_WG)
 fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_BLOCK_ROWS;
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
     let t = wg.z;
     if (row0 >= params.rows || t >= step.n_tokens) {
         return;
@@ -429,9 +484,9 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             }
         }
         let ones = vec4(1.0, 1.0, 1.0, 1.0);
-        for (var r = 0u; r < GEMV_BLOCK_ROWS; r++) {
-            // Rows past the end repeat the last row; their sums are not stored.
-            let block = min(row0 + r, params.rows - 1u) * superblocks + sb;
+        for (var r = 0u; r < GEMV_ROWS; r++) {
+            // Slots past the end repeat the last one; their sums are not stored.
+            let block = matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb;
             if (WEIGHT_DTYPE == 6u) { // q4_k: f16 d, f16 dmin, 12 bytes of scales, 128 of nibbles (144: word-aligned)
                 let start = block * 144u;
                 let quants = (start + 16u + part * 32u) / 4u;
@@ -468,7 +523,7 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             }
         }
     }
-    store_block_rows(thread, t, row0, sums, squares);
+    store_rows(thread, t, row0, sums, squares);
 }
 
 // Tiles of TILE tokens x TILE_ROWS rows; 16x16 threads each compute 4 tokens x 4 rows (16 sums
@@ -588,7 +643,7 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
             xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c) * scale;
         }
         if (row0 + r < params.rows) {
-            wv = weight_quad(row0 + r, k0 + c);
+            wv = weight_quad(matrix_row(row0 + r), k0 + c);
         }
         for (var i = 0u; i < 4u; i++) {
             x_tile[(c + i) * (TILE / 4u) + r / 4u][r % 4u] = tile_t(xv[i]);
@@ -608,9 +663,9 @@ fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
     for (var j = 0u; j < 4u; j++) {
         let t = t0 + 4u * lid.y + j;
         for (var i = 0u; i < 4u; i++) {
-            let row = row0 + 4u * lid.x + i;
-            if (row < params.rows && t < step.n_tokens) {
-                store(t, row, acc[j][i]);
+            let slot = row0 + 4u * lid.x + i;
+            if (slot < params.rows && t < step.n_tokens) {
+                store(t, slot, acc[j][i], acc[j][i ^ 1u]);
             }
         }
     }

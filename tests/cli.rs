@@ -44,9 +44,9 @@ fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
     // The commit the binary was built from, for reports filed under bench/results.
     let commit = report["commit"].as_str().unwrap();
     assert!(commit == "unknown" || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())), "{commit}");
-    // The embedding, six per layer (q/k/v, RoPE with the cache write, attention, o, gate/up,
+    // The embedding, five per layer (q/k/v with RoPE and the cache write, attention, o, gate/up,
     // down), lm_head and argmax.
-    assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 2);
+    assert_eq!(report["dispatches_per_token"], 1 + 3 * 5 + 2);
 
     // One layer of Llama 3.2 1B's shape in q4_0: 1B's lm_head dominates the bytes per token.
     let out = llama_webgpu(&[
@@ -78,16 +78,16 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
     let kernels = report["profile"].as_array().unwrap();
     let names: Vec<&str> = kernels.iter().map(|k| k["kernel"].as_str().unwrap()).collect();
-    assert_eq!(names, ["embed", "qkv_proj", "rope", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head", "argmax"]);
+    assert_eq!(names, ["embed", "qkv_proj", "attention", "o_proj", "gate_up_proj", "down_proj", "lm_head", "argmax"]);
     let dispatches: f64 = kernels.iter().map(|k| k["dispatches_per_token"].as_f64().unwrap()).sum();
     assert_eq!(dispatches, report["dispatches_per_token"].as_f64().unwrap());
     for k in kernels {
         assert!(k["us_per_token"].as_f64().unwrap() > 0.0 && k["bytes_per_token"].as_f64().unwrap() > 0.0, "{k}");
     }
-    // Per layer, q/k/v reads its (128 + 2 * 32, 128) f32 rows, the input row and the norm weight,
-    // and writes 192 outputs.
+    // Per layer, q/k/v reads its (128 + 2 * 32, 128) f32 rows, the input row, the norm weight and
+    // the position's 8 (cos, sin) pairs (head_dim 16), and writes 192 outputs.
     let qkv = kernels.iter().find(|k| k["kernel"] == "qkv_proj").unwrap();
-    assert_eq!(qkv["bytes_per_token"].as_f64().unwrap(), (3 * (192 * 128 * 4 + 2 * 128 * 4 + 192 * 4)) as f64);
+    assert_eq!(qkv["bytes_per_token"].as_f64().unwrap(), (3 * (192 * 128 * 4 + 2 * 128 * 4 + 192 * 4 + 8 * 8)) as f64);
 
     // 40 positions deep a decode step's 41 keys come in two splits, merged in one more dispatch
     // per layer.
@@ -95,7 +95,7 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
     assert_eq!(report["results"][0]["test"], "tg2 @ d40");
     assert_eq!(report["depth"], 40);
-    assert_eq!(report["dispatches_per_token"], 1 + 3 * 7 + 2);
+    assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 2);
     let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
     assert_eq!(attention["dispatches_per_token"], 6.0);
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, gpu, gpu_with, has_feature, random_vec, rng};
-use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, RopeParams, StepParams};
+use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams};
 use llama_webgpu::gpu::{TileType, WeightMatrix};
 use llama_webgpu::quant::DType;
 use llama_webgpu::{reference, Gpu, GpuOptions};
@@ -68,37 +68,66 @@ fn embedding_matches_reference_in_every_format_and_split() {
     }
 }
 
+/// A stacked q/k/v projection with rotary output: q rotated into out, k rotated into the K cache
+/// and v copied into the V cache at each token's position, the rest of the caches as they were.
+/// GEMVs (rows per workgroup forced to 1, which rotary output raises to 2, and 4) and tiles, with
+/// q/k and v in blocks of different formats, split by the binding limit into parts of whole heads.
 #[test]
-fn rope_rotates_q_in_place_and_writes_k_and_v_to_the_cache() {
-    let Some(gpu) = gpu() else { return };
-    let (n_heads, n_kv_heads, head_dim, context) = (6, 2, 10, 40);
+fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
+    // head_dim 10: an odd number of rotation pairs per head.
+    let (n_heads, n_kv_heads, head_dim, context, k, start_pos): (usize, usize, usize, usize, usize, usize) = (6, 2, 10, 40, 256, 29);
     let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
-    let row = q_dim + 2 * kv_dim;
-    let mut r = rng(7);
+    let (qk_rows, qkv_dim) = (q_dim + kv_dim, q_dim + 2 * kv_dim);
     let cos_sin: Vec<[f32; 2]> = (0..context * head_dim / 2).map(|i| [(i as f32 * 0.37).cos(), (i as f32 * 0.37).sin()]).collect();
-    let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
-    let (start_pos, n) = (29, 5);
-    let qkv = random_vec(&mut r, n * row, 2.0);
-    // Cache rows outside start_pos..start_pos + n must stay as they are.
-    let (k_cache, v_cache) = (random_vec(&mut r, context * kv_dim, 1.0), random_vec(&mut r, context * kv_dim, 1.0));
-    let buffers = [&qkv, &k_cache, &v_cache].map(|v| gpu.storage_buffer_with("in", v));
-    let params = RopeParams { n_heads: n_heads as u32, n_kv_heads: n_kv_heads as u32, head_dim: head_dim as u32, _pad: 0 };
-    let op = ops::rope(&gpu, &table, &buffers[0], &buffers[1], &buffers[2], params, &step(&gpu, n, start_pos));
-    run(&gpu, |pass| op.encode(pass, n as u32));
+    let binding = (qk_rows * k * 4).div_ceil(3).next_multiple_of(256) as u64;
+    for gemv_rows in [1, 4] {
+        let options = GpuOptions { gemv_rows: Some(gemv_rows), max_storage_binding: Some(binding), ..Default::default() };
+        let Some(gpu) = gpu_with(&options) else { return };
+        let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
+        for (qk_dtype, v_dtype) in [(DType::F32, DType::Q4_0), (DType::Q4K, DType::F16)] {
+            let block = |seed, dtype, rows| {
+                let bytes = DType::from_f32(dtype, &random_vec(&mut rng(seed), rows * k, 1.0)).unwrap();
+                let matrix = WeightMatrix::in_parts_of(&gpu, "qkv", dtype, rows, k, head_dim).unwrap();
+                matrix.write_bytes(&gpu, 0, &bytes);
+                (bytes, matrix)
+            };
+            let (qk_bytes, qk) = block(61, qk_dtype, qk_rows);
+            let (v_bytes, v) = block(62, v_dtype, kv_dim);
+            if qk_dtype == DType::F32 {
+                assert!(qk.parts.len() >= 3 && qk.parts.iter().all(|p| p.rows % head_dim == 0), "parts of whole heads expected");
+            }
+            for n in [1, 3, 9] {
+                let x = random_vec(&mut rng(n as u64 + 63), n * k, 1.0);
+                let xb = gpu.storage_buffer_with("x", &x);
+                let out = gpu.storage_buffer("out", (n * qkv_dim * 4) as u64);
+                let (k_cache, v_cache) = (random_vec(&mut rng(64), context * kv_dim, 1.0), random_vec(&mut rng(65), context * kv_dim, 1.0));
+                let caches = [&k_cache, &v_cache].map(|c| gpu.storage_buffer_with("cache", c));
+                let rotary = Rotary { cos_sin: &table, k_cache: &caches[0], v_cache: &caches[1], n_heads, n_kv_heads, head_dim };
+                let op = ops::ByTokens::join([(0, &qk), (qk_rows, &v)].map(|(column, w)| {
+                    let layout = MatmulLayout { in_stride: k, out_stride: qkv_dim, out_offset: column, accumulate: false };
+                    ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rotary(rotary), layout, &step(&gpu, n, start_pos))
+                }));
+                run(&gpu, |pass| op.for_tokens(n as u32).encode(pass, n as u32));
 
-    let positions: Vec<usize> = (start_pos..start_pos + n).collect();
-    let (mut want_qkv, mut want_k, mut want_v) = (qkv.clone(), k_cache.clone(), v_cache.clone());
-    reference::rope(&mut want_qkv, &positions, &cos_sin, n_heads, head_dim, row);
-    for t in 0..n {
-        let (k, v) = (&qkv[t * row + q_dim..][..kv_dim], &qkv[t * row + q_dim + kv_dim..][..kv_dim]);
-        want_k[(start_pos + t) * kv_dim..][..kv_dim].copy_from_slice(k);
-        want_v[(start_pos + t) * kv_dim..][..kv_dim].copy_from_slice(v);
+                let (qk_out, v_out) = (reference::matmul(&x, &qk_bytes, qk_dtype, qk_rows, k), reference::matmul(&x, &v_bytes, v_dtype, kv_dim, k));
+                let positions: Vec<usize> = (start_pos..start_pos + n).collect();
+                let mut want_q: Vec<f32> = qk_out.chunks(qk_rows).flat_map(|row| row[..q_dim].to_vec()).collect();
+                reference::rope(&mut want_q, &positions, &cos_sin, n_heads, head_dim, q_dim);
+                let (mut want_k, mut want_v) = (k_cache.clone(), v_cache.clone());
+                for t in 0..n {
+                    want_k[(start_pos + t) * kv_dim..][..kv_dim].copy_from_slice(&qk_out[t * qk_rows + q_dim..][..kv_dim]);
+                    want_v[(start_pos + t) * kv_dim..][..kv_dim].copy_from_slice(&v_out[t * kv_dim..][..kv_dim]);
+                }
+                reference::rope(&mut want_k[start_pos * kv_dim..], &positions, &cos_sin, n_kv_heads, head_dim, kv_dim);
+                let got = read_f32(&gpu, &out, n * qkv_dim);
+                let got_q: Vec<f32> = got.chunks(qkv_dim).flat_map(|row| row[..q_dim].to_vec()).collect();
+                let what = format!("{qk_dtype} q/k, {v_dtype} v, n={n}, {gemv_rows} GEMV rows asked");
+                assert_close(&format!("rotated q, {what}"), &got_q, &want_q, 1e-4, 1e-4);
+                assert_close(&format!("k cache, {what}"), &read_f32(&gpu, &caches[0], want_k.len()), &want_k, 1e-4, 1e-4);
+                assert_close(&format!("v cache, {what}"), &read_f32(&gpu, &caches[1], want_v.len()), &want_v, 1e-4, 1e-4);
+            }
+        }
     }
-    reference::rope(&mut want_k[start_pos * kv_dim..], &positions, &cos_sin, n_kv_heads, head_dim, kv_dim);
-    // The k and v columns of qkv are read, not rotated in place.
-    assert_close("rope q", &read_f32(&gpu, &buffers[0], want_qkv.len()), &want_qkv, 1e-6, 1e-6);
-    assert_close("rope k cache", &read_f32(&gpu, &buffers[1], want_k.len()), &want_k, 1e-6, 1e-6);
-    assert_close("v cache", &read_f32(&gpu, &buffers[2], want_v.len()), &want_v, 0.0, 0.0);
 }
 
 #[test]
@@ -125,7 +154,7 @@ fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
                 let xb = gpu.storage_buffer_with("x", &x);
                 let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                 let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, layout, &step(gpu, n, 0));
+                let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
                 run(gpu, |pass| op.encode(pass, n as u32));
                 let what = format!("matmul {dtype} n={n} parts={}", w.parts.len());
                 assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-5, 1e-5);
@@ -150,7 +179,7 @@ fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
 }
 
 /// The decode GEMVs in both reductions (subgroups where the adapter has them, and workgroup memory)
-/// and the block GEMV at 1, 2 and 4 rows per workgroup, with every fused input, with and without
+/// at 1, 2 and 4 rows per workgroup, with every fused input, with and without
 /// bounds checks.
 #[test]
 fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
@@ -165,10 +194,7 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
             // one short at 4; k = 2304 (72 blocks, 36 super-block units) gives threads 1 or 2
             // blocks and some threads no unit, k = 768 some threads no block.
             for (rows, k) in [(37, 2304), (3, 768)] {
-                // The generic GEMV (f32) has no rows per workgroup to vary.
-                let block_formats = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K];
-                let dtypes: Vec<DType> = if gemv_rows == 1 { [DType::F32].into_iter().chain(block_formats).collect() } else { block_formats.to_vec() };
-                for dtype in dtypes {
+                for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
                     let what = format!("{gemv_rows} rows per workgroup, subgroups {subgroups}, bounds checks {bounds_checks}");
                     matmul_of_every_input(&gpu, dtype, rows, k, &[1, 3], &what);
                 }
@@ -198,7 +224,7 @@ fn matmul_of_every_input(gpu: &Gpu, dtype: DType, rows: usize, k: usize, token_c
             let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
             let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
             let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-            let op = ops::matmul(gpu, &xb, input, &w, &out, layout, &step(gpu, n, 0));
+            let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
             run(gpu, |pass| op.encode(pass, n as u32));
             let label = format!("{dtype} matmul {rows}x{k} of {input_name}, n={n}, {what}");
             assert_close(&label, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);
@@ -207,16 +233,19 @@ fn matmul_of_every_input(gpu: &Gpu, dtype: DType, rows: usize, k: usize, token_c
 }
 
 #[test]
-fn block_gemv_rows_per_workgroup_fill_a_large_gpu_where_rows_allow() {
+fn gemv_rows_per_workgroup_fill_a_large_gpu_where_rows_allow() {
     // Llama 3.1-8B: q/k/v 6144 rows, o and down 4096, gate/up 28672, lm_head 128256; 3.2-1B: q/k/v
     // 3072, o and down 2048, gate/up 16384; SmolLM2: q/k/v 960.
     let shapes = [6144, 4096, 28672, 128256, 3072, 2048, 16384, 960];
-    let chosen = |device| shapes.iter().map(|&rows| ops::gemv_block_rows(rows, device, None)).collect::<Vec<u32>>();
+    let chosen = |device| shapes.iter().map(|&rows| ops::gemv_rows(rows, device, None, false)).collect::<Vec<u32>>();
     assert_eq!(chosen(wgpu::DeviceType::DiscreteGpu), [2, 2, 4, 4, 1, 1, 4, 1]);
     assert_eq!(chosen(wgpu::DeviceType::Other), [2, 2, 4, 4, 1, 1, 4, 1]); // a GPU in a browser
     // A CPU has no latency to hide with more workgroups.
     assert_eq!(chosen(wgpu::DeviceType::Cpu), [4; 8]);
-    assert_eq!(ops::gemv_block_rows(28672, wgpu::DeviceType::DiscreteGpu, Some(1)), 1);
+    assert_eq!(ops::gemv_rows(28672, wgpu::DeviceType::DiscreteGpu, Some(1), false), 1);
+    // Rotary output takes rows in pairs.
+    assert_eq!(ops::gemv_rows(3072, wgpu::DeviceType::DiscreteGpu, None, true), 2);
+    assert_eq!(ops::gemv_rows(6144, wgpu::DeviceType::DiscreteGpu, Some(1), true), 2);
 }
 
 #[test]
@@ -262,7 +291,7 @@ fn tiled_matmul_with_f16_tiles_stays_within_f16_rounding_of_the_reference() {
                 let magnitude = reference::matmul(&abs_x, &DType::F32.from_f32(&abs_w).unwrap(), DType::F32, rows, k);
                 let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                 let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(&gpu, &xb, input, &w, &out, layout, &step(&gpu, n, 0));
+                let op = ops::matmul(&gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(&gpu, n, 0));
                 run(&gpu, |pass| op.encode(pass, n as u32));
                 let got = read_f32(&gpu, &out, want.len());
                 let (i, excess) = (0..want.len())
@@ -287,7 +316,7 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
         let out = gpu.storage_buffer_with("out", &initial);
         let matmul = ops::ByTokens::join(stacked.iter().map(|(column, _, (_, w))| {
             let layout = MatmulLayout { in_stride: k, out_stride: stride, out_offset: *column, accumulate: true };
-            ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, layout, &step(&gpu, n_run, 0))
+            ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rows, layout, &step(&gpu, n_run, 0))
         }));
         run(&gpu, |pass| matmul.encode(pass, n_run as u32));
         let mut want = initial.clone();
@@ -438,7 +467,7 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
                     let want = reference::matmul(&x, &bytes, dtype, rows, k);
                     let (xb, out) = (gpu.storage_buffer_with("x", &x), gpu.storage_buffer("out", (n * rows * 4) as u64));
                     let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
-                    let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, layout, &step(gpu, n, 0));
+                    let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
                     run(gpu, |pass| op.encode(pass, n as u32));
                     let what = format!("{dtype} matmul {rows}x{k} n={n} parts={}", w.parts.len());
                     assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);

@@ -139,7 +139,6 @@ fn bindings_match_the_rust_layouts() {
 #[test]
 fn params_structs_match_their_rust_mirrors() {
     let rust_sizes = [
-        ("rope", std::mem::size_of::<ops::RopeParams>()),
         ("matmul", std::mem::size_of::<ops::MatmulParams>()),
         ("attention", std::mem::size_of::<ops::AttentionParams>()),
         ("argmax", std::mem::size_of::<ops::ArgmaxParams>()),

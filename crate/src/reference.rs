@@ -21,7 +21,7 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The rotation of shaders/rope.wgsl: rotates halves of the first `n_heads` heads of each row; row `r`
+/// RoPE as matmul.wgsl's rotary output applies it: rotates halves of the first `n_heads` heads of each row; row `r`
 /// is at position `positions[r]`.
 /// `cos_sin` is the (positions, head_dim / 2) table of (cos, sin) pairs.
 pub fn rope(x: &mut [f32], positions: &[usize], cos_sin: &[[f32; 2]], n_heads: usize, head_dim: usize, row_stride: usize) {

@@ -58,8 +58,8 @@ pub struct BenchArgs {
     /// Reduce the decode GEMVs through workgroup memory even where the adapter has subgroups.
     #[arg(long)]
     pub no_subgroups: bool,
-    /// Rows per workgroup of the q4_0/q4_1/q8_0 decode GEMV, 1, 2 or 4, for every matrix instead
-    /// of the choice by matrix size.
+    /// Rows per workgroup of the decode GEMVs, 1, 2 or 4, for every matrix instead of the choice
+    /// by matrix size (q/k/v's rotary output takes at least 2).
     #[arg(long)]
     pub gemv_rows: Option<u32>,
 }
@@ -378,18 +378,19 @@ fn report(
     println!("dispatches per token at position {depth}: {}", model.dispatches_per_token(depth));
     let rows: Vec<String> = gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| format!("{matrix} {n}")).to_vec();
     let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
-    println!("GEMV reduction: {}; block GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
+    println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
 }
 
-/// Rows per workgroup the q4_0/q4_1/q8_0 GEMV takes for each matrix of the model, unsplit.
+/// Rows per workgroup the GEMVs take for each matrix of the model, unsplit (q/k/v's rotary output
+/// takes at least 2).
 fn gemv_rows_by_matrix(gpu: &Gpu, c: &Config) -> [(&'static str, u32); 5] {
-    let rows = |n: usize| ops::gemv_block_rows(n as u32, gpu.info.device_type, gpu.gemv_rows);
+    let rows = |n: usize, rotary| ops::gemv_rows(n as u32, gpu.info.device_type, gpu.gemv_rows, rotary);
     [
-        ("qkv_proj", rows(c.q_dim() + 2 * c.kv_dim())),
-        ("o_proj", rows(c.hidden_size)),
-        ("gate_up_proj", rows(2 * c.intermediate_size)),
-        ("down_proj", rows(c.hidden_size)),
-        ("lm_head", rows(c.vocab_size)),
+        ("qkv_proj", rows(c.q_dim() + 2 * c.kv_dim(), true)),
+        ("o_proj", rows(c.hidden_size, false)),
+        ("gate_up_proj", rows(2 * c.intermediate_size, false)),
+        ("down_proj", rows(c.hidden_size, false)),
+        ("lm_head", rows(c.vocab_size, false)),
     ]
 }
 

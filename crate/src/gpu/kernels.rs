@@ -117,17 +117,16 @@ macro_rules! kernel {
     };
 }
 
-kernel!(ROPE, "rope", [Storage, StorageMut, StorageMut, StorageMut, Uniform, Uniform]);
 // The hot kernel: rows, columns and tokens are checked against params; reads past a part's
 // last row stay within the padding of its last word.
-kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: true);
+kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true);
 kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
 kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
 kernel!(FILL, "fill", [StorageMut, Uniform]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 6] = [&ROPE, &MATMUL, &ATTENTION, &ARGMAX, &TOP_K, &FILL];
+pub const KERNELS: [&Kernel; 5] = [&MATMUL, &ATTENTION, &ARGMAX, &TOP_K, &FILL];
 
 struct Module {
     shader: wgpu::ShaderModule,

@@ -66,13 +66,13 @@ pub struct GpuOptions {
     /// Reduce the decode GEMVs through workgroup memory even where the adapter has subgroups, as
     /// on adapters without them (for comparison); SUBGROUP is then not requested.
     pub no_subgroups: bool,
-    /// Rows per workgroup of the block-format GEMV, 1, 2 or 4, for every matrix instead of the
-    /// choice by matrix size (`ops::gemv_block_rows`); for tuning.
+    /// Rows per workgroup of the decode GEMVs, 1, 2 or 4, for every matrix instead of the choice
+    /// by matrix size (`ops::gemv_rows`; q/k/v's rotary output takes at least 2); for tuning.
     pub gemv_rows: Option<u32>,
 }
 
-/// Storage buffers of the kernel with the most (attention.wgsl); WebGPU grants 8 everywhere.
-const STORAGE_BUFFERS: u64 = 5;
+/// Storage buffers of the kernel with the most (matmul.wgsl); WebGPU grants 8 everywhere.
+const STORAGE_BUFFERS: u64 = 7;
 
 /// Workgroup memory of the kernel entry point with the most (attention.wgsl's `attend`); a test
 /// checks every kernel against it.
@@ -109,6 +109,9 @@ pub struct Gpu {
     pub subgroups: bool,
     /// See [`GpuOptions::gemv_rows`].
     pub gemv_rows: Option<u32>,
+    /// Two small buffers for writable bindings a dispatch does not use: WebGPU forbids binding
+    /// one buffer to two writable bindings of a dispatch, so `out` cannot fill them.
+    pub unused_writable: [wgpu::Buffer; 2],
     kernels: Arc<kernels::Registry>,
     failure: Arc<Mutex<Option<GpuError>>>,
 }
@@ -173,9 +176,18 @@ impl Gpu {
         let tile_type = if options.f16_tiles && features.contains(wgpu::Features::SHADER_F16) { TileType::F16 } else { TileType::F32 };
         let subgroups = features.contains(wgpu::Features::SUBGROUP);
         log::info!("adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}", info.name, info.backend, features);
+        let unused_writable = [0, 1].map(|_| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("unused writable binding"),
+                size: whole_vec4s(0),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        });
         Ok(Self {
             device,
             queue,
+            unused_writable,
             info,
             limits,
             features,

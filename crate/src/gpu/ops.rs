@@ -35,15 +35,6 @@ impl StepParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct RopeParams {
-    pub n_heads: u32,
-    pub n_kv_heads: u32,
-    pub head_dim: u32,
-    pub _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct MatmulParams {
     pub k: u32,
     pub rows: u32,
@@ -52,7 +43,10 @@ pub struct MatmulParams {
     pub out_stride: u32,
     pub accumulate: u32,
     pub eps: f32,
-    pub _pad: u32,
+    pub head_dim: u32,
+    pub q_dim: u32,
+    pub kv_dim: u32,
+    pub _pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -302,26 +296,7 @@ fn dispatch_in(
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, out_offset: 0, accumulate: false };
     let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-    weight_op(gpu, "gather", tokens, MatmulInput::Plain, table, out, layout, step, |_| (grid, vec![]))
-}
-
-/// Rotates the q and k heads of each token row of a stacked q/k/v projection output by the
-/// position's angles: q in place, k into `k_cache`; v is copied into `v_cache`.
-pub fn rope(
-    gpu: &Gpu,
-    cos_sin: &wgpu::Buffer,
-    qkv: &wgpu::Buffer,
-    k_cache: &wgpu::Buffer,
-    v_cache: &wgpu::Buffer,
-    params: RopeParams,
-    step: &wgpu::Buffer,
-) -> Op {
-    let (qk_dim, kv_dim) = ((params.n_heads + params.n_kv_heads) * params.head_dim, params.n_kv_heads * params.head_dim);
-    let grid = Grid::PerToken((qk_dim / 2 + kv_dim).div_ceil(WG_1D));
-    // q and k read and written, v read and written, and the position's cos/sin row.
-    let traffic = Traffic::fixed(4 * (2 * qk_dim + 2 * kv_dim + params.head_dim) as u64);
-    let params = gpu.uniform_buffer("rope params", &params);
-    Op { dispatches: vec![dispatch(gpu, &kernels::ROPE, "main", &[], &[cos_sin, qkv, k_cache, v_cache, &params, step], grid, traffic)] }
+    weight_op(gpu, "gather", tokens, MatmulInput::Plain, table, out, MatmulOutput::Rows, layout, step, |_| (grid, vec![]))
 }
 
 /// Where a matmul reads its input rows and writes its output rows.
@@ -357,42 +332,81 @@ impl MatmulInput<'_> {
     }
 }
 
-/// out = f(x) @ w.T (or out += f(x) @ w.T), one dispatch per part of `w`.
+/// Where a matmul's products go (matmul.wgsl's OUTPUT): the op after it fused in.
+#[derive(Clone, Copy, Debug)]
+pub enum MatmulOutput<'a> {
+    /// Into `out`, as the [`MatmulLayout`] places them.
+    Rows,
+    /// The products of a stacked q/k/v projection with RoPE applied and the KV cache written.
+    Rotary(Rotary<'a>),
+}
+
+/// A stacked q/k/v projection's output: rows of n_heads q heads, then n_kv_heads k heads and as
+/// many v heads, of head_dim rows each. Each token's q is rotated by its position's angles into
+/// `out`, its k rotated into `k_cache` and its v copied into `v_cache` at that position (caches
+/// of (context, n_kv_heads * head_dim) f32). `cos_sin` is [`crate::model::Config::rope_cos_sin`]'s
+/// table. The matrix's parts and stacked blocks must start at whole heads.
+#[derive(Clone, Copy, Debug)]
+pub struct Rotary<'a> {
+    pub cos_sin: &'a wgpu::Buffer,
+    pub k_cache: &'a wgpu::Buffer,
+    pub v_cache: &'a wgpu::Buffer,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl MatmulOutput<'_> {
+    fn code(self) -> u32 {
+        match self {
+            MatmulOutput::Rows => 0,
+            MatmulOutput::Rotary(_) => 1,
+        }
+    }
+}
+
+/// out = f(x) @ w.T (or out += f(x) @ w.T, or the rotary output), one dispatch per part of `w`.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu,
     x: &wgpu::Buffer,
     input: MatmulInput,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
+    output: MatmulOutput,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
 ) -> ByTokens {
-    // The block formats have GEMVs of their own that take several rows per workgroup and read
-    // their inputs as vec4s (the block sizes make k a multiple of 32).
-    let block_gemv = |entry| {
-        assert!(layout.in_stride % 4 == 0, "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
-        weight_op(gpu, entry, x, input, w, out, layout, step, |rows| {
-            let per_workgroup = gemv_block_rows(rows, gpu.info.device_type, gpu.gemv_rows);
-            (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup)), vec![("GEMV_BLOCK_ROWS", per_workgroup as f64)])
-        })
+    let rotary = matches!(output, MatmulOutput::Rotary(_));
+    // Each format's GEMV takes several rows per workgroup; the block formats' read their inputs as
+    // vec4s (the block sizes make k a multiple of 32).
+    let entry = match w.dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => "gemv_blocks",
+        DType::Q4K | DType::Q6K => "gemv_superblocks",
+        _ => "gemv",
     };
-    let few = match w.dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => block_gemv("gemv_blocks"),
-        DType::Q4K | DType::Q6K => block_gemv("gemv_superblocks"),
-        _ => weight_op(gpu, "gemv", x, input, w, out, layout, step, |rows| (Grid::rows_by_token(gpu, rows), vec![])),
-    };
+    assert!(entry == "gemv" || layout.in_stride % 4 == 0, "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
+    let few = weight_op(gpu, entry, x, input, w, out, output, layout, step, |rows| {
+        let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
+        (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup)), vec![("GEMV_ROWS", per_workgroup as f64)])
+    });
     let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![]);
-    ByTokens { few, many: weight_op(gpu, "tiled", x, input, w, out, layout, step, tiles) }
+    ByTokens { few, many: weight_op(gpu, "tiled", x, input, w, out, output, layout, step, tiles) }
 }
 
-/// Rows per workgroup of matmul.wgsl's block GEMVs (their GEMV_BLOCK_ROWS) for a matrix of `rows`
-/// rows (a part of a split one: each part is a dispatch of its own) on a `device`: `forced` if
-/// given, else the most of 4 and 2 that still makes gemv_min_workgroups per token, else 1. Each
-/// row a workgroup takes reuses the input blocks its threads loaded, so more is better where the
-/// device stays full.
-pub fn gemv_block_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>) -> u32 {
+/// Rows per workgroup of matmul.wgsl's GEMVs (GEMV_ROWS) for a matrix of `rows` rows (a part of a
+/// split one: each part is a dispatch of its own) on a `device`: `forced` if given, else the most
+/// of 4 and 2 that still makes gemv_min_workgroups per token, else 1. Each row a workgroup takes
+/// reuses the inputs its threads loaded, so more is better where the device stays full. Rotary
+/// output takes rows in pairs, so at least 2.
+pub fn gemv_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>, rotary: bool) -> u32 {
     let min_workgroups = gemv_min_workgroups(device);
-    forced.unwrap_or_else(|| [4, 2].into_iter().find(|n| rows.div_ceil(*n) >= min_workgroups).unwrap_or(1))
+    let chosen = forced.unwrap_or_else(|| [4, 2].into_iter().find(|n| rows.div_ceil(*n) >= min_workgroups).unwrap_or(1));
+    if rotary {
+        chosen.max(2)
+    } else {
+        chosen
+    }
 }
 
 impl ByTokens {
@@ -417,6 +431,7 @@ fn weight_op(
     input: MatmulInput,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
+    output: MatmulOutput,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
     launch: impl Fn(u32) -> (Grid, Vec<(&'static str, f64)>),
@@ -432,25 +447,39 @@ fn weight_op(
         // The binding is unread; any read-only buffer fills it.
         _ => (x, 0.0),
     };
+    // Unread bindings take x (read-only) and buffers of their own (writable ones must not alias).
+    let [unused_k, unused_v] = &gpu.unused_writable;
+    let (cos_sin, k_cache, v_cache, head_dim, q_dim, kv_dim) = match output {
+        MatmulOutput::Rows => (x, unused_k, unused_v, 0, 0, 0),
+        MatmulOutput::Rotary(r) => {
+            assert!(!layout.accumulate, "rotary output overwrites");
+            (r.cos_sin, r.k_cache, r.v_cache, r.head_dim, r.n_heads * r.head_dim, r.n_kv_heads * r.head_dim)
+        }
+    };
     let dispatches = w
         .parts
         .iter()
         .map(|part| {
+            let row_start = layout.out_offset + part.row_start;
+            assert!(head_dim == 0 || (row_start % head_dim == 0 && part.rows % head_dim == 0), "rotary output parts must be whole heads");
             let params = MatmulParams {
                 k: w.cols as u32,
                 rows: part.rows as u32,
-                row_start: (layout.out_offset + part.row_start) as u32,
+                row_start: row_start as u32,
                 in_stride: layout.in_stride as u32,
                 out_stride: layout.out_stride as u32,
                 accumulate: layout.accumulate as u32,
                 eps,
-                _pad: 0,
+                head_dim: head_dim as u32,
+                q_dim: q_dim as u32,
+                kv_dim: kv_dim as u32,
+                _pad: [0; 2],
             };
             let params = gpu.uniform_buffer(entry, &params);
-            let buffers = [x, &part.buffer, norm, out, &params, step];
+            let buffers = [x, &part.buffer, norm, out, &params, step, cos_sin, k_cache, v_cache];
             // The gather reads a token's row in whichever part holds it (counted evenly over the
             // parts); a product reads the whole part, its input row (two halves for SiLU-mul) and
-            // the norm weight.
+            // the norm weight; rotary output also the position's cos/sin row.
             let traffic = if entry == "gather" {
                 (w.row_bytes() + 4 * w.cols) / w.parts.len()
             } else {
@@ -458,10 +487,14 @@ fn weight_op(
                     MatmulInput::Plain => w.cols,
                     _ => 2 * w.cols,
                 };
-                part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize)
+                part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize) + 4 * head_dim
             };
             let (grid, extra_constants) = launch(part.rows as u32);
-            let mut constants = vec![("WEIGHT_DTYPE", w.dtype.shader_code() as f64), ("INPUT", input.code() as f64)];
+            let mut constants = vec![
+                ("WEIGHT_DTYPE", w.dtype.shader_code() as f64),
+                ("INPUT", input.code() as f64),
+                ("OUTPUT", output.code() as f64),
+            ];
             constants.extend(extra_constants);
             dispatch_in(gpu, &kernels::MATMUL, form, entry, &constants, &buffers, grid, Traffic::fixed(traffic as u64))
         })

@@ -37,7 +37,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
         for tokens in [1, n] {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
-            let op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, layout, &step(tokens, 0));
+            let op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step(tokens, 0));
             gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
             // f16 tiles round inputs and weights to 11 bits; garbage still lies far outside this.
             let f16_tiles = tokens as u32 >= ops::GEMV_MAX_TOKENS && gpu.tile_type == TileType::F16;

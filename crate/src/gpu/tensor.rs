@@ -23,6 +23,13 @@ pub struct WeightPart {
 impl WeightMatrix {
     /// Allocates the parts; fill them with [`WeightMatrix::write_rows`].
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, rows: usize, cols: usize) -> Result<Self, GpuError> {
+        Self::in_parts_of(gpu, label, dtype, rows, cols, 2)
+    }
+
+    /// [`WeightMatrix::new`] with each part but the last a multiple of `part_rows` rows (even):
+    /// whole heads, for a projection whose output is rotated head by head.
+    pub fn in_parts_of(gpu: &Gpu, label: &str, dtype: DType, rows: usize, cols: usize, part_rows: usize) -> Result<Self, GpuError> {
+        debug_assert!(part_rows.is_multiple_of(2));
         // Kernels read elements in pairs and rows of whole blocks; every format's row is then an even
         // number of bytes, so an even number of rows fills whole u32 words.
         let row_bytes = match dtype.row_bytes(cols) {
@@ -31,12 +38,12 @@ impl WeightMatrix {
         };
         let max_part = gpu.max_binding();
         let fitting_rows = (max_part / row_bytes.max(1)) as usize;
-        let rows_per_part = if fitting_rows >= rows { rows.max(1) } else { fitting_rows / 2 * 2 };
+        let rows_per_part = if fitting_rows >= rows { rows.max(1) } else { fitting_rows / part_rows * part_rows };
         if rows_per_part == 0 {
             return Err(GpuError::Limit {
                 adapter: gpu.info.name.clone(),
                 name: "max_storage_buffer_binding_size",
-                needed: row_bytes,
+                needed: row_bytes * part_rows as u64,
                 available: max_part,
             });
         }

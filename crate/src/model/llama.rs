@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, Op, RopeParams, StepParams, TopK};
+use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, MatmulOutput, Op, Rotary, StepParams, TopK};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -57,17 +57,18 @@ pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize
 }
 
 /// The matrices the forward pass multiplies by, each named, with the checkpoint tensors stacked
-/// in it by rows: q/k/v and gate/up read the same input, so one dispatch computes each group.
-fn stacked_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<String>)> {
-    let single = |name: String| (name.clone(), vec![name]);
+/// in it by rows (q/k/v and gate/up read the same input, so one dispatch computes each group), and
+/// the rows its parts come in (q/k/v's output is rotated head by head).
+fn stacked_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<String>, usize)> {
+    let single = |name: String| (name.clone(), vec![name], 2);
     let mut stacks = vec![single("model.embed_tokens.weight".into())];
     for i in 0..c.n_layers {
         let p = format!("model.layers.{i}");
         let t = |name: &str| format!("{p}.{name}.weight");
         stacks.extend([
-            (format!("{p}.qkv_proj"), vec![t("self_attn.q_proj"), t("self_attn.k_proj"), t("self_attn.v_proj")]),
+            (format!("{p}.qkv_proj"), vec![t("self_attn.q_proj"), t("self_attn.k_proj"), t("self_attn.v_proj")], c.head_dim),
             single(t("self_attn.o_proj")),
-            (format!("{p}.gate_up_proj"), vec![t("mlp.gate_proj"), t("mlp.up_proj")]),
+            (format!("{p}.gate_up_proj"), vec![t("mlp.gate_proj"), t("mlp.up_proj")], 2),
             single(t("mlp.down_proj")),
         ]);
     }
@@ -98,7 +99,7 @@ fn allocate_matrices(
     let shapes: HashMap<String, Vec<usize>> = checkpoint_tensors(c, tied_head).into_iter().map(|(name, shape, _)| (name, shape)).collect();
     let mut stacks = HashMap::new();
     let mut placements = HashMap::new();
-    for (stack, tensors) in stacked_tensors(c, tied_head) {
+    for (stack, tensors, part_rows) in stacked_tensors(c, tied_head) {
         let cols = shapes[&tensors[0]][1];
         // (first output column, format, rows) of each block
         let mut blocks: Vec<(usize, DType, usize)> = vec![];
@@ -122,7 +123,7 @@ fn allocate_matrices(
         }
         let blocks = blocks
             .into_iter()
-            .map(|(column, dtype, rows)| Ok((column, WeightMatrix::new(gpu, &stack, dtype, rows, cols)?)))
+            .map(|(column, dtype, rows)| Ok((column, WeightMatrix::in_parts_of(gpu, &stack, dtype, rows, cols, part_rows)?)))
             .collect::<Result<_>>()?;
         stacks.insert(stack, Stacked { blocks });
     }
@@ -196,8 +197,9 @@ async fn upload_weights(
 
 /// The ops of one transformer block, in the order they run.
 struct Layer {
-    qkv_proj: ByTokens,     // qkv = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T
-    rope: Op,             // q = rope(q, pos); k_cache[pos] = rope(k, pos); v_cache[pos] = v
+    // q, k, v = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T; q = rope(q, pos) into
+    // qkv; k_cache[pos] = rope(k, pos); v_cache[pos] = v
+    qkv_proj: ByTokens,
     attention: Attention,   // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
     o_proj: ByTokens,       // x += attn @ o_proj.T
     gate_up_proj: ByTokens, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
@@ -308,31 +310,31 @@ impl Llama {
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
         // One dispatch per part of each block of a stacked matrix.
-        let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, layout: MatmulLayout, step: &wgpu::Buffer| {
-            ByTokens::join(w.blocks.iter().map(|(column, m)| ops::matmul(gpu, x, input, m, out, MatmulLayout { out_offset: *column, ..layout }, step)))
+        let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, output: MatmulOutput, layout: MatmulLayout, step: &wgpu::Buffer| {
+            let block = |(column, m): &(usize, WeightMatrix)| ops::matmul(gpu, x, input, m, out, output, MatmulLayout { out_offset: *column, ..layout }, step);
+            ByTokens::join(w.blocks.iter().map(block))
         };
         let norm = |name: &str| MatmulInput::RmsNorm { weight: &vectors[name], eps: c.rms_norm_eps };
 
         // upload_weights checked every name and shape; a one-tensor stack is one block.
         let embed_tokens = &matrices["model.embed_tokens.weight"];
         let embed = ops::embedding(gpu, &tokens, &embed_tokens.blocks[0].1, &x, &step);
-        let rope_params = RopeParams { n_heads: c.n_heads as u32, n_kv_heads: c.n_kv_heads as u32, head_dim: c.head_dim as u32, _pad: 0 };
         let mut layers = Vec::with_capacity(c.n_layers);
         for (i, (k_cache, v_cache)) in kv_cache.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let w = |name: &str| &matrices[&format!("{p}.{name}")];
             let ln = |name: &str| norm(&format!("{p}.{name}.weight"));
+            let rotary = Rotary { cos_sin: &cos_sin, k_cache, v_cache, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
             layers.push(Layer {
-                qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, rows(qkv_dim), &step),
-                rope: ops::rope(gpu, &cos_sin, &qkv, k_cache, v_cache, rope_params, &step),
+                qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, MatmulOutput::Rotary(rotary), rows(qkv_dim), &step),
                 attention: ops::attention(gpu, &qkv, qkv_dim, k_cache, v_cache, &attn, &attention_partials, max_key_splits, c.n_heads, c.n_kv_heads, c.head_dim, &step),
-                o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, residual(c.q_dim()), &step),
-                gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, rows(gate_up_dim), &step),
-                down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, residual(gate_up_dim), &step),
+                o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, MatmulOutput::Rows, residual(c.q_dim()), &step),
+                gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, MatmulOutput::Rows, rows(gate_up_dim), &step),
+                down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, MatmulOutput::Rows, residual(gate_up_dim), &step),
             });
         }
         let head = matrices.get("lm_head.weight").unwrap_or(embed_tokens);
-        let lm_head = project(&x_last, norm("model.norm.weight"), head, &logits, rows(c.vocab_size), &one_token);
+        let lm_head = project(&x_last, norm("model.norm.weight"), head, &logits, MatmulOutput::Rows, rows(c.vocab_size), &one_token);
         let argmax = ops::argmax(gpu, &logits, &next_token, c.vocab_size);
         let candidates = gpu.storage_buffer("candidates", TopK::OUT_BYTES);
         let top_k = TopK::new(gpu, &logits, &candidates, c.vocab_size);
@@ -577,7 +579,6 @@ impl Llama {
         add(&mut blocks, "embed", &self.embed);
         for l in &self.layers {
             add(&mut blocks, "qkv_proj", l.qkv_proj.for_tokens(n));
-            add(&mut blocks, "rope", &l.rope);
             add(&mut blocks, "attention", l.attention.for_step(step));
             add(&mut blocks, "o_proj", l.o_proj.for_tokens(n));
             add(&mut blocks, "gate_up_proj", l.gate_up_proj.for_tokens(n));
