@@ -83,15 +83,15 @@ fn i8_at(offset: u32) -> f32 {
     return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
 }
 
-// The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base`.
+// The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base` (a
+// word boundary). Its 12 scale bytes b are 3 words, and sub-block i and i + 4 take their bits
+// from b[i], b[4 + i] and b[8 + i], byte i of each word.
 fn q4k_scale_min(base: u32, sub: u32) -> vec2<f32> {
-    let scales = base + 4u;
-    if (sub < 4u) {
-        return vec2<f32>(vec2(byte_at(scales + sub) & 63u, byte_at(scales + sub + 4u) & 63u));
-    }
-    let sc = (byte_at(scales + sub + 4u) & 0xfu) | ((byte_at(scales + sub - 4u) >> 6u) << 4u);
-    let m = (byte_at(scales + sub + 4u) >> 4u) | ((byte_at(scales + sub) >> 6u) << 4u);
-    return vec2<f32>(vec2(sc, m));
+    let i = base / 4u + 1u;
+    let b = (vec3(w[i], w[i + 1u], w[i + 2u]) >> vec3(8u * (sub % 4u))) & vec3(0xffu);
+    let low = vec2(b.x & 63u, b.y & 63u);
+    let high = vec2((b.z & 0xfu) | ((b.x >> 6u) << 4u), (b.z >> 4u) | ((b.y >> 6u) << 4u));
+    return vec2<f32>(select(high, low, sub < 4u));
 }
 
 // Element `col` of `row` for the block formats (llama.cpp's dequantize_row_*).
@@ -325,21 +325,6 @@ fn squares_quad(base: u32, col: u32) -> f32 {
     return dot(v, v);
 }
 
-// The 16 bytes at byte `p` (even) as 4 words. Off a word boundary the last word read ends 2 bytes
-// past them: inside the next block, or in the buffer's padding to a whole word after the last.
-fn words_at(p: u32) -> vec4<u32> {
-    let i = p / 4u;
-    if ((p & 2u) == 0u) {
-        return vec4(w[i], w[i + 1u], w[i + 2u], w[i + 3u]);
-    }
-    let a = w[i];
-    let b = w[i + 1u];
-    let c = w[i + 2u];
-    let d = w[i + 3u];
-    let e = w[i + 4u];
-    return vec4((a >> 16u) | (b << 16u), (b >> 16u) | (c << 16u), (c >> 16u) | (d << 16u), (d >> 16u) | (e << 16u));
-}
-
 // The 4 bytes at byte `p` (even) as one word.
 fn word_at(p: u32) -> u32 {
     let i = p / 4u;
@@ -446,11 +431,12 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
 }
 
 // GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_ROWS rows of one token per
-// workgroup. Each thread takes 64-weight units: two runs of 32 weights, a and b, whose quants are
-// the low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters
-// q and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). It loads a unit's 64
-// inputs once for every row, reads quants as u32 words, and takes q4_k's mins out of the dot
-// product: d sc (sum x q) - dmin m (sum x) per sub-block.
+// workgroup. A super-block is 4 units of 64 weights: two runs of 32, a and b, whose quants are the
+// low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters q
+// and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). Four neighbouring
+// threads share a unit, each taking 8 of its quant bytes, 8 weights of each run: a subgroup's loads
+// of inputs (4 vec4 per thread, loaded once for every row) and of quants cover contiguous memory.
+// q4_k's mins come out of the dot product: d sc (sum x q) - dmin m (sum x) per sub-block.
 @compute @workgroup_size(GEMV_WG)
 fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
@@ -462,64 +448,57 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     let superblocks = params.k / 256u;
     var sums = vec4(0.0, 0.0, 0.0, 0.0);
     var squares = 0.0;
-    for (var u = thread.index; u < superblocks * 4u; u += GEMV_WG) {
-        let sb = u / 4u;
-        let part = u % 4u;
+    for (var piece = thread.index; piece < superblocks * 16u; piece += GEMV_WG) {
+        let sb = piece / 16u;
+        let part = piece / 4u % 4u; // the unit
+        let j = piece % 4u;         // its quant bytes 8j..8j + 7, weights 8j..8j + 7 of each run
         // q4_k: runs at 64 part and + 32; q6_k: half part / 2, quarters part % 2 and + 2.
         let half = part / 2u;
         let quarter = part % 2u;
-        let col_a = sb * 256u + select(half * 128u + quarter * 32u, part * 64u, WEIGHT_DTYPE == 6u);
+        let col_a = sb * 256u + select(half * 128u + quarter * 32u, part * 64u, WEIGHT_DTYPE == 6u) + 8u * j;
         let col_b = col_a + select(64u, 32u, WEIGHT_DTYPE == 6u);
-        var a: array<vec4<f32>, 8>;
-        var b: array<vec4<f32>, 8>;
-        var sum_a = vec4(0.0, 0.0, 0.0, 0.0);
-        var sum_b = vec4(0.0, 0.0, 0.0, 0.0);
-        for (var i = 0u; i < 8u; i++) {
-            a[i] = input_quad(x_base, col_a + 4u * i);
-            b[i] = input_quad(x_base, col_b + 4u * i);
-            sum_a += a[i];
-            sum_b += b[i];
-            if (INPUT == 1u) {
-                squares += squares_quad(x_base, col_a + 4u * i) + squares_quad(x_base, col_b + 4u * i);
-            }
+        let a = array(input_quad(x_base, col_a), input_quad(x_base, col_a + 4u));
+        let b = array(input_quad(x_base, col_b), input_quad(x_base, col_b + 4u));
+        if (INPUT == 1u) {
+            squares += squares_quad(x_base, col_a) + squares_quad(x_base, col_a + 4u) + squares_quad(x_base, col_b) + squares_quad(x_base, col_b + 4u);
         }
         let ones = vec4(1.0, 1.0, 1.0, 1.0);
+        let sum_a = dot(a[0] + a[1], ones);
+        let sum_b = dot(b[0] + b[1], ones);
         for (var r = 0u; r < GEMV_ROWS; r++) {
             // Slots past the end repeat the last one; their sums are not stored.
             let block = matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb;
             if (WEIGHT_DTYPE == 6u) { // q4_k: f16 d, f16 dmin, 12 bytes of scales, 128 of nibbles (144: word-aligned)
                 let start = block * 144u;
-                let quants = (start + 16u + part * 32u) / 4u;
-                var dot_a = 0.0;
-                var dot_b = 0.0;
-                for (var i = 0u; i < 8u; i++) {
-                    let word = w[quants + i];
-                    dot_a += dot(a[i], low_nibbles(word));
-                    dot_b += dot(b[i], high_nibbles(word));
-                }
+                let quants = (start + 16u + part * 32u) / 4u + 2u * j;
+                let q = vec2(w[quants], w[quants + 1u]);
+                let dot_a = dot(a[0], low_nibbles(q.x)) + dot(a[1], low_nibbles(q.y));
+                let dot_b = dot(b[0], high_nibbles(q.x)) + dot(b[1], high_nibbles(q.y));
                 let sm_a = q4k_scale_min(start, 2u * part);
                 let sm_b = q4k_scale_min(start, 2u * part + 1u);
-                let d = f16_at(start);
-                let dmin = f16_at(start + 2u);
-                sums[r] += d * (sm_a.x * dot_a + sm_b.x * dot_b) - dmin * (sm_a.y * dot(sum_a, ones) + sm_b.y * dot(sum_b, ones));
+                let dm = unpack2x16float(w[start / 4u]);
+                sums[r] += dm.x * (sm_a.x * dot_a + sm_b.x * dot_b) - dm.y * (sm_a.y * sum_a + sm_b.y * sum_b);
             } else { // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales, f16 d
                 let start = block * 210u;
-                let low = array<vec4<u32>, 2>(words_at(start + half * 64u + quarter * 32u), words_at(start + half * 64u + quarter * 32u + 16u));
-                let high = array<vec4<u32>, 2>(words_at(start + 128u + half * 32u), words_at(start + 128u + half * 32u + 16u));
+                let low_at = start + half * 64u + quarter * 32u + 8u * j;
+                let high_at = start + 128u + half * 32u + 8u * j;
+                let ql = vec2(word_at(low_at), word_at(low_at + 4u));
+                let qh = vec2(word_at(high_at), word_at(high_at + 4u));
                 let bytes = vec4(0u, 8u, 16u, 24u);
-                // Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4, 2q + 5.
-                var dots = vec4(0.0, 0.0, 0.0, 0.0); // a's first 16, a's second, b's first, b's second
-                for (var i = 0u; i < 8u; i++) {
-                    let ql = vec4(low[i / 4u][i % 4u]) >> bytes;
-                    let qh = vec4(high[i / 4u][i % 4u]) >> bytes;
-                    let qa = vec4<f32>((ql & vec4(0xfu)) | (((qh >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
-                    let qb = vec4<f32>(((ql >> vec4(4u)) & vec4(0xfu)) | (((qh >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
-                    dots[i / 4u] += dot(a[i], qa);
-                    dots[2u + i / 4u] += dot(b[i], qb);
+                var dot_a = 0.0;
+                var dot_b = 0.0;
+                for (var i = 0u; i < 2u; i++) {
+                    let l = vec4(ql[i]) >> bytes;
+                    let h = vec4(qh[i]) >> bytes;
+                    let qa = vec4<f32>((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
+                    let qb = vec4<f32>(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
+                    dot_a += dot(a[i], qa);
+                    dot_b += dot(b[i], qb);
                 }
-                let scales = start + 192u + half * 8u + 2u * quarter;
-                let sc = vec4(i8_at(scales), i8_at(scales + 1u), i8_at(scales + 4u), i8_at(scales + 5u));
-                sums[r] += f16_at(start + 208u) * dot(sc, dots);
+                // Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4
+                // and 2q + 5; this thread's 8 weights lie in the (j / 2)th 16 of each run.
+                let scales = start + 192u + half * 8u + 2u * quarter + j / 2u;
+                sums[r] += f16_at(start + 208u) * (i8_at(scales) * dot_a + i8_at(scales + 4u) * dot_b);
             }
         }
     }

@@ -191,8 +191,9 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
             let Some(gpu) = gpu_with(&options) else { return };
             assert_eq!(gpu.subgroups, subgroups);
             // 37 rows leave the last workgroup part-filled at 2 and 4 rows per workgroup, 3 rows
-            // one short at 4; k = 2304 (72 blocks, 36 super-block units) gives threads 1 or 2
-            // blocks and some threads no unit, k = 768 some threads no block.
+            // one short at 4; k = 2304 (288 block quarters, 144 super-block pieces) ends in a
+            // step that only some threads share, k = 768 (96 quarters, 48 pieces) leaves some
+            // threads a lone quarter or nothing.
             for (rows, k) in [(37, 2304), (3, 768)] {
                 for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
                     let what = format!("{gemv_rows} rows per workgroup, subgroups {subgroups}, bounds checks {bounds_checks}");
