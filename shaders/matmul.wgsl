@@ -505,18 +505,30 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     store_rows(thread, t, row0, sums, squares);
 }
 
-// Tiles of TILE tokens x TILE_ROWS rows; 16x16 threads each compute 4 tokens x 4 rows (16 sums
-// in registers), stepping k by TILE_K. The tiles are stored k-major so that a thread reads its 4
-// inputs and 4 weights of each k as two vec4: 16 FMAs per 2 workgroup-memory reads.
+// Tiles of TILE tokens x TILE_ROWS rows, stepping k by TILE_K; each thread computes a register
+// tile of REGISTER_TILE tokens x REGISTER_TILE rows. The tiles are stored k-major so that a thread
+// reads its inputs and weights of each k as vec4s: REGISTER_TILE^2 FMAs per REGISTER_TILE / 2
+// workgroup-memory reads. The file as it is takes 4 (256 threads, 16 sums each); its 8x8 form
+// (Kernel::source_for swaps the REGISTER_TILE line) takes 8 (64 threads, 64 sums each, twice the
+// FMAs per read: a GPU's workgroup memory serves about a quarter as many floats per clock as its
+// cores do FMAs, but a CPU adapter pays for the registers).
 // Each k step stages the tile's inputs and its weights, decoded once, in workgroup memory as tile_t,
-// where all 64 tokens (rows) of the tile reuse them. tile_t is f32 here; Kernel::source_for with
-// f16 tiles makes it f16 in a module of its own (where the device has shader-f16), halving the
-// tiles' workgroup memory and its traffic. Products and sums stay f32 in both: an f16 product
-// overflows (past 65504) on the 1e4-sized gate * up activations of random-weight models.
+// where all 64 tokens (rows) of the tile reuse them; a thread reads the next step's into registers
+// while the current one is multiplied, so the global loads overlap the FMAs. tile_t is f32 here;
+// Kernel::source_for with f16 tiles makes it f16 in a module of its own (where the device has
+// shader-f16), halving the tiles' workgroup memory and its traffic. Products and sums stay f32 in
+// both: an f16 product overflows (past 65504) on the 1e4-sized gate * up activations of
+// random-weight models.
 alias tile_t = f32;
+const REGISTER_TILE: u32 = 4u;
 const TILE: u32 = 64u;
 const TILE_ROWS: u32 = 64u;
 const TILE_K: u32 = 16u;
+const TILE_THREADS: u32 = (TILE / REGISTER_TILE) * (TILE_ROWS / REGISTER_TILE);
+// Each thread stages 4 elements of STAGED_ROWS token rows and as many weight rows per k step, 4
+// threads per row.
+const STAGED_ROWS: u32 = TILE * TILE_K / 4u / TILE_THREADS;
+const STAGED_STRIDE: u32 = TILE_THREADS / 4u; // rows between a thread's staged rows
 var<workgroup> x_tile: array<vec4<tile_t>, 256>;  // (TILE_K k, TILE / 4 token quads)
 var<workgroup> w_tile: array<vec4<tile_t>, 256>;  // (TILE_K k, TILE_ROWS / 4 row quads)
 var<workgroup> row_squares: array<f32, 256>; // RMSNorm: 4 partial sums of squares per token row
@@ -589,65 +601,108 @@ fn input_quad_checked(base: u32, col: u32) -> vec4<f32> {
     return v;
 }
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(TILE_ROWS / REGISTER_TILE, TILE / REGISTER_TILE)
 fn tiled(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
          @builtin(local_invocation_index) li: u32) {
     let row0 = wg.x * TILE_ROWS;
     let t0 = wg.y * TILE;
-    // Thread li stages elements c..c + 3 of token row r and of weight row r.
+    // Thread li stages elements c..c + 3 of token rows and weight rows r + STAGED_STRIDE p.
     let r = li / 4u;
     let c = 4u * (li % 4u);
     // RMSNorm: 4 threads sum the squares of each of the tile's token rows, and each thread scales
-    // the inputs it stages by its row's 1 / rms, so that f16 tiles hold normalised values (the
+    // the inputs it stages by their row's 1 / rms, so that f16 tiles hold normalised values (the
     // products of GEMV scale the dot product instead).
-    var scale = 1.0;
+    var scales: array<f32, STAGED_ROWS>;
+    for (var p = 0u; p < STAGED_ROWS; p++) {
+        scales[p] = 1.0;
+    }
     if (INPUT == 1u) {
-        var squares = 0.0;
-        if (t0 + r < step.n_tokens) {
-            for (var col = li % 4u; col < params.k; col += 4u) {
-                let v = x_at((t0 + r) * params.in_stride + col);
-                squares += v * v;
+        for (var p = 0u; p < STAGED_ROWS; p++) {
+            let t = t0 + r + STAGED_STRIDE * p;
+            var squares = 0.0;
+            if (t < step.n_tokens) {
+                for (var col = li % 4u; col < params.k; col += 4u) {
+                    let v = x_at(t * params.in_stride + col);
+                    squares += v * v;
+                }
             }
+            row_squares[li + TILE_THREADS * p] = squares;
         }
-        row_squares[li] = squares;
         workgroupBarrier();
-        let first = 4u * r;
-        scale = row_scale(row_squares[first] + row_squares[first + 1u] + row_squares[first + 2u] + row_squares[first + 3u]);
+        for (var p = 0u; p < STAGED_ROWS; p++) {
+            let first = 4u * (r + STAGED_STRIDE * p);
+            scales[p] = row_scale(row_squares[first] + row_squares[first + 1u] + row_squares[first + 2u] + row_squares[first + 3u]);
+        }
     }
-    var acc: array<vec4<f32>, 4>; // tokens 4 lid.y + j, rows 4 lid.x..4 lid.x + 3
+    var xv: array<vec4<f32>, STAGED_ROWS>;
+    var wv: array<vec4<f32>, STAGED_ROWS>;
+    for (var p = 0u; p < STAGED_ROWS; p++) {
+        xv[p] = staged_input(t0 + r + STAGED_STRIDE * p, c, scales[p]);
+        wv[p] = staged_weight(row0 + r + STAGED_STRIDE * p, c);
+    }
+    const QUADS = REGISTER_TILE / 4u; // a thread's token (row) quads
+    // acc[QUADS j + h]: token REGISTER_TILE lid.y + j, rows REGISTER_TILE lid.x + 4h..+ 3
+    var acc: array<vec4<f32>, REGISTER_TILE * QUADS>;
     for (var k0 = 0u; k0 < params.k; k0 += TILE_K) {
-        var xv = vec4(0.0, 0.0, 0.0, 0.0);
-        var wv = vec4(0.0, 0.0, 0.0, 0.0);
-        if (t0 + r < step.n_tokens) {
-            xv = input_quad_checked((t0 + r) * params.in_stride, k0 + c) * scale;
-        }
-        if (row0 + r < params.rows) {
-            wv = weight_quad(matrix_row(row0 + r), k0 + c);
-        }
-        for (var i = 0u; i < 4u; i++) {
-            x_tile[(c + i) * (TILE / 4u) + r / 4u][r % 4u] = tile_t(xv[i]);
-            w_tile[(c + i) * (TILE_ROWS / 4u) + r / 4u][r % 4u] = tile_t(wv[i]);
+        for (var p = 0u; p < STAGED_ROWS; p++) {
+            let quad = (r + STAGED_STRIDE * p) / 4u;
+            let lane = r % 4u;
+            for (var i = 0u; i < 4u; i++) {
+                x_tile[(c + i) * (TILE / 4u) + quad][lane] = tile_t(xv[p][i]);
+                w_tile[(c + i) * (TILE_ROWS / 4u) + quad][lane] = tile_t(wv[p][i]);
+            }
         }
         workgroupBarrier();
+        if (k0 + TILE_K < params.k) {
+            for (var p = 0u; p < STAGED_ROWS; p++) {
+                xv[p] = staged_input(t0 + r + STAGED_STRIDE * p, k0 + TILE_K + c, scales[p]);
+                wv[p] = staged_weight(row0 + r + STAGED_STRIDE * p, k0 + TILE_K + c);
+            }
+        }
         for (var kk = 0u; kk < TILE_K; kk++) {
-            let xs = vec4<f32>(x_tile[kk * (TILE / 4u) + lid.y]);
-            let ws = vec4<f32>(w_tile[kk * (TILE_ROWS / 4u) + lid.x]);
-            acc[0] += xs.x * ws;
-            acc[1] += xs.y * ws;
-            acc[2] += xs.z * ws;
-            acc[3] += xs.w * ws;
+            var ws: array<vec4<f32>, QUADS>;
+            for (var q = 0u; q < QUADS; q++) {
+                ws[q] = vec4<f32>(w_tile[kk * (TILE_ROWS / 4u) + QUADS * lid.x + q]);
+            }
+            for (var h = 0u; h < QUADS; h++) {
+                let xs = vec4<f32>(x_tile[kk * (TILE / 4u) + QUADS * lid.y + h]);
+                let j = 4u * QUADS * h; // acc index of token 4h's first row quad
+                for (var q = 0u; q < QUADS; q++) {
+                    acc[j + q] += xs.x * ws[q];
+                    acc[j + QUADS + q] += xs.y * ws[q];
+                    acc[j + 2u * QUADS + q] += xs.z * ws[q];
+                    acc[j + 3u * QUADS + q] += xs.w * ws[q];
+                }
+            }
         }
         workgroupBarrier();
     }
-    for (var j = 0u; j < 4u; j++) {
-        let t = t0 + 4u * lid.y + j;
-        for (var i = 0u; i < 4u; i++) {
-            let slot = row0 + 4u * lid.x + i;
+    for (var j = 0u; j < REGISTER_TILE; j++) {
+        let t = t0 + REGISTER_TILE * lid.y + j;
+        for (var i = 0u; i < REGISTER_TILE; i++) {
+            let slot = row0 + REGISTER_TILE * lid.x + i;
+            let sums = acc[QUADS * j + i / 4u];
             if (slot < params.rows && t < step.n_tokens) {
-                store(t, slot, acc[j][i], acc[j][i ^ 1u]);
+                store(t, slot, sums[i % 4u], sums[(i ^ 1u) % 4u]);
             }
         }
     }
+}
+
+// Inputs col..col + 3 of token t scaled by `scale`, zero past the pass's tokens.
+fn staged_input(t: u32, col: u32, scale: f32) -> vec4<f32> {
+    if (t >= step.n_tokens) {
+        return vec4(0.0);
+    }
+    return input_quad_checked(t * params.in_stride, col) * scale;
+}
+
+// Weights col..col + 3 of output slot `slot`, zero past the part's rows.
+fn staged_weight(slot: u32, col: u32) -> vec4<f32> {
+    if (slot >= params.rows) {
+        return vec4(0.0);
+    }
+    return weight_quad(matrix_row(slot), col);
 }
 
 // out[t] = W[token t] for the tokens whose row lies in this part; x holds the token ids.

@@ -44,6 +44,9 @@ fn checked_gpu(bounds_checks: bool) -> Option<Gpu> {
     gpu_with(&GpuOptions { bounds_checks, ..Default::default() })
 }
 
+/// The prefill matmul's register tiles, 4x4 (the default) and 8x8, with and without bounds checks.
+const TILED_FORMS: [(u32, bool); 4] = [(4, false), (4, true), (8, false), (8, true)];
+
 #[test]
 fn matmul_runs_without_bounds_checks_by_default() {
     let Some(gpu) = gpu() else { return };
@@ -70,7 +73,8 @@ fn embedding_matches_reference_in_every_format_and_split() {
 
 /// A stacked q/k/v projection with rotary output: q rotated into out, k rotated into the K cache
 /// and v copied into the V cache at each token's position, the rest of the caches as they were.
-/// GEMVs (rows per workgroup forced to 1, which rotary output raises to 2, and 4) and tiles, with
+/// GEMVs (rows per workgroup forced to 1, which rotary output raises to 2, and 4) and tiles (4x4
+/// and 8x8 register tiles), with
 /// q/k and v in blocks of different formats, split by the binding limit into parts of whole heads.
 #[test]
 fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
@@ -80,8 +84,8 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
     let (qk_rows, qkv_dim) = (q_dim + kv_dim, q_dim + 2 * kv_dim);
     let cos_sin: Vec<[f32; 2]> = (0..context * head_dim / 2).map(|i| [(i as f32 * 0.37).cos(), (i as f32 * 0.37).sin()]).collect();
     let binding = (qk_rows * k * 4).div_ceil(3).next_multiple_of(256) as u64;
-    for gemv_rows in [1, 4] {
-        let options = GpuOptions { gemv_rows: Some(gemv_rows), max_storage_binding: Some(binding), ..Default::default() };
+    for (gemv_rows, register_tile) in [(1, 4), (4, 8)] {
+        let options = GpuOptions { gemv_rows: Some(gemv_rows), register_tile: Some(register_tile), max_storage_binding: Some(binding), ..Default::default() };
         let Some(gpu) = gpu_with(&options) else { return };
         let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
         for (qk_dtype, v_dtype) in [(DType::F32, DType::Q4_0), (DType::Q4K, DType::F16)] {
@@ -121,7 +125,7 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
                 reference::rope(&mut want_k[start_pos * kv_dim..], &positions, &cos_sin, n_kv_heads, head_dim, kv_dim);
                 let got = read_f32(&gpu, &out, n * qkv_dim);
                 let got_q: Vec<f32> = got.chunks(qkv_dim).flat_map(|row| row[..q_dim].to_vec()).collect();
-                let what = format!("{qk_dtype} q/k, {v_dtype} v, n={n}, {gemv_rows} GEMV rows asked");
+                let what = format!("{qk_dtype} q/k, {v_dtype} v, n={n}, {gemv_rows} GEMV rows asked, register tile {register_tile}");
                 assert_close(&format!("rotated q, {what}"), &got_q, &want_q, 1e-4, 1e-4);
                 assert_close(&format!("k cache, {what}"), &read_f32(&gpu, &caches[0], want_k.len()), &want_k, 1e-4, 1e-4);
                 assert_close(&format!("v cache, {what}"), &read_f32(&gpu, &caches[1], want_v.len()), &want_v, 1e-4, 1e-4);
@@ -165,16 +169,14 @@ fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
 
 #[test]
 fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
-    for bounds_checks in [false, true] {
-        matmul_of_rmsnorm_and_silu_mul(bounds_checks);
-    }
-}
-
-fn matmul_of_rmsnorm_and_silu_mul(bounds_checks: bool) {
-    // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial tile of tokens).
-    let Some(gpu) = checked_gpu(bounds_checks) else { return };
-    for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
-        matmul_of_every_input(&gpu, dtype, 37, 256, &[1, 3, 9, 37], &format!("bounds checks {bounds_checks}"));
+    for (register_tile, bounds_checks) in TILED_FORMS {
+        // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial tile of tokens); 70 rows
+        // leave the second tile of rows part-filled.
+        let Some(gpu) = gpu_with(&GpuOptions { bounds_checks, register_tile: Some(register_tile), ..Default::default() }) else { return };
+        for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
+            let tokens: &[usize] = if register_tile == 4 { &[1, 3, 9, 37] } else { &[9, 37] };
+            matmul_of_every_input(&gpu, dtype, 70, 256, tokens, &format!("register tile {register_tile}, bounds checks {bounds_checks}"));
+        }
     }
 }
 
@@ -255,9 +257,10 @@ fn gemv_rows_other_than_1_2_or_4_are_an_error() {
     assert!(matches!(error, Some(llama_webgpu::gpu::GpuError::InvalidOption { name: "gemv_rows", value: 3, .. })), "{error:?}");
 }
 
-/// A device staging prefill tiles as f16, or None (reported) where the adapter lacks shader-f16.
-fn f16_tile_gpu() -> Option<Gpu> {
-    let gpu = gpu_with(&GpuOptions { f16_tiles: true, ..Default::default() })?;
+/// A device staging prefill tiles as f16 with the given register tile, or None (reported) where the
+/// adapter lacks shader-f16.
+fn f16_tile_gpu(register_tile: u32) -> Option<Gpu> {
+    let gpu = gpu_with(&GpuOptions { f16_tiles: true, register_tile: Some(register_tile), ..Default::default() })?;
     if !has_feature(&gpu, gpu.features.contains(wgpu::Features::SHADER_F16), "shader-f16") {
         return None;
     }
@@ -267,10 +270,16 @@ fn f16_tile_gpu() -> Option<Gpu> {
 
 #[test]
 fn tiled_matmul_with_f16_tiles_stays_within_f16_rounding_of_the_reference() {
-    let Some(gpu) = f16_tile_gpu() else { return };
+    for register_tile in [4, 8] {
+        let Some(gpu) = f16_tile_gpu(register_tile) else { return };
+        f16_tiles_within_rounding(&gpu, register_tile);
+    }
+}
+
+fn f16_tiles_within_rounding(gpu: &Gpu, register_tile: u32) {
     let (rows, k) = (45, 256);
     for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K] {
-        let (bytes, w) = weights(&gpu, 41, dtype, rows, k);
+        let (bytes, w) = weights(gpu, 41, dtype, rows, k);
         let norm = random_vec(&mut rng(42), k, 2.0);
         let norm_buffer = gpu.storage_buffer_with("norm", &norm);
         for n in [9, 37] {
@@ -292,13 +301,13 @@ fn tiled_matmul_with_f16_tiles_stays_within_f16_rounding_of_the_reference() {
                 let magnitude = reference::matmul(&abs_x, &DType::F32.from_f32(&abs_w).unwrap(), DType::F32, rows, k);
                 let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                 let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(&gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(&gpu, n, 0));
-                run(&gpu, |pass| op.encode(pass, n as u32));
-                let got = read_f32(&gpu, &out, want.len());
+                let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
+                run(gpu, |pass| op.encode(pass, n as u32));
+                let got = read_f32(gpu, &out, want.len());
                 let (i, excess) = (0..want.len())
                     .map(|i| (i, (got[i] - want[i]).abs() - 2e-3 * magnitude[i]))
                     .fold((0, f32::NEG_INFINITY), |a, b| if b.1 > a.1 || b.1.is_nan() { b } else { a });
-                assert!(excess <= 0.0, "{dtype} f16 tiles of {what}, n={n}: element {i} is {} but should be {} (|products| {})", got[i], want[i], magnitude[i]);
+                assert!(excess <= 0.0, "{dtype} f16 tiles ({register_tile}x{register_tile} register tile) of {what}, n={n}: element {i} is {} but should be {} (|products| {})", got[i], want[i], magnitude[i]);
             }
         }
     }

@@ -2,7 +2,7 @@
 //! tiles, subgroup reductions), declares the bindings the Rust side binds, and has a `Params`
 //! struct of the same size as its Rust mirror.
 
-use llama_webgpu::gpu::{ops, Binding, Kernel, ModuleForm, TileType, KERNELS, WORKGROUP_STORAGE};
+use llama_webgpu::gpu::{ops, Binding, Kernel, ModuleForm, RegisterTile, TileType, KERNELS, WORKGROUP_STORAGE};
 use naga::valid::Capabilities;
 use naga::{AddressSpace, Scalar, StorageAccess, TypeInner};
 
@@ -78,8 +78,8 @@ fn the_subgroup_form_of_the_matmul_validates_and_needs_subgroups() {
     assert!(KERNELS.iter().any(|k| k.name == "matmul" && k.has_subgroup_form()));
     for kernel in KERNELS.iter().filter(|k| k.has_subgroup_form()) {
         for tiles in [TileType::F32, TileType::F16] {
-            let plain = ModuleForm { tiles, subgroups: false };
-            let form = ModuleForm { tiles, subgroups: true };
+            let plain = ModuleForm { tiles, ..Default::default() };
+            let form = ModuleForm { tiles, subgroups: true, ..Default::default() };
             let (module, _) = parse_with(kernel, form);
             assert_eq!(entry_points(&module), entry_points(&parse_with(kernel, plain).0), "{}", kernel.name);
             // It really uses subgroups (so it is not the workgroup-memory form by mistake).
@@ -102,12 +102,28 @@ fn the_f16_form_of_the_matmul_validates_with_f16_tiles() {
     assert!(KERNELS.iter().any(|k| k.name == "matmul" && k.has_tiles()));
     for kernel in KERNELS.iter().filter(|k| k.has_tiles()) {
         let (f32_module, _) = parse_with(kernel, ModuleForm::default());
-        let f16_tiles = ModuleForm { tiles: TileType::F16, subgroups: false };
+        let f16_tiles = ModuleForm { tiles: TileType::F16, ..Default::default() };
         let (f16_module, _) = parse_with(kernel, f16_tiles);
         validate(kernel, f16_tiles, without_subgroups()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(tile_scalar(&f32_module), Some(Scalar::F32), "{}", kernel.name);
         assert_eq!(tile_scalar(&f16_module), Some(Scalar::F16), "{}", kernel.name);
         assert_eq!(entry_points(&f32_module), entry_points(&f16_module), "{}", kernel.name);
+    }
+}
+
+/// The 8x8 register tile: the same entry points, the tiled product in 8x8 threads instead of 16x16,
+/// with f32 and f16 tiles.
+#[test]
+fn the_8x8_register_tile_form_of_the_matmul_validates_with_8x8_threads() {
+    let matmul = KERNELS.iter().find(|k| k.name == "matmul").unwrap();
+    let workgroup = |module: &naga::Module| module.entry_points.iter().find(|e| e.name == "tiled").map(|e| e.workgroup_size);
+    for tiles in [TileType::F32, TileType::F16] {
+        let (plain, _) = parse_with(matmul, ModuleForm { tiles, ..Default::default() });
+        let form = ModuleForm { tiles, register_tile: RegisterTile::X8, ..Default::default() };
+        let (wide, _) = parse_with(matmul, form);
+        validate(matmul, form, without_subgroups()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(entry_points(&plain), entry_points(&wide));
+        assert_eq!((workgroup(&plain), workgroup(&wide)), (Some([16, 16, 1]), Some([8, 8, 1])), "{tiles:?}");
     }
 }
 
@@ -167,8 +183,8 @@ fn workgroup_memory_is_what_the_engine_requires() {
     let mut largest = 0;
     for kernel in KERNELS {
         for tiles in [TileType::F32, TileType::F16] {
-            for subgroups in [false, true] {
-                let form = ModuleForm { tiles, subgroups };
+            for (subgroups, register_tile) in [(false, RegisterTile::X4), (true, RegisterTile::X4), (false, RegisterTile::X8)] {
+                let form = ModuleForm { tiles, subgroups, register_tile };
                 if (tiles == TileType::F16 && !kernel.has_tiles()) || (subgroups && !kernel.has_subgroup_form()) {
                     continue;
                 }

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// by matrix size (q/k/v's rotary output takes at least 2).
     #[arg(long)]
     pub gemv_rows: Option<u32>,
+    /// The side of a prefill thread's register tile of sums, 4 or 8 (64 sums per thread, 64
+    /// threads per workgroup).
+    #[arg(long)]
+    pub register_tile: Option<u32>,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -337,6 +341,8 @@ fn report(
             "gemv_rows": gpu.gemv_rows.map_or(serde_json::json!("auto"), serde_json::Value::from),
             "gemv_rows_by_matrix": serde_json::Map::from_iter(gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| (matrix.to_string(), n.into()))),
             "subgroup_sizes": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
+            "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
+            "register_tile": gpu.register_tile.side(),
             "results": rows,
             "profile": profile_rows,
         });

@@ -40,6 +40,25 @@ pub enum TileType {
     F16,
 }
 
+/// The side of a prefill thread's register tile of sums (matmul.wgsl's REGISTER_TILE).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RegisterTile {
+    /// 4 tokens x 4 rows, 256 threads per workgroup: the file as it is.
+    #[default]
+    X4,
+    /// 8 tokens x 8 rows, 64 threads per workgroup: twice the FMAs per workgroup-memory read.
+    X8,
+}
+
+impl RegisterTile {
+    pub fn side(self) -> u32 {
+        match self {
+            RegisterTile::X4 => 4,
+            RegisterTile::X8 => 8,
+        }
+    }
+}
+
 /// Which module a kernel's file makes: the file as it is (the default), or a variant of it made by
 /// [`Kernel::source_for`], where the device has the features the variant needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -48,10 +67,14 @@ pub struct ModuleForm {
     pub tiles: TileType,
     /// Reduce with subgroup operations (needs the device feature SUBGROUP).
     pub subgroups: bool,
+    /// The prefill threads' register tile.
+    pub register_tile: RegisterTile,
 }
 
 /// The line of a shader file that declares its tile type; the file as it is uses f32.
 const F32_TILES: &str = "alias tile_t = f32;";
+/// The line of a shader file that sets its register tile; the file as it is uses 4.
+const REGISTER_TILE_4: &str = "const REGISTER_TILE: u32 = 4u;";
 /// The workgroup-memory reduction of a shader file, and the subgroup reduction commented out
 /// after it that replaces it in the subgroup form.
 const WORKGROUP_REDUCTION: (&str, &str) = ("// workgroup reduction {", "// } workgroup reduction");
@@ -82,7 +105,8 @@ impl Kernel {
         Some(format!("{head}{subgroup}{middle}{tail}"))
     }
 
-    /// The kernel's WGSL in `form`: the file as it is for the default form. With f16 tiles the
+    /// The kernel's WGSL in `form`: the file as it is for the default form. The 8x8 register tile
+    /// sets REGISTER_TILE to 8, from which the workgroup size and staging follow. With f16 tiles the
     /// alias names f16 and `enable f16;` leads the module (WGSL takes it only there, which is why
     /// each form is a module of its own). The subgroup form swaps in the subgroup reduction
     /// (a kernel without one stays as it is). It omits the `enable subgroups;` that WebGPU
@@ -95,6 +119,9 @@ impl Kernel {
             if let Some(swapped) = self.subgroup_reduction() {
                 source = Cow::Owned(swapped);
             }
+        }
+        if form.register_tile == RegisterTile::X8 {
+            source = Cow::Owned(source.replacen(REGISTER_TILE_4, "const REGISTER_TILE: u32 = 8u;", 1));
         }
         if form.tiles == TileType::F16 {
             source = Cow::Owned(format!("enable f16;\n{}", source.replacen(F32_TILES, "alias tile_t = f16;", 1)));

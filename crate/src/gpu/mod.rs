@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{Binding, Kernel, ModuleForm, TileType, KERNELS};
+pub use kernels::{Binding, Kernel, ModuleForm, RegisterTile, TileType, KERNELS};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::WeightMatrix;
@@ -69,6 +69,8 @@ pub struct GpuOptions {
     /// Rows per workgroup of the decode GEMVs, 1, 2 or 4, for every matrix instead of the choice
     /// by matrix size (`ops::gemv_rows`; q/k/v's rotary output takes at least 2); for tuning.
     pub gemv_rows: Option<u32>,
+    /// The side of a prefill thread's register tile of sums, 4 (the default) or 8; for tuning.
+    pub register_tile: Option<u32>,
 }
 
 /// Storage buffers of the kernel with the most (matmul.wgsl); WebGPU grants 8 everywhere.
@@ -109,6 +111,8 @@ pub struct Gpu {
     pub subgroups: bool,
     /// See [`GpuOptions::gemv_rows`].
     pub gemv_rows: Option<u32>,
+    /// See [`GpuOptions::register_tile`].
+    pub register_tile: RegisterTile,
     /// Two small buffers for writable bindings a dispatch does not use: WebGPU forbids binding
     /// one buffer to two writable bindings of a dispatch, so `out` cannot fill them.
     pub unused_writable: [wgpu::Buffer; 2],
@@ -121,6 +125,11 @@ impl Gpu {
         if let Some(rows) = options.gemv_rows.filter(|rows| ![1, 2, 4].contains(rows)) {
             return Err(GpuError::InvalidOption { name: "gemv_rows", value: rows, allowed: "1, 2 or 4" });
         }
+        let register_tile = match options.register_tile {
+            None | Some(4) => RegisterTile::X4,
+            Some(8) => RegisterTile::X8,
+            Some(side) => return Err(GpuError::InvalidOption { name: "register_tile", value: side, allowed: "4 or 8" }),
+        };
         let instance = instance();
         let adapter = choose_adapter(&instance, options).await?;
         let mut info = adapter.get_info();
@@ -195,6 +204,7 @@ impl Gpu {
             tile_type,
             subgroups,
             gemv_rows: options.gemv_rows,
+            register_tile,
             kernels: Default::default(),
             failure,
         })

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::kernels::{self, Kernel, ModuleForm, TileType};
+use super::kernels::{self, Kernel, ModuleForm, RegisterTile, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
@@ -385,7 +385,7 @@ pub fn matmul(
         DType::Q4K | DType::Q6K => "gemv_superblocks",
         _ => "gemv",
     };
-    assert!(entry == "gemv" || layout.in_stride % 4 == 0, "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
+    assert!(entry == "gemv" || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
     let few = weight_op(gpu, entry, x, input, w, out, output, layout, step, |rows| {
         let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
         (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup)), vec![("GEMV_ROWS", per_workgroup as f64)])
@@ -438,9 +438,11 @@ fn weight_op(
 ) -> Op {
     // Only the tiled product stages tiles, and only the GEMVs reduce over their workgroup; the
     // other entry points are the same in every form.
+    let tiled = entry == "tiled";
     let form = ModuleForm {
-        tiles: if entry == "tiled" { gpu.tile_type } else { TileType::F32 },
+        tiles: if tiled { gpu.tile_type } else { TileType::F32 },
         subgroups: matches!(entry, "gemv" | "gemv_blocks" | "gemv_superblocks") && gpu.subgroups,
+        register_tile: if tiled { gpu.register_tile } else { RegisterTile::X4 },
     };
     let (norm, eps) = match input {
         MatmulInput::RmsNorm { weight, eps } => (weight, eps),
@@ -461,7 +463,7 @@ fn weight_op(
         .iter()
         .map(|part| {
             let row_start = layout.out_offset + part.row_start;
-            assert!(head_dim == 0 || (row_start % head_dim == 0 && part.rows % head_dim == 0), "rotary output parts must be whole heads");
+            assert!(head_dim == 0 || (row_start.is_multiple_of(head_dim) && part.rows.is_multiple_of(head_dim)), "rotary output parts must be whole heads");
             let params = MatmulParams {
                 k: w.cols as u32,
                 rows: part.rows as u32,
