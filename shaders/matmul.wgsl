@@ -1,9 +1,8 @@
 // Reading a weight matrix: out = x @ W^T, and the embedding gather out[t] = W[token t], for a
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
-// Entry points: `gemv` for a few tokens (decode; `gemv_blocks` for q4_0, q4_1 and q8_0,
-// `gemv_superblocks` for q4_k and q6_k), `tiled`
-// for prompt prefill, `gather` for embeddings.
+// Entry points: for a few tokens (decode) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0, q4_1,
+// q8_0) and `gemv_superblocks` (q4_k, q6_k); `tiled` for prompt prefill; `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
 // The products can transform their input on the way in, fusing the op before them (INPUT):
