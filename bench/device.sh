@@ -8,8 +8,8 @@
 #                           model and engine tests on the GPU, then the benchmarks below
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth), the same profiled, --sync, --f16-tiles,
-# pp512 with 8x8 register tiles (f32 and f16 tiles), 4096 deep, the plain reduction, 1/2/4 GEMV
-# rows per workgroup; q8_0, q4_k; 1B and 3B.
+# pp512 with 8x8 register tiles (f32 and f16 tiles), tg128 without key splits, 4096 deep, the
+# plain reduction, 1/2/4 GEMV rows per workgroup; q8_0, q4_k; 1B and 3B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1.
 set -uo pipefail
@@ -82,6 +82,7 @@ run() {
         "8b-q4_0-f16-tiles|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --f16-tiles --profile"
         "8b-q4_0-register-tile-8|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --register-tile 8 --profile"
         "8b-q4_0-register-tile-8-f16|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --register-tile 8 --f16-tiles --profile"
+        "8b-q4_0-one-split|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --max-key-splits 1 --profile"
         "8b-q4_0-depth|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d $depth --profile"
         "8b-q4_0-plain-reduction|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --no-subgroups"
         "8b-q4_0-rows1|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 1 --profile"

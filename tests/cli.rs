@@ -98,4 +98,11 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 2);
     let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
     assert_eq!(attention["dispatches_per_token"], 6.0);
+
+    // With at most one split there is nothing to merge.
+    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--max-key-splits", "1", "--profile", "--json"];
+    let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
+    assert_eq!((report["max_key_splits"].as_u64(), report["dispatches_per_token"].as_u64()), (Some(1), Some(1 + 3 * 5 + 2)));
+    let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
+    assert_eq!(attention["dispatches_per_token"], 3.0);
 }

@@ -252,9 +252,17 @@ fn gemv_rows_per_workgroup_fill_a_large_gpu_where_rows_allow() {
 }
 
 #[test]
-fn gemv_rows_other_than_1_2_or_4_are_an_error() {
-    let error = pollster::block_on(Gpu::new(&GpuOptions { gemv_rows: Some(3), ..Default::default() })).err();
-    assert!(matches!(error, Some(llama_webgpu::gpu::GpuError::InvalidOption { name: "gemv_rows", value: 3, .. })), "{error:?}");
+fn tuning_options_out_of_range_are_an_error() {
+    use llama_webgpu::gpu::GpuError::InvalidOption;
+    let error = |options: GpuOptions| pollster::block_on(Gpu::new(&options)).err();
+    let e = error(GpuOptions { gemv_rows: Some(3), ..Default::default() });
+    assert!(matches!(e, Some(InvalidOption { name: "gemv_rows", value: 3, .. })), "{e:?}");
+    let e = error(GpuOptions { register_tile: Some(6), ..Default::default() });
+    assert!(matches!(e, Some(InvalidOption { name: "register_tile", value: 6, .. })), "{e:?}");
+    for splits in [0, 33] {
+        let e = error(GpuOptions { max_key_splits: Some(splits), ..Default::default() });
+        assert!(matches!(e, Some(InvalidOption { name: "max_key_splits", value, .. }) if value == splits), "{e:?}");
+    }
 }
 
 /// A device staging prefill tiles as f16 with the given register tile, or None (reported) where the

@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// threads per workgroup).
     #[arg(long)]
     pub register_tile: Option<u32>,
+    /// The most splits a decode step cuts its keys into, 1 to 32 (1: no splits, no merge dispatch).
+    #[arg(long)]
+    pub max_key_splits: Option<u32>,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -343,6 +346,7 @@ fn report(
             "subgroup_sizes": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
             "register_tile": gpu.register_tile.side(),
+            "max_key_splits": model.max_key_splits(),
             "results": rows,
             "profile": profile_rows,
         });

@@ -71,6 +71,9 @@ pub struct GpuOptions {
     pub gemv_rows: Option<u32>,
     /// The side of a prefill thread's register tile of sums, 4 (the default) or 8; for tuning.
     pub register_tile: Option<u32>,
+    /// The most splits a decode step cuts its keys into, 1 to 32 (`ops::MAX_KEY_SPLITS`, the
+    /// default); 1 attends without splits or their merge dispatch. For tuning.
+    pub max_key_splits: Option<u32>,
 }
 
 /// Storage buffers of the kernel with the most (matmul.wgsl); WebGPU grants 8 everywhere.
@@ -113,6 +116,8 @@ pub struct Gpu {
     pub gemv_rows: Option<u32>,
     /// See [`GpuOptions::register_tile`].
     pub register_tile: RegisterTile,
+    /// See [`GpuOptions::max_key_splits`].
+    pub max_key_splits: Option<u32>,
     /// Two small buffers for writable bindings a dispatch does not use: WebGPU forbids binding
     /// one buffer to two writable bindings of a dispatch, so `out` cannot fill them.
     pub unused_writable: [wgpu::Buffer; 2],
@@ -124,6 +129,9 @@ impl Gpu {
     pub async fn new(options: &GpuOptions) -> Result<Self, GpuError> {
         if let Some(rows) = options.gemv_rows.filter(|rows| ![1, 2, 4].contains(rows)) {
             return Err(GpuError::InvalidOption { name: "gemv_rows", value: rows, allowed: "1, 2 or 4" });
+        }
+        if let Some(splits) = options.max_key_splits.filter(|n| !(1..=ops::MAX_KEY_SPLITS).contains(n)) {
+            return Err(GpuError::InvalidOption { name: "max_key_splits", value: splits, allowed: "1 to 32" });
         }
         let register_tile = match options.register_tile {
             None | Some(4) => RegisterTile::X4,
@@ -205,6 +213,7 @@ impl Gpu {
             subgroups,
             gemv_rows: options.gemv_rows,
             register_tile,
+            max_key_splits: options.max_key_splits,
             kernels: Default::default(),
             failure,
         })

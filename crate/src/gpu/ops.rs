@@ -504,12 +504,13 @@ fn weight_op(
     Op { dispatches }
 }
 
-/// The most key splits a model's decode passes have: MAX_KEY_SPLITS, fewer where the context is
-/// short or the partials would pass the binding limit.
+/// The most key splits a model's decode passes have: MAX_KEY_SPLITS (or the device's
+/// `max_key_splits` option), fewer where the context is short or the partials would pass the
+/// binding limit.
 pub fn max_key_splits(gpu: &Gpu, n_heads: usize, head_dim: usize, context: usize) -> u32 {
     let by_context = (context as u32).div_ceil(MIN_SPLIT_KEYS);
     let by_binding = gpu.max_binding() / attention_partials_bytes(n_heads, head_dim, 1);
-    MAX_KEY_SPLITS.min(by_context).min(by_binding.min(u32::MAX as u64) as u32).max(1)
+    gpu.max_key_splits.unwrap_or(MAX_KEY_SPLITS).min(by_context).min(by_binding.min(u32::MAX as u64) as u32).max(1)
 }
 
 /// Bytes of the scratch buffer through which [`attention`] merges a decode pass's key splits: an

@@ -385,6 +385,11 @@ impl Llama {
         self.tokens_processed
     }
 
+    /// The most splits a decode step cuts its keys into (ops::max_key_splits).
+    pub fn max_key_splits(&self) -> u32 {
+        self.max_key_splits
+    }
+
     /// Compute dispatches of a one-token pass at `position` that returns a greedy token (past
     /// the first keys of a split, attention merges its splits in one more per layer).
     pub fn dispatches_per_token(&self, position: usize) -> usize {
