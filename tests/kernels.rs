@@ -206,6 +206,24 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
     }
 }
 
+/// A fused input's name, the input, and the k inputs per token it gives on the CPU.
+type FusedInput<'a> = (&'static str, MatmulInput<'a>, Vec<f32>);
+
+/// `n` token rows of 2k random values (seeded by `seed`), uploaded: the gate, then the up half that
+/// SiLU-mul reads (the other inputs read only the first k). With them, each fused input over
+/// those rows (RMSNorm with `norm`, uploaded as `norm_buffer`).
+fn fused_inputs<'a>(gpu: &Gpu, n: usize, k: usize, seed: u64, norm: &[f32], norm_buffer: &'a wgpu::Buffer) -> (wgpu::Buffer, [FusedInput<'a>; 3]) {
+    let x = random_vec(&mut rng(seed), n * 2 * k, 3.0);
+    let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
+    let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
+    let cases = [
+        ("plain", MatmulInput::Plain, gate.clone()),
+        ("rmsnorm", MatmulInput::RmsNorm { weight: norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, norm, 1e-5)),
+        ("silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
+    ];
+    (gpu.storage_buffer_with("x", &x), cases)
+}
+
 /// `token_counts` tokens of plain, RMSNorm-ed and SiLU-gated inputs through a (rows, k) matrix
 /// against the CPU reference.
 fn matmul_of_every_input(gpu: &Gpu, dtype: DType, rows: usize, k: usize, token_counts: &[usize], what: &str) {
@@ -213,16 +231,7 @@ fn matmul_of_every_input(gpu: &Gpu, dtype: DType, rows: usize, k: usize, token_c
     let norm = random_vec(&mut rng(52), k, 2.0);
     let norm_buffer = gpu.storage_buffer_with("norm", &norm);
     for &n in token_counts {
-        // Rows of 2k: x (the gate) and the up half after it; the other inputs read only the first k.
-        let x = random_vec(&mut rng(n as u64 + 53), n * 2 * k, 3.0);
-        let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
-        let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
-        let xb = gpu.storage_buffer_with("x", &x);
-        let cases = [
-            ("plain", MatmulInput::Plain, gate.clone()),
-            ("rmsnorm", MatmulInput::RmsNorm { weight: &norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, &norm, 1e-5)),
-            ("silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
-        ];
+        let (xb, cases) = fused_inputs(gpu, n, k, n as u64 + 53, &norm, &norm_buffer);
         for (input_name, input, input_rows) in cases {
             let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
             let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
@@ -291,15 +300,7 @@ fn f16_tiles_within_rounding(gpu: &Gpu, register_tile: u32) {
         let norm = random_vec(&mut rng(42), k, 2.0);
         let norm_buffer = gpu.storage_buffer_with("norm", &norm);
         for n in [9, 37] {
-            let x = random_vec(&mut rng(n as u64 + 43), n * 2 * k, 3.0);
-            let gate: Vec<f32> = x.chunks(k).step_by(2).flatten().copied().collect();
-            let up: Vec<f32> = x.chunks(k).skip(1).step_by(2).flatten().copied().collect();
-            let xb = gpu.storage_buffer_with("x", &x);
-            let cases = [
-                ("plain", MatmulInput::Plain, gate.clone()),
-                ("rmsnorm", MatmulInput::RmsNorm { weight: &norm_buffer, eps: 1e-5 }, reference::rmsnorm(&gate, &norm, 1e-5)),
-                ("silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
-            ];
+            let (xb, cases) = fused_inputs(gpu, n, k, n as u64 + 43, &norm, &norm_buffer);
             for (what, input, input_rows) in cases {
                 let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
                 // x and w rounded to f16: each product within 2 * 2^-11 (1e-3) of its value, so the

@@ -321,13 +321,13 @@ impl Gpu {
     }
 }
 
-/// Lists every adapter as "name (backend)", for `info` and for errors.
 /// A buffer size: `bytes` rounded up to whole vec4s, so kernels may read f32 arrays 4 elements at
 /// a time (matmul.wgsl's inputs).
 fn whole_vec4s(bytes: u64) -> u64 {
     bytes.max(16).next_multiple_of(16)
 }
 
+/// Lists every adapter as "name (backend)", for `info` and for errors.
 pub async fn adapter_names() -> Vec<String> {
     let instance = instance();
     instance.enumerate_adapters(wgpu::Backends::all()).await.iter().map(describe).collect()
