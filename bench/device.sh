@@ -9,7 +9,8 @@
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth), the same profiled, --sync, --f16-tiles,
 # pp512 with 8x8 register tiles (f32 and f16 tiles), tg128 without key splits, 4096 deep, the
-# plain reduction, 1/2/4 GEMV rows per workgroup; q8_0, q4_k; 1B and 3B.
+# plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
+# q8_0, q4_k; 1B and 3B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1.
 set -uo pipefail
@@ -39,37 +40,41 @@ for line in sys.stdin:
 }
 
 run() {
-    local out=${OUT:-target/device-out}
-    mkdir -p "$out"
-    # The Vulkan loader, where the machine lacks it (bench/NOTES.md: .gl holds its Debian package).
+    # Only a few files come back from the machine: every result goes to $work, packed into one
+    # archive under $OUT after each step (so a run cut short still returns what it finished).
+    local out=${OUT:-target/device-out} work=${WORK:-/tmp/device-results}
+    mkdir -p "$out" "$work"
+    pack() { tar -czf "$out/results.tar.gz" -C "$work" .; }
+    # The Vulkan and GL loaders, where the machine lacks them (bench/NOTES.md: .gl holds their
+    # Debian packages). NVIDIA's Vulkan driver is its GLX library, which finds no GPU without
+    # libglvnd's.
     if compgen -G ".gl/*.deb" >/dev/null; then
         for f in .gl/*.deb; do dpkg -x "$f" /; done
         ldconfig
     fi
-    local icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-    [ -f "$icd" ] && export VK_DRIVER_FILES=$icd
     local bin=$dir/llama-webgpu
     local built_in
     built_in=$(cat "$dir/built-in")
     if [ "$built_in" != "$PWD" ] && [ ! -e "$built_in" ]; then
         mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"
     fi
-    "$bin" info >"$out/info.txt" 2>&1
-    cat "$out/info.txt"
+    find_vulkan_driver "$bin" "$work" || { pack; return 1; }
+    cat "$work/info.txt"
     local bandwidth=""
-    grep -q "H200" "$out/info.txt" && bandwidth="--bandwidth-gbps 4800"
-    grep -q "H100" "$out/info.txt" && bandwidth="--bandwidth-gbps 3350"
+    grep -q "H200" "$work/info.txt" && bandwidth="--bandwidth-gbps 4800"
+    grep -q "H100" "$work/info.txt" && bandwidth="--bandwidth-gbps 3350"
 
     local failed=()
     if [ -z "${SKIP_TESTS:-}" ]; then
         for t in kernels model engine; do
-            if LLAMA_WEBGPU_REQUIRE_GPU=1 timeout 300 "$dir/$t" >"$out/test-$t.txt" 2>&1; then
+            if LLAMA_WEBGPU_REQUIRE_GPU=1 timeout 300 "$dir/$t" >"$work/test-$t.txt" 2>&1; then
                 echo "tests $t: passed"
             else
                 echo "tests $t: FAILED (see test-$t.txt)"
                 failed+=("test-$t")
             fi
-            tail -3 "$out/test-$t.txt"
+            tail -3 "$work/test-$t.txt"
+            pack
         done
     fi
 
@@ -85,6 +90,7 @@ run() {
         "8b-q4_0-one-split|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --max-key-splits 1 --profile"
         "8b-q4_0-depth|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d $depth --profile"
         "8b-q4_0-plain-reduction|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --no-subgroups"
+        "8b-q4_0-bounds-checks|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n --bounds-checks --profile"
         "8b-q4_0-rows1|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 1 --profile"
         "8b-q4_0-rows2|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 2 --profile"
         "8b-q4_0-rows4|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 4 --profile"
@@ -97,15 +103,51 @@ run() {
         local name=${entry%%|*} args=${entry#*|}
         [[ " $args " == *" -r "* ]] || args="$args -r $reps"
         # shellcheck disable=SC2086 # the arguments are words
-        if timeout 240 "$bin" bench $args $layers $bandwidth --json -q >"$out/$name.json" 2>"$out/$name.err"; then
+        if timeout 240 "$bin" bench $args $layers $bandwidth --json -q >"$work/$name.json" 2>"$work/$name.err"; then
             echo "bench $name: done"
         else
-            echo "bench $name: FAILED: $(tail -2 "$out/$name.err")"
+            echo "bench $name: FAILED: $(tail -2 "$work/$name.err")"
             failed+=("$name")
         fi
+        pack
     done
-    summary "$out"
+    summary "$work" | tee "$out/summary.md"
     [ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; return 1; }
+}
+
+# The first driver setup under which the CLI finds a GPU: the loader's own search, NVIDIA's ICD
+# manifest, then a manifest naming the driver library by its full path (a machine can hold a stale
+# copy of it on the default library path). Exports what worked; the loader's log where none did.
+find_vulkan_driver() {
+    local bin=$1 work=$2 nvidia=/usr/local/nvidia
+    local manifest=/tmp/nvidia_icd_full_path.json
+    local glx
+    glx=$(ls "$nvidia"/lib64/libGLX_nvidia.so.0 "$nvidia"/lib64/libGLX_nvidia.so* 2>/dev/null | head -1)
+    [ -n "$glx" ] && printf '{"file_format_version": "1.0.1", "ICD": {"library_path": "%s", "api_version": "1.3.0"}}\n' "$glx" >"$manifest"
+    local setups=(
+        ""
+        "VK_DRIVER_FILES=$nvidia/share/vulkan/icd.d/nvidia_icd.json"
+        "VK_DRIVER_FILES=$manifest LD_LIBRARY_PATH=$nvidia/lib64"
+    )
+    for setup in "${setups[@]}"; do
+        # shellcheck disable=SC2086 # the setup is assignments
+        if env $setup "$bin" info >"$work/info.txt" 2>&1; then
+            echo "Vulkan driver setup: ${setup:-default}"
+            # shellcheck disable=SC2163,SC2086
+            for assignment in $setup; do export "$assignment"; done
+            return 0
+        fi
+    done
+    {
+        ldconfig -p | grep -i -e vulkan -e GLX_nvidia -e GLdispatch
+        ls -la /usr/lib/libGLX_nvidia* "$nvidia"/lib64/libGLX_nvidia* "$nvidia"/lib64/libnvidia-glcore*
+        env | grep -i nvidia
+        [ -n "$glx" ] && ldd "$glx" | grep "not found"
+        VK_LOADER_DEBUG=error,warn,driver VK_DRIVER_FILES=$manifest LD_LIBRARY_PATH=$nvidia/lib64 "$bin" info
+    } >"$work/vulkan-diagnosis.txt" 2>&1
+    head -c 8000 "$work/vulkan-diagnosis.txt"
+    echo "no Vulkan driver setup found the GPU"
+    return 1
 }
 
 # One line per test of every bench JSON, then the decode profile of the 8B run.
