@@ -12,7 +12,8 @@
 # plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
 # q8_0, q4_k; 1B and 3B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
-# N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1.
+# N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1; ONLY="8b-q4_0 ..." runs
+# just the benchmarks named.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=target/device
@@ -101,6 +102,7 @@ run() {
     )
     for entry in "${runs[@]}"; do
         local name=${entry%%|*} args=${entry#*|}
+        [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || continue
         [[ " $args " == *" -r "* ]] || args="$args -r $reps"
         # shellcheck disable=SC2086 # the arguments are words
         if timeout 240 "$bin" bench $args $layers $bandwidth --json -q >"$work/$name.json" 2>"$work/$name.err"; then

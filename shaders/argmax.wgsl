@@ -1,48 +1,78 @@
 // Greedy decoding on the GPU: the index of the largest logit (the first one on ties, as torch.argmax),
-// so the host reads back one token id instead of the whole vocabulary.
+// so the host reads back one token id instead of the whole vocabulary. Two passes: `partial` runs
+// params.partials workgroups, each finding the best of a strided share of the logits (a
+// vocabulary of 128256 is too much for one workgroup to stream quickly), and `finish` reduces
+// their bests in one workgroup.
+// PyTorch: out = logits.argmax()
 
 const WG: u32 = 256u;
+// The most partial bests (crate::gpu::ops::ARGMAX_PARTIALS): `finish` takes one per thread.
+const MAX_PARTIALS: u32 = WG;
 
 struct Params {
     n: u32,
+    partials: u32, // workgroups of `partial`, at most MAX_PARTIALS
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
-@group(0) @binding(0) var<storage, read> logits: array<f32>;    // (n)
-@group(0) @binding(1) var<storage, read_write> out: array<f32>; // (1) the index as f32, as the embedding reads token ids
-@group(0) @binding(2) var<uniform> params: Params;
+@group(0) @binding(0) var<storage, read> logits: array<f32>;      // (n)
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;   // (1) the index as f32, as the embedding reads token ids
+@group(0) @binding(2) var<storage, read_write> bests: array<u32>; // (2 MAX_PARTIALS) each partial's value bits, then its index
+@group(0) @binding(3) var<uniform> params: Params;
 
 var<workgroup> best_value: array<f32, WG>;
 var<workgroup> best_index: array<u32, WG>;
 
+// The best of every thread's (value, index) in the workgroup, in slot 0.
+fn reduce(lid: u32, value: f32, index: u32) {
+    best_value[lid] = value;
+    best_index[lid] = index;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid < stride) {
+            let v = best_value[lid + stride];
+            let j = best_index[lid + stride];
+            if (v > best_value[lid] || (v == best_value[lid] && j < best_index[lid])) {
+                best_value[lid] = v;
+                best_index[lid] = j;
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+const LOWEST: f32 = -0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
+
 @compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_id) lid: vec3<u32>) {
-    var value = -0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
+fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    var value = LOWEST;
     var index = 0xffffffffu;
-    for (var i = lid.x; i < params.n; i += WG) {
+    // Strided by the whole grid, so that each load instruction of a workgroup reads WG neighbours.
+    for (var i = wg.x * WG + lid; i < params.n; i += params.partials * WG) {
         let v = logits[i];
         if (v > value) {
             value = v;
             index = i;
         }
     }
-    best_value[lid.x] = value;
-    best_index[lid.x] = index;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid.x < stride) {
-            let v = best_value[lid.x + stride];
-            let j = best_index[lid.x + stride];
-            if (v > best_value[lid.x] || (v == best_value[lid.x] && j < best_index[lid.x])) {
-                best_value[lid.x] = v;
-                best_index[lid.x] = j;
-            }
-        }
-        workgroupBarrier();
+    reduce(lid, value, index);
+    if (lid == 0u) {
+        bests[wg.x] = bitcast<u32>(best_value[0]);
+        bests[MAX_PARTIALS + wg.x] = best_index[0];
     }
-    if (lid.x == 0u) {
+}
+
+@compute @workgroup_size(WG)
+fn finish(@builtin(local_invocation_index) lid: u32) {
+    var value = LOWEST;
+    var index = 0xffffffffu;
+    if (lid < params.partials) {
+        value = bitcast<f32>(bests[lid]);
+        index = bests[MAX_PARTIALS + lid];
+    }
+    reduce(lid, value, index);
+    if (lid == 0u) {
         out[0] = f32(best_index[0]); // exact below 2^24
     }
 }

@@ -111,7 +111,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let my_row = li / THREADS_PER_ROW;
     let sub = li % THREADS_PER_ROW;
     let my_pos = step.start_pos + min(row0 + my_row, n_rows - 1u) / group;
-    // How many of those dimensions lie below head_dim: loops run to it, not to the array's size.
+    // How many of those dimensions lie below head_dim: loops stop there. Their constant bound
+    // beside it lets the compiler unroll them and keep acc in registers.
     let my_dims = (hd + THREADS_PER_ROW - 1u - sub) / THREADS_PER_ROW;
     var running_max = MASKED;
     var running_sum = 0.0;
@@ -159,13 +160,13 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         }
         let correction = exp(running_max - new_max);
         running_sum *= correction;
-        for (var i = 0u; i < my_dims; i++) {
+        for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
             acc[i] *= correction;
         }
         for (var j = 0u; j < n_keys; j++) {
             let weight = select(0.0, exp(tile_scores[scores + j] - new_max), key0 + j <= my_pos);
             running_sum += weight;
-            for (var i = 0u; i < my_dims; i++) {
+            for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
                 acc[i] += weight * kv_tile[j * hd + sub + i * THREADS_PER_ROW];
             }
         }
@@ -179,7 +180,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     }
     let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
     if (step.key_splits == 1u) {
-        for (var i = 0u; i < my_dims; i++) {
+        for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
             out[token_head * hd + sub + i * THREADS_PER_ROW] = acc[i] / running_sum;
         }
         return;
@@ -187,7 +188,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     // A row with no keys in this split (a token before the split's first key) leaves max MASKED,
     // sum 0 and outputs 0, which combine weighs as nothing.
     let partial = token_head * params.split_stride + split;
-    for (var i = 0u; i < my_dims; i++) {
+    for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
         partials[partial * hd + sub + i * THREADS_PER_ROW] = acc[i];
     }
     if (sub == 0u) {

@@ -41,12 +41,13 @@ fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
         assert_eq!(r["samples"].as_array().unwrap().len(), 2);
     }
     assert_eq!(report["layers"], 3);
+    assert_eq!(report["bounds_checks"], false);
     // The commit the binary was built from, for reports filed under bench/results.
     let commit = report["commit"].as_str().unwrap();
     assert!(commit == "unknown" || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())), "{commit}");
     // The embedding, five per layer (q/k/v with RoPE and the cache write, attention, o, gate/up,
-    // down), lm_head and argmax.
-    assert_eq!(report["dispatches_per_token"], 1 + 3 * 5 + 2);
+    // down), lm_head and argmax's two passes.
+    assert_eq!(report["dispatches_per_token"], 1 + 3 * 5 + 3);
 
     // One layer of Llama 3.2 1B's shape in q4_0: 1B's lm_head dominates the bytes per token.
     let out = llama_webgpu(&[
@@ -95,14 +96,15 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
     assert_eq!(report["results"][0]["test"], "tg2 @ d40");
     assert_eq!(report["depth"], 40);
-    assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 2);
+    assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 3);
     let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
     assert_eq!(attention["dispatches_per_token"], 6.0);
 
-    // With at most one split there is nothing to merge.
-    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--max-key-splits", "1", "--profile", "--json"];
+    // With at most one split there is nothing to merge (and the bounds checks kept change no count).
+    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--max-key-splits", "1", "--bounds-checks", "--profile", "--json"];
     let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
-    assert_eq!((report["max_key_splits"].as_u64(), report["dispatches_per_token"].as_u64()), (Some(1), Some(1 + 3 * 5 + 2)));
+    assert_eq!(report["bounds_checks"], true);
+    assert_eq!((report["max_key_splits"].as_u64(), report["dispatches_per_token"].as_u64()), (Some(1), Some(1 + 3 * 5 + 3)));
     let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
     assert_eq!(attention["dispatches_per_token"], 3.0);
 }

@@ -421,16 +421,21 @@ fn decode_steps_split_their_keys() {
 #[test]
 fn argmax_picks_the_first_largest() {
     let Some(gpu) = gpu() else { return };
-    let mut values = random_vec(&mut rng(11), 1003, 5.0);
-    values[700] = 9.0;
-    values[400] = 9.0; // a tie: the first index wins, as torch.argmax
-    for n in [5, 1003] {
-        let input = gpu.storage_buffer_with("logits", &values[..n]);
+    // One workgroup of the first pass; a few; all 256, each reading its share twice over.
+    for n in [5, 1003, 70_000, 300_000] {
+        let mut values = random_vec(&mut rng(11), n, 5.0);
+        // A tie, in different workgroups of the first pass where there are several: the first
+        // index wins, as torch.argmax.
+        for i in [n / 3, 2 * n / 3, n - 1] {
+            values[i] = 9.0;
+        }
+        let input = gpu.storage_buffer_with("logits", &values);
         let out = gpu.storage_buffer("out", 4);
         let op = ops::argmax(&gpu, &input, &out, n);
         run(&gpu, |pass| op.encode(pass, 1));
         let got = f32::from_le_bytes(pollster::block_on(gpu.read(&out, 4)).unwrap().try_into().unwrap()) as u32;
-        assert_eq!(got as usize, reference::argmax(&values[..n]), "n={n}");
+        assert_eq!(got as usize, n / 3, "n={n}");
+        assert_eq!(reference::argmax(&values), n / 3);
     }
 }
 

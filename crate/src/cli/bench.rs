@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// The most splits a decode step cuts its keys into, 1 to 32 (1: no splits, no merge dispatch).
     #[arg(long)]
     pub max_key_splits: Option<u32>,
+    /// Keep naga's runtime bounds checks in the kernels that are in bounds by construction, as a
+    /// browser does (for comparison).
+    #[arg(long)]
+    pub bounds_checks: bool,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -347,6 +351,7 @@ fn report(
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
             "register_tile": gpu.register_tile.side(),
             "max_key_splits": model.max_key_splits(),
+            "bounds_checks": gpu.bounds_checks,
             "results": rows,
             "profile": profile_rows,
         });

@@ -148,7 +148,7 @@ macro_rules! kernel {
 // last row stay within the padding of its last word.
 kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true);
 kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
-kernel!(ARGMAX, "argmax", [Storage, StorageMut, Uniform]);
+kernel!(ARGMAX, "argmax", [Storage, StorageMut, StorageMut, Uniform]);
 kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
 kernel!(FILL, "fill", [StorageMut, Uniform]);
 
@@ -200,14 +200,22 @@ impl Gpu {
 
     fn compile(&self, kernel: &Kernel, form: ModuleForm) -> Module {
         let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source_for(form)) };
-        let shader = if kernel.in_bounds && !self.bounds_checks {
-            // SAFETY: the kernel indexes only inside its buffers (Kernel::in_bounds); its tests run
-            // with and without the checks. Browsers keep their own checks either way.
-            let checks = wgpu::ShaderRuntimeChecks { bounds_checks: false, ..wgpu::ShaderRuntimeChecks::checked() };
-            unsafe { self.device.create_shader_module_trusted(descriptor, checks) }
-        } else {
-            self.device.create_shader_module(descriptor)
+        // naga's loop bounding (a hidden counter in every loop) hides each loop's trip count from
+        // the driver's compiler, which then cannot unroll the loops over the kernels' small
+        // register arrays (GEMV sums, tile accumulators) and keeps those in local memory
+        // (bench/NOTES.md has what it cost). Every loop of these kernels ends by construction.
+        // In-bounds kernels also drop the bounds and division checks: ops.rs validates their params.
+        let trusted = kernel.in_bounds && !self.bounds_checks;
+        let checks = wgpu::ShaderRuntimeChecks {
+            bounds_checks: !trusted,
+            int_div_checks: !trusted,
+            force_loop_bounding: false,
+            ..wgpu::ShaderRuntimeChecks::checked()
         };
+        // SAFETY: no kernel loops forever (each loop counts up to a bound its params fix), and
+        // an in-bounds kernel indexes only inside its buffers (Kernel::in_bounds); the kernel
+        // tests run with and without the bounds checks. Browsers keep their own checks.
+        let shader = unsafe { self.device.create_shader_module_trusted(descriptor, checks) };
         let entries: Vec<wgpu::BindGroupLayoutEntry> = kernel
             .bindings
             .iter()

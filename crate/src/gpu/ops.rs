@@ -66,7 +66,8 @@ pub struct AttentionParams {
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct ArgmaxParams {
     pub n: u32,
-    pub _pad: [u32; 3],
+    pub partials: u32,
+    pub _pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -600,10 +601,24 @@ impl Attention {
 }
 
 
+/// The most workgroups of argmax's first pass (argmax.wgsl's MAX_PARTIALS).
+const ARGMAX_PARTIALS: usize = 256;
+/// Logits each thread of argmax's first pass reads, where the partials allow.
+const ARGMAX_PER_THREAD: usize = 4;
+
 /// out[0] = the index of the largest of `n` logits, as f32 like the token ids the embedding reads.
 pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
-    let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, _pad: [0; 3] });
-    Op { dispatches: vec![dispatch(gpu, &kernels::ARGMAX, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]), Traffic::fixed(4 * n as u64 + 4))] }
+    let partials = n.div_ceil(ARGMAX_PER_THREAD * ARGMAX_PARTIALS).clamp(1, ARGMAX_PARTIALS);
+    let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, partials: partials as u32, _pad: [0; 2] });
+    let bests = gpu.storage_buffer("argmax bests", 8 * ARGMAX_PARTIALS as u64);
+    let buffers = [logits, out, &bests, &params];
+    let bests_bytes = 8 * partials as u64;
+    Op {
+        dispatches: vec![
+            dispatch(gpu, &kernels::ARGMAX, "partial", &[], &buffers, Grid::Fixed([partials as u32, 1, 1]), Traffic::fixed(4 * n as u64 + bests_bytes)),
+            dispatch(gpu, &kernels::ARGMAX, "finish", &[], &buffers, Grid::Fixed([1, 1, 1]), Traffic::fixed(bests_bytes + 4)),
+        ],
+    }
 }
 
 /// Selects the top candidates of `n` logits into `out`; `params` is rewritten per request with
