@@ -324,35 +324,27 @@ fn squares_quad(base: u32, col: u32) -> f32 {
     return dot(v, v);
 }
 
-// The 4 bytes at byte `p` (even) as one word. Branch-free: q4_0 and q8_0 blocks alternate
-// between word-aligned and not, so neighbouring threads would take both sides of a branch.
+// The 4 bytes at byte `p` (even) as one word.
 fn word_at(p: u32) -> u32 {
     let i = p / 4u;
-    let unaligned = (p >> 1u) & 1u;
-    let next = w[i + unaligned]; // aligned: the same word again, never a word past the data
-    return select(w[i], (w[i] >> 16u) | (next << 16u), unaligned == 1u);
-}
-
-// Quant values (below 2^23) as f32 less `offset`, without an integer-to-float conversion: the
-// bits of 2^23 + v are v's float, 2^23 too large, and one subtraction removes both. A GPU converts
-// at a quarter of its FMA rate (16 per clock per NVIDIA SM), which made conversion, not memory,
-// the bound of the quantized GEMVs: one per weight.
-fn quant_values(v: vec4<u32>, offset: f32) -> vec4<f32> {
-    return bitcast<vec4<f32>>(v | vec4(0x4b000000u)) - (8388608.0 + offset);
+    if ((p & 2u) == 0u) {
+        return w[i];
+    }
+    return (w[i] >> 16u) | (w[i + 1u] << 16u);
 }
 
 // Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
 fn low_nibbles(word: u32) -> vec4<f32> {
-    return quant_values((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu), 0.0);
+    return vec4<f32>((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu));
 }
 
 fn high_nibbles(word: u32) -> vec4<f32> {
-    return quant_values((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu), 0.0);
+    return vec4<f32>((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu));
 }
 
-// Bytes 0..3 of a word as int8 values (each biased by 128 through its sign bit, then unbiased).
+// Bytes 0..3 of a word as int8 values.
 fn signed_bytes(word: u32) -> vec4<f32> {
-    return quant_values(((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xffu)) ^ vec4(0x80u), 128.0);
+    return vec4<f32>(bitcast<vec4<i32>>(vec4(word) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u));
 }
 
 // The block columns of quarter j's inputs: two quads, whose weights a quarter_dot takes in order.
@@ -497,8 +489,8 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
                 for (var i = 0u; i < 2u; i++) {
                     let l = vec4(ql[i]) >> bytes;
                     let h = vec4(qh[i]) >> bytes;
-                    let qa = quant_values((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u)), 32.0);
-                    let qb = quant_values(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u)), 32.0);
+                    let qa = vec4<f32>((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
+                    let qb = vec4<f32>(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
                     dot_a += dot(a[i], qa);
                     dot_b += dot(b[i], qb);
                 }
@@ -582,7 +574,7 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
             let low = (vec4(word_at(start + half * 64u + l + quarter % 2u * 32u)) >> (bytes + vec4(quarter / 2u * 4u))) & vec4(0xfu);
             let high = (vec4(word_at(start + 128u + half * 32u + l)) >> (bytes + vec4(2u * quarter))) & vec4(3u);
             let scale = i8_at(start + 192u + half * 8u + l / 16u + 2u * quarter);
-            return f16_at(start + 208u) * scale * quant_values(low | (high << vec4(4u)), 32.0);
+            return f16_at(start + 208u) * scale * (vec4<f32>(low | (high << vec4(4u))) - 32.0);
         }
         default: { // k is even, so each pair lies wholly inside or past the row
             var pairs = vec4(0.0, 0.0, 0.0, 0.0);

@@ -561,17 +561,17 @@ pub fn attention(
     // A decode token's query rows are its GQA group: blocks of that many (a power of two) waste
     // no rows on one token; prefill fills blocks of 8 with several tokens.
     let decode_block = group.next_power_of_two().min(ATTENTION_QUERY_BLOCK);
-    let attend = |entry: &str, block: u32, splits: u32| {
+    let attend = |block: u32, splits: u32| {
         let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
-        dispatch(gpu, &kernels::ATTENTION, entry, &[("QUERY_BLOCK", block as f64)], &buffers, grid, traffic)
+        dispatch(gpu, &kernels::ATTENTION, "attend", &[("QUERY_BLOCK", block as f64)], &buffers, grid, traffic)
     };
     // Splits past the pass's key_splits return at once; the merge reads at most every split.
     let partial_bytes = 4 * (n_heads * (head_dim + 2)) as u64 * max_key_splits as u64;
     let combine = dispatch(gpu, &kernels::ATTENTION, "combine", &[], &buffers, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes));
     Attention {
-        prefill: Op { dispatches: vec![attend("attend", ATTENTION_QUERY_BLOCK, 1)] },
-        decode: Op { dispatches: vec![attend("attend_by_key", decode_block, 1)] },
-        decode_split: Op { dispatches: vec![attend("attend_by_key", decode_block, max_key_splits), combine] },
+        prefill: Op { dispatches: vec![attend(ATTENTION_QUERY_BLOCK, 1)] },
+        decode: Op { dispatches: vec![attend(decode_block, 1)] },
+        decode_split: Op { dispatches: vec![attend(decode_block, max_key_splits), combine] },
     }
 }
 
