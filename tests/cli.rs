@@ -90,7 +90,7 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     let qkv = kernels.iter().find(|k| k["kernel"] == "qkv_proj").unwrap();
     assert_eq!(qkv["bytes_per_token"].as_f64().unwrap(), (3 * (192 * 128 * 4 + 2 * 128 * 4 + 192 * 4 + 8 * 8)) as f64);
 
-    // 40 positions deep a decode step's 41 keys come in two splits, merged in one more dispatch
+    // 40 positions deep a decode step's 41 keys come in six splits, merged in one more dispatch
     // per layer.
     let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--profile", "--json"];
     let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();

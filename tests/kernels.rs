@@ -355,9 +355,9 @@ fn attention_matches_reference_in_both_strategies() {
     // Below 8 tokens (decode) the keys are cut into splits merged after, from 8 on (prefill) one
     // split. head_dim 130 exercises several dimensions per thread and a 7-key tile; start_pos > 0 a
     // chunked prefill; GQA groups of 1, 3, 4 and 8 lay query blocks over several tokens or heads,
-    // and 9, 13 and 37 tokens leave partial blocks. Decode: 32-key splits up to the cap (context
-    // 71-75: 3 splits; 129: 5), a last split that some of the step's tokens do not reach (start
-    // 62, 5 tokens: keys 64-66), wider splits at a long context (1503 keys: 24 of 64, or 3 of 512
+    // and 9, 13 and 37 tokens leave partial blocks. Decode: 8-key splits up to the cap (context
+    // 71-75: 10 splits; 129: 17), a last split that some of the step's tokens do not reach (start
+    // 62, 5 tokens: keys 64-66), wider splits at a long context (1503 keys: 32 of 48, or 3 of 504
     // under a cap of 3), and one split (a cap of 1, or a context of 1).
     let cases = [
         (6, 2, 12, 0, 1, 32),
@@ -403,13 +403,13 @@ fn decode_steps_split_their_keys() {
         let s = StepParams::new(n, start, cap);
         (s.keys_per_split, s.key_splits)
     };
-    assert_eq!(split(1, 0, 32), (32, 1));
-    assert_eq!(split(1, 32, 32), (32, 2));
-    assert_eq!(split(1, 639, 32), (32, 20));
+    assert_eq!(split(1, 0, 32), (8, 1));
+    assert_eq!(split(1, 32, 32), (8, 5));
+    assert_eq!(split(1, 639, 32), (24, 27));
     assert_eq!(split(1, 2047, 32), (64, 32));
-    assert_eq!(split(3, 1500, 32), (64, 24));
+    assert_eq!(split(3, 1500, 32), (48, 32));
     assert_eq!(split(1, 131_071, 32), (4096, 32));
-    assert_eq!(split(1, 1000, 1), (1024, 1));
+    assert_eq!(split(1, 1000, 1), (1008, 1));
     // Prefill attends in one split.
     assert_eq!(split(8, 1000, 32), (1008, 1));
     for (n, start, cap) in [(1, 0, 32), (7, 93, 5), (2, 100_000, 32), (1, 31, 2)] {

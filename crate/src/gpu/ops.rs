@@ -125,9 +125,9 @@ const ATTENTION_QUERY_BLOCK: u32 = 8;
 /// The most key splits of a decode pass (attention.wgsl's MAX_KEY_SPLITS): with 8 KV heads, 256
 /// workgroups, about two per SM of an H100/H200.
 pub const MAX_KEY_SPLITS: u32 = 32;
-/// The fewest keys a split attends to: a few K/V tiles, so that its work outweighs writing and
-/// merging its partial output.
-const MIN_SPLIT_KEYS: u32 = 32;
+/// The fewest keys a split attends to: one K/V tile at head_dim 128. A split's tiles run one
+/// after another, so at short contexts more, smaller splits finish sooner (bench/NOTES.md).
+const MIN_SPLIT_KEYS: u32 = 8;
 /// Workgroups per token a GEMV dispatch should have to fill a large GPU. An H200 has 132 SMs of
 /// 2048 threads: 4224 workgroups of 64 resident at once. An earlier q4_0 GEMV with 4 rows per
 /// 32-thread workgroup read 28672x4096 at 1.29 TB/s but 4096-row matrices at 0.5-0.6 TB/s: 1024
