@@ -6,6 +6,7 @@
 #   bench/device.sh run     there (in the repository root; carry target/device, .gl and
 #                           target/models/llama3-tokenizer, the engine tests' tokenizer: 48 MB): kernel,
 #                           model and engine tests on the GPU, then the benchmarks below
+#   bench/device.sh summary DIR   the tables of a run's JSON files again (bench/results/*)
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth), the same profiled, --sync, --f16-tiles,
 # pp512 with 8x8 register tiles (f32 and f16 tiles), tg128 without key splits, 4096 deep, the
@@ -181,11 +182,19 @@ if profile.exists() and profile.read_text():
     print("| --- | ---: | ---: | ---: |")
     for k in report["profile"] or []:
         print(f"| {k['kernel']} | {k['dispatches_per_token']:.0f} | {k['us_per_token']:.1f} | {k['gbps']:.0f} |")
+    prefill = next((json.loads(line) for line in profile.read_text().splitlines()[1:]), None)
+    if prefill:
+        print(f"\nprefill pass of {prefill['prefill_tokens']} tokens: {prefill['prefill_ms']:.0f} ms\n")
+        print("| kernel | dispatches/pass | ms/pass |")
+        print("| --- | ---: | ---: |")
+        for k in prefill["prefill_profile"]:
+            print(f"| {k['kernel']} | {k['dispatches']:.0f} | {k['ms_per_pass']:.1f} |")
 EOF
 }
 
 case "${1:-}" in
     build) build ;;
     run) run ;;
-    *) echo "usage: $0 build|run" >&2; exit 2 ;;
+    summary) summary "$2" ;;
+    *) echo "usage: $0 build|run|summary DIR" >&2; exit 2 ;;
 esac
