@@ -1,78 +1,68 @@
 // The k largest logits (value descending, then id ascending) and the softmax normaliser of all of
 // them at a temperature, so the host samples from k candidates instead of reading the vocabulary.
-// Each of the k rounds finds the largest logit ranked below the previous round's pick.
+// Two passes, as in argmax.wgsl: `partial` runs params.partials workgroups, each selecting the top
+// k of a strided share of the logits and summing that share's softmax terms; `finish` selects the
+// top k of the partials' candidates in one workgroup and merges their sums. (One workgroup taking
+// k rounds over a 128256-token vocabulary would stream it k times alone.) A selection takes k
+// rounds, each finding the largest candidate ranked below the previous round's pick.
+// PyTorch: values, ids = logits.topk(k); sum = exp((logits - logits.max()) / T).sum()
 
 const WG: u32 = 256u;
 const MAX_K: u32 = 64u;
+// The most partial selections (crate::gpu::ops::TOP_K_PARTIALS).
+const MAX_PARTIALS: u32 = 256u;
+// Words of one selection, out's layout: max, sum, then MAX_K (id, logit) pairs.
+const SELECTION_WORDS: u32 = 2u + 2u * MAX_K;
+const NONE: u32 = 0xffffffffu; // the id of a round that found no candidate
+const LOWEST: f32 = -0x1.fffffep+127f; // -(f32 max), exact: Tint rejects the rounded 3.4028235e38
 
 struct Params {
     n: u32,
     k: u32,               // at most MAX_K
     inv_temperature: f32,
-    _pad: u32,
+    partials: u32,        // workgroups of `partial`, at most MAX_PARTIALS
 }
 
-@group(0) @binding(0) var<storage, read> logits: array<f32>;    // (n)
-@group(0) @binding(1) var<storage, read_write> out: array<u32>; // (2 + 2 k): max, sum of exp((l - max) / T), then (id, logit) pairs; floats as bits
-@group(0) @binding(2) var<uniform> params: Params;
+@group(0) @binding(0) var<storage, read> logits: array<f32>;           // (n)
+@group(0) @binding(1) var<storage, read_write> out: array<u32>;        // (2 + 2 k): max, sum of exp((l - max) / T), then (id, logit) pairs; floats as bits
+@group(0) @binding(2) var<storage, read_write> selections: array<u32>; // (partials, SELECTION_WORDS): each partial's, laid out as out
+@group(0) @binding(3) var<uniform> params: Params;
 
 var<workgroup> best_value: array<f32, WG>;
 var<workgroup> best_index: array<u32, WG>;
 var<workgroup> sums: array<f32, WG>;
+
+// Candidates per selection (params.k, which the host keeps at most MAX_K).
+fn top_k() -> u32 {
+    return min(params.k, MAX_K);
+}
 
 // Whether (v, i) ranks above (bv, bi): larger value, or equal value and smaller id.
 fn ranks_above(v: f32, i: u32, bv: f32, bi: u32) -> bool {
     return v > bv || (v == bv && i < bi);
 }
 
-// Reduces the per-thread (best_value, best_index) to slot 0.
-fn reduce_best(lid: u32) {
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid < stride && ranks_above(best_value[lid + stride], best_index[lid + stride], best_value[lid], best_index[lid])) {
-            best_value[lid] = best_value[lid + stride];
-            best_index[lid] = best_index[lid + stride];
-        }
-        workgroupBarrier();
-    }
+// A thread's candidates: `partial`'s logits first, first + stride, ... below n; `finish`'s the
+// partials' picks, first, first + WG, ... below partials k.
+struct Candidates {
+    from_logits: bool,
+    first: u32,
+    stride: u32,
+    count: u32,
 }
 
-@compute @workgroup_size(WG)
-fn main(@builtin(local_invocation_id) lid3: vec3<u32>) {
-    let lid = lid3.x;
-    var prev_value = 0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
-    var prev_index = 0u;
-    var max_value = 0.0; // round 0's pick
-    for (var round = 0u; round < min(params.k, MAX_K); round++) {
-        var value = -0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
-        var index = 0xffffffffu;
-        for (var i = lid; i < params.n; i += WG) {
-            let v = logits[i];
-            let below_previous = round == 0u || ranks_above(prev_value, prev_index, v, i);
-            if (below_previous && ranks_above(v, i, value, index)) {
-                value = v;
-                index = i;
-            }
-        }
-        best_value[lid] = value;
-        best_index[lid] = index;
-        workgroupBarrier();
-        reduce_best(lid);
-        prev_value = best_value[0];
-        prev_index = best_index[0];
-        if (round == 0u) {
-            max_value = prev_value;
-        }
-        if (lid == 0u) {
-            out[2u + 2u * round] = prev_index;
-            out[3u + 2u * round] = bitcast<u32>(prev_value);
-        }
-        workgroupBarrier();
+// Candidate c as (value, id); NONE ids are the picks of rounds that found nothing.
+fn candidate(pool: Candidates, c: u32) -> vec2<u32> {
+    if (pool.from_logits) {
+        return vec2(bitcast<u32>(logits[c]), c);
     }
-    var sum = 0.0;
-    for (var i = lid; i < params.n; i += WG) {
-        sum += exp((logits[i] - max_value) * params.inv_temperature);
-    }
-    sums[lid] = sum;
+    let pick = (c / top_k()) * SELECTION_WORDS + 2u + 2u * (c % top_k());
+    return vec2(selections[pick + 1u], selections[pick]);
+}
+
+// The workgroup's total of every thread's `value`, returned to every thread.
+fn workgroup_sum(lid: u32, value: f32) -> f32 {
+    sums[lid] = value;
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
         if (lid < stride) {
@@ -80,8 +70,90 @@ fn main(@builtin(local_invocation_id) lid3: vec3<u32>) {
         }
         workgroupBarrier();
     }
+    let total = sums[0];
+    workgroupBarrier();
+    return total;
+}
+
+// The top k of the workgroup's candidates in rank order, written by thread 0 as (id, logit) pairs
+// from word `at` of `out` (dest_is_out) or of `selections`; returns the first pick's value.
+fn select_top(lid: u32, pool: Candidates, dest_is_out: bool, at: u32) -> f32 {
+    var prev_value = 0.0;
+    var prev_index = NONE;
+    var largest = LOWEST;
+    for (var round = 0u; round < top_k(); round++) {
+        var value = LOWEST;
+        var index = NONE;
+        for (var c = pool.first; c < pool.count; c += pool.stride) {
+            let cand = candidate(pool, c);
+            let v = bitcast<f32>(cand.x);
+            let below_previous = round == 0u || ranks_above(prev_value, prev_index, v, cand.y);
+            if (cand.y != NONE && below_previous && ranks_above(v, cand.y, value, index)) {
+                value = v;
+                index = cand.y;
+            }
+        }
+        best_value[lid] = value;
+        best_index[lid] = index;
+        workgroupBarrier();
+        for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+            if (lid < stride && ranks_above(best_value[lid + stride], best_index[lid + stride], best_value[lid], best_index[lid])) {
+                best_value[lid] = best_value[lid + stride];
+                best_index[lid] = best_index[lid + stride];
+            }
+            workgroupBarrier();
+        }
+        prev_value = best_value[0];
+        prev_index = best_index[0];
+        if (round == 0u) {
+            largest = prev_value;
+        }
+        if (lid == 0u) {
+            let pair = at + 2u * round;
+            if (dest_is_out) {
+                out[pair] = prev_index;
+                out[pair + 1u] = bitcast<u32>(prev_value);
+            } else {
+                selections[pair] = prev_index;
+                selections[pair + 1u] = bitcast<u32>(prev_value);
+            }
+        }
+        workgroupBarrier();
+    }
+    return largest;
+}
+
+@compute @workgroup_size(WG)
+fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    // Strided by the whole grid, so that each load instruction of a workgroup reads WG neighbours.
+    let pool = Candidates(true, wg.x * WG + lid, params.partials * WG, params.n);
+    let at = wg.x * SELECTION_WORDS;
+    let largest = select_top(lid, pool, false, at + 2u);
+    var sum = 0.0;
+    for (var i = pool.first; i < params.n; i += pool.stride) {
+        sum += exp((logits[i] - largest) * params.inv_temperature);
+    }
+    let total = workgroup_sum(lid, sum);
     if (lid == 0u) {
-        out[0] = bitcast<u32>(max_value);
-        out[1] = bitcast<u32>(sums[0]);
+        selections[at] = bitcast<u32>(largest);
+        selections[at + 1u] = bitcast<u32>(total);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn finish(@builtin(local_invocation_index) lid: u32) {
+    let pool = Candidates(false, lid, WG, params.partials * top_k());
+    let largest = select_top(lid, pool, true, 2u);
+    // Each partial's sum is relative to its own largest logit: rescaled to the overall one.
+    var sum = 0.0;
+    if (lid < params.partials) {
+        let at = lid * SELECTION_WORDS;
+        let partial_largest = bitcast<f32>(selections[at]);
+        sum = bitcast<f32>(selections[at + 1u]) * exp((partial_largest - largest) * params.inv_temperature);
+    }
+    let total = workgroup_sum(lid, sum);
+    if (lid == 0u) {
+        out[0] = bitcast<u32>(largest);
+        out[1] = bitcast<u32>(total);
     }
 }

@@ -442,22 +442,25 @@ fn argmax_picks_the_first_largest() {
 #[test]
 fn top_k_matches_reference_with_ties() {
     let Some(gpu) = gpu() else { return };
-    let mut values = random_vec(&mut rng(12), 5003, 6.0);
-    values[17] = 9.5;
-    values[4001] = 9.5; // a tie: the lower id ranks first
-    values[900] = 9.0;
-    let input = gpu.storage_buffer_with("logits", &values);
-    let out = gpu.storage_buffer("out", ops::TopK::OUT_BYTES);
-    let top_k = ops::TopK::new(&gpu, &input, &out, values.len());
-    for (k, temperature) in [(1, 1.0), (3, 0.7), (40, 1.3), (64, 2.0)] {
-        top_k.set(&gpu, k, temperature);
-        run(&gpu, |pass| top_k.encode(pass));
-        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&out, ops::TopK::OUT_BYTES)).unwrap());
-        let got = ops::Candidates::from_words(&words, k);
-        let (want, max, exp_sum) = reference::top_k(&values, k, temperature);
-        assert_eq!(got.tokens, want, "k={k}");
-        assert_eq!(got.max, max);
-        assert!((got.exp_sum - exp_sum).abs() <= 1e-5 * exp_sum, "k={k}: sum {} vs {}", got.exp_sum, exp_sum);
+    // Two partial selections; 18; all 256, some of their threads reading a 17th logit.
+    for n in [5003, 70_000, 1_100_000] {
+        let mut values = random_vec(&mut rng(12), n, 6.0);
+        values[17] = 9.5;
+        values[n - 2] = 9.5; // a tie across partials: the lower id ranks first
+        values[n / 2] = 9.0;
+        let input = gpu.storage_buffer_with("logits", &values);
+        let out = gpu.storage_buffer("out", ops::TopK::OUT_BYTES);
+        let top_k = ops::TopK::new(&gpu, &input, &out, values.len());
+        for (k, temperature) in [(1, 1.0), (3, 0.7), (40, 1.3), (64, 2.0)] {
+            top_k.set(&gpu, k, temperature);
+            run(&gpu, |pass| top_k.encode(pass));
+            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&out, ops::TopK::OUT_BYTES)).unwrap());
+            let got = ops::Candidates::from_words(&words, k);
+            let (want, max, exp_sum) = reference::top_k(&values, k, temperature);
+            assert_eq!(got.tokens, want, "n={n} k={k}");
+            assert_eq!(got.max, max);
+            assert!((got.exp_sum - exp_sum).abs() <= 1e-5 * exp_sum, "n={n} k={k}: sum {} vs {}", got.exp_sum, exp_sum);
+        }
     }
 }
 

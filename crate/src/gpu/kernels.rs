@@ -149,7 +149,7 @@ macro_rules! kernel {
 kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true);
 kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, StorageMut, Uniform]);
-kernel!(TOP_K, "top_k", [Storage, StorageMut, Uniform]);
+kernel!(TOP_K, "top_k", [Storage, StorageMut, StorageMut, Uniform]);
 kernel!(FILL, "fill", [StorageMut, Uniform]);
 
 /// Every kernel the engine uses.

@@ -76,7 +76,7 @@ pub struct TopKParams {
     pub n: u32,
     pub k: u32,
     pub inv_temperature: f32,
-    pub _pad: u32,
+    pub partials: u32,
 }
 
 #[repr(C)]
@@ -601,6 +601,8 @@ impl Attention {
 }
 
 
+/// Threads per workgroup of argmax.wgsl and top_k.wgsl (their WG).
+const SELECTION_WG: usize = 256;
 /// The most workgroups of argmax's first pass (argmax.wgsl's MAX_PARTIALS).
 const ARGMAX_PARTIALS: usize = 256;
 /// Logits each thread of argmax's first pass reads, where the partials allow.
@@ -608,7 +610,7 @@ const ARGMAX_PER_THREAD: usize = 4;
 
 /// out[0] = the index of the largest of `n` logits, as f32 like the token ids the embedding reads.
 pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
-    let partials = n.div_ceil(ARGMAX_PER_THREAD * ARGMAX_PARTIALS).clamp(1, ARGMAX_PARTIALS);
+    let partials = n.div_ceil(ARGMAX_PER_THREAD * SELECTION_WG).clamp(1, ARGMAX_PARTIALS);
     let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, partials: partials as u32, _pad: [0; 2] });
     let bests = gpu.storage_buffer("argmax bests", 8 * ARGMAX_PARTIALS as u64);
     let buffers = [logits, out, &bests, &params];
@@ -627,14 +629,32 @@ pub struct TopK {
     op: Op,
     params: wgpu::Buffer,
     n: usize,
+    partials: u32,
 }
+
+/// The most workgroups of top_k's first pass (top_k.wgsl's MAX_PARTIALS).
+const TOP_K_PARTIALS: usize = 256;
+/// Logits each thread of top_k's first pass reads, where the partials allow: fewer partials leave
+/// the second pass fewer candidates (partials x k) to select from.
+const TOP_K_PER_THREAD: usize = 16;
 
 impl TopK {
     pub fn new(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Self {
-        let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, k: 1, inv_temperature: 1.0, _pad: 0 });
-        let traffic = Traffic::fixed(4 * n as u64 + Self::OUT_BYTES);
-        let op = Op { dispatches: vec![dispatch(gpu, &kernels::TOP_K, "main", &[], &[logits, out, &params], Grid::Fixed([1, 1, 1]), traffic)] };
-        Self { op, params, n }
+        // As many as the binding limit holds selections of (a browser's can be small).
+        let fit = (gpu.max_binding() / Self::OUT_BYTES).max(1) as usize;
+        let partials = n.div_ceil(TOP_K_PER_THREAD * SELECTION_WG).clamp(1, TOP_K_PARTIALS).min(fit) as u32;
+        let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, k: 1, inv_temperature: 1.0, partials });
+        // Each partial's selection: max, sum and MAX_TOP_K (id, logit) pairs, laid out as `out`.
+        let selections = gpu.storage_buffer("top_k selections", partials as u64 * Self::OUT_BYTES);
+        let buffers = [logits, out, &selections, &params];
+        let selected = partials as u64 * Self::OUT_BYTES;
+        let op = Op {
+            dispatches: vec![
+                dispatch(gpu, &kernels::TOP_K, "partial", &[], &buffers, Grid::Fixed([partials, 1, 1]), Traffic::fixed(4 * n as u64 + selected)),
+                dispatch(gpu, &kernels::TOP_K, "finish", &[], &buffers, Grid::Fixed([1, 1, 1]), Traffic::fixed(selected + Self::OUT_BYTES)),
+            ],
+        };
+        Self { op, params, n, partials }
     }
 
     /// Bytes of `out`: max, normaliser and MAX_TOP_K (id, logit) pairs.
@@ -642,7 +662,7 @@ impl TopK {
 
     /// How many candidates (1..=MAX_TOP_K) and the temperature of the normaliser.
     pub fn set(&self, gpu: &Gpu, k: usize, temperature: f32) {
-        let params = TopKParams { n: self.n as u32, k: k.clamp(1, MAX_TOP_K) as u32, inv_temperature: 1.0 / temperature, _pad: 0 };
+        let params = TopKParams { n: self.n as u32, k: k.clamp(1, MAX_TOP_K) as u32, inv_temperature: 1.0 / temperature, partials: self.partials };
         gpu.queue.write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
     }
 
