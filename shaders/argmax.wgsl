@@ -42,7 +42,7 @@ fn reduce(lid: u32, value: f32, index: u32) {
     }
 }
 
-const LOWEST: f32 = -0x1.fffffep+127f; // f32 max, exact: Tint rejects the rounded 3.4028235e38
+const LOWEST: f32 = -0x1.fffffep+127f; // -(f32 max), exact: Tint rejects the rounded 3.4028235e38
 
 @compute @workgroup_size(WG)
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
