@@ -45,6 +45,8 @@ run() {
     # Only a few files come back from the machine: every result goes to $work, packed into one
     # archive under $OUT after each step (so a run cut short still returns what it finished).
     local out=${OUT:-target/device-out} work=${WORK:-/tmp/device-results}
+    # A warm machine keeps /tmp between calls: start empty, so a table holds this run alone.
+    rm -rf "$work"
     mkdir -p "$out" "$work"
     pack() { tar -czf "$out/results.tar.gz" -C "$work" .; }
     # The Vulkan and GL loaders, where the machine lacks them (bench/NOTES.md: .gl holds their
