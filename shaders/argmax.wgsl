@@ -2,8 +2,9 @@
 // so the host reads back one token id instead of the whole vocabulary. Two passes: `partial` runs
 // params.partials workgroups, each finding the best of a strided share of the logits (a
 // vocabulary of 128256 is too much for one workgroup to stream quickly), and `finish` reduces
-// their bests in one workgroup.
-// PyTorch: out = logits.argmax()
+// their bests in one workgroup. Each row of logits (one per sequence that samples in the pass) is
+// reduced on its own: workgroup_id.y is the row.
+// PyTorch: out = logits.argmax(dim=-1)
 
 const WG: u32 = 256u;
 // The most partial bests (crate::gpu::ops::ARGMAX_PARTIALS): `finish` takes one per thread.
@@ -16,9 +17,9 @@ struct Params {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> logits: array<f32>;      // (n)
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;   // (1) the index as f32, as the embedding reads token ids
-@group(0) @binding(2) var<storage, read_write> bests: array<u32>; // (2 MAX_PARTIALS) each partial's value bits, then its index
+@group(0) @binding(0) var<storage, read> logits: array<f32>;      // (rows, n)
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;   // (rows) the indices as f32, as the embedding reads token ids
+@group(0) @binding(2) var<storage, read_write> bests: array<u32>; // (rows, 2 MAX_PARTIALS) each partial's value bits, then its index
 @group(0) @binding(3) var<uniform> params: Params;
 
 var<workgroup> best_value: array<f32, WG>;
@@ -48,9 +49,10 @@ const LOWEST: f32 = -0x1.fffffep+127f; // -(f32 max), exact: Tint rejects the ro
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     var value = LOWEST;
     var index = 0xffffffffu;
+    let first = wg.y * params.n;
     // Strided by the whole grid, so that each load instruction of a workgroup reads WG neighbours.
     for (var i = wg.x * WG + lid; i < params.n; i += params.partials * WG) {
-        let v = logits[i];
+        let v = logits[first + i];
         if (v > value) {
             value = v;
             index = i;
@@ -58,21 +60,23 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     }
     reduce(lid, value, index);
     if (lid == 0u) {
-        bests[wg.x] = bitcast<u32>(best_value[0]);
-        bests[MAX_PARTIALS + wg.x] = best_index[0];
+        let row_bests = wg.y * 2u * MAX_PARTIALS;
+        bests[row_bests + wg.x] = bitcast<u32>(best_value[0]);
+        bests[row_bests + MAX_PARTIALS + wg.x] = best_index[0];
     }
 }
 
 @compute @workgroup_size(WG)
-fn finish(@builtin(local_invocation_index) lid: u32) {
+fn finish(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     var value = LOWEST;
     var index = 0xffffffffu;
+    let row_bests = wg.y * 2u * MAX_PARTIALS;
     if (lid < params.partials) {
-        value = bitcast<f32>(bests[lid]);
-        index = bests[MAX_PARTIALS + lid];
+        value = bitcast<f32>(bests[row_bests + lid]);
+        index = bests[row_bests + MAX_PARTIALS + lid];
     }
     reduce(lid, value, index);
     if (lid == 0u) {
-        out[0] = f32(best_index[0]); // exact below 2^24
+        out[wg.y] = f32(best_index[0]); // exact below 2^24
     }
 }

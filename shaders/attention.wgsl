@@ -1,9 +1,12 @@
-// Causal grouped-query attention over the KV cache: token t at position start_pos + t attends to
-// cache positions 0..=start_pos + t. Flash-style: one workgroup per (KV head, block of QUERY_BLOCK
-// query rows, key split), the rows being the (token, head) pairs of that KV head's group,
-// token-major. Each K/V tile is loaded once into workgroup memory and shared by the block's rows;
-// an online softmax (a running max and sum per row, earlier outputs rescaled when the max grows)
-// means no score matrix is stored and any context length fits.
+// Causal grouped-query attention over the paged KV pool: token t, at the position and of the
+// sequence its step slot gives, attends to its sequence's positions 0..=position. A sequence keeps
+// position p in pool row page_table[sequence, p / PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE of k_cache
+// and v_cache. Flash-style: one workgroup per (KV head, block of QUERY_BLOCK query rows, key split),
+// the rows being the (token, head) pairs of that KV head's group, token-major. Each K/V tile is
+// loaded once into workgroup memory and shared by the block's rows; an online softmax (a running
+// max and sum per row, earlier outputs rescaled when the max grows) means no score matrix is stored
+// and any context length fits. A block whose rows belong to several sequences (a pass mixing them)
+// attends to each run of one sequence's rows in turn, the other rows masked.
 // Key splits (flash-decoding): a decode step has one query row per head, too few workgroups to fill
 // a GPU or to hide the latency of a long context, so its keys are cut into step.key_splits ranges of
 // step.keys_per_split, attended in parallel. Each split writes its rows' unnormalised outputs, max
@@ -16,6 +19,10 @@ const MAX_HEAD_DIM: u32 = 256u;
 const MASKED: f32 = -1.0e30;
 // The most key splits any pass has (crate::gpu::ops::MAX_KEY_SPLITS).
 const MAX_KEY_SPLITS: u32 = 32u;
+// Positions per KV page (crate::model::PAGE_SIZE).
+const PAGE_SIZE: u32 = 16u;
+// The most tokens one pass holds (crate::gpu::ops::MAX_BATCH_TOKENS).
+const MAX_BATCH_TOKENS: u32 = 256u;
 
 struct Params {
     n_heads: u32,
@@ -25,23 +32,26 @@ struct Params {
     q_stride: u32,       // elements between token rows of q (q heads lead a stacked q/k/v row)
     split_stride: u32,   // partials per (token, head): the most key splits a pass has
     stats_offset: u32,   // where the (max, sum) pairs start in partials
-    _pad: u32,
+    pages_per_sequence: u32, // columns of page_table
 }
 
 struct Step {
     n_tokens: u32,
-    start_pos: u32,
     keys_per_split: u32, // keys each split attends to, the last one fewer
-    key_splits: u32,     // splits of this pass (their keys cover start_pos + n_tokens); 1: attend writes out
+    key_splits: u32,     // splits of this pass (their keys cover every token's position); 1: attend writes out
+    _pad: u32,
+    // Per token: (position, KV row, sequence slot, 0); a sequence's tokens come in position order
+    slots: array<vec4<u32>, MAX_BATCH_TOKENS>,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
-@group(0) @binding(1) var<storage, read> k_cache: array<f32>;        // (context, n_kv_heads, head_dim)
-@group(0) @binding(2) var<storage, read> v_cache: array<f32>;        // (context, n_kv_heads, head_dim)
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;      // (n_tokens, n_heads, head_dim)
-@group(0) @binding(4) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, split_stride) outputs of head_dim, then their (max, sum) at stats_offset
-@group(0) @binding(5) var<uniform> params: Params;
-@group(0) @binding(6) var<uniform> step: Step;
+@group(0) @binding(1) var<storage, read> k_cache: array<f32>;        // (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(2) var<storage, read> v_cache: array<f32>;        // (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(3) var<storage, read> page_table: array<u32>;     // (sequences, pages_per_sequence) pool pages
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;      // (n_tokens, n_heads, head_dim)
+@group(0) @binding(5) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, split_stride) outputs of head_dim, then their (max, sum) at stats_offset
+@group(0) @binding(6) var<uniform> params: Params;
+@group(0) @binding(7) var<uniform> step: Step;
 
 // Query rows per workgroup, a power of two up to MAX_QUERY_BLOCK: for the few tokens of a decode
 // pass the GQA group's size rounded up, so that a token's heads fill a block (crate::gpu::ops).
@@ -63,9 +73,9 @@ struct TileShare {
     v: array<f32, KV_TILE_PER_THREAD>,
 }
 
-// Thread li's share of the tile of keys [key0, end_key) (at most tile_keys of them; none if key0 is
-// past the end).
-fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, li: u32) -> TileShare {
+// Thread li's share of the tile of keys [key0, end_key) of the sequence whose page table row starts
+// at `pages` (at most tile_keys of them; none if key0 is past the end).
+fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, li: u32) -> TileShare {
     var share: TileShare;
     if (key0 >= end_key) {
         return share;
@@ -75,7 +85,9 @@ fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, li: u32) -> 
     for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
         let e = li + i * WG;
         if (e < n) {
-            let at = (key0 + e / hd) * params.n_kv_heads * hd + kv_head * hd + e % hd;
+            let key = key0 + e / hd;
+            let pool_row = page_table[pages + key / PAGE_SIZE] * PAGE_SIZE + key % PAGE_SIZE;
+            let at = pool_row * params.n_kv_heads * hd + kv_head * hd + e % hd;
             share.k[i] = k_cache[at];
             share.v[i] = v_cache[at];
         }
@@ -97,10 +109,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     // Fewer keys per tile for wider heads: the tile's size is fixed.
     let tile_keys = min(MAX_TILE_KEYS, KV_TILE / hd);
     // Rows past the last one repeat it; they are computed but not stored.
-    let last_pos = step.start_pos + (min(row0 + QUERY_BLOCK, n_rows) - 1u) / group;
-    // This split's keys: [first_key, end_key) (the splits cover the step's context).
+    let last_row = min(row0 + QUERY_BLOCK, n_rows) - 1u;
     let first_key = split * step.keys_per_split;
-    let end_key = min(first_key + step.keys_per_split, last_pos + 1u);
     for (var i = li; i < QUERY_BLOCK * hd; i += WG) {
         let row = min(row0 + i / hd, n_rows - 1u);
         let head = kv_head * group + row % group;
@@ -110,69 +120,89 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     // Thread li serves row li / THREADS_PER_ROW, head dimensions sub, sub + THREADS_PER_ROW, ...
     let my_row = li / THREADS_PER_ROW;
     let sub = li % THREADS_PER_ROW;
-    let my_pos = step.start_pos + min(row0 + my_row, n_rows - 1u) / group;
+    let my_clamped_row = min(row0 + my_row, n_rows - 1u);
+    let my_pos = step.slots[my_clamped_row / group].x;
     // How many of those dimensions lie below head_dim: loops stop there. Their constant bound
     // beside it lets the compiler unroll them and keep acc in registers.
     let my_dims = (hd + THREADS_PER_ROW - 1u - sub) / THREADS_PER_ROW;
     var running_max = MASKED;
     var running_sum = 0.0;
     var acc: array<f32, DIMS_PER_ROW_THREAD>;
-    // Tiles are read into registers one ahead: the next tile's K and V loads are in flight while
-    // this tile's scores and outputs are computed, so the memory latency hides behind the math.
-    var current = load_tile(first_key, end_key, tile_keys, kv_head, li);
-    for (var key0 = first_key; key0 < end_key; key0 += tile_keys) {
-        let n_keys = min(tile_keys, end_key - key0);
-        for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
-            let e = li + i * WG;
-            if (e < n_keys * hd) {
-                kv_tile[e] = current.k[i];
-            }
+    // Runs of rows of one sequence, [run_first, run_last]: one for a block of a single sequence.
+    var run_first = row0;
+    while (run_first <= last_row) {
+        let sequence = step.slots[run_first / group].z;
+        var run_last = run_first;
+        while (run_last < last_row && step.slots[(run_last + 1u) / group].z == sequence) {
+            run_last++;
         }
-        workgroupBarrier();
-        let next = load_tile(key0 + tile_keys, end_key, tile_keys, kv_head, li);
-        // Scores of every (row, key) pair of the tile, the causal mask applied.
-        for (var p = li; p < QUERY_BLOCK * tile_keys; p += WG) {
-            let r = p / tile_keys;
-            let j = p % tile_keys;
-            let pos = step.start_pos + min(row0 + r, n_rows - 1u) / group;
-            var s = MASKED;
-            if (j < n_keys && key0 + j <= pos) {
-                s = 0.0;
-                for (var d = 0u; d < hd; d++) {
-                    s += q_block[r * hd + d] * kv_tile[j * hd + d];
+        let in_run = my_clamped_row >= run_first && my_clamped_row <= run_last;
+        let pages = sequence * params.pages_per_sequence;
+        // This split's keys of the sequence: [first_key, end_key); the run's last row has its
+        // latest position.
+        let end_key = min(first_key + step.keys_per_split, step.slots[run_last / group].x + 1u);
+        // Tiles are read into registers one ahead: the next tile's K and V loads are in flight while
+        // this tile's scores and outputs are computed, so the memory latency hides behind the math.
+        var current = load_tile(first_key, end_key, tile_keys, kv_head, pages, li);
+        for (var key0 = first_key; key0 < end_key; key0 += tile_keys) {
+            let n_keys = min(tile_keys, end_key - key0);
+            for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
+                let e = li + i * WG;
+                if (e < n_keys * hd) {
+                    kv_tile[e] = current.k[i];
                 }
             }
-            tile_scores[p] = s;
-        }
-        workgroupBarrier();
-        for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
-            let e = li + i * WG;
-            if (e < n_keys * hd) {
-                kv_tile[e] = current.v[i];
+            workgroupBarrier();
+            let next = load_tile(key0 + tile_keys, end_key, tile_keys, kv_head, pages, li);
+            // Scores of every (row, key) pair of the tile, the causal mask and the run applied.
+            for (var p = li; p < QUERY_BLOCK * tile_keys; p += WG) {
+                let r = p / tile_keys;
+                let j = p % tile_keys;
+                let row = min(row0 + r, n_rows - 1u);
+                let pos = step.slots[row / group].x;
+                var s = MASKED;
+                if (j < n_keys && row >= run_first && row <= run_last && key0 + j <= pos) {
+                    s = 0.0;
+                    for (var d = 0u; d < hd; d++) {
+                        s += q_block[r * hd + d] * kv_tile[j * hd + d];
+                    }
+                }
+                tile_scores[p] = s;
             }
-        }
-        workgroupBarrier();
-        // Each thread updates its row's softmax state (the row's threads alike) and its dimensions.
-        let scores = my_row * tile_keys;
-        var new_max = running_max;
-        for (var j = 0u; j < n_keys; j++) {
-            new_max = max(new_max, tile_scores[scores + j]);
-        }
-        let correction = exp(running_max - new_max);
-        running_sum *= correction;
-        for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
-            acc[i] *= correction;
-        }
-        for (var j = 0u; j < n_keys; j++) {
-            let weight = select(0.0, exp(tile_scores[scores + j] - new_max), key0 + j <= my_pos);
-            running_sum += weight;
-            for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
-                acc[i] += weight * kv_tile[j * hd + sub + i * THREADS_PER_ROW];
+            workgroupBarrier();
+            for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
+                let e = li + i * WG;
+                if (e < n_keys * hd) {
+                    kv_tile[e] = current.v[i];
+                }
             }
+            workgroupBarrier();
+            // Each thread of the run updates its row's softmax state (the row's threads alike) and
+            // its dimensions.
+            if (in_run) {
+                let scores = my_row * tile_keys;
+                var new_max = running_max;
+                for (var j = 0u; j < n_keys; j++) {
+                    new_max = max(new_max, tile_scores[scores + j]);
+                }
+                let correction = exp(running_max - new_max);
+                running_sum *= correction;
+                for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
+                    acc[i] *= correction;
+                }
+                for (var j = 0u; j < n_keys; j++) {
+                    let weight = select(0.0, exp(tile_scores[scores + j] - new_max), key0 + j <= my_pos);
+                    running_sum += weight;
+                    for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
+                        acc[i] += weight * kv_tile[j * hd + sub + i * THREADS_PER_ROW];
+                    }
+                }
+                running_max = new_max;
+            }
+            current = next;
+            workgroupBarrier();
         }
-        running_max = new_max;
-        current = next;
-        workgroupBarrier();
+        run_first = run_last + 1u;
     }
     let row = row0 + my_row;
     if (row >= n_rows) {

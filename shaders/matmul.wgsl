@@ -12,13 +12,14 @@
 // and can write their output rotated into the KV cache, fusing the op after them (OUTPUT):
 //   0: out, overwritten or added to (accumulate = 1, the residual add)
 //   1: a stacked q/k/v projection with RoPE: q rotated into out, k rotated into k_cache and v into
-//      v_cache at each token's position. Halves rotate (dims i and i + head_dim / 2), as Hugging
+//      v_cache at each token's KV row (the pool page row its sequence keeps that position in), the
+//      rotation by the token's own position. Halves rotate (dims i and i + head_dim / 2), as Hugging
 //      Face checkpoints expect, by the f32 cos/sin table the host computes once with the model's
 //      frequency scaling (llama3 rope_type).
 // PyTorch: out = f(x) @ W.T            (OUTPUT 0, accumulate = 0)
 //          out = out + f(x) @ W.T      (OUTPUT 0, accumulate = 1)
 //          q, k, v = (f(x) @ W.T).split(); q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-//          k_cache[pos], v_cache[pos] = k, v   (OUTPUT 1)
+//          k_cache[kv_row], v_cache[kv_row] = k, v   (OUTPUT 1)
 //          out = W[tokens]             (gather)
 
 // 0 f32, 1 f16, 2 bf16, 3 q4_0, 4 q4_1, 5 q8_0, 6 q4_k, 7 q6_k (crate::quant::DType::shader_code)
@@ -43,11 +44,16 @@ struct Params {
     _pad1: u32,
 }
 
+// The most tokens one pass holds (crate::gpu::ops::MAX_BATCH_TOKENS).
+const MAX_BATCH_TOKENS: u32 = 256u;
+
 struct Step {
     n_tokens: u32,
-    start_pos: u32,
-    _pad0: u32,
-    _pad1: u32,
+    keys_per_split: u32,
+    key_splits: u32,
+    _pad: u32,
+    // Per token: (position, KV row in the pool's pages, sequence slot, 0) (crate::gpu::ops::TokenSlot)
+    slots: array<vec4<u32>, MAX_BATCH_TOKENS>,
 }
 
 // x and norm are f32 arrays read as vec4s (their buffers are whole vec4s: Gpu::storage_buffer), so
@@ -59,8 +65,8 @@ struct Step {
 @group(0) @binding(4) var<uniform> params: Params;
 @group(0) @binding(5) var<uniform> step: Step;
 @group(0) @binding(6) var<storage, read> cos_sin: array<vec2<f32>>;   // OUTPUT 1: (context, head_dim / 2) (cos, sin)
-@group(0) @binding(7) var<storage, read_write> k_cache: array<f32>;  // OUTPUT 1: (context, kv_dim)
-@group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;  // OUTPUT 1: (context, kv_dim)
+@group(0) @binding(7) var<storage, read_write> k_cache: array<f32>;  // OUTPUT 1: (pool rows, kv_dim)
+@group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;  // OUTPUT 1: (pool rows, kv_dim)
 
 fn x_at(i: u32) -> f32 {
     return x[i / 4u][i % 4u];
@@ -186,9 +192,10 @@ fn store(t: u32, slot: u32, value: f32, partner: f32) {
         out[i] = select(value, out[i] + value, params.accumulate == 1u);
         return;
     }
-    let pos = step.start_pos + t;
+    let pos = step.slots[t].x;
+    let kv_row = step.slots[t].y;
     if (column >= params.q_dim + params.kv_dim) {
-        v_cache[pos * params.kv_dim + column - params.q_dim - params.kv_dim] = value;
+        v_cache[kv_row * params.kv_dim + column - params.q_dim - params.kv_dim] = value;
         return;
     }
     // An even slot holds x1 (dim i), an odd one x2 (dim i + half): (x1 cos - x2 sin, x2 cos + x1 sin).
@@ -198,7 +205,7 @@ fn store(t: u32, slot: u32, value: f32, partner: f32) {
     if (column < params.q_dim) {
         out[t * params.out_stride + column] = rotated;
     } else {
-        k_cache[pos * params.kv_dim + column - params.q_dim] = rotated;
+        k_cache[kv_row * params.kv_dim + column - params.q_dim] = rotated;
     }
 }
 

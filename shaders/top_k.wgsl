@@ -4,7 +4,9 @@
 // k of a strided share of the logits and summing that share's softmax terms; `finish` selects the
 // top k of the partials' candidates in one workgroup and merges their sums. (One workgroup taking
 // k rounds over a 128256-token vocabulary would stream it k times alone.) A selection takes k
-// rounds, each finding the largest candidate ranked below the previous round's pick.
+// rounds, each finding the largest candidate ranked below the previous round's pick. Each row of
+// logits (one per sequence that samples in the pass) is selected on its own, with its own k and
+// temperature: workgroup_id.y is the row.
 // PyTorch: values, ids = logits.topk(k); sum = exp((logits - logits.max()) / T).sum()
 
 const WG: u32 = 256u;
@@ -18,23 +20,28 @@ const LOWEST: f32 = -0x1.fffffep+127f; // -(f32 max), exact: Tint rejects the ro
 
 struct Params {
     n: u32,
-    k: u32,               // at most MAX_K
-    inv_temperature: f32,
     partials: u32,        // workgroups of `partial`, at most MAX_PARTIALS
+    _pad0: u32,
+    _pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> logits: array<f32>;           // (n)
-@group(0) @binding(1) var<storage, read_write> out: array<u32>;        // (2 + 2 k): max, sum of exp((l - max) / T), then (id, logit) pairs; floats as bits
-@group(0) @binding(2) var<storage, read_write> selections: array<u32>; // (partials, SELECTION_WORDS): each partial's, laid out as out
-@group(0) @binding(3) var<uniform> params: Params;
+@group(0) @binding(0) var<storage, read> logits: array<f32>;             // (rows, n)
+@group(0) @binding(1) var<storage, read> row_params: array<vec2<u32>>;   // (rows) k (at most MAX_K) and 1 / temperature as bits
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;          // (rows, SELECTION_WORDS): max, sum of exp((l - max) / T), then k (id, logit) pairs; floats as bits
+@group(0) @binding(3) var<storage, read_write> selections: array<u32>;   // (rows, partials, SELECTION_WORDS): each partial's, laid out as out
+@group(0) @binding(4) var<uniform> params: Params;
 
 var<workgroup> best_value: array<f32, WG>;
 var<workgroup> best_index: array<u32, WG>;
 var<workgroup> sums: array<f32, WG>;
 
-// Candidates per selection (params.k, which the host keeps at most MAX_K).
-fn top_k() -> u32 {
-    return min(params.k, MAX_K);
+// Candidates per selection of `row` (its k, which the host keeps at most MAX_K).
+fn top_k(row: u32) -> u32 {
+    return min(row_params[row].x, MAX_K);
+}
+
+fn inv_temperature(row: u32) -> f32 {
+    return bitcast<f32>(row_params[row].y);
 }
 
 // Whether (v, i) ranks above (bv, bi): larger value, or equal value and smaller id.
@@ -42,9 +49,10 @@ fn ranks_above(v: f32, i: u32, bv: f32, bi: u32) -> bool {
     return v > bv || (v == bv && i < bi);
 }
 
-// A thread's candidates: `partial`'s logits first, first + stride, ... below n; `finish`'s the
-// partials' picks, first, first + WG, ... below partials k.
+// A thread's candidates of logits row `row`: `partial`'s logits first, first + stride, ... below n;
+// `finish`'s the partials' picks, first, first + WG, ... below partials k.
 struct Candidates {
+    row: u32,
     from_logits: bool,
     first: u32,
     stride: u32,
@@ -54,9 +62,10 @@ struct Candidates {
 // Candidate c as (value, id); NONE ids are the picks of rounds that found nothing.
 fn candidate(pool: Candidates, c: u32) -> vec2<u32> {
     if (pool.from_logits) {
-        return vec2(bitcast<u32>(logits[c]), c);
+        return vec2(bitcast<u32>(logits[pool.row * params.n + c]), c);
     }
-    let pick = (c / top_k()) * SELECTION_WORDS + 2u + 2u * (c % top_k());
+    let k = top_k(pool.row);
+    let pick = (pool.row * params.partials + c / k) * SELECTION_WORDS + 2u + 2u * (c % k);
     return vec2(selections[pick + 1u], selections[pick]);
 }
 
@@ -81,7 +90,7 @@ fn select_top(lid: u32, pool: Candidates, dest_is_out: bool, at: u32) -> f32 {
     var prev_value = 0.0;
     var prev_index = NONE;
     var largest = LOWEST;
-    for (var round = 0u; round < top_k(); round++) {
+    for (var round = 0u; round < top_k(pool.row); round++) {
         var value = LOWEST;
         var index = NONE;
         for (var c = pool.first; c < pool.count; c += pool.stride) {
@@ -126,12 +135,13 @@ fn select_top(lid: u32, pool: Candidates, dest_is_out: bool, at: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     // Strided by the whole grid, so that each load instruction of a workgroup reads WG neighbours.
-    let pool = Candidates(true, wg.x * WG + lid, params.partials * WG, params.n);
-    let at = wg.x * SELECTION_WORDS;
+    let row = wg.y;
+    let pool = Candidates(row, true, wg.x * WG + lid, params.partials * WG, params.n);
+    let at = (row * params.partials + wg.x) * SELECTION_WORDS;
     let largest = select_top(lid, pool, false, at + 2u);
     var sum = 0.0;
     for (var i = pool.first; i < params.n; i += pool.stride) {
-        sum += exp((logits[i] - largest) * params.inv_temperature);
+        sum += exp((logits[row * params.n + i] - largest) * inv_temperature(row));
     }
     let total = workgroup_sum(lid, sum);
     if (lid == 0u) {
@@ -141,19 +151,21 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
 }
 
 @compute @workgroup_size(WG)
-fn finish(@builtin(local_invocation_index) lid: u32) {
-    let pool = Candidates(false, lid, WG, params.partials * top_k());
-    let largest = select_top(lid, pool, true, 2u);
+fn finish(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let row = wg.y;
+    let pool = Candidates(row, false, lid, WG, params.partials * top_k(row));
+    let at_out = row * SELECTION_WORDS;
+    let largest = select_top(lid, pool, true, at_out + 2u);
     // Each partial's sum is relative to its own largest logit: rescaled to the overall one.
     var sum = 0.0;
     if (lid < params.partials) {
-        let at = lid * SELECTION_WORDS;
+        let at = (row * params.partials + lid) * SELECTION_WORDS;
         let partial_largest = bitcast<f32>(selections[at]);
-        sum = bitcast<f32>(selections[at + 1u]) * exp((partial_largest - largest) * params.inv_temperature);
+        sum = bitcast<f32>(selections[at + 1u]) * exp((partial_largest - largest) * inv_temperature(row));
     }
     let total = workgroup_sum(lid, sum);
     if (lid == 0u) {
-        out[0] = bitcast<u32>(largest);
-        out[1] = bitcast<u32>(total);
+        out[at_out] = bitcast<u32>(largest);
+        out[at_out + 1u] = bitcast<u32>(total);
     }
 }

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{assert_close, gpu, gpu_with, has_feature, random_vec, rng};
-use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams};
+use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
+use llama_webgpu::model::PAGE_SIZE;
 use llama_webgpu::gpu::{TileType, WeightMatrix};
 use llama_webgpu::quant::DType;
 use llama_webgpu::{reference, Gpu, GpuOptions};
@@ -384,16 +385,101 @@ fn attention_matches_reference_in_both_strategies() {
         let q: Vec<f32> = qkv.chunks(q_stride).flat_map(|row| &row[..n_heads * head_dim]).copied().collect();
         let k_cache = random_vec(&mut r, context * n_kv_heads * head_dim, 1.0);
         let v_cache = random_vec(&mut r, context * n_kv_heads * head_dim, 1.0);
-        let buffers = [&qkv, &k_cache, &v_cache].map(|v| gpu.storage_buffer_with("in", v));
-        let out = gpu.storage_buffer("out", (q.len() * 4) as u64);
-        let partials = gpu.storage_buffer("partials", ops::attention_partials_bytes(n_heads, head_dim, max_key_splits));
-        let step = StepParams::new(n as u32, start_pos as u32, max_key_splits);
-        let step_buffer = ops::step_buffer(&gpu, step);
-        let op = ops::attention(&gpu, &buffers[0], q_stride, &buffers[1], &buffers[2], &out, &partials, max_key_splits, n_heads, n_kv_heads, head_dim, &step_buffer);
-        run(&gpu, |pass| op.encode(pass, &step));
-        let want = reference::attention(&q, &k_cache, &v_cache, start_pos, n_heads, n_kv_heads, head_dim);
+        // The sequence's pages lie shuffled in a pool with pages of no one between them.
+        let pool = PagedPool::new(&mut r, &[(&k_cache, &v_cache)], n_kv_heads * head_dim);
+        let slots: Vec<TokenSlot> = (start_pos..start_pos + n).map(|p| TokenSlot { position: p as u32, kv_row: 0, sequence: 0, _pad: 0 }).collect();
         let what = format!("attention heads {n_heads}/{n_kv_heads} hd {head_dim} start {start_pos} n {n} splits <= {max_key_splits}");
-        assert_close(&what, &read_f32(&gpu, &out, want.len()), &want, 1e-5, 1e-5);
+        let got = pool.attend(&gpu, &qkv, q_stride, &slots, max_key_splits, (n_heads, n_kv_heads, head_dim));
+        let want = reference::attention(&q, &k_cache, &v_cache, start_pos, n_heads, n_kv_heads, head_dim);
+        assert_close(&what, &got, &want, 1e-5, 1e-5);
+    }
+}
+
+/// Sequences' K/V caches scattered over the pages of one pool, with its page table.
+struct PagedPool {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    table: Vec<u32>,
+    pages_per_sequence: usize,
+}
+
+impl PagedPool {
+    /// `caches`: each sequence's contiguous (positions, kv_dim) keys and values.
+    fn new(r: &mut rand::rngs::StdRng, caches: &[(&[f32], &[f32])], kv_dim: usize) -> Self {
+        use rand::seq::SliceRandom;
+        let pages_of = |cache: &[f32]| (cache.len() / kv_dim).div_ceil(PAGE_SIZE);
+        let pages_per_sequence = caches.iter().map(|(k, _)| pages_of(k)).max().unwrap_or(1);
+        let total = caches.iter().map(|(k, _)| pages_of(k)).sum::<usize>() + 3;
+        let mut order: Vec<u32> = (0..total as u32).collect();
+        order.shuffle(r);
+        let page_floats = PAGE_SIZE * kv_dim;
+        let (mut k, mut v) = (random_vec(r, total * page_floats, 1.0), random_vec(r, total * page_floats, 1.0));
+        let mut table = vec![0; caches.len() * pages_per_sequence];
+        let mut next = order.into_iter();
+        for (s, (kc, vc)) in caches.iter().enumerate() {
+            for page in 0..pages_of(kc) {
+                let to = next.next().unwrap();
+                table[s * pages_per_sequence + page] = to;
+                let from = page * page_floats..((page + 1) * page_floats).min(kc.len());
+                let at = to as usize * page_floats;
+                k[at..at + from.len()].copy_from_slice(&kc[from.clone()]);
+                v[at..at + from.len()].copy_from_slice(&vc[from]);
+            }
+        }
+        Self { k, v, table, pages_per_sequence }
+    }
+
+    /// Attention of the tokens `slots` place, their q rows in `qkv`, over the pool.
+    fn attend(&self, gpu: &Gpu, qkv: &[f32], q_stride: usize, slots: &[TokenSlot], max_key_splits: u32, (n_heads, n_kv_heads, head_dim): (usize, usize, usize)) -> Vec<f32> {
+        let [qkv_buffer, k, v] = [qkv, &self.k, &self.v].map(|x| gpu.storage_buffer_with("in", x));
+        let page_table = gpu.storage_buffer_with("page table", &self.table);
+        let kv = ops::KvLayer { k: &k, v: &v, page_table: &page_table, pages_per_sequence: self.pages_per_sequence };
+        let n = slots.len() * n_heads * head_dim;
+        let out = gpu.storage_buffer("out", (n * 4) as u64);
+        let partials = gpu.storage_buffer("partials", ops::attention_partials_bytes(n_heads, head_dim, max_key_splits));
+        let step = StepParams::for_slots(slots, max_key_splits);
+        let step_buffer = ops::step_buffer(gpu, step);
+        let op = ops::attention(gpu, &qkv_buffer, q_stride, kv, &out, &partials, max_key_splits, n_heads, n_kv_heads, head_dim, &step_buffer);
+        run(gpu, |pass| op.encode(pass, &step));
+        read_f32(gpu, &out, n)
+    }
+}
+
+#[test]
+fn attention_runs_several_sequences_in_one_pass() {
+    let Some(gpu) = gpu() else { return };
+    // Sequences of different lengths in one pass: decode tokens and prefill chunks side by side, as
+    // the engine batches them. GQA groups of 3 and 4 put query blocks across tokens of different
+    // sequences; 5 tokens run as a decode pass (key splits), 12 as a prefill pass.
+    let mixes: [&[(usize, usize)]; 3] = [&[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1)], &[(40, 1), (3, 5), (20, 2), (9, 4)], &[(17, 3), (0, 1), (33, 1)]];
+    for (n_heads, n_kv_heads, head_dim) in [(6, 2, 16), (8, 2, 32)] {
+        for (case, mix) in mixes.iter().enumerate() {
+            let mut r = rng(case as u64 + 100);
+            let kv_dim = n_kv_heads * head_dim;
+            let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
+            let caches: Vec<(Vec<f32>, Vec<f32>)> = mix.iter().map(|&(start, n)| {
+                let positions = start + n + 5;
+                (random_vec(&mut r, positions * kv_dim, 1.0), random_vec(&mut r, positions * kv_dim, 1.0))
+            }).collect();
+            let refs: Vec<(&[f32], &[f32])> = caches.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+            let pool = PagedPool::new(&mut r, &refs, kv_dim);
+            let n_total: usize = mix.iter().map(|m| m.1).sum();
+            let qkv = random_vec(&mut r, n_total * q_stride, 1.0);
+            let slots: Vec<TokenSlot> = mix
+                .iter()
+                .enumerate()
+                .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p as u32, kv_row: 0, sequence: s as u32, _pad: 0 }))
+                .collect();
+            let got = pool.attend(&gpu, &qkv, q_stride, &slots, 32, (n_heads, n_kv_heads, head_dim));
+            let mut row = 0;
+            for (s, &(start, n)) in mix.iter().enumerate() {
+                let q: Vec<f32> = qkv[row * q_stride..(row + n) * q_stride].chunks(q_stride).flat_map(|r| &r[..n_heads * head_dim]).copied().collect();
+                let want = reference::attention(&q, &caches[s].0, &caches[s].1, start, n_heads, n_kv_heads, head_dim);
+                let what = format!("heads {n_heads}/{n_kv_heads} mix {case}: sequence {s} ({n} tokens from {start})");
+                assert_close(&what, &got[row * n_heads * head_dim..(row + n) * n_heads * head_dim], &want, 1e-5, 1e-5);
+                row += n;
+            }
+        }
     }
 }
 
@@ -429,12 +515,16 @@ fn argmax_picks_the_first_largest() {
         for i in [n / 3, 2 * n / 3, n - 1] {
             values[i] = 9.0;
         }
-        let input = gpu.storage_buffer_with("logits", &values);
-        let out = gpu.storage_buffer("out", 4);
-        let op = ops::argmax(&gpu, &input, &out, n);
-        run(&gpu, |pass| op.encode(pass, 1));
-        let got = f32::from_le_bytes(pollster::block_on(gpu.read(&out, 4)).unwrap().try_into().unwrap()) as u32;
-        assert_eq!(got as usize, n / 3, "n={n}");
+        // A second row, reversed: its own argmax.
+        let mut rows = values.clone();
+        rows.extend(values.iter().rev());
+        let input = gpu.storage_buffer_with("logits", &rows);
+        let out = gpu.storage_buffer("out", 8);
+        let op = ops::argmax(&gpu, &input, &out, n, 2);
+        run(&gpu, |pass| op.encode(pass, 2));
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&out, 8)).unwrap());
+        assert_eq!(got[0] as usize, n / 3, "n={n}");
+        assert_eq!(got[1] as usize, reference::argmax(&rows[n..]), "n={n}, second row");
         assert_eq!(reference::argmax(&values), n / 3);
     }
 }
@@ -448,18 +538,24 @@ fn top_k_matches_reference_with_ties() {
         values[17] = 9.5;
         values[n - 2] = 9.5; // a tie across partials: the lower id ranks first
         values[n / 2] = 9.0;
-        let input = gpu.storage_buffer_with("logits", &values);
-        let out = gpu.storage_buffer("out", ops::TopK::OUT_BYTES);
-        let top_k = ops::TopK::new(&gpu, &input, &out, values.len());
+        // A second row of other values, selected with its own k and temperature in the same pass.
+        let other = random_vec(&mut rng(13), n, 4.0);
+        let input = gpu.storage_buffer_with("logits", &[values.as_slice(), &other].concat());
+        let out = gpu.storage_buffer("out", 2 * ops::TopK::OUT_BYTES);
+        let top_k = ops::TopK::new(&gpu, &input, &out, values.len(), 2);
         for (k, temperature) in [(1, 1.0), (3, 0.7), (40, 1.3), (64, 2.0)] {
-            top_k.set(&gpu, k, temperature);
-            run(&gpu, |pass| top_k.encode(pass));
-            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&out, ops::TopK::OUT_BYTES)).unwrap());
-            let got = ops::Candidates::from_words(&words, k);
-            let (want, max, exp_sum) = reference::top_k(&values, k, temperature);
-            assert_eq!(got.tokens, want, "n={n} k={k}");
-            assert_eq!(got.max, max);
-            assert!((got.exp_sum - exp_sum).abs() <= 1e-5 * exp_sum, "n={n} k={k}: sum {} vs {}", got.exp_sum, exp_sum);
+            let other_k = 65 - k;
+            top_k.set(&gpu, &[(k, temperature), (other_k, 1.0 / temperature)]);
+            run(&gpu, |pass| top_k.encode(pass, 2));
+            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&out, 2 * ops::TopK::OUT_BYTES)).unwrap());
+            let row_words = words.len() / 2;
+            for (row, logits, k, temperature) in [(0, &values, k, temperature), (1, &other, other_k, 1.0 / temperature)] {
+                let got = ops::Candidates::from_words(&words[row * row_words..], k);
+                let (want, max, exp_sum) = reference::top_k(logits, k, temperature);
+                assert_eq!(got.tokens, want, "n={n} row {row} k={k}");
+                assert_eq!(got.max, max);
+                assert!((got.exp_sum - exp_sum).abs() <= 1e-5 * exp_sum, "n={n} row {row} k={k}: sum {} vs {}", got.exp_sum, exp_sum);
+            }
         }
     }
 }

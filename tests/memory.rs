@@ -84,7 +84,7 @@ fn loading_streams_weights_through_bounded_host_memory() {
     // Peak RSS from here on: reset the high-water mark.
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let before = status_kib("VmHWM:") * 1024;
-    let options = LoadOptions { context_length: Some(256), max_batch: 16 };
+    let options = LoadOptions { context_length: Some(256), max_batch: 16, ..Default::default() };
     let model = pollster::block_on(Llama::load(&gpu, config, &source, &options, &mut |_| {})).unwrap();
     let peak = status_kib("VmHWM:") * 1024 - before;
     let (anon, file) = (status_kib("RssAnon:") * 1024, status_kib("RssFile:") * 1024);

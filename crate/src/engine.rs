@@ -1,6 +1,13 @@
-//! The engine every host drives: a model, its tokenizer and chat template, and streaming generation
-//! that reuses the KV cache for the prompt prefix it shares with the previous request.
+//! The engine every host drives: a model, its tokenizer and chat template, and a scheduler that
+//! runs many sequences together. Requests are added (checked at once), wait for a sequence slot and
+//! KV pages, and run: each step is one pass of the model holding the decode token of every running
+//! sequence and prefill chunks of newly admitted ones, after which each sequence samples its next
+//! token with its own sampler and streams its text. A new request reuses the KV pages of the longest
+//! prefix it shares with any running or earlier sequence (whole pages; the partial last page of a
+//! finished one too). When every running sequence decodes greedily, each pass is submitted before
+//! the tokens of the one before are read: the tokens stay on the GPU.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -8,6 +15,8 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams, Usage};
+use crate::gpu::ops::TokenSlot;
+use crate::model::{page_hash, Batch, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
 use crate::{Llama, Result};
@@ -22,6 +31,10 @@ pub enum EngineError {
     MaxTokensTooLarge { max_tokens: usize, prompt: usize, context: usize },
     #[error("the tokenizer has {tokenizer} tokens but the model only {model}")]
     VocabMismatch { tokenizer: usize, model: usize },
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("the request needs {needed} KV pages ({positions} positions: the prompt's {prompt} and max_tokens {max_tokens}) but the KV pool holds {pool} pages of {page_size}: lower max_tokens or give the pool more memory")]
+    DoesNotFit { needed: usize, positions: usize, prompt: usize, max_tokens: usize, pool: usize, page_size: usize },
     #[error(transparent)]
     Sample(#[from] SampleError),
     #[error(transparent)]
@@ -59,13 +72,88 @@ pub struct Completion {
     pub usage: Usage,
 }
 
+/// Names a request from [`Engine::add`] until its [`Event::Finished`] or [`Event::Failed`].
+pub type SequenceId = u64;
+
+/// What a step reports of a sequence: each token's text, then exactly one end.
+#[derive(Debug)]
+pub enum Event {
+    Delta(Delta),
+    Finished(Completion),
+    /// The sequence could not go on (its text could not be decoded); others run on.
+    Failed(crate::Error),
+}
+
+/// What the scheduler holds, for `/health` and `info()`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Load {
+    pub running: usize,
+    pub waiting: usize,
+    pub max_sequences: usize,
+    pub kv_pages: usize,
+    pub kv_pages_free: usize,
+    pub kv_page_size: usize,
+}
+
+/// One request, from waiting to finished.
+struct Sequence {
+    id: SequenceId,
+    /// Row of the page table, while running.
+    slot: usize,
+    /// The prompt, then the generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Positions whose keys and values are in the sequence's pages.
+    computed: usize,
+    pages: Vec<u32>,
+    /// Pages reserved at admission and not taken yet.
+    reserved: usize,
+    /// Chain hash of each full page, in order ([`page_hash`]).
+    page_hashes: Vec<u64>,
+    cached_prompt: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    stops: StopStrings,
+    stream: TextStream,
+    text: String,
+    cancel: CancelToken,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Positions the sequence may reach, from which its pages are reserved.
+    fn max_positions(&self, context: usize) -> usize {
+        (self.prompt_len + self.max_tokens).min(context)
+    }
+
+    fn plain_greedy(&self) -> bool {
+        self.sampler.options().is_plain_greedy()
+    }
+}
+
+/// A sequence's part of a pass: its tokens and whether the pass samples its next token.
+#[derive(Clone, Copy, Debug)]
+struct PassRow {
+    id: SequenceId,
+    tokens: usize,
+    output: bool,
+}
+
 pub struct Engine {
     model: Llama,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     stop_tokens: Vec<u32>,
-    /// Tokens whose keys and values fill the KV cache from position 0.
-    cached: Vec<u32>,
+    pages: PageAllocator,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    free_slots: Vec<usize>,
+    /// The pass submitted and not read yet, by sequence in batch order.
+    pending: Option<Vec<PassRow>>,
+    next_id: SequenceId,
     /// Seeds for requests that bring none.
     seeds: ChaCha8Rng,
 }
@@ -83,7 +171,21 @@ impl Engine {
                 stop_tokens.push(id);
             }
         }
-        Ok(Self { model, tokenizer, template, stop_tokens, cached: vec![], seeds: ChaCha8Rng::seed_from_u64(seed) })
+        let pages = PageAllocator::new(model.kv_pool().pages);
+        let free_slots = (0..model.max_sequences()).rev().collect();
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            stop_tokens,
+            pages,
+            waiting: VecDeque::new(),
+            running: vec![],
+            free_slots,
+            pending: None,
+            next_id: 0,
+            seeds: ChaCha8Rng::seed_from_u64(seed),
+        })
     }
 
     pub fn model(&self) -> &Llama {
@@ -105,40 +207,51 @@ impl Engine {
         Ok(self.tokenizer.encode(&text, true).map_err(EngineError::from)?)
     }
 
-    pub async fn chat(
-        &mut self,
-        request: &ChatCompletionRequest,
-        cancel: &CancelToken,
-        on_delta: &mut dyn FnMut(&Delta),
-    ) -> Result<Completion> {
+    /// The prompt tokens of a raw text completion: the model's BOS token, then the text with
+    /// special-token text parsed.
+    pub fn completion_prompt(&self, request: &CompletionRequest) -> Result<Vec<u32>> {
+        let mut prompt: Vec<u32> = self.model.config().bos_token_id.into_iter().collect();
+        prompt.extend(self.tokenizer.encode(&request.prompt, true).map_err(EngineError::from)?);
+        Ok(prompt)
+    }
+
+    pub async fn chat(&mut self, request: &ChatCompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
         let prompt = self.chat_prompt(request, &RenderOptions::default())?;
         self.generate(&prompt, &request.sampling, cancel, on_delta).await
     }
 
-    /// A raw text completion: the prompt after the model's BOS token, special-token text parsed.
-    pub async fn complete(
-        &mut self,
-        request: &CompletionRequest,
-        cancel: &CancelToken,
-        on_delta: &mut dyn FnMut(&Delta),
-    ) -> Result<Completion> {
-        let mut prompt: Vec<u32> = self.model.config().bos_token_id.into_iter().collect();
-        prompt.extend(self.tokenizer.encode(&request.prompt, true).map_err(EngineError::from)?);
+    pub async fn complete(&mut self, request: &CompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
+        let prompt = self.completion_prompt(request)?;
         self.generate(&prompt, &request.sampling, cancel, on_delta).await
     }
 
-    /// Generates after `prompt`, calling `on_delta` for every token, until a stop token, a stop
-    /// string, max_tokens, a full context or cancellation.
-    pub async fn generate(
-        &mut self,
-        prompt: &[u32],
-        params: &SamplingParams,
-        cancel: &CancelToken,
-        on_delta: &mut dyn FnMut(&Delta),
-    ) -> Result<Completion> {
+    /// Runs one request to its end, calling `on_delta` for every token: [`Engine::add`], then
+    /// [`Engine::step`] until it finishes. For hosts that run one request at a time; events of
+    /// other sequences added before are dropped.
+    pub async fn generate(&mut self, prompt: &[u32], params: &SamplingParams, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
+        let id = self.add(prompt.to_vec(), params, cancel.clone())?;
+        loop {
+            for (sequence, event) in self.step().await? {
+                match event {
+                    _ if sequence != id => {}
+                    Event::Delta(delta) => on_delta(&delta),
+                    Event::Finished(completion) => return Ok(completion),
+                    Event::Failed(error) => return Err(error),
+                }
+            }
+        }
+    }
+
+    /// Queues a request after checking everything about it that can be checked now: a request
+    /// that could never run is an error here, one that has to wait for room waits.
+    pub fn add(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken) -> Result<SequenceId> {
         let context = self.model.context_length();
+        let vocab = self.model.config().vocab_size;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt.into());
+        }
+        if let Some(&token) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfRange { token, vocab }.into());
         }
         if prompt.len() >= context {
             return Err(EngineError::PromptTooLong { prompt: prompt.len(), context }.into());
@@ -150,109 +263,333 @@ impl Engine {
             Some(n) => n as usize,
             None => context - prompt.len(),
         };
-        let options = SamplerOptions::from_params(params, self.model.config().vocab_size).map_err(EngineError::from)?;
+        let positions = (prompt.len() + max_tokens).min(context);
+        let needed = positions.div_ceil(PAGE_SIZE);
+        if needed > self.pages.total() {
+            let pool = self.pages.total();
+            return Err(EngineError::DoesNotFit { needed, positions, prompt: prompt.len(), max_tokens, pool, page_size: PAGE_SIZE }.into());
+        }
+        let options = SamplerOptions::from_params(params, vocab).map_err(EngineError::from)?;
         let seed = params.seed.unwrap_or_else(|| self.seeds.next_u64());
-        let mut sampler = Sampler::new(options, seed, prompt);
-        let mut stops = StopStrings::new(params.stop.clone().map(|s| s.into_vec()).unwrap_or_default());
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Sequence {
+            id,
+            slot: usize::MAX,
+            sampler: Sampler::new(options, seed, &prompt),
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            computed: 0,
+            pages: vec![],
+            reserved: 0,
+            page_hashes: vec![],
+            cached_prompt: 0,
+            max_tokens,
+            stops: StopStrings::new(params.stop.clone().map(|s| s.into_vec()).unwrap_or_default()),
+            stream: TextStream::new(),
+            text: String::new(),
+            cancel,
+        });
+        Ok(id)
+    }
 
-        // Reuse the cached prefix; at least one prompt token runs so there are logits to sample.
-        let shared = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-        self.cached.truncate(shared);
-        let mut text = String::new();
-        let mut tokens = vec![];
-        let mut stream = TextStream::new();
-        let mut next_input = &prompt[shared..];
-        let mut sampled;
-        // Plain greedy steps after the first are submitted before the token they take as input is
-        // read (it stays on the GPU), whenever the loop is sure to run them.
-        let mut in_flight = false;
-        let finish_reason = loop {
-            if cancel.is_cancelled() {
-                break FinishReason::Abort;
+    /// Whether nothing is running, waiting or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty() && self.pending.is_none()
+    }
+
+    pub fn load(&self) -> Load {
+        Load {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            max_sequences: self.model.max_sequences(),
+            kv_pages: self.pages.total(),
+            kv_pages_free: self.pages.free(),
+            kv_page_size: PAGE_SIZE,
+        }
+    }
+
+    /// Runs one pass: ends cancelled sequences, admits waiting ones that fit, runs every running
+    /// sequence's next tokens, samples, and returns what happened to each sequence. A failure of
+    /// the GPU ends every sequence (the error is returned; the engine is empty and ready after).
+    pub async fn step(&mut self) -> Result<Vec<(SequenceId, Event)>> {
+        let mut events = vec![];
+        let result = self.try_step(&mut events).await;
+        if let Err(error) = result {
+            self.reset();
+            return Err(error);
+        }
+        Ok(events)
+    }
+
+    async fn try_step(&mut self, events: &mut Vec<(SequenceId, Event)>) -> Result<()> {
+        self.end_cancelled(events);
+        let rows = match self.pending.take() {
+            Some(rows) => rows,
+            None => {
+                self.admit();
+                match self.submit_scheduled()? {
+                    Some(rows) => rows,
+                    None => return Ok(()),
+                }
             }
-            let greedy = sampler.options().is_plain_greedy();
-            // Whether the loop runs again unless a stop token, a stop string or a cancel ends it.
-            let runs_next = greedy && tokens.len() + 1 < max_tokens && self.cached.len() + next_input.len() + 1 < context;
-            let step = if greedy { self.greedy_step(next_input, in_flight, runs_next).await } else { self.step(next_input, &mut sampler).await };
-            in_flight = runs_next;
-            let token = match step {
-                Ok(token) => token,
-                Err(error) => {
-                    self.cached.clear();
-                    return Err(error);
+        };
+        // The pass after this one, when it is sure to be the same greedy decode step: submitted
+        // before this one's tokens are read, taking them on the GPU.
+        let chained = self.chain_after(&rows)?;
+        let output = self.model.read_pass().await?;
+        self.finish_pass(&rows, output, events).await?;
+        self.pending = chained;
+        Ok(())
+    }
+
+    /// Ends cancelled sequences, waiting or running.
+    fn end_cancelled(&mut self, events: &mut Vec<(SequenceId, Event)>) {
+        let (cancelled, waiting): (Vec<Sequence>, Vec<Sequence>) = self.waiting.drain(..).partition(|s| s.cancel.is_cancelled());
+        self.waiting = waiting.into();
+        for sequence in cancelled {
+            events.push((sequence.id, Event::Finished(completion(sequence, FinishReason::Abort))));
+        }
+        while let Some(i) = self.running.iter().position(|s| s.cancel.is_cancelled()) {
+            let sequence = self.running.remove(i);
+            self.end(sequence, Ok(FinishReason::Abort), events);
+        }
+    }
+
+    /// Moves waiting sequences, oldest first, into free slots while the pool can hold them;
+    /// each starts from the longest cached prefix of its prompt.
+    fn admit(&mut self) {
+        let context = self.model.context_length();
+        while let (Some(&slot), Some(sequence)) = (self.free_slots.last(), self.waiting.front()) {
+            // At least one prompt token runs, for the logits of the first new token.
+            let prefix = self.pages.find_prefix(&sequence.tokens, sequence.prompt_len - 1);
+            let needed = sequence.max_positions(context).div_ceil(PAGE_SIZE);
+            let Some(pages) = self.pages.admit(&prefix, needed) else { break };
+            let Some(mut sequence) = self.waiting.pop_front() else { break };
+            self.free_slots.pop();
+            let mut parent = 0;
+            for page in sequence.tokens[..prefix.full.len() * PAGE_SIZE].chunks(PAGE_SIZE) {
+                parent = page_hash(parent, page);
+                sequence.page_hashes.push(parent);
+            }
+            sequence.slot = slot;
+            sequence.reserved = needed - pages.len();
+            sequence.computed = prefix.tokens();
+            sequence.cached_prompt = prefix.tokens();
+            self.model.write_page_table(slot, 0, &pages);
+            sequence.pages = pages;
+            self.running.push(sequence);
+        }
+    }
+
+    /// Submits a pass of the running sequences' next tokens: every decoding sequence's token, then
+    /// prefill chunks, oldest sequence first, as far as the batch size allows.
+    fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
+        let mut budget = self.model.max_batch();
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| self.running[i].tokens.len() - self.running[i].computed > 1);
+        let mut rows = vec![];
+        let mut batch = Batch::default();
+        let mut ids = vec![];
+        for i in order {
+            let sequence = &self.running[i];
+            let take = (sequence.tokens.len() - sequence.computed).min(budget);
+            if take == 0 {
+                break;
+            }
+            budget -= take;
+            let output = sequence.computed + take == sequence.tokens.len();
+            ids.extend_from_slice(&sequence.tokens[sequence.computed..sequence.computed + take]);
+            rows.push(PassRow { id: sequence.id, tokens: take, output });
+            self.place(i, take, &mut batch);
+            if output {
+                batch.outputs.push(batch.slots.len() as u32 - 1);
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        // Top-k candidates for the sequences whose samplers can draw from them, in every output
+        // row when any wants them (the others' selections go unread).
+        let wanted: Vec<Option<(usize, f32)>> = rows
+            .iter()
+            .filter(|r| r.output)
+            .map(|r| self.sequence(r.id).and_then(|s| s.sampler.candidates_wanted().map(|k| (k, s.sampler.options().temperature))))
+            .collect();
+        if wanted.iter().any(Option::is_some) {
+            batch.top_k = wanted.into_iter().map(|w| w.unwrap_or((1, 1.0))).collect();
+        }
+        self.model.submit(&batch, PassTokens::Host(&ids))?;
+        Ok(Some(rows))
+    }
+
+    /// Adds the slots of running sequence `i`'s next `n` positions to `batch`, taking reserved
+    /// pages where they begin new ones.
+    fn place(&mut self, i: usize, n: usize, batch: &mut Batch) {
+        let sequence = &mut self.running[i];
+        for position in sequence.computed..sequence.computed + n {
+            let page = position / PAGE_SIZE;
+            if page == sequence.pages.len() {
+                let taken = self.pages.take_reserved();
+                sequence.reserved -= 1;
+                sequence.pages.push(taken);
+                self.model.write_page_table(sequence.slot, page, &[taken]);
+            }
+            let kv_row = sequence.pages[page] as usize * PAGE_SIZE + position % PAGE_SIZE;
+            batch.slots.push(TokenSlot { position: position as u32, kv_row: kv_row as u32, sequence: sequence.slot as u32, _pad: 0 });
+        }
+    }
+
+    fn sequence(&self, id: SequenceId) -> Option<&Sequence> {
+        self.running.iter().find(|s| s.id == id)
+    }
+
+    /// Submits the greedy decode step after the pass of `rows`, fed by its tokens on the GPU, when
+    /// that step is sure to run: the pass decoded every running sequence, each greedily, each will
+    /// run again unless a stop ends it, and no waiting request could be admitted instead.
+    fn chain_after(&mut self, rows: &[PassRow]) -> Result<Option<Vec<PassRow>>> {
+        let context = self.model.context_length();
+        let admissible = !self.waiting.is_empty() && !self.free_slots.is_empty();
+        let all_decode = rows.len() == self.running.len() && rows.iter().all(|r| r.tokens == 1 && r.output);
+        let runs_next = |s: &Sequence| s.plain_greedy() && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context;
+        if admissible || !all_decode || !rows.iter().all(|r| self.sequence(r.id).is_some_and(runs_next)) {
+            return Ok(None);
+        }
+        let mut batch = Batch::default();
+        for row in rows {
+            let i = self.running.iter().position(|s| s.id == row.id).unwrap_or_default();
+            // One past the token the pass in flight computes.
+            self.running[i].computed += 1;
+            self.place(i, 1, &mut batch);
+            self.running[i].computed -= 1;
+            batch.outputs.push(batch.slots.len() as u32 - 1);
+        }
+        self.model.submit(&batch, PassTokens::Previous)?;
+        Ok(Some(rows.to_vec()))
+    }
+
+    /// Takes in a pass's results: positions computed, full pages cached, a token sampled for
+    /// every sequence with an output row, and sequences that end.
+    async fn finish_pass(&mut self, rows: &[PassRow], output: PassOutput, events: &mut Vec<(SequenceId, Event)>) -> Result<()> {
+        let mut output_row = 0;
+        for row in rows {
+            let this_row = output_row;
+            output_row += row.output as usize;
+            // A sequence cancelled or ended while the pass ran is gone; its results go unread.
+            let Some(i) = self.running.iter().position(|s| s.id == row.id) else { continue };
+            let sequence = &mut self.running[i];
+            sequence.computed += row.tokens;
+            let full_pages = sequence.computed / PAGE_SIZE;
+            while sequence.page_hashes.len() < full_pages {
+                let index = sequence.page_hashes.len();
+                let parent = sequence.page_hashes.last().copied().unwrap_or_default();
+                let tokens = &sequence.tokens[index * PAGE_SIZE..(index + 1) * PAGE_SIZE];
+                sequence.page_hashes.push(self.pages.cache_full(sequence.pages[index], parent, tokens));
+            }
+            if !row.output {
+                continue;
+            }
+            let token = if sequence.plain_greedy() {
+                output.argmax[this_row]
+            } else {
+                let from_candidates = output.candidates.get(this_row).and_then(|c| sequence.sampler.sample_candidates(c));
+                match from_candidates {
+                    Some(token) => token,
+                    None => {
+                        let mut logits = self.model.read_logits(this_row).await?;
+                        self.running[i].sampler.sample(&mut logits)
+                    }
                 }
             };
-            sampler.accept(token);
-            tokens.push(token);
-            if self.stop_tokens.contains(&token) {
-                break FinishReason::Stop;
-            }
-            let piece = stream.push(&self.tokenizer, token).map_err(EngineError::from)?;
-            let (emit, stopped) = stops.push(&piece);
-            text.push_str(&emit);
-            on_delta(&Delta { text: emit, token: Some(token) });
-            if stopped {
-                break FinishReason::Stop;
-            }
-            if tokens.len() >= max_tokens || self.cached.len() + 1 >= context {
-                break FinishReason::Length;
-            }
-            sampled = [token];
-            next_input = &sampled;
-        };
-        if !stops.stopped {
-            let rest = stops.flush(&stream.finish(&self.tokenizer).map_err(EngineError::from)?);
-            if !rest.is_empty() {
-                text.push_str(&rest);
-                on_delta(&Delta { text: rest, token: None });
+            if let Some(ending) = self.accept(i, token, events) {
+                let sequence = self.running.remove(i);
+                self.end(sequence, ending, events);
             }
         }
-        let completion_tokens = tokens.len() as u32;
-        Ok(Completion {
-            text,
-            tokens,
-            finish_reason,
-            usage: Usage {
-                prompt_tokens: prompt.len() as u32,
-                completion_tokens,
-                total_tokens: prompt.len() as u32 + completion_tokens,
-                cached_prompt_tokens: shared as u32,
-            },
-        })
+        Ok(())
     }
 
-    /// A plain greedy step: runs `input` at the end of the cache unless its pass is already in
-    /// flight, submits the step after it (fed by this step's token, which stays on the GPU) when
-    /// `runs_next`, and then reads this step's token. A step left in flight when generation stops
-    /// goes unread; the KV row it wrote lies past the cached tokens and is rewritten before use.
-    async fn greedy_step(&mut self, input: &[u32], in_flight: bool, runs_next: bool) -> Result<u32> {
-        let start = self.cached.len();
-        if !in_flight {
-            self.model.submit_greedy(input, start)?;
+    /// Adds a sampled token to sequence `i` and streams its text; returns how the sequence ends,
+    /// if it does.
+    fn accept(&mut self, i: usize, token: u32, events: &mut Vec<(SequenceId, Event)>) -> Option<Ending> {
+        let context = self.model.context_length();
+        let sequence = &mut self.running[i];
+        sequence.sampler.accept(token);
+        sequence.tokens.push(token);
+        if self.stop_tokens.contains(&token) {
+            return Some(Ok(FinishReason::Stop));
         }
-        if runs_next {
-            self.model.submit_greedy_next(start + input.len())?;
+        let piece = match sequence.stream.push(&self.tokenizer, token) {
+            Ok(piece) => piece,
+            Err(error) => return Some(Err(EngineError::from(error).into())),
+        };
+        let (emit, stopped) = sequence.stops.push(&piece);
+        sequence.text.push_str(&emit);
+        events.push((sequence.id, Event::Delta(Delta { text: emit, token: Some(token) })));
+        if stopped {
+            return Some(Ok(FinishReason::Stop));
         }
-        let token = self.model.read_greedy().await?;
-        self.cached.extend_from_slice(input);
-        Ok(token)
+        (sequence.generated() >= sequence.max_tokens || sequence.tokens.len() >= context).then_some(Ok(FinishReason::Length))
     }
 
-    /// Runs `input` at the end of the cache and samples the next token, reading back as little as
-    /// the sampler needs: top-k candidates, or all the logits.
-    async fn step(&mut self, input: &[u32], sampler: &mut Sampler) -> Result<u32> {
-        let start = self.cached.len();
-        let token = if let Some(k) = sampler.candidates_wanted() {
-            let candidates = self.model.forward_top_k(input, start, k, sampler.options().temperature).await?;
-            match sampler.sample_candidates(&candidates) {
-                Some(token) => token,
-                None => sampler.sample(&mut self.model.last_logits().await?),
+    /// Ends a running sequence: its held-back text released, its partial last page cached, its
+    /// pages and slot given back.
+    fn end(&mut self, mut sequence: Sequence, mut ending: Ending, events: &mut Vec<(SequenceId, Event)>) {
+        if ending.is_ok() && !sequence.stops.stopped {
+            match sequence.stream.finish(&self.tokenizer) {
+                Ok(tail) => {
+                    let rest = sequence.stops.flush(&tail);
+                    if !rest.is_empty() {
+                        sequence.text.push_str(&rest);
+                        events.push((sequence.id, Event::Delta(Delta { text: rest, token: None })));
+                    }
+                }
+                Err(error) => ending = Err(EngineError::from(error).into()),
             }
-        } else {
-            sampler.sample(&mut self.model.forward(input, start).await?)
+        }
+        let partial = sequence.computed % PAGE_SIZE;
+        let last = sequence.computed / PAGE_SIZE;
+        if partial > 0 && last < sequence.pages.len() {
+            let parent = sequence.page_hashes.get(last.wrapping_sub(1)).copied().unwrap_or_default();
+            self.pages.cache_partial(sequence.pages[last], parent, &sequence.tokens[last * PAGE_SIZE..sequence.computed]);
+        }
+        self.pages.release(&sequence.pages, sequence.reserved);
+        self.free_slots.push(sequence.slot);
+        let id = sequence.id;
+        let event = match ending {
+            Ok(reason) => Event::Finished(completion(sequence, reason)),
+            Err(error) => Event::Failed(error),
         };
-        self.cached.extend_from_slice(input);
-        Ok(token)
+        events.push((id, event));
+    }
+
+    /// Forgets every sequence and page after a failed pass.
+    fn reset(&mut self) {
+        self.waiting.clear();
+        self.running.clear();
+        self.pending = None;
+        self.pages = PageAllocator::new(self.model.kv_pool().pages);
+        self.free_slots = (0..self.model.max_sequences()).rev().collect();
+    }
+}
+
+/// How a sequence ends: finished for a reason, or failed.
+type Ending = Result<FinishReason>;
+
+/// The completion of a sequence that ends for `reason`.
+fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
+    let prompt_tokens = sequence.prompt_len as u32;
+    let completion_tokens = sequence.generated() as u32;
+    Completion {
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            cached_prompt_tokens: sequence.cached_prompt as u32,
+        },
+        tokens: sequence.tokens[sequence.prompt_len..].to_vec(),
+        text: sequence.text,
+        finish_reason: reason,
     }
 }
 

@@ -147,9 +147,9 @@ macro_rules! kernel {
 // The hot kernel: rows, columns and tokens are checked against params; reads past a part's
 // last row stay within the padding of its last word.
 kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true);
-kernel!(ATTENTION, "attention", [Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
+kernel!(ATTENTION, "attention", [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
 kernel!(ARGMAX, "argmax", [Storage, StorageMut, StorageMut, Uniform]);
-kernel!(TOP_K, "top_k", [Storage, StorageMut, StorageMut, Uniform]);
+kernel!(TOP_K, "top_k", [Storage, Storage, StorageMut, StorageMut, Uniform]);
 kernel!(FILL, "fill", [StorageMut, Uniform]);
 
 /// Every kernel the engine uses.

@@ -7,29 +7,70 @@ use super::kernels::{self, Kernel, ModuleForm, RegisterTile, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
-/// Per-pass values every token-wise kernel reads: the number of tokens and the first one's position,
-/// and how attention splits the keys (see [`StepParams::new`]).
+/// The most tokens one pass holds (the WGSL files' MAX_BATCH_TOKENS): the step uniform has a slot
+/// for each.
+pub const MAX_BATCH_TOKENS: usize = 256;
+
+/// Where one token of a pass belongs: its position in its sequence (RoPE, the causal mask), the
+/// pool row its keys and values are written to, and its sequence's row of the page table.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TokenSlot {
+    pub position: u32,
+    pub kv_row: u32,
+    pub sequence: u32,
+    pub _pad: u32,
+}
+
+/// Per-pass values every token-wise kernel reads: the number of tokens, how attention splits the
+/// keys (see [`StepParams::for_slots`]) and each token's slot. Only the first n_tokens slots are
+/// written per pass ([`StepParams::bytes`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
 pub struct StepParams {
     pub n_tokens: u32,
-    pub start_pos: u32,
     pub keys_per_split: u32,
     pub key_splits: u32,
+    pub _pad: u32,
+    pub slots: [TokenSlot; MAX_BATCH_TOKENS],
+}
+
+impl Default for StepParams {
+    fn default() -> Self {
+        Zeroable::zeroed()
+    }
 }
 
 impl StepParams {
-    /// A pass of `n_tokens` from `start_pos`. A decode pass (fewer than GEMV_MAX_TOKENS tokens)
-    /// cuts its keys into up to `max_key_splits` splits of a multiple of MIN_SPLIT_KEYS, attended
-    /// in parallel and merged after; a prefill pass has query blocks enough to fill the GPU, so one.
+    /// A pass of `n_tokens` of one sequence (slot 0) at positions start_pos.., its KV rows the
+    /// positions themselves (a page table that maps page i to page i).
     pub fn new(n_tokens: u32, start_pos: u32, max_key_splits: u32) -> Self {
-        let context = (start_pos + n_tokens).max(1);
+        let slots: Vec<TokenSlot> = (start_pos..start_pos + n_tokens).map(|p| TokenSlot { position: p, kv_row: p, sequence: 0, _pad: 0 }).collect();
+        Self::for_slots(&slots, max_key_splits)
+    }
+
+    /// A pass of the tokens `slots` describe (at most MAX_BATCH_TOKENS). A decode pass (fewer than
+    /// GEMV_MAX_TOKENS tokens) cuts the keys of its longest sequence into up to `max_key_splits`
+    /// splits of a multiple of MIN_SPLIT_KEYS, attended in parallel and merged after; a prefill
+    /// pass has query blocks enough to fill the GPU, so one.
+    pub fn for_slots(slots: &[TokenSlot], max_key_splits: u32) -> Self {
+        assert!(slots.len() <= MAX_BATCH_TOKENS, "{} tokens in one pass", slots.len());
+        let n_tokens = slots.len() as u32;
+        let context = slots.iter().map(|s| s.position + 1).max().unwrap_or(1);
         let keys_per_split = if n_tokens < GEMV_MAX_TOKENS {
             context.div_ceil(max_key_splits.max(1)).next_multiple_of(MIN_SPLIT_KEYS)
         } else {
             context
         };
-        Self { n_tokens, start_pos, keys_per_split, key_splits: context.div_ceil(keys_per_split) }
+        let mut step = Self { n_tokens, keys_per_split, key_splits: context.div_ceil(keys_per_split), ..Default::default() };
+        step.slots[..slots.len()].copy_from_slice(slots);
+        step
+    }
+
+    /// The bytes a pass writes to the step uniform: the header and its tokens' slots.
+    pub fn bytes(&self) -> &[u8] {
+        let used = 16 + std::mem::size_of::<TokenSlot>() * self.n_tokens as usize;
+        &bytemuck::bytes_of(self)[..used]
     }
 }
 
@@ -59,7 +100,7 @@ pub struct AttentionParams {
     pub q_stride: u32,
     pub split_stride: u32,
     pub stats_offset: u32,
-    pub _pad: u32,
+    pub pages_per_sequence: u32,
 }
 
 #[repr(C)]
@@ -74,9 +115,8 @@ pub struct ArgmaxParams {
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct TopKParams {
     pub n: u32,
-    pub k: u32,
-    pub inv_temperature: f32,
     pub partials: u32,
+    pub _pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -344,8 +384,8 @@ pub enum MatmulOutput<'a> {
 
 /// A stacked q/k/v projection's output: rows of n_heads q heads, then n_kv_heads k heads and as
 /// many v heads, of head_dim rows each. Each token's q is rotated by its position's angles into
-/// `out`, its k rotated into `k_cache` and its v copied into `v_cache` at that position (caches
-/// of (context, n_kv_heads * head_dim) f32). `cos_sin` is [`crate::model::Config::rope_cos_sin`]'s
+/// `out`, its k rotated into `k_cache` and its v copied into `v_cache` at its slot's KV row (pools
+/// of (rows, n_kv_heads * head_dim) f32). `cos_sin` is [`crate::model::Config::rope_cos_sin`]'s
 /// table. The matrix's parts and stacked blocks must start at whole heads.
 #[derive(Clone, Copy, Debug)]
 pub struct Rotary<'a> {
@@ -524,17 +564,28 @@ fn partial_rows(n_heads: usize, max_key_splits: u32) -> u64 {
     (GEMV_MAX_TOKENS - 1) as u64 * n_heads as u64 * max_key_splits as u64
 }
 
-/// Causal grouped-query attention of (n_tokens) queries over the KV cache; token rows of `q` lie
-/// `q_stride` elements apart, its heads first. A decode pass splits the keys (flash-decoding, up
-/// to `max_key_splits` splits as StepParams::new cut them) and merges the splits' outputs through
-/// `partials` (attention_partials_bytes long, shared by every layer); a prefill pass attends in one.
+/// One layer's keys and values in the KV pool's pages: (rows, n_kv_heads * head_dim) f32 each, and
+/// the page table (sequences, pages_per_sequence) that maps a sequence's pages of
+/// [`crate::model::PAGE_SIZE`] positions to pool pages.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayer<'a> {
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub page_table: &'a wgpu::Buffer,
+    pub pages_per_sequence: usize,
+}
+
+/// Causal grouped-query attention of (n_tokens) queries over their sequences' pages of `kv`; token
+/// rows of `q` lie `q_stride` elements apart, its heads first. A decode pass splits the keys
+/// (flash-decoding, up to `max_key_splits` splits as StepParams::for_slots cut them) and merges the
+/// splits' outputs through `partials` (attention_partials_bytes long, shared by every layer); a
+/// prefill pass attends in one.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
     q: &wgpu::Buffer,
     q_stride: usize,
-    k_cache: &wgpu::Buffer,
-    v_cache: &wgpu::Buffer,
+    kv: KvLayer,
     out: &wgpu::Buffer,
     partials: &wgpu::Buffer,
     max_key_splits: u32,
@@ -551,10 +602,10 @@ pub fn attention(
         q_stride: q_stride as u32,
         split_stride: max_key_splits,
         stats_offset: (partial_rows(n_heads, max_key_splits) * head_dim as u64) as u32,
-        _pad: 0,
+        pages_per_sequence: kv.pages_per_sequence as u32,
     };
     let params = gpu.uniform_buffer("attention params", &params);
-    let buffers = [q, k_cache, v_cache, out, partials, &params, step];
+    let buffers = [q, kv.k, kv.v, kv.page_table, out, partials, &params, step];
     // q and out, plus a key and a value row of every KV head per attended position.
     let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 8 * (n_kv_heads * head_dim) as u64 };
     let group = (n_heads / n_kv_heads) as u32;
@@ -608,28 +659,28 @@ const ARGMAX_PARTIALS: usize = 256;
 /// Logits each thread of argmax's first pass reads, where the partials allow.
 const ARGMAX_PER_THREAD: usize = 4;
 
-/// out[0] = the index of the largest of `n` logits, as f32 like the token ids the embedding reads.
-pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Op {
+/// out[r] = the index of the largest of row r's `n` logits, as f32 like the token ids the
+/// embedding reads, for the rows a pass encodes it with (at most `max_rows`).
+pub fn argmax(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize, max_rows: usize) -> Op {
     let partials = n.div_ceil(ARGMAX_PER_THREAD * SELECTION_WG).clamp(1, ARGMAX_PARTIALS);
     let params = gpu.uniform_buffer("argmax params", &ArgmaxParams { n: n as u32, partials: partials as u32, _pad: [0; 2] });
-    let bests = gpu.storage_buffer("argmax bests", 8 * ARGMAX_PARTIALS as u64);
+    let bests = gpu.storage_buffer("argmax bests", (8 * ARGMAX_PARTIALS * max_rows) as u64);
     let buffers = [logits, out, &bests, &params];
     let bests_bytes = 8 * partials as u64;
     Op {
         dispatches: vec![
-            dispatch(gpu, &kernels::ARGMAX, "partial", &[], &buffers, Grid::Fixed([partials as u32, 1, 1]), Traffic::fixed(4 * n as u64 + bests_bytes)),
-            dispatch(gpu, &kernels::ARGMAX, "finish", &[], &buffers, Grid::Fixed([1, 1, 1]), Traffic::fixed(bests_bytes + 4)),
+            dispatch(gpu, &kernels::ARGMAX, "partial", &[], &buffers, Grid::PerToken(partials as u32), Traffic::fixed(4 * n as u64 + bests_bytes)),
+            dispatch(gpu, &kernels::ARGMAX, "finish", &[], &buffers, Grid::PerToken(1), Traffic::fixed(bests_bytes + 4)),
         ],
     }
 }
 
-/// Selects the top candidates of `n` logits into `out`; `params` is rewritten per request with
-/// [`TopK::set`].
+/// Selects the top candidates of each row of `n` logits into `out` (rows of OUT_BYTES), each row
+/// with its own k and temperature, set per pass with [`TopK::set`].
 pub struct TopK {
     op: Op,
-    params: wgpu::Buffer,
-    n: usize,
-    partials: u32,
+    row_params: wgpu::Buffer,
+    max_rows: usize,
 }
 
 /// The most workgroups of top_k's first pass (top_k.wgsl's MAX_PARTIALS).
@@ -639,35 +690,38 @@ const TOP_K_PARTIALS: usize = 256;
 const TOP_K_PER_THREAD: usize = 16;
 
 impl TopK {
-    pub fn new(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize) -> Self {
+    pub fn new(gpu: &Gpu, logits: &wgpu::Buffer, out: &wgpu::Buffer, n: usize, max_rows: usize) -> Self {
         // As many as the binding limit holds selections of (a browser's can be small).
-        let fit = (gpu.max_binding() / Self::OUT_BYTES).max(1) as usize;
+        let fit = (gpu.max_binding() / (Self::OUT_BYTES * max_rows as u64)).max(1) as usize;
         let partials = n.div_ceil(TOP_K_PER_THREAD * SELECTION_WG).clamp(1, TOP_K_PARTIALS).min(fit) as u32;
-        let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, k: 1, inv_temperature: 1.0, partials });
+        let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, partials, _pad: [0; 2] });
+        let row_params = gpu.storage_buffer("top_k row params", 8 * max_rows as u64);
         // Each partial's selection: max, sum and MAX_TOP_K (id, logit) pairs, laid out as `out`.
-        let selections = gpu.storage_buffer("top_k selections", partials as u64 * Self::OUT_BYTES);
-        let buffers = [logits, out, &selections, &params];
+        let selections = gpu.storage_buffer("top_k selections", max_rows as u64 * partials as u64 * Self::OUT_BYTES);
+        let buffers = [logits, &row_params, out, &selections, &params];
         let selected = partials as u64 * Self::OUT_BYTES;
         let op = Op {
             dispatches: vec![
-                dispatch(gpu, &kernels::TOP_K, "partial", &[], &buffers, Grid::Fixed([partials, 1, 1]), Traffic::fixed(4 * n as u64 + selected)),
-                dispatch(gpu, &kernels::TOP_K, "finish", &[], &buffers, Grid::Fixed([1, 1, 1]), Traffic::fixed(selected + Self::OUT_BYTES)),
+                dispatch(gpu, &kernels::TOP_K, "partial", &[], &buffers, Grid::PerToken(partials), Traffic::fixed(4 * n as u64 + selected)),
+                dispatch(gpu, &kernels::TOP_K, "finish", &[], &buffers, Grid::PerToken(1), Traffic::fixed(selected + Self::OUT_BYTES)),
             ],
         };
-        Self { op, params, n, partials }
+        Self { op, row_params, max_rows }
     }
 
-    /// Bytes of `out`: max, normaliser and MAX_TOP_K (id, logit) pairs.
+    /// Bytes of one row of `out`: max, normaliser and MAX_TOP_K (id, logit) pairs.
     pub const OUT_BYTES: u64 = (2 + 2 * MAX_TOP_K as u64) * 4;
 
-    /// How many candidates (1..=MAX_TOP_K) and the temperature of the normaliser.
-    pub fn set(&self, gpu: &Gpu, k: usize, temperature: f32) {
-        let params = TopKParams { n: self.n as u32, k: k.clamp(1, MAX_TOP_K) as u32, inv_temperature: 1.0 / temperature, partials: self.partials };
-        gpu.queue.write_buffer(&self.params, 0, bytemuck::bytes_of(&params));
+    /// Each row's candidate count (1..=MAX_TOP_K) and the temperature of its normaliser.
+    pub fn set(&self, gpu: &Gpu, rows: &[(usize, f32)]) {
+        assert!(rows.len() <= self.max_rows, "{} top-k rows of at most {}", rows.len(), self.max_rows);
+        let words: Vec<[u32; 2]> = rows.iter().map(|&(k, temperature)| [k.clamp(1, MAX_TOP_K) as u32, (1.0 / temperature).to_bits()]).collect();
+        gpu.queue.write_buffer(&self.row_params, 0, bytemuck::cast_slice(&words));
     }
 
-    pub fn encode(&self, pass: &mut wgpu::ComputePass) {
-        self.op.encode(pass, 1);
+    /// Encodes the selection of the first `rows` rows.
+    pub fn encode(&self, pass: &mut wgpu::ComputePass, rows: u32) {
+        self.op.encode(pass, rows);
     }
 
     pub fn op(&self) -> &Op {

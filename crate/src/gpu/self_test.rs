@@ -5,6 +5,7 @@ use super::ops::{self, MatmulInput, MatmulLayout, StepParams};
 use super::{Gpu, GpuError, TileType, WeightMatrix};
 use crate::quant::DType;
 use crate::reference;
+use crate::model::PAGE_SIZE;
 
 /// Deterministic inputs in [-1, 1).
 fn inputs(n: usize, seed: u32) -> Vec<f32> {
@@ -50,21 +51,26 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (heads, kv_heads, head_dim) = (4, 2, 16);
     let context = 43;
     let (keys, values) = (inputs(context * kv_heads * head_dim, 5), inputs(context * kv_heads * head_dim, 6));
-    let caches = [&keys, &values].map(|v| gpu.storage_buffer_with("self-test kv cache", v));
+    let caches = [&keys, &values].map(|v| gpu.storage_buffer_with("self-test kv pool", v));
+    let caches = [&caches[0], &caches[1]];
     let partials = gpu.storage_buffer("self-test partials", ops::attention_partials_bytes(heads, head_dim, max_key_splits));
+    // One sequence whose pages are the pool's first ones, in order.
+    let pages_per_sequence = context.div_ceil(PAGE_SIZE);
+    let page_table = gpu.storage_buffer_with("self-test page table", &(0..pages_per_sequence as u32).collect::<Vec<u32>>());
+    let kv = ops::KvLayer { k: caches[0], v: caches[1], page_table: &page_table, pages_per_sequence };
     for (tokens, start) in [(n, 5), (3, 40)] {
         let q = inputs(tokens * heads * head_dim, 4);
         let q_buffer = gpu.storage_buffer_with("self-test q", &q);
         let attended = gpu.storage_buffer("self-test attended", (q.len() * 4) as u64);
         let step_params = StepParams::new(tokens as u32, start as u32, max_key_splits);
         let step_buffer = ops::step_buffer(gpu, step_params);
-        let op = ops::attention(gpu, &q_buffer, heads * head_dim, &caches[0], &caches[1], &attended, &partials, max_key_splits, heads, kv_heads, head_dim, &step_buffer);
+        let op = ops::attention(gpu, &q_buffer, heads * head_dim, kv, &attended, &partials, max_key_splits, heads, kv_heads, head_dim, &step_buffer);
         gpu.run(|pass| op.encode(pass, &step_params)).await?;
         compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim), 1e-4).await?;
     }
 
     let best = gpu.storage_buffer("self-test argmax", 4);
-    let op = ops::argmax(gpu, &x_buffer, &best, x.len());
+    let op = ops::argmax(gpu, &x_buffer, &best, x.len(), 1);
     gpu.run(|pass| op.encode(pass, 1)).await?;
     let got = f32::from_le_bytes(gpu.read(&best, 4).await?.try_into().unwrap_or_default()) as u32;
     let want = reference::argmax(&x);

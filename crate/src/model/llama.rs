@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, MatmulOutput, Op, Rotary, StepParams, TopK};
+use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, KvLayer, MatmulInput, MatmulLayout, MatmulOutput, Op, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -9,21 +9,26 @@ use crate::quant::DType;
 use crate::load::{stream_weights, Destination, LoadError, LoadProgress, TensorLocation, WeightStream};
 use crate::Result;
 
-use super::{Config, KvCache, ModelError};
+use super::{Config, KvPool, ModelError, PAGE_SIZE};
 
 /// How the model is laid out on the GPU.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Positions the KV cache holds; default min(4096, max_position_embeddings).
+    /// Positions one sequence may reach; default min(4096, max_position_embeddings).
     pub context_length: Option<usize>,
-    /// The most prompt tokens one pass processes; longer prompts run in several passes. Lowered
-    /// automatically so every activation buffer fits the binding limit.
+    /// The most tokens one pass processes (at most MAX_BATCH_TOKENS); longer prompts run in
+    /// several passes. Lowered automatically so every activation buffer fits the binding limit.
     pub max_batch: usize,
+    /// The most sequences run together (slots of the page table, logits rows of a pass).
+    pub max_sequences: usize,
+    /// Bytes of the KV pool; default: a full context for every sequence, as many pages as one
+    /// buffer binds where that is less.
+    pub kv_memory: Option<u64>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { context_length: None, max_batch: 256 }
+        Self { context_length: None, max_batch: 256, max_sequences: 1, kv_memory: None }
     }
 }
 
@@ -198,54 +203,95 @@ async fn upload_weights(
 /// The ops of one transformer block, in the order they run.
 struct Layer {
     // q, k, v = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T; q = rope(q, pos) into
-    // qkv; k_cache[pos] = rope(k, pos); v_cache[pos] = v
+    // qkv; k_pool[kv_row] = rope(k, pos); v_pool[kv_row] = v
     qkv_proj: ByTokens,
-    attention: Attention,   // attn = softmax(q @ k_cache.T / sqrt(hd) + causal) @ v_cache
+    attention: Attention,   // attn = softmax(q @ k_pages.T / sqrt(hd) + causal) @ v_pages
     o_proj: ByTokens,       // x += attn @ o_proj.T
     gate_up_proj: ByTokens, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
     down_proj: ByTokens,    // x += (silu(gate) * up) @ down_proj.T
 }
 
-/// A Llama model resident on one GPU, with its KV cache.
+/// The tokens of one pass, each with its slot (position, KV row, sequence), and the token rows
+/// whose logits the pass computes (one per sequence that samples its next token), in the order
+/// their results come back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    pub slots: Vec<TokenSlot>,
+    pub outputs: Vec<u32>,
+    /// Per output row, the candidates top-k selects and its temperature; empty: no selection.
+    pub top_k: Vec<(usize, f32)>,
+}
+
+impl Batch {
+    /// `n` tokens of the one sequence of slot 0 at positions start_pos.., its KV rows the positions
+    /// (the identity page table); the last token's logits computed when `output`.
+    fn lone(start_pos: usize, n: usize, output: bool) -> Self {
+        let slots = (start_pos..start_pos + n).map(|p| TokenSlot { position: p as u32, kv_row: p as u32, sequence: 0, _pad: 0 }).collect();
+        Self { slots, outputs: if output { vec![n as u32 - 1] } else { vec![] }, top_k: vec![] }
+    }
+}
+
+/// Where a pass's input token ids come from.
+#[derive(Clone, Copy, Debug)]
+pub enum PassTokens<'a> {
+    Host(&'a [u32]),
+    /// The argmax of each output row of the pass before, in order; they never leave the GPU.
+    Previous,
+}
+
+/// What a pass hands back: the argmax of every output row, and the top-k candidates of each when
+/// the batch asked for them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassOutput {
+    pub argmax: Vec<u32>,
+    pub candidates: Vec<Candidates>,
+}
+
+/// A pass submitted and not read yet.
+struct InFlight {
+    readback: usize,
+    outputs: usize,
+    /// Candidates each output row asked for; empty: no selection.
+    top_k: Vec<usize>,
+    submission: wgpu::SubmissionIndex,
+}
+
+/// A Llama model resident on one GPU: its weights and the ops bound to them, the paged KV pool
+/// every sequence shares, and the buffers of one pass. A pass runs any mix of sequences (prefill
+/// chunks and decode tokens) that [`Batch`] describes; the page tables are the caller's
+/// ([`Llama::write_page_table`]). The lone-sequence methods (`forward`, `forward_greedy`, ...)
+/// run sequence slot 0 over the identity page table.
 pub struct Llama {
     gpu: Gpu,
     config: Config,
+    context: usize,
     max_batch: usize,
-    max_key_splits: u32,          // of a decode pass's attention (StepParams::new)
-    kv_cache: KvCache,
+    max_outputs: usize,
+    max_key_splits: u32,          // of a decode pass's attention (StepParams::for_slots)
+    kv_pool: KvPool,
+    /// Whether slot 0's page table row is the identity the lone-sequence methods use.
+    identity_pages: bool,
     tokens_processed: u64,
     step: wgpu::Buffer,           // StepParams of the pass being run
+    outputs_step: wgpu::Buffer,   // StepParams whose n_tokens is the pass's output rows
     tokens: wgpu::Buffer,         // (max_batch) token ids as f32
     x: wgpu::Buffer,              // (max_batch, hidden) residual stream
-    x_last: wgpu::Buffer,         // (hidden) the last token's residual stream
-    logits: wgpu::Buffer,         // (vocab) of the last token
-    next_token: wgpu::Buffer,     // (1) argmax of the logits as f32, like the token ids
-    candidates: wgpu::Buffer,     // top-k candidates of the logits, see ops::Candidates
+    x_out: wgpu::Buffer,          // (max_outputs, hidden) the output rows' residual streams
+    logits: wgpu::Buffer,         // (max_outputs, vocab)
+    next_tokens: wgpu::Buffer,    // (max_outputs) argmax of each logits row as f32, like the token ids
+    candidates: wgpu::Buffer,     // (max_outputs) top-k candidates of each logits row, see ops::Candidates
     logits_readback: wgpu::Buffer,
-    token_readback: [wgpu::Buffer; 2], // one per greedy pass in flight
-    candidates_readback: wgpu::Buffer,
-    /// Greedy passes submitted and not read yet, oldest first: (token_readback slot, submission).
-    in_flight: VecDeque<(usize, wgpu::SubmissionIndex)>,
+    token_readback: [wgpu::Buffer; 2], // one per pass in flight
+    candidates_readback: [wgpu::Buffer; 2],
+    /// Passes with outputs submitted and not read yet, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// Output rows of the latest pass, which a pass of PassTokens::Previous takes as tokens.
+    last_outputs: usize,
     embed: Op,
     layers: Vec<Layer>,
     lm_head: ByTokens,
     argmax: Op,
     top_k: TopK,
-}
-
-/// What a pass hands back to the host.
-enum Output {
-    Logits,
-    /// The greedy token, into this slot of `token_readback`, and into `tokens` for a next pass.
-    Argmax(usize),
-    TopK,
-}
-
-/// Where a pass's input tokens come from.
-enum Tokens<'a> {
-    Host(&'a [u32]),
-    /// The token the greedy pass before chose, left on the GPU.
-    Previous,
 }
 
 impl Llama {
@@ -279,18 +325,32 @@ impl Llama {
         let gate_up_dim = 2 * c.intermediate_size;
         let widest_row = 4 * c.hidden_size.max(qkv_dim).max(gate_up_dim) as u64;
         let binding = gpu.max_binding();
-        let max_batch = options.max_batch.min((binding / widest_row) as usize);
+        let max_batch = options.max_batch.min(MAX_BATCH_TOKENS).min((binding / widest_row) as usize);
         if max_batch == 0 {
             gpu.check_binding("activation row", widest_row)?;
+        }
+        let sequences = options.max_sequences.max(1);
+        let max_outputs = sequences.min(max_batch).min((binding / (4 * c.vocab_size as u64)) as usize);
+        if max_outputs < sequences {
+            let what = if sequences > max_batch { "one pass of the batch size" } else { "the logits buffer under the binding limit" };
+            return Err(ModelError::TooManySequences { sequences, what, max: max_outputs.min(max_batch) }.into());
         }
         let cos_sin = c.rope_cos_sin(context);
         gpu.check_binding("rope cos/sin table", (cos_sin.len() * 8) as u64)?;
         gpu.check_binding("logits", 4 * c.vocab_size as u64)?;
 
-        let kv_cache = KvCache::new(gpu, c, context).await?;
+        let pages_per_sequence = context.div_ceil(PAGE_SIZE);
+        let pages = match options.kv_memory {
+            Some(bytes) => (bytes / KvPool::bytes_per_page(c)) as usize,
+            None => (sequences * pages_per_sequence).min(KvPool::max_pages(gpu, c)).max(pages_per_sequence),
+        };
+        if pages == 0 {
+            return Err(ModelError::KvPoolTooSmall { bytes: options.kv_memory.unwrap_or_default(), page_bytes: KvPool::bytes_per_page(c) }.into());
+        }
+        let kv_pool = KvPool::new(gpu, c, pages, pages_per_sequence, sequences).await?;
         let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
         let step = ops::step_buffer(gpu, StepParams::default());
-        let one_token = ops::step_buffer(gpu, StepParams::new(1, 0, 1));
+        let outputs_step = ops::step_buffer(gpu, StepParams::default());
         let tokens = gpu.storage_buffer("tokens", 4 * max_batch as u64);
         let x = f32_buffer("x", max_batch * c.hidden_size);
         let qkv = f32_buffer("qkv", max_batch * qkv_dim);
@@ -298,9 +358,9 @@ impl Llama {
         let max_key_splits = ops::max_key_splits(gpu, c.n_heads, c.head_dim, context);
         let attention_partials = gpu.storage_buffer("attention partials", ops::attention_partials_bytes(c.n_heads, c.head_dim, max_key_splits));
         let gate_up = f32_buffer("gate_up", max_batch * gate_up_dim);
-        let x_last = f32_buffer("x_last", c.hidden_size);
-        let logits = f32_buffer("logits", c.vocab_size);
-        let next_token = gpu.storage_buffer("next token", 4);
+        let x_out = f32_buffer("x_out", max_outputs * c.hidden_size);
+        let logits = f32_buffer("logits", max_outputs * c.vocab_size);
+        let next_tokens = f32_buffer("next tokens", max_outputs);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
 
         let (matrices, vectors) = match weights {
@@ -320,64 +380,81 @@ impl Llama {
         let embed_tokens = &matrices["model.embed_tokens.weight"];
         let embed = ops::embedding(gpu, &tokens, &embed_tokens.blocks[0].1, &x, &step);
         let mut layers = Vec::with_capacity(c.n_layers);
-        for (i, (k_cache, v_cache)) in kv_cache.layers.iter().enumerate() {
+        for (i, (k_pool, v_pool)) in kv_pool.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let w = |name: &str| &matrices[&format!("{p}.{name}")];
             let ln = |name: &str| norm(&format!("{p}.{name}.weight"));
-            let rotary = Rotary { cos_sin: &cos_sin, k_cache, v_cache, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+            let rotary = Rotary { cos_sin: &cos_sin, k_cache: k_pool, v_cache: v_pool, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+            let kv = KvLayer { k: k_pool, v: v_pool, page_table: &kv_pool.page_table, pages_per_sequence };
             layers.push(Layer {
                 qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, MatmulOutput::Rotary(rotary), rows(qkv_dim), &step),
-                attention: ops::attention(gpu, &qkv, qkv_dim, k_cache, v_cache, &attn, &attention_partials, max_key_splits, c.n_heads, c.n_kv_heads, c.head_dim, &step),
+                attention: ops::attention(gpu, &qkv, qkv_dim, kv, &attn, &attention_partials, max_key_splits, c.n_heads, c.n_kv_heads, c.head_dim, &step),
                 o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, MatmulOutput::Rows, residual(c.q_dim()), &step),
                 gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, MatmulOutput::Rows, rows(gate_up_dim), &step),
                 down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, MatmulOutput::Rows, residual(gate_up_dim), &step),
             });
         }
         let head = matrices.get("lm_head.weight").unwrap_or(embed_tokens);
-        let lm_head = project(&x_last, norm("model.norm.weight"), head, &logits, MatmulOutput::Rows, rows(c.vocab_size), &one_token);
-        let argmax = ops::argmax(gpu, &logits, &next_token, c.vocab_size);
-        let candidates = gpu.storage_buffer("candidates", TopK::OUT_BYTES);
-        let top_k = TopK::new(gpu, &logits, &candidates, c.vocab_size);
+        let lm_head = project(&x_out, norm("model.norm.weight"), head, &logits, MatmulOutput::Rows, rows(c.vocab_size), &outputs_step);
+        let argmax = ops::argmax(gpu, &logits, &next_tokens, c.vocab_size, max_outputs);
+        let candidates = gpu.storage_buffer("candidates", max_outputs as u64 * TopK::OUT_BYTES);
+        let top_k = TopK::new(gpu, &logits, &candidates, c.vocab_size, max_outputs);
 
         gpu.run(|_| {}).await?;
-        Ok(Self {
+        let mut model = Self {
             gpu: gpu.clone(),
+            context,
             max_batch,
+            max_outputs,
             max_key_splits,
-            kv_cache,
+            kv_pool,
+            identity_pages: false,
             tokens_processed: 0,
             step,
+            outputs_step,
             tokens,
             x,
-            x_last,
+            x_out,
             logits_readback: gpu.readback_buffer("logits readback", 4 * c.vocab_size as u64),
-            token_readback: [0, 1].map(|_| gpu.readback_buffer("token readback", 4)),
+            token_readback: [0, 1].map(|_| gpu.readback_buffer("token readback", 4 * max_outputs as u64)),
+            candidates_readback: [0, 1].map(|_| gpu.readback_buffer("candidates readback", max_outputs as u64 * TopK::OUT_BYTES)),
             in_flight: VecDeque::new(),
-            candidates_readback: gpu.readback_buffer("candidates readback", TopK::OUT_BYTES),
+            last_outputs: 0,
             candidates,
             top_k,
             logits,
-            next_token,
+            next_tokens,
             embed,
             layers,
             lm_head,
             argmax,
             config,
-        })
+        };
+        model.use_identity_pages();
+        Ok(model)
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// Positions the KV cache holds.
+    /// Positions one sequence may reach.
     pub fn context_length(&self) -> usize {
-        self.kv_cache.context
+        self.context
     }
 
     /// The most tokens one pass processes.
     pub fn max_batch(&self) -> usize {
         self.max_batch
+    }
+
+    /// The most sequences a pass samples from (rows of logits), and page table slots.
+    pub fn max_sequences(&self) -> usize {
+        self.max_outputs
+    }
+
+    pub fn kv_pool(&self) -> &KvPool {
+        &self.kv_pool
     }
 
     /// Tokens run through the model since it was loaded (prompt and decode alike).
@@ -390,15 +467,34 @@ impl Llama {
         self.max_key_splits
     }
 
+    /// Writes `pages` into sequence slot `sequence`'s page table from its page `first` on; passes
+    /// submitted after it read them.
+    pub fn write_page_table(&mut self, sequence: usize, first: usize, pages: &[u32]) {
+        self.identity_pages &= sequence != 0;
+        self.kv_pool.write_page_table(&self.gpu, sequence, first, pages);
+    }
+
+    /// Slot 0's page table as the lone-sequence methods read it: page i of the pool for page i
+    /// of the sequence, as far as the pool goes.
+    fn use_identity_pages(&mut self) {
+        if !self.identity_pages {
+            let pages = self.kv_pool.pages.min(self.kv_pool.pages_per_sequence) as u32;
+            self.kv_pool.write_page_table(&self.gpu, 0, 0, &(0..pages).collect::<Vec<u32>>());
+            self.identity_pages = true;
+        }
+    }
+
+    /// Positions the lone-sequence methods can fill: the context, or less where the pool is smaller.
+    fn lone_context(&self) -> usize {
+        self.context.min(self.kv_pool.pages * PAGE_SIZE)
+    }
+
     /// Compute dispatches of a one-token pass at `position` that returns a greedy token (past
     /// the first keys of a split, attention merges its splits in one more per layer).
     pub fn dispatches_per_token(&self, position: usize) -> usize {
-        let (blocks, head) = self.plan(&self.step_params(1, position), &Output::Argmax(0));
+        let step = StepParams::new(1, position as u32, self.max_key_splits);
+        let (blocks, head) = self.plan(&step, 1, false);
         blocks.len() + head.len()
-    }
-
-    fn step_params(&self, n_tokens: usize, start_pos: usize) -> StepParams {
-        StepParams::new(n_tokens as u32, start_pos as u32, self.max_key_splits)
     }
 
     /// Runs a greedy pass of `tokens` at positions start_pos.. (one token: a decode step; more: a
@@ -408,21 +504,17 @@ impl Llama {
         let passes = tokens.len().div_ceil(self.max_batch).max(1);
         // A one-token pass at the last position has the most dispatches.
         let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token(start_pos + tokens.len()) * passes)?;
-        self.submit_argmax(Tokens::Host(tokens), start_pos, Some(&mut timer))?;
+        self.submit_lone(PassTokens::Host(tokens), start_pos, &[], Some(&mut timer))?;
         let next = self.read_greedy().await?;
         Ok((next, timer.read(&self.gpu, start_pos + tokens.len().saturating_sub(1)).await?))
     }
 
-    /// Runs `tokens` at positions start_pos.. (filling the KV cache there) and returns the logits of
+    /// Runs `tokens` at positions start_pos.. (filling the KV pool there) and returns the logits of
     /// the last one. A prompt and a single decode token take the same path.
     pub async fn forward(&mut self, tokens: &[u32], start_pos: usize) -> Result<Vec<f32>> {
-        self.submit(tokens, start_pos, Output::Logits)?;
-        let bytes = self.gpu.read_mapped(&self.logits_readback, 4 * self.config.vocab_size as u64).await?;
-        let logits: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
-        if logits.iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::NonFiniteLogits.into());
-        }
-        Ok(logits)
+        self.submit_lone(PassTokens::Host(tokens), start_pos, &[], None)?;
+        self.read_pass().await?;
+        self.read_logits(0).await
     }
 
     /// Like [`Llama::forward`], but returns only the id of the largest logit, chosen on the GPU.
@@ -434,7 +526,7 @@ impl Llama {
     /// The host half of [`Llama::forward_greedy`]: checks, encodes and submits the pass without
     /// waiting for the GPU; [`Llama::read_greedy`] then waits for its token.
     pub fn submit_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<()> {
-        self.submit_argmax(Tokens::Host(tokens), start_pos, None)
+        self.submit_lone(PassTokens::Host(tokens), start_pos, &[], None)
     }
 
     /// Submits a one-token greedy pass at `position` whose input is the token of the greedy pass in
@@ -444,47 +536,38 @@ impl Llama {
         if self.in_flight.len() != 1 {
             return Err(ModelError::GreedyChain { in_flight: self.in_flight.len() }.into());
         }
-        self.submit_argmax(Tokens::Previous, position, None)
-    }
-
-    fn submit_argmax(&mut self, tokens: Tokens, start_pos: usize, timer: Option<&mut Timestamps>) -> Result<()> {
-        let slot = self.in_flight.back().map_or(0, |(slot, _)| 1 - slot);
-        let submission = self.submit_timed(tokens, start_pos, Output::Argmax(slot), timer)?;
-        self.in_flight.push_back((slot, submission));
-        Ok(())
+        self.submit_lone(PassTokens::Previous, position, &[], None)
     }
 
     /// The token of the oldest greedy pass submitted and not read yet; waits for that pass only.
     pub async fn read_greedy(&mut self) -> Result<u32> {
-        let (slot, submission) = self.in_flight.pop_front().ok_or(ModelError::GreedyChain { in_flight: 0 })?;
-        let bytes = self.gpu.read_mapped_after(&self.token_readback[slot], 4, submission).await?;
-        let token = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        if !(0.0..self.config.vocab_size as f32).contains(&token) {
-            return Err(ModelError::NonFiniteLogits.into());
-        }
-        Ok(token as u32)
+        Ok(self.read_pass().await?.argmax[0])
     }
 
     /// Like [`Llama::forward`], but returns the `k` (at most [`ops::MAX_TOP_K`]) largest logits and
     /// the softmax normaliser at `temperature`, chosen on the GPU.
     pub async fn forward_top_k(&mut self, tokens: &[u32], start_pos: usize, k: usize, temperature: f32) -> Result<Candidates> {
-        self.top_k.set(&self.gpu, k, temperature);
-        self.submit(tokens, start_pos, Output::TopK)?;
-        let bytes = self.gpu.read_mapped(&self.candidates_readback, TopK::OUT_BYTES).await?;
-        let candidates = Candidates::from_words(&bytemuck::pod_collect_to_vec(&bytes), k);
-        if !candidates.max.is_finite() || !candidates.exp_sum.is_finite() {
-            return Err(ModelError::NonFiniteLogits.into());
-        }
-        Ok(candidates)
+        self.submit_lone(PassTokens::Host(tokens), start_pos, &[(k, temperature)], None)?;
+        let mut output = self.read_pass().await?;
+        Ok(output.candidates.remove(0))
     }
 
-    /// The logits of the last position of the latest pass, read back without recomputing them.
-    pub async fn last_logits(&self) -> Result<Vec<f32>> {
+    /// The logits of output row `row` of the latest pass, read back without recomputing them.
+    pub async fn read_logits(&self, row: usize) -> Result<Vec<f32>> {
+        let bytes = 4 * self.config.vocab_size as u64;
         let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(&self.logits, 0, &self.logits_readback, 0, None);
+        encoder.copy_buffer_to_buffer(&self.logits, row as u64 * bytes, &self.logits_readback, 0, bytes);
         self.gpu.queue.submit([encoder.finish()]);
-        let bytes = self.gpu.read_mapped(&self.logits_readback, 4 * self.config.vocab_size as u64).await?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
+        let logits: Vec<f32> = bytemuck::pod_collect_to_vec(&self.gpu.read_mapped(&self.logits_readback, bytes).await?);
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::NonFiniteLogits.into());
+        }
+        Ok(logits)
+    }
+
+    /// The logits of the last position of the latest lone-sequence pass.
+    pub async fn last_logits(&self) -> Result<Vec<f32>> {
+        self.read_logits(0).await
     }
 
     /// Greedy continuation of `prompt` from position 0: `n` new tokens, each step submitted before
@@ -501,81 +584,156 @@ impl Llama {
         Ok(out)
     }
 
-    /// Encodes and submits a pass over `tokens`; the caller reads back what `output` names.
-    fn submit(&mut self, tokens: &[u32], start_pos: usize, output: Output) -> Result<()> {
-        self.submit_timed(Tokens::Host(tokens), start_pos, output, None).map(|_| ())
-    }
-
-    /// Encodes and submits a pass, each dispatch timed when `timer` is given; returns the
-    /// submission of its last command buffer. Tokens from the host drop the greedy passes still
-    /// unread: the pass no longer follows them.
-    fn submit_timed(&mut self, tokens: Tokens, start_pos: usize, output: Output, mut timer: Option<&mut Timestamps>) -> Result<wgpu::SubmissionIndex> {
-        self.gpu.check()?;
-        if let Tokens::Host(_) = tokens {
+    /// Submits the passes of slot 0's tokens at positions start_pos.. in chunks of max_batch, the
+    /// last one computing its last token's logits (and top-k candidates when `top_k` is given).
+    /// Tokens from the host drop the passes still unread: the pass no longer follows them.
+    fn submit_lone(&mut self, tokens: PassTokens, start_pos: usize, top_k: &[(usize, f32)], mut timer: Option<&mut Timestamps>) -> Result<()> {
+        let n = match tokens {
+            PassTokens::Host(tokens) => tokens.len(),
+            PassTokens::Previous => 1,
+        };
+        if n == 0 {
+            return Err(ModelError::EmptyInput.into());
+        }
+        let context = self.lone_context();
+        if start_pos + n > context {
+            return Err(ModelError::ContextFull { start_pos, n_tokens: n, needed: start_pos + n, context }.into());
+        }
+        if let PassTokens::Host(_) = tokens {
             self.in_flight.clear();
         }
+        self.use_identity_pages();
+        let chunks: Vec<PassTokens> = match tokens {
+            PassTokens::Host(tokens) => tokens.chunks(self.max_batch).map(PassTokens::Host).collect(),
+            PassTokens::Previous => vec![PassTokens::Previous],
+        };
+        let n_chunks = chunks.len();
+        let mut position = start_pos;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let len = match chunk {
+                PassTokens::Host(tokens) => tokens.len(),
+                PassTokens::Previous => 1,
+            };
+            let last = i + 1 == n_chunks;
+            let mut batch = Batch::lone(position, len, last);
+            if last {
+                batch.top_k = top_k.to_vec();
+            }
+            self.submit_timed(&batch, chunk, timer.as_deref_mut())?;
+            position += len;
+        }
+        Ok(())
+    }
+
+    /// Checks, encodes and submits one pass of `batch` without waiting for the GPU; a pass with
+    /// outputs is then read with [`Llama::read_pass`] (passes are read in order, at most two
+    /// unread). The pages its tokens' KV rows and attention read must be in the page tables.
+    pub fn submit(&mut self, batch: &Batch, tokens: PassTokens) -> Result<()> {
+        if self.in_flight.len() >= 2 {
+            return Err(ModelError::GreedyChain { in_flight: self.in_flight.len() }.into());
+        }
+        self.submit_timed(batch, tokens, None)
+    }
+
+    fn submit_timed(&mut self, batch: &Batch, tokens: PassTokens, mut timer: Option<&mut Timestamps>) -> Result<()> {
+        self.gpu.check()?;
         let c = &self.config;
-        // Chunks of at most max_batch host tokens, or the one token the GPU holds.
-        let chunks: Vec<Option<&[u32]>> = match tokens {
-            Tokens::Host(tokens) => {
-                if tokens.is_empty() {
-                    return Err(ModelError::EmptyInput.into());
+        let n = batch.slots.len();
+        let outputs = batch.outputs.len();
+        if n == 0 {
+            return Err(ModelError::EmptyInput.into());
+        }
+        if n > self.max_batch || outputs > self.max_outputs {
+            return Err(ModelError::BatchTooLarge { tokens: n, outputs, max_tokens: self.max_batch, max_outputs: self.max_outputs }.into());
+        }
+        match tokens {
+            PassTokens::Host(ids) => {
+                if ids.len() != n {
+                    return Err(ModelError::ChainMismatch { tokens: n, outputs: ids.len() }.into());
                 }
-                if let Some(&token) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                if let Some(&token) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
                     return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
                 }
-                tokens.chunks(self.max_batch).map(Some).collect()
-            }
-            Tokens::Previous => vec![None],
-        };
-        let n_tokens = chunks.iter().map(|chunk| chunk.map_or(1, <[u32]>::len)).sum::<usize>();
-        let needed = start_pos + n_tokens;
-        if needed > self.kv_cache.context {
-            return Err(ModelError::ContextFull { start_pos, n_tokens, needed, context: self.kv_cache.context }.into());
-        }
-        self.tokens_processed += n_tokens as u64;
-        let n_chunks = chunks.len();
-        let mut submission = None;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let n = chunk.map_or(1, <[u32]>::len) as u32;
-            let step = self.step_params(n as usize, start_pos + i * self.max_batch);
-            self.gpu.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
-            if let Some(chunk) = chunk {
-                let ids: Vec<f32> = chunk.iter().map(|&t| t as f32).collect();
+                let ids: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
                 self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
             }
-            let last = i + 1 == n_chunks;
-            let (blocks, head) = self.plan(&step, &output);
-            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-            encode(&mut encoder, &blocks, n, timer.as_deref_mut())?;
-            if last {
-                let row_bytes = 4 * c.hidden_size as u64;
-                encoder.copy_buffer_to_buffer(&self.x, (n as u64 - 1) * row_bytes, &self.x_last, 0, row_bytes);
-                encode(&mut encoder, &head, 1, timer.as_deref_mut())?;
-                let (from, to) = match output {
-                    Output::Logits => (&self.logits, &self.logits_readback),
-                    Output::Argmax(slot) => {
-                        // The input of a next pass that takes the token from the GPU.
-                        encoder.copy_buffer_to_buffer(&self.next_token, 0, &self.tokens, 0, 4);
-                        (&self.next_token, &self.token_readback[slot])
-                    }
-                    Output::TopK => (&self.candidates, &self.candidates_readback),
-                };
-                encoder.copy_buffer_to_buffer(from, 0, to, 0, None);
-                if let Some(timer) = timer.as_deref() {
-                    timer.resolve(&mut encoder);
-                }
+            PassTokens::Previous if self.last_outputs != n => {
+                return Err(ModelError::ChainMismatch { tokens: n, outputs: self.last_outputs }.into());
             }
-            submission = Some(self.gpu.queue.submit([encoder.finish()]));
+            PassTokens::Previous => {}
         }
-        // At least one chunk ran.
-        submission.ok_or_else(|| ModelError::EmptyInput.into())
+        let top_k = !batch.top_k.is_empty();
+        if top_k {
+            self.top_k.set(&self.gpu, &batch.top_k);
+        }
+        let step = StepParams::for_slots(&batch.slots, self.max_key_splits);
+        self.gpu.queue.write_buffer(&self.step, 0, step.bytes());
+        if outputs > 0 {
+            let outputs_step = StepParams { n_tokens: outputs as u32, ..Default::default() };
+            self.gpu.queue.write_buffer(&self.outputs_step, 0, outputs_step.bytes());
+        }
+        self.tokens_processed += n as u64;
+
+        let (blocks, head) = self.plan(&step, outputs as u32, top_k);
+        let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+        encode(&mut encoder, &blocks, n as u32, timer.as_deref_mut())?;
+        let readback = self.in_flight.back().map_or(0, |pass| 1 - pass.readback);
+        if outputs > 0 {
+            let row_bytes = 4 * c.hidden_size as u64;
+            for (i, &row) in batch.outputs.iter().enumerate() {
+                encoder.copy_buffer_to_buffer(&self.x, row as u64 * row_bytes, &self.x_out, i as u64 * row_bytes, row_bytes);
+            }
+            encode(&mut encoder, &head, outputs as u32, timer.as_deref_mut())?;
+            // The input of a next pass that takes its tokens from the GPU.
+            let token_bytes = 4 * outputs as u64;
+            encoder.copy_buffer_to_buffer(&self.next_tokens, 0, &self.tokens, 0, token_bytes);
+            encoder.copy_buffer_to_buffer(&self.next_tokens, 0, &self.token_readback[readback], 0, token_bytes);
+            if top_k {
+                encoder.copy_buffer_to_buffer(&self.candidates, 0, &self.candidates_readback[readback], 0, outputs as u64 * TopK::OUT_BYTES);
+            }
+        }
+        if let Some(timer) = timer.as_deref().filter(|_| outputs > 0) {
+            timer.resolve(&mut encoder);
+        }
+        let submission = self.gpu.queue.submit([encoder.finish()]);
+        if outputs > 0 {
+            let top_k = batch.top_k.iter().map(|&(k, _)| k.clamp(1, ops::MAX_TOP_K)).collect();
+            self.in_flight.push_back(InFlight { readback, outputs, top_k, submission });
+        }
+        self.last_outputs = outputs;
+        Ok(())
+    }
+
+    /// The results of the oldest pass with outputs submitted and not read yet; waits for that
+    /// pass only.
+    pub async fn read_pass(&mut self) -> Result<PassOutput> {
+        let pass = self.in_flight.pop_front().ok_or(ModelError::GreedyChain { in_flight: 0 })?;
+        let bytes = self.gpu.read_mapped_after(&self.token_readback[pass.readback], 4 * pass.outputs as u64, pass.submission.clone()).await?;
+        let vocab = self.config.vocab_size as f32;
+        let argmax = bytemuck::pod_collect_to_vec::<u8, f32>(&bytes)
+            .into_iter()
+            .map(|token| if (0.0..vocab).contains(&token) { Ok(token as u32) } else { Err(ModelError::NonFiniteLogits) })
+            .collect::<std::result::Result<Vec<u32>, ModelError>>()?;
+        let mut candidates = vec![];
+        if !pass.top_k.is_empty() {
+            let row_words = (TopK::OUT_BYTES / 4) as usize;
+            let bytes = self.gpu.read_mapped_after(&self.candidates_readback[pass.readback], pass.outputs as u64 * TopK::OUT_BYTES, pass.submission).await?;
+            let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+            for (row, &k) in words.chunks(row_words).zip(&pass.top_k) {
+                let row_candidates = Candidates::from_words(row, k);
+                if !row_candidates.max.is_finite() || !row_candidates.exp_sum.is_finite() {
+                    return Err(ModelError::NonFiniteLogits.into());
+                }
+                candidates.push(row_candidates);
+            }
+        }
+        Ok(PassOutput { argmax, candidates })
     }
 
     /// The dispatches of a pass of `step`, in order, each named by what it computes: the
-    /// blocks, then the head, which runs on the last token's row (copied to x_last in between).
+    /// blocks, then the head, which runs on the `outputs` rows (copied to x_out in between).
     /// Encoding, the dispatch count and the profile all read this one list.
-    fn plan(&self, step: &StepParams, output: &Output) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
+    fn plan(&self, step: &StepParams, outputs: u32, top_k: bool) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
         let n = step.n_tokens;
         fn add<'a>(list: &mut Vec<Named<'a>>, name: &'static str, op: &'a Op) {
             list.extend(op.dispatches().iter().map(|d| (name, d)));
@@ -590,11 +748,12 @@ impl Llama {
             add(&mut blocks, "down_proj", l.down_proj.for_tokens(n));
         }
         let mut head = vec![];
-        add(&mut head, "lm_head", self.lm_head.for_tokens(1)); // logits = rmsnorm(x_last) * norm @ lm_head.T
-        match output {
-            Output::Logits => {}
-            Output::Argmax(_) => add(&mut head, "argmax", &self.argmax), // next_token = argmax(logits)
-            Output::TopK => add(&mut head, "top_k", self.top_k.op()), // candidates = top_k(logits)
+        if outputs > 0 {
+            add(&mut head, "lm_head", self.lm_head.for_tokens(outputs)); // logits = rmsnorm(x_out) * norm @ lm_head.T
+            add(&mut head, "argmax", &self.argmax); // next_tokens = argmax(logits, dim=-1)
+            if top_k {
+                add(&mut head, "top_k", self.top_k.op()); // candidates = top_k(logits) per row
+            }
         }
         (blocks, head)
     }

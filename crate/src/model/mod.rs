@@ -1,13 +1,13 @@
-//! The model: configuration, KV cache and the Llama forward pass.
+//! The model: configuration, the paged KV pool and the Llama forward pass.
 
 mod config;
-mod kv_cache;
+mod kv_pool;
 mod llama;
 
 pub use config::{Config, Llama3Scaling, Rope};
-pub use kv_cache::KvCache;
+pub use kv_pool::{page_hash, KvPool, PageAllocator, PrefixMatch, PAGE_SIZE};
 pub use crate::load::LoadProgress;
-pub use llama::{checkpoint_tensors, Llama, LoadOptions};
+pub use llama::{checkpoint_tensors, Batch, Llama, LoadOptions, PassOutput, PassTokens};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -19,8 +19,12 @@ pub enum ModelError {
     Shape { tensor: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("context length {requested} exceeds the model's max_position_embeddings {max}")]
     ContextTooLong { requested: usize, max: usize },
-    #[error("a KV cache of {context} positions needs {needed} bytes ({per_buffer} per layer buffer); {reason}")]
-    KvCacheTooLarge { context: usize, needed: u64, per_buffer: u64, reason: String },
+    #[error("a KV pool of {pages} pages ({positions} positions) needs {needed} bytes ({per_buffer} per layer buffer); {reason}")]
+    KvPoolTooLarge { pages: usize, positions: usize, needed: u64, per_buffer: u64, reason: String },
+    #[error("a KV memory of {bytes} bytes holds no page: one page takes {page_bytes}")]
+    KvPoolTooSmall { bytes: u64, page_bytes: u64 },
+    #[error("{sequences} sequences do not fit {what}: at most {max}")]
+    TooManySequences { sequences: usize, what: &'static str, max: usize },
     #[error("{needed} positions do not fit the context of {context} (start {start_pos} + {n_tokens} tokens)")]
     ContextFull { start_pos: usize, n_tokens: usize, needed: usize, context: usize },
     #[error("token id {token} is outside the vocabulary of {vocab}")]
@@ -29,6 +33,10 @@ pub enum ModelError {
     EmptyInput,
     #[error("{in_flight} greedy passes are in flight; the next pass needs exactly one to take its token from")]
     GreedyChain { in_flight: usize },
+    #[error("a pass whose tokens are the previous pass's outputs needs as many tokens ({tokens}) as that pass had outputs ({outputs})")]
+    ChainMismatch { tokens: usize, outputs: usize },
+    #[error("a pass of {tokens} tokens with {outputs} outputs exceeds the model's limits ({max_tokens} tokens, {max_outputs} outputs)")]
+    BatchTooLarge { tokens: usize, outputs: usize, max_tokens: usize, max_outputs: usize },
     #[error("the logits are not finite (NaN or infinite): the GPU computed garbage")]
     NonFiniteLogits,
 }
