@@ -204,10 +204,10 @@ fn context_length_is_checked_against_the_model_and_the_device() {
     let Some(gpu) = gpu() else { return };
     let err = load_model(&gpu, "tiny-llama31", &LoadOptions { context_length: Some(257), ..Default::default() }).err().unwrap();
     assert!(matches!(err, Error::Model(_)) && err.to_string().contains("max_position_embeddings 256"), "{err}");
-    // A KV cache layer buffer of 256 positions is 32 KiB; the rope table 16 KiB.
+    // A KV pool layer buffer of one context (16 pages of 16 positions) is 32 KiB; the rope table 16 KiB.
     let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(20 << 10), ..Default::default() }) else { return };
     let err = load_model(&small, "tiny-llama31", &LoadOptions { context_length: Some(256), ..Default::default() }).err().unwrap().to_string();
-    assert!(err.contains("KV cache of 256 positions needs 196608 bytes") && err.contains("20480"), "{err}");
+    assert!(err.contains("KV pool of 16 pages (256 positions) needs 196608 bytes") && err.contains("20480"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,259 @@
+//! Many sequences in one engine: concurrent requests produce the tokens each produces alone, a small
+//! KV pool makes requests wait instead of failing, pages all come back, and a shared prefix is
+//! computed once. On the tiny Llama 3.1 fixture with the Llama 3 tokenizer cut to its vocabulary.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{golden, gpu, load_model, rng, truncated_llama3_tokenizer};
+use llama_webgpu::api::{FinishReason, SamplingParams};
+use llama_webgpu::engine::{Event, SequenceId};
+use llama_webgpu::model::{PageAllocator, PAGE_SIZE};
+use llama_webgpu::text::ChatTemplate;
+use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
+use rand::Rng;
+
+const FIXTURE: &str = "tiny-llama31";
+const CONTEXT: usize = 128;
+
+fn engine(max_sequences: usize, kv_memory: Option<u64>) -> Option<Engine> {
+    let gpu = gpu()?;
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences, kv_memory, ..Default::default() };
+    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    let tokenizer = truncated_llama3_tokenizer(model.config().vocab_size);
+    Some(Engine::new(model, tokenizer, ChatTemplate::llama31(), 1).unwrap())
+}
+
+/// Prompts of different lengths cut from the golden prompt and shifted through the vocabulary.
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    let base = golden(FIXTURE).greedy.prompt;
+    (0..n).map(|i| base.iter().take(5 + (i * 7) % 36).map(|&t| (t + 37 * i as u32) % 1000).collect()).collect()
+}
+
+/// A request to run: its prompt, sampling, the engine step at which it is added, and the number of
+/// its tokens after which it is cancelled.
+struct Request {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    joins_at: usize,
+    cancel_after: Option<usize>,
+}
+
+/// Runs `requests` through one engine, each added at its step; returns each one's completion and
+/// the text its deltas carried.
+fn run_together(engine: &mut Engine, requests: &[Request]) -> Vec<(Completion, String)> {
+    let mut ids: HashMap<SequenceId, usize> = HashMap::new();
+    let mut cancels: Vec<CancelToken> = requests.iter().map(|_| CancelToken::default()).collect();
+    let mut results: Vec<Option<(Completion, String)>> = requests.iter().map(|_| None).collect();
+    let mut texts = vec![String::new(); requests.len()];
+    let mut counts = vec![0; requests.len()];
+    let mut step = 0;
+    while results.iter().any(Option::is_none) {
+        for (i, request) in requests.iter().enumerate().filter(|(_, r)| r.joins_at == step) {
+            cancels[i] = CancelToken::default();
+            let id = engine.add(request.prompt.clone(), &request.params, cancels[i].clone()).unwrap();
+            ids.insert(id, i);
+        }
+        for (id, event) in pollster::block_on(engine.step()).unwrap() {
+            let i = ids[&id];
+            match event {
+                Event::Delta(delta) => {
+                    texts[i].push_str(&delta.text);
+                    counts[i] += delta.token.is_some() as usize;
+                    if requests[i].cancel_after == Some(counts[i]) {
+                        cancels[i].cancel();
+                    }
+                }
+                Event::Finished(completion) => results[i] = Some((completion, std::mem::take(&mut texts[i]))),
+                Event::Failed(error) => panic!("request {i} failed: {error}"),
+            }
+        }
+        step += 1;
+        assert!(step < 10_000, "the engine stopped making progress");
+    }
+    assert!(engine.is_idle());
+    results.into_iter().map(Option::unwrap).collect()
+}
+
+/// Each request alone on a fresh single-sequence engine.
+fn run_alone(requests: &[Request]) -> Vec<Completion> {
+    requests
+        .iter()
+        .map(|request| {
+            let mut engine = engine(1, None).unwrap();
+            let mut count = 0;
+            let cancel = CancelToken::default();
+            let completion = pollster::block_on(engine.generate(&request.prompt, &request.params, &cancel, &mut |delta| {
+                count += delta.token.is_some() as usize;
+                if request.cancel_after == Some(count) {
+                    cancel.cancel();
+                }
+            }));
+            completion.unwrap()
+        })
+        .collect()
+}
+
+/// 16 requests with different prompts and lengths, joining at different steps, two cancelled.
+fn requests(params: impl Fn(usize) -> SamplingParams) -> Vec<Request> {
+    prompts(16)
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| Request {
+            prompt,
+            params: params(i),
+            joins_at: [0, 0, 0, 1, 2, 3, 5, 8][i % 8] + i / 8,
+            cancel_after: match i {
+                3 => Some(2),
+                11 => Some(5),
+                _ => None,
+            },
+        })
+        .collect()
+}
+
+/// Tokens, text and finish reasons equal, and cancelled requests cut where they were cancelled.
+fn assert_same_as_alone(requests: &[Request], together: &[(Completion, String)], alone: &[Completion]) {
+    for (i, ((together, text), alone)) in together.iter().zip(alone).enumerate() {
+        assert_eq!(together.tokens, alone.tokens, "request {i}: tokens");
+        assert_eq!(together.finish_reason, alone.finish_reason, "request {i}");
+        assert_eq!(&together.text, text, "request {i}: the deltas' text");
+        assert_eq!(together.text, alone.text, "request {i}: text");
+        if let Some(n) = requests[i].cancel_after {
+            assert_eq!(together.tokens.len(), n, "request {i}: cancelled after {n} tokens");
+        }
+    }
+}
+
+#[test]
+fn concurrent_greedy_requests_produce_the_tokens_of_each_alone() {
+    let Some(mut engine) = engine(16, None) else { return };
+    let requests = requests(|i| SamplingParams { temperature: Some(0.0), max_tokens: Some(6 + (i as u32 * 5) % 17), ..Default::default() });
+    let free_at_start = engine.load().kv_pages_free;
+    let together = run_together(&mut engine, &requests);
+    assert_same_as_alone(&requests, &together, &run_alone(&requests));
+    assert_eq!((together[3].0.finish_reason, together[11].0.finish_reason), (FinishReason::Abort, FinishReason::Abort));
+    assert_eq!(engine.load().kv_pages_free, free_at_start);
+}
+
+#[test]
+fn concurrent_seeded_sampling_produces_the_tokens_of_each_alone() {
+    let Some(mut engine) = engine(16, None) else { return };
+    // GPU top-k candidates, top-p over the vocabulary's head, and full logits (a penalty).
+    let requests = requests(|i| SamplingParams {
+        temperature: Some(0.7 + 0.1 * (i % 4) as f32),
+        top_k: [Some(8), None, Some(40), None][i % 4],
+        top_p: [None, Some(0.9), None, None][i % 4],
+        presence_penalty: [None, None, None, Some(0.5)][i % 4],
+        seed: Some(100 + i as u64),
+        max_tokens: Some(6 + (i as u32 * 3) % 11),
+        ..Default::default()
+    });
+    let together = run_together(&mut engine, &requests);
+    assert_same_as_alone(&requests, &together, &run_alone(&requests));
+}
+
+#[test]
+fn a_small_pool_makes_requests_wait_and_a_request_too_large_for_it_fails_clearly() {
+    // A page of the fixture: keys and values of 3 layers, 16 positions of 2 KV heads of 16.
+    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
+    // 6 pages (96 positions): one or two of these requests (2-4 pages each) at a time, though
+    // 8 sequences may run.
+    let Some(mut engine) = engine(8, Some(6 * page_bytes)) else { return };
+    let load = engine.load();
+    assert_eq!((load.kv_pages, load.kv_pages_free, load.max_sequences), (6, 6, 8));
+    let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(12), ..Default::default() };
+    let requests: Vec<Request> = prompts(6).into_iter().map(|prompt| Request { prompt, params: params.clone(), joins_at: 0, cancel_after: None }).collect();
+    let together = run_together(&mut engine, &requests);
+    assert_same_as_alone(&requests, &together, &run_alone(&requests));
+    assert_eq!(engine.load().kv_pages_free, 6);
+
+    let err = engine.add(vec![1; 100], &SamplingParams { max_tokens: Some(28), ..Default::default() }, CancelToken::default()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the request needs 8 KV pages (128 positions: the prompt's 100 and max_tokens 28) but the KV pool holds 6 pages of 16: lower max_tokens or give the pool more memory"
+    );
+    assert!(engine.is_idle());
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once_and_changes_no_token() {
+    let Some(mut engine) = engine(4, None) else { return };
+    let system: Vec<u32> = golden(FIXTURE).greedy.prompt[..38].to_vec();
+    let with_question = |q: u32| [system.as_slice(), &[q, q + 1, q + 2]].concat();
+    let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(12), ..Default::default() };
+    // The first request runs; the second joins while it is still decoding.
+    let requests = vec![
+        Request { prompt: with_question(500), params: params.clone(), joins_at: 0, cancel_after: None },
+        Request { prompt: with_question(600), params: params.clone(), joins_at: 3, cancel_after: None },
+    ];
+    let together = run_together(&mut engine, &requests);
+    assert_eq!(together[0].0.usage.cached_prompt_tokens, 0);
+    // The system prompt's two whole pages come from the first request.
+    assert_eq!(together[1].0.usage.cached_prompt_tokens as usize, 2 * PAGE_SIZE);
+    assert_same_as_alone(&requests, &together, &run_alone(&requests));
+}
+
+#[test]
+fn pages_all_come_back_after_many_requests_with_random_cancellations() {
+    let Some(mut engine) = engine(6, None) else { return };
+    let free_at_start = engine.load().kv_pages_free;
+    let mut r = rng(7);
+    let base = prompts(12);
+    let requests: Vec<Request> = (0..150)
+        .map(|i| Request {
+            prompt: base[i % base.len()][..r.random_range(1..=base[i % base.len()].len())].to_vec(),
+            params: SamplingParams { temperature: Some(if i % 3 == 0 { 0.8 } else { 0.0 }), seed: Some(i as u64), max_tokens: Some(r.random_range(1..6)), ..Default::default() },
+            joins_at: i / 3,
+            cancel_after: (i % 4 == 1).then(|| r.random_range(1..4)),
+        })
+        .collect();
+    let together = run_together(&mut engine, &requests);
+    for ((completion, _), request) in together.iter().zip(&requests) {
+        let limit = request.params.max_tokens.unwrap_or_default() as usize;
+        assert!(completion.tokens.len() <= limit.min(request.cancel_after.unwrap_or(limit)));
+    }
+    assert_eq!(engine.load().kv_pages_free, free_at_start);
+    assert_eq!(engine.load().running, 0);
+}
+
+#[test]
+fn the_page_allocator_keeps_its_count_through_a_thousand_admissions() {
+    // The scheduler's bookkeeping alone: admissions that share prefixes, partial pages taken
+    // over, pages taken one by one and released early or late.
+    let mut pages = PageAllocator::new(40);
+    let mut r = rng(3);
+    let mut held: Vec<(Vec<u32>, usize)> = vec![];
+    let prefixes: Vec<Vec<u32>> = (0..5).map(|i| (0..80).map(|t| (t * 7 + i * 1000) as u32).collect()).collect();
+    for round in 0..1000 {
+        if !held.is_empty() && (r.random_bool(0.5) || pages.available() < 6) {
+            let (owned, reserved) = held.swap_remove(r.random_range(0..held.len()));
+            pages.release(&owned, reserved);
+            continue;
+        }
+        let tokens = &prefixes[round % 5][..r.random_range(2..80)];
+        let prefix = pages.find_prefix(tokens, tokens.len() - 1);
+        assert!(prefix.tokens() < tokens.len());
+        let needed = (tokens.len() + 5).div_ceil(PAGE_SIZE);
+        let Some(mut owned) = pages.admit(&prefix, needed) else { continue };
+        let mut reserved = needed - owned.len();
+        let mut parent = 0;
+        for (i, chunk) in tokens.chunks(PAGE_SIZE).enumerate() {
+            if i >= owned.len() {
+                owned.push(pages.take_reserved());
+                reserved -= 1;
+            }
+            if chunk.len() == PAGE_SIZE {
+                parent = pages.cache_full(owned[i], parent, chunk);
+            } else {
+                pages.cache_partial(owned[i], parent, chunk);
+            }
+        }
+        held.push((owned, reserved));
+    }
+    for (owned, reserved) in held.drain(..) {
+        pages.release(&owned, reserved);
+    }
+    assert_eq!((pages.free(), pages.available()), (40, 40));
+}
