@@ -33,6 +33,8 @@ pub enum EngineError {
     VocabMismatch { tokenizer: usize, model: usize },
     #[error("token id {token} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { token: u32, vocab: usize },
+    #[error("internal error in the engine: {0}")]
+    Internal(String),
     #[error("the request needs {needed} KV pages ({positions} positions: the prompt's {prompt} and max_tokens {max_tokens}) but the KV pool holds {pool} pages of {page_size}: lower max_tokens or give the pool more memory")]
     DoesNotFit { needed: usize, positions: usize, prompt: usize, max_tokens: usize, pool: usize, page_size: usize },
     #[error(transparent)]
@@ -256,12 +258,14 @@ impl Engine {
         if prompt.len() >= context {
             return Err(EngineError::PromptTooLong { prompt: prompt.len(), context }.into());
         }
+        // Without max_tokens a sequence may run until its context or the whole pool is full.
+        let reachable = context.min(self.pages.total() * PAGE_SIZE);
         let max_tokens = match params.max_tokens {
             Some(n) if prompt.len() + n as usize > context => {
                 return Err(EngineError::MaxTokensTooLarge { max_tokens: n as usize, prompt: prompt.len(), context }.into())
             }
             Some(n) => n as usize,
-            None => context - prompt.len(),
+            None => reachable.saturating_sub(prompt.len()).max(1),
         };
         let positions = (prompt.len() + max_tokens).min(context);
         let needed = positions.div_ceil(PAGE_SIZE);
@@ -316,7 +320,7 @@ impl Engine {
         let mut events = vec![];
         let result = self.try_step(&mut events).await;
         if let Err(error) = result {
-            self.reset();
+            self.clear();
             return Err(error);
         }
         Ok(events)
@@ -563,8 +567,8 @@ impl Engine {
         events.push((id, event));
     }
 
-    /// Forgets every sequence and page after a failed pass.
-    fn reset(&mut self) {
+    /// Forgets every sequence and page (after a failed pass; a host whose step panicked).
+    pub fn clear(&mut self) {
         self.waiting.clear();
         self.running.clear();
         self.pending = None;

@@ -1,16 +1,23 @@
 //! wasm-bindgen exports for the browser: one engine per wasm instance (the JS package runs it in a
-//! Web Worker). Requests and results cross as JSON strings in the shapes of `crate::api`; failures
-//! are thrown as JS `Error`s whose `name` says what kind they are (see `ErrorKind`).
+//! Web Worker). Concurrent `chat` calls run together (continuous batching): each queues itself, and
+//! one task, the driver, started by the call that finds none running, adds queued requests to the
+//! engine and steps it while any runs, handing each sequence's events to its request. Requests and
+//! results cross as JSON strings in the shapes of `crate::api`; failures are thrown as JS `Error`s
+//! whose `name` says what kind they are (see `ErrorKind`).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
-use js_sys::{Function, Reflect};
+use futures_channel::oneshot::{self, Receiver};
+use js_sys::{Function, Promise, Reflect};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 
 use crate::api::ChatCompletionRequest;
+use crate::engine::{Completion, Event, Load, SequenceId};
 use crate::gpu::GpuError;
 use crate::load::{LoadError, WebModel};
+use crate::text::RenderOptions;
 use crate::{CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 /// The `name` of the errors thrown to JS.
@@ -58,20 +65,42 @@ fn to_js(error: crate::Error) -> JsValue {
     js_error(ErrorKind::from(&error), error.to_string())
 }
 
+/// A chat request waiting for the driver to add it to the engine.
+struct Queued {
+    request: ChatCompletionRequest,
+    cancel: CancelToken,
+    on_chunk: Function,
+    done: oneshot::Sender<Result<String, JsValue>>,
+}
+
+/// A request the engine holds, as the driver knows it.
+struct Active {
+    on_chunk: Function,
+    done: oneshot::Sender<Result<String, JsValue>>,
+}
+
 #[derive(Default)]
 struct State {
-    /// Taken out while a request runs, so a second request is refused instead of interleaved.
+    /// Taken out by the driver while requests run (it awaits the GPU, so it cannot stay borrowed).
     engine: Option<Engine>,
-    busy: bool,
+    /// Whether a driver holds the engine: new requests then only queue for it.
+    driving: bool,
+    queue: Vec<Queued>,
+    /// The cancel token of every request not ended yet, by the caller's id.
+    requests: HashMap<u32, CancelToken>,
     info: Option<serde_json::Value>,
-    cancel: CancelToken,
-    /// Bumped by every load and unload, so a request that outlives its engine does not restore it.
+    /// The engine's load as the driver last saw it.
+    load: Load,
+    /// Bumped by every load and unload, so a driver that outlives its engine does not restore it.
     generation: u64,
 }
 
 thread_local! {
     static STATE: RefCell<State> = RefCell::default();
 }
+
+/// Sequences run together unless `maxSequences` says otherwise.
+const DEFAULT_MAX_SEQUENCES: usize = 4;
 
 /// `load`'s options, as the JS API names them.
 #[derive(Default, Deserialize)]
@@ -80,6 +109,9 @@ struct WebLoadOptions {
     context_length: Option<usize>,
     /// Caps the storage binding size below the adapter's, e.g. to test the split path.
     max_storage_binding: Option<u64>,
+    max_sequences: Option<usize>,
+    /// Bytes of the KV pool; default a full context per sequence.
+    kv_memory: Option<u64>,
 }
 
 #[wasm_bindgen(start)]
@@ -88,15 +120,13 @@ fn start() {
 }
 
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file), replacing any
-/// loaded one. `options_json`: `{"contextLength"?, "maxStorageBinding"?}`. `on_progress(bytesDone,
-/// bytesTotal, tensor)` is called as weights upload. Returns `info()`.
+/// loaded one (its requests end as on `unload`). `options_json`: `{"contextLength"?,
+/// "maxStorageBinding"?, "maxSequences"?, "kvMemory"?}`. `on_progress(bytesDone, bytesTotal,
+/// tensor)` is called as weights upload. Returns `info()`.
 #[wasm_bindgen]
 pub async fn load(url: String, options_json: String, on_progress: Function) -> Result<String, JsValue> {
     let options: WebLoadOptions =
         serde_json::from_str(&options_json).map_err(|e| js_error(ErrorKind::Engine, format!("load options: {e}")))?;
-    if STATE.with_borrow(|s| s.busy) {
-        return Err(js_error(ErrorKind::Engine, "a chat request is running; abort it before loading"));
-    }
     unload();
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
@@ -107,7 +137,12 @@ pub async fn load(url: String, options_json: String, on_progress: Function) -> R
     let source = WebModel::open(&url).await.map_err(to_js)?;
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;
-    let load_options = LoadOptions { context_length: options.context_length, ..Default::default() };
+    let load_options = LoadOptions {
+        context_length: options.context_length,
+        max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
+        kv_memory: options.kv_memory,
+        ..Default::default()
+    };
     let mut progress = |p: crate::LoadProgress| {
         let _ = on_progress.call3(
             &JsValue::NULL,
@@ -125,77 +160,186 @@ pub async fn load(url: String, options_json: String, on_progress: Function) -> R
             return Err(to_js(error));
         }
     };
-    let info = describe_engine(&gpu, &model, &source);
+    let described = describe_engine(&gpu, &model, &source);
     let seed = (js_sys::Math::random() * 9007199254740992.0) as u64;
     let engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?;
-    let text = info.to_string();
     STATE.with_borrow_mut(|s| {
+        s.load = engine.load();
         s.engine = Some(engine);
-        s.info = Some(info);
+        s.info = Some(described);
         s.generation += 1;
     });
-    Ok(text)
+    Ok(info().unwrap_or_default())
 }
 
-/// Runs a chat completion request (JSON, `crate::api::ChatCompletionRequest`), calling
-/// `on_chunk(text, tokenId)` for each generated token (`tokenId` undefined for text held back until
-/// the end). Returns `{"text", "tokens", "finish_reason", "usage"}` as JSON.
+/// Runs a chat completion request (JSON, `crate::api::ChatCompletionRequest`) together with any
+/// others, calling `on_chunk(text, tokenId)` for each generated token (`tokenId` undefined for text
+/// held back until the end). `id` is the caller's name for it, for `abort`, unique among running
+/// requests. Resolves to `{"text", "tokens", "finish_reason", "usage"}` as JSON.
 #[wasm_bindgen]
-pub async fn chat(request_json: String, on_chunk: Function) -> Result<String, JsValue> {
+pub fn chat(id: u32, request_json: String, on_chunk: Function) -> Promise {
+    // Queued now rather than when the promise first runs, so an `abort(id)` right after finds it.
+    let queued = enqueue(id, &request_json, on_chunk);
+    wasm_bindgen_futures::future_to_promise(async move {
+        let (receiver, generation) = queued?;
+        let result = receiver
+            .await
+            .unwrap_or_else(|_| Err(js_error(ErrorKind::Engine, "the model was unloaded before the request started")));
+        STATE.with_borrow_mut(|s| {
+            if s.generation == generation {
+                s.requests.remove(&id);
+            }
+        });
+        result.map(JsValue::from)
+    })
+}
+
+/// Queues a request for the driver, starting one when none runs. Returns the receiver of its
+/// result and the generation it belongs to.
+fn enqueue(id: u32, request_json: &str, on_chunk: Function) -> Result<(Receiver<Result<String, JsValue>>, u64), JsValue> {
     let request: ChatCompletionRequest =
-        serde_json::from_str(&request_json).map_err(|e| js_error(ErrorKind::Engine, format!("chat request: {e}")))?;
-    let (mut engine, cancel, generation) = STATE.with_borrow_mut(|s| {
-        if s.busy {
-            return Err(js_error(ErrorKind::Engine, "a chat request is already running"));
+        serde_json::from_str(request_json).map_err(|e| js_error(ErrorKind::Engine, format!("chat request: {e}")))?;
+    let (done, receiver) = oneshot::channel();
+    let cancel = CancelToken::default();
+    let (driver, generation) = STATE.with_borrow_mut(|s| {
+        if s.engine.is_none() && !s.driving {
+            return Err(js_error(ErrorKind::Engine, "no model is loaded"));
         }
-        let engine = s.engine.take().ok_or_else(|| js_error(ErrorKind::Engine, "no model is loaded"))?;
-        s.busy = true;
-        s.cancel = CancelToken::default();
-        Ok((engine, s.cancel.clone(), s.generation))
+        if s.requests.contains_key(&id) {
+            return Err(js_error(ErrorKind::Engine, format!("request id {id} is already running")));
+        }
+        s.requests.insert(id, cancel.clone());
+        s.queue.push(Queued { request, cancel, on_chunk, done });
+        let driver = if s.driving { None } else { s.engine.take() };
+        s.driving = true;
+        Ok((driver, s.generation))
     })?;
-    let result = engine
-        .chat(&request, &cancel, &mut |delta| {
-            let token = delta.token.map_or(JsValue::UNDEFINED, JsValue::from);
-            let _ = on_chunk.call2(&JsValue::NULL, &JsValue::from_str(&delta.text), &token);
-        })
-        .await;
-    STATE.with_borrow_mut(|s| {
-        s.busy = false;
-        if s.generation == generation {
-            s.engine = Some(engine);
+    if let Some(engine) = driver {
+        wasm_bindgen_futures::spawn_local(drive(engine, generation));
+    }
+    Ok((receiver, generation))
+}
+
+/// Runs the engine while it has work: adds queued requests, steps, and hands each sequence's events
+/// to its request; then puts the engine back. After an unload it takes no new requests, steps until
+/// the ones it holds (all cancelled) have ended, and drops the engine.
+async fn drive(mut engine: Engine, generation: u64) {
+    let mut active: HashMap<SequenceId, Active> = HashMap::new();
+    loop {
+        let (current, queued) = STATE.with_borrow_mut(|s| {
+            let current = s.generation == generation;
+            (current, if current { std::mem::take(&mut s.queue) } else { vec![] })
+        });
+        for request in queued {
+            let added = engine
+                .chat_prompt(&request.request, &RenderOptions::default())
+                .and_then(|prompt| engine.add(prompt, &request.request.sampling, request.cancel));
+            match added {
+                Ok(sequence) => {
+                    active.insert(sequence, Active { on_chunk: request.on_chunk, done: request.done });
+                }
+                Err(error) => {
+                    let _ = request.done.send(Err(to_js(error)));
+                }
+            }
         }
-    });
-    let completion = result.map_err(to_js)?;
-    Ok(serde_json::json!({
+        if current {
+            STATE.with_borrow_mut(|s| s.load = engine.load());
+        }
+        if engine.is_idle() {
+            // Nothing was awaited since the queue was taken, so no request is left in it.
+            if current {
+                STATE.with_borrow_mut(|s| {
+                    s.engine = Some(engine);
+                    s.driving = false;
+                });
+            }
+            return;
+        }
+        match engine.step().await {
+            Ok(events) => {
+                for (sequence, event) in events {
+                    match event {
+                        Event::Delta(delta) => {
+                            if let Some(request) = active.get(&sequence) {
+                                let token = delta.token.map_or(JsValue::UNDEFINED, JsValue::from);
+                                let _ = request.on_chunk.call2(&JsValue::NULL, &JsValue::from_str(&delta.text), &token);
+                            }
+                        }
+                        Event::Finished(completion) => {
+                            if let Some(request) = active.remove(&sequence) {
+                                let _ = request.done.send(Ok(completion_json(&completion)));
+                            }
+                        }
+                        Event::Failed(error) => {
+                            if let Some(request) = active.remove(&sequence) {
+                                let _ = request.done.send(Err(to_js(error)));
+                            }
+                        }
+                    }
+                }
+            }
+            // The GPU failed: the engine dropped every sequence.
+            Err(error) => {
+                let error = to_js(error);
+                for (_, request) in active.drain() {
+                    let _ = request.done.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn completion_json(completion: &Completion) -> String {
+    serde_json::json!({
         "text": completion.text,
         "tokens": completion.tokens,
         "finish_reason": completion.finish_reason,
         "usage": completion.usage,
     })
-    .to_string())
+    .to_string()
 }
 
-/// Stops the running request after its current token; it returns with finish_reason "abort".
+/// Stops request `id`, or every request when `id` is undefined, after its current token; it
+/// resolves with finish_reason "abort". An id that has ended already is ignored.
 #[wasm_bindgen]
-pub fn abort() {
-    STATE.with_borrow(|s| s.cancel.cancel());
+pub fn abort(id: Option<u32>) {
+    STATE.with_borrow(|s| match id {
+        Some(id) => {
+            if let Some(cancel) = s.requests.get(&id) {
+                cancel.cancel();
+            }
+        }
+        None => s.requests.values().for_each(CancelToken::cancel),
+    });
 }
 
-/// Frees the model's GPU memory; a running request ends after its current token.
+/// Frees the model's GPU memory: running requests end after their current token (finish_reason
+/// "abort"), queued ones fail.
 #[wasm_bindgen]
 pub fn unload() {
     STATE.with_borrow_mut(|s| {
-        s.cancel.cancel();
+        s.requests.drain().for_each(|(_, cancel)| cancel.cancel());
+        s.queue.clear();
         s.engine = None;
+        s.driving = false;
         s.info = None;
+        s.load = Load::default();
         s.generation += 1;
     });
 }
 
-/// The adapter, features and limits in use and the model's shape, as JSON; null before a load.
+/// The adapter, features and limits in use, the model's shape, and the engine's load now
+/// (`running`, `waiting`, `kv_pages_free` of `kv_pages`), as JSON; null before a load.
 #[wasm_bindgen]
 pub fn info() -> Option<String> {
-    STATE.with_borrow(|s| s.info.as_ref().map(|i| i.to_string()))
+    STATE.with_borrow(|s| {
+        let mut info = s.info.clone()?;
+        // Queued requests wait for the driver's next step to reach the engine.
+        let load = Load { waiting: s.load.waiting + s.queue.len(), ..s.load };
+        info["load"] = serde_json::json!(load);
+        Some(info.to_string())
+    })
 }
 
 fn has_webgpu() -> bool {

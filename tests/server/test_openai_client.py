@@ -81,6 +81,8 @@ def test_health_and_models(server, client, model_dir):
     health = server.health()
     assert health["status"] == "ok"
     assert health["model"] == model_dir.name
+    engine = health["engine"]
+    assert (engine["max_sequences"], engine["kv_pages"], engine["kv_page_size"]) == (4, 40, 16), engine
     models = client.models.list()
     assert [m.id for m in models.data] == [model_dir.name]
     assert client.models.retrieve(model_dir.name).id == model_dir.name
@@ -158,7 +160,7 @@ def test_stop_sequences(client):
 
 
 def test_16_concurrent_streaming_clients(server, client):
-    """Each client gets exactly what it gets alone; requests queue FIFO for the single engine."""
+    """Each client gets exactly what it gets alone, though four run together in each pass."""
     requests = [
         {"text": f"Client {i} asks: what is {i} times {i + 3}?", "max_tokens": 12 + i % 5, "temperature": 0 if i % 2 else 0.8, "seed": 100 + i}
         for i in range(16)
@@ -385,3 +387,38 @@ def test_full_queue_is_503(key_server):
         running.close()
         thread.join(timeout=120)
     assert queued == ["length"]
+
+
+@pytest.fixture(scope="module")
+def small_pool_server(model_dir):
+    # 12 pages of 16 positions: less than one context of 256. Paced, so that a request is still
+    # running when the next one comes.
+    process = Server(model_dir, "--parallel", "2", "--kv-memory", "144KiB", "--token-interval-ms", "20")
+    yield process
+    process.stop()
+
+
+def test_a_request_larger_than_the_kv_pool_is_400_and_others_share_it(small_pool_server):
+    server = small_pool_server
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=200, temperature=0)
+    error = raised.value.body
+    assert error["code"] == "kv_pool_exceeded" and error["param"] == "max_tokens", error
+    assert "KV pool holds 12 pages" in error["message"], error
+    # A shared prompt prefix: the second request, joining while the first still runs, reuses its
+    # whole pages and gets what it gets alone.
+    system = "You answer questions about numbers."
+    def ask(question, max_tokens):
+        return client.chat.completions.create(
+            model="tiny", messages=[{"role": "system", "content": system}, {"role": "user", "content": question}], max_tokens=max_tokens, temperature=0
+        )
+    alone = ask("What is 2 + 2?", 6).choices[0].message.content
+    first = threading.Thread(target=ask, args=("Tell me a story.", 16))
+    first.start()
+    wait_until(lambda: server.health()["requests"]["running"] == 1, what="the first request to run")
+    second = ask("What is 2 + 2?", 6)
+    first.join(timeout=120)
+    assert second.choices[0].message.content == alone
+    assert second.usage.prompt_tokens_details.cached_tokens >= 16, second.usage
+    wait_until(lambda: server.health()["engine"]["kv_pages_free"] == 12, what="every page back in the pool")

@@ -95,9 +95,16 @@ struct ModelArgs {
     /// is the SmolLM2 GGUF that scripts/setup fetches.
     #[arg(long, short, default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// KV cache positions (default min(4096, max_position_embeddings)).
+    /// Positions one sequence may reach (default min(4096, max_position_embeddings)).
     #[arg(long)]
     context: Option<usize>,
+    /// Sequences decoded together (serve: default 16 on a GPU, 1 on a CPU adapter; 1 elsewhere).
+    #[arg(long)]
+    parallel: Option<usize>,
+    /// Memory of the paged KV pool, e.g. 8GiB (default: a full context for every sequence, as far
+    /// as one buffer binds).
+    #[arg(long, value_parser = parse_size)]
+    kv_memory: Option<u64>,
 }
 
 #[derive(Args)]
@@ -315,7 +322,8 @@ fn open_model(args: &ModelArgs) -> anyhow::Result<load::ModelFiles> {
 }
 
 async fn upload_model(gpu: &Gpu, files: &load::ModelFiles, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
-    let options = LoadOptions { context_length: args.context, ..Default::default() };
+    let max_sequences = args.parallel.unwrap_or(1);
+    let options = LoadOptions { context_length: args.context, max_sequences, kv_memory: args.kv_memory, ..Default::default() };
     let bar = load_bar(quiet);
     let llama = Llama::load(gpu, files.config.clone(), files.stream(), &options, &mut |p| {
         bar.set_length(p.bytes_total);

@@ -1,11 +1,12 @@
 //! `llama-webgpu serve`: an OpenAI-compatible HTTP server over one engine.
 //!
 //! HTTP runs on a single-threaded tokio runtime (axum). The engine runs on a thread of its own
-//! (engine_thread.rs) and serves a bounded FIFO queue of jobs one at a time, so requests never
-//! interleave on the GPU and each gets the output it would get alone; consecutive requests still
-//! share the KV cache for their common prompt prefix. Every job carries a CancelToken that a guard
-//! sets when its handler or response stream is dropped, which is what hyper does when the client
-//! disconnects: a queued job is then skipped, a running one stops at the next token.
+//! (engine_thread.rs) and takes jobs from a bounded FIFO queue as it has room for them: up to
+//! `--parallel` requests run together, each step of the engine advancing all of them, and each gets
+//! the output it would get alone; requests share the KV pages of their common prompt prefixes. Every
+//! job carries a CancelToken that a guard sets when its handler or response stream is dropped, which
+//! is what hyper does when the client disconnects: a queued job is then skipped, a running one stops
+//! at the next token.
 
 mod engine_thread;
 mod requests;
@@ -55,7 +56,7 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 2 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Requests that may wait for the engine while it works on another; more get 503.
+    /// Requests that may wait for the engine while it runs as many as it can; more get 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
     /// Waits this long after each generated token, so tests of queueing and cancellation do not
@@ -63,6 +64,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, hide = true)]
     token_interval_ms: u64,
 }
+
+/// Sequences `serve` decodes together on a GPU unless `--parallel` says otherwise.
+const DEFAULT_GPU_PARALLEL: usize = 16;
 
 /// What the handlers share.
 struct Server {
@@ -96,11 +100,23 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let thread_stats = stats.clone();
     let token_interval = std::time::Duration::from_millis(args.token_interval_ms);
+    let mut model = model;
     std::thread::Builder::new().name("engine".into()).spawn(move || {
         let loaded = pollster::block_on(async {
             let gpu = llama_webgpu::Gpu::new(&gpu_options).await?;
             log::info!("adapter: {} ({:?})", gpu.info.name, gpu.info.backend);
-            super::load_engine(&gpu, &model, quiet).await
+            // A CPU adapter runs one workgroup per core: batching buys it little.
+            let parallel = if gpu.info.device_type == wgpu::DeviceType::Cpu { 1 } else { DEFAULT_GPU_PARALLEL };
+            model.parallel.get_or_insert(parallel);
+            let engine = super::load_engine(&gpu, &model, quiet).await?;
+            let load = engine.load();
+            log::info!(
+                "{} sequences together, a KV pool of {} pages of {} positions",
+                load.max_sequences,
+                load.kv_pages,
+                load.kv_page_size
+            );
+            Ok::<_, anyhow::Error>(engine)
         });
         match loaded {
             Ok(engine) => {
@@ -182,12 +198,14 @@ async fn health(State(server): State<Arc<Server>>) -> Response {
     let stats = &server.stats;
     let alive = stats.alive.load(Ordering::SeqCst);
     let count = |c: &AtomicU64| c.load(Ordering::SeqCst);
+    let engine = stats.engine_load();
     let body = json!({
         "status": if alive { "ok" } else { "error: the engine has stopped" },
         "model": server.model_id,
-        "queue": {"waiting": stats.waiting.load(Ordering::SeqCst), "capacity": server.queue_capacity},
+        "queue": {"waiting": stats.queued.load(Ordering::SeqCst) + engine.waiting, "capacity": server.queue_capacity},
+        "engine": engine,
         "requests": {
-            "running": stats.running.load(Ordering::SeqCst),
+            "running": engine.running,
             "completed": count(&stats.completed),
             "cancelled": count(&stats.cancelled),
             "skipped": count(&stats.skipped),
@@ -328,7 +346,7 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
 fn submit(server: &Server, job: Job) -> Result<(), ApiError> {
     let stats = &server.stats;
     // Counted before the send so that the engine thread never takes one off before it is on.
-    stats.waiting.fetch_add(1, Ordering::SeqCst);
+    stats.queued.fetch_add(1, Ordering::SeqCst);
     let refused = match server.jobs.try_send(job) {
         Ok(()) => return Ok(()),
         Err(TrySendError::Full(_)) => format!(
@@ -337,7 +355,7 @@ fn submit(server: &Server, job: Job) -> Result<(), ApiError> {
         ),
         Err(TrySendError::Disconnected(_)) => "the engine has stopped; restart the server".to_string(),
     };
-    stats.waiting.fetch_sub(1, Ordering::SeqCst);
+    stats.queued.fetch_sub(1, Ordering::SeqCst);
     stats.rejected.fetch_add(1, Ordering::SeqCst);
     log::warn!("{refused}");
     Err(ApiError::server(refused).with_status(StatusCode::SERVICE_UNAVAILABLE).code("server_busy"))

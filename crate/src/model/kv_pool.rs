@@ -82,16 +82,17 @@ pub fn page_hash(parent: u64, tokens: &[u32]) -> u64 {
 }
 
 /// What a cached page holds: the tokens of its positions, after a prefix of chain hash `parent`.
-/// Full pages are found by their own hash; a partial page (the last one of a finished sequence)
-/// by its parent's, and only while no sequence holds it.
+/// Full pages are shared, found by their own hash. The last page a prompt reaches into is found
+/// by its parent's hash, partial (the last page of a finished sequence) or full, and taken over
+/// only while no sequence holds it.
 #[derive(Clone, Debug)]
 struct Cached {
     parent: u64,
     tokens: Vec<u32>,
 }
 
-/// The pages of a prompt's longest cached prefix: full pages shared read-only, then perhaps a
-/// partial page taken over (its first `tail_tokens` positions hold the prompt's next tokens).
+/// The pages of a prompt's longest cached prefix: full pages shared read-only, then perhaps a page
+/// taken over whose first positions (the pair's second value) hold the prompt's next tokens.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PrefixMatch {
     pub full: Vec<u32>,
@@ -120,8 +121,10 @@ pub struct PageAllocator {
     /// Pages running sequences may still take; never more than the free ones.
     reserved: usize,
     cached: Vec<Option<Cached>>,
+    /// Full pages by their chain hash.
     full: HashMap<u64, u32>,
-    partial: HashMap<u64, u32>,
+    /// The latest page cached after each chain hash, full or partial.
+    by_parent: HashMap<u64, u32>,
 }
 
 impl PageAllocator {
@@ -133,7 +136,7 @@ impl PageAllocator {
             reserved: 0,
             cached: vec![None; pages],
             full: HashMap::new(),
-            partial: HashMap::new(),
+            by_parent: HashMap::new(),
         }
     }
 
@@ -165,7 +168,7 @@ impl PageAllocator {
             }
             parent = hash;
         }
-        if let Some(&page) = self.partial.get(&parent) {
+        if let Some(&page) = self.by_parent.get(&parent) {
             let start = found.full.len() * PAGE_SIZE;
             let cached = self.cached[page as usize].as_ref().filter(|c| c.parent == parent);
             let rest = &tokens[start..max_tokens.max(start)];
@@ -248,6 +251,7 @@ impl PageAllocator {
         if !self.full.get(&hash).is_some_and(|&other| self.holds(other, parent, tokens)) {
             self.forget(page);
             self.full.insert(hash, page);
+            self.by_parent.insert(parent, page);
             self.cached[page as usize] = Some(Cached { parent, tokens: tokens.to_vec() });
         }
         hash
@@ -256,9 +260,7 @@ impl PageAllocator {
     /// Records that the partial last page of a finished sequence holds `tokens` after `parent`.
     pub fn cache_partial(&mut self, page: u32, parent: u64, tokens: &[u32]) {
         self.forget(page);
-        if let Some(old) = self.partial.insert(parent, page) {
-            self.cached[old as usize] = None;
-        }
+        self.by_parent.insert(parent, page);
         self.cached[page as usize] = Some(Cached { parent, tokens: tokens.to_vec() });
     }
 
@@ -271,8 +273,8 @@ impl PageAllocator {
                 self.full.remove(&hash);
             }
         }
-        if self.partial.get(&cached.parent) == Some(&page) {
-            self.partial.remove(&cached.parent);
+        if self.by_parent.get(&cached.parent) == Some(&page) {
+            self.by_parent.remove(&cached.parent);
         }
     }
 }

@@ -1,19 +1,21 @@
-//! The thread that owns the engine. Its wgpu futures must be driven by one thread at a time, and a
-//! generation is a long chain of them, so the engine lives on a plain thread with its own pollster
-//! loop and takes jobs from a bounded FIFO queue, one at a time. HTTP handlers get each job's
+//! The thread that owns the engine. Its wgpu futures must be driven by one thread at a time, so the
+//! engine lives on a plain thread with its own pollster loop. It takes jobs from a bounded FIFO
+//! queue as far as the engine can start them (up to its sequences), adds them to the engine and
+//! steps it: every step advances all running requests together. HTTP handlers get each job's
 //! deltas and result back over a channel.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llama_webgpu::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams};
-use llama_webgpu::engine::EngineError;
+use llama_webgpu::engine::{EngineError, Event as EngineEvent, Load, SequenceId};
 use llama_webgpu::sample::SampleError;
-use llama_webgpu::text::TextError;
-use llama_webgpu::{CancelToken, Completion, Delta, Engine};
+use llama_webgpu::text::{RenderOptions, TextError};
+use llama_webgpu::{CancelToken, Completion, Engine};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::responses::ApiError;
@@ -47,15 +49,15 @@ pub enum Event {
 /// cancelled its generation.
 #[derive(Default)]
 pub struct Stats {
-    /// Jobs in the queue.
-    pub waiting: AtomicUsize,
-    /// 0 or 1.
-    pub running: AtomicUsize,
+    /// Jobs in the queue, not yet handed to the engine.
+    pub queued: AtomicUsize,
+    /// The engine's sequences and KV pages after its latest step.
+    pub engine: Mutex<Load>,
     /// Finished with a stop token, a stop string or a length limit.
     pub completed: AtomicU64,
-    /// Stopped mid-generation because the client left.
+    /// Stopped because the client left.
     pub cancelled: AtomicU64,
-    /// Never started because the client left while the job was queued.
+    /// Never handed to the engine because the client left while the job was queued.
     pub skipped: AtomicU64,
     /// Ended with an error (invalid for the engine, or an engine failure).
     pub failed: AtomicU64,
@@ -67,7 +69,19 @@ pub struct Stats {
     pub alive: AtomicBool,
 }
 
-/// Runs jobs until every sender of the queue is gone.
+impl Stats {
+    pub fn engine_load(&self) -> Load {
+        self.engine.lock().map(|load| *load).unwrap_or_default()
+    }
+}
+
+/// A job the engine is running or holding.
+struct Active {
+    job: Job,
+    started: Instant,
+}
+
+/// Runs jobs until every sender of the queue is gone and the engine has finished its work.
 pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_interval: Duration) {
     /// Marks the engine as gone however the thread ends.
     struct Alive(Arc<Stats>);
@@ -78,84 +92,144 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_int
     }
     stats.alive.store(true, Ordering::SeqCst);
     let _alive = Alive(stats.clone());
-    let vocab = engine.model().config().vocab_size;
-    while let Ok(job) = jobs.recv() {
-        stats.waiting.fetch_sub(1, Ordering::SeqCst);
-        if job.cancel.is_cancelled() || job.events.is_closed() {
-            log::info!("{}: skipped, the client left while it was queued", job.id);
-            stats.skipped.fetch_add(1, Ordering::SeqCst);
+    let mut active: HashMap<SequenceId, Active> = HashMap::new();
+    let mut senders_gone = false;
+    loop {
+        publish(&engine, &stats);
+        if engine.is_idle() {
+            if senders_gone {
+                return;
+            }
+            match jobs.recv() {
+                Ok(job) => start(&mut engine, job, &stats, &mut active),
+                Err(_) => return,
+            }
+        }
+        // Jobs wait in the queue (where the client sees 503 once it is full) until the engine has
+        // a sequence for them.
+        loop {
+            let load = engine.load();
+            if load.running + load.waiting >= load.max_sequences {
+                break;
+            }
+            match jobs.try_recv() {
+                Ok(job) => start(&mut engine, job, &stats, &mut active),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    senders_gone = true;
+                    break;
+                }
+            }
+        }
+        if engine.is_idle() {
             continue;
         }
-        stats.running.store(1, Ordering::SeqCst);
-        let started = Instant::now();
-        // A panic is a bug in the engine; the client gets a 500 and the server carries on (the KV
-        // cache's bookkeeping only advances after a step succeeded).
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run_job(&mut engine, &job, vocab, token_interval)))
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("a panic");
-                Err(ApiError::server(format!("internal error in the engine: {what}")))
-            });
-        stats.running.store(0, Ordering::SeqCst);
-        let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(completion) => {
-                let usage = completion.usage;
-                stats.generated_tokens.fetch_add(u64::from(usage.completion_tokens), Ordering::SeqCst);
-                let counter = if completion.finish_reason == FinishReason::Abort { &stats.cancelled } else { &stats.completed };
-                counter.fetch_add(1, Ordering::SeqCst);
-                log::info!(
-                    "{}: {} prompt tokens ({} cached), {} generated in {seconds:.2} s ({:.1} tok/s), {:?}",
-                    job.id,
-                    usage.prompt_tokens,
-                    usage.cached_prompt_tokens,
-                    usage.completion_tokens,
-                    f64::from(usage.completion_tokens) / seconds.max(1e-9),
-                    completion.finish_reason
-                );
-                let _ = job.events.send(Event::Done(completion));
+        for running in active.values() {
+            if running.job.events.is_closed() {
+                running.job.cancel.cancel();
+            }
+        }
+        // A panic is a bug in the engine; its clients get a 500 and the server carries on with an
+        // emptied engine.
+        let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(engine.step()))).unwrap_or_else(|panic| {
+            engine.clear();
+            let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("a panic");
+            Err(llama_webgpu::Error::Engine(EngineError::Internal(what.to_string())))
+        });
+        match stepped {
+            Ok(events) => {
+                let any_delta = events.iter().any(|(_, e)| matches!(e, EngineEvent::Delta(_)));
+                for (id, event) in events {
+                    deliver(id, event, &stats, &mut active);
+                }
+                if any_delta && !token_interval.is_zero() {
+                    std::thread::sleep(token_interval);
+                }
             }
             Err(error) => {
-                stats.failed.fetch_add(1, Ordering::SeqCst);
-                if error.status.is_server_error() {
-                    log::error!("{}: {}", job.id, error.message);
-                } else {
-                    log::info!("{}: rejected: {}", job.id, error.message);
+                log::error!("the engine failed: {error}; ending its {} requests", active.len());
+                for (_, running) in active.drain() {
+                    stats.failed.fetch_add(1, Ordering::SeqCst);
+                    let _ = running.job.events.send(Event::Failed(ApiError::server(format!("the engine failed: {error}"))));
                 }
-                let _ = job.events.send(Event::Failed(error));
             }
         }
     }
 }
 
-fn run_job(engine: &mut Engine, job: &Job, vocab: usize, token_interval: Duration) -> Result<Completion, ApiError> {
-    let cancel = &job.cancel;
-    // Deltas go out as they come; a send that fails means the client left, so stop generating.
-    let mut on_delta = |delta: &Delta| {
-        if !delta.text.is_empty() && job.events.send(Event::Delta(delta.text.clone())).is_err() {
-            cancel.cancel();
-        }
-        if !token_interval.is_zero() {
-            std::thread::sleep(token_interval);
-        }
+fn publish(engine: &Engine, stats: &Stats) {
+    if let Ok(mut load) = stats.engine.lock() {
+        *load = engine.load();
+    }
+}
+
+/// Hands a job from the queue to the engine, or answers it at once: skipped when its client left,
+/// a 400 when the engine refuses it.
+fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut HashMap<SequenceId, Active>) {
+    stats.queued.fetch_sub(1, Ordering::SeqCst);
+    if job.cancel.is_cancelled() || job.events.is_closed() {
+        log::info!("{}: skipped, the client left while it was queued", job.id);
+        stats.skipped.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    let vocab = engine.model().config().vocab_size;
+    let added = match &job.work {
+        Work::Chat(request) => engine.chat_prompt(request, &RenderOptions::default()).and_then(|p| engine.add(p, &request.sampling, job.cancel.clone())),
+        Work::Complete(request) => engine.completion_prompt(request).and_then(|p| engine.add(p, &request.sampling, job.cancel.clone())),
+        Work::Tokens { prompt, sampling } => match prompt.iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: vocab }).into()),
+            None => engine.add(prompt.clone(), sampling, job.cancel.clone()),
+        },
     };
-    let result = pollster::block_on(async {
-        match &job.work {
-            Work::Chat(request) => engine.chat(request, cancel, &mut on_delta).await,
-            Work::Complete(request) => engine.complete(request, cancel, &mut on_delta).await,
-            Work::Tokens { prompt, sampling } => {
-                if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-                    let error = TextError::UnknownTokenId { id, vocab_size: vocab };
-                    return Err(EngineError::Text(error).into());
+    match added {
+        Ok(id) => {
+            active.insert(id, Active { job, started: Instant::now() });
+        }
+        Err(error) => {
+            let error = api_error(&error, &job.work);
+            stats.failed.fetch_add(1, Ordering::SeqCst);
+            log::info!("{}: rejected: {}", job.id, error.message);
+            let _ = job.events.send(Event::Failed(error));
+        }
+    }
+}
+
+/// Sends an engine event to its job's client; a delta that cannot be sent means the client left,
+/// so its generation is cancelled.
+fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut HashMap<SequenceId, Active>) {
+    match event {
+        EngineEvent::Delta(delta) => {
+            if let Some(running) = active.get(&id) {
+                if !delta.text.is_empty() && running.job.events.send(Event::Delta(delta.text)).is_err() {
+                    running.job.cancel.cancel();
                 }
-                engine.generate(prompt, sampling, cancel, &mut on_delta).await
             }
         }
-    });
-    result.map_err(|error| api_error(&error, &job.work))
+        EngineEvent::Finished(completion) => {
+            let Some(Active { job, started }) = active.remove(&id) else { return };
+            let seconds = started.elapsed().as_secs_f64();
+            let usage = completion.usage;
+            stats.generated_tokens.fetch_add(u64::from(usage.completion_tokens), Ordering::SeqCst);
+            let counter = if completion.finish_reason == FinishReason::Abort { &stats.cancelled } else { &stats.completed };
+            counter.fetch_add(1, Ordering::SeqCst);
+            log::info!(
+                "{}: {} prompt tokens ({} cached), {} generated in {seconds:.2} s ({:.1} tok/s), {:?}",
+                job.id,
+                usage.prompt_tokens,
+                usage.cached_prompt_tokens,
+                usage.completion_tokens,
+                f64::from(usage.completion_tokens) / seconds.max(1e-9),
+                completion.finish_reason
+            );
+            let _ = job.events.send(Event::Done(completion));
+        }
+        EngineEvent::Failed(error) => {
+            let Some(Active { job, .. }) = active.remove(&id) else { return };
+            stats.failed.fetch_add(1, Ordering::SeqCst);
+            log::error!("{}: {error}", job.id);
+            let _ = job.events.send(Event::Failed(ApiError::server(error.to_string())));
+        }
+    }
 }
 
 /// The client's mistakes are 400s that name the parameter; the rest are the server's 500s.
@@ -174,6 +248,8 @@ fn api_error(error: &llama_webgpu::Error, work: &Work) -> ApiError {
             EngineError::MaxTokensTooLarge { .. } => {
                 ApiError::invalid(message).param("max_tokens").code("context_length_exceeded")
             }
+            EngineError::DoesNotFit { .. } => ApiError::invalid(message).param("max_tokens").code("kv_pool_exceeded"),
+            EngineError::TokenOutOfRange { .. } => ApiError::invalid(message).param(prompt_param),
             EngineError::Sample(sample_error) => {
                 let param = match sample_error {
                     SampleError::OutOfRange { name, .. } => name,
