@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use llama_webgpu::model::{Llama3Scaling, Rope};
-use llama_webgpu::quant::DType;
+use llama_webgpu::gpu::ops::TokenSlot;
 use llama_webgpu::gpu::{ops, DispatchTime};
+use llama_webgpu::model::{Batch, Llama3Scaling, PassTokens, Rope, PAGE_SIZE};
+use llama_webgpu::quant::DType;
 use llama_webgpu::{Config, Gpu, Llama, LoadOptions};
 
 #[derive(Args)]
@@ -37,6 +38,11 @@ pub struct BenchArgs {
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
+    /// Sequences run together, llama-batched-bench style: for each count P, P prompts prefilled
+    /// together and P sequences decoded together, reported as aggregate and per-stream tokens per
+    /// second. Without it, one sequence through the lone-sequence path.
+    #[arg(long, value_delimiter = ',')]
+    parallel: Vec<usize>,
     /// Memory bandwidth of the card in GB/s, to report the fraction the speed implies.
     #[arg(long)]
     bandwidth_gbps: Option<f64>,
@@ -119,6 +125,8 @@ fn weight_bytes_per_token(c: &Config, dtype: DType) -> u64 {
 
 struct Sample {
     test: String,
+    /// Sequences run together; tokens_per_second is their aggregate.
+    streams: usize,
     tokens_per_second: Vec<f64>,
     /// Decode only: host time per token spent checking, encoding and submitting a step (the
     /// part the CPU must finish before the GPU can start it), per repetition.
@@ -131,7 +139,11 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     }
     let depth = args.depth;
     let longest = depth + args.prompt.iter().max().copied().unwrap_or(0) + args.generate.iter().max().copied().unwrap_or(0) + 1;
-    let options = LoadOptions { context_length: Some(longest.max(16)), ..Default::default() };
+    if args.parallel.iter().any(|&p| p == 0 || p > ops::MAX_BATCH_TOKENS) {
+        bail!("--parallel: each count must be 1 to {}", ops::MAX_BATCH_TOKENS);
+    }
+    let max_sequences = args.parallel.iter().max().copied().unwrap_or(1);
+    let options = LoadOptions { context_length: Some(longest.max(16)), max_sequences, ..Default::default() };
     let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
         (Some(name), _) => {
             let mut config = preset(name)?;
@@ -164,16 +176,16 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     }
     let at_depth = |test: String| if depth > 0 { format!("{test} @ d{depth}") } else { test };
     let mut samples = vec![];
-    for &n in args.prompt.iter().filter(|&&n| n > 0) {
+    for &n in args.prompt.iter().filter(|&&n| n > 0 && args.parallel.is_empty()) {
         let mut rates = vec![];
         for _ in 0..args.repetitions {
             let started = Instant::now();
             model.forward_greedy(&tokens[depth..depth + n], depth).await?;
             rates.push(n as f64 / started.elapsed().as_secs_f64());
         }
-        samples.push(Sample { test: at_depth(format!("pp{n}")), tokens_per_second: rates, encode_us_per_token: None });
+        samples.push(Sample { test: at_depth(format!("pp{n}")), streams: 1, tokens_per_second: rates, encode_us_per_token: None });
     }
-    for &n in args.generate.iter().filter(|&&n| n > 0) {
+    for &n in args.generate.iter().filter(|&&n| n > 0 && args.parallel.is_empty()) {
         let mut rates = vec![];
         let mut encode = vec![];
         for _ in 0..args.repetitions {
@@ -200,7 +212,39 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
             rates.push(n as f64 / started.elapsed().as_secs_f64());
             encode.push(encoding.as_secs_f64() * 1e6 / n as f64);
         }
-        samples.push(Sample { test: at_depth(format!("tg{n}")), tokens_per_second: rates, encode_us_per_token: Some(encode) });
+        samples.push(Sample { test: at_depth(format!("tg{n}")), streams: 1, tokens_per_second: rates, encode_us_per_token: Some(encode) });
+    }
+    for &streams in &args.parallel {
+        let pages = model.kv_pool().pages;
+        let per_sequence = model.kv_pool().pages_per_sequence;
+        if streams * per_sequence > pages {
+            bail!("--parallel {streams}: the KV pool holds {pages} pages, {streams} contexts of {longest} positions need {}", streams * per_sequence);
+        }
+        // Sequence s keeps its positions in pool pages s * per_sequence.. in order.
+        for s in 0..streams {
+            let own: Vec<u32> = (s * per_sequence..(s + 1) * per_sequence).map(|p| p as u32).collect();
+            model.write_page_table(s, 0, &own);
+        }
+        for &n in args.prompt.iter().filter(|&&n| n > 0) {
+            let mut rates = vec![];
+            for _ in 0..args.repetitions {
+                let started = Instant::now();
+                prefill_together(&mut model, streams, per_sequence, depth, n, &tokens).await?;
+                rates.push((streams * n) as f64 / started.elapsed().as_secs_f64());
+            }
+            samples.push(Sample { test: at_depth(format!("pp{n}")), streams, tokens_per_second: rates, encode_us_per_token: None });
+        }
+        for &n in args.generate.iter().filter(|&&n| n > 0) {
+            let mut rates = vec![];
+            let mut encode = vec![];
+            for _ in 0..args.repetitions {
+                let started = Instant::now();
+                let encoding = decode_together(&mut model, streams, per_sequence, depth, n, &tokens).await?;
+                rates.push((streams * n) as f64 / started.elapsed().as_secs_f64());
+                encode.push(encoding.as_secs_f64() * 1e6 / (streams * n) as f64);
+            }
+            samples.push(Sample { test: at_depth(format!("tg{n}")), streams, tokens_per_second: rates, encode_us_per_token: Some(encode) });
+        }
     }
     let profile = if args.profile {
         // As many decode steps as the longest tg test, at least one.
@@ -230,6 +274,53 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
         report_prefill(n, &kernels, args.json);
     }
     Ok(())
+}
+
+/// The slot of sequence `s`'s position `position`, its pages pool pages s * per_sequence.. in order.
+fn slot(s: usize, per_sequence: usize, position: usize) -> TokenSlot {
+    TokenSlot { position: position as u32, kv_row: (s * per_sequence * PAGE_SIZE + position) as u32, sequence: s as u32, _pad: 0 }
+}
+
+/// Prefills `n` prompt tokens of each of `streams` sequences at positions depth.. in passes of
+/// up to the model's batch size, as the engine's scheduler packs them; each sequence's last token
+/// gives logits.
+async fn prefill_together(model: &mut Llama, streams: usize, per_sequence: usize, depth: usize, n: usize, tokens: &[u32]) -> anyhow::Result<()> {
+    let all: Vec<(usize, usize)> = (0..streams).flat_map(|s| (depth..depth + n).map(move |p| (s, p))).collect();
+    for chunk in all.chunks(model.max_batch()) {
+        let slots: Vec<TokenSlot> = chunk.iter().map(|&(s, p)| slot(s, per_sequence, p)).collect();
+        let outputs = chunk.iter().enumerate().filter(|(_, (_, p))| *p + 1 == depth + n).map(|(i, _)| i as u32).collect();
+        let ids: Vec<u32> = chunk.iter().map(|&(_, p)| tokens[p]).collect();
+        let batch = Batch { slots, outputs, top_k: vec![] };
+        model.submit(&batch, PassTokens::Host(&ids))?;
+        if !batch.outputs.is_empty() {
+            model.read_pass().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes `n` greedy tokens of each of `streams` sequences together from position depth, each
+/// pass submitted before the tokens it takes from the GPU are read, as the engine does; returns
+/// the host time spent submitting.
+async fn decode_together(model: &mut Llama, streams: usize, per_sequence: usize, depth: usize, n: usize, tokens: &[u32]) -> anyhow::Result<Duration> {
+    let batch_at = |position: usize| Batch {
+        slots: (0..streams).map(|s| slot(s, per_sequence, position)).collect(),
+        outputs: (0..streams as u32).collect(),
+        top_k: vec![],
+    };
+    let submitting = Instant::now();
+    let first: Vec<u32> = (0..streams).map(|s| tokens[(depth + s) % tokens.len()]).collect();
+    model.submit(&batch_at(depth), PassTokens::Host(&first))?;
+    let mut encoding = submitting.elapsed();
+    for step in 1..=n {
+        if step < n {
+            let submitting = Instant::now();
+            model.submit(&batch_at(depth + step), PassTokens::Previous)?;
+            encoding += submitting.elapsed();
+        }
+        model.read_pass().await?;
+    }
+    Ok(encoding)
 }
 
 /// One kernel's share of a decode step, averaged over the profiled steps.
@@ -317,14 +408,17 @@ fn report(
         .iter()
         .map(|s| {
             let (mean, std) = mean_and_std(&s.tokens_per_second);
-            // Decode reads every weight once per token; prefill shares the reads across the batch.
+            // Decode reads every weight once per step (of a token per stream); prefill shares the
+            // reads across the batch.
             let bandwidth_fraction = match (s.test.starts_with("tg"), bytes_per_token, bandwidth_gbps) {
-                (true, Some(bytes), Some(gbps)) => Some(bytes as f64 * mean / (gbps * 1e9)),
+                (true, Some(bytes), Some(gbps)) => Some(bytes as f64 * mean / s.streams as f64 / (gbps * 1e9)),
                 _ => None,
             };
             serde_json::json!({
                 "test": s.test,
+                "parallel": s.streams,
                 "tokens_per_second": mean,
+                "per_stream_tokens_per_second": mean / s.streams as f64,
                 "std": std,
                 "samples": s.tokens_per_second,
                 "bandwidth_fraction": bandwidth_fraction,
@@ -358,18 +452,20 @@ fn report(
         println!("{out}");
         return;
     }
-    println!("| model | quant | adapter | test | t/s | fraction of bandwidth | CPU encode us/token |");
-    println!("| --- | --- | --- | --- | ---: | ---: | ---: |");
+    println!("| model | quant | adapter | test | streams | t/s (all streams) | t/s per stream | fraction of bandwidth | CPU encode us/token |");
+    println!("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |");
     for row in &rows {
         let fraction = row["bandwidth_fraction"].as_f64().map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f));
         let encode = row["cpu_encode_us_per_token"].as_f64().map_or("-".to_string(), |us| format!("{us:.0}"));
         println!(
-            "| {label} | {} | {} | {} | {:.2} ± {:.2} | {fraction} | {encode} |",
+            "| {label} | {} | {} | {} | {} | {:.2} ± {:.2} | {:.2} | {fraction} | {encode} |",
             dtype.map_or("as stored", DType::name),
             gpu.info.name,
             row["test"].as_str().unwrap_or(""),
+            row["parallel"],
             row["tokens_per_second"].as_f64().unwrap_or(0.0),
             row["std"].as_f64().unwrap_or(0.0),
+            row["per_stream_tokens_per_second"].as_f64().unwrap_or(0.0),
         );
     }
     if let Some(kernels) = profile {
