@@ -201,7 +201,7 @@ fn pages_all_come_back_after_many_requests_with_random_cancellations() {
     let free_at_start = engine.load().kv_pages_free;
     let mut r = rng(7);
     let base = prompts(12);
-    let requests: Vec<Request> = (0..150)
+    let requests: Vec<Request> = (0..1000)
         .map(|i| Request {
             prompt: base[i % base.len()][..r.random_range(1..=base[i % base.len()].len())].to_vec(),
             params: SamplingParams { temperature: Some(if i % 3 == 0 { 0.8 } else { 0.0 }), seed: Some(i as u64), max_tokens: Some(r.random_range(1..6)), ..Default::default() },
