@@ -9,6 +9,16 @@ export interface EngineOptions {
   contextLength?: number;
   /** Caps the storage binding size below the adapter's (bytes); for testing the split path. */
   maxStorageBinding?: number;
+  /**
+   * The most requests generating together (continuous batching); more wait for a place. Default 4.
+   */
+  maxSequences?: number;
+  /**
+   * Bytes of GPU memory for the KV cache, shared by the running requests in pages of 16 positions.
+   * Default: one full context, shared by the running requests. A request reserves the pages its prompt and
+   * `max_tokens` (without it: the context) can reach, and waits while they are not free.
+   */
+  kvMemory?: number;
   /** Run the engine in a Web Worker (default) or on this thread. */
   worker?: boolean;
 }
@@ -53,7 +63,7 @@ export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
-  /** Prompt tokens whose KV cache entries were reused from the previous request. */
+  /** Prompt tokens whose KV cache entries were reused from an earlier or running request. */
   cached_prompt_tokens: number;
 }
 
@@ -86,16 +96,42 @@ export interface EngineInfo {
   weights: string;
   /** Bytes of wasm memory after loading (its peak: wasm memory never shrinks). */
   wasm_memory_bytes: number;
+  /** The engine's load when the model had loaded (`Engine.status()` has it now). */
+  load: EngineLoad;
+}
+
+export interface EngineLoad {
+  /** Requests generating. */
+  running: number;
+  /** Requests waiting for a place (`max_sequences`) or for KV pages. */
+  waiting: number;
+  max_sequences: number;
+  /**
+   * Pages in the KV pool, and those no request holds (some of them reserved for running requests'
+   * later tokens, some keeping a cached prompt prefix).
+   */
+  kv_pages: number;
+  kv_pages_free: number;
+  /** Positions per page. */
+  kv_page_size: number;
 }
 
 export interface Engine {
   chat: {
     completions: {
+      /**
+       * Requests made while others run generate together with them; each streams and aborts
+       * (`signal`, or leaving a stream early) on its own.
+       */
       create(params: ChatCompletionParams & { stream: true }): AsyncIterable<ChatCompletionChunk>;
       create(params: ChatCompletionParams & { stream?: false }): Promise<ChatCompletion>;
     };
   };
+  /** What was loaded, as of the end of loading. */
   info(): EngineInfo;
+  /** The engine's load now. */
+  status(): Promise<EngineLoad>;
+  /** Frees the GPU memory; requests still running reject with `AbortError`. */
   unload(): Promise<void>;
 }
 

@@ -49,7 +49,7 @@ export async function clearModelCache() {
  * Loads a model and returns an engine.
  * @param {import("./index.d.ts").EngineOptions} options
  */
-export async function createEngine({ model, onProgress, contextLength, maxStorageBinding, worker = true } = {}) {
+export async function createEngine({ model, onProgress, contextLength, maxStorageBinding, maxSequences, kvMemory, worker = true } = {}) {
   if (!model) throw new LoadError("createEngine: `model` (a manifest.json or .gguf URL) is required");
   if (!globalThis.navigator?.gpu) throw new NoWebGpuError("this browser has no WebGPU (navigator.gpu is missing)");
   const port = worker ? new Worker(new URL("./worker.js", import.meta.url), { type: "module" }) : mainThreadPort();
@@ -68,9 +68,10 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
       pending.clear();
     };
   }
-  const call = (message, onEvent) =>
+  let unloaded = false;
+  const call = (message, onEvent, id = nextId++) =>
     new Promise((resolve, reject) => {
-      const id = nextId++;
+      if (unloaded) throw new EngineError("the engine was unloaded");
       pending.set(id, (data) => {
         if (data.type === "result") resolve(data.value);
         else if (data.type === "error") reject(toError(data));
@@ -81,7 +82,7 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
 
   const started = performance.now();
   const url = new URL(model, globalThis.location?.href).href;
-  const options = { contextLength, maxStorageBinding };
+  const options = { contextLength, maxStorageBinding, maxSequences, kvMemory };
   let info;
   try {
     info = await call({ type: "load", url, options }, ({ done, total, tensor }) =>
@@ -98,7 +99,7 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
     throw error;
   }
 
-  let busy = Promise.resolve();
+  // Requests run together in the engine (continuous batching), each under its own message id.
   const create = (params) => {
     const { signal, stream = false, ...request } = params;
     const id = `chatcmpl-${crypto.randomUUID()}`;
@@ -110,21 +111,20 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
     const queue = [];
     let wake = null;
     const push = (item) => { queue.push(item); wake?.(); };
-    // One request at a time: the engine keeps one KV cache.
-    const run = busy.then(async () => {
+    const requestId = nextId++;
+    const abort = () => port.postMessage({ type: "abort", id: requestId });
+    const run = (async () => {
       if (signal?.aborted) throw new AbortError("the request was aborted before it started");
-      const onAbort = () => port.postMessage({ type: "abort" });
-      signal?.addEventListener("abort", onAbort);
+      signal?.addEventListener("abort", abort);
       try {
         const result = await call({ type: "chat", request }, ({ text, token }) =>
-          push(chunk({ content: text }, null, { token_ids: token === undefined ? [] : [token] })));
+          push(chunk({ content: text }, null, { token_ids: token === undefined ? [] : [token] })), requestId);
         if (result.finish_reason === "abort") throw new AbortError("the request was aborted");
         return result;
       } finally {
-        signal?.removeEventListener("abort", onAbort);
+        signal?.removeEventListener("abort", abort);
       }
-    });
-    busy = run.catch(() => {});
+    })();
     if (!stream) {
       return run.then((result) => ({
         id, object: "chat.completion", created, model,
@@ -157,7 +157,7 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
         } finally {
           // The consumer stopped early (break, return, a throw in its loop): stop generating.
           if (!finished) {
-            port.postMessage({ type: "abort" });
+            abort();
             await run.catch(() => {});
           }
         }
@@ -168,9 +168,15 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
   return {
     chat: { completions: { create } },
     info: () => info,
+    status: async () => (await call({ type: "info" })).load,
     async unload() {
-      await call({ type: "unload" });
+      const done = call({ type: "unload" });
+      unloaded = true;
+      await done;
       port.terminate();
+      // Requests still running end here: their results would come from the worker just stopped.
+      for (const request of pending.values()) request({ type: "error", name: "AbortError", message: "the engine was unloaded" });
+      pending.clear();
     },
   };
 }

@@ -1,7 +1,10 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
-//   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "unload"} | {type: "abort"}
+//   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "info"}
+//        | {id, type: "unload"} | {type: "abort", id?}
 //   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", text, token}
 //        | {id, type: "result", value} | {id, type: "error", name, message}
+// Chat requests run together; each streams under its own id. "abort" stops the chat request of that
+// id, or every one without an id, and answers nothing.
 
 /** What the browser says about its adapter (wgpu leaves the name empty on the web). */
 async function adapterInfo() {
@@ -17,17 +20,24 @@ async function adapterInfo() {
 
 /** Returns a function that runs one incoming message against the wasm exports, answering with `post`. */
 export function createHandler(wasm, post) {
+  let adapter = {};
+  const info = () => {
+    const info = JSON.parse(wasm.info() ?? "null");
+    return info && { ...info, adapter: { ...info.adapter, ...adapter } };
+  };
   async function run(message) {
     const { id, type } = message;
     switch (type) {
-      case "load": {
-        const info = JSON.parse(await wasm.load(message.url, JSON.stringify(message.options ?? {}), (done, total, tensor) =>
-          post({ id, type: "progress", done, total, tensor })));
-        return { ...info, adapter: { ...info.adapter, ...(await adapterInfo()) } };
-      }
+      case "load":
+        await wasm.load(message.url, JSON.stringify(message.options ?? {}), (done, total, tensor) =>
+          post({ id, type: "progress", done, total, tensor }));
+        adapter = await adapterInfo();
+        return info();
       case "chat":
-        return JSON.parse(await wasm.chat(JSON.stringify(message.request), (text, token) =>
+        return JSON.parse(await wasm.chat(id, JSON.stringify(message.request), (text, token) =>
           post({ id, type: "chunk", text, token })));
+      case "info":
+        return info();
       case "unload":
         return wasm.unload();
       default:
@@ -35,8 +45,8 @@ export function createHandler(wasm, post) {
     }
   }
   return async (message) => {
-    // Abort answers nothing and must not wait behind the running request.
-    if (message.type === "abort") return wasm.abort();
+    // Abort answers nothing and must not wait behind the running requests.
+    if (message.type === "abort") return wasm.abort(message.id);
     try {
       post({ id: message.id, type: "result", value: await run(message) });
     } catch (error) {

@@ -85,12 +85,13 @@ fn workgroup_sum(lid: u32, value: f32) -> f32 {
 }
 
 // The top k of the workgroup's candidates in rank order, written by thread 0 as (id, logit) pairs
-// from word `at` of `out` (dest_is_out) or of `selections`; returns the first pick's value.
-fn select_top(lid: u32, pool: Candidates, dest_is_out: bool, at: u32) -> f32 {
+// from word `at` of `out` (dest_is_out) or of `selections`; returns the first pick's value. k comes
+// apart from the pool, whose fields vary by thread: the rounds' barriers need a uniform bound.
+fn select_top(lid: u32, pool: Candidates, k: u32, dest_is_out: bool, at: u32) -> f32 {
     var prev_value = 0.0;
     var prev_index = NONE;
     var largest = LOWEST;
-    for (var round = 0u; round < top_k(pool.row); round++) {
+    for (var round = 0u; round < k; round++) {
         var value = LOWEST;
         var index = NONE;
         for (var c = pool.first; c < pool.count; c += pool.stride) {
@@ -138,7 +139,7 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let row = wg.y;
     let pool = Candidates(row, true, wg.x * WG + lid, params.partials * WG, params.n);
     let at = (row * params.partials + wg.x) * SELECTION_WORDS;
-    let largest = select_top(lid, pool, false, at + 2u);
+    let largest = select_top(lid, pool, top_k(row), false, at + 2u);
     var sum = 0.0;
     for (var i = pool.first; i < params.n; i += pool.stride) {
         sum += exp((logits[row * params.n + i] - largest) * inv_temperature(row));
@@ -155,7 +156,7 @@ fn finish(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let row = wg.y;
     let pool = Candidates(row, false, lid, WG, params.partials * top_k(row));
     let at_out = row * SELECTION_WORDS;
-    let largest = select_top(lid, pool, true, at_out + 2u);
+    let largest = select_top(lid, pool, top_k(row), true, at_out + 2u);
     // Each partial's sum is relative to its own largest logit: rescaled to the overall one.
     var sum = 0.0;
     if (lid < params.partials) {

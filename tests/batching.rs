@@ -18,8 +18,12 @@ const FIXTURE: &str = "tiny-llama31";
 const CONTEXT: usize = 128;
 
 fn engine(max_sequences: usize, kv_memory: Option<u64>) -> Option<Engine> {
+    engine_with(LoadOptions { max_sequences, kv_memory, ..Default::default() })
+}
+
+fn engine_with(options: LoadOptions) -> Option<Engine> {
     let gpu = gpu()?;
-    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences, kv_memory, ..Default::default() };
+    let options = LoadOptions { context_length: Some(CONTEXT), ..options };
     let model = load_model(&gpu, FIXTURE, &options).unwrap();
     let tokenizer = truncated_llama3_tokenizer(model.config().vocab_size);
     Some(Engine::new(model, tokenizer, ChatTemplate::llama31(), 1).unwrap())
@@ -151,6 +155,18 @@ fn concurrent_seeded_sampling_produces_the_tokens_of_each_alone() {
         ..Default::default()
     });
     let together = run_together(&mut engine, &requests);
+    assert_same_as_alone(&requests, &together, &run_alone(&requests));
+}
+
+#[test]
+fn prompts_longer_than_a_pass_prefill_in_chunks_beside_decoding_sequences() {
+    // Passes of at most 7 tokens: a 40-token prompt takes several, some of prefill alone.
+    let Some(mut engine) = engine_with(LoadOptions { max_sequences: 3, max_batch: 7, ..Default::default() }) else { return };
+    let prompt = golden(FIXTURE).greedy.prompt;
+    let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(8), ..Default::default() };
+    let requests: Vec<Request> = (0..3).map(|i| Request { prompt: prompt[i..].to_vec(), params: params.clone(), joins_at: 3 * i, cancel_after: None }).collect();
+    let together = run_together(&mut engine, &requests);
+    assert_eq!(together[0].0.tokens, golden(FIXTURE).greedy.tokens[..8]);
     assert_same_as_alone(&requests, &together, &run_alone(&requests));
 }
 

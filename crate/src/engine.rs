@@ -341,7 +341,11 @@ impl Engine {
         // The pass after this one, when it is sure to be the same greedy decode step: submitted
         // before this one's tokens are read, taking them on the GPU.
         let chained = self.chain_after(&rows)?;
-        let output = self.model.read_pass().await?;
+        // A pass of prefill chunks only has no outputs to read.
+        let output = match rows.iter().any(|r| r.output) {
+            true => self.model.read_pass().await?,
+            false => PassOutput { argmax: vec![], candidates: vec![] },
+        };
         self.finish_pass(&rows, output, events).await?;
         self.pending = chained;
         Ok(())

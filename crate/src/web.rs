@@ -18,6 +18,7 @@ use crate::engine::{Completion, Event, Load, SequenceId};
 use crate::gpu::GpuError;
 use crate::load::{LoadError, WebModel};
 use crate::text::RenderOptions;
+use crate::model::{KvPool, DEFAULT_CONTEXT, PAGE_SIZE};
 use crate::{CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 /// The `name` of the errors thrown to JS.
@@ -110,7 +111,7 @@ struct WebLoadOptions {
     /// Caps the storage binding size below the adapter's, e.g. to test the split path.
     max_storage_binding: Option<u64>,
     max_sequences: Option<usize>,
-    /// Bytes of the KV pool; default a full context per sequence.
+    /// Bytes of the KV pool; default one full context, shared by the sequences.
     kv_memory: Option<u64>,
 }
 
@@ -137,10 +138,14 @@ pub async fn load(url: String, options_json: String, on_progress: Function) -> R
     let source = WebModel::open(&url).await.map_err(to_js)?;
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;
+    // A tab's GPU memory is scarce: unless told otherwise, the sequences share the KV pages one
+    // request had alone (a full context).
+    let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(config.max_position_embeddings));
+    let one_context = context.div_ceil(PAGE_SIZE) as u64 * KvPool::bytes_per_page(&config);
     let load_options = LoadOptions {
         context_length: options.context_length,
         max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
-        kv_memory: options.kv_memory,
+        kv_memory: Some(options.kv_memory.unwrap_or(one_context)),
         ..Default::default()
     };
     let mut progress = |p: crate::LoadProgress| {

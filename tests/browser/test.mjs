@@ -1,8 +1,9 @@
 // The browser test: the tiny fixture converted to shards and SmolLM2's GGUF file, served from
 // 127.0.0.1, loaded in headless Chromium (SwiftShader WebGPU) through the package's worker API and
 // through the chat demo. The browser's greedy tokens must equal the native engine's, token for token;
-// weights come from the Cache API on reload and after an interrupted load; the wasm heap stays
-// under a stated bound while loading.
+// two concurrent streams must each equal the same request alone, and aborting one leaves the other
+// running; weights come from the Cache API on reload and after an interrupted load; the wasm heap
+// stays under a stated bound while loading.
 import { execFileSync } from "node:child_process";
 import { cpSync, createReadStream, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -25,6 +26,8 @@ const SMOLLM2_TOKENS = 3;
 const SMOLLM2_WASM_BOUND = 64 << 20;
 // The fixture's shards: 8 MiB read chunk, staging chunk, tokenizer and engine.
 const TINY_WASM_BOUND = 48 << 20;
+// Bytes of a KV page of the fixture: keys and values of 3 layers, 16 positions of 2 heads of 16, f32.
+const TINY_KV_PAGE_BYTES = 2 * 3 * 16 * 2 * 16 * 4;
 
 function log(...args) {
   console.log(`[${(performance.now() / 1000).toFixed(1)}s]`, ...args);
@@ -153,6 +156,36 @@ try {
     // Leaving a stream early stops it; the engine then serves the next request.
     for await (const chunk of engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], stream: true, max_tokens: 100 })) break;
     const afterBreak = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+    // Concurrent streams: each alone first, then both together, then one of them aborted after
+    // its first chunk while the other runs on.
+    const stream = async (content, { max_tokens = maxTokens, abortAfterFirst = false } = {}) => {
+      const controller = new AbortController();
+      const chunks = [];
+      try {
+        for await (const chunk of engine.chat.completions.create({
+          messages: [{ role: "user", content }], stream: true, temperature: 0, max_tokens, signal: controller.signal,
+        })) {
+          chunks.push(chunk);
+          if (abortAfterFirst) controller.abort();
+        }
+      } catch (error) {
+        chunks.push({ error: error.name });
+      }
+      const last = chunks.at(-1);
+      return {
+        tokens: chunks.flatMap((c) => c.choices?.[0].token_ids ?? []),
+        text: chunks.map((c) => c.choices?.[0].delta.content ?? "").join(""),
+        end: last.error ?? last.choices[0].finish_reason,
+      };
+    };
+    const prompts = [prompt, "Why is the sky blue?"];
+    const alone = [];
+    for (const content of prompts) alone.push(await stream(content));
+    const both = Promise.all(prompts.map((content) => stream(content)));
+    const during = await engine.status();
+    const together = await both;
+    const [abortedStream, other] = await Promise.all([stream(prompts[0], { max_tokens: 64, abortAfterFirst: true }), stream(prompts[1])]);
+    const after = await engine.status();
     const info = engine.info();
     await engine.unload();
     const missing = await createEngine({ model: "/target/browser-test/missing/manifest.json" }).then(() => null, (e) => ({ name: e.name, message: e.message }));
@@ -166,7 +199,7 @@ try {
       again: again.choices[0].token_ids,
       afterBreak: afterBreak.choices[0].token_ids,
       lastProgress: progress.at(-1),
-      abortError, info, missing, limit,
+      abortError, info, missing, limit, alone, together, during, abortedStream, other, after,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
   log("browser info:", JSON.stringify(api.info));
@@ -177,6 +210,16 @@ try {
   assertEqual(api.again, native.tokens, "second, non-streamed request (KV cache reused)");
   assertEqual(api.afterBreak, native.tokens, "a request after a stream left early");
   assertEqual(api.usage.completion_tokens, native.tokens.length, "usage.completion_tokens on the last chunk");
+  assertEqual(api.alone[0].tokens, native.tokens, "first concurrency prompt alone vs native");
+  assertEqual(api.during.running + api.during.waiting, 2, "requests in the engine while both streams run");
+  assertEqual(api.together, api.alone, "two concurrent streams vs each alone (tokens, text, finish)");
+  assertEqual(api.abortedStream.end, "AbortError", "the stream aborted while another runs");
+  assert(api.abortedStream.tokens.length < 64, `the aborted stream ended after ${api.abortedStream.tokens.length} of 64 tokens`);
+  const shared = Math.min(api.abortedStream.tokens.length, api.alone[0].tokens.length);
+  assertEqual(api.abortedStream.tokens.slice(0, shared), api.alone[0].tokens.slice(0, shared), "the aborted stream's tokens vs alone");
+  assertEqual(api.other, api.alone[1], "the stream running beside the aborted one vs alone");
+  assertEqual([api.after.running, api.after.waiting, api.after.kv_pages_free], [0, 0, api.after.kv_pages], "engine load after the requests (every KV page back)");
+  assertEqual(api.info.load.max_sequences, 4, "default maxSequences in the browser");
   assertEqual(api.lastProgress, 1, "final load progress");
   assertEqual(api.abortError, "AbortError", "aborted request");
   assertEqual(api.missing?.name, "LoadError", "missing model");
@@ -189,24 +232,26 @@ try {
 
   // 3. No room in the cache: on this thread (worker: false) with a storage estimate of no quota
   // left, the weights of a copy not cached yet stream from the network; with a 48 KiB storage
-  // binding limit the matrices are split over several buffers. The tokens are the same.
+  // binding limit the matrices are split over several buffers; maxSequences and kvMemory size the
+  // KV pool. The tokens are the same.
   cpSync(shards, `${shards}-copy`, { recursive: true });
-  const streamed = await page.evaluate(async ({ model, prompt, maxTokens }) => {
+  const streamed = await page.evaluate(async ({ model, prompt, maxTokens, kvPageBytes }) => {
     const { createEngine } = await import("/pkg/index.js");
     const estimate = navigator.storage.estimate;
     navigator.storage.estimate = async () => ({ quota: 1000, usage: 1000 });
     try {
-      const engine = await createEngine({ model, worker: false, maxStorageBinding: 48 << 10 });
+      const engine = await createEngine({ model, worker: false, maxStorageBinding: 48 << 10, maxSequences: 2, kvMemory: 20 * kvPageBytes });
       const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
       const info = engine.info();
       await engine.unload();
-      return { tokens: reply.choices[0].token_ids, weights: info.weights };
+      return { tokens: reply.choices[0].token_ids, weights: info.weights, load: info.load };
     } finally {
       navigator.storage.estimate = estimate;
     }
-  }, { model: model.replace("tiny-llama31/", "tiny-llama31-copy/"), prompt: PROMPT, maxTokens: MAX_TOKENS });
+  }, { model: model.replace("tiny-llama31/", "tiny-llama31-copy/"), prompt: PROMPT, maxTokens: MAX_TOKENS, kvPageBytes: TINY_KV_PAGE_BYTES });
   assert(streamed.weights.startsWith("network (the storage quota has 0.0 MiB left"), `weights streamed without quota: ${streamed.weights}`);
   assertEqual(streamed.tokens, native.tokens, "main-thread tokens without a cache, split by a 48 KiB binding limit, vs native");
+  assertEqual([streamed.load.max_sequences, streamed.load.kv_pages], [2, 20], "maxSequences 2 and kvMemory of 20 pages");
 
   // 4. SmolLM2's GGUF file, read with Range requests; then again from the cache.
   const smolFrom = requests.length;
