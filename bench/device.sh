@@ -98,6 +98,7 @@ run() {
         "8b-q4_0-rows1|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 1 --profile"
         "8b-q4_0-rows2|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 2 --profile"
         "8b-q4_0-rows4|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 4 --profile"
+        "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16"
         "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
         "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
         "1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"
@@ -174,7 +175,8 @@ for path in sorted(out.glob("*.json")):
     for r in report["results"]:
         fraction = r.get("bandwidth_fraction")
         encode = r.get("cpu_encode_us_per_token")
-        print(f"| {path.stem} | {r['test']} | {r['tokens_per_second']:.1f} | {r['std']:.1f} | "
+        test = r['test'] if r.get('parallel', 1) == 1 else f"{r['test']} x{r['parallel']}"
+        print(f"| {path.stem} | {test} | {r['tokens_per_second']:.1f} | {r['std']:.1f} | "
               f"{'-' if fraction is None else f'{100 * fraction:.1f}%'} | {'-' if encode is None else f'{encode:.0f}'} | "
               f"{report['dispatches_per_token']} |")
 profile = out / "8b-q4_0-profile.json"
