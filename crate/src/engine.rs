@@ -126,9 +126,8 @@ impl Sequence {
         self.tokens.len() - self.prompt_len
     }
 
-    /// Positions the sequence may reach, from which its pages are reserved.
     fn max_positions(&self, context: usize) -> usize {
-        (self.prompt_len + self.max_tokens).min(context)
+        max_positions(self.prompt_len, self.max_tokens, context)
     }
 
     fn plain_greedy(&self) -> bool {
@@ -267,7 +266,7 @@ impl Engine {
             Some(n) => n as usize,
             None => reachable.saturating_sub(prompt.len()).max(1),
         };
-        let positions = (prompt.len() + max_tokens).min(context);
+        let positions = max_positions(prompt.len(), max_tokens, context);
         let needed = positions.div_ceil(PAGE_SIZE);
         if needed > self.pages.total() {
             let pool = self.pages.total();
@@ -344,7 +343,7 @@ impl Engine {
         // A pass of prefill chunks only has no outputs to read.
         let output = match rows.iter().any(|r| r.output) {
             true => self.model.read_pass().await?,
-            false => PassOutput { argmax: vec![], candidates: vec![] },
+            false => PassOutput::default(),
         };
         self.finish_pass(&rows, output, events).await?;
         self.pending = chained;
@@ -408,8 +407,9 @@ impl Engine {
             budget -= take;
             let output = sequence.computed + take == sequence.tokens.len();
             ids.extend_from_slice(&sequence.tokens[sequence.computed..sequence.computed + take]);
+            let first = sequence.computed;
             rows.push(PassRow { id: sequence.id, tokens: take, output });
-            self.place(i, take, &mut batch);
+            self.place(i, first, take, &mut batch);
             if output {
                 batch.outputs.push(batch.slots.len() as u32 - 1);
             }
@@ -431,11 +431,11 @@ impl Engine {
         Ok(Some(rows))
     }
 
-    /// Adds the slots of running sequence `i`'s next `n` positions to `batch`, taking reserved
-    /// pages where they begin new ones.
-    fn place(&mut self, i: usize, n: usize, batch: &mut Batch) {
+    /// Adds the slots of running sequence `i`'s positions first..first + n to `batch`, taking
+    /// reserved pages where they begin new ones.
+    fn place(&mut self, i: usize, first: usize, n: usize, batch: &mut Batch) {
         let sequence = &mut self.running[i];
-        for position in sequence.computed..sequence.computed + n {
+        for position in first..first + n {
             let page = position / PAGE_SIZE;
             if page == sequence.pages.len() {
                 let taken = self.pages.take_reserved();
@@ -460,16 +460,15 @@ impl Engine {
         let admissible = !self.waiting.is_empty() && !self.free_slots.is_empty();
         let all_decode = rows.len() == self.running.len() && rows.iter().all(|r| r.tokens == 1 && r.output);
         let runs_next = |s: &Sequence| s.plain_greedy() && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context;
-        if admissible || !all_decode || !rows.iter().all(|r| self.sequence(r.id).is_some_and(runs_next)) {
+        let indices: Vec<usize> = rows.iter().filter_map(|r| self.running.iter().position(|s| s.id == r.id && runs_next(s))).collect();
+        if admissible || !all_decode || indices.len() != rows.len() {
             return Ok(None);
         }
         let mut batch = Batch::default();
-        for row in rows {
-            let i = self.running.iter().position(|s| s.id == row.id).unwrap_or_default();
+        for i in indices {
             // One past the token the pass in flight computes.
-            self.running[i].computed += 1;
-            self.place(i, 1, &mut batch);
-            self.running[i].computed -= 1;
+            let position = self.running[i].computed + 1;
+            self.place(i, position, 1, &mut batch);
             batch.outputs.push(batch.slots.len() as u32 - 1);
         }
         self.model.submit(&batch, PassTokens::Previous)?;
@@ -579,6 +578,11 @@ impl Engine {
         self.pages = PageAllocator::new(self.model.kv_pool().pages);
         self.free_slots = (0..self.model.max_sequences()).rev().collect();
     }
+}
+
+/// Positions a sequence may reach, from which its pages are reserved.
+fn max_positions(prompt: usize, max_tokens: usize, context: usize) -> usize {
+    (prompt + max_tokens).min(context)
 }
 
 /// How a sequence ends: finished for a reason, or failed.

@@ -35,6 +35,14 @@ pub struct StepParams {
     pub slots: [TokenSlot; MAX_BATCH_TOKENS],
 }
 
+impl TokenSlot {
+    /// Position `position` of the one sequence of slot 0, kept at pool row `position` (the
+    /// page table that maps page i to page i).
+    pub fn lone(position: u32) -> Self {
+        Self { position, kv_row: position, sequence: 0, _pad: 0 }
+    }
+}
+
 impl Default for StepParams {
     fn default() -> Self {
         Zeroable::zeroed()
@@ -45,7 +53,7 @@ impl StepParams {
     /// A pass of `n_tokens` of one sequence (slot 0) at positions start_pos.., its KV rows the
     /// positions themselves (a page table that maps page i to page i).
     pub fn new(n_tokens: u32, start_pos: u32, max_key_splits: u32) -> Self {
-        let slots: Vec<TokenSlot> = (start_pos..start_pos + n_tokens).map(|p| TokenSlot { position: p, kv_row: p, sequence: 0, _pad: 0 }).collect();
+        let slots: Vec<TokenSlot> = (start_pos..start_pos + n_tokens).map(TokenSlot::lone).collect();
         Self::for_slots(&slots, max_key_splits)
     }
 

@@ -226,7 +226,7 @@ impl Batch {
     /// `n` tokens of the one sequence of slot 0 at positions start_pos.., its KV rows the positions
     /// (the identity page table); the last token's logits computed when `output`.
     fn lone(start_pos: usize, n: usize, output: bool) -> Self {
-        let slots = (start_pos..start_pos + n).map(|p| TokenSlot { position: p as u32, kv_row: p as u32, sequence: 0, _pad: 0 }).collect();
+        let slots = (start_pos..start_pos + n).map(|p| TokenSlot::lone(p as u32)).collect();
         Self { slots, outputs: if output { vec![n as u32 - 1] } else { vec![] }, top_k: vec![] }
     }
 }
@@ -241,7 +241,7 @@ pub enum PassTokens<'a> {
 
 /// What a pass hands back: the argmax of every output row, and the top-k candidates of each when
 /// the batch asked for them.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PassOutput {
     pub argmax: Vec<u32>,
     pub candidates: Vec<Candidates>,
@@ -333,7 +333,7 @@ impl Llama {
         let max_outputs = sequences.min(max_batch).min((binding / (4 * c.vocab_size as u64)) as usize);
         if max_outputs < sequences {
             let what = if sequences > max_batch { "one pass of the batch size" } else { "the logits buffer under the binding limit" };
-            return Err(ModelError::TooManySequences { sequences, what, max: max_outputs.min(max_batch) }.into());
+            return Err(ModelError::TooManySequences { sequences, what, max: max_outputs }.into());
         }
         let cos_sin = c.rope_cos_sin(context);
         gpu.check_binding("rope cos/sin table", (cos_sin.len() * 8) as u64)?;
