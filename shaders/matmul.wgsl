@@ -1,8 +1,9 @@
 // Reading a weight matrix: out = x @ W^T, and the embedding gather out[t] = W[token t], for a
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
-// Entry points: for a few tokens (decode) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0, q4_1,
-// q8_0) and `gemv_superblocks` (q4_k, q6_k); `tiled` for prompt prefill; `gather` for embeddings.
+// Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
+// q4_1, q8_0) and `gemv_superblocks` (q4_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
+// workgroup; `tiled` for prompt prefill; `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
 // The products can transform their input on the way in, fusing the op before them (INPUT):
@@ -214,41 +215,56 @@ const GEMV_WG: u32 = 64u;
 // (ops::gemv_rows): more rows reuse each loaded input more, fewer make more workgroups to fill a
 // large GPU. Rotary output needs an even number.
 override GEMV_ROWS: u32 = 4u;
+// The most tokens a GEMV workgroup takes (crate::gpu::ops::GEMV_COLUMNS): its per-token arrays
+// live in function memory, whose sizes must be constant.
+const MAX_GEMV_COLUMNS: u32 = 8u;
+// Tokens per GEMV workgroup: 1 for a lone sequence's decode step, MAX_GEMV_COLUMNS for a pass of
+// several sequences' tokens, which then load and decode each weight once for all of them.
+override GEMV_COLUMNS: u32 = 1u;
 
-// Each GEMV thread's row sums and its sum of squares of the input (RMSNorm), and their totals over
-// the workgroup.
+// A token's totals over the GEMV workgroup: its sums of the workgroup's slots, and the sum of the
+// squares of its inputs (RMSNorm).
 struct Totals {
     sums: vec4<f32>,
     squares: f32,
 }
 
-// The GEMVs' reduction over their workgroup. The file as it is reduces through workgroup memory: a
-// tree of log2(GEMV_WG) = 6 barriers. Its subgroup form (Kernel::source_for) replaces the block
-// from "workgroup reduction {" to "} workgroup reduction" with the commented block after it, which
-// adds within each subgroup (subgroupAdd) and joins the subgroups with one barrier. A swap rather
-// than a switch: a module for an adapter without subgroups must not name their builtins at all.
+// The GEMVs' reduction over their workgroup, of every token at once. The file as it is reduces
+// through workgroup memory: a tree of log2(GEMV_WG) = 6 barriers. Its subgroup form
+// (Kernel::source_for) replaces the block from "workgroup reduction {" to "} workgroup reduction"
+// with the commented block after it, which adds within each subgroup (subgroupAdd) and joins the
+// subgroups with one barrier. A swap rather than a switch: a module for an adapter without
+// subgroups must not name their builtins at all.
 // workgroup reduction {
 // The builtins a GEMV thread reads.
 struct Thread {
     @builtin(local_invocation_index) index: u32,
 }
 
-var<workgroup> thread_sums: array<vec4<f32>, GEMV_WG>;
-var<workgroup> thread_squares: array<f32, GEMV_WG>;
+var<workgroup> thread_sums: array<vec4<f32>, GEMV_WG * GEMV_COLUMNS>;   // (thread, token)
+var<workgroup> thread_squares: array<f32, GEMV_WG * GEMV_COLUMNS>;
 
-// The totals of every thread's `sums` and `squares`, returned to every thread.
-fn workgroup_totals(thread: Thread, sums: vec4<f32>, squares: f32) -> Totals {
-    thread_sums[thread.index] = sums;
-    thread_squares[thread.index] = squares;
+// Adds up every thread's `sums` and `squares` of each token; column_totals then reads them.
+fn reduce_columns(thread: Thread, sums: array<vec4<f32>, MAX_GEMV_COLUMNS>, squares: array<f32, MAX_GEMV_COLUMNS>) {
+    for (var c = 0u; c < GEMV_COLUMNS; c++) {
+        thread_sums[thread.index * GEMV_COLUMNS + c] = sums[c];
+        thread_squares[thread.index * GEMV_COLUMNS + c] = squares[c];
+    }
     workgroupBarrier();
     for (var stride = GEMV_WG / 2u; stride > 0u; stride /= 2u) {
         if (thread.index < stride) {
-            thread_sums[thread.index] += thread_sums[thread.index + stride];
-            thread_squares[thread.index] += thread_squares[thread.index + stride];
+            for (var c = 0u; c < GEMV_COLUMNS; c++) {
+                let i = thread.index * GEMV_COLUMNS + c;
+                thread_sums[i] += thread_sums[i + stride * GEMV_COLUMNS];
+                thread_squares[i] += thread_squares[i + stride * GEMV_COLUMNS];
+            }
         }
         workgroupBarrier();
     }
-    return Totals(thread_sums[0], thread_squares[0]);
+}
+
+fn column_totals(thread: Thread, c: u32) -> Totals {
+    return Totals(thread_sums[c], thread_squares[c]);
 }
 // } workgroup reduction
 /* subgroup reduction {
@@ -259,61 +275,93 @@ struct Thread {
     @builtin(num_subgroups) subgroups: u32,
 }
 
-// One slot per subgroup: GEMV_WG / 4 covers the smallest subgroups an adapter may have (4).
-var<workgroup> subgroup_sums: array<vec4<f32>, GEMV_WG / 4u>;
-var<workgroup> subgroup_squares: array<f32, GEMV_WG / 4u>;
+// One slot per subgroup and token: GEMV_WG / 4 subgroups covers the smallest subgroups an
+// adapter may have (4).
+var<workgroup> subgroup_sums: array<vec4<f32>, GEMV_WG / 4u * GEMV_COLUMNS>;   // (subgroup, token)
+var<workgroup> subgroup_squares: array<f32, GEMV_WG / 4u * GEMV_COLUMNS>;
 
-fn workgroup_totals(thread: Thread, sums: vec4<f32>, squares: f32) -> Totals {
-    let sums_of_subgroup = subgroupAdd(sums);
-    let squares_of_subgroup = subgroupAdd(squares);
-    if (thread.lane == 0u) {
-        subgroup_sums[thread.subgroup] = sums_of_subgroup;
-        subgroup_squares[thread.subgroup] = squares_of_subgroup;
+fn reduce_columns(thread: Thread, sums: array<vec4<f32>, MAX_GEMV_COLUMNS>, squares: array<f32, MAX_GEMV_COLUMNS>) {
+    for (var c = 0u; c < GEMV_COLUMNS; c++) {
+        let sums_of_subgroup = subgroupAdd(sums[c]);
+        let squares_of_subgroup = subgroupAdd(squares[c]);
+        if (thread.lane == 0u) {
+            subgroup_sums[thread.subgroup * GEMV_COLUMNS + c] = sums_of_subgroup;
+            subgroup_squares[thread.subgroup * GEMV_COLUMNS + c] = squares_of_subgroup;
+        }
     }
     workgroupBarrier();
+}
+
+fn column_totals(thread: Thread, c: u32) -> Totals {
     var totals = Totals(vec4(0.0, 0.0, 0.0, 0.0), 0.0);
     for (var i = 0u; i < thread.subgroups; i++) {
-        totals.sums += subgroup_sums[i];
-        totals.squares += subgroup_squares[i];
+        totals.sums += subgroup_sums[i * GEMV_COLUMNS + c];
+        totals.squares += subgroup_squares[i * GEMV_COLUMNS + c];
     }
     return totals;
 }
 } subgroup reduction */
 
-// GEMV for f32, f16 and bf16, GEMV_ROWS rows of one token per workgroup (rows are laid over x and y
-// so that huge matrices fit the grid): each thread takes pairs of columns, loading a pair's inputs
-// once for every row.
+// The first input row of a GEMV workgroup's column c (token t0 + c); columns past the pass's
+// tokens read the last token's row, and their sums are not stored.
+fn column_base(t0: u32, c: u32) -> u32 {
+    return min(t0 + c, step.n_tokens - 1u) * params.in_stride;
+}
+
+// The end of a GEMV: the workgroup's sums of slots row0.. for each of its tokens (scaled for
+// RMSNorm) stored, thread i storing slot i % GEMV_ROWS of token t0 + i / GEMV_ROWS.
+fn store_columns(thread: Thread, t0: u32, row0: u32, sums: array<vec4<f32>, MAX_GEMV_COLUMNS>, squares: array<f32, MAX_GEMV_COLUMNS>) {
+    reduce_columns(thread, sums, squares);
+    let c = thread.index / GEMV_ROWS;
+    let r = thread.index % GEMV_ROWS;
+    if (c < GEMV_COLUMNS && t0 + c < step.n_tokens && row0 + r < params.rows) {
+        let totals = column_totals(thread, c);
+        let scale = row_scale(totals.squares);
+        store(t0 + c, row0 + r, totals.sums[r] * scale, totals.sums[r ^ 1u] * scale);
+    }
+}
+
+// GEMV for f32, f16 and bf16, GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup (rows are laid
+// over x and y so that huge matrices fit the grid): each thread takes pairs of columns, loading a
+// pair's weights once for every token and each token's inputs once for every row.
 @compute @workgroup_size(GEMV_WG)
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t = wg.z;
-    if (row0 >= params.rows || t >= step.n_tokens) {
+    let t0 = wg.z * GEMV_COLUMNS;
+    if (row0 >= params.rows || t0 >= step.n_tokens) {
         return;
     }
-    let x_base = t * params.in_stride;
-    var sums = vec4(0.0, 0.0, 0.0, 0.0); // slots row0..row0 + GEMV_ROWS - 1
-    var squares = 0.0;
+    var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>; // per token, slots row0..row0 + GEMV_ROWS - 1
+    var squares: array<f32, MAX_GEMV_COLUMNS>;
     for (var col = 2u * thread.index; col < params.k; col += 2u * GEMV_WG) {
-        let input = input_pair(x_base, col);
-        if (INPUT == 1u) {
-            let v = vec2(x_at(x_base + col), x_at(x_base + col + 1u));
-            squares += dot(v, v);
-        }
+        var weights: array<vec2<f32>, 4>;
         for (var r = 0u; r < GEMV_ROWS; r++) {
             // Slots past the end repeat the last one; their sums are not stored.
-            sums[r] += dot(input, weight_pair(matrix_row(min(row0 + r, params.rows - 1u)), col));
+            weights[r] = weight_pair(matrix_row(min(row0 + r, params.rows - 1u)), col);
+        }
+        for (var c = 0u; c < GEMV_COLUMNS; c++) {
+            let x_base = column_base(t0, c);
+            let input = input_pair(x_base, col);
+            if (INPUT == 1u) {
+                let v = vec2(x_at(x_base + col), x_at(x_base + col + 1u));
+                squares[c] += dot(v, v);
+            }
+            for (var r = 0u; r < GEMV_ROWS; r++) {
+                sums[c][r] += dot(input, weights[r]);
+            }
         }
     }
-    store_rows(thread, t, row0, sums, squares);
+    store_columns(thread, t0, row0, sums, squares);
 }
 
-// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_ROWS rows of one token per
-// workgroup. Four neighbouring threads share a block, each taking a quarter of it: 8 weights, from
-// one q4 quant word (word j's low nibbles are the block's weights 4j..4j + 3, its high nibbles
-// 16 + 4j..) or two q8_0 words (weights 8j..8j + 7). So a subgroup's loads of inputs (2 vec4 per
-// thread) and of quants each cover contiguous memory, and a thread loads its 8 inputs once for every
-// row. The offset comes out of the dot product: q4_0 d * (sum x q - 8 sum x), q4_1 d * sum x q +
-// m * sum x. A thread takes two quarters per step (GEMV_WG apart) to have twice the loads in flight.
+// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_ROWS rows of GEMV_COLUMNS
+// tokens per workgroup. Four neighbouring threads share a block, each taking a quarter of it: 8
+// weights, from one q4 quant word (word j's low nibbles are the block's weights 4j..4j + 3, its high
+// nibbles 16 + 4j..) or two q8_0 words (weights 8j..8j + 7). So a subgroup's loads of inputs (2 vec4
+// per thread and token) and of quants each cover contiguous memory; a thread decodes each quarter
+// once for every token and loads each token's 8 inputs once for every row. The offset comes out of
+// the dot product: q4_0 d * sum x q - 8 d * sum x, q4_1 d * sum x q + m * sum x. A thread takes two
+// quarters per step (GEMV_WG apart) to have twice the loads in flight.
 
 // Inputs col..col + 3 of the token row at `base` (both multiples of 4) transformed by INPUT
 // (RMSNorm without its per-row scale), and the sum of their squares as read.
@@ -354,7 +402,7 @@ fn signed_bytes(word: u32) -> vec4<f32> {
     return vec4<f32>(bitcast<vec4<i32>>(vec4(word) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u));
 }
 
-// The block columns of quarter j's inputs: two quads, whose weights a quarter_dot takes in order.
+// The block columns of quarter j's inputs: two quads, whose weights a Quarter holds in order.
 fn quarter_cols(j: u32) -> vec2<u32> {
     if (WEIGHT_DTYPE == 5u) {
         return vec2(8u * j, 8u * j + 4u);
@@ -362,153 +410,188 @@ fn quarter_cols(j: u32) -> vec2<u32> {
     return vec2(4u * j, 16u + 4u * j);
 }
 
-// sum x * w over quarter j of `block`, whose inputs are the quads a and b with the sum x_sum.
-fn quarter_dot(block: u32, j: u32, a: vec4<f32>, b: vec4<f32>, x_sum: f32) -> f32 {
+// A decoded quarter: its quants as the two quads of quarter_cols, and the scale d and offset m of
+// sum x w = d (sum x q) + m (sum x).
+struct Quarter {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    d: f32,
+    m: f32,
+}
+
+// Quarter j of `block`.
+fn quarter_weights(block: u32, j: u32) -> Quarter {
     switch WEIGHT_DTYPE {
         case 3u: { // q4_0: f16 d, 16 bytes of nibbles
             let start = block * 18u;
             let q = word_at(start + 2u + 4u * j);
-            return f16_at(start) * (dot(a, low_nibbles(q)) + dot(b, high_nibbles(q)) - 8.0 * x_sum);
+            let d = f16_at(start);
+            return Quarter(low_nibbles(q), high_nibbles(q), d, -8.0 * d);
         }
         case 4u: { // q4_1: f16 d, f16 m, 16 bytes of nibbles (20: word-aligned)
             let start = block * 5u;
             let q = w[start + 1u + j];
             let dm = unpack2x16float(w[start]);
-            return dm.x * (dot(a, low_nibbles(q)) + dot(b, high_nibbles(q))) + dm.y * x_sum;
+            return Quarter(low_nibbles(q), high_nibbles(q), dm.x, dm.y);
         }
         default: { // q8_0: f16 d, 32 int8
             let start = block * 34u;
             let p = start + 2u + 8u * j;
-            return f16_at(start) * (dot(a, signed_bytes(word_at(p))) + dot(b, signed_bytes(word_at(p + 4u))));
+            return Quarter(signed_bytes(word_at(p)), signed_bytes(word_at(p + 4u)), f16_at(start), 0.0);
         }
     }
 }
 
-// The end of a GEMV: the workgroup's sums of slots row0.. (scaled for RMSNorm) stored, one slot
-// per thread.
-fn store_rows(thread: Thread, t: u32, row0: u32, sums: vec4<f32>, squares: f32) {
-    let totals = workgroup_totals(thread, sums, squares);
-    let scale = row_scale(totals.squares);
-    let r = thread.index;
-    if (r < GEMV_ROWS && row0 + r < params.rows) {
-        store(t, row0 + r, totals.sums[r] * scale, totals.sums[r ^ 1u] * scale);
-    }
+// sum x * w over a quarter whose inputs are the quads a and b with the sum x_sum.
+fn quarter_dot(q: Quarter, a: vec4<f32>, b: vec4<f32>, x_sum: f32) -> f32 {
+    return q.d * (dot(a, q.a) + dot(b, q.b)) + q.m * x_sum;
 }
 
 @compute @workgroup_size(GEMV_WG)
 fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t = wg.z;
-    if (row0 >= params.rows || t >= step.n_tokens) {
+    let t0 = wg.z * GEMV_COLUMNS;
+    if (row0 >= params.rows || t0 >= step.n_tokens) {
         return;
     }
-    let x_base = t * params.in_stride;
     let blocks = params.k / 32u;
     let quarters = 4u * blocks;
-    var sums = vec4(0.0, 0.0, 0.0, 0.0); // rows row0..row0 + GEMV_ROWS - 1
-    var squares = 0.0;
+    var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>; // per token, rows row0..row0 + GEMV_ROWS - 1
+    var squares: array<f32, MAX_GEMV_COLUMNS>;
     for (var first = thread.index; first < quarters; first += 2u * GEMV_WG) {
         // Where the row's quarters are not a multiple of 2 GEMV_WG, the last step's second quarter
         // may be past the row: it then takes zero inputs and re-reads the first one's weights.
         let has_second = first + GEMV_WG < quarters;
-        let quarter = array(first, select(first, first + GEMV_WG, has_second));
-        var a: array<vec4<f32>, 2>;
-        var b: array<vec4<f32>, 2>;
-        var x_sums: array<f32, 2>;
         for (var i = 0u; i < 2u; i++) {
             let live = i == 0u || has_second;
-            let cols = quarter[i] / 4u * 32u + quarter_cols(quarter[i] % 4u);
-            a[i] = select(vec4(0.0), input_quad(x_base, cols.x), live);
-            b[i] = select(vec4(0.0), input_quad(x_base, cols.y), live);
-            x_sums[i] = dot(a[i] + b[i], vec4(1.0, 1.0, 1.0, 1.0));
-            if (INPUT == 1u && live) {
-                squares += squares_quad(x_base, cols.x) + squares_quad(x_base, cols.y);
+            let quarter = select(first, first + GEMV_WG, i == 1u && has_second);
+            let cols = quarter / 4u * 32u + quarter_cols(quarter % 4u);
+            var a: array<vec4<f32>, MAX_GEMV_COLUMNS>;
+            var b: array<vec4<f32>, MAX_GEMV_COLUMNS>;
+            var x_sums: array<f32, MAX_GEMV_COLUMNS>;
+            for (var c = 0u; c < GEMV_COLUMNS; c++) {
+                let x_base = column_base(t0, c);
+                a[c] = select(vec4(0.0), input_quad(x_base, cols.x), live);
+                b[c] = select(vec4(0.0), input_quad(x_base, cols.y), live);
+                x_sums[c] = dot(a[c] + b[c], vec4(1.0, 1.0, 1.0, 1.0));
+                if (INPUT == 1u && live) {
+                    squares[c] += squares_quad(x_base, cols.x) + squares_quad(x_base, cols.y);
+                }
             }
-        }
-        for (var r = 0u; r < GEMV_ROWS; r++) {
-            // Slots past the end repeat the last one; their sums are not stored.
-            let row_block = matrix_row(min(row0 + r, params.rows - 1u)) * blocks;
-            for (var i = 0u; i < 2u; i++) {
-                sums[r] += quarter_dot(row_block + quarter[i] / 4u, quarter[i] % 4u, a[i], b[i], x_sums[i]);
+            for (var r = 0u; r < GEMV_ROWS; r++) {
+                // Slots past the end repeat the last one; their sums are not stored.
+                let weights = quarter_weights(matrix_row(min(row0 + r, params.rows - 1u)) * blocks + quarter / 4u, quarter % 4u);
+                for (var c = 0u; c < GEMV_COLUMNS; c++) {
+                    sums[c][r] += quarter_dot(weights, a[c], b[c], x_sums[c]);
+                }
             }
         }
     }
-    store_rows(thread, t, row0, sums, squares);
+    store_columns(thread, t0, row0, sums, squares);
 }
 
-// GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_ROWS rows of one token per
-// workgroup. A super-block is 4 units of 64 weights: two runs of 32, a and b, whose quants are the
-// low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters q
-// and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). Four neighbouring
+// GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_ROWS rows of GEMV_COLUMNS tokens
+// per workgroup. A super-block is 4 units of 64 weights: two runs of 32, a and b, whose quants are
+// the low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters
+// q and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). Four neighbouring
 // threads share a unit, each taking 8 of its quant bytes, 8 weights of each run: a subgroup's loads
-// of inputs (4 vec4 per thread, loaded once for every row) and of quants cover contiguous memory.
+// of inputs (4 vec4 per thread and token) and of quants cover contiguous memory. A thread loads a
+// piece's quants and scales once for every token, and unpacks them for each.
 // q4_k's mins come out of the dot product: d sc (sum x q) - dmin m (sum x) per sub-block.
+
+// A piece of one row: its quant words (q4_k: both runs' nibbles in `low`; q6_k: the low nibbles
+// and the high 2 bits), and each run's scale and min: sum x w = scales.a (a . qa) + scales.b (b . qb)
+// - mins . (sum a, sum b).
+struct Piece {
+    low: vec2<u32>,
+    high: vec2<u32>,
+    scales: vec2<f32>,
+    mins: vec2<f32>,
+}
+
+// The piece of super-block `block` at unit `part`, quant bytes 8j..8j + 7.
+fn superblock_piece(block: u32, part: u32, j: u32) -> Piece {
+    if (WEIGHT_DTYPE == 6u) { // q4_k: f16 d, f16 dmin, 12 bytes of scales, 128 of nibbles (144: word-aligned)
+        let start = block * 144u;
+        let quants = (start + 16u + part * 32u) / 4u + 2u * j;
+        let sm_a = q4k_scale_min(start, 2u * part);
+        let sm_b = q4k_scale_min(start, 2u * part + 1u);
+        let dm = unpack2x16float(w[start / 4u]);
+        return Piece(vec2(w[quants], w[quants + 1u]), vec2(0u), dm.x * vec2(sm_a.x, sm_b.x), dm.y * vec2(sm_a.y, sm_b.y));
+    }
+    // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales, f16 d. Each 16 weights
+    // have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4 and 2q + 5; this thread's
+    // 8 weights lie in the (j / 2)th 16 of each run.
+    let start = block * 210u;
+    let half = part / 2u;
+    let quarter = part % 2u;
+    let low_at = start + half * 64u + quarter * 32u + 8u * j;
+    let high_at = start + 128u + half * 32u + 8u * j;
+    let scales = start + 192u + half * 8u + 2u * quarter + j / 2u;
+    let d = f16_at(start + 208u);
+    return Piece(vec2(word_at(low_at), word_at(low_at + 4u)), vec2(word_at(high_at), word_at(high_at + 4u)),
+                 d * vec2(i8_at(scales), i8_at(scales + 4u)), vec2(0.0));
+}
+
+// sum x * w over a piece of unit `part` whose inputs are the runs a and b with the sums x_sums.
+fn piece_dot(p: Piece, part: u32, a: array<vec4<f32>, 2>, b: array<vec4<f32>, 2>, x_sums: vec2<f32>) -> f32 {
+    var dot_a = 0.0;
+    var dot_b = 0.0;
+    if (WEIGHT_DTYPE == 6u) {
+        dot_a = dot(a[0], low_nibbles(p.low.x)) + dot(a[1], low_nibbles(p.low.y));
+        dot_b = dot(b[0], high_nibbles(p.low.x)) + dot(b[1], high_nibbles(p.low.y));
+    } else {
+        let quarter = part % 2u;
+        let bytes = vec4(0u, 8u, 16u, 24u);
+        for (var i = 0u; i < 2u; i++) {
+            let l = vec4(p.low[i]) >> bytes;
+            let h = vec4(p.high[i]) >> bytes;
+            let qa = vec4<f32>((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
+            let qb = vec4<f32>(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
+            dot_a += dot(a[i], qa);
+            dot_b += dot(b[i], qb);
+        }
+    }
+    return p.scales.x * dot_a + p.scales.y * dot_b - dot(p.mins, x_sums);
+}
+
 @compute @workgroup_size(GEMV_WG)
 fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t = wg.z;
-    if (row0 >= params.rows || t >= step.n_tokens) {
+    let t0 = wg.z * GEMV_COLUMNS;
+    if (row0 >= params.rows || t0 >= step.n_tokens) {
         return;
     }
-    let x_base = t * params.in_stride;
     let superblocks = params.k / 256u;
-    var sums = vec4(0.0, 0.0, 0.0, 0.0);
-    var squares = 0.0;
-    for (var piece = thread.index; piece < superblocks * 16u; piece += GEMV_WG) {
-        let sb = piece / 16u;
-        let part = piece / 4u % 4u; // the unit
-        let j = piece % 4u;         // its quant bytes 8j..8j + 7, weights 8j..8j + 7 of each run
-        // q4_k: runs at 64 part and + 32; q6_k: half part / 2, quarters part % 2 and + 2.
-        let half = part / 2u;
-        let quarter = part % 2u;
-        let col_a = sb * 256u + select(half * 128u + quarter * 32u, part * 64u, WEIGHT_DTYPE == 6u) + 8u * j;
-        let col_b = col_a + select(64u, 32u, WEIGHT_DTYPE == 6u);
-        let a = array(input_quad(x_base, col_a), input_quad(x_base, col_a + 4u));
-        let b = array(input_quad(x_base, col_b), input_quad(x_base, col_b + 4u));
-        if (INPUT == 1u) {
-            squares += squares_quad(x_base, col_a) + squares_quad(x_base, col_a + 4u) + squares_quad(x_base, col_b) + squares_quad(x_base, col_b + 4u);
-        }
-        let ones = vec4(1.0, 1.0, 1.0, 1.0);
-        let sum_a = dot(a[0] + a[1], ones);
-        let sum_b = dot(b[0] + b[1], ones);
+    var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>;
+    var squares: array<f32, MAX_GEMV_COLUMNS>;
+    for (var index = thread.index; index < superblocks * 16u; index += GEMV_WG) {
+        let sb = index / 16u;
+        let part = index / 4u % 4u; // the unit
+        let j = index % 4u;         // its quant bytes 8j..8j + 7, weights 8j..8j + 7 of each run
+        var pieces: array<Piece, 4>;
         for (var r = 0u; r < GEMV_ROWS; r++) {
             // Slots past the end repeat the last one; their sums are not stored.
-            let block = matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb;
-            if (WEIGHT_DTYPE == 6u) { // q4_k: f16 d, f16 dmin, 12 bytes of scales, 128 of nibbles (144: word-aligned)
-                let start = block * 144u;
-                let quants = (start + 16u + part * 32u) / 4u + 2u * j;
-                let q = vec2(w[quants], w[quants + 1u]);
-                let dot_a = dot(a[0], low_nibbles(q.x)) + dot(a[1], low_nibbles(q.y));
-                let dot_b = dot(b[0], high_nibbles(q.x)) + dot(b[1], high_nibbles(q.y));
-                let sm_a = q4k_scale_min(start, 2u * part);
-                let sm_b = q4k_scale_min(start, 2u * part + 1u);
-                let dm = unpack2x16float(w[start / 4u]);
-                sums[r] += dm.x * (sm_a.x * dot_a + sm_b.x * dot_b) - dm.y * (sm_a.y * sum_a + sm_b.y * sum_b);
-            } else { // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales, f16 d
-                let start = block * 210u;
-                let low_at = start + half * 64u + quarter * 32u + 8u * j;
-                let high_at = start + 128u + half * 32u + 8u * j;
-                let ql = vec2(word_at(low_at), word_at(low_at + 4u));
-                let qh = vec2(word_at(high_at), word_at(high_at + 4u));
-                let bytes = vec4(0u, 8u, 16u, 24u);
-                var dot_a = 0.0;
-                var dot_b = 0.0;
-                for (var i = 0u; i < 2u; i++) {
-                    let l = vec4(ql[i]) >> bytes;
-                    let h = vec4(qh[i]) >> bytes;
-                    let qa = vec4<f32>((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
-                    let qb = vec4<f32>(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
-                    dot_a += dot(a[i], qa);
-                    dot_b += dot(b[i], qb);
-                }
-                // Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4
-                // and 2q + 5; this thread's 8 weights lie in the (j / 2)th 16 of each run.
-                let scales = start + 192u + half * 8u + 2u * quarter + j / 2u;
-                sums[r] += f16_at(start + 208u) * (i8_at(scales) * dot_a + i8_at(scales + 4u) * dot_b);
+            pieces[r] = superblock_piece(matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb, part, j);
+        }
+        // q4_k: runs at 64 part and + 32; q6_k: half part / 2, quarters part % 2 and + 2.
+        let col_a = sb * 256u + select((part / 2u) * 128u + (part % 2u) * 32u, part * 64u, WEIGHT_DTYPE == 6u) + 8u * j;
+        let col_b = col_a + select(64u, 32u, WEIGHT_DTYPE == 6u);
+        for (var c = 0u; c < GEMV_COLUMNS; c++) {
+            let x_base = column_base(t0, c);
+            let a = array(input_quad(x_base, col_a), input_quad(x_base, col_a + 4u));
+            let b = array(input_quad(x_base, col_b), input_quad(x_base, col_b + 4u));
+            if (INPUT == 1u) {
+                squares[c] += squares_quad(x_base, col_a) + squares_quad(x_base, col_a + 4u) + squares_quad(x_base, col_b) + squares_quad(x_base, col_b + 4u);
+            }
+            let ones = vec4(1.0, 1.0, 1.0, 1.0);
+            let x_sums = vec2(dot(a[0] + a[1], ones), dot(b[0] + b[1], ones));
+            for (var r = 0u; r < GEMV_ROWS; r++) {
+                sums[c][r] += piece_dot(pieces[r], part, a, b, x_sums);
             }
         }
     }
-    store_rows(thread, t, row0, sums, squares);
+    store_columns(thread, t0, row0, sums, squares);
 }
 
 // Tiles of TILE tokens x TILE_ROWS rows, stepping k by TILE_K; each thread computes a register

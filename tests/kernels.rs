@@ -35,15 +35,18 @@ fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec
 /// A device whose binding limit splits a (rows, cols) f32 matrix into about `parts` buffers.
 fn splitting_gpu(rows: usize, cols: usize, parts: usize, bounds_checks: bool) -> Option<Gpu> {
     let bytes = (rows * cols * 4).div_ceil(parts).next_multiple_of(256) as u64;
-    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), bounds_checks, ..Default::default() })
+    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), bounds_checks, gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() })
 }
 
 /// A device that keeps naga's bounds checks in every kernel, or drops them where kernels are in
 /// bounds by construction (the default on native): matmul tests run both ways, so an index past a
 /// buffer would show as a difference (or a fault) between the two.
 fn checked_gpu(bounds_checks: bool) -> Option<Gpu> {
-    gpu_with(&GpuOptions { bounds_checks, ..Default::default() })
+    gpu_with(&GpuOptions { bounds_checks, gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() })
 }
+
+/// The most tokens the tests' devices run as GEMVs, so that their token counts cover each strategy.
+const GEMV_MAX_TOKENS: u32 = 8;
 
 /// The prefill matmul's register tiles, 4x4 (the default) and 8x8, with and without bounds checks.
 const TILED_FORMS: [(u32, bool); 4] = [(4, false), (4, true), (8, false), (8, true)];
@@ -74,9 +77,9 @@ fn embedding_matches_reference_in_every_format_and_split() {
 
 /// A stacked q/k/v projection with rotary output: q rotated into out, k rotated into the K cache
 /// and v copied into the V cache at each token's position, the rest of the caches as they were.
-/// GEMVs (rows per workgroup forced to 1, which rotary output raises to 2, and 4) and tiles (4x4
-/// and 8x8 register tiles), with
-/// q/k and v in blocks of different formats, split by the binding limit into parts of whole heads.
+/// GEMVs of one token and of 8 per workgroup (rows per workgroup forced to 1, which rotary output
+/// raises to 2, and 4) and tiles (4x4 and 8x8 register tiles), with q/k and v in blocks of
+/// different formats, split by the binding limit into parts of whole heads.
 #[test]
 fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
     // head_dim 10: an odd number of rotation pairs per head.
@@ -86,7 +89,9 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
     let cos_sin: Vec<[f32; 2]> = (0..context * head_dim / 2).map(|i| [(i as f32 * 0.37).cos(), (i as f32 * 0.37).sin()]).collect();
     let binding = (qk_rows * k * 4).div_ceil(3).next_multiple_of(256) as u64;
     for (gemv_rows, register_tile) in [(1, 4), (4, 8)] {
-        let options = GpuOptions { gemv_rows: Some(gemv_rows), register_tile: Some(register_tile), max_storage_binding: Some(binding), ..Default::default() };
+        // 1 token: one GEMV; 3 and 9: GEMVs of 8 tokens (9: a second workgroup of one); 11: tiles.
+        let gemv_max_tokens = Some(10);
+        let options = GpuOptions { gemv_rows: Some(gemv_rows), gemv_max_tokens, register_tile: Some(register_tile), max_storage_binding: Some(binding), ..Default::default() };
         let Some(gpu) = gpu_with(&options) else { return };
         let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
         for (qk_dtype, v_dtype) in [(DType::F32, DType::Q4_0), (DType::Q4K, DType::F16)] {
@@ -101,7 +106,7 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
             if qk_dtype == DType::F32 {
                 assert!(qk.parts.len() >= 3 && qk.parts.iter().all(|p| p.rows % head_dim == 0), "parts of whole heads expected");
             }
-            for n in [1, 3, 9] {
+            for n in [1, 3, 9, 11] {
                 let x = random_vec(&mut rng(n as u64 + 63), n * k, 1.0);
                 let xb = gpu.storage_buffer_with("x", &x);
                 let out = gpu.storage_buffer("out", (n * qkv_dim * 4) as u64);
@@ -144,7 +149,8 @@ fn matmul_matches_reference_in_every_format_strategy_and_split() {
 
 fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
     let (rows, k) = (67, 46);
-    // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles; the split device binds only up to 9 tokens.
+    // 1 token runs as one GEMV, 3 as GEMVs of 8 tokens, 9 and 37 as tiles; the split device binds
+    // only up to 9 tokens.
     let Some(split) = splitting_gpu(rows, k, 3, bounds_checks) else { return };
     let Some(whole) = checked_gpu(bounds_checks) else { return };
     for (gpu, token_counts) in [(&split, &[1, 3, 9][..]), (&whole, &[1, 37][..])] {
@@ -171,9 +177,10 @@ fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
 #[test]
 fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
     for (register_tile, bounds_checks) in TILED_FORMS {
-        // 1 and 3 tokens run as GEMVs, 9 and 37 as tiles (37: a partial tile of tokens); 70 rows
-        // leave the second tile of rows part-filled.
-        let Some(gpu) = gpu_with(&GpuOptions { bounds_checks, register_tile: Some(register_tile), ..Default::default() }) else { return };
+        // 1 token runs as one GEMV, 3 as GEMVs of 8 tokens, 9 and 37 as tiles (37: a partial tile
+        // of tokens); 70 rows leave the second tile of rows part-filled.
+        let options = GpuOptions { bounds_checks, register_tile: Some(register_tile), gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() };
+        let Some(gpu) = gpu_with(&options) else { return };
         for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
             let tokens: &[usize] = if register_tile == 4 { &[1, 3, 9, 37] } else { &[9, 37] };
             matmul_of_every_input(&gpu, dtype, 70, 256, tokens, &format!("register tile {register_tile}, bounds checks {bounds_checks}"));
@@ -181,16 +188,16 @@ fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
     }
 }
 
-/// The decode GEMVs in both reductions (subgroups where the adapter has them, and workgroup memory)
-/// at 1, 2 and 4 rows per workgroup, with every fused input, with and without
-/// bounds checks.
+/// The decode GEMVs of one token and of 8 per workgroup in both reductions (subgroups where the
+/// adapter has them, and workgroup memory) at 1, 2 and 4 rows per workgroup, with every fused
+/// input, with and without bounds checks.
 #[test]
 fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
     let Some(probe) = gpu() else { return };
     let subgroup_forms = if has_feature(&probe, probe.subgroups, "subgroups") { vec![true, false] } else { vec![false] };
     for (subgroups, bounds_checks) in subgroup_forms.into_iter().flat_map(|s| [(s, false), (s, true)]) {
         for gemv_rows in [1, 2, 4] {
-            let options = GpuOptions { no_subgroups: !subgroups, gemv_rows: Some(gemv_rows), bounds_checks, ..Default::default() };
+            let options = GpuOptions { no_subgroups: !subgroups, gemv_rows: Some(gemv_rows), gemv_max_tokens: Some(16), bounds_checks, ..Default::default() };
             let Some(gpu) = gpu_with(&options) else { return };
             assert_eq!(gpu.subgroups, subgroups);
             // 37 rows leave the last workgroup part-filled at 2 and 4 rows per workgroup, 3 rows
@@ -200,7 +207,10 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
             for (rows, k) in [(37, 2304), (3, 768)] {
                 for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
                     let what = format!("{gemv_rows} rows per workgroup, subgroups {subgroups}, bounds checks {bounds_checks}");
-                    matmul_of_every_input(&gpu, dtype, rows, k, &[1, 3], &what);
+                    // 3 tokens: one workgroup of 8 columns, 5 past the pass; 11: a full one and a
+                    // partial one.
+                    let tokens: &[usize] = if gemv_rows == 4 { &[1, 3, 11] } else { &[1, 3] };
+                    matmul_of_every_input(&gpu, dtype, rows, k, tokens, &what);
                 }
             }
         }
@@ -269,6 +279,10 @@ fn tuning_options_out_of_range_are_an_error() {
     assert!(matches!(e, Some(InvalidOption { name: "gemv_rows", value: 3, .. })), "{e:?}");
     let e = error(GpuOptions { register_tile: Some(6), ..Default::default() });
     assert!(matches!(e, Some(InvalidOption { name: "register_tile", value: 6, .. })), "{e:?}");
+    for tokens in [0, 257] {
+        let e = error(GpuOptions { gemv_max_tokens: Some(tokens), ..Default::default() });
+        assert!(matches!(e, Some(InvalidOption { name: "gemv_max_tokens", value, .. }) if value == tokens), "{e:?}");
+    }
     for splits in [0, 33] {
         let e = error(GpuOptions { max_key_splits: Some(splits), ..Default::default() });
         assert!(matches!(e, Some(InvalidOption { name: "max_key_splits", value, .. }) if value == splits), "{e:?}");
@@ -326,12 +340,12 @@ fn f16_tiles_within_rounding(gpu: &Gpu, register_tile: u32) {
 #[test]
 fn stacked_matmuls_accumulate_into_their_own_output_columns() {
     let (rows, k, n, stride) = (20, 30, 9, 50);
-    let Some(gpu) = gpu() else { return };
+    let Some(gpu) = checked_gpu(false) else { return };
     let x = random_vec(&mut rng(4), n * k, 1.0);
     let xb = gpu.storage_buffer_with("x", &x);
     // Two matrices in different formats stacked at columns 3 and 23 of 50-wide output rows.
     let stacked = [(3, DType::BF16), (23, DType::F16)].map(|(column, dtype)| (column, dtype, weights(&gpu, column as u64, dtype, rows, k)));
-    for n_run in [1, n] {
+    for n_run in [1, 3, n] {
         let initial = random_vec(&mut rng(5), n * stride, 1.0);
         let out = gpu.storage_buffer_with("out", &initial);
         let matmul = ops::ByTokens::join(stacked.iter().map(|(column, _, (_, w))| {

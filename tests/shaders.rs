@@ -179,7 +179,8 @@ fn params_structs_match_their_rust_mirrors() {
 
 #[test]
 fn workgroup_memory_is_what_the_engine_requires() {
-    // The sum over a module's workgroup variables bounds what any of its entry points uses.
+    // Each entry point's workgroup variables, with its override-sized arrays at their largest
+    // (GEMV_COLUMNS tokens per GEMV workgroup).
     let mut largest = 0;
     for kernel in KERNELS {
         for tiles in [TileType::F32, TileType::F16] {
@@ -188,17 +189,50 @@ fn workgroup_memory_is_what_the_engine_requires() {
                 if (tiles == TileType::F16 && !kernel.has_tiles()) || (subgroups && !kernel.has_subgroup_form()) {
                     continue;
                 }
-                let (module, _) = parse_with(kernel, form);
-                let bytes: u64 = module
-                    .global_variables
-                    .iter()
-                    .filter(|(_, v)| v.space == AddressSpace::WorkGroup)
-                    .map(|(_, v)| module.types[v.ty].inner.size(module.to_ctx()) as u64)
-                    .sum();
-                assert!(bytes <= WORKGROUP_STORAGE, "{} {form:?}: {bytes} bytes of workgroup memory", kernel.name);
-                largest = largest.max(bytes);
+                let (module, info) = parse_with(kernel, form);
+                let constants = naga::back::PipelineConstants::from_iter(
+                    module.overrides.iter().filter(|(_, o)| o.name.as_deref() == Some("GEMV_COLUMNS")).map(|_| ("GEMV_COLUMNS".to_string(), ops::GEMV_COLUMNS as f64)),
+                );
+                for entry in entry_points(&module) {
+                    let (module, _) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, &entry)), &constants)
+                        .unwrap_or_else(|e| panic!("{} {entry}: {e}", kernel.name));
+                    let bytes: u64 = module
+                        .global_variables
+                        .iter()
+                        .filter(|(_, v)| v.space == AddressSpace::WorkGroup)
+                        .map(|(_, v)| module.types[v.ty].inner.size(module.to_ctx()) as u64)
+                        .sum();
+                    assert!(bytes <= WORKGROUP_STORAGE, "{} {entry} {form:?}: {bytes} bytes of workgroup memory", kernel.name);
+                    largest = largest.max(bytes);
+                }
             }
         }
     }
     assert_eq!(largest, WORKGROUP_STORAGE, "the requirement should be what the largest kernel uses");
+}
+
+/// The WGSL constants that mirror a Rust one, in every kernel that declares them.
+#[test]
+fn shader_constants_match_their_rust_mirrors() {
+    let mirrors = [
+        ("MAX_BATCH_TOKENS", ops::MAX_BATCH_TOKENS as u32),
+        ("MAX_GEMV_COLUMNS", ops::GEMV_COLUMNS),
+        ("MAX_K", ops::MAX_TOP_K as u32),
+        ("MAX_HEAD_DIM", ops::MAX_HEAD_DIM as u32),
+        ("MAX_KEY_SPLITS", ops::MAX_KEY_SPLITS),
+    ];
+    let mut seen = std::collections::BTreeSet::new();
+    for kernel in KERNELS {
+        let (module, _) = parse(kernel);
+        for (_, constant) in module.constants.iter() {
+            let Some((name, rust)) = mirrors.iter().find(|(name, _)| constant.name.as_deref() == Some(*name)) else { continue };
+            let value = match module.global_expressions[constant.init] {
+                naga::Expression::Literal(naga::Literal::U32(v)) => v,
+                ref other => panic!("{} {name}: not a u32 literal: {other:?}", kernel.name),
+            };
+            assert_eq!(value, *rust, "{} {name}", kernel.name);
+            seen.insert(*name);
+        }
+    }
+    assert_eq!(seen.len(), mirrors.len(), "mirrored constants found: {seen:?}");
 }

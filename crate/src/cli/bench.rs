@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// by matrix size (q/k/v's rotary output takes at least 2).
     #[arg(long)]
     pub gemv_rows: Option<u32>,
+    /// The most tokens, 1 to 256, a pass runs its matmuls as GEMVs with (up to 8 tokens per
+    /// workgroup, default 32); more run as tiles.
+    #[arg(long)]
+    pub gemv_max_tokens: Option<u32>,
     /// The side of a prefill thread's register tile of sums, 4 or 8 (64 sums per thread, 64
     /// threads per workgroup).
     #[arg(long)]
@@ -443,6 +447,7 @@ fn report(
             "gemv_rows_by_matrix": serde_json::Map::from_iter(gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| (matrix.to_string(), n.into()))),
             "subgroup_sizes": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
+            "gemv_max_tokens": gpu.gemv_max_tokens,
             "register_tile": gpu.register_tile.side(),
             "max_key_splits": model.max_key_splits(),
             "bounds_checks": gpu.bounds_checks,
@@ -490,6 +495,7 @@ fn report(
     let rows: Vec<String> = gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| format!("{matrix} {n}")).to_vec();
     let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
     println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
+    println!("matmuls as GEMVs up to {} tokens per pass, as tiles beyond", gpu.gemv_max_tokens);
 }
 
 /// Rows per workgroup the GEMVs take for each matrix of the model, unsplit (q/k/v's rotary output

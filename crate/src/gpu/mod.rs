@@ -69,6 +69,10 @@ pub struct GpuOptions {
     /// Rows per workgroup of the decode GEMVs, 1, 2 or 4, for every matrix instead of the choice
     /// by matrix size (`ops::gemv_rows`; q/k/v's rotary output takes at least 2); for tuning.
     pub gemv_rows: Option<u32>,
+    /// The most tokens, 1 to 256, a pass runs its matmuls as GEMVs with (up to `ops::GEMV_COLUMNS`
+    /// tokens per workgroup); more run as tiles. `ops::DEFAULT_GEMV_MAX_TOKENS` where not given;
+    /// for tuning.
+    pub gemv_max_tokens: Option<u32>,
     /// The side of a prefill thread's register tile of sums, 4 (the default) or 8; for tuning.
     pub register_tile: Option<u32>,
     /// The most splits a decode step cuts its keys into, 1 to 32 (`ops::MAX_KEY_SPLITS`, the
@@ -114,6 +118,8 @@ pub struct Gpu {
     pub subgroups: bool,
     /// See [`GpuOptions::gemv_rows`].
     pub gemv_rows: Option<u32>,
+    /// See [`GpuOptions::gemv_max_tokens`].
+    pub gemv_max_tokens: u32,
     /// See [`GpuOptions::register_tile`].
     pub register_tile: RegisterTile,
     /// See [`GpuOptions::max_key_splits`].
@@ -129,6 +135,9 @@ impl Gpu {
     pub async fn new(options: &GpuOptions) -> Result<Self, GpuError> {
         if let Some(rows) = options.gemv_rows.filter(|rows| ![1, 2, 4].contains(rows)) {
             return Err(GpuError::InvalidOption { name: "gemv_rows", value: rows, allowed: "1, 2 or 4" });
+        }
+        if let Some(tokens) = options.gemv_max_tokens.filter(|n| !(1..=ops::MAX_BATCH_TOKENS as u32).contains(n)) {
+            return Err(GpuError::InvalidOption { name: "gemv_max_tokens", value: tokens, allowed: "1 to 256" });
         }
         if let Some(splits) = options.max_key_splits.filter(|n| !(1..=ops::MAX_KEY_SPLITS).contains(n)) {
             return Err(GpuError::InvalidOption { name: "max_key_splits", value: splits, allowed: "1 to 32" });
@@ -212,6 +221,7 @@ impl Gpu {
             tile_type,
             subgroups,
             gemv_rows: options.gemv_rows,
+            gemv_max_tokens: options.gemv_max_tokens.unwrap_or(ops::DEFAULT_GEMV_MAX_TOKENS),
             register_tile,
             max_key_splits: options.max_key_splits,
             kernels: Default::default(),

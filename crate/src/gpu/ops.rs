@@ -58,14 +58,14 @@ impl StepParams {
     }
 
     /// A pass of the tokens `slots` describe (at most MAX_BATCH_TOKENS). A decode pass (fewer than
-    /// GEMV_MAX_TOKENS tokens) cuts the keys of its longest sequence into up to `max_key_splits`
+    /// DECODE_MAX_TOKENS tokens) cuts the keys of its longest sequence into up to `max_key_splits`
     /// splits of a multiple of MIN_SPLIT_KEYS, attended in parallel and merged after; a prefill
     /// pass has query blocks enough to fill the GPU, so one.
     pub fn for_slots(slots: &[TokenSlot], max_key_splits: u32) -> Self {
         assert!(slots.len() <= MAX_BATCH_TOKENS, "{} tokens in one pass", slots.len());
         let n_tokens = slots.len() as u32;
         let context = slots.iter().map(|s| s.position + 1).max().unwrap_or(1);
-        let keys_per_split = if n_tokens < GEMV_MAX_TOKENS {
+        let keys_per_split = if n_tokens < DECODE_MAX_TOKENS {
             context.div_ceil(max_key_splits.max(1)).next_multiple_of(MIN_SPLIT_KEYS)
         } else {
             context
@@ -162,9 +162,21 @@ pub const MAX_TOP_K: usize = 64;
 
 /// The largest head_dim the attention kernel holds (its MAX_HEAD_DIM).
 pub const MAX_HEAD_DIM: usize = 256;
-/// Below this many tokens a matmul runs as GEMVs and attention one query per workgroup; from it
-/// on, both run as tiles.
-pub const GEMV_MAX_TOKENS: u32 = 8;
+/// Below this many tokens attention runs one query per workgroup, its keys split; from it on, in
+/// blocks of queries.
+pub const DECODE_MAX_TOKENS: u32 = 8;
+/// Tokens per workgroup of a GEMV over several tokens (matmul.wgsl's MAX_GEMV_COLUMNS): each weight
+/// is loaded and decoded once for all of them, as llama.cpp's mul_mat_vec takes up to 8 columns.
+pub const GEMV_COLUMNS: u32 = 8;
+/// The most tokens a pass runs its matmuls as GEMVs with (the default of
+/// [`GpuOptions::gemv_max_tokens`]); more run as tiles. A GEMV pass reads and decodes the weights
+/// once per GEMV_COLUMNS tokens; a tile computes 64 tokens whatever the pass holds. On lavapipe
+/// (SmolLM2, bench/NOTES.md) GEMVs beat tiles up to 32 tokens (9.2 against 8.4 tok/s) and lose at
+/// 64 (8.8 against 14.9); on a GPU the tiles are bound by arithmetic (8B on an H200: about 58 ms a
+/// tile of 64 tokens, against about 5 ms a weight read), so GEMVs win there at least as far.
+///
+/// [`GpuOptions::gemv_max_tokens`]: super::GpuOptions::gemv_max_tokens
+pub const DEFAULT_GEMV_MAX_TOKENS: u32 = 32;
 /// Tokens and rows per workgroup of matmul.wgsl's tiled (its TILE and TILE_ROWS).
 const TILE: u32 = 64;
 const TILE_ROWS: u32 = 64;
@@ -201,8 +213,8 @@ enum Grid {
     TokenTiles { x: u32, tile: u32 },
     /// (x, ceil(n * rows_per_token / block), z).
     RowBlocks { x: u32, rows_per_token: u32, block: u32, z: u32 },
-    /// Rows folded over x and y to respect the per-dimension limit, tokens in z.
-    RowsByToken { x: u32, y: u32 },
+    /// Rows folded over x and y to respect the per-dimension limit, groups of `columns` tokens in z.
+    RowsByToken { x: u32, y: u32, columns: u32 },
     Fixed([u32; 3]),
 }
 
@@ -212,14 +224,14 @@ impl Grid {
             Grid::PerToken(x) => [x, n, 1],
             Grid::TokenTiles { x, tile } => [x, n.div_ceil(tile), 1],
             Grid::RowBlocks { x, rows_per_token, block, z } => [x, (n * rows_per_token).div_ceil(block), z],
-            Grid::RowsByToken { x, y } => [x, y, n],
+            Grid::RowsByToken { x, y, columns } => [x, y, n.div_ceil(columns)],
             Grid::Fixed(size) => size,
         }
     }
 
-    fn rows_by_token(gpu: &Gpu, rows: u32) -> Self {
+    fn rows_by_token(gpu: &Gpu, rows: u32, columns: u32) -> Self {
         let x = rows.min(gpu.limits.max_compute_workgroups_per_dimension).max(1);
-        Grid::RowsByToken { x, y: rows.div_ceil(x) }
+        Grid::RowsByToken { x, y: rows.div_ceil(x), columns }
     }
 }
 
@@ -280,11 +292,14 @@ impl Op {
     }
 }
 
-/// An op bound for both strategies, one for the few tokens of a decode step (GEMV, one query per
-/// workgroup) and one for many (tiles shared by several tokens); the token count picks one per pass.
+/// A matmul bound for each strategy: a GEMV of one token (a lone sequence's decode step), GEMVs of
+/// GEMV_COLUMNS tokens per workgroup (the decode steps of several sequences), and tiles (prefill);
+/// the token count picks one per pass.
 pub struct ByTokens {
+    one: Op,
     few: Op,
     many: Op,
+    gemv_max_tokens: u32,
 }
 
 impl ByTokens {
@@ -294,7 +309,9 @@ impl ByTokens {
 
     /// The strategy a pass of `n_tokens` runs.
     pub fn for_tokens(&self, n_tokens: u32) -> &Op {
-        if n_tokens < GEMV_MAX_TOKENS {
+        if n_tokens <= 1 {
+            &self.one
+        } else if n_tokens <= self.gemv_max_tokens {
             &self.few
         } else {
             &self.many
@@ -435,12 +452,20 @@ pub fn matmul(
         _ => "gemv",
     };
     assert!(entry == "gemv" || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
-    let few = weight_op(gpu, entry, x, input, w, out, output, layout, step, |rows| {
-        let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
-        (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup)), vec![("GEMV_ROWS", per_workgroup as f64)])
-    });
+    let gemv = |columns: u32| {
+        weight_op(gpu, entry, x, input, w, out, output, layout, step, |rows| {
+            let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
+            let constants = vec![("GEMV_ROWS", per_workgroup as f64), ("GEMV_COLUMNS", columns as f64)];
+            (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup), columns), constants)
+        })
+    };
     let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![]);
-    ByTokens { few, many: weight_op(gpu, "tiled", x, input, w, out, output, layout, step, tiles) }
+    ByTokens {
+        one: gemv(1),
+        few: gemv(GEMV_COLUMNS),
+        many: weight_op(gpu, "tiled", x, input, w, out, output, layout, step, tiles),
+        gemv_max_tokens: gpu.gemv_max_tokens,
+    }
 }
 
 /// Rows per workgroup of matmul.wgsl's GEMVs (GEMV_ROWS) for a matrix of `rows` rows (a part of a
@@ -461,12 +486,14 @@ pub fn gemv_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>, rotar
 impl ByTokens {
     /// One product over matrices stacked by rows, each writing its own output columns.
     pub fn join(parts: impl IntoIterator<Item = ByTokens>) -> ByTokens {
-        let (mut few, mut many) = (vec![], vec![]);
+        let (mut one, mut few, mut many, mut gemv_max_tokens) = (vec![], vec![], vec![], 0);
         for part in parts {
+            one.extend(part.one.dispatches);
             few.extend(part.few.dispatches);
             many.extend(part.many.dispatches);
+            gemv_max_tokens = part.gemv_max_tokens;
         }
-        ByTokens { few: Op { dispatches: few }, many: Op { dispatches: many } }
+        ByTokens { one: Op { dispatches: one }, few: Op { dispatches: few }, many: Op { dispatches: many }, gemv_max_tokens }
     }
 }
 
@@ -569,7 +596,7 @@ pub fn attention_partials_bytes(n_heads: usize, head_dim: usize, max_key_splits:
 }
 
 fn partial_rows(n_heads: usize, max_key_splits: u32) -> u64 {
-    (GEMV_MAX_TOKENS - 1) as u64 * n_heads as u64 * max_key_splits as u64
+    (DECODE_MAX_TOKENS - 1) as u64 * n_heads as u64 * max_key_splits as u64
 }
 
 /// One layer's keys and values in the KV pool's pages: (rows, n_kv_heads * head_dim) f32 each, and
@@ -645,7 +672,7 @@ pub struct Attention {
 impl Attention {
     /// The dispatches of a pass of `step` (the step buffer's value).
     pub fn for_step(&self, step: &StepParams) -> &Op {
-        if step.n_tokens >= GEMV_MAX_TOKENS {
+        if step.n_tokens >= DECODE_MAX_TOKENS {
             &self.prefill
         } else if step.key_splits > 1 {
             &self.decode_split

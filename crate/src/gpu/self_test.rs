@@ -12,15 +12,17 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32).map(|i| (reference::fill_word(i, seed, u32::MAX) % 2000) as f32 / 1000.0 - 1.0).collect()
 }
 
-/// Runs a q4_0 matrix product (GEMV and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal
+/// Runs a q4_0 matrix product (GEMVs of one and of several tokens, and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal
 /// attention and argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (rows, k, n) = (24, 64, 9);
+    // The fewest tokens the matmuls run as tiles (where a pass can hold them).
+    let tiled = (gpu.gemv_max_tokens as usize + 1).min(ops::MAX_BATCH_TOKENS);
     let weights = DType::Q4_0.from_f32(&inputs(rows * k, 1)).map_err(|e| GpuError::SelfTest(e.to_string()))?;
     let matrix = WeightMatrix::new(gpu, "self-test weights", DType::Q4_0, rows, k)?;
     matrix.write_bytes(gpu, 0, &weights);
     // Token rows of 2k: x and, for the SiLU-gated input, the up half after it.
-    let x = inputs(n * 2 * k, 2);
+    let x = inputs(n.max(tiled) * 2 * k, 2);
     let x_buffer = gpu.storage_buffer_with("self-test x", &x);
     // Two key splits at most: the partials stay small enough for any binding limit.
     let max_key_splits = 2;
@@ -36,12 +38,12 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
     for (kernel, input, input_rows) in cases {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
-        for tokens in [1, n] {
+        for tokens in [1, 3, tiled] {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step(tokens, 0));
             gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
             // f16 tiles round inputs and weights to 11 bits; garbage still lies far outside this.
-            let f16_tiles = tokens as u32 >= ops::GEMV_MAX_TOKENS && gpu.tile_type == TileType::F16;
+            let f16_tiles = tokens == tiled && gpu.tile_type == TileType::F16;
             compare(gpu, kernel, &out, &product[..tokens * rows], if f16_tiles { 1e-2 } else { 1e-4 }).await?;
         }
     }
