@@ -54,6 +54,11 @@ export interface ChatCompletionParams {
   max_tokens?: number;
   stop?: string | string[];
   seed?: number;
+  /**
+   * Choices to generate, 1 (the default) to 128: they share the prompt's KV pages (computed once),
+   * and with a `seed`, choice i samples as a request with seed + i.
+   */
+  n?: number;
   signal?: AbortSignal;
 }
 
@@ -72,7 +77,9 @@ export interface ChatCompletion {
   object: "chat.completion";
   created: number;
   model: string;
-  choices: [{ index: 0; message: { role: "assistant"; content: string }; finish_reason: FinishReason; logprobs: null; token_ids: number[] }];
+  /** One per choice (`n`), in order. */
+  choices: { index: number; message: { role: "assistant"; content: string }; finish_reason: FinishReason; logprobs: null; token_ids: number[] }[];
+  /** The prompt counted once, the tokens of every choice. */
   usage: Usage;
 }
 
@@ -81,7 +88,8 @@ export interface ChatCompletionChunk {
   object: "chat.completion.chunk";
   created: number;
   model: string;
-  choices: [{ index: 0; delta: { content?: string }; finish_reason: FinishReason | null; logprobs: null; token_ids: number[] }];
+  /** One choice, by its index; each choice ends with a chunk holding its finish_reason. */
+  choices: [{ index: number; delta: { content?: string }; finish_reason: FinishReason | null; logprobs: null; token_ids: number[] }];
   /** On the last chunk only. */
   usage?: Usage;
 }

@@ -104,9 +104,9 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
     const { signal, stream = false, ...request } = params;
     const id = `chatcmpl-${crypto.randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
-    const chunk = (delta, finish_reason, extra = {}) => ({
+    const chunk = (index, delta, finish_reason, extra = {}) => ({
       id, object: "chat.completion.chunk", created, model,
-      choices: [{ index: 0, delta, finish_reason, logprobs: null, ...extra }],
+      choices: [{ index, delta, finish_reason, logprobs: null, ...extra }],
     });
     const queue = [];
     let wake = null;
@@ -117,9 +117,9 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
       if (signal?.aborted) throw new AbortError("the request was aborted before it started");
       signal?.addEventListener("abort", abort);
       try {
-        const result = await call({ type: "chat", request }, ({ text, token }) =>
-          push(chunk({ content: text }, null, { token_ids: token === undefined ? [] : [token] })), requestId);
-        if (result.finish_reason === "abort") throw new AbortError("the request was aborted");
+        const result = await call({ type: "chat", request }, ({ text, token, choice }) =>
+          push(chunk(choice, { content: text }, null, { token_ids: token === undefined ? [] : [token] })), requestId);
+        if (result.choices.some((c) => c.finish_reason === "abort")) throw new AbortError("the request was aborted");
         return result;
       } finally {
         signal?.removeEventListener("abort", abort);
@@ -128,12 +128,18 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
     if (!stream) {
       return run.then((result) => ({
         id, object: "chat.completion", created, model,
-        choices: [{ index: 0, message: { role: "assistant", content: result.text }, finish_reason: result.finish_reason, logprobs: null, token_ids: result.tokens }],
+        choices: result.choices.map((c, index) => ({
+          index, message: { role: "assistant", content: c.text }, finish_reason: c.finish_reason, logprobs: null, token_ids: c.tokens,
+        })),
         usage: result.usage,
       }));
     }
     run.then(
-      (result) => push({ done: chunk({}, result.finish_reason, { token_ids: [] }), usage: result.usage }),
+      (result) => {
+        // Each choice's finish chunk; the last one carries the usage and ends the stream.
+        result.choices.forEach((c, index) => push(chunk(index, {}, c.finish_reason, { token_ids: [] })));
+        push({ done: true, usage: result.usage });
+      },
       (error) => push({ error }),
     );
     return {
@@ -148,9 +154,9 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
               finished = true;
               throw item.error;
             }
-            if (item.done) {
+            if (queue[0]?.done) {
               finished = true;
-              return yield { ...item.done, usage: item.usage };
+              return yield { ...item, usage: queue.shift().usage };
             }
             yield item;
           }

@@ -1,7 +1,7 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
 //   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "info"}
 //        | {id, type: "unload"} | {type: "abort", id?}
-//   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", text, token}
+//   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", text, token, choice}
 //        | {id, type: "result", value} | {id, type: "error", name, message}
 // Chat requests run together; each streams under its own id. "abort" stops the chat request of that
 // id, or every one without an id, and answers nothing.
@@ -34,8 +34,8 @@ export function createHandler(wasm, post) {
         adapter = await adapterInfo();
         return info();
       case "chat":
-        return JSON.parse(await wasm.chat(id, JSON.stringify(message.request), (text, token) =>
-          post({ id, type: "chunk", text, token })));
+        return JSON.parse(await wasm.chat(id, JSON.stringify(message.request), (text, token, choice) =>
+          post({ id, type: "chunk", text, token, choice })));
       case "info":
         return info();
       case "unload":

@@ -212,6 +212,44 @@ fn a_shared_prefix_is_computed_once_and_changes_no_token() {
 }
 
 #[test]
+fn choices_of_one_request_share_its_prompt_pages_and_sample_as_seeded_requests_alone() {
+    let Some(mut engine) = engine(4, None) else { return };
+    let free_at_start = engine.load().kv_pages_free;
+    let prompt: Vec<u32> = golden(FIXTURE).greedy.prompt[..38].to_vec();
+    let params = SamplingParams { temperature: Some(0.9), top_k: Some(20), seed: Some(41), max_tokens: Some(10), ..Default::default() };
+    let ids = engine.add_choices(prompt.clone(), &params, CancelToken::default(), 3).unwrap();
+    let mut results: HashMap<SequenceId, Completion> = HashMap::new();
+    while !engine.is_idle() {
+        for (id, event) in pollster::block_on(engine.step()).unwrap() {
+            match event {
+                Event::Finished(completion) => drop(results.insert(id, completion)),
+                Event::Failed(error) => panic!("choice {id} failed: {error}"),
+                Event::Delta(_) => {}
+            }
+        }
+    }
+    // Choice i is the request with seed 41 + i alone.
+    let alone: Vec<Request> = (0..3)
+        .map(|i| Request { prompt: prompt.clone(), params: SamplingParams { seed: Some(41 + i), ..params.clone() }, joins_at: 0, cancel_after: None })
+        .collect();
+    let choices: Vec<&Completion> = ids.iter().map(|id| &results[id]).collect();
+    for (i, (choice, alone)) in choices.iter().zip(run_alone(&alone)).enumerate() {
+        assert_eq!(choice.tokens, alone.tokens, "choice {i}");
+    }
+    assert_ne!(choices[0].tokens, choices[1].tokens, "choices with different seeds should differ");
+    // The prompt's two whole pages are computed once, by the first choice.
+    let cached: Vec<u32> = choices.iter().map(|c| c.usage.cached_prompt_tokens).collect();
+    assert_eq!(cached, [0, 2 * PAGE_SIZE as u32, 2 * PAGE_SIZE as u32]);
+    assert_eq!(engine.load().kv_pages_free, free_at_start);
+
+    for n in [0, 129] {
+        let err = engine.add_choices(prompt.clone(), &params, CancelToken::default(), n).unwrap_err();
+        assert_eq!(err.to_string(), format!("n = {n} choices: a request takes 1 to 128"));
+    }
+    assert!(engine.is_idle());
+}
+
+#[test]
 fn pages_all_come_back_after_many_requests_with_random_cancellations() {
     let Some(mut engine) = engine(6, None) else { return };
     let free_at_start = engine.load().kv_pages_free;

@@ -35,6 +35,8 @@ pub enum EngineError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("internal error in the engine: {0}")]
     Internal(String),
+    #[error("n = {n} choices: a request takes 1 to {max}")]
+    BadChoiceCount { n: usize, max: usize },
     #[error("the request needs {needed} KV pages ({positions} positions: the prompt's {prompt} and max_tokens {max_tokens}) but the KV pool holds {pool} pages of {page_size}: lower max_tokens or give the pool more memory")]
     DoesNotFit { needed: usize, positions: usize, prompt: usize, max_tokens: usize, pool: usize, page_size: usize },
     #[error(transparent)]
@@ -74,6 +76,16 @@ pub struct Completion {
     pub usage: Usage,
 }
 
+impl Completion {
+    /// The usage of a request whose choices ended as `choices`: the prompt counted once (it is
+    /// computed once; its cached tokens are the first choice's), the generated tokens of all.
+    pub fn usage_of_choices(choices: &[Completion]) -> Usage {
+        let Some(first) = choices.first() else { return Usage::default() };
+        let completion_tokens = choices.iter().map(|c| c.usage.completion_tokens).sum();
+        Usage { completion_tokens, total_tokens: first.usage.prompt_tokens + completion_tokens, ..first.usage }
+    }
+}
+
 /// Names a request from [`Engine::add`] until its [`Event::Finished`] or [`Event::Failed`].
 pub type SequenceId = u64;
 
@@ -97,9 +109,14 @@ pub struct Load {
     pub kv_page_size: usize,
 }
 
-/// One request, from waiting to finished.
+/// The most choices one request may ask for (OpenAI's limit for `n`).
+pub const MAX_CHOICES: usize = 128;
+
+/// One request, or one choice of it, from waiting to finished.
 struct Sequence {
     id: SequenceId,
+    /// The first choice of the same request, whose prompt pages this one waits for.
+    after: Option<SequenceId>,
     /// Row of the page table, while running.
     slot: usize,
     /// The prompt, then the generated tokens.
@@ -246,6 +263,17 @@ impl Engine {
     /// Queues a request after checking everything about it that can be checked now: a request
     /// that could never run is an error here, one that has to wait for room waits.
     pub fn add(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken) -> Result<SequenceId> {
+        Ok(self.add_choices(prompt, params, cancel, 1)?[0])
+    }
+
+    /// Queues `n` choices of one request (OpenAI's `n`), each a sequence of its own. The choices
+    /// after the first wait until the first has its prompt in the KV pool, then start from its
+    /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
+    /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
+    pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
+        if !(1..=MAX_CHOICES).contains(&n) {
+            return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());
+        }
         let context = self.model.context_length();
         let vocab = self.model.config().vocab_size;
         if prompt.is_empty() {
@@ -273,27 +301,31 @@ impl Engine {
             return Err(EngineError::DoesNotFit { needed, positions, prompt: prompt.len(), max_tokens, pool, page_size: PAGE_SIZE }.into());
         }
         let options = SamplerOptions::from_params(params, vocab).map_err(EngineError::from)?;
-        let seed = params.seed.unwrap_or_else(|| self.seeds.next_u64());
-        let id = self.next_id;
-        self.next_id += 1;
-        self.waiting.push_back(Sequence {
-            id,
-            slot: usize::MAX,
-            sampler: Sampler::new(options, seed, &prompt),
-            prompt_len: prompt.len(),
-            tokens: prompt,
-            computed: 0,
-            pages: vec![],
-            reserved: 0,
-            page_hashes: vec![],
-            cached_prompt: 0,
-            max_tokens,
-            stops: StopStrings::new(params.stop.clone().map(|s| s.into_vec()).unwrap_or_default()),
-            stream: TextStream::new(),
-            text: String::new(),
-            cancel,
-        });
-        Ok(id)
+        let first = self.next_id;
+        let ids: Vec<SequenceId> = (first..first + n as u64).collect();
+        self.next_id += n as u64;
+        for (choice, &id) in ids.iter().enumerate() {
+            let seed = params.seed.map_or_else(|| self.seeds.next_u64(), |seed| seed.wrapping_add(choice as u64));
+            self.waiting.push_back(Sequence {
+                id,
+                after: (id != first).then_some(first),
+                slot: usize::MAX,
+                sampler: Sampler::new(options.clone(), seed, &prompt),
+                prompt_len: prompt.len(),
+                tokens: prompt.clone(),
+                computed: 0,
+                pages: vec![],
+                reserved: 0,
+                page_hashes: vec![],
+                cached_prompt: 0,
+                max_tokens,
+                stops: StopStrings::new(params.stop.clone().map(|s| s.into_vec()).unwrap_or_default()),
+                stream: TextStream::new(),
+                text: String::new(),
+                cancel: cancel.clone(),
+            });
+        }
+        Ok(ids)
     }
 
     /// Whether nothing is running, waiting or in flight.
@@ -368,6 +400,9 @@ impl Engine {
     fn admit(&mut self) {
         let context = self.model.context_length();
         while let (Some(&slot), Some(sequence)) = (self.free_slots.last(), self.waiting.front()) {
+            if sequence.after.is_some_and(|first| self.prompt_pending(first)) {
+                break;
+            }
             // At least one prompt token runs, for the logits of the first new token.
             let prefix = self.pages.find_prefix(&sequence.tokens, sequence.prompt_len - 1);
             let needed = sequence.max_positions(context).div_ceil(PAGE_SIZE);
@@ -446,6 +481,11 @@ impl Engine {
             let kv_row = sequence.pages[page] as usize * PAGE_SIZE + position % PAGE_SIZE;
             batch.slots.push(TokenSlot { position: position as u32, kv_row: kv_row as u32, sequence: sequence.slot as u32, _pad: 0 });
         }
+    }
+
+    /// Whether sequence `id` is waiting, or running with part of its prompt not yet in its pages.
+    fn prompt_pending(&self, id: SequenceId) -> bool {
+        self.waiting.iter().any(|s| s.id == id) || self.sequence(id).is_some_and(|s| s.computed < s.prompt_len)
     }
 
     fn sequence(&self, id: SequenceId) -> Option<&Sequence> {

@@ -69,15 +69,25 @@ fn to_js(error: crate::Error) -> JsValue {
 /// A chat request waiting for the driver to add it to the engine.
 struct Queued {
     request: ChatCompletionRequest,
+    choices: usize,
     cancel: CancelToken,
     on_chunk: Function,
     done: oneshot::Sender<Result<String, JsValue>>,
 }
 
-/// A request the engine holds, as the driver knows it.
+/// A request the engine holds, as the driver knows it: a sequence per choice.
 struct Active {
     on_chunk: Function,
     done: oneshot::Sender<Result<String, JsValue>>,
+    cancel: CancelToken,
+    sequences: Vec<SequenceId>,
+    finished: Vec<Option<Completion>>,
+}
+
+/// The fields of a chat request beyond `crate::api::ChatCompletionRequest`.
+#[derive(Deserialize)]
+struct ChoiceCount {
+    n: Option<usize>,
 }
 
 #[derive(Default)]
@@ -177,10 +187,11 @@ pub async fn load(url: String, options_json: String, on_progress: Function) -> R
     Ok(info().unwrap_or_default())
 }
 
-/// Runs a chat completion request (JSON, `crate::api::ChatCompletionRequest`) together with any
-/// others, calling `on_chunk(text, tokenId)` for each generated token (`tokenId` undefined for text
-/// held back until the end). `id` is the caller's name for it, for `abort`, unique among running
-/// requests. Resolves to `{"text", "tokens", "finish_reason", "usage"}` as JSON.
+/// Runs a chat completion request (JSON, `crate::api::ChatCompletionRequest` and `n`, the choices
+/// to generate, default 1) together with any others, calling `on_chunk(text, tokenId, choice)` for
+/// each generated token (`tokenId` undefined for text held back until the end). `id` is the
+/// caller's name for it, for `abort`, unique among running requests. Resolves to `{"choices":
+/// [{"text", "tokens", "finish_reason"}], "usage"}` as JSON, the prompt counted once in the usage.
 #[wasm_bindgen]
 pub fn chat(id: u32, request_json: String, on_chunk: Function) -> Promise {
     // Queued now rather than when the promise first runs, so an `abort(id)` right after finds it.
@@ -204,6 +215,10 @@ pub fn chat(id: u32, request_json: String, on_chunk: Function) -> Promise {
 fn enqueue(id: u32, request_json: &str, on_chunk: Function) -> Result<(Receiver<Result<String, JsValue>>, u64), JsValue> {
     let request: ChatCompletionRequest =
         serde_json::from_str(request_json).map_err(|e| js_error(ErrorKind::Engine, format!("chat request: {e}")))?;
+    let choices = serde_json::from_str::<ChoiceCount>(request_json)
+        .map_err(|e| js_error(ErrorKind::Engine, format!("chat request: {e}")))?
+        .n
+        .unwrap_or(1);
     let (done, receiver) = oneshot::channel();
     let cancel = CancelToken::default();
     let (driver, generation) = STATE.with_borrow_mut(|s| {
@@ -214,7 +229,7 @@ fn enqueue(id: u32, request_json: &str, on_chunk: Function) -> Result<(Receiver<
             return Err(js_error(ErrorKind::Engine, format!("request id {id} is already running")));
         }
         s.requests.insert(id, cancel.clone());
-        s.queue.push(Queued { request, cancel, on_chunk, done });
+        s.queue.push(Queued { request, choices, cancel, on_chunk, done });
         let driver = if s.driving { None } else { s.engine.take() };
         s.driving = true;
         Ok((driver, s.generation))
@@ -229,7 +244,7 @@ fn enqueue(id: u32, request_json: &str, on_chunk: Function) -> Result<(Receiver<
 /// to its request; then puts the engine back. After an unload it takes no new requests, steps until
 /// the ones it holds (all cancelled) have ended, and drops the engine.
 async fn drive(mut engine: Engine, generation: u64) {
-    let mut active: HashMap<SequenceId, Active> = HashMap::new();
+    let mut active: Vec<Active> = vec![];
     loop {
         let (current, queued) = STATE.with_borrow_mut(|s| {
             let current = s.generation == generation;
@@ -238,10 +253,11 @@ async fn drive(mut engine: Engine, generation: u64) {
         for request in queued {
             let added = engine
                 .chat_prompt(&request.request, &RenderOptions::default())
-                .and_then(|prompt| engine.add(prompt, &request.request.sampling, request.cancel));
+                .and_then(|prompt| engine.add_choices(prompt, &request.request.sampling, request.cancel.clone(), request.choices));
             match added {
-                Ok(sequence) => {
-                    active.insert(sequence, Active { on_chunk: request.on_chunk, done: request.done });
+                Ok(sequences) => {
+                    let finished = vec![None; sequences.len()];
+                    active.push(Active { on_chunk: request.on_chunk, done: request.done, cancel: request.cancel, sequences, finished });
                 }
                 Err(error) => {
                     let _ = request.done.send(Err(to_js(error)));
@@ -264,22 +280,29 @@ async fn drive(mut engine: Engine, generation: u64) {
         match engine.step().await {
             Ok(events) => {
                 for (sequence, event) in events {
+                    let Some((r, choice)) = active.iter().enumerate().find_map(|(r, a)| a.sequences.iter().position(|&s| s == sequence).map(|c| (r, c)))
+                    else {
+                        continue;
+                    };
+                    let request = &mut active[r];
                     match event {
                         Event::Delta(delta) => {
-                            if let Some(request) = active.get(&sequence) {
-                                let token = delta.token.map_or(JsValue::UNDEFINED, JsValue::from);
-                                let _ = request.on_chunk.call2(&JsValue::NULL, &JsValue::from_str(&delta.text), &token);
-                            }
+                            let token = delta.token.map_or(JsValue::UNDEFINED, JsValue::from);
+                            let args = [JsValue::from_str(&delta.text), token, JsValue::from(choice as u32)];
+                            let _ = request.on_chunk.apply(&JsValue::NULL, &args.iter().collect());
                         }
                         Event::Finished(completion) => {
-                            if let Some(request) = active.remove(&sequence) {
-                                let _ = request.done.send(Ok(completion_json(&completion)));
+                            request.finished[choice] = Some(completion);
+                            if let Some(choices) = request.finished.iter().cloned().collect::<Option<Vec<Completion>>>() {
+                                let request = active.swap_remove(r);
+                                let _ = request.done.send(Ok(completion_json(&choices)));
                             }
                         }
+                        // One choice failing ends the request; the others are cancelled.
                         Event::Failed(error) => {
-                            if let Some(request) = active.remove(&sequence) {
-                                let _ = request.done.send(Err(to_js(error)));
-                            }
+                            let request = active.swap_remove(r);
+                            request.cancel.cancel();
+                            let _ = request.done.send(Err(to_js(error)));
                         }
                     }
                 }
@@ -287,7 +310,7 @@ async fn drive(mut engine: Engine, generation: u64) {
             // The GPU failed: the engine dropped every sequence.
             Err(error) => {
                 let error = to_js(error);
-                for (_, request) in active.drain() {
+                for request in active.drain(..) {
                     let _ = request.done.send(Err(error.clone()));
                 }
             }
@@ -295,14 +318,12 @@ async fn drive(mut engine: Engine, generation: u64) {
     }
 }
 
-fn completion_json(completion: &Completion) -> String {
-    serde_json::json!({
-        "text": completion.text,
-        "tokens": completion.tokens,
-        "finish_reason": completion.finish_reason,
-        "usage": completion.usage,
-    })
-    .to_string()
+fn completion_json(choices: &[Completion]) -> String {
+    let each: Vec<serde_json::Value> = choices
+        .iter()
+        .map(|c| serde_json::json!({"text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}))
+        .collect();
+    serde_json::json!({"choices": each, "usage": Completion::usage_of_choices(choices)}).to_string()
 }
 
 /// Stops request `id`, or every request when `id` is undefined, after its current token; it

@@ -156,6 +156,15 @@ try {
     // Leaving a stream early stops it; the engine then serves the next request.
     for await (const chunk of engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], stream: true, max_tokens: 100 })) break;
     const afterBreak = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+    // Two choices of one request, streamed under their indexes.
+    const choiceChunks = [];
+    for await (const chunk of engine.chat.completions.create({
+      messages: [{ role: "user", content: prompt }], stream: true, temperature: 0, max_tokens: maxTokens, n: 2,
+    })) choiceChunks.push(chunk);
+    const choices = [0, 1].map((index) => {
+      const own = choiceChunks.filter((c) => c.choices[0].index === index);
+      return { tokens: own.flatMap((c) => c.choices[0].token_ids), finish: own.at(-1).choices[0].finish_reason };
+    });
     // Concurrent streams: each alone first, then both together, then one of them aborted after
     // its first chunk while the other runs on.
     const stream = async (content, { max_tokens = maxTokens, abortAfterFirst = false } = {}) => {
@@ -198,6 +207,8 @@ try {
       finish: chunks.at(-1).choices[0].finish_reason,
       again: again.choices[0].token_ids,
       afterBreak: afterBreak.choices[0].token_ids,
+      choices,
+      choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after,
     };
@@ -210,6 +221,8 @@ try {
   assertEqual(api.again, native.tokens, "second, non-streamed request (KV cache reused)");
   assertEqual(api.afterBreak, native.tokens, "a request after a stream left early");
   assertEqual(api.usage.completion_tokens, native.tokens.length, "usage.completion_tokens on the last chunk");
+  assertEqual(api.choices.map((c) => c.tokens), [native.tokens, native.tokens], "n = 2 greedy choices vs native");
+  assertEqual([api.choicesUsage.prompt_tokens, api.choicesUsage.completion_tokens], [api.usage.prompt_tokens, 2 * native.tokens.length], "n = 2 usage: the prompt once, the tokens of both");
   assertEqual(api.alone[0].tokens, native.tokens, "first concurrency prompt alone vs native");
   assertEqual(api.during.running + api.during.waiting, 2, "requests in the engine while both streams run");
   assertEqual(api.together, api.alone, "two concurrent streams vs each alone (tokens, text, finish)");

@@ -122,6 +122,34 @@ def test_chat_streaming_equals_non_streaming(client):
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
 
 
+def test_n_choices_sample_as_seeded_requests_and_stream_by_index(client):
+    prompt = "Name three colours and a fruit."
+    both = chat(client, prompt, n=3, temperature=0.9, seed=11, max_tokens=6, extra_body={"top_k": 20})
+    assert [c.index for c in both.choices] == [0, 1, 2]
+    # Choice i is what a lone request with seed 11 + i gives.
+    alone = [chat(client, prompt, extra_body={"top_k": 20}, temperature=0.9, seed=11 + i, max_tokens=6) for i in range(3)]
+    assert [c.message.content for c in both.choices] == [a.choices[0].message.content for a in alone]
+    # The prompt counts once; the tokens of every choice count.
+    assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": prompt}], n=3, stream=True,
+            stream_options={"include_usage": True}, extra_body={"top_k": 20}, temperature=0.9, seed=11, max_tokens=6,
+        )
+    )
+    texts, finishes = ["", "", ""], [[], [], []]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+    assert texts == [c.message.content for c in both.choices]
+    assert finishes == [[c.finish_reason] for c in both.choices]
+    assert chunks[-1].usage.completion_tokens == both.usage.completion_tokens
+
+
 def test_completions(client):
     response = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0)
     assert response.object == "text_completion"
@@ -312,8 +340,8 @@ def test_malformed_requests(server, client):
 
     # The same through the client, which raises BadRequestError with the server's message.
     with pytest.raises(openai.BadRequestError) as raised:
-        chat(client, "hi", n=2)
-    assert raised.value.status_code == 400 and "n = 2 is not supported" in raised.value.message
+        chat(client, "hi", n=129)
+    assert raised.value.status_code == 400 and "n = 129: a request takes 1 to 128 choices" in raised.value.message
     with pytest.raises(openai.BadRequestError) as raised:
         chat(client, "hi", temperature=3.5)
     assert "temperature must be in [0, 2]" in raised.value.message

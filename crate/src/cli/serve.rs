@@ -32,7 +32,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
-use llama_webgpu::{CancelToken, GpuOptions};
+use llama_webgpu::{CancelToken, Completion, GpuOptions};
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -303,7 +303,8 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
     let cancel = CancelToken::default();
     let guard = CancelOnDrop(cancel.clone());
     let (events_tx, mut events) = unbounded_channel();
-    let job = Job { id: meta.id.clone(), work: parsed.work, cancel, events: events_tx };
+    let choices = parsed.choices;
+    let job = Job { id: meta.id.clone(), work: parsed.work, choices, cancel, events: events_tx };
     if let Err(error) = submit(&server, job) {
         return error.into_response();
     }
@@ -311,12 +312,16 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
 
     if !parsed.stream {
         let started = Instant::now();
+        let mut finished: Vec<Option<Completion>> = vec![None; choices];
         loop {
             match events.recv().await {
-                Some(Event::Delta(_)) => {}
-                Some(Event::Done(completion)) => {
-                    log::debug!("{}: answered in {:.2} s", meta.id, started.elapsed().as_secs_f64());
-                    return Json(meta.completion(&completion)).into_response();
+                Some(Event::Delta { .. }) => {}
+                Some(Event::Finished { choice, completion }) => {
+                    finished[choice] = Some(completion);
+                    if let Some(completions) = finished.iter().cloned().collect::<Option<Vec<Completion>>>() {
+                        log::debug!("{}: answered in {:.2} s", meta.id, started.elapsed().as_secs_f64());
+                        return Json(meta.completion(&completions)).into_response();
+                    }
                 }
                 Some(Event::Failed(error)) => return error.into_response(),
                 None => return ApiError::server("the engine stopped without finishing the request").into_response(),
@@ -331,7 +336,7 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
         None => return ApiError::server("the engine stopped without finishing the request").into_response(),
         Some(event) => event,
     };
-    let chunks = ChunkStream::new(meta, parsed.include_usage);
+    let chunks = ChunkStream::new(meta, parsed.include_usage, choices);
     let mut stream = SseStream { pending: chunks.start().into(), chunks, events, done: false, _guard: guard };
     stream.push(first);
     Response::builder()
@@ -374,10 +379,10 @@ struct SseStream {
 impl SseStream {
     fn push(&mut self, event: Event) {
         match event {
-            Event::Delta(text) => self.pending.push_back(self.chunks.delta(&text)),
-            Event::Done(completion) => {
-                self.pending.extend(self.chunks.finish(&completion));
-                self.done = true;
+            Event::Delta { choice, text } => self.pending.push_back(self.chunks.delta(choice, &text)),
+            Event::Finished { choice, completion } => {
+                self.pending.extend(self.chunks.finish(choice, completion));
+                self.done = self.chunks.is_done();
             }
             Event::Failed(error) => {
                 self.pending.extend(self.chunks.error(&error));

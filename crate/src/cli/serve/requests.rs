@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, CompletionRequest, Tool};
+use llama_webgpu::engine::MAX_CHOICES;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -17,6 +18,8 @@ use super::responses::ApiError;
 /// A request ready for the engine.
 pub struct Parsed {
     pub work: Work,
+    /// Choices to generate (`n`).
+    pub choices: usize,
     pub stream: bool,
     /// `stream_options.include_usage`: end the stream with a usage chunk.
     pub include_usage: bool,
@@ -30,7 +33,7 @@ struct StreamOptions {
 
 pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
     let mut object = json_object(body)?;
-    let (stream, include_usage) = common_fields(&mut object)?;
+    let Common { stream, include_usage, choices } = common_fields(&mut object)?;
     if let Some(true) = field::<Option<bool>>(&object, "logprobs")?.flatten() {
         return Err(ApiError::unsupported("logprobs", "logprobs are not supported by this server"));
     }
@@ -79,12 +82,12 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
     }
 
     let request: ChatCompletionRequest = typed(object)?;
-    Ok(Parsed { work: Work::Chat(request), stream, include_usage })
+    Ok(Parsed { work: Work::Chat(request), choices, stream, include_usage })
 }
 
 pub fn parse_completion(body: &[u8]) -> Result<Parsed, ApiError> {
     let mut object = json_object(body)?;
-    let (stream, include_usage) = common_fields(&mut object)?;
+    let Common { stream, include_usage, choices } = common_fields(&mut object)?;
     if let Some(true) = field::<Option<bool>>(&object, "echo")?.flatten() {
         return Err(ApiError::unsupported("echo", "echo is not supported by this server"));
     }
@@ -92,7 +95,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, ApiError> {
         return Err(ApiError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported by this server"));
     }
     if let Some(n) = field::<Option<u32>>(&object, "best_of")?.flatten().filter(|&n| n != 1) {
-        return Err(ApiError::unsupported("best_of", format!("best_of = {n} is not supported: this server generates one choice per request")));
+        return Err(ApiError::unsupported("best_of", format!("best_of = {n} is not supported: this server returns every choice it generates (use n)")));
     }
     if field::<Option<u32>>(&object, "logprobs")?.flatten().is_some() {
         return Err(ApiError::unsupported("logprobs", "logprobs are not supported by this server"));
@@ -125,7 +128,7 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, ApiError> {
         }
         Prompt::Tokens(prompt) => Work::Tokens { prompt, sampling: request.sampling },
     };
-    Ok(Parsed { work, stream, include_usage })
+    Ok(Parsed { work, choices, stream, include_usage })
 }
 
 enum Prompt {
@@ -156,9 +159,17 @@ fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// What the fields both endpoints share decide beyond the sampling parameters.
+struct Common {
+    stream: bool,
+    /// `stream_options.include_usage`.
+    include_usage: bool,
+    /// `n`.
+    choices: usize,
+}
+
 /// Fields both endpoints share: stream, n, stream_options, model, and the sampling parameters.
-/// Returns (stream, include_usage).
-fn common_fields(object: &mut Map<String, Value>) -> Result<(bool, bool), ApiError> {
+fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
     // Null means absent for every optional field, as OpenAI treats it.
     for name in ["stream", "n", "stream_options", "seed", "max_tokens", "max_completion_tokens"] {
         if object.get(name).is_some_and(Value::is_null) {
@@ -166,8 +177,9 @@ fn common_fields(object: &mut Map<String, Value>) -> Result<(bool, bool), ApiErr
         }
     }
     let stream = field::<bool>(object, "stream")?.unwrap_or(false);
-    if let Some(n) = field::<u32>(object, "n")?.filter(|&n| n != 1) {
-        return Err(ApiError::unsupported("n", format!("n = {n} is not supported: this server generates one choice per request")));
+    let choices = field::<u32>(object, "n")?.unwrap_or(1) as usize;
+    if !(1..=MAX_CHOICES).contains(&choices) {
+        return Err(ApiError::invalid(format!("n = {choices}: a request takes 1 to {MAX_CHOICES} choices")).param("n"));
     }
     let include_usage = field::<StreamOptions>(object, "stream_options")?.and_then(|o| o.include_usage).unwrap_or(false);
     field::<Option<String>>(object, "model")?;
@@ -198,7 +210,7 @@ fn common_fields(object: &mut Map<String, Value>) -> Result<(bool, bool), ApiErr
             return Err(ApiError::invalid(format!("stop: must be a string or a list of strings, got {}", kind_of(other))).param("stop"))
         }
     }
-    Ok((stream, include_usage))
+    Ok(Common { stream, include_usage, choices })
 }
 
 /// Accepts what OpenAI clients send in a message beyond the engine's fields: content as a list of
@@ -274,6 +286,8 @@ mod tests {
 
     #[test]
     fn chat_request_with_openai_extras() {
+        let parsed = parse_chat(br#"{"messages": [{"role": "user", "content": "hi"}], "n": 3}"#).unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(parsed.choices, 3);
         let request = chat(
             r#"{"model": "x", "messages": [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
                 {"role": "assistant", "content": "ok", "refusal": null, "tool_calls": null}],
@@ -309,8 +323,8 @@ mod tests {
 
     #[test]
     fn unsupported_features_are_explicit() {
-        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "n": 2}"#);
-        assert_eq!((e.param.as_deref(), e.code), (Some("n"), Some("unsupported_parameter")));
+        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "n": 0}"#);
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("n"), "n = 0: a request takes 1 to 128 choices"));
         let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}"#);
         assert_eq!(e.param.as_deref(), Some("response_format"));
         let e = parse_completion(br#"{"prompt": ["a", "b"]}"#).err().unwrap();

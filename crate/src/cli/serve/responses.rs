@@ -110,20 +110,25 @@ impl ResponseMeta {
         }
     }
 
-    /// The whole response of a request that did not stream.
-    pub fn completion(&self, completion: &Completion) -> Value {
-        let reason = finish_reason(completion.finish_reason);
-        let (kind, choice) = match self.endpoint {
-            Endpoint::Chat => (
-                "chat.completion",
-                json!({"index": 0, "message": {"role": "assistant", "content": completion.text}, "logprobs": null, "finish_reason": reason}),
-            ),
-            Endpoint::Completion => {
-                ("text_completion", json!({"index": 0, "text": completion.text, "logprobs": null, "finish_reason": reason}))
-            }
+    /// The whole response of a request that did not stream, a choice per completion.
+    pub fn completion(&self, completions: &[Completion]) -> Value {
+        let choices: Vec<Value> = completions
+            .iter()
+            .enumerate()
+            .map(|(index, completion)| {
+                let reason = finish_reason(completion.finish_reason);
+                match self.endpoint {
+                    Endpoint::Chat => json!({"index": index, "message": {"role": "assistant", "content": completion.text}, "logprobs": null, "finish_reason": reason}),
+                    Endpoint::Completion => json!({"index": index, "text": completion.text, "logprobs": null, "finish_reason": reason}),
+                }
+            })
+            .collect();
+        let kind = match self.endpoint {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completion => "text_completion",
         };
-        let mut object = self.object(kind, json!([choice]));
-        object["usage"] = usage_json(&completion.usage);
+        let mut object = self.object(kind, Value::Array(choices));
+        object["usage"] = usage_json(&Completion::usage_of_choices(completions));
         object
     }
 
@@ -137,24 +142,26 @@ impl ResponseMeta {
         object
     }
 
-    fn content_choice(&self, text: &str, reason: Option<&str>) -> Value {
+    fn content_choice(&self, index: usize, text: &str, reason: Option<&str>) -> Value {
         match self.endpoint {
             Endpoint::Chat => {
                 let delta = if reason.is_some() { json!({}) } else { json!({"content": text}) };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason})
+                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": reason})
             }
-            Endpoint::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason}),
+            Endpoint::Completion => json!({"index": index, "text": text, "logprobs": null, "finish_reason": reason}),
         }
     }
 }
 
-/// Turns a generation's deltas and result into the server-sent events of a streamed response:
-/// (chat only) a first chunk with the assistant's role, a chunk per delta, a chunk with the
-/// finish reason, a usage chunk when asked for, then `data: [DONE]`. An error ends the stream
-/// with an error event instead.
+/// Turns a generation's deltas and results into the server-sent events of a streamed response:
+/// (chat only) a first chunk with the assistant's role for each choice, a chunk per delta, a chunk
+/// with each choice's finish reason as it ends, then after the last a usage chunk when asked for
+/// and `data: [DONE]`. An error ends the stream with an error event instead.
 pub struct ChunkStream {
     meta: ResponseMeta,
     include_usage: bool,
+    /// Each choice's completion, once it has ended.
+    finished: Vec<Option<Completion>>,
 }
 
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
@@ -164,34 +171,50 @@ pub fn sse_event(data: &Value) -> Bytes {
 }
 
 impl ChunkStream {
-    pub fn new(meta: ResponseMeta, include_usage: bool) -> Self {
-        Self { meta, include_usage }
+    pub fn new(meta: ResponseMeta, include_usage: bool, choices: usize) -> Self {
+        Self { meta, include_usage, finished: vec![None; choices] }
     }
 
     pub fn start(&self) -> Vec<Bytes> {
         match self.meta.endpoint {
-            Endpoint::Chat => {
-                let choice = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
-                vec![sse_event(&self.meta.chunk(choice, self.include_usage))]
-            }
+            Endpoint::Chat => (0..self.finished.len())
+                .map(|index| {
+                    let choice = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                    sse_event(&self.meta.chunk(choice, self.include_usage))
+                })
+                .collect(),
             Endpoint::Completion => vec![],
         }
     }
 
-    pub fn delta(&self, text: &str) -> Bytes {
-        sse_event(&self.meta.chunk(self.meta.content_choice(text, None), self.include_usage))
+    pub fn delta(&self, choice: usize, text: &str) -> Bytes {
+        sse_event(&self.meta.chunk(self.meta.content_choice(choice, text, None), self.include_usage))
     }
 
-    pub fn finish(&self, completion: &Completion) -> Vec<Bytes> {
+    /// The events of choice `choice` ending as `completion`, and after the last choice those that
+    /// end the stream.
+    pub fn finish(&mut self, choice: usize, completion: Completion) -> Vec<Bytes> {
         let reason = finish_reason(completion.finish_reason);
-        let mut events = vec![sse_event(&self.meta.chunk(self.meta.content_choice("", Some(reason)), self.include_usage))];
+        let mut events = vec![sse_event(&self.meta.chunk(self.meta.content_choice(choice, "", Some(reason)), self.include_usage))];
+        if let Some(slot) = self.finished.get_mut(choice) {
+            *slot = Some(completion);
+        }
+        if !self.is_done() {
+            return events;
+        }
         if self.include_usage {
+            let completions: Vec<Completion> = self.finished.iter().flatten().cloned().collect();
             let mut object = self.meta.object(self.meta.chunk_object(), json!([]));
-            object["usage"] = usage_json(&completion.usage);
+            object["usage"] = usage_json(&Completion::usage_of_choices(&completions));
             events.push(sse_event(&object));
         }
         events.push(Bytes::from_static(SSE_DONE.as_bytes()));
         events
+    }
+
+    /// Whether every choice has ended.
+    pub fn is_done(&self) -> bool {
+        self.finished.iter().all(Option::is_some)
     }
 
     /// The openai clients raise an event with an `error` member as an APIError.
@@ -226,7 +249,7 @@ mod tests {
 
     #[test]
     fn chat_completion_object() {
-        let body = meta(Endpoint::Chat).completion(&completion());
+        let body = meta(Endpoint::Chat).completion(&[completion()]);
         assert_eq!(body["object"], "chat.completion");
         assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "Hi there"}));
         assert_eq!(body["choices"][0]["finish_reason"], "length");
@@ -238,10 +261,10 @@ mod tests {
 
     #[test]
     fn chat_stream_events() {
-        let stream = ChunkStream::new(meta(Endpoint::Chat), true);
+        let mut stream = ChunkStream::new(meta(Endpoint::Chat), true, 1);
         let mut events = stream.start();
-        events.push(stream.delta("Hi\nthere \"x\""));
-        events.extend(stream.finish(&completion()));
+        events.push(stream.delta(0, "Hi\nthere \"x\""));
+        events.extend(stream.finish(0, completion()));
         assert_eq!(events.len(), 5);
         let first = parse(&events[0]);
         assert_eq!(first["object"], "chat.completion.chunk");
@@ -259,15 +282,35 @@ mod tests {
 
     #[test]
     fn completion_stream_events_without_usage() {
-        let stream = ChunkStream::new(meta(Endpoint::Completion), false);
+        let mut stream = ChunkStream::new(meta(Endpoint::Completion), false, 1);
         assert!(stream.start().is_empty());
-        let delta = parse(&stream.delta("abc"));
+        let delta = parse(&stream.delta(0, "abc"));
         assert_eq!(delta["object"], "text_completion");
         assert_eq!(delta["choices"][0]["text"], "abc");
         assert!(delta.get("usage").is_none());
-        let end = stream.finish(&completion());
+        let end = stream.finish(0, completion());
         assert_eq!(end.len(), 2);
         assert_eq!(parse(&end[0])["choices"][0]["finish_reason"], "length");
+    }
+
+    #[test]
+    fn choices_stream_under_their_index_and_usage_counts_the_prompt_once() {
+        let mut stream = ChunkStream::new(meta(Endpoint::Chat), true, 2);
+        let starts = stream.start();
+        assert_eq!(starts.iter().map(|e| parse(e)["choices"][0]["index"].clone()).collect::<Vec<_>>(), [json!(0), json!(1)]);
+        assert_eq!(parse(&stream.delta(1, "b"))["choices"][0], json!({"index": 1, "delta": {"content": "b"}, "logprobs": null, "finish_reason": null}));
+        let first_end = stream.finish(1, completion());
+        assert_eq!(first_end.len(), 1, "the stream goes on while choice 0 runs");
+        assert!(!stream.is_done());
+        let stop = Completion { finish_reason: FinishReason::Stop, ..completion() };
+        let last_end = stream.finish(0, stop.clone());
+        assert_eq!(parse(&last_end[0])["choices"][0]["finish_reason"], "stop");
+        assert_eq!(parse(&last_end[1])["usage"], json!({"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 3}}));
+        assert_eq!(&last_end[2][..], b"data: [DONE]\n\n");
+
+        let body = meta(Endpoint::Completion).completion(&[stop, completion()]);
+        assert_eq!(body["choices"][1], json!({"index": 1, "text": "Hi there", "logprobs": null, "finish_reason": "length"}));
+        assert_eq!(body["usage"]["total_tokens"], 9);
     }
 
     #[test]
@@ -275,7 +318,7 @@ mod tests {
         let error = ApiError::unsupported("n", "n = 2 is not supported");
         assert_eq!(error.status, StatusCode::BAD_REQUEST);
         assert_eq!(
-            parse(&ChunkStream::new(meta(Endpoint::Chat), false).error(&error)[0]),
+            parse(&ChunkStream::new(meta(Endpoint::Chat), false, 1).error(&error)[0]),
             json!({"error": {"message": "n = 2 is not supported", "type": "invalid_request_error", "param": "n", "code": "unsupported_parameter"}})
         );
     }
