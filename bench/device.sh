@@ -86,6 +86,8 @@ run() {
     # name, then the bench arguments.
     local runs=(
         "8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
+        "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
+        "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
         "8b-q4_0-sync|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --sync"
         "8b-q4_0-f16-tiles|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --f16-tiles --profile"
@@ -98,7 +100,6 @@ run() {
         "8b-q4_0-rows1|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 1 --profile"
         "8b-q4_0-rows2|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 2 --profile"
         "8b-q4_0-rows4|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 4 --profile"
-        "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16"
         "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
         "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
         "1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"

@@ -2,9 +2,10 @@
 // 127.0.0.1, loaded in headless Chromium (SwiftShader WebGPU) through the package's worker API and
 // through the chat demo. The browser's greedy tokens must equal the native engine's, token for token;
 // two concurrent streams must each equal the same request alone, and aborting one leaves the other
-// running; weights come from the Cache API on reload and after an interrupted load; the wasm heap
+// running; n = 2 choices stream under their indexes; a page calls `serve` on another origin through
+// CORS; weights come from the Cache API on reload and after an interrupted load; the wasm heap
 // stays under a stated bound while loading.
-import { execFileSync } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { cpSync, createReadStream, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -67,6 +68,21 @@ function prepareFixture() {
 function nativeChat(model, maxTokens) {
   const args = ["-q", "run", "--model", model, "--prompt", PROMPT, "--chat", "--temperature", "0", "-n", String(maxTokens), "--json"];
   return JSON.parse(execFileSync(cli, args, { encoding: "utf8" }));
+}
+
+/** `llama-webgpu serve` of `model` on a free port, letting pages of `origin` call it. */
+async function startServe(model, origin) {
+  const child = spawn(cli, ["serve", "--model", model, "--port", "0", "--cors-origin", origin], { stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  const url = await new Promise((resolve, reject) => {
+    child.stderr.on("data", (data) => {
+      stderr += data;
+      const found = /serving .* on (http:\/\/\S+)/.exec(stderr);
+      if (found) resolve(found[1]);
+    });
+    child.on("exit", (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
+  });
+  return { url, stop: () => child.kill() };
 }
 
 function assertEqual(actual, expected, what) {
@@ -242,6 +258,22 @@ try {
   assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
   assertEqual(api.info.weights, "cache", "where the weights are kept");
   assert(api.info.wasm_memory_bytes < TINY_WASM_BOUND, `wasm memory ${api.info.wasm_memory_bytes} < ${TINY_WASM_BOUND} after loading the fixture`);
+
+  // 2b. `serve` on another origin (another port), called from this page's origin through CORS.
+  const { url: apiUrl, stop: stopApi } = await startServe(shards, origin);
+  try {
+    const fromPage = await page.evaluate(async ({ apiUrl, prompt, maxTokens }) => {
+      const response = await fetch(`${apiUrl}/v1/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens }),
+      });
+      return (await response.json()).choices[0].message.content;
+    }, { apiUrl, prompt: PROMPT, maxTokens: MAX_TOKENS });
+    assertEqual(fromPage, native.text, `serve at ${apiUrl} called from a page of ${origin} (--cors-origin)`);
+  } finally {
+    stopApi();
+  }
 
   // 3. No room in the cache: on this thread (worker: false) with a storage estimate of no quota
   // left, the weights of a copy not cached yet stream from the network; with a 48 KiB storage

@@ -70,9 +70,10 @@ def ensure_binary():
 
 
 class HttpResponse:
-    def __init__(self, status, body):
+    def __init__(self, status, body, headers=None):
         self.status_code = status
         self.content = body
+        self.headers = headers or {}
 
     @property
     def text(self):
@@ -87,9 +88,9 @@ def http(method, url, body=None, headers=None, timeout=60):
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return HttpResponse(response.status, response.read())
+            return HttpResponse(response.status, response.read(), response.headers)
     except urllib.error.HTTPError as error:
-        return HttpResponse(error.code, error.read())
+        return HttpResponse(error.code, error.read(), error.headers)
 
 
 class Server:

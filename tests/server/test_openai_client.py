@@ -6,6 +6,7 @@ greedy decoding or a fixed seed, which is what the tests compare. Token counts s
 here may be lavapipe on two CPU cores.
 """
 
+import subprocess
 import threading
 import time
 
@@ -14,7 +15,9 @@ import json
 import openai
 import pytest
 
-from conftest import API_KEY, CONTEXT, MAX_BODY_BYTES, Server, http
+from conftest import API_KEY, BINARY, CONTEXT, MAX_BODY_BYTES, Server, http
+
+APP_ORIGIN = "http://app.example:3000"
 
 
 def chat(client, text, **options):
@@ -364,7 +367,9 @@ def test_oversized_body(server):
 @pytest.fixture(scope="module")
 def key_server(model_dir):
     # Paced to 20 ms a token, so a 240-token request outlasts the tests' timeouts on any GPU.
-    process = Server(model_dir, "--queue", "1", "--token-interval-ms", "20", env={"LLAMA_WEBGPU_API_KEY": API_KEY})
+    process = Server(
+        model_dir, "--queue", "1", "--token-interval-ms", "20", "--cors-origin", APP_ORIGIN, env={"LLAMA_WEBGPU_API_KEY": API_KEY}
+    )
     yield process
     process.stop()
 
@@ -382,6 +387,30 @@ def test_api_key(key_server):
     good = key_server.client(api_key=API_KEY)
     assert len(good.models.list().data) == 1
     assert chat(good, "hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_cors_for_the_origins_given(server, key_server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    # A preflight carries no API key; it is answered for a listed origin only.
+    allowed = http("OPTIONS", f"{key_server.url}/v1/chat/completions", headers={"Origin": APP_ORIGIN, **preflight})
+    assert allowed.status_code == 200, allowed.text
+    assert allowed.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert "POST" in allowed.headers["access-control-allow-methods"]
+    other = http("OPTIONS", f"{key_server.url}/v1/chat/completions", headers={"Origin": "http://elsewhere.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    # The request after it still needs the key, and its response names the origin.
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    headers = {"Origin": APP_ORIGIN, "Authorization": f"Bearer {API_KEY}"}
+    answered = raw_post(key_server, "/v1/chat/completions", body, headers)
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == APP_ORIGIN
+    assert raw_post(key_server, "/v1/chat/completions", body, {"Origin": APP_ORIGIN}).status_code == 401
+    # Off by default: no preflight answer, no header.
+    assert http("OPTIONS", f"{server.url}/v1/chat/completions", headers={"Origin": APP_ORIGIN, **preflight}).status_code == 405
+    assert "access-control-allow-origin" not in http("GET", f"{server.url}/health", headers={"Origin": APP_ORIGIN}).headers
+    # An origin with a path is refused before anything loads.
+    refused = subprocess.run([str(BINARY), "serve", "--model", "x", "--cors-origin", "https://app.example/chat"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "is not an origin: give scheme://host[:port]" in refused.stderr, refused.stderr
 
 
 def test_full_queue_is_503(key_server):

@@ -25,7 +25,7 @@ use anyhow::Context;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -35,6 +35,7 @@ use clap::Args;
 use llama_webgpu::{CancelToken, Completion, GpuOptions};
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use self::engine_thread::{Event, Job, Stats};
 use self::requests::Parsed;
@@ -59,6 +60,11 @@ pub struct ServeArgs {
     /// Requests that may wait for the engine while it runs as many as it can; more get 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// Lets web pages of ORIGIN (e.g. `https://app.example.com`; repeatable; `*` for any) call the
+    /// API from the browser (CORS): their preflights are answered and responses carry
+    /// Access-Control-Allow-Origin. Without it browsers keep other origins' pages out.
+    #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = parse_origin)]
+    cors_origins: Vec<HeaderValue>,
     /// Waits this long after each generated token, so tests of queueing and cancellation do not
     /// depend on how fast the GPU is.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -130,6 +136,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
     })?;
     loaded_rx.recv().context("the engine thread ended while loading")??;
 
+    let cors = cors_layer(&args.cors_origins);
     let server = Arc::new(Server {
         model_id,
         api_key,
@@ -153,9 +160,41 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                 log::warn!("TCP_NODELAY: {error}");
             }
         });
-        axum::serve(listener, router(server)).await?;
+        let mut app = router(server);
+        if let Some(cors) = cors {
+            app = app.layer(cors);
+        }
+        axum::serve(listener, app).await?;
         Ok(())
     })
+}
+
+/// An origin as a browser sends it: `*`, or scheme://host[:port] with nothing after.
+fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
+    let valid = origin == "*"
+        || origin.split_once("://").is_some_and(|(scheme, host)| {
+            !scheme.is_empty() && !host.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) && !host.contains('/')
+        });
+    if !valid {
+        return Err(format!("{origin:?} is not an origin: give scheme://host[:port] (no path, e.g. https://app.example.com) or *"));
+    }
+    HeaderValue::from_str(origin).map_err(|e| format!("{origin:?}: {e}"))
+}
+
+/// The CORS layer for `--cors-origin`, none without it. Preflights are answered before the API key
+/// check (browsers send them without credentials); the requests after them still need the key.
+fn cors_layer(origins: &[HeaderValue]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allowed = if origins.iter().any(|o| o == "*") { AllowOrigin::any() } else { AllowOrigin::list(origins.iter().cloned()) };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 fn router(server: Arc<Server>) -> Router {
