@@ -302,6 +302,16 @@ mod tests {
     }
 
     #[test]
+    fn tools_keep_the_key_order_the_client_sent() {
+        let request = chat(
+            r#"{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function":
+                {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {"z": {}, "a": {}}}}}]}"#,
+        );
+        let function = serde_json::to_string(&request.tools.unwrap()[0].function).unwrap();
+        assert_eq!(function, r#"{"name":"f","description":"d","parameters":{"type":"object","properties":{"z":{},"a":{}}}}"#);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}"#);
         assert!(e.message.starts_with("temperature: invalid type: string \"hot\""), "{}", e.message);
