@@ -19,6 +19,12 @@ export interface EngineOptions {
    * `max_tokens` (without it: the context) can reach, and waits while they are not free.
    */
   kvMemory?: number;
+  /**
+   * Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
+   * transformers does. Default false: content is encoded as the text it is, so a user or a document
+   * cannot forge turns; the chat template's own markup keeps its special tokens either way.
+   */
+  specialTokensInContent?: boolean;
   /** Run the engine in a Web Worker (default) or on this thread. */
   worker?: boolean;
 }

@@ -49,7 +49,7 @@ export async function clearModelCache() {
  * Loads a model and returns an engine.
  * @param {import("./index.d.ts").EngineOptions} options
  */
-export async function createEngine({ model, onProgress, contextLength, maxStorageBinding, maxSequences, kvMemory, worker = true } = {}) {
+export async function createEngine({ model, onProgress, contextLength, maxStorageBinding, maxSequences, kvMemory, specialTokensInContent, worker = true } = {}) {
   if (!model) throw new LoadError("createEngine: `model` (a manifest.json or .gguf URL) is required");
   if (!globalThis.navigator?.gpu) throw new NoWebGpuError("this browser has no WebGPU (navigator.gpu is missing)");
   const port = worker ? new Worker(new URL("./worker.js", import.meta.url), { type: "module" }) : mainThreadPort();
@@ -82,7 +82,7 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
 
   const started = performance.now();
   const url = new URL(model, globalThis.location?.href).href;
-  const options = { contextLength, maxStorageBinding, maxSequences, kvMemory };
+  const options = { contextLength, maxStorageBinding, maxSequences, kvMemory, specialTokensInContent };
   let info;
   try {
     info = await call({ type: "load", url, options }, ({ done, total, tensor }) =>

@@ -219,10 +219,9 @@ impl Engine {
         &self.stop_tokens
     }
 
-    /// The prompt tokens of a chat request: the template rendered, then encoded with special tokens.
+    /// The prompt tokens of a chat request ([`ChatTemplate::encode`]).
     pub fn chat_prompt(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Vec<u32>> {
-        let text = self.template.render(&request.messages, request.tools.as_deref(), true, options).map_err(EngineError::from)?;
-        Ok(self.tokenizer.encode(&text, true).map_err(EngineError::from)?)
+        Ok(self.template.encode(&self.tokenizer, &request.messages, request.tools.as_deref(), true, options).map_err(EngineError::from)?)
     }
 
     /// The prompt tokens of a raw text completion: the model's BOS token, then the text with

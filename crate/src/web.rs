@@ -104,6 +104,8 @@ struct State {
     load: Load,
     /// Bumped by every load and unload, so a driver that outlives its engine does not restore it.
     generation: u64,
+    /// How chat requests become prompt tokens.
+    render: RenderOptions,
 }
 
 thread_local! {
@@ -123,6 +125,8 @@ struct WebLoadOptions {
     max_sequences: Option<usize>,
     /// Bytes of the KV pool; default one full context, shared by the sequences.
     kv_memory: Option<u64>,
+    /// Encode special-token text in message content as special tokens (default: as text).
+    special_tokens_in_content: Option<bool>,
 }
 
 #[wasm_bindgen(start)]
@@ -132,7 +136,7 @@ fn start() {
 
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file), replacing any
 /// loaded one (its requests end as on `unload`). `options_json`: `{"contextLength"?,
-/// "maxStorageBinding"?, "maxSequences"?, "kvMemory"?}`. `on_progress(bytesDone, bytesTotal,
+/// "maxStorageBinding"?, "maxSequences"?, "kvMemory"?, "specialTokensInContent"?}`. `on_progress(bytesDone, bytesTotal,
 /// tensor)` is called as weights upload. Returns `info()`.
 #[wasm_bindgen]
 pub async fn load(url: String, options_json: String, on_progress: Function) -> Result<String, JsValue> {
@@ -183,6 +187,7 @@ pub async fn load(url: String, options_json: String, on_progress: Function) -> R
         s.engine = Some(engine);
         s.info = Some(described);
         s.generation += 1;
+        s.render = RenderOptions { special_tokens_in_content: options.special_tokens_in_content.unwrap_or(false), ..Default::default() };
     });
     Ok(info().unwrap_or_default())
 }
@@ -246,13 +251,13 @@ fn enqueue(id: u32, request_json: &str, on_chunk: Function) -> Result<(Receiver<
 async fn drive(mut engine: Engine, generation: u64) {
     let mut active: Vec<Active> = vec![];
     loop {
-        let (current, queued) = STATE.with_borrow_mut(|s| {
+        let (current, queued, render) = STATE.with_borrow_mut(|s| {
             let current = s.generation == generation;
-            (current, if current { std::mem::take(&mut s.queue) } else { vec![] })
+            (current, if current { std::mem::take(&mut s.queue) } else { vec![] }, s.render.clone())
         });
         for request in queued {
             let added = engine
-                .chat_prompt(&request.request, &RenderOptions::default())
+                .chat_prompt(&request.request, &render)
                 .and_then(|prompt| engine.add_choices(prompt, &request.request.sampling, request.cancel.clone(), request.choices));
             match added {
                 Ok(sequences) => {

@@ -60,6 +60,11 @@ pub struct ServeArgs {
     /// Requests that may wait for the engine while it runs as many as it can; more get 503.
     #[arg(long, default_value_t = 64)]
     queue: usize,
+    /// Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
+    /// transformers does. By default it is encoded as the text it is, so that a user or a document
+    /// cannot forge turns; the template's own markup keeps its special tokens either way.
+    #[arg(long)]
+    special_tokens_in_content: bool,
     /// Lets web pages of ORIGIN (e.g. `https://app.example.com`; repeatable; `*` for any) call the
     /// API from the browser (CORS): their preflights are answered and responses carry
     /// Access-Control-Allow-Origin. Without it browsers keep other origins' pages out.
@@ -106,6 +111,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
     let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let thread_stats = stats.clone();
     let token_interval = std::time::Duration::from_millis(args.token_interval_ms);
+    let render = llama_webgpu::text::RenderOptions { special_tokens_in_content: args.special_tokens_in_content, ..Default::default() };
     let mut model = model;
     std::thread::Builder::new().name("engine".into()).spawn(move || {
         let loaded = pollster::block_on(async {
@@ -127,7 +133,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         match loaded {
             Ok(engine) => {
                 let _ = loaded_tx.send(Ok(()));
-                engine_thread::run(engine, queue, thread_stats, token_interval);
+                engine_thread::run(engine, queue, thread_stats, token_interval, &render);
             }
             Err(error) => {
                 let _ = loaded_tx.send(Err(error));

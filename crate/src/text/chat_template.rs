@@ -6,7 +6,7 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 
 use super::json::{dumps, DumpOptions};
 use super::strftime::{strftime, unix_now};
-use super::TextError;
+use super::{TextError, Tokenizer};
 use crate::api::{ChatMessage, Tool};
 
 /// Meta's Llama 3.1 Instruct template, verbatim from the `chat_template` of
@@ -38,6 +38,11 @@ pub struct RenderOptions {
     /// Llama 3.1's built-in tools, e.g. `["brave_search", "wolfram_alpha"]`; calls to them are
     /// rendered as `<|python_tag|>name.call(...)` ending in `<|eom_id|>`.
     pub builtin_tools: Option<Vec<String>>,
+    /// Encode special-token text inside message content as the special token (as transformers
+    /// does). Off by default: content is encoded as the text it is, so a user or a document
+    /// cannot forge turns with `<|eot_id|><|start_header_id|>system...`. The template's own markup
+    /// keeps its special tokens either way.
+    pub special_tokens_in_content: bool,
 }
 
 impl Default for RenderOptions {
@@ -49,8 +54,21 @@ impl Default for RenderOptions {
             date_string: None,
             tools_in_user_message: None,
             builtin_tools: None,
+            special_tokens_in_content: false,
         }
     }
+}
+
+/// `n` private-use characters that do not occur in `conversation` (as JSON).
+fn unused_private_chars(n: usize, conversation: &impl serde::Serialize) -> Result<Vec<char>, TextError> {
+    let json = serde_json::to_string(conversation).map_err(|e| TextError::Encode { reason: e.to_string() })?;
+    let used: std::collections::HashSet<char> = json.chars().filter(|&c| c >= '\u{F0000}').collect();
+    let private = ('\u{100000}'..='\u{10FFFD}').chain('\u{F0000}'..='\u{FFFFD}');
+    let chosen: Vec<char> = private.filter(|c| !used.contains(c)).take(n).collect();
+    if chosen.len() < n {
+        return Err(TextError::NoPlaceholders);
+    }
+    Ok(chosen)
 }
 
 /// Today's date (UTC) as Llama templates write it: "26 Jul 2024".
@@ -87,6 +105,46 @@ impl ChatTemplate {
 
     /// The prompt text for a conversation. It already holds BOS when the template writes it (as
     /// Llama's does), so encode it with `parse_special = true` and add nothing.
+    /// The prompt tokens of a conversation: rendered, then encoded with the template's special
+    /// tokens parsed, and special-token text inside message content encoded as text unless
+    /// `options.special_tokens_in_content`. The content's special-token text is swapped for
+    /// private-use characters while the template renders, and put back as text after the split
+    /// at the template's special tokens.
+    pub fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[ChatMessage],
+        tools: Option<&[Tool]>,
+        add_generation_prompt: bool,
+        options: &RenderOptions,
+    ) -> Result<Vec<u32>, TextError> {
+        if options.special_tokens_in_content {
+            return tokenizer.encode(&self.render(messages, tools, add_generation_prompt, options)?, true);
+        }
+        let mut specials = tokenizer.special_token_texts();
+        // Longest first, so that a special token holding another is swapped whole.
+        specials.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let placeholders = unused_private_chars(specials.len(), &(messages, tools))?;
+        let swapped: Vec<ChatMessage> = messages
+            .iter()
+            .map(|message| {
+                let content = message.content.as_ref().map(|content| {
+                    specials.iter().zip(&placeholders).fold(content.clone(), |text, (special, placeholder)| {
+                        if text.contains(special.as_str()) {
+                            text.replace(special.as_str(), placeholder.encode_utf8(&mut [0; 4]))
+                        } else {
+                            text
+                        }
+                    })
+                });
+                ChatMessage { content, ..message.clone() }
+            })
+            .collect();
+        let text = self.render(&swapped, tools, add_generation_prompt, options)?;
+        let plain: Vec<(char, String)> = placeholders.into_iter().zip(specials).collect();
+        tokenizer.encode_with_plain_text(&text, &plain)
+    }
+
     pub fn render(
         &self,
         messages: &[ChatMessage],

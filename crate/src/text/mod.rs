@@ -34,4 +34,8 @@ pub enum TextError {
     /// The template called `raise_exception(message)`, as templates do to reject a conversation.
     #[error("chat template rejected the conversation: {message}")]
     TemplateRaised { message: String },
+    /// Content is kept apart from the template's special tokens with private-use characters the
+    /// conversation does not use; this one uses them all.
+    #[error("the conversation uses every Unicode private-use character, so its content cannot be told apart from the template's special tokens")]
+    NoPlaceholders,
 }

@@ -33,10 +33,38 @@ impl Tokenizer {
     /// template); without, it is encoded as the plain text it is (as for user input).
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TextError> {
         let added = if parse_special { self.inner.get_added_vocabulary() } else { &self.plain_text_tokens };
+        self.encode_with(added, text, &[])
+    }
+
+    /// Token ids of `text` with special-token text parsed, where each placeholder character of
+    /// `plain` stands for text encoded as the text it is: the placeholders are put back after the
+    /// split at special tokens, so that their text never becomes one, and before pre-tokenization,
+    /// so that it is tokenized as if it had been there all along (exactly so for tokenizers without
+    /// a normalizer, as Llama 3's).
+    pub fn encode_with_plain_text(&self, text: &str, plain: &[(char, String)]) -> Result<Vec<u32>, TextError> {
+        self.encode_with(self.inner.get_added_vocabulary(), text, plain)
+    }
+
+    /// The text of every special added token (`<|eot_id|>`, ...).
+    pub fn special_token_texts(&self) -> Vec<String> {
+        self.inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect()
+    }
+
+    fn encode_with(&self, added: &AddedVocabulary, text: &str, plain: &[(char, String)]) -> Result<Vec<u32>, TextError> {
         let encode_error = |e: tokenizers::Error| TextError::Encode { reason: e.to_string() };
         // The steps of tokenizers' own encode, with our choice of added-token table; without
         // post-processing, which is where a tokenizer.json adds BOS.
         let mut pieces = added.extract_and_normalize(self.inner.get_normalizer(), text);
+        if !plain.is_empty() {
+            pieces
+                .split(|_, mut piece| {
+                    for (placeholder, text) in plain {
+                        piece.replace(*placeholder, text)?;
+                    }
+                    Ok(vec![piece])
+                })
+                .map_err(encode_error)?;
+        }
         if let Some(pre_tokenizer) = self.inner.get_pre_tokenizer() {
             pre_tokenizer.pre_tokenize(&mut pieces).map_err(encode_error)?;
         }

@@ -102,7 +102,7 @@ impl ActiveJobs {
 }
 
 /// Runs jobs until every sender of the queue is gone and the engine has finished its work.
-pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_interval: Duration) {
+pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_interval: Duration, render: &RenderOptions) {
     /// Marks the engine as gone however the thread ends.
     struct Alive(Arc<Stats>);
     impl Drop for Alive {
@@ -121,7 +121,7 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_int
                 return;
             }
             match jobs.recv() {
-                Ok(job) => start(&mut engine, job, &stats, &mut active),
+                Ok(job) => start(&mut engine, job, &stats, &mut active, render),
                 Err(_) => return,
             }
         }
@@ -133,7 +133,7 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_int
                 break;
             }
             match jobs.try_recv() {
-                Ok(job) => start(&mut engine, job, &stats, &mut active),
+                Ok(job) => start(&mut engine, job, &stats, &mut active, render),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     senders_gone = true;
@@ -185,7 +185,7 @@ fn publish(engine: &Engine, stats: &Stats) {
 
 /// Hands a job from the queue to the engine, or answers it at once: skipped when its client left,
 /// a 400 when the engine refuses it.
-fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut ActiveJobs) {
+fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut ActiveJobs, render: &RenderOptions) {
     stats.queued.fetch_sub(1, Ordering::SeqCst);
     if job.cancel.is_cancelled() || job.events.is_closed() {
         log::info!("{}: skipped, the client left while it was queued", job.id);
@@ -195,7 +195,7 @@ fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut ActiveJobs) 
     let vocab = engine.model().config().vocab_size;
     let (n, cancel) = (job.choices, job.cancel.clone());
     let added = match &job.work {
-        Work::Chat(request) => engine.chat_prompt(request, &RenderOptions::default()).and_then(|p| engine.add_choices(p, &request.sampling, cancel, n)),
+        Work::Chat(request) => engine.chat_prompt(request, render).and_then(|p| engine.add_choices(p, &request.sampling, cancel, n)),
         Work::Complete(request) => engine.completion_prompt(request).and_then(|p| engine.add_choices(p, &request.sampling, cancel, n)),
         Work::Tokens { prompt, sampling } => match prompt.iter().find(|&&id| id as usize >= vocab) {
             Some(&id) => Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: vocab }).into()),
