@@ -86,6 +86,32 @@ impl Completion {
     }
 }
 
+/// The completions of one request's choices ([`Engine::add_choices`]) as they end, for hosts.
+#[derive(Clone, Debug)]
+pub struct ChoiceResults(Vec<Option<Completion>>);
+
+impl ChoiceResults {
+    pub fn new(choices: usize) -> Self {
+        Self(vec![None; choices])
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Records how choice `index` ended; once every choice has, returns them all in order.
+    pub fn record(&mut self, index: usize, completion: Completion) -> Option<Vec<Completion>> {
+        if let Some(slot) = self.0.get_mut(index) {
+            *slot = Some(completion);
+        }
+        self.0.iter().cloned().collect()
+    }
+}
+
 /// Names a request from [`Engine::add`] until its [`Event::Finished`] or [`Event::Failed`].
 pub type SequenceId = u64;
 

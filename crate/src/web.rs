@@ -14,7 +14,7 @@ use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 
 use crate::api::ChatCompletionRequest;
-use crate::engine::{Completion, Event, Load, SequenceId};
+use crate::engine::{ChoiceResults, Completion, Event, Load, SequenceId};
 use crate::gpu::GpuError;
 use crate::load::{LoadError, WebModel};
 use crate::text::RenderOptions;
@@ -81,7 +81,7 @@ struct Active {
     done: oneshot::Sender<Result<String, JsValue>>,
     cancel: CancelToken,
     sequences: Vec<SequenceId>,
-    finished: Vec<Option<Completion>>,
+    results: ChoiceResults,
 }
 
 /// The fields of a chat request beyond `crate::api::ChatCompletionRequest`.
@@ -261,8 +261,8 @@ async fn drive(mut engine: Engine, generation: u64) {
                 .and_then(|prompt| engine.add_choices(prompt, &request.request.sampling, request.cancel.clone(), request.choices));
             match added {
                 Ok(sequences) => {
-                    let finished = vec![None; sequences.len()];
-                    active.push(Active { on_chunk: request.on_chunk, done: request.done, cancel: request.cancel, sequences, finished });
+                    let results = ChoiceResults::new(sequences.len());
+                    active.push(Active { on_chunk: request.on_chunk, done: request.done, cancel: request.cancel, sequences, results });
                 }
                 Err(error) => {
                     let _ = request.done.send(Err(to_js(error)));
@@ -297,8 +297,7 @@ async fn drive(mut engine: Engine, generation: u64) {
                             let _ = request.on_chunk.apply(&JsValue::NULL, &args.iter().collect());
                         }
                         Event::Finished(completion) => {
-                            request.finished[choice] = Some(completion);
-                            if let Some(choices) = request.finished.iter().cloned().collect::<Option<Vec<Completion>>>() {
+                            if let Some(choices) = request.results.record(choice, completion) {
                                 let request = active.swap_remove(r);
                                 let _ = request.done.send(Ok(completion_json(&choices)));
                             }

@@ -32,7 +32,8 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
-use llama_webgpu::{CancelToken, Completion, GpuOptions};
+use llama_webgpu::engine::ChoiceResults;
+use llama_webgpu::{CancelToken, GpuOptions};
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -177,11 +178,9 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
 
 /// An origin as a browser sends it: `*`, or scheme://host[:port] with nothing after.
 fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
-    let valid = origin == "*"
-        || origin.split_once("://").is_some_and(|(scheme, host)| {
-            !scheme.is_empty() && !host.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) && !host.contains('/')
-        });
-    if !valid {
+    // Nothing after the authority: no path, not even "/".
+    let bare = |uri: Uri| uri.scheme().is_some() && uri.authority().is_some_and(|a| origin.ends_with(a.as_str()));
+    if origin != "*" && !origin.parse::<Uri>().is_ok_and(bare) {
         return Err(format!("{origin:?} is not an origin: give scheme://host[:port] (no path, e.g. https://app.example.com) or *"));
     }
     HeaderValue::from_str(origin).map_err(|e| format!("{origin:?}: {e}"))
@@ -357,13 +356,12 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
 
     if !parsed.stream {
         let started = Instant::now();
-        let mut finished: Vec<Option<Completion>> = vec![None; choices];
+        let mut results = ChoiceResults::new(choices);
         loop {
             match events.recv().await {
                 Some(Event::Delta { .. }) => {}
                 Some(Event::Finished { choice, completion }) => {
-                    finished[choice] = Some(completion);
-                    if let Some(completions) = finished.iter().cloned().collect::<Option<Vec<Completion>>>() {
+                    if let Some(completions) = results.record(choice, completion) {
                         log::debug!("{}: answered in {:.2} s", meta.id, started.elapsed().as_secs_f64());
                         return Json(meta.completion(&completions)).into_response();
                     }
@@ -426,8 +424,9 @@ impl SseStream {
         match event {
             Event::Delta { choice, text } => self.pending.push_back(self.chunks.delta(choice, &text)),
             Event::Finished { choice, completion } => {
-                self.pending.extend(self.chunks.finish(choice, completion));
-                self.done = self.chunks.is_done();
+                let (events, done) = self.chunks.finish(choice, completion);
+                self.pending.extend(events);
+                self.done = done;
             }
             Event::Failed(error) => {
                 self.pending.extend(self.chunks.error(&error));

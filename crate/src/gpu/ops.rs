@@ -173,7 +173,8 @@ pub const GEMV_COLUMNS: u32 = 8;
 /// once per GEMV_COLUMNS tokens; a tile computes 64 tokens whatever the pass holds. On lavapipe
 /// (SmolLM2, bench/NOTES.md) GEMVs beat tiles up to 32 tokens (9.2 against 8.4 tok/s) and lose at
 /// 64 (8.8 against 14.9); on a GPU the tiles are bound by arithmetic (8B on an H200: about 58 ms a
-/// tile of 64 tokens, against about 5 ms a weight read), so GEMVs win there at least as far.
+/// tile of 64 tokens, against about 5 ms a weight read), so GEMVs should win there at least as far (not
+/// yet measured).
 ///
 /// [`GpuOptions::gemv_max_tokens`]: super::GpuOptions::gemv_max_tokens
 pub const DEFAULT_GEMV_MAX_TOKENS: u32 = 32;

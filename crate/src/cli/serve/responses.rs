@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use llama_webgpu::api::{FinishReason, Usage};
+use llama_webgpu::engine::ChoiceResults;
 use llama_webgpu::Completion;
 use serde_json::{json, Value};
 
@@ -160,8 +161,7 @@ impl ResponseMeta {
 pub struct ChunkStream {
     meta: ResponseMeta,
     include_usage: bool,
-    /// Each choice's completion, once it has ended.
-    finished: Vec<Option<Completion>>,
+    results: ChoiceResults,
 }
 
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
@@ -172,12 +172,12 @@ pub fn sse_event(data: &Value) -> Bytes {
 
 impl ChunkStream {
     pub fn new(meta: ResponseMeta, include_usage: bool, choices: usize) -> Self {
-        Self { meta, include_usage, finished: vec![None; choices] }
+        Self { meta, include_usage, results: ChoiceResults::new(choices) }
     }
 
     pub fn start(&self) -> Vec<Bytes> {
         match self.meta.endpoint {
-            Endpoint::Chat => (0..self.finished.len())
+            Endpoint::Chat => (0..self.results.len())
                 .map(|index| {
                     let choice = json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
                     sse_event(&self.meta.chunk(choice, self.include_usage))
@@ -192,29 +192,18 @@ impl ChunkStream {
     }
 
     /// The events of choice `choice` ending as `completion`, and after the last choice those that
-    /// end the stream.
-    pub fn finish(&mut self, choice: usize, completion: Completion) -> Vec<Bytes> {
+    /// end the stream; true once they have.
+    pub fn finish(&mut self, choice: usize, completion: Completion) -> (Vec<Bytes>, bool) {
         let reason = finish_reason(completion.finish_reason);
         let mut events = vec![sse_event(&self.meta.chunk(self.meta.content_choice(choice, "", Some(reason)), self.include_usage))];
-        if let Some(slot) = self.finished.get_mut(choice) {
-            *slot = Some(completion);
-        }
-        if !self.is_done() {
-            return events;
-        }
+        let Some(completions) = self.results.record(choice, completion) else { return (events, false) };
         if self.include_usage {
-            let completions: Vec<Completion> = self.finished.iter().flatten().cloned().collect();
             let mut object = self.meta.object(self.meta.chunk_object(), json!([]));
             object["usage"] = usage_json(&Completion::usage_of_choices(&completions));
             events.push(sse_event(&object));
         }
         events.push(Bytes::from_static(SSE_DONE.as_bytes()));
-        events
-    }
-
-    /// Whether every choice has ended.
-    pub fn is_done(&self) -> bool {
-        self.finished.iter().all(Option::is_some)
+        (events, true)
     }
 
     /// The openai clients raise an event with an `error` member as an APIError.
@@ -264,7 +253,9 @@ mod tests {
         let mut stream = ChunkStream::new(meta(Endpoint::Chat), true, 1);
         let mut events = stream.start();
         events.push(stream.delta(0, "Hi\nthere \"x\""));
-        events.extend(stream.finish(0, completion()));
+        let (end, done) = stream.finish(0, completion());
+        assert!(done);
+        events.extend(end);
         assert_eq!(events.len(), 5);
         let first = parse(&events[0]);
         assert_eq!(first["object"], "chat.completion.chunk");
@@ -288,7 +279,8 @@ mod tests {
         assert_eq!(delta["object"], "text_completion");
         assert_eq!(delta["choices"][0]["text"], "abc");
         assert!(delta.get("usage").is_none());
-        let end = stream.finish(0, completion());
+        let (end, done) = stream.finish(0, completion());
+        assert!(done);
         assert_eq!(end.len(), 2);
         assert_eq!(parse(&end[0])["choices"][0]["finish_reason"], "length");
     }
@@ -299,11 +291,12 @@ mod tests {
         let starts = stream.start();
         assert_eq!(starts.iter().map(|e| parse(e)["choices"][0]["index"].clone()).collect::<Vec<_>>(), [json!(0), json!(1)]);
         assert_eq!(parse(&stream.delta(1, "b"))["choices"][0], json!({"index": 1, "delta": {"content": "b"}, "logprobs": null, "finish_reason": null}));
-        let first_end = stream.finish(1, completion());
-        assert_eq!(first_end.len(), 1, "the stream goes on while choice 0 runs");
-        assert!(!stream.is_done());
+        let (first_end, done) = stream.finish(1, completion());
+        assert_eq!(first_end.len(), 1);
+        assert!(!done, "the stream goes on while choice 0 runs");
         let stop = Completion { finish_reason: FinishReason::Stop, ..completion() };
-        let last_end = stream.finish(0, stop.clone());
+        let (last_end, done) = stream.finish(0, stop.clone());
+        assert!(done);
         assert_eq!(parse(&last_end[0])["choices"][0]["finish_reason"], "stop");
         assert_eq!(parse(&last_end[1])["usage"], json!({"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 3}}));
         assert_eq!(&last_end[2][..], b"data: [DONE]\n\n");
