@@ -80,10 +80,55 @@ pub struct ChatCompletionRequest {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<Tool>>,
+    /// Whether the model may, must, or must not call a tool (default: may, when tools are given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether a forced call may be followed by more (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    /// Llama 3.1's built-in tools to enable: `brave_search`, `wolfram_alpha`, `code_interpreter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin_tools: Option<Vec<String>>,
     #[serde(default)]
     pub stream: bool,
     #[serde(flatten)]
     pub sampling: SamplingParams,
+}
+
+/// `tool_choice`: "none", "auto", "required", or `{"type": "function", "function": {"name": ...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(ToolChoiceMode),
+    Function {
+        #[serde(rename = "type", default = "function_type")]
+        kind: String,
+        function: NamedFunction,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolChoiceMode {
+    /// The model is not shown the tools.
+    None,
+    Auto,
+    /// The output is one or more calls of the offered tools (constrained decoding).
+    Required,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// A call the model made, as OpenAI returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, keys in the model's order.
+    pub arguments: String,
 }
 
 /// `POST /v1/completions`: a raw prompt, no chat template.
@@ -125,6 +170,92 @@ pub struct SamplingParams {
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
+    /// What the output must be: JSON, JSON matching a schema, or text matching a grammar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+    /// Chat: `true` to return each output token's log probability; completions: the number of
+    /// most likely alternatives to return with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Logprobs>,
+    /// Chat: the number of most likely alternatives returned with each token's log probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u32>,
+}
+
+impl SamplingParams {
+    /// How many alternatives to return with each token's log probability; None: no logprobs.
+    pub fn logprobs_wanted(&self) -> Option<usize> {
+        match self.logprobs {
+            Some(Logprobs::Enabled(true)) => Some(self.top_logprobs.unwrap_or(0) as usize),
+            Some(Logprobs::Alternatives(n)) => Some(n as usize),
+            Some(Logprobs::Enabled(false)) | None => None,
+        }
+    }
+}
+
+/// `logprobs`: a flag on chat completions, a count of alternatives on text completions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Logprobs {
+    Enabled(bool),
+    Alternatives(u32),
+}
+
+/// `response_format`, as OpenAI's, plus `grammar` (the shape of OpenAI's grammar-constrained custom
+/// tools) for Lark and regex grammars.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+    Grammar { grammar: GrammarFormat },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JsonSchemaFormat {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+    /// The output always follows the schema exactly, strict or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strict: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GrammarFormat {
+    pub syntax: GrammarSyntax,
+    pub definition: String,
+}
+
+/// Lark as llguidance reads it (with `%json` for embedded JSON schemas), or a regular expression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrammarSyntax {
+    Lark,
+    Regex,
+}
+
+/// The log probability of an output token under the model (the softmax of its raw logits, before
+/// sampling options and grammar masks), with the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// The bytes the token stands for (a special token's name).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    /// Most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 /// Why generation ended, as OpenAI reports it.
@@ -137,6 +268,8 @@ pub enum FinishReason {
     Length,
     /// The request was cancelled.
     Abort,
+    /// The output is tool calls.
+    ToolCalls,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,10 +14,15 @@ use std::sync::Arc;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams, Usage};
+use crate::api::{
+    ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, ResponseFormat, SamplingParams, TokenLogprob, Tool,
+    ToolChoice, ToolChoiceMode, TopLogprob, Usage,
+};
 use crate::gpu::ops::TokenSlot;
+use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
 use crate::model::{page_hash, Batch, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
+use crate::text::tool_calls::{ToolCallFormat, ToolCallStream, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
 use crate::{Llama, Result};
 
@@ -37,12 +42,20 @@ pub enum EngineError {
     Internal(String),
     #[error("n = {n} choices: a request takes 1 to {max}")]
     BadChoiceCount { n: usize, max: usize },
+    #[error("{alternatives} logprob alternatives per token: a request takes 0 to {max}")]
+    TooManyLogprobs { alternatives: usize, max: usize },
+    #[error("tool_choice: {0}")]
+    ToolChoice(String),
+    #[error("builtin_tools: {name:?} is not one of Llama 3.1's built-in tools {known:?}")]
+    UnknownBuiltinTool { name: String, known: [&'static str; 3] },
     #[error("the request needs {needed} KV pages ({positions} positions: the prompt's {prompt} and max_tokens {max_tokens}) but the KV pool holds {pool} pages of {page_size}: lower max_tokens or give the pool more memory")]
     DoesNotFit { needed: usize, positions: usize, prompt: usize, max_tokens: usize, pool: usize, page_size: usize },
     #[error(transparent)]
     Sample(#[from] SampleError),
     #[error(transparent)]
     Text(#[from] TextError),
+    #[error(transparent)]
+    Grammar(#[from] GrammarError),
 }
 
 /// Cancels a running generation from another task or thread; the engine stays ready.
@@ -65,6 +78,8 @@ impl CancelToken {
 pub struct Delta {
     pub text: String,
     pub token: Option<u32>,
+    /// The token's log probability, when the request asked for them.
+    pub logprob: Option<TokenLogprob>,
 }
 
 /// A finished generation.
@@ -74,6 +89,10 @@ pub struct Completion {
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
+    /// Each generated token's log probability, when the request asked for them.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// The calls the output makes (then `text` is the content before them).
+    pub tool_calls: Vec<GeneratedToolCall>,
 }
 
 impl Completion {
@@ -138,6 +157,9 @@ pub struct Load {
 /// The most choices one request may ask for (OpenAI's limit for `n`).
 pub const MAX_CHOICES: usize = 128;
 
+/// The most alternatives returned with each token's log probability (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// One request, or one choice of it, from waiting to finished.
 struct Sequence {
     id: SequenceId,
@@ -162,6 +184,16 @@ struct Sequence {
     stream: TextStream,
     text: String,
     cancel: CancelToken,
+    /// The grammar the output must follow, and its mask for the token the pass in flight samples
+    /// (computed while the GPU runs).
+    constraint: Option<Constraint>,
+    mask: Option<Result<Mask, GrammarError>>,
+    /// Alternatives wanted with each token's log probability, and those recorded so far.
+    top_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
+    /// Splits the output into content and tool calls, when tools are offered.
+    tool_calls: Option<ToolCallStream>,
+    calls: Vec<GeneratedToolCall>,
 }
 
 impl Sequence {
@@ -173,9 +205,47 @@ impl Sequence {
         max_positions(self.prompt_len, self.max_tokens, context)
     }
 
+    /// Whether the next token is the argmax the GPU computes.
     fn plain_greedy(&self) -> bool {
-        self.sampler.options().is_plain_greedy()
+        self.sampler.options().is_plain_greedy() && !self.needs_logits()
     }
+
+    /// Whether choosing a token takes every logit: for the grammar's mask or the log probabilities.
+    fn needs_logits(&self) -> bool {
+        self.constraint.is_some() || self.top_logprobs.is_some()
+    }
+
+    /// Chooses the next token from the full logits: records its log probability, applies the
+    /// grammar's mask, samples.
+    fn choose(&mut self, logits: &mut [f32], vocabulary: &[Vec<u8>]) -> Result<(u32, Option<TokenLogprob>), GrammarError> {
+        let log_probs = self.top_logprobs.map(|_| log_softmax(logits));
+        if self.constraint.is_some() {
+            let mask = self.mask.take().ok_or_else(|| GrammarError::Stuck("no mask was computed".into()))??;
+            mask.apply(logits);
+        }
+        let token = self.sampler.sample(logits);
+        let logprob = log_probs.zip(self.top_logprobs).map(|(log_probs, alternatives)| {
+            let bytes = |token: u32| vocabulary.get(token as usize).cloned().unwrap_or_default();
+            let mut order: Vec<u32> = (0..log_probs.len() as u32).collect();
+            let by_logprob = |a: &u32, b: &u32| log_probs[*b as usize].total_cmp(&log_probs[*a as usize]).then(a.cmp(b));
+            if alternatives > 0 && alternatives < order.len() {
+                order.select_nth_unstable_by(alternatives - 1, by_logprob);
+            }
+            order.truncate(alternatives);
+            order.sort_unstable_by(by_logprob);
+            let top = order.into_iter().map(|t| TopLogprob { token: t, bytes: bytes(t), logprob: log_probs[t as usize] }).collect();
+            TokenLogprob { token, bytes: bytes(token), logprob: log_probs[token as usize], top }
+        });
+        Ok((token, logprob))
+    }
+}
+
+/// Natural log of the softmax, summed in f64 so that small probabilities keep their digits.
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32;
+    logits.iter().map(|&l| l - max - log_sum).collect()
 }
 
 /// A sequence's part of a pass: its tokens and whether the pass samples its next token.
@@ -200,6 +270,9 @@ pub struct Engine {
     next_id: SequenceId,
     /// Seeds for requests that bring none.
     seeds: ChaCha8Rng,
+    /// Built on first use: the grammar compiler, and each token's bytes for log probabilities.
+    grammars: Option<GrammarCompiler>,
+    vocabulary: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 impl Engine {
@@ -229,6 +302,8 @@ impl Engine {
             pending: None,
             next_id: 0,
             seeds: ChaCha8Rng::seed_from_u64(seed),
+            grammars: None,
+            vocabulary: None,
         })
     }
 
@@ -245,9 +320,64 @@ impl Engine {
         &self.stop_tokens
     }
 
-    /// The prompt tokens of a chat request ([`ChatTemplate::encode`]).
+    /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.
     pub fn chat_prompt(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Vec<u32>> {
-        Ok(self.template.encode(&self.tokenizer, &request.messages, request.tools.as_deref(), true, options).map_err(EngineError::from)?)
+        let tools = request.tools.as_deref().filter(|_| request.tool_choice != Some(ToolChoice::Mode(ToolChoiceMode::None)));
+        let mut options = options.clone();
+        if request.builtin_tools.is_some() {
+            options.builtin_tools = request.builtin_tools.clone();
+        }
+        Ok(self.template.encode(&self.tokenizer, &request.messages, tools, true, &options).map_err(EngineError::from)?)
+    }
+
+    /// Queues `n` choices of a chat request ([`Engine::add_choices`]). When it offers tools and the
+    /// template has a call format, each output is split into content and calls; `tool_choice`
+    /// required or a named function makes the output such calls (constrained decoding).
+    pub fn add_chat(&mut self, request: &ChatCompletionRequest, options: &RenderOptions, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
+        let prompt = self.chat_prompt(request, options)?;
+        let (tools, calling) = self.tool_calling(request, options)?;
+        let mut params = request.sampling.clone();
+        let forced = match &request.tool_choice {
+            Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(None),
+            Some(ToolChoice::Function { function, .. }) => Some(Some(function.name.as_str())),
+            _ => None,
+        };
+        if let Some(only) = forced {
+            let Some(format) = calling.as_ref().map(|(format, _)| *format) else {
+                let reason = match tools.is_empty() && request.builtin_tools.as_ref().is_none_or(Vec::is_empty) {
+                    true => "no tools are offered, so none can be required",
+                    false => "this model's chat template has no tool-call format, so no call can be required",
+                };
+                return Err(EngineError::ToolChoice(reason.into()).into());
+            };
+            if params.response_format.as_ref().is_some_and(|f| *f != ResponseFormat::Text) {
+                return Err(EngineError::ToolChoice("a required tool call and a response_format cannot both shape the output".into()).into());
+            }
+            let lark = Grammar::tool_calls(format, tools, &calling.as_ref().map(|(_, set)| set.builtin.clone()).unwrap_or_default(), only, request.parallel_tool_calls.unwrap_or(true))
+                .map_err(EngineError::ToolChoice)?;
+            params.response_format = Some(lark);
+        }
+        self.add_sequences(prompt, &params, cancel, n, calling)
+    }
+
+    /// The tools a chat request offers and how their calls are written, when they can be parsed.
+    fn tool_calling<'a>(&self, request: &'a ChatCompletionRequest, options: &RenderOptions) -> Result<(&'a [Tool], Option<ToolCalling>)> {
+        let tools = match request.tool_choice {
+            Some(ToolChoice::Mode(ToolChoiceMode::None)) => &[][..],
+            _ => request.tools.as_deref().unwrap_or_default(),
+        };
+        let builtin = request.builtin_tools.clone().or_else(|| options.builtin_tools.clone()).unwrap_or_default();
+        if let Some(unknown) = builtin.iter().find(|name| !BUILTIN_TOOLS.contains(&name.as_str())) {
+            return Err(EngineError::UnknownBuiltinTool { name: unknown.clone(), known: BUILTIN_TOOLS }.into());
+        }
+        let functions: Vec<String> = tools.iter().filter_map(|t| t.function.get("name").and_then(|n| n.as_str()).map(str::to_string)).collect();
+        if functions.len() != tools.len() {
+            return Err(EngineError::ToolChoice("every tool needs a function with a name".into()).into());
+        }
+        if functions.is_empty() && builtin.is_empty() {
+            return Ok((tools, None));
+        }
+        Ok((tools, ToolCallFormat::detect(self.template.source()).map(|format| (format, ToolSet { functions, builtin }))))
     }
 
     /// The prompt tokens of a raw text completion: the model's BOS token, then the text with
@@ -259,8 +389,8 @@ impl Engine {
     }
 
     pub async fn chat(&mut self, request: &ChatCompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
-        let prompt = self.chat_prompt(request, &RenderOptions::default())?;
-        self.generate(&prompt, &request.sampling, cancel, on_delta).await
+        let id = self.add_chat(request, &RenderOptions::default(), cancel.clone(), 1)?[0];
+        self.run_to_end(id, on_delta).await
     }
 
     pub async fn complete(&mut self, request: &CompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
@@ -273,6 +403,10 @@ impl Engine {
     /// other sequences added before are dropped.
     pub async fn generate(&mut self, prompt: &[u32], params: &SamplingParams, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
         let id = self.add(prompt.to_vec(), params, cancel.clone())?;
+        self.run_to_end(id, on_delta).await
+    }
+
+    async fn run_to_end(&mut self, id: SequenceId, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
         loop {
             for (sequence, event) in self.step().await? {
                 match event {
@@ -296,6 +430,17 @@ impl Engine {
     /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
     /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
     pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
+        self.add_sequences(prompt, params, cancel, n, None)
+    }
+
+    fn add_sequences(
+        &mut self,
+        prompt: Vec<u32>,
+        params: &SamplingParams,
+        cancel: CancelToken,
+        n: usize,
+        calling: Option<ToolCalling>,
+    ) -> Result<Vec<SequenceId>> {
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());
         }
@@ -326,6 +471,15 @@ impl Engine {
             return Err(EngineError::DoesNotFit { needed, positions, prompt: prompt.len(), max_tokens, pool, page_size: PAGE_SIZE }.into());
         }
         let options = SamplerOptions::from_params(params, vocab).map_err(EngineError::from)?;
+        let top_logprobs = params.logprobs_wanted();
+        if let Some(alternatives) = top_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::TooManyLogprobs { alternatives, max: MAX_TOP_LOGPROBS }.into());
+        }
+        if top_logprobs.is_some() {
+            self.vocabulary()?;
+        }
+        let grammar = params.response_format.as_ref().map(Grammar::of_response_format).transpose().map_err(EngineError::from)?.flatten();
+        let constraint = grammar.map(|grammar| self.grammars()?.compile(&grammar)).transpose().map_err(EngineError::from)?;
         let first = self.next_id;
         let ids: Vec<SequenceId> = (first..first + n as u64).collect();
         self.next_id += n as u64;
@@ -345,12 +499,42 @@ impl Engine {
                 cached_prompt: 0,
                 max_tokens,
                 stops: StopStrings::new(params.stop.clone().map(|s| s.into_vec()).unwrap_or_default()),
-                stream: TextStream::new(),
+                // Calls are told apart by the special tokens that begin them.
+                stream: if calling.is_some() { TextStream::with_special_tokens() } else { TextStream::new() },
                 text: String::new(),
                 cancel: cancel.clone(),
+                constraint: constraint.as_ref().map(Constraint::fork),
+                mask: None,
+                top_logprobs,
+                logprobs: vec![],
+                tool_calls: calling.clone().map(|(format, tools)| ToolCallStream::new(format, tools)),
+                calls: vec![],
             });
         }
         Ok(ids)
+    }
+
+    fn grammars(&mut self) -> Result<&GrammarCompiler, GrammarError> {
+        if self.grammars.is_none() {
+            self.grammars = Some(GrammarCompiler::new(&self.tokenizer, self.model.config().vocab_size, &self.stop_tokens)?);
+        }
+        Ok(self.grammars.as_ref().expect("built above"))
+    }
+
+    /// Each token's bytes (a special token's name), padded to the model's vocabulary.
+    fn vocabulary(&mut self) -> Result<Arc<Vec<Vec<u8>>>> {
+        if let Some(vocabulary) = &self.vocabulary {
+            return Ok(vocabulary.clone());
+        }
+        let bytes = self.tokenizer.token_bytes().map_err(EngineError::from)?;
+        let mut vocabulary: Vec<Vec<u8>> = (0..bytes.len() as u32)
+            .zip(bytes)
+            .map(|(id, bytes)| bytes.unwrap_or_else(|| self.tokenizer.decode(&[id], false).unwrap_or_default().into_bytes()))
+            .collect();
+        vocabulary.resize(self.model.config().vocab_size, vec![]);
+        let vocabulary = Arc::new(vocabulary);
+        self.vocabulary = Some(vocabulary.clone());
+        Ok(vocabulary)
     }
 
     /// Whether nothing is running, waiting or in flight.
@@ -397,6 +581,7 @@ impl Engine {
         // The pass after this one, when it is sure to be the same greedy decode step: submitted
         // before this one's tokens are read, taking them on the GPU.
         let chained = self.chain_after(&rows)?;
+        self.compute_masks(&rows);
         // A pass of prefill chunks only has no outputs to read.
         let output = match rows.iter().any(|r| r.output) {
             true => self.model.read_pass().await?,
@@ -405,6 +590,17 @@ impl Engine {
         self.finish_pass(&rows, output, events).await?;
         self.pending = chained;
         Ok(())
+    }
+
+    /// The grammar masks for the tokens the pass of `rows` samples, computed while it runs.
+    fn compute_masks(&mut self, rows: &[PassRow]) {
+        for row in rows.iter().filter(|r| r.output) {
+            if let Some(sequence) = self.running.iter_mut().find(|s| s.id == row.id) {
+                if let Some(constraint) = &mut sequence.constraint {
+                    sequence.mask = Some(constraint.mask());
+                }
+            }
+        }
     }
 
     /// Ends cancelled sequences, waiting or running.
@@ -482,7 +678,10 @@ impl Engine {
         let wanted: Vec<Option<(usize, f32)>> = rows
             .iter()
             .filter(|r| r.output)
-            .map(|r| self.sequence(r.id).and_then(|s| s.sampler.candidates_wanted().map(|k| (k, s.sampler.options().temperature))))
+            .map(|r| {
+                let sequence = self.sequence(r.id).filter(|s| !s.needs_logits())?;
+                sequence.sampler.candidates_wanted().map(|k| (k, sequence.sampler.options().temperature))
+            })
             .collect();
         if wanted.iter().any(Option::is_some) {
             batch.top_k = wanted.into_iter().map(|w| w.unwrap_or((1, 1.0))).collect();
@@ -561,19 +760,24 @@ impl Engine {
             if !row.output {
                 continue;
             }
-            let token = if sequence.plain_greedy() {
-                output.argmax[this_row]
-            } else {
-                let from_candidates = output.candidates.get(this_row).and_then(|c| sequence.sampler.sample_candidates(c));
-                match from_candidates {
-                    Some(token) => token,
-                    None => {
-                        let mut logits = self.model.read_logits(this_row).await?;
-                        self.running[i].sampler.sample(&mut logits)
-                    }
+            let from_candidates = match sequence.needs_logits() {
+                true => None,
+                false => output.candidates.get(this_row).and_then(|c| sequence.sampler.sample_candidates(c)),
+            };
+            let chosen = match from_candidates {
+                _ if sequence.plain_greedy() => Ok((output.argmax[this_row], None)),
+                Some(token) => Ok((token, None)),
+                None => {
+                    let mut logits = self.model.read_logits(this_row).await?;
+                    let vocabulary = self.vocabulary.clone().unwrap_or_default();
+                    self.running[i].choose(&mut logits, &vocabulary)
                 }
             };
-            if let Some(ending) = self.accept(i, token, events) {
+            let ending = match chosen {
+                Ok((token, logprob)) => self.accept(i, token, logprob, events),
+                Err(error) => Some(Err(EngineError::from(error).into())),
+            };
+            if let Some(ending) = ending {
                 let sequence = self.running.remove(i);
                 self.end(sequence, ending, events);
             }
@@ -583,7 +787,7 @@ impl Engine {
 
     /// Adds a sampled token to sequence `i` and streams its text; returns how the sequence ends,
     /// if it does.
-    fn accept(&mut self, i: usize, token: u32, events: &mut Vec<(SequenceId, Event)>) -> Option<Ending> {
+    fn accept(&mut self, i: usize, token: u32, logprob: Option<TokenLogprob>, events: &mut Vec<(SequenceId, Event)>) -> Option<Ending> {
         let context = self.model.context_length();
         let sequence = &mut self.running[i];
         sequence.sampler.accept(token);
@@ -591,13 +795,21 @@ impl Engine {
         if self.stop_tokens.contains(&token) {
             return Some(Ok(FinishReason::Stop));
         }
+        // Log probabilities are of the output's tokens, which a stop token is not.
+        sequence.logprobs.extend(logprob.clone());
+        if let Some(Err(error)) = sequence.constraint.as_mut().map(|c| c.accept(token)) {
+            return Some(Err(EngineError::from(error).into()));
+        }
         let piece = match sequence.stream.push(&self.tokenizer, token) {
             Ok(piece) => piece,
             Err(error) => return Some(Err(EngineError::from(error).into())),
         };
-        let (emit, stopped) = sequence.stops.push(&piece);
+        let (mut emit, stopped) = sequence.stops.push(&piece);
+        if let Some(tool_calls) = &mut sequence.tool_calls {
+            emit = tool_calls.push(&emit);
+        }
         sequence.text.push_str(&emit);
-        events.push((sequence.id, Event::Delta(Delta { text: emit, token: Some(token) })));
+        events.push((sequence.id, Event::Delta(Delta { text: emit, token: Some(token), logprob })));
         if stopped {
             return Some(Ok(FinishReason::Stop));
         }
@@ -607,13 +819,25 @@ impl Engine {
     /// Ends a running sequence: its held-back text released, its partial last page cached, its
     /// pages and slot given back.
     fn end(&mut self, mut sequence: Sequence, mut ending: Ending, events: &mut Vec<(SequenceId, Event)>) {
-        if ending.is_ok() && !sequence.stops.stopped {
-            match sequence.stream.finish(&self.tokenizer) {
-                Ok(tail) => {
-                    let rest = sequence.stops.flush(&tail);
+        if ending.is_ok() {
+            let tail = match sequence.stops.stopped {
+                true => Ok(String::new()),
+                false => sequence.stream.finish(&self.tokenizer).map(|tail| sequence.stops.flush(&tail)),
+            };
+            match tail {
+                Ok(mut rest) => {
+                    if let Some(mut tool_calls) = sequence.tool_calls.take() {
+                        tool_calls.push(&rest);
+                        let parsed = tool_calls.finish();
+                        rest = parsed.content;
+                        sequence.calls = parsed.tool_calls.into_iter().map(|call| GeneratedToolCall { id: self.call_id(), name: call.name, arguments: call.arguments }).collect();
+                    }
                     if !rest.is_empty() {
                         sequence.text.push_str(&rest);
-                        events.push((sequence.id, Event::Delta(Delta { text: rest, token: None })));
+                        events.push((sequence.id, Event::Delta(Delta { text: rest, token: None, logprob: None })));
+                    }
+                    if !sequence.calls.is_empty() && ending.as_ref().is_ok_and(|r| *r == FinishReason::Stop) {
+                        ending = Ok(FinishReason::ToolCalls);
                     }
                 }
                 Err(error) => ending = Err(EngineError::from(error).into()),
@@ -635,6 +859,13 @@ impl Engine {
         events.push((id, event));
     }
 
+    /// A fresh id for a tool call, as OpenAI's: `call_` and 24 letters and digits.
+    fn call_id(&mut self) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        let letters: String = (0..24).map(|_| ALPHABET[(self.seeds.next_u32() % ALPHABET.len() as u32) as usize] as char).collect();
+        format!("call_{letters}")
+    }
+
     /// Forgets every sequence and page (after a failed pass; a host whose step panicked).
     pub fn clear(&mut self) {
         self.waiting.clear();
@@ -649,6 +880,9 @@ impl Engine {
 fn max_positions(prompt: usize, max_tokens: usize, context: usize) -> usize {
     (prompt + max_tokens).min(context)
 }
+
+/// How a request's tool calls are written, and which tools it may call.
+type ToolCalling = (ToolCallFormat, ToolSet);
 
 /// How a sequence ends: finished for a reason, or failed.
 type Ending = Result<FinishReason>;
@@ -667,6 +901,8 @@ fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
         tokens: sequence.tokens[sequence.prompt_len..].to_vec(),
         text: sequence.text,
         finish_reason: reason,
+        logprobs: sequence.top_logprobs.map(|_| sequence.logprobs),
+        tool_calls: sequence.calls,
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod engine;
 pub mod gpu;
+pub mod grammar;
 pub mod load;
 pub mod model;
 pub mod quant;

@@ -256,9 +256,7 @@ async fn drive(mut engine: Engine, generation: u64) {
             (current, if current { std::mem::take(&mut s.queue) } else { vec![] }, s.render.clone())
         });
         for request in queued {
-            let added = engine
-                .chat_prompt(&request.request, &render)
-                .and_then(|prompt| engine.add_choices(prompt, &request.request.sampling, request.cancel.clone(), request.choices));
+            let added = engine.add_chat(&request.request, &render, request.cancel.clone(), request.choices);
             match added {
                 Ok(sequences) => {
                     let results = ChoiceResults::new(sequences.len());

@@ -422,7 +422,7 @@ struct SseStream {
 impl SseStream {
     fn push(&mut self, event: Event) {
         match event {
-            Event::Delta { choice, text } => self.pending.push_back(self.chunks.delta(choice, &text)),
+            Event::Delta { choice, text, logprob } => self.pending.push_back(self.chunks.delta(choice, &text, logprob.as_ref())),
             Event::Finished { choice, completion } => {
                 let (events, done) = self.chunks.finish(choice, completion);
                 self.pending.extend(events);

@@ -8,6 +8,7 @@ mod json;
 mod stream;
 mod strftime;
 mod tokenizer;
+pub mod tool_calls;
 
 pub use chat_template::{today_date_string, ChatTemplate, RenderOptions};
 pub use stream::TextStream;

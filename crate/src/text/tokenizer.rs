@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use tokenizers::{AddedVocabulary, Model, OffsetType, PreTokenizer};
+use tokenizers::{AddedVocabulary, DecoderWrapper, Model, OffsetType, PreTokenizer};
 
 use super::TextError;
 
@@ -87,8 +87,68 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The bytes each token id stands for: None for special tokens and ids without a token. For
+    /// constrained decoding and logprobs, which need the exact bytes, including the pieces of a
+    /// character that one token cuts in half.
+    pub fn token_bytes(&self) -> Result<Vec<Option<Vec<u8>>>, TextError> {
+        let kind = self.inner.get_decoder().and_then(byte_decoding).ok_or_else(|| TextError::Load {
+            reason: "its decoder is neither byte-level BPE nor SentencePiece byte fallback, so the bytes of its tokens are unknown".into(),
+        })?;
+        let added = self.inner.get_added_tokens_decoder();
+        let byte_of: std::collections::HashMap<char, u8> = byte_level_chars().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let bytes_of = |id: u32| -> Option<Vec<u8>> {
+            if let Some(token) = added.get(&id) {
+                return (!token.special).then(|| token.content.clone().into_bytes());
+            }
+            let piece = self.inner.id_to_token(id)?;
+            match kind {
+                ByteDecoding::ByteLevel => piece.chars().map(|c| byte_of.get(&c).copied()).collect(),
+                ByteDecoding::ByteFallback => match piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+                    Some(hex) if hex.len() == 2 => u8::from_str_radix(hex, 16).ok().map(|b| vec![b]),
+                    _ => Some(piece.replace('\u{2581}', " ").into_bytes()),
+                },
+            }
+        };
+        Ok((0..self.vocab_size as u32).map(bytes_of).collect())
+    }
+
     /// One past the largest token id (128,256 for Llama 3).
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
+}
+
+/// How a tokenizer's vocabulary strings spell bytes.
+#[derive(Clone, Copy)]
+enum ByteDecoding {
+    /// GPT-2's byte-to-character table (Llama 3, SmolLM2).
+    ByteLevel,
+    /// SentencePiece: text with U+2581 for spaces, `<0xNN>` tokens for other bytes (Llama 2).
+    ByteFallback,
+}
+
+fn byte_decoding(decoder: &DecoderWrapper) -> Option<ByteDecoding> {
+    match decoder {
+        DecoderWrapper::ByteLevel(_) => Some(ByteDecoding::ByteLevel),
+        DecoderWrapper::ByteFallback(_) => Some(ByteDecoding::ByteFallback),
+        DecoderWrapper::Sequence(sequence) => sequence.get_decoders().iter().find_map(byte_decoding),
+        _ => None,
+    }
+}
+
+/// GPT-2's table: the character standing for each byte. Printable Latin-1 bytes stand for
+/// themselves; the others take the code points from 256 on, in byte order.
+fn byte_level_chars() -> [char; 256] {
+    let mut chars = ['\0'; 256];
+    let mut next = 256;
+    for byte in 0..=255u8 {
+        let c = byte as char;
+        chars[byte as usize] = if matches!(c, '!'..='~' | '\u{a1}'..='\u{ac}' | '\u{ae}'..='\u{ff}') {
+            c
+        } else {
+            next += 1;
+            char::from_u32(next - 1).unwrap_or(c)
+        };
+    }
+    chars
 }

@@ -10,8 +10,9 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use llama_webgpu::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams};
+use llama_webgpu::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams, TokenLogprob};
 use llama_webgpu::engine::{ChoiceResults, EngineError, Event as EngineEvent, Load, SequenceId};
+use llama_webgpu::grammar::GrammarError;
 use llama_webgpu::sample::SampleError;
 use llama_webgpu::text::{RenderOptions, TextError};
 use llama_webgpu::{CancelToken, Completion, Engine};
@@ -42,7 +43,8 @@ pub struct Job {
 /// that ends them all.
 #[derive(Debug)]
 pub enum Event {
-    Delta { choice: usize, text: String },
+    /// Text, and the log probability of the token that completed it when the request asked.
+    Delta { choice: usize, text: String, logprob: Option<TokenLogprob> },
     Finished { choice: usize, completion: Completion },
     Failed(ApiError),
 }
@@ -191,7 +193,7 @@ fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut ActiveJobs, 
     let vocab = engine.model().config().vocab_size;
     let (n, cancel) = (job.choices, job.cancel.clone());
     let added = match &job.work {
-        Work::Chat(request) => engine.chat_prompt(request, render).and_then(|p| engine.add_choices(p, &request.sampling, cancel, n)),
+        Work::Chat(request) => engine.add_chat(request, render, cancel, n),
         Work::Complete(request) => engine.completion_prompt(request).and_then(|p| engine.add_choices(p, &request.sampling, cancel, n)),
         Work::Tokens { prompt, sampling } => match prompt.iter().find(|&&id| id as usize >= vocab) {
             Some(&id) => Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: vocab }).into()),
@@ -220,7 +222,8 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
     let running = &mut active.jobs[j];
     match event {
         EngineEvent::Delta(delta) => {
-            if !delta.text.is_empty() && running.job.events.send(Event::Delta { choice, text: delta.text }).is_err() {
+            let wanted = !delta.text.is_empty() || delta.logprob.is_some();
+            if wanted && running.job.events.send(Event::Delta { choice, text: delta.text, logprob: delta.logprob }).is_err() {
                 running.job.cancel.cancel();
             }
         }
@@ -274,6 +277,11 @@ fn api_error(error: &llama_webgpu::Error, work: &Work) -> ApiError {
             EngineError::DoesNotFit { .. } => ApiError::invalid(message).param("max_tokens").code("kv_pool_exceeded"),
             EngineError::TokenOutOfRange { .. } => ApiError::invalid(message).param(prompt_param),
             EngineError::BadChoiceCount { .. } => ApiError::invalid(message).param("n"),
+            EngineError::TooManyLogprobs { .. } => ApiError::invalid(message).param("logprobs"),
+            EngineError::ToolChoice(_) => ApiError::invalid(message).param("tool_choice"),
+            EngineError::UnknownBuiltinTool { .. } => ApiError::invalid(message).param("builtin_tools"),
+            EngineError::Grammar(GrammarError::Invalid(_)) => ApiError::invalid(message).param("response_format"),
+            EngineError::Grammar(GrammarError::Tokenizer(_)) => ApiError::unsupported("response_format", message),
             EngineError::Sample(sample_error) => {
                 let param = match sample_error {
                     SampleError::OutOfRange { name, .. } => name,

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, CompletionRequest, Tool};
-use llama_webgpu::engine::MAX_CHOICES;
+use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat, Tool, ToolChoice};
+use llama_webgpu::engine::{MAX_CHOICES, MAX_TOP_LOGPROBS};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -34,18 +34,13 @@ struct StreamOptions {
 pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
     let mut object = json_object(body)?;
     let Common { stream, include_usage, choices } = common_fields(&mut object)?;
-    if let Some(true) = field::<Option<bool>>(&object, "logprobs")?.flatten() {
-        return Err(ApiError::unsupported("logprobs", "logprobs are not supported by this server"));
-    }
-    if field::<Option<u32>>(&object, "top_logprobs")?.flatten().is_some() {
-        return Err(ApiError::unsupported("top_logprobs", "top_logprobs are not supported by this server"));
-    }
-    if let Some(format) = object.get("response_format").filter(|f| !f.is_null()) {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::unsupported(
-                "response_format",
-                "response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
-            ));
+    let logprobs = field::<bool>(&object, "logprobs")?.unwrap_or(false);
+    if let Some(top) = field::<u32>(&object, "top_logprobs")? {
+        if !logprobs {
+            return Err(ApiError::invalid("top_logprobs needs logprobs: true").param("top_logprobs"));
+        }
+        if top as usize > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(format!("top_logprobs = {top}: at most {MAX_TOP_LOGPROBS}")).param("top_logprobs"));
         }
     }
 
@@ -66,20 +61,21 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
     field::<Vec<ChatMessage>>(&object, "messages")?;
 
     field::<Option<Vec<Tool>>>(&object, "tools")?;
-    match object.get("tool_choice") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(choice)) if choice == "auto" => {}
-        // The model is not shown the tools at all.
-        Some(Value::String(choice)) if choice == "none" => {
-            object.remove("tools");
-        }
-        Some(_) => {
-            return Err(ApiError::unsupported(
-                "tool_choice",
-                "tool_choice: only \"auto\" and \"none\" are supported (the model decides whether to call a tool)",
-            ))
+    for name in ["tool_choice", "parallel_tool_calls", "builtin_tools"] {
+        if object.get(name).is_some_and(Value::is_null) {
+            object.remove(name);
         }
     }
+    if let Some(choice) = object.get("tool_choice") {
+        if serde_json::from_value::<ToolChoice>(choice.clone()).is_err() {
+            return Err(ApiError::invalid(
+                "tool_choice: must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+            )
+            .param("tool_choice"));
+        }
+    }
+    field::<bool>(&object, "parallel_tool_calls")?;
+    field::<Vec<String>>(&object, "builtin_tools")?;
 
     let request: ChatCompletionRequest = typed(object)?;
     Ok(Parsed { work: Work::Chat(request), choices, stream, include_usage })
@@ -97,8 +93,10 @@ pub fn parse_completion(body: &[u8]) -> Result<Parsed, ApiError> {
     if let Some(n) = field::<Option<u32>>(&object, "best_of")?.flatten().filter(|&n| n != 1) {
         return Err(ApiError::unsupported("best_of", format!("best_of = {n} is not supported: this server returns every choice it generates (use n)")));
     }
-    if field::<Option<u32>>(&object, "logprobs")?.flatten().is_some() {
-        return Err(ApiError::unsupported("logprobs", "logprobs are not supported by this server"));
+    if let Some(alternatives) = field::<u32>(&object, "logprobs")? {
+        if alternatives as usize > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(format!("logprobs = {alternatives}: at most {MAX_TOP_LOGPROBS}")).param("logprobs"));
+        }
     }
 
     let prompt = object.remove("prompt").unwrap_or(Value::Null);
@@ -171,7 +169,7 @@ struct Common {
 /// Fields both endpoints share: stream, n, stream_options, model, and the sampling parameters.
 fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
     // Null means absent for every optional field, as OpenAI treats it.
-    for name in ["stream", "n", "stream_options", "seed", "max_tokens", "max_completion_tokens"] {
+    for name in ["stream", "n", "stream_options", "seed", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"] {
         if object.get(name).is_some_and(Value::is_null) {
             object.remove(name);
         }
@@ -202,6 +200,7 @@ fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
             return Err(ApiError::invalid(format!("{name} must be at least 1")).param(name));
         }
     }
+    field::<ResponseFormat>(object, "response_format")?;
     match object.get("stop") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
         Some(Value::Array(stops)) if stops.iter().all(Value::is_string) => {}
@@ -335,8 +334,16 @@ mod tests {
     fn unsupported_features_are_explicit() {
         let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "n": 0}"#);
         assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("n"), "n = 0: a request takes 1 to 128 choices"));
-        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}"#);
+        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}}"#);
         assert_eq!(e.param.as_deref(), Some("response_format"));
+        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}"#);
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("top_logprobs"), "top_logprobs needs logprobs: true"));
+        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}"#);
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "sometimes"}"#);
+        assert_eq!(e.param.as_deref(), Some("tool_choice"));
+        let e = parse_completion(br#"{"prompt": "a", "logprobs": true}"#).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
         let e = parse_completion(br#"{"prompt": ["a", "b"]}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("prompt"));
     }

@@ -4,7 +4,7 @@
 use axum::body::Bytes;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use llama_webgpu::api::{FinishReason, Usage};
+use llama_webgpu::api::{FinishReason, GeneratedToolCall, TokenLogprob, Usage};
 use llama_webgpu::engine::ChoiceResults;
 use llama_webgpu::Completion;
 use serde_json::{json, Value};
@@ -96,7 +96,61 @@ pub fn finish_reason(reason: FinishReason) -> &'static str {
         FinishReason::Length => "length",
         // Only a client that has gone could be told this.
         FinishReason::Abort => "abort",
+        FinishReason::ToolCalls => "tool_calls",
     }
+}
+
+/// A call as OpenAI writes one in a message; in a streamed delta it also has its `index`.
+fn tool_call_json(call: &GeneratedToolCall) -> Value {
+    json!({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+}
+
+/// A chat completion's message: content (null when the output is only calls) and the calls.
+fn chat_message(completion: &Completion) -> Value {
+    let mut message = json!({"role": "assistant", "content": completion.text});
+    if !completion.tool_calls.is_empty() {
+        if completion.text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        message["tool_calls"] = completion.tool_calls.iter().map(tool_call_json).collect();
+    }
+    message
+}
+
+/// A token's text for logprobs: its bytes, with a character cut in half shown as U+FFFD (the exact
+/// bytes are given beside it).
+fn token_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`.
+pub fn chat_logprobs(logprobs: &[TokenLogprob]) -> Value {
+    let entry = |token: &[u8], logprob: f32| json!({"token": token_text(token), "logprob": logprob, "bytes": token});
+    let content: Vec<Value> = logprobs
+        .iter()
+        .map(|l| {
+            let mut item = entry(&l.bytes, l.logprob);
+            item["top_logprobs"] = l.top.iter().map(|t| entry(&t.bytes, t.logprob)).collect();
+            item
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Text completions' `logprobs`: parallel lists of tokens, their log probabilities, their
+/// alternatives (token text -> log probability) and their character offsets from `offset` on.
+pub fn completion_logprobs(logprobs: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut text_offset = vec![];
+    for l in logprobs {
+        text_offset.push(offset);
+        offset += token_text(&l.bytes).chars().count();
+    }
+    json!({
+        "tokens": logprobs.iter().map(|l| token_text(&l.bytes)).collect::<Vec<_>>(),
+        "token_logprobs": logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
+        "top_logprobs": logprobs.iter().map(|l| l.top.iter().map(|t| (token_text(&t.bytes), json!(t.logprob))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
 }
 
 impl ResponseMeta {
@@ -118,9 +172,20 @@ impl ResponseMeta {
             .enumerate()
             .map(|(index, completion)| {
                 let reason = finish_reason(completion.finish_reason);
+                let logprobs = completion.logprobs.as_deref();
                 match self.endpoint {
-                    Endpoint::Chat => json!({"index": index, "message": {"role": "assistant", "content": completion.text}, "logprobs": null, "finish_reason": reason}),
-                    Endpoint::Completion => json!({"index": index, "text": completion.text, "logprobs": null, "finish_reason": reason}),
+                    Endpoint::Chat => json!({
+                        "index": index,
+                        "message": chat_message(completion),
+                        "logprobs": logprobs.map(chat_logprobs),
+                        "finish_reason": reason,
+                    }),
+                    Endpoint::Completion => json!({
+                        "index": index,
+                        "text": completion.text,
+                        "logprobs": logprobs.map(|l| completion_logprobs(l, 0)),
+                        "finish_reason": reason,
+                    }),
                 }
             })
             .collect();
@@ -143,13 +208,19 @@ impl ResponseMeta {
         object
     }
 
-    fn content_choice(&self, index: usize, text: &str, reason: Option<&str>) -> Value {
+    /// A choice of a chunk: text and the log probability of the token that completed it (with the
+    /// character offset of that token, for text completions), or the choice's finish reason.
+    fn content_choice(&self, index: usize, text: &str, logprob: Option<(&TokenLogprob, usize)>, reason: Option<&str>) -> Value {
         match self.endpoint {
             Endpoint::Chat => {
                 let delta = if reason.is_some() { json!({}) } else { json!({"content": text}) };
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": reason})
+                let logprobs = logprob.map(|(l, _)| chat_logprobs(std::slice::from_ref(l)));
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason})
             }
-            Endpoint::Completion => json!({"index": index, "text": text, "logprobs": null, "finish_reason": reason}),
+            Endpoint::Completion => {
+                let logprobs = logprob.map(|(l, offset)| completion_logprobs(std::slice::from_ref(l), offset));
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
+            }
         }
     }
 }
@@ -162,6 +233,8 @@ pub struct ChunkStream {
     meta: ResponseMeta,
     include_usage: bool,
     results: ChoiceResults,
+    /// Characters of each choice's tokens streamed so far, for text completions' `text_offset`.
+    offsets: Vec<usize>,
 }
 
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
@@ -172,7 +245,7 @@ pub fn sse_event(data: &Value) -> Bytes {
 
 impl ChunkStream {
     pub fn new(meta: ResponseMeta, include_usage: bool, choices: usize) -> Self {
-        Self { meta, include_usage, results: ChoiceResults::new(choices) }
+        Self { meta, include_usage, results: ChoiceResults::new(choices), offsets: vec![0; choices] }
     }
 
     pub fn start(&self) -> Vec<Bytes> {
@@ -187,15 +260,30 @@ impl ChunkStream {
         }
     }
 
-    pub fn delta(&self, choice: usize, text: &str) -> Bytes {
-        sse_event(&self.meta.chunk(self.meta.content_choice(choice, text, None), self.include_usage))
+    pub fn delta(&mut self, choice: usize, text: &str, logprob: Option<&TokenLogprob>) -> Bytes {
+        let offset = self.offsets.get(choice).copied().unwrap_or_default();
+        if let (Some(l), Some(offset)) = (logprob, self.offsets.get_mut(choice)) {
+            *offset += token_text(&l.bytes).chars().count();
+        }
+        sse_event(&self.meta.chunk(self.meta.content_choice(choice, text, logprob.map(|l| (l, offset)), None), self.include_usage))
     }
 
     /// The events of choice `choice` ending as `completion`, and after the last choice those that
     /// end the stream; true once they have.
     pub fn finish(&mut self, choice: usize, completion: Completion) -> (Vec<Bytes>, bool) {
         let reason = finish_reason(completion.finish_reason);
-        let mut events = vec![sse_event(&self.meta.chunk(self.meta.content_choice(choice, "", Some(reason)), self.include_usage))];
+        let mut events: Vec<Bytes> = completion
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(index, call)| {
+                let mut call = tool_call_json(call);
+                call["index"] = index.into();
+                let choice = json!({"index": choice, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null});
+                sse_event(&self.meta.chunk(choice, self.include_usage))
+            })
+            .collect();
+        events.push(sse_event(&self.meta.chunk(self.meta.content_choice(choice, "", None, Some(reason)), self.include_usage)));
         let Some(completions) = self.results.record(choice, completion) else { return (events, false) };
         if self.include_usage {
             let mut object = self.meta.object(self.meta.chunk_object(), json!([]));
@@ -226,6 +314,8 @@ mod tests {
             tokens: vec![1, 2],
             finish_reason: FinishReason::Length,
             usage: Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 },
+            logprobs: None,
+            tool_calls: vec![],
         }
     }
 
@@ -252,7 +342,7 @@ mod tests {
     fn chat_stream_events() {
         let mut stream = ChunkStream::new(meta(Endpoint::Chat), true, 1);
         let mut events = stream.start();
-        events.push(stream.delta(0, "Hi\nthere \"x\""));
+        events.push(stream.delta(0, "Hi\nthere \"x\"", None));
         let (end, done) = stream.finish(0, completion());
         assert!(done);
         events.extend(end);
@@ -275,7 +365,7 @@ mod tests {
     fn completion_stream_events_without_usage() {
         let mut stream = ChunkStream::new(meta(Endpoint::Completion), false, 1);
         assert!(stream.start().is_empty());
-        let delta = parse(&stream.delta(0, "abc"));
+        let delta = parse(&stream.delta(0, "abc", None));
         assert_eq!(delta["object"], "text_completion");
         assert_eq!(delta["choices"][0]["text"], "abc");
         assert!(delta.get("usage").is_none());
@@ -290,7 +380,7 @@ mod tests {
         let mut stream = ChunkStream::new(meta(Endpoint::Chat), true, 2);
         let starts = stream.start();
         assert_eq!(starts.iter().map(|e| parse(e)["choices"][0]["index"].clone()).collect::<Vec<_>>(), [json!(0), json!(1)]);
-        assert_eq!(parse(&stream.delta(1, "b"))["choices"][0], json!({"index": 1, "delta": {"content": "b"}, "logprobs": null, "finish_reason": null}));
+        assert_eq!(parse(&stream.delta(1, "b", None))["choices"][0], json!({"index": 1, "delta": {"content": "b"}, "logprobs": null, "finish_reason": null}));
         let (first_end, done) = stream.finish(1, completion());
         assert_eq!(first_end.len(), 1);
         assert!(!done, "the stream goes on while choice 0 runs");

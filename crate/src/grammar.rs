@@ -1,0 +1,243 @@
+//! Constrained decoding through llguidance: a request's `response_format` (any JSON object, a JSON
+//! schema, a Lark or regex grammar) becomes a matcher over the vocabulary, and before each token is
+//! sampled the tokens the grammar cannot take next are masked out of the logits.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{json, Value};
+use toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+
+use crate::api::{GrammarFormat, GrammarSyntax, ResponseFormat, Tool};
+use crate::text::tool_calls::ToolCallFormat;
+use crate::text::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrammarError {
+    #[error("constrained decoding is not available for this tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("response_format: {0}")]
+    Invalid(String),
+    #[error("the output cannot follow its grammar: {0}")]
+    Stuck(String),
+}
+
+/// What a generation must match.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Grammar {
+    /// Any JSON object (`{"type": "json_object"}`).
+    JsonObject,
+    JsonSchema(Value),
+    Lark(String),
+    Regex(String),
+}
+
+impl Grammar {
+    /// The grammar a `response_format` asks for; None for plain text.
+    pub fn of_response_format(format: &ResponseFormat) -> Result<Option<Self>, GrammarError> {
+        Ok(match format {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(Self::JsonObject),
+            ResponseFormat::JsonSchema { json_schema } => match &json_schema.schema {
+                Some(schema @ Value::Object(_)) => Some(Self::JsonSchema(schema.clone())),
+                Some(Value::Bool(true)) | None => Some(Self::JsonObject),
+                Some(_) => return Err(GrammarError::Invalid("json_schema.schema must be a JSON schema object".into())),
+            },
+            ResponseFormat::Grammar { grammar } => Some(match grammar.syntax {
+                GrammarSyntax::Lark => Self::Lark(grammar.definition.clone()),
+                GrammarSyntax::Regex => Self::Regex(grammar.definition.clone()),
+            }),
+        })
+    }
+
+    /// The Lark grammar of an output that is only calls, as `format` writes them: of the function
+    /// `only` (a custom or built-in tool), or else of any tool offered, one or (with `parallel`)
+    /// several. Arguments follow each function's `parameters` schema.
+    pub fn tool_calls(format: ToolCallFormat, tools: &[Tool], builtin: &[String], only: Option<&str>, parallel: bool) -> Result<ResponseFormat, String> {
+        let chosen = |name: &str| only.is_none_or(|only| only == name);
+        let arguments_key = match format {
+            ToolCallFormat::Llama3 => "parameters",
+            ToolCallFormat::Hermes => "arguments",
+        };
+        let calls: Vec<Value> = tools
+            .iter()
+            .filter_map(|tool| {
+                let name = tool.function.get("name")?.as_str()?;
+                let parameters = match tool.function.get("parameters") {
+                    Some(schema @ Value::Object(fields)) if !fields.is_empty() => schema.clone(),
+                    _ => json!({"type": "object"}),
+                };
+                chosen(name).then(|| {
+                    json!({
+                        "type": "object",
+                        "properties": {"name": {"const": name}, arguments_key: parameters},
+                        "required": ["name", arguments_key],
+                        "additionalProperties": false,
+                    })
+                })
+            })
+            .collect();
+        let builtin: Vec<&str> = match format {
+            ToolCallFormat::Llama3 => builtin.iter().map(String::as_str).filter(|name| chosen(name)).collect(),
+            ToolCallFormat::Hermes => vec![],
+        };
+        if let Some(name) = only.filter(|_| calls.is_empty() && builtin.is_empty()) {
+            return Err(format!("the function {name:?} is not among the tools offered"));
+        }
+        let mut rules = vec![];
+        let mut start = vec![];
+        if !calls.is_empty() {
+            let schema = with_default_layout(json!({"anyOf": calls}));
+            let call = match format {
+                ToolCallFormat::Llama3 => format!("%json {schema}"),
+                ToolCallFormat::Hermes => format!("\"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""),
+            };
+            rules.push(format!("call: {call}"));
+            let separator = match format {
+                ToolCallFormat::Llama3 => "\"; \"",
+                ToolCallFormat::Hermes => "\"\\n\"",
+            };
+            start.push(if parallel { format!("call ({separator} call)*") } else { "call".into() });
+        }
+        for name in builtin {
+            // Meta's built-in call syntax: a query in a Python string (JSON's is one), or code.
+            let body = match name {
+                "code_interpreter" => "CODE".to_string(),
+                _ => format!("\"{name}.call(query=\" %json {{\"type\": \"string\"}} \")\""),
+            };
+            start.push(format!("<|python_tag|> {body}"));
+        }
+        if start.is_empty() {
+            return Err("no tools are offered, so none can be required".into());
+        }
+        rules.insert(0, format!("start: {}", start.join(" | ")));
+        rules.push("CODE: /(.|\\n)+/".into());
+        Ok(ResponseFormat::Grammar { grammar: GrammarFormat { syntax: GrammarSyntax::Lark, definition: rules.join("\n") } })
+    }
+
+    fn to_llguidance(&self) -> TopLevelGrammar {
+        match self {
+            Self::JsonObject => TopLevelGrammar::from_json_schema(with_default_layout(json!({"type": "object"}))),
+            Self::JsonSchema(schema) => TopLevelGrammar::from_json_schema(with_default_layout(schema.clone())),
+            Self::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+            Self::Regex(regex) => TopLevelGrammar::from_regex(regex),
+        }
+    }
+}
+
+/// JSON laid out as `json.dumps` writes it (", " and ": ", no other whitespace) unless the schema
+/// says otherwise under llguidance's `x-guidance`: what models are trained on, and a model cannot
+/// spend its tokens on whitespace.
+fn with_default_layout(mut schema: Value) -> Value {
+    if let Some(object) = schema.as_object_mut() {
+        object.entry("x-guidance").or_insert_with(|| json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}));
+    }
+    schema
+}
+
+/// The vocabulary as llguidance sees it: each token's bytes in a trie.
+struct Vocabulary {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for Vocabulary {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, bytes: &[u8]) -> Vec<TokenId> {
+        self.trie.tokenize_with_greedy_fallback(bytes, |text| self.tokenizer.encode(text, false).unwrap_or_default())
+    }
+}
+
+/// Compiles grammars against one model's vocabulary. Built once per engine, on first use: the trie
+/// and its token classes take a while for a 128K vocabulary.
+pub struct GrammarCompiler {
+    factory: ParserFactory,
+}
+
+impl GrammarCompiler {
+    /// `vocab` is the model's (its logits' length, at least the tokenizer's); `stop_tokens` end a
+    /// generation and are what a finished grammar allows.
+    pub fn new(tokenizer: &Tokenizer, vocab: usize, stop_tokens: &[u32]) -> Result<Self, GrammarError> {
+        let mut words = tokenizer.token_bytes().map_err(|e| GrammarError::Tokenizer(e.to_string()))?;
+        words.resize(vocab, None);
+        // A stop token ends the output, so it is never text, whatever its vocabulary entry says.
+        for &stop in stop_tokens {
+            if let Some(word) = words.get_mut(stop as usize) {
+                *word = None;
+            }
+        }
+        // Special tokens and unused ids are spelled as llguidance spells special tokens: a marker
+        // byte and the name, so no text can produce them.
+        let words: Vec<Vec<u8>> = words
+            .into_iter()
+            .enumerate()
+            .map(|(id, bytes)| {
+                bytes.unwrap_or_else(|| {
+                    let name = tokenizer.decode(&[id as u32], false).ok().filter(|t| t.starts_with('<')).unwrap_or_else(|| format!("<|unnamed_{id}|>"));
+                    [&[TokTrie::SPECIAL_TOKEN_MARKER], name.as_bytes()].concat()
+                })
+            })
+            .collect();
+        let &first_stop = stop_tokens.first().ok_or_else(|| GrammarError::Tokenizer("the model has no end-of-sequence token".into()))?;
+        let info = TokRxInfo::new(vocab as u32, first_stop);
+        let trie = TokTrie::from(&info, &words).with_eos_tokens(stop_tokens);
+        let env: TokEnv = Arc::new(Vocabulary { trie, tokenizer: tokenizer.clone() });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| GrammarError::Tokenizer(e.to_string()))?;
+        factory.quiet();
+        Ok(Self { factory })
+    }
+
+    /// A fresh matcher at the start of `grammar`; an invalid grammar or schema is an error here.
+    pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, GrammarError> {
+        let parser = self.factory.create_parser(grammar.to_llguidance()).map_err(|e| GrammarError::Invalid(e.to_string()))?;
+        Ok(Constraint { matcher: Matcher::new(Ok(parser)) })
+    }
+}
+
+/// One sequence's place in its grammar.
+pub struct Constraint {
+    matcher: Matcher,
+}
+
+/// The tokens a grammar allows next.
+pub struct Mask(SimpleVob);
+
+impl Mask {
+    pub fn allows(&self, token: u32) -> bool {
+        self.0.is_allowed(token)
+    }
+
+    /// Sets every disallowed token's logit to minus infinity.
+    pub fn apply(&self, logits: &mut [f32]) {
+        for (token, logit) in logits.iter_mut().enumerate() {
+            if !self.0.is_allowed(token as u32) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+impl Constraint {
+    /// The same grammar and place, for another choice of the same request.
+    pub fn fork(&self) -> Self {
+        Self { matcher: self.matcher.deep_clone() }
+    }
+
+    /// Tokens allowed next (only the stop tokens once the grammar is complete).
+    pub fn mask(&mut self) -> Result<Mask, GrammarError> {
+        let mask = self.matcher.compute_mask_or_eos().map_err(|e| GrammarError::Stuck(e.to_string()))?;
+        if mask.is_zero() {
+            return Err(GrammarError::Stuck("no token can continue it".into()));
+        }
+        Ok(Mask(mask))
+    }
+
+    /// Advances past a sampled token (which the last mask allowed).
+    pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
+        self.matcher.consume_token(token).map_err(|e| GrammarError::Stuck(e.to_string()))
+    }
+}

@@ -1,0 +1,240 @@
+//! Constrained decoding, tool calls and logprobs through the engine, on the tiny random-weight Llama
+//! 3.1 fixture: a model that "wants" garbage is the hardest case for a grammar. Each proof runs 50
+//! seeds as 50 choices of one request, batched.
+
+mod common;
+
+use common::{golden, gpu, load_model, truncated_llama3_tokenizer};
+use llama_webgpu::api::{
+    ChatCompletionRequest, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, ResponseFormat,
+    SamplingParams, Tool, ToolChoice, ToolChoiceMode,
+};
+use llama_webgpu::engine::{Event, SequenceId};
+use llama_webgpu::text::{ChatTemplate, RenderOptions};
+use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
+use serde_json::{json, Value};
+
+const FIXTURE: &str = "tiny-llama31";
+const CONTEXT: usize = 256;
+const SEEDS: usize = 50;
+
+fn engine() -> Option<Engine> {
+    engine_with(ChatTemplate::llama31())
+}
+
+fn engine_with(template: ChatTemplate) -> Option<Engine> {
+    let gpu = gpu()?;
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: SEEDS, ..Default::default() };
+    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    let tokenizer = truncated_llama3_tokenizer(model.config().vocab_size);
+    Some(Engine::new(model, tokenizer, template, 1).unwrap())
+}
+
+/// A template short enough for the fixture's 256 positions, in Llama 3.1's call format (which the
+/// engine tells from the `<|python_tag|>` in its source).
+const SHORT_TOOL_TEMPLATE: &str = "{#- calls: <|python_tag|> -#}{{ tools | map(attribute='function.name') | join(',') }}\n\
+    {%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: ";
+
+/// Runs the engine until every sequence of `ids` has finished; their completions in order.
+fn finish_all(engine: &mut Engine, ids: &[SequenceId]) -> Vec<Completion> {
+    let mut done: Vec<Option<Completion>> = vec![None; ids.len()];
+    while done.iter().any(Option::is_none) {
+        for (id, event) in pollster::block_on(engine.step()).unwrap() {
+            let Some(i) = ids.iter().position(|&x| x == id) else { continue };
+            match event {
+                Event::Finished(completion) => done[i] = Some(completion),
+                Event::Failed(error) => panic!("choice {i} failed: {error}"),
+                Event::Delta(_) => {}
+            }
+        }
+    }
+    done.into_iter().flatten().collect()
+}
+
+fn chat(content: &str) -> ChatCompletionRequest {
+    ChatCompletionRequest { messages: vec![ChatMessage::new("user", content)], ..Default::default() }
+}
+
+/// Raises the quote, `]` and `}` tokens: the random model then closes strings and containers soon
+/// enough for 50 outputs to end within their budget. The grammar alone makes them JSON: the same
+/// bias without it gives garbage (checked).
+fn closing_bias() -> Option<std::collections::HashMap<String, f32>> {
+    Some([("1", 4.0), ("60", 4.0), ("92", 4.0)].into_iter().map(|(token, bias)| (token.to_string(), bias)).collect())
+}
+
+fn json_params(response_format: Option<ResponseFormat>) -> SamplingParams {
+    SamplingParams { response_format, logit_bias: closing_bias(), temperature: Some(1.0), seed: Some(1), max_tokens: Some(200), ..Default::default() }
+}
+
+const PROMPT: [u32; 4] = [1000, 40, 41, 42];
+
+#[test]
+fn json_object_output_parses_for_50_seeds() {
+    let Some(mut engine) = engine() else { return };
+    let ids = engine.add_choices(PROMPT.to_vec(), &json_params(Some(ResponseFormat::JsonObject)), CancelToken::default(), SEEDS).unwrap();
+    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
+        assert_eq!(completion.finish_reason, FinishReason::Stop, "seed {seed}: {:?}", completion.text);
+        let value: Value = serde_json::from_str(&completion.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", completion.text));
+        assert!(value.is_object(), "seed {seed}: {value}");
+    }
+
+    let ids = engine.add_choices(PROMPT.to_vec(), &json_params(None), CancelToken::default(), SEEDS).unwrap();
+    let unconstrained = finish_all(&mut engine, &ids);
+    let parsed = unconstrained.iter().filter(|c| serde_json::from_str::<Value>(&c.text).is_ok_and(|v| v.is_object())).count();
+    assert!(parsed <= 2, "{parsed} of {SEEDS} unconstrained outputs are JSON objects: the bias, not the grammar, would be making them");
+}
+
+#[test]
+fn json_schema_and_grammars() {
+    let Some(mut engine) = engine() else { return };
+    let schema = json!({
+        "type": "object",
+        "properties": {"size": {"enum": ["S", "M", "L"]}, "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["size", "count"],
+        "additionalProperties": false,
+    });
+    let format = ResponseFormat::JsonSchema { json_schema: JsonSchemaFormat { name: Some("order".into()), description: None, schema: Some(schema), strict: Some(true) } };
+    let ids = engine.add_choices(PROMPT.to_vec(), &json_params(Some(format)), CancelToken::default(), 8).unwrap();
+    for completion in finish_all(&mut engine, &ids) {
+        let value: Value = serde_json::from_str(&completion.text).unwrap_or_else(|e| panic!("{e}: {:?}", completion.text));
+        assert!(["S", "M", "L"].contains(&value["size"].as_str().unwrap()), "{value}");
+        assert!((1..=9).contains(&value["count"].as_i64().unwrap()), "{value}");
+        assert_eq!(value.as_object().unwrap().len(), 2, "{value}");
+    }
+
+    let regex = |pattern: &str| ResponseFormat::Grammar { grammar: GrammarFormat { syntax: GrammarSyntax::Regex, definition: pattern.into() } };
+    let params = SamplingParams { response_format: Some(regex("[a-c]{3}-[0-9]{2}")), temperature: Some(1.0), max_tokens: Some(20), ..Default::default() };
+    let ids = engine.add_choices(PROMPT.to_vec(), &params, CancelToken::default(), 8).unwrap();
+    for completion in finish_all(&mut engine, &ids) {
+        let text = completion.text.as_bytes();
+        assert_eq!(completion.finish_reason, FinishReason::Stop);
+        assert!(text.len() == 6 && text[..3].iter().all(|c| b"abc".contains(c)) && text[3] == b'-' && text[4..].iter().all(u8::is_ascii_digit), "{:?}", completion.text);
+    }
+    let lark = ResponseFormat::Grammar { grammar: GrammarFormat { syntax: GrammarSyntax::Lark, definition: r#"start: ("yes" | "no") " " NUMBER
+NUMBER: /[1-9][0-9]?/"#.into() } };
+    let params = SamplingParams { response_format: Some(lark), temperature: Some(1.0), max_tokens: Some(20), ..Default::default() };
+    let ids = engine.add_choices(PROMPT.to_vec(), &params, CancelToken::default(), 8).unwrap();
+    for completion in finish_all(&mut engine, &ids) {
+        let (word, number) = completion.text.split_once(' ').unwrap_or_else(|| panic!("{:?}", completion.text));
+        assert!(["yes", "no"].contains(&word) && number.parse::<u32>().is_ok_and(|n| (1..100).contains(&n)), "{:?}", completion.text);
+    }
+
+    for (format, wanted) in [
+        (regex("(unclosed"), "response_format"),
+        (ResponseFormat::Grammar { grammar: GrammarFormat { syntax: GrammarSyntax::Lark, definition: "start: missing_rule".into() } }, "response_format"),
+    ] {
+        let params = SamplingParams { response_format: Some(format), ..Default::default() };
+        let error = engine.add_choices(PROMPT.to_vec(), &params, CancelToken::default(), 1).unwrap_err().to_string();
+        assert!(error.starts_with(wanted), "{error}");
+    }
+    assert!(engine.is_idle());
+}
+
+fn weather_tool() -> Tool {
+    Tool {
+        kind: "function".into(),
+        function: json!({
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": false,
+            },
+        }),
+    }
+}
+
+#[test]
+fn required_tool_calls_are_calls_of_offered_tools() {
+    let Some(mut engine) = engine_with(ChatTemplate::new(SHORT_TOOL_TEMPLATE).unwrap()) else { return };
+    let mut request = chat("What is the weather in Paris?");
+    request.tools = Some(vec![weather_tool()]);
+    request.tool_choice = Some(ToolChoice::Mode(ToolChoiceMode::Required));
+    request.parallel_tool_calls = Some(false);
+    request.sampling = SamplingParams { max_tokens: Some(60), ..json_params(None) };
+    let ids = engine.add_chat(&request, &RenderOptions::default(), CancelToken::default(), 16).unwrap();
+    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
+        assert_eq!(completion.finish_reason, FinishReason::ToolCalls, "seed {seed}: {:?}", completion.text);
+        assert_eq!(completion.text, "", "seed {seed}: content beside the call");
+        let [call] = completion.tool_calls.as_slice() else { panic!("seed {seed}: {:?}", completion.tool_calls) };
+        assert_eq!(call.name, "get_weather");
+        assert!(call.id.starts_with("call_") && call.id.len() == 29, "{}", call.id);
+        let arguments: Value = serde_json::from_str(&call.arguments).unwrap();
+        assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()), "{arguments}");
+        assert!(arguments["city"].as_str().unwrap().chars().count() <= 12, "{arguments}");
+    }
+
+    // A named function that is not offered, and a required call with no tools.
+    request.tool_choice = Some(ToolChoice::Function { kind: "function".into(), function: NamedFunction { name: "get_time".into() } });
+    let error = engine.add_chat(&request, &RenderOptions::default(), CancelToken::default(), 1).unwrap_err().to_string();
+    assert!(error.contains("\"get_time\" is not among the tools offered"), "{error}");
+    request.tools = None;
+    request.tool_choice = Some(ToolChoice::Mode(ToolChoiceMode::Required));
+    let error = engine.add_chat(&request, &RenderOptions::default(), CancelToken::default(), 1).unwrap_err().to_string();
+    assert!(error.contains("no tools are offered"), "{error}");
+}
+
+#[test]
+fn logprobs_are_the_log_softmax_of_the_logits() {
+    let Some(gpu) = gpu() else { return };
+    let options = LoadOptions { context_length: Some(CONTEXT), ..Default::default() };
+    let mut reference = load_model(&gpu, FIXTURE, &options).unwrap();
+    let mut engine = engine().unwrap();
+    let golden = golden(FIXTURE);
+    for (i, case) in golden.logits.iter().enumerate() {
+        let params = SamplingParams {
+            temperature: Some(1.0),
+            seed: Some(i as u64),
+            max_tokens: Some(6),
+            logprobs: Some(Logprobs::Enabled(true)),
+            top_logprobs: Some(5),
+            ..Default::default()
+        };
+        let id = engine.add(case.tokens.clone(), &params, CancelToken::default()).unwrap();
+        let completion = finish_all(&mut engine, &[id]).remove(0);
+        let logprobs = completion.logprobs.expect("logprobs were asked for");
+        assert_eq!(logprobs.len(), completion.tokens.len());
+        let mut tokens = case.tokens.clone();
+        for (step, logprob) in logprobs.iter().enumerate() {
+            let logits = pollster::block_on(reference.forward(&tokens, 0)).unwrap();
+            let want = log_softmax(&logits);
+            // The first token's, also against transformers' logits.
+            if step == 0 {
+                let independent = log_softmax(&case.last_logits);
+                assert!((logprob.logprob - independent[logprob.token as usize]).abs() < 2e-3, "transformers: {} vs {}", logprob.logprob, independent[logprob.token as usize]);
+            }
+            assert_eq!(logprob.token, completion.tokens[step]);
+            assert!((logprob.logprob - want[logprob.token as usize]).abs() < 1e-4, "prompt {i} step {step}: {} vs {}", logprob.logprob, want[logprob.token as usize]);
+            let mut order: Vec<usize> = (0..want.len()).collect();
+            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+            assert_eq!(logprob.top.len(), 5);
+            for (top, &expected) in logprob.top.iter().zip(&order) {
+                assert_eq!(top.token as usize, expected, "prompt {i} step {step}: alternatives in order");
+                assert!((top.logprob - want[expected]).abs() < 1e-4);
+                assert_eq!(String::from_utf8_lossy(&top.bytes), engine.tokenizer().decode(&[top.token], false).unwrap());
+            }
+            tokens.push(logprob.token);
+        }
+    }
+    // Greedy with logprobs takes the same tokens as greedy without.
+    let greedy = |logprobs| SamplingParams { temperature: Some(0.0), max_tokens: Some(8), logprobs, ..Default::default() };
+    let prompt = golden.greedy.prompt.clone();
+    let mut run = |params: SamplingParams| {
+        let id = engine.add(prompt.clone(), &params, CancelToken::default()).unwrap();
+        finish_all(&mut engine, &[id]).remove(0)
+    };
+    let plain = run(greedy(None));
+    let with = run(greedy(Some(Logprobs::Alternatives(0))));
+    assert_eq!(plain.tokens, with.tokens);
+    assert!(plain.logprobs.is_none() && with.logprobs.unwrap().iter().all(|l| l.top.is_empty()));
+    let too_many = SamplingParams { logprobs: Some(Logprobs::Enabled(true)), top_logprobs: Some(21), ..Default::default() };
+    assert!(engine.add(vec![1, 2], &too_many, CancelToken::default()).is_err());
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits.iter().map(|&l| (l as f64 - max - sum.ln()) as f32).collect()
+}
