@@ -169,9 +169,28 @@ def client(server):
     return server.client()
 
 
+# A chat template short enough for the fixture's 256 positions, in Llama 3.1's tool-call format
+# (which the server tells from the `<|python_tag|>` in its source): the tools by name, the turns.
+SHORT_TOOL_TEMPLATE = (
+    "{#- calls: <|python_tag|> -#}{{ tools | map(attribute='function.name') | join(',') if tools else '' }}\n"
+    "{%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: "
+)
+
+
+@pytest.fixture(scope="session")
+def tools_server(model_dir, tmp_path_factory):
+    """16 sequences together on the fixture with the short tool template, for 50-choice requests."""
+    directory = tmp_path_factory.mktemp("models") / "tiny-llama31-tools"
+    shutil.copytree(model_dir, directory)
+    (directory / "chat_template.jinja").write_text(SHORT_TOOL_TEMPLATE, encoding="utf-8")
+    process = Server(directory, "--parallel", "16", "--kv-memory", "4MiB")
+    yield process
+    process.stop()
+
+
 def pytest_exception_interact(node, call, report):
     """Shows the tail of the server's log with a failure."""
-    for name in ["server", "key_server"]:
+    for name in ["server", "key_server", "tools_server"]:
         process = getattr(node, "funcargs", {}).get(name)
         if isinstance(process, Server):
             tail = "\n".join(process.log().splitlines()[-40:])

@@ -349,8 +349,14 @@ def test_malformed_requests(server, client):
         chat(client, "hi", temperature=3.5)
     assert "temperature must be in [0, 2]" in raised.value.message
     with pytest.raises(openai.BadRequestError) as raised:
-        chat(client, "hi", response_format={"type": "json_object"})
+        chat(client, "hi", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}})
     assert raised.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client, "hi", response_format={"type": "grammar", "grammar": {"syntax": "lark", "definition": "start: undefined_rule"}})
+    assert raised.value.body["param"] == "response_format" and "undefined_rule" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(client, "hi", extra_body={"builtin_tools": ["calculator"]})
+    assert raised.value.body["param"] == "builtin_tools"
 
     # None of that disturbed the engine.
     assert server.health()["status"] == "ok"
