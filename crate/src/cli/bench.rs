@@ -1,6 +1,7 @@
 //! `bench`: prompt processing (pp) and generation (tg) speed, llama-bench style, on a model file or
 //! on synthetic weights of a real Llama shape built on the GPU.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -9,7 +10,10 @@ use llama_webgpu::gpu::ops::TokenSlot;
 use llama_webgpu::gpu::{ops, DispatchTime};
 use llama_webgpu::model::{Batch, Llama3Scaling, PassTokens, Rope, PAGE_SIZE};
 use llama_webgpu::quant::DType;
-use llama_webgpu::{Config, Gpu, Llama, LoadOptions};
+use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, JsonSchemaFormat, ResponseFormat, SamplingParams};
+use llama_webgpu::grammar::{Grammar, GrammarCompiler};
+use llama_webgpu::text::RenderOptions;
+use llama_webgpu::{CancelToken, Config, Engine, Gpu, Llama, LoadOptions};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -83,6 +87,11 @@ pub struct BenchArgs {
     /// browser does (for comparison).
     #[arg(long)]
     pub bounds_checks: bool,
+    /// A JSON schema file: after the other tests, time each tg test through the engine (greedy,
+    /// from a chat prompt) constrained to the schema and unconstrained, and the schema's token
+    /// mask per generated token. Needs --model (its tokenizer).
+    #[arg(long, value_name = "FILE", conflicts_with = "synthetic")]
+    json_schema: Option<std::path::PathBuf>,
 }
 
 /// Configs of the published Llama shapes (../shared LLAMA.md).
@@ -146,6 +155,8 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     if args.parallel.iter().any(|&p| p == 0 || p > ops::MAX_BATCH_TOKENS) {
         bail!("--parallel: each count must be 1 to {}", ops::MAX_BATCH_TOKENS);
     }
+    // Room for the --json-schema tests' chat prompt.
+    let longest = longest + if args.json_schema.is_some() { 128 } else { 0 };
     let max_sequences = args.parallel.iter().max().copied().unwrap_or(1);
     let options = LoadOptions { context_length: Some(longest.max(16)), max_sequences, ..Default::default() };
     let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
@@ -276,6 +287,74 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     report(&gpu, &label, dtype, &model, depth, &samples, bytes_per_token, args.bandwidth_gbps, profile.as_deref(), args.json);
     if let Some((n, kernels)) = prefill_profile {
         report_prefill(n, &kernels, args.json);
+    }
+    if let (Some(schema), Some(path)) = (&args.json_schema, &args.model) {
+        bench_json_schema(model, path, schema, &args.generate, args.repetitions, args.json).await?;
+    }
+    Ok(())
+}
+
+/// Greedy generation through the engine constrained to a JSON schema against the same
+/// unconstrained, and the grammar's mask per token, replayed on the constrained output's tokens.
+async fn bench_json_schema(model: Llama, path: &Path, schema_path: &Path, generate: &[usize], repetitions: usize, json: bool) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(schema_path).with_context(|| format!("--json-schema {}", schema_path.display()))?;
+    let schema: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("--json-schema {}: not JSON", schema_path.display()))?;
+    let (tokenizer, template) = llama_webgpu::load::open_model(path)?.text()?;
+    let vocab = model.config().vocab_size;
+    let mut engine = Engine::new(model, tokenizer, template, 1)?;
+    let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", "Describe a customer of a web shop.")], ..Default::default() };
+    let prompt = engine.chat_prompt(&request, &RenderOptions::default())?;
+    let format = ResponseFormat::JsonSchema {
+        json_schema: JsonSchemaFormat { name: Some("bench".into()), description: None, schema: Some(schema.clone()), strict: Some(true) },
+    };
+    let started = Instant::now();
+    let compiler = GrammarCompiler::new(engine.tokenizer(), vocab, engine.stop_tokens())?;
+    let compiler_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut rows = vec![];
+    for &n in generate.iter().filter(|&&n| n > 0) {
+        for response_format in [None, Some(format.clone())] {
+            let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(n as u32), response_format: response_format.clone(), ..Default::default() };
+            // The first run puts the prompt in the prefix cache: the timed ones compute its last token only.
+            let mut completion = engine.generate(&prompt, &params, &CancelToken::default(), &mut |_| {}).await?;
+            let mut rates = vec![];
+            for _ in 0..repetitions {
+                let started = Instant::now();
+                completion = engine.generate(&prompt, &params, &CancelToken::default(), &mut |_| {}).await?;
+                rates.push(completion.usage.completion_tokens as f64 / started.elapsed().as_secs_f64());
+            }
+            let mut row = serde_json::json!({
+                "test": format!("tg{n}{}", if response_format.is_some() { " json_schema" } else { "" }),
+                "tokens": completion.usage.completion_tokens,
+                "tokens_per_second": mean_and_std(&rates).0,
+                "samples": rates,
+            });
+            if response_format.is_some() {
+                let started = Instant::now();
+                let mut constraint = compiler.compile(&Grammar::JsonSchema(schema.clone()))?;
+                row["grammar_compile_ms"] = (started.elapsed().as_secs_f64() * 1e3).into();
+                let mut masks = vec![];
+                for &token in completion.tokens.iter().filter(|t| !engine.stop_tokens().contains(t)) {
+                    let started = Instant::now();
+                    constraint.mask()?;
+                    masks.push(started.elapsed().as_secs_f64() * 1e6);
+                    constraint.accept(token)?;
+                }
+                row["mask_us_per_token"] = mean_and_std(&masks).0.into();
+                row["mask_us_max"] = masks.iter().copied().fold(0.0, f64::max).into();
+                row["output"] = completion.text.clone().into();
+            }
+            rows.push(row);
+        }
+    }
+    let out = serde_json::json!({"json_schema": schema_path.display().to_string(), "compiler_build_ms": compiler_ms, "tests": rows});
+    if json {
+        println!("{out}");
+    } else {
+        println!("json schema {} (grammar compiler built in {compiler_ms:.0} ms):", schema_path.display());
+        for row in &rows {
+            let mask = row.get("mask_us_per_token").map_or(String::new(), |m| format!(", mask {:.0} us/token (max {:.0})", m.as_f64().unwrap_or(0.0), row["mask_us_max"].as_f64().unwrap_or(0.0)));
+            println!("  {:<18} {:>8.2} tok/s over {} tokens{mask}", row["test"].as_str().unwrap_or(""), row["tokens_per_second"].as_f64().unwrap_or(0.0), row["tokens"]);
+        }
     }
     Ok(())
 }
