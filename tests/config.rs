@@ -4,8 +4,15 @@
 mod common;
 
 use common::fixture;
-use llama_webgpu::model::Llama3Scaling;
+use llama_webgpu::model::{Llama3Scaling, RopeScaling};
 use llama_webgpu::Config;
+
+fn llama3(c: &Config) -> &Llama3Scaling {
+    match &c.rope.scaling {
+        Some(RopeScaling::Llama3(s)) => s,
+        other => panic!("llama3 scaling expected, got {other:?}"),
+    }
+}
 
 fn config(name: &str, generation: Option<&str>) -> Config {
     let read = |f: &str| std::fs::read_to_string(fixture("configs").join(f)).unwrap();
@@ -20,7 +27,7 @@ fn llama_3_1_8b() {
     assert_eq!(c.rope.theta, 500000.0);
     assert_eq!(
         c.rope.scaling,
-        Some(Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })
+        Some(RopeScaling::Llama3(Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }))
     );
     assert!(!c.tie_word_embeddings);
     assert_eq!(c.eos_token_ids, [128001, 128008, 128009]);
@@ -32,7 +39,7 @@ fn llama_3_2_1b_is_tied_with_explicit_head_dim() {
     let c = config("llama-3.2-1b-instruct.config.json", None);
     assert_eq!((c.hidden_size, c.n_layers, c.head_dim, c.q_dim(), c.kv_dim()), (2048, 16, 64, 2048, 512));
     assert!(c.tie_word_embeddings);
-    assert_eq!(c.rope.scaling.as_ref().unwrap().factor, 32.0);
+    assert_eq!(llama3(&c).factor, 32.0);
 }
 
 #[test]
@@ -48,7 +55,7 @@ fn transformers_5_rope_parameters_are_read() {
     let text = std::fs::read_to_string(fixture("tiny-llama32-tied/config.json")).unwrap();
     let c = Config::from_hf_json(&text, None).unwrap();
     assert_eq!(c.rope.theta, 500000.0);
-    assert_eq!(c.rope.scaling.as_ref().unwrap().original_max_position_embeddings, 64);
+    assert_eq!(llama3(&c).original_max_position_embeddings, 64);
     assert_eq!((c.hidden_size, c.q_dim()), (96, 128));
 }
 
@@ -75,7 +82,7 @@ fn llama3_inv_freq_f64(theta: f64, head_dim: usize, s: &Llama3Scaling) -> Vec<f6
 #[test]
 fn llama3_rope_frequencies_cover_all_three_bands() {
     let c = config("llama-3.1-8b-instruct.config.json", None);
-    let scaling = c.rope.scaling.clone().unwrap();
+    let scaling = llama3(&c).clone();
     let want = llama3_inv_freq_f64(500000.0, 128, &scaling);
     let got = c.rope_inv_freq();
     let unscaled = Config { rope: llama_webgpu::model::Rope { theta: 500000.0, scaling: None }, ..c.clone() }.rope_inv_freq();
@@ -95,4 +102,23 @@ fn llama3_rope_frequencies_cover_all_three_bands() {
     let angle = 2.0 * got[5] as f64;
     assert!((table[2 * 64 + 5][0] as f64 - angle.cos()).abs() < 1e-7);
     assert!((table[2 * 64 + 5][1] as f64 - angle.sin()).abs() < 1e-7);
+}
+
+#[test]
+fn frequency_factors_divide_each_frequency_and_survive_config_json() {
+    let c = config("llama-3.1-8b-instruct.config.json", None);
+    let unscaled = Config { rope: llama_webgpu::model::Rope { theta: 500000.0, scaling: None }, ..c.clone() };
+    let factors: Vec<f32> = (0..64).map(|i| 1.0 + i as f32 / 8.0).collect();
+    let scaled = Config { rope: llama_webgpu::model::Rope { theta: 500000.0, scaling: Some(RopeScaling::Factors(factors.clone())) }, ..c.clone() };
+    for ((got, base), factor) in scaled.rope_inv_freq().iter().zip(unscaled.rope_inv_freq()).zip(&factors) {
+        assert_eq!(*got, base / factor);
+    }
+    let text = scaled.to_hf_json().to_string();
+    assert_eq!(Config::from_hf_json(&text, None).unwrap(), scaled);
+    // One factor per pair of head dimensions, each positive.
+    for bad in [vec![1.0; 63], [vec![1.0; 63], vec![0.0]].concat()] {
+        let wrong = Config { rope: llama_webgpu::model::Rope { theta: 500000.0, scaling: Some(RopeScaling::Factors(bad)) }, ..c.clone() };
+        let err = Config::from_hf_json(&wrong.to_hf_json().to_string(), None).unwrap_err().to_string();
+        assert!(err.contains("RoPE frequency factors"), "{err}");
+    }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use common::{assert_close, fixture, gpu};
 use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource, WeightStream};
-use llama_webgpu::model::ModelError;
+use llama_webgpu::model::{Llama3Scaling, ModelError, Rope, RopeScaling};
 use llama_webgpu::quant::{quantize_rows, DType};
 use llama_webgpu::{Config, Error, Llama, LoadOptions};
 
@@ -479,7 +479,7 @@ fn convert_to_gguf(config: &Config, source: &dyn WeightSource) -> Vec<u8> {
     for (key, id) in ["eos", "eot", "eom"].iter().zip(&c.eos_token_ids) {
         file = file.kv(&format!("tokenizer.ggml.{key}_token_id"), V::U32(*id));
     }
-    if let Some(s) = &c.rope.scaling {
+    if let Some(RopeScaling::Llama3(s)) = &c.rope.scaling {
         file = file.kv("llama.rope.scaling.original_context_length", V::U32(s.original_max_position_embeddings as u32));
         let freqs = converter_rope_freqs(
             c.rope.theta,
@@ -531,21 +531,37 @@ fn hf_fixtures_converted_to_gguf_give_the_same_config_and_logits() {
     let gpu = gpu();
     for name in ["tiny-llama31", "tiny-llama32-tied"] {
         let dir = fixture(name);
-        let config = read_hf_config(&dir).unwrap();
-        let safetensors = open_safetensors_dir(&dir).unwrap();
-        let gguf = parse(convert_to_gguf(&config, &safetensors)).unwrap();
-        assert_eq!(gguf.config().unwrap(), config, "{name}");
-        assert!(config.rope.scaling.is_some(), "{name}: the fixture should exercise rope_freqs");
+        let hf = read_hf_config(&dir).unwrap();
+        let Some(RopeScaling::Llama3(fixture_scaling)) = hf.rope.scaling.clone() else { panic!("{name}: the fixture should exercise rope_freqs") };
+        // The fixture's llama3 parameters, and others: the converter writes each as rope_freqs, which
+        // load as factors giving the frequencies transformers computes from the parameters.
+        let other = Llama3Scaling { factor: 16.0, low_freq_factor: 2.0, high_freq_factor: 8.0, original_max_position_embeddings: 24 };
+        for scaling in [fixture_scaling, other.clone()] {
+            let config = Config { rope: Rope { scaling: Some(RopeScaling::Llama3(scaling.clone())), ..hf.rope.clone() }, ..hf.clone() };
+            let safetensors = open_safetensors_dir(&dir).unwrap();
+            let gguf = parse(convert_to_gguf(&config, &safetensors)).unwrap();
+            let from_gguf = gguf.config().unwrap();
+            assert!(matches!(from_gguf.rope.scaling, Some(RopeScaling::Factors(_))), "{name}");
+            assert_eq!(Config { rope: config.rope.clone(), ..from_gguf.clone() }, config, "{name}: all but the RoPE scaling");
+            for (got, want) in from_gguf.rope_inv_freq().iter().zip(config.rope_inv_freq()) {
+                assert!((got - want).abs() <= 1e-6 * want, "{name} {scaling:?}: frequency {got} vs {want}");
+            }
 
-        let Some(gpu) = &gpu else { continue };
-        let golden = common::golden(name);
-        let tokens = &golden.logits.iter().max_by_key(|c| c.tokens.len()).unwrap().tokens;
-        let logits = |source: &dyn WeightStream| {
-            let mut model = pollster::block_on(Llama::load(gpu, config.clone(), source, &LoadOptions::default(), &mut |_| {})).unwrap();
-            pollster::block_on(model.forward(tokens, 0)).unwrap()
-        };
-        let want = logits(&safetensors);
-        assert_close(&format!("{name} from GGUF"), &logits(&gguf), &want, 0.0, 0.0);
+            let Some(gpu) = &gpu else { continue };
+            let golden = common::golden(name);
+            let tokens = &golden.logits.iter().max_by_key(|c| c.tokens.len()).unwrap().tokens;
+            let logits = |config: &Config, source: &dyn WeightStream| {
+                let mut model = pollster::block_on(Llama::load(gpu, config.clone(), source, &LoadOptions::default(), &mut |_| {})).unwrap();
+                pollster::block_on(model.forward(tokens, 0)).unwrap()
+            };
+            let want = logits(&config, &safetensors);
+            assert_close(&format!("{name} {scaling:?} from GGUF"), &logits(&from_gguf, &gguf), &want, 1e-4, 1e-4);
+            if scaling == other {
+                // The other parameters change the logits: the factors are not ignored.
+                let fixture_logits = logits(&hf, &safetensors);
+                assert!(want.iter().zip(&fixture_logits).any(|(a, b)| (a - b).abs() > 1e-3), "{name}: other RoPE parameters changed nothing");
+            }
+        }
     }
 }
 
@@ -578,26 +594,21 @@ fn config_comes_from_llama_metadata_and_rope_freqs() {
     assert_eq!((c.max_position_embeddings, c.rms_norm_eps, c.rope.theta, c.rope.scaling.clone()), (131072, 1e-5, 500000.0, None));
     assert_eq!((c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids.clone()), (false, Some(1), vec![2, 3]));
 
-    // Llama 3.1's own scaling (factor 8, Meta's 1 / 4 / 8192) is derived from rope_freqs alone.
-    let freqs = converter_rope_freqs(500000.0, 16, 8.0, 1.0, 4.0, 8192.0);
-    assert!(freqs.iter().any(|&f| f > 1.0 && f < 8.0), "no factor in the smoothing band: {freqs:?}");
+    // rope_freqs is kept as given: Llama 3.1's factors, another scaling's (Llama 3.2's factor 32 with a
+    // smaller original context), any positive numbers; all ones is no scaling.
     let scaled = |freqs: &[f32]| {
         let file = tiny_llama_metadata().tensor("rope_freqs.weight", &[freqs.len() as u64], F32, f32_bytes(freqs));
         parse(file.build()).unwrap()
     };
-    let scaling = scaled(&freqs).config().unwrap().rope.scaling.unwrap();
-    assert_eq!(
-        (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_max_position_embeddings),
-        (8.0, 1.0, 4.0, 8192)
-    );
+    let mut arbitrary = converter_rope_freqs(500000.0, 16, 8.0, 1.0, 4.0, 8192.0);
+    arbitrary[3] *= 1.01;
+    for freqs in [converter_rope_freqs(500000.0, 16, 8.0, 1.0, 4.0, 8192.0), converter_rope_freqs(500000.0, 16, 32.0, 1.0, 4.0, 2048.0), arbitrary] {
+        assert_eq!(scaled(&freqs).config().unwrap().rope.scaling, Some(RopeScaling::Factors(freqs)));
+    }
     assert_eq!(scaled(&[1.0; 8]).config().unwrap().rope.scaling, None);
-
-    // Factors that no llama3 scaling with those parameters gives are refused, naming the first.
-    let mut wrong = freqs.clone();
-    wrong[3] *= 1.01;
-    let err = scaled(&wrong).config().unwrap_err();
-    assert!(matches!(&err, Error::Model(ModelError::Unsupported(m)) if m.starts_with("rope_freqs.weight[3] is")), "{err}");
-    let err = scaled(&freqs[..4]).config().unwrap_err();
+    let err = scaled(&[1.0, 2.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]).config().unwrap_err();
+    assert!(err.to_string().contains("RoPE frequency factors"), "{err}");
+    let err = scaled(&[1.0; 4]).config().unwrap_err();
     assert!(matches!(&err, Error::Model(ModelError::Shape { .. })), "{err}");
 
     // Missing, mistyped and unsupported metadata.

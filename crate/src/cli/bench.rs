@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use llama_webgpu::gpu::ops::TokenSlot;
 use llama_webgpu::gpu::{ops, DispatchTime};
-use llama_webgpu::model::{Batch, Llama3Scaling, PassTokens, Rope, PAGE_SIZE};
+use llama_webgpu::model::{Batch, Llama3Scaling, PassTokens, Rope, RopeScaling, PAGE_SIZE};
 use llama_webgpu::quant::DType;
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, JsonSchemaFormat, ResponseFormat, SamplingParams};
 use llama_webgpu::grammar::{Grammar, GrammarCompiler};
@@ -115,7 +115,7 @@ fn preset(name: &str) -> anyhow::Result<Config> {
         rms_norm_eps: 1e-5,
         rope: Rope {
             theta: 500000.0,
-            scaling: Some(Llama3Scaling { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 }),
+            scaling: Some(RopeScaling::Llama3(Llama3Scaling { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })),
         },
         tie_word_embeddings: tied,
         bos_token_id: Some(128000),

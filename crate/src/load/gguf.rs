@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use super::{ChunkReader, LoadError, LoadFuture, SliceReader, SourceFile, Storage, TensorData, TensorLocation, WeightSource, WeightStream};
-use crate::model::{Config, Llama3Scaling, ModelError, Rope};
+use crate::model::{Config, ModelError, Rope, RopeScaling};
 use crate::quant::DType;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -344,13 +344,9 @@ impl GgufHeader {
 
     /// The model configuration from the `llama.*` and `tokenizer.ggml.*` metadata.
     ///
-    /// llama.cpp keeps llama3 RoPE scaling only as the `rope_freqs.weight` tensor: per frequency, the
-    /// factor llama.cpp divides it by. [`Config`] describes that scaling by its parameters, so they
-    /// are derived: `factor` is the largest stored factor (the one every low frequency gets);
-    /// `low_freq_factor` 1, `high_freq_factor` 4 and `original_max_position_embeddings` 8192 are
-    /// Meta's values (the last from `llama.rope.scaling.original_context_length` when present). Every
-    /// stored factor must then agree with what those parameters give (relative 1e-4); a file whose
-    /// factors do not is refused rather than run with different frequencies.
+    /// llama.cpp keeps llama3 RoPE scaling (or any other per-frequency scaling) only as the
+    /// `rope_freqs.weight` tensor: per frequency, the factor it is divided by. The config keeps
+    /// those factors as given, so every file llama.cpp runs gets llama.cpp's frequencies here.
     /// `rope_freqs` holds the bytes of that tensor, where the file has one.
     pub fn config(&self, rope_freqs: Option<&[u8]>) -> Result<Config, crate::Error> {
         let h = self;
@@ -411,42 +407,21 @@ impl GgufHeader {
             },
             eos_token_ids,
         };
+        config.rope.scaling = self.frequency_factors(head_dim, rope_freqs)?;
         config.validate()?;
-        config.rope.scaling = self.llama3_scaling(&config, rope_freqs)?;
         Ok(config)
     }
 
-    /// The llama3 scaling that `rope_freqs.weight` encodes, if any (see [`GgufHeader::config`]).
-    fn llama3_scaling(&self, config: &Config, rope_freqs: Option<&[u8]>) -> Result<Option<Llama3Scaling>, crate::Error> {
+    /// The RoPE scaling of `rope_freqs.weight`, if any (see [`GgufHeader::config`]).
+    fn frequency_factors(&self, head_dim: usize, rope_freqs: Option<&[u8]>) -> Result<Option<RopeScaling>, crate::Error> {
         const NAME: &str = "rope_freqs.weight";
         let Some(info) = self.tensor(NAME) else { return Ok(None) };
-        let pairs = config.head_dim / 2;
+        let pairs = head_dim / 2;
         if info.shape != [pairs] {
             return Err(ModelError::Shape { tensor: NAME.into(), expected: vec![pairs], got: info.shape.clone() }.into());
         }
         let factors = info.dtype.to_f32(rope_freqs.unwrap_or_default())?;
-        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * b.abs();
-        if factors.iter().all(|&f| close(f, 1.0)) {
-            return Ok(None);
-        }
-        let original = self.get_u32("llama.rope.scaling.original_context_length")?.unwrap_or(8192);
-        let scaling = Llama3Scaling {
-            factor: factors.iter().copied().fold(f32::MIN, f32::max),
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: original as usize,
-        };
-        let scaled = Config { rope: Rope { theta: config.rope.theta, scaling: Some(scaling.clone()) }, ..config.clone() };
-        let derived = config.rope_inv_freq().iter().zip(scaled.rope_inv_freq()).map(|(f, s)| f / s).collect::<Vec<_>>();
-        if let Some(i) = derived.iter().zip(&factors).position(|(d, f)| !close(*d, *f)) {
-            return Err(ModelError::Unsupported(format!(
-                "{NAME}[{i}] is {} but llama3 RoPE scaling with factor {}, low_freq_factor 1, high_freq_factor 4 and original \
-                 context {original} gives {}",
-                factors[i], scaling.factor, derived[i]
-            ))
-            .into());
-        }
-        Ok(Some(scaling))
+        Ok((!factors.iter().all(|&f| f == 1.0)).then_some(RopeScaling::Factors(factors)))
     }
 
     /// The metadata key and count of the heads the rows of q or k are grouped in.

@@ -27,7 +27,17 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     pub theta: f32,
-    pub scaling: Option<Llama3Scaling>,
+    pub scaling: Option<RopeScaling>,
+}
+
+/// How the rotary frequencies are scaled for long contexts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// transformers' `rope_type: "llama3"`, from its parameters.
+    Llama3(Llama3Scaling),
+    /// Each frequency divided by its own factor, as llama.cpp applies a GGUF's `rope_freqs.weight`
+    /// (whatever parameters produced them).
+    Factors(Vec<f32>),
 }
 
 /// `rope_type: "llama3"`: low frequencies are divided by `factor`, the band between smoothly blended.
@@ -75,6 +85,8 @@ struct HfRope {
     low_freq_factor: Option<f32>,
     high_freq_factor: Option<f32>,
     original_max_position_embeddings: Option<usize>,
+    /// This engine's own `rope_type: "frequency_factors"`, for a GGUF's factors written back out.
+    factors: Option<Vec<f32>>,
 }
 
 #[derive(Deserialize)]
@@ -172,6 +184,11 @@ impl Config {
         if self.vocab_size > 1 << 24 {
             return invalid(format!("vocab_size {} is above 2^24", self.vocab_size));
         }
+        if let Some(RopeScaling::Factors(factors)) = &self.rope.scaling {
+            if factors.len() != self.head_dim / 2 || !factors.iter().all(|f| f.is_finite() && *f > 0.0) {
+                return invalid(format!("RoPE frequency factors: {} positive numbers are needed (half the head dimension), got {factors:?}", self.head_dim / 2));
+            }
+        }
         if let Some(&id) = self.eos_token_ids.iter().find(|&&id| id as usize >= self.vocab_size) {
             return invalid(format!("eos_token_id {id} is outside the vocabulary of {}", self.vocab_size));
         }
@@ -181,14 +198,15 @@ impl Config {
     /// The configuration as a Hugging Face `config.json` (transformers-4 style), which
     /// [`Config::from_hf_json`] reads back to the same value.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let rope_scaling = self.rope.scaling.as_ref().map(|s| {
-            serde_json::json!({
+        let rope_scaling = self.rope.scaling.as_ref().map(|scaling| match scaling {
+            RopeScaling::Llama3(s) => serde_json::json!({
                 "rope_type": "llama3",
                 "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor,
                 "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings,
-            })
+            }),
+            RopeScaling::Factors(factors) => serde_json::json!({"rope_type": "frequency_factors", "factors": factors}),
         });
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
@@ -228,7 +246,8 @@ impl Config {
                 let inv_freq = 1.0 / self.rope.theta.powf((2 * i) as f32 / d as f32);
                 match &self.rope.scaling {
                     None => inv_freq,
-                    Some(s) => s.scale(inv_freq),
+                    Some(RopeScaling::Llama3(s)) => s.scale(inv_freq),
+                    Some(RopeScaling::Factors(factors)) => inv_freq / factors[i],
                 }
             })
             .collect()
@@ -283,8 +302,9 @@ fn rope(top_level_theta: Option<f32>, params: Option<HfRope>) -> Result<Rope, Mo
             if scaling.high_freq_factor <= scaling.low_freq_factor || scaling.factor <= 0.0 {
                 return Err(ModelError::Config("llama3 rope scaling needs high_freq_factor > low_freq_factor and factor > 0".into()));
             }
-            Ok(Rope { theta, scaling: Some(scaling) })
+            Ok(Rope { theta, scaling: Some(RopeScaling::Llama3(scaling)) })
         }
+        "frequency_factors" => Ok(Rope { theta, scaling: Some(RopeScaling::Factors(p.factors.ok_or_else(|| ModelError::Config("frequency_factors rope scaling lacks factors".into()))?)) }),
         other => Err(ModelError::Unsupported(format!("rope_type {other:?} (supported: default, llama3)"))),
     }
 }
