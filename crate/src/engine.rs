@@ -760,12 +760,12 @@ impl Engine {
             if !row.output {
                 continue;
             }
-            let from_candidates = match sequence.needs_logits() {
-                true => None,
+            let from_gpu = match sequence.plain_greedy() {
+                true => Some(output.argmax[this_row]),
+                false if sequence.needs_logits() => None,
                 false => output.candidates.get(this_row).and_then(|c| sequence.sampler.sample_candidates(c)),
             };
-            let chosen = match from_candidates {
-                _ if sequence.plain_greedy() => Ok((output.argmax[this_row], None)),
+            let chosen = match from_gpu {
                 Some(token) => Ok((token, None)),
                 None => {
                     let mut logits = self.model.read_logits(this_row).await?;
