@@ -27,6 +27,16 @@ fn run_prints_the_greedy_continuation() {
 }
 
 #[test]
+fn no_display_session_no_loader_noise() {
+    if gpu().is_none() {
+        return;
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_llama-webgpu")).arg("info").env_remove("XDG_RUNTIME_DIR").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && !stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+}
+
+#[test]
 fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
     if gpu().is_none() {
         return;

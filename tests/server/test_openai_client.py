@@ -485,3 +485,26 @@ def test_a_request_larger_than_the_kv_pool_is_400_and_others_share_it(small_pool
     assert second.choices[0].message.content == alone
     assert second.usage.prompt_tokens_details.cached_tokens >= 16, second.usage
     wait_until(lambda: server.health()["engine"]["kv_pages_free"] == 12, what="every page back in the pool")
+
+
+def test_metrics_parse_as_openmetrics(server, client, key_server):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    chat(client, "Count the requests.", max_tokens=4)
+    wait_until(lambda: idle(server), what="the server to be idle")
+    response = http("GET", f"{server.url}/metrics")
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("application/openmetrics-text"), response.text
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    health = server.health()
+    assert families["llama_webgpu_requests"].type == "counter"
+    assert samples[("llama_webgpu_requests_total", (("outcome", "completed"),))] == health["requests"]["completed"] >= 1
+    assert samples[("llama_webgpu_generated_tokens_total", ())] == health["generated_tokens"] >= 4
+    assert samples[("llama_webgpu_kv_pages", ())] == health["engine"]["kv_pages"] == 40
+    assert samples[("llama_webgpu_sequences_max", ())] == 4
+    assert samples[("llama_webgpu_engine_up", ())] == 1
+    assert samples[("llama_webgpu_prompt_tokens_total", ())] >= samples[("llama_webgpu_cached_prompt_tokens_total", ())]
+    assert families["llama_webgpu_time_to_first_token_seconds"].type == "histogram"
+    assert samples[("llama_webgpu_request_seconds_count", ())] >= 1
+    # Off unless asked for.
+    assert http("GET", f"{key_server.url}/metrics").status_code == 404

@@ -148,6 +148,12 @@ impl SamplingArgs {
 
 pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("LLAMA_WEBGPU_LOG", "warn")).init();
+    // The Vulkan loader's Wayland probe prints "error: XDG_RUNTIME_DIR is invalid or not set" on a
+    // machine without a session (a server, a container), which reads like our own failure. Compute
+    // needs no display: any existing directory quiets it. Set before any thread starts.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = Cli::parse();
     match pollster::block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

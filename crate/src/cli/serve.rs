@@ -71,6 +71,11 @@ pub struct ServeArgs {
     /// Access-Control-Allow-Origin. Without it browsers keep other origins' pages out.
     #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = parse_origin)]
     cors_origins: Vec<HeaderValue>,
+    /// Serve `GET /metrics` in the Prometheus (OpenMetrics) text format: requests by outcome,
+    /// tokens, queue, sequences, KV pages, time to first token and request time. Like /health, it
+    /// needs no API key.
+    #[arg(long)]
+    metrics: bool,
     /// Waits this long after each generated token, so tests of queueing and cancellation do not
     /// depend on how fast the GPU is.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -91,6 +96,7 @@ struct Server {
     /// Unix seconds at start, for /v1/models.
     started: u64,
     next_id: AtomicU64,
+    metrics: bool,
 }
 
 pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: bool) -> anyhow::Result<()> {
@@ -153,6 +159,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         stats,
         started: unix_seconds(),
         next_id: AtomicU64::new(1),
+        metrics: args.metrics,
     });
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
     runtime.block_on(async move {
@@ -209,8 +216,11 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route_layer(middleware::from_fn_with_state(server.clone(), require_api_key));
-    Router::new()
-        .route("/health", get(health))
+    let mut router = Router::new().route("/health", get(health));
+    if server.metrics {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -260,6 +270,47 @@ async fn health(State(server): State<Arc<Server>>) -> Response {
     });
     let status = if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+/// The counters of /health and more, in the OpenMetrics text format Prometheus scrapes.
+async fn metrics(State(server): State<Arc<Server>>) -> Response {
+    use prometheus_client::metrics::counter::{ConstCounter, Counter};
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    let stats = &server.stats;
+    let count = |c: &AtomicU64| ConstCounter::new(c.load(Ordering::SeqCst));
+    let engine = stats.engine_load();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("llama_webgpu");
+    // Built again for each scrape from the running totals.
+    let requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    for (outcome, counter) in [
+        ("completed", &stats.completed),
+        ("cancelled", &stats.cancelled),
+        ("skipped", &stats.skipped),
+        ("failed", &stats.failed),
+        ("rejected", &stats.rejected),
+    ] {
+        requests.get_or_create(&[("outcome", outcome)]).inc_by(counter.load(Ordering::SeqCst));
+    }
+    registry.register("requests", "Requests ended, by how (rejected: 503 with a full queue)", requests);
+    registry.register("prompt_tokens", "Prompt tokens of ended requests", count(&stats.prompt_tokens));
+    registry.register("cached_prompt_tokens", "Prompt tokens whose KV pages were reused", count(&stats.cached_prompt_tokens));
+    registry.register("generated_tokens", "Tokens generated", count(&stats.generated_tokens));
+    let gauge = |value: usize| ConstGauge::new(value as i64);
+    registry.register("requests_queued", "Requests waiting for the engine", gauge(stats.queued.load(Ordering::SeqCst) + engine.waiting));
+    registry.register("sequences_running", "Sequences the engine is running", gauge(engine.running));
+    registry.register("sequences_max", "Sequences the engine runs together at most", gauge(engine.max_sequences));
+    registry.register("kv_pages", "Pages of the KV pool", gauge(engine.kv_pages));
+    registry.register("kv_pages_free", "Pages of the KV pool not held by a sequence", gauge(engine.kv_pages_free));
+    registry.register("kv_page_positions", "Positions per KV page", gauge(engine.kv_page_size));
+    registry.register("engine_up", "1 while the engine thread runs", gauge(stats.alive.load(Ordering::SeqCst) as usize));
+    registry.register("time_to_first_token_seconds", "From the engine taking a request to its first token", stats.first_token_seconds.clone());
+    registry.register("request_seconds", "From the engine taking a request to its end", stats.request_seconds.clone());
+    let mut body = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &registry) {
+        return ApiError::server(format!("encoding the metrics failed: {error}")).into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }
 
 fn model_object(server: &Server) -> serde_json::Value {
