@@ -6,6 +6,7 @@ greedy decoding or a fixed seed, which is what the tests compare. Token counts s
 here may be lavapipe on two CPU cores.
 """
 
+import signal
 import subprocess
 import threading
 import time
@@ -508,3 +509,38 @@ def test_metrics_parse_as_openmetrics(server, client, key_server):
     assert samples[("llama_webgpu_request_seconds_count", ())] >= 1
     # Off unless asked for.
     assert http("GET", f"{key_server.url}/metrics").status_code == 404
+
+
+def test_graceful_shutdown(model_dir):
+    """SIGTERM: no new connections, a short request still finishes, a long one ends with an error
+    event when the grace period is over, and the server exits with 0."""
+    process = Server(model_dir, "--parallel", "2", "--token-interval-ms", "100", "--shutdown-grace", "3")
+    client = process.client()
+    results = {}
+
+    def long_stream():
+        text = ""
+        try:
+            for chunk in client.completions.create(model="tiny", prompt="Go on", stream=True, max_tokens=200):
+                text += "".join(c.text for c in chunk.choices)
+        except openai.APIError as error:
+            results["long"] = (text, error.message)
+
+    def short():
+        results["short"] = client.completions.create(model="tiny", prompt="Hi", max_tokens=8)
+
+    threads = [threading.Thread(target=long_stream), threading.Thread(target=short)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: process.health()["requests"]["running"] == 2, what="both requests to run")
+    process.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(OSError):
+        http("GET", f"{process.url}/health", timeout=2)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert process.process.wait(timeout=30) == 0, process.log()
+    assert results["short"].choices[0].finish_reason == "length"
+    text, message = results["long"]
+    assert text and "shut down before this request finished" in message, results["long"]
+    assert "shutting down" in process.log()

@@ -76,6 +76,11 @@ pub struct ServeArgs {
     /// needs no API key.
     #[arg(long)]
     metrics: bool,
+    /// On SIGTERM or SIGINT the server stops taking connections and lets running requests finish
+    /// for this many seconds; those still running then end (a stream with an error event, others
+    /// with 503) and the server exits with status 0.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    shutdown_grace: f64,
     /// Waits this long after each generated token, so tests of queueing and cancellation do not
     /// depend on how fast the GPU is.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -119,6 +124,9 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
     let thread_stats = stats.clone();
     let token_interval = std::time::Duration::from_millis(args.token_interval_ms);
     let render = llama_webgpu::text::RenderOptions { special_tokens_in_content: args.special_tokens_in_content, ..Default::default() };
+    // Set when the grace period after a shutdown signal has passed: the engine ends what it holds.
+    let stop_all = CancelToken::default();
+    let engine_stop_all = stop_all.clone();
     let mut model = model;
     std::thread::Builder::new().name("engine".into()).spawn(move || {
         let loaded = pollster::block_on(async {
@@ -140,7 +148,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         match loaded {
             Ok(engine) => {
                 let _ = loaded_tx.send(Ok(()));
-                engine_thread::run(engine, queue, thread_stats, token_interval, &render);
+                engine_thread::run(engine, queue, thread_stats, token_interval, &render, &engine_stop_all);
             }
             Err(error) => {
                 let _ = loaded_tx.send(Err(error));
@@ -161,7 +169,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         next_id: AtomicU64::new(1),
         metrics: args.metrics,
     });
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         eprintln!("llama-webgpu: serving {} on http://{address}", server.model_id);
@@ -178,9 +186,37 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         if let Some(cors) = cors {
             app = app.layer(cors);
         }
-        axum::serve(listener, app).await?;
+        let grace = std::time::Duration::try_from_secs_f64(args.shutdown_grace).context("--shutdown-grace")?;
+        axum::serve(listener, app).with_graceful_shutdown(shutdown_signal(grace, stop_all)).await?;
+        log::info!("shut down");
         Ok(())
     })
+}
+
+/// Completes on SIGTERM or SIGINT (axum then stops accepting and waits for open requests), and
+/// `grace` later ends the requests still running.
+async fn shutdown_signal(grace: std::time::Duration, stop_all: CancelToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                log::warn!("SIGTERM cannot be handled: {error}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+    eprintln!("llama-webgpu: shutting down: running requests have {grace:?} to finish");
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        stop_all.cancel();
+    });
 }
 
 /// An origin as a browser sends it: `*`, or scheme://host[:port] with nothing after.

@@ -130,7 +130,7 @@ impl ActiveJobs {
 }
 
 /// Runs jobs until every sender of the queue is gone and the engine has finished its work.
-pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_interval: Duration, render: &RenderOptions) {
+pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_interval: Duration, render: &RenderOptions, stop_all: &CancelToken) {
     /// Marks the engine as gone however the thread ends.
     struct Alive(Arc<Stats>);
     impl Drop for Alive {
@@ -177,6 +177,9 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_int
                 running.job.cancel.cancel();
             }
         }
+        if stop_all.is_cancelled() {
+            end_all(&mut active, &stats);
+        }
         // A panic is a bug in the engine; its clients get a 500 and the server carries on with an
         // emptied engine.
         let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(engine.step()))).unwrap_or_else(|panic| {
@@ -202,6 +205,18 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_int
                 }
             }
         }
+    }
+}
+
+/// Ends every job at shutdown: cancelled in the engine (its sequences end at the next step), its
+/// client told the server is going away.
+fn end_all(active: &mut ActiveJobs, stats: &Stats) {
+    for running in active.jobs.drain(..) {
+        running.job.cancel.cancel();
+        stats.cancelled.fetch_add(1, Ordering::SeqCst);
+        log::info!("{}: ended by the shutdown", running.job.id);
+        let error = ApiError::server("the server shut down before this request finished").with_status(axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        let _ = running.job.events.send(Event::Failed(error.code("shutting_down")));
     }
 }
 
