@@ -544,3 +544,26 @@ def test_graceful_shutdown(model_dir):
     text, message = results["long"]
     assert text and "shut down before this request finished" in message, results["long"]
     assert "shutting down" in process.log()
+
+
+def test_a_lost_device_is_replaced(model_dir):
+    """The device is destroyed once a token has been generated: the request then running fails with
+    503 device_lost, /health says loading, the model loads again from its files and answers as before."""
+    process = Server(model_dir, "--lose-device-after-tokens", "1")
+    try:
+        client = process.client()
+        first = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0)
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0)
+        assert raised.value.status_code == 503 and raised.value.body["code"] == "device_lost", raised.value.body
+
+        def ready():
+            response = http("GET", f"{process.url}/health")
+            return response.status_code == 200 and response.json()["status"] == "ok"
+
+        wait_until(ready, timeout=120, what="the model to load again")
+        again = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0)
+        assert again.choices[0].text == first.choices[0].text
+        assert "loading the model again" in process.log() and "the model is loaded again" in process.log()
+    finally:
+        process.stop()

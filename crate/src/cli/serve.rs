@@ -38,7 +38,7 @@ use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use self::engine_thread::{Event, Job, Stats};
+use self::engine_thread::{AliveWhileHeld, Ended, EngineThreadOptions, Event, Job, Stats};
 use self::requests::Parsed;
 use self::responses::{ApiError, ChunkStream, Endpoint, ResponseMeta};
 use super::ModelArgs;
@@ -85,6 +85,9 @@ pub struct ServeArgs {
     /// depend on how fast the GPU is.
     #[arg(long, default_value_t = 0, hide = true)]
     token_interval_ms: u64,
+    /// Destroys the GPU device once this many tokens have been generated, to test recovery.
+    #[arg(long, hide = true)]
+    lose_device_after_tokens: Option<u64>,
 }
 
 /// Sequences `serve` decodes together on a GPU unless `--parallel` says otherwise.
@@ -126,33 +129,42 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
     let render = llama_webgpu::text::RenderOptions { special_tokens_in_content: args.special_tokens_in_content, ..Default::default() };
     // Set when the grace period after a shutdown signal has passed: the engine ends what it holds.
     let stop_all = CancelToken::default();
-    let engine_stop_all = stop_all.clone();
     let mut model = model;
+    let options = EngineThreadOptions { token_interval, render, stop_all: stop_all.clone(), lose_device_after_tokens: args.lose_device_after_tokens };
     std::thread::Builder::new().name("engine".into()).spawn(move || {
-        let loaded = pollster::block_on(async {
-            let gpu = llama_webgpu::Gpu::new(&gpu_options).await?;
-            log::info!("adapter: {} ({:?})", gpu.info.name, gpu.info.backend);
-            // A CPU adapter runs one workgroup per core: batching buys it little.
-            let parallel = if gpu.info.device_type == wgpu::DeviceType::Cpu { 1 } else { DEFAULT_GPU_PARALLEL };
-            model.parallel.get_or_insert(parallel);
-            let engine = super::load_engine(&gpu, &model, quiet).await?;
-            let load = engine.load();
-            log::info!(
-                "{} sequences together, a KV pool of {} pages of {} positions",
-                load.max_sequences,
-                load.kv_pages,
-                load.kv_page_size
-            );
-            Ok::<_, anyhow::Error>(engine)
-        });
-        match loaded {
-            Ok(engine) => {
-                let _ = loaded_tx.send(Ok(()));
-                engine_thread::run(engine, queue, thread_stats, token_interval, &render, &engine_stop_all);
-            }
+        let load = |model: &mut ModelArgs| {
+            pollster::block_on(async {
+                let gpu = llama_webgpu::Gpu::new(&gpu_options).await?;
+                log::info!("adapter: {} ({:?})", gpu.info.name, gpu.info.backend);
+                // A CPU adapter runs one workgroup per core: batching buys it little.
+                let parallel = if gpu.info.device_type == wgpu::DeviceType::Cpu { 1 } else { DEFAULT_GPU_PARALLEL };
+                model.parallel.get_or_insert(parallel);
+                let engine = super::load_engine(&gpu, model, quiet).await?;
+                let load = engine.load();
+                log::info!("{} sequences together, a KV pool of {} pages of {} positions", load.max_sequences, load.kv_pages, load.kv_page_size);
+                Ok::<_, anyhow::Error>(engine)
+            })
+        };
+        let mut engine = match load(&mut model) {
+            Ok(engine) => engine,
             Err(error) => {
                 let _ = loaded_tx.send(Err(error));
+                return;
             }
+        };
+        let _ = loaded_tx.send(Ok(()));
+        let _alive = AliveWhileHeld::new(thread_stats.clone());
+        let mut options = options;
+        // A lost device (a driver reset, another process) is replaced: the model loads again from
+        // its files while requests wait in the queue.
+        while engine_thread::run(engine, &queue, thread_stats.clone(), &options) == Ended::DeviceLost {
+            options.lose_device_after_tokens = None;
+            thread_stats.loading.store(true, Ordering::SeqCst);
+            engine = match reload(&mut model, &load) {
+                Some(engine) => engine,
+                None => return,
+            };
+            thread_stats.loading.store(false, Ordering::SeqCst);
         }
     })?;
     loaded_rx.recv().context("the engine thread ended while loading")??;
@@ -218,6 +230,29 @@ async fn shutdown_signal(grace: std::time::Duration, stop_all: CancelToken) {
         stop_all.cancel();
     });
 }
+
+/// Loads the model again after the device was lost, a few times with growing pauses (the driver
+/// may still be resetting); None when every try failed.
+fn reload(model: &mut ModelArgs, load: &impl Fn(&mut ModelArgs) -> anyhow::Result<llama_webgpu::Engine>) -> Option<llama_webgpu::Engine> {
+    for attempt in 1..=RELOAD_ATTEMPTS {
+        log::warn!("the GPU device was lost: loading the model again (attempt {attempt} of {RELOAD_ATTEMPTS})");
+        match load(model) {
+            Ok(engine) => {
+                log::info!("the model is loaded again");
+                return Some(engine);
+            }
+            Err(error) => {
+                log::error!("loading the model again failed: {error:#}");
+                std::thread::sleep(std::time::Duration::from_secs(1 << attempt));
+            }
+        }
+    }
+    log::error!("the model could not be loaded again; the server answers 503 until restarted");
+    None
+}
+
+/// Tries at loading the model again after a lost device.
+const RELOAD_ATTEMPTS: u32 = 5;
 
 /// An origin as a browser sends it: `*`, or scheme://host[:port] with nothing after.
 fn parse_origin(origin: &str) -> Result<HeaderValue, String> {
@@ -290,7 +325,11 @@ async fn health(State(server): State<Arc<Server>>) -> Response {
     let count = |c: &AtomicU64| c.load(Ordering::SeqCst);
     let engine = stats.engine_load();
     let body = json!({
-        "status": if alive { "ok" } else { "error: the engine has stopped" },
+        "status": match (alive, stats.loading.load(Ordering::SeqCst)) {
+            (false, _) => "error: the engine has stopped",
+            (true, true) => "loading",
+            (true, false) => "ok",
+        },
         "model": server.model_id,
         "queue": {"waiting": stats.queued.load(Ordering::SeqCst) + engine.waiting, "capacity": server.queue_capacity},
         "engine": engine,
@@ -304,7 +343,8 @@ async fn health(State(server): State<Arc<Server>>) -> Response {
         },
         "generated_tokens": count(&stats.generated_tokens),
     });
-    let status = if alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let ready = alive && !stats.loading.load(Ordering::SeqCst);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 

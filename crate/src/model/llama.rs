@@ -434,6 +434,11 @@ impl Llama {
         Ok(model)
     }
 
+    /// The device the model lives on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }

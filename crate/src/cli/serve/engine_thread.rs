@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use llama_webgpu::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams, TokenLogprob};
 use llama_webgpu::engine::{ChoiceResults, EngineError, Event as EngineEvent, Load, SequenceId};
+use llama_webgpu::gpu::GpuError;
 use llama_webgpu::grammar::GrammarError;
 use llama_webgpu::sample::SampleError;
 use llama_webgpu::text::{RenderOptions, TextError};
@@ -77,6 +78,8 @@ pub struct Stats {
     pub request_seconds: Histogram,
     /// False once the engine thread has ended.
     pub alive: AtomicBool,
+    /// True while the model loads again after a lost device.
+    pub loading: AtomicBool,
 }
 
 impl Default for Stats {
@@ -97,6 +100,7 @@ impl Default for Stats {
             first_token_seconds: seconds(),
             request_seconds: seconds(),
             alive: Default::default(),
+            loading: Default::default(),
         }
     }
 }
@@ -129,28 +133,57 @@ impl ActiveJobs {
     }
 }
 
-/// Runs jobs until every sender of the queue is gone and the engine has finished its work.
-pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_interval: Duration, render: &RenderOptions, stop_all: &CancelToken) {
-    /// Marks the engine as gone however the thread ends.
-    struct Alive(Arc<Stats>);
-    impl Drop for Alive {
-        fn drop(&mut self) {
-            self.0.alive.store(false, Ordering::SeqCst);
-        }
+/// Marks the engine as gone when the engine thread ends, however it ends.
+pub struct AliveWhileHeld(pub Arc<Stats>);
+
+impl AliveWhileHeld {
+    pub fn new(stats: Arc<Stats>) -> Self {
+        stats.alive.store(true, Ordering::SeqCst);
+        Self(stats)
     }
-    stats.alive.store(true, Ordering::SeqCst);
-    let _alive = Alive(stats.clone());
+}
+
+impl Drop for AliveWhileHeld {
+    fn drop(&mut self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+}
+
+/// How the engine thread runs jobs.
+pub struct EngineThreadOptions {
+    /// A pause after each step that streamed tokens (for tests).
+    pub token_interval: Duration,
+    pub render: RenderOptions,
+    /// Set once a shutdown's grace period is over: every job still held then ends.
+    pub stop_all: CancelToken,
+    /// Destroys the device once this many tokens have been generated (for tests of recovery).
+    pub lose_device_after_tokens: Option<u64>,
+}
+
+/// Why [`run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every sender of the queue is gone and the engine has finished its work.
+    Drained,
+    /// The GPU device was lost: the jobs it held were failed, the queue waits for a new engine.
+    DeviceLost,
+}
+
+/// Runs jobs until every sender of the queue is gone and the engine has finished its work, or
+/// until the device is lost.
+pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options: &EngineThreadOptions) -> Ended {
+    let EngineThreadOptions { token_interval, render, stop_all, lose_device_after_tokens } = options;
     let mut active = ActiveJobs::default();
     let mut senders_gone = false;
     loop {
         publish(&engine, &stats);
         if engine.is_idle() {
             if senders_gone {
-                return;
+                return Ended::Drained;
             }
             match jobs.recv() {
                 Ok(job) => start(&mut engine, job, &stats, &mut active, render),
-                Err(_) => return,
+                Err(_) => return Ended::Drained,
             }
         }
         // Jobs wait in the queue (where the client sees 503 once it is full) until the engine has
@@ -180,6 +213,9 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_int
         if stop_all.is_cancelled() {
             end_all(&mut active, &stats);
         }
+        if lose_device_after_tokens.is_some_and(|after| stats.generated_tokens.load(Ordering::SeqCst) >= after) {
+            engine.model().gpu().device.destroy();
+        }
         // A panic is a bug in the engine; its clients get a 500 and the server carries on with an
         // emptied engine.
         let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| pollster::block_on(engine.step()))).unwrap_or_else(|panic| {
@@ -194,14 +230,24 @@ pub fn run(mut engine: Engine, jobs: Receiver<Job>, stats: Arc<Stats>, token_int
                     deliver(id, event, &stats, &mut active);
                 }
                 if any_delta && !token_interval.is_zero() {
-                    std::thread::sleep(token_interval);
+                    std::thread::sleep(*token_interval);
                 }
             }
             Err(error) => {
+                let lost = matches!(error, llama_webgpu::Error::Gpu(GpuError::DeviceLost(_))) || engine.model().gpu().check().is_err_and(|e| matches!(e, GpuError::DeviceLost(_)));
                 log::error!("the engine failed: {error}; ending its {} requests", active.jobs.len());
                 for running in active.jobs.drain(..) {
                     stats.failed.fetch_add(1, Ordering::SeqCst);
-                    let _ = running.job.events.send(Event::Failed(ApiError::server(format!("the engine failed: {error}"))));
+                    let error = match lost {
+                        true => ApiError::server(format!("{error}; the model is loading again, retry shortly"))
+                            .with_status(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+                            .code("device_lost"),
+                        false => ApiError::server(format!("the engine failed: {error}")),
+                    };
+                    let _ = running.job.events.send(Event::Failed(error));
+                }
+                if lost {
+                    return Ended::DeviceLost;
                 }
             }
         }
