@@ -27,6 +27,7 @@ export interface EngineOptions {
   specialTokensInContent?: boolean;
   /** Run the engine in a Web Worker (default) or on this thread. */
   worker?: boolean;
+  // Other options are refused with a RequestError naming them.
 }
 
 export interface LoadProgress {
@@ -41,13 +42,35 @@ export interface LoadProgress {
 
 export interface ChatMessage {
   role: "system" | "user" | "assistant" | "tool" | "ipython";
-  content?: string;
+  content?: string | null;
   name?: string;
+  /** An assistant's calls, sent back with the conversation; `arguments` as JSON text or an object. */
+  tool_calls?: { id?: string; type?: "function"; function: { name: string; arguments: string | object } }[];
   tool_call_id?: string;
 }
 
-export interface ChatCompletionParams {
-  messages: ChatMessage[];
+/** A function the model may call; the JSON keys keep their order into the prompt. */
+export interface Tool {
+  type: "function";
+  function: { name: string; description?: string; parameters?: object; [key: string]: unknown };
+}
+
+/** "none" hides the tools; "required" or a named function makes the output calls (constrained decoding). */
+export type ToolChoice = "none" | "auto" | "required" | { type: "function"; function: { name: string } };
+
+/** What the output must be (constrained decoding). */
+export type ResponseFormat =
+  | { type: "text" }
+  | { type: "json_object" }
+  | { type: "json_schema"; json_schema: { name?: string; description?: string; schema?: object; strict?: boolean } }
+  /** Lark as llguidance reads it (`%json {...}` embeds a JSON schema), or a regular expression. */
+  | { type: "grammar"; grammar: { syntax: "lark" | "regex"; definition: string } };
+
+/**
+ * What chat and text completion requests share. A field not listed here, or a value of the wrong
+ * type or range, is refused with a `RequestError` naming it; null is the same as absent.
+ */
+export interface SamplingParams {
   stream?: boolean;
   /** 0 is greedy. */
   temperature?: number;
@@ -57,7 +80,11 @@ export interface ChatCompletionParams {
   repetition_penalty?: number;
   frequency_penalty?: number;
   presence_penalty?: number;
+  /** Token id (as a string) -> bias added to its logit. */
+  logit_bias?: Record<string, number>;
   max_tokens?: number;
+  /** Another name for `max_tokens`. */
+  max_completion_tokens?: number;
   stop?: string | string[];
   seed?: number;
   /**
@@ -65,10 +92,35 @@ export interface ChatCompletionParams {
    * and with a `seed`, choice i samples as a request with seed + i.
    */
   n?: number;
+  response_format?: ResponseFormat;
+  /** Ignored: the engine runs the model it loaded. */
+  model?: string;
   signal?: AbortSignal;
 }
 
-export type FinishReason = "stop" | "length" | "abort";
+export interface ChatCompletionParams extends SamplingParams {
+  messages: ChatMessage[];
+  tools?: Tool[];
+  /** Default "auto" when tools are given. */
+  tool_choice?: ToolChoice;
+  /** Whether a required call may be followed by more (default true). */
+  parallel_tool_calls?: boolean;
+  /** Llama 3.1's built-in tools to enable: "brave_search", "wolfram_alpha", "code_interpreter". */
+  builtin_tools?: string[];
+  /** Return each output token's log probability (`choices[].logprobs`). */
+  logprobs?: boolean;
+  /** With `logprobs: true`: the most likely alternatives to return with each token, 0 to 20. */
+  top_logprobs?: number;
+}
+
+/** A raw text completion: the model's BOS token then `prompt`, no chat template. */
+export interface CompletionParams extends SamplingParams {
+  prompt: string;
+  /** The most likely alternatives to return with each token's log probability, 0 to 20. */
+  logprobs?: number;
+}
+
+export type FinishReason = "stop" | "length" | "tool_calls" | "abort";
 
 export interface Usage {
   prompt_tokens: number;
@@ -78,13 +130,53 @@ export interface Usage {
   cached_prompt_tokens: number;
 }
 
+/** A call the model made; `arguments` is JSON text. */
+export interface ToolCall {
+  id: string;
+  type: "function";
+  function: { name: string; arguments: string };
+}
+
+/**
+ * A token's log probability under the model (before sampling options and grammar masks). `token`
+ * is the text of `bytes`, a character cut in half shown as U+FFFD.
+ */
+export interface TokenLogprob {
+  token: string;
+  logprob: number;
+  bytes: number[];
+  /** The most likely tokens, most likely first. */
+  top_logprobs: { token: string; logprob: number; bytes: number[] }[];
+}
+
+export interface ChatLogprobs {
+  content: TokenLogprob[];
+  refusal: null;
+}
+
+/** Text completions' logprobs, OpenAI's legacy shape: parallel lists, one entry per token. */
+export interface TextLogprobs {
+  tokens: string[];
+  token_logprobs: number[];
+  /** Each token's alternatives, token text -> log probability. */
+  top_logprobs: Record<string, number>[];
+  /** Characters from the start of the completion. */
+  text_offset: number[];
+}
+
 export interface ChatCompletion {
   id: string;
   object: "chat.completion";
   created: number;
   model: string;
-  /** One per choice (`n`), in order. */
-  choices: { index: number; message: { role: "assistant"; content: string }; finish_reason: FinishReason; logprobs: null; token_ids: number[] }[];
+  /** One per choice (`n`), in order. `content` is null when the output is only calls. */
+  choices: {
+    index: number;
+    message: { role: "assistant"; content: string | null; tool_calls?: ToolCall[] };
+    logprobs: ChatLogprobs | null;
+    finish_reason: FinishReason;
+    token_ids: number[];
+  }[];
   /** The prompt counted once, the tokens of every choice. */
   usage: Usage;
 }
@@ -94,8 +186,37 @@ export interface ChatCompletionChunk {
   object: "chat.completion.chunk";
   created: number;
   model: string;
-  /** One choice, by its index; each choice ends with a chunk holding its finish_reason. */
-  choices: [{ index: number; delta: { content?: string }; finish_reason: FinishReason | null; logprobs: null; token_ids: number[] }];
+  /**
+   * One choice, by its index: a token's text, then (after its last token) a chunk per tool call,
+   * then a chunk holding its finish_reason.
+   */
+  choices: [{
+    index: number;
+    delta: { content?: string; tool_calls?: (ToolCall & { index: number })[] };
+    logprobs: ChatLogprobs | null;
+    finish_reason: FinishReason | null;
+    token_ids: number[];
+  }];
+  /** On the last chunk only. */
+  usage?: Usage;
+}
+
+export interface TextCompletion {
+  id: string;
+  object: "text_completion";
+  created: number;
+  model: string;
+  choices: { index: number; text: string; logprobs: TextLogprobs | null; finish_reason: FinishReason; token_ids: number[] }[];
+  usage: Usage;
+}
+
+export interface TextCompletionChunk {
+  id: string;
+  object: "text_completion";
+  created: number;
+  model: string;
+  /** One choice, by its index; `text_offset` counts from the start of that choice's text. */
+  choices: [{ index: number; text: string; logprobs: TextLogprobs | null; finish_reason: FinishReason | null; token_ids: number[] }];
   /** On the last chunk only. */
   usage?: Usage;
 }
@@ -141,6 +262,11 @@ export interface Engine {
       create(params: ChatCompletionParams & { stream?: false }): Promise<ChatCompletion>;
     };
   };
+  /** Raw text completions, run together with chat requests. */
+  completions: {
+    create(params: CompletionParams & { stream: true }): AsyncIterable<TextCompletionChunk>;
+    create(params: CompletionParams & { stream?: false }): Promise<TextCompletion>;
+  };
   /** What was loaded, as of the end of loading. */
   info(): EngineInfo;
   /** The engine's load now. */
@@ -161,4 +287,9 @@ export class NoWebGpuError extends LlamaWebGpuError {}
 export class LimitError extends LlamaWebGpuError {}
 export class LoadError extends LlamaWebGpuError {}
 export class AbortError extends LlamaWebGpuError {}
+/** A request or createEngine option asks for what is not supported: an unknown field, a bad value. */
+export class RequestError extends LlamaWebGpuError {
+  /** The field at fault (a top-level request field or option name), or null for the whole request. */
+  param: string | null;
+}
 export class EngineError extends LlamaWebGpuError {}

@@ -1,5 +1,5 @@
-// llama-webgpu's JS API: an OpenAI-shaped chat engine running Llama in WebGPU, in a Web Worker by
-// default so the page never blocks.
+// llama-webgpu's JS API: an OpenAI-shaped engine (chat and text completions) running Llama in
+// WebGPU, in a Web Worker by default so the page never blocks.
 import { createHandler } from "./protocol.js";
 
 export class LlamaWebGpuError extends Error {
@@ -16,14 +16,74 @@ export class LimitError extends LlamaWebGpuError {}
 export class LoadError extends LlamaWebGpuError {}
 /** The request was aborted through its signal. */
 export class AbortError extends LlamaWebGpuError {}
-/** Anything else the engine refused or failed at. */
+/** A request (or an option of createEngine) asks for what is not supported; `param` names the field. */
+export class RequestError extends LlamaWebGpuError {
+  constructor(message, param = null) {
+    super(message);
+    this.param = param;
+  }
+}
+/** Anything else the engine failed at. */
 export class EngineError extends LlamaWebGpuError {}
 
-const ERRORS = { NoWebGpuError, LimitError, LoadError, AbortError, EngineError };
+const ERRORS = { NoWebGpuError, LimitError, LoadError, AbortError, RequestError, EngineError };
 
-function toError({ name, message }) {
-  return new (ERRORS[name] ?? EngineError)(message);
+function toError({ name, message, param }) {
+  return new (ERRORS[name] ?? EngineError)(message, param);
 }
+
+/** A call the model made, as OpenAI writes one. */
+const toolCall = ({ id, name, arguments: args }) => ({ id, type: "function", function: { name, arguments: args } });
+
+/** Chat's `logprobs`: the engine gives each token's entry in this shape. */
+const chatLogprobs = (tokens) => ({ content: tokens, refusal: null });
+
+/** Text completions' `logprobs`: parallel lists, `text_offset` in characters from `offset` on. */
+function textLogprobs(tokens, offset) {
+  const text_offset = [];
+  for (const { token } of tokens) {
+    text_offset.push(offset);
+    offset += [...token].length;
+  }
+  return {
+    tokens: tokens.map((t) => t.token),
+    token_logprobs: tokens.map((t) => t.logprob),
+    top_logprobs: tokens.map((t) => Object.fromEntries(t.top_logprobs.map((top) => [top.token, top.logprob]))),
+    text_offset,
+  };
+}
+
+/**
+ * How each endpoint's OpenAI objects are made from the engine's deltas and results: the choice of a
+ * streamed chunk, of the whole response, the chunks before a streamed choice's finish chunk, and
+ * that finish chunk's own members.
+ */
+const ENDPOINTS = {
+  chat: {
+    idPrefix: "chatcmpl",
+    object: "chat.completion",
+    chunkObject: "chat.completion.chunk",
+    delta: ({ text, logprob }) => ({ delta: { content: text }, logprobs: logprob && chatLogprobs([logprob]) }),
+    choice: (c) => ({
+      message: c.tool_calls.length
+        ? { role: "assistant", content: c.text || null, tool_calls: c.tool_calls.map(toolCall) }
+        : { role: "assistant", content: c.text },
+      logprobs: c.logprobs && chatLogprobs(c.logprobs),
+    }),
+    // One chunk per call, as OpenAI streams them.
+    calls: (c) => c.tool_calls.map((call, index) => ({ delta: { tool_calls: [{ index, ...toolCall(call) }] }, logprobs: null })),
+    finish: { delta: {}, logprobs: null },
+  },
+  complete: {
+    idPrefix: "cmpl",
+    object: "text_completion",
+    chunkObject: "text_completion",
+    delta: ({ text, logprob }, offset) => ({ text, logprobs: logprob && textLogprobs([logprob], offset) }),
+    choice: (c) => ({ text: c.text, logprobs: c.logprobs && textLogprobs(c.logprobs, 0) }),
+    calls: () => [],
+    finish: { text: "", logprobs: null },
+  },
+};
 
 /** A port to an engine on this thread, with the worker's postMessage/onmessage shape. */
 function mainThreadPort() {
@@ -49,7 +109,7 @@ export async function clearModelCache() {
  * Loads a model and returns an engine.
  * @param {import("./index.d.ts").EngineOptions} options
  */
-export async function createEngine({ model, onProgress, contextLength, maxStorageBinding, maxSequences, kvMemory, specialTokensInContent, worker = true } = {}) {
+export async function createEngine({ model, onProgress, worker = true, ...options } = {}) {
   if (!model) throw new LoadError("createEngine: `model` (a manifest.json or .gguf URL) is required");
   if (!globalThis.navigator?.gpu) throw new NoWebGpuError("this browser has no WebGPU (navigator.gpu is missing)");
   const port = worker ? new Worker(new URL("./worker.js", import.meta.url), { type: "module" }) : mainThreadPort();
@@ -82,7 +142,6 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
 
   const started = performance.now();
   const url = new URL(model, globalThis.location?.href).href;
-  const options = { contextLength, maxStorageBinding, maxSequences, kvMemory, specialTokensInContent };
   let info;
   try {
     info = await call({ type: "load", url, options }, ({ done, total, tensor }) =>
@@ -100,25 +159,31 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
   }
 
   // Requests run together in the engine (continuous batching), each under its own message id.
-  const create = (params) => {
+  const create = (type) => (params) => {
+    const endpoint = ENDPOINTS[type];
     const { signal, stream = false, ...request } = params;
-    const id = `chatcmpl-${crypto.randomUUID()}`;
+    const id = `${endpoint.idPrefix}-${crypto.randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
-    const chunk = (index, delta, finish_reason, extra = {}) => ({
-      id, object: "chat.completion.chunk", created, model,
-      choices: [{ index, delta, finish_reason, logprobs: null, ...extra }],
+    const chunk = (index, choice, finish_reason = null, token_ids = []) => ({
+      id, object: endpoint.chunkObject, created, model,
+      choices: [{ index, ...choice, finish_reason, token_ids }],
     });
     const queue = [];
     let wake = null;
     const push = (item) => { queue.push(item); wake?.(); };
+    // Characters each choice has streamed, for text completions' `text_offset`.
+    const offsets = [];
     const requestId = nextId++;
     const abort = () => port.postMessage({ type: "abort", id: requestId });
     const run = (async () => {
       if (signal?.aborted) throw new AbortError("the request was aborted before it started");
       signal?.addEventListener("abort", abort);
       try {
-        const result = await call({ type: "chat", request }, ({ text, token, choice }) =>
-          push(chunk(choice, { content: text }, null, { token_ids: token === undefined ? [] : [token] })), requestId);
+        const result = await call({ type, request }, ({ choice, text, token, logprob }) => {
+          const offset = offsets[choice] ?? 0;
+          if (logprob) offsets[choice] = offset + [...logprob.token].length;
+          push(chunk(choice, endpoint.delta({ text, logprob }, offset), null, token === null ? [] : [token]));
+        }, requestId);
         if (result.choices.some((c) => c.finish_reason === "abort")) throw new AbortError("the request was aborted");
         return result;
       } finally {
@@ -127,17 +192,18 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
     })();
     if (!stream) {
       return run.then((result) => ({
-        id, object: "chat.completion", created, model,
-        choices: result.choices.map((c, index) => ({
-          index, message: { role: "assistant", content: c.text }, finish_reason: c.finish_reason, logprobs: null, token_ids: c.tokens,
-        })),
+        id, object: endpoint.object, created, model,
+        choices: result.choices.map((c, index) => ({ index, ...endpoint.choice(c), finish_reason: c.finish_reason, token_ids: c.tokens })),
         usage: result.usage,
       }));
     }
     run.then(
       (result) => {
-        // Each choice's finish chunk; the last one carries the usage and ends the stream.
-        result.choices.forEach((c, index) => push(chunk(index, {}, c.finish_reason, { token_ids: [] })));
+        // Each choice's calls and finish chunk; the last one carries the usage and ends the stream.
+        result.choices.forEach((c, index) => {
+          for (const call of endpoint.calls(c)) push(chunk(index, call));
+          push(chunk(index, endpoint.finish, c.finish_reason));
+        });
         push({ done: true, usage: result.usage });
       },
       (error) => push({ error }),
@@ -172,7 +238,8 @@ export async function createEngine({ model, onProgress, contextLength, maxStorag
   };
 
   return {
-    chat: { completions: { create } },
+    chat: { completions: { create: create("chat") } },
+    completions: { create: create("complete") },
     info: () => info,
     status: async () => (await call({ type: "info" })).load,
     async unload() {

@@ -1,10 +1,10 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
-//   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "info"}
-//        | {id, type: "unload"} | {type: "abort", id?}
-//   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", text, token, choice}
-//        | {id, type: "result", value} | {id, type: "error", name, message}
-// Chat requests run together; each streams under its own id. "abort" stops the chat request of that
-// id, or every one without an id, and answers nothing.
+//   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "complete", request}
+//        | {id, type: "info"} | {id, type: "unload"} | {type: "abort", id?}
+//   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", choice, text, token, logprob}
+//        | {id, type: "result", value} | {id, type: "error", name, message, param}
+// Requests (chat and text completions) run together; each streams under its own id. "abort" stops
+// the request of that id, or every one without an id, and answers nothing.
 
 /** What the browser says about its adapter (wgpu leaves the name empty on the web). */
 async function adapterInfo() {
@@ -22,20 +22,22 @@ async function adapterInfo() {
 export function createHandler(wasm, post) {
   let adapter = {};
   const info = () => {
-    const info = JSON.parse(wasm.info() ?? "null");
+    const info = wasm.info();
     return info && { ...info, adapter: { ...info.adapter, ...adapter } };
   };
+  const postChunks = (id) => (chunk) => post({ id, type: "chunk", ...chunk });
   async function run(message) {
     const { id, type } = message;
     switch (type) {
       case "load":
-        await wasm.load(message.url, JSON.stringify(message.options ?? {}), (done, total, tensor) =>
+        await wasm.load(message.url, message.options ?? {}, (done, total, tensor) =>
           post({ id, type: "progress", done, total, tensor }));
         adapter = await adapterInfo();
         return info();
       case "chat":
-        return JSON.parse(await wasm.chat(id, JSON.stringify(message.request), (text, token, choice) =>
-          post({ id, type: "chunk", text, token, choice })));
+        return wasm.chat(id, message.request, postChunks(id));
+      case "complete":
+        return wasm.complete(id, message.request, postChunks(id));
       case "info":
         return info();
       case "unload":
@@ -50,7 +52,7 @@ export function createHandler(wasm, post) {
     try {
       post({ id: message.id, type: "result", value: await run(message) });
     } catch (error) {
-      post({ id: message.id, type: "error", name: error?.name ?? "Error", message: error?.message ?? String(error) });
+      post({ id: message.id, type: "error", name: error?.name ?? "Error", message: error?.message ?? String(error), param: error?.param });
     }
   };
 }

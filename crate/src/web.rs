@@ -1,24 +1,29 @@
 //! wasm-bindgen exports for the browser: one engine per wasm instance (the JS package runs it in a
-//! Web Worker). Concurrent `chat` calls run together (continuous batching): each queues itself, and
-//! one task, the driver, started by the call that finds none running, adds queued requests to the
-//! engine and steps it while any runs, handing each sequence's events to its request. Requests and
-//! results cross as JSON strings in the shapes of `crate::api`; failures are thrown as JS `Error`s
-//! whose `name` says what kind they are (see `ErrorKind`).
+//! Web Worker). Concurrent `chat` and `complete` calls run together (continuous batching): each
+//! queues itself, and one task, the driver, started by the call that finds none running, adds
+//! queued requests to the engine and steps it while any runs, handing each sequence's events to its
+//! request. Requests, options and results cross as JS values (serde-wasm-bindgen) in the shapes of
+//! `crate::api`; failures are thrown as JS `Error`s whose `name` says what kind they are (see
+//! `ErrorKind`), and a request's own fault names the field to blame in `param`.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 use futures_channel::oneshot::{self, Receiver};
 use js_sys::{Function, Promise, Reflect};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use wasm_bindgen::prelude::*;
 
-use crate::api::ChatCompletionRequest;
-use crate::engine::{ChoiceResults, Completion, Event, Load, SequenceId};
+use crate::api::{ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, Logprobs, SamplingParams, TokenLogprob, Usage};
+use crate::engine::{ChoiceResults, Completion, EngineError, Event, Load, SequenceId};
 use crate::gpu::GpuError;
+use crate::grammar::GrammarError;
 use crate::load::{LoadError, WebModel};
-use crate::text::RenderOptions;
 use crate::model::{KvPool, DEFAULT_CONTEXT, PAGE_SIZE};
+use crate::sample::SampleError;
+use crate::text::{RenderOptions, TextError};
 use crate::{CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 /// The `name` of the errors thrown to JS.
@@ -30,7 +35,9 @@ enum ErrorKind {
     Limit,
     /// Fetching, checking or uploading the model failed; the message names the file.
     Load,
-    /// Anything else: bad requests, GPU failures, calls out of order.
+    /// A request or the load options ask for what is not supported; `param` names the field.
+    Request,
+    /// Anything else: GPU failures, calls out of order.
     Engine,
 }
 
@@ -40,6 +47,7 @@ impl ErrorKind {
             ErrorKind::NoWebGpu => "NoWebGpuError",
             ErrorKind::Limit => "LimitError",
             ErrorKind::Load => "LoadError",
+            ErrorKind::Request => "RequestError",
             ErrorKind::Engine => "EngineError",
         }
     }
@@ -49,6 +57,13 @@ fn js_error(kind: ErrorKind, message: impl AsRef<str>) -> JsValue {
     let error = js_sys::Error::new(message.as_ref());
     error.set_name(kind.name());
     error.into()
+}
+
+/// A `RequestError` blaming `param` (a top-level field), or the request as a whole.
+fn request_error(param: Option<&str>, message: impl AsRef<str>) -> JsValue {
+    let error = js_error(ErrorKind::Request, message);
+    let _ = Reflect::set(&error, &"param".into(), &param.map_or(JsValue::NULL, JsValue::from_str));
+    error
 }
 
 impl From<&crate::Error> for ErrorKind {
@@ -66,28 +81,73 @@ fn to_js(error: crate::Error) -> JsValue {
     js_error(ErrorKind::from(&error), error.to_string())
 }
 
-/// A chat request waiting for the driver to add it to the engine.
+/// What a request asks for: a chat completion or a raw text completion.
+enum Work {
+    Chat(ChatCompletionRequest),
+    Complete(CompletionRequest),
+}
+
+impl Work {
+    /// The field holding the prompt, which errors about the prompt blame.
+    fn prompt_field(&self) -> &'static str {
+        match self {
+            Work::Chat(_) => "messages",
+            Work::Complete(_) => "prompt",
+        }
+    }
+
+    /// The field holding the count of logprob alternatives.
+    fn alternatives_field(&self) -> &'static str {
+        match self {
+            Work::Chat(_) => "top_logprobs",
+            Work::Complete(_) => "logprobs",
+        }
+    }
+
+    /// The field an engine error blames when the request is at fault (the errors serve answers with
+    /// 400s).
+    fn blamed_field(&self, error: &crate::Error) -> Option<&'static str> {
+        let crate::Error::Engine(error) = error else { return None };
+        Some(match error {
+            EngineError::EmptyPrompt | EngineError::PromptTooLong { .. } | EngineError::TokenOutOfRange { .. } => self.prompt_field(),
+            EngineError::Text(TextError::TemplateRaised { .. }) => "messages",
+            EngineError::MaxTokensTooLarge { .. } | EngineError::DoesNotFit { .. } => "max_tokens",
+            EngineError::BadChoiceCount { .. } => "n",
+            EngineError::TooManyLogprobs { .. } => self.alternatives_field(),
+            EngineError::ToolChoice(_) => "tool_choice",
+            EngineError::UnknownBuiltinTool { .. } => "builtin_tools",
+            EngineError::Grammar(GrammarError::Invalid(_) | GrammarError::Tokenizer(_)) => "response_format",
+            EngineError::Sample(SampleError::OutOfRange { name, .. }) => name,
+            EngineError::Sample(SampleError::BadBiasKey(_) | SampleError::BiasTokenOutOfRange { .. }) => "logit_bias",
+            _ => return None,
+        })
+    }
+
+    /// `error` thrown to JS: a `RequestError` when the request is at fault.
+    fn failure(&self, error: crate::Error) -> JsValue {
+        match self.blamed_field(&error) {
+            Some(field) => request_error(Some(field), error.to_string()),
+            None => to_js(error),
+        }
+    }
+}
+
+/// A request waiting for the driver to add it to the engine.
 struct Queued {
-    request: ChatCompletionRequest,
+    work: Work,
     choices: usize,
     cancel: CancelToken,
     on_chunk: Function,
-    done: oneshot::Sender<Result<String, JsValue>>,
+    done: oneshot::Sender<Result<JsValue, JsValue>>,
 }
 
 /// A request the engine holds, as the driver knows it: a sequence per choice.
 struct Active {
     on_chunk: Function,
-    done: oneshot::Sender<Result<String, JsValue>>,
+    done: oneshot::Sender<Result<JsValue, JsValue>>,
     cancel: CancelToken,
     sequences: Vec<SequenceId>,
     results: ChoiceResults,
-}
-
-/// The fields of a chat request beyond `crate::api::ChatCompletionRequest`.
-#[derive(Deserialize)]
-struct ChoiceCount {
-    n: Option<usize>,
 }
 
 #[derive(Default)]
@@ -116,8 +176,8 @@ thread_local! {
 const DEFAULT_MAX_SEQUENCES: usize = 4;
 
 /// `load`'s options, as the JS API names them.
-#[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct WebLoadOptions {
     context_length: Option<usize>,
     /// Caps the storage binding size below the adapter's, e.g. to test the split path.
@@ -135,13 +195,12 @@ fn start() {
 }
 
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file), replacing any
-/// loaded one (its requests end as on `unload`). `options_json`: `{"contextLength"?,
-/// "maxStorageBinding"?, "maxSequences"?, "kvMemory"?, "specialTokensInContent"?}`. `on_progress(bytesDone, bytesTotal,
-/// tensor)` is called as weights upload. Returns `info()`.
+/// loaded one (its requests end as on `unload`). `options`: `{contextLength?, maxStorageBinding?,
+/// maxSequences?, kvMemory?, specialTokensInContent?}`. `on_progress(bytesDone, bytesTotal, tensor)`
+/// is called as weights upload. Returns `info()`.
 #[wasm_bindgen]
-pub async fn load(url: String, options_json: String, on_progress: Function) -> Result<String, JsValue> {
-    let options: WebLoadOptions =
-        serde_json::from_str(&options_json).map_err(|e| js_error(ErrorKind::Engine, format!("load options: {e}")))?;
+pub async fn load(url: String, options: JsValue, on_progress: Function) -> Result<JsValue, JsValue> {
+    let options: WebLoadOptions = read_fields(object_of(options, "the load options")?)?;
     unload();
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
@@ -189,18 +248,31 @@ pub async fn load(url: String, options_json: String, on_progress: Function) -> R
         s.generation += 1;
         s.render = RenderOptions { special_tokens_in_content: options.special_tokens_in_content.unwrap_or(false), ..Default::default() };
     });
-    Ok(info().unwrap_or_default())
+    Ok(info())
 }
 
-/// Runs a chat completion request (JSON, `crate::api::ChatCompletionRequest` and `n`, the choices
-/// to generate, default 1) together with any others, calling `on_chunk(text, tokenId, choice)` for
-/// each generated token (`tokenId` undefined for text held back until the end). `id` is the
-/// caller's name for it, for `abort`, unique among running requests. Resolves to `{"choices":
-/// [{"text", "tokens", "finish_reason"}], "usage"}` as JSON, the prompt counted once in the usage.
+/// Runs a chat completion request (`crate::api::ChatCompletionRequest` and `n`, the choices to
+/// generate, default 1) together with any others, calling `on_chunk({choice, text, token,
+/// logprob})` for each generated token (`token` null for text held back until the end). `id` is
+/// the caller's name for it, for `abort`, unique among running requests. Resolves to `{choices:
+/// [{text, tokens, finish_reason, logprobs, tool_calls}], usage}`, the prompt counted once in the
+/// usage; `logprob` and `logprobs` are in OpenAI's chat shape (`{token, logprob, bytes,
+/// top_logprobs}` per token).
 #[wasm_bindgen]
-pub fn chat(id: u32, request_json: String, on_chunk: Function) -> Promise {
+pub fn chat(id: u32, request: JsValue, on_chunk: Function) -> Promise {
+    submit(id, read_chat(request), on_chunk)
+}
+
+/// Runs a raw text completion request (`crate::api::CompletionRequest` and `n`: the model's BOS
+/// token, then the prompt, no chat template), as `chat` runs a chat request.
+#[wasm_bindgen]
+pub fn complete(id: u32, request: JsValue, on_chunk: Function) -> Promise {
+    submit(id, read_completion(request), on_chunk)
+}
+
+fn submit(id: u32, read: Result<(Work, usize), JsValue>, on_chunk: Function) -> Promise {
     // Queued now rather than when the promise first runs, so an `abort(id)` right after finds it.
-    let queued = enqueue(id, &request_json, on_chunk);
+    let queued = read.and_then(|(work, choices)| enqueue(id, work, choices, on_chunk));
     wasm_bindgen_futures::future_to_promise(async move {
         let (receiver, generation) = queued?;
         let result = receiver
@@ -211,19 +283,126 @@ pub fn chat(id: u32, request_json: String, on_chunk: Function) -> Promise {
                 s.requests.remove(&id);
             }
         });
-        result.map(JsValue::from)
+        result
     })
+}
+
+fn read_chat(request: JsValue) -> Result<(Work, usize), JsValue> {
+    let (request, choices) = read_request::<ChatCompletionRequest>(request)?;
+    match (request.sampling.logprobs, request.sampling.top_logprobs) {
+        (Some(Logprobs::Alternatives(_)), _) => {
+            Err(request_error(Some("logprobs"), "logprobs: chat completions take true or false (top_logprobs counts the alternatives)"))
+        }
+        (logprobs, Some(_)) if logprobs != Some(Logprobs::Enabled(true)) => Err(request_error(Some("top_logprobs"), "top_logprobs needs logprobs: true")),
+        _ => Ok((Work::Chat(request), choices)),
+    }
+}
+
+fn read_completion(request: JsValue) -> Result<(Work, usize), JsValue> {
+    let (request, choices) = read_request::<CompletionRequest>(request)?;
+    if let Some(Logprobs::Enabled(_)) = request.sampling.logprobs {
+        return Err(request_error(Some("logprobs"), "logprobs: text completions take the number of alternatives to return with each token"));
+    }
+    if request.sampling.top_logprobs.is_some() {
+        return Err(request_error(Some("top_logprobs"), "top_logprobs: text completions take the number of alternatives in logprobs"));
+    }
+    Ok((Work::Complete(request), choices))
+}
+
+/// The field of a request beyond `crate::api`'s types.
+#[derive(Deserialize)]
+struct ChoiceCount {
+    /// Choices to generate.
+    n: Option<usize>,
+}
+
+/// Reads a request and its `n` (default 1), each field checked as serve checks it; fields this
+/// engine does not know are refused (serve ignores them, as OpenAI-compatible servers do).
+fn read_request<T: DeserializeOwned + Serialize>(request: JsValue) -> Result<(T, usize), JsValue> {
+    let mut object = object_of(request, "a request")?;
+    if let Some(tokens) = object.remove("max_completion_tokens") {
+        if object.insert("max_tokens".into(), tokens).is_some() {
+            return Err(request_error(Some("max_tokens"), "give max_tokens or max_completion_tokens, not both"));
+        }
+    }
+    let choices = typed::<ChoiceCount>(&object)?.n.unwrap_or(1);
+    object.remove("n");
+    // The sampling fields on their own first: flattened into the request, serde's errors about them
+    // would not name them.
+    let sampling: SamplingParams = typed(&object)?;
+    if sampling.max_tokens == Some(0) {
+        return Err(request_error(Some("max_tokens"), "max_tokens must be at least 1"));
+    }
+    Ok((read_fields(object)?, choices))
+}
+
+/// A JS object as JSON, its null and undefined members left out (OpenAI treats null as absent).
+/// Members keep their order (tools keep the client's key order), and every type then reads it with
+/// serde_json's rules.
+fn object_of(value: JsValue, what: &str) -> Result<Map<String, Value>, JsValue> {
+    match serde_wasm_bindgen::from_value(value) {
+        Ok(Value::Object(mut object)) => {
+            object.retain(|_, value| !value.is_null());
+            Ok(object)
+        }
+        Ok(_) => Err(request_error(None, format!("{what} must be an object"))),
+        Err(error) => Err(request_error(None, format!("{what}: {error}"))),
+    }
+}
+
+/// `object` as a `T`; a wrong value is a `RequestError` naming the field and the place in it.
+fn typed<T: DeserializeOwned>(object: &Map<String, Value>) -> Result<T, JsValue> {
+    serde_path_to_error::deserialize(object).map_err(|error| {
+        let field = match error.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => Some(key.as_str()),
+            _ => None,
+        };
+        let message = match error.path().to_string().as_str() {
+            "." => error.inner().to_string(),
+            place => format!("{place}: {}", error.inner()),
+        };
+        request_error(field, message)
+    })
+}
+
+/// `object` as a `T`, refusing members `T` does not know. Serde skips those, so they are what the
+/// `T` read does not give back when serialized again.
+fn read_fields<T: DeserializeOwned + Serialize>(object: Map<String, Value>) -> Result<T, JsValue> {
+    let read: T = typed(&object)?;
+    let kept = serde_json::to_value(&read).map_err(|e| js_error(ErrorKind::Engine, e.to_string()))?;
+    let dropped = object.iter().find_map(|(field, value)| match kept.get(field) {
+        None => Some((field, String::new())),
+        Some(kept) => dropped_member(value, kept).map(|place| (field, place)),
+    });
+    match dropped {
+        Some((field, place)) => Err(request_error(Some(field), format!("{field}{place}: unknown field"))),
+        None => Ok(read),
+    }
+}
+
+/// The place (`.key`, `[index]`, ...) of the first member of `sent` that `kept` lacks; null members
+/// count as absent.
+fn dropped_member(sent: &Value, kept: &Value) -> Option<String> {
+    match (sent, kept) {
+        (Value::Object(sent), Value::Object(kept)) => sent.iter().filter(|(_, value)| !value.is_null()).find_map(|(key, value)| match kept.get(key) {
+            None => Some(format!(".{key}")),
+            Some(kept) => dropped_member(value, kept).map(|place| format!(".{key}{place}")),
+        }),
+        (Value::Array(sent), Value::Array(kept)) => {
+            sent.iter().zip(kept).enumerate().find_map(|(i, (sent, kept))| dropped_member(sent, kept).map(|place| format!("[{i}]{place}")))
+        }
+        _ => None,
+    }
+}
+
+/// A Rust value as a plain JS value (objects, not `Map`s; null for None).
+fn js_value<T: Serialize>(value: &T) -> JsValue {
+    value.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap_or_else(|error| js_error(ErrorKind::Engine, error.to_string()))
 }
 
 /// Queues a request for the driver, starting one when none runs. Returns the receiver of its
 /// result and the generation it belongs to.
-fn enqueue(id: u32, request_json: &str, on_chunk: Function) -> Result<(Receiver<Result<String, JsValue>>, u64), JsValue> {
-    let request: ChatCompletionRequest =
-        serde_json::from_str(request_json).map_err(|e| js_error(ErrorKind::Engine, format!("chat request: {e}")))?;
-    let choices = serde_json::from_str::<ChoiceCount>(request_json)
-        .map_err(|e| js_error(ErrorKind::Engine, format!("chat request: {e}")))?
-        .n
-        .unwrap_or(1);
+fn enqueue(id: u32, work: Work, choices: usize, on_chunk: Function) -> Result<(Receiver<Result<JsValue, JsValue>>, u64), JsValue> {
     let (done, receiver) = oneshot::channel();
     let cancel = CancelToken::default();
     let (driver, generation) = STATE.with_borrow_mut(|s| {
@@ -234,7 +413,7 @@ fn enqueue(id: u32, request_json: &str, on_chunk: Function) -> Result<(Receiver<
             return Err(js_error(ErrorKind::Engine, format!("request id {id} is already running")));
         }
         s.requests.insert(id, cancel.clone());
-        s.queue.push(Queued { request, choices, cancel, on_chunk, done });
+        s.queue.push(Queued { work, choices, cancel, on_chunk, done });
         let driver = if s.driving { None } else { s.engine.take() };
         s.driving = true;
         Ok((driver, s.generation))
@@ -256,14 +435,20 @@ async fn drive(mut engine: Engine, generation: u64) {
             (current, if current { std::mem::take(&mut s.queue) } else { vec![] }, s.render.clone())
         });
         for request in queued {
-            let added = engine.add_chat(&request.request, &render, request.cancel.clone(), request.choices);
+            let cancel = request.cancel.clone();
+            let added = match &request.work {
+                Work::Chat(chat) => engine.add_chat(chat, &render, cancel, request.choices),
+                Work::Complete(completion) => engine
+                    .completion_prompt(completion)
+                    .and_then(|prompt| engine.add_choices(prompt, &completion.sampling, cancel, request.choices)),
+            };
             match added {
                 Ok(sequences) => {
                     let results = ChoiceResults::new(sequences.len());
                     active.push(Active { on_chunk: request.on_chunk, done: request.done, cancel: request.cancel, sequences, results });
                 }
                 Err(error) => {
-                    let _ = request.done.send(Err(to_js(error)));
+                    let _ = request.done.send(Err(request.work.failure(error)));
                 }
             }
         }
@@ -290,14 +475,13 @@ async fn drive(mut engine: Engine, generation: u64) {
                     let request = &mut active[r];
                     match event {
                         Event::Delta(delta) => {
-                            let token = delta.token.map_or(JsValue::UNDEFINED, JsValue::from);
-                            let args = [JsValue::from_str(&delta.text), token, JsValue::from(choice as u32)];
-                            let _ = request.on_chunk.apply(&JsValue::NULL, &args.iter().collect());
+                            let chunk = ChunkJs { choice, text: &delta.text, token: delta.token, logprob: delta.logprob.as_ref().map(LogprobJs::of) };
+                            let _ = request.on_chunk.call1(&JsValue::NULL, &js_value(&chunk));
                         }
                         Event::Finished(completion) => {
                             if let Some(choices) = request.results.record(choice, completion) {
                                 let request = active.swap_remove(r);
-                                let _ = request.done.send(Ok(completion_json(&choices)));
+                                let _ = request.done.send(Ok(js_value(&RequestResultJs::of(&choices))));
                             }
                         }
                         // One choice failing ends the request; the others are cancelled.
@@ -320,12 +504,69 @@ async fn drive(mut engine: Engine, generation: u64) {
     }
 }
 
-fn completion_json(choices: &[Completion]) -> String {
-    let each: Vec<serde_json::Value> = choices
-        .iter()
-        .map(|c| serde_json::json!({"text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}))
-        .collect();
-    serde_json::json!({"choices": each, "usage": Completion::usage_of_choices(choices)}).to_string()
+/// What `on_chunk` gets for each delta.
+#[derive(Serialize)]
+struct ChunkJs<'a> {
+    choice: usize,
+    text: &'a str,
+    token: Option<u32>,
+    logprob: Option<LogprobJs<'a>>,
+}
+
+/// A token's log probability in OpenAI's chat shape (the JS package makes text completions'
+/// legacy shape from it). `token` is the text of `bytes`, a character cut in half shown as U+FFFD.
+#[derive(Serialize)]
+struct LogprobJs<'a> {
+    token: String,
+    logprob: f32,
+    bytes: &'a [u8],
+    /// The most likely alternatives; absent on the alternatives themselves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<Vec<LogprobJs<'a>>>,
+}
+
+impl<'a> LogprobJs<'a> {
+    fn of(logprob: &'a TokenLogprob) -> Self {
+        let top = logprob.top.iter().map(|t| Self::alternative(&t.bytes, t.logprob)).collect();
+        Self { top_logprobs: Some(top), ..Self::alternative(&logprob.bytes, logprob.logprob) }
+    }
+
+    fn alternative(bytes: &'a [u8], logprob: f32) -> Self {
+        Self { token: String::from_utf8_lossy(bytes).into_owned(), logprob, bytes, top_logprobs: None }
+    }
+}
+
+/// What a request resolves to.
+#[derive(Serialize)]
+struct RequestResultJs<'a> {
+    choices: Vec<ChoiceJs<'a>>,
+    /// The prompt counted once.
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct ChoiceJs<'a> {
+    text: &'a str,
+    tokens: &'a [u32],
+    finish_reason: FinishReason,
+    logprobs: Option<Vec<LogprobJs<'a>>>,
+    tool_calls: &'a [GeneratedToolCall],
+}
+
+impl<'a> RequestResultJs<'a> {
+    fn of(choices: &'a [Completion]) -> Self {
+        let each = choices
+            .iter()
+            .map(|c| ChoiceJs {
+                text: &c.text,
+                tokens: &c.tokens,
+                finish_reason: c.finish_reason,
+                logprobs: c.logprobs.as_ref().map(|l| l.iter().map(LogprobJs::of).collect()),
+                tool_calls: &c.tool_calls,
+            })
+            .collect();
+        Self { choices: each, usage: Completion::usage_of_choices(choices) }
+    }
 }
 
 /// Stops request `id`, or every request when `id` is undefined, after its current token; it
@@ -358,15 +599,15 @@ pub fn unload() {
 }
 
 /// The adapter, features and limits in use, the model's shape, and the engine's load now
-/// (`running`, `waiting`, `kv_pages_free` of `kv_pages`), as JSON; null before a load.
+/// (`running`, `waiting`, `kv_pages_free` of `kv_pages`); null before a load.
 #[wasm_bindgen]
-pub fn info() -> Option<String> {
+pub fn info() -> JsValue {
     STATE.with_borrow(|s| {
-        let mut info = s.info.clone()?;
+        let Some(mut info) = s.info.clone() else { return JsValue::NULL };
         // Queued requests wait for the driver's next step to reach the engine.
         let load = Load { waiting: s.load.waiting + s.queue.len(), ..s.load };
         info["load"] = serde_json::json!(load);
-        Some(info.to_string())
+        js_value(&info)
     })
 }
 

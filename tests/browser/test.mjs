@@ -2,9 +2,11 @@
 // 127.0.0.1, loaded in headless Chromium (SwiftShader WebGPU) through the package's worker API and
 // through the chat demo. The browser's greedy tokens must equal the native engine's, token for token;
 // two concurrent streams must each equal the same request alone, and aborting one leaves the other
-// running; n = 2 choices stream under their indexes; a page calls `serve` on another origin through
-// CORS; weights come from the Cache API on reload and after an interrupted load; the wasm heap
-// stays under a stated bound while loading.
+// running; n = 2 choices stream under their indexes; a JSON schema, a required tool call, logprobs
+// and a raw text completion (equal to the native one) come back in OpenAI's shapes, and unknown
+// fields are refused naming them; a page calls `serve` on another origin through CORS; weights come
+// from the Cache API on reload and after an interrupted load; the wasm heap stays under a stated
+// bound while loading.
 import { execFileSync, spawn } from "node:child_process";
 import { cpSync, createReadStream, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -60,13 +62,18 @@ function prepareFixture() {
     if (/\.(json|safetensors)$/.test(name) && name !== "golden.json") cpSync(join(fixture, name), join(source, name));
   }
   writeFileSync(join(source, "tokenizer.json"), truncatedTokenizer(1003));
+  // The Llama 3.1 template's tool preamble alone is about 300 of this tokenizer's tokens: 512
+  // positions (the fixture has 256) let a request with a tool fit. Native and browser load this copy.
+  const config = JSON.parse(readFileSync(join(source, "config.json"), "utf8"));
+  writeFileSync(join(source, "config.json"), JSON.stringify({ ...config, max_position_embeddings: 512 }));
   // Small shards, so the page streams several of them.
   execFileSync(cli, ["-q", "convert", source, "--quant", "q4_0", "--shard-size", "64KiB", "-o", shards], { stdio: "inherit" });
   return shards;
 }
 
-function nativeChat(model, maxTokens) {
-  const args = ["-q", "run", "--model", model, "--prompt", PROMPT, "--chat", "--temperature", "0", "-n", String(maxTokens), "--json"];
+/** The native engine's greedy reply to PROMPT as a chat message, or as a raw text completion. */
+function nativeRun(model, maxTokens, { chat = true } = {}) {
+  const args = ["-q", "run", "--model", model, "--prompt", PROMPT, ...(chat ? ["--chat"] : []), "--temperature", "0", "-n", String(maxTokens), "--json"];
   return JSON.parse(execFileSync(cli, args, { encoding: "utf8" }));
 }
 
@@ -98,9 +105,11 @@ function assert(condition, what) {
 }
 
 const shards = prepareFixture();
-const native = nativeChat(shards, MAX_TOKENS);
+const native = nativeRun(shards, MAX_TOKENS);
 log("native:", JSON.stringify({ tokens: native.tokens, text: native.text, adapter: native.adapter }));
-const nativeSmol = nativeChat(join(root, SMOLLM2), SMOLLM2_TOKENS);
+const nativeText = nativeRun(shards, MAX_TOKENS, { chat: false });
+log("native text completion:", JSON.stringify({ tokens: nativeText.tokens, text: nativeText.text }));
+const nativeSmol = nativeRun(join(root, SMOLLM2), SMOLLM2_TOKENS);
 log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeSmol.text }));
 
 // Every request the pages make, shards whose download is cut off halfway (an interrupted load), and
@@ -211,6 +220,26 @@ try {
     const together = await both;
     const [abortedStream, other] = await Promise.all([stream(prompts[0], { max_tokens: 64, abortAfterFirst: true }), stream(prompts[1])]);
     const after = await engine.status();
+    // A JSON schema with logprobs; a required call of a tool whose keys are not in alphabetical order
+    // (the call's arguments follow the schema's order, so they show it crossed into wasm intact); a
+    // raw text completion streamed with logprobs; refused requests.
+    const messages = [{ role: "user", content: prompt }];
+    const schema = { type: "object", properties: { ok: { type: "boolean" } }, required: ["ok"], additionalProperties: false };
+    const json = await engine.chat.completions.create({
+      messages, temperature: 0, max_tokens: 16, logprobs: true, top_logprobs: 2, response_format: { type: "json_schema", json_schema: { name: "answer", schema } },
+    });
+    const parameters = { type: "object", properties: { z: { type: "boolean" }, a: { type: "boolean" } }, required: ["z", "a"], additionalProperties: false };
+    const called = await engine.chat.completions.create({
+      messages, temperature: 0, max_tokens: 40, tools: [{ type: "function", function: { name: "f", parameters } }], tool_choice: "required", parallel_tool_calls: false,
+    });
+    const textChunks = [];
+    for await (const chunk of engine.completions.create({ prompt, temperature: 0, max_tokens: maxTokens, stream: true, logprobs: 2 })) textChunks.push(chunk);
+    const refusals = [
+      { frequency_penality: 1 }, { temperature: "hot" }, { response_format: { type: "json_schema", json_schema: { schma: {} } } },
+      { top_logprobs: 2 }, { max_tokens: 1000 },
+    ];
+    const refused = await Promise.all(refusals.map((fields) =>
+      engine.chat.completions.create({ messages, ...fields }).then(() => null, (e) => ({ name: e.name, param: e.param, message: e.message }))));
     const info = engine.info();
     await engine.unload();
     const missing = await createEngine({ model: "/target/browser-test/missing/manifest.json" }).then(() => null, (e) => ({ name: e.name, message: e.message }));
@@ -227,6 +256,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after,
+      json, called, textChunks, refused,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
   log("browser info:", JSON.stringify(api.info));
@@ -248,6 +278,31 @@ try {
   assertEqual(api.abortedStream.tokens.slice(0, shared), api.alone[0].tokens.slice(0, shared), "the aborted stream's tokens vs alone");
   assertEqual(api.other, api.alone[1], "the stream running beside the aborted one vs alone");
   assertEqual([api.after.running, api.after.waiting, api.after.kv_pages_free], [0, 0, api.after.kv_pages], "engine load after the requests (every KV page back)");
+  const json = api.json.choices[0];
+  assertEqual(Object.keys(JSON.parse(json.message.content)), ["ok"], `json_schema content ${json.message.content}`);
+  assertEqual(json.logprobs.content.map((l) => l.token).join(""), json.message.content, "the logprobs' tokens spell the content");
+  assert(json.logprobs.content.every((l) => Number.isFinite(l.logprob) && l.top_logprobs.length === 2 && l.top_logprobs.every((t) => Number.isFinite(t.logprob))),
+    "finite logprobs with 2 alternatives each");
+  const called = api.called.choices[0];
+  assertEqual([called.finish_reason, called.message.content, called.message.tool_calls.length], ["tool_calls", null, 1], "tool_choice required: finish_reason, content, calls");
+  const call = called.message.tool_calls[0];
+  assertEqual([call.type, call.function.name, Object.keys(JSON.parse(call.function.arguments))], ["function", "f", ["z", "a"]], `the call ${call.function.arguments}`);
+  const textTokens = api.textChunks.filter((c) => c.choices[0].token_ids.length).map((c) => c.choices[0]);
+  assertEqual(api.textChunks.map((c) => c.choices[0].text).join(""), nativeText.text, "streamed text completion vs native");
+  assertEqual(textTokens.flatMap((c) => c.token_ids), nativeText.tokens, "text completion tokens vs native");
+  assert(textTokens.every((c) => c.logprobs.tokens.length === 1 && Number.isFinite(c.logprobs.token_logprobs[0])), "a logprob in each streamed token's chunk");
+  const offsets = textTokens.map((c) => c.logprobs.text_offset[0]);
+  const lengths = textTokens.map((c) => [...c.logprobs.tokens[0]].length);
+  assertEqual(offsets, lengths.map((_, i) => lengths.slice(0, i).reduce((a, b) => a + b, 0)), "text completion logprobs' text_offset");
+  assertEqual(api.refused.map((e) => e.message), [
+    "frequency_penality: unknown field",
+    "temperature: invalid type: string \"hot\", expected f32",
+    "response_format.json_schema.schma: unknown field",
+    "top_logprobs needs logprobs: true",
+    `max_tokens 1000 is too large: the prompt has ${api.usage.prompt_tokens} tokens and the context holds 512`,
+  ], "refused requests' messages");
+  assertEqual(api.refused.map((e) => [e.name, e.param]), [["RequestError", "frequency_penality"], ["RequestError", "temperature"],
+    ["RequestError", "response_format"], ["RequestError", "top_logprobs"], ["RequestError", "max_tokens"]], "refused requests' errors");
   assertEqual(api.info.load.max_sequences, 4, "default maxSequences in the browser");
   assertEqual(api.lastProgress, 1, "final load progress");
   assertEqual(api.abortError, "AbortError", "aborted request");
