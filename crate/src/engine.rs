@@ -353,6 +353,10 @@ impl Engine {
             if params.response_format.as_ref().is_some_and(|f| *f != ResponseFormat::Text) {
                 return Err(EngineError::ToolChoice("a required tool call and a response_format cannot both shape the output".into()).into());
             }
+            let builtin_called = calling.as_ref().is_some_and(|(_, set)| !set.builtin.is_empty()) && format == ToolCallFormat::Llama3;
+            if builtin_called && self.tokenizer.token_id("<|python_tag|>").is_none() {
+                return Err(EngineError::ToolChoice("built-in tools are called after <|python_tag|>, a token this model's tokenizer does not have".into()).into());
+            }
             let lark = Grammar::tool_calls(format, tools, &calling.as_ref().map(|(_, set)| set.builtin.clone()).unwrap_or_default(), only, request.parallel_tool_calls.unwrap_or(true))
                 .map_err(EngineError::ToolChoice)?;
             params.response_format = Some(lark);

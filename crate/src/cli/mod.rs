@@ -1,6 +1,7 @@
 //! The `llama-webgpu` command line (native only).
 
 mod bench;
+pub mod heap;
 mod serve;
 
 use std::io::{BufRead, Write};

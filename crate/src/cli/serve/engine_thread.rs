@@ -80,6 +80,8 @@ pub struct Stats {
     pub alive: AtomicBool,
     /// True while the model loads again after a lost device.
     pub loading: AtomicBool,
+    /// Bytes of GPU memory wgpu has allocated, as of the engine's latest idle moment.
+    pub gpu_allocated_bytes: AtomicU64,
 }
 
 impl Default for Stats {
@@ -101,6 +103,7 @@ impl Default for Stats {
             request_seconds: seconds(),
             alive: Default::default(),
             loading: Default::default(),
+            gpu_allocated_bytes: Default::default(),
         }
     }
 }
@@ -269,6 +272,11 @@ fn end_all(active: &mut ActiveJobs, stats: &Stats) {
 fn publish(engine: &Engine, stats: &Stats) {
     if let Ok(mut load) = stats.engine.lock() {
         *load = engine.load();
+    }
+    // When the engine goes idle: the report walks every allocation.
+    if engine.is_idle() {
+        let report = engine.model().gpu().device.generate_allocator_report();
+        stats.gpu_allocated_bytes.store(report.map_or(0, |r| r.total_allocated_bytes), Ordering::SeqCst);
     }
 }
 
