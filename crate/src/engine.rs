@@ -58,6 +58,36 @@ pub enum EngineError {
     Grammar(#[from] GrammarError),
 }
 
+/// The endpoint a request came through, which decides the names of some of its fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Chat completions: the prompt is `messages`, the alternatives' count `top_logprobs`.
+    Chat,
+    /// Text completions: the prompt is `prompt`, the alternatives' count `logprobs`.
+    Completion,
+}
+
+impl EngineError {
+    /// The request field at fault, as OpenAI names it, when the error is the client's (hosts answer
+    /// it as a bad request); None when the engine failed.
+    pub fn blamed_field(&self, endpoint: Endpoint) -> Option<&'static str> {
+        let chat = endpoint == Endpoint::Chat;
+        Some(match self {
+            Self::EmptyPrompt | Self::PromptTooLong { .. } | Self::TokenOutOfRange { .. } => if chat { "messages" } else { "prompt" },
+            Self::Text(TextError::TemplateRaised { .. }) => "messages",
+            Self::MaxTokensTooLarge { .. } | Self::DoesNotFit { .. } => "max_tokens",
+            Self::BadChoiceCount { .. } => "n",
+            Self::TooManyLogprobs { .. } => if chat { "top_logprobs" } else { "logprobs" },
+            Self::ToolChoice(_) => "tool_choice",
+            Self::UnknownBuiltinTool { .. } => "builtin_tools",
+            Self::Grammar(GrammarError::Invalid(_) | GrammarError::Tokenizer(_)) => "response_format",
+            Self::Sample(SampleError::OutOfRange { name, .. }) => name,
+            Self::Sample(SampleError::BadBiasKey(_) | SampleError::BiasTokenOutOfRange { .. }) => "logit_bias",
+            _ => return None,
+        })
+    }
+}
+
 /// Cancels a running generation from another task or thread; the engine stays ready.
 #[derive(Clone, Debug, Default)]
 pub struct CancelToken(Arc<AtomicBool>);

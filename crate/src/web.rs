@@ -17,13 +17,11 @@ use serde_json::{Map, Value};
 use wasm_bindgen::prelude::*;
 
 use crate::api::{ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, Logprobs, SamplingParams, TokenLogprob, Usage};
-use crate::engine::{ChoiceResults, Completion, EngineError, Event, Load, SequenceId};
+use crate::engine::{ChoiceResults, Completion, Endpoint, Event, Load, SequenceId};
 use crate::gpu::GpuError;
-use crate::grammar::GrammarError;
 use crate::load::{LoadError, WebModel};
 use crate::model::{KvPool, DEFAULT_CONTEXT, PAGE_SIZE};
-use crate::sample::SampleError;
-use crate::text::{RenderOptions, TextError};
+use crate::text::RenderOptions;
 use crate::{CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 /// The `name` of the errors thrown to JS.
@@ -88,44 +86,20 @@ enum Work {
 }
 
 impl Work {
-    /// The field holding the prompt, which errors about the prompt blame.
-    fn prompt_field(&self) -> &'static str {
+    fn endpoint(&self) -> Endpoint {
         match self {
-            Work::Chat(_) => "messages",
-            Work::Complete(_) => "prompt",
+            Work::Chat(_) => Endpoint::Chat,
+            Work::Complete(_) => Endpoint::Completion,
         }
-    }
-
-    /// The field holding the count of logprob alternatives.
-    fn alternatives_field(&self) -> &'static str {
-        match self {
-            Work::Chat(_) => "top_logprobs",
-            Work::Complete(_) => "logprobs",
-        }
-    }
-
-    /// The field an engine error blames when the request is at fault (the errors serve answers with
-    /// 400s).
-    fn blamed_field(&self, error: &crate::Error) -> Option<&'static str> {
-        let crate::Error::Engine(error) = error else { return None };
-        Some(match error {
-            EngineError::EmptyPrompt | EngineError::PromptTooLong { .. } | EngineError::TokenOutOfRange { .. } => self.prompt_field(),
-            EngineError::Text(TextError::TemplateRaised { .. }) => "messages",
-            EngineError::MaxTokensTooLarge { .. } | EngineError::DoesNotFit { .. } => "max_tokens",
-            EngineError::BadChoiceCount { .. } => "n",
-            EngineError::TooManyLogprobs { .. } => self.alternatives_field(),
-            EngineError::ToolChoice(_) => "tool_choice",
-            EngineError::UnknownBuiltinTool { .. } => "builtin_tools",
-            EngineError::Grammar(GrammarError::Invalid(_) | GrammarError::Tokenizer(_)) => "response_format",
-            EngineError::Sample(SampleError::OutOfRange { name, .. }) => name,
-            EngineError::Sample(SampleError::BadBiasKey(_) | SampleError::BiasTokenOutOfRange { .. }) => "logit_bias",
-            _ => return None,
-        })
     }
 
     /// `error` thrown to JS: a `RequestError` when the request is at fault.
     fn failure(&self, error: crate::Error) -> JsValue {
-        match self.blamed_field(&error) {
+        let field = match &error {
+            crate::Error::Engine(engine_error) => engine_error.blamed_field(self.endpoint()),
+            _ => None,
+        };
+        match field {
             Some(field) => request_error(Some(field), error.to_string()),
             None => to_js(error),
         }

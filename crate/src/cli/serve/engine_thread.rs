@@ -11,10 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llama_webgpu::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams, TokenLogprob};
-use llama_webgpu::engine::{ChoiceResults, EngineError, Event as EngineEvent, Load, SequenceId};
+use llama_webgpu::engine::{ChoiceResults, Endpoint, EngineError, Event as EngineEvent, Load, SequenceId};
 use llama_webgpu::gpu::GpuError;
 use llama_webgpu::grammar::GrammarError;
-use llama_webgpu::sample::SampleError;
 use llama_webgpu::text::{RenderOptions, TextError};
 use llama_webgpu::{CancelToken, Completion, Engine};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -366,41 +365,22 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
 
 /// The client's mistakes are 400s that name the parameter; the rest are the server's 500s.
 fn api_error(error: &llama_webgpu::Error, work: &Work) -> ApiError {
-    let prompt_param = match work {
-        Work::Chat(_) => "messages",
-        Work::Complete(_) | Work::Tokens { .. } => "prompt",
-    };
     let message = error.to_string();
-    match error {
-        llama_webgpu::Error::Engine(engine_error) => match engine_error {
-            EngineError::PromptTooLong { .. } => {
-                ApiError::invalid(message).param(prompt_param).code("context_length_exceeded")
-            }
-            EngineError::EmptyPrompt => ApiError::invalid(message).param(prompt_param),
-            EngineError::MaxTokensTooLarge { .. } => {
-                ApiError::invalid(message).param("max_tokens").code("context_length_exceeded")
-            }
-            EngineError::DoesNotFit { .. } => ApiError::invalid(message).param("max_tokens").code("kv_pool_exceeded"),
-            EngineError::TokenOutOfRange { .. } => ApiError::invalid(message).param(prompt_param),
-            EngineError::BadChoiceCount { .. } => ApiError::invalid(message).param("n"),
-            EngineError::TooManyLogprobs { .. } => ApiError::invalid(message).param("logprobs"),
-            EngineError::ToolChoice(_) => ApiError::invalid(message).param("tool_choice"),
-            EngineError::UnknownBuiltinTool { .. } => ApiError::invalid(message).param("builtin_tools"),
-            EngineError::Grammar(GrammarError::Invalid(_)) => ApiError::invalid(message).param("response_format"),
-            EngineError::Grammar(GrammarError::Tokenizer(_)) => ApiError::unsupported("response_format", message),
-            EngineError::Sample(sample_error) => {
-                let param = match sample_error {
-                    SampleError::OutOfRange { name, .. } => name,
-                    SampleError::BadBiasKey(_) | SampleError::BiasTokenOutOfRange { .. } => "logit_bias",
-                };
-                ApiError::invalid(message).param(param)
-            }
-            EngineError::Text(TextError::TemplateRaised { .. }) => ApiError::invalid(message).param("messages"),
-            EngineError::Text(TextError::UnknownTokenId { .. }) if matches!(work, Work::Tokens { .. }) => {
-                ApiError::invalid(message).param("prompt")
-            }
-            _ => ApiError::server(message),
-        },
-        _ => ApiError::server(message),
+    let endpoint = match work {
+        Work::Chat(_) => Endpoint::Chat,
+        Work::Complete(_) | Work::Tokens { .. } => Endpoint::Completion,
+    };
+    let llama_webgpu::Error::Engine(engine_error) = error else { return ApiError::server(message) };
+    let field = match engine_error {
+        // Token ids given as the prompt are the client's.
+        EngineError::Text(TextError::UnknownTokenId { .. }) if matches!(work, Work::Tokens { .. }) => Some("prompt"),
+        other => other.blamed_field(endpoint),
+    };
+    let Some(field) = field else { return ApiError::server(message) };
+    match engine_error {
+        EngineError::PromptTooLong { .. } | EngineError::MaxTokensTooLarge { .. } => ApiError::invalid(message).param(field).code("context_length_exceeded"),
+        EngineError::DoesNotFit { .. } => ApiError::invalid(message).param(field).code("kv_pool_exceeded"),
+        EngineError::Grammar(GrammarError::Tokenizer(_)) => ApiError::unsupported(field, message),
+        _ => ApiError::invalid(message).param(field),
     }
 }
