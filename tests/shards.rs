@@ -151,3 +151,24 @@ fn corrupt_truncated_and_missing_shards_are_named() {
     let err = ShardDir::open(&out).err().unwrap().to_string();
     assert!(err.starts_with("manifest.json: tensor") && err.contains("lies outside shard"), "{err}");
 }
+
+#[test]
+fn convert_takes_only_an_empty_or_new_folder_and_leaves_nothing_half_written() {
+    let source = fixture_with_tokenizer("tiny-llama31");
+    let parent = temp_dir("convert-folder");
+    let out = parent.join("model");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let err = load::convert(&source, DType::Q8_0, 1 << 20, &out, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+
+    // A conversion that fails part-way (a shape the quantizer cannot split) leaves no folder behind.
+    let fresh = parent.join("fresh");
+    assert!(load::convert(&source, DType::Q4K, 1 << 20, &fresh, &mut |_| {}).is_err());
+    let left: Vec<_> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["model"], "only the user's folder remains");
+
+    load::convert(&source, DType::Q8_0, 1 << 20, &fresh, &mut |_| {}).unwrap();
+    assert!(ShardDir::open(&fresh).is_ok());
+}

@@ -46,6 +46,8 @@ pub enum EngineError {
     TooManyLogprobs { alternatives: usize, max: usize },
     #[error("tool_choice: {0}")]
     ToolChoice(String),
+    #[error("messages[{index}].role {role:?} is not one of {known:?}")]
+    UnknownRole { index: usize, role: String, known: [&'static str; 5] },
     #[error("builtin_tools: {name:?} is not one of Llama 3.1's built-in tools {known:?}")]
     UnknownBuiltinTool { name: String, known: [&'static str; 3] },
     #[error("the request needs {needed} KV pages ({positions} positions: the prompt's {prompt} and max_tokens {max_tokens}) but the KV pool holds {pool} pages of {page_size}: lower max_tokens or give the pool more memory")]
@@ -74,7 +76,7 @@ impl EngineError {
         let chat = endpoint == Endpoint::Chat;
         Some(match self {
             Self::EmptyPrompt | Self::PromptTooLong { .. } | Self::TokenOutOfRange { .. } => if chat { "messages" } else { "prompt" },
-            Self::Text(TextError::TemplateRaised { .. }) => "messages",
+            Self::Text(TextError::TemplateRaised { .. }) | Self::UnknownRole { .. } => "messages",
             Self::MaxTokensTooLarge { .. } | Self::DoesNotFit { .. } => "max_tokens",
             Self::BadChoiceCount { .. } => "n",
             Self::TooManyLogprobs { .. } => if chat { "top_logprobs" } else { "logprobs" },
@@ -352,6 +354,12 @@ impl Engine {
 
     /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.
     pub fn chat_prompt(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Vec<u32>> {
+        // A template renders what it does not know as it likes (Llama 3.1's as a header of that
+        // name), so a typo would silently become another turn.
+        const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "ipython"];
+        if let Some((index, message)) = request.messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
+            return Err(EngineError::UnknownRole { index, role: message.role.clone(), known: ROLES }.into());
+        }
         let tools = request.tools.as_deref().filter(|_| request.tool_choice != Some(ToolChoice::Mode(ToolChoiceMode::None)));
         let mut options = options.clone();
         if request.builtin_tools.is_some() {

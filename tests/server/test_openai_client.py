@@ -318,6 +318,9 @@ def test_malformed_requests(server, client):
     error = error_of(raw_post(server, "/v1/chat/completions", {"messages": user, "temperature": "hot"}), 400)
     assert error["param"] == "temperature" and error["message"].startswith("temperature:"), error
 
+    error = error_of(raw_post(server, "/v1/chat/completions", {"messages": [{"role": "usr", "content": "hi"}]}), 400)
+    assert error["param"] == "messages" and 'messages[0].role "usr" is not one of' in error["message"], error
+
     error = error_of(raw_post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}), 400)
     assert "messages[0].content" in error["message"], error
 

@@ -25,9 +25,47 @@ pub struct ConvertReport {
     pub bytes: u64,
 }
 
-/// Converts the model at `source` into `out` (created if needed): matrices in `quant`, norm
-/// weights in f32, shards of at most `shard_bytes` (a larger tensor gets a shard of its own).
+/// Converts the model at `source` into the folder `out`, which must not exist or be empty:
+/// matrices in `quant`, norm weights in f32, shards of at most `shard_bytes` (a larger tensor gets a
+/// shard of its own). Everything is written into a folder beside `out` that takes its name only
+/// when complete, so an interrupted convert never leaves a folder that looks whole.
 pub fn convert(
+    source: &Path,
+    quant: DType,
+    shard_bytes: u64,
+    out: &Path,
+    on_progress: &mut dyn FnMut(LoadProgress),
+) -> Result<ConvertReport, crate::Error> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| LoadError::Io { path, source }
+    };
+    if std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some()) {
+        return Err(LoadError::Io {
+            path: out.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output folder is not empty: remove it or choose another"),
+        }
+        .into());
+    }
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    let report = convert_into(source, quant, shard_bytes, &partial, on_progress);
+    if report.is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+        return report;
+    }
+    if out.exists() {
+        // Empty (checked above): remove_dir takes nothing else.
+        std::fs::remove_dir(out).map_err(io(out))?;
+    }
+    std::fs::rename(&partial, out).map_err(io(out))?;
+    report
+}
+
+fn convert_into(
     source: &Path,
     quant: DType,
     shard_bytes: u64,
