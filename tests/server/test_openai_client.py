@@ -515,6 +515,10 @@ def test_metrics_parse_as_openmetrics(server, client, key_server):
     assert http("GET", f"{key_server.url}/metrics").status_code == 404
 
 
+# The fixture's end-of-sequence ids, kept from being sampled so that a request runs its max_tokens.
+NO_EOS = {"1001": -100, "1002": -100}
+
+
 def test_graceful_shutdown(model_dir):
     """SIGTERM: no new connections, a short request still finishes, a long one ends with an error
     event when the grace period is over, and the server exits with 0."""
@@ -525,13 +529,13 @@ def test_graceful_shutdown(model_dir):
     def long_stream():
         text = ""
         try:
-            for chunk in client.completions.create(model="tiny", prompt="Go on", stream=True, max_tokens=200):
+            for chunk in client.completions.create(model="tiny", prompt="Go on", stream=True, max_tokens=200, logit_bias=NO_EOS):
                 text += "".join(c.text for c in chunk.choices)
         except openai.APIError as error:
             results["long"] = (text, error.message)
 
     def short():
-        results["short"] = client.completions.create(model="tiny", prompt="Hi", max_tokens=8)
+        results["short"] = client.completions.create(model="tiny", prompt="Hi", max_tokens=8, logit_bias=NO_EOS)
 
     threads = [threading.Thread(target=long_stream), threading.Thread(target=short)]
     for thread in threads:
