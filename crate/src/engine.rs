@@ -249,7 +249,7 @@ impl Sequence {
 
     /// Chooses the next token from the full logits: records its log probability, applies the
     /// grammar's mask, samples.
-    fn choose(&mut self, logits: &mut [f32], vocabulary: &[Vec<u8>]) -> Result<(u32, Option<TokenLogprob>), GrammarError> {
+    fn choose(&mut self, logits: &mut [f32], bytes: &dyn Fn(u32) -> Vec<u8>) -> Result<(u32, Option<TokenLogprob>), GrammarError> {
         let log_probs = self.top_logprobs.map(|_| log_softmax(logits));
         if self.constraint.is_some() {
             let mask = self.mask.take().ok_or_else(|| GrammarError::Stuck("no mask was computed".into()))??;
@@ -257,15 +257,17 @@ impl Sequence {
         }
         let token = self.sampler.sample(logits);
         let logprob = log_probs.zip(self.top_logprobs).map(|(log_probs, alternatives)| {
-            let bytes = |token: u32| vocabulary.get(token as usize).cloned().unwrap_or_default();
-            let mut order: Vec<u32> = (0..log_probs.len() as u32).collect();
-            let by_logprob = |a: &u32, b: &u32| log_probs[*b as usize].total_cmp(&log_probs[*a as usize]).then(a.cmp(b));
-            if alternatives > 0 && alternatives < order.len() {
-                order.select_nth_unstable_by(alternatives - 1, by_logprob);
+            // The few best, kept in order in one pass (no vocabulary-sized copy per token).
+            let mut best: Vec<u32> = Vec::with_capacity(alternatives + 1);
+            for (t, &l) in log_probs.iter().enumerate() {
+                if best.len() == alternatives && best.last().is_none_or(|&w| l <= log_probs[w as usize]) {
+                    continue;
+                }
+                let at = best.partition_point(|&b| log_probs[b as usize] >= l);
+                best.insert(at, t as u32);
+                best.truncate(alternatives);
             }
-            order.truncate(alternatives);
-            order.sort_unstable_by(by_logprob);
-            let top = order.into_iter().map(|t| TopLogprob { token: t, bytes: bytes(t), logprob: log_probs[t as usize] }).collect();
+            let top = best.into_iter().map(|t| TopLogprob { token: t, bytes: bytes(t), logprob: log_probs[t as usize] }).collect();
             TokenLogprob { token, bytes: bytes(token), logprob: log_probs[token as usize], top }
         });
         Ok((token, logprob))
@@ -302,9 +304,10 @@ pub struct Engine {
     next_id: SequenceId,
     /// Seeds for requests that bring none.
     seeds: ChaCha8Rng,
-    /// Built on first use: the grammar compiler, and each token's bytes for log probabilities.
+    /// Built on first use: each token's bytes (for grammars and log probabilities) and the grammar
+    /// compiler.
+    token_bytes: Option<Arc<Vec<Option<Vec<u8>>>>>,
     grammars: Option<GrammarCompiler>,
-    vocabulary: Option<Arc<Vec<Vec<u8>>>>,
 }
 
 impl Engine {
@@ -334,8 +337,8 @@ impl Engine {
             pending: None,
             next_id: 0,
             seeds: ChaCha8Rng::seed_from_u64(seed),
+            token_bytes: None,
             grammars: None,
-            vocabulary: None,
         })
     }
 
@@ -360,7 +363,7 @@ impl Engine {
         if let Some((index, message)) = request.messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
             return Err(EngineError::UnknownRole { index, role: message.role.clone(), known: ROLES }.into());
         }
-        let tools = request.tools.as_deref().filter(|_| request.tool_choice != Some(ToolChoice::Mode(ToolChoiceMode::None)));
+        let tools = Some(offered_tools(request)).filter(|tools| !tools.is_empty());
         let mut options = options.clone();
         if request.builtin_tools.is_some() {
             options.builtin_tools = request.builtin_tools.clone();
@@ -373,41 +376,39 @@ impl Engine {
     /// required or a named function makes the output such calls (constrained decoding).
     pub fn add_chat(&mut self, request: &ChatCompletionRequest, options: &RenderOptions, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
         let prompt = self.chat_prompt(request, options)?;
-        let (tools, calling) = self.tool_calling(request, options)?;
-        let mut params = request.sampling.clone();
+        let calling = self.tool_calling(request, options)?;
         let forced = match &request.tool_choice {
             Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(None),
             Some(ToolChoice::Function { function, .. }) => Some(Some(function.name.as_str())),
             _ => None,
         };
-        if let Some(only) = forced {
-            let Some(format) = calling.as_ref().map(|(format, _)| *format) else {
-                let reason = match tools.is_empty() && request.builtin_tools.as_ref().is_none_or(Vec::is_empty) {
+        let grammar = match (forced, &calling) {
+            (None, _) => response_format_grammar(&request.sampling)?,
+            (Some(_), None) => {
+                let builtin = request.builtin_tools.as_ref().or(options.builtin_tools.as_ref());
+                let reason = match offered_tools(request).is_empty() && builtin.is_none_or(Vec::is_empty) {
                     true => "no tools are offered, so none can be required",
                     false => "this model's chat template has no tool-call format, so no call can be required",
                 };
                 return Err(EngineError::ToolChoice(reason.into()).into());
-            };
-            if params.response_format.as_ref().is_some_and(|f| *f != ResponseFormat::Text) {
-                return Err(EngineError::ToolChoice("a required tool call and a response_format cannot both shape the output".into()).into());
             }
-            let builtin_called = calling.as_ref().is_some_and(|(_, set)| !set.builtin.is_empty()) && format == ToolCallFormat::Llama3;
-            if builtin_called && self.tokenizer.token_id("<|python_tag|>").is_none() {
-                return Err(EngineError::ToolChoice("built-in tools are called after <|python_tag|>, a token this model's tokenizer does not have".into()).into());
+            (Some(only), Some((format, tools))) => {
+                if request.sampling.response_format.as_ref().is_some_and(|f| *f != ResponseFormat::Text) {
+                    return Err(EngineError::ToolChoice("a required tool call and a response_format cannot both shape the output".into()).into());
+                }
+                if !tools.builtin.is_empty() && *format == ToolCallFormat::Llama3 && self.tokenizer.token_id("<|python_tag|>").is_none() {
+                    return Err(EngineError::ToolChoice("built-in tools are called after <|python_tag|>, a token this model's tokenizer does not have".into()).into());
+                }
+                let parallel = request.parallel_tool_calls.unwrap_or(true);
+                Some(Grammar::tool_calls(*format, offered_tools(request), &tools.builtin, only, parallel).map_err(EngineError::ToolChoice)?)
             }
-            let lark = Grammar::tool_calls(format, tools, &calling.as_ref().map(|(_, set)| set.builtin.clone()).unwrap_or_default(), only, request.parallel_tool_calls.unwrap_or(true))
-                .map_err(EngineError::ToolChoice)?;
-            params.response_format = Some(lark);
-        }
-        self.add_sequences(prompt, &params, cancel, n, calling)
+        };
+        self.add_sequences(prompt, &request.sampling, cancel, n, grammar, calling)
     }
 
     /// The tools a chat request offers and how their calls are written, when they can be parsed.
-    fn tool_calling<'a>(&self, request: &'a ChatCompletionRequest, options: &RenderOptions) -> Result<(&'a [Tool], Option<ToolCalling>)> {
-        let tools = match request.tool_choice {
-            Some(ToolChoice::Mode(ToolChoiceMode::None)) => &[][..],
-            _ => request.tools.as_deref().unwrap_or_default(),
-        };
+    fn tool_calling(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Option<ToolCalling>> {
+        let tools = offered_tools(request);
         let builtin = request.builtin_tools.clone().or_else(|| options.builtin_tools.clone()).unwrap_or_default();
         if let Some(unknown) = builtin.iter().find(|name| !BUILTIN_TOOLS.contains(&name.as_str())) {
             return Err(EngineError::UnknownBuiltinTool { name: unknown.clone(), known: BUILTIN_TOOLS }.into());
@@ -417,9 +418,9 @@ impl Engine {
             return Err(EngineError::ToolChoice("every tool needs a function with a name".into()).into());
         }
         if functions.is_empty() && builtin.is_empty() {
-            return Ok((tools, None));
+            return Ok(None);
         }
-        Ok((tools, ToolCallFormat::detect(self.template.source()).map(|format| (format, ToolSet { functions, builtin }))))
+        Ok(ToolCallFormat::detect(self.template.source()).map(|format| (format, ToolSet { functions, builtin })))
     }
 
     /// The prompt tokens of a raw text completion: the model's BOS token, then the text with
@@ -472,7 +473,8 @@ impl Engine {
     /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
     /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
     pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        self.add_sequences(prompt, params, cancel, n, None)
+        let grammar = response_format_grammar(params)?;
+        self.add_sequences(prompt, params, cancel, n, grammar, None)
     }
 
     fn add_sequences(
@@ -481,6 +483,7 @@ impl Engine {
         params: &SamplingParams,
         cancel: CancelToken,
         n: usize,
+        grammar: Option<Grammar>,
         calling: Option<ToolCalling>,
     ) -> Result<Vec<SequenceId>> {
         if !(1..=MAX_CHOICES).contains(&n) {
@@ -518,10 +521,12 @@ impl Engine {
             return Err(EngineError::TooManyLogprobs { alternatives, max: MAX_TOP_LOGPROBS }.into());
         }
         if top_logprobs.is_some() {
-            self.vocabulary()?;
+            self.token_bytes()?;
         }
-        let grammar = params.response_format.as_ref().map(Grammar::of_response_format).transpose().map_err(EngineError::from)?.flatten();
-        let constraint = grammar.map(|grammar| self.grammars()?.compile(&grammar)).transpose().map_err(EngineError::from)?;
+        let constraint = match grammar {
+            Some(grammar) => Some(self.grammars()?.compile(&grammar).map_err(EngineError::from)?),
+            None => None,
+        };
         let first = self.next_id;
         let ids: Vec<SequenceId> = (first..first + n as u64).collect();
         self.next_id += n as u64;
@@ -556,27 +561,26 @@ impl Engine {
         Ok(ids)
     }
 
-    fn grammars(&mut self) -> Result<&GrammarCompiler, GrammarError> {
+    fn grammars(&mut self) -> Result<&GrammarCompiler> {
         if self.grammars.is_none() {
-            self.grammars = Some(GrammarCompiler::new(&self.tokenizer, self.model.config().vocab_size, &self.stop_tokens)?);
+            let token_bytes = self.token_bytes()?;
+            let compiler = GrammarCompiler::new(&self.tokenizer, &token_bytes, &self.stop_tokens).map_err(EngineError::from)?;
+            self.grammars = Some(compiler);
         }
         Ok(self.grammars.as_ref().expect("built above"))
     }
 
-    /// Each token's bytes (a special token's name), padded to the model's vocabulary.
-    fn vocabulary(&mut self) -> Result<Arc<Vec<Vec<u8>>>> {
-        if let Some(vocabulary) = &self.vocabulary {
-            return Ok(vocabulary.clone());
+    /// The bytes of each token of the model's vocabulary ([`Tokenizer::token_bytes`]; None for
+    /// special tokens and ids without one), computed once.
+    pub fn token_bytes(&mut self) -> Result<Arc<Vec<Option<Vec<u8>>>>> {
+        if let Some(token_bytes) = &self.token_bytes {
+            return Ok(token_bytes.clone());
         }
-        let bytes = self.tokenizer.token_bytes().map_err(EngineError::from)?;
-        let mut vocabulary: Vec<Vec<u8>> = (0..bytes.len() as u32)
-            .zip(bytes)
-            .map(|(id, bytes)| bytes.unwrap_or_else(|| self.tokenizer.decode(&[id], false).unwrap_or_default().into_bytes()))
-            .collect();
-        vocabulary.resize(self.model.config().vocab_size, vec![]);
-        let vocabulary = Arc::new(vocabulary);
-        self.vocabulary = Some(vocabulary.clone());
-        Ok(vocabulary)
+        let mut token_bytes = self.tokenizer.token_bytes().map_err(EngineError::from)?;
+        token_bytes.resize(self.model.config().vocab_size, None);
+        let token_bytes = Arc::new(token_bytes);
+        self.token_bytes = Some(token_bytes.clone());
+        Ok(token_bytes)
     }
 
     /// Whether nothing is running, waiting or in flight.
@@ -811,8 +815,13 @@ impl Engine {
                 Some(token) => Ok((token, None)),
                 None => {
                     let mut logits = self.model.read_logits(this_row).await?;
-                    let vocabulary = self.vocabulary.clone().unwrap_or_default();
-                    self.running[i].choose(&mut logits, &vocabulary)
+                    let (token_bytes, tokenizer) = (self.token_bytes.clone().unwrap_or_default(), &self.tokenizer);
+                    // A special token's bytes are its name.
+                    let bytes = |t: u32| match token_bytes.get(t as usize) {
+                        Some(Some(bytes)) => bytes.clone(),
+                        _ => tokenizer.decode(&[t], false).unwrap_or_default().into_bytes(),
+                    };
+                    self.running[i].choose(&mut logits, &bytes)
                 }
             };
             let ending = match chosen {
@@ -915,6 +924,20 @@ impl Engine {
         self.pending = None;
         self.pages = PageAllocator::new(self.model.kv_pool().pages);
         self.free_slots = (0..self.model.max_sequences()).rev().collect();
+    }
+}
+
+/// The grammar a request's `response_format` asks for, if any.
+fn response_format_grammar(params: &SamplingParams) -> Result<Option<Grammar>> {
+    let format = params.response_format.as_ref().map(Grammar::of_response_format).transpose().map_err(EngineError::from)?;
+    Ok(format.flatten())
+}
+
+/// The tools a chat request shows the model: none with `tool_choice: "none"`.
+fn offered_tools(request: &ChatCompletionRequest) -> &[Tool] {
+    match request.tool_choice {
+        Some(ToolChoice::Mode(ToolChoiceMode::None)) => &[],
+        _ => request.tools.as_deref().unwrap_or_default(),
     }
 }
 

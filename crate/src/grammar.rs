@@ -9,7 +9,7 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 use toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
-use crate::api::{GrammarFormat, GrammarSyntax, ResponseFormat, Tool};
+use crate::api::{GrammarSyntax, ResponseFormat, Tool};
 use crate::text::tool_calls::ToolCallFormat;
 use crate::text::Tokenizer;
 
@@ -54,7 +54,7 @@ impl Grammar {
     /// The Lark grammar of an output that is only calls, as `format` writes them: of the function
     /// `only` (a custom or built-in tool), or else of any tool offered, one or (with `parallel`)
     /// several. Arguments follow each function's `parameters` schema.
-    pub fn tool_calls(format: ToolCallFormat, tools: &[Tool], builtin: &[String], only: Option<&str>, parallel: bool) -> Result<ResponseFormat, String> {
+    pub fn tool_calls(format: ToolCallFormat, tools: &[Tool], builtin: &[String], only: Option<&str>, parallel: bool) -> Result<Self, String> {
         let chosen = |name: &str| only.is_none_or(|only| only == name);
         let arguments_key = match format {
             ToolCallFormat::Llama3 => "parameters",
@@ -113,7 +113,7 @@ impl Grammar {
         }
         rules.insert(0, format!("start: {}", start.join(" | ")));
         rules.push("CODE: /(.|\\n)+/".into());
-        Ok(ResponseFormat::Grammar { grammar: GrammarFormat { syntax: GrammarSyntax::Lark, definition: rules.join("\n") } })
+        Ok(Self::Lark(rules.join("\n")))
     }
 
     fn to_llguidance(&self) -> TopLevelGrammar {
@@ -159,11 +159,12 @@ pub struct GrammarCompiler {
 }
 
 impl GrammarCompiler {
-    /// `vocab` is the model's (its logits' length, at least the tokenizer's); `stop_tokens` end a
-    /// generation and are what a finished grammar allows.
-    pub fn new(tokenizer: &Tokenizer, vocab: usize, stop_tokens: &[u32]) -> Result<Self, GrammarError> {
-        let mut words = tokenizer.token_bytes().map_err(|e| GrammarError::Tokenizer(e.to_string()))?;
-        words.resize(vocab, None);
+    /// `token_bytes` has an entry per id of the model's vocabulary (its logits' length):
+    /// [`Tokenizer::token_bytes`], padded; `stop_tokens` end a generation and are what a finished
+    /// grammar allows.
+    pub fn new(tokenizer: &Tokenizer, token_bytes: &[Option<Vec<u8>>], stop_tokens: &[u32]) -> Result<Self, GrammarError> {
+        let vocab = token_bytes.len();
+        let mut words = token_bytes.to_vec();
         // A stop token ends the output, so it is never text, whatever its vocabulary entry says.
         for &stop in stop_tokens {
             if let Some(word) = words.get_mut(stop as usize) {

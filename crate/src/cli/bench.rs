@@ -300,7 +300,6 @@ async fn bench_json_schema(model: Llama, path: &Path, schema_path: &Path, genera
     let text = std::fs::read_to_string(schema_path).with_context(|| format!("--json-schema {}", schema_path.display()))?;
     let schema: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("--json-schema {}: not JSON", schema_path.display()))?;
     let (tokenizer, template) = llama_webgpu::load::open_model(path)?.text()?;
-    let vocab = model.config().vocab_size;
     let mut engine = Engine::new(model, tokenizer, template, 1)?;
     let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", "Describe a customer of a web shop.")], ..Default::default() };
     let prompt = engine.chat_prompt(&request, &RenderOptions::default())?;
@@ -308,7 +307,8 @@ async fn bench_json_schema(model: Llama, path: &Path, schema_path: &Path, genera
         json_schema: JsonSchemaFormat { name: Some("bench".into()), description: None, schema: Some(schema.clone()), strict: Some(true) },
     };
     let started = Instant::now();
-    let compiler = GrammarCompiler::new(engine.tokenizer(), vocab, engine.stop_tokens())?;
+    let token_bytes = engine.token_bytes()?;
+    let compiler = GrammarCompiler::new(engine.tokenizer(), &token_bytes, engine.stop_tokens())?;
     let compiler_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut rows = vec![];
     for &n in generate.iter().filter(|&&n| n > 0) {

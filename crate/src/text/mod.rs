@@ -37,6 +37,9 @@ pub enum TextError {
     TemplateRaised { message: String },
     /// Content is kept apart from the template's special tokens with private-use characters the
     /// conversation does not use; this one uses them all.
+    /// Constrained decoding and logprobs need each token's bytes.
+    #[error("the bytes of this tokenizer's tokens are unknown (its decoder is neither byte-level BPE nor SentencePiece byte fallback), so it cannot take response_format, a required tool call or logprobs")]
+    UnknownTokenBytes,
     #[error("the conversation uses every Unicode private-use character, so its content cannot be told apart from the template's special tokens")]
     NoPlaceholders,
 }

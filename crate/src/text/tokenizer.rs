@@ -91,9 +91,7 @@ impl Tokenizer {
     /// constrained decoding and logprobs, which need the exact bytes, including the pieces of a
     /// character that one token cuts in half.
     pub fn token_bytes(&self) -> Result<Vec<Option<Vec<u8>>>, TextError> {
-        let kind = self.inner.get_decoder().and_then(byte_decoding).ok_or_else(|| TextError::Load {
-            reason: "its decoder is neither byte-level BPE nor SentencePiece byte fallback, so the bytes of its tokens are unknown".into(),
-        })?;
+        let kind = self.inner.get_decoder().and_then(byte_decoding).ok_or(TextError::UnknownTokenBytes)?;
         let added = self.inner.get_added_tokens_decoder();
         let byte_of: std::collections::HashMap<char, u8> = byte_level_chars().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let bytes_of = |id: u32| -> Option<Vec<u8>> {

@@ -61,11 +61,6 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
     field::<Vec<ChatMessage>>(&object, "messages")?;
 
     field::<Option<Vec<Tool>>>(&object, "tools")?;
-    for name in ["tool_choice", "parallel_tool_calls", "builtin_tools"] {
-        if object.get(name).is_some_and(Value::is_null) {
-            object.remove(name);
-        }
-    }
     if let Some(choice) = object.get("tool_choice") {
         if serde_json::from_value::<ToolChoice>(choice.clone()).is_err() {
             return Err(ApiError::invalid(
@@ -169,7 +164,20 @@ struct Common {
 /// Fields both endpoints share: stream, n, stream_options, model, and the sampling parameters.
 fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
     // Null means absent for every optional field, as OpenAI treats it.
-    for name in ["stream", "n", "stream_options", "seed", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"] {
+    for name in [
+        "stream",
+        "n",
+        "stream_options",
+        "seed",
+        "max_tokens",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tool_choice",
+        "parallel_tool_calls",
+        "builtin_tools",
+    ] {
         if object.get(name).is_some_and(Value::is_null) {
             object.remove(name);
         }
