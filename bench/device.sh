@@ -8,10 +8,11 @@
 #                           model and engine tests on the GPU, then the benchmarks below
 #   bench/device.sh summary DIR   the tables of a run's JSON files again (bench/results/*)
 #
-# The 8B runs: pp512/tg128 (with the card's bandwidth), the same profiled, --sync, --f16-tiles,
+# The 8B runs: pp512/tg128 (with the card's bandwidth; prefill on cooperative matrices where the
+# card has them) and the same on the portable tiles (--no-coop-matrix), profiled, --sync, --f16-tiles,
 # pp512 with 8x8 register tiles (f32 and f16 tiles), tg128 without key splits, 4096 deep, the
 # plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
-# q8_0, q4_k; 1B and 3B.
+# q8_0, q4_k; 1B, 3B and 70B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1; ONLY="8b-q4_0 ..." runs
 # just the benchmarks named.
@@ -69,6 +70,10 @@ run() {
     grep -q "H100" "$work/info.txt" && bandwidth="--bandwidth-gbps 3350"
 
     local failed=()
+    # Where the card lists the configuration tiled_coop takes, its tests must not skip.
+    if grep -q "cooperative matrix: 16x16x16 F16 -> F32" "$work/info.txt"; then
+        export LLAMA_WEBGPU_REQUIRE_COOP_MATRIX=1
+    fi
     if [ -z "${SKIP_TESTS:-}" ]; then
         for t in kernels model engine; do
             if LLAMA_WEBGPU_REQUIRE_GPU=1 timeout 300 "$dir/$t" >"$work/test-$t.txt" 2>&1; then
@@ -86,6 +91,7 @@ run() {
     # name, then the bench arguments.
     local runs=(
         "8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
+        "8b-q4_0-no-coop|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-matrix"
         "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
         "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
@@ -104,6 +110,7 @@ run() {
         "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
         "1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"
         "3b-q4_0|--synthetic llama3.2-3b --quant q4_0 -p $p -n $n"
+        "70b-q4_0|--synthetic llama3.1-70b --quant q4_0 -p $p -n 32 -r 1"
     )
     for entry in "${runs[@]}"; do
         local name=${entry%%|*} args=${entry#*|}

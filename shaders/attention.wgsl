@@ -14,15 +14,10 @@
 // Entry points: `attend` (both cases), `combine` (after a split pass).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
+// MAX_HEAD_DIM, MAX_KEY_SPLITS, MAX_QUERY_BLOCK, PAGE_SIZE and Step (lib/step.wgsl) come from Rust
+// (crate::gpu::kernels).
 const WG: u32 = 64u;
-const MAX_HEAD_DIM: u32 = 256u;
 const MASKED: f32 = -1.0e30;
-// The most key splits any pass has (crate::gpu::ops::MAX_KEY_SPLITS).
-const MAX_KEY_SPLITS: u32 = 32u;
-// Positions per KV page (crate::model::PAGE_SIZE).
-const PAGE_SIZE: u32 = 16u;
-// The most tokens one pass holds (crate::gpu::ops::MAX_BATCH_TOKENS).
-const MAX_BATCH_TOKENS: u32 = 256u;
 
 struct Params {
     n_heads: u32,
@@ -33,15 +28,6 @@ struct Params {
     split_stride: u32,   // partials per (token, head): the most key splits a pass has
     stats_offset: u32,   // where the (max, sum) pairs start in partials
     pages_per_sequence: u32, // columns of page_table
-}
-
-struct Step {
-    n_tokens: u32,
-    keys_per_split: u32, // keys each split attends to, the last one fewer
-    key_splits: u32,     // splits of this pass (their keys cover every token's position); 1: attend writes out
-    _pad: u32,
-    // Per token: (position, KV row, sequence slot, 0); a sequence's tokens come in position order
-    slots: array<vec4<u32>, MAX_BATCH_TOKENS>,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
@@ -57,7 +43,6 @@ struct Step {
 // pass the GQA group's size rounded up, so that a token's heads fill a block (crate::gpu::ops).
 override QUERY_BLOCK: u32 = 8u;
 override THREADS_PER_ROW: u32 = WG / QUERY_BLOCK;
-const MAX_QUERY_BLOCK: u32 = 8u;
 const KV_TILE: u32 = 1024u;             // elements of one K or V tile (keys x head_dim)
 const KV_TILE_PER_THREAD: u32 = KV_TILE / WG;
 const MAX_TILE_KEYS: u32 = 32u;

@@ -9,35 +9,33 @@
 // temperature: workgroup_id.y is the row.
 // PyTorch: values, ids = logits.topk(k); sum = exp((logits - logits.max()) / T).sum()
 
-const WG: u32 = 256u;
-const MAX_K: u32 = 64u;
-// The most partial selections (crate::gpu::ops::TOP_K_PARTIALS).
-const MAX_PARTIALS: u32 = 256u;
-// Words of one selection, out's layout: max, sum, then MAX_K (id, logit) pairs.
-const SELECTION_WORDS: u32 = 2u + 2u * MAX_K;
+// SELECTION_WG threads per workgroup, at most MAX_TOP_K candidates and TOP_K_PARTIALS partial
+// selections: constants from Rust (crate::gpu::ops).
+// Words of one selection, out's layout: max, sum, then MAX_TOP_K (id, logit) pairs.
+const SELECTION_WORDS: u32 = 2u + 2u * MAX_TOP_K;
 const NONE: u32 = 0xffffffffu; // the id of a round that found no candidate
 const LOWEST: f32 = -0x1.fffffep+127f; // -(f32 max), exact: Tint rejects the rounded 3.4028235e38
 
 struct Params {
     n: u32,
-    partials: u32,        // workgroups of `partial`, at most MAX_PARTIALS
+    partials: u32,        // workgroups of `partial`, at most TOP_K_PARTIALS
     _pad0: u32,
     _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> logits: array<f32>;             // (rows, n)
-@group(0) @binding(1) var<storage, read> row_params: array<vec2<u32>>;   // (rows) k (at most MAX_K) and 1 / temperature as bits
+@group(0) @binding(1) var<storage, read> row_params: array<vec2<u32>>;   // (rows) k (at most MAX_TOP_K) and 1 / temperature as bits
 @group(0) @binding(2) var<storage, read_write> out: array<u32>;          // (rows, SELECTION_WORDS): max, sum of exp((l - max) / T), then k (id, logit) pairs; floats as bits
 @group(0) @binding(3) var<storage, read_write> selections: array<u32>;   // (rows, partials, SELECTION_WORDS): each partial's, laid out as out
 @group(0) @binding(4) var<uniform> params: Params;
 
-var<workgroup> best_value: array<f32, WG>;
-var<workgroup> best_index: array<u32, WG>;
-var<workgroup> sums: array<f32, WG>;
+var<workgroup> best_value: array<f32, SELECTION_WG>;
+var<workgroup> best_index: array<u32, SELECTION_WG>;
+var<workgroup> sums: array<f32, SELECTION_WG>;
 
-// Candidates per selection of `row` (its k, which the host keeps at most MAX_K).
+// Candidates per selection of `row` (its k, which the host keeps at most MAX_TOP_K).
 fn top_k(row: u32) -> u32 {
-    return min(row_params[row].x, MAX_K);
+    return min(row_params[row].x, MAX_TOP_K);
 }
 
 fn inv_temperature(row: u32) -> f32 {
@@ -50,7 +48,7 @@ fn ranks_above(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 }
 
 // A thread's candidates of logits row `row`: `partial`'s logits first, first + stride, ... below n;
-// `finish`'s the partials' picks, first, first + WG, ... below partials k.
+// `finish`'s the partials' picks, first, first + SELECTION_WG, ... below partials k.
 struct Candidates {
     row: u32,
     from_logits: bool,
@@ -73,7 +71,7 @@ fn candidate(pool: Candidates, c: u32) -> vec2<u32> {
 fn workgroup_sum(lid: u32, value: f32) -> f32 {
     sums[lid] = value;
     workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+    for (var stride = SELECTION_WG / 2u; stride > 0u; stride /= 2u) {
         if (lid < stride) {
             sums[lid] += sums[lid + stride];
         }
@@ -106,7 +104,7 @@ fn select_top(lid: u32, pool: Candidates, k: u32, dest_is_out: bool, at: u32) ->
         best_value[lid] = value;
         best_index[lid] = index;
         workgroupBarrier();
-        for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        for (var stride = SELECTION_WG / 2u; stride > 0u; stride /= 2u) {
             if (lid < stride && ranks_above(best_value[lid + stride], best_index[lid + stride], best_value[lid], best_index[lid])) {
                 best_value[lid] = best_value[lid + stride];
                 best_index[lid] = best_index[lid + stride];
@@ -133,11 +131,11 @@ fn select_top(lid: u32, pool: Candidates, k: u32, dest_is_out: bool, at: u32) ->
     return largest;
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(SELECTION_WG)
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    // Strided by the whole grid, so that each load instruction of a workgroup reads WG neighbours.
+    // Strided by the whole grid, so that each load instruction of a workgroup reads SELECTION_WG neighbours.
     let row = wg.y;
-    let pool = Candidates(row, true, wg.x * WG + lid, params.partials * WG, params.n);
+    let pool = Candidates(row, true, wg.x * SELECTION_WG + lid, params.partials * SELECTION_WG, params.n);
     let at = (row * params.partials + wg.x) * SELECTION_WORDS;
     let largest = select_top(lid, pool, top_k(row), false, at + 2u);
     var sum = 0.0;
@@ -151,10 +149,10 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(SELECTION_WG)
 fn finish(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let row = wg.y;
-    let pool = Candidates(row, false, lid, WG, params.partials * top_k(row));
+    let pool = Candidates(row, false, lid, SELECTION_WG, params.partials * top_k(row));
     let at_out = row * SELECTION_WORDS;
     let largest = select_top(lid, pool, top_k(row), true, at_out + 2u);
     // Each partial's sum is relative to its own largest logit: rescaled to the overall one.

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{fixture, golden, gpu, gpu_with};
+use common::{exact, fixture, golden, gpu, gpu_with};
 use llama_webgpu::GpuOptions;
 
 fn llama_webgpu(args: &[&str]) -> String {
@@ -77,7 +77,7 @@ fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
 
 #[test]
 fn bench_profiles_every_dispatch_of_a_decode_step() {
-    let Some(gpu) = gpu_with(&GpuOptions { timestamps: true, ..Default::default() }) else { return };
+    let Some(gpu) = gpu_with(&GpuOptions { timestamps: true, ..exact() }) else { return };
     let model = fixture("tiny-llama31");
     let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-r", "1", "--profile", "--json"];
     if !gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, gpu, gpu_with, has_feature, random_vec, rng};
+use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
 use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
 use llama_webgpu::gpu::{TileType, WeightMatrix};
@@ -35,14 +35,14 @@ fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec
 /// A device whose binding limit splits a (rows, cols) f32 matrix into about `parts` buffers.
 fn splitting_gpu(rows: usize, cols: usize, parts: usize, bounds_checks: bool) -> Option<Gpu> {
     let bytes = (rows * cols * 4).div_ceil(parts).next_multiple_of(256) as u64;
-    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), bounds_checks, gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() })
+    gpu_with(&GpuOptions { max_storage_binding: Some(bytes), bounds_checks, gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..exact() })
 }
 
 /// A device that keeps naga's bounds checks in every kernel, or drops them where kernels are in
 /// bounds by construction (the default on native): matmul tests run both ways, so an index past a
 /// buffer would show as a difference (or a fault) between the two.
 fn checked_gpu(bounds_checks: bool) -> Option<Gpu> {
-    gpu_with(&GpuOptions { bounds_checks, gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() })
+    gpu_with(&GpuOptions { bounds_checks, gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..exact() })
 }
 
 /// The most tokens the tests' devices run as GEMVs, so that their token counts cover each strategy.
@@ -88,11 +88,20 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
     let (qk_rows, qkv_dim) = (q_dim + kv_dim, q_dim + 2 * kv_dim);
     let cos_sin: Vec<[f32; 2]> = (0..context * head_dim / 2).map(|i| [(i as f32 * 0.37).cos(), (i as f32 * 0.37).sin()]).collect();
     let binding = (qk_rows * k * 4).div_ceil(3).next_multiple_of(256) as u64;
-    for (gemv_rows, register_tile) in [(1, 4), (4, 8)] {
+    // The tiles on cooperative matrices round to f16 (f16_tiles_within_rounding has the bound).
+    for (gemv_rows, register_tile, coop_matrix) in [(1, 4, false), (4, 8, false), (4, 4, true)] {
         // 1 token: one GEMV; 3 and 9: GEMVs of 8 tokens (9: a second workgroup of one); 11: tiles.
         let gemv_max_tokens = Some(10);
-        let options = GpuOptions { gemv_rows: Some(gemv_rows), gemv_max_tokens, register_tile: Some(register_tile), max_storage_binding: Some(binding), ..Default::default() };
-        let Some(gpu) = gpu_with(&options) else { return };
+        let options = GpuOptions {
+            gemv_rows: Some(gemv_rows),
+            gemv_max_tokens,
+            register_tile: Some(register_tile),
+            max_storage_binding: Some(binding),
+            no_coop_matrix: !coop_matrix,
+            ..Default::default()
+        };
+        let Some(gpu) = (if coop_matrix { coop_matrix_gpu(&options) } else { gpu_with(&options) }) else { continue };
+        let tolerance = if coop_matrix { 2e-2 } else { 1e-4 };
         let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
         for (qk_dtype, v_dtype) in [(DType::F32, DType::Q4_0), (DType::Q4K, DType::F16)] {
             let block = |seed, dtype, rows| {
@@ -131,10 +140,10 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
                 reference::rope(&mut want_k[start_pos * kv_dim..], &positions, &cos_sin, n_kv_heads, head_dim, kv_dim);
                 let got = read_f32(&gpu, &out, n * qkv_dim);
                 let got_q: Vec<f32> = got.chunks(qkv_dim).flat_map(|row| row[..q_dim].to_vec()).collect();
-                let what = format!("{qk_dtype} q/k, {v_dtype} v, n={n}, {gemv_rows} GEMV rows asked, register tile {register_tile}");
-                assert_close(&format!("rotated q, {what}"), &got_q, &want_q, 1e-4, 1e-4);
-                assert_close(&format!("k cache, {what}"), &read_f32(&gpu, &caches[0], want_k.len()), &want_k, 1e-4, 1e-4);
-                assert_close(&format!("v cache, {what}"), &read_f32(&gpu, &caches[1], want_v.len()), &want_v, 1e-4, 1e-4);
+                let what = format!("{qk_dtype} q/k, {v_dtype} v, n={n}, {gemv_rows} GEMV rows asked, register tile {register_tile}, cooperative matrices {coop_matrix}");
+                assert_close(&format!("rotated q, {what}"), &got_q, &want_q, tolerance, tolerance);
+                assert_close(&format!("k cache, {what}"), &read_f32(&gpu, &caches[0], want_k.len()), &want_k, tolerance, tolerance);
+                assert_close(&format!("v cache, {what}"), &read_f32(&gpu, &caches[1], want_v.len()), &want_v, tolerance, tolerance);
             }
         }
     }
@@ -179,7 +188,7 @@ fn matmul_fuses_rmsnorm_and_silu_mul_into_its_input() {
     for (register_tile, bounds_checks) in TILED_FORMS {
         // 1 token runs as one GEMV, 3 as GEMVs of 8 tokens, 9 and 37 as tiles (37: a partial tile
         // of tokens); 70 rows leave the second tile of rows part-filled.
-        let options = GpuOptions { bounds_checks, register_tile: Some(register_tile), gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() };
+        let options = GpuOptions { bounds_checks, register_tile: Some(register_tile), gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..exact() };
         let Some(gpu) = gpu_with(&options) else { return };
         for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
             let tokens: &[usize] = if register_tile == 4 { &[1, 3, 9, 37] } else { &[9, 37] };
@@ -197,7 +206,7 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
     let subgroup_forms = if has_feature(&probe, probe.subgroups, "subgroups") { vec![true, false] } else { vec![false] };
     for (subgroups, bounds_checks) in subgroup_forms.into_iter().flat_map(|s| [(s, false), (s, true)]) {
         for gemv_rows in [1, 2, 4] {
-            let options = GpuOptions { no_subgroups: !subgroups, gemv_rows: Some(gemv_rows), gemv_max_tokens: Some(16), bounds_checks, ..Default::default() };
+            let options = GpuOptions { no_subgroups: !subgroups, gemv_rows: Some(gemv_rows), gemv_max_tokens: Some(16), bounds_checks, ..exact() };
             let Some(gpu) = gpu_with(&options) else { return };
             assert_eq!(gpu.subgroups, subgroups);
             // 37 rows leave the last workgroup part-filled at 2 and 4 rows per workgroup, 3 rows
@@ -275,16 +284,16 @@ fn gemv_rows_per_workgroup_fill_a_large_gpu_where_rows_allow() {
 fn tuning_options_out_of_range_are_an_error() {
     use llama_webgpu::gpu::GpuError::InvalidOption;
     let error = |options: GpuOptions| pollster::block_on(Gpu::new(&options)).err();
-    let e = error(GpuOptions { gemv_rows: Some(3), ..Default::default() });
+    let e = error(GpuOptions { gemv_rows: Some(3), ..exact() });
     assert!(matches!(e, Some(InvalidOption { name: "gemv_rows", value: 3, .. })), "{e:?}");
-    let e = error(GpuOptions { register_tile: Some(6), ..Default::default() });
+    let e = error(GpuOptions { register_tile: Some(6), ..exact() });
     assert!(matches!(e, Some(InvalidOption { name: "register_tile", value: 6, .. })), "{e:?}");
     for tokens in [0, 257] {
-        let e = error(GpuOptions { gemv_max_tokens: Some(tokens), ..Default::default() });
+        let e = error(GpuOptions { gemv_max_tokens: Some(tokens), ..exact() });
         assert!(matches!(e, Some(InvalidOption { name: "gemv_max_tokens", value, .. }) if value == tokens), "{e:?}");
     }
     for splits in [0, 33] {
-        let e = error(GpuOptions { max_key_splits: Some(splits), ..Default::default() });
+        let e = error(GpuOptions { max_key_splits: Some(splits), ..exact() });
         assert!(matches!(e, Some(InvalidOption { name: "max_key_splits", value, .. }) if value == splits), "{e:?}");
     }
 }
@@ -292,7 +301,7 @@ fn tuning_options_out_of_range_are_an_error() {
 /// A device staging prefill tiles as f16 with the given register tile, or None (reported) where the
 /// adapter lacks shader-f16.
 fn f16_tile_gpu(register_tile: u32) -> Option<Gpu> {
-    let gpu = gpu_with(&GpuOptions { f16_tiles: true, register_tile: Some(register_tile), ..Default::default() })?;
+    let gpu = gpu_with(&GpuOptions { f16_tiles: true, register_tile: Some(register_tile), ..exact() })?;
     if !has_feature(&gpu, gpu.features.contains(wgpu::Features::SHADER_F16), "shader-f16") {
         return None;
     }
@@ -304,11 +313,18 @@ fn f16_tile_gpu(register_tile: u32) -> Option<Gpu> {
 fn tiled_matmul_with_f16_tiles_stays_within_f16_rounding_of_the_reference() {
     for register_tile in [4, 8] {
         let Some(gpu) = f16_tile_gpu(register_tile) else { return };
-        f16_tiles_within_rounding(&gpu, register_tile);
+        f16_tiles_within_rounding(&gpu, &format!("f16 tiles ({register_tile}x{register_tile} register tile)"));
     }
 }
 
-fn f16_tiles_within_rounding(gpu: &Gpu, register_tile: u32) {
+/// matmul.wgsl's tiled_coop: partial tiles of tokens and rows, every fused input.
+#[test]
+fn tiled_matmul_on_cooperative_matrices_stays_within_f16_rounding_of_the_reference() {
+    let Some(gpu) = coop_matrix_gpu(&GpuOptions { gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() }) else { return };
+    f16_tiles_within_rounding(&gpu, "cooperative matrices");
+}
+
+fn f16_tiles_within_rounding(gpu: &Gpu, what_path: &str) {
     let (rows, k) = (45, 256);
     for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K] {
         let (bytes, w) = weights(gpu, 41, dtype, rows, k);
@@ -331,7 +347,7 @@ fn f16_tiles_within_rounding(gpu: &Gpu, register_tile: u32) {
                 let (i, excess) = (0..want.len())
                     .map(|i| (i, (got[i] - want[i]).abs() - 2e-3 * magnitude[i]))
                     .fold((0, f32::NEG_INFINITY), |a, b| if b.1 > a.1 || b.1.is_nan() { b } else { a });
-                assert!(excess <= 0.0, "{dtype} f16 tiles ({register_tile}x{register_tile} register tile) of {what}, n={n}: element {i} is {} but should be {} (|products| {})", got[i], want[i], magnitude[i]);
+                assert!(excess <= 0.0, "{dtype} {what_path} of {what}, n={n}: element {i} is {} but should be {} (|products| {})", got[i], want[i], magnitude[i]);
             }
         }
     }
@@ -595,7 +611,7 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
             let row_bytes = dtype.row_bytes(k).unwrap();
             // The split device binds 3 tokens of activations, and a dozen rows or more per part.
             let limit = (row_bytes * 12).max(3 * k * 4).next_multiple_of(4) as u64;
-            let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), bounds_checks, ..Default::default() }) else { return };
+            let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), bounds_checks, ..exact() }) else { return };
             for (gpu, token_counts) in [(&whole, [1, 9]), (&split, [1, 3])] {
                 let (bytes, w) = weights(gpu, 21, dtype, rows, k);
                 assert!(std::ptr::eq(gpu, &whole) || w.parts.len() > 1, "{dtype} {rows}x{k} was not split");

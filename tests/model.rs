@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, golden, gpu, gpu_with, has_feature, load_model};
+use common::{assert_close, coop_matrix_gpu, exact, golden, gpu, gpu_with, has_feature, load_model};
 use llama_webgpu::{Error, GpuOptions, LoadOptions};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -33,7 +33,7 @@ const F16_TILES_TOLERANCE: f32 = 5e-2;
 
 #[test]
 fn f16_prefill_tiles_keep_logits_within_their_tolerance() {
-    let Some(gpu) = gpu_with(&GpuOptions { f16_tiles: true, ..Default::default() }) else { return };
+    let Some(gpu) = gpu_with(&GpuOptions { f16_tiles: true, ..exact() }) else { return };
     if !has_feature(&gpu, gpu.tile_type == llama_webgpu::gpu::TileType::F16, "shader-f16") {
         return;
     }
@@ -48,12 +48,28 @@ fn f16_prefill_tiles_keep_logits_within_their_tolerance() {
     }
 }
 
+/// Prefill on cooperative matrices (where the adapter has them, the default there) rounds as f16
+/// tiles do: the same tolerance against the goldens.
+#[test]
+fn prefill_on_cooperative_matrices_keeps_logits_within_the_f16_tolerance() {
+    let Some(gpu) = coop_matrix_gpu(&GpuOptions::default()) else { return };
+    for name in FIXTURES {
+        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        for case in golden(name).logits.iter().filter(|c| c.tokens.len() >= 8) {
+            let logits = pollster::block_on(model.forward(&case.tokens, 0)).unwrap();
+            let what = format!("{name} on cooperative matrices, prompt of {}", case.tokens.len());
+            let max_err = assert_close(&what, &logits, &case.last_logits, F16_TILES_TOLERANCE, F16_TILES_TOLERANCE);
+            println!("{what}: max |logit error| {max_err:.2e}");
+        }
+    }
+}
+
 /// Decode runs the GEMVs, in both reductions: subgroups (the default where the adapter has them)
 /// and workgroup memory (browsers, other adapters).
 #[test]
 fn prefill_then_decode_equals_one_prefill() {
     for no_subgroups in [false, true] {
-        let Some(gpu) = gpu_with(&GpuOptions { no_subgroups, ..Default::default() }) else { return };
+        let Some(gpu) = gpu_with(&GpuOptions { no_subgroups, ..exact() }) else { return };
         if !no_subgroups && !has_feature(&gpu, gpu.subgroups, "subgroups") {
             continue;
         }
@@ -125,7 +141,7 @@ fn a_tiny_binding_limit_splits_weights_and_keeps_the_logits() {
     // 48 KiB: every matrix above 48 KiB (embeddings, lm_head, MLP) is split over several buffers,
     // and the prompt batch shrinks so each activation buffer fits.
     let limit = 48 << 10;
-    let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), ..Default::default() }) else { return };
+    let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), ..exact() }) else { return };
     let Some(gpu) = gpu() else { return };
     assert_eq!(small.limits.max_storage_buffer_binding_size, limit);
     for name in FIXTURES {
@@ -205,7 +221,7 @@ fn context_length_is_checked_against_the_model_and_the_device() {
     let err = load_model(&gpu, "tiny-llama31", &LoadOptions { context_length: Some(257), ..Default::default() }).err().unwrap();
     assert!(matches!(err, Error::Model(_)) && err.to_string().contains("max_position_embeddings 256"), "{err}");
     // A KV pool layer buffer of one context (16 pages of 16 positions) is 32 KiB; the rope table 16 KiB.
-    let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(20 << 10), ..Default::default() }) else { return };
+    let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(20 << 10), ..exact() }) else { return };
     let err = load_model(&small, "tiny-llama31", &LoadOptions { context_length: Some(256), ..Default::default() }).err().unwrap().to_string();
     assert!(err.contains("KV pool of 16 pages (256 positions) needs 196608 bytes") && err.contains("20480"), "{err}");
 }

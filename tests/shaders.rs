@@ -2,7 +2,8 @@
 //! tiles, subgroup reductions), declares the bindings the Rust side binds, and has a `Params`
 //! struct of the same size as its Rust mirror.
 
-use llama_webgpu::gpu::{ops, Binding, Kernel, ModuleForm, RegisterTile, TileType, KERNELS, WORKGROUP_STORAGE};
+use llama_webgpu::gpu::{ops, Binding, Kernel, ModuleForm, RegisterTile, TileType, COOP_WORKGROUP_STORAGE, KERNELS, LIBRARY, WORKGROUP_STORAGE};
+use llama_webgpu::quant::DType;
 use naga::valid::Capabilities;
 use naga::{AddressSpace, Scalar, StorageAccess, TypeInner};
 
@@ -45,17 +46,57 @@ fn tile_scalar(module: &naga::Module) -> Option<Scalar> {
     }
 }
 
-#[test]
-fn every_shader_file_is_a_registered_kernel() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+/// The `.wgsl` files directly under `dir`, by stem, sorted.
+fn wgsl_files(dir: &str) -> Vec<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
     let mut files: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().into_owned())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
         .collect();
     files.sort();
+    files
+}
+
+/// Every module form a kernel has, the default first.
+fn forms(kernel: &Kernel) -> Vec<ModuleForm> {
+    let mut forms = vec![];
+    for tiles in [TileType::F32, TileType::F16] {
+        for subgroups in [false, true] {
+            for register_tile in [RegisterTile::X4, RegisterTile::X8] {
+                for coop_matrix in [false, true] {
+                    if (tiles == TileType::F16 || register_tile == RegisterTile::X8) && !kernel.has_tiles()
+                        || subgroups && !kernel.has_subgroup_form()
+                        || coop_matrix && !kernel.has_coop_form()
+                    {
+                        continue;
+                    }
+                    forms.push(ModuleForm { tiles, subgroups, register_tile, coop_matrix });
+                }
+            }
+        }
+    }
+    forms
+}
+
+#[test]
+fn every_shader_file_is_a_registered_kernel() {
     let mut names: Vec<String> = KERNELS.iter().map(|k| k.name.to_string()).collect();
     names.sort();
-    assert_eq!(files, names);
+    assert_eq!(wgsl_files("shaders"), names);
+}
+
+/// Every file of shaders/lib is a registered piece, and some kernel's module in some form has it.
+#[test]
+fn every_library_file_is_used() {
+    let mut library: Vec<String> = LIBRARY.iter().map(|(name, _)| name.to_string()).collect();
+    library.sort();
+    assert_eq!(wgsl_files("shaders/lib"), library);
+    for (name, text) in LIBRARY {
+        let used = KERNELS.iter().any(|k| forms(k).into_iter().any(|form| k.pieces.iter().any(|p| p.file(form) == Some(text))));
+        assert!(used, "shaders/lib/{name}.wgsl is in no kernel's module");
+    }
 }
 
 #[test]
@@ -180,59 +221,58 @@ fn params_structs_match_their_rust_mirrors() {
 #[test]
 fn workgroup_memory_is_what_the_engine_requires() {
     // Each entry point's workgroup variables, with its override-sized arrays at their largest
-    // (GEMV_COLUMNS tokens per GEMV workgroup).
-    let mut largest = 0;
+    // (GEMV_COLUMNS tokens per GEMV workgroup). tiled_coop runs only where the adapter grants its
+    // own, larger requirement.
+    let (mut largest, mut largest_coop) = (0, 0);
     for kernel in KERNELS {
-        for tiles in [TileType::F32, TileType::F16] {
-            for (subgroups, register_tile) in [(false, RegisterTile::X4), (true, RegisterTile::X4), (false, RegisterTile::X8)] {
-                let form = ModuleForm { tiles, subgroups, register_tile };
-                if (tiles == TileType::F16 && !kernel.has_tiles()) || (subgroups && !kernel.has_subgroup_form()) {
-                    continue;
-                }
-                let (module, info) = parse_with(kernel, form);
-                let constants = naga::back::PipelineConstants::from_iter(
-                    module.overrides.iter().filter(|(_, o)| o.name.as_deref() == Some("GEMV_COLUMNS")).map(|_| ("GEMV_COLUMNS".to_string(), ops::GEMV_COLUMNS as f64)),
-                );
-                for entry in entry_points(&module) {
-                    let (module, _) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, &entry)), &constants)
-                        .unwrap_or_else(|e| panic!("{} {entry}: {e}", kernel.name));
-                    let bytes: u64 = module
-                        .global_variables
-                        .iter()
-                        .filter(|(_, v)| v.space == AddressSpace::WorkGroup)
-                        .map(|(_, v)| module.types[v.ty].inner.size(module.to_ctx()) as u64)
-                        .sum();
-                    assert!(bytes <= WORKGROUP_STORAGE, "{} {entry} {form:?}: {bytes} bytes of workgroup memory", kernel.name);
-                    largest = largest.max(bytes);
-                }
+        for form in forms(kernel) {
+            let (module, info) = parse_with(kernel, form);
+            let constants = naga::back::PipelineConstants::from_iter(
+                module.overrides.iter().filter(|(_, o)| o.name.as_deref() == Some("GEMV_COLUMNS")).map(|_| ("GEMV_COLUMNS".to_string(), ops::GEMV_COLUMNS as f64)),
+            );
+            for entry in entry_points(&module) {
+                let (module, _) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, &entry)), &constants)
+                    .unwrap_or_else(|e| panic!("{} {entry}: {e}", kernel.name));
+                let bytes: u64 = module
+                    .global_variables
+                    .iter()
+                    .filter(|(_, v)| v.space == AddressSpace::WorkGroup)
+                    .map(|(_, v)| module.types[v.ty].inner.size(module.to_ctx()) as u64)
+                    .sum();
+                let (limit, largest) = if entry == "tiled_coop" { (COOP_WORKGROUP_STORAGE, &mut largest_coop) } else { (WORKGROUP_STORAGE, &mut largest) };
+                assert!(bytes <= limit, "{} {entry} {form:?}: {bytes} bytes of workgroup memory", kernel.name);
+                *largest = (*largest).max(bytes);
             }
         }
     }
     assert_eq!(largest, WORKGROUP_STORAGE, "the requirement should be what the largest kernel uses");
+    assert_eq!(largest_coop, COOP_WORKGROUP_STORAGE, "the requirement should be what tiled_coop uses");
 }
 
-/// The WGSL constants that mirror a Rust one, in every kernel that declares them.
+/// The cooperative-matrix form: the entry points of the plain form and tiled_coop, which needs the
+/// capability, and which naga's SPIR-V writer (wgpu's Vulkan path) takes.
 #[test]
-fn shader_constants_match_their_rust_mirrors() {
-    let mirrors = [
-        ("MAX_BATCH_TOKENS", ops::MAX_BATCH_TOKENS as u32),
-        ("MAX_GEMV_COLUMNS", ops::GEMV_COLUMNS),
-        ("MAX_K", ops::MAX_TOP_K as u32),
-        ("MAX_HEAD_DIM", ops::MAX_HEAD_DIM as u32),
-        ("MAX_KEY_SPLITS", ops::MAX_KEY_SPLITS),
-    ];
-    let mut seen = std::collections::BTreeSet::new();
-    for kernel in KERNELS {
-        let (module, _) = parse(kernel);
-        for (_, constant) in module.constants.iter() {
-            let Some((name, rust)) = mirrors.iter().find(|(name, _)| constant.name.as_deref() == Some(*name)) else { continue };
-            let value = match module.global_expressions[constant.init] {
-                naga::Expression::Literal(naga::Literal::U32(v)) => v,
-                ref other => panic!("{} {name}: not a u32 literal: {other:?}", kernel.name),
-            };
-            assert_eq!(value, *rust, "{} {name}", kernel.name);
-            seen.insert(*name);
+fn the_coop_matrix_form_of_the_matmul_validates_and_writes_spirv() {
+    let matmul = KERNELS.iter().find(|k| k.name == "matmul").unwrap();
+    assert!(matmul.has_coop_form());
+    let form = ModuleForm { coop_matrix: true, ..Default::default() };
+    let (module, info) = parse_with(matmul, form);
+    let mut plain = entry_points(&parse(matmul).0);
+    plain.push("tiled_coop".into());
+    assert_eq!(entry_points(&module), plain);
+    assert!(validate(matmul, form, Capabilities::all() - Capabilities::COOPERATIVE_MATRIX).is_err());
+    // As wgpu makes a pipeline: overrides resolved, then SPIR-V for the entry point, for every
+    // weight format, fused input and output.
+    let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+    let pipeline = naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "tiled_coop".into() };
+    for dtype in DType::ALL {
+        for (input, output) in [(0, 0), (1, 0), (2, 0), (1, 1)] {
+            let constants = naga::back::PipelineConstants::from_iter(
+                [("WEIGHT_DTYPE", dtype.shader_code()), ("INPUT", input), ("OUTPUT", output)].map(|(name, value)| (name.to_string(), value as f64)),
+            );
+            let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, "tiled_coop")), &constants)
+                .unwrap_or_else(|e| panic!("{dtype}: {e}"));
+            naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {dtype} {input} {output}: {e}"));
         }
     }
-    assert_eq!(seen.len(), mirrors.len(), "mirrored constants found: {seen:?}");
 }

@@ -41,8 +41,33 @@ pub fn gpu_with(options: &GpuOptions) -> Option<Gpu> {
     }
 }
 
+/// Options for the exact path: prefill on cooperative matrices rounds to f16, so tests held to the
+/// f32 references run without them (tests of that path ask for it).
+pub fn exact() -> GpuOptions {
+    GpuOptions { no_coop_matrix: true, ..Default::default() }
+}
+
 pub fn gpu() -> Option<Gpu> {
-    gpu_with(&GpuOptions::default())
+    gpu_with(&exact())
+}
+
+/// Set where the adapter has cooperative matrices (bench/device.sh on an H100/H200): a test of
+/// prefill on them fails instead of skipping when the engine does not take them.
+pub const REQUIRE_COOP_MATRIX_ENV: &str = "LLAMA_WEBGPU_REQUIRE_COOP_MATRIX";
+
+/// A device with `options` whose prefill runs on cooperative matrices, or None (reported) where
+/// the adapter has none the engine uses (lavapipe, SwiftShader, browsers).
+pub fn coop_matrix_gpu(options: &GpuOptions) -> Option<Gpu> {
+    let gpu = gpu_with(options)?;
+    if !gpu.coop_matrix {
+        let listed = format!("{} lists {:?}, subgroup sizes {}..={}", gpu.info.name, gpu.coop_matrix_properties, gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+        if std::env::var(REQUIRE_COOP_MATRIX_ENV).is_ok_and(|v| v == "1") {
+            panic!("{REQUIRE_COOP_MATRIX_ENV}=1 but prefill is not on cooperative matrices: {listed}");
+        }
+        eprintln!("SKIPPED: no cooperative matrices of 16x16x16 f16 -> f32 with subgroups of 32: {listed}");
+        return None;
+    }
+    Some(gpu)
 }
 
 pub fn fixture(name: &str) -> PathBuf {

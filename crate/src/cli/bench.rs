@@ -100,8 +100,9 @@ fn preset(name: &str) -> anyhow::Result<Config> {
         "llama3.2-1b" => (2048, 16, 32, 64, 8192, true, 32.0),
         "llama3.2-3b" => (3072, 28, 24, 128, 8192, true, 32.0),
         "llama3.1-8b" => (4096, 32, 32, 128, 14336, false, 8.0),
+        "llama3.1-70b" => (8192, 80, 64, 128, 28672, false, 8.0),
         "llama3.1-70b-layer" => (8192, 1, 64, 128, 28672, false, 8.0),
-        other => bail!("unknown synthetic model {other:?}: llama3.1-8b, llama3.2-1b, llama3.2-3b or llama3.1-70b-layer"),
+        other => bail!("unknown synthetic model {other:?}: llama3.1-8b, llama3.2-1b, llama3.2-3b, llama3.1-70b or llama3.1-70b-layer"),
     };
     Ok(Config {
         hidden_size: hidden,
@@ -526,6 +527,8 @@ fn report(
             "gemv_rows_by_matrix": serde_json::Map::from_iter(gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| (matrix.to_string(), n.into()))),
             "subgroup_sizes": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
+            "coop_matrix": gpu.coop_matrix,
+            "coop_matrix_properties": gpu.coop_matrix_properties.iter().map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type)).collect::<Vec<_>>(),
             "gemv_max_tokens": gpu.gemv_max_tokens,
             "register_tile": gpu.register_tile.side(),
             "max_key_splits": model.max_key_splits(),

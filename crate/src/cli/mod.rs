@@ -23,6 +23,10 @@ struct Cli {
     /// No progress bars.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Run prefill on the portable tiles even where the adapter has cooperative matrices (tensor
+    /// cores), for comparison or to step around a driver's bug.
+    #[arg(long, global = true)]
+    no_coop_matrix: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -166,7 +170,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let options = GpuOptions { adapter: cli.adapter, ..Default::default() };
+    let options = GpuOptions { adapter: cli.adapter, no_coop_matrix: cli.no_coop_matrix, ..Default::default() };
     match cli.command {
         Command::Info => {
             for name in llama_webgpu::gpu::adapter_names().await {
@@ -176,6 +180,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("chosen: {} ({:?})", gpu.info.name, gpu.info.backend);
             println!("features: {:?}", gpu.features);
             println!("subgroup sizes: {}..={}", gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+            for p in &gpu.coop_matrix_properties {
+                println!("cooperative matrix: {}x{}x{} {:?} -> {:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type);
+            }
+            println!("prefill on cooperative matrices: {}", gpu.coop_matrix);
             println!("max_storage_buffer_binding_size: {}", gpu.limits.max_storage_buffer_binding_size);
             println!("max_buffer_size: {}", gpu.limits.max_buffer_size);
             Ok(())

@@ -1,11 +1,13 @@
-//! The kernel registry: one shader module per `shaders/*.wgsl` (and module form), compiled once,
-//! and one pipeline per (kernel, module form, entry point, override constants).
+//! The kernel registry: one shader module per `shaders/*.wgsl` and module form, composed with the
+//! shared pieces of `shaders/lib` and compiled once, and one pipeline per (kernel, module form,
+//! entry point, override constants).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::Gpu;
+use super::{ops, Gpu};
+use crate::model::PAGE_SIZE;
+use crate::quant::DType;
 
 /// How a kernel declares one binding of `@group(0)`, in binding order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,11 +20,14 @@ pub enum Binding {
     Uniform,
 }
 
-/// One WGSL file and the bindings its entry points share.
+/// One WGSL file, the shared pieces it is composed with, and the bindings its entry points share.
 #[derive(Debug)]
 pub struct Kernel {
     pub name: &'static str,
+    /// The kernel's own file, `shaders/NAME.wgsl`.
     pub source: &'static str,
+    /// The pieces of `shaders/lib` it uses, put before its file.
+    pub pieces: &'static [Piece],
     pub bindings: &'static [Binding],
     /// Every index stays inside its buffer whenever the host's params match the buffers (which
     /// ops.rs sizes together), so native backends may drop naga's runtime bounds checks.
@@ -31,7 +36,7 @@ pub struct Kernel {
 
 use Binding::{Storage, StorageMut, Uniform};
 
-/// The element type of a kernel's workgroup tiles (matmul.wgsl's `alias tile_t`).
+/// The element type of a kernel's workgroup tiles (`alias tile_t`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TileType {
     #[default]
@@ -40,10 +45,10 @@ pub enum TileType {
     F16,
 }
 
-/// The side of a prefill thread's register tile of sums (matmul.wgsl's REGISTER_TILE).
+/// The side of a prefill thread's register tile of sums (REGISTER_TILE).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RegisterTile {
-    /// 4 tokens x 4 rows, 256 threads per workgroup: the file as it is.
+    /// 4 tokens x 4 rows, 256 threads per workgroup.
     #[default]
     X4,
     /// 8 tokens x 8 rows, 64 threads per workgroup: twice the FMAs per workgroup-memory read.
@@ -59,8 +64,8 @@ impl RegisterTile {
     }
 }
 
-/// Which module a kernel's file makes: the file as it is (the default), or a variant of it made by
-/// [`Kernel::source_for`], where the device has the features the variant needs.
+/// Which module a kernel makes: its pieces and file as they are (the default), or a variant
+/// where the device has the features the variant needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ModuleForm {
     /// The element type of workgroup tiles.
@@ -69,75 +74,159 @@ pub struct ModuleForm {
     pub subgroups: bool,
     /// The prefill threads' register tile.
     pub register_tile: RegisterTile,
+    /// Add the prefill product on cooperative matrices, `tiled_coop` (needs the device features
+    /// EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16 and SUBGROUP).
+    pub coop_matrix: bool,
 }
 
-/// The line of a shader file that declares its tile type; the file as it is uses f32.
-const F32_TILES: &str = "alias tile_t = f32;";
-/// The line of a shader file that sets its register tile; the file as it is uses 4.
-const REGISTER_TILE_4: &str = "const REGISTER_TILE: u32 = 4u;";
-/// The workgroup-memory reduction of a shader file, and the subgroup reduction commented out
-/// after it that replaces it in the subgroup form.
-const WORKGROUP_REDUCTION: (&str, &str) = ("// workgroup reduction {", "// } workgroup reduction");
-const SUBGROUP_REDUCTION: (&str, &str) = ("/* subgroup reduction {", "} subgroup reduction */");
+/// A shared piece of WGSL (`shaders/lib/*.wgsl`) that kernels are composed with: the functions and
+/// types several kernels or entry points use, written once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// The pass's `Step` uniform.
+    Step,
+    /// Weight decoding for every [`crate::quant::DType`].
+    Weights,
+    /// A matmul's fused input stage (INPUT).
+    MatmulInput,
+    /// A matmul's fused output stage (OUTPUT).
+    MatmulOutput,
+    /// The GEMVs' reduction over their workgroup: through subgroups or workgroup memory, by form.
+    GemvReduction,
+    /// What the prefill tiles stage.
+    Tiles,
+    /// The prefill product on cooperative matrices, in coop-matrix forms only.
+    TiledCoop,
+}
 
-/// `source` split around the `(start, end)` markers: before, between, after.
-fn split_around<'a>(source: &'a str, (start, end): (&str, &str)) -> Option<(&'a str, &'a str, &'a str)> {
-    let (before, rest) = source.split_once(start)?;
-    let (between, after) = rest.split_once(end)?;
-    Some((before, between, after))
+macro_rules! lib_file {
+    ($file:literal) => {
+        ($file, include_str!(concat!("../../../shaders/lib/", $file, ".wgsl")))
+    };
+}
+
+/// Every file under `shaders/lib`, by name.
+pub const LIBRARY: [(&str, &str); 8] = [
+    lib_file!("step"),
+    lib_file!("weights"),
+    lib_file!("matmul_input"),
+    lib_file!("matmul_output"),
+    lib_file!("gemv_reduction_workgroup"),
+    lib_file!("gemv_reduction_subgroup"),
+    lib_file!("tiles"),
+    lib_file!("tiled_coop"),
+];
+
+impl Piece {
+    /// The library file this piece is in `form`, if it has one there.
+    pub fn file(self, form: ModuleForm) -> Option<&'static str> {
+        let name = match self {
+            Piece::Step => "step",
+            Piece::Weights => "weights",
+            Piece::MatmulInput => "matmul_input",
+            Piece::MatmulOutput => "matmul_output",
+            Piece::GemvReduction if form.subgroups => "gemv_reduction_subgroup",
+            Piece::GemvReduction => "gemv_reduction_workgroup",
+            Piece::Tiles => "tiles",
+            Piece::TiledCoop if form.coop_matrix => "tiled_coop",
+            Piece::TiledCoop => return None,
+        };
+        LIBRARY.iter().find(|(file, _)| *file == name).map(|(_, source)| *source)
+    }
+}
+
+/// The constants every module starts with: sizes the host and the kernels must agree on, defined
+/// once here instead of mirrored by hand in each file.
+pub fn shader_constants() -> Vec<(String, u32)> {
+    let mut constants: Vec<(String, u32)> = vec![
+        ("MAX_BATCH_TOKENS".into(), ops::MAX_BATCH_TOKENS as u32),
+        ("MAX_GEMV_COLUMNS".into(), ops::GEMV_COLUMNS),
+        ("TILE".into(), ops::TILE),
+        ("TILE_ROWS".into(), ops::TILE_ROWS),
+        ("MAX_HEAD_DIM".into(), ops::MAX_HEAD_DIM as u32),
+        ("MAX_KEY_SPLITS".into(), ops::MAX_KEY_SPLITS),
+        ("MAX_QUERY_BLOCK".into(), ops::ATTENTION_QUERY_BLOCK),
+        ("PAGE_SIZE".into(), PAGE_SIZE as u32),
+        ("SELECTION_WG".into(), ops::SELECTION_WG as u32),
+        ("ARGMAX_PARTIALS".into(), ops::ARGMAX_PARTIALS as u32),
+        ("TOP_K_PARTIALS".into(), ops::TOP_K_PARTIALS as u32),
+        ("MAX_TOP_K".into(), ops::MAX_TOP_K as u32),
+        ("INPUT_PLAIN".into(), ops::INPUT_PLAIN),
+        ("INPUT_RMSNORM".into(), ops::INPUT_RMSNORM),
+        ("INPUT_SILU_MUL".into(), ops::INPUT_SILU_MUL),
+        ("OUTPUT_ROWS".into(), ops::OUTPUT_ROWS),
+        ("OUTPUT_ROTARY".into(), ops::OUTPUT_ROTARY),
+    ];
+    for dtype in DType::ALL {
+        let name = format!("DTYPE_{}", dtype.name().to_uppercase());
+        let (elements, bytes) = dtype.block();
+        constants.push((format!("{name}_BLOCK"), elements as u32));
+        constants.push((format!("{name}_BLOCK_BYTES"), bytes as u32));
+        constants.push((name, dtype.shader_code()));
+    }
+    constants
 }
 
 impl Kernel {
-    /// Whether the kernel declares a tile type, so that it has an f16 form.
+    /// Whether the kernel stages prefill tiles, so that it has an f16-tile form.
     pub fn has_tiles(&self) -> bool {
-        self.source.contains(F32_TILES)
+        self.pieces.contains(&Piece::Tiles)
     }
 
     /// Whether the kernel has a subgroup reduction to swap in.
     pub fn has_subgroup_form(&self) -> bool {
-        self.subgroup_reduction().is_some()
+        self.pieces.contains(&Piece::GemvReduction)
     }
 
-    /// The file with its workgroup-memory reduction replaced by the commented subgroup one.
-    fn subgroup_reduction(&self) -> Option<String> {
-        let (head, _, rest) = split_around(self.source, WORKGROUP_REDUCTION)?;
-        let (middle, subgroup, tail) = split_around(rest, SUBGROUP_REDUCTION)?;
-        Some(format!("{head}{subgroup}{middle}{tail}"))
+    /// Whether the kernel has a cooperative-matrix form.
+    pub fn has_coop_form(&self) -> bool {
+        self.pieces.contains(&Piece::TiledCoop)
     }
 
-    /// The kernel's WGSL in `form`: the file as it is for the default form. The 8x8 register tile
-    /// sets REGISTER_TILE to 8, from which the workgroup size and staging follow. With f16 tiles the
-    /// alias names f16 and `enable f16;` leads the module (WGSL takes it only there, which is why
-    /// each form is a module of its own). The subgroup form swaps in the subgroup reduction
-    /// (a kernel without one stays as it is). It omits the `enable subgroups;` that WebGPU
-    /// requires: naga 30 rejects that directive as not yet implemented (gfx-rs/wgpu#5555) and
-    /// takes subgroup operations without it, and wgpu 30's browser backend never grants SUBGROUP,
-    /// so browsers always get the workgroup-memory form.
-    pub fn source_for(&self, form: ModuleForm) -> Cow<'static, str> {
-        let mut source = Cow::Borrowed(self.source);
-        if form.subgroups {
-            if let Some(swapped) = self.subgroup_reduction() {
-                source = Cow::Owned(swapped);
+    /// The kernel's WGSL module in `form`: the enable directives the form needs (WGSL takes them
+    /// only first, which is why each form is a module of its own), the constants from Rust
+    /// ([`shader_constants`], the tile type and register tile of the form), the kernel's file,
+    /// then its pieces. The file goes before the pieces because it declares the overrides: naga
+    /// 30 turns overrides into constants (at pipeline creation) in an order that panics when an
+    /// override-sized array of a piece comes before them. The subgroup form omits the `enable subgroups;` that WebGPU requires: naga
+    /// 30 rejects that directive as not yet implemented (gfx-rs/wgpu#5555) and takes subgroup
+    /// operations without it, and wgpu 30's browser backend never grants SUBGROUP, so browsers
+    /// always get the workgroup-memory form.
+    pub fn source_for(&self, form: ModuleForm) -> String {
+        let mut source = String::new();
+        if form.tiles == TileType::F16 || form.coop_matrix {
+            source.push_str("enable f16;\n");
+        }
+        if form.coop_matrix {
+            source.push_str("enable wgpu_cooperative_matrix;\n");
+        }
+        for (name, value) in shader_constants() {
+            source.push_str(&format!("const {name}: u32 = {value}u;\n"));
+        }
+        let tile_type = match form.tiles {
+            TileType::F32 => "f32",
+            TileType::F16 => "f16",
+        };
+        source.push_str(&format!("alias tile_t = {tile_type};\nconst REGISTER_TILE: u32 = {}u;\n", form.register_tile.side()));
+        source.push_str(self.source);
+        for piece in self.pieces {
+            if let Some(text) = piece.file(form) {
+                source.push_str(text);
             }
-        }
-        if form.register_tile == RegisterTile::X8 {
-            source = Cow::Owned(source.replacen(REGISTER_TILE_4, "const REGISTER_TILE: u32 = 8u;", 1));
-        }
-        if form.tiles == TileType::F16 {
-            source = Cow::Owned(format!("enable f16;\n{}", source.replacen(F32_TILES, "alias tile_t = f16;", 1)));
         }
         source
     }
 }
 
 macro_rules! kernel {
-    ($ident:ident, $file:literal, [$($binding:expr),*]) => {
-        kernel!($ident, $file, [$($binding),*], in_bounds: false);
+    ($ident:ident, $file:literal, [$($piece:ident),*], [$($binding:expr),*]) => {
+        kernel!($ident, $file, [$($piece),*], [$($binding),*], in_bounds: false);
     };
-    ($ident:ident, $file:literal, [$($binding:expr),*], in_bounds: $in_bounds:literal) => {
+    ($ident:ident, $file:literal, [$($piece:ident),*], [$($binding:expr),*], in_bounds: $in_bounds:literal) => {
         pub const $ident: Kernel = Kernel {
             name: $file,
             source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
+            pieces: &[$(Piece::$piece),*],
             bindings: &[$($binding),*],
             in_bounds: $in_bounds,
         };
@@ -146,11 +235,12 @@ macro_rules! kernel {
 
 // The hot kernel: rows, columns and tokens are checked against params; reads past a part's
 // last row stay within the padding of its last word.
-kernel!(MATMUL, "matmul", [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true);
-kernel!(ATTENTION, "attention", [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
-kernel!(ARGMAX, "argmax", [Storage, StorageMut, StorageMut, Uniform]);
-kernel!(TOP_K, "top_k", [Storage, Storage, StorageMut, StorageMut, Uniform]);
-kernel!(FILL, "fill", [StorageMut, Uniform]);
+kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Tiles, TiledCoop],
+    [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true);
+kernel!(ATTENTION, "attention", [Step], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
+kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform]);
+kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform]);
+kernel!(FILL, "fill", [], [StorageMut, Uniform]);
 
 /// Every kernel the engine uses.
 pub const KERNELS: [&Kernel; 5] = [&MATMUL, &ATTENTION, &ARGMAX, &TOP_K, &FILL];
@@ -199,7 +289,7 @@ impl Gpu {
     }
 
     fn compile(&self, kernel: &Kernel, form: ModuleForm) -> Module {
-        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source_for(form)) };
+        let descriptor = wgpu::ShaderModuleDescriptor { label: Some(kernel.name), source: wgpu::ShaderSource::Wgsl(kernel.source_for(form).into()) };
         // naga's loop bounding (a hidden counter in every loop) hides each loop's trip count from
         // the driver's compiler, which then cannot unroll the loops over the kernels' small
         // register arrays (GEMV sums, tile accumulators) and keeps those in local memory

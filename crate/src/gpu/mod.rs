@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{Binding, Kernel, ModuleForm, RegisterTile, TileType, KERNELS};
+pub use kernels::{shader_constants, Binding, Kernel, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::WeightMatrix;
@@ -78,6 +78,9 @@ pub struct GpuOptions {
     /// The most splits a decode step cuts its keys into, 1 to 32 (`ops::MAX_KEY_SPLITS`, the
     /// default); 1 attends without splits or their merge dispatch. For tuning.
     pub max_key_splits: Option<u32>,
+    /// Run prefill on the portable tiles even where the adapter has cooperative matrices (tensor
+    /// cores) that `tiled_coop` can use; for comparison, or to step around a driver's bug.
+    pub no_coop_matrix: bool,
 }
 
 /// Storage buffers of the kernel with the most (matmul.wgsl); WebGPU grants 8 everywhere.
@@ -86,6 +89,8 @@ const STORAGE_BUFFERS: u64 = 7;
 /// Workgroup memory of the kernel entry point with the most (attention.wgsl's `attend`); a test
 /// checks every kernel against it.
 pub const WORKGROUP_STORAGE: u64 = 13312;
+/// Workgroup memory of matmul.wgsl's `tiled_coop`, which runs only where the adapter has this much.
+pub const COOP_WORKGROUP_STORAGE: u64 = 14336;
 
 /// A limit's name, how to read it, and the least the engine needs of it.
 type Requirement = (&'static str, fn(&wgpu::Limits) -> u64, u64);
@@ -116,6 +121,10 @@ pub struct Gpu {
     pub tile_type: TileType,
     /// The decode GEMVs reduce with subgroup operations: SUBGROUP granted and not turned off.
     pub subgroups: bool,
+    /// Prefill runs on cooperative matrices (matmul.wgsl's `tiled_coop`): see [`coop_matrix_fits`].
+    pub coop_matrix: bool,
+    /// The cooperative-matrix configurations the adapter lists (empty without the feature).
+    pub coop_matrix_properties: Vec<wgpu::CooperativeMatrixProperties>,
     /// See [`GpuOptions::gemv_rows`].
     pub gemv_rows: Option<u32>,
     /// See [`GpuOptions::gemv_max_tokens`].
@@ -169,19 +178,29 @@ impl Gpu {
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
+        let coop_matrix = !options.no_coop_matrix && coop_matrix_fits(&adapter, &info, &available);
         let mut wanted = wgpu::Features::SHADER_F16;
-        if !options.no_subgroups {
+        if !options.no_subgroups || coop_matrix {
             wanted |= wgpu::Features::SUBGROUP;
+        }
+        if coop_matrix {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
         if options.timestamps {
             wanted |= wgpu::Features::TIMESTAMP_QUERY;
         }
         let features = adapter.features() & wanted;
+        // SAFETY: wgpu's experimental cooperative matrices are used by tiled_coop alone, in the one
+        // configuration the adapter lists (coop_matrix_fits), and checked against the CPU at load
+        // (self_test); the token is only given when that kernel will run.
+        let experimental_features =
+            if coop_matrix { unsafe { wgpu::ExperimentalFeatures::enabled() } } else { wgpu::ExperimentalFeatures::disabled() };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("llama-webgpu"),
                 required_features: features,
                 required_limits: limits.clone(),
+                experimental_features,
                 ..Default::default()
             })
             .await
@@ -200,8 +219,13 @@ impl Gpu {
             slot.get_or_insert(GpuError::DeviceLost(format!("{reason:?}: {message}")));
         });
         let tile_type = if options.f16_tiles && features.contains(wgpu::Features::SHADER_F16) { TileType::F16 } else { TileType::F32 };
-        let subgroups = features.contains(wgpu::Features::SUBGROUP);
-        log::info!("adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}", info.name, info.backend, features);
+        let subgroups = features.contains(wgpu::Features::SUBGROUP) && !options.no_subgroups;
+        log::info!(
+            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}",
+            info.name,
+            info.backend,
+            features
+        );
         let unused_writable = [0, 1].map(|_| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("unused writable binding"),
@@ -220,6 +244,8 @@ impl Gpu {
             bounds_checks: options.bounds_checks,
             tile_type,
             subgroups,
+            coop_matrix,
+            coop_matrix_properties: adapter.cooperative_matrix_properties(),
             gemv_rows: options.gemv_rows,
             gemv_max_tokens: options.gemv_max_tokens.unwrap_or(ops::DEFAULT_GEMV_MAX_TOKENS),
             register_tile,
@@ -329,6 +355,19 @@ impl Gpu {
         self.queue.submit([encoder.finish()]);
         readback::wait(self).await
     }
+}
+
+/// Whether matmul.wgsl's `tiled_coop` can run on `adapter`: cooperative matrices of 16x16x16 with
+/// f16 operands and f32 sums (NVIDIA's and AMD's Vulkan drivers list them; Apple's 8x8 only, not
+/// used), shader-f16 and subgroups, a subgroup size fixed at the kernel's 32 (its four subgroups
+/// each take a quarter of the tile), and the workgroup memory the kernel takes.
+pub fn coop_matrix_fits(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> bool {
+    use wgpu::CooperativeScalarType::{F16, F32};
+    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+    adapter.features().contains(needed)
+        && adapter.cooperative_matrix_properties().iter().any(|p| (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (16, 16, 16, F16, F32))
+        && (info.subgroup_min_size, info.subgroup_max_size) == (32, 32)
+        && limits.max_compute_workgroup_storage_size as u64 >= COOP_WORKGROUP_STORAGE
 }
 
 /// A buffer size: `bytes` rounded up to whole vec4s, so kernels may read f32 arrays 4 elements at

@@ -157,16 +157,16 @@ pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, seed: u32, mask: u32) -> Op {
     Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid, Traffic::fixed(buffer.size()))] }
 }
 
-/// The most candidates top_k.wgsl selects (its MAX_K).
+/// The most candidates top_k.wgsl selects.
 pub const MAX_TOP_K: usize = 64;
 
-/// The largest head_dim the attention kernel holds (its MAX_HEAD_DIM).
+/// The largest head_dim the attention kernel holds.
 pub const MAX_HEAD_DIM: usize = 256;
 /// Below this many tokens attention runs one query per workgroup, its keys split; from it on, in
 /// blocks of queries.
 pub const DECODE_MAX_TOKENS: u32 = 8;
-/// Tokens per workgroup of a GEMV over several tokens (matmul.wgsl's MAX_GEMV_COLUMNS): each weight
-/// is loaded and decoded once for all of them, as llama.cpp's mul_mat_vec takes up to 8 columns.
+/// Tokens per workgroup of a GEMV over several tokens (MAX_GEMV_COLUMNS in the kernels): each
+/// weight is loaded and decoded once for all of them, as llama.cpp's mul_mat_vec takes up to 8 columns.
 pub const GEMV_COLUMNS: u32 = 8;
 /// The most tokens a pass runs its matmuls as GEMVs with (the default of
 /// [`GpuOptions::gemv_max_tokens`]); more run as tiles. A GEMV pass reads and decodes the weights
@@ -178,13 +178,13 @@ pub const GEMV_COLUMNS: u32 = 8;
 ///
 /// [`GpuOptions::gemv_max_tokens`]: super::GpuOptions::gemv_max_tokens
 pub const DEFAULT_GEMV_MAX_TOKENS: u32 = 32;
-/// Tokens and rows per workgroup of matmul.wgsl's tiled (its TILE and TILE_ROWS).
-const TILE: u32 = 64;
-const TILE_ROWS: u32 = 64;
-/// Query rows per workgroup of attention.wgsl for prefill (its MAX_QUERY_BLOCK, QUERY_BLOCK's default).
-const ATTENTION_QUERY_BLOCK: u32 = 8;
-/// The most key splits of a decode pass (attention.wgsl's MAX_KEY_SPLITS): with 8 KV heads, 256
-/// workgroups, about two per SM of an H100/H200.
+/// Tokens and rows per workgroup of matmul.wgsl's tiled products (TILE and TILE_ROWS).
+pub(crate) const TILE: u32 = 64;
+pub(crate) const TILE_ROWS: u32 = 64;
+/// Query rows per workgroup of attention.wgsl for prefill (MAX_QUERY_BLOCK, QUERY_BLOCK's default).
+pub(crate) const ATTENTION_QUERY_BLOCK: u32 = 8;
+/// The most key splits of a decode pass: with 8 KV heads, 256 workgroups, about two per SM of an
+/// H100/H200.
 pub const MAX_KEY_SPLITS: u32 = 32;
 /// The fewest keys a split attends to: one K/V tile at head_dim 128. A split's tiles run one
 /// after another, so at short contexts more, smaller splits finish sooner (bench/NOTES.md).
@@ -389,12 +389,17 @@ pub enum MatmulInput<'a> {
     SiluMul,
 }
 
+/// matmul.wgsl's INPUT codes.
+pub(crate) const INPUT_PLAIN: u32 = 0;
+pub(crate) const INPUT_RMSNORM: u32 = 1;
+pub(crate) const INPUT_SILU_MUL: u32 = 2;
+
 impl MatmulInput<'_> {
     fn code(self) -> u32 {
         match self {
-            MatmulInput::Plain => 0,
-            MatmulInput::RmsNorm { .. } => 1,
-            MatmulInput::SiluMul => 2,
+            MatmulInput::Plain => INPUT_PLAIN,
+            MatmulInput::RmsNorm { .. } => INPUT_RMSNORM,
+            MatmulInput::SiluMul => INPUT_SILU_MUL,
         }
     }
 }
@@ -423,11 +428,15 @@ pub struct Rotary<'a> {
     pub head_dim: usize,
 }
 
+/// matmul.wgsl's OUTPUT codes.
+pub(crate) const OUTPUT_ROWS: u32 = 0;
+pub(crate) const OUTPUT_ROTARY: u32 = 1;
+
 impl MatmulOutput<'_> {
     fn code(self) -> u32 {
         match self {
-            MatmulOutput::Rows => 0,
-            MatmulOutput::Rotary(_) => 1,
+            MatmulOutput::Rows => OUTPUT_ROWS,
+            MatmulOutput::Rotary(_) => OUTPUT_ROTARY,
         }
     }
 }
@@ -464,7 +473,7 @@ pub fn matmul(
     ByTokens {
         one: gemv(1),
         few: gemv(GEMV_COLUMNS),
-        many: weight_op(gpu, "tiled", x, input, w, out, output, layout, step, tiles),
+        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, w, out, output, layout, step, tiles),
         gemv_max_tokens: gpu.gemv_max_tokens,
     }
 }
@@ -513,13 +522,14 @@ fn weight_op(
     step: &wgpu::Buffer,
     launch: impl Fn(u32) -> (Grid, Vec<(&'static str, f64)>),
 ) -> Op {
-    // Only the tiled product stages tiles, and only the GEMVs reduce over their workgroup; the
-    // other entry points are the same in every form.
+    // Only the tiled product stages tiles, only the GEMVs reduce over their workgroup, and only
+    // tiled_coop is on cooperative matrices; the other entry points are the same in every form.
     let tiled = entry == "tiled";
     let form = ModuleForm {
         tiles: if tiled { gpu.tile_type } else { TileType::F32 },
         subgroups: matches!(entry, "gemv" | "gemv_blocks" | "gemv_superblocks") && gpu.subgroups,
         register_tile: if tiled { gpu.register_tile } else { RegisterTile::X4 },
+        coop_matrix: entry == "tiled_coop",
     };
     let (norm, eps) = match input {
         MatmulInput::RmsNorm { weight, eps } => (weight, eps),
@@ -688,10 +698,10 @@ impl Attention {
 }
 
 
-/// Threads per workgroup of argmax.wgsl and top_k.wgsl (their WG).
-const SELECTION_WG: usize = 256;
-/// The most workgroups of argmax's first pass (argmax.wgsl's MAX_PARTIALS).
-const ARGMAX_PARTIALS: usize = 256;
+/// Threads per workgroup of argmax.wgsl and top_k.wgsl.
+pub(crate) const SELECTION_WG: usize = 256;
+/// The most workgroups of argmax's first pass (ARGMAX_PARTIALS in the kernels).
+pub(crate) const ARGMAX_PARTIALS: usize = 256;
 /// Logits each thread of argmax's first pass reads, where the partials allow.
 const ARGMAX_PER_THREAD: usize = 4;
 
@@ -719,8 +729,8 @@ pub struct TopK {
     max_rows: usize,
 }
 
-/// The most workgroups of top_k's first pass (top_k.wgsl's MAX_PARTIALS).
-const TOP_K_PARTIALS: usize = 256;
+/// The most workgroups of top_k's first pass (TOP_K_PARTIALS in the kernels).
+pub(crate) const TOP_K_PARTIALS: usize = 256;
 /// Logits each thread of top_k's first pass reads, where the partials allow: fewer partials leave
 /// the second pass fewer candidates (partials x k) to select from.
 const TOP_K_PER_THREAD: usize = 16;

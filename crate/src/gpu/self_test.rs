@@ -42,8 +42,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step(tokens, 0));
             gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
-            // f16 tiles round inputs and weights to 11 bits; garbage still lies far outside this.
-            let f16_tiles = tokens == tiled && gpu.tile_type == TileType::F16;
+            // f16 tiles and cooperative matrices round inputs and weights to 11 bits; garbage
+            // still lies far outside this.
+            let f16_tiles = tokens == tiled && (gpu.tile_type == TileType::F16 || gpu.coop_matrix);
             compare(gpu, kernel, &out, &product[..tokens * rows], if f16_tiles { 1e-2 } else { 1e-4 }).await?;
         }
     }

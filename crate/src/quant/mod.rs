@@ -43,6 +43,8 @@ pub enum QuantError {
 }
 
 impl DType {
+    pub const ALL: [DType; 8] = [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K];
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -58,9 +60,7 @@ impl DType {
 
     /// The format named as [`DType::name`] gives it ("q4_0", "f16", ...).
     pub fn from_name(name: &str) -> Option<Self> {
-        [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K]
-            .into_iter()
-            .find(|d| d.name() == name)
+        DType::ALL.into_iter().find(|d| d.name() == name)
     }
 
     /// Elements per block and bytes per block (a block of one element for plain floats).

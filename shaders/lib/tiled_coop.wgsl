@@ -1,0 +1,134 @@
+// Prompt prefill on tensor cores: matmul.wgsl's tiled product with the multiply-adds of its k loop
+// on cooperative matrices, 16x16x16 with f16 operands and f32 sums, where the device has them
+// (natively; no browser exposes them yet). A workgroup computes TILE tokens x TILE_ROWS rows as
+// `tiled` does, from the same staged inputs and decoded weights (lib/tiles.wgsl), in four subgroups
+// of COOP_SUBGROUP threads, each holding 2x2 accumulators: 32 tokens x 32 rows. Each k step stages
+// COOP_K columns of the tile's inputs and weights as f16 in workgroup memory, one row after
+// another; a thread reads the next step's into registers while the current one is multiplied.
+// The sums leave a fragment at a time through workgroup memory into the fused output stage
+// (`store`), which takes each slot with its rotation partner. As with f16 tiles, inputs and decoded
+// weights are rounded to f16 (11 significant bits) and products are summed in f32.
+
+// The subgroup size the host runs this entry point with (it checks the adapter's is fixed at it).
+const COOP_SUBGROUP: u32 = 32u;
+const COOP_THREADS: u32 = 4u * COOP_SUBGROUP;
+const COOP_K: u32 = 32u;
+// f16 elements between staged rows: 80 bytes, a multiple of the 16 that matrix loads want, and
+// off the 128-byte period of workgroup memory's banks, so a fragment's rows fall in different banks.
+const COOP_STRIDE: u32 = COOP_K + 8u;
+// Each thread stages 4 elements of COOP_STAGED token rows and as many weight rows per k step,
+// COOP_K / 4 threads per row.
+const COOP_STAGED: u32 = TILE * COOP_K / 4u / COOP_THREADS;
+const COOP_ROW_THREADS: u32 = COOP_K / 4u;
+const COOP_STAGED_STRIDE: u32 = COOP_THREADS / COOP_ROW_THREADS; // rows between a thread's staged rows
+var<workgroup> coop_x: array<f16, TILE * COOP_STRIDE>;       // (TILE tokens, COOP_K)
+var<workgroup> coop_w: array<f16, TILE_ROWS * COOP_STRIDE>;  // (TILE_ROWS slots, COOP_K)
+// Per subgroup one 16x16 fragment of sums (tokens x slots) on its way out; before the k loop, the
+// RMSNorm partial sums of squares.
+var<workgroup> coop_out: array<f32, 4u * 256u>;
+
+// The builtins a tiled_coop thread reads.
+struct CoopThread {
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) index: u32,
+    @builtin(subgroup_id) subgroup: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+}
+
+// A k step's staged inputs and weights, as thread `index` holds them: rows index / COOP_ROW_THREADS
+// + COOP_STAGED_STRIDE p, columns 4 (index % COOP_ROW_THREADS)..+3 of the step.
+struct CoopStage {
+    x: array<vec4<f32>, COOP_STAGED>,
+    w: array<vec4<f32>, COOP_STAGED>,
+}
+
+fn coop_stage(t0: u32, row0: u32, index: u32, k0: u32, scales: array<f32, COOP_STAGED>) -> CoopStage {
+    var stage: CoopStage;
+    let r = index / COOP_ROW_THREADS;
+    let c = k0 + 4u * (index % COOP_ROW_THREADS);
+    for (var p = 0u; p < COOP_STAGED; p++) {
+        stage.x[p] = staged_input(t0 + r + COOP_STAGED_STRIDE * p, c, scales[p]);
+        stage.w[p] = staged_weight(row0 + r + COOP_STAGED_STRIDE * p, c);
+    }
+    return stage;
+}
+
+// The sums of fragment (token block, row block) of subgroup `subgroup` stored through `store`.
+fn coop_store_fragment(thread: CoopThread, sums: coop_mat16x16<f32, C>, t: u32, slot: u32) {
+    let at = thread.subgroup * 256u;
+    coopStoreT(sums, &coop_out[at], 16u);
+    workgroupBarrier();
+    for (var e = thread.lane; e < 256u; e += COOP_SUBGROUP) {
+        if (t + e / 16u < step.n_tokens && slot + e % 16u < params.rows) {
+            store(t + e / 16u, slot + e % 16u, coop_out[at + e], coop_out[at + (e ^ 1u)]);
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(COOP_THREADS)
+fn tiled_coop(thread: CoopThread) {
+    let row0 = thread.wg.x * TILE_ROWS;
+    let t0 = thread.wg.y * TILE;
+    let r = thread.index / COOP_ROW_THREADS;
+    // This subgroup's 32 tokens and 32 rows of the tile.
+    let tokens = (thread.subgroup / 2u) * 32u;
+    let slots = (thread.subgroup % 2u) * 32u;
+    // RMSNorm: as in `tiled`, the inputs are staged scaled by their row's 1 / rms.
+    var scales: array<f32, COOP_STAGED>;
+    for (var p = 0u; p < COOP_STAGED; p++) {
+        scales[p] = 1.0;
+    }
+    if (INPUT == INPUT_RMSNORM) {
+        let lane = thread.index % COOP_ROW_THREADS;
+        for (var p = 0u; p < COOP_STAGED; p++) {
+            let row = r + COOP_STAGED_STRIDE * p;
+            coop_out[row * COOP_ROW_THREADS + lane] = squares_share(t0 + row, lane, COOP_ROW_THREADS);
+        }
+        workgroupBarrier();
+        for (var p = 0u; p < COOP_STAGED; p++) {
+            let first = (r + COOP_STAGED_STRIDE * p) * COOP_ROW_THREADS;
+            var squares = 0.0;
+            for (var i = 0u; i < COOP_ROW_THREADS; i++) {
+                squares += coop_out[first + i];
+            }
+            scales[p] = row_scale(squares);
+        }
+        workgroupBarrier();
+    }
+    var acc00 = coop_mat16x16<f32, C>();
+    var acc01 = coop_mat16x16<f32, C>();
+    var acc10 = coop_mat16x16<f32, C>();
+    var acc11 = coop_mat16x16<f32, C>();
+    var stage = coop_stage(t0, row0, thread.index, 0u, scales);
+    let c = 4u * (thread.index % COOP_ROW_THREADS);
+    for (var k0 = 0u; k0 < params.k; k0 += COOP_K) {
+        for (var p = 0u; p < COOP_STAGED; p++) {
+            let at = (r + COOP_STAGED_STRIDE * p) * COOP_STRIDE + c;
+            for (var i = 0u; i < 4u; i++) {
+                coop_x[at + i] = f16(stage.x[p][i]);
+                coop_w[at + i] = f16(stage.w[p][i]);
+            }
+        }
+        workgroupBarrier();
+        if (k0 + COOP_K < params.k) {
+            stage = coop_stage(t0, row0, thread.index, k0 + COOP_K, scales);
+        }
+        for (var kk = 0u; kk < COOP_K; kk += 16u) {
+            // A: tokens x k, row-major; B: k x slots, each slot's k contiguous (column-major).
+            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&coop_x[tokens * COOP_STRIDE + kk], COOP_STRIDE);
+            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&coop_x[(tokens + 16u) * COOP_STRIDE + kk], COOP_STRIDE);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&coop_w[slots * COOP_STRIDE + kk], COOP_STRIDE);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&coop_w[(slots + 16u) * COOP_STRIDE + kk], COOP_STRIDE);
+            acc00 = coopMultiplyAdd(a0, b0, acc00);
+            acc01 = coopMultiplyAdd(a0, b1, acc01);
+            acc10 = coopMultiplyAdd(a1, b0, acc10);
+            acc11 = coopMultiplyAdd(a1, b1, acc11);
+        }
+        workgroupBarrier();
+    }
+    coop_store_fragment(thread, acc00, t0 + tokens, row0 + slots);
+    coop_store_fragment(thread, acc01, t0 + tokens, row0 + slots + 16u);
+    coop_store_fragment(thread, acc10, t0 + tokens + 16u, row0 + slots);
+    coop_store_fragment(thread, acc11, t0 + tokens + 16u, row0 + slots + 16u);
+}

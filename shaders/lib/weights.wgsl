@@ -1,0 +1,163 @@
+// Weight decoding: elements of a (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block
+// format, decoded with f32 arithmetic, bit-exact with ggml's dequantize_row_* (crate::quant's CPU
+// reference). Reads the module's `w: array<u32>` binding, `params.k` and the WEIGHT_DTYPE override.
+
+// The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
+// weights in `bytes` bytes.
+fn block_start(row: u32, col: u32, elements: u32, bytes: u32) -> u32 {
+    return (row * (params.k / elements) + col / elements) * bytes;
+}
+
+fn byte_at(offset: u32) -> u32 {
+    return (w[offset >> 2u] >> ((offset & 3u) * 8u)) & 0xffu;
+}
+
+fn f16_at(offset: u32) -> f32 { // offset is even
+    return unpack2x16float(w[offset >> 2u] >> ((offset & 2u) * 8u)).x;
+}
+
+fn i8_at(offset: u32) -> f32 {
+    return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
+}
+
+// The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base` (a
+// word boundary). Its 12 scale bytes b are 3 words, and sub-block i and i + 4 take their bits
+// from b[i], b[4 + i] and b[8 + i], byte i of each word.
+fn q4k_scale_min(base: u32, sub: u32) -> vec2<f32> {
+    let i = base / 4u + 1u;
+    let b = (vec3(w[i], w[i + 1u], w[i + 2u]) >> vec3(8u * (sub % 4u))) & vec3(0xffu);
+    let low = vec2(b.x & 63u, b.y & 63u);
+    let high = vec2((b.z & 0xfu) | ((b.x >> 6u) << 4u), (b.z >> 4u) | ((b.y >> 6u) << 4u));
+    return vec2<f32>(select(high, low, sub < 4u));
+}
+
+// Element `col` of `row` for the block formats (llama.cpp's dequantize_row_*).
+fn block_weight(row: u32, col: u32) -> f32 {
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q4_0: { // q4_0: f16 d, 16 bytes; j < 16 low nibbles, j >= 16 high nibbles
+            let base = block_start(row, col, DTYPE_Q4_0_BLOCK, DTYPE_Q4_0_BLOCK_BYTES);
+            let j = col % 32u;
+            let q = (byte_at(base + 2u + j % 16u) >> (j / 16u * 4u)) & 0xfu;
+            return f16_at(base) * (f32(q) - 8.0);
+        }
+        case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes as q4_0
+            let base = block_start(row, col, DTYPE_Q4_1_BLOCK, DTYPE_Q4_1_BLOCK_BYTES);
+            let j = col % 32u;
+            let q = (byte_at(base + 4u + j % 16u) >> (j / 16u * 4u)) & 0xfu;
+            return f16_at(base) * f32(q) + f16_at(base + 2u);
+        }
+        case DTYPE_Q8_0: { // q8_0: f16 d, 32 int8
+            let base = block_start(row, col, DTYPE_Q8_0_BLOCK, DTYPE_Q8_0_BLOCK_BYTES);
+            return f16_at(base) * i8_at(base + 2u + col % 32u);
+        }
+        case DTYPE_Q4_K: { // q4_k: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+            let base = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);
+            let j = col % 256u;
+            let sub = j / 32u;
+            let scale_min = q4k_scale_min(base, sub);
+            let q = (byte_at(base + 16u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
+            return (f16_at(base) * scale_min.x) * f32(q) - f16_at(base + 2u) * scale_min.y;
+        }
+        default: { // q6_k: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, f16 d
+            let base = block_start(row, col, DTYPE_Q6_K_BLOCK, DTYPE_Q6_K_BLOCK_BYTES);
+            let j = col % 256u;
+            let half = j / 128u;
+            let quarter = j % 128u / 32u;
+            let l = j % 32u;
+            let low = (byte_at(base + half * 64u + l + quarter % 2u * 32u) >> (quarter / 2u * 4u)) & 0xfu;
+            let high = (byte_at(base + 128u + half * 32u + l) >> (2u * quarter)) & 3u;
+            let scale = i8_at(base + 192u + half * 8u + l / 16u + 2u * quarter);
+            return (f16_at(base + 208u) * scale) * (f32(low | (high << 4u)) - 32.0);
+        }
+    }
+}
+
+// Elements col and col + 1 (col even) of `row` as f32.
+fn weight_pair(row: u32, col: u32) -> vec2<f32> {
+    let i = (row * params.k + col) / 2u;
+    switch WEIGHT_DTYPE {
+        case DTYPE_F32: { return vec2(bitcast<f32>(w[2u * i]), bitcast<f32>(w[2u * i + 1u])); }
+        case DTYPE_F16: { return unpack2x16float(w[i]); }
+        case DTYPE_BF16: { let b = w[i]; return vec2(bitcast<f32>(b << 16u), bitcast<f32>(b & 0xffff0000u)); }
+        default: { return vec2(block_weight(row, col), block_weight(row, col + 1u)); }
+    }
+}
+
+fn word_at(p: u32) -> u32 {
+    let i = p / 4u;
+    if ((p & 2u) == 0u) {
+        return w[i];
+    }
+    return (w[i] >> 16u) | (w[i + 1u] << 16u);
+}
+
+// Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
+fn low_nibbles(word: u32) -> vec4<f32> {
+    return vec4<f32>((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu));
+}
+
+fn high_nibbles(word: u32) -> vec4<f32> {
+    return vec4<f32>((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu));
+}
+
+// Bytes 0..3 of a word as int8 values.
+fn signed_bytes(word: u32) -> vec4<f32> {
+    return vec4<f32>(bitcast<vec4<i32>>(vec4(word) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u));
+}
+
+// Weights col..col + 3 (col a multiple of 4) of `row`, zero past k. The 32-weight block formats
+// decode 4 at a time from one quant word (a block's columns 4j..4j + 3 are word j's low nibbles
+// for j < 4, word j - 4's high nibbles for j >= 4).
+fn weight_quad(row: u32, col: u32) -> vec4<f32> {
+    let block = row * (params.k / 32u) + col / 32u;
+    let j = col % 32u / 4u;
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q4_0: { // q4_0
+            let start = block * DTYPE_Q4_0_BLOCK_BYTES;
+            let word = word_at(start + 2u + 4u * (j % 4u));
+            let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
+            return f16_at(start) * (q - 8.0);
+        }
+        case DTYPE_Q4_1: { // q4_1
+            let start = block * DTYPE_Q4_1_BLOCK_BYTES;
+            let word = word_at(start + 4u + 4u * (j % 4u));
+            let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
+            return f16_at(start) * q + f16_at(start + 2u);
+        }
+        case DTYPE_Q8_0: { // q8_0
+            let start = block * DTYPE_Q8_0_BLOCK_BYTES;
+            return f16_at(start) * signed_bytes(word_at(start + 2u + 4u * j));
+        }
+        case DTYPE_Q4_K: { // q4_k: 4 nibbles of one sub-block from one word (low: even sub-blocks, high: odd)
+            let start = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);
+            let c = col % 256u;
+            let sub = c / 32u;
+            let word = w[(start + 16u + c / 64u * 32u + c % 32u) / 4u];
+            let q = select(low_nibbles(word), high_nibbles(word), sub % 2u == 1u);
+            let scale_min = q4k_scale_min(start, sub);
+            return f16_at(start) * scale_min.x * q - f16_at(start + 2u) * scale_min.y;
+        }
+        case DTYPE_Q6_K: { // q6_k: as block_weight, 4 weights of one quarter at a time
+            let start = block_start(row, col, DTYPE_Q6_K_BLOCK, DTYPE_Q6_K_BLOCK_BYTES);
+            let c = col % 256u;
+            let half = c / 128u;
+            let quarter = c % 128u / 32u;
+            let l = c % 32u;
+            let bytes = vec4(0u, 8u, 16u, 24u);
+            let low = (vec4(word_at(start + half * 64u + l + quarter % 2u * 32u)) >> (bytes + vec4(quarter / 2u * 4u))) & vec4(0xfu);
+            let high = (vec4(word_at(start + 128u + half * 32u + l)) >> (bytes + vec4(2u * quarter))) & vec4(3u);
+            let scale = i8_at(start + 192u + half * 8u + l / 16u + 2u * quarter);
+            return f16_at(start + 208u) * scale * (vec4<f32>(low | (high << vec4(4u))) - 32.0);
+        }
+        default: { // k is even, so each pair lies wholly inside or past the row
+            var pairs = vec4(0.0, 0.0, 0.0, 0.0);
+            if (col < params.k) {
+                pairs = vec4(weight_pair(row, col), pairs.zw);
+            }
+            if (col + 2u < params.k) {
+                pairs = vec4(pairs.xy, weight_pair(row, col + 2u));
+            }
+            return pairs;
+        }
+    }
+}
