@@ -7,6 +7,11 @@
 #                           target/models/llama3-tokenizer, the engine tests' tokenizer: 48 MB): kernel,
 #                           model and engine tests on the GPU, then the benchmarks below
 #   bench/device.sh summary DIR   the tables of a run's JSON files again (bench/results/*)
+#   bench/device.sh build-dawn   here: the web build, dawn.node and a Node binary (compressed), the
+#                           CLI and the tiny fixture's shards into target/dawn (about 40 MB)
+#   bench/device.sh dawn    there (carrying target/dawn and .gl): the wasm engine on Dawn under
+#                           Node (bench/dawn.mjs): the fixture's tokens against native, then 1B and 8B
+#                           q4_0 pp/tg beside the native CLI's in the same call, as a ratio
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth; prefill on cooperative matrices where the
 # card has them) and the same on the portable tiles (--no-coop-matrix), profiled, --sync, --f16-tiles,
@@ -20,7 +25,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=target/device
 
+# The Vulkan and GL loaders' Debian packages, for a machine that lacks them (bench/NOTES.md).
+fetch_loaders() {
+    compgen -G ".gl/*.deb" >/dev/null && return
+    mkdir -p .gl
+    (cd .gl && apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+}
+
 build() {
+    fetch_loaders
     cargo build --release --locked
     mkdir -p "$dir"
     cp target/release/llama-webgpu "$dir/"
@@ -50,19 +63,13 @@ run() {
     rm -rf "$work"
     mkdir -p "$out" "$work"
     pack() { tar -czf "$out/results.tar.gz" -C "$work" .; }
-    # The Vulkan and GL loaders, where the machine lacks them (bench/NOTES.md: .gl holds their
-    # Debian packages). NVIDIA's Vulkan driver is its GLX library, which finds no GPU without
-    # libglvnd's.
-    if compgen -G ".gl/*.deb" >/dev/null; then
-        for f in .gl/*.deb; do dpkg -x "$f" /; done
-        ldconfig
-    fi
     local bin=$dir/llama-webgpu
     local built_in
     built_in=$(cat "$dir/built-in")
     if [ "$built_in" != "$PWD" ] && [ ! -e "$built_in" ]; then
         mkdir -p "$(dirname "$built_in")" && ln -s "$PWD" "$built_in"
     fi
+    install_loaders
     find_vulkan_driver "$bin" "$work" || { pack; return 1; }
     cat "$work/info.txt"
     local bandwidth=""
@@ -127,6 +134,97 @@ run() {
     done
     summary "$work" | tee "$out/summary.md"
     [ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; return 1; }
+}
+
+# The Vulkan and GL loaders, where the machine lacks them (.gl holds their Debian packages).
+# NVIDIA's Vulkan driver is its GLX library, which finds no GPU without libglvnd's.
+install_loaders() {
+    if compgen -G ".gl/*.deb" >/dev/null; then
+        for f in .gl/*.deb; do dpkg -x "$f" /; done
+        ldconfig
+    fi
+}
+
+WEBGPU_VERSION=0.6.2
+
+build_dawn() {
+    local dawn=target/dawn
+    fetch_loaders
+    cargo build --release --locked
+    scripts/build-web
+    rm -rf "$dawn" && mkdir -p "$dawn/pkg" "$dawn/webgpu/dist/linux-x64"
+    cp pkg/*.js pkg/*.wasm pkg/package.json "$dawn/pkg/"
+    npm install --no-package-lock --no-audit --no-fund --silent --ignore-scripts --prefix target/dawn-npm "webgpu@$WEBGPU_VERSION"
+    local webgpu=target/dawn-npm/node_modules/webgpu
+    cp "$webgpu/index.js" "$webgpu/package.json" "$dawn/webgpu/"
+    xz -T0 -6 -c "$webgpu/dist/linux-x64/dawn.node" >"$dawn/webgpu/dist/linux-x64/dawn.node.xz"
+    xz -T0 -6 -c "$(readlink -f "$(command -v node)")" >"$dawn/node.xz"
+    strip -o "$dawn/llama-webgpu" target/release/llama-webgpu
+    xz -T0 -6 "$dawn/llama-webgpu"
+    node -e 'import("./scripts/fixture.mjs").then((m) => m.prepareTinyShards(process.cwd(), "target/release/llama-webgpu", "target/dawn"))'
+    rm -rf "$dawn/tiny-llama31-src"
+    du -sh "$dawn"
+}
+
+dawn() {
+    local dawn=target/dawn out=${OUT:-target/device-out} work=${WORK:-/tmp/device-results}
+    rm -rf "$work"
+    mkdir -p "$out" "$work"
+    pack() { tar -czf "$out/results.tar.gz" -C "$work" .; }
+    install_loaders
+    local binary
+    for binary in llama-webgpu node; do
+        [ -x "$dawn/$binary" ] || { xz -dc "$dawn/$binary.xz" >"$dawn/$binary" && chmod +x "$dawn/$binary"; }
+    done
+    find_vulkan_driver "$dawn/llama-webgpu" "$work" || { pack; return 1; }
+    cat "$work/info.txt"
+    local addon=$dawn/webgpu/dist/linux-x64/dawn.node
+    [ -f "$addon" ] || xz -dc "$addon.xz" >"$addon"
+    local p=${P:-512} n=${N:-128} reps=${REPS:-3} models=${MODELS:-llama3.2-1b llama3.1-8b}
+    for model in $models; do
+        # shellcheck disable=SC2086 # LAYERS is a flag or nothing
+        timeout 240 "$dawn/llama-webgpu" bench --synthetic "$model" --quant q4_0 -p "$p" -n "$n" -r "$reps" ${LAYERS:+--layers $LAYERS} --json -q \
+            >"$work/native-$model.json" 2>"$work/native-$model.err" || echo "native $model: FAILED: $(tail -2 "$work/native-$model.err")"
+        pack
+    done
+    local status=0
+    # shellcheck disable=SC2086 # LAYERS is a flag or nothing
+    timeout 480 "$dawn/node" bench/dawn.mjs --webgpu "$dawn" --pkg "$dawn/pkg" --cli "$dawn/llama-webgpu" --check "$dawn/tiny-llama31" \
+        --synthetic "$(echo $models | tr ' ' ,)" -p "$p" -n "$n" -r "$reps" ${LAYERS:+--layers $LAYERS} --out "$work/dawn.json" \
+        >/dev/null 2>"$work/dawn.err" || status=$?
+    tail -20 "$work/dawn.err"
+    pack
+    dawn_summary "$work" | tee "$out/summary.md"
+    return $status
+}
+
+# Native and Dawn tok/s side by side, and what Dawn offers.
+dawn_summary() {
+    python3 - "$1" <<'EOF'
+import json, pathlib, sys
+work = pathlib.Path(sys.argv[1])
+mean = lambda xs: sum(xs) / len(xs)
+dawn_path = work / "dawn.json"
+dawn = json.loads(dawn_path.read_text()) if dawn_path.exists() and dawn_path.read_text() else None
+if dawn:
+    print(f"Dawn: {dawn['dawn']['adapter']}\nfeatures: {', '.join(dawn['dawn']['features'])}")
+    limits = dawn["dawn"]["limits"]
+    print(f"maxStorageBufferBindingSize {limits.get('maxStorageBufferBindingSize')}, maxComputeWorkgroupStorageSize {limits.get('maxComputeWorkgroupStorageSize')}")
+    if dawn["check"]:
+        print(f"tiny fixture tokens equal to native: {dawn['check']['equal']}")
+print("\n| model | test | native tok/s | Dawn tok/s | Dawn / native |")
+print("| --- | --- | ---: | ---: | ---: |")
+for path in sorted(work.glob("native-*.json")):
+    model = path.stem.removeprefix("native-")
+    text = path.read_text()
+    native = {r["test"]: mean(r["samples"]) for r in json.loads(text.splitlines()[0])["results"]} if text else {}
+    web = next((r for r in (dawn or {}).get("results", []) if r["model"] == model), None)
+    web = {r["test"]: mean(r["tokens_per_second"]) for r in web["results"]} if web else {}
+    for test in sorted(set(native) | set(web)):
+        n, w = native.get(test), web.get(test)
+        ratio = f"{w / n:.2f}" if n and w else "-"
+        print(f"| {model} | {test} | {n or 0:.1f} | {w or 0:.1f} | {ratio} |")
+EOF
 }
 
 # The first driver setup under which the CLI finds a GPU: the loader's own search, NVIDIA's ICD
@@ -208,5 +306,7 @@ case "${1:-}" in
     build) build ;;
     run) run ;;
     summary) summary "$2" ;;
-    *) echo "usage: $0 build|run|summary DIR" >&2; exit 2 ;;
+    build-dawn) build_dawn ;;
+    dawn) dawn ;;
+    *) echo "usage: $0 build|run|summary DIR|build-dawn|dawn" >&2; exit 2 ;;
 esac

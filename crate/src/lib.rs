@@ -2,6 +2,7 @@
 //! browser and on wgpu natively.
 
 pub mod api;
+pub mod bench;
 pub mod engine;
 pub mod gpu;
 pub mod grammar;

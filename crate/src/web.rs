@@ -212,7 +212,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
             return Err(to_js(error));
         }
     };
-    let described = describe_engine(&gpu, &model, &source);
+    let described = describe_engine(&gpu, &model, Some(&source));
     let seed = (js_sys::Math::random() * 9007199254740992.0) as u64;
     let engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?;
     STATE.with_borrow_mut(|s| {
@@ -543,6 +543,96 @@ impl<'a> RequestResultJs<'a> {
     }
 }
 
+/// `bench`'s options, as the JS API names them.
+#[derive(Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WebBenchOptions {
+    synthetic: String,
+    #[serde(default = "default_bench_quant")]
+    quant: String,
+    layers: Option<usize>,
+    #[serde(default = "default_bench_prompt")]
+    prompt: usize,
+    #[serde(default = "default_bench_generate")]
+    generate: usize,
+    #[serde(default = "default_bench_repetitions")]
+    repetitions: usize,
+}
+
+fn default_bench_quant() -> String {
+    "q4_0".into()
+}
+fn default_bench_prompt() -> usize {
+    512
+}
+fn default_bench_generate() -> usize {
+    128
+}
+fn default_bench_repetitions() -> usize {
+    3
+}
+
+/// Times a synthetic model of a published shape on this WebGPU as the native `bench` does (the same
+/// code): `options` `{synthetic: "llama3.2-1b" | "llama3.2-3b" | "llama3.1-8b" | ..., quant?:
+/// "q4_0", layers?, prompt?: 512, generate?: 128, repetitions?: 3}`. After a warm-up pass, each
+/// repetition times one prompt pass (pp) and one greedy generation (tg). Resolves to `{adapter,
+/// features, limits, model, quant, layers, results: [{test, tokens_per_second: [per repetition],
+/// encode_us_per_token?}]}`. A loaded model stays loaded, its GPU memory beside the bench's.
+#[wasm_bindgen]
+pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
+    let options: WebBenchOptions = read_fields(object_of(options, "the bench options")?)?;
+    let Some(mut config) = crate::bench::synthetic_config(&options.synthetic) else {
+        let known = crate::bench::SYNTHETIC_MODELS.join(", ");
+        return Err(request_error(Some("synthetic"), format!("synthetic: unknown model {:?}; known: {known}", options.synthetic)));
+    };
+    let Some(dtype) = crate::quant::DType::from_name(&options.quant) else {
+        return Err(request_error(Some("quant"), format!("quant: unknown weight format {:?}", options.quant)));
+    };
+    if let Some(layers) = options.layers {
+        config.n_layers = layers;
+    }
+    if options.repetitions == 0 {
+        return Err(request_error(Some("repetitions"), "repetitions: at least 1"));
+    }
+    if !has_webgpu() {
+        return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
+    }
+    let gpu = Gpu::new(&GpuOptions::default()).await.map_err(|e| to_js(e.into()))?;
+    let longest = options.prompt + options.generate + 1;
+    let load_options = LoadOptions { context_length: Some(longest.max(16)), max_sequences: 1, ..Default::default() };
+    let mut model = Llama::synthetic(&gpu, config.clone(), dtype, &load_options).await.map_err(to_js)?;
+    let tokens = crate::bench::bench_tokens(config.vocab_size, longest);
+    // A warm-up pass compiles pipelines and touches every buffer.
+    model.forward_greedy(&tokens[..1], 0).await.map_err(to_js)?;
+    let mut results = vec![];
+    if options.prompt > 0 {
+        let mut rates = vec![];
+        for _ in 0..options.repetitions {
+            rates.push(crate::bench::prefill_rate(&mut model, &tokens[..options.prompt], 0).await.map_err(to_js)?);
+        }
+        results.push(serde_json::json!({ "test": format!("pp{}", options.prompt), "tokens_per_second": rates }));
+    }
+    if options.generate > 0 {
+        let (mut rates, mut encode) = (vec![], vec![]);
+        for _ in 0..options.repetitions {
+            let timing = crate::bench::decode_rate(&mut model, tokens[0], 0, options.generate, false).await.map_err(to_js)?;
+            rates.push(timing.tokens_per_second);
+            encode.push(timing.encode_us_per_token);
+        }
+        results.push(serde_json::json!({ "test": format!("tg{}", options.generate), "tokens_per_second": rates, "encode_us_per_token": encode }));
+    }
+    let described = describe_engine(&gpu, &model, None);
+    Ok(js_value(&serde_json::json!({
+        "adapter": described["adapter"],
+        "features": described["features"],
+        "limits": described["limits"],
+        "model": options.synthetic,
+        "quant": dtype.name(),
+        "layers": config.n_layers,
+        "results": results,
+    })))
+}
+
 /// Stops request `id`, or every request when `id` is undefined, after its current token; it
 /// resolves with finish_reason "abort". An id that has ended already is ignored.
 #[wasm_bindgen]
@@ -597,7 +687,7 @@ fn wasm_memory_bytes() -> f64 {
     memory.buffer().unchecked_into::<js_sys::ArrayBuffer>().byte_length() as f64
 }
 
-fn describe_engine(gpu: &Gpu, model: &Llama, source: &WebModel) -> serde_json::Value {
+fn describe_engine(gpu: &Gpu, model: &Llama, source: Option<&WebModel>) -> serde_json::Value {
     let limits = &gpu.limits;
     let config = model.config();
     serde_json::json!({
@@ -620,7 +710,7 @@ fn describe_engine(gpu: &Gpu, model: &Llama, source: &WebModel) -> serde_json::V
             "vocab_size": config.vocab_size,
             "context_length": model.context_length(),
         },
-        "weights": source.storage(),
+        "weights": source.map(WebModel::storage),
         "wasm_memory_bytes": wasm_memory_bytes(),
     })
 }

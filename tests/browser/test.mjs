@@ -8,11 +8,12 @@
 // from the Cache API on reload and after an interrupted load; the wasm heap stays under a stated
 // bound while loading.
 import { execFileSync, spawn } from "node:child_process";
-import { cpSync, createReadStream, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { cpSync, createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
+import { prepareTinyShards } from "../../scripts/fixture.mjs";
 import { serve } from "../../scripts/static-server.mjs";
 
 const root = fileURLToPath(new URL("../..", import.meta.url)).replace(/\/$/, "");
@@ -36,39 +37,9 @@ function log(...args) {
   console.log(`[${(performance.now() / 1000).toFixed(1)}s]`, ...args);
 }
 
-// The Llama 3 tokenizer cut to the fixture's 1003 ids, as tests/common/mod.rs cuts it.
-function truncatedTokenizer(vocab) {
-  const json = JSON.parse(readFileSync(join(root, "target/models/llama3-tokenizer/tokenizer.json"), "utf8"));
-  const kept = Object.fromEntries(Object.entries(json.model.vocab).filter(([, id]) => id < vocab));
-  const has = (token) => Object.hasOwn(kept, token);
-  const parts = (m) => (typeof m === "string" ? m.split(" ", 2) : m);
-  json.model.vocab = kept;
-  json.model.merges = json.model.merges.filter((m) => {
-    const [a, b] = parts(m);
-    return has(a) && has(b) && has(a + b);
-  });
-  json.added_tokens = [];
-  json.post_processor = null;
-  return JSON.stringify(json);
-}
-
 function prepareFixture() {
-  const source = join(out, "tiny-llama31-src");
-  const shards = join(out, "tiny-llama31");
   rmSync(out, { recursive: true, force: true });
-  mkdirSync(source, { recursive: true });
-  const fixture = join(root, "tests/fixtures/tiny-llama31");
-  for (const name of readdirSync(fixture)) {
-    if (/\.(json|safetensors)$/.test(name) && name !== "golden.json") cpSync(join(fixture, name), join(source, name));
-  }
-  writeFileSync(join(source, "tokenizer.json"), truncatedTokenizer(1003));
-  // The Llama 3.1 template's tool preamble alone is about 300 of this tokenizer's tokens: 512
-  // positions (the fixture has 256) let a request with a tool fit. Native and browser load this copy.
-  const config = JSON.parse(readFileSync(join(source, "config.json"), "utf8"));
-  writeFileSync(join(source, "config.json"), JSON.stringify({ ...config, max_position_embeddings: 512 }));
-  // Small shards, so the page streams several of them.
-  execFileSync(cli, ["-q", "convert", source, "--quant", "q4_0", "--shard-size", "64KiB", "-o", shards], { stdio: "inherit" });
-  return shards;
+  return prepareTinyShards(root, cli, out);
 }
 
 /** The native engine's greedy reply to PROMPT as a chat message, or as a raw text completion. */

@@ -8,7 +8,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use llama_webgpu::gpu::ops::TokenSlot;
 use llama_webgpu::gpu::{ops, DispatchTime};
-use llama_webgpu::model::{Batch, Llama3Scaling, PassTokens, Rope, RopeScaling, PAGE_SIZE};
+use llama_webgpu::bench::{bench_tokens, decode_rate, prefill_rate, synthetic_config, SYNTHETIC_MODELS};
+use llama_webgpu::model::{Batch, PassTokens, PAGE_SIZE};
 use llama_webgpu::quant::DType;
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, JsonSchemaFormat, ResponseFormat, SamplingParams};
 use llama_webgpu::grammar::{Grammar, GrammarCompiler};
@@ -20,7 +21,8 @@ pub struct BenchArgs {
     /// A model to load (Hugging Face folder, GGUF file or shard folder).
     #[arg(long, short, conflicts_with = "synthetic", required_unless_present = "synthetic")]
     model: Option<std::path::PathBuf>,
-    /// Random weights of a real shape: llama3.1-8b, llama3.2-1b, llama3.2-3b, llama3.1-70b-layer.
+    /// Random weights of a real shape: llama3.2-1b, llama3.2-3b, llama3.1-8b, llama3.1-70b,
+    /// llama3.1-70b-layer.
     #[arg(long)]
     synthetic: Option<String>,
     /// Weight format of the synthetic model: q4_0, q4_1, q8_0, q4_k, q6_k, f16 or bf16.
@@ -94,36 +96,6 @@ pub struct BenchArgs {
     json_schema: Option<std::path::PathBuf>,
 }
 
-/// Configs of the published Llama shapes (../shared LLAMA.md).
-fn preset(name: &str) -> anyhow::Result<Config> {
-    let (hidden, layers, heads, head_dim, ffn, tied, factor) = match name {
-        "llama3.2-1b" => (2048, 16, 32, 64, 8192, true, 32.0),
-        "llama3.2-3b" => (3072, 28, 24, 128, 8192, true, 32.0),
-        "llama3.1-8b" => (4096, 32, 32, 128, 14336, false, 8.0),
-        "llama3.1-70b" => (8192, 80, 64, 128, 28672, false, 8.0),
-        "llama3.1-70b-layer" => (8192, 1, 64, 128, 28672, false, 8.0),
-        other => bail!("unknown synthetic model {other:?}: llama3.1-8b, llama3.2-1b, llama3.2-3b, llama3.1-70b or llama3.1-70b-layer"),
-    };
-    Ok(Config {
-        hidden_size: hidden,
-        intermediate_size: ffn,
-        n_layers: layers,
-        n_heads: heads,
-        n_kv_heads: 8,
-        head_dim,
-        vocab_size: 128256,
-        max_position_embeddings: 131072,
-        rms_norm_eps: 1e-5,
-        rope: Rope {
-            theta: 500000.0,
-            scaling: Some(RopeScaling::Llama3(Llama3Scaling { factor, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 })),
-        },
-        tie_word_embeddings: tied,
-        bos_token_id: Some(128000),
-        eos_token_ids: vec![128001, 128008, 128009],
-    })
-}
-
 /// Bytes of weights a decode step reads: every layer matrix and the head (the embedding row is
 /// negligible).
 fn weight_bytes_per_token(c: &Config, dtype: DType) -> u64 {
@@ -162,7 +134,8 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     let options = LoadOptions { context_length: Some(longest.max(16)), max_sequences, ..Default::default() };
     let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
         (Some(name), _) => {
-            let mut config = preset(name)?;
+            let mut config = synthetic_config(name)
+                .with_context(|| format!("unknown synthetic model {name:?}: {}", SYNTHETIC_MODELS.join(", ")))?;
             if let Some(layers) = args.layers {
                 config.n_layers = layers;
             }
@@ -181,9 +154,8 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
         }
         (None, None) => bail!("--model or --synthetic is required"),
     };
-    let vocab = model.config().vocab_size as u32;
-    // Token ids from a fixed sequence: speed does not depend on which ids.
-    let tokens: Vec<u32> = (0..longest as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    let vocab = model.config().vocab_size;
+    let tokens = bench_tokens(vocab, longest);
     // A warm-up pass compiles pipelines and touches every buffer.
     model.forward_greedy(&tokens[..1], 0).await?;
     // The tests write positions from depth on, so the context before it is filled once.
@@ -195,9 +167,7 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     for &n in args.prompt.iter().filter(|&&n| n > 0 && args.parallel.is_empty()) {
         let mut rates = vec![];
         for _ in 0..args.repetitions {
-            let started = Instant::now();
-            model.forward_greedy(&tokens[depth..depth + n], depth).await?;
-            rates.push(n as f64 / started.elapsed().as_secs_f64());
+            rates.push(prefill_rate(&mut model, &tokens[depth..depth + n], depth).await?);
         }
         samples.push(Sample { test: at_depth(format!("pp{n}")), streams: 1, tokens_per_second: rates, encode_us_per_token: None });
     }
@@ -205,28 +175,9 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
         let mut rates = vec![];
         let mut encode = vec![];
         for _ in 0..args.repetitions {
-            let started = Instant::now();
-            let mut encoding = Duration::ZERO;
-            // As the engine decodes: each step is submitted before the token it takes from the GPU
-            // is read back (unless --sync).
-            let submitting = Instant::now();
-            model.submit_greedy(&tokens[depth..depth + 1], depth)?;
-            encoding += submitting.elapsed();
-            for step in 1..=n {
-                if step < n && !args.sync {
-                    let submitting = Instant::now();
-                    model.submit_greedy_next(depth + step)?;
-                    encoding += submitting.elapsed();
-                }
-                let token = model.read_greedy().await?;
-                if step < n && args.sync {
-                    let submitting = Instant::now();
-                    model.submit_greedy(&[token], depth + step)?;
-                    encoding += submitting.elapsed();
-                }
-            }
-            rates.push(n as f64 / started.elapsed().as_secs_f64());
-            encode.push(encoding.as_secs_f64() * 1e6 / n as f64);
+            let timing = decode_rate(&mut model, tokens[depth], depth, n, args.sync).await?;
+            rates.push(timing.tokens_per_second);
+            encode.push(timing.encode_us_per_token);
         }
         samples.push(Sample { test: at_depth(format!("tg{n}")), streams: 1, tokens_per_second: rates, encode_us_per_token: Some(encode) });
     }
