@@ -20,6 +20,12 @@ export interface EngineOptions {
    */
   kvMemory?: number;
   /**
+   * The KV cache's element type: "f16" (half the memory of "f32", logits within about 1e-2 of it)
+   * where the adapter has shader-f16, which is the default there; "f32" elsewhere. "f16" on an
+   * adapter without shader-f16 fails with a LimitError.
+   */
+  kvType?: "f16" | "f32";
+  /**
    * Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
    * transformers does. Default false: content is encoded as the text it is, so a user or a document
    * cannot forge turns; the chat template's own markup keeps its special tokens either way.

@@ -14,8 +14,8 @@
 // Entry points: `attend` (both cases), `combine` (after a split pass).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
-// MAX_HEAD_DIM, MAX_KEY_SPLITS, MAX_QUERY_BLOCK, PAGE_SIZE and Step (lib/step.wgsl) come from Rust
-// (crate::gpu::kernels).
+// MAX_HEAD_DIM, MAX_KEY_SPLITS, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl) and the KV pool's
+// element type kv_t (f32, or f16 in a module form of its own) come from Rust (crate::gpu::kernels).
 const WG: u32 = 64u;
 const MASKED: f32 = -1.0e30;
 
@@ -31,8 +31,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
-@group(0) @binding(1) var<storage, read> k_cache: array<f32>;        // (pool rows, n_kv_heads, head_dim)
-@group(0) @binding(2) var<storage, read> v_cache: array<f32>;        // (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(1) var<storage, read> k_cache: array<kv_t>;       // (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(2) var<storage, read> v_cache: array<kv_t>;       // (pool rows, n_kv_heads, head_dim)
 @group(0) @binding(3) var<storage, read> page_table: array<u32>;     // (sequences, pages_per_sequence) pool pages
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;      // (n_tokens, n_heads, head_dim)
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, split_stride) outputs of head_dim, then their (max, sum) at stats_offset
@@ -73,8 +73,8 @@ fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, 
             let key = key0 + e / hd;
             let pool_row = page_table[pages + key / PAGE_SIZE] * PAGE_SIZE + key % PAGE_SIZE;
             let at = pool_row * params.n_kv_heads * hd + kv_head * hd + e % hd;
-            share.k[i] = k_cache[at];
-            share.v[i] = v_cache[at];
+            share.k[i] = f32(k_cache[at]);
+            share.v[i] = f32(v_cache[at]);
         }
     }
     return share;

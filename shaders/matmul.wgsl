@@ -29,7 +29,7 @@
 // (lib/matmul_input.wgsl, lib/matmul_output.wgsl), the GEMV reduction of the module's form, the
 // tiles' staging (lib/tiles.wgsl) and, where the device has cooperative matrices, tiled_coop
 // (lib/tiled_coop.wgsl). The constants in capitals that no file declares (DTYPE_*, INPUT_*,
-// OUTPUT_*, MAX_BATCH_TOKENS, MAX_GEMV_COLUMNS, TILE, TILE_ROWS, REGISTER_TILE, tile_t) come from
+// OUTPUT_*, MAX_BATCH_TOKENS, MAX_GEMV_COLUMNS, TILE, TILE_ROWS, REGISTER_TILE, tile_t, kv_t) come from
 // Rust in the module's first lines.
 
 // One of DTYPE_* (crate::quant::DType::shader_code)
@@ -61,8 +61,8 @@ struct Params {
 @group(0) @binding(4) var<uniform> params: Params;
 @group(0) @binding(5) var<uniform> step: Step;
 @group(0) @binding(6) var<storage, read> cos_sin: array<vec2<f32>>;   // OUTPUT_ROTARY: (context, head_dim / 2) (cos, sin)
-@group(0) @binding(7) var<storage, read_write> k_cache: array<f32>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
-@group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
+@group(0) @binding(7) var<storage, read_write> k_cache: array<kv_t>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
+@group(0) @binding(8) var<storage, read_write> v_cache: array<kv_t>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
 
 
 const GEMV_WG: u32 = 64u;

@@ -6,7 +6,7 @@ mod common;
 use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
 use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
-use llama_webgpu::gpu::{TileType, WeightMatrix};
+use llama_webgpu::gpu::{KvType, TileType, WeightMatrix};
 use llama_webgpu::quant::DType;
 use llama_webgpu::{reference, Gpu, GpuOptions};
 
@@ -88,8 +88,10 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
     let (qk_rows, qkv_dim) = (q_dim + kv_dim, q_dim + 2 * kv_dim);
     let cos_sin: Vec<[f32; 2]> = (0..context * head_dim / 2).map(|i| [(i as f32 * 0.37).cos(), (i as f32 * 0.37).sin()]).collect();
     let binding = (qk_rows * k * 4).div_ceil(3).next_multiple_of(256) as u64;
-    // The tiles on cooperative matrices round to f16 (f16_tiles_within_rounding has the bound).
-    for (gemv_rows, register_tile, coop_matrix) in [(1, 4, false), (4, 8, false), (4, 4, true)] {
+    // The tiles on cooperative matrices round to f16 (f16_tiles_within_rounding has the bound); an
+    // f16 KV pool holds the f32 results rounded to f16.
+    let cases = [(1, 4, false, KvType::F32), (4, 8, false, KvType::F32), (4, 4, true, KvType::F32), (1, 8, false, KvType::F16)];
+    for (gemv_rows, register_tile, coop_matrix, kv_type) in cases {
         // 1 token: one GEMV; 3 and 9: GEMVs of 8 tokens (9: a second workgroup of one); 11: tiles.
         let gemv_max_tokens = Some(10);
         let options = GpuOptions {
@@ -100,8 +102,13 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
             no_coop_matrix: !coop_matrix,
             ..Default::default()
         };
+        if kv_type == KvType::F16 && !gpu().is_some_and(|gpu| has_feature(&gpu, gpu.features.contains(wgpu::Features::SHADER_F16), "shader-f16")) {
+            continue;
+        }
+        let options = GpuOptions { kv_type: Some(kv_type), ..options };
         let Some(gpu) = (if coop_matrix { coop_matrix_gpu(&options) } else { gpu_with(&options) }) else { continue };
         let tolerance = if coop_matrix { 2e-2 } else { 1e-4 };
+        let cache_tolerance = if kv_type == KvType::F16 { 1e-3 } else { tolerance };
         let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
         for (qk_dtype, v_dtype) in [(DType::F32, DType::Q4_0), (DType::Q4K, DType::F16)] {
             let block = |seed, dtype, rows| {
@@ -119,8 +126,8 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
                 let x = random_vec(&mut rng(n as u64 + 63), n * k, 1.0);
                 let xb = gpu.storage_buffer_with("x", &x);
                 let out = gpu.storage_buffer("out", (n * qkv_dim * 4) as u64);
-                let (k_cache, v_cache) = (random_vec(&mut rng(64), context * kv_dim, 1.0), random_vec(&mut rng(65), context * kv_dim, 1.0));
-                let caches = [&k_cache, &v_cache].map(|c| gpu.storage_buffer_with("cache", c));
+                let (k_cache, v_cache) = (gpu.kv_type.rounded(&random_vec(&mut rng(64), context * kv_dim, 1.0)), gpu.kv_type.rounded(&random_vec(&mut rng(65), context * kv_dim, 1.0)));
+                let caches = [&k_cache, &v_cache].map(|c| gpu.kv_buffer_with("cache", c));
                 let rotary = Rotary { cos_sin: &table, k_cache: &caches[0], v_cache: &caches[1], n_heads, n_kv_heads, head_dim };
                 let op = ops::ByTokens::join([(0, &qk), (qk_rows, &v)].map(|(column, w)| {
                     let layout = MatmulLayout { in_stride: k, out_stride: qkv_dim, out_offset: column, accumulate: false };
@@ -142,8 +149,9 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
                 let got_q: Vec<f32> = got.chunks(qkv_dim).flat_map(|row| row[..q_dim].to_vec()).collect();
                 let what = format!("{qk_dtype} q/k, {v_dtype} v, n={n}, {gemv_rows} GEMV rows asked, register tile {register_tile}, cooperative matrices {coop_matrix}");
                 assert_close(&format!("rotated q, {what}"), &got_q, &want_q, tolerance, tolerance);
-                assert_close(&format!("k cache, {what}"), &read_f32(&gpu, &caches[0], want_k.len()), &want_k, tolerance, tolerance);
-                assert_close(&format!("v cache, {what}"), &read_f32(&gpu, &caches[1], want_v.len()), &want_v, tolerance, tolerance);
+                let what = format!("{what}, {kv_type:?} KV");
+                assert_close(&format!("k cache, {what}"), &read_kv(&gpu, &caches[0], want_k.len()), &want_k, cache_tolerance, cache_tolerance);
+                assert_close(&format!("v cache, {what}"), &read_kv(&gpu, &caches[1], want_v.len()), &want_v, cache_tolerance, cache_tolerance);
             }
         }
     }
@@ -382,7 +390,34 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
 
 #[test]
 fn attention_matches_reference_in_both_strategies() {
-    let Some(gpu) = gpu() else { return };
+    for gpu in kv_type_gpus() {
+        attention_matches_reference_on(&gpu);
+    }
+}
+
+/// Devices with each KV pool type this adapter has: f32, and f16 where it has shader-f16.
+fn kv_type_gpus() -> Vec<Gpu> {
+    let Some(gpu) = gpu() else { return vec![] };
+    let mut gpus = vec![];
+    if has_feature(&gpu, gpu.features.contains(wgpu::Features::SHADER_F16), "shader-f16") {
+        gpus.extend(gpu_with(&GpuOptions { kv_type: Some(KvType::F16), ..exact() }));
+    }
+    gpus.insert(0, gpu);
+    gpus
+}
+
+/// The first `n` elements of a KV pool buffer of `gpu`'s type, as f32.
+fn read_kv(gpu: &Gpu, buffer: &wgpu::Buffer, n: usize) -> Vec<f32> {
+    match gpu.kv_type {
+        KvType::F32 => read_f32(gpu, buffer, n),
+        KvType::F16 => {
+            let halves: Vec<half::f16> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(buffer, 2 * n as u64)).unwrap());
+            halves.into_iter().map(half::f16::to_f32).collect()
+        }
+    }
+}
+
+fn attention_matches_reference_on(gpu: &Gpu) {
     // Below 8 tokens (decode) the keys are cut into splits merged after, from 8 on (prefill) one
     // split. head_dim 130 exercises several dimensions per thread and a 7-key tile; start_pos > 0 a
     // chunked prefill; GQA groups of 1, 3, 4 and 8 lay query blocks over several tokens or heads,
@@ -413,13 +448,13 @@ fn attention_matches_reference_in_both_strategies() {
         let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
         let qkv = random_vec(&mut r, n * q_stride, 1.0);
         let q: Vec<f32> = qkv.chunks(q_stride).flat_map(|row| &row[..n_heads * head_dim]).copied().collect();
-        let k_cache = random_vec(&mut r, context * n_kv_heads * head_dim, 1.0);
-        let v_cache = random_vec(&mut r, context * n_kv_heads * head_dim, 1.0);
+        let k_cache = gpu.kv_type.rounded(&random_vec(&mut r, context * n_kv_heads * head_dim, 1.0));
+        let v_cache = gpu.kv_type.rounded(&random_vec(&mut r, context * n_kv_heads * head_dim, 1.0));
         // The sequence's pages lie shuffled in a pool with pages of no one between them.
         let pool = PagedPool::new(&mut r, &[(&k_cache, &v_cache)], n_kv_heads * head_dim);
         let slots: Vec<TokenSlot> = (start_pos..start_pos + n).map(|p| TokenSlot { position: p as u32, kv_row: 0, sequence: 0, _pad: 0 }).collect();
-        let what = format!("attention heads {n_heads}/{n_kv_heads} hd {head_dim} start {start_pos} n {n} splits <= {max_key_splits}");
-        let got = pool.attend(&gpu, &qkv, q_stride, &slots, max_key_splits, (n_heads, n_kv_heads, head_dim));
+        let what = format!("attention heads {n_heads}/{n_kv_heads} hd {head_dim} start {start_pos} n {n} splits <= {max_key_splits}, {:?} KV", gpu.kv_type);
+        let got = pool.attend(gpu, &qkv, q_stride, &slots, max_key_splits, (n_heads, n_kv_heads, head_dim));
         let want = reference::attention(&q, &k_cache, &v_cache, start_pos, n_heads, n_kv_heads, head_dim);
         assert_close(&what, &got, &want, 1e-5, 1e-5);
     }
@@ -461,7 +496,9 @@ impl PagedPool {
 
     /// Attention of the tokens `slots` place, their q rows in `qkv`, over the pool.
     fn attend(&self, gpu: &Gpu, qkv: &[f32], q_stride: usize, slots: &[TokenSlot], max_key_splits: u32, (n_heads, n_kv_heads, head_dim): (usize, usize, usize)) -> Vec<f32> {
-        let [qkv_buffer, k, v] = [qkv, &self.k, &self.v].map(|x| gpu.storage_buffer_with("in", x));
+        let qkv_buffer = gpu.storage_buffer_with("qkv", qkv);
+        // The pool's filler pages as the pool's type holds them; the caches' pages are exact there.
+        let [k, v] = [&self.k, &self.v].map(|x| gpu.kv_buffer_with("kv pool", x));
         let page_table = gpu.storage_buffer_with("page table", &self.table);
         let kv = ops::KvLayer { k: &k, v: &v, page_table: &page_table, pages_per_sequence: self.pages_per_sequence };
         let n = slots.len() * n_heads * head_dim;

@@ -2,7 +2,7 @@
 //! tiles, subgroup reductions), declares the bindings the Rust side binds, and has a `Params`
 //! struct of the same size as its Rust mirror.
 
-use llama_webgpu::gpu::{ops, Binding, Kernel, ModuleForm, RegisterTile, TileType, COOP_WORKGROUP_STORAGE, KERNELS, LIBRARY, WORKGROUP_STORAGE};
+use llama_webgpu::gpu::{ops, Binding, Kernel, KvType, ModuleForm, RegisterTile, TileType, COOP_WORKGROUP_STORAGE, KERNELS, LIBRARY, WORKGROUP_STORAGE};
 use llama_webgpu::quant::DType;
 use naga::valid::Capabilities;
 use naga::{AddressSpace, Scalar, StorageAccess, TypeInner};
@@ -66,13 +66,16 @@ fn forms(kernel: &Kernel) -> Vec<ModuleForm> {
         for subgroups in [false, true] {
             for register_tile in [RegisterTile::X4, RegisterTile::X8] {
                 for coop_matrix in [false, true] {
-                    if (tiles == TileType::F16 || register_tile == RegisterTile::X8) && !kernel.has_tiles()
-                        || subgroups && !kernel.has_subgroup_form()
-                        || coop_matrix && !kernel.has_coop_form()
-                    {
-                        continue;
+                    for kv in [KvType::F32, KvType::F16] {
+                        if (tiles == TileType::F16 || register_tile == RegisterTile::X8) && !kernel.has_tiles()
+                            || subgroups && !kernel.has_subgroup_form()
+                            || coop_matrix && !kernel.has_coop_form()
+                            || kv == KvType::F16 && !kernel.has_kv_form()
+                        {
+                            continue;
+                        }
+                        forms.push(ModuleForm { tiles, subgroups, register_tile, coop_matrix, kv });
                     }
-                    forms.push(ModuleForm { tiles, subgroups, register_tile, coop_matrix });
                 }
             }
         }
@@ -275,4 +278,16 @@ fn the_coop_matrix_form_of_the_matmul_validates_and_writes_spirv() {
             naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {dtype} {input} {output}: {e}"));
         }
     }
+}
+
+/// The f16 KV form: the pool bindings of matmul and attention become f16 arrays.
+#[test]
+fn the_f16_kv_form_binds_the_pool_as_f16() {
+    for kernel in KERNELS.iter().filter(|k| k.has_kv_form()) {
+        let (module, _) = parse_with(kernel, ModuleForm { kv: KvType::F16, ..Default::default() });
+        let (_, pool) = module.global_variables.iter().find(|(_, v)| v.name.as_deref() == Some("k_cache")).unwrap_or_else(|| panic!("{} has no k_cache", kernel.name));
+        let TypeInner::Array { base, .. } = module.types[pool.ty].inner else { panic!("{}: k_cache is not an array", kernel.name) };
+        assert_eq!(module.types[base].inner, TypeInner::Scalar(Scalar::F16), "{}", kernel.name);
+    }
+    assert_eq!(KERNELS.iter().filter(|k| k.has_kv_form()).map(|k| k.name).collect::<Vec<_>>(), ["matmul", "attention"]);
 }

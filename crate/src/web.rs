@@ -18,7 +18,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::api::{ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, Logprobs, SamplingParams, TokenLogprob, Usage};
 use crate::engine::{ChoiceResults, Completion, Endpoint, Event, Load, SequenceId};
-use crate::gpu::GpuError;
+use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
 use crate::model::{KvPool, DEFAULT_CONTEXT, PAGE_SIZE};
 use crate::text::RenderOptions;
@@ -68,7 +68,7 @@ impl From<&crate::Error> for ErrorKind {
     fn from(error: &crate::Error) -> Self {
         match error {
             crate::Error::Gpu(GpuError::NoAdapter { .. }) => ErrorKind::NoWebGpu,
-            crate::Error::Gpu(GpuError::Limit { .. }) => ErrorKind::Limit,
+            crate::Error::Gpu(GpuError::Limit { .. } | GpuError::MissingFeature { .. }) => ErrorKind::Limit,
             crate::Error::Load(_) => ErrorKind::Load,
             _ => ErrorKind::Engine,
         }
@@ -161,6 +161,8 @@ struct WebLoadOptions {
     kv_memory: Option<u64>,
     /// Encode special-token text in message content as special tokens (default: as text).
     special_tokens_in_content: Option<bool>,
+    /// The KV cache's element type, "f16" or "f32" (default: f16 where the adapter has shader-f16).
+    kv_type: Option<String>,
 }
 
 #[wasm_bindgen(start)]
@@ -170,7 +172,7 @@ fn start() {
 
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file), replacing any
 /// loaded one (its requests end as on `unload`). `options`: `{contextLength?, maxStorageBinding?,
-/// maxSequences?, kvMemory?, specialTokensInContent?}`. `on_progress(bytesDone, bytesTotal, tensor)`
+/// maxSequences?, kvMemory?, specialTokensInContent?, kvType?}`. `on_progress(bytesDone, bytesTotal, tensor)`
 /// is called as weights upload. Returns `info()`.
 #[wasm_bindgen]
 pub async fn load(url: String, options: JsValue, on_progress: Function) -> Result<JsValue, JsValue> {
@@ -179,7 +181,11 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
     }
-    let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, ..Default::default() })
+    let kv_type = match options.kv_type.as_deref() {
+        None => None,
+        Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: \"f16\" or \"f32\"")))?),
+    };
+    let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, kv_type, ..Default::default() })
         .await
         .map_err(|e| to_js(e.into()))?;
     let source = WebModel::open(&url).await.map_err(to_js)?;
@@ -188,7 +194,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     // A tab's GPU memory is scarce: unless told otherwise, the sequences share the KV pages one
     // request had alone (a full context).
     let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(config.max_position_embeddings));
-    let one_context = context.div_ceil(PAGE_SIZE) as u64 * KvPool::bytes_per_page(&config);
+    let one_context = context.div_ceil(PAGE_SIZE) as u64 * KvPool::bytes_per_page(&config, gpu.kv_type);
     let load_options = LoadOptions {
         context_length: options.context_length,
         max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
@@ -698,6 +704,7 @@ fn describe_engine(gpu: &Gpu, model: &Llama, source: Option<&WebModel>) -> serde
             "backend": format!("{:?}", gpu.info.backend),
         },
         "features": gpu.features.iter_names().map(|(name, _)| name).collect::<Vec<_>>(),
+        "kv_type": gpu.kv_type.name(),
         "limits": {
             "max_storage_buffer_binding_size": limits.max_storage_buffer_binding_size,
             "max_buffer_size": limits.max_buffer_size,

@@ -26,7 +26,7 @@ fn store(t: u32, slot: u32, value: f32, partner: f32) {
     let pos = step.slots[t].x;
     let kv_row = step.slots[t].y;
     if (column >= params.q_dim + params.kv_dim) {
-        v_cache[kv_row * params.kv_dim + column - params.q_dim - params.kv_dim] = value;
+        v_cache[kv_row * params.kv_dim + column - params.q_dim - params.kv_dim] = kv_t(value);
         return;
     }
     // An even slot holds x1 (dim i), an odd one x2 (dim i + half): (x1 cos - x2 sin, x2 cos + x1 sin).
@@ -36,6 +36,6 @@ fn store(t: u32, slot: u32, value: f32, partner: f32) {
     if (column < params.q_dim) {
         out[t * params.out_stride + column] = rotated;
     } else {
-        k_cache[kv_row * params.kv_dim + column - params.q_dim] = rotated;
+        k_cache[kv_row * params.kv_dim + column - params.q_dim] = kv_t(rotated);
     }
 }

@@ -42,9 +42,12 @@ function prepareFixture() {
   return prepareTinyShards(root, cli, out);
 }
 
-/** The native engine's greedy reply to PROMPT as a chat message, or as a raw text completion. */
+/**
+ * The native engine's greedy reply to PROMPT as a chat message, or as a raw text completion, with
+ * an f32 KV cache: SwiftShader has no shader-f16, so the browser's is f32 too.
+ */
 function nativeRun(model, maxTokens, { chat = true } = {}) {
-  const args = ["-q", "run", "--model", model, "--prompt", PROMPT, ...(chat ? ["--chat"] : []), "--temperature", "0", "-n", String(maxTokens), "--json"];
+  const args = ["-q", "--kv-type", "f32", "run", "--model", model, "--prompt", PROMPT, ...(chat ? ["--chat"] : []), "--temperature", "0", "-n", String(maxTokens), "--json"];
   return JSON.parse(execFileSync(cli, args, { encoding: "utf8" }));
 }
 
@@ -282,6 +285,7 @@ try {
   assertEqual(api.limit?.name, "LimitError", "a 256-byte storage binding limit");
   assert(/needed \d+, available 256/.test(api.limit.message), `the limit error has the numbers: ${api.limit.message}`);
   assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
+  assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
   assertEqual(api.info.weights, "cache", "where the weights are kept");
   assert(api.info.wasm_memory_bytes < TINY_WASM_BOUND, `wasm memory ${api.info.wasm_memory_bytes} < ${TINY_WASM_BOUND} after loading the fixture`);
 

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use llama_webgpu::gpu::KvType;
 use llama_webgpu::{Gpu, GpuOptions};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -41,10 +42,10 @@ pub fn gpu_with(options: &GpuOptions) -> Option<Gpu> {
     }
 }
 
-/// Options for the exact path: prefill on cooperative matrices rounds to f16, so tests held to the
-/// f32 references run without them (tests of that path ask for it).
+/// Options for the exact path: prefill on cooperative matrices and an f16 KV pool round to f16, so
+/// tests held to the f32 references run without them (tests of those paths ask for them).
 pub fn exact() -> GpuOptions {
-    GpuOptions { no_coop_matrix: true, ..Default::default() }
+    GpuOptions { no_coop_matrix: true, kv_type: Some(KvType::F32), ..Default::default() }
 }
 
 pub fn gpu() -> Option<Gpu> {

@@ -461,7 +461,7 @@ def test_full_queue_is_503(key_server):
 def small_pool_server(model_dir):
     # 12 pages of 16 positions: less than one context of 256. Paced, so that a request is still
     # running when the next one comes.
-    process = Server(model_dir, "--parallel", "2", "--kv-memory", "144KiB", "--token-interval-ms", "20")
+    process = Server(model_dir, "--parallel", "2", "--kv-memory", "72KiB", "--token-interval-ms", "20")
     yield process
     process.stop()
 

@@ -479,6 +479,7 @@ fn report(
             "subgroup_sizes": [gpu.info.subgroup_min_size, gpu.info.subgroup_max_size],
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
             "coop_matrix": gpu.coop_matrix,
+            "kv_type": gpu.kv_type.name(),
             "coop_matrix_properties": gpu.coop_matrix_properties.iter().map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type)).collect::<Vec<_>>(),
             "gemv_max_tokens": gpu.gemv_max_tokens,
             "register_tile": gpu.register_tile.side(),

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams, Stop};
+use llama_webgpu::gpu::KvType;
 use llama_webgpu::{load, CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 #[derive(Parser)]
@@ -27,6 +28,10 @@ struct Cli {
     /// cores), for comparison or to step around a driver's bug.
     #[arg(long, global = true)]
     no_coop_matrix: bool,
+    /// The KV cache's element type, f16 or f32: f16 (half the memory) where the adapter has
+    /// shader-f16, else f32.
+    #[arg(long, global = true, value_parser = parse_kv_type)]
+    kv_type: Option<KvType>,
     #[command(subcommand)]
     command: Command,
 }
@@ -170,7 +175,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let options = GpuOptions { adapter: cli.adapter, no_coop_matrix: cli.no_coop_matrix, ..Default::default() };
+    let options = GpuOptions { adapter: cli.adapter, no_coop_matrix: cli.no_coop_matrix, kv_type: cli.kv_type, ..Default::default() };
     match cli.command {
         Command::Info => {
             for name in llama_webgpu::gpu::adapter_names().await {
@@ -184,6 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("cooperative matrix: {}x{}x{} {:?} -> {:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type);
             }
             println!("prefill on cooperative matrices: {}", gpu.coop_matrix);
+            println!("KV cache: {}", gpu.kv_type.name());
             println!("max_storage_buffer_binding_size: {}", gpu.limits.max_storage_buffer_binding_size);
             println!("max_buffer_size: {}", gpu.limits.max_buffer_size);
             Ok(())
@@ -370,6 +376,10 @@ fn load_bar(quiet: bool) -> indicatif::ProgressBar {
 }
 
 /// "64MiB", "512KiB", "1GiB", "1000000".
+fn parse_kv_type(text: &str) -> Result<KvType, String> {
+    KvType::from_name(text).ok_or_else(|| format!("{text:?} is not a KV type: f32 or f16"))
+}
+
 fn parse_size(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
     let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));

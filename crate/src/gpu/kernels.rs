@@ -26,8 +26,10 @@ pub struct Kernel {
     pub name: &'static str,
     /// The kernel's own file, `shaders/NAME.wgsl`.
     pub source: &'static str,
-    /// The pieces of `shaders/lib` it uses, put before its file.
+    /// The pieces of `shaders/lib` it uses, put after its file.
     pub pieces: &'static [Piece],
+    /// It binds the KV pool's buffers (of `kv_t`).
+    pub kv_pool: bool,
     pub bindings: &'static [Binding],
     /// Every index stays inside its buffer whenever the host's params match the buffers (which
     /// ops.rs sizes together), so native backends may drop naga's runtime bounds checks.
@@ -43,6 +45,45 @@ pub enum TileType {
     F32,
     /// Needs the device feature SHADER_F16.
     F16,
+}
+
+/// The element type of the KV pool (`alias kv_t`): what the q/k/v projection writes and attention
+/// reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvType {
+    #[default]
+    F32,
+    /// Half the memory and traffic of f32; needs the device feature SHADER_F16.
+    F16,
+}
+
+impl KvType {
+    pub fn bytes(self) -> u64 {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+        }
+    }
+
+    /// `values` as a pool of this type holds them.
+    pub fn rounded(self, values: &[f32]) -> Vec<f32> {
+        match self {
+            KvType::F32 => values.to_vec(),
+            KvType::F16 => values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+        }
+    }
+
+    /// The type named as [`KvType::name`] gives it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [KvType::F32, KvType::F16].into_iter().find(|t| t.name() == name)
+    }
 }
 
 /// The side of a prefill thread's register tile of sums (REGISTER_TILE).
@@ -77,6 +118,8 @@ pub struct ModuleForm {
     /// Add the prefill product on cooperative matrices, `tiled_coop` (needs the device features
     /// EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16 and SUBGROUP).
     pub coop_matrix: bool,
+    /// The KV pool's element type, in kernels that touch the pool.
+    pub kv: KvType,
 }
 
 /// A shared piece of WGSL (`shaders/lib/*.wgsl`) that kernels are composed with: the functions and
@@ -183,6 +226,11 @@ impl Kernel {
         self.pieces.contains(&Piece::TiledCoop)
     }
 
+    /// Whether the kernel binds the KV pool, so that it has a form for each [`KvType`].
+    pub fn has_kv_form(&self) -> bool {
+        self.kv_pool
+    }
+
     /// The kernel's WGSL module in `form`: the enable directives the form needs (WGSL takes them
     /// only first, which is why each form is a module of its own), the constants from Rust
     /// ([`shader_constants`], the tile type and register tile of the form), the kernel's file,
@@ -194,7 +242,7 @@ impl Kernel {
     /// always get the workgroup-memory form.
     pub fn source_for(&self, form: ModuleForm) -> String {
         let mut source = String::new();
-        if form.tiles == TileType::F16 || form.coop_matrix {
+        if form.tiles == TileType::F16 || form.coop_matrix || form.kv == KvType::F16 {
             source.push_str("enable f16;\n");
         }
         if form.coop_matrix {
@@ -208,6 +256,7 @@ impl Kernel {
             TileType::F16 => "f16",
         };
         source.push_str(&format!("alias tile_t = {tile_type};\nconst REGISTER_TILE: u32 = {}u;\n", form.register_tile.side()));
+        source.push_str(&format!("alias kv_t = {};\n", form.kv.name()));
         source.push_str(self.source);
         for piece in self.pieces {
             if let Some(text) = piece.file(form) {
@@ -219,14 +268,12 @@ impl Kernel {
 }
 
 macro_rules! kernel {
-    ($ident:ident, $file:literal, [$($piece:ident),*], [$($binding:expr),*]) => {
-        kernel!($ident, $file, [$($piece),*], [$($binding),*], in_bounds: false);
-    };
-    ($ident:ident, $file:literal, [$($piece:ident),*], [$($binding:expr),*], in_bounds: $in_bounds:literal) => {
+    ($ident:ident, $file:literal, [$($piece:ident),*], [$($binding:expr),*], in_bounds: $in_bounds:literal, kv_pool: $kv_pool:literal) => {
         pub const $ident: Kernel = Kernel {
             name: $file,
             source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
             pieces: &[$(Piece::$piece),*],
+            kv_pool: $kv_pool,
             bindings: &[$($binding),*],
             in_bounds: $in_bounds,
         };
@@ -236,11 +283,11 @@ macro_rules! kernel {
 // The hot kernel: rows, columns and tokens are checked against params; reads past a part's
 // last row stay within the padding of its last word.
 kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Tiles, TiledCoop],
-    [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true);
-kernel!(ATTENTION, "attention", [Step], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform]);
-kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform]);
-kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform]);
-kernel!(FILL, "fill", [], [StorageMut, Uniform]);
+    [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true, kv_pool: true);
+kernel!(ATTENTION, "attention", [Step], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_pool: true);
+kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_pool: false);
+kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_pool: false);
+kernel!(FILL, "fill", [], [StorageMut, Uniform], in_bounds: false, kv_pool: false);
 
 /// Every kernel the engine uses.
 pub const KERNELS: [&Kernel; 5] = [&MATMUL, &ATTENTION, &ARGMAX, &TOP_K, &FILL];

@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{shader_constants, Binding, Kernel, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY};
+pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::WeightMatrix;
@@ -42,6 +42,8 @@ pub enum GpuError {
     InvalidOption { name: &'static str, value: u32, allowed: &'static str },
     #[error("the GPU adapter {0:?} has no timestamp queries (wgpu feature TIMESTAMP_QUERY), so dispatches cannot be timed")]
     NoTimestamps(String),
+    #[error("{option} needs the GPU feature {feature}, which the adapter {adapter:?} lacks")]
+    MissingFeature { option: &'static str, feature: &'static str, adapter: String },
 }
 
 /// How to choose and configure the GPU.
@@ -81,6 +83,9 @@ pub struct GpuOptions {
     /// Run prefill on the portable tiles even where the adapter has cooperative matrices (tensor
     /// cores) that `tiled_coop` can use; for comparison, or to step around a driver's bug.
     pub no_coop_matrix: bool,
+    /// The KV pool's element type: f16 where the adapter has shader-f16 (half the memory of f32,
+    /// logits within about 1e-2 of it), f32 elsewhere, unless given.
+    pub kv_type: Option<KvType>,
 }
 
 /// Storage buffers of the kernel with the most (matmul.wgsl); WebGPU grants 8 everywhere.
@@ -123,6 +128,8 @@ pub struct Gpu {
     pub subgroups: bool,
     /// Prefill runs on cooperative matrices (matmul.wgsl's `tiled_coop`): see [`coop_matrix_fits`].
     pub coop_matrix: bool,
+    /// The KV pool's element type (see [`GpuOptions::kv_type`]).
+    pub kv_type: KvType,
     /// The cooperative-matrix configurations the adapter lists (empty without the feature).
     pub coop_matrix_properties: Vec<wgpu::CooperativeMatrixProperties>,
     /// See [`GpuOptions::gemv_rows`].
@@ -190,6 +197,14 @@ impl Gpu {
             wanted |= wgpu::Features::TIMESTAMP_QUERY;
         }
         let features = adapter.features() & wanted;
+        let kv_type = match options.kv_type {
+            Some(KvType::F16) if !features.contains(wgpu::Features::SHADER_F16) => {
+                return Err(GpuError::MissingFeature { option: "kv_type f16", feature: "shader-f16", adapter: info.name.clone() });
+            }
+            Some(kv_type) => kv_type,
+            None if features.contains(wgpu::Features::SHADER_F16) => KvType::F16,
+            None => KvType::F32,
+        };
         // SAFETY: wgpu's experimental cooperative matrices are used by tiled_coop alone, in the one
         // configuration the adapter lists (coop_matrix_fits), and checked against the CPU at load
         // (self_test); the token is only given when that kernel will run.
@@ -221,7 +236,7 @@ impl Gpu {
         let tile_type = if options.f16_tiles && features.contains(wgpu::Features::SHADER_F16) { TileType::F16 } else { TileType::F32 };
         let subgroups = features.contains(wgpu::Features::SUBGROUP) && !options.no_subgroups;
         log::info!(
-            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}",
+            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}, KV {kv_type:?}",
             info.name,
             info.backend,
             features
@@ -245,6 +260,7 @@ impl Gpu {
             tile_type,
             subgroups,
             coop_matrix,
+            kv_type,
             coop_matrix_properties: adapter.cooperative_matrix_properties(),
             gemv_rows: options.gemv_rows,
             gemv_max_tokens: options.gemv_max_tokens.unwrap_or(ops::DEFAULT_GEMV_MAX_TOKENS),
@@ -300,6 +316,14 @@ impl Gpu {
         let buffer = self.storage_buffer(label, std::mem::size_of_val(data) as u64);
         self.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(data));
         buffer
+    }
+
+    /// A storage buffer holding `values` as the KV pool's type stores them.
+    pub fn kv_buffer_with(&self, label: &str, values: &[f32]) -> wgpu::Buffer {
+        match self.kv_type {
+            KvType::F32 => self.storage_buffer_with(label, values),
+            KvType::F16 => self.storage_buffer_with(label, &values.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>()),
+        }
     }
 
     /// A uniform buffer holding `value`.

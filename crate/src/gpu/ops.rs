@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::kernels::{self, Kernel, ModuleForm, RegisterTile, TileType};
+use super::kernels::{self, Kernel, KvType, ModuleForm, RegisterTile, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
@@ -530,6 +530,7 @@ fn weight_op(
         subgroups: matches!(entry, "gemv" | "gemv_blocks" | "gemv_superblocks") && gpu.subgroups,
         register_tile: if tiled { gpu.register_tile } else { RegisterTile::X4 },
         coop_matrix: entry == "tiled_coop",
+        kv: if matches!(output, MatmulOutput::Rotary(_)) { gpu.kv_type } else { KvType::F32 },
     };
     let (norm, eps) = match input {
         MatmulInput::RmsNorm { weight, eps } => (weight, eps),
@@ -653,18 +654,20 @@ pub fn attention(
     let params = gpu.uniform_buffer("attention params", &params);
     let buffers = [q, kv.k, kv.v, kv.page_table, out, partials, &params, step];
     // q and out, plus a key and a value row of every KV head per attended position.
-    let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 8 * (n_kv_heads * head_dim) as u64 };
+    let kv_bytes = gpu.kv_type.bytes();
+    let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 2 * kv_bytes * (n_kv_heads * head_dim) as u64 };
+    let form = ModuleForm { kv: gpu.kv_type, ..Default::default() };
     let group = (n_heads / n_kv_heads) as u32;
     // A decode token's query rows are its GQA group: blocks of that many (a power of two) waste
     // no rows on one token; prefill fills blocks of 8 with several tokens.
     let decode_block = group.next_power_of_two().min(ATTENTION_QUERY_BLOCK);
     let attend = |block: u32, splits: u32| {
         let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
-        dispatch(gpu, &kernels::ATTENTION, "attend", &[("QUERY_BLOCK", block as f64)], &buffers, grid, traffic)
+        dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &[("QUERY_BLOCK", block as f64)], &buffers, grid, traffic)
     };
     // Splits past the pass's key_splits return at once; the merge reads at most every split.
     let partial_bytes = 4 * (n_heads * (head_dim + 2)) as u64 * max_key_splits as u64;
-    let combine = dispatch(gpu, &kernels::ATTENTION, "combine", &[], &buffers, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes));
+    let combine = dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[], &buffers, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes));
     Attention {
         prefill: Op { dispatches: vec![attend(ATTENTION_QUERY_BLOCK, 1)] },
         decode: Op { dispatches: vec![attend(decode_block, 1)] },

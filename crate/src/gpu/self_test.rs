@@ -53,8 +53,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     // and three after forty (decode, its keys in two splits).
     let (heads, kv_heads, head_dim) = (4, 2, 16);
     let context = 43;
-    let (keys, values) = (inputs(context * kv_heads * head_dim, 5), inputs(context * kv_heads * head_dim, 6));
-    let caches = [&keys, &values].map(|v| gpu.storage_buffer_with("self-test kv pool", v));
+    // As the pool's type holds them, so that the reference sees the same keys and values.
+    let (keys, values) = (gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 5)), gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 6)));
+    let caches = [&keys, &values].map(|v| gpu.kv_buffer_with("self-test kv pool", v));
     let caches = [&caches[0], &caches[1]];
     let partials = gpu.storage_buffer("self-test partials", ops::attention_partials_bytes(heads, head_dim, max_key_splits));
     // One sequence whose pages are the pool's first ones, in order.

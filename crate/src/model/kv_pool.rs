@@ -7,16 +7,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::gpu::{Gpu, GpuError};
+use crate::gpu::{Gpu, GpuError, KvType};
 
 use super::{Config, ModelError};
 
 /// Positions per page: the unit of allocation and of prefix sharing between sequences.
 pub const PAGE_SIZE: usize = 16;
 
-/// Per layer, one key and one value buffer of (pages * PAGE_SIZE, n_kv_heads, head_dim) f32, and
-/// the page table: (sequences, pages_per_sequence) u32 pool pages.
+/// Per layer, one key and one value buffer of (pages * PAGE_SIZE, n_kv_heads, head_dim) elements of
+/// the device's KV type, and the page table: (sequences, pages_per_sequence) u32 pool pages.
 pub struct KvPool {
+    pub kv_type: KvType,
     pub pages: usize,
     pub pages_per_sequence: usize,
     pub sequences: usize,
@@ -25,26 +26,27 @@ pub struct KvPool {
 }
 
 impl KvPool {
-    /// Bytes one page takes over all layers, keys and values.
-    pub fn bytes_per_page(config: &Config) -> u64 {
-        2 * config.n_layers as u64 * Self::buffer_bytes_per_page(config)
+    /// Bytes one page of `kv_type` takes over all layers, keys and values.
+    pub fn bytes_per_page(config: &Config, kv_type: KvType) -> u64 {
+        2 * config.n_layers as u64 * Self::buffer_bytes_per_page(config, kv_type)
     }
 
-    fn buffer_bytes_per_page(config: &Config) -> u64 {
-        (PAGE_SIZE * config.kv_dim() * 4) as u64
+    fn buffer_bytes_per_page(config: &Config, kv_type: KvType) -> u64 {
+        PAGE_SIZE as u64 * config.kv_dim() as u64 * kv_type.bytes()
     }
 
     /// The most pages one layer buffer can hold under the device's binding limit.
     pub fn max_pages(gpu: &Gpu, config: &Config) -> usize {
-        (gpu.max_binding() / Self::buffer_bytes_per_page(config)) as usize
+        (gpu.max_binding() / Self::buffer_bytes_per_page(config, gpu.kv_type)) as usize
     }
 
     pub async fn new(gpu: &Gpu, config: &Config, pages: usize, pages_per_sequence: usize, sequences: usize) -> Result<Self, crate::Error> {
-        let per_buffer = pages as u64 * Self::buffer_bytes_per_page(config);
+        let kv_type = gpu.kv_type;
+        let per_buffer = pages as u64 * Self::buffer_bytes_per_page(config, kv_type);
         let too_large = |reason: String| ModelError::KvPoolTooLarge {
             pages,
             positions: pages * PAGE_SIZE,
-            needed: pages as u64 * Self::bytes_per_page(config),
+            needed: pages as u64 * Self::bytes_per_page(config, kv_type),
             per_buffer,
             reason,
         };
@@ -61,7 +63,7 @@ impl KvPool {
         if let Some(error) = scope.pop().await {
             return Err(too_large(format!("the device is out of memory: {error}")).into());
         }
-        Ok(Self { pages, pages_per_sequence, sequences, layers, page_table })
+        Ok(Self { kv_type, pages, pages_per_sequence, sequences, layers, page_table })
     }
 
     /// Writes `pages` into sequence slot `sequence`'s page table row from its page `first` on.

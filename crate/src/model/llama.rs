@@ -341,11 +341,11 @@ impl Llama {
 
         let pages_per_sequence = context.div_ceil(PAGE_SIZE);
         let pages = match options.kv_memory {
-            Some(bytes) => (bytes / KvPool::bytes_per_page(c)) as usize,
+            Some(bytes) => (bytes / KvPool::bytes_per_page(c, gpu.kv_type)) as usize,
             None => (sequences * pages_per_sequence).min(KvPool::max_pages(gpu, c)).max(pages_per_sequence),
         };
         if pages == 0 {
-            return Err(ModelError::KvPoolTooSmall { bytes: options.kv_memory.unwrap_or_default(), page_bytes: KvPool::bytes_per_page(c) }.into());
+            return Err(ModelError::KvPoolTooSmall { bytes: options.kv_memory.unwrap_or_default(), page_bytes: KvPool::bytes_per_page(c, gpu.kv_type) }.into());
         }
         let kv_pool = KvPool::new(gpu, c, pages, pages_per_sequence, sequences).await?;
         let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
