@@ -93,6 +93,39 @@ fn f16_kv_pool_keeps_logits_within_1e_2_of_their_spread_and_the_greedy_tokens() 
     }
 }
 
+/// Llama 3.1's long context: the tiny fixture (llama3 RoPE scaling) with its maximum raised to
+/// 131,072, a short prompt placed at position 100,000 of a fresh pool (6,252 pages; the positions
+/// before it hold zero keys and values), against the whole model on the CPU at the same positions.
+/// The 100,000 zero keys outweigh the prompt's own in every softmax, so these logits hardly depend
+/// on the prompt's rotation (one position later they move by 1e-6): RoPE at such positions is
+/// checked by the rotary kernel test, this one checks the pass end to end there.
+#[test]
+fn a_prompt_past_position_100000_matches_the_cpu_forward() {
+    let Some(gpu) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("llama-webgpu-deep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = common::fixture("tiny-llama31");
+    let mut config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    config_json["max_position_embeddings"] = 131072.into();
+    std::fs::write(dir.join("config.json"), config_json.to_string()).unwrap();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") || path.ends_with("model.safetensors.index.json") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let config = llama_webgpu::load::read_hf_config(&dir).unwrap();
+    let source = llama_webgpu::load::open_safetensors_dir(&dir).unwrap();
+    let (start, tokens) = (100_000, [17, 300, 42, 999]);
+    let options = LoadOptions { context_length: Some(start + 32), ..Default::default() };
+    let mut model = pollster::block_on(llama_webgpu::Llama::load(&gpu, config.clone(), &source, &options, &mut |_| {})).unwrap();
+    let logits = pollster::block_on(model.forward(&tokens, start)).unwrap();
+    let want = common::cpu_forward(&config, &source, &tokens, start);
+    let max_err = assert_close("prompt at position 100,000", &logits, &want, ATOL, RTOL);
+    println!("at position {start}: max |logit error| {max_err:.2e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Decode runs the GEMVs, in both reductions: subgroups (the default where the adapter has them)
 /// and workgroup memory (browsers, other adapters).
 #[test]

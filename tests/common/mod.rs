@@ -183,3 +183,48 @@ pub fn truncated_llama3_tokenizer(vocab: usize) -> llama_webgpu::text::Tokenizer
     json["post_processor"] = serde_json::Value::Null;
     llama_webgpu::text::Tokenizer::from_json_bytes(&serde_json::to_vec(&json).unwrap()).unwrap()
 }
+
+/// The whole model on the CPU from the reference kernels (crate::reference), for `tokens` at
+/// positions `start_pos..`: the last token's logits. Keys and values of positions before
+/// `start_pos` are zero, as in a fresh KV pool. Reads f32 safetensors weights.
+pub fn cpu_forward(config: &llama_webgpu::Config, weights: &dyn llama_webgpu::load::WeightSource, tokens: &[u32], start_pos: usize) -> Vec<f32> {
+    use llama_webgpu::quant::DType;
+    use llama_webgpu::reference;
+    let tensor = |name: &str| {
+        let t = weights.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.dtype, DType::F32, "{name}");
+        t.bytes.into_owned()
+    };
+    let floats = |name: &str| -> Vec<f32> { bytemuck::pod_collect_to_vec(&tensor(name)) };
+    let c = config;
+    let (hidden, q_dim, kv_dim, head_dim) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
+    let positions: Vec<usize> = (start_pos..start_pos + tokens.len()).collect();
+    let cos_sin = c.rope_cos_sin(start_pos + tokens.len());
+    let mut x = reference::embedding(tokens, &tensor("model.embed_tokens.weight"), DType::F32, hidden);
+    for layer in 0..c.n_layers {
+        let p = format!("model.layers.{layer}");
+        let h = reference::rmsnorm(&x, &floats(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
+        let project = |name: &str, rows: usize| reference::matmul(&h, &tensor(&format!("{p}.self_attn.{name}.weight")), DType::F32, rows, hidden);
+        let mut q = project("q_proj", q_dim);
+        let mut k = project("k_proj", kv_dim);
+        let v = project("v_proj", kv_dim);
+        reference::rope(&mut q, &positions, &cos_sin, c.n_heads, head_dim, q_dim);
+        reference::rope(&mut k, &positions, &cos_sin, c.n_kv_heads, head_dim, kv_dim);
+        let mut k_cache = vec![0.0; start_pos * kv_dim];
+        let mut v_cache = k_cache.clone();
+        k_cache.extend(&k);
+        v_cache.extend(&v);
+        let attended = reference::attention(&q, &k_cache, &v_cache, start_pos, c.n_heads, c.n_kv_heads, head_dim);
+        let o = reference::matmul(&attended, &tensor(&format!("{p}.self_attn.o_proj.weight")), DType::F32, hidden, q_dim);
+        x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        let h = reference::rmsnorm(&x, &floats(&format!("{p}.post_attention_layernorm.weight")), c.rms_norm_eps);
+        let mlp = |name: &str| reference::matmul(&h, &tensor(&format!("{p}.mlp.{name}.weight")), DType::F32, c.intermediate_size, hidden);
+        let activated = reference::silu_mul(&mlp("gate_proj"), &mlp("up_proj"));
+        let down = reference::matmul(&activated, &tensor(&format!("{p}.mlp.down_proj.weight")), DType::F32, hidden, c.intermediate_size);
+        x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
+    }
+    let last = &x[(tokens.len() - 1) * hidden..];
+    let normed = reference::rmsnorm(last, &floats("model.norm.weight"), c.rms_norm_eps);
+    let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    reference::matmul(&normed, &tensor(head), DType::F32, c.vocab_size, hidden)
+}
