@@ -5,7 +5,10 @@ export interface EngineOptions {
    */
   model: string;
   onProgress?: (report: LoadProgress) => void;
-  /** Positions the KV cache holds; default min(4096, the model's maximum). */
+  /**
+   * Positions one request may reach; default the model's maximum (131,072 for Llama 3.1), or as many
+   * as the KV cache the GPU's memory holds (`info().model.context_length` says which).
+   */
   contextLength?: number;
   /** Caps the storage binding size below the adapter's (bytes); for testing the split path. */
   maxStorageBinding?: number;
@@ -15,7 +18,8 @@ export interface EngineOptions {
   maxSequences?: number;
   /**
    * Bytes of GPU memory for the KV cache, shared by the running requests in pages of 16 positions.
-   * Default: one full context, shared by the running requests. A request reserves the pages its prompt and
+   * Default: one full context, shared by the running requests, halved while the GPU's memory cannot
+   * hold it. A request reserves the pages its prompt and
    * `max_tokens` (without it: the context) can reach, and waits while they are not free.
    */
   kvMemory?: number;

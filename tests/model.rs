@@ -286,6 +286,11 @@ fn context_length_is_checked_against_the_model_and_the_device() {
     let Some(small) = gpu_with(&GpuOptions { max_storage_binding: Some(20 << 10), ..exact() }) else { return };
     let err = load_model(&small, "tiny-llama31", &LoadOptions { context_length: Some(256), ..Default::default() }).err().unwrap().to_string();
     assert!(err.contains("KV pool of 16 pages (256 positions) needs 196608 bytes") && err.contains("20480"), "{err}");
+    // Unasked, the context is the model's own (256), or as much as the device holds: 10 pages of
+    // 2048 bytes per layer buffer bind in 20 KiB.
+    assert_eq!(load_model(&gpu, "tiny-llama31", &LoadOptions::default()).unwrap().context_length(), 256);
+    let model = load_model(&small, "tiny-llama31", &LoadOptions::default()).unwrap();
+    assert_eq!((model.context_length(), model.kv_pool().pages), (160, 10));
 }
 
 #[test]

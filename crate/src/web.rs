@@ -20,7 +20,6 @@ use crate::api::{ChatCompletionRequest, CompletionRequest, FinishReason, Generat
 use crate::engine::{ChoiceResults, Completion, Endpoint, Event, Load, SequenceId};
 use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
-use crate::model::{KvPool, DEFAULT_CONTEXT, PAGE_SIZE};
 use crate::text::RenderOptions;
 use crate::{CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
@@ -191,14 +190,13 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let source = WebModel::open(&url).await.map_err(to_js)?;
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;
-    // A tab's GPU memory is scarce: unless told otherwise, the sequences share the KV pages one
-    // request had alone (a full context).
-    let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(config.max_position_embeddings));
-    let one_context = context.div_ceil(PAGE_SIZE) as u64 * KvPool::bytes_per_page(&config, gpu.kv_type);
+    // A tab's GPU memory is scarce: unless told otherwise, the sequences share the KV pages of one
+    // full context (or as much of it as the memory holds).
     let load_options = LoadOptions {
         context_length: options.context_length,
         max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
-        kv_memory: Some(options.kv_memory.unwrap_or(one_context)),
+        kv_memory: options.kv_memory,
+        kv_contexts: Some(1),
         ..Default::default()
     };
     let mut progress = |p: crate::LoadProgress| {

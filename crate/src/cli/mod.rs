@@ -105,14 +105,15 @@ struct ModelArgs {
     /// is the SmolLM2 GGUF that scripts/setup fetches.
     #[arg(long, short, default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// Positions one sequence may reach (default min(4096, max_position_embeddings)).
+    /// Positions one sequence may reach (default: the model's max_position_embeddings, 131072 for
+    /// Llama 3.1, or as many as the KV pool the GPU's memory holds; the log says which).
     #[arg(long)]
     context: Option<usize>,
     /// Sequences decoded together (serve: default 16 on a GPU, 1 on a CPU adapter; 1 elsewhere).
     #[arg(long)]
     parallel: Option<usize>,
     /// Memory of the paged KV pool, e.g. 8GiB (default: a full context for every sequence, as far
-    /// as one buffer binds).
+    /// as one buffer binds, halved while the GPU's memory cannot hold it).
     #[arg(long, value_parser = parse_size)]
     kv_memory: Option<u64>,
 }

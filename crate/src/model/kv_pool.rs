@@ -40,19 +40,55 @@ impl KvPool {
         (gpu.max_binding() / Self::buffer_bytes_per_page(config, gpu.kv_type)) as usize
     }
 
+    /// A pool of `pages`, or an error naming why the device cannot hold it.
     pub async fn new(gpu: &Gpu, config: &Config, pages: usize, pages_per_sequence: usize, sequences: usize) -> Result<Self, crate::Error> {
-        let kv_type = gpu.kv_type;
-        let per_buffer = pages as u64 * Self::buffer_bytes_per_page(config, kv_type);
-        let too_large = |reason: String| ModelError::KvPoolTooLarge {
+        match Self::allocate(gpu, config, pages, pages_per_sequence, sequences).await? {
+            Ok(pool) => Ok(pool),
+            Err(error) => Err(Self::too_large(config, gpu.kv_type, pages, format!("the device is out of memory: {error}")).into()),
+        }
+    }
+
+    /// The largest pool of `least..=pages` pages the device's memory holds, halving from `pages`
+    /// while it is out of memory. Each sequence's page table row takes `pages_per_sequence` or, if
+    /// smaller, the pool's pages.
+    pub async fn largest(gpu: &Gpu, config: &Config, pages: usize, least: usize, pages_per_sequence: usize, sequences: usize) -> Result<Self, crate::Error> {
+        let least = least.max(1);
+        let mut tried = pages.max(least);
+        loop {
+            match Self::allocate(gpu, config, tried, pages_per_sequence.min(tried), sequences).await? {
+                Ok(pool) => return Ok(pool),
+                Err(error) if tried == least => return Err(Self::too_large(config, gpu.kv_type, least, format!("the device is out of memory: {error}")).into()),
+                Err(_) => tried = (tried / 2).max(least),
+            }
+        }
+    }
+
+    fn too_large(config: &Config, kv_type: KvType, pages: usize, reason: String) -> ModelError {
+        ModelError::KvPoolTooLarge {
             pages,
             positions: pages * PAGE_SIZE,
             needed: pages as u64 * Self::bytes_per_page(config, kv_type),
-            per_buffer,
+            per_buffer: pages as u64 * Self::buffer_bytes_per_page(config, kv_type),
             reason,
-        };
-        if let Err(GpuError::Limit { available, name, .. }) = gpu.check_binding("kv pool buffer", per_buffer) {
-            return Err(too_large(format!("the device binds at most {available} bytes per buffer ({name})")).into());
         }
+    }
+
+    /// Fails naming the limit when a pool of `pages` passes what one buffer binds.
+    pub fn check_binding(gpu: &Gpu, config: &Config, pages: usize) -> Result<(), ModelError> {
+        let per_buffer = pages as u64 * Self::buffer_bytes_per_page(config, gpu.kv_type);
+        match gpu.check_binding("kv pool buffer", per_buffer) {
+            Err(GpuError::Limit { available, name, .. }) => {
+                Err(Self::too_large(config, gpu.kv_type, pages, format!("the device binds at most {available} bytes per buffer ({name})")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The pool, or the device's out-of-memory error (binding limits fail at once).
+    async fn allocate(gpu: &Gpu, config: &Config, pages: usize, pages_per_sequence: usize, sequences: usize) -> Result<Result<Self, wgpu::Error>, crate::Error> {
+        let kv_type = gpu.kv_type;
+        Self::check_binding(gpu, config, pages)?;
+        let per_buffer = pages as u64 * Self::buffer_bytes_per_page(config, kv_type);
         let table_bytes = (4 * sequences * pages_per_sequence) as u64;
         gpu.check_binding("kv page table", table_bytes)?;
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -61,9 +97,9 @@ impl KvPool {
             .collect();
         let page_table = gpu.storage_buffer("kv page table", table_bytes);
         if let Some(error) = scope.pop().await {
-            return Err(too_large(format!("the device is out of memory: {error}")).into());
+            return Ok(Err(error));
         }
-        Ok(Self { kv_type, pages, pages_per_sequence, sequences, layers, page_table })
+        Ok(Ok(Self { kv_type, pages, pages_per_sequence, sequences, layers, page_table }))
     }
 
     /// Writes `pages` into sequence slot `sequence`'s page table row from its page `first` on.

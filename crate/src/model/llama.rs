@@ -14,25 +14,26 @@ use super::{Config, KvPool, ModelError, PAGE_SIZE};
 /// How the model is laid out on the GPU.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Positions one sequence may reach; default min(4096, max_position_embeddings).
+    /// Positions one sequence may reach; default the model's max_position_embeddings, or less
+    /// where one KV pool buffer or the device's memory holds less (said in the log).
     pub context_length: Option<usize>,
     /// The most tokens one pass processes (at most MAX_BATCH_TOKENS); longer prompts run in
     /// several passes. Lowered automatically so every activation buffer fits the binding limit.
     pub max_batch: usize,
     /// The most sequences run together (slots of the page table, logits rows of a pass).
     pub max_sequences: usize,
-    /// Bytes of the KV pool; default: a full context for every sequence, as many pages as one
-    /// buffer binds where that is less.
+    /// Bytes of the KV pool; default: `kv_contexts` full contexts, as many pages as one buffer
+    /// binds where that is less, halved while the device's memory cannot hold it.
     pub kv_memory: Option<u64>,
+    /// Full contexts the default KV pool aims at; default one per sequence.
+    pub kv_contexts: Option<usize>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { context_length: None, max_batch: 256, max_sequences: 1, kv_memory: None }
+        Self { context_length: None, max_batch: 256, max_sequences: 1, kv_memory: None, kv_contexts: None }
     }
 }
-
-pub const DEFAULT_CONTEXT: usize = 4096;
 
 /// The checkpoint tensors a model of `config` reads: name, shape, and whether it is a norm weight
 /// (kept as f32, converted on the host) rather than a matrix (kept in its format on the GPU).
@@ -317,10 +318,15 @@ impl Llama {
         gpu.check()?;
         crate::gpu::self_test(gpu).await?;
         let c = &config;
-        let context = options.context_length.unwrap_or(DEFAULT_CONTEXT.min(c.max_position_embeddings));
-        if context > c.max_position_embeddings || context == 0 {
+        if let Some(context) = options.context_length.filter(|&n| n > c.max_position_embeddings || n == 0) {
             return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
         }
+        // Unless told otherwise, the model's whole context (Llama 3.1's 131,072), as far as one pool
+        // buffer and the cos/sin table bind; below, as far as the KV pool the memory holds.
+        let table_bytes_per_position = 4 * c.head_dim as u64;
+        let bindable = (KvPool::max_pages(gpu, c) * PAGE_SIZE).min((gpu.max_binding() / table_bytes_per_position) as usize);
+        let wanted_context = options.context_length.unwrap_or(c.max_position_embeddings.min(bindable).max(1));
+        gpu.check_binding("rope cos/sin table", wanted_context as u64 * table_bytes_per_position)?;
         let qkv_dim = c.q_dim() + 2 * c.kv_dim();
         let gate_up_dim = 2 * c.intermediate_size;
         let widest_row = 4 * c.hidden_size.max(qkv_dim).max(gate_up_dim) as u64;
@@ -335,19 +341,27 @@ impl Llama {
             let what = if sequences > max_batch { "one pass of the batch size" } else { "the logits buffer under the binding limit" };
             return Err(ModelError::TooManySequences { sequences, what, max: max_outputs }.into());
         }
-        let cos_sin = c.rope_cos_sin(context);
-        gpu.check_binding("rope cos/sin table", (cos_sin.len() * 8) as u64)?;
         gpu.check_binding("logits", 4 * c.vocab_size as u64)?;
 
-        let pages_per_sequence = context.div_ceil(PAGE_SIZE);
-        let pages = match options.kv_memory {
-            Some(bytes) => (bytes / KvPool::bytes_per_page(c, gpu.kv_type)) as usize,
-            None => (sequences * pages_per_sequence).min(KvPool::max_pages(gpu, c)).max(pages_per_sequence),
+        // A pool of a given size is made first, so that one the device cannot hold fails before
+        // the weights upload.
+        let wanted_pages = wanted_context.div_ceil(PAGE_SIZE);
+        let sized_pool = match options.kv_memory {
+            Some(bytes) => {
+                let pages = (bytes / KvPool::bytes_per_page(c, gpu.kv_type)) as usize;
+                if pages == 0 {
+                    return Err(ModelError::KvPoolTooSmall { bytes, page_bytes: KvPool::bytes_per_page(c, gpu.kv_type) }.into());
+                }
+                Some(KvPool::new(gpu, c, pages, wanted_pages, sequences).await?)
+            }
+            None => {
+                // One context of the asked-for length must bind; checked before the upload.
+                if options.context_length.is_some() {
+                    KvPool::check_binding(gpu, c, wanted_pages)?;
+                }
+                None
+            }
         };
-        if pages == 0 {
-            return Err(ModelError::KvPoolTooSmall { bytes: options.kv_memory.unwrap_or_default(), page_bytes: KvPool::bytes_per_page(c, gpu.kv_type) }.into());
-        }
-        let kv_pool = KvPool::new(gpu, c, pages, pages_per_sequence, sequences).await?;
         let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
         let step = ops::step_buffer(gpu, StepParams::default());
         let outputs_step = ops::step_buffer(gpu, StepParams::default());
@@ -355,18 +369,38 @@ impl Llama {
         let x = f32_buffer("x", max_batch * c.hidden_size);
         let qkv = f32_buffer("qkv", max_batch * qkv_dim);
         let attn = f32_buffer("attn", max_batch * c.q_dim());
-        let max_key_splits = ops::max_key_splits(gpu, c.n_heads, c.head_dim, context);
-        let attention_partials = gpu.storage_buffer("attention partials", ops::attention_partials_bytes(c.n_heads, c.head_dim, max_key_splits));
         let gate_up = f32_buffer("gate_up", max_batch * gate_up_dim);
         let x_out = f32_buffer("x_out", max_outputs * c.hidden_size);
         let logits = f32_buffer("logits", max_outputs * c.vocab_size);
         let next_tokens = f32_buffer("next tokens", max_outputs);
-        let cos_sin = gpu.storage_buffer_with("rope cos/sin", &cos_sin);
 
         let (matrices, vectors) = match weights {
             Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
             Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
         };
+        // Otherwise kv_contexts contexts (as many pages as one buffer binds where that is less),
+        // halved while the memory the weights left cannot hold them; at least one context when
+        // its length was asked for.
+        let kv_pool = match sized_pool {
+            Some(pool) => pool,
+            None => {
+                let contexts = options.kv_contexts.unwrap_or(sequences).max(1);
+                let pages = (contexts * wanted_pages).min(KvPool::max_pages(gpu, c));
+                let least = if options.context_length.is_some() { wanted_pages } else { 1 };
+                KvPool::largest(gpu, c, pages, least, wanted_pages, sequences).await?
+            }
+        };
+        let context = match options.context_length {
+            Some(context) => context,
+            None => wanted_context.min(kv_pool.pages * PAGE_SIZE),
+        };
+        if context < wanted_context {
+            log::warn!("context {context} positions, not the model's {wanted_context}: the GPU's memory holds a KV pool of {} pages", kv_pool.pages);
+        }
+        let pages_per_sequence = kv_pool.pages_per_sequence;
+        let max_key_splits = ops::max_key_splits(gpu, c.n_heads, c.head_dim, context);
+        let attention_partials = gpu.storage_buffer("attention partials", ops::attention_partials_bytes(c.n_heads, c.head_dim, max_key_splits));
+        let cos_sin = gpu.storage_buffer_with("rope cos/sin", &c.rope_cos_sin(context));
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
         // One dispatch per part of each block of a stacked matrix.

@@ -7,7 +7,7 @@ mod llama;
 pub use config::{Config, Llama3Scaling, Rope, RopeScaling};
 pub use kv_pool::{page_hash, KvPool, PageAllocator, PrefixMatch, PAGE_SIZE};
 pub use crate::load::LoadProgress;
-pub use llama::{checkpoint_tensors, Batch, Llama, LoadOptions, PassOutput, PassTokens, DEFAULT_CONTEXT};
+pub use llama::{checkpoint_tensors, Batch, Llama, LoadOptions, PassOutput, PassTokens};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
