@@ -106,6 +106,11 @@ export interface SamplingParams {
   /** Ignored: the engine runs the model it loaded. */
   model?: string;
   signal?: AbortSignal;
+  /**
+   * Called after each pass that computed a chunk of a prompt longer than one pass (256 tokens):
+   * `done` of the prompt's `total` tokens are in the KV cache.
+   */
+  onPrefillProgress?: (done: number, total: number) => void;
 }
 
 export interface ChatCompletionParams extends SamplingParams {

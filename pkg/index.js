@@ -161,7 +161,7 @@ export async function createEngine({ model, onProgress, worker = true, ...option
   // Requests run together in the engine (continuous batching), each under its own message id.
   const create = (type) => (params) => {
     const endpoint = ENDPOINTS[type];
-    const { signal, stream = false, ...request } = params;
+    const { signal, stream = false, onPrefillProgress, ...request } = params;
     const id = `${endpoint.idPrefix}-${crypto.randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
     const chunk = (index, choice, finish_reason = null, token_ids = []) => ({
@@ -179,7 +179,11 @@ export async function createEngine({ model, onProgress, worker = true, ...option
       if (signal?.aborted) throw new AbortError("the request was aborted before it started");
       signal?.addEventListener("abort", abort);
       try {
-        const result = await call({ type, request }, ({ choice, text, token, logprob }) => {
+        const result = await call({ type, request }, ({ choice, text, token, logprob, prefill }) => {
+          if (prefill) {
+            onPrefillProgress?.(prefill.done, prefill.total);
+            return;
+          }
           const offset = offsets[choice] ?? 0;
           if (logprob) offsets[choice] = offset + [...logprob.token].length;
           push(chunk(choice, endpoint.delta({ text, logprob }, offset), null, token === null ? [] : [token]));

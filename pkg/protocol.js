@@ -2,6 +2,7 @@
 //   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "complete", request}
 //        | {id, type: "info"} | {id, type: "unload"} | {type: "abort", id?}
 //   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", choice, text, token, logprob}
+//        | {id, type: "chunk", prefill: {done, total}}
 //        | {id, type: "result", value} | {id, type: "error", name, message, param}
 // Requests (chat and text completions) run together; each streams under its own id. "abort" stops
 // the request of that id, or every one without an id, and answers nothing.

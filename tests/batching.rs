@@ -71,6 +71,7 @@ fn run_together(engine: &mut Engine, requests: &[Request]) -> Vec<(Completion, S
                 }
                 Event::Finished(completion) => results[i] = Some((completion, std::mem::take(&mut texts[i]))),
                 Event::Failed(error) => panic!("request {i} failed: {error}"),
+                Event::Prefill { .. } => {}
             }
         }
         step += 1;
@@ -170,6 +171,27 @@ fn prompts_longer_than_a_pass_prefill_in_chunks_beside_decoding_sequences() {
     assert_same_as_alone(&requests, &together, &run_alone(&requests));
 }
 
+/// A prompt longer than a pass reports its progress after each pass that leaves part of it to go,
+/// then generates as it does without being watched.
+#[test]
+fn a_long_prompt_reports_its_prefill_progress() {
+    let Some(mut engine) = engine_with(LoadOptions { max_batch: 7, ..Default::default() }) else { return };
+    let prompt: Vec<u32> = golden(FIXTURE).greedy.prompt.into_iter().take(20).collect();
+    let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(4), ..Default::default() };
+    let mut seen = vec![];
+    let watched = pollster::block_on(engine.generate_with_events(&prompt, &params, &CancelToken::default(), &mut |event| match event {
+        Event::Prefill { done, total } => seen.push(format!("prefill {done}/{total}")),
+        Event::Delta(delta) => seen.push(format!("token {:?}", delta.token)),
+        _ => {}
+    }))
+    .unwrap();
+    let tokens: Vec<String> = watched.tokens.iter().map(|t| format!("token {:?}", Some(*t))).collect();
+    assert_eq!(seen, [vec!["prefill 7/20".to_string(), "prefill 14/20".to_string()], tokens].concat());
+    let unwatched = pollster::block_on(engine.generate(&prompt[..19], &params, &CancelToken::default(), &mut |_| {})).unwrap();
+    let again = pollster::block_on(engine.generate(&prompt, &params, &CancelToken::default(), &mut |_| {})).unwrap();
+    assert!(unwatched.tokens.len() == 4 && again.tokens == watched.tokens, "{:?} vs {:?}", again.tokens, watched.tokens);
+}
+
 #[test]
 fn a_small_pool_makes_requests_wait_and_a_request_too_large_for_it_fails_clearly() {
     // A page of the fixture: keys and values of 3 layers, 16 positions of 2 KV heads of 16.
@@ -224,7 +246,7 @@ fn choices_of_one_request_share_its_prompt_pages_and_sample_as_seeded_requests_a
             match event {
                 Event::Finished(completion) => drop(results.insert(id, completion)),
                 Event::Failed(error) => panic!("choice {id} failed: {error}"),
-                Event::Delta(_) => {}
+                Event::Delta(_) | Event::Prefill { .. } => {}
             }
         }
     }

@@ -44,7 +44,7 @@ fn finish_all(engine: &mut Engine, ids: &[SequenceId]) -> Vec<Completion> {
             match event {
                 Event::Finished(completion) => done[i] = Some(completion),
                 Event::Failed(error) => panic!("choice {i} failed: {error}"),
-                Event::Delta(_) => {}
+                Event::Delta(_) | Event::Prefill { .. } => {}
             }
         }
     }

@@ -169,10 +169,22 @@ pub type SequenceId = u64;
 /// What a step reports of a sequence: each token's text, then exactly one end.
 #[derive(Debug)]
 pub enum Event {
+    /// A pass computed a chunk of the prompt and more is to come: `done` of its `total` tokens are
+    /// in the KV cache (a long prompt's progress).
+    Prefill { done: usize, total: usize },
     Delta(Delta),
     Finished(Completion),
     /// The sequence could not go on (its text could not be decoded); others run on.
     Failed(crate::Error),
+}
+
+/// An event callback that passes the deltas on to `on_delta`.
+fn deltas(on_delta: &mut dyn FnMut(&Delta)) -> impl FnMut(&Event) + '_ {
+    move |event| {
+        if let Event::Delta(delta) = event {
+            on_delta(delta)
+        }
+    }
 }
 
 /// What the scheduler holds, for `/health` and `info()`.
@@ -433,7 +445,7 @@ impl Engine {
 
     pub async fn chat(&mut self, request: &ChatCompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
         let id = self.add_chat(request, &RenderOptions::default(), cancel.clone(), 1)?[0];
-        self.run_to_end(id, on_delta).await
+        self.run_to_end(id, &mut deltas(on_delta)).await
     }
 
     pub async fn complete(&mut self, request: &CompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
@@ -445,18 +457,24 @@ impl Engine {
     /// [`Engine::step`] until it finishes. For hosts that run one request at a time; events of
     /// other sequences added before are dropped.
     pub async fn generate(&mut self, prompt: &[u32], params: &SamplingParams, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
-        let id = self.add(prompt.to_vec(), params, cancel.clone())?;
-        self.run_to_end(id, on_delta).await
+        self.generate_with_events(prompt, params, cancel, &mut deltas(on_delta)).await
     }
 
-    async fn run_to_end(&mut self, id: SequenceId, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
+    /// Like [`Engine::generate`], calling `on_event` with each of the request's deltas and, for a
+    /// prompt longer than a pass, the progress of its prefill.
+    pub async fn generate_with_events(&mut self, prompt: &[u32], params: &SamplingParams, cancel: &CancelToken, on_event: &mut dyn FnMut(&Event)) -> Result<Completion> {
+        let id = self.add(prompt.to_vec(), params, cancel.clone())?;
+        self.run_to_end(id, on_event).await
+    }
+
+    async fn run_to_end(&mut self, id: SequenceId, on_event: &mut dyn FnMut(&Event)) -> Result<Completion> {
         loop {
             for (sequence, event) in self.step().await? {
                 match event {
                     _ if sequence != id => {}
-                    Event::Delta(delta) => on_delta(&delta),
                     Event::Finished(completion) => return Ok(completion),
                     Event::Failed(error) => return Err(error),
+                    event => on_event(&event),
                 }
             }
         }
@@ -804,6 +822,7 @@ impl Engine {
                 sequence.page_hashes.push(self.pages.cache_full(sequence.pages[index], parent, tokens));
             }
             if !row.output {
+                events.push((sequence.id, Event::Prefill { done: sequence.computed, total: sequence.tokens.len() }));
                 continue;
             }
             let from_gpu = match sequence.plain_greedy() {

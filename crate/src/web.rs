@@ -452,6 +452,11 @@ async fn drive(mut engine: Engine, generation: u64) {
                     };
                     let request = &mut active[r];
                     match event {
+                        // The first choice's prompt stands for the request's (choices share it).
+                        Event::Prefill { done, total } if choice == 0 => {
+                            let _ = request.on_chunk.call1(&JsValue::NULL, &js_value(&serde_json::json!({ "prefill": { "done": done, "total": total } })));
+                        }
+                        Event::Prefill { .. } => {}
                         Event::Delta(delta) => {
                             let chunk = ChunkJs { choice, text: &delta.text, token: delta.token, logprob: delta.logprob.as_ref().map(LogprobJs::of) };
                             let _ = request.on_chunk.call1(&JsValue::NULL, &js_value(&chunk));

@@ -214,6 +214,12 @@ try {
     ];
     const refused = await Promise.all(refusals.map((fields) =>
       engine.chat.completions.create({ messages, ...fields }).then(() => null, (e) => ({ name: e.name, param: e.param, message: e.message }))));
+    // A prompt longer than a pass (256 tokens) reports its prefill's progress.
+    const prefill = [];
+    await engine.chat.completions.create({
+      messages: [{ role: "user", content: "one two three four ".repeat(30) }], max_tokens: 1,
+      onPrefillProgress: (done, total) => prefill.push([done, total]),
+    });
     const info = engine.info();
     await engine.unload();
     const missing = await createEngine({ model: "/target/browser-test/missing/manifest.json" }).then(() => null, (e) => ({ name: e.name, message: e.message }));
@@ -229,7 +235,7 @@ try {
       choices,
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
-      abortError, info, missing, limit, alone, together, during, abortedStream, other, after,
+      abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
       json, called, textChunks, refused,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
@@ -286,6 +292,8 @@ try {
   assert(/needed \d+, available 256/.test(api.limit.message), `the limit error has the numbers: ${api.limit.message}`);
   assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
   assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
+  assert(api.prefill.length >= 1 && api.prefill.every(([done, total], i) => done === 256 * (i + 1) && total > done),
+    `prefill progress of a long prompt, a report per pass of 256 tokens: ${JSON.stringify(api.prefill)}`);
   assertEqual(api.info.weights, "cache", "where the weights are kept");
   assert(api.info.wasm_memory_bytes < TINY_WASM_BOUND, `wasm memory ${api.info.wasm_memory_bytes} < ${TINY_WASM_BOUND} after loading the fixture`);
 

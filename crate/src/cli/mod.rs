@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams, Stop};
 use llama_webgpu::gpu::KvType;
+use llama_webgpu::engine::Event;
 use llama_webgpu::{load, CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 #[derive(Parser)]
@@ -235,14 +236,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let started = Instant::now();
             let mut stdout = std::io::stdout();
-            let completion = engine
-                .generate(&prompt_tokens, &params, &CancelToken::default(), &mut |delta| {
-                    if !json {
-                        let _ = stdout.write_all(delta.text.as_bytes());
-                        let _ = stdout.flush();
-                    }
-                })
-                .await?;
+            let on_text = |text: &str| {
+                if !json {
+                    let _ = stdout.write_all(text.as_bytes());
+                    let _ = stdout.flush();
+                }
+            };
+            let completion = engine.generate_with_events(&prompt_tokens, &params, &CancelToken::default(), &mut terminal_events(cli.quiet, on_text)).await?;
             let generate_s = started.elapsed().as_secs_f64();
             if json {
                 let out = serde_json::json!({
@@ -280,12 +280,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;
             let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
-            chat(&mut engine, system, sampling.params()).await
+            chat(&mut engine, system, sampling.params(), cli.quiet).await
         }
     }
 }
 
-async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParams) -> anyhow::Result<()> {
+async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParams, quiet: bool) -> anyhow::Result<()> {
     let initial: Vec<ChatMessage> = system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let mut messages = initial.clone();
     let stdin = std::io::stdin();
@@ -309,12 +309,12 @@ async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParam
         }
         let request = ChatCompletionRequest { messages: messages.clone(), sampling: params.clone(), ..Default::default() };
         let started = Instant::now();
-        let completion = engine
-            .chat(&request, &CancelToken::default(), &mut |delta| {
-                print!("{}", delta.text);
-                let _ = std::io::stdout().flush();
-            })
-            .await?;
+        let prompt = engine.chat_prompt(&request, &Default::default())?;
+        let on_text = |text: &str| {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        };
+        let completion = engine.generate_with_events(&prompt, &params, &CancelToken::default(), &mut terminal_events(quiet, on_text)).await?;
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "\n[{} tokens, {:.1} tok/s, {} prompt tokens reused]",
@@ -374,6 +374,32 @@ fn load_bar(quiet: bool) -> indicatif::ProgressBar {
             .expect("a valid progress template"),
     );
     bar
+}
+
+/// A generation's events on the terminal: while a prompt longer than a pass is computed, a
+/// progress bar on stderr (unless `quiet`); then each delta's text to `on_text`.
+fn terminal_events<'a>(quiet: bool, mut on_text: impl FnMut(&str) + 'a) -> impl FnMut(&Event) + 'a {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    move |event| match event {
+        Event::Prefill { done, total } if !quiet => {
+            let bar = bar.get_or_insert_with(|| {
+                let bar = indicatif::ProgressBar::new(*total as u64);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("prompt {bar:40} {pos}/{len} tokens, {per_sec}, {eta} left")
+                        .expect("a valid progress template"),
+                );
+                bar
+            });
+            bar.set_position(*done as u64);
+        }
+        Event::Delta(delta) => {
+            if let Some(bar) = bar.take() {
+                bar.finish_and_clear();
+            }
+            on_text(&delta.text);
+        }
+        _ => {}
+    }
 }
 
 /// "64MiB", "512KiB", "1GiB", "1000000".

@@ -319,6 +319,8 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
     let Some((j, choice)) = active.find(id) else { return };
     let running = &mut active.jobs[j];
     match event {
+        // The HTTP API has no place for a prompt's progress.
+        EngineEvent::Prefill { .. } => {}
         EngineEvent::Delta(delta) => {
             if !running.first_token && delta.token.is_some() {
                 running.first_token = true;
