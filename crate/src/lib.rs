@@ -4,6 +4,7 @@
 pub mod api;
 pub mod bench;
 pub mod engine;
+pub mod fuzzing;
 pub mod gpu;
 pub mod grammar;
 pub mod load;

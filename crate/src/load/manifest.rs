@@ -69,9 +69,11 @@ impl Manifest {
             if t.offset.checked_add(t.bytes).is_none_or(|end| end > shard.bytes) {
                 return Err(bad(format!("tensor {} lies outside shard {} of {} bytes", t.name, shard.file, shard.bytes)));
             }
+            // Checked: a forged shape's product must not wrap around to the stated size.
             let cols = t.shape.last().copied().unwrap_or(1);
-            let rows: usize = t.shape.iter().rev().skip(1).product();
-            if dtype.row_bytes(cols).map(|b| (b * rows) as u64) != Some(t.bytes) {
+            let rows = t.shape.iter().rev().skip(1).try_fold(1usize, |rows, &d| rows.checked_mul(d));
+            let size = rows.zip(dtype.row_bytes(cols)).and_then(|(rows, row_bytes)| row_bytes.checked_mul(rows));
+            if size.map(|b| b as u64) != Some(t.bytes) {
                 return Err(bad(format!("tensor {}: {} bytes do not hold shape {:?} in {}", t.name, t.bytes, t.shape, t.dtype)));
             }
         }

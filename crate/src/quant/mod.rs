@@ -76,10 +76,11 @@ impl DType {
         }
     }
 
-    /// Bytes of a row of `cols` elements, or None when `cols` is not a whole number of blocks.
+    /// Bytes of a row of `cols` elements, or None when `cols` is not a whole number of blocks (or
+    /// the bytes pass usize).
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
         let (elements, bytes) = self.block();
-        cols.is_multiple_of(elements).then_some(cols / elements * bytes)
+        cols.is_multiple_of(elements).then(|| (cols / elements).checked_mul(bytes)).flatten()
     }
 
     /// The value of the `WEIGHT_DTYPE` override constant in the kernels that read this format.
