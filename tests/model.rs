@@ -38,11 +38,17 @@ fn f16_prefill_tiles_keep_logits_within_their_tolerance() {
     if !has_feature(&gpu, gpu.tile_type == llama_webgpu::gpu::TileType::F16, "shader-f16") {
         return;
     }
+    prefill_logits_within_f16_tolerance(&gpu, "with f16 tiles");
+}
+
+/// Every fixture's golden prompts of 8 tokens or more (prefill runs as tiles) on `gpu`, against the
+/// goldens within F16_TILES_TOLERANCE.
+fn prefill_logits_within_f16_tolerance(gpu: &llama_webgpu::Gpu, path: &str) {
     for name in FIXTURES {
-        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
+        let mut model = load_model(gpu, name, &LoadOptions::default()).unwrap();
         for case in golden(name).logits.iter().filter(|c| c.tokens.len() >= 8) {
             let logits = pollster::block_on(model.forward(&case.tokens, 0)).unwrap();
-            let what = format!("{name} with f16 tiles, prompt of {}", case.tokens.len());
+            let what = format!("{name} {path}, prompt of {}", case.tokens.len());
             let max_err = assert_close(&what, &logits, &case.last_logits, F16_TILES_TOLERANCE, F16_TILES_TOLERANCE);
             println!("{what}: max |logit error| {max_err:.2e}");
         }
@@ -54,15 +60,7 @@ fn f16_prefill_tiles_keep_logits_within_their_tolerance() {
 #[test]
 fn prefill_on_cooperative_matrices_keeps_logits_within_the_f16_tolerance() {
     let Some(gpu) = coop_matrix_gpu(&GpuOptions { kv_type: Some(KvType::F32), ..Default::default() }) else { return };
-    for name in FIXTURES {
-        let mut model = load_model(&gpu, name, &LoadOptions::default()).unwrap();
-        for case in golden(name).logits.iter().filter(|c| c.tokens.len() >= 8) {
-            let logits = pollster::block_on(model.forward(&case.tokens, 0)).unwrap();
-            let what = format!("{name} on cooperative matrices, prompt of {}", case.tokens.len());
-            let max_err = assert_close(&what, &logits, &case.last_logits, F16_TILES_TOLERANCE, F16_TILES_TOLERANCE);
-            println!("{what}: max |logit error| {max_err:.2e}");
-        }
-    }
+    prefill_logits_within_f16_tolerance(&gpu, "on cooperative matrices");
 }
 
 /// An f16 KV pool (the default where the adapter has shader-f16) holds keys and values rounded to
