@@ -28,7 +28,7 @@ export interface EngineOptions {
    * where the adapter has shader-f16, which is the default there; "f32" elsewhere. "f16" on an
    * adapter without shader-f16 fails with a LimitError.
    */
-  kvType?: "f16" | "f32";
+  kvType?: "f16" | "f32" | "q8_0";
   /**
    * Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
    * transformers does. Default false: content is encoded as the text it is, so a user or a document

@@ -7,6 +7,9 @@
 // max and sum per row, earlier outputs rescaled when the max grows) means no score matrix is stored
 // and any context length fits. A block whose rows belong to several sequences (a pass mixing them)
 // attends to each run of one sequence's rows in turn, the other rows masked.
+// A pool of several buffers (each under the binding limit) is attended one buffer per dispatch,
+// the keys whose pages lie in other buffers masked; every dispatch writes partials as key splits
+// do, and `combine` merges them all.
 // Key splits (flash-decoding): a decode step has one query row per head, too few workgroups to fill
 // a GPU or to hide the latency of a long context, so its keys are cut into step.key_splits ranges of
 // step.keys_per_split, attended in parallel. Each split writes its rows' unnormalised outputs, max
@@ -14,8 +17,9 @@
 // Entry points: `attend` (both cases), `combine` (after a split pass).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
-// MAX_HEAD_DIM, MAX_KEY_SPLITS, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl) and the KV pool's
-// element type kv_t (f32, or f16 in a module form of its own) come from Rust (crate::gpu::kernels).
+// MAX_HEAD_DIM, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl), the KV pool's element type kv_t
+// and its reads key_at / value_at (lib/kv_load_*, by the pool's type) come from Rust
+// (crate::gpu::kernels).
 const WG: u32 = 64u;
 const MASKED: f32 = -1.0e30;
 
@@ -25,17 +29,21 @@ struct Params {
     head_dim: u32,
     scale: f32,          // 1 / sqrt(head_dim)
     q_stride: u32,       // elements between token rows of q (q heads lead a stacked q/k/v row)
-    split_stride: u32,   // partials per (token, head): the most key splits a pass has
     stats_offset: u32,   // where the (max, sum) pairs start in partials
     pages_per_sequence: u32, // columns of page_table
+    buffers: u32,        // pool buffers, each attended by a dispatch of its own
+    buffer: u32,         // which of them this dispatch binds
+    first_page: u32,     // the pool page it starts at
+    buffer_pages: u32,   // pool pages it holds
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
-@group(0) @binding(1) var<storage, read> k_cache: array<kv_t>;       // (pool rows, n_kv_heads, head_dim)
-@group(0) @binding(2) var<storage, read> v_cache: array<kv_t>;       // (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(1) var<storage, read> k_cache: array<kv_t>;       // this buffer's (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(2) var<storage, read> v_cache: array<kv_t>;       // this buffer's (pool rows, n_kv_heads, head_dim)
 @group(0) @binding(3) var<storage, read> page_table: array<u32>;     // (sequences, pages_per_sequence) pool pages
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;      // (n_tokens, n_heads, head_dim)
-@group(0) @binding(5) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, split_stride) outputs of head_dim, then their (max, sum) at stats_offset
+@group(0) @binding(5) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, buffers, key_splits) outputs of head_dim, then their (max, sum) at stats_offset
 @group(0) @binding(6) var<uniform> params: Params;
 @group(0) @binding(7) var<uniform> step: Step;
 
@@ -58,8 +66,20 @@ struct TileShare {
     v: array<f32, KV_TILE_PER_THREAD>,
 }
 
+// The row of this dispatch's buffer holding `key` of the sequence whose page table row starts at
+// `pages`, or NOT_HERE when another buffer holds it.
+const NOT_HERE: u32 = 0xffffffffu;
+fn buffer_row(key: u32, pages: u32) -> u32 {
+    let page = page_table[pages + key / PAGE_SIZE];
+    if (page < params.first_page || page - params.first_page >= params.buffer_pages) {
+        return NOT_HERE;
+    }
+    return (page - params.first_page) * PAGE_SIZE + key % PAGE_SIZE;
+}
+
 // Thread li's share of the tile of keys [key0, end_key) of the sequence whose page table row starts
-// at `pages` (at most tile_keys of them; none if key0 is past the end).
+// at `pages` (at most tile_keys of them; none if key0 is past the end; zeros for keys of other
+// buffers).
 fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, li: u32) -> TileShare {
     var share: TileShare;
     if (key0 >= end_key) {
@@ -70,11 +90,12 @@ fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, 
     for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
         let e = li + i * WG;
         if (e < n) {
-            let key = key0 + e / hd;
-            let pool_row = page_table[pages + key / PAGE_SIZE] * PAGE_SIZE + key % PAGE_SIZE;
-            let at = pool_row * params.n_kv_heads * hd + kv_head * hd + e % hd;
-            share.k[i] = f32(k_cache[at]);
-            share.v[i] = f32(v_cache[at]);
+            let row = buffer_row(key0 + e / hd, pages);
+            if (row != NOT_HERE) {
+                let column = kv_head * hd + e % hd;
+                share.k[i] = key_at(row, column, params.n_kv_heads * hd);
+                share.v[i] = value_at(row, column, params.n_kv_heads * hd);
+            }
         }
     }
     return share;
@@ -146,7 +167,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 let row = min(row0 + r, n_rows - 1u);
                 let pos = step.slots[row / group].x;
                 var s = MASKED;
-                if (j < n_keys && row >= run_first && row <= run_last && key0 + j <= pos) {
+                let here = params.buffers == 1u || buffer_row(key0 + j, pages) != NOT_HERE;
+                if (j < n_keys && row >= run_first && row <= run_last && key0 + j <= pos && here) {
                     s = 0.0;
                     for (var d = 0u; d < hd; d++) {
                         s += q_block[r * hd + d] * kv_tile[j * hd + d];
@@ -176,7 +198,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                     acc[i] *= correction;
                 }
                 for (var j = 0u; j < n_keys; j++) {
-                    let weight = select(0.0, exp(tile_scores[scores + j] - new_max), key0 + j <= my_pos);
+                    // Masked: past the row's position, or in another buffer.
+                    let weight = select(0.0, exp(tile_scores[scores + j] - new_max), tile_scores[scores + j] > MASKED);
                     running_sum += weight;
                     for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
                         acc[i] += weight * kv_tile[j * hd + sub + i * THREADS_PER_ROW];
@@ -194,15 +217,15 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         return;
     }
     let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
-    if (step.key_splits == 1u) {
+    if (step.key_splits == 1u && params.buffers == 1u) {
         for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
             out[token_head * hd + sub + i * THREADS_PER_ROW] = acc[i] / running_sum;
         }
         return;
     }
-    // A row with no keys in this split (a token before the split's first key) leaves max MASKED,
-    // sum 0 and outputs 0, which combine weighs as nothing.
-    let partial = token_head * params.split_stride + split;
+    // A row with no keys in this split (a token before the split's first key, or keys all in other
+    // buffers) leaves max MASKED, sum 0 and outputs 0, which combine weighs as nothing.
+    let partial = (token_head * params.buffers + params.buffer) * step.key_splits + split;
     for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
         partials[partial * hd + sub + i * THREADS_PER_ROW] = acc[i];
     }
@@ -212,33 +235,32 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     }
 }
 
-// out = the splits' outputs weighed by exp(split max - overall max), over the weighed sums; one
-// workgroup per (head, token), its threads over head dimensions.
+// out = the partials' outputs weighed by exp(partial max - overall max), over the weighed sums;
+// one workgroup per (head, token), its threads over head dimensions.
 @compute @workgroup_size(WG)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let head = wg.x;
     let t = wg.y;
-    // One split: attend wrote out.
-    if (head >= params.n_heads || t >= step.n_tokens || step.key_splits == 1u) {
+    let count = step.key_splits * params.buffers;
+    // One partial: attend wrote out.
+    if (head >= params.n_heads || t >= step.n_tokens || count == 1u) {
         return;
     }
     let hd = params.head_dim;
-    let first = (t * params.n_heads + head) * params.split_stride;
+    let first = (t * params.n_heads + head) * count;
     var overall_max = MASKED;
-    for (var s = 0u; s < step.key_splits; s++) {
+    for (var s = 0u; s < count; s++) {
         overall_max = max(overall_max, partials[params.stats_offset + 2u * (first + s)]);
     }
-    var weights: array<f32, MAX_KEY_SPLITS>;
     var sum = 0.0;
-    for (var s = 0u; s < step.key_splits; s++) {
+    for (var s = 0u; s < count; s++) {
         let stats = params.stats_offset + 2u * (first + s);
-        weights[s] = exp(partials[stats] - overall_max);
-        sum += weights[s] * partials[stats + 1u];
+        sum += exp(partials[stats] - overall_max) * partials[stats + 1u];
     }
     for (var d = li; d < hd; d += WG) {
         var value = 0.0;
-        for (var s = 0u; s < step.key_splits; s++) {
-            value += weights[s] * partials[(first + s) * hd + d];
+        for (var s = 0u; s < count; s++) {
+            value += exp(partials[params.stats_offset + 2u * (first + s)] - overall_max) * partials[(first + s) * hd + d];
         }
         out[(t * params.n_heads + head) * hd + d] = value / sum;
     }

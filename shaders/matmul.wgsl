@@ -50,7 +50,7 @@ struct Params {
     head_dim: u32,         // OUTPUT_ROTARY: elements per head (even)
     q_dim: u32,            // OUTPUT_ROTARY: columns of q (n_heads head_dim), then k's and v's
     kv_dim: u32,           // OUTPUT_ROTARY: columns of k and of v (n_kv_heads head_dim)
-    _pad0: u32,
+    kv_staged: u32,        // OUTPUT_ROTARY: 1: k and v to row t of k_cache and v_cache, kv_store's staging rows
     _pad1: u32,
 }
 

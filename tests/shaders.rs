@@ -66,11 +66,10 @@ fn forms(kernel: &Kernel) -> Vec<ModuleForm> {
         for subgroups in [false, true] {
             for register_tile in [RegisterTile::X4, RegisterTile::X8] {
                 for coop_matrix in [false, true] {
-                    for kv in [KvType::F32, KvType::F16] {
+                    for &kv in kernel.kv_types {
                         if (tiles == TileType::F16 || register_tile == RegisterTile::X8) && !kernel.has_tiles()
                             || subgroups && !kernel.has_subgroup_form()
                             || coop_matrix && !kernel.has_coop_form()
-                            || kv == KvType::F16 && !kernel.has_kv_form()
                         {
                             continue;
                         }
@@ -201,6 +200,7 @@ fn params_structs_match_their_rust_mirrors() {
     let rust_sizes = [
         ("matmul", std::mem::size_of::<ops::MatmulParams>()),
         ("attention", std::mem::size_of::<ops::AttentionParams>()),
+        ("kv_store", std::mem::size_of::<ops::KvStoreParams>()),
         ("argmax", std::mem::size_of::<ops::ArgmaxParams>()),
         ("top_k", std::mem::size_of::<ops::TopKParams>()),
         ("fill", std::mem::size_of::<ops::FillParams>()),
@@ -280,14 +280,23 @@ fn the_coop_matrix_form_of_the_matmul_validates_and_writes_spirv() {
     }
 }
 
-/// The f16 KV form: the pool bindings of matmul and attention become f16 arrays.
+/// The KV forms: the pool bindings of each kernel that binds the pool become arrays of the pool's
+/// type (q8_0: words of packed int8 values and f32 scales).
 #[test]
-fn the_f16_kv_form_binds_the_pool_as_f16() {
-    for kernel in KERNELS.iter().filter(|k| k.has_kv_form()) {
-        let (module, _) = parse_with(kernel, ModuleForm { kv: KvType::F16, ..Default::default() });
-        let (_, pool) = module.global_variables.iter().find(|(_, v)| v.name.as_deref() == Some("k_cache")).unwrap_or_else(|| panic!("{} has no k_cache", kernel.name));
-        let TypeInner::Array { base, .. } = module.types[pool.ty].inner else { panic!("{}: k_cache is not an array", kernel.name) };
-        assert_eq!(module.types[base].inner, TypeInner::Scalar(Scalar::F16), "{}", kernel.name);
+fn each_kv_form_binds_the_pool_as_its_type() {
+    for kernel in KERNELS.iter().filter(|k| k.kv_types.len() > 1) {
+        for &kv in kernel.kv_types {
+            let (module, _) = parse_with(kernel, ModuleForm { kv, ..Default::default() });
+            let (_, pool) = module.global_variables.iter().find(|(_, v)| v.name.as_deref() == Some("k_cache")).unwrap_or_else(|| panic!("{} has no k_cache", kernel.name));
+            let TypeInner::Array { base, .. } = module.types[pool.ty].inner else { panic!("{}: k_cache is not an array", kernel.name) };
+            let scalar = match kv {
+                KvType::F32 => Scalar::F32,
+                KvType::F16 => Scalar::F16,
+                KvType::Q8_0 => Scalar::U32,
+            };
+            assert_eq!(module.types[base].inner, TypeInner::Scalar(scalar), "{} {kv:?}", kernel.name);
+        }
     }
-    assert_eq!(KERNELS.iter().filter(|k| k.has_kv_form()).map(|k| k.name).collect::<Vec<_>>(), ["matmul", "attention"]);
+    let pool_kernels: Vec<_> = KERNELS.iter().filter(|k| k.kv_types.len() > 1).map(|k| (k.name, k.kv_types)).collect();
+    assert_eq!(pool_kernels, [("matmul", &[KvType::F32, KvType::F16][..]), ("attention", &KvType::ALL[..]), ("kv_store", &KvType::ALL[..])]);
 }

@@ -1,5 +1,6 @@
 // Where a matmul's products go, by the OUTPUT override (the op after the matmul fused): into
-// `out` (overwritten or accumulated), or rotated by RoPE into q and the KV pool.
+// `out` (overwritten or accumulated), or rotated by RoPE into q and the KV pool (or the staging
+// rows kv_store moves into it).
 
 // The weight row that output slot `slot` of this part computes. Rotary output takes each head's
 // rows in rotation pairs, dims i and i + head_dim / 2 in slots 2m and 2m + 1, so that whoever
@@ -24,7 +25,8 @@ fn store(t: u32, slot: u32, value: f32, partner: f32) {
         return;
     }
     let pos = step.slots[t].x;
-    let kv_row = step.slots[t].y;
+    // A staged pool takes its rows from kv_store: here k and v go to the token's own row.
+    let kv_row = select(step.slots[t].y, t, params.kv_staged == 1u);
     if (column >= params.q_dim + params.kv_dim) {
         v_cache[kv_row * params.kv_dim + column - params.q_dim - params.kv_dim] = kv_t(value);
         return;

@@ -29,8 +29,8 @@ struct Cli {
     /// cores), for comparison or to step around a driver's bug.
     #[arg(long, global = true)]
     no_coop_matrix: bool,
-    /// The KV cache's element type, f16 or f32: f16 (half the memory) where the adapter has
-    /// shader-f16, else f32.
+    /// The KV cache's element type, f16, f32 or q8_0: f16 (half the memory) where the adapter has
+    /// shader-f16, else f32; q8_0 (int8 blocks, 1.125 bytes an element) on any adapter.
     #[arg(long, global = true, value_parser = parse_kv_type)]
     kv_type: Option<KvType>,
     #[command(subcommand)]
@@ -404,7 +404,7 @@ fn terminal_events<'a>(quiet: bool, mut on_text: impl FnMut(&str) + 'a) -> impl 
 
 /// "64MiB", "512KiB", "1GiB", "1000000".
 fn parse_kv_type(text: &str) -> Result<KvType, String> {
-    KvType::from_name(text).ok_or_else(|| format!("{text:?} is not a KV type: f32 or f16"))
+    KvType::from_name(text).ok_or_else(|| format!("{text:?} is not a KV type: f32, f16 or q8_0"))
 }
 
 fn parse_size(text: &str) -> anyhow::Result<u64> {

@@ -28,8 +28,8 @@ pub struct Kernel {
     pub source: &'static str,
     /// The pieces of `shaders/lib` it uses, put after its file.
     pub pieces: &'static [Piece],
-    /// It binds the KV pool's buffers (of `kv_t`).
-    pub kv_pool: bool,
+    /// The KV pool types it has a module form for (`kv_t`): F32 alone when it binds no pool.
+    pub kv_types: &'static [KvType],
     pub bindings: &'static [Binding],
     /// Every index stays inside its buffer whenever the host's params match the buffers (which
     /// ops.rs sizes together), so native backends may drop naga's runtime bounds checks.
@@ -47,21 +47,33 @@ pub enum TileType {
     F16,
 }
 
-/// The element type of the KV pool (`alias kv_t`): what the q/k/v projection writes and attention
-/// reads.
+/// The element type of the KV pool (`alias kv_t`): what attention reads and, unless the pool is
+/// written through staging rows ([`crate::model::KvPool::staged`]), what the q/k/v projection writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum KvType {
     #[default]
     F32,
     /// Half the memory and traffic of f32; needs the device feature SHADER_F16.
     F16,
+    /// Blocks of Q8_0_KV_BLOCK elements as int8 and an f32 scale (`d = max |x| / 127`, ggml's q8_0
+    /// rule with the scale kept in f32): 1.125 bytes an element, on any device. A pool row is its
+    /// kv_dim int8 values, four to a word, then its kv_dim / 32 scales.
+    Q8_0,
 }
 
+/// Elements per scale of a q8_0 KV pool.
+pub const Q8_0_KV_BLOCK: usize = 32;
+
 impl KvType {
-    pub fn bytes(self) -> u64 {
+    pub const ALL: [KvType; 3] = [KvType::F32, KvType::F16, KvType::Q8_0];
+
+    /// Bytes of one pool row of `kv_dim` elements.
+    pub fn row_bytes(self, kv_dim: usize) -> u64 {
+        let kv_dim = kv_dim as u64;
         match self {
-            KvType::F32 => 4,
-            KvType::F16 => 2,
+            KvType::F32 => 4 * kv_dim,
+            KvType::F16 => 2 * kv_dim,
+            KvType::Q8_0 => kv_dim + 4 * kv_dim / Q8_0_KV_BLOCK as u64,
         }
     }
 
@@ -69,21 +81,87 @@ impl KvType {
         match self {
             KvType::F32 => "f32",
             KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
         }
     }
 
-    /// `values` as a pool of this type holds them.
+    /// The WGSL type of the pool's array elements.
+    fn shader_type(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "u32",
+        }
+    }
+
+    /// Whether a pool of this type holds rows of `kv_dim` elements.
+    pub fn fits(self, kv_dim: usize) -> bool {
+        self != KvType::Q8_0 || kv_dim.is_multiple_of(Q8_0_KV_BLOCK)
+    }
+
+    /// `values` (rows of a kv_dim that [`KvType::fits`]) as a pool of this type holds them.
     pub fn rounded(self, values: &[f32]) -> Vec<f32> {
         match self {
             KvType::F32 => values.to_vec(),
             KvType::F16 => values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            KvType::Q8_0 => values
+                .chunks(Q8_0_KV_BLOCK)
+                .flat_map(|block| {
+                    let (scale, quants) = quantize_q8_0_kv(block);
+                    quants.into_iter().map(move |q| q as f32 * scale)
+                })
+                .collect(),
+        }
+    }
+
+    /// The bytes of a pool of this type holding `values`, rows of `kv_dim` elements.
+    pub fn encode(self, values: &[f32], kv_dim: usize) -> Vec<u8> {
+        assert!(self.fits(kv_dim) && values.len().is_multiple_of(kv_dim), "{} values in rows of {kv_dim}", values.len());
+        match self {
+            KvType::F32 => bytemuck::cast_slice(values).to_vec(),
+            KvType::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+            KvType::Q8_0 => values
+                .chunks(kv_dim)
+                .flat_map(|row| {
+                    let blocks: Vec<_> = row.chunks(Q8_0_KV_BLOCK).map(quantize_q8_0_kv).collect();
+                    let mut bytes: Vec<u8> = blocks.iter().flat_map(|(_, quants)| quants.iter().map(|&q| q as u8)).collect();
+                    bytes.extend(blocks.iter().flat_map(|(scale, _)| scale.to_le_bytes()));
+                    bytes
+                })
+                .collect(),
+        }
+    }
+
+    /// The values a pool of this type holds in `bytes`, rows of `kv_dim` elements.
+    pub fn decode(self, bytes: &[u8], kv_dim: usize) -> Vec<f32> {
+        match self {
+            KvType::F32 => bytemuck::pod_collect_to_vec(bytes),
+            KvType::F16 => bytes.chunks_exact(2).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect(),
+            KvType::Q8_0 => bytes
+                .chunks_exact(self.row_bytes(kv_dim) as usize)
+                .flat_map(|row| {
+                    let (quants, scales) = row.split_at(kv_dim);
+                    quants.iter().enumerate().map(move |(i, &q)| {
+                        let scale = &scales[4 * (i / Q8_0_KV_BLOCK)..][..4];
+                        q as i8 as f32 * f32::from_le_bytes(scale.try_into().unwrap())
+                    })
+                })
+                .collect(),
         }
     }
 
     /// The type named as [`KvType::name`] gives it.
     pub fn from_name(name: &str) -> Option<Self> {
-        [KvType::F32, KvType::F16].into_iter().find(|t| t.name() == name)
+        Self::ALL.into_iter().find(|t| t.name() == name)
     }
+}
+
+/// A q8_0 KV block's scale and int8 values, as kv_store.wgsl computes them: `d = max |x| / 127`,
+/// `q = x / d` rounded half away from zero.
+fn quantize_q8_0_kv(block: &[f32]) -> (f32, Vec<i8>) {
+    let scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    (scale, block.iter().map(|&v| (v * inverse).round().clamp(-127.0, 127.0) as i8).collect())
 }
 
 /// The side of a prefill thread's register tile of sums (REGISTER_TILE).
@@ -140,6 +218,10 @@ pub enum Piece {
     Tiles,
     /// The prefill product on cooperative matrices, in coop-matrix forms only.
     TiledCoop,
+    /// Reads of the KV pool's elements as f32, by the form's [`KvType`].
+    KvLoad,
+    /// kv_store's conversion of a staged row's elements into the pool's type.
+    KvStore,
 }
 
 macro_rules! lib_file {
@@ -149,7 +231,7 @@ macro_rules! lib_file {
 }
 
 /// Every file under `shaders/lib`, by name.
-pub const LIBRARY: [(&str, &str); 8] = [
+pub const LIBRARY: [(&str, &str); 12] = [
     lib_file!("step"),
     lib_file!("weights"),
     lib_file!("matmul_input"),
@@ -158,6 +240,10 @@ pub const LIBRARY: [(&str, &str); 8] = [
     lib_file!("gemv_reduction_subgroup"),
     lib_file!("tiles"),
     lib_file!("tiled_coop"),
+    lib_file!("kv_load_plain"),
+    lib_file!("kv_load_q8_0"),
+    lib_file!("kv_store_plain"),
+    lib_file!("kv_store_q8_0"),
 ];
 
 impl Piece {
@@ -173,6 +259,10 @@ impl Piece {
             Piece::Tiles => "tiles",
             Piece::TiledCoop if form.coop_matrix => "tiled_coop",
             Piece::TiledCoop => return None,
+            Piece::KvLoad if form.kv == KvType::Q8_0 => "kv_load_q8_0",
+            Piece::KvLoad => "kv_load_plain",
+            Piece::KvStore if form.kv == KvType::Q8_0 => "kv_store_q8_0",
+            Piece::KvStore => "kv_store_plain",
         };
         LIBRARY.iter().find(|(file, _)| *file == name).map(|(_, source)| *source)
     }
@@ -187,9 +277,9 @@ pub fn shader_constants() -> Vec<(String, u32)> {
         ("TILE".into(), ops::TILE),
         ("TILE_ROWS".into(), ops::TILE_ROWS),
         ("MAX_HEAD_DIM".into(), ops::MAX_HEAD_DIM as u32),
-        ("MAX_KEY_SPLITS".into(), ops::MAX_KEY_SPLITS),
         ("MAX_QUERY_BLOCK".into(), ops::ATTENTION_QUERY_BLOCK),
         ("PAGE_SIZE".into(), PAGE_SIZE as u32),
+        ("Q8_0_KV_BLOCK".into(), Q8_0_KV_BLOCK as u32),
         ("SELECTION_WG".into(), ops::SELECTION_WG as u32),
         ("ARGMAX_PARTIALS".into(), ops::ARGMAX_PARTIALS as u32),
         ("TOP_K_PARTIALS".into(), ops::TOP_K_PARTIALS as u32),
@@ -226,11 +316,6 @@ impl Kernel {
         self.pieces.contains(&Piece::TiledCoop)
     }
 
-    /// Whether the kernel binds the KV pool, so that it has a form for each [`KvType`].
-    pub fn has_kv_form(&self) -> bool {
-        self.kv_pool
-    }
-
     /// The kernel's WGSL module in `form`: the enable directives the form needs (WGSL takes them
     /// only first, which is why each form is a module of its own), the constants from Rust
     /// ([`shader_constants`], the tile type and register tile of the form), the kernel's file,
@@ -256,7 +341,7 @@ impl Kernel {
             TileType::F16 => "f16",
         };
         source.push_str(&format!("alias tile_t = {tile_type};\nconst REGISTER_TILE: u32 = {}u;\n", form.register_tile.side()));
-        source.push_str(&format!("alias kv_t = {};\n", form.kv.name()));
+        source.push_str(&format!("alias kv_t = {};\n", form.kv.shader_type()));
         source.push_str(self.source);
         for piece in self.pieces {
             if let Some(text) = piece.file(form) {
@@ -268,12 +353,12 @@ impl Kernel {
 }
 
 macro_rules! kernel {
-    ($ident:ident, $file:literal, [$($piece:ident),*], [$($binding:expr),*], in_bounds: $in_bounds:literal, kv_pool: $kv_pool:literal) => {
+    ($ident:ident, $file:literal, [$($piece:ident),*], [$($binding:expr),*], in_bounds: $in_bounds:literal, kv_types: [$($kv:ident),*]) => {
         pub const $ident: Kernel = Kernel {
             name: $file,
             source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
             pieces: &[$(Piece::$piece),*],
-            kv_pool: $kv_pool,
+            kv_types: &[$(KvType::$kv),*],
             bindings: &[$($binding),*],
             in_bounds: $in_bounds,
         };
@@ -281,16 +366,18 @@ macro_rules! kernel {
 }
 
 // The hot kernel: rows, columns and tokens are checked against params; reads past a part's
-// last row stay within the padding of its last word.
+// last row stay within the padding of its last word. Its rotary output writes f32 or f16 pools
+// itself; q8_0 ones through staging rows in f32 and kv_store.
 kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Tiles, TiledCoop],
-    [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true, kv_pool: true);
-kernel!(ATTENTION, "attention", [Step], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_pool: true);
-kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_pool: false);
-kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_pool: false);
-kernel!(FILL, "fill", [], [StorageMut, Uniform], in_bounds: false, kv_pool: false);
+    [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true, kv_types: [F32, F16]);
+kernel!(ATTENTION, "attention", [Step, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
+kernel!(KV_STORE, "kv_store", [Step, KvLoad, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
+kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
+kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
+kernel!(FILL, "fill", [], [StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 5] = [&MATMUL, &ATTENTION, &ARGMAX, &TOP_K, &FILL];
+pub const KERNELS: [&Kernel; 6] = [&MATMUL, &ATTENTION, &KV_STORE, &ARGMAX, &TOP_K, &FILL];
 
 struct Module {
     shader: wgpu::ShaderModule,

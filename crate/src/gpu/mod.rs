@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY};
+pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_0_KV_BLOCK};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::WeightMatrix;
@@ -318,12 +318,9 @@ impl Gpu {
         buffer
     }
 
-    /// A storage buffer holding `values` as the KV pool's type stores them.
-    pub fn kv_buffer_with(&self, label: &str, values: &[f32]) -> wgpu::Buffer {
-        match self.kv_type {
-            KvType::F32 => self.storage_buffer_with(label, values),
-            KvType::F16 => self.storage_buffer_with(label, &values.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>()),
-        }
+    /// A storage buffer holding `values`, rows of `kv_dim`, as the KV pool's type stores them.
+    pub fn kv_buffer_with(&self, label: &str, values: &[f32], kv_dim: usize) -> wgpu::Buffer {
+        self.storage_buffer_with(label, &self.kv_type.encode(values, kv_dim))
     }
 
     /// A uniform buffer holding `value`.

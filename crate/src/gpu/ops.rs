@@ -95,7 +95,8 @@ pub struct MatmulParams {
     pub head_dim: u32,
     pub q_dim: u32,
     pub kv_dim: u32,
-    pub _pad: [u32; 2],
+    pub kv_staged: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -106,9 +107,22 @@ pub struct AttentionParams {
     pub head_dim: u32,
     pub scale: f32,
     pub q_stride: u32,
-    pub split_stride: u32,
     pub stats_offset: u32,
     pub pages_per_sequence: u32,
+    pub buffers: u32,
+    pub buffer: u32,
+    pub first_page: u32,
+    pub buffer_pages: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct KvStoreParams {
+    pub kv_dim: u32,
+    pub first_row: u32,
+    pub rows: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -415,14 +429,17 @@ pub enum MatmulOutput<'a> {
 
 /// A stacked q/k/v projection's output: rows of n_heads q heads, then n_kv_heads k heads and as
 /// many v heads, of head_dim rows each. Each token's q is rotated by its position's angles into
-/// `out`, its k rotated into `k_cache` and its v copied into `v_cache` at its slot's KV row (pools
-/// of (rows, n_kv_heads * head_dim) f32). `cos_sin` is [`crate::model::Config::rope_cos_sin`]'s
-/// table. The matrix's parts and stacked blocks must start at whole heads.
+/// `out`, its k rotated into `k_cache` and its v copied into `v_cache` at its slot's KV row (a pool
+/// buffer of (rows, n_kv_heads * head_dim) of the device's KV type), or when `staged` at row t of
+/// token t (f32 staging rows that [`kv_store`] moves into the pool). `cos_sin` is
+/// [`crate::model::Config::rope_cos_sin`]'s table. The matrix's parts and stacked blocks must
+/// start at whole heads.
 #[derive(Clone, Copy, Debug)]
 pub struct Rotary<'a> {
     pub cos_sin: &'a wgpu::Buffer,
     pub k_cache: &'a wgpu::Buffer,
     pub v_cache: &'a wgpu::Buffer,
+    pub staged: bool,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
@@ -530,7 +547,10 @@ fn weight_op(
         subgroups: matches!(entry, "gemv" | "gemv_blocks" | "gemv_superblocks") && gpu.subgroups,
         register_tile: if tiled { gpu.register_tile } else { RegisterTile::X4 },
         coop_matrix: entry == "tiled_coop",
-        kv: if matches!(output, MatmulOutput::Rotary(_)) { gpu.kv_type } else { KvType::F32 },
+        kv: match output {
+            MatmulOutput::Rotary(r) if !r.staged => gpu.kv_type,
+            _ => KvType::F32,
+        },
     };
     let (norm, eps) = match input {
         MatmulInput::RmsNorm { weight, eps } => (weight, eps),
@@ -539,11 +559,12 @@ fn weight_op(
     };
     // Unread bindings take x (read-only) and buffers of their own (writable ones must not alias).
     let [unused_k, unused_v] = &gpu.unused_writable;
-    let (cos_sin, k_cache, v_cache, head_dim, q_dim, kv_dim) = match output {
-        MatmulOutput::Rows => (x, unused_k, unused_v, 0, 0, 0),
+    let (cos_sin, k_cache, v_cache, head_dim, q_dim, kv_dim, kv_staged) = match output {
+        MatmulOutput::Rows => (x, unused_k, unused_v, 0, 0, 0, false),
         MatmulOutput::Rotary(r) => {
             assert!(!layout.accumulate, "rotary output overwrites");
-            (r.cos_sin, r.k_cache, r.v_cache, r.head_dim, r.n_heads * r.head_dim, r.n_kv_heads * r.head_dim)
+            assert!(r.staged || gpu.kv_type != KvType::Q8_0, "a q8_0 pool is written through staging rows");
+            (r.cos_sin, r.k_cache, r.v_cache, r.head_dim, r.n_heads * r.head_dim, r.n_kv_heads * r.head_dim, r.staged)
         }
     };
     let dispatches = w
@@ -563,7 +584,8 @@ fn weight_op(
                 head_dim: head_dim as u32,
                 q_dim: q_dim as u32,
                 kv_dim: kv_dim as u32,
-                _pad: [0; 2],
+                kv_staged: kv_staged as u32,
+                _pad: 0,
             };
             let params = gpu.uniform_buffer(entry, &params);
             let buffers = [x, &part.buffer, norm, out, &params, step, cos_sin, k_cache, v_cache];
@@ -593,40 +615,83 @@ fn weight_op(
 }
 
 /// The most key splits a model's decode passes have: MAX_KEY_SPLITS (or the device's
-/// `max_key_splits` option), fewer where the context is short or the partials would pass the
-/// binding limit.
-pub fn max_key_splits(gpu: &Gpu, n_heads: usize, head_dim: usize, context: usize) -> u32 {
+/// `max_key_splits` option), fewer where the context is short or the partials of a pool of
+/// `buffers` buffers would pass the binding limit.
+pub fn max_key_splits(gpu: &Gpu, n_heads: usize, head_dim: usize, context: usize, buffers: usize) -> u32 {
     let by_context = (context as u32).div_ceil(MIN_SPLIT_KEYS);
-    let by_binding = gpu.max_binding() / attention_partials_bytes(n_heads, head_dim, 1);
+    let by_binding = gpu.max_binding() / attention_partials_bytes(n_heads, head_dim, 1, buffers, 0);
     gpu.max_key_splits.unwrap_or(MAX_KEY_SPLITS).min(by_context).min(by_binding.min(u32::MAX as u64) as u32).max(1)
 }
 
-/// Bytes of the scratch buffer through which [`attention`] merges a decode pass's key splits: an
-/// output of head_dim and its (max, sum) per (token, head, split).
-pub fn attention_partials_bytes(n_heads: usize, head_dim: usize, max_key_splits: u32) -> u64 {
-    4 * partial_rows(n_heads, max_key_splits) * (head_dim as u64 + 2)
+/// The most tokens a pass over a pool of `buffers` (more than one) can attend to: each token's
+/// heads have a partial per buffer, and they must bind.
+pub fn max_attention_tokens(gpu: &Gpu, n_heads: usize, head_dim: usize, buffers: usize) -> usize {
+    (gpu.max_binding() / attention_partials_bytes(n_heads, head_dim, 1, buffers, 1).max(1)) as usize
 }
 
-fn partial_rows(n_heads: usize, max_key_splits: u32) -> u64 {
-    (DECODE_MAX_TOKENS - 1) as u64 * n_heads as u64 * max_key_splits as u64
+/// Bytes of the scratch buffer through which [`attention`] merges its partials: an output of
+/// head_dim and its (max, sum) per (token, head, pool buffer, key split), for decode passes of up to
+/// `max_key_splits` splits and, over a pool of several buffers, passes of up to `max_tokens`.
+pub fn attention_partials_bytes(n_heads: usize, head_dim: usize, max_key_splits: u32, buffers: usize, max_tokens: usize) -> u64 {
+    4 * partial_rows(n_heads, max_key_splits, buffers, max_tokens) * (head_dim as u64 + 2)
 }
 
-/// One layer's keys and values in the KV pool's pages: (rows, n_kv_heads * head_dim) f32 each, and
-/// the page table (sequences, pages_per_sequence) that maps a sequence's pages of
+fn partial_rows(n_heads: usize, max_key_splits: u32, buffers: usize, max_tokens: usize) -> u64 {
+    let decode = (DECODE_MAX_TOKENS - 1) as u64 * max_key_splits as u64;
+    let prefill = if buffers > 1 { max_tokens as u64 } else { 0 };
+    decode.max(prefill) * n_heads as u64 * buffers as u64
+}
+
+/// One layer's keys and values in the KV pool's pages: the buffers (keys, values) of each run of
+/// `pages_per_buffer` pool pages, rows of n_kv_heads * head_dim in the device's KV type, and the
+/// page table (sequences, pages_per_sequence) that maps a sequence's pages of
 /// [`crate::model::PAGE_SIZE`] positions to pool pages.
 #[derive(Clone, Copy, Debug)]
 pub struct KvLayer<'a> {
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
+    pub buffers: &'a [(wgpu::Buffer, wgpu::Buffer)],
+    pub pages_per_buffer: usize,
     pub page_table: &'a wgpu::Buffer,
     pub pages_per_sequence: usize,
 }
 
+impl KvLayer<'_> {
+    /// Each buffer's (keys, values) with its first page and its page count (the last may hold
+    /// fewer than pages_per_buffer; a part of a page counts as one).
+    fn runs(&self, kv_dim: usize, kv_type: KvType) -> impl Iterator<Item = (usize, &(wgpu::Buffer, wgpu::Buffer), usize)> + '_ {
+        let page_bytes = kv_type.row_bytes(kv_dim) * crate::model::PAGE_SIZE as u64;
+        self.buffers.iter().enumerate().map(move |(i, pair)| (i * self.pages_per_buffer, pair, pair.0.size().div_ceil(page_bytes) as usize))
+    }
+}
+
+/// Moves the keys and values a staged rotary output left in `k_rows` and `v_rows` (token t at row
+/// t) into the pool buffers of `kv` holding each token's KV row, in the device's KV type.
+pub fn kv_store(gpu: &Gpu, k_rows: &wgpu::Buffer, v_rows: &wgpu::Buffer, kv: KvLayer, kv_dim: usize, step: &wgpu::Buffer) -> Op {
+    let form = ModuleForm { kv: gpu.kv_type, ..Default::default() };
+    let unit = if gpu.kv_type == KvType::Q8_0 { super::Q8_0_KV_BLOCK } else { 1 };
+    let groups = (kv_dim / unit).div_ceil(WG_1D as usize) as u32;
+    let row_bytes = 2 * (4 + gpu.kv_type.row_bytes(kv_dim) / kv_dim as u64) * kv_dim as u64;
+    let dispatches = kv
+        .runs(kv_dim, gpu.kv_type)
+        .map(|(first_page, (k, v), pages)| {
+            let params = KvStoreParams {
+                kv_dim: kv_dim as u32,
+                first_row: (first_page * crate::model::PAGE_SIZE) as u32,
+                rows: (pages * crate::model::PAGE_SIZE) as u32,
+                _pad: 0,
+            };
+            let params = gpu.uniform_buffer("kv_store params", &params);
+            let buffers = [k_rows, v_rows, k, v, &params, step];
+            dispatch_in(gpu, &kernels::KV_STORE, form, "store", &[], &buffers, Grid::PerToken(groups), Traffic::fixed(row_bytes))
+        })
+        .collect();
+    Op { dispatches }
+}
+
 /// Causal grouped-query attention of (n_tokens) queries over their sequences' pages of `kv`; token
 /// rows of `q` lie `q_stride` elements apart, its heads first. A decode pass splits the keys
-/// (flash-decoding, up to `max_key_splits` splits as StepParams::for_slots cut them) and merges the
-/// splits' outputs through `partials` (attention_partials_bytes long, shared by every layer); a
-/// prefill pass attends in one.
+/// (flash-decoding, up to `max_key_splits` splits as StepParams::for_slots cut them), and a pool of
+/// several buffers is attended a buffer per dispatch; their partials merge through `partials`
+/// (attention_partials_bytes long, shared by every layer). Otherwise a pass attends in one.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
@@ -635,44 +700,63 @@ pub fn attention(
     kv: KvLayer,
     out: &wgpu::Buffer,
     partials: &wgpu::Buffer,
-    max_key_splits: u32,
+    (max_key_splits, max_tokens): (u32, usize),
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
     step: &wgpu::Buffer,
 ) -> Attention {
-    let params = AttentionParams {
-        n_heads: n_heads as u32,
-        n_kv_heads: n_kv_heads as u32,
-        head_dim: head_dim as u32,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-        q_stride: q_stride as u32,
-        split_stride: max_key_splits,
-        stats_offset: (partial_rows(n_heads, max_key_splits) * head_dim as u64) as u32,
-        pages_per_sequence: kv.pages_per_sequence as u32,
-    };
-    let params = gpu.uniform_buffer("attention params", &params);
-    let buffers = [q, kv.k, kv.v, kv.page_table, out, partials, &params, step];
-    // q and out, plus a key and a value row of every KV head per attended position.
-    let kv_bytes = gpu.kv_type.bytes();
-    let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 2 * kv_bytes * (n_kv_heads * head_dim) as u64 };
+    let buffers = kv.buffers.len();
+    let kv_dim = n_kv_heads * head_dim;
     let form = ModuleForm { kv: gpu.kv_type, ..Default::default() };
+    // q and out, plus a key and a value row of every KV head per attended position.
+    let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 2 * gpu.kv_type.row_bytes(kv_dim) };
     let group = (n_heads / n_kv_heads) as u32;
     // A decode token's query rows are its GQA group: blocks of that many (a power of two) waste
     // no rows on one token; prefill fills blocks of 8 with several tokens.
     let decode_block = group.next_power_of_two().min(ATTENTION_QUERY_BLOCK);
+    let runs: Vec<_> = kv
+        .runs(kv_dim, gpu.kv_type)
+        .enumerate()
+        .map(|(buffer, (first_page, pair, pages))| {
+            let params = AttentionParams {
+                n_heads: n_heads as u32,
+                n_kv_heads: n_kv_heads as u32,
+                head_dim: head_dim as u32,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                q_stride: q_stride as u32,
+                stats_offset: (partial_rows(n_heads, max_key_splits, buffers, max_tokens) * head_dim as u64) as u32,
+                pages_per_sequence: kv.pages_per_sequence as u32,
+                buffers: buffers as u32,
+                buffer: buffer as u32,
+                first_page: first_page as u32,
+                buffer_pages: pages as u32,
+                _pad: 0,
+            };
+            (gpu.uniform_buffer("attention params", &params), pair)
+        })
+        .collect();
     let attend = |block: u32, splits: u32| {
         let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
-        dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &[("QUERY_BLOCK", block as f64)], &buffers, grid, traffic)
+        let mut dispatches: Vec<Dispatch> = runs
+            .iter()
+            .map(|(params, (k, v))| {
+                let bound = [q, k, v, kv.page_table, out, partials, params, step];
+                // Each buffer's dispatch reads its share of the pool.
+                let share = Traffic { bytes_per_position: traffic.bytes_per_position / buffers as u64, ..traffic };
+                dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &[("QUERY_BLOCK", block as f64)], &bound, grid, share)
+            })
+            .collect();
+        // One partial per row writes out itself; the merge reads at most every partial.
+        if splits > 1 || buffers > 1 {
+            let (params, (k, v)) = &runs[0];
+            let bound = [q, k, v, kv.page_table, out, partials, params, step];
+            let partial_bytes = 4 * (n_heads * (head_dim + 2)) as u64 * (splits as usize * buffers) as u64;
+            dispatches.push(dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[], &bound, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes)));
+        }
+        Op { dispatches }
     };
-    // Splits past the pass's key_splits return at once; the merge reads at most every split.
-    let partial_bytes = 4 * (n_heads * (head_dim + 2)) as u64 * max_key_splits as u64;
-    let combine = dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[], &buffers, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes));
-    Attention {
-        prefill: Op { dispatches: vec![attend(ATTENTION_QUERY_BLOCK, 1)] },
-        decode: Op { dispatches: vec![attend(decode_block, 1)] },
-        decode_split: Op { dispatches: vec![attend(decode_block, max_key_splits), combine] },
-    }
+    Attention { prefill: attend(ATTENTION_QUERY_BLOCK, 1), decode: attend(decode_block, 1), decode_split: attend(decode_block, max_key_splits) }
 }
 
 /// Attention bound for each kind of pass: prefill, and decode with its keys whole or in splits

@@ -16,8 +16,8 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
 /// attention and argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (rows, k, n) = (24, 64, 9);
-    // The fewest tokens the matmuls run as tiles (where a pass can hold them).
-    let tiled = (gpu.gemv_max_tokens as usize + 1).min(ops::MAX_BATCH_TOKENS);
+    // The fewest tokens the matmuls run as tiles, where a pass and the binding limit hold them.
+    let tiled = (gpu.gemv_max_tokens as usize + 1).min(ops::MAX_BATCH_TOKENS).min((gpu.max_binding() / (4 * 2 * k as u64)) as usize);
     let weights = DType::Q4_0.from_f32(&inputs(rows * k, 1)).map_err(|e| GpuError::SelfTest(e.to_string()))?;
     let matrix = WeightMatrix::new(gpu, "self-test weights", DType::Q4_0, rows, k)?;
     matrix.write_bytes(gpu, 0, &weights);
@@ -55,20 +55,19 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let context = 43;
     // As the pool's type holds them, so that the reference sees the same keys and values.
     let (keys, values) = (gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 5)), gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 6)));
-    let caches = [&keys, &values].map(|v| gpu.kv_buffer_with("self-test kv pool", v));
-    let caches = [&caches[0], &caches[1]];
-    let partials = gpu.storage_buffer("self-test partials", ops::attention_partials_bytes(heads, head_dim, max_key_splits));
+    let caches = [(gpu.kv_buffer_with("self-test keys", &keys, kv_heads * head_dim), gpu.kv_buffer_with("self-test values", &values, kv_heads * head_dim))];
+    let partials = gpu.storage_buffer("self-test partials", ops::attention_partials_bytes(heads, head_dim, max_key_splits, 1, 0));
     // One sequence whose pages are the pool's first ones, in order.
     let pages_per_sequence = context.div_ceil(PAGE_SIZE);
     let page_table = gpu.storage_buffer_with("self-test page table", &(0..pages_per_sequence as u32).collect::<Vec<u32>>());
-    let kv = ops::KvLayer { k: caches[0], v: caches[1], page_table: &page_table, pages_per_sequence };
+    let kv = ops::KvLayer { buffers: &caches, pages_per_buffer: pages_per_sequence, page_table: &page_table, pages_per_sequence };
     for (tokens, start) in [(n, 5), (3, 40)] {
         let q = inputs(tokens * heads * head_dim, 4);
         let q_buffer = gpu.storage_buffer_with("self-test q", &q);
         let attended = gpu.storage_buffer("self-test attended", (q.len() * 4) as u64);
         let step_params = StepParams::new(tokens as u32, start as u32, max_key_splits);
         let step_buffer = ops::step_buffer(gpu, step_params);
-        let op = ops::attention(gpu, &q_buffer, heads * head_dim, kv, &attended, &partials, max_key_splits, heads, kv_heads, head_dim, &step_buffer);
+        let op = ops::attention(gpu, &q_buffer, heads * head_dim, kv, &attended, &partials, (max_key_splits, 0), heads, kv_heads, head_dim, &step_buffer);
         gpu.run(|pass| op.encode(pass, &step_params)).await?;
         compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim), 1e-4).await?;
     }

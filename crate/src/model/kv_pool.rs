@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
+use crate::gpu::ops::KvLayer;
 use crate::gpu::{Gpu, GpuError, KvType};
 
 use super::{Config, ModelError};
@@ -14,14 +15,17 @@ use super::{Config, ModelError};
 /// Positions per page: the unit of allocation and of prefix sharing between sequences.
 pub const PAGE_SIZE: usize = 16;
 
-/// Per layer, one key and one value buffer of (pages * PAGE_SIZE, n_kv_heads, head_dim) elements of
-/// the device's KV type, and the page table: (sequences, pages_per_sequence) u32 pool pages.
+/// Per layer, the key and value buffers of (pages * PAGE_SIZE, n_kv_heads * head_dim) elements of
+/// the device's KV type, cut into buffers of pages_per_buffer pages where one buffer would pass
+/// the binding limit, and the page table: (sequences, pages_per_sequence) u32 pool pages.
 pub struct KvPool {
     pub kv_type: KvType,
     pub pages: usize,
     pub pages_per_sequence: usize,
     pub sequences: usize,
-    pub layers: Vec<(wgpu::Buffer, wgpu::Buffer)>,
+    pub pages_per_buffer: usize,
+    /// Per layer, each buffer's (keys, values).
+    pub layers: Vec<Vec<(wgpu::Buffer, wgpu::Buffer)>>,
     pub page_table: wgpu::Buffer,
 }
 
@@ -32,12 +36,18 @@ impl KvPool {
     }
 
     fn buffer_bytes_per_page(config: &Config, kv_type: KvType) -> u64 {
-        PAGE_SIZE as u64 * config.kv_dim() as u64 * kv_type.bytes()
+        PAGE_SIZE as u64 * kv_type.row_bytes(config.kv_dim())
     }
 
-    /// The most pages one layer buffer can hold under the device's binding limit.
-    pub fn max_pages(gpu: &Gpu, config: &Config) -> usize {
-        (gpu.max_binding() / Self::buffer_bytes_per_page(config, gpu.kv_type)) as usize
+    /// The most pages one buffer binds; an error naming the limit when not even one does.
+    pub fn pages_per_buffer(gpu: &Gpu, config: &Config) -> Result<usize, ModelError> {
+        let page = Self::buffer_bytes_per_page(config, gpu.kv_type);
+        match gpu.check_binding("kv pool buffer", page) {
+            Err(GpuError::Limit { available, name, .. }) => {
+                Err(Self::too_large(config, gpu.kv_type, 1, format!("the device binds at most {available} bytes per buffer ({name})")))
+            }
+            _ => Ok((gpu.max_binding() / page) as usize),
+        }
     }
 
     /// A pool of `pages`, or an error naming why the device cannot hold it.
@@ -68,38 +78,52 @@ impl KvPool {
             pages,
             positions: pages * PAGE_SIZE,
             needed: pages as u64 * Self::bytes_per_page(config, kv_type),
-            per_buffer: pages as u64 * Self::buffer_bytes_per_page(config, kv_type),
+            kv_type: kv_type.name(),
             reason,
-        }
-    }
-
-    /// Fails naming the limit when a pool of `pages` passes what one buffer binds.
-    pub fn check_binding(gpu: &Gpu, config: &Config, pages: usize) -> Result<(), ModelError> {
-        let per_buffer = pages as u64 * Self::buffer_bytes_per_page(config, gpu.kv_type);
-        match gpu.check_binding("kv pool buffer", per_buffer) {
-            Err(GpuError::Limit { available, name, .. }) => {
-                Err(Self::too_large(config, gpu.kv_type, pages, format!("the device binds at most {available} bytes per buffer ({name})")))
-            }
-            _ => Ok(()),
         }
     }
 
     /// The pool, or the device's out-of-memory error (binding limits fail at once).
     async fn allocate(gpu: &Gpu, config: &Config, pages: usize, pages_per_sequence: usize, sequences: usize) -> Result<Result<Self, wgpu::Error>, crate::Error> {
         let kv_type = gpu.kv_type;
-        Self::check_binding(gpu, config, pages)?;
-        let per_buffer = pages as u64 * Self::buffer_bytes_per_page(config, kv_type);
+        let pages_per_buffer = Self::pages_per_buffer(gpu, config)?.min(pages);
         let table_bytes = (4 * sequences * pages_per_sequence) as u64;
         gpu.check_binding("kv page table", table_bytes)?;
+        let page_bytes = Self::buffer_bytes_per_page(config, kv_type);
         let scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let layers = (0..config.n_layers)
-            .map(|i| (gpu.storage_buffer(&format!("k pool {i}"), per_buffer), gpu.storage_buffer(&format!("v pool {i}"), per_buffer)))
+            .map(|i| {
+                (0..pages)
+                    .step_by(pages_per_buffer)
+                    .map(|first| {
+                        let bytes = (pages - first).min(pages_per_buffer) as u64 * page_bytes;
+                        (gpu.storage_buffer(&format!("k pool {i} from page {first}"), bytes), gpu.storage_buffer(&format!("v pool {i} from page {first}"), bytes))
+                    })
+                    .collect()
+            })
             .collect();
         let page_table = gpu.storage_buffer("kv page table", table_bytes);
         if let Some(error) = scope.pop().await {
             return Ok(Err(error));
         }
-        Ok(Ok(Self { kv_type, pages, pages_per_sequence, sequences, layers, page_table }))
+        Ok(Ok(Self { kv_type, pages, pages_per_sequence, sequences, pages_per_buffer, layers, page_table }))
+    }
+
+    /// Whether the q/k/v projection writes its keys and values to staging rows that kv_store moves
+    /// into the pool: where the pool spans several buffers (a projection binds one) or is
+    /// quantized (its blocks span the threads that compute them).
+    pub fn staged(&self) -> bool {
+        self.kv_type == KvType::Q8_0 || self.pages_per_buffer < self.pages
+    }
+
+    /// Buffers per layer.
+    pub fn buffers(&self) -> usize {
+        self.pages.div_ceil(self.pages_per_buffer)
+    }
+
+    /// Layer `layer`'s buffers and the page table, as attention and kv_store bind them.
+    pub fn layer(&self, layer: usize) -> KvLayer<'_> {
+        KvLayer { buffers: &self.layers[layer], pages_per_buffer: self.pages_per_buffer, page_table: &self.page_table, pages_per_sequence: self.pages_per_sequence }
     }
 
     /// Writes `pages` into sequence slot `sequence`'s page table row from its page `first` on.

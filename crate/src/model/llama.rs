@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, KvLayer, MatmulInput, MatmulLayout, MatmulOutput, Op, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
+use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, MatmulOutput, Op, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -206,6 +206,7 @@ struct Layer {
     // q, k, v = rmsnorm(x) * input_layernorm @ [q_proj; k_proj; v_proj].T; q = rope(q, pos) into
     // qkv; k_pool[kv_row] = rope(k, pos); v_pool[kv_row] = v
     qkv_proj: ByTokens,
+    kv_store: Option<Op>,   // k_pool[kv_row], v_pool[kv_row] = staged k, v (KvPool::staged)
     attention: Attention,   // attn = softmax(q @ k_pages.T / sqrt(hd) + causal) @ v_pages
     o_proj: ByTokens,       // x += attn @ o_proj.T
     gate_up_proj: ByTokens, // gate_up = rmsnorm(x) * post_attention_layernorm @ [gate_proj; up_proj].T
@@ -316,15 +317,19 @@ impl Llama {
 
     async fn build(gpu: &Gpu, config: Config, options: &LoadOptions, weights: Weights<'_>) -> Result<Self> {
         gpu.check()?;
-        crate::gpu::self_test(gpu).await?;
         let c = &config;
+        if !gpu.kv_type.fits(c.kv_dim()) {
+            return Err(ModelError::KvTypeUnfit { kv_type: gpu.kv_type.name(), kv_dim: c.kv_dim() }.into());
+        }
+        KvPool::pages_per_buffer(gpu, c)?;
+        crate::gpu::self_test(gpu).await?;
         if let Some(context) = options.context_length.filter(|&n| n > c.max_position_embeddings || n == 0) {
             return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
         }
-        // Unless told otherwise, the model's whole context (Llama 3.1's 131,072), as far as one pool
-        // buffer and the cos/sin table bind; below, as far as the KV pool the memory holds.
+        // Unless told otherwise, the model's whole context (Llama 3.1's 131,072), as far as the
+        // cos/sin table binds; below, as far as the KV pool the memory holds.
         let table_bytes_per_position = 4 * c.head_dim as u64;
-        let bindable = (KvPool::max_pages(gpu, c) * PAGE_SIZE).min((gpu.max_binding() / table_bytes_per_position) as usize);
+        let bindable = (gpu.max_binding() / table_bytes_per_position) as usize;
         let wanted_context = options.context_length.unwrap_or(c.max_position_embeddings.min(bindable).max(1));
         gpu.check_binding("rope cos/sin table", wanted_context as u64 * table_bytes_per_position)?;
         let qkv_dim = c.q_dim() + 2 * c.kv_dim();
@@ -354,13 +359,7 @@ impl Llama {
                 }
                 Some(KvPool::new(gpu, c, pages, wanted_pages, sequences).await?)
             }
-            None => {
-                // One context of the asked-for length must bind; checked before the upload.
-                if options.context_length.is_some() {
-                    KvPool::check_binding(gpu, c, wanted_pages)?;
-                }
-                None
-            }
+            None => None,
         };
         let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
         let step = ops::step_buffer(gpu, StepParams::default());
@@ -378,14 +377,13 @@ impl Llama {
             Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
             Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
         };
-        // Otherwise kv_contexts contexts (as many pages as one buffer binds where that is less),
-        // halved while the memory the weights left cannot hold them; at least one context when
-        // its length was asked for.
+        // Otherwise kv_contexts contexts, halved while the memory the weights left cannot hold
+        // them; at least one context when its length was asked for.
         let kv_pool = match sized_pool {
             Some(pool) => pool,
             None => {
                 let contexts = options.kv_contexts.unwrap_or(sequences).max(1);
-                let pages = (contexts * wanted_pages).min(KvPool::max_pages(gpu, c));
+                let pages = contexts * wanted_pages;
                 let least = if options.context_length.is_some() { wanted_pages } else { 1 };
                 KvPool::largest(gpu, c, pages, least, wanted_pages, sequences).await?
             }
@@ -397,9 +395,17 @@ impl Llama {
         if context < wanted_context {
             log::warn!("context {context} positions, not the model's {wanted_context}: the GPU's memory holds a KV pool of {} pages", kv_pool.pages);
         }
-        let pages_per_sequence = kv_pool.pages_per_sequence;
-        let max_key_splits = ops::max_key_splits(gpu, c.n_heads, c.head_dim, context);
-        let attention_partials = gpu.storage_buffer("attention partials", ops::attention_partials_bytes(c.n_heads, c.head_dim, max_key_splits));
+        // A pool of several buffers merges each token's attention over them through partials,
+        // which bound the tokens of a pass.
+        let buffers = kv_pool.buffers();
+        let max_key_splits = ops::max_key_splits(gpu, c.n_heads, c.head_dim, context, buffers);
+        let max_batch = if buffers > 1 { max_batch.min(ops::max_attention_tokens(gpu, c.n_heads, c.head_dim, buffers)) } else { max_batch };
+        if max_batch < sequences.max(1) {
+            return Err(ModelError::TooManySequences { sequences, what: "one pass over a KV pool of several buffers", max: max_batch }.into());
+        }
+        let attention_partials = gpu.storage_buffer("attention partials", ops::attention_partials_bytes(c.n_heads, c.head_dim, max_key_splits, buffers, max_batch));
+        // Keys and values on their way to a staged pool (KvPool::staged), a row per token.
+        let staging = kv_pool.staged().then(|| [f32_buffer("k staging", max_batch * c.kv_dim()), f32_buffer("v staging", max_batch * c.kv_dim())]);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &c.rope_cos_sin(context));
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
@@ -414,15 +420,20 @@ impl Llama {
         let embed_tokens = &matrices["model.embed_tokens.weight"];
         let embed = ops::embedding(gpu, &tokens, &embed_tokens.blocks[0].1, &x, &step);
         let mut layers = Vec::with_capacity(c.n_layers);
-        for (i, (k_pool, v_pool)) in kv_pool.layers.iter().enumerate() {
+        for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
             let w = |name: &str| &matrices[&format!("{p}.{name}")];
             let ln = |name: &str| norm(&format!("{p}.{name}.weight"));
-            let rotary = Rotary { cos_sin: &cos_sin, k_cache: k_pool, v_cache: v_pool, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-            let kv = KvLayer { k: k_pool, v: v_pool, page_table: &kv_pool.page_table, pages_per_sequence };
+            let kv = kv_pool.layer(i);
+            let (k_cache, v_cache) = match &staging {
+                Some([k, v]) => (k, v),
+                None => (&kv.buffers[0].0, &kv.buffers[0].1),
+            };
+            let rotary = Rotary { cos_sin: &cos_sin, k_cache, v_cache, staged: staging.is_some(), n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
             layers.push(Layer {
                 qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, MatmulOutput::Rotary(rotary), rows(qkv_dim), &step),
-                attention: ops::attention(gpu, &qkv, qkv_dim, kv, &attn, &attention_partials, max_key_splits, c.n_heads, c.n_kv_heads, c.head_dim, &step),
+                kv_store: staging.as_ref().map(|[k, v]| ops::kv_store(gpu, k, v, kv, c.kv_dim(), &step)),
+                attention: ops::attention(gpu, &qkv, qkv_dim, kv, &attn, &attention_partials, (max_key_splits, max_batch), c.n_heads, c.n_kv_heads, c.head_dim, &step),
                 o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, MatmulOutput::Rows, residual(c.q_dim()), &step),
                 gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, MatmulOutput::Rows, rows(gate_up_dim), &step),
                 down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, MatmulOutput::Rows, residual(gate_up_dim), &step),
@@ -781,6 +792,9 @@ impl Llama {
         add(&mut blocks, "embed", &self.embed);
         for l in &self.layers {
             add(&mut blocks, "qkv_proj", l.qkv_proj.for_tokens(n));
+            if let Some(kv_store) = &l.kv_store {
+                add(&mut blocks, "kv_store", kv_store);
+            }
             add(&mut blocks, "attention", l.attention.for_step(step));
             add(&mut blocks, "o_proj", l.o_proj.for_tokens(n));
             add(&mut blocks, "gate_up_proj", l.gate_up_proj.for_tokens(n));

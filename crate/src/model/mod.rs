@@ -19,8 +19,10 @@ pub enum ModelError {
     Shape { tensor: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("context length {requested} exceeds the model's max_position_embeddings {max}")]
     ContextTooLong { requested: usize, max: usize },
-    #[error("a KV pool of {pages} pages ({positions} positions) needs {needed} bytes ({per_buffer} per layer buffer); {reason}")]
-    KvPoolTooLarge { pages: usize, positions: usize, needed: u64, per_buffer: u64, reason: String },
+    #[error("a KV pool of {pages} pages ({positions} positions) needs {needed} bytes of {kv_type}; {reason}")]
+    KvPoolTooLarge { pages: usize, positions: usize, needed: u64, kv_type: &'static str, reason: String },
+    #[error("a {kv_type} KV pool holds rows of a multiple of 32 elements; this model's are {kv_dim} (n_kv_heads x head_dim): choose f16 or f32")]
+    KvTypeUnfit { kv_type: &'static str, kv_dim: usize },
     #[error("a KV memory of {bytes} bytes holds no page: one page takes {page_bytes}")]
     KvPoolTooSmall { bytes: u64, page_bytes: u64 },
     #[error("{sequences} sequences do not fit {what}: at most {max}")]
