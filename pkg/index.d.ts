@@ -240,6 +240,10 @@ export interface EngineInfo {
   /** The adapter as the browser describes it (`GPUAdapterInfo`) where it does. */
   adapter: { name: string; vendor: number | string; architecture?: string; description?: string; device_type: string; backend: string };
   features: string[];
+  /** The KV cache's element type (the `kvType` option or its default). */
+  kv_type: "f16" | "f32" | "q8_0";
+  /** Buffers each layer's keys (and values) lie in: more than one where the binding limit is smaller than a layer's share of the pool. */
+  kv_buffers_per_layer: number;
   limits: Record<string, number>;
   model: { layers: number; hidden_size: number; vocab_size: number; context_length: number };
   /** "cache" when the weights are kept in the Cache API, else "network (why not)". */
@@ -264,6 +268,10 @@ export interface EngineLoad {
   kv_pages_free: number;
   /** Positions per page. */
   kv_page_size: number;
+  /** Bytes a page takes over all layers, keys and values. */
+  kv_page_bytes: number;
+  /** Buffers each layer's keys (and values) lie in. */
+  kv_buffers: number;
 }
 
 export interface Engine {
@@ -286,6 +294,12 @@ export interface Engine {
   info(): EngineInfo;
   /** The engine's load now. */
   status(): Promise<EngineLoad>;
+  /**
+   * Loads the model again on a new GPU device, weights from the Cache API where they are kept: after
+   * a `DeviceLostError` (requests fail with it until then), without reloading the page. Requests
+   * still running end as on `unload`.
+   */
+  reload(options?: { onProgress?: (progress: LoadProgress) => void }): Promise<EngineInfo>;
   /** Frees the GPU memory; requests still running reject with `AbortError`. */
   unload(): Promise<void>;
 }
@@ -307,4 +321,6 @@ export class RequestError extends LlamaWebGpuError {
   /** The field at fault (a top-level request field or option name), or null for the whole request. */
   param: string | null;
 }
+/** The GPU device was lost (a driver reset, the browser reclaiming it); `engine.reload()` makes a new one. */
+export class DeviceLostError extends LlamaWebGpuError {}
 export class EngineError extends LlamaWebGpuError {}

@@ -23,10 +23,12 @@ export class RequestError extends LlamaWebGpuError {
     this.param = param;
   }
 }
+/** The GPU device was lost (a driver reset, the browser reclaiming it): `engine.reload()` makes a new one. */
+export class DeviceLostError extends LlamaWebGpuError {}
 /** Anything else the engine failed at. */
 export class EngineError extends LlamaWebGpuError {}
 
-const ERRORS = { NoWebGpuError, LimitError, LoadError, AbortError, RequestError, EngineError };
+const ERRORS = { NoWebGpuError, LimitError, LoadError, AbortError, RequestError, DeviceLostError, EngineError };
 
 function toError({ name, message, param }) {
   return new (ERRORS[name] ?? EngineError)(message, param);
@@ -140,18 +142,21 @@ export async function createEngine({ model, onProgress, worker = true, ...option
       port.postMessage({ ...message, id });
     });
 
-  const started = performance.now();
   const url = new URL(model, globalThis.location?.href).href;
-  let info;
-  try {
-    info = await call({ type: "load", url, options }, ({ done, total, tensor }) =>
-      onProgress?.({
+  const load = (report) => {
+    const started = performance.now();
+    return call({ type: "load", url, options }, ({ done, total, tensor }) =>
+      report?.({
         progress: total ? done / total : 0,
         loaded: done,
         total,
         timeElapsed: (performance.now() - started) / 1000,
         text: `loading ${tensor}`,
       }));
+  };
+  let info;
+  try {
+    info = await load(onProgress);
   } catch (error) {
     // A failed load leaves nothing behind: the worker and its GPU device go.
     port.terminate();
@@ -246,6 +251,11 @@ export async function createEngine({ model, onProgress, worker = true, ...option
     completions: { create: create("complete") },
     info: () => info,
     status: async () => (await call({ type: "info" })).load,
+    /** Loads the model again on a new GPU device (weights from the Cache API), after a DeviceLostError. */
+    async reload({ onProgress: report = onProgress } = {}) {
+      info = await load(report);
+      return info;
+    },
     async unload() {
       const done = call({ type: "unload" });
       unloaded = true;

@@ -20,7 +20,7 @@ use crate::api::{
 };
 use crate::gpu::ops::TokenSlot;
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
-use crate::model::{page_hash, Batch, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
+use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
 use crate::text::tool_calls::{ToolCallFormat, ToolCallStream, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
@@ -196,6 +196,10 @@ pub struct Load {
     pub kv_pages: usize,
     pub kv_pages_free: usize,
     pub kv_page_size: usize,
+    /// Bytes a page takes over all layers, keys and values.
+    pub kv_page_bytes: u64,
+    /// Buffers each layer's keys (and values) lie in: more than one past the binding limit.
+    pub kv_buffers: usize,
 }
 
 /// The most choices one request may ask for (OpenAI's limit for `n`).
@@ -614,6 +618,8 @@ impl Engine {
             kv_pages: self.pages.total(),
             kv_pages_free: self.pages.free(),
             kv_page_size: PAGE_SIZE,
+            kv_page_bytes: KvPool::bytes_per_page(self.model.config(), self.model.kv_pool().kv_type),
+            kv_buffers: self.model.kv_pool().buffers(),
         }
     }
 

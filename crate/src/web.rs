@@ -34,6 +34,8 @@ enum ErrorKind {
     Load,
     /// A request or the load options ask for what is not supported; `param` names the field.
     Request,
+    /// The GPU device was lost (a driver reset, the browser reclaiming it): load again.
+    DeviceLost,
     /// Anything else: GPU failures, calls out of order.
     Engine,
 }
@@ -45,6 +47,7 @@ impl ErrorKind {
             ErrorKind::Limit => "LimitError",
             ErrorKind::Load => "LoadError",
             ErrorKind::Request => "RequestError",
+            ErrorKind::DeviceLost => "DeviceLostError",
             ErrorKind::Engine => "EngineError",
         }
     }
@@ -69,6 +72,7 @@ impl From<&crate::Error> for ErrorKind {
             crate::Error::Gpu(GpuError::NoAdapter { .. }) => ErrorKind::NoWebGpu,
             crate::Error::Gpu(GpuError::Limit { .. } | GpuError::MissingFeature { .. }) => ErrorKind::Limit,
             crate::Error::Load(_) => ErrorKind::Load,
+            crate::Error::Gpu(GpuError::DeviceLost(_)) => ErrorKind::DeviceLost,
             _ => ErrorKind::Engine,
         }
     }
@@ -139,6 +143,8 @@ struct State {
     generation: u64,
     /// How chat requests become prompt tokens.
     render: RenderOptions,
+    /// Why the engine went with its lost GPU device, until the next load.
+    lost: Option<String>,
 }
 
 thread_local! {
@@ -385,7 +391,10 @@ fn enqueue(id: u32, work: Work, choices: usize, on_chunk: Function) -> Result<(R
     let cancel = CancelToken::default();
     let (driver, generation) = STATE.with_borrow_mut(|s| {
         if s.engine.is_none() && !s.driving {
-            return Err(js_error(ErrorKind::Engine, "no model is loaded"));
+            return Err(match &s.lost {
+                Some(lost) => js_error(ErrorKind::DeviceLost, lost),
+                None => js_error(ErrorKind::Engine, "no model is loaded"),
+            });
         }
         if s.requests.contains_key(&id) {
             return Err(js_error(ErrorKind::Engine, format!("request id {id} is already running")));
@@ -476,14 +485,50 @@ async fn drive(mut engine: Engine, generation: u64) {
                     }
                 }
             }
-            // The GPU failed: the engine dropped every sequence.
+            // The GPU failed: the engine dropped every sequence. A lost device takes the engine
+            // with it: requests fail with DeviceLostError until a load makes a new one.
             Err(error) => {
-                let error = to_js(error);
+                let lost = device_lost(&engine, &error).await;
+                let error = to_js(lost.clone().map_or(error, |lost| GpuError::DeviceLost(lost).into()));
                 for request in active.drain(..) {
                     let _ = request.done.send(Err(error.clone()));
                 }
+                if let Some(lost) = lost.filter(|_| current) {
+                    STATE.with_borrow_mut(|s| {
+                        for request in s.queue.drain(..) {
+                            let _ = request.done.send(Err(error.clone()));
+                        }
+                        s.requests.clear();
+                        s.driving = false;
+                        s.info = None;
+                        s.load = Load::default();
+                        s.lost = Some(format!("the GPU device was lost ({lost}): load the model again (engine.reload())"));
+                    });
+                    return;
+                }
             }
         }
+    }
+}
+
+/// What the device said when it was lost, if `error` (a failed step) came from losing it. The
+/// browser reports the loss through a promise of its own, which may settle after the failed
+/// mapping that ended the step: one task later it has.
+async fn device_lost(engine: &Engine, error: &crate::Error) -> Option<String> {
+    if let crate::Error::Gpu(GpuError::DeviceLost(lost)) = error {
+        return Some(lost.clone());
+    }
+    let next_task = Promise::new(&mut |resolve, _| {
+        let set_timeout = Reflect::get(&js_sys::global(), &"setTimeout".into()).ok().and_then(|f| f.dyn_into::<Function>().ok());
+        let _ = match set_timeout {
+            Some(set_timeout) => set_timeout.call2(&JsValue::NULL, &resolve, &JsValue::from(0)),
+            None => resolve.call0(&JsValue::NULL),
+        };
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(next_task).await;
+    match engine.model().gpu().check() {
+        Err(GpuError::DeviceLost(lost)) => Some(lost),
+        _ => None,
     }
 }
 
@@ -668,6 +713,7 @@ pub fn unload() {
         s.info = None;
         s.load = Load::default();
         s.generation += 1;
+        s.lost = None;
     });
 }
 
@@ -708,6 +754,7 @@ fn describe_engine(gpu: &Gpu, model: &Llama, source: Option<&WebModel>) -> serde
         },
         "features": gpu.features.iter_names().map(|(name, _)| name).collect::<Vec<_>>(),
         "kv_type": gpu.kv_type.name(),
+        "kv_buffers_per_layer": model.kv_pool().buffers(),
         "limits": {
             "max_storage_buffer_binding_size": limits.max_storage_buffer_binding_size,
             "max_buffer_size": limits.max_buffer_size,

@@ -44,10 +44,10 @@ function prepareFixture() {
 
 /**
  * The native engine's greedy reply to PROMPT as a chat message, or as a raw text completion, with
- * an f32 KV cache: SwiftShader has no shader-f16, so the browser's is f32 too.
+ * an f32 KV cache by default: SwiftShader has no shader-f16, so the browser's is f32 too.
  */
-function nativeRun(model, maxTokens, { chat = true } = {}) {
-  const args = ["-q", "--kv-type", "f32", "run", "--model", model, "--prompt", PROMPT, ...(chat ? ["--chat"] : []), "--temperature", "0", "-n", String(maxTokens), "--json"];
+function nativeRun(model, maxTokens, { chat = true, kvType = "f32" } = {}) {
+  const args = ["-q", "--kv-type", kvType, "run", "--model", model, "--prompt", PROMPT, ...(chat ? ["--chat"] : []), "--temperature", "0", "-n", String(maxTokens), "--json"];
   return JSON.parse(execFileSync(cli, args, { encoding: "utf8" }));
 }
 
@@ -82,6 +82,7 @@ const shards = prepareFixture();
 const native = nativeRun(shards, MAX_TOKENS);
 log("native:", JSON.stringify({ tokens: native.tokens, text: native.text, adapter: native.adapter }));
 const nativeText = nativeRun(shards, MAX_TOKENS, { chat: false });
+const nativeQ8 = nativeRun(shards, MAX_TOKENS, { kvType: "q8_0" });
 log("native text completion:", JSON.stringify({ tokens: nativeText.tokens, text: nativeText.text }));
 const nativeSmol = nativeRun(join(root, SMOLLM2), SMOLLM2_TOKENS);
 log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeSmol.text }));
@@ -225,6 +226,17 @@ try {
     const missing = await createEngine({ model: "/target/browser-test/missing/manifest.json" }).then(() => null, (e) => ({ name: e.name, message: e.message }));
     // A binding limit too small for one row of a weight matrix.
     const limit = await createEngine({ model, maxStorageBinding: 256 }).then(() => null, (e) => ({ name: e.name, message: e.message }));
+    // A q8_0 KV pool (on any adapter), and an f32 one cut into buffers by a 40 KiB binding limit
+    // (a layer's 512 positions take 64 KiB).
+    const replyWith = async (options) => {
+      const other = await createEngine({ model, ...options });
+      const reply = await other.chat.completions.create({ messages, temperature: 0, max_tokens: maxTokens });
+      const { kv_type, kv_buffers_per_layer } = other.info();
+      await other.unload();
+      return { tokens: reply.choices[0].token_ids, kv: [kv_type, kv_buffers_per_layer] };
+    };
+    const q8 = await replyWith({ kvType: "q8_0" });
+    const buffers = await replyWith({ maxStorageBinding: 40 << 10 });
     return {
       tokens: chunks.flatMap((c) => c.choices[0].token_ids),
       text: chunks.map((c) => c.choices[0].delta.content ?? "").join(""),
@@ -236,7 +248,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, textChunks, refused,
+      json, called, textChunks, refused, q8, buffers,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
   log("browser info:", JSON.stringify(api.info));
@@ -292,6 +304,8 @@ try {
   assert(/needed \d+, available 256/.test(api.limit.message), `the limit error has the numbers: ${api.limit.message}`);
   assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
   assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
+  assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1] }, "greedy tokens over a q8_0 KV pool vs native");
+  assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2] }, "greedy tokens over a KV pool in two buffers vs native in one");
   // After the part of the prompt the prefix cache holds, 256 tokens a pass.
   assert(api.prefill.length >= 1 && api.prefill.every(([done, total], i) => done < total && total === api.prefill[0][1] && (i === 0 || done === api.prefill[i - 1][0] + 256)),
     `prefill progress of a long prompt, a report per pass: ${JSON.stringify(api.prefill)}`);
@@ -317,25 +331,43 @@ try {
   // 3. No room in the cache: on this thread (worker: false) with a storage estimate of no quota
   // left, the weights of a copy not cached yet stream from the network; with a 48 KiB storage
   // binding limit the matrices are split over several buffers; maxSequences and kvMemory size the
-  // KV pool. The tokens are the same.
+  // KV pool. The tokens are the same. Then its GPU device is destroyed (as a driver reset would lose
+  // it): requests fail with DeviceLostError until reload() loads the model on a new device, and the
+  // tokens are the same again.
   cpSync(shards, `${shards}-copy`, { recursive: true });
   const streamed = await page.evaluate(async ({ model, prompt, maxTokens, kvPageBytes }) => {
     const { createEngine } = await import("/pkg/index.js");
     const estimate = navigator.storage.estimate;
     navigator.storage.estimate = async () => ({ quota: 1000, usage: 1000 });
+    const requestDevice = GPUAdapter.prototype.requestDevice;
+    const devices = [];
+    GPUAdapter.prototype.requestDevice = async function (...args) {
+      devices.push(await requestDevice.apply(this, args));
+      return devices.at(-1);
+    };
     try {
       const engine = await createEngine({ model, worker: false, maxStorageBinding: 48 << 10, maxSequences: 2, kvMemory: 20 * kvPageBytes });
-      const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+      const ask = () => engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+      const reply = await ask();
       const info = engine.info();
+      devices.at(-1).destroy();
+      const whenLost = await Promise.all([ask(), ask()].map((request) => request.then(() => null, (e) => ({ name: e.name, message: e.message }))));
+      const afterLoss = await ask().then(() => null, (e) => ({ name: e.name, message: e.message }));
+      await engine.reload();
+      const reloaded = await ask();
       await engine.unload();
-      return { tokens: reply.choices[0].token_ids, weights: info.weights, load: info.load };
+      return { tokens: reply.choices[0].token_ids, weights: info.weights, load: info.load, whenLost, afterLoss, reloaded: reloaded.choices[0].token_ids, devices: devices.length };
     } finally {
       navigator.storage.estimate = estimate;
+      GPUAdapter.prototype.requestDevice = requestDevice;
     }
   }, { model: model.replace("tiny-llama31/", "tiny-llama31-copy/"), prompt: PROMPT, maxTokens: MAX_TOKENS, kvPageBytes: TINY_KV_PAGE_BYTES });
   assert(streamed.weights.startsWith("network (the storage quota has 0.0 MiB left"), `weights streamed without quota: ${streamed.weights}`);
   assertEqual(streamed.tokens, native.tokens, "main-thread tokens without a cache, split by a 48 KiB binding limit, vs native");
   assertEqual([streamed.load.max_sequences, streamed.load.kv_pages], [2, 20], "maxSequences 2 and kvMemory of 20 pages");
+  assertEqual(streamed.whenLost.map((e) => e?.name), ["DeviceLostError", "DeviceLostError"], "requests running when the device is destroyed");
+  assert(streamed.afterLoss?.name === "DeviceLostError" && streamed.afterLoss.message.includes("reload"), `a request after the loss: ${JSON.stringify(streamed.afterLoss)}`);
+  assertEqual([streamed.reloaded, streamed.devices], [native.tokens, 2], "tokens after engine.reload() on a new device vs native");
 
   // 4. SmolLM2's GGUF file, read with Range requests; then again from the cache.
   const smolFrom = requests.length;

@@ -9,7 +9,7 @@ use clap::Args;
 use llama_webgpu::gpu::ops::TokenSlot;
 use llama_webgpu::gpu::{ops, DispatchTime};
 use llama_webgpu::bench::{bench_tokens, decode_rate, prefill_rate, synthetic_config, SYNTHETIC_MODELS};
-use llama_webgpu::model::{Batch, PassTokens, PAGE_SIZE};
+use llama_webgpu::model::{Batch, KvPool, PassTokens, PAGE_SIZE};
 use llama_webgpu::quant::DType;
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, JsonSchemaFormat, ResponseFormat, SamplingParams};
 use llama_webgpu::grammar::{Grammar, GrammarCompiler};
@@ -480,6 +480,8 @@ fn report(
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
             "coop_matrix": gpu.coop_matrix,
             "kv_type": gpu.kv_type.name(),
+            "kv_bytes_per_1k_positions": KvPool::bytes_per_page(model.config(), gpu.kv_type) * 1000 / PAGE_SIZE as u64,
+            "kv_buffers_per_layer": model.kv_pool().buffers(),
             "coop_matrix_properties": gpu.coop_matrix_properties.iter().map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type)).collect::<Vec<_>>(),
             "gemv_max_tokens": gpu.gemv_max_tokens,
             "register_tile": gpu.register_tile.side(),

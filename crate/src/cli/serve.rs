@@ -141,7 +141,14 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                 model.parallel.get_or_insert(parallel);
                 let engine = super::load_engine(&gpu, model, quiet).await?;
                 let load = engine.load();
-                log::info!("{} sequences together, a KV pool of {} pages of {} positions", load.max_sequences, load.kv_pages, load.kv_page_size);
+                log::info!(
+                    "{} sequences together, a KV pool of {} pages of {} positions ({} MiB, {} buffers per layer)",
+                    load.max_sequences,
+                    load.kv_pages,
+                    load.kv_page_size,
+                    load.kv_pages as u64 * load.kv_page_bytes >> 20,
+                    load.kv_buffers
+                );
                 Ok::<_, anyhow::Error>(engine)
             })
         };

@@ -40,14 +40,10 @@ impl KvPool {
     }
 
     /// The most pages one buffer binds; an error naming the limit when not even one does.
-    pub fn pages_per_buffer(gpu: &Gpu, config: &Config) -> Result<usize, ModelError> {
+    pub fn pages_per_buffer(gpu: &Gpu, config: &Config) -> Result<usize, GpuError> {
         let page = Self::buffer_bytes_per_page(config, gpu.kv_type);
-        match gpu.check_binding("kv pool buffer", page) {
-            Err(GpuError::Limit { available, name, .. }) => {
-                Err(Self::too_large(config, gpu.kv_type, 1, format!("the device binds at most {available} bytes per buffer ({name})")))
-            }
-            _ => Ok((gpu.max_binding() / page) as usize),
-        }
+        gpu.check_binding("kv pool page", page)?;
+        Ok((gpu.max_binding() / page) as usize)
     }
 
     /// A pool of `pages`, or an error naming why the device cannot hold it.
