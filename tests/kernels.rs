@@ -316,7 +316,7 @@ fn tuning_options_out_of_range_are_an_error() {
         let e = error(GpuOptions { gemv_max_tokens: Some(tokens), ..exact() });
         assert!(matches!(e, Some(InvalidOption { name: "gemv_max_tokens", value, .. }) if value == tokens), "{e:?}");
     }
-    for splits in [0, 33] {
+    for splits in [0, 257] {
         let e = error(GpuOptions { max_key_splits: Some(splits), ..exact() });
         assert!(matches!(e, Some(InvalidOption { name: "max_key_splits", value, .. }) if value == splits), "{e:?}");
     }
@@ -436,7 +436,8 @@ fn attention_matches_reference_on(gpu: &Gpu) {
     // and 9, 13 and 37 tokens leave partial blocks. Decode: 8-key splits up to the cap (context
     // 71-75: 10 splits; 129: 17), a last split that some of the step's tokens do not reach (start
     // 62, 5 tokens: keys 64-66), wider splits at a long context (1503 keys: 32 of 48, or 3 of 504
-    // under a cap of 3), and one split (a cap of 1, or a context of 1).
+    // under a cap of 3), one split (a cap of 1, or a context of 1), and past 8,192 keys a split per
+    // 256 (9,004 keys: 35 splits, here over pool buffers of 5 pages).
     let cases = [
         (6, 2, 12, 0, 1, 32),
         (6, 2, 12, 70, 5, 32),
@@ -452,6 +453,7 @@ fn attention_matches_reference_on(gpu: &Gpu) {
         (6, 2, 130, 1500, 1, 3),
         (8, 2, 16, 200, 4, 1),
         (4, 1, 256, 300, 7, 32),
+        (8, 2, 16, 9000, 1, 256),
     ];
     // The pool in one buffer, and in buffers of 2 and 5 pages (a binding limit that one context
     // passes), case by case; q8_0 pools take rows of whole blocks of 32.
@@ -648,6 +650,10 @@ fn decode_steps_split_their_keys() {
     assert_eq!(split(1, 2047, 32), (64, 32));
     assert_eq!(split(3, 1500, 32), (48, 32));
     assert_eq!(split(1, 131_071, 32), (4096, 32));
+    // Past 8,192 keys, a split per 256 where the cap allows.
+    assert_eq!(split(1, 8191, 256), (256, 32));
+    assert_eq!(split(1, 32_767, 256), (256, 128));
+    assert_eq!(split(1, 131_071, 256), (512, 256));
     assert_eq!(split(1, 1000, 1), (1008, 1));
     // Prefill attends in one split.
     assert_eq!(split(8, 1000, 32), (1008, 1));

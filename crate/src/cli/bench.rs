@@ -82,7 +82,7 @@ pub struct BenchArgs {
     /// threads per workgroup).
     #[arg(long)]
     pub register_tile: Option<u32>,
-    /// The most splits a decode step cuts its keys into, 1 to 32 (1: no splits, no merge dispatch).
+    /// The most splits a decode step cuts its keys into, 1 to 256 (1: no splits, no merge dispatch).
     #[arg(long)]
     pub max_key_splits: Option<u32>,
     /// Keep naga's runtime bounds checks in the kernels that are in bounds by construction, as a

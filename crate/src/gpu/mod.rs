@@ -77,7 +77,7 @@ pub struct GpuOptions {
     pub gemv_max_tokens: Option<u32>,
     /// The side of a prefill thread's register tile of sums, 4 (the default) or 8; for tuning.
     pub register_tile: Option<u32>,
-    /// The most splits a decode step cuts its keys into, 1 to 32 (`ops::MAX_KEY_SPLITS`, the
+    /// The most splits a decode step cuts its keys into, 1 to 256 (`ops::MAX_KEY_SPLITS`, the
     /// default); 1 attends without splits or their merge dispatch. For tuning.
     pub max_key_splits: Option<u32>,
     /// Run prefill on the portable tiles even where the adapter has cooperative matrices (tensor
@@ -156,7 +156,7 @@ impl Gpu {
             return Err(GpuError::InvalidOption { name: "gemv_max_tokens", value: tokens, allowed: "1 to 256" });
         }
         if let Some(splits) = options.max_key_splits.filter(|n| !(1..=ops::MAX_KEY_SPLITS).contains(n)) {
-            return Err(GpuError::InvalidOption { name: "max_key_splits", value: splits, allowed: "1 to 32" });
+            return Err(GpuError::InvalidOption { name: "max_key_splits", value: splits, allowed: "1 to 256" });
         }
         let register_tile = match options.register_tile {
             None | Some(4) => RegisterTile::X4,

@@ -58,15 +58,17 @@ impl StepParams {
     }
 
     /// A pass of the tokens `slots` describe (at most MAX_BATCH_TOKENS). A decode pass (fewer than
-    /// DECODE_MAX_TOKENS tokens) cuts the keys of its longest sequence into up to `max_key_splits`
-    /// splits of a multiple of MIN_SPLIT_KEYS, attended in parallel and merged after; a prefill
-    /// pass has query blocks enough to fill the GPU, so one.
+    /// DECODE_MAX_TOKENS tokens) cuts the keys of its longest sequence into splits of a multiple of
+    /// MIN_SPLIT_KEYS, attended in parallel and merged after: SHORT_CONTEXT_SPLITS of them, or
+    /// past that many times LONG_SPLIT_KEYS keys one per LONG_SPLIT_KEYS, up to `max_key_splits`. A
+    /// prefill pass has query blocks enough to fill the GPU, so one.
     pub fn for_slots(slots: &[TokenSlot], max_key_splits: u32) -> Self {
         assert!(slots.len() <= MAX_BATCH_TOKENS, "{} tokens in one pass", slots.len());
         let n_tokens = slots.len() as u32;
         let context = slots.iter().map(|s| s.position + 1).max().unwrap_or(1);
         let keys_per_split = if n_tokens < DECODE_MAX_TOKENS {
-            context.div_ceil(max_key_splits.max(1)).next_multiple_of(MIN_SPLIT_KEYS)
+            let splits = (context / LONG_SPLIT_KEYS).max(SHORT_CONTEXT_SPLITS).min(max_key_splits).max(1);
+            context.div_ceil(splits).next_multiple_of(MIN_SPLIT_KEYS)
         } else {
             context
         };
@@ -197,9 +199,15 @@ pub(crate) const TILE: u32 = 64;
 pub(crate) const TILE_ROWS: u32 = 64;
 /// Query rows per workgroup of attention.wgsl for prefill (MAX_QUERY_BLOCK, QUERY_BLOCK's default).
 pub(crate) const ATTENTION_QUERY_BLOCK: u32 = 8;
-/// The most key splits of a decode pass: with 8 KV heads, 256 workgroups, about two per SM of an
-/// H100/H200.
-pub const MAX_KEY_SPLITS: u32 = 32;
+/// Key splits of a decode pass up to SHORT_CONTEXT_SPLITS * LONG_SPLIT_KEYS keys: with 8 KV heads,
+/// 256 workgroups, about two per SM of an H100/H200.
+const SHORT_CONTEXT_SPLITS: u32 = 32;
+/// Keys per split deeper in a context: each split's tiles run one after another, so past 8,192 keys
+/// the splits grow in number, not length (a workgroup walking 1,024 keys at 32K deep would leave
+/// the GPU's SMs two workgroups each; bench/NOTES.md).
+const LONG_SPLIT_KEYS: u32 = 256;
+/// The most key splits of a decode pass: 64K keys and past, 256 keys each.
+pub const MAX_KEY_SPLITS: u32 = 256;
 /// The fewest keys a split attends to: one K/V tile at head_dim 128. A split's tiles run one
 /// after another, so at short contexts more, smaller splits finish sooner (bench/NOTES.md).
 const MIN_SPLIT_KEYS: u32 = 8;
