@@ -110,6 +110,7 @@ run() {
         "8b-q4_0-depth|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d $depth --profile"
         "8b-q4_0-depth-32k|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d 32768 -r 1"
         "8b-q4_0-depth-32k-kv-q8_0|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d 32768 -r 1 --kv-type q8_0"
+        "8b-q4_0-context-128k|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -r 1 --context 131072"
         "8b-q4_0-plain-reduction|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --no-subgroups"
         "8b-q4_0-bounds-checks|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n --bounds-checks --profile"
         "8b-q4_0-rows1|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 1 --profile"

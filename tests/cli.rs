@@ -13,6 +13,13 @@ fn llama_webgpu(args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+/// The error output of a run that must fail.
+fn llama_webgpu_fails(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_llama-webgpu")).args(args).arg("--quiet").output().unwrap();
+    assert!(!output.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn run_prints_the_greedy_continuation() {
     if gpu().is_none() {
@@ -117,4 +124,15 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     assert_eq!((report["max_key_splits"].as_u64(), report["dispatches_per_token"].as_u64()), (Some(1), Some(1 + 3 * 5 + 3)));
     let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
     assert_eq!(attention["dispatches_per_token"], 3.0);
+
+    // A q8_0 pool of the model's whole context: its size and cost in the JSON (3 layers, keys and
+    // values of 32 int8 values and a scale per position: 216 bytes a position); a staged pool's
+    // kv_store adds a dispatch per layer.
+    let args = ["--kv-type", "q8_0", "bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-r", "1", "--context", "256", "--json"];
+    let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
+    assert_eq!((report["kv_type"].as_str(), report["context"].as_u64()), (Some("q8_0"), Some(256)));
+    assert_eq!((report["kv_bytes_per_1k_positions"].as_u64(), report["kv_buffers_per_layer"].as_u64()), (Some(216_000), Some(1)));
+    assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 3);
+    let err = llama_webgpu_fails(&["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "20", "-r", "1", "--context", "16"]);
+    assert!(err.contains("--context 16: the tests reach position 21"), "{err}");
 }

@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// decode at a long context.
     #[arg(short = 'd', long, default_value_t = 0)]
     depth: usize,
+    /// Positions each sequence's KV pool holds (default: what the tests reach), e.g. 131072 to show
+    /// that a model's whole context fits; `kv_bytes_per_1k_positions` in the JSON says what it costs.
+    #[arg(long)]
+    context: Option<usize>,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 3)]
     repetitions: usize,
@@ -131,7 +135,10 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     // Room for the --json-schema tests' chat prompt.
     let longest = longest + if args.json_schema.is_some() { 128 } else { 0 };
     let max_sequences = args.parallel.iter().max().copied().unwrap_or(1);
-    let options = LoadOptions { context_length: Some(longest.max(16)), max_sequences, ..Default::default() };
+    if let Some(context) = args.context.filter(|&c| c < longest) {
+        bail!("--context {context}: the tests reach position {longest}");
+    }
+    let options = LoadOptions { context_length: Some(args.context.unwrap_or(longest.max(16))), max_sequences, ..Default::default() };
     let (label, dtype, mut model) = match (&args.synthetic, &args.model) {
         (Some(name), _) => {
             let mut config = synthetic_config(name)
@@ -470,6 +477,7 @@ fn report(
             "backend": format!("{:?}", gpu.info.backend),
             "layers": model.config().n_layers,
             "depth": depth,
+            "context": model.context_length(),
             "dispatches_per_token": model.dispatches_per_token(depth),
             "weight_bytes_per_token": bytes_per_token,
             "bandwidth_gbps": bandwidth_gbps,
