@@ -146,7 +146,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                     load.max_sequences,
                     load.kv_pages,
                     load.kv_page_size,
-                    load.kv_pages as u64 * load.kv_page_bytes >> 20,
+                    (load.kv_pages as u64 * load.kv_page_bytes) >> 20,
                     load.kv_buffers
                 );
                 Ok::<_, anyhow::Error>(engine)
