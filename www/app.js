@@ -184,11 +184,16 @@ async function generate() {
   const article = messageElement({ role: "assistant", content: "" });
   article.setAttribute("aria-busy", "true");
   $("messages").append(article);
+  // Follows the reply down unless the reader scrolls up.
+  let following = true;
+  const follow = () => (following = $("messages").scrollHeight - $("messages").scrollTop - $("messages").clientHeight < 48);
+  $("messages").addEventListener("scroll", follow);
   const renderer = streamingRenderer(article.querySelector(".content"));
   const controller = new AbortController();
   generation = controller;
   updateControls();
   const reply = { role: "assistant", content: "" };
+  const contextLength = engine.info().model.context_length;
   await save(owner);
   const started = performance.now();
   let first = null;
@@ -204,13 +209,14 @@ async function generate() {
       first ??= choice.token_ids.length ? performance.now() : null;
       usage = chunk.usage ?? usage;
       if (first && tokens > 1) $("stats").textContent = `decode ${formatRate((tokens - 1) / ((performance.now() - first) / 1000), "tok")} · ${tokens} tokens`;
-      article.scrollIntoView({ block: "end" });
+      if (following) article.scrollIntoView({ block: "end" });
     }
   } catch (error) {
     if (error instanceof AbortError) reply.stopped = true;
     else failure = error;
   }
   reply.content = renderer.finish();
+  $("messages").removeEventListener("scroll", follow);
   generation = null;
   const ended = performance.now();
   reply.figures = {
@@ -220,7 +226,7 @@ async function generate() {
       prefillTokens: usage.prompt_tokens - usage.cached_prompt_tokens,
       prefillSeconds: ((first ?? ended) - started) / 1000,
       contextTokens: usage.total_tokens,
-      contextLength: engine.info().model.context_length,
+      contextLength,
     }),
   };
   if (reply.content || !failure) owner.messages.push(reply);
@@ -245,7 +251,7 @@ function fail(error) {
   }
 }
 
-$("chat-form").addEventListener("submit", async (event) => {
+$("chat-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const content = $("prompt").value.trim();
   if (!engine || generation || !content) return;
