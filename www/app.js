@@ -357,7 +357,7 @@ async function load() {
     $("progress-text").textContent = `Loaded in ${formatSeconds(seconds)}: ${info.model.layers} layers, `
       + `context ${info.model.context_length.toLocaleString("en")} tokens, KV cache ${info.kv_type}; weights ${kept}.`;
     const has = (feature) => (info.features.includes(feature) ? "yes" : "no");
-    $("adapter").textContent = `${info.adapter.name || info.adapter.backend} · f16 ${has("SHADER_F16")} · subgroups ${has("SUBGROUP")}`;
+    $("adapter").textContent = `${info.adapter.name || info.adapter.backend} · the engine uses f16 ${has("SHADER_F16")} · subgroups ${has("SUBGROUP")}`;
     $("model-panel").open = false;
     updateControls();
     $("prompt").focus();

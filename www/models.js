@@ -83,7 +83,8 @@ export async function checkFit(model, adapter) {
     warnings.push("No WebGPU adapter: the model cannot run in this browser.");
     return { notes, warnings };
   }
-  notes.push(`GPU: ${adapter.name} · f16 ${adapter.f16 ? "yes" : "no"} · subgroups ${adapter.subgroups ? "yes" : "no"} · `
+  const offers = (has) => (has ? "yes" : "no");
+  notes.push(`GPU: ${adapter.name}, offering shader-f16 ${offers(adapter.f16)}, subgroups ${offers(adapter.subgroups)}; `
     + `buffers up to ${formatBinary(adapter.maxBufferSize)}, bindings up to ${formatBinary(adapter.maxStorageBufferBindingSize)} (larger matrices are split)`);
   if (model.vram) notes.push(`needs about ${formatBytes(model.vram)} of GPU memory (browsers do not say how much there is)`);
   if (adapter.fallback) warnings.push("This is a software adapter (no GPU acceleration): expect seconds per token beyond the smallest models.");

@@ -92,10 +92,16 @@ export async function demoChecks({ context, origin, model, prompt, expected, max
   await page.waitForSelector("#model-fit li");
   log("fit check:", JSON.stringify(await page.locator("#model-fit li").allTextContents()));
 
-  // A load after clearing the model's cached weights: every report of the progress text.
+  // "Clear cached weights" deletes the fixture's (stored by the checks before) and no other model's.
+  const other = `${origin}/elsewhere/model.gguf?llama-webgpu-bytes=0-4/4`;
+  await page.evaluate(async (other) => (await caches.open("llama-webgpu-shards")).put(other, new Response("GGUF")), other);
   await page.click("#clear-cache");
-  await page.waitForFunction(() => /^(Cleared the|No) cached weights/.test(document.getElementById("progress-text").textContent));
-  log(await page.textContent("#progress-text"));
+  await page.waitForFunction(() => document.getElementById("progress-text").textContent.startsWith("Cleared the cached weights"));
+  const kept = await page.evaluate(async () => (await (await caches.open("llama-webgpu-shards")).keys()).map((r) => new URL(r.url).pathname));
+  assert(kept.includes("/elsewhere/model.gguf") && !kept.some((path) => path.startsWith(model.slice(0, model.lastIndexOf("/") + 1))),
+    `the cache after clearing the fixture's weights: ${JSON.stringify(kept)}`);
+
+  // The load after: every report of the progress text.
   await page.evaluate(() => {
     window.progressTexts = [];
     new MutationObserver(() => window.progressTexts.push(document.getElementById("progress-text").textContent))
