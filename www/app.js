@@ -4,7 +4,7 @@ import { AbortError, clearModelCache, createEngine } from "../pkg/index.js";
 import { DEFAULT_SETTINGS, deleteConversation, listConversations, newConversation, saveConversation } from "./conversations.js";
 import { formatBytes, formatRate, formatSeconds } from "./format.js";
 import { streamingRenderer } from "./markdown.js";
-import { figuresText, messageElement } from "./messages.js";
+import { actionButton, figuresText, messageElement } from "./messages.js";
 import { checkFit, describeAdapter, describeUrl, pickerModels } from "./models.js";
 import { explain, NO_WEBGPU } from "./problems.js";
 
@@ -42,23 +42,13 @@ function renderSidebar() {
   const list = $("conversation-list");
   list.replaceChildren(...conversations.map((c) => {
     const item = document.createElement("li");
-    const open = button(c.title, () => openConversation(c), "open");
+    const open = actionButton(c.title, () => openConversation(c), { className: "open" });
     if (c.id === conversation.id) open.setAttribute("aria-current", "true");
-    const rename = button("✎", () => startRenaming(item, c), "rename", `Rename “${c.title}”`);
-    const remove = button("✕", () => removeConversation(c), "delete", `Delete “${c.title}”`);
+    const rename = actionButton("✎", () => startRenaming(item, c), { className: "rename", ariaLabel: `Rename “${c.title}”` });
+    const remove = actionButton("✕", () => removeConversation(c), { className: "delete", ariaLabel: `Delete “${c.title}”` });
     item.append(open, rename, remove);
     return item;
   }));
-}
-
-function button(label, action, className, ariaLabel) {
-  const element = document.createElement("button");
-  element.type = "button";
-  element.className = className;
-  element.textContent = label;
-  if (ariaLabel) element.setAttribute("aria-label", ariaLabel);
-  element.addEventListener("click", action);
-  return element;
 }
 
 function startRenaming(item, c) {
@@ -70,13 +60,11 @@ function startRenaming(item, c) {
     if (done) return;
     done = true;
     const title = input.value.trim();
-    if (keep && title) {
-      c.title = title;
-      if (c.id === conversation.id) conversation.title = title;
-      await saveConversation(c);
-      conversations = await listConversations();
-    }
-    renderSidebar();
+    if (!keep || !title) return renderSidebar();
+    // The open conversation's own record: the listed copy may lack a reply still streaming.
+    const renamed = c.id === conversation.id ? conversation : c;
+    renamed.title = title;
+    await save(renamed);
   };
   input.addEventListener("keydown", (event) => {
     if (event.key === "Enter") finish(true);
@@ -130,14 +118,14 @@ function startEditing(article, index) {
   editor.value = conversation.messages[index].content;
   editor.rows = Math.min(12, editor.value.split("\n").length + 1);
   editor.setAttribute("aria-label", "Edit the message");
-  const resend = button("Send", async () => {
+  const resend = actionButton("Send", () => {
     const content = editor.value.trim();
     if (!content) return;
     conversation.messages = [...conversation.messages.slice(0, index), { role: "user", content }];
     renderMessages();
     generate();
-  }, "resend");
-  const cancel = button("Cancel", renderMessages, "cancel");
+  });
+  const cancel = actionButton("Cancel", renderMessages);
   editor.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault();

@@ -15,6 +15,17 @@ export function figuresText({ tokens, prefillTokens, prefillSeconds, decodeSecon
   return parts.join(" · ");
 }
 
+/** A button that runs `action`; `ariaLabel` where the label alone does not say what it acts on. */
+export function actionButton(label, action, { className = "", ariaLabel } = {}) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = className;
+  button.textContent = label;
+  if (ariaLabel) button.setAttribute("aria-label", ariaLabel);
+  button.addEventListener("click", action);
+  return button;
+}
+
 /**
  * The element of `message` ({role, content, stopped?, figures?}); `actions` maps button labels to
  * what they do (e.g. {Edit: () => ...}).
@@ -36,13 +47,7 @@ export function messageElement(message, actions = {}) {
     figures.textContent = notes.join(" · ");
     meta.append(figures);
   }
-  for (const [label, action] of Object.entries(actions)) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.textContent = label;
-    button.addEventListener("click", action);
-    meta.append(button);
-  }
+  for (const [label, action] of Object.entries(actions)) meta.append(actionButton(label, action));
   article.append(content, meta);
   return article;
 }
