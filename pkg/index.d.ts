@@ -40,13 +40,24 @@ export interface EngineOptions {
   // Other options are refused with a RequestError naming them.
 }
 
+/**
+ * A load's stages, in order: "self-test" (the kernels checked on this GPU), then per chunk of weights
+ * uploaded "download" (fetched now) or "cache" (stored by an earlier load), then "prepare" once every
+ * weight is on the GPU (the KV cache allocated, the passes built).
+ */
+export type LoadStage = "self-test" | "download" | "cache" | "prepare";
+
 export interface LoadProgress {
   /** 0..1 of the weight bytes uploaded. */
   progress: number;
+  /** Weight bytes uploaded (0 before the weights). */
   loaded: number;
+  /** Weight bytes in all (0 before the weights). */
   total: number;
   /** Seconds since loading started. */
   timeElapsed: number;
+  stage: LoadStage;
+  /** The stage, and the tensor last uploaded, in words. */
   text: string;
 }
 
@@ -308,8 +319,11 @@ export function createEngine(options: EngineOptions): Promise<Engine>;
 
 /** The Cache API bucket that holds downloaded weights. */
 export const CACHE_NAME: string;
-/** Deletes every cached model; resolves to whether there was a cache to delete. */
-export function clearModelCache(): Promise<boolean>;
+/**
+ * Deletes the cached weights of `model` (a URL as createEngine takes it), or of every model without
+ * one; resolves to whether there was anything to delete.
+ */
+export function clearModelCache(model?: string): Promise<boolean>;
 
 export class LlamaWebGpuError extends Error {}
 export class NoWebGpuError extends LlamaWebGpuError {}

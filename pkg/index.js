@@ -102,10 +102,32 @@ function mainThreadPort() {
 /** The name of the Cache API bucket that holds downloaded weights. */
 export const CACHE_NAME = "llama-webgpu-shards";
 
-/** Deletes every cached model (e.g. after a model changed under the same URL). */
-export async function clearModelCache() {
-  return globalThis.caches ? caches.delete(CACHE_NAME) : false;
+/**
+ * Deletes the cached weights of `model` (its URL, as given to createEngine), or of every model
+ * without one (e.g. after a model changed under the same URL).
+ */
+export async function clearModelCache(model) {
+  if (!globalThis.caches) return false;
+  if (model === undefined) return caches.delete(CACHE_NAME);
+  const cache = await caches.open(CACHE_NAME);
+  const url = new URL(model, globalThis.location?.href).href;
+  // A GGUF file's ranges are kept under its URL and a query; a shard folder's files beside its manifest.
+  const isGguf = new URL(url).pathname.toLowerCase().endsWith(".gguf");
+  const ofModel = isGguf
+    ? (key) => key === url || key.startsWith(`${url}?`) || key.startsWith(`${url}&`)
+    : (key) => key.startsWith(url.slice(0, url.lastIndexOf("/") + 1));
+  const keys = (await cache.keys()).filter((request) => ofModel(request.url));
+  await Promise.all(keys.map((request) => cache.delete(request)));
+  return keys.length > 0;
 }
+
+/** What each load stage's progress report says. */
+const STAGE_TEXT = {
+  "self-test": "checking the kernels on this GPU",
+  download: "downloading and uploading weights",
+  cache: "uploading cached weights",
+  prepare: "allocating the KV cache",
+};
 
 /**
  * Loads a model and returns an engine.
@@ -145,13 +167,14 @@ export async function createEngine({ model, onProgress, worker = true, ...option
   const url = new URL(model, globalThis.location?.href).href;
   const load = (report) => {
     const started = performance.now();
-    return call({ type: "load", url, options }, ({ done, total, tensor }) =>
+    return call({ type: "load", url, options }, ({ done, total, tensor, stage }) =>
       report?.({
         progress: total ? done / total : 0,
         loaded: done,
         total,
         timeElapsed: (performance.now() - started) / 1000,
-        text: `loading ${tensor}`,
+        stage,
+        text: tensor ? `${STAGE_TEXT[stage]}: ${tensor}` : STAGE_TEXT[stage],
       }));
   };
   let info;

@@ -1,7 +1,7 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
 //   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "complete", request}
 //        | {id, type: "info"} | {id, type: "unload"} | {type: "abort", id?}
-//   out: {id, type: "progress", done, total, tensor} | {id, type: "chunk", choice, text, token, logprob}
+//   out: {id, type: "progress", done, total, tensor, stage} | {id, type: "chunk", choice, text, token, logprob}
 //        | {id, type: "chunk", prefill: {done, total}}
 //        | {id, type: "result", value} | {id, type: "error", name, message, param}
 // Requests (chat and text completions) run together; each streams under its own id. "abort" stops
@@ -31,8 +31,8 @@ export function createHandler(wasm, post) {
     const { id, type } = message;
     switch (type) {
       case "load":
-        await wasm.load(message.url, message.options ?? {}, (done, total, tensor) =>
-          post({ id, type: "progress", done, total, tensor }));
+        await wasm.load(message.url, message.options ?? {}, (done, total, tensor, stage) =>
+          post({ id, type: "progress", done, total, tensor, stage }));
         adapter = await adapterInfo();
         return info();
       case "chat":

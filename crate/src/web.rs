@@ -177,8 +177,11 @@ fn start() {
 
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file), replacing any
 /// loaded one (its requests end as on `unload`). `options`: `{contextLength?, maxStorageBinding?,
-/// maxSequences?, kvMemory?, specialTokensInContent?, kvType?}`. `on_progress(bytesDone, bytesTotal, tensor)`
-/// is called as weights upload. Returns `info()`.
+/// maxSequences?, kvMemory?, specialTokensInContent?, kvType?}`. `on_progress(bytesDone, bytesTotal, tensor,
+/// stage)` is called as the load goes through its stages: "self-test" (the kernels checked on this
+/// GPU, before the weights), then per chunk of weights uploaded "download" or "cache" (where they
+/// came from), then "prepare" once they all are (the KV cache allocated, the passes built).
+/// Returns `info()`.
 #[wasm_bindgen]
 pub async fn load(url: String, options: JsValue, on_progress: Function) -> Result<JsValue, JsValue> {
     let options: WebLoadOptions = read_fields(object_of(options, "the load options")?)?;
@@ -205,14 +208,16 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         kv_contexts: Some(1),
         ..Default::default()
     };
-    let mut progress = |p: crate::LoadProgress| {
-        let _ = on_progress.call3(
-            &JsValue::NULL,
-            &JsValue::from_f64(p.bytes_done as f64),
-            &JsValue::from_f64(p.bytes_total as f64),
-            &JsValue::from_str(p.tensor),
-        );
+    let report = |bytes_done: u64, bytes_total: u64, tensor: &str, stage: &str| {
+        let (done, total) = (JsValue::from_f64(bytes_done as f64), JsValue::from_f64(bytes_total as f64));
+        let _ = on_progress.call4(&JsValue::NULL, &done, &total, &tensor.into(), &stage.into());
     };
+    let mut progress = |p: crate::LoadProgress| {
+        let stage = if p.bytes_done == p.bytes_total { "prepare" } else { source.stage() };
+        report(p.bytes_done, p.bytes_total, p.tensor, stage);
+    };
+    // Llama::load checks the kernels before it streams the first weights.
+    report(0, 0, "", "self-test");
     let model = match Llama::load(&gpu, config, &source, &load_options, &mut progress).await {
         Ok(model) => model,
         Err(error) => {

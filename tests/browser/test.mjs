@@ -1,6 +1,6 @@
 // The browser test: the tiny fixture converted to shards and SmolLM2's GGUF file, served from
 // 127.0.0.1, loaded in headless Chromium (SwiftShader WebGPU) through the package's worker API and
-// through the chat demo. The browser's greedy tokens must equal the native engine's, token for token;
+// through the chat demo (demo.mjs). The browser's greedy tokens must equal the native engine's, token for token;
 // two concurrent streams must each equal the same request alone, and aborting one leaves the other
 // running; n = 2 choices stream under their indexes; a JSON schema, a required tool call, logprobs
 // and a raw text completion (equal to the native one) come back in OpenAI's shapes, and unknown
@@ -15,6 +15,8 @@ import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { prepareTinyShards } from "../../scripts/fixture.mjs";
 import { serve } from "../../scripts/static-server.mjs";
+import { assert, assertEqual, log } from "./check.mjs";
+import { demoChecks } from "./demo.mjs";
 
 const root = fileURLToPath(new URL("../..", import.meta.url)).replace(/\/$/, "");
 const out = join(root, "target/browser-test");
@@ -32,10 +34,6 @@ const SMOLLM2_WASM_BOUND = 64 << 20;
 const TINY_WASM_BOUND = 48 << 20;
 // Bytes of a KV page of the fixture: keys and values of 3 layers, 16 positions of 2 heads of 16, f32.
 const TINY_KV_PAGE_BYTES = 2 * 3 * 16 * 2 * 16 * 4;
-
-function log(...args) {
-  console.log(`[${(performance.now() / 1000).toFixed(1)}s]`, ...args);
-}
 
 function prepareFixture() {
   rmSync(out, { recursive: true, force: true });
@@ -64,18 +62,6 @@ async function startServe(model, origin) {
     child.on("exit", (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
   });
   return { url, stop: () => child.kill() };
-}
-
-function assertEqual(actual, expected, what) {
-  if (JSON.stringify(actual) !== JSON.stringify(expected)) {
-    throw new Error(`${what}: got ${JSON.stringify(actual)}, expected ${JSON.stringify(expected)}`);
-  }
-  log(`ok: ${what} = ${JSON.stringify(actual)}`);
-}
-
-function assert(condition, what) {
-  if (!condition) throw new Error(what);
-  log(`ok: ${what}`);
 }
 
 const shards = prepareFixture();
@@ -407,7 +393,7 @@ try {
   assertEqual(requestsOf(NO_RANGE + SMOLLM2, plainFrom).length, 2, "requests for the file without Range support");
   writeFileSync(join(out, "wasm-memory.json"), JSON.stringify({ smollm2: smol.first.info.wasm_memory_bytes, tiny: api.info.wasm_memory_bytes }) + "\n");
 
-  // 5. No WebGPU: a typed error, and the demo says so.
+  // 5. No WebGPU: a typed error.
   const bare = await context.newPage();
   await bare.addInitScript(() => Object.defineProperty(Navigator.prototype, "gpu", { get: () => undefined }));
   await bare.goto(`${origin}/www/index.html?model=${encodeURIComponent(model)}`);
@@ -416,32 +402,12 @@ try {
     return createEngine({ model }).then(() => null, (e) => e.name);
   }, model);
   assertEqual(noGpu, "NoWebGpuError", "createEngine without WebGPU");
-  await bare.click("#load");
-  await bare.waitForSelector("#error:not([hidden])");
-  assert((await bare.textContent("#error")).includes("WebGPU"), "the demo explains that WebGPU is missing");
   await bare.close();
 
-  // 6. The demo page: load (shards now come from the Cache API), chat greedily, screenshot.
-  const shardsBefore = requests.filter((r) => r.path.endsWith(".bin")).length;
-  await page.click("#load");
-  await page.waitForSelector("#prompt:not([disabled])", { timeout: 120_000 });
-  assertEqual(requests.filter((r) => r.path.endsWith(".bin")).length, shardsBefore, "shard requests after the reload (unchanged: served from the Cache API)");
-  await page.click("details summary");
-  await page.fill("#temperature", "0");
-  await page.fill("#max-tokens", String(MAX_TOKENS));
-  await page.fill("#prompt", PROMPT);
-  await page.click("#send");
-  await page.waitForSelector("#stop[disabled]", { state: "attached", timeout: 120_000 });
-  await page.waitForFunction(() => document.querySelector("#send") && !document.querySelector("#send").disabled);
-  const reply = await page.textContent(".message.assistant");
-  assertEqual(reply, native.text, "demo reply vs native text");
-  for (const id of ["model", "load", "progress", "prompt", "send", "stop", "stats"]) {
-    if (!(await page.isVisible(`#${id}`))) throw new Error(`#${id} is not visible in the demo`);
-  }
-  if (await page.isVisible("#error")) throw new Error(`the demo shows an error: ${await page.textContent("#error")}`);
-  const screenshot = join(out, "demo.png");
-  await page.screenshot({ path: screenshot, fullPage: true });
-  log(`screenshot: ${screenshot}`);
+  // 6. The chat demo.
+  const demoStarted = performance.now();
+  await demoChecks({ context, origin, model, prompt: PROMPT, expected: native.text, maxTokens: MAX_TOKENS, out });
+  log(`demo checks: ${((performance.now() - demoStarted) / 1000).toFixed(1)} s`);
   log("browser test passed");
 } finally {
   await context.close();

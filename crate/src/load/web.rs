@@ -103,6 +103,12 @@ impl WebModel {
     pub fn storage(&self) -> String {
         self.pieces().storage()
     }
+
+    /// Where the weights being read come from: "cache" when stored by an earlier load, else
+    /// "download".
+    pub fn stage(&self) -> &'static str {
+        self.pieces().stage()
+    }
 }
 
 /// Both kinds stream through their pieces.
@@ -267,6 +273,10 @@ struct Pieces {
     downloads: RefCell<Vec<Option<Promise>>>,
     /// Set when the cache refused a piece: the rest stream from the network.
     cache_full: Cell<bool>,
+    /// Per piece, whether the cache held it when the load began (empty without a cache).
+    stored_before: Vec<bool>,
+    /// The piece read last.
+    reading: Cell<usize>,
 }
 
 impl Pieces {
@@ -274,15 +284,18 @@ impl Pieces {
         let by_file = (0..files)
             .map(|f| pieces.partition_point(|p| p.file_index < f)..pieces.partition_point(|p| p.file_index <= f))
             .collect();
+        let mut stored_before = vec![];
         let (cache, reason) = match open_cache().await {
             None => (None, Some("no Cache API in this context".to_string())),
             Some(cache) => {
                 // Only what is not stored yet needs room (a reload of a cached model needs none).
                 let mut missing = 0;
                 for piece in &pieces {
-                    if cached(&cache, &piece.key).await.is_none() {
+                    let stored = cached(&cache, &piece.key).await.is_some();
+                    if !stored {
                         missing += piece.size;
                     }
+                    stored_before.push(stored);
                 }
                 match storage_left().await {
                     Some(left) if left < missing => {
@@ -296,7 +309,14 @@ impl Pieces {
             web_sys::console::warn_1(&format!("llama-webgpu: weights are not cached ({reason}); they stream from the network").into());
         }
         let downloads = RefCell::new(vec![None; pieces.len()]);
-        Self { pieces, by_file, cache, no_cache_reason: RefCell::new(reason), downloads, cache_full: Cell::new(false) }
+        Self { pieces, by_file, cache, no_cache_reason: RefCell::new(reason), downloads, cache_full: Cell::new(false), stored_before, reading: Cell::new(0) }
+    }
+
+    fn stage(&self) -> &'static str {
+        match self.stored_before.get(self.reading.get()) {
+            Some(true) => "cache",
+            _ => "download",
+        }
     }
 
     fn storage(&self) -> String {
@@ -337,6 +357,7 @@ impl Pieces {
 
     /// Piece `index`'s body: from the cache once its download is stored, else from the network.
     async fn body(&self, index: usize) -> Result<Response, LoadError> {
+        self.reading.set(index);
         self.prefetch(index);
         let piece = &self.pieces[index];
         let download = self.downloads.borrow()[index].clone();
