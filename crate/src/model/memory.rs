@@ -1,0 +1,58 @@
+//! What a model will take on a device before it is loaded (or downloaded): its weights and the KV
+//! pool at the context a load would choose, checked against the device's binding limit the way
+//! [`Llama::load`] checks them.
+
+use super::{Config, KvPool, Llama, LoadOptions, ModelError, PAGE_SIZE};
+use crate::gpu::KvType;
+use crate::Gpu;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights_bytes: u64,
+    pub kv_bytes: u64,
+    /// The context a load with these options aims at.
+    pub context: usize,
+    pub kv_type: KvType,
+}
+
+impl MemoryEstimate {
+    /// The estimate for `config` with `weights_bytes` of weights (about the file's size) loaded
+    /// with `options`; the errors a load would stop with where they can be known beforehand.
+    pub fn new(gpu: &Gpu, config: &Config, weights_bytes: u64, options: &LoadOptions) -> Result<Self, ModelError> {
+        if let Some(context) = options.context_length.filter(|&n| n > config.max_position_embeddings || n == 0) {
+            return Err(ModelError::ContextTooLong { requested: context, max: config.max_position_embeddings });
+        }
+        let context = match options.context_length {
+            Some(context) => {
+                KvPool::check_binding(gpu, config, context.div_ceil(PAGE_SIZE))?;
+                context
+            }
+            None => Llama::default_context(gpu, config),
+        };
+        let contexts = options.kv_contexts.unwrap_or(options.max_sequences).max(1) as u64;
+        let kv_bytes = options
+            .kv_memory
+            .unwrap_or(contexts * context.div_ceil(PAGE_SIZE) as u64 * KvPool::bytes_per_page(config, gpu.kv_type));
+        Ok(Self { weights_bytes, kv_bytes, context, kv_type: gpu.kv_type })
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.weights_bytes + self.kv_bytes
+    }
+}
+
+impl std::fmt::Display for MemoryEstimate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        write!(
+            f,
+            "about {:.2} GiB of GPU memory: {:.2} GiB of weights and a {:.2} GiB KV cache ({} positions, {}); \
+             with less, the default context shortens to what fits (--context and --kv-memory choose)",
+            gib(self.total_bytes()),
+            gib(self.weights_bytes),
+            gib(self.kv_bytes),
+            self.context,
+            self.kv_type.name()
+        )
+    }
+}
