@@ -15,7 +15,7 @@ use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams, Stop
 use llama_webgpu::gpu::KvType;
 use llama_webgpu::engine::Event;
 use llama_webgpu::hub::{self, FileChoice, HubCache, HubClient, ModelRef};
-use llama_webgpu::model::MemoryEstimate;
+use llama_webgpu::model::{size_text, MemoryEstimate};
 use llama_webgpu::{load, CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 #[derive(Parser)]
@@ -407,7 +407,8 @@ fn fetch_model(mut args: ModelArgs, gpu: Option<&Gpu>, quiet: bool) -> anyhow::R
         let Some(gpu) = gpu else { return Ok(()) };
         let estimate = MemoryEstimate::new(gpu, &shapes_of(header)?, size, &options)?;
         if !quiet {
-            bar.suspend(|| eprintln!("{}: {estimate}", header.file()));
+            let hint = if options.context_length.is_none() { "; with less, the context shortens to what fits (or choose --context)" } else { "" };
+            bar.suspend(|| eprintln!("{}: {estimate}{hint}", header.file()));
         }
         Ok(())
     };
@@ -426,15 +427,6 @@ fn fetch_model(mut args: ModelArgs, gpu: Option<&Gpu>, quiet: bool) -> anyhow::R
 fn shapes_of(header: &llama_webgpu::load::GgufHeader) -> Result<llama_webgpu::Config, llama_webgpu::Error> {
     let ones = header.tensor("rope_freqs.weight").map(|t| 1f32.to_le_bytes().repeat(t.shape.iter().product()));
     header.config(ones.as_deref())
-}
-
-/// 807694464 -> "770.3 MiB".
-fn size_text(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
-        b => format!("{b} bytes"),
-    }
 }
 
 async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {

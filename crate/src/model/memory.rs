@@ -43,16 +43,24 @@ impl MemoryEstimate {
 
 impl std::fmt::Display for MemoryEstimate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
         write!(
             f,
-            "about {:.2} GiB of GPU memory: {:.2} GiB of weights and a {:.2} GiB KV cache ({} positions, {}); \
-             with less, the default context shortens to what fits (--context and --kv-memory choose)",
-            gib(self.total_bytes()),
-            gib(self.weights_bytes),
-            gib(self.kv_bytes),
+            "about {} of GPU memory: {} of weights and a {} KV cache ({} positions, {})",
+            size_text(self.total_bytes()),
+            size_text(self.weights_bytes),
+            size_text(self.kv_bytes),
             self.context,
             self.kv_type.name()
         )
+    }
+}
+
+/// 807694464 -> "770.3 MiB".
+pub fn size_text(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / (1u64 << 10) as f64),
+        b => format!("{b} bytes"),
     }
 }
