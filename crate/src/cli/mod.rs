@@ -105,8 +105,8 @@ enum Command {
         #[arg(long)]
         context: Option<usize>,
     },
-    /// List the models in the Hugging Face cache (HF_HOME); with --catalog, the Llama GGUF files
-    /// known to run.
+    /// List the models in the Hugging Face cache (HF_HOME); with --catalog, Llama 3.1 / 3.2 GGUF
+    /// files on the Hub whose tensor types the engine reads.
     List {
         #[arg(long)]
         catalog: bool,

@@ -1,5 +1,6 @@
-//! The Llama GGUF files the engine is known to run, with the shapes that size their KV cache. The
-//! list is pkg/models.json, which the JS API's `listModels()` reads too.
+//! Llama 3.1 / 3.2 Instruct GGUF files on the Hub in quants whose tensor types the engine reads,
+//! with the shapes that size their KV cache. The list is pkg/models.json, which the JS API's
+//! `listModels()` reads too.
 
 use serde::Deserialize;
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::cache::{hf_home, io};
-use super::{resolve_url, FileChoice, HubCache, HubError, HubRef, ModelRef, DEFAULT_ENDPOINT, REVISION};
+use super::{listing_url, resolve_url, FileChoice, HubCache, HubError, HubRef, Listing, ModelRef, DEFAULT_ENDPOINT, REVISION};
 use crate::load::{GgufHeader, LoadError};
 
 /// The first guess at a GGUF header's size (Llama 3's vocabulary takes ~8 MiB), multiplied by four
@@ -106,15 +106,6 @@ impl HubClient {
         }
     }
 
-    /// The file `reference` means, as the Hub lists it now (or, offline, as the cache has it).
-    pub fn resolve(&self, reference: &HubRef) -> Result<String, crate::Error> {
-        if self.offline || matches!(reference.file, FileChoice::File(_)) {
-            return Ok(reference.pick(&self.cache.files(&reference.repo, REVISION))?);
-        }
-        let (files, _) = self.listing(&reference.repo)?;
-        Ok(reference.pick(&files.into_iter().map(|(name, _)| name).collect::<Vec<_>>())?)
-    }
-
     fn fetch_hub(&self, reference: &HubRef, check: &mut HeaderCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
         if self.offline {
             return Ok(self.cached(reference, "HF_HUB_OFFLINE is set")?);
@@ -137,11 +128,9 @@ impl HubClient {
             let (file, sha256, listed_commit) = match &reference.file {
                 FileChoice::File(file) => (file.clone(), None, None),
                 _ => {
-                    let (files, commit) = self.listing(&reference.repo)?;
-                    let names: Vec<String> = files.iter().map(|(name, _)| name.clone()).collect();
-                    let file = reference.pick(&names)?;
-                    let sha256 = files.into_iter().find(|(name, _)| *name == file).and_then(|(_, sha)| sha);
-                    (file, sha256, commit)
+                    let listing = self.listing(&reference.repo)?;
+                    let file = reference.pick(&listing.names())?;
+                    (file.clone(), listing.sha256(&file).map(str::to_string), listing.commit)
                 }
             };
             let url = resolve_url(&self.endpoint, &reference.repo, REVISION, &file);
@@ -193,33 +182,16 @@ impl HubClient {
         Ok(path)
     }
 
-    /// The repository's files with their sha256 where the Hub gives one, and its commit.
-    fn listing(&self, repo: &str) -> Result<(Vec<(String, Option<String>)>, Option<String>), HubError> {
-        #[derive(serde::Deserialize)]
-        struct Info {
-            sha: Option<String>,
-            #[serde(default)]
-            siblings: Vec<Sibling>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Sibling {
-            rfilename: String,
-            lfs: Option<Lfs>,
-        }
-        #[derive(serde::Deserialize)]
-        struct Lfs {
-            sha256: Option<String>,
-        }
-        let url = format!("{}/api/models/{repo}/revision/{REVISION}?blobs=true", self.endpoint);
+    /// The repository's files, with their sha256 where the Hub gives one, and its commit.
+    fn listing(&self, repo: &str) -> Result<Listing, HubError> {
+        let url = listing_url(&self.endpoint, repo, REVISION);
         let response = self.request("GET", &url).map_err(|e| network_error(&url, &e))?;
         let status = response.status().as_u16();
         if status != 200 {
             return Err(self.status_error(&url, status, error_code(&response), repo, &format!("no repository {repo} (a private one needs HF_TOKEN)")));
         }
         let text = response.into_body().read_to_string().map_err(|e| network_error(&url, &e))?;
-        let info: Info = serde_json::from_str(&text).map_err(|e| response_error(&url, &format!("the model info is not the Hub's JSON: {e}")))?;
-        let files = info.siblings.into_iter().map(|s| (s.rfilename, s.lfs.and_then(|l| l.sha256))).collect();
-        Ok((files, info.sha))
+        Listing::parse(&text).map_err(|e| response_error(&url, &format!("the model info is not the Hub's JSON: {e}")))
     }
 
     /// HEADs `url`, following redirects, for the file's commit, ETag, size and final location.

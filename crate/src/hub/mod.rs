@@ -1,5 +1,5 @@
 //! Models by name: Hugging Face Hub references (`hf:OWNER/REPO:QUANT`, `hf:OWNER/REPO/FILE.gguf`)
-//! and plain URLs, and the catalog of Llama GGUF files known to run. Natively files are downloaded
+//! and plain URLs, and a catalog of Llama GGUF files on the Hub. Natively files are downloaded
 //! into the Hugging Face cache ([`HubClient`]); the browser reads the same references by Range.
 
 mod catalog;
@@ -163,6 +163,51 @@ impl HubRef {
 /// client downloads it.
 pub fn resolve_url(endpoint: &str, repo: &str, revision: &str, file: &str) -> String {
     format!("{}/{repo}/resolve/{revision}/{file}", endpoint.trim_end_matches('/'))
+}
+
+/// The Hub's model-info API for a repository at `revision`, with each file's sha256 (`blobs`).
+pub fn listing_url(endpoint: &str, repo: &str, revision: &str) -> String {
+    format!("{}/api/models/{repo}/revision/{revision}?blobs=true", endpoint.trim_end_matches('/'))
+}
+
+/// A repository's files as the model-info API lists them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listing {
+    /// The commit the revision points to.
+    pub commit: Option<String>,
+    /// Each file's path and, for a large (LFS) file, its sha256.
+    pub files: Vec<(String, Option<String>)>,
+}
+
+impl Listing {
+    pub fn parse(json: &str) -> Result<Self, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Info {
+            sha: Option<String>,
+            #[serde(default)]
+            siblings: Vec<Sibling>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Sibling {
+            rfilename: String,
+            lfs: Option<Lfs>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Lfs {
+            sha256: Option<String>,
+        }
+        let info: Info = serde_json::from_str(json)?;
+        let files = info.siblings.into_iter().map(|s| (s.rfilename, s.lfs.and_then(|l| l.sha256))).collect();
+        Ok(Self { commit: info.sha, files })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.files.iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    pub fn sha256(&self, file: &str) -> Option<&str> {
+        self.files.iter().find(|(name, _)| name == file).and_then(|(_, sha)| sha.as_deref())
+    }
 }
 
 /// A GGUF file's quant as its name ends: `Llama-3.2-1B-Instruct-Q4_K_M.gguf` -> `Q4_K_M` (also for
