@@ -45,9 +45,7 @@ export function serve({ root, port = 0, onRequest }) {
       res.writeHead(404, { "content-type": "text/plain" }).end("not found");
       return;
     }
-    // A version of the file, as a CDN gives one: the engine keeps a file's cached pieces under it.
-    const etag = `"${stat.size.toString(16)}-${Math.floor(stat.mtimeMs).toString(16)}"`;
-    const headers = { "content-type": TYPES[extname(file)] ?? "application/octet-stream", "accept-ranges": "bytes", "cache-control": "no-cache", etag };
+    const headers = { "content-type": TYPES[extname(file)] ?? "application/octet-stream", "accept-ranges": "bytes", "cache-control": "no-cache" };
     const range = parseRange(req.headers.range, stat.size);
     if (range?.unsatisfiable) {
       res.writeHead(416, { "content-range": `bytes */${stat.size}` }).end();

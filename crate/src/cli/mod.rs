@@ -301,8 +301,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bench::bench(Gpu::new(&options).await?, args, cli.quiet).await
         }
         Command::Serve { model, server } => {
-            // The estimate is made on a device of its own: the server's comes up on its thread.
-            let gpu = Gpu::new(&options).await.ok();
+            // A download's memory estimate is made on a device of its own: the server's comes up
+            // on its thread.
+            let gpu = if ModelRef::is_remote(&model.model) { Gpu::new(&options).await.ok() } else { None };
             let model = fetch_model(model, gpu.as_ref(), cli.quiet)?;
             drop(gpu);
             serve::serve(options, model, server, cli.quiet)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::cache::{hf_home, io};
-use super::{listing_url, resolve_url, FileChoice, HubCache, HubError, HubRef, Listing, ModelRef, DEFAULT_ENDPOINT, REVISION};
+use super::{listing_url, resolve_url, unquote_etag, FileChoice, HubCache, HubError, HubRef, Listing, ModelRef, DEFAULT_ENDPOINT, REVISION};
 use crate::load::{GgufHeader, LoadError};
 
 /// The first guess at a GGUF header's size (Llama 3's vocabulary takes ~8 MiB), multiplied by four
@@ -52,9 +52,18 @@ struct Remote {
     url: String,
     /// The Hub's commit of the revision (`X-Repo-Commit`).
     commit: Option<String>,
-    /// `X-Linked-Etag` (the Hub's, the sha256 of a large file) or the server's `ETag`.
-    etag: Option<String>,
+    /// The Hub's `X-Linked-Etag`: the sha256 of a large file.
+    linked_etag: Option<String>,
+    /// The server's `ETag`.
+    server_etag: Option<String>,
     size: Option<u64>,
+}
+
+impl Remote {
+    /// The version of the file: the Hub's ETag, else the server's.
+    fn etag(&self) -> Option<&str> {
+        self.linked_etag.as_deref().or(self.server_etag.as_deref())
+    }
 }
 
 /// Why a request failed: worth another try, or not.
@@ -124,45 +133,39 @@ impl HubClient {
     }
 
     fn download_hub(&self, reference: &HubRef, check: &mut HeaderCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
-        {
-            let (file, sha256, listed_commit) = match &reference.file {
-                FileChoice::File(file) => (file.clone(), None, None),
-                _ => {
-                    let listing = self.listing(&reference.repo)?;
-                    let file = reference.pick(&listing.names())?;
-                    (file.clone(), listing.sha256(&file).map(str::to_string), listing.commit)
-                }
-            };
-            let url = resolve_url(&self.endpoint, &reference.repo, REVISION, &file);
-            let remote = self.probe(&url, &format!("{} has no file {file}", reference.repo), &reference.repo)?;
-            let commit = remote.commit.clone().or(listed_commit).ok_or_else(|| response_error(&url, "no X-Repo-Commit header"))?;
-            let etag = remote.etag.clone().ok_or_else(|| response_error(&url, "no ETag or X-Linked-Etag header"))?;
-            // The Hub names a large file by its sha256; a small one by a git hash, not checked here.
-            let sha256 = sha256.or_else(|| is_sha256(&etag).then(|| etag.clone()));
-            let blob = self.cache.blob_path(&reference.repo, &etag);
-            if !blob.is_file() {
-                let partial = with_suffix(&blob, ".incomplete");
-                self.download(&remote, &file, &partial, sha256.as_deref(), check, progress)?;
-                std::fs::rename(&partial, &blob).map_err(|e| io(&blob, e))?;
+        let (file, sha256, listed_commit) = match &reference.file {
+            FileChoice::File(file) => (file.clone(), None, None),
+            _ => {
+                let listing = self.listing(&reference.repo)?;
+                let file = reference.pick(&listing.names())?;
+                (file.clone(), listing.sha256(&file).map(str::to_string), listing.commit)
             }
-            Ok(self.cache.link(&reference.repo, REVISION, &commit, &file, &etag)?)
+        };
+        let url = resolve_url(&self.endpoint, &reference.repo, REVISION, &file);
+        let remote = self.probe(&url, &format!("{} has no file {file}", reference.repo), &reference.repo)?;
+        let commit = remote.commit.clone().or(listed_commit).ok_or_else(|| response_error(&url, "no X-Repo-Commit header"))?;
+        let etag = remote.etag().ok_or_else(|| response_error(&url, "no ETag or X-Linked-Etag header"))?.to_string();
+        // The Hub names a large file by its sha256; a small one by a git hash, not checked here.
+        let sha256 = sha256.or_else(|| is_sha256(&etag).then(|| etag.clone()));
+        let blob = self.cache.blob_path(&reference.repo, &etag);
+        if !blob.is_file() {
+            let partial = with_suffix(&blob, ".incomplete");
+            self.download(&remote, &file, &partial, sha256.as_deref(), check, progress)?;
+            std::fs::rename(&partial, &blob).map_err(|e| io(&blob, e))?;
         }
+        Ok(self.cache.link(&reference.repo, REVISION, &commit, &file, &etag)?)
     }
 
     fn cached(&self, reference: &HubRef, why: &str) -> Result<PathBuf, HubError> {
-        let not_cached = || HubError::NotCached { reference: format!("hf:{}", reference.repo), cache: self.cache.root().display().to_string(), why: why.to_string() };
-        let file = reference.pick(&self.cache.files(&reference.repo, REVISION)).map_err(|_| not_cached())?;
-        self.cache.file(&reference.repo, REVISION, &file).ok_or_else(|| HubError::NotCached {
-            reference: reference.to_file(&file),
-            cache: self.cache.root().display().to_string(),
-            why: why.to_string(),
-        })
+        let not_cached = |reference: String| HubError::NotCached { reference, cache: self.cache.root().display().to_string(), why: why.to_string() };
+        let file = reference.pick(&self.cache.files(&reference.repo, REVISION)).map_err(|_| not_cached(format!("hf:{}", reference.repo)))?;
+        self.cache.file(&reference.repo, REVISION, &file).ok_or_else(|| not_cached(reference.to_file(&file)))
     }
 
     /// A URL's file, kept under [`HubClient::url_cache`] by the URL's hash.
     fn fetch_url(&self, url: &str, check: &mut HeaderCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
         let name = url.split(['?', '#']).next().unwrap_or(url).rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("model.gguf");
-        let key: String = Sha256::digest(url.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let key = hex(&Sha256::digest(url.as_bytes())[..8]);
         let path = self.url_cache.join(key).join(name);
         if path.is_file() {
             return Ok(path);
@@ -172,9 +175,11 @@ impl HubClient {
             return Err(HubError::NotCached { reference: url.to_string(), cache: self.url_cache.display().to_string(), why }.into());
         }
         let remote = self.probe(url, "no such file", url)?;
-        let sha256 = remote.etag.as_deref().filter(|e| is_sha256(e));
+        // Only the Hub's own header is known to be a sha256.
+        let sha256 = remote.linked_etag.as_deref().filter(|e| is_sha256(e));
         // One partial download per version of the file.
-        let partial = with_suffix(&path, &format!(".{}.incomplete", remote.etag.as_deref().map_or("0".into(), short_hash)));
+        let version = remote.etag().map_or("0".into(), |etag| hex(&Sha256::digest(etag.as_bytes())[..4]));
+        let partial = with_suffix(&path, &format!(".{version}.incomplete"));
         let parent = path.parent().unwrap_or(&self.url_cache);
         std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
         self.download(&remote, name, &partial, sha256, check, progress)?;
@@ -194,26 +199,31 @@ impl HubClient {
         Listing::parse(&text).map_err(|e| response_error(&url, &format!("the model info is not the Hub's JSON: {e}")))
     }
 
-    /// HEADs `url`, following redirects, for the file's commit, ETag, size and final location.
+    /// HEADs `url` for the file's commit, ETag, size and location, following redirects on its host
+    /// (a renamed repository) but not to another: a file host's signed URL may allow GET only.
     fn probe(&self, url: &str, missing: &str, repo: &str) -> Result<Remote, HubError> {
-        let mut remote = Remote { url: url.to_string(), commit: None, etag: None, size: None };
+        let mut remote = Remote { url: url.to_string(), commit: None, linked_etag: None, server_etag: None, size: None };
         for _ in 0..MAX_REDIRECTS {
             let response = self.request("HEAD", &remote.url).map_err(|e| network_error(&remote.url, &e))?;
             let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
             // The Hub's own headers come with its redirect; the file host's are second choice.
             remote.commit = remote.commit.or(header("x-repo-commit"));
-            remote.etag = remote.etag.or(header("x-linked-etag").map(|e| unquote(&e)));
+            remote.linked_etag = remote.linked_etag.or(header("x-linked-etag").map(|e| unquote_etag(&e)));
             remote.size = remote.size.or(header("x-linked-size").and_then(|s| s.parse().ok()));
             let status = response.status().as_u16();
             match status {
                 200..=299 => {
-                    remote.etag = remote.etag.or(header("etag").map(|e| unquote(&e)));
+                    remote.server_etag = header("etag").map(|e| unquote_etag(&e));
                     remote.size = remote.size.or(header("content-length").and_then(|s| s.parse().ok()));
                     return Ok(remote);
                 }
                 300..=399 => {
                     let location = header("location").ok_or_else(|| response_error(&remote.url, &format!("HTTP {status} without a Location")))?;
+                    let elsewhere = location.contains("://");
                     remote.url = join_url(&remote.url, &location);
+                    if elsewhere {
+                        return Ok(remote);
+                    }
                 }
                 _ => return Err(self.status_error(&remote.url, status, error_code(&response), repo, missing)),
             }
@@ -404,17 +414,12 @@ fn response_error(url: &str, message: &str) -> HubError {
     HubError::Response { url: url.to_string(), message: message.to_string() }
 }
 
-/// `"abc"` and `W/"abc"` -> `abc`.
-fn unquote(etag: &str) -> String {
-    etag.trim().trim_start_matches("W/").trim_matches('"').to_string()
-}
-
 fn is_sha256(text: &str) -> bool {
     text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit())
 }
 
-fn short_hash(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().take(4).map(|b| format!("{b:02x}")).collect()
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -450,7 +455,7 @@ fn file_sha256(path: &Path) -> Result<String, HubError> {
             n => hasher.update(&buffer[..n]),
         }
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&hasher.finalize()))
 }
 
 #[cfg(test)]
@@ -461,6 +466,6 @@ mod tests {
     fn redirects_join_and_etags_unquote() {
         assert_eq!(join_url("http://h:1/a/resolve/main/x", "/files/y"), "http://h:1/files/y");
         assert_eq!(join_url("http://h:1/a", "https://cdn/x?s=1"), "https://cdn/x?s=1");
-        assert_eq!(unquote("W/\"abc\""), "abc");
+        assert_eq!(unquote_etag("W/\"abc\""), "abc");
     }
 }

@@ -165,6 +165,11 @@ pub fn resolve_url(endpoint: &str, repo: &str, revision: &str, file: &str) -> St
     format!("{}/{repo}/resolve/{revision}/{file}", endpoint.trim_end_matches('/'))
 }
 
+/// An ETag header's value without its quotes and weak mark: `W/"abc"` -> `abc`.
+pub fn unquote_etag(etag: &str) -> String {
+    etag.trim().trim_start_matches("W/").trim_matches('"').to_string()
+}
+
 /// The Hub's model-info API for a repository at `revision`, with each file's sha256 (`blobs`).
 pub fn listing_url(endpoint: &str, repo: &str, revision: &str) -> String {
     format!("{}/api/models/{repo}/revision/{revision}?blobs=true", endpoint.trim_end_matches('/'))

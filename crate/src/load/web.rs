@@ -14,7 +14,7 @@ use js_sys::{Function, Promise, Reflect, Uint8Array};
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
-use web_sys::{Cache, CacheStorage, Headers, ReadableStreamDefaultReader, Request, RequestInit, Response, ResponseInit};
+use web_sys::{Cache, CacheStorage, Headers, ReadableStreamDefaultReader, Request, RequestCache, RequestInit, Response, ResponseInit};
 
 use super::gguf::GgufHeader;
 use super::manifest::Manifest;
@@ -643,6 +643,9 @@ enum Failure {
 
 async fn fetch_once(url: &str, range: Option<Range<u64>>) -> Result<Response, Failure> {
     let init = RequestInit::new();
+    // The Cache API keeps what is worth keeping; the HTTP cache would hold a second copy of the
+    // weights (and, with an ETag, revalidate ranges by fetching them again).
+    init.set_cache(RequestCache::NoStore);
     if let Some(range) = &range {
         let headers = Headers::new().map_err(|e| Failure::Final(describe(&e)))?;
         let _ = headers.set("range", &format!("bytes={}-{}", range.start, range.end - 1));
@@ -747,7 +750,7 @@ fn range_key(url: &str, range: &Range<u64>, file_size: u64, etag: Option<&str>) 
 fn response_etag(response: &Response) -> Option<String> {
     let headers = response.headers();
     let etag = headers.get("x-linked-etag").ok().flatten().or_else(|| headers.get("etag").ok().flatten())?;
-    Some(etag.trim().trim_start_matches("W/").trim_matches('"').to_string()).filter(|e| !e.is_empty())
+    Some(hub::unquote_etag(&etag)).filter(|e| !e.is_empty())
 }
 
 fn mib(bytes: u64) -> f64 {

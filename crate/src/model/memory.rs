@@ -29,11 +29,17 @@ impl MemoryEstimate {
             }
             None => Llama::default_context(gpu, config),
         };
-        let contexts = options.kv_contexts.unwrap_or(options.max_sequences).max(1) as u64;
-        let kv_bytes = options
-            .kv_memory
-            .unwrap_or(contexts * context.div_ceil(PAGE_SIZE) as u64 * KvPool::bytes_per_page(config, gpu.kv_type));
-        Ok(Self { weights_bytes, kv_bytes, context, kv_type: gpu.kv_type })
+        // As the load sizes its pool: the memory asked for, else a context per sequence as far as
+        // one buffer binds.
+        let page_bytes = KvPool::bytes_per_page(config, gpu.kv_type);
+        let pages = match options.kv_memory {
+            Some(bytes) => bytes / page_bytes,
+            None => {
+                let contexts = options.kv_contexts.unwrap_or(options.max_sequences).max(1);
+                (contexts * context.div_ceil(PAGE_SIZE)).min(KvPool::max_pages(gpu, config)) as u64
+            }
+        };
+        Ok(Self { weights_bytes, kv_bytes: pages * page_bytes, context, kv_type: gpu.kv_type })
     }
 
     pub fn total_bytes(&self) -> u64 {
