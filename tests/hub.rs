@@ -383,3 +383,18 @@ fn urls_download_into_a_cache_of_their_own() {
     assert_eq!(fetch(&client, &url).unwrap(), path);
     assert_eq!(hub.served(), tiny_gguf().len() as u64);
 }
+
+/// A full disk, as /dev/full behaves: the download stops with an error that says so.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_is_named() {
+    let hub = FakeHub::start();
+    let home = temp_dir("full");
+    let blobs = home.join("hub/models--test--tiny-llama31-GGUF/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let sha = hex(&Sha256::digest(tiny_gguf()));
+    std::os::unix::fs::symlink("/dev/full", blobs.join(format!("{sha}.incomplete"))).unwrap();
+    let error = fetch(&hub.client(&home, None), &format!("hf:{REPO}:F32")).unwrap_err();
+    assert!(matches!(error, llama_webgpu::Error::Hub(HubError::DiskFull { needed, .. }) if needed == tiny_gguf().len() as u64), "{error}");
+    assert!(error.to_string().contains("the disk is full") && error.to_string().contains("HF_HOME"), "{error}");
+}

@@ -318,7 +318,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::List { catalog: false } => {
             let cache = HubCache::from_env();
-            for f in cache.list() {
+            let files = cache.list();
+            if files.is_empty() {
+                eprintln!("no models in {}", cache.root().display());
+            }
+            for f in files {
                 println!("hf:{}/{}\t{}", f.repo, f.file, size_text(f.size));
             }
             Ok(())

@@ -19,7 +19,7 @@ use crate::load::{GgufHeader, LoadError};
 /// until the header parses.
 const HEADER_GUESS: u64 = 4 << 20;
 /// Headers beyond this are refused rather than read into memory.
-const MAX_HEADER: u64 = 1 << 30;
+const MAX_HEADER: u64 = 256 << 20;
 /// Bytes read from the network per write to disk.
 const CHUNK: usize = 1 << 20;
 /// Redirects followed to find a file (the Hub: renamed repositories, then the file host).
