@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::gguf_writer::{convert_to_gguf, converter_rope_freqs, f32_bytes, permute_rows, string, Writer, BF16, F16, F32, Q8_0};
+use common::gguf_writer::{convert_to_gguf, converter_rope_freqs, f32_bytes, permute_rows, string, Writer, F16, F32, Q8_0};
 use common::{assert_close, fixture, gpu};
 use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource, WeightStream};
 use llama_webgpu::model::{Llama3Scaling, ModelError, Rope, RopeScaling};

@@ -17,11 +17,12 @@ pub const BF16: u32 = 30;
 /// padding to the alignment, tensor data each padded to the alignment.
 #[derive(Clone)]
 pub struct Writer {
-    version: u32,
-    alignment: u64,
-    n_kv: u64,
-    kv: Vec<u8>,
-    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+    pub version: u32,
+    pub alignment: u64,
+    pub n_kv: u64,
+    /// The metadata as written, for tests that corrupt it.
+    pub kv: Vec<u8>,
+    pub tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
 }
 
 impl Writer {
