@@ -284,10 +284,7 @@ impl HubClient {
             }
             let end = match (end, *size) {
                 (Some(end), Some(size)) => end.min(size),
-                (end, size) => match end.or(size) {
-                    Some(end) => end,
-                    None => u64::MAX,
-                },
+                (end, size) => end.or(size).unwrap_or(u64::MAX),
             };
             if start >= end {
                 return Ok(());
