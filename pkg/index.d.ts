@@ -1,9 +1,14 @@
 export interface EngineOptions {
   /**
    * URL of a shard folder's manifest.json (made by `llama-webgpu convert`) or of a GGUF file (read
-   * with HTTP Range requests), relative to the page. Weights are kept in the Cache API.
+   * with HTTP Range requests), relative to the page; an `hf:` reference to a GGUF file on the
+   * Hugging Face Hub (`hf:OWNER/REPO/FILE.gguf`, or `hf:OWNER/REPO:QUANT` such as
+   * `hf:bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M`, looked up in the repository's file list);
+   * or an entry of `listModels()`. Weights are kept in the Cache API.
    */
-  model: string;
+  model: string | CatalogModel;
+  /** Where `hf:` references are looked up: default "https://huggingface.co" (or a mirror). */
+  hubEndpoint?: string;
   onProgress?: (report: LoadProgress) => void;
   /**
    * Positions one request may reach; default the model's maximum (131,072 for Llama 3.1), or as many
@@ -316,6 +321,67 @@ export interface Engine {
 }
 
 export function createEngine(options: EngineOptions): Promise<Engine>;
+
+/** A Llama GGUF file on the Hub, as `listModels()` lists it. */
+export interface CatalogModel {
+  /** e.g. "Llama-3.2-1B-Instruct-Q4_K_M". */
+  id: string;
+  /** e.g. "Llama 3.2 1B Instruct". */
+  name: string;
+  /** The Hub repository, e.g. "bartowski/Llama-3.2-1B-Instruct-GGUF". */
+  repo: string;
+  file: string;
+  /** e.g. "Q4_K_M", "Q4_0". */
+  quant: string;
+  /** The file's size in bytes: the download, and about the weights' size on the GPU. */
+  size: number;
+  /** Positions the model was trained for (131,072). */
+  context: number;
+  layers: number;
+  hidden: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  vocab: number;
+  /** `hf:REPO/FILE`: a `model` for createEngine. */
+  reference: string;
+  /** GPU memory for the weights and an f16 KV cache of `vramContext` positions. */
+  vramBytes: number;
+  vramContext: number;
+}
+
+/** Llama 3.1 / 3.2 Instruct GGUF files on the Hub in quants whose tensor types the engine reads. */
+export function listModels(): CatalogModel[];
+
+/** Whether a model will load on this browser's adapter, found before anything downloads. */
+export interface FitReport {
+  /** False when a problem stops the load. */
+  fits: boolean;
+  /** Why it will not load: a context beyond the model's, or a RoPE table beyond the adapter's binding limit. */
+  problems: string[];
+  /** What loads but hurts: too little storage quota to cache the file, a software adapter. */
+  warnings: string[];
+  context: number;
+  /** The longest context the adapter binds the RoPE table of (the KV cache spans buffers as it needs). */
+  maxContext: number;
+  /** The KV cache's element type: `kvType` as given, else the engine's choice on this adapter. */
+  kvType: "f16" | "f32" | "q8_0";
+  weightsBytes: number;
+  kvBytes: number;
+  /**
+   * GPU memory the model takes: weights plus the KV cache at `context`. WebGPU does not tell a
+   * page how much the GPU has; with less, the engine shortens the context to what fits.
+   */
+  gpuBytes: number;
+  /** The Cache API's room for the file (`navigator.storage.estimate()`); available is null where unknown. */
+  storage: { needed: number; available: number | null; fits: boolean };
+}
+
+/**
+ * Checks a catalog model (an entry of listModels(), its id or its reference) against the adapter's
+ * limits and the storage quota, for a context of `context` positions (default 8192).
+ */
+export function checkFit(model: CatalogModel | string, options?: { context?: number; adapter?: GPUAdapter; kvType?: "f16" | "f32" | "q8_0" }): Promise<FitReport>;
 
 /** The Cache API bucket that holds downloaded weights. */
 export const CACHE_NAME: string;

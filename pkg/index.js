@@ -1,6 +1,7 @@
 // llama-webgpu's JS API: an OpenAI-shaped engine (chat and text completions) running Llama in
 // WebGPU, in a Web Worker by default so the page never blocks.
 import { createHandler } from "./protocol.js";
+import catalog from "./models.json" with { type: "json" };
 
 export class LlamaWebGpuError extends Error {
   constructor(message) {
@@ -129,12 +130,92 @@ const STAGE_TEXT = {
   prepare: "allocating the KV cache",
 };
 
+/** The context the catalog's and checkFit's estimates are for unless told: a long chat's worth. */
+const ESTIMATE_CONTEXT = 8192;
+/** Positions in a KV page: the pool's unit. */
+const KV_PAGE = 16;
+
+/** KV cache bytes per position of a catalog model: keys and values of every layer. */
+function kvBytesPerPosition(model, elementBytes) {
+  return 2 * model.layers * model.kvHeads * model.headDim * elementBytes;
+}
+
+/** An `hf:` reference to a catalog model's file. */
+function referenceOf(model) {
+  return `hf:${model.repo}/${model.file}`;
+}
+
+/**
+ * Llama 3.1 / 3.2 Instruct GGUF files on the Hub in quants whose tensor types the engine reads, each with its `hf:` reference (a `model` for createEngine)
+ * and the GPU memory it takes with an f16 KV cache of `vramContext` positions.
+ */
+export function listModels() {
+  return catalog.map((model) => ({
+    ...model,
+    reference: referenceOf(model),
+    vramBytes: model.size + ESTIMATE_CONTEXT * kvBytesPerPosition(model, 2),
+    vramContext: ESTIMATE_CONTEXT,
+  }));
+}
+
+/**
+ * Whether a catalog model (an entry of listModels(), or its id or reference) will load on this
+ * browser's WebGPU adapter with a context of `context` positions, before anything is downloaded.
+ * @param {import("./index.d.ts").CatalogModel | string} model
+ * @param {{context?: number, adapter?: GPUAdapter}} options
+ * @returns {Promise<import("./index.d.ts").FitReport>}
+ */
+export async function checkFit(model, { context = ESTIMATE_CONTEXT, adapter, kvType } = {}) {
+  const entry = typeof model === "string" ? catalog.find((m) => m.id === model || referenceOf(m) === model) : model;
+  if (!entry?.layers) throw new RequestError(`checkFit: ${JSON.stringify(model)} is not a model of listModels()`, "model");
+  adapter ??= await globalThis.navigator?.gpu?.requestAdapter({ powerPreference: "high-performance" });
+  const problems = [];
+  const warnings = [];
+  if (!adapter) problems.push("this browser has no WebGPU adapter");
+  // Unless told, the engine's choice: an f16 KV cache where the adapter has shader-f16.
+  kvType ??= adapter?.features.has("shader-f16") ? "f16" : "f32";
+  // q8_0: a byte per element and an f32 scale per 32.
+  const kvElementBytes = { f32: 4, f16: 2, q8_0: 1.125 }[kvType];
+  if (!kvElementBytes) throw new RequestError(`checkFit: kvType ${JSON.stringify(kvType)} is not a KV type: "f16", "f32" or "q8_0"`, "kvType");
+  // The KV cache spans as many buffers as it needs; the RoPE table (a cos and a sin per frequency
+  // pair and position, f32) must bind whole.
+  const binding = adapter ? Math.min(adapter.limits.maxStorageBufferBindingSize, adapter.limits.maxBufferSize) : 0;
+  const maxContext = Math.min(entry.context, Math.floor(binding / (4 * entry.headDim)));
+  if (context > entry.context) problems.push(`a context of ${context} exceeds the model's ${entry.context}`);
+  else if (adapter && context > maxContext) {
+    problems.push(`a context of ${context} needs a RoPE table larger than the adapter binds (${binding} bytes): at most ${maxContext} positions`);
+  }
+  const kvBytes = Math.ceil(context / KV_PAGE) * KV_PAGE * kvBytesPerPosition(entry, kvElementBytes);
+  const estimate = await globalThis.navigator?.storage?.estimate?.().catch(() => null);
+  const storageAvailable = estimate ? Math.max(0, estimate.quota - (estimate.usage ?? 0)) : null;
+  if (storageAvailable !== null && storageAvailable < entry.size) {
+    const mib = (bytes) => (bytes / 2 ** 20).toFixed(0);
+    warnings.push(`the storage quota has ${mib(storageAvailable)} MiB left for a ${mib(entry.size)} MiB file: it would download again on every load`);
+  }
+  if (adapter?.info?.isFallbackAdapter) warnings.push("the adapter is a software fallback: expect seconds per token");
+  return {
+    fits: problems.length === 0,
+    problems,
+    warnings,
+    context,
+    maxContext,
+    kvType,
+    weightsBytes: entry.size,
+    kvBytes,
+    gpuBytes: entry.size + kvBytes,
+    storage: { needed: entry.size, available: storageAvailable, fits: storageAvailable === null || storageAvailable >= entry.size },
+  };
+}
+
 /**
  * Loads a model and returns an engine.
  * @param {import("./index.d.ts").EngineOptions} options
  */
 export async function createEngine({ model, onProgress, worker = true, ...options } = {}) {
-  if (!model) throw new LoadError("createEngine: `model` (a manifest.json or .gguf URL) is required");
+  if (!model) throw new LoadError("createEngine: `model` (a manifest.json or .gguf URL, an hf: reference or a listModels() entry) is required");
+  // A catalog entry, an `hf:` reference (the engine finds its file on the Hub) or a URL.
+  const reference = typeof model === "object" ? referenceOf(model) : String(model);
+  const modelName = typeof model === "object" ? model.id : model;
   if (!globalThis.navigator?.gpu) throw new NoWebGpuError("this browser has no WebGPU (navigator.gpu is missing)");
   const port = worker ? new Worker(new URL("./worker.js", import.meta.url), { type: "module" }) : mainThreadPort();
   const pending = new Map();
@@ -164,7 +245,7 @@ export async function createEngine({ model, onProgress, worker = true, ...option
       port.postMessage({ ...message, id });
     });
 
-  const url = new URL(model, globalThis.location?.href).href;
+  const url = reference.startsWith("hf:") ? reference : new URL(reference, globalThis.location?.href).href;
   const load = (report) => {
     const started = performance.now();
     return call({ type: "load", url, options }, ({ done, total, tensor, stage }) =>
@@ -193,7 +274,7 @@ export async function createEngine({ model, onProgress, worker = true, ...option
     const id = `${endpoint.idPrefix}-${crypto.randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
     const chunk = (index, choice, finish_reason = null, token_ids = []) => ({
-      id, object: endpoint.chunkObject, created, model,
+      id, object: endpoint.chunkObject, created, model: modelName,
       choices: [{ index, ...choice, finish_reason, token_ids }],
     });
     const queue = [];
@@ -224,7 +305,7 @@ export async function createEngine({ model, onProgress, worker = true, ...option
     })();
     if (!stream) {
       return run.then((result) => ({
-        id, object: endpoint.object, created, model,
+        id, object: endpoint.object, created, model: modelName,
         choices: result.choices.map((c, index) => ({ index, ...endpoint.choice(c), finish_reason: c.finish_reason, token_ids: c.tokens })),
         usage: result.usage,
       }));

@@ -1,4 +1,4 @@
-use crate::{engine::EngineError, gpu::GpuError, load::LoadError, model::ModelError, quant::QuantError};
+use crate::{engine::EngineError, gpu::GpuError, hub::HubError, load::LoadError, model::ModelError, quant::QuantError};
 
 /// Every error the engine returns; each module keeps its own enum with the numbers that matter.
 #[derive(Debug, thiserror::Error)]
@@ -7,6 +7,8 @@ pub enum Error {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Hub(#[from] HubError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]

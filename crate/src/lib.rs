@@ -7,6 +7,7 @@ pub mod engine;
 pub mod fuzzing;
 pub mod gpu;
 pub mod grammar;
+pub mod hub;
 pub mod load;
 pub mod model;
 pub mod quant;

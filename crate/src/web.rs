@@ -71,7 +71,7 @@ impl From<&crate::Error> for ErrorKind {
         match error {
             crate::Error::Gpu(GpuError::NoAdapter { .. }) => ErrorKind::NoWebGpu,
             crate::Error::Gpu(GpuError::Limit { .. } | GpuError::MissingFeature { .. }) => ErrorKind::Limit,
-            crate::Error::Load(_) => ErrorKind::Load,
+            crate::Error::Load(_) | crate::Error::Hub(_) => ErrorKind::Load,
             crate::Error::Gpu(GpuError::DeviceLost(_)) => ErrorKind::DeviceLost,
             _ => ErrorKind::Engine,
         }
@@ -168,6 +168,8 @@ struct WebLoadOptions {
     special_tokens_in_content: Option<bool>,
     /// The KV cache's element type, "f16" or "f32" (default: f16 where the adapter has shader-f16).
     kv_type: Option<String>,
+    /// Where `hf:` references are looked up (default: the Hugging Face Hub).
+    hub_endpoint: Option<String>,
 }
 
 #[wasm_bindgen(start)]
@@ -175,9 +177,10 @@ fn start() {
     console_error_panic_hook::set_once();
 }
 
-/// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file), replacing any
-/// loaded one (its requests end as on `unload`). `options`: `{contextLength?, maxStorageBinding?,
-/// maxSequences?, kvMemory?, specialTokensInContent?, kvType?}`. `on_progress(bytesDone, bytesTotal, tensor,
+/// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file; or an `hf:`
+/// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
+/// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
+/// specialTokensInContent?, kvType?, hubEndpoint?}`. `on_progress(bytesDone, bytesTotal, tensor,
 /// stage)` is called as the load goes through its stages: "self-test" (the kernels checked on this
 /// GPU, before the weights), then per chunk of weights uploaded "download" or "cache" (where they
 /// came from), then "prepare" once they all are (the KV cache allocated, the passes built).
@@ -196,6 +199,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, kv_type, ..Default::default() })
         .await
         .map_err(|e| to_js(e.into()))?;
+    let url = crate::load::resolve_reference(&url, options.hub_endpoint.as_deref()).await.map_err(to_js)?;
     let source = WebModel::open(&url).await.map_err(to_js)?;
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;

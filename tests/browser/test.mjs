@@ -6,7 +6,7 @@
 // and a raw text completion (equal to the native one) come back in OpenAI's shapes, and unknown
 // fields are refused naming them; a page calls `serve` on another origin through CORS; weights come
 // from the Cache API on reload and after an interrupted load; the wasm heap stays under a stated
-// bound while loading.
+// bound while loading; an hf: reference resolves on a local Hub, and the catalog's fit check.
 import { execFileSync, spawn } from "node:child_process";
 import { cpSync, createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -78,10 +78,35 @@ log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeS
 const requests = [];
 const interrupted = new Set();
 const NO_RANGE = "/no-range";
+// A Hub under /hub: a repository listing SmolLM2's GGUF, whose resolve URL redirects to the file.
+const HUB = "/hub";
+const HUB_REPO = "test/smollm2-GGUF";
+const SMOLLM2_FILE = SMOLLM2.split("/").at(-1);
+const HUB_ETAG = "smollm2-v1";
 const server = await serve({
   root,
   onRequest(req, res, path) {
     requests.push({ path, range: req.headers.range ?? null });
+    if (path === `${HUB}/api/models/${HUB_REPO}/revision/main`) {
+      const siblings = [{ rfilename: "README.md" }, { rfilename: SMOLLM2_FILE }];
+      res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ sha: "0".repeat(40), siblings }));
+      return true;
+    }
+    if (path === `${HUB}/${HUB_REPO}/resolve/main/${SMOLLM2_FILE}`) {
+      res.writeHead(302, { location: `${HUB}/files/${SMOLLM2_FILE}` }).end();
+      return true;
+    }
+    if (path === `${HUB}/files/${SMOLLM2_FILE}`) {
+      // The file host: Range requests, and the file's version as its ETag.
+      const file = join(root, SMOLLM2);
+      const size = statSync(file).size;
+      const range = /^bytes=(\d+)-(\d+)$/.exec(req.headers.range ?? "");
+      const [start, end] = range ? [Number(range[1]), Math.min(Number(range[2]), size - 1)] : [0, size - 1];
+      const headers = { "content-length": end - start + 1, etag: `"${HUB_ETAG}"`, "content-type": "application/octet-stream" };
+      res.writeHead(range ? 206 : 200, range ? { ...headers, "content-range": `bytes ${start}-${end}/${size}` } : headers);
+      createReadStream(file, { start, end }).pipe(res);
+      return true;
+    }
     if (path.startsWith(`${NO_RANGE}/`)) {
       const file = join(root, path.slice(NO_RANGE.length));
       res.writeHead(200, { "content-length": statSync(file).size, "content-type": "application/octet-stream" });
@@ -391,6 +416,33 @@ try {
   }, { model: NO_RANGE + SMOLLM2, prompt: PROMPT });
   assertEqual(plain, nativeSmol.tokens.slice(0, 1), "SmolLM2's first token from a server that ignores Range");
   assertEqual(requestsOf(NO_RANGE + SMOLLM2, plainFrom).length, 2, "requests for the file without Range support");
+  // 4b. The same file by an hf: reference on a local endpoint: the quant's file found in the
+  // repository's listing, read through its resolve URL's redirect, its pieces cached under its
+  // ETag. The catalog and its fit check.
+  const hubFrom = requests.length;
+  const hub = await page.evaluate(async ({ endpoint, prompt }) => {
+    const { checkFit, createEngine, listModels } = await import("/pkg/index.js");
+    const engine = await createEngine({ model: "hf:test/smollm2-GGUF:q4_1", hubEndpoint: endpoint });
+    // A raw prompt of a token or two: SwiftShader's prefill of a chat prompt would take longer.
+    const reply = await engine.completions.create({ prompt, temperature: 0, max_tokens: 1 });
+    await engine.unload();
+    const cache = await caches.open("llama-webgpu-shards");
+    const keys = (await cache.keys()).map((r) => r.url).filter((url) => url.includes("/resolve/main/") && url.includes("llama-webgpu-bytes="));
+    const models = listModels();
+    const fit = await checkFit(models.find((m) => m.id === "Llama-3.2-1B-Instruct-Q4_K_M"), { context: 4096 });
+    const tooLong = await checkFit("Llama-3.1-8B-Instruct-Q4_0", { context: 1 << 20 });
+    return { tokens: reply.choices[0].token_ids, model: reply.model, keys, models: models.map((m) => [m.name, m.quant, m.size, m.vramBytes]), fit, tooLong };
+  }, { endpoint: `${origin}${HUB}`, prompt: PROMPT });
+  assertEqual(hub.tokens.length, 1, "a token from SmolLM2 loaded by hf:test/smollm2-GGUF:q4_1");
+  assertEqual(hub.model, "hf:test/smollm2-GGUF:q4_1", "the model named in the reply");
+  assertEqual(requestsOf(`${HUB}/api/models/${HUB_REPO}/revision/main`, hubFrom).length, 1, "requests for the repository's listing");
+  assert(hub.keys.length >= 3 && hub.keys.every((key) => key.endsWith(`llama-webgpu-etag=${HUB_ETAG}`)), `${hub.keys.length} cached pieces, each under the file's ETag`);
+  for (const name of ["Llama 3.2 1B Instruct", "Llama 3.2 3B Instruct", "Llama 3.1 8B Instruct"]) {
+    assert(hub.models.some(([n, quant, size, vram]) => n === name && quant.startsWith("Q4") && size > 5e8 && vram > size), `${name} in listModels() with its size`);
+  }
+  // SwiftShader has no shader-f16: an f32 KV cache of 4096 positions, 16 layers of 8 heads of 64.
+  assertEqual([hub.fit.fits, hub.fit.kvType, hub.fit.kvBytes], [true, "f32", 4096 * 2 * 16 * 8 * 64 * 4], "checkFit of the 1B model at 4096 positions");
+  assert(!hub.tooLong.fits && hub.tooLong.problems[0].includes("exceeds the model's 131072"), `checkFit of a context too long: ${hub.tooLong.problems}`);
   writeFileSync(join(out, "wasm-memory.json"), JSON.stringify({ smollm2: smol.first.info.wasm_memory_bytes, tiny: api.info.wasm_memory_bytes }) + "\n");
 
   // 5. No WebGPU: a typed error.

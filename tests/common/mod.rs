@@ -1,6 +1,8 @@
 //! Shared test helpers: a GPU that is required in CI, seeded inputs and tolerance checks.
 #![allow(dead_code)]
 
+pub mod gguf_writer;
+
 use std::path::{Path, PathBuf};
 
 use llama_webgpu::gpu::KvType;

@@ -14,6 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams, Stop};
 use llama_webgpu::gpu::KvType;
 use llama_webgpu::engine::Event;
+use llama_webgpu::hub::{self, FileChoice, HubCache, HubClient, ModelRef};
+use llama_webgpu::model::{size_text, MemoryEstimate};
 use llama_webgpu::{load, CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
 #[derive(Parser)]
@@ -94,6 +96,24 @@ enum Command {
     Bench(bench::BenchArgs),
     /// List GPU adapters, and the features and limits the engine gets on the chosen one.
     Info,
+    /// Download a model from the Hugging Face Hub (or a URL) into the cache, resuming an earlier
+    /// attempt, after saying how much GPU memory it will take.
+    Pull {
+        /// hf:OWNER/REPO:QUANT, hf:OWNER/REPO/FILE.gguf or an https:// URL of a GGUF file.
+        reference: String,
+        /// The context the memory estimate is for (default: the one a load would choose).
+        #[arg(long)]
+        context: Option<usize>,
+    },
+    /// List the models in the Hugging Face cache (HF_HOME); with --catalog, Llama 3.1 / 3.2 GGUF
+    /// files on the Hub whose tensor types the engine reads.
+    List {
+        #[arg(long)]
+        catalog: bool,
+    },
+    /// Delete a model from the Hugging Face cache: hf:OWNER/REPO/FILE.gguf or hf:OWNER/REPO:QUANT
+    /// one file, hf:OWNER/REPO the whole repository.
+    Rm { reference: String },
 }
 
 /// Where scripts/setup puts SmolLM2-135M-Instruct, relative to the repository.
@@ -102,10 +122,12 @@ const DEFAULT_MODEL: &str = "target/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gg
 #[derive(Args)]
 struct ModelArgs {
     /// A Hugging Face model folder (config.json, safetensors weights, tokenizer.json), a GGUF file
-    /// (weights, configuration, tokenizer and chat template in one) or a shard folder. The default
-    /// is the SmolLM2 GGUF that scripts/setup fetches.
+    /// (weights, configuration, tokenizer and chat template in one) or a shard folder; or a GGUF
+    /// on the Hugging Face Hub, downloaded into its cache: hf:OWNER/REPO:QUANT (e.g.
+    /// hf:bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M), hf:OWNER/REPO/FILE.gguf, or an https:// URL.
+    /// The default is the SmolLM2 GGUF that scripts/setup fetches.
     #[arg(long, short, default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    model: String,
     /// Positions one sequence may reach (default: the model's max_position_embeddings, 131072 for
     /// Llama 3.1, or as many as the KV pool the GPU's memory holds; the log says which).
     #[arg(long)]
@@ -199,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { model, prompt: None, tokens: Some(tokens), json, sampling, .. } => {
             let prompt = parse_tokens(&tokens)?;
             let gpu = Gpu::new(&options).await?;
+            let model = fetch_model(model, Some(&gpu), cli.quiet)?;
             let started = Instant::now();
             let mut llama = load_model(&gpu, &model, cli.quiet).await?;
             let load_s = started.elapsed().as_secs_f64();
@@ -222,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { model, prompt, chat, sampling, json, .. } => {
             let prompt = prompt.context("--prompt or --tokens is required")?;
             let gpu = Gpu::new(&options).await?;
+            let model = fetch_model(model, Some(&gpu), cli.quiet)?;
             let started = Instant::now();
             let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
             let load_s = started.elapsed().as_secs_f64();
@@ -276,9 +300,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, no_subgroups: args.no_subgroups, gemv_rows: args.gemv_rows, gemv_max_tokens: args.gemv_max_tokens, register_tile: args.register_tile, max_key_splits: args.max_key_splits, bounds_checks: args.bounds_checks, ..options };
             bench::bench(Gpu::new(&options).await?, args, cli.quiet).await
         }
-        Command::Serve { model, server } => serve::serve(options, model, server, cli.quiet),
+        Command::Serve { model, server } => {
+            // A download's memory estimate is made on a device of its own: the server's comes up
+            // on its thread.
+            let gpu = if ModelRef::is_remote(&model.model) { Gpu::new(&options).await.ok() } else { None };
+            let model = fetch_model(model, gpu.as_ref(), cli.quiet)?;
+            drop(gpu);
+            serve::serve(options, model, server, cli.quiet)
+        }
+        Command::Pull { reference, context } => {
+            // The memory estimate needs a device; a download does not.
+            let gpu = Gpu::new(&options).await.inspect_err(|e| eprintln!("no GPU for a memory estimate: {e}")).ok();
+            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None };
+            let args = fetch_model(args, gpu.as_ref(), cli.quiet)?;
+            println!("{}", args.model);
+            Ok(())
+        }
+        Command::List { catalog: false } => {
+            let cache = HubCache::from_env();
+            let files = cache.list();
+            if files.is_empty() {
+                eprintln!("no models in {}", cache.root().display());
+            }
+            for f in files {
+                println!("hf:{}/{}\t{}", f.repo, f.file, size_text(f.size));
+            }
+            Ok(())
+        }
+        Command::List { catalog: true } => {
+            let cache = HubCache::from_env();
+            for e in hub::catalog() {
+                let cached = if cache.file(&e.repo, hub::REVISION, &e.file).is_some() { "\tcached" } else { "" };
+                println!("{}\t{}\t{}{cached}", e.reference(), e.name, size_text(e.size));
+            }
+            Ok(())
+        }
+        Command::Rm { reference } => {
+            let ModelRef::Hub(r) = ModelRef::parse(&reference)? else { bail!("rm takes an hf: reference, not {reference:?}") };
+            let cache = HubCache::from_env();
+            let file = match &r.file {
+                FileChoice::Default => None,
+                _ => Some(r.pick(&cache.files(&r.repo, hub::REVISION)).with_context(|| format!("{reference} in the cache {}", cache.root().display()))?),
+            };
+            let freed = cache.remove(&r.repo, file.as_deref())?;
+            println!("removed {reference} ({} freed)", size_text(freed));
+            Ok(())
+        }
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;
+            let model = fetch_model(model, Some(&gpu), cli.quiet)?;
             let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
             chat(&mut engine, system, sampling.params(), cli.quiet).await
         }
@@ -326,6 +396,44 @@ async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParam
     }
 }
 
+/// `args` with a remote model (hf: reference or URL) replaced by its file in the cache, downloaded
+/// first unless there; before the weights download, the GPU memory it will take is shown (or why it
+/// cannot load on `gpu`).
+fn fetch_model(mut args: ModelArgs, gpu: Option<&Gpu>, quiet: bool) -> anyhow::Result<ModelArgs> {
+    if !ModelRef::is_remote(&args.model) {
+        return Ok(args);
+    }
+    let reference = ModelRef::parse(&args.model)?;
+    let client = HubClient::from_env();
+    let options = LoadOptions { context_length: args.context, max_sequences: args.parallel.unwrap_or(1), kv_memory: args.kv_memory, ..Default::default() };
+    let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
+    bar.set_style(indicatif::ProgressStyle::with_template("downloading {bar:40} {bytes}/{total_bytes} {bytes_per_sec}, {eta} left").expect("a valid progress template"));
+    let mut check = |header: &llama_webgpu::load::GgufHeader, size: u64| -> Result<(), llama_webgpu::Error> {
+        let Some(gpu) = gpu else { return Ok(()) };
+        let estimate = MemoryEstimate::new(gpu, &shapes_of(header)?, size, &options)?;
+        if !quiet {
+            let hint = if options.context_length.is_none() { "; with less, the context shortens to what fits (or choose --context)" } else { "" };
+            bar.suspend(|| eprintln!("{}: {estimate}{hint}", header.file()));
+        }
+        Ok(())
+    };
+    let mut progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let path = client.fetch(&reference, &mut check, &mut progress).with_context(|| format!("getting {}", args.model))?;
+    bar.finish_and_clear();
+    args.model = path.display().to_string();
+    Ok(args)
+}
+
+/// The shapes in a GGUF header as a config. Llama 3.1's rope_freqs tensor lies past the header, not
+/// downloaded yet; it scales RoPE only, so factors of 1 stand in for it.
+fn shapes_of(header: &llama_webgpu::load::GgufHeader) -> Result<llama_webgpu::Config, llama_webgpu::Error> {
+    let ones = header.tensor("rope_freqs.weight").map(|t| 1f32.to_le_bytes().repeat(t.shape.iter().product()));
+    header.config(ones.as_deref())
+}
+
 async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
     let files = open_model(args)?;
     upload_model(gpu, &files, args, quiet).await
@@ -333,14 +441,14 @@ async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<
 
 async fn load_engine(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Engine> {
     let files = open_model(args)?;
-    let (tokenizer, template) = files.text().with_context(|| text_files(&args.model))?;
+    let (tokenizer, template) = files.text().with_context(|| text_files(Path::new(&args.model)))?;
     let model = upload_model(gpu, &files, args, quiet).await?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     Ok(Engine::new(model, tokenizer, template, seed)?)
 }
 
 fn open_model(args: &ModelArgs) -> anyhow::Result<load::ModelFiles> {
-    load::open_model(&args.model).with_context(|| format!("opening {}", args.model.display()))
+    load::open_model(Path::new(&args.model)).with_context(|| format!("opening {}", args.model))
 }
 
 async fn upload_model(gpu: &Gpu, files: &load::ModelFiles, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {

@@ -108,9 +108,11 @@ struct Server {
 }
 
 pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: bool) -> anyhow::Result<()> {
-    // The model's id is its folder's name (or a model file's, less the extension).
-    let path = model.model.canonicalize().with_context(|| format!("model {}", model.model.display()))?;
-    let name = if path.is_file() { path.file_stem() } else { path.file_name() };
+    // The model's id is its folder's name (or a model file's, less the extension; a link's own
+    // name, as the Hub cache's are).
+    let given = std::path::Path::new(&model.model);
+    let path = given.canonicalize().with_context(|| format!("model {}", model.model))?;
+    let name = if path.is_file() { given.file_stem() } else { path.file_name() };
     let model_id = name.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
     let api_key = args.api_key.clone().or_else(|| std::env::var("LLAMA_WEBGPU_API_KEY").ok()).filter(|k| !k.is_empty());
 

@@ -22,7 +22,7 @@ pub use native_model::{open_model, ModelFiles, ModelWeights};
 #[cfg(target_arch = "wasm32")]
 mod web;
 #[cfg(target_arch = "wasm32")]
-pub use web::{WebModel, CACHE_NAME};
+pub use web::{resolve_reference, WebModel, CACHE_NAME};
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -63,6 +63,8 @@ pub enum LoadError {
     TensorOutOfBounds { file: String, tensor: String, start: u64, end: u64, file_size: usize },
     #[error("{file}: sha256 is {actual}, the manifest expects {expected} (corrupt or wrong file)")]
     Checksum { file: String, expected: String, actual: String },
+    #[error("{file} changed on the server while part of it was cached (ETag {was:?}, now {now:?}): its cached parts were dropped, so loading it again starts afresh")]
+    Changed { file: String, was: String, now: String },
     #[error("{file}: metadata {key}: {message}")]
     Metadata { file: String, key: String, message: String },
 }

@@ -14,12 +14,13 @@ use js_sys::{Function, Promise, Reflect, Uint8Array};
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
-use web_sys::{Cache, CacheStorage, Headers, ReadableStreamDefaultReader, Request, RequestInit, Response, ResponseInit};
+use web_sys::{Cache, CacheStorage, Headers, ReadableStreamDefaultReader, Request, RequestCache, RequestInit, Response, ResponseInit};
 
 use super::gguf::GgufHeader;
 use super::manifest::Manifest;
 use super::{ChunkReader, LoadError, LoadFuture, SourceFile, TensorLocation, WeightStream};
 use crate::engine::EngineError;
+use crate::hub::{self, FileChoice, Listing, ModelRef};
 use crate::model::Config;
 use crate::text::{ChatTemplate, Tokenizer};
 
@@ -37,6 +38,8 @@ const GGUF_HEADER_GUESS: u64 = 4 << 20;
 const ATTEMPTS: u32 = 3;
 /// The header of cached GGUF prefixes that records the whole file's size.
 const FILE_SIZE_HEADER: &str = "x-llama-webgpu-file-size";
+/// The header of cached GGUF prefixes that records the file's ETag, where the server gave one.
+const ETAG_HEADER: &str = "x-llama-webgpu-etag";
 
 thread_local! {
     /// A rejection handler that does nothing, made once.
@@ -50,6 +53,26 @@ extern "C" {
     fn fetch_request(request: &Request) -> Promise;
     #[wasm_bindgen(js_name = setTimeout)]
     fn set_timeout(callback: &Function, milliseconds: i32) -> JsValue;
+}
+
+/// The URL of the file an `hf:` reference names on the Hub at `endpoint` (default the Hub's own),
+/// read by Range like any other; a quant's file is found in the repository's listing. A URL
+/// stays as it is.
+pub async fn resolve_reference(text: &str, endpoint: Option<&str>) -> Result<String, crate::Error> {
+    let endpoint = endpoint.unwrap_or(hub::DEFAULT_ENDPOINT);
+    let reference = match ModelRef::parse(text)? {
+        ModelRef::Url(url) => return Ok(url),
+        ModelRef::Hub(reference) => reference,
+    };
+    let file = match &reference.file {
+        FileChoice::File(file) => file.clone(),
+        _ => {
+            let url = hub::listing_url(endpoint, &reference.repo, hub::REVISION);
+            let listing = Listing::parse(&fetch_text(&url).await?).map_err(|e| io_error(&url, &format!("the model info is not the Hub's JSON: {e}")))?;
+            reference.pick(&listing.names())?
+        }
+    };
+    Ok(hub::resolve_url(endpoint, &reference.repo, hub::REVISION, &file))
 }
 
 /// A model at a URL: GGUF when the path ends in `.gguf`, else a shard folder's `manifest.json`.
@@ -153,7 +176,7 @@ impl WebShards {
             .enumerate()
             .map(|(file_index, file)| {
                 let url = resolve(&file.name, manifest_url)?;
-                Ok(Piece { file_index, file: file.name.clone(), key: url.clone(), url, range: None, file_offset: 0, size: file.size })
+                Ok(Piece { file_index, file: file.name.clone(), key: url.clone(), etag: None, url, range: None, file_offset: 0, size: file.size })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
         let pieces = Pieces::new(pieces, files.len()).await;
@@ -221,7 +244,8 @@ impl WebGguf {
                     Piece {
                         file_index: 0,
                         file: name.clone(),
-                        key: range_key(url, &range, file_size),
+                        key: range_key(url, &range, file_size, prefix.etag.as_deref()),
+                        etag: prefix.etag.clone(),
                         url: url.to_string(),
                         file_offset: range.start,
                         size: range.end - range.start,
@@ -231,7 +255,8 @@ impl WebGguf {
                 .collect()
         } else {
             // The server ignores Range requests: the whole file is one piece.
-            vec![Piece { file_index: 0, file: name.clone(), key: url.to_string(), url: url.to_string(), range: None, file_offset: 0, size: file_size }]
+            let key = range_key(url, &(0..file_size), file_size, prefix.etag.as_deref());
+            vec![Piece { file_index: 0, file: name.clone(), key, etag: prefix.etag.clone(), url: url.to_string(), range: None, file_offset: 0, size: file_size }]
         };
         let locations = header.hf_locations()?;
         let files = [SourceFile { name, size: file_size, sha256: None }];
@@ -254,6 +279,8 @@ struct Piece {
     range: Option<Range<u64>>,
     /// The Cache API key.
     key: String,
+    /// The file's ETag when its first bytes came: a piece fetched later must have the same.
+    etag: Option<String>,
     /// Where the piece starts in its file, and its length.
     file_offset: u64,
     size: u64,
@@ -410,7 +437,13 @@ async fn download(cache: &Cache, piece: &Piece) -> Result<bool, LoadError> {
     if cached(cache, &piece.key).await.is_some() {
         return Ok(true);
     }
-    let response = fetch_piece(piece).await?;
+    let response = match fetch_piece(piece).await {
+        Err(error @ LoadError::Changed { .. }) => {
+            forget_url(cache, &piece.url).await;
+            return Err(error);
+        }
+        other => other?,
+    };
     match JsFuture::from(cache.put_with_str(&piece.key, &response)).await {
         Ok(_) => Ok(true),
         Err(error) if error_name(&error) == "QuotaExceededError" => Ok(false),
@@ -517,6 +550,12 @@ impl BodyReader {
 /// A piece's bytes as a plain 200 response (the Cache API refuses 206 answers).
 async fn fetch_piece(piece: &Piece) -> Result<Response, LoadError> {
     let response = fetch(&piece.url, piece.range.clone()).await?;
+    if let (Some(was), Some(now)) = (&piece.etag, response_etag(&response)) {
+        if *was != now {
+            let _ = response.body().map(|b| b.cancel());
+            return Err(LoadError::Changed { file: piece.file.clone(), was: was.clone(), now });
+        }
+    }
     if piece.range.is_none() {
         return Ok(response);
     }
@@ -531,6 +570,7 @@ async fn fetch_piece(piece: &Piece) -> Result<Response, LoadError> {
 /// The start of a GGUF file: up to `len` bytes, and the file's size.
 struct Prefix {
     bytes: Vec<u8>,
+    etag: Option<String>,
     file_size: u64,
     /// Whether the server answers Range requests.
     ranged: bool,
@@ -545,7 +585,8 @@ async fn fetch_prefix(url: &str, len: u64, cache: Option<&Cache>) -> Result<Pref
     if let Some(response) = hit {
         let file_size = response.headers().get(FILE_SIZE_HEADER).ok().flatten().and_then(|s| s.parse().ok());
         if let Some(file_size) = file_size {
-            return Ok(Prefix { bytes: response_bytes(url, &response).await?, file_size, ranged: true });
+            let etag = response.headers().get(ETAG_HEADER).ok().flatten();
+            return Ok(Prefix { bytes: response_bytes(url, &response).await?, etag, file_size, ranged: true });
         }
     }
     let response = fetch(url, Some(0..len)).await?;
@@ -558,16 +599,20 @@ async fn fetch_prefix(url: &str, len: u64, cache: Option<&Cache>) -> Result<Pref
             .and_then(|range| range.rsplit('/').next()?.parse::<u64>().ok())
             .ok_or_else(|| io_error(url, "the Range answer has no file size in Content-Range"))?;
         let bytes = response_bytes(url, &response).await?;
+        let etag = response_etag(&response);
         if let Some(cache) = cache {
             let headers = Headers::new().map_err(|e| io_error(url, &describe(&e)))?;
             let _ = headers.set(FILE_SIZE_HEADER, &file_size.to_string());
+            if let Some(etag) = &etag {
+                let _ = headers.set(ETAG_HEADER, etag);
+            }
             let init = ResponseInit::new();
             init.set_headers(&headers);
             if let Ok(copy) = Response::new_with_opt_u8_array_and_init(Some(&mut bytes.clone()), &init) {
                 let _ = JsFuture::from(cache.put_with_str(&key, &copy)).await;
             }
         }
-        return Ok(Prefix { bytes, file_size, ranged: true });
+        return Ok(Prefix { bytes, etag, file_size, ranged: true });
     }
     // A 200 answer carries the whole file: keep its first `len` bytes and stop the download.
     let file_size = response
@@ -577,12 +622,13 @@ async fn fetch_prefix(url: &str, len: u64, cache: Option<&Cache>) -> Result<Pref
         .flatten()
         .and_then(|s| s.parse::<u64>().ok())
         .ok_or_else(|| io_error(url, "the server neither answers Range requests nor says the file's size (Content-Length)"))?;
+    let etag = response_etag(&response);
     let mut body = BodyReader::new(url, &response)?;
     let mut bytes = vec![0; len.min(file_size) as usize];
     let n = body.read(&mut bytes).await?;
     bytes.truncate(n);
     body.cancel();
-    Ok(Prefix { bytes, file_size, ranged: false })
+    Ok(Prefix { bytes, etag, file_size, ranged: false })
 }
 
 /// A few bytes of a file, by a Range request.
@@ -618,6 +664,9 @@ enum Failure {
 
 async fn fetch_once(url: &str, range: Option<Range<u64>>) -> Result<Response, Failure> {
     let init = RequestInit::new();
+    // The Cache API keeps what is worth keeping; the HTTP cache would hold a second copy of the
+    // weights (and, with an ETag, revalidate ranges by fetching them again).
+    init.set_cache(RequestCache::NoStore);
     if let Some(range) = &range {
         let headers = Headers::new().map_err(|e| Failure::Final(describe(&e)))?;
         let _ = headers.set("range", &format!("bytes={}-{}", range.start, range.end - 1));
@@ -683,6 +732,16 @@ async fn cached(cache: &Cache, key: &str) -> Option<Response> {
     JsFuture::from(cache.match_with_str(key)).await.ok()?.dyn_into::<Response>().ok()
 }
 
+/// Deletes everything cached of the file at `url`: its first bytes and its pieces.
+async fn forget_url(cache: &Cache, url: &str) {
+    let Ok(keys) = JsFuture::from(cache.keys()).await else { return };
+    for request in js_sys::Array::from(&keys).iter().filter_map(|r| r.dyn_into::<Request>().ok()) {
+        if request.url().starts_with(url) {
+            let _ = JsFuture::from(cache.delete_with_request(&request)).await;
+        }
+    }
+}
+
 async fn open_cache() -> Option<Cache> {
     let caches = Reflect::get(&js_sys::global(), &"caches".into()).ok()?.dyn_into::<CacheStorage>().ok()?;
     JsFuture::from(caches.open(CACHE_NAME)).await.ok()?.dyn_into::<Cache>().ok()
@@ -699,11 +758,20 @@ async fn storage_left() -> Option<u64> {
     Some((number("quota")? - number("usage").unwrap_or(0.0)).max(0.0) as u64)
 }
 
-/// The cache key of a GGUF range: the file's size is part of it, so a changed file is not mixed
-/// with pieces of the old one.
-fn range_key(url: &str, range: &Range<u64>, file_size: u64) -> String {
+/// The cache key of a GGUF range: the file's size and ETag are part of it, so a changed file is
+/// not mixed with pieces of the old one.
+fn range_key(url: &str, range: &Range<u64>, file_size: u64, etag: Option<&str>) -> String {
     let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}llama-webgpu-bytes={}-{}/{file_size}", range.start, range.end)
+    let version = etag.map_or(String::new(), |etag| format!("&llama-webgpu-etag={}", js_sys::encode_uri_component(etag)));
+    format!("{url}{separator}llama-webgpu-bytes={}-{}/{file_size}{version}", range.start, range.end)
+}
+
+/// A response's ETag: the Hub's `X-Linked-Etag` (the sha256 of a large file) where it is exposed,
+/// else `ETag`, without quotes.
+fn response_etag(response: &Response) -> Option<String> {
+    let headers = response.headers();
+    let etag = headers.get("x-linked-etag").ok().flatten().or_else(|| headers.get("etag").ok().flatten())?;
+    Some(hub::unquote_etag(&etag)).filter(|e| !e.is_empty())
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -315,6 +315,13 @@ impl Llama {
         Self::build(gpu, config, options, Weights::Synthetic(dtype)).await
     }
 
+    /// The context a load aims at unless told otherwise: the model's whole context (Llama 3.1's
+    /// 131,072), as far as the cos/sin table binds (the KV pool spans buffers as it needs).
+    pub fn default_context(gpu: &Gpu, config: &Config) -> usize {
+        let bindable = (gpu.max_binding() / rope_table_bytes_per_position(config)) as usize;
+        config.max_position_embeddings.min(bindable).max(1)
+    }
+
     async fn build(gpu: &Gpu, config: Config, options: &LoadOptions, weights: Weights<'_>) -> Result<Self> {
         gpu.check()?;
         let c = &config;
@@ -326,12 +333,9 @@ impl Llama {
         if let Some(context) = options.context_length.filter(|&n| n > c.max_position_embeddings || n == 0) {
             return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
         }
-        // Unless told otherwise, the model's whole context (Llama 3.1's 131,072), as far as the
-        // cos/sin table binds; below, as far as the KV pool the memory holds.
-        let table_bytes_per_position = 4 * c.head_dim as u64;
-        let bindable = (gpu.max_binding() / table_bytes_per_position) as usize;
-        let wanted_context = options.context_length.unwrap_or(c.max_position_embeddings.min(bindable).max(1));
-        gpu.check_binding("rope cos/sin table", wanted_context as u64 * table_bytes_per_position)?;
+        // Below, the default context is shortened as far as the KV pool the memory holds.
+        let wanted_context = options.context_length.unwrap_or_else(|| Self::default_context(gpu, c));
+        gpu.check_binding("rope cos/sin table", wanted_context as u64 * rope_table_bytes_per_position(c))?;
         let qkv_dim = c.q_dim() + 2 * c.kv_dim();
         let gate_up_dim = 2 * c.intermediate_size;
         let widest_row = 4 * c.hidden_size.max(qkv_dim).max(gate_up_dim) as u64;
@@ -831,4 +835,9 @@ fn encode(encoder: &mut wgpu::CommandEncoder, dispatches: &[Named], n: u32, time
         }
     }
     Ok(())
+}
+
+/// The rotary table's bytes per position: a cos and a sin per frequency pair, f32.
+pub(super) fn rope_table_bytes_per_position(config: &Config) -> u64 {
+    4 * config.head_dim as u64
 }

@@ -3,11 +3,13 @@
 mod config;
 mod kv_pool;
 mod llama;
+mod memory;
 
 pub use config::{Config, Llama3Scaling, Rope, RopeScaling};
 pub use kv_pool::{page_hash, KvPool, PageAllocator, PrefixMatch, PAGE_SIZE};
 pub use crate::load::LoadProgress;
 pub use llama::{checkpoint_tensors, Batch, Llama, LoadOptions, PassOutput, PassTokens};
+pub use memory::{size_text, MemoryEstimate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
