@@ -389,7 +389,7 @@ export const CACHE_NAME: string;
  * Deletes the cached weights of `model` (a URL as createEngine takes it), or of every model without
  * one; resolves to whether there was anything to delete.
  */
-export function clearModelCache(model?: string): Promise<boolean>;
+export function clearModelCache(model?: string, options?: { hubEndpoint?: string }): Promise<boolean>;
 
 export class LlamaWebGpuError extends Error {}
 export class NoWebGpuError extends LlamaWebGpuError {}

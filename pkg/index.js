@@ -107,19 +107,40 @@ export const CACHE_NAME = "llama-webgpu-shards";
  * Deletes the cached weights of `model` (its URL, as given to createEngine), or of every model
  * without one (e.g. after a model changed under the same URL).
  */
-export async function clearModelCache(model) {
+export async function clearModelCache(model, { hubEndpoint = HUB_ENDPOINT } = {}) {
   if (!globalThis.caches) return false;
   if (model === undefined) return caches.delete(CACHE_NAME);
   const cache = await caches.open(CACHE_NAME);
-  const url = new URL(model, globalThis.location?.href).href;
-  // A GGUF file's ranges are kept under its URL and a query; a shard folder's files beside its manifest.
-  const isGguf = new URL(url).pathname.toLowerCase().endsWith(".gguf");
-  const ofModel = isGguf
-    ? (key) => key === url || key.startsWith(`${url}?`) || key.startsWith(`${url}&`)
-    : (key) => key.startsWith(url.slice(0, url.lastIndexOf("/") + 1));
+  const ofModel = model.startsWith("hf:") ? isHubFileOf(model, hubEndpoint) : isStoredFileOf(new URL(model, globalThis.location?.href).href);
   const keys = (await cache.keys()).filter((request) => ofModel(request.url));
   await Promise.all(keys.map((request) => cache.delete(request)));
   return keys.length > 0;
+}
+
+/** Where `hf:` references are looked up unless `hubEndpoint` says otherwise. */
+const HUB_ENDPOINT = "https://huggingface.co";
+
+/** Whether a cache key is of the model at `url`: a GGUF file's ranges are kept under its URL and a query, a shard folder's files beside its manifest. */
+function isStoredFileOf(url) {
+  if (new URL(url).pathname.toLowerCase().endsWith(".gguf")) return (key) => key === url || key.startsWith(`${url}?`) || key.startsWith(`${url}&`);
+  return (key) => key.startsWith(url.slice(0, url.lastIndexOf("/") + 1));
+}
+
+/**
+ * Whether a cache key is of a file `hf:OWNER/REPO/FILE.gguf` names, or of any file of the repository in
+ * the quant `hf:OWNER/REPO:QUANT` names (or in any quant, for `hf:OWNER/REPO`), read from the Hub's
+ * resolve URLs as the engine reads them.
+ */
+function isHubFileOf(reference, endpoint) {
+  const [path, quant] = reference.slice(3).split(":");
+  const [owner, repo, ...file] = path.split("/");
+  const base = `${endpoint.replace(/\/$/, "")}/${owner}/${repo}/resolve/main/`;
+  return (key) => {
+    if (!key.startsWith(base)) return false;
+    const name = key.slice(base.length).split("?")[0];
+    if (file.length) return name === file.join("/");
+    return !quant || name.toLowerCase().endsWith(`${quant.toLowerCase()}.gguf`);
+  };
 }
 
 /** What each load stage's progress report says. */

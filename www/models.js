@@ -16,10 +16,19 @@ export const DEFAULT_MODEL = {
   context: 8192,
 };
 
-/** The default model, then the package's catalog (name, model, size, quant, context, vram). */
+/** The default model, then the package's catalog, each entry kept for the package's fit check. */
 export async function pickerModels() {
   const catalog = typeof llama.listModels === "function" ? await llama.listModels() : [];
-  return [DEFAULT_MODEL, ...catalog];
+  return [DEFAULT_MODEL, ...catalog.map((entry) => ({
+    name: `${entry.name} ${entry.quant}`,
+    model: entry.reference,
+    size: entry.size,
+    quant: entry.quant,
+    context: entry.context,
+    vram: entry.vramBytes,
+    vramContext: entry.vramContext,
+    entry,
+  }))];
 }
 
 /** What a URL says of its model without loading it: a GGUF file's size, a shard folder's manifest. */
@@ -86,7 +95,13 @@ export async function checkFit(model, adapter) {
   const offers = (has) => (has ? "yes" : "no");
   notes.push(`GPU: ${adapter.name}, offering shader-f16 ${offers(adapter.f16)}, subgroups ${offers(adapter.subgroups)}; `
     + `buffers up to ${formatBinary(adapter.maxBufferSize)}, bindings up to ${formatBinary(adapter.maxStorageBufferBindingSize)} (larger matrices are split)`);
-  if (model.vram) notes.push(`needs about ${formatBytes(model.vram)} of GPU memory (browsers do not say how much there is)`);
+  if (model.vram) {
+    notes.push(`needs about ${formatBytes(model.vram)} of GPU memory with a ${model.vramContext.toLocaleString("en")}-token KV cache (browsers do not say how much there is)`);
+  }
+  if (model.entry && typeof llama.checkFit === "function") {
+    const report = await llama.checkFit(model.entry, { context: model.vramContext }).catch(() => null);
+    for (const problem of report?.problems ?? []) warnings.push(`It will not load: ${problem}.`);
+  }
   if (adapter.fallback) warnings.push("This is a software adapter (no GPU acceleration): expect seconds per token beyond the smallest models.");
   if (!adapter.f16) warnings.push("No shader-f16: the KV cache takes f32, twice the memory per token.");
   return { notes, warnings };

@@ -421,22 +421,26 @@ try {
   // ETag. The catalog and its fit check.
   const hubFrom = requests.length;
   const hub = await page.evaluate(async ({ endpoint, prompt }) => {
-    const { checkFit, createEngine, listModels } = await import("/pkg/index.js");
+    const { checkFit, clearModelCache, createEngine, listModels } = await import("/pkg/index.js");
     const engine = await createEngine({ model: "hf:test/smollm2-GGUF:q4_1", hubEndpoint: endpoint });
     // A raw prompt of a token or two: SwiftShader's prefill of a chat prompt would take longer.
     const reply = await engine.completions.create({ prompt, temperature: 0, max_tokens: 1 });
     await engine.unload();
     const cache = await caches.open("llama-webgpu-shards");
-    const keys = (await cache.keys()).map((r) => r.url).filter((url) => url.includes("/resolve/main/") && url.includes("llama-webgpu-bytes="));
+    const hubKeys = async () => (await cache.keys()).map((r) => r.url).filter((url) => url.includes("/resolve/main/") && url.includes("llama-webgpu-bytes="));
+    const keys = await hubKeys();
+    const cleared = [await clearModelCache("hf:test/other-GGUF:q4_1", { hubEndpoint: endpoint }), await clearModelCache("hf:test/smollm2-GGUF:q4_1", { hubEndpoint: endpoint })];
+    const keysAfter = await hubKeys();
     const models = listModels();
     const fit = await checkFit(models.find((m) => m.id === "Llama-3.2-1B-Instruct-Q4_K_M"), { context: 4096 });
     const tooLong = await checkFit("Llama-3.1-8B-Instruct-Q4_0", { context: 1 << 20 });
-    return { tokens: reply.choices[0].token_ids, model: reply.model, keys, models: models.map((m) => [m.name, m.quant, m.size, m.vramBytes]), fit, tooLong };
+    return { tokens: reply.choices[0].token_ids, model: reply.model, keys, cleared, keysAfter, models: models.map((m) => [m.name, m.quant, m.size, m.vramBytes]), fit, tooLong };
   }, { endpoint: `${origin}${HUB}`, prompt: PROMPT });
   assertEqual(hub.tokens.length, 1, "a token from SmolLM2 loaded by hf:test/smollm2-GGUF:q4_1");
   assertEqual(hub.model, "hf:test/smollm2-GGUF:q4_1", "the model named in the reply");
   assertEqual(requestsOf(`${HUB}/api/models/${HUB_REPO}/revision/main`, hubFrom).length, 1, "requests for the repository's listing");
   assert(hub.keys.length >= 3 && hub.keys.every((key) => key.endsWith(`llama-webgpu-etag=${HUB_ETAG}`)), `${hub.keys.length} cached pieces, each under the file's ETag`);
+  assertEqual([hub.cleared, hub.keysAfter.length], [[false, true], 0], "clearModelCache of another repository's hf: reference, then of the loaded one");
   for (const name of ["Llama 3.2 1B Instruct", "Llama 3.2 3B Instruct", "Llama 3.1 8B Instruct"]) {
     assert(hub.models.some(([n, quant, size, vram]) => n === name && quant.startsWith("Q4") && size > 5e8 && vram > size), `${name} in listModels() with its size`);
   }
