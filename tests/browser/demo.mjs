@@ -92,6 +92,23 @@ export async function demoChecks({ context, origin, model, prompt, expected, max
   await page.waitForSelector("#model-fit li");
   log("fit check:", JSON.stringify(await page.locator("#model-fit li").allTextContents()));
 
+  // The package's catalog in the picker, with sizes: picking a model puts its hf: reference in the
+  // URL field and shows its fit check; then the fixture again.
+  const choices = await page.locator("#model-choice option").allTextContents();
+  for (const name of ["Llama 3.2 1B Instruct", "Llama 3.2 3B Instruct", "Llama 3.1 8B Instruct"]) {
+    assert(choices.some((c) => c.startsWith(name) && / \(\d+(\.\d+)? [MG]B\)$/.test(c)), `${name} in the picker with its size`);
+  }
+  const fixtureUrl = await page.inputValue("#model");
+  await page.selectOption("#model-choice", String(choices.findIndex((c) => c.startsWith("Llama 3.2 1B Instruct Q4_K_M"))));
+  await page.waitForFunction(() => [...document.querySelectorAll("#model-fit li")].some((li) => li.textContent.includes("of GPU memory")));
+  const pickedUrl = await page.inputValue("#model");
+  const pickedFit = await page.locator("#model-fit li").allTextContents();
+  assertEqual(pickedUrl, "hf:bartowski/Llama-3.2-1B-Instruct-GGUF/Llama-3.2-1B-Instruct-Q4_K_M.gguf", "the picked catalog model's reference");
+  assert(pickedFit.some((n) => n.startsWith("807.7 MB · Q4_K_M · context 131,072")) && pickedFit.some((n) => /needs about 1\.\d+ GB of GPU memory/.test(n)),
+    `the catalog model's fit check: ${JSON.stringify(pickedFit)}`);
+  await page.fill("#model", fixtureUrl);
+  await page.dispatchEvent("#model", "change");
+
   // "Clear cached weights" deletes the fixture's (stored by the checks before) and no other model's.
   const other = `${origin}/elsewhere/model.gguf?llama-webgpu-bytes=0-4/4`;
   await page.evaluate(async (other) => (await caches.open("llama-webgpu-shards")).put(other, new Response("GGUF")), other);
