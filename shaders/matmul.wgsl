@@ -14,7 +14,8 @@
 // and can write their output rotated into the KV cache, fusing the op after them (OUTPUT):
 //   OUTPUT_ROWS: out, overwritten or added to (accumulate = 1, the residual add)
 //   OUTPUT_ROTARY: a stacked q/k/v projection with RoPE: q rotated into out, k rotated into k_cache and v into
-//      v_cache at each token's KV row (the pool page row its sequence keeps that position in), the
+//      v_cache at each token's KV row (the pool page row its sequence keeps that position in; row t
+//      of f32 staging rows instead when kv_staged, for kv_store to move into the pool), the
 //      rotation by the token's own position. Halves rotate (dims i and i + head_dim / 2), as Hugging
 //      Face checkpoints expect, by the f32 cos/sin table the host computes once with the model's
 //      frequency scaling (llama3 rope_type).
