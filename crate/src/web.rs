@@ -527,14 +527,7 @@ async fn device_lost(engine: &Engine, error: &crate::Error) -> Option<String> {
     if let crate::Error::Gpu(GpuError::DeviceLost(lost)) = error {
         return Some(lost.clone());
     }
-    let next_task = Promise::new(&mut |resolve, _| {
-        let set_timeout = Reflect::get(&js_sys::global(), &"setTimeout".into()).ok().and_then(|f| f.dyn_into::<Function>().ok());
-        let _ = match set_timeout {
-            Some(set_timeout) => set_timeout.call2(&JsValue::NULL, &resolve, &JsValue::from(0)),
-            None => resolve.call0(&JsValue::NULL),
-        };
-    });
-    let _ = wasm_bindgen_futures::JsFuture::from(next_task).await;
+    crate::load::sleep(0).await;
     match engine.model().gpu().check() {
         Err(GpuError::DeviceLost(lost)) => Some(lost),
         _ => None,

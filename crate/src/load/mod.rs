@@ -23,6 +23,8 @@ pub use native_model::{open_model, ModelFiles, ModelWeights};
 mod web;
 #[cfg(target_arch = "wasm32")]
 pub use web::{resolve_reference, WebModel, CACHE_NAME};
+#[cfg(target_arch = "wasm32")]
+pub(crate) use web::sleep;
 
 use std::borrow::Cow;
 use std::future::Future;

@@ -705,7 +705,8 @@ async fn fetch_once(url: &str, range: Option<Range<u64>>) -> Result<Response, Fa
     }
 }
 
-async fn sleep(milliseconds: i32) {
+/// Resolves after `milliseconds` (0: the next task).
+pub(crate) async fn sleep(milliseconds: i32) {
     let promise = Promise::new(&mut |resolve, _| {
         let _ = set_timeout(&resolve, milliseconds);
     });
