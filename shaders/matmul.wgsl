@@ -167,10 +167,9 @@ struct Quarter {
 // Quarter j of `block`.
 fn quarter_weights(block: u32, j: u32) -> Quarter {
     switch WEIGHT_DTYPE {
-        case DTYPE_Q4_0: { // q4_0: f16 d, 16 bytes of nibbles
-            let start = block * DTYPE_Q4_0_BLOCK_BYTES;
-            let q = word_at(start + 2u + 4u * j);
-            let d = f16_at(start);
+        case DTYPE_Q4_0: { // q4_0: the part's quants, then its scales
+            let q = q4_0_word(block, j);
+            let d = q4_0_scale(block);
             return Quarter(low_nibbles(q), high_nibbles(q), d, -8.0 * d);
         }
         case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes of nibbles (20: word-aligned)

@@ -28,7 +28,7 @@ fn run(gpu: &Gpu, encode: impl FnOnce(&mut wgpu::ComputePass)) {
 fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec<u8>, WeightMatrix) {
     let bytes = dtype.from_f32(&random_vec(&mut rng(seed), rows * cols, 1.0)).unwrap();
     let matrix = WeightMatrix::new(gpu, "w", dtype, rows, cols).unwrap();
-    matrix.write_bytes(gpu, 0, &bytes);
+    matrix.write_rows(gpu, 0, &bytes);
     (bytes, matrix)
 }
 
@@ -129,7 +129,7 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
             let block = |seed, dtype, rows| {
                 let bytes = DType::from_f32(dtype, &random_vec(&mut rng(seed), rows * k, 1.0)).unwrap();
                 let matrix = WeightMatrix::in_parts_of(&gpu, "qkv", dtype, rows, k, head_dim).unwrap();
-                matrix.write_bytes(&gpu, 0, &bytes);
+                matrix.write_rows(&gpu, 0, &bytes);
                 (bytes, matrix)
             };
             let (qk_bytes, qk) = block(61, qk_dtype, qk_rows);

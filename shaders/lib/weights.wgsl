@@ -1,6 +1,9 @@
 // Weight decoding: elements of a (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block
 // format, decoded with f32 arithmetic, bit-exact with ggml's dequantize_row_* (crate::quant's CPU
-// reference). Reads the module's `w: array<u32>` binding, `params.k` and the WEIGHT_DTYPE override.
+// reference). Reads the module's `w: array<u32>` binding, `params.k`, `params.rows` and the
+// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's: a part holds the 16 quant
+// bytes of its blocks, then their f16 scales (crate::gpu::tensor::q4_0_repacked), so that every
+// quant word is aligned.
 
 // The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
 // weights in `bytes` bytes.
@@ -20,6 +23,16 @@ fn i8_at(offset: u32) -> f32 {
     return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
 }
 
+// The scale d of q4_0 block `block` (counted from the part's first) and the word of its quants
+// 4j..4j + 3 (low nibbles: weights 4j..4j + 3, high: 16 + 4j..).
+fn q4_0_scale(block: u32) -> f32 {
+    return f16_at(16u * (params.k / 32u) * params.rows + 2u * block);
+}
+
+fn q4_0_word(block: u32, j: u32) -> u32 {
+    return w[4u * block + j];
+}
+
 // The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base` (a
 // word boundary). Its 12 scale bytes b are 3 words, and sub-block i and i + 4 take their bits
 // from b[i], b[4 + i] and b[8 + i], byte i of each word.
@@ -34,11 +47,11 @@ fn q4k_scale_min(base: u32, sub: u32) -> vec2<f32> {
 // Element `col` of `row` for the block formats (llama.cpp's dequantize_row_*).
 fn block_weight(row: u32, col: u32) -> f32 {
     switch WEIGHT_DTYPE {
-        case DTYPE_Q4_0: { // q4_0: f16 d, 16 bytes; j < 16 low nibbles, j >= 16 high nibbles
-            let base = block_start(row, col, DTYPE_Q4_0_BLOCK, DTYPE_Q4_0_BLOCK_BYTES);
+        case DTYPE_Q4_0: { // q4_0: d, 16 bytes; j < 16 low nibbles, j >= 16 high nibbles
+            let block = row * (params.k / 32u) + col / 32u;
             let j = col % 32u;
-            let q = (byte_at(base + 2u + j % 16u) >> (j / 16u * 4u)) & 0xfu;
-            return f16_at(base) * (f32(q) - 8.0);
+            let q = (q4_0_word(block, j % 16u / 4u) >> (j % 4u * 8u + j / 16u * 4u)) & 0xfu;
+            return q4_0_scale(block) * (f32(q) - 8.0);
         }
         case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes as q4_0
             let base = block_start(row, col, DTYPE_Q4_1_BLOCK, DTYPE_Q4_1_BLOCK_BYTES);
@@ -113,10 +126,9 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
     let j = col % 32u / 4u;
     switch WEIGHT_DTYPE {
         case DTYPE_Q4_0: { // q4_0
-            let start = block * DTYPE_Q4_0_BLOCK_BYTES;
-            let word = word_at(start + 2u + 4u * (j % 4u));
+            let word = q4_0_word(block, j % 4u);
             let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
-            return f16_at(start) * (q - 8.0);
+            return q4_0_scale(block) * (q - 8.0);
         }
         case DTYPE_Q4_1: { // q4_1
             let start = block * DTYPE_Q4_1_BLOCK_BYTES;

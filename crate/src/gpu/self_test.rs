@@ -20,7 +20,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let tiled = (gpu.gemv_max_tokens as usize + 1).min(ops::MAX_BATCH_TOKENS).min((gpu.max_binding() / (4 * 2 * k as u64)) as usize);
     let weights = DType::Q4_0.from_f32(&inputs(rows * k, 1)).map_err(|e| GpuError::SelfTest(e.to_string()))?;
     let matrix = WeightMatrix::new(gpu, "self-test weights", DType::Q4_0, rows, k)?;
-    matrix.write_bytes(gpu, 0, &weights);
+    matrix.write_rows(gpu, 0, &weights);
     // Token rows of 2k: x and, for the SiLU-gated input, the up half after it.
     let x = inputs(n.max(tiled) * 2 * k, 2);
     let x_buffer = gpu.storage_buffer_with("self-test x", &x);

@@ -21,7 +21,7 @@ pub struct WeightPart {
 }
 
 impl WeightMatrix {
-    /// Allocates the parts; fill them with [`WeightMatrix::write_rows`].
+    /// Allocates the parts; fill them with [`WeightMatrix::write_rows`] or [`WeightMatrix::place_rows`].
     pub fn new(gpu: &Gpu, label: &str, dtype: DType, rows: usize, cols: usize) -> Result<Self, GpuError> {
         Self::in_parts_of(gpu, label, dtype, rows, cols, 2)
     }
@@ -58,44 +58,77 @@ impl WeightMatrix {
         Ok(Self { dtype, rows, cols, parts })
     }
 
+    /// Bytes of a row, in the file and (rearranged for q4_0) in a part.
     pub fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
 
-    /// Where `row` starts in the row-major matrix.
-    pub fn byte_offset(&self, row: usize) -> u64 {
-        (row * self.row_bytes()) as u64
+    /// Rows a write places at a time: one, or two where a row is not a whole number of 4-byte
+    /// words, so that every write starts on a word.
+    fn rows_per_write(&self) -> usize {
+        if self.row_bytes().is_multiple_of(4) {
+            1
+        } else {
+            2
+        }
     }
 
-    /// Where `len` bytes at byte `offset` of the row-major matrix land: (part buffer, offset in
-    /// it, range of the bytes). Parts start on even rows of an even number of bytes, so a piece
-    /// starts on a 4-byte word when `offset` does; it can end mid-word only where a part of an odd
-    /// number of rows ends, and part buffers are padded to the word.
-    pub fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (&wgpu::Buffer, u64, std::ops::Range<usize>)> {
-        let row_bytes = self.row_bytes() as u64;
-        let end = offset + len as u64;
-        self.parts.iter().filter_map(move |part| {
-            let part_start = part.row_start as u64 * row_bytes;
-            let part_end = part_start + part.rows as u64 * row_bytes;
-            let (start, stop) = (offset.max(part_start), end.min(part_end));
-            (start < stop).then(|| (&part.buffer, start - part_start, (start - offset) as usize..(stop - offset) as usize))
-        })
+    /// Bytes of rows from `first_row` on to hand [`WeightMatrix::place_rows`] at a time: whole
+    /// writes of [`WeightMatrix::rows_per_write`] rows.
+    pub fn write_unit_bytes(&self) -> usize {
+        self.row_bytes() * self.rows_per_write()
     }
 
-    /// Writes `bytes` at byte `offset` of the matrix through the queue. `offset` is a multiple of 4,
-    /// and so is the length unless the bytes end the matrix.
-    pub fn write_bytes(&self, gpu: &Gpu, offset: u64, bytes: &[u8]) {
-        for (buffer, at, range) in self.pieces(offset, bytes.len()) {
-            let chunk = &bytes[range];
-            let aligned = chunk.len() / 4 * 4;
-            if aligned > 0 {
-                gpu.queue.write_buffer(buffer, at, &chunk[..aligned]);
+    /// Where `bytes`, whole rows from `first_row` on in the file's layout, land in the parts as
+    /// they hold them (the file's layout, but q4_0's rearranged: [`q4_0_repacked`]):
+    /// `place(buffer, offset, bytes)` for each contiguous piece, the offset a multiple of 4 when
+    /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]).
+    pub fn place_rows<'a>(&'a self, first_row: usize, bytes: &[u8], mut place: impl FnMut(&'a wgpu::Buffer, u64, &[u8])) {
+        let row_bytes = self.row_bytes();
+        debug_assert!(bytes.len().is_multiple_of(row_bytes.max(1)), "{} bytes are not whole rows", bytes.len());
+        let rows = first_row..first_row + bytes.len() / row_bytes.max(1);
+        for part in &self.parts {
+            let (start, end) = (rows.start.max(part.row_start), rows.end.min(part.row_start + part.rows));
+            if start >= end {
+                continue;
             }
-            if aligned < chunk.len() {
-                let mut tail = [0u8; 4];
-                tail[..chunk.len() - aligned].copy_from_slice(&chunk[aligned..]);
-                gpu.queue.write_buffer(buffer, at + aligned as u64, &tail);
+            let file_rows = &bytes[(start - first_row) * row_bytes..(end - first_row) * row_bytes];
+            let local = (start - part.row_start) as u64;
+            if self.dtype == DType::Q4_0 {
+                let (quants, scales) = q4_0_repacked(file_rows);
+                let blocks = (self.cols / 32) as u64;
+                place(&part.buffer, 16 * blocks * local, &quants);
+                place(&part.buffer, 16 * blocks * part.rows as u64 + 2 * blocks * local, &scales);
+            } else {
+                place(&part.buffer, row_bytes as u64 * local, file_rows);
             }
         }
     }
+
+    /// Writes `bytes`, whole rows from `first_row` on in the file's layout, through the queue.
+    pub fn write_rows(&self, gpu: &Gpu, first_row: usize, bytes: &[u8]) {
+        self.place_rows(first_row, bytes, |buffer, offset, piece| {
+            let aligned = piece.len() / 4 * 4;
+            if aligned > 0 {
+                gpu.queue.write_buffer(buffer, offset, &piece[..aligned]);
+            }
+            if aligned < piece.len() {
+                // Only a part's last row of an odd number ends mid-word; part buffers are padded.
+                let mut tail = [0u8; 4];
+                tail[..piece.len() - aligned].copy_from_slice(&piece[aligned..]);
+                gpu.queue.write_buffer(buffer, offset + aligned as u64, &tail);
+            }
+        });
+    }
+}
+
+/// Whole rows of q4_0 blocks as a part holds them: the 16 quant bytes of every block, then the
+/// blocks' f16 scales in the same order (lib/weights.wgsl reads this). A quant word is then one
+/// aligned load; in the file's 18-byte blocks every other block's quants start off a word, and a
+/// word there takes two loads. Returns the quants and the scales.
+fn q4_0_repacked(rows: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let (_, block_bytes) = DType::Q4_0.block();
+    let blocks = rows.chunks_exact(block_bytes);
+    let scales = blocks.clone().flat_map(|block| &block[..2]).copied().collect();
+    (blocks.flat_map(|block| &block[2..]).copied().collect(), scales)
 }

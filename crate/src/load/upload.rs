@@ -23,9 +23,11 @@ pub enum Destination<'a> {
 }
 
 enum Target<'a> {
-    Gpu { matrix: &'a WeightMatrix, offset: u64, carry: Vec<u8> },
-    /// Whole on the host: returned, or (q/k rows to put back in order) uploaded when complete.
-    Host { bytes: Vec<u8>, then_upload: Option<(&'a WeightMatrix, u64, usize)> },
+    /// The next row to place, and the bytes of an incomplete write.
+    Gpu { matrix: &'a WeightMatrix, row: usize, carry: Vec<u8> },
+    /// Whole on the host: returned, or (q/k rows to put back in order) uploaded when complete:
+    /// (matrix, first row, heads).
+    Host { bytes: Vec<u8>, then_upload: Option<(&'a WeightMatrix, usize, usize)> },
 }
 
 struct Writer<'a> {
@@ -47,35 +49,35 @@ impl Writer<'_> {
         match &mut self.target {
             Target::Host { bytes: held, then_upload } => {
                 held.extend_from_slice(bytes);
-                if let (true, Some((matrix, offset, heads))) = (done, then_upload) {
+                if let (true, Some((matrix, row, heads))) = (done, then_upload) {
                     let rows = super::gguf::unpermute_rows(held, &self.location.shape, *heads).ok_or_else(|| LoadError::Gguf {
                         file: self.location.name.clone(),
                         offset: self.location.range.start as usize,
                         message: format!("{heads} heads do not split shape {:?} into heads of even size", self.location.shape),
                     })?;
-                    matrix.write_bytes(gpu, *offset, &rows);
+                    matrix.write_rows(gpu, *row, &rows);
                     *held = Vec::new();
                 }
             }
-            Target::Gpu { matrix, offset, carry } => {
-                // Writes start on 4-byte words: up to 3 bytes wait in `carry` for the next chunk,
-                // which completes their word first. Nothing larger is held between chunks.
-                let mut start = *offset + self.written - carry.len() as u64;
+            Target::Gpu { matrix, row, carry } => {
+                // Rows are placed whole, a write's worth at a time (q4_0's are rearranged for the
+                // GPU): the bytes of an incomplete one wait in `carry` for the next chunk. Nothing
+                // larger is held between chunks.
+                let unit = matrix.write_unit_bytes().max(1);
                 let mut rest = bytes;
                 if !carry.is_empty() {
-                    let take = (4 - carry.len()).min(rest.len());
+                    let take = (unit - carry.len()).min(rest.len());
                     carry.extend_from_slice(&rest[..take]);
                     rest = &rest[take..];
-                    if carry.len() < 4 && !done {
+                    if carry.len() < unit && !done {
                         self.written += bytes.len() as u64;
                         return Ok(());
                     }
-                    place(gpu, stage, matrix, carry, start);
-                    start += carry.len() as u64;
+                    *row += place(gpu, stage, matrix, carry, *row);
                     carry.clear();
                 }
-                let ready = if done { rest.len() } else { rest.len() / 4 * 4 };
-                place(gpu, stage, matrix, &rest[..ready], start);
+                let ready = if done { rest.len() } else { rest.len() / unit * unit };
+                *row += place(gpu, stage, matrix, &rest[..ready], *row);
                 carry.extend_from_slice(&rest[ready..]);
             }
         }
@@ -84,11 +86,11 @@ impl Writer<'_> {
     }
 }
 
-/// Stages `bytes`, which start `start` bytes into `matrix`, for copying into its buffers.
-fn place<'s>(gpu: &Gpu, stage: &mut Stage<'s>, matrix: &'s WeightMatrix, bytes: &[u8], start: u64) {
-    for (buffer, at, range) in matrix.pieces(start, bytes.len()) {
-        stage.copy(gpu, &bytes[range], buffer, at);
-    }
+/// Stages `bytes`, whole rows of `matrix` from `row` on, for copying into its buffers; returns
+/// the rows.
+fn place<'s>(gpu: &Gpu, stage: &mut Stage<'s>, matrix: &'s WeightMatrix, bytes: &[u8], row: usize) -> usize {
+    matrix.place_rows(row, bytes, |buffer, at, piece| stage.copy(gpu, piece, buffer, at));
+    bytes.len() / matrix.row_bytes().max(1)
 }
 
 /// Chunk-sized buffers the host fills while the GPU copies out of the other one.
@@ -98,7 +100,8 @@ struct StagingRing {
     next: usize,
 }
 
-/// Staged bytes are at most a chunk plus a word of padding per piece; the rest is room for them.
+/// Staged bytes are at most a chunk, the rows carried into it and a word of padding per piece; the
+/// rest is room for them.
 const STAGING_BYTES: u64 = CHUNK_BYTES as u64 + (1 << 20);
 
 impl StagingRing {
@@ -177,9 +180,9 @@ pub async fn stream_weights(
         .iter()
         .filter_map(|location| {
             let target = match (wanted.get(&location.name)?, location.rope_heads) {
-                (Destination::Matrix(matrix, row), None) => Target::Gpu { matrix, offset: matrix.byte_offset(*row), carry: vec![] },
+                (Destination::Matrix(matrix, row), None) => Target::Gpu { matrix, row: *row, carry: vec![] },
                 (Destination::Matrix(matrix, row), Some(heads)) => {
-                    Target::Host { bytes: vec![], then_upload: Some((matrix, matrix.byte_offset(*row), heads)) }
+                    Target::Host { bytes: vec![], then_upload: Some((matrix, *row, heads)) }
                 }
                 (Destination::Host, _) => Target::Host { bytes: vec![], then_upload: None },
             };
