@@ -58,7 +58,7 @@ const DIMS_PER_ROW_THREAD: u32 = MAX_HEAD_DIM / (WG / MAX_QUERY_BLOCK); // the m
 
 var<workgroup> q_block: array<f32, MAX_QUERY_BLOCK * MAX_HEAD_DIM>;  // (QUERY_BLOCK, head_dim), scaled
 var<workgroup> kv_tile: array<f32, KV_TILE>; // (tile_keys, head_dim): the K tile, then the V tile
-var<workgroup> tile_scores: array<f32, MAX_QUERY_BLOCK * MAX_TILE_KEYS>; // (QUERY_BLOCK, tile_keys)
+var<workgroup> tile_scores: array<f32, MAX_QUERY_BLOCK * MAX_TILE_KEYS>; // (QUERY_BLOCK, tile_keys, score_lanes) parts of scores
 
 // One thread's share of a K/V tile: elements li, li + WG, ... of the tile's keys x head_dim.
 struct TileShare {
@@ -101,6 +101,15 @@ fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, 
     return share;
 }
 
+// The score of a tile's (row, key) pair from its lanes' parts.
+fn tile_score(pair: u32, score_lanes: u32) -> f32 {
+    var score = 0.0;
+    for (var lane = 0u; lane < score_lanes; lane++) {
+        score += tile_scores[pair * score_lanes + lane];
+    }
+    return score;
+}
+
 @compute @workgroup_size(WG)
 fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let kv_head = wg.x;
@@ -114,6 +123,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let hd = params.head_dim;
     // Fewer keys per tile for wider heads: the tile's size is fixed.
     let tile_keys = min(MAX_TILE_KEYS, KV_TILE / hd);
+    let score_lanes = max(WG / (QUERY_BLOCK * tile_keys), 1u);
     // Rows past the last one repeat it; they are computed but not stored.
     let last_row = min(row0 + QUERY_BLOCK, n_rows) - 1u;
     let first_key = split * step.keys_per_split;
@@ -160,17 +170,22 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             }
             workgroupBarrier();
             let next = load_tile(key0 + tile_keys, end_key, tile_keys, kv_head, pages, li);
-            // Scores of every (row, key) pair of the tile, the causal mask and the run applied.
-            for (var p = li; p < QUERY_BLOCK * tile_keys; p += WG) {
-                let r = p / tile_keys;
-                let j = p % tile_keys;
+            // Scores of every (row, key) pair of the tile, the causal mask and the run applied,
+            // each pair's dot product cut over score_lanes threads (lane l takes dimensions l,
+            // l + score_lanes, ...), so that a decode block's few pairs keep every thread busy.
+            for (var p = li; p < QUERY_BLOCK * tile_keys * score_lanes; p += WG) {
+                let pair = p / score_lanes;
+                let lane = p % score_lanes;
+                let r = pair / tile_keys;
+                let j = pair % tile_keys;
                 let row = min(row0 + r, n_rows - 1u);
                 let pos = step.slots[row / group].x;
-                var s = MASKED;
+                // The lanes' parts add up to the score; a masked pair's to MASKED.
+                var s = select(0.0, MASKED, lane == 0u);
                 let here = params.buffers == 1u || buffer_row(key0 + j, pages) != NOT_HERE;
                 if (j < n_keys && row >= run_first && row <= run_last && key0 + j <= pos && here) {
                     s = 0.0;
-                    for (var d = 0u; d < hd; d++) {
+                    for (var d = lane; d < hd; d += score_lanes) {
                         s += q_block[r * hd + d] * kv_tile[j * hd + d];
                     }
                 }
@@ -187,10 +202,9 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             // Each thread of the run updates its row's softmax state (the row's threads alike) and
             // its dimensions.
             if (in_run) {
-                let scores = my_row * tile_keys;
                 var new_max = running_max;
                 for (var j = 0u; j < n_keys; j++) {
-                    new_max = max(new_max, tile_scores[scores + j]);
+                    new_max = max(new_max, tile_score(my_row * tile_keys + j, score_lanes));
                 }
                 let correction = exp(running_max - new_max);
                 running_sum *= correction;
@@ -199,7 +213,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 }
                 for (var j = 0u; j < n_keys; j++) {
                     // Masked: past the row's position, or in another buffer.
-                    let weight = select(0.0, exp(tile_scores[scores + j] - new_max), tile_scores[scores + j] > MASKED);
+                    let score = tile_score(my_row * tile_keys + j, score_lanes);
+                    let weight = select(0.0, exp(score - new_max), score > MASKED);
                     running_sum += weight;
                     for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
                         acc[i] += weight * kv_tile[j * hd + sub + i * THREADS_PER_ROW];
