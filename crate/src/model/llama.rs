@@ -296,6 +296,55 @@ pub struct Llama {
     top_k: TopK,
 }
 
+/// What a load aims at, from the config, the options and the device's limits alone: the errors a
+/// load can know before it allocates, checked the same way for [`Llama::load`] and for
+/// [`super::MemoryEstimate`] (which runs before a download).
+pub(super) struct LoadPlan {
+    /// The context asked for, or the model's as far as the cos/sin table binds; a load without
+    /// one asked for shortens it to the pool the memory holds.
+    pub context: usize,
+    pub pool: PoolSize,
+}
+
+/// The KV pool's pages.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum PoolSize {
+    /// `--kv-memory` of them.
+    Exactly(usize),
+    /// A context per sequence (or `kv_contexts` of them), halved while the memory the weights
+    /// left cannot hold them, down to `least` (one context when its length was asked for).
+    AtMost { pages: usize, least: usize },
+}
+
+impl LoadPlan {
+    pub fn new(gpu: &Gpu, c: &Config, options: &LoadOptions) -> Result<Self> {
+        if let Some(context) = options.context_length.filter(|&n| n > c.max_position_embeddings || n == 0) {
+            return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
+        }
+        if !gpu.kv_type.fits(c.kv_dim()) {
+            return Err(ModelError::KvTypeUnfit { kv_type: gpu.kv_type.name(), kv_dim: c.kv_dim() }.into());
+        }
+        KvPool::pages_per_buffer(gpu, c)?;
+        let context = options.context_length.unwrap_or_else(|| Llama::default_context(gpu, c));
+        gpu.check_binding("rope cos/sin table", context as u64 * rope_table_bytes_per_position(c))?;
+        let context_pages = context.div_ceil(PAGE_SIZE);
+        let pool = match options.kv_memory {
+            Some(bytes) => {
+                let page_bytes = KvPool::bytes_per_page(c, gpu.kv_type);
+                match (bytes / page_bytes) as usize {
+                    0 => return Err(ModelError::KvPoolTooSmall { bytes, page_bytes }.into()),
+                    pages => PoolSize::Exactly(pages),
+                }
+            }
+            None => PoolSize::AtMost {
+                pages: options.kv_contexts.unwrap_or(options.max_sequences).max(1) * context_pages,
+                least: if options.context_length.is_some() { context_pages } else { 1 },
+            },
+        };
+        Ok(Self { context, pool })
+    }
+}
+
 impl Llama {
     /// Uploads the weights of `source` (Hugging Face tensor names) and allocates everything a pass
     /// needs.
@@ -325,17 +374,10 @@ impl Llama {
     async fn build(gpu: &Gpu, config: Config, options: &LoadOptions, weights: Weights<'_>) -> Result<Self> {
         gpu.check()?;
         let c = &config;
-        if !gpu.kv_type.fits(c.kv_dim()) {
-            return Err(ModelError::KvTypeUnfit { kv_type: gpu.kv_type.name(), kv_dim: c.kv_dim() }.into());
-        }
-        KvPool::pages_per_buffer(gpu, c)?;
+        let plan = LoadPlan::new(gpu, c, options)?;
         crate::gpu::self_test(gpu).await?;
-        if let Some(context) = options.context_length.filter(|&n| n > c.max_position_embeddings || n == 0) {
-            return Err(ModelError::ContextTooLong { requested: context, max: c.max_position_embeddings }.into());
-        }
         // Below, the default context is shortened as far as the KV pool the memory holds.
-        let wanted_context = options.context_length.unwrap_or_else(|| Self::default_context(gpu, c));
-        gpu.check_binding("rope cos/sin table", wanted_context as u64 * rope_table_bytes_per_position(c))?;
+        let wanted_context = plan.context;
         let qkv_dim = c.q_dim() + 2 * c.kv_dim();
         let gate_up_dim = 2 * c.intermediate_size;
         let widest_row = 4 * c.hidden_size.max(qkv_dim).max(gate_up_dim) as u64;
@@ -355,15 +397,9 @@ impl Llama {
         // A pool of a given size is made first, so that one the device cannot hold fails before
         // the weights upload.
         let wanted_pages = wanted_context.div_ceil(PAGE_SIZE);
-        let sized_pool = match options.kv_memory {
-            Some(bytes) => {
-                let pages = (bytes / KvPool::bytes_per_page(c, gpu.kv_type)) as usize;
-                if pages == 0 {
-                    return Err(ModelError::KvPoolTooSmall { bytes, page_bytes: KvPool::bytes_per_page(c, gpu.kv_type) }.into());
-                }
-                Some(KvPool::new(gpu, c, pages, wanted_pages, sequences).await?)
-            }
-            None => None,
+        let sized_pool = match plan.pool {
+            PoolSize::Exactly(pages) => Some(KvPool::new(gpu, c, pages, wanted_pages, sequences).await?),
+            PoolSize::AtMost { .. } => None,
         };
         let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
         let step = ops::step_buffer(gpu, StepParams::default());
@@ -381,16 +417,10 @@ impl Llama {
             Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
             Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
         };
-        // Otherwise kv_contexts contexts, halved while the memory the weights left cannot hold
-        // them; at least one context when its length was asked for.
-        let kv_pool = match sized_pool {
-            Some(pool) => pool,
-            None => {
-                let contexts = options.kv_contexts.unwrap_or(sequences).max(1);
-                let pages = contexts * wanted_pages;
-                let least = if options.context_length.is_some() { wanted_pages } else { 1 };
-                KvPool::largest(gpu, c, pages, least, wanted_pages, sequences).await?
-            }
+        let kv_pool = match (sized_pool, plan.pool) {
+            (Some(pool), _) => pool,
+            (None, PoolSize::Exactly(_)) => unreachable!("made before the upload"),
+            (None, PoolSize::AtMost { pages, least }) => KvPool::largest(gpu, c, pages, least, wanted_pages, sequences).await?,
         };
         let context = match options.context_length {
             Some(context) => context,

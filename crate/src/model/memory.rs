@@ -1,9 +1,9 @@
 //! What a model will take on a device before it is loaded (or downloaded): its weights and the KV
-//! pool at the context a load would choose, checked against the device's binding limit the way
-//! [`Llama::load`] checks them.
+//! pool at the context a load would choose, checked against the device's limits by the plan
+//! [`crate::Llama::load`] follows.
 
-use super::llama::rope_table_bytes_per_position;
-use super::{Config, KvPool, Llama, LoadOptions, ModelError, PAGE_SIZE};
+use super::llama::{LoadPlan, PoolSize};
+use super::{Config, KvPool, LoadOptions};
 use crate::gpu::KvType;
 use crate::Gpu;
 
@@ -20,31 +20,12 @@ impl MemoryEstimate {
     /// The estimate for `config` with `weights_bytes` of weights (about the file's size) loaded
     /// with `options`; the errors a load would stop with where they can be known beforehand.
     pub fn new(gpu: &Gpu, config: &Config, weights_bytes: u64, options: &LoadOptions) -> crate::Result<Self> {
-        if let Some(context) = options.context_length.filter(|&n| n > config.max_position_embeddings || n == 0) {
-            return Err(ModelError::ContextTooLong { requested: context, max: config.max_position_embeddings }.into());
-        }
-        if !gpu.kv_type.fits(config.kv_dim()) {
-            return Err(ModelError::KvTypeUnfit { kv_type: gpu.kv_type.name(), kv_dim: config.kv_dim() }.into());
-        }
-        KvPool::pages_per_buffer(gpu, config)?;
-        let context = match options.context_length {
-            Some(context) => {
-                gpu.check_binding("rope cos/sin table", context as u64 * rope_table_bytes_per_position(config))?;
-                context
-            }
-            None => Llama::default_context(gpu, config),
+        let plan = LoadPlan::new(gpu, config, options)?;
+        let pages = match plan.pool {
+            PoolSize::Exactly(pages) | PoolSize::AtMost { pages, .. } => pages as u64,
         };
-        // As the load sizes its pool: the memory asked for, else a context per sequence (the
-        // memory left after the weights may shorten it).
-        let page_bytes = KvPool::bytes_per_page(config, gpu.kv_type);
-        let pages = match options.kv_memory {
-            Some(bytes) => bytes / page_bytes,
-            None => {
-                let contexts = options.kv_contexts.unwrap_or(options.max_sequences).max(1);
-                (contexts * context.div_ceil(PAGE_SIZE)) as u64
-            }
-        };
-        Ok(Self { weights_bytes, kv_bytes: pages * page_bytes, context, kv_type: gpu.kv_type })
+        let kv_bytes = pages * KvPool::bytes_per_page(config, gpu.kv_type);
+        Ok(Self { weights_bytes, kv_bytes, context: plan.context, kv_type: gpu.kv_type })
     }
 
     pub fn total_bytes(&self) -> u64 {
