@@ -26,8 +26,7 @@ const MASKED: f32 = -1.0e30;
 struct Params {
     n_heads: u32,
     n_kv_heads: u32,
-    head_dim: u32,
-    scale: f32,          // 1 / sqrt(head_dim)
+    scale: f32,          // 1 / sqrt(HEAD_DIM)
     q_stride: u32,       // elements between token rows of q (q heads lead a stacked q/k/v row)
     stats_offset: u32,   // where the (max, sum) pairs start in partials
     pages_per_sequence: u32, // columns of page_table
@@ -35,7 +34,8 @@ struct Params {
     buffer: u32,         // which of them this dispatch binds
     first_page: u32,     // the pool page it starts at
     buffer_pages: u32,   // pool pages it holds
-    _pad: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
@@ -47,6 +47,9 @@ struct Params {
 @group(0) @binding(6) var<uniform> params: Params;
 @group(0) @binding(7) var<uniform> step: Step;
 
+// Elements per head (at most MAX_HEAD_DIM): a constant of the pipeline, so that the loops over a
+// head's dimensions have constant trip counts the compiler unrolls.
+override HEAD_DIM: u32 = 128u;
 // Query rows per workgroup, a power of two up to MAX_QUERY_BLOCK: for the few tokens of a decode
 // pass the GQA group's size rounded up, so that a token's heads fill a block (crate::gpu::ops).
 override QUERY_BLOCK: u32 = 8u;
@@ -85,7 +88,7 @@ fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, 
     if (key0 >= end_key) {
         return share;
     }
-    let hd = params.head_dim;
+    let hd = HEAD_DIM;
     let n = min(tile_keys, end_key - key0) * hd;
     for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
         let e = li + i * WG;
@@ -120,7 +123,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     if (kv_head >= params.n_kv_heads || row0 >= n_rows || split >= step.key_splits) {
         return;
     }
-    let hd = params.head_dim;
+    let hd = HEAD_DIM;
     // Fewer keys per tile for wider heads: the tile's size is fixed.
     let tile_keys = min(MAX_TILE_KEYS, KV_TILE / hd);
     let score_lanes = max(WG / (QUERY_BLOCK * tile_keys), 1u);
@@ -185,8 +188,11 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 let here = params.buffers == 1u || buffer_row(key0 + j, pages) != NOT_HERE;
                 if (j < n_keys && row >= run_first && row <= run_last && key0 + j <= pos && here) {
                     s = 0.0;
-                    for (var d = lane; d < hd; d += score_lanes) {
-                        s += q_block[r * hd + d] * kv_tile[j * hd + d];
+                    for (var d0 = 0u; d0 < hd; d0 += score_lanes) {
+                        let d = d0 + lane;
+                        if (d < hd) {
+                            s += q_block[r * hd + d] * kv_tile[j * hd + d];
+                        }
                     }
                 }
                 tile_scores[p] = s;
@@ -261,7 +267,7 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     if (head >= params.n_heads || t >= step.n_tokens || count == 1u) {
         return;
     }
-    let hd = params.head_dim;
+    let hd = HEAD_DIM;
     let first = (t * params.n_heads + head) * count;
     var overall_max = MASKED;
     for (var s = 0u; s < count; s++) {

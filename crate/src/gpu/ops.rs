@@ -106,7 +106,6 @@ pub struct MatmulParams {
 pub struct AttentionParams {
     pub n_heads: u32,
     pub n_kv_heads: u32,
-    pub head_dim: u32,
     pub scale: f32,
     pub q_stride: u32,
     pub stats_offset: u32,
@@ -115,7 +114,7 @@ pub struct AttentionParams {
     pub buffer: u32,
     pub first_page: u32,
     pub buffer_pages: u32,
-    pub _pad: u32,
+    pub _pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -731,7 +730,6 @@ pub fn attention(
             let params = AttentionParams {
                 n_heads: n_heads as u32,
                 n_kv_heads: n_kv_heads as u32,
-                head_dim: head_dim as u32,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 q_stride: q_stride as u32,
                 stats_offset: (partial_rows(n_heads, max_key_splits, buffers, max_tokens) * head_dim as u64) as u32,
@@ -740,7 +738,7 @@ pub fn attention(
                 buffer: buffer as u32,
                 first_page: first_page as u32,
                 buffer_pages: pages as u32,
-                _pad: 0,
+                _pad: [0; 2],
             };
             (gpu.uniform_buffer("attention params", &params), pair)
         })
@@ -753,7 +751,7 @@ pub fn attention(
                 let bound = [q, k, v, kv.page_table, out, partials, params, step];
                 // Each buffer's dispatch reads its share of the pool.
                 let share = Traffic { bytes_per_position: traffic.bytes_per_position / buffers as u64, ..traffic };
-                dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &[("QUERY_BLOCK", block as f64)], &bound, grid, share)
+                dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &[("QUERY_BLOCK", block as f64), ("HEAD_DIM", head_dim as f64)], &bound, grid, share)
             })
             .collect();
         // One partial per row writes out itself; the merge reads at most every partial.
@@ -761,7 +759,7 @@ pub fn attention(
             let (params, (k, v)) = &runs[0];
             let bound = [q, k, v, kv.page_table, out, partials, params, step];
             let partial_bytes = 4 * (n_heads * (head_dim + 2)) as u64 * (splits as usize * buffers) as u64;
-            dispatches.push(dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[], &bound, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes)));
+            dispatches.push(dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[("HEAD_DIM", head_dim as f64)], &bound, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes)));
         }
         Op { dispatches }
     };
