@@ -2,7 +2,8 @@
 # The whole GPU check in one run, for a machine lent for a few minutes (an NVIDIA H100/H200 with
 # Vulkan): build here, run there, each result as JSON under $OUT and a short table last.
 #
-#   bench/device.sh build   here: the release CLI and the GPU test binaries, stripped, into target/device
+#   bench/device.sh build   here: the release CLI and the GPU test binaries, stripped, into target/device,
+#                           and the CLI of commit $BASELINE (compressed) for a ratio in the same call
 #   bench/device.sh run     there (in the repository root; carry target/device, .gl and
 #                           target/models/llama3-tokenizer, the engine tests' tokenizer: 48 MB): kernel,
 #                           model and engine tests on the GPU, then the benchmarks below
@@ -24,6 +25,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=target/device
+# The commit whose CLI runs beside this one (runs named baseline-*), so that each change is
+# measured as a ratio in one call: the last one measured on a GPU before it. Empty: none.
+BASELINE=${BASELINE-8db48fd}
 
 # The Vulkan and GL loaders' Debian packages, for a machine that lacks them (bench/NOTES.md).
 fetch_loaders() {
@@ -35,7 +39,7 @@ fetch_loaders() {
 build() {
     fetch_loaders
     cargo build --release --locked
-    mkdir -p "$dir"
+    rm -rf "$dir" && mkdir -p "$dir"
     cp target/release/llama-webgpu "$dir/"
     local tests=(kernels model engine)
     local args=()
@@ -49,6 +53,20 @@ for line in sys.stdin:
         shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
 ' "$dir"
     strip "$dir"/*
+    if [ -n "$BASELINE" ]; then
+        # Built in this target folder, so that only the crate itself compiles again; its binary
+        # takes target/release's place until this commit's is put back.
+        local tree=target/baseline-src
+        git worktree remove --force "$tree" 2>/dev/null
+        git worktree add --detach "$tree" "$BASELINE" &&
+            (cd "$tree" && CARGO_TARGET_DIR=.. cargo build --release --locked) &&
+            strip -o "$dir/baseline" target/release/llama-webgpu && xz -f -T0 "$dir/baseline" || return 1
+        git worktree remove --force "$tree"
+        cargo build --release --locked
+        strip -o target/device-check target/release/llama-webgpu
+        cmp -s target/device-check "$dir/llama-webgpu" || { echo "target/release holds another commit's CLI"; return 1; }
+        rm target/device-check
+    fi
     # The tests find their fixtures under the path they were built in.
     pwd >"$dir/built-in"
     ls -la "$dir"
@@ -63,7 +81,8 @@ run() {
     rm -rf "$work"
     mkdir -p "$out" "$work"
     pack() { tar -czf "$out/results.tar.gz" -C "$work" .; }
-    local bin=$dir/llama-webgpu
+    local bin=$dir/llama-webgpu baseline=/tmp/llama-webgpu-baseline
+    [ ! -f "$dir/baseline.xz" ] || { xz -dc "$dir/baseline.xz" >"$baseline" && chmod +x "$baseline"; }
     local built_in
     built_in=$(cat "$dir/built-in")
     if [ "$built_in" != "$PWD" ] && [ ! -e "$built_in" ]; then
@@ -97,37 +116,45 @@ run() {
     local layers=${LAYERS:+--layers $LAYERS} p=${P:-512} n=${N:-128} depth=${DEPTH:-4096} reps=${REPS:-3}
     # name, then the bench arguments.
     local runs=(
+        # What the open issues need first (a run cut short keeps them), the tuning A/Bs last.
         "8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
+        "baseline-8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
         "8b-q4_0-no-coop|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-matrix"
         "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
-        "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
-        "8b-q4_0-sync|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --sync"
-        "8b-q4_0-f16-tiles|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --f16-tiles --profile"
-        "8b-q4_0-register-tile-8|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --register-tile 8 --profile"
-        "8b-q4_0-register-tile-8-f16|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --register-tile 8 --f16-tiles --profile"
-        "8b-q4_0-one-split|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --max-key-splits 1 --profile"
         "8b-q4_0-depth|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d $depth --profile"
         "8b-q4_0-depth-32k|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d 32768 -r 1"
         "8b-q4_0-depth-32k-kv-q8_0|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d 32768 -r 1 --kv-type q8_0"
         "8b-q4_0-context-128k|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -r 1 --context 131072"
-        "8b-q4_0-plain-reduction|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --no-subgroups"
+        "70b-q4_0|--synthetic llama3.1-70b --quant q4_0 -p $p -n 32 -r 1"
+        "1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"
+        "baseline-1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"
+        "3b-q4_0|--synthetic llama3.2-3b --quant q4_0 -p $p -n $n"
+        "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
+        "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
+        "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
+        "8b-q4_0-one-split|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --max-key-splits 1 --profile"
+        "8b-q4_0-sync|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --sync"
         "8b-q4_0-bounds-checks|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n --bounds-checks --profile"
+        "8b-q4_0-f16-tiles|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --f16-tiles --profile"
+        "8b-q4_0-register-tile-8|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --register-tile 8 --profile"
+        "8b-q4_0-register-tile-8-f16|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --register-tile 8 --f16-tiles --profile"
+        "8b-q4_0-plain-reduction|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --no-subgroups"
         "8b-q4_0-rows1|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 1 --profile"
         "8b-q4_0-rows2|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 2 --profile"
         "8b-q4_0-rows4|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 4 --profile"
-        "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
-        "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
-        "1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"
-        "3b-q4_0|--synthetic llama3.2-3b --quant q4_0 -p $p -n $n"
-        "70b-q4_0|--synthetic llama3.1-70b --quant q4_0 -p $p -n 32 -r 1"
     )
     for entry in "${runs[@]}"; do
         local name=${entry%%|*} args=${entry#*|}
         [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || continue
         [[ " $args " == *" -r "* ]] || args="$args -r $reps"
+        local runner=$bin
+        if [[ $name == baseline-* ]]; then
+            [ -x "$baseline" ] || continue
+            runner=$baseline
+        fi
         # shellcheck disable=SC2086 # the arguments are words
-        if timeout 240 "$bin" bench $args $layers $bandwidth --json -q >"$work/$name.json" 2>"$work/$name.err"; then
+        if timeout 240 "$runner" bench $args $layers $bandwidth --json -q >"$work/$name.json" 2>"$work/$name.err"; then
             echo "bench $name: done"
         else
             echo "bench $name: FAILED: $(tail -2 "$work/$name.err")"
@@ -288,6 +315,17 @@ for path in sorted(out.glob("*.json")):
         print(f"| {path.stem} | {test} | {r['tokens_per_second']:.1f} | {r['std']:.1f} | "
               f"{'-' if fraction is None else f'{100 * fraction:.1f}%'} | {'-' if encode is None else f'{encode:.0f}'} | "
               f"{report['dispatches_per_token']} |")
+def means(path):
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {r["test"]: r["tokens_per_second"] for r in json.loads(lines[0])["results"]} if lines else {}
+for path in sorted(out.glob("baseline-*.json")):
+    name = path.stem.removeprefix("baseline-")
+    old, new = means(path), means(out / f"{name}.json")
+    lines = path.read_text().splitlines()
+    commit = json.loads(lines[0]).get("commit", "unknown") if lines else "unknown"
+    for test in sorted(set(old) & set(new)):
+        print(f"\n{name} {test}: {new[test]:.1f} tok/s against {old[test]:.1f} at baseline {commit[:8]}: x{new[test] / old[test]:.3f}", end="")
+print()
 profile = out / "8b-q4_0-profile.json"
 if profile.exists() and profile.read_text():
     report = json.loads(profile.read_text().splitlines()[0])
