@@ -2,7 +2,8 @@
 // write them itself (crate::model::KvPool::staged: a pool of several buffers, or of a quantized
 // type): the projection leaves token t's rotated key and its value in row t of k_rows and v_rows,
 // and one dispatch per pool buffer stores the tokens whose KV rows lie in it, converted to kv_t.
-// Workgroups over (units of a row, tokens); a unit is KV_STORE_UNIT elements (lib/kv_store_*).
+// Workgroups over (units of a row, tokens); a unit is KV_STORE_UNIT elements (from Rust:
+// crate::gpu::KvType::store_unit), converted by lib/kv_store_*.
 
 struct Params {
     kv_dim: u32,     // elements of a row: n_kv_heads * head_dim

@@ -374,3 +374,30 @@ fn load_progress_counts_every_weight_byte_once() {
         assert!(reports.iter().all(|r| r.0.starts_with("model.") || r.0 == "lm_head.weight"), "{name}: {reports:?}");
     }
 }
+
+#[test]
+fn the_memory_estimate_is_what_the_load_allocates() {
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama31";
+    let config = llama_webgpu::load::read_hf_config(&common::fixture(name)).unwrap();
+    let page_bytes = llama_webgpu::model::KvPool::bytes_per_page(&config, gpu.kv_type);
+    for options in [
+        LoadOptions::default(),
+        LoadOptions { context_length: Some(100), max_sequences: 3, ..Default::default() },
+        LoadOptions { kv_memory: Some(7 * page_bytes + 1), ..Default::default() },
+    ] {
+        let estimate = llama_webgpu::model::MemoryEstimate::new(&gpu, &config, 0, &options).unwrap();
+        let model = load_model(&gpu, name, &options).unwrap();
+        assert_eq!(estimate.kv_bytes, model.kv_pool().pages as u64 * page_bytes, "{options:?}");
+        assert_eq!(estimate.context, model.context_length(), "{options:?}");
+    }
+    // What the load refuses, the estimate refuses the same way.
+    for options in [
+        LoadOptions { kv_memory: Some(page_bytes - 1), ..Default::default() },
+        LoadOptions { context_length: Some(config.max_position_embeddings + 1), ..Default::default() },
+    ] {
+        let estimated = llama_webgpu::model::MemoryEstimate::new(&gpu, &config, 0, &options).unwrap_err().to_string();
+        let loaded = load_model(&gpu, name, &options).err().expect("the load refuses it").to_string();
+        assert_eq!(estimated, loaded);
+    }
+}

@@ -1,8 +1,6 @@
 // kv_store for q8_0 pools: one block of Q8_0_KV_BLOCK elements per unit, quantized as
 // crate::gpu::KvType::Q8_0 says (the layout is kv_load_q8_0's).
 
-const KV_STORE_UNIT: u32 = Q8_0_KV_BLOCK;
-
 struct Q8Block {
     words: array<u32, Q8_0_KV_BLOCK / 4u>,
     scale: f32,

@@ -94,6 +94,14 @@ impl KvType {
         }
     }
 
+    /// Elements kv_store converts per thread (KV_STORE_UNIT): one, or a q8_0 block.
+    pub fn store_unit(self) -> usize {
+        match self {
+            KvType::Q8_0 => Q8_0_KV_BLOCK,
+            _ => 1,
+        }
+    }
+
     /// Whether a pool of this type holds rows of `kv_dim` elements.
     pub fn fits(self, kv_dim: usize) -> bool {
         self != KvType::Q8_0 || kv_dim.is_multiple_of(Q8_0_KV_BLOCK)
@@ -318,7 +326,7 @@ impl Kernel {
 
     /// The kernel's WGSL module in `form`: the enable directives the form needs (WGSL takes them
     /// only first, which is why each form is a module of its own), the constants from Rust
-    /// ([`shader_constants`], the tile type and register tile of the form), the kernel's file,
+    /// ([`shader_constants`], the tile type, register tile, KV type and its store unit of the form), the kernel's file,
     /// then its pieces. The file goes before the pieces because it declares the overrides: naga
     /// 30 turns overrides into constants (at pipeline creation) in an order that panics when an
     /// override-sized array of a piece comes before them. The subgroup form omits the `enable subgroups;` that WebGPU requires: naga
@@ -341,7 +349,7 @@ impl Kernel {
             TileType::F16 => "f16",
         };
         source.push_str(&format!("alias tile_t = {tile_type};\nconst REGISTER_TILE: u32 = {}u;\n", form.register_tile.side()));
-        source.push_str(&format!("alias kv_t = {};\n", form.kv.shader_type()));
+        source.push_str(&format!("alias kv_t = {};\nconst KV_STORE_UNIT: u32 = {}u;\n", form.kv.shader_type(), form.kv.store_unit()));
         source.push_str(self.source);
         for piece in self.pieces {
             if let Some(text) = piece.file(form) {

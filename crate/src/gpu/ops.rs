@@ -674,8 +674,7 @@ impl KvLayer<'_> {
 /// t) into the pool buffers of `kv` holding each token's KV row, in the device's KV type.
 pub fn kv_store(gpu: &Gpu, k_rows: &wgpu::Buffer, v_rows: &wgpu::Buffer, kv: KvLayer, kv_dim: usize, step: &wgpu::Buffer) -> Op {
     let form = ModuleForm { kv: gpu.kv_type, ..Default::default() };
-    let unit = if gpu.kv_type == KvType::Q8_0 { super::Q8_0_KV_BLOCK } else { 1 };
-    let groups = (kv_dim / unit).div_ceil(WG_1D as usize) as u32;
+    let groups = (kv_dim / gpu.kv_type.store_unit()).div_ceil(WG_1D as usize) as u32;
     // A token's staged f32 key and value rows read, and their pool rows written.
     let row_bytes = 2 * (4 * kv_dim as u64 + gpu.kv_type.row_bytes(kv_dim));
     let dispatches = kv

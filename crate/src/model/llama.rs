@@ -300,8 +300,8 @@ pub struct Llama {
 /// load can know before it allocates, checked the same way for [`Llama::load`] and for
 /// [`super::MemoryEstimate`] (which runs before a download).
 pub(super) struct LoadPlan {
-    /// The context asked for, or the model's as far as the cos/sin table binds; a load without
-    /// one asked for shortens it to the pool the memory holds.
+    /// The context asked for, or the model's as far as the cos/sin table binds and a pool of
+    /// `--kv-memory` holds; a load of a pool sized by the memory left may shorten it further.
     pub context: usize,
     pub pool: PoolSize,
 }
@@ -328,20 +328,23 @@ impl LoadPlan {
         let context = options.context_length.unwrap_or_else(|| Llama::default_context(gpu, c));
         gpu.check_binding("rope cos/sin table", context as u64 * rope_table_bytes_per_position(c))?;
         let context_pages = context.div_ceil(PAGE_SIZE);
-        let pool = match options.kv_memory {
+        Ok(match options.kv_memory {
             Some(bytes) => {
                 let page_bytes = KvPool::bytes_per_page(c, gpu.kv_type);
-                match (bytes / page_bytes) as usize {
-                    0 => return Err(ModelError::KvPoolTooSmall { bytes, page_bytes }.into()),
-                    pages => PoolSize::Exactly(pages),
+                let pages = (bytes / page_bytes) as usize;
+                if pages == 0 {
+                    return Err(ModelError::KvPoolTooSmall { bytes, page_bytes }.into());
                 }
+                // No longer than the pool, unless asked for.
+                let context = if options.context_length.is_some() { context } else { context.min(pages * PAGE_SIZE) };
+                Self { context, pool: PoolSize::Exactly(pages) }
             }
-            None => PoolSize::AtMost {
-                pages: options.kv_contexts.unwrap_or(options.max_sequences).max(1) * context_pages,
-                least: if options.context_length.is_some() { context_pages } else { 1 },
-            },
-        };
-        Ok(Self { context, pool })
+            None => {
+                let pages = options.kv_contexts.unwrap_or(options.max_sequences).max(1) * context_pages;
+                let least = if options.context_length.is_some() { context_pages } else { 1 };
+                Self { context, pool: PoolSize::AtMost { pages, least } }
+            }
+        })
     }
 }
 
