@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{golden, gpu, load_model, rng, truncated_llama3_tokenizer};
-use llama_webgpu::api::{FinishReason, SamplingParams};
+use llama_webgpu::api::{FinishReason, Logprobs, ResponseFormat, SamplingParams};
 use llama_webgpu::engine::{Event, SequenceId};
 use llama_webgpu::model::{PageAllocator, PAGE_SIZE};
 use llama_webgpu::text::ChatTemplate;
@@ -157,6 +157,38 @@ fn concurrent_seeded_sampling_produces_the_tokens_of_each_alone() {
     });
     let together = run_together(&mut engine, &requests);
     assert_same_as_alone(&requests, &together, &run_alone(&requests));
+}
+
+#[test]
+fn concurrent_requests_that_read_every_logit_produce_the_tokens_and_log_probabilities_of_each_alone() {
+    let Some(mut engine) = engine(16, None) else { return };
+    // Log probabilities, a JSON grammar, both: each pass reads these rows' logits together.
+    let requests = requests(|i| SamplingParams {
+        temperature: Some([0.0, 0.8][i % 2]),
+        seed: Some(200 + i as u64),
+        logprobs: (i % 3 != 1).then_some(Logprobs::Enabled(true)),
+        top_logprobs: (i % 3 != 1).then_some(3),
+        // Not on request 11, cancelled after 5 tokens: a JSON object may close before then.
+        response_format: (i % 3 != 0 && i != 11).then_some(ResponseFormat::JsonObject),
+        max_tokens: Some(5 + (i as u32 * 3) % 9),
+        ..Default::default()
+    });
+    let together = run_together(&mut engine, &requests);
+    let alone = run_alone(&requests);
+    assert_same_as_alone(&requests, &together, &alone);
+    // The same tokens and alternatives; the values within the rounding of a pass of several
+    // tokens (its GEMVs sum in another order than a lone token's).
+    for (i, ((together, _), alone)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(together.logprobs.is_some(), i % 3 != 1, "request {i}");
+        for (a, b) in together.logprobs.iter().flatten().zip(alone.logprobs.iter().flatten()) {
+            let tokens = |l: &llama_webgpu::api::TokenLogprob| (l.token, l.top.iter().map(|t| t.token).collect::<Vec<_>>());
+            assert_eq!(tokens(a), tokens(b), "request {i}: tokens and alternatives");
+            for (x, y) in std::iter::once(a.logprob).chain(a.top.iter().map(|t| t.logprob)).zip(std::iter::once(b.logprob).chain(b.top.iter().map(|t| t.logprob))) {
+                assert!((x - y).abs() < 1e-4, "request {i}: log probability {x} alone {y}");
+            }
+        }
+        assert_eq!(together.logprobs.as_ref().map(Vec::len), alone.logprobs.as_ref().map(Vec::len), "request {i}");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! finished one too). When every running sequence decodes greedily, each pass is submitted before
 //! the tokens of the one before are read: the tokens stay on the GPU.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -261,6 +261,12 @@ impl Sequence {
     /// Whether choosing a token takes every logit: for the grammar's mask or the log probabilities.
     fn needs_logits(&self) -> bool {
         self.constraint.is_some() || self.top_logprobs.is_some()
+    }
+
+    /// Whether the token is chosen from the full logits whatever the GPU's candidates hold: for
+    /// the grammar's mask, log probabilities, bias or penalties.
+    fn reads_logits(&self) -> bool {
+        !self.plain_greedy() && (self.needs_logits() || self.sampler.candidates_wanted().is_none())
     }
 
     /// Chooses the next token from the full logits: records its log probability, applies the
@@ -812,6 +818,16 @@ impl Engine {
     /// Takes in a pass's results: positions computed, full pages cached, a token sampled for
     /// every sequence with an output row, and sequences that end.
     async fn finish_pass(&mut self, rows: &[PassRow], output: PassOutput, events: &mut Vec<(SequenceId, Event)>) -> Result<()> {
+        // The rows whose tokens take the full logits, read back together: one wait for the GPU per
+        // pass, not one per such sequence.
+        let (mut reading, mut next_row) = (vec![], 0);
+        for row in rows {
+            if row.output && self.running.iter().any(|s| s.id == row.id && s.reads_logits()) {
+                reading.push(next_row);
+            }
+            next_row += row.output as usize;
+        }
+        let mut read_logits: HashMap<usize, Vec<f32>> = reading.iter().copied().zip(self.model.read_logits_rows(&reading).await?).collect();
         let mut output_row = 0;
         for row in rows {
             let this_row = output_row;
@@ -839,7 +855,11 @@ impl Engine {
             let chosen = match from_gpu {
                 Some(token) => Ok((token, None)),
                 None => {
-                    let mut logits = self.model.read_logits(this_row).await?;
+                    let mut logits = match read_logits.remove(&this_row) {
+                        Some(logits) => logits,
+                        // The candidates did not hold every token the filters keep.
+                        None => self.model.read_logits(this_row).await?,
+                    };
                     let (token_bytes, tokenizer) = (self.token_bytes.clone().unwrap_or_default(), &self.tokenizer);
                     // A special token's bytes are its name.
                     let bytes = |t: u32| match token_bytes.get(t as usize) {

@@ -497,7 +497,7 @@ impl Llama {
             tokens,
             x,
             x_out,
-            logits_readback: gpu.readback_buffer("logits readback", 4 * c.vocab_size as u64),
+            logits_readback: gpu.readback_buffer("logits readback", 4 * (max_outputs * c.vocab_size) as u64),
             token_readback: [0, 1].map(|_| gpu.readback_buffer("token readback", 4 * max_outputs as u64)),
             candidates_readback: [0, 1].map(|_| gpu.readback_buffer("candidates readback", max_outputs as u64 * TopK::OUT_BYTES)),
             in_flight: VecDeque::new(),
@@ -641,15 +641,26 @@ impl Llama {
 
     /// The logits of output row `row` of the latest pass, read back without recomputing them.
     pub async fn read_logits(&self, row: usize) -> Result<Vec<f32>> {
+        Ok(self.read_logits_rows(&[row]).await?.remove(0))
+    }
+
+    /// The logits of output rows `rows` of the latest pass, in one copy and one wait for the GPU.
+    pub async fn read_logits_rows(&self, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
+        assert!(rows.len() <= self.max_outputs, "{} rows of logits, at most {}", rows.len(), self.max_outputs);
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
         let bytes = 4 * self.config.vocab_size as u64;
         let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(&self.logits, row as u64 * bytes, &self.logits_readback, 0, bytes);
+        for (i, &row) in rows.iter().enumerate() {
+            encoder.copy_buffer_to_buffer(&self.logits, row as u64 * bytes, &self.logits_readback, i as u64 * bytes, bytes);
+        }
         self.gpu.queue.submit([encoder.finish()]);
-        let logits: Vec<f32> = bytemuck::pod_collect_to_vec(&self.gpu.read_mapped(&self.logits_readback, bytes).await?);
-        if logits.iter().any(|v| !v.is_finite()) {
+        let read: Vec<f32> = bytemuck::pod_collect_to_vec(&self.gpu.read_mapped(&self.logits_readback, rows.len() as u64 * bytes).await?);
+        if read.iter().any(|v| !v.is_finite()) {
             return Err(ModelError::NonFiniteLogits.into());
         }
-        Ok(logits)
+        Ok(read.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
     /// The logits of the last position of the latest lone-sequence pass.
