@@ -2,10 +2,10 @@
 # The whole GPU check in one run, for a machine lent for a few minutes (an NVIDIA H100/H200 with
 # Vulkan): build here, run there, each result as JSON under $OUT and a short table last.
 #
-#   bench/device.sh build   here: the release CLI and the GPU test binaries, stripped, into target/device,
-#                           and the CLI of commit $BASELINE (compressed) for a ratio in the same call
+#   bench/device.sh build   here: the release CLI and the GPU test binaries, stripped and compressed, into
+#                           target/device, and the CLI of commit $BASELINE for a ratio in the same call
 #   bench/device.sh run     there (in the repository root; carry target/device, .gl and
-#                           target/models/llama3-tokenizer, the engine tests' tokenizer: 48 MB): kernel,
+#                           target/models/llama3-tokenizer, the engine tests' tokenizer: 28 MB): kernel,
 #                           model and engine tests on the GPU, then the benchmarks below
 #   bench/device.sh summary DIR   the tables of a run's JSON files again (bench/results/*)
 #   bench/device.sh build-dawn   here: the web build, dawn.node and a Node binary (compressed), the
@@ -67,6 +67,8 @@ for line in sys.stdin:
         cmp -s target/device-check "$dir/llama-webgpu" || { echo "target/release holds another commit's CLI"; return 1; }
         rm target/device-check
     fi
+    # Compressed: with the tokenizer and the working tree they travel under the 64 MiB a call carries.
+    xz -f -T0 "$dir/llama-webgpu" "$dir/kernels" "$dir/model" "$dir/engine"
     # The tests find their fixtures under the path they were built in.
     pwd >"$dir/built-in"
     ls -la "$dir"
@@ -81,8 +83,14 @@ run() {
     rm -rf "$work"
     mkdir -p "$out" "$work"
     pack() { tar -czf "$out/results.tar.gz" -C "$work" .; }
-    local bin=$dir/llama-webgpu baseline=/tmp/llama-webgpu-baseline
-    [ ! -f "$dir/baseline.xz" ] || { xz -dc "$dir/baseline.xz" >"$baseline" && chmod +x "$baseline"; }
+    # The binaries, unpacked where the machine has room.
+    local bins=/tmp/llama-webgpu-device
+    mkdir -p "$bins"
+    for packed in "$dir"/*.xz; do
+        local unpacked=$bins/$(basename "$packed" .xz)
+        [ -x "$unpacked" ] && [ "$unpacked" -nt "$packed" ] || { xz -dc "$packed" >"$unpacked" && chmod +x "$unpacked"; }
+    done
+    local bin=$bins/llama-webgpu baseline=$bins/baseline
     local built_in
     built_in=$(cat "$dir/built-in")
     if [ "$built_in" != "$PWD" ] && [ ! -e "$built_in" ]; then
@@ -102,7 +110,7 @@ run() {
     fi
     if [ -z "${SKIP_TESTS:-}" ]; then
         for t in kernels model engine; do
-            if LLAMA_WEBGPU_REQUIRE_GPU=1 timeout 300 "$dir/$t" >"$work/test-$t.txt" 2>&1; then
+            if LLAMA_WEBGPU_REQUIRE_GPU=1 timeout 300 "$bins/$t" >"$work/test-$t.txt" 2>&1; then
                 echo "tests $t: passed"
             else
                 echo "tests $t: FAILED (see test-$t.txt)"
