@@ -139,6 +139,7 @@ run() {
         "baseline-1b-q4_0|--synthetic llama3.2-1b --quant q4_0 -p $p -n $n"
         "3b-q4_0|--synthetic llama3.2-3b --quant q4_0 -p $p -n $n"
         "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
+        "baseline-8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
         "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
         "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
         "8b-q4_0-one-split|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --max-key-splits 1 --profile"

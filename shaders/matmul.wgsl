@@ -167,9 +167,9 @@ struct Quarter {
 // Quarter j of `block`.
 fn quarter_weights(block: u32, j: u32) -> Quarter {
     switch WEIGHT_DTYPE {
-        case DTYPE_Q4_0: { // q4_0: the part's quants, then its scales
-            let q = q4_0_word(block, j);
-            let d = q4_0_scale(block);
+        case DTYPE_Q4_0: { // q4_0: the part's quants (4 words a block), then its scales
+            let q = quant_word(block, 4u, j);
+            let d = block_scale(block, 4u);
             return Quarter(low_nibbles(q), high_nibbles(q), d, -8.0 * d);
         }
         case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes of nibbles (20: word-aligned)
@@ -178,10 +178,9 @@ fn quarter_weights(block: u32, j: u32) -> Quarter {
             let dm = unpack2x16float(w[start]);
             return Quarter(low_nibbles(q), high_nibbles(q), dm.x, dm.y);
         }
-        default: { // q8_0: f16 d, 32 int8
-            let start = block * DTYPE_Q8_0_BLOCK_BYTES;
-            let p = start + 2u + 8u * j;
-            return Quarter(signed_bytes(word_at(p)), signed_bytes(word_at(p + 4u)), f16_at(start), 0.0);
+        default: { // q8_0: the part's quants (8 words a block), then its scales
+            let words = vec2(quant_word(block, 8u, 2u * j), quant_word(block, 8u, 2u * j + 1u));
+            return Quarter(signed_bytes(words.x), signed_bytes(words.y), block_scale(block, 8u), 0.0);
         }
     }
 }

@@ -210,8 +210,8 @@ fn short_reads_place_every_row_as_whole_reads_do() {
     let Some(gpu) = gpu() else { return };
     let name = "tiny-llama31";
     let tokens = longest_prompt(name);
-    // q4_0's rows are rearranged on the way to the GPU; f16's go as they are.
-    for quant in [DType::Q4_0, DType::F16] {
+    // q4_0's and q8_0's rows are rearranged on the way to the GPU; f16's go as they are.
+    for quant in [DType::Q4_0, DType::Q8_0, DType::F16] {
         let out = convert(name, quant, 64 << 20);
         let shards = ShardDir::open(&out).unwrap();
         let config = shards.manifest.model_config().unwrap();

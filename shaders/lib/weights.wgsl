@@ -1,9 +1,9 @@
 // Weight decoding: elements of a (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block
 // format, decoded with f32 arithmetic, bit-exact with ggml's dequantize_row_* (crate::quant's CPU
 // reference). Reads the module's `w: array<u32>` binding, `params.k`, `params.rows` and the
-// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's: a part holds the 16 quant
-// bytes of its blocks, then their f16 scales (crate::gpu::tensor::q4_0_repacked), so that every
-// quant word is aligned.
+// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's and q8_0's: a part holds
+// the quant bytes of its blocks (16 or 32), then their f16 scales (crate::gpu::tensor::scales_apart),
+// so that every quant word is aligned.
 
 // The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
 // weights in `bytes` bytes.
@@ -23,14 +23,15 @@ fn i8_at(offset: u32) -> f32 {
     return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
 }
 
-// The scale d of q4_0 block `block` (counted from the part's first) and the word of its quants
-// 4j..4j + 3 (low nibbles: weights 4j..4j + 3, high: 16 + 4j..).
-fn q4_0_scale(block: u32) -> f32 {
-    return f16_at(16u * (params.k / 32u) * params.rows + 2u * block);
+// The scale d of q4_0 or q8_0 block `block` (counted from the part's first), whose quants take
+// `words` words, and word j of its quants (q4_0: low nibbles weights 4j..4j + 3, high 16 + 4j..;
+// q8_0: weights 4j..4j + 3).
+fn block_scale(block: u32, words: u32) -> f32 {
+    return f16_at(4u * words * (params.k / 32u) * params.rows + 2u * block);
 }
 
-fn q4_0_word(block: u32, j: u32) -> u32 {
-    return w[4u * block + j];
+fn quant_word(block: u32, words: u32, j: u32) -> u32 {
+    return w[words * block + j];
 }
 
 // The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base` (a
@@ -50,8 +51,8 @@ fn block_weight(row: u32, col: u32) -> f32 {
         case DTYPE_Q4_0: { // q4_0: d, 16 bytes; j < 16 low nibbles, j >= 16 high nibbles
             let block = row * (params.k / 32u) + col / 32u;
             let j = col % 32u;
-            let q = (q4_0_word(block, j % 16u / 4u) >> (j % 4u * 8u + j / 16u * 4u)) & 0xfu;
-            return q4_0_scale(block) * (f32(q) - 8.0);
+            let q = (quant_word(block, 4u, j % 16u / 4u) >> (j % 4u * 8u + j / 16u * 4u)) & 0xfu;
+            return block_scale(block, 4u) * (f32(q) - 8.0);
         }
         case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes as q4_0
             let base = block_start(row, col, DTYPE_Q4_1_BLOCK, DTYPE_Q4_1_BLOCK_BYTES);
@@ -59,9 +60,11 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let q = (byte_at(base + 4u + j % 16u) >> (j / 16u * 4u)) & 0xfu;
             return f16_at(base) * f32(q) + f16_at(base + 2u);
         }
-        case DTYPE_Q8_0: { // q8_0: f16 d, 32 int8
-            let base = block_start(row, col, DTYPE_Q8_0_BLOCK, DTYPE_Q8_0_BLOCK_BYTES);
-            return f16_at(base) * i8_at(base + 2u + col % 32u);
+        case DTYPE_Q8_0: { // q8_0: d, 32 int8
+            let block = row * (params.k / 32u) + col / 32u;
+            let j = col % 32u;
+            let q = f32(extractBits(bitcast<i32>(quant_word(block, 8u, j / 4u)), 8u * (j % 4u), 8u));
+            return block_scale(block, 8u) * q;
         }
         case DTYPE_Q4_K: { // q4_k: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
             let base = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);
@@ -126,9 +129,9 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
     let j = col % 32u / 4u;
     switch WEIGHT_DTYPE {
         case DTYPE_Q4_0: { // q4_0
-            let word = q4_0_word(block, j % 4u);
+            let word = quant_word(block, 4u, j % 4u);
             let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
-            return q4_0_scale(block) * (q - 8.0);
+            return block_scale(block, 4u) * (q - 8.0);
         }
         case DTYPE_Q4_1: { // q4_1
             let start = block * DTYPE_Q4_1_BLOCK_BYTES;
@@ -137,8 +140,7 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
             return f16_at(start) * q + f16_at(start + 2u);
         }
         case DTYPE_Q8_0: { // q8_0
-            let start = block * DTYPE_Q8_0_BLOCK_BYTES;
-            return f16_at(start) * signed_bytes(word_at(start + 2u + 4u * j));
+            return block_scale(block, 8u) * signed_bytes(quant_word(block, 8u, j));
         }
         case DTYPE_Q4_K: { // q4_k: 4 nibbles of one sub-block from one word (low: even sub-blocks, high: odd)
             let start = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);

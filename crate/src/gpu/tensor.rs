@@ -58,7 +58,7 @@ impl WeightMatrix {
         Ok(Self { dtype, rows, cols, parts })
     }
 
-    /// Bytes of a row, in the file and (rearranged for q4_0) in a part.
+    /// Bytes of a row, in the file and (rearranged for q4_0 and q8_0) in a part.
     pub fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
@@ -80,7 +80,7 @@ impl WeightMatrix {
     }
 
     /// Where `bytes`, whole rows from `first_row` on in the file's layout, land in the parts as
-    /// they hold them (the file's layout, but q4_0's rearranged: [`q4_0_repacked`]):
+    /// they hold them (the file's layout, but q4_0's and q8_0's rearranged: [`scales_apart`]):
     /// `place(buffer, offset, bytes)` for each contiguous piece, the offset a multiple of 4 when
     /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]).
     pub fn place_rows<'a>(&'a self, first_row: usize, bytes: &[u8], mut place: impl FnMut(&'a wgpu::Buffer, u64, &[u8])) {
@@ -94,11 +94,13 @@ impl WeightMatrix {
             }
             let file_rows = &bytes[(start - first_row) * row_bytes..(end - first_row) * row_bytes];
             let local = (start - part.row_start) as u64;
-            if self.dtype == DType::Q4_0 {
-                let (quants, scales) = q4_0_repacked(file_rows);
-                let blocks = (self.cols / 32) as u64;
-                place(&part.buffer, 16 * blocks * local, &quants);
-                place(&part.buffer, 16 * blocks * part.rows as u64 + 2 * blocks * local, &scales);
+            if matches!(self.dtype, DType::Q4_0 | DType::Q8_0) {
+                let (elements, block_bytes) = self.dtype.block();
+                let (quants, scales) = scales_apart(file_rows, block_bytes);
+                let blocks = (self.cols / elements) as u64;
+                let quant_bytes = (block_bytes - 2) as u64;
+                place(&part.buffer, quant_bytes * blocks * local, &quants);
+                place(&part.buffer, quant_bytes * blocks * part.rows as u64 + 2 * blocks * local, &scales);
             } else {
                 place(&part.buffer, row_bytes as u64 * local, file_rows);
             }
@@ -122,12 +124,12 @@ impl WeightMatrix {
     }
 }
 
-/// Whole rows of q4_0 blocks as a part holds them: the 16 quant bytes of every block, then the
-/// blocks' f16 scales in the same order (lib/weights.wgsl reads this). A quant word is then one
-/// aligned load; in the file's 18-byte blocks every other block's quants start off a word, and a
-/// word there takes two loads. Returns the quants and the scales.
-fn q4_0_repacked(rows: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let (_, block_bytes) = DType::Q4_0.block();
+/// Whole rows of q4_0 or q8_0 blocks (an f16 scale, then the quants) as a part holds them: the
+/// quant bytes of every block (16 or 32), then the blocks' scales in the same order
+/// (lib/weights.wgsl reads this). A quant word is then one aligned load; in the file's 18- and
+/// 34-byte blocks every other block's quants start off a word, and a word there takes two loads.
+/// Returns the quants and the scales.
+fn scales_apart(rows: &[u8], block_bytes: usize) -> (Vec<u8>, Vec<u8>) {
     let blocks = rows.chunks_exact(block_bytes);
     let scales = blocks.clone().flat_map(|block| &block[..2]).copied().collect();
     (blocks.flat_map(|block| &block[2..]).copied().collect(), scales)
