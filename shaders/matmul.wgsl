@@ -168,8 +168,8 @@ struct Quarter {
 fn quarter_weights(block: u32, j: u32) -> Quarter {
     switch WEIGHT_DTYPE {
         case DTYPE_Q4_0: { // q4_0: the part's quants (4 words a block), then its scales
-            let q = quant_word(block, 4u, j);
-            let d = block_scale(block, 4u);
+            let q = quant_word(block, Q4_0_QUANTS, j);
+            let d = block_scale(block, Q4_0_QUANTS, 32u);
             return Quarter(low_nibbles(q), high_nibbles(q), d, -8.0 * d);
         }
         case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes of nibbles (20: word-aligned)
@@ -179,8 +179,8 @@ fn quarter_weights(block: u32, j: u32) -> Quarter {
             return Quarter(low_nibbles(q), high_nibbles(q), dm.x, dm.y);
         }
         default: { // q8_0: the part's quants (8 words a block), then its scales
-            let words = vec2(quant_word(block, 8u, 2u * j), quant_word(block, 8u, 2u * j + 1u));
-            return Quarter(signed_bytes(words.x), signed_bytes(words.y), block_scale(block, 8u), 0.0);
+            let words = vec2(quant_word(block, Q8_0_QUANTS, 2u * j), quant_word(block, Q8_0_QUANTS, 2u * j + 1u));
+            return Quarter(signed_bytes(words.x), signed_bytes(words.y), block_scale(block, Q8_0_QUANTS, 32u), 0.0);
         }
     }
 }
@@ -262,17 +262,17 @@ fn superblock_piece(block: u32, part: u32, j: u32) -> Piece {
         let dm = unpack2x16float(w[start / 4u]);
         return Piece(vec2(w[quants], w[quants + 1u]), vec2(0u), dm.x * vec2(sm_a.x, sm_b.x), dm.y * vec2(sm_a.y, sm_b.y));
     }
-    // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales, f16 d. Each 16 weights
-    // have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4 and 2q + 5; this thread's
-    // 8 weights lie in the (j / 2)th 16 of each run.
-    let start = block * DTYPE_Q6_K_BLOCK_BYTES;
+    // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales (the part's d after its
+    // blocks). Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4
+    // and 2q + 5; this thread's 8 weights lie in the (j / 2)th 16 of each run.
+    let start = block * Q6_K_QUANTS;
     let half = part / 2u;
     let quarter = part % 2u;
     let low_at = start + half * 64u + quarter * 32u + 8u * j;
     let high_at = start + 128u + half * 32u + 8u * j;
     let scales = start + 192u + half * 8u + 2u * quarter + j / 2u;
-    let d = f16_at(start + 208u);
-    return Piece(vec2(word_at(low_at), word_at(low_at + 4u)), vec2(word_at(high_at), word_at(high_at + 4u)),
+    let d = block_scale(block, Q6_K_QUANTS, 256u);
+    return Piece(vec2(w[low_at / 4u], w[low_at / 4u + 1u]), vec2(w[high_at / 4u], w[high_at / 4u + 1u]),
                  d * vec2(i8_at(scales), i8_at(scales + 4u)), vec2(0.0));
 }
 

@@ -1,9 +1,9 @@
 // Weight decoding: elements of a (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block
 // format, decoded with f32 arithmetic, bit-exact with ggml's dequantize_row_* (crate::quant's CPU
 // reference). Reads the module's `w: array<u32>` binding, `params.k`, `params.rows` and the
-// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's and q8_0's: a part holds
-// the quant bytes of its blocks (16 or 32), then their f16 scales (crate::gpu::tensor::scales_apart),
-// so that every quant word is aligned.
+// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's, q8_0's and q6_k's: a part
+// holds its blocks without their f16 scale d (16, 32 or 208 bytes each), then the blocks' scales
+// (crate::gpu::tensor::scale_apart), so that every quant word is aligned.
 
 // The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
 // weights in `bytes` bytes.
@@ -23,15 +23,21 @@ fn i8_at(offset: u32) -> f32 {
     return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
 }
 
-// The scale d of q4_0 or q8_0 block `block` (counted from the part's first), whose quants take
-// `words` words, and word j of its quants (q4_0: low nibbles weights 4j..4j + 3, high 16 + 4j..;
-// q8_0: weights 4j..4j + 3).
-fn block_scale(block: u32, words: u32) -> f32 {
-    return f16_at(4u * words * (params.k / 32u) * params.rows + 2u * block);
+// Bytes of a q4_0, q8_0 and q6_k block without its scale, as a part holds them.
+const Q4_0_QUANTS: u32 = DTYPE_Q4_0_BLOCK_BYTES - 2u;
+const Q8_0_QUANTS: u32 = DTYPE_Q8_0_BLOCK_BYTES - 2u;
+const Q6_K_QUANTS: u32 = DTYPE_Q6_K_BLOCK_BYTES - 2u;
+
+// The scale d of block `block` (counted from the part's first) of those formats: `quants` bytes a
+// block, `elements` weights.
+fn block_scale(block: u32, quants: u32, elements: u32) -> f32 {
+    return f16_at(quants * (params.k / elements) * params.rows + 2u * block);
 }
 
-fn quant_word(block: u32, words: u32, j: u32) -> u32 {
-    return w[words * block + j];
+// Word j of the quants of q4_0 or q8_0 block `block` (q4_0: low nibbles weights 4j..4j + 3, high
+// 16 + 4j..; q8_0: weights 4j..4j + 3).
+fn quant_word(block: u32, quants: u32, j: u32) -> u32 {
+    return w[quants / 4u * block + j];
 }
 
 // The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base` (a
@@ -51,8 +57,8 @@ fn block_weight(row: u32, col: u32) -> f32 {
         case DTYPE_Q4_0: { // q4_0: d, 16 bytes; j < 16 low nibbles, j >= 16 high nibbles
             let block = row * (params.k / 32u) + col / 32u;
             let j = col % 32u;
-            let q = (quant_word(block, 4u, j % 16u / 4u) >> (j % 4u * 8u + j / 16u * 4u)) & 0xfu;
-            return block_scale(block, 4u) * (f32(q) - 8.0);
+            let q = (quant_word(block, Q4_0_QUANTS, j % 16u / 4u) >> (j % 4u * 8u + j / 16u * 4u)) & 0xfu;
+            return block_scale(block, Q4_0_QUANTS, 32u) * (f32(q) - 8.0);
         }
         case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes as q4_0
             let base = block_start(row, col, DTYPE_Q4_1_BLOCK, DTYPE_Q4_1_BLOCK_BYTES);
@@ -63,8 +69,8 @@ fn block_weight(row: u32, col: u32) -> f32 {
         case DTYPE_Q8_0: { // q8_0: d, 32 int8
             let block = row * (params.k / 32u) + col / 32u;
             let j = col % 32u;
-            let q = f32(extractBits(bitcast<i32>(quant_word(block, 8u, j / 4u)), 8u * (j % 4u), 8u));
-            return block_scale(block, 8u) * q;
+            let q = f32(extractBits(bitcast<i32>(quant_word(block, Q8_0_QUANTS, j / 4u)), 8u * (j % 4u), 8u));
+            return block_scale(block, Q8_0_QUANTS, 32u) * q;
         }
         case DTYPE_Q4_K: { // q4_k: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
             let base = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);
@@ -74,8 +80,9 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let q = (byte_at(base + 16u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
             return (f16_at(base) * scale_min.x) * f32(q) - f16_at(base + 2u) * scale_min.y;
         }
-        default: { // q6_k: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, f16 d
-            let base = block_start(row, col, DTYPE_Q6_K_BLOCK, DTYPE_Q6_K_BLOCK_BYTES);
+        default: { // q6_k: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales; d
+            let block = row * (params.k / 256u) + col / 256u;
+            let base = Q6_K_QUANTS * block;
             let j = col % 256u;
             let half = j / 128u;
             let quarter = j % 128u / 32u;
@@ -83,7 +90,7 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let low = (byte_at(base + half * 64u + l + quarter % 2u * 32u) >> (quarter / 2u * 4u)) & 0xfu;
             let high = (byte_at(base + 128u + half * 32u + l) >> (2u * quarter)) & 3u;
             let scale = i8_at(base + 192u + half * 8u + l / 16u + 2u * quarter);
-            return (f16_at(base + 208u) * scale) * (f32(low | (high << 4u)) - 32.0);
+            return (block_scale(block, Q6_K_QUANTS, 256u) * scale) * (f32(low | (high << 4u)) - 32.0);
         }
     }
 }
@@ -97,14 +104,6 @@ fn weight_pair(row: u32, col: u32) -> vec2<f32> {
         case DTYPE_BF16: { let b = w[i]; return vec2(bitcast<f32>(b << 16u), bitcast<f32>(b & 0xffff0000u)); }
         default: { return vec2(block_weight(row, col), block_weight(row, col + 1u)); }
     }
-}
-
-fn word_at(p: u32) -> u32 {
-    let i = p / 4u;
-    if ((p & 2u) == 0u) {
-        return w[i];
-    }
-    return (w[i] >> 16u) | (w[i + 1u] << 16u);
 }
 
 // Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
@@ -129,18 +128,18 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
     let j = col % 32u / 4u;
     switch WEIGHT_DTYPE {
         case DTYPE_Q4_0: { // q4_0
-            let word = quant_word(block, 4u, j % 4u);
+            let word = quant_word(block, Q4_0_QUANTS, j % 4u);
             let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
-            return block_scale(block, 4u) * (q - 8.0);
+            return block_scale(block, Q4_0_QUANTS, 32u) * (q - 8.0);
         }
         case DTYPE_Q4_1: { // q4_1
-            let start = block * DTYPE_Q4_1_BLOCK_BYTES;
-            let word = word_at(start + 4u + 4u * (j % 4u));
+            let start = block * DTYPE_Q4_1_BLOCK_BYTES; // 20 bytes: every block starts on a word
+            let word = w[start / 4u + 1u + j % 4u];
             let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
             return f16_at(start) * q + f16_at(start + 2u);
         }
         case DTYPE_Q8_0: { // q8_0
-            return block_scale(block, 8u) * signed_bytes(quant_word(block, 8u, j));
+            return block_scale(block, Q8_0_QUANTS, 32u) * signed_bytes(quant_word(block, Q8_0_QUANTS, j));
         }
         case DTYPE_Q4_K: { // q4_k: 4 nibbles of one sub-block from one word (low: even sub-blocks, high: odd)
             let start = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);
@@ -151,17 +150,18 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
             let scale_min = q4k_scale_min(start, sub);
             return f16_at(start) * scale_min.x * q - f16_at(start + 2u) * scale_min.y;
         }
-        case DTYPE_Q6_K: { // q6_k: as block_weight, 4 weights of one quarter at a time
-            let start = block_start(row, col, DTYPE_Q6_K_BLOCK, DTYPE_Q6_K_BLOCK_BYTES);
+        case DTYPE_Q6_K: { // q6_k: as block_weight, 4 weights of one quarter at a time (whole words)
+            let superblock = row * (params.k / 256u) + col / 256u;
+            let start = Q6_K_QUANTS * superblock;
             let c = col % 256u;
             let half = c / 128u;
             let quarter = c % 128u / 32u;
             let l = c % 32u;
             let bytes = vec4(0u, 8u, 16u, 24u);
-            let low = (vec4(word_at(start + half * 64u + l + quarter % 2u * 32u)) >> (bytes + vec4(quarter / 2u * 4u))) & vec4(0xfu);
-            let high = (vec4(word_at(start + 128u + half * 32u + l)) >> (bytes + vec4(2u * quarter))) & vec4(3u);
+            let low = (vec4(w[(start + half * 64u + l + quarter % 2u * 32u) / 4u]) >> (bytes + vec4(quarter / 2u * 4u))) & vec4(0xfu);
+            let high = (vec4(w[(start + 128u + half * 32u + l) / 4u]) >> (bytes + vec4(2u * quarter))) & vec4(3u);
             let scale = i8_at(start + 192u + half * 8u + l / 16u + 2u * quarter);
-            return f16_at(start + 208u) * scale * (vec4<f32>(low | (high << vec4(4u))) - 32.0);
+            return block_scale(superblock, Q6_K_QUANTS, 256u) * scale * (vec4<f32>(low | (high << vec4(4u))) - 32.0);
         }
         default: { // k is even, so each pair lies wholly inside or past the row
             var pairs = vec4(0.0, 0.0, 0.0, 0.0);

@@ -58,7 +58,7 @@ impl WeightMatrix {
         Ok(Self { dtype, rows, cols, parts })
     }
 
-    /// Bytes of a row, in the file and (rearranged for q4_0 and q8_0) in a part.
+    /// Bytes of a row, in the file and (rearranged for q4_0, q8_0 and q6_k) in a part.
     pub fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
@@ -80,7 +80,7 @@ impl WeightMatrix {
     }
 
     /// Where `bytes`, whole rows from `first_row` on in the file's layout, land in the parts as
-    /// they hold them (the file's layout, but q4_0's and q8_0's rearranged: [`scales_apart`]):
+    /// they hold them (the file's layout, but q4_0's, q8_0's and q6_k's rearranged: [`scale_apart`]):
     /// `place(buffer, offset, bytes)` for each contiguous piece, the offset a multiple of 4 when
     /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]).
     pub fn place_rows<'a>(&'a self, first_row: usize, bytes: &[u8], mut place: impl FnMut(&'a wgpu::Buffer, u64, &[u8])) {
@@ -94,9 +94,9 @@ impl WeightMatrix {
             }
             let file_rows = &bytes[(start - first_row) * row_bytes..(end - first_row) * row_bytes];
             let local = (start - part.row_start) as u64;
-            if matches!(self.dtype, DType::Q4_0 | DType::Q8_0) {
+            if let Some(scale_at) = scale_offset(self.dtype) {
                 let (elements, block_bytes) = self.dtype.block();
-                let (quants, scales) = scales_apart(file_rows, block_bytes);
+                let (quants, scales) = scale_apart(file_rows, block_bytes, scale_at);
                 let blocks = (self.cols / elements) as u64;
                 let quant_bytes = (block_bytes - 2) as u64;
                 place(&part.buffer, quant_bytes * blocks * local, &quants);
@@ -124,13 +124,25 @@ impl WeightMatrix {
     }
 }
 
-/// Whole rows of q4_0 or q8_0 blocks (an f16 scale, then the quants) as a part holds them: the
-/// quant bytes of every block (16 or 32), then the blocks' scales in the same order
-/// (lib/weights.wgsl reads this). A quant word is then one aligned load; in the file's 18- and
-/// 34-byte blocks every other block's quants start off a word, and a word there takes two loads.
-/// Returns the quants and the scales.
-fn scales_apart(rows: &[u8], block_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+/// Where the f16 scale d lies in a block of the formats whose blocks would leave every other
+/// block's quants off a word (q4_0's 18 bytes, q8_0's 34, q6_k's 210), which a part holds with
+/// the scales apart ([`scale_apart`]).
+fn scale_offset(dtype: DType) -> Option<usize> {
+    match dtype {
+        DType::Q4_0 | DType::Q8_0 => Some(0),
+        DType::Q6K => Some(208),
+        _ => None,
+    }
+}
+
+/// Whole rows of blocks as a part holds them: every block without its 2-byte scale at `scale_at`
+/// (16, 32 or 208 bytes, a whole number of words), then the blocks' scales in the same order
+/// (lib/weights.wgsl reads this). A quant word is then one aligned load; in the file's blocks every
+/// other block's start off a word, and a word there takes two loads. Returns the quants and the
+/// scales.
+fn scale_apart(rows: &[u8], block_bytes: usize, scale_at: usize) -> (Vec<u8>, Vec<u8>) {
     let blocks = rows.chunks_exact(block_bytes);
-    let scales = blocks.clone().flat_map(|block| &block[..2]).copied().collect();
-    (blocks.flat_map(|block| &block[2..]).copied().collect(), scales)
+    let scales = blocks.clone().flat_map(|block| &block[scale_at..scale_at + 2]).copied().collect();
+    let quants = blocks.flat_map(|block| block[..scale_at].iter().chain(&block[scale_at + 2..])).copied().collect();
+    (quants, scales)
 }
