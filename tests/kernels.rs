@@ -521,11 +521,14 @@ impl PagedPool {
     /// holds them (the filler pages rounded; the caches' pages are exact there).
     fn buffers(&self, gpu: &Gpu, pages_per_buffer: Option<usize>) -> (Vec<(wgpu::Buffer, wgpu::Buffer)>, usize) {
         let page_floats = PAGE_SIZE * self.kv_dim;
-        let pages = self.k.len() / page_floats;
-        let per_buffer = pages_per_buffer.unwrap_or(pages);
+        let per_buffer = pages_per_buffer.unwrap_or(self.pages());
         let encode = |x: &[f32]| gpu.kv_buffer_with("kv pool", x, self.kv_dim);
         let buffers = self.k.chunks(per_buffer * page_floats).zip(self.v.chunks(per_buffer * page_floats)).map(|(k, v)| (encode(k), encode(v))).collect();
         (buffers, per_buffer)
+    }
+
+    fn pages(&self) -> usize {
+        self.k.len() / (PAGE_SIZE * self.kv_dim)
     }
 
     /// Attention of the tokens `slots` place, their q rows in `qkv`, over the pool in buffers of
@@ -535,7 +538,7 @@ impl PagedPool {
         let qkv_buffer = gpu.storage_buffer_with("qkv", qkv);
         let (buffers, pages_per_buffer) = self.buffers(gpu, pages_per_buffer);
         let page_table = gpu.storage_buffer_with("page table", &self.table);
-        let kv = ops::KvLayer { buffers: &buffers, pages_per_buffer, page_table: &page_table, pages_per_sequence: self.pages_per_sequence };
+        let kv = ops::KvLayer { buffers: &buffers, pages: self.pages(), pages_per_buffer, page_table: &page_table, pages_per_sequence: self.pages_per_sequence };
         let n = slots.len() * n_heads * head_dim;
         let out = gpu.storage_buffer("out", (n * 4) as u64);
         let partials = gpu.storage_buffer("partials", ops::attention_partials_bytes(n_heads, head_dim, max_key_splits, buffers.len(), slots.len()));
@@ -597,7 +600,7 @@ fn kv_store_writes_staged_rows_into_their_pool_buffers() {
         let pool = PagedPool { k: random_vec(&mut r, pages * PAGE_SIZE * kv_dim, 1.0), v: random_vec(&mut r, pages * PAGE_SIZE * kv_dim, 1.0), table: vec![0], pages_per_sequence: 1, kv_dim };
         let (buffers, per_buffer) = pool.buffers(&gpu, Some(pages_per_buffer));
         let page_table = gpu.storage_buffer_with("page table", &pool.table);
-        let kv = ops::KvLayer { buffers: &buffers, pages_per_buffer: per_buffer, page_table: &page_table, pages_per_sequence: 1 };
+        let kv = ops::KvLayer { buffers: &buffers, pages, pages_per_buffer: per_buffer, page_table: &page_table, pages_per_sequence: 1 };
         // Rows in every buffer, at the edges of buffers and pages, in no order; a block of zeros.
         let kv_rows = [0u32, 47, 48, 127, 95, 96, 17, 33, 100];
         let n = kv_rows.len();

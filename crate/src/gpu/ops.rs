@@ -656,6 +656,7 @@ fn partial_rows(n_heads: usize, max_key_splits: u32, buffers: usize, max_tokens:
 #[derive(Clone, Copy, Debug)]
 pub struct KvLayer<'a> {
     pub buffers: &'a [(wgpu::Buffer, wgpu::Buffer)],
+    pub pages: usize,
     pub pages_per_buffer: usize,
     pub page_table: &'a wgpu::Buffer,
     pub pages_per_sequence: usize,
@@ -663,10 +664,12 @@ pub struct KvLayer<'a> {
 
 impl KvLayer<'_> {
     /// Each buffer's (keys, values) with its first page and its page count (the last may hold
-    /// fewer than pages_per_buffer; a part of a page counts as one).
-    fn runs(&self, kv_dim: usize, kv_type: KvType) -> impl Iterator<Item = (usize, &(wgpu::Buffer, wgpu::Buffer), usize)> + '_ {
-        let page_bytes = kv_type.row_bytes(kv_dim) * crate::model::PAGE_SIZE as u64;
-        self.buffers.iter().enumerate().map(move |(i, pair)| (i * self.pages_per_buffer, pair, pair.0.size().div_ceil(page_bytes) as usize))
+    /// fewer than pages_per_buffer).
+    fn runs(&self) -> impl Iterator<Item = (usize, &(wgpu::Buffer, wgpu::Buffer), usize)> + '_ {
+        self.buffers.iter().enumerate().map(move |(i, pair)| {
+            let first = i * self.pages_per_buffer;
+            (first, pair, self.pages_per_buffer.min(self.pages - first))
+        })
     }
 }
 
@@ -678,7 +681,7 @@ pub fn kv_store(gpu: &Gpu, k_rows: &wgpu::Buffer, v_rows: &wgpu::Buffer, kv: KvL
     // A token's staged f32 key and value rows read, and their pool rows written.
     let row_bytes = 2 * (4 * kv_dim as u64 + gpu.kv_type.row_bytes(kv_dim));
     let dispatches = kv
-        .runs(kv_dim, gpu.kv_type)
+        .runs()
         .map(|(first_page, (k, v), pages)| {
             let params = KvStoreParams {
                 kv_dim: kv_dim as u32,
@@ -723,7 +726,7 @@ pub fn attention(
     // no rows on one token; prefill fills blocks of 8 with several tokens.
     let decode_block = group.next_power_of_two().min(ATTENTION_QUERY_BLOCK);
     let runs: Vec<_> = kv
-        .runs(kv_dim, gpu.kv_type)
+        .runs()
         .enumerate()
         .map(|(buffer, (first_page, pair, pages))| {
             let params = AttentionParams {

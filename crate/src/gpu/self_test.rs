@@ -60,7 +60,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     // One sequence whose pages are the pool's first ones, in order.
     let pages_per_sequence = context.div_ceil(PAGE_SIZE);
     let page_table = gpu.storage_buffer_with("self-test page table", &(0..pages_per_sequence as u32).collect::<Vec<u32>>());
-    let kv = ops::KvLayer { buffers: &caches, pages_per_buffer: pages_per_sequence, page_table: &page_table, pages_per_sequence };
+    let kv = ops::KvLayer { buffers: &caches, pages: pages_per_sequence, pages_per_buffer: pages_per_sequence, page_table: &page_table, pages_per_sequence };
     for (tokens, start) in [(n, 5), (3, 40)] {
         let q = inputs(tokens * heads * head_dim, 4);
         let q_buffer = gpu.storage_buffer_with("self-test q", &q);

@@ -119,7 +119,7 @@ impl KvPool {
 
     /// Layer `layer`'s buffers and the page table, as attention and kv_store bind them.
     pub fn layer(&self, layer: usize) -> KvLayer<'_> {
-        KvLayer { buffers: &self.layers[layer], pages_per_buffer: self.pages_per_buffer, page_table: &self.page_table, pages_per_sequence: self.pages_per_sequence }
+        KvLayer { buffers: &self.layers[layer], pages: self.pages, pages_per_buffer: self.pages_per_buffer, page_table: &self.page_table, pages_per_sequence: self.pages_per_sequence }
     }
 
     /// Writes `pages` into sequence slot `sequence`'s page table row from its page `first` on.

@@ -656,11 +656,12 @@ impl Llama {
             encoder.copy_buffer_to_buffer(&self.logits, row as u64 * bytes, &self.logits_readback, i as u64 * bytes, bytes);
         }
         self.gpu.queue.submit([encoder.finish()]);
-        let read: Vec<f32> = bytemuck::pod_collect_to_vec(&self.gpu.read_mapped(&self.logits_readback, rows.len() as u64 * bytes).await?);
-        if read.iter().any(|v| !v.is_finite()) {
+        let read = self.gpu.read_mapped(&self.logits_readback, rows.len() as u64 * bytes).await?;
+        let logits: Vec<Vec<f32>> = read.chunks_exact(bytes as usize).map(bytemuck::pod_collect_to_vec).collect();
+        if logits.iter().flatten().any(|v| !v.is_finite()) {
             return Err(ModelError::NonFiniteLogits.into());
         }
-        Ok(read.chunks_exact(self.config.vocab_size).map(<[f32]>::to_vec).collect())
+        Ok(logits)
     }
 
     /// The logits of the last position of the latest lone-sequence pass.
