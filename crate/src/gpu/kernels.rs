@@ -109,17 +109,9 @@ impl KvType {
 
     /// `values` (rows of a kv_dim that [`KvType::fits`]) as a pool of this type holds them.
     pub fn rounded(self, values: &[f32]) -> Vec<f32> {
-        match self {
-            KvType::F32 => values.to_vec(),
-            KvType::F16 => values.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-            KvType::Q8_0 => values
-                .chunks(Q8_0_KV_BLOCK)
-                .flat_map(|block| {
-                    let (scale, quants) = quantize_q8_0_kv(block);
-                    quants.into_iter().map(move |q| q as f32 * scale)
-                })
-                .collect(),
-        }
+        // Rows of one store unit: a pool's rows are whole units, each encoded on its own.
+        let unit = self.store_unit();
+        self.decode(&self.encode(values, unit), unit)
     }
 
     /// The bytes of a pool of this type holding `values`, rows of `kv_dim` elements.
