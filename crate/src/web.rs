@@ -194,7 +194,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     }
     let kv_type = match options.kv_type.as_deref() {
         None => None,
-        Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: \"f16\", \"f32\" or \"q8_0\"")))?),
+        Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: {}", KvType::choices())))?),
     };
     let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, kv_type, ..Default::default() })
         .await

@@ -512,7 +512,7 @@ fn terminal_events<'a>(quiet: bool, mut on_text: impl FnMut(&str) + 'a) -> impl 
 
 /// "64MiB", "512KiB", "1GiB", "1000000".
 fn parse_kv_type(text: &str) -> Result<KvType, String> {
-    KvType::from_name(text).ok_or_else(|| format!("{text:?} is not a KV type: f32, f16 or q8_0"))
+    KvType::from_name(text).ok_or_else(|| format!("{text:?} is not a KV type: {}", KvType::choices()))
 }
 
 fn parse_size(text: &str) -> anyhow::Result<u64> {

@@ -150,6 +150,12 @@ impl KvType {
         }
     }
 
+    /// The types' names for an error message: "f32", "f16" or "q8_0".
+    pub fn choices() -> String {
+        let names = Self::ALL.map(|t| format!("{:?}", t.name()));
+        format!("{} or {}", names[..names.len() - 1].join(", "), names[names.len() - 1])
+    }
+
     /// The type named as [`KvType::name`] gives it.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|t| t.name() == name)
