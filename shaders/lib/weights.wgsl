@@ -3,7 +3,7 @@
 // reference). Reads the module's `w: array<u32>` binding, `params.k`, `params.rows` and the
 // WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's, q8_0's and q6_k's: a part
 // holds its blocks without their f16 scale d (16, 32 or 208 bytes each), then the blocks' scales
-// (crate::gpu::tensor::scale_apart), so that every quant word is aligned.
+// (crate::gpu::tensor::ScalesApart), so that every quant word is aligned.
 
 // The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
 // weights in `bytes` bytes.

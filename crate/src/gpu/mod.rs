@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_0_KV_BLOCK};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
-pub use tensor::WeightMatrix;
+pub use tensor::{PartBytes, WeightMatrix};
 
 /// Picks an adapter by a case-insensitive substring of its name or backend ("vulkan", "llvmpipe", ...).
 pub const ADAPTER_ENV: &str = "LLAMA_WEBGPU_ADAPTER";

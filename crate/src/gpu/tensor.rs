@@ -80,10 +80,11 @@ impl WeightMatrix {
     }
 
     /// Where `bytes`, whole rows from `first_row` on in the file's layout, land in the parts as
-    /// they hold them (the file's layout, but q4_0's, q8_0's and q6_k's rearranged: [`scale_apart`]):
-    /// `place(buffer, offset, bytes)` for each contiguous piece, the offset a multiple of 4 when
-    /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]).
-    pub fn place_rows<'a>(&'a self, first_row: usize, bytes: &[u8], mut place: impl FnMut(&'a wgpu::Buffer, u64, &[u8])) {
+    /// they hold them (the file's layout, but q4_0's, q8_0's and q6_k's rearranged: [`PartBytes`]):
+    /// `place(buffer, offset, piece)` for each contiguous piece, the offset a multiple of 4 when
+    /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]). The caller writes a piece
+    /// where it wants it ([`PartBytes::write_to`]), so rearranging takes no memory of its own.
+    pub fn place_rows<'a>(&'a self, first_row: usize, bytes: &[u8], mut place: impl FnMut(&'a wgpu::Buffer, u64, PartBytes<'_>)) {
         let row_bytes = self.row_bytes();
         debug_assert!(bytes.len().is_multiple_of(row_bytes.max(1)), "{} bytes are not whole rows", bytes.len());
         let rows = first_row..first_row + bytes.len() / row_bytes.max(1);
@@ -96,13 +97,13 @@ impl WeightMatrix {
             let local = (start - part.row_start) as u64;
             if let Some(scale_at) = scale_offset(self.dtype) {
                 let (elements, block_bytes) = self.dtype.block();
-                let (quants, scales) = scale_apart(file_rows, block_bytes, scale_at);
                 let blocks = (self.cols / elements) as u64;
                 let quant_bytes = (block_bytes - 2) as u64;
-                place(&part.buffer, quant_bytes * blocks * local, &quants);
-                place(&part.buffer, quant_bytes * blocks * part.rows as u64 + 2 * blocks * local, &scales);
+                let apart = ScalesApart { rows: file_rows, block_bytes, scale_at };
+                place(&part.buffer, quant_bytes * blocks * local, PartBytes::Quants(apart));
+                place(&part.buffer, quant_bytes * blocks * part.rows as u64 + 2 * blocks * local, PartBytes::Scales(apart));
             } else {
-                place(&part.buffer, row_bytes as u64 * local, file_rows);
+                place(&part.buffer, row_bytes as u64 * local, PartBytes::Same(file_rows));
             }
         }
     }
@@ -110,23 +111,73 @@ impl WeightMatrix {
     /// Writes `bytes`, whole rows from `first_row` on in the file's layout, through the queue.
     pub fn write_rows(&self, gpu: &Gpu, first_row: usize, bytes: &[u8]) {
         self.place_rows(first_row, bytes, |buffer, offset, piece| {
-            let aligned = piece.len() / 4 * 4;
-            if aligned > 0 {
-                gpu.queue.write_buffer(buffer, offset, &piece[..aligned]);
-            }
-            if aligned < piece.len() {
-                // Only a part's last row of an odd number ends mid-word; part buffers are padded.
-                let mut tail = [0u8; 4];
-                tail[..piece.len() - aligned].copy_from_slice(&piece[aligned..]);
-                gpu.queue.write_buffer(buffer, offset + aligned as u64, &tail);
-            }
+            // Only a part's last row of an odd number ends mid-word; part buffers are padded.
+            let mut word_aligned = vec![0u8; piece.len().next_multiple_of(4)];
+            piece.write_to((&mut word_aligned[..piece.len()]).into());
+            gpu.queue.write_buffer(buffer, offset, &word_aligned);
         });
+    }
+}
+
+/// Whole rows of blocks whose 2-byte scale at `scale_at` a part holds apart: every block without
+/// its scale (16, 32 or 208 bytes, a whole number of words), then the blocks' scales in the same
+/// order (lib/weights.wgsl reads this). A quant word is then one aligned load; in the file's blocks
+/// every other block starts off a word, and a word there takes two loads.
+#[derive(Clone, Copy)]
+pub struct ScalesApart<'b> {
+    rows: &'b [u8],
+    block_bytes: usize,
+    scale_at: usize,
+}
+
+/// A contiguous piece of a part's bytes.
+pub enum PartBytes<'b> {
+    /// File rows as they are.
+    Same(&'b [u8]),
+    /// The blocks' quants of rows whose scales go apart.
+    Quants(ScalesApart<'b>),
+    /// Their scales.
+    Scales(ScalesApart<'b>),
+}
+
+impl PartBytes<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            PartBytes::Same(bytes) => bytes.len(),
+            PartBytes::Quants(apart) => apart.rows.len() / apart.block_bytes * (apart.block_bytes - 2),
+            PartBytes::Scales(apart) => apart.rows.len() / apart.block_bytes * 2,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the piece into `out` (a mapped staging range, or host memory), which is
+    /// [`PartBytes::len`] bytes long.
+    pub fn write_to(&self, mut out: wgpu::WriteOnly<[u8]>) {
+        match self {
+            PartBytes::Same(bytes) => out.copy_from_slice(bytes),
+            PartBytes::Quants(ScalesApart { rows, block_bytes, scale_at }) => {
+                let quant_bytes = block_bytes - 2;
+                for (i, block) in rows.chunks_exact(*block_bytes).enumerate() {
+                    let mut quants = out.slice(i * quant_bytes..(i + 1) * quant_bytes);
+                    quants.slice(..*scale_at).copy_from_slice(&block[..*scale_at]);
+                    quants.slice(*scale_at..).copy_from_slice(&block[scale_at + 2..]);
+                }
+            }
+            PartBytes::Scales(ScalesApart { rows, block_bytes, scale_at }) => {
+                for (i, block) in rows.chunks_exact(*block_bytes).enumerate() {
+                    out.slice(2 * i..2 * i + 2).copy_from_slice(&block[*scale_at..scale_at + 2]);
+                }
+            }
+        }
     }
 }
 
 /// Where the f16 scale d lies in a block of the formats whose blocks would leave every other
 /// block's quants off a word (q4_0's 18 bytes, q8_0's 34, q6_k's 210), which a part holds with
-/// the scales apart ([`scale_apart`]).
+/// the scales apart ([`ScalesApart`]).
 fn scale_offset(dtype: DType) -> Option<usize> {
     match dtype {
         DType::Q4_0 | DType::Q8_0 => Some(0),
@@ -135,14 +186,3 @@ fn scale_offset(dtype: DType) -> Option<usize> {
     }
 }
 
-/// Whole rows of blocks as a part holds them: every block without its 2-byte scale at `scale_at`
-/// (16, 32 or 208 bytes, a whole number of words), then the blocks' scales in the same order
-/// (lib/weights.wgsl reads this). A quant word is then one aligned load; in the file's blocks every
-/// other block's start off a word, and a word there takes two loads. Returns the quants and the
-/// scales.
-fn scale_apart(rows: &[u8], block_bytes: usize, scale_at: usize) -> (Vec<u8>, Vec<u8>) {
-    let blocks = rows.chunks_exact(block_bytes);
-    let scales = blocks.clone().flat_map(|block| &block[scale_at..scale_at + 2]).copied().collect();
-    let quants = blocks.flat_map(|block| block[..scale_at].iter().chain(&block[scale_at + 2..])).copied().collect();
-    (quants, scales)
-}

@@ -9,7 +9,7 @@ use futures_channel::oneshot;
 use sha2::{Digest, Sha256};
 
 use super::{LoadError, LoadProgress, TensorLocation, WeightStream};
-use crate::gpu::{Gpu, GpuError, WeightMatrix};
+use crate::gpu::{Gpu, GpuError, PartBytes, WeightMatrix};
 
 /// Bytes read and uploaded at a time.
 pub const CHUNK_BYTES: usize = 8 << 20;
@@ -148,19 +148,20 @@ struct Stage<'a> {
 }
 
 impl<'a> Stage<'a> {
-    /// Queues `bytes` for `destination` at `offset` (a multiple of 4), padded to a whole word.
-    fn copy(&mut self, gpu: &Gpu, bytes: &[u8], destination: &'a wgpu::Buffer, offset: u64) {
-        let padded = (bytes.len() as u64).next_multiple_of(4);
+    /// Queues `piece` for `destination` at `offset` (a multiple of 4), padded to a whole word.
+    fn copy(&mut self, gpu: &Gpu, piece: PartBytes, destination: &'a wgpu::Buffer, offset: u64) {
+        let len = piece.len();
+        let padded = (len as u64).next_multiple_of(4);
         if self.used + padded > STAGING_BYTES {
             // Cannot happen with CHUNK_BYTES of input; stay correct if it ever does.
-            let mut word_aligned = bytes.to_vec();
-            word_aligned.resize(padded as usize, 0);
+            let mut word_aligned = vec![0; padded as usize];
+            piece.write_to((&mut word_aligned[..len]).into());
             gpu.queue.write_buffer(destination, offset, &word_aligned);
             return;
         }
         let at = self.used as usize;
-        self.view.slice(at..at + bytes.len()).copy_from_slice(bytes);
-        self.view.slice(at + bytes.len()..at + padded as usize).fill(0);
+        piece.write_to(self.view.slice(at..at + len));
+        self.view.slice(at + len..at + padded as usize).fill(0);
         self.copies.push((destination, offset, self.used, padded));
         self.used += padded;
     }
