@@ -5,7 +5,8 @@
 // same code the native `bench` runs. Prints one JSON object (also written to --out).
 //   node bench/dawn.mjs --webgpu DIR [--pkg pkg] [--cli target/release/llama-webgpu]
 //        [--check SHARDS_DIR] [--synthetic llama3.2-1b,llama3.1-8b] [--quant q4_0] [--layers N]
-//        [-p 512] [-n 128] [-r 3] [--dawn-flag NAME=VALUE]... [--out FILE]
+//        [-p 512] [-n 128] [-r 3] [--q8-activations] [--dawn-flag NAME=VALUE]... [--out FILE]
+// --q8-activations: each model's decode again on int8 inputs (the q8Activations option).
 // DIR holds the `webgpu` package (node_modules/webgpu). Dawn needs a Vulkan adapter it accepts:
 // lavapipe is refused; Chromium's SwiftShader (VK_ICD_FILENAMES=.../vk_swiftshader_icd.json)
 // works on a CPU machine, for a rehearsal.
@@ -29,6 +30,7 @@ const { values: args } = parseArgs({
     prompt: { type: "string", short: "p", default: "512" },
     generate: { type: "string", short: "n", default: "128" },
     repetitions: { type: "string", short: "r", default: "3" },
+    "q8-activations": { type: "boolean", default: false },
     "dawn-flag": { type: "string", multiple: true, default: [] },
     out: { type: "string" },
   },
@@ -89,22 +91,26 @@ if (args.check) {
   }
 }
 
+// Int8 inputs change decode only: their run skips the prompt.
+const variants = [{ q8Activations: false, prompt: Number(args.prompt) }, ...(args["q8-activations"] ? [{ q8Activations: true, prompt: 0 }] : [])];
 for (const synthetic of args.synthetic.split(",").filter(Boolean)) {
-  const options = {
-    synthetic,
-    quant: args.quant,
-    prompt: Number(args.prompt),
-    generate: Number(args.generate),
-    repetitions: Number(args.repetitions),
-    ...(args.layers ? { layers: Number(args.layers) } : {}),
-  };
-  log("bench", JSON.stringify(options));
-  const result = await wasm.bench(options);
-  for (const r of result.results) {
-    const rates = r.tokens_per_second;
-    log(`${synthetic} ${r.test}: ${(rates.reduce((a, b) => a + b, 0) / rates.length).toFixed(1)} tok/s`, JSON.stringify(rates.map((x) => Number(x.toFixed(1)))));
+  for (const variant of variants) {
+    const options = {
+      synthetic,
+      quant: args.quant,
+      generate: Number(args.generate),
+      repetitions: Number(args.repetitions),
+      ...(args.layers ? { layers: Number(args.layers) } : {}),
+      ...variant,
+    };
+    log("bench", JSON.stringify(options));
+    const result = await wasm.bench(options);
+    for (const r of result.results) {
+      const rates = r.tokens_per_second;
+      log(`${synthetic}${variant.q8Activations ? " on q8 inputs" : ""} ${r.test}: ${(rates.reduce((a, b) => a + b, 0) / rates.length).toFixed(1)} tok/s`, JSON.stringify(rates.map((x) => Number(x.toFixed(1)))));
+    }
+    report.results.push(result);
   }
-  report.results.push(result);
 }
 
 const text = JSON.stringify(report);

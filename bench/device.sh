@@ -12,12 +12,14 @@
 #                           CLI and the tiny fixture's shards into target/dawn (about 40 MB)
 #   bench/device.sh dawn    there (carrying target/dawn and .gl): the wasm engine on Dawn under
 #                           Node (bench/dawn.mjs): the fixture's tokens against native, then 1B and 8B
-#                           q4_0 pp/tg beside the native CLI's in the same call, as a ratio
+#                           q4_0 pp/tg (and tg on int8 inputs) beside the native CLI's in the same
+#                           call, as a ratio
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth; prefill on cooperative matrices where the
 # card has them) and the same on the portable tiles (--no-coop-matrix), profiled, --sync, --f16-tiles,
 # pp512 with 8x8 register tiles (f32 and f16 tiles), tg128 without key splits, 4096 deep, the
 # plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
+# decode on q8 inputs (--q8-activations: alone, profiled, with --parallel; q8_0 and 1B too);
 # q8_0, q4_k; 1B, 3B and 70B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1; ONLY="8b-q4_0 ..." runs
@@ -128,8 +130,11 @@ run() {
         "8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
         "baseline-8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
         "8b-q4_0-no-coop|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-matrix"
+        "8b-q4_0-q8-activations|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --q8-activations"
         "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
+        "8b-q4_0-q8-activations-profile|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 1 --profile --q8-activations"
+        "8b-q4_0-q8-activations-parallel|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 1,4,16,32 --q8-activations"
         "8b-q4_0-depth|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d $depth --profile"
         "8b-q4_0-depth-32k|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d 32768 -r 1"
         "8b-q4_0-depth-32k-kv-q8_0|--synthetic llama3.1-8b --quant q4_0 -p 0 -n 32 -d 32768 -r 1 --kv-type q8_0"
@@ -140,6 +145,8 @@ run() {
         "3b-q4_0|--synthetic llama3.2-3b --quant q4_0 -p $p -n $n"
         "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
         "baseline-8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
+        "8b-q8_0-q8-activations|--synthetic llama3.1-8b --quant q8_0 -p 0 -n $n --q8-activations"
+        "1b-q4_0-q8-activations|--synthetic llama3.2-1b --quant q4_0 -p 0 -n $n --q8-activations"
         "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
         "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
         "8b-q4_0-one-split|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --max-key-splits 1 --profile"
@@ -221,15 +228,19 @@ dawn() {
     [ -f "$addon" ] || xz -dc "$addon.xz" >"$addon"
     local p=${P:-512} n=${N:-128} reps=${REPS:-3} models=${MODELS:-llama3.2-1b llama3.1-8b}
     for model in $models; do
-        # shellcheck disable=SC2086 # LAYERS is a flag or nothing
-        timeout 240 "$dawn/llama-webgpu" bench --synthetic "$model" --quant q4_0 -p "$p" -n "$n" -r "$reps" ${LAYERS:+--layers $LAYERS} --json -q \
-            >"$work/native-$model.json" 2>"$work/native-$model.err" || echo "native $model: FAILED: $(tail -2 "$work/native-$model.err")"
-        pack
+        # Decode on int8 inputs too (named MODEL+q8), beside Dawn's.
+        for variant in "$model|-p $p" "$model+q8|-p 0 --q8-activations"; do
+            local name=${variant%%|*} args=${variant#*|}
+            # shellcheck disable=SC2086 # LAYERS and args are flags
+            timeout 240 "$dawn/llama-webgpu" bench --synthetic "$model" --quant q4_0 $args -n "$n" -r "$reps" ${LAYERS:+--layers $LAYERS} --json -q \
+                >"$work/native-$name.json" 2>"$work/native-$name.err" || echo "native $name: FAILED: $(tail -2 "$work/native-$name.err")"
+            pack
+        done
     done
     local status=0
     # shellcheck disable=SC2086 # LAYERS is a flag or nothing
     timeout 480 "$dawn/node" bench/dawn.mjs --webgpu "$dawn" --pkg "$dawn/pkg" --cli "$dawn/llama-webgpu" --check "$dawn/tiny-llama31" \
-        --synthetic "$(echo $models | tr ' ' ,)" -p "$p" -n "$n" -r "$reps" ${LAYERS:+--layers $LAYERS} --out "$work/dawn.json" \
+        --synthetic "$(echo $models | tr ' ' ,)" -p "$p" -n "$n" -r "$reps" --q8-activations ${LAYERS:+--layers $LAYERS} --out "$work/dawn.json" \
         >/dev/null 2>"$work/dawn.err" || status=$?
     tail -20 "$work/dawn.err"
     pack
@@ -257,7 +268,7 @@ for path in sorted(work.glob("native-*.json")):
     model = path.stem.removeprefix("native-")
     text = path.read_text()
     native = {r["test"]: mean(r["samples"]) for r in json.loads(text.splitlines()[0])["results"]} if text else {}
-    web = next((r for r in (dawn or {}).get("results", []) if r["model"] == model), None)
+    web = next((r for r in (dawn or {}).get("results", []) if r["model"] + ("+q8" if r.get("q8_activations") else "") == model), None)
     web = {r["test"]: mean(r["tokens_per_second"]) for r in web["results"]} if web else {}
     for test in sorted(set(native) | set(web)):
         n, w = native.get(test), web.get(test)

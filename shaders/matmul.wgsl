@@ -3,7 +3,7 @@
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
 // Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
 // q4_1, q8_0) and `gemv_superblocks` (q4_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
-// workgroup; `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
+// workgroup, and `gemv_q8` (q4_0, q4_1, q8_0 over inputs quantize.wgsl made int8); `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
 // cooperative matrices); `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
@@ -30,7 +30,7 @@
 // (lib/matmul_input.wgsl, lib/matmul_output.wgsl), the GEMV reduction of the module's form, the
 // tiles' staging (lib/tiles.wgsl) and, where the device has cooperative matrices, tiled_coop
 // (lib/tiled_coop.wgsl). The constants in capitals that no file declares (DTYPE_*, INPUT_*,
-// OUTPUT_*, MAX_BATCH_TOKENS, MAX_GEMV_COLUMNS, TILE, TILE_ROWS, REGISTER_TILE, tile_t, kv_t) come from
+// OUTPUT_*, MAX_BATCH_TOKENS, MAX_GEMV_COLUMNS, Q8_BLOCK, TILE, TILE_ROWS, REGISTER_TILE, tile_t, kv_t) come from
 // Rust in the module's first lines.
 
 // One of DTYPE_* (crate::quant::DType::shader_code)
@@ -64,6 +64,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read> cos_sin: array<vec2<f32>>;   // OUTPUT_ROTARY: (context, head_dim / 2) (cos, sin)
 @group(0) @binding(7) var<storage, read_write> k_cache: array<kv_t>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
 @group(0) @binding(8) var<storage, read_write> v_cache: array<kv_t>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
+@group(0) @binding(9) var<storage, read> x_q8: array<u32>;          // gemv_q8: (n_tokens, q8 row) from quantize.wgsl; otherwise unread
 
 
 const GEMV_WG: u32 = 64u;
@@ -226,6 +227,99 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
                 let weights = quarter_weights(matrix_row(min(row0 + r, params.rows - 1u)) * blocks + quarter / 4u, quarter % 4u);
                 for (var c = 0u; c < GEMV_COLUMNS; c++) {
                     sums[c][r] += quarter_dot(weights, a[c], b[c], x_sums[c]);
+                }
+            }
+        }
+    }
+    store_columns(thread, t0, row0, sums, squares);
+}
+
+// GEMV for q4_0, q4_1 and q8_0 weights over inputs quantized to q8 blocks by quantize.wgsl
+// (crate::GpuOptions::q8_activations), GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup, with
+// the threads mapped as in gemv_blocks. A quarter's 8 weights and its 8 inputs are two words of
+// int8 each, multiplied with two 4-wide integer dot products (dot4I8Packed), so the products sum
+// exactly and one conversion and two scalings per quarter remain: q4_0 and q8_0 take
+// d_w d_x (sum q_w q_x) (q4_0's nibbles made q - 8 in each byte first), q4_1 adds m_w d_x (sum q_x)
+// as a quarter of its block's from the input's sums. That is the product of the dequantized
+// weights with the dequantized inputs, llama.cpp's mul_mat_vec_q with an f32 scale.
+
+// Words between token rows of x_q8: the values (4 a word), each block's scale, each block's sum.
+fn q8_row_words() -> u32 {
+    return params.k / 4u + 2u * (params.k / Q8_BLOCK);
+}
+
+// Quarter j of a block as two words of int8 weights lined up with the input words
+// quarter_input_words reads, with their scale d and q4_1's min m.
+struct IntQuarter {
+    words: vec2<u32>,
+    d: f32,
+    m: f32,
+}
+
+fn int_quarter(block: u32, j: u32) -> IntQuarter {
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q4_0: {
+            let q = quant_word(block, Q4_0_QUANTS, j);
+            let nibbles = vec2(q, q >> 4u) & vec2(0x0f0f0f0fu);
+            // Each byte n to n - 8 in two's complement: n + 0x78 has its top bit set where n >= 8,
+            // and flipping it subtracts 128 there and adds it elsewhere (mod 256).
+            return IntQuarter((nibbles + vec2(0x78787878u)) ^ vec2(0x80808080u), block_scale(block, Q4_0_QUANTS, 32u), 0.0);
+        }
+        case DTYPE_Q4_1: {
+            let start = block * (DTYPE_Q4_1_BLOCK_BYTES / 4u);
+            let q = w[start + 1u + j];
+            let dm = unpack2x16float(w[start]);
+            return IntQuarter(vec2(q, q >> 4u) & vec2(0x0f0f0f0fu), dm.x, dm.y);
+        }
+        default: {
+            let words = vec2(quant_word(block, Q8_0_QUANTS, 2u * j), quant_word(block, Q8_0_QUANTS, 2u * j + 1u));
+            return IntQuarter(words, block_scale(block, Q8_0_QUANTS, 32u), 0.0);
+        }
+    }
+}
+
+// The input words of quarter j of block `block` in the token row at `row`: q4's low nibbles are
+// weights 4j..4j + 3 and its high ones 16 + 4j.., q8_0's two words weights 8j..8j + 7.
+fn quarter_input_words(row: u32, block: u32, j: u32) -> vec2<u32> {
+    let first = row + block * (Q8_BLOCK / 4u);
+    if (WEIGHT_DTYPE == DTYPE_Q8_0) {
+        return vec2(x_q8[first + 2u * j], x_q8[first + 2u * j + 1u]);
+    }
+    return vec2(x_q8[first + j], x_q8[first + 4u + j]);
+}
+
+@compute @workgroup_size(GEMV_WG)
+fn gemv_q8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
+    let t0 = wg.z * GEMV_COLUMNS;
+    if (row0 >= params.rows || t0 >= step.n_tokens) {
+        return;
+    }
+    let blocks = params.k / 32u;
+    let quarters = 4u * blocks;
+    var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>; // per token, rows row0..row0 + GEMV_ROWS - 1
+    var squares: array<f32, MAX_GEMV_COLUMNS>;   // stays 0: quantize.wgsl applied RMSNorm
+    for (var first = thread.index; first < quarters; first += 2u * GEMV_WG) {
+        // As in gemv_blocks, a second quarter past the row takes zero inputs.
+        let has_second = first + GEMV_WG < quarters;
+        for (var i = 0u; i < 2u; i++) {
+            let live = i == 0u || has_second;
+            let quarter = select(first, first + GEMV_WG, i == 1u && has_second);
+            let block = quarter / 4u;
+            var inputs: array<vec2<u32>, MAX_GEMV_COLUMNS>;
+            var scales: array<vec2<f32>, MAX_GEMV_COLUMNS>; // the block's d_x and, for q4_1, a quarter of its sum
+            for (var c = 0u; c < GEMV_COLUMNS; c++) {
+                let row = min(t0 + c, step.n_tokens - 1u) * q8_row_words();
+                let sums_at = row + params.k / 4u + blocks + block;
+                inputs[c] = select(vec2(0u), quarter_input_words(row, block, quarter % 4u), live);
+                scales[c] = select(vec2(0.0), vec2(bitcast<f32>(x_q8[sums_at - blocks]), 0.25 * bitcast<f32>(x_q8[sums_at])), live);
+            }
+            for (var r = 0u; r < GEMV_ROWS; r++) {
+                // Slots past the end repeat the last one; their sums are not stored.
+                let weights = int_quarter(matrix_row(min(row0 + r, params.rows - 1u)) * blocks + block, quarter % 4u);
+                for (var c = 0u; c < GEMV_COLUMNS; c++) {
+                    let products = dot4I8Packed(weights.words.x, inputs[c].x) + dot4I8Packed(weights.words.y, inputs[c].y);
+                    sums[c][r] += weights.d * scales[c].x * f32(products) + weights.m * scales[c].y;
                 }
             }
         }

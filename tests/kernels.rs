@@ -6,7 +6,7 @@ mod common;
 use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
 use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
-use llama_webgpu::gpu::{KvType, TileType, WeightMatrix};
+use llama_webgpu::gpu::{quantize_q8_block, KvType, TileType, WeightMatrix, Q8_BLOCK};
 use llama_webgpu::quant::DType;
 use llama_webgpu::{reference, Gpu, GpuOptions};
 
@@ -146,7 +146,7 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
                 let rotary = Rotary { cos_sin: &table, k_cache: &caches[0], v_cache: &caches[1], staged, n_heads, n_kv_heads, head_dim };
                 let op = ops::ByTokens::join([(0, &qk), (qk_rows, &v)].map(|(column, w)| {
                     let layout = MatmulLayout { in_stride: k, out_stride: qkv_dim, out_offset: column, accumulate: false };
-                    ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rotary(rotary), layout, &step(&gpu, n, start_pos))
+                    ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rotary(rotary), layout, &step(&gpu, n, start_pos), None)
                 }));
                 run(&gpu, |pass| op.for_tokens(n as u32).encode(pass, n as u32));
 
@@ -198,7 +198,7 @@ fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
                 let xb = gpu.storage_buffer_with("x", &x);
                 let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                 let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
+                let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
                 run(gpu, |pass| op.encode(pass, n as u32));
                 let what = format!("matmul {dtype} n={n} parts={}", w.parts.len());
                 assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-5, 1e-5);
@@ -250,6 +250,104 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
     }
 }
 
+/// Token rows of quantize.wgsl's output, read back.
+struct Q8Rows {
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<f32>,
+}
+
+impl Q8Rows {
+    fn read(gpu: &Gpu, buffer: &wgpu::Buffer, n: usize, k: usize) -> Self {
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(buffer, (4 * n * ops::q8_row_words(k)) as u64)).unwrap());
+        let blocks = k / Q8_BLOCK;
+        let mut rows = Q8Rows { quants: vec![], scales: vec![], sums: vec![] };
+        for row in words.chunks(ops::q8_row_words(k)) {
+            rows.quants.extend(row[..k / 4].iter().flat_map(|w| w.to_le_bytes().map(|b| b as i8)));
+            rows.scales.extend(row[k / 4..][..blocks].iter().map(|w| f32::from_bits(*w)));
+            rows.sums.extend(row[k / 4 + blocks..][..blocks].iter().map(|w| f32::from_bits(*w)));
+        }
+        rows
+    }
+
+    /// The values the quants and scales stand for.
+    fn values(&self) -> Vec<f32> {
+        self.quants.iter().enumerate().map(|(i, &q)| q as f32 * self.scales[i / Q8_BLOCK]).collect()
+    }
+}
+
+/// quantize.wgsl against the CPU's rounding (quantize_q8_block) for every fused input: scales
+/// within f32 rounding, each value within one step of the CPU's (a value on a rounding boundary
+/// may go either way after the input stage's f32 arithmetic) and almost all equal, and each
+/// block's sum that of its own values. k = 2304: 72 blocks, a second workgroup part-filled.
+#[test]
+fn quantize_rounds_every_input_to_q8_as_the_cpu_does() {
+    let Some(gpu) = gpu() else { return };
+    let (n, k) = (3, 2304);
+    let norm = random_vec(&mut rng(71), k, 2.0);
+    let norm_buffer = gpu.storage_buffer_with("norm", &norm);
+    let (xb, cases) = fused_inputs(&gpu, n, k, 72, &norm, &norm_buffer);
+    for (input_name, input, input_rows) in cases {
+        let x_q8 = gpu.storage_buffer("x_q8", (4 * n * ops::q8_row_words(k)) as u64);
+        let op = ops::quantize_input(&gpu, &xb, input, k, 2 * k, &x_q8, &step(&gpu, n, 0));
+        run(&gpu, |pass| op.encode(pass, n as u32));
+        let got = Q8Rows::read(&gpu, &x_q8, n, k);
+        let mut differing = 0;
+        for (b, block) in input_rows.chunks(Q8_BLOCK).enumerate() {
+            let (scale, quants) = quantize_q8_block(block);
+            assert!((got.scales[b] - scale).abs() <= 1e-6 * scale, "{input_name}: block {b}'s scale is {} but should be {scale}", got.scales[b]);
+            let got_quants = &got.quants[b * Q8_BLOCK..][..Q8_BLOCK];
+            for (i, (&g, &w)) in got_quants.iter().zip(&quants).enumerate() {
+                assert!((g as i32 - w as i32).abs() <= 1, "{input_name}: value {i} of block {b} is {g} but should be {w}");
+                differing += (g != w) as usize;
+            }
+            let sum: i32 = got_quants.iter().map(|&q| q as i32).sum();
+            assert_eq!(got.sums[b], got.scales[b] * sum as f32, "{input_name}: block {b}'s sum");
+        }
+        assert!(differing * 1000 <= input_rows.len(), "{input_name}: {differing} of {} values rounded otherwise than on the CPU", input_rows.len());
+    }
+}
+
+/// matmul.wgsl's gemv_q8 (q4_0, q4_1, q8_0 on q8 inputs) against the CPU's product of the weights
+/// with the values quantize.wgsl gave (read back): the products are exact integers, so only the
+/// order of the f32 sums differs. Both reductions, 1, 2 and 4 rows per workgroup, every fused
+/// input, one token and GEMVs of 8 (a partial workgroup and one past the pass), the sizes of
+/// gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup.
+#[test]
+fn gemv_on_q8_inputs_matches_the_reference_on_those_inputs() {
+    let Some(probe) = gpu() else { return };
+    let subgroup_forms = if has_feature(&probe, probe.subgroups, "subgroups") { vec![true, false] } else { vec![false] };
+    for subgroups in subgroup_forms {
+        for gemv_rows in [1, 2, 4] {
+            let bounds_checks = gemv_rows == 2;
+            let options = GpuOptions { no_subgroups: !subgroups, gemv_rows: Some(gemv_rows), gemv_max_tokens: Some(16), bounds_checks, q8_activations: true, ..exact() };
+            let Some(gpu) = gpu_with(&options) else { return };
+            for (rows, k) in [(37, 2304), (3, 768)] {
+                let norm = random_vec(&mut rng(52), k, 2.0);
+                let norm_buffer = gpu.storage_buffer_with("norm", &norm);
+                for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+                    let (bytes, w) = weights(&gpu, 51, dtype, rows, k);
+                    for n in [1, 3, 11] {
+                        let (xb, cases) = fused_inputs(&gpu, n, k, n as u64 + 53, &norm, &norm_buffer);
+                        for (input_name, input, _) in cases {
+                            let x_q8 = gpu.storage_buffer("x_q8", (4 * n * ops::q8_row_words(k)) as u64);
+                            let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
+                            let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+                            let step = step(&gpu, n, 0);
+                            let op = ops::matmul(&gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step, Some(&x_q8))
+                                .after(ops::quantize_input(&gpu, &xb, input, k, layout.in_stride, &x_q8, &step));
+                            run(&gpu, |pass| op.encode(pass, n as u32));
+                            let want = reference::matmul(&Q8Rows::read(&gpu, &x_q8, n, k).values(), &bytes, dtype, rows, k);
+                            let what = format!("{dtype} GEMV on q8 inputs {rows}x{k} of {input_name}, n={n}, {gemv_rows} rows per workgroup, subgroups {subgroups}, bounds checks {bounds_checks}");
+                            assert_close(&what, &read_f32(&gpu, &out, want.len()), &want, 1e-4, 1e-4);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A fused input's name, the input, and the k inputs per token it gives on the CPU.
 type FusedInput<'a> = (&'static str, MatmulInput<'a>, Vec<f32>);
 
@@ -280,7 +378,7 @@ fn matmul_of_every_input(gpu: &Gpu, dtype: DType, rows: usize, k: usize, token_c
             let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
             let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
             let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-            let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
+            let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
             run(gpu, |pass| op.encode(pass, n as u32));
             let label = format!("{dtype} matmul {rows}x{k} of {input_name}, n={n}, {what}");
             assert_close(&label, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);
@@ -365,7 +463,7 @@ fn f16_tiles_within_rounding(gpu: &Gpu, what_path: &str) {
                 let magnitude = reference::matmul(&abs_x, &DType::F32.from_f32(&abs_w).unwrap(), DType::F32, rows, k);
                 let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                 let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
+                let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
                 run(gpu, |pass| op.encode(pass, n as u32));
                 let got = read_f32(gpu, &out, want.len());
                 let (i, excess) = (0..want.len())
@@ -390,7 +488,7 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
         let out = gpu.storage_buffer_with("out", &initial);
         let matmul = ops::ByTokens::join(stacked.iter().map(|(column, _, (_, w))| {
             let layout = MatmulLayout { in_stride: k, out_stride: stride, out_offset: *column, accumulate: true };
-            ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rows, layout, &step(&gpu, n_run, 0))
+            ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rows, layout, &step(&gpu, n_run, 0), None)
         }));
         run(&gpu, |pass| matmul.encode(pass, n_run as u32));
         let mut want = initial.clone();
@@ -752,7 +850,7 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
                     let want = reference::matmul(&x, &bytes, dtype, rows, k);
                     let (xb, out) = (gpu.storage_buffer_with("x", &x), gpu.storage_buffer("out", (n * rows * 4) as u64));
                     let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
-                    let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0));
+                    let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
                     run(gpu, |pass| op.encode(pass, n as u32));
                     let what = format!("{dtype} matmul {rows}x{k} n={n} parts={}", w.parts.len());
                     assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);

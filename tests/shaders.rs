@@ -199,6 +199,7 @@ fn bindings_match_the_rust_layouts() {
 fn params_structs_match_their_rust_mirrors() {
     let rust_sizes = [
         ("matmul", std::mem::size_of::<ops::MatmulParams>()),
+        ("quantize", std::mem::size_of::<ops::QuantizeParams>()),
         ("attention", std::mem::size_of::<ops::AttentionParams>()),
         ("kv_store", std::mem::size_of::<ops::KvStoreParams>()),
         ("argmax", std::mem::size_of::<ops::ArgmaxParams>()),

@@ -170,6 +170,8 @@ struct WebLoadOptions {
     kv_type: Option<String>,
     /// Where `hf:` references are looked up (default: the Hugging Face Hub).
     hub_endpoint: Option<String>,
+    /// Decode matmuls of q4_0, q4_1 and q8_0 weights on int8 inputs (GpuOptions::q8_activations).
+    q8_activations: Option<bool>,
 }
 
 #[wasm_bindgen(start)]
@@ -180,7 +182,7 @@ fn start() {
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file; or an `hf:`
 /// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
 /// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
-/// specialTokensInContent?, kvType?, hubEndpoint?}`. `on_progress(bytesDone, bytesTotal, tensor,
+/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?}`. `on_progress(bytesDone, bytesTotal, tensor,
 /// stage)` is called as the load goes through its stages: "self-test" (the kernels checked on this
 /// GPU, before the weights), then per chunk of weights uploaded "download" or "cache" (where they
 /// came from), then "prepare" once they all are (the KV cache allocated, the passes built).
@@ -196,7 +198,8 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         None => None,
         Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: {}", KvType::choices())))?),
     };
-    let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, kv_type, ..Default::default() })
+    let q8_activations = options.q8_activations.unwrap_or(false);
+    let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, kv_type, q8_activations, ..Default::default() })
         .await
         .map_err(|e| to_js(e.into()))?;
     let url = crate::load::resolve_reference(&url, options.hub_endpoint.as_deref()).await.map_err(to_js)?;
@@ -613,6 +616,9 @@ struct WebBenchOptions {
     generate: usize,
     #[serde(default = "default_bench_repetitions")]
     repetitions: usize,
+    /// Decode on int8 inputs (GpuOptions::q8_activations).
+    #[serde(default)]
+    q8_activations: bool,
 }
 
 fn default_bench_quant() -> String {
@@ -630,7 +636,7 @@ fn default_bench_repetitions() -> usize {
 
 /// Times a synthetic model of a published shape on this WebGPU as the native `bench` does (the same
 /// code): `options` `{synthetic: "llama3.2-1b" | "llama3.2-3b" | "llama3.1-8b" | ..., quant?:
-/// "q4_0", layers?, prompt?: 512, generate?: 128, repetitions?: 3}`. After a warm-up pass, each
+/// "q4_0", layers?, prompt?: 512, generate?: 128, repetitions?: 3, q8Activations?: false}`. After a warm-up pass, each
 /// repetition times one prompt pass (pp) and one greedy generation (tg). Resolves to `{adapter,
 /// features, limits, model, quant, layers, results: [{test, tokens_per_second: [per repetition],
 /// encode_us_per_token?}]}`. A loaded model stays loaded, its GPU memory beside the bench's.
@@ -653,7 +659,7 @@ pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
     }
-    let gpu = Gpu::new(&GpuOptions::default()).await.map_err(|e| to_js(e.into()))?;
+    let gpu = Gpu::new(&GpuOptions { q8_activations: options.q8_activations, ..Default::default() }).await.map_err(|e| to_js(e.into()))?;
     let longest = options.prompt + options.generate + 1;
     let load_options = LoadOptions { context_length: Some(longest.max(16)), max_sequences: 1, ..Default::default() };
     let mut model = Llama::synthetic(&gpu, config.clone(), dtype, &load_options).await.map_err(to_js)?;
@@ -685,6 +691,7 @@ pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
         "model": options.synthetic,
         "quant": dtype.name(),
         "layers": config.n_layers,
+        "q8_activations": described["q8_activations"],
         "results": results,
     })))
 }
@@ -757,6 +764,7 @@ fn describe_engine(gpu: &Gpu, model: &Llama, source: Option<&WebModel>) -> serde
         "features": gpu.features.iter_names().map(|(name, _)| name).collect::<Vec<_>>(),
         "kv_type": gpu.kv_type.name(),
         "kv_buffers_per_layer": model.kv_pool().buffers(),
+        "q8_activations": gpu.q8_activations,
         "limits": {
             "max_storage_buffer_binding_size": limits.max_storage_buffer_binding_size,
             "max_buffer_size": limits.max_buffer_size,

@@ -44,8 +44,8 @@ function prepareFixture() {
  * The native engine's greedy reply to PROMPT as a chat message, or as a raw text completion, with
  * an f32 KV cache by default: SwiftShader has no shader-f16, so the browser's is f32 too.
  */
-function nativeRun(model, maxTokens, { chat = true, kvType = "f32" } = {}) {
-  const args = ["-q", "--kv-type", kvType, "run", "--model", model, "--prompt", PROMPT, ...(chat ? ["--chat"] : []), "--temperature", "0", "-n", String(maxTokens), "--json"];
+function nativeRun(model, maxTokens, { chat = true, kvType = "f32", q8Activations = false } = {}) {
+  const args = ["-q", "--kv-type", kvType, ...(q8Activations ? ["--q8-activations"] : []), "run", "--model", model, "--prompt", PROMPT, ...(chat ? ["--chat"] : []), "--temperature", "0", "-n", String(maxTokens), "--json"];
   return JSON.parse(execFileSync(cli, args, { encoding: "utf8" }));
 }
 
@@ -69,6 +69,7 @@ const native = nativeRun(shards, MAX_TOKENS);
 log("native:", JSON.stringify({ tokens: native.tokens, text: native.text, adapter: native.adapter }));
 const nativeText = nativeRun(shards, MAX_TOKENS, { chat: false });
 const nativeQ8 = nativeRun(shards, MAX_TOKENS, { kvType: "q8_0" });
+const nativeQ8Inputs = nativeRun(shards, MAX_TOKENS, { q8Activations: true });
 log("native text completion:", JSON.stringify({ tokens: nativeText.tokens, text: nativeText.text }));
 const nativeSmol = nativeRun(join(root, SMOLLM2), SMOLLM2_TOKENS);
 log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeSmol.text }));
@@ -242,12 +243,14 @@ try {
     const replyWith = async (options) => {
       const other = await createEngine({ model, ...options });
       const reply = await other.chat.completions.create({ messages, temperature: 0, max_tokens: maxTokens });
-      const { kv_type, kv_buffers_per_layer } = other.info();
+      const { kv_type, kv_buffers_per_layer, q8_activations } = other.info();
       await other.unload();
-      return { tokens: reply.choices[0].token_ids, kv: [kv_type, kv_buffers_per_layer] };
+      return { tokens: reply.choices[0].token_ids, kv: [kv_type, kv_buffers_per_layer], q8_activations };
     };
     const q8 = await replyWith({ kvType: "q8_0" });
     const buffers = await replyWith({ maxStorageBinding: 40 << 10 });
+    // Decode GEMVs on int8 inputs: Tint's dot4I8Packed.
+    const q8Inputs = await replyWith({ q8Activations: true });
     return {
       tokens: chunks.flatMap((c) => c.choices[0].token_ids),
       text: chunks.map((c) => c.choices[0].delta.content ?? "").join(""),
@@ -259,7 +262,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, textChunks, refused, q8, buffers,
+      json, called, textChunks, refused, q8, buffers, q8Inputs,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
   log("browser info:", JSON.stringify(api.info));
@@ -315,8 +318,9 @@ try {
   assert(/needed \d+, available 256/.test(api.limit.message), `the limit error has the numbers: ${api.limit.message}`);
   assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
   assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
-  assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1] }, "greedy tokens over a q8_0 KV pool vs native");
-  assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2] }, "greedy tokens over a KV pool in two buffers vs native in one");
+  assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1], q8_activations: false }, "greedy tokens over a q8_0 KV pool vs native");
+  assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2], q8_activations: false }, "greedy tokens over a KV pool in two buffers vs native in one");
+  assertEqual(api.q8Inputs, { tokens: nativeQ8Inputs.tokens, kv: ["f32", 1], q8_activations: true }, "greedy tokens on int8 inputs (q8Activations) vs native");
   // After the part of the prompt the prefix cache holds, 256 tokens a pass.
   assert(api.prefill.length >= 1 && api.prefill.every(([done, total], i) => done < total && total === api.prefill[0][1] && (i === 0 || done === api.prefill[i - 1][0] + 256)),
     `prefill progress of a long prompt, a report per pass: ${JSON.stringify(api.prefill)}`);

@@ -488,6 +488,7 @@ fn report(
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
             "coop_matrix": gpu.coop_matrix,
             "kv_type": gpu.kv_type.name(),
+            "q8_activations": gpu.q8_activations,
             "kv_bytes_per_1k_positions": KvPool::bytes_per_page(model.config(), gpu.kv_type) * 1000 / PAGE_SIZE as u64,
             "kv_buffers_per_layer": model.kv_pool().buffers(),
             "coop_matrix_properties": gpu.coop_matrix_properties.iter().map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type)).collect::<Vec<_>>(),

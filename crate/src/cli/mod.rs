@@ -35,6 +35,11 @@ struct Cli {
     /// shader-f16, else f32; q8_0 (int8 blocks, 1.125 bytes an element) on any adapter.
     #[arg(long, global = true, value_parser = parse_kv_type)]
     kv_type: Option<KvType>,
+    /// Decode matmuls of q4_0, q4_1 and q8_0 weights take their inputs rounded to int8 blocks and
+    /// multiply with integer dot products (as llama.cpp does): faster, logits no longer exact
+    /// to f32 inputs.
+    #[arg(long, global = true)]
+    q8_activations: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -199,7 +204,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let options = GpuOptions { adapter: cli.adapter, no_coop_matrix: cli.no_coop_matrix, kv_type: cli.kv_type, ..Default::default() };
+    let options = GpuOptions { adapter: cli.adapter, no_coop_matrix: cli.no_coop_matrix, kv_type: cli.kv_type, q8_activations: cli.q8_activations, ..Default::default() };
     match cli.command {
         Command::Info => {
             for name in llama_webgpu::gpu::adapter_names().await {

@@ -55,14 +55,15 @@ pub enum KvType {
     F32,
     /// Half the memory and traffic of f32; needs the device feature SHADER_F16.
     F16,
-    /// Blocks of Q8_0_KV_BLOCK elements as int8 and an f32 scale (`d = max |x| / 127`, ggml's q8_0
+    /// Blocks of Q8_BLOCK elements as int8 and an f32 scale (`d = max |x| / 127`, ggml's q8_0
     /// rule with the scale kept in f32): 1.125 bytes an element, on any device. A pool row is its
     /// kv_dim int8 values, four to a word, then its kv_dim / 32 scales.
     Q8_0,
 }
 
-/// Elements per scale of a q8_0 KV pool.
-pub const Q8_0_KV_BLOCK: usize = 32;
+/// Elements per scale of q8 blocks: a q8_0 KV pool's rows, and the decode GEMVs' inputs where
+/// they are quantized ([`crate::GpuOptions::q8_activations`]; the weights' blocks are as long).
+pub const Q8_BLOCK: usize = 32;
 
 impl KvType {
     pub const ALL: [KvType; 3] = [KvType::F32, KvType::F16, KvType::Q8_0];
@@ -73,7 +74,7 @@ impl KvType {
         match self {
             KvType::F32 => 4 * kv_dim,
             KvType::F16 => 2 * kv_dim,
-            KvType::Q8_0 => kv_dim + 4 * kv_dim / Q8_0_KV_BLOCK as u64,
+            KvType::Q8_0 => kv_dim + 4 * kv_dim / Q8_BLOCK as u64,
         }
     }
 
@@ -97,14 +98,14 @@ impl KvType {
     /// Elements kv_store converts per thread (KV_STORE_UNIT): one, or a q8_0 block.
     pub fn store_unit(self) -> usize {
         match self {
-            KvType::Q8_0 => Q8_0_KV_BLOCK,
+            KvType::Q8_0 => Q8_BLOCK,
             _ => 1,
         }
     }
 
     /// Whether a pool of this type holds rows of `kv_dim` elements.
     pub fn fits(self, kv_dim: usize) -> bool {
-        self != KvType::Q8_0 || kv_dim.is_multiple_of(Q8_0_KV_BLOCK)
+        self != KvType::Q8_0 || kv_dim.is_multiple_of(Q8_BLOCK)
     }
 
     /// `values` (rows of a kv_dim that [`KvType::fits`]) as a pool of this type holds them.
@@ -123,7 +124,7 @@ impl KvType {
             KvType::Q8_0 => values
                 .chunks(kv_dim)
                 .flat_map(|row| {
-                    let blocks: Vec<_> = row.chunks(Q8_0_KV_BLOCK).map(quantize_q8_0_kv).collect();
+                    let blocks: Vec<_> = row.chunks(Q8_BLOCK).map(quantize_q8_block).collect();
                     let mut bytes: Vec<u8> = blocks.iter().flat_map(|(_, quants)| quants.iter().map(|&q| q as u8)).collect();
                     bytes.extend(blocks.iter().flat_map(|(scale, _)| scale.to_le_bytes()));
                     bytes
@@ -142,7 +143,7 @@ impl KvType {
                 .flat_map(|row| {
                     let (quants, scales) = row.split_at(kv_dim);
                     quants.iter().enumerate().map(move |(i, &q)| {
-                        let scale = &scales[4 * (i / Q8_0_KV_BLOCK)..][..4];
+                        let scale = &scales[4 * (i / Q8_BLOCK)..][..4];
                         q as i8 as f32 * f32::from_le_bytes(scale.try_into().unwrap())
                     })
                 })
@@ -162,9 +163,9 @@ impl KvType {
     }
 }
 
-/// A q8_0 KV block's scale and int8 values, as kv_store.wgsl computes them: `d = max |x| / 127`,
+/// A q8 block's scale and int8 values, as lib/q8_block.wgsl computes them: `d = max |x| / 127`,
 /// `q = x / d` rounded half away from zero.
-fn quantize_q8_0_kv(block: &[f32]) -> (f32, Vec<i8>) {
+pub fn quantize_q8_block(block: &[f32]) -> (f32, Vec<i8>) {
     let scale = block.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
     let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     (scale, block.iter().map(|&v| (v * inverse).round().clamp(-127.0, 127.0) as i8).collect())
@@ -228,6 +229,8 @@ pub enum Piece {
     KvLoad,
     /// kv_store's conversion of a staged row's elements into the pool's type.
     KvStore,
+    /// Quantizing a block of values to int8 and a scale.
+    Q8Block,
 }
 
 macro_rules! lib_file {
@@ -237,7 +240,7 @@ macro_rules! lib_file {
 }
 
 /// Every file under `shaders/lib`, by name.
-pub const LIBRARY: [(&str, &str); 12] = [
+pub const LIBRARY: [(&str, &str); 13] = [
     lib_file!("step"),
     lib_file!("weights"),
     lib_file!("matmul_input"),
@@ -250,6 +253,7 @@ pub const LIBRARY: [(&str, &str); 12] = [
     lib_file!("kv_load_q8_0"),
     lib_file!("kv_store_plain"),
     lib_file!("kv_store_q8_0"),
+    lib_file!("q8_block"),
 ];
 
 impl Piece {
@@ -269,6 +273,7 @@ impl Piece {
             Piece::KvLoad => "kv_load_plain",
             Piece::KvStore if form.kv == KvType::Q8_0 => "kv_store_q8_0",
             Piece::KvStore => "kv_store_plain",
+            Piece::Q8Block => "q8_block",
         };
         LIBRARY.iter().find(|(file, _)| *file == name).map(|(_, source)| *source)
     }
@@ -285,7 +290,7 @@ pub fn shader_constants() -> Vec<(String, u32)> {
         ("MAX_HEAD_DIM".into(), ops::MAX_HEAD_DIM as u32),
         ("MAX_QUERY_BLOCK".into(), ops::ATTENTION_QUERY_BLOCK),
         ("PAGE_SIZE".into(), PAGE_SIZE as u32),
-        ("Q8_0_KV_BLOCK".into(), Q8_0_KV_BLOCK as u32),
+        ("Q8_BLOCK".into(), Q8_BLOCK as u32),
         ("SELECTION_WG".into(), ops::SELECTION_WG as u32),
         ("ARGMAX_PARTIALS".into(), ops::ARGMAX_PARTIALS as u32),
         ("TOP_K_PARTIALS".into(), ops::TOP_K_PARTIALS as u32),
@@ -375,15 +380,16 @@ macro_rules! kernel {
 // last row stay within the padding of its last word. Its rotary output writes f32 or f16 pools
 // itself; q8_0 ones through staging rows in f32 and kv_store.
 kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Tiles, TiledCoop],
-    [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut], in_bounds: true, kv_types: [F32, F16]);
+    [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut, Storage], in_bounds: true, kv_types: [F32, F16]);
+kernel!(QUANTIZE, "quantize", [Step, MatmulInput, Q8Block], [Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(ATTENTION, "attention", [Step, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
-kernel!(KV_STORE, "kv_store", [Step, KvLoad, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
+kernel!(KV_STORE, "kv_store", [Step, KvLoad, Q8Block, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(FILL, "fill", [], [StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 
 /// Every kernel the engine uses.
-pub const KERNELS: [&Kernel; 6] = [&MATMUL, &ATTENTION, &KV_STORE, &ARGMAX, &TOP_K, &FILL];
+pub const KERNELS: [&Kernel; 7] = [&MATMUL, &QUANTIZE, &ATTENTION, &KV_STORE, &ARGMAX, &TOP_K, &FILL];
 
 struct Module {
     shader: wgpu::ShaderModule,

@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_0_KV_BLOCK};
+pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, QUANTIZE, quantize_q8_block};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::{PartBytes, WeightMatrix};
@@ -86,10 +86,16 @@ pub struct GpuOptions {
     /// The KV pool's element type: f16 where the adapter has shader-f16 (half the memory of f32,
     /// logits within about 1e-2 of it), f32 elsewhere, unless given.
     pub kv_type: Option<KvType>,
+    /// Decode GEMVs of q4_0, q4_1 and q8_0 weights take their inputs quantized to blocks of 32
+    /// int8 values and a scale (a dispatch per matrix quantizes them) and multiply with 4-wide
+    /// integer dot products, as llama.cpp's mul_mat_vec_q: a quarter of the input bytes and far
+    /// fewer instructions per weight, at the cost of exact f32 inputs (logits within about 1e-2).
+    /// Off unless asked for.
+    pub q8_activations: bool,
 }
 
 /// Storage buffers of the kernel with the most (matmul.wgsl); WebGPU grants 8 everywhere.
-const STORAGE_BUFFERS: u64 = 7;
+const STORAGE_BUFFERS: u64 = 8;
 
 /// Workgroup memory of the kernel entry point with the most (attention.wgsl's `attend`); a test
 /// checks every kernel against it.
@@ -140,6 +146,8 @@ pub struct Gpu {
     pub register_tile: RegisterTile,
     /// See [`GpuOptions::max_key_splits`].
     pub max_key_splits: Option<u32>,
+    /// See [`GpuOptions::q8_activations`].
+    pub q8_activations: bool,
     /// Two small buffers for writable bindings a dispatch does not use: WebGPU forbids binding
     /// one buffer to two writable bindings of a dispatch, so `out` cannot fill them.
     pub unused_writable: [wgpu::Buffer; 2],
@@ -236,10 +244,11 @@ impl Gpu {
         let tile_type = if options.f16_tiles && features.contains(wgpu::Features::SHADER_F16) { TileType::F16 } else { TileType::F32 };
         let subgroups = features.contains(wgpu::Features::SUBGROUP) && !options.no_subgroups;
         log::info!(
-            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}, KV {kv_type:?}",
+            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}, KV {kv_type:?}, q8 activations {}",
             info.name,
             info.backend,
-            features
+            features,
+            options.q8_activations
         );
         let unused_writable = [0, 1].map(|_| {
             device.create_buffer(&wgpu::BufferDescriptor {
@@ -266,6 +275,7 @@ impl Gpu {
             gemv_max_tokens: options.gemv_max_tokens.unwrap_or(ops::DEFAULT_GEMV_MAX_TOKENS),
             register_tile,
             max_key_splits: options.max_key_splits,
+            q8_activations: options.q8_activations,
             kernels: Default::default(),
             failure,
         })

@@ -103,6 +103,15 @@ pub struct MatmulParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct QuantizeParams {
+    pub k: u32,
+    pub in_stride: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct AttentionParams {
     pub n_heads: u32,
     pub n_kv_heads: u32,
@@ -277,7 +286,9 @@ impl Traffic {
 }
 
 /// One compute dispatch, bound at load.
+#[derive(Clone)]
 pub struct Dispatch {
+    kernel: &'static str,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     grid: Grid,
@@ -295,9 +306,15 @@ impl Dispatch {
     pub fn traffic(&self) -> Traffic {
         self.traffic
     }
+
+    /// The kernel (WGSL file) the dispatch runs.
+    pub fn kernel(&self) -> &'static str {
+        self.kernel
+    }
 }
 
 /// One logical operation: one dispatch, or one per part of a split weight.
+#[derive(Clone)]
 pub struct Op {
     dispatches: Vec<Dispatch>,
 }
@@ -377,14 +394,14 @@ fn dispatch_in(
         layout: &pipeline.layout,
         entries: &entries,
     });
-    Dispatch { pipeline: pipeline.pipeline, bind_group, grid, traffic }
+    Dispatch { kernel: kernel.name, pipeline: pipeline.pipeline, bind_group, grid, traffic }
 }
 
 /// out[t] = table[tokens[t]]; `tokens` holds (n_tokens) ids as f32 (exact below 2^24).
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, out_offset: 0, accumulate: false };
     let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-    weight_op(gpu, "gather", tokens, MatmulInput::Plain, table, out, MatmulOutput::Rows, layout, step, |_| (grid, vec![]))
+    weight_op(gpu, "gather", tokens, MatmulInput::Plain, None, table, out, MatmulOutput::Rows, layout, step, |_| (grid, vec![]))
 }
 
 /// Where a matmul reads its input rows and writes its output rows.
@@ -415,7 +432,16 @@ pub(crate) const INPUT_PLAIN: u32 = 0;
 pub(crate) const INPUT_RMSNORM: u32 = 1;
 pub(crate) const INPUT_SILU_MUL: u32 = 2;
 
-impl MatmulInput<'_> {
+impl<'a> MatmulInput<'a> {
+    /// The buffer for the `norm` binding and the epsilon: RMSNorm's, else `unread` (any read-only
+    /// buffer: the binding is not read) and 0.
+    fn norm_binding(self, unread: &'a wgpu::Buffer) -> (&'a wgpu::Buffer, f32) {
+        match self {
+            MatmulInput::RmsNorm { weight, eps } => (weight, eps),
+            _ => (unread, 0.0),
+        }
+    }
+
     fn code(self) -> u32 {
         match self {
             MatmulInput::Plain => INPUT_PLAIN,
@@ -466,6 +492,8 @@ impl MatmulOutput<'_> {
 }
 
 /// out = f(x) @ w.T (or out += f(x) @ w.T, or the rotary output), one dispatch per part of `w`.
+/// With `x_q8`, the decode GEMVs of a format [`reads_q8_inputs`] take f(x) from there, quantized
+/// by a [`quantize_input`] op the caller runs first ([`ByTokens::after`]), and multiply in integers.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu,
@@ -476,18 +504,21 @@ pub fn matmul(
     output: MatmulOutput,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
+    x_q8: Option<&wgpu::Buffer>,
 ) -> ByTokens {
     let rotary = matches!(output, MatmulOutput::Rotary(_));
+    let x_q8 = x_q8.filter(|_| reads_q8_inputs(w.dtype));
     // Each format's GEMV takes several rows per workgroup; the block formats' read their inputs as
     // vec4s (the block sizes make k a multiple of 32).
-    let entry = match w.dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => "gemv_blocks",
-        DType::Q4K | DType::Q6K => "gemv_superblocks",
-        _ => "gemv",
+    let (entry, gemv_input) = match w.dtype {
+        _ if x_q8.is_some() => ("gemv_q8", MatmulInput::Plain),
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", input),
+        DType::Q4K | DType::Q6K => ("gemv_superblocks", input),
+        _ => ("gemv", input),
     };
     assert!(entry == "gemv" || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
     let gemv = |columns: u32| {
-        weight_op(gpu, entry, x, input, w, out, output, layout, step, |rows| {
+        weight_op(gpu, entry, x, gemv_input, x_q8, w, out, output, layout, step, |rows| {
             let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
             let constants = vec![("GEMV_ROWS", per_workgroup as f64), ("GEMV_COLUMNS", columns as f64)];
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup), columns), constants)
@@ -497,9 +528,33 @@ pub fn matmul(
     ByTokens {
         one: gemv(1),
         few: gemv(GEMV_COLUMNS),
-        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, w, out, output, layout, step, tiles),
+        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, None, w, out, output, layout, step, tiles),
         gemv_max_tokens: gpu.gemv_max_tokens,
     }
+}
+
+/// Whether matmul.wgsl's gemv_q8 multiplies weights of `dtype` (those of 32-weight blocks).
+pub fn reads_q8_inputs(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+}
+
+/// Words of a token row of quantize.wgsl's output for `k` inputs: the int8 values, 4 a word, then
+/// each block's scale and each block's sum.
+pub fn q8_row_words(k: usize) -> usize {
+    k / 4 + 2 * k / kernels::Q8_BLOCK
+}
+
+/// Quantizes f(x), the `k` inputs per token row of a matmul, into `x_q8` (token rows of
+/// [`q8_row_words`]) for the GEMVs [`matmul`] binds to it.
+pub fn quantize_input(gpu: &Gpu, x: &wgpu::Buffer, input: MatmulInput, k: usize, in_stride: usize, x_q8: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+    assert!(k.is_multiple_of(kernels::Q8_BLOCK) && in_stride.is_multiple_of(4), "q8 inputs need blocks of {} and rows on a vec4: k {k}, stride {in_stride}", kernels::Q8_BLOCK);
+    let (norm, eps) = input.norm_binding(x);
+    let params = gpu.uniform_buffer("quantize params", &QuantizeParams { k: k as u32, in_stride: in_stride as u32, eps, _pad: 0 });
+    let inputs = if matches!(input, MatmulInput::SiluMul) { 2 * k } else { k };
+    let traffic = 4 * (inputs + k * matches!(input, MatmulInput::RmsNorm { .. }) as usize + q8_row_words(k));
+    let grid = Grid::PerToken((k / kernels::Q8_BLOCK).div_ceil(WG_1D as usize) as u32);
+    let constants = [("INPUT", input.code() as f64)];
+    Op { dispatches: vec![dispatch(gpu, &kernels::QUANTIZE, "quantize", &constants, &[x, norm, x_q8, &params, step], grid, Traffic::fixed(traffic as u64))] }
 }
 
 /// Rows per workgroup of matmul.wgsl's GEMVs (GEMV_ROWS) for a matrix of `rows` rows (a part of a
@@ -518,6 +573,14 @@ pub fn gemv_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>, rotar
 }
 
 impl ByTokens {
+    /// The decode strategies with `first` (the quantize op of their q8 inputs) before them.
+    pub fn after(mut self, first: Op) -> ByTokens {
+        for op in [&mut self.one, &mut self.few] {
+            op.dispatches.splice(0..0, first.dispatches.iter().cloned());
+        }
+        self
+    }
+
     /// One product over matrices stacked by rows, each writing its own output columns.
     pub fn join(parts: impl IntoIterator<Item = ByTokens>) -> ByTokens {
         let (mut one, mut few, mut many, mut gemv_max_tokens) = (vec![], vec![], vec![], 0);
@@ -539,6 +602,7 @@ fn weight_op(
     entry: &str,
     x: &wgpu::Buffer,
     input: MatmulInput,
+    x_q8: Option<&wgpu::Buffer>,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
     output: MatmulOutput,
@@ -551,7 +615,7 @@ fn weight_op(
     let tiled = entry == "tiled";
     let form = ModuleForm {
         tiles: if tiled { gpu.tile_type } else { TileType::F32 },
-        subgroups: matches!(entry, "gemv" | "gemv_blocks" | "gemv_superblocks") && gpu.subgroups,
+        subgroups: entry.starts_with("gemv") && gpu.subgroups,
         register_tile: if tiled { gpu.register_tile } else { RegisterTile::X4 },
         coop_matrix: entry == "tiled_coop",
         kv: match output {
@@ -559,11 +623,7 @@ fn weight_op(
             _ => KvType::F32,
         },
     };
-    let (norm, eps) = match input {
-        MatmulInput::RmsNorm { weight, eps } => (weight, eps),
-        // The binding is unread; any read-only buffer fills it.
-        _ => (x, 0.0),
-    };
+    let (norm, eps) = input.norm_binding(x);
     // Unread bindings take x (read-only) and buffers of their own (writable ones must not alias).
     let [unused_k, unused_v] = &gpu.unused_writable;
     let (cos_sin, k_cache, v_cache, head_dim, q_dim, kv_dim, kv_staged) = match output {
@@ -595,15 +655,16 @@ fn weight_op(
                 _pad: 0,
             };
             let params = gpu.uniform_buffer(entry, &params);
-            let buffers = [x, &part.buffer, norm, out, &params, step, cos_sin, k_cache, v_cache];
+            let buffers = [x, &part.buffer, norm, out, &params, step, cos_sin, k_cache, v_cache, x_q8.unwrap_or(x)];
             // The gather reads a token's row in whichever part holds it (counted evenly over the
             // parts); a product reads the whole part, its input row (two halves for SiLU-mul) and
             // the norm weight; rotary output also the position's cos/sin row.
             let traffic = if entry == "gather" {
                 (w.row_bytes() + 4 * w.cols) / w.parts.len()
             } else {
-                let inputs = match input {
-                    MatmulInput::Plain => w.cols,
+                let inputs = match (input, x_q8) {
+                    (_, Some(_)) => q8_row_words(w.cols),
+                    (MatmulInput::Plain, None) => w.cols,
                     _ => 2 * w.cols,
                 };
                 part.rows * w.row_bytes() + 4 * inputs + 4 * part.rows * (1 + layout.accumulate as usize) + 4 * head_dim

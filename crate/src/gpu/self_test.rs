@@ -2,7 +2,7 @@
 //! references, so a broken adapter or driver fails loudly instead of producing garbage text.
 
 use super::ops::{self, MatmulInput, MatmulLayout, StepParams};
-use super::{Gpu, GpuError, TileType, WeightMatrix};
+use super::{Gpu, GpuError, KvType, TileType, WeightMatrix};
 use crate::quant::DType;
 use crate::reference;
 use crate::model::PAGE_SIZE;
@@ -12,8 +12,8 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32).map(|i| (reference::fill_word(i, seed, u32::MAX) % 2000) as f32 / 1000.0 - 1.0).collect()
 }
 
-/// Runs a q4_0 matrix product (GEMVs of one and of several tokens, and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal
-/// attention and argmax on the GPU and checks each against its CPU reference.
+/// Runs a q4_0 matrix product (GEMVs of one and of several tokens, on q8 inputs where the device
+/// quantizes them, and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal attention and argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (rows, k, n) = (24, 64, 9);
     // The fewest tokens the matmuls run as tiles, where a pass and the binding limit hold them.
@@ -36,16 +36,25 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         ("matmul q4_0 of silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
     ];
     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+    let x_q8 = gpu.storage_buffer("self-test q8 inputs", 4 * (tiled * ops::q8_row_words(k)) as u64);
     for (kernel, input, input_rows) in cases {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
+        let q8_product = reference::matmul(&KvType::Q8_0.rounded(&input_rows), &weights, DType::Q4_0, rows, k);
         for tokens in [1, 3, tiled] {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
-            let op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step(tokens, 0));
+            let step = step(tokens, 0);
+            let q8 = gpu.q8_activations && tokens < tiled;
+            let mut op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step, q8.then_some(&x_q8));
+            if q8 {
+                op = op.after(ops::quantize_input(gpu, &x_buffer, input, k, layout.in_stride, &x_q8, &step));
+            }
             gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
             // f16 tiles and cooperative matrices round inputs and weights to 11 bits; garbage
-            // still lies far outside this.
+            // still lies far outside this. The reference takes q8 inputs as the CPU rounds them,
+            // and an input the GPU rounds the other way moves a product by up to 1/127.
             let f16_tiles = tokens == tiled && (gpu.tile_type == TileType::F16 || gpu.coop_matrix);
-            compare(gpu, kernel, &out, &product[..tokens * rows], if f16_tiles { 1e-2 } else { 1e-4 }).await?;
+            let want = if q8 { &q8_product } else { &product };
+            compare(gpu, kernel, &out, &want[..tokens * rows], if f16_tiles || q8 { 2e-2 } else { 1e-4 }).await?;
         }
     }
 

@@ -2,7 +2,7 @@
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
 use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, MatmulOutput, Op, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
-use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
+use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix, QUANTIZE};
 use std::collections::{HashMap, VecDeque};
 
 use crate::quant::DType;
@@ -447,9 +447,19 @@ impl Llama {
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
         // One dispatch per part of each block of a stacked matrix.
+        // Decode GEMVs on q8 inputs (GpuOptions::q8_activations): one scratch buffer that each
+        // stack's quantize op fills right before its GEMVs read it.
+        let q8_rows = (gpu.gemv_max_tokens as usize).min(max_batch);
+        let widest_input = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
+        let x_q8 = gpu.q8_activations.then(|| gpu.storage_buffer("q8 inputs", 4 * (q8_rows * ops::q8_row_words(widest_input)) as u64));
         let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, output: MatmulOutput, layout: MatmulLayout, step: &wgpu::Buffer| {
-            let block = |(column, m): &(usize, WeightMatrix)| ops::matmul(gpu, x, input, m, out, output, MatmulLayout { out_offset: *column, ..layout }, step);
-            ByTokens::join(w.blocks.iter().map(block))
+            let x_q8 = x_q8.as_ref().filter(|_| w.blocks.iter().any(|(_, m)| ops::reads_q8_inputs(m.dtype)));
+            let block = |(column, m): &(usize, WeightMatrix)| ops::matmul(gpu, x, input, m, out, output, MatmulLayout { out_offset: *column, ..layout }, step, x_q8);
+            let product = ByTokens::join(w.blocks.iter().map(block));
+            match x_q8 {
+                Some(x_q8) => product.after(ops::quantize_input(gpu, x, input, w.blocks[0].1.cols, layout.in_stride, x_q8, step)),
+                None => product,
+            }
         };
         let norm = |name: &str| MatmulInput::RmsNorm { weight: &vectors[name], eps: c.rms_norm_eps };
 
@@ -834,8 +844,9 @@ impl Llama {
     /// Encoding, the dispatch count and the profile all read this one list.
     fn plan(&self, step: &StepParams, outputs: u32, top_k: bool) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
         let n = step.n_tokens;
+        // A matmul's q8 input quantization (GpuOptions::q8_activations) is named on its own.
         fn add<'a>(list: &mut Vec<Named<'a>>, name: &'static str, op: &'a Op) {
-            list.extend(op.dispatches().iter().map(|d| (name, d)));
+            list.extend(op.dispatches().iter().map(|d| (if d.kernel() == QUANTIZE.name { "quantize" } else { name }, d)));
         }
         let mut blocks = vec![];
         add(&mut blocks, "embed", &self.embed);
