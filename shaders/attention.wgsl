@@ -17,9 +17,9 @@
 // Entry points: `attend` (both cases), `combine` (after a split pass).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
-// MAX_HEAD_DIM, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl), the KV pool's element type kv_t
-// and its reads key_at / value_at (lib/kv_load_*, by the pool's type) come from Rust
-// (crate::gpu::kernels).
+// MAX_HEAD_DIM, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl), the KV pool read four elements
+// at a time (kv_quad_t) and its reads key_quad / value_quad (lib/kv_load_*, by the pool's type)
+// come from Rust (crate::gpu::kernels). HEAD_DIM is a multiple of 4.
 const WG: u32 = 64u;
 const MASKED: f32 = -1.0e30;
 
@@ -39,8 +39,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
-@group(0) @binding(1) var<storage, read> k_cache: array<kv_t>;       // this buffer's (pool rows, n_kv_heads, head_dim)
-@group(0) @binding(2) var<storage, read> v_cache: array<kv_t>;       // this buffer's (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(1) var<storage, read> k_cache: array<kv_quad_t>;  // this buffer's (pool rows, n_kv_heads, head_dim)
+@group(0) @binding(2) var<storage, read> v_cache: array<kv_quad_t>;  // this buffer's (pool rows, n_kv_heads, head_dim)
 @group(0) @binding(3) var<storage, read> page_table: array<u32>;     // (sequences, pages_per_sequence) pool pages
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;      // (n_tokens, n_heads, head_dim)
 @group(0) @binding(5) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, buffers, key_splits) outputs of head_dim, then their (max, sum) at stats_offset
@@ -55,7 +55,7 @@ override HEAD_DIM: u32 = 128u;
 override QUERY_BLOCK: u32 = 8u;
 override THREADS_PER_ROW: u32 = WG / QUERY_BLOCK;
 const KV_TILE: u32 = 1024u;             // elements of one K or V tile (keys x head_dim)
-const KV_TILE_PER_THREAD: u32 = KV_TILE / WG;
+const KV_QUADS_PER_THREAD: u32 = KV_TILE / 4u / WG;
 const MAX_TILE_KEYS: u32 = 32u;
 const DIMS_PER_ROW_THREAD: u32 = MAX_HEAD_DIM / (WG / MAX_QUERY_BLOCK); // the most per thread
 
@@ -63,10 +63,11 @@ var<workgroup> q_block: array<f32, MAX_QUERY_BLOCK * MAX_HEAD_DIM>;  // (QUERY_B
 var<workgroup> kv_tile: array<f32, KV_TILE>; // (tile_keys, head_dim): the K tile, then the V tile
 var<workgroup> tile_scores: array<f32, MAX_QUERY_BLOCK * MAX_TILE_KEYS>; // (QUERY_BLOCK, tile_keys, score_lanes) parts of scores
 
-// One thread's share of a K/V tile: elements li, li + WG, ... of the tile's keys x head_dim.
+// One thread's share of a K/V tile: quads li, li + WG, ... of the tile's keys x head_dim, so that
+// a subgroup's loads cover contiguous memory, four elements to a load.
 struct TileShare {
-    k: array<f32, KV_TILE_PER_THREAD>,
-    v: array<f32, KV_TILE_PER_THREAD>,
+    k: array<vec4<f32>, KV_QUADS_PER_THREAD>,
+    v: array<vec4<f32>, KV_QUADS_PER_THREAD>,
 }
 
 // The row of this dispatch's buffer holding `key` of the sequence whose page table row starts at
@@ -90,18 +91,30 @@ fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, 
     }
     let hd = HEAD_DIM;
     let n = min(tile_keys, end_key - key0) * hd;
-    for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
-        let e = li + i * WG;
+    for (var i = 0u; i < KV_QUADS_PER_THREAD; i++) {
+        let e = 4u * (li + i * WG);
         if (e < n) {
             let row = buffer_row(key0 + e / hd, pages);
             if (row != NOT_HERE) {
                 let column = kv_head * hd + e % hd;
-                share.k[i] = key_at(row, column, params.n_kv_heads * hd);
-                share.v[i] = value_at(row, column, params.n_kv_heads * hd);
+                share.k[i] = key_quad(row, column, params.n_kv_heads * hd);
+                share.v[i] = value_quad(row, column, params.n_kv_heads * hd);
             }
         }
     }
     return share;
+}
+
+// Puts a thread's share of a K or V tile of `n` elements into kv_tile.
+fn store_tile(share: array<vec4<f32>, KV_QUADS_PER_THREAD>, n: u32, li: u32) {
+    for (var i = 0u; i < KV_QUADS_PER_THREAD; i++) {
+        let e = 4u * (li + i * WG);
+        if (e < n) {
+            for (var j = 0u; j < 4u; j++) {
+                kv_tile[e + j] = share[i][j];
+            }
+        }
+    }
 }
 
 // The score of a tile's (row, key) pair from its lanes' parts.
@@ -165,12 +178,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         var current = load_tile(first_key, end_key, tile_keys, kv_head, pages, li);
         for (var key0 = first_key; key0 < end_key; key0 += tile_keys) {
             let n_keys = min(tile_keys, end_key - key0);
-            for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
-                let e = li + i * WG;
-                if (e < n_keys * hd) {
-                    kv_tile[e] = current.k[i];
-                }
-            }
+            store_tile(current.k, n_keys * hd, li);
             workgroupBarrier();
             let next = load_tile(key0 + tile_keys, end_key, tile_keys, kv_head, pages, li);
             // Scores of every (row, key) pair of the tile, the causal mask and the run applied,
@@ -198,12 +206,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 tile_scores[p] = s;
             }
             workgroupBarrier();
-            for (var i = 0u; i < KV_TILE_PER_THREAD; i++) {
-                let e = li + i * WG;
-                if (e < n_keys * hd) {
-                    kv_tile[e] = current.v[i];
-                }
-            }
+            store_tile(current.v, n_keys * hd, li);
             workgroupBarrier();
             // Each thread of the run updates its row's softmax state (the row's threads alike) and
             // its dimensions.

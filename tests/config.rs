@@ -122,3 +122,15 @@ fn frequency_factors_divide_each_frequency_and_survive_config_json() {
         assert!(err.contains("RoPE frequency factors"), "{err}");
     }
 }
+
+#[test]
+fn a_head_dim_attention_cannot_read_is_refused_by_name() {
+    let c = config("llama-3.1-8b-instruct.config.json", None);
+    // Attention reads keys and values in quads (130 is not a multiple of 4) and holds a head of at
+    // most 256 (300).
+    for head_dim in [130, 300] {
+        let wrong = Config { head_dim, ..c.clone() };
+        let err = Config::from_hf_json(&wrong.to_hf_json().to_string(), None).unwrap_err().to_string();
+        assert!(err.contains(&format!("head_dim {head_dim} must be a multiple of 4 and at most 256")), "{err}");
+    }
+}

@@ -529,7 +529,7 @@ fn read_kv(gpu: &Gpu, buffer: &wgpu::Buffer, n: usize, kv_dim: usize) -> Vec<f32
 
 fn attention_matches_reference_on(gpu: &Gpu) {
     // Below 8 tokens (decode) the keys are cut into splits merged after, from 8 on (prefill) one
-    // split. head_dim 130 exercises several dimensions per thread and a 7-key tile; start_pos > 0 a
+    // split. head_dim 132 exercises several dimensions per thread and a 7-key tile; start_pos > 0 a
     // chunked prefill; GQA groups of 1, 3, 4 and 8 lay query blocks over several tokens or heads,
     // and 9, 13 and 37 tokens leave partial blocks. Decode: 8-key splits up to the cap (context
     // 71-75: 10 splits; 129: 17), a last split that some of the step's tokens do not reach (start
@@ -539,7 +539,7 @@ fn attention_matches_reference_on(gpu: &Gpu) {
     let cases = [
         (6, 2, 12, 0, 1, 32),
         (6, 2, 12, 70, 5, 32),
-        (4, 4, 130, 3, 9, 32),
+        (4, 4, 132, 3, 9, 32),
         (8, 1, 16, 127, 2, 32),
         (6, 2, 12, 0, 37, 32),
         (6, 2, 12, 70, 13, 32),
@@ -548,7 +548,7 @@ fn attention_matches_reference_on(gpu: &Gpu) {
         (4, 4, 256, 40, 11, 32),
         (8, 2, 16, 62, 5, 32),
         (8, 2, 64, 1500, 3, 32),
-        (6, 2, 130, 1500, 1, 3),
+        (6, 2, 132, 1500, 1, 3),
         (8, 2, 16, 200, 4, 1),
         (4, 1, 256, 300, 7, 32),
         (8, 2, 16, 9000, 1, 256),

@@ -1,28 +1,15 @@
-// Reads of a q8_0 KV pool (kv_t is u32): a row is its kv_dim int8 values, four to a word, then its
-// kv_dim / Q8_BLOCK f32 scales (crate::gpu::KvType::Q8_0).
+// Reads of a q8_0 KV pool (kv_quad_t is u32: one word holds four values; lib/kv_layout_q8_0 says
+// where): elements column..column + 3 of pool row `row` as f32, column a multiple of 4.
 
-fn q8_0_row_words(kv_dim: u32) -> u32 {
-    return kv_dim / 4u + kv_dim / Q8_BLOCK;
+fn q8_0_quad(word: u32, scale: u32) -> vec4<f32> {
+    let values = (vec4(bitcast<i32>(word)) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u);
+    return vec4<f32>(values) * bitcast<f32>(scale);
 }
 
-// The word holding element `column` of pool row `row`.
-fn q8_0_value_word(row: u32, column: u32, kv_dim: u32) -> u32 {
-    return row * q8_0_row_words(kv_dim) + column / 4u;
+fn key_quad(row: u32, column: u32, kv_dim: u32) -> vec4<f32> {
+    return q8_0_quad(k_cache[q8_0_value_word(row, column, kv_dim)], k_cache[q8_0_scale_word(row, column, kv_dim)]);
 }
 
-// The word holding the scale of element `column` of pool row `row`.
-fn q8_0_scale_word(row: u32, column: u32, kv_dim: u32) -> u32 {
-    return row * q8_0_row_words(kv_dim) + kv_dim / 4u + column / Q8_BLOCK;
-}
-
-fn q8_0_value(word: u32, column: u32, scale: u32) -> f32 {
-    return f32(extractBits(bitcast<i32>(word), 8u * (column % 4u), 8u)) * bitcast<f32>(scale);
-}
-
-fn key_at(row: u32, column: u32, kv_dim: u32) -> f32 {
-    return q8_0_value(k_cache[q8_0_value_word(row, column, kv_dim)], column, k_cache[q8_0_scale_word(row, column, kv_dim)]);
-}
-
-fn value_at(row: u32, column: u32, kv_dim: u32) -> f32 {
-    return q8_0_value(v_cache[q8_0_value_word(row, column, kv_dim)], column, v_cache[q8_0_scale_word(row, column, kv_dim)]);
+fn value_quad(row: u32, column: u32, kv_dim: u32) -> vec4<f32> {
+    return q8_0_quad(v_cache[q8_0_value_word(row, column, kv_dim)], v_cache[q8_0_scale_word(row, column, kv_dim)]);
 }

@@ -47,8 +47,9 @@ pub enum TileType {
     F16,
 }
 
-/// The element type of the KV pool (`alias kv_t`): what attention reads and, unless the pool is
-/// written through staging rows ([`crate::model::KvPool::staged`]), what the q/k/v projection writes.
+/// The element type of the KV pool (`alias kv_t`; attention reads it four elements at a time as
+/// `kv_quad_t`): what attention reads and, unless the pool is written through staging rows
+/// ([`crate::model::KvPool::staged`]), what the q/k/v projection writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum KvType {
     #[default]
@@ -91,6 +92,15 @@ impl KvType {
         match self {
             KvType::F32 => "f32",
             KvType::F16 => "f16",
+            KvType::Q8_0 => "u32",
+        }
+    }
+
+    /// The WGSL type attention reads the pool as: four elements at a time (a q8_0 word holds four).
+    fn quad_shader_type(self) -> &'static str {
+        match self {
+            KvType::F32 => "vec4<f32>",
+            KvType::F16 => "vec4<f16>",
             KvType::Q8_0 => "u32",
         }
     }
@@ -225,7 +235,9 @@ pub enum Piece {
     Tiles,
     /// The prefill product on cooperative matrices, in coop-matrix forms only.
     TiledCoop,
-    /// Reads of the KV pool's elements as f32, by the form's [`KvType`].
+    /// Where a q8_0 KV pool keeps an element, in q8_0 forms only.
+    KvLayout,
+    /// Reads of the KV pool's elements as f32, four at a time, by the form's [`KvType`].
     KvLoad,
     /// kv_store's conversion of a staged row's elements into the pool's type.
     KvStore,
@@ -240,7 +252,7 @@ macro_rules! lib_file {
 }
 
 /// Every file under `shaders/lib`, by name.
-pub const LIBRARY: [(&str, &str); 13] = [
+pub const LIBRARY: [(&str, &str); 14] = [
     lib_file!("step"),
     lib_file!("weights"),
     lib_file!("matmul_input"),
@@ -249,6 +261,7 @@ pub const LIBRARY: [(&str, &str); 13] = [
     lib_file!("gemv_reduction_subgroup"),
     lib_file!("tiles"),
     lib_file!("tiled_coop"),
+    lib_file!("kv_layout_q8_0"),
     lib_file!("kv_load_plain"),
     lib_file!("kv_load_q8_0"),
     lib_file!("kv_store_plain"),
@@ -269,6 +282,8 @@ impl Piece {
             Piece::Tiles => "tiles",
             Piece::TiledCoop if form.coop_matrix => "tiled_coop",
             Piece::TiledCoop => return None,
+            Piece::KvLayout if form.kv == KvType::Q8_0 => "kv_layout_q8_0",
+            Piece::KvLayout => return None,
             Piece::KvLoad if form.kv == KvType::Q8_0 => "kv_load_q8_0",
             Piece::KvLoad => "kv_load_plain",
             Piece::KvStore if form.kv == KvType::Q8_0 => "kv_store_q8_0",
@@ -352,7 +367,12 @@ impl Kernel {
             TileType::F16 => "f16",
         };
         source.push_str(&format!("alias tile_t = {tile_type};\nconst REGISTER_TILE: u32 = {}u;\n", form.register_tile.side()));
-        source.push_str(&format!("alias kv_t = {};\nconst KV_STORE_UNIT: u32 = {}u;\n", form.kv.shader_type(), form.kv.store_unit()));
+        source.push_str(&format!(
+            "alias kv_t = {};\nalias kv_quad_t = {};\nconst KV_STORE_UNIT: u32 = {}u;\n",
+            form.kv.shader_type(),
+            form.kv.quad_shader_type(),
+            form.kv.store_unit()
+        ));
         source.push_str(self.source);
         for piece in self.pieces {
             if let Some(text) = piece.file(form) {
@@ -382,8 +402,8 @@ macro_rules! kernel {
 kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Tiles, TiledCoop],
     [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut, Storage], in_bounds: true, kv_types: [F32, F16]);
 kernel!(QUANTIZE, "quantize", [Step, MatmulInput, Q8Block], [Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32]);
-kernel!(ATTENTION, "attention", [Step, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
-kernel!(KV_STORE, "kv_store", [Step, KvLoad, Q8Block, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
+kernel!(ATTENTION, "attention", [Step, KvLayout, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
+kernel!(KV_STORE, "kv_store", [Step, KvLayout, Q8Block, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(FILL, "fill", [], [StorageMut, Uniform], in_bounds: false, kv_types: [F32]);

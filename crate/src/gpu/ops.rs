@@ -777,6 +777,7 @@ pub fn attention(
     head_dim: usize,
     step: &wgpu::Buffer,
 ) -> Attention {
+    assert!(head_dim.is_multiple_of(4) && head_dim <= MAX_HEAD_DIM, "attention reads heads of whole quads, at most {MAX_HEAD_DIM}: head_dim {head_dim}");
     let buffers = kv.buffers.len();
     let kv_dim = n_kv_heads * head_dim;
     let form = ModuleForm { kv: gpu.kv_type, ..Default::default() };

@@ -169,8 +169,9 @@ impl Config {
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if !self.head_dim.is_multiple_of(2) || self.head_dim > crate::gpu::ops::MAX_HEAD_DIM {
-            return invalid(format!("head_dim {} must be even and at most {}", self.head_dim, crate::gpu::ops::MAX_HEAD_DIM));
+        // Even for RoPE's pairs; attention reads keys and values four elements at a time.
+        if !self.head_dim.is_multiple_of(4) || self.head_dim > crate::gpu::ops::MAX_HEAD_DIM {
+            return invalid(format!("head_dim {} must be a multiple of 4 and at most {}", self.head_dim, crate::gpu::ops::MAX_HEAD_DIM));
         }
         for (name, value) in [("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size)] {
             if value == 0 || value % 2 != 0 {
