@@ -3,7 +3,8 @@
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
 // Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
 // q4_1, q8_0) and `gemv_superblocks` (q4_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
-// workgroup, and `gemv_q8` (q4_0, q4_1, q8_0 over inputs quantize.wgsl made int8); `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
+// workgroup, and `gemv_q8` and `gemv_superblocks_q8` (the same over inputs quantize.wgsl made
+// int8); `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
 // cooperative matrices); `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
@@ -392,6 +393,13 @@ fn piece_dot(p: Piece, part: u32, a: array<vec4<f32>, 2>, b: array<vec4<f32>, 2>
     return p.scales.x * dot_a + p.scales.y * dot_b - dot(p.mins, x_sums);
 }
 
+// The first input column of each run of a piece: q4_k's runs at 64 part and + 32; q6_k's at half
+// part / 2, quarters part % 2 and + 2.
+fn piece_columns(sb: u32, part: u32, j: u32) -> vec2<u32> {
+    let col_a = sb * 256u + select((part / 2u) * 128u + (part % 2u) * 32u, part * 64u, WEIGHT_DTYPE == DTYPE_Q4_K) + 8u * j;
+    return vec2(col_a, col_a + select(64u, 32u, WEIGHT_DTYPE == DTYPE_Q4_K));
+}
+
 @compute @workgroup_size(GEMV_WG)
 fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
     let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
@@ -411,9 +419,9 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             // Slots past the end repeat the last one; their sums are not stored.
             pieces[r] = superblock_piece(matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb, part, j);
         }
-        // q4_k: runs at 64 part and + 32; q6_k: half part / 2, quarters part % 2 and + 2.
-        let col_a = sb * 256u + select((part / 2u) * 128u + (part % 2u) * 32u, part * 64u, WEIGHT_DTYPE == DTYPE_Q4_K) + 8u * j;
-        let col_b = col_a + select(64u, 32u, WEIGHT_DTYPE == DTYPE_Q4_K);
+        let cols = piece_columns(sb, part, j);
+        let col_a = cols.x;
+        let col_b = cols.y;
         for (var c = 0u; c < GEMV_COLUMNS; c++) {
             let x_base = column_base(t0, c);
             let a = array(input_quad(x_base, col_a), input_quad(x_base, col_a + 4u));
@@ -425,6 +433,65 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
             let x_sums = vec2(dot(a[0] + a[1], ones), dot(b[0] + b[1], ones));
             for (var r = 0u; r < GEMV_ROWS; r++) {
                 sums[c][r] += piece_dot(pieces[r], part, a, b, x_sums);
+            }
+        }
+    }
+    store_columns(thread, t0, row0, sums, squares);
+}
+
+// gemv_superblocks over inputs quantized by quantize.wgsl (crate::GpuOptions::q8_activations):
+// q4_k and q6_k pieces as int8 words (q6_k's 6-bit values made q - 32 in each byte) multiplied
+// with dot4I8Packed. A run of a piece is 8 weights of one 32-weight q8 input block (q4_k's
+// sub-blocks and q6_k's quarters are 32 long), so a run's product is one integer sum times its
+// scale and the block's d_x; q4_k's min takes a quarter of the block's sum from each of the
+// block's four pieces (j = 0..3).
+
+// A piece's runs as int8 words: a's and b's 8 weights each.
+fn piece_int_words(p: Piece, part: u32) -> array<vec2<u32>, 2> {
+    if (WEIGHT_DTYPE == DTYPE_Q4_K) {
+        return array(p.low & vec2(0x0f0f0f0fu), (p.low >> vec2(4u)) & vec2(0x0f0f0f0fu));
+    }
+    let shift = 2u * (part % 2u);
+    let a = (p.low & vec2(0x0f0f0f0fu)) | (((p.high >> vec2(shift)) & vec2(0x03030303u)) << vec2(4u));
+    let b = ((p.low >> vec2(4u)) & vec2(0x0f0f0f0fu)) | (((p.high >> vec2(shift + 4u)) & vec2(0x03030303u)) << vec2(4u));
+    // Each byte v (0..63) to v - 32: v + 0x60 has its top bit set where v >= 32, and flipping it
+    // subtracts 128 there and adds it elsewhere (mod 256).
+    return array((a + vec2(0x60606060u)) ^ vec2(0x80808080u), (b + vec2(0x60606060u)) ^ vec2(0x80808080u));
+}
+
+@compute @workgroup_size(GEMV_WG)
+fn gemv_superblocks_q8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
+    let t0 = wg.z * GEMV_COLUMNS;
+    if (row0 >= params.rows || t0 >= step.n_tokens) {
+        return;
+    }
+    let superblocks = params.k / 256u;
+    let blocks = params.k / Q8_BLOCK;
+    var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>;
+    var squares: array<f32, MAX_GEMV_COLUMNS>; // stays 0: quantize.wgsl applied RMSNorm
+    for (var index = thread.index; index < superblocks * 16u; index += GEMV_WG) {
+        let sb = index / 16u;
+        let part = index / 4u % 4u;
+        let j = index % 4u;
+        let input_blocks = piece_columns(sb, part, j) / Q8_BLOCK;
+        var inputs: array<array<vec2<u32>, 2>, MAX_GEMV_COLUMNS>; // per token, run a's and b's two words
+        var scales: array<vec4<f32>, MAX_GEMV_COLUMNS>;           // per token, d_x of a's and b's blocks, then a quarter of their sums
+        for (var c = 0u; c < GEMV_COLUMNS; c++) {
+            let row = min(t0 + c, step.n_tokens - 1u) * q8_row_words();
+            let first = row + input_blocks * (Q8_BLOCK / 4u) + 2u * j;
+            inputs[c] = array(vec2(x_q8[first.x], x_q8[first.x + 1u]), vec2(x_q8[first.y], x_q8[first.y + 1u]));
+            let at = row + params.k / 4u + input_blocks;
+            scales[c] = vec4(bitcast<f32>(x_q8[at.x]), bitcast<f32>(x_q8[at.y]), 0.25 * bitcast<f32>(x_q8[at.x + blocks]), 0.25 * bitcast<f32>(x_q8[at.y + blocks]));
+        }
+        for (var r = 0u; r < GEMV_ROWS; r++) {
+            // Slots past the end repeat the last one; their sums are not stored.
+            let piece = superblock_piece(matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb, part, j);
+            let words = piece_int_words(piece, part);
+            for (var c = 0u; c < GEMV_COLUMNS; c++) {
+                let a = dot4I8Packed(words[0].x, inputs[c][0].x) + dot4I8Packed(words[0].y, inputs[c][0].y);
+                let b = dot4I8Packed(words[1].x, inputs[c][1].x) + dot4I8Packed(words[1].y, inputs[c][1].y);
+                sums[c][r] += dot(piece.scales * scales[c].xy, vec2<f32>(vec2(a, b))) - dot(piece.mins, scales[c].zw);
             }
         }
     }

@@ -308,9 +308,9 @@ fn quantize_rounds_every_input_to_q8_as_the_cpu_does() {
     }
 }
 
-/// matmul.wgsl's gemv_q8 (q4_0, q4_1, q8_0 on q8 inputs) against the CPU's product of the weights
-/// with the values quantize.wgsl gave (read back): the products are exact integers, so only the
-/// order of the f32 sums differs. Both reductions, 1, 2 and 4 rows per workgroup, every fused
+/// matmul.wgsl's gemv_q8 (q4_0, q4_1, q8_0) and gemv_superblocks_q8 (q4_k, q6_k) on q8 inputs
+/// against the CPU's product of the weights with the values quantize.wgsl gave (read back): the
+/// products are exact integers, so only the order of the f32 sums differs. Both reductions, 1, 2 and 4 rows per workgroup, every fused
 /// input, one token and GEMVs of 8 (a partial workgroup and one past the pass), the sizes of
 /// gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup.
 #[test]
@@ -325,7 +325,7 @@ fn gemv_on_q8_inputs_matches_the_reference_on_those_inputs() {
             for (rows, k) in [(37, 2304), (3, 768)] {
                 let norm = random_vec(&mut rng(52), k, 2.0);
                 let norm_buffer = gpu.storage_buffer_with("norm", &norm);
-                for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+                for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
                     let (bytes, w) = weights(&gpu, 51, dtype, rows, k);
                     for n in [1, 3, 11] {
                         let (xb, cases) = fused_inputs(&gpu, n, k, n as u64 + 53, &norm, &norm_buffer);

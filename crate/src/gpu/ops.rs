@@ -511,6 +511,7 @@ pub fn matmul(
     // Each format's GEMV takes several rows per workgroup; the block formats' read their inputs as
     // vec4s (the block sizes make k a multiple of 32).
     let (entry, gemv_input) = match w.dtype {
+        DType::Q4K | DType::Q6K if x_q8.is_some() => ("gemv_superblocks_q8", MatmulInput::Plain),
         _ if x_q8.is_some() => ("gemv_q8", MatmulInput::Plain),
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", input),
         DType::Q4K | DType::Q6K => ("gemv_superblocks", input),
@@ -533,9 +534,9 @@ pub fn matmul(
     }
 }
 
-/// Whether matmul.wgsl's gemv_q8 multiplies weights of `dtype` (those of 32-weight blocks).
+/// Whether matmul.wgsl has a GEMV of `dtype` over q8 inputs (every llama.cpp block format).
 pub fn reads_q8_inputs(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K)
 }
 
 /// Words of a token row of quantize.wgsl's output for `k` inputs: the int8 values, 4 a word, then
