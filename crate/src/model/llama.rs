@@ -316,6 +316,13 @@ pub(super) enum PoolSize {
     AtMost { pages: usize, least: usize },
 }
 
+/// The KV pool while the weights upload: made already, or the bounds of the largest one the
+/// memory they leave holds.
+enum PoolDuringUpload {
+    Made(KvPool),
+    Later { pages: usize, least: usize },
+}
+
 impl LoadPlan {
     pub fn new(gpu: &Gpu, c: &Config, options: &LoadOptions) -> Result<Self> {
         if let Some(context) = options.context_length.filter(|&n| n > c.max_position_embeddings || n == 0) {
@@ -398,11 +405,11 @@ impl Llama {
         gpu.check_binding("logits", 4 * c.vocab_size as u64)?;
 
         // A pool of a given size is made first, so that one the device cannot hold fails before
-        // the weights upload.
-        let wanted_pages = wanted_context.div_ceil(PAGE_SIZE);
-        let sized_pool = match plan.pool {
-            PoolSize::Exactly(pages) => Some(KvPool::new(gpu, c, pages, wanted_pages, sequences).await?),
-            PoolSize::AtMost { .. } => None,
+        // the weights upload; the largest pool that fits is sought once they are in.
+        let pages_per_sequence = wanted_context.div_ceil(PAGE_SIZE);
+        let pool = match plan.pool {
+            PoolSize::Exactly(pages) => PoolDuringUpload::Made(KvPool::new(gpu, c, pages, pages_per_sequence, sequences).await?),
+            PoolSize::AtMost { pages, least } => PoolDuringUpload::Later { pages, least },
         };
         let f32_buffer = |label: &str, elements: usize| gpu.storage_buffer(label, 4 * elements as u64);
         let step = ops::step_buffer(gpu, StepParams::default());
@@ -420,10 +427,9 @@ impl Llama {
             Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
             Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
         };
-        let kv_pool = match (sized_pool, plan.pool) {
-            (Some(pool), _) => pool,
-            (None, PoolSize::Exactly(_)) => unreachable!("made before the upload"),
-            (None, PoolSize::AtMost { pages, least }) => KvPool::largest(gpu, c, pages, least, wanted_pages, sequences).await?,
+        let kv_pool = match pool {
+            PoolDuringUpload::Made(pool) => pool,
+            PoolDuringUpload::Later { pages, least } => KvPool::largest(gpu, c, pages, least, pages_per_sequence, sequences).await?,
         };
         let context = match options.context_length {
             Some(context) => context,
