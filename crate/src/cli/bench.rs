@@ -540,7 +540,8 @@ fn report(
     let rows: Vec<String> = gemv_rows_by_matrix(gpu, model.config()).map(|(matrix, n)| format!("{matrix} {n}")).to_vec();
     let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
     println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
-    println!("matmuls as GEMVs up to {} tokens per pass, as tiles beyond", gpu.gemv_max_tokens);
+    let inputs = if gpu.q8_activations { "int8 blocks, --q8-activations" } else { "f32" };
+    println!("matmuls as GEMVs up to {} tokens per pass (inputs: {inputs}), as tiles beyond", gpu.gemv_max_tokens);
 }
 
 /// Rows per workgroup the GEMVs take for each matrix of the model, unsplit (q/k/v's rotary output
