@@ -13,7 +13,8 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
 }
 
 /// Runs a q4_0 matrix product (GEMVs of one and of several tokens, on q8 inputs where the device
-/// quantizes them, and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal attention and argmax on the GPU and checks each against its CPU reference.
+/// quantizes them, and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal attention and
+/// argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (rows, k, n) = (24, 64, 9);
     // The fewest tokens the matmuls run as tiles, where a pass and the binding limit hold them.
