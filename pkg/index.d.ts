@@ -35,10 +35,10 @@ export interface EngineOptions {
    */
   kvType?: "f16" | "f32" | "q8_0";
   /**
-   * Decode matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs
-   * rounded to int8 blocks of 32 and multiply with integer dot products, as llama.cpp does: fewer
-   * bytes and instructions per weight, logits no longer exact to f32 inputs (log probabilities
-   * move by up to about 0.15 on SmolLM2-135M). Default false.
+   * Matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs rounded
+   * to int8 blocks of 32, and decode multiplies them with integer dot products, as llama.cpp does:
+   * fewer bytes and instructions per weight, logits no longer exact to f32 inputs (log
+   * probabilities move by up to about 0.15 on SmolLM2-135M). Default false.
    */
   q8Activations?: boolean;
   /**

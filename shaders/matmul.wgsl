@@ -73,6 +73,9 @@ const GEMV_WG: u32 = 64u;
 // (ops::gemv_rows): more rows reuse each loaded input more, fewer make more workgroups to fill a
 // large GPU. Rotary output needs an even number.
 override GEMV_ROWS: u32 = 4u;
+// The tiles stage inputs quantize.wgsl made int8 (crate::GpuOptions::q8_activations), as the
+// q8 GEMVs read them, so that a token's products do not depend on the strategy its pass takes.
+override Q8_INPUTS: bool = false;
 // Tokens per GEMV workgroup: 1 for a lone sequence's decode step, MAX_GEMV_COLUMNS for a pass of
 // several sequences' tokens, which then load and decode each weight once for all of them.
 override GEMV_COLUMNS: u32 = 1u;

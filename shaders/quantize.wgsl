@@ -1,7 +1,7 @@
-// A decode matmul's input rows quantized to q8 blocks for matmul.wgsl's gemv_q8
-// (crate::GpuOptions::q8_activations): each row transformed by INPUT as the matmul would (the op
-// before it fused: lib/matmul_input.wgsl), then cut into blocks of Q8_BLOCK values quantized by
-// lib/q8_block. A token's row in x_q8 is k / 4 words of int8 values (value i in byte i % 4 of word
+// A matmul's input rows quantized to q8 blocks for matmul.wgsl's gemv_q8, gemv_superblocks_q8
+// and tiles (crate::GpuOptions::q8_activations): each row transformed by INPUT as the matmul
+// would (the op before it fused: lib/matmul_input.wgsl), then cut into blocks of Q8_BLOCK values
+// quantized by lib/q8_block. A token's row in x_q8 is k / 4 words of int8 values (value i in byte i % 4 of word
 // i / 4), then each block's scale d, then each block's d * (sum of its values), as f32 bits
 // (crate::gpu::ops::q8_row_words).
 // PyTorch, per block b of 32 of y = f(x):  d[b] = y[b].abs().max() / 127;  q[b] = (y[b] / d[b]).round()

@@ -170,7 +170,7 @@ struct WebLoadOptions {
     kv_type: Option<String>,
     /// Where `hf:` references are looked up (default: the Hugging Face Hub).
     hub_endpoint: Option<String>,
-    /// Decode matmuls of block-quantized weights on int8 inputs (GpuOptions::q8_activations).
+    /// Matmuls of block-quantized weights on int8 inputs (GpuOptions::q8_activations).
     q8_activations: Option<bool>,
 }
 

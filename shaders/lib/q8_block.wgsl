@@ -1,6 +1,6 @@
 // Quantizing Q8_BLOCK values to int8 and a scale, ggml's q8_0 rule with the scale kept in f32
-// (crate::gpu::kernels::quantize_q8_block is the CPU's): for a q8_0 KV pool's rows (kv_store) and
-// the decode GEMVs' quantized inputs (quantize).
+// (crate::gpu::kernels::quantize_q8_block is the CPU's), for a q8_0 KV pool's rows (kv_store) and
+// the matmuls' quantized inputs (quantize); and reading four of them back.
 
 struct Q8Block {
     words: array<u32, Q8_BLOCK / 4u>, // value i in byte i % 4 of word i / 4
@@ -25,4 +25,10 @@ fn q8_block(values: array<f32, Q8_BLOCK>) -> Q8Block {
         block.quant_sum += q;
     }
     return block;
+}
+
+// The four int8 values of `word` times `scale`.
+fn q8_quad(word: u32, scale: f32) -> vec4<f32> {
+    let values = (vec4(bitcast<i32>(word)) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u);
+    return vec4<f32>(values) * scale;
 }

@@ -35,9 +35,9 @@ struct Cli {
     /// shader-f16, else f32; q8_0 (int8 blocks, 1.125 bytes an element) on any adapter.
     #[arg(long, global = true, value_parser = parse_kv_type)]
     kv_type: Option<KvType>,
-    /// Decode matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs
-    /// rounded to int8 blocks and multiply with integer dot products (as llama.cpp does): faster,
-    /// logits no longer exact to f32 inputs.
+    /// Matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs rounded
+    /// to int8 blocks, and decode multiplies them with integer dot products (as llama.cpp does):
+    /// faster decoding, logits no longer exact to f32 inputs.
     #[arg(long, global = true)]
     q8_activations: bool,
     #[command(subcommand)]

@@ -241,7 +241,7 @@ pub enum Piece {
     KvLoad,
     /// kv_store's conversion of a staged row's elements into the pool's type.
     KvStore,
-    /// Quantizing a block of values to int8 and a scale.
+    /// Quantizing a block of values to int8 and a scale, and reading them back.
     Q8Block,
 }
 
@@ -399,10 +399,10 @@ macro_rules! kernel {
 // The hot kernel: rows, columns and tokens are checked against params; reads past a part's
 // last row stay within the padding of its last word. Its rotary output writes f32 or f16 pools
 // itself; q8_0 ones through staging rows in f32 and kv_store.
-kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Tiles, TiledCoop],
+kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Q8Block, Tiles, TiledCoop],
     [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut, Storage], in_bounds: true, kv_types: [F32, F16]);
 kernel!(QUANTIZE, "quantize", [Step, MatmulInput, Q8Block], [Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32]);
-kernel!(ATTENTION, "attention", [Step, KvLayout, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
+kernel!(ATTENTION, "attention", [Step, KvLayout, Q8Block, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(KV_STORE, "kv_store", [Step, KvLayout, Q8Block, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);

@@ -86,11 +86,12 @@ pub struct GpuOptions {
     /// The KV pool's element type: f16 where the adapter has shader-f16 (half the memory of f32,
     /// logits within about 1e-2 of it), f32 elsewhere, unless given.
     pub kv_type: Option<KvType>,
-    /// Decode GEMVs of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs
-    /// quantized to blocks of 32 int8 values and a scale (a dispatch per matrix quantizes them) and
-    /// multiply with 4-wide integer dot products, as llama.cpp's mul_mat_vec_q: a quarter of the
-    /// input bytes and far fewer instructions per weight, at the cost of exact f32 inputs (logits
-    /// within 0.2 of their spread on the random-weight fixtures). Off unless asked for.
+    /// Matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs quantized
+    /// to blocks of 32 int8 values and a scale (a dispatch per matrix quantizes them); the decode
+    /// GEMVs multiply them with 4-wide integer dot products, as llama.cpp's mul_mat_vec_q (a
+    /// quarter of the input bytes and far fewer instructions per weight), the prefill tiles stage
+    /// them dequantized. At the cost of exact f32 inputs: logits within 0.2 of their spread on the
+    /// random-weight fixtures. Off unless asked for.
     pub q8_activations: bool,
 }
 

@@ -492,8 +492,9 @@ impl MatmulOutput<'_> {
 }
 
 /// out = f(x) @ w.T (or out += f(x) @ w.T, or the rotary output), one dispatch per part of `w`.
-/// With `x_q8`, the decode GEMVs of a format [`reads_q8_inputs`] take f(x) from there, quantized
-/// by a [`quantize_input`] op the caller runs first ([`ByTokens::after`]), and multiply in integers.
+/// With `x_q8`, a matrix of a format [`reads_q8_inputs`] takes f(x) from there, quantized by a
+/// [`quantize_input`] op the caller runs first ([`ByTokens::after`]): the GEMVs multiply in
+/// integers, the tiles stage the dequantized values.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu,
@@ -509,8 +510,9 @@ pub fn matmul(
     let rotary = matches!(output, MatmulOutput::Rotary(_));
     let x_q8 = x_q8.filter(|_| reads_q8_inputs(w.dtype));
     // Each format's GEMV takes several rows per workgroup; the block formats' read their inputs as
-    // vec4s (the block sizes make k a multiple of 32).
-    let (entry, gemv_input) = match w.dtype {
+    // vec4s (the block sizes make k a multiple of 32). On q8 inputs every strategy reads them as
+    // the quantize op left them, its INPUT applied.
+    let (entry, input) = match w.dtype {
         DType::Q4K | DType::Q6K if x_q8.is_some() => ("gemv_superblocks_q8", MatmulInput::Plain),
         _ if x_q8.is_some() => ("gemv_q8", MatmulInput::Plain),
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", input),
@@ -519,17 +521,17 @@ pub fn matmul(
     };
     assert!(entry == "gemv" || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
     let gemv = |columns: u32| {
-        weight_op(gpu, entry, x, gemv_input, x_q8, w, out, output, layout, step, |rows| {
+        weight_op(gpu, entry, x, input, x_q8, w, out, output, layout, step, |rows| {
             let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
             let constants = vec![("GEMV_ROWS", per_workgroup as f64), ("GEMV_COLUMNS", columns as f64)];
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup), columns), constants)
         })
     };
-    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![]);
+    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![("Q8_INPUTS", x_q8.is_some() as u8 as f64)]);
     ByTokens {
         one: gemv(1),
         few: gemv(GEMV_COLUMNS),
-        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, None, w, out, output, layout, step, tiles),
+        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, x_q8, w, out, output, layout, step, tiles),
         gemv_max_tokens: gpu.gemv_max_tokens,
     }
 }
@@ -574,9 +576,9 @@ pub fn gemv_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>, rotar
 }
 
 impl ByTokens {
-    /// The decode strategies with `first` (the quantize op of their q8 inputs) before them.
+    /// Every strategy with `first` (the quantize op of their q8 inputs) before it.
     pub fn after(mut self, first: Op) -> ByTokens {
-        for op in [&mut self.one, &mut self.few] {
+        for op in [&mut self.one, &mut self.few, &mut self.many] {
             op.dispatches.splice(0..0, first.dispatches.iter().cloned());
         }
         self

@@ -12,8 +12,8 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32).map(|i| (reference::fill_word(i, seed, u32::MAX) % 2000) as f32 / 1000.0 - 1.0).collect()
 }
 
-/// Runs a q4_0 matrix product (GEMVs of one and of several tokens, on q8 inputs where the device
-/// quantizes them, and tiled) of plain, RMSNorm-ed and SiLU-gated inputs, causal attention and
+/// Runs a q4_0 matrix product (GEMVs of one and of several tokens, and tiled; on q8 inputs where
+/// the device quantizes them) of plain, RMSNorm-ed and SiLU-gated inputs, causal attention and
 /// argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     let (rows, k, n) = (24, 64, 9);
@@ -44,7 +44,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         for tokens in [1, 3, tiled] {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let step = step(tokens, 0);
-            let q8 = gpu.q8_activations && tokens < tiled;
+            let q8 = gpu.q8_activations;
             let mut op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step, q8.then_some(&x_q8));
             if q8 {
                 op = op.after(ops::quantize_input(gpu, &x_buffer, input, k, layout.in_stride, &x_q8, &step));

@@ -452,11 +452,10 @@ impl Llama {
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &c.rope_cos_sin(context));
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
-        // Decode GEMVs on q8 inputs (GpuOptions::q8_activations): one scratch buffer that each
-        // stack's quantize op fills right before its GEMVs read it.
-        let q8_rows = (gpu.gemv_max_tokens as usize).min(max_batch);
+        // Matmuls on q8 inputs (GpuOptions::q8_activations): one scratch buffer that each stack's
+        // quantize op fills right before its matmul reads it.
         let widest_input = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
-        let x_q8 = gpu.q8_activations.then(|| gpu.storage_buffer("q8 inputs", 4 * (q8_rows * ops::q8_row_words(widest_input)) as u64));
+        let x_q8 = gpu.q8_activations.then(|| gpu.storage_buffer("q8 inputs", 4 * (max_batch * ops::q8_row_words(widest_input)) as u64));
         // One dispatch per part of each block of a stacked matrix (and the stack's quantize op).
         let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, output: MatmulOutput, layout: MatmulLayout, step: &wgpu::Buffer| {
             let x_q8 = x_q8.as_ref().filter(|_| w.blocks.iter().any(|(_, m)| ops::reads_q8_inputs(m.dtype)));
