@@ -6,12 +6,14 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{golden, gpu, load_model, rng, truncated_llama3_tokenizer};
+use common::{exact, golden, gpu, gpu_with, load_model, rng, truncated_llama3_tokenizer};
 use llama_webgpu::api::{FinishReason, Logprobs, ResponseFormat, SamplingParams};
 use llama_webgpu::engine::{Event, SequenceId};
 use llama_webgpu::model::{PageAllocator, PAGE_SIZE};
 use llama_webgpu::text::ChatTemplate;
-use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
+use llama_webgpu::load::ShardDir;
+use llama_webgpu::quant::DType;
+use llama_webgpu::{CancelToken, Completion, Engine, GpuOptions, Llama, LoadOptions};
 use rand::Rng;
 
 const FIXTURE: &str = "tiny-llama31";
@@ -24,9 +26,22 @@ fn engine(max_sequences: usize, kv_memory: Option<u64>) -> Option<Engine> {
 fn engine_with(options: LoadOptions) -> Option<Engine> {
     let gpu = gpu()?;
     let options = LoadOptions { context_length: Some(CONTEXT), ..options };
-    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    Some(engine_of(load_model(&gpu, FIXTURE, &options).unwrap()))
+}
+
+fn engine_of(model: Llama) -> Engine {
     let tokenizer = truncated_llama3_tokenizer(model.config().vocab_size);
-    Some(Engine::new(model, tokenizer, ChatTemplate::llama31(), 1).unwrap())
+    Engine::new(model, tokenizer, ChatTemplate::llama31(), 1).unwrap()
+}
+
+/// The fixture in q4_0 shards (converted once) on a device whose matmuls take int8 inputs
+/// (GpuOptions::q8_activations).
+fn q8_model(max_sequences: usize) -> Option<Llama> {
+    static SHARDS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let gpu = gpu_with(&GpuOptions { q8_activations: true, ..exact() })?;
+    let shards = ShardDir::open(SHARDS.get_or_init(|| common::convert(FIXTURE, DType::Q4_0, 64 << 20))).unwrap();
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences, ..Default::default() };
+    Some(pollster::block_on(Llama::load(&gpu, shards.manifest.model_config().unwrap(), &shards, &options, &mut |_| {})).unwrap())
 }
 
 /// Prompts of different lengths cut from the golden prompt and shifted through the vocabulary.
@@ -83,10 +98,15 @@ fn run_together(engine: &mut Engine, requests: &[Request]) -> Vec<(Completion, S
 
 /// Each request alone on a fresh single-sequence engine.
 fn run_alone(requests: &[Request]) -> Vec<Completion> {
+    run_alone_on(requests, || engine(1, None).unwrap())
+}
+
+/// Each request alone on a fresh engine that `single` makes.
+fn run_alone_on(requests: &[Request], single: impl Fn() -> Engine) -> Vec<Completion> {
     requests
         .iter()
         .map(|request| {
-            let mut engine = engine(1, None).unwrap();
+            let mut engine = single();
             let mut count = 0;
             let cancel = CancelToken::default();
             let completion = pollster::block_on(engine.generate(&request.prompt, &request.params, &cancel, &mut |delta| {
@@ -140,6 +160,44 @@ fn concurrent_greedy_requests_produce_the_tokens_of_each_alone() {
     assert_same_as_alone(&requests, &together, &run_alone(&requests));
     assert_eq!((together[3].0.finish_reason, together[11].0.finish_reason), (FinishReason::Abort, FinishReason::Abort));
     assert_eq!(engine.load().kv_pages_free, free_at_start);
+}
+
+/// The same with the matmuls on int8 inputs (GpuOptions::q8_activations). A pass's GEMVs and
+/// tiles read the same quantized inputs, but the order of f32 sums, which batching changes, now
+/// decides which way a value on a rounding boundary goes, and one step of int8 moves the logits
+/// by far more than the order does (GEMVs against tiles on one 32-token prompt: 4.6e-2 against
+/// 8e-6 on f32 inputs). So a request may leave its tokens alone, but only where the two candidates
+/// lie within Q8_BATCH_MARGIN of the logits' spread there (measured: request 9 at its first token,
+/// 1.6e-3 apart).
+#[test]
+fn concurrent_greedy_requests_on_q8_inputs_produce_the_tokens_of_each_alone_where_margins_allow() {
+    let Some(mut engine) = q8_model(16).map(engine_of) else { return };
+    let requests = requests(|i| SamplingParams { temperature: Some(0.0), max_tokens: Some(6 + (i as u32 * 5) % 17), ..Default::default() });
+    let together = run_together(&mut engine, &requests);
+    let alone = run_alone_on(&requests, || engine_of(q8_model(1).unwrap()));
+    let mut model = q8_model(1).unwrap();
+    let mut left = 0;
+    for (i, ((together, _), alone)) in together.iter().zip(&alone).enumerate() {
+        let Some(step) = together.tokens.iter().zip(&alone.tokens).position(|(a, b)| a != b) else {
+            assert_eq!((&together.tokens, together.finish_reason), (&alone.tokens, alone.finish_reason), "request {i}");
+            continue;
+        };
+        let context = [&requests[i].prompt[..], &alone.tokens[..step]].concat();
+        let logits = pollster::block_on(model.forward(&context, 0)).unwrap();
+        let margin = logits[alone.tokens[step] as usize] - logits[together.tokens[step] as usize];
+        let spread = standard_deviation(&logits);
+        println!("request {i} leaves its tokens alone at step {step}, where they were {:.2e} of the spread apart", margin / spread);
+        assert!(margin <= Q8_BATCH_MARGIN * spread, "request {i}: step {step} took {} over {} (margin {:.2e} of the spread)", together.tokens[step], alone.tokens[step], margin / spread);
+        left += 1;
+    }
+    assert!(left <= 2, "{left} of 16 requests left their tokens alone");
+}
+
+const Q8_BATCH_MARGIN: f32 = 0.02;
+
+fn standard_deviation(values: &[f32]) -> f32 {
+    let mean = values.iter().sum::<f32>() / values.len() as f32;
+    (values.iter().map(|l| (l - mean).powi(2)).sum::<f32>() / values.len() as f32).sqrt()
 }
 
 #[test]
@@ -365,3 +423,4 @@ fn the_page_allocator_keeps_its_count_through_a_thousand_admissions() {
     }
     assert_eq!((pages.free(), pages.available()), (40, 40));
 }
+

@@ -230,3 +230,35 @@ pub fn cpu_forward(config: &llama_webgpu::Config, weights: &dyn llama_webgpu::lo
     let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
     reference::matmul(&normed, &tensor(head), DType::F32, c.vocab_size, hidden)
 }
+
+/// A fresh temporary folder of its own (tests run in parallel threads of one process).
+pub fn temp_dir(name: &str) -> PathBuf {
+    static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("llama-webgpu-test-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A copy of a fixture with a tokenizer (the fixtures have none): the Llama 3 tokenizer cut to its
+/// vocabulary.
+pub fn fixture_with_tokenizer(name: &str) -> PathBuf {
+    let dir = temp_dir(&format!("{name}-src"));
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json" || e == "safetensors") && !path.ends_with("golden.json") {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("tokenizer.json"), truncated_llama3_tokenizer(1003).to_json().unwrap()).unwrap();
+    dir
+}
+
+/// Fixture `name` converted to shards of `quant`, in a folder of its own.
+pub fn convert(name: &str, quant: llama_webgpu::quant::DType, shard_bytes: u64) -> PathBuf {
+    let source = fixture_with_tokenizer(name);
+    let out = temp_dir(&format!("{name}-{quant}"));
+    llama_webgpu::load::convert(&source, quant, shard_bytes, &out, &mut |_| {}).unwrap();
+    out
+}

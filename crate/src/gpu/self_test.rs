@@ -37,11 +37,12 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         ("matmul q4_0 of silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
     ];
     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-    let x_q8 = gpu.storage_buffer("self-test q8 inputs", 4 * (tiled * ops::q8_row_words(k)) as u64);
+    let token_counts = [1, 3, tiled];
+    let x_q8 = gpu.storage_buffer("self-test q8 inputs", 4 * (3.max(tiled) * ops::q8_row_words(k)) as u64);
     for (kernel, input, input_rows) in cases {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
         let q8_product = reference::matmul(&KvType::Q8_0.rounded(&input_rows), &weights, DType::Q4_0, rows, k);
-        for tokens in [1, 3, tiled] {
+        for tokens in token_counts {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let step = step(tokens, 0);
             let q8 = gpu.q8_activations;
