@@ -346,11 +346,18 @@ for path in sorted(out.glob("baseline-*.json")):
     commit = json.loads(lines[0]).get("commit", "unknown") if lines else "unknown"
     for test in sorted(set(old) & set(new)):
         print(f"\n{name} {test}: {new[test]:.1f} tok/s against {old[test]:.1f} at baseline {commit[:8]}: x{new[test] / old[test]:.3f}", end="")
+# Decode on int8 inputs against the same run on f32 inputs, same binary.
+for path in sorted(out.glob("*-q8-activations.json")):
+    name = path.stem.removesuffix("-q8-activations")
+    off, on = means(out / f"{name}.json"), means(path)
+    for test in sorted(set(off) & set(on)):
+        print(f"\n{name} {test}: {on[test]:.1f} tok/s on int8 inputs against {off[test]:.1f} on f32: x{on[test] / off[test]:.3f}", end="")
 print()
-profile = out / "8b-q4_0-profile.json"
-if profile.exists() and profile.read_text():
+for profile in [out / "8b-q4_0-profile.json", out / "8b-q4_0-q8-activations-profile.json"]:
+    if not profile.exists() or not profile.read_text():
+        continue
     report = json.loads(profile.read_text().splitlines()[0])
-    print("\n| kernel | dispatches/token | us/token | GB/s |")
+    print(f"\n{profile.stem}\n\n| kernel | dispatches/token | us/token | GB/s |")
     print("| --- | ---: | ---: | ---: |")
     for k in report["profile"] or []:
         print(f"| {k['kernel']} | {k['dispatches_per_token']:.0f} | {k['us_per_token']:.1f} | {k['gbps']:.0f} |")
