@@ -3,8 +3,8 @@
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
 // Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
 // q4_1, q8_0) and `gemv_superblocks` (q4_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
-// workgroup, and `gemv_q8` and `gemv_superblocks_q8` (the same over inputs quantize.wgsl made
-// int8); `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
+// workgroup, the last two on f32 inputs or on inputs quantize.wgsl made int8 (Q8_INPUTS);
+// `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
 // cooperative matrices); `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
 // output columns [row_start, row_start + rows) (the gather: the tokens whose row is in the part).
@@ -73,8 +73,9 @@ const GEMV_WG: u32 = 64u;
 // (ops::gemv_rows): more rows reuse each loaded input more, fewer make more workgroups to fill a
 // large GPU. Rotary output needs an even number.
 override GEMV_ROWS: u32 = 4u;
-// The tiles stage inputs quantize.wgsl made int8 (crate::GpuOptions::q8_activations), as the
-// q8 GEMVs read them, so that a token's products do not depend on the strategy its pass takes.
+// The products read inputs quantize.wgsl made int8 (crate::GpuOptions::q8_activations): the
+// block GEMVs multiply them in integers, the tiles stage them dequantized, so that a token's
+// products do not depend on the strategy its pass takes.
 override Q8_INPUTS: bool = false;
 // Tokens per GEMV workgroup: 1 for a lone sequence's decode step, MAX_GEMV_COLUMNS for a pass of
 // several sequences' tokens, which then load and decode each weight once for all of them.
@@ -87,35 +88,52 @@ struct Totals {
     squares: f32,
 }
 
+// The first output slot and the first token of a GEMV workgroup (rows are laid over x and y so
+// that huge matrices fit the grid), and whether it has any of either.
+struct GemvOrigin {
+    row0: u32,
+    t0: u32,
+    idle: bool,
+}
 
+fn gemv_origin(wg: vec3<u32>, n_wg: vec3<u32>) -> GemvOrigin {
+    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
+    let t0 = wg.z * GEMV_COLUMNS;
+    return GemvOrigin(row0, t0, row0 >= params.rows || t0 >= step.n_tokens);
+}
 
-// The first input row of a GEMV workgroup's column c (token t0 + c); columns past the pass's
-// tokens read the last token's row, and their sums are not stored.
-fn column_base(t0: u32, c: u32) -> u32 {
-    return min(t0 + c, step.n_tokens - 1u) * params.in_stride;
+// The token of a GEMV workgroup's column c (t0 + c); columns past the pass's tokens read the last
+// token's inputs, and their sums are not stored.
+fn column_token(t0: u32, c: u32) -> u32 {
+    return min(t0 + c, step.n_tokens - 1u);
 }
 
 // The end of a GEMV: the workgroup's sums of slots row0.. for each of its tokens (scaled for
 // RMSNorm) stored, thread i storing slot i % GEMV_ROWS of token t0 + i / GEMV_ROWS.
-fn store_columns(thread: Thread, t0: u32, row0: u32, sums: array<vec4<f32>, MAX_GEMV_COLUMNS>, squares: array<f32, MAX_GEMV_COLUMNS>) {
+fn store_columns(thread: Thread, origin: GemvOrigin, sums: array<vec4<f32>, MAX_GEMV_COLUMNS>, squares: array<f32, MAX_GEMV_COLUMNS>) {
     reduce_columns(thread, sums, squares);
     let c = thread.index / GEMV_ROWS;
     let r = thread.index % GEMV_ROWS;
-    if (c < GEMV_COLUMNS && t0 + c < step.n_tokens && row0 + r < params.rows) {
+    if (c < GEMV_COLUMNS && origin.t0 + c < step.n_tokens && origin.row0 + r < params.rows) {
         let totals = column_totals(thread, c);
         let scale = row_scale(totals.squares);
-        store(t0 + c, row0 + r, totals.sums[r] * scale, totals.sums[r ^ 1u] * scale);
+        store(origin.t0 + c, origin.row0 + r, totals.sums[r] * scale, totals.sums[r ^ 1u] * scale);
     }
 }
 
-// GEMV for f32, f16 and bf16, GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup (rows are laid
-// over x and y so that huge matrices fit the grid): each thread takes pairs of columns, loading a
-// pair's weights once for every token and each token's inputs once for every row.
+// The matrix row of a GEMV workgroup's slot r; slots past the end repeat the last one, and their
+// sums are not stored.
+fn slot_row(origin: GemvOrigin, r: u32) -> u32 {
+    return matrix_row(min(origin.row0 + r, params.rows - 1u));
+}
+
+// GEMV for f32, f16 and bf16, GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup: each thread
+// takes pairs of columns, loading a pair's weights once for every token and each token's inputs
+// once for every row.
 @compute @workgroup_size(GEMV_WG)
 fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t0 = wg.z * GEMV_COLUMNS;
-    if (row0 >= params.rows || t0 >= step.n_tokens) {
+    let origin = gemv_origin(wg, n_wg);
+    if (origin.idle) {
         return;
     }
     var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>; // per token, slots row0..row0 + GEMV_ROWS - 1
@@ -123,11 +141,10 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
     for (var col = 2u * thread.index; col < params.k; col += 2u * GEMV_WG) {
         var weights: array<vec2<f32>, 4>;
         for (var r = 0u; r < GEMV_ROWS; r++) {
-            // Slots past the end repeat the last one; their sums are not stored.
-            weights[r] = weight_pair(matrix_row(min(row0 + r, params.rows - 1u)), col);
+            weights[r] = weight_pair(slot_row(origin, r), col);
         }
         for (var c = 0u; c < GEMV_COLUMNS; c++) {
-            let x_base = column_base(t0, c);
+            let x_base = column_token(origin.t0, c) * params.in_stride;
             let input = input_pair(x_base, col);
             if (INPUT == INPUT_RMSNORM) {
                 let v = vec2(x_at(x_base + col), x_at(x_base + col + 1u));
@@ -138,19 +155,45 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
             }
         }
     }
-    store_columns(thread, t0, row0, sums, squares);
+    store_columns(thread, origin, sums, squares);
+}
+
+// The block GEMVs below take their inputs as f32 (f(x) from x, INPUT applied on the way in) or,
+// with Q8_INPUTS (crate::GpuOptions::q8_activations), as quantize.wgsl left them in x_q8: each
+// 32-block of a token's inputs as int8 values with an f32 scale d_x and the block's sum. On those,
+// 8 weights meet 8 inputs as two words of int8 each in two 4-wide integer dot products
+// (dot4I8Packed): the products sum exactly, and one conversion and the scalings per 8 remain. That
+// is the product of the dequantized weights with the dequantized inputs, llama.cpp's
+// mul_mat_vec_q with an f32 scale. A weight block's offset (q4_1's min, q4_k's) multiplies the
+// sum of its inputs, which a q8 block gives whole: each of the block's four lanes adds a quarter.
+
+// Words between token rows of x_q8: the values (4 a word), each block's scale, each block's sum.
+fn q8_row_words() -> u32 {
+    return params.k / 4u + 2u * (params.k / Q8_BLOCK);
+}
+
+// The scale d_x of q8 input block `block` of the token row at `row`, and a quarter of its sum.
+fn q8_block_scales(row: u32, block: u32) -> vec2<f32> {
+    let scale_at = row + params.k / 4u + block;
+    return vec2(bitcast<f32>(x_q8[scale_at]), 0.25 * bitcast<f32>(x_q8[scale_at + params.k / Q8_BLOCK]));
+}
+
+// Each byte b of `words` to b - offset in two's complement, for b < 128 + offset and offset a
+// power of two below 128: b + (128 - offset) has its top bit set where b >= offset, and flipping
+// it subtracts 128 there and adds it elsewhere (mod 256).
+fn offset_bytes(words: vec2<u32>, offset: u32) -> vec2<u32> {
+    return (words + vec2((128u - offset) * 0x01010101u)) ^ vec2(0x80808080u);
 }
 
 // GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_ROWS rows of GEMV_COLUMNS
 // tokens per workgroup. Four neighbouring threads share a block, each taking a quarter of it: 8
 // weights, from one q4 quant word (word j's low nibbles are the block's weights 4j..4j + 3, its high
-// nibbles 16 + 4j..) or two q8_0 words (weights 8j..8j + 7). So a subgroup's loads of inputs (2 vec4
-// per thread and token) and of quants each cover contiguous memory; a thread decodes each quarter
-// once for every token and loads each token's 8 inputs once for every row. The offset comes out of
-// the dot product: q4_0 d * sum x q - 8 d * sum x, q4_1 d * sum x q + m * sum x. A thread takes two
-// quarters per step (GEMV_WG apart) to have twice the loads in flight.
-
-
+// nibbles 16 + 4j..) or two q8_0 words (weights 8j..8j + 7). So a subgroup's loads of inputs and of
+// quants each cover contiguous memory; a thread decodes each quarter once for every token and loads
+// each token's 8 inputs once for every row. The offset comes out of the dot product: q4_0
+// d * sum x q - 8 d * sum x (on q8 inputs the nibbles become q - 8 instead), q4_1
+// d * sum x q + m * sum x. A thread takes two quarters per step (GEMV_WG apart) to have twice the
+// loads in flight.
 
 // The block columns of quarter j's inputs: two quads, whose weights a Quarter holds in order.
 fn quarter_cols(j: u32) -> vec2<u32> {
@@ -160,11 +203,12 @@ fn quarter_cols(j: u32) -> vec2<u32> {
     return vec2(4u * j, 16u + 4u * j);
 }
 
-// A decoded quarter: its quants as the two quads of quarter_cols, and the scale d and offset m of
-// sum x w = d (sum x q) + m (sum x).
+// A decoded quarter: its weights as the two quads of quarter_cols, as floats or (Q8_INPUTS) as
+// two words of int8, and the scale d and offset m of sum x w = d (sum x q) + m (sum x).
 struct Quarter {
     a: vec4<f32>,
     b: vec4<f32>,
+    words: vec2<u32>,
     d: f32,
     m: f32,
 }
@@ -175,37 +219,84 @@ fn quarter_weights(block: u32, j: u32) -> Quarter {
         case DTYPE_Q4_0: { // q4_0: the part's quants (4 words a block), then its scales
             let q = quant_word(block, Q4_0_QUANTS, j);
             let d = block_scale(block, Q4_0_QUANTS, 32u);
-            return Quarter(low_nibbles(q), high_nibbles(q), d, -8.0 * d);
+            if (Q8_INPUTS) {
+                return Quarter(vec4(0.0), vec4(0.0), offset_bytes(vec2(q, q >> 4u) & vec2(0x0f0f0f0fu), 8u), d, 0.0);
+            }
+            return Quarter(low_nibbles(q), high_nibbles(q), vec2(0u), d, -8.0 * d);
         }
         case DTYPE_Q4_1: { // q4_1: f16 d, f16 m, 16 bytes of nibbles (20: word-aligned)
             let start = block * (DTYPE_Q4_1_BLOCK_BYTES / 4u);
             let q = w[start + 1u + j];
             let dm = unpack2x16float(w[start]);
-            return Quarter(low_nibbles(q), high_nibbles(q), dm.x, dm.y);
+            if (Q8_INPUTS) {
+                return Quarter(vec4(0.0), vec4(0.0), vec2(q, q >> 4u) & vec2(0x0f0f0f0fu), dm.x, dm.y);
+            }
+            return Quarter(low_nibbles(q), high_nibbles(q), vec2(0u), dm.x, dm.y);
         }
         default: { // q8_0: the part's quants (8 words a block), then its scales
             let words = vec2(quant_word(block, Q8_0_QUANTS, 2u * j), quant_word(block, Q8_0_QUANTS, 2u * j + 1u));
-            return Quarter(signed_bytes(words.x), signed_bytes(words.y), block_scale(block, Q8_0_QUANTS, 32u), 0.0);
+            let d = block_scale(block, Q8_0_QUANTS, 32u);
+            if (Q8_INPUTS) {
+                return Quarter(vec4(0.0), vec4(0.0), words, d, 0.0);
+            }
+            return Quarter(signed_bytes(words.x), signed_bytes(words.y), vec2(0u), d, 0.0);
         }
     }
 }
 
-// sum x * w over a quarter whose inputs are the quads a and b with the sum x_sum.
-fn quarter_dot(q: Quarter, a: vec4<f32>, b: vec4<f32>, x_sum: f32) -> f32 {
-    return q.d * (dot(a, q.a) + dot(b, q.b)) + q.m * x_sum;
+// A token's inputs of one quarter, lined up with its Quarter: as floats a and b, or (Q8_INPUTS) as
+// two words of int8 with their block's scale d; and the sum of the 8 (a quarter of the block's).
+struct QuarterInputs {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    words: vec2<u32>,
+    d: f32,
+    sum: f32,
+}
+
+// Token t's inputs of quarter j of block `block`; zeros where not `live` (selected, not branched
+// around: a branch here costs the f32 GEMV on a CPU adapter).
+fn quarter_inputs(t: u32, block: u32, j: u32, live: bool) -> QuarterInputs {
+    var inputs = QuarterInputs(vec4(0.0), vec4(0.0), vec2(0u), 0.0, 0.0);
+    if (Q8_INPUTS) {
+        let row = t * q8_row_words();
+        let first = row + block * (Q8_BLOCK / 4u);
+        var words = vec2(x_q8[first + j], x_q8[first + 4u + j]);
+        if (WEIGHT_DTYPE == DTYPE_Q8_0) {
+            words = vec2(x_q8[first + 2u * j], x_q8[first + 2u * j + 1u]);
+        }
+        let scales = select(vec2(0.0), q8_block_scales(row, block), live);
+        inputs.words = select(vec2(0u), words, live);
+        inputs.d = scales.x;
+        inputs.sum = scales.y;
+    } else {
+        let x_base = t * params.in_stride;
+        let cols = block * 32u + quarter_cols(j);
+        inputs.a = select(vec4(0.0), input_quad(x_base, cols.x), live);
+        inputs.b = select(vec4(0.0), input_quad(x_base, cols.y), live);
+        inputs.sum = dot(inputs.a + inputs.b, vec4(1.0, 1.0, 1.0, 1.0));
+    }
+    return inputs;
+}
+
+// sum x * w over a quarter.
+fn quarter_dot(q: Quarter, x: QuarterInputs) -> f32 {
+    if (Q8_INPUTS) {
+        return q.d * x.d * f32(dot4I8Packed(q.words.x, x.words.x) + dot4I8Packed(q.words.y, x.words.y)) + q.m * x.sum;
+    }
+    return q.d * (dot(x.a, q.a) + dot(x.b, q.b)) + q.m * x.sum;
 }
 
 @compute @workgroup_size(GEMV_WG)
 fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t0 = wg.z * GEMV_COLUMNS;
-    if (row0 >= params.rows || t0 >= step.n_tokens) {
+    let origin = gemv_origin(wg, n_wg);
+    if (origin.idle) {
         return;
     }
     let blocks = params.k / 32u;
     let quarters = 4u * blocks;
     var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>; // per token, rows row0..row0 + GEMV_ROWS - 1
-    var squares: array<f32, MAX_GEMV_COLUMNS>;
+    var squares: array<f32, MAX_GEMV_COLUMNS>;   // INPUT_RMSNORM only (on q8 inputs quantize applied it)
     for (var first = thread.index; first < quarters; first += 2u * GEMV_WG) {
         // Where the row's quarters are not a multiple of 2 GEMV_WG, the last step's second quarter
         // may be past the row: it then takes zero inputs and re-reads the first one's weights.
@@ -213,122 +304,26 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
         for (var i = 0u; i < 2u; i++) {
             let live = i == 0u || has_second;
             let quarter = select(first, first + GEMV_WG, i == 1u && has_second);
-            let cols = quarter / 4u * 32u + quarter_cols(quarter % 4u);
-            var a: array<vec4<f32>, MAX_GEMV_COLUMNS>;
-            var b: array<vec4<f32>, MAX_GEMV_COLUMNS>;
-            var x_sums: array<f32, MAX_GEMV_COLUMNS>;
-            for (var c = 0u; c < GEMV_COLUMNS; c++) {
-                let x_base = column_base(t0, c);
-                a[c] = select(vec4(0.0), input_quad(x_base, cols.x), live);
-                b[c] = select(vec4(0.0), input_quad(x_base, cols.y), live);
-                x_sums[c] = dot(a[c] + b[c], vec4(1.0, 1.0, 1.0, 1.0));
-                if (INPUT == INPUT_RMSNORM && live) {
-                    squares[c] += squares_quad(x_base, cols.x) + squares_quad(x_base, cols.y);
-                }
-            }
-            for (var r = 0u; r < GEMV_ROWS; r++) {
-                // Slots past the end repeat the last one; their sums are not stored.
-                let weights = quarter_weights(matrix_row(min(row0 + r, params.rows - 1u)) * blocks + quarter / 4u, quarter % 4u);
-                for (var c = 0u; c < GEMV_COLUMNS; c++) {
-                    sums[c][r] += quarter_dot(weights, a[c], b[c], x_sums[c]);
-                }
-            }
-        }
-    }
-    store_columns(thread, t0, row0, sums, squares);
-}
-
-// GEMV for q4_0, q4_1 and q8_0 weights over inputs quantized to q8 blocks by quantize.wgsl
-// (crate::GpuOptions::q8_activations), GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup, with
-// the threads mapped as in gemv_blocks. A quarter's 8 weights and its 8 inputs are two words of
-// int8 each, multiplied with two 4-wide integer dot products (dot4I8Packed), so the products sum
-// exactly and one conversion and two scalings per quarter remain: q4_0 and q8_0 take
-// d_w d_x (sum q_w q_x) (q4_0's nibbles made q - 8 in each byte first), q4_1 adds m_w d_x (sum q_x)
-// as a quarter of its block's from the input's sums. That is the product of the dequantized
-// weights with the dequantized inputs, llama.cpp's mul_mat_vec_q with an f32 scale.
-
-// Words between token rows of x_q8: the values (4 a word), each block's scale, each block's sum.
-fn q8_row_words() -> u32 {
-    return params.k / 4u + 2u * (params.k / Q8_BLOCK);
-}
-
-// Quarter j of a block as two words of int8 weights lined up with the input words
-// quarter_input_words reads, with their scale d and q4_1's min m.
-struct IntQuarter {
-    words: vec2<u32>,
-    d: f32,
-    m: f32,
-}
-
-fn int_quarter(block: u32, j: u32) -> IntQuarter {
-    switch WEIGHT_DTYPE {
-        case DTYPE_Q4_0: {
-            let q = quant_word(block, Q4_0_QUANTS, j);
-            let nibbles = vec2(q, q >> 4u) & vec2(0x0f0f0f0fu);
-            // Each byte n to n - 8 in two's complement: n + 0x78 has its top bit set where n >= 8,
-            // and flipping it subtracts 128 there and adds it elsewhere (mod 256).
-            return IntQuarter((nibbles + vec2(0x78787878u)) ^ vec2(0x80808080u), block_scale(block, Q4_0_QUANTS, 32u), 0.0);
-        }
-        case DTYPE_Q4_1: {
-            let start = block * (DTYPE_Q4_1_BLOCK_BYTES / 4u);
-            let q = w[start + 1u + j];
-            let dm = unpack2x16float(w[start]);
-            return IntQuarter(vec2(q, q >> 4u) & vec2(0x0f0f0f0fu), dm.x, dm.y);
-        }
-        default: {
-            let words = vec2(quant_word(block, Q8_0_QUANTS, 2u * j), quant_word(block, Q8_0_QUANTS, 2u * j + 1u));
-            return IntQuarter(words, block_scale(block, Q8_0_QUANTS, 32u), 0.0);
-        }
-    }
-}
-
-// The input words of quarter j of block `block` in the token row at `row`: q4's low nibbles are
-// weights 4j..4j + 3 and its high ones 16 + 4j.., q8_0's two words weights 8j..8j + 7.
-fn quarter_input_words(row: u32, block: u32, j: u32) -> vec2<u32> {
-    let first = row + block * (Q8_BLOCK / 4u);
-    if (WEIGHT_DTYPE == DTYPE_Q8_0) {
-        return vec2(x_q8[first + 2u * j], x_q8[first + 2u * j + 1u]);
-    }
-    return vec2(x_q8[first + j], x_q8[first + 4u + j]);
-}
-
-@compute @workgroup_size(GEMV_WG)
-fn gemv_q8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t0 = wg.z * GEMV_COLUMNS;
-    if (row0 >= params.rows || t0 >= step.n_tokens) {
-        return;
-    }
-    let blocks = params.k / 32u;
-    let quarters = 4u * blocks;
-    var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>; // per token, rows row0..row0 + GEMV_ROWS - 1
-    var squares: array<f32, MAX_GEMV_COLUMNS>;   // stays 0: quantize.wgsl applied RMSNorm
-    for (var first = thread.index; first < quarters; first += 2u * GEMV_WG) {
-        // As in gemv_blocks, a second quarter past the row takes zero inputs.
-        let has_second = first + GEMV_WG < quarters;
-        for (var i = 0u; i < 2u; i++) {
-            let live = i == 0u || has_second;
-            let quarter = select(first, first + GEMV_WG, i == 1u && has_second);
             let block = quarter / 4u;
-            var inputs: array<vec2<u32>, MAX_GEMV_COLUMNS>;
-            var scales: array<vec2<f32>, MAX_GEMV_COLUMNS>; // the block's d_x and, for q4_1, a quarter of its sum
+            let j = quarter % 4u;
+            var inputs: array<QuarterInputs, MAX_GEMV_COLUMNS>;
             for (var c = 0u; c < GEMV_COLUMNS; c++) {
-                let row = min(t0 + c, step.n_tokens - 1u) * q8_row_words();
-                let sums_at = row + params.k / 4u + blocks + block;
-                inputs[c] = select(vec2(0u), quarter_input_words(row, block, quarter % 4u), live);
-                scales[c] = select(vec2(0.0), vec2(bitcast<f32>(x_q8[sums_at - blocks]), 0.25 * bitcast<f32>(x_q8[sums_at])), live);
+                let t = column_token(origin.t0, c);
+                inputs[c] = quarter_inputs(t, block, j, live);
+                if (INPUT == INPUT_RMSNORM && live) {
+                    let cols = block * 32u + quarter_cols(j);
+                    squares[c] += squares_quad(t * params.in_stride, cols.x) + squares_quad(t * params.in_stride, cols.y);
+                }
             }
             for (var r = 0u; r < GEMV_ROWS; r++) {
-                // Slots past the end repeat the last one; their sums are not stored.
-                let weights = int_quarter(matrix_row(min(row0 + r, params.rows - 1u)) * blocks + block, quarter % 4u);
+                let weights = quarter_weights(slot_row(origin, r) * blocks + block, j);
                 for (var c = 0u; c < GEMV_COLUMNS; c++) {
-                    let products = dot4I8Packed(weights.words.x, inputs[c].x) + dot4I8Packed(weights.words.y, inputs[c].y);
-                    sums[c][r] += weights.d * scales[c].x * f32(products) + weights.m * scales[c].y;
+                    sums[c][r] += quarter_dot(weights, inputs[c]);
                 }
             }
         }
     }
-    store_columns(thread, t0, row0, sums, squares);
+    store_columns(thread, origin, sums, squares);
 }
 
 // GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_ROWS rows of GEMV_COLUMNS tokens
@@ -336,13 +331,15 @@ fn gemv_q8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: 
 // the low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters
 // q and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). Four neighbouring
 // threads share a unit, each taking 8 of its quant bytes, 8 weights of each run: a subgroup's loads
-// of inputs (4 vec4 per thread and token) and of quants cover contiguous memory. A thread loads a
-// piece's quants and scales once for every token, and unpacks them for each.
-// q4_k's mins come out of the dot product: d sc (sum x q) - dmin m (sum x) per sub-block.
+// of inputs and of quants cover contiguous memory. A thread loads a piece's quants and scales once
+// for every token. q4_k's mins come out of the dot product: d sc (sum x q) - dmin m (sum x) per
+// sub-block. A run is 8 weights of one 32-weight q8 input block (q4_k's sub-blocks and q6_k's
+// quarters are 32 long), so on q8 inputs a run's product is one integer sum times its scale and
+// the block's d_x.
 
 // A piece of one row: its quant words (q4_k: both runs' nibbles in `low`; q6_k: the low nibbles
-// and the high 2 bits), and each run's scale and min: sum x w = scales.a (a . qa) + scales.b (b . qb)
-// - mins . (sum a, sum b).
+// and the high 2 bits; Q8_INPUTS: runs a's and b's 8 weights as int8 words in `low` and `high`),
+// and each run's scale and min: sum x w = scales.a (a . qa) + scales.b (b . qb) - mins . (sum a, sum b).
 struct Piece {
     low: vec2<u32>,
     high: vec2<u32>,
@@ -358,7 +355,13 @@ fn superblock_piece(block: u32, part: u32, j: u32) -> Piece {
         let sm_a = q4k_scale_min(start, 2u * part);
         let sm_b = q4k_scale_min(start, 2u * part + 1u);
         let dm = unpack2x16float(w[start / 4u]);
-        return Piece(vec2(w[quants], w[quants + 1u]), vec2(0u), dm.x * vec2(sm_a.x, sm_b.x), dm.y * vec2(sm_a.y, sm_b.y));
+        let words = vec2(w[quants], w[quants + 1u]);
+        let scales = dm.x * vec2(sm_a.x, sm_b.x);
+        let mins = dm.y * vec2(sm_a.y, sm_b.y);
+        if (Q8_INPUTS) {
+            return Piece(words & vec2(0x0f0f0f0fu), (words >> vec2(4u)) & vec2(0x0f0f0f0fu), scales, mins);
+        }
+        return Piece(words, vec2(0u), scales, mins);
     }
     // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales (the part's d after its
     // blocks). Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4
@@ -368,32 +371,18 @@ fn superblock_piece(block: u32, part: u32, j: u32) -> Piece {
     let quarter = part % 2u;
     let low_at = start + half * 64u + quarter * 32u + 8u * j;
     let high_at = start + 128u + half * 32u + 8u * j;
-    let scales = start + 192u + half * 8u + 2u * quarter + j / 2u;
+    let scales_at = start + 192u + half * 8u + 2u * quarter + j / 2u;
     let d = block_scale(block, Q6_K_QUANTS, 256u);
-    return Piece(vec2(w[low_at / 4u], w[low_at / 4u + 1u]), vec2(w[high_at / 4u], w[high_at / 4u + 1u]),
-                 d * vec2(i8_at(scales), i8_at(scales + 4u)), vec2(0.0));
-}
-
-// sum x * w over a piece of unit `part` whose inputs are the runs a and b with the sums x_sums.
-fn piece_dot(p: Piece, part: u32, a: array<vec4<f32>, 2>, b: array<vec4<f32>, 2>, x_sums: vec2<f32>) -> f32 {
-    var dot_a = 0.0;
-    var dot_b = 0.0;
-    if (WEIGHT_DTYPE == DTYPE_Q4_K) {
-        dot_a = dot(a[0], low_nibbles(p.low.x)) + dot(a[1], low_nibbles(p.low.y));
-        dot_b = dot(b[0], high_nibbles(p.low.x)) + dot(b[1], high_nibbles(p.low.y));
-    } else {
-        let quarter = part % 2u;
-        let bytes = vec4(0u, 8u, 16u, 24u);
-        for (var i = 0u; i < 2u; i++) {
-            let l = vec4(p.low[i]) >> bytes;
-            let h = vec4(p.high[i]) >> bytes;
-            let qa = vec4<f32>((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
-            let qb = vec4<f32>(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
-            dot_a += dot(a[i], qa);
-            dot_b += dot(b[i], qb);
-        }
+    let low = vec2(w[low_at / 4u], w[low_at / 4u + 1u]);
+    let high = vec2(w[high_at / 4u], w[high_at / 4u + 1u]);
+    let scales = d * vec2(i8_at(scales_at), i8_at(scales_at + 4u));
+    if (Q8_INPUTS) {
+        let shift = 2u * quarter;
+        let a = (low & vec2(0x0f0f0f0fu)) | (((high >> vec2(shift)) & vec2(0x03030303u)) << vec2(4u));
+        let b = ((low >> vec2(4u)) & vec2(0x0f0f0f0fu)) | (((high >> vec2(shift + 4u)) & vec2(0x03030303u)) << vec2(4u));
+        return Piece(offset_bytes(a, 32u), offset_bytes(b, 32u), scales, vec2(0.0));
     }
-    return p.scales.x * dot_a + p.scales.y * dot_b - dot(p.mins, x_sums);
+    return Piece(low, high, scales, vec2(0.0));
 }
 
 // The first input column of each run of a piece: q4_k's runs at 64 part and + 32; q6_k's at half
@@ -403,11 +392,67 @@ fn piece_columns(sb: u32, part: u32, j: u32) -> vec2<u32> {
     return vec2(col_a, col_a + select(64u, 32u, WEIGHT_DTYPE == DTYPE_Q4_K));
 }
 
+// A token's inputs of one piece, lined up with its runs: as floats a and b (two quads each), or
+// (Q8_INPUTS) as two int8 words each with their blocks' scales d; and each run's sum (on q8 inputs
+// a quarter of its block's).
+struct PieceInputs {
+    a: array<vec4<f32>, 2>,
+    b: array<vec4<f32>, 2>,
+    words: array<vec2<u32>, 2>,
+    d: vec2<f32>,
+    sums: vec2<f32>,
+}
+
+// Token t's inputs of the piece whose runs start at columns `cols`.
+fn piece_inputs(t: u32, cols: vec2<u32>) -> PieceInputs {
+    var inputs = PieceInputs(array(vec4(0.0), vec4(0.0)), array(vec4(0.0), vec4(0.0)), array(vec2(0u), vec2(0u)), vec2(0.0), vec2(0.0));
+    if (Q8_INPUTS) {
+        let row = t * q8_row_words();
+        let first = row + cols / 4u; // the values lie in column order, 4 a word
+        inputs.words = array(vec2(x_q8[first.x], x_q8[first.x + 1u]), vec2(x_q8[first.y], x_q8[first.y + 1u]));
+        let scales_a = q8_block_scales(row, cols.x / Q8_BLOCK);
+        let scales_b = q8_block_scales(row, cols.y / Q8_BLOCK);
+        inputs.d = vec2(scales_a.x, scales_b.x);
+        inputs.sums = vec2(scales_a.y, scales_b.y);
+    } else {
+        let x_base = t * params.in_stride;
+        inputs.a = array(input_quad(x_base, cols.x), input_quad(x_base, cols.x + 4u));
+        inputs.b = array(input_quad(x_base, cols.y), input_quad(x_base, cols.y + 4u));
+        let ones = vec4(1.0, 1.0, 1.0, 1.0);
+        inputs.sums = vec2(dot(inputs.a[0] + inputs.a[1], ones), dot(inputs.b[0] + inputs.b[1], ones));
+    }
+    return inputs;
+}
+
+// sum x * w over a piece of unit `part`.
+fn piece_dot(p: Piece, part: u32, x: PieceInputs) -> f32 {
+    var dots = vec2(0.0);
+    if (Q8_INPUTS) {
+        let a = dot4I8Packed(p.low.x, x.words[0].x) + dot4I8Packed(p.low.y, x.words[0].y);
+        let b = dot4I8Packed(p.high.x, x.words[1].x) + dot4I8Packed(p.high.y, x.words[1].y);
+        dots = x.d * vec2<f32>(vec2(a, b));
+    } else if (WEIGHT_DTYPE == DTYPE_Q4_K) {
+        dots.x = dot(x.a[0], low_nibbles(p.low.x)) + dot(x.a[1], low_nibbles(p.low.y));
+        dots.y = dot(x.b[0], high_nibbles(p.low.x)) + dot(x.b[1], high_nibbles(p.low.y));
+    } else {
+        let quarter = part % 2u;
+        let bytes = vec4(0u, 8u, 16u, 24u);
+        for (var i = 0u; i < 2u; i++) {
+            let l = vec4(p.low[i]) >> bytes;
+            let h = vec4(p.high[i]) >> bytes;
+            let qa = vec4<f32>((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
+            let qb = vec4<f32>(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
+            dots.x += dot(x.a[i], qa);
+            dots.y += dot(x.b[i], qb);
+        }
+    }
+    return p.scales.x * dots.x + p.scales.y * dots.y - dot(p.mins, x.sums);
+}
+
 @compute @workgroup_size(GEMV_WG)
 fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t0 = wg.z * GEMV_COLUMNS;
-    if (row0 >= params.rows || t0 >= step.n_tokens) {
+    let origin = gemv_origin(wg, n_wg);
+    if (origin.idle) {
         return;
     }
     let superblocks = params.k / 256u;
@@ -419,86 +464,22 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
         let j = index % 4u;         // its quant bytes 8j..8j + 7, weights 8j..8j + 7 of each run
         var pieces: array<Piece, 4>;
         for (var r = 0u; r < GEMV_ROWS; r++) {
-            // Slots past the end repeat the last one; their sums are not stored.
-            pieces[r] = superblock_piece(matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb, part, j);
+            pieces[r] = superblock_piece(slot_row(origin, r) * superblocks + sb, part, j);
         }
         let cols = piece_columns(sb, part, j);
-        let col_a = cols.x;
-        let col_b = cols.y;
         for (var c = 0u; c < GEMV_COLUMNS; c++) {
-            let x_base = column_base(t0, c);
-            let a = array(input_quad(x_base, col_a), input_quad(x_base, col_a + 4u));
-            let b = array(input_quad(x_base, col_b), input_quad(x_base, col_b + 4u));
+            let t = column_token(origin.t0, c);
+            let inputs = piece_inputs(t, cols);
             if (INPUT == INPUT_RMSNORM) {
-                squares[c] += squares_quad(x_base, col_a) + squares_quad(x_base, col_a + 4u) + squares_quad(x_base, col_b) + squares_quad(x_base, col_b + 4u);
+                let x_base = t * params.in_stride;
+                squares[c] += squares_quad(x_base, cols.x) + squares_quad(x_base, cols.x + 4u) + squares_quad(x_base, cols.y) + squares_quad(x_base, cols.y + 4u);
             }
-            let ones = vec4(1.0, 1.0, 1.0, 1.0);
-            let x_sums = vec2(dot(a[0] + a[1], ones), dot(b[0] + b[1], ones));
             for (var r = 0u; r < GEMV_ROWS; r++) {
-                sums[c][r] += piece_dot(pieces[r], part, a, b, x_sums);
+                sums[c][r] += piece_dot(pieces[r], part, inputs);
             }
         }
     }
-    store_columns(thread, t0, row0, sums, squares);
-}
-
-// gemv_superblocks over inputs quantized by quantize.wgsl (crate::GpuOptions::q8_activations):
-// q4_k and q6_k pieces as int8 words (q6_k's 6-bit values made q - 32 in each byte) multiplied
-// with dot4I8Packed. A run of a piece is 8 weights of one 32-weight q8 input block (q4_k's
-// sub-blocks and q6_k's quarters are 32 long), so a run's product is one integer sum times its
-// scale and the block's d_x; q4_k's min takes a quarter of the block's sum from each of the
-// block's four pieces (j = 0..3).
-
-// A piece's runs as int8 words: a's and b's 8 weights each.
-fn piece_int_words(p: Piece, part: u32) -> array<vec2<u32>, 2> {
-    if (WEIGHT_DTYPE == DTYPE_Q4_K) {
-        return array(p.low & vec2(0x0f0f0f0fu), (p.low >> vec2(4u)) & vec2(0x0f0f0f0fu));
-    }
-    let shift = 2u * (part % 2u);
-    let a = (p.low & vec2(0x0f0f0f0fu)) | (((p.high >> vec2(shift)) & vec2(0x03030303u)) << vec2(4u));
-    let b = ((p.low >> vec2(4u)) & vec2(0x0f0f0f0fu)) | (((p.high >> vec2(shift + 4u)) & vec2(0x03030303u)) << vec2(4u));
-    // Each byte v (0..63) to v - 32: v + 0x60 has its top bit set where v >= 32, and flipping it
-    // subtracts 128 there and adds it elsewhere (mod 256).
-    return array((a + vec2(0x60606060u)) ^ vec2(0x80808080u), (b + vec2(0x60606060u)) ^ vec2(0x80808080u));
-}
-
-@compute @workgroup_size(GEMV_WG)
-fn gemv_superblocks_q8(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec3<u32>, thread: Thread) {
-    let row0 = (wg.x + wg.y * n_wg.x) * GEMV_ROWS;
-    let t0 = wg.z * GEMV_COLUMNS;
-    if (row0 >= params.rows || t0 >= step.n_tokens) {
-        return;
-    }
-    let superblocks = params.k / 256u;
-    let blocks = params.k / Q8_BLOCK;
-    var sums: array<vec4<f32>, MAX_GEMV_COLUMNS>;
-    var squares: array<f32, MAX_GEMV_COLUMNS>; // stays 0: quantize.wgsl applied RMSNorm
-    for (var index = thread.index; index < superblocks * 16u; index += GEMV_WG) {
-        let sb = index / 16u;
-        let part = index / 4u % 4u;
-        let j = index % 4u;
-        let input_blocks = piece_columns(sb, part, j) / Q8_BLOCK;
-        var inputs: array<array<vec2<u32>, 2>, MAX_GEMV_COLUMNS>; // per token, run a's and b's two words
-        var scales: array<vec4<f32>, MAX_GEMV_COLUMNS>;           // per token, d_x of a's and b's blocks, then a quarter of their sums
-        for (var c = 0u; c < GEMV_COLUMNS; c++) {
-            let row = min(t0 + c, step.n_tokens - 1u) * q8_row_words();
-            let first = row + input_blocks * (Q8_BLOCK / 4u) + 2u * j;
-            inputs[c] = array(vec2(x_q8[first.x], x_q8[first.x + 1u]), vec2(x_q8[first.y], x_q8[first.y + 1u]));
-            let at = row + params.k / 4u + input_blocks;
-            scales[c] = vec4(bitcast<f32>(x_q8[at.x]), bitcast<f32>(x_q8[at.y]), 0.25 * bitcast<f32>(x_q8[at.x + blocks]), 0.25 * bitcast<f32>(x_q8[at.y + blocks]));
-        }
-        for (var r = 0u; r < GEMV_ROWS; r++) {
-            // Slots past the end repeat the last one; their sums are not stored.
-            let piece = superblock_piece(matrix_row(min(row0 + r, params.rows - 1u)) * superblocks + sb, part, j);
-            let words = piece_int_words(piece, part);
-            for (var c = 0u; c < GEMV_COLUMNS; c++) {
-                let a = dot4I8Packed(words[0].x, inputs[c][0].x) + dot4I8Packed(words[0].y, inputs[c][0].y);
-                let b = dot4I8Packed(words[1].x, inputs[c][1].x) + dot4I8Packed(words[1].y, inputs[c][1].y);
-                sums[c][r] += dot(piece.scales * scales[c].xy, vec2<f32>(vec2(a, b))) - dot(piece.mins, scales[c].zw);
-            }
-        }
-    }
-    store_columns(thread, t0, row0, sums, squares);
+    store_columns(thread, origin, sums, squares);
 }
 
 // Tiles of TILE tokens x TILE_ROWS rows, stepping k by TILE_K; each thread computes a register

@@ -1,5 +1,5 @@
-// A matmul's input rows quantized to q8 blocks for matmul.wgsl's gemv_q8, gemv_superblocks_q8
-// and tiles (crate::GpuOptions::q8_activations): each row transformed by INPUT as the matmul
+// A matmul's input rows quantized to q8 blocks for matmul.wgsl's block GEMVs and tiles
+// (crate::GpuOptions::q8_activations): each row transformed by INPUT as the matmul
 // would (the op before it fused: lib/matmul_input.wgsl), then cut into blocks of Q8_BLOCK values
 // quantized by lib/q8_block. A token's row in x_q8 is k / 4 words of int8 values (value i in byte i % 4 of word
 // i / 4), then each block's scale d, then each block's d * (sum of its values), as f32 bits
@@ -24,8 +24,7 @@ struct Params {
 @group(0) @binding(4) var<uniform> step: Step;
 
 const WG: u32 = 64u;
-
-var<workgroup> partial_squares: array<f32, WG>;
+const SUM_WG: u32 = WG; // lib/workgroup_sum
 
 // Workgroups over (blocks / WG, tokens), a block per thread. For RMSNorm every workgroup first
 // sums the squares of its token's whole row itself, as the GEMVs do: no dispatch of its own.
@@ -42,15 +41,7 @@ fn quantize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
         for (var col = 4u * li; col < params.k; col += 4u * WG) {
             squares += squares_quad(base, col);
         }
-        partial_squares[li] = squares;
-        workgroupBarrier();
-        for (var half = WG / 2u; half > 0u; half /= 2u) {
-            if (li < half) {
-                partial_squares[li] += partial_squares[li + half];
-            }
-            workgroupBarrier();
-        }
-        scale = row_scale(partial_squares[0]);
+        scale = row_scale(workgroup_sum(li, squares));
     }
     let blocks = params.k / Q8_BLOCK;
     let block = wg.x * WG + li;

@@ -13,6 +13,7 @@
 // selections: constants from Rust (crate::gpu::ops).
 // Words of one selection, out's layout: max, sum, then MAX_TOP_K (id, logit) pairs.
 const SELECTION_WORDS: u32 = 2u + 2u * MAX_TOP_K;
+const SUM_WG: u32 = SELECTION_WG; // lib/workgroup_sum
 const NONE: u32 = 0xffffffffu; // the id of a round that found no candidate
 const LOWEST: f32 = -0x1.fffffep+127f; // -(f32 max), exact: Tint rejects the rounded 3.4028235e38
 
@@ -31,7 +32,6 @@ struct Params {
 
 var<workgroup> best_value: array<f32, SELECTION_WG>;
 var<workgroup> best_index: array<u32, SELECTION_WG>;
-var<workgroup> sums: array<f32, SELECTION_WG>;
 
 // Candidates per selection of `row` (its k, which the host keeps at most MAX_TOP_K).
 fn top_k(row: u32) -> u32 {
@@ -65,21 +65,6 @@ fn candidate(pool: Candidates, c: u32) -> vec2<u32> {
     let k = top_k(pool.row);
     let pick = (pool.row * params.partials + c / k) * SELECTION_WORDS + 2u + 2u * (c % k);
     return vec2(selections[pick + 1u], selections[pick]);
-}
-
-// The workgroup's total of every thread's `value`, returned to every thread.
-fn workgroup_sum(lid: u32, value: f32) -> f32 {
-    sums[lid] = value;
-    workgroupBarrier();
-    for (var stride = SELECTION_WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid < stride) {
-            sums[lid] += sums[lid + stride];
-        }
-        workgroupBarrier();
-    }
-    let total = sums[0];
-    workgroupBarrier();
-    return total;
 }
 
 // The top k of the workgroup's candidates in rank order, written by thread 0 as (id, logit) pairs

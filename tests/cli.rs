@@ -5,6 +5,7 @@ mod common;
 use std::process::Command;
 
 use common::{exact, fixture, golden, gpu, gpu_with};
+use llama_webgpu::quant::DType;
 use llama_webgpu::GpuOptions;
 
 fn llama_webgpu(args: &[&str]) -> String {
@@ -135,4 +136,13 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 3);
     let err = llama_webgpu_fails(&["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "20", "-r", "1", "--context", "16"]);
     assert!(err.contains("--context 16: the tests reach position 21"), "{err}");
+
+    // On int8 inputs the four products of a layer and lm_head each quantize their input first, a
+    // dispatch of their own that the profile lists apart.
+    let q4_0 = common::convert("tiny-llama31", DType::Q4_0, 1 << 20);
+    let args = ["--q8-activations", "bench", "--model", q4_0.to_str().unwrap(), "-p", "0", "-n", "2", "-r", "1", "--profile", "--json"];
+    let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
+    assert_eq!((report["q8_activations"].as_bool(), report["dispatches_per_token"].as_u64()), (Some(true), Some(1 + 3 * 9 + 4)));
+    let quantize = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "quantize").unwrap();
+    assert_eq!(quantize["dispatches_per_token"], 3.0 * 4.0 + 1.0);
 }

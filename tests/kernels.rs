@@ -288,10 +288,10 @@ fn quantize_rounds_every_input_to_q8_as_the_cpu_does() {
     let norm_buffer = gpu.storage_buffer_with("norm", &norm);
     let (xb, cases) = fused_inputs(&gpu, n, k, 72, &norm, &norm_buffer);
     for (input_name, input, input_rows) in cases {
-        let x_q8 = gpu.storage_buffer("x_q8", (4 * n * ops::q8_row_words(k)) as u64);
+        let x_q8 = ops::Q8Inputs::new(&gpu, n, k);
         let op = ops::quantize_input(&gpu, &xb, input, k, 2 * k, &x_q8, &step(&gpu, n, 0));
         run(&gpu, |pass| op.encode(pass, n as u32));
-        let got = Q8Rows::read(&gpu, &x_q8, n, k);
+        let got = Q8Rows::read(&gpu, x_q8.buffer(), n, k);
         let mut differing = 0;
         for (b, block) in input_rows.chunks(Q8_BLOCK).enumerate() {
             let (scale, quants) = quantize_q8_block(block);
@@ -308,8 +308,7 @@ fn quantize_rounds_every_input_to_q8_as_the_cpu_does() {
     }
 }
 
-/// matmul.wgsl's gemv_q8 (q4_0, q4_1, q8_0), gemv_superblocks_q8 (q4_k, q6_k) and the tiles on
-/// q8 inputs against the CPU's product of the weights with the values quantize.wgsl gave (read
+/// matmul.wgsl's block GEMVs (q4_0, q4_1, q8_0; q4_k, q6_k) and the tiles on q8 inputs against the CPU's product of the weights with the values quantize.wgsl gave (read
 /// back): the GEMVs' products are exact integers, so only the order of the f32 sums differs. Both
 /// reductions, 1, 2 and 4 rows per workgroup, every fused input, one token, GEMVs of 8 (a partial
 /// workgroup and one past the pass) and 37 tokens as tiles, the sizes of
@@ -332,14 +331,14 @@ fn matmul_on_q8_inputs_matches_the_reference_on_those_inputs() {
                     for &n in tokens {
                         let (xb, cases) = fused_inputs(&gpu, n, k, n as u64 + 53, &norm, &norm_buffer);
                         for (input_name, input, _) in cases {
-                            let x_q8 = gpu.storage_buffer("x_q8", (4 * n * ops::q8_row_words(k)) as u64);
+                            let x_q8 = ops::Q8Inputs::new(&gpu, n, k);
                             let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                             let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
                             let step = step(&gpu, n, 0);
                             let op = ops::matmul(&gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step, Some(&x_q8))
                                 .after(ops::quantize_input(&gpu, &xb, input, k, layout.in_stride, &x_q8, &step));
                             run(&gpu, |pass| op.encode(pass, n as u32));
-                            let values = Q8Rows::read(&gpu, &x_q8, n, k).values();
+                            let values = Q8Rows::read(&gpu, x_q8.buffer(), n, k).values();
                             let want = reference::matmul(&values, &bytes, dtype, rows, k);
                             // f32 sums of 2304 products in another order: within 1e-5 of the sum
                             // of their magnitudes (the rounding is about 1e-7 per add).

@@ -243,6 +243,8 @@ pub enum Piece {
     KvStore,
     /// Quantizing a block of values to int8 and a scale, and reading them back.
     Q8Block,
+    /// A sum over a workgroup of SUM_WG threads through workgroup memory.
+    WorkgroupSum,
 }
 
 macro_rules! lib_file {
@@ -252,7 +254,7 @@ macro_rules! lib_file {
 }
 
 /// Every file under `shaders/lib`, by name.
-pub const LIBRARY: [(&str, &str); 14] = [
+pub const LIBRARY: [(&str, &str); 15] = [
     lib_file!("step"),
     lib_file!("weights"),
     lib_file!("matmul_input"),
@@ -267,6 +269,7 @@ pub const LIBRARY: [(&str, &str); 14] = [
     lib_file!("kv_store_plain"),
     lib_file!("kv_store_q8_0"),
     lib_file!("q8_block"),
+    lib_file!("workgroup_sum"),
 ];
 
 impl Piece {
@@ -289,6 +292,7 @@ impl Piece {
             Piece::KvStore if form.kv == KvType::Q8_0 => "kv_store_q8_0",
             Piece::KvStore => "kv_store_plain",
             Piece::Q8Block => "q8_block",
+            Piece::WorkgroupSum => "workgroup_sum",
         };
         LIBRARY.iter().find(|(file, _)| *file == name).map(|(_, source)| *source)
     }
@@ -401,11 +405,11 @@ macro_rules! kernel {
 // itself; q8_0 ones through staging rows in f32 and kv_store.
 kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Q8Block, Tiles, TiledCoop],
     [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut, Storage], in_bounds: true, kv_types: [F32, F16]);
-kernel!(QUANTIZE, "quantize", [Step, MatmulInput, Q8Block], [Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32]);
+kernel!(QUANTIZE, "quantize", [Step, MatmulInput, Q8Block, WorkgroupSum], [Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(ATTENTION, "attention", [Step, KvLayout, Q8Block, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(KV_STORE, "kv_store", [Step, KvLayout, Q8Block, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
-kernel!(TOP_K, "top_k", [], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
+kernel!(TOP_K, "top_k", [WorkgroupSum], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(FILL, "fill", [], [StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 
 /// Every kernel the engine uses.

@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, QUANTIZE, quantize_q8_block};
+pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, quantize_q8_block};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::{PartBytes, WeightMatrix};

@@ -288,7 +288,6 @@ impl Traffic {
 /// One compute dispatch, bound at load.
 #[derive(Clone)]
 pub struct Dispatch {
-    kernel: &'static str,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     grid: Grid,
@@ -305,11 +304,6 @@ impl Dispatch {
 
     pub fn traffic(&self) -> Traffic {
         self.traffic
-    }
-
-    /// The kernel (WGSL file) the dispatch runs.
-    pub fn kernel(&self) -> &'static str {
-        self.kernel
     }
 }
 
@@ -333,21 +327,34 @@ impl Op {
 
 /// A matmul bound for each strategy: a GEMV of one token (a lone sequence's decode step), GEMVs of
 /// GEMV_COLUMNS tokens per workgroup (the decode steps of several sequences), and tiles (prefill);
-/// the token count picks one per pass.
+/// the token count picks one per pass. On q8 inputs, the quantize op that fills them runs first,
+/// whichever the strategy.
 pub struct ByTokens {
+    quantize: Option<Op>,
     one: Op,
     few: Op,
     many: Op,
     gemv_max_tokens: u32,
+    /// The most tokens a pass may have: the rows of its q8 inputs' scratch.
+    max_tokens: u32,
 }
 
 impl ByTokens {
     pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
+        if let Some(quantize) = &self.quantize {
+            quantize.encode(pass, n_tokens);
+        }
         self.for_tokens(n_tokens).encode(pass, n_tokens);
+    }
+
+    /// The quantize op of the q8 inputs, if the products take them.
+    pub fn quantize(&self) -> Option<&Op> {
+        self.quantize.as_ref()
     }
 
     /// The strategy a pass of `n_tokens` runs.
     pub fn for_tokens(&self, n_tokens: u32) -> &Op {
+        assert!(n_tokens <= self.max_tokens, "a pass of {n_tokens} tokens over q8 inputs of {} token rows", self.max_tokens);
         if n_tokens <= 1 {
             &self.one
         } else if n_tokens <= self.gemv_max_tokens {
@@ -394,7 +401,7 @@ fn dispatch_in(
         layout: &pipeline.layout,
         entries: &entries,
     });
-    Dispatch { kernel: kernel.name, pipeline: pipeline.pipeline, bind_group, grid, traffic }
+    Dispatch { pipeline: pipeline.pipeline, bind_group, grid, traffic }
 }
 
 /// out[t] = table[tokens[t]]; `tokens` holds (n_tokens) ids as f32 (exact below 2^24).
@@ -493,7 +500,7 @@ impl MatmulOutput<'_> {
 
 /// out = f(x) @ w.T (or out += f(x) @ w.T, or the rotary output), one dispatch per part of `w`.
 /// With `x_q8`, a matrix of a format [`reads_q8_inputs`] takes f(x) from there, quantized by a
-/// [`quantize_input`] op the caller runs first ([`ByTokens::after`]): the GEMVs multiply in
+/// [`quantize_input`] op run first ([`ByTokens::after`]): the GEMVs multiply in
 /// integers, the tiles stage the dequantized values.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
@@ -505,34 +512,40 @@ pub fn matmul(
     output: MatmulOutput,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
-    x_q8: Option<&wgpu::Buffer>,
+    x_q8: Option<&Q8Inputs>,
 ) -> ByTokens {
     let rotary = matches!(output, MatmulOutput::Rotary(_));
     let x_q8 = x_q8.filter(|_| reads_q8_inputs(w.dtype));
+    if let Some(x_q8) = x_q8 {
+        assert!(w.cols <= x_q8.k, "a product of {} inputs over q8 inputs of {}", w.cols, x_q8.k);
+    }
     // Each format's GEMV takes several rows per workgroup; the block formats' read their inputs as
     // vec4s (the block sizes make k a multiple of 32). On q8 inputs every strategy reads them as
     // the quantize op left them, its INPUT applied.
-    let (entry, input) = match w.dtype {
-        DType::Q4K | DType::Q6K if x_q8.is_some() => ("gemv_superblocks_q8", MatmulInput::Plain),
-        _ if x_q8.is_some() => ("gemv_q8", MatmulInput::Plain),
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => ("gemv_blocks", input),
-        DType::Q4K | DType::Q6K => ("gemv_superblocks", input),
-        _ => ("gemv", input),
+    let entry = match w.dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => "gemv_blocks",
+        DType::Q4K | DType::Q6K => "gemv_superblocks",
+        _ => "gemv",
     };
+    let input = if x_q8.is_some() { MatmulInput::Plain } else { input };
+    let q8_inputs = ("Q8_INPUTS", x_q8.is_some() as u8 as f64);
     assert!(entry == "gemv" || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
+    let x_q8_buffer = x_q8.map(|q| &q.buffer);
     let gemv = |columns: u32| {
-        weight_op(gpu, entry, x, input, x_q8, w, out, output, layout, step, |rows| {
+        weight_op(gpu, entry, x, input, x_q8_buffer, w, out, output, layout, step, |rows| {
             let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
-            let constants = vec![("GEMV_ROWS", per_workgroup as f64), ("GEMV_COLUMNS", columns as f64)];
+            let constants = vec![("GEMV_ROWS", per_workgroup as f64), ("GEMV_COLUMNS", columns as f64), q8_inputs];
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup), columns), constants)
         })
     };
-    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![("Q8_INPUTS", x_q8.is_some() as u8 as f64)]);
+    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![q8_inputs]);
     ByTokens {
+        quantize: None,
         one: gemv(1),
         few: gemv(GEMV_COLUMNS),
-        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, x_q8, w, out, output, layout, step, tiles),
+        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, x_q8_buffer, w, out, output, layout, step, tiles),
         gemv_max_tokens: gpu.gemv_max_tokens,
+        max_tokens: x_q8.map_or(u32::MAX, |q| q.tokens),
     }
 }
 
@@ -547,17 +560,38 @@ pub fn q8_row_words(k: usize) -> usize {
     k / 4 + 2 * k / kernels::Q8_BLOCK
 }
 
-/// Quantizes f(x), the `k` inputs per token row of a matmul, into `x_q8` (token rows of
-/// [`q8_row_words`]) for the GEMVs [`matmul`] binds to it.
-pub fn quantize_input(gpu: &Gpu, x: &wgpu::Buffer, input: MatmulInput, k: usize, in_stride: usize, x_q8: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
+/// Scratch for matmul inputs quantize.wgsl makes int8 ([`crate::GpuOptions::q8_activations`]):
+/// token rows of [`q8_row_words`] for passes of up to `tokens` tokens of up to `k` inputs. Each
+/// product's quantize op fills it right before the product reads it, so one serves a model.
+pub struct Q8Inputs {
+    buffer: wgpu::Buffer,
+    tokens: u32,
+    k: usize,
+}
+
+impl Q8Inputs {
+    pub fn new(gpu: &Gpu, tokens: usize, k: usize) -> Q8Inputs {
+        let buffer = gpu.storage_buffer("q8 inputs", 4 * (tokens * q8_row_words(k)) as u64);
+        Q8Inputs { buffer, tokens: tokens as u32, k }
+    }
+
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+}
+
+/// Quantizes f(x), the `k` inputs per token row of a matmul, into `x_q8` for the products
+/// [`matmul`] binds to it, which run it first ([`ByTokens::after`]).
+pub fn quantize_input(gpu: &Gpu, x: &wgpu::Buffer, input: MatmulInput, k: usize, in_stride: usize, x_q8: &Q8Inputs, step: &wgpu::Buffer) -> Op {
     assert!(k.is_multiple_of(kernels::Q8_BLOCK) && in_stride.is_multiple_of(4), "q8 inputs need blocks of {} and rows on a vec4: k {k}, stride {in_stride}", kernels::Q8_BLOCK);
+    assert!(k <= x_q8.k, "{k} inputs quantized into q8 inputs of {}", x_q8.k);
     let (norm, eps) = input.norm_binding(x);
     let params = gpu.uniform_buffer("quantize params", &QuantizeParams { k: k as u32, in_stride: in_stride as u32, eps, _pad: 0 });
     let inputs = if matches!(input, MatmulInput::SiluMul) { 2 * k } else { k };
     let traffic = 4 * (inputs + k * matches!(input, MatmulInput::RmsNorm { .. }) as usize + q8_row_words(k));
     let grid = Grid::PerToken((k / kernels::Q8_BLOCK).div_ceil(WG_1D as usize) as u32);
     let constants = [("INPUT", input.code() as f64)];
-    Op { dispatches: vec![dispatch(gpu, &kernels::QUANTIZE, "quantize", &constants, &[x, norm, x_q8, &params, step], grid, Traffic::fixed(traffic as u64))] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::QUANTIZE, "quantize", &constants, &[x, norm, &x_q8.buffer, &params, step], grid, Traffic::fixed(traffic as u64))] }
 }
 
 /// Rows per workgroup of matmul.wgsl's GEMVs (GEMV_ROWS) for a matrix of `rows` rows (a part of a
@@ -576,24 +610,23 @@ pub fn gemv_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>, rotar
 }
 
 impl ByTokens {
-    /// Every strategy with `first` (the quantize op of their q8 inputs) before it.
-    pub fn after(mut self, first: Op) -> ByTokens {
-        for op in [&mut self.one, &mut self.few, &mut self.many] {
-            op.dispatches.splice(0..0, first.dispatches.iter().cloned());
-        }
-        self
+    /// The product with `quantize`, the op that fills its q8 inputs, run before it.
+    pub fn after(self, quantize: Op) -> ByTokens {
+        ByTokens { quantize: Some(quantize), ..self }
     }
 
     /// One product over matrices stacked by rows, each writing its own output columns.
     pub fn join(parts: impl IntoIterator<Item = ByTokens>) -> ByTokens {
-        let (mut one, mut few, mut many, mut gemv_max_tokens) = (vec![], vec![], vec![], 0);
+        let (mut one, mut few, mut many, mut gemv_max_tokens, mut max_tokens) = (vec![], vec![], vec![], 0, u32::MAX);
         for part in parts {
+            assert!(part.quantize.is_none(), "a stack's parts share the quantize op the stack runs first");
             one.extend(part.one.dispatches);
             few.extend(part.few.dispatches);
             many.extend(part.many.dispatches);
             gemv_max_tokens = part.gemv_max_tokens;
+            max_tokens = max_tokens.min(part.max_tokens);
         }
-        ByTokens { one: Op { dispatches: one }, few: Op { dispatches: few }, many: Op { dispatches: many }, gemv_max_tokens }
+        ByTokens { quantize: None, one: Op { dispatches: one }, few: Op { dispatches: few }, many: Op { dispatches: many }, gemv_max_tokens, max_tokens }
     }
 }
 

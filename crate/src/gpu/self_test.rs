@@ -38,7 +38,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     ];
     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
     let token_counts = [1, 3, tiled];
-    let x_q8 = gpu.storage_buffer("self-test q8 inputs", 4 * (3.max(tiled) * ops::q8_row_words(k)) as u64);
+    let x_q8 = ops::Q8Inputs::new(gpu, 3.max(tiled), k);
     for (kernel, input, input_rows) in cases {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
         let q8_product = reference::matmul(&KvType::Q8_0.rounded(&input_rows), &weights, DType::Q4_0, rows, k);

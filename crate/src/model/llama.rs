@@ -1,8 +1,8 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, MatmulOutput, Op, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
-use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix, QUANTIZE};
+use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, MatmulOutput, Op, Q8Inputs, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
+use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
 use crate::quant::DType;
@@ -455,7 +455,7 @@ impl Llama {
         // Matmuls on q8 inputs (GpuOptions::q8_activations): one scratch buffer that each stack's
         // quantize op fills right before its matmul reads it.
         let widest_input = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
-        let x_q8 = gpu.q8_activations.then(|| gpu.storage_buffer("q8 inputs", 4 * (max_batch * ops::q8_row_words(widest_input)) as u64));
+        let x_q8 = gpu.q8_activations.then(|| Q8Inputs::new(gpu, max_batch, widest_input));
         // One dispatch per part of each block of a stacked matrix (and the stack's quantize op).
         let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, output: MatmulOutput, layout: MatmulLayout, step: &wgpu::Buffer| {
             let x_q8 = x_q8.as_ref().filter(|_| w.blocks.iter().any(|(_, m)| ops::reads_q8_inputs(m.dtype)));
@@ -849,25 +849,31 @@ impl Llama {
     /// Encoding, the dispatch count and the profile all read this one list.
     fn plan(&self, step: &StepParams, outputs: u32, top_k: bool) -> (Vec<Named<'_>>, Vec<Named<'_>>) {
         let n = step.n_tokens;
-        // A matmul's q8 input quantization (GpuOptions::q8_activations) is named on its own.
         fn add<'a>(list: &mut Vec<Named<'a>>, name: &'static str, op: &'a Op) {
-            list.extend(op.dispatches().iter().map(|d| (if d.kernel() == QUANTIZE.name { "quantize" } else { name }, d)));
+            list.extend(op.dispatches().iter().map(|d| (name, d)));
+        }
+        // A product's q8 input quantization (GpuOptions::q8_activations) is named on its own.
+        fn add_product<'a>(list: &mut Vec<Named<'a>>, name: &'static str, product: &'a ByTokens, n_tokens: u32) {
+            if let Some(quantize) = product.quantize() {
+                add(list, "quantize", quantize);
+            }
+            add(list, name, product.for_tokens(n_tokens));
         }
         let mut blocks = vec![];
         add(&mut blocks, "embed", &self.embed);
         for l in &self.layers {
-            add(&mut blocks, "qkv_proj", l.qkv_proj.for_tokens(n));
+            add_product(&mut blocks, "qkv_proj", &l.qkv_proj, n);
             if let Some(kv_store) = &l.kv_store {
                 add(&mut blocks, "kv_store", kv_store);
             }
             add(&mut blocks, "attention", l.attention.for_step(step));
-            add(&mut blocks, "o_proj", l.o_proj.for_tokens(n));
-            add(&mut blocks, "gate_up_proj", l.gate_up_proj.for_tokens(n));
-            add(&mut blocks, "down_proj", l.down_proj.for_tokens(n));
+            add_product(&mut blocks, "o_proj", &l.o_proj, n);
+            add_product(&mut blocks, "gate_up_proj", &l.gate_up_proj, n);
+            add_product(&mut blocks, "down_proj", &l.down_proj, n);
         }
         let mut head = vec![];
         if outputs > 0 {
-            add(&mut head, "lm_head", self.lm_head.for_tokens(outputs)); // logits = rmsnorm(x_out) * norm @ lm_head.T
+            add_product(&mut head, "lm_head", &self.lm_head, outputs); // logits = rmsnorm(x_out) * norm @ lm_head.T
             add(&mut head, "argmax", &self.argmax); // next_tokens = argmax(logits, dim=-1)
             if top_k {
                 add(&mut head, "top_k", self.top_k.op()); // candidates = top_k(logits) per row
