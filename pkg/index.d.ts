@@ -164,8 +164,8 @@ export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
-  /** Prompt tokens whose KV cache entries were reused from an earlier or running request. */
-  cached_prompt_tokens: number;
+  /** cached_tokens: prompt tokens whose KV cache entries were reused from an earlier or running request. */
+  prompt_tokens_details: { cached_tokens: number };
 }
 
 /** A call the model made; `arguments` is JSON text. */
@@ -225,12 +225,12 @@ export interface ChatCompletionChunk {
   created: number;
   model: string;
   /**
-   * One choice, by its index: a token's text, then (after its last token) a chunk per tool call,
-   * then a chunk holding its finish_reason.
+   * One choice, by its index: first the assistant's role (content ""), then a token's text, then
+   * (after its last token) a chunk per tool call, then a chunk holding its finish_reason.
    */
   choices: [{
     index: number;
-    delta: { content?: string; tool_calls?: (ToolCall & { index: number })[] };
+    delta: { role?: "assistant"; content?: string; tool_calls?: (ToolCall & { index: number })[] };
     logprobs: ChatLogprobs | null;
     finish_reason: FinishReason | null;
     token_ids: number[];

@@ -35,59 +35,6 @@ function toError({ name, message, param }) {
   return new (ERRORS[name] ?? EngineError)(message, param);
 }
 
-/** A call the model made, as OpenAI writes one. */
-const toolCall = ({ id, name, arguments: args }) => ({ id, type: "function", function: { name, arguments: args } });
-
-/** Chat's `logprobs`: the engine gives each token's entry in this shape. */
-const chatLogprobs = (tokens) => ({ content: tokens, refusal: null });
-
-/** Text completions' `logprobs`: parallel lists, `text_offset` in characters from `offset` on. */
-function textLogprobs(tokens, offset) {
-  const text_offset = [];
-  for (const { token } of tokens) {
-    text_offset.push(offset);
-    offset += [...token].length;
-  }
-  return {
-    tokens: tokens.map((t) => t.token),
-    token_logprobs: tokens.map((t) => t.logprob),
-    top_logprobs: tokens.map((t) => Object.fromEntries(t.top_logprobs.map((top) => [top.token, top.logprob]))),
-    text_offset,
-  };
-}
-
-/**
- * How each endpoint's OpenAI objects are made from the engine's deltas and results: the choice of a
- * streamed chunk, of the whole response, the chunks before a streamed choice's finish chunk, and
- * that finish chunk's own members.
- */
-const ENDPOINTS = {
-  chat: {
-    idPrefix: "chatcmpl",
-    object: "chat.completion",
-    chunkObject: "chat.completion.chunk",
-    delta: ({ text, logprob }) => ({ delta: { content: text }, logprobs: logprob && chatLogprobs([logprob]) }),
-    choice: (c) => ({
-      message: c.tool_calls.length
-        ? { role: "assistant", content: c.text || null, tool_calls: c.tool_calls.map(toolCall) }
-        : { role: "assistant", content: c.text },
-      logprobs: c.logprobs && chatLogprobs(c.logprobs),
-    }),
-    // One chunk per call, as OpenAI streams them.
-    calls: (c) => c.tool_calls.map((call, index) => ({ delta: { tool_calls: [{ index, ...toolCall(call) }] }, logprobs: null })),
-    finish: { delta: {}, logprobs: null },
-  },
-  complete: {
-    idPrefix: "cmpl",
-    object: "text_completion",
-    chunkObject: "text_completion",
-    delta: ({ text, logprob }, offset) => ({ text, logprobs: logprob && textLogprobs([logprob], offset) }),
-    choice: (c) => ({ text: c.text, logprobs: c.logprobs && textLogprobs(c.logprobs, 0) }),
-    calls: () => [],
-    finish: { text: "", logprobs: null },
-  },
-};
-
 /** A port to an engine on this thread, with the worker's postMessage/onmessage shape. */
 function mainThreadPort() {
   const port = { onmessage: null };
@@ -290,33 +237,21 @@ export async function createEngine({ model, onProgress, worker = true, ...option
 
   // Requests run together in the engine (continuous batching), each under its own message id.
   const create = (type) => (params) => {
-    const endpoint = ENDPOINTS[type];
     const { signal, stream = false, onPrefillProgress, ...request } = params;
-    const id = `${endpoint.idPrefix}-${crypto.randomUUID()}`;
-    const created = Math.floor(Date.now() / 1000);
-    const chunk = (index, choice, finish_reason = null, token_ids = []) => ({
-      id, object: endpoint.chunkObject, created, model: modelName,
-      choices: [{ index, ...choice, finish_reason, token_ids }],
-    });
+    // The engine makes the response objects (as serve does); this side only carries them.
+    const response = { uuid: crypto.randomUUID(), model: modelName, stream: Boolean(stream) };
     const queue = [];
     let wake = null;
     const push = (item) => { queue.push(item); wake?.(); };
-    // Characters each choice has streamed, for text completions' `text_offset`.
-    const offsets = [];
     const requestId = nextId++;
     const abort = () => port.postMessage({ type: "abort", id: requestId });
     const run = (async () => {
       if (signal?.aborted) throw new AbortError("the request was aborted before it started");
       signal?.addEventListener("abort", abort);
       try {
-        const result = await call({ type, request }, ({ choice, text, token, logprob, prefill }) => {
-          if (prefill) {
-            onPrefillProgress?.(prefill.done, prefill.total);
-            return;
-          }
-          const offset = offsets[choice] ?? 0;
-          if (logprob) offsets[choice] = offset + [...logprob.token].length;
-          push(chunk(choice, endpoint.delta({ text, logprob }, offset), null, token === null ? [] : [token]));
+        const result = await call({ type, request, response }, ({ chunk, prefill }) => {
+          if (prefill) onPrefillProgress?.(prefill.done, prefill.total);
+          else push(chunk);
         }, requestId);
         if (result.choices.some((c) => c.finish_reason === "abort")) throw new AbortError("the request was aborted");
         return result;
@@ -324,24 +259,8 @@ export async function createEngine({ model, onProgress, worker = true, ...option
         signal?.removeEventListener("abort", abort);
       }
     })();
-    if (!stream) {
-      return run.then((result) => ({
-        id, object: endpoint.object, created, model: modelName,
-        choices: result.choices.map((c, index) => ({ index, ...endpoint.choice(c), finish_reason: c.finish_reason, token_ids: c.tokens })),
-        usage: result.usage,
-      }));
-    }
-    run.then(
-      (result) => {
-        // Each choice's calls and finish chunk; the last one carries the usage and ends the stream.
-        result.choices.forEach((c, index) => {
-          for (const call of endpoint.calls(c)) push(chunk(index, call));
-          push(chunk(index, endpoint.finish, c.finish_reason));
-        });
-        push({ done: true, usage: result.usage });
-      },
-      (error) => push({ error }),
-    );
+    if (!stream) return run;
+    run.then(() => push({ done: true }), (error) => push({ error }));
     return {
       async *[Symbol.asyncIterator]() {
         let finished = false;
@@ -354,9 +273,9 @@ export async function createEngine({ model, onProgress, worker = true, ...option
               finished = true;
               throw item.error;
             }
-            if (queue[0]?.done) {
+            if (item.done) {
               finished = true;
-              return yield { ...item, usage: queue.shift().usage };
+              return;
             }
             yield item;
           }

@@ -1,7 +1,8 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
-//   in:  {id, type: "load", url, options} | {id, type: "chat", request} | {id, type: "complete", request}
-//        | {id, type: "info"} | {id, type: "unload"} | {type: "abort", id?}
-//   out: {id, type: "progress", done, total, tensor, stage} | {id, type: "chunk", choice, text, token, logprob}
+//   in:  {id, type: "load", url, options} | {id, type: "chat", request, response}
+//        | {id, type: "complete", request, response} | {id, type: "info"} | {id, type: "unload"}
+//        | {type: "abort", id?}   (response: {uuid, model, stream})
+//   out: {id, type: "progress", done, total, tensor, stage} | {id, type: "chunk", chunk}
 //        | {id, type: "chunk", prefill: {done, total}}
 //        | {id, type: "result", value} | {id, type: "error", name, message, param}
 // Requests (chat and text completions) run together; each streams under its own id. "abort" stops
@@ -36,9 +37,9 @@ export function createHandler(wasm, post) {
         adapter = await adapterInfo();
         return info();
       case "chat":
-        return wasm.chat(id, message.request, postChunks(id));
+        return wasm.chat(id, message.request, message.response, postChunks(id));
       case "complete":
-        return wasm.complete(id, message.request, postChunks(id));
+        return wasm.complete(id, message.request, message.response, postChunks(id));
       case "info":
         return info();
       case "unload":

@@ -211,7 +211,7 @@ async function generate() {
     tokens,
     decodeSeconds: first ? (ended - first) / 1000 : 0,
     ...(usage && {
-      prefillTokens: usage.prompt_tokens - usage.cached_prompt_tokens,
+      prefillTokens: usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens,
       prefillSeconds: ((first ?? ended) - started) / 1000,
       contextTokens: usage.total_tokens,
       contextLength,

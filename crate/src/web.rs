@@ -2,8 +2,9 @@
 //! Web Worker). Concurrent `chat` and `complete` calls run together (continuous batching): each
 //! queues itself, and one task, the driver, started by the call that finds none running, adds
 //! queued requests to the engine and steps it while any runs, handing each sequence's events to its
-//! request. Requests, options and results cross as JS values (serde-wasm-bindgen) in the shapes of
-//! `crate::api`; failures are thrown as JS `Error`s whose `name` says what kind they are (see
+//! request. Requests and options cross as JS values (serde-wasm-bindgen) in the shapes of
+//! `crate::api`, responses and their chunks as `crate::api::response` makes them for every host;
+//! failures are thrown as JS `Error`s whose `name` says what kind they are (see
 //! `ErrorKind`), and a request's own fault names the field to blame in `param`.
 
 use std::cell::RefCell;
@@ -16,8 +17,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use wasm_bindgen::prelude::*;
 
-use crate::api::{ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, Logprobs, SamplingParams, TokenLogprob, Usage};
-use crate::engine::{ChoiceResults, Completion, Endpoint, Event, Load, SequenceId};
+use crate::api::response::{ChunkStream, ResponseMeta, StreamUsage};
+use crate::api::{ChatCompletionRequest, CompletionRequest, Logprobs, SamplingParams};
+use crate::engine::{Endpoint, Event, Load, SequenceId};
 use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
 use crate::text::RenderOptions;
@@ -109,22 +111,41 @@ impl Work {
     }
 }
 
+/// How the JS API wants a request's response: the unique part of its id, the model name it
+/// reports, and whether it streams.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResponseOptions {
+    uuid: String,
+    model: String,
+    stream: bool,
+}
+
 /// A request waiting for the driver to add it to the engine.
 struct Queued {
     work: Work,
     choices: usize,
+    response: ResponseOptions,
     cancel: CancelToken,
     on_chunk: Function,
     done: oneshot::Sender<Result<JsValue, JsValue>>,
 }
 
-/// A request the engine holds, as the driver knows it: a sequence per choice.
+/// A request the engine holds, as the driver knows it: a sequence per choice, and its response's
+/// chunks (sent while it runs when it streams; the whole response resolves it either way).
 struct Active {
     on_chunk: Function,
     done: oneshot::Sender<Result<JsValue, JsValue>>,
     cancel: CancelToken,
     sequences: Vec<SequenceId>,
-    results: ChoiceResults,
+    chunks: ChunkStream,
+    stream: bool,
+}
+
+impl Active {
+    fn send(&self, chunk: &Value) {
+        let _ = self.on_chunk.call1(&JsValue::NULL, &js_value(&serde_json::json!({ "chunk": chunk })));
+    }
 }
 
 #[derive(Default)]
@@ -248,27 +269,29 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
 }
 
 /// Runs a chat completion request (`crate::api::ChatCompletionRequest` and `n`, the choices to
-/// generate, default 1) together with any others, calling `on_chunk({choice, text, token,
-/// logprob})` for each generated token (`token` null for text held back until the end). `id` is
-/// the caller's name for it, for `abort`, unique among running requests. Resolves to `{choices:
-/// [{text, tokens, finish_reason, logprobs, tool_calls}], usage}`, the prompt counted once in the
-/// usage; `logprob` and `logprobs` are in OpenAI's chat shape (`{token, logprob, bytes,
-/// top_logprobs}` per token).
+/// generate, default 1) together with any others. `response` is `{uuid, model, stream}`: the
+/// response's id is `chatcmpl-<uuid>`, and a streamed one calls `on_chunk({chunk})` with each
+/// chunk of OpenAI's `chat.completion.chunk` objects (the usage on the last), as `serve` streams
+/// them; `on_chunk({prefill: {done, total}})` reports the prompt's progress. `id` is the caller's
+/// name for the request, for `abort`, unique among running requests. Resolves to the whole
+/// `chat.completion` object, streamed or not.
 #[wasm_bindgen]
-pub fn chat(id: u32, request: JsValue, on_chunk: Function) -> Promise {
-    submit(id, read_chat(request), on_chunk)
+pub fn chat(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
+    submit(id, read_chat(request), response, on_chunk)
 }
 
 /// Runs a raw text completion request (`crate::api::CompletionRequest` and `n`: the model's BOS
-/// token, then the prompt, no chat template), as `chat` runs a chat request.
+/// token, then the prompt, no chat template), as `chat` runs a chat request: `text_completion`
+/// objects, the id `cmpl-<uuid>`.
 #[wasm_bindgen]
-pub fn complete(id: u32, request: JsValue, on_chunk: Function) -> Promise {
-    submit(id, read_completion(request), on_chunk)
+pub fn complete(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
+    submit(id, read_completion(request), response, on_chunk)
 }
 
-fn submit(id: u32, read: Result<(Work, usize), JsValue>, on_chunk: Function) -> Promise {
+fn submit(id: u32, read: Result<(Work, usize), JsValue>, response: JsValue, on_chunk: Function) -> Promise {
+    let response = serde_wasm_bindgen::from_value::<ResponseOptions>(response).map_err(|error| js_error(ErrorKind::Engine, format!("response options: {error}")));
     // Queued now rather than when the promise first runs, so an `abort(id)` right after finds it.
-    let queued = read.and_then(|(work, choices)| enqueue(id, work, choices, on_chunk));
+    let queued = read.and_then(|(work, choices)| enqueue(id, work, choices, response?, on_chunk));
     wasm_bindgen_futures::future_to_promise(async move {
         let (receiver, generation) = queued?;
         let result = receiver
@@ -398,7 +421,7 @@ fn js_value<T: Serialize>(value: &T) -> JsValue {
 
 /// Queues a request for the driver, starting one when none runs. Returns the receiver of its
 /// result and the generation it belongs to.
-fn enqueue(id: u32, work: Work, choices: usize, on_chunk: Function) -> Result<(Receiver<Result<JsValue, JsValue>>, u64), JsValue> {
+fn enqueue(id: u32, work: Work, choices: usize, response: ResponseOptions, on_chunk: Function) -> Result<(Receiver<Result<JsValue, JsValue>>, u64), JsValue> {
     let (done, receiver) = oneshot::channel();
     let cancel = CancelToken::default();
     let (driver, generation) = STATE.with_borrow_mut(|s| {
@@ -412,7 +435,7 @@ fn enqueue(id: u32, work: Work, choices: usize, on_chunk: Function) -> Result<(R
             return Err(js_error(ErrorKind::Engine, format!("request id {id} is already running")));
         }
         s.requests.insert(id, cancel.clone());
-        s.queue.push(Queued { work, choices, cancel, on_chunk, done });
+        s.queue.push(Queued { work, choices, response, cancel, on_chunk, done });
         let driver = if s.driving { None } else { s.engine.take() };
         s.driving = true;
         Ok((driver, s.generation))
@@ -443,8 +466,15 @@ async fn drive(mut engine: Engine, generation: u64) {
             };
             match added {
                 Ok(sequences) => {
-                    let results = ChoiceResults::new(sequences.len());
-                    active.push(Active { on_chunk: request.on_chunk, done: request.done, cancel: request.cancel, sequences, results });
+                    let endpoint = request.work.endpoint();
+                    let ResponseOptions { uuid, model, stream } = request.response;
+                    let meta = ResponseMeta { endpoint, id: format!("{}-{uuid}", endpoint.id_prefix()), created: (js_sys::Date::now() / 1000.0) as u64, model };
+                    let chunks = ChunkStream::new(meta, StreamUsage::LastChunk, sequences.len());
+                    let request = Active { on_chunk: request.on_chunk, done: request.done, cancel: request.cancel, sequences, chunks, stream };
+                    if stream {
+                        request.chunks.start().iter().for_each(|chunk| request.send(chunk));
+                    }
+                    active.push(request);
                 }
                 Err(error) => {
                     let _ = request.done.send(Err(request.work.failure(error)));
@@ -478,14 +508,19 @@ async fn drive(mut engine: Engine, generation: u64) {
                             let _ = request.on_chunk.call1(&JsValue::NULL, &js_value(&serde_json::json!({ "prefill": { "done": done, "total": total } })));
                         }
                         Event::Prefill { .. } => {}
-                        Event::Delta(delta) => {
-                            let chunk = ChunkJs { choice, text: &delta.text, token: delta.token, logprob: delta.logprob.as_ref().map(LogprobJs::of) };
-                            let _ = request.on_chunk.call1(&JsValue::NULL, &js_value(&chunk));
+                        Event::Delta(delta) if request.stream => {
+                            let chunk = request.chunks.delta(choice, &delta.text, delta.token, delta.logprob.as_ref());
+                            request.send(&chunk);
                         }
+                        Event::Delta(_) => {}
                         Event::Finished(completion) => {
-                            if let Some(choices) = request.results.record(choice, completion) {
+                            let (chunks, completions) = request.chunks.finish(choice, completion);
+                            if request.stream {
+                                chunks.iter().for_each(|chunk| request.send(chunk));
+                            }
+                            if let Some(completions) = completions {
                                 let request = active.swap_remove(r);
-                                let _ = request.done.send(Ok(js_value(&RequestResultJs::of(&choices))));
+                                let _ = request.done.send(Ok(js_value(&request.chunks.meta().completion(&completions))));
                             }
                         }
                         // One choice failing ends the request; the others are cancelled.
@@ -534,71 +569,6 @@ async fn device_lost(engine: &Engine, error: &crate::Error) -> Option<String> {
     match engine.model().gpu().check() {
         Err(GpuError::DeviceLost(lost)) => Some(lost),
         _ => None,
-    }
-}
-
-/// What `on_chunk` gets for each delta.
-#[derive(Serialize)]
-struct ChunkJs<'a> {
-    choice: usize,
-    text: &'a str,
-    token: Option<u32>,
-    logprob: Option<LogprobJs<'a>>,
-}
-
-/// A token's log probability in OpenAI's chat shape (the JS package makes text completions'
-/// legacy shape from it). `token` is the text of `bytes`, a character cut in half shown as U+FFFD.
-#[derive(Serialize)]
-struct LogprobJs<'a> {
-    token: String,
-    logprob: f32,
-    bytes: &'a [u8],
-    /// The most likely alternatives; absent on the alternatives themselves.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    top_logprobs: Option<Vec<LogprobJs<'a>>>,
-}
-
-impl<'a> LogprobJs<'a> {
-    fn of(logprob: &'a TokenLogprob) -> Self {
-        let top = logprob.top.iter().map(|t| Self::alternative(&t.bytes, t.logprob)).collect();
-        Self { top_logprobs: Some(top), ..Self::alternative(&logprob.bytes, logprob.logprob) }
-    }
-
-    fn alternative(bytes: &'a [u8], logprob: f32) -> Self {
-        Self { token: String::from_utf8_lossy(bytes).into_owned(), logprob, bytes, top_logprobs: None }
-    }
-}
-
-/// What a request resolves to.
-#[derive(Serialize)]
-struct RequestResultJs<'a> {
-    choices: Vec<ChoiceJs<'a>>,
-    /// The prompt counted once.
-    usage: Usage,
-}
-
-#[derive(Serialize)]
-struct ChoiceJs<'a> {
-    text: &'a str,
-    tokens: &'a [u32],
-    finish_reason: FinishReason,
-    logprobs: Option<Vec<LogprobJs<'a>>>,
-    tool_calls: &'a [GeneratedToolCall],
-}
-
-impl<'a> RequestResultJs<'a> {
-    fn of(choices: &'a [Completion]) -> Self {
-        let each = choices
-            .iter()
-            .map(|c| ChoiceJs {
-                text: &c.text,
-                tokens: &c.tokens,
-                finish_reason: c.finish_reason,
-                logprobs: c.logprobs.as_ref().map(|l| l.iter().map(LogprobJs::of).collect()),
-                tool_calls: &c.tool_calls,
-            })
-            .collect();
-        Self { choices: each, usage: Completion::usage_of_choices(choices) }
     }
 }
 

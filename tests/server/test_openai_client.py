@@ -119,6 +119,9 @@ def test_chat_streaming_equals_non_streaming(client):
     assert len({c.id for c in chunks}) == 1
     assert text == whole.choices[0].message.content
     assert finish == whole.choices[0].finish_reason == "length"
+    # Beside OpenAI's members, each choice has the ids of its tokens (pydantic keeps extra fields).
+    assert [t for c in chunks if c.choices for t in c.choices[0].token_ids] == whole.choices[0].token_ids
+    assert len(whole.choices[0].token_ids) == 16
     # The last chunk carries the usage and no choices; the ones before carry none.
     assert chunks[-1].choices == []
     assert all(c.usage is None for c in chunks[:-1])

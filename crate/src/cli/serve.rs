@@ -32,6 +32,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
+use llama_webgpu::api::response::{Endpoint, ResponseMeta};
 use llama_webgpu::engine::ChoiceResults;
 use llama_webgpu::{CancelToken, GpuOptions};
 use serde_json::json;
@@ -40,7 +41,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use self::engine_thread::{AliveWhileHeld, Ended, EngineThreadOptions, Event, Job, Stats};
 use self::requests::Parsed;
-use self::responses::{ApiError, ChunkStream, Endpoint, ResponseMeta};
+use self::responses::{ApiError, SseChunks};
 use super::ModelArgs;
 
 #[derive(Args)]
@@ -472,13 +473,9 @@ impl Drop for CancelOnDrop {
 
 /// Queues the job, then answers with the whole completion or a stream of its chunks.
 async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Response {
-    let prefix = match endpoint {
-        Endpoint::Chat => "chatcmpl",
-        Endpoint::Completion => "cmpl",
-    };
     let meta = ResponseMeta {
         endpoint,
-        id: format!("{prefix}-{:x}-{}", server.started, server.next_id.fetch_add(1, Ordering::Relaxed)),
+        id: format!("{}-{:x}-{}", endpoint.id_prefix(), server.started, server.next_id.fetch_add(1, Ordering::Relaxed)),
         created: unix_seconds(),
         model: server.model_id.clone(),
     };
@@ -517,7 +514,7 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
         None => return ApiError::server("the engine stopped without finishing the request").into_response(),
         Some(event) => event,
     };
-    let chunks = ChunkStream::new(meta, parsed.include_usage, choices);
+    let chunks = SseChunks::new(meta, parsed.include_usage, choices);
     let mut stream = SseStream { pending: chunks.start().into(), chunks, events, done: false, _guard: guard };
     stream.push(first);
     Response::builder()
@@ -550,7 +547,7 @@ fn submit(server: &Server, job: Job) -> Result<(), ApiError> {
 /// The body of a streamed response: server-sent events made from the job's events as they come.
 /// hyper drops it when the client disconnects, and the guard then cancels the generation.
 struct SseStream {
-    chunks: ChunkStream,
+    chunks: SseChunks,
     events: UnboundedReceiver<Event>,
     pending: VecDeque<Bytes>,
     done: bool,
@@ -560,7 +557,7 @@ struct SseStream {
 impl SseStream {
     fn push(&mut self, event: Event) {
         match event {
-            Event::Delta { choice, text, logprob } => self.pending.push_back(self.chunks.delta(choice, &text, logprob.as_ref())),
+            Event::Delta { choice, text, token, logprob } => self.pending.push_back(self.chunks.delta(choice, &text, token, logprob.as_ref())),
             Event::Finished { choice, completion } => {
                 let (events, done) = self.chunks.finish(choice, completion);
                 self.pending.extend(events);

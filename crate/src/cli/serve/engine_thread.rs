@@ -44,8 +44,9 @@ pub struct Job {
 /// that ends them all.
 #[derive(Debug)]
 pub enum Event {
-    /// Text, and the log probability of the token that completed it when the request asked.
-    Delta { choice: usize, text: String, logprob: Option<TokenLogprob> },
+    /// Text, the token that completed it (none for text held back until the end), and its log
+    /// probability when the request asked.
+    Delta { choice: usize, text: String, token: Option<u32>, logprob: Option<TokenLogprob> },
     Finished { choice: usize, completion: Completion },
     Failed(ApiError),
 }
@@ -228,6 +229,8 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
         match stepped {
             Ok(events) => {
                 let any_delta = events.iter().any(|(_, e)| matches!(e, EngineEvent::Delta(_)));
+                // What /health says is as new as the tokens the clients get.
+                publish(&engine, &stats);
                 for (id, event) in events {
                     deliver(id, event, &stats, &mut active);
                 }
@@ -326,8 +329,8 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
                 running.first_token = true;
                 stats.first_token_seconds.observe(running.started.elapsed().as_secs_f64());
             }
-            let wanted = !delta.text.is_empty() || delta.logprob.is_some();
-            if wanted && running.job.events.send(Event::Delta { choice, text: delta.text, logprob: delta.logprob }).is_err() {
+            let wanted = !delta.text.is_empty() || delta.token.is_some() || delta.logprob.is_some();
+            if wanted && running.job.events.send(Event::Delta { choice, text: delta.text, token: delta.token, logprob: delta.logprob }).is_err() {
                 running.job.cancel.cancel();
             }
         }
