@@ -256,7 +256,9 @@ try {
       text: chunks.map((c) => c.choices[0].delta.content ?? "").join(""),
       usage: chunks.at(-1).usage,
       finish: chunks.at(-1).choices[0].finish_reason,
+      opening: [chunks[0].object, chunks[0].id.split("-")[0], chunks[0].choices[0].delta],
       again: again.choices[0].token_ids,
+      againObject: [again.object, again.id.split("-")[0], again.usage],
       afterBreak: afterBreak.choices[0].token_ids,
       choices,
       choicesUsage: choiceChunks.at(-1).usage,
@@ -273,6 +275,10 @@ try {
   assertEqual(api.again, native.tokens, "second, non-streamed request (KV cache reused)");
   assertEqual(api.afterBreak, native.tokens, "a request after a stream left early");
   assertEqual(api.usage.completion_tokens, native.tokens.length, "usage.completion_tokens on the last chunk");
+  // The objects serve makes (crate::api::response): a chat stream opens with the role, usage in
+  // OpenAI's shape; the same prompt again reuses its KV pages but the last token's.
+  assertEqual(api.opening, ["chat.completion.chunk", "chatcmpl", { role: "assistant", content: "" }], "a chat stream's first chunk");
+  assertEqual(api.againObject, ["chat.completion", "chatcmpl", { ...api.usage, prompt_tokens_details: { cached_tokens: api.usage.prompt_tokens - 1 } }], "a chat completion and its usage");
   assertEqual(api.choices.map((c) => c.tokens), [native.tokens, native.tokens], "n = 2 greedy choices vs native");
   assertEqual([api.choicesUsage.prompt_tokens, api.choicesUsage.completion_tokens], [api.usage.prompt_tokens, 2 * native.tokens.length], "n = 2 usage: the prompt once, the tokens of both");
   assertEqual(api.alone[0].tokens, native.tokens, "first concurrency prompt alone vs native");
