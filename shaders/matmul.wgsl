@@ -178,9 +178,9 @@ fn q8_block_scales(row: u32, block: u32) -> vec2<f32> {
     return vec2(bitcast<f32>(x_q8[scale_at]), 0.25 * bitcast<f32>(x_q8[scale_at + params.k / Q8_BLOCK]));
 }
 
-// Each byte b of `words` to b - offset in two's complement, for b < 128 + offset and offset a
-// power of two below 128: b + (128 - offset) has its top bit set where b >= offset, and flipping
-// it subtracts 128 there and adds it elsewhere (mod 256).
+// Each byte b of `words` to b - offset in two's complement, for offset <= 128 and bytes up to
+// 127 + offset (so that no add carries into the next byte): b + (128 - offset) has its top bit
+// set where b >= offset, and flipping it subtracts 128 there and adds it elsewhere (mod 256).
 fn offset_bytes(words: vec2<u32>, offset: u32) -> vec2<u32> {
     return (words + vec2((128u - offset) * 0x01010101u)) ^ vec2(0x80808080u);
 }
