@@ -151,9 +151,9 @@ export interface ChatCompletionParams extends SamplingParams {
   top_logprobs?: number;
 }
 
-/** A raw text completion: the model's BOS token then `prompt`, no chat template. */
+/** A raw text completion: the model's BOS token then `prompt`, no chat template; or token ids, run as given. */
 export interface CompletionParams extends SamplingParams {
-  prompt: string;
+  prompt: string | [string] | number[] | [number[]];
   /** The most likely alternatives to return with each token's log probability, 0 to 20. */
   logprobs?: number;
 }

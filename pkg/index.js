@@ -237,9 +237,10 @@ export async function createEngine({ model, onProgress, worker = true, ...option
 
   // Requests run together in the engine (continuous batching), each under its own message id.
   const create = (type) => (params) => {
-    const { signal, stream = false, onPrefillProgress, ...request } = params;
-    // The engine makes the response objects (as serve does); this side only carries them.
-    const response = { uuid: crypto.randomUUID(), model: modelName, stream: Boolean(stream) };
+    const { signal, onPrefillProgress, ...request } = params;
+    // The engine reads the request and makes the response objects (as serve does); this side
+    // only carries them.
+    const response = { uuid: crypto.randomUUID(), model: modelName };
     const queue = [];
     let wake = null;
     const push = (item) => { queue.push(item); wake?.(); };
@@ -259,7 +260,7 @@ export async function createEngine({ model, onProgress, worker = true, ...option
         signal?.removeEventListener("abort", abort);
       }
     })();
-    if (!stream) return run;
+    if (request.stream !== true) return run;
     run.then(() => push({ done: true }), (error) => push({ error }));
     return {
       async *[Symbol.asyncIterator]() {

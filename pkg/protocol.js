@@ -1,7 +1,7 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
 //   in:  {id, type: "load", url, options} | {id, type: "chat", request, response}
 //        | {id, type: "complete", request, response} | {id, type: "info"} | {id, type: "unload"}
-//        | {type: "abort", id?}   (response: {uuid, model, stream})
+//        | {type: "abort", id?}   (response: {uuid, model})
 //   out: {id, type: "progress", done, total, tensor, stage} | {id, type: "chunk", chunk}
 //        | {id, type: "chunk", prefill: {done, total}}
 //        | {id, type: "result", value} | {id, type: "error", name, message, param}

@@ -18,6 +18,7 @@ use crate::api::{
     ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, ResponseFormat, SamplingParams, TokenLogprob, Tool,
     ToolChoice, ToolChoiceMode, TopLogprob, Usage,
 };
+use crate::api::request::Work;
 use crate::gpu::ops::TokenSlot;
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
 use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
@@ -500,6 +501,24 @@ impl Engine {
     /// after the first wait until the first has its prompt in the KV pool, then start from its
     /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
     /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
+    /// Adds what a host read from a request ([`crate::api::request`]), `n` choices of it.
+    pub fn add_work(&mut self, work: &Work, options: &RenderOptions, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
+        match work {
+            Work::Chat(request) => self.add_chat(request, options, cancel, n),
+            Work::Complete(request) => {
+                let prompt = self.completion_prompt(request)?;
+                self.add_choices(prompt, &request.sampling, cancel, n)
+            }
+            Work::Tokens { prompt, sampling } => {
+                let vocab_size = self.model.config().vocab_size;
+                if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab_size) {
+                    return Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size }).into());
+                }
+                self.add_choices(prompt.clone(), sampling, cancel, n)
+            }
+        }
+    }
+
     pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
         let grammar = response_format_grammar(params)?;
         self.add_sequences(prompt, params, cancel, n, grammar, None)

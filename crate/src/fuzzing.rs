@@ -3,7 +3,8 @@
 //! allocation the input does not pay for. `fuzz/` runs them under libFuzzer (cargo-fuzz, nightly);
 //! `tests/fuzz.rs` replays their seed corpus and mutations of it on stable in the test suite.
 
-use crate::api::{ChatCompletionRequest, CompletionRequest, ToolChoice, ToolChoiceMode};
+use crate::api::request::{parse_body, read_chat, read_completion, Parsed, UnknownFields, Work};
+use crate::api::{ToolChoice, ToolChoiceMode};
 use crate::grammar::Grammar;
 use crate::load::manifest::Manifest;
 use crate::load::{GgufHeader, Safetensors, WeightSource, WeightStream};
@@ -50,19 +51,24 @@ pub fn manifest(data: &[u8]) {
     let _ = manifest.locations();
 }
 
-/// A chat or text completion request's JSON, as far as it goes without a model: the messages and
-/// tools rendered by Llama 3.1's template, and the response format's grammar.
+/// A chat or text completion request's body as the hosts read it (`crate::api::request`, unknown
+/// fields ignored as serve does and refused as the JS API does), then as far as it goes without a
+/// model: the messages and tools rendered by Llama 3.1's template, and the response format's
+/// grammar.
 pub fn request(data: &[u8]) {
-    if let Ok(request) = serde_json::from_slice::<ChatCompletionRequest>(data) {
-        let tools = match request.tool_choice {
-            Some(ToolChoice::Mode(ToolChoiceMode::None)) => None,
-            _ => request.tools.as_deref(),
-        };
-        let options = RenderOptions { builtin_tools: request.builtin_tools.clone(), ..Default::default() };
-        let _ = ChatTemplate::llama31().render(&request.messages, tools, true, &options);
-        if let Some(format) = &request.sampling.response_format {
-            let _ = Grammar::of_response_format(format);
+    let Ok(object) = parse_body(data) else { return };
+    for unknown in [UnknownFields::Ignore, UnknownFields::Refuse] {
+        if let Ok(Parsed { work: Work::Chat(request), .. }) = read_chat(object.clone(), unknown) {
+            let tools = match request.tool_choice {
+                Some(ToolChoice::Mode(ToolChoiceMode::None)) => None,
+                _ => request.tools.as_deref(),
+            };
+            let options = RenderOptions { builtin_tools: request.builtin_tools.clone(), ..Default::default() };
+            let _ = ChatTemplate::llama31().render(&request.messages, tools, true, &options);
+            if let Some(format) = &request.sampling.response_format {
+                let _ = Grammar::of_response_format(format);
+            }
         }
+        let _ = read_completion(object.clone(), unknown);
     }
-    let _ = serde_json::from_slice::<CompletionRequest>(data);
 }

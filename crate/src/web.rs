@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use wasm_bindgen::prelude::*;
 
+use crate::api::request::{Parsed, UnknownFields, Work};
 use crate::api::response::{ChunkStream, ResponseMeta, StreamUsage};
-use crate::api::{ChatCompletionRequest, CompletionRequest, Logprobs, SamplingParams};
-use crate::engine::{Endpoint, Event, Load, SequenceId};
+use crate::api;
+use crate::engine::{Event, Load, SequenceId};
 use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
 use crate::text::RenderOptions;
@@ -84,47 +85,27 @@ fn to_js(error: crate::Error) -> JsValue {
     js_error(ErrorKind::from(&error), error.to_string())
 }
 
-/// What a request asks for: a chat completion or a raw text completion.
-enum Work {
-    Chat(ChatCompletionRequest),
-    Complete(CompletionRequest),
-}
-
-impl Work {
-    fn endpoint(&self) -> Endpoint {
-        match self {
-            Work::Chat(_) => Endpoint::Chat,
-            Work::Complete(_) => Endpoint::Completion,
-        }
-    }
-
-    /// `error` thrown to JS: a `RequestError` when the request is at fault.
-    fn failure(&self, error: crate::Error) -> JsValue {
-        let field = match &error {
-            crate::Error::Engine(engine_error) => engine_error.blamed_field(self.endpoint()),
-            _ => None,
-        };
-        match field {
-            Some(field) => request_error(Some(field), error.to_string()),
-            None => to_js(error),
-        }
+/// `error`, which the engine refused `work` with, thrown to JS: a `RequestError` when the request
+/// is at fault.
+fn failure(work: &Work, error: crate::Error) -> JsValue {
+    match work.blamed_field(&error) {
+        Some(field) => request_error(Some(field), error.to_string()),
+        None => to_js(error),
     }
 }
 
-/// How the JS API wants a request's response: the unique part of its id, the model name it
-/// reports, and whether it streams.
+/// How the JS API wants a request's response: the unique part of its id and the model name it
+/// reports.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResponseOptions {
     uuid: String,
     model: String,
-    stream: bool,
 }
 
 /// A request waiting for the driver to add it to the engine.
 struct Queued {
-    work: Work,
-    choices: usize,
+    request: Parsed,
     response: ResponseOptions,
     cancel: CancelToken,
     on_chunk: Function,
@@ -210,7 +191,7 @@ fn start() {
 /// Returns `info()`.
 #[wasm_bindgen]
 pub async fn load(url: String, options: JsValue, on_progress: Function) -> Result<JsValue, JsValue> {
-    let options: WebLoadOptions = read_fields(object_of(options, "the load options")?)?;
+    let options: WebLoadOptions = read_options(object_of(options, "the load options")?)?;
     unload();
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
@@ -268,30 +249,31 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     Ok(info())
 }
 
-/// Runs a chat completion request (`crate::api::ChatCompletionRequest` and `n`, the choices to
-/// generate, default 1) together with any others. `response` is `{uuid, model, stream}`: the
-/// response's id is `chatcmpl-<uuid>`, and a streamed one calls `on_chunk({chunk})` with each
-/// chunk of OpenAI's `chat.completion.chunk` objects (the usage on the last), as `serve` streams
-/// them; `on_chunk({prefill: {done, total}})` reports the prompt's progress. `id` is the caller's
+/// Runs a chat completion request (the body of serve's `/v1/chat/completions`, read by
+/// `crate::api::request`, fields it does not know refused) together with any others. `response`
+/// is `{uuid, model}`: the response's id is `chatcmpl-<uuid>`, and a streamed one calls
+/// `on_chunk({chunk})` with each chunk of OpenAI's `chat.completion.chunk` objects (the usage on
+/// the last), as `serve` streams them; `on_chunk({prefill: {done, total}})` reports the prompt's
+/// progress. `id` is the caller's
 /// name for the request, for `abort`, unique among running requests. Resolves to the whole
 /// `chat.completion` object, streamed or not.
 #[wasm_bindgen]
 pub fn chat(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
-    submit(id, read_chat(request), response, on_chunk)
+    submit(id, read(request, api::request::read_chat), response, on_chunk)
 }
 
-/// Runs a raw text completion request (`crate::api::CompletionRequest` and `n`: the model's BOS
-/// token, then the prompt, no chat template), as `chat` runs a chat request: `text_completion`
-/// objects, the id `cmpl-<uuid>`.
+/// Runs a raw text completion request (the body of serve's `/v1/completions`: the model's BOS
+/// token, then the prompt, no chat template; or token ids), as `chat` runs a chat request:
+/// `text_completion` objects, the id `cmpl-<uuid>`.
 #[wasm_bindgen]
 pub fn complete(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
-    submit(id, read_completion(request), response, on_chunk)
+    submit(id, read(request, api::request::read_completion), response, on_chunk)
 }
 
-fn submit(id: u32, read: Result<(Work, usize), JsValue>, response: JsValue, on_chunk: Function) -> Promise {
+fn submit(id: u32, read: Result<Parsed, JsValue>, response: JsValue, on_chunk: Function) -> Promise {
     let response = serde_wasm_bindgen::from_value::<ResponseOptions>(response).map_err(|error| js_error(ErrorKind::Engine, format!("response options: {error}")));
     // Queued now rather than when the promise first runs, so an `abort(id)` right after finds it.
-    let queued = read.and_then(|(work, choices)| enqueue(id, work, choices, response?, on_chunk));
+    let queued = read.and_then(|request| enqueue(id, request, response?, on_chunk));
     wasm_bindgen_futures::future_to_promise(async move {
         let (receiver, generation) = queued?;
         let result = receiver
@@ -306,53 +288,19 @@ fn submit(id: u32, read: Result<(Work, usize), JsValue>, response: JsValue, on_c
     })
 }
 
-fn read_chat(request: JsValue) -> Result<(Work, usize), JsValue> {
-    let (request, choices) = read_request::<ChatCompletionRequest>(request)?;
-    match (request.sampling.logprobs, request.sampling.top_logprobs) {
-        (Some(Logprobs::Alternatives(_)), _) => {
-            Err(request_error(Some("logprobs"), "logprobs: chat completions take true or false (top_logprobs counts the alternatives)"))
-        }
-        (logprobs, Some(_)) if logprobs != Some(Logprobs::Enabled(true)) => Err(request_error(Some("top_logprobs"), "top_logprobs needs logprobs: true")),
-        _ => Ok((Work::Chat(request), choices)),
-    }
+/// Options as `crate::api::request` reads requests, thrown as a `RequestError` naming the field.
+fn read_options<T: DeserializeOwned + Serialize>(object: Map<String, Value>) -> Result<T, JsValue> {
+    api::request::read_options(object).map_err(request_fault)
 }
 
-fn read_completion(request: JsValue) -> Result<(Work, usize), JsValue> {
-    let (request, choices) = read_request::<CompletionRequest>(request)?;
-    if let Some(Logprobs::Enabled(_)) = request.sampling.logprobs {
-        return Err(request_error(Some("logprobs"), "logprobs: text completions take the number of alternatives to return with each token"));
-    }
-    if request.sampling.top_logprobs.is_some() {
-        return Err(request_error(Some("top_logprobs"), "top_logprobs: text completions take the number of alternatives in logprobs"));
-    }
-    Ok((Work::Complete(request), choices))
+fn request_fault(error: api::request::RequestError) -> JsValue {
+    request_error(error.param.as_deref(), error.message)
 }
 
-/// The field of a request beyond `crate::api`'s types.
-#[derive(Deserialize)]
-struct ChoiceCount {
-    /// Choices to generate.
-    n: Option<usize>,
-}
-
-/// Reads a request and its `n` (default 1), each field checked as serve checks it; fields this
-/// engine does not know are refused (serve ignores them, as OpenAI-compatible servers do).
-fn read_request<T: DeserializeOwned + Serialize>(request: JsValue) -> Result<(T, usize), JsValue> {
-    let mut object = object_of(request, "a request")?;
-    if let Some(tokens) = object.remove("max_completion_tokens") {
-        if object.insert("max_tokens".into(), tokens).is_some() {
-            return Err(request_error(Some("max_tokens"), "give max_tokens or max_completion_tokens, not both"));
-        }
-    }
-    let choices = typed::<ChoiceCount>(&object)?.n.unwrap_or(1);
-    object.remove("n");
-    // The sampling fields on their own first: flattened into the request, serde's errors about them
-    // would not name them.
-    let sampling: SamplingParams = typed(&object)?;
-    if sampling.max_tokens == Some(0) {
-        return Err(request_error(Some("max_tokens"), "max_tokens must be at least 1"));
-    }
-    Ok((read_fields(object)?, choices))
+/// A request as `crate::api::request` reads it for every host, refusing fields it does not know
+/// (serve ignores them, as OpenAI-compatible servers do).
+fn read(request: JsValue, read: fn(Map<String, Value>, UnknownFields) -> Result<Parsed, api::request::RequestError>) -> Result<Parsed, JsValue> {
+    read(object_of(request, "a request")?, UnknownFields::Refuse).map_err(request_fault)
 }
 
 /// A JS object as JSON, its null and undefined members left out (OpenAI treats null as absent).
@@ -369,51 +317,6 @@ fn object_of(value: JsValue, what: &str) -> Result<Map<String, Value>, JsValue> 
     }
 }
 
-/// `object` as a `T`; a wrong value is a `RequestError` naming the field and the place in it.
-fn typed<T: DeserializeOwned>(object: &Map<String, Value>) -> Result<T, JsValue> {
-    serde_path_to_error::deserialize(object).map_err(|error| {
-        let field = match error.path().iter().next() {
-            Some(serde_path_to_error::Segment::Map { key }) => Some(key.as_str()),
-            _ => None,
-        };
-        let message = match error.path().to_string().as_str() {
-            "." => error.inner().to_string(),
-            place => format!("{place}: {}", error.inner()),
-        };
-        request_error(field, message)
-    })
-}
-
-/// `object` as a `T`, refusing members `T` does not know. Serde skips those, so they are what the
-/// `T` read does not give back when serialized again.
-fn read_fields<T: DeserializeOwned + Serialize>(object: Map<String, Value>) -> Result<T, JsValue> {
-    let read: T = typed(&object)?;
-    let kept = serde_json::to_value(&read).map_err(|e| js_error(ErrorKind::Engine, e.to_string()))?;
-    let dropped = object.iter().find_map(|(field, value)| match kept.get(field) {
-        None => Some((field, String::new())),
-        Some(kept) => dropped_member(value, kept).map(|place| (field, place)),
-    });
-    match dropped {
-        Some((field, place)) => Err(request_error(Some(field), format!("{field}{place}: unknown field"))),
-        None => Ok(read),
-    }
-}
-
-/// The place (`.key`, `[index]`, ...) of the first member of `sent` that `kept` lacks; null members
-/// count as absent.
-fn dropped_member(sent: &Value, kept: &Value) -> Option<String> {
-    match (sent, kept) {
-        (Value::Object(sent), Value::Object(kept)) => sent.iter().filter(|(_, value)| !value.is_null()).find_map(|(key, value)| match kept.get(key) {
-            None => Some(format!(".{key}")),
-            Some(kept) => dropped_member(value, kept).map(|place| format!(".{key}{place}")),
-        }),
-        (Value::Array(sent), Value::Array(kept)) => {
-            sent.iter().zip(kept).enumerate().find_map(|(i, (sent, kept))| dropped_member(sent, kept).map(|place| format!("[{i}]{place}")))
-        }
-        _ => None,
-    }
-}
-
 /// A Rust value as a plain JS value (objects, not `Map`s; null for None).
 fn js_value<T: Serialize>(value: &T) -> JsValue {
     value.serialize(&serde_wasm_bindgen::Serializer::json_compatible()).unwrap_or_else(|error| js_error(ErrorKind::Engine, error.to_string()))
@@ -421,7 +324,7 @@ fn js_value<T: Serialize>(value: &T) -> JsValue {
 
 /// Queues a request for the driver, starting one when none runs. Returns the receiver of its
 /// result and the generation it belongs to.
-fn enqueue(id: u32, work: Work, choices: usize, response: ResponseOptions, on_chunk: Function) -> Result<(Receiver<Result<JsValue, JsValue>>, u64), JsValue> {
+fn enqueue(id: u32, request: Parsed, response: ResponseOptions, on_chunk: Function) -> Result<(Receiver<Result<JsValue, JsValue>>, u64), JsValue> {
     let (done, receiver) = oneshot::channel();
     let cancel = CancelToken::default();
     let (driver, generation) = STATE.with_borrow_mut(|s| {
@@ -435,7 +338,7 @@ fn enqueue(id: u32, work: Work, choices: usize, response: ResponseOptions, on_ch
             return Err(js_error(ErrorKind::Engine, format!("request id {id} is already running")));
         }
         s.requests.insert(id, cancel.clone());
-        s.queue.push(Queued { work, choices, response, cancel, on_chunk, done });
+        s.queue.push(Queued { request, response, cancel, on_chunk, done });
         let driver = if s.driving { None } else { s.engine.take() };
         s.driving = true;
         Ok((driver, s.generation))
@@ -457,27 +360,21 @@ async fn drive(mut engine: Engine, generation: u64) {
             (current, if current { std::mem::take(&mut s.queue) } else { vec![] }, s.render.clone())
         });
         for request in queued {
-            let cancel = request.cancel.clone();
-            let added = match &request.work {
-                Work::Chat(chat) => engine.add_chat(chat, &render, cancel, request.choices),
-                Work::Complete(completion) => engine
-                    .completion_prompt(completion)
-                    .and_then(|prompt| engine.add_choices(prompt, &completion.sampling, cancel, request.choices)),
-            };
-            match added {
+            let Queued { request: Parsed { work, choices, stream, .. }, response, cancel, on_chunk, done } = request;
+            match engine.add_work(&work, &render, cancel.clone(), choices) {
                 Ok(sequences) => {
-                    let endpoint = request.work.endpoint();
-                    let ResponseOptions { uuid, model, stream } = request.response;
+                    let endpoint = work.endpoint();
+                    let ResponseOptions { uuid, model } = response;
                     let meta = ResponseMeta { endpoint, id: format!("{}-{uuid}", endpoint.id_prefix()), created: (js_sys::Date::now() / 1000.0) as u64, model };
                     let chunks = ChunkStream::new(meta, StreamUsage::LastChunk, sequences.len());
-                    let request = Active { on_chunk: request.on_chunk, done: request.done, cancel: request.cancel, sequences, chunks, stream };
+                    let request = Active { on_chunk, done, cancel, sequences, chunks, stream };
                     if stream {
                         request.chunks.start().iter().for_each(|chunk| request.send(chunk));
                     }
                     active.push(request);
                 }
                 Err(error) => {
-                    let _ = request.done.send(Err(request.work.failure(error)));
+                    let _ = done.send(Err(failure(&work, error)));
                 }
             }
         }
@@ -612,7 +509,7 @@ fn default_bench_repetitions() -> usize {
 /// encode_us_per_token?}]}`. A loaded model stays loaded, its GPU memory beside the bench's.
 #[wasm_bindgen]
 pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
-    let options: WebBenchOptions = read_fields(object_of(options, "the bench options")?)?;
+    let options: WebBenchOptions = read_options(object_of(options, "the bench options")?)?;
     let Some(mut config) = crate::bench::synthetic_config(&options.synthetic) else {
         let known = crate::bench::SYNTHETIC_MODELS.join(", ");
         return Err(request_error(Some("synthetic"), format!("synthetic: unknown model {:?}; known: {known}", options.synthetic)));

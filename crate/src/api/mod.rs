@@ -1,5 +1,6 @@
 //! OpenAI-shaped request and response types, shared by the engine, the JS API and the HTTP server.
 
+pub mod request;
 pub mod response;
 
 use std::collections::HashMap;

@@ -9,7 +9,6 @@
 //! at the next token.
 
 mod engine_thread;
-mod requests;
 mod responses;
 
 use std::collections::VecDeque;
@@ -32,6 +31,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
+use llama_webgpu::api::request::{self, Parsed, UnknownFields};
 use llama_webgpu::api::response::{Endpoint, ResponseMeta};
 use llama_webgpu::engine::ChoiceResults;
 use llama_webgpu::{CancelToken, GpuOptions};
@@ -40,7 +40,6 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use self::engine_thread::{AliveWhileHeld, Ended, EngineThreadOptions, Event, Job, Stats};
-use self::requests::Parsed;
 use self::responses::{ApiError, SseChunks};
 use super::ModelArgs;
 
@@ -436,14 +435,14 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 }
 
 async fn chat_completions(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match read_body(&server, body).and_then(|b| requests::parse_chat(&b)) {
+    match read_body(&server, body).and_then(|b| Ok(request::read_chat(request::parse_body(&b)?, UnknownFields::Ignore)?)) {
         Ok(parsed) => respond(server, Endpoint::Chat, parsed).await,
         Err(error) => error.into_response(),
     }
 }
 
 async fn completions(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match read_body(&server, body).and_then(|b| requests::parse_completion(&b)) {
+    match read_body(&server, body).and_then(|b| Ok(request::read_completion(request::parse_body(&b)?, UnknownFields::Ignore)?)) {
         Ok(parsed) => respond(server, Endpoint::Completion, parsed).await,
         Err(error) => error.into_response(),
     }

@@ -10,24 +10,17 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use llama_webgpu::api::{ChatCompletionRequest, CompletionRequest, FinishReason, SamplingParams, TokenLogprob};
-use llama_webgpu::engine::{ChoiceResults, Endpoint, EngineError, Event as EngineEvent, Load, SequenceId};
+use llama_webgpu::api::request::Work;
+use llama_webgpu::api::{FinishReason, TokenLogprob};
+use llama_webgpu::engine::{ChoiceResults, EngineError, Event as EngineEvent, Load, SequenceId};
 use llama_webgpu::gpu::GpuError;
 use llama_webgpu::grammar::GrammarError;
-use llama_webgpu::text::{RenderOptions, TextError};
+use llama_webgpu::text::RenderOptions;
 use llama_webgpu::{CancelToken, Completion, Engine};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::responses::ApiError;
-
-/// What a request asks the engine to do.
-pub enum Work {
-    Chat(ChatCompletionRequest),
-    Complete(CompletionRequest),
-    /// A completion whose prompt is token ids, run as given.
-    Tokens { prompt: Vec<u32>, sampling: SamplingParams },
-}
 
 pub struct Job {
     /// The response id, for the log.
@@ -291,16 +284,7 @@ fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut ActiveJobs, 
         stats.skipped.fetch_add(1, Ordering::SeqCst);
         return;
     }
-    let vocab = engine.model().config().vocab_size;
-    let (n, cancel) = (job.choices, job.cancel.clone());
-    let added = match &job.work {
-        Work::Chat(request) => engine.add_chat(request, render, cancel, n),
-        Work::Complete(request) => engine.completion_prompt(request).and_then(|p| engine.add_choices(p, &request.sampling, cancel, n)),
-        Work::Tokens { prompt, sampling } => match prompt.iter().find(|&&id| id as usize >= vocab) {
-            Some(&id) => Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: vocab }).into()),
-            None => engine.add_choices(prompt.clone(), sampling, cancel, n),
-        },
-    };
+    let added = engine.add_work(&job.work, render, job.cancel.clone(), job.choices);
     match added {
         Ok(sequences) => {
             let results = ChoiceResults::new(sequences.len());
@@ -371,17 +355,7 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
 /// The client's mistakes are 400s that name the parameter; the rest are the server's 500s.
 fn api_error(error: &llama_webgpu::Error, work: &Work) -> ApiError {
     let message = error.to_string();
-    let endpoint = match work {
-        Work::Chat(_) => Endpoint::Chat,
-        Work::Complete(_) | Work::Tokens { .. } => Endpoint::Completion,
-    };
-    let llama_webgpu::Error::Engine(engine_error) = error else { return ApiError::server(message) };
-    let field = match engine_error {
-        // Token ids given as the prompt are the client's.
-        EngineError::Text(TextError::UnknownTokenId { .. }) if matches!(work, Work::Tokens { .. }) => Some("prompt"),
-        other => other.blamed_field(endpoint),
-    };
-    let Some(field) = field else { return ApiError::server(message) };
+    let (Some(field), llama_webgpu::Error::Engine(engine_error)) = (work.blamed_field(error), error) else { return ApiError::server(message) };
     match engine_error {
         EngineError::PromptTooLong { .. } | EngineError::MaxTokensTooLarge { .. } => ApiError::invalid(message).param(field).code("context_length_exceeded"),
         EngineError::DoesNotFit { .. } => ApiError::invalid(message).param(field).code("kv_pool_exceeded"),

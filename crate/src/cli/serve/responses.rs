@@ -4,6 +4,7 @@
 use axum::body::Bytes;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use llama_webgpu::api::request::RequestError;
 use llama_webgpu::api::response::{ChunkStream, ResponseMeta, StreamUsage};
 use llama_webgpu::api::TokenLogprob;
 use llama_webgpu::Completion;
@@ -59,6 +60,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, [(header::CONTENT_TYPE, "application/json")], self.body().to_string()).into_response()
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(error: RequestError) -> Self {
+        let api_error = ApiError::invalid(error.message);
+        match (error.param, error.unsupported) {
+            (Some(param), true) => api_error.param(param).code("unsupported_parameter"),
+            (Some(param), false) => api_error.param(param),
+            (None, _) => api_error,
+        }
     }
 }
 

@@ -1,19 +1,82 @@
-//! Reading request bodies into the engine's request types, with errors that say what is wrong and
-//! where. The body is parsed as JSON first (so a syntax error gives its line and column), then each
-//! known field is checked on its own (serde's message for a flattened struct would not name the
-//! field), then the whole object becomes the typed request. Unknown fields are ignored, as most
-//! OpenAI-compatible servers do; fields that ask for what this server cannot do are rejected.
+//! Reading OpenAI request bodies into the engine's request types, the same for every host (serve,
+//! the JS API), with errors that say what is wrong and where. The body is parsed as JSON first (so a
+//! syntax error gives its line and column), then each known field is checked on its own (serde's
+//! message for a flattened struct would not name the field), then the whole object becomes the
+//! typed request. Fields that ask for what the engine cannot do are rejected; unknown fields are
+//! ignored, as most OpenAI-compatible servers do, or refused ([`UnknownFields`]).
 
 use std::collections::HashMap;
 
-use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat, Tool, ToolChoice};
-use llama_webgpu::engine::{MAX_CHOICES, MAX_TOP_LOGPROBS};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::engine_thread::Work;
-use super::responses::ApiError;
+use super::{ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat, SamplingParams, Tool, ToolChoice};
+use crate::engine::{Endpoint, EngineError, MAX_CHOICES, MAX_TOP_LOGPROBS};
+use crate::text::TextError;
+
+/// A request the host refuses, naming the field at fault (`param`, OpenAI's name) where one is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestError {
+    pub message: String,
+    pub param: Option<String>,
+    /// The field asks for what the engine does not do (OpenAI's `unsupported_parameter`), rather
+    /// than holding a wrong value.
+    pub unsupported: bool,
+}
+
+impl RequestError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self { message: message.into(), param: None, unsupported: false }
+    }
+
+    pub fn unsupported(param: &str, message: impl Into<String>) -> Self {
+        Self { message: message.into(), param: Some(param.into()), unsupported: true }
+    }
+
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+}
+
+/// What a request asks the engine to do.
+#[derive(Clone, Debug)]
+pub enum Work {
+    Chat(ChatCompletionRequest),
+    Complete(CompletionRequest),
+    /// A completion whose prompt is token ids, run as given.
+    Tokens { prompt: Vec<u32>, sampling: SamplingParams },
+}
+
+impl Work {
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            Work::Chat(_) => Endpoint::Chat,
+            Work::Complete(_) | Work::Tokens { .. } => Endpoint::Completion,
+        }
+    }
+
+    /// The request field at fault when the engine refused the work with `error`, if the error is
+    /// the client's.
+    pub fn blamed_field(&self, error: &crate::Error) -> Option<&'static str> {
+        let crate::Error::Engine(engine_error) = error else { return None };
+        match engine_error {
+            // Token ids given as the prompt are the client's.
+            EngineError::Text(TextError::UnknownTokenId { .. }) if matches!(self, Work::Tokens { .. }) => Some("prompt"),
+            other => other.blamed_field(self.endpoint()),
+        }
+    }
+}
+
+/// What a host does with the fields no request type knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnknownFields {
+    /// As OpenAI-compatible servers do (clients send vendor extras).
+    Ignore,
+    /// As the JS API does: a misspelt option is a mistake to report, not to drop.
+    Refuse,
+}
 
 /// A request ready for the engine.
 pub struct Parsed {
@@ -31,31 +94,34 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
-    let mut object = json_object(body)?;
+/// A chat completion request (`POST /v1/chat/completions`'s body as a JSON object).
+pub fn read_chat(mut object: Map<String, Value>, unknown: UnknownFields) -> Result<Parsed, RequestError> {
     let Common { stream, include_usage, choices } = common_fields(&mut object)?;
+    if object.get("logprobs").is_some_and(Value::is_number) {
+        return Err(RequestError::invalid("logprobs: chat completions take true or false (top_logprobs counts the alternatives)").param("logprobs"));
+    }
     let logprobs = field::<bool>(&object, "logprobs")?.unwrap_or(false);
     if let Some(top) = field::<u32>(&object, "top_logprobs")? {
         if !logprobs {
-            return Err(ApiError::invalid("top_logprobs needs logprobs: true").param("top_logprobs"));
+            return Err(RequestError::invalid("top_logprobs needs logprobs: true").param("top_logprobs"));
         }
         if top as usize > MAX_TOP_LOGPROBS {
-            return Err(ApiError::invalid(format!("top_logprobs = {top}: at most {MAX_TOP_LOGPROBS}")).param("top_logprobs"));
+            return Err(RequestError::invalid(format!("top_logprobs = {top}: at most {MAX_TOP_LOGPROBS}")).param("top_logprobs"));
         }
     }
 
     match object.get_mut("messages") {
-        None | Some(Value::Null) => return Err(ApiError::invalid("messages is required").param("messages")),
+        None | Some(Value::Null) => return Err(RequestError::invalid("messages is required").param("messages")),
         Some(Value::Array(messages)) => {
             if messages.is_empty() {
-                return Err(ApiError::invalid("messages must not be empty").param("messages"));
+                return Err(RequestError::invalid("messages must not be empty").param("messages"));
             }
             for (i, message) in messages.iter_mut().enumerate() {
                 normalize_message(message, i)?;
             }
         }
         Some(other) => {
-            return Err(ApiError::invalid(format!("messages: must be a list of messages, got {}", kind_of(other))).param("messages"))
+            return Err(RequestError::invalid(format!("messages: must be a list of messages, got {}", kind_of(other))).param("messages"))
         }
     }
     field::<Vec<ChatMessage>>(&object, "messages")?;
@@ -63,7 +129,7 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
     field::<Option<Vec<Tool>>>(&object, "tools")?;
     if let Some(choice) = object.get("tool_choice") {
         if serde_json::from_value::<ToolChoice>(choice.clone()).is_err() {
-            return Err(ApiError::invalid(
+            return Err(RequestError::invalid(
                 "tool_choice: must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
             )
             .param("tool_choice"));
@@ -72,48 +138,54 @@ pub fn parse_chat(body: &[u8]) -> Result<Parsed, ApiError> {
     field::<bool>(&object, "parallel_tool_calls")?;
     field::<Vec<String>>(&object, "builtin_tools")?;
 
-    let request: ChatCompletionRequest = typed(object)?;
+    let request: ChatCompletionRequest = typed(object, unknown)?;
     Ok(Parsed { work: Work::Chat(request), choices, stream, include_usage })
 }
 
-pub fn parse_completion(body: &[u8]) -> Result<Parsed, ApiError> {
-    let mut object = json_object(body)?;
+/// A text completion request (`POST /v1/completions`'s body as a JSON object).
+pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -> Result<Parsed, RequestError> {
     let Common { stream, include_usage, choices } = common_fields(&mut object)?;
     if let Some(true) = field::<Option<bool>>(&object, "echo")?.flatten() {
-        return Err(ApiError::unsupported("echo", "echo is not supported by this server"));
+        return Err(RequestError::unsupported("echo", "echo is not supported by this server"));
     }
     if field::<Option<String>>(&object, "suffix")?.flatten().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported by this server"));
+        return Err(RequestError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported by this server"));
     }
     if let Some(n) = field::<Option<u32>>(&object, "best_of")?.flatten().filter(|&n| n != 1) {
-        return Err(ApiError::unsupported("best_of", format!("best_of = {n} is not supported: this server returns every choice it generates (use n)")));
+        return Err(RequestError::unsupported("best_of", format!("best_of = {n} is not supported: this server returns every choice it generates (use n)")));
+    }
+    if object.get("logprobs").is_some_and(Value::is_boolean) {
+        return Err(RequestError::invalid("logprobs: text completions take the number of alternatives to return with each token").param("logprobs"));
+    }
+    if object.contains_key("top_logprobs") {
+        return Err(RequestError::invalid("top_logprobs: text completions take the number of alternatives in logprobs").param("top_logprobs"));
     }
     if let Some(alternatives) = field::<u32>(&object, "logprobs")? {
         if alternatives as usize > MAX_TOP_LOGPROBS {
-            return Err(ApiError::invalid(format!("logprobs = {alternatives}: at most {MAX_TOP_LOGPROBS}")).param("logprobs"));
+            return Err(RequestError::invalid(format!("logprobs = {alternatives}: at most {MAX_TOP_LOGPROBS}")).param("logprobs"));
         }
     }
 
     let prompt = object.remove("prompt").unwrap_or(Value::Null);
     let one_prompt_only = || {
-        ApiError::unsupported("prompt", "one prompt per request is supported: send a string, a list of one string, or a list of token ids")
+        RequestError::unsupported("prompt", "one prompt per request is supported: send a string, a list of one string, or a list of token ids")
     };
     let prompt = match prompt {
-        Value::Null => return Err(ApiError::invalid("prompt is required").param("prompt")),
+        Value::Null => return Err(RequestError::invalid("prompt is required").param("prompt")),
         Value::String(text) => Prompt::Text(text),
         Value::Array(items) => match items.as_slice() {
             [Value::String(text)] => Prompt::Text(text.clone()),
             [Value::Array(ids)] => Prompt::Tokens(token_ids(ids)?),
-            [] => return Err(ApiError::invalid("prompt must not be empty").param("prompt")),
+            [] => return Err(RequestError::invalid("prompt must not be empty").param("prompt")),
             ids if ids.iter().all(Value::is_number) => Prompt::Tokens(token_ids(ids)?),
             _ => return Err(one_prompt_only()),
         },
         other => {
-            return Err(ApiError::invalid(format!("prompt: must be a string or a list of token ids, got {}", kind_of(&other))).param("prompt"))
+            return Err(RequestError::invalid(format!("prompt: must be a string or a list of token ids, got {}", kind_of(&other))).param("prompt"))
         }
     };
     object.insert("prompt".into(), Value::String(String::new()));
-    let mut request: CompletionRequest = typed(object)?;
+    let mut request: CompletionRequest = typed(object, unknown)?;
     let work = match prompt {
         Prompt::Text(text) => {
             request.prompt = text;
@@ -129,9 +201,9 @@ enum Prompt {
     Tokens(Vec<u32>),
 }
 
-fn token_ids(items: &[Value]) -> Result<Vec<u32>, ApiError> {
+fn token_ids(items: &[Value]) -> Result<Vec<u32>, RequestError> {
     if items.is_empty() {
-        return Err(ApiError::invalid("prompt must not be empty").param("prompt"));
+        return Err(RequestError::invalid("prompt must not be empty").param("prompt"));
     }
     items
         .iter()
@@ -139,16 +211,17 @@ fn token_ids(items: &[Value]) -> Result<Vec<u32>, ApiError> {
         .map(|(i, v)| {
             v.as_u64()
                 .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| ApiError::invalid(format!("prompt[{i}]: {v} is not a token id")).param("prompt"))
+                .ok_or_else(|| RequestError::invalid(format!("prompt[{i}]: {v} is not a token id")).param("prompt"))
         })
         .collect()
 }
 
-fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+/// A request body as the JSON object the readers take.
+pub fn parse_body(body: &[u8]) -> Result<Map<String, Value>, RequestError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(object)) => Ok(object),
-        Ok(other) => Err(ApiError::invalid(format!("the request body must be a JSON object, got {}", kind_of(&other)))),
-        Err(error) => Err(ApiError::invalid(format!("the request body is not valid JSON: {error}"))),
+        Ok(other) => Err(RequestError::invalid(format!("the request body must be a JSON object, got {}", kind_of(&other)))),
+        Err(error) => Err(RequestError::invalid(format!("the request body is not valid JSON: {error}"))),
     }
 }
 
@@ -162,7 +235,7 @@ struct Common {
 }
 
 /// Fields both endpoints share: stream, n, stream_options, model, and the sampling parameters.
-fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
+fn common_fields(object: &mut Map<String, Value>) -> Result<Common, RequestError> {
     // Null means absent for every optional field, as OpenAI treats it.
     for name in [
         "stream",
@@ -185,9 +258,12 @@ fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
     let stream = field::<bool>(object, "stream")?.unwrap_or(false);
     let choices = field::<u32>(object, "n")?.unwrap_or(1) as usize;
     if !(1..=MAX_CHOICES).contains(&choices) {
-        return Err(ApiError::invalid(format!("n = {choices}: a request takes 1 to {MAX_CHOICES} choices")).param("n"));
+        return Err(RequestError::invalid(format!("n = {choices}: a request takes 1 to {MAX_CHOICES} choices")).param("n"));
     }
     let include_usage = field::<StreamOptions>(object, "stream_options")?.and_then(|o| o.include_usage).unwrap_or(false);
+    // Read here, and no field of the request types.
+    object.remove("n");
+    object.remove("stream_options");
     field::<Option<String>>(object, "model")?;
 
     for name in ["temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"] {
@@ -201,20 +277,24 @@ fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
     }
     field::<u64>(object, "seed")?;
     if object.contains_key("max_tokens") && object.contains_key("max_completion_tokens") {
-        return Err(ApiError::invalid("give max_tokens or max_completion_tokens, not both").param("max_tokens"));
+        return Err(RequestError::invalid("give max_tokens or max_completion_tokens, not both").param("max_tokens"));
     }
     for name in ["max_tokens", "max_completion_tokens"] {
         if field::<u32>(object, name)? == Some(0) {
-            return Err(ApiError::invalid(format!("{name} must be at least 1")).param(name));
+            return Err(RequestError::invalid(format!("{name} must be at least 1")).param(name));
         }
+    }
+    // The newer name of the same limit (SamplingParams reads it as an alias).
+    if let Some(limit) = object.remove("max_completion_tokens") {
+        object.insert("max_tokens".into(), limit);
     }
     field::<ResponseFormat>(object, "response_format")?;
     match object.get("stop") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
         Some(Value::Array(stops)) if stops.iter().all(Value::is_string) => {}
-        Some(Value::Array(_)) => return Err(ApiError::invalid("stop: a list of stop sequences must hold only strings").param("stop")),
+        Some(Value::Array(_)) => return Err(RequestError::invalid("stop: a list of stop sequences must hold only strings").param("stop")),
         Some(other) => {
-            return Err(ApiError::invalid(format!("stop: must be a string or a list of strings, got {}", kind_of(other))).param("stop"))
+            return Err(RequestError::invalid(format!("stop: must be a string or a list of strings, got {}", kind_of(other))).param("stop"))
         }
     }
     Ok(Common { stream, include_usage, choices })
@@ -222,9 +302,9 @@ fn common_fields(object: &mut Map<String, Value>) -> Result<Common, ApiError> {
 
 /// Accepts what OpenAI clients send in a message beyond the engine's fields: content as a list of
 /// text parts, and the null or empty members a response message carries when sent back.
-fn normalize_message(message: &mut Value, index: usize) -> Result<(), ApiError> {
+fn normalize_message(message: &mut Value, index: usize) -> Result<(), RequestError> {
     let Value::Object(fields) = message else {
-        return Err(ApiError::invalid(format!("messages[{index}]: must be an object, got {}", kind_of(message))).param("messages"));
+        return Err(RequestError::invalid(format!("messages[{index}]: must be an object, got {}", kind_of(message))).param("messages"));
     };
     fields.retain(|name, value| !value.is_null() && !matches!(name.as_str(), "refusal" | "annotations"));
     if let Some(Value::Array(parts)) = fields.get("content") {
@@ -233,7 +313,7 @@ fn normalize_message(message: &mut Value, index: usize) -> Result<(), ApiError> 
             match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                 (Some("text"), Some(part_text)) => text.push_str(part_text),
                 _ => {
-                    return Err(ApiError::unsupported(
+                    return Err(RequestError::unsupported(
                         "messages",
                         format!("messages[{index}].content[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported"),
                     ))
@@ -246,7 +326,7 @@ fn normalize_message(message: &mut Value, index: usize) -> Result<(), ApiError> 
 }
 
 /// Checks one field's type, naming the field (and the place inside it) when it is wrong.
-fn field<T: DeserializeOwned>(object: &Map<String, Value>, name: &str) -> Result<Option<T>, ApiError> {
+fn field<T: DeserializeOwned>(object: &Map<String, Value>, name: &str) -> Result<Option<T>, RequestError> {
     let Some(value) = object.get(name) else { return Ok(None) };
     serde_path_to_error::deserialize::<_, T>(value).map(Some).map_err(|error| {
         let inner = error.path().to_string();
@@ -255,13 +335,57 @@ fn field<T: DeserializeOwned>(object: &Map<String, Value>, name: &str) -> Result
             path if path.starts_with('[') => format!("{name}{path}"),
             path => format!("{name}.{path}"),
         };
-        ApiError::invalid(format!("{place}: {}", error.into_inner())).param(name)
+        RequestError::invalid(format!("{place}: {}", error.into_inner())).param(name)
     })
 }
 
-/// The whole object as a typed request; the field checks above catch nearly everything first.
-fn typed<T: DeserializeOwned>(object: Map<String, Value>) -> Result<T, ApiError> {
-    serde_json::from_value(Value::Object(object)).map_err(|error| ApiError::invalid(format!("invalid request: {error}")))
+/// The whole object as a typed request (the field checks above catch nearly everything first), a
+/// wrong value naming its field and its place in it; refusing unknown fields, the first one.
+fn typed<T: DeserializeOwned + Serialize>(object: Map<String, Value>, unknown: UnknownFields) -> Result<T, RequestError> {
+    let object = Value::Object(object);
+    let read: T = serde_path_to_error::deserialize(&object).map_err(|error| {
+        let field = match error.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+            _ => None,
+        };
+        let message = match error.path().to_string().as_str() {
+            "." => error.inner().to_string(),
+            place => format!("{place}: {}", error.inner()),
+        };
+        RequestError { message, param: field, unsupported: false }
+    })?;
+    if unknown == UnknownFields::Refuse {
+        // Serde skips unknown members, so they are what the value read does not give back when
+        // serialized again.
+        let kept = serde_json::to_value(&read).map_err(|error| RequestError::invalid(error.to_string()))?;
+        if let Some(place) = dropped_member(&object, &kept) {
+            let place = place.trim_start_matches('.');
+            let field = place.split(['.', '[']).next().unwrap_or_default().to_string();
+            return Err(RequestError::invalid(format!("{place}: unknown field")).param(field));
+        }
+    }
+    Ok(read)
+}
+
+/// Options of a host's own (the JS API's load and bench options) as a `T`, read as requests are:
+/// a wrong value or an unknown member is an error naming the field.
+pub fn read_options<T: DeserializeOwned + Serialize>(object: Map<String, Value>) -> Result<T, RequestError> {
+    typed(object, UnknownFields::Refuse)
+}
+
+/// The place (`.key`, `[index]`, ...) of the first member of `sent` that `kept` lacks; null members
+/// count as absent.
+fn dropped_member(sent: &Value, kept: &Value) -> Option<String> {
+    match (sent, kept) {
+        (Value::Object(sent), Value::Object(kept)) => sent.iter().filter(|(_, value)| !value.is_null()).find_map(|(key, value)| match kept.get(key) {
+            None => Some(format!(".{key}")),
+            Some(kept) => dropped_member(value, kept).map(|place| format!(".{key}{place}")),
+        }),
+        (Value::Array(sent), Value::Array(kept)) => {
+            sent.iter().zip(kept).enumerate().find_map(|(i, (sent, kept))| dropped_member(sent, kept).map(|place| format!("[{i}]{place}")))
+        }
+        _ => None,
+    }
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -278,9 +402,17 @@ fn kind_of(value: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llama_webgpu::api::Stop;
+    use crate::api::Stop;
 
-    fn chat_error(body: &str) -> ApiError {
+    fn parse_chat(body: &[u8]) -> Result<Parsed, RequestError> {
+        read_chat(parse_body(body)?, UnknownFields::Ignore)
+    }
+
+    fn parse_completion(body: &[u8]) -> Result<Parsed, RequestError> {
+        read_completion(parse_body(body)?, UnknownFields::Ignore)
+    }
+
+    fn chat_error(body: &str) -> RequestError {
         parse_chat(body.as_bytes()).err().expect("an error")
     }
 
@@ -334,7 +466,6 @@ mod tests {
     #[test]
     fn malformed_json_says_where() {
         let e = chat_error("{\"messages\": [}");
-        assert_eq!(e.status, 400);
         assert!(e.message.contains("line 1 column 15"), "{}", e.message);
     }
 
@@ -363,5 +494,23 @@ mod tests {
         assert!(matches!(parsed.work, Work::Tokens { ref prompt, .. } if prompt == &[1, 2, 3]));
         let parsed = parse_completion(br#"{"prompt": ["Once"], "max_tokens": 3}"#).unwrap();
         assert!(matches!(parsed.work, Work::Complete(ref r) if r.prompt == "Once" && r.sampling.max_tokens == Some(3)));
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_or_refused_by_name() {
+        let body = br#"{"messages": [{"role": "user", "content": "hi"}], "user": "u", "n": 2, "stream": true,
+            "stream_options": {"include_usage": true}, "max_completion_tokens": 4}"#;
+        let parsed = read_chat(parse_body(body).unwrap(), UnknownFields::Ignore).unwrap();
+        assert_eq!((parsed.choices, parsed.stream, parsed.include_usage), (2, true, true));
+        let e = read_chat(parse_body(body).unwrap(), UnknownFields::Refuse).err().unwrap();
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("user"), "user: unknown field"));
+        let known = br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "n": 2, "stream": true, "max_completion_tokens": 4, "seed": -1}"#;
+        let parsed = read_chat(parse_body(known).unwrap(), UnknownFields::Refuse).unwrap_or_else(|e| panic!("{}", e.message));
+        assert!(matches!(parsed.work, Work::Chat(ref r) if r.sampling.max_tokens == Some(4) && r.messages[0] == ChatMessage::new("user", "hi")));
+        let nested = br#"{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema", "json_schema": {"schma": {}}}}"#;
+        let e = read_chat(parse_body(nested).unwrap(), UnknownFields::Refuse).err().unwrap();
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("response_format"), "response_format.json_schema.schma: unknown field"));
+        let e = read_completion(parse_body(br#"{"prompt": "a", "echoes": 1}"#).unwrap(), UnknownFields::Refuse).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("echoes"));
     }
 }
