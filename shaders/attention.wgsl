@@ -9,12 +9,16 @@
 // attends to each run of one sequence's rows in turn, the other rows masked.
 // A pool of several buffers (each under the binding limit) is attended one buffer per dispatch,
 // the keys whose pages lie in other buffers masked; every dispatch writes partials as key splits
-// do, and `combine` merges them all.
+// do, and they are merged after the last.
 // Key splits (flash-decoding): a decode step has one query row per head, too few workgroups to fill
 // a GPU or to hide the latency of a long context, so its keys are cut into step.key_splits ranges of
 // step.keys_per_split, attended in parallel. Each split writes its rows' unnormalised outputs, max
-// and sum to `partials`, and `combine` merges them. A pass of one split writes `out` directly.
-// Entry points: `attend` (both cases), `combine` (after a split pass).
+// and sum to `partials`. A pass of one split writes `out` directly.
+// The merge: where MERGE_IN_LAST_SPLIT, the last of a block's splits to finish (an arrival count
+// per block in `partials`) merges them in the same dispatch; else `combine`, a dispatch of its own.
+// The first needs a device-scope barrier between a workgroup's stores and its arrival, which naga's
+// SPIR-V storageBarrier is; WGSL promises it nowhere, so browsers take the second.
+// Entry points: `attend` (both cases), `combine` (after a split pass, without MERGE_IN_LAST_SPLIT).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
 // MAX_HEAD_DIM, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl), the KV pool read four elements
@@ -29,13 +33,13 @@ struct Params {
     scale: f32,          // 1 / sqrt(HEAD_DIM)
     q_stride: u32,       // elements between token rows of q (q heads lead a stacked q/k/v row)
     stats_offset: u32,   // where the (max, sum) pairs start in partials
+    counters_offset: u32, // where the blocks' arrival counts start in partials (MERGE_IN_LAST_SPLIT)
     pages_per_sequence: u32, // columns of page_table
     buffers: u32,        // pool buffers, each attended by a dispatch of its own
     buffer: u32,         // which of them this dispatch binds
     first_page: u32,     // the pool page it starts at
     buffer_pages: u32,   // pool pages it holds
-    _pad0: u32,
-    _pad1: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;              // (n_tokens, q_stride), n_heads heads first
@@ -43,7 +47,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read> v_cache: array<kv_quad_t>;  // this buffer's (pool rows, n_kv_heads, head_dim)
 @group(0) @binding(3) var<storage, read> page_table: array<u32>;     // (sequences, pages_per_sequence) pool pages
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;      // (n_tokens, n_heads, head_dim)
-@group(0) @binding(5) var<storage, read_write> partials: array<f32>; // (n_tokens, n_heads, buffers, key_splits) outputs of head_dim, then their (max, sum) at stats_offset
+// Atomic: workgroups hand partials to one another (f32 bits); see partial().
+@group(0) @binding(5) var<storage, read_write> partials: array<atomic<u32>>; // (n_tokens, n_heads, buffers, key_splits) outputs of head_dim, then their (max, sum) at stats_offset, then an arrival count per (query block, KV head) at counters_offset
 @group(0) @binding(6) var<uniform> params: Params;
 @group(0) @binding(7) var<uniform> step: Step;
 
@@ -54,6 +59,8 @@ override HEAD_DIM: u32 = 128u;
 // pass the GQA group's size rounded up, so that a token's heads fill a block (crate::gpu::ops).
 override QUERY_BLOCK: u32 = 8u;
 override THREADS_PER_ROW: u32 = WG / QUERY_BLOCK;
+// The last split of a block merges the block's partials (see the top).
+override MERGE_IN_LAST_SPLIT: bool = false;
 const KV_TILE: u32 = 1024u;             // elements of one K or V tile (keys x head_dim)
 const KV_QUADS_PER_THREAD: u32 = KV_TILE / 4u / WG;
 const MAX_TILE_KEYS: u32 = 32u;
@@ -62,6 +69,7 @@ const DIMS_PER_ROW_THREAD: u32 = MAX_HEAD_DIM / (WG / MAX_QUERY_BLOCK); // the m
 var<workgroup> q_block: array<f32, MAX_QUERY_BLOCK * MAX_HEAD_DIM>;  // (QUERY_BLOCK, head_dim), scaled
 var<workgroup> kv_tile: array<f32, KV_TILE>; // (tile_keys, head_dim): the K tile, then the V tile
 var<workgroup> tile_scores: array<f32, MAX_QUERY_BLOCK * MAX_TILE_KEYS>; // (QUERY_BLOCK, tile_keys, score_lanes) parts of scores
+var<workgroup> arrived: u32; // the block's splits that had arrived with this workgroup's
 
 // One thread's share of a K/V tile: quads li, li + WG, ... of the tile's keys x head_dim, so that
 // a subgroup's loads cover contiguous memory, four elements to a load.
@@ -153,7 +161,6 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let my_row = li / THREADS_PER_ROW;
     let sub = li % THREADS_PER_ROW;
     let my_clamped_row = min(row0 + my_row, n_rows - 1u);
-    let my_pos = step.slots[my_clamped_row / group].x;
     // How many of those dimensions lie below head_dim: loops stop there. Their constant bound
     // beside it lets the compiler unroll them and keep acc in registers.
     let my_dims = (hd + THREADS_PER_ROW - 1u - sub) / THREADS_PER_ROW;
@@ -236,31 +243,102 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         }
         run_first = run_last + 1u;
     }
-    let row = row0 + my_row;
-    if (row >= n_rows) {
-        return;
-    }
-    let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
+    // Threads of rows past the last store nothing but stay for the barriers of the merge.
+    let stores = row0 + my_row < n_rows;
+    let token_head = (my_clamped_row / group) * params.n_heads + kv_head * group + my_clamped_row % group;
     if (step.key_splits == 1u && params.buffers == 1u) {
-        for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
-            out[token_head * hd + sub + i * THREADS_PER_ROW] = acc[i] / running_sum;
+        if (stores) {
+            for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
+                out[token_head * hd + sub + i * THREADS_PER_ROW] = acc[i] / running_sum;
+            }
         }
         return;
     }
     // A row with no keys in this split (a token before the split's first key, or keys all in other
-    // buffers) leaves max MASKED, sum 0 and outputs 0, which combine weighs as nothing.
-    let partial = (token_head * params.buffers + params.buffer) * step.key_splits + split;
-    for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
-        partials[partial * hd + sub + i * THREADS_PER_ROW] = acc[i];
+    // buffers) leaves max MASKED, sum 0 and outputs 0, which the merge weighs as nothing.
+    let count = step.key_splits * params.buffers;
+    let first = token_head * count;
+    let partial_row = first + params.buffer * step.key_splits + split;
+    if (stores) {
+        for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
+            store_partial(partial_row * hd + sub + i * THREADS_PER_ROW, acc[i]);
+        }
+        if (sub == 0u) {
+            store_partial(params.stats_offset + 2u * partial_row, running_max);
+            store_partial(params.stats_offset + 2u * partial_row + 1u, running_sum);
+        }
     }
-    if (sub == 0u) {
-        partials[params.stats_offset + 2u * partial] = running_max;
-        partials[params.stats_offset + 2u * partial + 1u] = running_sum;
+    // Earlier buffers' dispatches have finished before the last one's starts: only its splits count.
+    if (!MERGE_IN_LAST_SPLIT || params.buffer + 1u < params.buffers) {
+        return;
+    }
+    // This workgroup's partials are stored device-wide before it counts as arrived.
+    storageBarrier();
+    if (li == 0u) {
+        let counter = params.counters_offset + wg.y * params.n_kv_heads + kv_head;
+        arrived = atomicAdd(&partials[counter], 1u) + 1u;
+        if (arrived == step.key_splits) {
+            // Ready for the next pass: every split of this one has arrived.
+            atomicStore(&partials[counter], 0u);
+        }
+    }
+    // The last to arrive merges.
+    if (workgroupUniformLoad(&arrived) != step.key_splits) {
+        return;
+    }
+    // And the other splits' partials are seen after their arrivals.
+    storageBarrier();
+    if (stores) {
+        let merge = merge_of(first, count);
+        for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
+            let d = sub + i * THREADS_PER_ROW;
+            out[token_head * hd + d] = merged(merge, d);
+        }
     }
 }
 
-// out = the partials' outputs weighed by exp(partial max - overall max), over the weighed sums;
-// one workgroup per (head, token), its threads over head dimensions.
+// The partials are f32 values kept as atomic words.
+fn partial(i: u32) -> f32 {
+    return bitcast<f32>(atomicLoad(&partials[i]));
+}
+
+fn store_partial(i: u32, value: f32) {
+    atomicStore(&partials[i], bitcast<u32>(value));
+}
+
+// A row's `count` partials from partial row `first`: their overall max and their sums weighed by
+// exp(partial max - overall max).
+struct Merge {
+    first: u32,
+    count: u32,
+    max: f32,
+    sum: f32,
+}
+
+fn merge_of(first: u32, count: u32) -> Merge {
+    var merge = Merge(first, count, MASKED, 0.0);
+    for (var s = 0u; s < count; s++) {
+        merge.max = max(merge.max, partial(params.stats_offset + 2u * (first + s)));
+    }
+    for (var s = 0u; s < count; s++) {
+        let stats = params.stats_offset + 2u * (first + s);
+        merge.sum += exp(partial(stats) - merge.max) * partial(stats + 1u);
+    }
+    return merge;
+}
+
+// Dimension d of the merged row: the partials' outputs weighed as their sums, over the weighed sum.
+fn merged(merge: Merge, d: u32) -> f32 {
+    var value = 0.0;
+    for (var s = 0u; s < merge.count; s++) {
+        let row = merge.first + s;
+        value += exp(partial(params.stats_offset + 2u * row) - merge.max) * partial(row * HEAD_DIM + d);
+    }
+    return value / merge.sum;
+}
+
+// The merge as a dispatch of its own: one workgroup per (head, token), its threads over head
+// dimensions.
 @compute @workgroup_size(WG)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let head = wg.x;
@@ -270,22 +348,9 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     if (head >= params.n_heads || t >= step.n_tokens || count == 1u) {
         return;
     }
-    let hd = HEAD_DIM;
-    let first = (t * params.n_heads + head) * count;
-    var overall_max = MASKED;
-    for (var s = 0u; s < count; s++) {
-        overall_max = max(overall_max, partials[params.stats_offset + 2u * (first + s)]);
-    }
-    var sum = 0.0;
-    for (var s = 0u; s < count; s++) {
-        let stats = params.stats_offset + 2u * (first + s);
-        sum += exp(partials[stats] - overall_max) * partials[stats + 1u];
-    }
-    for (var d = li; d < hd; d += WG) {
-        var value = 0.0;
-        for (var s = 0u; s < count; s++) {
-            value += exp(partials[params.stats_offset + 2u * (first + s)] - overall_max) * partials[(first + s) * hd + d];
-        }
-        out[(t * params.n_heads + head) * hd + d] = value / sum;
+    let token_head = t * params.n_heads + head;
+    let merge = merge_of(token_head * count, count);
+    for (var d = li; d < HEAD_DIM; d += WG) {
+        out[token_head * HEAD_DIM + d] = merged(merge, d);
     }
 }

@@ -108,18 +108,21 @@ fn bench_profiles_every_dispatch_of_a_decode_step() {
     let qkv = kernels.iter().find(|k| k["kernel"] == "qkv_proj").unwrap();
     assert_eq!(qkv["bytes_per_token"].as_f64().unwrap(), (3 * (192 * 128 * 4 + 2 * 128 * 4 + 192 * 4 + 8 * 8)) as f64);
 
-    // 40 positions deep a decode step's 41 keys come in six splits, merged in one more dispatch
-    // per layer.
-    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--profile", "--json"];
-    let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
-    assert_eq!(report["results"][0]["test"], "tg2 @ d40");
-    assert_eq!(report["depth"], 40);
-    assert_eq!(report["dispatches_per_token"], 1 + 3 * 6 + 3);
-    let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
-    assert_eq!(attention["dispatches_per_token"], 6.0);
+    // 40 positions deep a decode step's 41 keys come in six splits, merged by the last to finish
+    // (Vulkan) or, as browsers do, in one more dispatch per layer.
+    for (flag, merge, merge_dispatches) in [(None, "by the last split", 0), (Some("--separate-split-merge"), "in a dispatch of their own", 1)] {
+        let mut args = vec!["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--profile", "--json"];
+        args.extend(flag);
+        let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
+        assert_eq!(report["results"][0]["test"], "tg2 @ d40");
+        assert_eq!((report["depth"].as_u64(), report["split_merge"].as_str()), (Some(40), Some(merge)));
+        assert_eq!(report["dispatches_per_token"], 1 + 3 * (5 + merge_dispatches) + 3);
+        let attention = report["profile"].as_array().unwrap().iter().find(|k| k["kernel"] == "attention").unwrap();
+        assert_eq!(attention["dispatches_per_token"], 3.0 * (1 + merge_dispatches) as f64);
+    }
 
     // With at most one split there is nothing to merge (and the bounds checks kept change no count).
-    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--max-key-splits", "1", "--bounds-checks", "--profile", "--json"];
+    let args = ["bench", "--model", model.to_str().unwrap(), "-p", "0", "-n", "2", "-d", "40", "-r", "1", "--max-key-splits", "1", "--separate-split-merge", "--bounds-checks", "--profile", "--json"];
     let report: serde_json::Value = serde_json::from_str(&llama_webgpu(&args)).unwrap();
     assert_eq!(report["bounds_checks"], true);
     assert_eq!((report["max_key_splits"].as_u64(), report["dispatches_per_token"].as_u64()), (Some(1), Some(1 + 3 * 5 + 3)));

@@ -519,6 +519,17 @@ fn attention_matches_reference_in_both_strategies() {
     }
 }
 
+#[test]
+fn attention_merges_key_splits_by_the_last_split_or_in_a_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    // Native Vulkan merges in the last split, as lavapipe runs it; browsers and other backends
+    // in a dispatch of their own, which the option forces here.
+    assert_eq!(gpu.merge_in_last_split, gpu.info.backend == wgpu::Backend::Vulkan);
+    let Some(separate) = gpu_with(&GpuOptions { separate_split_merge: true, ..exact() }) else { return };
+    assert!(!separate.merge_in_last_split);
+    attention_matches_reference_on(&separate);
+}
+
 /// Devices with each KV pool type this adapter has: f32, q8_0, and f16 where it has shader-f16.
 fn kv_type_gpus() -> Vec<Gpu> {
     let Some(gpu) = gpu() else { return vec![] };
@@ -652,8 +663,15 @@ impl PagedPool {
         let partials = gpu.storage_buffer("partials", ops::attention_partials_bytes(n_heads, head_dim, max_key_splits, buffers.len(), slots.len()));
         let step = StepParams::for_slots(slots, max_key_splits);
         let step_buffer = ops::step_buffer(gpu, step);
-        let op = ops::attention(gpu, &qkv_buffer, q_stride, kv, &out, &partials, (max_key_splits, slots.len()), n_heads, n_kv_heads, head_dim, &step_buffer);
-        run(gpu, |pass| op.encode(pass, &step));
+        let attention = |qkv| ops::attention(gpu, qkv, q_stride, kv, &out, &partials, (max_key_splits, slots.len()), n_heads, n_kv_heads, head_dim, &step_buffer);
+        // An earlier pass (other queries) shares the partials and out, as the model's layers do:
+        // it must leave nothing the next one reads (the merge's arrival counts back at zero).
+        let negated = gpu.storage_buffer_with("negated qkv", &qkv.iter().map(|x| -x).collect::<Vec<f32>>());
+        let (earlier, op) = (attention(&negated), attention(&qkv_buffer));
+        run(gpu, |pass| {
+            earlier.encode(pass, &step);
+            op.encode(pass, &step);
+        });
         read_f32(gpu, &out, n)
     }
 }

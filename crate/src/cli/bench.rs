@@ -86,9 +86,13 @@ pub struct BenchArgs {
     /// threads per workgroup).
     #[arg(long)]
     pub register_tile: Option<u32>,
-    /// The most splits a decode step cuts its keys into, 1 to 256 (1: no splits, no merge dispatch).
+    /// The most splits a decode step cuts its keys into, 1 to 256 (1: no splits, no merge).
     #[arg(long)]
     pub max_key_splits: Option<u32>,
+    /// Merge attention's key splits in a dispatch of their own, as browsers do, also on Vulkan,
+    /// where the last split to finish merges them (for comparison).
+    #[arg(long)]
+    pub separate_split_merge: bool,
     /// Keep naga's runtime bounds checks in the kernels that are in bounds by construction, as a
     /// browser does (for comparison).
     #[arg(long)]
@@ -495,6 +499,7 @@ fn report(
             "gemv_max_tokens": gpu.gemv_max_tokens,
             "register_tile": gpu.register_tile.side(),
             "max_key_splits": model.max_key_splits(),
+            "split_merge": split_merge(gpu),
             "bounds_checks": gpu.bounds_checks,
             "results": rows,
             "profile": profile_rows,
@@ -542,6 +547,12 @@ fn report(
     println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
     let inputs = if gpu.q8_activations { "int8 blocks, --q8-activations" } else { "f32" };
     println!("matmuls as GEMVs up to {} tokens per pass (inputs: {inputs}), as tiles beyond", gpu.gemv_max_tokens);
+    println!("attention's key splits merged {}", split_merge(gpu));
+}
+
+/// Where attention's key splits merge.
+fn split_merge(gpu: &Gpu) -> &'static str {
+    if gpu.merge_in_last_split { "by the last split" } else { "in a dispatch of their own" }
 }
 
 /// Rows per workgroup the GEMVs take for each matrix of the model, unsplit (q/k/v's rotary output

@@ -78,8 +78,12 @@ pub struct GpuOptions {
     /// The side of a prefill thread's register tile of sums, 4 (the default) or 8; for tuning.
     pub register_tile: Option<u32>,
     /// The most splits a decode step cuts its keys into, 1 to 256 (`ops::MAX_KEY_SPLITS`, the
-    /// default); 1 attends without splits or their merge dispatch. For tuning.
+    /// default); 1 attends without splits or their merge. For tuning.
     pub max_key_splits: Option<u32>,
+    /// Merge attention's key splits (and a pool's buffers) in a dispatch of their own also where
+    /// the last split to finish can merge them (Vulkan: see [`Gpu::merge_in_last_split`]); for
+    /// comparison, or to step around a driver's bug.
+    pub separate_split_merge: bool,
     /// Run prefill on the portable tiles even where the adapter has cooperative matrices (tensor
     /// cores) that `tiled_coop` can use; for comparison, or to step around a driver's bug.
     pub no_coop_matrix: bool,
@@ -100,7 +104,7 @@ const STORAGE_BUFFERS: u64 = 8;
 
 /// Workgroup memory of the kernel entry point with the most (attention.wgsl's `attend`); a test
 /// checks every kernel against it.
-pub const WORKGROUP_STORAGE: u64 = 13312;
+pub const WORKGROUP_STORAGE: u64 = 13316;
 /// Workgroup memory of matmul.wgsl's `tiled_coop`, which runs only where the adapter has this much.
 pub const COOP_WORKGROUP_STORAGE: u64 = 14336;
 
@@ -147,6 +151,11 @@ pub struct Gpu {
     pub register_tile: RegisterTile,
     /// See [`GpuOptions::max_key_splits`].
     pub max_key_splits: Option<u32>,
+    /// The last of a query block's key splits to finish merges their partials, saving attention's
+    /// merge dispatch. It counts the splits' arrivals with an atomic add and relies on storage
+    /// barriers ordering memory device-wide, which naga's SPIR-V gives (Device scope) but WGSL does
+    /// not promise: Vulkan only, unless [`GpuOptions::separate_split_merge`].
+    pub merge_in_last_split: bool,
     /// See [`GpuOptions::q8_activations`].
     pub q8_activations: bool,
     /// Two small buffers for writable bindings a dispatch does not use: WebGPU forbids binding
@@ -244,8 +253,9 @@ impl Gpu {
         });
         let tile_type = if options.f16_tiles && features.contains(wgpu::Features::SHADER_F16) { TileType::F16 } else { TileType::F32 };
         let subgroups = features.contains(wgpu::Features::SUBGROUP) && !options.no_subgroups;
+        let merge_in_last_split = info.backend == wgpu::Backend::Vulkan && !options.separate_split_merge;
         log::info!(
-            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}, KV {kv_type:?}, q8 activations {}",
+            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}, KV {kv_type:?}, key splits merged by the last {merge_in_last_split}, q8 activations {}",
             info.name,
             info.backend,
             features,
@@ -276,6 +286,7 @@ impl Gpu {
             gemv_max_tokens: options.gemv_max_tokens.unwrap_or(ops::DEFAULT_GEMV_MAX_TOKENS),
             register_tile,
             max_key_splits: options.max_key_splits,
+            merge_in_last_split,
             q8_activations: options.q8_activations,
             kernels: Default::default(),
             failure,

@@ -118,12 +118,13 @@ pub struct AttentionParams {
     pub scale: f32,
     pub q_stride: u32,
     pub stats_offset: u32,
+    pub counters_offset: u32,
     pub pages_per_sequence: u32,
     pub buffers: u32,
     pub buffer: u32,
     pub first_page: u32,
     pub buffer_pages: u32,
-    pub _pad: [u32; 2],
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -735,15 +736,27 @@ pub fn max_attention_tokens(gpu: &Gpu, n_heads: usize, head_dim: usize, buffers:
 
 /// Bytes of the scratch buffer through which [`attention`] merges its partials: an output of
 /// head_dim and its (max, sum) per (token, head, pool buffer, key split), for decode passes of up to
-/// `max_key_splits` splits and, over a pool of several buffers, passes of up to `max_tokens`.
+/// `max_key_splits` splits and, over a pool of several buffers, passes of up to `max_tokens`; then
+/// an arrival count per query block of those passes, where the last split merges (Gpu::merge_in_last_split).
 pub fn attention_partials_bytes(n_heads: usize, head_dim: usize, max_key_splits: u32, buffers: usize, max_tokens: usize) -> u64 {
-    4 * partial_rows(n_heads, max_key_splits, buffers, max_tokens) * (head_dim as u64 + 2)
+    4 * (partial_rows(n_heads, max_key_splits, buffers, max_tokens) * (head_dim as u64 + 2) + merged_rows(n_heads, buffers, max_tokens))
 }
 
 fn partial_rows(n_heads: usize, max_key_splits: u32, buffers: usize, max_tokens: usize) -> u64 {
     let decode = (DECODE_MAX_TOKENS - 1) as u64 * max_key_splits as u64;
-    let prefill = if buffers > 1 { max_tokens as u64 } else { 0 };
-    decode.max(prefill) * n_heads as u64 * buffers as u64
+    decode.max(pool_pass_tokens(buffers, max_tokens)) * n_heads as u64 * buffers as u64
+}
+
+/// The (token, head) rows whose partials a pass merges: at least its query blocks, each with a
+/// count of its arrived splits.
+fn merged_rows(n_heads: usize, buffers: usize, max_tokens: usize) -> u64 {
+    ((DECODE_MAX_TOKENS - 1) as u64).max(pool_pass_tokens(buffers, max_tokens)) * n_heads as u64
+}
+
+/// The most tokens of a pass over a pool of several buffers, each of whose passes merges partials
+/// (none over one buffer: only decode passes merge there).
+fn pool_pass_tokens(buffers: usize, max_tokens: usize) -> u64 {
+    if buffers > 1 { max_tokens as u64 } else { 0 }
 }
 
 /// One layer's keys and values in the KV pool's pages: the buffers (keys, values) of each run of
@@ -798,7 +811,9 @@ pub fn kv_store(gpu: &Gpu, k_rows: &wgpu::Buffer, v_rows: &wgpu::Buffer, kv: KvL
 /// rows of `q` lie `q_stride` elements apart, its heads first. A decode pass splits the keys
 /// (flash-decoding, up to `max_key_splits` splits as StepParams::for_slots cut them), and a pool of
 /// several buffers is attended a buffer per dispatch; their partials merge through `partials`
-/// (attention_partials_bytes long, shared by every layer). Otherwise a pass attends in one.
+/// (attention_partials_bytes long, shared by every layer), in the last attending dispatch where
+/// the device allows (Gpu::merge_in_last_split), else in one of its own. Otherwise a pass attends
+/// in one dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
@@ -823,6 +838,7 @@ pub fn attention(
     // A decode token's query rows are its GQA group: blocks of that many (a power of two) waste
     // no rows on one token; prefill fills blocks of 8 with several tokens.
     let decode_block = group.next_power_of_two().min(ATTENTION_QUERY_BLOCK);
+    let partial_rows = partial_rows(n_heads, max_key_splits, buffers, max_tokens);
     let runs: Vec<_> = kv
         .runs()
         .enumerate()
@@ -832,34 +848,42 @@ pub fn attention(
                 n_kv_heads: n_kv_heads as u32,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 q_stride: q_stride as u32,
-                stats_offset: (partial_rows(n_heads, max_key_splits, buffers, max_tokens) * head_dim as u64) as u32,
+                stats_offset: (partial_rows * head_dim as u64) as u32,
+                counters_offset: (partial_rows * (head_dim as u64 + 2)) as u32,
                 pages_per_sequence: kv.pages_per_sequence as u32,
                 buffers: buffers as u32,
                 buffer: buffer as u32,
                 first_page: first_page as u32,
                 buffer_pages: pages as u32,
-                _pad: [0; 2],
+                _pad: 0,
             };
             (gpu.uniform_buffer("attention params", &params), pair)
         })
         .collect();
+    let merge_in_last_split = gpu.merge_in_last_split as u32 as f64;
     let attend = |block: u32, splits: u32| {
         let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
+        let constants = [("QUERY_BLOCK", block as f64), ("HEAD_DIM", head_dim as f64), ("MERGE_IN_LAST_SPLIT", merge_in_last_split)];
+        // One partial per row writes out itself; a merge reads at most every partial.
+        let merges = splits > 1 || buffers > 1;
+        let merge_traffic = Traffic::fixed(4 * (n_heads * (head_dim + 2)) as u64 * (splits as usize * buffers) as u64 + traffic.bytes);
         let mut dispatches: Vec<Dispatch> = runs
             .iter()
-            .map(|(params, (k, v))| {
+            .enumerate()
+            .map(|(buffer, (params, (k, v)))| {
                 let bound = [q, k, v, kv.page_table, out, partials, params, step];
-                // Each buffer's dispatch reads its share of the pool.
-                let share = Traffic { bytes_per_position: traffic.bytes_per_position / buffers as u64, ..traffic };
-                dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &[("QUERY_BLOCK", block as f64), ("HEAD_DIM", head_dim as f64)], &bound, grid, share)
+                // Each buffer's dispatch reads its share of the pool; the last merges where it can.
+                let mut share = Traffic { bytes_per_position: traffic.bytes_per_position / buffers as u64, ..traffic };
+                if merges && gpu.merge_in_last_split && buffer + 1 == buffers {
+                    share.bytes += merge_traffic.bytes;
+                }
+                dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &constants, &bound, grid, share)
             })
             .collect();
-        // One partial per row writes out itself; the merge reads at most every partial.
-        if splits > 1 || buffers > 1 {
+        if merges && !gpu.merge_in_last_split {
             let (params, (k, v)) = &runs[0];
             let bound = [q, k, v, kv.page_table, out, partials, params, step];
-            let partial_bytes = 4 * (n_heads * (head_dim + 2)) as u64 * (splits as usize * buffers) as u64;
-            dispatches.push(dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[("HEAD_DIM", head_dim as f64)], &bound, Grid::PerToken(n_heads as u32), Traffic::fixed(partial_bytes + traffic.bytes)));
+            dispatches.push(dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[("HEAD_DIM", head_dim as f64)], &bound, Grid::PerToken(n_heads as u32), merge_traffic));
         }
         Op { dispatches }
     };
