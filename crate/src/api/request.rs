@@ -146,13 +146,13 @@ pub fn read_chat(mut object: Map<String, Value>, unknown: UnknownFields) -> Resu
 pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -> Result<Parsed, RequestError> {
     let Common { stream, include_usage, choices } = common_fields(&mut object)?;
     if let Some(true) = field::<Option<bool>>(&object, "echo")?.flatten() {
-        return Err(RequestError::unsupported("echo", "echo is not supported by this server"));
+        return Err(RequestError::unsupported("echo", "echo (the prompt repeated before the completion) is not supported"));
     }
     if field::<Option<String>>(&object, "suffix")?.flatten().is_some_and(|s| !s.is_empty()) {
-        return Err(RequestError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported by this server"));
+        return Err(RequestError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported: Llama 3.1 has no infill format"));
     }
     if let Some(n) = field::<Option<u32>>(&object, "best_of")?.flatten().filter(|&n| n != 1) {
-        return Err(RequestError::unsupported("best_of", format!("best_of = {n} is not supported: this server returns every choice it generates (use n)")));
+        return Err(RequestError::unsupported("best_of", format!("best_of = {n} is not supported: every generated choice is returned (use n)")));
     }
     if object.get("logprobs").is_some_and(Value::is_boolean) {
         return Err(RequestError::invalid("logprobs: text completions take the number of alternatives to return with each token").param("logprobs"));
@@ -485,6 +485,13 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("logprobs"));
         let e = parse_completion(br#"{"prompt": ["a", "b"]}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("prompt"));
+        // OpenAI's legacy completion options: refused when they ask for something, taken at their
+        // defaults.
+        for (body, param) in [(r#""echo": true"#, "echo"), (r#""suffix": "}""#, "suffix"), (r#""best_of": 3"#, "best_of")] {
+            let e = parse_completion(format!(r#"{{"prompt": "a", {body}}}"#).as_bytes()).err().unwrap();
+            assert_eq!((e.param.as_deref(), e.unsupported), (Some(param), true), "{body}");
+        }
+        assert!(parse_completion(br#"{"prompt": "a", "echo": false, "suffix": "", "best_of": 1}"#).is_ok());
     }
 
     #[test]

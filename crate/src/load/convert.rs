@@ -36,10 +36,6 @@ pub fn convert(
     out: &Path,
     on_progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<ConvertReport, crate::Error> {
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| LoadError::Io { path, source }
-    };
     if std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some()) {
         return Err(LoadError::Io {
             path: out.display().to_string(),
@@ -65,6 +61,12 @@ pub fn convert(
     report
 }
 
+/// An I/O error's mapping (for `map_err`) that names `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
+    let path = path.display().to_string();
+    move |source| LoadError::Io { path, source }
+}
+
 fn convert_into(
     source: &Path,
     quant: DType,
@@ -76,10 +78,6 @@ fn convert_into(
     let (tokenizer, template) = model.text()?;
     let weights = model.weights();
     let config = &model.config;
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| LoadError::Io { path, source }
-    };
     std::fs::create_dir_all(out).map_err(io(out))?;
     let tensors = checkpoint_tensors(config, config.tie_word_embeddings && !weights.contains("lm_head.weight"));
     let bytes_total = tensors.iter().map(|(name, ..)| weights.tensor(name).map(|t| t.bytes.len() as u64)).sum::<Result<u64, _>>()?;
