@@ -18,7 +18,8 @@
 // per block in `partials`) merges them in the same dispatch; else `combine`, a dispatch of its own.
 // The first needs a device-scope barrier between a workgroup's stores and its arrival, which naga's
 // SPIR-V storageBarrier is; WGSL promises it nowhere, so browsers take the second.
-// Entry points: `attend` (both cases), `combine` (after a split pass, without MERGE_IN_LAST_SPLIT).
+// Entry points: `attend` (decode: a few query rows a workgroup, keys in splits), `attend_tiles`
+// (prefill: many rows, a matmul's register tiles), `combine` (without MERGE_IN_LAST_SPLIT).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
 // MAX_HEAD_DIM, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl), the KV pool read four elements
@@ -268,33 +269,244 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             store_partial(params.stats_offset + 2u * partial_row + 1u, running_sum);
         }
     }
-    // Earlier buffers' dispatches have finished before the last one's starts: only its splits count.
-    if (!MERGE_IN_LAST_SPLIT || params.buffer + 1u < params.buffers) {
-        return;
-    }
-    // This workgroup's partials are stored device-wide before it counts as arrived.
-    storageBarrier();
-    if (li == 0u) {
-        let counter = params.counters_offset + wg.y * params.n_kv_heads + kv_head;
-        arrived = atomicAdd(&partials[counter], 1u) + 1u;
-        if (arrived == step.key_splits) {
-            // Ready for the next pass: every split of this one has arrived.
-            atomicStore(&partials[counter], 0u);
-        }
-    }
-    // The last to arrive merges.
-    if (workgroupUniformLoad(&arrived) != step.key_splits) {
-        return;
-    }
-    // And the other splits' partials are seen after their arrivals.
-    storageBarrier();
-    if (stores) {
+    if (merges_here(li, wg.y * params.n_kv_heads + kv_head) && stores) {
         let merge = merge_of(first, count);
         for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
             let d = sub + i * THREADS_PER_ROW;
             out[token_head * hd + d] = merged(merge, d);
         }
     }
+}
+
+// Prefill: the same attention as `attend` (runs of one sequence's rows, online softmax, partials
+// over a pool of several buffers) for passes of many query rows, computed as a matmul is. A
+// workgroup takes PREFILL_ROWS rows and PREFILL_KEYS keys a tile: each thread computes 4 rows x 4
+// keys of scores over head dimensions staged DIM_CHUNK at a time (K transposed, so a thread's four
+// keys are one load), then 4 rows x up to 4 quads of dimensions of the outputs over V staged a
+// few keys at a time: about 1 workgroup-memory load per 4 FMAs, where `attend`'s one pair per
+// thread takes 2 loads per FMA.
+const PREFILL_KEYS: u32 = 64u;
+const DIM_CHUNK: u32 = 16u;
+const STAGE_QUADS: u32 = 512u;
+const PROBS_STRIDE: u32 = PREFILL_KEYS + 1u; // padded: a column's rows in different banks
+const GROUPS: u32 = WG / 16u;                  // row groups of 4 rows: PREFILL_ROWS / 4
+const MAX_OUT_QUADS: u32 = MAX_HEAD_DIM / 64u; // output quads per thread and row: 16 threads a row
+
+// The scores step: K chunk transposed (DIM_CHUNK, PREFILL_KEYS) from quad 0, Q chunk transposed
+// (DIM_CHUNK, PREFILL_ROWS) from K_CHUNK_QUADS. The outputs step: V rows (keys, head_dim).
+var<workgroup> stage: array<vec4<f32>, STAGE_QUADS>;
+const K_CHUNK_QUADS: u32 = DIM_CHUNK * PREFILL_KEYS / 4u;
+var<workgroup> tile_probs: array<f32, PREFILL_ROWS * PROBS_STRIDE>; // (PREFILL_ROWS, PREFILL_KEYS) scores, then weights
+var<workgroup> rows_max: array<f32, PREFILL_ROWS>;     // each row's running max
+var<workgroup> rows_rescale: array<f32, PREFILL_ROWS>; // what this tile's max did to earlier weights
+
+@compute @workgroup_size(WG)
+fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let kv_head = wg.x;
+    let group = params.n_heads / params.n_kv_heads;
+    let row0 = wg.y * PREFILL_ROWS;
+    let split = wg.z;
+    let n_rows = step.n_tokens * group;
+    if (kv_head >= params.n_kv_heads || row0 >= n_rows || split >= step.key_splits) {
+        return;
+    }
+    let hd = HEAD_DIM;
+    let kv_dim = params.n_kv_heads * hd;
+    let last_row = min(row0 + PREFILL_ROWS, n_rows) - 1u;
+    let first_key = split * step.keys_per_split;
+    // Scores: rows 4 * (li / 16) + i, keys 4 * (li % 16) + j. Outputs: the same rows, dimension
+    // quads li % 16 + 16 m.
+    let rows = 4u * (li / 16u);
+    let keys = 4u * (li % 16u);
+    let row_quads = hd / 4u;
+    // Keys of V staged at a time, and output quads per row for this head_dim.
+    let v_keys = min(PREFILL_KEYS, STAGE_QUADS / row_quads);
+    let out_quads = (row_quads + 15u - li % 16u) / 16u;
+    if (li < PREFILL_ROWS) {
+        rows_max[li] = MASKED;
+    }
+    var acc: array<array<vec4<f32>, MAX_OUT_QUADS>, 4>;
+    var sums = vec4(0.0, 0.0, 0.0, 0.0);
+    var run_first = row0;
+    while (run_first <= last_row) {
+        let sequence = step.slots[run_first / group].z;
+        var run_last = run_first;
+        while (run_last < last_row && step.slots[(run_last + 1u) / group].z == sequence) {
+            run_last++;
+        }
+        let pages = sequence * params.pages_per_sequence;
+        let end_key = min(first_key + step.keys_per_split, step.slots[run_last / group].x + 1u);
+        for (var key0 = first_key; key0 < end_key; key0 += PREFILL_KEYS) {
+            // Thread li stages key key0 + li: its pool row, found once a tile.
+            var my_key_row = NOT_HERE;
+            if (key0 + li < end_key) {
+                my_key_row = buffer_row(key0 + li, pages);
+            }
+            var scores: array<vec4<f32>, 4>;
+            for (var d0 = 0u; d0 < hd; d0 += DIM_CHUNK) {
+                for (var c = 0u; c < DIM_CHUNK / 4u; c++) {
+                    var k = vec4(0.0, 0.0, 0.0, 0.0);
+                    if (my_key_row != NOT_HERE && d0 + 4u * c < hd) {
+                        k = key_quad(my_key_row, kv_head * hd + d0 + 4u * c, kv_dim);
+                    }
+                    for (var e = 0u; e < 4u; e++) {
+                        stage[(4u * c + e) * (PREFILL_KEYS / 4u) + li / 4u][li % 4u] = k[e];
+                    }
+                }
+                // Q: row li / 4, dimensions d0 + 4 (li % 4) .. + 3, scaled.
+                let q_row = min(row0 + li / 4u, n_rows - 1u);
+                let q_dim = d0 + 4u * (li % 4u);
+                if (li < 4u * PREFILL_ROWS) {
+                    let head = kv_head * group + q_row % group;
+                    let base = (q_row / group) * params.q_stride + head * hd + q_dim;
+                    for (var e = 0u; e < 4u; e++) {
+                        var x = 0.0;
+                        if (q_dim + e < hd) {
+                            x = q[base + e] * params.scale;
+                        }
+                        stage[K_CHUNK_QUADS + (4u * (li % 4u) + e) * (PREFILL_ROWS / 4u) + (li / 4u) / 4u][(li / 4u) % 4u] = x;
+                    }
+                }
+                workgroupBarrier();
+                for (var d = 0u; d < DIM_CHUNK; d++) {
+                    let qs = stage[K_CHUNK_QUADS + d * (PREFILL_ROWS / 4u) + rows / 4u];
+                    let ks = stage[d * (PREFILL_KEYS / 4u) + keys / 4u];
+                    for (var i = 0u; i < 4u; i++) {
+                        scores[i] += qs[i] * ks;
+                    }
+                }
+                workgroupBarrier();
+            }
+            // Masked: past the row's position or the run's keys, in another run, in another buffer.
+            for (var i = 0u; i < 4u; i++) {
+                let row = min(row0 + rows + i, n_rows - 1u);
+                let pos = step.slots[row / group].x;
+                for (var j = 0u; j < 4u; j++) {
+                    let key = key0 + keys + j;
+                    let here = params.buffers == 1u || (key < end_key && buffer_row(key, pages) != NOT_HERE);
+                    let valid = key < end_key && key <= pos && row >= run_first && row <= run_last && here;
+                    tile_probs[(rows + i) * PROBS_STRIDE + keys + j] = select(MASKED, scores[i][j], valid);
+                }
+            }
+            workgroupBarrier();
+            // Row li / 4's new max over the whole tile; then each of its four threads turns a
+            // quarter of its scores into weights.
+            let r = li / 4u;
+            var new_max = rows_max[r];
+            for (var j = 0u; j < PREFILL_KEYS; j++) {
+                new_max = max(new_max, tile_probs[r * PROBS_STRIDE + j]);
+            }
+            let old_max = rows_max[r];
+            workgroupBarrier();
+            for (var j = (li % 4u) * (PREFILL_KEYS / 4u); j < (li % 4u + 1u) * (PREFILL_KEYS / 4u); j++) {
+                let score = tile_probs[r * PROBS_STRIDE + j];
+                tile_probs[r * PROBS_STRIDE + j] = select(0.0, exp(score - new_max), score > MASKED);
+            }
+            if (li % 4u == 0u) {
+                rows_max[r] = new_max;
+                rows_rescale[r] = exp(old_max - new_max);
+            }
+            workgroupBarrier();
+            for (var i = 0u; i < 4u; i++) {
+                let rescale = rows_rescale[rows + i];
+                sums[i] *= rescale;
+                for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads; m++) {
+                    acc[i][m] *= rescale;
+                }
+            }
+            for (var kc = 0u; kc < PREFILL_KEYS; kc += v_keys) {
+                for (var n = li; n < v_keys * row_quads; n += WG) {
+                    let key = key0 + kc + n / row_quads;
+                    var v = vec4(0.0, 0.0, 0.0, 0.0);
+                    if (kc + n / row_quads < PREFILL_KEYS && key < end_key) {
+                        let row = buffer_row(key, pages);
+                        if (row != NOT_HERE) {
+                            v = value_quad(row, kv_head * hd + 4u * (n % row_quads), kv_dim);
+                        }
+                    }
+                    stage[n] = v;
+                }
+                workgroupBarrier();
+                for (var k = 0u; k < v_keys && kc + k < PREFILL_KEYS; k++) {
+                    for (var i = 0u; i < 4u; i++) {
+                        let weight = tile_probs[(rows + i) * PROBS_STRIDE + kc + k];
+                        sums[i] += weight;
+                        for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads; m++) {
+                            acc[i][m] += weight * stage[k * row_quads + li % 16u + 16u * m];
+                        }
+                    }
+                }
+                workgroupBarrier();
+            }
+        }
+        run_first = run_last + 1u;
+    }
+    // Each thread's rows and quads: out, or partials (and their merge) as `attend` writes them.
+    let count = step.key_splits * params.buffers;
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + rows + i;
+        let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
+        let partial_row = token_head * count + params.buffer * step.key_splits + split;
+        for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads && row <= last_row; m++) {
+            let d = 4u * (li % 16u + 16u * m);
+            for (var e = 0u; e < 4u; e++) {
+                if (count == 1u) {
+                    out[token_head * hd + d + e] = acc[i][m][e] / sums[i];
+                } else {
+                    store_partial(partial_row * hd + d + e, acc[i][m][e]);
+                }
+            }
+        }
+        if (count > 1u && li % 16u == 0u && row <= last_row) {
+            store_partial(params.stats_offset + 2u * partial_row, rows_max[rows + i]);
+            store_partial(params.stats_offset + 2u * partial_row + 1u, sums[i]);
+        }
+    }
+    if (count == 1u) {
+        return;
+    }
+    if (!merges_here(li, wg.y * params.n_kv_heads + kv_head)) {
+        return;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let row = row0 + rows + i;
+        if (row <= last_row) {
+            let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
+            let merge = merge_of(token_head * count, count);
+            for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads; m++) {
+                let d = 4u * (li % 16u + 16u * m);
+                for (var e = 0u; e < 4u; e++) {
+                    out[token_head * hd + d + e] = merged(merge, d + e);
+                }
+            }
+        }
+    }
+}
+
+// After a workgroup has stored its partials: where the last split merges, counts its arrival at
+// its query block's count `block` and says whether it is the last to arrive, which then merges
+// the block. Called by every thread (it holds barriers); the answer is the workgroup's.
+fn merges_here(li: u32, block: u32) -> bool {
+    // Earlier buffers' dispatches have finished before the last one's starts: only its splits count.
+    if (!MERGE_IN_LAST_SPLIT || params.buffer + 1u < params.buffers) {
+        return false;
+    }
+    // This workgroup's partials are stored device-wide before it counts as arrived.
+    storageBarrier();
+    if (li == 0u) {
+        let counter = params.counters_offset + block;
+        arrived = atomicAdd(&partials[counter], 1u) + 1u;
+        if (arrived == step.key_splits) {
+            // Ready for the next pass: every split of this one has arrived.
+            atomicStore(&partials[counter], 0u);
+        }
+    }
+    if (workgroupUniformLoad(&arrived) != step.key_splits) {
+        return false;
+    }
+    // And the other splits' partials are seen after their arrivals.
+    storageBarrier();
+    return true;
 }
 
 // The partials are f32 values kept as atomic words.

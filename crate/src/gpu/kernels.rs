@@ -308,6 +308,7 @@ pub fn shader_constants() -> Vec<(String, u32)> {
         ("TILE_ROWS".into(), ops::TILE_ROWS),
         ("MAX_HEAD_DIM".into(), ops::MAX_HEAD_DIM as u32),
         ("MAX_QUERY_BLOCK".into(), ops::ATTENTION_QUERY_BLOCK),
+        ("PREFILL_ROWS".into(), ops::ATTENTION_PREFILL_ROWS),
         ("PAGE_SIZE".into(), PAGE_SIZE as u32),
         ("Q8_BLOCK".into(), Q8_BLOCK as u32),
         ("SELECTION_WG".into(), ops::SELECTION_WG as u32),

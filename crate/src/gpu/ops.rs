@@ -206,8 +206,11 @@ pub const DEFAULT_GEMV_MAX_TOKENS: u32 = 32;
 /// Tokens and rows per workgroup of matmul.wgsl's tiled products (TILE and TILE_ROWS).
 pub(crate) const TILE: u32 = 64;
 pub(crate) const TILE_ROWS: u32 = 64;
-/// Query rows per workgroup of attention.wgsl for prefill (MAX_QUERY_BLOCK, QUERY_BLOCK's default).
+/// Query rows per workgroup of attention.wgsl's `attend` (MAX_QUERY_BLOCK, QUERY_BLOCK's default).
 pub(crate) const ATTENTION_QUERY_BLOCK: u32 = 8;
+/// Query rows per workgroup of attention.wgsl's `attend_tiles` (prefill; PREFILL_ROWS): 4 per row
+/// group of its 64 threads.
+pub(crate) const ATTENTION_PREFILL_ROWS: u32 = 16;
 /// Key splits of a decode pass up to SHORT_CONTEXT_SPLITS * LONG_SPLIT_KEYS keys: with 8 KV heads,
 /// 256 workgroups, about two per SM of an H100/H200.
 const SHORT_CONTEXT_SPLITS: u32 = 32;
@@ -861,9 +864,13 @@ pub fn attention(
         })
         .collect();
     let merge_in_last_split = gpu.merge_in_last_split as u32 as f64;
-    let attend = |block: u32, splits: u32| {
+    // `attend` takes blocks of QUERY_BLOCK rows, `attend_tiles` of ATTENTION_PREFILL_ROWS.
+    let attend = |entry: &str, block: u32, splits: u32| {
         let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
-        let constants = [("QUERY_BLOCK", block as f64), ("HEAD_DIM", head_dim as f64), ("MERGE_IN_LAST_SPLIT", merge_in_last_split)];
+        let mut constants = vec![("HEAD_DIM", head_dim as f64), ("MERGE_IN_LAST_SPLIT", merge_in_last_split)];
+        if entry == "attend" {
+            constants.push(("QUERY_BLOCK", block as f64));
+        }
         // One partial per row writes out itself; a merge reads at most every partial.
         let merges = splits > 1 || buffers > 1;
         let merge_traffic = Traffic::fixed(4 * (n_heads * (head_dim + 2)) as u64 * (splits as usize * buffers) as u64 + traffic.bytes);
@@ -877,7 +884,7 @@ pub fn attention(
                 if merges && gpu.merge_in_last_split && buffer + 1 == buffers {
                     share.bytes += merge_traffic.bytes;
                 }
-                dispatch_in(gpu, &kernels::ATTENTION, form, "attend", &constants, &bound, grid, share)
+                dispatch_in(gpu, &kernels::ATTENTION, form, entry, &constants, &bound, grid, share)
             })
             .collect();
         if merges && !gpu.merge_in_last_split {
@@ -887,7 +894,11 @@ pub fn attention(
         }
         Op { dispatches }
     };
-    Attention { prefill: attend(ATTENTION_QUERY_BLOCK, 1), decode: attend(decode_block, 1), decode_split: attend(decode_block, max_key_splits) }
+    Attention {
+        prefill: attend("attend_tiles", ATTENTION_PREFILL_ROWS, 1),
+        decode: attend("attend", decode_block, 1),
+        decode_split: attend("attend", decode_block, max_key_splits),
+    }
 }
 
 /// Attention bound for each kind of pass: prefill, and decode with its keys whole or in splits
