@@ -321,7 +321,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let row_quads = hd / 4u;
     // Keys of V staged at a time, and output quads per row for this head_dim.
     let v_keys = min(PREFILL_KEYS, STAGE_QUADS / row_quads);
-    let out_quads = (row_quads + 15u - li % 16u) / 16u;
+    let out_quads = (row_quads + 15u) / 16u;
     if (li < PREFILL_ROWS) {
         rows_max[li] = MASKED;
     }
@@ -398,9 +398,9 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             }
             let old_max = rows_max[r];
             workgroupBarrier();
-            for (var j = (li % 4u) * (PREFILL_KEYS / 4u); j < (li % 4u + 1u) * (PREFILL_KEYS / 4u); j++) {
-                let score = tile_probs[r * PROBS_STRIDE + j];
-                tile_probs[r * PROBS_STRIDE + j] = select(0.0, exp(score - new_max), score > MASKED);
+            for (var n = 0u; n < PREFILL_KEYS / 4u; n++) {
+                let j = r * PROBS_STRIDE + (li % 4u) * (PREFILL_KEYS / 4u) + n;
+                tile_probs[j] = select(0.0, exp(tile_probs[j] - new_max), tile_probs[j] > MASKED);
             }
             if (li % 4u == 0u) {
                 rows_max[r] = new_max;
@@ -415,16 +415,20 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                 }
             }
             for (var kc = 0u; kc < PREFILL_KEYS; kc += v_keys) {
-                for (var n = li; n < v_keys * row_quads; n += WG) {
+                // Constant trip counts (as every loop here where the compiler should unroll).
+                for (var round = 0u; round < (v_keys * row_quads + WG - 1u) / WG; round++) {
+                    let n = li + round * WG;
                     let key = key0 + kc + n / row_quads;
                     var v = vec4(0.0, 0.0, 0.0, 0.0);
-                    if (kc + n / row_quads < PREFILL_KEYS && key < end_key) {
+                    if (n < v_keys * row_quads && kc + n / row_quads < PREFILL_KEYS && key < end_key) {
                         let row = buffer_row(key, pages);
                         if (row != NOT_HERE) {
                             v = value_quad(row, kv_head * hd + 4u * (n % row_quads), kv_dim);
                         }
                     }
-                    stage[n] = v;
+                    if (n < v_keys * row_quads) {
+                        stage[n] = v;
+                    }
                 }
                 workgroupBarrier();
                 for (var k = 0u; k < v_keys && kc + k < PREFILL_KEYS; k++) {
@@ -432,7 +436,10 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                         let weight = tile_probs[(rows + i) * PROBS_STRIDE + kc + k];
                         sums[i] += weight;
                         for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads; m++) {
-                            acc[i][m] += weight * stage[k * row_quads + li % 16u + 16u * m];
+                            let quad = li % 16u + 16u * m;
+                            if (quad < row_quads) {
+                                acc[i][m] += weight * stage[k * row_quads + quad];
+                            }
                         }
                     }
                 }
@@ -447,7 +454,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         let row = row0 + rows + i;
         let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
         let partial_row = token_head * count + params.buffer * step.key_splits + split;
-        for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads && row <= last_row; m++) {
+        for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads && row <= last_row && li % 16u + 16u * m < row_quads; m++) {
             let d = 4u * (li % 16u + 16u * m);
             for (var e = 0u; e < 4u; e++) {
                 if (count == 1u) {
@@ -473,7 +480,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         if (row <= last_row) {
             let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
             let merge = merge_of(token_head * count, count);
-            for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads; m++) {
+            for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads && li % 16u + 16u * m < row_quads; m++) {
                 let d = 4u * (li % 16u + 16u * m);
                 for (var e = 0u; e < 4u; e++) {
                     out[token_head * hd + d + e] = merged(merge, d + e);
