@@ -416,8 +416,8 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             }
             for (var kc = 0u; kc < PREFILL_KEYS; kc += v_keys) {
                 // Constant trip counts (as every loop here where the compiler should unroll).
-                for (var round = 0u; round < (v_keys * row_quads + WG - 1u) / WG; round++) {
-                    let n = li + round * WG;
+                for (var wave = 0u; wave < (v_keys * row_quads + WG - 1u) / WG; wave++) {
+                    let n = li + wave * WG;
                     let key = key0 + kc + n / row_quads;
                     var v = vec4(0.0, 0.0, 0.0, 0.0);
                     if (n < v_keys * row_quads && kc + n / row_quads < PREFILL_KEYS && key < end_key) {
