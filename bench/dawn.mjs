@@ -80,8 +80,9 @@ if (args.check) {
   const server = await serve({ root: args.check });
   try {
     await wasm.load(`http://127.0.0.1:${server.address().port}/manifest.json`, { kvType: "f32" }, () => {});
-    const reply = await wasm.chat(1, { messages: [{ role: "user", content: PROMPT }], max_tokens: MAX_TOKENS, temperature: 0 }, () => {});
-    const tokens = reply.choices[0].tokens;
+    const request = { messages: [{ role: "user", content: PROMPT }], max_tokens: MAX_TOKENS, temperature: 0 };
+    const reply = await wasm.chat(1, request, { uuid: "dawn-check", model: "tiny" }, () => {});
+    const tokens = reply.choices[0].token_ids;
     const equal = JSON.stringify(tokens) === JSON.stringify(native.tokens);
     report.check = { model: args.check, native: native.tokens, dawn: tokens, equal };
     log(`tokens on Dawn ${equal ? "equal" : "DIFFER from"} native:`, JSON.stringify(tokens), JSON.stringify(native.tokens));

@@ -286,10 +286,9 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
 // few keys at a time: about 1 workgroup-memory load per 4 FMAs, where `attend`'s one pair per
 // thread takes 2 loads per FMA.
 const PREFILL_KEYS: u32 = 64u;
-const DIM_CHUNK: u32 = 16u;
+const DIM_CHUNK: u32 = 16u; // a chunk's K is 16 x 4 keys by 4 quads, its Q 16 dims by 4 x 4 rows: WG threads each
 const STAGE_QUADS: u32 = 512u;
 const PROBS_STRIDE: u32 = PREFILL_KEYS + 1u; // padded: a column's rows in different banks
-const GROUPS: u32 = WG / 16u;                  // row groups of 4 rows: PREFILL_ROWS / 4
 const MAX_OUT_QUADS: u32 = MAX_HEAD_DIM / 64u; // output quads per thread and row: 16 threads a row
 
 // The scores step: K chunk transposed (DIM_CHUNK, PREFILL_KEYS) from quad 0, Q chunk transposed
@@ -337,36 +336,40 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         let pages = sequence * params.pages_per_sequence;
         let end_key = min(first_key + step.keys_per_split, step.slots[run_last / group].x + 1u);
         for (var key0 = first_key; key0 < end_key; key0 += PREFILL_KEYS) {
-            // Thread li stages key key0 + li: its pool row, found once a tile.
-            var my_key_row = NOT_HERE;
-            if (key0 + li < end_key) {
-                my_key_row = buffer_row(key0 + li, pages);
+            // Thread li stages keys 4 (li % 16) .. + 3 (their pool rows found once a tile) at
+            // dimension quad li / 16 of each chunk, and writes whole vectors of four keys: threads
+            // never write parts of one shared vector.
+            var key_rows: array<u32, 4>;
+            for (var j = 0u; j < 4u; j++) {
+                let key = key0 + 4u * (li % 16u) + j;
+                key_rows[j] = NOT_HERE;
+                if (key < end_key) {
+                    key_rows[j] = buffer_row(key, pages);
+                }
             }
-            var scores: array<vec4<f32>, 4>;
+            // Zeroed explicitly: Tint (Chrome, Dawn) zeroes a var declared in a loop without an
+            // initializer once, not each time round.
+            var scores = array<vec4<f32>, 4>();
             for (var d0 = 0u; d0 < hd; d0 += DIM_CHUNK) {
-                for (var c = 0u; c < DIM_CHUNK / 4u; c++) {
-                    var k = vec4(0.0, 0.0, 0.0, 0.0);
-                    if (my_key_row != NOT_HERE && d0 + 4u * c < hd) {
-                        k = key_quad(my_key_row, kv_head * hd + d0 + 4u * c, kv_dim);
-                    }
-                    for (var e = 0u; e < 4u; e++) {
-                        stage[(4u * c + e) * (PREFILL_KEYS / 4u) + li / 4u][li % 4u] = k[e];
+                let k_dim = d0 + 4u * (li / 16u);
+                var k = array<vec4<f32>, 4>();
+                for (var j = 0u; j < 4u; j++) {
+                    if (key_rows[j] != NOT_HERE && k_dim < hd) {
+                        k[j] = key_quad(key_rows[j], kv_head * hd + k_dim, kv_dim);
                     }
                 }
-                // Q: row li / 4, dimensions d0 + 4 (li % 4) .. + 3, scaled.
-                let q_row = min(row0 + li / 4u, n_rows - 1u);
-                let q_dim = d0 + 4u * (li % 4u);
-                if (li < 4u * PREFILL_ROWS) {
+                for (var e = 0u; e < 4u; e++) {
+                    stage[(4u * (li / 16u) + e) * (PREFILL_KEYS / 4u) + li % 16u] = vec4(k[0][e], k[1][e], k[2][e], k[3][e]);
+                }
+                // Q, scaled: rows 4 (li % 4) .. + 3 at dimension d0 + li / 4.
+                let q_dim = d0 + li / 4u;
+                var x = vec4(0.0, 0.0, 0.0, 0.0);
+                for (var i = 0u; i < 4u && q_dim < hd; i++) {
+                    let q_row = min(row0 + 4u * (li % 4u) + i, n_rows - 1u);
                     let head = kv_head * group + q_row % group;
-                    let base = (q_row / group) * params.q_stride + head * hd + q_dim;
-                    for (var e = 0u; e < 4u; e++) {
-                        var x = 0.0;
-                        if (q_dim + e < hd) {
-                            x = q[base + e] * params.scale;
-                        }
-                        stage[K_CHUNK_QUADS + (4u * (li % 4u) + e) * (PREFILL_ROWS / 4u) + (li / 4u) / 4u][(li / 4u) % 4u] = x;
-                    }
+                    x[i] = q[(q_row / group) * params.q_stride + head * hd + q_dim] * params.scale;
                 }
+                stage[K_CHUNK_QUADS + (li / 4u) * (PREFILL_ROWS / 4u) + li % 4u] = x;
                 workgroupBarrier();
                 for (var d = 0u; d < DIM_CHUNK; d++) {
                     let qs = stage[K_CHUNK_QUADS + d * (PREFILL_ROWS / 4u) + rows / 4u];

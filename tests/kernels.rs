@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
-use llama_webgpu::gpu::ops::{self, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
+use llama_webgpu::gpu::ops::{self, AttentionPass, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
 use llama_webgpu::gpu::{quantize_q8_block, KvType, TileType, WeightMatrix, Q8_BLOCK};
 use llama_webgpu::quant::DType;
@@ -681,8 +681,15 @@ fn attention_runs_several_sequences_in_one_pass() {
     let Some(gpu) = gpu() else { return };
     // Sequences of different lengths in one pass: decode tokens and prefill chunks side by side, as
     // the engine batches them. GQA groups of 3 and 4 put query blocks across tokens of different
-    // sequences; 5 tokens run as a decode pass (key splits), 12 as a prefill pass.
-    let mixes: [&[(usize, usize)]; 3] = [&[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1)], &[(40, 1), (3, 5), (20, 2), (9, 4)], &[(17, 3), (0, 1), (33, 1)]];
+    // sequences; 5 tokens run as a decode pass (key splits), 12 in 4 runs and 9 single tokens as a
+    // batch (`attend`'s blocks), 34 in 3 runs as a prefill pass (`attend_tiles`).
+    let mixes: [&[(usize, usize)]; 5] = [
+        &[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1)],
+        &[(40, 1), (3, 5), (20, 2), (9, 4)],
+        &[(17, 3), (0, 1), (33, 1)],
+        &[(12, 20), (5, 13), (30, 1)],
+        &[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1), (8, 1), (15, 1), (33, 1), (2, 1)],
+    ];
     for (n_heads, n_kv_heads, head_dim) in [(6, 2, 16), (8, 2, 32)] {
         for (case, mix) in mixes.iter().enumerate() {
             let mut r = rng(case as u64 + 100);
@@ -701,8 +708,8 @@ fn attention_runs_several_sequences_in_one_pass() {
                 .enumerate()
                 .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p as u32, kv_row: 0, sequence: s as u32, _pad: 0 }))
                 .collect();
-            // The second mix over a pool in buffers of 3 pages.
-            let got = pool.attend(&gpu, &qkv, q_stride, &slots, 32, (case == 1).then_some(3), (n_heads, n_kv_heads, head_dim));
+            // The second and fourth mixes over a pool in buffers of 3 pages.
+            let got = pool.attend(&gpu, &qkv, q_stride, &slots, 32, (case % 2 == 1).then_some(3), (n_heads, n_kv_heads, head_dim));
             let mut row = 0;
             for (s, &(start, n)) in mix.iter().enumerate() {
                 let q: Vec<f32> = qkv[row * q_stride..(row + n) * q_stride].chunks(q_stride).flat_map(|r| &r[..n_heads * head_dim]).copied().collect();
@@ -713,6 +720,31 @@ fn attention_runs_several_sequences_in_one_pass() {
             }
         }
     }
+}
+
+#[test]
+fn attention_takes_tiles_for_long_runs_of_one_sequence() {
+    let pass = |mix: &[(u32, u32)], group| {
+        let slots: Vec<TokenSlot> = mix
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p, kv_row: 0, sequence: s as u32, _pad: 0 }))
+            .collect();
+        AttentionPass::of(&StepParams::for_slots(&slots, 32), group)
+    };
+    // The mixes of attention_runs_several_sequences_in_one_pass, with groups of 3 and 4 heads.
+    for group in [3, 4] {
+        assert_eq!(pass(&[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1)], group), AttentionPass::DecodeSplit);
+        assert_eq!(pass(&[(0, 1), (3, 1)], group), AttentionPass::Decode);
+        assert_eq!(pass(&[(40, 1), (3, 5), (20, 2), (9, 4)], group), AttentionPass::Batch);
+        assert_eq!(pass(&[(12, 20), (5, 13), (30, 1)], group), AttentionPass::Prefill);
+        assert_eq!(pass(&[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1), (8, 1), (15, 1), (33, 1), (2, 1)], group), AttentionPass::Batch);
+    }
+    // A prompt; 16 streams' decode tokens, and the same beside one stream's prefill chunk.
+    let streams: Vec<(u32, u32)> = (0..16).map(|s| (100 + s, 1)).collect();
+    assert_eq!(pass(&[(0, 256)], 4), AttentionPass::Prefill);
+    assert_eq!(pass(&streams, 4), AttentionPass::Batch);
+    assert_eq!(pass(&[streams.as_slice(), &[(0, 240)]].concat(), 4), AttentionPass::Prefill);
 }
 
 /// kv_store moves staged rows into the buffers holding their tokens' KV rows, in each pool type:

@@ -896,28 +896,59 @@ pub fn attention(
     };
     Attention {
         prefill: attend("attend_tiles", ATTENTION_PREFILL_ROWS, 1),
+        batch: attend("attend", ATTENTION_QUERY_BLOCK, 1),
         decode: attend("attend", decode_block, 1),
         decode_split: attend("attend", decode_block, max_key_splits),
+        group,
     }
 }
 
-/// Attention bound for each kind of pass: prefill, and decode with its keys whole or in splits
-/// merged after.
+/// Attention bound for each kind of pass ([`AttentionPass`]).
 pub struct Attention {
     prefill: Op,
+    batch: Op,
     decode: Op,
     decode_split: Op,
+    group: u32,
+}
+
+/// How attention runs a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPass {
+    /// `attend_tiles`: many rows a workgroup.
+    Prefill,
+    /// `attend` in blocks of ATTENTION_QUERY_BLOCK rows: many sequences' few tokens each, which
+    /// `attend_tiles` would compute whole tiles for once per sequence in a block.
+    Batch,
+    /// `attend` in blocks of a token's GQA group, keys whole or in splits merged after.
+    Decode,
+    DecodeSplit,
+}
+
+impl AttentionPass {
+    /// The pass `step` takes with GQA groups of `group` query heads.
+    pub fn of(step: &StepParams, group: u32) -> Self {
+        let slots = &step.slots[..step.n_tokens as usize];
+        let runs = 1 + slots.windows(2).filter(|pair| pair[0].sequence != pair[1].sequence).count() as u32;
+        // Tokens of one sequence that fill a query block of attend_tiles.
+        let tile_tokens = ATTENTION_PREFILL_ROWS.div_ceil(group);
+        match step.n_tokens >= DECODE_MAX_TOKENS {
+            true if step.n_tokens >= runs * tile_tokens => Self::Prefill,
+            true => Self::Batch,
+            false if step.key_splits > 1 => Self::DecodeSplit,
+            false => Self::Decode,
+        }
+    }
 }
 
 impl Attention {
     /// The dispatches of a pass of `step` (the step buffer's value).
     pub fn for_step(&self, step: &StepParams) -> &Op {
-        if step.n_tokens >= DECODE_MAX_TOKENS {
-            &self.prefill
-        } else if step.key_splits > 1 {
-            &self.decode_split
-        } else {
-            &self.decode
+        match AttentionPass::of(step, self.group) {
+            AttentionPass::Prefill => &self.prefill,
+            AttentionPass::Batch => &self.batch,
+            AttentionPass::Decode => &self.decode,
+            AttentionPass::DecodeSplit => &self.decode_split,
         }
     }
 
