@@ -135,14 +135,52 @@ fn tile_score(pair: u32, score_lanes: u32) -> f32 {
     return score;
 }
 
+// A workgroup's query block: rows row0..=last_row of the (token, head) rows of KV head kv_head's
+// GQA group (n_rows in the pass), attended over the keys of split `split` from first_key.
+struct QueryBlock {
+    kv_head: u32,
+    group: u32,
+    row0: u32,
+    last_row: u32,
+    n_rows: u32,
+    split: u32,
+    first_key: u32,
+    past_the_pass: bool, // the grid, sized for the largest pass, reaches past this one's rows or splits
+}
+
+fn query_block(wg: vec3<u32>, rows: u32) -> QueryBlock {
+    let group = params.n_heads / params.n_kv_heads;
+    let n_rows = step.n_tokens * group;
+    let row0 = wg.y * rows;
+    let past = wg.x >= params.n_kv_heads || row0 >= n_rows || wg.z >= step.key_splits;
+    return QueryBlock(wg.x, group, row0, min(row0 + rows, n_rows) - 1u, n_rows, wg.z, wg.z * step.keys_per_split, past);
+}
+
+// The last row of the run of one sequence's rows that starts at `first`.
+fn run_last_row(b: QueryBlock, first: u32) -> u32 {
+    let sequence = step.slots[first / b.group].z;
+    var last = first;
+    while (last < b.last_row && step.slots[(last + 1u) / b.group].z == sequence) {
+        last++;
+    }
+    return last;
+}
+
+// Where the keys of a run ending at `run_last` end in this split: the run's last row has its
+// latest position.
+fn run_end_key(b: QueryBlock, run_last: u32) -> u32 {
+    return min(b.first_key + step.keys_per_split, step.slots[run_last / b.group].x + 1u);
+}
+
+// Row `row`'s index among the pass's (token, head) pairs.
+fn token_head_of(b: QueryBlock, row: u32) -> u32 {
+    return (row / b.group) * params.n_heads + b.kv_head * b.group + row % b.group;
+}
+
 @compute @workgroup_size(WG)
 fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let kv_head = wg.x;
-    let group = params.n_heads / params.n_kv_heads;
-    let row0 = wg.y * QUERY_BLOCK;
-    let split = wg.z;
-    let n_rows = step.n_tokens * group;
-    if (kv_head >= params.n_kv_heads || row0 >= n_rows || split >= step.key_splits) {
+    let b = query_block(wg, QUERY_BLOCK);
+    if (b.past_the_pass) {
         return;
     }
     let hd = HEAD_DIM;
@@ -150,18 +188,16 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let tile_keys = min(MAX_TILE_KEYS, KV_TILE / hd);
     let score_lanes = max(WG / (QUERY_BLOCK * tile_keys), 1u);
     // Rows past the last one repeat it; they are computed but not stored.
-    let last_row = min(row0 + QUERY_BLOCK, n_rows) - 1u;
-    let first_key = split * step.keys_per_split;
     for (var i = li; i < QUERY_BLOCK * hd; i += WG) {
-        let row = min(row0 + i / hd, n_rows - 1u);
-        let head = kv_head * group + row % group;
-        q_block[i] = q[(row / group) * params.q_stride + head * hd + i % hd] * params.scale;
+        let row = min(b.row0 + i / hd, b.n_rows - 1u);
+        let head = b.kv_head * b.group + row % b.group;
+        q_block[i] = q[(row / b.group) * params.q_stride + head * hd + i % hd] * params.scale;
     }
 
     // Thread li serves row li / THREADS_PER_ROW, head dimensions sub, sub + THREADS_PER_ROW, ...
     let my_row = li / THREADS_PER_ROW;
     let sub = li % THREADS_PER_ROW;
-    let my_clamped_row = min(row0 + my_row, n_rows - 1u);
+    let my_clamped_row = min(b.row0 + my_row, b.n_rows - 1u);
     // How many of those dimensions lie below head_dim: loops stop there. Their constant bound
     // beside it lets the compiler unroll them and keep acc in registers.
     let my_dims = (hd + THREADS_PER_ROW - 1u - sub) / THREADS_PER_ROW;
@@ -169,26 +205,23 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var running_sum = 0.0;
     var acc: array<f32, DIMS_PER_ROW_THREAD>;
     // Runs of rows of one sequence, [run_first, run_last]: one for a block of a single sequence.
-    var run_first = row0;
-    while (run_first <= last_row) {
-        let sequence = step.slots[run_first / group].z;
-        var run_last = run_first;
-        while (run_last < last_row && step.slots[(run_last + 1u) / group].z == sequence) {
-            run_last++;
-        }
+    var run_first = b.row0;
+    while (run_first <= b.last_row) {
+        let sequence = step.slots[run_first / b.group].z;
+        let run_last = run_last_row(b, run_first);
         let in_run = my_clamped_row >= run_first && my_clamped_row <= run_last;
         let pages = sequence * params.pages_per_sequence;
         // This split's keys of the sequence: [first_key, end_key); the run's last row has its
         // latest position.
-        let end_key = min(first_key + step.keys_per_split, step.slots[run_last / group].x + 1u);
+        let end_key = run_end_key(b, run_last);
         // Tiles are read into registers one ahead: the next tile's K and V loads are in flight while
         // this tile's scores and outputs are computed, so the memory latency hides behind the math.
-        var current = load_tile(first_key, end_key, tile_keys, kv_head, pages, li);
-        for (var key0 = first_key; key0 < end_key; key0 += tile_keys) {
+        var current = load_tile(b.first_key, end_key, tile_keys, b.kv_head, pages, li);
+        for (var key0 = b.first_key; key0 < end_key; key0 += tile_keys) {
             let n_keys = min(tile_keys, end_key - key0);
             store_tile(current.k, n_keys * hd, li);
             workgroupBarrier();
-            let next = load_tile(key0 + tile_keys, end_key, tile_keys, kv_head, pages, li);
+            let next = load_tile(key0 + tile_keys, end_key, tile_keys, b.kv_head, pages, li);
             // Scores of every (row, key) pair of the tile, the causal mask and the run applied,
             // each pair's dot product cut over score_lanes threads (lane l takes dimensions l,
             // l + score_lanes, ...), so that a decode block's few pairs keep every thread busy.
@@ -197,8 +230,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 let lane = p % score_lanes;
                 let r = pair / tile_keys;
                 let j = pair % tile_keys;
-                let row = min(row0 + r, n_rows - 1u);
-                let pos = step.slots[row / group].x;
+                let row = min(b.row0 + r, b.n_rows - 1u);
+                let pos = step.slots[row / b.group].x;
                 // The lanes' parts add up to the score; a masked pair's to MASKED.
                 var s = select(0.0, MASKED, lane == 0u);
                 let here = params.buffers == 1u || buffer_row(key0 + j, pages) != NOT_HERE;
@@ -245,8 +278,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         run_first = run_last + 1u;
     }
     // Threads of rows past the last store nothing but stay for the barriers of the merge.
-    let stores = row0 + my_row < n_rows;
-    let token_head = (my_clamped_row / group) * params.n_heads + kv_head * group + my_clamped_row % group;
+    let stores = b.row0 + my_row < b.n_rows;
+    let token_head = token_head_of(b, my_clamped_row);
     if (step.key_splits == 1u && params.buffers == 1u) {
         if (stores) {
             for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
@@ -259,7 +292,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     // buffers) leaves max MASKED, sum 0 and outputs 0, which the merge weighs as nothing.
     let count = step.key_splits * params.buffers;
     let first = token_head * count;
-    let partial_row = first + params.buffer * step.key_splits + split;
+    let partial_row = first + params.buffer * step.key_splits + b.split;
     if (stores) {
         for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
             store_partial(partial_row * hd + sub + i * THREADS_PER_ROW, acc[i]);
@@ -269,7 +302,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             store_partial(params.stats_offset + 2u * partial_row + 1u, running_sum);
         }
     }
-    if (merges_here(li, wg.y * params.n_kv_heads + kv_head) && stores) {
+    if (merges_here(li, wg.y * params.n_kv_heads + b.kv_head) && stores) {
         let merge = merge_of(first, count);
         for (var i = 0u; i < DIMS_PER_ROW_THREAD && i < my_dims; i++) {
             let d = sub + i * THREADS_PER_ROW;
@@ -301,18 +334,12 @@ var<workgroup> rows_rescale: array<f32, PREFILL_ROWS>; // what this tile's max d
 
 @compute @workgroup_size(WG)
 fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let kv_head = wg.x;
-    let group = params.n_heads / params.n_kv_heads;
-    let row0 = wg.y * PREFILL_ROWS;
-    let split = wg.z;
-    let n_rows = step.n_tokens * group;
-    if (kv_head >= params.n_kv_heads || row0 >= n_rows || split >= step.key_splits) {
+    let b = query_block(wg, PREFILL_ROWS);
+    if (b.past_the_pass) {
         return;
     }
     let hd = HEAD_DIM;
     let kv_dim = params.n_kv_heads * hd;
-    let last_row = min(row0 + PREFILL_ROWS, n_rows) - 1u;
-    let first_key = split * step.keys_per_split;
     // Scores: rows 4 * (li / 16) + i, keys 4 * (li % 16) + j. Outputs: the same rows, dimension
     // quads li % 16 + 16 m.
     let rows = 4u * (li / 16u);
@@ -326,16 +353,13 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
     var acc: array<array<vec4<f32>, MAX_OUT_QUADS>, 4>;
     var sums = vec4(0.0, 0.0, 0.0, 0.0);
-    var run_first = row0;
-    while (run_first <= last_row) {
-        let sequence = step.slots[run_first / group].z;
-        var run_last = run_first;
-        while (run_last < last_row && step.slots[(run_last + 1u) / group].z == sequence) {
-            run_last++;
-        }
+    var run_first = b.row0;
+    while (run_first <= b.last_row) {
+        let sequence = step.slots[run_first / b.group].z;
+        let run_last = run_last_row(b, run_first);
         let pages = sequence * params.pages_per_sequence;
-        let end_key = min(first_key + step.keys_per_split, step.slots[run_last / group].x + 1u);
-        for (var key0 = first_key; key0 < end_key; key0 += PREFILL_KEYS) {
+        let end_key = run_end_key(b, run_last);
+        for (var key0 = b.first_key; key0 < end_key; key0 += PREFILL_KEYS) {
             // Thread li stages keys 4 (li % 16) .. + 3 (their pool rows found once a tile) at
             // dimension quad li / 16 of each chunk, and writes whole vectors of four keys: threads
             // never write parts of one shared vector.
@@ -355,7 +379,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                 var k = array<vec4<f32>, 4>();
                 for (var j = 0u; j < 4u; j++) {
                     if (key_rows[j] != NOT_HERE && k_dim < hd) {
-                        k[j] = key_quad(key_rows[j], kv_head * hd + k_dim, kv_dim);
+                        k[j] = key_quad(key_rows[j], b.kv_head * hd + k_dim, kv_dim);
                     }
                 }
                 for (var e = 0u; e < 4u; e++) {
@@ -365,9 +389,9 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                 let q_dim = d0 + li / 4u;
                 var x = vec4(0.0, 0.0, 0.0, 0.0);
                 for (var i = 0u; i < 4u && q_dim < hd; i++) {
-                    let q_row = min(row0 + 4u * (li % 4u) + i, n_rows - 1u);
-                    let head = kv_head * group + q_row % group;
-                    x[i] = q[(q_row / group) * params.q_stride + head * hd + q_dim] * params.scale;
+                    let q_row = min(b.row0 + 4u * (li % 4u) + i, b.n_rows - 1u);
+                    let head = b.kv_head * b.group + q_row % b.group;
+                    x[i] = q[(q_row / b.group) * params.q_stride + head * hd + q_dim] * params.scale;
                 }
                 stage[K_CHUNK_QUADS + (li / 4u) * (PREFILL_ROWS / 4u) + li % 4u] = x;
                 workgroupBarrier();
@@ -382,8 +406,8 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             }
             // Masked: past the row's position or the run's keys, in another run, in another buffer.
             for (var i = 0u; i < 4u; i++) {
-                let row = min(row0 + rows + i, n_rows - 1u);
-                let pos = step.slots[row / group].x;
+                let row = min(b.row0 + rows + i, b.n_rows - 1u);
+                let pos = step.slots[row / b.group].x;
                 for (var j = 0u; j < 4u; j++) {
                     let key = key0 + keys + j;
                     let here = params.buffers == 1u || (key < end_key && buffer_row(key, pages) != NOT_HERE);
@@ -426,7 +450,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                     if (n < v_keys * row_quads && kc + n / row_quads < PREFILL_KEYS && key < end_key) {
                         let row = buffer_row(key, pages);
                         if (row != NOT_HERE) {
-                            v = value_quad(row, kv_head * hd + 4u * (n % row_quads), kv_dim);
+                            v = value_quad(row, b.kv_head * hd + 4u * (n % row_quads), kv_dim);
                         }
                     }
                     if (n < v_keys * row_quads) {
@@ -454,10 +478,10 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     // Each thread's rows and quads: out, or partials (and their merge) as `attend` writes them.
     let count = step.key_splits * params.buffers;
     for (var i = 0u; i < 4u; i++) {
-        let row = row0 + rows + i;
-        let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
-        let partial_row = token_head * count + params.buffer * step.key_splits + split;
-        for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads && row <= last_row && li % 16u + 16u * m < row_quads; m++) {
+        let row = b.row0 + rows + i;
+        let token_head = token_head_of(b, row);
+        let partial_row = token_head * count + params.buffer * step.key_splits + b.split;
+        for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads && row <= b.last_row && li % 16u + 16u * m < row_quads; m++) {
             let d = 4u * (li % 16u + 16u * m);
             for (var e = 0u; e < 4u; e++) {
                 if (count == 1u) {
@@ -467,7 +491,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                 }
             }
         }
-        if (count > 1u && li % 16u == 0u && row <= last_row) {
+        if (count > 1u && li % 16u == 0u && row <= b.last_row) {
             store_partial(params.stats_offset + 2u * partial_row, rows_max[rows + i]);
             store_partial(params.stats_offset + 2u * partial_row + 1u, sums[i]);
         }
@@ -475,13 +499,13 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     if (count == 1u) {
         return;
     }
-    if (!merges_here(li, wg.y * params.n_kv_heads + kv_head)) {
+    if (!merges_here(li, wg.y * params.n_kv_heads + b.kv_head)) {
         return;
     }
     for (var i = 0u; i < 4u; i++) {
-        let row = row0 + rows + i;
-        if (row <= last_row) {
-            let token_head = (row / group) * params.n_heads + kv_head * group + row % group;
+        let row = b.row0 + rows + i;
+        if (row <= b.last_row) {
+            let token_head = token_head_of(b, row);
             let merge = merge_of(token_head * count, count);
             for (var m = 0u; m < MAX_OUT_QUADS && m < out_quads && li % 16u + 16u * m < row_quads; m++) {
                 let d = 4u * (li % 16u + 16u * m);
