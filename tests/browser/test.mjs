@@ -56,7 +56,8 @@ async function startServe(model, origin) {
   const url = await new Promise((resolve, reject) => {
     child.stderr.on("data", (data) => {
       stderr += data;
-      const found = /serving .* on (http:\/\/\S+)/.exec(stderr);
+      // The whole line: stderr can arrive cut anywhere, the address too.
+      const found = /serving .* on (http:\/\/\S+)\n/.exec(stderr);
       if (found) resolve(found[1]);
     });
     child.on("exit", (code) => reject(new Error(`serve exited with ${code}: ${stderr}`)));
