@@ -2,7 +2,7 @@
 //! tiles, subgroup reductions), declares the bindings the Rust side binds, and has a `Params`
 //! struct of the same size as its Rust mirror.
 
-use llama_webgpu::gpu::{ops, Binding, Kernel, KvType, ModuleForm, RegisterTile, TileType, COOP_WORKGROUP_STORAGE, KERNELS, LIBRARY, WORKGROUP_STORAGE};
+use llama_webgpu::gpu::{ops, Binding, CoopFragment, Kernel, KvType, ModuleForm, RegisterTile, TileType, COOP_WORKGROUP_STORAGE, KERNELS, LIBRARY, WORKGROUP_STORAGE};
 use llama_webgpu::quant::DType;
 use naga::valid::Capabilities;
 use naga::{AddressSpace, Scalar, StorageAccess, TypeInner};
@@ -65,11 +65,11 @@ fn forms(kernel: &Kernel) -> Vec<ModuleForm> {
     for tiles in [TileType::F32, TileType::F16] {
         for subgroups in [false, true] {
             for register_tile in [RegisterTile::X4, RegisterTile::X8] {
-                for coop_matrix in [false, true] {
+                for coop_matrix in [None, Some(CoopFragment::Side8), Some(CoopFragment::Side16)] {
                     for &kv in kernel.kv_types {
                         if (tiles == TileType::F16 || register_tile == RegisterTile::X8) && !kernel.has_tiles()
                             || subgroups && !kernel.has_subgroup_form()
-                            || coop_matrix && !kernel.has_coop_form()
+                            || coop_matrix.is_some() && !kernel.has_coop_form()
                         {
                             continue;
                         }
@@ -253,13 +253,18 @@ fn workgroup_memory_is_what_the_engine_requires() {
     assert_eq!(largest_coop, COOP_WORKGROUP_STORAGE, "the requirement should be what tiled_coop uses");
 }
 
-/// The cooperative-matrix form: the entry points of the plain form and tiled_coop, which needs the
-/// capability, and which naga's SPIR-V writer (wgpu's Vulkan path) takes.
+/// The cooperative-matrix forms: the entry points of the plain form and tiled_coop, which needs the
+/// capability, and which naga's SPIR-V writer (wgpu's Vulkan path) takes, for each fragment.
 #[test]
-fn the_coop_matrix_form_of_the_matmul_validates_and_writes_spirv() {
+fn the_coop_matrix_forms_of_the_matmul_validate_and_write_spirv() {
     let matmul = KERNELS.iter().find(|k| k.name == "matmul").unwrap();
     assert!(matmul.has_coop_form());
-    let form = ModuleForm { coop_matrix: true, ..Default::default() };
+    for fragment in CoopFragment::ALL {
+        coop_matrix_form_validates_and_writes_spirv(matmul, ModuleForm { coop_matrix: Some(fragment), ..Default::default() });
+    }
+}
+
+fn coop_matrix_form_validates_and_writes_spirv(matmul: &Kernel, form: ModuleForm) {
     let (module, info) = parse_with(matmul, form);
     let mut plain = entry_points(&parse(matmul).0);
     plain.push("tiled_coop".into());
@@ -275,8 +280,8 @@ fn the_coop_matrix_form_of_the_matmul_validates_and_writes_spirv() {
                 [("WEIGHT_DTYPE", dtype.shader_code()), ("INPUT", input), ("OUTPUT", output)].map(|(name, value)| (name.to_string(), value as f64)),
             );
             let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, "tiled_coop")), &constants)
-                .unwrap_or_else(|e| panic!("{dtype}: {e}"));
-            naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {dtype} {input} {output}: {e}"));
+                .unwrap_or_else(|e| panic!("{form:?} {dtype}: {e}"));
+            naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {form:?} {dtype} {input} {output}: {e}"));
         }
     }
 }

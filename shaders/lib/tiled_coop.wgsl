@@ -1,17 +1,22 @@
 // Prompt prefill on tensor cores: matmul.wgsl's tiled product with the multiply-adds of its k loop
-// on cooperative matrices, 16x16x16 with f16 operands and f32 sums, where the device has them
-// (natively; no browser exposes them yet). A workgroup computes TILE tokens x TILE_ROWS rows as
-// `tiled` does, from the same staged inputs and decoded weights (lib/tiles.wgsl), in four subgroups
-// of COOP_SUBGROUP threads, each holding 2x2 accumulators: 32 tokens x 32 rows. Each k step stages
-// COOP_K columns of the tile's inputs and weights as f16 in workgroup memory, one row after
-// another; a thread reads the next step's into registers while the current one is multiplied.
+// on cooperative matrices with f16 operands and f32 sums, where the device has them (natively; no
+// browser exposes them yet). Fragments are COOP_SIDE square (16 on NVIDIA's Vulkan driver, 8 on
+// lavapipe's); `coop_a`, `coop_b` and `coop_c` come from Rust. A workgroup computes TILE tokens x
+// TILE_ROWS rows as `tiled` does, from the same staged inputs and decoded weights
+// (lib/tiles.wgsl), in subgroups of COOP_SUBGROUP threads, each holding 2x2 accumulators of
+// 2 COOP_SIDE tokens x 2 COOP_SIDE rows (four subgroups of 32 with fragments of 16, sixteen of 8
+// with fragments of 8). Each k step stages COOP_K columns of the tile's inputs and weights as f16
+// in workgroup memory, one row after another; a thread reads the next step's into registers while the current one is multiplied.
 // The sums leave a fragment at a time through workgroup memory into the fused output stage
 // (`store`), which takes each slot with its rotation partner. As with f16 tiles, inputs and decoded
 // weights are rounded to f16 (11 significant bits) and products are summed in f32.
 
-// The subgroup size the host runs this entry point with (it checks the adapter's is fixed at it).
-const COOP_SUBGROUP: u32 = 32u;
-const COOP_THREADS: u32 = 4u * COOP_SUBGROUP;
+// COOP_SIDE and COOP_SUBGROUP, the subgroup size the host runs this entry point with (it checks
+// the adapter's is fixed at it), come from Rust.
+const COOP_THREADS: u32 = 128u;
+const COOP_FRAGMENT: u32 = COOP_SIDE * COOP_SIDE;
+// Subgroups along each side of the tile.
+const COOP_GRID: u32 = TILE / (2u * COOP_SIDE);
 const COOP_K: u32 = 32u;
 // f16 elements between staged rows: 80 bytes, a multiple of the 16 that matrix loads want, and
 // off the 128-byte period of workgroup memory's banks, so a fragment's rows fall in different banks.
@@ -23,9 +28,9 @@ const COOP_ROW_THREADS: u32 = COOP_K / 4u;
 const COOP_STAGED_STRIDE: u32 = COOP_THREADS / COOP_ROW_THREADS; // rows between a thread's staged rows
 var<workgroup> coop_x: array<f16, TILE * COOP_STRIDE>;       // (TILE tokens, COOP_K)
 var<workgroup> coop_w: array<f16, TILE_ROWS * COOP_STRIDE>;  // (TILE_ROWS slots, COOP_K)
-// Per subgroup one 16x16 fragment of sums (tokens x slots) on its way out; before the k loop, the
+// Per subgroup one fragment of sums (tokens x slots) on its way out; before the k loop, the
 // RMSNorm partial sums of squares.
-var<workgroup> coop_out: array<f32, 4u * 256u>;
+var<workgroup> coop_out: array<f32, COOP_GRID * COOP_GRID * COOP_FRAGMENT>;
 
 // The builtins a tiled_coop thread reads.
 struct CoopThread {
@@ -54,13 +59,13 @@ fn coop_stage(t0: u32, row0: u32, index: u32, k0: u32, scales: array<f32, COOP_S
 }
 
 // The sums of fragment (token block, row block) of subgroup `subgroup` stored through `store`.
-fn coop_store_fragment(thread: CoopThread, sums: coop_mat16x16<f32, C>, t: u32, slot: u32) {
-    let at = thread.subgroup * 256u;
-    coopStoreT(sums, &coop_out[at], 16u);
+fn coop_store_fragment(thread: CoopThread, sums: coop_c, t: u32, slot: u32) {
+    let at = thread.subgroup * COOP_FRAGMENT;
+    coopStoreT(sums, &coop_out[at], COOP_SIDE);
     workgroupBarrier();
-    for (var e = thread.lane; e < 256u; e += COOP_SUBGROUP) {
-        if (t + e / 16u < step.n_tokens && slot + e % 16u < params.rows) {
-            store(t + e / 16u, slot + e % 16u, coop_out[at + e], coop_out[at + (e ^ 1u)]);
+    for (var e = thread.lane; e < COOP_FRAGMENT; e += COOP_SUBGROUP) {
+        if (t + e / COOP_SIDE < step.n_tokens && slot + e % COOP_SIDE < params.rows) {
+            store(t + e / COOP_SIDE, slot + e % COOP_SIDE, coop_out[at + e], coop_out[at + (e ^ 1u)]);
         }
     }
     workgroupBarrier();
@@ -71,9 +76,9 @@ fn tiled_coop(thread: CoopThread) {
     let row0 = thread.wg.x * TILE_ROWS;
     let t0 = thread.wg.y * TILE;
     let r = thread.index / COOP_ROW_THREADS;
-    // This subgroup's 32 tokens and 32 rows of the tile.
-    let tokens = (thread.subgroup / 2u) * 32u;
-    let slots = (thread.subgroup % 2u) * 32u;
+    // This subgroup's 2 COOP_SIDE tokens and rows of the tile.
+    let tokens = (thread.subgroup / COOP_GRID) * 2u * COOP_SIDE;
+    let slots = (thread.subgroup % COOP_GRID) * 2u * COOP_SIDE;
     // RMSNorm: as in `tiled`, the inputs are staged scaled by their row's 1 / rms.
     var scales: array<f32, COOP_STAGED>;
     for (var p = 0u; p < COOP_STAGED; p++) {
@@ -96,10 +101,10 @@ fn tiled_coop(thread: CoopThread) {
         }
         workgroupBarrier();
     }
-    var acc00 = coop_mat16x16<f32, C>();
-    var acc01 = coop_mat16x16<f32, C>();
-    var acc10 = coop_mat16x16<f32, C>();
-    var acc11 = coop_mat16x16<f32, C>();
+    var acc00 = coop_c();
+    var acc01 = coop_c();
+    var acc10 = coop_c();
+    var acc11 = coop_c();
     var stage = coop_stage(t0, row0, thread.index, 0u, scales);
     let c = 4u * (thread.index % COOP_ROW_THREADS);
     for (var k0 = 0u; k0 < params.k; k0 += COOP_K) {
@@ -114,12 +119,12 @@ fn tiled_coop(thread: CoopThread) {
         if (k0 + COOP_K < params.k) {
             stage = coop_stage(t0, row0, thread.index, k0 + COOP_K, scales);
         }
-        for (var kk = 0u; kk < COOP_K; kk += 16u) {
+        for (var kk = 0u; kk < COOP_K; kk += COOP_SIDE) {
             // A: tokens x k, row-major; B: k x slots, each slot's k contiguous (column-major).
-            let a0 = coopLoadT<coop_mat16x16<f16, A>>(&coop_x[tokens * COOP_STRIDE + kk], COOP_STRIDE);
-            let a1 = coopLoadT<coop_mat16x16<f16, A>>(&coop_x[(tokens + 16u) * COOP_STRIDE + kk], COOP_STRIDE);
-            let b0 = coopLoad<coop_mat16x16<f16, B>>(&coop_w[slots * COOP_STRIDE + kk], COOP_STRIDE);
-            let b1 = coopLoad<coop_mat16x16<f16, B>>(&coop_w[(slots + 16u) * COOP_STRIDE + kk], COOP_STRIDE);
+            let a0 = coopLoadT<coop_a>(&coop_x[tokens * COOP_STRIDE + kk], COOP_STRIDE);
+            let a1 = coopLoadT<coop_a>(&coop_x[(tokens + COOP_SIDE) * COOP_STRIDE + kk], COOP_STRIDE);
+            let b0 = coopLoad<coop_b>(&coop_w[slots * COOP_STRIDE + kk], COOP_STRIDE);
+            let b1 = coopLoad<coop_b>(&coop_w[(slots + COOP_SIDE) * COOP_STRIDE + kk], COOP_STRIDE);
             acc00 = coopMultiplyAdd(a0, b0, acc00);
             acc01 = coopMultiplyAdd(a0, b1, acc01);
             acc10 = coopMultiplyAdd(a1, b0, acc10);
@@ -128,7 +133,7 @@ fn tiled_coop(thread: CoopThread) {
         workgroupBarrier();
     }
     coop_store_fragment(thread, acc00, t0 + tokens, row0 + slots);
-    coop_store_fragment(thread, acc01, t0 + tokens, row0 + slots + 16u);
-    coop_store_fragment(thread, acc10, t0 + tokens + 16u, row0 + slots);
-    coop_store_fragment(thread, acc11, t0 + tokens + 16u, row0 + slots + 16u);
+    coop_store_fragment(thread, acc01, t0 + tokens, row0 + slots + COOP_SIDE);
+    coop_store_fragment(thread, acc10, t0 + tokens + COOP_SIDE, row0 + slots);
+    coop_store_fragment(thread, acc11, t0 + tokens + COOP_SIDE, row0 + slots + COOP_SIDE);
 }

@@ -62,12 +62,12 @@ pub const REQUIRE_COOP_MATRIX_ENV: &str = "LLAMA_WEBGPU_REQUIRE_COOP_MATRIX";
 /// the adapter has none the engine uses (lavapipe, SwiftShader, browsers).
 pub fn coop_matrix_gpu(options: &GpuOptions) -> Option<Gpu> {
     let gpu = gpu_with(options)?;
-    if !gpu.coop_matrix {
+    if gpu.coop_matrix.is_none() {
         let listed = format!("{} lists {:?}, subgroup sizes {}..={}", gpu.info.name, gpu.coop_matrix_properties, gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
         if std::env::var(REQUIRE_COOP_MATRIX_ENV).is_ok_and(|v| v == "1") {
             panic!("{REQUIRE_COOP_MATRIX_ENV}=1 but prefill is not on cooperative matrices: {listed}");
         }
-        eprintln!("SKIPPED: no cooperative matrices of 16x16x16 f16 -> f32 with subgroups of 32: {listed}");
+        eprintln!("SKIPPED: no cooperative matrices the engine takes (16x16x16 or 8x8x8 f16 -> f32 with subgroups of 32 or 8): {listed}");
         return None;
     }
     Some(gpu)

@@ -217,7 +217,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for p in &gpu.coop_matrix_properties {
                 println!("cooperative matrix: {}x{}x{} {:?} -> {:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type);
             }
-            println!("prefill on cooperative matrices: {}", gpu.coop_matrix);
+            match gpu.coop_matrix {
+                Some(f) => println!("prefill on cooperative matrices: {0}x{0} fragments, subgroups of {1}", f.side(), f.subgroup_size()),
+                None => println!("prefill on cooperative matrices: no"),
+            }
             println!("KV cache: {}", gpu.kv_type.name());
             println!("max_storage_buffer_binding_size: {}", gpu.limits.max_storage_buffer_binding_size);
             println!("max_buffer_size: {}", gpu.limits.max_buffer_size);

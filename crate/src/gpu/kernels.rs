@@ -200,6 +200,34 @@ impl RegisterTile {
     }
 }
 
+/// The square cooperative-matrix fragment matmul.wgsl's `tiled_coop` multiplies (f16 operands, f32
+/// sums). Its side fixes the subgroup size the kernel runs with: a 64 x 64 tile is cut into
+/// subgroups of 2 x 2 fragments, 128 threads in all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CoopFragment {
+    /// 8 x 8 in subgroups of 8 (lavapipe's, Apple's shape).
+    Side8,
+    /// 16 x 16 in subgroups of 32 (NVIDIA's tensor cores).
+    Side16,
+}
+
+impl CoopFragment {
+    /// Largest first: the one to take where an adapter lists both.
+    pub const ALL: [CoopFragment; 2] = [CoopFragment::Side16, CoopFragment::Side8];
+
+    pub fn side(self) -> u32 {
+        match self {
+            CoopFragment::Side8 => 8,
+            CoopFragment::Side16 => 16,
+        }
+    }
+
+    /// (64 / 2 side)^2 subgroups share 128 threads.
+    pub fn subgroup_size(self) -> u32 {
+        self.side() * self.side() / 8
+    }
+}
+
 /// Which module a kernel makes: its pieces and file as they are (the default), or a variant
 /// where the device has the features the variant needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -210,9 +238,9 @@ pub struct ModuleForm {
     pub subgroups: bool,
     /// The prefill threads' register tile.
     pub register_tile: RegisterTile,
-    /// Add the prefill product on cooperative matrices, `tiled_coop` (needs the device features
-    /// EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16 and SUBGROUP).
-    pub coop_matrix: bool,
+    /// Add the prefill product on cooperative matrices of this fragment, `tiled_coop` (needs the
+    /// device features EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16 and SUBGROUP).
+    pub coop_matrix: Option<CoopFragment>,
     /// The KV pool's element type, in kernels that touch the pool.
     pub kv: KvType,
 }
@@ -283,7 +311,7 @@ impl Piece {
             Piece::GemvReduction if form.subgroups => "gemv_reduction_subgroup",
             Piece::GemvReduction => "gemv_reduction_workgroup",
             Piece::Tiles => "tiles",
-            Piece::TiledCoop if form.coop_matrix => "tiled_coop",
+            Piece::TiledCoop if form.coop_matrix.is_some() => "tiled_coop",
             Piece::TiledCoop => return None,
             Piece::KvLayout if form.kv == KvType::Q8_0 => "kv_layout_q8_0",
             Piece::KvLayout => return None,
@@ -358,11 +386,18 @@ impl Kernel {
     /// always get the workgroup-memory form.
     pub fn source_for(&self, form: ModuleForm) -> String {
         let mut source = String::new();
-        if form.tiles == TileType::F16 || form.coop_matrix || form.kv == KvType::F16 {
+        if form.tiles == TileType::F16 || form.coop_matrix.is_some() || form.kv == KvType::F16 {
             source.push_str("enable f16;\n");
         }
-        if form.coop_matrix {
-            source.push_str("enable wgpu_cooperative_matrix;\n");
+        if let Some(fragment) = form.coop_matrix {
+            let side = fragment.side();
+            source.push_str(&format!(
+                "enable wgpu_cooperative_matrix;\nconst COOP_SIDE: u32 = {side}u;\nconst COOP_SUBGROUP: u32 = {}u;\n",
+                fragment.subgroup_size()
+            ));
+            for (alias, role, scalar) in [("coop_a", "A", "f16"), ("coop_b", "B", "f16"), ("coop_c", "C", "f32")] {
+                source.push_str(&format!("alias {alias} = coop_mat{side}x{side}<{scalar}, {role}>;\n"));
+            }
         }
         for (name, value) in shader_constants() {
             source.push_str(&format!("const {name}: u32 = {value}u;\n"));

@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{shader_constants, Binding, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, quantize_q8_block};
+pub use kernels::{shader_constants, Binding, CoopFragment, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, quantize_q8_block};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::{PartBytes, WeightMatrix};
@@ -137,8 +137,9 @@ pub struct Gpu {
     pub tile_type: TileType,
     /// The decode GEMVs reduce with subgroup operations: SUBGROUP granted and not turned off.
     pub subgroups: bool,
-    /// Prefill runs on cooperative matrices (matmul.wgsl's `tiled_coop`): see [`coop_matrix_fits`].
-    pub coop_matrix: bool,
+    /// Prefill runs on cooperative matrices of this fragment (matmul.wgsl's `tiled_coop`): see
+    /// [`coop_fragment`].
+    pub coop_matrix: Option<CoopFragment>,
     /// The KV pool's element type (see [`GpuOptions::kv_type`]).
     pub kv_type: KvType,
     /// The cooperative-matrix configurations the adapter lists (empty without the feature).
@@ -203,12 +204,12 @@ impl Gpu {
         if let Some(cap) = options.max_storage_binding {
             limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
-        let coop_matrix = !options.no_coop_matrix && coop_matrix_fits(&adapter, &info, &available);
+        let coop_matrix = if options.no_coop_matrix { None } else { coop_fragment(&adapter, &info, &available) };
         let mut wanted = wgpu::Features::SHADER_F16;
-        if !options.no_subgroups || coop_matrix {
+        if !options.no_subgroups || coop_matrix.is_some() {
             wanted |= wgpu::Features::SUBGROUP;
         }
-        if coop_matrix {
+        if coop_matrix.is_some() {
             wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
         if options.timestamps {
@@ -224,10 +225,10 @@ impl Gpu {
             None => KvType::F32,
         };
         // SAFETY: wgpu's experimental cooperative matrices are used by tiled_coop alone, in the one
-        // configuration the adapter lists (coop_matrix_fits), and checked against the CPU at load
+        // configuration the adapter lists (coop_fragment), and checked against the CPU at load
         // (self_test); the token is only given when that kernel will run.
         let experimental_features =
-            if coop_matrix { unsafe { wgpu::ExperimentalFeatures::enabled() } } else { wgpu::ExperimentalFeatures::disabled() };
+            if coop_matrix.is_some() { unsafe { wgpu::ExperimentalFeatures::enabled() } } else { wgpu::ExperimentalFeatures::disabled() };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("llama-webgpu"),
@@ -255,7 +256,7 @@ impl Gpu {
         let subgroups = features.contains(wgpu::Features::SUBGROUP) && !options.no_subgroups;
         let merge_in_last_split = info.backend == wgpu::Backend::Vulkan && !options.separate_split_merge;
         log::info!(
-            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix}, KV {kv_type:?}, key splits merged by the last {merge_in_last_split}, q8 activations {}",
+            "adapter {:?} ({:?}), features {:?}, prefill tiles {tile_type:?}, subgroup reductions {subgroups}, cooperative matrices {coop_matrix:?}, KV {kv_type:?}, key splits merged by the last {merge_in_last_split}, q8 activations {}",
             info.name,
             info.backend,
             features,
@@ -400,17 +401,22 @@ impl Gpu {
     }
 }
 
-/// Whether matmul.wgsl's `tiled_coop` can run on `adapter`: cooperative matrices of 16x16x16 with
-/// f16 operands and f32 sums (NVIDIA's and AMD's Vulkan drivers list them; Apple's 8x8 only, not
-/// used), shader-f16 and subgroups, a subgroup size fixed at the kernel's 32 (its four subgroups
-/// each take a quarter of the tile), and the workgroup memory the kernel takes.
-pub fn coop_matrix_fits(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> bool {
+/// The fragment matmul.wgsl's `tiled_coop` runs on with `adapter`, if any: cooperative matrices of
+/// that side with f16 operands and f32 sums (NVIDIA's Vulkan driver lists 16x16x16,
+/// lavapipe 8x8x8), shader-f16 and subgroups, a subgroup size fixed at the one the fragment's
+/// kernel is cut for, and the workgroup memory the kernel takes.
+pub fn coop_fragment(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Option<CoopFragment> {
     use wgpu::CooperativeScalarType::{F16, F32};
     let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
-    adapter.features().contains(needed)
-        && adapter.cooperative_matrix_properties().iter().any(|p| (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (16, 16, 16, F16, F32))
-        && (info.subgroup_min_size, info.subgroup_max_size) == (32, 32)
-        && limits.max_compute_workgroup_storage_size as u64 >= COOP_WORKGROUP_STORAGE
+    if !adapter.features().contains(needed) || (limits.max_compute_workgroup_storage_size as u64) < COOP_WORKGROUP_STORAGE {
+        return None;
+    }
+    let listed = adapter.cooperative_matrix_properties();
+    CoopFragment::ALL.into_iter().find(|fragment| {
+        let side = fragment.side();
+        listed.iter().any(|p| (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (side, side, side, F16, F32))
+            && (info.subgroup_min_size, info.subgroup_max_size) == (fragment.subgroup_size(), fragment.subgroup_size())
+    })
 }
 
 /// A buffer size: `bytes` rounded up to whole vec4s, so kernels may read f32 arrays 4 elements at

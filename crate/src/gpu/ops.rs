@@ -547,7 +547,7 @@ pub fn matmul(
         quantize: None,
         one: gemv(1),
         few: gemv(GEMV_COLUMNS),
-        many: weight_op(gpu, if gpu.coop_matrix { "tiled_coop" } else { "tiled" }, x, input, x_q8_buffer, w, out, output, layout, step, tiles),
+        many: weight_op(gpu, if gpu.coop_matrix.is_some() { "tiled_coop" } else { "tiled" }, x, input, x_q8_buffer, w, out, output, layout, step, tiles),
         gemv_max_tokens: gpu.gemv_max_tokens,
         max_tokens: x_q8.map_or(u32::MAX, |q| q.tokens),
     }
@@ -657,7 +657,7 @@ fn weight_op(
         tiles: if tiled { gpu.tile_type } else { TileType::F32 },
         subgroups: entry.starts_with("gemv") && gpu.subgroups,
         register_tile: if tiled { gpu.register_tile } else { RegisterTile::X4 },
-        coop_matrix: entry == "tiled_coop",
+        coop_matrix: if entry == "tiled_coop" { gpu.coop_matrix } else { None },
         kv: match output {
             MatmulOutput::Rotary(r) if !r.staged => gpu.kv_type,
             _ => KvType::F32,
