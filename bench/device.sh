@@ -16,7 +16,8 @@
 #                           call, as a ratio
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth; prefill on cooperative matrices where the
-# card has them) and the same on the portable tiles (--no-coop-matrix), profiled, --sync, --f16-tiles,
+# card has them) and the same on the portable tiles (--no-coop-matrix, or only its attention:
+# --no-coop-attention), profiled, --sync, --f16-tiles,
 # pp512 with 8x8 register tiles (f32 and f16 tiles), tg128 without key splits, 4096 deep, with the
 # key splits merged in a dispatch of their own (tg128 and 4096 deep), the
 # plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
@@ -142,6 +143,7 @@ run() {
         "8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
         "baseline-8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
         "8b-q4_0-no-coop|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-matrix"
+        "8b-q4_0-no-coop-attention|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-attention"
         "8b-q4_0-q8-activations|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --q8-activations"
         "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
@@ -363,8 +365,15 @@ for path in sorted(out.glob("baseline-*.json")):
     for test in sorted(set(old) & set(new)):
         print(f"\n{name} {test}: {new[test]:.1f} tok/s against {old[test]:.1f} at baseline {commit[:8]}: x{new[test] / old[test]:.3f}", end="")
 # Each option's run against its twin without it, same binary: decode on int8 inputs against f32
-# inputs, the key splits' merge in a dispatch of its own against the last split's.
-for suffix, on_what, off_what in [("-q8-activations", "on int8 inputs", "on f32"), ("-separate-split-merge", "merged in a dispatch", "by the last split")]:
+# inputs, the key splits' merge in a dispatch of its own against the last split's, prefill on the
+# portable tiles (all of it, or its attention) against cooperative matrices.
+twins = [
+    ("-q8-activations", "on int8 inputs", "on f32"),
+    ("-separate-split-merge", "merged in a dispatch", "by the last split"),
+    ("-no-coop", "on portable tiles", "on cooperative matrices"),
+    ("-no-coop-attention", "with attention on portable tiles", "with it on cooperative matrices"),
+]
+for suffix, on_what, off_what in twins:
     for path in sorted(out.glob(f"*{suffix}.json")):
         name = path.stem.removesuffix(suffix)
         off, on = means(out / f"{name}.json"), means(path)

@@ -722,6 +722,59 @@ fn attention_runs_several_sequences_in_one_pass() {
     }
 }
 
+/// attention.wgsl's attend_coop (prefill on cooperative matrices, heads of 64 and 128 dimensions):
+/// prompts and chunked prefill over several key tiles, partial query blocks, GQA groups of 1, 4 and
+/// 8, pools in buffers of a few pages, three sequences in one pass; f16 operands against the f32
+/// reference, for each KV pool type.
+#[test]
+fn prefill_attention_on_cooperative_matrices_stays_within_f16_rounding_of_the_reference() {
+    // Heads, KV heads, head_dim, each sequence's (start, tokens), pages per pool buffer.
+    type Case = (usize, usize, usize, &'static [(usize, usize)], Option<usize>);
+    let cases: [Case; 6] = [
+        (8, 2, 64, &[(0, 37)], None),
+        (8, 2, 128, &[(70, 30)], Some(2)),
+        (4, 4, 64, &[(3, 24)], Some(5)),
+        (8, 1, 128, &[(127, 20)], None),
+        (32, 8, 128, &[(500, 40)], Some(3)),
+        (8, 2, 64, &[(12, 20), (5, 13), (90, 9)], Some(3)),
+    ];
+    for kv_type in [KvType::F16, KvType::F32, KvType::Q8_0] {
+        let Some(gpu) = coop_matrix_gpu(&GpuOptions { kv_type: Some(kv_type), ..Default::default() }) else { return };
+        assert!(gpu.coop_attention);
+        for (case, &(n_heads, n_kv_heads, head_dim, mix, pages_per_buffer)) in cases.iter().enumerate() {
+            let mut r = rng(case as u64 + 200);
+            let kv_dim = n_kv_heads * head_dim;
+            let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
+            let caches: Vec<(Vec<f32>, Vec<f32>)> = mix
+                .iter()
+                .map(|&(start, n)| {
+                    let positions = start + n + 5;
+                    (gpu.kv_type.rounded(&random_vec(&mut r, positions * kv_dim, 1.0)), gpu.kv_type.rounded(&random_vec(&mut r, positions * kv_dim, 1.0)))
+                })
+                .collect();
+            let refs: Vec<(&[f32], &[f32])> = caches.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+            let pool = PagedPool::new(&mut r, &refs, kv_dim);
+            let n_total: usize = mix.iter().map(|m| m.1).sum();
+            let qkv = random_vec(&mut r, n_total * q_stride, 1.0);
+            let slots: Vec<TokenSlot> = mix
+                .iter()
+                .enumerate()
+                .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p as u32, kv_row: 0, sequence: s as u32, _pad: 0 }))
+                .collect();
+            assert_eq!(AttentionPass::of(&StepParams::for_slots(&slots, 32), (n_heads / n_kv_heads) as u32), AttentionPass::Prefill);
+            let got = pool.attend(&gpu, &qkv, q_stride, &slots, 32, pages_per_buffer, (n_heads, n_kv_heads, head_dim));
+            let mut row = 0;
+            for (s, &(start, n)) in mix.iter().enumerate() {
+                let q: Vec<f32> = qkv[row * q_stride..(row + n) * q_stride].chunks(q_stride).flat_map(|r| &r[..n_heads * head_dim]).copied().collect();
+                let want = reference::attention(&q, &caches[s].0, &caches[s].1, start, n_heads, n_kv_heads, head_dim);
+                let what = format!("cooperative matrices, {kv_type:?} KV, heads {n_heads}/{n_kv_heads} hd {head_dim}, case {case}: sequence {s} ({n} tokens from {start})");
+                assert_close(&what, &got[row * n_heads * head_dim..(row + n) * n_heads * head_dim], &want, 4e-3, 4e-3);
+                row += n;
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_takes_tiles_for_long_runs_of_one_sequence() {
     let pass = |mix: &[(u32, u32)], group| {

@@ -225,8 +225,8 @@ fn params_structs_match_their_rust_mirrors() {
 #[test]
 fn workgroup_memory_is_what_the_engine_requires() {
     // Each entry point's workgroup variables, with its override-sized arrays at their largest
-    // (GEMV_COLUMNS tokens per GEMV workgroup). tiled_coop runs only where the adapter grants its
-    // own, larger requirement.
+    // (GEMV_COLUMNS tokens per GEMV workgroup). The entry points on cooperative matrices run only
+    // where the adapter grants their own, larger requirement.
     let (mut largest, mut largest_coop) = (0, 0);
     for kernel in KERNELS {
         for form in forms(kernel) {
@@ -243,14 +243,14 @@ fn workgroup_memory_is_what_the_engine_requires() {
                     .filter(|(_, v)| v.space == AddressSpace::WorkGroup)
                     .map(|(_, v)| module.types[v.ty].inner.size(module.to_ctx()) as u64)
                     .sum();
-                let (limit, largest) = if entry == "tiled_coop" { (COOP_WORKGROUP_STORAGE, &mut largest_coop) } else { (WORKGROUP_STORAGE, &mut largest) };
+                let (limit, largest) = if entry.ends_with("_coop") { (COOP_WORKGROUP_STORAGE, &mut largest_coop) } else { (WORKGROUP_STORAGE, &mut largest) };
                 assert!(bytes <= limit, "{} {entry} {form:?}: {bytes} bytes of workgroup memory", kernel.name);
                 *largest = (*largest).max(bytes);
             }
         }
     }
     assert_eq!(largest, WORKGROUP_STORAGE, "the requirement should be what the largest kernel uses");
-    assert_eq!(largest_coop, COOP_WORKGROUP_STORAGE, "the requirement should be what tiled_coop uses");
+    assert_eq!(largest_coop, COOP_WORKGROUP_STORAGE, "the requirement should be what the largest entry point on cooperative matrices uses");
 }
 
 /// The cooperative-matrix forms: the entry points of the plain form and tiled_coop, which needs the
@@ -261,6 +261,26 @@ fn the_coop_matrix_forms_of_the_matmul_validate_and_write_spirv() {
     assert!(matmul.has_coop_form());
     for fragment in CoopFragment::ALL {
         coop_matrix_form_validates_and_writes_spirv(matmul, ModuleForm { coop_matrix: Some(fragment), ..Default::default() });
+    }
+}
+
+/// attend_coop, for each fragment and KV type, heads of 64 and 128, merging or not.
+#[test]
+fn the_coop_matrix_forms_of_attention_write_spirv() {
+    let attention = KERNELS.iter().find(|k| k.name == "attention").unwrap();
+    let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+    let pipeline = naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "attend_coop".into() };
+    for fragment in CoopFragment::ALL {
+        for &kv in attention.kv_types {
+            let form = ModuleForm { coop_matrix: Some(fragment), kv, ..Default::default() };
+            let (module, info) = parse_with(attention, form);
+            for (head_dim, merge) in [(64, 0), (128, 1)] {
+                let constants = naga::back::PipelineConstants::from_iter([("HEAD_DIM".to_string(), head_dim as f64), ("MERGE_IN_LAST_SPLIT".to_string(), merge as f64)]);
+                let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, "attend_coop")), &constants)
+                    .unwrap_or_else(|e| panic!("{form:?} {head_dim}: {e}"));
+                naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {form:?} {head_dim}: {e}"));
+            }
+        }
     }
 }
 

@@ -93,6 +93,10 @@ pub struct BenchArgs {
     /// where the last split to finish merges them (for comparison).
     #[arg(long)]
     pub separate_split_merge: bool,
+    /// Keep prefill attention on the portable tiles where the matmuls run on cooperative matrices
+    /// (for comparison).
+    #[arg(long)]
+    pub no_coop_attention: bool,
     /// Keep naga's runtime bounds checks in the kernels that are in bounds by construction, as a
     /// browser does (for comparison).
     #[arg(long)]
@@ -492,6 +496,7 @@ fn report(
             "prefill_tiles": format!("{:?}", gpu.tile_type).to_lowercase(),
             "coop_matrix": gpu.coop_matrix.is_some(),
             "coop_fragment": gpu.coop_matrix.map(|f| f.side()),
+            "coop_attention": gpu.coop_attention,
             "kv_type": gpu.kv_type.name(),
             "q8_activations": gpu.q8_activations,
             "kv_bytes_per_1k_positions": KvPool::bytes_per_page(model.config(), gpu.kv_type) * 1000 / PAGE_SIZE as u64,
@@ -547,7 +552,12 @@ fn report(
     let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
     println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
     let inputs = if gpu.q8_activations { "int8 blocks, --q8-activations" } else { "f32" };
-    println!("matmuls as GEMVs up to {} tokens per pass (inputs: {inputs}), as tiles beyond", gpu.gemv_max_tokens);
+    let tiles = match gpu.coop_matrix {
+        Some(f) if gpu.coop_attention => format!("on cooperative matrices ({0}x{0}), prefill attention too", f.side()),
+        Some(f) => format!("on cooperative matrices ({0}x{0}), prefill attention on portable tiles", f.side()),
+        None => "portable".to_string(),
+    };
+    println!("matmuls as GEMVs up to {} tokens per pass (inputs: {inputs}), as tiles beyond ({tiles})", gpu.gemv_max_tokens);
     println!("attention's key splits merged {}", split_merge(gpu));
 }
 

@@ -263,6 +263,8 @@ pub enum Piece {
     Tiles,
     /// The prefill product on cooperative matrices, in coop-matrix forms only.
     TiledCoop,
+    /// Prefill attention on cooperative matrices, in coop-matrix forms only.
+    AttendCoop,
     /// Where a q8_0 KV pool keeps an element, in q8_0 forms only.
     KvLayout,
     /// Reads of the KV pool's elements as f32, four at a time, by the form's [`KvType`].
@@ -282,7 +284,7 @@ macro_rules! lib_file {
 }
 
 /// Every file under `shaders/lib`, by name.
-pub const LIBRARY: [(&str, &str); 15] = [
+pub const LIBRARY: [(&str, &str); 16] = [
     lib_file!("step"),
     lib_file!("weights"),
     lib_file!("matmul_input"),
@@ -291,6 +293,7 @@ pub const LIBRARY: [(&str, &str); 15] = [
     lib_file!("gemv_reduction_subgroup"),
     lib_file!("tiles"),
     lib_file!("tiled_coop"),
+    lib_file!("attend_coop"),
     lib_file!("kv_layout_q8_0"),
     lib_file!("kv_load_plain"),
     lib_file!("kv_load_q8_0"),
@@ -312,7 +315,8 @@ impl Piece {
             Piece::GemvReduction => "gemv_reduction_workgroup",
             Piece::Tiles => "tiles",
             Piece::TiledCoop if form.coop_matrix.is_some() => "tiled_coop",
-            Piece::TiledCoop => return None,
+            Piece::AttendCoop if form.coop_matrix.is_some() => "attend_coop",
+            Piece::TiledCoop | Piece::AttendCoop => return None,
             Piece::KvLayout if form.kv == KvType::Q8_0 => "kv_layout_q8_0",
             Piece::KvLayout => return None,
             Piece::KvLoad if form.kv == KvType::Q8_0 => "kv_load_q8_0",
@@ -372,7 +376,7 @@ impl Kernel {
 
     /// Whether the kernel has a cooperative-matrix form.
     pub fn has_coop_form(&self) -> bool {
-        self.pieces.contains(&Piece::TiledCoop)
+        self.pieces.contains(&Piece::TiledCoop) || self.pieces.contains(&Piece::AttendCoop)
     }
 
     /// The kernel's WGSL module in `form`: the enable directives the form needs (WGSL takes them
@@ -442,7 +446,7 @@ macro_rules! kernel {
 kernel!(MATMUL, "matmul", [Step, Weights, MatmulInput, MatmulOutput, GemvReduction, Q8Block, Tiles, TiledCoop],
     [Storage, Storage, Storage, StorageMut, Uniform, Uniform, Storage, StorageMut, StorageMut, Storage], in_bounds: true, kv_types: [F32, F16]);
 kernel!(QUANTIZE, "quantize", [Step, MatmulInput, Q8Block, WorkgroupSum], [Storage, Storage, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32]);
-kernel!(ATTENTION, "attention", [Step, KvLayout, Q8Block, KvLoad], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
+kernel!(ATTENTION, "attention", [Step, KvLayout, Q8Block, KvLoad, AttendCoop], [Storage, Storage, Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(KV_STORE, "kv_store", [Step, KvLayout, Q8Block, KvStore], [Storage, Storage, StorageMut, StorageMut, Uniform, Uniform], in_bounds: false, kv_types: [F32, F16, Q8_0]);
 kernel!(ARGMAX, "argmax", [], [Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);
 kernel!(TOP_K, "top_k", [WorkgroupSum], [Storage, Storage, StorageMut, StorageMut, Uniform], in_bounds: false, kv_types: [F32]);

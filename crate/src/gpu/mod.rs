@@ -85,8 +85,12 @@ pub struct GpuOptions {
     /// comparison, or to step around a driver's bug.
     pub separate_split_merge: bool,
     /// Run prefill on the portable tiles even where the adapter has cooperative matrices (tensor
-    /// cores) that `tiled_coop` can use; for comparison, or to step around a driver's bug.
+    /// cores) that `tiled_coop` and `attend_coop` can use; for comparison, or to step around a
+    /// driver's bug.
     pub no_coop_matrix: bool,
+    /// Where prefill's matmuls run on cooperative matrices, keep its attention on the portable
+    /// tiles (`attend_tiles`); for comparison.
+    pub no_coop_attention: bool,
     /// The KV pool's element type: f16 where the adapter has shader-f16 (half the memory of f32,
     /// logits within about 1e-2 of it), f32 elsewhere, unless given.
     pub kv_type: Option<KvType>,
@@ -105,8 +109,9 @@ const STORAGE_BUFFERS: u64 = 8;
 /// Workgroup memory of the kernel entry point with the most (attention.wgsl's `attend`); a test
 /// checks every kernel against it.
 pub const WORKGROUP_STORAGE: u64 = 13316;
-/// Workgroup memory of matmul.wgsl's `tiled_coop`, which runs only where the adapter has this much.
-pub const COOP_WORKGROUP_STORAGE: u64 = 14336;
+/// Workgroup memory of the kernel entry point on cooperative matrices with the most (attention.wgsl's
+/// `attend_coop`), which run only where the adapter has this much.
+pub const COOP_WORKGROUP_STORAGE: u64 = 32260;
 
 /// A limit's name, how to read it, and the least the engine needs of it.
 type Requirement = (&'static str, fn(&wgpu::Limits) -> u64, u64);
@@ -140,6 +145,9 @@ pub struct Gpu {
     /// Prefill runs on cooperative matrices of this fragment (matmul.wgsl's `tiled_coop`): see
     /// [`coop_fragment`].
     pub coop_matrix: Option<CoopFragment>,
+    /// Prefill attention runs on the same cooperative matrices (attention.wgsl's `attend_coop`,
+    /// for heads of 64 or 128 dimensions) unless [`GpuOptions::no_coop_attention`].
+    pub coop_attention: bool,
     /// The KV pool's element type (see [`GpuOptions::kv_type`]).
     pub kv_type: KvType,
     /// The cooperative-matrix configurations the adapter lists (empty without the feature).
@@ -281,6 +289,7 @@ impl Gpu {
             tile_type,
             subgroups,
             coop_matrix,
+            coop_attention: coop_matrix.is_some() && !options.no_coop_attention,
             kv_type,
             coop_matrix_properties: adapter.cooperative_matrix_properties(),
             gemv_rows: options.gemv_rows,

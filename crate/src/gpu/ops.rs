@@ -835,6 +835,8 @@ pub fn attention(
     let buffers = kv.buffers.len();
     let kv_dim = n_kv_heads * head_dim;
     let form = ModuleForm { kv: gpu.kv_type, ..Default::default() };
+    // Prefill on cooperative matrices takes heads of 64 or 128 dimensions (Llama 3's).
+    let coop_prefill = gpu.coop_attention && matches!(head_dim, 64 | 128);
     // q and out, plus a key and a value row of every KV head per attended position.
     let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 2 * gpu.kv_type.row_bytes(kv_dim) };
     let group = (n_heads / n_kv_heads) as u32;
@@ -864,8 +866,10 @@ pub fn attention(
         })
         .collect();
     let merge_in_last_split = gpu.merge_in_last_split as u32 as f64;
-    // `attend` takes blocks of QUERY_BLOCK rows, `attend_tiles` of ATTENTION_PREFILL_ROWS.
+    // `attend` takes blocks of QUERY_BLOCK rows, `attend_tiles` and `attend_coop` of
+    // ATTENTION_PREFILL_ROWS.
     let attend = |entry: &str, block: u32, splits: u32| {
+        let form = if entry == "attend_coop" { ModuleForm { coop_matrix: gpu.coop_matrix, ..form } } else { form };
         let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
         let mut constants = vec![("HEAD_DIM", head_dim as f64), ("MERGE_IN_LAST_SPLIT", merge_in_last_split)];
         if entry == "attend" {
@@ -895,7 +899,7 @@ pub fn attention(
         Op { dispatches }
     };
     Attention {
-        prefill: attend("attend_tiles", ATTENTION_PREFILL_ROWS, 1),
+        prefill: attend(if coop_prefill { "attend_coop" } else { "attend_tiles" }, ATTENTION_PREFILL_ROWS, 1),
         batch: attend("attend", ATTENTION_QUERY_BLOCK, 1),
         decode: attend("attend", decode_block, 1),
         decode_split: attend("attend", decode_block, max_key_splits),
@@ -915,7 +919,7 @@ pub struct Attention {
 /// How attention runs a pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionPass {
-    /// `attend_tiles`: many rows a workgroup.
+    /// `attend_tiles` (or `attend_coop` on cooperative matrices): many rows a workgroup.
     Prefill,
     /// `attend` in blocks of ATTENTION_QUERY_BLOCK rows: many sequences' few tokens each, which
     /// `attend_tiles` would compute whole tiles for once per sequence in a block.
