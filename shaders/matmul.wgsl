@@ -3,7 +3,8 @@
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
 // Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
 // q4_1, q8_0) and `gemv_superblocks` (q4_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
-// workgroup, the last two on f32 inputs or on inputs quantize.wgsl made int8 (Q8_INPUTS);
+// workgroup, the last two on f32 inputs or on inputs quantize.wgsl made int8 (Q8_INPUTS) or f16
+// (F16_INPUTS, tiled_coop);
 // `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
 // cooperative matrices); `gather` for embeddings.
 // A matrix split by rows over several buffers runs one dispatch per part; each writes its slice of
@@ -65,7 +66,9 @@ struct Params {
 @group(0) @binding(6) var<storage, read> cos_sin: array<vec2<f32>>;   // OUTPUT_ROTARY: (context, head_dim / 2) (cos, sin)
 @group(0) @binding(7) var<storage, read_write> k_cache: array<kv_t>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
 @group(0) @binding(8) var<storage, read_write> v_cache: array<kv_t>;  // OUTPUT_ROTARY: (pool rows, kv_dim)
-@group(0) @binding(9) var<storage, read> x_q8: array<u32>;          // gemv_q8: (n_tokens, q8 row) from quantize.wgsl; otherwise unread
+// Inputs quantize.wgsl prepared: Q8_INPUTS: (n_tokens, q8 row) of int8 blocks; F16_INPUTS: (n_tokens,
+// k / 2) words of two f16 values; otherwise unread.
+@group(0) @binding(9) var<storage, read> x_prepared: array<u32>;
 
 
 const GEMV_WG: u32 = 64u;
@@ -77,6 +80,9 @@ override GEMV_ROWS: u32 = 4u;
 // block GEMVs multiply them in integers, the tiles stage them dequantized, so that a token's
 // products do not depend on the strategy its pass takes.
 override Q8_INPUTS: bool = false;
+// tiled_coop stages inputs quantize.wgsl's to_f16 made f16, INPUT applied (the host sets INPUT
+// plain): half the bytes of f32 and no second read of a row for its RMSNorm scale.
+override F16_INPUTS: bool = false;
 // Tokens per GEMV workgroup: 1 for a lone sequence's decode step, MAX_GEMV_COLUMNS for a pass of
 // several sequences' tokens, which then load and decode each weight once for all of them.
 override GEMV_COLUMNS: u32 = 1u;
@@ -159,7 +165,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
 }
 
 // The block GEMVs below take their inputs as f32 (f(x) from x, INPUT applied on the way in) or,
-// with Q8_INPUTS (crate::GpuOptions::q8_activations), as quantize.wgsl left them in x_q8: each
+// with Q8_INPUTS (crate::GpuOptions::q8_activations), as quantize.wgsl left them in x_prepared: each
 // 32-block of a token's inputs as int8 values with an f32 scale d_x and the block's sum. On those,
 // 8 weights meet 8 inputs as two words of int8 each in two 4-wide integer dot products
 // (dot4I8Packed): the products sum exactly, and one conversion and the scalings per 8 remain. That
@@ -167,7 +173,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
 // mul_mat_vec_q with an f32 scale. A weight block's offset (q4_1's min, q4_k's) multiplies the
 // sum of its inputs, which a q8 block gives whole: each of the block's four lanes adds a quarter.
 
-// Words between token rows of x_q8: the values (4 a word), each block's scale, each block's sum.
+// Words between token rows of x_prepared: the values (4 a word), each block's scale, each block's sum.
 fn q8_row_words() -> u32 {
     return params.k / 4u + 2u * (params.k / Q8_BLOCK);
 }
@@ -175,7 +181,7 @@ fn q8_row_words() -> u32 {
 // The scale d_x of q8 input block `block` of the token row at `row`, and a quarter of its sum.
 fn q8_block_scales(row: u32, block: u32) -> vec2<f32> {
     let scale_at = row + params.k / 4u + block;
-    return vec2(bitcast<f32>(x_q8[scale_at]), 0.25 * bitcast<f32>(x_q8[scale_at + params.k / Q8_BLOCK]));
+    return vec2(bitcast<f32>(x_prepared[scale_at]), 0.25 * bitcast<f32>(x_prepared[scale_at + params.k / Q8_BLOCK]));
 }
 
 // Each byte b of `words` to b - offset in two's complement, for offset <= 128 and bytes up to
@@ -261,9 +267,9 @@ fn quarter_inputs(t: u32, block: u32, j: u32, live: bool) -> QuarterInputs {
     if (Q8_INPUTS) {
         let row = t * q8_row_words();
         let first = row + block * (Q8_BLOCK / 4u);
-        var words = vec2(x_q8[first + j], x_q8[first + 4u + j]);
+        var words = vec2(x_prepared[first + j], x_prepared[first + 4u + j]);
         if (WEIGHT_DTYPE == DTYPE_Q8_0) {
-            words = vec2(x_q8[first + 2u * j], x_q8[first + 2u * j + 1u]);
+            words = vec2(x_prepared[first + 2u * j], x_prepared[first + 2u * j + 1u]);
         }
         let scales = select(vec2(0.0), q8_block_scales(row, block), live);
         inputs.words = select(vec2(0u), words, live);
@@ -409,7 +415,7 @@ fn piece_inputs(t: u32, cols: vec2<u32>) -> PieceInputs {
     if (Q8_INPUTS) {
         let row = t * q8_row_words();
         let first = row + cols / 4u; // the values lie in column order, 4 a word
-        inputs.words = array(vec2(x_q8[first.x], x_q8[first.x + 1u]), vec2(x_q8[first.y], x_q8[first.y + 1u]));
+        inputs.words = array(vec2(x_prepared[first.x], x_prepared[first.x + 1u]), vec2(x_prepared[first.y], x_prepared[first.y + 1u]));
         let scales_a = q8_block_scales(row, cols.x / Q8_BLOCK);
         let scales_b = q8_block_scales(row, cols.y / Q8_BLOCK);
         inputs.d = vec2(scales_a.x, scales_b.x);

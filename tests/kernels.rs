@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
-use llama_webgpu::gpu::ops::{self, AttentionPass, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
+use llama_webgpu::gpu::ops::{self, AttentionPass, InputFormat, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
 use llama_webgpu::gpu::{quantize_q8_block, KvType, TileType, WeightMatrix, Q8_BLOCK};
 use llama_webgpu::quant::DType;
@@ -250,6 +250,30 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
     }
 }
 
+/// quantize.wgsl's to_f16 (the inputs of the tiles on cooperative matrices): every value of the
+/// plain, RMSNorm-ed and SiLU-gated input rows as the CPU rounds it to f16, within one f16 step
+/// (a value on a rounding boundary may go either way after the input stage's f32 arithmetic).
+#[test]
+fn to_f16_prepares_every_input_as_the_cpu_rounds_it() {
+    let Some(gpu) = gpu() else { return };
+    let (n, k) = (3, 2304);
+    let norm = random_vec(&mut rng(73), k, 2.0);
+    let norm_buffer = gpu.storage_buffer_with("norm", &norm);
+    let (xb, cases) = fused_inputs(&gpu, n, k, 74, &norm, &norm_buffer);
+    for (input_name, input, input_rows) in cases {
+        let prepared = ops::PreparedInputs::new(&gpu, InputFormat::F16, n, k);
+        let op = ops::prepare_input(&gpu, &xb, input, k, 2 * k, &prepared, &step(&gpu, n, 0));
+        run(&gpu, |pass| op.encode(pass, n as u32));
+        let bytes = pollster::block_on(gpu.read(prepared.buffer(), (n * k * 2) as u64)).unwrap();
+        let got: Vec<f32> = bytes.chunks(2).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect();
+        for (i, (&g, &x)) in got.iter().zip(&input_rows).enumerate() {
+            let want = half::f16::from_f32(x).to_f32();
+            let step = (x.abs() * 2f32.powi(-10)).max(2f32.powi(-24));
+            assert!((g - want).abs() <= step, "{input_name}: value {i} is {g} but {x} rounds to {want}");
+        }
+    }
+}
+
 /// Token rows of quantize.wgsl's output, read back.
 struct Q8Rows {
     quants: Vec<i8>,
@@ -288,8 +312,8 @@ fn quantize_rounds_every_input_to_q8_as_the_cpu_does() {
     let norm_buffer = gpu.storage_buffer_with("norm", &norm);
     let (xb, cases) = fused_inputs(&gpu, n, k, 72, &norm, &norm_buffer);
     for (input_name, input, input_rows) in cases {
-        let x_q8 = ops::Q8Inputs::new(&gpu, n, k);
-        let op = ops::quantize_input(&gpu, &xb, input, k, 2 * k, &x_q8, &step(&gpu, n, 0));
+        let x_q8 = ops::PreparedInputs::new(&gpu, ops::InputFormat::Q8, n, k);
+        let op = ops::prepare_input(&gpu, &xb, input, k, 2 * k, &x_q8, &step(&gpu, n, 0));
         run(&gpu, |pass| op.encode(pass, n as u32));
         let got = Q8Rows::read(&gpu, x_q8.buffer(), n, k);
         let mut differing = 0;
@@ -331,12 +355,12 @@ fn matmul_on_q8_inputs_matches_the_reference_on_those_inputs() {
                     for &n in tokens {
                         let (xb, cases) = fused_inputs(&gpu, n, k, n as u64 + 53, &norm, &norm_buffer);
                         for (input_name, input, _) in cases {
-                            let x_q8 = ops::Q8Inputs::new(&gpu, n, k);
+                            let x_q8 = ops::PreparedInputs::new(&gpu, ops::InputFormat::Q8, n, k);
                             let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                             let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
                             let step = step(&gpu, n, 0);
                             let op = ops::matmul(&gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step, Some(&x_q8))
-                                .after(ops::quantize_input(&gpu, &xb, input, k, layout.in_stride, &x_q8, &step));
+                                .after(&x_q8, ops::prepare_input(&gpu, &xb, input, k, layout.in_stride, &x_q8, &step));
                             run(&gpu, |pass| op.encode(pass, n as u32));
                             let values = Q8Rows::read(&gpu, x_q8.buffer(), n, k).values();
                             let want = reference::matmul(&values, &bytes, dtype, rows, k);
@@ -471,15 +495,25 @@ fn f16_tiles_within_rounding(gpu: &Gpu, what_path: &str) {
                 let abs_x: Vec<f32> = input_rows.iter().map(|v| v.abs()).collect();
                 let abs_w: Vec<f32> = dtype.to_f32(&bytes).unwrap().iter().map(|v| v.abs()).collect();
                 let magnitude = reference::matmul(&abs_x, &DType::F32.from_f32(&abs_w).unwrap(), DType::F32, rows, k);
-                let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
-                let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
-                run(gpu, |pass| op.encode(pass, n as u32));
-                let got = read_f32(gpu, &out, want.len());
-                let (i, excess) = (0..want.len())
-                    .map(|i| (i, (got[i] - want[i]).abs() - 2e-3 * magnitude[i]))
-                    .fold((0, f32::NEG_INFINITY), |a, b| if b.1 > a.1 || b.1.is_nan() { b } else { a });
-                assert!(excess <= 0.0, "{dtype} {what_path} of {what}, n={n}: element {i} is {} but should be {} (|products| {})", got[i], want[i], magnitude[i]);
+                // On cooperative matrices the inputs are also read as to_f16 prepares them (the
+                // model's way there): rounded to f16 once, INPUT applied.
+                let formats: &[Option<InputFormat>] = if gpu.coop_matrix.is_some() { &[None, Some(InputFormat::F16)] } else { &[None] };
+                for format in formats {
+                    let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
+                    let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+                    let step = step(gpu, n, 0);
+                    let prepared = format.map(|format| ops::PreparedInputs::new(gpu, format, n, k));
+                    let mut op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step, prepared.as_ref());
+                    if let Some(prepared) = &prepared {
+                        op = op.after(prepared, ops::prepare_input(gpu, &xb, input, k, layout.in_stride, prepared, &step));
+                    }
+                    run(gpu, |pass| op.encode(pass, n as u32));
+                    let got = read_f32(gpu, &out, want.len());
+                    let (i, excess) = (0..want.len())
+                        .map(|i| (i, (got[i] - want[i]).abs() - 2e-3 * magnitude[i]))
+                        .fold((0, f32::NEG_INFINITY), |a, b| if b.1 > a.1 || b.1.is_nan() { b } else { a });
+                    assert!(excess <= 0.0, "{dtype} {what_path} of {what}, n={n}, inputs {format:?}: element {i} is {} but should be {} (|products| {})", got[i], want[i], magnitude[i]);
+                }
             }
         }
     }

@@ -3,17 +3,25 @@
 // row's sum of squares (RMSNorm) that one of a row's `lanes` threads adds up.
 
 // Inputs col..col + 3 of token t scaled by `scale`, zero past the pass's tokens. With Q8_INPUTS
-// the values quantize.wgsl left in x_q8 (its INPUT applied there, so the scale is 1).
+// or F16_INPUTS the values quantize.wgsl left in x_prepared (its INPUT applied there, so the
+// scale is 1).
 fn staged_input(t: u32, col: u32, scale: f32) -> vec4<f32> {
     if (t >= step.n_tokens) {
         return vec4(0.0);
+    }
+    if (F16_INPUTS) {
+        if (col >= params.k) {
+            return vec4(0.0);
+        }
+        let at = (t * params.k + col) / 2u;
+        return vec4(unpack2x16float(x_prepared[at]), unpack2x16float(x_prepared[at + 1u]));
     }
     if (Q8_INPUTS) {
         if (col >= params.k) {
             return vec4(0.0);
         }
         let row = t * q8_row_words();
-        return q8_quad(x_q8[row + col / 4u], bitcast<f32>(x_q8[row + params.k / 4u + col / Q8_BLOCK]));
+        return q8_quad(x_prepared[row + col / 4u], bitcast<f32>(x_prepared[row + params.k / 4u + col / Q8_BLOCK]));
     }
     return input_quad_checked(t * params.in_stride, col) * scale;
 }

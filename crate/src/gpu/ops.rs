@@ -331,10 +331,10 @@ impl Op {
 
 /// A matmul bound for each strategy: a GEMV of one token (a lone sequence's decode step), GEMVs of
 /// GEMV_COLUMNS tokens per workgroup (the decode steps of several sequences), and tiles (prefill);
-/// the token count picks one per pass. On q8 inputs, the quantize op that fills them runs first,
-/// whichever the strategy.
+/// the token count picks one per pass. On prepared inputs, the op that prepares them runs first
+/// where the strategy reads them: q8 inputs every strategy, f16 inputs the tiles.
 pub struct ByTokens {
-    quantize: Option<Op>,
+    prepare: Option<(InputFormat, Op)>,
     one: Op,
     few: Op,
     many: Op,
@@ -345,15 +345,19 @@ pub struct ByTokens {
 
 impl ByTokens {
     pub fn encode(&self, pass: &mut wgpu::ComputePass, n_tokens: u32) {
-        if let Some(quantize) = &self.quantize {
-            quantize.encode(pass, n_tokens);
+        if let Some((_, prepare)) = self.prepare_for(n_tokens) {
+            prepare.encode(pass, n_tokens);
         }
         self.for_tokens(n_tokens).encode(pass, n_tokens);
     }
 
-    /// The quantize op of the q8 inputs, if the products take them.
-    pub fn quantize(&self) -> Option<&Op> {
-        self.quantize.as_ref()
+    /// The op that prepares the inputs a pass of `n_tokens` reads, if it reads prepared ones, and
+    /// its entry point's name.
+    pub fn prepare_for(&self, n_tokens: u32) -> Option<(&'static str, &Op)> {
+        match &self.prepare {
+            Some((format, op)) if *format == InputFormat::Q8 || n_tokens > self.gemv_max_tokens => Some((format.entry(), op)),
+            _ => None,
+        }
     }
 
     /// The strategy a pass of `n_tokens` runs.
@@ -503,9 +507,10 @@ impl MatmulOutput<'_> {
 }
 
 /// out = f(x) @ w.T (or out += f(x) @ w.T, or the rotary output), one dispatch per part of `w`.
-/// With `x_q8`, a matrix of a format [`reads_q8_inputs`] takes f(x) from there, quantized by a
-/// [`quantize_input`] op run first ([`ByTokens::after`]): the GEMVs multiply in
-/// integers, the tiles stage the dequantized values.
+/// With `prepared` inputs, f(x) comes from there, prepared by a [`prepare_input`] op run first
+/// ([`ByTokens::after`]): q8 inputs for a matrix of a format [`reads_q8_inputs`] (the GEMVs
+/// multiply in integers, the tiles stage the dequantized values), f16 inputs for the tiles on
+/// cooperative matrices.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     gpu: &Gpu,
@@ -516,13 +521,17 @@ pub fn matmul(
     output: MatmulOutput,
     layout: MatmulLayout,
     step: &wgpu::Buffer,
-    x_q8: Option<&Q8Inputs>,
+    prepared: Option<&PreparedInputs>,
 ) -> ByTokens {
     let rotary = matches!(output, MatmulOutput::Rotary(_));
-    let x_q8 = x_q8.filter(|_| reads_q8_inputs(w.dtype));
-    if let Some(x_q8) = x_q8 {
-        assert!(w.cols <= x_q8.k, "a product of {} inputs over q8 inputs of {}", w.cols, x_q8.k);
+    let prepared = prepared.filter(|p| match p.format {
+        InputFormat::Q8 => reads_q8_inputs(w.dtype),
+        InputFormat::F16 => gpu.coop_matrix.is_some(),
+    });
+    if let Some(prepared) = prepared {
+        assert!(w.cols <= prepared.k, "a product of {} inputs over prepared inputs of {}", w.cols, prepared.k);
     }
+    let x_q8 = prepared.filter(|p| p.format == InputFormat::Q8);
     // Each format's GEMV takes several rows per workgroup; the block formats' read their inputs as
     // vec4s (the block sizes make k a multiple of 32). On q8 inputs every strategy reads them as
     // the quantize op left them, its INPUT applied.
@@ -531,25 +540,27 @@ pub fn matmul(
         DType::Q4K | DType::Q6K => "gemv_superblocks",
         _ => "gemv",
     };
-    let input = if x_q8.is_some() { MatmulInput::Plain } else { input };
+    let gemv_input = if x_q8.is_some() { MatmulInput::Plain } else { input };
+    let tiles_input = if prepared.is_some() { MatmulInput::Plain } else { input };
     let q8_inputs = ("Q8_INPUTS", x_q8.is_some() as u8 as f64);
+    let f16_inputs = ("F16_INPUTS", prepared.is_some_and(|p| p.format == InputFormat::F16) as u8 as f64);
     assert!(entry == "gemv" || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
-    let x_q8_buffer = x_q8.map(|q| &q.buffer);
     let gemv = |columns: u32| {
-        weight_op(gpu, entry, x, input, x_q8_buffer, w, out, output, layout, step, |rows| {
+        weight_op(gpu, entry, x, gemv_input, x_q8, w, out, output, layout, step, |rows| {
             let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
             let constants = vec![("GEMV_ROWS", per_workgroup as f64), ("GEMV_COLUMNS", columns as f64), q8_inputs];
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup), columns), constants)
         })
     };
-    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![q8_inputs]);
+    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![q8_inputs, f16_inputs]);
+    let tiled = if gpu.coop_matrix.is_some() { "tiled_coop" } else { "tiled" };
     ByTokens {
-        quantize: None,
+        prepare: None,
         one: gemv(1),
         few: gemv(GEMV_COLUMNS),
-        many: weight_op(gpu, if gpu.coop_matrix.is_some() { "tiled_coop" } else { "tiled" }, x, input, x_q8_buffer, w, out, output, layout, step, tiles),
+        many: weight_op(gpu, tiled, x, tiles_input, prepared, w, out, output, layout, step, tiles),
         gemv_max_tokens: gpu.gemv_max_tokens,
-        max_tokens: x_q8.map_or(u32::MAX, |q| q.tokens),
+        max_tokens: prepared.map_or(u32::MAX, |p| p.tokens),
     }
 }
 
@@ -564,38 +575,80 @@ pub fn q8_row_words(k: usize) -> usize {
     k / 4 + 2 * k / kernels::Q8_BLOCK
 }
 
-/// Scratch for matmul inputs quantize.wgsl makes int8 ([`crate::GpuOptions::q8_activations`]):
-/// token rows of [`q8_row_words`] for passes of up to `tokens` tokens of up to `k` inputs. Each
-/// product's quantize op fills it right before the product reads it, so one serves a model.
-pub struct Q8Inputs {
+/// The form quantize.wgsl prepares a matmul's inputs in, INPUT applied, before the products read them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputFormat {
+    /// int8 blocks ([`crate::GpuOptions::q8_activations`]), read by every strategy.
+    Q8,
+    /// f16, read by the tiles on cooperative matrices alone, whose operands are f16 anyway: half
+    /// the bytes of f32 to stage, and RMSNorm's row scale computed once, not by every tile.
+    F16,
+}
+
+impl InputFormat {
+    /// The format a model on `gpu` prepares its matmul inputs in, if any.
+    pub fn for_gpu(gpu: &Gpu) -> Option<InputFormat> {
+        if gpu.q8_activations {
+            Some(InputFormat::Q8)
+        } else {
+            gpu.coop_matrix.map(|_| InputFormat::F16)
+        }
+    }
+
+    /// Words of a token row of `k` inputs.
+    pub fn row_words(self, k: usize) -> usize {
+        match self {
+            InputFormat::Q8 => q8_row_words(k),
+            InputFormat::F16 => k / 2,
+        }
+    }
+
+    fn entry(self) -> &'static str {
+        match self {
+            InputFormat::Q8 => "quantize",
+            InputFormat::F16 => "to_f16",
+        }
+    }
+}
+
+/// Scratch for matmul inputs quantize.wgsl prepares: token rows of `format.row_words(k)` for
+/// passes of up to `tokens` tokens of up to `k` inputs. Each product's prepare op fills it right
+/// before the product reads it, so one serves a model.
+pub struct PreparedInputs {
     buffer: wgpu::Buffer,
+    format: InputFormat,
     tokens: u32,
     k: usize,
 }
 
-impl Q8Inputs {
-    pub fn new(gpu: &Gpu, tokens: usize, k: usize) -> Q8Inputs {
-        let buffer = gpu.storage_buffer("q8 inputs", 4 * (tokens * q8_row_words(k)) as u64);
-        Q8Inputs { buffer, tokens: tokens as u32, k }
+impl PreparedInputs {
+    pub fn new(gpu: &Gpu, format: InputFormat, tokens: usize, k: usize) -> PreparedInputs {
+        let buffer = gpu.storage_buffer("prepared inputs", 4 * (tokens * format.row_words(k)) as u64);
+        PreparedInputs { buffer, format, tokens: tokens as u32, k }
     }
 
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
+
+    pub fn format(&self) -> InputFormat {
+        self.format
+    }
 }
 
-/// Quantizes f(x), the `k` inputs per token row of a matmul, into `x_q8` for the products
+/// Prepares f(x), the `k` inputs per token row of a matmul, in `prepared` for the products
 /// [`matmul`] binds to it, which run it first ([`ByTokens::after`]).
-pub fn quantize_input(gpu: &Gpu, x: &wgpu::Buffer, input: MatmulInput, k: usize, in_stride: usize, x_q8: &Q8Inputs, step: &wgpu::Buffer) -> Op {
-    assert!(k.is_multiple_of(kernels::Q8_BLOCK) && in_stride.is_multiple_of(4), "q8 inputs need blocks of {} and rows on a vec4: k {k}, stride {in_stride}", kernels::Q8_BLOCK);
-    assert!(k <= x_q8.k, "{k} inputs quantized into q8 inputs of {}", x_q8.k);
+pub fn prepare_input(gpu: &Gpu, x: &wgpu::Buffer, input: MatmulInput, k: usize, in_stride: usize, prepared: &PreparedInputs, step: &wgpu::Buffer) -> Op {
+    assert!(k.is_multiple_of(kernels::Q8_BLOCK) && in_stride.is_multiple_of(4), "prepared inputs need blocks of {} and rows on a vec4: k {k}, stride {in_stride}", kernels::Q8_BLOCK);
+    assert!(k <= prepared.k, "{k} inputs prepared in rows of {}", prepared.k);
     let (norm, eps) = input.norm_binding(x);
     let params = gpu.uniform_buffer("quantize params", &QuantizeParams { k: k as u32, in_stride: in_stride as u32, eps, _pad: 0 });
     let inputs = if matches!(input, MatmulInput::SiluMul) { 2 * k } else { k };
-    let traffic = 4 * (inputs + k * matches!(input, MatmulInput::RmsNorm { .. }) as usize + q8_row_words(k));
+    let traffic = 4 * (inputs + k * matches!(input, MatmulInput::RmsNorm { .. }) as usize + prepared.format.row_words(k));
     let grid = Grid::PerToken((k / kernels::Q8_BLOCK).div_ceil(WG_1D as usize) as u32);
     let constants = [("INPUT", input.code() as f64)];
-    Op { dispatches: vec![dispatch(gpu, &kernels::QUANTIZE, "quantize", &constants, &[x, norm, &x_q8.buffer, &params, step], grid, Traffic::fixed(traffic as u64))] }
+    let buffers = [x, norm, &prepared.buffer, &params, step];
+    Op { dispatches: vec![dispatch(gpu, &kernels::QUANTIZE, prepared.format.entry(), &constants, &buffers, grid, Traffic::fixed(traffic as u64))] }
 }
 
 /// Rows per workgroup of matmul.wgsl's GEMVs (GEMV_ROWS) for a matrix of `rows` rows (a part of a
@@ -614,23 +667,24 @@ pub fn gemv_rows(rows: u32, device: wgpu::DeviceType, forced: Option<u32>, rotar
 }
 
 impl ByTokens {
-    /// The product with `quantize`, the op that fills its q8 inputs, run before it.
-    pub fn after(self, quantize: Op) -> ByTokens {
-        ByTokens { quantize: Some(quantize), ..self }
+    /// The product with `prepare`, the op that fills its `prepared` inputs, run before the
+    /// strategies that read them.
+    pub fn after(self, prepared: &PreparedInputs, prepare: Op) -> ByTokens {
+        ByTokens { prepare: Some((prepared.format, prepare)), ..self }
     }
 
     /// One product over matrices stacked by rows, each writing its own output columns.
     pub fn join(parts: impl IntoIterator<Item = ByTokens>) -> ByTokens {
         let (mut one, mut few, mut many, mut gemv_max_tokens, mut max_tokens) = (vec![], vec![], vec![], 0, u32::MAX);
         for part in parts {
-            assert!(part.quantize.is_none(), "a stack's parts share the quantize op the stack runs first");
+            assert!(part.prepare.is_none(), "a stack's parts share the prepare op the stack runs first");
             one.extend(part.one.dispatches);
             few.extend(part.few.dispatches);
             many.extend(part.many.dispatches);
             gemv_max_tokens = part.gemv_max_tokens;
             max_tokens = max_tokens.min(part.max_tokens);
         }
-        ByTokens { quantize: None, one: Op { dispatches: one }, few: Op { dispatches: few }, many: Op { dispatches: many }, gemv_max_tokens, max_tokens }
+        ByTokens { prepare: None, one: Op { dispatches: one }, few: Op { dispatches: few }, many: Op { dispatches: many }, gemv_max_tokens, max_tokens }
     }
 }
 
@@ -642,7 +696,7 @@ fn weight_op(
     entry: &str,
     x: &wgpu::Buffer,
     input: MatmulInput,
-    x_q8: Option<&wgpu::Buffer>,
+    prepared: Option<&PreparedInputs>,
     w: &WeightMatrix,
     out: &wgpu::Buffer,
     output: MatmulOutput,
@@ -695,15 +749,15 @@ fn weight_op(
                 _pad: 0,
             };
             let params = gpu.uniform_buffer(entry, &params);
-            let buffers = [x, &part.buffer, norm, out, &params, step, cos_sin, k_cache, v_cache, x_q8.unwrap_or(x)];
+            let buffers = [x, &part.buffer, norm, out, &params, step, cos_sin, k_cache, v_cache, prepared.map_or(x, |p| &p.buffer)];
             // The gather reads a token's row in whichever part holds it (counted evenly over the
             // parts); a product reads the whole part, its input row (two halves for SiLU-mul) and
             // the norm weight; rotary output also the position's cos/sin row.
             let traffic = if entry == "gather" {
                 (w.row_bytes() + 4 * w.cols) / w.parts.len()
             } else {
-                let inputs = match (input, x_q8) {
-                    (_, Some(_)) => q8_row_words(w.cols),
+                let inputs = match (input, prepared) {
+                    (_, Some(p)) => p.format.row_words(w.cols),
                     (MatmulInput::Plain, None) => w.cols,
                     _ => 2 * w.cols,
                 };

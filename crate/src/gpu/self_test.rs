@@ -38,7 +38,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     ];
     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
     let token_counts = [1, 3, tiled];
-    let x_q8 = ops::Q8Inputs::new(gpu, 3.max(tiled), k);
+    // Inputs prepared as the model's are (q8 for every strategy, f16 for the tiles on cooperative
+    // matrices).
+    let prepared = ops::InputFormat::for_gpu(gpu).map(|format| ops::PreparedInputs::new(gpu, format, 3.max(tiled), k));
     for (kernel, input, input_rows) in cases {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
         let q8_product = reference::matmul(&KvType::Q8_0.rounded(&input_rows), &weights, DType::Q4_0, rows, k);
@@ -46,9 +48,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let step = step(tokens, 0);
             let q8 = gpu.q8_activations;
-            let mut op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step, q8.then_some(&x_q8));
-            if q8 {
-                op = op.after(ops::quantize_input(gpu, &x_buffer, input, k, layout.in_stride, &x_q8, &step));
+            let mut op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step, prepared.as_ref());
+            if let Some(prepared) = &prepared {
+                op = op.after(prepared, ops::prepare_input(gpu, &x_buffer, input, k, layout.in_stride, prepared, &step));
             }
             gpu.run(|pass| op.encode(pass, tokens as u32)).await?;
             // f16 tiles and cooperative matrices round inputs and weights to 11 bits; garbage

@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, MatmulOutput, Op, Q8Inputs, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
+use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, InputFormat, MatmulOutput, Op, PreparedInputs, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -452,17 +452,18 @@ impl Llama {
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &c.rope_cos_sin(context));
         let rows = |stride: usize| MatmulLayout { in_stride: c.hidden_size, out_stride: stride, out_offset: 0, accumulate: false };
         let residual = |k: usize| MatmulLayout { in_stride: k, out_stride: c.hidden_size, out_offset: 0, accumulate: true };
-        // Matmuls on q8 inputs (GpuOptions::q8_activations): one scratch buffer that each stack's
-        // quantize op fills right before its matmul reads it.
+        // Matmuls on prepared inputs (q8: GpuOptions::q8_activations; f16: the tiles on
+        // cooperative matrices): one scratch buffer that each stack's prepare op fills right
+        // before its matmul reads it.
         let widest_input = c.hidden_size.max(c.q_dim()).max(c.intermediate_size);
-        let x_q8 = gpu.q8_activations.then(|| Q8Inputs::new(gpu, max_batch, widest_input));
-        // One dispatch per part of each block of a stacked matrix (and the stack's quantize op).
+        let prepared = InputFormat::for_gpu(gpu).map(|format| PreparedInputs::new(gpu, format, max_batch, widest_input));
+        // One dispatch per part of each block of a stacked matrix (and the stack's prepare op).
         let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, output: MatmulOutput, layout: MatmulLayout, step: &wgpu::Buffer| {
-            let x_q8 = x_q8.as_ref().filter(|_| w.blocks.iter().any(|(_, m)| ops::reads_q8_inputs(m.dtype)));
-            let block = |(column, m): &(usize, WeightMatrix)| ops::matmul(gpu, x, input, m, out, output, MatmulLayout { out_offset: *column, ..layout }, step, x_q8);
+            let prepared = prepared.as_ref().filter(|p| p.format() == InputFormat::F16 || w.blocks.iter().any(|(_, m)| ops::reads_q8_inputs(m.dtype)));
+            let block = |(column, m): &(usize, WeightMatrix)| ops::matmul(gpu, x, input, m, out, output, MatmulLayout { out_offset: *column, ..layout }, step, prepared);
             let product = ByTokens::join(w.blocks.iter().map(block));
-            match x_q8 {
-                Some(x_q8) => product.after(ops::quantize_input(gpu, x, input, w.blocks[0].1.cols, layout.in_stride, x_q8, step)),
+            match prepared {
+                Some(prepared) => product.after(prepared, ops::prepare_input(gpu, x, input, w.blocks[0].1.cols, layout.in_stride, prepared, step)),
                 None => product,
             }
         };
@@ -852,10 +853,10 @@ impl Llama {
         fn add<'a>(list: &mut Vec<Named<'a>>, name: &'static str, op: &'a Op) {
             list.extend(op.dispatches().iter().map(|d| (name, d)));
         }
-        // A product's q8 input quantization (GpuOptions::q8_activations) is named on its own.
+        // A product's input preparation (quantize or to_f16) is named on its own.
         fn add_product<'a>(list: &mut Vec<Named<'a>>, name: &'static str, product: &'a ByTokens, n_tokens: u32) {
-            if let Some(quantize) = product.quantize() {
-                add(list, "quantize", quantize);
+            if let Some((entry, prepare)) = product.prepare_for(n_tokens) {
+                add(list, entry, prepare);
             }
             add(list, name, product.for_tokens(n_tokens));
         }
