@@ -7,6 +7,9 @@ use crate::quant::DType;
 use crate::reference;
 use crate::model::PAGE_SIZE;
 
+/// Where a check ran on cooperative matrices, which a driver may implement wrongly.
+const COOP_HINT: &str = "on cooperative matrices (--no-coop-matrix, GpuOptions::no_coop_matrix, runs without them)";
+
 /// Deterministic inputs in [-1, 1).
 fn inputs(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32).map(|i| (reference::fill_word(i, seed, u32::MAX) % 2000) as f32 / 1000.0 - 1.0).collect()
@@ -58,7 +61,8 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
             // and an input the GPU rounds the other way moves a product by up to 1/127.
             let f16_tiles = tokens == tiled && (gpu.tile_type == TileType::F16 || gpu.coop_matrix.is_some());
             let want = if q8 { &q8_product } else { &product };
-            compare(gpu, kernel, &out, &want[..tokens * rows], if f16_tiles || q8 { 2e-2 } else { 1e-4 }).await?;
+            let what = if tokens == tiled && gpu.coop_matrix.is_some() { format!("{kernel} {COOP_HINT}") } else { kernel.to_string() };
+            compare(gpu, &what, &out, &want[..tokens * rows], if f16_tiles || q8 { 2e-2 } else { 1e-4 }).await?;
         }
     }
 
@@ -84,8 +88,10 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         let op = ops::attention(gpu, &q_buffer, heads * head_dim, kv, &attended, &partials, (max_key_splits, 0), heads, kv_heads, head_dim, &step_buffer);
         gpu.run(|pass| op.encode(pass, &step_params)).await?;
         // Cooperative matrices round q, k, v and the weights to f16.
-        let tolerance = if gpu.coop_attention && tokens == n { 4e-3 } else { 1e-4 };
-        compare(gpu, "attention", &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim), tolerance).await?;
+        let on_coop = gpu.coop_attention && tokens == n;
+        let tolerance = if on_coop { 4e-3 } else { 1e-4 };
+        let what = if on_coop { format!("attention {COOP_HINT}") } else { "attention".to_string() };
+        compare(gpu, &what, &attended, &reference::attention(&q, &keys, &values, start, heads, kv_heads, head_dim), tolerance).await?;
     }
 
     let best = gpu.storage_buffer("self-test argmax", 4);
