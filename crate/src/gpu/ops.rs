@@ -920,15 +920,15 @@ pub fn attention(
         })
         .collect();
     let merge_in_last_split = gpu.merge_in_last_split as u32 as f64;
-    // `attend` takes blocks of QUERY_BLOCK rows, `attend_tiles` and `attend_coop` of
-    // ATTENTION_PREFILL_ROWS.
-    let attend = |entry: &str, block: u32, splits: u32| {
-        let form = if entry == "attend_coop" { ModuleForm { coop_matrix: gpu.coop_matrix, ..form } } else { form };
+    let attend = |entry: AttendEntry, block: u32, splits: u32| {
+        let (entry, form, mut constants) = match entry {
+            // Its block size (QUERY_BLOCK) is the pipeline's; the tiles' are ATTENTION_PREFILL_ROWS.
+            AttendEntry::Rows => ("attend", form, vec![("QUERY_BLOCK", block as f64)]),
+            AttendEntry::Tiles => ("attend_tiles", form, vec![]),
+            AttendEntry::Coop => ("attend_coop", ModuleForm { coop_matrix: gpu.coop_matrix, ..form }, vec![]),
+        };
         let grid = Grid::RowBlocks { x: n_kv_heads as u32, rows_per_token: group, block, z: splits };
-        let mut constants = vec![("HEAD_DIM", head_dim as f64), ("MERGE_IN_LAST_SPLIT", merge_in_last_split)];
-        if entry == "attend" {
-            constants.push(("QUERY_BLOCK", block as f64));
-        }
+        constants.extend([("HEAD_DIM", head_dim as f64), ("MERGE_IN_LAST_SPLIT", merge_in_last_split)]);
         // One partial per row writes out itself; a merge reads at most every partial.
         let merges = splits > 1 || buffers > 1;
         let merge_traffic = Traffic::fixed(4 * (n_heads * (head_dim + 2)) as u64 * (splits as usize * buffers) as u64 + traffic.bytes);
@@ -953,12 +953,23 @@ pub fn attention(
         Op { dispatches }
     };
     Attention {
-        prefill: attend(if coop_prefill { "attend_coop" } else { "attend_tiles" }, ATTENTION_PREFILL_ROWS, 1),
-        batch: attend("attend", ATTENTION_QUERY_BLOCK, 1),
-        decode: attend("attend", decode_block, 1),
-        decode_split: attend("attend", decode_block, max_key_splits),
+        prefill: attend(if coop_prefill { AttendEntry::Coop } else { AttendEntry::Tiles }, ATTENTION_PREFILL_ROWS, 1),
+        batch: attend(AttendEntry::Rows, ATTENTION_QUERY_BLOCK, 1),
+        decode: attend(AttendEntry::Rows, decode_block, 1),
+        decode_split: attend(AttendEntry::Rows, decode_block, max_key_splits),
         group,
     }
+}
+
+/// attention.wgsl's attending entry points.
+#[derive(Clone, Copy)]
+enum AttendEntry {
+    /// `attend`: blocks of a few query rows, a pair of them per thread (decode).
+    Rows,
+    /// `attend_tiles`: 16-row blocks as a matmul's register tiles (prefill).
+    Tiles,
+    /// `attend_coop`: `attend_tiles`' blocks on cooperative matrices.
+    Coop,
 }
 
 /// Attention bound for each kind of pass ([`AttentionPass`]).
