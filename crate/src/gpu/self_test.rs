@@ -66,11 +66,13 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         }
     }
 
-    // Four query heads over two KV heads of 64 (heads prefill attends on cooperative matrices
-    // where the matmuls do): nine tokens after five cached positions (prefill), and three after
-    // forty (decode, its keys in two splits).
-    let (heads, kv_heads, head_dim) = (4, 2, 64);
-    let context = 43;
+    // Four query heads over two KV heads of 16, or of 64 where prefill attends on cooperative
+    // matrices (heads of 64 or 128 only) and the pool's buffer binds: nine tokens after five cached
+    // positions (prefill), and three after forty (decode, its keys in two splits).
+    let context: usize = 43;
+    let (heads, kv_heads) = (4, 2);
+    let pool_bytes = |head_dim: usize| gpu.kv_type.row_bytes(kv_heads * head_dim) * context.next_multiple_of(PAGE_SIZE) as u64;
+    let head_dim = if gpu.coop_attention && pool_bytes(64) <= gpu.max_binding() { 64 } else { 16 };
     // As the pool's type holds them, so that the reference sees the same keys and values.
     let (keys, values) = (gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 5)), gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 6)));
     let caches = [(gpu.kv_buffer_with("self-test keys", &keys, kv_heads * head_dim), gpu.kv_buffer_with("self-test values", &values, kv_heads * head_dim))];
