@@ -384,7 +384,12 @@ twins = [
     ("-no-coop", "on portable tiles", "on cooperative matrices"),
     ("-no-coop-attention", "with attention on portable tiles", "with it on cooperative matrices"),
 ]
+# A fallback (see run) that took a twin's option for every run leaves nothing to compare.
+fallback = (out / "fallback.txt").read_text().split() if (out / "fallback.txt").exists() else []
+same_under = {"-separate-split-merge": "--separate-split-merge", "-no-coop": "--no-coop-matrix", "-no-coop-attention": "--no-coop-matrix"}
 for suffix, on_what, off_what in twins:
+    if same_under.get(suffix) in fallback:
+        continue
     for path in sorted(out.glob(f"*{suffix}.json")):
         name = path.stem.removesuffix(suffix)
         off, on = means(out / f"{name}.json"), means(path)

@@ -63,6 +63,19 @@ fn prefill_on_cooperative_matrices_keeps_logits_within_the_f16_tolerance() {
     prefill_logits_within_f16_tolerance(&gpu, "on cooperative matrices");
 }
 
+/// A profiled prefill on cooperative matrices: its passes have more dispatches than a decode step
+/// (each product's inputs made f16 first), and the profile times every one.
+#[test]
+fn a_profiled_prefill_on_cooperative_matrices_times_every_dispatch() {
+    let Some(gpu) = coop_matrix_gpu(&GpuOptions { timestamps: true, kv_type: Some(KvType::F32), ..Default::default() }) else { return };
+    let mut model = load_model(&gpu, "tiny-llama31", &LoadOptions::default()).unwrap();
+    let tokens: Vec<u32> = (0..gpu.gemv_max_tokens + 8).collect();
+    let (_, times) = pollster::block_on(model.profile_greedy(&tokens, 0)).unwrap();
+    // q/k/v, o, gate/up and down of every layer.
+    let prepared = times.iter().filter(|t| t.name == "to_f16").count();
+    assert_eq!(prepared, 4 * model.config().n_layers, "{:?}", times.iter().map(|t| t.name).collect::<Vec<_>>());
+}
+
 /// An f16 KV pool (the default where the adapter has shader-f16) holds keys and values rounded to
 /// f16: logits within 1e-2 of the goldens in units of the logits' spread (their standard deviation:
 /// 1.4 for tiny-llama31, 10 for tiny-llama32-tied, whose errors are as much larger; measured at

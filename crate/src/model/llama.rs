@@ -595,8 +595,12 @@ impl Llama {
     /// Compute dispatches of a one-token pass at `position` that returns a greedy token (past
     /// the first keys of a split, attention merges its splits in one more per layer).
     pub fn dispatches_per_token(&self, position: usize) -> usize {
-        let step = StepParams::new(1, position as u32, self.max_key_splits);
-        let (blocks, head) = self.plan(&step, 1, false);
+        self.dispatches_of(&StepParams::new(1, position as u32, self.max_key_splits))
+    }
+
+    /// Compute dispatches of a greedy pass of `step`.
+    fn dispatches_of(&self, step: &StepParams) -> usize {
+        let (blocks, head) = self.plan(step, 1, false);
         blocks.len() + head.len()
     }
 
@@ -605,8 +609,11 @@ impl Llama {
     /// [`crate::GpuOptions::timestamps`] on an adapter that has them. Bytes are a one-token pass's.
     pub async fn profile_greedy(&mut self, tokens: &[u32], start_pos: usize) -> Result<(u32, Vec<DispatchTime>)> {
         let passes = tokens.len().div_ceil(self.max_batch).max(1);
-        // A one-token pass at the last position has the most dispatches.
-        let mut timer = Timestamps::new(&self.gpu, self.dispatches_per_token(start_pos + tokens.len()) * passes)?;
+        // The most dispatches a pass has: a one-token pass at the last position (attention's key
+        // splits merged), or a pass of many tokens (inputs prepared for the tiles).
+        let widest = StepParams::new(tokens.len().min(self.max_batch) as u32, start_pos as u32, self.max_key_splits);
+        let most = self.dispatches_per_token(start_pos + tokens.len()).max(self.dispatches_of(&widest));
+        let mut timer = Timestamps::new(&self.gpu, most * passes)?;
         self.submit_lone(PassTokens::Host(tokens), start_pos, &[], Some(&mut timer))?;
         let next = self.read_greedy().await?;
         Ok((next, timer.read(&self.gpu, start_pos + tokens.len().saturating_sub(1)).await?))
