@@ -19,7 +19,9 @@
 // The first needs a device-scope barrier between a workgroup's stores and its arrival, which naga's
 // SPIR-V storageBarrier is; WGSL promises it nowhere, so browsers take the second.
 // Entry points: `attend` (decode: a few query rows a workgroup, keys in splits), `attend_tiles`
-// (prefill: many rows, a matmul's register tiles), `combine` (without MERGE_IN_LAST_SPLIT).
+// (prefill: many rows, a matmul's register tiles), `attend_coop` (lib/attend_coop.wgsl, in the
+// cooperative-matrix form: attend_tiles' blocks on cooperative matrices), `combine` (without
+// MERGE_IN_LAST_SPLIT).
 // PyTorch: softmax(q @ k.T * scale + causal_mask) @ v, with k/v repeated for each group of query heads
 
 // MAX_HEAD_DIM, MAX_QUERY_BLOCK, PAGE_SIZE, Step (lib/step.wgsl), the KV pool read four elements
