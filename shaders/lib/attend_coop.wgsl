@@ -34,24 +34,37 @@ struct CoopAttendThread {
     @builtin(subgroup_id) subgroup: u32,
 }
 
-// Keys key0.. of the run (up to PREFILL_KEYS, zeros past end_key and in other buffers) into ac_kv
-// as f16: K or V.
-fn ac_stage_keys(b: QueryBlock, key0: u32, end_key: u32, pages: u32, li: u32, values: bool) {
+// Quads of a K or V tile a thread stages: li + AC_THREADS i of the tile's keys x head_dim.
+const AC_STAGED_QUADS: u32 = PREFILL_KEYS * AC_MAX_HEAD_DIM / 4u / AC_THREADS;
+
+// The pool rows in this buffer of the keys whose quads thread li stages from key0 on: NOT_HERE
+// past end_key, in other buffers, or past the tile. Found once a tile for both K and V.
+fn ac_tile_rows(key0: u32, end_key: u32, pages: u32, li: u32) -> array<u32, AC_STAGED_QUADS> {
+    var rows: array<u32, AC_STAGED_QUADS>;
+    for (var i = 0u; i < AC_STAGED_QUADS; i++) {
+        let key = (li + i * AC_THREADS) / (HEAD_DIM / 4u);
+        rows[i] = NOT_HERE;
+        if (key < PREFILL_KEYS && key0 + key < end_key) {
+            rows[i] = buffer_row(key0 + key, pages);
+        }
+    }
+    return rows;
+}
+
+// The tile of keys whose pool rows are `rows` into ac_kv as f16 (zeros where NOT_HERE): K or V.
+fn ac_stage_keys(b: QueryBlock, rows: array<u32, AC_STAGED_QUADS>, li: u32, values: bool) {
     let hd = HEAD_DIM;
     let row_quads = hd / 4u;
-    for (var i = 0u; i < PREFILL_KEYS * AC_MAX_HEAD_DIM / 4u / AC_THREADS; i++) {
+    for (var i = 0u; i < AC_STAGED_QUADS; i++) {
         let n = li + i * AC_THREADS;
         let key = n / row_quads;
         if (key < PREFILL_KEYS) {
             var x = vec4(0.0, 0.0, 0.0, 0.0);
-            if (key0 + key < end_key) {
-                let row = buffer_row(key0 + key, pages);
-                let column = b.kv_head * hd + 4u * (n % row_quads);
-                if (row != NOT_HERE && values) {
-                    x = value_quad(row, column, params.n_kv_heads * hd);
-                } else if (row != NOT_HERE) {
-                    x = key_quad(row, column, params.n_kv_heads * hd);
-                }
+            let column = b.kv_head * hd + 4u * (n % row_quads);
+            if (rows[i] != NOT_HERE && values) {
+                x = value_quad(rows[i], column, params.n_kv_heads * hd);
+            } else if (rows[i] != NOT_HERE) {
+                x = key_quad(rows[i], column, params.n_kv_heads * hd);
             }
             let at = key * AC_STRIDE + 4u * (n % row_quads);
             for (var e = 0u; e < 4u; e++) {
@@ -106,7 +119,8 @@ fn attend_coop_block(thread: CoopAttendThread, b: QueryBlock) {
         let end_key = run_end_key(b, run_last);
         let in_run = b.row0 + r >= run_first && b.row0 + r <= run_last;
         for (var key0 = b.first_key; key0 < end_key; key0 += PREFILL_KEYS) {
-            ac_stage_keys(b, key0, end_key, pages, li, false);
+            let key_rows = ac_tile_rows(key0, end_key, pages, li);
+            ac_stage_keys(b, key_rows, li, false);
             workgroupBarrier();
             var scores = coop_c();
             for (var d = 0u; d < hd; d += COOP_SIDE) {
@@ -130,7 +144,7 @@ fn attend_coop_block(thread: CoopAttendThread, b: QueryBlock) {
                 part_max = max(part_max, s[j]);
             }
             ac_sums[AC_PARTIALS + li] = part_max;
-            ac_stage_keys(b, key0, end_key, pages, li, true);
+            ac_stage_keys(b, key_rows, li, true);
             workgroupBarrier();
             var new_max = row_max;
             for (var t = 0u; t < AC_ROW_THREADS; t++) {
