@@ -724,35 +724,48 @@ fn attention_runs_several_sequences_in_one_pass() {
         &[(12, 20), (5, 13), (30, 1)],
         &[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1), (8, 1), (15, 1), (33, 1), (2, 1)],
     ];
-    for (n_heads, n_kv_heads, head_dim) in [(6, 2, 16), (8, 2, 32)] {
+    for heads in [(6, 2, 16), (8, 2, 32)] {
         for (case, mix) in mixes.iter().enumerate() {
-            let mut r = rng(case as u64 + 100);
-            let kv_dim = n_kv_heads * head_dim;
-            let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
-            let caches: Vec<(Vec<f32>, Vec<f32>)> = mix.iter().map(|&(start, n)| {
-                let positions = start + n + 5;
-                (random_vec(&mut r, positions * kv_dim, 1.0), random_vec(&mut r, positions * kv_dim, 1.0))
-            }).collect();
-            let refs: Vec<(&[f32], &[f32])> = caches.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
-            let pool = PagedPool::new(&mut r, &refs, kv_dim);
-            let n_total: usize = mix.iter().map(|m| m.1).sum();
-            let qkv = random_vec(&mut r, n_total * q_stride, 1.0);
-            let slots: Vec<TokenSlot> = mix
-                .iter()
-                .enumerate()
-                .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p as u32, kv_row: 0, sequence: s as u32, _pad: 0 }))
-                .collect();
             // The second and fourth mixes over a pool in buffers of 3 pages.
-            let got = pool.attend(&gpu, &qkv, q_stride, &slots, 32, (case % 2 == 1).then_some(3), (n_heads, n_kv_heads, head_dim));
-            let mut row = 0;
-            for (s, &(start, n)) in mix.iter().enumerate() {
-                let q: Vec<f32> = qkv[row * q_stride..(row + n) * q_stride].chunks(q_stride).flat_map(|r| &r[..n_heads * head_dim]).copied().collect();
-                let want = reference::attention(&q, &caches[s].0, &caches[s].1, start, n_heads, n_kv_heads, head_dim);
-                let what = format!("heads {n_heads}/{n_kv_heads} mix {case}: sequence {s} ({n} tokens from {start})");
-                assert_close(&what, &got[row * n_heads * head_dim..(row + n) * n_heads * head_dim], &want, 1e-5, 1e-5);
-                row += n;
-            }
+            attention_of_a_mix_matches_reference(&gpu, case as u64 + 100, heads, mix, (case % 2 == 1).then_some(3), 1e-5, &format!("mix {case}"));
         }
+    }
+}
+
+/// The tokens of sequences `mix` ((start, tokens) each), one after another.
+fn slots_of(mix: &[(usize, usize)]) -> Vec<TokenSlot> {
+    mix.iter()
+        .enumerate()
+        .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p as u32, kv_row: 0, sequence: s as u32, _pad: 0 }))
+        .collect()
+}
+
+/// The sequences of `mix` with random caches (as `gpu`'s KV type holds them) in one pool, in
+/// buffers of `pages_per_buffer` pages, attended in one pass: each sequence's outputs against the
+/// reference within `tolerance`.
+fn attention_of_a_mix_matches_reference(gpu: &Gpu, seed: u64, (n_heads, n_kv_heads, head_dim): (usize, usize, usize), mix: &[(usize, usize)], pages_per_buffer: Option<usize>, tolerance: f32, what: &str) {
+    let mut r = rng(seed);
+    let kv_dim = n_kv_heads * head_dim;
+    let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
+    let caches: Vec<(Vec<f32>, Vec<f32>)> = mix
+        .iter()
+        .map(|&(start, n)| {
+            let positions = start + n + 5;
+            (gpu.kv_type.rounded(&random_vec(&mut r, positions * kv_dim, 1.0)), gpu.kv_type.rounded(&random_vec(&mut r, positions * kv_dim, 1.0)))
+        })
+        .collect();
+    let refs: Vec<(&[f32], &[f32])> = caches.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+    let pool = PagedPool::new(&mut r, &refs, kv_dim);
+    let n_total: usize = mix.iter().map(|m| m.1).sum();
+    let qkv = random_vec(&mut r, n_total * q_stride, 1.0);
+    let got = pool.attend(gpu, &qkv, q_stride, &slots_of(mix), 32, pages_per_buffer, (n_heads, n_kv_heads, head_dim));
+    let mut row = 0;
+    for (s, &(start, n)) in mix.iter().enumerate() {
+        let q: Vec<f32> = qkv[row * q_stride..(row + n) * q_stride].chunks(q_stride).flat_map(|r| &r[..n_heads * head_dim]).copied().collect();
+        let want = reference::attention(&q, &caches[s].0, &caches[s].1, start, n_heads, n_kv_heads, head_dim);
+        let what = format!("{what}, {:?} KV, heads {n_heads}/{n_kv_heads} hd {head_dim}: sequence {s} ({n} tokens from {start})", gpu.kv_type);
+        assert_close(&what, &got[row * n_heads * head_dim..(row + n) * n_heads * head_dim], &want, tolerance, tolerance);
+        row += n;
     }
 }
 
@@ -776,49 +789,16 @@ fn prefill_attention_on_cooperative_matrices_stays_within_f16_rounding_of_the_re
         let Some(gpu) = coop_matrix_gpu(&GpuOptions { kv_type: Some(kv_type), ..Default::default() }) else { return };
         assert!(gpu.coop_attention);
         for (case, &(n_heads, n_kv_heads, head_dim, mix, pages_per_buffer)) in cases.iter().enumerate() {
-            let mut r = rng(case as u64 + 200);
-            let kv_dim = n_kv_heads * head_dim;
-            let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
-            let caches: Vec<(Vec<f32>, Vec<f32>)> = mix
-                .iter()
-                .map(|&(start, n)| {
-                    let positions = start + n + 5;
-                    (gpu.kv_type.rounded(&random_vec(&mut r, positions * kv_dim, 1.0)), gpu.kv_type.rounded(&random_vec(&mut r, positions * kv_dim, 1.0)))
-                })
-                .collect();
-            let refs: Vec<(&[f32], &[f32])> = caches.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
-            let pool = PagedPool::new(&mut r, &refs, kv_dim);
-            let n_total: usize = mix.iter().map(|m| m.1).sum();
-            let qkv = random_vec(&mut r, n_total * q_stride, 1.0);
-            let slots: Vec<TokenSlot> = mix
-                .iter()
-                .enumerate()
-                .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p as u32, kv_row: 0, sequence: s as u32, _pad: 0 }))
-                .collect();
-            assert_eq!(AttentionPass::of(&StepParams::for_slots(&slots, 32), (n_heads / n_kv_heads) as u32), AttentionPass::Prefill);
-            let got = pool.attend(&gpu, &qkv, q_stride, &slots, 32, pages_per_buffer, (n_heads, n_kv_heads, head_dim));
-            let mut row = 0;
-            for (s, &(start, n)) in mix.iter().enumerate() {
-                let q: Vec<f32> = qkv[row * q_stride..(row + n) * q_stride].chunks(q_stride).flat_map(|r| &r[..n_heads * head_dim]).copied().collect();
-                let want = reference::attention(&q, &caches[s].0, &caches[s].1, start, n_heads, n_kv_heads, head_dim);
-                let what = format!("cooperative matrices, {kv_type:?} KV, heads {n_heads}/{n_kv_heads} hd {head_dim}, case {case}: sequence {s} ({n} tokens from {start})");
-                assert_close(&what, &got[row * n_heads * head_dim..(row + n) * n_heads * head_dim], &want, 4e-3, 4e-3);
-                row += n;
-            }
+            assert_eq!(AttentionPass::of(&StepParams::for_slots(&slots_of(mix), 32), (n_heads / n_kv_heads) as u32), AttentionPass::Prefill);
+            let what = format!("cooperative matrices, case {case}");
+            attention_of_a_mix_matches_reference(&gpu, case as u64 + 200, (n_heads, n_kv_heads, head_dim), mix, pages_per_buffer, 4e-3, &what);
         }
     }
 }
 
 #[test]
 fn attention_takes_tiles_for_long_runs_of_one_sequence() {
-    let pass = |mix: &[(u32, u32)], group| {
-        let slots: Vec<TokenSlot> = mix
-            .iter()
-            .enumerate()
-            .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| TokenSlot { position: p, kv_row: 0, sequence: s as u32, _pad: 0 }))
-            .collect();
-        AttentionPass::of(&StepParams::for_slots(&slots, 32), group)
-    };
+    let pass = |mix: &[(usize, usize)], group| AttentionPass::of(&StepParams::for_slots(&slots_of(mix), 32), group);
     // The mixes of attention_runs_several_sequences_in_one_pass, with groups of 3 and 4 heads.
     for group in [3, 4] {
         assert_eq!(pass(&[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1)], group), AttentionPass::DecodeSplit);
@@ -828,7 +808,7 @@ fn attention_takes_tiles_for_long_runs_of_one_sequence() {
         assert_eq!(pass(&[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1), (8, 1), (15, 1), (33, 1), (2, 1)], group), AttentionPass::Batch);
     }
     // A prompt; 16 streams' decode tokens, and the same beside one stream's prefill chunk.
-    let streams: Vec<(u32, u32)> = (0..16).map(|s| (100 + s, 1)).collect();
+    let streams: Vec<(usize, usize)> = (0..16).map(|s| (100 + s, 1)).collect();
     assert_eq!(pass(&[(0, 256)], 4), AttentionPass::Prefill);
     assert_eq!(pass(&streams, 4), AttentionPass::Batch);
     assert_eq!(pass(&[streams.as_slice(), &[(0, 240)]].concat(), 4), AttentionPass::Prefill);
