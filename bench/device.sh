@@ -17,7 +17,7 @@
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth; prefill on cooperative matrices where the
 # card has them) and the same on the portable tiles (--no-coop-matrix, or only its attention:
-# --no-coop-attention), profiled, --sync, --f16-tiles,
+# --no-coop-attention) and in tiles of 64 or 128 only (--coop-tile), profiled, --sync, --f16-tiles,
 # pp512 with 8x8 register tiles (f32 and f16 tiles), tg128 without key splits, 4096 deep, with the
 # key splits merged in a dispatch of their own (tg128 and 4096 deep), the
 # plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
@@ -137,7 +137,7 @@ run() {
         timeout 120 "$bin" bench --synthetic llama3.2-1b --quant q4_0 -p 0 -n 4 -d 64 -r 1 $layers "$@" --json -q >"$work/load-check.json" 2>>"$work/load-check.err"
     }
     if ! load_check; then
-        for options in "--separate-split-merge" "--no-coop-matrix" "--separate-split-merge --no-coop-matrix"; do
+        for options in "--separate-split-merge" "--coop-tile=64" "--separate-split-merge --coop-tile=64" "--no-coop-matrix" "--separate-split-merge --no-coop-matrix"; do
             # shellcheck disable=SC2086 # the options are flags
             if load_check $options; then fallback=$options; break; fi
         done
@@ -152,6 +152,8 @@ run() {
         "baseline-8b-q4_0|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n"
         "8b-q4_0-no-coop|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-matrix"
         "8b-q4_0-no-coop-attention|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-attention"
+        "8b-q4_0-coop-tile-64|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --coop-tile=64"
+        "8b-q4_0-coop-tile-128|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --coop-tile=128"
         "8b-q4_0-q8-activations|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --q8-activations"
         "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
@@ -194,9 +196,9 @@ run() {
             [ -x "$baseline" ] || continue
             runner=$baseline
         else
-            # The fallback's options a run does not have already.
+            # The fallback's options whose flag a run does not have already (--flag=value too).
             for option in $fallback; do
-                [[ " $args " == *" $option "* ]] || args="$args $option"
+                [[ " $args " =~ \ ${option%%=*}[\ =] ]] || args="$args $option"
             done
         fi
         # shellcheck disable=SC2086 # the arguments are words
@@ -383,12 +385,20 @@ twins = [
     ("-separate-split-merge", "merged in a dispatch", "by the last split"),
     ("-no-coop", "on portable tiles", "on cooperative matrices"),
     ("-no-coop-attention", "with attention on portable tiles", "with it on cooperative matrices"),
+    ("-coop-tile-64", "in tiles of 64 on cooperative matrices", "in tiles by pass size"),
+    ("-coop-tile-128", "in tiles of 128 on cooperative matrices", "in tiles by pass size"),
 ]
 # A fallback (see run) that took a twin's option for every run leaves nothing to compare.
 fallback = (out / "fallback.txt").read_text().split() if (out / "fallback.txt").exists() else []
-same_under = {"-separate-split-merge": "--separate-split-merge", "-no-coop": "--no-coop-matrix", "-no-coop-attention": "--no-coop-matrix"}
+same_under = {
+    "-separate-split-merge": ["--separate-split-merge"],
+    "-no-coop": ["--no-coop-matrix"],
+    "-no-coop-attention": ["--no-coop-matrix"],
+    "-coop-tile-64": ["--coop-tile=64", "--no-coop-matrix"],
+    "-coop-tile-128": ["--no-coop-matrix"],
+}
 for suffix, on_what, off_what in twins:
-    if same_under.get(suffix) in fallback:
+    if any(option in fallback for option in same_under.get(suffix, [])):
         continue
     for path in sorted(out.glob(f"*{suffix}.json")):
         name = path.stem.removesuffix(suffix)

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
-use llama_webgpu::gpu::ops::{self, AttentionPass, InputFormat, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, TokenSlot};
+use llama_webgpu::gpu::ops::{self, AttentionPass, InputFormat, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, Strategy, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
 use llama_webgpu::gpu::{quantize_q8_block, KvType, TileType, WeightMatrix, Q8_BLOCK};
 use llama_webgpu::quant::DType;
@@ -473,11 +473,45 @@ fn tiled_matmul_with_f16_tiles_stays_within_f16_rounding_of_the_reference() {
     }
 }
 
-/// matmul.wgsl's tiled_coop: partial tiles of tokens and rows, every fused input.
+/// matmul.wgsl's tiled_coop in tiles of 64 and 128: partial tiles of tokens and rows, every fused
+/// input.
 #[test]
 fn tiled_matmul_on_cooperative_matrices_stays_within_f16_rounding_of_the_reference() {
-    let Some(gpu) = coop_matrix_gpu(&GpuOptions { gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..Default::default() }) else { return };
-    f16_tiles_within_rounding(&gpu, "cooperative matrices");
+    for side in [64, 128] {
+        let Some(gpu) = coop_matrix_gpu(&GpuOptions { gemv_max_tokens: Some(GEMV_MAX_TOKENS), coop_tile: Some(side), ..Default::default() }) else { return };
+        f16_tiles_within_rounding(&gpu, &format!("cooperative matrices in tiles of {side}"));
+    }
+}
+
+/// A product takes large tiles on cooperative matrices from the pass that makes
+/// LARGE_COOP_TILE_WORKGROUPS of them (each part of a split matrix counted on its own), unless a
+/// tile is forced.
+#[test]
+fn products_take_large_coop_tiles_where_a_pass_makes_enough_of_them() {
+    let Some(gpu) = coop_matrix_gpu(&GpuOptions::default()) else { return };
+    let k = 32;
+    let strategy = |gpu: &Gpu, w: &WeightMatrix, n: u32| {
+        let (x, out) = (gpu.storage_buffer("x", 4 * k as u64 * 512), gpu.storage_buffer("out", 4 * w.rows as u64 * 512));
+        let layout = MatmulLayout { in_stride: k, out_stride: w.rows, out_offset: 0, accumulate: false };
+        ops::matmul(gpu, &x, MatmulInput::Plain, w, &out, MatmulOutput::Rows, layout, &step(gpu, 1, 0), None).strategy(n)
+    };
+    // 256 row tiles of 128: two token tiles make 512.
+    let rows = 256 * 128;
+    let w = WeightMatrix::new(&gpu, "w", DType::Q4_0, rows, k).unwrap();
+    let gemv_max = gpu.gemv_max_tokens;
+    let want = [(1, Strategy::Gemv), (gemv_max, Strategy::GemvColumns), (gemv_max + 1, Strategy::Tiles), (128, Strategy::Tiles), (129, Strategy::LargeTiles), (512, Strategy::LargeTiles)];
+    for (n, strategy_wanted) in want {
+        assert_eq!(strategy(&gpu, &w, n), strategy_wanted, "{n} tokens of {rows} rows");
+    }
+    // Half the rows: four token tiles.
+    let half = WeightMatrix::new(&gpu, "w", DType::Q4_0, rows / 2, k).unwrap();
+    assert_eq!((strategy(&gpu, &half, 384), strategy(&gpu, &half, 385)), (Strategy::Tiles, Strategy::LargeTiles));
+    // Forced either way.
+    for (side, wanted) in [(64, Strategy::Tiles), (128, Strategy::LargeTiles)] {
+        let Some(forced) = coop_matrix_gpu(&GpuOptions { coop_tile: Some(side), ..Default::default() }) else { return };
+        let half = WeightMatrix::new(&forced, "w", DType::Q4_0, rows / 2, k).unwrap();
+        assert_eq!((strategy(&forced, &half, gemv_max + 1), strategy(&forced, &half, 512)), (wanted, wanted), "tiles of {side} forced");
+    }
 }
 
 fn f16_tiles_within_rounding(gpu: &Gpu, what_path: &str) {

@@ -2,7 +2,7 @@
 //! tiles, subgroup reductions), declares the bindings the Rust side binds, and has a `Params`
 //! struct of the same size as its Rust mirror.
 
-use llama_webgpu::gpu::{ops, Binding, CoopFragment, Kernel, KvType, ModuleForm, RegisterTile, TileType, COOP_WORKGROUP_STORAGE, KERNELS, LIBRARY, WORKGROUP_STORAGE};
+use llama_webgpu::gpu::{ops, Binding, CoopFragment, CoopTile, Kernel, Piece, KvType, ModuleForm, RegisterTile, TileType, COOP_WORKGROUP_STORAGE, KERNELS, LIBRARY, WORKGROUP_STORAGE};
 use llama_webgpu::quant::DType;
 use naga::valid::Capabilities;
 use naga::{AddressSpace, Scalar, StorageAccess, TypeInner};
@@ -73,7 +73,11 @@ fn forms(kernel: &Kernel) -> Vec<ModuleForm> {
                         {
                             continue;
                         }
-                        forms.push(ModuleForm { tiles, subgroups, register_tile, coop_matrix, kv });
+                        // The tile matters to tiled_coop alone.
+                        let coop_tiles: &[CoopTile] = if coop_matrix.is_some() && kernel.pieces.contains(&Piece::TiledCoop) { &CoopTile::ALL } else { &[CoopTile::Medium] };
+                        for &coop_tile in coop_tiles {
+                            forms.push(ModuleForm { tiles, subgroups, register_tile, coop_matrix, coop_tile, kv });
+                        }
                     }
                 }
             }
@@ -254,13 +258,15 @@ fn workgroup_memory_is_what_the_engine_requires() {
 }
 
 /// The cooperative-matrix forms: the entry points of the plain form and tiled_coop, which needs the
-/// capability, and which naga's SPIR-V writer (wgpu's Vulkan path) takes, for each fragment.
+/// capability, and which naga's SPIR-V writer (wgpu's Vulkan path) takes, for each fragment and tile.
 #[test]
 fn the_coop_matrix_forms_of_the_matmul_validate_and_write_spirv() {
     let matmul = KERNELS.iter().find(|k| k.name == "matmul").unwrap();
     assert!(matmul.has_coop_form());
     for fragment in CoopFragment::ALL {
-        coop_matrix_form_validates_and_writes_spirv(matmul, ModuleForm { coop_matrix: Some(fragment), ..Default::default() });
+        for coop_tile in CoopTile::ALL {
+            coop_matrix_form_validates_and_writes_spirv(matmul, ModuleForm { coop_matrix: Some(fragment), coop_tile, ..Default::default() });
+        }
     }
 }
 

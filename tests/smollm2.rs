@@ -163,12 +163,17 @@ fn logits_and_greedy_continuations_match_transformers() {
 /// The chat prompt's prefill (37 tokens: matmul tiles and prefill attention) on cooperative
 /// matrices rounds inputs, weights, queries, keys, values and attention weights to f16: measured
 /// on lavapipe (8x8 fragments), 3.4e-4 of the largest logit; held to 1e-3 of it, still below a
-/// quarter of the greedy margins. The raw prompt (5 tokens) decodes on the exact path.
+/// quarter of the greedy margins. The raw prompt (5 tokens) decodes on the exact path. In tiles
+/// of 64 (a pass this short makes too few of 128 to take them) and of 128.
 #[test]
 fn prefill_on_cooperative_matrices_keeps_logits_and_greedy_continuations() {
-    let Some(gpu) = common::coop_matrix_gpu(&llama_webgpu::gpu::GpuOptions { kv_type: Some(llama_webgpu::gpu::KvType::F32), ..Default::default() }) else { return };
-    assert!(gpu.coop_attention, "SmolLM2's heads of 64 take attention on cooperative matrices");
-    logits_and_greedy_continuations_within(&gpu, " on cooperative matrices", |golden| 1e-3 * golden.top_values[0].abs());
+    for coop_tile in [None, Some(128)] {
+        let options = llama_webgpu::gpu::GpuOptions { kv_type: Some(llama_webgpu::gpu::KvType::F32), coop_tile, ..Default::default() };
+        let Some(gpu) = common::coop_matrix_gpu(&options) else { return };
+        assert!(gpu.coop_attention, "SmolLM2's heads of 64 take attention on cooperative matrices");
+        let path = format!(" on cooperative matrices, tiles {}", coop_tile.map_or("by pass size".to_string(), |side| format!("of {side}")));
+        logits_and_greedy_continuations_within(&gpu, &path, |golden| 1e-3 * golden.top_values[0].abs());
+    }
 }
 
 fn logits_and_greedy_continuations_within(gpu: &llama_webgpu::Gpu, path: &str, tolerance: impl Fn(&PromptGolden) -> f32) {

@@ -97,6 +97,10 @@ pub struct BenchArgs {
     /// (for comparison).
     #[arg(long)]
     pub no_coop_attention: bool,
+    /// The workgroup tile of every prefill product on cooperative matrices, 64 or 128 tokens and
+    /// rows, instead of 128 where a pass makes enough of them (for comparison).
+    #[arg(long)]
+    pub coop_tile: Option<u32>,
     /// Keep naga's runtime bounds checks in the kernels that are in bounds by construction, as a
     /// browser does (for comparison).
     #[arg(long)]
@@ -497,6 +501,7 @@ fn report(
             "coop_matrix": gpu.coop_matrix.is_some(),
             "coop_fragment": gpu.coop_matrix.map(|f| f.side()),
             "coop_attention": gpu.coop_attention,
+            "coop_tile": gpu.coop_tile.map_or(serde_json::json!("auto"), |tile| tile.side().into()),
             "kv_type": gpu.kv_type.name(),
             "q8_activations": gpu.q8_activations,
             "kv_bytes_per_1k_positions": KvPool::bytes_per_page(model.config(), gpu.kv_type) * 1000 / PAGE_SIZE as u64,
@@ -552,9 +557,13 @@ fn report(
     let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
     println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
     let inputs = if gpu.q8_activations { "int8 blocks, --q8-activations" } else { "f32" };
+    let coop_tiles = match gpu.coop_tile {
+        Some(tile) => format!("tiles of {} forced", tile.side()),
+        None => format!("tiles of 64, of 128 where a pass makes {} of them", ops::LARGE_COOP_TILE_WORKGROUPS),
+    };
     let tiles = match gpu.coop_matrix {
-        Some(f) if gpu.coop_attention => format!("on cooperative matrices ({0}x{0}), prefill attention too", f.side()),
-        Some(f) => format!("on cooperative matrices ({0}x{0}), prefill attention on portable tiles", f.side()),
+        Some(f) if gpu.coop_attention => format!("on cooperative matrices ({0}x{0}, {coop_tiles}), prefill attention too", f.side()),
+        Some(f) => format!("on cooperative matrices ({0}x{0}, {coop_tiles}), prefill attention on portable tiles", f.side()),
         None => "portable".to_string(),
     };
     println!("matmuls as GEMVs up to {} tokens per pass (inputs: {inputs}), as tiles beyond ({tiles})", gpu.gemv_max_tokens);

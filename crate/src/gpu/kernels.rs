@@ -201,8 +201,8 @@ impl RegisterTile {
 }
 
 /// The square cooperative-matrix fragment matmul.wgsl's `tiled_coop` multiplies (f16 operands, f32
-/// sums). Its side fixes the subgroup size the kernel runs with: a 64 x 64 tile is cut into
-/// subgroups of 2 x 2 fragments, 128 threads in all.
+/// sums). Its side fixes the subgroup size the kernel runs with: 128 threads hold a 64 x 64 tile
+/// in 2 x 2 fragments a subgroup, or a 128 x 128 one in 4 x 4 ([`CoopTile`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CoopFragment {
     /// 8 x 8 in subgroups of 8 (lavapipe's, Apple's shape).
@@ -228,6 +228,40 @@ impl CoopFragment {
     }
 }
 
+/// The workgroup tile of matmul.wgsl's `tiled_coop`: tokens and rows per workgroup of 128 threads
+/// (COOP_TILE), each subgroup holding COOP_FRAGMENTS x COOP_FRAGMENTS accumulator fragments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CoopTile {
+    /// 64 x 64, 2 x 2 fragments a subgroup.
+    #[default]
+    Medium,
+    /// 128 x 128, 4 x 4 fragments a subgroup: each decoded weight serves twice the tokens and each
+    /// staged byte twice the multiply-adds, in a quarter of the workgroups.
+    Large,
+}
+
+impl CoopTile {
+    pub const ALL: [CoopTile; 2] = [CoopTile::Medium, CoopTile::Large];
+
+    /// Tokens (and rows) per workgroup.
+    pub fn side(self) -> u32 {
+        match self {
+            CoopTile::Medium => 64,
+            CoopTile::Large => 128,
+        }
+    }
+
+    /// Fragments along each side of a subgroup's part of the tile.
+    pub fn fragments(self) -> u32 {
+        self.side() / 32
+    }
+
+    /// The tile of `side` tokens, as `bench --coop-tile` names it.
+    pub fn from_side(side: u32) -> Option<CoopTile> {
+        Self::ALL.into_iter().find(|tile| tile.side() == side)
+    }
+}
+
 /// Which module a kernel makes: its pieces and file as they are (the default), or a variant
 /// where the device has the features the variant needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -241,6 +275,8 @@ pub struct ModuleForm {
     /// Add the prefill product on cooperative matrices of this fragment, `tiled_coop` (needs the
     /// device features EXPERIMENTAL_COOPERATIVE_MATRIX, SHADER_F16 and SUBGROUP).
     pub coop_matrix: Option<CoopFragment>,
+    /// `tiled_coop`'s workgroup tile, in forms on cooperative matrices.
+    pub coop_tile: CoopTile,
     /// The KV pool's element type, in kernels that touch the pool.
     pub kv: KvType,
 }
@@ -396,8 +432,10 @@ impl Kernel {
         if let Some(fragment) = form.coop_matrix {
             let side = fragment.side();
             source.push_str(&format!(
-                "enable wgpu_cooperative_matrix;\nconst COOP_SIDE: u32 = {side}u;\nconst COOP_SUBGROUP: u32 = {}u;\n",
-                fragment.subgroup_size()
+                "enable wgpu_cooperative_matrix;\nconst COOP_SIDE: u32 = {side}u;\nconst COOP_SUBGROUP: u32 = {}u;\nconst COOP_TILE: u32 = {}u;\nconst COOP_FRAGMENTS: u32 = {}u;\n",
+                fragment.subgroup_size(),
+                form.coop_tile.side(),
+                form.coop_tile.fragments()
             ));
             for (alias, role, scalar) in [("coop_a", "A", "f16"), ("coop_b", "B", "f16"), ("coop_c", "C", "f32")] {
                 source.push_str(&format!("alias {alias} = coop_mat{side}x{side}<{scalar}, {role}>;\n"));

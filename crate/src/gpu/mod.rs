@@ -10,7 +10,7 @@ mod tensor;
 
 use std::sync::{Arc, Mutex};
 
-pub use kernels::{shader_constants, Binding, CoopFragment, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, quantize_q8_block};
+pub use kernels::{shader_constants, Binding, CoopFragment, CoopTile, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, quantize_q8_block};
 pub use profile::{DispatchTime, Timestamps};
 pub use self_test::self_test;
 pub use tensor::{PartBytes, WeightMatrix};
@@ -91,6 +91,9 @@ pub struct GpuOptions {
     /// Where prefill's matmuls run on cooperative matrices, keep its attention on the portable
     /// tiles (`attend_tiles`); for comparison.
     pub no_coop_attention: bool,
+    /// The workgroup tile of every prefill product on cooperative matrices, 64 or 128 tokens and
+    /// rows, instead of the choice by the pass's size (`ops::LARGE_COOP_TILE_WORKGROUPS`); for tuning.
+    pub coop_tile: Option<u32>,
     /// The KV pool's element type: f16 where the adapter has shader-f16 (half the memory of f32,
     /// logits within about 1e-2 of it), f32 elsewhere, unless given.
     pub kv_type: Option<KvType>,
@@ -148,6 +151,8 @@ pub struct Gpu {
     /// Prefill attention runs on the same cooperative matrices (attention.wgsl's `attend_coop`,
     /// for heads of 64 or 128 dimensions) unless [`GpuOptions::no_coop_attention`].
     pub coop_attention: bool,
+    /// See [`GpuOptions::coop_tile`].
+    pub coop_tile: Option<CoopTile>,
     /// The KV pool's element type (see [`GpuOptions::kv_type`]).
     pub kv_type: KvType,
     /// The cooperative-matrix configurations the adapter lists (empty without the feature).
@@ -190,6 +195,10 @@ impl Gpu {
             Some(8) => RegisterTile::X8,
             Some(side) => return Err(GpuError::InvalidOption { name: "register_tile", value: side, allowed: "4 or 8" }),
         };
+        let coop_tile = options
+            .coop_tile
+            .map(|side| CoopTile::from_side(side).ok_or(GpuError::InvalidOption { name: "coop_tile", value: side, allowed: "64 or 128" }))
+            .transpose()?;
         let instance = instance();
         let adapter = choose_adapter(&instance, options).await?;
         let mut info = adapter.get_info();
@@ -290,6 +299,7 @@ impl Gpu {
             subgroups,
             coop_matrix,
             coop_attention: coop_matrix.is_some() && !options.no_coop_attention,
+            coop_tile,
             kv_type,
             coop_matrix_properties: adapter.cooperative_matrix_properties(),
             gemv_rows: options.gemv_rows,

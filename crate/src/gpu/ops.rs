@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::kernels::{self, Kernel, KvType, ModuleForm, RegisterTile, TileType};
+use super::kernels::{self, CoopTile, Kernel, KvType, ModuleForm, RegisterTile, TileType};
 use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
@@ -206,6 +206,13 @@ pub const DEFAULT_GEMV_MAX_TOKENS: u32 = 32;
 /// Tokens and rows per workgroup of matmul.wgsl's tiled products (TILE and TILE_ROWS).
 pub(crate) const TILE: u32 = 64;
 pub(crate) const TILE_ROWS: u32 = 64;
+/// Workgroups a product's pass must make of large tiles on cooperative matrices
+/// ([`CoopTile::Large`]) before it takes them over medium ones. A large tile decodes each weight
+/// for twice the tokens, but there are a quarter as many, and an H100/H200 holds about two of
+/// them per SM (128 threads of up to 255 registers each), 264 at once: fewer than two rounds
+/// leave SMs idle in the last. For 8B at pp512 only the gate/up product (896) takes them; at
+/// pp2048 every one. A first guess, to be measured (`bench --coop-tile 64|128`).
+pub const LARGE_COOP_TILE_WORKGROUPS: u32 = 512;
 /// Query rows per workgroup of attention.wgsl's `attend` (MAX_QUERY_BLOCK, QUERY_BLOCK's default).
 pub(crate) const ATTENTION_QUERY_BLOCK: u32 = 8;
 /// Query rows per workgroup of attention.wgsl's `attend_tiles` (prefill; PREFILL_ROWS): 4 per row
@@ -338,6 +345,8 @@ pub struct ByTokens {
     one: Op,
     few: Op,
     many: Op,
+    /// Large tiles on cooperative matrices, and the fewest tokens a pass takes them from.
+    large: Option<(Op, u32)>,
     gemv_max_tokens: u32,
     /// The most tokens a pass may have: the rows of its q8 inputs' scratch.
     max_tokens: u32,
@@ -360,17 +369,39 @@ impl ByTokens {
         }
     }
 
-    /// The strategy a pass of `n_tokens` runs.
+    /// The op a pass of `n_tokens` runs.
     pub fn for_tokens(&self, n_tokens: u32) -> &Op {
-        assert!(n_tokens <= self.max_tokens, "a pass of {n_tokens} tokens over q8 inputs of {} token rows", self.max_tokens);
-        if n_tokens <= 1 {
-            &self.one
-        } else if n_tokens <= self.gemv_max_tokens {
-            &self.few
-        } else {
-            &self.many
+        match (self.strategy(n_tokens), &self.large) {
+            (Strategy::Gemv, _) => &self.one,
+            (Strategy::GemvColumns, _) => &self.few,
+            (Strategy::LargeTiles, Some((large, _))) => large,
+            _ => &self.many,
         }
     }
+
+    /// The strategy a pass of `n_tokens` takes.
+    pub fn strategy(&self, n_tokens: u32) -> Strategy {
+        assert!(n_tokens <= self.max_tokens, "a pass of {n_tokens} tokens over q8 inputs of {} token rows", self.max_tokens);
+        match &self.large {
+            _ if n_tokens <= 1 => Strategy::Gemv,
+            _ if n_tokens <= self.gemv_max_tokens => Strategy::GemvColumns,
+            Some((_, from)) if n_tokens >= *from => Strategy::LargeTiles,
+            _ => Strategy::Tiles,
+        }
+    }
+}
+
+/// How a matmul computes a pass ([`ByTokens::strategy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// A GEMV of one token.
+    Gemv,
+    /// GEMVs of GEMV_COLUMNS tokens per workgroup.
+    GemvColumns,
+    /// Tiles (on cooperative matrices where the device has them, [`CoopTile::Medium`]).
+    Tiles,
+    /// Large tiles on cooperative matrices ([`CoopTile::Large`]).
+    LargeTiles,
 }
 
 fn dispatch(
@@ -416,7 +447,7 @@ fn dispatch_in(
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, out_offset: 0, accumulate: false };
     let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-    weight_op(gpu, "gather", tokens, MatmulInput::Plain, None, table, out, MatmulOutput::Rows, layout, step, |_| (grid, vec![]))
+    weight_op(gpu, MatmulEntry::Gather, tokens, MatmulInput::Plain, None, table, out, MatmulOutput::Rows, layout, step, |_| (grid, vec![]))
 }
 
 /// Where a matmul reads its input rows and writes its output rows.
@@ -536,15 +567,15 @@ pub fn matmul(
     // vec4s (the block sizes make k a multiple of 32). On q8 inputs every strategy reads them as
     // the quantize op left them, its INPUT applied.
     let entry = match w.dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => "gemv_blocks",
-        DType::Q4K | DType::Q6K => "gemv_superblocks",
-        _ => "gemv",
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => MatmulEntry::GemvBlocks,
+        DType::Q4K | DType::Q6K => MatmulEntry::GemvSuperblocks,
+        _ => MatmulEntry::Gemv,
     };
     let gemv_input = if x_q8.is_some() { MatmulInput::Plain } else { input };
     let tiles_input = if prepared.is_some() { MatmulInput::Plain } else { input };
     let q8_inputs = ("Q8_INPUTS", x_q8.is_some() as u8 as f64);
     let f16_inputs = ("F16_INPUTS", prepared.is_some_and(|p| p.format == InputFormat::F16) as u8 as f64);
-    assert!(entry == "gemv" || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
+    assert!(entry == MatmulEntry::Gemv || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
     let gemv = |columns: u32| {
         weight_op(gpu, entry, x, gemv_input, x_q8, w, out, output, layout, step, |rows| {
             let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
@@ -552,15 +583,83 @@ pub fn matmul(
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup), columns), constants)
         })
     };
-    let tiles = |rows: u32| (Grid::TokenTiles { x: rows.div_ceil(TILE_ROWS), tile: TILE }, vec![q8_inputs, f16_inputs]);
-    let tiled = if gpu.coop_matrix.is_some() { "tiled_coop" } else { "tiled" };
+    let tiles = |entry: MatmulEntry| {
+        let (tokens, rows) = entry.tile();
+        weight_op(gpu, entry, x, tiles_input, prepared, w, out, output, layout, step, |part_rows| {
+            (Grid::TokenTiles { x: part_rows.div_ceil(rows), tile: tokens }, vec![q8_inputs, f16_inputs])
+        })
+    };
+    let (many, large) = match gpu.coop_matrix {
+        None => (tiles(MatmulEntry::Tiled), None),
+        Some(_) => {
+            let medium = tiles(MatmulEntry::TiledCoop(CoopTile::Medium));
+            let large_from = match gpu.coop_tile {
+                Some(CoopTile::Medium) => None,
+                Some(CoopTile::Large) => Some(0),
+                None => Some(large_coop_tile_tokens(w)),
+            };
+            (medium, large_from.map(|from| (tiles(MatmulEntry::TiledCoop(CoopTile::Large)), from)))
+        }
+    };
     ByTokens {
         prepare: None,
         one: gemv(1),
         few: gemv(GEMV_COLUMNS),
-        many: weight_op(gpu, tiled, x, tiles_input, prepared, w, out, output, layout, step, tiles),
+        many,
+        large,
         gemv_max_tokens: gpu.gemv_max_tokens,
         max_tokens: prepared.map_or(u32::MAX, |p| p.tokens),
+    }
+}
+
+/// The fewest tokens from which a pass makes [`LARGE_COOP_TILE_WORKGROUPS`] large tiles of `w`
+/// (of its smallest part, each part being a dispatch of its own).
+fn large_coop_tile_tokens(w: &WeightMatrix) -> u32 {
+    let side = CoopTile::Large.side();
+    let row_tiles = w.parts.iter().map(|part| (part.rows as u32).div_ceil(side)).min().unwrap_or(1).max(1);
+    // The first token of the last token tile the pass needs.
+    (LARGE_COOP_TILE_WORKGROUPS.div_ceil(row_tiles) - 1) * side + 1
+}
+
+/// An entry point of matmul.wgsl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MatmulEntry {
+    /// The embedding rows of token ids.
+    Gather,
+    /// GEMVs of f32, f16 and bf16 weights,
+    Gemv,
+    /// of q4_0, q4_1 and q8_0 blocks,
+    GemvBlocks,
+    /// of q4_k and q6_k superblocks.
+    GemvSuperblocks,
+    /// Prefill tiles on the threads,
+    Tiled,
+    /// or on cooperative matrices.
+    TiledCoop(CoopTile),
+}
+
+impl MatmulEntry {
+    fn name(self) -> &'static str {
+        match self {
+            MatmulEntry::Gather => "gather",
+            MatmulEntry::Gemv => "gemv",
+            MatmulEntry::GemvBlocks => "gemv_blocks",
+            MatmulEntry::GemvSuperblocks => "gemv_superblocks",
+            MatmulEntry::Tiled => "tiled",
+            MatmulEntry::TiledCoop(_) => "tiled_coop",
+        }
+    }
+
+    /// Tokens and rows per workgroup of a tiled entry.
+    fn tile(self) -> (u32, u32) {
+        match self {
+            MatmulEntry::TiledCoop(tile) => (tile.side(), tile.side()),
+            _ => (TILE, TILE_ROWS),
+        }
+    }
+
+    fn is_gemv(self) -> bool {
+        matches!(self, MatmulEntry::Gemv | MatmulEntry::GemvBlocks | MatmulEntry::GemvSuperblocks)
     }
 }
 
@@ -676,15 +775,22 @@ impl ByTokens {
     /// One product over matrices stacked by rows, each writing its own output columns.
     pub fn join(parts: impl IntoIterator<Item = ByTokens>) -> ByTokens {
         let (mut one, mut few, mut many, mut gemv_max_tokens, mut max_tokens) = (vec![], vec![], vec![], 0, u32::MAX);
+        // Large tiles where every part takes them.
+        let mut large = Some((vec![], 0));
         for part in parts {
             assert!(part.prepare.is_none(), "a stack's parts share the prepare op the stack runs first");
             one.extend(part.one.dispatches);
             few.extend(part.few.dispatches);
             many.extend(part.many.dispatches);
+            large = large.zip(part.large).map(|((mut dispatches, from), (op, part_from))| {
+                dispatches.extend(op.dispatches);
+                (dispatches, from.max(part_from))
+            });
             gemv_max_tokens = part.gemv_max_tokens;
             max_tokens = max_tokens.min(part.max_tokens);
         }
-        ByTokens { prepare: None, one: Op { dispatches: one }, few: Op { dispatches: few }, many: Op { dispatches: many }, gemv_max_tokens, max_tokens }
+        let large = large.map(|(dispatches, from)| (Op { dispatches }, from));
+        ByTokens { prepare: None, one: Op { dispatches: one }, few: Op { dispatches: few }, many: Op { dispatches: many }, large, gemv_max_tokens, max_tokens }
     }
 }
 
@@ -693,7 +799,7 @@ impl ByTokens {
 #[allow(clippy::too_many_arguments)]
 fn weight_op(
     gpu: &Gpu,
-    entry: &str,
+    entry: MatmulEntry,
     x: &wgpu::Buffer,
     input: MatmulInput,
     prepared: Option<&PreparedInputs>,
@@ -706,12 +812,17 @@ fn weight_op(
 ) -> Op {
     // Only the tiled product stages tiles, only the GEMVs reduce over their workgroup, and only
     // tiled_coop is on cooperative matrices; the other entry points are the same in every form.
-    let tiled = entry == "tiled";
+    let tiled = entry == MatmulEntry::Tiled;
+    let coop_tile = match entry {
+        MatmulEntry::TiledCoop(tile) => Some(tile),
+        _ => None,
+    };
     let form = ModuleForm {
         tiles: if tiled { gpu.tile_type } else { TileType::F32 },
-        subgroups: entry.starts_with("gemv") && gpu.subgroups,
+        subgroups: entry.is_gemv() && gpu.subgroups,
         register_tile: if tiled { gpu.register_tile } else { RegisterTile::X4 },
-        coop_matrix: if entry == "tiled_coop" { gpu.coop_matrix } else { None },
+        coop_matrix: coop_tile.and(gpu.coop_matrix),
+        coop_tile: coop_tile.unwrap_or_default(),
         kv: match output {
             MatmulOutput::Rotary(r) if !r.staged => gpu.kv_type,
             _ => KvType::F32,
@@ -748,12 +859,12 @@ fn weight_op(
                 kv_staged: kv_staged as u32,
                 _pad: 0,
             };
-            let params = gpu.uniform_buffer(entry, &params);
+            let params = gpu.uniform_buffer(entry.name(), &params);
             let buffers = [x, &part.buffer, norm, out, &params, step, cos_sin, k_cache, v_cache, prepared.map_or(x, |p| &p.buffer)];
             // The gather reads a token's row in whichever part holds it (counted evenly over the
             // parts); a product reads the whole part, its input row (two halves for SiLU-mul) and
             // the norm weight; rotary output also the position's cos/sin row.
-            let traffic = if entry == "gather" {
+            let traffic = if entry == MatmulEntry::Gather {
                 (w.row_bytes() + 4 * w.cols) / w.parts.len()
             } else {
                 let inputs = match (input, prepared) {
@@ -770,7 +881,7 @@ fn weight_op(
                 ("OUTPUT", output.code() as f64),
             ];
             constants.extend(extra_constants);
-            dispatch_in(gpu, &kernels::MATMUL, form, entry, &constants, &buffers, grid, Traffic::fixed(traffic as u64))
+            dispatch_in(gpu, &kernels::MATMUL, form, entry.name(), &constants, &buffers, grid, Traffic::fixed(traffic as u64))
         })
         .collect();
     Op { dispatches }

@@ -2,7 +2,7 @@
 //! references, so a broken adapter or driver fails loudly instead of producing garbage text.
 
 use super::ops::{self, MatmulInput, MatmulLayout, StepParams};
-use super::{Gpu, GpuError, KvType, TileType, WeightMatrix};
+use super::{CoopTile, Gpu, GpuError, KvType, TileType, WeightMatrix};
 use crate::quant::DType;
 use crate::reference;
 use crate::model::PAGE_SIZE;
@@ -40,18 +40,21 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         ("matmul q4_0 of silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
     ];
     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-    let token_counts = [1, 3, tiled];
+    // Where products may take large tiles on cooperative matrices (by the pass's size, which a
+    // test this small never reaches), the tiled pass runs on them too.
+    let large_tiles = (gpu.coop_matrix.is_some() && gpu.coop_tile.is_none()).then(|| Gpu { coop_tile: Some(CoopTile::Large), ..gpu.clone() });
+    let runs: Vec<(&Gpu, usize)> = [(gpu, 1), (gpu, 3), (gpu, tiled)].into_iter().chain(large_tiles.as_ref().map(|large| (large, tiled))).collect();
     // Inputs prepared as the model's are (q8 for every strategy, f16 for the tiles on cooperative
     // matrices).
     let prepared = ops::InputFormat::for_gpu(gpu).map(|format| ops::PreparedInputs::new(gpu, format, 3.max(tiled), k));
     for (kernel, input, input_rows) in cases {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
         let q8_product = reference::matmul(&KvType::Q8_0.rounded(&input_rows), &weights, DType::Q4_0, rows, k);
-        for tokens in token_counts {
+        for &(on, tokens) in &runs {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let step = step(tokens, 0);
             let q8 = gpu.q8_activations;
-            let mut op = ops::matmul(gpu, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step, prepared.as_ref());
+            let mut op = ops::matmul(on, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step, prepared.as_ref());
             if let Some(prepared) = &prepared {
                 op = op.after(prepared, ops::prepare_input(gpu, &x_buffer, input, k, layout.in_stride, prepared, &step));
             }
@@ -62,7 +65,11 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
             let on_tiles = tokens as u32 > gpu.gemv_max_tokens;
             let f16_tiles = on_tiles && (gpu.tile_type == TileType::F16 || gpu.coop_matrix.is_some());
             let want = if q8 { &q8_product } else { &product };
-            let what = if on_tiles && gpu.coop_matrix.is_some() { format!("{kernel} {COOP_HINT}") } else { kernel.to_string() };
+            let what = match (on_tiles && gpu.coop_matrix.is_some(), on.coop_tile) {
+                (false, _) => kernel.to_string(),
+                (true, Some(CoopTile::Large)) => format!("{kernel} in tiles of 128 (--coop-tile 64 keeps to tiles of 64) {COOP_HINT}"),
+                (true, _) => format!("{kernel} {COOP_HINT}"),
+            };
             compare(gpu, &what, &out, &want[..tokens * rows], if f16_tiles || q8 { 2e-2 } else { 1e-4 }).await?;
         }
     }
