@@ -156,6 +156,11 @@ thread_local! {
 /// Sequences run together unless `maxSequences` says otherwise.
 const DEFAULT_MAX_SEQUENCES: usize = 4;
 
+/// Tokens a pass holds in a tab: half a native pass, because a browser loses its device when one
+/// submission runs for seconds (its GPU watchdog; Windows' is 2 s), as a 512-token pass of an 8B
+/// model on an integrated GPU can.
+const MAX_BATCH: usize = 256;
+
 /// `load`'s options, as the JS API names them.
 #[derive(Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -215,7 +220,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
         kv_memory: options.kv_memory,
         kv_contexts: Some(1),
-        ..Default::default()
+        max_batch: MAX_BATCH,
     };
     let report = |bytes_done: u64, bytes_total: u64, tensor: &str, stage: &str| {
         let (done, total) = (JsValue::from_f64(bytes_done as f64), JsValue::from_f64(bytes_total as f64));

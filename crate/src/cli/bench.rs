@@ -78,7 +78,7 @@ pub struct BenchArgs {
     /// by matrix size (q/k/v's rotary output takes at least 2).
     #[arg(long)]
     pub gemv_rows: Option<u32>,
-    /// The most tokens, 1 to 256, a pass runs its matmuls as GEMVs with (up to 8 tokens per
+    /// The most tokens, 1 to 512, a pass runs its matmuls as GEMVs with (up to 8 tokens per
     /// workgroup, default 32); more run as tiles.
     #[arg(long)]
     pub gemv_max_tokens: Option<u32>,

@@ -71,7 +71,7 @@ pub struct GpuOptions {
     /// Rows per workgroup of the decode GEMVs, 1, 2 or 4, for every matrix instead of the choice
     /// by matrix size (`ops::gemv_rows`; q/k/v's rotary output takes at least 2); for tuning.
     pub gemv_rows: Option<u32>,
-    /// The most tokens, 1 to 256, a pass runs its matmuls as GEMVs with (up to `ops::GEMV_COLUMNS`
+    /// The most tokens, 1 to 512, a pass runs its matmuls as GEMVs with (up to `ops::GEMV_COLUMNS`
     /// tokens per workgroup); more run as tiles. `ops::DEFAULT_GEMV_MAX_TOKENS` where not given;
     /// for tuning.
     pub gemv_max_tokens: Option<u32>,
@@ -185,7 +185,7 @@ impl Gpu {
             return Err(GpuError::InvalidOption { name: "gemv_rows", value: rows, allowed: "1, 2 or 4" });
         }
         if let Some(tokens) = options.gemv_max_tokens.filter(|n| !(1..=ops::MAX_BATCH_TOKENS as u32).contains(n)) {
-            return Err(GpuError::InvalidOption { name: "gemv_max_tokens", value: tokens, allowed: "1 to 256" });
+            return Err(GpuError::InvalidOption { name: "gemv_max_tokens", value: tokens, allowed: "1 to 512" });
         }
         if let Some(splits) = options.max_key_splits.filter(|n| !(1..=ops::MAX_KEY_SPLITS).contains(n)) {
             return Err(GpuError::InvalidOption { name: "max_key_splits", value: splits, allowed: "1 to 256" });

@@ -8,8 +8,9 @@ use super::{Gpu, WeightMatrix};
 use crate::quant::DType;
 
 /// The most tokens one pass holds (the WGSL files' MAX_BATCH_TOKENS): the step uniform has a slot
-/// for each.
-pub const MAX_BATCH_TOKENS: usize = 256;
+/// for each (8 KiB). As llama.cpp's default micro-batch: a 512-token prompt is one pass, whose
+/// products make twice the prefill tiles of a 256-token one to fill a large GPU with.
+pub const MAX_BATCH_TOKENS: usize = 512;
 
 /// Where one token of a pass belongs: its position in its sequence (RoPE, the causal mask), the
 /// pool row its keys and values are written to, and its sequence's row of the page table.

@@ -31,7 +31,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { context_length: None, max_batch: 256, max_sequences: 1, kv_memory: None, kv_contexts: None }
+        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, kv_memory: None, kv_contexts: None }
     }
 }
 
