@@ -92,20 +92,19 @@ fn buffer_row(key: u32, pages: u32) -> u32 {
     return (page - params.first_page) * PAGE_SIZE + key % PAGE_SIZE;
 }
 
-// Thread li's share of the tile of keys [key0, end_key) of the sequence whose page table row starts
-// at `pages` (at most tile_keys of them; none if key0 is past the end; zeros for keys of other
-// buffers).
-fn load_tile(key0: u32, end_key: u32, tile_keys: u32, kv_head: u32, pages: u32, li: u32) -> TileShare {
+// Thread li's share of the tile of `run`'s keys from key0 (at most tile_keys of them; none if key0
+// is past the run's end; zeros for keys of other buffers).
+fn load_tile(key0: u32, run: Run, tile_keys: u32, kv_head: u32, li: u32) -> TileShare {
     var share: TileShare;
-    if (key0 >= end_key) {
+    if (key0 >= run.end_key) {
         return share;
     }
     let hd = HEAD_DIM;
-    let n = min(tile_keys, end_key - key0) * hd;
+    let n = min(tile_keys, run.end_key - key0) * hd;
     for (var i = 0u; i < KV_QUADS_PER_THREAD; i++) {
         let e = 4u * (li + i * WG);
         if (e < n) {
-            let row = buffer_row(key0 + e / hd, pages);
+            let row = buffer_row(key0 + e / hd, run.pages);
             if (row != NOT_HERE) {
                 let column = kv_head * hd + e % hd;
                 share.k[i] = key_quad(row, column, params.n_kv_heads * hd);
@@ -158,20 +157,30 @@ fn query_block(wg: vec3<u32>, rows: u32) -> QueryBlock {
     return QueryBlock(wg.x, group, row0, min(row0 + rows, n_rows) - 1u, n_rows, wg.z, wg.z * step.keys_per_split, past);
 }
 
-// The last row of the run of one sequence's rows that starts at `first`.
-fn run_last_row(b: QueryBlock, first: u32) -> u32 {
+// A run of one sequence's rows of a query block, [first, last], and where its keys are: its
+// sequence's row of the page table, and the end of its keys in this split (the split's keys of
+// the sequence: [first_key, end_key)).
+struct Run {
+    first: u32,
+    last: u32,
+    pages: u32,
+    end_key: u32,
+}
+
+// The run that starts at row `first`: as far as the rows stay in its sequence.
+fn run_at(b: QueryBlock, first: u32) -> Run {
     let sequence = step.slots[first / b.group].z;
     var last = first;
     while (last < b.last_row && step.slots[(last + 1u) / b.group].z == sequence) {
         last++;
     }
-    return last;
+    // The run's last row has its latest position.
+    let end_key = min(b.first_key + step.keys_per_split, step.slots[last / b.group].x + 1u);
+    return Run(first, last, sequence * params.pages_per_sequence, end_key);
 }
 
-// Where the keys of a run ending at `run_last` end in this split: the run's last row has its
-// latest position.
-fn run_end_key(b: QueryBlock, run_last: u32) -> u32 {
-    return min(b.first_key + step.keys_per_split, step.slots[run_last / b.group].x + 1u);
+fn run_holds(run: Run, row: u32) -> bool {
+    return row >= run.first && row <= run.last;
 }
 
 // Row `row`'s index among the pass's (token, head) pairs.
@@ -206,24 +215,19 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     var running_max = MASKED;
     var running_sum = 0.0;
     var acc: array<f32, DIMS_PER_ROW_THREAD>;
-    // Runs of rows of one sequence, [run_first, run_last]: one for a block of a single sequence.
+    // Runs of rows of one sequence: one for a block of a single sequence.
     var run_first = b.row0;
     while (run_first <= b.last_row) {
-        let sequence = step.slots[run_first / b.group].z;
-        let run_last = run_last_row(b, run_first);
-        let in_run = my_clamped_row >= run_first && my_clamped_row <= run_last;
-        let pages = sequence * params.pages_per_sequence;
-        // This split's keys of the sequence: [first_key, end_key); the run's last row has its
-        // latest position.
-        let end_key = run_end_key(b, run_last);
+        let run = run_at(b, run_first);
+        let in_run = run_holds(run, my_clamped_row);
         // Tiles are read into registers one ahead: the next tile's K and V loads are in flight while
         // this tile's scores and outputs are computed, so the memory latency hides behind the math.
-        var current = load_tile(b.first_key, end_key, tile_keys, b.kv_head, pages, li);
-        for (var key0 = b.first_key; key0 < end_key; key0 += tile_keys) {
-            let n_keys = min(tile_keys, end_key - key0);
+        var current = load_tile(b.first_key, run, tile_keys, b.kv_head, li);
+        for (var key0 = b.first_key; key0 < run.end_key; key0 += tile_keys) {
+            let n_keys = min(tile_keys, run.end_key - key0);
             store_tile(current.k, n_keys * hd, li);
             workgroupBarrier();
-            let next = load_tile(key0 + tile_keys, end_key, tile_keys, b.kv_head, pages, li);
+            let next = load_tile(key0 + tile_keys, run, tile_keys, b.kv_head, li);
             // Scores of every (row, key) pair of the tile, the causal mask and the run applied,
             // each pair's dot product cut over score_lanes threads (lane l takes dimensions l,
             // l + score_lanes, ...), so that a decode block's few pairs keep every thread busy.
@@ -236,8 +240,8 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 let pos = step.slots[row / b.group].x;
                 // The lanes' parts add up to the score; a masked pair's to MASKED.
                 var s = select(0.0, MASKED, lane == 0u);
-                let here = params.buffers == 1u || buffer_row(key0 + j, pages) != NOT_HERE;
-                if (j < n_keys && row >= run_first && row <= run_last && key0 + j <= pos && here) {
+                let here = params.buffers == 1u || buffer_row(key0 + j, run.pages) != NOT_HERE;
+                if (j < n_keys && run_holds(run, row) && key0 + j <= pos && here) {
                     s = 0.0;
                     for (var d0 = 0u; d0 < hd; d0 += score_lanes) {
                         let d = d0 + lane;
@@ -277,7 +281,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
             current = next;
             workgroupBarrier();
         }
-        run_first = run_last + 1u;
+        run_first = run.last + 1u;
     }
     // Threads of rows past the last store nothing but stay for the barriers of the merge.
     let stores = b.row0 + my_row < b.n_rows;
@@ -357,11 +361,8 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     var sums = vec4(0.0, 0.0, 0.0, 0.0);
     var run_first = b.row0;
     while (run_first <= b.last_row) {
-        let sequence = step.slots[run_first / b.group].z;
-        let run_last = run_last_row(b, run_first);
-        let pages = sequence * params.pages_per_sequence;
-        let end_key = run_end_key(b, run_last);
-        for (var key0 = b.first_key; key0 < end_key; key0 += PREFILL_KEYS) {
+        let run = run_at(b, run_first);
+        for (var key0 = b.first_key; key0 < run.end_key; key0 += PREFILL_KEYS) {
             // Thread li stages keys 4 (li % 16) .. + 3 (their pool rows found once a tile) at
             // dimension quad li / 16 of each chunk, and writes whole vectors of four keys: threads
             // never write parts of one shared vector.
@@ -369,8 +370,8 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
             for (var j = 0u; j < 4u; j++) {
                 let key = key0 + 4u * (li % 16u) + j;
                 key_rows[j] = NOT_HERE;
-                if (key < end_key) {
-                    key_rows[j] = buffer_row(key, pages);
+                if (key < run.end_key) {
+                    key_rows[j] = buffer_row(key, run.pages);
                 }
             }
             // Zeroed explicitly: Tint (Chrome, Dawn) zeroes a var declared in a loop without an
@@ -412,8 +413,8 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                 let pos = step.slots[row / b.group].x;
                 for (var j = 0u; j < 4u; j++) {
                     let key = key0 + keys + j;
-                    let here = params.buffers == 1u || (key < end_key && buffer_row(key, pages) != NOT_HERE);
-                    let valid = key < end_key && key <= pos && row >= run_first && row <= run_last && here;
+                    let here = params.buffers == 1u || (key < run.end_key && buffer_row(key, run.pages) != NOT_HERE);
+                    let valid = key < run.end_key && key <= pos && run_holds(run, row) && here;
                     tile_probs[(rows + i) * PROBS_STRIDE + keys + j] = select(MASKED, scores[i][j], valid);
                 }
             }
@@ -449,8 +450,8 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                     let n = li + wave * WG;
                     let key = key0 + kc + n / row_quads;
                     var v = vec4(0.0, 0.0, 0.0, 0.0);
-                    if (n < v_keys * row_quads && kc + n / row_quads < PREFILL_KEYS && key < end_key) {
-                        let row = buffer_row(key, pages);
+                    if (n < v_keys * row_quads && kc + n / row_quads < PREFILL_KEYS && key < run.end_key) {
+                        let row = buffer_row(key, run.pages);
                         if (row != NOT_HERE) {
                             v = value_quad(row, b.kv_head * hd + 4u * (n % row_quads), kv_dim);
                         }
@@ -475,7 +476,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
                 workgroupBarrier();
             }
         }
-        run_first = run_last + 1u;
+        run_first = run.last + 1u;
     }
     // Each thread's rows and quads: out, or partials (and their merge) as `attend` writes them.
     let count = step.key_splits * params.buffers;

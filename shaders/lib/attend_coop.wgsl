@@ -37,15 +37,15 @@ struct CoopAttendThread {
 // Quads of a K or V tile a thread stages: li + AC_THREADS i of the tile's keys x head_dim.
 const AC_STAGED_QUADS: u32 = PREFILL_KEYS * AC_MAX_HEAD_DIM / 4u / AC_THREADS;
 
-// The pool rows in this buffer of the keys whose quads thread li stages from key0 on: NOT_HERE
-// past end_key, in other buffers, or past the tile. Found once a tile for both K and V.
-fn ac_tile_rows(key0: u32, end_key: u32, pages: u32, li: u32) -> array<u32, AC_STAGED_QUADS> {
+// The pool rows in this buffer of `run`'s keys whose quads thread li stages from key0 on: NOT_HERE
+// past the run's end_key, in other buffers, or past the tile. Found once a tile for both K and V.
+fn ac_tile_rows(key0: u32, run: Run, li: u32) -> array<u32, AC_STAGED_QUADS> {
     var rows: array<u32, AC_STAGED_QUADS>;
     for (var i = 0u; i < AC_STAGED_QUADS; i++) {
         let key = (li + i * AC_THREADS) / (HEAD_DIM / 4u);
         rows[i] = NOT_HERE;
-        if (key < PREFILL_KEYS && key0 + key < end_key) {
-            rows[i] = buffer_row(key0 + key, pages);
+        if (key < PREFILL_KEYS && key0 + key < run.end_key) {
+            rows[i] = buffer_row(key0 + key, run.pages);
         }
     }
     return rows;
@@ -113,13 +113,10 @@ fn attend_coop_block(thread: CoopAttendThread, b: QueryBlock) {
     var sum = 0.0;
     var run_first = b.row0;
     while (run_first <= b.last_row) {
-        let sequence = step.slots[run_first / b.group].z;
-        let run_last = run_last_row(b, run_first);
-        let pages = sequence * params.pages_per_sequence;
-        let end_key = run_end_key(b, run_last);
-        let in_run = b.row0 + r >= run_first && b.row0 + r <= run_last;
-        for (var key0 = b.first_key; key0 < end_key; key0 += PREFILL_KEYS) {
-            let key_rows = ac_tile_rows(key0, end_key, pages, li);
+        let run = run_at(b, run_first);
+        let in_run = run_holds(run, b.row0 + r);
+        for (var key0 = b.first_key; key0 < run.end_key; key0 += PREFILL_KEYS) {
+            let key_rows = ac_tile_rows(key0, run, li);
             ac_stage_keys(b, key_rows, li, false);
             workgroupBarrier();
             var scores = coop_c();
@@ -138,8 +135,8 @@ fn attend_coop_block(thread: CoopAttendThread, b: QueryBlock) {
             var part_max = MASKED;
             for (var j = 0u; j < AC_KEYS_PER_THREAD; j++) {
                 let key = key0 + part * AC_KEYS_PER_THREAD + j;
-                let here = params.buffers == 1u || (key < end_key && buffer_row(key, pages) != NOT_HERE);
-                let valid = key < end_key && key <= pos && in_run && here;
+                let here = params.buffers == 1u || (key < run.end_key && buffer_row(key, run.pages) != NOT_HERE);
+                let valid = key < run.end_key && key <= pos && in_run && here;
                 s[j] = select(MASKED, ac_sums[r * PREFILL_KEYS + part * AC_KEYS_PER_THREAD + j], valid);
                 part_max = max(part_max, s[j]);
             }
@@ -181,7 +178,7 @@ fn attend_coop_block(thread: CoopAttendThread, b: QueryBlock) {
             }
             workgroupBarrier();
         }
-        run_first = run_last + 1u;
+        run_first = run.last + 1u;
     }
     // The row's sum from its threads' parts.
     ac_sums[li] = sum;
