@@ -487,7 +487,7 @@ fn tiled_matmul_on_cooperative_matrices_stays_within_f16_rounding_of_the_referen
 /// LARGE_COOP_TILE_WORKGROUPS of them (each part of a split matrix counted on its own), unless a
 /// tile is forced.
 #[test]
-fn products_take_large_coop_tiles_where_a_pass_makes_enough_of_them() {
+fn products_take_large_tiles_on_cooperative_matrices_where_a_pass_makes_enough_of_them() {
     let Some(gpu) = coop_matrix_gpu(&GpuOptions::default()) else { return };
     let k = 32;
     let strategy = |gpu: &Gpu, w: &WeightMatrix, n: u32| {

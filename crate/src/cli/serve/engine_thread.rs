@@ -171,8 +171,9 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
     let EngineThreadOptions { token_interval, render, stop_all, lose_device_after_tokens } = options;
     let mut active = ActiveJobs::default();
     let mut senders_gone = false;
+    publish(&engine, &stats);
     loop {
-        publish(&engine, &stats);
+        let mut started = false;
         if engine.is_idle() {
             if senders_gone {
                 return Ended::Drained;
@@ -181,6 +182,7 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
                 Ok(job) => start(&mut engine, job, &stats, &mut active, render),
                 Err(_) => return Ended::Drained,
             }
+            started = true;
         }
         // Jobs wait in the queue (where the client sees 503 once it is full) until the engine has
         // a sequence for them.
@@ -197,6 +199,11 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
                     break;
                 }
             }
+            started = true;
+        }
+        // What was admitted shows in /health before the step runs; a step publishes its own.
+        if started {
+            publish(&engine, &stats);
         }
         if engine.is_idle() {
             continue;
@@ -247,6 +254,7 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
                 if lost {
                     return Ended::DeviceLost;
                 }
+                publish(&engine, &stats);
             }
         }
     }
