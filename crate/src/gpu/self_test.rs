@@ -19,14 +19,24 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
 /// the device quantizes them) of plain, RMSNorm-ed and SiLU-gated inputs, causal attention and
 /// argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
-    let (rows, k, n) = (24, 64, 9);
+    // Rows past one large tile, so that every fragment of a tile on cooperative matrices computes
+    // some of them.
+    let (rows, k, n) = (136, 64, 9);
+    // Token rows of x (2k: the SiLU-gated input's up half after it) and of the output must bind.
+    let pass_tokens = |tokens: usize| tokens.min(ops::MAX_BATCH_TOKENS).min((gpu.max_binding() / (4 * (2 * k).max(rows) as u64)) as usize);
     // The fewest tokens the matmuls run as tiles, where a pass and the binding limit hold them.
-    let tiled = (gpu.gemv_max_tokens as usize + 1).min(ops::MAX_BATCH_TOKENS).min((gpu.max_binding() / (4 * 2 * k as u64)) as usize);
+    let tiled = pass_tokens(gpu.gemv_max_tokens as usize + 1);
+    // Where products may take large tiles on cooperative matrices (by the pass's size, which a
+    // test this small never reaches), a pass past one of them runs on them too.
+    let large_tiles = (gpu.coop_matrix.is_some() && gpu.coop_tile.is_none()).then(|| Gpu { coop_tile: Some(CoopTile::Large), ..gpu.clone() });
+    let large_tiled = pass_tokens(CoopTile::Large.side() as usize + 3);
+    let runs: Vec<(&Gpu, usize)> = [(gpu, 1), (gpu, 3), (gpu, tiled)].into_iter().chain(large_tiles.as_ref().map(|large| (large, large_tiled))).collect();
+    let most_tokens = runs.iter().map(|&(_, tokens)| tokens).max().unwrap_or(n);
     let weights = DType::Q4_0.from_f32(&inputs(rows * k, 1)).map_err(|e| GpuError::SelfTest(e.to_string()))?;
     let matrix = WeightMatrix::new(gpu, "self-test weights", DType::Q4_0, rows, k)?;
     matrix.write_rows(gpu, 0, &weights);
     // Token rows of 2k: x and, for the SiLU-gated input, the up half after it.
-    let x = inputs(n.max(tiled) * 2 * k, 2);
+    let x = inputs(n.max(most_tokens) * 2 * k, 2);
     let x_buffer = gpu.storage_buffer_with("self-test x", &x);
     // Two key splits at most: the partials stay small enough for any binding limit.
     let max_key_splits = 2;
@@ -40,13 +50,9 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         ("matmul q4_0 of silu_mul", MatmulInput::SiluMul, reference::silu_mul(&gate, &up)),
     ];
     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-    // Where products may take large tiles on cooperative matrices (by the pass's size, which a
-    // test this small never reaches), the tiled pass runs on them too.
-    let large_tiles = (gpu.coop_matrix.is_some() && gpu.coop_tile.is_none()).then(|| Gpu { coop_tile: Some(CoopTile::Large), ..gpu.clone() });
-    let runs: Vec<(&Gpu, usize)> = [(gpu, 1), (gpu, 3), (gpu, tiled)].into_iter().chain(large_tiles.as_ref().map(|large| (large, tiled))).collect();
     // Inputs prepared as the model's are (q8 for every strategy, f16 for the tiles on cooperative
     // matrices).
-    let prepared = ops::InputFormat::for_gpu(gpu).map(|format| ops::PreparedInputs::new(gpu, format, 3.max(tiled), k));
+    let prepared = ops::InputFormat::for_gpu(gpu).map(|format| ops::PreparedInputs::new(gpu, format, most_tokens, k));
     for (kernel, input, input_rows) in cases {
         let product = reference::matmul(&input_rows, &weights, DType::Q4_0, rows, k);
         let q8_product = reference::matmul(&KvType::Q8_0.rounded(&input_rows), &weights, DType::Q4_0, rows, k);
