@@ -43,52 +43,61 @@ fn input_scale(base: u32, li: u32) -> f32 {
     return row_scale(workgroup_sum(li, squares));
 }
 
-@compute @workgroup_size(WG)
-fn quantize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let t = wg.y;
-    if (t >= step.n_tokens) {
-        return;
+// A thread's block of its workgroup's token row, INPUT applied (the row's scale too).
+struct InputBlock {
+    values: array<f32, Q8_BLOCK>,
+    t: u32,     // the token
+    block: u32, // the block of its row
+    valid: bool, // false past the pass's tokens or the row's blocks
+}
+
+fn input_block(wg: vec3<u32>, li: u32) -> InputBlock {
+    var b: InputBlock;
+    b.t = wg.y;
+    b.block = wg.x * WG + li;
+    // Uniform over the workgroup (one token each), so all its threads take part in the row's sum.
+    if (b.t >= step.n_tokens) {
+        return b;
     }
-    let base = t * params.in_stride;
+    let base = b.t * params.in_stride;
     let scale = input_scale(base, li);
-    let blocks = params.k / Q8_BLOCK;
-    let block = wg.x * WG + li;
-    if (block >= blocks) {
-        return;
+    if (b.block >= params.k / Q8_BLOCK) {
+        return b;
     }
-    var values: array<f32, Q8_BLOCK>;
     for (var i = 0u; i < Q8_BLOCK / 4u; i++) {
-        let quad = input_quad(base, block * Q8_BLOCK + 4u * i) * scale;
+        let quad = input_quad(base, b.block * Q8_BLOCK + 4u * i) * scale;
         for (var j = 0u; j < 4u; j++) {
-            values[4u * i + j] = quad[j];
+            b.values[4u * i + j] = quad[j];
         }
     }
-    let q = q8_block(values);
-    let row = t * (params.k / 4u + 2u * blocks);
-    for (var i = 0u; i < Q8_BLOCK / 4u; i++) {
-        x_prepared[row + block * (Q8_BLOCK / 4u) + i] = q.words[i];
+    b.valid = true;
+    return b;
+}
+
+@compute @workgroup_size(WG)
+fn quantize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let b = input_block(wg, li);
+    if (!b.valid) {
+        return;
     }
-    x_prepared[row + params.k / 4u + block] = bitcast<u32>(q.scale);
-    x_prepared[row + params.k / 4u + blocks + block] = bitcast<u32>(q.scale * f32(q.quant_sum));
+    let q = q8_block(b.values);
+    let blocks = params.k / Q8_BLOCK;
+    let row = b.t * (params.k / 4u + 2u * blocks);
+    for (var i = 0u; i < Q8_BLOCK / 4u; i++) {
+        x_prepared[row + b.block * (Q8_BLOCK / 4u) + i] = q.words[i];
+    }
+    x_prepared[row + params.k / 4u + b.block] = bitcast<u32>(q.scale);
+    x_prepared[row + params.k / 4u + blocks + b.block] = bitcast<u32>(q.scale * f32(q.quant_sum));
 }
 
 @compute @workgroup_size(WG)
 fn to_f16(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let t = wg.y;
-    if (t >= step.n_tokens) {
+    let b = input_block(wg, li);
+    if (!b.valid) {
         return;
     }
-    let base = t * params.in_stride;
-    let scale = input_scale(base, li);
-    let block = wg.x * WG + li;
-    if (block >= params.k / Q8_BLOCK) {
-        return;
-    }
-    for (var i = 0u; i < Q8_BLOCK / 4u; i++) {
-        let col = block * Q8_BLOCK + 4u * i;
-        let quad = input_quad(base, col) * scale;
-        let at = (t * params.k + col) / 2u;
-        x_prepared[at] = pack2x16float(quad.xy);
-        x_prepared[at + 1u] = pack2x16float(quad.zw);
+    let at = (b.t * params.k + b.block * Q8_BLOCK) / 2u;
+    for (var i = 0u; i < Q8_BLOCK / 2u; i++) {
+        x_prepared[at + i] = pack2x16float(vec2(b.values[2u * i], b.values[2u * i + 1u]));
     }
 }
