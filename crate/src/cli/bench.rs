@@ -502,6 +502,7 @@ fn report(
             "coop_fragment": gpu.coop_matrix.map(|f| f.side()),
             "coop_attention": gpu.coop_attention,
             "coop_tile": gpu.coop_tile.map_or(serde_json::json!("auto"), |tile| tile.side().into()),
+            "coop_large_tiles_from_tokens": large_coop_tiles_by_matrix(gpu, model.config()).map(|by_matrix| serde_json::Map::from_iter(by_matrix.into_iter().map(|(matrix, from)| (matrix.to_string(), from.into())))),
             "kv_type": gpu.kv_type.name(),
             "q8_activations": gpu.q8_activations,
             "kv_bytes_per_1k_positions": KvPool::bytes_per_page(model.config(), gpu.kv_type) * 1000 / PAGE_SIZE as u64,
@@ -557,9 +558,13 @@ fn report(
     let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
     println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
     let inputs = if gpu.q8_activations { "int8 blocks, --q8-activations" } else { "f32" };
-    let coop_tiles = match gpu.coop_tile {
-        Some(tile) => format!("tiles of {} forced", tile.side()),
-        None => format!("tiles of 64, of 128 where a pass makes {} of them", ops::LARGE_COOP_TILE_WORKGROUPS),
+    let coop_tiles = match (gpu.coop_tile, large_coop_tiles_by_matrix(gpu, model.config())) {
+        (Some(tile), _) => format!("tiles of {} forced", tile.side()),
+        (None, by_matrix) => {
+            let from: Vec<String> = by_matrix.unwrap_or_default().into_iter().filter_map(|(matrix, from)| Some(format!("{matrix} from {} tokens", from?))).collect();
+            let from = if from.is_empty() { "no product in a pass".to_string() } else { from.join(", ") };
+            format!("tiles of 64, of 128 where a pass makes {} of them: {from}", ops::LARGE_COOP_TILE_WORKGROUPS)
+        }
     };
     let tiles = match gpu.coop_matrix {
         Some(f) if gpu.coop_attention => format!("on cooperative matrices ({0}x{0}, {coop_tiles}), prefill attention too", f.side()),
@@ -578,14 +583,26 @@ fn split_merge(gpu: &Gpu) -> &'static str {
 /// Rows per workgroup the GEMVs take for each matrix of the model, unsplit (q/k/v's rotary output
 /// takes at least 2).
 fn gemv_rows_by_matrix(gpu: &Gpu, c: &Config) -> [(&'static str, u32); 5] {
-    let rows = |n: usize, rotary| ops::gemv_rows(n as u32, gpu.info.device_type, gpu.gemv_rows, rotary);
+    matrix_rows(c).map(|(matrix, rows)| (matrix, ops::gemv_rows(rows as u32, gpu.info.device_type, gpu.gemv_rows, matrix == "qkv_proj")))
+}
+
+/// Each product's rows.
+fn matrix_rows(c: &Config) -> [(&'static str, usize); 5] {
     [
-        ("qkv_proj", rows(c.q_dim() + 2 * c.kv_dim(), true)),
-        ("o_proj", rows(c.hidden_size, false)),
-        ("gate_up_proj", rows(2 * c.intermediate_size, false)),
-        ("down_proj", rows(c.hidden_size, false)),
-        ("lm_head", rows(c.vocab_size, false)),
+        ("qkv_proj", c.q_dim() + 2 * c.kv_dim()),
+        ("o_proj", c.hidden_size),
+        ("gate_up_proj", 2 * c.intermediate_size),
+        ("down_proj", c.hidden_size),
+        ("lm_head", c.vocab_size),
     ]
+}
+
+/// The fewest tokens of a pass from which each product takes tiles of 128 on cooperative
+/// matrices (by pass size; none past a pass's most tokens), where the choice is by pass size.
+fn large_coop_tiles_by_matrix(gpu: &Gpu, c: &Config) -> Option<Vec<(&'static str, Option<u32>)>> {
+    (gpu.coop_matrix.is_some() && gpu.coop_tile.is_none()).then(|| {
+        matrix_rows(c).into_iter().map(|(matrix, rows)| (matrix, Some(ops::large_coop_tile_tokens(rows)).filter(|&from| from as usize <= ops::MAX_BATCH_TOKENS))).collect()
+    })
 }
 
 /// How the decode GEMVs reduce over their workgroup.

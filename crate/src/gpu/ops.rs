@@ -597,7 +597,7 @@ pub fn matmul(
             let large_from = match gpu.coop_tile {
                 Some(CoopTile::Medium) => None,
                 Some(CoopTile::Large) => Some(0),
-                None => Some(large_coop_tile_tokens(w)),
+                None => Some(large_coop_tile_tokens(w.parts.iter().map(|part| part.rows).min().unwrap_or(w.rows))),
             };
             (medium, large_from.map(|from| (tiles(MatmulEntry::TiledCoop(CoopTile::Large)), from)))
         }
@@ -613,11 +613,11 @@ pub fn matmul(
     }
 }
 
-/// The fewest tokens from which a pass makes [`LARGE_COOP_TILE_WORKGROUPS`] large tiles of `w`
-/// (of its smallest part, each part being a dispatch of its own).
-fn large_coop_tile_tokens(w: &WeightMatrix) -> u32 {
+/// The fewest tokens from which a pass makes [`LARGE_COOP_TILE_WORKGROUPS`] large tiles of a
+/// product of `rows` rows (of a split matrix, its smallest part: each part is a dispatch of its own).
+pub fn large_coop_tile_tokens(rows: usize) -> u32 {
     let side = CoopTile::Large.side();
-    let row_tiles = w.parts.iter().map(|part| (part.rows as u32).div_ceil(side)).min().unwrap_or(1).max(1);
+    let row_tiles = (rows as u32).div_ceil(side).max(1);
     // The first token of the last token tile the pass needs.
     (LARGE_COOP_TILE_WORKGROUPS.div_ceil(row_tiles) - 1) * side + 1
 }
