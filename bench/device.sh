@@ -353,6 +353,11 @@ first = next((p for p in sorted(out.glob("*.json")) if p.read_text()), None)
 if first:
     report = json.loads(first.read_text().splitlines()[0])
     print(f"\n{report['adapter']} ({report['backend']}), commit {report.get('commit', 'unknown')}")
+eight_b = out / "8b-q4_0.json"
+if eight_b.exists() and eight_b.read_text():
+    tiles = json.loads(eight_b.read_text().splitlines()[0]).get("coop_large_tiles_from_tokens")
+    if tiles:
+        print(f"8B's products on tiles of 128 (cooperative matrices) from passes of (tokens): {tiles}")
 print(f"\n| run | test | tok/s | std | of bandwidth | CPU encode us/token | dispatches/token |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 for path in sorted(out.glob("*.json")):
