@@ -127,15 +127,16 @@ fn tiled_coop(thread: CoopThread) {
         }
         for (var kk = 0u; kk < COOP_K; kk += COOP_SIDE) {
             // A: tokens x k, row-major; B: k x slots, each slot's k contiguous (column-major).
+            // Every A fragment, then one B fragment at a time: fewer registers live beside the
+            // accumulators.
             var a: array<coop_a, COOP_FRAGMENTS>;
-            var b: array<coop_b, COOP_FRAGMENTS>;
             for (var i = 0u; i < COOP_FRAGMENTS; i++) {
                 a[i] = coopLoadT<coop_a>(&coop_x[(tokens + i * COOP_SIDE) * COOP_STRIDE + kk], COOP_STRIDE);
-                b[i] = coopLoad<coop_b>(&coop_w[(slots + i * COOP_SIDE) * COOP_STRIDE + kk], COOP_STRIDE);
             }
-            for (var i = 0u; i < COOP_FRAGMENTS; i++) {
-                for (var j = 0u; j < COOP_FRAGMENTS; j++) {
-                    acc[COOP_FRAGMENTS * i + j] = coopMultiplyAdd(a[i], b[j], acc[COOP_FRAGMENTS * i + j]);
+            for (var j = 0u; j < COOP_FRAGMENTS; j++) {
+                let b = coopLoad<coop_b>(&coop_w[(slots + j * COOP_SIDE) * COOP_STRIDE + kk], COOP_STRIDE);
+                for (var i = 0u; i < COOP_FRAGMENTS; i++) {
+                    acc[COOP_FRAGMENTS * i + j] = coopMultiplyAdd(a[i], b, acc[COOP_FRAGMENTS * i + j]);
                 }
             }
         }
