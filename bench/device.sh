@@ -25,7 +25,8 @@
 # q8_0, q4_k; 1B, 3B and 70B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1; ONLY="8b-q4_0 ..." runs
-# just the benchmarks named.
+# just the benchmarks named; BUDGET=540 (seconds from the start after which no benchmark starts:
+# a call may run 600; the ones left are named for a later call's ONLY).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=target/device
@@ -83,6 +84,9 @@ run() {
     # Only a few files come back from the machine: every result goes to $work, packed into one
     # archive under $OUT after each step (so a run cut short still returns what it finished).
     local out=${OUT:-target/device-out} work=${WORK:-/tmp/device-results}
+    # A call may run 600 s: stop starting benchmarks in time to write the summary, and say which
+    # were left (ONLY= runs them in a later call).
+    local deadline=$((SECONDS + ${BUDGET:-540}))
     # A warm machine keeps /tmp between calls: start empty, so a table holds this run alone.
     rm -rf "$work"
     mkdir -p "$out" "$work"
@@ -187,9 +191,15 @@ run() {
         "8b-q4_0-rows2|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 2 --profile"
         "8b-q4_0-rows4|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --gemv-rows 4 --profile"
     )
+    local left=()
     for entry in "${runs[@]}"; do
         local name=${entry%%|*} args=${entry#*|}
         [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || continue
+        local remaining=$((deadline - SECONDS))
+        if [ "$remaining" -lt 30 ]; then
+            left+=("$name")
+            continue
+        fi
         [[ " $args " == *" -r "* ]] || args="$args -r $reps"
         local runner=$bin
         if [[ $name == baseline-* ]]; then
@@ -202,7 +212,7 @@ run() {
             done
         fi
         # shellcheck disable=SC2086 # the arguments are words
-        if timeout 240 "$runner" bench $args $layers $bandwidth --json -q >"$work/$name.json" 2>"$work/$name.err"; then
+        if timeout $((remaining < 240 ? remaining : 240)) "$runner" bench $args $layers $bandwidth --json -q >"$work/$name.json" 2>"$work/$name.err"; then
             echo "bench $name: done"
         else
             echo "bench $name: FAILED: $(tail -2 "$work/$name.err")"
@@ -210,6 +220,8 @@ run() {
         fi
         pack
     done
+    [ ${#left[@]} -eq 0 ] || echo "left for lack of time (BUDGET=${BUDGET:-540} s): ONLY=\"${left[*]}\"" | tee "$work/left.txt"
+    pack
     summary "$work" | tee "$out/summary.md"
     [ ${#failed[@]} -eq 0 ] || { echo "failed: ${failed[*]}"; return 1; }
 }
