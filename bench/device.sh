@@ -13,7 +13,8 @@
 #   bench/device.sh dawn    there (carrying target/dawn and .gl): the wasm engine on Dawn under
 #                           Node (bench/dawn.mjs): the fixture's tokens against native, then 1B and 8B
 #                           q4_0 pp/tg (and tg on int8 inputs) beside the native CLI's in the same
-#                           call, as a ratio
+#                           call, as a ratio (prefill also against native on the portable tiles, the
+#                           kernels a browser has)
 #
 # The 8B runs: pp512/tg128 (with the card's bandwidth; prefill on cooperative matrices where the
 # card has them) and the same on the portable tiles (--no-coop-matrix, or only its attention:
@@ -272,11 +273,12 @@ dawn() {
     [ -f "$addon" ] || xz -dc "$addon.xz" >"$addon"
     local p=${P:-512} n=${N:-128} reps=${REPS:-3} models=${MODELS:-llama3.2-1b llama3.1-8b}
     for model in $models; do
-        # Decode on int8 inputs too (named MODEL+q8), beside Dawn's.
-        for variant in "$model|-p $p" "$model+q8|-p 0 --q8-activations"; do
+        # Decode on int8 inputs too (named MODEL+q8), beside Dawn's; and prefill on the portable
+        # tiles (MODEL+portable), the kernels a browser runs, where the card has cooperative matrices.
+        for variant in "$model|-p $p -n $n" "$model+q8|-p 0 -n $n --q8-activations" "$model+portable|-p $p -n 0 --no-coop-matrix"; do
             local name=${variant%%|*} args=${variant#*|}
             # shellcheck disable=SC2086 # LAYERS and args are flags
-            timeout 240 "$dawn/llama-webgpu" bench --synthetic "$model" --quant q4_0 $args -n "$n" -r "$reps" ${LAYERS:+--layers $LAYERS} --json -q \
+            timeout 240 "$dawn/llama-webgpu" bench --synthetic "$model" --quant q4_0 $args -r "$reps" ${LAYERS:+--layers $LAYERS} --json -q \
                 >"$work/native-$name.json" 2>"$work/native-$name.err" || echo "native $name: FAILED: $(tail -2 "$work/native-$name.err")"
             pack
         done
@@ -306,18 +308,22 @@ if dawn:
     print(f"maxStorageBufferBindingSize {limits.get('maxStorageBufferBindingSize')}, maxComputeWorkgroupStorageSize {limits.get('maxComputeWorkgroupStorageSize')}")
     if dawn["check"]:
         print(f"tiny fixture tokens equal to native: {dawn['check']['equal']}")
-print("\n| model | test | native tok/s | Dawn tok/s | Dawn / native |")
-print("| --- | --- | ---: | ---: | ---: |")
+def native_means(path):
+    text = path.read_text() if path.exists() else ""
+    return {r["test"]: mean(r["samples"]) for r in json.loads(text.splitlines()[0])["results"]} if text else {}
+print("\n| model | test | native tok/s | Dawn tok/s | Dawn / native | native portable tok/s | Dawn / native portable |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
 for path in sorted(work.glob("native-*.json")):
     model = path.stem.removeprefix("native-")
-    text = path.read_text()
-    native = {r["test"]: mean(r["samples"]) for r in json.loads(text.splitlines()[0])["results"]} if text else {}
+    if model.endswith("+portable"):
+        continue
+    native, portable = native_means(path), native_means(work / f"native-{model}+portable.json")
     web = next((r for r in (dawn or {}).get("results", []) if r["model"] + ("+q8" if r.get("q8_activations") else "") == model), None)
     web = {r["test"]: mean(r["tokens_per_second"]) for r in web["results"]} if web else {}
     for test in sorted(set(native) | set(web)):
-        n, w = native.get(test), web.get(test)
-        ratio = f"{w / n:.2f}" if n and w else "-"
-        print(f"| {model} | {test} | {n or 0:.1f} | {w or 0:.1f} | {ratio} |")
+        n, w, p = native.get(test), web.get(test), portable.get(test)
+        ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+        print(f"| {model} | {test} | {n or 0:.1f} | {w or 0:.1f} | {ratio(w, n)} | {f'{p:.1f}' if p else '-'} | {ratio(w, p)} |")
 EOF
 }
 
