@@ -142,7 +142,7 @@ run() {
         timeout 120 "$bin" bench --synthetic llama3.2-1b --quant q4_0 -p 0 -n 4 -d 64 -r 1 $layers "$@" --json -q >"$work/load-check.json" 2>>"$work/load-check.err"
     }
     if ! load_check; then
-        for options in "--separate-split-merge" "--coop-tile=64" "--separate-split-merge --coop-tile=64" "--no-coop-matrix" "--separate-split-merge --no-coop-matrix"; do
+        for options in "--separate-split-merge" "--coop-tile=64" "--separate-split-merge --coop-tile=64" "--no-coop-attention" "--separate-split-merge --no-coop-attention" "--no-coop-matrix" "--separate-split-merge --no-coop-matrix"; do
             # shellcheck disable=SC2086 # the options are flags
             if load_check $options; then fallback=$options; break; fi
         done
@@ -416,7 +416,7 @@ fallback = (out / "fallback.txt").read_text().split() if (out / "fallback.txt").
 same_under = {
     "-separate-split-merge": ["--separate-split-merge"],
     "-no-coop": ["--no-coop-matrix"],
-    "-no-coop-attention": ["--no-coop-matrix"],
+    "-no-coop-attention": ["--no-coop-attention", "--no-coop-matrix"],
     "-coop-tile-64": ["--coop-tile=64", "--no-coop-matrix"],
     "-coop-tile-128": ["--no-coop-matrix"],
 }

@@ -34,6 +34,17 @@ fn entry_points(module: &naga::Module) -> Vec<String> {
     module.entry_points.iter().map(|e| e.name.clone()).collect()
 }
 
+/// `entry` of the kernel's module in `form` as wgpu's Vulkan backend writes it for a pipeline:
+/// overrides resolved, SPIR-V 1.6 (Vulkan 1.3).
+fn spirv_of(kernel: &Kernel, form: ModuleForm, (module, info): &(naga::Module, naga::valid::ModuleInfo), entry: &str, constants: &[(&str, f64)]) -> Vec<u32> {
+    let constants = naga::back::PipelineConstants::from_iter(constants.iter().map(|&(name, value)| (name.to_string(), value)));
+    let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(module, info, Some((naga::ShaderStage::Compute, entry)), &constants)
+        .unwrap_or_else(|e| panic!("{} {entry} {form:?} {constants:?}: {e}", kernel.name));
+    let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+    let pipeline = naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: entry.into() };
+    naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {} {entry} {form:?} {constants:?}: {e}", kernel.name))
+}
+
 /// The scalar type of the elements (or their components) of a module's `x_tile` workgroup array.
 fn tile_scalar(module: &naga::Module) -> Option<Scalar> {
     let (_, var) = module.global_variables.iter().find(|(_, v)| v.name.as_deref() == Some("x_tile"))?;
@@ -270,46 +281,71 @@ fn the_coop_matrix_forms_of_the_matmul_validate_and_write_spirv() {
     }
 }
 
-/// attend_coop, for each fragment and KV type, heads of 64 and 128, merging or not.
+/// attend_coop, for each fragment and KV type, heads of 64 and 128.
 #[test]
 fn the_coop_matrix_forms_of_attention_write_spirv() {
     let attention = KERNELS.iter().find(|k| k.name == "attention").unwrap();
-    let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
-    let pipeline = naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "attend_coop".into() };
     for fragment in CoopFragment::ALL {
         for &kv in attention.kv_types {
             let form = ModuleForm { coop_matrix: Some(fragment), kv, ..Default::default() };
-            let (module, info) = parse_with(attention, form);
-            for (head_dim, merge) in [(64, 0), (128, 1)] {
-                let constants = naga::back::PipelineConstants::from_iter([("HEAD_DIM".to_string(), head_dim as f64), ("MERGE_IN_LAST_SPLIT".to_string(), merge as f64)]);
-                let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, "attend_coop")), &constants)
-                    .unwrap_or_else(|e| panic!("{form:?} {head_dim}: {e}"));
-                naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {form:?} {head_dim}: {e}"));
+            let parsed = parse_with(attention, form);
+            for head_dim in [64.0, 128.0] {
+                spirv_of(attention, form, &parsed, "attend_coop", &[("HEAD_DIM", head_dim)]);
             }
         }
     }
 }
 
 fn coop_matrix_form_validates_and_writes_spirv(matmul: &Kernel, form: ModuleForm) {
-    let (module, info) = parse_with(matmul, form);
+    let parsed = parse_with(matmul, form);
     let mut plain = entry_points(&parse(matmul).0);
     plain.push("tiled_coop".into());
-    assert_eq!(entry_points(&module), plain);
+    assert_eq!(entry_points(&parsed.0), plain);
     assert!(validate(matmul, form, Capabilities::all() - Capabilities::COOPERATIVE_MATRIX).is_err());
-    // As wgpu makes a pipeline: overrides resolved, then SPIR-V for the entry point, for every
-    // weight format, fused input and output.
-    let options = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
-    let pipeline = naga::back::spv::PipelineOptions { shader_stage: naga::ShaderStage::Compute, entry_point: "tiled_coop".into() };
+    // For every weight format, fused input and output.
     for dtype in DType::ALL {
-        for (input, output) in [(0, 0), (1, 0), (2, 0), (1, 1)] {
-            let constants = naga::back::PipelineConstants::from_iter(
-                [("WEIGHT_DTYPE", dtype.shader_code()), ("INPUT", input), ("OUTPUT", output)].map(|(name, value)| (name.to_string(), value as f64)),
-            );
-            let (resolved, resolved_info) = naga::back::pipeline_constants::process_overrides(&module, &info, Some((naga::ShaderStage::Compute, "tiled_coop")), &constants)
-                .unwrap_or_else(|e| panic!("{form:?} {dtype}: {e}"));
-            naga::back::spv::write_vec(&resolved, &resolved_info, &options, Some(&pipeline)).unwrap_or_else(|e| panic!("SPIR-V of {form:?} {dtype} {input} {output}: {e}"));
+        for (input, output) in [(0.0, 0.0), (1.0, 0.0), (2.0, 0.0), (1.0, 1.0)] {
+            spirv_of(matmul, form, &parsed, "tiled_coop", &[("WEIGHT_DTYPE", dtype.shader_code() as f64), ("INPUT", input), ("OUTPUT", output)]);
         }
     }
+}
+
+/// Set by scripts/with-coop-lavapipe: the command that runs SPIRV-Tools' `spirv-val`.
+const SPIRV_VAL_ENV: &str = "LLAMA_WEBGPU_SPIRV_VAL";
+
+/// Every entry point of every kernel in every form, as SPIR-V for Vulkan 1.3, passes SPIRV-Tools'
+/// validator. lavapipe runs modules that a stricter driver may refuse or miscompile: naga's SPIR-V
+/// of a module on cooperative matrices (in the Vulkan memory model) with atomics on storage (device
+/// scope) lacks the capability that needs, and attention's partials were such atomics.
+#[test]
+fn every_entry_point_is_valid_vulkan_spirv() {
+    let Ok(command) = std::env::var(SPIRV_VAL_ENV) else {
+        eprintln!("SKIPPED: {SPIRV_VAL_ENV} names no spirv-val (scripts/with-coop-lavapipe provides one)");
+        return;
+    };
+    let mut words = command.split_whitespace();
+    let program = words.next().expect("a command");
+    let arguments: Vec<&str> = words.collect();
+    let file = std::env::temp_dir().join(format!("llama-webgpu-spirv-{}.spv", std::process::id()));
+    let (mut checked, mut invalid) = (0, vec![]);
+    for kernel in KERNELS {
+        for form in forms(kernel) {
+            let parsed = parse_with(kernel, form);
+            for entry in entry_points(&parsed.0) {
+                let spirv = spirv_of(kernel, form, &parsed, &entry, &[]);
+                std::fs::write(&file, bytemuck::cast_slice::<u32, u8>(&spirv)).unwrap();
+                let result = std::process::Command::new(program).args(&arguments).args(["--target-env", "vulkan1.3"]).arg(&file).output().expect("spirv-val runs");
+                if !result.status.success() {
+                    let message = String::from_utf8_lossy(&result.stderr) + String::from_utf8_lossy(&result.stdout);
+                    invalid.push(format!("{} {entry} {form:?}: {}", kernel.name, message.lines().next().unwrap_or("")));
+                }
+                checked += 1;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    assert!(invalid.is_empty(), "{} of {checked} entry points are not valid SPIR-V:\n{}", invalid.len(), invalid.join("\n"));
+    eprintln!("{checked} entry points valid");
 }
 
 /// The KV forms: the pool bindings of each kernel that binds the pool become arrays of the pool's

@@ -187,36 +187,16 @@ fn attend_coop_block(thread: CoopAttendThread, b: QueryBlock) {
     for (var t = 0u; t < AC_ROW_THREADS; t++) {
         row_sum += ac_sums[r * AC_ROW_THREADS + t];
     }
-    // Out, or partials (and their merge) as `attend` writes them.
-    let count = step.key_splits * params.buffers;
-    let stored = b.row0 + r <= b.last_row;
+    // Out: the host runs this entry point only where a pass has one partial per row (one key split,
+    // a pool in one buffer), since partials are atomics of device scope (crate::gpu::ops::attention).
+    if (b.row0 + r > b.last_row) {
+        return;
+    }
     let token_head = token_head_of(b, b.row0 + r);
-    let partial_row = token_head * count + params.buffer * step.key_splits + b.split;
-    for (var m = 0u; m < AC_QUADS_PER_THREAD; m++) {
-        let d = 4u * (part + AC_ROW_THREADS * m);
-        for (var e = 0u; e < 4u && d < hd && stored; e++) {
-            if (count == 1u) {
-                out[token_head * hd + d + e] = acc[m][e] / row_sum;
-            } else {
-                store_partial(partial_row * hd + d + e, acc[m][e]);
-            }
-        }
-    }
-    if (count > 1u && part == 0u && stored) {
-        store_partial(params.stats_offset + 2u * partial_row, row_max);
-        store_partial(params.stats_offset + 2u * partial_row + 1u, row_sum);
-    }
-    if (count == 1u) {
-        return;
-    }
-    if (!merges_here(li, thread.wg.y * params.n_kv_heads + b.kv_head) || !stored) {
-        return;
-    }
-    let merge = merge_of(token_head * count, count);
     for (var m = 0u; m < AC_QUADS_PER_THREAD; m++) {
         let d = 4u * (part + AC_ROW_THREADS * m);
         for (var e = 0u; e < 4u && d < hd; e++) {
-            out[token_head * hd + d + e] = merged(merge, d + e);
+            out[token_head * hd + d + e] = acc[m][e] / row_sum;
         }
     }
 }

@@ -114,7 +114,7 @@ const STORAGE_BUFFERS: u64 = 8;
 pub const WORKGROUP_STORAGE: u64 = 13316;
 /// Workgroup memory of the kernel entry point on cooperative matrices with the most (attention.wgsl's
 /// `attend_coop`), which run only where the adapter has this much.
-pub const COOP_WORKGROUP_STORAGE: u64 = 32260;
+pub const COOP_WORKGROUP_STORAGE: u64 = 32256;
 
 /// A limit's name, how to read it, and the least the engine needs of it.
 type Requirement = (&'static str, fn(&wgpu::Limits) -> u64, u64);

@@ -1001,8 +1001,11 @@ pub fn attention(
     let buffers = kv.buffers.len();
     let kv_dim = n_kv_heads * head_dim;
     let form = ModuleForm { kv: gpu.kv_type, ..Default::default() };
-    // Prefill on cooperative matrices takes heads of 64 or 128 dimensions (Llama 3's).
-    let coop_prefill = gpu.coop_attention && matches!(head_dim, 64 | 128);
+    // Prefill on cooperative matrices takes heads of 64 or 128 dimensions (Llama 3's) over a pool
+    // in one buffer, where it writes out itself (a prefill pass has one key split): partials are
+    // atomics, whose device scope a module on cooperative matrices (the Vulkan memory model, in
+    // naga's SPIR-V) may use only with a capability naga does not declare (spirv-val rejects it).
+    let coop_prefill = gpu.coop_attention && matches!(head_dim, 64 | 128) && buffers == 1;
     // q and out, plus a key and a value row of every KV head per attended position.
     let traffic = Traffic { bytes: 8 * (n_heads * head_dim) as u64, bytes_per_position: 2 * gpu.kv_type.row_bytes(kv_dim) };
     let group = (n_heads / n_kv_heads) as u32;
