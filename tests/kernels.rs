@@ -444,7 +444,7 @@ fn tuning_options_out_of_range_are_an_error() {
     assert!(matches!(e, Some(InvalidOption { name: "gemv_rows", value: 3, .. })), "{e:?}");
     let e = error(GpuOptions { register_tile: Some(6), ..exact() });
     assert!(matches!(e, Some(InvalidOption { name: "register_tile", value: 6, .. })), "{e:?}");
-    for tokens in [0, 257] {
+    for tokens in [0, ops::MAX_BATCH_TOKENS as u32 + 1] {
         let e = error(GpuOptions { gemv_max_tokens: Some(tokens), ..exact() });
         assert!(matches!(e, Some(InvalidOption { name: "gemv_max_tokens", value, .. }) if value == tokens), "{e:?}");
     }
@@ -452,6 +452,8 @@ fn tuning_options_out_of_range_are_an_error() {
         let e = error(GpuOptions { max_key_splits: Some(splits), ..exact() });
         assert!(matches!(e, Some(InvalidOption { name: "max_key_splits", value, .. }) if value == splits), "{e:?}");
     }
+    let e = error(GpuOptions { coop_tile: Some(96), ..exact() });
+    assert!(matches!(e, Some(InvalidOption { name: "coop_tile", value: 96, .. })), "{e:?}");
 }
 
 /// A device staging prefill tiles as f16 with the given register tile, or None (reported) where the
