@@ -53,14 +53,17 @@ struct InputBlock {
 
 fn input_block(wg: vec3<u32>, li: u32) -> InputBlock {
     var b: InputBlock;
-    b.t = wg.y;
-    b.block = wg.x * WG + li;
-    // Uniform over the workgroup (one token each), so all its threads take part in the row's sum.
-    if (b.t >= step.n_tokens) {
+    // Uniform over the workgroup (one token each), so all its threads take part in the row's sum;
+    // tested on `t`, not `b`, whose other fields vary by thread (uniformity analysis follows whole
+    // variables).
+    let t = wg.y;
+    if (t >= step.n_tokens) {
         return b;
     }
-    let base = b.t * params.in_stride;
+    let base = t * params.in_stride;
     let scale = input_scale(base, li);
+    b.t = t;
+    b.block = wg.x * WG + li;
     if (b.block >= params.k / Q8_BLOCK) {
         return b;
     }
