@@ -37,8 +37,8 @@ struct CoopAttendThread {
 // Quads of a K or V tile a thread stages: li + AC_THREADS i of the tile's keys x head_dim.
 const AC_STAGED_QUADS: u32 = PREFILL_KEYS * AC_MAX_HEAD_DIM / 4u / AC_THREADS;
 
-// The pool rows in this buffer of `run`'s keys whose quads thread li stages from key0 on: NOT_HERE
-// past the run's end_key, in other buffers, or past the tile. Found once a tile for both K and V.
+// The pool rows of `run`'s keys whose quads thread li stages from key0 on: NOT_HERE past the run's
+// end_key or past the tile. Found once a tile for both K and V.
 fn ac_tile_rows(key0: u32, run: Run, li: u32) -> array<u32, AC_STAGED_QUADS> {
     var rows: array<u32, AC_STAGED_QUADS>;
     for (var i = 0u; i < AC_STAGED_QUADS; i++) {
@@ -135,8 +135,8 @@ fn attend_coop_block(thread: CoopAttendThread, b: QueryBlock) {
             var part_max = MASKED;
             for (var j = 0u; j < AC_KEYS_PER_THREAD; j++) {
                 let key = key0 + part * AC_KEYS_PER_THREAD + j;
-                let here = params.buffers == 1u || (key < run.end_key && buffer_row(key, run.pages) != NOT_HERE);
-                let valid = key < run.end_key && key <= pos && in_run && here;
+                // The pool is in one buffer (ops::attention): every key of the run is here.
+                let valid = key < run.end_key && key <= pos && in_run;
                 s[j] = select(MASKED, ac_sums[r * PREFILL_KEYS + part * AC_KEYS_PER_THREAD + j], valid);
                 part_max = max(part_max, s[j]);
             }

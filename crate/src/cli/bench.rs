@@ -598,10 +598,10 @@ fn matrix_rows(c: &Config) -> [(&'static str, usize); 5] {
 }
 
 /// The fewest tokens of a pass from which each product takes tiles of 128 on cooperative
-/// matrices (by pass size; none past a pass's most tokens), where the choice is by pass size.
+/// matrices (none past a pass's most tokens), where the choice is by pass size.
 fn large_coop_tiles_by_matrix(gpu: &Gpu, c: &Config) -> Option<Vec<(&'static str, Option<u32>)>> {
     (gpu.coop_matrix.is_some() && gpu.coop_tile.is_none()).then(|| {
-        matrix_rows(c).into_iter().map(|(matrix, rows)| (matrix, Some(ops::large_coop_tile_tokens(rows)).filter(|&from| from as usize <= ops::MAX_BATCH_TOKENS))).collect()
+        matrix_rows(c).into_iter().map(|(matrix, rows)| (matrix, ops::large_coop_tiles_from(gpu, rows).filter(|&from| from as usize <= ops::MAX_BATCH_TOKENS))).collect()
     })
 }
 

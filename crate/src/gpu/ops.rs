@@ -594,11 +594,7 @@ pub fn matmul(
         None => (tiles(MatmulEntry::Tiled), None),
         Some(_) => {
             let medium = tiles(MatmulEntry::TiledCoop(CoopTile::Medium));
-            let large_from = match gpu.coop_tile {
-                Some(CoopTile::Medium) => None,
-                Some(CoopTile::Large) => Some(0),
-                None => Some(large_coop_tile_tokens(w.parts.iter().map(|part| part.rows).min().unwrap_or(w.rows))),
-            };
+            let large_from = large_coop_tiles_from(gpu, w.parts.iter().map(|part| part.rows).min().unwrap_or(w.rows));
             (medium, large_from.map(|from| (tiles(MatmulEntry::TiledCoop(CoopTile::Large)), from)))
         }
     };
@@ -613,13 +609,21 @@ pub fn matmul(
     }
 }
 
-/// The fewest tokens from which a pass makes [`LARGE_COOP_TILE_WORKGROUPS`] large tiles of a
-/// product of `rows` rows (of a split matrix, its smallest part: each part is a dispatch of its own).
-pub fn large_coop_tile_tokens(rows: usize) -> u32 {
-    let side = CoopTile::Large.side();
-    let row_tiles = (rows as u32).div_ceil(side).max(1);
-    // The first token of the last token tile the pass needs.
-    (LARGE_COOP_TILE_WORKGROUPS.div_ceil(row_tiles) - 1) * side + 1
+/// The fewest tokens from which a pass of a product of `rows` rows (of a split matrix, its
+/// smallest part: each part is a dispatch of its own) takes large tiles on cooperative matrices on
+/// `gpu`: where it makes [`LARGE_COOP_TILE_WORKGROUPS`] of them, every pass where they are forced,
+/// none where tiles of 64 are or the device has no cooperative matrices.
+pub fn large_coop_tiles_from(gpu: &Gpu, rows: usize) -> Option<u32> {
+    match (gpu.coop_matrix, gpu.coop_tile) {
+        (None, _) | (_, Some(CoopTile::Medium)) => None,
+        (_, Some(CoopTile::Large)) => Some(0),
+        (_, None) => {
+            let side = CoopTile::Large.side();
+            let row_tiles = (rows as u32).div_ceil(side).max(1);
+            // The first token of the last token tile the pass needs.
+            Some((LARGE_COOP_TILE_WORKGROUPS.div_ceil(row_tiles) - 1) * side + 1)
+        }
+    }
 }
 
 /// An entry point of matmul.wgsl.

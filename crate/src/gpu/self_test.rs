@@ -27,8 +27,8 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     // The fewest tokens the matmuls run as tiles, where a pass and the binding limit hold them.
     let tiled = pass_tokens(gpu.gemv_max_tokens as usize + 1);
     // Where products may take large tiles on cooperative matrices (by the pass's size, which a
-    // test this small never reaches), a pass past one of them runs on them too.
-    let large_tiles = (gpu.coop_matrix.is_some() && gpu.coop_tile.is_none()).then(|| Gpu { coop_tile: Some(CoopTile::Large), ..gpu.clone() });
+    // test this small never reaches, or forced), a pass past one of them runs on them too.
+    let large_tiles = ops::large_coop_tiles_from(gpu, rows).is_some().then(|| Gpu { coop_tile: Some(CoopTile::Large), ..gpu.clone() });
     let large_tiled = pass_tokens(CoopTile::Large.side() as usize + 3);
     let runs: Vec<(&Gpu, usize)> = [(gpu, 1), (gpu, 3), (gpu, tiled)].into_iter().chain(large_tiles.as_ref().map(|large| (large, large_tiled))).collect();
     let most_tokens = runs.iter().map(|&(_, tokens)| tokens).max().unwrap_or(n);
