@@ -593,9 +593,14 @@ pub fn matmul(
     let (many, large) = match gpu.coop_matrix {
         None => (tiles(MatmulEntry::Tiled), None),
         Some(_) => {
-            let medium = tiles(MatmulEntry::TiledCoop(CoopTile::Medium));
             let large_from = large_coop_tiles_from(gpu, w.parts.iter().map(|part| part.rows).min().unwrap_or(w.rows));
-            (medium, large_from.map(|from| (tiles(MatmulEntry::TiledCoop(CoopTile::Large)), from)))
+            let large = large_from.map(|from| (tiles(MatmulEntry::TiledCoop(CoopTile::Large)), from));
+            // Large tiles from the first token (forced) leave no pass to medium ones: none built.
+            let medium = match &large {
+                Some((op, 0)) => op.clone(),
+                _ => tiles(MatmulEntry::TiledCoop(CoopTile::Medium)),
+            };
+            (medium, large)
         }
     };
     ByTokens {
