@@ -23,6 +23,7 @@
 # key splits merged in a dispatch of their own (tg128 and 4096 deep), the
 # plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
 # decode on q8 inputs (--q8-activations: alone, profiled, with --parallel; q8_0, q4_k and 1B too);
+# quant values converted from integers instead of made from float bits (--int-conversions, q8_0 too);
 # q8_0, q4_k; 1B, 3B and 70B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1; ONLY="8b-q4_0 ..." runs
@@ -158,6 +159,7 @@ run() {
         "8b-q4_0-no-coop|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-matrix"
         "8b-q4_0-no-coop-attention|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-attention"
         "8b-q4_0-q8-activations|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --q8-activations"
+        "8b-q4_0-int-conversions|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n --int-conversions"
         "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
         "8b-q4_0-q8-activations-profile|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 1 --profile --q8-activations"
@@ -176,6 +178,7 @@ run() {
         "8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
         "baseline-8b-q8_0|--synthetic llama3.1-8b --quant q8_0 -p $p -n $n"
         "8b-q8_0-q8-activations|--synthetic llama3.1-8b --quant q8_0 -p 0 -n $n --q8-activations"
+        "8b-q8_0-int-conversions|--synthetic llama3.1-8b --quant q8_0 -p 0 -n $n --int-conversions"
         "1b-q4_0-q8-activations|--synthetic llama3.2-1b --quant q4_0 -p 0 -n $n --q8-activations"
         "8b-q4_k|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n"
         "8b-q4_k-q8-activations|--synthetic llama3.1-8b --quant q4_k -p 0 -n $n --q8-activations"
@@ -405,6 +408,7 @@ for path in sorted(out.glob("baseline-*.json")):
 # portable tiles (all of it, or its attention) against cooperative matrices.
 twins = [
     ("-q8-activations", "on int8 inputs", "on f32"),
+    ("-int-conversions", "with quant values converted from integers", "made from float bits"),
     ("-separate-split-merge", "merged in a dispatch", "by the last split"),
     ("-no-coop", "on portable tiles", "on cooperative matrices"),
     ("-no-coop-attention", "with attention on portable tiles", "with it on cooperative matrices"),

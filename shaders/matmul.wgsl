@@ -83,6 +83,9 @@ override Q8_INPUTS: bool = false;
 // tiled_coop stages inputs quantize.wgsl's to_f16 made f16, INPUT applied (the host sets INPUT
 // plain): half the bytes of f32 and no second read of a row for its RMSNorm scale.
 override F16_INPUTS: bool = false;
+// Quant values converted from integers instead of made from float bits (weights.wgsl's
+// quant_values; crate::GpuOptions::int_conversions), for comparison.
+override INT_CONVERSIONS: bool = false;
 // Tokens per GEMV workgroup: 1 for a lone sequence's decode step, MAX_GEMV_COLUMNS for a pass of
 // several sequences' tokens, which then load and decode each weight once for all of them.
 override GEMV_COLUMNS: u32 = 1u;
@@ -446,8 +449,8 @@ fn piece_dot(p: Piece, part: u32, x: PieceInputs) -> f32 {
         for (var i = 0u; i < 2u; i++) {
             let l = vec4(p.low[i]) >> bytes;
             let h = vec4(p.high[i]) >> bytes;
-            let qa = vec4<f32>((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u))) - 32.0;
-            let qb = vec4<f32>(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u))) - 32.0;
+            let qa = quant_values((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u)), 32.0);
+            let qb = quant_values(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u)), 32.0);
             dots.x += dot(x.a[i], qa);
             dots.y += dot(x.b[i], qb);
         }

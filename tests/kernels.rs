@@ -1034,6 +1034,38 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
     }
 }
 
+/// Quant values made from float bits (the default) are exactly those the GPU's integer-to-float
+/// conversions give: every block format's products agree bit for bit as a GEMV of one token, GEMVs
+/// of several (3, 11: 8 a workgroup) and tiles (37), with every fused input.
+#[test]
+fn quant_values_from_float_bits_equal_their_integer_conversions() {
+    let (rows, k) = (37, 512);
+    let options = GpuOptions { gemv_max_tokens: Some(GEMV_MAX_TOKENS), ..exact() };
+    let Some(from_bits) = gpu_with(&options) else { return };
+    let Some(converted) = gpu_with(&GpuOptions { int_conversions: true, ..options }) else { return };
+    let norm = random_vec(&mut rng(62), k, 2.0);
+    for dtype in BLOCK_FORMATS {
+        for n in [1, 3, 11, 37] {
+            let [bits, conversions] = [&from_bits, &converted].map(|gpu| {
+                let (_, w) = weights(gpu, 61, dtype, rows, k);
+                let norm_buffer = gpu.storage_buffer_with("norm", &norm);
+                let (xb, cases) = fused_inputs(gpu, n, k, n as u64 + 63, &norm, &norm_buffer);
+                cases.map(|(_, input, _)| {
+                    let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
+                    let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
+                    let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
+                    run(gpu, |pass| op.encode(pass, n as u32));
+                    read_f32(gpu, &out, n * rows)
+                })
+            });
+            for (input, (bits, conversions)) in ["plain", "rmsnorm", "silu_mul"].iter().zip(bits.iter().zip(&conversions)) {
+                let differ = bits.iter().zip(conversions).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(differ.is_none(), "{dtype} {rows}x{k} of {input}, n={n}: element {differ:?} differs: {bits:?} against {conversions:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn fill_matches_reference_and_decodes_to_small_finite_weights() {
     let Some(gpu) = gpu() else { return };

@@ -106,18 +106,30 @@ fn weight_pair(row: u32, col: u32) -> vec2<f32> {
     }
 }
 
+// Quant values v - offset (v under 2^23, offset a whole number under 2^23), exactly. The bits of
+// v go into the mantissa of 2^23, and 2^23 + offset is taken away: an OR and a subtraction at the
+// full FMA rate, where a u32-to-f32 conversion runs at a quarter of it on NVIDIA (16 a clock per
+// SM) and would bound the q4_0 GEMVs at about half an H200's bandwidth. INT_CONVERSIONS converts
+// instead, for comparison; the values are the same either way.
+fn quant_values(v: vec4<u32>, offset: f32) -> vec4<f32> {
+    if (INT_CONVERSIONS) {
+        return vec4<f32>(v) - offset;
+    }
+    return bitcast<vec4<f32>>(v | vec4(0x4b000000u)) - (8388608.0 + offset);
+}
+
 // Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
 fn low_nibbles(word: u32) -> vec4<f32> {
-    return vec4<f32>((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu));
+    return quant_values((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu), 0.0);
 }
 
 fn high_nibbles(word: u32) -> vec4<f32> {
-    return vec4<f32>((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu));
+    return quant_values((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu), 0.0);
 }
 
-// Bytes 0..3 of a word as int8 values.
+// Bytes 0..3 of a word as int8 values (each byte's sign bit flipped: the value plus 128).
 fn signed_bytes(word: u32) -> vec4<f32> {
-    return vec4<f32>(bitcast<vec4<i32>>(vec4(word) << vec4(24u, 16u, 8u, 0u)) >> vec4(24u));
+    return quant_values((vec4(word ^ 0x80808080u) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xffu), 128.0);
 }
 
 // Weights col..col + 3 (col a multiple of 4) of `row`, zero past k. The 32-weight block formats
@@ -161,7 +173,7 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
             let low = (vec4(w[(start + half * 64u + l + quarter % 2u * 32u) / 4u]) >> (bytes + vec4(quarter / 2u * 4u))) & vec4(0xfu);
             let high = (vec4(w[(start + 128u + half * 32u + l) / 4u]) >> (bytes + vec4(2u * quarter))) & vec4(3u);
             let scale = i8_at(start + 192u + half * 8u + l / 16u + 2u * quarter);
-            return block_scale(superblock, Q6_K_QUANTS, 256u) * scale * (vec4<f32>(low | (high << vec4(4u))) - 32.0);
+            return block_scale(superblock, Q6_K_QUANTS, 256u) * scale * quant_values(low | (high << vec4(4u)), 32.0);
         }
         default: { // k is even, so each pair lies wholly inside or past the row
             var pairs = vec4(0.0, 0.0, 0.0, 0.0);

@@ -105,6 +105,10 @@ pub struct BenchArgs {
     /// browser does (for comparison).
     #[arg(long)]
     pub bounds_checks: bool,
+    /// Decode quant values with the GPU's integer-to-float conversion instead of from float bits
+    /// (the same values; for comparison).
+    #[arg(long)]
+    pub int_conversions: bool,
     /// A JSON schema file: after the other tests, time each tg test through the engine (greedy,
     /// from a chat prompt) constrained to the schema and unconstrained, and the schema's token
     /// mask per generated token. Needs --model (its tokenizer).
@@ -505,6 +509,7 @@ fn report(
             "coop_large_tiles_from_tokens": large_coop_tiles_by_matrix(gpu, model.config()).map(|by_matrix| serde_json::Map::from_iter(by_matrix.into_iter().map(|(matrix, from)| (matrix.to_string(), from.into())))),
             "kv_type": gpu.kv_type.name(),
             "q8_activations": gpu.q8_activations,
+            "int_conversions": gpu.int_conversions,
             "kv_bytes_per_1k_positions": KvPool::bytes_per_page(model.config(), gpu.kv_type) * 1000 / PAGE_SIZE as u64,
             "kv_buffers_per_layer": model.kv_pool().buffers(),
             "coop_matrix_properties": gpu.coop_matrix_properties.iter().map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type)).collect::<Vec<_>>(),
@@ -558,6 +563,7 @@ fn report(
     let how = if gpu.gemv_rows.is_some() { "forced" } else { "by matrix size" };
     println!("GEMV reduction: {}; GEMV rows per workgroup ({how}): {}", gemv_reduction(gpu), rows.join(", "));
     let inputs = if gpu.q8_activations { "int8 blocks, --q8-activations" } else { "f32" };
+    let quants = if gpu.int_conversions { "converted from integers, --int-conversions" } else { "from float bits" };
     let coop_tiles = match (gpu.coop_tile, large_coop_tiles_by_matrix(gpu, model.config())) {
         (Some(tile), _) => format!("tiles of {} forced", tile.side()),
         (None, by_matrix) => {
@@ -571,7 +577,7 @@ fn report(
         Some(f) => format!("on cooperative matrices ({0}x{0}, {coop_tiles}), prefill attention on portable tiles", f.side()),
         None => "portable".to_string(),
     };
-    println!("matmuls as GEMVs up to {} tokens per pass (inputs: {inputs}), as tiles beyond ({tiles})", gpu.gemv_max_tokens);
+    println!("matmuls as GEMVs up to {} tokens per pass (inputs: {inputs}; quant values {quants}), as tiles beyond ({tiles})", gpu.gemv_max_tokens);
     println!("attention's key splits merged {}", split_merge(gpu));
 }
 

@@ -104,6 +104,9 @@ pub struct GpuOptions {
     /// them dequantized. At the cost of exact f32 inputs: logits within 0.2 of their spread on the
     /// random-weight fixtures. Off unless asked for.
     pub q8_activations: bool,
+    /// Decode quant values with the GPU's integer-to-float conversion instead of from float bits
+    /// (weights.wgsl's `quant_values`: the same values); for comparison.
+    pub int_conversions: bool,
 }
 
 /// Storage buffers of the kernel with the most (matmul.wgsl); WebGPU grants 8 everywhere.
@@ -172,6 +175,8 @@ pub struct Gpu {
     pub merge_in_last_split: bool,
     /// See [`GpuOptions::q8_activations`].
     pub q8_activations: bool,
+    /// See [`GpuOptions::int_conversions`].
+    pub int_conversions: bool,
     /// Two small buffers for writable bindings a dispatch does not use: WebGPU forbids binding
     /// one buffer to two writable bindings of a dispatch, so `out` cannot fill them.
     pub unused_writable: [wgpu::Buffer; 2],
@@ -308,6 +313,7 @@ impl Gpu {
             max_key_splits: options.max_key_splits,
             merge_in_last_split,
             q8_activations: options.q8_activations,
+            int_conversions: options.int_conversions,
             kernels: Default::default(),
             failure,
         })

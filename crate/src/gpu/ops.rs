@@ -889,6 +889,7 @@ fn weight_op(
                 ("WEIGHT_DTYPE", w.dtype.shader_code() as f64),
                 ("INPUT", input.code() as f64),
                 ("OUTPUT", output.code() as f64),
+                ("INT_CONVERSIONS", gpu.int_conversions as u8 as f64),
             ];
             constants.extend(extra_constants);
             dispatch_in(gpu, &kernels::MATMUL, form, entry.name(), &constants, &buffers, grid, Traffic::fixed(traffic as u64))
