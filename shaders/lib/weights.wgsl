@@ -108,9 +108,9 @@ fn weight_pair(row: u32, col: u32) -> vec2<f32> {
 
 // Quant values v - offset (v under 2^23, offset a whole number under 2^23), exactly. The bits of
 // v go into the mantissa of 2^23, and 2^23 + offset is taken away: an OR and a subtraction at the
-// full FMA rate, where a u32-to-f32 conversion runs at a quarter of it on NVIDIA (16 a clock per
-// SM) and would bound the q4_0 GEMVs at about half an H200's bandwidth. INT_CONVERSIONS converts
-// instead, for comparison; the values are the same either way.
+// full rate, where a u32-to-f32 conversion runs at 16 a clock per SM on NVIDIA (CUDA's throughput
+// table; FMAs at 64 to 128) and would bound the q4_0 GEMVs at about half an H200's bandwidth.
+// INT_CONVERSIONS converts instead, for comparison; the values are the same either way.
 fn quant_values(v: vec4<u32>, offset: f32) -> vec4<f32> {
     if (INT_CONVERSIONS) {
         return vec4<f32>(v) - offset;
