@@ -44,6 +44,25 @@ fn no_display_session_no_loader_noise() {
     assert!(output.status.success() && !stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
 }
 
+/// Output into a pipe whose reader has gone (`info | head -1`) ends the process by SIGPIPE, as it
+/// does any Unix tool, not with a panic.
+#[cfg(unix)]
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    if gpu().is_none() {
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llama-webgpu")).arg("info").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Closed before the adapters are listed: their first line meets a pipe with no reader.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn bench_reports_json_for_a_model_and_a_synthetic_shape() {
     if gpu().is_none() {

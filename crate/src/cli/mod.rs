@@ -194,6 +194,14 @@ pub fn main() -> ExitCode {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
     let cli = Cli::parse();
+    // Output into a closed pipe (`info | head -1`) ends the process quietly, as it does any Unix
+    // tool, instead of panicking in println!. The server keeps SIGPIPE ignored: sockets never
+    // raise it (std sends with MSG_NOSIGNAL), and a closed log pipe must not end it.
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition for SIGPIPE.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match pollster::block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
