@@ -179,8 +179,14 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     };
     let vocab = model.config().vocab_size;
     let tokens = bench_tokens(vocab, longest);
-    // A warm-up pass compiles pipelines and touches every buffer.
+    // Warm-up passes compile pipelines and touch every buffer: a decode step, and a pass of each
+    // prompt length (as llama-bench warms each test), whose products take other pipelines (GEMV
+    // columns, tiles, large tiles) than the step's, so that no work a driver defers to a
+    // pipeline's first dispatch lands in a measured repetition.
     model.forward_greedy(&tokens[..1], 0).await?;
+    for &n in args.prompt.iter().filter(|&&n| n > 1 && args.parallel.is_empty()) {
+        model.forward_greedy(&tokens[depth..depth + n], depth).await?;
+    }
     // The tests write positions from depth on, so the context before it is filled once.
     if depth > 0 {
         model.forward_greedy(&tokens[..depth], 0).await?;
