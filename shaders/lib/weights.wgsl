@@ -106,16 +106,14 @@ fn weight_pair(row: u32, col: u32) -> vec2<f32> {
     }
 }
 
-// Quant values v - offset (v under 2^23, offset a whole number under 2^23), exactly. The bits of
-// v go into the mantissa of 2^23, and 2^23 + offset is taken away: an OR and a subtraction at the
-// full rate, where a u32-to-f32 conversion runs at 16 a clock per SM on NVIDIA (CUDA's throughput
-// table; FMAs at 64 to 128) and would bound the q4_0 GEMVs at about half an H200's bandwidth.
-// INT_CONVERSIONS converts instead, for comparison; the values are the same either way.
+// Quant values v - offset, made from their bits (lib/q8_block.wgsl's values_from_bits), or with
+// integer-to-float conversions where the host asks for them (INT_CONVERSIONS), for comparison:
+// the same values either way.
 fn quant_values(v: vec4<u32>, offset: f32) -> vec4<f32> {
     if (INT_CONVERSIONS) {
         return vec4<f32>(v) - offset;
     }
-    return bitcast<vec4<f32>>(v | vec4(0x4b000000u)) - (8388608.0 + offset);
+    return values_from_bits(v, offset);
 }
 
 // Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
@@ -127,9 +125,9 @@ fn high_nibbles(word: u32) -> vec4<f32> {
     return quant_values((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu), 0.0);
 }
 
-// Bytes 0..3 of a word as int8 values (each byte's sign bit flipped: the value plus 128).
+// Bytes 0..3 of a word as int8 values.
 fn signed_bytes(word: u32) -> vec4<f32> {
-    return quant_values((vec4(word ^ 0x80808080u) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xffu), 128.0);
+    return quant_values(biased_bytes(word), 128.0);
 }
 
 // Weights col..col + 3 (col a multiple of 4) of `row`, zero past k. The 32-weight block formats
