@@ -520,7 +520,7 @@ pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
         return Err(request_error(Some("synthetic"), format!("synthetic: unknown model {:?}; known: {known}", options.synthetic)));
     };
     let Some(dtype) = crate::quant::DType::from_name(&options.quant) else {
-        return Err(request_error(Some("quant"), format!("quant: unknown weight format {:?}", options.quant)));
+        return Err(request_error(Some("quant"), format!("quant: {:?} is not a weight format: {}", options.quant, crate::quant::DType::choices())));
     };
     if let Some(layers) = options.layers {
         config.n_layers = layers;

@@ -26,8 +26,8 @@ pub struct BenchArgs {
     #[arg(long)]
     synthetic: Option<String>,
     /// Weight format of the synthetic model: q4_0, q4_1, q8_0, q4_k, q6_k, f16 or bf16.
-    #[arg(long, default_value = "q4_0")]
-    quant: String,
+    #[arg(long, default_value = "q4_0", value_parser = super::parse_quant)]
+    quant: DType,
     /// Fewer layers than the shape has (a smaller synthetic model).
     #[arg(long)]
     layers: Option<usize>,
@@ -162,7 +162,7 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
             if let Some(layers) = args.layers {
                 config.n_layers = layers;
             }
-            let dtype = DType::from_name(&args.quant).with_context(|| format!("--quant {:?}", args.quant))?;
+            let dtype = args.quant;
             let started = Instant::now();
             let model = Llama::synthetic(&gpu, config, dtype, &options).await?;
             if !quiet {

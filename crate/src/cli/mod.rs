@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams, Stop};
 use llama_webgpu::gpu::KvType;
+use llama_webgpu::quant::DType;
 use llama_webgpu::engine::Event;
 use llama_webgpu::hub::{self, FileChoice, HubCache, HubClient, ModelRef};
 use llama_webgpu::model::{size_text, MemoryEstimate};
@@ -88,8 +89,8 @@ enum Command {
         /// The model to convert.
         source: PathBuf,
         /// Format of the matrices: q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16 or f32.
-        #[arg(long, default_value = "q4_0")]
-        quant: String,
+        #[arg(long, default_value = "q4_0", value_parser = parse_quant)]
+        quant: DType,
         /// Largest shard, e.g. 64MiB (a bigger tensor gets a shard of its own).
         #[arg(long, default_value = "64MiB")]
         shard_size: String,
@@ -301,7 +302,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Convert { source, quant, shard_size, out } => {
-            let quant = llama_webgpu::quant::DType::from_name(&quant).with_context(|| format!("--quant {quant:?}: expected q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16 or f32"))?;
             let shard_bytes = parse_size(&shard_size)?;
             let bar = load_bar(cli.quiet);
             let report = load::convert(&source, quant, shard_bytes, &out, &mut |p| {
@@ -526,11 +526,15 @@ fn terminal_events<'a>(quiet: bool, mut on_text: impl FnMut(&str) + 'a) -> impl 
     }
 }
 
-/// "64MiB", "512KiB", "1GiB", "1000000".
 fn parse_kv_type(text: &str) -> Result<KvType, String> {
     KvType::from_name(text).ok_or_else(|| format!("{text:?} is not a KV type: {}", KvType::choices()))
 }
 
+fn parse_quant(text: &str) -> Result<DType, String> {
+    DType::from_name(text).ok_or_else(|| format!("{text:?} is not a weight format: {}", DType::choices()))
+}
+
+/// "64MiB", "512KiB", "1GiB", "1000000".
 fn parse_size(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
     let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));

@@ -63,6 +63,12 @@ impl DType {
         DType::ALL.into_iter().find(|d| d.name() == name)
     }
 
+    /// Every format's name, for an error: `"f32", "f16", ... or "q6_k"`.
+    pub fn choices() -> String {
+        let names = Self::ALL.map(|d| format!("{:?}", d.name()));
+        format!("{} or {}", names[..names.len() - 1].join(", "), names[names.len() - 1])
+    }
+
     /// Elements per block and bytes per block (a block of one element for plain floats).
     pub fn block(self) -> (usize, usize) {
         match self {
