@@ -44,6 +44,18 @@ fn no_display_session_no_loader_noise() {
     assert!(output.status.success() && !stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
 }
 
+/// An I/O error says its cause once when the CLI prints the error's chain (the fixture has no
+/// tokenizer.json).
+#[test]
+fn an_io_error_says_its_cause_once() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = fixture("tiny-llama31");
+    let stderr = llama_webgpu_fails(&["run", "--model", model.to_str().unwrap(), "--prompt", "Hello", "-n", "1"]);
+    assert!(stderr.contains("tokenizer.json") && stderr.matches("(os error 2)").count() == 1, "{stderr}");
+}
+
 /// Output into a pipe whose reader has gone (`info | head -1`) ends the process by SIGPIPE, as it
 /// does any Unix tool, not with a panic.
 #[cfg(unix)]

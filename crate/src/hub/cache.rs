@@ -205,5 +205,5 @@ fn link_or_copy(target: &Path, pointer: &Path, blob: &Path) -> Result<(), HubErr
 }
 
 pub(super) fn io(path: &Path, source: std::io::Error) -> HubError {
-    HubError::Io { path: path.display().to_string(), source }
+    HubError::Io { path: path.display().to_string(), error: source }
 }

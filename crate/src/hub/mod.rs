@@ -49,8 +49,9 @@ pub enum HubError {
     Checksum { file: String, expected: String, actual: String },
     #[error("{path}: the disk is full (the download needs {needed} more bytes): free some space, or set HF_HOME (or HF_HUB_CACHE) to a folder on a larger disk")]
     DiskFull { path: String, needed: u64 },
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    // The I/O error in the message, not as a source(): a chain printed whole would say it twice.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{reference} is not in the cache ({cache}) and the Hub cannot be asked: {why}")]
     NotCached { reference: String, cache: String, why: String },
 }

@@ -39,7 +39,7 @@ pub fn convert(
     if std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some()) {
         return Err(LoadError::Io {
             path: out.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output folder is not empty: remove it or choose another"),
+            error: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output folder is not empty: remove it or choose another"),
         }
         .into());
     }
@@ -64,7 +64,7 @@ pub fn convert(
 /// An I/O error's mapping (for `map_err`) that names `path`.
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
     let path = path.display().to_string();
-    move |source| LoadError::Io { path, source }
+    move |source| LoadError::Io { path, error: source }
 }
 
 fn convert_into(
@@ -145,7 +145,7 @@ impl<'a> ShardWriter<'a> {
 
     fn io(&self, source: std::io::Error) -> LoadError {
         let file = self.shards.len().saturating_sub(1);
-        LoadError::Io { path: self.dir.join(shard_name(file)).display().to_string(), source }
+        LoadError::Io { path: self.dir.join(shard_name(file)).display().to_string(), error: source }
     }
 
     /// Starts a tensor of `bytes`, in a new shard when the current one would overflow.
@@ -159,7 +159,7 @@ impl<'a> ShardWriter<'a> {
             _ => {
                 self.close()?;
                 let path = self.dir.join(shard_name(self.shards.len()));
-                let file = std::fs::File::create(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), source })?;
+                let file = std::fs::File::create(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), error: source })?;
                 self.shards.push(Shard { file: shard_name(self.shards.len()), bytes: 0, sha256: String::new() });
                 self.open = Some((std::io::BufWriter::new(file), Sha256::new(), 0));
                 0

@@ -37,8 +37,9 @@ use crate::quant::DType;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    // The I/O error in the message, not as a source(): a chain printed whole would say it twice.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{file}: malformed safetensors header: {message}")]
     Header { file: String, message: String },
     #[error("{file}: the header describes {expected} bytes but the file has {actual} (truncated or corrupt)")]

@@ -370,7 +370,7 @@ impl Pieces {
                 let promise = wasm_bindgen_futures::future_to_promise(async move {
                     // Rejects with the message alone: `body` names the file.
                     download(&cache, &piece).await.map(JsValue::from).map_err(|e| match e {
-                        LoadError::Io { source, .. } => source.to_string().into(),
+                        LoadError::Io { error, .. } => error.to_string().into(),
                         other => other.to_string().into(),
                     })
                 });
@@ -792,7 +792,7 @@ fn resolve(name: &str, base: &str) -> Result<String, LoadError> {
 }
 
 fn io_error(path: &str, message: &str) -> LoadError {
-    LoadError::Io { path: path.to_string(), source: std::io::Error::other(message.to_string()) }
+    LoadError::Io { path: path.to_string(), error: std::io::Error::other(message.to_string()) }
 }
 
 fn error_name(value: &JsValue) -> String {
