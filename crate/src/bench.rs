@@ -46,6 +46,18 @@ pub fn bench_tokens(vocab: usize, n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab as u32).collect()
 }
 
+/// Passes before any timing, which compile pipelines and touch every buffer: a decode step, and a
+/// pass of each prompt length placed at `depth` (as llama-bench warms each test), whose products
+/// take other pipelines (GEMV columns, tiles, large tiles) than the step's, so that no work a
+/// driver defers to a pipeline's first dispatch lands in a measured repetition.
+pub async fn warm_up(model: &mut Llama, tokens: &[u32], prompts: &[usize], depth: usize) -> Result<()> {
+    model.forward_greedy(&tokens[..1], 0).await?;
+    for &n in prompts.iter().filter(|&&n| n > 1) {
+        model.forward_greedy(&tokens[depth..depth + n], depth).await?;
+    }
+    Ok(())
+}
+
 /// Prompt tokens per second of one pass over `tokens` placed at `depth`.
 pub async fn prefill_rate(model: &mut Llama, tokens: &[u32], depth: usize) -> Result<f64> {
     let started = Instant::now();

@@ -508,7 +508,7 @@ fn default_bench_repetitions() -> usize {
 
 /// Times a synthetic model of a published shape on this WebGPU as the native `bench` does (the same
 /// code): `options` `{synthetic: "llama3.2-1b" | "llama3.2-3b" | "llama3.1-8b" | ..., quant?:
-/// "q4_0", layers?, prompt?: 512, generate?: 128, repetitions?: 3, q8Activations?: false}`. After a warm-up pass, each
+/// "q4_0", layers?, prompt?: 512, generate?: 128, repetitions?: 3, q8Activations?: false}`. After warm-up passes, each
 /// repetition times one prompt pass (pp) and one greedy generation (tg). Resolves to `{adapter,
 /// features, limits, model, quant, layers, results: [{test, tokens_per_second: [per repetition],
 /// encode_us_per_token?}]}`. A loaded model stays loaded, its GPU memory beside the bench's.
@@ -536,8 +536,7 @@ pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
     let load_options = LoadOptions { context_length: Some(longest.max(16)), max_sequences: 1, ..Default::default() };
     let mut model = Llama::synthetic(&gpu, config.clone(), dtype, &load_options).await.map_err(to_js)?;
     let tokens = crate::bench::bench_tokens(config.vocab_size, longest);
-    // A warm-up pass compiles pipelines and touches every buffer.
-    model.forward_greedy(&tokens[..1], 0).await.map_err(to_js)?;
+    crate::bench::warm_up(&mut model, &tokens, &[options.prompt], 0).await.map_err(to_js)?;
     let mut results = vec![];
     if options.prompt > 0 {
         let mut rates = vec![];

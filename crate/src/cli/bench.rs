@@ -179,14 +179,8 @@ pub async fn bench(gpu: Gpu, args: BenchArgs, quiet: bool) -> anyhow::Result<()>
     };
     let vocab = model.config().vocab_size;
     let tokens = bench_tokens(vocab, longest);
-    // Warm-up passes compile pipelines and touch every buffer: a decode step, and a pass of each
-    // prompt length (as llama-bench warms each test), whose products take other pipelines (GEMV
-    // columns, tiles, large tiles) than the step's, so that no work a driver defers to a
-    // pipeline's first dispatch lands in a measured repetition.
-    model.forward_greedy(&tokens[..1], 0).await?;
-    for &n in args.prompt.iter().filter(|&&n| n > 1 && args.parallel.is_empty()) {
-        model.forward_greedy(&tokens[depth..depth + n], depth).await?;
-    }
+    let timed_prompts: &[usize] = if args.parallel.is_empty() { &args.prompt } else { &[] };
+    llama_webgpu::bench::warm_up(&mut model, &tokens, timed_prompts, depth).await?;
     // The tests write positions from depth on, so the context before it is filled once.
     if depth > 0 {
         model.forward_greedy(&tokens[..depth], 0).await?;
