@@ -114,6 +114,7 @@ enum Command {
     /// List the models in the Hugging Face cache (HF_HOME); with --catalog, Llama 3.1 / 3.2 GGUF
     /// files on the Hub whose tensor types the engine reads.
     List {
+        /// List the Llama GGUF files on the Hub that the engine reads (with sizes), not the cache.
         #[arg(long)]
         catalog: bool,
     },
@@ -149,20 +150,29 @@ struct ModelArgs {
 
 #[derive(Args)]
 struct SamplingArgs {
-    /// Tokens to generate at most.
+    /// Tokens to generate at most (default: until the turn ends or the context is full).
     #[arg(short = 'n', long)]
     max_tokens: Option<u32>,
-    /// 0 is greedy.
+    /// Sampling temperature, 0 to 2; 0 is greedy (the most likely token every step). Default 1.
     #[arg(long)]
     temperature: Option<f32>,
+    /// Nucleus sampling: draw from the most likely tokens whose probabilities add up to this, above
+    /// 0 up to 1. Default 1 (every token).
     #[arg(long)]
     top_p: Option<f32>,
+    /// Draw from this many of the most likely tokens only. Default 0 (every token).
     #[arg(long)]
     top_k: Option<u32>,
+    /// Draw only from tokens at least this fraction as likely as the most likely one, 0 to 1.
+    /// Default 0.
     #[arg(long)]
     min_p: Option<f32>,
+    /// Penalty on the tokens of the prompt and the output so far, as transformers applies it (above
+    /// 1 repeats less). Default 1 (none).
     #[arg(long)]
     repetition_penalty: Option<f32>,
+    /// Seed of the sampler's random stream: the same seed gives the same sampled text. Default: a
+    /// new one every run.
     #[arg(long)]
     seed: Option<u64>,
     /// Stop when this text appears (repeatable).
