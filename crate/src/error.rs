@@ -18,3 +18,22 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Names for an error's list of valid values: `"a", "b" or "c"`.
+pub(crate) fn quoted_choices(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|name| format!("{name:?}")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn choices_read_as_a_list() {
+        assert_eq!(super::quoted_choices(&["f32", "f16", "q8_0"]), r#""f32", "f16" or "q8_0""#);
+        assert_eq!(super::quoted_choices(&["f32"]), r#""f32""#);
+    }
+}

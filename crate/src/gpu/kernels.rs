@@ -163,8 +163,7 @@ impl KvType {
 
     /// The types' names for an error message: "f32", "f16" or "q8_0".
     pub fn choices() -> String {
-        let names = Self::ALL.map(|t| format!("{:?}", t.name()));
-        format!("{} or {}", names[..names.len() - 1].join(", "), names[names.len() - 1])
+        crate::error::quoted_choices(&Self::ALL.map(KvType::name))
     }
 
     /// The type named as [`KvType::name`] gives it.

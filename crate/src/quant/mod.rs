@@ -65,8 +65,7 @@ impl DType {
 
     /// Every format's name, for an error: `"f32", "f16", ... or "q6_k"`.
     pub fn choices() -> String {
-        let names = Self::ALL.map(|d| format!("{:?}", d.name()));
-        format!("{} or {}", names[..names.len() - 1].join(", "), names[names.len() - 1])
+        crate::error::quoted_choices(&Self::ALL.map(DType::name))
     }
 
     /// Elements per block and bytes per block (a block of one element for plain floats).
