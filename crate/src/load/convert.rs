@@ -37,16 +37,13 @@ pub fn convert(
     on_progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<ConvertReport, crate::Error> {
     if std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_some()) {
-        return Err(LoadError::Io {
-            path: out.display().to_string(),
-            error: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output folder is not empty: remove it or choose another"),
-        }
-        .into());
+        let not_empty = std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output folder is not empty: remove it or choose another");
+        return Err(LoadError::io(out)(not_empty).into());
     }
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     let partial = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+        std::fs::remove_dir_all(&partial).map_err(LoadError::io(&partial))?;
     }
     let report = convert_into(source, quant, shard_bytes, &partial, on_progress);
     if report.is_err() {
@@ -55,16 +52,10 @@ pub fn convert(
     }
     if out.exists() {
         // Empty (checked above): remove_dir takes nothing else.
-        std::fs::remove_dir(out).map_err(io(out))?;
+        std::fs::remove_dir(out).map_err(LoadError::io(out))?;
     }
-    std::fs::rename(&partial, out).map_err(io(out))?;
+    std::fs::rename(&partial, out).map_err(LoadError::io(out))?;
     report
-}
-
-/// An I/O error's mapping (for `map_err`) that names `path`.
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError {
-    let path = path.display().to_string();
-    move |source| LoadError::Io { path, error: source }
 }
 
 fn convert_into(
@@ -78,7 +69,7 @@ fn convert_into(
     let (tokenizer, template) = model.text()?;
     let weights = model.weights();
     let config = &model.config;
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    std::fs::create_dir_all(out).map_err(LoadError::io(out))?;
     let tensors = checkpoint_tensors(config, config.tie_word_embeddings && !weights.contains("lm_head.weight"));
     let bytes_total = tensors.iter().map(|(name, ..)| weights.tensor(name).map(|t| t.bytes.len() as u64)).sum::<Result<u64, _>>()?;
     let mut writer = ShardWriter::new(out, shard_bytes);
@@ -110,7 +101,7 @@ fn convert_into(
     }
     let (shards, written) = writer.finish()?;
     let tokenizer_path = out.join("tokenizer.json");
-    std::fs::write(&tokenizer_path, tokenizer.to_json().map_err(crate::engine::EngineError::from)?).map_err(io(&tokenizer_path))?;
+    std::fs::write(&tokenizer_path, tokenizer.to_json().map_err(crate::engine::EngineError::from)?).map_err(LoadError::io(&tokenizer_path))?;
     let manifest = Manifest {
         format: FORMAT.to_string(),
         config: config.to_hf_json(),
@@ -121,7 +112,7 @@ fn convert_into(
     };
     let manifest_path = out.join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).map_err(|e| LoadError::Manifest(e.to_string()))?;
-    std::fs::write(&manifest_path, json).map_err(io(&manifest_path))?;
+    std::fs::write(&manifest_path, json).map_err(LoadError::io(&manifest_path))?;
     Ok(ConvertReport {
         shards: manifest.shards.len(),
         tensors: manifest.tensors.len(),
@@ -145,7 +136,7 @@ impl<'a> ShardWriter<'a> {
 
     fn io(&self, source: std::io::Error) -> LoadError {
         let file = self.shards.len().saturating_sub(1);
-        LoadError::Io { path: self.dir.join(shard_name(file)).display().to_string(), error: source }
+        LoadError::io(&self.dir.join(shard_name(file)))(source)
     }
 
     /// Starts a tensor of `bytes`, in a new shard when the current one would overflow.
@@ -159,7 +150,7 @@ impl<'a> ShardWriter<'a> {
             _ => {
                 self.close()?;
                 let path = self.dir.join(shard_name(self.shards.len()));
-                let file = std::fs::File::create(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), error: source })?;
+                let file = std::fs::File::create(&path).map_err(LoadError::io(&path))?;
                 self.shards.push(Shard { file: shard_name(self.shards.len()), bytes: 0, sha256: String::new() });
                 self.open = Some((std::io::BufWriter::new(file), Sha256::new(), 0));
                 0

@@ -17,7 +17,7 @@ pub fn open_safetensors_dir(dir: &Path) -> Result<Safetensors<memmap2::Mmap>, Lo
         .into_iter()
         .map(|name| {
             let path = dir.join(&name);
-            let io = |source| LoadError::Io { path: path.display().to_string(), error: source };
+            let io = LoadError::io(&path);
             let file = std::fs::File::open(&path).map_err(io)?;
             // SAFETY: the map is read-only; a checkpoint changed underneath a running engine is not supported.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
@@ -28,7 +28,7 @@ pub fn open_safetensors_dir(dir: &Path) -> Result<Safetensors<memmap2::Mmap>, Lo
 }
 
 fn read_to_string(path: &Path) -> Result<String, LoadError> {
-    std::fs::read_to_string(path).map_err(|source| LoadError::Io { path: path.display().to_string(), error: source })
+    std::fs::read_to_string(path).map_err(LoadError::io(path))
 }
 
 /// Reads `config.json` and, when present, `generation_config.json` from a Hugging Face model folder.
@@ -45,7 +45,7 @@ pub fn read_hf_text(dir: &Path) -> Result<(crate::text::Tokenizer, crate::text::
     use crate::engine::EngineError;
     use crate::text::{ChatTemplate, Tokenizer};
     let path = dir.join("tokenizer.json");
-    let json = std::fs::read(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), error: source })?;
+    let json = std::fs::read(&path).map_err(LoadError::io(&path))?;
     let tokenizer = Tokenizer::from_json_bytes(&json).map_err(EngineError::from)?;
     let source = match (dir.join("chat_template.jinja"), dir.join("tokenizer_config.json")) {
         (jinja, _) if jinja.exists() => Some(read_to_string(&jinja)?),
@@ -90,7 +90,7 @@ impl ShardDir {
     pub fn text(&self) -> Result<(crate::text::Tokenizer, crate::text::ChatTemplate), crate::Error> {
         use crate::engine::EngineError;
         let path = self.dir.join(&self.manifest.tokenizer);
-        let json = std::fs::read(&path).map_err(|source| LoadError::Io { path: path.display().to_string(), error: source })?;
+        let json = std::fs::read(&path).map_err(LoadError::io(&path))?;
         let tokenizer = crate::text::Tokenizer::from_json_bytes(&json).map_err(EngineError::from)?;
         let template = match &self.manifest.chat_template {
             Some(source) => crate::text::ChatTemplate::new(source).map_err(EngineError::from)?,
@@ -113,7 +113,7 @@ impl super::WeightStream for ShardDir {
         use std::io::Seek;
         let path = self.dir.join(&self.files[index].name);
         Box::pin(async move {
-            let io = |source| LoadError::Io { path: path.display().to_string(), error: source };
+            let io = LoadError::io(&path);
             let mut file = std::fs::File::open(&path).map_err(io)?;
             file.seek(std::io::SeekFrom::Start(from)).map_err(io)?;
             Ok(Box::new(FileReader { file, path }) as Box<dyn super::ChunkReader>)
@@ -127,7 +127,7 @@ impl super::WeightSource for ShardDir {
         use std::io::{Read, Seek};
         let location = self.locations.iter().find(|l| l.name == name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
         let path = self.dir.join(&self.files[location.file].name);
-        let io = |source| LoadError::Io { path: path.display().to_string(), error: source };
+        let io = LoadError::io(&path);
         let mut file = std::fs::File::open(&path).map_err(io)?;
         file.seek(std::io::SeekFrom::Start(location.range.start)).map_err(io)?;
         let mut bytes = vec![0u8; (location.range.end - location.range.start) as usize];
@@ -160,7 +160,7 @@ impl super::ChunkReader for FileReader {
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => break Err(LoadError::Io { path: self.path.display().to_string(), error: source }),
+                Err(error) => break Err(LoadError::io(&self.path)(error)),
             }
         };
         Box::pin(std::future::ready(result))

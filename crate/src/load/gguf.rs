@@ -491,7 +491,7 @@ impl<B: AsRef<[u8]>> Gguf<B> {
 impl Gguf<memmap2::Mmap> {
     /// Memory-maps a GGUF file.
     pub fn open(path: &std::path::Path) -> Result<Self, LoadError> {
-        let io = |source| LoadError::Io { path: path.display().to_string(), error: source };
+        let io = LoadError::io(path);
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file changed underneath a running engine is not supported.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;

@@ -72,6 +72,14 @@ pub enum LoadError {
     Metadata { file: String, key: String, message: String },
 }
 
+impl LoadError {
+    /// An I/O error's mapping (for `map_err`) that names `path`.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn io(path: &std::path::Path) -> impl Fn(std::io::Error) -> LoadError + Copy + '_ {
+        move |error| LoadError::Io { path: path.display().to_string(), error }
+    }
+}
+
 /// A tensor's bytes as stored: little-endian, row-major, quantized blocks along rows. Borrowed from
 /// the source when they can be, owned when the source had to rearrange them (GGUF's q/k rows).
 #[derive(Debug)]

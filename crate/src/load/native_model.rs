@@ -32,7 +32,7 @@ pub enum ModelWeights {
 /// model folder (config.json, optional generation_config.json, safetensors weights); a file is a
 /// GGUF file.
 pub fn open_model(path: &Path) -> Result<ModelFiles, crate::Error> {
-    let metadata = std::fs::metadata(path).map_err(|source| LoadError::Io { path: path.display().to_string(), error: source })?;
+    let metadata = std::fs::metadata(path).map_err(LoadError::io(path))?;
     let (config, weights) = if metadata.is_dir() && path.join("manifest.json").exists() {
         let shards = ShardDir::open(path)?;
         (shards.manifest.model_config()?, ModelWeights::Shards(shards))
