@@ -72,7 +72,7 @@ fn quantized_shards_compute_with_exactly_the_quantized_weights() {
         let source = load::open_safetensors_dir(&fixture(name)).unwrap();
         let config = load::read_hf_config(&fixture(name)).unwrap();
         let mut tensors = vec![];
-        for (tensor, shape, is_norm) in llama_webgpu::model::checkpoint_tensors(&config, false) {
+        for llama_webgpu::model::CheckpointTensor { name: tensor, shape, is_norm } in llama_webgpu::model::checkpoint_tensors(&config, false) {
             let data = load::WeightSource::tensor(&source, &tensor).unwrap();
             let values = data.dtype.to_f32(&data.bytes).unwrap();
             let values = if is_norm { values } else { quant.to_f32(&quant.from_f32(&values).unwrap()).unwrap() };

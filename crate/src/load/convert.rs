@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use super::manifest::{Manifest, Shard, ShardTensor, FORMAT};
 use super::upload::hex;
 use super::{open_model, LoadError, LoadProgress};
-use crate::model::checkpoint_tensors;
+use crate::model::{checkpoint_tensors, CheckpointTensor};
 use crate::quant::DType;
 
 /// Tensors start on this alignment within a shard.
@@ -71,10 +71,10 @@ fn convert_into(
     let config = &model.config;
     std::fs::create_dir_all(out).map_err(LoadError::io(out))?;
     let tensors = checkpoint_tensors(config, config.tie_word_embeddings && !weights.contains("lm_head.weight"));
-    let bytes_total = tensors.iter().map(|(name, ..)| weights.tensor(name).map(|t| t.bytes.len() as u64)).sum::<Result<u64, _>>()?;
+    let bytes_total = tensors.iter().map(|t| weights.tensor(&t.name).map(|t| t.bytes.len() as u64)).sum::<Result<u64, _>>()?;
     let mut writer = ShardWriter::new(out, shard_bytes);
     let mut bytes_done = 0;
-    for (name, shape, is_norm) in &tensors {
+    for CheckpointTensor { name, shape, is_norm } in &tensors {
         let tensor = weights.tensor(name)?;
         if &tensor.shape != shape {
             return Err(crate::model::ModelError::Shape { tensor: name.clone(), expected: shape.clone(), got: tensor.shape }.into());

@@ -35,11 +35,20 @@ impl Default for LoadOptions {
     }
 }
 
-/// The checkpoint tensors a model of `config` reads: name, shape, and whether it is a norm weight
-/// (kept as f32, converted on the host) rather than a matrix (kept in its format on the GPU).
-pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize>, bool)> {
-    let matrix = |name: String, rows: usize, cols: usize| (name, vec![rows, cols], false);
-    let norm = |name: String| (name, vec![c.hidden_size], true);
+/// A checkpoint tensor a model reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// A norm weight (kept as f32, converted on the host) rather than a matrix (kept in its
+    /// format on the GPU).
+    pub is_norm: bool,
+}
+
+/// The checkpoint tensors a model of `config` reads.
+pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<CheckpointTensor> {
+    let matrix = |name: String, rows: usize, cols: usize| CheckpointTensor { name, shape: vec![rows, cols], is_norm: false };
+    let norm = |name: String| CheckpointTensor { name, shape: vec![c.hidden_size], is_norm: true };
     let mut specs = vec![matrix("model.embed_tokens.weight".into(), c.vocab_size, c.hidden_size)];
     for i in 0..c.n_layers {
         let p = format!("model.layers.{i}");
@@ -62,19 +71,27 @@ pub fn checkpoint_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<usize
     specs
 }
 
-/// The matrices the forward pass multiplies by, each named, with the checkpoint tensors stacked
-/// in it by rows (q/k/v and gate/up read the same input, so one dispatch computes each group), and
-/// the rows its parts come in (q/k/v's output is rotated head by head).
-fn stacked_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<String>, usize)> {
-    let single = |name: String| (name.clone(), vec![name], 2);
+/// A matrix the forward pass multiplies by: checkpoint tensors stacked by rows (q/k/v and gate/up
+/// read the same input, so one dispatch computes each group).
+struct Stack {
+    name: String,
+    tensors: Vec<String>,
+    /// The rows its parts come in (q/k/v's output is rotated head by head).
+    part_rows: usize,
+}
+
+/// The stacks of a model of `c`.
+fn stacks_of(c: &Config, tied_head: bool) -> Vec<Stack> {
+    let stack = |name: String, tensors: Vec<String>, part_rows: usize| Stack { name, tensors, part_rows };
+    let single = |name: String| stack(name.clone(), vec![name], 2);
     let mut stacks = vec![single("model.embed_tokens.weight".into())];
     for i in 0..c.n_layers {
         let p = format!("model.layers.{i}");
         let t = |name: &str| format!("{p}.{name}.weight");
         stacks.extend([
-            (format!("{p}.qkv_proj"), vec![t("self_attn.q_proj"), t("self_attn.k_proj"), t("self_attn.v_proj")], c.head_dim),
+            stack(format!("{p}.qkv_proj"), vec![t("self_attn.q_proj"), t("self_attn.k_proj"), t("self_attn.v_proj")], c.head_dim),
             single(t("self_attn.o_proj")),
-            (format!("{p}.gate_up_proj"), vec![t("mlp.gate_proj"), t("mlp.up_proj")], 2),
+            stack(format!("{p}.gate_up_proj"), vec![t("mlp.gate_proj"), t("mlp.up_proj")], 2),
             single(t("mlp.down_proj")),
         ]);
     }
@@ -84,15 +101,25 @@ fn stacked_tensors(c: &Config, tied_head: bool) -> Vec<(String, Vec<String>, usi
     stacks
 }
 
-/// Checkpoint tensors stacked by rows on the GPU, as blocks: a matrix and the output column of its
-/// first row. A tensor in another format than the one before it, or whose first byte would not start
-/// a 4-byte word (uploads write whole words), begins a block of its own.
+/// A stack on the GPU, as blocks. A tensor in another format than the one before it, or whose first
+/// byte would not start a 4-byte word (uploads write whole words), begins a block of its own.
 struct Stacked {
-    blocks: Vec<(usize, WeightMatrix)>,
+    blocks: Vec<Block>,
 }
 
-/// Where a checkpoint tensor goes: its stack, block and first row in that block.
-type Placement = (String, usize, usize);
+/// Rows of a stack in one format, in one matrix.
+struct Block {
+    /// The stack's output column of the block's first row.
+    first_column: usize,
+    matrix: WeightMatrix,
+}
+
+/// Where a checkpoint tensor goes.
+struct Placement {
+    stack: String,
+    block: usize,
+    first_row: usize,
+}
 
 /// Allocates the stacked matrices of `c` with each tensor in the format `dtype_of` names, and
 /// returns them by name with the placement of every tensor.
@@ -102,10 +129,10 @@ fn allocate_matrices(
     tied_head: bool,
     dtype_of: impl Fn(&str) -> DType,
 ) -> Result<(HashMap<String, Stacked>, HashMap<String, Placement>)> {
-    let shapes: HashMap<String, Vec<usize>> = checkpoint_tensors(c, tied_head).into_iter().map(|(name, shape, _)| (name, shape)).collect();
+    let shapes: HashMap<String, Vec<usize>> = checkpoint_tensors(c, tied_head).into_iter().map(|t| (t.name, t.shape)).collect();
     let mut stacks = HashMap::new();
     let mut placements = HashMap::new();
-    for (stack, tensors, part_rows) in stacked_tensors(c, tied_head) {
+    for Stack { name: stack, tensors, part_rows } in stacks_of(c, tied_head) {
         let cols = shapes[&tensors[0]][1];
         // (first output column, format, rows) of each block
         let mut blocks: Vec<(usize, DType, usize)> = vec![];
@@ -117,11 +144,11 @@ fn allocate_matrices(
             let next = blocks.len();
             match blocks.last_mut() {
                 Some((_, block_dtype, block_rows)) if *block_dtype == dtype && (*block_rows * row_bytes).is_multiple_of(4) => {
-                    placements.insert(tensor.clone(), (stack.clone(), next - 1, *block_rows));
+                    placements.insert(tensor.clone(), Placement { stack: stack.clone(), block: next - 1, first_row: *block_rows });
                     *block_rows += rows;
                 }
                 _ => {
-                    placements.insert(tensor.clone(), (stack.clone(), next, 0));
+                    placements.insert(tensor.clone(), Placement { stack: stack.clone(), block: next, first_row: 0 });
                     blocks.push((column, dtype, rows));
                 }
             }
@@ -129,7 +156,7 @@ fn allocate_matrices(
         }
         let blocks = blocks
             .into_iter()
-            .map(|(column, dtype, rows)| Ok((column, WeightMatrix::in_parts_of(gpu, &stack, dtype, rows, cols, part_rows)?)))
+            .map(|(first_column, dtype, rows)| Ok(Block { first_column, matrix: WeightMatrix::in_parts_of(gpu, &stack, dtype, rows, cols, part_rows)? }))
             .collect::<Result<_>>()?;
         stacks.insert(stack, Stacked { blocks });
     }
@@ -147,16 +174,16 @@ fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<Str
     let (matrices, _) = allocate_matrices(gpu, c, c.tie_word_embeddings, |_| dtype)?;
     let vectors = checkpoint_tensors(c, c.tie_word_embeddings)
         .into_iter()
-        .filter(|(_, _, is_norm)| *is_norm)
-        .map(|(name, shape, _)| {
-            let ones = gpu.storage_buffer_with(&name, &vec![1.0f32; shape[0]]);
-            (name, ones)
+        .filter(|t| t.is_norm)
+        .map(|t| {
+            let ones = gpu.storage_buffer_with(&t.name, &vec![1.0f32; t.shape[0]]);
+            (t.name, ones)
         })
         .collect();
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     {
         let mut pass = encoder.begin_compute_pass(&Default::default());
-        let parts = matrices.values().flat_map(|s| &s.blocks).flat_map(|(_, m)| &m.parts);
+        let parts = matrices.values().flat_map(|s| &s.blocks).flat_map(|b| &b.matrix.parts);
         for (seed, part) in parts.enumerate() {
             ops::fill(gpu, &part.buffer, seed as u32, ops::fill_mask(dtype)).encode(&mut pass, 1);
         }
@@ -177,7 +204,7 @@ async fn upload_weights(
     // Tied checkpoints reuse the embedding as lm_head; some still store a copy, which then wins.
     let tied_head = c.tie_word_embeddings && !locations.contains_key("lm_head.weight");
     let mut norms = vec![];
-    for (name, shape, is_norm) in checkpoint_tensors(c, tied_head) {
+    for CheckpointTensor { name, shape, is_norm } in checkpoint_tensors(c, tied_head) {
         let location = locations.get(name.as_str()).ok_or_else(|| LoadError::MissingTensor(name.clone()))?;
         if location.shape != shape {
             return Err(ModelError::Shape { tensor: name, expected: shape, got: location.shape.clone() }.into());
@@ -189,7 +216,7 @@ async fn upload_weights(
     let (matrices, placements) = allocate_matrices(gpu, c, tied_head, |name| locations[name].dtype)?;
     let mut wanted: HashMap<String, Destination> = placements
         .iter()
-        .map(|(tensor, (stack, block, row))| (tensor.clone(), Destination::Matrix(&matrices[stack].blocks[*block].1, *row)))
+        .map(|(tensor, p)| (tensor.clone(), Destination::Matrix(&matrices[&p.stack].blocks[p.block].matrix, p.first_row)))
         .collect();
     wanted.extend(norms.iter().map(|(name, _)| (name.clone(), Destination::Host)));
     let host = stream_weights(gpu, source, &wanted, on_progress).await?;
@@ -459,11 +486,11 @@ impl Llama {
         let prepared = InputFormat::for_gpu(gpu).map(|format| PreparedInputs::new(gpu, format, max_batch, widest_input));
         // One dispatch per part of each block of a stacked matrix (and the stack's prepare op).
         let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, output: MatmulOutput, layout: MatmulLayout, step: &wgpu::Buffer| {
-            let prepared = prepared.as_ref().filter(|p| p.format() == InputFormat::F16 || w.blocks.iter().any(|(_, m)| ops::reads_q8_inputs(m.dtype)));
-            let block = |(column, m): &(usize, WeightMatrix)| ops::matmul(gpu, x, input, m, out, output, MatmulLayout { out_offset: *column, ..layout }, step, prepared);
+            let prepared = prepared.as_ref().filter(|p| p.format() == InputFormat::F16 || w.blocks.iter().any(|b| ops::reads_q8_inputs(b.matrix.dtype)));
+            let block = |b: &Block| ops::matmul(gpu, x, input, &b.matrix, out, output, MatmulLayout { out_offset: b.first_column, ..layout }, step, prepared);
             let product = ByTokens::join(w.blocks.iter().map(block));
             match prepared {
-                Some(prepared) => product.after(prepared, ops::prepare_input(gpu, x, input, w.blocks[0].1.cols, layout.in_stride, prepared, step)),
+                Some(prepared) => product.after(prepared, ops::prepare_input(gpu, x, input, w.blocks[0].matrix.cols, layout.in_stride, prepared, step)),
                 None => product,
             }
         };
@@ -471,7 +498,7 @@ impl Llama {
 
         // upload_weights checked every name and shape; a one-tensor stack is one block.
         let embed_tokens = &matrices["model.embed_tokens.weight"];
-        let embed = ops::embedding(gpu, &tokens, &embed_tokens.blocks[0].1, &x, &step);
+        let embed = ops::embedding(gpu, &tokens, &embed_tokens.blocks[0].matrix, &x, &step);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let p = format!("model.layers.{i}");
