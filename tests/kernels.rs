@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
-use llama_webgpu::gpu::ops::{self, AttentionPass, InputFormat, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, Strategy, TokenSlot};
+use llama_webgpu::gpu::ops::{self, AttentionHeads, AttentionPass, InputFormat, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, Strategy, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
 use llama_webgpu::gpu::{quantize_q8_block, KvType, TileType, WeightMatrix, Q8_BLOCK};
 use llama_webgpu::quant::DType;
@@ -666,7 +666,7 @@ fn attention_matches_reference_on(gpu: &Gpu) {
         let pool = PagedPool::new(&mut r, &[(&k_cache, &v_cache)], n_kv_heads * head_dim);
         let slots: Vec<TokenSlot> = (start_pos..start_pos + n).map(|p| TokenSlot { position: p as u32, kv_row: 0, sequence: 0, _pad: 0 }).collect();
         let what = format!("attention heads {n_heads}/{n_kv_heads} hd {head_dim} start {start_pos} n {n} splits <= {max_key_splits}, {:?} KV in buffers of {pages_per_buffer:?} pages", gpu.kv_type);
-        let got = pool.attend(gpu, &qkv, q_stride, &slots, max_key_splits, pages_per_buffer, (n_heads, n_kv_heads, head_dim));
+        let got = pool.attend(gpu, AttentionHeads { n_heads, n_kv_heads, head_dim }, &qkv, q_stride, &slots, max_key_splits, pages_per_buffer);
         let want = reference::attention(&q, &k_cache, &v_cache, start_pos, n_heads, n_kv_heads, head_dim);
         // q8_0 pools hold the rounded values up to their scales' own rounding.
         let tolerance = if gpu.kv_type == KvType::Q8_0 { 1e-4 } else { 1e-5 };
@@ -726,17 +726,17 @@ impl PagedPool {
     /// Attention of the tokens `slots` place, their q rows in `qkv`, over the pool in buffers of
     /// `pages_per_buffer` pages.
     #[allow(clippy::too_many_arguments)]
-    fn attend(&self, gpu: &Gpu, qkv: &[f32], q_stride: usize, slots: &[TokenSlot], max_key_splits: u32, pages_per_buffer: Option<usize>, (n_heads, n_kv_heads, head_dim): (usize, usize, usize)) -> Vec<f32> {
+    fn attend(&self, gpu: &Gpu, heads: AttentionHeads, qkv: &[f32], q_stride: usize, slots: &[TokenSlot], max_key_splits: u32, pages_per_buffer: Option<usize>) -> Vec<f32> {
         let qkv_buffer = gpu.storage_buffer_with("qkv", qkv);
         let (buffers, pages_per_buffer) = self.buffers(gpu, pages_per_buffer);
         let page_table = gpu.storage_buffer_with("page table", &self.table);
         let kv = ops::KvLayer { buffers: &buffers, pages: self.pages(), pages_per_buffer, page_table: &page_table, pages_per_sequence: self.pages_per_sequence };
-        let n = slots.len() * n_heads * head_dim;
+        let n = slots.len() * heads.n_heads * heads.head_dim;
         let out = gpu.storage_buffer("out", (n * 4) as u64);
-        let partials = gpu.storage_buffer("partials", ops::attention_partials_bytes(n_heads, head_dim, max_key_splits, buffers.len(), slots.len()));
+        let partials = ops::AttentionPartials::new(gpu, heads, max_key_splits, buffers.len(), slots.len());
         let step = StepParams::for_slots(slots, max_key_splits);
         let step_buffer = ops::step_buffer(gpu, step);
-        let attention = |qkv| ops::attention(gpu, qkv, q_stride, kv, &out, &partials, (max_key_splits, slots.len()), n_heads, n_kv_heads, head_dim, &step_buffer);
+        let attention = |qkv| ops::attention(gpu, heads, qkv, q_stride, kv, &out, &partials, &step_buffer);
         // An earlier pass (other queries) shares the partials and out, as the model's layers do:
         // it must leave nothing the next one reads (the merge's arrival counts back at zero).
         let negated = gpu.storage_buffer_with("negated qkv", &qkv.iter().map(|x| -x).collect::<Vec<f32>>());
@@ -763,7 +763,8 @@ fn attention_runs_several_sequences_in_one_pass() {
         &[(12, 20), (5, 13), (30, 1)],
         &[(40, 1), (3, 1), (20, 1), (70, 1), (0, 1), (8, 1), (15, 1), (33, 1), (2, 1)],
     ];
-    for heads in [(6, 2, 16), (8, 2, 32)] {
+    for (n_heads, n_kv_heads, head_dim) in [(6, 2, 16), (8, 2, 32)] {
+        let heads = AttentionHeads { n_heads, n_kv_heads, head_dim };
         for (case, mix) in mixes.iter().enumerate() {
             // The second and fourth mixes over a pool in buffers of 3 pages.
             attention_of_a_mix_matches_reference(&gpu, case as u64 + 100, heads, mix, (case % 2 == 1).then_some(3), 1e-5, &format!("mix {case}"));
@@ -782,7 +783,8 @@ fn slots_of(mix: &[(usize, usize)]) -> Vec<TokenSlot> {
 /// The sequences of `mix` with random caches (as `gpu`'s KV type holds them) in one pool, in
 /// buffers of `pages_per_buffer` pages, attended in one pass: each sequence's outputs against the
 /// reference within `tolerance`.
-fn attention_of_a_mix_matches_reference(gpu: &Gpu, seed: u64, (n_heads, n_kv_heads, head_dim): (usize, usize, usize), mix: &[(usize, usize)], pages_per_buffer: Option<usize>, tolerance: f32, what: &str) {
+fn attention_of_a_mix_matches_reference(gpu: &Gpu, seed: u64, heads: AttentionHeads, mix: &[(usize, usize)], pages_per_buffer: Option<usize>, tolerance: f32, what: &str) {
+    let AttentionHeads { n_heads, n_kv_heads, head_dim } = heads;
     let mut r = rng(seed);
     let kv_dim = n_kv_heads * head_dim;
     let q_stride = (n_heads + 2 * n_kv_heads) * head_dim;
@@ -797,7 +799,7 @@ fn attention_of_a_mix_matches_reference(gpu: &Gpu, seed: u64, (n_heads, n_kv_hea
     let pool = PagedPool::new(&mut r, &refs, kv_dim);
     let n_total: usize = mix.iter().map(|m| m.1).sum();
     let qkv = random_vec(&mut r, n_total * q_stride, 1.0);
-    let got = pool.attend(gpu, &qkv, q_stride, &slots_of(mix), 32, pages_per_buffer, (n_heads, n_kv_heads, head_dim));
+    let got = pool.attend(gpu, heads, &qkv, q_stride, &slots_of(mix), 32, pages_per_buffer);
     let mut row = 0;
     for (s, &(start, n)) in mix.iter().enumerate() {
         let q: Vec<f32> = qkv[row * q_stride..(row + n) * q_stride].chunks(q_stride).flat_map(|r| &r[..n_heads * head_dim]).copied().collect();
@@ -831,7 +833,7 @@ fn prefill_attention_on_cooperative_matrices_stays_within_f16_rounding_of_the_re
         for (case, &(n_heads, n_kv_heads, head_dim, mix, pages_per_buffer)) in cases.iter().enumerate() {
             assert_eq!(AttentionPass::of(&StepParams::for_slots(&slots_of(mix), 32), (n_heads / n_kv_heads) as u32), AttentionPass::Prefill);
             let what = format!("cooperative matrices, case {case}");
-            attention_of_a_mix_matches_reference(&gpu, case as u64 + 200, (n_heads, n_kv_heads, head_dim), mix, pages_per_buffer, 4e-3, &what);
+            attention_of_a_mix_matches_reference(&gpu, case as u64 + 200, AttentionHeads { n_heads, n_kv_heads, head_dim }, mix, pages_per_buffer, 4e-3, &what);
         }
     }
 }

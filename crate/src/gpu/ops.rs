@@ -898,26 +898,51 @@ fn weight_op(
     Op { dispatches }
 }
 
+/// The heads attention runs over: n_heads query heads in GQA groups over n_kv_heads key and value
+/// heads, each of head_dim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionHeads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
 /// The most key splits a model's decode passes have: MAX_KEY_SPLITS (or the device's
 /// `max_key_splits` option), fewer where the context is short or the partials of a pool of
 /// `buffers` buffers would pass the binding limit.
-pub fn max_key_splits(gpu: &Gpu, n_heads: usize, head_dim: usize, context: usize, buffers: usize) -> u32 {
+pub fn max_key_splits(gpu: &Gpu, heads: AttentionHeads, context: usize, buffers: usize) -> u32 {
     let by_context = (context as u32).div_ceil(MIN_SPLIT_KEYS);
-    let by_binding = gpu.max_binding() / attention_partials_bytes(n_heads, head_dim, 1, buffers, 0);
+    let by_binding = gpu.max_binding() / partials_bytes(heads, 1, buffers, 0);
     gpu.max_key_splits.unwrap_or(MAX_KEY_SPLITS).min(by_context).min(by_binding.min(u32::MAX as u64) as u32).max(1)
 }
 
 /// The most tokens a pass over a pool of `buffers` (more than one) can attend to: each token's
 /// heads have a partial per buffer, and they must bind.
-pub fn max_attention_tokens(gpu: &Gpu, n_heads: usize, head_dim: usize, buffers: usize) -> usize {
-    (gpu.max_binding() / attention_partials_bytes(n_heads, head_dim, 1, buffers, 1).max(1)) as usize
+pub fn max_attention_tokens(gpu: &Gpu, heads: AttentionHeads, buffers: usize) -> usize {
+    (gpu.max_binding() / partials_bytes(heads, 1, buffers, 1).max(1)) as usize
 }
 
-/// Bytes of the scratch buffer through which [`attention`] merges its partials: an output of
-/// head_dim and its (max, sum) per (token, head, pool buffer, key split), for decode passes of up to
-/// `max_key_splits` splits and, over a pool of several buffers, passes of up to `max_tokens`; then
-/// an arrival count per query block of those passes, where the last split merges (Gpu::merge_in_last_split).
-pub fn attention_partials_bytes(n_heads: usize, head_dim: usize, max_key_splits: u32, buffers: usize, max_tokens: usize) -> u64 {
+/// The scratch buffer through which [`attention`] merges its partials, shared by every layer, and
+/// the passes it is sized for: decode passes of up to `max_key_splits` splits and, over a pool of
+/// several buffers, passes of up to `max_tokens`.
+pub struct AttentionPartials {
+    pub buffer: wgpu::Buffer,
+    pub max_key_splits: u32,
+    pub max_tokens: usize,
+}
+
+impl AttentionPartials {
+    pub fn new(gpu: &Gpu, heads: AttentionHeads, max_key_splits: u32, buffers: usize, max_tokens: usize) -> Self {
+        let buffer = gpu.storage_buffer("attention partials", partials_bytes(heads, max_key_splits, buffers, max_tokens));
+        Self { buffer, max_key_splits, max_tokens }
+    }
+}
+
+/// Bytes of [`AttentionPartials`]: an output of head_dim and its (max, sum) per (token, head, pool
+/// buffer, key split); then an arrival count per query block of those passes, where the last split
+/// merges (Gpu::merge_in_last_split).
+fn partials_bytes(heads: AttentionHeads, max_key_splits: u32, buffers: usize, max_tokens: usize) -> u64 {
+    let AttentionHeads { n_heads, head_dim, .. } = heads;
     4 * (partial_rows(n_heads, max_key_splits, buffers, max_tokens) * (head_dim as u64 + 2) + merged_rows(n_heads, buffers, max_tokens))
 }
 
@@ -988,25 +1013,23 @@ pub fn kv_store(gpu: &Gpu, k_rows: &wgpu::Buffer, v_rows: &wgpu::Buffer, kv: KvL
 
 /// Causal grouped-query attention of (n_tokens) queries over their sequences' pages of `kv`; token
 /// rows of `q` lie `q_stride` elements apart, its heads first. A decode pass splits the keys
-/// (flash-decoding, up to `max_key_splits` splits as StepParams::for_slots cut them), and a pool of
-/// several buffers is attended a buffer per dispatch; their partials merge through `partials`
-/// (attention_partials_bytes long, shared by every layer), in the last attending dispatch where
-/// the device allows (Gpu::merge_in_last_split), else in one of its own. Otherwise a pass attends
-/// in one dispatch.
+/// (flash-decoding, up to `partials.max_key_splits` splits as StepParams::for_slots cut them), and
+/// a pool of several buffers is attended a buffer per dispatch; their partials merge through
+/// `partials`, in the last attending dispatch where the device allows (Gpu::merge_in_last_split),
+/// else in one of its own. Otherwise a pass attends in one dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
+    heads: AttentionHeads,
     q: &wgpu::Buffer,
     q_stride: usize,
     kv: KvLayer,
     out: &wgpu::Buffer,
-    partials: &wgpu::Buffer,
-    (max_key_splits, max_tokens): (u32, usize),
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    partials: &AttentionPartials,
     step: &wgpu::Buffer,
 ) -> Attention {
+    let AttentionHeads { n_heads, n_kv_heads, head_dim } = heads;
+    let AttentionPartials { max_key_splits, max_tokens, .. } = *partials;
     assert!(head_dim.is_multiple_of(4) && head_dim <= MAX_HEAD_DIM, "attention reads heads of whole quads, at most {MAX_HEAD_DIM}: head_dim {head_dim}");
     let buffers = kv.buffers.len();
     let kv_dim = n_kv_heads * head_dim;
@@ -1061,7 +1084,7 @@ pub fn attention(
             .iter()
             .enumerate()
             .map(|(buffer, (params, (k, v)))| {
-                let bound = [q, k, v, kv.page_table, out, partials, params, step];
+                let bound = [q, k, v, kv.page_table, out, &partials.buffer, params, step];
                 // Each buffer's dispatch reads its share of the pool; the last merges where it can.
                 let mut share = Traffic { bytes_per_position: traffic.bytes_per_position / buffers as u64, ..traffic };
                 if merges && gpu.merge_in_last_split && buffer + 1 == buffers {
@@ -1072,7 +1095,7 @@ pub fn attention(
             .collect();
         if merges && !gpu.merge_in_last_split {
             let (params, (k, v)) = &runs[0];
-            let bound = [q, k, v, kv.page_table, out, partials, params, step];
+            let bound = [q, k, v, kv.page_table, out, &partials.buffer, params, step];
             dispatches.push(dispatch_in(gpu, &kernels::ATTENTION, form, "combine", &[("HEAD_DIM", head_dim as f64)], &bound, Grid::PerToken(n_heads as u32), merge_traffic));
         }
         Op { dispatches }

@@ -90,7 +90,8 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     // As the pool's type holds them, so that the reference sees the same keys and values.
     let (keys, values) = (gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 5)), gpu.kv_type.rounded(&inputs(context * kv_heads * head_dim, 6)));
     let caches = [(gpu.kv_buffer_with("self-test keys", &keys, kv_heads * head_dim), gpu.kv_buffer_with("self-test values", &values, kv_heads * head_dim))];
-    let partials = gpu.storage_buffer("self-test partials", ops::attention_partials_bytes(heads, head_dim, max_key_splits, 1, 0));
+    let shape = ops::AttentionHeads { n_heads: heads, n_kv_heads: kv_heads, head_dim };
+    let partials = ops::AttentionPartials::new(gpu, shape, max_key_splits, 1, 0);
     // One sequence whose pages are the pool's first ones, in order.
     let pages_per_sequence = context.div_ceil(PAGE_SIZE);
     let page_table = gpu.storage_buffer_with("self-test page table", &(0..pages_per_sequence as u32).collect::<Vec<u32>>());
@@ -101,7 +102,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
         let attended = gpu.storage_buffer("self-test attended", (q.len() * 4) as u64);
         let step_params = StepParams::new(tokens as u32, start as u32, max_key_splits);
         let step_buffer = ops::step_buffer(gpu, step_params);
-        let op = ops::attention(gpu, &q_buffer, heads * head_dim, kv, &attended, &partials, (max_key_splits, 0), heads, kv_heads, head_dim, &step_buffer);
+        let op = ops::attention(gpu, shape, &q_buffer, heads * head_dim, kv, &attended, &partials, &step_buffer);
         gpu.run(|pass| op.encode(pass, &step_params)).await?;
         // Cooperative matrices round q, k, v and the weights to f16.
         let on_coop = gpu.coop_attention && tokens == n;

@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Attention, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, InputFormat, MatmulOutput, Op, PreparedInputs, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
+use crate::gpu::ops::{self, Attention, AttentionHeads, AttentionPartials, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, InputFormat, MatmulOutput, Op, PreparedInputs, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -468,12 +468,13 @@ impl Llama {
         // A pool of several buffers merges each token's attention over them through partials,
         // which bound the tokens of a pass.
         let buffers = kv_pool.buffers();
-        let max_key_splits = ops::max_key_splits(gpu, c.n_heads, c.head_dim, context, buffers);
-        let max_batch = if buffers > 1 { max_batch.min(ops::max_attention_tokens(gpu, c.n_heads, c.head_dim, buffers)) } else { max_batch };
+        let heads = AttentionHeads { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let max_key_splits = ops::max_key_splits(gpu, heads, context, buffers);
+        let max_batch = if buffers > 1 { max_batch.min(ops::max_attention_tokens(gpu, heads, buffers)) } else { max_batch };
         if max_batch < sequences.max(1) {
             return Err(ModelError::TooManySequences { sequences, what: "one pass over a KV pool of several buffers", max: max_batch }.into());
         }
-        let attention_partials = gpu.storage_buffer("attention partials", ops::attention_partials_bytes(c.n_heads, c.head_dim, max_key_splits, buffers, max_batch));
+        let attention_partials = AttentionPartials::new(gpu, heads, max_key_splits, buffers, max_batch);
         // Keys and values on their way to a staged pool (KvPool::staged), a row per token.
         let staging = kv_pool.staged().then(|| [f32_buffer("k staging", max_batch * c.kv_dim()), f32_buffer("v staging", max_batch * c.kv_dim())]);
         let cos_sin = gpu.storage_buffer_with("rope cos/sin", &c.rope_cos_sin(context));
@@ -513,7 +514,7 @@ impl Llama {
             layers.push(Layer {
                 qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, MatmulOutput::Rotary(rotary), rows(qkv_dim), &step),
                 kv_store: staging.as_ref().map(|[k, v]| ops::kv_store(gpu, k, v, kv, c.kv_dim(), &step)),
-                attention: ops::attention(gpu, &qkv, qkv_dim, kv, &attn, &attention_partials, (max_key_splits, max_batch), c.n_heads, c.n_kv_heads, c.head_dim, &step),
+                attention: ops::attention(gpu, heads, &qkv, qkv_dim, kv, &attn, &attention_partials, &step),
                 o_proj: project(&attn, MatmulInput::Plain, w("self_attn.o_proj.weight"), &x, MatmulOutput::Rows, residual(c.q_dim()), &step),
                 gate_up_proj: project(&x, ln("post_attention_layernorm"), w("gate_up_proj"), &gate_up, MatmulOutput::Rows, rows(gate_up_dim), &step),
                 down_proj: project(&gate_up, MatmulInput::SiluMul, w("mlp.down_proj.weight"), &x, MatmulOutput::Rows, residual(gate_up_dim), &step),
