@@ -143,7 +143,7 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
                 let out = gpu.storage_buffer("out", (n * qkv_dim * 4) as u64);
                 let (k_cache, v_cache) = (gpu.kv_type.rounded(&random_vec(&mut rng(64), context * kv_dim, 1.0)), gpu.kv_type.rounded(&random_vec(&mut rng(65), context * kv_dim, 1.0)));
                 let caches = [&k_cache, &v_cache].map(|c| gpu.kv_buffer_with("cache", c, kv_dim));
-                let rotary = Rotary { cos_sin: &table, k_cache: &caches[0], v_cache: &caches[1], staged, n_heads, n_kv_heads, head_dim };
+                let rotary = Rotary { cos_sin: &table, k_cache: &caches[0], v_cache: &caches[1], staged, heads: AttentionHeads { n_heads, n_kv_heads, head_dim } };
                 let op = ops::ByTokens::join([(0, &qk), (qk_rows, &v)].map(|(column, w)| {
                     let layout = MatmulLayout { in_stride: k, out_stride: qkv_dim, out_offset: column, accumulate: false };
                     ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rotary(rotary), layout, &step(&gpu, n, start_pos), None)

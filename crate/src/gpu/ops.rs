@@ -507,8 +507,8 @@ pub enum MatmulOutput<'a> {
     Rotary(Rotary<'a>),
 }
 
-/// A stacked q/k/v projection's output: rows of n_heads q heads, then n_kv_heads k heads and as
-/// many v heads, of head_dim rows each. Each token's q is rotated by its position's angles into
+/// A stacked q/k/v projection's output: rows of `heads`' n_heads q heads, then n_kv_heads k heads
+/// and as many v heads, of head_dim rows each. Each token's q is rotated by its position's angles into
 /// `out`, its k rotated into `k_cache` and its v copied into `v_cache` at its slot's KV row (a pool
 /// buffer of (rows, n_kv_heads * head_dim) of the device's KV type), or when `staged` at row t of
 /// token t (f32 staging rows that [`kv_store`] moves into the pool). `cos_sin` is
@@ -520,9 +520,7 @@ pub struct Rotary<'a> {
     pub k_cache: &'a wgpu::Buffer,
     pub v_cache: &'a wgpu::Buffer,
     pub staged: bool,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
+    pub heads: AttentionHeads,
 }
 
 /// matmul.wgsl's OUTPUT codes.
@@ -846,7 +844,8 @@ fn weight_op(
         MatmulOutput::Rotary(r) => {
             assert!(!layout.accumulate, "rotary output overwrites");
             assert!(r.staged || gpu.kv_type != KvType::Q8_0, "a q8_0 pool is written through staging rows");
-            (r.cos_sin, r.k_cache, r.v_cache, r.head_dim, r.n_heads * r.head_dim, r.n_kv_heads * r.head_dim, r.staged)
+            let AttentionHeads { n_heads, n_kv_heads, head_dim } = r.heads;
+            (r.cos_sin, r.k_cache, r.v_cache, head_dim, n_heads * head_dim, n_kv_heads * head_dim, r.staged)
         }
     };
     let dispatches = w

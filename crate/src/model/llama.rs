@@ -510,7 +510,7 @@ impl Llama {
                 Some([k, v]) => (k, v),
                 None => (&kv.buffers[0].0, &kv.buffers[0].1),
             };
-            let rotary = Rotary { cos_sin: &cos_sin, k_cache, v_cache, staged: staging.is_some(), n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+            let rotary = Rotary { cos_sin: &cos_sin, k_cache, v_cache, staged: staging.is_some(), heads };
             layers.push(Layer {
                 qkv_proj: project(&x, ln("input_layernorm"), w("qkv_proj"), &qkv, MatmulOutput::Rotary(rotary), rows(qkv_dim), &step),
                 kv_store: staging.as_ref().map(|[k, v]| ops::kv_store(gpu, k, v, kv, c.kv_dim(), &step)),
