@@ -123,6 +123,17 @@ def main():
     }
     for name, body in requests.items():
         write("request", name, json.dumps(body))
+    # Model outputs: stop strings before \x02, pieces (a token's text each) between \x01.
+    outputs = {
+        "llama3-json.txt": ([], ['{"name": "get_wea', 'ther", "parameters": {"city"', ': "Paris"}}']),
+        "python-tag-search.txt": (["\nUser:"], ["Let me look.\n", "<|python", '_tag|>brave_search.call(query="Paris \\"weather\\"")']),
+        "function-tag.txt": ([], ["Sure. ", "<function=get_weather>", '{"city": "Oslo"}', "</function>"]),
+        "hermes.txt": ([], ["I'll check.\n", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>']),
+        "code.txt": ([], ["<|python_tag|>", "import math\nprint(", "math.pi)"]),
+        "stop.txt": (["###", "\n\n"], ["Grüße — 天気", " is fine.#", "## more"]),
+    }
+    for name, (stops, pieces) in outputs.items():
+        write("output", name, ("\x01".join(stops) + "\x02" if stops else "") + "\x01".join(pieces))
 
 
 if __name__ == "__main__":

@@ -1036,19 +1036,19 @@ fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
 }
 
 /// Holds back text that may be the start of a stop string, and cuts the output at the first one.
-struct StopStrings {
+pub(crate) struct StopStrings {
     stops: Vec<String>,
     pending: String,
     stopped: bool,
 }
 
 impl StopStrings {
-    fn new(stops: Vec<String>) -> Self {
+    pub(crate) fn new(stops: Vec<String>) -> Self {
         Self { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new(), stopped: false }
     }
 
     /// Adds generated text; returns what is safe to emit and whether a stop string was found.
-    fn push(&mut self, text: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
         self.pending.push_str(text);
         if let Some(cut) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
             self.stopped = true;
@@ -1069,7 +1069,7 @@ impl StopStrings {
     }
 
     /// The held-back text plus `tail`, when generation ends for another reason.
-    fn flush(&mut self, tail: &str) -> String {
+    pub(crate) fn flush(&mut self, tail: &str) -> String {
         self.pending.push_str(tail);
         std::mem::take(&mut self.pending)
     }

@@ -1,17 +1,19 @@
 //! The fuzz targets' bodies: each takes untrusted bytes as a host does (a model file's header, a
-//! shard manifest, a request) and must end in a value or an error, never a panic, a hang or an
-//! allocation the input does not pay for. `fuzz/` runs them under libFuzzer (cargo-fuzz, nightly);
+//! shard manifest, a request, a model's output) and must end in a value or an error, never a
+//! panic, a hang or an allocation the input does not pay for. `fuzz/` runs them under libFuzzer (cargo-fuzz, nightly);
 //! `tests/fuzz.rs` replays their seed corpus and mutations of it on stable in the test suite.
 
 use crate::api::request::{parse_body, read_chat, read_completion, Parsed, UnknownFields, Work};
 use crate::api::{ToolChoice, ToolChoiceMode};
+use crate::engine::StopStrings;
 use crate::grammar::Grammar;
 use crate::load::manifest::Manifest;
 use crate::load::{GgufHeader, Safetensors, WeightSource, WeightStream};
+use crate::text::tool_calls::{self, ToolCallFormat, ToolCallStream, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, Tokenizer};
 
 /// The names of the targets, as `fuzz/fuzz_targets/` and the corpus folders name them.
-pub const TARGETS: [&str; 4] = ["gguf", "safetensors", "manifest", "request"];
+pub const TARGETS: [&str; 5] = ["gguf", "safetensors", "manifest", "request", "output"];
 
 /// Runs target `name` on `data`.
 pub fn run(name: &str, data: &[u8]) {
@@ -20,6 +22,7 @@ pub fn run(name: &str, data: &[u8]) {
         "safetensors" => safetensors(data),
         "manifest" => manifest(data),
         "request" => request(data),
+        "output" => output(data),
         other => panic!("no fuzz target {other:?}"),
     }
 }
@@ -70,5 +73,50 @@ pub fn request(data: &[u8]) {
             }
         }
         let _ = read_completion(object.clone(), unknown);
+    }
+}
+
+/// Separates the pieces of an `output` input (a token's text each), and its stop strings.
+pub const OUTPUT_PIECE_END: char = '\u{1}';
+/// Ends an `output` input's stop strings, when it has any.
+pub const OUTPUT_STOPS_END: char = '\u{2}';
+
+/// A model's output as the engine streams it: stop strings (before OUTPUT_STOPS_END), then the
+/// output's pieces, each through the stop strings and the tool-call stream of each format, as
+/// `Engine::accept` and `Engine::end` run them. What streams must be what the whole text gives:
+/// the text up to the first stop string, and its content and calls as parsed at once.
+pub fn output(data: &[u8]) {
+    let Ok(input) = std::str::from_utf8(data) else { return };
+    let (stops, pieces) = input.split_once(OUTPUT_STOPS_END).unwrap_or(("", input));
+    let stops: Vec<String> = stops.split(OUTPUT_PIECE_END).filter(|s| !s.is_empty()).map(String::from).collect();
+    let pieces: Vec<&str> = pieces.split(OUTPUT_PIECE_END).collect();
+    let whole = pieces.concat();
+    let until_stop = &whole[..stops.iter().filter_map(|stop| whole.find(stop.as_str())).min().unwrap_or(whole.len())];
+    let tools = ToolSet { functions: vec!["get_weather".to_string()], builtin: BUILTIN_TOOLS.map(String::from).to_vec() };
+    for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes] {
+        let mut stop_strings = StopStrings::new(stops.clone());
+        let mut stream = ToolCallStream::new(format, tools.clone());
+        let (mut passed, mut streamed) = (String::new(), String::new());
+        let mut stopped = false;
+        for piece in &pieces {
+            let (emit, hit) = stop_strings.push(piece);
+            passed.push_str(&emit);
+            streamed.push_str(&stream.push(&emit));
+            if hit {
+                stopped = true;
+                break;
+            }
+        }
+        if !stopped {
+            let tail = stop_strings.flush("");
+            passed.push_str(&tail);
+            streamed.push_str(&stream.push(&tail));
+        }
+        assert_eq!(passed, until_stop, "text through stop strings {stops:?}");
+        let end = stream.finish();
+        streamed.push_str(&end.content);
+        let parsed = tool_calls::parse(format, until_stop, &tools);
+        assert_eq!(streamed, parsed.content, "{format:?} content streamed from {pieces:?}");
+        assert_eq!(end.tool_calls, parsed.tool_calls, "{format:?} calls streamed from {pieces:?}");
     }
 }

@@ -12,7 +12,7 @@ const FUNCTION_OPEN: &str = "<function=";
 const FUNCTION_CLOSE: &str = "</function>";
 const TOOL_CALL_OPEN: &str = "<tool_call>";
 const TOOL_CALL_CLOSE: &str = "</tool_call>";
-/// End of turn and end of message: they may end the text and are never content.
+/// End of turn and end of message: they may end the text (after the calls) and are never content.
 const END_TOKENS: [&str; 2] = ["<|eot_id|>", "<|eom_id|>"];
 /// Left out of content wherever they are: the end tokens, and a tag that no call follows.
 const SILENT_TOKENS: [&str; 3] = [END_TOKENS[0], END_TOKENS[1], PYTHON_TAG];
@@ -107,12 +107,21 @@ impl ToolSet {
 /// Splits generated text (special tokens kept as text) into content and calls. The calls must run to
 /// the end of the text and each name a tool of `tools`; otherwise there are none and all is content.
 pub fn parse(format: ToolCallFormat, text: &str, tools: &ToolSet) -> ParsedOutput {
-    let text = remove_tokens(text, &END_TOKENS);
-    let calls = format.call_start(&text).and_then(|start| Some((start, parse_calls(format, &text[start..], tools)?)));
+    let text = without_final_end_tokens(text);
+    let calls = format.call_start(text).and_then(|start| Some((start, parse_calls(format, &text[start..], tools)?)));
     match calls {
         Some((start, tool_calls)) => ParsedOutput { content: content_of(&text[..start]), tool_calls },
-        None => ParsedOutput { content: content_of(&text), tool_calls: Vec::new() },
+        None => ParsedOutput { content: content_of(text), tool_calls: Vec::new() },
     }
+}
+
+/// `text` less the end tokens (and whitespace) it ends with. Elsewhere they are only left out of
+/// content, as the stream leaves them out, so that what streams is what the whole text parses to.
+fn without_final_end_tokens(mut text: &str) -> &str {
+    while let Some(rest) = END_TOKENS.iter().find_map(|token| text.trim_end().strip_suffix(token)) {
+        text = rest;
+    }
+    text
 }
 
 fn content_of(text: &str) -> String {
@@ -472,6 +481,11 @@ mod tests {
         assert_content(Llama3, "Hello there! <|eot_id|>", &tools(), "Hello there!");
         assert_content(Hermes, "Grüße — 天気 <|python_tag|>ok<|eom_id|>", &tools(), "Grüße — 天気 ok");
         assert_content(Llama3, "  <|eot_id|>", &tools(), "");
+        // Spelled out inside the text (the engine stops at the tokens themselves), an end token is
+        // left out of content as the stream leaves it, and calls do not start after it.
+        let call = r#"{"name": "get_weather", "parameters": {"city": "Oslo"}}"#;
+        assert_content(Llama3, &format!("<|eom_id|>{call}"), &tools(), call);
+        assert_content(Llama3, &format!("{call}<|eot_id|> and more"), &tools(), &format!("{call} and more"));
     }
 
     #[test]
