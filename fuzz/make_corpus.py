@@ -131,6 +131,7 @@ def main():
         "hermes.txt": ([], ["I'll check.\n", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>']),
         "code.txt": ([], ["<|python_tag|>", "import math\nprint(", "math.pi)"]),
         "stop.txt": (["###", "\n\n"], ["Grüße — 天気", " is fine.#", "## more"]),
+        "overlapping-stops.txt": (["xUsery", "User"], ["Hi x", "User", "y"]),
     }
     for name, (stops, pieces) in outputs.items():
         write("output", name, ("\x01".join(stops) + "\x02" if stops else "") + "\x01".join(pieces))

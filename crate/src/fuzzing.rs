@@ -83,15 +83,15 @@ pub const OUTPUT_STOPS_END: char = '\u{2}';
 
 /// A model's output as the engine streams it: stop strings (before OUTPUT_STOPS_END), then the
 /// output's pieces, each through the stop strings and the tool-call stream of each format, as
-/// `Engine::accept` and `Engine::end` run them. What streams must be what the whole text gives:
-/// the text up to the first stop string, and its content and calls as parsed at once.
+/// `Engine::accept` and `Engine::end` run them. What streams must be what the text gives at once:
+/// the text up to the first stop string, and its content and calls as parsed whole.
 pub fn output(data: &[u8]) {
     let Ok(input) = std::str::from_utf8(data) else { return };
     let (stops, pieces) = input.split_once(OUTPUT_STOPS_END).unwrap_or(("", input));
     let stops: Vec<String> = stops.split(OUTPUT_PIECE_END).filter(|s| !s.is_empty()).map(String::from).collect();
     let pieces: Vec<&str> = pieces.split(OUTPUT_PIECE_END).collect();
-    let whole = pieces.concat();
-    let until_stop = &whole[..stops.iter().filter_map(|stop| whole.find(stop.as_str())).min().unwrap_or(whole.len())];
+    let until_stop = text_until_stop(&pieces, &stops);
+    let until_stop = until_stop.as_str();
     let tools = ToolSet { functions: vec!["get_weather".to_string()], builtin: BUILTIN_TOOLS.map(String::from).to_vec() };
     for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes] {
         let mut stop_strings = StopStrings::new(stops.clone());
@@ -119,4 +119,19 @@ pub fn output(data: &[u8]) {
         assert_eq!(streamed, parsed.content, "{format:?} content streamed from {pieces:?}");
         assert_eq!(end.tool_calls, parsed.tool_calls, "{format:?} calls streamed from {pieces:?}");
     }
+}
+
+/// The text of `pieces` up to the first of `stops` in it, as generation ends: at the first piece
+/// that completes a stop string, cut where the earliest one it then holds begins (as llama.cpp's
+/// server cuts; a longer stop string that began earlier and would complete later is not awaited).
+fn text_until_stop(pieces: &[&str], stops: &[String]) -> String {
+    let mut text = String::new();
+    for piece in pieces {
+        text.push_str(piece);
+        if let Some(cut) = stops.iter().filter_map(|stop| text.find(stop.as_str())).min() {
+            text.truncate(cut);
+            break;
+        }
+    }
+    text
 }
