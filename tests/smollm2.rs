@@ -193,7 +193,7 @@ fn logits_and_greedy_continuations_within(gpu: &llama_webgpu::Gpu, path: &str, t
         let prompt = match &golden.messages {
             Some(messages) => {
                 let request = ChatCompletionRequest { messages: messages.clone(), ..Default::default() };
-                engine.chat_prompt(&request, &RenderOptions::default()).unwrap()
+                engine.prompter().chat_prompt(&request, &RenderOptions::default()).unwrap()
             }
             None => engine.tokenizer().encode(&golden.text, false).unwrap(),
         };

@@ -9,6 +9,7 @@ use llama_webgpu::api::{
     ChatCompletionRequest, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, ResponseFormat,
     SamplingParams, Tool, ToolChoice, ToolChoiceMode,
 };
+use llama_webgpu::api::request::Work;
 use llama_webgpu::engine::{Event, SequenceId};
 use llama_webgpu::text::{ChatTemplate, RenderOptions};
 use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
@@ -154,7 +155,7 @@ fn required_tool_calls_are_calls_of_offered_tools() {
     request.tool_choice = Some(ToolChoice::Mode(ToolChoiceMode::Required));
     request.parallel_tool_calls = Some(false);
     request.sampling = SamplingParams { max_tokens: Some(60), ..json_params(None) };
-    let ids = engine.add_chat(&request, &RenderOptions::default(), CancelToken::default(), 16).unwrap();
+    let ids = engine.add_work(&Work::Chat(request.clone()), &RenderOptions::default(), CancelToken::default(), 16).unwrap();
     for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
         assert_eq!(completion.finish_reason, FinishReason::ToolCalls, "seed {seed}: {:?}", completion.text);
         assert_eq!(completion.text, "", "seed {seed}: content beside the call");
@@ -168,11 +169,11 @@ fn required_tool_calls_are_calls_of_offered_tools() {
 
     // A named function that is not offered, and a required call with no tools.
     request.tool_choice = Some(ToolChoice::Function { kind: "function".into(), function: NamedFunction { name: "get_time".into() } });
-    let error = engine.add_chat(&request, &RenderOptions::default(), CancelToken::default(), 1).unwrap_err().to_string();
+    let error = engine.add_work(&Work::Chat(request.clone()), &RenderOptions::default(), CancelToken::default(), 1).unwrap_err().to_string();
     assert!(error.contains("\"get_time\" is not among the tools offered"), "{error}");
     request.tools = None;
     request.tool_choice = Some(ToolChoice::Mode(ToolChoiceMode::Required));
-    let error = engine.add_chat(&request, &RenderOptions::default(), CancelToken::default(), 1).unwrap_err().to_string();
+    let error = engine.add_work(&Work::Chat(request.clone()), &RenderOptions::default(), CancelToken::default(), 1).unwrap_err().to_string();
     assert!(error.contains("no tools are offered"), "{error}");
 }
 

@@ -313,10 +313,132 @@ struct PassRow {
     output: bool,
 }
 
-pub struct Engine {
-    model: Llama,
+/// A request made ready for the engine: its prompt rendered and tokenized, the grammar its output
+/// follows and how its tool calls are told apart. [`Prompter::prepare`] makes it on any thread, so
+/// that a long prompt's rendering and tokenizing (0.8 s for 100,000 tokens on a 2-core machine)
+/// does not hold up the sequences the engine runs, which all wait for its thread.
+pub struct Prepared {
+    prompt: Vec<u32>,
+    sampling: SamplingParams,
+    grammar: Option<Grammar>,
+    calling: Option<ToolCalling>,
+}
+
+impl Prepared {
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+}
+
+/// Turns requests into prompts: an engine's tokenizer and chat template (both cheap to clone and
+/// shared across threads) and its model's vocabulary.
+#[derive(Clone)]
+pub struct Prompter {
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    bos_token_id: Option<u32>,
+    vocab_size: usize,
+}
+
+impl Prompter {
+    /// What a host read from a request ([`crate::api::request`]), ready for [`Engine::add_prepared`].
+    pub fn prepare(&self, work: &Work, options: &RenderOptions) -> Result<Prepared> {
+        match work {
+            Work::Chat(request) => self.prepare_chat(request, options),
+            Work::Complete(request) => {
+                let prompt = self.completion_prompt(request)?;
+                Ok(Prepared { prompt, sampling: request.sampling.clone(), grammar: response_format_grammar(&request.sampling)?, calling: None })
+            }
+            Work::Tokens { prompt, sampling } => {
+                if let Some(&id) = prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
+                    return Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: self.vocab_size }).into());
+                }
+                Ok(Prepared { prompt: prompt.clone(), sampling: sampling.clone(), grammar: response_format_grammar(sampling)?, calling: None })
+            }
+        }
+    }
+
+    /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.
+    pub fn chat_prompt(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Vec<u32>> {
+        // A template renders what it does not know as it likes (Llama 3.1's as a header of that
+        // name), so a typo would silently become another turn.
+        const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "ipython"];
+        if let Some((index, message)) = request.messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
+            return Err(EngineError::UnknownRole { index, role: message.role.clone(), known: ROLES }.into());
+        }
+        let tools = Some(offered_tools(request)).filter(|tools| !tools.is_empty());
+        let mut options = options.clone();
+        if request.builtin_tools.is_some() {
+            options.builtin_tools = request.builtin_tools.clone();
+        }
+        Ok(self.template.encode(&self.tokenizer, &request.messages, tools, true, &options).map_err(EngineError::from)?)
+    }
+
+    /// A chat request prepared: when it offers tools and the template has a call format, each
+    /// output is split into content and calls; `tool_choice` required or a named function makes
+    /// the output such calls (constrained decoding).
+    fn prepare_chat(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Prepared> {
+        let prompt = self.chat_prompt(request, options)?;
+        let calling = self.tool_calling(request, options)?;
+        let forced = match &request.tool_choice {
+            Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(None),
+            Some(ToolChoice::Function { function, .. }) => Some(Some(function.name.as_str())),
+            _ => None,
+        };
+        let grammar = match (forced, &calling) {
+            (None, _) => response_format_grammar(&request.sampling)?,
+            (Some(_), None) => {
+                let builtin = request.builtin_tools.as_ref().or(options.builtin_tools.as_ref());
+                let reason = match offered_tools(request).is_empty() && builtin.is_none_or(Vec::is_empty) {
+                    true => "no tools are offered, so none can be required",
+                    false => "this model's chat template has no tool-call format, so no call can be required",
+                };
+                return Err(EngineError::ToolChoice(reason.into()).into());
+            }
+            (Some(only), Some((format, tools))) => {
+                if request.sampling.response_format.as_ref().is_some_and(|f| *f != ResponseFormat::Text) {
+                    return Err(EngineError::ToolChoice("a required tool call and a response_format cannot both shape the output".into()).into());
+                }
+                if !tools.builtin.is_empty() && *format == ToolCallFormat::Llama3 && self.tokenizer.token_id("<|python_tag|>").is_none() {
+                    return Err(EngineError::ToolChoice("built-in tools are called after <|python_tag|>, a token this model's tokenizer does not have".into()).into());
+                }
+                let parallel = request.parallel_tool_calls.unwrap_or(true);
+                Some(Grammar::tool_calls(*format, offered_tools(request), &tools.builtin, only, parallel).map_err(EngineError::ToolChoice)?)
+            }
+        };
+        Ok(Prepared { prompt, sampling: request.sampling.clone(), grammar, calling })
+    }
+
+    /// The tools a chat request offers and how their calls are written, when they can be parsed.
+    fn tool_calling(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Option<ToolCalling>> {
+        let tools = offered_tools(request);
+        let builtin = request.builtin_tools.clone().or_else(|| options.builtin_tools.clone()).unwrap_or_default();
+        if let Some(unknown) = builtin.iter().find(|name| !BUILTIN_TOOLS.contains(&name.as_str())) {
+            return Err(EngineError::UnknownBuiltinTool { name: unknown.clone(), known: BUILTIN_TOOLS }.into());
+        }
+        let functions: Vec<String> = tools.iter().filter_map(|t| t.function.get("name").and_then(|n| n.as_str()).map(str::to_string)).collect();
+        if functions.len() != tools.len() {
+            return Err(EngineError::ToolChoice("every tool needs a function with a name".into()).into());
+        }
+        if functions.is_empty() && builtin.is_empty() {
+            return Ok(None);
+        }
+        Ok(ToolCallFormat::detect(self.template.source()).map(|format| (format, ToolSet { functions, builtin })))
+    }
+
+    /// The prompt tokens of a raw text completion: the model's BOS token, then the text with
+    /// special-token text parsed.
+    pub fn completion_prompt(&self, request: &CompletionRequest) -> Result<Vec<u32>> {
+        let mut prompt: Vec<u32> = self.bos_token_id.into_iter().collect();
+        prompt.extend(self.tokenizer.encode(&request.prompt, true).map_err(EngineError::from)?);
+        Ok(prompt)
+    }
+
+}
+
+pub struct Engine {
+    model: Llama,
+    prompter: Prompter,
     stop_tokens: Vec<u32>,
     pages: PageAllocator,
     waiting: VecDeque<Sequence>,
@@ -348,10 +470,10 @@ impl Engine {
         }
         let pages = PageAllocator::new(model.kv_pool().pages);
         let free_slots = (0..model.max_sequences()).rev().collect();
+        let prompter = Prompter { tokenizer, template, bos_token_id: model.config().bos_token_id, vocab_size: model_vocab };
         Ok(Self {
             model,
-            tokenizer,
-            template,
+            prompter,
             stop_tokens,
             pages,
             waiting: VecDeque::new(),
@@ -370,7 +492,13 @@ impl Engine {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        &self.prompter.tokenizer
+    }
+
+    /// What turns this engine's requests into prompts, for hosts that prepare them on threads of
+    /// their own ([`Engine::add_prepared`]).
+    pub fn prompter(&self) -> &Prompter {
+        &self.prompter
     }
 
     /// Tokens that end generation.
@@ -378,89 +506,14 @@ impl Engine {
         &self.stop_tokens
     }
 
-    /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.
-    pub fn chat_prompt(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Vec<u32>> {
-        // A template renders what it does not know as it likes (Llama 3.1's as a header of that
-        // name), so a typo would silently become another turn.
-        const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "ipython"];
-        if let Some((index, message)) = request.messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
-            return Err(EngineError::UnknownRole { index, role: message.role.clone(), known: ROLES }.into());
-        }
-        let tools = Some(offered_tools(request)).filter(|tools| !tools.is_empty());
-        let mut options = options.clone();
-        if request.builtin_tools.is_some() {
-            options.builtin_tools = request.builtin_tools.clone();
-        }
-        Ok(self.template.encode(&self.tokenizer, &request.messages, tools, true, &options).map_err(EngineError::from)?)
-    }
-
-    /// Queues `n` choices of a chat request ([`Engine::add_choices`]). When it offers tools and the
-    /// template has a call format, each output is split into content and calls; `tool_choice`
-    /// required or a named function makes the output such calls (constrained decoding).
-    pub fn add_chat(&mut self, request: &ChatCompletionRequest, options: &RenderOptions, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let prompt = self.chat_prompt(request, options)?;
-        let calling = self.tool_calling(request, options)?;
-        let forced = match &request.tool_choice {
-            Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(None),
-            Some(ToolChoice::Function { function, .. }) => Some(Some(function.name.as_str())),
-            _ => None,
-        };
-        let grammar = match (forced, &calling) {
-            (None, _) => response_format_grammar(&request.sampling)?,
-            (Some(_), None) => {
-                let builtin = request.builtin_tools.as_ref().or(options.builtin_tools.as_ref());
-                let reason = match offered_tools(request).is_empty() && builtin.is_none_or(Vec::is_empty) {
-                    true => "no tools are offered, so none can be required",
-                    false => "this model's chat template has no tool-call format, so no call can be required",
-                };
-                return Err(EngineError::ToolChoice(reason.into()).into());
-            }
-            (Some(only), Some((format, tools))) => {
-                if request.sampling.response_format.as_ref().is_some_and(|f| *f != ResponseFormat::Text) {
-                    return Err(EngineError::ToolChoice("a required tool call and a response_format cannot both shape the output".into()).into());
-                }
-                if !tools.builtin.is_empty() && *format == ToolCallFormat::Llama3 && self.tokenizer.token_id("<|python_tag|>").is_none() {
-                    return Err(EngineError::ToolChoice("built-in tools are called after <|python_tag|>, a token this model's tokenizer does not have".into()).into());
-                }
-                let parallel = request.parallel_tool_calls.unwrap_or(true);
-                Some(Grammar::tool_calls(*format, offered_tools(request), &tools.builtin, only, parallel).map_err(EngineError::ToolChoice)?)
-            }
-        };
-        self.add_sequences(prompt, &request.sampling, cancel, n, grammar, calling)
-    }
-
-    /// The tools a chat request offers and how their calls are written, when they can be parsed.
-    fn tool_calling(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Option<ToolCalling>> {
-        let tools = offered_tools(request);
-        let builtin = request.builtin_tools.clone().or_else(|| options.builtin_tools.clone()).unwrap_or_default();
-        if let Some(unknown) = builtin.iter().find(|name| !BUILTIN_TOOLS.contains(&name.as_str())) {
-            return Err(EngineError::UnknownBuiltinTool { name: unknown.clone(), known: BUILTIN_TOOLS }.into());
-        }
-        let functions: Vec<String> = tools.iter().filter_map(|t| t.function.get("name").and_then(|n| n.as_str()).map(str::to_string)).collect();
-        if functions.len() != tools.len() {
-            return Err(EngineError::ToolChoice("every tool needs a function with a name".into()).into());
-        }
-        if functions.is_empty() && builtin.is_empty() {
-            return Ok(None);
-        }
-        Ok(ToolCallFormat::detect(self.template.source()).map(|format| (format, ToolSet { functions, builtin })))
-    }
-
-    /// The prompt tokens of a raw text completion: the model's BOS token, then the text with
-    /// special-token text parsed.
-    pub fn completion_prompt(&self, request: &CompletionRequest) -> Result<Vec<u32>> {
-        let mut prompt: Vec<u32> = self.model.config().bos_token_id.into_iter().collect();
-        prompt.extend(self.tokenizer.encode(&request.prompt, true).map_err(EngineError::from)?);
-        Ok(prompt)
-    }
-
     pub async fn chat(&mut self, request: &ChatCompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
-        let id = self.add_chat(request, &RenderOptions::default(), cancel.clone(), 1)?[0];
+        let prepared = self.prompter.prepare_chat(request, &RenderOptions::default())?;
+        let id = self.add_prepared(prepared, cancel.clone(), 1)?[0];
         self.run_to_end(id, &mut deltas(on_delta)).await
     }
 
     pub async fn complete(&mut self, request: &CompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
-        let prompt = self.completion_prompt(request)?;
+        let prompt = self.prompter.completion_prompt(request)?;
         self.generate(&prompt, &request.sampling, cancel, on_delta).await
     }
 
@@ -503,20 +556,14 @@ impl Engine {
     /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
     /// Adds what a host read from a request ([`crate::api::request`]), `n` choices of it.
     pub fn add_work(&mut self, work: &Work, options: &RenderOptions, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        match work {
-            Work::Chat(request) => self.add_chat(request, options, cancel, n),
-            Work::Complete(request) => {
-                let prompt = self.completion_prompt(request)?;
-                self.add_choices(prompt, &request.sampling, cancel, n)
-            }
-            Work::Tokens { prompt, sampling } => {
-                let vocab_size = self.model.config().vocab_size;
-                if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab_size) {
-                    return Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size }).into());
-                }
-                self.add_choices(prompt.clone(), sampling, cancel, n)
-            }
-        }
+        let prepared = self.prompter.prepare(work, options)?;
+        self.add_prepared(prepared, cancel, n)
+    }
+
+    /// Adds `n` choices of a request a [`Prompter`] prepared.
+    pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
+        let Prepared { prompt, sampling, grammar, calling } = prepared;
+        self.add_sequences(prompt, &sampling, cancel, n, grammar, calling)
     }
 
     pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
@@ -611,7 +658,7 @@ impl Engine {
     fn grammars(&mut self) -> Result<&GrammarCompiler> {
         if self.grammars.is_none() {
             let token_bytes = self.token_bytes()?;
-            let compiler = GrammarCompiler::new(&self.tokenizer, &token_bytes, &self.stop_tokens).map_err(EngineError::from)?;
+            let compiler = GrammarCompiler::new(&self.prompter.tokenizer, &token_bytes, &self.stop_tokens).map_err(EngineError::from)?;
             self.grammars = Some(compiler);
         }
         Ok(self.grammars.as_ref().expect("built above"))
@@ -623,7 +670,7 @@ impl Engine {
         if let Some(token_bytes) = &self.token_bytes {
             return Ok(token_bytes.clone());
         }
-        let mut token_bytes = self.tokenizer.token_bytes().map_err(EngineError::from)?;
+        let mut token_bytes = self.prompter.tokenizer.token_bytes().map_err(EngineError::from)?;
         token_bytes.resize(self.model.config().vocab_size, None);
         let token_bytes = Arc::new(token_bytes);
         self.token_bytes = Some(token_bytes.clone());
@@ -879,7 +926,7 @@ impl Engine {
                         // The candidates did not hold every token the filters keep.
                         None => self.model.read_logits(this_row).await?,
                     };
-                    let (token_bytes, tokenizer) = (self.token_bytes.clone().unwrap_or_default(), &self.tokenizer);
+                    let (token_bytes, tokenizer) = (self.token_bytes.clone().unwrap_or_default(), &self.prompter.tokenizer);
                     // A special token's bytes are its name.
                     let bytes = |t: u32| match token_bytes.get(t as usize) {
                         Some(Some(bytes)) => bytes.clone(),
@@ -915,7 +962,7 @@ impl Engine {
         if let Some(Err(error)) = sequence.constraint.as_mut().map(|c| c.accept(token)) {
             return Some(Err(EngineError::from(error).into()));
         }
-        let piece = match sequence.stream.push(&self.tokenizer, token) {
+        let piece = match sequence.stream.push(&self.prompter.tokenizer, token) {
             Ok(piece) => piece,
             Err(error) => return Some(Err(EngineError::from(error).into())),
         };
@@ -937,7 +984,7 @@ impl Engine {
         if ending.is_ok() {
             let tail = match sequence.stops.stopped {
                 true => Ok(String::new()),
-                false => sequence.stream.finish(&self.tokenizer).map(|tail| sequence.stops.flush(&tail)),
+                false => sequence.stream.finish(&self.prompter.tokenizer).map(|tail| sequence.stops.flush(&tail)),
             };
             match tail {
                 Ok(mut rest) => {

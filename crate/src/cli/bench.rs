@@ -277,7 +277,7 @@ async fn bench_json_schema(model: Llama, path: &Path, schema_path: &Path, genera
     let (tokenizer, template) = llama_webgpu::load::open_model(path)?.text()?;
     let mut engine = Engine::new(model, tokenizer, template, 1)?;
     let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", "Describe a customer of a web shop.")], ..Default::default() };
-    let prompt = engine.chat_prompt(&request, &RenderOptions::default())?;
+    let prompt = engine.prompter().chat_prompt(&request, &RenderOptions::default())?;
     let format = ResponseFormat::JsonSchema {
         json_schema: JsonSchemaFormat { name: Some("bench".into()), description: None, schema: Some(schema.clone()), strict: Some(true) },
     };

@@ -279,7 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let params = sampling.params();
             let prompt_tokens = if chat {
                 let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", &prompt)], ..Default::default() };
-                engine.chat_prompt(&request, &Default::default())?
+                engine.prompter().chat_prompt(&request, &Default::default())?
             } else {
                 let mut ids: Vec<u32> = engine.model().config().bos_token_id.into_iter().collect();
                 ids.extend(engine.tokenizer().encode(&prompt, true).map_err(llama_webgpu::engine::EngineError::from)?);
@@ -405,7 +405,7 @@ async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParam
         }
         let request = ChatCompletionRequest { messages: messages.clone(), sampling: params.clone(), ..Default::default() };
         let started = Instant::now();
-        let prompt = engine.chat_prompt(&request, &Default::default())?;
+        let prompt = engine.prompter().chat_prompt(&request, &Default::default())?;
         let on_text = |text: &str| {
             print!("{text}");
             let _ = std::io::stdout().flush();

@@ -31,15 +31,16 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
-use llama_webgpu::api::request::{self, Parsed, UnknownFields};
+use llama_webgpu::api::request::{self, Parsed, UnknownFields, Work};
 use llama_webgpu::api::response::{Endpoint, ResponseMeta};
-use llama_webgpu::engine::ChoiceResults;
+use llama_webgpu::engine::{ChoiceResults, Prepared, Prompter};
+use llama_webgpu::text::RenderOptions;
 use llama_webgpu::{CancelToken, GpuOptions};
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use self::engine_thread::{AliveWhileHeld, Ended, EngineThreadOptions, Event, Job, Stats};
+use self::engine_thread::{AliveWhileHeld, Client, Ended, EngineThreadOptions, Event, Job, Stats};
 use self::responses::{ApiError, SseChunks};
 use super::ModelArgs;
 
@@ -101,6 +102,11 @@ struct Server {
     queue_capacity: usize,
     jobs: SyncSender<Job>,
     stats: Arc<Stats>,
+    /// Renders and tokenizes requests on the blocking pool, beside the engine's thread.
+    prompter: Prompter,
+    render: RenderOptions,
+    /// Requests being prepared at once: as many as the machine has cores.
+    preparing: tokio::sync::Semaphore,
     /// Unix seconds at start, for /v1/models.
     started: u64,
     next_id: AtomicU64,
@@ -125,14 +131,14 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
 
     let stats = Arc::new(Stats::default());
     let (jobs, queue) = sync_channel::<Job>(args.queue);
-    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<Prompter>>();
     let thread_stats = stats.clone();
     let token_interval = std::time::Duration::from_millis(args.token_interval_ms);
-    let render = llama_webgpu::text::RenderOptions { special_tokens_in_content: args.special_tokens_in_content, ..Default::default() };
+    let render = RenderOptions { special_tokens_in_content: args.special_tokens_in_content, ..Default::default() };
     // Set when the grace period after a shutdown signal has passed: the engine ends what it holds.
     let stop_all = CancelToken::default();
     let mut model = model;
-    let options = EngineThreadOptions { token_interval, render, stop_all: stop_all.clone(), lose_device_after_tokens: args.lose_device_after_tokens };
+    let options = EngineThreadOptions { token_interval, stop_all: stop_all.clone(), lose_device_after_tokens: args.lose_device_after_tokens };
     std::thread::Builder::new().name("engine".into()).spawn(move || {
         let load = |model: &mut ModelArgs| {
             pollster::block_on(async {
@@ -161,7 +167,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                 return;
             }
         };
-        let _ = loaded_tx.send(Ok(()));
+        let _ = loaded_tx.send(Ok(engine.prompter().clone()));
         let _alive = AliveWhileHeld::new(thread_stats.clone());
         let mut options = options;
         // A lost device (a driver reset, another process) is replaced: the model loads again from
@@ -176,7 +182,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
             thread_stats.loading.store(false, Ordering::SeqCst);
         }
     })?;
-    loaded_rx.recv().context("the engine thread ended while loading")??;
+    let prompter = loaded_rx.recv().context("the engine thread ended while loading")??;
 
     let cors = cors_layer(&args.cors_origins);
     let server = Arc::new(Server {
@@ -186,6 +192,9 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         queue_capacity: args.queue,
         jobs,
         stats,
+        prompter,
+        render,
+        preparing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
         started: unix_seconds(),
         next_id: AtomicU64::new(1),
         metrics: args.metrics,
@@ -478,11 +487,16 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
         created: unix_seconds(),
         model: server.model_id.clone(),
     };
+    let (work, prepared) = match prepare(&server, &meta.id, parsed.work).await {
+        Ok(ready) => ready,
+        Err(error) => return error.into_response(),
+    };
     let cancel = CancelToken::default();
     let guard = CancelOnDrop(cancel.clone());
     let (events_tx, mut events) = unbounded_channel();
     let choices = parsed.choices;
-    let job = Job { id: meta.id.clone(), work: parsed.work, choices, cancel, events: events_tx };
+    let client = Client { id: meta.id.clone(), cancel, events: events_tx };
+    let job = Job { client, work, prepared, choices };
     if let Err(error) = submit(&server, job) {
         return error.into_response();
     }
@@ -523,6 +537,29 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|error| ApiError::server(error.to_string()).into_response())
+}
+
+/// Renders and tokenizes `work` on the blocking pool: a long prompt takes a while (0.8 s for
+/// 100,000 tokens on a 2-core machine), which the engine's thread, decoding every sequence, would
+/// otherwise spend. A request the prompter refuses is a 400 here.
+async fn prepare(server: &Arc<Server>, id: &str, work: Work) -> Result<(Work, Prepared), ApiError> {
+    let _permit = server.preparing.acquire().await.map_err(|_| ApiError::server("the server is shutting down"))?;
+    let preparing = server.clone();
+    let (work, prepared) = tokio::task::spawn_blocking(move || {
+        let prepared = preparing.prompter.prepare(&work, &preparing.render);
+        (work, prepared)
+    })
+    .await
+    .map_err(|error| ApiError::server(format!("preparing the request failed: {error}")))?;
+    match prepared {
+        Ok(prepared) => Ok((work, prepared)),
+        Err(error) => {
+            let error = engine_thread::api_error(&error, &work);
+            server.stats.failed.fetch_add(1, Ordering::SeqCst);
+            log::info!("{id}: rejected: {}", error.message);
+            Err(error)
+        }
+    }
 }
 
 fn submit(server: &Server, job: Job) -> Result<(), ApiError> {

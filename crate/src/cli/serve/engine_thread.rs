@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use llama_webgpu::api::request::Work;
 use llama_webgpu::api::{FinishReason, TokenLogprob};
-use llama_webgpu::engine::{ChoiceResults, EngineError, Event as EngineEvent, Load, SequenceId};
+use llama_webgpu::engine::{ChoiceResults, EngineError, Event as EngineEvent, Load, Prepared, SequenceId};
 use llama_webgpu::gpu::GpuError;
 use llama_webgpu::grammar::GrammarError;
-use llama_webgpu::text::RenderOptions;
 use llama_webgpu::{CancelToken, Completion, Engine};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use tokio::sync::mpsc::UnboundedSender;
@@ -23,11 +22,19 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::responses::ApiError;
 
 pub struct Job {
-    /// The response id, for the log.
-    pub id: String,
+    pub client: Client,
+    /// The request as read, which says what field an error it meets blames.
     pub work: Work,
+    /// The request made ready off the engine's thread (rendered and tokenized).
+    pub prepared: Prepared,
     /// Choices to generate, each a sequence of the engine sharing the prompt's pages.
     pub choices: usize,
+}
+
+/// Whom a job answers.
+pub struct Client {
+    /// The response id, for the log.
+    pub id: String,
     /// Set when the client goes away: a queued job is skipped, a running one stops at the next token.
     pub cancel: CancelToken,
     pub events: UnboundedSender<Event>,
@@ -109,7 +116,7 @@ impl Stats {
 
 /// A job the engine is running or holding: a sequence per choice, in choice order.
 struct Active {
-    job: Job,
+    job: Client,
     started: Instant,
     /// Whether the job has streamed its first token yet.
     first_token: bool,
@@ -149,7 +156,6 @@ impl Drop for AliveWhileHeld {
 pub struct EngineThreadOptions {
     /// A pause after each step that streamed tokens (for tests).
     pub token_interval: Duration,
-    pub render: RenderOptions,
     /// Set once a shutdown's grace period is over: every job still held then ends.
     pub stop_all: CancelToken,
     /// Destroys the device once this many tokens have been generated (for tests of recovery).
@@ -168,7 +174,7 @@ pub enum Ended {
 /// Runs jobs until every sender of the queue is gone and the engine has finished its work, or
 /// until the device is lost.
 pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options: &EngineThreadOptions) -> Ended {
-    let EngineThreadOptions { token_interval, render, stop_all, lose_device_after_tokens } = options;
+    let EngineThreadOptions { token_interval, stop_all, lose_device_after_tokens } = options;
     let mut active = ActiveJobs::default();
     let mut senders_gone = false;
     publish(&engine, &stats);
@@ -179,7 +185,7 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
                 return Ended::Drained;
             }
             match jobs.recv() {
-                Ok(job) => start(&mut engine, job, &stats, &mut active, render),
+                Ok(job) => start(&mut engine, job, &stats, &mut active),
                 Err(_) => return Ended::Drained,
             }
             started = true;
@@ -192,7 +198,7 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
                 break;
             }
             match jobs.try_recv() {
-                Ok(job) => start(&mut engine, job, &stats, &mut active, render),
+                Ok(job) => start(&mut engine, job, &stats, &mut active),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     senders_gone = true;
@@ -285,21 +291,21 @@ fn publish(engine: &Engine, stats: &Stats) {
 
 /// Hands a job from the queue to the engine, or answers it at once: skipped when its client left,
 /// a 400 when the engine refuses it.
-fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut ActiveJobs, render: &RenderOptions) {
+fn start(engine: &mut Engine, job: Job, stats: &Stats, active: &mut ActiveJobs) {
     stats.queued.fetch_sub(1, Ordering::SeqCst);
+    let Job { client: job, work, prepared, choices } = job;
     if job.cancel.is_cancelled() || job.events.is_closed() {
         log::info!("{}: skipped, the client left while it was queued", job.id);
         stats.skipped.fetch_add(1, Ordering::SeqCst);
         return;
     }
-    let added = engine.add_work(&job.work, render, job.cancel.clone(), job.choices);
-    match added {
+    match engine.add_prepared(prepared, job.cancel.clone(), choices) {
         Ok(sequences) => {
             let results = ChoiceResults::new(sequences.len());
             active.jobs.push(Active { job, started: Instant::now(), first_token: false, sequences, results });
         }
         Err(error) => {
-            let error = api_error(&error, &job.work);
+            let error = api_error(&error, &work);
             stats.failed.fetch_add(1, Ordering::SeqCst);
             log::info!("{}: rejected: {}", job.id, error.message);
             let _ = job.events.send(Event::Failed(error));
@@ -361,7 +367,7 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
 }
 
 /// The client's mistakes are 400s that name the parameter; the rest are the server's 500s.
-fn api_error(error: &llama_webgpu::Error, work: &Work) -> ApiError {
+pub fn api_error(error: &llama_webgpu::Error, work: &Work) -> ApiError {
     let message = error.to_string();
     let (Some(field), llama_webgpu::Error::Engine(engine_error)) = (work.blamed_field(error), error) else { return ApiError::server(message) };
     match engine_error {
