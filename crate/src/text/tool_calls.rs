@@ -128,8 +128,21 @@ fn content_of(text: &str) -> String {
     remove_tokens(text, &SILENT_TOKENS).trim().to_string()
 }
 
+/// `text` without `tokens`, found left to right in one pass: text the removal joins is not searched
+/// again, just as the stream, which removes them piece by piece, does not.
 fn remove_tokens(text: &str, tokens: &[&str]) -> String {
-    tokens.iter().fold(text.to_string(), |text, token| text.replace(token, ""))
+    let mut kept = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        match tokens.iter().find(|token| rest.starts_with(**token)) {
+            Some(token) => rest = &rest[token.len()..],
+            None => {
+                kept.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    kept
 }
 
 /// The calls filling `text`, apart by whitespace or `;` (Llama 3.x's parallel form).
@@ -486,6 +499,9 @@ mod tests {
         let call = r#"{"name": "get_weather", "parameters": {"city": "Oslo"}}"#;
         assert_content(Llama3, &format!("<|eom_id|>{call}"), &tools(), call);
         assert_content(Llama3, &format!("{call}<|eot_id|> and more"), &tools(), &format!("{call} and more"));
+        // Text that a removed token joins is not searched again (the stream removes them piece by
+        // piece): found by the output fuzz target.
+        assert_content(Llama3, "a <<|eom_id|>|python_tag|>b", &tools(), "a <|python_tag|>b");
     }
 
     #[test]
