@@ -324,12 +324,6 @@ pub struct Prepared {
     calling: Option<ToolCalling>,
 }
 
-impl Prepared {
-    pub fn prompt(&self) -> &[u32] {
-        &self.prompt
-    }
-}
-
 /// Turns requests into prompts: an engine's tokenizer and chat template (both cheap to clone and
 /// shared across threads) and its model's vocabulary.
 #[derive(Clone)]
@@ -433,7 +427,6 @@ impl Prompter {
         prompt.extend(self.tokenizer.encode(&request.prompt, true).map_err(EngineError::from)?);
         Ok(prompt)
     }
-
 }
 
 pub struct Engine {
@@ -550,10 +543,6 @@ impl Engine {
         Ok(self.add_choices(prompt, params, cancel, 1)?[0])
     }
 
-    /// Queues `n` choices of one request (OpenAI's `n`), each a sequence of its own. The choices
-    /// after the first wait until the first has its prompt in the KV pool, then start from its
-    /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
-    /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
     /// Adds what a host read from a request ([`crate::api::request`]), `n` choices of it.
     pub fn add_work(&mut self, work: &Work, options: &RenderOptions, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
         let prepared = self.prompter.prepare(work, options)?;
@@ -566,6 +555,10 @@ impl Engine {
         self.add_sequences(prompt, &sampling, cancel, n, grammar, calling)
     }
 
+    /// Queues `n` choices of one request (OpenAI's `n`), each a sequence of its own. The choices
+    /// after the first wait until the first has its prompt in the KV pool, then start from its
+    /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
+    /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
     pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
         let grammar = response_format_grammar(params)?;
         self.add_sequences(prompt, params, cancel, n, grammar, None)
