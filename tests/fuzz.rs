@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use llama_webgpu::fuzzing::{self, TARGETS};
 use llama_webgpu::load::manifest::Manifest;
 use llama_webgpu::load::{GgufHeader, Safetensors, WeightStream};
-use llama_webgpu::text::tool_calls::{self, ToolCallFormat, ToolSet, BUILTIN_TOOLS};
+use llama_webgpu::text::tool_calls::{self, ToolCallFormat};
 use llama_webgpu::text::{ChatTemplate, Tokenizer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -85,14 +85,14 @@ fn every_seed_reaches_the_last_stage_of_its_target() {
     }
     assert!(Safetensors::new(vec![("seed".to_string(), corpus("safetensors")[1].1.as_slice())]).unwrap().locations().len() == 3);
     // Model outputs in pieces: between them, calls in each format and a stop string that ends one.
-    let tools = ToolSet { functions: vec!["get_weather".to_string()], builtin: BUILTIN_TOOLS.map(String::from).to_vec() };
+    let tools = fuzzing::output_tools();
     let (mut calls, mut stops) = (HashSet::new(), 0);
     for (path, bytes) in corpus("output") {
         let input = std::str::from_utf8(&bytes).unwrap();
         let (stop_strings, pieces) = input.split_once(fuzzing::OUTPUT_STOPS_END).unwrap_or(("", input));
         assert!(pieces.contains(fuzzing::OUTPUT_PIECE_END), "{}: one piece", path.display());
         let whole: String = pieces.split(fuzzing::OUTPUT_PIECE_END).collect();
-        stops += stop_strings.split(fuzzing::OUTPUT_PIECE_END).any(|stop| whole.contains(stop)) as usize;
+        stops += stop_strings.split(fuzzing::OUTPUT_PIECE_END).any(|stop| !stop.is_empty() && whole.contains(stop)) as usize;
         for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes] {
             if !tool_calls::parse(format, &whole, &tools).tool_calls.is_empty() {
                 calls.insert(format!("{format:?}"));

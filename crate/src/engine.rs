@@ -337,19 +337,17 @@ pub struct Prompter {
 impl Prompter {
     /// What a host read from a request ([`crate::api::request`]), ready for [`Engine::add_prepared`].
     pub fn prepare(&self, work: &Work, options: &RenderOptions) -> Result<Prepared> {
-        match work {
-            Work::Chat(request) => self.prepare_chat(request, options),
-            Work::Complete(request) => {
-                let prompt = self.completion_prompt(request)?;
-                Ok(Prepared { prompt, sampling: request.sampling.clone(), grammar: response_format_grammar(&request.sampling)?, calling: None })
-            }
+        let (prompt, sampling) = match work {
+            Work::Chat(request) => return self.prepare_chat(request, options),
+            Work::Complete(request) => (self.completion_prompt(request)?, &request.sampling),
             Work::Tokens { prompt, sampling } => {
                 if let Some(&id) = prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
                     return Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: self.vocab_size }).into());
                 }
-                Ok(Prepared { prompt: prompt.clone(), sampling: sampling.clone(), grammar: response_format_grammar(sampling)?, calling: None })
+                (prompt.clone(), sampling)
             }
-        }
+        };
+        Ok(Prepared { prompt, sampling: sampling.clone(), grammar: response_format_grammar(sampling)?, calling: None })
     }
 
     /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.

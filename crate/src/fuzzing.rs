@@ -92,7 +92,7 @@ pub fn output(data: &[u8]) {
     let pieces: Vec<&str> = pieces.split(OUTPUT_PIECE_END).collect();
     let until_stop = text_until_stop(&pieces, &stops);
     let until_stop = until_stop.as_str();
-    let tools = ToolSet { functions: vec!["get_weather".to_string()], builtin: BUILTIN_TOOLS.map(String::from).to_vec() };
+    let tools = output_tools();
     for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes] {
         let mut stop_strings = StopStrings::new(stops.clone());
         let mut stream = ToolCallStream::new(format, tools.clone());
@@ -119,6 +119,11 @@ pub fn output(data: &[u8]) {
         assert_eq!(streamed, parsed.content, "{format:?} content streamed from {pieces:?}");
         assert_eq!(end.tool_calls, parsed.tool_calls, "{format:?} calls streamed from {pieces:?}");
     }
+}
+
+/// The tools the `output` target's outputs may call: the seeds' function and the built-ins.
+pub fn output_tools() -> ToolSet {
+    ToolSet { functions: vec!["get_weather".to_string()], builtin: BUILTIN_TOOLS.map(String::from).to_vec() }
 }
 
 /// The text of `pieces` up to the first of `stops` in it, as generation ends: at the first piece
