@@ -129,6 +129,24 @@ NUMBER: /[1-9][0-9]?/"#.into() } };
         assert!(error.starts_with(wanted), "{error}");
     }
     assert!(engine.is_idle());
+
+    // A host prepares requests on threads of its own: grammars are compiled there (a bad one is
+    // refused there) and the engine runs what was prepared as it runs its own requests.
+    let seeded = SamplingParams { seed: Some(3), ..params };
+    let work = |sampling: SamplingParams| Work::Tokens { prompt: PROMPT.to_vec(), sampling };
+    let (prepared, refused) = std::thread::spawn({
+        let prompter = engine.prompter().clone();
+        let (good, bad) = (work(seeded.clone()), work(SamplingParams { response_format: Some(regex("(unclosed")), ..Default::default() }));
+        move || (prompter.prepare(&good, &RenderOptions::default()).unwrap(), prompter.prepare(&bad, &RenderOptions::default()).err().unwrap())
+    })
+    .join()
+    .unwrap();
+    assert!(refused.to_string().starts_with("response_format"), "{refused}");
+    let ids = engine.add_prepared(prepared, CancelToken::default(), 8).unwrap();
+    let prepared_elsewhere = finish_all(&mut engine, &ids);
+    let ids = engine.add_choices(PROMPT.to_vec(), &seeded, CancelToken::default(), 8).unwrap();
+    let added_here = finish_all(&mut engine, &ids);
+    assert_eq!(prepared_elsewhere.iter().map(|c| &c.tokens).collect::<Vec<_>>(), added_here.iter().map(|c| &c.tokens).collect::<Vec<_>>());
 }
 
 fn weather_tool() -> Tool {

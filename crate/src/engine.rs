@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -37,8 +37,6 @@ pub enum EngineError {
     MaxTokensTooLarge { max_tokens: usize, prompt: usize, context: usize },
     #[error("the tokenizer has {tokenizer} tokens but the model only {model}")]
     VocabMismatch { tokenizer: usize, model: usize },
-    #[error("token id {token} is outside the vocabulary of {vocab}")]
-    TokenOutOfRange { token: u32, vocab: usize },
     #[error("internal error in the engine: {0}")]
     Internal(String),
     #[error("n = {n} choices: a request takes 1 to {max}")]
@@ -76,7 +74,7 @@ impl EngineError {
     pub fn blamed_field(&self, endpoint: Endpoint) -> Option<&'static str> {
         let chat = endpoint == Endpoint::Chat;
         Some(match self {
-            Self::EmptyPrompt | Self::PromptTooLong { .. } | Self::TokenOutOfRange { .. } => if chat { "messages" } else { "prompt" },
+            Self::EmptyPrompt | Self::PromptTooLong { .. } => if chat { "messages" } else { "prompt" },
             Self::Text(TextError::TemplateRaised { .. }) | Self::UnknownRole { .. } => "messages",
             Self::MaxTokensTooLarge { .. } | Self::DoesNotFit { .. } => "max_tokens",
             Self::BadChoiceCount { .. } => "n",
@@ -313,25 +311,51 @@ struct PassRow {
     output: bool,
 }
 
-/// A request made ready for the engine: its prompt rendered and tokenized, the grammar its output
-/// follows and how its tool calls are told apart. [`Prompter::prepare`] makes it on any thread, so
-/// that a long prompt's rendering and tokenizing (0.8 s for 100,000 tokens on a 2-core machine)
-/// does not hold up the sequences the engine runs, which all wait for its thread.
+/// A request made ready for the engine: its prompt rendered and tokenized (ids within the
+/// model's vocabulary), its grammar compiled, and how its tool calls are told apart.
+/// [`Prompter::prepare`] makes it on any thread, so that a long prompt's rendering and tokenizing
+/// (0.8 s for 100,000 tokens on a 2-core machine) or a large grammar's compiling (15 ms for 30
+/// tools) does not hold up the sequences the engine runs, which all wait for its thread.
 pub struct Prepared {
     prompt: Vec<u32>,
     sampling: SamplingParams,
-    grammar: Option<Grammar>,
+    constraint: Option<Constraint>,
     calling: Option<ToolCalling>,
 }
 
 /// Turns requests into prompts: an engine's tokenizer and chat template (both cheap to clone and
-/// shared across threads) and its model's vocabulary.
+/// shared across threads), its model's vocabulary and the tables built from it.
 #[derive(Clone)]
 pub struct Prompter {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     bos_token_id: Option<u32>,
     vocab_size: usize,
+    stop_tokens: Vec<u32>,
+    tables: Arc<VocabularyTables>,
+}
+
+/// Built from the vocabulary on first use and shared by every clone of a [`Prompter`]: each
+/// token's bytes (for grammars and log probabilities) and the grammar compiler (0.4 s for Llama
+/// 3's 128K tokens on a 2-core machine), so neither is built on the engine's thread.
+#[derive(Default)]
+struct VocabularyTables {
+    token_bytes: Mutex<Option<Arc<TokenBytes>>>,
+    grammars: Mutex<Option<Arc<GrammarCompiler>>>,
+}
+
+/// Each token's bytes, by id; None for special tokens and ids without any.
+pub type TokenBytes = Vec<Option<Vec<u8>>>;
+
+/// The value in `cell`, built the first time; callers at the same time wait for that one build.
+fn built_once<T>(cell: &Mutex<Option<Arc<T>>>, build: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+    let mut value = cell.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(built) = &*value {
+        return Ok(built.clone());
+    }
+    let built = Arc::new(build()?);
+    *value = Some(built.clone());
+    Ok(built)
 }
 
 impl Prompter {
@@ -347,7 +371,44 @@ impl Prompter {
                 (prompt.clone(), sampling)
             }
         };
-        Ok(Prepared { prompt, sampling: sampling.clone(), grammar: response_format_grammar(sampling)?, calling: None })
+        let grammar = response_format_grammar(sampling)?;
+        self.finish(prompt, sampling, grammar, None)
+    }
+
+    /// A prepared request: its grammar compiled and, when it wants log probabilities, the
+    /// tokens' bytes built.
+    fn finish(&self, prompt: Vec<u32>, sampling: &SamplingParams, grammar: Option<Grammar>, calling: Option<ToolCalling>) -> Result<Prepared> {
+        let constraint = match grammar {
+            Some(grammar) => Some(self.grammars()?.compile(&grammar).map_err(EngineError::from)?),
+            None => None,
+        };
+        if sampling.logprobs_wanted().is_some() {
+            self.token_bytes()?;
+        }
+        Ok(Prepared { prompt, sampling: sampling.clone(), constraint, calling })
+    }
+
+    /// Tokens that end generation.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
+    }
+
+    /// The bytes of each token of the model's vocabulary ([`Tokenizer::token_bytes`]; None for
+    /// special tokens and ids without one), computed once.
+    pub fn token_bytes(&self) -> Result<Arc<TokenBytes>> {
+        built_once(&self.tables.token_bytes, || {
+            let mut token_bytes = self.tokenizer.token_bytes().map_err(EngineError::from)?;
+            token_bytes.resize(self.vocab_size, None);
+            Ok(token_bytes)
+        })
+    }
+
+    /// The compiler of this vocabulary's grammars, built once.
+    pub fn grammars(&self) -> Result<Arc<GrammarCompiler>> {
+        built_once(&self.tables.grammars, || {
+            let token_bytes = self.token_bytes()?;
+            Ok(GrammarCompiler::new(&self.tokenizer, &token_bytes, &self.stop_tokens).map_err(EngineError::from)?)
+        })
     }
 
     /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.
@@ -398,7 +459,7 @@ impl Prompter {
                 Some(Grammar::tool_calls(*format, offered_tools(request), &tools.builtin, only, parallel).map_err(EngineError::ToolChoice)?)
             }
         };
-        Ok(Prepared { prompt, sampling: request.sampling.clone(), grammar, calling })
+        self.finish(prompt, &request.sampling, grammar, calling)
     }
 
     /// The tools a chat request offers and how their calls are written, when they can be parsed.
@@ -430,7 +491,6 @@ impl Prompter {
 pub struct Engine {
     model: Llama,
     prompter: Prompter,
-    stop_tokens: Vec<u32>,
     pages: PageAllocator,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -440,10 +500,6 @@ pub struct Engine {
     next_id: SequenceId,
     /// Seeds for requests that bring none.
     seeds: ChaCha8Rng,
-    /// Built on first use: each token's bytes (for grammars and log probabilities) and the grammar
-    /// compiler.
-    token_bytes: Option<Arc<Vec<Option<Vec<u8>>>>>,
-    grammars: Option<GrammarCompiler>,
 }
 
 impl Engine {
@@ -461,11 +517,17 @@ impl Engine {
         }
         let pages = PageAllocator::new(model.kv_pool().pages);
         let free_slots = (0..model.max_sequences()).rev().collect();
-        let prompter = Prompter { tokenizer, template, bos_token_id: model.config().bos_token_id, vocab_size: model_vocab };
+        let prompter = Prompter {
+            tokenizer,
+            template,
+            bos_token_id: model.config().bos_token_id,
+            vocab_size: model_vocab,
+            stop_tokens,
+            tables: Arc::default(),
+        };
         Ok(Self {
             model,
             prompter,
-            stop_tokens,
             pages,
             waiting: VecDeque::new(),
             running: vec![],
@@ -473,8 +535,6 @@ impl Engine {
             pending: None,
             next_id: 0,
             seeds: ChaCha8Rng::seed_from_u64(seed),
-            token_bytes: None,
-            grammars: None,
         })
     }
 
@@ -494,7 +554,7 @@ impl Engine {
 
     /// Tokens that end generation.
     pub fn stop_tokens(&self) -> &[u32] {
-        &self.stop_tokens
+        self.prompter.stop_tokens()
     }
 
     pub async fn chat(&mut self, request: &ChatCompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
@@ -547,30 +607,18 @@ impl Engine {
         self.add_prepared(prepared, cancel, n)
     }
 
-    /// Adds `n` choices of a request a [`Prompter`] prepared.
-    pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let Prepared { prompt, sampling, grammar, calling } = prepared;
-        self.add_sequences(prompt, &sampling, cancel, n, grammar, calling)
-    }
-
     /// Queues `n` choices of one request (OpenAI's `n`), each a sequence of its own. The choices
     /// after the first wait until the first has its prompt in the KV pool, then start from its
     /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
     /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
     pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let grammar = response_format_grammar(params)?;
-        self.add_sequences(prompt, params, cancel, n, grammar, None)
+        let prepared = self.prompter.prepare(&Work::Tokens { prompt, sampling: params.clone() }, &RenderOptions::default())?;
+        self.add_prepared(prepared, cancel, n)
     }
 
-    fn add_sequences(
-        &mut self,
-        prompt: Vec<u32>,
-        params: &SamplingParams,
-        cancel: CancelToken,
-        n: usize,
-        grammar: Option<Grammar>,
-        calling: Option<ToolCalling>,
-    ) -> Result<Vec<SequenceId>> {
+    /// Adds `n` choices of a request a [`Prompter`] prepared ([`Engine::add_choices`]).
+    pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
+        let Prepared { prompt, sampling: ref params, constraint, calling } = prepared;
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());
         }
@@ -578,9 +626,6 @@ impl Engine {
         let vocab = self.model.config().vocab_size;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt.into());
-        }
-        if let Some(&token) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::TokenOutOfRange { token, vocab }.into());
         }
         if prompt.len() >= context {
             return Err(EngineError::PromptTooLong { prompt: prompt.len(), context }.into());
@@ -605,13 +650,6 @@ impl Engine {
         if let Some(alternatives) = top_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
             return Err(EngineError::TooManyLogprobs { alternatives, max: MAX_TOP_LOGPROBS }.into());
         }
-        if top_logprobs.is_some() {
-            self.token_bytes()?;
-        }
-        let constraint = match grammar {
-            Some(grammar) => Some(self.grammars()?.compile(&grammar).map_err(EngineError::from)?),
-            None => None,
-        };
         let first = self.next_id;
         let ids: Vec<SequenceId> = (first..first + n as u64).collect();
         self.next_id += n as u64;
@@ -644,28 +682,6 @@ impl Engine {
             });
         }
         Ok(ids)
-    }
-
-    fn grammars(&mut self) -> Result<&GrammarCompiler> {
-        if self.grammars.is_none() {
-            let token_bytes = self.token_bytes()?;
-            let compiler = GrammarCompiler::new(&self.prompter.tokenizer, &token_bytes, &self.stop_tokens).map_err(EngineError::from)?;
-            self.grammars = Some(compiler);
-        }
-        Ok(self.grammars.as_ref().expect("built above"))
-    }
-
-    /// The bytes of each token of the model's vocabulary ([`Tokenizer::token_bytes`]; None for
-    /// special tokens and ids without one), computed once.
-    pub fn token_bytes(&mut self) -> Result<Arc<Vec<Option<Vec<u8>>>>> {
-        if let Some(token_bytes) = &self.token_bytes {
-            return Ok(token_bytes.clone());
-        }
-        let mut token_bytes = self.prompter.tokenizer.token_bytes().map_err(EngineError::from)?;
-        token_bytes.resize(self.model.config().vocab_size, None);
-        let token_bytes = Arc::new(token_bytes);
-        self.token_bytes = Some(token_bytes.clone());
-        Ok(token_bytes)
     }
 
     /// Whether nothing is running, waiting or in flight.
@@ -917,7 +933,8 @@ impl Engine {
                         // The candidates did not hold every token the filters keep.
                         None => self.model.read_logits(this_row).await?,
                     };
-                    let (token_bytes, tokenizer) = (self.token_bytes.clone().unwrap_or_default(), &self.prompter.tokenizer);
+                    // Built when a request wanting log probabilities was prepared.
+                    let (token_bytes, tokenizer) = (self.prompter.token_bytes()?, &self.prompter.tokenizer);
                     // A special token's bytes are its name.
                     let bytes = |t: u32| match token_bytes.get(t as usize) {
                         Some(Some(bytes)) => bytes.clone(),
@@ -945,7 +962,7 @@ impl Engine {
         let sequence = &mut self.running[i];
         sequence.sampler.accept(token);
         sequence.tokens.push(token);
-        if self.stop_tokens.contains(&token) {
+        if self.prompter.stop_tokens.contains(&token) {
             return Some(Ok(FinishReason::Stop));
         }
         // Log probabilities are of the output's tokens, which a stop token is not.

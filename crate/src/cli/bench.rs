@@ -12,7 +12,7 @@ use llama_webgpu::bench::{bench_tokens, decode_rate, prefill_rate, synthetic_con
 use llama_webgpu::model::{Batch, KvPool, PassTokens, PAGE_SIZE};
 use llama_webgpu::quant::DType;
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, JsonSchemaFormat, ResponseFormat, SamplingParams};
-use llama_webgpu::grammar::{Grammar, GrammarCompiler};
+use llama_webgpu::grammar::Grammar;
 use llama_webgpu::text::RenderOptions;
 use llama_webgpu::{CancelToken, Config, Engine, Gpu, Llama, LoadOptions};
 
@@ -282,8 +282,7 @@ async fn bench_json_schema(model: Llama, path: &Path, schema_path: &Path, genera
         json_schema: JsonSchemaFormat { name: Some("bench".into()), description: None, schema: Some(schema.clone()), strict: Some(true) },
     };
     let started = Instant::now();
-    let token_bytes = engine.token_bytes()?;
-    let compiler = GrammarCompiler::new(engine.tokenizer(), &token_bytes, engine.stop_tokens())?;
+    let compiler = engine.prompter().grammars()?;
     let compiler_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut rows = vec![];
     for &n in generate.iter().filter(|&&n| n > 0) {
