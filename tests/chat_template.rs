@@ -8,7 +8,7 @@ use common::llama3_tokenizer as llama3;
 
 
 use llama_webgpu::api::{ChatMessage, Tool};
-use llama_webgpu::text::{today_date_string, ChatTemplate, RenderOptions, TextError};
+use llama_webgpu::text::{today_date_string, ChatTemplate, RenderOptions, TextError, TEMPLATE_FUEL};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -163,6 +163,14 @@ fn template_errors_say_what_went_wrong() {
 
     let err = ChatTemplate::new("{{ messages.nope.deeper }}").unwrap().render(&[], None, false, &options).unwrap_err();
     assert!(err.to_string().starts_with("chat template failed to render: "), "{err}");
+
+    // A template comes with a model file: one that never ends or asks for a huge indent is an
+    // error, not a thread held for good or an allocation that aborts.
+    let endless = ChatTemplate::new("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}").unwrap();
+    let err = endless.render(&[], None, false, &options).unwrap_err();
+    assert_eq!(err.to_string(), format!("chat template failed to render: it ran past {TEMPLATE_FUEL} instructions (a loop that does not end?)"));
+    let err = ChatTemplate::new("{{ messages|tojson(indent=100000000000) }}").unwrap().render(&[], None, false, &options).unwrap_err();
+    assert!(err.to_string().contains("tojson: indent 100000000000 is wider than 1000"), "{err}");
 }
 
 fn render_with_tools(source: &str, tools: &serde_json::Value) -> String {
