@@ -149,3 +149,18 @@ fn stream_never_splits_a_character() {
     assert_eq!(deltas.concat(), tok.decode(cut, false).unwrap());
     assert!(deltas.last().unwrap().ends_with(char::REPLACEMENT_CHARACTER));
 }
+
+#[test]
+fn stray_bytes_are_not_held_for_ever() {
+    let tok = llama3();
+    // Byte 0x80 alone (byte-level BPE spells it U+0122) can never begin a character.
+    let stray = tok.token_id("\u{122}").expect("the byte token of 0x80");
+    let mut ids = vec![stray; 1000];
+    ids.extend(tok.encode(" 🦙 ok", false).unwrap());
+    let deltas = stream(&ids, true);
+    assert_eq!(deltas.concat(), tok.decode(&ids, true).unwrap());
+    // Replacement characters go out while the bytes keep coming, a bounded window at a time.
+    let released = deltas[..1000].iter().filter(|d| !d.is_empty()).count();
+    assert!(released >= 1000 / 16, "{released} deltas during 1000 stray bytes");
+    assert!(deltas[..1000].concat().chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+}

@@ -1,5 +1,11 @@
 use super::{TextError, Tokenizer};
 
+/// Pending tokens past which text that still ends in an incomplete character goes out as it
+/// decodes: a character is at most 4 bytes and a token at least one, so these are bytes that
+/// never make one (a model emitting stray bytes), and holding them would decode a growing window
+/// with every token.
+const MAX_PENDING_TOKENS: usize = 16;
+
 /// Turns generated token ids, fed one at a time, into text deltas.
 ///
 /// Byte-level BPE splits a character over several tokens (an emoji is often two or three), so a
@@ -37,7 +43,7 @@ impl TextStream {
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TextError> {
         self.ids.push(id);
         let (released, window) = self.decode_window(tokenizer)?;
-        if window.ends_with(char::REPLACEMENT_CHARACTER) {
+        if window.ends_with(char::REPLACEMENT_CHARACTER) && self.ids.len() - self.read < MAX_PENDING_TOKENS {
             return Ok(String::new());
         }
         let delta = suffix_after(&window, &released);
