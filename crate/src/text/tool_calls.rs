@@ -294,13 +294,16 @@ pub struct ToolCallStream {
     scanned: usize,
     /// Bytes of content released: always a prefix of the content `parse` gives for the whole text.
     released: usize,
+    /// `text[scanned..scanned + blank]` is whitespace already looked at, held until content
+    /// follows: no call begins in it, so a long run of it is not searched again with each token.
+    blank: usize,
     /// Set once a call may have begun: from then on everything waits for `finish`.
     call_started: bool,
 }
 
 impl ToolCallStream {
     pub fn new(format: ToolCallFormat, tools: ToolSet) -> Self {
-        Self { format, tools, text: String::new(), scanned: 0, released: 0, call_started: false }
+        Self { format, tools, text: String::new(), scanned: 0, released: 0, blank: 0, call_started: false }
     }
 
     /// Adds generated text; returns the content that is safe to stream now (never part of a call).
@@ -310,9 +313,22 @@ impl ToolCallStream {
             return String::new();
         }
         let pending = &self.text[self.scanned..];
+        // Markers and silent tokens begin with '<', so what whitespace holds back is all blank.
+        let rest = &pending[self.blank..];
         // Until some content is out, the output may still open with bare JSON.
-        let call_start = if self.released == 0 { self.format.call_start(pending) } else { self.format.first_marker(pending) };
-        let end = call_start.unwrap_or_else(|| held_tail_start(self.format, pending));
+        let call_start = match self.released {
+            0 => self.format.call_start(rest),
+            _ => self.format.first_marker(rest),
+        };
+        let call_start = call_start.map(|at| self.blank + at);
+        let end = call_start.unwrap_or_else(|| match held_tail_start(self.format, rest) {
+            0 => 0,
+            held => self.blank + held,
+        });
+        self.blank = match end {
+            0 => self.blank + rest.len() - rest.trim_start().len(),
+            _ => 0,
+        };
         let mut chunk = remove_tokens(&pending[..end], &SILENT_TOKENS);
         if self.released == 0 {
             chunk = chunk.trim_start().to_string();
@@ -487,6 +503,18 @@ mod tests {
         let bare = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;
         assert_content(Hermes, bare, &tools(), bare);
         assert_content(Hermes, &format!("<tool_call>\n{bare}"), &tools(), &format!("<tool_call>\n{bare}"));
+    }
+
+    #[test]
+    fn long_blank_runs_before_calls_and_content() {
+        let blank = " \n\t ".repeat(50);
+        let weather = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#;
+        let paris = [("get_weather", r#"{"city":"Paris"}"#)];
+        assert_parses(Llama3, &format!("{blank}{weather}"), "", &paris);
+        assert_parses(Llama3, &format!("{blank}Hi.{blank}<|python_tag|>{weather}"), "Hi.", &paris);
+        assert_parses(Llama3, &format!("Hi.{blank}<|eom_id|>{blank}there{blank}<|python_ta"), &format!("Hi.{blank}{blank}there{blank}<|python_ta"), &[]);
+        let hermes = format!("{blank}Hi.{blank}<tool_call>\n{}\n</tool_call>{blank}", r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#);
+        assert_parses(Hermes, &hermes, "Hi.", &paris);
     }
 
     #[test]
