@@ -121,8 +121,8 @@ export interface SamplingParams {
   stop?: string | string[];
   seed?: number;
   /**
-   * Choices to generate, 1 (the default) to 128: they share the prompt's KV pages (computed once),
-   * and with a `seed`, choice i samples as a request with seed + i.
+   * Choices to generate of each prompt, 1 (the default) to 128 in all: they share the prompt's KV
+   * pages (computed once), and with a `seed`, choice i of a prompt samples as a request with seed + i.
    */
   n?: number;
   response_format?: ResponseFormat;
@@ -151,9 +151,13 @@ export interface ChatCompletionParams extends SamplingParams {
   top_logprobs?: number;
 }
 
-/** A raw text completion: the model's BOS token then `prompt`, no chat template; or token ids, run as given. */
+/**
+ * A raw text completion: the model's BOS token then `prompt`, no chat template; or token ids, run
+ * as given. Several prompts (a list of strings or of id lists) run together, `n` choices each,
+ * numbered prompt by prompt (choice i is prompt floor(i / n)'s).
+ */
 export interface CompletionParams extends SamplingParams {
-  prompt: string | [string] | number[] | [number[]];
+  prompt: string | number[] | (string | number[])[];
   /** The most likely alternatives to return with each token's log probability, 0 to 20. */
   logprobs?: number;
 }

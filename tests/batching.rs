@@ -7,10 +7,11 @@ mod common;
 use std::collections::HashMap;
 
 use common::{exact, golden, gpu, gpu_with, load_model, rng, truncated_llama3_tokenizer};
+use llama_webgpu::api::request::{Prompt, Work};
 use llama_webgpu::api::{FinishReason, Logprobs, ResponseFormat, SamplingParams};
 use llama_webgpu::engine::{Event, SequenceId};
 use llama_webgpu::model::{PageAllocator, PAGE_SIZE};
-use llama_webgpu::text::ChatTemplate;
+use llama_webgpu::text::{ChatTemplate, RenderOptions};
 use llama_webgpu::load::ShardDir;
 use llama_webgpu::quant::DType;
 use llama_webgpu::{CancelToken, Completion, Engine, GpuOptions, Llama, LoadOptions};
@@ -330,16 +331,7 @@ fn choices_of_one_request_share_its_prompt_pages_and_sample_as_seeded_requests_a
     let prompt: Vec<u32> = golden(FIXTURE).greedy.prompt[..38].to_vec();
     let params = SamplingParams { temperature: Some(0.9), top_k: Some(20), seed: Some(41), max_tokens: Some(10), ..Default::default() };
     let ids = engine.add_choices(prompt.clone(), &params, CancelToken::default(), 3).unwrap();
-    let mut results: HashMap<SequenceId, Completion> = HashMap::new();
-    while !engine.is_idle() {
-        for (id, event) in pollster::block_on(engine.step()).unwrap() {
-            match event {
-                Event::Finished(completion) => drop(results.insert(id, completion)),
-                Event::Failed(error) => panic!("choice {id} failed: {error}"),
-                Event::Delta(_) | Event::Prefill { .. } => {}
-            }
-        }
-    }
+    let results = finish_all(&mut engine);
     // Choice i is the request with seed 41 + i alone.
     let alone: Vec<Request> = (0..3)
         .map(|i| Request { prompt: prompt.clone(), params: SamplingParams { seed: Some(41 + i), ..params.clone() }, joins_at: 0, cancel_after: None })
@@ -359,6 +351,53 @@ fn choices_of_one_request_share_its_prompt_pages_and_sample_as_seeded_requests_a
         assert_eq!(err.to_string(), format!("n = {n} choices: a request takes 1 to 128"));
     }
     assert!(engine.is_idle());
+}
+
+/// Steps the engine until it is idle; each sequence's completion.
+fn finish_all(engine: &mut Engine) -> HashMap<SequenceId, Completion> {
+    let mut results = HashMap::new();
+    while !engine.is_idle() {
+        for (id, event) in pollster::block_on(engine.step()).unwrap() {
+            match event {
+                Event::Finished(completion) => drop(results.insert(id, completion)),
+                Event::Failed(error) => panic!("sequence {id} failed: {error}"),
+                Event::Delta(_) | Event::Prefill { .. } => {}
+            }
+        }
+    }
+    results
+}
+
+#[test]
+fn a_request_of_several_prompts_gives_each_prompt_the_choices_it_gets_alone() {
+    let Some(mut engine) = engine(4, None) else { return };
+    let free_at_start = engine.load().kv_pages_free;
+    let golden_prompt = &golden(FIXTURE).greedy.prompt;
+    let prompts = [golden_prompt[..30].to_vec(), golden_prompt[5..12].to_vec()];
+    let params = SamplingParams { temperature: Some(0.9), top_k: Some(20), seed: Some(7), max_tokens: Some(6), ..Default::default() };
+    let work = Work::Complete { prompts: prompts.iter().cloned().map(Prompt::Tokens).collect(), sampling: params.clone() };
+    let prepared = engine.prompter().prepare(&work, &RenderOptions::default()).unwrap();
+    let ids = engine.add_prepared(prepared, CancelToken::default(), 2).unwrap();
+    let results = finish_all(&mut engine);
+    let choices: Vec<&Completion> = ids.iter().map(|id| &results[id]).collect();
+    // Choices go prompt by prompt; each prompt's are its request alone, seeds 7 and 8.
+    for (p, prompt) in prompts.iter().enumerate() {
+        let alone_ids = engine.add_choices(prompt.clone(), &params, CancelToken::default(), 2).unwrap();
+        let alone = finish_all(&mut engine);
+        let alone: Vec<&Vec<u32>> = alone_ids.iter().map(|id| &alone[id].tokens).collect();
+        assert_eq!(vec![&choices[2 * p].tokens, &choices[2 * p + 1].tokens], alone, "prompt {p}");
+    }
+    let usage = Completion::usage_of_choices(&choices.iter().map(|&c| c.clone()).collect::<Vec<_>>());
+    assert_eq!(usage.prompt_tokens, 37, "each prompt counted once");
+    assert_eq!(usage.completion_tokens, choices.iter().map(|c| c.usage.completion_tokens).sum::<u32>());
+    assert_eq!(engine.load().kv_pages_free, free_at_start);
+
+    let err = engine.add_prepared(engine.prompter().prepare(&work, &RenderOptions::default()).unwrap(), CancelToken::default(), 65).unwrap_err();
+    assert_eq!(err.to_string(), "2 prompts with n = 65: a request takes at most 128 choices in all");
+    let empty = Work::Complete { prompts: vec![Prompt::Tokens(prompts[0].clone()), Prompt::Tokens(vec![])], sampling: params };
+    let err = engine.add_prepared(engine.prompter().prepare(&empty, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap_err();
+    assert_eq!(err.to_string(), "the prompt is empty");
+    assert!(engine.is_idle(), "a request with a prompt that cannot run queues none of its prompts");
 }
 
 #[test]

@@ -133,7 +133,7 @@ NUMBER: /[1-9][0-9]?/"#.into() } };
     // A host prepares requests on threads of its own: grammars are compiled there (a bad one is
     // refused there) and the engine runs what was prepared as it runs its own requests.
     let seeded = SamplingParams { seed: Some(3), ..params };
-    let work = |sampling: SamplingParams| Work::Tokens { prompt: PROMPT.to_vec(), sampling };
+    let work = |sampling: SamplingParams| Work::tokens(PROMPT.to_vec(), sampling);
     let (prepared, refused) = std::thread::spawn({
         let prompter = engine.prompter().clone();
         let (good, bad) = (work(seeded.clone()), work(SamplingParams { response_format: Some(regex("(unclosed")), ..Default::default() }));

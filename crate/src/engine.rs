@@ -18,7 +18,7 @@ use crate::api::{
     ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, ResponseFormat, SamplingParams, TokenLogprob, Tool,
     ToolChoice, ToolChoiceMode, TopLogprob, Usage,
 };
-use crate::api::request::Work;
+use crate::api::request::{Prompt, Work};
 use crate::gpu::ops::TokenSlot;
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
 use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
@@ -41,6 +41,8 @@ pub enum EngineError {
     Internal(String),
     #[error("n = {n} choices: a request takes 1 to {max}")]
     BadChoiceCount { n: usize, max: usize },
+    #[error("{prompts} prompts with n = {n}: a request takes at most {max} choices in all")]
+    TooManyChoices { prompts: usize, n: usize, max: usize },
     #[error("{alternatives} logprob alternatives per token: a request takes 0 to {max}")]
     TooManyLogprobs { alternatives: usize, max: usize },
     #[error("tool_choice: {0}")]
@@ -78,6 +80,7 @@ impl EngineError {
             Self::Text(TextError::TemplateRaised { .. }) | Self::UnknownRole { .. } => "messages",
             Self::MaxTokensTooLarge { .. } | Self::DoesNotFit { .. } => "max_tokens",
             Self::BadChoiceCount { .. } => "n",
+            Self::TooManyChoices { .. } => "prompt",
             Self::TooManyLogprobs { .. } => if chat { "top_logprobs" } else { "logprobs" },
             Self::ToolChoice(_) => "tool_choice",
             Self::UnknownBuiltinTool { .. } => "builtin_tools",
@@ -124,15 +127,23 @@ pub struct Completion {
     pub logprobs: Option<Vec<TokenLogprob>>,
     /// The calls the output makes (then `text` is the content before them).
     pub tool_calls: Vec<GeneratedToolCall>,
+    /// A later choice of its prompt, whose prompt tokens are counted with the first choice's.
+    pub prompt_shared: bool,
 }
 
 impl Completion {
-    /// The usage of a request whose choices ended as `choices`: the prompt counted once (it is
-    /// computed once; its cached tokens are the first choice's), the generated tokens of all.
+    /// The usage of a request whose choices ended as `choices`: each prompt counted once (it is
+    /// computed once; its cached tokens are its first choice's), the generated tokens of all.
     pub fn usage_of_choices(choices: &[Completion]) -> Usage {
-        let Some(first) = choices.first() else { return Usage::default() };
+        let firsts = || choices.iter().filter(|c| !c.prompt_shared);
+        let prompt_tokens = firsts().map(|c| c.usage.prompt_tokens).sum();
         let completion_tokens = choices.iter().map(|c| c.usage.completion_tokens).sum();
-        Usage { completion_tokens, total_tokens: first.usage.prompt_tokens + completion_tokens, ..first.usage }
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            cached_prompt_tokens: firsts().map(|c| c.usage.cached_prompt_tokens).sum(),
+        }
     }
 }
 
@@ -311,13 +322,13 @@ struct PassRow {
     output: bool,
 }
 
-/// A request made ready for the engine: its prompt rendered and tokenized (ids within the
-/// model's vocabulary), its grammar compiled, and how its tool calls are told apart.
+/// A request made ready for the engine: its prompts rendered and tokenized (ids within the
+/// model's vocabulary; one for a chat), its grammar compiled, and how its tool calls are told apart.
 /// [`Prompter::prepare`] makes it on any thread, so that a long prompt's rendering and tokenizing
 /// (0.8 s for 100,000 tokens on a 2-core machine) or a large grammar's compiling (15 ms for 30
 /// tools) does not hold up the sequences the engine runs, which all wait for its thread.
 pub struct Prepared {
-    prompt: Vec<u32>,
+    prompts: Vec<Vec<u32>>,
     sampling: SamplingParams,
     constraint: Option<Constraint>,
     calling: Option<ToolCalling>,
@@ -361,23 +372,30 @@ fn built_once<T>(cell: &Mutex<Option<Arc<T>>>, build: impl FnOnce() -> Result<T>
 impl Prompter {
     /// What a host read from a request ([`crate::api::request`]), ready for [`Engine::add_prepared`].
     pub fn prepare(&self, work: &Work, options: &RenderOptions) -> Result<Prepared> {
-        let (prompt, sampling) = match work {
+        let (prompts, sampling) = match work {
             Work::Chat(request) => return self.prepare_chat(request, options),
-            Work::Complete(request) => (self.completion_prompt(request)?, &request.sampling),
-            Work::Tokens { prompt, sampling } => {
-                if let Some(&id) = prompt.iter().find(|&&id| id as usize >= self.vocab_size) {
-                    return Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: self.vocab_size }).into());
-                }
-                (prompt.clone(), sampling)
-            }
+            Work::Complete { prompts, sampling } => (prompts, sampling),
         };
+        if prompts.is_empty() {
+            return Err(EngineError::EmptyPrompt.into());
+        }
+        let prompts = prompts
+            .iter()
+            .map(|prompt| match prompt {
+                Prompt::Text(text) => self.text_prompt(text),
+                Prompt::Tokens(ids) => match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+                    Some(&id) => Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: self.vocab_size }).into()),
+                    None => Ok(ids.clone()),
+                },
+            })
+            .collect::<Result<_>>()?;
         let grammar = response_format_grammar(sampling)?;
-        self.finish(prompt, sampling, grammar, None)
+        self.finish(prompts, sampling, grammar, None)
     }
 
     /// A prepared request: its grammar compiled and, when it wants log probabilities, the
     /// tokens' bytes built.
-    fn finish(&self, prompt: Vec<u32>, sampling: &SamplingParams, grammar: Option<Grammar>, calling: Option<ToolCalling>) -> Result<Prepared> {
+    fn finish(&self, prompts: Vec<Vec<u32>>, sampling: &SamplingParams, grammar: Option<Grammar>, calling: Option<ToolCalling>) -> Result<Prepared> {
         let constraint = match grammar {
             Some(grammar) => Some(self.grammars()?.compile(&grammar).map_err(EngineError::from)?),
             None => None,
@@ -385,7 +403,7 @@ impl Prompter {
         if sampling.logprobs_wanted().is_some() {
             self.token_bytes()?;
         }
-        Ok(Prepared { prompt, sampling: sampling.clone(), constraint, calling })
+        Ok(Prepared { prompts, sampling: sampling.clone(), constraint, calling })
     }
 
     /// Tokens that end generation.
@@ -459,7 +477,7 @@ impl Prompter {
                 Some(Grammar::tool_calls(*format, offered_tools(request), &tools.builtin, only, parallel).map_err(EngineError::ToolChoice)?)
             }
         };
-        self.finish(prompt, &request.sampling, grammar, calling)
+        self.finish(vec![prompt], &request.sampling, grammar, calling)
     }
 
     /// The tools a chat request offers and how their calls are written, when they can be parsed.
@@ -481,9 +499,9 @@ impl Prompter {
 
     /// The prompt tokens of a raw text completion: the model's BOS token, then the text with
     /// special-token text parsed.
-    pub fn completion_prompt(&self, request: &CompletionRequest) -> Result<Vec<u32>> {
+    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>> {
         let mut prompt: Vec<u32> = self.bos_token_id.into_iter().collect();
-        prompt.extend(self.tokenizer.encode(&request.prompt, true).map_err(EngineError::from)?);
+        prompt.extend(self.tokenizer.encode(text, true).map_err(EngineError::from)?);
         Ok(prompt)
     }
 }
@@ -564,7 +582,7 @@ impl Engine {
     }
 
     pub async fn complete(&mut self, request: &CompletionRequest, cancel: &CancelToken, on_delta: &mut dyn FnMut(&Delta)) -> Result<Completion> {
-        let prompt = self.prompter.completion_prompt(request)?;
+        let prompt = self.prompter.text_prompt(&request.prompt)?;
         self.generate(&prompt, &request.sampling, cancel, on_delta).await
     }
 
@@ -612,32 +630,81 @@ impl Engine {
     /// whole pages (the prefix cache), so the prompt is computed once and its pages are shared.
     /// With a seed, choice i samples with seed + i: the same choices as n requests with those seeds.
     pub fn add_choices(&mut self, prompt: Vec<u32>, params: &SamplingParams, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let prepared = self.prompter.prepare(&Work::Tokens { prompt, sampling: params.clone() }, &RenderOptions::default())?;
+        let prepared = self.prompter.prepare(&Work::tokens(prompt, params.clone()), &RenderOptions::default())?;
         self.add_prepared(prepared, cancel, n)
     }
 
-    /// Adds `n` choices of a request a [`Prompter`] prepared ([`Engine::add_choices`]).
+    /// Adds `n` choices of each prompt of a request a [`Prompter`] prepared, as
+    /// [`Engine::add_choices`] adds them, prompt by prompt: the choices of each prompt are what a
+    /// request of that prompt alone would give. Every prompt is checked before any is queued.
     pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let Prepared { prompt, sampling: ref params, constraint, calling } = prepared;
+        let Prepared { prompts, sampling: ref params, constraint, calling } = prepared;
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());
         }
+        if prompts.len() * n > MAX_CHOICES {
+            return Err(EngineError::TooManyChoices { prompts: prompts.len(), n, max: MAX_CHOICES }.into());
+        }
+        let max_tokens: Vec<usize> = prompts.iter().map(|prompt| self.max_tokens(prompt, params)).collect::<Result<_>>()?;
+        let options = SamplerOptions::from_params(params, self.model.config().vocab_size).map_err(EngineError::from)?;
+        let top_logprobs = params.logprobs_wanted();
+        if let Some(alternatives) = top_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::TooManyLogprobs { alternatives, max: MAX_TOP_LOGPROBS }.into());
+        }
+        let mut ids = Vec::with_capacity(prompts.len() * n);
+        for (prompt, max_tokens) in prompts.into_iter().zip(max_tokens) {
+            let first = self.next_id;
+            for choice in 0..n {
+                let id = self.next_id;
+                self.next_id += 1;
+                ids.push(id);
+                let seed = params.seed.map_or_else(|| self.seeds.next_u64(), |seed| seed.wrapping_add(choice as u64));
+                self.waiting.push_back(Sequence {
+                    id,
+                    after: (id != first).then_some(first),
+                    slot: usize::MAX,
+                    sampler: Sampler::new(options.clone(), seed, &prompt),
+                    prompt_len: prompt.len(),
+                    tokens: prompt.clone(),
+                    computed: 0,
+                    pages: vec![],
+                    reserved: 0,
+                    page_hashes: vec![],
+                    cached_prompt: 0,
+                    max_tokens,
+                    stops: StopStrings::new(params.stop.clone().map(|s| s.into_vec()).unwrap_or_default()),
+                    // Calls are told apart by the special tokens that begin them.
+                    stream: if calling.is_some() { TextStream::with_special_tokens() } else { TextStream::new() },
+                    text: String::new(),
+                    cancel: cancel.clone(),
+                    constraint: constraint.as_ref().map(Constraint::fork),
+                    mask: None,
+                    top_logprobs,
+                    logprobs: vec![],
+                    tool_calls: calling.clone().map(|(format, tools)| ToolCallStream::new(format, tools)),
+                    calls: vec![],
+                });
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The most tokens a sequence of `prompt` may generate (`max_tokens`, or without it until
+    /// its context or the whole pool is full), once it is clear that it can ever run.
+    fn max_tokens(&self, prompt: &[u32], params: &SamplingParams) -> Result<usize> {
         let context = self.model.context_length();
-        let vocab = self.model.config().vocab_size;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt.into());
         }
         if prompt.len() >= context {
             return Err(EngineError::PromptTooLong { prompt: prompt.len(), context }.into());
         }
-        // Without max_tokens a sequence may run until its context or the whole pool is full.
-        let reachable = context.min(self.pages.total() * PAGE_SIZE);
         let max_tokens = match params.max_tokens {
             Some(n) if prompt.len() + n as usize > context => {
                 return Err(EngineError::MaxTokensTooLarge { max_tokens: n as usize, prompt: prompt.len(), context }.into())
             }
             Some(n) => n as usize,
-            None => reachable.saturating_sub(prompt.len()).max(1),
+            None => context.min(self.pages.total() * PAGE_SIZE).saturating_sub(prompt.len()).max(1),
         };
         let positions = max_positions(prompt.len(), max_tokens, context);
         let needed = positions.div_ceil(PAGE_SIZE);
@@ -645,43 +712,7 @@ impl Engine {
             let pool = self.pages.total();
             return Err(EngineError::DoesNotFit { needed, positions, prompt: prompt.len(), max_tokens, pool, page_size: PAGE_SIZE }.into());
         }
-        let options = SamplerOptions::from_params(params, vocab).map_err(EngineError::from)?;
-        let top_logprobs = params.logprobs_wanted();
-        if let Some(alternatives) = top_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
-            return Err(EngineError::TooManyLogprobs { alternatives, max: MAX_TOP_LOGPROBS }.into());
-        }
-        let first = self.next_id;
-        let ids: Vec<SequenceId> = (first..first + n as u64).collect();
-        self.next_id += n as u64;
-        for (choice, &id) in ids.iter().enumerate() {
-            let seed = params.seed.map_or_else(|| self.seeds.next_u64(), |seed| seed.wrapping_add(choice as u64));
-            self.waiting.push_back(Sequence {
-                id,
-                after: (id != first).then_some(first),
-                slot: usize::MAX,
-                sampler: Sampler::new(options.clone(), seed, &prompt),
-                prompt_len: prompt.len(),
-                tokens: prompt.clone(),
-                computed: 0,
-                pages: vec![],
-                reserved: 0,
-                page_hashes: vec![],
-                cached_prompt: 0,
-                max_tokens,
-                stops: StopStrings::new(params.stop.clone().map(|s| s.into_vec()).unwrap_or_default()),
-                // Calls are told apart by the special tokens that begin them.
-                stream: if calling.is_some() { TextStream::with_special_tokens() } else { TextStream::new() },
-                text: String::new(),
-                cancel: cancel.clone(),
-                constraint: constraint.as_ref().map(Constraint::fork),
-                mask: None,
-                top_logprobs,
-                logprobs: vec![],
-                tool_calls: calling.clone().map(|(format, tools)| ToolCallStream::new(format, tools)),
-                calls: vec![],
-            });
-        }
-        Ok(ids)
+        Ok(max_tokens)
     }
 
     /// Whether nothing is running, waiting or in flight.
@@ -1082,6 +1113,7 @@ fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
             total_tokens: prompt_tokens + completion_tokens,
             cached_prompt_tokens: sequence.cached_prompt as u32,
         },
+        prompt_shared: sequence.after.is_some(),
         tokens: sequence.tokens[sequence.prompt_len..].to_vec(),
         text: sequence.text,
         finish_reason: reason,

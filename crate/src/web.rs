@@ -405,7 +405,8 @@ async fn drive(mut engine: Engine, generation: u64) {
                     };
                     let request = &mut active[r];
                     match event {
-                        // The first choice's prompt stands for the request's (choices share it).
+                        // The first choice reports the progress of its prompt, which its other choices share (a
+                        // request of several prompts shows its first).
                         Event::Prefill { done, total } if choice == 0 => {
                             let _ = request.on_chunk.call1(&JsValue::NULL, &js_value(&serde_json::json!({ "prefill": { "done": done, "total": total } })));
                         }

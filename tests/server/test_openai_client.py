@@ -173,6 +173,24 @@ def test_completions(client):
     assert by_ids.choices[0].text == client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0).choices[0].text
 
 
+def test_several_prompts_in_one_completion_request(client):
+    prompts = ["Once upon a time", [1000, 837, 52]]
+    options = dict(max_tokens=5, temperature=0.9, seed=3, extra_body={"top_k": 20})
+    batch = client.completions.create(model="tiny", prompt=prompts, n=2, **options)
+    # Choices go prompt by prompt, n of each: what a request of that prompt alone gives.
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    alone = [client.completions.create(model="tiny", prompt=p, n=2, **options) for p in prompts]
+    assert [c.text for c in batch.choices] == [c.text for a in alone for c in a.choices]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+    texts = ["", "", "", ""]
+    for chunk in client.completions.create(model="tiny", prompt=prompts, n=2, stream=True, **options):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in batch.choices]
+
+
 def test_stop_sequences(client):
     prompt = "The quick brown fox"
     full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0).choices[0].text

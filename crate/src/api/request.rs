@@ -44,16 +44,30 @@ impl RequestError {
 #[derive(Clone, Debug)]
 pub enum Work {
     Chat(ChatCompletionRequest),
-    Complete(CompletionRequest),
-    /// A completion whose prompt is token ids, run as given.
-    Tokens { prompt: Vec<u32>, sampling: SamplingParams },
+    /// A text completion of each prompt, its choices numbered prompt by prompt as OpenAI numbers
+    /// them (choice i is prompt i / n's).
+    Complete { prompts: Vec<Prompt>, sampling: SamplingParams },
+}
+
+/// A text completion's prompt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// After the model's BOS token, with special-token text parsed.
+    Text(String),
+    /// Token ids, run as given.
+    Tokens(Vec<u32>),
 }
 
 impl Work {
+    /// A completion of one prompt of token ids.
+    pub fn tokens(prompt: Vec<u32>, sampling: SamplingParams) -> Self {
+        Work::Complete { prompts: vec![Prompt::Tokens(prompt)], sampling }
+    }
+
     pub fn endpoint(&self) -> Endpoint {
         match self {
             Work::Chat(_) => Endpoint::Chat,
-            Work::Complete(_) | Work::Tokens { .. } => Endpoint::Completion,
+            Work::Complete { .. } => Endpoint::Completion,
         }
     }
 
@@ -63,7 +77,7 @@ impl Work {
         let crate::Error::Engine(engine_error) = error else { return None };
         match engine_error {
             // Token ids given as the prompt are the client's.
-            EngineError::Text(TextError::UnknownTokenId { .. }) if matches!(self, Work::Tokens { .. }) => Some("prompt"),
+            EngineError::Text(TextError::UnknownTokenId { .. }) if matches!(self, Work::Complete { .. }) => Some("prompt"),
             other => other.blamed_field(self.endpoint()),
         }
     }
@@ -86,6 +100,16 @@ pub struct Parsed {
     pub stream: bool,
     /// `stream_options.include_usage`: end the stream with a usage chunk.
     pub include_usage: bool,
+}
+
+impl Parsed {
+    /// The choices of the response: `n` for each prompt.
+    pub fn all_choices(&self) -> usize {
+        match &self.work {
+            Work::Chat(_) => self.choices,
+            Work::Complete { prompts, .. } => prompts.len() * self.choices,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -166,44 +190,37 @@ pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -
         }
     }
 
-    let prompt = object.remove("prompt").unwrap_or(Value::Null);
-    let one_prompt_only = || {
-        RequestError::unsupported("prompt", "one prompt per request is supported: send a string, a list of one string, or a list of token ids")
-    };
-    let prompt = match prompt {
+    let prompts = match object.remove("prompt").unwrap_or(Value::Null) {
         Value::Null => return Err(RequestError::invalid("prompt is required").param("prompt")),
-        Value::String(text) => Prompt::Text(text),
-        Value::Array(items) => match items.as_slice() {
-            [Value::String(text)] => Prompt::Text(text.clone()),
-            [Value::Array(ids)] => Prompt::Tokens(token_ids(ids)?),
-            [] => return Err(RequestError::invalid("prompt must not be empty").param("prompt")),
-            ids if ids.iter().all(Value::is_number) => Prompt::Tokens(token_ids(ids)?),
-            _ => return Err(one_prompt_only()),
-        },
+        Value::String(text) => vec![Prompt::Text(text)],
+        Value::Array(items) if items.is_empty() => return Err(RequestError::invalid("prompt must not be empty").param("prompt")),
+        Value::Array(items) if items.iter().all(Value::is_number) => vec![Prompt::Tokens(token_ids(&items, "prompt")?)],
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(text) => Ok(Prompt::Text(text.clone())),
+                Value::Array(ids) => Ok(Prompt::Tokens(token_ids(ids, &format!("prompt[{i}]"))?)),
+                other => Err(RequestError::invalid(format!("prompt[{i}]: must be a string or a list of token ids, got {}", kind_of(other))).param("prompt")),
+            })
+            .collect::<Result<_, _>>()?,
         other => {
             return Err(RequestError::invalid(format!("prompt: must be a string or a list of token ids, got {}", kind_of(&other))).param("prompt"))
         }
     };
+    if prompts.len() * choices > MAX_CHOICES {
+        let message = format!("{} prompts with n = {choices}: a request takes at most {MAX_CHOICES} choices in all", prompts.len());
+        return Err(RequestError::invalid(message).param("prompt"));
+    }
     object.insert("prompt".into(), Value::String(String::new()));
-    let mut request: CompletionRequest = typed(object, unknown)?;
-    let work = match prompt {
-        Prompt::Text(text) => {
-            request.prompt = text;
-            Work::Complete(request)
-        }
-        Prompt::Tokens(prompt) => Work::Tokens { prompt, sampling: request.sampling },
-    };
-    Ok(Parsed { work, choices, stream, include_usage })
+    let request: CompletionRequest = typed(object, unknown)?;
+    Ok(Parsed { work: Work::Complete { prompts, sampling: request.sampling }, choices, stream, include_usage })
 }
 
-enum Prompt {
-    Text(String),
-    Tokens(Vec<u32>),
-}
-
-fn token_ids(items: &[Value]) -> Result<Vec<u32>, RequestError> {
+/// The token ids of the prompt at `path` ("prompt" or "prompt[i]").
+fn token_ids(items: &[Value], path: &str) -> Result<Vec<u32>, RequestError> {
     if items.is_empty() {
-        return Err(RequestError::invalid("prompt must not be empty").param("prompt"));
+        return Err(RequestError::invalid(format!("{path} must not be empty")).param("prompt"));
     }
     items
         .iter()
@@ -211,7 +228,7 @@ fn token_ids(items: &[Value]) -> Result<Vec<u32>, RequestError> {
         .map(|(i, v)| {
             v.as_u64()
                 .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| RequestError::invalid(format!("prompt[{i}]: {v} is not a token id")).param("prompt"))
+                .ok_or_else(|| RequestError::invalid(format!("{path}[{i}]: {v} is not a token id")).param("prompt"))
         })
         .collect()
 }
@@ -483,8 +500,17 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("tool_choice"));
         let e = parse_completion(br#"{"prompt": "a", "logprobs": true}"#).err().unwrap();
         assert_eq!(e.param.as_deref(), Some("logprobs"));
-        let e = parse_completion(br#"{"prompt": ["a", "b"]}"#).err().unwrap();
-        assert_eq!(e.param.as_deref(), Some("prompt"));
+        for (body, message) in [
+            (r#"["a", 5]"#, "prompt[1]: must be a string or a list of token ids, got a number"),
+            (r#"[[1, 2], []]"#, "prompt[1] must not be empty"),
+            (r#"[[1, -2]]"#, "prompt[0][1]: -2 is not a token id"),
+            (r#"[]"#, "prompt must not be empty"),
+        ] {
+            let e = parse_completion(format!(r#"{{"prompt": {body}}}"#).as_bytes()).err().unwrap();
+            assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("prompt"), message), "{body}");
+        }
+        let e = parse_completion(br#"{"prompt": ["a", "b", "c"], "n": 50}"#).err().unwrap();
+        assert_eq!(e.message, "3 prompts with n = 50: a request takes at most 128 choices in all");
         // OpenAI's legacy completion options: refused when they ask for something, taken at their
         // defaults.
         for (body, param) in [(r#""echo": true"#, "echo"), (r#""suffix": "}""#, "suffix"), (r#""best_of": 3"#, "best_of")] {
@@ -498,9 +524,18 @@ mod tests {
     fn completion_prompts() {
         let parsed = parse_completion(br#"{"prompt": [1, 2, 3], "stream": true, "stream_options": {"include_usage": true}}"#).unwrap();
         assert!(parsed.stream && parsed.include_usage);
-        assert!(matches!(parsed.work, Work::Tokens { ref prompt, .. } if prompt == &[1, 2, 3]));
+        let prompts = |parsed: &Parsed| match &parsed.work {
+            Work::Complete { prompts, sampling } => (prompts.clone(), sampling.max_tokens),
+            Work::Chat(_) => panic!("a completion read as a chat"),
+        };
+        assert_eq!(prompts(&parsed), (vec![Prompt::Tokens(vec![1, 2, 3])], None));
         let parsed = parse_completion(br#"{"prompt": ["Once"], "max_tokens": 3}"#).unwrap();
-        assert!(matches!(parsed.work, Work::Complete(ref r) if r.prompt == "Once" && r.sampling.max_tokens == Some(3)));
+        assert_eq!(prompts(&parsed), (vec![Prompt::Text("Once".into())], Some(3)));
+        // OpenAI's batches: several prompts, as text or as token ids.
+        let parsed = parse_completion(br#"{"prompt": ["Once", "Twice"], "n": 2}"#).unwrap();
+        assert_eq!((prompts(&parsed).0, parsed.choices), (vec![Prompt::Text("Once".into()), Prompt::Text("Twice".into())], 2));
+        let parsed = parse_completion(br#"{"prompt": [[1, 2], [3], "x"]}"#).unwrap();
+        assert_eq!(prompts(&parsed).0, vec![Prompt::Tokens(vec![1, 2]), Prompt::Tokens(vec![3]), Prompt::Text("x".into())]);
     }
 
     #[test]

@@ -283,6 +283,7 @@ mod tests {
             usage: Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 },
             logprobs: None,
             tool_calls: vec![],
+            prompt_shared: false,
         }
     }
 
@@ -347,7 +348,9 @@ mod tests {
         let starts = stream.start();
         assert_eq!(starts.iter().map(|c| c["choices"][0]["index"].clone()).collect::<Vec<_>>(), [json!(0), json!(1)]);
         assert_eq!(stream.delta(1, "b", Some(4), None)["choices"][0], json!({"index": 1, "delta": {"content": "b"}, "logprobs": null, "finish_reason": null, "token_ids": [4]}));
-        let (first_end, completions) = stream.finish(1, completion());
+        // The second choice of the prompt: its prompt tokens are the first's.
+        let second = Completion { prompt_shared: true, ..completion() };
+        let (first_end, completions) = stream.finish(1, second.clone());
         assert_eq!(first_end.len(), 1);
         assert!(completions.is_none(), "the stream goes on while choice 0 runs");
         let stop = Completion { finish_reason: FinishReason::Stop, ..completion() };
@@ -356,7 +359,7 @@ mod tests {
         assert_eq!(last_end[0]["choices"][0]["finish_reason"], "stop");
         assert_eq!(last_end[1]["usage"], json!({"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9, "prompt_tokens_details": {"cached_tokens": 3}}));
 
-        let body = meta(Endpoint::Completion).completion(&[stop, completion()]);
+        let body = meta(Endpoint::Completion).completion(&[stop, second]);
         assert_eq!(body["choices"][1], json!({"index": 1, "text": "Hi there", "logprobs": null, "finish_reason": "length", "token_ids": [1, 2]}));
         assert_eq!(body["usage"]["total_tokens"], 9);
     }

@@ -487,6 +487,7 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
         created: unix_seconds(),
         model: server.model_id.clone(),
     };
+    let choices = parsed.all_choices();
     let (work, prepared) = match prepare(&server, &meta.id, parsed.work).await {
         Ok(ready) => ready,
         Err(error) => return error.into_response(),
@@ -494,9 +495,8 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
     let cancel = CancelToken::default();
     let guard = CancelOnDrop(cancel.clone());
     let (events_tx, mut events) = unbounded_channel();
-    let choices = parsed.choices;
     let client = Client { id: meta.id.clone(), cancel, events: events_tx };
-    let job = Job { client, work, prepared, choices };
+    let job = Job { client, work, prepared, choices: parsed.choices };
     if let Err(error) = submit(&server, job) {
         return error.into_response();
     }

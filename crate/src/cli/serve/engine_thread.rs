@@ -27,7 +27,8 @@ pub struct Job {
     pub work: Work,
     /// The request made ready off the engine's thread (rendered and tokenized).
     pub prepared: Prepared,
-    /// Choices to generate, each a sequence of the engine sharing the prompt's pages.
+    /// Choices to generate of each prompt (`n`), each a sequence of the engine sharing its
+    /// prompt's pages.
     pub choices: usize,
 }
 

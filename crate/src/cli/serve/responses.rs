@@ -136,6 +136,7 @@ mod tests {
             usage: Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 },
             logprobs: None,
             tool_calls: vec![],
+            prompt_shared: false,
         }
     }
 
@@ -151,7 +152,7 @@ mod tests {
         let mut stream = SseChunks::new(meta(), true, 2);
         let mut events = stream.start();
         events.push(stream.delta(1, "Hi\nthere \"x\"", Some(4), None));
-        let (end, done) = stream.finish(1, completion());
+        let (end, done) = stream.finish(1, Completion { prompt_shared: true, ..completion() });
         assert!(!done, "the stream goes on while choice 0 runs");
         events.extend(end);
         let (end, done) = stream.finish(0, completion());
