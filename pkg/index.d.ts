@@ -160,6 +160,11 @@ export interface CompletionParams extends SamplingParams {
   prompt: string | number[] | (string | number[])[];
   /** The most likely alternatives to return with each token's log probability, 0 to 20. */
   logprobs?: number;
+  /**
+   * Give the prompt back before the completion (not with `stream`); with `logprobs`, every prompt
+   * token's log probability given the tokens before it too (the first's is null).
+   */
+  echo?: boolean;
 }
 
 export type FinishReason = "stop" | "length" | "tool_calls" | "abort";

@@ -375,7 +375,7 @@ fn a_request_of_several_prompts_gives_each_prompt_the_choices_it_gets_alone() {
     let golden_prompt = &golden(FIXTURE).greedy.prompt;
     let prompts = [golden_prompt[..30].to_vec(), golden_prompt[5..12].to_vec()];
     let params = SamplingParams { temperature: Some(0.9), top_k: Some(20), seed: Some(7), max_tokens: Some(6), ..Default::default() };
-    let work = Work::Complete { prompts: prompts.iter().cloned().map(Prompt::Tokens).collect(), sampling: params.clone() };
+    let work = Work::Complete { prompts: prompts.iter().cloned().map(Prompt::Tokens).collect(), sampling: params.clone(), echo: false };
     let prepared = engine.prompter().prepare(&work, &RenderOptions::default()).unwrap();
     let ids = engine.add_prepared(prepared, CancelToken::default(), 2).unwrap();
     let results = finish_all(&mut engine);
@@ -394,7 +394,7 @@ fn a_request_of_several_prompts_gives_each_prompt_the_choices_it_gets_alone() {
 
     let err = engine.add_prepared(engine.prompter().prepare(&work, &RenderOptions::default()).unwrap(), CancelToken::default(), 65).unwrap_err();
     assert_eq!(err.to_string(), "2 prompts with n = 65: a request takes at most 128 choices in all");
-    let empty = Work::Complete { prompts: vec![Prompt::Tokens(prompts[0].clone()), Prompt::Tokens(vec![])], sampling: params };
+    let empty = Work::Complete { prompts: vec![Prompt::Tokens(prompts[0].clone()), Prompt::Tokens(vec![])], sampling: params, echo: false };
     let err = engine.add_prepared(engine.prompter().prepare(&empty, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap_err();
     assert_eq!(err.to_string(), "the prompt is empty");
     assert!(engine.is_idle(), "a request with a prompt that cannot run queues none of its prompts");

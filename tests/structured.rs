@@ -9,7 +9,7 @@ use llama_webgpu::api::{
     ChatCompletionRequest, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, ResponseFormat,
     SamplingParams, Tool, ToolChoice, ToolChoiceMode,
 };
-use llama_webgpu::api::request::Work;
+use llama_webgpu::api::request::{Prompt, Work};
 use llama_webgpu::engine::{Event, SequenceId};
 use llama_webgpu::text::{ChatTemplate, RenderOptions};
 use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
@@ -250,6 +250,56 @@ fn logprobs_are_the_log_softmax_of_the_logits() {
     assert!(plain.logprobs.is_none() && with.logprobs.unwrap().iter().all(|l| l.top.is_empty()));
     let too_many = SamplingParams { logprobs: Some(Logprobs::Enabled(true)), top_logprobs: Some(21), ..Default::default() };
     assert!(engine.add(vec![1, 2], &too_many, CancelToken::default()).is_err());
+}
+
+#[test]
+fn echoed_prompts_are_scored_by_the_logits_of_every_position() {
+    let Some(gpu) = gpu() else { return };
+    // Three rows of logits a pass: the scored prompt takes what a decoding sequence leaves.
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 3, ..Default::default() };
+    let mut reference = load_model(&gpu, FIXTURE, &options).unwrap();
+    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    let mut engine = Engine::new(model, truncated_llama3_tokenizer(reference.config().vocab_size), ChatTemplate::llama31(), 1).unwrap();
+    let prompt = golden(FIXTURE).greedy.prompt;
+    let greedy = SamplingParams { temperature: Some(0.0), max_tokens: Some(12), ..Default::default() };
+    let alone = |engine: &mut Engine, params: &SamplingParams| {
+        let id = engine.add(prompt[..9].to_vec(), params, CancelToken::default()).unwrap();
+        finish_all(engine, &[id]).remove(0)
+    };
+    let decoding_alone = alone(&mut engine, &greedy);
+
+    let beside = engine.add(prompt[..9].to_vec(), &greedy, CancelToken::default()).unwrap();
+    pollster::block_on(engine.step()).unwrap();
+    let scored = SamplingParams { temperature: Some(0.0), max_tokens: Some(3), logprobs: Some(Logprobs::Alternatives(3)), ..Default::default() };
+    let work = Work::Complete { prompts: vec![Prompt::Tokens(prompt.clone())], sampling: scored.clone(), echo: true };
+    let echoed = engine.add_prepared(engine.prompter().prepare(&work, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
+    let mut done = finish_all(&mut engine, &[beside, echoed]);
+    let (completion, decoding) = (done.remove(1), done.remove(0));
+    assert_eq!(decoding.tokens, decoding_alone.tokens, "a scored prompt beside it changes nothing");
+
+    let echo = completion.echo.expect("echo was asked for");
+    assert_eq!((echo.tokens.as_slice(), echo.unwritten), (prompt.as_slice(), 0));
+    assert_eq!(echo.text, engine.tokenizer().decode(&prompt, false).unwrap());
+    let scores = echo.logprobs.expect("logprobs were asked for");
+    assert_eq!(scores.len(), prompt.len() - 1);
+    for (position, score) in scores.iter().enumerate() {
+        let want = log_softmax(&pollster::block_on(reference.forward(&prompt[..=position], 0)).unwrap());
+        assert_eq!(score.token, prompt[position + 1]);
+        assert!((score.logprob - want[score.token as usize]).abs() < 1e-4, "position {position}: {} vs {}", score.logprob, want[score.token as usize]);
+        let best = (0..want.len()).max_by(|&a, &b| want[a].total_cmp(&want[b])).unwrap();
+        assert_eq!((score.top.len(), score.top[0].token as usize), (3, best), "position {position}");
+    }
+    // What comes after the prompt is what a request without echo generates.
+    let id = engine.add(prompt.clone(), &SamplingParams { logprobs: None, ..scored }, CancelToken::default()).unwrap();
+    assert_eq!(completion.tokens, finish_all(&mut engine, &[id]).remove(0).tokens);
+
+    // A text prompt comes back as given; the BOS put before it is a token the text does not hold.
+    let text = Work::Complete { prompts: vec![Prompt::Text("Once upon".into())], sampling: greedy, echo: true };
+    let id = engine.add_prepared(engine.prompter().prepare(&text, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
+    let echo = finish_all(&mut engine, &[id]).remove(0).echo.unwrap();
+    let text_tokens = engine.tokenizer().encode("Once upon", true).unwrap();
+    assert_eq!((echo.text.as_str(), echo.unwritten, &echo.tokens[1..]), ("Once upon", 1, text_tokens.as_slice()));
+    assert!(echo.logprobs.is_none());
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {

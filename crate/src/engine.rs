@@ -129,6 +129,24 @@ pub struct Completion {
     pub tool_calls: Vec<GeneratedToolCall>,
     /// A later choice of its prompt, whose prompt tokens are counted with the first choice's.
     pub prompt_shared: bool,
+    /// The prompt, when the request asked for it back (text completions' `echo`).
+    pub echo: Option<Echo>,
+}
+
+/// A completion's prompt given back (text completions' `echo`), and with log probabilities asked
+/// for, how likely the model found each of its tokens: what evaluation harnesses score.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Echo {
+    /// The prompt as the request gave it (token ids decoded, special tokens as text).
+    pub text: String,
+    pub tokens: Vec<u32>,
+    /// Leading tokens the text does not hold: the BOS token a text prompt is given.
+    pub unwritten: usize,
+    /// The first token's bytes, with the log probabilities (the others' come with theirs).
+    pub first_token_bytes: Vec<u8>,
+    /// The log probability of each token after the first, given the tokens before it, from the
+    /// logits of every prompt position.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 impl Completion {
@@ -252,6 +270,9 @@ struct Sequence {
     /// Splits the output into content and tool calls, when tools are offered.
     tool_calls: Option<ToolCallStream>,
     calls: Vec<GeneratedToolCall>,
+    /// The prompt to give back; with its log probabilities, every prompt position is an output
+    /// row of its pass.
+    echo: Option<Echo>,
 }
 
 impl Sequence {
@@ -261,6 +282,11 @@ impl Sequence {
 
     fn max_positions(&self, context: usize) -> usize {
         max_positions(self.prompt_len, self.max_tokens, context)
+    }
+
+    /// Whether every prompt position's logits are read, to score the prompt's tokens.
+    fn scores_prompt(&self) -> bool {
+        self.echo.as_ref().is_some_and(|echo| echo.logprobs.is_some())
     }
 
     /// Whether the next token is the argmax the GPU computes.
@@ -288,22 +314,34 @@ impl Sequence {
             mask.apply(logits);
         }
         let token = self.sampler.sample(logits);
-        let logprob = log_probs.zip(self.top_logprobs).map(|(log_probs, alternatives)| {
-            // The few best, kept in order in one pass (no vocabulary-sized copy per token).
-            let mut best: Vec<u32> = Vec::with_capacity(alternatives + 1);
-            for (t, &l) in log_probs.iter().enumerate() {
-                if best.len() == alternatives && best.last().is_none_or(|&w| l <= log_probs[w as usize]) {
-                    continue;
-                }
-                let at = best.partition_point(|&b| log_probs[b as usize] >= l);
-                best.insert(at, t as u32);
-                best.truncate(alternatives);
-            }
-            let top = best.into_iter().map(|t| TopLogprob { token: t, bytes: bytes(t), logprob: log_probs[t as usize] }).collect();
-            TokenLogprob { token, bytes: bytes(token), logprob: log_probs[token as usize], top }
-        });
+        let logprob = log_probs.zip(self.top_logprobs).map(|(log_probs, alternatives)| token_logprob(&log_probs, token, alternatives, bytes));
         Ok((token, logprob))
     }
+}
+
+/// Each token's bytes for log probabilities (`token_bytes`, built when a request wanting them
+/// was prepared); a special token's are its name.
+fn token_bytes_of<'a>(token_bytes: &'a TokenBytes, tokenizer: &'a Tokenizer) -> impl Fn(u32) -> Vec<u8> + 'a {
+    move |token| match token_bytes.get(token as usize) {
+        Some(Some(bytes)) => bytes.clone(),
+        _ => tokenizer.decode(&[token], false).unwrap_or_default().into_bytes(),
+    }
+}
+
+/// `token`'s log probability among `log_probs` and the `alternatives` most likely tokens.
+fn token_logprob(log_probs: &[f32], token: u32, alternatives: usize, bytes: &dyn Fn(u32) -> Vec<u8>) -> TokenLogprob {
+    // The few best, kept in order in one pass (no vocabulary-sized copy per token).
+    let mut best: Vec<u32> = Vec::with_capacity(alternatives + 1);
+    for (t, &l) in log_probs.iter().enumerate() {
+        if best.len() == alternatives && best.last().is_none_or(|&w| l <= log_probs[w as usize]) {
+            continue;
+        }
+        let at = best.partition_point(|&b| log_probs[b as usize] >= l);
+        best.insert(at, t as u32);
+        best.truncate(alternatives);
+    }
+    let top = best.into_iter().map(|t| TopLogprob { token: t, bytes: bytes(t), logprob: log_probs[t as usize] }).collect();
+    TokenLogprob { token, bytes: bytes(token), logprob: log_probs[token as usize], top }
 }
 
 /// Natural log of the softmax, summed in f64 so that small probabilities keep their digits.
@@ -314,11 +352,13 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| l - max - log_sum).collect()
 }
 
-/// A sequence's part of a pass: its tokens and whether the pass samples its next token.
+/// A sequence's part of a pass: its tokens, how many of the first score the prompt token after
+/// them (output rows before the sampled one), and whether the pass samples its next token.
 #[derive(Clone, Copy, Debug)]
 struct PassRow {
     id: SequenceId,
     tokens: usize,
+    scored: usize,
     output: bool,
 }
 
@@ -329,6 +369,8 @@ struct PassRow {
 /// tools) does not hold up the sequences the engine runs, which all wait for its thread.
 pub struct Prepared {
     prompts: Vec<Vec<u32>>,
+    /// Each prompt to give back, when the request asked (`echo`).
+    echoes: Option<Vec<Echo>>,
     sampling: SamplingParams,
     constraint: Option<Constraint>,
     calling: Option<ToolCalling>,
@@ -372,14 +414,14 @@ fn built_once<T>(cell: &Mutex<Option<Arc<T>>>, build: impl FnOnce() -> Result<T>
 impl Prompter {
     /// What a host read from a request ([`crate::api::request`]), ready for [`Engine::add_prepared`].
     pub fn prepare(&self, work: &Work, options: &RenderOptions) -> Result<Prepared> {
-        let (prompts, sampling) = match work {
+        let (prompts, sampling, echo) = match work {
             Work::Chat(request) => return self.prepare_chat(request, options),
-            Work::Complete { prompts, sampling } => (prompts, sampling),
+            Work::Complete { prompts, sampling, echo } => (prompts, sampling, *echo),
         };
         if prompts.is_empty() {
             return Err(EngineError::EmptyPrompt.into());
         }
-        let prompts = prompts
+        let ids = prompts
             .iter()
             .map(|prompt| match prompt {
                 Prompt::Text(text) => self.text_prompt(text),
@@ -388,9 +430,24 @@ impl Prompter {
                     None => Ok(ids.clone()),
                 },
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let grammar = response_format_grammar(sampling)?;
-        self.finish(prompts, sampling, grammar, None)
+        let mut prepared = self.finish(ids, sampling, grammar, None)?;
+        if echo {
+            let logprobs = sampling.logprobs_wanted().map(|_| vec![]);
+            let token_bytes = if logprobs.is_some() { self.token_bytes()? } else { Arc::default() };
+            let bytes = token_bytes_of(&token_bytes, &self.tokenizer);
+            let echoes = prompts.iter().zip(&prepared.prompts).map(|(prompt, ids)| {
+                let (text, unwritten) = match prompt {
+                    Prompt::Text(text) => (text.clone(), self.bos_token_id.is_some() as usize),
+                    Prompt::Tokens(given) => (self.tokenizer.decode(given, false).map_err(EngineError::from)?, 0),
+                };
+                let first_token_bytes = ids.first().filter(|_| logprobs.is_some()).map(|&id| bytes(id)).unwrap_or_default();
+                Ok(Echo { text, tokens: ids.clone(), unwritten, first_token_bytes, logprobs: logprobs.clone() })
+            });
+            prepared.echoes = Some(echoes.collect::<Result<_>>()?);
+        }
+        Ok(prepared)
     }
 
     /// A prepared request: its grammar compiled and, when it wants log probabilities, the
@@ -403,7 +460,7 @@ impl Prompter {
         if sampling.logprobs_wanted().is_some() {
             self.token_bytes()?;
         }
-        Ok(Prepared { prompts, sampling: sampling.clone(), constraint, calling })
+        Ok(Prepared { prompts, echoes: None, sampling: sampling.clone(), constraint, calling })
     }
 
     /// Tokens that end generation.
@@ -638,7 +695,7 @@ impl Engine {
     /// [`Engine::add_choices`] adds them, prompt by prompt: the choices of each prompt are what a
     /// request of that prompt alone would give. Every prompt is checked before any is queued.
     pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let Prepared { prompts, sampling: ref params, constraint, calling } = prepared;
+        let Prepared { prompts, echoes, sampling: ref params, constraint, calling } = prepared;
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());
         }
@@ -652,7 +709,9 @@ impl Engine {
             return Err(EngineError::TooManyLogprobs { alternatives, max: MAX_TOP_LOGPROBS }.into());
         }
         let mut ids = Vec::with_capacity(prompts.len() * n);
+        let mut echoes = echoes.map(Vec::into_iter);
         for (prompt, max_tokens) in prompts.into_iter().zip(max_tokens) {
+            let echo = echoes.as_mut().and_then(Iterator::next);
             let first = self.next_id;
             for choice in 0..n {
                 let id = self.next_id;
@@ -683,6 +742,7 @@ impl Engine {
                     logprobs: vec![],
                     tool_calls: calling.clone().map(|(format, tools)| ToolCallStream::new(format, tools)),
                     calls: vec![],
+                    echo: echo.clone(),
                 });
             }
         }
@@ -762,8 +822,8 @@ impl Engine {
         // before this one's tokens are read, taking them on the GPU.
         let chained = self.chain_after(&rows)?;
         self.compute_masks(&rows);
-        // A pass of prefill chunks only has no outputs to read.
-        let output = match rows.iter().any(|r| r.output) {
+        // A pass of prefill chunks only (no prompt scored) has no outputs to read.
+        let output = match rows.iter().any(|r| r.output || r.scored > 0) {
             true => self.model.read_pass().await?,
             false => PassOutput::default(),
         };
@@ -804,8 +864,10 @@ impl Engine {
             if sequence.after.is_some_and(|first| self.prompt_pending(first)) {
                 break;
             }
-            // At least one prompt token runs, for the logits of the first new token.
-            let prefix = self.pages.find_prefix(&sequence.tokens, sequence.prompt_len - 1);
+            // At least one prompt token runs, for the logits of the first new token; every one
+            // when the prompt is scored.
+            let reusable = if sequence.scores_prompt() { 0 } else { sequence.prompt_len - 1 };
+            let prefix = self.pages.find_prefix(&sequence.tokens, reusable);
             let needed = sequence.max_positions(context).div_ceil(PAGE_SIZE);
             let Some(pages) = self.pages.admit(&prefix, needed) else { break };
             let Some(mut sequence) = self.waiting.pop_front() else { break };
@@ -826,29 +888,47 @@ impl Engine {
     }
 
     /// Submits a pass of the running sequences' next tokens: every decoding sequence's token, then
-    /// prefill chunks, oldest sequence first, as far as the batch size allows.
+    /// prefill chunks, oldest sequence first, as far as the batch size allows. Prompts being
+    /// scored come last: each of their positions is an output row, and they take the rows left.
     fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
         let mut budget = self.model.max_batch();
+        let mut outputs_left = self.model.max_sequences(); // rows of logits
         let mut order: Vec<usize> = (0..self.running.len()).collect();
-        order.sort_by_key(|&i| self.running[i].tokens.len() - self.running[i].computed > 1);
+        order.sort_by_key(|&i| {
+            let sequence = &self.running[i];
+            let prefill = sequence.tokens.len() - sequence.computed > 1;
+            (prefill, prefill && sequence.scores_prompt())
+        });
         let mut rows = vec![];
         let mut batch = Batch::default();
         let mut ids = vec![];
         for i in order {
             let sequence = &self.running[i];
-            let take = (sequence.tokens.len() - sequence.computed).min(budget);
+            let scoring = sequence.scores_prompt() && sequence.computed < sequence.prompt_len;
+            let mut take = (sequence.tokens.len() - sequence.computed).min(budget);
+            if scoring {
+                take = take.min(outputs_left);
+            }
             if take == 0 {
-                break;
+                match scoring {
+                    true => continue,
+                    false => break,
+                }
             }
             budget -= take;
-            let output = sequence.computed + take == sequence.tokens.len();
-            ids.extend_from_slice(&sequence.tokens[sequence.computed..sequence.computed + take]);
             let first = sequence.computed;
-            rows.push(PassRow { id: sequence.id, tokens: take, output });
+            let output = first + take == sequence.tokens.len();
+            // Positions before the prompt's last score the prompt token after them.
+            let scored = if scoring { (first + take).min(sequence.prompt_len - 1).saturating_sub(first) } else { 0 };
+            ids.extend_from_slice(&sequence.tokens[first..first + take]);
+            rows.push(PassRow { id: sequence.id, tokens: take, scored, output });
             self.place(i, first, take, &mut batch);
+            let end = batch.slots.len() as u32;
+            batch.outputs.extend(end - take as u32..end - take as u32 + scored as u32);
             if output {
-                batch.outputs.push(batch.slots.len() as u32 - 1);
+                batch.outputs.push(end - 1);
             }
+            outputs_left -= scored + output as usize;
         }
         if rows.is_empty() {
             return Ok(None);
@@ -857,10 +937,12 @@ impl Engine {
         // row when any wants them (the others' selections go unread).
         let wanted: Vec<Option<(usize, f32)>> = rows
             .iter()
-            .filter(|r| r.output)
-            .map(|r| {
-                let sequence = self.sequence(r.id).filter(|s| !s.needs_logits())?;
-                sequence.sampler.candidates_wanted().map(|k| (k, sequence.sampler.options().temperature))
+            .flat_map(|r| {
+                let sampled = r.output.then(|| {
+                    let sequence = self.sequence(r.id).filter(|s| !s.needs_logits())?;
+                    sequence.sampler.candidates_wanted().map(|k| (k, sequence.sampler.options().temperature))
+                });
+                std::iter::repeat_n(None, r.scored).chain(sampled)
             })
             .collect();
         if wanted.iter().any(Option::is_some) {
@@ -902,7 +984,7 @@ impl Engine {
     fn chain_after(&mut self, rows: &[PassRow]) -> Result<Option<Vec<PassRow>>> {
         let context = self.model.context_length();
         let admissible = !self.waiting.is_empty() && !self.free_slots.is_empty();
-        let all_decode = rows.len() == self.running.len() && rows.iter().all(|r| r.tokens == 1 && r.output);
+        let all_decode = rows.len() == self.running.len() && rows.iter().all(|r| r.tokens == 1 && r.scored == 0 && r.output);
         let runs_next = |s: &Sequence| s.plain_greedy() && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context;
         let indices: Vec<usize> = rows.iter().filter_map(|r| self.running.iter().position(|s| s.id == r.id && runs_next(s))).collect();
         if admissible || !all_decode || indices.len() != rows.len() {
@@ -926,19 +1008,35 @@ impl Engine {
         // pass, not one per such sequence.
         let (mut reading, mut next_row) = (vec![], 0);
         for row in rows {
-            if row.output && self.running.iter().any(|s| s.id == row.id && s.reads_logits()) {
+            let sequence = self.running.iter().find(|s| s.id == row.id);
+            if sequence.is_some() {
+                reading.extend(next_row..next_row + row.scored);
+            }
+            next_row += row.scored;
+            if row.output && sequence.is_some_and(Sequence::reads_logits) {
                 reading.push(next_row);
             }
             next_row += row.output as usize;
         }
         let mut read_logits: HashMap<usize, Vec<f32>> = reading.iter().copied().zip(self.model.read_logits_rows(&reading).await?).collect();
+        let token_bytes = if reading.is_empty() { Arc::default() } else { self.prompter.token_bytes()? };
+        let tokenizer = self.prompter.tokenizer.clone();
+        let bytes = token_bytes_of(&token_bytes, &tokenizer);
         let mut output_row = 0;
         for row in rows {
-            let this_row = output_row;
-            output_row += row.output as usize;
+            let scored_rows = output_row..output_row + row.scored;
+            let this_row = output_row + row.scored;
+            output_row += row.scored + row.output as usize;
             // A sequence cancelled or ended while the pass ran is gone; its results go unread.
             let Some(i) = self.running.iter().position(|s| s.id == row.id) else { continue };
             let sequence = &mut self.running[i];
+            if let (Some(echo), Some(alternatives)) = (&mut sequence.echo, sequence.top_logprobs) {
+                let scores = echo.logprobs.get_or_insert_with(Vec::new);
+                for (row, position) in scored_rows.zip(sequence.computed..) {
+                    let logits = read_logits.remove(&row).ok_or_else(|| EngineError::Internal(format!("output row {row} was not read")))?;
+                    scores.push(token_logprob(&log_softmax(&logits), sequence.tokens[position + 1], alternatives, &bytes));
+                }
+            }
             sequence.computed += row.tokens;
             let full_pages = sequence.computed / PAGE_SIZE;
             while sequence.page_hashes.len() < full_pages {
@@ -963,13 +1061,6 @@ impl Engine {
                         Some(logits) => logits,
                         // The candidates did not hold every token the filters keep.
                         None => self.model.read_logits(this_row).await?,
-                    };
-                    // Built when a request wanting log probabilities was prepared.
-                    let (token_bytes, tokenizer) = (self.prompter.token_bytes()?, &self.prompter.tokenizer);
-                    // A special token's bytes are its name.
-                    let bytes = |t: u32| match token_bytes.get(t as usize) {
-                        Some(Some(bytes)) => bytes.clone(),
-                        _ => tokenizer.decode(&[t], false).unwrap_or_default().into_bytes(),
                     };
                     self.running[i].choose(&mut logits, &bytes)
                 }
@@ -1114,6 +1205,7 @@ fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
             cached_prompt_tokens: sequence.cached_prompt as u32,
         },
         prompt_shared: sequence.after.is_some(),
+        echo: sequence.echo,
         tokens: sequence.tokens[sequence.prompt_len..].to_vec(),
         text: sequence.text,
         finish_reason: reason,

@@ -191,6 +191,26 @@ def test_several_prompts_in_one_completion_request(client):
     assert texts == [c.text for c in batch.choices]
 
 
+def test_echo_scores_prompts_as_evaluation_harnesses_ask(server, client):
+    # lm-evaluation-harness's loglikelihood request: token prompts, echo, one alternative, one token.
+    prompts = [[1000, 837, 52, 842, 708], [1000, 330, 52]]
+    scored = client.completions.create(model="tiny", prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    generated = client.completions.create(model="tiny", prompt=prompts, max_tokens=1, temperature=0)
+    for choice, prompt, plain in zip(scored.choices, prompts, generated.choices):
+        logprobs = choice.logprobs
+        assert len(logprobs.token_logprobs) == len(prompt) + 1, logprobs
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        for token_logprob, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]):
+            assert token_logprob <= 0 and len(top) == 1 and token_logprob <= max(top.values()) + 1e-6
+        # The text is the prompt's, then the completion's, which is what it is without echo.
+        assert choice.text.endswith(plain.text) and "".join(logprobs.tokens) == choice.text
+        assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(prompt) + 1)]
+    # A text prompt comes back as given.
+    assert client.completions.create(model="tiny", prompt="Once upon", echo=True, max_tokens=2, temperature=0).choices[0].text.startswith("Once upon")
+    error = error_of(raw_post(server, "/v1/completions", {"prompt": "hi", "echo": True, "stream": True}), 400)
+    assert error["param"] == "echo", error
+
+
 def test_stop_sequences(client):
     prompt = "The quick brown fox"
     full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0).choices[0].text

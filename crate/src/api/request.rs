@@ -45,8 +45,8 @@ impl RequestError {
 pub enum Work {
     Chat(ChatCompletionRequest),
     /// A text completion of each prompt, its choices numbered prompt by prompt as OpenAI numbers
-    /// them (choice i is prompt i / n's).
-    Complete { prompts: Vec<Prompt>, sampling: SamplingParams },
+    /// them (choice i is prompt i / n's); with `echo`, each choice gives its prompt back first.
+    Complete { prompts: Vec<Prompt>, sampling: SamplingParams, echo: bool },
 }
 
 /// A text completion's prompt.
@@ -61,7 +61,7 @@ pub enum Prompt {
 impl Work {
     /// A completion of one prompt of token ids.
     pub fn tokens(prompt: Vec<u32>, sampling: SamplingParams) -> Self {
-        Work::Complete { prompts: vec![Prompt::Tokens(prompt)], sampling }
+        Work::Complete { prompts: vec![Prompt::Tokens(prompt)], sampling, echo: false }
     }
 
     pub fn endpoint(&self) -> Endpoint {
@@ -169,8 +169,10 @@ pub fn read_chat(mut object: Map<String, Value>, unknown: UnknownFields) -> Resu
 /// A text completion request (`POST /v1/completions`'s body as a JSON object).
 pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -> Result<Parsed, RequestError> {
     let Common { stream, include_usage, choices } = common_fields(&mut object)?;
-    if let Some(true) = field::<Option<bool>>(&object, "echo")?.flatten() {
-        return Err(RequestError::unsupported("echo", "echo (the prompt repeated before the completion) is not supported"));
+    let echo = field::<Option<bool>>(&object, "echo")?.flatten().unwrap_or(false);
+    object.remove("echo");
+    if echo && stream {
+        return Err(RequestError::unsupported("echo", "echo is not supported with stream: the prompt comes back with the whole completion"));
     }
     if field::<Option<String>>(&object, "suffix")?.flatten().is_some_and(|s| !s.is_empty()) {
         return Err(RequestError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported: Llama 3.1 has no infill format"));
@@ -214,7 +216,7 @@ pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -
     }
     object.insert("prompt".into(), Value::String(String::new()));
     let request: CompletionRequest = typed(object, unknown)?;
-    Ok(Parsed { work: Work::Complete { prompts, sampling: request.sampling }, choices, stream, include_usage })
+    Ok(Parsed { work: Work::Complete { prompts, sampling: request.sampling, echo }, choices, stream, include_usage })
 }
 
 /// The token ids of the prompt at `path` ("prompt" or "prompt[i]").
@@ -513,7 +515,7 @@ mod tests {
         assert_eq!(e.message, "3 prompts with n = 50: a request takes at most 128 choices in all");
         // OpenAI's legacy completion options: refused when they ask for something, taken at their
         // defaults.
-        for (body, param) in [(r#""echo": true"#, "echo"), (r#""suffix": "}""#, "suffix"), (r#""best_of": 3"#, "best_of")] {
+        for (body, param) in [(r#""echo": true, "stream": true"#, "echo"), (r#""suffix": "}""#, "suffix"), (r#""best_of": 3"#, "best_of")] {
             let e = parse_completion(format!(r#"{{"prompt": "a", {body}}}"#).as_bytes()).err().unwrap();
             assert_eq!((e.param.as_deref(), e.unsupported), (Some(param), true), "{body}");
         }
@@ -525,7 +527,7 @@ mod tests {
         let parsed = parse_completion(br#"{"prompt": [1, 2, 3], "stream": true, "stream_options": {"include_usage": true}}"#).unwrap();
         assert!(parsed.stream && parsed.include_usage);
         let prompts = |parsed: &Parsed| match &parsed.work {
-            Work::Complete { prompts, sampling } => (prompts.clone(), sampling.max_tokens),
+            Work::Complete { prompts, sampling, .. } => (prompts.clone(), sampling.max_tokens),
             Work::Chat(_) => panic!("a completion read as a chat"),
         };
         assert_eq!(prompts(&parsed), (vec![Prompt::Tokens(vec![1, 2, 3])], None));

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use super::{FinishReason, GeneratedToolCall, TokenLogprob, Usage};
-use crate::engine::ChoiceResults;
+use crate::engine::{ChoiceResults, Echo};
 use crate::Completion;
 
 pub use crate::engine::Endpoint;
@@ -112,9 +112,43 @@ pub fn completion_logprobs(logprobs: &[TokenLogprob], mut offset: usize) -> Valu
     json!({
         "tokens": logprobs.iter().map(|l| token_text(&l.bytes)).collect::<Vec<_>>(),
         "token_logprobs": logprobs.iter().map(|l| l.logprob).collect::<Vec<_>>(),
-        "top_logprobs": logprobs.iter().map(|l| l.top.iter().map(|t| (token_text(&t.bytes), json!(t.logprob))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "top_logprobs": logprobs.iter().map(top_logprobs).collect::<Vec<_>>(),
         "text_offset": text_offset,
     })
+}
+
+/// The `logprobs` of a completion that echoes its prompt: the prompt's tokens first (the first
+/// has no log probability: nothing came before it), then the generated ones. Prompt tokens the
+/// echoed text does not hold (an added BOS) take none of its characters.
+pub fn echoed_logprobs(echo: &Echo, generated: &[TokenLogprob]) -> Value {
+    let scores = echo.logprobs.as_deref().unwrap_or_default();
+    let texts: Vec<String> = std::iter::once(&echo.first_token_bytes).chain(scores.iter().map(|l| &l.bytes)).map(|bytes| token_text(bytes)).collect();
+    let mut text_offset = vec![];
+    let mut offset = 0;
+    for (i, text) in texts.iter().enumerate() {
+        text_offset.push(offset);
+        if i >= echo.unwritten {
+            offset += text.chars().count();
+        }
+    }
+    let mut logprobs = json!({
+        "tokens": texts,
+        "token_logprobs": std::iter::once(Value::Null).chain(scores.iter().map(|l| json!(l.logprob))).collect::<Vec<_>>(),
+        "top_logprobs": std::iter::once(Value::Null).chain(scores.iter().map(top_logprobs)).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    });
+    let after = completion_logprobs(generated, echo.text.chars().count());
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(list), Some(more)) = (logprobs[key].as_array_mut(), after[key].as_array()) {
+            list.extend(more.iter().cloned());
+        }
+    }
+    logprobs
+}
+
+/// A token's alternatives as text completions give them: token text -> log probability.
+fn top_logprobs(logprob: &TokenLogprob) -> Value {
+    Value::Object(logprob.top.iter().map(|t| (token_text(&t.bytes), json!(t.logprob))).collect())
 }
 
 impl ResponseMeta {
@@ -140,8 +174,14 @@ impl ResponseMeta {
                     }),
                     Endpoint::Completion => json!({
                         "index": index,
-                        "text": completion.text,
-                        "logprobs": logprobs.map(|l| completion_logprobs(l, 0)),
+                        "text": match &completion.echo {
+                            Some(echo) => format!("{}{}", echo.text, completion.text),
+                            None => completion.text.clone(),
+                        },
+                        "logprobs": logprobs.map(|l| match &completion.echo {
+                            Some(echo) => echoed_logprobs(echo, l),
+                            None => completion_logprobs(l, 0),
+                        }),
                         "finish_reason": reason,
                         "token_ids": completion.tokens,
                     }),
@@ -284,6 +324,7 @@ mod tests {
             logprobs: None,
             tool_calls: vec![],
             prompt_shared: false,
+            echo: None,
         }
     }
 

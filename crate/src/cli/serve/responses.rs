@@ -137,6 +137,7 @@ mod tests {
             logprobs: None,
             tool_calls: vec![],
             prompt_shared: false,
+            echo: None,
         }
     }
 
