@@ -289,6 +289,16 @@ fn echoed_prompts_are_scored_by_the_logits_of_every_position() {
         let best = (0..want.len()).max_by(|&a, &b| want[a].total_cmp(&want[b])).unwrap();
         assert_eq!((score.top.len(), score.top[0].token as usize), (3, best), "position {position}");
     }
+    // Against transformers: a golden case's last logits score the token put after it.
+    for case in golden(FIXTURE).logits.iter().filter(|case| case.tokens.len() > 1) {
+        let independent = log_softmax(&case.last_logits);
+        let next = 500;
+        let work = Work::Complete { prompts: vec![Prompt::Tokens([case.tokens.as_slice(), &[next]].concat())], sampling: scored.clone(), echo: true };
+        let id = engine.add_prepared(engine.prompter().prepare(&work, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
+        let scores = finish_all(&mut engine, &[id]).remove(0).echo.unwrap().logprobs.unwrap();
+        let last = scores.last().unwrap();
+        assert!((last.logprob - independent[next as usize]).abs() < 2e-3, "transformers: {} vs {}", last.logprob, independent[next as usize]);
+    }
     // What comes after the prompt is what a request without echo generates.
     let id = engine.add(prompt.clone(), &SamplingParams { logprobs: None, ..scored }, CancelToken::default()).unwrap();
     assert_eq!(completion.tokens, finish_all(&mut engine, &[id]).remove(0).tokens);
