@@ -162,7 +162,8 @@ export interface CompletionParams extends SamplingParams {
   logprobs?: number;
   /**
    * Give the prompt back before the completion (not with `stream`); with `logprobs`, every prompt
-   * token's log probability given the tokens before it too (the first's is null).
+   * token's log probability given the tokens before it too (the first's is null). `max_tokens: 0`
+   * (only with `echo`) asks for the prompt alone.
    */
   echo?: boolean;
 }

@@ -299,6 +299,12 @@ fn echoed_prompts_are_scored_by_the_logits_of_every_position() {
         let last = scores.last().unwrap();
         assert!((last.logprob - independent[next as usize]).abs() < 2e-3, "transformers: {} vs {}", last.logprob, independent[next as usize]);
     }
+    // With max_tokens 0 the prompt alone comes back, scored the same.
+    let alone = Work::Complete { prompts: vec![Prompt::Tokens(prompt.clone())], sampling: SamplingParams { max_tokens: Some(0), ..scored.clone() }, echo: true };
+    let id = engine.add_prepared(engine.prompter().prepare(&alone, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
+    let prompt_only = finish_all(&mut engine, &[id]).remove(0);
+    assert_eq!((prompt_only.tokens.len(), prompt_only.finish_reason), (0, FinishReason::Length));
+    assert_eq!(prompt_only.echo.unwrap().logprobs.unwrap(), scores);
     // What comes after the prompt is what a request without echo generates.
     let id = engine.add(prompt.clone(), &SamplingParams { logprobs: None, ..scored }, CancelToken::default()).unwrap();
     assert_eq!(completion.tokens, finish_all(&mut engine, &[id]).remove(0).tokens);

@@ -1049,6 +1049,12 @@ impl Engine {
                 events.push((sequence.id, Event::Prefill { done: sequence.computed, total: sequence.tokens.len() }));
                 continue;
             }
+            // A request for its prompt alone (echo, max_tokens 0) ends with it.
+            if sequence.max_tokens == 0 {
+                let sequence = self.running.remove(i);
+                self.end(sequence, Ok(FinishReason::Length), events);
+                continue;
+            }
             let from_gpu = match sequence.plain_greedy() {
                 true => Some(output.argmax[this_row]),
                 false if sequence.needs_logits() => None,

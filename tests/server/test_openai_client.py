@@ -205,6 +205,13 @@ def test_echo_scores_prompts_as_evaluation_harnesses_ask(server, client):
         # The text is the prompt's, then the completion's, which is what it is without echo.
         assert choice.text.endswith(plain.text) and "".join(logprobs.tokens) == choice.text
         assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(prompt) + 1)]
+    # Older harnesses ask for no token at all: the prompt alone comes back, scored the same.
+    prompt_only = client.completions.create(model="tiny", prompt=prompts, echo=True, logprobs=1, max_tokens=0, temperature=0)
+    for choice, scored_choice in zip(prompt_only.choices, scored.choices):
+        assert choice.logprobs.token_logprobs == scored_choice.logprobs.token_logprobs[:-1]
+    assert prompt_only.usage.completion_tokens == 0
+    error = error_of(raw_post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 0}), 400)
+    assert error["param"] == "max_tokens", error
     # A text prompt comes back as given.
     assert client.completions.create(model="tiny", prompt="Once upon", echo=True, max_tokens=2, temperature=0).choices[0].text.startswith("Once upon")
     error = error_of(raw_post(server, "/v1/completions", {"prompt": "hi", "echo": True, "stream": True}), 400)

@@ -120,7 +120,7 @@ struct StreamOptions {
 
 /// A chat completion request (`POST /v1/chat/completions`'s body as a JSON object).
 pub fn read_chat(mut object: Map<String, Value>, unknown: UnknownFields) -> Result<Parsed, RequestError> {
-    let Common { stream, include_usage, choices } = common_fields(&mut object)?;
+    let Common { stream, include_usage, choices } = common_fields(&mut object, false)?;
     if object.get("logprobs").is_some_and(Value::is_number) {
         return Err(RequestError::invalid("logprobs: chat completions take true or false (top_logprobs counts the alternatives)").param("logprobs"));
     }
@@ -168,9 +168,10 @@ pub fn read_chat(mut object: Map<String, Value>, unknown: UnknownFields) -> Resu
 
 /// A text completion request (`POST /v1/completions`'s body as a JSON object).
 pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -> Result<Parsed, RequestError> {
-    let Common { stream, include_usage, choices } = common_fields(&mut object)?;
     let echo = field::<Option<bool>>(&object, "echo")?.flatten().unwrap_or(false);
     object.remove("echo");
+    // No token after the prompt: the prompt alone comes back (scored, with logprobs).
+    let Common { stream, include_usage, choices } = common_fields(&mut object, echo)?;
     if echo && stream {
         return Err(RequestError::unsupported("echo", "echo is not supported with stream: the prompt comes back with the whole completion"));
     }
@@ -253,8 +254,9 @@ struct Common {
     choices: usize,
 }
 
-/// Fields both endpoints share: stream, n, stream_options, model, and the sampling parameters.
-fn common_fields(object: &mut Map<String, Value>) -> Result<Common, RequestError> {
+/// Fields both endpoints share: stream, n, stream_options, model, and the sampling parameters;
+/// `max_tokens` may be 0 only where `zero_tokens` (a completion's echo).
+fn common_fields(object: &mut Map<String, Value>, zero_tokens: bool) -> Result<Common, RequestError> {
     // Null means absent for every optional field, as OpenAI treats it.
     for name in [
         "stream",
@@ -299,8 +301,8 @@ fn common_fields(object: &mut Map<String, Value>) -> Result<Common, RequestError
         return Err(RequestError::invalid("give max_tokens or max_completion_tokens, not both").param("max_tokens"));
     }
     for name in ["max_tokens", "max_completion_tokens"] {
-        if field::<u32>(object, name)? == Some(0) {
-            return Err(RequestError::invalid(format!("{name} must be at least 1")).param(name));
+        if field::<u32>(object, name)? == Some(0) && !zero_tokens {
+            return Err(RequestError::invalid(format!("{name} must be at least 1 (0 only with a completion's echo)")).param(name));
         }
     }
     // The newer name of the same limit (SamplingParams reads it as an alias).
