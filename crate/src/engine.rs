@@ -1019,7 +1019,9 @@ impl Engine {
             next_row += row.output as usize;
         }
         let mut read_logits: HashMap<usize, Vec<f32>> = reading.iter().copied().zip(self.model.read_logits_rows(&reading).await?).collect();
-        let token_bytes = if reading.is_empty() { Arc::default() } else { self.prompter.token_bytes()? };
+        // Only log probabilities name tokens by their bytes; their requests built them when prepared.
+        let wants_bytes = rows.iter().any(|r| self.sequence(r.id).is_some_and(|s| s.top_logprobs.is_some()));
+        let token_bytes = if wants_bytes { self.prompter.token_bytes()? } else { Arc::default() };
         let tokenizer = self.prompter.tokenizer.clone();
         let bytes = token_bytes_of(&token_bytes, &tokenizer);
         let mut output_row = 0;
