@@ -139,6 +139,7 @@ pub struct Completion {
 pub struct Echo {
     /// The prompt as the request gave it (token ids decoded, special tokens as text).
     pub text: String,
+    /// The prompt's tokens; taken from the sequence when it ends.
     pub tokens: Vec<u32>,
     /// Leading tokens the text does not hold: the BOS token a text prompt is given.
     pub unwritten: usize,
@@ -443,7 +444,7 @@ impl Prompter {
                     Prompt::Tokens(given) => (self.tokenizer.decode(given, false).map_err(EngineError::from)?, 0),
                 };
                 let first_token_bytes = ids.first().filter(|_| logprobs.is_some()).map(|&id| bytes(id)).unwrap_or_default();
-                Ok(Echo { text, tokens: ids.clone(), unwritten, first_token_bytes, logprobs: logprobs.clone() })
+                Ok(Echo { text, tokens: vec![], unwritten, first_token_bytes, logprobs: logprobs.clone() })
             });
             prepared.echoes = Some(echoes.collect::<Result<_>>()?);
         }
@@ -1019,8 +1020,9 @@ impl Engine {
             next_row += row.output as usize;
         }
         let mut read_logits: HashMap<usize, Vec<f32>> = reading.iter().copied().zip(self.model.read_logits_rows(&reading).await?).collect();
-        // Only log probabilities name tokens by their bytes; their requests built them when prepared.
-        let wants_bytes = rows.iter().any(|r| self.sequence(r.id).is_some_and(|s| s.top_logprobs.is_some()));
+        // Only log probabilities (read from full logits) name tokens by their bytes; their
+        // requests built them when prepared.
+        let wants_bytes = !reading.is_empty() && rows.iter().any(|r| self.sequence(r.id).is_some_and(|s| s.top_logprobs.is_some()));
         let token_bytes = if wants_bytes { self.prompter.token_bytes()? } else { Arc::default() };
         let tokenizer = self.prompter.tokenizer.clone();
         let bytes = token_bytes_of(&token_bytes, &tokenizer);
@@ -1213,7 +1215,7 @@ fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
             cached_prompt_tokens: sequence.cached_prompt as u32,
         },
         prompt_shared: sequence.after.is_some(),
-        echo: sequence.echo,
+        echo: sequence.echo.map(|echo| Echo { tokens: sequence.tokens[..sequence.prompt_len].to_vec(), ..echo }),
         tokens: sequence.tokens[sequence.prompt_len..].to_vec(),
         text: sequence.text,
         finish_reason: reason,

@@ -205,6 +205,7 @@ def test_echo_scores_prompts_as_evaluation_harnesses_ask(server, client):
         # The text is the prompt's, then the completion's, which is what it is without echo.
         assert choice.text.endswith(plain.text) and "".join(logprobs.tokens) == choice.text
         assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(prompt) + 1)]
+        assert choice.token_ids == prompt + plain.token_ids
     # Older harnesses ask for no token at all: the prompt alone comes back, scored the same.
     prompt_only = client.completions.create(model="tiny", prompt=prompts, echo=True, logprobs=1, max_tokens=0, temperature=0)
     for choice, scored_choice in zip(prompt_only.choices, scored.choices):

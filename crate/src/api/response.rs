@@ -183,7 +183,8 @@ impl ResponseMeta {
                             None => completion_logprobs(l, 0),
                         }),
                         "finish_reason": reason,
-                        "token_ids": completion.tokens,
+                        // The ids of the text, the echoed prompt's first.
+                        "token_ids": completion.echo.iter().flat_map(|echo| &echo.tokens).chain(&completion.tokens).collect::<Vec<_>>(),
                     }),
                 }
             })
