@@ -1,5 +1,6 @@
-// The k largest logits (value descending, then id ascending) and the softmax normaliser of all of
-// them at a temperature, so the host samples from k candidates instead of reading the vocabulary.
+// The k largest logits (value descending, then id ascending), the softmax normaliser of all of
+// them at a temperature and at 1, and the logit of one named token, so the host samples and
+// takes log probabilities from k candidates instead of reading the vocabulary.
 // Two passes, as in argmax.wgsl: `partial` runs params.partials workgroups, each selecting the top
 // k of a strided share of the logits and summing that share's softmax terms; `finish` selects the
 // top k of the partials' candidates in one workgroup and merges their sums. (One workgroup taking
@@ -7,12 +8,14 @@
 // rounds, each finding the largest candidate ranked below the previous round's pick. Each row of
 // logits (one per sequence that samples in the pass) is selected on its own, with its own k and
 // temperature: workgroup_id.y is the row.
-// PyTorch: values, ids = logits.topk(k); sum = exp((logits - logits.max()) / T).sum()
+// PyTorch: values, ids = logits.topk(k); sum = exp((logits - logits.max()) / T).sum();
+//          sum_at_one = exp(logits - logits.max()).sum(); scored = logits[token]
 
-// SELECTION_WG threads per workgroup, at most MAX_TOP_K candidates and TOP_K_PARTIALS partial
-// selections: constants from Rust (crate::gpu::ops).
-// Words of one selection, out's layout: max, sum, then MAX_TOP_K (id, logit) pairs.
-const SELECTION_WORDS: u32 = 2u + 2u * MAX_TOP_K;
+// SELECTION_WG threads per workgroup, at most MAX_TOP_K candidates, TOP_K_PARTIALS partial
+// selections and SELECTION_HEADER: constants from Rust (crate::gpu::ops).
+// Words of one selection, out's layout: SELECTION_HEADER words (max, sum, sum at temperature 1, the
+// scored token's logit), then MAX_TOP_K (id, logit) pairs.
+const SELECTION_WORDS: u32 = SELECTION_HEADER + 2u * MAX_TOP_K;
 const SUM_WG: u32 = SELECTION_WG; // lib/workgroup_sum
 const NONE: u32 = 0xffffffffu; // the id of a round that found no candidate
 const LOWEST: f32 = -0x1.fffffep+127f; // -(f32 max), exact: Tint rejects the rounded 3.4028235e38
@@ -25,8 +28,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<storage, read> logits: array<f32>;             // (rows, n)
-@group(0) @binding(1) var<storage, read> row_params: array<vec2<u32>>;   // (rows) k (at most MAX_TOP_K) and 1 / temperature as bits
-@group(0) @binding(2) var<storage, read_write> out: array<u32>;          // (rows, SELECTION_WORDS): max, sum of exp((l - max) / T), then k (id, logit) pairs; floats as bits
+@group(0) @binding(1) var<storage, read> row_params: array<vec4<u32>>;   // (rows) k (at most MAX_TOP_K), 1 / temperature as bits, the scored token (or NONE), unused
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;          // (rows, SELECTION_WORDS): max, sum of exp((l - max) / T), sum of exp(l - max), the scored token's logit, then k (id, logit) pairs; floats as bits
 @group(0) @binding(3) var<storage, read_write> selections: array<u32>;   // (rows, partials, SELECTION_WORDS): each partial's, laid out as out
 @group(0) @binding(4) var<uniform> params: Params;
 
@@ -63,7 +66,7 @@ fn candidate(pool: Candidates, c: u32) -> vec2<u32> {
         return vec2(bitcast<u32>(logits[pool.row * params.n + c]), c);
     }
     let k = top_k(pool.row);
-    let pick = (pool.row * params.partials + c / k) * SELECTION_WORDS + 2u + 2u * (c % k);
+    let pick = (pool.row * params.partials + c / k) * SELECTION_WORDS + SELECTION_HEADER + 2u * (c % k);
     return vec2(selections[pick + 1u], selections[pick]);
 }
 
@@ -122,15 +125,20 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let row = wg.y;
     let pool = Candidates(row, true, wg.x * SELECTION_WG + lid, params.partials * SELECTION_WG, params.n);
     let at = (row * params.partials + wg.x) * SELECTION_WORDS;
-    let largest = select_top(lid, pool, top_k(row), false, at + 2u);
+    let largest = select_top(lid, pool, top_k(row), false, at + SELECTION_HEADER);
     var sum = 0.0;
+    var sum_at_one = 0.0;
     for (var i = pool.first; i < params.n; i += pool.stride) {
-        sum += exp((logits[row * params.n + i] - largest) * inv_temperature(row));
+        let above = logits[row * params.n + i] - largest;
+        sum += exp(above * inv_temperature(row));
+        sum_at_one += exp(above);
     }
     let total = workgroup_sum(lid, sum);
+    let total_at_one = workgroup_sum(lid, sum_at_one);
     if (lid == 0u) {
         selections[at] = bitcast<u32>(largest);
         selections[at + 1u] = bitcast<u32>(total);
+        selections[at + 2u] = bitcast<u32>(total_at_one);
     }
 }
 
@@ -139,17 +147,23 @@ fn finish(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let row = wg.y;
     let pool = Candidates(row, false, lid, SELECTION_WG, params.partials * top_k(row));
     let at_out = row * SELECTION_WORDS;
-    let largest = select_top(lid, pool, top_k(row), true, at_out + 2u);
-    // Each partial's sum is relative to its own largest logit: rescaled to the overall one.
+    let largest = select_top(lid, pool, top_k(row), true, at_out + SELECTION_HEADER);
+    // Each partial's sums are relative to its own largest logit: rescaled to the overall one.
     var sum = 0.0;
+    var sum_at_one = 0.0;
     if (lid < params.partials) {
         let at = (row * params.partials + lid) * SELECTION_WORDS;
-        let partial_largest = bitcast<f32>(selections[at]);
-        sum = bitcast<f32>(selections[at + 1u]) * exp((partial_largest - largest) * inv_temperature(row));
+        let below = bitcast<f32>(selections[at]) - largest;
+        sum = bitcast<f32>(selections[at + 1u]) * exp(below * inv_temperature(row));
+        sum_at_one = bitcast<f32>(selections[at + 2u]) * exp(below);
     }
     let total = workgroup_sum(lid, sum);
+    let total_at_one = workgroup_sum(lid, sum_at_one);
     if (lid == 0u) {
         out[at_out] = bitcast<u32>(largest);
         out[at_out + 1u] = bitcast<u32>(total);
+        out[at_out + 2u] = bitcast<u32>(total_at_one);
+        let scored = row_params[row].z;
+        out[at_out + 3u] = select(0u, bitcast<u32>(logits[row * params.n + min(scored, params.n - 1u)]), scored != NONE);
     }
 }

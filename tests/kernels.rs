@@ -146,7 +146,7 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
                 let rotary = Rotary { cos_sin: &table, k_cache: &caches[0], v_cache: &caches[1], staged, heads: AttentionHeads { n_heads, n_kv_heads, head_dim } };
                 let op = ops::ByTokens::join([(0, &qk), (qk_rows, &v)].map(|(column, w)| {
                     let layout = MatmulLayout { in_stride: k, out_stride: qkv_dim, out_offset: column, accumulate: false };
-                    ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rotary(rotary), layout, &step(&gpu, n, start_pos), None)
+                    ops::matmul(&gpu, ops::Product { x: &xb, input: MatmulInput::Plain, w, out: &out, output: MatmulOutput::Rotary(rotary), layout, step: &step(&gpu, n, start_pos), prepared: None })
                 }));
                 run(&gpu, |pass| op.for_tokens(n as u32).encode(pass, n as u32));
 
@@ -198,7 +198,7 @@ fn matmul_in_every_format_strategy_and_split(bounds_checks: bool) {
                 let xb = gpu.storage_buffer_with("x", &x);
                 let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                 let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
-                let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
+                let op = ops::matmul(gpu, ops::Product { x: &xb, input: MatmulInput::Plain, w: &w, out: &out, output: MatmulOutput::Rows, layout, step: &step(gpu, n, 0), prepared: None });
                 run(gpu, |pass| op.encode(pass, n as u32));
                 let what = format!("matmul {dtype} n={n} parts={}", w.parts.len());
                 assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-5, 1e-5);
@@ -359,7 +359,7 @@ fn matmul_on_q8_inputs_matches_the_reference_on_those_inputs() {
                             let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                             let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
                             let step = step(&gpu, n, 0);
-                            let op = ops::matmul(&gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step, Some(&x_q8))
+                            let op = ops::matmul(&gpu, ops::Product { x: &xb, input, w: &w, out: &out, output: MatmulOutput::Rows, layout, step: &step, prepared: Some(&x_q8) })
                                 .after(&x_q8, ops::prepare_input(&gpu, &xb, input, k, layout.in_stride, &x_q8, &step));
                             run(&gpu, |pass| op.encode(pass, n as u32));
                             let values = Q8Rows::read(&gpu, x_q8.buffer(), n, k).values();
@@ -412,7 +412,7 @@ fn matmul_of_every_input(gpu: &Gpu, dtype: DType, rows: usize, k: usize, token_c
             let want = reference::matmul(&input_rows, &bytes, dtype, rows, k);
             let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
             let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-            let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
+            let op = ops::matmul(gpu, ops::Product { x: &xb, input, w: &w, out: &out, output: MatmulOutput::Rows, layout, step: &step(gpu, n, 0), prepared: None });
             run(gpu, |pass| op.encode(pass, n as u32));
             let label = format!("{dtype} matmul {rows}x{k} of {input_name}, n={n}, {what}");
             assert_close(&label, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);
@@ -496,7 +496,7 @@ fn products_take_large_tiles_on_cooperative_matrices_where_a_pass_makes_enough_o
     let strategy = |gpu: &Gpu, w: &WeightMatrix, n: u32| {
         let (x, out) = (gpu.storage_buffer("x", 4 * k as u64 * 512), gpu.storage_buffer("out", 4 * w.rows as u64 * 512));
         let layout = MatmulLayout { in_stride: k, out_stride: w.rows, out_offset: 0, accumulate: false };
-        ops::matmul(gpu, &x, MatmulInput::Plain, w, &out, MatmulOutput::Rows, layout, &step(gpu, 1, 0), None).strategy(n)
+        ops::matmul(gpu, ops::Product { x: &x, input: MatmulInput::Plain, w, out: &out, output: MatmulOutput::Rows, layout, step: &step(gpu, 1, 0), prepared: None }).strategy(n)
     };
     // 256 row tiles of 128: two token tiles make 512.
     let rows = 256 * 128;
@@ -542,7 +542,7 @@ fn f16_tiles_within_rounding(gpu: &Gpu, what_path: &str, rows: usize, token_coun
                     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
                     let step = step(gpu, n, 0);
                     let prepared = format.map(|format| ops::PreparedInputs::new(gpu, format, n, k));
-                    let mut op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step, prepared.as_ref());
+                    let mut op = ops::matmul(gpu, ops::Product { x: &xb, input, w: &w, out: &out, output: MatmulOutput::Rows, layout, step: &step, prepared: prepared.as_ref() });
                     if let Some(prepared) = &prepared {
                         op = op.after(prepared, ops::prepare_input(gpu, &xb, input, k, layout.in_stride, prepared, &step));
                     }
@@ -571,7 +571,7 @@ fn stacked_matmuls_accumulate_into_their_own_output_columns() {
         let out = gpu.storage_buffer_with("out", &initial);
         let matmul = ops::ByTokens::join(stacked.iter().map(|(column, _, (_, w))| {
             let layout = MatmulLayout { in_stride: k, out_stride: stride, out_offset: *column, accumulate: true };
-            ops::matmul(&gpu, &xb, MatmulInput::Plain, w, &out, MatmulOutput::Rows, layout, &step(&gpu, n_run, 0), None)
+            ops::matmul(&gpu, ops::Product { x: &xb, input: MatmulInput::Plain, w, out: &out, output: MatmulOutput::Rows, layout, step: &step(&gpu, n_run, 0), prepared: None })
         }));
         run(&gpu, |pass| matmul.encode(pass, n_run as u32));
         let mut want = initial.clone();
@@ -973,17 +973,25 @@ fn top_k_matches_reference_with_ties() {
         let out = gpu.storage_buffer("out", 2 * ops::TopK::OUT_BYTES);
         let top_k = ops::TopK::new(&gpu, &input, &out, values.len(), 2);
         for (k, temperature) in [(1, 1.0), (3, 0.7), (40, 1.3), (64, 2.0)] {
-            let other_k = 65 - k;
-            top_k.set(&gpu, &[(k, temperature), (other_k, 1.0 / temperature)]);
+            // The first row scores a token far down its ranking, the second none.
+            let rows = [
+                ops::Selection { k, temperature, scored_token: Some(n as u32 - 3) },
+                ops::Selection { k: 65 - k, temperature: 1.0 / temperature, scored_token: None },
+            ];
+            top_k.set(&gpu, &rows);
             run(&gpu, |pass| top_k.encode(pass, 2));
             let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&out, 2 * ops::TopK::OUT_BYTES)).unwrap());
             let row_words = words.len() / 2;
-            for (row, logits, k, temperature) in [(0, &values, k, temperature), (1, &other, other_k, 1.0 / temperature)] {
-                let got = ops::Candidates::from_words(&words[row * row_words..], k);
-                let (want, max, exp_sum) = reference::top_k(logits, k, temperature);
+            for (row, logits, selection) in [(0, &values, rows[0]), (1, &other, rows[1])] {
+                let k = selection.k;
+                let got = ops::Candidates::from_words(&words[row * row_words..], &selection);
+                let (want, max, exp_sum) = reference::top_k(logits, k, selection.temperature);
                 assert_eq!(got.tokens, want, "n={n} row {row} k={k}");
                 assert_eq!(got.max, max);
                 assert!((got.exp_sum - exp_sum).abs() <= 1e-5 * exp_sum, "n={n} row {row} k={k}: sum {} vs {}", got.exp_sum, exp_sum);
+                let (_, _, softmax_sum) = reference::top_k(logits, 1, 1.0);
+                assert!((got.softmax_sum - softmax_sum).abs() <= 1e-5 * softmax_sum, "n={n} row {row}: softmax sum {} vs {}", got.softmax_sum, softmax_sum);
+                assert_eq!(got.scored_logit, selection.scored_token.map(|t| logits[t as usize]));
             }
         }
     }
@@ -1019,7 +1027,7 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
                     let want = reference::matmul(&x, &bytes, dtype, rows, k);
                     let (xb, out) = (gpu.storage_buffer_with("x", &x), gpu.storage_buffer("out", (n * rows * 4) as u64));
                     let layout = MatmulLayout { in_stride: k, out_stride: rows, out_offset: 0, accumulate: false };
-                    let op = ops::matmul(gpu, &xb, MatmulInput::Plain, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
+                    let op = ops::matmul(gpu, ops::Product { x: &xb, input: MatmulInput::Plain, w: &w, out: &out, output: MatmulOutput::Rows, layout, step: &step(gpu, n, 0), prepared: None });
                     run(gpu, |pass| op.encode(pass, n as u32));
                     let what = format!("{dtype} matmul {rows}x{k} n={n} parts={}", w.parts.len());
                     assert_close(&what, &read_f32(gpu, &out, want.len()), &want, 1e-4, 1e-4);
@@ -1055,7 +1063,7 @@ fn quant_values_from_float_bits_equal_their_integer_conversions() {
                 cases.map(|(_, input, _)| {
                     let out = gpu.storage_buffer("out", (n * rows * 4) as u64);
                     let layout = MatmulLayout { in_stride: 2 * k, out_stride: rows, out_offset: 0, accumulate: false };
-                    let op = ops::matmul(gpu, &xb, input, &w, &out, MatmulOutput::Rows, layout, &step(gpu, n, 0), None);
+                    let op = ops::matmul(gpu, ops::Product { x: &xb, input, w: &w, out: &out, output: MatmulOutput::Rows, layout, step: &step(gpu, n, 0), prepared: None });
                     run(gpu, |pass| op.encode(pass, n as u32));
                     read_f32(gpu, &out, n * rows)
                 })

@@ -17,7 +17,7 @@ fn frequencies(options: SamplerOptions, logits: &[f32]) -> Vec<f64> {
     let mut sampler = Sampler::new(options, 42, &[]);
     let mut counts = vec![0usize; logits.len()];
     for _ in 0..DRAWS {
-        counts[sampler.sample(&mut logits.to_vec()) as usize] += 1;
+        counts[sampler.sample(logits) as usize] += 1;
     }
     counts.iter().map(|&c| c as f64 / DRAWS as f64).collect()
 }
@@ -100,7 +100,7 @@ fn same_seed_same_tokens() {
     let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 200.0).collect();
     let run = |seed| {
         let mut s = Sampler::new(options(|o| o.top_p = 0.9), seed, &[]);
-        (0..64).map(|_| s.sample(&mut logits.clone())).collect::<Vec<u32>>()
+        (0..64).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
     };
     assert_eq!(run(7), run(7));
     assert_ne!(run(7), run(8));
@@ -111,7 +111,7 @@ fn same_seed_same_tokens() {
 #[test]
 fn greedy_takes_the_first_largest() {
     let mut s = Sampler::new(options(|o| o.temperature = 0.0), 1, &[]);
-    assert_eq!(s.sample(&mut [1.0, 3.0, 2.0, 3.0]), 1);
+    assert_eq!(s.sample(&[1.0, 3.0, 2.0, 3.0]), 1);
     assert!(s.options().is_plain_greedy());
 }
 
@@ -123,7 +123,7 @@ fn bias_and_penalties_move_the_choice() {
             f(o)
         }), 1, prompt);
         output.iter().for_each(|&t| s.accept(t));
-        s.sample(&mut logits.to_vec())
+        s.sample(logits)
     };
     let logits = [2.0, 1.9, -1.0];
     assert_eq!(greedy(|_| {}, &[], &[], &logits), 0);
@@ -152,7 +152,8 @@ fn options_are_validated() {
 /// Candidates as the GPU's top_k kernel returns them (its CPU reference).
 fn candidates(logits: &[f32], k: usize, temperature: f32) -> llama_webgpu::gpu::ops::Candidates {
     let (tokens, max, exp_sum) = llama_webgpu::reference::top_k(logits, k, temperature);
-    llama_webgpu::gpu::ops::Candidates { tokens, max, exp_sum }
+    let (_, _, softmax_sum) = llama_webgpu::reference::top_k(logits, 1, 1.0);
+    llama_webgpu::gpu::ops::Candidates { tokens, max, exp_sum, softmax_sum, scored_logit: None }
 }
 
 #[test]
@@ -173,7 +174,7 @@ fn gpu_candidates_give_the_same_tokens_as_full_logits() {
         let k = Sampler::new(o.clone(), 0, &[]).candidates_wanted().expect("candidates apply");
         let (mut full, mut partial) = (Sampler::new(o.clone(), 3, &[]), Sampler::new(o.clone(), 3, &[]));
         for _ in 0..200 {
-            let want = full.sample(&mut logits.clone());
+            let want = full.sample(&logits);
             let got = partial.sample_candidates(&candidates(&logits, k, o.temperature)).expect("enough candidates");
             assert_eq!(got, want, "case {i}");
         }

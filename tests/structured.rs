@@ -202,39 +202,50 @@ fn logprobs_are_the_log_softmax_of_the_logits() {
     let mut reference = load_model(&gpu, FIXTURE, &options).unwrap();
     let mut engine = engine().unwrap();
     let golden = golden(FIXTURE);
-    for (i, case) in golden.logits.iter().enumerate() {
-        let params = SamplingParams {
-            temperature: Some(1.0),
-            seed: Some(i as u64),
-            max_tokens: Some(6),
-            logprobs: Some(Logprobs::Enabled(true)),
-            top_logprobs: Some(5),
-            ..Default::default()
-        };
-        let id = engine.add(case.tokens.clone(), &params, CancelToken::default()).unwrap();
-        let completion = finish_all(&mut engine, &[id]).remove(0);
-        let logprobs = completion.logprobs.expect("logprobs were asked for");
-        assert_eq!(logprobs.len(), completion.tokens.len());
-        let mut tokens = case.tokens.clone();
-        for (step, logprob) in logprobs.iter().enumerate() {
-            let logits = pollster::block_on(reference.forward(&tokens, 0)).unwrap();
-            let want = log_softmax(&logits);
-            // The first token's, also against transformers' logits.
-            if step == 0 {
-                let independent = log_softmax(&case.last_logits);
-                assert!((logprob.logprob - independent[logprob.token as usize]).abs() < 2e-3, "transformers: {} vs {}", logprob.logprob, independent[logprob.token as usize]);
+    // Every way a token is chosen: drawn from the full logits, from the GPU's candidates at another
+    // temperature, the GPU's argmax (greedy passes chained on the GPU), after a bias, under a
+    // grammar. Log probabilities are always the model's own, at temperature 1, before bias or mask.
+    let grammar = ResponseFormat::Grammar { grammar: GrammarFormat { syntax: GrammarSyntax::Regex, definition: "[a-z ]{6}".into() } };
+    let ways = [
+        ("full logits", SamplingParams { temperature: Some(1.0), ..Default::default() }),
+        ("candidates", SamplingParams { temperature: Some(0.7), top_k: Some(10), ..Default::default() }),
+        ("greedy", SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        ("bias", SamplingParams { temperature: Some(1.0), logit_bias: closing_bias(), ..Default::default() }),
+        ("grammar", SamplingParams { temperature: Some(1.0), response_format: Some(grammar), ..Default::default() }),
+    ];
+    for (way, params) in ways {
+        for (i, case) in golden.logits.iter().enumerate().take(if way == "full logits" { usize::MAX } else { 1 }) {
+            let params = SamplingParams { seed: Some(i as u64), max_tokens: Some(6), logprobs: Some(Logprobs::Enabled(true)), top_logprobs: Some(5), ..params.clone() };
+            let id = engine.add(case.tokens.clone(), &params, CancelToken::default()).unwrap();
+            let completion = finish_all(&mut engine, &[id]).remove(0);
+            let logprobs = completion.logprobs.expect("logprobs were asked for");
+            // A stop token ends the output and has none.
+            let output = completion.tokens.iter().filter(|t| !engine.stop_tokens().contains(t)).count();
+            assert_eq!(logprobs.len(), output, "{way}");
+            let mut tokens = case.tokens.clone();
+            for (step, logprob) in logprobs.iter().enumerate() {
+                let logits = pollster::block_on(reference.forward(&tokens, 0)).unwrap();
+                let want = log_softmax(&logits);
+                // The first token's, also against transformers' logits.
+                if step == 0 {
+                    let independent = log_softmax(&case.last_logits);
+                    assert!((logprob.logprob - independent[logprob.token as usize]).abs() < 2e-3, "{way}, transformers: {} vs {}", logprob.logprob, independent[logprob.token as usize]);
+                }
+                assert_eq!(logprob.token, completion.tokens[step]);
+                assert!((logprob.logprob - want[logprob.token as usize]).abs() < 1e-4, "{way}, prompt {i} step {step}: {} vs {}", logprob.logprob, want[logprob.token as usize]);
+                let mut order: Vec<usize> = (0..want.len()).collect();
+                order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+                if way == "greedy" {
+                    assert_eq!(logprob.token as usize, order[0], "{way}, step {step}");
+                }
+                assert_eq!(logprob.top.len(), 5);
+                for (top, &expected) in logprob.top.iter().zip(&order) {
+                    assert_eq!(top.token as usize, expected, "{way}, prompt {i} step {step}: alternatives in order");
+                    assert!((top.logprob - want[expected]).abs() < 1e-4);
+                    assert_eq!(String::from_utf8_lossy(&top.bytes), engine.tokenizer().decode(&[top.token], false).unwrap());
+                }
+                tokens.push(logprob.token);
             }
-            assert_eq!(logprob.token, completion.tokens[step]);
-            assert!((logprob.logprob - want[logprob.token as usize]).abs() < 1e-4, "prompt {i} step {step}: {} vs {}", logprob.logprob, want[logprob.token as usize]);
-            let mut order: Vec<usize> = (0..want.len()).collect();
-            order.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
-            assert_eq!(logprob.top.len(), 5);
-            for (top, &expected) in logprob.top.iter().zip(&order) {
-                assert_eq!(top.token as usize, expected, "prompt {i} step {step}: alternatives in order");
-                assert!((top.logprob - want[expected]).abs() < 1e-4);
-                assert_eq!(String::from_utf8_lossy(&top.bytes), engine.tokenizer().decode(&[top.token], false).unwrap());
-            }
-            tokens.push(logprob.token);
         }
     }
     // Greedy with logprobs takes the same tokens as greedy without.

@@ -19,7 +19,7 @@ use crate::api::{
     ToolChoice, ToolChoiceMode, TopLogprob, Usage,
 };
 use crate::api::request::{Prompt, Work};
-use crate::gpu::ops::TokenSlot;
+use crate::gpu::ops::{Candidates, Selection, TokenSlot};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
 use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
@@ -292,31 +292,35 @@ impl Sequence {
 
     /// Whether the next token is the argmax the GPU computes.
     fn plain_greedy(&self) -> bool {
-        self.sampler.options().is_plain_greedy() && !self.needs_logits()
-    }
-
-    /// Whether choosing a token takes every logit: for the grammar's mask or the log probabilities.
-    fn needs_logits(&self) -> bool {
-        self.constraint.is_some() || self.top_logprobs.is_some()
+        self.sampler.options().is_plain_greedy() && self.constraint.is_none()
     }
 
     /// Whether the token is chosen from the full logits whatever the GPU's candidates hold: for
-    /// the grammar's mask, log probabilities, bias or penalties.
+    /// the grammar's mask, bias or penalties, or a sampler that draws from the whole vocabulary.
     fn reads_logits(&self) -> bool {
-        !self.plain_greedy() && (self.needs_logits() || self.sampler.candidates_wanted().is_none())
+        !self.plain_greedy() && (self.constraint.is_some() || self.sampler.candidates_wanted().is_none())
     }
 
-    /// Chooses the next token from the full logits: records its log probability, applies the
-    /// grammar's mask, samples.
-    fn choose(&mut self, logits: &mut [f32], bytes: &dyn Fn(u32) -> Vec<u8>) -> Result<(u32, Option<TokenLogprob>), GrammarError> {
-        let log_probs = self.top_logprobs.map(|_| log_softmax(logits));
+    /// What the GPU selects from the logits of the next token's row: the sampler's candidates,
+    /// and the alternatives and normaliser of the token's log probability.
+    fn selection(&self) -> Option<Selection> {
+        let sampled = if self.reads_logits() { None } else { self.sampler.candidates_wanted() };
+        if sampled.is_none() && self.top_logprobs.is_none() {
+            return None;
+        }
+        let k = sampled.unwrap_or(1).max(self.top_logprobs.unwrap_or(0));
+        let temperature = if sampled.is_some() { self.sampler.options().temperature } else { 1.0 };
+        Some(Selection { k, temperature, scored_token: None })
+    }
+
+    /// Chooses the next token from the full logits: applies the grammar's mask (which leaves
+    /// the tokens it allows as they were), samples.
+    fn choose(&mut self, logits: &mut [f32]) -> Result<u32, GrammarError> {
         if self.constraint.is_some() {
             let mask = self.mask.take().ok_or_else(|| GrammarError::Stuck("no mask was computed".into()))??;
             mask.apply(logits);
         }
-        let token = self.sampler.sample(logits);
-        let logprob = log_probs.zip(self.top_logprobs).map(|(log_probs, alternatives)| token_logprob(&log_probs, token, alternatives, bytes));
-        Ok((token, logprob))
+        Ok(self.sampler.sample(logits))
     }
 }
 
@@ -329,28 +333,11 @@ fn token_bytes_of<'a>(token_bytes: &'a TokenBytes, tokenizer: &'a Tokenizer) -> 
     }
 }
 
-/// `token`'s log probability among `log_probs` and the `alternatives` most likely tokens.
-fn token_logprob(log_probs: &[f32], token: u32, alternatives: usize, bytes: &dyn Fn(u32) -> Vec<u8>) -> TokenLogprob {
-    // The few best, kept in order in one pass (no vocabulary-sized copy per token).
-    let mut best: Vec<u32> = Vec::with_capacity(alternatives + 1);
-    for (t, &l) in log_probs.iter().enumerate() {
-        if best.len() == alternatives && best.last().is_none_or(|&w| l <= log_probs[w as usize]) {
-            continue;
-        }
-        let at = best.partition_point(|&b| log_probs[b as usize] >= l);
-        best.insert(at, t as u32);
-        best.truncate(alternatives);
-    }
-    let top = best.into_iter().map(|t| TopLogprob { token: t, bytes: bytes(t), logprob: log_probs[t as usize] }).collect();
-    TokenLogprob { token, bytes: bytes(token), logprob: log_probs[token as usize], top }
-}
-
-/// Natural log of the softmax, summed in f64 so that small probabilities keep their digits.
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let log_sum = sum.ln() as f32;
-    logits.iter().map(|&l| l - max - log_sum).collect()
+/// The log probability of `token`, whose logit is `logit`, and of the `alternatives` most likely
+/// tokens, from the GPU's selection of its row (normaliser and candidates in rank order).
+fn token_logprob(candidates: &Candidates, token: u32, logit: f32, alternatives: usize, bytes: &dyn Fn(u32) -> Vec<u8>) -> TokenLogprob {
+    let top = candidates.tokens.iter().take(alternatives).map(|&(t, l)| TopLogprob { token: t, bytes: bytes(t), logprob: candidates.log_prob(l) }).collect();
+    TokenLogprob { token, bytes: bytes(token), logprob: candidates.log_prob(logit), top }
 }
 
 /// A sequence's part of a pass: its tokens, how many of the first score the prompt token after
@@ -934,21 +921,17 @@ impl Engine {
         if rows.is_empty() {
             return Ok(None);
         }
-        // Top-k candidates for the sequences whose samplers can draw from them, in every output
-        // row when any wants them (the others' selections go unread).
-        let wanted: Vec<Option<(usize, f32)>> = rows
-            .iter()
-            .flat_map(|r| {
-                let sampled = r.output.then(|| {
-                    let sequence = self.sequence(r.id).filter(|s| !s.needs_logits())?;
-                    sequence.sampler.candidates_wanted().map(|k| (k, sequence.sampler.options().temperature))
-                });
-                std::iter::repeat_n(None, r.scored).chain(sampled)
-            })
-            .collect();
-        if wanted.iter().any(Option::is_some) {
-            batch.top_k = wanted.into_iter().map(|w| w.unwrap_or((1, 1.0))).collect();
-        }
+        // Top-k selections: each scored position's prompt token and its alternatives, and what
+        // each sampled row's sequence wants (see Sequence::selection).
+        let wanted = rows.iter().flat_map(|r| {
+            let sequence = self.sequence(r.id);
+            let scored = sequence.into_iter().flat_map(move |s| {
+                let alternatives = s.top_logprobs.unwrap_or(0);
+                (s.computed + 1..s.computed + 1 + r.scored).map(move |next| Some(Selection { k: alternatives.max(1), temperature: 1.0, scored_token: Some(s.tokens[next]) }))
+            });
+            scored.chain(r.output.then(|| sequence.and_then(Sequence::selection)))
+        });
+        batch.top_k = selections(wanted);
         self.model.submit(&batch, PassTokens::Host(&ids))?;
         Ok(Some(rows))
     }
@@ -992,12 +975,13 @@ impl Engine {
             return Ok(None);
         }
         let mut batch = Batch::default();
-        for i in indices {
+        for &i in &indices {
             // One past the token the pass in flight computes.
             let position = self.running[i].computed + 1;
             self.place(i, position, 1, &mut batch);
             batch.outputs.push(batch.slots.len() as u32 - 1);
         }
+        batch.top_k = selections(indices.iter().map(|&i| self.running[i].selection()));
         self.model.submit(&batch, PassTokens::Previous)?;
         Ok(Some(rows.to_vec()))
     }
@@ -1009,20 +993,15 @@ impl Engine {
         // pass, not one per such sequence.
         let (mut reading, mut next_row) = (vec![], 0);
         for row in rows {
-            let sequence = self.running.iter().find(|s| s.id == row.id);
-            if sequence.is_some() {
-                reading.extend(next_row..next_row + row.scored);
-            }
             next_row += row.scored;
-            if row.output && sequence.is_some_and(Sequence::reads_logits) {
+            if row.output && self.sequence(row.id).is_some_and(Sequence::reads_logits) {
                 reading.push(next_row);
             }
             next_row += row.output as usize;
         }
         let mut read_logits: HashMap<usize, Vec<f32>> = reading.iter().copied().zip(self.model.read_logits_rows(&reading).await?).collect();
-        // Only log probabilities (read from full logits) name tokens by their bytes; their
-        // requests built them when prepared.
-        let wants_bytes = !reading.is_empty() && rows.iter().any(|r| self.sequence(r.id).is_some_and(|s| s.top_logprobs.is_some()));
+        // Only log probabilities name tokens by their bytes; their requests built them when prepared.
+        let wants_bytes = rows.iter().any(|r| self.sequence(r.id).is_some_and(|s| s.top_logprobs.is_some()));
         let token_bytes = if wants_bytes { self.prompter.token_bytes()? } else { Arc::default() };
         let tokenizer = self.prompter.tokenizer.clone();
         let bytes = token_bytes_of(&token_bytes, &tokenizer);
@@ -1037,8 +1016,9 @@ impl Engine {
             if let (Some(echo), Some(alternatives)) = (&mut sequence.echo, sequence.top_logprobs) {
                 let scores = echo.logprobs.get_or_insert_with(Vec::new);
                 for (row, position) in scored_rows.zip(sequence.computed..) {
-                    let logits = read_logits.remove(&row).ok_or_else(|| EngineError::Internal(format!("output row {row} was not read")))?;
-                    scores.push(token_logprob(&log_softmax(&logits), sequence.tokens[position + 1], alternatives, &bytes));
+                    let candidates = selected(&output, row)?;
+                    let logit = candidates.scored_logit.ok_or_else(|| EngineError::Internal(format!("output row {row} scored no token")))?;
+                    scores.push(token_logprob(candidates, sequence.tokens[position + 1], logit, alternatives, &bytes));
                 }
             }
             sequence.computed += row.tokens;
@@ -1061,22 +1041,32 @@ impl Engine {
             }
             let from_gpu = match sequence.plain_greedy() {
                 true => Some(output.argmax[this_row]),
-                false if sequence.needs_logits() => None,
+                false if sequence.reads_logits() => None,
                 false => output.candidates.get(this_row).and_then(|c| sequence.sampler.sample_candidates(c)),
             };
+            // The chosen token and its logit, for its log probability.
             let chosen = match from_gpu {
-                Some(token) => Ok((token, None)),
+                Some(token) => Ok((token, output.candidates.get(this_row).and_then(|c| c.logit_of(token)))),
                 None => {
                     let mut logits = match read_logits.remove(&this_row) {
                         Some(logits) => logits,
                         // The candidates did not hold every token the filters keep.
                         None => self.model.read_logits(this_row).await?,
                     };
-                    self.running[i].choose(&mut logits, &bytes)
+                    self.running[i].choose(&mut logits).map(|token| (token, Some(logits[token as usize])))
                 }
             };
             let ending = match chosen {
-                Ok((token, logprob)) => self.accept(i, token, logprob, events),
+                Ok((token, logit)) => {
+                    let logprob = match self.running[i].top_logprobs {
+                        Some(alternatives) => {
+                            let logit = logit.ok_or_else(|| EngineError::Internal(format!("token {token} of output row {this_row} is not among its candidates")))?;
+                            Some(token_logprob(selected(&output, this_row)?, token, logit, alternatives, &bytes))
+                        }
+                        None => None,
+                    };
+                    self.accept(i, token, logprob, events)
+                }
                 Err(error) => Some(Err(EngineError::from(error).into())),
             };
             if let Some(ending) = ending {
@@ -1193,6 +1183,21 @@ fn offered_tools(request: &ChatCompletionRequest) -> &[Tool] {
 }
 
 /// Positions a sequence may reach, from which its pages are reserved.
+/// The GPU's selection from output row `row` of a pass that made one for it.
+fn selected(output: &PassOutput, row: usize) -> Result<&Candidates> {
+    Ok(output.candidates.get(row).ok_or_else(|| EngineError::Internal(format!("output row {row} has no top-k selection")))?)
+}
+
+/// A pass's top-k selections: one for every output row when any row wants one (the others' go
+/// unread), none otherwise.
+fn selections(wanted: impl Iterator<Item = Option<Selection>>) -> Vec<Selection> {
+    let wanted: Vec<Option<Selection>> = wanted.collect();
+    match wanted.iter().any(Option::is_some) {
+        true => wanted.into_iter().map(Option::unwrap_or_default).collect(),
+        false => vec![],
+    }
+}
+
 fn max_positions(prompt: usize, max_tokens: usize, context: usize) -> usize {
     (prompt + max_tokens).min(context)
 }

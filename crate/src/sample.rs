@@ -126,22 +126,22 @@ impl Sampler {
         *self.output_counts.entry(token).or_default() += 1;
     }
 
-    /// Picks the next token from the full vocabulary's logits (modified in place by bias and penalties).
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+    /// Picks the next token from the full vocabulary's logits, bias and penalties applied to a copy.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let o = &self.options;
+        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
         for &(token, bias) in &o.logit_bias {
-            logits[token as usize] += bias;
+            candidates[token as usize].1 += bias;
         }
         if o.repetition_penalty != 1.0 {
             for &token in &self.seen {
-                let l = &mut logits[token as usize];
+                let l = &mut candidates[token as usize].1;
                 *l = if *l > 0.0 { *l / o.repetition_penalty } else { *l * o.repetition_penalty };
             }
         }
         for (&token, &count) in &self.output_counts {
-            logits[token as usize] -= o.frequency_penalty * count as f32 + o.presence_penalty;
+            candidates[token as usize].1 -= o.frequency_penalty * count as f32 + o.presence_penalty;
         }
-        let candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
         self.draw(candidates, None).unwrap_or(0)
     }
 

@@ -382,6 +382,7 @@ pub fn shader_constants() -> Vec<(String, u32)> {
         ("ARGMAX_PARTIALS".into(), ops::ARGMAX_PARTIALS as u32),
         ("TOP_K_PARTIALS".into(), ops::TOP_K_PARTIALS as u32),
         ("MAX_TOP_K".into(), ops::MAX_TOP_K as u32),
+        ("SELECTION_HEADER".into(), ops::TopK::HEADER_WORDS as u32),
         ("INPUT_PLAIN".into(), ops::INPUT_PLAIN),
         ("INPUT_RMSNORM".into(), ops::INPUT_RMSNORM),
         ("INPUT_SILU_MUL".into(), ops::INPUT_SILU_MUL),

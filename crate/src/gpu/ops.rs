@@ -448,7 +448,8 @@ fn dispatch_in(
 pub fn embedding(gpu: &Gpu, tokens: &wgpu::Buffer, table: &WeightMatrix, out: &wgpu::Buffer, step: &wgpu::Buffer) -> Op {
     let layout = MatmulLayout { in_stride: 1, out_stride: table.cols, out_offset: 0, accumulate: false };
     let grid = Grid::PerToken((table.cols as u32 / 2).div_ceil(WG_1D));
-    weight_op(gpu, MatmulEntry::Gather, tokens, MatmulInput::Plain, None, table, out, MatmulOutput::Rows, layout, step, |_| (grid, vec![]))
+    let gather = Product { x: tokens, input: MatmulInput::Plain, w: table, out, output: MatmulOutput::Rows, layout, step, prepared: None };
+    weight_op(gpu, MatmulEntry::Gather, gather, |_| (grid, vec![]))
 }
 
 /// Where a matmul reads its input rows and writes its output rows.
@@ -536,25 +537,28 @@ impl MatmulOutput<'_> {
     }
 }
 
-/// out = f(x) @ w.T (or out += f(x) @ w.T, or the rotary output), one dispatch per part of `w`.
-/// With `prepared` inputs, f(x) comes from there, prepared by a [`prepare_input`] op run first
-/// ([`ByTokens::after`]): q8 inputs for a matrix of a format [`reads_q8_inputs`] (the GEMVs
-/// multiply in integers, the tiles stage the dequantized values), f16 inputs for the tiles on
-/// cooperative matrices.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    gpu: &Gpu,
-    x: &wgpu::Buffer,
-    input: MatmulInput,
-    w: &WeightMatrix,
-    out: &wgpu::Buffer,
-    output: MatmulOutput,
-    layout: MatmulLayout,
-    step: &wgpu::Buffer,
-    prepared: Option<&PreparedInputs>,
-) -> ByTokens {
+/// A product's operands: out = f(x) @ w.T (or out += f(x) @ w.T, or the rotary output).
+#[derive(Clone, Copy)]
+pub struct Product<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub input: MatmulInput<'a>,
+    pub w: &'a WeightMatrix,
+    pub out: &'a wgpu::Buffer,
+    pub output: MatmulOutput<'a>,
+    pub layout: MatmulLayout,
+    pub step: &'a wgpu::Buffer,
+    /// Inputs a [`prepare_input`] op makes first, which f(x) then comes from (see [`matmul`]).
+    pub prepared: Option<&'a PreparedInputs>,
+}
+
+/// `product`, one dispatch per part of its matrix. With prepared inputs, f(x) comes from there,
+/// prepared by a [`prepare_input`] op run first ([`ByTokens::after`]): q8 inputs for a matrix of
+/// a format [`reads_q8_inputs`] (the GEMVs multiply in integers, the tiles stage the dequantized
+/// values), f16 inputs for the tiles on cooperative matrices.
+pub fn matmul(gpu: &Gpu, product: Product) -> ByTokens {
+    let Product { input, w, output, layout, .. } = product;
     let rotary = matches!(output, MatmulOutput::Rotary(_));
-    let prepared = prepared.filter(|p| match p.format {
+    let prepared = product.prepared.filter(|p| match p.format {
         InputFormat::Q8 => reads_q8_inputs(w.dtype),
         InputFormat::F16 => gpu.coop_matrix.is_some(),
     });
@@ -576,7 +580,7 @@ pub fn matmul(
     let f16_inputs = ("F16_INPUTS", prepared.is_some_and(|p| p.format == InputFormat::F16) as u8 as f64);
     assert!(entry == MatmulEntry::Gemv || layout.in_stride.is_multiple_of(4), "block GEMV input rows must start on a vec4: stride {}", layout.in_stride);
     let gemv = |columns: u32| {
-        weight_op(gpu, entry, x, gemv_input, x_q8, w, out, output, layout, step, |rows| {
+        weight_op(gpu, entry, Product { input: gemv_input, prepared: x_q8, ..product }, |rows| {
             let per_workgroup = gemv_rows(rows, gpu.info.device_type, gpu.gemv_rows, rotary);
             let constants = vec![("GEMV_ROWS", per_workgroup as f64), ("GEMV_COLUMNS", columns as f64), q8_inputs];
             (Grid::rows_by_token(gpu, rows.div_ceil(per_workgroup), columns), constants)
@@ -584,7 +588,7 @@ pub fn matmul(
     };
     let tiles = |entry: MatmulEntry| {
         let (tokens, rows) = entry.tile();
-        weight_op(gpu, entry, x, tiles_input, prepared, w, out, output, layout, step, |part_rows| {
+        weight_op(gpu, entry, Product { input: tiles_input, prepared, ..product }, |part_rows| {
             (Grid::TokenTiles { x: part_rows.div_ceil(rows), tile: tokens }, vec![q8_inputs, f16_inputs])
         })
     };
@@ -802,22 +806,10 @@ impl ByTokens {
     }
 }
 
-/// One dispatch of a matmul.wgsl entry point per part of `w`; `launch` gives its grid and extra
-/// override constants from the part's rows.
-#[allow(clippy::too_many_arguments)]
-fn weight_op(
-    gpu: &Gpu,
-    entry: MatmulEntry,
-    x: &wgpu::Buffer,
-    input: MatmulInput,
-    prepared: Option<&PreparedInputs>,
-    w: &WeightMatrix,
-    out: &wgpu::Buffer,
-    output: MatmulOutput,
-    layout: MatmulLayout,
-    step: &wgpu::Buffer,
-    launch: impl Fn(u32) -> (Grid, Vec<(&'static str, f64)>),
-) -> Op {
+/// One dispatch of a matmul.wgsl entry point per part of the product's matrix; `launch` gives
+/// its grid and extra override constants from the part's rows.
+fn weight_op(gpu: &Gpu, entry: MatmulEntry, product: Product, launch: impl Fn(u32) -> (Grid, Vec<(&'static str, f64)>)) -> Op {
+    let Product { x, input, w, out, output, layout, step, prepared } = product;
     // Only the tiled product stages tiles, only the GEMVs reduce over their workgroup, and only
     // tiled_coop is on cooperative matrices; the other entry points are the same in every form.
     let tiled = entry == MatmulEntry::Tiled;
@@ -1217,8 +1209,8 @@ impl TopK {
         let fit = (gpu.max_binding() / (Self::OUT_BYTES * max_rows as u64)).max(1) as usize;
         let partials = n.div_ceil(TOP_K_PER_THREAD * SELECTION_WG).clamp(1, TOP_K_PARTIALS).min(fit) as u32;
         let params = gpu.uniform_buffer("top_k params", &TopKParams { n: n as u32, partials, _pad: [0; 2] });
-        let row_params = gpu.storage_buffer("top_k row params", 8 * max_rows as u64);
-        // Each partial's selection: max, sum and MAX_TOP_K (id, logit) pairs, laid out as `out`.
+        let row_params = gpu.storage_buffer("top_k row params", 16 * max_rows as u64);
+        // Each partial's selection, laid out as `out`.
         let selections = gpu.storage_buffer("top_k selections", max_rows as u64 * partials as u64 * Self::OUT_BYTES);
         let buffers = [logits, &row_params, out, &selections, &params];
         let selected = partials as u64 * Self::OUT_BYTES;
@@ -1231,13 +1223,18 @@ impl TopK {
         Self { op, row_params, max_rows }
     }
 
-    /// Bytes of one row of `out`: max, normaliser and MAX_TOP_K (id, logit) pairs.
-    pub const OUT_BYTES: u64 = (2 + 2 * MAX_TOP_K as u64) * 4;
+    /// Words before a row's (id, logit) pairs: max, the two normalisers, the scored token's logit.
+    pub const HEADER_WORDS: usize = 4;
+    /// Bytes of one row of `out`: the header and MAX_TOP_K (id, logit) pairs.
+    pub const OUT_BYTES: u64 = (Self::HEADER_WORDS as u64 + 2 * MAX_TOP_K as u64) * 4;
 
-    /// Each row's candidate count (1..=MAX_TOP_K) and the temperature of its normaliser.
-    pub fn set(&self, gpu: &Gpu, rows: &[(usize, f32)]) {
+    /// What each row selects.
+    pub fn set(&self, gpu: &Gpu, rows: &[Selection]) {
         assert!(rows.len() <= self.max_rows, "{} top-k rows of at most {}", rows.len(), self.max_rows);
-        let words: Vec<[u32; 2]> = rows.iter().map(|&(k, temperature)| [k.clamp(1, MAX_TOP_K) as u32, (1.0 / temperature).to_bits()]).collect();
+        let words: Vec<[u32; 4]> = rows
+            .iter()
+            .map(|row| [row.k.clamp(1, MAX_TOP_K) as u32, (1.0 / row.temperature).to_bits(), row.scored_token.unwrap_or(u32::MAX), 0])
+            .collect();
         gpu.queue.write_buffer(&self.row_params, 0, bytemuck::cast_slice(&words));
     }
 
@@ -1251,20 +1248,58 @@ impl TopK {
     }
 }
 
-/// Top candidates read back from [`TopK`]: (id, logit) in rank order, the largest logit and the sum
-/// of exp((logit - max) / temperature) over the whole vocabulary.
+/// What [`TopK`] selects from one row of logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Selection {
+    /// Candidates, 1..=MAX_TOP_K.
+    pub k: usize,
+    /// Of the sampler's normaliser ([`Candidates::exp_sum`]).
+    pub temperature: f32,
+    /// A token whose logit comes back too ([`Candidates::scored_logit`]): the prompt token a
+    /// prompt position scores. Below the vocabulary size.
+    pub scored_token: Option<u32>,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Self { k: 1, temperature: 1.0, scored_token: None }
+    }
+}
+
+/// Top candidates read back from [`TopK`]: (id, logit) in rank order, the largest logit, the sums
+/// of exp((logit - max) / temperature) and of exp(logit - max) over the whole vocabulary, and the
+/// scored token's logit.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Candidates {
     pub tokens: Vec<(u32, f32)>,
     pub max: f32,
     pub exp_sum: f32,
+    pub softmax_sum: f32,
+    pub scored_logit: Option<f32>,
 }
 
 impl Candidates {
-    pub fn from_words(words: &[u32], k: usize) -> Self {
+    pub fn from_words(words: &[u32], selection: &Selection) -> Self {
         let f = f32::from_bits;
-        let tokens = (0..k.min(MAX_TOP_K)).map(|i| (words[2 + 2 * i], f(words[3 + 2 * i]))).collect();
-        Self { tokens, max: f(words[0]), exp_sum: f(words[1]) }
+        let pairs = &words[TopK::HEADER_WORDS..];
+        let tokens = (0..selection.k.clamp(1, MAX_TOP_K)).map(|i| (pairs[2 * i], f(pairs[2 * i + 1]))).collect();
+        let scored_logit = selection.scored_token.map(|_| f(words[3]));
+        Self { tokens, max: f(words[0]), exp_sum: f(words[1]), softmax_sum: f(words[2]), scored_logit }
+    }
+
+    /// The natural log of the softmax (at temperature 1) of a logit of this row.
+    pub fn log_prob(&self, logit: f32) -> f32 {
+        logit - self.max - self.softmax_sum.ln()
+    }
+
+    /// A candidate's logit, if `token` is one.
+    pub fn logit_of(&self, token: u32) -> Option<f32> {
+        self.tokens.iter().find(|c| c.0 == token).map(|c| c.1)
+    }
+
+    /// Whether every number read back is finite (not so when the logits were not).
+    pub fn is_finite(&self) -> bool {
+        self.max.is_finite() && self.exp_sum.is_finite() && self.softmax_sum.is_finite() && self.scored_logit.is_none_or(f32::is_finite)
     }
 }
 

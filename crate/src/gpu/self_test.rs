@@ -60,7 +60,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
             let out = gpu.storage_buffer("self-test out", (tokens * rows * 4) as u64);
             let step = step(tokens, 0);
             let q8 = gpu.q8_activations;
-            let mut op = ops::matmul(on, &x_buffer, input, &matrix, &out, ops::MatmulOutput::Rows, layout, &step, prepared.as_ref());
+            let mut op = ops::matmul(on, ops::Product { x: &x_buffer, input, w: &matrix, out: &out, output: ops::MatmulOutput::Rows, layout, step: &step, prepared: prepared.as_ref() });
             if let Some(prepared) = &prepared {
                 op = op.after(prepared, ops::prepare_input(gpu, &x_buffer, input, k, layout.in_stride, prepared, &step));
             }

@@ -1,7 +1,7 @@
 //! The Llama forward pass on the GPU. Everything is allocated and bound at load; a pass writes the
 //! token ids and one small uniform, encodes the ops below in order, and submits one command buffer.
 
-use crate::gpu::ops::{self, Attention, AttentionHeads, AttentionPartials, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, InputFormat, MatmulOutput, Op, PreparedInputs, Rotary, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
+use crate::gpu::ops::{self, Attention, AttentionHeads, AttentionPartials, ByTokens, Candidates, Dispatch, MatmulInput, MatmulLayout, InputFormat, MatmulOutput, Op, PreparedInputs, Product, Rotary, Selection, StepParams, TokenSlot, TopK, MAX_BATCH_TOKENS};
 use crate::gpu::{DispatchTime, Gpu, Timestamps, WeightMatrix};
 use std::collections::{HashMap, VecDeque};
 
@@ -247,8 +247,8 @@ struct Layer {
 pub struct Batch {
     pub slots: Vec<TokenSlot>,
     pub outputs: Vec<u32>,
-    /// Per output row, the candidates top-k selects and its temperature; empty: no selection.
-    pub top_k: Vec<(usize, f32)>,
+    /// Per output row, what top-k selects; empty: no selection.
+    pub top_k: Vec<Selection>,
 }
 
 impl Batch {
@@ -280,8 +280,8 @@ pub struct PassOutput {
 struct InFlight {
     readback: usize,
     outputs: usize,
-    /// Candidates each output row asked for; empty: no selection.
-    top_k: Vec<usize>,
+    /// What each output row selects; empty: no selection.
+    top_k: Vec<Selection>,
     submission: wgpu::SubmissionIndex,
 }
 
@@ -488,7 +488,7 @@ impl Llama {
         // One dispatch per part of each block of a stacked matrix (and the stack's prepare op).
         let project = |x: &wgpu::Buffer, input: MatmulInput, w: &Stacked, out: &wgpu::Buffer, output: MatmulOutput, layout: MatmulLayout, step: &wgpu::Buffer| {
             let prepared = prepared.as_ref().filter(|p| p.format() == InputFormat::F16 || w.blocks.iter().any(|b| ops::reads_q8_inputs(b.matrix.dtype)));
-            let block = |b: &Block| ops::matmul(gpu, x, input, &b.matrix, out, output, MatmulLayout { out_offset: b.first_column, ..layout }, step, prepared);
+            let block = |b: &Block| ops::matmul(gpu, Product { x, input, w: &b.matrix, out, output, layout: MatmulLayout { out_offset: b.first_column, ..layout }, step, prepared });
             let product = ByTokens::join(w.blocks.iter().map(block));
             match prepared {
                 Some(prepared) => product.after(prepared, ops::prepare_input(gpu, x, input, w.blocks[0].matrix.cols, layout.in_stride, prepared, step)),
@@ -682,10 +682,10 @@ impl Llama {
         Ok(self.read_pass().await?.argmax[0])
     }
 
-    /// Like [`Llama::forward`], but returns the `k` (at most [`ops::MAX_TOP_K`]) largest logits and
-    /// the softmax normaliser at `temperature`, chosen on the GPU.
-    pub async fn forward_top_k(&mut self, tokens: &[u32], start_pos: usize, k: usize, temperature: f32) -> Result<Candidates> {
-        self.submit_lone(PassTokens::Host(tokens), start_pos, &[(k, temperature)], None)?;
+    /// Like [`Llama::forward`], but returns the candidates `selection` asks for (at most
+    /// [`ops::MAX_TOP_K`] largest logits) and the softmax normalisers, chosen on the GPU.
+    pub async fn forward_top_k(&mut self, tokens: &[u32], start_pos: usize, selection: Selection) -> Result<Candidates> {
+        self.submit_lone(PassTokens::Host(tokens), start_pos, &[selection], None)?;
         let mut output = self.read_pass().await?;
         Ok(output.candidates.remove(0))
     }
@@ -737,7 +737,7 @@ impl Llama {
     /// Submits the passes of slot 0's tokens at positions start_pos.. in chunks of max_batch, the
     /// last one computing its last token's logits (and top-k candidates when `top_k` is given).
     /// Tokens from the host drop the passes still unread: the pass no longer follows them.
-    fn submit_lone(&mut self, tokens: PassTokens, start_pos: usize, top_k: &[(usize, f32)], mut timer: Option<&mut Timestamps>) -> Result<()> {
+    fn submit_lone(&mut self, tokens: PassTokens, start_pos: usize, top_k: &[Selection], mut timer: Option<&mut Timestamps>) -> Result<()> {
         let n = match tokens {
             PassTokens::Host(tokens) => tokens.len(),
             PassTokens::Previous => 1,
@@ -804,6 +804,9 @@ impl Llama {
                 if let Some(&token) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
                     return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
                 }
+                if let Some(token) = batch.top_k.iter().filter_map(|s| s.scored_token).find(|&t| t as usize >= c.vocab_size) {
+                    return Err(ModelError::TokenOutOfRange { token, vocab: c.vocab_size }.into());
+                }
                 let ids: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
                 self.gpu.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(&ids));
             }
@@ -847,8 +850,7 @@ impl Llama {
         }
         let submission = self.gpu.queue.submit([encoder.finish()]);
         if outputs > 0 {
-            let top_k = batch.top_k.iter().map(|&(k, _)| k.clamp(1, ops::MAX_TOP_K)).collect();
-            self.in_flight.push_back(InFlight { readback, outputs, top_k, submission });
+            self.in_flight.push_back(InFlight { readback, outputs, top_k: batch.top_k.clone(), submission });
         }
         self.last_outputs = outputs;
         Ok(())
@@ -869,9 +871,9 @@ impl Llama {
             let row_words = (TopK::OUT_BYTES / 4) as usize;
             let bytes = self.gpu.read_mapped_after(&self.candidates_readback[pass.readback], pass.outputs as u64 * TopK::OUT_BYTES, pass.submission).await?;
             let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
-            for (row, &k) in words.chunks(row_words).zip(&pass.top_k) {
-                let row_candidates = Candidates::from_words(row, k);
-                if !row_candidates.max.is_finite() || !row_candidates.exp_sum.is_finite() {
+            for (row, selection) in words.chunks(row_words).zip(&pass.top_k) {
+                let row_candidates = Candidates::from_words(row, selection);
+                if !row_candidates.is_finite() {
                     return Err(ModelError::NonFiniteLogits.into());
                 }
                 candidates.push(row_candidates);
