@@ -316,6 +316,31 @@ fn echoed_prompts_are_scored_by_the_logits_of_every_position() {
     let prompt_only = finish_all(&mut engine, &[id]).remove(0);
     assert_eq!((prompt_only.tokens.len(), prompt_only.finish_reason), (0, FinishReason::Length));
     assert_eq!(prompt_only.echo.unwrap().logprobs.unwrap(), scores);
+    // Rows of logits beyond one a sequence score as many more positions a pass: here the whole
+    // prompt in one, scored the same.
+    let vocab = reference.config().vocab_size;
+    let wide_options = LoadOptions { max_sequences: 1, scoring_memory: (4 * vocab * prompt.len()) as u64, ..options };
+    let model = load_model(&gpu, FIXTURE, &wide_options).unwrap();
+    assert_eq!((model.max_sequences(), model.max_outputs()), (1, 1 + prompt.len()));
+    let mut wide = Engine::new(model, truncated_llama3_tokenizer(vocab), ChatTemplate::llama31(), 1).unwrap();
+    let id = wide.add_prepared(wide.prompter().prepare(&alone, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
+    let mut passes = 0;
+    let wide_scores = loop {
+        passes += 1;
+        let finished = pollster::block_on(wide.step()).unwrap().into_iter().find_map(|(done, event)| match event {
+            Event::Finished(completion) if done == id => Some(completion),
+            _ => None,
+        });
+        if let Some(completion) = finished {
+            break completion.echo.unwrap().logprobs.unwrap();
+        }
+    };
+    assert_eq!(passes, 1);
+    for (position, (a, b)) in wide_scores.iter().zip(&scores).enumerate() {
+        assert_eq!((a.token, a.top.iter().map(|t| t.token).collect::<Vec<_>>()), (b.token, b.top.iter().map(|t| t.token).collect()), "position {position}");
+        assert!((a.logprob - b.logprob).abs() < 1e-5, "position {position}: {} vs {}", a.logprob, b.logprob);
+    }
+    assert_eq!(wide_scores.len(), scores.len());
     // What comes after the prompt is what a request without echo generates.
     let id = engine.add(prompt.clone(), &SamplingParams { logprobs: None, ..scored }, CancelToken::default()).unwrap();
     assert_eq!(completion.tokens, finish_all(&mut engine, &[id]).remove(0).tokens);

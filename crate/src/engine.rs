@@ -880,7 +880,7 @@ impl Engine {
     /// scored come last: each of their positions is an output row, and they take the rows left.
     fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
         let mut budget = self.model.max_batch();
-        let mut outputs_left = self.model.max_sequences(); // rows of logits
+        let mut outputs_left = self.model.max_outputs(); // rows of logits
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| {
             let sequence = &self.running[i];

@@ -148,6 +148,23 @@ struct ModelArgs {
     kv_memory: Option<u64>,
 }
 
+/// GPU memory for rows of logits beyond one a sequence, which scored prompt positions take
+/// (`echo` with `logprobs`): 130 rows of Llama 3's vocabulary, so a pass scores 130 positions
+/// more instead of one a sequence.
+const SCORING_MEMORY: u64 = 64 << 20;
+
+impl ModelArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            context_length: self.context,
+            max_sequences: self.parallel.unwrap_or(1),
+            kv_memory: self.kv_memory,
+            scoring_memory: SCORING_MEMORY,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct SamplingArgs {
     /// Tokens to generate at most (default: until the turn ends or the context is full).
@@ -431,7 +448,7 @@ fn fetch_model(mut args: ModelArgs, gpu: Option<&Gpu>, quiet: bool) -> anyhow::R
     }
     let reference = ModelRef::parse(&args.model)?;
     let client = HubClient::from_env();
-    let options = LoadOptions { context_length: args.context, max_sequences: args.parallel.unwrap_or(1), kv_memory: args.kv_memory, ..Default::default() };
+    let options = args.load_options();
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
     bar.set_style(indicatif::ProgressStyle::with_template("downloading {bar:40} {bytes}/{total_bytes} {bytes_per_sec}, {eta} left").expect("a valid progress template"));
     let mut check = |header: &llama_webgpu::load::GgufHeader, size: u64| -> Result<(), llama_webgpu::Error> {
@@ -478,8 +495,7 @@ fn open_model(args: &ModelArgs) -> anyhow::Result<load::ModelFiles> {
 }
 
 async fn upload_model(gpu: &Gpu, files: &load::ModelFiles, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
-    let max_sequences = args.parallel.unwrap_or(1);
-    let options = LoadOptions { context_length: args.context, max_sequences, kv_memory: args.kv_memory, ..Default::default() };
+    let options = args.load_options();
     let bar = load_bar(quiet);
     let llama = Llama::load(gpu, files.config.clone(), files.stream(), &options, &mut |p| {
         bar.set_length(p.bytes_total);

@@ -22,6 +22,9 @@ pub struct LoadOptions {
     pub max_batch: usize,
     /// The most sequences run together (slots of the page table, logits rows of a pass).
     pub max_sequences: usize,
+    /// Memory for rows of logits beyond one per sequence, which the positions of prompts being
+    /// scored take (a completion's `echo` with `logprobs`): each row lets a pass score one more.
+    pub scoring_memory: u64,
     /// Bytes of the KV pool; default: `kv_contexts` full contexts, as many pages as one buffer
     /// binds where that is less, halved while the device's memory cannot hold it.
     pub kv_memory: Option<u64>,
@@ -31,7 +34,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, kv_memory: None, kv_contexts: None }
+        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, scoring_memory: 0, kv_memory: None, kv_contexts: None }
     }
 }
 
@@ -424,11 +427,14 @@ impl Llama {
             gpu.check_binding("activation row", widest_row)?;
         }
         let sequences = options.max_sequences.max(1);
-        let max_outputs = sequences.min(max_batch).min((binding / (4 * c.vocab_size as u64)) as usize);
-        if max_outputs < sequences {
+        let logits_row = 4 * c.vocab_size as u64;
+        let rows_fitting = sequences.min(max_batch).min((binding / logits_row) as usize);
+        if rows_fitting < sequences {
             let what = if sequences > max_batch { "one pass of the batch size" } else { "the logits buffer under the binding limit" };
-            return Err(ModelError::TooManySequences { sequences, what, max: max_outputs }.into());
+            return Err(ModelError::TooManySequences { sequences, what, max: rows_fitting }.into());
         }
+        let scoring_rows = (options.scoring_memory / logits_row) as usize;
+        let max_outputs = (sequences + scoring_rows).min(max_batch).min((binding / logits_row) as usize);
         gpu.check_binding("logits", 4 * c.vocab_size as u64)?;
 
         // A pool of a given size is made first, so that one the device cannot hold fails before
@@ -541,7 +547,8 @@ impl Llama {
             tokens,
             x,
             x_out,
-            logits_readback: gpu.readback_buffer("logits readback", 4 * (max_outputs * c.vocab_size) as u64),
+            // Only sampled rows are read whole: one a sequence at most.
+            logits_readback: gpu.readback_buffer("logits readback", sequences as u64 * logits_row),
             token_readback: [0, 1].map(|_| gpu.readback_buffer("token readback", 4 * max_outputs as u64)),
             candidates_readback: [0, 1].map(|_| gpu.readback_buffer("candidates readback", max_outputs as u64 * TopK::OUT_BYTES)),
             in_flight: VecDeque::new(),
@@ -579,8 +586,14 @@ impl Llama {
         self.max_batch
     }
 
-    /// The most sequences a pass samples from (rows of logits), and page table slots.
+    /// The most sequences a pass samples from, and page table slots.
     pub fn max_sequences(&self) -> usize {
+        self.kv_pool.sequences
+    }
+
+    /// Rows of logits a pass computes at most: a sampled row per sequence, and scored prompt
+    /// positions in the rows left ([`LoadOptions::scoring_memory`]).
+    pub fn max_outputs(&self) -> usize {
         self.max_outputs
     }
 
@@ -697,7 +710,7 @@ impl Llama {
 
     /// The logits of output rows `rows` of the latest pass, in one copy and one wait for the GPU.
     pub async fn read_logits_rows(&self, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
-        assert!(rows.len() <= self.max_outputs, "{} rows of logits, at most {}", rows.len(), self.max_outputs);
+        assert!(rows.len() <= self.max_sequences() && rows.iter().all(|&r| r < self.max_outputs), "{rows:?}: rows of logits read whole, at most {}", self.max_sequences());
         if rows.is_empty() {
             return Ok(vec![]);
         }
