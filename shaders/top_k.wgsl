@@ -41,8 +41,16 @@ fn top_k(row: u32) -> u32 {
     return min(row_params[row].x, MAX_TOP_K);
 }
 
-fn inv_temperature(row: u32) -> f32 {
-    return bitcast<f32>(row_params[row].y);
+// 1 / temperature of `row`'s sampler, then 1: the scales of its two sums' exponents.
+fn inverse_temperatures(row: u32) -> vec2<f32> {
+    return vec2(bitcast<f32>(row_params[row].y), 1.0);
+}
+
+// The first words of a selection: `largest` and the workgroup's totals of `sums`, as bits. Call it
+// from uniform control flow.
+fn selection_header(lid: u32, largest: f32, sums: vec2<f32>) -> vec3<u32> {
+    let totals = vec2(workgroup_sum(lid, sums.x), workgroup_sum(lid, sums.y));
+    return vec3(bitcast<u32>(largest), bitcast<vec2<u32>>(totals));
 }
 
 // Whether (v, i) ranks above (bv, bi): larger value, or equal value and smaller id.
@@ -126,19 +134,15 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let pool = Candidates(row, true, wg.x * SELECTION_WG + lid, params.partials * SELECTION_WG, params.n);
     let at = (row * params.partials + wg.x) * SELECTION_WORDS;
     let largest = select_top(lid, pool, top_k(row), false, at + SELECTION_HEADER);
-    var sum = 0.0;
-    var sum_at_one = 0.0;
+    var sums = vec2(0.0);
     for (var i = pool.first; i < params.n; i += pool.stride) {
-        let above = logits[row * params.n + i] - largest;
-        sum += exp(above * inv_temperature(row));
-        sum_at_one += exp(above);
+        sums += exp((logits[row * params.n + i] - largest) * inverse_temperatures(row));
     }
-    let total = workgroup_sum(lid, sum);
-    let total_at_one = workgroup_sum(lid, sum_at_one);
+    let header = selection_header(lid, largest, sums);
     if (lid == 0u) {
-        selections[at] = bitcast<u32>(largest);
-        selections[at + 1u] = bitcast<u32>(total);
-        selections[at + 2u] = bitcast<u32>(total_at_one);
+        selections[at] = header.x;
+        selections[at + 1u] = header.y;
+        selections[at + 2u] = header.z;
     }
 }
 
@@ -149,20 +153,17 @@ fn finish(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let at_out = row * SELECTION_WORDS;
     let largest = select_top(lid, pool, top_k(row), true, at_out + SELECTION_HEADER);
     // Each partial's sums are relative to its own largest logit: rescaled to the overall one.
-    var sum = 0.0;
-    var sum_at_one = 0.0;
+    var sums = vec2(0.0);
     if (lid < params.partials) {
         let at = (row * params.partials + lid) * SELECTION_WORDS;
-        let below = bitcast<f32>(selections[at]) - largest;
-        sum = bitcast<f32>(selections[at + 1u]) * exp(below * inv_temperature(row));
-        sum_at_one = bitcast<f32>(selections[at + 2u]) * exp(below);
+        let partial_sums = bitcast<vec2<f32>>(vec2(selections[at + 1u], selections[at + 2u]));
+        sums = partial_sums * exp((bitcast<f32>(selections[at]) - largest) * inverse_temperatures(row));
     }
-    let total = workgroup_sum(lid, sum);
-    let total_at_one = workgroup_sum(lid, sum_at_one);
+    let header = selection_header(lid, largest, sums);
     if (lid == 0u) {
-        out[at_out] = bitcast<u32>(largest);
-        out[at_out + 1u] = bitcast<u32>(total);
-        out[at_out + 2u] = bitcast<u32>(total_at_one);
+        out[at_out] = header.x;
+        out[at_out + 1u] = header.y;
+        out[at_out + 2u] = header.z;
         let scored = row_params[row].z;
         out[at_out + 3u] = select(0u, bitcast<u32>(logits[row * params.n + min(scored, params.n - 1u)]), scored != NONE);
     }

@@ -117,7 +117,7 @@ pub struct Delta {
 }
 
 /// A finished generation.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Completion {
     pub text: String,
     pub tokens: Vec<u32>,

@@ -214,10 +214,12 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;
     // A tab's GPU memory is scarce: unless told otherwise, the sequences share the KV pages of one
-    // full context (or as much of it as the memory holds).
+    // full context (or as much of it as the memory holds), and scored prompts take no rows of
+    // logits of their own.
     let load_options = LoadOptions {
         context_length: options.context_length,
         max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
+        scoring_memory: 0,
         kv_memory: options.kv_memory,
         kv_contexts: Some(1),
         max_batch: MAX_BATCH,

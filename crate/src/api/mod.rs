@@ -262,10 +262,11 @@ pub struct TopLogprob {
 }
 
 /// Why generation ended, as OpenAI reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop string.
+    #[default]
     Stop,
     /// max_tokens reached, or the context is full.
     Length,

@@ -317,16 +317,8 @@ mod tests {
     }
 
     fn completion() -> Completion {
-        Completion {
-            text: "Hi there".into(),
-            tokens: vec![1, 2],
-            finish_reason: FinishReason::Length,
-            usage: Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 },
-            logprobs: None,
-            tool_calls: vec![],
-            prompt_shared: false,
-            echo: None,
-        }
+        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 };
+        Completion { text: "Hi there".into(), tokens: vec![1, 2], finish_reason: FinishReason::Length, usage, ..Default::default() }
     }
 
     #[test]
