@@ -18,7 +18,7 @@ use crate::api::{
     ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, ResponseFormat, SamplingParams, TokenLogprob, Tool,
     ToolChoice, ToolChoiceMode, TopLogprob, Usage,
 };
-use crate::api::request::{Prompt, Work};
+use crate::api::request::{Prompt, TokenizeInput, Work};
 use crate::gpu::ops::{Candidates, Selection, TokenSlot};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
 use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
@@ -456,6 +456,10 @@ impl Prompter {
         &self.stop_tokens
     }
 
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     /// The bytes of each token of the model's vocabulary ([`Tokenizer::token_bytes`]; None for
     /// special tokens and ids without one), computed once.
     pub fn token_bytes(&self) -> Result<Arc<TokenBytes>> {
@@ -474,8 +478,22 @@ impl Prompter {
         })
     }
 
+    /// The tokens a tokenize request asks for: a completion's or a chat request's prompt as the
+    /// engine would run it, or a text without BOS.
+    pub fn tokenize(&self, input: &TokenizeInput, options: &RenderOptions) -> Result<Vec<u32>> {
+        match input {
+            TokenizeInput::Text { text, add_special_tokens: true } => self.text_prompt(text),
+            TokenizeInput::Text { text, add_special_tokens: false } => Ok(self.tokenizer.encode(text, true).map_err(EngineError::from)?),
+            TokenizeInput::Chat { request, add_generation_prompt } => self.render_chat(request, *add_generation_prompt, options),
+        }
+    }
+
     /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.
     pub fn chat_prompt(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Vec<u32>> {
+        self.render_chat(request, true, options)
+    }
+
+    fn render_chat(&self, request: &ChatCompletionRequest, add_generation_prompt: bool, options: &RenderOptions) -> Result<Vec<u32>> {
         // A template renders what it does not know as it likes (Llama 3.1's as a header of that
         // name), so a typo would silently become another turn.
         const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "ipython"];
@@ -487,7 +505,7 @@ impl Prompter {
         if request.builtin_tools.is_some() {
             options.builtin_tools = request.builtin_tools.clone();
         }
-        Ok(self.template.encode(&self.tokenizer, &request.messages, tools, true, &options).map_err(EngineError::from)?)
+        Ok(self.template.encode(&self.tokenizer, &request.messages, tools, add_generation_prompt, &options).map_err(EngineError::from)?)
     }
 
     /// A chat request prepared: when it offers tools and the template has a call format, each

@@ -3,7 +3,7 @@
 //! panic, a hang or an allocation the input does not pay for. `fuzz/` runs them under libFuzzer (cargo-fuzz, nightly);
 //! `tests/fuzz.rs` replays their seed corpus and mutations of it on stable in the test suite.
 
-use crate::api::request::{parse_body, read_chat, read_completion, Parsed, UnknownFields, Work};
+use crate::api::request::{parse_body, read_chat, read_completion, read_detokenize, read_tokenize, Parsed, UnknownFields, Work};
 use crate::api::{ToolChoice, ToolChoiceMode};
 use crate::engine::StopStrings;
 use crate::grammar::Grammar;
@@ -54,7 +54,7 @@ pub fn manifest(data: &[u8]) {
     let _ = manifest.locations();
 }
 
-/// A chat or text completion request's body as the hosts read it (`crate::api::request`, unknown
+/// A chat, text completion, tokenize or detokenize request's body as the hosts read it (`crate::api::request`, unknown
 /// fields ignored as serve does and refused as the JS API does), then as far as it goes without a
 /// model: the messages and tools rendered by Llama 3.1's template, and the response format's
 /// grammar.
@@ -74,6 +74,8 @@ pub fn request(data: &[u8]) {
         }
         let _ = read_completion(object.clone(), unknown);
     }
+    let _ = read_tokenize(object.clone());
+    let _ = read_detokenize(object);
 }
 
 /// Separates the pieces of an `output` input (a token's text each), and its stop strings.

@@ -219,6 +219,37 @@ def test_echo_scores_prompts_as_evaluation_harnesses_ask(server, client):
     assert error["param"] == "echo", error
 
 
+def test_tokenize_and_detokenize(server, client):
+    # A prompt becomes the tokens a completion of it counts; a chat's messages those a chat counts.
+    tokens = raw_post(server, "/tokenize", {"model": "tiny", "prompt": "Once upon a time"}).json()
+    completion = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=1, temperature=0)
+    assert tokens["count"] == len(tokens["tokens"]) == completion.usage.prompt_tokens, tokens
+    assert tokens["max_model_len"] == CONTEXT and tokens["token_strs"] is None
+    bare = raw_post(server, "/tokenize", {"prompt": "Once upon a time", "add_special_tokens": False, "return_token_strs": True}).json()
+    assert bare["tokens"] == tokens["tokens"][1:] and len(bare["token_strs"]) == bare["count"]
+    assert "".join(bare["token_strs"]).replace("\u0120", " ") == "Once upon a time"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat_tokens = raw_post(server, "/tokenize", {"messages": messages}).json()
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0)
+    assert chat_tokens["count"] == reply.usage.prompt_tokens
+    without = raw_post(server, "/tokenize", {"messages": messages, "add_generation_prompt": False}).json()
+    assert without["count"] < chat_tokens["count"] and without["tokens"] == chat_tokens["tokens"][: without["count"]]
+    # Token ids back to text.
+    assert raw_post(server, "/detokenize", {"tokens": bare["tokens"]}).json() == {"prompt": "Once upon a time"}
+    bad_tokenize = [
+        ({"prompt": "a", "messages": messages}, "prompt"),
+        ({"model": "tiny"}, "prompt"),
+        ({"prompt": [1, 2]}, "prompt"),
+        ({"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt"),
+        ({"messages": messages, "add_special_tokens": True}, "add_special_tokens"),
+        ({"messages": [{"role": "robot", "content": "beep"}]}, "messages"),
+    ]
+    for body, param in bad_tokenize:
+        assert error_of(raw_post(server, "/tokenize", body), 400)["param"] == param, body
+    for body in [{"tokens": [1, -1]}, {"tokens": [10**6]}, {"tokens": "1 2"}, {}]:
+        assert error_of(raw_post(server, "/detokenize", body), 400)["param"] == "tokens", body
+
+
 def test_stop_sequences(client):
     prompt = "The quick brown fox"
     full = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0).choices[0].text

@@ -220,18 +220,82 @@ pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -
     Ok(Parsed { work: Work::Complete { prompts, sampling: request.sampling, echo }, choices, stream, include_usage })
 }
 
+/// What `POST /tokenize` tokenizes (vLLM's request): a text completion's prompt, or a chat
+/// request's messages (and tools) as its template renders them.
+#[derive(Clone, Debug)]
+pub enum TokenizeInput {
+    /// With `add_special_tokens` (default true), after the model's BOS token, as a completion's.
+    Text { text: String, add_special_tokens: bool },
+    /// The prompt of this chat request, its generation prompt added unless `add_generation_prompt`
+    /// is false.
+    Chat { request: Box<ChatCompletionRequest>, add_generation_prompt: bool },
+}
+
+/// A tokenize request: its input, and whether each token's vocabulary piece is returned too.
+#[derive(Clone, Debug)]
+pub struct TokenizeRequest {
+    pub input: TokenizeInput,
+    pub return_token_strs: bool,
+}
+
+/// `POST /tokenize`'s body: `prompt` (a string) or `messages`, not both.
+pub fn read_tokenize(mut object: Map<String, Value>) -> Result<TokenizeRequest, RequestError> {
+    object.retain(|_, value| !value.is_null());
+    let return_token_strs = field::<bool>(&object, "return_token_strs")?.unwrap_or(false);
+    let add_special_tokens = field::<bool>(&object, "add_special_tokens")?;
+    let add_generation_prompt = field::<bool>(&object, "add_generation_prompt")?;
+    field::<String>(&object, "model")?;
+    let input = match (object.remove("prompt"), object.contains_key("messages")) {
+        (Some(_), true) => return Err(RequestError::invalid("prompt and messages: give one of them").param("prompt")),
+        (None, false) => return Err(RequestError::invalid("prompt (a text) or messages (a chat) is required").param("prompt")),
+        (Some(Value::String(text)), false) => {
+            if add_generation_prompt.is_some() {
+                return Err(RequestError::invalid("add_generation_prompt: only messages take it").param("add_generation_prompt"));
+            }
+            TokenizeInput::Text { text, add_special_tokens: add_special_tokens.unwrap_or(true) }
+        }
+        (Some(other), false) => return Err(RequestError::invalid(format!("prompt: must be a string, got {}", kind_of(&other))).param("prompt")),
+        (None, true) => {
+            if add_special_tokens == Some(true) {
+                let message = "add_special_tokens: messages are tokenized as the chat template renders them, its special tokens included";
+                return Err(RequestError::invalid(message).param("add_special_tokens"));
+            }
+            for name in ["return_token_strs", "add_special_tokens", "add_generation_prompt"] {
+                object.remove(name);
+            }
+            let Work::Chat(request) = read_chat(object, UnknownFields::Ignore)?.work else { unreachable!("read_chat reads a chat") };
+            TokenizeInput::Chat { request: Box::new(request), add_generation_prompt: add_generation_prompt.unwrap_or(true) }
+        }
+    };
+    Ok(TokenizeRequest { input, return_token_strs })
+}
+
+/// `POST /detokenize`'s body: the token ids in `tokens`.
+pub fn read_detokenize(object: Map<String, Value>) -> Result<Vec<u32>, RequestError> {
+    match object.get("tokens") {
+        None | Some(Value::Null) => Err(RequestError::invalid("tokens is required").param("tokens")),
+        Some(Value::Array(items)) => ids(items, "tokens", "tokens"),
+        Some(other) => Err(RequestError::invalid(format!("tokens: must be a list of token ids, got {}", kind_of(other))).param("tokens")),
+    }
+}
+
 /// The token ids of the prompt at `path` ("prompt" or "prompt[i]").
 fn token_ids(items: &[Value], path: &str) -> Result<Vec<u32>, RequestError> {
     if items.is_empty() {
         return Err(RequestError::invalid(format!("{path} must not be empty")).param("prompt"));
     }
+    ids(items, path, "prompt")
+}
+
+/// The token ids of the list at `path`, of field `param`.
+fn ids(items: &[Value], path: &str, param: &str) -> Result<Vec<u32>, RequestError> {
     items
         .iter()
         .enumerate()
         .map(|(i, v)| {
             v.as_u64()
                 .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| RequestError::invalid(format!("{path}[{i}]: {v} is not a token id")).param("prompt"))
+                .ok_or_else(|| RequestError::invalid(format!("{path}[{i}]: {v} is not a token id")).param(param))
         })
         .collect()
 }
@@ -540,6 +604,20 @@ mod tests {
         assert_eq!((prompts(&parsed).0, parsed.choices), (vec![Prompt::Text("Once".into()), Prompt::Text("Twice".into())], 2));
         let parsed = parse_completion(br#"{"prompt": [[1, 2], [3], "x"]}"#).unwrap();
         assert_eq!(prompts(&parsed).0, vec![Prompt::Tokens(vec![1, 2]), Prompt::Tokens(vec![3]), Prompt::Text("x".into())]);
+    }
+
+    #[test]
+    fn tokenize_takes_a_prompt_or_messages() {
+        let text = read_tokenize(parse_body(br#"{"prompt": "hi", "model": null}"#).unwrap()).unwrap();
+        assert!(matches!(text.input, TokenizeInput::Text { ref text, add_special_tokens: true } if text == "hi") && !text.return_token_strs);
+        let chat = br#"{"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": false, "return_token_strs": true, "temperature": 0.5}"#;
+        let chat = read_tokenize(parse_body(chat).unwrap()).unwrap();
+        assert!(matches!(chat.input, TokenizeInput::Chat { add_generation_prompt: false, ref request } if request.messages[0] == ChatMessage::new("user", "hi")) && chat.return_token_strs);
+        let e = read_tokenize(parse_body(br#"{"messages": "hi"}"#).unwrap()).err().unwrap();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert_eq!(read_detokenize(parse_body(br#"{"tokens": []}"#).unwrap()), Ok(vec![]));
+        let e = read_detokenize(parse_body(br#"{"tokens": [3, 4.5]}"#).unwrap()).err().unwrap();
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("tokens"), "tokens[1]: 4.5 is not a token id"));
     }
 
     #[test]

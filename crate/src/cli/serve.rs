@@ -31,7 +31,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
-use llama_webgpu::api::request::{self, Parsed, UnknownFields, Work};
+use llama_webgpu::api::request::{self, Parsed, TokenizeInput, UnknownFields, Work};
 use llama_webgpu::api::response::{Endpoint, ResponseMeta};
 use llama_webgpu::engine::{ChoiceResults, Prepared, Prompter};
 use llama_webgpu::text::RenderOptions;
@@ -105,6 +105,8 @@ struct Server {
     /// Renders and tokenizes requests on the blocking pool, beside the engine's thread.
     prompter: Prompter,
     render: RenderOptions,
+    /// Positions a sequence may reach (/tokenize's max_model_len).
+    context: usize,
     /// Requests being prepared at once: as many as the machine has cores.
     preparing: tokio::sync::Semaphore,
     /// Unix seconds at start, for /v1/models.
@@ -131,7 +133,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
 
     let stats = Arc::new(Stats::default());
     let (jobs, queue) = sync_channel::<Job>(args.queue);
-    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<Prompter>>();
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<(Prompter, usize)>>();
     let thread_stats = stats.clone();
     let token_interval = std::time::Duration::from_millis(args.token_interval_ms);
     let render = RenderOptions { special_tokens_in_content: args.special_tokens_in_content, ..Default::default() };
@@ -167,7 +169,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                 return;
             }
         };
-        let _ = loaded_tx.send(Ok(engine.prompter().clone()));
+        let _ = loaded_tx.send(Ok((engine.prompter().clone(), engine.model().context_length())));
         let _alive = AliveWhileHeld::new(thread_stats.clone());
         let mut options = options;
         // A lost device (a driver reset, another process) is replaced: the model loads again from
@@ -182,7 +184,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
             thread_stats.loading.store(false, Ordering::SeqCst);
         }
     })?;
-    let prompter = loaded_rx.recv().context("the engine thread ended while loading")??;
+    let (prompter, context) = loaded_rx.recv().context("the engine thread ended while loading")??;
 
     let cors = cors_layer(&args.cors_origins);
     let server = Arc::new(Server {
@@ -194,6 +196,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         stats,
         prompter,
         render,
+        context,
         preparing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
         started: unix_seconds(),
         next_id: AtomicU64::new(1),
@@ -304,6 +307,8 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(server.clone(), require_api_key));
     let mut router = Router::new().route("/health", get(health));
     if server.metrics {
@@ -543,14 +548,11 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
 /// 100,000 tokens on a 2-core machine), which the engine's thread, decoding every sequence, would
 /// otherwise spend. A request the prompter refuses is a 400 here.
 async fn prepare(server: &Arc<Server>, id: &str, work: Work) -> Result<(Work, Prepared), ApiError> {
-    let _permit = server.preparing.acquire().await.map_err(|_| ApiError::server("the server is shutting down"))?;
-    let preparing = server.clone();
-    let (work, prepared) = tokio::task::spawn_blocking(move || {
-        let prepared = preparing.prompter.prepare(&work, &preparing.render);
+    let (work, prepared) = beside_the_engine(server, move |server| {
+        let prepared = server.prompter.prepare(&work, &server.render);
         (work, prepared)
     })
-    .await
-    .map_err(|error| ApiError::server(format!("preparing the request failed: {error}")))?;
+    .await?;
     match prepared {
         Ok(prepared) => Ok((work, prepared)),
         Err(error) => {
@@ -559,6 +561,51 @@ async fn prepare(server: &Arc<Server>, id: &str, work: Work) -> Result<(Work, Pr
             log::info!("{id}: rejected: {}", error.message);
             Err(error)
         }
+    }
+}
+
+/// Runs `work` on the blocking pool, at most as many at once as the machine has cores: rendering
+/// and tokenizing take the engine's thread no time.
+async fn beside_the_engine<T: Send + 'static>(server: &Arc<Server>, work: impl FnOnce(&Server) -> T + Send + 'static) -> Result<T, ApiError> {
+    let _permit = server.preparing.acquire().await.map_err(|_| ApiError::server("the server is shutting down"))?;
+    let server = server.clone();
+    tokio::task::spawn_blocking(move || work(&server)).await.map_err(|error| ApiError::server(format!("preparing the request failed: {error}")))
+}
+
+/// vLLM's `POST /tokenize`: the tokens a completion's prompt or a chat's messages become, as the
+/// engine would run them, and their count beside the context.
+async fn tokenize(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let request = match read_body(&server, body).and_then(|b| Ok(request::read_tokenize(request::parse_body(&b)?)?)) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let tokenized = beside_the_engine(&server, move |server| {
+        let param = match request.input {
+            TokenizeInput::Text { .. } => "prompt",
+            TokenizeInput::Chat { .. } => "messages",
+        };
+        let tokens = server.prompter.tokenize(&request.input, &server.render).map_err(|error| ApiError::invalid(error.to_string()).param(param))?;
+        let tokenizer = server.prompter.tokenizer();
+        let pieces = request.return_token_strs.then(|| tokens.iter().map(|&id| tokenizer.piece(id)).collect::<Vec<_>>());
+        Ok(json!({"count": tokens.len(), "max_model_len": server.context, "tokens": tokens, "token_strs": pieces}))
+    });
+    match tokenized.await.and_then(|result| result) {
+        Ok(body) => Json(body).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// vLLM's `POST /detokenize`: the text of token ids, special tokens written out.
+async fn detokenize(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let tokens = match read_body(&server, body).and_then(|b| Ok(request::read_detokenize(request::parse_body(&b)?)?)) {
+        Ok(tokens) => tokens,
+        Err(error) => return error.into_response(),
+    };
+    let decoded = beside_the_engine(&server, move |server| server.prompter.tokenizer().decode(&tokens, false));
+    match decoded.await {
+        Ok(Ok(text)) => Json(json!({"prompt": text})).into_response(),
+        Ok(Err(error)) => ApiError::invalid(error.to_string()).param("tokens").into_response(),
+        Err(error) => error.into_response(),
     }
 }
 

@@ -45,6 +45,11 @@ impl Tokenizer {
         self.encode_with(self.inner.get_added_vocabulary(), text, plain)
     }
 
+    /// Token `id`'s piece of the vocabulary as written there (Llama 3's `Ġhello` for " hello").
+    pub fn piece(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// The text of every special added token (`<|eot_id|>`, ...).
     pub fn special_token_texts(&self) -> Vec<String> {
         self.inner.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect()
