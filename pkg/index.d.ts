@@ -152,6 +152,29 @@ export interface ChatCompletionParams extends SamplingParams {
 }
 
 /**
+ * What `tokenize` tokenizes: a completion's text prompt (after the model's BOS token unless
+ * `add_special_tokens` is false), or a chat's messages and tools as its template renders them.
+ */
+export type TokenizeParams = ({ prompt: string; add_special_tokens?: boolean } | {
+  messages: ChatMessage[];
+  tools?: Tool[];
+  builtin_tools?: string[];
+  /** The assistant header the model's answer follows (default true, as a chat request has it). */
+  add_generation_prompt?: boolean;
+}) & {
+  /** Each token's piece of the vocabulary too (`token_strs`). */
+  return_token_strs?: boolean;
+};
+
+export interface Tokenized {
+  count: number;
+  /** Positions a sequence may reach (the context). */
+  max_model_len: number;
+  tokens: number[];
+  token_strs: string[] | null;
+}
+
+/**
  * A raw text completion: the model's BOS token then `prompt`, no chat template; or token ids, run
  * as given. Several prompts (a list of strings or of id lists) run together, `n` choices each,
  * numbered prompt by prompt (choice i is prompt floor(i / n)'s).
@@ -329,6 +352,10 @@ export interface Engine {
   info(): EngineInfo;
   /** The engine's load now. */
   status(): Promise<EngineLoad>;
+  /** The tokens a request would run as its prompt, to budget the context before asking. */
+  tokenize(params: TokenizeParams): Promise<Tokenized>;
+  /** The text of token ids, special tokens written out. */
+  detokenize(tokens: number[]): Promise<string>;
   /**
    * Loads the model again on a new GPU device, weights from the Cache API where they are kept: after
    * a `DeviceLostError` (requests fail with it until then), without reloading the page. Requests

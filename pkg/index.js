@@ -296,6 +296,10 @@ export async function createEngine({ model, onProgress, worker = true, ...option
     completions: { create: create("complete") },
     info: () => info,
     status: async () => (await call({ type: "info" })).load,
+    /** The tokens a completion's prompt or a chat's messages run as (serve's /tokenize). */
+    tokenize: (request) => call({ type: "tokenize", request }),
+    /** The text of token ids (serve's /detokenize). */
+    detokenize: (tokens) => call({ type: "detokenize", request: { tokens } }),
     /** Loads the model again on a new GPU device (weights from the Cache API), after a DeviceLostError. */
     async reload({ onProgress: report = onProgress } = {}) {
       info = await load(report);

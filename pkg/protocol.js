@@ -1,6 +1,7 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
 //   in:  {id, type: "load", url, options} | {id, type: "chat", request, response}
 //        | {id, type: "complete", request, response} | {id, type: "info"} | {id, type: "unload"}
+//        | {id, type: "tokenize", request} | {id, type: "detokenize", request}
 //        | {type: "abort", id?}   (response: {uuid, model})
 //   out: {id, type: "progress", done, total, tensor, stage} | {id, type: "chunk", chunk}
 //        | {id, type: "chunk", prefill: {done, total}}
@@ -40,6 +41,10 @@ export function createHandler(wasm, post) {
         return wasm.chat(id, message.request, message.response, postChunks(id));
       case "complete":
         return wasm.complete(id, message.request, message.response, postChunks(id));
+      case "tokenize":
+        return wasm.tokenize(message.request);
+      case "detokenize":
+        return wasm.detokenize(message.request);
       case "info":
         return info();
       case "unload":

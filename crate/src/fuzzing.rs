@@ -54,10 +54,10 @@ pub fn manifest(data: &[u8]) {
     let _ = manifest.locations();
 }
 
-/// A chat, text completion, tokenize or detokenize request's body as the hosts read it (`crate::api::request`, unknown
-/// fields ignored as serve does and refused as the JS API does), then as far as it goes without a
-/// model: the messages and tools rendered by Llama 3.1's template, and the response format's
-/// grammar.
+/// A chat, text completion, tokenize or detokenize request's body as the hosts read it
+/// (`crate::api::request`, unknown fields ignored as serve does and refused as the JS API does),
+/// then as far as it goes without a model: the messages and tools rendered by Llama 3.1's
+/// template, and the response format's grammar.
 pub fn request(data: &[u8]) {
     let Ok(object) = parse_body(data) else { return };
     for unknown in [UnknownFields::Ignore, UnknownFields::Refuse] {

@@ -17,10 +17,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use wasm_bindgen::prelude::*;
 
-use crate::api::request::{Parsed, UnknownFields, Work};
+use crate::api::request::{Parsed, TokenizeInput, UnknownFields, Work};
 use crate::api::response::{ChunkStream, ResponseMeta, StreamUsage};
 use crate::api;
-use crate::engine::{Event, Load, SequenceId};
+use crate::engine::{Event, Load, Prompter, SequenceId};
 use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
 use crate::text::RenderOptions;
@@ -145,6 +145,8 @@ struct State {
     generation: u64,
     /// How chat requests become prompt tokens.
     render: RenderOptions,
+    /// The engine's prompter, for tokenizing while the driver holds the engine.
+    prompter: Option<Prompter>,
     /// Why the engine went with its lost GPU device, until the next load.
     lost: Option<String>,
 }
@@ -248,6 +250,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?;
     STATE.with_borrow_mut(|s| {
         s.load = engine.load();
+        s.prompter = Some(engine.prompter().clone());
         s.engine = Some(engine);
         s.info = Some(described);
         s.generation += 1;
@@ -275,6 +278,44 @@ pub fn chat(id: u32, request: JsValue, response: JsValue, on_chunk: Function) ->
 #[wasm_bindgen]
 pub fn complete(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
     submit(id, read(request, api::request::read_completion), response, on_chunk)
+}
+
+/// The tokens a request would run as its prompt, as serve's `/tokenize` gives them: `request`
+/// is `{prompt, add_special_tokens?}` or `{messages, tools?, add_generation_prompt?}` (with
+/// `return_token_strs`, each token's vocabulary piece too). Resolves to `{count,
+/// max_model_len, tokens, token_strs}`.
+#[wasm_bindgen]
+pub fn tokenize(request: JsValue) -> Result<JsValue, JsValue> {
+    let request = api::request::read_tokenize(object_of(request, "a tokenize request")?).map_err(request_fault)?;
+    let (prompter, render, context) = loaded_prompter()?;
+    let tokens = prompter.tokenize(&request.input, &render).map_err(|error| {
+        let param = match request.input {
+            TokenizeInput::Text { .. } => "prompt",
+            TokenizeInput::Chat { .. } => "messages",
+        };
+        request_error(Some(param), error.to_string())
+    })?;
+    let pieces = request.return_token_strs.then(|| tokens.iter().map(|&id| prompter.tokenizer().piece(id)).collect::<Vec<_>>());
+    Ok(js_value(&serde_json::json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens, "token_strs": pieces})))
+}
+
+/// The text of `request.tokens`, special tokens written out (serve's `/detokenize`).
+#[wasm_bindgen]
+pub fn detokenize(request: JsValue) -> Result<String, JsValue> {
+    let tokens = api::request::read_detokenize(object_of(request, "a detokenize request")?).map_err(request_fault)?;
+    let (prompter, _, _) = loaded_prompter()?;
+    prompter.tokenizer().decode(&tokens, false).map_err(|error| request_error(Some("tokens"), error.to_string()))
+}
+
+/// The loaded model's prompter, render options and context.
+fn loaded_prompter() -> Result<(Prompter, RenderOptions, usize), JsValue> {
+    STATE.with_borrow(|s| {
+        let context = s.info.as_ref().and_then(|info| info["model"]["context_length"].as_u64()).unwrap_or(0) as usize;
+        match &s.prompter {
+            Some(prompter) => Ok((prompter.clone(), s.render.clone(), context)),
+            None => Err(js_error(ErrorKind::Engine, "no model is loaded")),
+        }
+    })
 }
 
 fn submit(id: u32, read: Result<Parsed, JsValue>, response: JsValue, on_chunk: Function) -> Promise {
@@ -592,6 +633,7 @@ pub fn unload() {
         s.requests.drain().for_each(|(_, cancel)| cancel.cancel());
         s.queue.clear();
         s.engine = None;
+        s.prompter = None;
         s.driving = false;
         s.info = None;
         s.load = Load::default();

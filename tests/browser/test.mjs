@@ -234,6 +234,10 @@ try {
       messages: [{ role: "user", content: "one two three four ".repeat(30) }], max_tokens: 1,
       onPrefillProgress: (done, total) => prefill.push([done, total]),
     });
+    // The tokens a chat's messages run as (serve's /tokenize), and their text back.
+    const tokenized = await engine.tokenize({ messages, return_token_strs: true });
+    const detokenized = await engine.detokenize(tokenized.tokens);
+    const tokenizeError = await engine.tokenize({ prompt: "a", messages }).then(() => null, (e) => ({ name: e.name, param: e.param }));
     const info = engine.info();
     await engine.unload();
     const missing = await createEngine({ model: "/target/browser-test/missing/manifest.json" }).then(() => null, (e) => ({ name: e.name, message: e.message }));
@@ -265,7 +269,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, textChunks, refused, q8, buffers, q8Inputs,
+      json, called, textChunks, refused, q8, buffers, q8Inputs, tokenized, detokenized, tokenizeError,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
   log("browser info:", JSON.stringify(api.info));
@@ -283,6 +287,9 @@ try {
   assertEqual(api.choices.map((c) => c.tokens), [native.tokens, native.tokens], "n = 2 greedy choices vs native");
   assertEqual([api.choicesUsage.prompt_tokens, api.choicesUsage.completion_tokens], [api.usage.prompt_tokens, 2 * native.tokens.length], "n = 2 usage: the prompt once, the tokens of both");
   assertEqual(api.alone[0].tokens, native.tokens, "first concurrency prompt alone vs native");
+  assertEqual([api.tokenized.count, api.tokenized.tokens.length, api.tokenized.token_strs.length], Array(3).fill(api.usage.prompt_tokens), "tokenize: the tokens a chat's usage counts, with their pieces");
+  assert(api.detokenized.includes(PROMPT), `detokenize gives the rendered prompt back: ${api.detokenized}`);
+  assertEqual(api.tokenizeError, { name: "RequestError", param: "prompt" }, "tokenize with both prompt and messages");
   assertEqual(api.during.running + api.during.waiting, 2, "requests in the engine while both streams run");
   assertEqual(api.together, api.alone, "two concurrent streams vs each alone (tokens, text, finish)");
   assertEqual(api.abortedStream.end, "AbortError", "the stream aborted while another runs");
