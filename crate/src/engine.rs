@@ -1200,7 +1200,6 @@ fn offered_tools(request: &ChatCompletionRequest) -> &[Tool] {
     }
 }
 
-/// Positions a sequence may reach, from which its pages are reserved.
 /// The GPU's selection from output row `row` of a pass that made one for it.
 fn selected(output: &PassOutput, row: usize) -> Result<&Candidates> {
     Ok(output.candidates.get(row).ok_or_else(|| EngineError::Internal(format!("output row {row} has no top-k selection")))?)
@@ -1216,6 +1215,7 @@ fn selections(wanted: impl Iterator<Item = Option<Selection>>) -> Vec<Selection>
     }
 }
 
+/// Positions a sequence may reach, from which its pages are reserved.
 fn max_positions(prompt: usize, max_tokens: usize, context: usize) -> usize {
     (prompt + max_tokens).min(context)
 }
