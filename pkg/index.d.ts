@@ -184,7 +184,8 @@ export interface CompletionParams extends SamplingParams {
   /** The most likely alternatives to return with each token's log probability, 0 to 20. */
   logprobs?: number;
   /**
-   * Give the prompt back before the completion (not with `stream`); with `logprobs`, every prompt
+   * Give the prompt back before the completion (streamed: in a chunk of its own before the first
+   * token's); with `logprobs`, every prompt
    * token's log probability given the tokens before it too (the first's is null). `max_tokens: 0`
    * (only with `echo`) asks for the prompt alone.
    */

@@ -87,7 +87,7 @@ fn run_together(engine: &mut Engine, requests: &[Request]) -> Vec<(Completion, S
                 }
                 Event::Finished(completion) => results[i] = Some((completion, std::mem::take(&mut texts[i]))),
                 Event::Failed(error) => panic!("request {i} failed: {error}"),
-                Event::Prefill { .. } => {}
+                Event::Prefill { .. } | Event::Echo(_) => {}
             }
         }
         step += 1;
@@ -361,7 +361,7 @@ fn finish_all(engine: &mut Engine) -> HashMap<SequenceId, Completion> {
             match event {
                 Event::Finished(completion) => drop(results.insert(id, completion)),
                 Event::Failed(error) => panic!("sequence {id} failed: {error}"),
-                Event::Delta(_) | Event::Prefill { .. } => {}
+                Event::Delta(_) | Event::Prefill { .. } | Event::Echo(_) => {}
             }
         }
     }

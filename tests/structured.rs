@@ -10,7 +10,7 @@ use llama_webgpu::api::{
     SamplingParams, Tool, ToolChoice, ToolChoiceMode,
 };
 use llama_webgpu::api::request::{Prompt, Work};
-use llama_webgpu::engine::{Event, SequenceId};
+use llama_webgpu::engine::{Echo, Event, SequenceId};
 use llama_webgpu::text::{ChatTemplate, RenderOptions};
 use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
 use serde_json::{json, Value};
@@ -37,15 +37,27 @@ const SHORT_TOOL_TEMPLATE: &str = "{#- calls: <|python_tag|> -#}{{ tools | map(a
     {%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: ";
 
 /// Runs the engine until every sequence of `ids` has finished; their completions in order.
+/// Steps `engine` until every sequence of `ids` has finished; an echo a sequence sends comes
+/// before its tokens and is the one its completion returns.
 fn finish_all(engine: &mut Engine, ids: &[SequenceId]) -> Vec<Completion> {
     let mut done: Vec<Option<Completion>> = vec![None; ids.len()];
+    let mut echoed: Vec<Option<Echo>> = vec![None; ids.len()];
+    let mut deltas = vec![0; ids.len()];
     while done.iter().any(Option::is_none) {
         for (id, event) in pollster::block_on(engine.step()).unwrap() {
             let Some(i) = ids.iter().position(|&x| x == id) else { continue };
             match event {
-                Event::Finished(completion) => done[i] = Some(completion),
+                Event::Finished(completion) => {
+                    assert_eq!(echoed[i], completion.echo, "choice {i}: the echo sent is the one returned");
+                    done[i] = Some(completion);
+                }
                 Event::Failed(error) => panic!("choice {i} failed: {error}"),
-                Event::Delta(_) | Event::Prefill { .. } => {}
+                Event::Echo(echo) => {
+                    assert!(echoed[i].is_none() && deltas[i] == 0, "choice {i}: one echo, before any token");
+                    echoed[i] = Some(echo);
+                }
+                Event::Delta(_) => deltas[i] += 1,
+                Event::Prefill { .. } => {}
             }
         }
     }

@@ -201,6 +201,9 @@ pub enum Event {
     /// A pass computed a chunk of the prompt and more is to come: `done` of its `total` tokens are
     /// in the KV cache (a long prompt's progress).
     Prefill { done: usize, total: usize },
+    /// A completion's prompt given back (`echo`), with its scores: sent once the prompt is in,
+    /// before the first token.
+    Echo(Echo),
     Delta(Delta),
     Finished(Completion),
     /// The sequence could not go on (its text could not be decoded); others run on.
@@ -1050,6 +1053,10 @@ impl Engine {
             if !row.output {
                 events.push((sequence.id, Event::Prefill { done: sequence.computed, total: sequence.tokens.len() }));
                 continue;
+            }
+            if let Some(echo) = sequence.echo.as_ref().filter(|_| sequence.generated() == 0) {
+                let tokens = sequence.tokens[..sequence.prompt_len].to_vec();
+                events.push((sequence.id, Event::Echo(Echo { tokens, ..echo.clone() })));
             }
             // A request for its prompt alone (echo, max_tokens 0) ends with it.
             if sequence.max_tokens == 0 {

@@ -459,6 +459,11 @@ async fn drive(mut engine: Engine, generation: u64) {
                             request.send(&chunk);
                         }
                         Event::Delta(_) => {}
+                        Event::Echo(echo) if request.stream => {
+                            let chunk = request.chunks.echo(choice, &echo);
+                            request.send(&chunk);
+                        }
+                        Event::Echo(_) => {}
                         Event::Finished(completion) => {
                             let (chunks, completions) = request.chunks.finish(choice, completion);
                             if request.stream {

@@ -215,8 +215,15 @@ def test_echo_scores_prompts_as_evaluation_harnesses_ask(server, client):
     assert error["param"] == "max_tokens", error
     # A text prompt comes back as given.
     assert client.completions.create(model="tiny", prompt="Once upon", echo=True, max_tokens=2, temperature=0).choices[0].text.startswith("Once upon")
-    error = error_of(raw_post(server, "/v1/completions", {"prompt": "hi", "echo": True, "stream": True}), 400)
-    assert error["param"] == "echo", error
+    # Streamed, the prompt comes first in a chunk of its own (scores, ids, offsets), then the tokens.
+    for prompt, choice, max_tokens in [(prompts[0], scored.choices[0], 1), (prompts[1], prompt_only.choices[1], 0)]:
+        chunks = list(client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0, stream=True))
+        assert chunks[0].choices[0].token_ids == prompt, chunks[0]
+        assert "".join(c.choices[0].text for c in chunks) == choice.text
+        assert sum((c.choices[0].token_ids or [] for c in chunks), []) == choice.token_ids
+        streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+        for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"]:
+            assert sum((getattr(l, key) for l in streamed), []) == getattr(choice.logprobs, key), key
 
 
 def test_tokenize_and_detokenize(server, client):

@@ -172,9 +172,6 @@ pub fn read_completion(mut object: Map<String, Value>, unknown: UnknownFields) -
     object.remove("echo");
     // No token after the prompt: the prompt alone comes back (scored, with logprobs).
     let Common { stream, include_usage, choices } = common_fields(&mut object, echo)?;
-    if echo && stream {
-        return Err(RequestError::unsupported("echo", "echo is not supported with stream: the prompt comes back with the whole completion"));
-    }
     if field::<Option<String>>(&object, "suffix")?.flatten().is_some_and(|s| !s.is_empty()) {
         return Err(RequestError::unsupported("suffix", "suffix (fill-in-the-middle) is not supported: Llama 3.1 has no infill format"));
     }
@@ -581,11 +578,12 @@ mod tests {
         assert_eq!(e.message, "3 prompts with n = 50: a request takes at most 128 choices in all");
         // OpenAI's legacy completion options: refused when they ask for something, taken at their
         // defaults.
-        for (body, param) in [(r#""echo": true, "stream": true"#, "echo"), (r#""suffix": "}""#, "suffix"), (r#""best_of": 3"#, "best_of")] {
+        for (body, param) in [(r#""suffix": "}""#, "suffix"), (r#""best_of": 3"#, "best_of")] {
             let e = parse_completion(format!(r#"{{"prompt": "a", {body}}}"#).as_bytes()).err().unwrap();
             assert_eq!((e.param.as_deref(), e.unsupported), (Some(param), true), "{body}");
         }
         assert!(parse_completion(br#"{"prompt": "a", "echo": false, "suffix": "", "best_of": 1}"#).is_ok());
+        assert!(parse_completion(br#"{"prompt": "a", "echo": true, "stream": true}"#).is_ok());
     }
 
     #[test]

@@ -264,6 +264,16 @@ impl ChunkStream {
         }
     }
 
+    /// The chunk that opens choice `choice` of a completion echoing its prompt: the prompt's text,
+    /// ids and (with logprobs) scores; the offsets of the choice's tokens then count from its end.
+    pub fn echo(&mut self, choice: usize, echo: &Echo) -> Value {
+        if let Some(offset) = self.offsets.get_mut(choice) {
+            *offset = echo.text.chars().count();
+        }
+        let logprobs = echo.logprobs.as_ref().map(|_| echoed_logprobs(echo, &[]));
+        self.chunk(json!({"index": choice, "text": echo.text, "logprobs": logprobs, "finish_reason": null, "token_ids": echo.tokens}))
+    }
+
     /// The chunk of a delta of choice `choice`: its text and the token that completed it, if any.
     pub fn delta(&mut self, choice: usize, text: &str, token: Option<u32>, logprob: Option<&TokenLogprob>) -> Value {
         let offset = self.offsets.get(choice).copied().unwrap_or_default();

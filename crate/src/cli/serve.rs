@@ -512,7 +512,7 @@ async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Res
         let mut results = ChoiceResults::new(choices);
         loop {
             match events.recv().await {
-                Some(Event::Delta { .. }) => {}
+                Some(Event::Delta { .. } | Event::Echo { .. }) => {}
                 Some(Event::Finished { choice, completion }) => {
                     if let Some(completions) = results.record(choice, completion) {
                         log::debug!("{}: answered in {:.2} s", meta.id, started.elapsed().as_secs_f64());
@@ -641,6 +641,7 @@ impl SseStream {
     fn push(&mut self, event: Event) {
         match event {
             Event::Delta { choice, text, token, logprob } => self.pending.push_back(self.chunks.delta(choice, &text, token, logprob.as_ref())),
+            Event::Echo { choice, echo } => self.pending.push_back(self.chunks.echo(choice, &echo)),
             Event::Finished { choice, completion } => {
                 let (events, done) = self.chunks.finish(choice, completion);
                 self.pending.extend(events);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use llama_webgpu::api::request::Work;
 use llama_webgpu::api::{FinishReason, TokenLogprob};
-use llama_webgpu::engine::{ChoiceResults, EngineError, Event as EngineEvent, Load, Prepared, SequenceId};
+use llama_webgpu::engine::{ChoiceResults, Echo, EngineError, Event as EngineEvent, Load, Prepared, SequenceId};
 use llama_webgpu::gpu::GpuError;
 use llama_webgpu::grammar::GrammarError;
 use llama_webgpu::{CancelToken, Completion, Engine};
@@ -48,6 +48,8 @@ pub enum Event {
     /// Text, the token that completed it (none for text held back until the end), and its log
     /// probability when the request asked.
     Delta { choice: usize, text: String, token: Option<u32>, logprob: Option<TokenLogprob> },
+    /// A completion's prompt given back before its first token.
+    Echo { choice: usize, echo: Echo },
     Finished { choice: usize, completion: Completion },
     Failed(ApiError),
 }
@@ -323,6 +325,11 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
     match event {
         // The HTTP API has no place for a prompt's progress.
         EngineEvent::Prefill { .. } => {}
+        EngineEvent::Echo(echo) => {
+            if running.job.events.send(Event::Echo { choice, echo }).is_err() {
+                running.job.cancel.cancel();
+            }
+        }
         EngineEvent::Delta(delta) => {
             if !running.first_token && delta.token.is_some() {
                 running.first_token = true;

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use llama_webgpu::api::request::RequestError;
 use llama_webgpu::api::response::{ChunkStream, ResponseMeta, StreamUsage};
 use llama_webgpu::api::TokenLogprob;
+use llama_webgpu::engine::Echo;
 use llama_webgpu::Completion;
 use serde_json::{json, Value};
 
@@ -99,6 +100,10 @@ impl SseChunks {
 
     pub fn delta(&mut self, choice: usize, text: &str, token: Option<u32>, logprob: Option<&TokenLogprob>) -> Bytes {
         sse_event(&self.chunks.delta(choice, text, token, logprob))
+    }
+
+    pub fn echo(&mut self, choice: usize, echo: &Echo) -> Bytes {
+        sse_event(&self.chunks.echo(choice, echo))
     }
 
     /// The events of choice `choice` ending as `completion`, and after the last choice those that
