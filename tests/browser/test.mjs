@@ -222,6 +222,11 @@ try {
     });
     const textChunks = [];
     for await (const chunk of engine.completions.create({ prompt, temperature: 0, max_tokens: maxTokens, stream: true, logprobs: 2 })) textChunks.push(chunk);
+    // A completion echoing its prompt, streamed (the prompt's chunk first) and not.
+    const echoed = await engine.completions.create({ prompt, temperature: 0, max_tokens: 2, echo: true });
+    const echoChunks = [];
+    for await (const chunk of engine.completions.create({ prompt, temperature: 0, max_tokens: 2, echo: true, stream: true })) echoChunks.push(chunk);
+    const echo = { whole: [echoed.choices[0].text, echoed.choices[0].token_ids], streamed: [echoChunks.map((c) => c.choices[0].text).join(""), echoChunks.flatMap((c) => c.choices[0].token_ids)] };
     const refusals = [
       { frequency_penality: 1 }, { temperature: "hot" }, { response_format: { type: "json_schema", json_schema: { schma: {} } } },
       { top_logprobs: 2 }, { max_tokens: 1000 },
@@ -269,7 +274,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, textChunks, refused, q8, buffers, q8Inputs, tokenized, detokenized, tokenizeError,
+      json, called, textChunks, refused, q8, buffers, q8Inputs, tokenized, detokenized, tokenizeError, echo,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
   log("browser info:", JSON.stringify(api.info));
@@ -290,6 +295,8 @@ try {
   assertEqual([api.tokenized.count, api.tokenized.tokens.length, api.tokenized.token_strs.length], Array(3).fill(api.usage.prompt_tokens), "tokenize: the tokens a chat's usage counts, with their pieces");
   assert(api.detokenized.includes(PROMPT), `detokenize gives the rendered prompt back: ${api.detokenized}`);
   assertEqual(api.tokenizeError, { name: "RequestError", param: "prompt" }, "tokenize with both prompt and messages");
+  assertEqual(api.echo.streamed, api.echo.whole, "a streamed echo (text and ids) vs the whole completion");
+  assert(api.echo.whole[0].startsWith(PROMPT), `an echo begins with its prompt: ${api.echo.whole[0]}`);
   assertEqual(api.during.running + api.during.waiting, 2, "requests in the engine while both streams run");
   assertEqual(api.together, api.alone, "two concurrent streams vs each alone (tokens, text, finish)");
   assertEqual(api.abortedStream.end, "AbortError", "the stream aborted while another runs");
