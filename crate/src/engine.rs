@@ -1069,9 +1069,10 @@ impl Engine {
                 false if sequence.reads_logits() => None,
                 false => output.candidates.get(this_row).and_then(|c| sequence.sampler.sample_candidates(c)),
             };
-            // The chosen token and its logit, for its log probability.
+            // The chosen token, and its logit where the full logits were read (else the
+            // candidates hold it), for its log probability.
             let chosen = match from_gpu {
-                Some(token) => Ok((token, output.candidates.get(this_row).and_then(|c| c.logit_of(token)))),
+                Some(token) => Ok((token, None)),
                 None => {
                     let mut logits = match read_logits.remove(&this_row) {
                         Some(logits) => logits,
@@ -1085,8 +1086,10 @@ impl Engine {
                 Ok((token, logit)) => {
                     let logprob = match self.running[i].top_logprobs {
                         Some(alternatives) => {
+                            let candidates = selected(&output, this_row)?;
+                            let logit = logit.or_else(|| candidates.logit_of(token));
                             let logit = logit.ok_or_else(|| EngineError::Internal(format!("token {token} of output row {this_row} is not among its candidates")))?;
-                            Some(token_logprob(selected(&output, this_row)?, token, logit, alternatives, &bytes))
+                            Some(token_logprob(candidates, token, logit, alternatives, &bytes))
                         }
                         None => None,
                     };

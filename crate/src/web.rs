@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use wasm_bindgen::prelude::*;
 
-use crate::api::request::{Parsed, TokenizeInput, UnknownFields, Work};
+use crate::api::request::{Parsed, UnknownFields, Work};
 use crate::api::response::{ChunkStream, ResponseMeta, StreamUsage};
 use crate::api;
 use crate::engine::{Event, Load, Prompter, SequenceId};
@@ -288,15 +288,8 @@ pub fn complete(id: u32, request: JsValue, response: JsValue, on_chunk: Function
 pub fn tokenize(request: JsValue) -> Result<JsValue, JsValue> {
     let request = api::request::read_tokenize(object_of(request, "a tokenize request")?).map_err(request_fault)?;
     let (prompter, render, context) = loaded_prompter()?;
-    let tokens = prompter.tokenize(&request.input, &render).map_err(|error| {
-        let param = match request.input {
-            TokenizeInput::Text { .. } => "prompt",
-            TokenizeInput::Chat { .. } => "messages",
-        };
-        request_error(Some(param), error.to_string())
-    })?;
-    let pieces = request.return_token_strs.then(|| tokens.iter().map(|&id| prompter.tokenizer().piece(id)).collect::<Vec<_>>());
-    Ok(js_value(&serde_json::json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens, "token_strs": pieces})))
+    let tokens = prompter.tokenize(&request.input, &render).map_err(|error| request_error(Some(request.input.field()), error.to_string()))?;
+    Ok(js_value(&api::response::tokenized(&request, &tokens, prompter.tokenizer(), context)))
 }
 
 /// The text of `request.tokens`, special tokens written out (serve's `/detokenize`).

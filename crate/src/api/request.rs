@@ -228,6 +228,16 @@ pub enum TokenizeInput {
     Chat { request: Box<ChatCompletionRequest>, add_generation_prompt: bool },
 }
 
+impl TokenizeInput {
+    /// The field an error of its tokenizing blames.
+    pub fn field(&self) -> &'static str {
+        match self {
+            TokenizeInput::Text { .. } => "prompt",
+            TokenizeInput::Chat { .. } => "messages",
+        }
+    }
+}
+
 /// A tokenize request: its input, and whether each token's vocabulary piece is returned too.
 #[derive(Clone, Debug)]
 pub struct TokenizeRequest {

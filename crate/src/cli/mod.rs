@@ -148,18 +148,12 @@ struct ModelArgs {
     kv_memory: Option<u64>,
 }
 
-/// GPU memory for rows of logits beyond one a sequence, which scored prompt positions take
-/// (`echo` with `logprobs`): 130 rows of Llama 3's vocabulary, so a pass scores 130 positions
-/// more instead of one a sequence.
-const SCORING_MEMORY: u64 = 64 << 20;
-
 impl ModelArgs {
     fn load_options(&self) -> LoadOptions {
         LoadOptions {
             context_length: self.context,
             max_sequences: self.parallel.unwrap_or(1),
             kv_memory: self.kv_memory,
-            scoring_memory: SCORING_MEMORY,
             ..Default::default()
         }
     }
@@ -291,7 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let gpu = Gpu::new(&options).await?;
             let model = fetch_model(model, Some(&gpu), cli.quiet)?;
             let started = Instant::now();
-            let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
+            let mut engine = load_engine(&gpu, &model, &model.load_options(), cli.quiet).await?;
             let load_s = started.elapsed().as_secs_f64();
             let params = sampling.params();
             let prompt_tokens = if chat {
@@ -392,7 +386,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat { model, system, sampling } => {
             let gpu = Gpu::new(&options).await?;
             let model = fetch_model(model, Some(&gpu), cli.quiet)?;
-            let mut engine = load_engine(&gpu, &model, cli.quiet).await?;
+            let mut engine = load_engine(&gpu, &model, &model.load_options(), cli.quiet).await?;
             chat(&mut engine, system, sampling.params(), cli.quiet).await
         }
     }
@@ -479,13 +473,13 @@ fn shapes_of(header: &llama_webgpu::load::GgufHeader) -> Result<llama_webgpu::Co
 
 async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
     let files = open_model(args)?;
-    upload_model(gpu, &files, args, quiet).await
+    upload_model(gpu, &files, &args.load_options(), quiet).await
 }
 
-async fn load_engine(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Engine> {
+async fn load_engine(gpu: &Gpu, args: &ModelArgs, options: &LoadOptions, quiet: bool) -> anyhow::Result<Engine> {
     let files = open_model(args)?;
     let (tokenizer, template) = files.text().with_context(|| text_files(Path::new(&args.model)))?;
-    let model = upload_model(gpu, &files, args, quiet).await?;
+    let model = upload_model(gpu, &files, options, quiet).await?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     Ok(Engine::new(model, tokenizer, template, seed)?)
 }
@@ -494,10 +488,9 @@ fn open_model(args: &ModelArgs) -> anyhow::Result<load::ModelFiles> {
     load::open_model(Path::new(&args.model)).with_context(|| format!("opening {}", args.model))
 }
 
-async fn upload_model(gpu: &Gpu, files: &load::ModelFiles, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
-    let options = args.load_options();
+async fn upload_model(gpu: &Gpu, files: &load::ModelFiles, options: &LoadOptions, quiet: bool) -> anyhow::Result<Llama> {
     let bar = load_bar(quiet);
-    let llama = Llama::load(gpu, files.config.clone(), files.stream(), &options, &mut |p| {
+    let llama = Llama::load(gpu, files.config.clone(), files.stream(), options, &mut |p| {
         bar.set_length(p.bytes_total);
         bar.set_position(p.bytes_done);
     })

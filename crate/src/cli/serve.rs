@@ -31,11 +31,11 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
-use llama_webgpu::api::request::{self, Parsed, TokenizeInput, UnknownFields, Work};
-use llama_webgpu::api::response::{Endpoint, ResponseMeta};
+use llama_webgpu::api::request::{self, Parsed, UnknownFields, Work};
+use llama_webgpu::api::response::{self, Endpoint, ResponseMeta};
 use llama_webgpu::engine::{ChoiceResults, Prepared, Prompter};
 use llama_webgpu::text::RenderOptions;
-use llama_webgpu::{CancelToken, GpuOptions};
+use llama_webgpu::{CancelToken, GpuOptions, LoadOptions};
 use serde_json::json;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -94,6 +94,11 @@ pub struct ServeArgs {
 /// Sequences `serve` decodes together on a GPU unless `--parallel` says otherwise.
 const DEFAULT_GPU_PARALLEL: usize = 16;
 
+/// GPU memory for rows of logits beyond one a sequence, which scored prompt positions take
+/// (`echo` with `logprobs`): 130 rows of Llama 3's vocabulary, so a pass scores 130 positions
+/// more instead of one a sequence.
+const SCORING_MEMORY: u64 = 64 << 20;
+
 /// What the handlers share.
 struct Server {
     model_id: String,
@@ -149,7 +154,8 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                 // A CPU adapter runs one workgroup per core: batching buys it little.
                 let parallel = if gpu.info.device_type == wgpu::DeviceType::Cpu { 1 } else { DEFAULT_GPU_PARALLEL };
                 model.parallel.get_or_insert(parallel);
-                let engine = super::load_engine(&gpu, model, quiet).await?;
+                let options = LoadOptions { scoring_memory: SCORING_MEMORY, ..model.load_options() };
+                let engine = super::load_engine(&gpu, model, &options, quiet).await?;
                 let load = engine.load();
                 log::info!(
                     "{} sequences together, a KV pool of {} pages of {} positions ({} MiB, {} buffers per layer)",
@@ -580,14 +586,8 @@ async fn tokenize(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRe
         Err(error) => return error.into_response(),
     };
     let tokenized = beside_the_engine(&server, move |server| {
-        let param = match request.input {
-            TokenizeInput::Text { .. } => "prompt",
-            TokenizeInput::Chat { .. } => "messages",
-        };
-        let tokens = server.prompter.tokenize(&request.input, &server.render).map_err(|error| ApiError::invalid(error.to_string()).param(param))?;
-        let tokenizer = server.prompter.tokenizer();
-        let pieces = request.return_token_strs.then(|| tokens.iter().map(|&id| tokenizer.piece(id)).collect::<Vec<_>>());
-        Ok(json!({"count": tokens.len(), "max_model_len": server.context, "tokens": tokens, "token_strs": pieces}))
+        let tokens = server.prompter.tokenize(&request.input, &server.render).map_err(|error| ApiError::invalid(error.to_string()).param(request.input.field()))?;
+        Ok(response::tokenized(&request, &tokens, server.prompter.tokenizer(), server.context))
     });
     match tokenized.await.and_then(|result| result) {
         Ok(body) => Json(body).into_response(),
