@@ -42,6 +42,14 @@ export interface EngineOptions {
    */
   q8Activations?: boolean;
   /**
+   * Speculative decoding by prompt lookup: a greedy request (temperature 0, no grammar) drafts up
+   * to this many tokens that followed an earlier occurrence of its last 2-4 tokens, in its prompt
+   * or output, and verifies them in one pass, keeping those the model chooses too. Pays where the
+   * output repeats the input (editing, extraction, code); the tokens are those of plain decoding.
+   * Default 0 (off).
+   */
+  promptLookup?: number;
+  /**
    * Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
    * transformers does. Default false: content is encoded as the text it is, so a user or a document
    * cannot forge turns; the chat template's own markup keeps its special tokens either way.

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use common::{exact, golden, gpu, gpu_with, load_model, rng, truncated_llama3_tokenizer};
 use llama_webgpu::api::request::{Prompt, Work};
-use llama_webgpu::api::{FinishReason, Logprobs, ResponseFormat, SamplingParams};
+use llama_webgpu::api::{DraftUsage, FinishReason, Logprobs, Prediction, ResponseFormat, SamplingParams};
 use llama_webgpu::engine::{Event, SequenceId};
 use llama_webgpu::model::{PageAllocator, PAGE_SIZE};
 use llama_webgpu::text::{ChatTemplate, RenderOptions};
@@ -248,6 +248,63 @@ fn concurrent_requests_that_read_every_logit_produce_the_tokens_and_log_probabil
         }
         assert_eq!(together.logprobs.as_ref().map(Vec::len), alone.logprobs.as_ref().map(Vec::len), "request {i}");
     }
+}
+
+/// Drafts verified in one pass: greedy requests (some with log probabilities) draft from a
+/// prediction (their own output alone, the same with a stretch changed, another request's output)
+/// or by prompt lookup, beside sampled requests that draft nothing; each request's tokens and log
+/// probabilities are what plain decoding gives it alone.
+#[test]
+fn drafted_tokens_verified_in_one_pass_leave_every_request_its_tokens_alone() {
+    let Some(engine) = engine_with(LoadOptions { max_sequences: 16, draft_tokens: 4, ..Default::default() }) else { return };
+    let mut engine = engine.with_prompt_lookup(true);
+    let mut requests = requests(|i| SamplingParams {
+        temperature: Some(if i % 5 == 4 { 0.8 } else { 0.0 }),
+        seed: Some(300 + i as u64),
+        logprobs: (i % 3 == 0).then_some(Logprobs::Enabled(true)),
+        top_logprobs: (i % 3 == 0).then_some(2),
+        max_tokens: Some(10 + (i as u32 * 7) % 23),
+        ..Default::default()
+    });
+    let alone = run_alone(&requests);
+    let prediction = |i: usize| match i % 4 {
+        0 => Some(alone[i].text.clone()),
+        1 => Some(alone[i].text.char_indices().map(|(j, c)| if (8..14).contains(&j) { 'x' } else { c }).collect()),
+        2 => Some(alone[(i + 1) % alone.len()].text.clone()),
+        _ => None,
+    };
+    for (i, request) in requests.iter_mut().enumerate() {
+        request.params.prediction = prediction(i).map(|content| Prediction::Content { content });
+    }
+    let free_at_start = engine.load().kv_pages_free;
+    let together = run_together(&mut engine, &requests);
+    assert_same_as_alone(&requests, &together, &alone);
+    for (i, ((together, _), alone)) in together.iter().zip(&alone).enumerate() {
+        let logprobs = |c: &Completion| c.logprobs.iter().flatten().map(|l| (l.token, l.top.iter().map(|t| t.token).collect::<Vec<_>>(), l.logprob)).collect::<Vec<_>>();
+        for ((token, top, logprob), (token_alone, top_alone, logprob_alone)) in logprobs(together).into_iter().zip(logprobs(alone)) {
+            assert_eq!((token, top), (token_alone, top_alone), "request {i}: tokens and alternatives");
+            assert!((logprob - logprob_alone).abs() < 1e-4, "request {i}: log probability {logprob} alone {logprob_alone}");
+        }
+        assert_eq!(together.logprobs.as_ref().map(Vec::len), alone.logprobs.as_ref().map(Vec::len), "request {i}");
+        // Sampled requests draft nothing; those with a prediction report its use.
+        let drafts = together.usage.drafts;
+        if requests[i].params.temperature != Some(0.0) {
+            assert!(drafts.is_none_or(|d| d.accepted + d.rejected == 0), "request {i}: {drafts:?}");
+        }
+        assert!(requests[i].params.prediction.is_none() || drafts.is_some(), "request {i}: {drafts:?}");
+    }
+    let load = engine.load();
+    let summed = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap();
+    println!("drafted {} tokens, {} accepted; by request {:?}", load.drafted_tokens, load.accepted_draft_tokens, together.iter().map(|(c, _)| c.usage.drafts).collect::<Vec<_>>());
+    assert!(load.accepted_draft_tokens > 0 && load.accepted_draft_tokens < load.drafted_tokens, "{load:?}");
+    // The cancelled requests' last drafts may have gone unverified.
+    assert!(summed.accepted as u64 == load.accepted_draft_tokens && (summed.accepted + summed.rejected) as u64 <= load.drafted_tokens, "{summed:?} {load:?}");
+    // A greedy request predicting its own output drafts some of it right (not all: the
+    // fixture's random tokens are not what its text encodes back to).
+    for i in (0..requests.len()).filter(|&i| i % 4 == 0 && requests[i].params.temperature == Some(0.0)) {
+        assert!(together[i].0.usage.drafts.is_some_and(|d| d.accepted > 0), "request {i}: {:?}", together[i].0.usage.drafts);
+    }
+    assert_eq!(load.kv_pages_free, free_at_start);
 }
 
 #[test]

@@ -15,8 +15,8 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::api::{
-    ChatCompletionRequest, CompletionRequest, FinishReason, GeneratedToolCall, ResponseFormat, SamplingParams, TokenLogprob, Tool,
-    ToolChoice, ToolChoiceMode, TopLogprob, Usage,
+    ChatCompletionRequest, CompletionRequest, DraftUsage, FinishReason, GeneratedToolCall, Prediction, ResponseFormat, SamplingParams,
+    TokenLogprob, Tool, ToolChoice, ToolChoiceMode, TopLogprob, Usage,
 };
 use crate::api::request::{Prompt, TokenizeInput, Work};
 use crate::gpu::ops::{Candidates, Selection, TokenSlot};
@@ -162,6 +162,7 @@ impl Completion {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             cached_prompt_tokens: firsts().map(|c| c.usage.cached_prompt_tokens).sum(),
+            drafts: DraftUsage::sum(choices.iter().map(|c| c.usage.drafts)),
         }
     }
 }
@@ -232,7 +233,15 @@ pub struct Load {
     pub kv_page_bytes: u64,
     /// Buffers each layer's keys (and values) lie in: more than one past the binding limit.
     pub kv_buffers: usize,
+    /// Tokens drafted by prompt lookup and verified, and how many of them the model then chose,
+    /// since the engine was made.
+    pub drafted_tokens: u64,
+    pub accepted_draft_tokens: u64,
 }
+
+/// Tokens a greedy request may draft ahead where a host is not told otherwise: each sequence then
+/// keeps rows of logits for 8 (4 MiB for Llama 3's vocabulary).
+pub const DEFAULT_DRAFT_TOKENS: usize = 8;
 
 /// The most choices one request may ask for (OpenAI's limit for `n`).
 pub const MAX_CHOICES: usize = 128;
@@ -277,6 +286,15 @@ struct Sequence {
     /// The prompt to give back; with its log probabilities, every prompt position is an output
     /// row of its pass.
     echo: Option<Echo>,
+    /// Tokens drafted, verified by the pass in flight.
+    draft: Vec<u32>,
+    /// The prompt's last tokens and the request's predicted output, tokenized ([`predicted_draft`]),
+    /// and where in it the latest draft began.
+    prediction: Vec<u32>,
+    prediction_cursor: usize,
+    /// Drafted tokens the model chose and did not: kept from the first draft, or from the start
+    /// for a request with a prediction.
+    drafts: Option<DraftUsage>,
 }
 
 impl Sequence {
@@ -344,13 +362,22 @@ fn token_logprob(candidates: &Candidates, token: u32, logit: f32, alternatives: 
 }
 
 /// A sequence's part of a pass: its tokens, how many of the first score the prompt token after
-/// them (output rows before the sampled one), and whether the pass samples its next token.
+/// them (output rows before the sampled one), whether the pass samples its next token, and how
+/// many of its tokens are drafts to verify (the last ones; each has an output row after the
+/// sampled one's).
 #[derive(Clone, Copy, Debug)]
 struct PassRow {
     id: SequenceId,
     tokens: usize,
     scored: usize,
     output: bool,
+    drafted: usize,
+}
+
+impl PassRow {
+    fn output_rows(&self) -> usize {
+        self.scored + self.output as usize + self.drafted
+    }
 }
 
 /// A request made ready for the engine: its prompts rendered and tokenized (ids within the
@@ -365,6 +392,8 @@ pub struct Prepared {
     sampling: SamplingParams,
     constraint: Option<Constraint>,
     calling: Option<ToolCalling>,
+    /// The predicted output's tokens (none without a prediction).
+    prediction: Vec<u32>,
 }
 
 /// Turns requests into prompts: an engine's tokenizer and chat template (both cheap to clone and
@@ -451,7 +480,11 @@ impl Prompter {
         if sampling.logprobs_wanted().is_some() {
             self.token_bytes()?;
         }
-        Ok(Prepared { prompts, echoes: None, sampling: sampling.clone(), constraint, calling })
+        let prediction = match &sampling.prediction {
+            Some(Prediction::Content { content }) => self.tokenizer.encode(content, false).map_err(EngineError::from)?,
+            None => vec![],
+        };
+        Ok(Prepared { prompts, echoes: None, sampling: sampling.clone(), constraint, calling, prediction })
     }
 
     /// Tokens that end generation.
@@ -584,6 +617,10 @@ pub struct Engine {
     next_id: SequenceId,
     /// Seeds for requests that bring none.
     seeds: ChaCha8Rng,
+    /// Whether greedy sequences draft by prompt lookup ([`Engine::with_prompt_lookup`]).
+    prompt_lookup: bool,
+    drafted_tokens: u64,
+    accepted_draft_tokens: u64,
 }
 
 impl Engine {
@@ -619,7 +656,18 @@ impl Engine {
             pending: None,
             next_id: 0,
             seeds: ChaCha8Rng::seed_from_u64(seed),
+            prompt_lookup: false,
+            drafted_tokens: 0,
+            accepted_draft_tokens: 0,
         })
+    }
+
+    /// With `on`, greedy sequences draft the tokens that followed an earlier occurrence of their
+    /// last tokens ([`prompt_lookup`]) as far as the model keeps rows for drafts
+    /// ([`crate::LoadOptions::draft_tokens`]), and verify them in one pass.
+    pub fn with_prompt_lookup(mut self, on: bool) -> Self {
+        self.prompt_lookup = on;
+        self
     }
 
     pub fn model(&self) -> &Llama {
@@ -704,7 +752,7 @@ impl Engine {
     /// [`Engine::add_choices`] adds them, prompt by prompt: the choices of each prompt are what a
     /// request of that prompt alone would give. Every prompt is checked before any is queued.
     pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let Prepared { prompts, echoes, sampling: ref params, constraint, calling } = prepared;
+        let Prepared { prompts, echoes, sampling: ref params, constraint, calling, prediction } = prepared;
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());
         }
@@ -752,6 +800,13 @@ impl Engine {
                     tool_calls: calling.clone().map(|(format, tools)| ToolCallStream::new(format, tools)),
                     calls: vec![],
                     echo: echo.clone(),
+                    draft: vec![],
+                    prediction: match prediction.is_empty() {
+                        true => vec![],
+                        false => [&prompt[prompt.len().saturating_sub(*LOOKUP_NGRAM.end() - 1)..], &prediction].concat(),
+                    },
+                    prediction_cursor: 0,
+                    drafts: params.prediction.is_some().then(DraftUsage::default),
                 });
             }
         }
@@ -799,6 +854,8 @@ impl Engine {
             kv_page_size: PAGE_SIZE,
             kv_page_bytes: KvPool::bytes_per_page(self.model.config(), self.model.kv_pool().kv_type),
             kv_buffers: self.model.kv_pool().buffers(),
+            drafted_tokens: self.drafted_tokens,
+            accepted_draft_tokens: self.accepted_draft_tokens,
         }
     }
 
@@ -896,12 +953,17 @@ impl Engine {
         }
     }
 
-    /// Submits a pass of the running sequences' next tokens: every decoding sequence's token, then
-    /// prefill chunks, oldest sequence first, as far as the batch size allows. Prompts being
-    /// scored come last: each of their positions is an output row, and they take the rows left.
+    /// Submits a pass of the running sequences' next tokens: every decoding sequence's token (and
+    /// the drafts of greedy ones), then prefill chunks, oldest sequence first, as far as the batch
+    /// size allows. Prompts being scored come last: each of their positions is an output row, and
+    /// they take the rows left.
     fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
         let mut budget = self.model.max_batch();
         let mut outputs_left = self.model.max_outputs(); // rows of logits
+        // Drafts only while the pass stays within the decode GEMVs, which read each weight once
+        // for all of its tokens: past them a verification costs a tiled matmul.
+        let decoding = self.running.iter().filter(|s| s.tokens.len() - s.computed == 1).count();
+        let mut draft_room = (self.model.gpu().gemv_max_tokens as usize).saturating_sub(decoding);
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| {
             let sequence = &self.running[i];
@@ -924,20 +986,32 @@ impl Engine {
                     false => break,
                 }
             }
-            budget -= take;
             let first = sequence.computed;
             let output = first + take == sequence.tokens.len();
+            let (draft, prediction_cursor) = match output && take == 1 {
+                // Every sequence after this one keeps a row for its sampled token.
+                true => self.draft_for(sequence, draft_room.min(budget - 1).min(outputs_left.saturating_sub(self.running.len() - rows.len()))),
+                false => (vec![], sequence.prediction_cursor),
+            };
+            draft_room -= draft.len();
             // Positions before the prompt's last score the prompt token after them.
             let scored = if scoring { (first + take).min(sequence.prompt_len - 1).saturating_sub(first) } else { 0 };
             ids.extend_from_slice(&sequence.tokens[first..first + take]);
-            rows.push(PassRow { id: sequence.id, tokens: take, scored, output });
-            self.place(i, first, take, &mut batch);
+            ids.extend_from_slice(&draft);
+            let row = PassRow { id: sequence.id, tokens: take + draft.len(), scored, output, drafted: draft.len() };
+            self.drafted_tokens += draft.len() as u64;
+            self.running[i].draft = draft;
+            self.running[i].prediction_cursor = prediction_cursor;
+            budget -= row.tokens;
+            self.place(i, first, row.tokens, &mut batch);
             let end = batch.slots.len() as u32;
-            batch.outputs.extend(end - take as u32..end - take as u32 + scored as u32);
+            let first_row = end - row.tokens as u32;
+            batch.outputs.extend(first_row..first_row + scored as u32);
             if output {
-                batch.outputs.push(end - 1);
+                batch.outputs.extend(end - 1 - row.drafted as u32..end);
             }
-            outputs_left -= scored + output as usize;
+            outputs_left -= row.output_rows();
+            rows.push(row);
         }
         if rows.is_empty() {
             return Ok(None);
@@ -950,11 +1024,34 @@ impl Engine {
                 let alternatives = s.top_logprobs.unwrap_or(0);
                 (s.computed + 1..s.computed + 1 + r.scored).map(move |next| Some(Selection { k: alternatives.max(1), temperature: 1.0, scored_token: Some(s.tokens[next]) }))
             });
-            scored.chain(r.output.then(|| sequence.and_then(Sequence::selection)))
+            let sampled = if r.output { 1 + r.drafted } else { 0 };
+            scored.chain(std::iter::repeat_n(sequence.and_then(Sequence::selection), sampled))
         });
         batch.top_k = selections(wanted);
         self.model.submit(&batch, PassTokens::Host(&ids))?;
         Ok(Some(rows))
+    }
+
+    /// Up to `room` tokens for a decoding `sequence` to draft, within the pages it reserved: from
+    /// its prediction, else by prompt lookup where the engine does it; none unless it decodes
+    /// greedily. With the draft, where it began in the prediction.
+    fn draft_for(&self, sequence: &Sequence, room: usize) -> (Vec<u32>, usize) {
+        let cursor = sequence.prediction_cursor;
+        if !self.may_draft(sequence) {
+            return (vec![], cursor);
+        }
+        let positions_left = sequence.max_positions(self.model.context_length()).saturating_sub(sequence.tokens.len() + 1);
+        let max = self.model.draft_tokens().min(room).min(positions_left);
+        match predicted_draft(&sequence.tokens, &sequence.prediction, cursor, max) {
+            Some(drafted) => drafted,
+            None if self.prompt_lookup => (prompt_lookup(&sequence.tokens, max), cursor),
+            None => (vec![], cursor),
+        }
+    }
+
+    /// Whether `sequence` may draft tokens to verify (and so reads each token before its next pass).
+    fn may_draft(&self, sequence: &Sequence) -> bool {
+        self.model.draft_tokens() > 0 && sequence.plain_greedy() && (self.prompt_lookup || !sequence.prediction.is_empty())
     }
 
     /// Adds the slots of running sequence `i`'s positions first..first + n to `batch`, taking
@@ -985,12 +1082,13 @@ impl Engine {
 
     /// Submits the greedy decode step after the pass of `rows`, fed by its tokens on the GPU, when
     /// that step is sure to run: the pass decoded every running sequence, each greedily, each will
-    /// run again unless a stop ends it, and no waiting request could be admitted instead.
+    /// run again unless a stop ends it, and no waiting request could be admitted instead. Not
+    /// where a sequence may draft: a draft is looked up from the tokens the pass computes.
     fn chain_after(&mut self, rows: &[PassRow]) -> Result<Option<Vec<PassRow>>> {
         let context = self.model.context_length();
         let admissible = !self.waiting.is_empty() && !self.free_slots.is_empty();
         let all_decode = rows.len() == self.running.len() && rows.iter().all(|r| r.tokens == 1 && r.scored == 0 && r.output);
-        let runs_next = |s: &Sequence| s.plain_greedy() && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context;
+        let runs_next = |s: &Sequence| s.plain_greedy() && !self.may_draft(s) && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context;
         let indices: Vec<usize> = rows.iter().filter_map(|r| self.running.iter().position(|s| s.id == r.id && runs_next(s))).collect();
         if admissible || !all_decode || indices.len() != rows.len() {
             return Ok(None);
@@ -1018,7 +1116,7 @@ impl Engine {
             if row.output && self.sequence(row.id).is_some_and(Sequence::reads_logits) {
                 reading.push(next_row);
             }
-            next_row += row.output as usize;
+            next_row += row.output as usize + row.drafted;
         }
         let mut read_logits: HashMap<usize, Vec<f32>> = reading.iter().copied().zip(self.model.read_logits_rows(&reading).await?).collect();
         // Only log probabilities name tokens by their bytes; their requests built them when prepared.
@@ -1030,7 +1128,7 @@ impl Engine {
         for row in rows {
             let scored_rows = output_row..output_row + row.scored;
             let this_row = output_row + row.scored;
-            output_row += row.scored + row.output as usize;
+            output_row += row.output_rows();
             // A sequence cancelled or ended while the pass ran is gone; its results go unread.
             let Some(i) = self.running.iter().position(|s| s.id == row.id) else { continue };
             let sequence = &mut self.running[i];
@@ -1042,14 +1140,10 @@ impl Engine {
                     scores.push(token_logprob(candidates, sequence.tokens[position + 1], logit, alternatives, &bytes));
                 }
             }
-            sequence.computed += row.tokens;
-            let full_pages = sequence.computed / PAGE_SIZE;
-            while sequence.page_hashes.len() < full_pages {
-                let index = sequence.page_hashes.len();
-                let parent = sequence.page_hashes.last().copied().unwrap_or_default();
-                let tokens = &sequence.tokens[index * PAGE_SIZE..(index + 1) * PAGE_SIZE];
-                sequence.page_hashes.push(self.pages.cache_full(sequence.pages[index], parent, tokens));
-            }
+            // Drafts' positions count once the model has chosen their tokens.
+            sequence.computed += row.tokens - row.drafted;
+            self.cache_full_pages(i);
+            let sequence = &mut self.running[i];
             if !row.output {
                 events.push((sequence.id, Event::Prefill { done: sequence.computed, total: sequence.tokens.len() }));
                 continue;
@@ -1082,27 +1176,51 @@ impl Engine {
                     self.running[i].choose(&mut logits).map(|token| (token, Some(logits[token as usize])))
                 }
             };
-            let ending = match chosen {
+            let mut ending = match chosen {
                 Ok((token, logit)) => {
-                    let logprob = match self.running[i].top_logprobs {
-                        Some(alternatives) => {
-                            let candidates = selected(&output, this_row)?;
-                            let logit = logit.or_else(|| candidates.logit_of(token));
-                            let logit = logit.ok_or_else(|| EngineError::Internal(format!("token {token} of output row {this_row} is not among its candidates")))?;
-                            Some(token_logprob(candidates, token, logit, alternatives, &bytes))
-                        }
-                        None => None,
-                    };
+                    let logprob = logprob_of(&output, this_row, token, logit, self.running[i].top_logprobs, &bytes)?;
                     self.accept(i, token, logprob, events)
                 }
                 Err(error) => Some(Err(EngineError::from(error).into())),
             };
+            // While the model chose the drafted token, the keys and values computed for it stand,
+            // and its row gives the token after it (greedy: the argmax).
+            let draft = std::mem::take(&mut self.running[i].draft);
+            let mut accepted = 0;
+            for (row, &drafted) in (this_row + 1..).zip(&draft) {
+                if ending.is_some() || self.running[i].tokens.last() != Some(&drafted) {
+                    break;
+                }
+                self.running[i].computed += 1;
+                accepted += 1;
+                let token = output.argmax[row];
+                let logprob = logprob_of(&output, row, token, None, self.running[i].top_logprobs, &bytes)?;
+                ending = self.accept(i, token, logprob, events);
+            }
+            if !draft.is_empty() {
+                self.cache_full_pages(i);
+                self.accepted_draft_tokens += accepted as u64;
+                let drafts = self.running[i].drafts.get_or_insert_default();
+                drafts.accepted += accepted;
+                drafts.rejected += draft.len() as u32 - accepted;
+            }
             if let Some(ending) = ending {
                 let sequence = self.running.remove(i);
                 self.end(sequence, ending, events);
             }
         }
         Ok(())
+    }
+
+    /// Caches the full pages of running sequence `i` not cached yet, for later prompts to share.
+    fn cache_full_pages(&mut self, i: usize) {
+        let sequence = &mut self.running[i];
+        while sequence.page_hashes.len() < sequence.computed / PAGE_SIZE {
+            let index = sequence.page_hashes.len();
+            let parent = sequence.page_hashes.last().copied().unwrap_or_default();
+            let tokens = &sequence.tokens[index * PAGE_SIZE..(index + 1) * PAGE_SIZE];
+            sequence.page_hashes.push(self.pages.cache_full(sequence.pages[index], parent, tokens));
+        }
     }
 
     /// Adds a sampled token to sequence `i` and streams its text; returns how the sequence ends,
@@ -1215,6 +1333,16 @@ fn selected(output: &PassOutput, row: usize) -> Result<&Candidates> {
     Ok(output.candidates.get(row).ok_or_else(|| EngineError::Internal(format!("output row {row} has no top-k selection")))?)
 }
 
+/// The log probability of `token` chosen from output row `row` (and its `alternatives`), when the
+/// request wants them; `logit` where the full logits were read, else the candidates hold it.
+fn logprob_of(output: &PassOutput, row: usize, token: u32, logit: Option<f32>, alternatives: Option<usize>, bytes: &dyn Fn(u32) -> Vec<u8>) -> Result<Option<TokenLogprob>> {
+    let Some(alternatives) = alternatives else { return Ok(None) };
+    let candidates = selected(output, row)?;
+    let logit = logit.or_else(|| candidates.logit_of(token));
+    let logit = logit.ok_or_else(|| EngineError::Internal(format!("token {token} of output row {row} is not among its candidates")))?;
+    Ok(Some(token_logprob(candidates, token, logit, alternatives, &bytes)))
+}
+
 /// A pass's top-k selections: one for every output row when any row wants one (the others' go
 /// unread), none otherwise.
 fn selections(wanted: impl Iterator<Item = Option<Selection>>) -> Vec<Selection> {
@@ -1223,6 +1351,44 @@ fn selections(wanted: impl Iterator<Item = Option<Selection>>) -> Vec<Selection>
         true => wanted.into_iter().map(Option::unwrap_or_default).collect(),
         false => vec![],
     }
+}
+
+/// The shortest and longest runs of a sequence's last tokens that prompt lookup matches.
+const LOOKUP_NGRAM: std::ops::RangeInclusive<usize> = 2..=4;
+
+/// Where `find` locates the longest run of `tokens`' last tokens (LOOKUP_NGRAM long), and how
+/// long that run is.
+fn longest_match(tokens: &[u32], mut find: impl FnMut(&[u32]) -> Option<usize>) -> Option<(usize, usize)> {
+    LOOKUP_NGRAM.rev().filter(|&n| n <= tokens.len()).find_map(|n| find(&tokens[tokens.len() - n..]).map(|start| (start, n)))
+}
+
+/// Prompt lookup (vLLM's `ngram` speculation, llama.cpp's lookup decoding): up to `max` tokens
+/// that followed the latest earlier occurrence of the last tokens, the longest such run first
+/// (4 tokens down to 2). A match that runs into the end goes on as the repetition it is in.
+pub fn prompt_lookup(tokens: &[u32], max: usize) -> Vec<u32> {
+    let len = tokens.len();
+    let earlier = |run: &[u32]| (0..len.saturating_sub(run.len())).rev().find(|&p| &tokens[p..p + run.len()] == run);
+    let Some((start, n)) = longest_match(tokens, earlier).filter(|_| max > 0) else { return vec![] };
+    let mut draft = Vec::with_capacity(max);
+    for k in start + n..start + n + max {
+        draft.push(if k < len { tokens[k] } else { draft[k - len] });
+    }
+    draft
+}
+
+/// A draft from a `prediction` (the prompt's last tokens, then the predicted output): up to `max`
+/// tokens after the first occurrence from `cursor` on of the longest run of `tokens`' last ones
+/// (else after its first occurrence anywhere), and where that draft begins, the next cursor. The
+/// output goes through the prediction in order, leaving it where it differs and coming back.
+pub fn predicted_draft(tokens: &[u32], prediction: &[u32], cursor: usize, max: usize) -> Option<(Vec<u32>, usize)> {
+    let occurs_at = |run: &[u32], p: usize| prediction.get(p..p + run.len()) == Some(run) && p + run.len() < prediction.len();
+    let first = |run: &[u32]| {
+        let from = cursor.saturating_sub(run.len());
+        (from..prediction.len()).chain(0..from).find(|&p| occurs_at(run, p))
+    };
+    let (start, n) = longest_match(tokens, first).filter(|_| max > 0)?;
+    let begin = start + n;
+    Some((prediction[begin..(begin + max).min(prediction.len())].to_vec(), begin))
 }
 
 /// Positions a sequence may reach, from which its pages are reserved.
@@ -1246,6 +1412,7 @@ fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             cached_prompt_tokens: sequence.cached_prompt as u32,
+            drafts: sequence.drafts,
         },
         prompt_shared: sequence.after.is_some(),
         echo: sequence.echo.map(|echo| Echo { tokens: sequence.tokens[..sequence.prompt_len].to_vec(), ..echo }),
@@ -1345,7 +1512,34 @@ impl StopStrings {
 
 #[cfg(test)]
 mod tests {
-    use super::StopStrings;
+    use super::{predicted_draft, prompt_lookup, StopStrings};
+
+    #[test]
+    fn prompt_lookup_drafts_what_followed_the_latest_longest_match() {
+        // "3 4" last came before 9; "2 3 4" (longer) came before 5.
+        assert_eq!(prompt_lookup(&[1, 2, 3, 4, 5, 6, 3, 4, 9, 2, 3, 4], 3), [5, 6, 3]);
+        assert_eq!(prompt_lookup(&[7, 3, 4, 9, 1, 3, 4], 2), [9, 1]);
+        // Running into the end goes on with the repetition: period 2.
+        assert_eq!(prompt_lookup(&[8, 5, 6, 5, 6], 5), [5, 6, 5, 6, 5]);
+        assert_eq!(prompt_lookup(&[1, 2, 3, 4], 4), Vec::<u32>::new());
+        assert_eq!(prompt_lookup(&[1, 2, 1, 2], 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_prediction_is_drafted_in_order_from_where_the_output_stands() {
+        // The prompt's last tokens (10, 11, 12), then the prediction.
+        let prediction = [10, 11, 12, 1, 2, 3, 1, 2, 4, 5];
+        // At the start: the output's first token follows the prompt.
+        assert_eq!(predicted_draft(&[9, 10, 11, 12, 1], &prediction, 0, 3), Some((vec![2, 3, 1], 4)));
+        // The longest run decides; "1 2" is twice in it: the first from the cursor on counts.
+        assert_eq!(predicted_draft(&[12, 1, 2, 3, 1, 2], &prediction, 4, 2), Some((vec![4, 5], 8)));
+        assert_eq!(predicted_draft(&[7, 1, 2], &prediction, 4, 2), Some((vec![3, 1], 5)));
+        assert_eq!(predicted_draft(&[7, 1, 2], &prediction, 7, 2), Some((vec![4, 5], 8)));
+        // Behind the cursor only as a last resort; nothing past the prediction's end.
+        assert_eq!(predicted_draft(&[7, 11, 12], &prediction, 9, 4), Some((vec![1, 2, 3, 1], 3)));
+        assert_eq!(predicted_draft(&[4, 5], &prediction, 9, 4), None);
+        assert_eq!(predicted_draft(&[6, 7], &prediction, 0, 4), None);
+    }
 
     /// What `stops` let through of `pieces`, pushed one at a time, and whether one of them cut it.
     fn through(stops: &[&str], pieces: &[&str]) -> (Vec<String>, bool) {

@@ -181,6 +181,10 @@ struct WebLoadOptions {
     hub_endpoint: Option<String>,
     /// Matmuls of block-quantized weights on int8 inputs (GpuOptions::q8_activations).
     q8_activations: Option<bool>,
+    /// Greedy requests draft by prompt lookup (Engine::with_prompt_lookup; default false).
+    prompt_lookup: Option<bool>,
+    /// The most tokens a greedy request drafts ahead (LoadOptions::draft_tokens).
+    draft_tokens: Option<usize>,
 }
 
 #[wasm_bindgen(start)]
@@ -191,7 +195,7 @@ fn start() {
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file; or an `hf:`
 /// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
 /// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
-/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?}`. `on_progress(bytesDone, bytesTotal, tensor,
+/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, promptLookup?, draftTokens?}`. `on_progress(bytesDone, bytesTotal, tensor,
 /// stage)` is called as the load goes through its stages: "self-test" (the kernels checked on this
 /// GPU, before the weights), then per chunk of weights uploaded "download" or "cache" (where they
 /// came from), then "prepare" once they all are (the KV cache allocated, the passes built).
@@ -222,6 +226,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         context_length: options.context_length,
         max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
         scoring_memory: 0,
+        draft_tokens: options.draft_tokens.unwrap_or(crate::engine::DEFAULT_DRAFT_TOKENS),
         kv_memory: options.kv_memory,
         kv_contexts: Some(1),
         max_batch: MAX_BATCH,
@@ -247,7 +252,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     };
     let described = describe_engine(&gpu, &model, Some(&source));
     let seed = (js_sys::Math::random() * 9007199254740992.0) as u64;
-    let engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?;
+    let engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?.with_prompt_lookup(options.prompt_lookup.unwrap_or(false));
     STATE.with_borrow_mut(|s| {
         s.load = engine.load();
         s.prompter = Some(engine.prompter().clone());

@@ -379,11 +379,12 @@ def test_cancel_non_streaming_and_queued_by_disconnect(key_server):
         except openai.APITimeoutError:
             ends[prompt] = "timed out"
 
-    # The first runs and gives up after 2 s; the second waits behind it and gives up after 0.3 s.
+    # The first runs and gives up after 2 s; the second, sent once the first is running (a fixed
+    # pause let a loaded machine send them the other way round), waits and gives up after 0.3 s.
     threads = [threading.Thread(target=long_request, args=args) for args in [("Once", 2.0), ("Twice", 0.3)]]
-    for thread in threads:
-        thread.start()
-        time.sleep(0.05)
+    threads[0].start()
+    wait_until(lambda: server.health()["requests"]["running"] == 1, timeout=2, what="the first request running")
+    threads[1].start()
     for thread in threads:
         thread.join()
     after = wait_until(lambda: idle(server), what="an idle server")

@@ -183,6 +183,9 @@ pub struct SamplingParams {
     /// Chat: the number of most likely alternatives returned with each token's log probability.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_logprobs: Option<u32>,
+    /// Text the output is expected to be much like (OpenAI's Predicted Outputs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<Prediction>,
 }
 
 impl SamplingParams {
@@ -194,6 +197,14 @@ impl SamplingParams {
             Some(Logprobs::Enabled(false)) | None => None,
         }
     }
+}
+
+/// `prediction`: what a greedy request drafts its next tokens from, to verify several in one pass
+/// (a file being edited, a document being rewritten).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Prediction {
+    Content { content: String },
 }
 
 /// `logprobs`: a flag on chat completions, a count of alternatives on text completions.
@@ -283,4 +294,21 @@ pub struct Usage {
     pub total_tokens: u32,
     /// Prompt tokens whose KV cache entries were reused from the previous request.
     pub cached_prompt_tokens: u32,
+    /// Drafted tokens (from a prediction or by prompt lookup) the model chose, and those it did
+    /// not; None where the request drafted nothing and brought no prediction.
+    pub drafts: Option<DraftUsage>,
+}
+
+/// OpenAI's `accepted_prediction_tokens` and `rejected_prediction_tokens`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DraftUsage {
+    pub accepted: u32,
+    pub rejected: u32,
+}
+
+impl DraftUsage {
+    /// The sum over choices, None where none has any.
+    pub fn sum(usages: impl Iterator<Item = Option<DraftUsage>>) -> Option<DraftUsage> {
+        usages.flatten().reduce(|a, b| DraftUsage { accepted: a.accepted + b.accepted, rejected: a.rejected + b.rejected })
+    }
 }

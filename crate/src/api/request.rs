@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::{ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat, SamplingParams, Tool, ToolChoice};
+use super::{ChatCompletionRequest, ChatMessage, CompletionRequest, Prediction, ResponseFormat, SamplingParams, Tool, ToolChoice};
 use crate::engine::{Endpoint, EngineError, MAX_CHOICES, MAX_TOP_LOGPROBS};
 use crate::text::TextError;
 
@@ -342,6 +342,7 @@ fn common_fields(object: &mut Map<String, Value>, zero_tokens: bool) -> Result<C
         "tool_choice",
         "parallel_tool_calls",
         "builtin_tools",
+        "prediction",
     ] {
         if object.get(name).is_some_and(Value::is_null) {
             object.remove(name);
@@ -381,6 +382,11 @@ fn common_fields(object: &mut Map<String, Value>, zero_tokens: bool) -> Result<C
         object.insert("max_tokens".into(), limit);
     }
     field::<ResponseFormat>(object, "response_format")?;
+    if let Some(Value::Array(parts)) = object.get("prediction").and_then(|p| p.get("content")) {
+        let text = joined_text_parts(parts, "prediction.content", "prediction")?;
+        object["prediction"]["content"] = Value::String(text);
+    }
+    field::<Prediction>(object, "prediction")?;
     match object.get("stop") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
         Some(Value::Array(stops)) if stops.iter().all(Value::is_string) => {}
@@ -400,21 +406,23 @@ fn normalize_message(message: &mut Value, index: usize) -> Result<(), RequestErr
     };
     fields.retain(|name, value| !value.is_null() && !matches!(name.as_str(), "refusal" | "annotations"));
     if let Some(Value::Array(parts)) = fields.get("content") {
-        let mut text = String::new();
-        for (j, part) in parts.iter().enumerate() {
-            match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                (Some("text"), Some(part_text)) => text.push_str(part_text),
-                _ => {
-                    return Err(RequestError::unsupported(
-                        "messages",
-                        format!("messages[{index}].content[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported"),
-                    ))
-                }
-            }
-        }
+        let text = joined_text_parts(parts, &format!("messages[{index}].content"), "messages")?;
         fields.insert("content".into(), Value::String(text));
     }
     Ok(())
+}
+
+/// The text of content given as a list of text parts (`{"type": "text", "text": ...}`), as
+/// OpenAI clients may send it; `place` names it and `param` is blamed for another kind of part.
+fn joined_text_parts(parts: &[Value], place: &str, param: &str) -> Result<String, RequestError> {
+    let mut text = String::new();
+    for (j, part) in parts.iter().enumerate() {
+        match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+            (Some("text"), Some(part_text)) => text.push_str(part_text),
+            _ => return Err(RequestError::unsupported(param, format!("{place}[{j}]: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported"))),
+        }
+    }
+    Ok(text)
 }
 
 /// Checks one field's type, naming the field (and the place inside it) when it is wrong.
@@ -626,6 +634,26 @@ mod tests {
         assert_eq!(read_detokenize(parse_body(br#"{"tokens": []}"#).unwrap()), Ok(vec![]));
         let e = read_detokenize(parse_body(br#"{"tokens": [3, 4.5]}"#).unwrap()).err().unwrap();
         assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("tokens"), "tokens[1]: 4.5 is not a token id"));
+    }
+
+    #[test]
+    fn a_prediction_is_text_or_text_parts() {
+        let prediction = |body: &str| match read_chat(parse_body(body.as_bytes()).unwrap(), UnknownFields::Refuse) {
+            Ok(Parsed { work: Work::Chat(request), .. }) => Ok(request.sampling.prediction),
+            Ok(_) => unreachable!(),
+            Err(e) => Err((e.param, e.message)),
+        };
+        let messages = r#""messages": [{"role": "user", "content": "hi"}]"#;
+        let content = |text: &str| Ok(Some(Prediction::Content { content: text.into() }));
+        assert_eq!(prediction(&format!(r#"{{{messages}, "prediction": {{"type": "content", "content": "fn main() {{}}"}}}}"#)), content("fn main() {}"));
+        let parts = r#"{"type": "content", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}"#;
+        assert_eq!(prediction(&format!(r#"{{{messages}, "prediction": {parts}}}"#)), content("ab"));
+        assert_eq!(prediction(&format!(r#"{{{messages}, "prediction": null}}"#)), Ok(None));
+        let e = prediction(&format!(r#"{{{messages}, "prediction": {{"type": "diff", "content": "a"}}}}"#)).unwrap_err();
+        assert_eq!(e.0.as_deref(), Some("prediction"), "{}", e.1);
+        assert!(e.1.starts_with("prediction.type: unknown variant `diff`"), "{}", e.1);
+        let e = prediction(&format!(r#"{{{messages}, "prediction": {{"type": "content", "content": [{{"type": "image_url"}}]}}}}"#)).unwrap_err();
+        assert_eq!(e, (Some("prediction".into()), r#"prediction.content[0]: only text parts ({"type": "text", "text": ...}) are supported"#.into()));
     }
 
     #[test]

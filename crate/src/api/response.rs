@@ -49,12 +49,16 @@ pub struct ResponseMeta {
 }
 
 pub fn usage_json(usage: &Usage) -> Value {
-    json!({
+    let mut json = json!({
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
-    })
+    });
+    if let Some(drafts) = usage.drafts {
+        json["completion_tokens_details"] = json!({"accepted_prediction_tokens": drafts.accepted, "rejected_prediction_tokens": drafts.rejected});
+    }
+    json
 }
 
 pub fn finish_reason(reason: FinishReason) -> &'static str {
@@ -330,13 +334,14 @@ impl ChunkStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::DraftUsage;
 
     fn meta(endpoint: Endpoint) -> ResponseMeta {
         ResponseMeta { endpoint, id: "chatcmpl-1".into(), created: 7, model: "tiny".into() }
     }
 
     fn completion() -> Completion {
-        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 };
+        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, drafts: None };
         Completion { text: "Hi there".into(), tokens: vec![1, 2], finish_reason: FinishReason::Length, usage, ..Default::default() }
     }
 
@@ -351,6 +356,10 @@ mod tests {
             body["usage"],
             json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "prompt_tokens_details": {"cached_tokens": 3}})
         );
+        // Drafts (a prediction or prompt lookup) are counted as OpenAI counts a prediction's tokens.
+        let drafted = Completion { usage: Usage { drafts: Some(DraftUsage { accepted: 4, rejected: 1 }), ..completion().usage }, ..completion() };
+        let body = meta(Endpoint::Chat).completion(&[drafted.clone(), drafted]);
+        assert_eq!(body["usage"]["completion_tokens_details"], json!({"accepted_prediction_tokens": 8, "rejected_prediction_tokens": 2}));
     }
 
     #[test]

@@ -146,6 +146,16 @@ struct ModelArgs {
     /// as one buffer binds, halved while the GPU's memory cannot hold it).
     #[arg(long, value_parser = parse_size)]
     kv_memory: Option<u64>,
+    /// Speculative decoding by prompt lookup: every greedy request drafts the tokens that followed
+    /// an earlier occurrence of its last 2-4 tokens (in its prompt or output) and verifies them in
+    /// one pass, keeping those the model chooses too. Pays where the output repeats its input
+    /// (editing, extraction, code); the tokens are those of plain decoding.
+    #[arg(long)]
+    prompt_lookup: bool,
+    /// The most tokens a greedy request drafts ahead, by prompt lookup or from its `prediction`
+    /// (each takes a row of logits per sequence; 0: no drafts).
+    #[arg(long, default_value_t = llama_webgpu::engine::DEFAULT_DRAFT_TOKENS)]
+    draft_tokens: usize,
 }
 
 impl ModelArgs {
@@ -154,6 +164,7 @@ impl ModelArgs {
             context_length: self.context,
             max_sequences: self.parallel.unwrap_or(1),
             kv_memory: self.kv_memory,
+            draft_tokens: self.draft_tokens,
             ..Default::default()
         }
     }
@@ -315,6 +326,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "usage": completion.usage,
                     "load_seconds": load_s,
                     "generate_seconds": generate_s,
+                    "drafted_tokens": engine.load().drafted_tokens,
+                    "accepted_draft_tokens": engine.load().accepted_draft_tokens,
                 });
                 println!("{out}");
             } else {
@@ -348,7 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull { reference, context } => {
             // The memory estimate needs a device; a download does not.
             let gpu = Gpu::new(&options).await.inspect_err(|e| eprintln!("no GPU for a memory estimate: {e}")).ok();
-            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None };
+            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_tokens: 0 };
             let args = fetch_model(args, gpu.as_ref(), cli.quiet)?;
             println!("{}", args.model);
             Ok(())
@@ -481,7 +494,7 @@ async fn load_engine(gpu: &Gpu, args: &ModelArgs, options: &LoadOptions, quiet: 
     let (tokenizer, template) = files.text().with_context(|| text_files(Path::new(&args.model)))?;
     let model = upload_model(gpu, &files, options, quiet).await?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    Ok(Engine::new(model, tokenizer, template, seed)?)
+    Ok(Engine::new(model, tokenizer, template, seed)?.with_prompt_lookup(args.prompt_lookup))
 }
 
 fn open_model(args: &ModelArgs) -> anyhow::Result<load::ModelFiles> {

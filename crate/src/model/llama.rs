@@ -25,6 +25,9 @@ pub struct LoadOptions {
     /// Memory for rows of logits beyond one per sequence, which the positions of prompts being
     /// scored take (a completion's `echo` with `logprobs`): each row lets a pass score one more.
     pub scoring_memory: u64,
+    /// Tokens a greedy sequence may draft ahead by prompt lookup and verify in one pass: each
+    /// sequence gets a row of logits for each (0: no speculative decoding).
+    pub draft_tokens: usize,
     /// Bytes of the KV pool; default: `kv_contexts` full contexts, as many pages as one buffer
     /// binds where that is less, halved while the device's memory cannot hold it.
     pub kv_memory: Option<u64>,
@@ -34,7 +37,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, scoring_memory: 0, kv_memory: None, kv_contexts: None }
+        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, scoring_memory: 0, draft_tokens: 0, kv_memory: None, kv_contexts: None }
     }
 }
 
@@ -299,6 +302,7 @@ pub struct Llama {
     context: usize,
     max_batch: usize,
     max_outputs: usize,
+    draft_tokens: usize,
     max_key_splits: u32,          // of a decode pass's attention (StepParams::for_slots)
     kv_pool: KvPool,
     /// Whether slot 0's page table row is the identity the lone-sequence methods use.
@@ -434,7 +438,7 @@ impl Llama {
             return Err(ModelError::TooManySequences { sequences, what, max: rows_fitting }.into());
         }
         let scoring_rows = (options.scoring_memory / logits_row) as usize;
-        let max_outputs = (sequences + scoring_rows).min(max_batch).min((binding / logits_row) as usize);
+        let max_outputs = (sequences * (1 + options.draft_tokens) + scoring_rows).min(max_batch).min((binding / logits_row) as usize);
         gpu.check_binding("logits", 4 * c.vocab_size as u64)?;
 
         // A pool of a given size is made first, so that one the device cannot hold fails before
@@ -538,6 +542,7 @@ impl Llama {
             context,
             max_batch,
             max_outputs,
+            draft_tokens: options.draft_tokens,
             max_key_splits,
             kv_pool,
             identity_pages: false,
@@ -591,10 +596,15 @@ impl Llama {
         self.kv_pool.sequences
     }
 
-    /// Rows of logits a pass computes at most: a sampled row per sequence, and scored prompt
-    /// positions in the rows left ([`LoadOptions::scoring_memory`]).
+    /// Rows of logits a pass computes at most: a sampled row per sequence, drafted tokens'
+    /// rows, and scored prompt positions in the rows left ([`LoadOptions::scoring_memory`]).
     pub fn max_outputs(&self) -> usize {
         self.max_outputs
+    }
+
+    /// Tokens a sequence may draft ahead ([`LoadOptions::draft_tokens`]).
+    pub fn draft_tokens(&self) -> usize {
+        self.draft_tokens
     }
 
     pub fn kv_pool(&self) -> &KvPool {

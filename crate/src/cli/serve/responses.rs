@@ -134,7 +134,7 @@ mod tests {
     }
 
     fn completion() -> Completion {
-        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3 };
+        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, drafts: None };
         Completion { text: "Hi there".into(), tokens: vec![1, 2], finish_reason: FinishReason::Length, usage, ..Default::default() }
     }
 
