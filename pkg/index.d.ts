@@ -42,13 +42,14 @@ export interface EngineOptions {
    */
   q8Activations?: boolean;
   /**
-   * Speculative decoding by prompt lookup: a greedy request (temperature 0, no grammar) drafts up
-   * to this many tokens that followed an earlier occurrence of its last 2-4 tokens, in its prompt
-   * or output, and verifies them in one pass, keeping those the model chooses too. Pays where the
-   * output repeats the input (editing, extraction, code); the tokens are those of plain decoding.
-   * Default 0 (off).
+   * Speculative decoding by prompt lookup: a greedy request (temperature 0, no grammar) drafts the
+   * tokens that followed an earlier occurrence of its last 2-4 tokens, in its prompt or output,
+   * and verifies up to 6 in one pass, keeping those the model chooses too, while fewer than 7
+   * requests decode. Pays where the output repeats the input (editing, extraction, code); the
+   * tokens are those of plain decoding. A request's `prediction` drafts whatever this says.
+   * Default false.
    */
-  promptLookup?: number;
+  promptLookup?: boolean;
   /**
    * Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
    * transformers does. Default false: content is encoded as the text it is, so a user or a document

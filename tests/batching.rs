@@ -256,7 +256,8 @@ fn concurrent_requests_that_read_every_logit_produce_the_tokens_and_log_probabil
 /// probabilities are what plain decoding gives it alone.
 #[test]
 fn drafted_tokens_verified_in_one_pass_leave_every_request_its_tokens_alone() {
-    let Some(engine) = engine_with(LoadOptions { max_sequences: 16, draft_tokens: 4, ..Default::default() }) else { return };
+    // Four at a time, so that passes of fewer than 7 tokens come often and leave room for drafts.
+    let Some(engine) = engine(4, None) else { return };
     let mut engine = engine.with_prompt_lookup(true);
     let mut requests = requests(|i| SamplingParams {
         temperature: Some(if i % 5 == 4 { 0.8 } else { 0.0 }),

@@ -21,7 +21,7 @@ use crate::api::{
 use crate::api::request::{Prompt, TokenizeInput, Work};
 use crate::gpu::ops::{Candidates, Selection, TokenSlot};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
-use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, PAGE_SIZE};
+use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFT_PASS_TOKENS, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
 use crate::text::tool_calls::{ToolCallFormat, ToolCallStream, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
@@ -238,10 +238,6 @@ pub struct Load {
     pub drafted_tokens: u64,
     pub accepted_draft_tokens: u64,
 }
-
-/// Tokens a greedy request may draft ahead where a host is not told otherwise: each sequence then
-/// keeps rows of logits for 8 (4 MiB for Llama 3's vocabulary).
-pub const DEFAULT_DRAFT_TOKENS: usize = 8;
 
 /// The most choices one request may ask for (OpenAI's limit for `n`).
 pub const MAX_CHOICES: usize = 128;
@@ -663,8 +659,7 @@ impl Engine {
     }
 
     /// With `on`, greedy sequences draft the tokens that followed an earlier occurrence of their
-    /// last tokens ([`prompt_lookup`]) as far as the model keeps rows for drafts
-    /// ([`crate::LoadOptions::draft_tokens`]), and verify them in one pass.
+    /// last tokens ([`prompt_lookup`]) and verify them in one pass.
     pub fn with_prompt_lookup(mut self, on: bool) -> Self {
         self.prompt_lookup = on;
         self
@@ -960,10 +955,11 @@ impl Engine {
     fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
         let mut budget = self.model.max_batch();
         let mut outputs_left = self.model.max_outputs(); // rows of logits
-        // Drafts only while the pass stays within the decode GEMVs, which read each weight once
-        // for all of its tokens: past them a verification costs a tiled matmul.
+        // Drafts only while the pass stays small enough to cost what a decode step does (and to
+        // sum as one does): few sequences at a time, where a pass is bound by its weight reads.
         let decoding = self.running.iter().filter(|s| s.tokens.len() - s.computed == 1).count();
-        let mut draft_room = (self.model.gpu().gemv_max_tokens as usize).saturating_sub(decoding);
+        let pass_limit = MAX_DRAFT_PASS_TOKENS.min(self.model.gpu().gemv_max_tokens as usize);
+        let mut draft_room = pass_limit.saturating_sub(decoding);
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| {
             let sequence = &self.running[i];
@@ -1041,7 +1037,7 @@ impl Engine {
             return (vec![], cursor);
         }
         let positions_left = sequence.max_positions(self.model.context_length()).saturating_sub(sequence.tokens.len() + 1);
-        let max = self.model.draft_tokens().min(room).min(positions_left);
+        let max = room.min(positions_left);
         match predicted_draft(&sequence.tokens, &sequence.prediction, cursor, max) {
             Some(drafted) => drafted,
             None if self.prompt_lookup => (prompt_lookup(&sequence.tokens, max), cursor),
@@ -1051,7 +1047,7 @@ impl Engine {
 
     /// Whether `sequence` may draft tokens to verify (and so reads each token before its next pass).
     fn may_draft(&self, sequence: &Sequence) -> bool {
-        self.model.draft_tokens() > 0 && sequence.plain_greedy() && (self.prompt_lookup || !sequence.prediction.is_empty())
+        sequence.plain_greedy() && (self.prompt_lookup || !sequence.prediction.is_empty())
     }
 
     /// Adds the slots of running sequence `i`'s positions first..first + n to `batch`, taking

@@ -183,8 +183,6 @@ struct WebLoadOptions {
     q8_activations: Option<bool>,
     /// Greedy requests draft by prompt lookup (Engine::with_prompt_lookup; default false).
     prompt_lookup: Option<bool>,
-    /// The most tokens a greedy request drafts ahead (LoadOptions::draft_tokens).
-    draft_tokens: Option<usize>,
 }
 
 #[wasm_bindgen(start)]
@@ -195,7 +193,7 @@ fn start() {
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file; or an `hf:`
 /// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
 /// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
-/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, promptLookup?, draftTokens?}`. `on_progress(bytesDone, bytesTotal, tensor,
+/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, promptLookup?}`. `on_progress(bytesDone, bytesTotal, tensor,
 /// stage)` is called as the load goes through its stages: "self-test" (the kernels checked on this
 /// GPU, before the weights), then per chunk of weights uploaded "download" or "cache" (where they
 /// came from), then "prepare" once they all are (the KV cache allocated, the passes built).
@@ -226,7 +224,6 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         context_length: options.context_length,
         max_sequences: options.max_sequences.unwrap_or(DEFAULT_MAX_SEQUENCES),
         scoring_memory: 0,
-        draft_tokens: options.draft_tokens.unwrap_or(crate::engine::DEFAULT_DRAFT_TOKENS),
         kv_memory: options.kv_memory,
         kv_contexts: Some(1),
         max_batch: MAX_BATCH,

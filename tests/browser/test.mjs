@@ -152,7 +152,7 @@ try {
   const resumedFrom = requests.length;
 
   // 2. The package API in its worker: greedy chat, streamed, token ids and usage.
-  const api = await page.evaluate(async ({ model, prompt, maxTokens }) => {
+  const api = await page.evaluate(async ({ model, prompt, maxTokens, predicted }) => {
     const { createEngine } = await import("/pkg/index.js");
     const progress = [];
     const engine = await createEngine({ model, onProgress: (p) => progress.push(p.progress) });
@@ -161,6 +161,11 @@ try {
       messages: [{ role: "user", content: prompt }], stream: true, temperature: 0, max_tokens: maxTokens,
     })) chunks.push(chunk);
     const again = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+    // The reply predicted (OpenAI's Predicted Outputs): drafted and verified, the same tokens.
+    const predictedReply = await engine.chat.completions.create({
+      messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens, prediction: { type: "content", content: predicted },
+    });
+    const prediction = [predictedReply.choices[0].token_ids, Object.keys(predictedReply.usage.completion_tokens_details ?? {})];
     // Aborted through its signal before the first token.
     const controller = new AbortController();
     const aborted = engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], max_tokens: maxTokens, signal: controller.signal });
@@ -274,9 +279,9 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, textChunks, refused, q8, buffers, q8Inputs, tokenized, detokenized, tokenizeError, echo,
+      json, called, textChunks, refused, q8, buffers, q8Inputs, tokenized, detokenized, tokenizeError, echo, prediction,
     };
-  }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS });
+  }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS, predicted: native.text });
   log("browser info:", JSON.stringify(api.info));
   for (const i of [0, 1, 2]) assertEqual(requestsOf(shardPath(i), resumedFrom).length, 0, `requests for shard ${i} when resuming (stored before the interruption)`);
   assertEqual(requestsOf(shardPath(3), resumedFrom).length, 1, "requests for the interrupted shard 3 when resuming");
@@ -284,6 +289,7 @@ try {
   assertEqual(api.text, native.text, "streamed browser text vs native");
   assertEqual(api.again, native.tokens, "second, non-streamed request (KV cache reused)");
   assertEqual(api.afterBreak, native.tokens, "a request after a stream left early");
+  assertEqual(api.prediction, [native.tokens, ["accepted_prediction_tokens", "rejected_prediction_tokens"]], "a request with a prediction: tokens vs native, the drafts counted");
   assertEqual(api.usage.completion_tokens, native.tokens.length, "usage.completion_tokens on the last chunk");
   // The objects serve makes (crate::api::response): a chat stream opens with the role, usage in
   // OpenAI's shape; the same prompt again reuses its KV pages but the last token's.

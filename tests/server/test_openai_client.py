@@ -580,6 +580,31 @@ def test_a_request_larger_than_the_kv_pool_is_400_and_others_share_it(small_pool
     wait_until(lambda: server.health()["engine"]["kv_pages_free"] == 12, what="every page back in the pool")
 
 
+def test_a_prediction_drafts_tokens_and_changes_no_output(server, client):
+    """OpenAI's Predicted Outputs: the predicted text is drafted and verified in one pass; the
+    output is what it is without, the usage counts the drafted tokens."""
+    question = "Tell me about the sea."
+    plain = chat(client, question, max_tokens=24)
+    answer = plain.choices[0].message.content
+    prediction = {"type": "content", "content": answer}
+    predicted = chat(client, question, max_tokens=24, prediction=prediction)
+    assert predicted.choices[0].message.content == answer
+    assert predicted.choices[0].model_extra["token_ids"] == plain.choices[0].model_extra["token_ids"]
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= 1 and details.rejected_prediction_tokens >= 0, details
+    assert plain.usage.completion_tokens_details is None, plain.usage
+    content, finish, usage, _ = stream_chat(client, question, max_tokens=24, prediction=prediction)
+    assert (content, finish) == (answer, plain.choices[0].finish_reason)
+    assert usage.completion_tokens_details.accepted_prediction_tokens == details.accepted_prediction_tokens, usage
+    # Sampled requests take the prediction and draft nothing.
+    sampled = chat(client, question, max_tokens=8, temperature=0.9, seed=3, prediction=prediction)
+    assert sampled.usage.completion_tokens_details.accepted_prediction_tokens == 0, sampled.usage
+    wait_until(lambda: idle(server), what="the server to be idle")
+    metrics = http("GET", f"{server.url}/metrics").text
+    accepted = re.search(r'^llama_webgpu_draft_tokens_total\{outcome="accepted"\} (\d+)', metrics, re.M)
+    assert accepted and int(accepted.group(1)) >= 2 * details.accepted_prediction_tokens, metrics
+
+
 def test_metrics_parse_as_openmetrics(server, client, key_server):
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 

@@ -146,16 +146,13 @@ struct ModelArgs {
     /// as one buffer binds, halved while the GPU's memory cannot hold it).
     #[arg(long, value_parser = parse_size)]
     kv_memory: Option<u64>,
-    /// Speculative decoding by prompt lookup: every greedy request drafts the tokens that followed
-    /// an earlier occurrence of its last 2-4 tokens (in its prompt or output) and verifies them in
-    /// one pass, keeping those the model chooses too. Pays where the output repeats its input
-    /// (editing, extraction, code); the tokens are those of plain decoding.
+    /// Speculative decoding by prompt lookup: a greedy request drafts the tokens that followed an
+    /// earlier occurrence of its last 2-4 tokens (in its prompt or output) and verifies up to 6 in
+    /// one pass, keeping those the model chooses too, while fewer than 7 sequences decode. Pays
+    /// where the output repeats its input (editing, extraction, code); the tokens are those of
+    /// plain decoding.
     #[arg(long)]
     prompt_lookup: bool,
-    /// The most tokens a greedy request drafts ahead, by prompt lookup or from its `prediction`
-    /// (each takes a row of logits per sequence; 0: no drafts).
-    #[arg(long, default_value_t = llama_webgpu::engine::DEFAULT_DRAFT_TOKENS)]
-    draft_tokens: usize,
 }
 
 impl ModelArgs {
@@ -164,7 +161,6 @@ impl ModelArgs {
             context_length: self.context,
             max_sequences: self.parallel.unwrap_or(1),
             kv_memory: self.kv_memory,
-            draft_tokens: self.draft_tokens,
             ..Default::default()
         }
     }
@@ -361,7 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull { reference, context } => {
             // The memory estimate needs a device; a download does not.
             let gpu = Gpu::new(&options).await.inspect_err(|e| eprintln!("no GPU for a memory estimate: {e}")).ok();
-            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_tokens: 0 };
+            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false };
             let args = fetch_model(args, gpu.as_ref(), cli.quiet)?;
             println!("{}", args.model);
             Ok(())

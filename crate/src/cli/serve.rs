@@ -401,6 +401,11 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     registry.register("prompt_tokens", "Prompt tokens of ended requests", count(&stats.prompt_tokens));
     registry.register("cached_prompt_tokens", "Prompt tokens whose KV pages were reused", count(&stats.cached_prompt_tokens));
     registry.register("generated_tokens", "Tokens generated", count(&stats.generated_tokens));
+    let drafts = Family::<[(&'static str, &'static str); 1], Counter>::default();
+    for (outcome, counter) in [("accepted", &stats.accepted_draft_tokens), ("rejected", &stats.rejected_draft_tokens)] {
+        drafts.get_or_create(&[("outcome", outcome)]).inc_by(counter.load(Ordering::SeqCst));
+    }
+    registry.register("draft_tokens", "Drafted tokens (a prediction, prompt lookup) verified, by whether the model chose them", drafts);
     let gauge = |value: usize| ConstGauge::new(value as i64);
     registry.register("requests_queued", "Requests waiting for the engine", gauge(stats.queued.load(Ordering::SeqCst) + engine.waiting));
     registry.register("sequences_running", "Sequences the engine is running", gauge(engine.running));

@@ -11,6 +11,13 @@ use crate::Result;
 
 use super::{Config, KvPool, ModelError, PAGE_SIZE};
 
+/// The most tokens a pass holds while its sequences draft (speculative decoding): below
+/// DECODE_MAX_TOKENS, so attention stays one query per workgroup as in a plain decode step (the
+/// same sums, so the same tokens), and within one workgroup of GEMV columns (each weight read once).
+pub const MAX_DRAFT_PASS_TOKENS: usize = ops::DECODE_MAX_TOKENS as usize - 1;
+/// Rows of logits kept for drafted tokens: those of a lone sequence's token and its drafts.
+pub const MAX_DRAFTS: usize = MAX_DRAFT_PASS_TOKENS - 1;
+
 /// How the model is laid out on the GPU.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -25,9 +32,6 @@ pub struct LoadOptions {
     /// Memory for rows of logits beyond one per sequence, which the positions of prompts being
     /// scored take (a completion's `echo` with `logprobs`): each row lets a pass score one more.
     pub scoring_memory: u64,
-    /// Tokens a greedy sequence may draft ahead by prompt lookup and verify in one pass: each
-    /// sequence gets a row of logits for each (0: no speculative decoding).
-    pub draft_tokens: usize,
     /// Bytes of the KV pool; default: `kv_contexts` full contexts, as many pages as one buffer
     /// binds where that is less, halved while the device's memory cannot hold it.
     pub kv_memory: Option<u64>,
@@ -37,7 +41,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, scoring_memory: 0, draft_tokens: 0, kv_memory: None, kv_contexts: None }
+        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, scoring_memory: 0, kv_memory: None, kv_contexts: None }
     }
 }
 
@@ -302,7 +306,6 @@ pub struct Llama {
     context: usize,
     max_batch: usize,
     max_outputs: usize,
-    draft_tokens: usize,
     max_key_splits: u32,          // of a decode pass's attention (StepParams::for_slots)
     kv_pool: KvPool,
     /// Whether slot 0's page table row is the identity the lone-sequence methods use.
@@ -438,7 +441,7 @@ impl Llama {
             return Err(ModelError::TooManySequences { sequences, what, max: rows_fitting }.into());
         }
         let scoring_rows = (options.scoring_memory / logits_row) as usize;
-        let max_outputs = (sequences * (1 + options.draft_tokens) + scoring_rows).min(max_batch).min((binding / logits_row) as usize);
+        let max_outputs = (sequences + MAX_DRAFTS + scoring_rows).min(max_batch).min((binding / logits_row) as usize);
         gpu.check_binding("logits", 4 * c.vocab_size as u64)?;
 
         // A pool of a given size is made first, so that one the device cannot hold fails before
@@ -542,7 +545,6 @@ impl Llama {
             context,
             max_batch,
             max_outputs,
-            draft_tokens: options.draft_tokens,
             max_key_splits,
             kv_pool,
             identity_pages: false,
@@ -596,15 +598,11 @@ impl Llama {
         self.kv_pool.sequences
     }
 
-    /// Rows of logits a pass computes at most: a sampled row per sequence, drafted tokens'
-    /// rows, and scored prompt positions in the rows left ([`LoadOptions::scoring_memory`]).
+    /// Rows of logits a pass computes at most: a sampled row per sequence, rows for drafted
+    /// tokens ([`MAX_DRAFTS`]), and scored prompt positions in the rows left
+    /// ([`LoadOptions::scoring_memory`]).
     pub fn max_outputs(&self) -> usize {
         self.max_outputs
-    }
-
-    /// Tokens a sequence may draft ahead ([`LoadOptions::draft_tokens`]).
-    pub fn draft_tokens(&self) -> usize {
-        self.draft_tokens
     }
 
     pub fn kv_pool(&self) -> &KvPool {

@@ -76,6 +76,9 @@ pub struct Stats {
     /// Prompt tokens of all finished jobs, and those of them whose KV pages were reused.
     pub prompt_tokens: AtomicU64,
     pub cached_prompt_tokens: AtomicU64,
+    /// Drafted tokens of finished jobs the model chose, and those it did not.
+    pub accepted_draft_tokens: AtomicU64,
+    pub rejected_draft_tokens: AtomicU64,
     /// From the engine taking a job to its first token, and to its end.
     pub first_token_seconds: Histogram,
     pub request_seconds: Histogram,
@@ -102,6 +105,8 @@ impl Default for Stats {
             generated_tokens: Default::default(),
             prompt_tokens: Default::default(),
             cached_prompt_tokens: Default::default(),
+            accepted_draft_tokens: Default::default(),
+            rejected_draft_tokens: Default::default(),
             first_token_seconds: seconds(),
             request_seconds: seconds(),
             alive: Default::default(),
@@ -351,6 +356,9 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
             stats.generated_tokens.fetch_add(u64::from(generated), Ordering::SeqCst);
             stats.prompt_tokens.fetch_add(u64::from(usage.prompt_tokens), Ordering::SeqCst);
             stats.cached_prompt_tokens.fetch_add(u64::from(usage.cached_prompt_tokens), Ordering::SeqCst);
+            let drafts = usage.drafts.unwrap_or_default();
+            stats.accepted_draft_tokens.fetch_add(u64::from(drafts.accepted), Ordering::SeqCst);
+            stats.rejected_draft_tokens.fetch_add(u64::from(drafts.rejected), Ordering::SeqCst);
             stats.request_seconds.observe(seconds);
             let counter = if cancelled { &stats.cancelled } else { &stats.completed };
             counter.fetch_add(1, Ordering::SeqCst);
