@@ -160,7 +160,7 @@ run() {
         "8b-q4_0-no-coop-attention|--synthetic llama3.1-8b --quant q4_0 -p $p -n 0 --no-coop-attention"
         "8b-q4_0-q8-activations|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --q8-activations"
         "8b-q4_0-int-conversions|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n --int-conversions"
-        "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,16,32"
+        "8b-q4_0-parallel|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 2 --parallel 1,4,7,16,32"
         "8b-q4_0-profile|--synthetic llama3.1-8b --quant q4_0 -p $p -n $n -r 1 --profile"
         "8b-q4_0-q8-activations-profile|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 1 --profile --q8-activations"
         "8b-q4_0-q8-activations-parallel|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 1,4,16,32 --q8-activations"

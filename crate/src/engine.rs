@@ -21,7 +21,7 @@ use crate::api::{
 use crate::api::request::{Prompt, TokenizeInput, Work};
 use crate::gpu::ops::{Candidates, Selection, TokenSlot};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
-use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFT_PASS_TOKENS, PAGE_SIZE};
+use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFTS, MAX_DRAFT_PASS_TOKENS, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
 use crate::text::tool_calls::{ToolCallFormat, ToolCallStream, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
@@ -291,6 +291,10 @@ struct Sequence {
     /// Drafted tokens the model chose and did not: kept from the first draft, or from the start
     /// for a request with a prediction.
     drafts: Option<DraftUsage>,
+    /// The most tokens the next draft may have: 2 more after a draft taken whole, 1 fewer after
+    /// one that was not (Hugging Face's heuristic for assisted generation), so that a sequence
+    /// whose drafts miss stops paying for long ones.
+    draft_limit: usize,
 }
 
 impl Sequence {
@@ -802,6 +806,7 @@ impl Engine {
                     },
                     prediction_cursor: 0,
                     drafts: params.prediction.is_some().then(DraftUsage::default),
+                    draft_limit: MAX_DRAFTS,
                 });
             }
         }
@@ -1037,7 +1042,7 @@ impl Engine {
             return (vec![], cursor);
         }
         let positions_left = sequence.max_positions(self.model.context_length()).saturating_sub(sequence.tokens.len() + 1);
-        let max = room.min(positions_left);
+        let max = room.min(positions_left).min(sequence.draft_limit);
         match predicted_draft(&sequence.tokens, &sequence.prediction, cursor, max) {
             Some(drafted) => drafted,
             None if self.prompt_lookup => (prompt_lookup(&sequence.tokens, max), cursor),
@@ -1196,9 +1201,14 @@ impl Engine {
             if !draft.is_empty() {
                 self.cache_full_pages(i);
                 self.accepted_draft_tokens += accepted as u64;
-                let drafts = self.running[i].drafts.get_or_insert_default();
+                let sequence = &mut self.running[i];
+                let drafts = sequence.drafts.get_or_insert_default();
                 drafts.accepted += accepted;
                 drafts.rejected += draft.len() as u32 - accepted;
+                sequence.draft_limit = match accepted as usize == draft.len() {
+                    true => (sequence.draft_limit + 2).min(MAX_DRAFTS),
+                    false => sequence.draft_limit.saturating_sub(1).max(1),
+                };
             }
             if let Some(ending) = ending {
                 let sequence = self.running.remove(i);

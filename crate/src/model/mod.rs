@@ -8,7 +8,7 @@ mod memory;
 pub use config::{Config, Llama3Scaling, Rope, RopeScaling};
 pub use kv_pool::{page_hash, KvPool, PageAllocator, PrefixMatch, PAGE_SIZE};
 pub use crate::load::LoadProgress;
-pub use llama::{checkpoint_tensors, Batch, CheckpointTensor, Llama, LoadOptions, PassOutput, PassTokens, MAX_DRAFT_PASS_TOKENS};
+pub use llama::{checkpoint_tensors, Batch, CheckpointTensor, Llama, LoadOptions, PassOutput, PassTokens, MAX_DRAFTS, MAX_DRAFT_PASS_TOKENS};
 pub use memory::{size_text, MemoryEstimate};
 
 #[derive(Debug, thiserror::Error)]
