@@ -13,6 +13,7 @@ use llama_webgpu::api::request::{Prompt, Work};
 use llama_webgpu::engine::{Echo, Event, SequenceId};
 use llama_webgpu::text::{ChatTemplate, RenderOptions};
 use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
+use llama_webgpu::model::MAX_DRAFTS;
 use serde_json::{json, Value};
 
 const FIXTURE: &str = "tiny-llama31";
@@ -278,7 +279,8 @@ fn logprobs_are_the_log_softmax_of_the_logits() {
 #[test]
 fn echoed_prompts_are_scored_by_the_logits_of_every_position() {
     let Some(gpu) = gpu() else { return };
-    // Three rows of logits a pass: the scored prompt takes what a decoding sequence leaves.
+    // Nine rows of logits a pass (three sequences' and the drafts'): the scored prompt takes what a
+    // decoding sequence leaves.
     let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 3, ..Default::default() };
     let mut reference = load_model(&gpu, FIXTURE, &options).unwrap();
     let model = load_model(&gpu, FIXTURE, &options).unwrap();
@@ -327,13 +329,21 @@ fn echoed_prompts_are_scored_by_the_logits_of_every_position() {
     let id = engine.add_prepared(engine.prompter().prepare(&alone, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
     let prompt_only = finish_all(&mut engine, &[id]).remove(0);
     assert_eq!((prompt_only.tokens.len(), prompt_only.finish_reason), (0, FinishReason::Length));
-    assert_eq!(prompt_only.echo.unwrap().logprobs.unwrap(), scores);
+    // The same tokens and alternatives; the values within the rounding of passes grouped otherwise.
+    let assert_same_scores = |got: &[llama_webgpu::api::TokenLogprob], want: &[llama_webgpu::api::TokenLogprob]| {
+        assert_eq!(got.len(), want.len());
+        for (position, (a, b)) in got.iter().zip(want).enumerate() {
+            assert_eq!((a.token, a.top.iter().map(|t| t.token).collect::<Vec<_>>()), (b.token, b.top.iter().map(|t| t.token).collect()), "position {position}");
+            assert!((a.logprob - b.logprob).abs() < 1e-5, "position {position}: {} vs {}", a.logprob, b.logprob);
+        }
+    };
+    assert_same_scores(&prompt_only.echo.unwrap().logprobs.unwrap(), &scores);
     // Rows of logits beyond one a sequence score as many more positions a pass: here the whole
     // prompt in one, scored the same.
     let vocab = reference.config().vocab_size;
     let wide_options = LoadOptions { max_sequences: 1, scoring_memory: (4 * vocab * prompt.len()) as u64, ..options };
     let model = load_model(&gpu, FIXTURE, &wide_options).unwrap();
-    assert_eq!((model.max_sequences(), model.max_outputs()), (1, 1 + prompt.len()));
+    assert_eq!((model.max_sequences(), model.max_outputs()), (1, 1 + MAX_DRAFTS + prompt.len()));
     let mut wide = Engine::new(model, truncated_llama3_tokenizer(vocab), ChatTemplate::llama31(), 1).unwrap();
     let id = wide.add_prepared(wide.prompter().prepare(&alone, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
     let mut passes = 0;
@@ -348,11 +358,7 @@ fn echoed_prompts_are_scored_by_the_logits_of_every_position() {
         }
     };
     assert_eq!(passes, 1);
-    for (position, (a, b)) in wide_scores.iter().zip(&scores).enumerate() {
-        assert_eq!((a.token, a.top.iter().map(|t| t.token).collect::<Vec<_>>()), (b.token, b.top.iter().map(|t| t.token).collect()), "position {position}");
-        assert!((a.logprob - b.logprob).abs() < 1e-5, "position {position}: {} vs {}", a.logprob, b.logprob);
-    }
-    assert_eq!(wide_scores.len(), scores.len());
+    assert_same_scores(&wide_scores, &scores);
     // What comes after the prompt is what a request without echo generates.
     let id = engine.add(prompt.clone(), &SamplingParams { logprobs: None, ..scored }, CancelToken::default()).unwrap();
     assert_eq!(completion.tokens, finish_all(&mut engine, &[id]).remove(0).tokens);

@@ -233,8 +233,8 @@ pub struct Load {
     pub kv_page_bytes: u64,
     /// Buffers each layer's keys (and values) lie in: more than one past the binding limit.
     pub kv_buffers: usize,
-    /// Tokens drafted by prompt lookup and verified, and how many of them the model then chose,
-    /// since the engine was made.
+    /// Tokens drafted (from predictions, by prompt lookup) and verified, and how many of them the
+    /// model then chose, since the engine was made.
     pub drafted_tokens: u64,
     pub accepted_draft_tokens: u64,
 }
