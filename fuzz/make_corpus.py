@@ -120,6 +120,8 @@ def main():
         "grammar.json": {"messages": [{"role": "user", "content": "x"}],
                          "response_format": {"type": "grammar", "grammar": {"syntax": "lark", "definition": "start: /[a-z]+/"}}},
         "completion.json": {"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 2, "echo": False},
+        "prediction.json": {"messages": [{"role": "user", "content": "Rename x to n: let x = 1;"}], "temperature": 0,
+                            "prediction": {"type": "content", "content": [{"type": "text", "text": "let x = 1;"}]}},
     }
     for name, body in requests.items():
         write("request", name, json.dumps(body))

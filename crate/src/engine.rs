@@ -1531,6 +1531,28 @@ mod tests {
         assert_eq!(prompt_lookup(&[1, 2, 1, 2], 0), Vec::<u32>::new());
     }
 
+    /// Random sequences over 3 tokens (many matches): every draft follows a match of the last 2-4
+    /// tokens, as long as asked for (a prediction's: as far as it goes), and nothing panics.
+    #[test]
+    fn drafts_follow_a_match_of_the_last_tokens() {
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut random = |n: usize| (0..n).map(|_| rng.next_u32() % 3).collect::<Vec<u32>>();
+        let ends_with_run_before = |tokens: &[u32], within: &[u32], at: usize| {
+            (2..=4).any(|n| n <= at && n <= tokens.len() && within[at - n..at] == tokens[tokens.len() - n..])
+        };
+        for case in 0..2000 {
+            let (tokens, prediction) = (random(1 + case % 13), random(case % 11));
+            let max = case % 7;
+            let drafted = prompt_lookup(&tokens, max);
+            assert!(drafted.is_empty() || drafted.len() == max, "{tokens:?}: {drafted:?}");
+            if let Some((draft, begin)) = predicted_draft(&tokens, &prediction, case % 12, max) {
+                assert!(!draft.is_empty() && draft.len() <= max && draft[..] == prediction[begin..begin + draft.len()], "{tokens:?} {prediction:?}");
+                assert!(ends_with_run_before(&tokens, &prediction, begin), "{tokens:?} {prediction:?} at {begin}");
+            }
+        }
+    }
+
     #[test]
     fn a_prediction_is_drafted_in_order_from_where_the_output_stands() {
         // The prompt's last tokens (10, 11, 12), then the prediction.
