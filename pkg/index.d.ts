@@ -135,6 +135,12 @@ export interface SamplingParams {
    */
   n?: number;
   response_format?: ResponseFormat;
+  /**
+   * Text the output is expected to be much like (OpenAI's Predicted Outputs): a greedy request
+   * (temperature 0, no grammar) drafts its tokens from it and verifies several a pass; the output is
+   * the same as without. Sampled requests take it and draft nothing.
+   */
+  prediction?: { type: "content"; content: string | { type: "text"; text: string }[] };
   /** Ignored: the engine runs the model it loaded. */
   model?: string;
   signal?: AbortSignal;
@@ -209,6 +215,11 @@ export interface Usage {
   total_tokens: number;
   /** cached_tokens: prompt tokens whose KV cache entries were reused from an earlier or running request. */
   prompt_tokens_details: { cached_tokens: number };
+  /**
+   * Where the request brought a `prediction` or drafted by prompt lookup: the drafted tokens the
+   * model chose too, and those it did not.
+   */
+  completion_tokens_details?: { accepted_prediction_tokens: number; rejected_prediction_tokens: number };
 }
 
 /** A call the model made; `arguments` is JSON text. */
