@@ -460,14 +460,24 @@ fn a_request_of_several_prompts_gives_each_prompt_the_choices_it_gets_alone() {
 
 #[test]
 fn pages_all_come_back_after_many_requests_with_random_cancellations() {
-    let Some(mut engine) = engine(6, None) else { return };
+    // Greedy requests draft (by prompt lookup, some from a prediction), so passes carry drafts
+    // whose pages are taken and whose positions are rejected.
+    let Some(engine) = engine(6, None) else { return };
+    let mut engine = engine.with_prompt_lookup(true);
     let free_at_start = engine.load().kv_pages_free;
     let mut r = rng(7);
     let base = prompts(12);
+    let predictions: Vec<String> = base.iter().map(|prompt| engine.tokenizer().decode(prompt, false).unwrap()).collect();
     let requests: Vec<Request> = (0..1000)
         .map(|i| Request {
             prompt: base[i % base.len()][..r.random_range(1..=base[i % base.len()].len())].to_vec(),
-            params: SamplingParams { temperature: Some(if i % 3 == 0 { 0.8 } else { 0.0 }), seed: Some(i as u64), max_tokens: Some(r.random_range(1..6)), ..Default::default() },
+            params: SamplingParams {
+                temperature: Some(if i % 3 == 0 { 0.8 } else { 0.0 }),
+                seed: Some(i as u64),
+                max_tokens: Some(r.random_range(1..6)),
+                prediction: (i % 5 == 2).then(|| Prediction::Content { content: predictions[(i + 1) % base.len()].clone() }),
+                ..Default::default()
+            },
             joins_at: i / 3,
             cancel_after: (i % 4 == 1).then(|| r.random_range(1..4)),
         })
@@ -479,6 +489,7 @@ fn pages_all_come_back_after_many_requests_with_random_cancellations() {
     }
     assert_eq!(engine.load().kv_pages_free, free_at_start);
     assert_eq!(engine.load().running, 0);
+    assert!(engine.load().drafted_tokens > 0, "{:?}", engine.load());
 }
 
 #[test]
