@@ -874,19 +874,19 @@ impl Engine {
 
     async fn try_step(&mut self, events: &mut Vec<(SequenceId, Event)>) -> Result<()> {
         self.end_cancelled(events);
-        let rows = match self.pending.take() {
-            Some(rows) => rows,
+        let (rows, was_chained) = match self.pending.take() {
+            Some(rows) => (rows, true),
             None => {
                 self.admit();
                 match self.submit_scheduled()? {
-                    Some(rows) => rows,
+                    Some(rows) => (rows, false),
                     None => return Ok(()),
                 }
             }
         };
         // The pass after this one, when it is sure to be the same greedy decode step: submitted
         // before this one's tokens are read, taking them on the GPU.
-        let chained = self.chain_after(&rows)?;
+        let chained = self.chain_after(&rows, was_chained)?;
         self.compute_masks(&rows);
         // A pass of prefill chunks only (no prompt scored) has no outputs to read.
         let output = match rows.iter().any(|r| r.output || r.scored > 0) {
@@ -1083,13 +1083,17 @@ impl Engine {
 
     /// Submits the greedy decode step after the pass of `rows`, fed by its tokens on the GPU, when
     /// that step is sure to run: the pass decoded every running sequence, each greedily, each will
-    /// run again unless a stop ends it, and no waiting request could be admitted instead. Not
-    /// where a sequence may draft: a draft is looked up from the tokens the pass computes.
-    fn chain_after(&mut self, rows: &[PassRow]) -> Result<Option<Vec<PassRow>>> {
+    /// run again unless a stop ends it, and no waiting request could be admitted instead. Where a
+    /// sequence may draft (from the tokens a pass computes, so not in a chained pass) and the pass
+    /// found nothing to draft, every other step is chained: the chain's gain half kept, the
+    /// chance to draft every other step.
+    fn chain_after(&mut self, rows: &[PassRow], was_chained: bool) -> Result<Option<Vec<PassRow>>> {
         let context = self.model.context_length();
         let admissible = !self.waiting.is_empty() && !self.free_slots.is_empty();
         let all_decode = rows.len() == self.running.len() && rows.iter().all(|r| r.tokens == 1 && r.scored == 0 && r.output);
-        let runs_next = |s: &Sequence| s.plain_greedy() && !self.may_draft(s) && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context;
+        let runs_next = |s: &Sequence| {
+            s.plain_greedy() && !(was_chained && self.may_draft(s)) && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context
+        };
         let indices: Vec<usize> = rows.iter().filter_map(|r| self.running.iter().position(|s| s.id == r.id && runs_next(s))).collect();
         if admissible || !all_decode || indices.len() != rows.len() {
             return Ok(None);
