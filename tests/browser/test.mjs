@@ -262,7 +262,8 @@ try {
       await other.unload();
       return { tokens: reply.choices[0].token_ids, kv: [kv_type, kv_buffers_per_layer], q8_activations };
     };
-    const q8 = await replyWith({ kvType: "q8_0" });
+    // The q8_0 pool's engine also drafts by prompt lookup (the same tokens).
+    const q8 = await replyWith({ kvType: "q8_0", promptLookup: true });
     const buffers = await replyWith({ maxStorageBinding: 40 << 10 });
     // Decode GEMVs on int8 inputs: Tint's dot4I8Packed.
     const q8Inputs = await replyWith({ q8Activations: true });
@@ -345,7 +346,7 @@ try {
   assert(/needed \d+, available 256/.test(api.limit.message), `the limit error has the numbers: ${api.limit.message}`);
   assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
   assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
-  assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1], q8_activations: false }, "greedy tokens over a q8_0 KV pool vs native");
+  assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1], q8_activations: false }, "greedy tokens over a q8_0 KV pool, drafting by prompt lookup, vs native");
   assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2], q8_activations: false }, "greedy tokens over a KV pool in two buffers vs native in one");
   assertEqual(api.q8Inputs, { tokens: nativeQ8Inputs.tokens, kv: ["f32", 1], q8_activations: true }, "greedy tokens on int8 inputs (q8Activations) vs native");
   // After the part of the prompt the prefix cache holds, 256 tokens a pass.
