@@ -11,6 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use llama_webgpu::api::request::{parse_body, read_chat, read_completion, UnknownFields};
 use llama_webgpu::fuzzing::{self, TARGETS};
 use llama_webgpu::load::manifest::Manifest;
 use llama_webgpu::load::{GgufHeader, Safetensors, WeightStream};
@@ -78,9 +79,10 @@ fn every_seed_reaches_the_last_stage_of_its_target() {
         manifest.model_config().unwrap();
         assert!(!manifest.locations().is_empty());
     }
+    // Read as serve reads a body (content given as text parts too), refusing unknown fields.
     for (path, bytes) in corpus("request") {
-        let parsed = serde_json::from_slice::<llama_webgpu::api::ChatCompletionRequest>(&bytes).is_ok()
-            || serde_json::from_slice::<llama_webgpu::api::CompletionRequest>(&bytes).is_ok();
+        let object = parse_body(&bytes).unwrap_or_else(|e| panic!("{}: {}", path.display(), e.message));
+        let parsed = read_chat(object.clone(), UnknownFields::Refuse).is_ok() || read_completion(object, UnknownFields::Refuse).is_ok();
         assert!(parsed, "{} is no request", path.display());
     }
     assert!(Safetensors::new(vec![("seed".to_string(), corpus("safetensors")[1].1.as_slice())]).unwrap().locations().len() == 3);
