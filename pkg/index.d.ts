@@ -351,9 +351,6 @@ export interface EngineLoad {
   kv_page_bytes: number;
   /** Buffers each layer's keys (and values) lie in. */
   kv_buffers: number;
-  /** Tokens drafted (predictions, prompt lookup) and verified since the load, and those the model chose. */
-  drafted_tokens: number;
-  accepted_draft_tokens: number;
 }
 
 export interface Engine {

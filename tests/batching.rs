@@ -294,18 +294,15 @@ fn drafted_tokens_verified_in_one_pass_leave_every_request_its_tokens_alone() {
         }
         assert!(requests[i].params.prediction.is_none() || drafts.is_some(), "request {i}: {drafts:?}");
     }
-    let load = engine.load();
     let summed = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap();
-    println!("drafted {} tokens, {} accepted; by request {:?}", load.drafted_tokens, load.accepted_draft_tokens, together.iter().map(|(c, _)| c.usage.drafts).collect::<Vec<_>>());
-    assert!(load.accepted_draft_tokens > 0 && load.accepted_draft_tokens < load.drafted_tokens, "{load:?}");
-    // The cancelled requests' last drafts may have gone unverified.
-    assert!(summed.accepted as u64 == load.accepted_draft_tokens && (summed.accepted + summed.rejected) as u64 <= load.drafted_tokens, "{summed:?} {load:?}");
+    println!("{summed:?}; by request {:?}", together.iter().map(|(c, _)| c.usage.drafts).collect::<Vec<_>>());
+    assert!(summed.accepted > 0 && summed.rejected > 0, "{summed:?}");
     // A greedy request predicting its own output drafts some of it right (not all: the
     // fixture's random tokens are not what its text encodes back to).
     for i in (0..requests.len()).filter(|&i| i % 4 == 0 && requests[i].params.temperature == Some(0.0)) {
         assert!(together[i].0.usage.drafts.is_some_and(|d| d.accepted > 0), "request {i}: {:?}", together[i].0.usage.drafts);
     }
-    assert_eq!(load.kv_pages_free, free_at_start);
+    assert_eq!(engine.load().kv_pages_free, free_at_start);
 }
 
 #[test]
@@ -489,7 +486,8 @@ fn pages_all_come_back_after_many_requests_with_random_cancellations() {
     }
     assert_eq!(engine.load().kv_pages_free, free_at_start);
     assert_eq!(engine.load().running, 0);
-    assert!(engine.load().drafted_tokens > 0, "{:?}", engine.load());
+    let drafts = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap_or_default();
+    assert!(drafts.accepted + drafts.rejected > 0, "{drafts:?}");
 }
 
 #[test]

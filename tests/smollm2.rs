@@ -225,21 +225,19 @@ fn drafted_tokens_give_the_tokens_of_plain_decoding_in_fewer_passes() {
     let Some(gpu) = common::gpu() else { return };
     let sentence = "The quick brown fox jumps over the lazy dog while the small cat sleeps under the warm kitchen table.";
     let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", &format!("Repeat this sentence exactly: {sentence}"))], ..Default::default() };
-    let engine = |prompt_lookup| {
-        let files: ModelFiles = open_model(&smollm2_path()).unwrap();
-        let (tokenizer, template) = files.text().unwrap();
-        let options = LoadOptions { context_length: Some(128), ..Default::default() };
-        let model = pollster::block_on(Llama::load(&gpu, files.config.clone(), files.stream(), &options, &mut |_| {})).unwrap();
-        Engine::new(model, tokenizer, template, 0).unwrap().with_prompt_lookup(prompt_lookup)
-    };
+    let files: ModelFiles = open_model(&smollm2_path()).unwrap();
+    let (tokenizer, template) = files.text().unwrap();
+    let options = LoadOptions { context_length: Some(128), ..Default::default() };
+    let model = pollster::block_on(Llama::load(&gpu, files.config.clone(), files.stream(), &options, &mut |_| {})).unwrap();
+    let mut engine = Engine::new(model, tokenizer, template, 0).unwrap();
     let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(32), ..Default::default() };
     let run = |engine: &mut Engine, params: &SamplingParams| {
         let prompt = engine.prompter().chat_prompt(&request, &RenderOptions::default()).unwrap();
         pollster::block_on(engine.generate(&prompt, params, &CancelToken::default(), &mut |_| {})).unwrap()
     };
-    let plain = run(&mut engine(false), &params);
+    let plain = run(&mut engine, &params);
     assert!(plain.text.contains("lazy dog"), "{:?}", plain.text);
-    let mut drafting = engine(true);
+    let mut drafting = engine.with_prompt_lookup(true);
     let looked_up = run(&mut drafting, &params);
     let with_prediction = SamplingParams { prediction: Some(llama_webgpu::api::Prediction::Content { content: sentence.into() }), ..params.clone() };
     let predicted = run(&mut drafting, &with_prediction);

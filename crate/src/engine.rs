@@ -233,10 +233,6 @@ pub struct Load {
     pub kv_page_bytes: u64,
     /// Buffers each layer's keys (and values) lie in: more than one past the binding limit.
     pub kv_buffers: usize,
-    /// Tokens drafted (from predictions, by prompt lookup) and verified, and how many of them the
-    /// model then chose, since the engine was made.
-    pub drafted_tokens: u64,
-    pub accepted_draft_tokens: u64,
 }
 
 /// The most choices one request may ask for (OpenAI's limit for `n`).
@@ -404,6 +400,8 @@ pub struct Prompter {
     template: ChatTemplate,
     bos_token_id: Option<u32>,
     vocab_size: usize,
+    /// Positions a sequence may reach.
+    context: usize,
     stop_tokens: Vec<u32>,
     tables: Arc<VocabularyTables>,
 }
@@ -494,6 +492,11 @@ impl Prompter {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Positions a sequence may reach (`/tokenize`'s `max_model_len`).
+    pub fn context(&self) -> usize {
+        self.context
     }
 
     /// The bytes of each token of the model's vocabulary ([`Tokenizer::token_bytes`]; None for
@@ -619,8 +622,6 @@ pub struct Engine {
     seeds: ChaCha8Rng,
     /// Whether greedy sequences draft by prompt lookup ([`Engine::with_prompt_lookup`]).
     prompt_lookup: bool,
-    drafted_tokens: u64,
-    accepted_draft_tokens: u64,
 }
 
 impl Engine {
@@ -643,6 +644,7 @@ impl Engine {
             template,
             bos_token_id: model.config().bos_token_id,
             vocab_size: model_vocab,
+            context: model.context_length(),
             stop_tokens,
             tables: Arc::default(),
         };
@@ -657,8 +659,6 @@ impl Engine {
             next_id: 0,
             seeds: ChaCha8Rng::seed_from_u64(seed),
             prompt_lookup: false,
-            drafted_tokens: 0,
-            accepted_draft_tokens: 0,
         })
     }
 
@@ -854,8 +854,6 @@ impl Engine {
             kv_page_size: PAGE_SIZE,
             kv_page_bytes: KvPool::bytes_per_page(self.model.config(), self.model.kv_pool().kv_type),
             kv_buffers: self.model.kv_pool().buffers(),
-            drafted_tokens: self.drafted_tokens,
-            accepted_draft_tokens: self.accepted_draft_tokens,
         }
     }
 
@@ -1000,7 +998,6 @@ impl Engine {
             ids.extend_from_slice(&sequence.tokens[first..first + take]);
             ids.extend_from_slice(&draft);
             let row = PassRow { id: sequence.id, tokens: take + draft.len(), scored, output, drafted: draft.len() };
-            self.drafted_tokens += draft.len() as u64;
             self.running[i].draft = draft;
             self.running[i].prediction_cursor = prediction_cursor;
             budget -= row.tokens;
@@ -1204,7 +1201,6 @@ impl Engine {
             }
             if !draft.is_empty() {
                 self.cache_full_pages(i);
-                self.accepted_draft_tokens += accepted as u64;
                 let sequence = &mut self.running[i];
                 let drafts = sequence.drafts.get_or_insert_default();
                 drafts.accepted += accepted;

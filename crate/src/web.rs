@@ -289,25 +289,24 @@ pub fn complete(id: u32, request: JsValue, response: JsValue, on_chunk: Function
 #[wasm_bindgen]
 pub fn tokenize(request: JsValue) -> Result<JsValue, JsValue> {
     let request = api::request::read_tokenize(object_of(request, "a tokenize request")?).map_err(request_fault)?;
-    let (prompter, render, context) = loaded_prompter()?;
+    let (prompter, render) = loaded_prompter()?;
     let tokens = prompter.tokenize(&request.input, &render).map_err(|error| request_error(Some(request.input.field()), error.to_string()))?;
-    Ok(js_value(&api::response::tokenized(&request, &tokens, prompter.tokenizer(), context)))
+    Ok(js_value(&api::response::tokenized(&request, &tokens, &prompter)))
 }
 
 /// The text of `request.tokens`, special tokens written out (serve's `/detokenize`).
 #[wasm_bindgen]
 pub fn detokenize(request: JsValue) -> Result<String, JsValue> {
     let tokens = api::request::read_detokenize(object_of(request, "a detokenize request")?).map_err(request_fault)?;
-    let (prompter, _, _) = loaded_prompter()?;
+    let (prompter, _) = loaded_prompter()?;
     prompter.tokenizer().decode(&tokens, false).map_err(|error| request_error(Some("tokens"), error.to_string()))
 }
 
-/// The loaded model's prompter, render options and context.
-fn loaded_prompter() -> Result<(Prompter, RenderOptions, usize), JsValue> {
+/// The loaded model's prompter and render options.
+fn loaded_prompter() -> Result<(Prompter, RenderOptions), JsValue> {
     STATE.with_borrow(|s| {
-        let context = s.info.as_ref().and_then(|info| info["model"]["context_length"].as_u64()).unwrap_or(0) as usize;
         match &s.prompter {
-            Some(prompter) => Ok((prompter.clone(), s.render.clone(), context)),
+            Some(prompter) => Ok((prompter.clone(), s.render.clone())),
             None => Err(js_error(ErrorKind::Engine, "no model is loaded")),
         }
     })

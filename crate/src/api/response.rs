@@ -6,8 +6,7 @@ use serde_json::{json, Value};
 
 use super::{FinishReason, GeneratedToolCall, TokenLogprob, Usage};
 use super::request::TokenizeRequest;
-use crate::engine::{ChoiceResults, Echo};
-use crate::text::Tokenizer;
+use crate::engine::{ChoiceResults, Echo, Prompter};
 use crate::Completion;
 
 pub use crate::engine::Endpoint;
@@ -154,9 +153,9 @@ pub fn echoed_logprobs(echo: &Echo, generated: &[TokenLogprob]) -> Value {
 
 /// `/tokenize`'s answer (vLLM's): the tokens of `request`, their count, the context, and each
 /// token's vocabulary piece when asked for.
-pub fn tokenized(request: &TokenizeRequest, tokens: &[u32], tokenizer: &Tokenizer, context: usize) -> Value {
-    let pieces = request.return_token_strs.then(|| tokens.iter().map(|&id| tokenizer.piece(id)).collect::<Vec<_>>());
-    json!({"count": tokens.len(), "max_model_len": context, "tokens": tokens, "token_strs": pieces})
+pub fn tokenized(request: &TokenizeRequest, tokens: &[u32], prompter: &Prompter) -> Value {
+    let pieces = request.return_token_strs.then(|| tokens.iter().map(|&id| prompter.tokenizer().piece(id)).collect::<Vec<_>>());
+    json!({"count": tokens.len(), "max_model_len": prompter.context(), "tokens": tokens, "token_strs": pieces})
 }
 
 /// A token's alternatives as text completions give them: token text -> log probability.

@@ -322,8 +322,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "usage": completion.usage,
                     "load_seconds": load_s,
                     "generate_seconds": generate_s,
-                    "drafted_tokens": engine.load().drafted_tokens,
-                    "accepted_draft_tokens": engine.load().accepted_draft_tokens,
                 });
                 println!("{out}");
             } else {

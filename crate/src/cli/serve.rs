@@ -110,8 +110,6 @@ struct Server {
     /// Renders and tokenizes requests on the blocking pool, beside the engine's thread.
     prompter: Prompter,
     render: RenderOptions,
-    /// Positions a sequence may reach (/tokenize's max_model_len).
-    context: usize,
     /// Requests being prepared at once: as many as the machine has cores.
     preparing: tokio::sync::Semaphore,
     /// Unix seconds at start, for /v1/models.
@@ -138,7 +136,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
 
     let stats = Arc::new(Stats::default());
     let (jobs, queue) = sync_channel::<Job>(args.queue);
-    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<(Prompter, usize)>>();
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<anyhow::Result<Prompter>>();
     let thread_stats = stats.clone();
     let token_interval = std::time::Duration::from_millis(args.token_interval_ms);
     let render = RenderOptions { special_tokens_in_content: args.special_tokens_in_content, ..Default::default() };
@@ -175,7 +173,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                 return;
             }
         };
-        let _ = loaded_tx.send(Ok((engine.prompter().clone(), engine.model().context_length())));
+        let _ = loaded_tx.send(Ok(engine.prompter().clone()));
         let _alive = AliveWhileHeld::new(thread_stats.clone());
         let mut options = options;
         // A lost device (a driver reset, another process) is replaced: the model loads again from
@@ -190,7 +188,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
             thread_stats.loading.store(false, Ordering::SeqCst);
         }
     })?;
-    let (prompter, context) = loaded_rx.recv().context("the engine thread ended while loading")??;
+    let prompter = loaded_rx.recv().context("the engine thread ended while loading")??;
 
     let cors = cors_layer(&args.cors_origins);
     let server = Arc::new(Server {
@@ -202,7 +200,6 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         stats,
         prompter,
         render,
-        context,
         preparing: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get())),
         started: unix_seconds(),
         next_id: AtomicU64::new(1),
@@ -387,24 +384,25 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     let engine = stats.engine_load();
     let mut registry = prometheus_client::registry::Registry::with_prefix("llama_webgpu");
     // Built again for each scrape from the running totals.
-    let requests = Family::<[(&'static str, &'static str); 1], Counter>::default();
-    for (outcome, counter) in [
+    let by_outcome = |counters: &[(&'static str, &AtomicU64)]| {
+        let family = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        for &(outcome, counter) in counters {
+            family.get_or_create(&[("outcome", outcome)]).inc_by(counter.load(Ordering::SeqCst));
+        }
+        family
+    };
+    let requests = by_outcome(&[
         ("completed", &stats.completed),
         ("cancelled", &stats.cancelled),
         ("skipped", &stats.skipped),
         ("failed", &stats.failed),
         ("rejected", &stats.rejected),
-    ] {
-        requests.get_or_create(&[("outcome", outcome)]).inc_by(counter.load(Ordering::SeqCst));
-    }
+    ]);
     registry.register("requests", "Requests ended, by how (rejected: 503 with a full queue)", requests);
     registry.register("prompt_tokens", "Prompt tokens of ended requests", count(&stats.prompt_tokens));
     registry.register("cached_prompt_tokens", "Prompt tokens whose KV pages were reused", count(&stats.cached_prompt_tokens));
     registry.register("generated_tokens", "Tokens generated", count(&stats.generated_tokens));
-    let drafts = Family::<[(&'static str, &'static str); 1], Counter>::default();
-    for (outcome, counter) in [("accepted", &stats.accepted_draft_tokens), ("rejected", &stats.rejected_draft_tokens)] {
-        drafts.get_or_create(&[("outcome", outcome)]).inc_by(counter.load(Ordering::SeqCst));
-    }
+    let drafts = by_outcome(&[("accepted", &stats.accepted_draft_tokens), ("rejected", &stats.rejected_draft_tokens)]);
     registry.register("draft_tokens", "Drafted tokens (a prediction, prompt lookup) verified, by whether the model chose them", drafts);
     let gauge = |value: usize| ConstGauge::new(value as i64);
     registry.register("requests_queued", "Requests waiting for the engine", gauge(stats.queued.load(Ordering::SeqCst) + engine.waiting));
@@ -592,7 +590,7 @@ async fn tokenize(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRe
     };
     let tokenized = beside_the_engine(&server, move |server| {
         let tokens = server.prompter.tokenize(&request.input, &server.render).map_err(|error| ApiError::invalid(error.to_string()).param(request.input.field()))?;
-        Ok(response::tokenized(&request, &tokens, server.prompter.tokenizer(), server.context))
+        Ok(response::tokenized(&request, &tokens, &server.prompter))
     });
     match tokenized.await.and_then(|result| result) {
         Ok(body) => Json(body).into_response(),
