@@ -42,7 +42,7 @@ export interface EngineOptions {
    */
   q8Activations?: boolean;
   /**
-   * Speculative decoding by prompt lookup: a greedy request (temperature 0, no grammar) drafts the
+   * Speculative decoding by prompt lookup: a request drafts the
    * tokens that followed an earlier occurrence of its last 2-4 tokens, in its prompt or output,
    * and verifies up to 6 in one pass, keeping those the model chooses too, while fewer than 7
    * requests decode. Pays where the output repeats the input (editing, extraction, code); the
@@ -136,9 +136,9 @@ export interface SamplingParams {
   n?: number;
   response_format?: ResponseFormat;
   /**
-   * Text the output is expected to be much like (OpenAI's Predicted Outputs): a greedy request
-   * (temperature 0, no grammar) drafts its tokens from it and verifies several a pass; the output is
-   * the same as without. Sampled requests take it and draft nothing.
+   * Text the output is expected to be much like (OpenAI's Predicted Outputs): the request drafts
+   * its tokens from it and verifies several a pass; the output is the same as without (a sampled
+   * one's for the same seed).
    */
   prediction?: { type: "content"; content: string | { type: "text"; text: string }[] };
   /** Ignored: the engine runs the model it loaded. */

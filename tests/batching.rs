@@ -250,17 +250,23 @@ fn concurrent_requests_that_read_every_logit_produce_the_tokens_and_log_probabil
     }
 }
 
-/// Drafts verified in one pass: greedy requests (some with log probabilities) draft from a
+/// Drafts verified in one pass: greedy and seeded sampled requests (some with log probabilities;
+/// sampled from the GPU's candidates or from the full logits, one with a penalty, some under a
+/// JSON grammar) draft from a
 /// prediction (their own output alone, the same with a stretch changed, another request's output)
-/// or by prompt lookup, beside sampled requests that draft nothing; each request's tokens and log
-/// probabilities are what plain decoding gives it alone.
+/// or by prompt lookup; each request's tokens and log probabilities are what plain decoding gives
+/// it alone.
 #[test]
 fn drafted_tokens_verified_in_one_pass_leave_every_request_its_tokens_alone() {
     // Four at a time, so that passes of fewer than 7 tokens come often and leave room for drafts.
     let Some(engine) = engine(4, None) else { return };
     let mut engine = engine.with_prompt_lookup(true);
+    let sampled = |i: usize| i % 5 == 4 || i.is_multiple_of(7);
     let mut requests = requests(|i| SamplingParams {
-        temperature: Some(if i % 5 == 4 { 0.8 } else { 0.0 }),
+        temperature: Some(if sampled(i) { 0.8 } else { 0.0 }),
+        top_k: i.is_multiple_of(7).then_some(20),
+        frequency_penalty: (i == 9).then_some(0.5),
+        response_format: [4, 8, 13].contains(&i).then_some(ResponseFormat::JsonObject),
         seed: Some(300 + i as u64),
         logprobs: (i % 3 == 0).then_some(Logprobs::Enabled(true)),
         top_logprobs: (i % 3 == 0).then_some(2),
@@ -287,19 +293,16 @@ fn drafted_tokens_verified_in_one_pass_leave_every_request_its_tokens_alone() {
             assert!((logprob - logprob_alone).abs() < 1e-4, "request {i}: log probability {logprob} alone {logprob_alone}");
         }
         assert_eq!(together.logprobs.as_ref().map(Vec::len), alone.logprobs.as_ref().map(Vec::len), "request {i}");
-        // Sampled requests draft nothing; those with a prediction report its use.
+        // Those with a prediction report its use.
         let drafts = together.usage.drafts;
-        if requests[i].params.temperature != Some(0.0) {
-            assert!(drafts.is_none_or(|d| d.accepted + d.rejected == 0), "request {i}: {drafts:?}");
-        }
         assert!(requests[i].params.prediction.is_none() || drafts.is_some(), "request {i}: {drafts:?}");
     }
     let summed = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap();
     println!("{summed:?}; by request {:?}", together.iter().map(|(c, _)| c.usage.drafts).collect::<Vec<_>>());
     assert!(summed.accepted > 0 && summed.rejected > 0, "{summed:?}");
-    // A greedy request predicting its own output drafts some of it right (not all: the
-    // fixture's random tokens are not what its text encodes back to).
-    for i in (0..requests.len()).filter(|&i| i % 4 == 0 && requests[i].params.temperature == Some(0.0)) {
+    // A request predicting its own output drafts some of it right (not all: the fixture's random
+    // tokens are not what its text encodes back to), greedy or sampled.
+    for i in (0..requests.len()).filter(|&i| i % 4 == 0) {
         assert!(together[i].0.usage.drafts.is_some_and(|d| d.accepted > 0), "request {i}: {:?}", together[i].0.usage.drafts);
     }
     assert_eq!(engine.load().kv_pages_free, free_at_start);

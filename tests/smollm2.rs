@@ -219,7 +219,8 @@ fn logits_and_greedy_continuations_within(gpu: &llama_webgpu::Gpu, path: &str, t
 
 /// Drafts on a real model: asked to repeat a sentence, greedy decoding with prompt lookup, and
 /// with the sentence as the request's prediction, gives the tokens plain decoding gives, in fewer
-/// passes (most drafted tokens are the model's choice too).
+/// passes (most drafted tokens are the model's choice too); so does seeded sampling with the
+/// prediction (the tokens of the same seed without).
 #[test]
 fn drafted_tokens_give_the_tokens_of_plain_decoding_in_fewer_passes() {
     let Some(gpu) = common::gpu() else { return };
@@ -235,13 +236,16 @@ fn drafted_tokens_give_the_tokens_of_plain_decoding_in_fewer_passes() {
         let prompt = engine.prompter().chat_prompt(&request, &RenderOptions::default()).unwrap();
         pollster::block_on(engine.generate(&prompt, params, &CancelToken::default(), &mut |_| {})).unwrap()
     };
+    let sampled = SamplingParams { temperature: Some(0.7), seed: Some(7), ..params.clone() };
     let plain = run(&mut engine, &params);
     assert!(plain.text.contains("lazy dog"), "{:?}", plain.text);
+    let plain_sampled = run(&mut engine, &sampled);
     let mut drafting = engine.with_prompt_lookup(true);
     let looked_up = run(&mut drafting, &params);
-    let with_prediction = SamplingParams { prediction: Some(llama_webgpu::api::Prediction::Content { content: sentence.into() }), ..params.clone() };
-    let predicted = run(&mut drafting, &with_prediction);
-    for (name, completion) in [("prompt lookup", &looked_up), ("prediction", &predicted)] {
+    let prediction = Some(llama_webgpu::api::Prediction::Content { content: sentence.into() });
+    let predicted = run(&mut drafting, &SamplingParams { prediction: prediction.clone(), ..params.clone() });
+    let predicted_sampled = run(&mut drafting, &SamplingParams { prediction, ..sampled });
+    for (name, completion, plain) in [("prompt lookup", &looked_up, &plain), ("prediction", &predicted, &plain), ("sampled with prediction", &predicted_sampled, &plain_sampled)] {
         assert_eq!((&completion.tokens, &completion.text), (&plain.tokens, &plain.text), "{name}");
         // Each accepted draft is a pass saved.
         let drafts = completion.usage.drafts.unwrap();

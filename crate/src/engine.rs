@@ -331,10 +331,14 @@ impl Sequence {
     }
 
     /// Chooses the next token from the full logits: applies the grammar's mask (which leaves
-    /// the tokens it allows as they were), samples.
+    /// the tokens it allows as they were; computed now where the pass's was taken, for a drafted
+    /// token's row), samples.
     fn choose(&mut self, logits: &mut [f32]) -> Result<u32, GrammarError> {
-        if self.constraint.is_some() {
-            let mask = self.mask.take().ok_or_else(|| GrammarError::Stuck("no mask was computed".into()))??;
+        if let Some(constraint) = &mut self.constraint {
+            let mask = match self.mask.take() {
+                Some(mask) => mask?,
+                None => constraint.mask()?,
+            };
             mask.apply(logits);
         }
         Ok(self.sampler.sample(logits))
@@ -620,7 +624,7 @@ pub struct Engine {
     next_id: SequenceId,
     /// Seeds for requests that bring none.
     seeds: ChaCha8Rng,
-    /// Whether greedy sequences draft by prompt lookup ([`Engine::with_prompt_lookup`]).
+    /// Whether sequences draft by prompt lookup ([`Engine::with_prompt_lookup`]).
     prompt_lookup: bool,
 }
 
@@ -662,8 +666,8 @@ impl Engine {
         })
     }
 
-    /// With `on`, greedy sequences draft the tokens that followed an earlier occurrence of their
-    /// last tokens ([`prompt_lookup`]) and verify them in one pass.
+    /// With `on`, sequences draft the tokens that followed an earlier occurrence of their last
+    /// tokens ([`prompt_lookup`]) and verify them in one pass.
     pub fn with_prompt_lookup(mut self, on: bool) -> Self {
         self.prompt_lookup = on;
         self
@@ -952,7 +956,7 @@ impl Engine {
     }
 
     /// Submits a pass of the running sequences' next tokens: every decoding sequence's token (and
-    /// the drafts of greedy ones), then prefill chunks, oldest sequence first, as far as the batch
+    /// the drafts of those that draft), then prefill chunks, oldest sequence first, as far as the batch
     /// size allows. Prompts being scored come last: each of their positions is an output row, and
     /// they take the rows left.
     fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
@@ -1031,8 +1035,8 @@ impl Engine {
     }
 
     /// Up to `room` tokens for a decoding `sequence` to draft, within the pages it reserved: from
-    /// its prediction, else by prompt lookup where the engine does it; none unless it decodes
-    /// greedily. With the draft, where it began in the prediction.
+    /// its prediction, else by prompt lookup where the engine does it. With the draft, where it
+    /// began in the prediction.
     fn draft_for(&self, sequence: &Sequence, room: usize) -> (Vec<u32>, usize) {
         let cursor = sequence.prediction_cursor;
         if !self.may_draft(sequence) {
@@ -1049,7 +1053,7 @@ impl Engine {
 
     /// Whether `sequence` may draft tokens to verify (and so reads each token before its next pass).
     fn may_draft(&self, sequence: &Sequence) -> bool {
-        sequence.plain_greedy() && (self.prompt_lookup || !sequence.prediction.is_empty())
+        self.prompt_lookup || !sequence.prediction.is_empty()
     }
 
     /// Adds the slots of running sequence `i`'s positions first..first + n to `batch`, taking
@@ -1116,7 +1120,7 @@ impl Engine {
         for row in rows {
             next_row += row.scored;
             if row.output && self.sequence(row.id).is_some_and(Sequence::reads_logits) {
-                reading.push(next_row);
+                reading.extend(next_row..next_row + 1 + row.drafted);
             }
             next_row += row.output as usize + row.drafted;
         }
@@ -1160,33 +1164,10 @@ impl Engine {
                 self.end(sequence, Ok(FinishReason::Length), events);
                 continue;
             }
-            let from_gpu = match sequence.plain_greedy() {
-                true => Some(output.argmax[this_row]),
-                false if sequence.reads_logits() => None,
-                false => output.candidates.get(this_row).and_then(|c| sequence.sampler.sample_candidates(c)),
-            };
-            // The chosen token, and its logit where the full logits were read (else the
-            // candidates hold it), for its log probability.
-            let chosen = match from_gpu {
-                Some(token) => Ok((token, None)),
-                None => {
-                    let mut logits = match read_logits.remove(&this_row) {
-                        Some(logits) => logits,
-                        // The candidates did not hold every token the filters keep.
-                        None => self.model.read_logits(this_row).await?,
-                    };
-                    self.running[i].choose(&mut logits).map(|token| (token, Some(logits[token as usize])))
-                }
-            };
-            let mut ending = match chosen {
-                Ok((token, logit)) => {
-                    let logprob = logprob_of(&output, this_row, token, logit, self.running[i].top_logprobs, &bytes)?;
-                    self.accept(i, token, logprob, events)
-                }
-                Err(error) => Some(Err(EngineError::from(error).into())),
-            };
-            // While the model chose the drafted token, the keys and values computed for it stand,
-            // and its row gives the token after it (greedy: the argmax).
+            let mut ending = self.choose(i, this_row, &output, &mut read_logits, &bytes, events).await?;
+            // While the model chose the drafted token (the token plain decoding chooses from that
+            // row: the argmax, or a draw from the same random stream), the keys and values
+            // computed for it stand, and its row gives the token after it.
             let draft = std::mem::take(&mut self.running[i].draft);
             let mut accepted = 0;
             for (row, &drafted) in (this_row + 1..).zip(&draft) {
@@ -1195,9 +1176,7 @@ impl Engine {
                 }
                 self.running[i].computed += 1;
                 accepted += 1;
-                let token = output.argmax[row];
-                let logprob = logprob_of(&output, row, token, None, self.running[i].top_logprobs, &bytes)?;
-                ending = self.accept(i, token, logprob, events);
+                ending = self.choose(i, row, &output, &mut read_logits, &bytes, events).await?;
             }
             if !draft.is_empty() {
                 self.cache_full_pages(i);
@@ -1216,6 +1195,39 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Chooses running sequence `i`'s next token from output row `row` and takes it in (see
+    /// [`Engine::accept`]): the GPU's argmax for a plain greedy sequence, else a draw from the
+    /// row's candidates or, where they do not suffice, from its full logits (read with the pass's
+    /// in `read_logits` when the sequence reads them).
+    async fn choose(&mut self, i: usize, row: usize, output: &PassOutput, read_logits: &mut HashMap<usize, Vec<f32>>, bytes: &dyn Fn(u32) -> Vec<u8>, events: &mut Vec<(SequenceId, Event)>) -> Result<Option<Ending>> {
+        let sequence = &mut self.running[i];
+        let from_gpu = match sequence.plain_greedy() {
+            true => Some(output.argmax[row]),
+            false if sequence.reads_logits() => None,
+            false => output.candidates.get(row).and_then(|c| sequence.sampler.sample_candidates(c)),
+        };
+        // The chosen token, and its logit where the full logits were read (else the candidates
+        // hold it), for its log probability.
+        let chosen = match from_gpu {
+            Some(token) => Ok((token, None)),
+            None => {
+                let mut logits = match read_logits.remove(&row) {
+                    Some(logits) => logits,
+                    // The candidates did not hold every token the filters keep.
+                    None => self.model.read_logits(row).await?,
+                };
+                self.running[i].choose(&mut logits).map(|token| (token, Some(logits[token as usize])))
+            }
+        };
+        Ok(match chosen {
+            Ok((token, logit)) => {
+                let logprob = logprob_of(output, row, token, logit, self.running[i].top_logprobs, bytes)?;
+                self.accept(i, token, logprob, events)
+            }
+            Err(error) => Some(Err(EngineError::from(error).into())),
+        })
     }
 
     /// Caches the full pages of running sequence `i` not cached yet, for later prompts to share.

@@ -181,7 +181,7 @@ struct WebLoadOptions {
     hub_endpoint: Option<String>,
     /// Matmuls of block-quantized weights on int8 inputs (GpuOptions::q8_activations).
     q8_activations: Option<bool>,
-    /// Greedy requests draft by prompt lookup (Engine::with_prompt_lookup; default false).
+    /// Requests draft by prompt lookup (Engine::with_prompt_lookup; default false).
     prompt_lookup: Option<bool>,
 }
 

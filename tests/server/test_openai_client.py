@@ -596,10 +596,18 @@ def test_a_prediction_drafts_tokens_and_changes_no_output(server, client):
     content, finish, usage, _ = stream_chat(client, question, max_tokens=24, prediction=prediction)
     assert (content, finish) == (answer, plain.choices[0].finish_reason)
     assert usage.completion_tokens_details.accepted_prediction_tokens == details.accepted_prediction_tokens, usage
-    # Sampled requests take the prediction and draft nothing.
-    sampled = chat(client, question, max_tokens=8, temperature=0.9, seed=3, prediction=prediction)
-    sampled_details = sampled.usage.completion_tokens_details
-    assert (sampled_details.accepted_prediction_tokens, sampled_details.rejected_prediction_tokens) == (0, 0), sampled.usage
+    # A seeded sampled request drafts too, and gives the tokens of the same seed without.
+    sampled = chat(client, question, max_tokens=12, temperature=0.9, seed=3)
+    sampled_prediction = {"type": "content", "content": sampled.choices[0].message.content}
+    predicted_sampled = chat(client, question, max_tokens=12, temperature=0.9, seed=3, prediction=sampled_prediction)
+    assert predicted_sampled.choices[0].model_extra["token_ids"] == sampled.choices[0].model_extra["token_ids"]
+    assert predicted_sampled.usage.completion_tokens_details.accepted_prediction_tokens >= 1, predicted_sampled.usage
+    # So does one under a grammar, each drafted token's row masked after the tokens before it.
+    structured = chat(client, question, max_tokens=12, response_format={"type": "json_object"})
+    structured_prediction = {"type": "content", "content": structured.choices[0].message.content}
+    predicted_structured = chat(client, question, max_tokens=12, response_format={"type": "json_object"}, prediction=structured_prediction)
+    assert predicted_structured.choices[0].model_extra["token_ids"] == structured.choices[0].model_extra["token_ids"]
+    assert predicted_structured.usage.completion_tokens_details.accepted_prediction_tokens >= 1, predicted_structured.usage
     wait_until(lambda: idle(server), what="the server to be idle")
     metrics = http("GET", f"{server.url}/metrics").text
     accepted = re.search(r'^llama_webgpu_draft_tokens_total\{outcome="accepted"\} (\d+)', metrics, re.M)

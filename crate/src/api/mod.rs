@@ -199,7 +199,7 @@ impl SamplingParams {
     }
 }
 
-/// `prediction`: what a greedy request drafts its next tokens from, to verify several in one pass
+/// `prediction`: what a request drafts its next tokens from, to verify several in one pass
 /// (a file being edited, a document being rewritten).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

@@ -146,7 +146,7 @@ struct ModelArgs {
     /// as one buffer binds, halved while the GPU's memory cannot hold it).
     #[arg(long, value_parser = parse_size)]
     kv_memory: Option<u64>,
-    /// Speculative decoding by prompt lookup: a greedy request drafts the tokens that followed an
+    /// Speculative decoding by prompt lookup: a request drafts the tokens that followed an
     /// earlier occurrence of its last 2-4 tokens (in its prompt or output) and verifies up to 6 in
     /// one pass, keeping those the model chooses too, while fewer than 7 sequences decode. Pays
     /// where the output repeats its input (editing, extraction, code); the tokens are those of

@@ -555,7 +555,8 @@ impl Llama {
             x,
             x_out,
             // Only sampled rows are read whole: one a sequence at most.
-            logits_readback: gpu.readback_buffer("logits readback", sequences as u64 * logits_row),
+            // A pass samples a row per sequence and one per drafted token.
+            logits_readback: gpu.readback_buffer("logits readback", (sequences + MAX_DRAFTS).min(max_outputs) as u64 * logits_row),
             token_readback: [0, 1].map(|_| gpu.readback_buffer("token readback", 4 * max_outputs as u64)),
             candidates_readback: [0, 1].map(|_| gpu.readback_buffer("candidates readback", max_outputs as u64 * TopK::OUT_BYTES)),
             in_flight: VecDeque::new(),
@@ -718,7 +719,8 @@ impl Llama {
 
     /// The logits of output rows `rows` of the latest pass, in one copy and one wait for the GPU.
     pub async fn read_logits_rows(&self, rows: &[usize]) -> Result<Vec<Vec<f32>>> {
-        assert!(rows.len() <= self.max_sequences() && rows.iter().all(|&r| r < self.max_outputs), "{rows:?}: rows of logits read whole, at most {}", self.max_sequences());
+        let most = (self.max_sequences() + MAX_DRAFTS).min(self.max_outputs);
+        assert!(rows.len() <= most && rows.iter().all(|&r| r < self.max_outputs), "{rows:?}: rows of logits read whole, at most {most}");
         if rows.is_empty() {
             return Ok(vec![]);
         }
