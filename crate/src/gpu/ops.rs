@@ -1223,8 +1223,8 @@ impl TopK {
         Self { op, row_params, max_rows }
     }
 
-    /// Words before a row's (id, logit) pairs: max, the two normalisers, the scored token's logit.
-    pub const HEADER_WORDS: usize = 4;
+    /// Words before a row's (id, logit) pairs.
+    pub const HEADER_WORDS: usize = std::mem::size_of::<SelectionHeader>() / 4;
     /// Bytes of one row of `out`: the header and MAX_TOP_K (id, logit) pairs.
     pub const OUT_BYTES: u64 = (Self::HEADER_WORDS as u64 + 2 * MAX_TOP_K as u64) * 4;
 
@@ -1266,6 +1266,17 @@ impl Default for Selection {
     }
 }
 
+/// The first words of a row [`TopK`] writes, as top_k.wgsl writes them.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SelectionHeader {
+    max: f32,
+    exp_sum: f32,
+    softmax_sum: f32,
+    /// Written 0 where the row scores no token.
+    scored_logit: f32,
+}
+
 /// Top candidates read back from [`TopK`]: (id, logit) in rank order, the largest logit, the sums
 /// of exp((logit - max) / temperature) and of exp(logit - max) over the whole vocabulary, and the
 /// scored token's logit.
@@ -1280,11 +1291,11 @@ pub struct Candidates {
 
 impl Candidates {
     pub fn from_words(words: &[u32], selection: &Selection) -> Self {
-        let f = f32::from_bits;
-        let pairs = &words[TopK::HEADER_WORDS..];
-        let tokens = (0..selection.k.clamp(1, MAX_TOP_K)).map(|i| (pairs[2 * i], f(pairs[2 * i + 1]))).collect();
-        let scored_logit = selection.scored_token.map(|_| f(words[3]));
-        Self { tokens, max: f(words[0]), exp_sum: f(words[1]), softmax_sum: f(words[2]), scored_logit }
+        let (header, pairs) = words.split_at(TopK::HEADER_WORDS);
+        let header: SelectionHeader = bytemuck::pod_read_unaligned(bytemuck::cast_slice(header));
+        let tokens = (0..selection.k.clamp(1, MAX_TOP_K)).map(|i| (pairs[2 * i], f32::from_bits(pairs[2 * i + 1]))).collect();
+        let scored_logit = selection.scored_token.map(|_| header.scored_logit);
+        Self { tokens, max: header.max, exp_sum: header.exp_sum, softmax_sum: header.softmax_sum, scored_logit }
     }
 
     /// The natural log of the softmax (at temperature 1) of a logit of this row.
