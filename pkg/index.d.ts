@@ -51,6 +51,13 @@ export interface EngineOptions {
    */
   promptLookup?: boolean;
   /**
+   * Speculative decoding with a draft model: the URL (or `hf:` reference) of a smaller model with
+   * the same tokenizer (Llama 3.2 1B for Llama 3.1 8B), loaded after the model on the same device
+   * with as many KV pages; it drafts up to 6 tokens a step for each request while fewer than 7
+   * decode, which the model verifies in one pass. The tokens are those of plain decoding.
+   */
+  draftModel?: string;
+  /**
    * Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
    * transformers does. Default false: content is encoded as the text it is, so a user or a document
    * cannot forge turns; the chat template's own markup keeps its special tokens either way.
@@ -327,6 +334,8 @@ export interface EngineInfo {
   model: { layers: number; hidden_size: number; vocab_size: number; context_length: number };
   /** "cache" when the weights are kept in the Cache API, else "network (why not)". */
   weights: string;
+  /** The draft model (the `draftModel` option), where one was loaded. */
+  draft_model?: { layers: number; hidden_size: number; weights: string };
   /** Bytes of wasm memory after loading (its peak: wasm memory never shrinks). */
   wasm_memory_bytes: number;
   /** The engine's load when the model had loaded (`Engine.status()` has it now). */

@@ -286,13 +286,8 @@ fn drafted_tokens_verified_in_one_pass_leave_every_request_its_tokens_alone() {
     let free_at_start = engine.load().kv_pages_free;
     let together = run_together(&mut engine, &requests);
     assert_same_as_alone(&requests, &together, &alone);
-    for (i, ((together, _), alone)) in together.iter().zip(&alone).enumerate() {
-        let logprobs = |c: &Completion| c.logprobs.iter().flatten().map(|l| (l.token, l.top.iter().map(|t| t.token).collect::<Vec<_>>(), l.logprob)).collect::<Vec<_>>();
-        for ((token, top, logprob), (token_alone, top_alone, logprob_alone)) in logprobs(together).into_iter().zip(logprobs(alone)) {
-            assert_eq!((token, top), (token_alone, top_alone), "request {i}: tokens and alternatives");
-            assert!((logprob - logprob_alone).abs() < 1e-4, "request {i}: log probability {logprob} alone {logprob_alone}");
-        }
-        assert_eq!(together.logprobs.as_ref().map(Vec::len), alone.logprobs.as_ref().map(Vec::len), "request {i}");
+    assert_logprobs_as_alone(&together, &alone);
+    for (i, (together, _)) in together.iter().enumerate() {
         // Those with a prediction report its use.
         let drafts = together.usage.drafts;
         assert!(requests[i].params.prediction.is_none() || drafts.is_some(), "request {i}: {drafts:?}");
@@ -306,6 +301,70 @@ fn drafted_tokens_verified_in_one_pass_leave_every_request_its_tokens_alone() {
         assert!(together[i].0.usage.drafts.is_some_and(|d| d.accepted > 0), "request {i}: {:?}", together[i].0.usage.drafts);
     }
     assert_eq!(engine.load().kv_pages_free, free_at_start);
+}
+
+/// The same tokens and alternatives as alone, and log probabilities within the rounding of passes
+/// that group tokens otherwise.
+fn assert_logprobs_as_alone(together: &[(Completion, String)], alone: &[Completion]) {
+    for (i, ((together, _), alone)) in together.iter().zip(alone).enumerate() {
+        let logprobs = |c: &Completion| c.logprobs.iter().flatten().map(|l| (l.token, l.top.iter().map(|t| t.token).collect::<Vec<_>>(), l.logprob)).collect::<Vec<_>>();
+        for ((token, top, logprob), (token_alone, top_alone, logprob_alone)) in logprobs(together).into_iter().zip(logprobs(alone)) {
+            assert_eq!((token, top), (token_alone, top_alone), "request {i}: tokens and alternatives");
+            assert!((logprob - logprob_alone).abs() < 1e-4, "request {i}: log probability {logprob} alone {logprob_alone}");
+        }
+        assert_eq!(together.logprobs.as_ref().map(Vec::len), alone.logprobs.as_ref().map(Vec::len), "request {i}");
+    }
+}
+
+/// Speculative decoding with a draft model, one that drafts well (the fixture drafting for
+/// itself) and one that drafts badly (the smaller Llama 3.2 fixture of the same vocabulary): 16
+/// requests, greedy and seeded sampled, some under a JSON grammar, some with log probabilities,
+/// joining at different steps, two cancelled, each give what plain decoding gives them alone; the
+/// draft model catches up with prompts longer than its pass in chunks; pages all come back.
+#[test]
+fn a_draft_model_drafts_for_every_request_and_changes_no_token() {
+    let Some(gpu) = gpu() else { return };
+    let requests = requests(|i| SamplingParams {
+        temperature: Some(if i % 3 == 2 { 0.8 } else { 0.0 }),
+        top_k: (i % 6 == 2).then_some(20),
+        seed: Some(500 + i as u64),
+        logprobs: (i % 4 == 1).then_some(Logprobs::Enabled(true)),
+        top_logprobs: (i % 4 == 1).then_some(2),
+        response_format: (i % 5 == 3).then_some(ResponseFormat::JsonObject),
+        max_tokens: Some(10 + (i as u32 * 5) % 17),
+        ..Default::default()
+    });
+    let alone = run_alone(&requests);
+    for (draft, drafts_well) in [(FIXTURE, true), ("tiny-llama32-tied", false)] {
+        let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 4, ..Default::default() };
+        let engine = engine_of(load_model(&gpu, FIXTURE, &options).unwrap());
+        let config = llama_webgpu::load::read_hf_config(&common::fixture(draft)).unwrap();
+        // Passes of 16 tokens: the longer prompts catch up in two or three.
+        let draft_options = LoadOptions { max_batch: 16, ..engine.draft_load_options(&config) };
+        let mut engine = engine.with_draft_model(load_model(&gpu, draft, &draft_options).unwrap()).unwrap();
+        let free_at_start = engine.load().kv_pages_free;
+        let together = run_together(&mut engine, &requests);
+        assert_same_as_alone(&requests, &together, &alone);
+        assert_logprobs_as_alone(&together, &alone);
+        assert_eq!(engine.load().kv_pages_free, free_at_start);
+        let drafts = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap();
+        println!("{draft}: {drafts:?}; {:?}", together.iter().map(|(c, _)| c.usage.drafts.map(|d| (d.accepted, d.rejected))).collect::<Vec<_>>());
+        match drafts_well {
+            true => assert!(drafts.accepted > 2 * drafts.rejected, "{draft}: {drafts:?}"),
+            false => assert!(drafts.rejected > 0, "{draft}: {drafts:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_draft_model_must_match_the_engine() {
+    let Some(gpu) = gpu() else { return };
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 4, ..Default::default() };
+    let engine = engine_of(load_model(&gpu, FIXTURE, &options).unwrap());
+    let config = llama_webgpu::load::read_hf_config(&common::fixture(FIXTURE)).unwrap();
+    let shorter = LoadOptions { context_length: Some(CONTEXT / 2), ..engine.draft_load_options(&config) };
+    let err = engine.with_draft_model(load_model(&gpu, FIXTURE, &shorter).unwrap()).err().unwrap();
+    assert_eq!(err.to_string(), "the draft model's context is 64 but the model's 128: load it with Engine::draft_load_options");
 }
 
 #[test]

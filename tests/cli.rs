@@ -44,6 +44,29 @@ fn no_display_session_no_loader_noise() {
     assert!(output.status.success() && !stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
 }
 
+/// `--draft-model`: the smaller fixture of the same vocabulary drafts, the tokens are those
+/// without; a draft model of another vocabulary is refused, naming both.
+#[test]
+fn a_draft_model_drafts_and_a_draft_of_another_vocabulary_is_refused() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = common::fixture_with_tokenizer("tiny-llama31");
+    let run = |extra: &[&str]| {
+        let args = [&["run", "--model", model.to_str().unwrap(), "--prompt", "Hello there", "-n", "12", "--temperature", "0", "--json"], extra].concat();
+        serde_json::from_str::<serde_json::Value>(&llama_webgpu(&args)).unwrap()
+    };
+    let plain = run(&[]);
+    let drafted = run(&["--draft-model", fixture("tiny-llama32-tied").to_str().unwrap()]);
+    assert_eq!(drafted["tokens"], plain["tokens"]);
+    let drafts = &drafted["usage"]["drafts"];
+    assert!(drafts["accepted"].as_u64().unwrap() + drafts["rejected"].as_u64().unwrap() > 0, "{drafted}");
+    let smollm2 = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let args = ["run", "--model", model.to_str().unwrap(), "--prompt", "Hello", "-n", "1", "--draft-model", smollm2.to_str().unwrap()];
+    let stderr = llama_webgpu_fails(&args);
+    assert!(stderr.contains("the draft model's vocabulary is 49152 but the model's 1003: a draft model must share the model's tokenizer"), "{stderr}");
+}
+
 /// An I/O error says its cause once when the CLI prints the error's chain (the fixture has no
 /// tokenizer.json).
 #[test]

@@ -25,7 +25,7 @@ use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassToke
 use crate::sample::{SampleError, Sampler, SamplerOptions};
 use crate::text::tool_calls::{ToolCallFormat, ToolCallStream, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
-use crate::{Llama, Result};
+use crate::{Config, Llama, LoadOptions, Result};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -53,6 +53,8 @@ pub enum EngineError {
     UnknownBuiltinTool { name: String, known: [&'static str; 3] },
     #[error("the request needs {needed} KV pages ({positions} positions: the prompt's {prompt} and max_tokens {max_tokens}) but the KV pool holds {pool} pages of {page_size}: lower max_tokens or give the pool more memory")]
     DoesNotFit { needed: usize, positions: usize, prompt: usize, max_tokens: usize, pool: usize, page_size: usize },
+    #[error("the draft model's {what} is {draft} but the model's {model}: {hint}")]
+    DraftModelMismatch { what: &'static str, draft: usize, model: usize, hint: &'static str },
     #[error(transparent)]
     Sample(#[from] SampleError),
     #[error(transparent)]
@@ -282,6 +284,8 @@ struct Sequence {
     draft: Vec<u32>,
     /// Its runs of tokens, for prompt lookup.
     lookup: LookupIndex,
+    /// Positions whose keys and values the draft model holds.
+    draft_model_computed: usize,
     /// The prompt's last tokens and the request's predicted output, tokenized ([`predicted_draft`]),
     /// and where in it the latest draft began.
     prediction: Vec<u32>,
@@ -628,6 +632,8 @@ pub struct Engine {
     seeds: ChaCha8Rng,
     /// Whether sequences draft by prompt lookup ([`Engine::with_prompt_lookup`]).
     prompt_lookup: bool,
+    /// A smaller model of the same vocabulary that drafts tokens ([`Engine::with_draft_model`]).
+    draft_model: Option<Llama>,
 }
 
 impl Engine {
@@ -665,6 +671,7 @@ impl Engine {
             next_id: 0,
             seeds: ChaCha8Rng::seed_from_u64(seed),
             prompt_lookup: false,
+            draft_model: None,
         })
     }
 
@@ -673,6 +680,38 @@ impl Engine {
     pub fn with_prompt_lookup(mut self, on: bool) -> Self {
         self.prompt_lookup = on;
         self
+    }
+
+    /// Drafts tokens with `draft` (speculative decoding with a draft model, as llama.cpp's
+    /// `--model-draft`): a smaller model of the same vocabulary (Llama 3.2 1B for Llama 3.1 8B),
+    /// loaded with [`Engine::draft_load_options`]. Its KV pool has this model's pages and its page
+    /// tables the same entries, so a sequence's pages hold both models' keys and values.
+    pub fn with_draft_model(mut self, draft: Llama) -> Result<Self> {
+        let (model, pool) = (&self.model, self.model.kv_pool());
+        let hint = "load it with Engine::draft_load_options";
+        let checks = [
+            ("vocabulary", draft.config().vocab_size, model.config().vocab_size, "a draft model must share the model's tokenizer"),
+            ("context", draft.context_length(), model.context_length(), hint),
+            ("sequence count", draft.max_sequences(), model.max_sequences(), hint),
+            ("KV page count", draft.kv_pool().pages, pool.pages, hint),
+        ];
+        if let Some((what, draft, model, hint)) = checks.into_iter().find(|c| c.1 != c.2) {
+            return Err(EngineError::DraftModelMismatch { what, draft, model, hint }.into());
+        }
+        self.draft_model = Some(draft);
+        Ok(self)
+    }
+
+    /// How to load a draft model of `config` for this engine: its context, sequences and as many
+    /// KV pages.
+    pub fn draft_load_options(&self, config: &Config) -> LoadOptions {
+        let pool = self.model.kv_pool();
+        LoadOptions {
+            context_length: Some(self.model.context_length()),
+            max_sequences: self.model.max_sequences(),
+            kv_memory: Some(pool.pages as u64 * KvPool::bytes_per_page(config, pool.kv_type)),
+            ..Default::default()
+        }
     }
 
     pub fn model(&self) -> &Llama {
@@ -807,6 +846,7 @@ impl Engine {
                     echo: echo.clone(),
                     draft: vec![],
                     lookup: LookupIndex::default(),
+                    draft_model_computed: 0,
                     prediction: match prediction.is_empty() {
                         true => vec![],
                         false => [&prompt[prompt.len().saturating_sub(*LOOKUP_NGRAM.end() - 1)..], &prediction].concat(),
@@ -883,7 +923,7 @@ impl Engine {
             Some(rows) => (rows, true),
             None => {
                 self.admit();
-                match self.submit_scheduled()? {
+                match self.submit_scheduled().await? {
                     Some(rows) => (rows, false),
                     None => return Ok(()),
                 }
@@ -952,7 +992,7 @@ impl Engine {
             sequence.reserved = needed - pages.len();
             sequence.computed = prefix.tokens();
             sequence.cached_prompt = prefix.tokens();
-            self.model.write_page_table(slot, 0, &pages);
+            self.write_page_table(slot, 0, &pages);
             sequence.pages = pages;
             self.running.push(sequence);
         }
@@ -962,7 +1002,7 @@ impl Engine {
     /// the drafts of those that draft), then prefill chunks, oldest sequence first, as far as the batch
     /// size allows. Prompts being scored come last: each of their positions is an output row, and
     /// they take the rows left.
-    fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
+    async fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
         let mut budget = self.model.max_batch();
         let mut outputs_left = self.model.max_outputs(); // rows of logits
         // Drafts only while the pass stays small enough to cost what a decode step does (and to
@@ -970,6 +1010,10 @@ impl Engine {
         let decoding = self.running.iter().filter(|s| s.tokens.len() - s.computed == 1).count();
         let pass_limit = MAX_DRAFT_PASS_TOKENS.min(self.model.gpu().gemv_max_tokens as usize);
         let mut draft_room = pass_limit.saturating_sub(decoding);
+        let mut model_drafts = match self.draft_model.is_some() {
+            true => self.draft_with_model(draft_room.min(outputs_left.saturating_sub(self.running.len()))).await?,
+            false => HashMap::new(),
+        };
         let mut order: Vec<usize> = (0..self.running.len()).collect();
         order.sort_by_key(|&i| {
             let sequence = &self.running[i];
@@ -997,7 +1041,8 @@ impl Engine {
             if output && take == 1 {
                 // Every sequence after this one keeps a row for its sampled token.
                 let room = draft_room.min(budget - 1).min(outputs_left.saturating_sub(self.running.len() - rows.len()));
-                self.draft_for(i, room);
+                let model_draft = model_drafts.remove(&self.running[i].id);
+                self.draft_for(i, room, model_draft);
             }
             let sequence = &self.running[i];
             let draft = &sequence.draft;
@@ -1038,45 +1083,142 @@ impl Engine {
     }
 
     /// Drafts up to `room` tokens for decoding sequence `i` to verify, within the pages it
-    /// reserved: from its prediction (moving its cursor), else by prompt lookup where the engine
-    /// does it.
-    fn draft_for(&mut self, i: usize, room: usize) {
+    /// reserved: from its prediction (moving its cursor), else the draft model's `model_draft`,
+    /// else by prompt lookup where the engine does it.
+    fn draft_for(&mut self, i: usize, room: usize, model_draft: Option<Vec<u32>>) {
         if !self.may_draft(&self.running[i]) {
             return;
         }
-        let (context, lookup) = (self.model.context_length(), self.prompt_lookup);
+        let (max, lookup) = (self.draft_max(i, room), self.prompt_lookup);
         let sequence = &mut self.running[i];
-        let positions_left = sequence.max_positions(context).saturating_sub(sequence.tokens.len() + 1);
-        let max = room.min(positions_left).min(sequence.draft_limit);
         sequence.draft = match predicted_draft(&sequence.tokens, &sequence.prediction, sequence.prediction_cursor, max) {
             Some((drafted, begin)) => {
                 sequence.prediction_cursor = begin;
                 drafted
             }
-            None if lookup => sequence.lookup.draft(&sequence.tokens, max),
-            None => vec![],
+            None => match model_draft {
+                Some(mut drafted) => {
+                    drafted.truncate(max);
+                    drafted
+                }
+                None if lookup => sequence.lookup.draft(&sequence.tokens, max),
+                None => vec![],
+            },
         };
+    }
+
+    /// The most tokens decoding sequence `i` may draft, within `room`: its draft length and the
+    /// positions it reserved.
+    fn draft_max(&self, i: usize, room: usize) -> usize {
+        let sequence = &self.running[i];
+        let positions_left = sequence.max_positions(self.model.context_length()).saturating_sub(sequence.tokens.len() + 1);
+        room.min(positions_left).min(sequence.draft_limit)
+    }
+
+    /// Drafts with the draft model for the decoding sequences that may draft and have no
+    /// prediction to draft from, `room` tokens in all: a pass that brings each one's keys and
+    /// values up to its last token (its prompt, the first time) and gives its first drafted token
+    /// (a greedy one), then a one-token pass for each next, fed the argmax of the one before on
+    /// the GPU. A sequence whose catch-up does not fit one pass catches up in chunks and drafts
+    /// after. The draft model's keys and values for drafted tokens stand where they are taken.
+    async fn draft_with_model(&mut self, room: usize) -> Result<HashMap<SequenceId, Vec<u32>>> {
+        let Some(draft_model) = &self.draft_model else { return Ok(HashMap::new()) };
+        let mut budget = draft_model.max_batch();
+        let wants = |s: &Sequence| {
+            s.tokens.len() - s.computed == 1 && predicted_draft(&s.tokens, &s.prediction, s.prediction_cursor, 1).is_none()
+        };
+        let mut drafting: Vec<(usize, usize)> = (0..self.running.len()).filter(|&i| wants(&self.running[i])).map(|i| (i, self.draft_max(i, room))).collect();
+        drafting.retain(|&(_, max)| max > 0);
+        drafting.truncate(room);
+        let Some(longest) = drafting.iter().map(|d| d.1).max() else { return Ok(HashMap::new()) };
+        // The same number of passes for all (each one-token pass takes the argmax of every output
+        // row of the pass before), their positions within every sequence's reserved pages.
+        let context = self.model.context_length();
+        let positions_left = drafting.iter().map(|&(i, _)| self.running[i].max_positions(context) + 1 - self.running[i].tokens.len()).min();
+        let k = longest.min(room / drafting.len()).min(positions_left.unwrap_or(0));
+        let (mut batch, mut ids, mut drafted) = (Batch::default(), vec![], vec![]);
+        for (i, max) in drafting {
+            let sequence = &self.running[i];
+            let (first, len) = (sequence.draft_model_computed.min(sequence.computed), sequence.tokens.len());
+            let take = (len - first).min(budget);
+            if take == 0 {
+                continue;
+            }
+            budget -= take;
+            let caught_up = first + take == len;
+            // Positions up to the last drafted token's input.
+            self.take_pages_through(i, if caught_up { len + k - 2 } else { first + take - 1 });
+            let sequence = &mut self.running[i];
+            batch.slots.extend((first..first + take).map(|position| token_slot(sequence, position)));
+            ids.extend_from_slice(&sequence.tokens[first..first + take]);
+            sequence.draft_model_computed = first + take;
+            if caught_up {
+                batch.outputs.push(batch.slots.len() as u32 - 1);
+                drafted.push((i, max.min(k), Vec::with_capacity(k)));
+            }
+        }
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let Some(draft_model) = &mut self.draft_model else { return Ok(HashMap::new()) };
+        draft_model.submit(&batch, PassTokens::Host(&ids))?;
+        if drafted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        for pass in 1..=k {
+            // The next pass goes in before this one is read, the GPU busy meanwhile.
+            if pass < k {
+                let next = Batch {
+                    slots: drafted.iter().map(|&(i, ..)| token_slot(&self.running[i], self.running[i].tokens.len() - 1 + pass)).collect(),
+                    outputs: (0..drafted.len() as u32).collect(),
+                    top_k: vec![],
+                };
+                draft_model.submit(&next, PassTokens::Previous)?;
+            }
+            let output = draft_model.read_pass().await?;
+            for ((.., tokens), &token) in drafted.iter_mut().zip(&output.argmax) {
+                tokens.push(token);
+            }
+        }
+        let mut drafts = HashMap::new();
+        for (i, max, mut tokens) in drafted {
+            let sequence = &mut self.running[i];
+            sequence.draft_model_computed = sequence.tokens.len() + k - 1;
+            tokens.truncate(max);
+            drafts.insert(sequence.id, tokens);
+        }
+        Ok(drafts)
     }
 
     /// Whether `sequence` may draft tokens to verify (and so reads each token before its next pass).
     fn may_draft(&self, sequence: &Sequence) -> bool {
-        self.prompt_lookup || !sequence.prediction.is_empty()
+        self.prompt_lookup || self.draft_model.is_some() || !sequence.prediction.is_empty()
     }
 
     /// Adds the slots of running sequence `i`'s positions first..first + n to `batch`, taking
     /// reserved pages where they begin new ones.
     fn place(&mut self, i: usize, first: usize, n: usize, batch: &mut Batch) {
-        let sequence = &mut self.running[i];
-        for position in first..first + n {
-            let page = position / PAGE_SIZE;
-            if page == sequence.pages.len() {
-                let taken = self.pages.take_reserved();
-                sequence.reserved -= 1;
-                sequence.pages.push(taken);
-                self.model.write_page_table(sequence.slot, page, &[taken]);
-            }
-            let kv_row = sequence.pages[page] as usize * PAGE_SIZE + position % PAGE_SIZE;
-            batch.slots.push(TokenSlot { position: position as u32, kv_row: kv_row as u32, sequence: sequence.slot as u32, _pad: 0 });
+        self.take_pages_through(i, first + n - 1);
+        batch.slots.extend((first..first + n).map(|position| token_slot(&self.running[i], position)));
+    }
+
+    /// Takes reserved pages for running sequence `i` up to the one of `position`.
+    fn take_pages_through(&mut self, i: usize, position: usize) {
+        while self.running[i].pages.len() <= position / PAGE_SIZE {
+            let taken = self.pages.take_reserved();
+            let sequence = &mut self.running[i];
+            sequence.reserved -= 1;
+            sequence.pages.push(taken);
+            let (slot, page) = (sequence.slot, sequence.pages.len() - 1);
+            self.write_page_table(slot, page, &[taken]);
+        }
+    }
+
+    /// Sets page table entries of slot `slot` from `first` on, in both models'.
+    fn write_page_table(&mut self, slot: usize, first: usize, pages: &[u32]) {
+        self.model.write_page_table(slot, first, pages);
+        if let Some(draft_model) = &mut self.draft_model {
+            draft_model.write_page_table(slot, first, pages);
         }
     }
 
@@ -1185,6 +1327,9 @@ impl Engine {
                 accepted += 1;
                 ending = self.choose(i, row, &output, &mut read_logits, &bytes, events).await?;
             }
+            // The draft model's keys and values stand as far as the tokens they were computed for.
+            let sequence = &mut self.running[i];
+            sequence.draft_model_computed = sequence.draft_model_computed.min(sequence.computed);
             if !draft.is_empty() {
                 self.cache_full_pages(i);
                 let sequence = &mut self.running[i];
@@ -1334,6 +1479,10 @@ impl Engine {
         self.waiting.clear();
         self.running.clear();
         self.pending = None;
+        self.model.forget_passes();
+        if let Some(draft_model) = &mut self.draft_model {
+            draft_model.forget_passes();
+        }
         self.pages = PageAllocator::new(self.model.kv_pool().pages);
         self.free_slots = (0..self.model.max_sequences()).rev().collect();
     }
@@ -1440,6 +1589,12 @@ pub fn predicted_draft(tokens: &[u32], prediction: &[u32], cursor: usize, max: u
     let (start, n) = longest_match(tokens, first).filter(|_| max > 0)?;
     let begin = start + n;
     Some((prediction[begin..(begin + max).min(prediction.len())].to_vec(), begin))
+}
+
+/// Where `sequence`'s `position` goes in a pass: its KV row in the page holding it.
+fn token_slot(sequence: &Sequence, position: usize) -> TokenSlot {
+    let kv_row = sequence.pages[position / PAGE_SIZE] as usize * PAGE_SIZE + position % PAGE_SIZE;
+    TokenSlot { position: position as u32, kv_row: kv_row as u32, sequence: sequence.slot as u32, _pad: 0 }
 }
 
 /// Positions a sequence may reach, from which its pages are reserved.

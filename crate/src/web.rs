@@ -183,6 +183,40 @@ struct WebLoadOptions {
     q8_activations: Option<bool>,
     /// Requests draft by prompt lookup (Engine::with_prompt_lookup; default false).
     prompt_lookup: Option<bool>,
+    /// A smaller model of the same tokenizer that drafts tokens (Engine::with_draft_model), as
+    /// `url` is given.
+    draft_model: Option<String>,
+}
+
+/// The model at `url` (or `hf:` reference), opened.
+async fn open_web_model(url: &str, options: &WebLoadOptions) -> Result<WebModel, JsValue> {
+    let url = crate::load::resolve_reference(url, options.hub_endpoint.as_deref()).await.map_err(to_js)?;
+    WebModel::open(&url).await.map_err(to_js)
+}
+
+/// Uploads `source`'s weights, reporting each chunk with its tensor's name after `label`; a
+/// file whose checksum fails is forgotten by the cache, so that a retry downloads it again.
+async fn load_web_model(
+    gpu: &Gpu,
+    config: crate::Config,
+    source: &WebModel,
+    options: &LoadOptions,
+    label: &str,
+    report: &dyn Fn(u64, u64, &str, &str),
+) -> Result<Llama, JsValue> {
+    let mut progress = |p: crate::LoadProgress| {
+        let stage = if p.bytes_done == p.bytes_total { "prepare" } else { source.stage() };
+        report(p.bytes_done, p.bytes_total, &format!("{label}{}", p.tensor), stage);
+    };
+    match Llama::load(gpu, config, source, options, &mut progress).await {
+        Ok(model) => Ok(model),
+        Err(error) => {
+            if let crate::Error::Load(LoadError::Checksum { file, .. }) = &error {
+                source.forget(file).await;
+            }
+            Err(to_js(error))
+        }
+    }
 }
 
 #[wasm_bindgen(start)]
@@ -193,11 +227,12 @@ fn start() {
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file; or an `hf:`
 /// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
 /// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
-/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, promptLookup?}`. `on_progress(bytesDone, bytesTotal, tensor,
-/// stage)` is called as the load goes through its stages: "self-test" (the kernels checked on this
-/// GPU, before the weights), then per chunk of weights uploaded "download" or "cache" (where they
-/// came from), then "prepare" once they all are (the KV cache allocated, the passes built).
-/// Returns `info()`.
+/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, promptLookup?, draftModel?}`.
+/// `on_progress(bytesDone, bytesTotal, tensor, stage)` is called as the load goes through its
+/// stages: "self-test" (the kernels checked on this GPU, before the weights), then per chunk of
+/// weights uploaded "download" or "cache" (where they came from), then "prepare" once they all
+/// are (the KV cache allocated, the passes built); a draft model's weights follow, their tensors
+/// named "draft model: ...". Returns `info()`.
 #[wasm_bindgen]
 pub async fn load(url: String, options: JsValue, on_progress: Function) -> Result<JsValue, JsValue> {
     let options: WebLoadOptions = read_options(object_of(options, "the load options")?)?;
@@ -213,8 +248,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, kv_type, q8_activations, ..Default::default() })
         .await
         .map_err(|e| to_js(e.into()))?;
-    let url = crate::load::resolve_reference(&url, options.hub_endpoint.as_deref()).await.map_err(to_js)?;
-    let source = WebModel::open(&url).await.map_err(to_js)?;
+    let source = open_web_model(&url, &options).await?;
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;
     // A tab's GPU memory is scarce: unless told otherwise, the sequences share the KV pages of one
@@ -232,24 +266,20 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         let (done, total) = (JsValue::from_f64(bytes_done as f64), JsValue::from_f64(bytes_total as f64));
         let _ = on_progress.call4(&JsValue::NULL, &done, &total, &tensor.into(), &stage.into());
     };
-    let mut progress = |p: crate::LoadProgress| {
-        let stage = if p.bytes_done == p.bytes_total { "prepare" } else { source.stage() };
-        report(p.bytes_done, p.bytes_total, p.tensor, stage);
-    };
     // Llama::load checks the kernels before it streams the first weights.
     report(0, 0, "", "self-test");
-    let model = match Llama::load(&gpu, config, &source, &load_options, &mut progress).await {
-        Ok(model) => model,
-        Err(error) => {
-            if let crate::Error::Load(LoadError::Checksum { file, .. }) = &error {
-                source.forget(file).await;
-            }
-            return Err(to_js(error));
-        }
-    };
-    let described = describe_engine(&gpu, &model, Some(&source));
+    let model = load_web_model(&gpu, config, &source, &load_options, "", &report).await?;
+    let mut described = describe_engine(&gpu, &model, Some(&source));
     let seed = (js_sys::Math::random() * 9007199254740992.0) as u64;
-    let engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?.with_prompt_lookup(options.prompt_lookup.unwrap_or(false));
+    let mut engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?.with_prompt_lookup(options.prompt_lookup.unwrap_or(false));
+    if let Some(draft_url) = &options.draft_model {
+        let draft_source = open_web_model(draft_url, &options).await?;
+        let draft_config = draft_source.config().map_err(to_js)?;
+        let draft_options = engine.draft_load_options(&draft_config);
+        let draft = load_web_model(&gpu, draft_config, &draft_source, &draft_options, "draft model: ", &report).await?;
+        described["draft_model"] = serde_json::json!({ "layers": draft.config().n_layers, "hidden_size": draft.config().hidden_size, "weights": draft_source.storage() });
+        engine = engine.with_draft_model(draft).map_err(to_js)?;
+    }
     STATE.with_borrow_mut(|s| {
         s.load = engine.load();
         s.prompter = Some(engine.prompter().clone());

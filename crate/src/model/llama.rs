@@ -879,6 +879,11 @@ impl Llama {
         Ok(())
     }
 
+    /// Forgets the passes submitted and not read (after a failure, whose passes are not read).
+    pub fn forget_passes(&mut self) {
+        self.in_flight.clear();
+    }
+
     /// The results of the oldest pass with outputs submitted and not read yet; waits for that
     /// pass only.
     pub async fn read_pass(&mut self) -> Result<PassOutput> {
