@@ -51,12 +51,12 @@ export interface EngineOptions {
    */
   promptLookup?: boolean;
   /**
-   * Speculative decoding with a draft model: the URL (or `hf:` reference) of a smaller model with
-   * the same tokenizer (Llama 3.2 1B for Llama 3.1 8B), loaded after the model on the same device
-   * with as many KV pages; it drafts up to 6 tokens a step for each request while fewer than 7
-   * decode, which the model verifies in one pass. The tokens are those of plain decoding.
+   * Speculative decoding with a draft model: a smaller model with the same tokenizer (Llama 3.2
+   * 1B for Llama 3.1 8B), given as `model` is, loaded after the model on the same device with as
+   * many KV pages; it drafts up to 6 tokens a step for each request while fewer than 7 decode,
+   * which the model verifies in one pass. The tokens are those of plain decoding.
    */
-  draftModel?: string;
+  draftModel?: string | CatalogModel;
   /**
    * Encode special-token text inside message content (`<|eot_id|>`, ...) as special tokens, as
    * transformers does. Default false: content is encoded as the text it is, so a user or a document

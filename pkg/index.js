@@ -213,7 +213,13 @@ export async function createEngine({ model, onProgress, worker = true, ...option
       port.postMessage({ ...message, id });
     });
 
-  const url = reference.startsWith("hf:") ? reference : new URL(reference, globalThis.location?.href).href;
+  // Page-relative URLs are made absolute here: the worker's base is its own script's.
+  const absolute = (reference) => (reference.startsWith("hf:") ? reference : new URL(reference, globalThis.location?.href).href);
+  const url = absolute(reference);
+  if (options.draftModel !== undefined) {
+    const draft = options.draftModel;
+    options.draftModel = absolute(typeof draft === "object" ? referenceOf(draft) : String(draft));
+  }
   const load = (report) => {
     const started = performance.now();
     return call({ type: "load", url, options }, ({ done, total, tensor, stage }) =>

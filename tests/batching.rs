@@ -320,7 +320,7 @@ fn assert_logprobs_as_alone(together: &[(Completion, String)], alone: &[Completi
 /// itself) and one that drafts badly (the smaller Llama 3.2 fixture of the same vocabulary): 16
 /// requests, greedy and seeded sampled, some under a JSON grammar, some with log probabilities,
 /// joining at different steps, two cancelled, each give what plain decoding gives them alone; the
-/// draft model catches up with prompts longer than its pass in chunks; pages all come back.
+/// draft model catches up with prompts prefilled over several passes; pages all come back.
 #[test]
 fn a_draft_model_drafts_for_every_request_and_changes_no_token() {
     let Some(gpu) = gpu() else { return };
@@ -336,10 +336,11 @@ fn a_draft_model_drafts_for_every_request_and_changes_no_token() {
     });
     let alone = run_alone(&requests);
     for (draft, drafts_well) in [(FIXTURE, true), ("tiny-llama32-tied", false)] {
-        let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 4, ..Default::default() };
+        // Passes of 16 tokens: the longer prompts prefill in two or three, the draft model
+        // catching up a pass behind.
+        let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 4, max_batch: 16, ..Default::default() };
         let engine = engine_of(load_model(&gpu, FIXTURE, &options).unwrap());
         let config = llama_webgpu::load::read_hf_config(&common::fixture(draft)).unwrap();
-        // Passes of 16 tokens: the longer prompts catch up in two or three.
         let draft_options = LoadOptions { max_batch: 16, ..engine.draft_load_options(&config) };
         let mut engine = engine.with_draft_model(load_model(&gpu, draft, &draft_options).unwrap()).unwrap();
         let free_at_start = engine.load().kv_pages_free;
@@ -349,9 +350,12 @@ fn a_draft_model_drafts_for_every_request_and_changes_no_token() {
         assert_eq!(engine.load().kv_pages_free, free_at_start);
         let drafts = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap();
         println!("{draft}: {drafts:?}; {:?}", together.iter().map(|(c, _)| c.usage.drafts.map(|d| (d.accepted, d.rejected))).collect::<Vec<_>>());
+        // Drafting for itself, the model's argmax is the draft's but where a pass's grouping of
+        // tokens moves a near tie: greedy requests without a grammar take nearly every draft.
+        let greedy = DraftUsage::sum(together.iter().zip(&requests).filter(|(_, r)| r.params.temperature == Some(0.0) && r.params.response_format.is_none()).map(|((c, _), _)| c.usage.drafts)).unwrap();
         match drafts_well {
-            true => assert!(drafts.accepted > 2 * drafts.rejected, "{draft}: {drafts:?}"),
-            false => assert!(drafts.rejected > 0, "{draft}: {drafts:?}"),
+            true => assert!(greedy.accepted > 4 * greedy.rejected.max(10), "{draft}: greedy {greedy:?}"),
+            false => assert!(drafts.rejected > drafts.accepted, "{draft}: {drafts:?}"),
         }
     }
 }

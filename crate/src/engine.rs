@@ -718,6 +718,11 @@ impl Engine {
         &self.model
     }
 
+    /// The model that drafts tokens, if one does ([`Engine::with_draft_model`]).
+    pub fn draft_model(&self) -> Option<&Llama> {
+        self.draft_model.as_ref()
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.prompter.tokenizer
     }
@@ -1008,8 +1013,7 @@ impl Engine {
         // Drafts only while the pass stays small enough to cost what a decode step does (and to
         // sum as one does): few sequences at a time, where a pass is bound by its weight reads.
         let decoding = self.running.iter().filter(|s| s.tokens.len() - s.computed == 1).count();
-        let pass_limit = MAX_DRAFT_PASS_TOKENS.min(self.model.gpu().gemv_max_tokens as usize);
-        let mut draft_room = pass_limit.saturating_sub(decoding);
+        let mut draft_room = self.draft_pass_limit().saturating_sub(decoding);
         let mut model_drafts = match self.draft_model.is_some() {
             true => self.draft_with_model(draft_room.min(outputs_left.saturating_sub(self.running.len()))).await?,
             false => HashMap::new(),
@@ -1117,10 +1121,12 @@ impl Engine {
 
     /// Drafts with the draft model for the decoding sequences that may draft and have no
     /// prediction to draft from, `room` tokens in all: a pass that brings each one's keys and
-    /// values up to its last token (its prompt, the first time) and gives its first drafted token
-    /// (a greedy one), then a one-token pass for each next, fed the argmax of the one before on
-    /// the GPU. A sequence whose catch-up does not fit one pass catches up in chunks and drafts
-    /// after. The draft model's keys and values for drafted tokens stand where they are taken.
+    /// values up to its last token and gives its first drafted token (a greedy one), then a
+    /// one-token pass for each next, fed the argmax of the one before on the GPU. The same first
+    /// pass brings the draft model up to the positions the model has computed of the prompts
+    /// being prefilled, so that they draft from their first decode step; what does not fit it
+    /// catches up in later ones. The draft model's keys and values for drafted tokens stand where
+    /// they are taken.
     async fn draft_with_model(&mut self, room: usize) -> Result<HashMap<SequenceId, Vec<u32>>> {
         let Some(draft_model) = &self.draft_model else { return Ok(HashMap::new()) };
         let mut budget = draft_model.max_batch();
@@ -1130,12 +1136,12 @@ impl Engine {
         let mut drafting: Vec<(usize, usize)> = (0..self.running.len()).filter(|&i| wants(&self.running[i])).map(|i| (i, self.draft_max(i, room))).collect();
         drafting.retain(|&(_, max)| max > 0);
         drafting.truncate(room);
-        let Some(longest) = drafting.iter().map(|d| d.1).max() else { return Ok(HashMap::new()) };
         // The same number of passes for all (each one-token pass takes the argmax of every output
         // row of the pass before), their positions within every sequence's reserved pages.
         let context = self.model.context_length();
         let positions_left = drafting.iter().map(|&(i, _)| self.running[i].max_positions(context) + 1 - self.running[i].tokens.len()).min();
-        let k = longest.min(room / drafting.len()).min(positions_left.unwrap_or(0));
+        let longest = drafting.iter().map(|d| d.1).max().unwrap_or(0);
+        let k = longest.min(room / drafting.len().max(1)).min(positions_left.unwrap_or(0));
         let (mut batch, mut ids, mut drafted) = (Batch::default(), vec![], vec![]);
         for (i, max) in drafting {
             let sequence = &self.running[i];
@@ -1156,6 +1162,14 @@ impl Engine {
                 batch.outputs.push(batch.slots.len() as u32 - 1);
                 drafted.push((i, max.min(k), Vec::with_capacity(k)));
             }
+        }
+        for sequence in self.running.iter_mut().filter(|s| s.tokens.len() - s.computed > 1) {
+            let (first, last) = (sequence.draft_model_computed.min(sequence.computed), sequence.computed);
+            let take = (last - first).min(budget);
+            budget -= take;
+            batch.slots.extend((first..first + take).map(|position| token_slot(sequence, position)));
+            ids.extend_from_slice(&sequence.tokens[first..first + take]);
+            sequence.draft_model_computed = first + take;
         }
         if ids.is_empty() {
             return Ok(HashMap::new());
@@ -1188,6 +1202,11 @@ impl Engine {
             drafts.insert(sequence.id, tokens);
         }
         Ok(drafts)
+    }
+
+    /// The most tokens a pass with drafts holds: one group of GEMV columns.
+    fn draft_pass_limit(&self) -> usize {
+        MAX_DRAFT_PASS_TOKENS.min(self.model.gpu().gemv_max_tokens as usize)
     }
 
     /// Whether `sequence` may draft tokens to verify (and so reads each token before its next pass).
@@ -1241,8 +1260,11 @@ impl Engine {
         let context = self.model.context_length();
         let admissible = !self.waiting.is_empty() && !self.free_slots.is_empty();
         let all_decode = rows.len() == self.running.len() && rows.iter().all(|r| r.tokens == 1 && r.scored == 0 && r.output);
+        // With as many sequences decoding as a pass with drafts holds, none drafts.
+        let room_to_draft = rows.len() < self.draft_pass_limit();
         let runs_next = |s: &Sequence| {
-            s.plain_greedy() && !(was_chained && self.may_draft(s)) && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context
+            let may_draft = room_to_draft && self.may_draft(s);
+            s.plain_greedy() && !(was_chained && may_draft) && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context
         };
         let indices: Vec<usize> = rows.iter().filter_map(|r| self.running.iter().position(|s| s.id == r.id && runs_next(s))).collect();
         if admissible || !all_decode || indices.len() != rows.len() {

@@ -163,6 +163,11 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
                     (load.kv_pages as u64 * load.kv_page_bytes) >> 20,
                     load.kv_buffers
                 );
+                if let Some(draft) = engine.draft_model() {
+                    let pool = draft.kv_pool();
+                    let bytes = pool.pages as u64 * llama_webgpu::model::KvPool::bytes_per_page(draft.config(), pool.kv_type);
+                    log::info!("a draft model of {} layers drafts for it, its KV pool {} MiB", draft.config().n_layers, bytes >> 20);
+                }
                 Ok::<_, anyhow::Error>(engine)
             })
         };
