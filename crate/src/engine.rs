@@ -1124,8 +1124,8 @@ impl Engine {
     /// values up to its last token and gives its first drafted token (a greedy one), then a
     /// one-token pass for each next, fed the argmax of the one before on the GPU. The same first
     /// pass brings the draft model up to the positions the model has computed of the prompts
-    /// being prefilled, so that they draft from their first decode step; what does not fit it
-    /// catches up in later ones. The draft model's keys and values for drafted tokens stand where
+    /// being prefilled, so that they draft from their first decode step (unless there is no room
+    /// to draft now); what does not fit it catches up in later ones. The draft model's keys and values for drafted tokens stand where
     /// they are taken.
     async fn draft_with_model(&mut self, room: usize) -> Result<HashMap<SequenceId, Vec<u32>>> {
         let Some(draft_model) = &self.draft_model else { return Ok(HashMap::new()) };
@@ -1163,7 +1163,9 @@ impl Engine {
                 drafted.push((i, max.min(k), Vec::with_capacity(k)));
             }
         }
-        for sequence in self.running.iter_mut().filter(|s| s.tokens.len() - s.computed > 1) {
+        // Not while too many sequences decode to draft: their prompts catch up when there is room.
+        let prefilling = self.running.iter_mut().filter(|s| room > 0 && s.tokens.len() - s.computed > 1);
+        for sequence in prefilling {
             let (first, last) = (sequence.draft_model_computed.min(sequence.computed), sequence.computed);
             let take = (last - first).min(budget);
             budget -= take;
