@@ -1154,10 +1154,7 @@ impl Engine {
             let caught_up = first + take == len;
             // Positions up to the last drafted token's input.
             self.take_pages_through(i, if caught_up { len + k - 2 } else { first + take - 1 });
-            let sequence = &mut self.running[i];
-            batch.slots.extend((first..first + take).map(|position| token_slot(sequence, position)));
-            ids.extend_from_slice(&sequence.tokens[first..first + take]);
-            sequence.draft_model_computed = first + take;
+            catch_up(&mut self.running[i], first..first + take, &mut batch, &mut ids);
             if caught_up {
                 batch.outputs.push(batch.slots.len() as u32 - 1);
                 drafted.push((i, max.min(k), Vec::with_capacity(k)));
@@ -1169,9 +1166,7 @@ impl Engine {
             let (first, last) = (sequence.draft_model_computed.min(sequence.computed), sequence.computed);
             let take = (last - first).min(budget);
             budget -= take;
-            batch.slots.extend((first..first + take).map(|position| token_slot(sequence, position)));
-            ids.extend_from_slice(&sequence.tokens[first..first + take]);
-            sequence.draft_model_computed = first + take;
+            catch_up(sequence, first..first + take, &mut batch, &mut ids);
         }
         if ids.is_empty() {
             return Ok(HashMap::new());
@@ -1619,6 +1614,14 @@ pub fn predicted_draft(tokens: &[u32], prediction: &[u32], cursor: usize, max: u
 fn token_slot(sequence: &Sequence, position: usize) -> TokenSlot {
     let kv_row = sequence.pages[position / PAGE_SIZE] as usize * PAGE_SIZE + position % PAGE_SIZE;
     TokenSlot { position: position as u32, kv_row: kv_row as u32, sequence: sequence.slot as u32, _pad: 0 }
+}
+
+/// Adds `sequence`'s `positions` (in pages it holds) to the draft model's `batch` and their
+/// tokens to `ids`; its keys and values are computed through them after the pass.
+fn catch_up(sequence: &mut Sequence, positions: std::ops::Range<usize>, batch: &mut Batch, ids: &mut Vec<u32>) {
+    ids.extend_from_slice(&sequence.tokens[positions.clone()]);
+    sequence.draft_model_computed = positions.end;
+    batch.slots.extend(positions.map(|position| token_slot(sequence, position)));
 }
 
 /// Positions a sequence may reach, from which its pages are reserved.
