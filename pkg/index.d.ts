@@ -24,8 +24,8 @@ export interface EngineOptions {
   /**
    * Bytes of GPU memory for the KV cache, shared by the running requests in pages of 16 positions.
    * Default: one full context, shared by the running requests, halved while the GPU's memory cannot
-   * hold it. A request reserves the pages its prompt and
-   * `max_tokens` (without it: the context) can reach, and waits while they are not free.
+   * hold it. A request starts when its prompt's pages are free and takes more as it generates;
+   * when none is left, the request started last gives its pages back and is computed again later.
    */
   kvMemory?: number;
   /**
@@ -349,8 +349,8 @@ export interface EngineLoad {
   waiting: number;
   max_sequences: number;
   /**
-   * Pages in the KV pool, and those no request holds (some of them reserved for running requests'
-   * later tokens, some keeping a cached prompt prefix).
+   * Pages in the KV pool, and those no request holds (some of them reserved for prompts being
+   * computed, some keeping a cached prompt prefix).
    */
   kv_pages: number;
   kv_pages_free: number;
@@ -360,6 +360,8 @@ export interface EngineLoad {
   kv_page_bytes: number;
   /** Buffers each layer's keys (and values) lie in. */
   kv_buffers: number;
+  /** Requests that gave their KV pages back to a full pool and were computed again, in all. */
+  preemptions: number;
 }
 
 export interface Engine {

@@ -429,6 +429,94 @@ fn a_small_pool_makes_requests_wait_and_a_request_too_large_for_it_fails_clearly
     assert!(engine.is_idle());
 }
 
+/// Requests without `max_tokens` may each reach the whole pool, but take pages only as they fill
+/// them: all run together; when the pool runs out the latest admitted gives its pages back and is
+/// computed again later, its sampler, grammar and log probabilities going on where they were.
+#[test]
+fn requests_that_may_reach_the_whole_pool_run_together_and_the_latest_give_way_when_it_is_full() {
+    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
+    // 10 pages: each request may reach 128 positions (8 pages).
+    let Some(mut crowded) = engine(6, Some(10 * page_bytes)) else { return };
+    let mut requests: Vec<Request> = prompts(6)
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| Request {
+            prompt,
+            params: SamplingParams {
+                temperature: Some([0.0, 0.8][i % 2]),
+                top_k: (i == 1).then_some(20),
+                seed: Some(50 + i as u64),
+                logprobs: (i % 3 == 0).then_some(Logprobs::Enabled(true)),
+                top_logprobs: (i % 3 == 0).then_some(2),
+                response_format: (i == 5).then_some(ResponseFormat::JsonObject),
+                ..Default::default()
+            },
+            joins_at: i,
+            cancel_after: None,
+        })
+        .collect();
+    requests[4].cancel_after = Some(40);
+    let together = run_together(&mut crowded, &requests);
+    let load = crowded.load();
+    assert!(load.preemptions > 0, "the pool never ran out: {load:?}");
+    let alone = run_alone_on(&requests, || engine(1, Some(10 * page_bytes)).unwrap());
+    assert_same_as_alone(&requests, &together, &alone);
+    assert_logprobs_as_alone(&together, &alone);
+    for (i, (completion, _)) in together.iter().enumerate() {
+        // Preempted or not, a request's prompt counts as computed once, and as cached only when it was.
+        assert_eq!(completion.usage.cached_prompt_tokens, alone[i].usage.cached_prompt_tokens, "request {i}");
+    }
+    println!("{} preemptions; tokens {:?}", load.preemptions, together.iter().map(|(c, _)| c.tokens.len()).collect::<Vec<_>>());
+    assert_eq!(load.kv_pages_free, 10);
+}
+
+/// A prompt being scored (`echo` with log probabilities) in passes of a few tokens gives way to an
+/// older sequence that needs a page; computed again, it scores every position once, as alone.
+#[test]
+fn a_prompt_preempted_while_it_is_scored_is_scored_as_alone() {
+    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
+    let options = LoadOptions { max_sequences: 2, max_batch: 4, kv_memory: Some(9 * page_bytes), ..Default::default() };
+    let Some(mut crowded) = engine_with(options) else { return };
+    let golden_prompt = golden(FIXTURE).greedy.prompt;
+    // The first may reach all 128 positions; the second's 100-token prompt (7 pages) prefills 3
+    // tokens a pass beside it, which crosses two pages meanwhile: one page is kept free for it.
+    let decoding = SamplingParams { temperature: Some(0.0), ..Default::default() };
+    let first = crowded.add(golden_prompt[..5].to_vec(), &decoding, CancelToken::default()).unwrap();
+    let prompt: Vec<u32> = (0..100).map(|i| (golden_prompt[i % golden_prompt.len()] + i as u32) % 1000).collect();
+    let scored = SamplingParams { max_tokens: Some(3), logprobs: Some(Logprobs::Enabled(true)), top_logprobs: Some(2), temperature: Some(0.0), ..Default::default() };
+    let work = Work::Complete { prompts: vec![Prompt::Tokens(prompt.clone())], sampling: scored, echo: true };
+    let echoed = crowded.add_prepared(crowded.prompter().prepare(&work, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
+    // Its prefill's progress goes back where it was preempted.
+    let (mut results, mut progress) = (HashMap::new(), vec![]);
+    while !crowded.is_idle() {
+        for (id, event) in pollster::block_on(crowded.step()).unwrap() {
+            match event {
+                Event::Finished(completion) => drop(results.insert(id, completion)),
+                Event::Failed(error) => panic!("sequence {id} failed: {error}"),
+                Event::Prefill { done, .. } if id == echoed => progress.push(done),
+                _ => {}
+            }
+        }
+    }
+    assert!(progress.windows(2).any(|w| w[1] <= w[0]), "not preempted while scored: {progress:?}");
+    assert!(crowded.load().preemptions > 0, "{:?}", crowded.load());
+    assert_eq!(crowded.load().kv_pages_free, 9);
+
+    let Some(mut alone) = engine(1, None) else { return };
+    let id = alone.add_prepared(alone.prompter().prepare(&work, &RenderOptions::default()).unwrap(), CancelToken::default(), 1).unwrap()[0];
+    let expected = finish_all(&mut alone).remove(&id).unwrap();
+    let together = results.remove(&echoed).unwrap();
+    assert_eq!(together.tokens, expected.tokens);
+    let scores = |c: &Completion| c.echo.as_ref().unwrap().logprobs.clone().unwrap();
+    let (got, want) = (scores(&together), scores(&expected));
+    assert_eq!(got.len(), prompt.len() - 1, "a score for every prompt token after the first");
+    for (position, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_eq!((a.token, a.top.iter().map(|t| t.token).collect::<Vec<_>>()), (b.token, b.top.iter().map(|t| t.token).collect()), "position {position}");
+        assert!((a.logprob - b.logprob).abs() < 1e-4, "position {position}: {} alone {}", a.logprob, b.logprob);
+    }
+    assert!(results.contains_key(&first));
+}
+
 #[test]
 fn a_shared_prefix_is_computed_once_and_changes_no_token() {
     let Some(mut engine) = engine(4, None) else { return };
@@ -526,8 +614,10 @@ fn a_request_of_several_prompts_gives_each_prompt_the_choices_it_gets_alone() {
 #[test]
 fn pages_all_come_back_after_many_requests_with_random_cancellations() {
     // Greedy requests draft (by prompt lookup, some from a prediction), so passes carry drafts
-    // whose pages are taken and whose positions are rejected.
-    let Some(engine) = engine(6, None) else { return };
+    // whose pages are taken and whose positions are rejected. 6 pages for 6 sequences of up to 5:
+    // some give their pages back to make room, some are cancelled while they wait to run again.
+    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
+    let Some(engine) = engine(6, Some(6 * page_bytes)) else { return };
     let mut engine = engine.with_prompt_lookup(true);
     let free_at_start = engine.load().kv_pages_free;
     let mut r = rng(7);
@@ -539,7 +629,7 @@ fn pages_all_come_back_after_many_requests_with_random_cancellations() {
             params: SamplingParams {
                 temperature: Some(if i % 3 == 0 { 0.8 } else { 0.0 }),
                 seed: Some(i as u64),
-                max_tokens: Some(r.random_range(1..6)),
+                max_tokens: Some(r.random_range(1..if i % 4 == 3 { 30 } else { 6 })),
                 prediction: (i % 5 == 2).then(|| Prediction::Content { content: predictions[(i + 1) % base.len()].clone() }),
                 ..Default::default()
             },
@@ -554,6 +644,7 @@ fn pages_all_come_back_after_many_requests_with_random_cancellations() {
     }
     assert_eq!(engine.load().kv_pages_free, free_at_start);
     assert_eq!(engine.load().running, 0);
+    assert!(engine.load().preemptions > 0, "{:?}", engine.load());
     let drafts = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap_or_default();
     assert!(drafts.accepted + drafts.rejected > 0, "{drafts:?}");
 }
@@ -576,7 +667,10 @@ fn the_page_allocator_keeps_its_count_through_a_thousand_admissions() {
         let prefix = pages.find_prefix(tokens, tokens.len() - 1);
         assert!(prefix.tokens() < tokens.len());
         let needed = (tokens.len() + 5).div_ceil(PAGE_SIZE);
-        let Some(mut owned) = pages.admit(&prefix, needed) else { continue };
+        let kept_free = r.random_range(0..3);
+        let available = pages.available();
+        let Some(mut owned) = pages.admit(&prefix, needed, kept_free) else { continue };
+        assert!(pages.available() >= kept_free, "{available} pages available before, {} after", pages.available());
         let mut reserved = needed - owned.len();
         let mut parent = 0;
         for (i, chunk) in tokens.chunks(PAGE_SIZE).enumerate() {
@@ -588,6 +682,13 @@ fn the_page_allocator_keeps_its_count_through_a_thousand_admissions() {
                 parent = pages.cache_full(owned[i], parent, chunk);
             } else {
                 pages.cache_partial(owned[i], parent, chunk);
+            }
+        }
+        // Pages taken as a sequence decodes, beyond what it reserved, while any are unpromised.
+        for _ in 0..r.random_range(0..3) {
+            match pages.take_unreserved() {
+                Some(page) => owned.push(page),
+                None => assert_eq!(pages.available(), 0),
             }
         }
         held.push((owned, reserved));

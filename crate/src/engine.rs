@@ -235,6 +235,9 @@ pub struct Load {
     pub kv_page_bytes: u64,
     /// Buffers each layer's keys (and values) lie in: more than one past the binding limit.
     pub kv_buffers: usize,
+    /// Sequences that gave their pages back to make room for older ones and ran again from
+    /// their tokens, since the engine started.
+    pub preemptions: u64,
 }
 
 /// The most choices one request may ask for (OpenAI's limit for `n`).
@@ -256,7 +259,7 @@ struct Sequence {
     /// Positions whose keys and values are in the sequence's pages.
     computed: usize,
     pages: Vec<u32>,
-    /// Pages reserved at admission and not taken yet.
+    /// Pages reserved at admission (those its tokens then fill) and not taken yet.
     reserved: usize,
     /// Chain hash of each full page, in order ([`page_hash`]).
     page_hashes: Vec<u64>,
@@ -297,6 +300,8 @@ struct Sequence {
     /// one that was not (Hugging Face's heuristic for assisted generation), so that a sequence
     /// whose drafts miss stops paying for long ones.
     draft_limit: usize,
+    /// Times it gave its pages back to make room for sequences admitted before it.
+    preempted: u32,
 }
 
 impl Sequence {
@@ -311,6 +316,21 @@ impl Sequence {
     /// Whether every prompt position's logits are read, to score the prompt's tokens.
     fn scores_prompt(&self) -> bool {
         self.echo.as_ref().is_some_and(|echo| echo.logprobs.is_some())
+    }
+
+    /// Whether its prompt's tokens are being scored: until the first token is generated (not
+    /// again when its tokens are computed again after a preemption).
+    fn scoring(&self) -> bool {
+        self.scores_prompt() && self.generated() == 0
+    }
+
+    /// Tokens whose keys and values may come from the prefix cache: all but the last, whose
+    /// logits give the next token; of a prompt being scored, those whose score is taken.
+    fn reusable(&self) -> usize {
+        match self.scoring() {
+            true => self.echo.as_ref().and_then(|echo| echo.logprobs.as_ref()).map_or(0, Vec::len),
+            false => self.tokens.len() - 1,
+        }
     }
 
     /// Whether the next token is the argmax the GPU computes.
@@ -634,6 +654,8 @@ pub struct Engine {
     prompt_lookup: bool,
     /// A smaller model of the same vocabulary that drafts tokens ([`Engine::with_draft_model`]).
     draft_model: Option<Llama>,
+    /// Sequences that gave their pages back to make room ([`Engine::make_room`]), in all.
+    preemptions: u64,
 }
 
 impl Engine {
@@ -672,6 +694,7 @@ impl Engine {
             seeds: ChaCha8Rng::seed_from_u64(seed),
             prompt_lookup: false,
             draft_model: None,
+            preemptions: 0,
         })
     }
 
@@ -859,6 +882,7 @@ impl Engine {
                     prediction_cursor: 0,
                     drafts: params.prediction.is_some().then(DraftUsage::default),
                     draft_limit: MAX_DRAFTS,
+                    preempted: 0,
                 });
             }
         }
@@ -906,6 +930,7 @@ impl Engine {
             kv_page_size: PAGE_SIZE,
             kv_page_bytes: KvPool::bytes_per_page(self.model.config(), self.model.kv_pool().kv_type),
             kv_buffers: self.model.kv_pool().buffers(),
+            preemptions: self.preemptions,
         }
     }
 
@@ -963,8 +988,9 @@ impl Engine {
     fn end_cancelled(&mut self, events: &mut Vec<(SequenceId, Event)>) {
         let (cancelled, waiting): (Vec<Sequence>, Vec<Sequence>) = self.waiting.drain(..).partition(|s| s.cancel.is_cancelled());
         self.waiting = waiting.into();
+        // A preempted one has its text to release.
         for sequence in cancelled {
-            events.push((sequence.id, Event::Finished(completion(sequence, FinishReason::Abort))));
+            self.close(sequence, Ok(FinishReason::Abort), events);
         }
         while let Some(i) = self.running.iter().position(|s| s.cancel.is_cancelled()) {
             let sequence = self.running.remove(i);
@@ -972,20 +998,19 @@ impl Engine {
         }
     }
 
-    /// Moves waiting sequences, oldest first, into free slots while the pool can hold them;
-    /// each starts from the longest cached prefix of its prompt.
+    /// Moves waiting sequences, oldest first (those preempted before the rest), into free slots
+    /// while the pool holds their tokens' pages and keeps a page free for each running sequence's
+    /// next one; each starts from the longest cached prefix of its tokens. The pages a sequence
+    /// fills as it decodes are taken then ([`Engine::make_room`]), not promised now: a request's
+    /// `max_tokens` (by default the rest of its context) is what it may reach, not what it needs.
     fn admit(&mut self) {
-        let context = self.model.context_length();
         while let (Some(&slot), Some(sequence)) = (self.free_slots.last(), self.waiting.front()) {
             if sequence.after.is_some_and(|first| self.prompt_pending(first)) {
                 break;
             }
-            // At least one prompt token runs, for the logits of the first new token; every one
-            // when the prompt is scored.
-            let reusable = if sequence.scores_prompt() { 0 } else { sequence.prompt_len - 1 };
-            let prefix = self.pages.find_prefix(&sequence.tokens, reusable);
-            let needed = sequence.max_positions(context).div_ceil(PAGE_SIZE);
-            let Some(pages) = self.pages.admit(&prefix, needed) else { break };
+            let prefix = self.pages.find_prefix(&sequence.tokens, sequence.reusable());
+            let needed = sequence.tokens.len().div_ceil(PAGE_SIZE);
+            let Some(pages) = self.pages.admit(&prefix, needed, self.running.len()) else { break };
             let Some(mut sequence) = self.waiting.pop_front() else { break };
             self.free_slots.pop();
             let mut parent = 0;
@@ -996,7 +1021,15 @@ impl Engine {
             sequence.slot = slot;
             sequence.reserved = needed - pages.len();
             sequence.computed = prefix.tokens();
-            sequence.cached_prompt = prefix.tokens();
+            if sequence.preempted == 0 {
+                sequence.cached_prompt = prefix.tokens();
+            }
+            if sequence.scoring() {
+                // A prompt preempted while scored: the scores of positions not cached are taken again.
+                if let Some(scores) = sequence.echo.as_mut().and_then(|echo| echo.logprobs.as_mut()) {
+                    scores.truncate(sequence.computed);
+                }
+            }
             self.write_page_table(slot, 0, &pages);
             sequence.pages = pages;
             self.running.push(sequence);
@@ -1008,6 +1041,7 @@ impl Engine {
     /// size allows. Prompts being scored come last: each of their positions is an output row, and
     /// they take the rows left.
     async fn submit_scheduled(&mut self) -> Result<Option<Vec<PassRow>>> {
+        self.make_room();
         let mut budget = self.model.max_batch();
         let mut outputs_left = self.model.max_outputs(); // rows of logits
         // Drafts only while the pass stays small enough to cost what a decode step does (and to
@@ -1022,14 +1056,14 @@ impl Engine {
         order.sort_by_key(|&i| {
             let sequence = &self.running[i];
             let prefill = sequence.tokens.len() - sequence.computed > 1;
-            (prefill, prefill && sequence.scores_prompt())
+            (prefill, prefill && sequence.scoring())
         });
         let mut rows = vec![];
         let mut batch = Batch::default();
         let mut ids = vec![];
         for i in order {
             let sequence = &self.running[i];
-            let scoring = sequence.scores_prompt() && sequence.computed < sequence.prompt_len;
+            let scoring = sequence.scoring();
             let mut take = (sequence.tokens.len() - sequence.computed).min(budget);
             if scoring {
                 take = take.min(outputs_left);
@@ -1111,12 +1145,23 @@ impl Engine {
         };
     }
 
-    /// The most tokens decoding sequence `i` may draft, within `room`: its draft length and the
-    /// positions it reserved.
+    /// The most tokens decoding sequence `i` may draft, within `room`: its draft length, the
+    /// positions it may reach and those within its pages' reach.
     fn draft_max(&self, i: usize, room: usize) -> usize {
         let sequence = &self.running[i];
         let positions_left = sequence.max_positions(self.model.context_length()).saturating_sub(sequence.tokens.len() + 1);
-        room.min(positions_left).min(sequence.draft_limit)
+        let paged = self.page_reach(i).saturating_sub(sequence.tokens.len());
+        room.min(positions_left).min(paged).min(sequence.draft_limit)
+    }
+
+    /// Positions running sequence `i` may write without preempting anyone: those of its pages,
+    /// taken or reserved, and of one page more while the pool has a page unpromised for every
+    /// running sequence and one more each besides (a draft's positions reach into one page at
+    /// most, so drafts never take the pages decoding needs).
+    fn page_reach(&self, i: usize) -> usize {
+        let sequence = &self.running[i];
+        let spare = self.pages.available() >= 2 * self.running.len();
+        (sequence.pages.len() + sequence.reserved + spare as usize) * PAGE_SIZE
     }
 
     /// Drafts with the draft model for the decoding sequences that may draft and have no
@@ -1137,9 +1182,12 @@ impl Engine {
         drafting.retain(|&(_, max)| max > 0);
         drafting.truncate(room);
         // The same number of passes for all (each one-token pass takes the argmax of every output
-        // row of the pass before), their positions within every sequence's reserved pages.
+        // row of the pass before), their positions within every sequence's reach.
         let context = self.model.context_length();
-        let positions_left = drafting.iter().map(|&(i, _)| self.running[i].max_positions(context) + 1 - self.running[i].tokens.len()).min();
+        let positions_left = drafting
+            .iter()
+            .map(|&(i, _)| (self.running[i].max_positions(context) + 1).min(self.page_reach(i) + 1) - self.running[i].tokens.len())
+            .min();
         let longest = drafting.iter().map(|d| d.1).max().unwrap_or(0);
         let k = longest.min(room / drafting.len().max(1)).min(positions_left.unwrap_or(0));
         let (mut batch, mut ids, mut drafted) = (Batch::default(), vec![], vec![]);
@@ -1211,19 +1259,61 @@ impl Engine {
         self.prompt_lookup || self.draft_model.is_some() || !sequence.prediction.is_empty()
     }
 
+    /// Gives every decoding sequence the page its next token's keys and values go to. Where no
+    /// page is free, the sequence admitted last gives its pages back and waits to be computed
+    /// again (vLLM's preemption by recomputation; its full pages stay in the prefix cache until
+    /// they are taken, so often little is recomputed): the oldest sequences always go on.
+    fn make_room(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let sequence = &self.running[i];
+            let position = sequence.tokens.len() - 1;
+            let needs_page = sequence.computed == position && sequence.pages.len() + sequence.reserved <= position / PAGE_SIZE;
+            if needs_page && self.pages.available() == 0 {
+                self.preempt(self.running.len() - 1);
+                continue;
+            }
+            if needs_page {
+                self.take_pages_through(i, position);
+            }
+            i += 1;
+        }
+    }
+
+    /// Puts running sequence `i` back at the head of the queue without its pages: its tokens so
+    /// far become the prompt it runs again from, with everything else it holds (sampler, grammar,
+    /// text, log probabilities) kept, so its output goes on as if it had never stopped.
+    fn preempt(&mut self, i: usize) {
+        let mut sequence = self.running.remove(i);
+        self.give_back_pages(&sequence);
+        sequence.pages.clear();
+        sequence.page_hashes.clear();
+        sequence.slot = usize::MAX;
+        (sequence.reserved, sequence.computed, sequence.draft_model_computed) = (0, 0, 0);
+        sequence.preempted += 1;
+        self.preemptions += 1;
+        self.waiting.push_front(sequence);
+    }
+
     /// Adds the slots of running sequence `i`'s positions first..first + n to `batch`, taking
-    /// reserved pages where they begin new ones.
+    /// pages where they begin new ones.
     fn place(&mut self, i: usize, first: usize, n: usize, batch: &mut Batch) {
         self.take_pages_through(i, first + n - 1);
         batch.slots.extend((first..first + n).map(|position| token_slot(&self.running[i], position)));
     }
 
-    /// Takes reserved pages for running sequence `i` up to the one of `position`.
+    /// Takes pages for running sequence `i` up to the one of `position`: those it reserved, then
+    /// unreserved ones, which the caller made sure of ([`Engine::make_room`], [`Engine::page_reach`]).
     fn take_pages_through(&mut self, i: usize, position: usize) {
         while self.running[i].pages.len() <= position / PAGE_SIZE {
-            let taken = self.pages.take_reserved();
             let sequence = &mut self.running[i];
-            sequence.reserved -= 1;
+            let taken = match sequence.reserved {
+                0 => self.pages.take_unreserved().expect("a page within the sequence's reach is free"),
+                _ => {
+                    sequence.reserved -= 1;
+                    self.pages.take_reserved()
+                }
+            };
             sequence.pages.push(taken);
             let (slot, page) = (sequence.slot, sequence.pages.len() - 1);
             self.write_page_table(slot, page, &[taken]);
@@ -1264,12 +1354,13 @@ impl Engine {
             s.plain_greedy() && !(was_chained && may_draft) && s.generated() + 1 < s.max_tokens && s.tokens.len() + 1 < context
         };
         let indices: Vec<usize> = rows.iter().filter_map(|r| self.running.iter().position(|s| s.id == r.id && runs_next(s))).collect();
-        if admissible || !all_decode || indices.len() != rows.len() {
+        // One past the token the pass in flight computes, each within pages it holds or that are free.
+        let new_pages = indices.iter().filter(|&&i| self.running[i].pages.len() + self.running[i].reserved <= (self.running[i].computed + 1) / PAGE_SIZE).count();
+        if admissible || !all_decode || indices.len() != rows.len() || new_pages > self.pages.available() {
             return Ok(None);
         }
         let mut batch = Batch::default();
         for &i in &indices {
-            // One past the token the pass in flight computes.
             let position = self.running[i].computed + 1;
             self.place(i, position, 1, &mut batch);
             batch.outputs.push(batch.slots.len() as u32 - 1);
@@ -1319,7 +1410,10 @@ impl Engine {
             self.cache_full_pages(i);
             let sequence = &mut self.running[i];
             if !row.output {
-                events.push((sequence.id, Event::Prefill { done: sequence.computed, total: sequence.tokens.len() }));
+                // A preempted sequence computed again is no prompt's progress.
+                if sequence.generated() == 0 {
+                    events.push((sequence.id, Event::Prefill { done: sequence.computed, total: sequence.tokens.len() }));
+                }
                 continue;
             }
             if let Some(echo) = sequence.echo.as_ref().filter(|_| sequence.generated() == 0) {
@@ -1443,9 +1537,14 @@ impl Engine {
         (sequence.generated() >= sequence.max_tokens || sequence.tokens.len() >= context).then_some(Ok(FinishReason::Length))
     }
 
-    /// Ends a running sequence: its held-back text released, its partial last page cached, its
-    /// pages and slot given back.
-    fn end(&mut self, mut sequence: Sequence, mut ending: Ending, events: &mut Vec<(SequenceId, Event)>) {
+    /// Ends a running sequence: its pages and slot given back, then closed ([`Engine::close`]).
+    fn end(&mut self, sequence: Sequence, ending: Ending, events: &mut Vec<(SequenceId, Event)>) {
+        self.give_back_pages(&sequence);
+        self.close(sequence, ending, events);
+    }
+
+    /// Reports a sequence's end: its held-back text released, its tool calls parsed.
+    fn close(&mut self, mut sequence: Sequence, mut ending: Ending, events: &mut Vec<(SequenceId, Event)>) {
         if ending.is_ok() {
             let tail = match sequence.stops.stopped {
                 true => Ok(String::new()),
@@ -1470,6 +1569,16 @@ impl Engine {
                 Err(error) => ending = Err(EngineError::from(error).into()),
             }
         }
+        let id = sequence.id;
+        let event = match ending {
+            Ok(reason) => Event::Finished(completion(sequence, reason)),
+            Err(error) => Event::Failed(error),
+        };
+        events.push((id, event));
+    }
+
+    /// Gives back a running sequence's pages, its partial last page cached, and its slot.
+    fn give_back_pages(&mut self, sequence: &Sequence) {
         let partial = sequence.computed % PAGE_SIZE;
         let last = sequence.computed / PAGE_SIZE;
         if partial > 0 && last < sequence.pages.len() {
@@ -1478,12 +1587,6 @@ impl Engine {
         }
         self.pages.release(&sequence.pages, sequence.reserved);
         self.free_slots.push(sequence.slot);
-        let id = sequence.id;
-        let event = match ending {
-            Ok(reason) => Event::Finished(completion(sequence, reason)),
-            Err(error) => Event::Failed(error),
-        };
-        events.push((id, event));
     }
 
     /// A fresh id for a tool call, as OpenAI's: `call_` and 24 letters and digits.

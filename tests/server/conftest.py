@@ -156,8 +156,8 @@ class Server:
 @pytest.fixture(scope="session")
 def server(model_dir):
     # Four sequences together over a pool of 40 pages (640 positions at 384 bytes each in the f16 KV
-    # cache lavapipe gets by default): requests without max_tokens reserve a whole context of 16
-    # pages, so then two run and the rest wait.
+    # cache lavapipe gets by default): requests without max_tokens may each reach a whole context
+    # of 16 pages, and take them as they go.
     process = Server(model_dir, "--max-body-bytes", str(MAX_BODY_BYTES), "--parallel", "4", "--kv-memory", "240KiB", "--metrics")
     yield process
     process.stop()

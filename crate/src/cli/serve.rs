@@ -416,6 +416,7 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     registry.register("kv_pages", "Pages of the KV pool", gauge(engine.kv_pages));
     registry.register("kv_pages_free", "Pages of the KV pool not held by a sequence", gauge(engine.kv_pages_free));
     registry.register("kv_page_positions", "Positions per KV page", gauge(engine.kv_page_size));
+    registry.register("preemptions", "Sequences that gave their KV pages back to a full pool, to be computed again", ConstCounter::new(engine.preemptions));
     registry.register("engine_up", "1 while the engine thread runs", gauge(stats.alive.load(Ordering::SeqCst) as usize));
     registry.register("heap_bytes", "Bytes held through Rust's allocator (the GPU driver's own allocations are not counted)", gauge(super::heap::live_bytes()));
     registry.register("gpu_allocated_bytes", "Bytes of GPU memory allocated, as of the engine's latest idle moment", gauge(stats.gpu_allocated_bytes.load(Ordering::SeqCst) as usize));

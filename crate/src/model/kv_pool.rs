@@ -242,14 +242,14 @@ impl PageAllocator {
         self.cached[page as usize].as_ref().is_some_and(|c| c.parent == parent && c.tokens == tokens)
     }
 
-    /// Admits a sequence that starts with the pages of `prefix` and may grow to `pages` pages:
-    /// takes the prefix's pages and reserves the rest. None, changing nothing, when the free
-    /// pages cannot cover it now.
-    pub fn admit(&mut self, prefix: &PrefixMatch, pages: usize) -> Option<Vec<u32>> {
+    /// Admits a sequence that starts with the pages of `prefix` and needs `pages` pages: takes
+    /// the prefix's pages and reserves the rest. None, changing nothing, when the free pages
+    /// cannot cover it and leave `kept_free` of them unpromised.
+    pub fn admit(&mut self, prefix: &PrefixMatch, pages: usize, kept_free: usize) -> Option<Vec<u32>> {
         let held = prefix.pages().count();
         let revived = prefix.pages().filter(|&p| self.refs[p as usize] == 0).count();
         let new = pages.saturating_sub(held);
-        if revived + new > self.available() {
+        if revived + new + kept_free > self.available() {
             return None;
         }
         for page in prefix.pages() {
@@ -269,8 +269,19 @@ impl PageAllocator {
     /// Takes one of the pages reserved by an admitted sequence.
     pub fn take_reserved(&mut self) -> u32 {
         assert!(self.reserved > 0, "a sequence took more pages than it reserved");
+        self.reserved -= 1;
+        self.take_free()
+    }
+
+    /// Takes a free page no sequence was promised; None when there is none.
+    pub fn take_unreserved(&mut self) -> Option<u32> {
+        (self.available() > 0).then(|| self.take_free())
+    }
+
+    /// The least recently released free page, now held by one sequence.
+    fn take_free(&mut self) -> u32 {
         let page = loop {
-            let page = self.free.pop_front().expect("reserved pages are free");
+            let page = self.free.pop_front().expect("the free count matches the free list");
             if self.refs[page as usize] == 0 {
                 break page;
             }
@@ -278,7 +289,6 @@ impl PageAllocator {
         self.forget(page);
         self.refs[page as usize] = 1;
         self.free_count -= 1;
-        self.reserved -= 1;
         page
     }
 
