@@ -185,6 +185,8 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
     let EngineThreadOptions { token_interval, stop_all, lose_device_after_tokens } = options;
     let mut active = ActiveJobs::default();
     let mut senders_gone = false;
+    // Preemptions when last logged: the log says so at the 1st, 10th, 100th...
+    let mut preemptions_logged = 0;
     publish(&engine, &stats);
     loop {
         let mut started = false;
@@ -245,6 +247,15 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
                 let any_delta = events.iter().any(|(_, e)| matches!(e, EngineEvent::Delta(_)));
                 // What /health says is as new as the tokens the clients get.
                 publish(&engine, &stats);
+                let load = engine.load();
+                if load.preemptions > 0 && load.preemptions >= 10 * preemptions_logged {
+                    log::warn!(
+                        "{} sequences so far gave their KV pages back to make room and were computed again: the pool's {} pages are too few for the requests running together (raise --kv-memory, or lower --parallel)",
+                        load.preemptions,
+                        load.kv_pages
+                    );
+                    preemptions_logged = load.preemptions;
+                }
                 for (id, event) in events {
                     deliver(id, event, &stats, &mut active);
                 }
