@@ -4,15 +4,15 @@
 
 mod common;
 
-use common::{golden, gpu, load_model, truncated_llama3_tokenizer};
+use common::{exact, golden, gpu, gpu_with, load_model, truncated_llama3_tokenizer};
 use llama_webgpu::api::{
-    ChatCompletionRequest, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, ResponseFormat,
+    ChatCompletionRequest, DraftUsage, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, ResponseFormat,
     SamplingParams, Tool, ToolChoice, ToolChoiceMode,
 };
 use llama_webgpu::api::request::{Prompt, Work};
 use llama_webgpu::engine::{Echo, Event, SequenceId};
 use llama_webgpu::text::{ChatTemplate, RenderOptions};
-use llama_webgpu::{CancelToken, Completion, Engine, LoadOptions};
+use llama_webgpu::{CancelToken, Completion, Engine, Gpu, GpuOptions, LoadOptions};
 use llama_webgpu::model::MAX_DRAFTS;
 use serde_json::{json, Value};
 
@@ -25,11 +25,14 @@ fn engine() -> Option<Engine> {
 }
 
 fn engine_with(template: ChatTemplate) -> Option<Engine> {
-    let gpu = gpu()?;
+    Some(engine_on(&gpu()?, template))
+}
+
+fn engine_on(gpu: &Gpu, template: ChatTemplate) -> Engine {
     let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: SEEDS, ..Default::default() };
-    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    let model = load_model(gpu, FIXTURE, &options).unwrap();
     let tokenizer = truncated_llama3_tokenizer(model.config().vocab_size);
-    Some(Engine::new(model, tokenizer, template, 1).unwrap())
+    Engine::new(model, tokenizer, template, 1).unwrap()
 }
 
 /// A template short enough for the fixture's 256 positions, in Llama 3.1's call format (which the
@@ -160,6 +163,48 @@ NUMBER: /[1-9][0-9]?/"#.into() } };
     let ids = engine.add_choices(PROMPT.to_vec(), &seeded, CancelToken::default(), 8).unwrap();
     let added_here = finish_all(&mut engine, &ids);
     assert_eq!(prepared_elsewhere.iter().map(|c| &c.tokens).collect::<Vec<_>>(), added_here.iter().map(|c| &c.tokens).collect::<Vec<_>>());
+}
+
+/// Tokens a grammar forces (a schema's keys and the punctuation between them) are drafted and
+/// verified in the pass that samples the token before them: every output, greedy or sampled, is
+/// what it is where nothing drafts (GEMV passes of one token), in fewer passes.
+#[test]
+fn tokens_a_grammar_forces_are_drafted_and_change_no_output() {
+    let Some(mut engine) = engine() else { return };
+    let Some(one_token_passes) = gpu_with(&GpuOptions { gemv_max_tokens: Some(1), ..exact() }) else { return };
+    let mut plain = engine_on(&one_token_passes, ChatTemplate::llama31());
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "first_name": {"type": "string", "maxLength": 6},
+            "year_of_birth": {"type": "integer", "minimum": 1900, "maximum": 2030},
+            "favourite_colour": {"enum": ["red", "green", "blue"]},
+        },
+        "required": ["first_name", "year_of_birth", "favourite_colour"],
+        "additionalProperties": false,
+    });
+    let format = ResponseFormat::JsonSchema { json_schema: JsonSchemaFormat { name: Some("person".into()), description: None, schema: Some(schema), strict: Some(true) } };
+    for temperature in [0.0, 1.0] {
+        let params = SamplingParams { temperature: Some(temperature), ..json_params(Some(format.clone())) };
+        // Four at a time, so that there is room to draft (fewer than 7 decode).
+        let run = |engine: &mut Engine| {
+            let ids = engine.add_choices(PROMPT.to_vec(), &params, CancelToken::default(), 4).unwrap();
+            finish_all(engine, &ids)
+        };
+        let (drafting, reference) = (run(&mut engine), run(&mut plain));
+        for (i, (drafted, alone)) in drafting.iter().zip(&reference).enumerate() {
+            assert_eq!((&drafted.tokens, &drafted.finish_reason), (&alone.tokens, &alone.finish_reason), "temperature {temperature}, choice {i}");
+            let value: Value = serde_json::from_str(&drafted.text).unwrap_or_else(|e| panic!("{e}: {:?}", drafted.text));
+            assert_eq!(value.as_object().map(|o| o.len()), Some(3), "{value}");
+            assert!(alone.usage.drafts.is_none(), "passes of one token leave no room to draft");
+        }
+        let drafts = DraftUsage::sum(drafting.iter().map(|c| c.usage.drafts)).unwrap_or_default();
+        let tokens: usize = drafting.iter().map(|c| c.tokens.len()).sum();
+        println!("temperature {temperature}: {tokens} tokens, {drafts:?}");
+        // The keys alone are more than a dozen tokens each time, and a forced token is the only
+        // one its row's mask allows.
+        assert!(drafts.accepted >= 4 * 12 && drafts.rejected <= drafts.accepted / 10, "{drafts:?}");
+    }
 }
 
 fn weather_tool() -> Tool {

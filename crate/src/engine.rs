@@ -1048,8 +1048,12 @@ impl Engine {
         // sum as one does): few sequences at a time, where a pass is bound by its weight reads.
         let decoding = self.running.iter().filter(|s| s.tokens.len() - s.computed == 1).count();
         let mut draft_room = self.draft_pass_limit().saturating_sub(decoding);
+        let mut forced = match draft_room > 0 {
+            true => self.forced_drafts(),
+            false => HashMap::new(),
+        };
         let mut model_drafts = match self.draft_model.is_some() {
-            true => self.draft_with_model(draft_room.min(outputs_left.saturating_sub(self.running.len()))).await?,
+            true => self.draft_with_model(draft_room.min(outputs_left.saturating_sub(self.running.len())), &forced).await?,
             false => HashMap::new(),
         };
         let mut order: Vec<usize> = (0..self.running.len()).collect();
@@ -1079,8 +1083,8 @@ impl Engine {
             if output && take == 1 {
                 // Every sequence after this one keeps a row for its sampled token.
                 let room = draft_room.min(budget - 1).min(outputs_left.saturating_sub(self.running.len() - rows.len()));
-                let model_draft = model_drafts.remove(&self.running[i].id);
-                self.draft_for(i, room, model_draft);
+                let id = self.running[i].id;
+                self.draft_for(i, room, forced.remove(&id), model_drafts.remove(&id));
             }
             let sequence = &self.running[i];
             let draft = &sequence.draft;
@@ -1120,38 +1124,53 @@ impl Engine {
         Ok(Some(rows))
     }
 
-    /// Drafts up to `room` tokens for decoding sequence `i` to verify, within the pages it
-    /// reserved: from its prediction (moving its cursor), else the draft model's `model_draft`,
-    /// else by prompt lookup where the engine does it.
-    fn draft_for(&mut self, i: usize, room: usize, model_draft: Option<Vec<u32>>) {
+    /// Drafts up to `room` tokens for decoding sequence `i` to verify, within its pages' reach:
+    /// the tokens its grammar forces (all that fit: they are certain), else from its prediction
+    /// (moving its cursor), else the draft model's `model_draft`, else by prompt lookup where the
+    /// engine does it.
+    fn draft_for(&mut self, i: usize, room: usize, forced: Option<Vec<u32>>, model_draft: Option<Vec<u32>>) {
         if !self.may_draft(&self.running[i]) {
             return;
         }
-        let (max, lookup) = (self.draft_max(i, room), self.prompt_lookup);
+        let (room, lookup) = (self.draft_room(i, room), self.prompt_lookup);
         let sequence = &mut self.running[i];
-        sequence.draft = match predicted_draft(&sequence.tokens, &sequence.prediction, sequence.prediction_cursor, max) {
-            Some((drafted, begin)) => {
-                sequence.prediction_cursor = begin;
-                drafted
-            }
-            None => match model_draft {
-                Some(mut drafted) => {
-                    drafted.truncate(max);
-                    drafted
-                }
-                None if lookup => sequence.lookup.draft(&sequence.tokens, max),
-                None => vec![],
-            },
+        let max = room.min(sequence.draft_limit);
+        sequence.draft = if let Some(mut forced) = forced {
+            forced.truncate(room);
+            forced
+        } else if let Some((drafted, begin)) = predicted_draft(&sequence.tokens, &sequence.prediction, sequence.prediction_cursor, max) {
+            sequence.prediction_cursor = begin;
+            drafted
+        } else if let Some(mut drafted) = model_draft {
+            drafted.truncate(max);
+            drafted
+        } else if lookup {
+            sequence.lookup.draft(&sequence.tokens, max)
+        } else {
+            vec![]
         };
     }
 
-    /// The most tokens decoding sequence `i` may draft, within `room`: its draft length, the
-    /// positions it may reach and those within its pages' reach.
-    fn draft_max(&self, i: usize, room: usize) -> usize {
+    /// The tokens the grammars of decoding sequences force next (the rest of a JSON schema's
+    /// key, a tool call's name), where there are any: drafts the model's masked rows choose, as
+    /// the first of them is the only token such a row's mask allows.
+    fn forced_drafts(&mut self) -> HashMap<SequenceId, Vec<u32>> {
+        let decoding = self.running.iter_mut().filter(|s| s.tokens.len() - s.computed == 1);
+        decoding
+            .filter_map(|s| {
+                let forced = s.constraint.as_mut()?.forced_tokens();
+                (!forced.is_empty()).then_some((s.id, forced))
+            })
+            .collect()
+    }
+
+    /// The most tokens decoding sequence `i` may draft, within `room`: the positions it may
+    /// reach and those within its pages' reach.
+    fn draft_room(&self, i: usize, room: usize) -> usize {
         let sequence = &self.running[i];
         let positions_left = sequence.max_positions(self.model.context_length()).saturating_sub(sequence.tokens.len() + 1);
         let paged = self.page_reach(i).saturating_sub(sequence.tokens.len());
-        room.min(positions_left).min(paged).min(sequence.draft_limit)
+        room.min(positions_left).min(paged)
     }
 
     /// Positions running sequence `i` may write without preempting anyone: those of its pages,
@@ -1172,13 +1191,14 @@ impl Engine {
     /// being prefilled, so that they draft from their first decode step (unless there is no room
     /// to draft now); what does not fit it catches up in later ones. The draft model's keys and values for drafted tokens stand where
     /// they are taken.
-    async fn draft_with_model(&mut self, room: usize) -> Result<HashMap<SequenceId, Vec<u32>>> {
+    async fn draft_with_model(&mut self, room: usize, forced: &HashMap<SequenceId, Vec<u32>>) -> Result<HashMap<SequenceId, Vec<u32>>> {
         let Some(draft_model) = &self.draft_model else { return Ok(HashMap::new()) };
         let mut budget = draft_model.max_batch();
         let wants = |s: &Sequence| {
-            s.tokens.len() - s.computed == 1 && predicted_draft(&s.tokens, &s.prediction, s.prediction_cursor, 1).is_none()
+            s.tokens.len() - s.computed == 1 && !forced.contains_key(&s.id) && predicted_draft(&s.tokens, &s.prediction, s.prediction_cursor, 1).is_none()
         };
-        let mut drafting: Vec<(usize, usize)> = (0..self.running.len()).filter(|&i| wants(&self.running[i])).map(|i| (i, self.draft_max(i, room))).collect();
+        let mut drafting: Vec<(usize, usize)> =
+            (0..self.running.len()).filter(|&i| wants(&self.running[i])).map(|i| (i, self.draft_room(i, room).min(self.running[i].draft_limit))).collect();
         drafting.retain(|&(_, max)| max > 0);
         drafting.truncate(room);
         // The same number of passes for all (each one-token pass takes the argmax of every output
@@ -1256,7 +1276,7 @@ impl Engine {
 
     /// Whether `sequence` may draft tokens to verify (and so reads each token before its next pass).
     fn may_draft(&self, sequence: &Sequence) -> bool {
-        self.prompt_lookup || self.draft_model.is_some() || !sequence.prediction.is_empty()
+        self.prompt_lookup || self.draft_model.is_some() || !sequence.prediction.is_empty() || sequence.constraint.is_some()
     }
 
     /// Gives every decoding sequence the page its next token's keys and values go to. Where no

@@ -237,6 +237,13 @@ impl Constraint {
         Ok(Mask(mask))
     }
 
+    /// The tokens the grammar forces next, as llguidance tokenizes its forced bytes (none where
+    /// it forces none, or where more bytes could join the last of them into another token). The
+    /// next mask allows only the first of them.
+    pub fn forced_tokens(&mut self) -> Vec<u32> {
+        self.matcher.compute_ff_tokens()
+    }
+
     /// Advances past a sampled token (which the last mask allowed).
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
         self.matcher.consume_token(token).map_err(|e| GrammarError::Stuck(e.to_string()))

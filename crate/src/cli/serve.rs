@@ -408,7 +408,7 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     registry.register("cached_prompt_tokens", "Prompt tokens whose KV pages were reused", count(&stats.cached_prompt_tokens));
     registry.register("generated_tokens", "Tokens generated", count(&stats.generated_tokens));
     let drafts = by_outcome(&[("accepted", &stats.accepted_draft_tokens), ("rejected", &stats.rejected_draft_tokens)]);
-    registry.register("draft_tokens", "Drafted tokens (a prediction, prompt lookup) verified, by whether the model chose them", drafts);
+    registry.register("draft_tokens", "Drafted tokens (a grammar's forced tokens, a prediction, a draft model, prompt lookup) verified, by whether the model chose them", drafts);
     let gauge = |value: usize| ConstGauge::new(value as i64);
     registry.register("requests_queued", "Requests waiting for the engine", gauge(stats.queued.load(Ordering::SeqCst) + engine.waiting));
     registry.register("sequences_running", "Sequences the engine is running", gauge(engine.running));
