@@ -301,6 +301,8 @@ async fn bench_json_schema(model: Llama, path: &Path, schema_path: &Path, genera
                 "tokens": completion.usage.completion_tokens,
                 "tokens_per_second": mean_and_std(&rates).0,
                 "samples": rates,
+                // Tokens the grammar forced, drafted and taken: passes saved.
+                "drafts_taken": completion.usage.drafts.map_or(0, |d| d.accepted),
             });
             if response_format.is_some() {
                 let started = Instant::now();
@@ -326,7 +328,10 @@ async fn bench_json_schema(model: Llama, path: &Path, schema_path: &Path, genera
     } else {
         println!("json schema {} (grammar compiler built in {compiler_ms:.0} ms):", schema_path.display());
         for row in &rows {
-            let mask = row.get("mask_us_per_token").map_or(String::new(), |m| format!(", mask {:.0} us/token (max {:.0})", m.as_f64().unwrap_or(0.0), row["mask_us_max"].as_f64().unwrap_or(0.0)));
+            let mask = row.get("mask_us_per_token").map_or(String::new(), |m| {
+                let drafts = row["drafts_taken"].as_u64().unwrap_or(0);
+                format!(", {drafts} forced tokens drafted and taken, mask {:.0} us/token (max {:.0})", m.as_f64().unwrap_or(0.0), row["mask_us_max"].as_f64().unwrap_or(0.0))
+            });
             println!("  {:<18} {:>8.2} tok/s over {} tokens{mask}", row["test"].as_str().unwrap_or(""), row["tokens_per_second"].as_f64().unwrap_or(0.0), row["tokens"]);
         }
     }
