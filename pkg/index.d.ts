@@ -153,7 +153,8 @@ export interface SamplingParams {
   signal?: AbortSignal;
   /**
    * Called after each pass that computed a chunk of a prompt longer than one pass (256 tokens):
-   * `done` of the prompt's `total` tokens are in the KV cache.
+   * `done` of the prompt's `total` tokens are in the KV cache (fewer than before where the request
+   * gave its pages back to a full pool and starts over from what stayed cached).
    */
   onPrefillProgress?: (done: number, total: number) => void;
 }
