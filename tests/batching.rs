@@ -337,10 +337,13 @@ fn a_draft_model_drafts_for_every_request_and_changes_no_token() {
     });
     let alone = run_alone(&requests);
     // With 8 sequences, at times 7 or more decode and none drafts: prompts then catch up later.
-    for (draft, drafts_well, sequences) in [(FIXTURE, true, 4), ("tiny-llama32-tied", false, 8)] {
+    // With 4, a pool of 8 pages for requests of up to 5: some give their pages (both models'
+    // keys and values) back and the draft model catches up again when they run again.
+    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
+    for (draft, drafts_well, sequences, kv_memory) in [(FIXTURE, true, 4, Some(8 * page_bytes)), ("tiny-llama32-tied", false, 8, None)] {
         // Passes of 16 tokens: the longer prompts prefill in two or three, the draft model
         // catching up a pass behind.
-        let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: sequences, max_batch: 16, ..Default::default() };
+        let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: sequences, max_batch: 16, kv_memory, ..Default::default() };
         let engine = engine_of(load_model(&gpu, FIXTURE, &options).unwrap());
         let config = llama_webgpu::load::read_hf_config(&common::fixture(draft)).unwrap();
         let draft_options = LoadOptions { max_batch: 16, ..engine.draft_load_options(&config) };
@@ -350,8 +353,9 @@ fn a_draft_model_drafts_for_every_request_and_changes_no_token() {
         assert_same_as_alone(&requests, &together, &alone);
         assert_logprobs_as_alone(&together, &alone);
         assert_eq!(engine.load().kv_pages_free, free_at_start);
+        assert_eq!(engine.load().preemptions > 0, kv_memory.is_some(), "{draft}: {:?}", engine.load());
         let drafts = DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)).unwrap();
-        println!("{draft}: {drafts:?}; {:?}", together.iter().map(|(c, _)| c.usage.drafts.map(|d| (d.accepted, d.rejected))).collect::<Vec<_>>());
+        println!("{draft}: {} preemptions, {drafts:?}; {:?}", engine.load().preemptions, together.iter().map(|(c, _)| c.usage.drafts.map(|d| (d.accepted, d.rejected))).collect::<Vec<_>>());
         // Drafting for itself, the model's argmax is the draft's but where a pass's grouping of
         // tokens moves a near tie: greedy requests without a grammar take nearly every draft.
         let greedy = DraftUsage::sum(together.iter().zip(&requests).filter(|(_, r)| r.params.temperature == Some(0.0) && r.params.response_format.is_none()).map(|((c, _), _)| c.usage.drafts)).unwrap();
