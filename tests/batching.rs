@@ -19,6 +19,9 @@ use rand::Rng;
 
 const FIXTURE: &str = "tiny-llama31";
 const CONTEXT: usize = 128;
+/// Bytes of one KV page of the fixture: keys and values of 3 layers, 16 positions of 2 KV heads
+/// of 16, in f32.
+const PAGE_BYTES: u64 = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
 
 fn engine(max_sequences: usize, kv_memory: Option<u64>) -> Option<Engine> {
     engine_with(LoadOptions { max_sequences, kv_memory, ..Default::default() })
@@ -339,8 +342,7 @@ fn a_draft_model_drafts_for_every_request_and_changes_no_token() {
     // With 8 sequences, at times 7 or more decode and none drafts: prompts then catch up later.
     // With 4, a pool of 8 pages for requests of up to 5: some give their pages (both models'
     // keys and values) back and the draft model catches up again when they run again.
-    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
-    for (draft, drafts_well, sequences, kv_memory) in [(FIXTURE, true, 4, Some(8 * page_bytes)), ("tiny-llama32-tied", false, 8, None)] {
+    for (draft, drafts_well, sequences, kv_memory) in [(FIXTURE, true, 4, Some(8 * PAGE_BYTES)), ("tiny-llama32-tied", false, 8, None)] {
         // Passes of 16 tokens: the longer prompts prefill in two or three, the draft model
         // catching up a pass behind.
         let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: sequences, max_batch: 16, kv_memory, ..Default::default() };
@@ -412,11 +414,9 @@ fn a_long_prompt_reports_its_prefill_progress() {
 
 #[test]
 fn a_small_pool_makes_requests_wait_and_a_request_too_large_for_it_fails_clearly() {
-    // A page of the fixture: keys and values of 3 layers, 16 positions of 2 KV heads of 16.
-    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
     // 6 pages (96 positions): one or two of these requests (2-4 pages each) at a time, though
     // 8 sequences may run.
-    let Some(mut engine) = engine(8, Some(6 * page_bytes)) else { return };
+    let Some(mut engine) = engine(8, Some(6 * PAGE_BYTES)) else { return };
     let load = engine.load();
     assert_eq!((load.kv_pages, load.kv_pages_free, load.max_sequences), (6, 6, 8));
     let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(12), ..Default::default() };
@@ -438,9 +438,8 @@ fn a_small_pool_makes_requests_wait_and_a_request_too_large_for_it_fails_clearly
 /// computed again later, its sampler, grammar and log probabilities going on where they were.
 #[test]
 fn requests_that_may_reach_the_whole_pool_run_together_and_the_latest_give_way_when_it_is_full() {
-    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
     // 10 pages: each request may reach 128 positions (8 pages).
-    let Some(mut crowded) = engine(6, Some(10 * page_bytes)) else { return };
+    let Some(mut crowded) = engine(6, Some(10 * PAGE_BYTES)) else { return };
     let mut requests: Vec<Request> = prompts(6)
         .into_iter()
         .enumerate()
@@ -463,7 +462,7 @@ fn requests_that_may_reach_the_whole_pool_run_together_and_the_latest_give_way_w
     let together = run_together(&mut crowded, &requests);
     let load = crowded.load();
     assert!(load.preemptions > 0, "the pool never ran out: {load:?}");
-    let alone = run_alone_on(&requests, || engine(1, Some(10 * page_bytes)).unwrap());
+    let alone = run_alone_on(&requests, || engine(1, Some(10 * PAGE_BYTES)).unwrap());
     assert_same_as_alone(&requests, &together, &alone);
     assert_logprobs_as_alone(&together, &alone);
     for (i, (completion, _)) in together.iter().enumerate() {
@@ -478,8 +477,7 @@ fn requests_that_may_reach_the_whole_pool_run_together_and_the_latest_give_way_w
 /// older sequence that needs a page; computed again, it scores every position once, as alone.
 #[test]
 fn a_prompt_preempted_while_it_is_scored_is_scored_as_alone() {
-    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
-    let options = LoadOptions { max_sequences: 2, max_batch: 4, kv_memory: Some(9 * page_bytes), ..Default::default() };
+    let options = LoadOptions { max_sequences: 2, max_batch: 4, kv_memory: Some(9 * PAGE_BYTES), ..Default::default() };
     let Some(mut crowded) = engine_with(options) else { return };
     let golden_prompt = golden(FIXTURE).greedy.prompt;
     // The first may reach all 128 positions; the second's 100-token prompt (7 pages) prefills 3
@@ -620,8 +618,7 @@ fn pages_all_come_back_after_many_requests_with_random_cancellations() {
     // Greedy requests draft (by prompt lookup, some from a prediction), so passes carry drafts
     // whose pages are taken and whose positions are rejected. 6 pages for 6 sequences of up to 5:
     // some give their pages back to make room, some are cancelled while they wait to run again.
-    let page_bytes = 2 * 3 * (PAGE_SIZE as u64) * 32 * 4;
-    let Some(engine) = engine(6, Some(6 * page_bytes)) else { return };
+    let Some(engine) = engine(6, Some(6 * PAGE_BYTES)) else { return };
     let mut engine = engine.with_prompt_lookup(true);
     let free_at_start = engine.load().kv_pages_free;
     let mut r = rng(7);

@@ -300,13 +300,18 @@ struct Sequence {
     /// one that was not (Hugging Face's heuristic for assisted generation), so that a sequence
     /// whose drafts miss stops paying for long ones.
     draft_limit: usize,
-    /// Times it gave its pages back to make room for sequences admitted before it.
-    preempted: u32,
+    /// Whether it gave its pages back to make room for sequences admitted before it.
+    preempted: bool,
 }
 
 impl Sequence {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Pages it holds or reserved: its positions below that many pages have a page.
+    fn pages_held(&self) -> usize {
+        self.pages.len() + self.reserved
     }
 
     fn max_positions(&self, context: usize) -> usize {
@@ -882,7 +887,7 @@ impl Engine {
                     prediction_cursor: 0,
                     drafts: params.prediction.is_some().then(DraftUsage::default),
                     draft_limit: MAX_DRAFTS,
-                    preempted: 0,
+                    preempted: false,
                 });
             }
         }
@@ -1021,7 +1026,7 @@ impl Engine {
             sequence.slot = slot;
             sequence.reserved = needed - pages.len();
             sequence.computed = prefix.tokens();
-            if sequence.preempted == 0 {
+            if !sequence.preempted {
                 sequence.cached_prompt = prefix.tokens();
             }
             if sequence.scoring() {
@@ -1180,7 +1185,7 @@ impl Engine {
     fn page_reach(&self, i: usize) -> usize {
         let sequence = &self.running[i];
         let spare = self.pages.available() >= 2 * self.running.len();
-        (sequence.pages.len() + sequence.reserved + spare as usize) * PAGE_SIZE
+        (sequence.pages_held() + spare as usize) * PAGE_SIZE
     }
 
     /// Drafts with the draft model for the decoding sequences that may draft and have no
@@ -1288,7 +1293,7 @@ impl Engine {
         while i < self.running.len() {
             let sequence = &self.running[i];
             let position = sequence.tokens.len() - 1;
-            let needs_page = sequence.computed == position && sequence.pages.len() + sequence.reserved <= position / PAGE_SIZE;
+            let needs_page = sequence.computed == position && sequence.pages_held() <= position / PAGE_SIZE;
             if needs_page && self.pages.available() == 0 {
                 self.preempt(self.running.len() - 1);
                 continue;
@@ -1310,7 +1315,7 @@ impl Engine {
         sequence.page_hashes.clear();
         sequence.slot = usize::MAX;
         (sequence.reserved, sequence.computed, sequence.draft_model_computed) = (0, 0, 0);
-        sequence.preempted += 1;
+        sequence.preempted = true;
         self.preemptions += 1;
         self.waiting.push_front(sequence);
     }
@@ -1375,7 +1380,7 @@ impl Engine {
         };
         let indices: Vec<usize> = rows.iter().filter_map(|r| self.running.iter().position(|s| s.id == r.id && runs_next(s))).collect();
         // One past the token the pass in flight computes, each within pages it holds or that are free.
-        let new_pages = indices.iter().filter(|&&i| self.running[i].pages.len() + self.running[i].reserved <= (self.running[i].computed + 1) / PAGE_SIZE).count();
+        let new_pages = indices.iter().filter(|&&i| self.running[i].pages_held() <= (self.running[i].computed + 1) / PAGE_SIZE).count();
         if admissible || !all_decode || indices.len() != rows.len() || new_pages > self.pages.available() {
             return Ok(None);
         }

@@ -246,8 +246,7 @@ pub fn run(mut engine: Engine, jobs: &Receiver<Job>, stats: Arc<Stats>, options:
             Ok(events) => {
                 let any_delta = events.iter().any(|(_, e)| matches!(e, EngineEvent::Delta(_)));
                 // What /health says is as new as the tokens the clients get.
-                publish(&engine, &stats);
-                let load = engine.load();
+                let load = publish(&engine, &stats);
                 if load.preemptions > 0 && load.preemptions >= 10 * preemptions_logged {
                     log::warn!(
                         "{} sequences so far gave their KV pages back to make room and were computed again: the pool's {} pages are too few for the requests running together (raise --kv-memory, or lower --parallel)",
@@ -297,15 +296,18 @@ fn end_all(active: &mut ActiveJobs, stats: &Stats) {
     }
 }
 
-fn publish(engine: &Engine, stats: &Stats) {
-    if let Ok(mut load) = stats.engine.lock() {
-        *load = engine.load();
+/// Puts the engine's load where /health reads it; returns it.
+fn publish(engine: &Engine, stats: &Stats) -> Load {
+    let load = engine.load();
+    if let Ok(mut published) = stats.engine.lock() {
+        *published = load;
     }
     // When the engine goes idle: the report walks every allocation.
     if engine.is_idle() {
         let report = engine.model().gpu().device.generate_allocator_report();
         stats.gpu_allocated_bytes.store(report.map_or(0, |r| r.total_allocated_bytes), Ordering::SeqCst);
     }
+    load
 }
 
 /// Hands a job from the queue to the engine, or answers it at once: skipped when its client left,
