@@ -6,8 +6,8 @@ mod common;
 
 use common::{exact, golden, gpu, gpu_with, load_model, truncated_llama3_tokenizer};
 use llama_webgpu::api::{
-    ChatCompletionRequest, DraftUsage, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, ResponseFormat,
-    SamplingParams, Tool, ToolChoice, ToolChoiceMode,
+    ChatCompletionRequest, DraftUsage, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, Prediction,
+    ResponseFormat, SamplingParams, Tool, ToolChoice, ToolChoiceMode,
 };
 use llama_webgpu::api::request::{Prompt, Work};
 use llama_webgpu::engine::{Echo, Event, SequenceId};
@@ -187,23 +187,34 @@ fn tokens_a_grammar_forces_are_drafted_and_change_no_output() {
     for temperature in [0.0, 1.0] {
         let params = SamplingParams { temperature: Some(temperature), ..json_params(Some(format.clone())) };
         // Four at a time, so that there is room to draft (fewer than 7 decode).
-        let run = |engine: &mut Engine| {
-            let ids = engine.add_choices(PROMPT.to_vec(), &params, CancelToken::default(), 4).unwrap();
+        let run = |engine: &mut Engine, params: &SamplingParams| {
+            let ids = engine.add_choices(PROMPT.to_vec(), params, CancelToken::default(), 4).unwrap();
             finish_all(engine, &ids)
         };
-        let (drafting, reference) = (run(&mut engine), run(&mut plain));
-        for (i, (drafted, alone)) in drafting.iter().zip(&reference).enumerate() {
-            assert_eq!((&drafted.tokens, &drafted.finish_reason), (&alone.tokens, &alone.finish_reason), "temperature {temperature}, choice {i}");
-            let value: Value = serde_json::from_str(&drafted.text).unwrap_or_else(|e| panic!("{e}: {:?}", drafted.text));
-            assert_eq!(value.as_object().map(|o| o.len()), Some(3), "{value}");
-            assert!(alone.usage.drafts.is_none(), "passes of one token leave no room to draft");
+        let reference = run(&mut plain, &params);
+        assert!(reference.iter().all(|alone| alone.usage.drafts.is_none()), "passes of one token leave no room to draft");
+        // Then with the first choice's output as every choice's prediction: the tokens guessed
+        // from it follow the forced ones in the same draft (rightly for the greedy choices and
+        // the first sampled one, wrongly for the others).
+        let predicted = SamplingParams { prediction: Some(Prediction::Content { content: reference[0].text.clone() }), ..params.clone() };
+        for params in [&params, &predicted] {
+            let drafting = run(&mut engine, params);
+            let with = if params.prediction.is_some() { "with a prediction" } else { "alone" };
+            for (i, (drafted, alone)) in drafting.iter().zip(&reference).enumerate() {
+                assert_eq!((&drafted.tokens, &drafted.finish_reason), (&alone.tokens, &alone.finish_reason), "temperature {temperature} {with}, choice {i}");
+                let value: Value = serde_json::from_str(&drafted.text).unwrap_or_else(|e| panic!("{e}: {:?}", drafted.text));
+                assert_eq!(value.as_object().map(|o| o.len()), Some(3), "{value}");
+            }
+            let drafts = DraftUsage::sum(drafting.iter().map(|c| c.usage.drafts)).unwrap_or_default();
+            let tokens: usize = drafting.iter().map(|c| c.tokens.len()).sum();
+            println!("temperature {temperature} {with}: {tokens} tokens, {drafts:?}");
+            // The keys alone are more than a dozen tokens each time, and a forced token is the
+            // only one its row's mask allows.
+            assert!(drafts.accepted >= 4 * 12, "{drafts:?}");
+            if params.prediction.is_none() {
+                assert!(drafts.rejected <= drafts.accepted / 10, "{drafts:?}");
+            }
         }
-        let drafts = DraftUsage::sum(drafting.iter().map(|c| c.usage.drafts)).unwrap_or_default();
-        let tokens: usize = drafting.iter().map(|c| c.tokens.len()).sum();
-        println!("temperature {temperature}: {tokens} tokens, {drafts:?}");
-        // The keys alone are more than a dozen tokens each time, and a forced token is the only
-        // one its row's mask allows.
-        assert!(drafts.accepted >= 4 * 12 && drafts.rejected <= drafts.accepted / 10, "{drafts:?}");
     }
 }
 

@@ -1130,30 +1130,34 @@ impl Engine {
     }
 
     /// Drafts up to `room` tokens for decoding sequence `i` to verify, within its pages' reach:
-    /// the tokens its grammar forces (all that fit: they are certain), else from its prediction
-    /// (moving its cursor), else the draft model's `model_draft`, else by prompt lookup where the
-    /// engine does it.
+    /// the tokens its grammar forces (all that fit: they are certain), then up to its draft limit
+    /// guessed after them: from its prediction (moving its cursor), else the draft model's
+    /// `model_draft` (drafted only where nothing is forced), else by prompt lookup where the engine
+    /// does it. So a JSON value predicted or copied from the prompt is verified in the pass that
+    /// verifies the key before it.
     fn draft_for(&mut self, i: usize, room: usize, forced: Option<Vec<u32>>, model_draft: Option<Vec<u32>>) {
         if !self.may_draft(&self.running[i]) {
             return;
         }
         let (room, lookup) = (self.draft_room(i, room), self.prompt_lookup);
         let sequence = &mut self.running[i];
-        let max = room.min(sequence.draft_limit);
-        sequence.draft = if let Some(mut forced) = forced {
-            forced.truncate(room);
-            forced
-        } else if let Some((drafted, begin)) = predicted_draft(&sequence.tokens, &sequence.prediction, sequence.prediction_cursor, max) {
+        let mut draft = forced.unwrap_or_default();
+        draft.truncate(room);
+        let max = (room - draft.len()).min(sequence.draft_limit);
+        let last_runs = last_tokens(&sequence.tokens, &draft);
+        let guessed = if let Some((drafted, begin)) = predicted_draft(&last_runs, &sequence.prediction, sequence.prediction_cursor, max) {
             sequence.prediction_cursor = begin;
             drafted
         } else if let Some(mut drafted) = model_draft {
             drafted.truncate(max);
             drafted
         } else if lookup {
-            sequence.lookup.draft(&sequence.tokens, max)
+            sequence.lookup.draft(&sequence.tokens, &draft, max)
         } else {
             vec![]
         };
+        draft.extend(guessed);
+        sequence.draft = draft;
     }
 
     /// The tokens the grammars of decoding sequences force next (the rest of a JSON schema's
@@ -1677,6 +1681,16 @@ fn selections(wanted: impl Iterator<Item = Option<Selection>>) -> Vec<Selection>
 /// The shortest and longest runs of a sequence's last tokens that prompt lookup matches.
 const LOOKUP_NGRAM: std::ops::RangeInclusive<usize> = 2..=4;
 
+/// The last tokens of `tokens` followed by `ahead`, as many as the longest run prompt lookup
+/// matches.
+fn last_tokens(tokens: &[u32], ahead: &[u32]) -> Vec<u32> {
+    let n = *LOOKUP_NGRAM.end();
+    let from_tokens = n.saturating_sub(ahead.len()).min(tokens.len());
+    let mut last = tokens[tokens.len() - from_tokens..].to_vec();
+    last.extend_from_slice(&ahead[ahead.len().saturating_sub(n)..]);
+    last
+}
+
 /// Where `find` locates the longest run of `tokens`' last tokens (LOOKUP_NGRAM long), and how
 /// long that run is.
 fn longest_match(tokens: &[u32], mut find: impl FnMut(&[u32]) -> Option<usize>) -> Option<(usize, usize)> {
@@ -1696,10 +1710,11 @@ struct LookupIndex {
 }
 
 impl LookupIndex {
-    /// Up to `max` tokens that followed the latest earlier occurrence of `tokens`' last ones, the
-    /// longest such run first (4 tokens down to 2). A match that runs into the end goes on as the
-    /// repetition it is in. `tokens` only grows from one call to the next.
-    fn draft(&mut self, tokens: &[u32], max: usize) -> Vec<u32> {
+    /// Up to `max` tokens that followed the latest earlier occurrence in `tokens` of the last ones
+    /// of `tokens` and then `ahead` (tokens drafted already, not indexed), the longest such run
+    /// first (4 tokens down to 2). A match that runs into the end goes on as the repetition it is
+    /// in. `tokens` only grows from one call to the next.
+    fn draft(&mut self, tokens: &[u32], ahead: &[u32], max: usize) -> Vec<u32> {
         let len = tokens.len();
         for (n, next) in LOOKUP_NGRAM.zip(&mut self.next_start) {
             // Every run that begins before the last one of its length.
@@ -1708,10 +1723,17 @@ impl LookupIndex {
                 *next += 1;
             }
         }
-        let Some((start, n)) = longest_match(tokens, |run| self.latest.get(&run_key(run)).map(|&start| start as usize)).filter(|_| max > 0) else { return vec![] };
+        let last_runs = last_tokens(tokens, ahead);
+        let Some((start, n)) = longest_match(&last_runs, |run| self.latest.get(&run_key(run)).map(|&start| start as usize)).filter(|_| max > 0) else { return vec![] };
+        // What follows the match in tokens, ahead and the draft so far.
+        let end = len + ahead.len();
         let mut draft = Vec::with_capacity(max);
         for k in start + n..start + n + max {
-            draft.push(if k < len { tokens[k] } else { draft[k - len] });
+            draft.push(match k {
+                k if k < len => tokens[k],
+                k if k < end => ahead[k - len],
+                k => draft[k - end],
+            });
         }
         draft
     }
@@ -1876,15 +1898,17 @@ mod tests {
     use super::{longest_match, predicted_draft, LookupIndex, StopStrings};
 
     fn prompt_lookup(tokens: &[u32], max: usize) -> Vec<u32> {
-        LookupIndex::default().draft(tokens, max)
+        LookupIndex::default().draft(tokens, &[], max)
     }
 
-    /// Prompt lookup by scanning the whole sequence, latest occurrence first.
-    fn scanned_lookup(tokens: &[u32], max: usize) -> Vec<u32> {
-        let len = tokens.len();
-        let earlier = |run: &[u32]| (0..len.saturating_sub(run.len())).rev().find(|&p| &tokens[p..p + run.len()] == run);
-        let Some((start, n)) = longest_match(tokens, earlier).filter(|_| max > 0) else { return vec![] };
-        let continued = |k: usize| tokens[start + n + k % (len - start - n)];
+    /// Prompt lookup by scanning `tokens` (latest occurrence first) for the last tokens of
+    /// `tokens` and then `ahead`.
+    fn scanned_lookup(tokens: &[u32], ahead: &[u32], max: usize) -> Vec<u32> {
+        let sequence = [tokens, ahead].concat();
+        let len = sequence.len();
+        let earlier = |run: &[u32]| (0..tokens.len().saturating_sub(run.len())).rev().find(|&p| &tokens[p..p + run.len()] == run);
+        let Some((start, n)) = longest_match(&sequence, earlier).filter(|_| max > 0) else { return vec![] };
+        let continued = |k: usize| sequence[start + n + k % (len - start - n)];
         (0..max).map(continued).collect()
     }
 
@@ -1895,6 +1919,9 @@ mod tests {
         assert_eq!(prompt_lookup(&[7, 3, 4, 9, 1, 3, 4], 2), [9, 1]);
         // Running into the end goes on with the repetition: period 2.
         assert_eq!(prompt_lookup(&[8, 5, 6, 5, 6], 5), [5, 6, 5, 6, 5]);
+        // After tokens drafted already ("3 4" forced by a grammar): what followed "2 3 4", then
+        // the tokens ahead as the repetition goes on.
+        assert_eq!(LookupIndex::default().draft(&[2, 3, 4, 5, 6, 2], &[3, 4], 4), [5, 6, 2, 3]);
         assert_eq!(prompt_lookup(&[1, 2, 3, 4], 4), Vec::<u32>::new());
         assert_eq!(prompt_lookup(&[1, 2, 1, 2], 0), Vec::<u32>::new());
     }
@@ -1914,7 +1941,7 @@ mod tests {
             let max = case % 7;
             let drafted = prompt_lookup(&tokens, max);
             assert!(drafted.is_empty() || drafted.len() == max, "{tokens:?}: {drafted:?}");
-            assert_eq!(drafted, scanned_lookup(&tokens, max), "{tokens:?}");
+            assert_eq!(drafted, scanned_lookup(&tokens, &[], max), "{tokens:?}");
             if let Some((draft, begin)) = predicted_draft(&tokens, &prediction, case % 12, max) {
                 assert!(!draft.is_empty() && draft.len() <= max && draft[..] == prediction[begin..begin + draft.len()], "{tokens:?} {prediction:?}");
                 assert!(ends_with_run_before(&tokens, &prediction, begin), "{tokens:?} {prediction:?} at {begin}");
@@ -1923,7 +1950,8 @@ mod tests {
     }
 
     /// An index kept as a sequence grows drafts what a scan of the whole sequence finds, at every
-    /// length (over 5 tokens: many matches; over 1,000: few).
+    /// length (over 5 tokens: many matches; over 1,000: few), also after tokens drafted ahead
+    /// (which it does not index).
     #[test]
     fn a_growing_lookup_index_drafts_what_a_scan_finds() {
         use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -1932,8 +1960,9 @@ mod tests {
             let (mut index, mut tokens) = (LookupIndex::default(), vec![]);
             for step in 0..3000 {
                 tokens.push(rng.next_u32() % vocabulary);
+                let ahead: Vec<u32> = (0..step % 6).map(|_| rng.next_u32() % vocabulary).collect();
                 let max = step % 7;
-                assert_eq!(index.draft(&tokens, max), scanned_lookup(&tokens, max), "{vocabulary} tokens, step {step}");
+                assert_eq!(index.draft(&tokens, &ahead, max), scanned_lookup(&tokens, &ahead, max), "{vocabulary} tokens, step {step}, {ahead:?} ahead");
             }
         }
     }
