@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use common::{exact, golden, gpu, gpu_with, load_model, rng, truncated_llama3_tokenizer};
 use llama_webgpu::api::request::{Prompt, Work};
-use llama_webgpu::api::{DraftUsage, FinishReason, Logprobs, Prediction, ResponseFormat, SamplingParams};
+use llama_webgpu::api::{DraftUsage, FinishReason, Logprobs, Prediction, ResponseFormat, SamplingParams, Stop};
 use llama_webgpu::engine::{Event, SequenceId};
 use llama_webgpu::model::{PageAllocator, PAGE_SIZE};
 use llama_webgpu::text::{ChatTemplate, RenderOptions};
@@ -700,3 +700,76 @@ fn the_page_allocator_keeps_its_count_through_a_thousand_admissions() {
     assert_eq!((pages.free(), pages.available()), (40, 40));
 }
 
+
+/// Requests with every option mixed at random (greedy and sampled with top-k/top-p/min-p,
+/// penalties, logit bias, stop strings, a JSON grammar, log probabilities, predictions right and
+/// wrong, a shared system prefix, cancellations), joining at random steps an engine that drafts by
+/// prompt lookup and with a draft model on a pool small enough to preempt: each request's tokens,
+/// text and log probabilities are those it gets alone (a cancelled one's as far as both went:
+/// tokens verified in the pass that saw the cancel still come), and every page comes back.
+#[test]
+fn requests_mixing_every_option_on_a_small_pool_with_drafts_produce_the_tokens_of_each_alone() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(9);
+    let base = prompts(12);
+    let shared = golden(FIXTURE).greedy.prompt[..24].to_vec();
+    let mut requests: Vec<Request> = (0..18)
+        .map(|i| {
+            let mut prompt = if r.random_bool(0.4) { shared.clone() } else { vec![] };
+            let other = &base[r.random_range(0..base.len())];
+            prompt.extend_from_slice(&other[..r.random_range(1..=other.len())]);
+            let sampled = r.random_bool(0.5);
+            let logprobs = r.random_bool(0.3);
+            Request {
+                prompt,
+                params: SamplingParams {
+                    temperature: Some(if sampled { 0.8 } else { 0.0 }),
+                    top_k: (sampled && r.random_bool(0.3)).then_some(20),
+                    top_p: (sampled && r.random_bool(0.3)).then_some(0.9),
+                    min_p: (sampled && r.random_bool(0.2)).then_some(0.05),
+                    frequency_penalty: r.random_bool(0.15).then_some(0.5),
+                    presence_penalty: r.random_bool(0.15).then_some(0.3),
+                    repetition_penalty: r.random_bool(0.15).then_some(1.2),
+                    logit_bias: r.random_bool(0.15).then(|| [(r.random_range(0..1000u32).to_string(), 5.0), ("90".to_string(), -3.0)].into_iter().collect()),
+                    stop: r.random_bool(0.2).then(|| Stop::Many(vec![["on", "e ", "\"", "ab"][r.random_range(0..4)].to_string(), "zz".into()])),
+                    response_format: r.random_bool(0.3).then_some(ResponseFormat::JsonObject),
+                    seed: Some(900 + i as u64),
+                    logprobs: logprobs.then_some(Logprobs::Enabled(true)),
+                    top_logprobs: logprobs.then_some(2),
+                    max_tokens: r.random_bool(0.9).then(|| r.random_range(1..40)),
+                    ..Default::default()
+                },
+                joins_at: r.random_range(0..12),
+                cancel_after: r.random_bool(0.15).then(|| r.random_range(1..8)),
+            }
+        })
+        .collect();
+    let alone = run_alone(&requests);
+    for (i, request) in requests.iter_mut().enumerate() {
+        let predicted = r.random_bool(0.3).then(|| if r.random_bool(0.5) { i } else { r.random_range(0..alone.len()) });
+        request.params.prediction = predicted.map(|j| Prediction::Content { content: alone[j].text.clone() });
+    }
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 6, max_batch: 7, kv_memory: Some(9 * PAGE_BYTES), ..Default::default() };
+    let engine = engine_of(load_model(&gpu, FIXTURE, &options).unwrap()).with_prompt_lookup(true);
+    let config = llama_webgpu::load::read_hf_config(&common::fixture(FIXTURE)).unwrap();
+    let draft_options = LoadOptions { max_batch: 7, ..engine.draft_load_options(&config) };
+    let mut engine = engine.with_draft_model(load_model(&gpu, FIXTURE, &draft_options).unwrap()).unwrap();
+    let together = run_together(&mut engine, &requests);
+    let load = engine.load();
+    println!("{load:?}; drafts {:?}", DraftUsage::sum(together.iter().map(|(c, _)| c.usage.drafts)));
+    assert!(load.preemptions > 0, "the pool never ran out");
+    assert_eq!(load.kv_pages_free, 9);
+    let (mut kept_together, mut kept_alone) = (vec![], vec![]);
+    for (i, ((together, text), alone)) in together.into_iter().zip(alone).enumerate() {
+        assert_eq!(together.text, text, "request {i}: the deltas' text");
+        if requests[i].cancel_after.is_some() {
+            let n = together.tokens.len().min(alone.tokens.len());
+            assert_eq!(together.tokens[..n], alone.tokens[..n], "request {i}, cancelled");
+            continue;
+        }
+        assert_eq!((&together.tokens, &together.text, together.finish_reason), (&alone.tokens, &alone.text, alone.finish_reason), "request {i}");
+        kept_together.push((together, text));
+        kept_alone.push(alone);
+    }
+    assert_logprobs_as_alone(&kept_together, &kept_alone);
+}
