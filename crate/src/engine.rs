@@ -1057,8 +1057,10 @@ impl Engine {
             true => self.forced_drafts(),
             false => HashMap::new(),
         };
+        // Forced tokens are certain: guessed ones take only the room none of them needs.
+        let mut forced_left: usize = forced.values().map(Vec::len).sum();
         let mut model_drafts = match self.draft_model.is_some() {
-            true => self.draft_with_model(draft_room.min(outputs_left.saturating_sub(self.running.len())), &forced).await?,
+            true => self.draft_with_model(draft_room.min(outputs_left.saturating_sub(self.running.len())), &forced, forced_left).await?,
             false => HashMap::new(),
         };
         let mut order: Vec<usize> = (0..self.running.len()).collect();
@@ -1089,7 +1091,9 @@ impl Engine {
                 // Every sequence after this one keeps a row for its sampled token.
                 let room = draft_room.min(budget - 1).min(outputs_left.saturating_sub(self.running.len() - rows.len()));
                 let id = self.running[i].id;
-                self.draft_for(i, room, forced.remove(&id), model_drafts.remove(&id));
+                let forced = forced.remove(&id).unwrap_or_default();
+                forced_left -= forced.len();
+                self.draft_for(i, room, forced, forced_left, model_drafts.remove(&id));
             }
             let sequence = &self.running[i];
             let draft = &sequence.draft;
@@ -1131,19 +1135,20 @@ impl Engine {
 
     /// Drafts up to `room` tokens for decoding sequence `i` to verify, within its pages' reach:
     /// the tokens its grammar forces (all that fit: they are certain), then up to its draft limit
-    /// guessed after them: from its prediction (moving its cursor), else the draft model's
-    /// `model_draft` (drafted only where nothing is forced), else by prompt lookup where the engine
-    /// does it. So a JSON value predicted or copied from the prompt is verified in the pass that
-    /// verifies the key before it.
-    fn draft_for(&mut self, i: usize, room: usize, forced: Option<Vec<u32>>, model_draft: Option<Vec<u32>>) {
+    /// guessed after them, leaving `others_forced` of the room to the forced tokens of the
+    /// sequences after it: from its prediction (moving its cursor), else the draft model's
+    /// `model_draft` (drafted after the forced tokens), else by prompt lookup where the engine
+    /// does it. So a JSON value predicted, drafted or copied from the prompt is verified in the
+    /// pass that verifies the key before it.
+    fn draft_for(&mut self, i: usize, room: usize, forced: Vec<u32>, others_forced: usize, model_draft: Option<Vec<u32>>) {
         if !self.may_draft(&self.running[i]) {
             return;
         }
         let (room, lookup) = (self.draft_room(i, room), self.prompt_lookup);
         let sequence = &mut self.running[i];
-        let mut draft = forced.unwrap_or_default();
+        let mut draft = forced;
         draft.truncate(room);
-        let max = (room - draft.len()).min(sequence.draft_limit);
+        let max = (room - draft.len()).saturating_sub(others_forced).min(sequence.draft_limit);
         let last_runs = last_tokens(&sequence.tokens, &draft);
         let guessed = if let Some((drafted, begin)) = predicted_draft(&last_runs, &sequence.prediction, sequence.prediction_cursor, max) {
             sequence.prediction_cursor = begin;
@@ -1193,36 +1198,45 @@ impl Engine {
     }
 
     /// Drafts with the draft model for the decoding sequences that may draft and have no
-    /// prediction to draft from, `room` tokens in all: a pass that brings each one's keys and
-    /// values up to its last token and gives its first drafted token (a greedy one), then a
-    /// one-token pass for each next, fed the argmax of the one before on the GPU. The same first
-    /// pass brings the draft model up to the positions the model has computed of the prompts
-    /// being prefilled, so that they draft from their first decode step (unless there is no room
-    /// to draft now); what does not fit it catches up in later ones. The draft model's keys and values for drafted tokens stand where
-    /// they are taken.
-    async fn draft_with_model(&mut self, room: usize, forced: &HashMap<SequenceId, Vec<u32>>) -> Result<HashMap<SequenceId, Vec<u32>>> {
+    /// prediction to draft from, in the room of `room` that the `forced_total` tokens grammars
+    /// force leave: a pass that brings each one's keys and values up to its last token and the
+    /// tokens its grammar forces after it (`forced`) and gives its first drafted token (a greedy
+    /// one), then a one-token pass for each next, fed the argmax of the one before on the GPU.
+    /// The same first pass brings the draft model up to the positions the model has computed of
+    /// the prompts being prefilled, so that they draft from their first decode step (unless there
+    /// is no room to draft now); what does not fit it catches up in later ones. The draft model's
+    /// keys and values for drafted tokens stand where they are taken.
+    async fn draft_with_model(&mut self, room: usize, forced: &HashMap<SequenceId, Vec<u32>>, forced_total: usize) -> Result<HashMap<SequenceId, Vec<u32>>> {
         let Some(draft_model) = &self.draft_model else { return Ok(HashMap::new()) };
+        let guess_room = room.saturating_sub(forced_total);
         let mut budget = draft_model.max_batch();
+        let ahead = |s: &Sequence| forced.get(&s.id).map_or(&[][..], Vec::as_slice);
         let wants = |s: &Sequence| {
-            s.tokens.len() - s.computed == 1 && !forced.contains_key(&s.id) && predicted_draft(&s.tokens, &s.prediction, s.prediction_cursor, 1).is_none()
+            s.tokens.len() - s.computed == 1 && predicted_draft(&last_tokens(&s.tokens, ahead(s)), &s.prediction, s.prediction_cursor, 1).is_none()
         };
-        let mut drafting: Vec<(usize, usize)> =
-            (0..self.running.len()).filter(|&i| wants(&self.running[i])).map(|i| (i, self.draft_room(i, room).min(self.running[i].draft_limit))).collect();
+        let mut drafting: Vec<(usize, usize)> = (0..self.running.len())
+            .filter(|&i| wants(&self.running[i]))
+            .map(|i| (i, self.draft_room(i, room).saturating_sub(ahead(&self.running[i]).len()).min(guess_room).min(self.running[i].draft_limit)))
+            .collect();
         drafting.retain(|&(_, max)| max > 0);
-        drafting.truncate(room);
+        drafting.truncate(guess_room);
         // The same number of passes for all (each one-token pass takes the argmax of every output
         // row of the pass before), their positions within every sequence's reach.
         let context = self.model.context_length();
         let positions_left = drafting
             .iter()
-            .map(|&(i, _)| (self.running[i].max_positions(context) + 1).min(self.page_reach(i) + 1) - self.running[i].tokens.len())
+            .map(|&(i, _)| {
+                let sequence = &self.running[i];
+                (sequence.max_positions(context) + 1).min(self.page_reach(i) + 1) - sequence.tokens.len() - ahead(sequence).len()
+            })
             .min();
         let longest = drafting.iter().map(|d| d.1).max().unwrap_or(0);
-        let k = longest.min(room / drafting.len().max(1)).min(positions_left.unwrap_or(0));
+        let k = longest.min(guess_room / drafting.len().max(1)).min(positions_left.unwrap_or(0));
         let (mut batch, mut ids, mut drafted) = (Batch::default(), vec![], vec![]);
         for (i, max) in drafting {
             let sequence = &self.running[i];
-            let (first, len) = (sequence.draft_model_computed.min(sequence.computed), sequence.tokens.len());
+            let forced = ahead(sequence);
+            let (first, len) = (sequence.draft_model_computed.min(sequence.computed), sequence.tokens.len() + forced.len());
             let take = (len - first).min(budget);
             if take == 0 {
                 continue;
@@ -1231,7 +1245,7 @@ impl Engine {
             let caught_up = first + take == len;
             // Positions up to the last drafted token's input.
             self.take_pages_through(i, if caught_up { len + k - 2 } else { first + take - 1 });
-            catch_up(&mut self.running[i], first..first + take, &mut batch, &mut ids);
+            catch_up(&mut self.running[i], forced, first..first + take, &mut batch, &mut ids);
             if caught_up {
                 batch.outputs.push(batch.slots.len() as u32 - 1);
                 drafted.push((i, max.min(k), Vec::with_capacity(k)));
@@ -1243,7 +1257,7 @@ impl Engine {
             let (first, last) = (sequence.draft_model_computed.min(sequence.computed), sequence.computed);
             let take = (last - first).min(budget);
             budget -= take;
-            catch_up(sequence, first..first + take, &mut batch, &mut ids);
+            catch_up(sequence, &[], first..first + take, &mut batch, &mut ids);
         }
         if ids.is_empty() {
             return Ok(HashMap::new());
@@ -1256,8 +1270,9 @@ impl Engine {
         for pass in 1..=k {
             // The next pass goes in before this one is read, the GPU busy meanwhile.
             if pass < k {
+                let last_input = |i: usize| self.running[i].tokens.len() + ahead(&self.running[i]).len() - 1;
                 let next = Batch {
-                    slots: drafted.iter().map(|&(i, ..)| token_slot(&self.running[i], self.running[i].tokens.len() - 1 + pass)).collect(),
+                    slots: drafted.iter().map(|&(i, ..)| token_slot(&self.running[i], last_input(i) + pass)).collect(),
                     outputs: (0..drafted.len() as u32).collect(),
                     top_k: vec![],
                 };
@@ -1270,8 +1285,9 @@ impl Engine {
         }
         let mut drafts = HashMap::new();
         for (i, max, mut tokens) in drafted {
+            let forced = ahead(&self.running[i]).len();
             let sequence = &mut self.running[i];
-            sequence.draft_model_computed = sequence.tokens.len() + k - 1;
+            sequence.draft_model_computed = sequence.tokens.len() + forced + k - 1;
             tokens.truncate(max);
             drafts.insert(sequence.id, tokens);
         }
@@ -1767,9 +1783,11 @@ fn token_slot(sequence: &Sequence, position: usize) -> TokenSlot {
 }
 
 /// Adds `sequence`'s `positions` (in pages it holds) to the draft model's `batch` and their
-/// tokens to `ids`; its keys and values are computed through them after the pass.
-fn catch_up(sequence: &mut Sequence, positions: std::ops::Range<usize>, batch: &mut Batch, ids: &mut Vec<u32>) {
-    ids.extend_from_slice(&sequence.tokens[positions.clone()]);
+/// tokens (its own, then `ahead` of them) to `ids`; its keys and values are computed through them
+/// after the pass.
+fn catch_up(sequence: &mut Sequence, ahead: &[u32], positions: std::ops::Range<usize>, batch: &mut Batch, ids: &mut Vec<u32>) {
+    let len = sequence.tokens.len();
+    ids.extend(positions.clone().map(|position| if position < len { sequence.tokens[position] } else { ahead[position - len] }));
     sequence.draft_model_computed = positions.end;
     batch.slots.extend(positions.map(|position| token_slot(sequence, position)));
 }
