@@ -166,8 +166,9 @@ NUMBER: /[1-9][0-9]?/"#.into() } };
 }
 
 /// Tokens a grammar forces (a schema's keys and the punctuation between them) are drafted and
-/// verified in the pass that samples the token before them: every output, greedy or sampled, is
-/// what it is where nothing drafts (GEMV passes of one token), in fewer passes.
+/// verified in the pass that samples the token before them, followed by tokens guessed from a
+/// prediction or by a draft model (cut where the grammar forbids them): every output, greedy or
+/// sampled, is what it is where nothing drafts (GEMV passes of one token), in fewer passes.
 #[test]
 fn tokens_a_grammar_forces_are_drafted_and_change_no_output() {
     let Some(gpu) = gpu() else { return };
@@ -215,8 +216,10 @@ fn tokens_a_grammar_forces_are_drafted_and_change_no_output() {
             // The keys alone are more than a dozen tokens each time, and a forced token is the
             // only one its row's mask allows.
             assert!(drafts.accepted >= 4 * 12, "{drafts:?}");
-            if with == "alone" {
-                assert!(drafts.rejected <= drafts.accepted / 10, "{drafts:?}");
+            // A greedy request's self-drafting draft model guesses the model's own choices, and
+            // those its grammar forbids are cut from the draft before the pass.
+            if with == "alone" || (with == "with a draft model" && temperature == 0.0) {
+                assert!(drafts.rejected <= drafts.accepted / 10, "{with}: {drafts:?}");
             }
         }
     }

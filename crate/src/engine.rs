@@ -1161,6 +1161,12 @@ impl Engine {
         } else {
             vec![]
         };
+        let mut guessed = guessed;
+        if let Some(constraint) = sequence.constraint.as_mut().filter(|_| !guessed.is_empty()) {
+            // A guess the grammar forbids is never taken: its row and those after it are wasted.
+            let allowed = constraint.allowed_run(&[&draft[..], &guessed[..]].concat());
+            guessed.truncate(allowed.saturating_sub(draft.len()));
+        }
         draft.extend(guessed);
         sequence.draft = draft;
     }

@@ -244,6 +244,15 @@ impl Constraint {
         self.matcher.compute_ff_tokens()
     }
 
+    /// How many of `tokens`, in turn from here, the grammar allows (none taken). llguidance checks
+    /// their bytes, so a tokenization other than the one a mask allows may count too.
+    pub fn allowed_run(&mut self, tokens: &[u32]) -> usize {
+        // An id past the vocabulary would stop the matcher for good.
+        let vocab = self.matcher.tok_env().map_or(0, |env| env.tok_trie().vocab_size());
+        let known = tokens.iter().take_while(|&&token| (token as usize) < vocab).count();
+        self.matcher.validate_tokens(&tokens[..known]).unwrap_or(0)
+    }
+
     /// Advances past a sampled token (which the last mask allowed).
     pub fn accept(&mut self, token: u32) -> Result<(), GrammarError> {
         self.matcher.consume_token(token).map_err(|e| GrammarError::Stuck(e.to_string()))
