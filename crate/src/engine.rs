@@ -1138,8 +1138,8 @@ impl Engine {
     /// guessed after them, leaving `others_forced` of the room to the forced tokens of the
     /// sequences after it: from its prediction (moving its cursor), else the draft model's
     /// `model_draft` (drafted after the forced tokens), else by prompt lookup where the engine
-    /// does it. So a JSON value predicted, drafted or copied from the prompt is verified in the
-    /// pass that verifies the key before it.
+    /// does it; cut at the first one its grammar forbids. So a JSON value predicted, drafted or
+    /// copied from the prompt is verified in the pass that verifies the key before it.
     fn draft_for(&mut self, i: usize, room: usize, forced: Vec<u32>, others_forced: usize, model_draft: Option<Vec<u32>>) {
         if !self.may_draft(&self.running[i]) {
             return;
@@ -1150,7 +1150,7 @@ impl Engine {
         draft.truncate(room);
         let max = (room - draft.len()).saturating_sub(others_forced).min(sequence.draft_limit);
         let last_runs = last_tokens(&sequence.tokens, &draft);
-        let guessed = if let Some((drafted, begin)) = predicted_draft(&last_runs, &sequence.prediction, sequence.prediction_cursor, max) {
+        let mut guessed = if let Some((drafted, begin)) = predicted_draft(&last_runs, &sequence.prediction, sequence.prediction_cursor, max) {
             sequence.prediction_cursor = begin;
             drafted
         } else if let Some(mut drafted) = model_draft {
@@ -1161,7 +1161,6 @@ impl Engine {
         } else {
             vec![]
         };
-        let mut guessed = guessed;
         if let Some(constraint) = sequence.constraint.as_mut().filter(|_| !guessed.is_empty()) {
             // A guess the grammar forbids is never taken: its row and those after it are wasted.
             let allowed = constraint.allowed_run(&[&draft[..], &guessed[..]].concat());
