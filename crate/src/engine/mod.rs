@@ -8,24 +8,32 @@
 //! the tokens of the one before are read: the tokens stay on the GPU.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::api::{
-    ChatCompletionRequest, CompletionRequest, DraftUsage, FinishReason, GeneratedToolCall, Prediction, ResponseFormat, SamplingParams,
-    TokenLogprob, Tool, ToolChoice, ToolChoiceMode, TopLogprob, Usage,
-};
-use crate::api::request::{Prompt, TokenizeInput, Work};
+use crate::api::request::Work;
+use crate::api::{ChatCompletionRequest, CompletionRequest, DraftUsage, FinishReason, GeneratedToolCall, SamplingParams, TokenLogprob, TopLogprob, Usage};
 use crate::gpu::ops::{Candidates, Selection, TokenSlot};
-use crate::grammar::{Constraint, Grammar, GrammarCompiler, GrammarError, Mask};
-use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFTS, MAX_DRAFT_PASS_TOKENS, PAGE_SIZE};
+use crate::grammar::{Constraint, GrammarError, Mask};
+use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFTS, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
-use crate::text::tool_calls::{ToolCallFormat, ToolCallStream, ToolSet, BUILTIN_TOOLS};
+use crate::text::tool_calls::ToolCallStream;
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
 use crate::{Config, Llama, LoadOptions, Result};
+
+mod draft;
+mod events;
+mod prompter;
+mod stop_strings;
+
+use self::draft::{LookupIndex, LOOKUP_NGRAM};
+use self::events::deltas;
+pub use self::events::{CancelToken, ChoiceResults, Completion, Delta, Echo, Event, Load, SequenceId};
+use self::prompter::token_bytes_of;
+pub use self::prompter::{Prepared, Prompter, TokenBytes};
+pub(crate) use self::stop_strings::StopStrings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -94,152 +102,6 @@ impl EngineError {
     }
 }
 
-/// Cancels a running generation from another task or thread; the engine stays ready.
-#[derive(Clone, Debug, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// Text completed by a generated token (empty while a character or a possible stop string is still
-/// incomplete), or, without a token, the held-back text released when generation ends.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Delta {
-    pub text: String,
-    pub token: Option<u32>,
-    /// The token's log probability, when the request asked for them.
-    pub logprob: Option<TokenLogprob>,
-}
-
-/// A finished generation.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Completion {
-    pub text: String,
-    pub tokens: Vec<u32>,
-    pub finish_reason: FinishReason,
-    pub usage: Usage,
-    /// Each generated token's log probability, when the request asked for them.
-    pub logprobs: Option<Vec<TokenLogprob>>,
-    /// The calls the output makes (then `text` is the content before them).
-    pub tool_calls: Vec<GeneratedToolCall>,
-    /// A later choice of its prompt, whose prompt tokens are counted with the first choice's.
-    pub prompt_shared: bool,
-    /// The prompt, when the request asked for it back (text completions' `echo`).
-    pub echo: Option<Echo>,
-}
-
-/// A completion's prompt given back (text completions' `echo`), and with log probabilities asked
-/// for, how likely the model found each of its tokens: what evaluation harnesses score.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Echo {
-    /// The prompt as the request gave it (token ids decoded, special tokens as text).
-    pub text: String,
-    /// The prompt's tokens; taken from the sequence when it ends.
-    pub tokens: Vec<u32>,
-    /// Leading tokens the text does not hold: the BOS token a text prompt is given.
-    pub unwritten: usize,
-    /// The first token's bytes, with the log probabilities (the others' come with theirs).
-    pub first_token_bytes: Vec<u8>,
-    /// The log probability of each token after the first, given the tokens before it, from the
-    /// logits of every prompt position.
-    pub logprobs: Option<Vec<TokenLogprob>>,
-}
-
-impl Completion {
-    /// The usage of a request whose choices ended as `choices`: each prompt counted once (it is
-    /// computed once; its cached tokens are its first choice's), the generated tokens of all.
-    pub fn usage_of_choices(choices: &[Completion]) -> Usage {
-        let firsts = || choices.iter().filter(|c| !c.prompt_shared);
-        let prompt_tokens = firsts().map(|c| c.usage.prompt_tokens).sum();
-        let completion_tokens = choices.iter().map(|c| c.usage.completion_tokens).sum();
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-            cached_prompt_tokens: firsts().map(|c| c.usage.cached_prompt_tokens).sum(),
-            drafts: DraftUsage::sum(choices.iter().map(|c| c.usage.drafts)),
-        }
-    }
-}
-
-/// The completions of one request's choices ([`Engine::add_choices`]) as they end, for hosts.
-#[derive(Clone, Debug)]
-pub struct ChoiceResults(Vec<Option<Completion>>);
-
-impl ChoiceResults {
-    pub fn new(choices: usize) -> Self {
-        Self(vec![None; choices])
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Records how choice `index` ended; once every choice has, returns them all in order.
-    pub fn record(&mut self, index: usize, completion: Completion) -> Option<Vec<Completion>> {
-        if let Some(slot) = self.0.get_mut(index) {
-            *slot = Some(completion);
-        }
-        self.0.iter().cloned().collect()
-    }
-}
-
-/// Names a request from [`Engine::add`] until its [`Event::Finished`] or [`Event::Failed`].
-pub type SequenceId = u64;
-
-/// What a step reports of a sequence: each token's text, then exactly one end.
-#[derive(Debug)]
-pub enum Event {
-    /// A pass computed a chunk of the prompt and more is to come: `done` of its `total` tokens are
-    /// in the KV cache (a long prompt's progress).
-    Prefill { done: usize, total: usize },
-    /// A completion's prompt given back (`echo`), with its scores: sent once the prompt is in,
-    /// before the first token.
-    Echo(Echo),
-    Delta(Delta),
-    Finished(Completion),
-    /// The sequence could not go on (its text could not be decoded); others run on.
-    Failed(crate::Error),
-}
-
-/// An event callback that passes the deltas on to `on_delta`.
-fn deltas(on_delta: &mut dyn FnMut(&Delta)) -> impl FnMut(&Event) + '_ {
-    move |event| {
-        if let Event::Delta(delta) = event {
-            on_delta(delta)
-        }
-    }
-}
-
-/// What the scheduler holds, for `/health` and `info()`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Load {
-    pub running: usize,
-    pub waiting: usize,
-    pub max_sequences: usize,
-    pub kv_pages: usize,
-    pub kv_pages_free: usize,
-    pub kv_page_size: usize,
-    /// Bytes a page takes over all layers, keys and values.
-    pub kv_page_bytes: u64,
-    /// Buffers each layer's keys (and values) lie in: more than one past the binding limit.
-    pub kv_buffers: usize,
-    /// Sequences that gave their pages back to make room for older ones and ran again from
-    /// their tokens, since the engine started.
-    pub preemptions: u64,
-}
-
 /// The most choices one request may ask for (OpenAI's limit for `n`).
 pub const MAX_CHOICES: usize = 128;
 
@@ -289,7 +151,7 @@ struct Sequence {
     lookup: LookupIndex,
     /// Positions whose keys and values the draft model holds.
     draft_model_computed: usize,
-    /// The prompt's last tokens and the request's predicted output, tokenized ([`predicted_draft`]),
+    /// The prompt's last tokens and the request's predicted output, tokenized ([`draft::predicted_draft`]),
     /// and where in it the latest draft began.
     prediction: Vec<u32>,
     prediction_cursor: usize,
@@ -376,15 +238,6 @@ impl Sequence {
     }
 }
 
-/// Each token's bytes for log probabilities (`token_bytes`, built when a request wanting them
-/// was prepared); a special token's are its name.
-fn token_bytes_of<'a>(token_bytes: &'a TokenBytes, tokenizer: &'a Tokenizer) -> impl Fn(u32) -> Vec<u8> + 'a {
-    move |token| match token_bytes.get(token as usize) {
-        Some(Some(bytes)) => bytes.clone(),
-        _ => tokenizer.decode(&[token], false).unwrap_or_default().into_bytes(),
-    }
-}
-
 /// The log probability of `token`, whose logit is `logit`, and of the `alternatives` most likely
 /// tokens, from the GPU's selection of its row (normaliser and candidates in rank order).
 fn token_logprob(candidates: &Candidates, token: u32, logit: f32, alternatives: usize, bytes: &dyn Fn(u32) -> Vec<u8>) -> TokenLogprob {
@@ -408,238 +261,6 @@ struct PassRow {
 impl PassRow {
     fn output_rows(&self) -> usize {
         self.scored + self.output as usize + self.drafted
-    }
-}
-
-/// A request made ready for the engine: its prompts rendered and tokenized (ids within the
-/// model's vocabulary; one for a chat), its grammar compiled, and how its tool calls are told apart.
-/// [`Prompter::prepare`] makes it on any thread, so that a long prompt's rendering and tokenizing
-/// (0.8 s for 100,000 tokens on a 2-core machine) or a large grammar's compiling (15 ms for 30
-/// tools) does not hold up the sequences the engine runs, which all wait for its thread.
-pub struct Prepared {
-    prompts: Vec<Vec<u32>>,
-    /// Each prompt to give back, when the request asked (`echo`).
-    echoes: Option<Vec<Echo>>,
-    sampling: SamplingParams,
-    constraint: Option<Constraint>,
-    calling: Option<ToolCalling>,
-    /// The predicted output's tokens (none without a prediction).
-    prediction: Vec<u32>,
-}
-
-/// Turns requests into prompts: an engine's tokenizer and chat template (both cheap to clone and
-/// shared across threads), its model's vocabulary and the tables built from it.
-#[derive(Clone)]
-pub struct Prompter {
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
-    bos_token_id: Option<u32>,
-    vocab_size: usize,
-    /// Positions a sequence may reach.
-    context: usize,
-    stop_tokens: Vec<u32>,
-    tables: Arc<VocabularyTables>,
-}
-
-/// Built from the vocabulary on first use and shared by every clone of a [`Prompter`]: each
-/// token's bytes (for grammars and log probabilities) and the grammar compiler (0.4 s for Llama
-/// 3's 128K tokens on a 2-core machine), so neither is built on the engine's thread.
-#[derive(Default)]
-struct VocabularyTables {
-    token_bytes: Mutex<Option<Arc<TokenBytes>>>,
-    grammars: Mutex<Option<Arc<GrammarCompiler>>>,
-}
-
-/// Each token's bytes, by id; None for special tokens and ids without any.
-pub type TokenBytes = Vec<Option<Vec<u8>>>;
-
-/// The value in `cell`, built the first time; callers at the same time wait for that one build.
-fn built_once<T>(cell: &Mutex<Option<Arc<T>>>, build: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
-    let mut value = cell.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(built) = &*value {
-        return Ok(built.clone());
-    }
-    let built = Arc::new(build()?);
-    *value = Some(built.clone());
-    Ok(built)
-}
-
-impl Prompter {
-    /// What a host read from a request ([`crate::api::request`]), ready for [`Engine::add_prepared`].
-    pub fn prepare(&self, work: &Work, options: &RenderOptions) -> Result<Prepared> {
-        let (prompts, sampling, echo) = match work {
-            Work::Chat(request) => return self.prepare_chat(request, options),
-            Work::Complete { prompts, sampling, echo } => (prompts, sampling, *echo),
-        };
-        if prompts.is_empty() {
-            return Err(EngineError::EmptyPrompt.into());
-        }
-        let ids = prompts
-            .iter()
-            .map(|prompt| match prompt {
-                Prompt::Text(text) => self.text_prompt(text),
-                Prompt::Tokens(ids) => match ids.iter().find(|&&id| id as usize >= self.vocab_size) {
-                    Some(&id) => Err(EngineError::Text(TextError::UnknownTokenId { id, vocab_size: self.vocab_size }).into()),
-                    None => Ok(ids.clone()),
-                },
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let grammar = response_format_grammar(sampling)?;
-        let mut prepared = self.finish(ids, sampling, grammar, None)?;
-        if echo {
-            let logprobs = sampling.logprobs_wanted().map(|_| vec![]);
-            let token_bytes = if logprobs.is_some() { self.token_bytes()? } else { Arc::default() };
-            let bytes = token_bytes_of(&token_bytes, &self.tokenizer);
-            let echoes = prompts.iter().zip(&prepared.prompts).map(|(prompt, ids)| {
-                let (text, unwritten) = match prompt {
-                    Prompt::Text(text) => (text.clone(), self.bos_token_id.is_some() as usize),
-                    Prompt::Tokens(given) => (self.tokenizer.decode(given, false).map_err(EngineError::from)?, 0),
-                };
-                let first_token_bytes = ids.first().filter(|_| logprobs.is_some()).map(|&id| bytes(id)).unwrap_or_default();
-                Ok(Echo { text, tokens: vec![], unwritten, first_token_bytes, logprobs: logprobs.clone() })
-            });
-            prepared.echoes = Some(echoes.collect::<Result<_>>()?);
-        }
-        Ok(prepared)
-    }
-
-    /// A prepared request: its grammar compiled and, when it wants log probabilities, the
-    /// tokens' bytes built.
-    fn finish(&self, prompts: Vec<Vec<u32>>, sampling: &SamplingParams, grammar: Option<Grammar>, calling: Option<ToolCalling>) -> Result<Prepared> {
-        let constraint = match grammar {
-            Some(grammar) => Some(self.grammars()?.compile(&grammar).map_err(EngineError::from)?),
-            None => None,
-        };
-        if sampling.logprobs_wanted().is_some() {
-            self.token_bytes()?;
-        }
-        let prediction = match &sampling.prediction {
-            Some(Prediction::Content { content }) => self.tokenizer.encode(content, false).map_err(EngineError::from)?,
-            None => vec![],
-        };
-        Ok(Prepared { prompts, echoes: None, sampling: sampling.clone(), constraint, calling, prediction })
-    }
-
-    /// Tokens that end generation.
-    pub fn stop_tokens(&self) -> &[u32] {
-        &self.stop_tokens
-    }
-
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
-    /// Positions a sequence may reach (`/tokenize`'s `max_model_len`).
-    pub fn context(&self) -> usize {
-        self.context
-    }
-
-    /// The bytes of each token of the model's vocabulary ([`Tokenizer::token_bytes`]; None for
-    /// special tokens and ids without one), computed once.
-    pub fn token_bytes(&self) -> Result<Arc<TokenBytes>> {
-        built_once(&self.tables.token_bytes, || {
-            let mut token_bytes = self.tokenizer.token_bytes().map_err(EngineError::from)?;
-            token_bytes.resize(self.vocab_size, None);
-            Ok(token_bytes)
-        })
-    }
-
-    /// The compiler of this vocabulary's grammars, built once.
-    pub fn grammars(&self) -> Result<Arc<GrammarCompiler>> {
-        built_once(&self.tables.grammars, || {
-            let token_bytes = self.token_bytes()?;
-            Ok(GrammarCompiler::new(&self.tokenizer, &token_bytes, &self.stop_tokens).map_err(EngineError::from)?)
-        })
-    }
-
-    /// The tokens a tokenize request asks for: a completion's or a chat request's prompt as the
-    /// engine would run it, or a text without BOS.
-    pub fn tokenize(&self, input: &TokenizeInput, options: &RenderOptions) -> Result<Vec<u32>> {
-        match input {
-            TokenizeInput::Text { text, add_special_tokens: true } => self.text_prompt(text),
-            TokenizeInput::Text { text, add_special_tokens: false } => Ok(self.tokenizer.encode(text, true).map_err(EngineError::from)?),
-            TokenizeInput::Chat { request, add_generation_prompt } => self.render_chat(request, *add_generation_prompt, options),
-        }
-    }
-
-    /// The prompt tokens of a chat request ([`ChatTemplate::encode`]), with the tools it shows.
-    pub fn chat_prompt(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Vec<u32>> {
-        self.render_chat(request, true, options)
-    }
-
-    fn render_chat(&self, request: &ChatCompletionRequest, add_generation_prompt: bool, options: &RenderOptions) -> Result<Vec<u32>> {
-        // A template renders what it does not know as it likes (Llama 3.1's as a header of that
-        // name), so a typo would silently become another turn.
-        const ROLES: [&str; 5] = ["system", "user", "assistant", "tool", "ipython"];
-        if let Some((index, message)) = request.messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
-            return Err(EngineError::UnknownRole { index, role: message.role.clone(), known: ROLES }.into());
-        }
-        let tools = Some(offered_tools(request)).filter(|tools| !tools.is_empty());
-        let mut options = options.clone();
-        if request.builtin_tools.is_some() {
-            options.builtin_tools = request.builtin_tools.clone();
-        }
-        Ok(self.template.encode(&self.tokenizer, &request.messages, tools, add_generation_prompt, &options).map_err(EngineError::from)?)
-    }
-
-    /// A chat request prepared: when it offers tools and the template has a call format, each
-    /// output is split into content and calls; `tool_choice` required or a named function makes
-    /// the output such calls (constrained decoding).
-    fn prepare_chat(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Prepared> {
-        let prompt = self.chat_prompt(request, options)?;
-        let calling = self.tool_calling(request, options)?;
-        let forced = match &request.tool_choice {
-            Some(ToolChoice::Mode(ToolChoiceMode::Required)) => Some(None),
-            Some(ToolChoice::Function { function, .. }) => Some(Some(function.name.as_str())),
-            _ => None,
-        };
-        let grammar = match (forced, &calling) {
-            (None, _) => response_format_grammar(&request.sampling)?,
-            (Some(_), None) => {
-                let builtin = request.builtin_tools.as_ref().or(options.builtin_tools.as_ref());
-                let reason = match offered_tools(request).is_empty() && builtin.is_none_or(Vec::is_empty) {
-                    true => "no tools are offered, so none can be required",
-                    false => "this model's chat template has no tool-call format, so no call can be required",
-                };
-                return Err(EngineError::ToolChoice(reason.into()).into());
-            }
-            (Some(only), Some((format, tools))) => {
-                if request.sampling.response_format.as_ref().is_some_and(|f| *f != ResponseFormat::Text) {
-                    return Err(EngineError::ToolChoice("a required tool call and a response_format cannot both shape the output".into()).into());
-                }
-                if !tools.builtin.is_empty() && *format == ToolCallFormat::Llama3 && self.tokenizer.token_id("<|python_tag|>").is_none() {
-                    return Err(EngineError::ToolChoice("built-in tools are called after <|python_tag|>, a token this model's tokenizer does not have".into()).into());
-                }
-                let parallel = request.parallel_tool_calls.unwrap_or(true);
-                Some(Grammar::tool_calls(*format, offered_tools(request), &tools.builtin, only, parallel).map_err(EngineError::ToolChoice)?)
-            }
-        };
-        self.finish(vec![prompt], &request.sampling, grammar, calling)
-    }
-
-    /// The tools a chat request offers and how their calls are written, when they can be parsed.
-    fn tool_calling(&self, request: &ChatCompletionRequest, options: &RenderOptions) -> Result<Option<ToolCalling>> {
-        let tools = offered_tools(request);
-        let builtin = request.builtin_tools.clone().or_else(|| options.builtin_tools.clone()).unwrap_or_default();
-        if let Some(unknown) = builtin.iter().find(|name| !BUILTIN_TOOLS.contains(&name.as_str())) {
-            return Err(EngineError::UnknownBuiltinTool { name: unknown.clone(), known: BUILTIN_TOOLS }.into());
-        }
-        let functions: Vec<String> = tools.iter().filter_map(|t| t.function.get("name").and_then(|n| n.as_str()).map(str::to_string)).collect();
-        if functions.len() != tools.len() {
-            return Err(EngineError::ToolChoice("every tool needs a function with a name".into()).into());
-        }
-        if functions.is_empty() && builtin.is_empty() {
-            return Ok(None);
-        }
-        Ok(ToolCallFormat::detect(self.template.source()).map(|format| (format, ToolSet { functions, builtin })))
-    }
-
-    /// The prompt tokens of a raw text completion: the model's BOS token, then the text with
-    /// special-token text parsed.
-    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut prompt: Vec<u32> = self.bos_token_id.into_iter().collect();
-        prompt.extend(self.tokenizer.encode(text, true).map_err(EngineError::from)?);
-        Ok(prompt)
     }
 }
 
@@ -670,23 +291,9 @@ impl Engine {
         if tokenizer.vocab_size() > model_vocab {
             return Err(EngineError::VocabMismatch { tokenizer: tokenizer.vocab_size(), model: model_vocab }.into());
         }
-        let mut stop_tokens = model.config().eos_token_ids.clone();
-        for name in ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"] {
-            if let Some(id) = tokenizer.token_id(name).filter(|id| !stop_tokens.contains(id)) {
-                stop_tokens.push(id);
-            }
-        }
         let pages = PageAllocator::new(model.kv_pool().pages);
         let free_slots = (0..model.max_sequences()).rev().collect();
-        let prompter = Prompter {
-            tokenizer,
-            template,
-            bos_token_id: model.config().bos_token_id,
-            vocab_size: model_vocab,
-            context: model.context_length(),
-            stop_tokens,
-            tables: Arc::default(),
-        };
+        let prompter = Prompter::new(tokenizer, template, model.config(), model.context_length());
         Ok(Self {
             model,
             prompter,
@@ -704,7 +311,7 @@ impl Engine {
     }
 
     /// With `on`, sequences draft the tokens that followed an earlier occurrence of their last
-    /// tokens ([`prompt_lookup`]) and verify them in one pass.
+    /// tokens (prompt lookup) and verify them in one pass.
     pub fn with_prompt_lookup(mut self, on: bool) -> Self {
         self.prompt_lookup = on;
         self
@@ -752,7 +359,7 @@ impl Engine {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.prompter.tokenizer
+        self.prompter.tokenizer()
     }
 
     /// What turns this engine's requests into prompts, for hosts that prepare them on threads of
@@ -1133,182 +740,6 @@ impl Engine {
         Ok(Some(rows))
     }
 
-    /// Drafts up to `room` tokens for decoding sequence `i` to verify, within its pages' reach:
-    /// the tokens its grammar forces (all that fit: they are certain), then up to its draft limit
-    /// guessed after them, leaving `others_forced` of the room to the forced tokens of the
-    /// sequences after it: from its prediction (moving its cursor), else the draft model's
-    /// `model_draft` (drafted after the forced tokens), else by prompt lookup where the engine
-    /// does it; cut at the first one its grammar forbids. So a JSON value predicted, drafted or
-    /// copied from the prompt is verified in the pass that verifies the key before it.
-    fn draft_for(&mut self, i: usize, room: usize, forced: Vec<u32>, others_forced: usize, model_draft: Option<Vec<u32>>) {
-        if !self.may_draft(&self.running[i]) {
-            return;
-        }
-        let (room, lookup) = (self.draft_room(i, room), self.prompt_lookup);
-        let sequence = &mut self.running[i];
-        let mut draft = forced;
-        draft.truncate(room);
-        let max = (room - draft.len()).saturating_sub(others_forced).min(sequence.draft_limit);
-        let last_runs = last_tokens(&sequence.tokens, &draft);
-        let mut guessed = if let Some((drafted, begin)) = predicted_draft(&last_runs, &sequence.prediction, sequence.prediction_cursor, max) {
-            sequence.prediction_cursor = begin;
-            drafted
-        } else if let Some(mut drafted) = model_draft {
-            drafted.truncate(max);
-            drafted
-        } else if lookup {
-            sequence.lookup.draft(&sequence.tokens, &draft, max)
-        } else {
-            vec![]
-        };
-        if let Some(constraint) = sequence.constraint.as_mut().filter(|_| !guessed.is_empty()) {
-            // A guess the grammar forbids is never taken: its row and those after it are wasted.
-            let allowed = constraint.allowed_run(&[&draft[..], &guessed[..]].concat());
-            guessed.truncate(allowed.saturating_sub(draft.len()));
-        }
-        draft.extend(guessed);
-        sequence.draft = draft;
-    }
-
-    /// The tokens the grammars of decoding sequences force next (the rest of a JSON schema's
-    /// key, a tool call's name), where there are any: drafts the model's masked rows choose, as
-    /// the first of them is the only token such a row's mask allows.
-    fn forced_drafts(&mut self) -> HashMap<SequenceId, Vec<u32>> {
-        let decoding = self.running.iter_mut().filter(|s| s.tokens.len() - s.computed == 1);
-        decoding
-            .filter_map(|s| {
-                let forced = s.constraint.as_mut()?.forced_tokens();
-                (!forced.is_empty()).then_some((s.id, forced))
-            })
-            .collect()
-    }
-
-    /// The most tokens decoding sequence `i` may draft, within `room`: the positions it may
-    /// reach and those within its pages' reach.
-    fn draft_room(&self, i: usize, room: usize) -> usize {
-        let sequence = &self.running[i];
-        let positions_left = sequence.max_positions(self.model.context_length()).saturating_sub(sequence.tokens.len() + 1);
-        let paged = self.page_reach(i).saturating_sub(sequence.tokens.len());
-        room.min(positions_left).min(paged)
-    }
-
-    /// Positions running sequence `i` may write without preempting anyone: those of its pages,
-    /// taken or reserved, and of one page more while the pool has a page unpromised for every
-    /// running sequence and one more each besides (a draft's positions reach into one page at
-    /// most, so drafts never take the pages decoding needs).
-    fn page_reach(&self, i: usize) -> usize {
-        let sequence = &self.running[i];
-        let spare = self.pages.available() >= 2 * self.running.len();
-        (sequence.pages_held() + spare as usize) * PAGE_SIZE
-    }
-
-    /// Drafts with the draft model for the decoding sequences that may draft and have no
-    /// prediction to draft from, in the room of `room` that the `forced_total` tokens grammars
-    /// force leave: a pass that brings each one's keys and values up to its last token and the
-    /// tokens its grammar forces after it (`forced`) and gives its first drafted token (a greedy
-    /// one), then a one-token pass for each next, fed the argmax of the one before on the GPU.
-    /// The same first pass brings the draft model up to the positions the model has computed of
-    /// the prompts being prefilled, so that they draft from their first decode step (unless there
-    /// is no room to draft now); what does not fit it catches up in later ones. The draft model's
-    /// keys and values for drafted tokens stand where they are taken.
-    async fn draft_with_model(&mut self, room: usize, forced: &HashMap<SequenceId, Vec<u32>>, forced_total: usize) -> Result<HashMap<SequenceId, Vec<u32>>> {
-        let Some(draft_model) = &self.draft_model else { return Ok(HashMap::new()) };
-        let guess_room = room.saturating_sub(forced_total);
-        let mut budget = draft_model.max_batch();
-        let ahead = |s: &Sequence| forced.get(&s.id).map_or(&[][..], Vec::as_slice);
-        let wants = |s: &Sequence| {
-            s.tokens.len() - s.computed == 1 && predicted_draft(&last_tokens(&s.tokens, ahead(s)), &s.prediction, s.prediction_cursor, 1).is_none()
-        };
-        let mut drafting: Vec<(usize, usize)> = (0..self.running.len())
-            .filter(|&i| wants(&self.running[i]))
-            .map(|i| (i, self.draft_room(i, room).saturating_sub(ahead(&self.running[i]).len()).min(guess_room).min(self.running[i].draft_limit)))
-            .collect();
-        drafting.retain(|&(_, max)| max > 0);
-        drafting.truncate(guess_room);
-        // The same number of passes for all (each one-token pass takes the argmax of every output
-        // row of the pass before), their positions within every sequence's reach.
-        let context = self.model.context_length();
-        let positions_left = drafting
-            .iter()
-            .map(|&(i, _)| {
-                let sequence = &self.running[i];
-                (sequence.max_positions(context) + 1).min(self.page_reach(i) + 1) - sequence.tokens.len() - ahead(sequence).len()
-            })
-            .min();
-        let longest = drafting.iter().map(|d| d.1).max().unwrap_or(0);
-        let k = longest.min(guess_room / drafting.len().max(1)).min(positions_left.unwrap_or(0));
-        let (mut batch, mut ids, mut drafted) = (Batch::default(), vec![], vec![]);
-        for (i, max) in drafting {
-            let sequence = &self.running[i];
-            let forced = ahead(sequence);
-            let (first, len) = (sequence.draft_model_computed.min(sequence.computed), sequence.tokens.len() + forced.len());
-            let take = (len - first).min(budget);
-            if take == 0 {
-                continue;
-            }
-            budget -= take;
-            let caught_up = first + take == len;
-            // Positions up to the last drafted token's input.
-            self.take_pages_through(i, if caught_up { len + k - 2 } else { first + take - 1 });
-            catch_up(&mut self.running[i], forced, first..first + take, &mut batch, &mut ids);
-            if caught_up {
-                batch.outputs.push(batch.slots.len() as u32 - 1);
-                drafted.push((i, max.min(k), Vec::with_capacity(k)));
-            }
-        }
-        // Not while too many sequences decode to draft: their prompts catch up when there is room.
-        let prefilling = self.running.iter_mut().filter(|s| room > 0 && s.tokens.len() - s.computed > 1);
-        for sequence in prefilling {
-            let (first, last) = (sequence.draft_model_computed.min(sequence.computed), sequence.computed);
-            let take = (last - first).min(budget);
-            budget -= take;
-            catch_up(sequence, &[], first..first + take, &mut batch, &mut ids);
-        }
-        if ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let Some(draft_model) = &mut self.draft_model else { return Ok(HashMap::new()) };
-        draft_model.submit(&batch, PassTokens::Host(&ids))?;
-        if drafted.is_empty() {
-            return Ok(HashMap::new());
-        }
-        for pass in 1..=k {
-            // The next pass goes in before this one is read, the GPU busy meanwhile.
-            if pass < k {
-                let last_input = |i: usize| self.running[i].tokens.len() + ahead(&self.running[i]).len() - 1;
-                let next = Batch {
-                    slots: drafted.iter().map(|&(i, ..)| token_slot(&self.running[i], last_input(i) + pass)).collect(),
-                    outputs: (0..drafted.len() as u32).collect(),
-                    top_k: vec![],
-                };
-                draft_model.submit(&next, PassTokens::Previous)?;
-            }
-            let output = draft_model.read_pass().await?;
-            for ((.., tokens), &token) in drafted.iter_mut().zip(&output.argmax) {
-                tokens.push(token);
-            }
-        }
-        let mut drafts = HashMap::new();
-        for (i, max, mut tokens) in drafted {
-            let forced = ahead(&self.running[i]).len();
-            let sequence = &mut self.running[i];
-            sequence.draft_model_computed = sequence.tokens.len() + forced + k - 1;
-            tokens.truncate(max);
-            drafts.insert(sequence.id, tokens);
-        }
-        Ok(drafts)
-    }
-
-    /// The most tokens a pass with drafts holds: one group of GEMV columns.
-    fn draft_pass_limit(&self) -> usize {
-        MAX_DRAFT_PASS_TOKENS.min(self.model.gpu().gemv_max_tokens as usize)
-    }
-
-    /// Whether `sequence` may draft tokens to verify (and so reads each token before its next pass).
-    fn may_draft(&self, sequence: &Sequence) -> bool {
-        self.prompt_lookup || self.draft_model.is_some() || !sequence.prediction.is_empty() || sequence.constraint.is_some()
-    }
-
     /// Gives every decoding sequence the page its next token's keys and values go to. Where no
     /// page is free, the sequence admitted last gives its pages back and waits to be computed
     /// again (vLLM's preemption by recomputation; its full pages stay in the prefix cache until
@@ -1437,7 +868,7 @@ impl Engine {
         // Only log probabilities name tokens by their bytes; their requests built them when prepared.
         let wants_bytes = rows.iter().any(|r| self.sequence(r.id).is_some_and(|s| s.top_logprobs.is_some()));
         let token_bytes = if wants_bytes { self.prompter.token_bytes()? } else { Arc::default() };
-        let tokenizer = self.prompter.tokenizer.clone();
+        let tokenizer = self.prompter.tokenizer().clone();
         let bytes = token_bytes_of(&token_bytes, &tokenizer);
         let mut output_row = 0;
         for row in rows {
@@ -1563,7 +994,7 @@ impl Engine {
         let sequence = &mut self.running[i];
         sequence.sampler.accept(token);
         sequence.tokens.push(token);
-        if self.prompter.stop_tokens.contains(&token) {
+        if self.prompter.stop_tokens().contains(&token) {
             return Some(Ok(FinishReason::Stop));
         }
         // Log probabilities are of the output's tokens, which a stop token is not.
@@ -1571,7 +1002,7 @@ impl Engine {
         if let Some(Err(error)) = sequence.constraint.as_mut().map(|c| c.accept(token)) {
             return Some(Err(EngineError::from(error).into()));
         }
-        let piece = match sequence.stream.push(&self.prompter.tokenizer, token) {
+        let piece = match sequence.stream.push(self.prompter.tokenizer(), token) {
             Ok(piece) => piece,
             Err(error) => return Some(Err(EngineError::from(error).into())),
         };
@@ -1596,9 +1027,9 @@ impl Engine {
     /// Reports a sequence's end: its held-back text released, its tool calls parsed.
     fn close(&mut self, mut sequence: Sequence, mut ending: Ending, events: &mut Vec<(SequenceId, Event)>) {
         if ending.is_ok() {
-            let tail = match sequence.stops.stopped {
+            let tail = match sequence.stops.stopped() {
                 true => Ok(String::new()),
-                false => sequence.stream.finish(&self.prompter.tokenizer).map(|tail| sequence.stops.flush(&tail)),
+                false => sequence.stream.finish(self.prompter.tokenizer()).map(|tail| sequence.stops.flush(&tail)),
             };
             match tail {
                 Ok(mut rest) => {
@@ -1660,20 +1091,6 @@ impl Engine {
     }
 }
 
-/// The grammar a request's `response_format` asks for, if any.
-fn response_format_grammar(params: &SamplingParams) -> Result<Option<Grammar>> {
-    let format = params.response_format.as_ref().map(Grammar::of_response_format).transpose().map_err(EngineError::from)?;
-    Ok(format.flatten())
-}
-
-/// The tools a chat request shows the model: none with `tool_choice: "none"`.
-fn offered_tools(request: &ChatCompletionRequest) -> &[Tool] {
-    match request.tool_choice {
-        Some(ToolChoice::Mode(ToolChoiceMode::None)) => &[],
-        _ => request.tools.as_deref().unwrap_or_default(),
-    }
-}
-
 /// The GPU's selection from output row `row` of a pass that made one for it.
 fn selected(output: &PassOutput, row: usize) -> Result<&Candidates> {
     Ok(output.candidates.get(row).ok_or_else(|| EngineError::Internal(format!("output row {row} has no top-k selection")))?)
@@ -1699,111 +1116,16 @@ fn selections(wanted: impl Iterator<Item = Option<Selection>>) -> Vec<Selection>
     }
 }
 
-/// The shortest and longest runs of a sequence's last tokens that prompt lookup matches.
-const LOOKUP_NGRAM: std::ops::RangeInclusive<usize> = 2..=4;
-
-/// The last tokens of `tokens` followed by `ahead`, as many as the longest run prompt lookup
-/// matches.
-fn last_tokens(tokens: &[u32], ahead: &[u32]) -> Vec<u32> {
-    let n = *LOOKUP_NGRAM.end();
-    let from_tokens = n.saturating_sub(ahead.len()).min(tokens.len());
-    let mut last = tokens[tokens.len() - from_tokens..].to_vec();
-    last.extend_from_slice(&ahead[ahead.len().saturating_sub(n)..]);
-    last
-}
-
-/// Where `find` locates the longest run of `tokens`' last tokens (LOOKUP_NGRAM long), and how
-/// long that run is.
-fn longest_match(tokens: &[u32], mut find: impl FnMut(&[u32]) -> Option<usize>) -> Option<(usize, usize)> {
-    LOOKUP_NGRAM.rev().filter(|&n| n <= tokens.len()).find_map(|n| find(&tokens[tokens.len() - n..]).map(|start| (start, n)))
-}
-
-/// Where each run of 2-4 tokens of a sequence last began, for prompt lookup (vLLM's `ngram`
-/// speculation, llama.cpp's lookup decoding) in constant time a token: a scan of the whole
-/// sequence took 0.2 ms a step at 128K tokens on a 2-core machine; indexing 128K tokens takes
-/// 23 ms, once, at the first lookup. About 75 bytes a token.
-#[derive(Default)]
-struct LookupIndex {
-    /// Each run, padded with an id no vocabulary has, and where it last began.
-    latest: ahash::AHashMap<[u32; 4], u32>,
-    /// For each run length, the first start not indexed yet.
-    next_start: [usize; 3],
-}
-
-impl LookupIndex {
-    /// Up to `max` tokens that followed the latest earlier occurrence in `tokens` of the last ones
-    /// of `tokens` and then `ahead` (tokens drafted already, not indexed), the longest such run
-    /// first (4 tokens down to 2). A match that runs into the end goes on as the repetition it is
-    /// in. `tokens` only grows from one call to the next.
-    fn draft(&mut self, tokens: &[u32], ahead: &[u32], max: usize) -> Vec<u32> {
-        let len = tokens.len();
-        for (n, next) in LOOKUP_NGRAM.zip(&mut self.next_start) {
-            // Every run that begins before the last one of its length.
-            while *next + n < len {
-                self.latest.insert(run_key(&tokens[*next..*next + n]), *next as u32);
-                *next += 1;
-            }
-        }
-        let last_runs = last_tokens(tokens, ahead);
-        let Some((start, n)) = longest_match(&last_runs, |run| self.latest.get(&run_key(run)).map(|&start| start as usize)).filter(|_| max > 0) else { return vec![] };
-        // What follows the match in tokens, ahead and the draft so far.
-        let end = len + ahead.len();
-        let mut draft = Vec::with_capacity(max);
-        for k in start + n..start + n + max {
-            draft.push(match k {
-                k if k < len => tokens[k],
-                k if k < end => ahead[k - len],
-                k => draft[k - end],
-            });
-        }
-        draft
-    }
-}
-
-fn run_key(run: &[u32]) -> [u32; 4] {
-    let mut key = [u32::MAX; 4];
-    key[..run.len()].copy_from_slice(run);
-    key
-}
-
-/// A draft from a `prediction` (the prompt's last tokens, then the predicted output): up to `max`
-/// tokens after the first occurrence from `cursor` on of the longest run of `tokens`' last ones
-/// (else after its first occurrence anywhere), and where that draft begins, the next cursor. The
-/// output goes through the prediction in order, leaving it where it differs and coming back.
-pub fn predicted_draft(tokens: &[u32], prediction: &[u32], cursor: usize, max: usize) -> Option<(Vec<u32>, usize)> {
-    let occurs_at = |run: &[u32], p: usize| prediction.get(p..p + run.len()) == Some(run) && p + run.len() < prediction.len();
-    let first = |run: &[u32]| {
-        let from = cursor.saturating_sub(run.len());
-        (from..prediction.len()).chain(0..from).find(|&p| occurs_at(run, p))
-    };
-    let (start, n) = longest_match(tokens, first).filter(|_| max > 0)?;
-    let begin = start + n;
-    Some((prediction[begin..(begin + max).min(prediction.len())].to_vec(), begin))
-}
-
 /// Where `sequence`'s `position` goes in a pass: its KV row in the page holding it.
 fn token_slot(sequence: &Sequence, position: usize) -> TokenSlot {
     let kv_row = sequence.pages[position / PAGE_SIZE] as usize * PAGE_SIZE + position % PAGE_SIZE;
     TokenSlot { position: position as u32, kv_row: kv_row as u32, sequence: sequence.slot as u32, _pad: 0 }
 }
 
-/// Adds `sequence`'s `positions` (in pages it holds) to the draft model's `batch` and their
-/// tokens (its own, then `ahead` of them) to `ids`; its keys and values are computed through them
-/// after the pass.
-fn catch_up(sequence: &mut Sequence, ahead: &[u32], positions: std::ops::Range<usize>, batch: &mut Batch, ids: &mut Vec<u32>) {
-    let len = sequence.tokens.len();
-    ids.extend(positions.clone().map(|position| if position < len { sequence.tokens[position] } else { ahead[position - len] }));
-    sequence.draft_model_computed = positions.end;
-    batch.slots.extend(positions.map(|position| token_slot(sequence, position)));
-}
-
 /// Positions a sequence may reach, from which its pages are reserved.
 fn max_positions(prompt: usize, max_tokens: usize, context: usize) -> usize {
     (prompt + max_tokens).min(context)
 }
-
-/// How a request's tool calls are written, and which tools it may call.
-type ToolCalling = (ToolCallFormat, ToolSet);
 
 /// How a sequence ends: finished for a reason, or failed.
 type Ending = Result<FinishReason>;
@@ -1827,225 +1149,5 @@ fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
         finish_reason: reason,
         logprobs: sequence.top_logprobs.map(|_| sequence.logprobs),
         tool_calls: sequence.calls,
-    }
-}
-
-/// Holds back text that may be the start of a stop string, and cuts the output at the first one.
-/// Each stop string is matched as the text comes (Knuth-Morris-Pratt), so a token costs as much
-/// however long the stop strings and the held-back text are: a request's stop strings, up to the
-/// body's size, cannot slow the engine every sequence shares.
-pub(crate) struct StopStrings {
-    stops: Vec<StopString>,
-    pending: String,
-    stopped: bool,
-}
-
-struct StopString {
-    bytes: Vec<u8>,
-    /// fallback[i]: the length of the longest proper prefix of bytes[..=i] that also ends it.
-    fallback: Vec<usize>,
-    /// Bytes of the stop string the text seen so far ends with.
-    matched: usize,
-}
-
-impl StopString {
-    fn new(stop: String) -> Self {
-        let bytes = stop.into_bytes();
-        let mut fallback = vec![0; bytes.len()];
-        let mut k = 0;
-        for i in 1..bytes.len() {
-            while k > 0 && bytes[i] != bytes[k] {
-                k = fallback[k - 1];
-            }
-            if bytes[i] == bytes[k] {
-                k += 1;
-            }
-            fallback[i] = k;
-        }
-        Self { bytes, fallback, matched: 0 }
-    }
-
-    /// Takes the text's next byte; whether the stop string ends with it.
-    fn step(&mut self, byte: u8) -> bool {
-        while self.matched > 0 && self.bytes[self.matched] != byte {
-            self.matched = self.fallback[self.matched - 1];
-        }
-        if self.bytes[self.matched] == byte {
-            self.matched += 1;
-        }
-        self.matched == self.bytes.len()
-    }
-}
-
-impl StopStrings {
-    pub(crate) fn new(stops: Vec<String>) -> Self {
-        let stops = stops.into_iter().filter(|s| !s.is_empty()).map(StopString::new).collect();
-        Self { stops, pending: String::new(), stopped: false }
-    }
-
-    /// Adds generated text; returns what is safe to emit and whether a stop string was found.
-    pub(crate) fn push(&mut self, text: &str) -> (String, bool) {
-        let old = self.pending.len();
-        self.pending.push_str(text);
-        // The earliest start among the stop strings the new text completes. Each begins in the
-        // pending text: what was emitted ends with no start of a stop string.
-        let mut cut: Option<usize> = None;
-        for stop in &mut self.stops {
-            if let Some(end) = self.pending.as_bytes()[old..].iter().position(|&byte| stop.step(byte)) {
-                let begins = old + end + 1 - stop.bytes.len();
-                cut = Some(cut.map_or(begins, |cut| cut.min(begins)));
-            }
-        }
-        if let Some(cut) = cut {
-            self.stopped = true;
-            let emit = self.pending[..cut].to_string();
-            self.pending.clear();
-            return (emit, true);
-        }
-        // The longest end that could still grow into a stop string stays pending (it starts at a
-        // character: a stop string's first byte is a character's first).
-        let held = self.stops.iter().map(|stop| stop.matched).max().unwrap_or(0);
-        let emit: String = self.pending.drain(..self.pending.len() - held).collect();
-        (emit, false)
-    }
-
-    /// The held-back text plus `tail`, when generation ends for another reason.
-    pub(crate) fn flush(&mut self, tail: &str) -> String {
-        self.pending.push_str(tail);
-        std::mem::take(&mut self.pending)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{longest_match, predicted_draft, LookupIndex, StopStrings};
-
-    fn prompt_lookup(tokens: &[u32], max: usize) -> Vec<u32> {
-        LookupIndex::default().draft(tokens, &[], max)
-    }
-
-    /// Prompt lookup by scanning `tokens` (latest occurrence first) for the last tokens of
-    /// `tokens` and then `ahead`.
-    fn scanned_lookup(tokens: &[u32], ahead: &[u32], max: usize) -> Vec<u32> {
-        let sequence = [tokens, ahead].concat();
-        let len = sequence.len();
-        let earlier = |run: &[u32]| (0..tokens.len().saturating_sub(run.len())).rev().find(|&p| &tokens[p..p + run.len()] == run);
-        let Some((start, n)) = longest_match(&sequence, earlier).filter(|_| max > 0) else { return vec![] };
-        let continued = |k: usize| sequence[start + n + k % (len - start - n)];
-        (0..max).map(continued).collect()
-    }
-
-    #[test]
-    fn prompt_lookup_drafts_what_followed_the_latest_longest_match() {
-        // "3 4" last came before 9; "2 3 4" (longer) came before 5.
-        assert_eq!(prompt_lookup(&[1, 2, 3, 4, 5, 6, 3, 4, 9, 2, 3, 4], 3), [5, 6, 3]);
-        assert_eq!(prompt_lookup(&[7, 3, 4, 9, 1, 3, 4], 2), [9, 1]);
-        // Running into the end goes on with the repetition: period 2.
-        assert_eq!(prompt_lookup(&[8, 5, 6, 5, 6], 5), [5, 6, 5, 6, 5]);
-        // After tokens drafted already ("3 4" forced by a grammar): what followed "2 3 4", then
-        // the tokens ahead as the repetition goes on.
-        assert_eq!(LookupIndex::default().draft(&[2, 3, 4, 5, 6, 2], &[3, 4], 4), [5, 6, 2, 3]);
-        assert_eq!(prompt_lookup(&[1, 2, 3, 4], 4), Vec::<u32>::new());
-        assert_eq!(prompt_lookup(&[1, 2, 1, 2], 0), Vec::<u32>::new());
-    }
-
-    /// Random sequences over 3 tokens (many matches): every draft follows a match of the last 2-4
-    /// tokens, as long as asked for (a prediction's: as far as it goes), and nothing panics.
-    #[test]
-    fn drafts_follow_a_match_of_the_last_tokens() {
-        use rand_chacha::rand_core::{RngCore, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let mut random = |n: usize| (0..n).map(|_| rng.next_u32() % 3).collect::<Vec<u32>>();
-        let ends_with_run_before = |tokens: &[u32], within: &[u32], at: usize| {
-            (2..=4).any(|n| n <= at && n <= tokens.len() && within[at - n..at] == tokens[tokens.len() - n..])
-        };
-        for case in 0..2000 {
-            let (tokens, prediction) = (random(1 + case % 13), random(case % 11));
-            let max = case % 7;
-            let drafted = prompt_lookup(&tokens, max);
-            assert!(drafted.is_empty() || drafted.len() == max, "{tokens:?}: {drafted:?}");
-            assert_eq!(drafted, scanned_lookup(&tokens, &[], max), "{tokens:?}");
-            if let Some((draft, begin)) = predicted_draft(&tokens, &prediction, case % 12, max) {
-                assert!(!draft.is_empty() && draft.len() <= max && draft[..] == prediction[begin..begin + draft.len()], "{tokens:?} {prediction:?}");
-                assert!(ends_with_run_before(&tokens, &prediction, begin), "{tokens:?} {prediction:?} at {begin}");
-            }
-        }
-    }
-
-    /// An index kept as a sequence grows drafts what a scan of the whole sequence finds, at every
-    /// length (over 5 tokens: many matches; over 1,000: few), also after tokens drafted ahead
-    /// (which it does not index).
-    #[test]
-    fn a_growing_lookup_index_drafts_what_a_scan_finds() {
-        use rand_chacha::rand_core::{RngCore, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        for vocabulary in [5, 1000] {
-            let (mut index, mut tokens) = (LookupIndex::default(), vec![]);
-            for step in 0..3000 {
-                tokens.push(rng.next_u32() % vocabulary);
-                let ahead: Vec<u32> = (0..step % 6).map(|_| rng.next_u32() % vocabulary).collect();
-                let max = step % 7;
-                assert_eq!(index.draft(&tokens, &ahead, max), scanned_lookup(&tokens, &ahead, max), "{vocabulary} tokens, step {step}, {ahead:?} ahead");
-            }
-        }
-    }
-
-    #[test]
-    fn a_prediction_is_drafted_in_order_from_where_the_output_stands() {
-        // The prompt's last tokens (10, 11, 12), then the prediction.
-        let prediction = [10, 11, 12, 1, 2, 3, 1, 2, 4, 5];
-        // At the start: the output's first token follows the prompt.
-        assert_eq!(predicted_draft(&[9, 10, 11, 12, 1], &prediction, 0, 3), Some((vec![2, 3, 1], 4)));
-        // The longest run decides; "1 2" is twice in it: the first from the cursor on counts.
-        assert_eq!(predicted_draft(&[12, 1, 2, 3, 1, 2], &prediction, 4, 2), Some((vec![4, 5], 8)));
-        assert_eq!(predicted_draft(&[7, 1, 2], &prediction, 4, 2), Some((vec![3, 1], 5)));
-        assert_eq!(predicted_draft(&[7, 1, 2], &prediction, 7, 2), Some((vec![4, 5], 8)));
-        // Behind the cursor only as a last resort; nothing past the prediction's end.
-        assert_eq!(predicted_draft(&[7, 11, 12], &prediction, 9, 4), Some((vec![1, 2, 3, 1], 3)));
-        assert_eq!(predicted_draft(&[4, 5], &prediction, 9, 4), None);
-        assert_eq!(predicted_draft(&[6, 7], &prediction, 0, 4), None);
-    }
-
-    /// What `stops` let through of `pieces`, pushed one at a time, and whether one of them cut it.
-    fn through(stops: &[&str], pieces: &[&str]) -> (Vec<String>, bool) {
-        let mut stop_strings = StopStrings::new(stops.iter().map(|s| s.to_string()).collect());
-        let mut emitted = vec![];
-        for piece in pieces {
-            let (emit, stopped) = stop_strings.push(piece);
-            emitted.push(emit);
-            if stopped {
-                return (emitted, true);
-            }
-        }
-        emitted.push(stop_strings.flush(""));
-        (emitted, false)
-    }
-
-    #[test]
-    fn stop_strings_hold_what_may_begin_one_and_cut_at_the_first() {
-        // Held while it may be a stop string, released once it cannot be.
-        assert_eq!(through(&["User:"], &["Hi ", "Us", "ed", " it"]), (vec!["Hi ".into(), "".into(), "Used".into(), " it".into(), "".into()], false));
-        // Cut across pieces, at the earliest stop string the completing piece holds; one that
-        // began earlier but is not complete yet is not awaited.
-        assert_eq!(through(&["User:", "er"], &["a U", "se", "r: b"]), (vec!["a ".into(), "".into(), "".into()], true));
-        assert_eq!(through(&["User:", "er"], &["a U", "ser", ": b"]), (vec!["a ".into(), "Us".into()], true));
-        assert_eq!(through(&["aab"], &["aa", "aa", "b!"]), (vec!["".into(), "aa".into(), "".into()], true));
-        // Characters of several bytes, a stop string inside one piece, and none at all.
-        assert_eq!(through(&["天気"], &["Grüße 天", "気 x"]), (vec!["Grüße ".into(), "".into()], true));
-        assert_eq!(through(&[""], &["a", "b"]), (vec!["a".into(), "b".into(), "".into()], false));
-    }
-
-    #[test]
-    fn a_long_stop_string_keeps_what_may_still_be_it() {
-        // 100,000 bytes that match all but the end of a stop string are held, and released whole
-        // by the byte that rules it out (each piece is matched once, not the held text again).
-        let stop = format!("{}c", "a".repeat(100_000));
-        let mut pieces = vec!["a".repeat(100); 1000];
-        pieces.push("b".to_string());
-        let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
-        let (emitted, stopped) = through(&[stop.as_str()], &pieces);
-        assert!(!stopped);
-        assert!(emitted[..1000].iter().all(String::is_empty));
-        assert_eq!(emitted[1000], format!("{}b", "a".repeat(100_000)));
     }
 }
