@@ -1,8 +1,8 @@
 // The GEMVs' reduction over their workgroup with subgroup operations: adds within each subgroup
 // (subgroupAdd) and joins the subgroups with one barrier. A file of its own rather than a switch:
-// a module for an adapter without subgroups must not name their builtins at all. It has no
-// `enable subgroups;` (which WebGPU wants): naga 30 rejects that directive as not yet implemented
-// (gfx-rs/wgpu#5555) and takes subgroup operations without it.
+// a module for an adapter without subgroups must not name their builtins at all. Its directives
+// (`enable subgroups;`, `requires subgroup_id;`) come first in the browser's module only
+// (Kernel::source_for): naga 30 rejects them as not yet implemented (gfx-rs/wgpu#5555).
 
 struct Thread {
     @builtin(local_invocation_index) index: u32,

@@ -269,6 +269,8 @@ try {
     // Decode GEMVs on int8 inputs: Tint's dot4I8Packed.
     // The same engine drafts with a second copy of its model.
     const q8Inputs = await replyWith({ q8Activations: true, draftModel: model });
+    // What the engine's GEMV reduction needs from the browser for its subgroup form.
+    const subgroupsOffered = (await navigator.gpu.requestAdapter()).features.has("subgroups") && navigator.gpu.wgslLanguageFeatures.has("subgroup_id");
     return {
       tokens: chunks.flatMap((c) => c.choices[0].token_ids),
       text: chunks.map((c) => c.choices[0].delta.content ?? "").join(""),
@@ -282,7 +284,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, textChunks, refused, q8, buffers, q8Inputs, tokenized, detokenized, tokenizeError, echo, prediction,
+      json, called, textChunks, refused, q8, buffers, q8Inputs, subgroupsOffered, tokenized, detokenized, tokenizeError, echo, prediction,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS, predicted: native.text });
   log("browser info:", JSON.stringify(api.info));
@@ -347,6 +349,8 @@ try {
   assertEqual(api.limit?.name, "LimitError", "a 256-byte storage binding limit");
   assert(/needed \d+, available 256/.test(api.limit.message), `the limit error has the numbers: ${api.limit.message}`);
   assert(api.info.adapter.name && !api.info.features.includes("SHADER_F16"), `adapter named, no shader-f16: ${JSON.stringify(api.info.adapter)}`);
+  // Every token comparison above then ran the GEMVs' subgroup reduction (Chromium 144 and later).
+  assertEqual([api.subgroupsOffered, api.info.features.includes("SUBGROUP")], [true, true], "subgroups offered with subgroup_id, and granted to the engine");
   assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
   assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1], q8_activations: false }, "greedy tokens over a q8_0 KV pool, drafting by prompt lookup, vs native");
   assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2], q8_activations: false }, "greedy tokens over a KV pool in two buffers vs native in one");

@@ -420,12 +420,15 @@ impl Kernel {
     /// ([`shader_constants`], the tile type, register tile, KV type and its store unit of the form), the kernel's file,
     /// then its pieces. The file goes before the pieces because it declares the overrides: naga
     /// 30 turns overrides into constants (at pipeline creation) in an order that panics when an
-    /// override-sized array of a piece comes before them. The subgroup form omits the `enable subgroups;` that WebGPU requires: naga
-    /// 30 rejects that directive as not yet implemented (gfx-rs/wgpu#5555) and takes subgroup
-    /// operations without it, and wgpu 30's browser backend never grants SUBGROUP, so browsers
-    /// always get the workgroup-memory form.
+    /// override-sized array of a piece comes before them. The subgroup form has the `enable
+    /// subgroups;` and `requires subgroup_id;` that WebGPU requires in the browser only: naga 30
+    /// rejects those directives as not yet implemented (gfx-rs/wgpu#5555) and takes subgroup
+    /// operations without them.
     pub fn source_for(&self, form: ModuleForm) -> String {
         let mut source = String::new();
+        if cfg!(target_arch = "wasm32") && form.subgroups {
+            source.push_str("enable subgroups;\nrequires subgroup_id;\n");
+        }
         if form.tiles == TileType::F16 || form.coop_matrix.is_some() || form.kv == KvType::F16 {
             source.push_str("enable f16;\n");
         }

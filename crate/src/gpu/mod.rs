@@ -1,6 +1,8 @@
 //! The GPU layer: adapter choice, feature and limit negotiation, weight buffers split over the
 //! binding limit, the kernel registry and readback.
 
+#[cfg(target_arch = "wasm32")]
+mod browser_subgroups;
 mod kernels;
 pub mod ops;
 mod profile;
@@ -261,6 +263,9 @@ impl Gpu {
             })
             .await
             .map_err(|e| GpuError::RequestDevice { adapter: info.name.clone(), message: e.to_string() })?;
+        // What wgpu's browser backend cannot tell (browser_subgroups).
+        #[cfg(target_arch = "wasm32")]
+        let features = features | browser_subgroups::granted(&device);
 
         // Errors surface as values on the next readback instead of wgpu's default panic.
         let failure = Arc::new(Mutex::new(None));
@@ -482,8 +487,11 @@ async fn choose_adapter(instance: &wgpu::Instance, options: &GpuOptions) -> Resu
     }
     let power_preference =
         if options.low_power { wgpu::PowerPreference::LowPower } else { wgpu::PowerPreference::HighPerformance };
-    instance
-        .request_adapter(&wgpu::RequestAdapterOptions { power_preference, ..Default::default() })
-        .await
-        .map_err(|_| GpuError::NoAdapter { wanted: None, available: vec![] })
+    let request = || instance.request_adapter(&wgpu::RequestAdapterOptions { power_preference, ..Default::default() });
+    #[cfg(target_arch = "wasm32")]
+    let request = || match options.no_subgroups {
+        true => request(),
+        false => browser_subgroups::with_subgroups_requested(request),
+    };
+    request().await.map_err(|_| GpuError::NoAdapter { wanted: None, available: vec![] })
 }
