@@ -5,8 +5,10 @@
 // same code the native `bench` runs. Prints one JSON object (also written to --out).
 //   node bench/dawn.mjs --webgpu DIR [--pkg pkg] [--cli target/release/llama-webgpu]
 //        [--check SHARDS_DIR] [--synthetic llama3.2-1b,llama3.1-8b] [--quant q4_0] [--layers N]
-//        [-p 512] [-n 128] [-r 3] [--q8-activations] [--dawn-flag NAME=VALUE]... [--out FILE]
+//        [-p 512] [-n 128] [-r 3] [--q8-activations] [--no-subgroups] [--dawn-flag NAME=VALUE]... [--out FILE]
 // --q8-activations: each model's decode again on int8 inputs (the q8Activations option).
+// --no-subgroups: and again with the GEMVs reducing through workgroup memory, as in browsers
+// without subgroups (the noSubgroups option).
 // DIR holds the `webgpu` package (node_modules/webgpu). Dawn needs a Vulkan adapter it accepts:
 // lavapipe is refused; Chromium's SwiftShader (VK_ICD_FILENAMES=.../vk_swiftshader_icd.json)
 // works on a CPU machine, for a rehearsal.
@@ -31,6 +33,7 @@ const { values: args } = parseArgs({
     generate: { type: "string", short: "n", default: "128" },
     repetitions: { type: "string", short: "r", default: "3" },
     "q8-activations": { type: "boolean", default: false },
+    "no-subgroups": { type: "boolean", default: false },
     "dawn-flag": { type: "string", multiple: true, default: [] },
     out: { type: "string" },
   },
@@ -92,8 +95,12 @@ if (args.check) {
   }
 }
 
-// Int8 inputs change decode only: their run skips the prompt.
-const variants = [{ q8Activations: false, prompt: Number(args.prompt) }, ...(args["q8-activations"] ? [{ q8Activations: true, prompt: 0 }] : [])];
+// Int8 inputs and the reduction change decode only: their runs skip the prompt.
+const variants = [
+  { prompt: Number(args.prompt) },
+  ...(args["q8-activations"] ? [{ q8Activations: true, prompt: 0 }] : []),
+  ...(args["no-subgroups"] ? [{ noSubgroups: true, prompt: 0 }] : []),
+];
 for (const synthetic of args.synthetic.split(",").filter(Boolean)) {
   for (const variant of variants) {
     const options = {
@@ -108,7 +115,7 @@ for (const synthetic of args.synthetic.split(",").filter(Boolean)) {
     const result = await wasm.bench(options);
     for (const r of result.results) {
       const rates = r.tokens_per_second;
-      log(`${synthetic}${variant.q8Activations ? " on q8 inputs" : ""} ${r.test}: ${(rates.reduce((a, b) => a + b, 0) / rates.length).toFixed(1)} tok/s`, JSON.stringify(rates.map((x) => Number(x.toFixed(1)))));
+      log(`${synthetic}${variant.q8Activations ? " on q8 inputs" : ""}${variant.noSubgroups ? " without subgroups" : ""} ${r.test}: ${(rates.reduce((a, b) => a + b, 0) / rates.length).toFixed(1)} tok/s`, JSON.stringify(rates.map((x) => Number(x.toFixed(1)))));
     }
     report.results.push(result);
   }

@@ -12,7 +12,8 @@
 #                           CLI and the tiny fixture's shards into target/dawn (about 40 MB)
 #   bench/device.sh dawn    there (carrying target/dawn and .gl): the wasm engine on Dawn under
 #                           Node (bench/dawn.mjs): the fixture's tokens against native, then 1B and 8B
-#                           q4_0 pp/tg (and tg on int8 inputs) beside the native CLI's in the same
+#                           q4_0 pp/tg (and tg on int8 inputs, and with the GEMVs reducing through
+#                           workgroup memory as browsers without subgroups do) beside the native CLI's in the same
 #                           call, as a ratio (prefill also against native on the portable tiles, the
 #                           kernels a browser has)
 #
@@ -289,7 +290,7 @@ dawn() {
     local status=0
     # shellcheck disable=SC2086 # LAYERS is a flag or nothing
     timeout 480 "$dawn/node" bench/dawn.mjs --webgpu "$dawn" --pkg "$dawn/pkg" --cli "$dawn/llama-webgpu" --check "$dawn/tiny-llama31" \
-        --synthetic "$(echo $models | tr ' ' ,)" -p "$p" -n "$n" -r "$reps" --q8-activations ${LAYERS:+--layers $LAYERS} --out "$work/dawn.json" \
+        --synthetic "$(echo $models | tr ' ' ,)" -p "$p" -n "$n" -r "$reps" --q8-activations --no-subgroups ${LAYERS:+--layers $LAYERS} --out "$work/dawn.json" \
         >/dev/null 2>"$work/dawn.err" || status=$?
     tail -20 "$work/dawn.err"
     pack
@@ -321,12 +322,19 @@ for path in sorted(work.glob("native-*.json")):
     if model.endswith("+portable"):
         continue
     native, portable = native_means(path), native_means(work / f"native-{model}+portable.json")
-    web = next((r for r in (dawn or {}).get("results", []) if r["model"] + ("+q8" if r.get("q8_activations") else "") == model), None)
-    web = {r["test"]: mean(r["tokens_per_second"]) for r in web["results"]} if web else {}
-    for test in sorted(set(native) | set(web)):
-        n, w, p = native.get(test), web.get(test), portable.get(test)
-        ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
-        print(f"| {model} | {test} | {n or 0:.1f} | {w or 0:.1f} | {ratio(w, n)} | {f'{p:.1f}' if p else '-'} | {ratio(w, p)} |")
+    # Dawn's decode with the workgroup-memory reduction (--no-subgroups) beside native's as it is.
+    for suffix, no_subgroups in [("", False), (" (Dawn without subgroups)", True)]:
+        web = next((r for r in (dawn or {}).get("results", [])
+                    if r["model"] + ("+q8" if r.get("q8_activations") else "") == model and bool(r.get("no_subgroups")) == no_subgroups), None)
+        if no_subgroups and not web:
+            continue
+        web = {r["test"]: mean(r["tokens_per_second"]) for r in web["results"]} if web else {}
+        for test in sorted(set(native) | set(web)):
+            n, w, p = native.get(test), web.get(test), portable.get(test)
+            if no_subgroups and not w:
+                continue
+            ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+            print(f"| {model}{suffix} | {test} | {n or 0:.1f} | {w or 0:.1f} | {ratio(w, n)} | {f'{p:.1f}' if p else '-'} | {ratio(w, p)} |")
 EOF
 }
 

@@ -564,6 +564,10 @@ struct WebBenchOptions {
     /// Decode on int8 inputs (GpuOptions::q8_activations).
     #[serde(default)]
     q8_activations: bool,
+    /// The decode GEMVs reduce through workgroup memory, as in browsers without subgroups
+    /// (GpuOptions::no_subgroups).
+    #[serde(default)]
+    no_subgroups: bool,
 }
 
 fn default_bench_quant() -> String {
@@ -604,7 +608,8 @@ pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
     }
-    let gpu = Gpu::new(&GpuOptions { q8_activations: options.q8_activations, ..Default::default() }).await.map_err(|e| to_js(e.into()))?;
+    let gpu_options = GpuOptions { q8_activations: options.q8_activations, no_subgroups: options.no_subgroups, ..Default::default() };
+    let gpu = Gpu::new(&gpu_options).await.map_err(|e| to_js(e.into()))?;
     let longest = options.prompt + options.generate + 1;
     let load_options = LoadOptions { context_length: Some(longest.max(16)), max_sequences: 1, ..Default::default() };
     let mut model = Llama::synthetic(&gpu, config.clone(), dtype, &load_options).await.map_err(to_js)?;
@@ -636,6 +641,7 @@ pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
         "quant": dtype.name(),
         "layers": config.n_layers,
         "q8_activations": described["q8_activations"],
+        "no_subgroups": options.no_subgroups,
         "results": results,
     })))
 }
