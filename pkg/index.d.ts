@@ -324,6 +324,9 @@ export interface TextCompletionChunk {
 export interface EngineInfo {
   /** The adapter as the browser describes it (`GPUAdapterInfo`) where it does. */
   adapter: { name: string; vendor: number | string; architecture?: string; description?: string; device_type: string; backend: string };
+  /** Optional features the engine uses: "SHADER_F16" (f16 KV), "SUBGROUP" (the decode matmuls' sums
+   * reduced with subgroup operations, where the browser offers `subgroups` with WGSL's
+   * `subgroup_id`, as Chrome 144 and later do). */
   features: string[];
   /** The KV cache's element type (the `kvType` option or its default). */
   kv_type: "f16" | "f32" | "q8_0";
