@@ -62,7 +62,8 @@ export async function describeAdapter() {
   return {
     name: description || [vendor, architecture, device].filter(Boolean).join(" ") || "unnamed adapter",
     f16: adapter.features.has("shader-f16"),
-    subgroups: adapter.features.has("subgroups"),
+    // The engine's subgroup reduction also needs WGSL's subgroup_id (Chrome 144 and later).
+    subgroups: adapter.features.has("subgroups") && Boolean(navigator.gpu.wgslLanguageFeatures?.has("subgroup_id")),
     fallback: Boolean(isFallbackAdapter ?? adapter.isFallbackAdapter),
     maxBufferSize: adapter.limits.maxBufferSize,
     maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
