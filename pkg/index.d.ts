@@ -42,6 +42,12 @@ export interface EngineOptions {
    */
   q8Activations?: boolean;
   /**
+   * The decode matmuls sum through workgroup memory even where the browser offers subgroups (with
+   * WGSL's `subgroup_id`), as they do where it does not: for a GPU whose subgroup operations fail
+   * the load's self-test. Default false.
+   */
+  noSubgroups?: boolean;
+  /**
    * Speculative decoding by prompt lookup: a request drafts the
    * tokens that followed an earlier occurrence of its last 2-4 tokens, in its prompt or output,
    * and verifies up to 6 in one pass, keeping those the model chooses too, while fewer than 7

@@ -181,6 +181,9 @@ struct WebLoadOptions {
     hub_endpoint: Option<String>,
     /// Matmuls of block-quantized weights on int8 inputs (GpuOptions::q8_activations).
     q8_activations: Option<bool>,
+    /// The decode GEMVs reduce through workgroup memory even where the browser offers subgroups
+    /// (GpuOptions::no_subgroups).
+    no_subgroups: Option<bool>,
     /// Requests draft by prompt lookup (Engine::with_prompt_lookup; default false).
     prompt_lookup: Option<bool>,
     /// A smaller model of the same tokenizer that drafts tokens (Engine::with_draft_model), as
@@ -227,8 +230,8 @@ fn start() {
 /// Loads the model at `url` (absolute: a shard folder's manifest.json or a .gguf file; or an `hf:`
 /// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
 /// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
-/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, promptLookup?, draftModel?}`.
-/// `on_progress(bytesDone, bytesTotal, tensor, stage)` is called as the load goes through its
+/// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, noSubgroups?, promptLookup?,
+/// draftModel?}`. `on_progress(bytesDone, bytesTotal, tensor, stage)` is called as the load goes through its
 /// stages: "self-test" (the kernels checked on this GPU, before the weights), then per chunk of
 /// weights uploaded "download" or "cache" (where they came from), then "prepare" once they all
 /// are (the KV cache allocated, the passes built); a draft model's weights follow, their tensors
@@ -244,10 +247,14 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         None => None,
         Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: {}", KvType::choices())))?),
     };
-    let q8_activations = options.q8_activations.unwrap_or(false);
-    let gpu = Gpu::new(&GpuOptions { max_storage_binding: options.max_storage_binding, kv_type, q8_activations, ..Default::default() })
-        .await
-        .map_err(|e| to_js(e.into()))?;
+    let gpu_options = GpuOptions {
+        max_storage_binding: options.max_storage_binding,
+        kv_type,
+        q8_activations: options.q8_activations.unwrap_or(false),
+        no_subgroups: options.no_subgroups.unwrap_or(false),
+        ..Default::default()
+    };
+    let gpu = Gpu::new(&gpu_options).await.map_err(|e| to_js(e.into()))?;
     let source = open_web_model(&url, &options).await?;
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;

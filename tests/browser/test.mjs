@@ -258,14 +258,15 @@ try {
     const replyWith = async (options) => {
       const other = await createEngine({ model, ...options });
       const reply = await other.chat.completions.create({ messages, temperature: 0, max_tokens: maxTokens });
-      const { kv_type, kv_buffers_per_layer, q8_activations, draft_model } = other.info();
+      const { kv_type, kv_buffers_per_layer, q8_activations, draft_model, features } = other.info();
       await other.unload();
       const drafted = reply.usage.completion_tokens_details?.accepted_prediction_tokens ?? 0;
-      return { tokens: reply.choices[0].token_ids, kv: [kv_type, kv_buffers_per_layer], q8_activations, ...(draft_model && { draft: [draft_model.layers, drafted > 0] }) };
+      return { tokens: reply.choices[0].token_ids, kv: [kv_type, kv_buffers_per_layer], q8_activations, subgroups: features.includes("SUBGROUP"), ...(draft_model && { draft: [draft_model.layers, drafted > 0] }) };
     };
     // The q8_0 pool's engine also drafts by prompt lookup (the same tokens).
     const q8 = await replyWith({ kvType: "q8_0", promptLookup: true });
-    const buffers = await replyWith({ maxStorageBinding: 40 << 10 });
+    // Its GEMVs sum through workgroup memory, as in browsers without subgroups.
+    const buffers = await replyWith({ maxStorageBinding: 40 << 10, noSubgroups: true });
     // Decode GEMVs on int8 inputs: Tint's dot4I8Packed.
     // The same engine drafts with a second copy of its model.
     const q8Inputs = await replyWith({ q8Activations: true, draftModel: model });
@@ -352,9 +353,9 @@ try {
   // Every token comparison above then ran the GEMVs' subgroup reduction (Chromium 144 and later).
   assertEqual([api.subgroupsOffered, api.info.features.includes("SUBGROUP")], [true, true], "subgroups offered with subgroup_id, and granted to the engine");
   assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
-  assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1], q8_activations: false }, "greedy tokens over a q8_0 KV pool, drafting by prompt lookup, vs native");
-  assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2], q8_activations: false }, "greedy tokens over a KV pool in two buffers vs native in one");
-  assertEqual(api.q8Inputs, { tokens: nativeQ8Inputs.tokens, kv: ["f32", 1], q8_activations: true, draft: [3, true] }, "greedy tokens on int8 inputs (q8Activations), drafted by a draft model (taken), vs native");
+  assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1], q8_activations: false, subgroups: true }, "greedy tokens over a q8_0 KV pool, drafting by prompt lookup, vs native");
+  assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2], q8_activations: false, subgroups: false }, "greedy tokens over a KV pool in two buffers, without subgroups (noSubgroups), vs native in one");
+  assertEqual(api.q8Inputs, { tokens: nativeQ8Inputs.tokens, kv: ["f32", 1], q8_activations: true, subgroups: true, draft: [3, true] }, "greedy tokens on int8 inputs (q8Activations), drafted by a draft model (taken), vs native");
   // After the part of the prompt the prefix cache holds, 256 tokens a pass.
   assert(api.prefill.length >= 1 && api.prefill.every(([done, total], i) => done < total && total === api.prefill[0][1] && (i === 0 || done === api.prefill[i - 1][0] + 256)),
     `prefill progress of a long prompt, a report per pass: ${JSON.stringify(api.prefill)}`);

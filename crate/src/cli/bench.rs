@@ -71,9 +71,6 @@ pub struct BenchArgs {
     /// Prefill matmul tiles stored as f16 where the adapter has shader-f16.
     #[arg(long)]
     pub f16_tiles: bool,
-    /// Reduce the decode GEMVs through workgroup memory even where the adapter has subgroups.
-    #[arg(long)]
-    pub no_subgroups: bool,
     /// Rows per workgroup of the decode GEMVs, 1, 2 or 4, for every matrix instead of the choice
     /// by matrix size (q/k/v's rotary output takes at least 2).
     #[arg(long)]

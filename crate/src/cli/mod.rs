@@ -32,6 +32,10 @@ struct Cli {
     /// cores), for comparison or to step around a driver's bug.
     #[arg(long, global = true)]
     no_coop_matrix: bool,
+    /// Reduce the decode GEMVs through workgroup memory even where the adapter has subgroups, for
+    /// comparison or to step around a driver's bug.
+    #[arg(long, global = true)]
+    no_subgroups: bool,
     /// The KV cache's element type, f16, f32 or q8_0: f16 (half the memory) where the adapter has
     /// shader-f16, else f32; q8_0 (int8 blocks, 1.125 bytes an element) on any adapter.
     #[arg(long, global = true, value_parser = parse_kv_type)]
@@ -248,7 +252,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let options = GpuOptions { adapter: cli.adapter, no_coop_matrix: cli.no_coop_matrix, kv_type: cli.kv_type, q8_activations: cli.q8_activations, ..Default::default() };
+    let options = GpuOptions { adapter: cli.adapter, no_coop_matrix: cli.no_coop_matrix, no_subgroups: cli.no_subgroups, kv_type: cli.kv_type, q8_activations: cli.q8_activations, ..Default::default() };
     match cli.command {
         Command::Info => {
             for name in llama_webgpu::gpu::adapter_names().await {
@@ -348,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
-            let options = GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, no_subgroups: args.no_subgroups, gemv_rows: args.gemv_rows, gemv_max_tokens: args.gemv_max_tokens, register_tile: args.register_tile, max_key_splits: args.max_key_splits, separate_split_merge: args.separate_split_merge, no_coop_attention: args.no_coop_attention, coop_tile: args.coop_tile, bounds_checks: args.bounds_checks, int_conversions: args.int_conversions, ..options };
+            let options = GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, gemv_rows: args.gemv_rows, gemv_max_tokens: args.gemv_max_tokens, register_tile: args.register_tile, max_key_splits: args.max_key_splits, separate_split_merge: args.separate_split_merge, no_coop_attention: args.no_coop_attention, coop_tile: args.coop_tile, bounds_checks: args.bounds_checks, int_conversions: args.int_conversions, ..options };
             bench::bench(Gpu::new(&options).await?, args, cli.quiet).await
         }
         Command::Serve { model, server } => {

@@ -10,6 +10,9 @@ use crate::model::PAGE_SIZE;
 /// Where a check ran on cooperative matrices, which a driver may implement wrongly.
 const COOP_HINT: &str = "on cooperative matrices (--no-coop-matrix, GpuOptions::no_coop_matrix, runs without them)";
 
+/// Where a GEMV summed with subgroup operations, which a driver may implement wrongly.
+const SUBGROUP_HINT: &str = "summed with subgroup operations (--no-subgroups, GpuOptions::no_subgroups or the JS option noSubgroups runs without them)";
+
 /// Deterministic inputs in [-1, 1).
 fn inputs(n: usize, seed: u32) -> Vec<f32> {
     (0..n as u32).map(|i| (reference::fill_word(i, seed, u32::MAX) % 2000) as f32 / 1000.0 - 1.0).collect()
@@ -20,8 +23,11 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
 /// argmax on the GPU and checks each against its CPU reference.
 pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
     // Rows past one large tile, so that every fragment of a tile on cooperative matrices computes
-    // some of them.
-    let (rows, k, n) = (136, 64, 9);
+    // some of them; rows of 64 quarter blocks, so that every thread of a GEMV workgroup holds a
+    // part of its sums and the reduction adds them over every subgroup (under a binding limit too
+    // small for n such token rows, a few tests', rows of 8 quarter blocks).
+    let (rows, n) = (136, 9);
+    let k = if (4 * n * 2 * 512) as u64 <= gpu.max_binding() { 512 } else { 64 };
     // Token rows of x (2k: the SiLU-gated input's up half after it) and of the output must bind.
     let pass_tokens = |tokens: usize| tokens.min(ops::MAX_BATCH_TOKENS).min((gpu.max_binding() / (4 * (2 * k).max(rows) as u64)) as usize);
     // The fewest tokens the matmuls run as tiles, where a pass and the binding limit hold them.
@@ -72,6 +78,7 @@ pub async fn self_test(gpu: &Gpu) -> Result<(), GpuError> {
             let f16_tiles = on_tiles && (gpu.tile_type == TileType::F16 || gpu.coop_matrix.is_some());
             let want = if q8 { &q8_product } else { &product };
             let what = match (on_tiles && gpu.coop_matrix.is_some(), on.coop_tile) {
+                (false, _) if !on_tiles && gpu.subgroups => format!("{kernel} {SUBGROUP_HINT}"),
                 (false, _) => kernel.to_string(),
                 (true, Some(CoopTile::Large)) => format!("{kernel} in tiles of 128 (--coop-tile 64 keeps to tiles of 64) {COOP_HINT}"),
                 (true, _) => format!("{kernel} {COOP_HINT}"),
