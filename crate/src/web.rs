@@ -698,9 +698,7 @@ pub fn info() -> JsValue {
 }
 
 fn has_webgpu() -> bool {
-    Reflect::get(&js_sys::global(), &"navigator".into())
-        .and_then(|navigator| Reflect::get(&navigator, &"gpu".into()))
-        .is_ok_and(|gpu| !gpu.is_undefined() && !gpu.is_null())
+    crate::gpu::navigator_gpu().is_some()
 }
 
 /// Bytes of wasm linear memory: it never shrinks, so after a load this is the load's peak.

@@ -2,7 +2,7 @@
 //! binding limit, the kernel registry and readback.
 
 #[cfg(target_arch = "wasm32")]
-mod browser_subgroups;
+mod browser;
 mod kernels;
 pub mod ops;
 mod profile;
@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 
 pub use kernels::{shader_constants, Binding, CoopFragment, CoopTile, Kernel, KvType, ModuleForm, Piece, RegisterTile, TileType, KERNELS, LIBRARY, Q8_BLOCK, quantize_q8_block};
 pub use profile::{DispatchTime, Timestamps};
+#[cfg(target_arch = "wasm32")]
+pub use browser::navigator_gpu;
 pub use self_test::self_test;
 pub use tensor::{PartBytes, WeightMatrix};
 
@@ -263,9 +265,9 @@ impl Gpu {
             })
             .await
             .map_err(|e| GpuError::RequestDevice { adapter: info.name.clone(), message: e.to_string() })?;
-        // What wgpu's browser backend cannot tell (browser_subgroups).
+        // What wgpu's browser backend cannot tell (gpu/browser.rs).
         #[cfg(target_arch = "wasm32")]
-        let features = features | browser_subgroups::granted(&device);
+        let features = features | browser::granted(&device);
 
         // Errors surface as values on the next readback instead of wgpu's default panic.
         let failure = Arc::new(Mutex::new(None));
@@ -491,7 +493,7 @@ async fn choose_adapter(instance: &wgpu::Instance, options: &GpuOptions) -> Resu
     #[cfg(target_arch = "wasm32")]
     let request = || match options.no_subgroups {
         true => request(),
-        false => browser_subgroups::with_subgroups_requested(request),
+        false => browser::with_subgroups_requested(request),
     };
     request().await.map_err(|_| GpuError::NoAdapter { wanted: None, available: vec![] })
 }

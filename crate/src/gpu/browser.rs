@@ -1,4 +1,4 @@
-//! Subgroups in browsers. wgpu 30's browser backend asks the adapter only for the features of its
+//! The browser's WebGPU where wgpu does not reach it. Subgroups: wgpu 30's browser backend asks the adapter only for the features of its
 //! own table (FEATURES_MAPPING in backend/webgpu.rs), which lacks `subgroups` (gfx-rs/wgpu#5555),
 //! so a device it makes never has them. Where the browser offers them with the `subgroup_id`
 //! language extension our reduction reads (Chrome 144+, Dawn), the adapter wgpu gets is given a
@@ -30,11 +30,16 @@ fn promised(called: Result<JsValue, JsValue>) -> JsValue {
     called.unwrap_or_else(|error| Promise::reject(&error).into())
 }
 
+/// The browser's `navigator.gpu`, where it has WebGPU.
+pub fn navigator_gpu() -> Option<JsValue> {
+    get(&js_sys::global(), "navigator").and_then(|navigator| get(&navigator, "gpu"))
+}
+
 /// Calls `request_adapter`, which must call `navigator.gpu.requestAdapter` before it returns (as
 /// wgpu's `Instance::request_adapter` does), so that the adapter it gets asks for `subgroups` with
 /// each device where the browser can run the subgroup reduction. Elsewhere it only calls it.
 pub(super) fn with_subgroups_requested<T>(request_adapter: impl FnOnce() -> T) -> T {
-    let Some(gpu) = get(&js_sys::global(), "navigator").and_then(|navigator| get(&navigator, "gpu")) else { return request_adapter() };
+    let Some(gpu) = navigator_gpu() else { return request_adapter() };
     let has_subgroup_id = get(&gpu, "wgslLanguageFeatures").is_some_and(|features| set_has(&features, "subgroup_id"));
     let Some(original) = method(&gpu, "requestAdapter").filter(|_| has_subgroup_id) else { return request_adapter() };
     let target = gpu.clone();
