@@ -35,7 +35,7 @@ export interface EngineOptions {
    */
   kvType?: "f16" | "f32" | "q8_0";
   /**
-   * Matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs rounded
+   * Matmuls of block-quantized weights (the llama.cpp formats) take their inputs rounded
    * to int8 blocks of 32, and decode multiplies them with integer dot products, as llama.cpp does:
    * fewer bytes and instructions per weight, logits no longer exact to f32 inputs (log
    * probabilities move by up to about 0.15 on SmolLM2-135M). Default false.

@@ -2,7 +2,7 @@
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
 // Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
-// q4_1, q8_0) and `gemv_superblocks` (q4_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
+// q4_1, q5_0, q5_1, q8_0) and `gemv_superblocks` (q4_k, q5_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
 // workgroup, the last two on f32 inputs or on inputs quantize.wgsl made int8 (Q8_INPUTS) or f16
 // (F16_INPUTS, tiled_coop);
 // `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
@@ -173,7 +173,7 @@ fn gemv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_wg: vec
 // 8 weights meet 8 inputs as two words of int8 each in two 4-wide integer dot products
 // (dot4I8Packed): the products sum exactly, and one conversion and the scalings per 8 remain. That
 // is the product of the dequantized weights with the dequantized inputs, llama.cpp's
-// mul_mat_vec_q with an f32 scale. A weight block's offset (q4_1's min, q4_k's) multiplies the
+// mul_mat_vec_q with an f32 scale. A weight block's offset (q4_1's and q5_1's min, the K-quants') multiplies the
 // sum of its inputs, which a q8 block gives whole: each of the block's four lanes adds a quarter.
 
 // Words between token rows of x_prepared: the values (4 a word), each block's scale, each block's sum.
@@ -194,14 +194,15 @@ fn offset_bytes(words: vec2<u32>, offset: u32) -> vec2<u32> {
     return (words + vec2((128u - offset) * 0x01010101u)) ^ vec2(0x80808080u);
 }
 
-// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q8_0), GEMV_ROWS rows of GEMV_COLUMNS
-// tokens per workgroup. Four neighbouring threads share a block, each taking a quarter of it: 8
-// weights, from one q4 quant word (word j's low nibbles are the block's weights 4j..4j + 3, its high
-// nibbles 16 + 4j..) or two q8_0 words (weights 8j..8j + 7). So a subgroup's loads of inputs and of
+// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q5_0, q5_1, q8_0), GEMV_ROWS rows of
+// GEMV_COLUMNS tokens per workgroup. Four neighbouring threads share a block, each taking a quarter
+// of it: 8 weights, from one nibble word (word j's low nibbles are the block's weights 4j..4j + 3,
+// its high nibbles 16 + 4j..; a q5 block's qh word adds their fifth bits) or two q8_0 words
+// (weights 8j..8j + 7). So a subgroup's loads of inputs and of
 // quants each cover contiguous memory; a thread decodes each quarter once for every token and loads
 // each token's 8 inputs once for every row. The offset comes out of the dot product: q4_0
-// d * sum x q - 8 d * sum x (on q8 inputs the nibbles become q - 8 instead), q4_1
-// d * sum x q + m * sum x. A thread takes two quarters per step (GEMV_WG apart) to have twice the
+// d * sum x q - 8 d * sum x (on q8 inputs the nibbles become q - 8 instead; q5_0 the same with
+// 16), q4_1 and q5_1 d * sum x q + m * sum x. A thread takes two quarters per step (GEMV_WG apart) to have twice the
 // loads in flight.
 
 // The block columns of quarter j's inputs: two quads, whose weights a Quarter holds in order.
@@ -210,6 +211,20 @@ fn quarter_cols(j: u32) -> vec2<u32> {
         return vec2(8u * j, 8u * j + 4u);
     }
     return vec2(4u * j, 16u + 4u * j);
+}
+
+// Quarter j's 8 levels of a q5 block as two words of bytes 0..31, in quarter_cols' order: the
+// nibbles of word `nibbles` with the fifth bits, bits 4j.. and 16 + 4j.. of `qh`, moved to bit 4 of
+// each byte.
+fn five_bit_words(nibbles: u32, qh: u32, j: u32) -> vec2<u32> {
+    let fifth = vec2(qh >> (4u * j), qh >> (16u + 4u * j));
+    let spread = ((fifth & vec2(1u)) << vec2(4u)) | ((fifth & vec2(2u)) << vec2(11u)) | ((fifth & vec2(4u)) << vec2(18u)) | ((fifth & vec2(8u)) << vec2(25u));
+    return (vec2(nibbles, nibbles >> 4u) & vec2(0x0f0f0f0fu)) | spread;
+}
+
+// Bytes 0..3 of a word as u32 values.
+fn bytes_of(word: u32) -> vec4<u32> {
+    return (vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xffu);
 }
 
 // A decoded quarter: its weights as the two quads of quarter_cols, as floats or (Q8_INPUTS) as
@@ -241,6 +256,23 @@ fn quarter_weights(block: u32, j: u32) -> Quarter {
                 return Quarter(vec4(0.0), vec4(0.0), vec2(q, q >> 4u) & vec2(0x0f0f0f0fu), dm.x, dm.y);
             }
             return Quarter(low_nibbles(q), high_nibbles(q), vec2(0u), dm.x, dm.y);
+        }
+        case DTYPE_Q5_0: { // q5_0: the part's qh and nibbles (5 words a block), then its scales
+            let levels = five_bit_words(quant_word(block, Q5_0_QUANTS, 1u + j), quant_word(block, Q5_0_QUANTS, 0u), j);
+            let d = block_scale(block, Q5_0_QUANTS, 32u);
+            if (Q8_INPUTS) {
+                return Quarter(vec4(0.0), vec4(0.0), offset_bytes(levels, 16u), d, 0.0);
+            }
+            return Quarter(quant_values(bytes_of(levels.x), 0.0), quant_values(bytes_of(levels.y), 0.0), vec2(0u), d, -16.0 * d);
+        }
+        case DTYPE_Q5_1: { // q5_1: f16 d, f16 m, qh, 16 bytes of nibbles (24: word-aligned)
+            let start = block * (DTYPE_Q5_1_BLOCK_BYTES / 4u);
+            let levels = five_bit_words(w[start + 2u + j], w[start + 1u], j);
+            let dm = unpack2x16float(w[start]);
+            if (Q8_INPUTS) {
+                return Quarter(vec4(0.0), vec4(0.0), levels, dm.x, dm.y);
+            }
+            return Quarter(quant_values(bytes_of(levels.x), 0.0), quant_values(bytes_of(levels.y), 0.0), vec2(0u), dm.x, dm.y);
         }
         default: { // q8_0: the part's quants (8 words a block), then its scales
             let words = vec2(quant_word(block, Q8_0_QUANTS, 2u * j), quant_word(block, Q8_0_QUANTS, 2u * j + 1u));
@@ -335,20 +367,20 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     store_columns(thread, origin, sums, squares);
 }
 
-// GEMV for the 256-weight super-block formats (q4_k, q6_k), GEMV_ROWS rows of GEMV_COLUMNS tokens
-// per workgroup. A super-block is 4 units of 64 weights: two runs of 32, a and b, whose quants are
-// the low and the high nibbles of the same 32 bytes (q4_k: sub-blocks 2i and 2i + 1; q6_k: quarters
-// q and q + 2 of a half, whose 2 high bits share the half's 32 bytes of qh). Four neighbouring
-// threads share a unit, each taking 8 of its quant bytes, 8 weights of each run: a subgroup's loads
-// of inputs and of quants cover contiguous memory. A thread loads a piece's quants and scales once
-// for every token. q4_k's mins come out of the dot product: d sc (sum x q) - dmin m (sum x) per
-// sub-block. A run is 8 weights of one 32-weight q8 input block (q4_k's sub-blocks and q6_k's
-// quarters are 32 long), so on q8 inputs a run's product is one integer sum times its scale and
-// the block's d_x.
+// GEMV for the 256-weight super-block formats (q4_k, q5_k, q6_k), GEMV_ROWS rows of GEMV_COLUMNS
+// tokens per workgroup. A super-block is 4 units of 64 weights: two runs of 32, a and b, whose quants
+// are the low and the high nibbles of the same 32 bytes (q4_k and q5_k: sub-blocks 2i and 2i + 1,
+// q5_k's fifth bits bits 2i and 2i + 1 of its 32 bytes of qh; q6_k: quarters q and q + 2 of a half,
+// whose 2 high bits share the half's 32 bytes of qh). Four neighbouring threads share a unit, each
+// taking 8 of its quant bytes, 8 weights of each run: a subgroup's loads of inputs and of quants
+// cover contiguous memory. A thread loads a piece's quants and scales once for every token. The
+// mins of q4_k and q5_k come out of the dot product: d sc (sum x q) - dmin m (sum x) per sub-block.
+// A run is 8 weights of one 32-weight q8 input block (the sub-blocks and q6_k's quarters are 32
+// long), so on q8 inputs a run's product is one integer sum times its scale and the block's d_x.
 
-// A piece of one row: its quant words (q4_k: both runs' nibbles in `low`; q6_k: the low nibbles
-// and the high 2 bits; Q8_INPUTS: runs a's and b's 8 weights as int8 words in `low` and `high`),
-// and each run's scale and min: sum x w = scales.a (a . qa) + scales.b (b . qb) - mins . (sum a, sum b).
+// A piece of one row: its quant words (the nibbles in `low`; q5_k's and q6_k's high bits in `high`;
+// Q8_INPUTS: runs a's and b's 8 weights as int8 words in `low` and `high`), and each run's scale and
+// min: sum x w = scales.a (a . qa) + scales.b (b . qb) - mins . (sum a, sum b).
 struct Piece {
     low: vec2<u32>,
     high: vec2<u32>,
@@ -356,21 +388,52 @@ struct Piece {
     mins: vec2<f32>,
 }
 
+// Where a unit's high bits lie in its qh bytes: the shifts of runs a and b, and the mask of a level's
+// high bits after the shift (q5_k: bits 2 part and 2 part + 1; q6_k: bits 2 quarter and + 4, two each).
+struct HighBits {
+    shifts: vec2<u32>,
+    mask: u32,
+}
+
+fn high_bits(part: u32) -> HighBits {
+    if (WEIGHT_DTYPE == DTYPE_Q5_K) {
+        return HighBits(vec2(2u * part, 2u * part + 1u), 1u);
+    }
+    let shift = 2u * (part % 2u);
+    return HighBits(vec2(shift, shift + 4u), 3u);
+}
+
+// Runs a's and b's levels of a piece as words of bytes: the nibbles with the high bits above them.
+fn run_levels(low: vec2<u32>, high: vec2<u32>, bits: HighBits) -> array<vec2<u32>, 2> {
+    let mask = vec2(bits.mask * 0x01010101u);
+    let a = (low & vec2(0x0f0f0f0fu)) | (((high >> vec2(bits.shifts.x)) & mask) << vec2(4u));
+    let b = ((low >> vec2(4u)) & vec2(0x0f0f0f0fu)) | (((high >> vec2(bits.shifts.y)) & mask) << vec2(4u));
+    return array(a, b);
+}
+
 // The piece of super-block `block` at unit `part`, quant bytes 8j..8j + 7.
 fn superblock_piece(block: u32, part: u32, j: u32) -> Piece {
-    if (WEIGHT_DTYPE == DTYPE_Q4_K) { // q4_k: f16 d, f16 dmin, 12 bytes of scales, 128 of nibbles (144: word-aligned)
-        let start = block * DTYPE_Q4_K_BLOCK_BYTES;
-        let quants = (start + 16u + part * 32u) / 4u + 2u * j;
+    if (WEIGHT_DTYPE == DTYPE_Q4_K || WEIGHT_DTYPE == DTYPE_Q5_K) {
+        // f16 d, f16 dmin, 12 bytes of scales, (q5_k: 32 of qh,) 128 of nibbles (144, 176: word-aligned)
+        let five = WEIGHT_DTYPE == DTYPE_Q5_K;
+        let start = block * select(DTYPE_Q4_K_BLOCK_BYTES, DTYPE_Q5_K_BLOCK_BYTES, five);
+        let quants = (start + select(16u, 48u, five) + part * 32u) / 4u + 2u * j;
         let sm_a = q4k_scale_min(start, 2u * part);
         let sm_b = q4k_scale_min(start, 2u * part + 1u);
         let dm = unpack2x16float(w[start / 4u]);
         let words = vec2(w[quants], w[quants + 1u]);
+        var qh = vec2(0u);
+        if (five) {
+            let at = (start + 16u) / 4u + 2u * j;
+            qh = vec2(w[at], w[at + 1u]);
+        }
         let scales = dm.x * vec2(sm_a.x, sm_b.x);
         let mins = dm.y * vec2(sm_a.y, sm_b.y);
         if (Q8_INPUTS) {
-            return Piece(words & vec2(0x0f0f0f0fu), (words >> vec2(4u)) & vec2(0x0f0f0f0fu), scales, mins);
+            let levels = run_levels(words, qh, high_bits(part));
+            return Piece(levels[0], levels[1], scales, mins);
         }
-        return Piece(words, vec2(0u), scales, mins);
+        return Piece(words, qh, scales, mins);
     }
     // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales (the part's d after its
     // blocks). Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4
@@ -386,19 +449,18 @@ fn superblock_piece(block: u32, part: u32, j: u32) -> Piece {
     let high = vec2(w[high_at / 4u], w[high_at / 4u + 1u]);
     let scales = d * vec2(i8_at(scales_at), i8_at(scales_at + 4u));
     if (Q8_INPUTS) {
-        let shift = 2u * quarter;
-        let a = (low & vec2(0x0f0f0f0fu)) | (((high >> vec2(shift)) & vec2(0x03030303u)) << vec2(4u));
-        let b = ((low >> vec2(4u)) & vec2(0x0f0f0f0fu)) | (((high >> vec2(shift + 4u)) & vec2(0x03030303u)) << vec2(4u));
-        return Piece(offset_bytes(a, 32u), offset_bytes(b, 32u), scales, vec2(0.0));
+        let levels = run_levels(low, high, high_bits(part));
+        return Piece(offset_bytes(levels[0], 32u), offset_bytes(levels[1], 32u), scales, vec2(0.0));
     }
     return Piece(low, high, scales, vec2(0.0));
 }
 
-// The first input column of each run of a piece: q4_k's runs at 64 part and + 32; q6_k's at half
-// part / 2, quarters part % 2 and + 2.
+// The first input column of each run of a piece: q4_k's and q5_k's runs at 64 part and + 32;
+// q6_k's at half part / 2, quarters part % 2 and + 2.
 fn piece_columns(sb: u32, part: u32, j: u32) -> vec2<u32> {
-    let col_a = sb * 256u + select((part / 2u) * 128u + (part % 2u) * 32u, part * 64u, WEIGHT_DTYPE == DTYPE_Q4_K) + 8u * j;
-    return vec2(col_a, col_a + select(64u, 32u, WEIGHT_DTYPE == DTYPE_Q4_K));
+    let q6_k = WEIGHT_DTYPE == DTYPE_Q6_K;
+    let col_a = sb * 256u + select(part * 64u, (part / 2u) * 128u + (part % 2u) * 32u, q6_k) + 8u * j;
+    return vec2(col_a, col_a + select(32u, 64u, q6_k));
 }
 
 // A token's inputs of one piece, lined up with its runs: as floats a and b (two quads each), or
@@ -443,14 +505,15 @@ fn piece_dot(p: Piece, part: u32, x: PieceInputs) -> f32 {
     } else if (WEIGHT_DTYPE == DTYPE_Q4_K) {
         dots.x = dot(x.a[0], low_nibbles(p.low.x)) + dot(x.a[1], low_nibbles(p.low.y));
         dots.y = dot(x.b[0], high_nibbles(p.low.x)) + dot(x.b[1], high_nibbles(p.low.y));
-    } else {
-        let quarter = part % 2u;
+    } else { // q5_k, q6_k: the nibbles with their high bits
+        let bits = high_bits(part);
+        let offset = select(32.0, 0.0, WEIGHT_DTYPE == DTYPE_Q5_K);
         let bytes = vec4(0u, 8u, 16u, 24u);
         for (var i = 0u; i < 2u; i++) {
             let l = vec4(p.low[i]) >> bytes;
             let h = vec4(p.high[i]) >> bytes;
-            let qa = quant_values((l & vec4(0xfu)) | (((h >> vec4(2u * quarter)) & vec4(3u)) << vec4(4u)), 32.0);
-            let qb = quant_values(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(2u * quarter + 4u)) & vec4(3u)) << vec4(4u)), 32.0);
+            let qa = quant_values((l & vec4(0xfu)) | (((h >> vec4(bits.shifts.x)) & vec4(bits.mask)) << vec4(4u)), offset);
+            let qb = quant_values(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(bits.shifts.y)) & vec4(bits.mask)) << vec4(4u)), offset);
             dots.x += dot(x.a[i], qa);
             dots.y += dot(x.b[i], qb);
         }

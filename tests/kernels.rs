@@ -238,7 +238,7 @@ fn gemv_matches_reference_in_both_reductions_and_every_rows_per_workgroup() {
             // step that only some threads share, k = 768 (96 quarters, 48 pieces) leaves some
             // threads a lone quarter or nothing.
             for (rows, k) in [(37, 2304), (3, 768)] {
-                for dtype in [DType::F32, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
+                for dtype in [DType::F32].into_iter().chain(gemv_formats(gemv_rows == 4 && !bounds_checks)) {
                     let what = format!("{gemv_rows} rows per workgroup, subgroups {subgroups}, bounds checks {bounds_checks}");
                     // 3 tokens: one workgroup of 8 columns, 5 past the pass; 11: a full one and a
                     // partial one.
@@ -349,7 +349,7 @@ fn matmul_on_q8_inputs_matches_the_reference_on_those_inputs() {
             for (rows, k) in [(37, 2304), (3, 768)] {
                 let norm = random_vec(&mut rng(52), k, 2.0);
                 let norm_buffer = gpu.storage_buffer_with("norm", &norm);
-                for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
+                for dtype in gemv_formats(gemv_rows == 4) {
                     let (bytes, w) = weights(&gpu, 51, dtype, rows, k);
                     let tokens: &[usize] = if gemv_rows == 2 { &[1, 3, 11, 37] } else { &[1, 3, 11] };
                     for &n in tokens {
@@ -997,7 +997,15 @@ fn top_k_matches_reference_with_ties() {
     }
 }
 
-const BLOCK_FORMATS: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K];
+const BLOCK_FORMATS: [DType; 8] = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K];
+/// The 5-bit formats decode in the GEMV frames of their 4-bit twins (the same quarters and pieces,
+/// a word of high bits more), so the GEMV tests run them in one form of each reduction, not all.
+const FIVE_BIT_FORMATS: [DType; 3] = [DType::Q5_0, DType::Q5_1, DType::Q5K];
+
+/// The block formats a GEMV test runs in a form: the 5-bit ones only where `every_format`.
+fn gemv_formats(every_format: bool) -> impl Iterator<Item = DType> {
+    BLOCK_FORMATS.into_iter().filter(move |dtype| every_format || !FIVE_BIT_FORMATS.contains(dtype))
+}
 
 #[test]
 fn block_formats_decode_in_every_matmul_strategy_and_the_gather() {
@@ -1080,7 +1088,7 @@ fn quant_values_from_float_bits_equal_their_integer_conversions() {
 fn fill_matches_reference_and_decodes_to_small_finite_weights() {
     let Some(gpu) = gpu() else { return };
     let buffer = gpu.storage_buffer("w", 4 * 10_007);
-    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K] {
+    for dtype in DType::ALL {
         let mask = ops::fill_mask(dtype);
         let op = ops::fill(&gpu, &buffer, 42, mask);
         run(&gpu, |pass| op.encode(pass, 1));

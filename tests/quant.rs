@@ -7,7 +7,7 @@ use common::{fixture, random_vec, rng};
 use llama_webgpu::quant::{quantize_rows, DType, QuantError};
 use rand::Rng;
 
-const QUANTIZED: [DType; 5] = [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K];
+const QUANTIZED: [DType; 8] = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K];
 
 struct Case {
     name: String,
@@ -60,8 +60,8 @@ fn dequantization_matches_gguf_bit_for_bit() {
 }
 
 #[test]
-fn q4_0_q4_1_q8_0_quantization_matches_gguf_byte_for_byte() {
-    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+fn legacy_quantization_matches_gguf_byte_for_byte() {
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0] {
         for case in goldens(dtype) {
             let input = case.input.expect("legacy goldens carry their input");
             let got = dtype.from_f32(&input).unwrap();
@@ -95,7 +95,7 @@ fn round_trip_error(dtype: DType, values: &[f32]) -> (f64, f64) {
 
 /// Bounds (relative RMS error, relative max error) for uniform and Gaussian-like weights: a 4-bit
 /// step over a sub-block's range is 1/15 of it (half a step at most when the fit is the min-max one),
-/// a 6-bit step 1/63.
+/// a 5-bit step 1/31, a 6-bit step 1/63.
 #[test]
 fn k_quant_round_trips_stay_within_their_step() {
     let mut r = rng(7);
@@ -106,11 +106,15 @@ fn k_quant_round_trips_stay_within_their_step() {
         .collect();
     for (name, values) in [("uniform", &uniform), ("bell", &bell)] {
         let (q4_k_rms, q4_k_max) = round_trip_error(DType::Q4K, values);
+        let (q5_k_rms, q5_k_max) = round_trip_error(DType::Q5K, values);
         let (q6_k_rms, q6_k_max) = round_trip_error(DType::Q6K, values);
         let (q4_0_rms, _) = round_trip_error(DType::Q4_0, values);
+        let (q5_0_rms, _) = round_trip_error(DType::Q5_0, values);
         let (q8_0_rms, _) = round_trip_error(DType::Q8_0, values);
-        println!("{name}: q4_k rms {q4_k_rms:.4} max {q4_k_max:.4}, q6_k rms {q6_k_rms:.4} max {q6_k_max:.4}, q4_0 rms {q4_0_rms:.4}, q8_0 rms {q8_0_rms:.4}");
+        println!("{name}: q4_k rms {q4_k_rms:.4} max {q4_k_max:.4}, q5_k rms {q5_k_rms:.4} max {q5_k_max:.4}, q6_k rms {q6_k_rms:.4} max {q6_k_max:.4}, q4_0 rms {q4_0_rms:.4}, q5_0 rms {q5_0_rms:.4}, q8_0 rms {q8_0_rms:.4}");
         assert!(q4_k_rms < 0.09 && q4_k_max < 0.1, "{name}: q4_k relative error rms {q4_k_rms}, max {q4_k_max}");
+        assert!(q5_k_rms < 0.035 && q5_k_max < 0.065, "{name}: q5_k relative error rms {q5_k_rms}, max {q5_k_max}");
+        assert!(q5_k_rms <= q5_0_rms && q5_k_rms <= q4_k_rms / 1.5, "{name}: q5_k {q5_k_rms} vs q5_0 {q5_0_rms}, q4_k {q4_k_rms}");
         assert!(q6_k_rms < 0.025 && q6_k_max < 0.03, "{name}: q6_k relative error rms {q6_k_rms}, max {q6_k_max}");
         // The searches should do at least as well as the plain formats of the same width.
         assert!(q4_k_rms <= q4_0_rms, "{name}: q4_k {q4_k_rms} worse than q4_0 {q4_0_rms}");
@@ -120,7 +124,7 @@ fn k_quant_round_trips_stay_within_their_step() {
 
 #[test]
 fn k_quants_keep_zeros_constants_and_outliers() {
-    for dtype in [DType::Q4K, DType::Q6K] {
+    for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
         let zeros = vec![0.0; 512];
         assert!(dtype.to_f32(&dtype.from_f32(&zeros).unwrap()).unwrap().iter().all(|&v| v == 0.0), "{dtype} zeros");
 
@@ -177,13 +181,20 @@ fn formats_have_llama_cpp_sizes_and_distinct_shader_codes() {
     let sizes: Vec<_> = QUANTIZED.iter().map(|d| (d.name(), d.block())).collect();
     assert_eq!(
         sizes,
-        [("q4_0", (32, 18)), ("q4_1", (32, 20)), ("q8_0", (32, 34)), ("q4_k", (256, 144)), ("q6_k", (256, 210))]
+        [
+            ("q4_0", (32, 18)),
+            ("q4_1", (32, 20)),
+            ("q5_0", (32, 22)),
+            ("q5_1", (32, 24)),
+            ("q8_0", (32, 34)),
+            ("q4_k", (256, 144)),
+            ("q5_k", (256, 176)),
+            ("q6_k", (256, 210))
+        ]
     );
-    let mut codes: Vec<u32> =
-        [DType::F32, DType::F16, DType::BF16].into_iter().chain(QUANTIZED).map(DType::shader_code).collect();
-    assert_eq!(codes, [0, 1, 2, 3, 4, 5, 6, 7]);
-    codes.dedup();
-    assert_eq!(codes.len(), 8);
+    let mut codes: Vec<u32> = DType::ALL.into_iter().map(DType::shader_code).collect();
+    codes.sort();
+    assert_eq!(codes, (0..DType::ALL.len() as u32).collect::<Vec<_>>(), "one code per format");
 }
 
 #[test]

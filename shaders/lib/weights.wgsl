@@ -1,8 +1,8 @@
 // Weight decoding: elements of a (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block
 // format, decoded with f32 arithmetic, bit-exact with ggml's dequantize_row_* (crate::quant's CPU
 // reference). Reads the module's `w: array<u32>` binding, `params.k`, `params.rows` and the
-// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's, q8_0's and q6_k's: a part
-// holds its blocks without their f16 scale d (16, 32 or 208 bytes each), then the blocks' scales
+// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's, q5_0's, q8_0's and q6_k's:
+// a part holds its blocks without their f16 scale d (16, 20, 32 or 208 bytes each), then the blocks' scales
 // (crate::gpu::tensor::ScalesApart), so that every quant word is aligned.
 
 // The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
@@ -23,8 +23,9 @@ fn i8_at(offset: u32) -> f32 {
     return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
 }
 
-// Bytes of a q4_0, q8_0 and q6_k block without its scale, as a part holds them.
+// Bytes of a q4_0, q5_0, q8_0 and q6_k block without its scale, as a part holds them.
 const Q4_0_QUANTS: u32 = DTYPE_Q4_0_BLOCK_BYTES - 2u;
+const Q5_0_QUANTS: u32 = DTYPE_Q5_0_BLOCK_BYTES - 2u;
 const Q8_0_QUANTS: u32 = DTYPE_Q8_0_BLOCK_BYTES - 2u;
 const Q6_K_QUANTS: u32 = DTYPE_Q6_K_BLOCK_BYTES - 2u;
 
@@ -34,13 +35,21 @@ fn block_scale(block: u32, quants: u32, elements: u32) -> f32 {
     return f16_at(quants * (params.k / elements) * params.rows + 2u * block);
 }
 
-// Word j of the quants of q4_0 or q8_0 block `block` (q4_0: low nibbles weights 4j..4j + 3, high
-// 16 + 4j..; q8_0: weights 4j..4j + 3).
+// Word j of the quants of q4_0, q5_0 or q8_0 block `block` (q4_0: low nibbles weights 4j..4j + 3,
+// high 16 + 4j..; q5_0: word 0 the fifth bits, bit i weight i, then q4_0's words; q8_0: weights
+// 4j..4j + 3).
 fn quant_word(block: u32, quants: u32, j: u32) -> u32 {
     return w[quants / 4u * block + j];
 }
 
-// The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k super-block at byte `base` (a
+// The 4 levels of 5-bit weights 4j..4j + 3 of a q5_0 or q5_1 block (nibbles: word j % 4 of its
+// nibble words, high nibbles for j >= 4), their fifth bits bits 4j..4j + 3 of the block's qh.
+fn five_bit_levels(nibbles: u32, qh: u32, j: u32) -> vec4<u32> {
+    let low = (vec4(nibbles) >> (vec4(select(0u, 4u, j >= 4u)) + vec4(0u, 8u, 16u, 24u))) & vec4(0xfu);
+    return low | (((vec4(qh) >> (vec4(4u * j) + vec4(0u, 1u, 2u, 3u))) & vec4(1u)) << vec4(4u));
+}
+
+// The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k or q5_k super-block at byte `base` (a
 // word boundary). Its 12 scale bytes b are 3 words, and sub-block i and i + 4 take their bits
 // from b[i], b[4 + i] and b[8 + i], byte i of each word.
 fn q4k_scale_min(base: u32, sub: u32) -> vec2<f32> {
@@ -66,6 +75,19 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let q = (byte_at(base + 4u + j % 16u) >> (j / 16u * 4u)) & 0xfu;
             return f16_at(base) * f32(q) + f16_at(base + 2u);
         }
+        case DTYPE_Q5_0: { // q5_0: d, qh, 16 bytes as q4_0
+            let block = row * (params.k / 32u) + col / 32u;
+            let j = col % 32u;
+            let q = five_bit_levels(quant_word(block, Q5_0_QUANTS, 1u + j % 16u / 4u), quant_word(block, Q5_0_QUANTS, 0u), j / 4u)[j % 4u];
+            return block_scale(block, Q5_0_QUANTS, 32u) * (f32(q) - 16.0);
+        }
+        case DTYPE_Q5_1: { // q5_1: f16 d, f16 m, qh, 16 bytes as q4_0 (24: word-aligned)
+            let start = block_start(row, col, DTYPE_Q5_1_BLOCK, DTYPE_Q5_1_BLOCK_BYTES) / 4u;
+            let j = col % 32u;
+            let q = five_bit_levels(w[start + 2u + j % 16u / 4u], w[start + 1u], j / 4u)[j % 4u];
+            let dm = unpack2x16float(w[start]);
+            return dm.x * f32(q) + dm.y;
+        }
         case DTYPE_Q8_0: { // q8_0: d, 32 int8
             let block = row * (params.k / 32u) + col / 32u;
             let j = col % 32u;
@@ -78,6 +100,15 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let sub = j / 32u;
             let scale_min = q4k_scale_min(base, sub);
             let q = (byte_at(base + 16u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
+            return (f16_at(base) * scale_min.x) * f32(q) - f16_at(base + 2u) * scale_min.y;
+        }
+        case DTYPE_Q5_K: { // q5_k: q4_k's 16 bytes, 32 bytes of fifth bits (bit `sub` of byte j % 32), 128 of nibbles
+            let base = block_start(row, col, DTYPE_Q5_K_BLOCK, DTYPE_Q5_K_BLOCK_BYTES);
+            let j = col % 256u;
+            let sub = j / 32u;
+            let scale_min = q4k_scale_min(base, sub);
+            let low = (byte_at(base + 48u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
+            let q = low | (((byte_at(base + 16u + j % 32u) >> sub) & 1u) << 4u);
             return (f16_at(base) * scale_min.x) * f32(q) - f16_at(base + 2u) * scale_min.y;
         }
         default: { // q6_k: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales; d
@@ -148,6 +179,15 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
             let q = select(low_nibbles(word), high_nibbles(word), j >= 4u);
             return f16_at(start) * q + f16_at(start + 2u);
         }
+        case DTYPE_Q5_0: { // q5_0
+            let q = five_bit_levels(quant_word(block, Q5_0_QUANTS, 1u + j % 4u), quant_word(block, Q5_0_QUANTS, 0u), j);
+            return block_scale(block, Q5_0_QUANTS, 32u) * quant_values(q, 16.0);
+        }
+        case DTYPE_Q5_1: { // q5_1
+            let start = block * (DTYPE_Q5_1_BLOCK_BYTES / 4u);
+            let dm = unpack2x16float(w[start]);
+            return dm.x * quant_values(five_bit_levels(w[start + 2u + j % 4u], w[start + 1u], j), 0.0) + dm.y;
+        }
         case DTYPE_Q8_0: { // q8_0
             return block_scale(block, Q8_0_QUANTS, 32u) * signed_bytes(quant_word(block, Q8_0_QUANTS, j));
         }
@@ -159,6 +199,16 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
             let q = select(low_nibbles(word), high_nibbles(word), sub % 2u == 1u);
             let scale_min = q4k_scale_min(start, sub);
             return f16_at(start) * scale_min.x * q - f16_at(start + 2u) * scale_min.y;
+        }
+        case DTYPE_Q5_K: { // q5_k: as q4_k, each byte's bit `sub` of the qh word of the same 4 bytes the fifth
+            let start = block_start(row, col, DTYPE_Q5_K_BLOCK, DTYPE_Q5_K_BLOCK_BYTES);
+            let c = col % 256u;
+            let sub = c / 32u;
+            let bytes = vec4(0u, 8u, 16u, 24u);
+            let low = (vec4(w[(start + 48u + c / 64u * 32u + c % 32u) / 4u]) >> (bytes + vec4(sub % 2u * 4u))) & vec4(0xfu);
+            let high = (vec4(w[(start + 16u + c % 32u) / 4u]) >> (bytes + vec4(sub))) & vec4(1u);
+            let scale_min = q4k_scale_min(start, sub);
+            return f16_at(start) * scale_min.x * quant_values(low | (high << vec4(4u)), 0.0) - f16_at(start + 2u) * scale_min.y;
         }
         case DTYPE_Q6_K: { // q6_k: as block_weight, 4 weights of one quarter at a time (whole words)
             let superblock = row * (params.k / 256u) + col / 256u;

@@ -9,7 +9,10 @@ use llama_webgpu::Config;
 // ggml type ids (ggml.h).
 pub const F32: u32 = 0;
 pub const F16: u32 = 1;
+pub const Q5_0: u32 = 6;
+pub const Q5_1: u32 = 7;
 pub const Q8_0: u32 = 8;
+pub const Q5_K: u32 = 13;
 pub const BF16: u32 = 30;
 
 

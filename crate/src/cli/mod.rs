@@ -40,7 +40,7 @@ struct Cli {
     /// shader-f16, else f32; q8_0 (int8 blocks, 1.125 bytes an element) on any adapter.
     #[arg(long, global = true, value_parser = parse_kv_type)]
     kv_type: Option<KvType>,
-    /// Matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs rounded
+    /// Matmuls of block-quantized weights (the llama.cpp formats) take their inputs rounded
     /// to int8 blocks, and decode multiplies them with integer dot products (as llama.cpp does):
     /// faster decoding, logits no longer exact to f32 inputs.
     #[arg(long, global = true)]
@@ -92,7 +92,7 @@ enum Command {
     Convert {
         /// The model to convert.
         source: PathBuf,
-        /// Format of the matrices: q4_0, q4_1, q8_0, q4_k, q6_k, f16, bf16 or f32.
+        /// Format of the matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, f16, bf16 or f32.
         #[arg(long, default_value = "q4_0", value_parser = parse_quant)]
         quant: DType,
         /// Largest shard, e.g. 64MiB (a bigger tensor gets a shard of its own).

@@ -101,7 +101,7 @@ pub struct GpuOptions {
     /// The KV pool's element type: f16 where the adapter has shader-f16 (half the memory of f32,
     /// logits within about 1e-2 of it), f32 elsewhere, unless given.
     pub kv_type: Option<KvType>,
-    /// Matmuls of block-quantized weights (q4_0, q4_1, q8_0, q4_k, q6_k) take their inputs quantized
+    /// Matmuls of block-quantized weights (the llama.cpp formats) take their inputs quantized
     /// to blocks of 32 int8 values and a scale (a dispatch per matrix quantizes them); the decode
     /// GEMVs multiply them with 4-wide integer dot products, as llama.cpp's mul_mat_vec_q (a
     /// quarter of the input bytes and far fewer instructions per weight), the prefill tiles stage

@@ -570,8 +570,8 @@ pub fn matmul(gpu: &Gpu, product: Product) -> ByTokens {
     // vec4s (the block sizes make k a multiple of 32). On q8 inputs every strategy reads them as
     // the quantize op left them, its INPUT applied.
     let entry = match w.dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => MatmulEntry::GemvBlocks,
-        DType::Q4K | DType::Q6K => MatmulEntry::GemvSuperblocks,
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => MatmulEntry::GemvBlocks,
+        DType::Q4K | DType::Q5K | DType::Q6K => MatmulEntry::GemvSuperblocks,
         _ => MatmulEntry::Gemv,
     };
     let gemv_input = if x_q8.is_some() { MatmulInput::Plain } else { input };
@@ -640,9 +640,9 @@ enum MatmulEntry {
     Gather,
     /// GEMVs of f32, f16 and bf16 weights,
     Gemv,
-    /// of q4_0, q4_1 and q8_0 blocks,
+    /// of q4_0, q4_1, q5_0, q5_1 and q8_0 blocks,
     GemvBlocks,
-    /// of q4_k and q6_k superblocks.
+    /// of q4_k, q5_k and q6_k superblocks.
     GemvSuperblocks,
     /// Prefill tiles on the threads,
     Tiled,
@@ -677,7 +677,7 @@ impl MatmulEntry {
 
 /// Whether matmul.wgsl has a GEMV of `dtype` over q8 inputs (every llama.cpp block format).
 pub fn reads_q8_inputs(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K)
+    dtype.is_block_format()
 }
 
 /// Words of a token row of quantize.wgsl's output for `k` inputs: the int8 values, 4 a word, then

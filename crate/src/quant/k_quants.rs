@@ -1,7 +1,7 @@
-//! q4_k and q6_k: super-blocks of 256 weights whose sub-blocks carry quantized scales. The
-//! quantizers port ggml's `quantize_row_q4_K_ref` (make_qkx2_quants: a weighted least-squares search
-//! over scale and minimum) and `quantize_row_q6_K_ref` (make_qx_quants: a search over symmetric
-//! scales), operation for operation in f32.
+//! q4_k, q5_k and q6_k: super-blocks of 256 weights whose sub-blocks carry quantized scales. The
+//! quantizers port ggml's `quantize_row_q4_K_ref` and `quantize_row_q5_K_ref` (make_qkx2_quants: a
+//! weighted least-squares search over scale and minimum) and `quantize_row_q6_K_ref`
+//! (make_qx_quants: a search over symmetric scales), operation for operation in f32.
 
 use super::{nearest_int, read_f16, write_f16};
 
@@ -19,19 +19,39 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// Each sub-block's scale and minimum of a q4_k or q5_k super-block: d * sc and dmin * m.
+fn sub_block_scales(block: &[u8]) -> [(f32, f32); 8] {
+    let (d, dmin) = (read_f16(block, 0), read_f16(block, 2));
+    std::array::from_fn(|j| {
+        let (sc, m) = scale_min_k4(j, &block[4..16]);
+        (d * sc as f32, dmin * m as f32)
+    })
+}
+
 /// Layout: f16 d, f16 dmin, 12 scale bytes, 128 bytes in which byte i of each 32-byte group g holds
 /// element 64g + i (low nibble) and 64g + 32 + i (high nibble).
 pub(super) fn dequantize_q4_k(block: &[u8], out: &mut [f32]) {
-    let (d, dmin) = (read_f16(block, 0), read_f16(block, 2));
-    let scales = &block[4..16];
+    let scales = sub_block_scales(block);
     for g in 0..4 {
-        let (sc1, m1) = scale_min_k4(2 * g, scales);
-        let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+        let ((d1, m1), (d2, m2)) = (scales[2 * g], scales[2 * g + 1]);
         for (i, &q) in block[16 + 32 * g..16 + 32 * (g + 1)].iter().enumerate() {
             out[64 * g + i] = d1 * (q & 0xF) as f32 - m1;
             out[64 * g + 32 + i] = d2 * (q >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Layout: f16 d, f16 dmin, 12 scale bytes, qh (32 bytes), then q4_k's 128 bytes of nibbles; the
+/// fifth bit of element 32s + i (sub-block s) is bit s of qh[i].
+pub(super) fn dequantize_q5_k(block: &[u8], out: &mut [f32]) {
+    let scales = sub_block_scales(block);
+    let qh = &block[16..48];
+    for g in 0..4 {
+        let ((d1, m1), (d2, m2)) = (scales[2 * g], scales[2 * g + 1]);
+        for (i, &q) in block[48 + 32 * g..48 + 32 * (g + 1)].iter().enumerate() {
+            let high = |s: usize| (qh[i] >> s & 1) << 4;
+            out[64 * g + i] = d1 * ((q & 0xF) | high(2 * g)) as f32 - m1;
+            out[64 * g + 32 + i] = d2 * ((q >> 4) | high(2 * g + 1)) as f32 - m2;
         }
     }
 }
@@ -61,6 +81,31 @@ pub(super) fn dequantize_q6_k(block: &[u8], out: &mut [f32]) {
 }
 
 pub(super) fn quantize_q4_k(x: &[f32], out: &mut [u8]) {
+    let levels = quantize_scales_mins(x, 15, -1.0, 20, out);
+    for g in 0..4 {
+        for i in 0..32 {
+            out[16 + 32 * g + i] = levels[64 * g + i] | (levels[64 * g + 32 + i] << 4);
+        }
+    }
+}
+
+pub(super) fn quantize_q5_k(x: &[f32], out: &mut [u8]) {
+    let levels = quantize_scales_mins(x, 31, -0.5, 15, out);
+    let (qh, ql) = out[16..176].split_at_mut(32);
+    qh.fill(0);
+    for g in 0..4 {
+        for i in 0..32 {
+            let (a, b) = (levels[64 * g + i], levels[64 * g + 32 + i]);
+            qh[i] |= (a >> 4) << (2 * g) | (b >> 4) << (2 * g + 1);
+            ql[32 * g + i] = (a & 0xF) | ((b & 0xF) << 4);
+        }
+    }
+}
+
+/// The part q4_k and q5_k share: each sub-block's scale and minimum fitted (levels 0..=nmax, the
+/// search's first trial at rmin, nstep + 1 trials 0.1 apart), written as 6-bit multiples of the
+/// super-block's d and dmin into out[0..16], and the levels requantized against them as stored.
+fn quantize_scales_mins(x: &[f32], nmax: i32, rmin: f32, nstep: i32, out: &mut [u8]) -> [u8; 256] {
     let mut levels = [0u8; 256];
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
@@ -70,13 +115,12 @@ pub(super) fn quantize_q4_k(x: &[f32], out: &mut [u8]) {
         let sum_x2 = xs.iter().fold(0f32, |s, v| s + v * v);
         let av_x = (sum_x2 / 32.0).sqrt();
         let weights: [f32; 32] = std::array::from_fn(|i| av_x + xs[i].abs());
-        let (scale, min) = make_qkx2_quants(15, xs, &weights, &mut levels[32 * j..32 * (j + 1)], -1.0, 0.1, 20);
+        let (scale, min) = make_qkx2_quants(nmax, xs, &weights, &mut levels[32 * j..32 * (j + 1)], rmin, 0.1, nstep);
         (scales[j], mins[j]) = (scale, min);
         max_scale = if scale > max_scale { scale } else { max_scale };
         max_min = if min > max_min { min } else { max_min };
     }
 
-    // Sub-block scales and minimums become 6-bit multiples of the super-block's d and dmin.
     let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut packed = [0u8; 12];
@@ -97,7 +141,6 @@ pub(super) fn quantize_q4_k(x: &[f32], out: &mut [u8]) {
     write_f16(out, 2, max_min / 63.0);
     out[4..16].copy_from_slice(&packed);
 
-    // Requantize against the scales as stored.
     let (d, dmin) = (read_f16(out, 0), read_f16(out, 2));
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &packed);
@@ -107,14 +150,10 @@ pub(super) fn quantize_q4_k(x: &[f32], out: &mut [u8]) {
         }
         let dm = dmin * m as f32;
         for i in 32 * j..32 * (j + 1) {
-            levels[i] = nearest_int((x[i] + dm) / dj).clamp(0, 15) as u8;
+            levels[i] = nearest_int((x[i] + dm) / dj).clamp(0, nmax) as u8;
         }
     }
-    for g in 0..4 {
-        for i in 0..32 {
-            out[16 + 32 * g + i] = levels[64 * g + i] | (levels[64 * g + 32 + i] << 4);
-        }
-    }
+    levels
 }
 
 /// Levels 0..=nmax for `x` with scale and minimum fitted by weighted least squares over `nstep` + 1

@@ -1,7 +1,7 @@
 //! Weight storage formats and their CPU reference (de)quantizers.
 //!
 //! The quantized formats are llama.cpp's, byte for byte (`ggml-quants.c`): blocks of 32 (q4_0, q4_1,
-//! q8_0) or 256 (q4_k, q6_k) consecutive elements of a row, little-endian. Dequantization is bit-exact
+//! q5_0, q5_1, q8_0) or 256 (q4_k, q5_k, q6_k) consecutive elements of a row, little-endian. Dequantization is bit-exact
 //! with ggml's and with llama.cpp's `gguf` Python package (tests/quant.rs checks goldens from it);
 //! quantization follows ggml's `quantize_row_*_ref`.
 
@@ -20,11 +20,18 @@ pub enum DType {
     Q4_0,
     /// 32 weights in 20 bytes: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m.
     Q4_1,
+    /// 32 weights in 22 bytes: f16 d, 4 bytes of fifth bits, 16 bytes of nibbles; w = d * (q - 16).
+    Q5_0,
+    /// 32 weights in 24 bytes: f16 d, f16 m, 4 bytes of fifth bits, 16 bytes of nibbles; w = d * q + m.
+    Q5_1,
     /// 32 weights in 34 bytes: f16 d, 32 int8; w = d * q.
     Q8_0,
     /// 256 weights in 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks
     /// of 32, 128 bytes of nibbles; w = d * scale * q - dmin * min.
     Q4K,
+    /// 256 weights in 176 bytes: q4_k's header, 32 bytes of fifth bits, 128 bytes of nibbles;
+    /// w = d * scale * q - dmin * min.
+    Q5K,
     /// 256 weights in 210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales of
     /// sub-blocks of 16, f16 d; w = d * scale * (q - 32).
     Q6K,
@@ -43,7 +50,24 @@ pub enum QuantError {
 }
 
 impl DType {
-    pub const ALL: [DType; 8] = [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K];
+    pub const ALL: [DType; 11] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+    ];
+
+    /// The llama.cpp block formats.
+    pub fn is_block_format(self) -> bool {
+        !matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -52,8 +76,11 @@ impl DType {
             DType::BF16 => "bf16",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
             DType::Q8_0 => "q8_0",
             DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
         }
     }
@@ -75,8 +102,11 @@ impl DType {
             DType::F16 | DType::BF16 => (1, 2),
             DType::Q4_0 => (32, 18),
             DType::Q4_1 => (32, 20),
+            DType::Q5_0 => (32, 22),
+            DType::Q5_1 => (32, 24),
             DType::Q8_0 => (32, 34),
             DType::Q4K => (256, 144),
+            DType::Q5K => (256, 176),
             DType::Q6K => (256, 210),
         }
     }
@@ -96,9 +126,12 @@ impl DType {
             DType::BF16 => 2,
             DType::Q4_0 => 3,
             DType::Q4_1 => 4,
-            DType::Q8_0 => 5,
-            DType::Q4K => 6,
-            DType::Q6K => 7,
+            DType::Q5_0 => 5,
+            DType::Q5_1 => 6,
+            DType::Q8_0 => 7,
+            DType::Q4K => 8,
+            DType::Q5K => 9,
+            DType::Q6K => 10,
         }
     }
 
@@ -114,12 +147,15 @@ impl DType {
             DType::F32 => blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             DType::F16 => blocks.map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             DType::BF16 => blocks.map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => {
+            _ => {
                 let dequantize = match self {
                     DType::Q4_0 => legacy::dequantize_q4_0,
                     DType::Q4_1 => legacy::dequantize_q4_1,
+                    DType::Q5_0 => legacy::dequantize_q5_0,
+                    DType::Q5_1 => legacy::dequantize_q5_1,
                     DType::Q8_0 => legacy::dequantize_q8_0,
                     DType::Q4K => k_quants::dequantize_q4_k,
+                    DType::Q5K => k_quants::dequantize_q5_k,
                     _ => k_quants::dequantize_q6_k,
                 };
                 let mut out = vec![0.0; bytes.len() / block_bytes * elements];
@@ -131,9 +167,9 @@ impl DType {
         })
     }
 
-    /// Encodes f32 values in this format: floats round to nearest even; q4_0, q4_1 and q8_0 are
-    /// byte-identical to ggml's `quantize_row_*_ref` (as the `gguf` package computes them), q4_k and
-    /// q6_k follow ggml's reference quantizers. `values` must be whole blocks.
+    /// Encodes f32 values in this format: floats round to nearest even; q4_0, q4_1, q5_0, q5_1 and
+    /// q8_0 are byte-identical to ggml's `quantize_row_*_ref` (as the `gguf` package computes them),
+    /// the K-quants follow ggml's reference quantizers. `values` must be whole blocks.
     pub fn from_f32(self, values: &[f32]) -> Result<Vec<u8>, QuantError> {
         let (elements, block_bytes) = self.block();
         if !values.len().is_multiple_of(elements) {
@@ -143,12 +179,15 @@ impl DType {
             DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::F16 => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
             DType::BF16 => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
-            DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => {
+            _ => {
                 let quantize = match self {
                     DType::Q4_0 => legacy::quantize_q4_0,
                     DType::Q4_1 => legacy::quantize_q4_1,
+                    DType::Q5_0 => legacy::quantize_q5_0,
+                    DType::Q5_1 => legacy::quantize_q5_1,
                     DType::Q8_0 => legacy::quantize_q8_0,
                     DType::Q4K => k_quants::quantize_q4_k,
+                    DType::Q5K => k_quants::quantize_q5_k,
                     _ => k_quants::quantize_q6_k,
                 };
                 let mut out = vec![0; values.len() / elements * block_bytes];
