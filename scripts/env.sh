@@ -1,2 +1,6 @@
 # Sourced by the scripts: a private runtime dir keeps Mesa quiet on headless machines.
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d /tmp/llama-webgpu-xdg.XXXXXX)}"
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  # One per user, not one per shell: it only has to exist and be private.
+  export XDG_RUNTIME_DIR="/tmp/llama-webgpu-xdg-$(id -u)"
+  mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+fi

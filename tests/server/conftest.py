@@ -29,6 +29,8 @@ VOCAB = 1003
 CONTEXT = 256
 MAX_BODY_BYTES = 100_000
 API_KEY = "test-key-1234"
+# Every server's log and runtime folder, removed when the tests end (a failure prints the log's tail).
+RUN_DIR = tempfile.TemporaryDirectory(prefix="llama-webgpu-server-tests-")
 
 
 def truncated_tokenizer(vocab):
@@ -98,9 +100,9 @@ class Server:
 
     def __init__(self, model_dir, *args, env=None):
         ensure_binary()
-        self.log_path = Path(tempfile.mkstemp(prefix="llama-webgpu-serve-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix="serve-", suffix=".log", dir=RUN_DIR.name)[1])
         environment = dict(os.environ)
-        environment.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="llama-webgpu-xdg-"))
+        environment.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="xdg-", dir=RUN_DIR.name))
         environment.setdefault("LLAMA_WEBGPU_LOG", "info")
         environment.update(env or {})
         command = [str(BINARY), "--quiet", "serve", "--model", str(model_dir), "--port", "0", "--context", str(CONTEXT)]
