@@ -2,7 +2,7 @@
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
 // Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
-// q4_1, q5_0, q5_1, q8_0) and `gemv_superblocks` (q4_k, q5_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
+// q4_1, q5_0, q5_1, q8_0, iq4_nl, iq4_xs) and `gemv_superblocks` (q4_k, q5_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
 // workgroup, the last two on f32 inputs or on inputs quantize.wgsl made int8 (Q8_INPUTS) or f16
 // (F16_INPUTS, tiled_coop);
 // `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
@@ -194,16 +194,16 @@ fn offset_bytes(words: vec2<u32>, offset: u32) -> vec2<u32> {
     return (words + vec2((128u - offset) * 0x01010101u)) ^ vec2(0x80808080u);
 }
 
-// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q5_0, q5_1, q8_0), GEMV_ROWS rows of
-// GEMV_COLUMNS tokens per workgroup. Four neighbouring threads share a block, each taking a quarter
-// of it: 8 weights, from one nibble word (word j's low nibbles are the block's weights 4j..4j + 3,
-// its high nibbles 16 + 4j..; a q5 block's qh word adds their fifth bits) or two q8_0 words
-// (weights 8j..8j + 7). So a subgroup's loads of inputs and of
-// quants each cover contiguous memory; a thread decodes each quarter once for every token and loads
-// each token's 8 inputs once for every row. The offset comes out of the dot product: q4_0
-// d * sum x q - 8 d * sum x (on q8 inputs the nibbles become q - 8 instead; q5_0 the same with
-// 16), q4_1 and q5_1 d * sum x q + m * sum x. A thread takes two quarters per step (GEMV_WG apart) to have twice the
-// loads in flight.
+// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, and iq4_xs's
+// blocks of 32), GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup. Four neighbouring threads
+// share a block, each taking a quarter of it: 8 weights, from one nibble word (word j's low
+// nibbles are the block's weights 4j..4j + 3, its high nibbles 16 + 4j..; a q5 block's qh word
+// adds their fifth bits; an iq4 nibble indexes a table of int8 levels) or two q8_0 words (weights
+// 8j..8j + 7). So a subgroup's loads of inputs and of quants each cover contiguous memory; a
+// thread decodes each quarter once for every token and loads each token's 8 inputs once for every
+// row. The offset comes out of the dot product: q4_0 d * sum x q - 8 d * sum x (on q8 inputs the
+// nibbles become q - 8 instead; q5_0 the same with 16), q4_1 and q5_1 d * sum x q + m * sum x. A
+// thread takes two quarters per step (GEMV_WG apart) to have twice the loads in flight.
 
 // The block columns of quarter j's inputs: two quads, whose weights a Quarter holds in order.
 fn quarter_cols(j: u32) -> vec2<u32> {
@@ -264,6 +264,14 @@ fn quarter_weights(block: u32, j: u32) -> Quarter {
                 return Quarter(vec4(0.0), vec4(0.0), offset_bytes(levels, 16u), d, 0.0);
             }
             return Quarter(quant_values(bytes_of(levels.x), 0.0), quant_values(bytes_of(levels.y), 0.0), vec2(0u), d, -16.0 * d);
+        }
+        case DTYPE_IQ4_NL, DTYPE_IQ4_XS: { // iq4: q4_0's nibbles as indices of int8 levels
+            let q = iq4_word(block, j);
+            let d = iq4_scale(block);
+            if (Q8_INPUTS) {
+                return Quarter(vec4(0.0), vec4(0.0), vec2(iq4_levels(quad_nibbles(q, false)), iq4_levels(quad_nibbles(q, true))), d, 0.0);
+            }
+            return Quarter(iq4_values(quad_nibbles(q, false)), iq4_values(quad_nibbles(q, true)), vec2(0u), d, 0.0);
         }
         case DTYPE_Q5_1: { // q5_1: f16 d, f16 m, qh, 16 bytes of nibbles (24: word-aligned)
             let start = block * (DTYPE_Q5_1_BLOCK_BYTES / 4u);

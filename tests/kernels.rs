@@ -997,14 +997,16 @@ fn top_k_matches_reference_with_ties() {
     }
 }
 
-const BLOCK_FORMATS: [DType; 8] = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K];
-/// The 5-bit formats decode in the GEMV frames of their 4-bit twins (the same quarters and pieces,
-/// a word of high bits more), so the GEMV tests run them in one form of each reduction, not all.
-const FIVE_BIT_FORMATS: [DType; 3] = [DType::Q5_0, DType::Q5_1, DType::Q5K];
+const BLOCK_FORMATS: [DType; 10] =
+    [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K, DType::IQ4NL, DType::IQ4XS];
+/// Formats that decode in the GEMV frames of a 4-bit twin (the 5-bit ones with a word of high
+/// bits more, iq4 with a table of levels: the same quarters and pieces), so the GEMV tests run
+/// them in one form of each reduction, not all.
+const TWIN_FORMATS: [DType; 5] = [DType::Q5_0, DType::Q5_1, DType::Q5K, DType::IQ4NL, DType::IQ4XS];
 
-/// The block formats a GEMV test runs in a form: the 5-bit ones only where `every_format`.
+/// The block formats a GEMV test runs in a form: the twins only where `every_format`.
 fn gemv_formats(every_format: bool) -> impl Iterator<Item = DType> {
-    BLOCK_FORMATS.into_iter().filter(move |dtype| every_format || !FIVE_BIT_FORMATS.contains(dtype))
+    BLOCK_FORMATS.into_iter().filter(move |dtype| every_format || !TWIN_FORMATS.contains(dtype))
 }
 
 #[test]

@@ -7,7 +7,8 @@ use common::{fixture, random_vec, rng};
 use llama_webgpu::quant::{quantize_rows, DType, QuantError};
 use rand::Rng;
 
-const QUANTIZED: [DType; 8] = [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K];
+const QUANTIZED: [DType; 10] =
+    [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K, DType::IQ4NL, DType::IQ4XS];
 
 struct Case {
     name: String,
@@ -122,6 +123,24 @@ fn k_quant_round_trips_stay_within_their_step() {
     }
 }
 
+/// iq4's levels are denser near zero: on bell-shaped weights (as real ones are) both iq4 formats
+/// come closer than q4_0 with the same 4 bits; zeros stay zeros.
+#[test]
+fn iq4_round_trips_beat_q4_0_on_bell_shaped_weights() {
+    let mut r = rng(9);
+    let bell: Vec<f32> = (0..256 * 40)
+        .map(|i| (0..4).map(|_| r.random_range(-1.0f32..1.0)).sum::<f32>() * (1 + i / 256 % 7) as f32 * 0.01)
+        .collect();
+    let (q4_0_rms, _) = round_trip_error(DType::Q4_0, &bell);
+    for dtype in [DType::IQ4NL, DType::IQ4XS] {
+        let (rms, max) = round_trip_error(dtype, &bell);
+        println!("{dtype}: rms {rms:.4} max {max:.4}, q4_0 rms {q4_0_rms:.4}");
+        assert!(rms < q4_0_rms && max < 0.1, "{dtype}: relative error rms {rms} (q4_0 {q4_0_rms}), max {max}");
+        let zeros = vec![0.0; 512];
+        assert!(dtype.to_f32(&dtype.from_f32(&zeros).unwrap()).unwrap().iter().all(|&v| v == 0.0), "{dtype} zeros");
+    }
+}
+
 #[test]
 fn k_quants_keep_zeros_constants_and_outliers() {
     for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
@@ -189,7 +208,9 @@ fn formats_have_llama_cpp_sizes_and_distinct_shader_codes() {
             ("q8_0", (32, 34)),
             ("q4_k", (256, 144)),
             ("q5_k", (256, 176)),
-            ("q6_k", (256, 210))
+            ("q6_k", (256, 210)),
+            ("iq4_nl", (32, 18)),
+            ("iq4_xs", (256, 136))
         ]
     );
     let mut codes: Vec<u32> = DType::ALL.into_iter().map(DType::shader_code).collect();

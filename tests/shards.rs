@@ -65,7 +65,7 @@ fn quantized_shards_compute_with_exactly_the_quantized_weights() {
     let name = "tiny-llama31";
     let tokens = longest_prompt(name);
     let original = hf_logits(&gpu, name, &tokens);
-    for quant in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1] {
+    for quant in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::IQ4NL] {
         let out = convert(name, quant, 64 << 20);
         let got = shard_logits(&gpu, &out, &tokens).unwrap();
         // The same values on the CPU: each matrix quantized and decoded back to f32.

@@ -26,6 +26,7 @@ fn i8_at(offset: u32) -> f32 {
 // Bytes of a q4_0, q5_0, q8_0 and q6_k block without its scale, as a part holds them.
 const Q4_0_QUANTS: u32 = DTYPE_Q4_0_BLOCK_BYTES - 2u;
 const Q5_0_QUANTS: u32 = DTYPE_Q5_0_BLOCK_BYTES - 2u;
+const IQ4_NL_QUANTS: u32 = DTYPE_IQ4_NL_BLOCK_BYTES - 2u;
 const Q8_0_QUANTS: u32 = DTYPE_Q8_0_BLOCK_BYTES - 2u;
 const Q6_K_QUANTS: u32 = DTYPE_Q6_K_BLOCK_BYTES - 2u;
 
@@ -42,11 +43,57 @@ fn quant_word(block: u32, quants: u32, j: u32) -> u32 {
     return w[quants / 4u * block + j];
 }
 
+// The low (or high) nibbles of bytes 0..3 of a word.
+fn quad_nibbles(word: u32, high: bool) -> vec4<u32> {
+    return (vec4(word) >> (vec4(select(0u, 4u, high)) + vec4(0u, 8u, 16u, 24u))) & vec4(0xfu);
+}
+
 // The 4 levels of 5-bit weights 4j..4j + 3 of a q5_0 or q5_1 block (nibbles: word j % 4 of its
 // nibble words, high nibbles for j >= 4), their fifth bits bits 4j..4j + 3 of the block's qh.
 fn five_bit_levels(nibbles: u32, qh: u32, j: u32) -> vec4<u32> {
-    let low = (vec4(nibbles) >> (vec4(select(0u, 4u, j >= 4u)) + vec4(0u, 8u, 16u, 24u))) & vec4(0xfu);
-    return low | (((vec4(qh) >> (vec4(4u * j) + vec4(0u, 1u, 2u, 3u))) & vec4(1u)) << vec4(4u));
+    return quad_nibbles(nibbles, j >= 4u) | (((vec4(qh) >> (vec4(4u * j) + vec4(0u, 1u, 2u, 3u))) & vec4(1u)) << vec4(4u));
+}
+
+// The int8 levels of four iq4 indices (0..15) as bytes (two's complement): each index picks its
+// word of the table (IQ4_LEVELS_*, crate::quant::IQ4_LEVELS four a word) and its byte there.
+fn iq4_level_bytes(indices: vec4<u32>) -> vec4<u32> {
+    let low = select(vec4(IQ4_LEVELS_0), vec4(IQ4_LEVELS_1), indices >= vec4(4u));
+    let high = select(vec4(IQ4_LEVELS_2), vec4(IQ4_LEVELS_3), indices >= vec4(12u));
+    return (select(low, high, indices >= vec4(8u)) >> ((indices & vec4(3u)) << vec4(3u))) & vec4(0xffu);
+}
+
+// The levels of four iq4 indices as f32.
+fn iq4_values(indices: vec4<u32>) -> vec4<f32> {
+    return quant_values(iq4_level_bytes(indices) ^ vec4(0x80u), 128.0);
+}
+
+// The levels of four iq4 indices packed in a word, index i's in byte i (int8 inputs' products).
+fn iq4_levels(indices: vec4<u32>) -> u32 {
+    let bytes = iq4_level_bytes(indices);
+    return bytes.x | (bytes.y << 8u) | (bytes.z << 16u) | (bytes.w << 24u);
+}
+
+// Word j (0..3) of the nibbles of iq4 block `block` of 32 weights (iq4_nl: the part's nibbles,
+// then its scales; iq4_xs: f16 d and u16 scales_h, 4 bytes of scales_l, then 16 bytes a block,
+// 8 blocks a super-block), laid out as q4_0's.
+fn iq4_word(block: u32, j: u32) -> u32 {
+    if (WEIGHT_DTYPE == DTYPE_IQ4_XS) {
+        return w[block / 8u * (DTYPE_IQ4_XS_BLOCK_BYTES / 4u) + 2u + 4u * (block % 8u) + j];
+    }
+    return quant_word(block, IQ4_NL_QUANTS, j);
+}
+
+// The scale of iq4 block `block`: iq4_nl's d; iq4_xs's d (ls - 32), ls the 6-bit scale of the
+// block, its low 4 bits nibble `block % 8` of scales_l, its high 2 bits from scales_h.
+fn iq4_scale(block: u32) -> f32 {
+    if (WEIGHT_DTYPE == DTYPE_IQ4_XS) {
+        let start = block / 8u * (DTYPE_IQ4_XS_BLOCK_BYTES / 4u);
+        let ib = block % 8u;
+        let low = (w[start + 1u] >> (4u * ib)) & 0xfu;
+        let high = (w[start] >> (16u + 2u * ib)) & 3u;
+        return unpack2x16float(w[start]).x * (f32(low | (high << 4u)) - 32.0);
+    }
+    return block_scale(block, IQ4_NL_QUANTS, 32u);
 }
 
 // The 6-bit scale and min of sub-block `sub` (0..7) of the q4_k or q5_k super-block at byte `base` (a
@@ -87,6 +134,12 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let q = five_bit_levels(w[start + 2u + j % 16u / 4u], w[start + 1u], j / 4u)[j % 4u];
             let dm = unpack2x16float(w[start]);
             return dm.x * f32(q) + dm.y;
+        }
+        case DTYPE_IQ4_NL, DTYPE_IQ4_XS: { // iq4: q4_0's nibbles index the int8 levels
+            let block = row * (params.k / 32u) + col / 32u;
+            let j = col % 32u;
+            let index = (iq4_word(block, j % 16u / 4u) >> (j % 4u * 8u + j / 16u * 4u)) & 0xfu;
+            return iq4_scale(block) * iq4_values(vec4(index)).x;
         }
         case DTYPE_Q8_0: { // q8_0: d, 32 int8
             let block = row * (params.k / 32u) + col / 32u;
@@ -190,6 +243,9 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
         }
         case DTYPE_Q8_0: { // q8_0
             return block_scale(block, Q8_0_QUANTS, 32u) * signed_bytes(quant_word(block, Q8_0_QUANTS, j));
+        }
+        case DTYPE_IQ4_NL, DTYPE_IQ4_XS: { // iq4: as q4_0, each nibble the index of an int8 level
+            return iq4_scale(block) * iq4_values(quad_nibbles(iq4_word(block, j % 4u), j >= 4u));
         }
         case DTYPE_Q4_K: { // q4_k: 4 nibbles of one sub-block from one word (low: even sub-blocks, high: odd)
             let start = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);

@@ -13,6 +13,8 @@ pub const Q5_0: u32 = 6;
 pub const Q5_1: u32 = 7;
 pub const Q8_0: u32 = 8;
 pub const Q5_K: u32 = 13;
+pub const IQ4_NL: u32 = 20;
+pub const IQ4_XS: u32 = 23;
 pub const BF16: u32 = 30;
 
 

@@ -389,6 +389,10 @@ pub fn shader_constants() -> Vec<(String, u32)> {
         ("OUTPUT_ROWS".into(), ops::OUTPUT_ROWS),
         ("OUTPUT_ROTARY".into(), ops::OUTPUT_ROTARY),
     ];
+    // The iq4 formats' int8 levels, four a word (lib/weights.wgsl's iq4_levels).
+    for (i, word) in crate::quant::IQ4_LEVELS.chunks_exact(4).enumerate() {
+        constants.push((format!("IQ4_LEVELS_{i}"), u32::from_le_bytes([word[0] as u8, word[1] as u8, word[2] as u8, word[3] as u8])));
+    }
     for dtype in DType::ALL {
         let name = format!("DTYPE_{}", dtype.name().to_uppercase());
         let (elements, bytes) = dtype.block();

@@ -570,7 +570,7 @@ pub fn matmul(gpu: &Gpu, product: Product) -> ByTokens {
     // vec4s (the block sizes make k a multiple of 32). On q8 inputs every strategy reads them as
     // the quantize op left them, its INPUT applied.
     let entry = match w.dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => MatmulEntry::GemvBlocks,
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL | DType::IQ4XS => MatmulEntry::GemvBlocks,
         DType::Q4K | DType::Q5K | DType::Q6K => MatmulEntry::GemvSuperblocks,
         _ => MatmulEntry::Gemv,
     };
@@ -640,7 +640,7 @@ enum MatmulEntry {
     Gather,
     /// GEMVs of f32, f16 and bf16 weights,
     Gemv,
-    /// of q4_0, q4_1, q5_0, q5_1 and q8_0 blocks,
+    /// of q4_0, q4_1, q5_0, q5_1, q8_0 and iq4 blocks (iq4_xs's blocks of 32),
     GemvBlocks,
     /// of q4_k, q5_k and q6_k superblocks.
     GemvSuperblocks,

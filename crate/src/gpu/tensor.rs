@@ -58,7 +58,7 @@ impl WeightMatrix {
         Ok(Self { dtype, rows, cols, parts })
     }
 
-    /// Bytes of a row, in the file and (rearranged for q4_0, q5_0, q8_0 and q6_k) in a part.
+    /// Bytes of a row, in the file and (rearranged for q4_0, q5_0, q8_0, q6_k and iq4_nl) in a part.
     pub fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
@@ -80,7 +80,7 @@ impl WeightMatrix {
     }
 
     /// Where `bytes`, whole rows from `first_row` on in the file's layout, land in the parts as
-    /// they hold them (the file's layout, but q4_0's, q5_0's, q8_0's and q6_k's rearranged: [`PartBytes`]):
+    /// they hold them (the file's layout, but q4_0's, q5_0's, q8_0's, q6_k's and iq4_nl's rearranged: [`PartBytes`]):
     /// `place(buffer, offset, piece)` for each contiguous piece, the offset a multiple of 4 when
     /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]). The caller writes a piece
     /// where it wants it ([`PartBytes::write_to`]), so rearranging takes no memory of its own.
@@ -176,11 +176,11 @@ impl PartBytes<'_> {
 }
 
 /// Where the f16 scale d lies in a block of the formats whose blocks would leave every other
-/// block's quants off a word (q4_0's 18 bytes, q5_0's 22, q8_0's 34, q6_k's 210), which a part holds with
+/// block's quants off a word (q4_0's and iq4_nl's 18 bytes, q5_0's 22, q8_0's 34, q6_k's 210), which a part holds with
 /// the scales apart ([`ScalesApart`]).
 fn scale_offset(dtype: DType) -> Option<usize> {
     match dtype {
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => Some(0),
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL => Some(0),
         DType::Q6K => Some(208),
         _ => None,
     }

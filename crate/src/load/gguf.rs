@@ -635,6 +635,8 @@ fn ggml_dtype(type_id: u32) -> Option<DType> {
         12 => DType::Q4K,
         13 => DType::Q5K,
         14 => DType::Q6K,
+        20 => DType::IQ4NL,
+        23 => DType::IQ4XS,
         30 => DType::BF16,
         _ => return None,
     })

@@ -3,10 +3,7 @@
 //! weighted least-squares search over scale and minimum) and `quantize_row_q6_K_ref`
 //! (make_qx_quants: a search over symmetric scales), operation for operation in f32.
 
-use super::{nearest_int, read_f16, write_f16};
-
-/// Below this a group counts as all zeros (ggml's GROUP_MAX_EPS).
-const GROUP_MAX_EPS: f32 = 1e-15;
+use super::{largest_magnitude, nearest_int, read_f16, write_f16, GROUP_MAX_EPS};
 
 /// The 6-bit scale and minimum of q4_k sub-block `j` from the 12 packed bytes: sub-blocks 0..4 use
 /// the low 6 bits of bytes j and j + 4; sub-blocks 4..8 put their low 4 bits in byte j + 4 and their
@@ -269,13 +266,7 @@ pub(super) fn quantize_q6_k(x: &[f32], out: &mut [u8]) {
 /// Symmetric levels -nmax..nmax-1 (stored + nmax) for `x`, trying 19 scales around -nmax / max and
 /// keeping the one with the best x²-weighted fit (ggml's make_qx_quants, rmse_type 1, no weights).
 fn make_qx_quants(nmax: i32, x: &[f32], levels: &mut [u8]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = largest_magnitude(x);
     if amax < GROUP_MAX_EPS {
         levels.fill(0);
         return 0.0;

@@ -5,7 +5,7 @@
 //! Quantization does its arithmetic in f32 in the order of ggml's `quantize_row_*_ref` as the `gguf`
 //! package computes it, so the bytes are identical.
 
-use super::{read_f16, write_f16};
+use super::{largest_magnitude, read_f16, write_f16};
 
 pub(super) fn dequantize_q4_0(block: &[u8], out: &mut [f32]) {
     let d = read_f16(block, 0);
@@ -67,12 +67,7 @@ pub(super) fn dequantize_q8_0(block: &[u8], out: &mut [f32]) {
 /// The scale d of q4_0 and q5_0, which maps the first element of largest magnitude, sign kept, to
 /// -`lowest_level` (8, 16), and 1 / d (0 for d = 0).
 fn symmetric_scale(x: &[f32], lowest_level: f32) -> (f32, f32) {
-    let mut max = x[0];
-    for &v in &x[1..] {
-        if v.abs() > max.abs() {
-            max = v;
-        }
-    }
+    let (max, _) = largest_magnitude(x);
     let d = max / -lowest_level;
     (d, if d != 0.0 { 1.0 / d } else { 0.0 })
 }

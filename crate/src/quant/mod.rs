@@ -1,14 +1,18 @@
 //! Weight storage formats and their CPU reference (de)quantizers.
 //!
 //! The quantized formats are llama.cpp's, byte for byte (`ggml-quants.c`): blocks of 32 (q4_0, q4_1,
-//! q5_0, q5_1, q8_0) or 256 (q4_k, q5_k, q6_k) consecutive elements of a row, little-endian. Dequantization is bit-exact
+//! q5_0, q5_1, q8_0, iq4_nl) or 256 (q4_k, q5_k, q6_k, iq4_xs) consecutive elements of a row,
+//! little-endian. Dequantization is bit-exact
 //! with ggml's and with llama.cpp's `gguf` Python package (tests/quant.rs checks goldens from it);
 //! quantization follows ggml's `quantize_row_*_ref`.
 
+mod iq4;
 mod k_quants;
 mod legacy;
 
 use half::{bf16, f16};
+
+pub use iq4::IQ4_LEVELS;
 
 /// How the elements of a weight tensor are stored, on disk and in GPU buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,6 +39,11 @@ pub enum DType {
     /// 256 weights in 210 bytes: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales of
     /// sub-blocks of 16, f16 d; w = d * scale * (q - 32).
     Q6K,
+    /// 32 weights in 18 bytes: f16 d, 16 bytes of nibbles indexing 16 int8 levels; w = d * level.
+    IQ4NL,
+    /// 256 weights in 136 bytes: f16 d, 6-bit scales of its 8 blocks of 32 (u16 of high bits, 4
+    /// bytes of low nibbles), 128 bytes of iq4_nl's nibbles; w = d * (scale - 32) * level.
+    IQ4XS,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +59,7 @@ pub enum QuantError {
 }
 
 impl DType {
-    pub const ALL: [DType; 11] = [
+    pub const ALL: [DType; 13] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -62,6 +71,8 @@ impl DType {
         DType::Q4K,
         DType::Q5K,
         DType::Q6K,
+        DType::IQ4NL,
+        DType::IQ4XS,
     ];
 
     /// The llama.cpp block formats.
@@ -82,6 +93,8 @@ impl DType {
             DType::Q4K => "q4_k",
             DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
+            DType::IQ4NL => "iq4_nl",
+            DType::IQ4XS => "iq4_xs",
         }
     }
 
@@ -108,6 +121,8 @@ impl DType {
             DType::Q4K => (256, 144),
             DType::Q5K => (256, 176),
             DType::Q6K => (256, 210),
+            DType::IQ4NL => (32, 18),
+            DType::IQ4XS => (256, 136),
         }
     }
 
@@ -132,6 +147,8 @@ impl DType {
             DType::Q4K => 8,
             DType::Q5K => 9,
             DType::Q6K => 10,
+            DType::IQ4NL => 11,
+            DType::IQ4XS => 12,
         }
     }
 
@@ -156,6 +173,8 @@ impl DType {
                     DType::Q8_0 => legacy::dequantize_q8_0,
                     DType::Q4K => k_quants::dequantize_q4_k,
                     DType::Q5K => k_quants::dequantize_q5_k,
+                    DType::IQ4NL => iq4::dequantize_iq4_nl,
+                    DType::IQ4XS => iq4::dequantize_iq4_xs,
                     _ => k_quants::dequantize_q6_k,
                 };
                 let mut out = vec![0.0; bytes.len() / block_bytes * elements];
@@ -169,7 +188,7 @@ impl DType {
 
     /// Encodes f32 values in this format: floats round to nearest even; q4_0, q4_1, q5_0, q5_1 and
     /// q8_0 are byte-identical to ggml's `quantize_row_*_ref` (as the `gguf` package computes them),
-    /// the K-quants follow ggml's reference quantizers. `values` must be whole blocks.
+    /// the K-quants and iq4 formats follow ggml's reference quantizers. `values` must be whole blocks.
     pub fn from_f32(self, values: &[f32]) -> Result<Vec<u8>, QuantError> {
         let (elements, block_bytes) = self.block();
         if !values.len().is_multiple_of(elements) {
@@ -188,6 +207,8 @@ impl DType {
                     DType::Q8_0 => legacy::quantize_q8_0,
                     DType::Q4K => k_quants::quantize_q4_k,
                     DType::Q5K => k_quants::quantize_q5_k,
+                    DType::IQ4NL => iq4::quantize_iq4_nl,
+                    DType::IQ4XS => iq4::quantize_iq4_xs,
                     _ => k_quants::quantize_q6_k,
                 };
                 let mut out = vec![0; values.len() / elements * block_bytes];
@@ -226,6 +247,22 @@ fn read_f16(block: &[u8], offset: usize) -> f32 {
 
 fn write_f16(block: &mut [u8], offset: usize, value: f32) {
     block[offset..offset + 2].copy_from_slice(&f16::from_f32(value).to_le_bytes());
+}
+
+/// Below this a group of weights counts as all zeros (ggml's GROUP_MAX_EPS).
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// The first element of largest magnitude, sign kept, and that magnitude (0 and 0 for all zeros),
+/// as ggml's quantizers find them.
+fn largest_magnitude(x: &[f32]) -> (f32, f32) {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
 }
 
 /// ggml's `nearest_int`: round half to even (exact for |v| < 2^22, the range ggml asserts).
