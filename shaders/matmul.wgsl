@@ -2,7 +2,7 @@
 // (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block format, decoded in the kernel with
 // f32 arithmetic. The gather lives here because it shares the block decoding with the products.
 // Entry points: for a few tokens (decode steps) `gemv` (f32, f16, bf16), `gemv_blocks` (q4_0,
-// q4_1, q5_0, q5_1, q8_0, iq4_nl, iq4_xs) and `gemv_superblocks` (q4_k, q5_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
+// q4_1, q5_0, q5_1, q8_0, iq4_nl, iq4_xs) and `gemv_superblocks` (q2_k, q3_k, q4_k, q5_k, q6_k), each taking 1 or MAX_GEMV_COLUMNS tokens per
 // workgroup, the last two on f32 inputs or on inputs quantize.wgsl made int8 (Q8_INPUTS) or f16
 // (F16_INPUTS, tiled_coop);
 // `tiled` for prompt prefill (`tiled_coop` on tensor cores where the device has
@@ -375,20 +375,21 @@ fn gemv_blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n_
     store_columns(thread, origin, sums, squares);
 }
 
-// GEMV for the 256-weight super-block formats (q4_k, q5_k, q6_k), GEMV_ROWS rows of GEMV_COLUMNS
-// tokens per workgroup. A super-block is 4 units of 64 weights: two runs of 32, a and b, whose quants
-// are the low and the high nibbles of the same 32 bytes (q4_k and q5_k: sub-blocks 2i and 2i + 1,
-// q5_k's fifth bits bits 2i and 2i + 1 of its 32 bytes of qh; q6_k: quarters q and q + 2 of a half,
-// whose 2 high bits share the half's 32 bytes of qh). Four neighbouring threads share a unit, each
-// taking 8 of its quant bytes, 8 weights of each run: a subgroup's loads of inputs and of quants
-// cover contiguous memory. A thread loads a piece's quants and scales once for every token. The
-// mins of q4_k and q5_k come out of the dot product: d sc (sum x q) - dmin m (sum x) per sub-block.
-// A run is 8 weights of one 32-weight q8 input block (the sub-blocks and q6_k's quarters are 32
-// long), so on q8 inputs a run's product is one integer sum times its scale and the block's d_x.
+// GEMV for the 256-weight super-block formats (q2_k, q3_k, q4_k, q5_k, q6_k), GEMV_ROWS rows of
+// GEMV_COLUMNS tokens per workgroup. A super-block is 4 units of 64 weights: two runs of 32, a and
+// b, whose levels share the same 32 bytes (lib/weights.wgsl's unit_column and level_bits: q4_k and
+// q5_k: sub-blocks 2i and 2i + 1 in the low and high nibbles, q5_k's fifth bits in its 32 bytes of
+// qh; q6_k, q3_k, q2_k: quarters q and q + 2 of a half, whose high bits share the half's 32 bytes of
+// qh or hmask). Four neighbouring threads share a unit, each taking 8 of its quant bytes, 8 weights
+// of each run: a subgroup's loads of inputs and of quants cover contiguous memory. A thread loads a
+// piece's quants and scales once for every token. The mins of q4_k, q5_k and q2_k come out of the
+// dot product: d sc (sum x q) - dmin m (sum x) per sub-block. A run is 8 weights of one 32-weight q8
+// input block (the sub-blocks and the quarters are 32 long), so on q8 inputs a run's product is one
+// integer sum times its scale and the block's d_x.
 
-// A piece of one row: its quant words (the nibbles in `low`; q5_k's and q6_k's high bits in `high`;
-// Q8_INPUTS: runs a's and b's 8 weights as int8 words in `low` and `high`), and each run's scale and
-// min: sum x w = scales.a (a . qa) + scales.b (b . qb) - mins . (sum a, sum b).
+// A piece of one row: its quant words (the low bits in `low`, the high bits in `high`; Q8_INPUTS:
+// runs a's and b's 8 weights as int8 words in `low` and `high`), and each run's scale and min:
+// sum x w = scales.a (a . qa) + scales.b (b . qb) - mins . (sum a, sum b).
 struct Piece {
     low: vec2<u32>,
     high: vec2<u32>,
@@ -396,84 +397,47 @@ struct Piece {
     mins: vec2<f32>,
 }
 
-// Where a unit's high bits lie in its qh bytes: the shifts of runs a and b, and the mask of a level's
-// high bits after the shift (q5_k: bits 2 part and 2 part + 1; q6_k: bits 2 quarter and + 4, two each).
-struct HighBits {
-    shifts: vec2<u32>,
-    mask: u32,
-}
-
-fn high_bits(part: u32) -> HighBits {
-    if (WEIGHT_DTYPE == DTYPE_Q5_K) {
-        return HighBits(vec2(2u * part, 2u * part + 1u), 1u);
-    }
-    let shift = 2u * (part % 2u);
-    return HighBits(vec2(shift, shift + 4u), 3u);
-}
-
-// Runs a's and b's levels of a piece as words of bytes: the nibbles with the high bits above them.
-fn run_levels(low: vec2<u32>, high: vec2<u32>, bits: HighBits) -> array<vec2<u32>, 2> {
-    let mask = vec2(bits.mask * 0x01010101u);
-    let a = (low & vec2(0x0f0f0f0fu)) | (((high >> vec2(bits.shifts.x)) & mask) << vec2(4u));
-    let b = ((low >> vec2(4u)) & vec2(0x0f0f0f0fu)) | (((high >> vec2(bits.shifts.y)) & mask) << vec2(4u));
+// Runs a's and b's levels of a piece as words of bytes: the low bits with the high bits above them.
+fn run_levels(low: vec2<u32>, high: vec2<u32>, bits: LevelBits) -> array<vec2<u32>, 2> {
+    let low_mask = vec2(bits.low_mask * 0x01010101u);
+    let high_mask = vec2(bits.high_mask * 0x01010101u);
+    let a = ((low >> vec2(bits.low_shifts.x)) & low_mask) | (((high >> vec2(bits.high_shifts.x)) & high_mask) << vec2(bits.high_at));
+    let b = ((low >> vec2(bits.low_shifts.y)) & low_mask) | (((high >> vec2(bits.high_shifts.y)) & high_mask) << vec2(bits.high_at));
     return array(a, b);
 }
 
-// The piece of super-block `block` at unit `part`, quant bytes 8j..8j + 7.
-fn superblock_piece(block: u32, part: u32, j: u32) -> Piece {
-    if (WEIGHT_DTYPE == DTYPE_Q4_K || WEIGHT_DTYPE == DTYPE_Q5_K) {
-        // f16 d, f16 dmin, 12 bytes of scales, (q5_k: 32 of qh,) 128 of nibbles (144, 176: word-aligned)
-        let five = WEIGHT_DTYPE == DTYPE_Q5_K;
-        let start = block * select(DTYPE_Q4_K_BLOCK_BYTES, DTYPE_Q5_K_BLOCK_BYTES, five);
-        let quants = (start + select(16u, 48u, five) + part * 32u) / 4u + 2u * j;
-        let sm_a = q4k_scale_min(start, 2u * part);
-        let sm_b = q4k_scale_min(start, 2u * part + 1u);
-        let dm = unpack2x16float(w[start / 4u]);
-        let words = vec2(w[quants], w[quants + 1u]);
-        var qh = vec2(0u);
-        if (five) {
-            let at = (start + 16u) / 4u + 2u * j;
-            qh = vec2(w[at], w[at + 1u]);
-        }
-        let scales = dm.x * vec2(sm_a.x, sm_b.x);
-        let mins = dm.y * vec2(sm_a.y, sm_b.y);
-        if (Q8_INPUTS) {
-            let levels = run_levels(words, qh, high_bits(part));
-            return Piece(levels[0], levels[1], scales, mins);
-        }
-        return Piece(words, qh, scales, mins);
-    }
-    // q6_k: 128 bytes of low nibbles, 64 of high 2 bits, 16 int8 scales (the part's d after its
-    // blocks). Each 16 weights have a scale: a's are scales 2q and 2q + 1 of the half, b's 2q + 4
-    // and 2q + 5; this thread's 8 weights lie in the (j / 2)th 16 of each run.
-    let start = block * Q6_K_QUANTS;
-    let half = part / 2u;
-    let quarter = part % 2u;
-    let low_at = start + half * 64u + quarter * 32u + 8u * j;
-    let high_at = start + 128u + half * 32u + 8u * j;
-    let scales_at = start + 192u + half * 8u + 2u * quarter + j / 2u;
-    let d = block_scale(block, Q6_K_QUANTS, 256u);
-    let low = vec2(w[low_at / 4u], w[low_at / 4u + 1u]);
-    let high = vec2(w[high_at / 4u], w[high_at / 4u + 1u]);
-    let scales = d * vec2(i8_at(scales_at), i8_at(scales_at + 4u));
-    if (Q8_INPUTS) {
-        let levels = run_levels(low, high, high_bits(part));
-        return Piece(offset_bytes(levels[0], 32u), offset_bytes(levels[1], 32u), scales, vec2(0.0));
-    }
-    return Piece(low, high, scales, vec2(0.0));
+// The first super-block column of each run of a piece at unit `part`, quant bytes 8j..8j + 7.
+fn piece_columns(part: u32, j: u32) -> vec2<u32> {
+    return vec2(unit_column(part, 0u, 8u * j), unit_column(part, 1u, 8u * j));
 }
 
-// The first input column of each run of a piece: q4_k's and q5_k's runs at 64 part and + 32;
-// q6_k's at half part / 2, quarters part % 2 and + 2.
-fn piece_columns(sb: u32, part: u32, j: u32) -> vec2<u32> {
-    let q6_k = WEIGHT_DTYPE == DTYPE_Q6_K;
-    let col_a = sb * 256u + select(part * 64u, (part / 2u) * 128u + (part % 2u) * 32u, q6_k) + 8u * j;
-    return vec2(col_a, col_a + select(32u, 64u, q6_k));
+// The piece of super-block `block` at unit `part`, quant bytes 8j..8j + 7, its runs at columns
+// `cols`. Each 16 or 32 weights have a scale; this thread's 8 weights of a run lie within one.
+fn superblock_piece(block: u32, part: u32, j: u32, cols: vec2<u32>) -> Piece {
+    let start = superblock_start(block);
+    let at = unit_bytes(start, part) / 4u + vec2(2u * j);
+    let low = vec2(w[at.x], w[at.x + 1u]);
+    var high = vec2(0u);
+    if (WEIGHT_DTYPE == DTYPE_Q3_K || WEIGHT_DTYPE == DTYPE_Q5_K || WEIGHT_DTYPE == DTYPE_Q6_K) {
+        high = vec2(w[at.y], w[at.y + 1u]);
+    }
+    let scales_mins = superblock_scales_mins(block, start, cols);
+    let scales = scales_mins.scales;
+    let mins = scales_mins.mins;
+    if (Q8_INPUTS) {
+        let levels = run_levels(low, high, level_bits(part));
+        let offset = u32(level_offset());
+        if (offset != 0u) {
+            return Piece(offset_bytes(levels[0], offset), offset_bytes(levels[1], offset), scales, mins);
+        }
+        return Piece(levels[0], levels[1], scales, mins);
+    }
+    return Piece(low, high, scales, mins);
 }
 
 // A token's inputs of one piece, lined up with its runs: as floats a and b (two quads each), or
 // (Q8_INPUTS) as two int8 words each with their blocks' scales d; and each run's sum (on q8 inputs
-// a quarter of its block's).
+// a quarter of its block's, or for q2_k, whose mins change every 16 weights, its own).
 struct PieceInputs {
     a: array<vec4<f32>, 2>,
     b: array<vec4<f32>, 2>,
@@ -493,6 +457,12 @@ fn piece_inputs(t: u32, cols: vec2<u32>) -> PieceInputs {
         let scales_b = q8_block_scales(row, cols.y / Q8_BLOCK);
         inputs.d = vec2(scales_a.x, scales_b.x);
         inputs.sums = vec2(scales_a.y, scales_b.y);
+        if (WEIGHT_DTYPE == DTYPE_Q2_K) {
+            let ones = 0x01010101u;
+            let a = dot4I8Packed(inputs.words[0].x, ones) + dot4I8Packed(inputs.words[0].y, ones);
+            let b = dot4I8Packed(inputs.words[1].x, ones) + dot4I8Packed(inputs.words[1].y, ones);
+            inputs.sums = inputs.d * vec2<f32>(vec2(a, b));
+        }
     } else {
         let x_base = t * params.in_stride;
         inputs.a = array(input_quad(x_base, cols.x), input_quad(x_base, cols.x + 4u));
@@ -513,17 +483,11 @@ fn piece_dot(p: Piece, part: u32, x: PieceInputs) -> f32 {
     } else if (WEIGHT_DTYPE == DTYPE_Q4_K) {
         dots.x = dot(x.a[0], low_nibbles(p.low.x)) + dot(x.a[1], low_nibbles(p.low.y));
         dots.y = dot(x.b[0], high_nibbles(p.low.x)) + dot(x.b[1], high_nibbles(p.low.y));
-    } else { // q5_k, q6_k: the nibbles with their high bits
-        let bits = high_bits(part);
-        let offset = select(32.0, 0.0, WEIGHT_DTYPE == DTYPE_Q5_K);
-        let bytes = vec4(0u, 8u, 16u, 24u);
+    } else { // the low bits with their high bits
+        let bits = level_bits(part);
         for (var i = 0u; i < 2u; i++) {
-            let l = vec4(p.low[i]) >> bytes;
-            let h = vec4(p.high[i]) >> bytes;
-            let qa = quant_values((l & vec4(0xfu)) | (((h >> vec4(bits.shifts.x)) & vec4(bits.mask)) << vec4(4u)), offset);
-            let qb = quant_values(((l >> vec4(4u)) & vec4(0xfu)) | (((h >> vec4(bits.shifts.y)) & vec4(bits.mask)) << vec4(4u)), offset);
-            dots.x += dot(x.a[i], qa);
-            dots.y += dot(x.b[i], qb);
+            dots.x += dot(x.a[i], quant_values(quad_levels(p.low[i], p.high[i], bits, 0u), level_offset()));
+            dots.y += dot(x.b[i], quant_values(quad_levels(p.low[i], p.high[i], bits, 1u), level_offset()));
         }
     }
     return p.scales.x * dots.x + p.scales.y * dots.y - dot(p.mins, x.sums);
@@ -542,11 +506,12 @@ fn gemv_superblocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
         let sb = index / 16u;
         let part = index / 4u % 4u; // the unit
         let j = index % 4u;         // its quant bytes 8j..8j + 7, weights 8j..8j + 7 of each run
+        let piece_cols = piece_columns(part, j);
         var pieces: array<Piece, 4>;
         for (var r = 0u; r < GEMV_ROWS; r++) {
-            pieces[r] = superblock_piece(slot_row(origin, r) * superblocks + sb, part, j);
+            pieces[r] = superblock_piece(slot_row(origin, r) * superblocks + sb, part, j, piece_cols);
         }
-        let cols = piece_columns(sb, part, j);
+        let cols = vec2(256u * sb) + piece_cols;
         for (var c = 0u; c < GEMV_COLUMNS; c++) {
             let t = column_token(origin.t0, c);
             let inputs = piece_inputs(t, cols);

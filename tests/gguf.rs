@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::gguf_writer::{convert_to_gguf, converter_rope_freqs, f32_bytes, permute_rows, string, Writer, F16, F32, IQ4_NL, IQ4_XS, Q5_0, Q5_1, Q5_K, Q8_0};
+use common::gguf_writer::{convert_to_gguf, converter_rope_freqs, f32_bytes, permute_rows, string, Writer, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q5_0, Q5_1, Q5_K, Q8_0};
 use common::{assert_close, fixture, gpu};
 use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource, WeightStream};
 use llama_webgpu::model::{Llama3Scaling, ModelError, Rope, RopeScaling};
@@ -202,7 +202,7 @@ fn tensor_data_beyond_the_file_names_the_tensor() {
 
 #[test]
 fn unknown_and_unsupported_ggml_types_name_the_type_id() {
-    for (type_id, name) in [(11, "Q3_K"), (21, "IQ3_S"), (99, "unknown")] {
+    for (type_id, name) in [(16, "IQ2_XXS"), (21, "IQ3_S"), (99, "unknown")] {
         let file = small_file().tensor("c.weight", &[256], type_id, vec![0; 256]);
         let err = parse(file.build()).err().unwrap();
         assert!(
@@ -271,7 +271,18 @@ fn malformed_headers_are_errors_not_panics_or_huge_allocations() {
 #[test]
 fn hf_names_reach_llama_cpp_tensors_with_q_and_k_rows_unpermuted() {
     let (n_heads, n_kv_heads, head_dim, cols) = (4, 2, 8, 256);
-    for (dtype, ggml_type) in [(DType::F32, F32), (DType::Q8_0, Q8_0), (DType::Q5_0, Q5_0), (DType::Q5_1, Q5_1), (DType::Q5K, Q5_K), (DType::IQ4NL, IQ4_NL), (DType::IQ4XS, IQ4_XS)] {
+    let formats = [
+        (DType::F32, F32),
+        (DType::Q8_0, Q8_0),
+        (DType::Q5_0, Q5_0),
+        (DType::Q5_1, Q5_1),
+        (DType::Q2K, Q2_K),
+        (DType::Q3K, Q3_K),
+        (DType::Q5K, Q5_K),
+        (DType::IQ4NL, IQ4_NL),
+        (DType::IQ4XS, IQ4_XS),
+    ];
+    for (dtype, ggml_type) in formats {
         // Row r of the HF matrices holds r + its column / 1000, so every row is recognisable.
         let hf = |rows: usize| -> Vec<f32> { (0..rows * cols).map(|e| (e / cols) as f32 + (e % cols) as f32 / 1000.0).collect() };
         let q = quantize_rows(dtype, &hf(n_heads * head_dim), cols).unwrap();

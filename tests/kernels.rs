@@ -997,16 +997,14 @@ fn top_k_matches_reference_with_ties() {
     }
 }
 
-const BLOCK_FORMATS: [DType; 10] =
-    [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K, DType::IQ4NL, DType::IQ4XS];
-/// Formats that decode in the GEMV frames of a 4-bit twin (the 5-bit ones with a word of high
-/// bits more, iq4 with a table of levels: the same quarters and pieces), so the GEMV tests run
-/// them in one form of each reduction, not all.
-const TWIN_FORMATS: [DType; 5] = [DType::Q5_0, DType::Q5_1, DType::Q5K, DType::IQ4NL, DType::IQ4XS];
+/// Formats that decode in the GEMV frames of another (the 5-bit ones as their 4-bit twins with a
+/// word of high bits more, iq4 with a table of levels, q2_k and q3_k in q6_k's quarters: the same
+/// quarters and pieces), so the GEMV tests run them in one form of each reduction, not all.
+const TWIN_FORMATS: [DType; 7] = [DType::Q5_0, DType::Q5_1, DType::Q2K, DType::Q3K, DType::Q5K, DType::IQ4NL, DType::IQ4XS];
 
 /// The block formats a GEMV test runs in a form: the twins only where `every_format`.
 fn gemv_formats(every_format: bool) -> impl Iterator<Item = DType> {
-    BLOCK_FORMATS.into_iter().filter(move |dtype| every_format || !TWIN_FORMATS.contains(dtype))
+    DType::block_formats().filter(move |dtype| every_format || !TWIN_FORMATS.contains(dtype))
 }
 
 #[test]
@@ -1020,7 +1018,7 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
     let Some(whole) = checked_gpu(bounds_checks) else { return };
     // 37 rows: a part ends on an odd row; k = 96 gives 54-byte q4_0 rows that straddle u32 words.
     let shapes = [(37, 512), (37, 96)];
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         for (rows, k) in shapes {
             if k % dtype.block().0 != 0 {
                 continue;
@@ -1064,7 +1062,7 @@ fn quant_values_from_float_bits_equal_their_integer_conversions() {
     let Some(from_bits) = gpu_with(&options) else { return };
     let Some(converted) = gpu_with(&GpuOptions { int_conversions: true, ..options }) else { return };
     let norm = random_vec(&mut rng(62), k, 2.0);
-    for dtype in BLOCK_FORMATS {
+    for dtype in DType::block_formats() {
         for n in [1, 3, 11, 37] {
             let [bits, conversions] = [&from_bits, &converted].map(|gpu| {
                 let (_, w) = weights(gpu, 61, dtype, rows, k);

@@ -1,14 +1,12 @@
 //! The CPU (de)quantizers against goldens from llama.cpp's `gguf` package
-//! (tests/fixtures/quant/make_quant_goldens.py), K-quant round trips, and input validation.
+//! (tests/fixtures/quant/make_quant_goldens.py) and from ggml's own quantizers
+//! (make_ggml_quant_goldens.py), K-quant round trips, and input validation.
 
 mod common;
 
 use common::{fixture, random_vec, rng};
 use llama_webgpu::quant::{quantize_rows, DType, QuantError};
 use rand::Rng;
-
-const QUANTIZED: [DType; 10] =
-    [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K, DType::IQ4NL, DType::IQ4XS];
 
 struct Case {
     name: String,
@@ -50,7 +48,7 @@ fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
 
 #[test]
 fn dequantization_matches_gguf_bit_for_bit() {
-    for dtype in QUANTIZED {
+    for dtype in DType::block_formats() {
         let cases = goldens(dtype);
         assert!(!cases.is_empty());
         for case in cases {
@@ -60,24 +58,43 @@ fn dequantization_matches_gguf_bit_for_bit() {
     }
 }
 
+/// `dtype.from_f32(input)` equals `want` byte for byte, naming the first differing byte.
+fn assert_quantizes_to(dtype: DType, what: &str, input: &[f32], want: &[u8], reference: &str) {
+    let got = dtype.from_f32(input).unwrap();
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
+        let (elements, bytes) = dtype.block();
+        panic!(
+            "{dtype} {what}: byte {i} (block {}, values {:?}) is {:#04x} but {reference} gives {:#04x}",
+            i / bytes,
+            &input[i / bytes * elements..][..elements],
+            got[i],
+            want[i]
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{dtype} {what}");
+}
+
 #[test]
 fn legacy_quantization_matches_gguf_byte_for_byte() {
     for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0] {
         for case in goldens(dtype) {
             let input = case.input.expect("legacy goldens carry their input");
-            let got = dtype.from_f32(&input).unwrap();
-            if let Some(i) = got.iter().zip(&case.quantized).position(|(g, w)| g != w) {
-                let (elements, bytes) = dtype.block();
-                panic!(
-                    "{dtype} {}: byte {i} (block {}, values {:?}) is {:#04x} but gguf gives {:#04x}",
-                    case.name,
-                    i / bytes,
-                    &input[i / bytes * elements..][..elements],
-                    got[i],
-                    case.quantized[i]
-                );
-            }
-            assert_eq!(got.len(), case.quantized.len(), "{dtype} {}", case.name);
+            assert_quantizes_to(dtype, &case.name, &input, &case.quantized, "gguf");
+        }
+    }
+}
+
+/// The quantizers `gguf` lacks against ggml's C (llama-quantize without an importance matrix).
+#[test]
+fn k_quant_and_iq4_quantization_matches_ggml_byte_for_byte() {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("quant/ggml_quant_goldens.json")).unwrap()).unwrap();
+    for dtype in [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K, DType::IQ4NL, DType::IQ4XS] {
+        let cases = json["formats"][dtype.name()].as_object().unwrap_or_else(|| panic!("no ggml goldens for {dtype}"));
+        assert!(cases.len() >= 10, "{dtype}: {} cases", cases.len());
+        for (name, quantized) in cases {
+            let input = f32s(&hex(json["inputs"][name].as_str().unwrap()));
+            assert_quantizes_to(dtype, name, &input, &hex(quantized.as_str().unwrap()), "ggml");
         }
     }
 }
@@ -96,7 +113,8 @@ fn round_trip_error(dtype: DType, values: &[f32]) -> (f64, f64) {
 
 /// Bounds (relative RMS error, relative max error) for uniform and Gaussian-like weights: a 4-bit
 /// step over a sub-block's range is 1/15 of it (half a step at most when the fit is the min-max one),
-/// a 5-bit step 1/31, a 6-bit step 1/63.
+/// a 5-bit step 1/31, a 6-bit step 1/63; q2_k's 1/3 of a range of 16 weights, q3_k's a quarter of
+/// their largest magnitude (its levels -4..3 clamp a value opposite the largest by up to a step).
 #[test]
 fn k_quant_round_trips_stay_within_their_step() {
     let mut r = rng(7);
@@ -106,13 +124,19 @@ fn k_quant_round_trips_stay_within_their_step() {
         .map(|i| (0..4).map(|_| r.random_range(-1.0f32..1.0)).sum::<f32>() * (1 + i / 256 % 7) as f32 * 0.01)
         .collect();
     for (name, values) in [("uniform", &uniform), ("bell", &bell)] {
+        let (q2_k_rms, q2_k_max) = round_trip_error(DType::Q2K, values);
+        let (q3_k_rms, q3_k_max) = round_trip_error(DType::Q3K, values);
         let (q4_k_rms, q4_k_max) = round_trip_error(DType::Q4K, values);
         let (q5_k_rms, q5_k_max) = round_trip_error(DType::Q5K, values);
         let (q6_k_rms, q6_k_max) = round_trip_error(DType::Q6K, values);
         let (q4_0_rms, _) = round_trip_error(DType::Q4_0, values);
         let (q5_0_rms, _) = round_trip_error(DType::Q5_0, values);
         let (q8_0_rms, _) = round_trip_error(DType::Q8_0, values);
+        println!("{name}: q2_k rms {q2_k_rms:.4} max {q2_k_max:.4}, q3_k rms {q3_k_rms:.4} max {q3_k_max:.4}");
         println!("{name}: q4_k rms {q4_k_rms:.4} max {q4_k_max:.4}, q5_k rms {q5_k_rms:.4} max {q5_k_max:.4}, q6_k rms {q6_k_rms:.4} max {q6_k_max:.4}, q4_0 rms {q4_0_rms:.4}, q5_0 rms {q5_0_rms:.4}, q8_0 rms {q8_0_rms:.4}");
+        assert!(q2_k_rms < 0.4 && q2_k_max < 0.4, "{name}: q2_k relative error rms {q2_k_rms}, max {q2_k_max}");
+        assert!(q3_k_rms < 0.2 && q3_k_max < 0.3, "{name}: q3_k relative error rms {q3_k_rms}, max {q3_k_max}");
+        assert!(q3_k_rms < q2_k_rms / 1.5 && q4_k_rms < q3_k_rms, "{name}: q2_k {q2_k_rms}, q3_k {q3_k_rms}, q4_k {q4_k_rms}");
         assert!(q4_k_rms < 0.09 && q4_k_max < 0.1, "{name}: q4_k relative error rms {q4_k_rms}, max {q4_k_max}");
         assert!(q5_k_rms < 0.035 && q5_k_max < 0.065, "{name}: q5_k relative error rms {q5_k_rms}, max {q5_k_max}");
         assert!(q5_k_rms <= q5_0_rms && q5_k_rms <= q4_k_rms / 1.5, "{name}: q5_k {q5_k_rms} vs q5_0 {q5_0_rms}, q4_k {q4_k_rms}");
@@ -143,7 +167,7 @@ fn iq4_round_trips_beat_q4_0_on_bell_shaped_weights() {
 
 #[test]
 fn k_quants_keep_zeros_constants_and_outliers() {
-    for dtype in [DType::Q4K, DType::Q5K, DType::Q6K] {
+    for dtype in [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
         let zeros = vec![0.0; 512];
         assert!(dtype.to_f32(&dtype.from_f32(&zeros).unwrap()).unwrap().iter().all(|&v| v == 0.0), "{dtype} zeros");
 
@@ -161,7 +185,7 @@ fn k_quants_keep_zeros_constants_and_outliers() {
 
 #[test]
 fn partial_blocks_are_errors_not_panics() {
-    for dtype in QUANTIZED.into_iter().chain([DType::F32, DType::F16, DType::BF16]) {
+    for dtype in DType::block_formats().chain([DType::F32, DType::F16, DType::BF16]) {
         let (elements, bytes) = dtype.block();
         assert!(dtype.to_f32(&vec![0; bytes * 2]).is_ok());
         let err = dtype.to_f32(&vec![0; bytes * 2 + 1]).unwrap_err();
@@ -184,7 +208,7 @@ fn partial_blocks_are_errors_not_panics() {
 fn quantize_rows_encodes_each_row_as_whole_blocks() {
     let (rows, cols) = (3, 512);
     let values = random_vec(&mut rng(11), rows * cols, 2.0);
-    for dtype in QUANTIZED {
+    for dtype in DType::block_formats() {
         let bytes = quantize_rows(dtype, &values, cols).unwrap();
         let row_bytes = dtype.row_bytes(cols).unwrap();
         assert_eq!(bytes.len(), rows * row_bytes, "{dtype}");
@@ -197,7 +221,7 @@ fn quantize_rows_encodes_each_row_as_whole_blocks() {
 
 #[test]
 fn formats_have_llama_cpp_sizes_and_distinct_shader_codes() {
-    let sizes: Vec<_> = QUANTIZED.iter().map(|d| (d.name(), d.block())).collect();
+    let sizes: Vec<_> = DType::block_formats().map(|d| (d.name(), d.block())).collect();
     assert_eq!(
         sizes,
         [
@@ -206,6 +230,8 @@ fn formats_have_llama_cpp_sizes_and_distinct_shader_codes() {
             ("q5_0", (32, 22)),
             ("q5_1", (32, 24)),
             ("q8_0", (32, 34)),
+            ("q2_k", (256, 84)),
+            ("q3_k", (256, 110)),
             ("q4_k", (256, 144)),
             ("q5_k", (256, 176)),
             ("q6_k", (256, 210)),

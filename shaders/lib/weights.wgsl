@@ -1,9 +1,10 @@
 // Weight decoding: elements of a (rows, k) matrix stored as f32, f16, bf16 or a llama.cpp block
 // format, decoded with f32 arithmetic, bit-exact with ggml's dequantize_row_* (crate::quant's CPU
 // reference). Reads the module's `w: array<u32>` binding, `params.k`, `params.rows` and the
-// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's, q5_0's, q8_0's and q6_k's:
-// a part holds its blocks without their f16 scale d (16, 20, 32 or 208 bytes each), then the blocks' scales
-// (crate::gpu::tensor::ScalesApart), so that every quant word is aligned.
+// WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's, q5_0's, q8_0's, iq4_nl's,
+// q3_k's and q6_k's: a part holds its blocks without their f16 scale d (16, 20, 32, 108 or 208
+// bytes each), then the blocks' scales (crate::gpu::tensor::ScalesApart), so that every quant word
+// is aligned.
 
 // The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
 // weights in `bytes` bytes.
@@ -23,11 +24,12 @@ fn i8_at(offset: u32) -> f32 {
     return f32(bitcast<i32>(byte_at(offset) << 24u) >> 24u);
 }
 
-// Bytes of a q4_0, q5_0, q8_0 and q6_k block without its scale, as a part holds them.
+// Bytes of a q4_0, q5_0, iq4_nl, q8_0, q3_k and q6_k block without its scale, as a part holds them.
 const Q4_0_QUANTS: u32 = DTYPE_Q4_0_BLOCK_BYTES - 2u;
 const Q5_0_QUANTS: u32 = DTYPE_Q5_0_BLOCK_BYTES - 2u;
 const IQ4_NL_QUANTS: u32 = DTYPE_IQ4_NL_BLOCK_BYTES - 2u;
 const Q8_0_QUANTS: u32 = DTYPE_Q8_0_BLOCK_BYTES - 2u;
+const Q3_K_QUANTS: u32 = DTYPE_Q3_K_BLOCK_BYTES - 2u;
 const Q6_K_QUANTS: u32 = DTYPE_Q6_K_BLOCK_BYTES - 2u;
 
 // The scale d of block `block` (counted from the part's first) of those formats: `quants` bytes a
@@ -107,6 +109,149 @@ fn q4k_scale_min(base: u32, sub: u32) -> vec2<f32> {
     return vec2<f32>(select(high, low, sub < 4u));
 }
 
+// The scale (6 bits, less 32) of sub-block `sub` (0..15) of the q3_k super-block at byte `base` (a
+// word boundary): its low 4 bits the low (sub < 8) or high nibble of scale byte sub % 8, its high 2
+// bits bits 2 (sub / 4) of scale byte 8 + sub % 4 (the 12 scale bytes are words 24..26).
+fn q3k_scale(base: u32, sub: u32) -> f32 {
+    let byte = 8u * (sub % 4u);
+    let low = (w[base / 4u + 24u + sub % 8u / 4u] >> (byte + 4u * (sub / 8u))) & 0xfu;
+    let high = (w[base / 4u + 26u] >> (byte + 2u * (sub / 4u))) & 3u;
+    return f32(low | (high << 4u)) - 32.0;
+}
+
+// The super-block formats' unit of decoding: 64 weights whose levels share the same bytes, as two
+// runs of 32 (q4_k, q5_k: sub-blocks 2 part and 2 part + 1, the low and high nibbles of 32 bytes;
+// q6_k, q3_k, q2_k: quarters part % 2 and part % 2 + 2 of half part / 2, the quarters' low bits
+// side by side in the half's bytes). The column (0..255 in the super-block) of run r's element i:
+fn unit_column(part: u32, run: u32, i: u32) -> u32 {
+    if (WEIGHT_DTYPE == DTYPE_Q4_K || WEIGHT_DTYPE == DTYPE_Q5_K) {
+        return 64u * part + 32u * run + i;
+    }
+    return 128u * (part / 2u) + 32u * (part % 2u + 2u * run) + i;
+}
+
+// Where a run's levels lie in the bytes of its unit: the low bits at `low_shifts[run]` under
+// `low_mask`, the high bits (q5_k's fifth, q6_k's top two, q3_k's third; none for q4_k and q2_k)
+// at `high_shifts[run]` under `high_mask`, set above the low ones at bit `high_at`.
+struct LevelBits {
+    low_shifts: vec2<u32>,
+    low_mask: u32,
+    high_shifts: vec2<u32>,
+    high_mask: u32,
+    high_at: u32,
+}
+
+fn level_bits(part: u32) -> LevelBits {
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q2_K, DTYPE_Q3_K: { // bits 2q of each qs byte for quarter q; q3_k's third bit of quarter q of half h: bit 4h + q
+            let quarter = part % 2u;
+            let third = 4u * (part / 2u) + quarter;
+            return LevelBits(vec2(2u * quarter, 2u * quarter + 4u), 3u, vec2(third, third + 2u), select(0u, 1u, WEIGHT_DTYPE == DTYPE_Q3_K), 2u);
+        }
+        case DTYPE_Q5_K: { // the fifth bit of sub-block s: bit s of its qh byte
+            return LevelBits(vec2(0u, 4u), 0xfu, vec2(2u * part, 2u * part + 1u), 1u, 4u);
+        }
+        case DTYPE_Q6_K: { // the top two bits of quarter q: bits 2q of its qh byte
+            let shift = 2u * (part % 2u);
+            return LevelBits(vec2(0u, 4u), 0xfu, vec2(shift, shift + 4u), 3u, 4u);
+        }
+        default: { // q4_k
+            return LevelBits(vec2(0u, 4u), 0xfu, vec2(0u), 0u, 4u);
+        }
+    }
+}
+
+// Run `run`'s levels of the 4 bytes of word `low` (its low bits) and of word `high` (its high bits).
+fn quad_levels(low: u32, high: u32, bits: LevelBits, run: u32) -> vec4<u32> {
+    let bytes = vec4(0u, 8u, 16u, 24u);
+    let low_bits = (vec4(low) >> (bytes + vec4(bits.low_shifts[run]))) & vec4(bits.low_mask);
+    return low_bits | (((vec4(high) >> (bytes + vec4(bits.high_shifts[run]))) & vec4(bits.high_mask)) << vec4(bits.high_at));
+}
+
+// The offset of the super-block formats' levels: w = scale * (level - offset) (- min).
+fn level_offset() -> f32 {
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q3_K: { return 4.0; }
+        case DTYPE_Q6_K: { return 32.0; }
+        default: { return 0.0; }
+    }
+}
+
+// The byte at which super-block `block` (counted from the part's first) starts: q3_k's and q6_k's
+// without their d, which lie after the part's blocks.
+fn superblock_start(block: u32) -> u32 {
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q2_K: { return block * DTYPE_Q2_K_BLOCK_BYTES; }
+        case DTYPE_Q3_K: { return block * Q3_K_QUANTS; }
+        case DTYPE_Q4_K: { return block * DTYPE_Q4_K_BLOCK_BYTES; }
+        case DTYPE_Q5_K: { return block * DTYPE_Q5_K_BLOCK_BYTES; }
+        default: { return block * Q6_K_QUANTS; }
+    }
+}
+
+// The bytes of unit `part` of the super-block at byte `start` (all word boundaries): where its 32
+// bytes of low bits start, byte i holding element i of both runs, and its 32 bytes of high bits
+// (q4_k's and q2_k's, which have none: the low ones again).
+fn unit_bytes(start: u32, part: u32) -> vec2<u32> {
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q2_K: { let low = start + 16u + 32u * (part / 2u); return vec2(low, low); }
+        case DTYPE_Q3_K: { return vec2(start + 32u + 32u * (part / 2u), start); }
+        case DTYPE_Q4_K: { let low = start + 16u + 32u * part; return vec2(low, low); }
+        case DTYPE_Q5_K: { return vec2(start + 48u + 32u * part, start + 16u); }
+        default: { return vec2(start + 32u * part, start + 128u + 32u * (part / 2u)); }
+    }
+}
+
+// The scales and the mins of two elements of super-block `block`, whose bytes start at `start`, at
+// `columns` (0..255): w = scale * (level - level_offset()) - min. The block's d (and dmin) read once.
+struct ScalesMins {
+    scales: vec2<f32>,
+    mins: vec2<f32>,
+}
+
+fn superblock_scales_mins(block: u32, start: u32, columns: vec2<u32>) -> ScalesMins {
+    switch WEIGHT_DTYPE {
+        case DTYPE_Q2_K: { // byte `sub` of 16: the scale in its low nibble, the min in its high; f16 d and dmin at 80
+            let dm = unpack2x16float(w[start / 4u + 20u]);
+            let sc = vec2(byte_at(start + columns.x / 16u), byte_at(start + columns.y / 16u));
+            return ScalesMins(dm.x * vec2<f32>(sc & vec2(0xfu)), dm.y * vec2<f32>(sc >> vec2(4u)));
+        }
+        case DTYPE_Q3_K: {
+            let d = block_scale(block, Q3_K_QUANTS, 256u);
+            return ScalesMins(d * vec2(q3k_scale(start, columns.x / 16u), q3k_scale(start, columns.y / 16u)), vec2(0.0));
+        }
+        case DTYPE_Q4_K, DTYPE_Q5_K: {
+            let dm = unpack2x16float(w[start / 4u]);
+            let a = q4k_scale_min(start, columns.x / 32u);
+            let b = q4k_scale_min(start, columns.y / 32u);
+            return ScalesMins(dm.x * vec2(a.x, b.x), dm.y * vec2(a.y, b.y));
+        }
+        default: {
+            let d = block_scale(block, Q6_K_QUANTS, 256u);
+            return ScalesMins(d * vec2(i8_at(start + 192u + columns.x / 16u), i8_at(start + 192u + columns.y / 16u)), vec2(0.0));
+        }
+    }
+}
+
+// The unit and the run of the super-block element at `column` (unit_column's inverse).
+fn column_unit(column: u32) -> vec2<u32> {
+    if (WEIGHT_DTYPE == DTYPE_Q4_K || WEIGHT_DTYPE == DTYPE_Q5_K) {
+        return vec2(column / 64u, column % 64u / 32u);
+    }
+    let quarter = column % 128u / 32u;
+    return vec2(2u * (column / 128u) + quarter % 2u, quarter / 2u);
+}
+
+// Weights column..column + 3 (column a multiple of 4) of super-block `block`.
+fn superblock_quad(block: u32, column: u32) -> vec4<f32> {
+    let start = superblock_start(block);
+    let unit = column_unit(column);
+    let at = unit_bytes(start, unit.x) + vec2(column % 32u);
+    let levels = quad_levels(w[at.x / 4u], w[at.y / 4u], level_bits(unit.x), unit.y);
+    let scale_min = superblock_scales_mins(block, start, vec2(column));
+    return scale_min.scales.x * quant_values(levels, level_offset()) - scale_min.mins.x;
+}
+
 // Element `col` of `row` for the block formats (llama.cpp's dequantize_row_*).
 fn block_weight(row: u32, col: u32) -> f32 {
     switch WEIGHT_DTYPE {
@@ -147,34 +292,9 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let q = f32(extractBits(bitcast<i32>(quant_word(block, Q8_0_QUANTS, j / 4u)), 8u * (j % 4u), 8u));
             return block_scale(block, Q8_0_QUANTS, 32u) * q;
         }
-        case DTYPE_Q4_K: { // q4_k: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-            let base = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);
-            let j = col % 256u;
-            let sub = j / 32u;
-            let scale_min = q4k_scale_min(base, sub);
-            let q = (byte_at(base + 16u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
-            return (f16_at(base) * scale_min.x) * f32(q) - f16_at(base + 2u) * scale_min.y;
-        }
-        case DTYPE_Q5_K: { // q5_k: q4_k's 16 bytes, 32 bytes of fifth bits (bit `sub` of byte j % 32), 128 of nibbles
-            let base = block_start(row, col, DTYPE_Q5_K_BLOCK, DTYPE_Q5_K_BLOCK_BYTES);
-            let j = col % 256u;
-            let sub = j / 32u;
-            let scale_min = q4k_scale_min(base, sub);
-            let low = (byte_at(base + 48u + j / 64u * 32u + j % 32u) >> (sub % 2u * 4u)) & 0xfu;
-            let q = low | (((byte_at(base + 16u + j % 32u) >> sub) & 1u) << 4u);
-            return (f16_at(base) * scale_min.x) * f32(q) - f16_at(base + 2u) * scale_min.y;
-        }
-        default: { // q6_k: 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales; d
-            let block = row * (params.k / 256u) + col / 256u;
-            let base = Q6_K_QUANTS * block;
-            let j = col % 256u;
-            let half = j / 128u;
-            let quarter = j % 128u / 32u;
-            let l = j % 32u;
-            let low = (byte_at(base + half * 64u + l + quarter % 2u * 32u) >> (quarter / 2u * 4u)) & 0xfu;
-            let high = (byte_at(base + 128u + half * 32u + l) >> (2u * quarter)) & 3u;
-            let scale = i8_at(base + 192u + half * 8u + l / 16u + 2u * quarter);
-            return (block_scale(block, Q6_K_QUANTS, 256u) * scale) * (f32(low | (high << 4u)) - 32.0);
+        default: { // the super-block formats: the element's quad, decoded as the tiles do
+            let c = col % 256u;
+            return superblock_quad(row * (params.k / 256u) + col / 256u, c - c % 4u)[c % 4u];
         }
     }
 }
@@ -247,37 +367,8 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
         case DTYPE_IQ4_NL, DTYPE_IQ4_XS: { // iq4: as q4_0, each nibble the index of an int8 level
             return iq4_scale(block) * iq4_values(quad_nibbles(iq4_word(block, j % 4u), j >= 4u));
         }
-        case DTYPE_Q4_K: { // q4_k: 4 nibbles of one sub-block from one word (low: even sub-blocks, high: odd)
-            let start = block_start(row, col, DTYPE_Q4_K_BLOCK, DTYPE_Q4_K_BLOCK_BYTES);
-            let c = col % 256u;
-            let sub = c / 32u;
-            let word = w[(start + 16u + c / 64u * 32u + c % 32u) / 4u];
-            let q = select(low_nibbles(word), high_nibbles(word), sub % 2u == 1u);
-            let scale_min = q4k_scale_min(start, sub);
-            return f16_at(start) * scale_min.x * q - f16_at(start + 2u) * scale_min.y;
-        }
-        case DTYPE_Q5_K: { // q5_k: as q4_k, each byte's bit `sub` of the qh word of the same 4 bytes the fifth
-            let start = block_start(row, col, DTYPE_Q5_K_BLOCK, DTYPE_Q5_K_BLOCK_BYTES);
-            let c = col % 256u;
-            let sub = c / 32u;
-            let bytes = vec4(0u, 8u, 16u, 24u);
-            let low = (vec4(w[(start + 48u + c / 64u * 32u + c % 32u) / 4u]) >> (bytes + vec4(sub % 2u * 4u))) & vec4(0xfu);
-            let high = (vec4(w[(start + 16u + c % 32u) / 4u]) >> (bytes + vec4(sub))) & vec4(1u);
-            let scale_min = q4k_scale_min(start, sub);
-            return f16_at(start) * scale_min.x * quant_values(low | (high << vec4(4u)), 0.0) - f16_at(start + 2u) * scale_min.y;
-        }
-        case DTYPE_Q6_K: { // q6_k: as block_weight, 4 weights of one quarter at a time (whole words)
-            let superblock = row * (params.k / 256u) + col / 256u;
-            let start = Q6_K_QUANTS * superblock;
-            let c = col % 256u;
-            let half = c / 128u;
-            let quarter = c % 128u / 32u;
-            let l = c % 32u;
-            let bytes = vec4(0u, 8u, 16u, 24u);
-            let low = (vec4(w[(start + half * 64u + l + quarter % 2u * 32u) / 4u]) >> (bytes + vec4(quarter / 2u * 4u))) & vec4(0xfu);
-            let high = (vec4(w[(start + 128u + half * 32u + l) / 4u]) >> (bytes + vec4(2u * quarter))) & vec4(3u);
-            let scale = i8_at(start + 192u + half * 8u + l / 16u + 2u * quarter);
-            return block_scale(superblock, Q6_K_QUANTS, 256u) * scale * quant_values(low | (high << vec4(4u)), 32.0);
+        case DTYPE_Q2_K, DTYPE_Q3_K, DTYPE_Q4_K, DTYPE_Q5_K, DTYPE_Q6_K: {
+            return superblock_quad(row * (params.k / 256u) + col / 256u, col % 256u);
         }
         default: { // k is even, so each pair lies wholly inside or past the row
             var pairs = vec4(0.0, 0.0, 0.0, 0.0);

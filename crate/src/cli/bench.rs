@@ -25,8 +25,8 @@ pub struct BenchArgs {
     /// llama3.1-70b-layer.
     #[arg(long)]
     synthetic: Option<String>,
-    /// Weight format of the synthetic model: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, iq4_nl,
-    /// iq4_xs, f16 or bf16.
+    /// Weight format of the synthetic model: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k,
+    /// q6_k, iq4_nl, iq4_xs, f16 or bf16.
     #[arg(long, default_value = "q4_0", value_parser = super::parse_quant)]
     quant: DType,
     /// Fewer layers than the shape has (a smaller synthetic model).

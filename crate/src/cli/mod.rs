@@ -92,8 +92,8 @@ enum Command {
     Convert {
         /// The model to convert.
         source: PathBuf,
-        /// Format of the matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, f16,
-        /// bf16 or f32.
+        /// Format of the matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl,
+        /// iq4_xs, f16, bf16 or f32.
         #[arg(long, default_value = "q4_0", value_parser = parse_quant)]
         quant: DType,
         /// Largest shard, e.g. 64MiB (a bigger tensor gets a shard of its own).

@@ -571,7 +571,7 @@ pub fn matmul(gpu: &Gpu, product: Product) -> ByTokens {
     // the quantize op left them, its INPUT applied.
     let entry = match w.dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL | DType::IQ4XS => MatmulEntry::GemvBlocks,
-        DType::Q4K | DType::Q5K | DType::Q6K => MatmulEntry::GemvSuperblocks,
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => MatmulEntry::GemvSuperblocks,
         _ => MatmulEntry::Gemv,
     };
     let gemv_input = if x_q8.is_some() { MatmulInput::Plain } else { input };
@@ -642,7 +642,7 @@ enum MatmulEntry {
     Gemv,
     /// of q4_0, q4_1, q5_0, q5_1, q8_0 and iq4 blocks (iq4_xs's blocks of 32),
     GemvBlocks,
-    /// of q4_k, q5_k and q6_k superblocks.
+    /// of q2_k, q3_k, q4_k, q5_k and q6_k superblocks.
     GemvSuperblocks,
     /// Prefill tiles on the threads,
     Tiled,

@@ -58,7 +58,7 @@ impl WeightMatrix {
         Ok(Self { dtype, rows, cols, parts })
     }
 
-    /// Bytes of a row, in the file and (rearranged for q4_0, q5_0, q8_0, q6_k and iq4_nl) in a part.
+    /// Bytes of a row, in the file and (rearranged for q4_0, q5_0, q8_0, iq4_nl, q3_k and q6_k) in a part.
     pub fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
@@ -80,7 +80,7 @@ impl WeightMatrix {
     }
 
     /// Where `bytes`, whole rows from `first_row` on in the file's layout, land in the parts as
-    /// they hold them (the file's layout, but q4_0's, q5_0's, q8_0's, q6_k's and iq4_nl's rearranged: [`PartBytes`]):
+    /// they hold them (the file's layout, but q4_0's, q5_0's, q8_0's, iq4_nl's, q3_k's and q6_k's rearranged: [`PartBytes`]):
     /// `place(buffer, offset, piece)` for each contiguous piece, the offset a multiple of 4 when
     /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]). The caller writes a piece
     /// where it wants it ([`PartBytes::write_to`]), so rearranging takes no memory of its own.
@@ -120,7 +120,7 @@ impl WeightMatrix {
 }
 
 /// Whole rows of blocks whose 2-byte scale at `scale_at` a part holds apart: every block without
-/// its scale (16, 20, 32 or 208 bytes, a whole number of words), then the blocks' scales in the same
+/// its scale (16, 20, 32, 108 or 208 bytes, a whole number of words), then the blocks' scales in the same
 /// order (lib/weights.wgsl reads this). A quant word is then one aligned load; in the file's blocks
 /// every other block starts off a word, and a word there takes two loads.
 #[derive(Clone, Copy)]
@@ -176,11 +176,12 @@ impl PartBytes<'_> {
 }
 
 /// Where the f16 scale d lies in a block of the formats whose blocks would leave every other
-/// block's quants off a word (q4_0's and iq4_nl's 18 bytes, q5_0's 22, q8_0's 34, q6_k's 210), which a part holds with
+/// block's quants off a word (q4_0's and iq4_nl's 18 bytes, q5_0's 22, q8_0's 34, q3_k's 110, q6_k's 210), which a part holds with
 /// the scales apart ([`ScalesApart`]).
 fn scale_offset(dtype: DType) -> Option<usize> {
     match dtype {
         DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL => Some(0),
+        DType::Q3K => Some(108),
         DType::Q6K => Some(208),
         _ => None,
     }

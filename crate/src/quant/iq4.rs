@@ -2,8 +2,8 @@
 //! weights lie), in blocks of 32 with an f16 scale (iq4_nl), or super-blocks of 256 whose eight
 //! blocks of 32 carry 6-bit scales of one f16 d (iq4_xs). Nibble j < 16 of a block of 32 is the low
 //! half of byte j, nibble j >= 16 the high half of byte j - 16, as in q4_0. The quantizers port
-//! ggml's `quantize_row_iq4_nl_impl` (a weighted search over 2 ntry + 1 trial scales), operation
-//! for operation in f32.
+//! ggml's `quantize_row_iq4_nl_impl` (a weighted search over 2 ntry + 1 trial scales, ntry 7 as
+//! `quantize_iq4_nl` and `quantize_iq4_xs` call it), operation for operation in f32.
 
 use super::{largest_magnitude, nearest_int, read_f16, write_f16, GROUP_MAX_EPS};
 
@@ -42,7 +42,7 @@ pub(super) fn dequantize_iq4_xs(block: &[u8], out: &mut [f32]) {
 }
 
 pub(super) fn quantize_iq4_nl(x: &[f32], out: &mut [u8]) {
-    let scale = fit_block(x, 3);
+    let scale = fit_block(x, 7);
     write_f16(out, 0, scale);
     // Requantized against the scale as found, not as stored (ggml's order); an all-zero block's
     // indices are the level nearest 0.
@@ -52,13 +52,7 @@ pub(super) fn quantize_iq4_nl(x: &[f32], out: &mut [u8]) {
 
 pub(super) fn quantize_iq4_xs(x: &[f32], out: &mut [u8]) {
     let scales: [f32; 8] = std::array::from_fn(|ib| fit_block(&x[32 * ib..32 * (ib + 1)], 7));
-    let (mut max_scale, mut amax_scale) = (0f32, 0f32);
-    for &scale in &scales {
-        if scale.abs() > amax_scale {
-            amax_scale = scale.abs();
-            max_scale = scale;
-        }
-    }
+    let (max_scale, _) = largest_magnitude(&scales);
     // Block scales become 6-bit multiples of d, the largest -32.
     let d = -max_scale / 32.0;
     write_f16(out, 0, d);
@@ -98,7 +92,7 @@ fn fit_block(x: &[f32], ntry: i32) -> f32 {
     let first = IQ4_LEVELS[0] as f32;
     let guess = if ntry > 0 { -max / first } else { max / first };
     let (sumqx, sumq2) = sums(1.0 / guess);
-    let mut d = sumqx / sumq2;
+    let mut d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
     let mut best = d * sumqx;
     for itry in -ntry..=ntry {
         let (sumqx, sumq2) = sums((itry as f32 + first) / max);

@@ -1,7 +1,7 @@
 //! Weight storage formats and their CPU reference (de)quantizers.
 //!
 //! The quantized formats are llama.cpp's, byte for byte (`ggml-quants.c`): blocks of 32 (q4_0, q4_1,
-//! q5_0, q5_1, q8_0, iq4_nl) or 256 (q4_k, q5_k, q6_k, iq4_xs) consecutive elements of a row,
+//! q5_0, q5_1, q8_0, iq4_nl) or 256 (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs) consecutive elements of a row,
 //! little-endian. Dequantization is bit-exact
 //! with ggml's and with llama.cpp's `gguf` Python package (tests/quant.rs checks goldens from it);
 //! quantization follows ggml's `quantize_row_*_ref`.
@@ -30,6 +30,12 @@ pub enum DType {
     Q5_1,
     /// 32 weights in 34 bytes: f16 d, 32 int8; w = d * q.
     Q8_0,
+    /// 256 weights in 84 bytes: 16 bytes of 4-bit scales and mins for 16 sub-blocks of 16, 64 bytes
+    /// of 2-bit levels, f16 d, f16 dmin; w = d * scale * q - dmin * min.
+    Q2K,
+    /// 256 weights in 110 bytes: 32 bytes of third bits, 64 of low 2 bits, 12 bytes of 6-bit scales
+    /// of sub-blocks of 16, f16 d; w = d * (scale - 32) * (q - 4).
+    Q3K,
     /// 256 weights in 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks
     /// of 32, 128 bytes of nibbles; w = d * scale * q - dmin * min.
     Q4K,
@@ -59,7 +65,7 @@ pub enum QuantError {
 }
 
 impl DType {
-    pub const ALL: [DType; 13] = [
+    pub const ALL: [DType; 15] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -68,6 +74,8 @@ impl DType {
         DType::Q5_0,
         DType::Q5_1,
         DType::Q8_0,
+        DType::Q2K,
+        DType::Q3K,
         DType::Q4K,
         DType::Q5K,
         DType::Q6K,
@@ -80,6 +88,11 @@ impl DType {
         !matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
+    /// Every block format, in [`DType::ALL`]'s order.
+    pub fn block_formats() -> impl Iterator<Item = DType> {
+        DType::ALL.into_iter().filter(|dtype| dtype.is_block_format())
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -90,6 +103,8 @@ impl DType {
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
             DType::Q8_0 => "q8_0",
+            DType::Q2K => "q2_k",
+            DType::Q3K => "q3_k",
             DType::Q4K => "q4_k",
             DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
@@ -103,7 +118,7 @@ impl DType {
         DType::ALL.into_iter().find(|d| d.name() == name)
     }
 
-    /// Every format's name, for an error: `"f32", "f16", ... or "q6_k"`.
+    /// Every format's name, for an error: `"f32", "f16", ... or "iq4_xs"`.
     pub fn choices() -> String {
         crate::error::quoted_choices(&Self::ALL.map(DType::name))
     }
@@ -118,6 +133,8 @@ impl DType {
             DType::Q5_0 => (32, 22),
             DType::Q5_1 => (32, 24),
             DType::Q8_0 => (32, 34),
+            DType::Q2K => (256, 84),
+            DType::Q3K => (256, 110),
             DType::Q4K => (256, 144),
             DType::Q5K => (256, 176),
             DType::Q6K => (256, 210),
@@ -144,11 +161,13 @@ impl DType {
             DType::Q5_0 => 5,
             DType::Q5_1 => 6,
             DType::Q8_0 => 7,
-            DType::Q4K => 8,
-            DType::Q5K => 9,
-            DType::Q6K => 10,
-            DType::IQ4NL => 11,
-            DType::IQ4XS => 12,
+            DType::Q2K => 8,
+            DType::Q3K => 9,
+            DType::Q4K => 10,
+            DType::Q5K => 11,
+            DType::Q6K => 12,
+            DType::IQ4NL => 13,
+            DType::IQ4XS => 14,
         }
     }
 
@@ -171,6 +190,8 @@ impl DType {
                     DType::Q5_0 => legacy::dequantize_q5_0,
                     DType::Q5_1 => legacy::dequantize_q5_1,
                     DType::Q8_0 => legacy::dequantize_q8_0,
+                    DType::Q2K => k_quants::dequantize_q2_k,
+                    DType::Q3K => k_quants::dequantize_q3_k,
                     DType::Q4K => k_quants::dequantize_q4_k,
                     DType::Q5K => k_quants::dequantize_q5_k,
                     DType::IQ4NL => iq4::dequantize_iq4_nl,
@@ -205,6 +226,8 @@ impl DType {
                     DType::Q5_0 => legacy::quantize_q5_0,
                     DType::Q5_1 => legacy::quantize_q5_1,
                     DType::Q8_0 => legacy::quantize_q8_0,
+                    DType::Q2K => k_quants::quantize_q2_k,
+                    DType::Q3K => k_quants::quantize_q3_k,
                     DType::Q4K => k_quants::quantize_q4_k,
                     DType::Q5K => k_quants::quantize_q5_k,
                     DType::IQ4NL => iq4::quantize_iq4_nl,
