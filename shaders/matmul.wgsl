@@ -417,15 +417,16 @@ fn superblock_piece(block: u32, part: u32, j: u32, cols: vec2<u32>) -> Piece {
     let start = superblock_start(block);
     let at = unit_bytes(start, part) / 4u + vec2(2u * j);
     let low = vec2(w[at.x], w[at.x + 1u]);
+    let bits = level_bits(part);
     var high = vec2(0u);
-    if (WEIGHT_DTYPE == DTYPE_Q3_K || WEIGHT_DTYPE == DTYPE_Q5_K || WEIGHT_DTYPE == DTYPE_Q6_K) {
+    if (bits.high_mask != 0u) {
         high = vec2(w[at.y], w[at.y + 1u]);
     }
     let scales_mins = superblock_scales_mins(block, start, cols);
     let scales = scales_mins.scales;
     let mins = scales_mins.mins;
     if (Q8_INPUTS) {
-        let levels = run_levels(low, high, level_bits(part));
+        let levels = run_levels(low, high, bits);
         let offset = u32(level_offset());
         if (offset != 0u) {
             return Piece(offset_bytes(levels[0], offset), offset_bytes(levels[1], offset), scales, mins);
