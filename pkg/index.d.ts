@@ -327,6 +327,68 @@ export interface TextCompletionChunk {
   usage?: Usage;
 }
 
+/** A turn of a Responses API input: a message (`type` may be left out), a call, or a call's output. */
+export type ResponseInputItem =
+  | { type?: "message"; role: "user" | "assistant" | "system" | "developer"; content: string | { type: "input_text" | "output_text"; text: string }[] }
+  | { type: "function_call"; call_id: string; name: string; arguments: string; id?: string; status?: string }
+  | { type: "function_call_output"; call_id: string; output: string | { type: "input_text"; text: string }[] };
+
+/**
+ * OpenAI's Responses API request: it runs as the chat of the same turns (`instructions` as the
+ * system message), so the chat's sampling fields apply too (`seed`, `stop`, `top_k`, ...).
+ */
+export interface ResponseCreateParams extends Omit<SamplingParams, "max_tokens" | "response_format" | "logprobs" | "top_logprobs"> {
+  input?: string | ResponseInputItem[];
+  instructions?: string;
+  /** Continues a kept response: its turns come before `input`. */
+  previous_response_id?: string;
+  /** Keep the response for `previous_response_id` and `responses.retrieve` (default true). */
+  store?: boolean;
+  tools?: { type: "function"; name: string; description?: string; parameters?: object; strict?: boolean }[];
+  tool_choice?: "none" | "auto" | "required" | { type: "function"; name: string };
+  parallel_tool_calls?: boolean;
+  max_output_tokens?: number;
+  text?: { format: { type: "text" } | { type: "json_object" } | { type: "json_schema"; name?: string; description?: string; schema?: object; strict?: boolean } | { type: "grammar"; grammar: { syntax: "lark" | "regex"; definition: string } } };
+  /** `["message.output_text.logprobs"]` returns each output token's log probability. */
+  include?: string[];
+  top_logprobs?: number;
+  metadata?: Record<string, string>;
+  user?: string;
+  signal?: AbortSignal;
+  onPrefillProgress?: (done: number, total: number) => void;
+}
+
+export type ResponseOutputItem =
+  | { type: "message"; id: string; status: string; role: "assistant"; content: { type: "output_text"; text: string; annotations: []; logprobs?: TokenLogprob[] }[] }
+  | { type: "function_call"; id: string; call_id: string; name: string; arguments: string; status: string };
+
+export interface Response {
+  id: string;
+  object: "response";
+  created_at: number;
+  /** "incomplete" where max_output_tokens (or the context) cut it short. */
+  status: "in_progress" | "completed" | "incomplete" | "cancelled" | "failed";
+  incomplete_details: { reason: "max_output_tokens" } | null;
+  model: string;
+  /** The message (none where the output is only calls), then a function_call item per call. */
+  output: ResponseOutputItem[];
+  usage: { input_tokens: number; input_tokens_details: { cached_tokens: number }; output_tokens: number; output_tokens_details: { reasoning_tokens: 0 }; total_tokens: number } | null;
+  previous_response_id: string | null;
+  store: boolean;
+  [setting: string]: unknown;
+}
+
+/** One of Responses' streamed events; `type` says which, e.g. "response.output_text.delta" with `delta`. */
+export interface ResponseStreamEvent {
+  type: string;
+  sequence_number: number;
+  response?: Response;
+  item?: ResponseOutputItem;
+  output_index?: number;
+  delta?: string;
+  [member: string]: unknown;
+}
+
 export interface EngineInfo {
   /** The adapter as the browser describes it (`GPUAdapterInfo`) where it does. */
   adapter: { name: string; vendor: number | string; architecture?: string; description?: string; device_type: string; backend: string };
@@ -389,6 +451,14 @@ export interface Engine {
   completions: {
     create(params: CompletionParams & { stream: true }): AsyncIterable<TextCompletionChunk>;
     create(params: CompletionParams & { stream?: false }): Promise<TextCompletion>;
+  };
+  /** OpenAI's Responses API, run together with the other requests. */
+  responses: {
+    create(params: ResponseCreateParams & { stream: true }): AsyncIterable<ResponseStreamEvent>;
+    create(params: ResponseCreateParams & { stream?: false }): Promise<Response>;
+    /** A kept response; a `RequestError` where none is kept under that id. */
+    retrieve(id: string): Promise<Response>;
+    delete(id: string): Promise<{ id: string; object: "response.deleted"; deleted: true }>;
   };
   /** What was loaded, as of the end of loading. */
   info(): EngineInfo;

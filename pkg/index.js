@@ -1,4 +1,4 @@
-// llama-webgpu's JS API: an OpenAI-shaped engine (chat and text completions) running Llama in
+// llama-webgpu's JS API: an OpenAI-shaped engine (chat and text completions, responses) running Llama in
 // WebGPU, in a Web Worker by default so the page never blocks.
 import { createHandler } from "./protocol.js";
 import catalog from "./models.json" with { type: "json" };
@@ -260,7 +260,7 @@ export async function createEngine({ model, onProgress, worker = true, ...option
           if (prefill) onPrefillProgress?.(prefill.done, prefill.total);
           else push(chunk);
         }, requestId);
-        if (result.choices.some((c) => c.finish_reason === "abort")) throw new AbortError("the request was aborted");
+        if (result.status === "cancelled" || result.choices?.some((c) => c.finish_reason === "abort")) throw new AbortError("the request was aborted");
         return result;
       } finally {
         signal?.removeEventListener("abort", abort);
@@ -300,6 +300,12 @@ export async function createEngine({ model, onProgress, worker = true, ...option
   return {
     chat: { completions: { create: create("chat") } },
     completions: { create: create("complete") },
+    /** OpenAI's Responses API; responses are kept in the engine's memory unless `store: false`. */
+    responses: {
+      create: create("respond"),
+      retrieve: (responseId) => call({ type: "retrieveResponse", responseId }),
+      delete: (responseId) => call({ type: "deleteResponse", responseId }),
+    },
     info: () => info,
     status: async () => (await call({ type: "info" })).load,
     /** The tokens a completion's prompt or a chat's messages run as (serve's /tokenize). */

@@ -1,12 +1,14 @@
 // The engine's message protocol, the same in a Web Worker and on the main thread:
 //   in:  {id, type: "load", url, options} | {id, type: "chat", request, response}
-//        | {id, type: "complete", request, response} | {id, type: "info"} | {id, type: "unload"}
+//        | {id, type: "complete", request, response} | {id, type: "respond", request, response}
+//        | {id, type: "retrieveResponse", responseId} | {id, type: "deleteResponse", responseId}
+//        | {id, type: "info"} | {id, type: "unload"}
 //        | {id, type: "tokenize", request} | {id, type: "detokenize", request}
 //        | {type: "abort", id?}   (response: {uuid, model})
 //   out: {id, type: "progress", done, total, tensor, stage} | {id, type: "chunk", chunk}
 //        | {id, type: "chunk", prefill: {done, total}}
 //        | {id, type: "result", value} | {id, type: "error", name, message, param}
-// Requests (chat and text completions) run together; each streams under its own id. "abort" stops
+// Requests (chat, text completions, responses) run together; each streams under its own id. "abort" stops
 // the request of that id, or every one without an id, and answers nothing.
 
 /** What the browser says about its adapter (wgpu leaves the name empty on the web). */
@@ -41,6 +43,12 @@ export function createHandler(wasm, post) {
         return wasm.chat(id, message.request, message.response, postChunks(id));
       case "complete":
         return wasm.complete(id, message.request, message.response, postChunks(id));
+      case "respond":
+        return wasm.respond(id, message.request, message.response, postChunks(id));
+      case "retrieveResponse":
+        return wasm.stored_response(message.responseId);
+      case "deleteResponse":
+        return wasm.delete_response(message.responseId);
       case "tokenize":
         return wasm.tokenize(message.request);
       case "detokenize":

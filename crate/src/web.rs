@@ -1,9 +1,10 @@
 //! wasm-bindgen exports for the browser: one engine per wasm instance (the JS package runs it in a
-//! Web Worker). Concurrent `chat` and `complete` calls run together (continuous batching): each
+//! Web Worker). Concurrent `chat`, `complete` and `respond` calls run together (continuous batching): each
 //! queues itself, and one task, the driver, started by the call that finds none running, adds
 //! queued requests to the engine and steps it while any runs, handing each sequence's events to its
 //! request. Requests and options cross as JS values (serde-wasm-bindgen) in the shapes of
-//! `crate::api`, responses and their chunks as `crate::api::response` makes them for every host;
+//! `crate::api`, responses and their chunks as `crate::api::response` (and `crate::api::responses`
+//! for the Responses API) makes them for every host;
 //! failures are thrown as JS `Error`s whose `name` says what kind they are (see
 //! `ErrorKind`), and a request's own fault names the field to blame in `param`.
 
@@ -19,7 +20,8 @@ use wasm_bindgen::prelude::*;
 
 use crate::api::request::{Parsed, UnknownFields, Work};
 use crate::api::response::{ChunkStream, ResponseMeta, StreamUsage};
-use crate::api;
+use crate::api::responses::{self, ResponseEvents, ResponseHeader, ResponseStore};
+use crate::api::{self, ChatMessage};
 use crate::engine::{Event, Load, Prompter, SequenceId};
 use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
@@ -86,12 +88,31 @@ fn to_js(error: crate::Error) -> JsValue {
 }
 
 /// `error`, which the engine refused `work` with, thrown to JS: a `RequestError` when the request
-/// is at fault.
-fn failure(work: &Work, error: crate::Error) -> JsValue {
+/// is at fault, naming the field as the request's API does.
+fn failure(work: &Work, reply: &Reply, error: crate::Error) -> JsValue {
     match work.blamed_field(&error) {
+        Some(field) if matches!(reply, Reply::Response { .. }) => request_error(Some(responses::responses_param(field)), error.to_string()),
         Some(field) => request_error(Some(field), error.to_string()),
         None => to_js(error),
     }
+}
+
+/// What a request answers with: OpenAI's completion objects and chunks, or a Responses API
+/// response and its events.
+enum Reply {
+    Completion,
+    Response {
+        settings: Map<String, Value>,
+        /// The turns to keep with the response, unless `store` is false.
+        conversation: Option<Vec<ChatMessage>>,
+        logprobs: bool,
+    },
+}
+
+/// A running request's response, as it is made.
+enum Output {
+    Chunks(ChunkStream),
+    Response { events: ResponseEvents, conversation: Option<Vec<ChatMessage>> },
 }
 
 /// How the JS API wants a request's response: the unique part of its id and the model name it
@@ -106,6 +127,7 @@ struct ResponseOptions {
 /// A request waiting for the driver to add it to the engine.
 struct Queued {
     request: Parsed,
+    reply: Reply,
     response: ResponseOptions,
     cancel: CancelToken,
     on_chunk: Function,
@@ -113,13 +135,14 @@ struct Queued {
 }
 
 /// A request the engine holds, as the driver knows it: a sequence per choice, and its response's
-/// chunks (sent while it runs when it streams; the whole response resolves it either way).
+/// chunks or events (sent while it runs when it streams; the whole response resolves it either
+/// way).
 struct Active {
     on_chunk: Function,
     done: oneshot::Sender<Result<JsValue, JsValue>>,
     cancel: CancelToken,
     sequences: Vec<SequenceId>,
-    chunks: ChunkStream,
+    output: Output,
     stream: bool,
 }
 
@@ -149,6 +172,8 @@ struct State {
     prompter: Option<Prompter>,
     /// Why the engine went with its lost GPU device, until the next load.
     lost: Option<String>,
+    /// Responses kept for `previous_response_id`; they outlive unloads (they are text).
+    responses: ResponseStore,
 }
 
 thread_local! {
@@ -308,7 +333,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
 /// `chat.completion` object, streamed or not.
 #[wasm_bindgen]
 pub fn chat(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
-    submit(id, read(request, api::request::read_chat), response, on_chunk)
+    submit(id, read(request, api::request::read_chat).map(|parsed| (parsed, Reply::Completion)), response, on_chunk)
 }
 
 /// Runs a raw text completion request (the body of serve's `/v1/completions`: the model's BOS
@@ -316,7 +341,49 @@ pub fn chat(id: u32, request: JsValue, response: JsValue, on_chunk: Function) ->
 /// `text_completion` objects, the id `cmpl-<uuid>`.
 #[wasm_bindgen]
 pub fn complete(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
-    submit(id, read(request, api::request::read_completion), response, on_chunk)
+    submit(id, read(request, api::request::read_completion).map(|parsed| (parsed, Reply::Completion)), response, on_chunk)
+}
+
+/// Runs a Responses API request (the body of serve's `/v1/responses`, fields it does not know
+/// refused) as `chat` runs a chat: the id `resp_<uuid>`; a streamed one calls `on_chunk({chunk})`
+/// with each of Responses' events. Resolves to the `response` object. Kept in this instance's
+/// memory for `previous_response_id` and `stored_response` unless `store` is false.
+#[wasm_bindgen]
+pub fn respond(id: u32, request: JsValue, response: JsValue, on_chunk: Function) -> Promise {
+    submit(id, read_response_request(request), response, on_chunk)
+}
+
+fn read_response_request(request: JsValue) -> Result<(Parsed, Reply), JsValue> {
+    let object = object_of(request, "a request")?;
+    let previous = match responses::previous_response_id(&object).map_err(request_fault)? {
+        None => vec![],
+        Some(id) => STATE.with_borrow(|s| match s.responses.get(&id) {
+            Some(stored) => Ok(stored.conversation.clone()),
+            None => Err(request_error(Some("previous_response_id"), s.responses.missing(&id))),
+        })?,
+    };
+    let request = responses::read_responses(object, UnknownFields::Refuse, previous).map_err(request_fault)?;
+    let logprobs = matches!(&request.parsed.work, Work::Chat(chat) if chat.sampling.logprobs_wanted().is_some());
+    let reply = Reply::Response { settings: request.settings, conversation: request.store.then_some(request.conversation), logprobs };
+    Ok((request.parsed, reply))
+}
+
+/// A response kept by `respond`, as it resolved.
+#[wasm_bindgen]
+pub fn stored_response(id: String) -> Result<JsValue, JsValue> {
+    STATE.with_borrow(|s| match s.responses.get(&id) {
+        Some(stored) => Ok(js_value(&stored.response)),
+        None => Err(request_error(Some("id"), s.responses.missing(&id))),
+    })
+}
+
+/// Drops a kept response: `{id, object: "response.deleted", deleted: true}`.
+#[wasm_bindgen]
+pub fn delete_response(id: String) -> Result<JsValue, JsValue> {
+    STATE.with_borrow_mut(|s| match s.responses.remove(&id) {
+        true => Ok(js_value(&serde_json::json!({ "id": id, "object": "response.deleted", "deleted": true }))),
+        false => Err(request_error(Some("id"), s.responses.missing(&id))),
+    })
 }
 
 /// The tokens a request would run as its prompt, as serve's `/tokenize` gives them: `request`
@@ -349,10 +416,10 @@ fn loaded_prompter() -> Result<(Prompter, RenderOptions), JsValue> {
     })
 }
 
-fn submit(id: u32, read: Result<Parsed, JsValue>, response: JsValue, on_chunk: Function) -> Promise {
+fn submit(id: u32, read: Result<(Parsed, Reply), JsValue>, response: JsValue, on_chunk: Function) -> Promise {
     let response = serde_wasm_bindgen::from_value::<ResponseOptions>(response).map_err(|error| js_error(ErrorKind::Engine, format!("response options: {error}")));
     // Queued now rather than when the promise first runs, so an `abort(id)` right after finds it.
-    let queued = read.and_then(|request| enqueue(id, request, response?, on_chunk));
+    let queued = read.and_then(|(request, reply)| enqueue(id, request, reply, response?, on_chunk));
     wasm_bindgen_futures::future_to_promise(async move {
         let (receiver, generation) = queued?;
         let result = receiver
@@ -403,7 +470,7 @@ fn js_value<T: Serialize>(value: &T) -> JsValue {
 
 /// Queues a request for the driver, starting one when none runs. Returns the receiver of its
 /// result and the generation it belongs to.
-fn enqueue(id: u32, request: Parsed, response: ResponseOptions, on_chunk: Function) -> Result<(Receiver<Result<JsValue, JsValue>>, u64), JsValue> {
+fn enqueue(id: u32, request: Parsed, reply: Reply, response: ResponseOptions, on_chunk: Function) -> Result<(Receiver<Result<JsValue, JsValue>>, u64), JsValue> {
     let (done, receiver) = oneshot::channel();
     let cancel = CancelToken::default();
     let (driver, generation) = STATE.with_borrow_mut(|s| {
@@ -417,7 +484,7 @@ fn enqueue(id: u32, request: Parsed, response: ResponseOptions, on_chunk: Functi
             return Err(js_error(ErrorKind::Engine, format!("request id {id} is already running")));
         }
         s.requests.insert(id, cancel.clone());
-        s.queue.push(Queued { request, response, cancel, on_chunk, done });
+        s.queue.push(Queued { request, reply, response, cancel, on_chunk, done });
         let driver = if s.driving { None } else { s.engine.take() };
         s.driving = true;
         Ok((driver, s.generation))
@@ -439,21 +506,34 @@ async fn drive(mut engine: Engine, generation: u64) {
             (current, if current { std::mem::take(&mut s.queue) } else { vec![] }, s.render.clone())
         });
         for request in queued {
-            let Queued { request: Parsed { work, choices, stream, .. }, response, cancel, on_chunk, done } = request;
+            let Queued { request: Parsed { work, choices, stream, .. }, reply, response, cancel, on_chunk, done } = request;
             match engine.add_work(&work, &render, cancel.clone(), choices) {
                 Ok(sequences) => {
-                    let endpoint = work.endpoint();
                     let ResponseOptions { uuid, model } = response;
-                    let meta = ResponseMeta { endpoint, id: format!("{}-{uuid}", endpoint.id_prefix()), created: (js_sys::Date::now() / 1000.0) as u64, model };
-                    let chunks = ChunkStream::new(meta, StreamUsage::LastChunk, sequences.len());
-                    let request = Active { on_chunk, done, cancel, sequences, chunks, stream };
+                    let created = (js_sys::Date::now() / 1000.0) as u64;
+                    let mut output = match reply {
+                        Reply::Completion => {
+                            let endpoint = work.endpoint();
+                            let meta = ResponseMeta { endpoint, id: format!("{}-{uuid}", endpoint.id_prefix()), created, model };
+                            Output::Chunks(ChunkStream::new(meta, StreamUsage::LastChunk, sequences.len()))
+                        }
+                        Reply::Response { settings, conversation, logprobs } => {
+                            let header = ResponseHeader { id: format!("resp_{uuid}"), created_at: created, model, settings };
+                            Output::Response { events: ResponseEvents::new(header, logprobs), conversation }
+                        }
+                    };
+                    let opening = match &mut output {
+                        Output::Chunks(chunks) => chunks.start(),
+                        Output::Response { events, .. } => events.start(),
+                    };
+                    let request = Active { on_chunk, done, cancel, sequences, output, stream };
                     if stream {
-                        request.chunks.start().iter().for_each(|chunk| request.send(chunk));
+                        opening.iter().for_each(|chunk| request.send(chunk));
                     }
                     active.push(request);
                 }
                 Err(error) => {
-                    let _ = done.send(Err(failure(&work, error)));
+                    let _ = done.send(Err(failure(&work, &reply, error)));
                 }
             }
         }
@@ -486,23 +566,43 @@ async fn drive(mut engine: Engine, generation: u64) {
                         }
                         Event::Prefill { .. } => {}
                         Event::Delta(delta) if request.stream => {
-                            let chunk = request.chunks.delta(choice, &delta.text, delta.token, delta.logprob.as_ref());
-                            request.send(&chunk);
+                            let chunks = match &mut request.output {
+                                Output::Chunks(chunks) => vec![chunks.delta(choice, &delta.text, delta.token, delta.logprob.as_ref())],
+                                Output::Response { events, .. } => events.delta(&delta.text, delta.logprob.as_ref()),
+                            };
+                            chunks.iter().for_each(|chunk| request.send(chunk));
                         }
                         Event::Delta(_) => {}
                         Event::Echo(echo) if request.stream => {
-                            let chunk = request.chunks.echo(choice, &echo);
-                            request.send(&chunk);
+                            if let Output::Chunks(chunks) = &mut request.output {
+                                let chunk = chunks.echo(choice, &echo);
+                                request.send(&chunk);
+                            }
                         }
                         Event::Echo(_) => {}
                         Event::Finished(completion) => {
-                            let (chunks, completions) = request.chunks.finish(choice, completion);
+                            let (chunks, whole) = match &mut request.output {
+                                Output::Chunks(chunks) => {
+                                    let (sent, completions) = chunks.finish(choice, completion);
+                                    (sent, completions.map(|completions| chunks.meta().completion(&completions)))
+                                }
+                                Output::Response { events, conversation } => {
+                                    let sent = events.finish(&completion);
+                                    let response = sent.last().map(|event| event["response"].clone()).unwrap_or_default();
+                                    if let Some(mut conversation) = conversation.take() {
+                                        conversation.push(responses::output_message(&completion));
+                                        let id = events.header().id.clone();
+                                        STATE.with_borrow_mut(|s| s.responses.insert(id, response.clone(), conversation));
+                                    }
+                                    (sent, Some(response))
+                                }
+                            };
                             if request.stream {
                                 chunks.iter().for_each(|chunk| request.send(chunk));
                             }
-                            if let Some(completions) = completions {
+                            if let Some(whole) = whole {
                                 let request = active.swap_remove(r);
-                                let _ = request.done.send(Ok(js_value(&request.chunks.meta().completion(&completions))));
+                                let _ = request.done.send(Ok(js_value(&whole)));
                             }
                         }
                         // One choice failing ends the request; the others are cancelled.

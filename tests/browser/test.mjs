@@ -2,8 +2,9 @@
 // 127.0.0.1, loaded in headless Chromium (SwiftShader WebGPU) through the package's worker API and
 // through the chat demo (demo.mjs). The browser's greedy tokens must equal the native engine's, token for token;
 // two concurrent streams must each equal the same request alone, and aborting one leaves the other
-// running; n = 2 choices stream under their indexes; a JSON schema, a required tool call, logprobs
-// and a raw text completion (equal to the native one) come back in OpenAI's shapes, and unknown
+// running; n = 2 choices stream under their indexes; a JSON schema, a required tool call, logprobs,
+// a raw text completion (equal to the native one) and responses of the Responses API (streamed,
+// continued by id) come back in OpenAI's shapes, and unknown
 // fields are refused naming them; a page calls `serve` on another origin through CORS; weights come
 // from the Cache API on reload and after an interrupted load; the wasm heap stays under a stated
 // bound while loading; an hf: reference resolves on a local Hub, and the catalog's fit check.
@@ -225,6 +226,21 @@ try {
     const called = await engine.chat.completions.create({
       messages, temperature: 0, max_tokens: 40, tools: [{ type: "function", function: { name: "f", parameters } }], tool_choice: "required", parallel_tool_calls: false,
     });
+    // The Responses API: the chat of the same turns, streamed as its events, continued by id.
+    const response = await engine.responses.create({ input: prompt, temperature: 0, max_output_tokens: maxTokens });
+    const events = [];
+    for await (const event of engine.responses.create({ input: prompt, temperature: 0, max_output_tokens: maxTokens, stream: true, store: false })) events.push(event);
+    const continued = await engine.responses.create({ previous_response_id: response.id, input: prompt, temperature: 0, max_output_tokens: 1 });
+    const retrieved = await engine.responses.retrieve(response.id);
+    await engine.responses.delete(response.id);
+    const deleted = await engine.responses.create({ previous_response_id: response.id, input: prompt }).then(() => null, (e) => ({ name: e.name, param: e.param }));
+    const responses = {
+      whole: [response.status, response.output[0].content[0].text],
+      streamed: [events[0].type, events.at(-1).type, events.filter((e) => e.type === "response.output_text.delta").map((e) => e.delta).join("")],
+      continued: [continued.previous_response_id === response.id, continued.usage.input_tokens_details.cached_tokens > response.usage.input_tokens],
+      retrieved: retrieved.output[0].id === response.output[0].id,
+      deleted,
+    };
     const textChunks = [];
     for await (const chunk of engine.completions.create({ prompt, temperature: 0, max_tokens: maxTokens, stream: true, logprobs: 2 })) textChunks.push(chunk);
     // A completion echoing its prompt, streamed (the prompt's chunk first) and not.
@@ -285,7 +301,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, textChunks, refused, q8, buffers, q8Inputs, subgroupsOffered, tokenized, detokenized, tokenizeError, echo, prediction,
+      json, called, responses, textChunks, refused, q8, buffers, q8Inputs, subgroupsOffered, tokenized, detokenized, tokenizeError, echo, prediction,
     };
   }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS, predicted: native.text });
   log("browser info:", JSON.stringify(api.info));
@@ -326,6 +342,10 @@ try {
   assertEqual([called.finish_reason, called.message.content, called.message.tool_calls.length], ["tool_calls", null, 1], "tool_choice required: finish_reason, content, calls");
   const call = called.message.tool_calls[0];
   assertEqual([call.type, call.function.name, Object.keys(JSON.parse(call.function.arguments))], ["function", "f", ["z", "a"]], `the call ${call.function.arguments}`);
+  assertEqual(api.responses.whole, ["incomplete", native.text], "a response: the chat's text, cut at max_output_tokens");
+  assertEqual(api.responses.streamed, ["response.created", "response.incomplete", native.text], "a streamed response's first and last events and its text");
+  assertEqual([api.responses.continued, api.responses.retrieved], [[true, true], true], "a response continued by previous_response_id (its turns' pages reused), retrieved");
+  assertEqual(api.responses.deleted, { name: "RequestError", param: "previous_response_id" }, "continuing a deleted response");
   const textTokens = api.textChunks.filter((c) => c.choices[0].token_ids.length).map((c) => c.choices[0]);
   assertEqual(api.textChunks.map((c) => c.choices[0].text).join(""), nativeText.text, "streamed text completion vs native");
   assertEqual(textTokens.flatMap((c) => c.token_ids), nativeText.tokens, "text completion tokens vs native");

@@ -1,6 +1,7 @@
 //! OpenAI-shaped request and response types, shared by the engine, the JS API and the HTTP server.
 
 pub mod request;
+pub mod responses;
 pub mod response;
 
 use std::collections::HashMap;

@@ -488,7 +488,8 @@ fn dropped_member(sent: &Value, kept: &Value) -> Option<String> {
     }
 }
 
-fn kind_of(value: &Value) -> &'static str {
+/// What kind of JSON value `value` is, for messages.
+pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

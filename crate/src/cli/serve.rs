@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,15 +33,17 @@ use axum::{Json, Router};
 use clap::Args;
 use llama_webgpu::api::request::{self, Parsed, UnknownFields, Work};
 use llama_webgpu::api::response::{self, Endpoint, ResponseMeta};
+use llama_webgpu::api::responses::{self as responses_api, ResponseEvents, ResponseHeader, ResponseStore, ResponsesRequest};
+use llama_webgpu::api::ChatMessage;
 use llama_webgpu::engine::{ChoiceResults, Prepared, Prompter};
 use llama_webgpu::text::RenderOptions;
-use llama_webgpu::{CancelToken, GpuOptions, LoadOptions};
-use serde_json::json;
+use llama_webgpu::{CancelToken, Completion, GpuOptions, LoadOptions};
+use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use self::engine_thread::{AliveWhileHeld, Client, Ended, EngineThreadOptions, Event, Job, Stats};
-use self::responses::{ApiError, SseChunks};
+use self::responses::{ApiError, EventFormat, ResponseSse, SseChunks};
 use super::ModelArgs;
 
 #[derive(Args)]
@@ -77,6 +79,11 @@ pub struct ServeArgs {
     /// needs no API key.
     #[arg(long)]
     metrics: bool,
+    /// Memory for the responses of /v1/responses kept for `previous_response_id` and
+    /// `GET /v1/responses/{id}` (requests with `store: true`, OpenAI's default), e.g. 64MiB: the
+    /// oldest are dropped to make room; 0 keeps none.
+    #[arg(long, value_name = "BYTES", value_parser = super::parse_size, default_value_t = responses_api::DEFAULT_STORE_BYTES as u64)]
+    response_store: u64,
     /// On SIGTERM or SIGINT the server stops taking connections and lets running requests finish
     /// for this many seconds; those still running then end (a stream with an error event, others
     /// with 503) and the server exits with status 0.
@@ -116,6 +123,7 @@ struct Server {
     started: u64,
     next_id: AtomicU64,
     metrics: bool,
+    responses: Mutex<ResponseStore>,
 }
 
 pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: bool) -> anyhow::Result<()> {
@@ -209,6 +217,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: 
         started: unix_seconds(),
         next_id: AtomicU64::new(1),
         metrics: args.metrics,
+        responses: Mutex::new(ResponseStore::new(usize::try_from(args.response_store).unwrap_or(usize::MAX))),
     });
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     runtime.block_on(async move {
@@ -313,6 +322,8 @@ fn router(server: Arc<Server>) -> Router {
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(create_response))
+        .route("/v1/responses/{id}", get(stored_response).delete(delete_response))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
@@ -501,55 +512,164 @@ impl Drop for CancelOnDrop {
 
 /// Queues the job, then answers with the whole completion or a stream of its chunks.
 async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Response {
-    let meta = ResponseMeta {
-        endpoint,
-        id: format!("{}-{:x}-{}", endpoint.id_prefix(), server.started, server.next_id.fetch_add(1, Ordering::Relaxed)),
-        created: unix_seconds(),
-        model: server.model_id.clone(),
-    };
+    let meta = ResponseMeta { endpoint, id: format!("{}-{}", endpoint.id_prefix(), serial(&server)), created: unix_seconds(), model: server.model_id.clone() };
     let choices = parsed.all_choices();
-    let (work, prepared) = match prepare(&server, &meta.id, parsed.work).await {
-        Ok(ready) => ready,
+    let Queued { mut events, guard } = match queue(&server, &meta.id, parsed.work, parsed.choices).await {
+        Ok(queued) => queued,
         Err(error) => return error.into_response(),
     };
-    let cancel = CancelToken::default();
-    let guard = CancelOnDrop(cancel.clone());
-    let (events_tx, mut events) = unbounded_channel();
-    let client = Client { id: meta.id.clone(), cancel, events: events_tx };
-    let job = Job { client, work, prepared, choices: parsed.choices };
-    if let Err(error) = submit(&server, job) {
-        return error.into_response();
-    }
-    log::debug!("{}: queued", meta.id);
-
     if !parsed.stream {
         let started = Instant::now();
-        let mut results = ChoiceResults::new(choices);
-        loop {
-            match events.recv().await {
-                Some(Event::Delta { .. } | Event::Echo { .. }) => {}
-                Some(Event::Finished { choice, completion }) => {
-                    if let Some(completions) = results.record(choice, completion) {
-                        log::debug!("{}: answered in {:.2} s", meta.id, started.elapsed().as_secs_f64());
-                        return Json(meta.completion(&completions)).into_response();
-                    }
+        return match all_completions(&mut events, choices).await {
+            Ok(completions) => {
+                log::debug!("{}: answered in {:.2} s", meta.id, started.elapsed().as_secs_f64());
+                Json(meta.completion(&completions)).into_response()
+            }
+            Err(error) => error.into_response(),
+        };
+    }
+    let first = match first_event(&mut events).await {
+        Ok(event) => event,
+        Err(error) => return error.into_response(),
+    };
+    event_stream(SseStream::new(Box::new(SseChunks::new(meta, parsed.include_usage, choices)), first, events, guard))
+}
+
+/// OpenAI's Responses API: the request as a chat, its completion as a response object or a stream
+/// of Responses events; kept for `previous_response_id` unless `store` is false.
+async fn create_response(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let request = match read_response_request(&server, body) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let header = ResponseHeader { id: format!("resp_{}", serial(&server)), created_at: unix_seconds(), model: server.model_id.clone(), settings: request.settings };
+    let logprobs = matches!(&request.parsed.work, Work::Chat(chat) if chat.sampling.logprobs_wanted().is_some());
+    let Queued { mut events, guard } = match queue(&server, &header.id, request.parsed.work, 1).await {
+        Ok(queued) => queued,
+        Err(error) => return error.for_responses().into_response(),
+    };
+    let keep = request.store.then(|| {
+        let (server, id, conversation) = (server.clone(), header.id.clone(), request.conversation);
+        move |response: &Value, completion: &Completion| keep_response(&server, id, response, conversation, completion)
+    });
+    if !request.parsed.stream {
+        return match all_completions(&mut events, 1).await {
+            Ok(completions) => {
+                let response = header.response(&completions[0]);
+                if let Some(keep) = keep {
+                    keep(&response, &completions[0]);
                 }
-                Some(Event::Failed(error)) => return error.into_response(),
-                None => return ApiError::server("the engine stopped without finishing the request").into_response(),
+                Json(response).into_response()
+            }
+            Err(error) => error.for_responses().into_response(),
+        };
+    }
+    let first = match first_event(&mut events).await {
+        Ok(event) => event,
+        Err(error) => return error.for_responses().into_response(),
+    };
+    let format = ResponseSse::new(ResponseEvents::new(header, logprobs), keep.map(|keep| Box::new(keep) as _));
+    event_stream(SseStream::new(Box::new(format), first, events, guard))
+}
+
+/// A Responses request, continuing the stored response its `previous_response_id` names.
+fn read_response_request(server: &Server, body: Result<Bytes, BytesRejection>) -> Result<ResponsesRequest, ApiError> {
+    let object = request::parse_body(&read_body(server, body)?)?;
+    let previous = match responses_api::previous_response_id(&object)? {
+        None => vec![],
+        Some(id) => {
+            let store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
+            match store.get(&id) {
+                Some(stored) => stored.conversation.clone(),
+                None => return Err(not_stored(&store, &id).param("previous_response_id").code("previous_response_not_found")),
             }
         }
-    }
-
-    // Wait for the first event so that a request the engine rejects (prompt too long, a sampling
-    // parameter out of range) gets its HTTP status rather than a stream that fails at once.
-    let first = match events.recv().await {
-        Some(Event::Failed(error)) => return error.into_response(),
-        None => return ApiError::server("the engine stopped without finishing the request").into_response(),
-        Some(event) => event,
     };
-    let chunks = SseChunks::new(meta, parsed.include_usage, choices);
-    let mut stream = SseStream { pending: chunks.start().into(), chunks, events, done: false, _guard: guard };
-    stream.push(first);
+    Ok(responses_api::read_responses(object, UnknownFields::Ignore, previous)?)
+}
+
+/// Stores a finished response with its conversation, its output last.
+fn keep_response(server: &Server, id: String, response: &Value, mut conversation: Vec<ChatMessage>, completion: &Completion) {
+    conversation.push(responses_api::output_message(completion));
+    let mut store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
+    if !store.insert(id.clone(), response.clone(), conversation) {
+        log::warn!("{id}: not stored: larger than --response-store ({} bytes)", store.budget());
+    }
+}
+
+/// 404 for a response this server does not hold.
+fn not_stored(store: &ResponseStore, id: &str) -> ApiError {
+    ApiError::invalid(format!("{} (--response-store)", store.missing(id))).with_status(StatusCode::NOT_FOUND).code("not_found")
+}
+
+async fn stored_response(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Response {
+    let store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
+    match store.get(&id) {
+        Some(stored) => Json(stored.response.clone()).into_response(),
+        None => not_stored(&store, &id).into_response(),
+    }
+}
+
+async fn delete_response(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Response {
+    let mut store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
+    if store.remove(&id) {
+        Json(json!({"id": id, "object": "response.deleted", "deleted": true})).into_response()
+    } else {
+        not_stored(&store, &id).into_response()
+    }
+}
+
+/// What a new response's id holds after its prefix: the server's start time and a counter.
+fn serial(server: &Server) -> String {
+    format!("{:x}-{}", server.started, server.next_id.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A queued job's events, and what cancels it when the response goes away.
+struct Queued {
+    events: UnboundedReceiver<Event>,
+    guard: CancelOnDrop,
+}
+
+/// Prepares `work` and queues it for the engine.
+async fn queue(server: &Arc<Server>, id: &str, work: Work, choices: usize) -> Result<Queued, ApiError> {
+    let (work, prepared) = prepare(server, id, work).await?;
+    let cancel = CancelToken::default();
+    let guard = CancelOnDrop(cancel.clone());
+    let (events_tx, events) = unbounded_channel();
+    let client = Client { id: id.to_string(), cancel, events: events_tx };
+    submit(server, Job { client, work, prepared, choices })?;
+    log::debug!("{id}: queued");
+    Ok(Queued { events, guard })
+}
+
+/// Every choice's completion, as the job's events bring them.
+async fn all_completions(events: &mut UnboundedReceiver<Event>, choices: usize) -> Result<Vec<Completion>, ApiError> {
+    let mut results = ChoiceResults::new(choices);
+    loop {
+        match events.recv().await {
+            Some(Event::Delta { .. } | Event::Echo { .. }) => {}
+            Some(Event::Finished { choice, completion }) => {
+                if let Some(completions) = results.record(choice, completion) {
+                    return Ok(completions);
+                }
+            }
+            Some(Event::Failed(error)) => return Err(error),
+            None => return Err(ApiError::server("the engine stopped without finishing the request")),
+        }
+    }
+}
+
+/// The job's first event, waited for so that a request the engine rejects (prompt too long, a
+/// sampling parameter out of range) gets its HTTP status rather than a stream that fails at once.
+async fn first_event(events: &mut UnboundedReceiver<Event>) -> Result<Event, ApiError> {
+    match events.recv().await {
+        Some(Event::Failed(error)) => Err(error),
+        None => Err(ApiError::server("the engine stopped without finishing the request")),
+        Some(event) => Ok(event),
+    }
+}
+
+fn event_stream(stream: SseStream) -> Response {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -639,7 +759,7 @@ fn submit(server: &Server, job: Job) -> Result<(), ApiError> {
 /// The body of a streamed response: server-sent events made from the job's events as they come.
 /// hyper drops it when the client disconnects, and the guard then cancels the generation.
 struct SseStream {
-    chunks: SseChunks,
+    format: Box<dyn EventFormat>,
     events: UnboundedReceiver<Event>,
     pending: VecDeque<Bytes>,
     done: bool,
@@ -647,20 +767,17 @@ struct SseStream {
 }
 
 impl SseStream {
+    fn new(mut format: Box<dyn EventFormat>, first: Event, events: UnboundedReceiver<Event>, guard: CancelOnDrop) -> Self {
+        let pending = format.start().into();
+        let mut stream = Self { format, events, pending, done: false, _guard: guard };
+        stream.push(first);
+        stream
+    }
+
     fn push(&mut self, event: Event) {
-        match event {
-            Event::Delta { choice, text, token, logprob } => self.pending.push_back(self.chunks.delta(choice, &text, token, logprob.as_ref())),
-            Event::Echo { choice, echo } => self.pending.push_back(self.chunks.echo(choice, &echo)),
-            Event::Finished { choice, completion } => {
-                let (events, done) = self.chunks.finish(choice, completion);
-                self.pending.extend(events);
-                self.done = done;
-            }
-            Event::Failed(error) => {
-                self.pending.extend(self.chunks.error(&error));
-                self.done = true;
-            }
-        }
+        let (events, done) = self.format.events(event);
+        self.pending.extend(events);
+        self.done = done;
     }
 }
 

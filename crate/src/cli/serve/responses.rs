@@ -1,15 +1,19 @@
-//! What the server sends beside the shared response objects (`llama_webgpu::api::response`):
-//! their streamed chunks as server-sent events, and OpenAI-shaped error bodies.
+//! What the server sends beside the shared response objects (`llama_webgpu::api::response`,
+//! `llama_webgpu::api::responses`): their streams as server-sent events, and OpenAI-shaped error
+//! bodies.
 
 use axum::body::Bytes;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use llama_webgpu::api::request::RequestError;
 use llama_webgpu::api::response::{ChunkStream, ResponseMeta, StreamUsage};
+use llama_webgpu::api::responses::{responses_param, ResponseEvents};
 use llama_webgpu::api::TokenLogprob;
 use llama_webgpu::engine::Echo;
 use llama_webgpu::Completion;
 use serde_json::{json, Value};
+
+use super::engine_thread::Event;
 
 /// An error as OpenAI reports one: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,6 +60,13 @@ impl ApiError {
     pub fn body(&self) -> Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
+
+    /// The error of a Responses request: the field it blames by its Responses name (the engine
+    /// reads the request as a chat).
+    pub fn for_responses(mut self) -> Self {
+        self.param = self.param.map(|param| responses_param(&param).to_string());
+        self
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -82,8 +93,16 @@ pub fn sse_event(data: &Value) -> Bytes {
 
 pub const SSE_DONE: &str = "data: [DONE]\n\n";
 
-/// A streamed response's server-sent events: the shared chunks ([`ChunkStream`]) as events, then
-/// `data: [DONE]`; an error ends the stream with an error event instead.
+/// What a streamed response makes of its job's events: server-sent events.
+pub trait EventFormat: Send {
+    /// The events that open the stream.
+    fn start(&mut self) -> Vec<Bytes>;
+    /// The events of one of the job's, and whether they end the stream.
+    fn events(&mut self, event: Event) -> (Vec<Bytes>, bool);
+}
+
+/// A streamed completion's server-sent events: the shared chunks ([`ChunkStream`]) as events,
+/// then `data: [DONE]`; an error ends the stream with an error event instead.
 pub struct SseChunks {
     chunks: ChunkStream,
 }
@@ -120,6 +139,66 @@ impl SseChunks {
     /// The openai clients raise an event with an `error` member as an APIError.
     pub fn error(&self, error: &ApiError) -> Vec<Bytes> {
         vec![sse_event(&error.body())]
+    }
+}
+
+impl EventFormat for SseChunks {
+    fn start(&mut self) -> Vec<Bytes> {
+        SseChunks::start(self)
+    }
+
+    fn events(&mut self, event: Event) -> (Vec<Bytes>, bool) {
+        match event {
+            Event::Delta { choice, text, token, logprob } => (vec![self.delta(choice, &text, token, logprob.as_ref())], false),
+            Event::Echo { choice, echo } => (vec![self.echo(choice, &echo)], false),
+            Event::Finished { choice, completion } => self.finish(choice, completion),
+            Event::Failed(error) => (self.error(&error), true),
+        }
+    }
+}
+
+/// Called with the whole response and its completion when a streamed response ends.
+pub type OnResponse = Box<dyn FnOnce(&Value, &Completion) + Send>;
+
+/// A streamed response of the Responses API: each event as `event: TYPE` and its data.
+pub struct ResponseSse {
+    events: ResponseEvents,
+    on_end: Option<OnResponse>,
+}
+
+impl ResponseSse {
+    pub fn new(events: ResponseEvents, on_end: Option<OnResponse>) -> Self {
+        Self { events, on_end }
+    }
+
+    fn sse(events: Vec<Value>) -> Vec<Bytes> {
+        events.iter().map(|event| Bytes::from(format!("event: {}\ndata: {event}\n\n", event["type"].as_str().unwrap_or("message")))).collect()
+    }
+}
+
+impl EventFormat for ResponseSse {
+    fn start(&mut self) -> Vec<Bytes> {
+        Self::sse(self.events.start())
+    }
+
+    fn events(&mut self, event: Event) -> (Vec<Bytes>, bool) {
+        match event {
+            Event::Delta { text, logprob, .. } => (Self::sse(self.events.delta(&text, logprob.as_ref())), false),
+            // Chats echo nothing.
+            Event::Echo { .. } => (vec![], false),
+            Event::Finished { completion, .. } => {
+                let events = self.events.finish(&completion);
+                if let (Some(on_end), Some(last)) = (self.on_end.take(), events.last()) {
+                    on_end(&last["response"], &completion);
+                }
+                (Self::sse(events), true)
+            }
+            Event::Failed(error) => {
+                let error = error.for_responses();
+                let code = error.code.unwrap_or(error.kind);
+                (Self::sse(self.events.failed(code, &error.message, error.param.as_deref())), true)
+            }
+        }
     }
 }
 
