@@ -363,8 +363,7 @@ fn read_response_request(request: JsValue) -> Result<(Parsed, Reply), JsValue> {
         })?,
     };
     let request = responses::read_responses(object, UnknownFields::Refuse, previous).map_err(request_fault)?;
-    let logprobs = matches!(&request.parsed.work, Work::Chat(chat) if chat.sampling.logprobs_wanted().is_some());
-    let reply = Reply::Response { settings: request.settings, conversation: request.store.then_some(request.conversation), logprobs };
+    let reply = Reply::Response { logprobs: request.logprobs(), settings: request.settings, conversation: request.store.then_some(request.conversation) };
     Ok((request.parsed, reply))
 }
 

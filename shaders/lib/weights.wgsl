@@ -322,11 +322,11 @@ fn quant_values(v: vec4<u32>, offset: f32) -> vec4<f32> {
 
 // Bytes 0..3 of a word as the low nibbles' values, and as the high nibbles' values.
 fn low_nibbles(word: u32) -> vec4<f32> {
-    return quant_values((vec4(word) >> vec4(0u, 8u, 16u, 24u)) & vec4(0xfu), 0.0);
+    return quant_values(quad_nibbles(word, false), 0.0);
 }
 
 fn high_nibbles(word: u32) -> vec4<f32> {
-    return quant_values((vec4(word) >> vec4(4u, 12u, 20u, 28u)) & vec4(0xfu), 0.0);
+    return quant_values(quad_nibbles(word, true), 0.0);
 }
 
 // Bytes 0..3 of a word as int8 values.

@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 
 use serde_json::{json, Map, Value};
 
-use super::request::{kind_of, read_chat, Parsed, RequestError, UnknownFields};
+use super::request::{kind_of, read_chat, Parsed, RequestError, UnknownFields, Work};
 use super::response::chat_logprobs;
 use super::{ChatMessage, FinishReason, FunctionCall, TokenLogprob, ToolCall};
 use crate::Completion;
@@ -70,6 +70,13 @@ pub struct ResponsesRequest {
     pub store: bool,
     /// The request's settings as the response object repeats them.
     pub settings: Map<String, Value>,
+}
+
+impl ResponsesRequest {
+    /// Whether the response carries its tokens' log probabilities.
+    pub fn logprobs(&self) -> bool {
+        matches!(&self.parsed.work, Work::Chat(chat) if chat.sampling.logprobs_wanted().is_some())
+    }
 }
 
 /// `previous_response_id`: the stored response whose turns the request continues.
@@ -445,6 +452,15 @@ impl ResponseHeader {
     }
 }
 
+/// `object` with the members of `more` set.
+fn with(object: &Value, more: Value) -> Value {
+    let mut object = object.clone();
+    if let (Value::Object(fields), Value::Object(more)) = (&mut object, more) {
+        fields.extend(more);
+    }
+    object
+}
+
 /// The response's status for how its generation ended.
 fn status_of(reason: FinishReason) -> &'static str {
     match reason {
@@ -473,21 +489,22 @@ fn logprob_entries(logprobs: &[TokenLogprob]) -> Vec<Value> {
 }
 
 /// A streamed response's events: `response.created` and `response.in_progress`, the message's
-/// item and text part opened at its first text, a delta per piece of text, then the message and
-/// each function call closed in turn, and `response.completed` (or `response.incomplete`) with
-/// the whole response. Each event carries its type and a sequence number.
+/// item and text part opened at its first text, a delta per piece of text, then the finished
+/// response's items closed in turn (the message, each function call) and `response.completed`
+/// (or `response.incomplete`) with the whole response. Each event carries its type and a sequence
+/// number.
 pub struct ResponseEvents {
     header: ResponseHeader,
     sequence: u64,
-    /// The message's text and log probabilities so far, once its item is open.
-    message: Option<(String, Vec<Value>)>,
+    /// Whether the message's item is open (its text came as deltas).
+    message_open: bool,
     logprobs: bool,
 }
 
 impl ResponseEvents {
     /// `logprobs`: whether the request asked for log probabilities.
     pub fn new(header: ResponseHeader, logprobs: bool) -> Self {
-        Self { header, sequence: 0, message: None, logprobs }
+        Self { header, sequence: 0, message_open: false, logprobs }
     }
 
     pub fn header(&self) -> &ResponseHeader {
@@ -506,11 +523,13 @@ impl ResponseEvents {
         vec![self.event("response.created", json!({"response": response})), self.event("response.in_progress", json!({"response": response}))]
     }
 
+    /// The message is the response's first item: the engine holds back text that may start a
+    /// call, so deltas are the message's text only.
     fn open_message(&mut self, events: &mut Vec<Value>) {
-        if self.message.is_some() {
+        if self.message_open {
             return;
         }
-        self.message = Some((String::new(), vec![]));
+        self.message_open = true;
         let item = self.header.message_item("in_progress", None);
         let part = text_part("", self.logprobs.then(Vec::new));
         let item_id = self.header.message_id();
@@ -526,46 +545,35 @@ impl ResponseEvents {
         }
         self.open_message(&mut events);
         let entries = logprob.map(|l| logprob_entries(std::slice::from_ref(l))).unwrap_or_default();
-        if let Some((message, logprobs)) = &mut self.message {
-            message.push_str(text);
-            logprobs.extend(entries.iter().cloned());
-        }
         let item_id = self.header.message_id();
         events.push(self.event("response.output_text.delta", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": text, "logprobs": entries})));
         events
     }
 
-    /// The events that end the response as `completion` ends it, the whole response last.
+    /// The events that end the response as `completion` ends it, the whole response last: each
+    /// of its items closed (a call's opened first, its arguments in one delta).
     pub fn finish(&mut self, completion: &Completion) -> Vec<Value> {
+        let response = self.header.response(completion);
         let mut events = vec![];
-        if completion.tool_calls.is_empty() {
-            self.open_message(&mut events);
-        }
-        let mut output = vec![];
-        if let Some((text, logprobs)) = self.message.take() {
-            let item_id = self.header.message_id();
-            let logprobs = self.logprobs.then_some(logprobs);
-            let part = text_part(&text, logprobs.clone());
-            events.push(self.event("response.output_text.done", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": logprobs.unwrap_or_default()})));
-            events.push(self.event("response.content_part.done", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": part})));
-            let item = self.header.message_item("completed", part);
-            events.push(self.event("response.output_item.done", json!({"output_index": 0, "item": item})));
-            output.push(item);
-        }
-        for (k, call) in completion.tool_calls.iter().enumerate() {
-            let output_index = output.len();
-            let item_id = self.header.call_item_id(k);
-            let added = self.header.call_item(k, "in_progress", &call.id, &call.name, "");
-            events.push(self.event("response.output_item.added", json!({"output_index": output_index, "item": added})));
-            events.push(self.event("response.function_call_arguments.delta", json!({"item_id": item_id, "output_index": output_index, "delta": call.arguments})));
-            events.push(self.event("response.function_call_arguments.done", json!({"item_id": item_id, "output_index": output_index, "name": call.name, "arguments": call.arguments})));
-            let item = self.header.call_item(k, "completed", &call.id, &call.name, &call.arguments);
+        for (output_index, item) in response["output"].as_array().into_iter().flatten().enumerate() {
+            let item_id = &item["id"];
+            if item["type"] == "message" {
+                self.open_message(&mut events);
+                let part = &item["content"][0];
+                let logprobs = part.get("logprobs").cloned().unwrap_or_else(|| json!([]));
+                let place = json!({"item_id": item_id, "output_index": output_index, "content_index": 0});
+                events.push(self.event("response.output_text.done", with(&place, json!({"text": part["text"], "logprobs": logprobs}))));
+                events.push(self.event("response.content_part.done", with(&place, json!({"part": part}))));
+            } else {
+                let added = with(item, json!({"status": "in_progress", "arguments": ""}));
+                let place = json!({"item_id": item_id, "output_index": output_index});
+                events.push(self.event("response.output_item.added", json!({"output_index": output_index, "item": added})));
+                events.push(self.event("response.function_call_arguments.delta", with(&place, json!({"delta": item["arguments"]}))));
+                events.push(self.event("response.function_call_arguments.done", with(&place, json!({"name": item["name"], "arguments": item["arguments"]}))));
+            }
             events.push(self.event("response.output_item.done", json!({"output_index": output_index, "item": item})));
-            output.push(item);
         }
-        let status = status_of(completion.finish_reason);
-        let response = self.header.object(status, output, Some(completion));
-        let kind = if status == "incomplete" { "response.incomplete" } else { "response.completed" };
+        let kind = if response["status"] == "incomplete" { "response.incomplete" } else { "response.completed" };
         events.push(self.event(kind, json!({"response": response})));
         events
     }
@@ -659,7 +667,7 @@ impl ResponseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::request::{parse_body, Work};
+    use crate::api::request::parse_body;
     use crate::api::{GeneratedToolCall, ResponseFormat, ToolChoice, Usage};
 
     fn read(body: &str) -> Result<ResponsesRequest, RequestError> {
@@ -820,7 +828,7 @@ mod tests {
         events.extend(stream.delta("", None));
         events.extend(stream.delta("Hi", Some(&logprob)));
         events.extend(stream.delta(" there", None));
-        let done = completion("Hi there", vec![weather_call()], FinishReason::ToolCalls);
+        let done = Completion { logprobs: Some(vec![logprob.clone()]), ..completion("Hi there", vec![weather_call()], FinishReason::ToolCalls) };
         events.extend(stream.finish(&done));
         let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(

@@ -542,8 +542,8 @@ async fn create_response(State(server): State<Arc<Server>>, body: Result<Bytes, 
         Ok(request) => request,
         Err(error) => return error.into_response(),
     };
+    let logprobs = request.logprobs();
     let header = ResponseHeader { id: format!("resp_{}", serial(&server)), created_at: unix_seconds(), model: server.model_id.clone(), settings: request.settings };
-    let logprobs = matches!(&request.parsed.work, Work::Chat(chat) if chat.sampling.logprobs_wanted().is_some());
     let Queued { mut events, guard } = match queue(&server, &header.id, request.parsed.work, 1).await {
         Ok(queued) => queued,
         Err(error) => return error.for_responses().into_response(),
