@@ -5,6 +5,7 @@ and errors that name the Responses field.
 """
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -48,7 +49,7 @@ def test_a_response_is_the_chat_completion_of_its_turns_streamed_or_not(client):
     assert (final.output_text, final.output[0].id, final.usage.output_tokens) == (text, events[2].item.id, 8)
 
 
-def test_previous_response_id_continues_the_stored_conversation(client):
+def test_previous_response_id_continues_the_stored_conversation(server, client):
     first = client.responses.create(model="tiny", input="Hi", max_output_tokens=4, temperature=0)
     second = client.responses.create(model="tiny", previous_response_id=first.id, input="Tell me more.", max_output_tokens=4, temperature=0)
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "Tell me more."}]
@@ -70,6 +71,9 @@ def test_previous_response_id_continues_the_stored_conversation(client):
     assert unstored.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
+    # Operators see the store in the metrics.
+    metrics = http("GET", f"{server.url}/metrics").text
+    assert re.search(r"^llama_webgpu_responses_stored [1-9]", metrics, re.M) and re.search(r"^llama_webgpu_response_store_bytes [1-9]", metrics, re.M), metrics
 
 
 class Answer(pydantic.BaseModel):

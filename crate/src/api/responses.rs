@@ -626,6 +626,11 @@ impl ResponseStore {
         self.budget
     }
 
+    /// Responses kept, and their bytes.
+    pub fn usage(&self) -> (usize, usize) {
+        (self.responses.len(), self.used)
+    }
+
     /// Why there is no response `id` here.
     pub fn missing(&self, id: &str) -> String {
         format!("no stored response {id:?}: responses are kept when created with store: true, the newest within {} bytes", self.budget)

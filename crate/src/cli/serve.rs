@@ -431,6 +431,9 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     registry.register("engine_up", "1 while the engine thread runs", gauge(stats.alive.load(Ordering::SeqCst) as usize));
     registry.register("heap_bytes", "Bytes held through Rust's allocator (the GPU driver's own allocations are not counted)", gauge(super::heap::live_bytes()));
     registry.register("gpu_allocated_bytes", "Bytes of GPU memory allocated, as of the engine's latest idle moment", gauge(stats.gpu_allocated_bytes.load(Ordering::SeqCst) as usize));
+    let (responses, response_bytes) = server.responses.lock().unwrap_or_else(PoisonError::into_inner).usage();
+    registry.register("responses_stored", "Responses kept for previous_response_id", gauge(responses));
+    registry.register("response_store_bytes", "Bytes of the responses kept (their JSON), within --response-store", gauge(response_bytes));
     registry.register("time_to_first_token_seconds", "From the engine taking a request to its first token", stats.first_token_seconds.clone());
     registry.register("request_seconds", "From the engine taking a request to its end", stats.request_seconds.clone());
     let mut body = String::new();
