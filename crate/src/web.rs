@@ -588,10 +588,9 @@ async fn drive(mut engine: Engine, generation: u64) {
                                 Output::Response { events, conversation } => {
                                     let sent = events.finish(&completion);
                                     let response = sent.last().map(|event| event["response"].clone()).unwrap_or_default();
-                                    if let Some(mut conversation) = conversation.take() {
-                                        conversation.push(responses::output_message(&completion));
+                                    if let Some(conversation) = conversation.take() {
                                         let id = events.header().id.clone();
-                                        STATE.with_borrow_mut(|s| s.responses.insert(id, response.clone(), conversation));
+                                        STATE.with_borrow_mut(|s| s.responses.keep(id, response.clone(), conversation, &completion));
                                     }
                                     (sent, Some(response))
                                 }

@@ -364,7 +364,7 @@ fn settings(object: &Map<String, Value>, store: bool) -> Map<String, Value> {
 }
 
 /// The assistant's turn a completion adds to its conversation: its text and its calls.
-pub fn output_message(completion: &Completion) -> ChatMessage {
+fn output_message(completion: &Completion) -> ChatMessage {
     let calls = completion.tool_calls.iter().map(|call| ToolCall {
         id: Some(call.id.clone()),
         kind: "function".into(),
@@ -437,14 +437,14 @@ impl ResponseHeader {
         let mut output = vec![];
         if !completion.text.is_empty() || completion.tool_calls.is_empty() {
             let logprobs = completion.logprobs.as_deref().map(logprob_entries);
-            output.push(self.message_item("completed", text_part(&completion.text, logprobs)));
+            output.push(self.message_item("completed", vec![text_part(&completion.text, logprobs)]));
         }
         output.extend(completion.tool_calls.iter().enumerate().map(|(k, call)| self.call_item(k, "completed", &call.id, &call.name, &call.arguments)));
         self.object(status_of(completion.finish_reason), output, Some(completion))
     }
 
-    fn message_item(&self, status: &str, content: Option<Value>) -> Value {
-        json!({"type": "message", "id": self.message_id(), "status": status, "role": "assistant", "content": content.into_iter().collect::<Vec<_>>()})
+    fn message_item(&self, status: &str, content: Vec<Value>) -> Value {
+        json!({"type": "message", "id": self.message_id(), "status": status, "role": "assistant", "content": content})
     }
 
     fn call_item(&self, index: usize, status: &str, call_id: &str, name: &str, arguments: &str) -> Value {
@@ -471,12 +471,12 @@ fn status_of(reason: FinishReason) -> &'static str {
 }
 
 /// An output_text part; its logprobs where the request asked for them.
-fn text_part(text: &str, logprobs: Option<Vec<Value>>) -> Option<Value> {
+fn text_part(text: &str, logprobs: Option<Vec<Value>>) -> Value {
     let mut part = json!({"type": "output_text", "text": text, "annotations": []});
     if let Some(logprobs) = logprobs {
         part["logprobs"] = Value::Array(logprobs);
     }
-    Some(part)
+    part
 }
 
 /// Tokens' log probabilities as Responses gives them: chat's entries (token, logprob, bytes,
@@ -530,7 +530,7 @@ impl ResponseEvents {
             return;
         }
         self.message_open = true;
-        let item = self.header.message_item("in_progress", None);
+        let item = self.header.message_item("in_progress", vec![]);
         let part = text_part("", self.logprobs.then(Vec::new));
         let item_id = self.header.message_id();
         events.push(self.event("response.output_item.added", json!({"output_index": 0, "item": item})));
@@ -636,9 +636,16 @@ impl ResponseStore {
         format!("no stored response {id:?}: responses are kept when created with store: true, the newest within {} bytes", self.budget)
     }
 
+    /// Keeps a finished response with its conversation, the completion's turn added to it; false
+    /// where it is larger than the whole budget.
+    pub fn keep(&mut self, id: String, response: Value, mut conversation: Vec<ChatMessage>, completion: &Completion) -> bool {
+        conversation.push(output_message(completion));
+        self.insert(id, response, conversation)
+    }
+
     /// Keeps the response, dropping the oldest ones as its bytes need; one larger than the whole
     /// budget is not kept (false).
-    pub fn insert(&mut self, id: String, response: Value, conversation: Vec<ChatMessage>) -> bool {
+    fn insert(&mut self, id: String, response: Value, conversation: Vec<ChatMessage>) -> bool {
         // Their JSON's length: what they hold, near enough.
         let bytes = response.to_string().len() + serde_json::to_string(&conversation).map_or(0, |text| text.len());
         if bytes > self.budget {

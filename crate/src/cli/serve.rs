@@ -592,10 +592,9 @@ fn read_response_request(server: &Server, body: Result<Bytes, BytesRejection>) -
 }
 
 /// Stores a finished response with its conversation, its output last.
-fn keep_response(server: &Server, id: String, response: &Value, mut conversation: Vec<ChatMessage>, completion: &Completion) {
-    conversation.push(responses_api::output_message(completion));
+fn keep_response(server: &Server, id: String, response: &Value, conversation: Vec<ChatMessage>, completion: &Completion) {
     let mut store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
-    if !store.insert(id.clone(), response.clone(), conversation) {
+    if !store.keep(id.clone(), response.clone(), conversation, completion) {
         log::warn!("{id}: not stored: larger than --response-store ({} bytes)", store.budget());
     }
 }
@@ -657,9 +656,14 @@ async fn all_completions(events: &mut UnboundedReceiver<Event>, choices: usize) 
                 }
             }
             Some(Event::Failed(error)) => return Err(error),
-            None => return Err(ApiError::server("the engine stopped without finishing the request")),
+            None => return Err(engine_stopped()),
         }
     }
+}
+
+/// A job's events ended before it did: the engine's thread is gone.
+fn engine_stopped() -> ApiError {
+    ApiError::server("the engine stopped without finishing the request")
 }
 
 /// The job's first event, waited for so that a request the engine rejects (prompt too long, a
@@ -667,7 +671,7 @@ async fn all_completions(events: &mut UnboundedReceiver<Event>, choices: usize) 
 async fn first_event(events: &mut UnboundedReceiver<Event>) -> Result<Event, ApiError> {
     match events.recv().await {
         Some(Event::Failed(error)) => Err(error),
-        None => Err(ApiError::server("the engine stopped without finishing the request")),
+        None => Err(engine_stopped()),
         Some(event) => Ok(event),
     }
 }
@@ -799,7 +803,7 @@ impl futures_core::Stream for SseStream {
             match this.events.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(event)) => this.push(event),
-                Poll::Ready(None) => this.push(Event::Failed(ApiError::server("the engine stopped without finishing the request"))),
+                Poll::Ready(None) => this.push(Event::Failed(engine_stopped())),
             }
         }
     }
