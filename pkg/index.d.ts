@@ -35,6 +35,13 @@ export interface EngineOptions {
    */
   kvType?: "f16" | "f32" | "q8_0";
   /**
+   * The format matrices stored as f32, f16 or bf16 (an F16 GGUF's) are re-encoded into as they
+   * stream to the GPU, a chunk at a time, e.g. "q4_0" (a quarter of f16's memory) or "q8_0": the
+   * bytes `llama-webgpu convert --quant` writes. Matrices already in a block format are kept.
+   * Default: every matrix as stored.
+   */
+  quant?: "q4_0" | "q4_1" | "q5_0" | "q5_1" | "q8_0" | "q2_k" | "q3_k" | "q4_k" | "q5_k" | "q6_k" | "iq4_nl" | "iq4_xs" | "f16" | "bf16" | "f32";
+  /**
    * Matmuls of block-quantized weights (the llama.cpp formats) take their inputs rounded
    * to int8 blocks of 32, and decode multiplies them with integer dot products, as llama.cpp does:
    * fewer bytes and instructions per weight, logits no longer exact to f32 inputs (log

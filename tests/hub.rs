@@ -1,7 +1,8 @@
 //! Models by name against a local server that answers as the Hugging Face Hub does: the model-info
 //! API listing a repository's files, resolve URLs that redirect to a file host with the file's
 //! sha256 as `X-Linked-Etag`, Range requests, 401 for a gated repository without a token, 404s with
-//! the Hub's error codes. The served file is the tiny Llama 3.1 fixture converted to GGUF.
+//! the Hub's error codes. The served file is the tiny Llama 3.1 fixture converted to GGUF; the
+//! fixtures' own folders (config, safetensors) are served as repositories of model folders.
 
 mod common;
 
@@ -13,7 +14,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use common::gguf_writer::convert_to_gguf;
-use common::{fixture, golden, gpu};
+use common::{fixture, fixture_with_tokenizer, golden, gpu};
 use llama_webgpu::hub::{HubCache, HubClient, HubError, ModelRef};
 use llama_webgpu::load::{open_safetensors_dir, read_hf_config};
 use sha2::{Digest, Sha256};
@@ -40,6 +41,8 @@ struct State {
     ranges: Vec<String>,
     /// Drops the next file download's connection after this many bytes.
     drop_after: Option<u64>,
+    /// The revision each resolve request named, with its file.
+    resolved: Vec<(String, String)>,
 }
 
 /// The server, on a thread per connection; it lives as long as the test.
@@ -84,6 +87,27 @@ impl FakeHub {
 
     fn ranges(&self) -> Vec<String> {
         self.state.lock().unwrap().ranges.clone()
+    }
+
+    fn resolved(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap().resolved.clone()
+    }
+
+    /// Serves the files of the model folder `dir`, and `others`, as `repo`.
+    fn add_folder(&self, repo: &str, dir: &Path, others: &[(&str, Vec<u8>)]) -> Vec<String> {
+        let mut files = vec![];
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let file = entry.unwrap().file_name().into_string().unwrap();
+            if file != "golden.json" {
+                self.add(repo, &file, std::fs::read(dir.join(&file)).unwrap(), None);
+                files.push(file);
+            }
+        }
+        for (file, bytes) in others {
+            self.add(repo, file, bytes.clone(), None);
+        }
+        files.sort();
+        files
     }
 
     fn drop_after(&self, bytes: u64) {
@@ -154,10 +178,11 @@ fn answer(mut stream: TcpStream, address: SocketAddr, state: &Mutex<State>) {
         let body = &file.bytes[start as usize..end as usize];
         let body = &body[..limit.map_or(body.len(), |l| (l as usize).min(body.len()))];
         for chunk in body.chunks(64 << 10) {
+            // Counted before it is sent: once sent, the client may ask for the count first.
+            state.lock().unwrap().served += chunk.len() as u64;
             if stream.write_all(chunk).is_err() {
                 return;
             }
-            state.lock().unwrap().served += chunk.len() as u64;
         }
         // A dropped connection ends here, short of Content-Length.
         let _ = stream.flush();
@@ -165,14 +190,17 @@ fn answer(mut stream: TcpStream, address: SocketAddr, state: &Mutex<State>) {
         return;
     }
 
-    // The Hub: /api/models/OWNER/REPO/revision/main and /OWNER/REPO/resolve/main/FILE.
+    // The Hub: /api/models/OWNER/REPO/revision/main and /OWNER/REPO/resolve/(main|COMMIT)/FILE.
     let (repo, rest) = match path.strip_prefix("/api/models/") {
         Some(rest) => match rest.split('/').collect::<Vec<_>>().as_slice() {
             [owner, name, "revision", "main"] | [owner, name] => (format!("{owner}/{name}"), None),
             _ => return error(&mut stream, "404 Not Found", "RepoNotFound"),
         },
         None => match path.trim_start_matches('/').splitn(5, '/').collect::<Vec<_>>().as_slice() {
-            [owner, name, "resolve", "main", file] => (format!("{owner}/{name}"), Some(file.to_string())),
+            [owner, name, "resolve", revision @ ("main" | COMMIT), file] => {
+                state.lock().unwrap().resolved.push((revision.to_string(), file.to_string()));
+                (format!("{owner}/{name}"), Some(file.to_string()))
+            }
             _ => return error(&mut stream, "404 Not Found", "RepoNotFound"),
         },
     };
@@ -226,7 +254,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn fetch(client: &HubClient, reference: &str) -> Result<PathBuf, llama_webgpu::Error> {
-    client.fetch(&ModelRef::parse(reference).unwrap(), &mut |_, _| Ok(()), &mut |_, _| {})
+    client.fetch(&ModelRef::parse(reference).unwrap(), &mut |_| Ok(()), &mut |_, _| {})
 }
 
 /// The binary with the cache at `home` and the Hub at `endpoint`.
@@ -237,6 +265,18 @@ fn cli(home: &Path, endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> Outp
         command.env(name, value);
     }
     command.output().unwrap()
+}
+
+/// The model id `serve` announces for `model` (offline, from the cache), the server stopped then.
+fn served_model_id(home: &Path, model: &str) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_llama-webgpu"));
+    command.args(["serve", "--model", model, "--port", "0"]).env("HF_HOME", home).env("HF_HUB_OFFLINE", "1").env_remove("HF_HUB_CACHE");
+    let mut child = command.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let announced = lines.map_while(Result::ok).find_map(|line| line.split_once("serving ").and_then(|(_, rest)| rest.split_once(" on http")).map(|(id, _)| id.to_string()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    announced.expect("serve announces its model")
 }
 
 fn stdout(output: &Output) -> String {
@@ -397,4 +437,64 @@ fn a_full_disk_is_named() {
     let error = fetch(&hub.client(&home, None), &format!("hf:{REPO}:F32")).unwrap_err();
     assert!(matches!(error, llama_webgpu::Error::Hub(HubError::DiskFull { needed, .. }) if needed == tiny_gguf().len() as u64), "{error}");
     assert!(error.to_string().contains("the disk is full") && error.to_string().contains("HF_HOME"), "{error}");
+}
+
+#[test]
+fn a_repository_of_safetensors_weights_comes_down_as_a_model_folder() {
+    let hub = FakeHub::start();
+    let repo = "test/tiny-llama31";
+    // As Meta's repositories: the folder, and the original checkpoint, which the engine does not read.
+    let source = fixture_with_tokenizer("tiny-llama31");
+    let folder = hub.add_folder(repo, &source, &[("original/consolidated.00.pth", vec![7; 1 << 20]), ("README.md", b"# tiny".to_vec())]);
+    let home = temp_dir("folder");
+    let pulled = cli(&home, &hub.endpoint(), &["pull", &format!("hf:{repo}")], &[]);
+    let snapshot = home.join("hub/models--test--tiny-llama31/snapshots").join(COMMIT);
+    assert_eq!(PathBuf::from(stdout(&pulled).trim()), snapshot);
+    let folder_bytes: u64 = folder.iter().map(|f| std::fs::metadata(source.join(f)).unwrap().len()).sum();
+    assert_eq!(hub.served(), folder_bytes, "only the folder's files are downloaded");
+    let listed: Vec<String> = stdout(&cli(&home, &hub.endpoint(), &["list"], &[])).lines().map(|l| l.split('\t').next().unwrap().to_string()).collect();
+    assert_eq!(listed, folder.iter().map(|f| format!("hf:{repo}/{f}")).collect::<Vec<_>>());
+    // Every file at the listing's commit, so a push between requests cannot mix two versions.
+    assert!(hub.resolved().iter().all(|(revision, _)| revision == COMMIT), "{:?}", hub.resolved());
+    if let Some(_gpu) = gpu() {
+        let stderr = String::from_utf8_lossy(&pulled.stderr);
+        assert!(stderr.contains(&format!("{repo}: about ")) && stderr.contains("of GPU memory"), "{stderr}");
+        // Offline, from the cache: the greedy tokens of the transformers golden.
+        let golden = golden("tiny-llama31").greedy;
+        let prompt: Vec<String> = golden.prompt.iter().map(u32::to_string).collect();
+        let out = stdout(&cli(&home, &hub.endpoint(), &["run", "--model", &format!("hf:{repo}"), "--tokens", &prompt.join(","), "-n", "8", "-q"], &[("HF_HUB_OFFLINE", "1")]));
+        let tokens: Vec<u32> = out.split_whitespace().map(|t| t.parse().unwrap()).collect();
+        assert_eq!(tokens, golden.tokens[..8]);
+        // Served under the repository's name, as vLLM names it, not the snapshot's commit.
+        assert_eq!(served_model_id(&home, &format!("hf:{repo}")), repo);
+    }
+    let quant = cli(&home, &hub.endpoint(), &["pull", &format!("hf:{repo}:Q4_0")], &[]);
+    let message = String::from_utf8_lossy(&quant.stderr);
+    assert!(!quant.status.success() && message.contains("model folder of safetensors weights") && message.contains(&format!("(hf:{repo})")), "{message}");
+    let removed = stdout(&cli(&home, &hub.endpoint(), &["rm", &format!("hf:{repo}")], &[]));
+    assert!(removed.starts_with(&format!("removed hf:{repo}")), "{removed}");
+    assert_eq!(stdout(&cli(&home, &hub.endpoint(), &["list"], &[])), "");
+
+    // One safetensors file, no index; offline, a folder missing its weights is not a cached model.
+    let single = "test/tiny-llama32-tied";
+    hub.add_folder(single, &fixture("tiny-llama32-tied"), &[]);
+    let client = hub.client(&home, None);
+    let path = fetch(&client, &format!("hf:{single}")).unwrap();
+    assert_eq!(read_hf_config(&path).unwrap(), read_hf_config(&fixture("tiny-llama32-tied")).unwrap());
+    std::fs::remove_file(path.join("model.safetensors")).unwrap();
+    let mut offline = hub.client(&home, None);
+    offline.offline = true;
+    let error = fetch(&offline, &format!("hf:{single}")).unwrap_err();
+    assert!(error.to_string().contains("is not in the cache"), "{error}");
+
+    // An index naming a shard the repository lacks: said before any weights download.
+    let broken = "test/broken-folder";
+    for file in ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"] {
+        hub.add(broken, file, std::fs::read(fixture("tiny-llama31").join(file)).unwrap(), None);
+    }
+    let served = hub.served();
+    let error = fetch(&client, &format!("hf:{broken}")).unwrap_err().to_string();
+    assert!(error.contains("lists model-00002-of-00002.safetensors, which the repository does not have"), "{error}");
+    let index_bytes = std::fs::metadata(fixture("tiny-llama31").join("model.safetensors.index.json")).unwrap().len() + std::fs::metadata(fixture("tiny-llama31").join("config.json")).unwrap().len();
+    assert_eq!(hub.served() - served, index_bytes);
 }

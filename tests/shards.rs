@@ -243,3 +243,75 @@ fn standard_deviation(values: &[f32]) -> f32 {
     let mean = values.iter().sum::<f32>() / values.len() as f32;
     (values.iter().map(|l| (l - mean).powi(2)).sum::<f32>() / values.len() as f32).sqrt()
 }
+
+/// Logits of `tokens` from `source` loaded with its f32/f16/bf16 matrices re-encoded into `quant`.
+fn quantized_load_logits(gpu: &Gpu, source: &dyn WeightStream, config: llama_webgpu::Config, quant: DType, tokens: &[u32]) -> Vec<f32> {
+    let options = LoadOptions { quant: Some(quant), ..Default::default() };
+    let mut model = pollster::block_on(Llama::load(gpu, config, source, &options, &mut |_| {})).unwrap();
+    pollster::block_on(model.forward(tokens, 0)).unwrap()
+}
+
+/// A folder of `config`'s shapes with random bf16 matrices and the tokenizer `convert` needs.
+fn random_bf16_folder(config_json: serde_json::Value) -> std::path::PathBuf {
+    use rand::Rng;
+    let dir = temp_dir("random-bf16");
+    std::fs::write(dir.join("config.json"), config_json.to_string()).unwrap();
+    std::fs::copy(fixture_with_tokenizer("tiny-llama31").join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let config = load::read_hf_config(&dir).unwrap();
+    let mut rng = common::rng(7);
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = llama_webgpu::model::checkpoint_tensors(&config, false)
+        .into_iter()
+        .map(|t| {
+            let count: usize = t.shape.iter().product();
+            let bytes = (0..count)
+                .flat_map(|_| {
+                    let value: f32 = if t.is_norm { rng.random_range(0.8..1.2) } else { rng.random_range(-0.08..0.08) };
+                    half::bf16::from_f32(value).to_le_bytes()
+                })
+                .collect();
+            (t.name, t.shape, bytes)
+        })
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView)> =
+        tensors.iter().map(|(n, s, b)| (n.as_str(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap())).collect();
+    std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn a_load_that_quantizes_holds_exactly_the_weights_convert_writes() {
+    let Some(gpu) = gpu() else { return };
+    let name = "tiny-llama31";
+    let tokens = longest_prompt(name);
+    let folder = fixture(name);
+    let config = load::read_hf_config(&folder).unwrap();
+    let safetensors = load::open_safetensors_dir(&folder).unwrap();
+    // The GGUF's q/k rows are permuted: they are put back on the host before they are re-encoded.
+    let gguf_path = temp_dir("quantized-load").join("tiny.gguf");
+    std::fs::write(&gguf_path, common::gguf_writer::convert_to_gguf(&config, &safetensors)).unwrap();
+    let gguf = load::Gguf::open(&gguf_path).unwrap();
+    for quant in [DType::Q8_0, DType::Q4_0] {
+        let converted = shard_logits(&gpu, &convert(name, quant, 64 << 20), &tokens).unwrap();
+        assert_close(&format!("folder loaded as {quant}"), &quantized_load_logits(&gpu, &safetensors, config.clone(), quant, &tokens), &converted, 0.0, 0.0);
+        assert_close(&format!("GGUF loaded as {quant}"), &quantized_load_logits(&gpu, &gguf, config.clone(), quant, &tokens), &converted, 0.0, 0.0);
+    }
+
+    // Matrices already in a block format are kept: q4_0 shards loaded "as q8_0" are the q4_0 model.
+    let q4_0 = convert(name, DType::Q4_0, 64 << 20);
+    let shards = ShardDir::open(&q4_0).unwrap();
+    let kept = quantized_load_logits(&gpu, &shards, shards.manifest.model_config().unwrap(), DType::Q8_0, &tokens);
+    assert_close("q4_0 shards loaded with quant q8_0", &kept, &shard_logits(&gpu, &q4_0, &tokens).unwrap(), 0.0, 0.0);
+
+    // A bf16 checkpoint of 14 MiB: its matrices cross the uploader's 8 MiB chunks, rows carried over.
+    let mut config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+    for (key, value) in [("hidden_size", 512), ("intermediate_size", 1536), ("head_dim", 64), ("num_hidden_layers", 2)] {
+        config_json[key] = value.into();
+    }
+    let large = random_bf16_folder(config_json);
+    let out = temp_dir("random-bf16-q4_0").join("shards");
+    load::convert(&large, DType::Q4_0, 64 << 20, &out, &mut |_| {}).unwrap();
+    let converted = shard_logits(&gpu, &out, &tokens).unwrap();
+    let source = load::open_safetensors_dir(&large).unwrap();
+    let loaded = quantized_load_logits(&gpu, &source, load::read_hf_config(&large).unwrap(), DType::Q4_0, &tokens);
+    assert_close("a 14 MiB bf16 checkpoint loaded as q4_0", &loaded, &converted, 0.0, 0.0);
+}

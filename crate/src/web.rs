@@ -25,6 +25,7 @@ use crate::api::{self, ChatMessage};
 use crate::engine::{Event, Load, Prompter, SequenceId};
 use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
+use crate::quant::DType;
 use crate::text::RenderOptions;
 use crate::{CancelToken, Engine, Gpu, GpuOptions, Llama, LoadOptions};
 
@@ -202,6 +203,8 @@ struct WebLoadOptions {
     special_tokens_in_content: Option<bool>,
     /// The KV cache's element type, "f16" or "f32" (default: f16 where the adapter has shader-f16).
     kv_type: Option<String>,
+    /// The format f32/f16/bf16 matrices are re-encoded into as they stream (LoadOptions::quant).
+    quant: Option<String>,
     /// Where `hf:` references are looked up (default: the Hugging Face Hub).
     hub_endpoint: Option<String>,
     /// Matmuls of block-quantized weights on int8 inputs (GpuOptions::q8_activations).
@@ -272,6 +275,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         None => None,
         Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: {}", KvType::choices())))?),
     };
+    let quant = options.quant.as_deref().map(weight_format).transpose()?;
     let gpu_options = GpuOptions {
         max_storage_binding: options.max_storage_binding,
         kv_type,
@@ -293,6 +297,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         kv_memory: options.kv_memory,
         kv_contexts: Some(1),
         max_batch: MAX_BATCH,
+        quant,
     };
     let report = |bytes_done: u64, bytes_total: u64, tensor: &str, stage: &str| {
         let (done, total) = (JsValue::from_f64(bytes_done as f64), JsValue::from_f64(bytes_total as f64));
@@ -307,7 +312,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     if let Some(draft_url) = &options.draft_model {
         let draft_source = open_web_model(draft_url, &options).await?;
         let draft_config = draft_source.config().map_err(to_js)?;
-        let draft_options = engine.draft_load_options(&draft_config);
+        let draft_options = LoadOptions { quant, ..engine.draft_load_options(&draft_config) };
         let draft = load_web_model(&gpu, draft_config, &draft_source, &draft_options, "draft model: ", &report).await?;
         described["draft_model"] = serde_json::json!({ "layers": draft.config().n_layers, "hidden_size": draft.config().hidden_size, "weights": draft_source.storage() });
         engine = engine.with_draft_model(draft).map_err(to_js)?;
@@ -688,6 +693,11 @@ fn default_bench_repetitions() -> usize {
     3
 }
 
+/// The weight format the option `quant` names.
+fn weight_format(name: &str) -> Result<DType, JsValue> {
+    DType::from_name(name).ok_or_else(|| request_error(Some("quant"), format!("quant: {name:?} is not a weight format: {}", DType::choices())))
+}
+
 /// Times a synthetic model of a published shape on this WebGPU as the native `bench` does (the same
 /// code): `options` `{synthetic: "llama3.2-1b" | "llama3.2-3b" | "llama3.1-8b" | ..., quant?:
 /// "q4_0", layers?, prompt?: 512, generate?: 128, repetitions?: 3, q8Activations?: false}`. After warm-up passes, each
@@ -701,9 +711,7 @@ pub async fn bench(options: JsValue) -> Result<JsValue, JsValue> {
         let known = crate::bench::SYNTHETIC_MODELS.join(", ");
         return Err(request_error(Some("synthetic"), format!("synthetic: unknown model {:?}; known: {known}", options.synthetic)));
     };
-    let Some(dtype) = crate::quant::DType::from_name(&options.quant) else {
-        return Err(request_error(Some("quant"), format!("quant: {:?} is not a weight format: {}", options.quant, crate::quant::DType::choices())));
-    };
+    let dtype = weight_format(&options.quant)?;
     if let Some(layers) = options.layers {
         config.n_layers = layers;
     }

@@ -38,7 +38,10 @@ const TINY_KV_PAGE_BYTES = 2 * 3 * 16 * 2 * 16 * 4;
 
 function prepareFixture() {
   rmSync(out, { recursive: true, force: true });
-  return prepareTinyShards(root, cli, out);
+  const shards = prepareTinyShards(root, cli, out);
+  // The same model's f32 matrices, for a load that re-encodes them into q4_0 (`quant`).
+  execFileSync(cli, ["-q", "convert", join(out, "tiny-llama31-src"), "--quant", "f32", "-o", join(out, "tiny-llama31-f32")], { stdio: "inherit" });
+  return shards;
 }
 
 /**
@@ -73,8 +76,11 @@ const nativeText = nativeRun(shards, MAX_TOKENS, { chat: false });
 const nativeQ8 = nativeRun(shards, MAX_TOKENS, { kvType: "q8_0" });
 const nativeQ8Inputs = nativeRun(shards, MAX_TOKENS, { q8Activations: true });
 log("native text completion:", JSON.stringify({ tokens: nativeText.tokens, text: nativeText.text }));
-const nativeSmol = nativeRun(join(root, SMOLLM2), SMOLLM2_TOKENS);
-log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeSmol.text }));
+// SmolLM2's chat template adds a system prompt of 30 tokens, whose prefill takes SwiftShader about
+// 40 s: one load runs a chat turn, the others a raw prompt of one token.
+const nativeSmol = nativeRun(join(root, SMOLLM2), SMOLLM2_TOKENS, { chat: false });
+const nativeSmolChat = nativeRun(join(root, SMOLLM2), SMOLLM2_TOKENS);
+log("native SmolLM2:", JSON.stringify({ tokens: nativeSmol.tokens, text: nativeSmol.text, chat: nativeSmolChat.text }));
 
 // Every request the pages make, shards whose download is cut off halfway (an interrupted load), and
 // under /no-range/ the repository again from a server that ignores Range requests.
@@ -84,6 +90,8 @@ const NO_RANGE = "/no-range";
 // A Hub under /hub: a repository listing SmolLM2's GGUF, whose resolve URL redirects to the file.
 const HUB = "/hub";
 const HUB_REPO = "test/smollm2-GGUF";
+// A repository of a model folder (config, safetensors), as Meta's own are: the browser reads GGUF only.
+const HUB_FOLDER_REPO = "test/tiny-llama31";
 const SMOLLM2_FILE = SMOLLM2.split("/").at(-1);
 const HUB_ETAG = "smollm2-v1";
 const server = await serve({
@@ -93,6 +101,11 @@ const server = await serve({
     if (path === `${HUB}/api/models/${HUB_REPO}/revision/main`) {
       const siblings = [{ rfilename: "README.md" }, { rfilename: SMOLLM2_FILE }];
       res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ sha: "0".repeat(40), siblings }));
+      return true;
+    }
+    if (path === `${HUB}/api/models/${HUB_FOLDER_REPO}/revision/main`) {
+      const siblings = ["config.json", "model.safetensors", "original/consolidated.00.pth"].map((rfilename) => ({ rfilename }));
+      res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify({ sha: "1".repeat(40), siblings }));
       return true;
     }
     if (path === `${HUB}/${HUB_REPO}/resolve/main/${SMOLLM2_FILE}`) {
@@ -153,7 +166,7 @@ try {
   const resumedFrom = requests.length;
 
   // 2. The package API in its worker: greedy chat, streamed, token ids and usage.
-  const api = await page.evaluate(async ({ model, prompt, maxTokens, predicted }) => {
+  const api = await page.evaluate(async ({ model, f32Model, prompt, maxTokens, predicted }) => {
     const { createEngine } = await import("/pkg/index.js");
     const progress = [];
     const engine = await createEngine({ model, onProgress: (p) => progress.push(p.progress) });
@@ -286,6 +299,9 @@ try {
     // Decode GEMVs on int8 inputs: Tint's dot4I8Packed.
     // The same engine drafts with a second copy of its model.
     const q8Inputs = await replyWith({ q8Activations: true, draftModel: model });
+    // f32 shards re-encoded into q4_0 as they stream: the q4_0 shards' model.
+    const quantized = await replyWith({ model: f32Model, quant: "q4_0" });
+    const badQuant = await createEngine({ model, quant: "q9_9" }).then(() => null, (e) => ({ name: e.name, param: e.param }));
     // What the engine's GEMV reduction needs from the browser for its subgroup form.
     const subgroupsOffered = (await navigator.gpu.requestAdapter()).features.has("subgroups") && navigator.gpu.wgslLanguageFeatures.has("subgroup_id");
     return {
@@ -301,9 +317,9 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, responses, textChunks, refused, q8, buffers, q8Inputs, subgroupsOffered, tokenized, detokenized, tokenizeError, echo, prediction,
+      json, called, responses, textChunks, refused, q8, buffers, q8Inputs, quantized, badQuant, subgroupsOffered, tokenized, detokenized, tokenizeError, echo, prediction,
     };
-  }, { model, prompt: PROMPT, maxTokens: MAX_TOKENS, predicted: native.text });
+  }, { model, f32Model: model.replace("/tiny-llama31/", "/tiny-llama31-f32/"), prompt: PROMPT, maxTokens: MAX_TOKENS, predicted: native.text });
   log("browser info:", JSON.stringify(api.info));
   for (const i of [0, 1, 2]) assertEqual(requestsOf(shardPath(i), resumedFrom).length, 0, `requests for shard ${i} when resuming (stored before the interruption)`);
   assertEqual(requestsOf(shardPath(3), resumedFrom).length, 1, "requests for the interrupted shard 3 when resuming");
@@ -375,6 +391,8 @@ try {
   assertEqual(api.info.kv_type, "f32", "the KV cache's type without shader-f16 (the f32 fallback)");
   assertEqual(api.q8, { tokens: nativeQ8.tokens, kv: ["q8_0", 1], q8_activations: false, subgroups: true }, "greedy tokens over a q8_0 KV pool, drafting by prompt lookup, vs native");
   assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2], q8_activations: false, subgroups: false }, "greedy tokens over a KV pool in two buffers, without subgroups (noSubgroups), vs native in one");
+  assertEqual(api.quantized, { tokens: native.tokens, kv: ["f32", 1], q8_activations: false, subgroups: true }, "f32 shards loaded with quant q4_0 vs native on the q4_0 shards");
+  assertEqual(api.badQuant, { name: "RequestError", param: "quant" }, "a quant that is no weight format");
   assertEqual(api.q8Inputs, { tokens: nativeQ8Inputs.tokens, kv: ["f32", 1], q8_activations: true, subgroups: true, draft: [3, true] }, "greedy tokens on int8 inputs (q8Activations), drafted by a draft model (taken), vs native");
   // After the part of the prompt the prefix cache holds, 256 tokens a pass.
   assert(api.prefill.length >= 1 && api.prefill.every(([done, total], i) => done < total && total === api.prefill[0][1] && (i === 0 || done === api.prefill[i - 1][0] + 256)),
@@ -443,15 +461,18 @@ try {
   const smolFrom = requests.length;
   const smol = await page.evaluate(async ({ model, prompt, maxTokens }) => {
     const { createEngine } = await import("/pkg/index.js");
-    const run = async () => {
+    const run = async (chat) => {
       const engine = await createEngine({ model });
-      const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: maxTokens });
+      const request = { temperature: 0, max_tokens: maxTokens };
+      const reply = chat
+        ? await engine.chat.completions.create({ ...request, messages: [{ role: "user", content: prompt }] })
+        : await engine.completions.create({ ...request, prompt });
       const info = engine.info();
       await engine.unload();
-      return { tokens: reply.choices[0].token_ids, text: reply.choices[0].message.content, info };
+      return { tokens: reply.choices[0].token_ids, info };
     };
-    const first = await run();
-    const second = await run();
+    const first = await run(false);
+    const second = await run(true);
     return { first, second };
   }, { model: SMOLLM2, prompt: PROMPT, maxTokens: SMOLLM2_TOKENS });
   const smolRequests = requestsOf(SMOLLM2, smolFrom);
@@ -461,7 +482,7 @@ try {
   const size = statSync(join(root, SMOLLM2)).size;
   assert(fetched < size * 1.1, `bytes fetched ${fetched} for a file of ${size} (each downloaded once)`);
   assertEqual(smol.first.tokens, nativeSmol.tokens, "SmolLM2 browser tokens vs native");
-  assertEqual(smol.second.tokens, nativeSmol.tokens, "SmolLM2 browser tokens, loaded from the cache");
+  assertEqual(smol.second.tokens, nativeSmolChat.tokens, "SmolLM2 browser tokens of a chat turn (its GGUF's template), loaded from the cache, vs native");
   assert(smol.first.info.wasm_memory_bytes < SMOLLM2_WASM_BOUND, `wasm memory ${smol.first.info.wasm_memory_bytes} < ${SMOLLM2_WASM_BOUND} after loading SmolLM2`);
   // The same file from a server without Range support: read whole, once for the header's first
   // bytes and once for the weights.
@@ -469,7 +490,7 @@ try {
   const plain = await page.evaluate(async ({ model, prompt }) => {
     const { createEngine } = await import("/pkg/index.js");
     const engine = await createEngine({ model });
-    const reply = await engine.chat.completions.create({ messages: [{ role: "user", content: prompt }], temperature: 0, max_tokens: 1 });
+    const reply = await engine.completions.create({ prompt, temperature: 0, max_tokens: 1 });
     await engine.unload();
     return reply.choices[0].token_ids;
   }, { model: NO_RANGE + SMOLLM2, prompt: PROMPT });
@@ -479,10 +500,10 @@ try {
   // repository's listing, read through its resolve URL's redirect, its pieces cached under its
   // ETag. The catalog and its fit check.
   const hubFrom = requests.length;
-  const hub = await page.evaluate(async ({ endpoint, prompt }) => {
+  const hub = await page.evaluate(async ({ endpoint, prompt, folderRepo }) => {
     const { checkFit, clearModelCache, createEngine, listModels } = await import("/pkg/index.js");
+    const folder = await createEngine({ model: `hf:${folderRepo}`, hubEndpoint: endpoint }).then(() => null, (e) => [e.name, e.message]);
     const engine = await createEngine({ model: "hf:test/smollm2-GGUF:q4_1", hubEndpoint: endpoint });
-    // A raw prompt of a token or two: SwiftShader's prefill of a chat prompt would take longer.
     const reply = await engine.completions.create({ prompt, temperature: 0, max_tokens: 1 });
     await engine.unload();
     const cache = await caches.open("llama-webgpu-shards");
@@ -493,8 +514,9 @@ try {
     const models = listModels();
     const fit = await checkFit(models.find((m) => m.id === "Llama-3.2-1B-Instruct-Q4_K_M"), { context: 4096 });
     const tooLong = await checkFit("Llama-3.1-8B-Instruct-Q4_0", { context: 1 << 20 });
-    return { tokens: reply.choices[0].token_ids, model: reply.model, keys, cleared, keysAfter, models: models.map((m) => [m.name, m.quant, m.size, m.vramBytes]), fit, tooLong };
-  }, { endpoint: `${origin}${HUB}`, prompt: PROMPT });
+    return { folder, tokens: reply.choices[0].token_ids, model: reply.model, keys, cleared, keysAfter, models: models.map((m) => [m.name, m.quant, m.size, m.vramBytes]), fit, tooLong };
+  }, { endpoint: `${origin}${HUB}`, prompt: PROMPT, folderRepo: HUB_FOLDER_REPO });
+  assert(hub.folder?.[0] === "LoadError" && hub.folder[1].includes("model folder of safetensors weights") && hub.folder[1].includes("GGUF files only"), `a repository of safetensors weights: ${JSON.stringify(hub.folder)}`);
   assertEqual(hub.tokens.length, 1, "a token from SmolLM2 loaded by hf:test/smollm2-GGUF:q4_1");
   assertEqual(hub.model, "hf:test/smollm2-GGUF:q4_1", "the model named in the reply");
   assertEqual(requestsOf(`${HUB}/api/models/${HUB_REPO}/revision/main`, hubFrom).length, 1, "requests for the repository's listing");

@@ -165,6 +165,12 @@ struct ModelArgs {
     /// model's (a quarter more memory for 1B beside 8B).
     #[arg(long)]
     draft_model: Option<String>,
+    /// Re-encode the matrices stored as f32, f16 or bf16 (a Hugging Face checkpoint's, e.g.
+    /// Meta's bf16) into this format as they load, a chunk at a time: q8_0 halves their memory and
+    /// the bytes each decode step reads, q4_0 or q4_k quarter them. The same weights `convert
+    /// --quant` writes; matrices already in a block format (a GGUF's) are kept as they are.
+    #[arg(long, value_parser = parse_quant)]
+    quant: Option<DType>,
 }
 
 impl ModelArgs {
@@ -173,6 +179,7 @@ impl ModelArgs {
             context_length: self.context,
             max_sequences: self.parallel.unwrap_or(1),
             kv_memory: self.kv_memory,
+            quant: self.quant,
             ..Default::default()
         }
     }
@@ -360,14 +367,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // A download's memory estimate is made on a device of its own: the server's comes up
             // on its thread.
             let gpu = if ModelRef::is_remote(&model.model) { Gpu::new(&options).await.ok() } else { None };
+            let reference = model.model.clone();
             let model = fetch_model(model, gpu.as_ref(), cli.quiet)?;
             drop(gpu);
-            serve::serve(options, model, server, cli.quiet)
+            serve::serve(options, model, &reference, server, cli.quiet)
         }
         Command::Pull { reference, context } => {
             // The memory estimate needs a device; a download does not.
             let gpu = Gpu::new(&options).await.inspect_err(|e| eprintln!("no GPU for a memory estimate: {e}")).ok();
-            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None };
+            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None, quant: None };
             let args = fetch_model(args, gpu.as_ref(), cli.quiet)?;
             println!("{}", args.model);
             Ok(())
@@ -472,12 +480,12 @@ fn fetch_file(model: String, options: &LoadOptions, gpu: Option<&Gpu>, quiet: bo
     let client = HubClient::from_env();
     let bar = if quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(0) };
     bar.set_style(indicatif::ProgressStyle::with_template("downloading {bar:40} {bytes}/{total_bytes} {bytes_per_sec}, {eta} left").expect("a valid progress template"));
-    let mut check = |header: &llama_webgpu::load::GgufHeader, size: u64| -> Result<(), llama_webgpu::Error> {
+    let mut check = |incoming: &hub::Incoming| -> Result<(), llama_webgpu::Error> {
         let Some(gpu) = gpu else { return Ok(()) };
-        let estimate = MemoryEstimate::new(gpu, &shapes_of(header)?, size, options)?;
+        let estimate = MemoryEstimate::new(gpu, incoming.config, incoming.weights_bytes, options)?;
         if !quiet {
             let hint = if options.context_length.is_none() { "; with less, the context shortens to what fits (or choose --context)" } else { "" };
-            bar.suspend(|| eprintln!("{}: {estimate}{hint}", header.file()));
+            bar.suspend(|| eprintln!("{}: {estimate}{hint}", incoming.name));
         }
         Ok(())
     };
@@ -488,13 +496,6 @@ fn fetch_file(model: String, options: &LoadOptions, gpu: Option<&Gpu>, quiet: bo
     let path = client.fetch(&reference, &mut check, &mut progress).with_context(|| format!("getting {model}"))?;
     bar.finish_and_clear();
     Ok(path.display().to_string())
-}
-
-/// The shapes in a GGUF header as a config. Llama 3.1's rope_freqs tensor lies past the header, not
-/// downloaded yet; it scales RoPE only, so factors of 1 stand in for it.
-fn shapes_of(header: &llama_webgpu::load::GgufHeader) -> Result<llama_webgpu::Config, llama_webgpu::Error> {
-    let ones = header.tensor("rope_freqs.weight").map(|t| 1f32.to_le_bytes().repeat(t.shape.iter().product()));
-    header.config(ones.as_deref())
 }
 
 async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<Llama> {
@@ -510,7 +511,8 @@ async fn load_engine(gpu: &Gpu, args: &ModelArgs, options: &LoadOptions, quiet: 
     let engine = Engine::new(model, tokenizer, template, seed)?.with_prompt_lookup(args.prompt_lookup);
     let Some(draft) = &args.draft_model else { return Ok(engine) };
     let files = load::open_model(Path::new(draft)).with_context(|| format!("opening the draft model {draft}"))?;
-    let options = engine.draft_load_options(&files.config);
+    // The draft's checkpoint matrices are re-encoded as the model's are.
+    let options = LoadOptions { quant: args.quant, ..engine.draft_load_options(&files.config) };
     let pages = engine.model().kv_pool().pages;
     let context = || format!("loading the draft model {draft} with a KV pool of the model's {pages} pages (with too little memory left, lower --kv-memory or --context)");
     let draft_model = upload_model(gpu, &files, &options, quiet).await.with_context(context)?;

@@ -32,6 +32,7 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use clap::Args;
 use llama_webgpu::api::request::{self, Parsed, UnknownFields, Work};
+use llama_webgpu::hub::ModelRef;
 use llama_webgpu::api::response::{self, Endpoint, ResponseMeta};
 use llama_webgpu::api::responses::{self as responses_api, ResponseEvents, ResponseHeader, ResponseStore, ResponsesRequest};
 use llama_webgpu::api::ChatMessage;
@@ -126,13 +127,21 @@ struct Server {
     responses: Mutex<ResponseStore>,
 }
 
-pub fn serve(gpu_options: GpuOptions, model: ModelArgs, args: ServeArgs, quiet: bool) -> anyhow::Result<()> {
-    // The model's id is its folder's name (or a model file's, less the extension; a link's own
-    // name, as the Hub cache's are).
+/// Serves `model`, which `reference` named (a path, or a Hub reference `model` was fetched for).
+pub fn serve(gpu_options: GpuOptions, model: ModelArgs, reference: &str, args: ServeArgs, quiet: bool) -> anyhow::Result<()> {
     let given = std::path::Path::new(&model.model);
     let path = given.canonicalize().with_context(|| format!("model {}", model.model))?;
-    let name = if path.is_file() { given.file_stem() } else { path.file_name() };
-    let model_id = name.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let model_id = match ModelRef::parse(reference) {
+        // A Hub model folder is named by its repository, as vLLM names it (the snapshot's folder
+        // is a commit hash).
+        Ok(ModelRef::Hub(hub)) if path.is_dir() => hub.repo,
+        // Else the folder's name, or a model file's less the extension (a link's own name, as the
+        // Hub cache's are).
+        _ => {
+            let name = if path.is_file() { given.file_stem() } else { path.file_name() };
+            name.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        }
+    };
     let api_key = args.api_key.clone().or_else(|| std::env::var("LLAMA_WEBGPU_API_KEY").ok()).filter(|k| !k.is_empty());
 
     // Bind before the (long) load so that a taken port fails at once; connections that arrive

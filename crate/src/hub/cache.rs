@@ -55,6 +55,18 @@ impl HubCache {
         path.is_file().then_some(path)
     }
 
+    /// The snapshot at `revision` where it holds a whole model folder: config.json and every
+    /// safetensors file of its weights.
+    pub fn model_folder(&self, repo: &str, revision: &str) -> Option<PathBuf> {
+        let snapshot = self.repo_dir(repo).join("snapshots").join(self.commit(repo, revision)?);
+        let weights = super::model_folder(&self.files(repo, revision))?;
+        let shards = match weights {
+            super::SAFETENSORS_INDEX => crate::load::index_shards(&std::fs::read_to_string(snapshot.join(weights)).ok()?).ok()?,
+            file => vec![file.to_string()],
+        };
+        shards.iter().all(|shard| snapshot.join(shard).is_file()).then_some(snapshot)
+    }
+
     /// The files cached at `revision`, as repository paths.
     pub fn files(&self, repo: &str, revision: &str) -> Vec<String> {
         let Some(commit) = self.commit(repo, revision) else { return vec![] };

@@ -1,8 +1,9 @@
 //! Downloads into the Hugging Face cache: a reference is resolved against the repository's listing,
 //! its file's ETag (the sha256 of a large file) names the blob, and the bytes stream to
 //! `<blob>.incomplete` with Range requests that resume where an earlier attempt stopped. A file is
-//! moved into place only after its size and sha256 check out. Without the network, files come
-//! from the cache.
+//! moved into place only after its size and sha256 check out. A repository of safetensors weights
+//! (Meta's own) comes down as a model folder: its config and tokenizer files, then its weights, all
+//! at the listing's commit. Without the network, files come from the cache.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -12,8 +13,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::cache::{hf_home, io};
-use super::{listing_url, resolve_url, unquote_etag, FileChoice, HubCache, HubError, HubRef, Listing, ModelRef, DEFAULT_ENDPOINT, REVISION};
-use crate::load::{GgufHeader, LoadError};
+use super::{listing_url, model_folder, resolve_url, unquote_etag, FileChoice, HubCache, HubError, HubRef, Listing, ModelRef, DEFAULT_ENDPOINT, FOLDER_FILES, REVISION, SAFETENSORS_INDEX};
+use crate::load::{index_shards, read_hf_config, GgufHeader, LoadError};
+use crate::Config;
 
 /// The first guess at a GGUF header's size (Llama 3's vocabulary takes ~8 MiB), multiplied by four
 /// until the header parses.
@@ -40,11 +42,37 @@ pub struct HubClient {
     agent: ureq::Agent,
 }
 
-/// Called with the GGUF header and the file's size once the header has downloaded, before the
-/// weights: an error stops the download (what arrived stays, to resume from).
-pub type HeaderCheck<'a> = dyn FnMut(&GgufHeader, u64) -> Result<(), crate::Error> + 'a;
+/// A model whose weights are about to download: enough to tell whether it will fit.
+pub struct Incoming<'a> {
+    /// The GGUF file, or the repository of a model folder.
+    pub name: &'a str,
+    /// The model's shapes. A GGUF's RoPE factors lie past its header, not downloaded yet: factors
+    /// of 1 stand in for them (they scale RoPE only).
+    pub config: &'a Config,
+    pub weights_bytes: u64,
+}
+
+/// Called once a model's configuration has downloaded, before its weights: an error stops the
+/// download (what arrived stays, to resume from).
+pub type FitCheck<'a> = dyn FnMut(&Incoming) -> Result<(), crate::Error> + 'a;
 /// Called with the bytes downloaded and the file's size.
 pub type Progress<'a> = dyn FnMut(u64, u64) + 'a;
+
+/// A repository file to download: the revision its URL names (a branch, or the listing's commit),
+/// and what the listing says of it.
+struct RepoFile<'a> {
+    name: &'a str,
+    revision: &'a str,
+    sha256: Option<&'a str>,
+    commit: Option<&'a str>,
+}
+
+impl<'a> RepoFile<'a> {
+    /// A file named by the caller: at the branch's head, nothing known about it yet.
+    fn at_head(name: &'a str) -> Self {
+        Self { name, revision: REVISION, sha256: None, commit: None }
+    }
+}
 
 /// What a server says about a file before its bytes are fetched.
 struct Remote {
@@ -108,14 +136,14 @@ impl HubClient {
     }
 
     /// The local path of the model `reference` names, downloaded first unless the cache has it.
-    pub fn fetch(&self, reference: &ModelRef, check: &mut HeaderCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
+    pub fn fetch(&self, reference: &ModelRef, check: &mut FitCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
         match reference {
             ModelRef::Hub(r) => self.fetch_hub(r, check, progress),
             ModelRef::Url(url) => self.fetch_url(url, check, progress),
         }
     }
 
-    fn fetch_hub(&self, reference: &HubRef, check: &mut HeaderCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
+    fn fetch_hub(&self, reference: &HubRef, check: &mut FitCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
         if self.offline {
             return Ok(self.cached(reference, "HF_HUB_OFFLINE is set")?);
         }
@@ -132,38 +160,89 @@ impl HubClient {
         }
     }
 
-    fn download_hub(&self, reference: &HubRef, check: &mut HeaderCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
-        let (file, sha256, listed_commit) = match &reference.file {
-            FileChoice::File(file) => (file.clone(), None, None),
-            _ => {
-                let listing = self.listing(&reference.repo)?;
-                let file = reference.pick(&listing.names())?;
-                (file.clone(), listing.sha256(&file).map(str::to_string), listing.commit)
-            }
+    fn download_hub(&self, reference: &HubRef, check: &mut FitCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
+        let repo = &reference.repo;
+        let listing = match &reference.file {
+            FileChoice::File(file) => return self.download_file(repo, &RepoFile::at_head(file), Some(check), progress),
+            _ => self.listing(repo)?,
         };
-        let url = resolve_url(&self.endpoint, &reference.repo, REVISION, &file);
-        let remote = self.probe(&url, &format!("{} has no file {file}", reference.repo), &reference.repo)?;
-        let commit = remote.commit.clone().or(listed_commit).ok_or_else(|| response_error(&url, "no X-Repo-Commit header"))?;
+        let names = listing.names();
+        if let (FileChoice::Default, Some(weights)) = (&reference.file, model_folder(&names)) {
+            if !names.iter().any(|f| f.to_ascii_lowercase().ends_with(".gguf")) {
+                return self.download_folder(repo, &listing, weights, check, progress);
+            }
+        }
+        let file = reference.pick(&names)?;
+        let listed = RepoFile { name: &file, revision: REVISION, sha256: listing.sha256(&file), commit: listing.commit.as_deref() };
+        self.download_file(repo, &listed, Some(check), progress)
+    }
+
+    /// A model folder's files at the listing's commit: the configuration and tokenizer, then (after
+    /// `check`) the weights, `weights` naming them (the shards' index, or the one file).
+    fn download_folder(&self, repo: &str, listing: &Listing, weights: &str, check: &mut FitCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
+        let listing_url = listing_url(&self.endpoint, repo, REVISION);
+        let commit = listing.commit.as_deref().ok_or_else(|| response_error(&listing_url, "the model info has no commit (sha)"))?;
+        let at_commit = |name| RepoFile { name, revision: commit, sha256: listing.sha256(name), commit: Some(commit) };
+        let small: Vec<&str> = FOLDER_FILES.into_iter().chain([SAFETENSORS_INDEX]).filter(|name| listing.file(name).is_some()).collect();
+        let mut snapshot = None;
+        for name in small {
+            let path = self.download_file(repo, &at_commit(name), None, &mut |_, _| {})?;
+            snapshot = path.parent().map(Path::to_path_buf);
+        }
+        let snapshot = snapshot.ok_or_else(|| response_error(&listing_url, "no config.json"))?;
+        let shards = if weights == SAFETENSORS_INDEX {
+            let index = snapshot.join(SAFETENSORS_INDEX);
+            index_shards(&std::fs::read_to_string(&index).map_err(|e| io(&index, e))?)?
+        } else {
+            vec![weights.to_string()]
+        };
+        let mut sizes = vec![];
+        for shard in &shards {
+            let listed = listing.file(shard).ok_or_else(|| response_error(&listing_url, &format!("{SAFETENSORS_INDEX} lists {shard}, which the repository does not have")))?;
+            sizes.push(listed.size.unwrap_or(0));
+        }
+        let total: u64 = sizes.iter().sum();
+        let config = read_hf_config(&snapshot)?;
+        check(&Incoming { name: repo, config: &config, weights_bytes: total })?;
+        let mut done = 0;
+        for (shard, size) in shards.iter().zip(sizes) {
+            self.download_file(repo, &at_commit(shard), None, &mut |bytes, _| progress(done + bytes, total))?;
+            done += size;
+        }
+        Ok(snapshot)
+    }
+
+    /// Downloads `file` of `repo` into the cache unless it is there, and links it into the snapshot
+    /// of its commit. A GGUF file's header is read first, for `check`.
+    fn download_file(&self, repo: &str, file: &RepoFile, check: Option<&mut FitCheck>, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
+        let name = file.name;
+        let url = resolve_url(&self.endpoint, repo, file.revision, name);
+        let remote = self.probe(&url, &format!("{repo} has no file {name}"), repo)?;
+        let commit = remote.commit.as_deref().or(file.commit).ok_or_else(|| response_error(&url, "no X-Repo-Commit header"))?.to_string();
         let etag = remote.etag().ok_or_else(|| response_error(&url, "no ETag or X-Linked-Etag header"))?.to_string();
         // The Hub names a large file by its sha256; a small one by a git hash, not checked here.
-        let sha256 = sha256.or_else(|| is_sha256(&etag).then(|| etag.clone()));
-        let blob = self.cache.blob_path(&reference.repo, &etag);
+        let sha256 = file.sha256.map(str::to_string).or_else(|| is_sha256(&etag).then(|| etag.clone()));
+        let blob = self.cache.blob_path(repo, &etag);
         if !blob.is_file() {
             let partial = with_suffix(&blob, ".incomplete");
-            self.download(&remote, &file, &partial, sha256.as_deref(), check, progress)?;
+            self.download(&remote, name, &partial, sha256.as_deref(), check, progress)?;
             std::fs::rename(&partial, &blob).map_err(|e| io(&blob, e))?;
         }
-        Ok(self.cache.link(&reference.repo, REVISION, &commit, &file, &etag)?)
+        Ok(self.cache.link(repo, REVISION, &commit, name, &etag)?)
     }
 
     fn cached(&self, reference: &HubRef, why: &str) -> Result<PathBuf, HubError> {
         let not_cached = |reference: String| HubError::NotCached { reference, cache: self.cache.root().display().to_string(), why: why.to_string() };
-        let file = reference.pick(&self.cache.files(&reference.repo, REVISION)).map_err(|_| not_cached(format!("hf:{}", reference.repo)))?;
+        let files = self.cache.files(&reference.repo, REVISION);
+        if let (FileChoice::Default, Some(snapshot)) = (&reference.file, self.cache.model_folder(&reference.repo, REVISION)) {
+            return Ok(snapshot);
+        }
+        let file = reference.pick(&files).map_err(|_| not_cached(format!("hf:{}", reference.repo)))?;
         self.cache.file(&reference.repo, REVISION, &file).ok_or_else(|| not_cached(reference.to_file(&file)))
     }
 
     /// A URL's file, kept under [`HubClient::url_cache`] by the URL's hash.
-    fn fetch_url(&self, url: &str, check: &mut HeaderCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
+    fn fetch_url(&self, url: &str, check: &mut FitCheck, progress: &mut Progress) -> Result<PathBuf, crate::Error> {
         let name = url.split(['?', '#']).next().unwrap_or(url).rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("model.gguf");
         let key = hex(&Sha256::digest(url.as_bytes())[..8]);
         let path = self.url_cache.join(key).join(name);
@@ -182,7 +261,7 @@ impl HubClient {
         let partial = with_suffix(&path, &format!(".{version}.incomplete"));
         let parent = path.parent().unwrap_or(&self.url_cache);
         std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-        self.download(&remote, name, &partial, sha256, check, progress)?;
+        self.download(&remote, name, &partial, sha256, Some(check), progress)?;
         std::fs::rename(&partial, &path).map_err(|e| io(&path, e))?;
         Ok(path)
     }
@@ -231,27 +310,31 @@ impl HubClient {
         Err(response_error(url, &format!("more than {MAX_REDIRECTS} redirects")))
     }
 
-    /// Downloads `remote` into `partial`, resuming what is there: the GGUF header first (for
-    /// `check`), then the rest; then checks the size and sha256. A file that fails its check is
+    /// Downloads `remote` into `partial`, resuming what is there: where there is a `check`, the GGUF
+    /// header first (for it), then the rest; then checks the size and sha256. A file that fails its check is
     /// deleted, so it is never taken for a complete one.
-    fn download(&self, remote: &Remote, file: &str, partial: &Path, sha256: Option<&str>, check: &mut HeaderCheck, progress: &mut Progress) -> Result<(), crate::Error> {
+    fn download(&self, remote: &Remote, file: &str, partial: &Path, sha256: Option<&str>, check: Option<&mut FitCheck>, progress: &mut Progress) -> Result<(), crate::Error> {
         if let Some(parent) = partial.parent() {
             std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
         }
         let mut out = std::fs::OpenOptions::new().create(true).append(true).open(partial).map_err(|e| io(partial, e))?;
         let mut size = remote.size;
-        let mut header_end = HEADER_GUESS;
-        loop {
-            self.append(&remote.url, &mut out, partial, Some(header_end), &mut size, progress)?;
-            let total = size.unwrap_or(0);
-            let prefix = read_prefix(partial, header_end.min(total))?;
-            match GgufHeader::parse(file, &prefix) {
-                Ok(header) => {
-                    check(&header, total)?;
-                    break;
+        if let Some(check) = check {
+            let mut header_end = HEADER_GUESS;
+            loop {
+                self.append(&remote.url, &mut out, partial, Some(header_end), &mut size, progress)?;
+                let total = size.unwrap_or(0);
+                let prefix = read_prefix(partial, header_end.min(total))?;
+                match GgufHeader::parse(file, &prefix) {
+                    Ok(header) => {
+                        let ones = header.tensor("rope_freqs.weight").map(|t| 1f32.to_le_bytes().repeat(t.shape.iter().product()));
+                        let config = header.config(ones.as_deref())?;
+                        check(&Incoming { name: file, config: &config, weights_bytes: total })?;
+                        break;
+                    }
+                    Err(LoadError::Truncated { .. }) if header_end < total && header_end < MAX_HEADER => header_end *= 4,
+                    Err(error) => return Err(error.into()),
                 }
-                Err(LoadError::Truncated { .. }) if header_end < total && header_end < MAX_HEADER => header_end *= 4,
-                Err(error) => return Err(error.into()),
             }
         }
         self.append(&remote.url, &mut out, partial, None, &mut size, progress)?;

@@ -12,7 +12,7 @@ pub use catalog::{catalog, CatalogEntry};
 #[cfg(not(target_arch = "wasm32"))]
 pub use cache::{CachedFile, HubCache};
 #[cfg(not(target_arch = "wasm32"))]
-pub use download::HubClient;
+pub use download::{HubClient, Incoming};
 
 /// The Hub, unless `HF_ENDPOINT` names another (a mirror, or a test server).
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -31,6 +31,8 @@ pub enum HubError {
     AmbiguousQuant { repo: String, quant: String, files: String },
     #[error("{repo} has no {DEFAULT_QUANT} GGUF file: choose a quant as hf:{repo}:QUANT (its quants: {available})")]
     NoDefaultQuant { repo: String, available: String },
+    #[error("{repo} holds a model folder of safetensors weights, not GGUF files: natively, name it without a quant or file (hf:{repo}) to download the folder; the browser reads GGUF files only (choose a GGUF repository, or convert the folder with `llama-webgpu convert`)")]
+    NotGguf { repo: String },
     #[error("{repo}: {file} is one part of a split GGUF, which is not supported; choose a quant that comes in one file")]
     SplitGguf { repo: String, file: String },
     #[error("{url}: {repo} is gated or private (HTTP {status}): log in on the Hub, accept the model's license at {page}, create an access token with read permission and set HF_TOKEN to it")]
@@ -148,6 +150,9 @@ impl HubRef {
                 default => default,
             },
         };
+        if ggufs.is_empty() && model_folder(files).is_some() {
+            return Err(HubError::NotGguf { repo: self.repo.clone() });
+        }
         if let Some(part) = candidates.iter().find(|f| split_stem(f).is_some()) {
             return Err(HubError::SplitGguf { repo: self.repo.clone(), file: part.to_string() });
         }
@@ -181,8 +186,16 @@ pub fn listing_url(endpoint: &str, repo: &str, revision: &str) -> String {
 pub struct Listing {
     /// The commit the revision points to.
     pub commit: Option<String>,
-    /// Each file's path and, for a large (LFS) file, its sha256.
-    pub files: Vec<(String, Option<String>)>,
+    pub files: Vec<ListedFile>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListedFile {
+    /// The path in the repository.
+    pub name: String,
+    /// A large (LFS) file's sha256.
+    pub sha256: Option<String>,
+    pub size: Option<u64>,
 }
 
 impl Listing {
@@ -196,24 +209,56 @@ impl Listing {
         #[derive(serde::Deserialize)]
         struct Sibling {
             rfilename: String,
+            size: Option<u64>,
             lfs: Option<Lfs>,
         }
         #[derive(serde::Deserialize)]
         struct Lfs {
             sha256: Option<String>,
+            size: Option<u64>,
         }
         let info: Info = serde_json::from_str(json)?;
-        let files = info.siblings.into_iter().map(|s| (s.rfilename, s.lfs.and_then(|l| l.sha256))).collect();
+        let files = info
+            .siblings
+            .into_iter()
+            .map(|s| {
+                let (sha256, lfs_size) = s.lfs.map_or((None, None), |l| (l.sha256, l.size));
+                ListedFile { name: s.rfilename, sha256, size: s.size.or(lfs_size) }
+            })
+            .collect();
         Ok(Self { commit: info.sha, files })
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.files.iter().map(|(name, _)| name.clone()).collect()
+        self.files.iter().map(|f| f.name.clone()).collect()
     }
 
-    pub fn sha256(&self, file: &str) -> Option<&str> {
-        self.files.iter().find(|(name, _)| name == file).and_then(|(_, sha)| sha.as_deref())
+    pub fn file(&self, name: &str) -> Option<&ListedFile> {
+        self.files.iter().find(|f| f.name == name)
     }
+
+    pub fn sha256(&self, name: &str) -> Option<&str> {
+        self.file(name).and_then(|f| f.sha256.as_deref())
+    }
+}
+
+/// The files of a Hugging Face model folder the engine reads besides the weights; those present are
+/// downloaded (Meta's repositories also hold `original/` checkpoints and other files, which are not).
+pub const FOLDER_FILES: [&str; 5] = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"];
+/// A sharded folder's list of its weight files.
+pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+/// An unsharded folder's weights.
+pub const SAFETENSORS_FILE: &str = "model.safetensors";
+
+/// Where the repository `files` are a Hugging Face model folder (a config.json beside safetensors
+/// weights, at the top level), the file naming its weights: the index of its shards, or the one
+/// safetensors file.
+pub fn model_folder(files: &[String]) -> Option<&'static str> {
+    let has = |name: &str| files.iter().any(|f| f == name);
+    if !has("config.json") {
+        return None;
+    }
+    [SAFETENSORS_INDEX, SAFETENSORS_FILE].into_iter().find(|name| has(name))
 }
 
 /// A GGUF file's quant as its name ends: `Llama-3.2-1B-Instruct-Q4_K_M.gguf` -> `Q4_K_M` (also for

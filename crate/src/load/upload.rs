@@ -2,7 +2,10 @@
 //! that are hashed, staged in one of two mappable buffers and copied on the GPU into the buffers of
 //! the tensors they hold. Host memory stays at the two staging chunks plus the few tensors
 //! rearranged on the host (norm weights, and q/k rows llama.cpp permuted), whatever the model's size.
+//! A matrix whose GPU format differs from its file's (a load that quantizes) is re-encoded a
+//! chunk's rows at a time on the way.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use futures_channel::oneshot;
@@ -10,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::{LoadError, LoadProgress, TensorLocation, WeightStream};
 use crate::gpu::{Gpu, GpuError, PartBytes, WeightMatrix};
+use crate::quant::{quantize_rows, DType};
 
 /// Bytes read and uploaded at a time.
 pub const CHUNK_BYTES: usize = 8 << 20;
@@ -41,11 +45,12 @@ impl Writer<'_> {
         self.location.range.end - self.location.range.start
     }
 
-    fn push<'s>(&mut self, gpu: &Gpu, stage: &mut Stage<'s>, bytes: &[u8]) -> Result<(), LoadError>
+    fn push<'s>(&mut self, gpu: &Gpu, stage: &mut Stage<'s>, bytes: &[u8]) -> Result<(), crate::Error>
     where
         Self: 's,
     {
         let done = self.written + bytes.len() as u64 == self.len();
+        let stored = self.location.dtype;
         match &mut self.target {
             Target::Host { bytes: held, then_upload } => {
                 held.extend_from_slice(bytes);
@@ -55,7 +60,7 @@ impl Writer<'_> {
                         offset: self.location.range.start as usize,
                         message: format!("{heads} heads do not split shape {:?} into heads of even size", self.location.shape),
                     })?;
-                    matrix.write_rows(gpu, *row, &rows);
+                    matrix.write_rows(gpu, *row, &in_format(matrix, stored, &rows)?);
                     *held = Vec::new();
                 }
             }
@@ -63,7 +68,8 @@ impl Writer<'_> {
                 // Rows are placed whole, a write's worth at a time (q4_0's are rearranged for the
                 // GPU): the bytes of an incomplete one wait in `carry` for the next chunk. Nothing
                 // larger is held between chunks.
-                let unit = matrix.write_unit_bytes().max(1);
+                let rows_per_write = matrix.write_unit_bytes() / matrix.row_bytes().max(1);
+                let unit = (rows_per_write * stored.row_bytes(matrix.cols).unwrap_or_default()).max(1);
                 let mut rest = bytes;
                 if !carry.is_empty() {
                     let take = (unit - carry.len()).min(rest.len());
@@ -73,17 +79,26 @@ impl Writer<'_> {
                         self.written += bytes.len() as u64;
                         return Ok(());
                     }
-                    *row += place(gpu, stage, matrix, carry, *row);
+                    *row += place(gpu, stage, matrix, &in_format(matrix, stored, carry)?, *row);
                     carry.clear();
                 }
                 let ready = if done { rest.len() } else { rest.len() / unit * unit };
-                *row += place(gpu, stage, matrix, &rest[..ready], *row);
+                *row += place(gpu, stage, matrix, &in_format(matrix, stored, &rest[..ready])?, *row);
                 carry.extend_from_slice(&rest[ready..]);
             }
         }
         self.written += bytes.len() as u64;
         Ok(())
     }
+}
+
+/// `bytes`, whole rows stored in `stored`, in `matrix`'s format: re-encoded where a load asks for
+/// another ([`crate::model::LoadOptions::quant`]), as `convert` re-encodes.
+fn in_format<'b>(matrix: &WeightMatrix, stored: DType, bytes: &'b [u8]) -> Result<Cow<'b, [u8]>, crate::Error> {
+    if stored == matrix.dtype || bytes.is_empty() {
+        return Ok(Cow::Borrowed(bytes));
+    }
+    Ok(Cow::Owned(quantize_rows(matrix.dtype, &stored.to_f32(bytes)?, matrix.cols)?))
 }
 
 /// Stages `bytes`, whole rows of `matrix` from `row` on, for copying into its buffers; returns

@@ -37,11 +37,15 @@ pub struct LoadOptions {
     pub kv_memory: Option<u64>,
     /// Full contexts the default KV pool aims at; default one per sequence.
     pub kv_contexts: Option<usize>,
+    /// The format matrices stored as f32, f16 or bf16 (a checkpoint's) take on the GPU, re-encoded
+    /// as they stream in, a chunk at a time: the bytes `convert` would write. Matrices already in a
+    /// block format stay as they are. None: every matrix as stored.
+    pub quant: Option<DType>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, scoring_memory: 0, kv_memory: None, kv_contexts: None }
+        Self { context_length: None, max_batch: MAX_BATCH_TOKENS, max_sequences: 1, scoring_memory: 0, kv_memory: None, kv_contexts: None, quant: None }
     }
 }
 
@@ -202,12 +206,22 @@ fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<Str
     Ok((matrices, vectors))
 }
 
+/// The format a matrix stored in `stored` takes on the GPU when loads re-encode into `quant`
+/// ([`LoadOptions::quant`]).
+pub fn loaded_dtype(stored: DType, quant: Option<DType>) -> DType {
+    match quant {
+        Some(quant) if !stored.is_block_format() => quant,
+        _ => stored,
+    }
+}
+
 /// Allocates every weight, streams the checkpoint into them, and returns the stacked matrices and
 /// the norm weights (as f32 buffers) by name.
 async fn upload_weights(
     gpu: &Gpu,
     c: &Config,
     source: &dyn WeightStream,
+    quant: Option<DType>,
     on_progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<(HashMap<String, Stacked>, HashMap<String, wgpu::Buffer>)> {
     let locations: HashMap<&str, &TensorLocation> = source.locations().iter().map(|l| (l.name.as_str(), l)).collect();
@@ -223,7 +237,7 @@ async fn upload_weights(
             norms.push((name, location.dtype));
         }
     }
-    let (matrices, placements) = allocate_matrices(gpu, c, tied_head, |name| locations[name].dtype)?;
+    let (matrices, placements) = allocate_matrices(gpu, c, tied_head, |name| loaded_dtype(locations[name].dtype, quant))?;
     let mut wanted: HashMap<String, Destination> = placements
         .iter()
         .map(|(tensor, p)| (tensor.clone(), Destination::Matrix(&matrices[&p.stack].blocks[p.block].matrix, p.first_row)))
@@ -464,7 +478,7 @@ impl Llama {
         let next_tokens = f32_buffer("next tokens", max_outputs);
 
         let (matrices, vectors) = match weights {
-            Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, on_progress).await?,
+            Weights::Stream(source, on_progress) => upload_weights(gpu, c, source, options.quant, on_progress).await?,
             Weights::Synthetic(dtype) => synthetic_weights(gpu, c, dtype)?,
         };
         let kv_pool = match pool {

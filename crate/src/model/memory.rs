@@ -2,7 +2,7 @@
 //! pool at the context a load would choose, checked against the device's limits by the plan
 //! [`crate::Llama::load`] follows.
 
-use super::llama::{LoadPlan, PoolSize};
+use super::llama::{checkpoint_tensors, LoadPlan, PoolSize};
 use super::{Config, KvPool, LoadOptions};
 use crate::gpu::KvType;
 use crate::Gpu;
@@ -18,9 +18,15 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     /// The estimate for `config` with `weights_bytes` of weights (about the file's size) loaded
-    /// with `options`; the errors a load would stop with where they can be known beforehand.
+    /// with `options`; the errors a load would stop with where they can be known beforehand. A
+    /// load that re-encodes ([`LoadOptions::quant`]) is taken to shrink every matrix to that
+    /// format (a checkpoint's f16 or bf16 ones do), never to grow them.
     pub fn new(gpu: &Gpu, config: &Config, weights_bytes: u64, options: &LoadOptions) -> crate::Result<Self> {
         let plan = LoadPlan::new(gpu, config, options)?;
+        let weights_bytes = match options.quant {
+            Some(quant) => weights_bytes.min(weights_bytes_in(config, quant)),
+            None => weights_bytes,
+        };
         let pages = match plan.pool {
             PoolSize::Exactly(pages) | PoolSize::AtMost { pages, .. } => pages as u64,
         };
@@ -31,6 +37,18 @@ impl MemoryEstimate {
     pub fn total_bytes(&self) -> u64 {
         self.weights_bytes + self.kv_bytes
     }
+}
+
+/// The bytes of `config`'s weights with every matrix in `dtype` and norm weights in f32.
+fn weights_bytes_in(config: &Config, dtype: crate::quant::DType) -> u64 {
+    checkpoint_tensors(config, config.tie_word_embeddings)
+        .iter()
+        .map(|t| {
+            let (rows, cols) = (t.shape.iter().rev().skip(1).product::<usize>(), *t.shape.last().unwrap_or(&1));
+            let row_bytes = if t.is_norm { 4 * cols } else { dtype.row_bytes(cols).unwrap_or(4 * cols) };
+            (rows * row_bytes) as u64
+        })
+        .sum()
 }
 
 impl std::fmt::Display for MemoryEstimate {
