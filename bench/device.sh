@@ -187,6 +187,7 @@ run() {
         "8b-iq4_xs|--synthetic llama3.1-8b --quant iq4_xs -p 0 -n $n"
         "8b-q3_k|--synthetic llama3.1-8b --quant q3_k -p 0 -n $n"
         "8b-q2_k|--synthetic llama3.1-8b --quant q2_k -p 0 -n $n"
+        "8b-bf16|--synthetic llama3.1-8b --quant bf16 -p $p -n $n"
         "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
         "8b-q4_0-separate-split-merge|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --separate-split-merge"
         "8b-q4_0-one-split|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --max-key-splits 1 --profile"

@@ -255,3 +255,14 @@ fn floats_round_to_nearest_even() {
     let values = [1.5f32, -0.0, f32::MAX, 1e-40];
     assert_eq!(DType::F32.to_f32(&DType::F32.from_f32(&values).unwrap()).unwrap(), values);
 }
+
+#[test]
+fn a_large_matrix_encoded_across_threads_gives_the_bytes_of_its_blocks_one_by_one() {
+    // 1,056 blocks of 256 (8,448 of 32): over the encoder's threshold for a second thread.
+    let values = random_vec(&mut rng(11), 256 * 1056, 1.0);
+    for dtype in DType::ALL.into_iter().filter(|d| d.is_block_format()) {
+        let (elements, _) = dtype.block();
+        let one_by_one: Vec<u8> = values.chunks(elements).flat_map(|block| dtype.from_f32(block).unwrap()).collect();
+        assert!(dtype.from_f32(&values).unwrap() == one_by_one, "{dtype}: the whole encode differs from block by block");
+    }
+}

@@ -234,15 +234,34 @@ impl DType {
                     DType::IQ4XS => iq4::quantize_iq4_xs,
                     _ => k_quants::quantize_q6_k,
                 };
+                let encode = move |values: &[f32], out: &mut [u8]| {
+                    for (block, bytes) in values.chunks_exact(elements).zip(out.chunks_exact_mut(block_bytes)) {
+                        quantize(block, bytes);
+                    }
+                };
                 let mut out = vec![0; values.len() / elements * block_bytes];
-                for (block, bytes) in values.chunks_exact(elements).zip(out.chunks_exact_mut(block_bytes)) {
-                    quantize(block, bytes);
+                // Blocks are encoded on their own: a large matrix (a load that re-encodes, convert)
+                // is cut into a range per core. A browser has one thread here.
+                let blocks = values.len() / elements;
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(blocks / MIN_BLOCKS_PER_THREAD).max(1);
+                if threads == 1 {
+                    encode(values, &mut out);
+                } else {
+                    let per_thread = blocks.div_ceil(threads);
+                    std::thread::scope(|scope| {
+                        for (values, out) in values.chunks(per_thread * elements).zip(out.chunks_mut(per_thread * block_bytes)) {
+                            scope.spawn(move || encode(values, out));
+                        }
+                    });
                 }
                 out
             }
         })
     }
 }
+
+/// Blocks below which encoding on another thread costs more than it saves.
+const MIN_BLOCKS_PER_THREAD: usize = 512;
 
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
