@@ -168,9 +168,7 @@ impl HubClient {
         };
         let names = listing.names();
         if let (FileChoice::Default, Some(weights)) = (&reference.file, model_folder(&names)) {
-            if !names.iter().any(|f| f.to_ascii_lowercase().ends_with(".gguf")) {
-                return self.download_folder(repo, &listing, weights, check, progress);
-            }
+            return self.download_folder(repo, &listing, weights, check, progress);
         }
         let file = reference.pick(&names)?;
         let listed = RepoFile { name: &file, revision: REVISION, sha256: listing.sha256(&file), commit: listing.commit.as_deref() };

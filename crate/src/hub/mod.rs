@@ -150,7 +150,7 @@ impl HubRef {
                 default => default,
             },
         };
-        if ggufs.is_empty() && model_folder(files).is_some() {
+        if model_folder(files).is_some() {
             return Err(HubError::NotGguf { repo: self.repo.clone() });
         }
         if let Some(part) = candidates.iter().find(|f| split_stem(f).is_some()) {
@@ -251,11 +251,11 @@ pub const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
 pub const SAFETENSORS_FILE: &str = "model.safetensors";
 
 /// Where the repository `files` are a Hugging Face model folder (a config.json beside safetensors
-/// weights, at the top level), the file naming its weights: the index of its shards, or the one
-/// safetensors file.
+/// weights, at the top level, and no GGUF file, which would be taken instead), the file naming its
+/// weights: the index of its shards, or the one safetensors file.
 pub fn model_folder(files: &[String]) -> Option<&'static str> {
     let has = |name: &str| files.iter().any(|f| f == name);
-    if !has("config.json") {
+    if !has("config.json") || files.iter().any(|f| f.to_ascii_lowercase().ends_with(".gguf")) {
         return None;
     }
     [SAFETENSORS_INDEX, SAFETENSORS_FILE].into_iter().find(|name| has(name))
@@ -312,5 +312,17 @@ mod tests {
         assert!(matches!(pick("hf:a/b:Q5_K_M"), Err(HubError::NoSuchQuant { .. })));
         assert!(matches!(pick("hf:a/b:F16"), Err(HubError::SplitGguf { .. })));
         assert!(matches!(pick("hf:a/b:Q4"), Err(HubError::NoSuchQuant { .. })));
+    }
+
+    #[test]
+    fn a_model_folder_is_config_and_safetensors_without_gguf_files() {
+        let files = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let sharded = files(&["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "original/params.json"]);
+        assert_eq!(model_folder(&sharded), Some(SAFETENSORS_INDEX));
+        assert_eq!(model_folder(&files(&["config.json", "model.safetensors"])), Some(SAFETENSORS_FILE));
+        assert_eq!(model_folder(&files(&["config.json", "model.safetensors", "m-Q4_0.gguf"])), None, "GGUF files win");
+        assert_eq!(model_folder(&files(&["model.safetensors"])), None, "no config.json");
+        let reference = HubRef { repo: "a/b".into(), file: FileChoice::Quant("Q4_0".into()) };
+        assert!(matches!(reference.pick(&sharded), Err(HubError::NotGguf { .. })));
     }
 }

@@ -208,7 +208,7 @@ fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<Str
 
 /// The format a matrix stored in `stored` takes on the GPU when loads re-encode into `quant`
 /// ([`LoadOptions::quant`]).
-pub fn loaded_dtype(stored: DType, quant: Option<DType>) -> DType {
+fn loaded_dtype(stored: DType, quant: Option<DType>) -> DType {
     match quant {
         Some(quant) if !stored.is_block_format() => quant,
         _ => stored,
