@@ -92,6 +92,17 @@ fn buffer_row(key: u32, pages: u32) -> u32 {
     return (page - params.first_page) * PAGE_SIZE + key % PAGE_SIZE;
 }
 
+// The first key from `key` on that this dispatch's buffer holds, or the run's end: a pool spread
+// over several buffers is attended a dispatch per buffer, and each skips the pages of the others
+// instead of reading the whole context once per buffer.
+fn next_key_here(key: u32, run: Run) -> u32 {
+    var next = key;
+    while (params.buffers > 1u && next < run.end_key && buffer_row(next, run.pages) == NOT_HERE) {
+        next = (next / PAGE_SIZE + 1u) * PAGE_SIZE;
+    }
+    return min(next, run.end_key);
+}
+
 // Thread li's share of the tile of `run`'s keys from key0 (at most tile_keys of them; none if key0
 // is past the run's end; zeros for keys of other buffers).
 fn load_tile(key0: u32, run: Run, tile_keys: u32, kv_head: u32, li: u32) -> TileShare {
@@ -222,12 +233,14 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         let in_run = run_holds(run, my_clamped_row);
         // Tiles are read into registers one ahead: the next tile's K and V loads are in flight while
         // this tile's scores and outputs are computed, so the memory latency hides behind the math.
-        var current = load_tile(b.first_key, run, tile_keys, b.kv_head, li);
-        for (var key0 = b.first_key; key0 < run.end_key; key0 += tile_keys) {
+        var key0 = next_key_here(b.first_key, run);
+        var current = load_tile(key0, run, tile_keys, b.kv_head, li);
+        while (key0 < run.end_key) {
             let n_keys = min(tile_keys, run.end_key - key0);
             store_tile(current.k, n_keys * hd, li);
             workgroupBarrier();
-            let next = load_tile(key0 + tile_keys, run, tile_keys, b.kv_head, li);
+            let next_key0 = next_key_here(key0 + tile_keys, run);
+            let next = load_tile(next_key0, run, tile_keys, b.kv_head, li);
             // Scores of every (row, key) pair of the tile, the causal mask and the run applied,
             // each pair's dot product cut over score_lanes threads (lane l takes dimensions l,
             // l + score_lanes, ...), so that a decode block's few pairs keep every thread busy.
@@ -279,6 +292,7 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
                 running_max = new_max;
             }
             current = next;
+            key0 = next_key0;
             workgroupBarrier();
         }
         run_first = run.last + 1u;
@@ -362,7 +376,7 @@ fn attend_tiles(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     var run_first = b.row0;
     while (run_first <= b.last_row) {
         let run = run_at(b, run_first);
-        for (var key0 = b.first_key; key0 < run.end_key; key0 += PREFILL_KEYS) {
+        for (var key0 = next_key_here(b.first_key, run); key0 < run.end_key; key0 = next_key_here(key0 + PREFILL_KEYS, run)) {
             // Thread li stages keys 4 (li % 16) .. + 3 (their pool rows found once a tile) at
             // dimension quad li / 16 of each chunk, and writes whole vectors of four keys: threads
             // never write parts of one shared vector.

@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// (the same values; for comparison).
     #[arg(long)]
     pub int_conversions: bool,
+    /// Caps the storage binding size below the adapter's, as a browser's limit does (e.g.
+    /// 134217728): a KV pool larger than it spreads over several buffers per layer.
+    #[arg(long, value_name = "BYTES")]
+    pub max_storage_binding: Option<u64>,
     /// A JSON schema file: after the other tests, time each tg test through the engine (greedy,
     /// from a chat prompt) constrained to the schema and unconstrained, and the schema's token
     /// mask per generated token. Needs --model (its tokenizer).

@@ -360,7 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
-            let options = GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, gemv_rows: args.gemv_rows, gemv_max_tokens: args.gemv_max_tokens, register_tile: args.register_tile, max_key_splits: args.max_key_splits, separate_split_merge: args.separate_split_merge, no_coop_attention: args.no_coop_attention, coop_tile: args.coop_tile, bounds_checks: args.bounds_checks, int_conversions: args.int_conversions, ..options };
+            let options = GpuOptions { timestamps: args.profile, f16_tiles: args.f16_tiles, gemv_rows: args.gemv_rows, gemv_max_tokens: args.gemv_max_tokens, register_tile: args.register_tile, max_key_splits: args.max_key_splits, separate_split_merge: args.separate_split_merge, no_coop_attention: args.no_coop_attention, coop_tile: args.coop_tile, bounds_checks: args.bounds_checks, int_conversions: args.int_conversions, max_storage_binding: args.max_storage_binding, ..options };
             bench::bench(Gpu::new(&options).await?, args, cli.quiet).await
         }
         Command::Serve { model, server } => {
