@@ -182,11 +182,12 @@ SHORT_TOOL_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def tools_server(model_dir, tmp_path_factory):
-    """16 sequences together on the fixture with the short tool template, for 50-choice requests."""
+    """16 sequences together on the fixture with the short tool template, for 50-choice requests;
+    named in the API as two names of its own."""
     directory = tmp_path_factory.mktemp("models") / "tiny-llama31-tools"
     shutil.copytree(model_dir, directory)
     (directory / "chat_template.jinja").write_text(SHORT_TOOL_TEMPLATE, encoding="utf-8")
-    process = Server(directory, "--parallel", "16", "--kv-memory", "4MiB")
+    process = Server(directory, "--parallel", "16", "--kv-memory", "4MiB", "--served-model-name", "tools-model", "--served-model-name", "llama-tools")
     yield process
     process.stop()
 

@@ -95,6 +95,17 @@ def test_health_and_models(server, client, model_dir):
         client.models.retrieve("another-model")
 
 
+def test_served_model_names(tools_server):
+    client = tools_server.client()
+    assert [m.id for m in client.models.list().data] == ["tools-model", "llama-tools"]
+    assert client.models.retrieve("llama-tools").id == "llama-tools"
+    # The folder's own name is no longer one of the server's.
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("tiny-llama31-tools")
+    assert tools_server.health()["model"] == "tools-model"
+    assert chat(client, "hi", max_tokens=2).model == "tools-model"
+
+
 def test_chat_non_streaming(client, model_dir):
     response = chat(client, "Hello! Who are you?", max_tokens=12)
     assert response.object == "chat.completion"

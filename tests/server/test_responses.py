@@ -105,6 +105,7 @@ def test_function_calls_and_their_outputs_round_trip(tools_server):
     response = client.responses.create(input=question, **options)
     [call] = response.output
     assert (call.type, call.name, call.status, response.status) == ("function_call", "get_weather", "completed", "completed")
+    assert response.model == "tools-model"
     jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
     chat = client.chat.completions.create(model="tiny", messages=question, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
                                           temperature=1, max_tokens=60, seed=7, logit_bias=CLOSING_BIAS)

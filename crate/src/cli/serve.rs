@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// Port; 0 picks a free one (the address is printed on stderr).
     #[arg(long, default_value_t = 8080)]
     port: u16,
+    /// The model's name in the API (/v1/models and every response's `model`) instead of its
+    /// file's or repository's, for clients that ask for a fixed name; several names (repeated or
+    /// space-separated) are all listed, the first answers.
+    #[arg(long, value_name = "NAME", num_args = 1.., value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    served_model_name: Vec<String>,
     /// Require `Authorization: Bearer KEY` on /v1 requests (or set LLAMA_WEBGPU_API_KEY, which
     /// keeps the key out of the process list).
     #[arg(long)]
@@ -109,7 +114,8 @@ const SCORING_MEMORY: u64 = 64 << 20;
 
 /// What the handlers share.
 struct Server {
-    model_id: String,
+    /// The model's names in the API: the first answers, every one is listed.
+    model_ids: Vec<String>,
     api_key: Option<String>,
     max_body_bytes: usize,
     queue_capacity: usize,
@@ -127,11 +133,18 @@ struct Server {
     responses: Mutex<ResponseStore>,
 }
 
+impl Server {
+    /// The name responses give the model.
+    fn model_id(&self) -> &str {
+        &self.model_ids[0]
+    }
+}
+
 /// Serves `model`, which `reference` named (a path, or a Hub reference `model` was fetched for).
 pub fn serve(gpu_options: GpuOptions, model: ModelArgs, reference: &str, args: ServeArgs, quiet: bool) -> anyhow::Result<()> {
     let given = std::path::Path::new(&model.model);
     let path = given.canonicalize().with_context(|| format!("model {}", model.model))?;
-    let model_id = match ModelRef::parse(reference) {
+    let named = match ModelRef::parse(reference) {
         // A Hub model folder is named by its repository, as vLLM names it (the snapshot's folder
         // is a commit hash).
         Ok(ModelRef::Hub(hub)) if path.is_dir() => hub.repo,
@@ -142,6 +155,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, reference: &str, args: S
             name.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
         }
     };
+    let model_ids = if args.served_model_name.is_empty() { vec![named] } else { args.served_model_name.clone() };
     let api_key = args.api_key.clone().or_else(|| std::env::var("LLAMA_WEBGPU_API_KEY").ok()).filter(|k| !k.is_empty());
 
     // Bind before the (long) load so that a taken port fails at once; connections that arrive
@@ -214,7 +228,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, reference: &str, args: S
 
     let cors = cors_layer(&args.cors_origins);
     let server = Arc::new(Server {
-        model_id,
+        model_ids,
         api_key,
         max_body_bytes: args.max_body_bytes,
         queue_capacity: args.queue,
@@ -231,7 +245,7 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, reference: &str, args: S
     let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        eprintln!("llama-webgpu: serving {} on http://{address}", server.model_id);
+        eprintln!("llama-webgpu: serving {} on http://{address}", server.model_id());
         if server.api_key.is_some() {
             log::info!("/v1 requests need the API key");
         }
@@ -381,7 +395,7 @@ async fn health(State(server): State<Arc<Server>>) -> Response {
             (true, true) => "loading",
             (true, false) => "ok",
         },
-        "model": server.model_id,
+        "model": server.model_id(),
         "queue": {"waiting": stats.queued.load(Ordering::SeqCst) + engine.waiting, "capacity": server.queue_capacity},
         "engine": engine,
         "requests": {
@@ -452,19 +466,20 @@ async fn metrics(State(server): State<Arc<Server>>) -> Response {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response()
 }
 
-fn model_object(server: &Server) -> serde_json::Value {
-    json!({"id": server.model_id, "object": "model", "created": server.started, "owned_by": "llama-webgpu"})
+fn model_object(server: &Server, id: &str) -> serde_json::Value {
+    json!({"id": id, "object": "model", "created": server.started, "owned_by": "llama-webgpu"})
 }
 
 async fn models(State(server): State<Arc<Server>>) -> Response {
-    Json(json!({"object": "list", "data": [model_object(&server)]})).into_response()
+    let data: Vec<Value> = server.model_ids.iter().map(|id| model_object(&server, id)).collect();
+    Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn model(State(server): State<Arc<Server>>, Path(id): Path<String>) -> Response {
-    if id == server.model_id {
-        Json(model_object(&server)).into_response()
+    if server.model_ids.contains(&id) {
+        Json(model_object(&server, &id)).into_response()
     } else {
-        ApiError::invalid(format!("model {id:?} is not served here; this server has {:?}", server.model_id))
+        ApiError::invalid(format!("model {id:?} is not served here; this server has {}", server.model_ids.join(", ")))
             .with_status(StatusCode::NOT_FOUND)
             .param("model")
             .code("model_not_found")
@@ -524,7 +539,7 @@ impl Drop for CancelOnDrop {
 
 /// Queues the job, then answers with the whole completion or a stream of its chunks.
 async fn respond(server: Arc<Server>, endpoint: Endpoint, parsed: Parsed) -> Response {
-    let meta = ResponseMeta { endpoint, id: format!("{}-{}", endpoint.id_prefix(), serial(&server)), created: unix_seconds(), model: server.model_id.clone() };
+    let meta = ResponseMeta { endpoint, id: format!("{}-{}", endpoint.id_prefix(), serial(&server)), created: unix_seconds(), model: server.model_id().to_string() };
     let choices = parsed.all_choices();
     let Queued { mut events, guard } = match queue(&server, &meta.id, parsed.work, parsed.choices).await {
         Ok(queued) => queued,
@@ -555,7 +570,7 @@ async fn create_response(State(server): State<Arc<Server>>, body: Result<Bytes, 
         Err(error) => return error.into_response(),
     };
     let logprobs = request.logprobs();
-    let header = ResponseHeader { id: format!("resp_{}", serial(&server)), created_at: unix_seconds(), model: server.model_id.clone(), settings: request.settings };
+    let header = ResponseHeader { id: format!("resp_{}", serial(&server)), created_at: unix_seconds(), model: server.model_id().to_string(), settings: request.settings };
     let Queued { mut events, guard } = match queue(&server, &header.id, request.parsed.work, 1).await {
         Ok(queued) => queued,
         Err(error) => return error.for_responses().into_response(),
