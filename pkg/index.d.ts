@@ -385,6 +385,15 @@ export interface Response {
   [setting: string]: unknown;
 }
 
+/** A page of a response's input items, as OpenAI lists them; each item has an `id`. */
+export interface ResponseItemList {
+  object: "list";
+  data: ((ResponseInputItem & { id: string; status: string }) | ResponseOutputItem)[];
+  first_id: string | null;
+  last_id: string | null;
+  has_more: boolean;
+}
+
 /** One of Responses' streamed events; `type` says which, e.g. "response.output_text.delta" with `delta`. */
 export interface ResponseStreamEvent {
   type: string;
@@ -466,6 +475,14 @@ export interface Engine {
     /** A kept response; a `RequestError` where none is kept under that id. */
     retrieve(id: string): Promise<Response>;
     delete(id: string): Promise<{ id: string; object: "response.deleted"; deleted: true }>;
+    /**
+     * The items a kept response was given: the turns it continued (their inputs and outputs),
+     * then its own input; newest first unless `order: "asc"`, `limit` (1-100, default 20) at a
+     * time after the item id `after`.
+     */
+    inputItems: {
+      list(id: string, options?: { after?: string; limit?: number; order?: "asc" | "desc"; include?: string[] }): Promise<ResponseItemList>;
+    };
   };
   /** What was loaded, as of the end of loading. */
   info(): EngineInfo;

@@ -305,6 +305,7 @@ export async function createEngine({ model, onProgress, worker = true, ...option
       create: create("respond"),
       retrieve: (responseId) => call({ type: "retrieveResponse", responseId }),
       delete: (responseId) => call({ type: "deleteResponse", responseId }),
+      inputItems: { list: (responseId, options = {}) => call({ type: "responseInputItems", responseId, options }) },
     },
     info: () => info,
     status: async () => (await call({ type: "info" })).load,

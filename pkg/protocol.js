@@ -2,6 +2,7 @@
 //   in:  {id, type: "load", url, options} | {id, type: "chat", request, response}
 //        | {id, type: "complete", request, response} | {id, type: "respond", request, response}
 //        | {id, type: "retrieveResponse", responseId} | {id, type: "deleteResponse", responseId}
+//        | {id, type: "responseInputItems", responseId, options}
 //        | {id, type: "info"} | {id, type: "unload"}
 //        | {id, type: "tokenize", request} | {id, type: "detokenize", request}
 //        | {type: "abort", id?}   (response: {uuid, model})
@@ -49,6 +50,8 @@ export function createHandler(wasm, post) {
         return wasm.stored_response(message.responseId);
       case "deleteResponse":
         return wasm.delete_response(message.responseId);
+      case "responseInputItems":
+        return wasm.response_input_items(message.responseId, message.options);
       case "tokenize":
         return wasm.tokenize(message.request);
       case "detokenize":

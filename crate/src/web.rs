@@ -20,8 +20,8 @@ use wasm_bindgen::prelude::*;
 
 use crate::api::request::{Parsed, UnknownFields, Work};
 use crate::api::response::{ChunkStream, ResponseMeta, StreamUsage};
-use crate::api::responses::{self, ResponseEvents, ResponseHeader, ResponseStore};
-use crate::api::{self, ChatMessage};
+use crate::api::responses::{self, Conversation, ItemPage, ResponseEvents, ResponseHeader, ResponseStore};
+use crate::api;
 use crate::engine::{Event, Load, Prompter, SequenceId};
 use crate::gpu::{GpuError, KvType};
 use crate::load::{LoadError, WebModel};
@@ -105,7 +105,7 @@ enum Reply {
     Response {
         settings: Map<String, Value>,
         /// The turns to keep with the response, unless `store` is false.
-        conversation: Option<Vec<ChatMessage>>,
+        conversation: Option<Conversation>,
         logprobs: bool,
     },
 }
@@ -113,7 +113,7 @@ enum Reply {
 /// A running request's response, as it is made.
 enum Output {
     Chunks(ChunkStream),
-    Response { events: ResponseEvents, conversation: Option<Vec<ChatMessage>> },
+    Response { events: ResponseEvents, conversation: Option<Conversation> },
 }
 
 /// How the JS API wants a request's response: the unique part of its id and the model name it
@@ -361,7 +361,7 @@ pub fn respond(id: u32, request: JsValue, response: JsValue, on_chunk: Function)
 fn read_response_request(request: JsValue) -> Result<(Parsed, Reply), JsValue> {
     let object = object_of(request, "a request")?;
     let previous = match responses::previous_response_id(&object).map_err(request_fault)? {
-        None => vec![],
+        None => Conversation::default(),
         Some(id) => STATE.with_borrow(|s| match s.responses.get(&id) {
             Some(stored) => Ok(stored.conversation.clone()),
             None => Err(request_error(Some("previous_response_id"), s.responses.missing(&id))),
@@ -377,6 +377,18 @@ fn read_response_request(request: JsValue) -> Result<(Parsed, Reply), JsValue> {
 pub fn stored_response(id: String) -> Result<JsValue, JsValue> {
     STATE.with_borrow(|s| match s.responses.get(&id) {
         Some(stored) => Ok(js_value(&stored.response)),
+        None => Err(request_error(Some("id"), s.responses.missing(&id))),
+    })
+}
+
+/// A page of the items a kept response was given, as serve's `/v1/responses/{id}/input_items`:
+/// `options` holds `after`, `limit`, `order` and `include`, all optional.
+#[wasm_bindgen]
+pub fn response_input_items(id: String, options: JsValue) -> Result<JsValue, JsValue> {
+    let options = if options.is_undefined() || options.is_null() { Map::new() } else { object_of(options, "the options")? };
+    let page = ItemPage::read(&options).map_err(request_fault)?;
+    STATE.with_borrow(|s| match s.responses.get(&id) {
+        Some(stored) => stored.input_items(&page).map(|list| js_value(&list)).map_err(request_fault),
         None => Err(request_error(Some("id"), s.responses.missing(&id))),
     })
 }

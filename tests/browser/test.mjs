@@ -245,6 +245,7 @@ try {
     for await (const event of engine.responses.create({ input: prompt, temperature: 0, max_output_tokens: maxTokens, stream: true, store: false })) events.push(event);
     const continued = await engine.responses.create({ previous_response_id: response.id, input: prompt, temperature: 0, max_output_tokens: 1 });
     const retrieved = await engine.responses.retrieve(response.id);
+    const items = await engine.responses.inputItems.list(continued.id, { order: "asc" });
     await engine.responses.delete(response.id);
     const deleted = await engine.responses.create({ previous_response_id: response.id, input: prompt }).then(() => null, (e) => ({ name: e.name, param: e.param }));
     const responses = {
@@ -252,6 +253,7 @@ try {
       streamed: [events[0].type, events.at(-1).type, events.filter((e) => e.type === "response.output_text.delta").map((e) => e.delta).join("")],
       continued: [continued.previous_response_id === response.id, continued.usage.input_tokens_details.cached_tokens > response.usage.input_tokens],
       retrieved: retrieved.output[0].id === response.output[0].id,
+      inputItems: [items.data.map((item) => item.role), items.data[1].id === response.output[0].id, items.has_more],
       deleted,
     };
     const textChunks = [];
@@ -361,6 +363,7 @@ try {
   assertEqual(api.responses.whole, ["incomplete", native.text], "a response: the chat's text, cut at max_output_tokens");
   assertEqual(api.responses.streamed, ["response.created", "response.incomplete", native.text], "a streamed response's first and last events and its text");
   assertEqual([api.responses.continued, api.responses.retrieved], [[true, true], true], "a response continued by previous_response_id (its turns' pages reused), retrieved");
+  assertEqual(api.responses.inputItems, [["user", "assistant", "user"], true, false], "a continued response's input items: the turns it continued, then its input");
   assertEqual(api.responses.deleted, { name: "RequestError", param: "previous_response_id" }, "continuing a deleted response");
   const textTokens = api.textChunks.filter((c) => c.choices[0].token_ids.length).map((c) => c.choices[0]);
   assertEqual(api.textChunks.map((c) => c.choices[0].text).join(""), nativeText.text, "streamed text completion vs native");

@@ -61,6 +61,18 @@ def test_previous_response_id_continues_the_stored_conversation(server, client):
     assert second.usage.input_tokens_details.cached_tokens >= 16
 
     assert client.responses.retrieve(first.id).output_text == first.output_text
+    # The items the second was given: the first's input and output, then its own input. The
+    # client's iterator pages through them one at a time (after the last id each time).
+    items = list(client.responses.input_items.list(second.id, order="asc", limit=1))
+    assert [(i.type, i.role) for i in items] == [("message", "user"), ("message", "assistant"), ("message", "user")]
+    assert (items[0].content[0].text, items[1].id, items[2].content[0].text) == ("Hi", first.output[0].id, "Tell me more.")
+    newest = client.responses.input_items.list(second.id, include=["message.output_text.logprobs"])
+    assert ([i.id for i in newest.data], newest.has_more) == ([i.id for i in reversed(items)], False)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.responses.input_items.list(second.id, limit=0)
+    assert bad.value.body["param"] == "limit"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_nothing")
     assert client.responses.delete(first.id) is None
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)

@@ -2,7 +2,7 @@
 //! input items and the turns of the stored response it continues become a chat request of one
 //! choice; its completion becomes a response object whose output items are a message and function
 //! calls, or, streamed, Responses' typed events. A [`ResponseStore`] in each host keeps responses
-//! for `previous_response_id`.
+//! for `previous_response_id` and lists their input items.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -65,7 +65,7 @@ pub struct ResponsesRequest {
     pub parsed: Parsed,
     /// The turns before this response's output: the continued response's, then this input. The
     /// instructions are not among them: OpenAI does not carry them on to the next response.
-    pub conversation: Vec<ChatMessage>,
+    pub conversation: Conversation,
     /// Whether the host keeps the response for `previous_response_id` (OpenAI's default: yes).
     pub store: bool,
     /// The request's settings as the response object repeats them.
@@ -76,6 +76,22 @@ impl ResponsesRequest {
     /// Whether the response carries its tokens' log probabilities.
     pub fn logprobs(&self) -> bool {
         matches!(&self.parsed.work, Work::Chat(chat) if chat.sampling.logprobs_wanted().is_some())
+    }
+}
+
+/// Turns of a conversation, as chat messages for the model and as the Responses items they came
+/// as (what `input_items` lists; an assistant's message and its calls are one chat turn but
+/// several items).
+#[derive(Clone, Debug, Default)]
+pub struct Conversation {
+    pub messages: Vec<ChatMessage>,
+    items: Vec<Value>,
+}
+
+impl Conversation {
+    fn extend(&mut self, more: Conversation) {
+        self.messages.extend(more.messages);
+        self.items.extend(more.items);
     }
 }
 
@@ -90,7 +106,7 @@ pub fn previous_response_id(object: &Map<String, Value>) -> Result<Option<String
 
 /// Reads a Responses request body; `previous` holds the turns of the response that
 /// `previous_response_id` names (its input and output), none without one.
-pub fn read_responses(mut object: Map<String, Value>, unknown: UnknownFields, previous: Vec<ChatMessage>) -> Result<ResponsesRequest, RequestError> {
+pub fn read_responses(mut object: Map<String, Value>, unknown: UnknownFields, previous: Conversation) -> Result<ResponsesRequest, RequestError> {
     object.retain(|_, value| !value.is_null());
     if unknown == UnknownFields::Refuse {
         if let Some(name) = object.keys().find(|name| !CHAT_FIELDS.contains(&name.as_str()) && !RESPONSES_FIELDS.contains(&name.as_str())) {
@@ -101,8 +117,8 @@ pub fn read_responses(mut object: Map<String, Value>, unknown: UnknownFields, pr
 
     let mut conversation = previous;
     match object.get("input") {
-        Some(input) => conversation.extend(input_messages(input)?),
-        None if conversation.is_empty() => return Err(RequestError::invalid("input is required").param("input")),
+        Some(input) => conversation.extend(input_turns(input)?),
+        None if conversation.messages.is_empty() => return Err(RequestError::invalid("input is required").param("input")),
         None => {}
     }
     let instructions = match object.get("instructions") {
@@ -117,7 +133,7 @@ pub fn read_responses(mut object: Map<String, Value>, unknown: UnknownFields, pr
             chat.insert(name.into(), value.clone());
         }
     }
-    let messages: Vec<ChatMessage> = instructions.iter().map(|text| ChatMessage::new("system", text)).chain(conversation.iter().cloned()).collect();
+    let messages: Vec<ChatMessage> = instructions.iter().map(|text| ChatMessage::new("system", text)).chain(conversation.messages.iter().cloned()).collect();
     chat.insert("messages".into(), serde_json::to_value(&messages).map_err(|e| RequestError::invalid(e.to_string()))?);
     if let Some(tools) = object.get("tools") {
         chat.insert("tools".into(), chat_tools(tools)?);
@@ -198,38 +214,50 @@ fn refuse_unsupported(object: &Map<String, Value>) -> Result<(), RequestError> {
 }
 
 /// `input`: a user message as a string, or a list of items: messages (`type` "message" or none),
-/// the model's function calls and their outputs.
-fn input_messages(input: &Value) -> Result<Vec<ChatMessage>, RequestError> {
+/// the model's function calls and their outputs. The items are kept as OpenAI lists them (content
+/// as parts, a status); their ids are given when the response is kept, where the client gave none.
+fn input_turns(input: &Value) -> Result<Conversation, RequestError> {
     let items = match input {
-        Value::String(text) => return Ok(vec![ChatMessage::new("user", text)]),
+        Value::String(text) => {
+            let item = json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}], "status": "completed"});
+            return Ok(Conversation { messages: vec![ChatMessage::new("user", text)], items: vec![item] });
+        }
         Value::Array(items) if items.is_empty() => return Err(RequestError::invalid("input must not be empty").param("input")),
         Value::Array(items) => items,
         other => return Err(RequestError::invalid(format!("input: must be a string or a list of items, got {}", kind_of(other))).param("input")),
     };
     let mut messages: Vec<ChatMessage> = vec![];
+    let mut kept = vec![];
     for (i, item) in items.iter().enumerate() {
         let place = format!("input[{i}]");
         let Value::Object(fields) = item else {
             return Err(RequestError::invalid(format!("{place}: must be an object, got {}", kind_of(item))).param("input"));
         };
+        let id = fields.get("id").filter(|id| id.is_string());
         match fields.get("type").and_then(Value::as_str).unwrap_or("message") {
             "message" => {
-                let role = match string_member(fields, "role", &place)? {
+                let given_role = string_member(fields, "role", &place)?;
+                let role = match given_role {
                     "developer" => "system",
                     role @ ("system" | "user" | "assistant") => role,
                     role => return Err(RequestError::invalid(format!("{place}.role: {role:?} is not one of user, assistant, system, developer")).param("input")),
                 };
                 let content = content_text(fields.get("content"), &format!("{place}.content"))?;
+                let parts = match fields.get("content") {
+                    Some(Value::Array(parts)) => Value::Array(parts.clone()),
+                    _ if role == "assistant" => json!([{"type": "output_text", "text": content, "annotations": []}]),
+                    _ => json!([{"type": "input_text", "text": content}]),
+                };
+                kept.push(json!({"type": "message", "id": id, "role": given_role, "content": parts, "status": "completed"}));
                 messages.push(ChatMessage::new(role, &content));
             }
             "function_call" => {
+                let (call_id, name, arguments) = (string_member(fields, "call_id", &place)?, string_member(fields, "name", &place)?, string_member(fields, "arguments", &place)?);
+                kept.push(json!({"type": "function_call", "id": id, "call_id": call_id, "name": name, "arguments": arguments, "status": "completed"}));
                 let call = ToolCall {
-                    id: Some(string_member(fields, "call_id", &place)?.to_string()),
+                    id: Some(call_id.to_string()),
                     kind: "function".into(),
-                    function: FunctionCall {
-                        name: string_member(fields, "name", &place)?.to_string(),
-                        arguments: Value::String(string_member(fields, "arguments", &place)?.to_string()),
-                    },
+                    function: FunctionCall { name: name.to_string(), arguments: Value::String(arguments.to_string()) },
                 };
                 // Calls right after the assistant's message, or after each other, are one turn.
                 match messages.last_mut().filter(|message| message.role == "assistant") {
@@ -240,6 +268,7 @@ fn input_messages(input: &Value) -> Result<Vec<ChatMessage>, RequestError> {
             "function_call_output" => {
                 let call_id = string_member(fields, "call_id", &place)?.to_string();
                 let output = content_text(fields.get("output"), &format!("{place}.output"))?;
+                kept.push(json!({"type": "function_call_output", "id": id, "call_id": call_id, "output": fields["output"], "status": "completed"}));
                 messages.push(ChatMessage { role: "tool".into(), content: Some(output), tool_call_id: Some(call_id), ..Default::default() });
             }
             "reasoning" => return Err(RequestError::unsupported("input", format!("{place}: reasoning items are not supported: Llama 3.1 does not reason apart from its output"))),
@@ -249,7 +278,7 @@ fn input_messages(input: &Value) -> Result<Vec<ChatMessage>, RequestError> {
             kind => return Err(RequestError::unsupported("input", format!("{place}: items of type {kind:?} are not supported (message, function_call and function_call_output are)"))),
         }
     }
-    Ok(messages)
+    Ok(Conversation { messages, items: kept })
 }
 
 /// A message's content or a call's output: a string, or a list of text parts (input_text,
@@ -593,8 +622,91 @@ impl ResponseEvents {
 /// then its output.
 pub struct StoredResponse {
     pub response: Value,
-    pub conversation: Vec<ChatMessage>,
+    pub conversation: Conversation,
+    /// How many of the conversation's items were its input; its output's follow.
+    input_items: usize,
     bytes: usize,
+}
+
+impl StoredResponse {
+    /// A page of the items the response was given (the turns it continued, then its input) as
+    /// OpenAI's list object, `GET /v1/responses/{id}/input_items`.
+    pub fn input_items(&self, page: &ItemPage) -> Result<Value, RequestError> {
+        let items = &self.conversation.items[..self.input_items];
+        let ordered: Vec<&Value> = if page.newest_first { items.iter().rev().collect() } else { items.iter().collect() };
+        let start = match &page.after {
+            None => 0,
+            Some(after) => match ordered.iter().position(|item| item["id"] == after.as_str()) {
+                Some(i) => i + 1,
+                None => return Err(RequestError::invalid(format!("after: {after:?} is not one of the response's input items")).param("after")),
+            },
+        };
+        let data: Vec<Value> = ordered[start..].iter().take(page.limit).map(|item| if page.logprobs { (*item).clone() } else { without_logprobs(item) }).collect();
+        let has_more = start + data.len() < ordered.len();
+        let id_at = |item: Option<&Value>| item.map_or(Value::Null, |item| item["id"].clone());
+        Ok(json!({"object": "list", "data": data, "first_id": id_at(data.first()), "last_id": id_at(data.last()), "has_more": has_more}))
+    }
+}
+
+fn json_len(value: &impl serde::Serialize) -> usize {
+    serde_json::to_string(value).map_or(0, |text| text.len())
+}
+
+/// An item with its text parts' log probabilities left out: they are listed where `include` asks.
+fn without_logprobs(item: &Value) -> Value {
+    let mut item = item.clone();
+    if let Some(Value::Array(parts)) = item.get_mut("content") {
+        for part in parts.iter_mut().filter_map(Value::as_object_mut) {
+            part.remove("logprobs");
+        }
+    }
+    item
+}
+
+/// Which input items a listing returns: OpenAI's `after` (an item id), `limit` (1 to 100, 20 by
+/// default), `order` (`desc`, the default, or `asc`) and `include`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ItemPage {
+    after: Option<String>,
+    limit: usize,
+    newest_first: bool,
+    /// Text parts keep their log probabilities (`include: ["message.output_text.logprobs"]`).
+    logprobs: bool,
+}
+
+impl ItemPage {
+    /// Reads a listing's parameters: a JS options object, or a query's as strings (`include`
+    /// gathered into a list). Others are ignored, as OpenAI's server ignores them.
+    pub fn read(params: &Map<String, Value>) -> Result<Self, RequestError> {
+        let after = match params.get("after") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(other) => return Err(RequestError::invalid(format!("after: must be an item id, got {}", kind_of(other))).param("after")),
+        };
+        let limit = match params.get("limit") {
+            None | Some(Value::Null) => Some(20),
+            Some(Value::Number(n)) => n.as_u64(),
+            Some(Value::String(n)) => n.parse().ok(),
+            Some(_) => None,
+        };
+        let limit = match limit {
+            Some(limit @ 1..=100) => limit as usize,
+            _ => return Err(RequestError::invalid(format!("limit: must be a whole number from 1 to 100, got {}", params["limit"])).param("limit")),
+        };
+        let newest_first = match params.get("order").and_then(Value::as_str) {
+            None if params.get("order").is_none_or(Value::is_null) => true,
+            Some("desc") => true,
+            Some("asc") => false,
+            _ => return Err(RequestError::invalid(format!("order: must be \"asc\" or \"desc\", got {}", params["order"])).param("order")),
+        };
+        let include = match params.get("include") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::String(name)) => vec![name.clone()],
+            Some(value) => serde_json::from_value::<Vec<String>>(value.clone())
+                .map_err(|_| RequestError::invalid(format!("include: must be a list of strings, got {}", kind_of(value))).param("include"))?,
+        };
+        Ok(Self { after, limit, newest_first, logprobs: include.iter().any(|name| name == LOGPROBS_INCLUDE) })
+    }
 }
 
 /// Bytes of responses a host keeps unless told otherwise: a long conversation's text is a few
@@ -636,18 +748,32 @@ impl ResponseStore {
         format!("no stored response {id:?}: responses are kept when created with store: true, the newest within {} bytes", self.budget)
     }
 
-    /// Keeps a finished response with its conversation, the completion's turn added to it; false
-    /// where it is larger than the whole budget.
-    pub fn keep(&mut self, id: String, response: Value, mut conversation: Vec<ChatMessage>, completion: &Completion) -> bool {
-        conversation.push(output_message(completion));
-        self.insert(id, response, conversation)
+    /// Keeps a finished response with its conversation, the completion's turn and the response's
+    /// output items added to it; false where it is larger than the whole budget. Input items
+    /// the client gave no id are named after the response (`msg_<serial>_in<k>`).
+    pub fn keep(&mut self, id: String, response: Value, mut conversation: Conversation, completion: &Completion) -> bool {
+        let serial = id.strip_prefix("resp_").unwrap_or(&id).to_string();
+        for (k, item) in conversation.items.iter_mut().enumerate().filter(|(_, item)| item["id"].is_null()) {
+            let prefix = match item["type"].as_str() {
+                Some("function_call") => "fc",
+                Some("function_call_output") => "fco",
+                _ => "msg",
+            };
+            item["id"] = Value::String(format!("{prefix}_{serial}_in{k}"));
+        }
+        let input_items = conversation.items.len();
+        conversation.messages.push(output_message(completion));
+        if let Some(Value::Array(output)) = response.get("output") {
+            conversation.items.extend(output.iter().cloned());
+        }
+        self.insert(id, response, conversation, input_items)
     }
 
     /// Keeps the response, dropping the oldest ones as its bytes need; one larger than the whole
     /// budget is not kept (false).
-    fn insert(&mut self, id: String, response: Value, conversation: Vec<ChatMessage>) -> bool {
+    fn insert(&mut self, id: String, response: Value, conversation: Conversation, input_items: usize) -> bool {
         // Their JSON's length: what they hold, near enough.
-        let bytes = response.to_string().len() + serde_json::to_string(&conversation).map_or(0, |text| text.len());
+        let bytes = json_len(&response) + json_len(&conversation.messages) + json_len(&conversation.items);
         if bytes > self.budget {
             return false;
         }
@@ -659,7 +785,7 @@ impl ResponseStore {
         }
         self.used += bytes;
         self.order.push_back(id.clone());
-        self.responses.insert(id, StoredResponse { response, conversation, bytes });
+        self.responses.insert(id, StoredResponse { response, conversation, input_items, bytes });
         true
     }
 
@@ -683,7 +809,7 @@ mod tests {
     use crate::api::{GeneratedToolCall, ResponseFormat, ToolChoice, Usage};
 
     fn read(body: &str) -> Result<ResponsesRequest, RequestError> {
-        read_responses(parse_body(body.as_bytes())?, UnknownFields::Refuse, vec![])
+        read_responses(parse_body(body.as_bytes())?, UnknownFields::Refuse, Conversation::default())
     }
 
     fn chat_of(request: &ResponsesRequest) -> &crate::api::ChatCompletionRequest {
@@ -713,15 +839,25 @@ mod tests {
         .unwrap_or_else(|e| panic!("{}", e.message));
         let chat = chat_of(&request);
         assert_eq!(chat.messages[0], ChatMessage::new("system", "Be brief."));
-        assert_eq!(chat.messages[1..], request.conversation[..], "the instructions are not carried on");
-        let roles: Vec<&str> = request.conversation.iter().map(|m| m.role.as_str()).collect();
+        let turns = &request.conversation.messages;
+        assert_eq!(chat.messages[1..], turns[..], "the instructions are not carried on");
+        let roles: Vec<&str> = turns.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "tool", "tool"]);
-        assert_eq!(request.conversation[1].content.as_deref(), Some("Weather in Paris?"));
-        let turn = &request.conversation[2];
+        assert_eq!(turns[1].content.as_deref(), Some("Weather in Paris?"));
+        let turn = &turns[2];
         assert_eq!(turn.content.as_deref(), Some("Checking."));
         let calls: Vec<(&str, &str)> = turn.tool_calls.iter().flatten().map(|c| (c.id.as_deref().unwrap(), c.function.name.as_str())).collect();
         assert_eq!(calls, [("call_1", "get_weather"), ("call_2", "get_time")]);
-        assert_eq!((request.conversation[4].tool_call_id.as_deref(), request.conversation[4].content.as_deref()), (Some("call_2"), Some("noon")));
+        assert_eq!((turns[4].tool_call_id.as_deref(), turns[4].content.as_deref()), (Some("call_2"), Some("noon")));
+        // The items as given, one per input item, each with its parts and a status.
+        let items = &request.conversation.items;
+        let kinds: Vec<(&str, &str)> = items.iter().map(|item| (item["type"].as_str().unwrap(), item["role"].as_str().unwrap_or(""))).collect();
+        let calls_and_outputs = [("function_call", ""), ("function_call", ""), ("function_call_output", ""), ("function_call_output", "")];
+        assert_eq!(kinds, [[("message", "developer"), ("message", "user"), ("message", "assistant")].as_slice(), &calls_and_outputs].concat());
+        assert_eq!(items[0]["content"], json!([{"type": "input_text", "text": "Use tools."}]));
+        assert_eq!(items[1]["content"][1], json!({"type": "input_text", "text": "Paris?"}));
+        assert_eq!((&items[3]["call_id"], &items[3]["arguments"], &items[3]["status"]), (&json!("call_1"), &json!("{\"city\":\"Paris\"}"), &json!("completed")));
+        assert_eq!(items[6]["output"], json!([{"type": "input_text", "text": "noon"}]));
         assert_eq!((chat.sampling.max_tokens, chat.sampling.temperature, chat.sampling.seed), (Some(9), Some(0.0), Some(3)));
         assert!(request.store && !request.parsed.stream && request.parsed.choices == 1);
         assert_eq!(request.settings["instructions"], "Be brief.");
@@ -730,13 +866,16 @@ mod tests {
 
     #[test]
     fn a_string_input_continues_the_previous_turns() {
-        let previous = vec![ChatMessage::new("user", "Hi"), ChatMessage::new("assistant", "Hello!")];
+        let previous = read(r#"{"input": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}"#).unwrap().conversation;
         let request = read_responses(parse_body(br#"{"input": "And you?", "stream": true}"#).unwrap(), UnknownFields::Refuse, previous).unwrap();
-        let texts: Vec<&str> = request.conversation.iter().filter_map(|m| m.content.as_deref()).collect();
+        let texts: Vec<&str> = request.conversation.messages.iter().filter_map(|m| m.content.as_deref()).collect();
         assert_eq!(texts, ["Hi", "Hello!", "And you?"]);
+        let item_texts: Vec<&Value> = request.conversation.items.iter().map(|item| &item["content"][0]["text"]).collect();
+        assert_eq!(item_texts, ["Hi", "Hello!", "And you?"]);
+        assert_eq!(request.conversation.items[1]["content"][0]["type"], "output_text");
         assert!(request.parsed.stream);
         // With a previous response the input may be left out.
-        let previous = vec![ChatMessage::new("user", "Hi")];
+        let previous = read(r#"{"input": "Hi"}"#).unwrap().conversation;
         assert!(read_responses(parse_body(br#"{}"#).unwrap(), UnknownFields::Refuse, previous).is_ok());
     }
 
@@ -791,7 +930,7 @@ mod tests {
         let (param, message) = error(r#"{"input": "x", "text": {"format": {"type": "json_schema", "schema": {}, "strict": "yes"}}}"#);
         assert_eq!(param.as_deref(), Some("text"), "{message}");
         // A host that ignores unknown fields takes them.
-        assert!(read_responses(parse_body(br#"{"input": "x", "vendor": 1}"#).unwrap(), UnknownFields::Ignore, vec![]).is_ok());
+        assert!(read_responses(parse_body(br#"{"input": "x", "vendor": 1}"#).unwrap(), UnknownFields::Ignore, Conversation::default()).is_ok());
     }
 
     fn header() -> ResponseHeader {
@@ -882,20 +1021,76 @@ mod tests {
     #[test]
     fn the_oldest_responses_make_room_within_the_budget() {
         let response = json!({"output": "x".repeat(80)});
-        let conversation = vec![ChatMessage::new("user", "hi")];
-        let one = response.to_string().len() + serde_json::to_string(&conversation).unwrap().len();
+        let conversation = read(r#"{"input": "hi"}"#).unwrap().conversation;
+        let one = response.to_string().len() + json_len(&conversation.messages) + json_len(&conversation.items);
         let mut store = ResponseStore::new(3 * one);
         for id in ["a", "b", "c", "d"] {
-            assert!(store.insert(id.into(), response.clone(), conversation.clone()));
+            assert!(store.insert(id.into(), response.clone(), conversation.clone(), 1));
         }
         assert!(store.get("a").is_none(), "the oldest made room");
-        assert_eq!(store.get("d").map(|s| s.conversation.len()), Some(1));
+        assert_eq!(store.get("d").map(|s| s.conversation.messages.len()), Some(1));
         assert!(store.remove("c") && !store.remove("c"));
-        assert!(store.insert("e".into(), response.clone(), conversation.clone()));
+        assert!(store.insert("e".into(), response.clone(), conversation.clone(), 1));
         assert!(store.get("b").is_some() && store.get("e").is_some(), "a removed response's room is taken first");
         assert_eq!((store.used, store.order.len()), (3 * one, 3));
         let huge = json!({"output": "x".repeat(4 * one)});
-        assert!(!store.insert("f".into(), huge, conversation), "larger than the whole budget");
+        assert!(!store.insert("f".into(), huge, conversation, 1), "larger than the whole budget");
         assert!(store.get("b").is_some());
+    }
+
+    fn page(params: Value) -> Result<ItemPage, RequestError> {
+        ItemPage::read(params.as_object().unwrap())
+    }
+
+    fn ids(list: &Value) -> Vec<&str> {
+        list["data"].as_array().unwrap().iter().map(|item| item["id"].as_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_kept_response_lists_its_input_items_with_the_turns_it_continued() {
+        let mut store = ResponseStore::default();
+        let first = read(r#"{"input": [{"role": "user", "content": "Hi", "id": "msg_mine"}, {"role": "user", "content": "There?"}]}"#).unwrap();
+        let answer = completion("Hello!", vec![], FinishReason::Stop);
+        let header = ResponseHeader { id: "resp_1".into(), ..header() };
+        let mut response = header.response(&Completion { logprobs: Some(vec![]), ..answer.clone() });
+        assert!(response["output"][0]["content"][0].get("logprobs").is_some());
+        assert!(store.keep(header.id.clone(), response.clone(), first.conversation, &answer));
+
+        // Continued: the first response's input and output, then the new input (a call's output).
+        let previous = store.get("resp_1").unwrap().conversation.clone();
+        let input = br#"{"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}, {"type": "function_call_output", "call_id": "c", "output": "done"}]}"#;
+        let second = read_responses(parse_body(input).unwrap(), UnknownFields::Refuse, previous).unwrap();
+        response["id"] = json!("resp_2");
+        assert!(store.keep("resp_2".into(), response, second.conversation, &answer));
+        let stored = store.get("resp_2").unwrap();
+        let all = stored.input_items(&page(json!({"order": "asc"})).unwrap()).unwrap();
+        assert_eq!(ids(&all), ["msg_mine", "msg_1_in1", "msg_1", "fc_2_in3", "fco_2_in4"]);
+        assert_eq!((&all["first_id"], &all["last_id"], &all["has_more"]), (&json!("msg_mine"), &json!("fco_2_in4"), &json!(false)));
+        assert!(all["data"][2]["content"][0].get("logprobs").is_none(), "log probabilities only where include asks");
+        let with_logprobs = stored.input_items(&page(json!({"order": "asc", "include": ["message.output_text.logprobs"]})).unwrap()).unwrap();
+        assert_eq!(with_logprobs["data"][2]["content"][0]["logprobs"], json!([]));
+        assert_eq!(stored.conversation.items.len(), 6, "its own output is kept to be continued, not listed as input");
+
+        // Newest first by default, in pages after a cursor.
+        let newest = stored.input_items(&page(json!({"limit": "2"})).unwrap()).unwrap();
+        assert_eq!((ids(&newest), &newest["has_more"]), (vec!["fco_2_in4", "fc_2_in3"], &json!(true)));
+        let next = stored.input_items(&page(json!({"limit": 2, "after": "fc_2_in3"})).unwrap()).unwrap();
+        assert_eq!((ids(&next), &next["has_more"]), (vec!["msg_1", "msg_1_in1"], &json!(true)));
+        let last = stored.input_items(&page(json!({"after": "msg_1_in1"})).unwrap()).unwrap();
+        assert_eq!((ids(&last), &last["has_more"], &last["last_id"]), (vec!["msg_mine"], &json!(false), &json!("msg_mine")));
+        let past = stored.input_items(&page(json!({"after": "msg_mine"})).unwrap()).unwrap();
+        assert_eq!((ids(&past).len(), &past["first_id"]), (0, &Value::Null));
+
+        let error = |params: Value| {
+            let e = page(params).and_then(|page| stored.input_items(&page)).expect_err("an error");
+            (e.param.unwrap_or_default(), e.message)
+        };
+        assert_eq!(error(json!({"after": "msg_other"})).0, "after");
+        for limit in [json!(0), json!(101), json!("many"), json!(2.5)] {
+            let (param, message) = error(json!({"limit": limit}));
+            assert!(param == "limit" && message.contains("1 to 100"), "{message}");
+        }
+        assert_eq!(error(json!({"order": "newest"})).0, "order");
+        assert_eq!(error(json!({"include": 3})).0, "include");
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -34,12 +34,11 @@ use clap::Args;
 use llama_webgpu::api::request::{self, Parsed, UnknownFields, Work};
 use llama_webgpu::hub::ModelRef;
 use llama_webgpu::api::response::{self, Endpoint, ResponseMeta};
-use llama_webgpu::api::responses::{self as responses_api, ResponseEvents, ResponseHeader, ResponseStore, ResponsesRequest};
-use llama_webgpu::api::ChatMessage;
+use llama_webgpu::api::responses::{self as responses_api, Conversation, ItemPage, ResponseEvents, ResponseHeader, ResponseStore, ResponsesRequest};
 use llama_webgpu::engine::{ChoiceResults, Prepared, Prompter};
 use llama_webgpu::text::RenderOptions;
 use llama_webgpu::{CancelToken, Completion, GpuOptions, LoadOptions};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -347,6 +346,7 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(create_response))
         .route("/v1/responses/{id}", get(stored_response).delete(delete_response))
+        .route("/v1/responses/{id}/input_items", get(input_items))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
@@ -603,7 +603,7 @@ async fn create_response(State(server): State<Arc<Server>>, body: Result<Bytes, 
 fn read_response_request(server: &Server, body: Result<Bytes, BytesRejection>) -> Result<ResponsesRequest, ApiError> {
     let object = request::parse_body(&read_body(server, body)?)?;
     let previous = match responses_api::previous_response_id(&object)? {
-        None => vec![],
+        None => Conversation::default(),
         Some(id) => {
             let store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
             match store.get(&id) {
@@ -616,7 +616,7 @@ fn read_response_request(server: &Server, body: Result<Bytes, BytesRejection>) -
 }
 
 /// Stores a finished response with its conversation, its output last.
-fn keep_response(server: &Server, id: String, response: &Value, conversation: Vec<ChatMessage>, completion: &Completion) {
+fn keep_response(server: &Server, id: String, response: &Value, conversation: Conversation, completion: &Completion) {
     let mut store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
     if !store.keep(id.clone(), response.clone(), conversation, completion) {
         log::warn!("{id}: not stored: larger than --response-store ({} bytes)", store.budget());
@@ -632,6 +632,32 @@ async fn stored_response(State(server): State<Arc<Server>>, Path(id): Path<Strin
     let store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
     match store.get(&id) {
         Some(stored) => Json(stored.response.clone()).into_response(),
+        None => not_stored(&store, &id).into_response(),
+    }
+}
+
+/// The items a stored response was given, a page at a time (`after`, `limit`, `order`,
+/// `include`, as OpenAI's query; `include[]=` as the openai clients send a list).
+async fn input_items(State(server): State<Arc<Server>>, Path(id): Path<String>, Query(query): Query<Vec<(String, String)>>) -> Response {
+    let mut params = Map::new();
+    let mut include = vec![];
+    for (name, value) in query {
+        match name.as_str() {
+            "include" | "include[]" => include.push(Value::String(value)),
+            _ => _ = params.insert(name, Value::String(value)),
+        }
+    }
+    if !include.is_empty() {
+        params.insert("include".into(), Value::Array(include));
+    }
+    let page = match ItemPage::read(&params) {
+        Ok(page) => page,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    let store = server.responses.lock().unwrap_or_else(PoisonError::into_inner);
+    match store.get(&id).map(|stored| stored.input_items(&page)) {
+        Some(Ok(list)) => Json(list).into_response(),
+        Some(Err(error)) => ApiError::from(error).into_response(),
         None => not_stored(&store, &id).into_response(),
     }
 }
