@@ -67,6 +67,13 @@ fn a_draft_model_drafts_and_a_draft_of_another_vocabulary_is_refused() {
     assert!(stderr.contains("the draft model's vocabulary is 49152 but the model's 1003: a draft model must share the model's tokenizer"), "{stderr}");
 }
 
+/// A blank `--served-model-name` is refused before anything loads.
+#[test]
+fn a_blank_served_model_name_is_refused() {
+    let stderr = llama_webgpu_fails(&["serve", "--model", "no-such-model", "--served-model-name", "tiny", " "]);
+    assert!(stderr.contains("' ' for '--served-model-name <NAME>...': a model name must not be empty or blank"), "{stderr}");
+}
+
 /// An I/O error says its cause once when the CLI prints the error's chain (the fixture has no
 /// tokenizer.json).
 #[test]

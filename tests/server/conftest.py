@@ -187,7 +187,7 @@ def tools_server(model_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("models") / "tiny-llama31-tools"
     shutil.copytree(model_dir, directory)
     (directory / "chat_template.jinja").write_text(SHORT_TOOL_TEMPLATE, encoding="utf-8")
-    process = Server(directory, "--parallel", "16", "--kv-memory", "4MiB", "--served-model-name", "tools-model", "--served-model-name", "llama-tools")
+    process = Server(directory, "--parallel", "16", "--kv-memory", "4MiB", "--served-model-name", "tools-model", "--served-model-name", "meta/llama-tools", "tools-model")
     yield process
     process.stop()
 

@@ -97,8 +97,11 @@ def test_health_and_models(server, client, model_dir):
 
 def test_served_model_names(tools_server):
     client = tools_server.client()
-    assert [m.id for m in client.models.list().data] == ["tools-model", "llama-tools"]
-    assert client.models.retrieve("llama-tools").id == "llama-tools"
+    # A name given twice is listed once.
+    assert [m.id for m in client.models.list().data] == ["tools-model", "meta/llama-tools"]
+    # The client sends the slash encoded; a plain request sends it as it is.
+    assert client.models.retrieve("meta/llama-tools").id == "meta/llama-tools"
+    assert http("GET", f"{tools_server.url}/v1/models/meta/llama-tools").json()["id"] == "meta/llama-tools"
     # The folder's own name is no longer one of the server's.
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("tiny-llama31-tools")

@@ -57,7 +57,7 @@ pub struct ServeArgs {
     /// The model's name in the API (/v1/models and every response's `model`) instead of its
     /// file's or repository's, for clients that ask for a fixed name; several names (repeated or
     /// space-separated) are all listed, the first answers.
-    #[arg(long, value_name = "NAME", num_args = 1.., value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    #[arg(long, value_name = "NAME", num_args = 1.., value_parser = served_name)]
     served_model_name: Vec<String>,
     /// Require `Authorization: Bearer KEY` on /v1 requests (or set LLAMA_WEBGPU_API_KEY, which
     /// keeps the key out of the process list).
@@ -101,6 +101,14 @@ pub struct ServeArgs {
     /// Destroys the GPU device once this many tokens have been generated, to test recovery.
     #[arg(long, hide = true)]
     lose_device_after_tokens: Option<u64>,
+}
+
+/// A `--served-model-name`: any text a client can send back, but not blank.
+fn served_name(name: &str) -> Result<String, String> {
+    if name.trim().is_empty() {
+        return Err("a model name must not be empty or blank".into());
+    }
+    Ok(name.to_string())
 }
 
 /// Sequences `serve` decodes together on a GPU unless `--parallel` says otherwise.
@@ -154,7 +162,10 @@ pub fn serve(gpu_options: GpuOptions, model: ModelArgs, reference: &str, args: S
             name.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
         }
     };
-    let model_ids = if args.served_model_name.is_empty() { vec![named] } else { args.served_model_name.clone() };
+    let mut model_ids = if args.served_model_name.is_empty() { vec![named] } else { args.served_model_name.clone() };
+    // A name given twice is one model.
+    let mut seen = std::collections::HashSet::new();
+    model_ids.retain(|id| seen.insert(id.clone()));
     let api_key = args.api_key.clone().or_else(|| std::env::var("LLAMA_WEBGPU_API_KEY").ok()).filter(|k| !k.is_empty());
 
     // Bind before the (long) load so that a taken port fails at once; connections that arrive
@@ -348,7 +359,8 @@ fn router(server: Arc<Server>) -> Router {
         .route("/v1/responses/{id}", get(stored_response).delete(delete_response))
         .route("/v1/responses/{id}/input_items", get(input_items))
         .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        // A wildcard: Hub repositories' names hold a slash.
+        .route("/v1/models/{*id}", get(model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(server.clone(), require_api_key));
