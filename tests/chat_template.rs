@@ -8,7 +8,7 @@ use common::llama3_tokenizer as llama3;
 
 
 use llama_webgpu::api::{ChatMessage, Tool};
-use llama_webgpu::text::{today_date_string, ChatTemplate, RenderOptions, TextError, TEMPLATE_FUEL};
+use llama_webgpu::text::{today_date_string, ChatTemplate, RenderOptions, SpecialTokens, TextError, TEMPLATE_FUEL};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -45,14 +45,13 @@ fn goldens() -> Goldens {
 
 fn render(template: &ChatTemplate, case: &Case, goldens: &Goldens) -> Result<String, TextError> {
     let options = RenderOptions {
-        bos_token: goldens.bos_token.clone(),
-        eos_token: goldens.eos_token.clone(),
         date_string: case.kwargs.date_string.clone(),
         tools_in_user_message: case.kwargs.tools_in_user_message,
         builtin_tools: case.kwargs.builtin_tools.clone(),
         ..Default::default()
     };
-    template.render(&case.messages, case.tools.as_deref(), case.add_generation_prompt, &options)
+    let special_tokens = SpecialTokens { bos: Some(goldens.bos_token.clone()), eos: Some(goldens.eos_token.clone()) };
+    template.clone().with_special_tokens(special_tokens).render(&case.messages, case.tools.as_deref(), case.add_generation_prompt, &options)
 }
 
 #[test]
@@ -119,7 +118,7 @@ const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and message
 #[test]
 fn chatml_template_from_a_string() {
     let template = ChatTemplate::new(SMOLLM2).unwrap();
-    let options = RenderOptions { bos_token: String::new(), eos_token: "<|im_end|>".into(), ..Default::default() };
+    let options = RenderOptions::default();
     let chat = [ChatMessage::new("user", "Hi!"), ChatMessage::new("assistant", "Hello."), ChatMessage::new("user", "2+2?")];
     assert_eq!(
         template.render(&chat, None, true, &options).unwrap(),

@@ -5,8 +5,9 @@
 mod common;
 
 use common::{golden, gpu, load_model, truncated_llama3_tokenizer};
-use llama_webgpu::api::{FinishReason, SamplingParams, Stop};
-use llama_webgpu::text::ChatTemplate;
+use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, FinishReason, SamplingParams, Stop};
+use llama_webgpu::load::read_hf_text;
+use llama_webgpu::text::{ChatTemplate, RenderOptions};
 use llama_webgpu::{CancelToken, Completion, Delta, Engine, LoadOptions};
 
 const FIXTURE: &str = "tiny-llama31";
@@ -157,4 +158,32 @@ fn seeded_sampling_repeats_and_uses_gpu_candidates_like_full_logits() {
     assert_ne!(a, sampled(&mut engine, SamplingParams { seed: Some(6), ..top_k.clone() }));
     // A zero presence penalty changes nothing but sends the sampler to the full logits.
     assert_eq!(a, sampled(&mut engine, SamplingParams { presence_penalty: Some(1e-30), ..top_k }));
+}
+
+/// A template reads its model's special tokens as transformers passes them: tokenizer_config.json's
+/// `bos_token` and `eos_token` (strings or added-token objects), else the texts of config.json's
+/// BOS and first EOS ids (Llama 3's names are wrong for other vocabularies: DeepSeek's distilled
+/// Llama calls id 128000 `<｜begin▁of▁sentence｜>`).
+#[test]
+fn a_template_reads_its_models_special_tokens() {
+    let Some(gpu) = gpu() else { return };
+    let dir = common::fixture_with_tokenizer(FIXTURE);
+    let template = "{{ bos_token }}|{{ messages[0]['content'] }}|{{ eos_token }}";
+    let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", "hi")], ..Default::default() };
+    let prompt_of = |tokenizer_config: serde_json::Value| {
+        std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config.to_string()).unwrap();
+        let (tokenizer, template) = read_hf_text(&dir).unwrap();
+        let model = load_model(&gpu, FIXTURE, &LoadOptions { context_length: Some(64), ..Default::default() }).unwrap();
+        let engine = Engine::new(model, tokenizer, template, 1).unwrap();
+        let prompt = engine.prompter().chat_prompt(&request, &RenderOptions::default()).unwrap();
+        (engine.tokenizer().clone(), prompt)
+    };
+    let named = serde_json::json!({"chat_template": template, "bos_token": {"content": "ab", "special": true}, "eos_token": "cd"});
+    let (tokenizer, prompt) = prompt_of(named);
+    assert_eq!(prompt, tokenizer.encode("ab|hi|cd", true).unwrap());
+    let (tokenizer, prompt) = prompt_of(serde_json::json!({"chat_template": template}));
+    let config = llama_webgpu::load::read_hf_config(&dir).unwrap();
+    let text_of = |id: u32| tokenizer.decode(&[id], false).unwrap();
+    let expected = format!("{}|hi|{}", text_of(config.bos_token_id.unwrap()), text_of(config.eos_token_ids[0]));
+    assert_eq!(prompt, tokenizer.encode(&expected, true).unwrap(), "{expected:?}");
 }

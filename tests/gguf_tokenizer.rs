@@ -227,6 +227,16 @@ fn chat_template_comes_from_metadata_or_defaults_to_llama31() {
     let rendered = ChatTemplate::from_gguf(&without).unwrap().render(&messages, None, true, &options).unwrap();
     let llama31 = ChatTemplate::llama31().render(&messages, None, true, &options).unwrap();
     assert_eq!(rendered, llama31);
+    // The template reads the vocabulary's BOS and EOS tokens (Llama 2's and Mistral's templates
+    // write them), also where prompts start without BOS.
+    let special = [
+        ("tokenizer.chat_template", Value::Str("{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}".into())),
+        ("tokenizer.ggml.tokens", Value::Strings(["<unk>", "<s>", "</s>", "hi"].map(String::from).to_vec())),
+        ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+    ];
+    assert_eq!(ChatTemplate::from_gguf(&header(&special)).unwrap().render(&messages, None, false, &options).unwrap(), "<s>hi</s>");
     let broken = header(&[("tokenizer.chat_template", Value::Str("{% if %}".into()))]);
     assert!(matches!(ChatTemplate::from_gguf(&broken), Err(TextError::TemplateSyntax { .. })));
 }

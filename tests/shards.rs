@@ -48,6 +48,9 @@ fn f32_shards_give_exactly_the_checkpoints_logits() {
     let (tokenizer, template) = ShardDir::open(&out).unwrap().text().unwrap();
     assert_eq!(tokenizer.vocab_size(), 1003);
     assert_eq!(template.source(), llama_webgpu::text::ChatTemplate::llama31().source());
+    // And the special tokens the template reads.
+    assert_eq!((manifest.bos_token.as_deref(), manifest.eos_token.as_deref()), (Some("<|begin_of_text|>"), Some("<|eot_id|>")));
+    assert_eq!(template.special_tokens(), llama_webgpu::text::ChatTemplate::llama31().special_tokens());
 }
 
 #[test]

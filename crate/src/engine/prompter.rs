@@ -8,7 +8,7 @@ use crate::api::request::{Prompt, TokenizeInput, Work};
 use crate::api::{ChatCompletionRequest, Prediction, ResponseFormat, SamplingParams, Tool, ToolChoice, ToolChoiceMode};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler};
 use crate::text::tool_calls::{ToolCallFormat, ToolSet, BUILTIN_TOOLS};
-use crate::text::{ChatTemplate, RenderOptions, TextError, Tokenizer};
+use crate::text::{ChatTemplate, RenderOptions, SpecialTokens, TextError, Tokenizer};
 use crate::{Config, Result};
 
 /// Each token's bytes for log probabilities (`token_bytes`, built when a request wanting them
@@ -75,8 +75,12 @@ fn built_once<T>(cell: &Mutex<Option<Arc<T>>>, build: impl FnOnce() -> Result<T>
 
 impl Prompter {
     /// The prompter of a model of `config` that reaches `context` positions: its stop tokens are
-    /// the config's end-of-sequence ids and the tokenizer's end-of-turn tokens.
-    pub(super) fn new(tokenizer: Tokenizer, template: ChatTemplate, config: &Config, context: usize) -> Self {
+    /// the config's end-of-sequence ids and the tokenizer's end-of-turn tokens; the template's
+    /// special tokens, where the model's files did not name them, the texts of the config's BOS and
+    /// first EOS ids.
+    pub(super) fn new(tokenizer: Tokenizer, mut template: ChatTemplate, config: &Config, context: usize) -> Self {
+        let text_of = |id: Option<&u32>| id.and_then(|&id| tokenizer.decode(&[id], false).ok());
+        template.fill_special_tokens(SpecialTokens { bos: text_of(config.bos_token_id.as_ref()), eos: text_of(config.eos_token_ids.first()) });
         let mut stop_tokens = config.eos_token_ids.clone();
         for name in ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"] {
             if let Some(id) = tokenizer.token_id(name).filter(|id| !stop_tokens.contains(id)) {

@@ -107,6 +107,8 @@ fn convert_into(
         config: config.to_hf_json(),
         tokenizer: "tokenizer.json".into(),
         chat_template: Some(template.source().to_string()),
+        bos_token: template.special_tokens().bos.clone(),
+        eos_token: template.special_tokens().eos.clone(),
         shards,
         tensors: written,
     };

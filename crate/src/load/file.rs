@@ -40,28 +40,45 @@ pub fn read_hf_config(dir: &Path) -> Result<crate::Config, crate::Error> {
 }
 
 /// The tokenizer (`tokenizer.json`) and chat template of a Hugging Face model folder: the
-/// `chat_template` of `tokenizer_config.json` or `chat_template.jinja` when present, else Llama 3.1's.
+/// `chat_template` of `tokenizer_config.json` or `chat_template.jinja` when present, else Llama
+/// 3.1's, reading tokenizer_config.json's `bos_token` and `eos_token` as transformers does.
 pub fn read_hf_text(dir: &Path) -> Result<(crate::text::Tokenizer, crate::text::ChatTemplate), crate::Error> {
     use crate::engine::EngineError;
     use crate::text::{ChatTemplate, Tokenizer};
     let path = dir.join("tokenizer.json");
     let json = std::fs::read(&path).map_err(LoadError::io(&path))?;
     let tokenizer = Tokenizer::from_json_bytes(&json).map_err(EngineError::from)?;
-    let source = match (dir.join("chat_template.jinja"), dir.join("tokenizer_config.json")) {
-        (jinja, _) if jinja.exists() => Some(read_to_string(&jinja)?),
-        (_, config) if config.exists() => chat_template_of(&read_to_string(&config)?),
-        _ => None,
+    let config_path = dir.join("tokenizer_config.json");
+    let tokenizer_config: Option<serde_json::Value> = match config_path.exists() {
+        true => serde_json::from_str(&read_to_string(&config_path)?).ok(),
+        false => None,
+    };
+    let jinja = dir.join("chat_template.jinja");
+    let source = match &tokenizer_config {
+        _ if jinja.exists() => Some(read_to_string(&jinja)?),
+        Some(config) => chat_template_of(config),
+        None => None,
     };
     let template = match source {
         Some(source) => ChatTemplate::new(&source).map_err(EngineError::from)?,
         None => ChatTemplate::llama31(),
     };
-    Ok((tokenizer, template))
+    let special_tokens = tokenizer_config.as_ref().map(special_tokens_of).unwrap_or_default();
+    Ok((tokenizer, template.with_special_tokens(special_tokens)))
+}
+
+/// `bos_token` and `eos_token` of a tokenizer_config.json: a string, or an added token's object
+/// (`{"content": ...}`).
+fn special_tokens_of(tokenizer_config: &serde_json::Value) -> crate::text::SpecialTokens {
+    let text_of = |name: &str| match tokenizer_config.get(name)? {
+        serde_json::Value::String(text) => Some(text.clone()),
+        token => token.get("content")?.as_str().map(str::to_string),
+    };
+    crate::text::SpecialTokens { bos: text_of("bos_token"), eos: text_of("eos_token") }
 }
 
 /// `chat_template` of a tokenizer_config.json: a string, or a list of named templates ("default").
-fn chat_template_of(tokenizer_config: &str) -> Option<String> {
-    let config: serde_json::Value = serde_json::from_str(tokenizer_config).ok()?;
+fn chat_template_of(config: &serde_json::Value) -> Option<String> {
     match config.get("chat_template")? {
         serde_json::Value::String(template) => Some(template.clone()),
         serde_json::Value::Array(named) => named
@@ -92,10 +109,7 @@ impl ShardDir {
         let path = self.dir.join(&self.manifest.tokenizer);
         let json = std::fs::read(&path).map_err(LoadError::io(&path))?;
         let tokenizer = crate::text::Tokenizer::from_json_bytes(&json).map_err(EngineError::from)?;
-        let template = match &self.manifest.chat_template {
-            Some(source) => crate::text::ChatTemplate::new(source).map_err(EngineError::from)?,
-            None => crate::text::ChatTemplate::llama31(),
-        };
+        let template = self.manifest.template().map_err(EngineError::from)?;
         Ok((tokenizer, template))
     }
 }

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{LoadError, SourceFile, TensorLocation};
 use crate::quant::DType;
+use crate::text::{ChatTemplate, SpecialTokens, TextError};
 use crate::Config;
 
 /// The `format` of the manifests this version writes and reads.
@@ -21,6 +22,12 @@ pub struct Manifest {
     /// The chat template's source; absent means Llama 3.1's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// The texts the template reads as `bos_token` and `eos_token`; absent, those of the
+    /// configuration's ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token: Option<String>,
     pub shards: Vec<Shard>,
     pub tensors: Vec<ShardTensor>,
 }
@@ -44,6 +51,15 @@ pub struct ShardTensor {
 }
 
 impl Manifest {
+    /// The chat template, reading the manifest's special tokens.
+    pub fn template(&self) -> Result<ChatTemplate, TextError> {
+        let template = match &self.chat_template {
+            Some(source) => ChatTemplate::new(source)?,
+            None => ChatTemplate::llama31(),
+        };
+        Ok(template.with_special_tokens(SpecialTokens { bos: self.bos_token.clone(), eos: self.eos_token.clone() }))
+    }
+
     /// Parses and checks a manifest: known format and dtypes, plain shard names, every tensor
     /// inside its shard and of the size its shape and dtype give.
     pub fn parse(json: &str) -> Result<Self, LoadError> {

@@ -187,10 +187,7 @@ impl WebShards {
         let url = resolve(&self.manifest.tokenizer, &self.manifest_url)?;
         let json = self.pieces.cached_text(&url).await?;
         let tokenizer = Tokenizer::from_json_bytes(json.as_bytes()).map_err(EngineError::from)?;
-        let template = match &self.manifest.chat_template {
-            Some(source) => ChatTemplate::new(source).map_err(EngineError::from)?,
-            None => ChatTemplate::llama31(),
-        };
+        let template = self.manifest.template().map_err(EngineError::from)?;
         Ok((tokenizer, template))
     }
 }

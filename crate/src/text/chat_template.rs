@@ -29,13 +29,21 @@ const MAX_TOJSON_INDENT: usize = 1_000;
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
+    special_tokens: SpecialTokens,
 }
 
-/// What a template reads besides the messages and tools.
-#[derive(Clone, Debug, PartialEq)]
+/// The texts a template reads as `bos_token` and `eos_token`: its model's, as transformers
+/// passes its tokenizer's (tokenizer_config.json) and llama.cpp its vocabulary's. One the model
+/// does not name is left undefined, which renders as nothing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+}
+
+/// What a template reads besides the messages, the tools and its model's special tokens.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RenderOptions {
-    pub bos_token: String,
-    pub eos_token: String,
     /// "Today Date" of the Llama 3.1 system header. `None` leaves it to the template: Meta's 3.1
     /// template then writes its fixed "26 Jul 2024", templates that call `strftime_now` today's
     /// date. [`today_date_string`] gives today's in the same format.
@@ -51,20 +59,6 @@ pub struct RenderOptions {
     /// cannot forge turns with `<|eot_id|><|start_header_id|>system...`. The template's own markup
     /// keeps its special tokens either way.
     pub special_tokens_in_content: bool,
-}
-
-impl Default for RenderOptions {
-    /// Llama 3.1's special tokens; everything else left to the template.
-    fn default() -> Self {
-        Self {
-            bos_token: "<|begin_of_text|>".into(),
-            eos_token: "<|eot_id|>".into(),
-            date_string: None,
-            tools_in_user_message: None,
-            builtin_tools: None,
-            special_tokens_in_content: false,
-        }
-    }
 }
 
 /// `n` private-use characters that do not occur in `conversation` (as JSON).
@@ -99,7 +93,28 @@ impl ChatTemplate {
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| TextError::TemplateSyntax { reason: describe(&e) })?;
-        Ok(Self { env, source: source.to_string() })
+        Ok(Self { env, source: source.to_string(), special_tokens: SpecialTokens::default() })
+    }
+
+    /// The template reading the special tokens `named` names as its model's (the others as
+    /// before).
+    pub fn with_special_tokens(mut self, named: SpecialTokens) -> Self {
+        let special = &mut self.special_tokens;
+        special.bos = named.bos.or(special.bos.take());
+        special.eos = named.eos.or(special.eos.take());
+        self
+    }
+
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special_tokens
+    }
+
+    /// Names the special tokens the model's files left unnamed (`fallback`: the texts of its
+    /// configuration's ids).
+    pub fn fill_special_tokens(&mut self, fallback: SpecialTokens) {
+        let special = &mut self.special_tokens;
+        special.bos = special.bos.take().or(fallback.bos);
+        special.eos = special.eos.take().or(fallback.eos);
     }
 
     /// The template's source text.
@@ -107,9 +122,11 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// Meta's official Llama 3.1 Instruct template.
+    /// Meta's official Llama 3.1 Instruct template, reading Llama 3's special tokens unless its
+    /// model names others.
     pub fn llama31() -> Self {
-        Self::new(LLAMA31_SOURCE).expect("the built-in Llama 3.1 template parses")
+        let special_tokens = SpecialTokens { bos: Some("<|begin_of_text|>".into()), eos: Some("<|eot_id|>".into()) };
+        Self::new(LLAMA31_SOURCE).expect("the built-in Llama 3.1 template parses").with_special_tokens(special_tokens)
     }
 
     /// The prompt text for a conversation. It already holds BOS when the template writes it (as
@@ -166,8 +183,12 @@ impl ChatTemplate {
         context.insert("tools", tools.map_or(Value::from(()), Value::from_serialize));
         context.insert("documents", Value::from(()));
         context.insert("add_generation_prompt", Value::from(add_generation_prompt));
-        context.insert("bos_token", Value::from(options.bos_token.as_str()));
-        context.insert("eos_token", Value::from(options.eos_token.as_str()));
+        if let Some(bos) = &self.special_tokens.bos {
+            context.insert("bos_token", Value::from(bos.as_str()));
+        }
+        if let Some(eos) = &self.special_tokens.eos {
+            context.insert("eos_token", Value::from(eos.as_str()));
+        }
         if let Some(date) = &options.date_string {
             context.insert("date_string", Value::from(date.as_str()));
         }

@@ -10,7 +10,7 @@
 
 use serde_json::{json, Value};
 
-use super::{ChatTemplate, TextError, Tokenizer};
+use super::{ChatTemplate, SpecialTokens, TextError, Tokenizer};
 use crate::load::{GgufHeader, LoadError, MetadataValue};
 
 /// llama.cpp's `llama_token_type` values in `tokenizer.ggml.token_type`.
@@ -64,12 +64,20 @@ impl Tokenizer {
 }
 
 impl ChatTemplate {
-    /// The template in a GGUF file's `tokenizer.chat_template`, or Llama 3.1's when it has none.
+    /// The template in a GGUF file's `tokenizer.chat_template`, or Llama 3.1's when it has none,
+    /// reading the vocabulary's BOS and EOS tokens as llama.cpp's renderer does (whether or not
+    /// prompts start with BOS).
     pub fn from_gguf(header: &GgufHeader) -> Result<Self, TextError> {
-        match header.get_str("tokenizer.chat_template").map_err(metadata_error)? {
-            Some(source) => Self::new(source),
-            None => Ok(Self::llama31()),
-        }
+        let template = match header.get_str("tokenizer.chat_template").map_err(metadata_error)? {
+            Some(source) => Self::new(source)?,
+            None => Self::llama31(),
+        };
+        let tokens = header.get_str_array("tokenizer.ggml.tokens").map_err(metadata_error)?.unwrap_or_default();
+        let text_of = |key: &str| -> Result<Option<String>, TextError> {
+            let id = header.get_u32(key).map_err(metadata_error)?;
+            Ok(id.and_then(|id| tokens.get(id as usize)).map(|token| token.to_string()))
+        };
+        Ok(template.with_special_tokens(SpecialTokens { bos: text_of("tokenizer.ggml.bos_token_id")?, eos: text_of("tokenizer.ggml.eos_token_id")? }))
     }
 }
 

@@ -10,7 +10,7 @@ mod strftime;
 mod tokenizer;
 pub mod tool_calls;
 
-pub use chat_template::{today_date_string, ChatTemplate, RenderOptions, TEMPLATE_FUEL};
+pub use chat_template::{today_date_string, ChatTemplate, RenderOptions, SpecialTokens, TEMPLATE_FUEL};
 pub use stream::TextStream;
 pub use tokenizer::Tokenizer;
 
