@@ -17,6 +17,7 @@ enum Value {
     Str(String),
     Strings(Vec<String>),
     I32s(Vec<i32>),
+    F32s(Vec<f32>),
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -54,6 +55,12 @@ fn header(metadata: &[(&str, Value)]) -> GgufHeader {
             Value::I32s(items) => {
                 out.extend_from_slice(&9u32.to_le_bytes());
                 out.extend_from_slice(&5u32.to_le_bytes());
+                out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                items.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+            }
+            Value::F32s(items) => {
+                out.extend_from_slice(&9u32.to_le_bytes());
+                out.extend_from_slice(&6u32.to_le_bytes());
                 out.extend_from_slice(&(items.len() as u64).to_le_bytes());
                 items.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
             }
@@ -140,6 +147,74 @@ fn llama3_from_gguf_metadata_matches_tiktoken() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+#[derive(Deserialize)]
+struct SentencePieceGoldens {
+    bos_token_id: u32,
+    eos_token_id: u32,
+    unknown_token_id: u32,
+    /// Piece, score, llama.cpp token type.
+    pieces: Vec<(String, f32, i32)>,
+    cases: Vec<SentencePieceCase>,
+}
+
+#[derive(Deserialize)]
+struct SentencePieceCase {
+    text: String,
+    ids: Vec<u32>,
+    decoded: Option<String>,
+}
+
+/// A SentencePiece BPE vocabulary (Llama 2's and Mistral's kind, trained by
+/// tests/fixtures/text/make_spm_goldens.py) written as llama.cpp's converter writes it: every
+/// string of the corpus gets SentencePiece's own ids and decodes as SentencePiece decodes them.
+#[test]
+fn sentencepiece_from_gguf_metadata_matches_sentencepiece() {
+    let json = std::fs::read_to_string(common::fixture("text/spm_goldens.json")).unwrap();
+    let goldens: SentencePieceGoldens = serde_json::from_str(&json).unwrap();
+    let metadata = |add_space_prefix: bool| {
+        vec![
+            ("tokenizer.ggml.model", Value::Str("llama".into())),
+            ("tokenizer.ggml.tokens", Value::Strings(goldens.pieces.iter().map(|p| p.0.clone()).collect())),
+            ("tokenizer.ggml.scores", Value::F32s(goldens.pieces.iter().map(|p| p.1).collect())),
+            ("tokenizer.ggml.token_type", Value::I32s(goldens.pieces.iter().map(|p| p.2).collect())),
+            ("tokenizer.ggml.bos_token_id", Value::U32(goldens.bos_token_id)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(goldens.eos_token_id)),
+            ("tokenizer.ggml.unknown_token_id", Value::U32(goldens.unknown_token_id)),
+            ("tokenizer.ggml.add_space_prefix", Value::Bool(add_space_prefix)),
+        ]
+    };
+    let tok = Tokenizer::from_gguf(&header(&metadata(true))).unwrap();
+    let mut failures = vec![];
+    for case in &goldens.cases {
+        let ids = tok.encode(&case.text, false).unwrap();
+        if ids != case.ids {
+            failures.push(format!("{:?}: got {ids:?}, sentencepiece {:?}", case.text, case.ids));
+        }
+        let decoded = tok.decode(&case.ids, false).unwrap();
+        if &decoded != case.decoded.as_ref().unwrap_or(&case.text) {
+            failures.push(format!("{:?} decodes as {decoded:?}", case.text));
+        }
+    }
+    eprintln!("SentencePiece from GGUF metadata: {} strings, {} mismatches", goldens.cases.len(), failures.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Control tokens when special tokens are parsed, each run of text after one with its own space
+    // prefix (llama.cpp's `is_prev_special`).
+    let (bos, eos) = (goldens.bos_token_id, goldens.eos_token_id);
+    let hello = tok.encode("Hello", false).unwrap();
+    assert_eq!(tok.encode("<s>Hello</s>", true).unwrap(), [vec![bos], hello.clone(), vec![eos]].concat());
+    assert_eq!(tok.decode(&[vec![bos], hello.clone(), vec![eos]].concat(), true).unwrap(), "Hello");
+    // Each token's bytes, for grammars and log probabilities: `▁` a space, `<0x0A>` its byte.
+    let bytes = tok.token_bytes().unwrap();
+    let id = |piece: &str| tok.token_id(piece).unwrap() as usize;
+    assert_eq!((bytes[id("▁a")].as_deref(), bytes[id("<0x0A>")].as_deref(), &bytes[bos as usize]), (Some(&b" a"[..]), Some(&[10u8][..]), &None));
+    // Without the prefix (`add_space_prefix` false) a word's first piece is the unprefixed one.
+    let plain = Tokenizer::from_gguf(&header(&metadata(false))).unwrap();
+    let unprefixed = plain.encode("Hello", false).unwrap();
+    assert_ne!(unprefixed, hello);
+    assert_eq!(plain.decode(&unprefixed, false).unwrap(), "Hello");
+}
+
 /// A small byte-level vocabulary with `pre` and `types`.
 fn tiny(pre: Option<&str>, types: Option<Vec<i32>>) -> Vec<(&'static str, Value)> {
     let mut metadata = vec![
@@ -180,11 +255,17 @@ fn control_tokens_are_special_and_user_defined_ones_always_whole() {
 
 #[test]
 fn unsupported_tokenizers_are_refused_by_name() {
+    let mut wordpiece = tiny(None, None);
+    wordpiece[0].1 = Value::Str("bert".into());
+    let error = load_error(&wordpiece);
+    assert!(error.contains("\"bert\" (WordPiece) is not supported"), "{error}");
+    assert!(error.starts_with("test.gguf: "), "{error}");
+    // A SentencePiece vocabulary needs its scores.
     let mut spm = tiny(None, None);
     spm[0].1 = Value::Str("llama".into());
-    let error = load_error(&spm);
-    assert!(error.contains("\"llama\" (SentencePiece) is not supported"), "{error}");
-    assert!(error.starts_with("test.gguf: "), "{error}");
+    assert!(load_error(&spm).contains("tokenizer.ggml.scores is missing"));
+    spm.push(("tokenizer.ggml.scores", Value::F32s(vec![0.0; 3])));
+    assert!(load_error(&spm).contains("tokenizer.ggml.scores has 3 entries for 8 tokens"));
 
     let error = load_error(&tiny(Some("qwen2"), None));
     assert!(error.contains("pre-tokenizer \"qwen2\" is not supported"), "{error}");

@@ -7,6 +7,13 @@
 //! (`tokenizer.ggml.pre`) whose split regexes llama.cpp hard-codes per name. We compose the
 //! equivalent `tokenizer.json` (BPE model, those regexes as isolating splits, byte-level mapping and
 //! decoder, control tokens as special added tokens) and load it like any other.
+//!
+//! A SentencePiece vocabulary (`tokenizer.ggml.model` = "llama": Llama 1 and 2, Mistral, TinyLlama)
+//! is pieces with scores and no merges: its BPE merges the adjacent pair whose piece scores
+//! highest. That is a BPE model whose merges are every split of every piece into two pieces,
+//! ranked by the piece's score (transformers' `SentencePieceExtractor`), over text with spaces
+//! written as `▁` and a `▁` before each run of text (llama.cpp's `add_space_prefix`), falling back
+//! to `<0xXX>` byte pieces for characters the vocabulary lacks.
 
 use serde_json::{json, Value};
 
@@ -92,26 +99,15 @@ fn tokenizer_json(header: &GgufHeader) -> Result<Value, TextError> {
     let required = |key: &str| gguf_error(format!("{key} is missing"));
 
     let model = header.get_str("tokenizer.ggml.model").map_err(metadata_error)?.ok_or_else(|| required("tokenizer.ggml.model"))?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         let kind = match model {
-            "llama" => " (SentencePiece)",
             "bert" => " (WordPiece)",
             "t5" => " (Unigram)",
             _ => "",
         };
-        return Err(gguf_error(format!("tokenizer model {model:?}{kind} is not supported (only \"gpt2\", byte-level BPE)")));
+        return Err(gguf_error(format!("tokenizer model {model:?}{kind} is not supported (\"gpt2\", byte-level BPE, and \"llama\", SentencePiece BPE, are)")));
     }
-    let pre = header.get_str("tokenizer.ggml.pre").map_err(metadata_error)?;
-    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
-        gguf_error(format!(
-            "pre-tokenizer {:?} is not supported (supported: default, llama3, llama-v3, llama-bpe, dbrx, smaug-bpe, smollm, \
-             starcoder, refact, codeshell, gpt-2, phi-2, mpt, olmo)",
-            pre.unwrap_or_default()
-        ))
-    })?;
-
     let tokens = header.get_str_array("tokenizer.ggml.tokens").map_err(metadata_error)?.ok_or_else(|| required("tokenizer.ggml.tokens"))?;
-    let merges = header.get_str_array("tokenizer.ggml.merges").map_err(metadata_error)?.ok_or_else(|| required("tokenizer.ggml.merges"))?;
     let types = match header.get_array("tokenizer.ggml.token_type").map_err(metadata_error)? {
         Some(types) if types.len() < tokens.len() => {
             return Err(gguf_error(format!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len())))
@@ -122,6 +118,7 @@ fn tokenizer_json(header: &GgufHeader) -> Result<Value, TextError> {
     let types = types.ok_or_else(|| gguf_error("tokenizer.ggml.token_type holds a value that is not a non-negative integer".into()))?;
 
     let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut texts = Vec::with_capacity(tokens.len());
     let mut added = Vec::new();
     for (id, token) in tokens.iter().enumerate() {
         // llama.cpp renames empty tokens the same way, so that every token has a distinct text.
@@ -139,10 +136,25 @@ fn tokenizer_json(header: &GgufHeader) -> Result<Value, TextError> {
                 "normalized": false, "special": special,
             }));
         }
+        texts.push(text.clone());
         if let Some(previous) = vocab.insert(text, json!(id)) {
             return Err(gguf_error(format!("token {token:?} appears twice in tokenizer.ggml.tokens (ids {previous} and {id})")));
         }
     }
+    if model == "llama" {
+        return sentencepiece_json(header, &texts, &types, vocab, added);
+    }
+
+    let pre = header.get_str("tokenizer.ggml.pre").map_err(metadata_error)?;
+    let pre_tokenizer = pre_tokenizer(pre).ok_or_else(|| {
+        gguf_error(format!(
+            "pre-tokenizer {:?} is not supported (supported: default, llama3, llama-v3, llama-bpe, dbrx, smaug-bpe, smollm, \
+             starcoder, refact, codeshell, gpt-2, phi-2, mpt, olmo)",
+            pre.unwrap_or_default()
+        ))
+    })?;
+
+    let merges = header.get_str_array("tokenizer.ggml.merges").map_err(metadata_error)?.ok_or_else(|| required("tokenizer.ggml.merges"))?;
 
     // "left right"; llama.cpp splits at the first space after the first character.
     let merges = merges
@@ -183,6 +195,74 @@ fn tokenizer_json(header: &GgufHeader) -> Result<Value, TextError> {
             "fuse_unk": false,
             "byte_fallback": false,
             "ignore_merges": pre_tokenizer.ignore_merges,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }))
+}
+
+/// The `tokenizer.json` equivalent to a SentencePiece vocabulary (see the module's notes): each
+/// token's text, `vocab` and `added` as the byte-level path builds them, merges made from
+/// `tokenizer.ggml.scores`.
+fn sentencepiece_json(header: &GgufHeader, texts: &[String], types: &[u64], vocab: serde_json::Map<String, Value>, added: Vec<Value>) -> Result<Value, TextError> {
+    let gguf_error = |message: String| TextError::Gguf { file: header.file().to_string(), message };
+    let scores = header.get_array("tokenizer.ggml.scores").map_err(metadata_error)?.ok_or_else(|| gguf_error("tokenizer.ggml.scores is missing".into()))?;
+    if scores.len() < texts.len() {
+        return Err(gguf_error(format!("tokenizer.ggml.scores has {} entries for {} tokens", scores.len(), texts.len())));
+    }
+    let scores = scores.iter().map(MetadataValue::as_f32).collect::<Option<Vec<f32>>>();
+    let scores = scores.ok_or_else(|| gguf_error("tokenizer.ggml.scores holds a value that is not a float32".into()))?;
+    let add_space_prefix = header.get_bool("tokenizer.ggml.add_space_prefix").map_err(metadata_error)?.unwrap_or(true);
+    let unknown = header.get_u32("tokenizer.ggml.unknown_token_id").map_err(metadata_error)?;
+    let unknown = unknown.map(|id| id as usize).or_else(|| types.iter().position(|&kind| kind == TOKEN_TYPE_UNKNOWN));
+
+    // Every split of every piece into two pieces, the piece's score its rank: highest first, then
+    // the longer left piece, then the longer right one, else in id order (transformers'
+    // `generate_merges`, whose stable sort this one is).
+    let mut merges = vec![];
+    for (id, piece) in texts.iter().enumerate() {
+        let mut splits: Vec<(u64, u64, &str, &str)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| {
+                let (left, right) = piece.split_at(at);
+                Some((vocab.get(left)?.as_u64()?, vocab.get(right)?.as_u64()?, left, right))
+            })
+            .collect();
+        splits.sort_unstable_by_key(|&(left, right, _, _)| (left, right));
+        merges.extend(splits.into_iter().map(|(_, _, left, right)| (scores[id], left, right)));
+    }
+    let length = |text: &str| text.chars().count();
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(length(b.1).cmp(&length(a.1))).then(length(b.2).cmp(&length(a.2))));
+    let merges: Vec<Value> = merges.into_iter().map(|(_, left, right)| json!([left, right])).collect();
+
+    let spaces = json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"});
+    let normalizer = match add_space_prefix {
+        true => json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, spaces]}),
+        false => spaces,
+    };
+    let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    if add_space_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "BPE",
+            "dropout": null,
+            "unk_token": unknown.and_then(|id| texts.get(id)),
+            "continuing_subword_prefix": null,
+            "end_of_word_suffix": null,
+            "fuse_unk": true,
+            "byte_fallback": true,
+            "ignore_merges": false,
             "vocab": vocab,
             "merges": merges,
         },
