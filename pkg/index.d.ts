@@ -76,6 +76,8 @@ export interface EngineOptions {
    * cannot forge turns; the chat template's own markup keeps its special tokens either way.
    */
   specialTokensInContent?: boolean;
+  /** A chat template (Jinja) in place of the model's, e.g. for a GGUF that carries none; it reads the model's `bos_token` and `eos_token`. */
+  chatTemplate?: string;
   /** Run the engine in a Web Worker (default) or on this thread. */
   worker?: boolean;
   // Other options are refused with a RequestError naming them.

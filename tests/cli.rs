@@ -67,6 +67,27 @@ fn a_draft_model_drafts_and_a_draft_of_another_vocabulary_is_refused() {
     assert!(stderr.contains("the draft model's vocabulary is 49152 but the model's 1003: a draft model must share the model's tokenizer"), "{stderr}");
 }
 
+/// `--chat-template` renders chats in place of the model's template, from a file or as given,
+/// reading the model's special tokens; a value that is neither is refused.
+#[test]
+fn a_chat_template_given_replaces_the_models() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = common::fixture_with_tokenizer("tiny-llama31");
+    let template = "{{ bos_token }}x{{ messages[0]['content'] }}";
+    let file = model.join("given.jinja");
+    std::fs::write(&file, template).unwrap();
+    let expected = common::truncated_llama3_tokenizer(1003).encode("<|begin_of_text|>xhi", true).unwrap().len();
+    for given in [template, file.to_str().unwrap()] {
+        let out = llama_webgpu(&["run", "--model", model.to_str().unwrap(), "--prompt", "hi", "--chat", "--chat-template", given, "-n", "1", "--json"]);
+        let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(out["usage"]["prompt_tokens"], expected, "{given}: {out}");
+    }
+    let stderr = llama_webgpu_fails(&["run", "--model", model.to_str().unwrap(), "--prompt", "hi", "--chat", "--chat-template", "chatml.jinja"]);
+    assert!(stderr.contains("--chat-template \"chatml.jinja\": no such file, and not a template"), "{stderr}");
+}
+
 /// A blank `--served-model-name` is refused before anything loads.
 #[test]
 fn a_blank_served_model_name_is_refused() {

@@ -201,6 +201,8 @@ struct WebLoadOptions {
     kv_memory: Option<u64>,
     /// Encode special-token text in message content as special tokens (default: as text).
     special_tokens_in_content: Option<bool>,
+    /// A chat template (Jinja) in place of the model's, reading the model's special tokens.
+    chat_template: Option<String>,
     /// The KV cache's element type, "f16" or "f32" (default: f16 where the adapter has shader-f16).
     kv_type: Option<String>,
     /// The format f32/f16/bf16 matrices are re-encoded into as they stream (LoadOptions::quant).
@@ -287,6 +289,10 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let source = open_web_model(&url, &options).await?;
     let config = source.config().map_err(to_js)?;
     let (tokenizer, template) = source.text().await.map_err(to_js)?;
+    let template = match &options.chat_template {
+        Some(given) => template.replaced_by(given).map_err(|e| request_error(Some("chatTemplate"), e.to_string()))?,
+        None => template,
+    };
     // A tab's GPU memory is scarce: unless told otherwise, the sequences share the KV pages of one
     // full context (or as much of it as the memory holds), and scored prompts take no rows of
     // logits of their own.

@@ -171,6 +171,11 @@ struct ModelArgs {
     /// --quant` writes; matrices already in a block format (a GGUF's) are kept as they are.
     #[arg(long, value_parser = parse_quant)]
     quant: Option<DType>,
+    /// A chat template (Jinja, as transformers renders it) in place of the model's: a file's path,
+    /// or the template itself. For a model that carries none (Llama 3.1's is used then) or the
+    /// wrong one; it reads the model's own bos_token and eos_token.
+    #[arg(long, value_name = "FILE|TEMPLATE")]
+    chat_template: Option<String>,
 }
 
 impl ModelArgs {
@@ -375,7 +380,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull { reference, context } => {
             // The memory estimate needs a device; a download does not.
             let gpu = Gpu::new(&options).await.inspect_err(|e| eprintln!("no GPU for a memory estimate: {e}")).ok();
-            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None, quant: None };
+            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None, quant: None, chat_template: None };
             let args = fetch_model(args, gpu.as_ref(), cli.quiet)?;
             println!("{}", args.model);
             Ok(())
@@ -506,6 +511,10 @@ async fn load_model(gpu: &Gpu, args: &ModelArgs, quiet: bool) -> anyhow::Result<
 async fn load_engine(gpu: &Gpu, args: &ModelArgs, options: &LoadOptions, quiet: bool) -> anyhow::Result<Engine> {
     let files = open_model(args)?;
     let (tokenizer, template) = files.text().with_context(|| text_files(Path::new(&args.model)))?;
+    let template = match &args.chat_template {
+        Some(given) => template.replaced_by(&chat_template_source(given)?).context("--chat-template")?,
+        None => template,
+    };
     let model = upload_model(gpu, &files, options, quiet).await?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let engine = Engine::new(model, tokenizer, template, seed)?.with_prompt_lookup(args.prompt_lookup);
@@ -517,6 +526,18 @@ async fn load_engine(gpu: &Gpu, args: &ModelArgs, options: &LoadOptions, quiet: 
     let context = || format!("loading the draft model {draft} with a KV pool of the model's {pages} pages (with too little memory left, lower --kv-memory or --context)");
     let draft_model = upload_model(gpu, &files, &options, quiet).await.with_context(context)?;
     Ok(engine.with_draft_model(draft_model)?)
+}
+
+/// `--chat-template`: a file's text, or the template given as it is.
+fn chat_template_source(given: &str) -> anyhow::Result<String> {
+    let path = Path::new(given);
+    if path.is_file() {
+        return std::fs::read_to_string(path).with_context(|| format!("reading the chat template {given}"));
+    }
+    if !given.contains("{{") && !given.contains("{%") {
+        anyhow::bail!("--chat-template {given:?}: no such file, and not a template (no {{{{ or {{% in it)");
+    }
+    Ok(given.to_string())
 }
 
 fn open_model(args: &ModelArgs) -> anyhow::Result<load::ModelFiles> {

@@ -96,6 +96,12 @@ impl ChatTemplate {
         Ok(Self { env, source: source.to_string(), special_tokens: SpecialTokens::default() })
     }
 
+    /// The template `source` in place of this one (a host's `--chat-template`), reading the same
+    /// special tokens.
+    pub fn replaced_by(&self, source: &str) -> Result<Self, TextError> {
+        Ok(Self::new(source)?.with_special_tokens(self.special_tokens.clone()))
+    }
+
     /// The template reading the special tokens `named` names as its model's (the others as
     /// before).
     pub fn with_special_tokens(mut self, named: SpecialTokens) -> Self {
