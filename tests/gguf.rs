@@ -7,12 +7,14 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::gguf_writer::{convert_to_gguf, converter_rope_freqs, f32_bytes, permute_rows, string, Writer, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q5_0, Q5_1, Q5_K, Q8_0};
+use common::gguf_writer::{convert_to_gguf, converter_rope_freqs, f32_bytes, gguf_of, permute_rows, string, Writer, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q5_0, Q5_1, Q5_K, Q8_0};
 use common::{assert_close, fixture, gpu};
 use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource, WeightStream};
 use llama_webgpu::model::{Llama3Scaling, ModelError, Rope, RopeScaling};
 use llama_webgpu::quant::{quantize_rows, DType};
-use llama_webgpu::{Config, Error, Llama, LoadOptions};
+use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams};
+use llama_webgpu::text::{RenderOptions, TextStream};
+use llama_webgpu::{CancelToken, Config, Engine, Error, Llama, LoadOptions};
 
 fn parse(bytes: Vec<u8>) -> Result<Gguf<Vec<u8>>, LoadError> {
     Gguf::new("test.gguf", bytes)
@@ -528,4 +530,56 @@ fn smollm2_q8_0_round_trip_matches_its_stored_blocks() {
     let again = DType::Q8_0.from_f32(&values).unwrap();
     let differing = sample.iter().zip(&again).filter(|(a, b)| a != b).count();
     assert_eq!(differing, 0, "{differing} bytes differ after a q8_0 round trip");
+}
+
+/// A GGUF with a SentencePiece vocabulary (Llama 2's and Mistral's kind: the tests' trained one,
+/// padded with unused pieces to the fixture's 1,003 ids) and a template of Mistral's shape chats:
+/// the prompt is BOS, then the turn with its space prefix, as llama.cpp tokenizes it, and the text
+/// streamed is the text of the tokens.
+#[test]
+fn a_sentencepiece_gguf_chats() {
+    let Some(gpu) = gpu() else { return };
+    let goldens: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("text/spm_goldens.json")).unwrap()).unwrap();
+    let dir = fixture("tiny-llama31");
+    let config = Config { bos_token_id: Some(1), eos_token_ids: vec![2], ..read_hf_config(&dir).unwrap() };
+    let mut pieces = goldens["pieces"].as_array().unwrap().clone();
+    while pieces.len() < config.vocab_size {
+        pieces.push(serde_json::json!([format!("<unused{}>", pieces.len()), 0.0, 5]));
+    }
+    let template = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}";
+    let file = gguf_of(&config, &open_safetensors_dir(&dir).unwrap())
+        .kv("tokenizer.ggml.model", string("llama"))
+        .kv("tokenizer.ggml.tokens", V::Array(pieces.iter().map(|p| string(p[0].as_str().unwrap())).collect()))
+        .kv("tokenizer.ggml.scores", V::Array(pieces.iter().map(|p| V::F32(p[1].as_f64().unwrap() as f32)).collect()))
+        .kv("tokenizer.ggml.token_type", V::Array(pieces.iter().map(|p| V::I32(p[2].as_i64().unwrap() as i32)).collect()))
+        .kv("tokenizer.chat_template", string(template))
+        .build();
+    let path = common::temp_dir("sentencepiece-gguf").join("tiny-sentencepiece.gguf");
+    std::fs::write(&path, file).unwrap();
+
+    let files = llama_webgpu::load::open_model(&path).unwrap();
+    let (tokenizer, template) = files.text().unwrap();
+    let options = LoadOptions { context_length: Some(64), ..Default::default() };
+    let model = pollster::block_on(Llama::load(&gpu, files.config.clone(), files.stream(), &options, &mut |_| {})).unwrap();
+    let mut engine = Engine::new(model, tokenizer.clone(), template, 1).unwrap();
+    let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", "Hello world")], ..Default::default() };
+    let prompt = engine.prompter().chat_prompt(&request, &RenderOptions::default()).unwrap();
+    assert_eq!(prompt, [vec![1], tokenizer.encode("[INST] Hello world [/INST]", false).unwrap()].concat());
+    assert_eq!(tokenizer.decode(&prompt, false).unwrap(), "<s> [INST] Hello world [/INST]");
+
+    let params = SamplingParams { temperature: Some(0.0), max_tokens: Some(12), ..Default::default() };
+    let mut streamed = String::new();
+    let completion = pollster::block_on(engine.generate(&prompt, &params, &CancelToken::default(), &mut |delta| streamed.push_str(&delta.text))).unwrap();
+    assert!(!completion.tokens.is_empty());
+    assert_eq!(streamed, completion.text);
+    // Streamed a token at a time, the text of every corpus string (its characters outside the
+    // vocabulary as bytes, its words after the first with their spaces) is the whole decode's; the
+    // random model's own tokens above need not make valid UTF-8.
+    for case in goldens["cases"].as_array().unwrap() {
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let mut stream = TextStream::new();
+        let mut text: String = ids.iter().map(|&id| stream.push(&tokenizer, id).unwrap()).collect();
+        text.push_str(&stream.finish(&tokenizer).unwrap());
+        assert_eq!(text, tokenizer.decode(&ids, true).unwrap(), "{}", case["text"]);
+    }
 }

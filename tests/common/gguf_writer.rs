@@ -176,6 +176,11 @@ pub fn converter_rope_freqs(theta: f32, head_dim: usize, factor: f64, low: f64, 
 /// A GGUF holding `config` as llama.cpp's converter writes it, with tensors converted from `source`
 /// (q/k rows permuted, llama.cpp names); llama3 scaling goes into rope_freqs.
 pub fn convert_to_gguf(config: &Config, source: &dyn WeightSource) -> Vec<u8> {
+    gguf_of(config, source).build()
+}
+
+/// [`convert_to_gguf`]'s file before it is built, for more metadata.
+pub fn gguf_of(config: &Config, source: &dyn WeightSource) -> Writer {
     let c = config;
     let mut file = Writer::new()
         .kv("general.architecture", string("llama"))
@@ -240,5 +245,5 @@ pub fn convert_to_gguf(config: &Config, source: &dyn WeightSource) -> Vec<u8> {
         let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
         file = file.tensor(&gguf, &dims, ggml_type, bytes);
     }
-    file.build()
+    file
 }
