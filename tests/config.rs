@@ -1,4 +1,4 @@
-//! Hugging Face configs of the real Llama 3, 3.1 and 3.2 checkpoints, and the llama3 RoPE frequencies
+//! Hugging Face configs of the real Llama 3, 3.1 and 3.2 and Mistral 7B checkpoints, and the llama3 RoPE frequencies
 //! against an independent f64 evaluation of Meta's formula.
 
 mod common;
@@ -48,6 +48,21 @@ fn llama_3_takes_stop_tokens_from_generation_config_and_has_no_scaling() {
     assert_eq!(c.eos_token_ids, [128001, 128009]);
     assert_eq!(c.rope.scaling, None);
     assert_eq!(c.max_position_embeddings, 8192);
+}
+
+/// Mistral's checkpoints are Llama's architecture; a sliding window bounds the context, within
+/// which full attention is the window's.
+#[test]
+fn mistral_7b_is_llamas_architecture_and_its_window_bounds_the_context() {
+    let c = config("mistral-7b-instruct-v0.3.config.json", None);
+    assert_eq!((c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim), (4096, 32, 32, 8, 128));
+    assert_eq!((c.intermediate_size, c.vocab_size, c.max_position_embeddings, c.rope.theta), (14336, 32768, 32768, 1_000_000.0));
+    assert_eq!((c.bos_token_id, c.eos_token_ids.as_slice(), &c.rope.scaling), (Some(1), &[2][..], &None));
+    let text = std::fs::read_to_string(fixture("configs/mistral-7b-instruct-v0.3.config.json")).unwrap();
+    let windowed = Config::from_hf_json(&text.replace("\"sliding_window\": null", "\"sliding_window\": 4096"), None).unwrap();
+    assert_eq!(windowed.max_position_embeddings, 4096);
+    let error = Config::from_hf_json(&text.replace("\"mistral\"", "\"mixtral\""), None).unwrap_err().to_string();
+    assert!(error.contains("model_type \"mixtral\""), "{error}");
 }
 
 #[test]

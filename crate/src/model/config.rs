@@ -61,6 +61,8 @@ struct HfConfig {
     head_dim: Option<usize>,
     vocab_size: usize,
     max_position_embeddings: usize,
+    /// Mistral's: each position attends to at most this many before it.
+    sliding_window: Option<usize>,
     rms_norm_eps: f32,
     rope_theta: Option<f32>,
     rope_scaling: Option<HfRope>,
@@ -115,9 +117,10 @@ impl Config {
     /// Parses `config.json`, then lets `generation_config.json` (when given) set the stop tokens.
     pub fn from_hf_json(config_json: &str, generation_config_json: Option<&str>) -> Result<Self, ModelError> {
         let hf: HfConfig = serde_json::from_str(config_json).map_err(|e| ModelError::Config(e.to_string()))?;
+        // Mistral's checkpoints are Llama's architecture, with a sliding window in some.
         if let Some(model_type) = hf.model_type.as_deref() {
-            if model_type != "llama" {
-                return Err(ModelError::Unsupported(format!("model_type {model_type:?} (only \"llama\")")));
+            if model_type != "llama" && model_type != "mistral" {
+                return Err(ModelError::Unsupported(format!("model_type {model_type:?} (\"llama\" and \"mistral\" are)")));
             }
         }
         if let Some(act) = hf.hidden_act.as_deref() {
@@ -150,7 +153,10 @@ impl Config {
             n_kv_heads: hf.num_key_value_heads.unwrap_or(n_heads),
             head_dim: hf.head_dim.unwrap_or(hf.hidden_size / n_heads.max(1)),
             vocab_size: hf.vocab_size,
-            max_position_embeddings: hf.max_position_embeddings,
+            // Within its window a sliding-window model attends to every position before, as this
+            // engine does; past it the two differ, so a context stops at the window (Mistral 7B
+            // v0.1's 4,096; v0.2 on have none).
+            max_position_embeddings: hf.max_position_embeddings.min(hf.sliding_window.unwrap_or(usize::MAX)),
             rms_norm_eps: hf.rms_norm_eps,
             rope,
             tie_word_embeddings: hf.tie_word_embeddings,
