@@ -78,6 +78,8 @@ export interface EngineOptions {
   specialTokensInContent?: boolean;
   /** A chat template (Jinja) in place of the model's, e.g. for a GGUF that carries none; it reads the model's `bos_token` and `eos_token`. */
   chatTemplate?: string;
+  /** Bytes of the responses kept for `previous_response_id` (default 64 MiB; the oldest go first, 0 keeps none). They outlive `unload`. */
+  responseStore?: number;
   /** Run the engine in a Web Worker (default) or on this thread. */
   worker?: boolean;
   // Other options are refused with a RequestError naming them.

@@ -203,6 +203,8 @@ struct WebLoadOptions {
     special_tokens_in_content: Option<bool>,
     /// A chat template (Jinja) in place of the model's, reading the model's special tokens.
     chat_template: Option<String>,
+    /// Bytes of the responses kept for `previous_response_id` (ResponseStore; default 64 MiB).
+    response_store: Option<usize>,
     /// The KV cache's element type, "f16" or "f32" (default: f16 where the adapter has shader-f16).
     kv_type: Option<String>,
     /// The format f32/f16/bf16 matrices are re-encoded into as they stream (LoadOptions::quant).
@@ -330,6 +332,9 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         s.info = Some(described);
         s.generation += 1;
         s.render = RenderOptions { special_tokens_in_content: options.special_tokens_in_content.unwrap_or(false), ..Default::default() };
+        if let Some(budget) = options.response_store {
+            s.responses.set_budget(budget);
+        }
     });
     Ok(info())
 }

@@ -169,7 +169,7 @@ try {
   const api = await page.evaluate(async ({ model, f32Model, prompt, maxTokens, predicted }) => {
     const { createEngine } = await import("/pkg/index.js");
     const progress = [];
-    const engine = await createEngine({ model, onProgress: (p) => progress.push(p.progress) });
+    const engine = await createEngine({ model, onProgress: (p) => progress.push(p.progress), responseStore: 1 << 20 });
     const chunks = [];
     for await (const chunk of engine.chat.completions.create({
       messages: [{ role: "user", content: prompt }], stream: true, temperature: 0, max_tokens: maxTokens,
@@ -304,6 +304,7 @@ try {
     // f32 shards re-encoded into q4_0 as they stream: the q4_0 shards' model.
     const quantized = await replyWith({ model: f32Model, quant: "q4_0" });
     const badQuant = await createEngine({ model, quant: "q9_9" }).then(() => null, (e) => ({ name: e.name, param: e.param }));
+    const badTemplate = await createEngine({ model, chatTemplate: "{% if %}" }).then(() => null, (e) => ({ name: e.name, param: e.param, syntax: e.message.includes("syntax error") }));
     // What the engine's GEMV reduction needs from the browser for its subgroup form.
     const subgroupsOffered = (await navigator.gpu.requestAdapter()).features.has("subgroups") && navigator.gpu.wgslLanguageFeatures.has("subgroup_id");
     return {
@@ -319,7 +320,7 @@ try {
       choicesUsage: choiceChunks.at(-1).usage,
       lastProgress: progress.at(-1),
       abortError, info, missing, limit, alone, together, during, abortedStream, other, after, prefill,
-      json, called, responses, textChunks, refused, q8, buffers, q8Inputs, quantized, badQuant, subgroupsOffered, tokenized, detokenized, tokenizeError, echo, prediction,
+      json, called, responses, textChunks, refused, q8, buffers, q8Inputs, quantized, badQuant, badTemplate, subgroupsOffered, tokenized, detokenized, tokenizeError, echo, prediction,
     };
   }, { model, f32Model: model.replace("/tiny-llama31/", "/tiny-llama31-f32/"), prompt: PROMPT, maxTokens: MAX_TOKENS, predicted: native.text });
   log("browser info:", JSON.stringify(api.info));
@@ -396,6 +397,7 @@ try {
   assertEqual(api.buffers, { tokens: native.tokens, kv: ["f32", 2], q8_activations: false, subgroups: false }, "greedy tokens over a KV pool in two buffers, without subgroups (noSubgroups), vs native in one");
   assertEqual(api.quantized, { tokens: native.tokens, kv: ["f32", 1], q8_activations: false, subgroups: true }, "f32 shards loaded with quant q4_0 vs native on the q4_0 shards");
   assertEqual(api.badQuant, { name: "RequestError", param: "quant" }, "a quant that is no weight format");
+  assertEqual(api.badTemplate, { name: "RequestError", param: "chatTemplate", syntax: true }, "a chat template that does not parse");
   assertEqual(api.q8Inputs, { tokens: nativeQ8Inputs.tokens, kv: ["f32", 1], q8_activations: true, subgroups: true, draft: [3, true] }, "greedy tokens on int8 inputs (q8Activations), drafted by a draft model (taken), vs native");
   // After the part of the prompt the prefix cache holds, 256 tokens a pass.
   assert(api.prefill.length >= 1 && api.prefill.every(([done, total], i) => done < total && total === api.prefill[0][1] && (i === 0 || done === api.prefill[i - 1][0] + 256)),

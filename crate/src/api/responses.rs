@@ -777,16 +777,27 @@ impl ResponseStore {
         if bytes > self.budget {
             return false;
         }
+        self.make_room(bytes);
+        self.used += bytes;
+        self.order.push_back(id.clone());
+        self.responses.insert(id, StoredResponse { response, conversation, input_items, bytes });
+        true
+    }
+
+    /// Drops the oldest responses until `bytes` more fit the budget.
+    fn make_room(&mut self, bytes: usize) {
         while self.used + bytes > self.budget {
             let Some(oldest) = self.order.pop_front() else { break };
             if let Some(dropped) = self.responses.remove(&oldest) {
                 self.used -= dropped.bytes;
             }
         }
-        self.used += bytes;
-        self.order.push_back(id.clone());
-        self.responses.insert(id, StoredResponse { response, conversation, input_items, bytes });
-        true
+    }
+
+    /// A new budget; the oldest responses it cannot hold are dropped.
+    pub fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
+        self.make_room(0);
     }
 
     pub fn get(&self, id: &str) -> Option<&StoredResponse> {
@@ -1036,6 +1047,10 @@ mod tests {
         let huge = json!({"output": "x".repeat(4 * one)});
         assert!(!store.insert("f".into(), huge, conversation, 1), "larger than the whole budget");
         assert!(store.get("b").is_some());
+        // A smaller budget keeps the newest that fit.
+        store.set_budget(one + 1);
+        assert!(store.get("b").is_none() && store.get("d").is_none() && store.get("e").is_some());
+        assert_eq!((store.used, store.order.len()), (one, 1));
     }
 
     fn page(params: Value) -> Result<ItemPage, RequestError> {
