@@ -271,6 +271,30 @@ fn required_tool_calls_are_calls_of_offered_tools() {
     assert!(error.contains("no tools are offered"), "{error}");
 }
 
+/// Mistral's call format (told from the `[TOOL_CALLS]` in a template): a required call is its
+/// marker and a list of calls, each parsed back, with the 9-character ids its template asks of a
+/// history's calls.
+#[test]
+fn required_mistral_calls_are_a_list_of_offered_tools() {
+    let template = SHORT_TOOL_TEMPLATE.replace("<|python_tag|>", "[TOOL_CALLS]");
+    let Some(mut engine) = engine_with(ChatTemplate::new(&template).unwrap()) else { return };
+    let mut request = chat("What is the weather in Paris?");
+    request.tools = Some(vec![weather_tool()]);
+    request.tool_choice = Some(ToolChoice::Mode(ToolChoiceMode::Required));
+    request.sampling = SamplingParams { max_tokens: Some(90), ..json_params(None) };
+    let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 4).unwrap();
+    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
+        assert_eq!((completion.finish_reason, completion.text.as_str()), (FinishReason::ToolCalls, ""), "seed {seed}: {:?}", completion.tool_calls);
+        assert!(!completion.tool_calls.is_empty());
+        for call in &completion.tool_calls {
+            assert_eq!(call.name, "get_weather");
+            assert!(call.id.len() == 9 && call.id.chars().all(|c| c.is_ascii_alphanumeric()), "{}", call.id);
+            let arguments: Value = serde_json::from_str(&call.arguments).unwrap();
+            assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()), "{arguments}");
+        }
+    }
+}
+
 #[test]
 fn logprobs_are_the_log_softmax_of_the_logits() {
     let Some(gpu) = gpu() else { return };

@@ -54,11 +54,13 @@ impl Grammar {
     /// The Lark grammar of an output that is only calls, as `format` writes them: of the function
     /// `only` (a custom or built-in tool), or else of any tool offered, one or (with `parallel`)
     /// several. Arguments follow each function's `parameters` schema.
-    pub fn tool_calls(format: ToolCallFormat, tools: &[Tool], builtin: &[String], only: Option<&str>, parallel: bool) -> Result<Self, String> {
+    /// `marker_token`: the id of Mistral's `[TOOL_CALLS]` control token, which opens its list of
+    /// calls (spelled out as text where the vocabulary lacks it).
+    pub fn tool_calls(format: ToolCallFormat, tools: &[Tool], builtin: &[String], only: Option<&str>, parallel: bool, marker_token: Option<u32>) -> Result<Self, String> {
         let chosen = |name: &str| only.is_none_or(|only| only == name);
         let arguments_key = match format {
             ToolCallFormat::Llama3 => "parameters",
-            ToolCallFormat::Hermes => "arguments",
+            ToolCallFormat::Hermes | ToolCallFormat::Mistral => "arguments",
         };
         let calls: Vec<Value> = tools
             .iter()
@@ -80,7 +82,7 @@ impl Grammar {
             .collect();
         let builtin: Vec<&str> = match format {
             ToolCallFormat::Llama3 => builtin.iter().map(String::as_str).filter(|name| chosen(name)).collect(),
-            ToolCallFormat::Hermes => vec![],
+            ToolCallFormat::Hermes | ToolCallFormat::Mistral => vec![],
         };
         if let Some(name) = only.filter(|_| calls.is_empty() && builtin.is_empty()) {
             return Err(format!("the function {name:?} is not among the tools offered"));
@@ -90,15 +92,23 @@ impl Grammar {
         if !calls.is_empty() {
             let schema = with_default_layout(json!({"anyOf": calls}));
             let call = match format {
-                ToolCallFormat::Llama3 => format!("%json {schema}"),
+                ToolCallFormat::Llama3 | ToolCallFormat::Mistral => format!("%json {schema}"),
                 ToolCallFormat::Hermes => format!("\"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""),
             };
             rules.push(format!("call: {call}"));
             let separator = match format {
                 ToolCallFormat::Llama3 => "\"; \"",
                 ToolCallFormat::Hermes => "\"\\n\"",
+                ToolCallFormat::Mistral => "\", \"",
             };
-            start.push(if parallel { format!("call ({separator} call)*") } else { "call".into() });
+            let calls = if parallel { format!("call ({separator} call)*") } else { "call".into() };
+            start.push(match format {
+                ToolCallFormat::Mistral => {
+                    let marker = marker_token.map_or_else(|| format!("{:?}", crate::text::tool_calls::MISTRAL_TOOL_CALLS), |id| format!("<[{id}]>"));
+                    format!("{marker} \" [\" {calls} \"]\"")
+                }
+                _ => calls,
+            });
         }
         for name in builtin {
             // Meta's built-in call syntax: a query in a Python string (JSON's is one), or code.

@@ -19,7 +19,7 @@ use crate::gpu::ops::{Candidates, Selection, TokenSlot};
 use crate::grammar::{Constraint, GrammarError, Mask};
 use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFTS, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
-use crate::text::tool_calls::ToolCallStream;
+use crate::text::tool_calls::{ToolCallFormat, ToolCallStream};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
 use crate::{Config, Llama, LoadOptions, Result};
 
@@ -1034,10 +1034,11 @@ impl Engine {
             match tail {
                 Ok(mut rest) => {
                     if let Some(mut tool_calls) = sequence.tool_calls.take() {
+                        let format = tool_calls.format();
                         tool_calls.push(&rest);
                         let parsed = tool_calls.finish();
                         rest = parsed.content;
-                        sequence.calls = parsed.tool_calls.into_iter().map(|call| GeneratedToolCall { id: self.call_id(), name: call.name, arguments: call.arguments }).collect();
+                        sequence.calls = parsed.tool_calls.into_iter().map(|call| GeneratedToolCall { id: self.call_id(format), name: call.name, arguments: call.arguments }).collect();
                     }
                     if !rest.is_empty() {
                         sequence.text.push_str(&rest);
@@ -1070,11 +1071,10 @@ impl Engine {
         self.free_slots.push(sequence.slot);
     }
 
-    /// A fresh id for a tool call, as OpenAI's: `call_` and 24 letters and digits.
-    fn call_id(&mut self) -> String {
+    /// A fresh id for a tool call written as `format` writes them.
+    fn call_id(&mut self, format: ToolCallFormat) -> String {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-        let letters: String = (0..24).map(|_| ALPHABET[(self.seeds.next_u32() % ALPHABET.len() as u32) as usize] as char).collect();
-        format!("call_{letters}")
+        format.call_id(|| ALPHABET[(self.seeds.next_u32() % ALPHABET.len() as u32) as usize] as char)
     }
 
     /// Forgets every sequence and page (after a failed pass; a host whose step panicked).

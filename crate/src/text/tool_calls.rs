@@ -1,9 +1,10 @@
 //! Tool calls in generated text, turned into OpenAI-shaped calls. Llama 3.1 calls a custom tool with
 //! JSON (`{"name": ..., "parameters": {...}}`, several joined by `;`) or `<function=name>{...}</function>`,
 //! and a built-in one after `<|python_tag|>` (`brave_search.call(query="...")`, or bare code for the code
-//! interpreter); Hermes-style templates (Hermes 2 Pro, Qwen) wrap each call in `<tool_call>`. The
-//! references are Meta's prompt-format docs, llama.cpp's `common_chat_parse_llama_3_1` and vLLM's
-//! `llama3_json` parser. Text that does not parse as calls to known tools stays content.
+//! interpreter); Hermes-style templates (Hermes 2 Pro, Qwen) wrap each call in `<tool_call>`; Mistral
+//! 7B v0.3 writes `[TOOL_CALLS]` and a JSON list of `{"name", "arguments"}`. The references are
+//! Meta's prompt-format docs, llama.cpp's `common_chat_parse_llama_3_1` and vLLM's `llama3_json`
+//! and `mistral` parsers. Text that does not parse as calls to known tools stays content.
 
 use serde_json::{Map, Value};
 
@@ -12,6 +13,8 @@ const FUNCTION_OPEN: &str = "<function=";
 const FUNCTION_CLOSE: &str = "</function>";
 const TOOL_CALL_OPEN: &str = "<tool_call>";
 const TOOL_CALL_CLOSE: &str = "</tool_call>";
+/// Mistral's control token before its list of calls.
+pub const MISTRAL_TOOL_CALLS: &str = "[TOOL_CALLS]";
 /// End of turn and end of message: they may end the text (after the calls) and are never content.
 const END_TOKENS: [&str; 2] = ["<|eot_id|>", "<|eom_id|>"];
 /// Left out of content wherever they are: the end tokens, and a tag that no call follows.
@@ -30,16 +33,19 @@ pub const BUILTIN_TOOLS: [&str; 3] = ["brave_search", "wolfram_alpha", CODE_INTE
 pub enum ToolCallFormat {
     Llama3,
     Hermes,
+    Mistral,
 }
 
 impl ToolCallFormat {
-    /// Llama 3.x templates mention `<|python_tag|>` or `ipython`; Hermes/Qwen-style ones `<tool_call>`.
-    /// None: the output stays text.
+    /// Llama 3.x templates mention `<|python_tag|>` or `ipython`; Hermes/Qwen-style ones
+    /// `<tool_call>`; Mistral's `[TOOL_CALLS]`. None: the output stays text.
     pub fn detect(template_source: &str) -> Option<Self> {
         if template_source.contains(PYTHON_TAG) || template_source.contains("ipython") {
             Some(Self::Llama3)
         } else if template_source.contains(TOOL_CALL_OPEN) {
             Some(Self::Hermes)
+        } else if template_source.contains(MISTRAL_TOOL_CALLS) {
+            Some(Self::Mistral)
         } else {
             None
         }
@@ -50,6 +56,16 @@ impl ToolCallFormat {
         match self {
             Self::Llama3 => &[PYTHON_TAG, FUNCTION_OPEN],
             Self::Hermes => &[TOOL_CALL_OPEN],
+            Self::Mistral => &[MISTRAL_TOOL_CALLS],
+        }
+    }
+
+    /// A fresh call id from `alphanumeric` characters: OpenAI's `call_` and 24, except for
+    /// Mistral, whose template refuses a call in the history unless its id is 9 of them.
+    pub fn call_id(self, mut alphanumeric: impl FnMut() -> char) -> String {
+        match self {
+            Self::Mistral => (0..9).map(|_| alphanumeric()).collect(),
+            _ => std::iter::once("call_".to_string()).chain((0..24).map(|_| alphanumeric().to_string())).collect(),
         }
     }
 
@@ -153,14 +169,15 @@ fn parse_calls(format: ToolCallFormat, mut rest: &str, tools: &ToolSet) -> Optio
         if rest.is_empty() {
             return (!calls.is_empty()).then_some(calls);
         }
-        let (call, after) = match format {
-            ToolCallFormat::Llama3 => llama_call(rest)?,
-            ToolCallFormat::Hermes => hermes_call(rest)?,
+        let (found, after) = match format {
+            ToolCallFormat::Llama3 => llama_call(rest).map(|(call, after)| (vec![call], after))?,
+            ToolCallFormat::Hermes => hermes_call(rest).map(|(call, after)| (vec![call], after))?,
+            ToolCallFormat::Mistral => mistral_calls(rest)?,
         };
-        if !tools.allows(&call.name) {
+        if !found.iter().all(|call| tools.allows(&call.name)) {
             return None;
         }
-        calls.push(call);
+        calls.extend(found);
         rest = after;
     }
 }
@@ -197,6 +214,16 @@ fn hermes_call(text: &str) -> Option<(ParsedToolCall, &str)> {
     let (value, after) = json_value(text.strip_prefix(TOOL_CALL_OPEN)?)?;
     let after = after.trim_start().strip_prefix(TOOL_CALL_CLOSE)?;
     Some((json_call(&value)?, after))
+}
+
+/// `[TOOL_CALLS]` and a JSON list of calls (or one call) at the start of `text`, and the text after.
+fn mistral_calls(text: &str) -> Option<(Vec<ParsedToolCall>, &str)> {
+    let (value, after) = json_value(text.strip_prefix(MISTRAL_TOOL_CALLS)?)?;
+    let calls = match &value {
+        Value::Array(items) => items.iter().map(json_call).collect::<Option<Vec<_>>>()?,
+        call => vec![json_call(call)?],
+    };
+    (!calls.is_empty()).then_some((calls, after))
 }
 
 /// `{"name": ..., "parameters": {...}}`: Llama 3.1 is prompted with `parameters` but also writes
@@ -306,6 +333,10 @@ impl ToolCallStream {
         Self { format, tools, text: String::new(), scanned: 0, released: 0, blank: 0, call_started: false }
     }
 
+    pub fn format(&self) -> ToolCallFormat {
+        self.format
+    }
+
     /// Adds generated text; returns the content that is safe to stream now (never part of a call).
     pub fn push(&mut self, text: &str) -> String {
         self.text.push_str(text);
@@ -313,7 +344,7 @@ impl ToolCallStream {
             return String::new();
         }
         let pending = &self.text[self.scanned..];
-        // Markers and silent tokens begin with '<', so what whitespace holds back is all blank.
+        // Markers and silent tokens begin with no whitespace, so what whitespace holds back is all blank.
         let rest = &pending[self.blank..];
         // Until some content is out, the output may still open with bare JSON.
         let call_start = match self.released {
@@ -372,7 +403,7 @@ fn held_tail_start(format: ToolCallFormat, text: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::ToolCallFormat::{Hermes, Llama3};
+    use super::ToolCallFormat::{Hermes, Llama3, Mistral};
     use super::*;
 
     fn tools() -> ToolSet {
@@ -506,6 +537,23 @@ mod tests {
     }
 
     #[test]
+    fn mistral_calls() {
+        let text = "Checking.[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}, {\"name\": \"get_time\", \"arguments\": {}}]";
+        assert_parses(Mistral, text, "Checking.", &[("get_weather", r#"{"city":"Paris"}"#), ("get_time", "{}")]);
+        // One call without the list; calls to unknown tools, or not after the marker, are content.
+        assert_parses(Mistral, "[TOOL_CALLS]{\"name\": \"get_time\", \"arguments\": {\"zone\": \"CET\"}}", "", &[("get_time", r#"{"zone":"CET"}"#)]);
+        let unknown = "[TOOL_CALLS] [{\"name\": \"launch\", \"arguments\": {}}]";
+        assert_content(Mistral, unknown, &tools(), unknown);
+        let bare = r#"[{"name": "get_time", "arguments": {}}]"#;
+        assert_content(Mistral, bare, &tools(), bare);
+        assert_content(Mistral, "[TOOL_CALLS] []", &tools(), "[TOOL_CALLS] []");
+        // Its ids are 9 letters and digits, which its template asks of the calls in a history.
+        let mut letters = "abcdefghijklmnopqrstuvwxyz".chars().cycle();
+        assert_eq!(Mistral.call_id(|| letters.next().unwrap()), "abcdefghi");
+        assert_eq!(Llama3.call_id(|| 'x').len(), "call_".len() + 24);
+    }
+
+    #[test]
     fn long_blank_runs_before_calls_and_content() {
         let blank = " \n\t ".repeat(50);
         let weather = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#;
@@ -560,6 +608,8 @@ mod tests {
         assert_eq!(ToolCallFormat::detect(llama), Some(Llama3));
         let hermes = r#"{{- '<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '"}\n</tool_call>' }}"#;
         assert_eq!(ToolCallFormat::detect(hermes), Some(Hermes));
+        let mistral = r#"{{- "[TOOL_CALLS] [" }}{%- for tool_call in message.tool_calls %}{{- tool_call.function|tojson }}{%- endfor %}"#;
+        assert_eq!(ToolCallFormat::detect(mistral), Some(Mistral));
         let plain = "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}";
         assert_eq!(ToolCallFormat::detect(plain), None);
     }
