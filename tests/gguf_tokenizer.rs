@@ -318,6 +318,15 @@ fn chat_template_comes_from_metadata_or_defaults_to_llama31() {
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
     ];
     assert_eq!(ChatTemplate::from_gguf(&header(&special)).unwrap().render(&messages, None, false, &options).unwrap(), "<s>hi</s>");
+    // Without a template a vocabulary other than Llama 3's cannot chat (its tokens would be
+    // Llama 3's markup spelled out): a refusal that names the way out.
+    let spm_without = header(&[("tokenizer.ggml.tokens", Value::Strings(["<unk>", "<s>", "</s>"].map(String::from).to_vec()))]);
+    match ChatTemplate::from_gguf(&spm_without).unwrap().render(&messages, None, true, &options) {
+        Err(TextError::TemplateRaised { message }) => assert!(message.contains("--chat-template"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let llama3_without = header(&[("tokenizer.ggml.tokens", Value::Strings(["<|begin_of_text|>", "<|start_header_id|>"].map(String::from).to_vec()))]);
+    assert_eq!(ChatTemplate::from_gguf(&llama3_without).unwrap().render(&messages, None, true, &options).unwrap(), llama31);
     let broken = header(&[("tokenizer.chat_template", Value::Str("{% if %}".into()))]);
     assert!(matches!(ChatTemplate::from_gguf(&broken), Err(TextError::TemplateSyntax { .. })));
 }

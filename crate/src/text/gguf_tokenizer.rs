@@ -71,15 +71,17 @@ impl Tokenizer {
 }
 
 impl ChatTemplate {
-    /// The template in a GGUF file's `tokenizer.chat_template`, or Llama 3.1's when it has none,
-    /// reading the vocabulary's BOS and EOS tokens as llama.cpp's renderer does (whether or not
-    /// prompts start with BOS).
+    /// The template in a GGUF file's `tokenizer.chat_template`, or Llama 3.1's when it has none
+    /// and its vocabulary is Llama 3's (older Llama 2 and Mistral files carry none: their chats
+    /// are refused, naming `--chat-template`), reading the vocabulary's BOS and EOS tokens as
+    /// llama.cpp's renderer does (whether or not prompts start with BOS).
     pub fn from_gguf(header: &GgufHeader) -> Result<Self, TextError> {
+        let tokens = header.get_str_array("tokenizer.ggml.tokens").map_err(metadata_error)?.unwrap_or_default();
         let template = match header.get_str("tokenizer.chat_template").map_err(metadata_error)? {
             Some(source) => Self::new(source)?,
-            None => Self::llama31(),
+            None if tokens.is_empty() || tokens.contains(&LLAMA3_HEADER_TOKEN) => Self::llama31(),
+            None => Self::new(NO_TEMPLATE)?,
         };
-        let tokens = header.get_str_array("tokenizer.ggml.tokens").map_err(metadata_error)?.unwrap_or_default();
         let text_of = |key: &str| -> Result<Option<String>, TextError> {
             let id = header.get_u32(key).map_err(metadata_error)?;
             Ok(id.and_then(|id| tokens.get(id as usize)).map(|token| token.to_string()))
@@ -87,6 +89,13 @@ impl ChatTemplate {
         Ok(template.with_special_tokens(SpecialTokens { bos: text_of("tokenizer.ggml.bos_token_id")?, eos: text_of("tokenizer.ggml.eos_token_id")? }))
     }
 }
+
+/// A token of Llama 3's chat markup, which the fallback template writes.
+const LLAMA3_HEADER_TOKEN: &str = "<|start_header_id|>";
+
+/// What a GGUF without a template and without Llama 3's vocabulary chats with: a refusal.
+const NO_TEMPLATE: &str = "{{ raise_exception('this model carries no chat template, and the fallback, Llama 3.1 Instruct, needs the \
+                           Llama 3 vocabulary: give one with --chat-template (JS: chatTemplate), or send text completions') }}";
 
 fn metadata_error(error: LoadError) -> TextError {
     TextError::Load { reason: error.to_string() }
