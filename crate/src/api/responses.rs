@@ -218,10 +218,7 @@ fn refuse_unsupported(object: &Map<String, Value>) -> Result<(), RequestError> {
 /// as parts, a status); their ids are given when the response is kept, where the client gave none.
 fn input_turns(input: &Value) -> Result<Conversation, RequestError> {
     let items = match input {
-        Value::String(text) => {
-            let item = json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}], "status": "completed"});
-            return Ok(Conversation { messages: vec![ChatMessage::new("user", text)], items: vec![item] });
-        }
+        Value::String(text) => return input_turns(&json!([{"role": "user", "content": text}])),
         Value::Array(items) if items.is_empty() => return Err(RequestError::invalid("input must not be empty").param("input")),
         Value::Array(items) => items,
         other => return Err(RequestError::invalid(format!("input: must be a string or a list of items, got {}", kind_of(other))).param("input")),

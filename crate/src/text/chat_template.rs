@@ -41,6 +41,13 @@ pub struct SpecialTokens {
     pub eos: Option<String>,
 }
 
+impl SpecialTokens {
+    /// These tokens, and `other`'s where these name none.
+    fn or(self, other: SpecialTokens) -> SpecialTokens {
+        SpecialTokens { bos: self.bos.or(other.bos), eos: self.eos.or(other.eos) }
+    }
+}
+
 /// What a template reads besides the messages, the tools and its model's special tokens.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RenderOptions {
@@ -105,9 +112,7 @@ impl ChatTemplate {
     /// The template reading the special tokens `named` names as its model's (the others as
     /// before).
     pub fn with_special_tokens(mut self, named: SpecialTokens) -> Self {
-        let special = &mut self.special_tokens;
-        special.bos = named.bos.or(special.bos.take());
-        special.eos = named.eos.or(special.eos.take());
+        self.special_tokens = named.or(std::mem::take(&mut self.special_tokens));
         self
     }
 
@@ -118,9 +123,7 @@ impl ChatTemplate {
     /// Names the special tokens the model's files left unnamed (`fallback`: the texts of its
     /// configuration's ids).
     pub fn fill_special_tokens(&mut self, fallback: SpecialTokens) {
-        let special = &mut self.special_tokens;
-        special.bos = special.bos.take().or(fallback.bos);
-        special.eos = special.eos.take().or(fallback.eos);
+        self.special_tokens = std::mem::take(&mut self.special_tokens).or(fallback);
     }
 
     /// The template's source text.

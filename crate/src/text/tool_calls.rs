@@ -65,7 +65,7 @@ impl ToolCallFormat {
     pub fn call_id(self, mut alphanumeric: impl FnMut() -> char) -> String {
         match self {
             Self::Mistral => (0..9).map(|_| alphanumeric()).collect(),
-            _ => std::iter::once("call_".to_string()).chain((0..24).map(|_| alphanumeric().to_string())).collect(),
+            _ => format!("call_{}", (0..24).map(|_| alphanumeric()).collect::<String>()),
         }
     }
 
