@@ -194,8 +194,8 @@ fn offset_bytes(words: vec2<u32>, offset: u32) -> vec2<u32> {
     return (words + vec2((128u - offset) * 0x01010101u)) ^ vec2(0x80808080u);
 }
 
-// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, and iq4_xs's
-// blocks of 32), GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup. Four neighbouring threads
+// GEMV for the formats of 32-weight blocks (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, and iq4_xs's and
+// the grid formats' blocks of 32; a grid format's quarter is a group of 8 on a point), GEMV_ROWS rows of GEMV_COLUMNS tokens per workgroup. Four neighbouring threads
 // share a block, each taking a quarter of it: 8 weights, from one nibble word (word j's low
 // nibbles are the block's weights 4j..4j + 3, its high nibbles 16 + 4j..; a q5 block's qh word
 // adds their fifth bits; an iq4 nibble indexes a table of int8 levels) or two q8_0 words (weights
@@ -205,9 +205,15 @@ fn offset_bytes(words: vec2<u32>, offset: u32) -> vec2<u32> {
 // nibbles become q - 8 instead; q5_0 the same with 16), q4_1 and q5_1 d * sum x q + m * sum x. A
 // thread takes two quarters per step (GEMV_WG apart) to have twice the loads in flight.
 
+// Whether quarter j of a block is its weights 8j..8j + 7 (q8_0's bytes, a grid format's group),
+// not the nibbles of word j.
+fn contiguous_quarters() -> bool {
+    return WEIGHT_DTYPE == DTYPE_Q8_0 || is_grid_format();
+}
+
 // The block columns of quarter j's inputs: two quads, whose weights a Quarter holds in order.
 fn quarter_cols(j: u32) -> vec2<u32> {
-    if (WEIGHT_DTYPE == DTYPE_Q8_0) {
+    if (contiguous_quarters()) {
         return vec2(8u * j, 8u * j + 4u);
     }
     return vec2(4u * j, 16u + 4u * j);
@@ -282,6 +288,14 @@ fn quarter_weights(block: u32, j: u32) -> Quarter {
             }
             return Quarter(quant_values(bytes_of(levels.x), 0.0), quant_values(bytes_of(levels.y), 0.0), vec2(0u), dm.x, dm.y);
         }
+        case DTYPE_IQ1_S, DTYPE_IQ1_M, DTYPE_IQ2_XXS, DTYPE_IQ2_XS, DTYPE_IQ2_S, DTYPE_IQ3_XXS, DTYPE_IQ3_S: { // group j of a grid block
+            let group = grid_group(block, j);
+            let m = group.d * group.offset;
+            if (Q8_INPUTS) {
+                return Quarter(vec4(0.0), vec4(0.0), group.levels, group.d, m);
+            }
+            return Quarter(signed_bytes(group.levels.x), signed_bytes(group.levels.y), vec2(0u), group.d, m);
+        }
         default: { // q8_0: the part's quants (8 words a block), then its scales
             let words = vec2(quant_word(block, Q8_0_QUANTS, 2u * j), quant_word(block, Q8_0_QUANTS, 2u * j + 1u));
             let d = block_scale(block, Q8_0_QUANTS, 32u);
@@ -294,7 +308,8 @@ fn quarter_weights(block: u32, j: u32) -> Quarter {
 }
 
 // A token's inputs of one quarter, lined up with its Quarter: as floats a and b, or (Q8_INPUTS) as
-// two words of int8 with their block's scale d; and the sum of the 8 (a quarter of the block's).
+// two words of int8 with their block's scale d; and the sum of the 8 (on q8 inputs a quarter of the
+// block's, for a format whose offset is the block's, but iq1_m's own).
 struct QuarterInputs {
     a: vec4<f32>,
     b: vec4<f32>,
@@ -311,13 +326,17 @@ fn quarter_inputs(t: u32, block: u32, j: u32, live: bool) -> QuarterInputs {
         let row = t * q8_row_words();
         let first = row + block * (Q8_BLOCK / 4u);
         var words = vec2(x_prepared[first + j], x_prepared[first + 4u + j]);
-        if (WEIGHT_DTYPE == DTYPE_Q8_0) {
+        if (contiguous_quarters()) {
             words = vec2(x_prepared[first + 2u * j], x_prepared[first + 2u * j + 1u]);
         }
         let scales = select(vec2(0.0), q8_block_scales(row, block), live);
         inputs.words = select(vec2(0u), words, live);
         inputs.d = scales.x;
         inputs.sum = scales.y;
+        if (WEIGHT_DTYPE == DTYPE_IQ1_M) { // its offset changes every 8 weights: their own sum
+            let ones = 0x01010101u;
+            inputs.sum = inputs.d * f32(dot4I8Packed(inputs.words.x, ones) + dot4I8Packed(inputs.words.y, ones));
+        }
     } else {
         let x_base = t * params.in_stride;
         let cols = block * 32u + quarter_cols(j);

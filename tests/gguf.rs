@@ -7,8 +7,11 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::gguf_writer::{convert_to_gguf, converter_rope_freqs, f32_bytes, gguf_of, permute_rows, string, Writer, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q5_0, Q5_1, Q5_K, Q8_0};
-use common::{assert_close, fixture, gpu};
+use common::gguf_writer::{
+    convert_to_gguf, converter_rope_freqs, f32_bytes, gguf_of, permute_rows, string, Writer, F16, F32, IQ1_M, IQ1_S, IQ2_S, IQ2_XS, IQ2_XXS, IQ3_S, IQ3_XXS,
+    IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q5_0, Q5_1, Q5_K, Q8_0,
+};
+use common::{assert_close, fixture, gpu, random_vec, random_weight_bytes, rng};
 use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource, WeightStream};
 use llama_webgpu::model::{Llama3Scaling, ModelError, Rope, RopeScaling};
 use llama_webgpu::quant::{quantize_rows, DType};
@@ -204,7 +207,7 @@ fn tensor_data_beyond_the_file_names_the_tensor() {
 
 #[test]
 fn unknown_and_unsupported_ggml_types_name_the_type_id() {
-    for (type_id, name) in [(16, "IQ2_XXS"), (21, "IQ3_S"), (99, "unknown")] {
+    for (type_id, name) in [(34, "TQ1_0"), (39, "MXFP4"), (99, "unknown")] {
         let file = small_file().tensor("c.weight", &[256], type_id, vec![0; 256]);
         let err = parse(file.build()).err().unwrap();
         assert!(
@@ -350,6 +353,54 @@ fn hf_fixtures_converted_to_gguf_give_the_same_config_and_logits() {
                 assert!(want.iter().zip(&fixture_logits).any(|(a, b)| (a - b).abs() > 1e-3), "{name}: other RoPE parameters changed nothing");
             }
         }
+    }
+}
+
+/// A model whose matrices are in every grid format (iq1, iq2, iq3; an IQ2_M or IQ3_M file mixes
+/// them with others) loads from GGUF and gives the CPU forward's logits, in prefill tiles and in
+/// the GEMVs of a decode step.
+#[test]
+fn a_gguf_in_the_grid_formats_matches_the_cpu_forward() {
+    let Some(gpu) = gpu() else { return };
+    let (hidden, ffn, vocab, layers) = (256, 512, 300, 2);
+    let grid = [(DType::IQ2XXS, IQ2_XXS), (DType::IQ2XS, IQ2_XS), (DType::IQ2S, IQ2_S), (DType::IQ3XXS, IQ3_XXS), (DType::IQ3S, IQ3_S), (DType::IQ1S, IQ1_S), (DType::IQ1M, IQ1_M)];
+    let mut r = rng(5);
+    let mut file = Writer::new()
+        .kv("general.architecture", string("llama"))
+        .kv("llama.context_length", V::U32(512))
+        .kv("llama.embedding_length", V::U32(hidden as u32))
+        .kv("llama.block_count", V::U32(layers as u32))
+        .kv("llama.feed_forward_length", V::U32(ffn as u32))
+        .kv("llama.attention.head_count", V::U32(4))
+        .kv("llama.attention.head_count_kv", V::U32(2))
+        .kv("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5))
+        .kv("llama.rope.freq_base", V::F32(500000.0))
+        .kv("tokenizer.ggml.tokens", V::Array((0..vocab).map(|i| string(&format!("t{i}"))).collect()));
+    let mut matrix = |file: Writer, name: &str, rows: usize, cols: usize, (dtype, ggml_type): (DType, u32)| {
+        file.tensor(name, &[cols as u64, rows as u64], ggml_type, random_weight_bytes(dtype, &mut r, rows * cols))
+    };
+    let shapes = [("attn_q", hidden, hidden), ("attn_k", 128, hidden), ("attn_v", 128, hidden), ("attn_output", hidden, hidden), ("ffn_gate", ffn, hidden), ("ffn_up", ffn, hidden), ("ffn_down", hidden, ffn)];
+    for layer in 0..layers {
+        for (i, (name, rows, cols)) in shapes.into_iter().enumerate() {
+            file = matrix(file, &format!("blk.{layer}.{name}.weight"), rows, cols, grid[(i + 3 * layer) % grid.len()]);
+        }
+    }
+    file = matrix(file, "token_embd.weight", vocab, hidden, grid[4]);
+    file = matrix(file, "output.weight", vocab, hidden, grid[6]);
+    let mut norms = rng(6);
+    for name in (0..layers).flat_map(|l| [format!("blk.{l}.attn_norm.weight"), format!("blk.{l}.ffn_norm.weight")]).chain(["output_norm.weight".to_string()]) {
+        let weights: Vec<f32> = random_vec(&mut norms, hidden, 0.5).iter().map(|v| 1.0 + v).collect();
+        file = file.tensor(&name, &[hidden as u64], F32, f32_bytes(&weights));
+    }
+    let gguf = parse(file.build()).unwrap();
+    let config = gguf.config().unwrap();
+    let mut model = pollster::block_on(Llama::load(&gpu, config.clone(), &gguf, &LoadOptions::default(), &mut |_| {})).unwrap();
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % vocab as u32).collect();
+    // 40 tokens take the tiles; one more, at position 40, a decode step's GEMVs.
+    for (prompt, start) in [(&tokens[..40], 0), (&tokens[40 - 1..], 40 - 1)] {
+        let logits = pollster::block_on(model.forward(prompt, start)).unwrap();
+        let want = common::cpu_forward(&config, &gguf, &tokens[..start + prompt.len()], 0);
+        assert_close(&format!("grid formats, {} tokens from {start}", prompt.len()), &logits, &want, 1e-3, 1e-3);
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, rng};
+use common::{assert_close, coop_matrix_gpu, exact, gpu, gpu_with, has_feature, random_vec, random_weight_bytes, rng};
 use llama_webgpu::gpu::ops::{self, AttentionHeads, AttentionPass, InputFormat, MatmulInput, MatmulLayout, MatmulOutput, Rotary, StepParams, Strategy, TokenSlot};
 use llama_webgpu::model::PAGE_SIZE;
 use llama_webgpu::gpu::{quantize_q8_block, KvType, TileType, WeightMatrix, Q8_BLOCK};
@@ -26,7 +26,7 @@ fn run(gpu: &Gpu, encode: impl FnOnce(&mut wgpu::ComputePass)) {
 
 /// Random weights rounded to `dtype`, as stored bytes, uploaded as a matrix.
 fn weights(gpu: &Gpu, seed: u64, dtype: DType, rows: usize, cols: usize) -> (Vec<u8>, WeightMatrix) {
-    let bytes = dtype.from_f32(&random_vec(&mut rng(seed), rows * cols, 1.0)).unwrap();
+    let bytes = random_weight_bytes(dtype, &mut rng(seed), rows * cols);
     let matrix = WeightMatrix::new(gpu, "w", dtype, rows, cols).unwrap();
     matrix.write_rows(gpu, 0, &bytes);
     (bytes, matrix)
@@ -127,7 +127,7 @@ fn rotary_output_rotates_q_and_writes_k_and_v_to_the_cache() {
         let table = gpu.storage_buffer_with("cos_sin", &cos_sin);
         for (qk_dtype, v_dtype) in [(DType::F32, DType::Q4_0), (DType::Q4K, DType::F16)] {
             let block = |seed, dtype, rows| {
-                let bytes = DType::from_f32(dtype, &random_vec(&mut rng(seed), rows * k, 1.0)).unwrap();
+                let bytes = random_weight_bytes(dtype, &mut rng(seed), rows * k);
                 let matrix = WeightMatrix::in_parts_of(&gpu, "qkv", dtype, rows, k, head_dim).unwrap();
                 matrix.write_rows(&gpu, 0, &bytes);
                 (bytes, matrix)
@@ -998,13 +998,14 @@ fn top_k_matches_reference_with_ties() {
 }
 
 /// Formats that decode in the GEMV frames of another (the 5-bit ones as their 4-bit twins with a
-/// word of high bits more, iq4 with a table of levels, q2_k and q3_k in q6_k's quarters: the same
-/// quarters and pieces), so the GEMV tests run them in one form of each reduction, not all.
+/// word of high bits more, iq4 with a table of levels, q2_k and q3_k in q6_k's quarters, the grid
+/// formats' groups as q8_0's quarters: the same quarters and pieces), so the GEMV tests run them
+/// in one form of each reduction, not all.
 const TWIN_FORMATS: [DType; 7] = [DType::Q5_0, DType::Q5_1, DType::Q2K, DType::Q3K, DType::Q5K, DType::IQ4NL, DType::IQ4XS];
 
 /// The block formats a GEMV test runs in a form: the twins only where `every_format`.
 fn gemv_formats(every_format: bool) -> impl Iterator<Item = DType> {
-    DType::block_formats().filter(move |dtype| every_format || !TWIN_FORMATS.contains(dtype))
+    DType::block_formats().filter(move |dtype| every_format || !(TWIN_FORMATS.contains(dtype) || dtype.is_grid_format()))
 }
 
 #[test]
@@ -1024,8 +1025,10 @@ fn block_formats_in_every_strategy(bounds_checks: bool) {
                 continue;
             }
             let row_bytes = dtype.row_bytes(k).unwrap();
-            // The split device binds 3 tokens of activations, and a dozen rows or more per part.
-            let limit = (row_bytes * 12).max(3 * k * 4).next_multiple_of(4) as u64;
+            // The split device binds 3 tokens of activations, and a dozen rows or more per part (and
+            // a grid format's grid).
+            let grid = dtype.grid().map_or(0, <[u8]>::len);
+            let limit = (row_bytes * 12 + grid).max(3 * k * 4).next_multiple_of(4) as u64;
             let Some(split) = gpu_with(&GpuOptions { max_storage_binding: Some(limit), bounds_checks, ..exact() }) else { return };
             for (gpu, token_counts) in [(&whole, [1, 9]), (&split, [1, 3])] {
                 let (bytes, w) = weights(gpu, 21, dtype, rows, k);
@@ -1062,7 +1065,8 @@ fn quant_values_from_float_bits_equal_their_integer_conversions() {
     let Some(from_bits) = gpu_with(&options) else { return };
     let Some(converted) = gpu_with(&GpuOptions { int_conversions: true, ..options }) else { return };
     let norm = random_vec(&mut rng(62), k, 2.0);
-    for dtype in DType::block_formats() {
+    // The grid formats' values are all int8 bytes made as q8_0's: one stands for them.
+    for dtype in DType::block_formats().filter(|d| !d.is_grid_format() || *d == DType::IQ2XXS) {
         for n in [1, 3, 11, 37] {
             let [bits, conversions] = [&from_bits, &converted].map(|gpu| {
                 let (_, w) = weights(gpu, 61, dtype, rows, k);
@@ -1090,7 +1094,7 @@ fn fill_matches_reference_and_decodes_to_small_finite_weights() {
     let buffer = gpu.storage_buffer("w", 4 * 10_007);
     for dtype in DType::ALL {
         let mask = ops::fill_mask(dtype);
-        let op = ops::fill(&gpu, &buffer, 42, mask);
+        let op = ops::fill(&gpu, &buffer, 4 * 10_007, 42, mask);
         run(&gpu, |pass| op.encode(pass, 1));
         let words: Vec<u32> = bytemuck::pod_collect_to_vec(&pollster::block_on(gpu.read(&buffer, 4 * 10_007)).unwrap());
         let want: Vec<u32> = (0..10_007).map(|i| reference::fill_word(i, 42, mask)).collect();

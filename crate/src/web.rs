@@ -279,7 +279,7 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         None => None,
         Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: {}", KvType::choices())))?),
     };
-    let quant = options.quant.as_deref().map(weight_format).transpose()?;
+    let quant = options.quant.as_deref().map(|name| DType::encodable_from_name(name).map_err(|e| request_error(Some("quant"), format!("quant: {e}")))).transpose()?;
     let gpu_options = GpuOptions {
         max_storage_binding: options.max_storage_binding,
         kv_type,
@@ -716,7 +716,7 @@ fn default_bench_repetitions() -> usize {
     3
 }
 
-/// The weight format the option `quant` names.
+/// The weight format a synthetic model's option `quant` names.
 fn weight_format(name: &str) -> Result<DType, JsValue> {
     DType::from_name(name).ok_or_else(|| request_error(Some("quant"), format!("quant: {name:?} is not a weight format: {}", DType::choices())))
 }

@@ -119,6 +119,131 @@ fn q3k_scale(base: u32, sub: u32) -> f32 {
     return f32(low | (high << 4u)) - 32.0;
 }
 
+// The grid formats (iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s; crate::quant's
+// iq_grid.rs has their layouts): each group of 8 weights of a block of 32 is a point of the
+// format's grid, signed (iq1: offset by +-1/8) and scaled. A part holds the grid after its rows
+// (crate::gpu::tensor), and every format's d apart but iq1_m's, which has none.
+fn is_grid_format() -> bool {
+    switch WEIGHT_DTYPE {
+        case DTYPE_IQ1_S, DTYPE_IQ1_M, DTYPE_IQ2_XXS, DTYPE_IQ2_XS, DTYPE_IQ2_S, DTYPE_IQ3_XXS, DTYPE_IQ3_S: { return true; }
+        default: { return false; }
+    }
+}
+
+// A grid format's super-block in the file.
+fn grid_block_bytes() -> u32 {
+    switch WEIGHT_DTYPE {
+        case DTYPE_IQ1_S: { return DTYPE_IQ1_S_BLOCK_BYTES; }
+        case DTYPE_IQ1_M: { return DTYPE_IQ1_M_BLOCK_BYTES; }
+        case DTYPE_IQ2_XXS: { return DTYPE_IQ2_XXS_BLOCK_BYTES; }
+        case DTYPE_IQ2_XS: { return DTYPE_IQ2_XS_BLOCK_BYTES; }
+        case DTYPE_IQ2_S: { return DTYPE_IQ2_S_BLOCK_BYTES; }
+        case DTYPE_IQ3_XXS: { return DTYPE_IQ3_XXS_BLOCK_BYTES; }
+        default: { return DTYPE_IQ3_S_BLOCK_BYTES; }
+    }
+}
+
+// Word i of the grid after the part's rows (a point is 2 words, iq3's 1).
+fn grid_word(i: u32) -> u32 {
+    return w[(params.rows * (params.k / 256u) * grid_block_bytes() + 3u) / 4u + i];
+}
+
+// iq2's and iq3's 8 signs of a group from 7 stored bits: the eighth makes the ones even
+// (crate::quant::sign_bits).
+fn sign_bits(stored: u32) -> u32 {
+    let bits = stored & 127u;
+    return bits | ((countOneBits(bits) & 1u) << 7u);
+}
+
+// The 4 bytes of `levels` (each 1..127) negated where bits 0..3 of `signs` are set: bit j moves to
+// bit 8j (a multiply by 1 + 2^7 + 2^14 + 2^21, no two terms meeting), a mask of 0xff there flips
+// the byte, and one more makes it two's complement (no carry: no level is 0).
+fn signed_levels(levels: u32, signs: u32) -> u32 {
+    let masks = (((signs & 0xfu) * 0x00204081u) & 0x01010101u) * 0xffu;
+    return (levels ^ masks) + (masks & 0x01010101u);
+}
+
+// A group of 8 weights of a grid format: their levels as two words of int8 (weights 0..3, 4..7)
+// and w = d * (level + offset).
+struct GridGroup {
+    levels: vec2<u32>,
+    d: f32,
+    offset: f32,
+}
+
+// Group l (0..3: weights 8l..8l + 7) of block `block` of 32 (counted from the part's first, 8 a
+// super-block), with ggml's arithmetic (crate::quant's iq_grid.rs).
+fn grid_group(block: u32, l: u32) -> GridGroup {
+    let sb = block / 8u;
+    let ib = block % 8u;
+    let quants = grid_block_bytes() - select(2u, 0u, WEIGHT_DTYPE == DTYPE_IQ1_M); // a super-block without its d
+    let start = sb * quants;
+    let delta = bitcast<f32>(IQ1_DELTA_BITS);
+    switch WEIGHT_DTYPE {
+        case DTYPE_IQ2_XXS: { // per block two words: 4 point indices; 4 sign indices of 7 bits and the scale
+            let indices = w[start / 4u + 2u * ib];
+            let signs = w[start / 4u + 2u * ib + 1u];
+            let point = 2u * ((indices >> (8u * l)) & 255u);
+            let s = sign_bits(signs >> (7u * l));
+            let d = block_scale(sb, quants, 256u) * (0.5 + f32(signs >> 28u)) * 0.25;
+            return GridGroup(vec2(signed_levels(grid_word(point), s), signed_levels(grid_word(point + 1u), s >> 4u)), d, 0.0);
+        }
+        case DTYPE_IQ2_XS: { // a u16 a group: 9-bit point, 7-bit sign index; scale nibbles at 64
+            let q = (w[start / 4u + 2u * ib + l / 2u] >> (16u * (l % 2u))) & 0xffffu;
+            let point = 2u * (q & 511u);
+            let s = sign_bits(q >> 9u);
+            let scale = (byte_at(start + 64u + ib) >> (4u * (l / 2u))) & 15u;
+            let d = block_scale(sb, quants, 256u) * (0.5 + f32(scale)) * 0.25;
+            return GridGroup(vec2(signed_levels(grid_word(point), s), signed_levels(grid_word(point + 1u), s >> 4u)), d, 0.0);
+        }
+        case DTYPE_IQ2_S: { // points' low bytes, signs at 32, high bits at 64, scales at 72
+            let high = byte_at(start + 64u + ib);
+            let point = 2u * (byte_at(start + 4u * ib + l) | ((high << (8u - 2u * l)) & 0x300u));
+            let s = byte_at(start + 32u + 4u * ib + l);
+            let scale = (byte_at(start + 72u + ib) >> (4u * (l / 2u))) & 15u;
+            let d = block_scale(sb, quants, 256u) * (0.5 + f32(scale)) * 0.25;
+            return GridGroup(vec2(signed_levels(grid_word(point), s), signed_levels(grid_word(point + 1u), s >> 4u)), d, 0.0);
+        }
+        case DTYPE_IQ3_XXS: { // two 4-value points a group; per block a word of sign indices and scale at 64
+            let signs = w[start / 4u + 16u + ib];
+            let s = sign_bits(signs >> (7u * l));
+            let at = start + 8u * ib + 2u * l;
+            let d = block_scale(sb, quants, 256u) * (0.5 + f32(signs >> 28u)) * 0.5;
+            return GridGroup(vec2(signed_levels(grid_word(byte_at(at)), s), signed_levels(grid_word(byte_at(at + 1u)), s >> 4u)), d, 0.0);
+        }
+        case DTYPE_IQ3_S: { // points' low bytes, ninth bits at 64, signs at 72, scale nibbles at 104
+            let high = byte_at(start + 64u + ib) >> (2u * l);
+            let at = start + 8u * ib + 2u * l;
+            let points = vec2(byte_at(at) | ((high & 1u) << 8u), byte_at(at + 1u) | ((high & 2u) << 7u));
+            let s = byte_at(start + 72u + 4u * ib + l);
+            let scale = (byte_at(start + 104u + ib / 2u) >> (4u * (ib % 2u))) & 15u;
+            let d = block_scale(sb, quants, 256u) * f32(1u + 2u * scale);
+            return GridGroup(vec2(signed_levels(grid_word(points.x), s), signed_levels(grid_word(points.y), s >> 4u)), d, 0.0);
+        }
+        case DTYPE_IQ1_S: { // points' low bytes; per block a u16 at 32: high bits, scale, delta's sign
+            let qh = (w[start / 4u + 8u + ib / 2u] >> (16u * (ib % 2u))) & 0xffffu;
+            let point = 2u * (byte_at(start + 4u * ib + l) | (((qh >> (3u * l)) & 7u) << 8u));
+            let d = block_scale(sb, quants, 256u) * f32(2u * ((qh >> 12u) & 7u) + 1u);
+            return GridGroup(vec2(grid_word(point), grid_word(point + 1u)), d, select(delta, -delta, (qh & 0x8000u) != 0u));
+        }
+        default: { // iq1_m: points' low bytes, a nibble a group at 32 (high bits, delta's sign), scales at 48
+            let sc = vec2(w[start / 4u + 12u], w[start / 4u + 13u]);
+            let d_bits = ((sc.x & 0xffffu) >> 12u) | ((sc.x >> 24u) & 0xf0u) | ((sc.y >> 4u) & 0xf00u) | ((sc.y >> 16u) & 0xf000u);
+            let scales = (sc[ib / 4u] >> (16u * (ib / 2u % 2u) + 6u * (ib % 2u) + 3u * (l / 2u))) & 7u;
+            let nibble = (byte_at(start + 32u + 2u * ib + l / 2u) >> (4u * (l % 2u))) & 15u;
+            let point = 2u * (byte_at(start + 4u * ib + l) | ((nibble & 7u) << 8u));
+            let d = unpack2x16float(d_bits).x * f32(2u * scales + 1u);
+            return GridGroup(vec2(grid_word(point), grid_word(point + 1u)), d, select(delta, -delta, (nibble & 8u) != 0u));
+        }
+    }
+}
+
+// Weights 4h..4h + 3 (h 0..7) of grid block `block`.
+fn grid_quad(block: u32, h: u32) -> vec4<f32> {
+    let group = grid_group(block, h / 2u);
+    return group.d * (signed_bytes(group.levels[h % 2u]) + group.offset);
+}
+
 // The super-block formats' unit of decoding: 64 weights whose levels share the same bytes, as two
 // runs of 32 (q4_k, q5_k: sub-blocks 2 part and 2 part + 1, the low and high nibbles of 32 bytes;
 // q6_k, q3_k, q2_k: quarters part % 2 and part % 2 + 2 of half part / 2, the quarters' low bits
@@ -292,6 +417,9 @@ fn block_weight(row: u32, col: u32) -> f32 {
             let q = f32(extractBits(bitcast<i32>(quant_word(block, Q8_0_QUANTS, j / 4u)), 8u * (j % 4u), 8u));
             return block_scale(block, Q8_0_QUANTS, 32u) * q;
         }
+        case DTYPE_IQ1_S, DTYPE_IQ1_M, DTYPE_IQ2_XXS, DTYPE_IQ2_XS, DTYPE_IQ2_S, DTYPE_IQ3_XXS, DTYPE_IQ3_S: {
+            return grid_quad(row * (params.k / 32u) + col / 32u, col % 32u / 4u)[col % 4u];
+        }
         default: { // the super-block formats: the element's quad, decoded as the tiles do
             let c = col % 256u;
             return superblock_quad(row * (params.k / 256u) + col / 256u, c - c % 4u)[c % 4u];
@@ -369,6 +497,9 @@ fn weight_quad(row: u32, col: u32) -> vec4<f32> {
         }
         case DTYPE_Q2_K, DTYPE_Q3_K, DTYPE_Q4_K, DTYPE_Q5_K, DTYPE_Q6_K: {
             return superblock_quad(row * (params.k / 256u) + col / 256u, col % 256u);
+        }
+        case DTYPE_IQ1_S, DTYPE_IQ1_M, DTYPE_IQ2_XXS, DTYPE_IQ2_XS, DTYPE_IQ2_S, DTYPE_IQ3_XXS, DTYPE_IQ3_S: {
+            return grid_quad(block, j);
         }
         default: { // k is even, so each pair lies wholly inside or past the row
             var pairs = vec4(0.0, 0.0, 0.0, 0.0);

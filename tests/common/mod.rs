@@ -85,6 +85,37 @@ pub fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-scale..scale)).collect()
 }
 
+/// Random weights of about unit size stored in `dtype`: random values encoded, or for a grid
+/// format (not encoded here) random blocks, every bit pattern of which is valid, each block's d
+/// set so that its largest weight is 0.25 to 1.
+pub fn random_weight_bytes(dtype: llama_webgpu::quant::DType, rng: &mut StdRng, n: usize) -> Vec<u8> {
+    if !dtype.is_grid_format() {
+        return dtype.from_f32(&random_vec(rng, n, 1.0)).unwrap();
+    }
+    let (elements, block_bytes) = dtype.block();
+    let mut bytes: Vec<u8> = (0..n / elements * block_bytes).map(|_| rng.random()).collect();
+    for block in bytes.chunks_exact_mut(block_bytes) {
+        set_grid_d(dtype, block, 1.0);
+        let largest = dtype.to_f32(block).unwrap().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        set_grid_d(dtype, block, rng.random_range(0.25..1.0) / largest.max(1e-3));
+    }
+    bytes
+}
+
+/// Writes a grid format's d: its first two bytes, or iq1_m's top nibbles of its 4 u16 at byte 48.
+fn set_grid_d(dtype: llama_webgpu::quant::DType, block: &mut [u8], d: f32) {
+    let bits = half::f16::from_f32(d).to_bits();
+    if dtype != llama_webgpu::quant::DType::IQ1M {
+        block[..2].copy_from_slice(&bits.to_le_bytes());
+        return;
+    }
+    for i in 0..4 {
+        let at = 48 + 2 * i;
+        let scales = u16::from_le_bytes([block[at], block[at + 1]]) & 0x0fff | ((bits >> (4 * i)) & 0xf) << 12;
+        block[at..at + 2].copy_from_slice(&scales.to_le_bytes());
+    }
+}
+
 /// Asserts |got - want| <= atol + rtol * |want| everywhere, naming the worst element; returns the
 /// largest absolute error.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> f32 {
@@ -188,25 +219,31 @@ pub fn truncated_llama3_tokenizer(vocab: usize) -> llama_webgpu::text::Tokenizer
 
 /// The whole model on the CPU from the reference kernels (crate::reference), for `tokens` at
 /// positions `start_pos..`: the last token's logits. Keys and values of positions before
-/// `start_pos` are zero, as in a fresh KV pool. Reads f32 safetensors weights.
+/// `start_pos` are zero, as in a fresh KV pool. Reads weights in any format.
 pub fn cpu_forward(config: &llama_webgpu::Config, weights: &dyn llama_webgpu::load::WeightSource, tokens: &[u32], start_pos: usize) -> Vec<f32> {
-    use llama_webgpu::quant::DType;
     use llama_webgpu::reference;
     let tensor = |name: &str| {
         let t = weights.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype, DType::F32, "{name}");
-        t.bytes.into_owned()
+        (t.bytes.into_owned(), t.dtype)
     };
-    let floats = |name: &str| -> Vec<f32> { bytemuck::pod_collect_to_vec(&tensor(name)) };
+    let floats = |name: &str| -> Vec<f32> {
+        let (bytes, dtype) = tensor(name);
+        dtype.to_f32(&bytes).unwrap()
+    };
+    let matmul = |x: &[f32], name: &str, rows: usize, k: usize| {
+        let (bytes, dtype) = tensor(name);
+        reference::matmul(x, &bytes, dtype, rows, k)
+    };
     let c = config;
     let (hidden, q_dim, kv_dim, head_dim) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim);
     let positions: Vec<usize> = (start_pos..start_pos + tokens.len()).collect();
     let cos_sin = c.rope_cos_sin(start_pos + tokens.len());
-    let mut x = reference::embedding(tokens, &tensor("model.embed_tokens.weight"), DType::F32, hidden);
+    let (embeddings, embeddings_dtype) = tensor("model.embed_tokens.weight");
+    let mut x = reference::embedding(tokens, &embeddings, embeddings_dtype, hidden);
     for layer in 0..c.n_layers {
         let p = format!("model.layers.{layer}");
         let h = reference::rmsnorm(&x, &floats(&format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
-        let project = |name: &str, rows: usize| reference::matmul(&h, &tensor(&format!("{p}.self_attn.{name}.weight")), DType::F32, rows, hidden);
+        let project = |name: &str, rows: usize| matmul(&h, &format!("{p}.self_attn.{name}.weight"), rows, hidden);
         let mut q = project("q_proj", q_dim);
         let mut k = project("k_proj", kv_dim);
         let v = project("v_proj", kv_dim);
@@ -217,18 +254,18 @@ pub fn cpu_forward(config: &llama_webgpu::Config, weights: &dyn llama_webgpu::lo
         k_cache.extend(&k);
         v_cache.extend(&v);
         let attended = reference::attention(&q, &k_cache, &v_cache, start_pos, c.n_heads, c.n_kv_heads, head_dim);
-        let o = reference::matmul(&attended, &tensor(&format!("{p}.self_attn.o_proj.weight")), DType::F32, hidden, q_dim);
+        let o = matmul(&attended, &format!("{p}.self_attn.o_proj.weight"), hidden, q_dim);
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         let h = reference::rmsnorm(&x, &floats(&format!("{p}.post_attention_layernorm.weight")), c.rms_norm_eps);
-        let mlp = |name: &str| reference::matmul(&h, &tensor(&format!("{p}.mlp.{name}.weight")), DType::F32, c.intermediate_size, hidden);
+        let mlp = |name: &str| matmul(&h, &format!("{p}.mlp.{name}.weight"), c.intermediate_size, hidden);
         let activated = reference::silu_mul(&mlp("gate_proj"), &mlp("up_proj"));
-        let down = reference::matmul(&activated, &tensor(&format!("{p}.mlp.down_proj.weight")), DType::F32, hidden, c.intermediate_size);
+        let down = matmul(&activated, &format!("{p}.mlp.down_proj.weight"), hidden, c.intermediate_size);
         x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
     }
     let last = &x[(tokens.len() - 1) * hidden..];
     let normed = reference::rmsnorm(last, &floats("model.norm.weight"), c.rms_norm_eps);
     let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
-    reference::matmul(&normed, &tensor(head), DType::F32, c.vocab_size, hidden)
+    matmul(&normed, head, c.vocab_size, hidden)
 }
 
 /// A fresh temporary folder of its own (tests run in parallel threads of one process).

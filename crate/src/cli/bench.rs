@@ -26,8 +26,8 @@ pub struct BenchArgs {
     #[arg(long)]
     synthetic: Option<String>,
     /// Weight format of the synthetic model: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k,
-    /// q6_k, iq4_nl, iq4_xs, f16 or bf16.
-    #[arg(long, default_value = "q4_0", value_parser = super::parse_quant)]
+    /// q6_k, iq4_nl, iq4_xs, iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s, f16 or bf16.
+    #[arg(long, default_value = "q4_0", value_parser = super::parse_weight_format)]
     quant: DType,
     /// Fewer layers than the shape has (a smaller synthetic model).
     #[arg(long)]

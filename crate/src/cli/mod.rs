@@ -93,7 +93,8 @@ enum Command {
         /// The model to convert.
         source: PathBuf,
         /// Format of the matrices: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl,
-        /// iq4_xs, f16, bf16 or f32.
+        /// iq4_xs, f16, bf16 or f32 (the iq1, iq2 and iq3 formats load from GGUF files, but need an
+        /// importance matrix to write).
         #[arg(long, default_value = "q4_0", value_parser = parse_quant)]
         quant: DType,
         /// Largest shard, e.g. 64MiB (a bigger tensor gets a shard of its own).
@@ -605,7 +606,13 @@ fn parse_kv_type(text: &str) -> Result<KvType, String> {
     KvType::from_name(text).ok_or_else(|| format!("{text:?} is not a KV type: {}", KvType::choices()))
 }
 
+/// A format matrices are re-encoded into.
 fn parse_quant(text: &str) -> Result<DType, String> {
+    DType::encodable_from_name(text)
+}
+
+/// Any format the kernels read (a synthetic model's, filled on the GPU).
+fn parse_weight_format(text: &str) -> Result<DType, String> {
     DType::from_name(text).ok_or_else(|| format!("{text:?} is not a weight format: {}", DType::choices()))
 }
 

@@ -393,6 +393,8 @@ pub fn shader_constants() -> Vec<(String, u32)> {
     for (i, word) in crate::quant::IQ4_LEVELS.chunks_exact(4).enumerate() {
         constants.push((format!("IQ4_LEVELS_{i}"), u32::from_le_bytes([word[0] as u8, word[1] as u8, word[2] as u8, word[3] as u8])));
     }
+    // iq1's offset of each weight from its grid value (lib/weights.wgsl's grid_group), as f32 bits.
+    constants.push(("IQ1_DELTA_BITS".into(), crate::quant::IQ1_DELTA.to_bits()));
     for dtype in DType::ALL {
         let name = format!("DTYPE_{}", dtype.name().to_uppercase());
         let (elements, bytes) = dtype.block();

@@ -173,14 +173,15 @@ pub fn fill_mask(dtype: DType) -> u32 {
     }
 }
 
-/// Fills `buffer` (its whole size) with the hashed words of fill.wgsl, masked by `mask`.
-pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, seed: u32, mask: u32) -> Op {
-    let words = (buffer.size() / 4) as u32;
+/// Fills the first `bytes` of `buffer` (a whole number of words) with the hashed words of
+/// fill.wgsl, masked by `mask`.
+pub fn fill(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64, seed: u32, mask: u32) -> Op {
+    let words = (bytes / 4) as u32;
     let params = gpu.uniform_buffer("fill params", &FillParams { words, seed, mask, _pad: 0 });
     let groups = words.div_ceil(WG_1D).max(1);
     let x = groups.min(gpu.limits.max_compute_workgroups_per_dimension);
     let grid = Grid::Fixed([x, groups.div_ceil(x), 1]);
-    Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid, Traffic::fixed(buffer.size()))] }
+    Op { dispatches: vec![dispatch(gpu, &kernels::FILL, "main", &[], &[buffer, &params], grid, Traffic::fixed(bytes))] }
 }
 
 /// The most candidates top_k.wgsl selects.
@@ -570,7 +571,9 @@ pub fn matmul(gpu: &Gpu, product: Product) -> ByTokens {
     // vec4s (the block sizes make k a multiple of 32). On q8 inputs every strategy reads them as
     // the quantize op left them, its INPUT applied.
     let entry = match w.dtype {
+        // The grid formats' groups of 8 are the block GEMVs' quarters of a block of 32.
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL | DType::IQ4XS => MatmulEntry::GemvBlocks,
+        dtype if dtype.is_grid_format() => MatmulEntry::GemvBlocks,
         DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => MatmulEntry::GemvSuperblocks,
         _ => MatmulEntry::Gemv,
     };
@@ -640,7 +643,8 @@ enum MatmulEntry {
     Gather,
     /// GEMVs of f32, f16 and bf16 weights,
     Gemv,
-    /// of q4_0, q4_1, q5_0, q5_1, q8_0 and iq4 blocks (iq4_xs's blocks of 32),
+    /// of q4_0, q4_1, q5_0, q5_1, q8_0 and iq4 blocks (iq4_xs's blocks of 32) and the grid
+    /// formats' blocks of 32,
     GemvBlocks,
     /// of q2_k, q3_k, q4_k, q5_k and q6_k superblocks.
     GemvSuperblocks,

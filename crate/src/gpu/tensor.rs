@@ -4,7 +4,9 @@ use super::{Gpu, GpuError};
 use crate::quant::DType;
 
 /// A (rows, cols) weight matrix. Each part is one buffer of whole rows, no larger than the device's
-/// `max_storage_buffer_binding_size`, so kernels bind a part at a time.
+/// `max_storage_buffer_binding_size`, so kernels bind a part at a time. A grid format's part holds
+/// the format's grid after its rows (from the first word past them: [`WeightPart::rows_bytes`]), so
+/// that its kernels read the grid through the weights' binding and need no binding more.
 #[derive(Debug)]
 pub struct WeightMatrix {
     pub dtype: DType,
@@ -18,6 +20,8 @@ pub struct WeightPart {
     pub buffer: wgpu::Buffer,
     pub row_start: usize,
     pub rows: usize,
+    /// Bytes of the buffer its rows take, to a whole word (a grid follows them).
+    pub rows_bytes: u64,
 }
 
 impl WeightMatrix {
@@ -37,13 +41,14 @@ impl WeightMatrix {
             _ => return Err(GpuError::RowLayout { tensor: label.to_string(), cols, dtype }),
         };
         let max_part = gpu.max_binding();
-        let fitting_rows = (max_part / row_bytes.max(1)) as usize;
+        let grid = dtype.grid().unwrap_or_default();
+        let fitting_rows = (max_part.saturating_sub(grid.len() as u64) / row_bytes.max(1)) as usize;
         let rows_per_part = if fitting_rows >= rows { rows.max(1) } else { fitting_rows / part_rows * part_rows };
         if rows_per_part == 0 {
             return Err(GpuError::Limit {
                 adapter: gpu.info.name.clone(),
                 name: "max_storage_buffer_binding_size",
-                needed: row_bytes * part_rows as u64,
+                needed: row_bytes * part_rows as u64 + grid.len() as u64,
                 available: max_part,
             });
         }
@@ -51,8 +56,12 @@ impl WeightMatrix {
             .step_by(rows_per_part)
             .map(|row_start| {
                 let part_rows = rows_per_part.min(rows - row_start);
-                let buffer = gpu.storage_buffer(label, part_rows as u64 * row_bytes);
-                WeightPart { buffer, row_start, rows: part_rows }
+                let rows_bytes = (part_rows as u64 * row_bytes).next_multiple_of(4);
+                let buffer = gpu.storage_buffer(label, rows_bytes + grid.len() as u64);
+                if !grid.is_empty() {
+                    gpu.queue.write_buffer(&buffer, rows_bytes, grid);
+                }
+                WeightPart { buffer, row_start, rows: part_rows, rows_bytes }
             })
             .collect();
         Ok(Self { dtype, rows, cols, parts })
@@ -176,11 +185,13 @@ impl PartBytes<'_> {
 }
 
 /// Where the f16 scale d lies in a block of the formats whose blocks would leave every other
-/// block's quants off a word (q4_0's and iq4_nl's 18 bytes, q5_0's 22, q8_0's 34, q3_k's 110, q6_k's 210), which a part holds with
+/// block's quants off a word (q4_0's and iq4_nl's 18 bytes, q5_0's 22, q8_0's 34, q3_k's 110, q6_k's 210, the grid formats' but iq1_m's), which a part holds with
 /// the scales apart ([`ScalesApart`]).
 fn scale_offset(dtype: DType) -> Option<usize> {
     match dtype {
         DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL => Some(0),
+        // 50, 66, 74, 82, 98 and 110 bytes, d first: 48 to 108 without it.
+        DType::IQ1S | DType::IQ2XXS | DType::IQ2XS | DType::IQ2S | DType::IQ3XXS | DType::IQ3S => Some(0),
         DType::Q3K => Some(108),
         DType::Q6K => Some(208),
         _ => None,

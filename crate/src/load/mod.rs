@@ -60,7 +60,7 @@ pub enum LoadError {
     Truncated { file: String, offset: usize, what: String, needed: u64, available: usize },
     #[error("{file}: malformed GGUF at offset {offset}: {message}")]
     Gguf { file: String, offset: usize, message: String },
-    #[error("{file}: tensor {tensor} (at offset {offset}) has ggml type {type_id} ({type_name}), not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS: a Q4_K_M, Q5_K_M, Q6_K or Q8_0 file of the model loads)")]
+    #[error("{file}: tensor {tensor} (at offset {offset}) has ggml type {type_id} ({type_name}), not supported (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL, IQ4_XS: a Q4_K_M, Q5_K_M, Q6_K or Q8_0 file of the model loads)")]
     UnknownGgmlType { file: String, tensor: String, offset: usize, type_id: u32, type_name: &'static str },
     #[error("{file}: tensor {tensor} occupies bytes {start}..{end} but the file has {file_size} (truncated or corrupt)")]
     TensorOutOfBounds { file: String, tensor: String, start: u64, end: u64, file_size: usize },

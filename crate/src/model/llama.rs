@@ -199,7 +199,8 @@ fn synthetic_weights(gpu: &Gpu, c: &Config, dtype: DType) -> Result<(HashMap<Str
         let mut pass = encoder.begin_compute_pass(&Default::default());
         let parts = matrices.values().flat_map(|s| &s.blocks).flat_map(|b| &b.matrix.parts);
         for (seed, part) in parts.enumerate() {
-            ops::fill(gpu, &part.buffer, seed as u32, ops::fill_mask(dtype)).encode(&mut pass, 1);
+            // The rows only: a grid format's grid follows them.
+            ops::fill(gpu, &part.buffer, part.rows_bytes, seed as u32, ops::fill_mask(dtype)).encode(&mut pass, 1);
         }
     }
     gpu.queue.submit([encoder.finish()]);

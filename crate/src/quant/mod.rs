@@ -1,18 +1,22 @@
 //! Weight storage formats and their CPU reference (de)quantizers.
 //!
 //! The quantized formats are llama.cpp's, byte for byte (`ggml-quants.c`): blocks of 32 (q4_0, q4_1,
-//! q5_0, q5_1, q8_0, iq4_nl) or 256 (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs) consecutive elements of a row,
+//! q5_0, q5_1, q8_0, iq4_nl) or 256 (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs and the grid formats
+//! iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s) consecutive elements of a row,
 //! little-endian. Dequantization is bit-exact
 //! with ggml's and with llama.cpp's `gguf` Python package (tests/quant.rs checks goldens from it);
 //! quantization follows ggml's `quantize_row_*_ref`.
 
 mod iq4;
+mod iq_grid;
+mod iq_grid_tables;
 mod k_quants;
 mod legacy;
 
 use half::{bf16, f16};
 
 pub use iq4::IQ4_LEVELS;
+pub use iq_grid::{sign_bits, IQ1_DELTA};
 
 /// How the elements of a weight tensor are stored, on disk and in GPU buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +54,21 @@ pub enum DType {
     /// 256 weights in 136 bytes: f16 d, 6-bit scales of its 8 blocks of 32 (u16 of high bits, 4
     /// bytes of low nibbles), 128 bytes of iq4_nl's nibbles; w = d * (scale - 32) * level.
     IQ4XS,
+    /// 256 weights in 50 bytes: groups of 8 at points of a grid of -1, 0, 1 (11-bit indices), an
+    /// offset of +-1/8 and a 3-bit scale per block of 32 (iq_grid.rs has every grid format's layout).
+    IQ1S,
+    /// 256 weights in 56 bytes: iq1_s's points with scales per 16 weights and an offset per group.
+    IQ1M,
+    /// 256 weights in 66 bytes: groups of 8 at 8-bit-indexed points of 8, 25, 43, signed.
+    IQ2XXS,
+    /// 256 weights in 74 bytes: as iq2_xxs with 9-bit indices and scales per 16 weights.
+    IQ2XS,
+    /// 256 weights in 82 bytes: as iq2_xs with 10-bit indices and every sign stored.
+    IQ2S,
+    /// 256 weights in 98 bytes: halves of groups at 8-bit-indexed points of 4 values up to 62.
+    IQ3XXS,
+    /// 256 weights in 110 bytes: as iq3_xxs with 9-bit indices, every sign stored, odd values.
+    IQ3S,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,10 +81,12 @@ pub enum QuantError {
     RowNotWholeBlocks { dtype: DType, cols: usize, block_elements: usize },
     #[error("{len} values are not a whole number of rows of {cols}")]
     PartialRow { len: usize, cols: usize },
+    #[error("{dtype}: weights are not encoded into this format here (it needs an importance matrix: llama.cpp's llama-quantize --imatrix writes it); choose one of {}", DType::encodable_choices())]
+    NotEncodable { dtype: DType },
 }
 
 impl DType {
-    pub const ALL: [DType; 15] = [
+    pub const ALL: [DType; 22] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -81,11 +102,57 @@ impl DType {
         DType::Q6K,
         DType::IQ4NL,
         DType::IQ4XS,
+        DType::IQ1S,
+        DType::IQ1M,
+        DType::IQ2XXS,
+        DType::IQ2XS,
+        DType::IQ2S,
+        DType::IQ3XXS,
+        DType::IQ3S,
     ];
 
     /// The llama.cpp block formats.
     pub fn is_block_format(self) -> bool {
         !matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// The formats whose weights are points of a grid (iq1, iq2, iq3), decoded but not encoded here.
+    pub fn is_grid_format(self) -> bool {
+        self.grid().is_some()
+    }
+
+    /// A grid format's points as the GPU reads them after each part's blocks: 8 bytes a point
+    /// (iq3: 4), int8 for iq1.
+    pub fn grid(self) -> Option<&'static [u8]> {
+        use iq_grid_tables::*;
+        Some(match self {
+            DType::IQ1S | DType::IQ1M => IQ1S_GRID.as_flattened(),
+            DType::IQ2XXS => IQ2XXS_GRID.as_flattened(),
+            DType::IQ2XS => IQ2XS_GRID.as_flattened(),
+            DType::IQ2S => IQ2S_GRID.as_flattened(),
+            DType::IQ3XXS => IQ3XXS_GRID.as_flattened(),
+            DType::IQ3S => IQ3S_GRID.as_flattened(),
+            _ => return None,
+        })
+    }
+
+    /// The formats [`DType::from_f32`] writes: all but the grid formats.
+    pub fn encodable() -> impl Iterator<Item = DType> {
+        DType::ALL.into_iter().filter(|dtype| !dtype.is_grid_format())
+    }
+
+    /// The format a re-encoding option (`--quant`, JS `quant`) names: one [`DType::from_f32`] writes.
+    pub fn encodable_from_name(name: &str) -> Result<DType, String> {
+        match DType::from_name(name) {
+            Some(dtype) if dtype.is_grid_format() => Err(QuantError::NotEncodable { dtype }.to_string()),
+            Some(dtype) => Ok(dtype),
+            None => Err(format!("{name:?} is not a weight format: {}", DType::encodable_choices())),
+        }
+    }
+
+    /// The encodable formats' names, for an error.
+    pub fn encodable_choices() -> String {
+        crate::error::quoted_choices(&DType::encodable().map(DType::name).collect::<Vec<_>>())
     }
 
     /// Every block format, in [`DType::ALL`]'s order.
@@ -110,6 +177,13 @@ impl DType {
             DType::Q6K => "q6_k",
             DType::IQ4NL => "iq4_nl",
             DType::IQ4XS => "iq4_xs",
+            DType::IQ1S => "iq1_s",
+            DType::IQ1M => "iq1_m",
+            DType::IQ2XXS => "iq2_xxs",
+            DType::IQ2XS => "iq2_xs",
+            DType::IQ2S => "iq2_s",
+            DType::IQ3XXS => "iq3_xxs",
+            DType::IQ3S => "iq3_s",
         }
     }
 
@@ -140,6 +214,13 @@ impl DType {
             DType::Q6K => (256, 210),
             DType::IQ4NL => (32, 18),
             DType::IQ4XS => (256, 136),
+            DType::IQ1S => (256, 50),
+            DType::IQ1M => (256, 56),
+            DType::IQ2XXS => (256, 66),
+            DType::IQ2XS => (256, 74),
+            DType::IQ2S => (256, 82),
+            DType::IQ3XXS => (256, 98),
+            DType::IQ3S => (256, 110),
         }
     }
 
@@ -168,6 +249,13 @@ impl DType {
             DType::Q6K => 12,
             DType::IQ4NL => 13,
             DType::IQ4XS => 14,
+            DType::IQ1S => 15,
+            DType::IQ1M => 16,
+            DType::IQ2XXS => 17,
+            DType::IQ2XS => 18,
+            DType::IQ2S => 19,
+            DType::IQ3XXS => 20,
+            DType::IQ3S => 21,
         }
     }
 
@@ -196,6 +284,13 @@ impl DType {
                     DType::Q5K => k_quants::dequantize_q5_k,
                     DType::IQ4NL => iq4::dequantize_iq4_nl,
                     DType::IQ4XS => iq4::dequantize_iq4_xs,
+                    DType::IQ1S => iq_grid::dequantize_iq1_s,
+                    DType::IQ1M => iq_grid::dequantize_iq1_m,
+                    DType::IQ2XXS => iq_grid::dequantize_iq2_xxs,
+                    DType::IQ2XS => iq_grid::dequantize_iq2_xs,
+                    DType::IQ2S => iq_grid::dequantize_iq2_s,
+                    DType::IQ3XXS => iq_grid::dequantize_iq3_xxs,
+                    DType::IQ3S => iq_grid::dequantize_iq3_s,
                     _ => k_quants::dequantize_q6_k,
                 };
                 let mut out = vec![0.0; bytes.len() / block_bytes * elements];
@@ -209,9 +304,13 @@ impl DType {
 
     /// Encodes f32 values in this format: floats round to nearest even; q4_0, q4_1, q5_0, q5_1 and
     /// q8_0 are byte-identical to ggml's `quantize_row_*_ref` (as the `gguf` package computes them),
-    /// the K-quants and iq4 formats follow ggml's reference quantizers. `values` must be whole blocks.
+    /// the K-quants and iq4 formats follow ggml's reference quantizers. `values` must be whole blocks;
+    /// the grid formats are refused ([`QuantError::NotEncodable`]).
     pub fn from_f32(self, values: &[f32]) -> Result<Vec<u8>, QuantError> {
         let (elements, block_bytes) = self.block();
+        if self.is_grid_format() {
+            return Err(QuantError::NotEncodable { dtype: self });
+        }
         if !values.len().is_multiple_of(elements) {
             return Err(QuantError::PartialBlockValues { dtype: self, len: values.len(), block_elements: elements });
         }
@@ -232,7 +331,8 @@ impl DType {
                     DType::Q5K => k_quants::quantize_q5_k,
                     DType::IQ4NL => iq4::quantize_iq4_nl,
                     DType::IQ4XS => iq4::quantize_iq4_xs,
-                    _ => k_quants::quantize_q6_k,
+                    DType::Q6K => k_quants::quantize_q6_k,
+                    _ => unreachable!("grid formats are refused above"),
                 };
                 let encode = move |values: &[f32], out: &mut [u8]| {
                     for (block, bytes) in values.chunks_exact(elements).zip(out.chunks_exact_mut(block_bytes)) {
