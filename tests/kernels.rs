@@ -998,14 +998,19 @@ fn top_k_matches_reference_with_ties() {
 }
 
 /// Formats that decode in the GEMV frames of another (the 5-bit ones as their 4-bit twins with a
-/// word of high bits more, iq4 with a table of levels, q2_k and q3_k in q6_k's quarters, the grid
-/// formats' groups as q8_0's quarters: the same quarters and pieces), so the GEMV tests run them
-/// in one form of each reduction, not all.
+/// word of high bits more, iq4 with a table of levels, q2_k and q3_k in q6_k's quarters: the same
+/// quarters and pieces), so the GEMV tests run them in one form of each reduction, not all.
 const TWIN_FORMATS: [DType; 7] = [DType::Q5_0, DType::Q5_1, DType::Q2K, DType::Q3K, DType::Q5K, DType::IQ4NL, DType::IQ4XS];
 
-/// The block formats a GEMV test runs in a form: the twins only where `every_format`.
+/// The block formats a GEMV test runs in a form: the twins only where `every_format`. The grid
+/// formats' groups all become q8_0-like quarters through one decoder (grid_group, which
+/// block_formats_decode_in_every_matmul_strategy_and_the_gather checks for each): iq1_s and iq1_m,
+/// with an offset per block and per group, stand for them, as twins.
 fn gemv_formats(every_format: bool) -> impl Iterator<Item = DType> {
-    DType::block_formats().filter(move |dtype| every_format || !(TWIN_FORMATS.contains(dtype) || dtype.is_grid_format()))
+    DType::block_formats().filter(move |dtype| {
+        let twin = TWIN_FORMATS.contains(dtype) || matches!(dtype, DType::IQ1S | DType::IQ1M);
+        (every_format || !twin) && (!dtype.is_grid_format() || twin)
+    })
 }
 
 #[test]
