@@ -25,7 +25,7 @@
 # plain reduction, naga's bounds checks kept (as in a browser), 1/2/4 GEMV rows per workgroup;
 # decode on q8 inputs (--q8-activations: alone, profiled, with --parallel; q8_0, q4_k and 1B too);
 # quant values converted from integers instead of made from float bits (--int-conversions, q8_0 too);
-# q8_0, q4_k, q5_k, iq4_xs, q3_k, q2_k; 1B, 3B and 70B.
+# q8_0, q4_k, q5_k, iq4_xs, q3_k, q2_k, iq3_s, iq2_xxs; 1B, 3B and 70B.
 # run's knobs, for a rehearsal on a slow adapter: LAYERS=1 (fewer layers of every shape), P=512,
 # N=128 (prompt and generation lengths), DEPTH=4096, REPS=3, SKIP_TESTS=1; ONLY="8b-q4_0 ..." runs
 # just the benchmarks named; BUDGET=540 (seconds from the start after which no benchmark starts:
@@ -187,6 +187,8 @@ run() {
         "8b-iq4_xs|--synthetic llama3.1-8b --quant iq4_xs -p 0 -n $n"
         "8b-q3_k|--synthetic llama3.1-8b --quant q3_k -p 0 -n $n"
         "8b-q2_k|--synthetic llama3.1-8b --quant q2_k -p 0 -n $n"
+        "8b-iq3_s|--synthetic llama3.1-8b --quant iq3_s -p 0 -n $n"
+        "8b-iq2_xxs|--synthetic llama3.1-8b --quant iq2_xxs -p 0 -n $n"
         "8b-bf16|--synthetic llama3.1-8b --quant bf16 -p $p -n $n"
         "8b-q4_0-parallel-tiles|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n -r 2 --parallel 16,32 --gemv-max-tokens 1"
         "8b-q4_0-separate-split-merge|--synthetic llama3.1-8b --quant q4_0 -p 0 -n $n --separate-split-merge"

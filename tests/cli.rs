@@ -88,6 +88,14 @@ fn a_chat_template_given_replaces_the_models() {
     assert!(stderr.contains("--chat-template \"chatml.jinja\": no such file, and not a template"), "{stderr}");
 }
 
+/// The grid formats load from GGUF files but are not written here: `--quant` names why (a synthetic
+/// model in them still benchmarks, filled on the GPU).
+#[test]
+fn quant_refuses_a_format_it_cannot_write_by_name() {
+    let stderr = llama_webgpu_fails(&["convert", "no-such-model", "--out", "out", "--quant", "iq2_xxs"]);
+    assert!(stderr.contains("'iq2_xxs' for '--quant <QUANT>': iq2_xxs: weights are not encoded into this format here (it needs an importance matrix"), "{stderr}");
+}
+
 /// A blank `--served-model-name` is refused before anything loads.
 #[test]
 fn a_blank_served_model_name_is_refused() {

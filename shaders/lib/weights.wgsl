@@ -2,9 +2,10 @@
 // format, decoded with f32 arithmetic, bit-exact with ggml's dequantize_row_* (crate::quant's CPU
 // reference). Reads the module's `w: array<u32>` binding, `params.k`, `params.rows` and the
 // WEIGHT_DTYPE override. Blocks are laid out as in the file, but q4_0's, q5_0's, q8_0's, iq4_nl's,
-// q3_k's and q6_k's: a part holds its blocks without their f16 scale d (16, 20, 32, 108 or 208
-// bytes each), then the blocks' scales (crate::gpu::tensor::ScalesApart), so that every quant word
-// is aligned.
+// q3_k's, q6_k's and the grid formats' but iq1_m's: a part holds its blocks without their f16
+// scale d (16, 20, 32, 108, 208 or 48-108 bytes each), then the blocks' scales
+// (crate::gpu::tensor::ScalesApart), so that every quant word is aligned; a grid format's grid
+// follows.
 
 // The byte at which the block holding element `col` of `row` starts, for blocks of `elements`
 // weights in `bytes` bytes.

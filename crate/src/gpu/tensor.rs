@@ -67,7 +67,7 @@ impl WeightMatrix {
         Ok(Self { dtype, rows, cols, parts })
     }
 
-    /// Bytes of a row, in the file and (rearranged for q4_0, q5_0, q8_0, iq4_nl, q3_k and q6_k) in a part.
+    /// Bytes of a row, in the file and (rearranged for q4_0, q5_0, q8_0, iq4_nl, q3_k, q6_k and the grid formats) in a part.
     pub fn row_bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or_default()
     }
@@ -89,7 +89,7 @@ impl WeightMatrix {
     }
 
     /// Where `bytes`, whole rows from `first_row` on in the file's layout, land in the parts as
-    /// they hold them (the file's layout, but q4_0's, q5_0's, q8_0's, iq4_nl's, q3_k's and q6_k's rearranged: [`PartBytes`]):
+    /// they hold them (the file's layout, but the formats' with a scale apart rearranged: [`PartBytes`]):
     /// `place(buffer, offset, piece)` for each contiguous piece, the offset a multiple of 4 when
     /// `first_row` starts a write ([`WeightMatrix::rows_per_write`]). The caller writes a piece
     /// where it wants it ([`PartBytes::write_to`]), so rearranging takes no memory of its own.
