@@ -132,6 +132,8 @@ def main():
         "function-tag.txt": ([], ["Sure. ", "<function=get_weather>", '{"city": "Oslo"}', "</function>"]),
         "hermes.txt": ([], ["I'll check.\n", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>']),
         "code.txt": ([], ["<|python_tag|>", "import math\nprint(", "math.pi)"]),
+        "mistral.txt": ([], ["Checking.", "[TOOL_CALLS]", ' [{"name": "get_weather", "arguments": {"city": "Oslo"}}]']),
+        "mistral-args.txt": ([], ["[TOOL_CALLS]", "get_weather", "[ARGS]", '{"city": "Lima"}', "[TOOL_CALLS]", "get_weather[ARGS]{\"city\": \"Quito\"}"]),
         "stop.txt": (["###", "\n\n"], ["Grüße — 天気", " is fine.#", "## more"]),
         "overlapping-stops.txt": (["xUsery", "User"], ["Hi x", "User", "y"]),
     }

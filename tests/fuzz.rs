@@ -95,13 +95,13 @@ fn every_seed_reaches_the_last_stage_of_its_target() {
         assert!(pieces.contains(fuzzing::OUTPUT_PIECE_END), "{}: one piece", path.display());
         let whole: String = pieces.split(fuzzing::OUTPUT_PIECE_END).collect();
         stops += stop_strings.split(fuzzing::OUTPUT_PIECE_END).any(|stop| !stop.is_empty() && whole.contains(stop)) as usize;
-        for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes, ToolCallFormat::Mistral] {
+        for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes, ToolCallFormat::Mistral, ToolCallFormat::MistralArgs] {
             if !tool_calls::parse(format, &whole, &tools).tool_calls.is_empty() {
                 calls.insert(format!("{format:?}"));
             }
         }
     }
-    assert_eq!(calls.len(), 2, "calls in every format: {calls:?}");
+    assert_eq!(calls.len(), 4, "calls in every format: {calls:?}");
     assert!(stops > 0, "an output that a stop string ends");
 }
 

@@ -295,6 +295,30 @@ fn required_mistral_calls_are_a_list_of_offered_tools() {
     }
 }
 
+/// Mistral's calls from its v11 tokenizer on, required: each `[TOOL_CALLS]`, an offered tool's name,
+/// `[ARGS]` and arguments following its schema (the markers spelled out: the fixture's vocabulary
+/// lacks them), parsed back with 9-character ids.
+#[test]
+fn required_mistral_args_calls_name_offered_tools() {
+    let template = SHORT_TOOL_TEMPLATE.replace("<|python_tag|>", "[TOOL_CALLS] [ARGS]");
+    let Some(mut engine) = engine_with(ChatTemplate::new(&template).unwrap()) else { return };
+    let mut request = chat("What is the weather in Paris?");
+    request.tools = Some(vec![weather_tool()]);
+    request.tool_choice = Some(ToolChoice::Function { kind: "function".into(), function: NamedFunction { name: "get_weather".into() } });
+    request.parallel_tool_calls = Some(false); // one call: the random model would go on calling
+    request.sampling = SamplingParams { max_tokens: Some(90), ..json_params(None) };
+    let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 4).unwrap();
+    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
+        assert_eq!((completion.finish_reason, completion.text.as_str()), (FinishReason::ToolCalls, ""), "seed {seed}: {:?}", completion.tool_calls);
+        assert_eq!(completion.tool_calls.len(), 1);
+        let call = &completion.tool_calls[0];
+        assert_eq!(call.name, "get_weather");
+        assert!(call.id.len() == 9 && call.id.chars().all(|c| c.is_ascii_alphanumeric()), "{}", call.id);
+        let arguments: Value = serde_json::from_str(&call.arguments).unwrap();
+        assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()), "{arguments}");
+    }
+}
+
 #[test]
 fn logprobs_are_the_log_softmax_of_the_logits() {
     let Some(gpu) = gpu() else { return };

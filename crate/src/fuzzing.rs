@@ -95,7 +95,7 @@ pub fn output(data: &[u8]) {
     let until_stop = text_until_stop(&pieces, &stops);
     let until_stop = until_stop.as_str();
     let tools = output_tools();
-    for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes, ToolCallFormat::Mistral] {
+    for format in [ToolCallFormat::Llama3, ToolCallFormat::Hermes, ToolCallFormat::Mistral, ToolCallFormat::MistralArgs] {
         let mut stop_strings = StopStrings::new(stops.clone());
         let mut stream = ToolCallStream::new(format, tools.clone());
         let (mut passed, mut streamed) = (String::new(), String::new());

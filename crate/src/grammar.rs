@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
 use crate::api::{GrammarSyntax, ResponseFormat, Tool};
-use crate::text::tool_calls::ToolCallFormat;
+use crate::text::tool_calls::{ToolCallFormat, MISTRAL_ARGS, MISTRAL_TOOL_CALLS};
 use crate::text::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +21,23 @@ pub enum GrammarError {
     Invalid(String),
     #[error("the output cannot follow its grammar: {0}")]
     Stuck(String),
+}
+
+/// What a request that must call a tool allows, and how the model writes calls.
+#[derive(Clone, Copy)]
+pub struct RequiredCalls<'a> {
+    pub format: ToolCallFormat,
+    /// The request's function tools.
+    pub tools: &'a [Tool],
+    /// Llama 3.1's built-in tools enabled.
+    pub builtin: &'a [String],
+    /// The one function to call; None: any offered.
+    pub only: Option<&'a str>,
+    /// Several calls allowed.
+    pub parallel: bool,
+    /// The id of a control token by its text (Mistral's `[TOOL_CALLS]` and `[ARGS]`), where the
+    /// vocabulary has it: the grammar then takes the token, not its text spelled out.
+    pub control_token: &'a dyn Fn(&str) -> Option<u32>,
 }
 
 /// What a generation must match.
@@ -51,18 +68,19 @@ impl Grammar {
         })
     }
 
-    /// The Lark grammar of an output that is only calls, as `format` writes them: of the function
-    /// `only` (a custom or built-in tool), or else of any tool offered, one or (with `parallel`)
-    /// several. Arguments follow each function's `parameters` schema.
-    /// `marker_token`: the id of Mistral's `[TOOL_CALLS]` control token, which opens its list of
-    /// calls (spelled out as text where the vocabulary lacks it).
-    pub fn tool_calls(format: ToolCallFormat, tools: &[Tool], builtin: &[String], only: Option<&str>, parallel: bool, marker_token: Option<u32>) -> Result<Self, String> {
+    /// The Lark grammar of an output that is only calls, as `required.format` writes them: of the
+    /// function `only` (a custom or built-in tool), or else of any tool offered, one or (with
+    /// `parallel`) several. Arguments follow each function's `parameters` schema.
+    pub fn tool_calls(required: &RequiredCalls) -> Result<Self, String> {
+        let RequiredCalls { format, tools, builtin, only, parallel, control_token } = *required;
         let chosen = |name: &str| only.is_none_or(|only| only == name);
+        // A control token where the vocabulary has it, else its text spelled out.
+        let marker = |text: &str| control_token(text).map_or_else(|| format!("{text:?}"), |id| format!("<[{id}]>"));
         let arguments_key = match format {
             ToolCallFormat::Llama3 => "parameters",
-            ToolCallFormat::Hermes | ToolCallFormat::Mistral => "arguments",
+            ToolCallFormat::Hermes | ToolCallFormat::Mistral | ToolCallFormat::MistralArgs => "arguments",
         };
-        let calls: Vec<Value> = tools
+        let functions: Vec<(&str, Value)> = tools
             .iter()
             .filter_map(|tool| {
                 let name = tool.function.get("name")?.as_str()?;
@@ -70,43 +88,55 @@ impl Grammar {
                     Some(schema @ Value::Object(fields)) if !fields.is_empty() => schema.clone(),
                     _ => json!({"type": "object"}),
                 };
-                chosen(name).then(|| {
-                    json!({
-                        "type": "object",
-                        "properties": {"name": {"const": name}, arguments_key: parameters},
-                        "required": ["name", arguments_key],
-                        "additionalProperties": false,
-                    })
-                })
+                chosen(name).then_some((name, parameters))
             })
             .collect();
         let builtin: Vec<&str> = match format {
             ToolCallFormat::Llama3 => builtin.iter().map(String::as_str).filter(|name| chosen(name)).collect(),
-            ToolCallFormat::Hermes | ToolCallFormat::Mistral => vec![],
+            ToolCallFormat::Hermes | ToolCallFormat::Mistral | ToolCallFormat::MistralArgs => vec![],
         };
-        if let Some(name) = only.filter(|_| calls.is_empty() && builtin.is_empty()) {
+        if let Some(name) = only.filter(|_| functions.is_empty() && builtin.is_empty()) {
             return Err(format!("the function {name:?} is not among the tools offered"));
         }
         let mut rules = vec![];
         let mut start = vec![];
-        if !calls.is_empty() {
-            let schema = with_default_layout(json!({"anyOf": calls}));
+        if !functions.is_empty() {
             let call = match format {
-                ToolCallFormat::Llama3 | ToolCallFormat::Mistral => format!("%json {schema}"),
-                ToolCallFormat::Hermes => format!("\"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""),
+                // The marker, the name as text, [ARGS], the arguments: a rule per function.
+                ToolCallFormat::MistralArgs => {
+                    let (calls, args) = (marker(MISTRAL_TOOL_CALLS), marker(MISTRAL_ARGS));
+                    let each = functions.iter().map(|(name, parameters)| {
+                        let name = Value::from(*name); // a JSON string is a Lark string
+                        format!("{calls} {name} {args} %json {}", with_default_layout(parameters.clone()))
+                    });
+                    each.collect::<Vec<_>>().join(" | ")
+                }
+                _ => {
+                    let objects = functions.iter().map(|(name, parameters)| {
+                        json!({
+                            "type": "object",
+                            "properties": {"name": {"const": name}, arguments_key: parameters},
+                            "required": ["name", arguments_key],
+                            "additionalProperties": false,
+                        })
+                    });
+                    let schema = with_default_layout(json!({"anyOf": objects.collect::<Vec<_>>()}));
+                    match format {
+                        ToolCallFormat::Hermes => format!("\"<tool_call>\\n\" %json {schema} \"\\n</tool_call>\""),
+                        _ => format!("%json {schema}"),
+                    }
+                }
             };
             rules.push(format!("call: {call}"));
             let separator = match format {
-                ToolCallFormat::Llama3 => "\"; \"",
-                ToolCallFormat::Hermes => "\"\\n\"",
-                ToolCallFormat::Mistral => "\", \"",
+                ToolCallFormat::Llama3 => "\"; \" ",
+                ToolCallFormat::Hermes => "\"\\n\" ",
+                ToolCallFormat::Mistral => "\", \" ",
+                ToolCallFormat::MistralArgs => "",
             };
-            let calls = if parallel { format!("call ({separator} call)*") } else { "call".into() };
+            let calls = if parallel { format!("call ({separator}call)*") } else { "call".into() };
             start.push(match format {
-                ToolCallFormat::Mistral => {
-                    let marker = marker_token.map_or_else(|| format!("{:?}", crate::text::tool_calls::MISTRAL_TOOL_CALLS), |id| format!("<[{id}]>"));
-                    format!("{marker} \" [\" {calls} \"]\"")
-                }
+                ToolCallFormat::Mistral => format!("{} \" [\" {calls} \"]\"", marker(MISTRAL_TOOL_CALLS)),
                 _ => calls,
             });
         }

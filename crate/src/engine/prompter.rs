@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::{EngineError, Echo};
 use crate::api::request::{Prompt, TokenizeInput, Work};
 use crate::api::{ChatCompletionRequest, Prediction, ResponseFormat, SamplingParams, Tool, ToolChoice, ToolChoiceMode};
-use crate::grammar::{Constraint, Grammar, GrammarCompiler};
-use crate::text::tool_calls::{ToolCallFormat, ToolSet, BUILTIN_TOOLS, MISTRAL_TOOL_CALLS};
+use crate::grammar::{Constraint, Grammar, GrammarCompiler, RequiredCalls};
+use crate::text::tool_calls::{ToolCallFormat, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, SpecialTokens, TextError, Tokenizer};
 use crate::{Config, Result};
 
@@ -236,8 +236,15 @@ impl Prompter {
                     return Err(EngineError::ToolChoice("built-in tools are called after <|python_tag|>, a token this model's tokenizer does not have".into()).into());
                 }
                 let parallel = request.parallel_tool_calls.unwrap_or(true);
-                let marker_token = self.tokenizer.token_id(MISTRAL_TOOL_CALLS);
-                Some(Grammar::tool_calls(*format, offered_tools(request), &tools.builtin, only, parallel, marker_token).map_err(EngineError::ToolChoice)?)
+                let required = RequiredCalls {
+                    format: *format,
+                    tools: offered_tools(request),
+                    builtin: &tools.builtin,
+                    only,
+                    parallel,
+                    control_token: &|text| self.tokenizer.token_id(text),
+                };
+                Some(Grammar::tool_calls(&required).map_err(EngineError::ToolChoice)?)
             }
         };
         self.finish(vec![prompt], &request.sampling, grammar, calling)

@@ -2,9 +2,11 @@
 //! JSON (`{"name": ..., "parameters": {...}}`, several joined by `;`) or `<function=name>{...}</function>`,
 //! and a built-in one after `<|python_tag|>` (`brave_search.call(query="...")`, or bare code for the code
 //! interpreter); Hermes-style templates (Hermes 2 Pro, Qwen) wrap each call in `<tool_call>`; Mistral
-//! 7B v0.3 writes `[TOOL_CALLS]` and a JSON list of `{"name", "arguments"}`. The references are
-//! Meta's prompt-format docs, llama.cpp's `common_chat_parse_llama_3_1` and vLLM's `llama3_json`
-//! and `mistral` parsers. Text that does not parse as calls to known tools stays content.
+//! 7B v0.3 writes `[TOOL_CALLS]` and a JSON list of `{"name", "arguments"}`, Mistral's models from
+//! its v11 tokenizer on (Mistral Small 3.1 and later) `[TOOL_CALLS]name[ARGS]{...}` for each call.
+//! The references are Meta's prompt-format docs, llama.cpp's `common_chat_parse_llama_3_1` and
+//! vLLM's `llama3_json` and `mistral` parsers. Text that does not parse as calls to known tools
+//! stays content.
 
 use serde_json::{Map, Value};
 
@@ -13,8 +15,10 @@ const FUNCTION_OPEN: &str = "<function=";
 const FUNCTION_CLOSE: &str = "</function>";
 const TOOL_CALL_OPEN: &str = "<tool_call>";
 const TOOL_CALL_CLOSE: &str = "</tool_call>";
-/// Mistral's control token before its list of calls.
+/// Mistral's control token before its list of calls (before each call from v11 on).
 pub const MISTRAL_TOOL_CALLS: &str = "[TOOL_CALLS]";
+/// Mistral's control token between a call's name and its arguments, from v11 on.
+pub const MISTRAL_ARGS: &str = "[ARGS]";
 /// End of turn and end of message: they may end the text (after the calls) and are never content.
 const END_TOKENS: [&str; 2] = ["<|eot_id|>", "<|eom_id|>"];
 /// Left out of content wherever they are: the end tokens, and a tag that no call follows.
@@ -33,19 +37,22 @@ pub const BUILTIN_TOOLS: [&str; 3] = ["brave_search", "wolfram_alpha", CODE_INTE
 pub enum ToolCallFormat {
     Llama3,
     Hermes,
+    /// `[TOOL_CALLS]` and a JSON list of calls.
     Mistral,
+    /// `[TOOL_CALLS]name[ARGS]{...}` for each call.
+    MistralArgs,
 }
 
 impl ToolCallFormat {
     /// Llama 3.x templates mention `<|python_tag|>` or `ipython`; Hermes/Qwen-style ones
-    /// `<tool_call>`; Mistral's `[TOOL_CALLS]`. None: the output stays text.
+    /// `<tool_call>`; Mistral's `[TOOL_CALLS]`, with `[ARGS]` from v11 on. None: the output stays text.
     pub fn detect(template_source: &str) -> Option<Self> {
         if template_source.contains(PYTHON_TAG) || template_source.contains("ipython") {
             Some(Self::Llama3)
         } else if template_source.contains(TOOL_CALL_OPEN) {
             Some(Self::Hermes)
         } else if template_source.contains(MISTRAL_TOOL_CALLS) {
-            Some(Self::Mistral)
+            Some(if template_source.contains(MISTRAL_ARGS) { Self::MistralArgs } else { Self::Mistral })
         } else {
             None
         }
@@ -56,7 +63,7 @@ impl ToolCallFormat {
         match self {
             Self::Llama3 => &[PYTHON_TAG, FUNCTION_OPEN],
             Self::Hermes => &[TOOL_CALL_OPEN],
-            Self::Mistral => &[MISTRAL_TOOL_CALLS],
+            Self::Mistral | Self::MistralArgs => &[MISTRAL_TOOL_CALLS],
         }
     }
 
@@ -64,7 +71,7 @@ impl ToolCallFormat {
     /// Mistral, whose template refuses a call in the history unless its id is 9 of them.
     pub fn call_id(self, mut alphanumeric: impl FnMut() -> char) -> String {
         match self {
-            Self::Mistral => (0..9).map(|_| alphanumeric()).collect(),
+            Self::Mistral | Self::MistralArgs => (0..9).map(|_| alphanumeric()).collect(),
             _ => format!("call_{}", (0..24).map(|_| alphanumeric()).collect::<String>()),
         }
     }
@@ -173,6 +180,7 @@ fn parse_calls(format: ToolCallFormat, mut rest: &str, tools: &ToolSet) -> Optio
             ToolCallFormat::Llama3 => llama_call(rest).map(|(call, after)| (vec![call], after))?,
             ToolCallFormat::Hermes => hermes_call(rest).map(|(call, after)| (vec![call], after))?,
             ToolCallFormat::Mistral => mistral_calls(rest)?,
+            ToolCallFormat::MistralArgs => mistral_args_call(rest).map(|(call, after)| (vec![call], after))?,
         };
         if !found.iter().all(|call| tools.allows(&call.name)) {
             return None;
@@ -224,6 +232,20 @@ fn mistral_calls(text: &str) -> Option<(Vec<ParsedToolCall>, &str)> {
         call => vec![json_call(call)?],
     };
     (!calls.is_empty()).then_some((calls, after))
+}
+
+/// `[TOOL_CALLS]name[ARGS]{...}` at the start of `text` (the name runs to `[ARGS]`, or to the `{`
+/// where the text lost its special tokens, as vLLM reads it), and the text after.
+fn mistral_args_call(text: &str) -> Option<(ParsedToolCall, &str)> {
+    let rest = text.strip_prefix(MISTRAL_TOOL_CALLS)?;
+    let name_end = [rest.find(MISTRAL_ARGS), rest.find('{')].into_iter().flatten().min()?;
+    let name = &rest[..name_end];
+    if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '[') {
+        return None;
+    }
+    let body = &rest[name_end..];
+    let (arguments, after) = json_value(body.strip_prefix(MISTRAL_ARGS).unwrap_or(body))?;
+    Some((ParsedToolCall::new(name, &arguments)?, after))
 }
 
 /// `{"name": ..., "parameters": {...}}`: Llama 3.1 is prompted with `parameters` but also writes
@@ -403,7 +425,7 @@ fn held_tail_start(format: ToolCallFormat, text: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::ToolCallFormat::{Hermes, Llama3, Mistral};
+    use super::ToolCallFormat::{Hermes, Llama3, Mistral, MistralArgs};
     use super::*;
 
     fn tools() -> ToolSet {
@@ -554,6 +576,23 @@ mod tests {
     }
 
     #[test]
+    fn mistral_args_calls() {
+        let text = "Checking.[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"}[TOOL_CALLS]get_time[ARGS]{}";
+        assert_parses(MistralArgs, text, "Checking.", &[("get_weather", r#"{"city":"Paris"}"#), ("get_time", "{}")]);
+        // Without [ARGS], where the text lost its special tokens; an end token after the calls.
+        assert_parses(MistralArgs, "[TOOL_CALLS]get_time{\"zone\": \"CET\"}", "", &[("get_time", r#"{"zone":"CET"}"#)]);
+        assert_parses(MistralArgs, "[TOOL_CALLS]get_time[ARGS]{} <|eot_id|>", "", &[("get_time", "{}")]);
+        // Unknown tools, a missing name, arguments that are not an object, v0.3's list: content.
+        for text in ["[TOOL_CALLS]launch[ARGS]{}", "[TOOL_CALLS][ARGS]{}", "[TOOL_CALLS]get_time[ARGS][1]", "[TOOL_CALLS] [{\"name\": \"get_time\", \"arguments\": {}}]", "[TOOL_CALLS]get time[ARGS]{}"] {
+            assert_content(MistralArgs, text, &tools(), text);
+        }
+        // Every call, not only the first, must parse.
+        let half = "[TOOL_CALLS]get_time[ARGS]{}[TOOL_CALLS]get_weather[ARGS]{\"city\"";
+        assert_content(MistralArgs, half, &tools(), half);
+        assert_eq!(MistralArgs.call_id(|| '7'), "777777777");
+    }
+
+    #[test]
     fn long_blank_runs_before_calls_and_content() {
         let blank = " \n\t ".repeat(50);
         let weather = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#;
@@ -610,6 +649,8 @@ mod tests {
         assert_eq!(ToolCallFormat::detect(hermes), Some(Hermes));
         let mistral = r#"{{- "[TOOL_CALLS] [" }}{%- for tool_call in message.tool_calls %}{{- tool_call.function|tojson }}{%- endfor %}"#;
         assert_eq!(ToolCallFormat::detect(mistral), Some(Mistral));
+        let mistral_args = r#"{{- "[TOOL_CALLS]" + tool_call.function.name + "[ARGS]" + tool_call.function.arguments }}"#;
+        assert_eq!(ToolCallFormat::detect(mistral_args), Some(MistralArgs));
         let plain = "{% for message in messages %}{{ message.role }}: {{ message.content }}\n{% endfor %}";
         assert_eq!(ToolCallFormat::detect(plain), None);
     }
