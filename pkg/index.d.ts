@@ -64,6 +64,15 @@ export interface EngineOptions {
    */
   promptLookup?: boolean;
   /**
+   * A reasoning model's thought (DeepSeek-R1's distilled Llamas write `<think>` ... `</think>`
+   * before answering): "auto" gives it apart from the answer, as the message's and deltas'
+   * `reasoning_content` (a response's `reasoning` item), where the model's template speaks of
+   * `<think>` and its vocabulary has both markers as tokens; "none" leaves it in the content.
+   * Where the prompt opens the thought, a `response_format` or required tool call shapes the
+   * answer after it. Default "auto".
+   */
+  reasoningFormat?: "auto" | "none";
+  /**
    * Speculative decoding with a draft model: a smaller model with the same tokenizer (Llama 3.2
    * 1B for Llama 3.1 8B), given as `model` is, loaded after the model on the same device with as
    * many KV pages; it drafts up to 6 tokens a step for each request while fewer than 7 decode,
@@ -244,7 +253,7 @@ export interface Usage {
    * Where the request brought a `prediction` or drafted by prompt lookup: the drafted tokens the
    * model chose too, and those it did not.
    */
-  completion_tokens_details?: { accepted_prediction_tokens: number; rejected_prediction_tokens: number };
+  completion_tokens_details?: { accepted_prediction_tokens?: number; rejected_prediction_tokens?: number; reasoning_tokens?: number };
 }
 
 /** A call the model made; `arguments` is JSON text. */
@@ -289,7 +298,8 @@ export interface ChatCompletion {
   /** One per choice (`n`), in order. `content` is null when the output is only calls. */
   choices: {
     index: number;
-    message: { role: "assistant"; content: string | null; tool_calls?: ToolCall[] };
+    /** `reasoning_content`: a reasoning model's thought, apart from its answer (`reasoningFormat`). */
+    message: { role: "assistant"; content: string | null; reasoning_content?: string; tool_calls?: ToolCall[] };
     logprobs: ChatLogprobs | null;
     finish_reason: FinishReason;
     token_ids: number[];
@@ -309,7 +319,7 @@ export interface ChatCompletionChunk {
    */
   choices: [{
     index: number;
-    delta: { role?: "assistant"; content?: string; tool_calls?: (ToolCall & { index: number })[] };
+    delta: { role?: "assistant"; content?: string; reasoning_content?: string; tool_calls?: (ToolCall & { index: number })[] };
     logprobs: ChatLogprobs | null;
     finish_reason: FinishReason | null;
     token_ids: number[];
@@ -342,7 +352,8 @@ export interface TextCompletionChunk {
 export type ResponseInputItem =
   | { type?: "message"; role: "user" | "assistant" | "system" | "developer"; content: string | { type: "input_text" | "output_text"; text: string }[] }
   | { type: "function_call"; call_id: string; name: string; arguments: string; id?: string; status?: string }
-  | { type: "function_call_output"; call_id: string; output: string | { type: "input_text"; text: string }[] };
+  | { type: "function_call_output"; call_id: string; output: string | { type: "input_text"; text: string }[] }
+  | ReasoningItem;
 
 /**
  * OpenAI's Responses API request: it runs as the chat of the same turns (`instructions` as the
@@ -369,7 +380,11 @@ export interface ResponseCreateParams extends Omit<SamplingParams, "max_tokens" 
   onPrefillProgress?: (done: number, total: number) => void;
 }
 
+/** A reasoning model's thought, given back as it came (models' templates leave earlier thoughts out). */
+export type ReasoningItem = { type: "reasoning"; id: string; summary: []; content: { type: "reasoning_text"; text: string }[] };
+
 export type ResponseOutputItem =
+  | ReasoningItem
   | { type: "message"; id: string; status: string; role: "assistant"; content: { type: "output_text"; text: string; annotations: []; logprobs?: TokenLogprob[] }[] }
   | { type: "function_call"; id: string; call_id: string; name: string; arguments: string; status: string };
 
@@ -381,9 +396,12 @@ export interface Response {
   status: "in_progress" | "completed" | "incomplete" | "cancelled" | "failed";
   incomplete_details: { reason: "max_output_tokens" } | null;
   model: string;
-  /** The message (none where the output is only calls), then a function_call item per call. */
+  /**
+   * A reasoning model's thought (a `reasoning` item), the message (none where the output is only
+   * calls), then a function_call item per call.
+   */
   output: ResponseOutputItem[];
-  usage: { input_tokens: number; input_tokens_details: { cached_tokens: number }; output_tokens: number; output_tokens_details: { reasoning_tokens: 0 }; total_tokens: number } | null;
+  usage: { input_tokens: number; input_tokens_details: { cached_tokens: number }; output_tokens: number; output_tokens_details: { reasoning_tokens: number }; total_tokens: number } | null;
   previous_response_id: string | null;
   store: boolean;
   [setting: string]: unknown;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{exact, golden, gpu, gpu_with, load_model, truncated_llama3_tokenizer};
+use common::{exact, golden, gpu, gpu_with, load_model, truncated_llama3_tokenizer, truncated_llama3_tokenizer_with};
 use llama_webgpu::api::{
     ChatCompletionRequest, DraftUsage, ChatMessage, FinishReason, GrammarFormat, GrammarSyntax, JsonSchemaFormat, Logprobs, NamedFunction, Prediction,
     ResponseFormat, SamplingParams, Tool, ToolChoice, ToolChoiceMode,
@@ -317,6 +317,99 @@ fn required_mistral_args_calls_name_offered_tools() {
         let arguments: Value = serde_json::from_str(&call.arguments).unwrap();
         assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()), "{arguments}");
     }
+}
+
+/// The ids a reasoning model's markers take in the fixture's vocabulary (the two before its BOS and EOS).
+const THINK: u32 = 998;
+const THINK_END: u32 = 999;
+
+/// The fixture as a reasoning model whose template opens the thought (as DeepSeek-R1's does); its
+/// thoughts left in the content unless `parsed`.
+fn thinking_engine(gpu: &Gpu, parsed: bool) -> Engine {
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 8, ..Default::default() };
+    let model = load_model(gpu, FIXTURE, &options).unwrap();
+    let tokenizer = truncated_llama3_tokenizer_with(model.config().vocab_size, &[(THINK, "<think>"), (THINK_END, "</think>")]);
+    let template = ChatTemplate::new("{%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: <think>\n").unwrap();
+    Engine::new(model, tokenizer, template, 1).unwrap().with_prompt_lookup(true).with_reasoning_parsed(parsed)
+}
+
+/// Raises `</think>` so that the random model ends its thought within a few dozen tokens.
+fn thought_ending(response_format: Option<ResponseFormat>) -> SamplingParams {
+    let mut bias = closing_bias().unwrap();
+    bias.insert(THINK_END.to_string(), 3.0);
+    SamplingParams { logit_bias: Some(bias), max_tokens: Some(60), ..json_params(response_format) }
+}
+
+/// A thought the prompt opened is `reasoning` up to `</think>`, the rest the content: the same
+/// tokens as with the thought left in the content, whose text is the two joined by the marker.
+#[test]
+fn a_thought_is_told_apart_from_the_answer() {
+    let Some(gpu) = gpu() else { return };
+    let request = ChatCompletionRequest { sampling: thought_ending(None), ..chat("Why is the sky blue?") };
+    let run = |parsed: bool| {
+        let mut engine = thinking_engine(&gpu, parsed);
+        let ids = engine.add_work(&Work::Chat(request.clone()), &RenderOptions::default(), CancelToken::default(), 8).unwrap();
+        finish_all(&mut engine, &ids)
+    };
+    let (parsed, raw) = (run(true), run(false));
+    let mut ended = 0;
+    for (seed, (parsed, raw)) in parsed.iter().zip(&raw).enumerate() {
+        assert_eq!(parsed.tokens, raw.tokens, "seed {seed}: telling the thought apart changes no token");
+        assert_eq!(raw.reasoning, None);
+        let reasoning = parsed.reasoning.as_deref().unwrap_or_else(|| panic!("seed {seed}: the prompt opened a thought"));
+        match parsed.tokens.iter().position(|&t| t == THINK_END) {
+            Some(end) => {
+                ended += 1;
+                let (thought, answer) = raw.text.split_once("</think>").unwrap();
+                assert_eq!((reasoning, parsed.text.as_str()), (thought, answer.trim_start()), "seed {seed}");
+                assert_eq!(parsed.usage.reasoning_tokens as usize, end + 1, "seed {seed}: the thought's tokens and its end");
+            }
+            None => {
+                assert_eq!((reasoning, parsed.text.as_str()), (raw.text.as_str(), ""), "seed {seed}: a thought cut short is all reasoning");
+                assert_eq!(parsed.usage.reasoning_tokens, parsed.usage.completion_tokens);
+            }
+        }
+    }
+    assert!((2..8).contains(&ended), "{ended} of 8 thoughts ended: the bias should end some, not all");
+}
+
+/// Where the prompt opened the thought, the grammar shapes the answer after `</think>`: the
+/// thought is free text, the answer JSON.
+#[test]
+fn a_grammar_shapes_the_answer_after_the_thought() {
+    let Some(gpu) = gpu() else { return };
+    let mut engine = thinking_engine(&gpu, true);
+    let request = ChatCompletionRequest { sampling: thought_ending(Some(ResponseFormat::JsonObject)), ..chat("Answer in JSON.") };
+    let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 8).unwrap();
+    let (mut answered, mut free_thoughts) = (0, 0);
+    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
+        let reasoning = completion.reasoning.as_deref().unwrap();
+        let thought = reasoning.trim_start();
+        free_thoughts += (!thought.is_empty() && !thought.starts_with('{')) as usize;
+        // The end of turn may come in the thought, where no grammar applies.
+        if completion.finish_reason == FinishReason::Stop && completion.tokens.contains(&THINK_END) {
+            answered += 1;
+            let value: Value = serde_json::from_str(&completion.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", completion.text));
+            assert!(value.is_object(), "seed {seed}: {value}");
+        }
+    }
+    assert!(answered > 0 && free_thoughts > 0, "{answered} answers, {free_thoughts} thoughts not shaped as JSON");
+}
+
+/// No parsing where the template never speaks of thoughts, or the markers are not tokens.
+#[test]
+fn thoughts_are_told_apart_only_where_the_model_has_them() {
+    let Some(gpu) = gpu() else { return };
+    assert_eq!(thinking_engine(&gpu, true).prompter().think_tokens().map(|t| (t.start, t.end)), Some((THINK, THINK_END)));
+    assert_eq!(thinking_engine(&gpu, false).prompter().think_tokens(), None);
+    let template = ChatTemplate::new("{{ messages[0].content }} <think>").unwrap();
+    let options = LoadOptions { context_length: Some(CONTEXT), ..Default::default() };
+    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    let vocab = model.config().vocab_size;
+    assert_eq!(Engine::new(model, truncated_llama3_tokenizer(vocab), template, 1).unwrap().prompter().think_tokens(), None);
+    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    let tokenizer = truncated_llama3_tokenizer_with(vocab, &[(THINK, "<think>"), (THINK_END, "</think>")]);
+    assert_eq!(Engine::new(model, tokenizer, ChatTemplate::llama31(), 1).unwrap().prompter().think_tokens(), None);
 }
 
 #[test]

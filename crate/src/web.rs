@@ -218,6 +218,9 @@ struct WebLoadOptions {
     no_subgroups: Option<bool>,
     /// Requests draft by prompt lookup (Engine::with_prompt_lookup; default false).
     prompt_lookup: Option<bool>,
+    /// "auto" (the default): a reasoning model's thought apart from its answer
+    /// (Engine::with_reasoning_parsed); "none": left in the content.
+    reasoning_format: Option<String>,
     /// A smaller model of the same tokenizer that drafts tokens (Engine::with_draft_model), as
     /// `url` is given.
     draft_model: Option<String>,
@@ -263,7 +266,7 @@ fn start() {
 /// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
 /// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
 /// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, noSubgroups?, promptLookup?,
-/// draftModel?}`. `on_progress(bytesDone, bytesTotal, tensor, stage)` is called as the load goes through its
+/// draftModel?, reasoningFormat?}`. `on_progress(bytesDone, bytesTotal, tensor, stage)` is called as the load goes through its
 /// stages: "self-test" (the kernels checked on this GPU, before the weights), then per chunk of
 /// weights uploaded "download" or "cache" (where they came from), then "prepare" once they all
 /// are (the KV cache allocated, the passes built); a draft model's weights follow, their tensors
@@ -275,6 +278,11 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
     }
+    let parse_reasoning = match options.reasoning_format.as_deref() {
+        None | Some("auto") => true,
+        Some("none") => false,
+        Some(other) => return Err(request_error(Some("reasoningFormat"), format!("reasoningFormat: {other:?} is neither \"auto\" nor \"none\""))),
+    };
     let kv_type = match options.kv_type.as_deref() {
         None => None,
         Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: {}", KvType::choices())))?),
@@ -316,7 +324,10 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let model = load_web_model(&gpu, config, &source, &load_options, "", &report).await?;
     let mut described = describe_engine(&gpu, &model, Some(&source));
     let seed = (js_sys::Math::random() * 9007199254740992.0) as u64;
-    let mut engine = Engine::new(model, tokenizer, template, seed).map_err(to_js)?.with_prompt_lookup(options.prompt_lookup.unwrap_or(false));
+    let mut engine = Engine::new(model, tokenizer, template, seed)
+        .map_err(to_js)?
+        .with_prompt_lookup(options.prompt_lookup.unwrap_or(false))
+        .with_reasoning_parsed(parse_reasoning);
     if let Some(draft_url) = &options.draft_model {
         let draft_source = open_web_model(draft_url, &options).await?;
         let draft_config = draft_source.config().map_err(to_js)?;
@@ -594,8 +605,8 @@ async fn drive(mut engine: Engine, generation: u64) {
                         Event::Prefill { .. } => {}
                         Event::Delta(delta) if request.stream => {
                             let chunks = match &mut request.output {
-                                Output::Chunks(chunks) => vec![chunks.delta(choice, &delta.text, delta.token, delta.logprob.as_ref())],
-                                Output::Response { events, .. } => events.delta(&delta.text, delta.logprob.as_ref()),
+                                Output::Chunks(chunks) => vec![chunks.delta(choice, &delta)],
+                                Output::Response { events, .. } => events.delta(&delta),
                             };
                             chunks.iter().for_each(|chunk| request.send(chunk));
                         }

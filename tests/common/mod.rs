@@ -182,14 +182,23 @@ pub fn llama3_tokenizer() -> &'static llama_webgpu::text::Tokenizer {
 /// The Llama 3 tokenizer cut to its first `vocab` ids (byte-level BPE stays complete: the first 256
 /// ids are the bytes), for the tiny fixtures' vocabulary.
 pub fn truncated_llama3_tokenizer(vocab: usize) -> llama_webgpu::text::Tokenizer {
+    truncated_llama3_tokenizer_with(vocab, &[])
+}
+
+/// [`truncated_llama3_tokenizer`] with `added` (id, text) as tokens of their own, not special
+/// (as DeepSeek-R1's `<think>` and `</think>`), in place of the vocabulary's tokens of those ids.
+pub fn truncated_llama3_tokenizer_with(vocab: usize, added: &[(u32, &str)]) -> llama_webgpu::text::Tokenizer {
     let mut json: serde_json::Value = serde_json::from_slice(&llama3_tokenizer_json()).unwrap();
     let model = &mut json["model"];
     let kept: serde_json::Map<String, serde_json::Value> = model["vocab"]
         .as_object()
         .unwrap()
         .iter()
-        .filter(|(_, id)| (id.as_u64().unwrap() as usize) < vocab)
+        .filter(|(_, id)| (id.as_u64().unwrap() as usize) < vocab && !added.iter().any(|&(taken, _)| id.as_u64() == Some(taken as u64)))
         .map(|(t, id)| (t.clone(), id.clone()))
+        // The vocabulary holds the added tokens too, under their ids (tokenizers gives an added
+        // token the vocabulary's id for its text, else the next free one).
+        .chain(added.iter().map(|&(id, content)| (content.to_string(), serde_json::json!(id))))
         .collect();
     let merge_parts = |m: &serde_json::Value| -> (String, String) {
         match m {
@@ -212,7 +221,10 @@ pub fn truncated_llama3_tokenizer(vocab: usize) -> llama_webgpu::text::Tokenizer
         .collect();
     model["vocab"] = serde_json::Value::Object(kept);
     model["merges"] = serde_json::Value::Array(merges);
-    json["added_tokens"] = serde_json::Value::Array(vec![]);
+    json["added_tokens"] = added
+        .iter()
+        .map(|&(id, content)| serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}))
+        .collect();
     json["post_processor"] = serde_json::Value::Null;
     llama_webgpu::text::Tokenizer::from_json_bytes(&serde_json::to_vec(&json).unwrap()).unwrap()
 }

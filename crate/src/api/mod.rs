@@ -23,6 +23,10 @@ pub struct ChatMessage {
     pub tool_calls: Option<Vec<ToolCall>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// An assistant's thought, as a reasoning model's response gave it: sent back with the
+    /// conversation, for templates that show it (DeepSeek-R1's leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatMessage {
@@ -295,6 +299,9 @@ pub struct Usage {
     pub total_tokens: u32,
     /// Prompt tokens whose KV cache entries were reused from the previous request.
     pub cached_prompt_tokens: u32,
+    /// Generated tokens of the model's thought, its markers included.
+    #[serde(default)]
+    pub reasoning_tokens: u32,
     /// Drafted tokens (from a prediction or by prompt lookup) the model chose, and those it did
     /// not; None where the request drafted nothing and brought no prediction.
     pub drafts: Option<DraftUsage>,

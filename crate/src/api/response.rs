@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::{FinishReason, GeneratedToolCall, TokenLogprob, Usage};
 use super::request::TokenizeRequest;
-use crate::engine::{ChoiceResults, Echo, Prompter};
+use crate::engine::{ChoiceResults, Delta, Echo, Prompter};
 use crate::Completion;
 
 pub use crate::engine::Endpoint;
@@ -57,6 +57,9 @@ pub fn usage_json(usage: &Usage) -> Value {
     if let Some(drafts) = usage.drafts {
         json["completion_tokens_details"] = json!({"accepted_prediction_tokens": drafts.accepted, "rejected_prediction_tokens": drafts.rejected});
     }
+    if usage.reasoning_tokens > 0 {
+        json["completion_tokens_details"]["reasoning_tokens"] = usage.reasoning_tokens.into();
+    }
     json
 }
 
@@ -74,9 +77,13 @@ fn tool_call_json(call: &GeneratedToolCall) -> Value {
     json!({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
 }
 
-/// A chat completion's message: content (null when the output is only calls) and the calls.
+/// A chat completion's message: content (null when the output is only calls), the calls, and
+/// the model's thought where it wrote one (`reasoning_content`, as vLLM and llama.cpp give it).
 fn chat_message(completion: &Completion) -> Value {
     let mut message = json!({"role": "assistant", "content": completion.text});
+    if let Some(reasoning) = &completion.reasoning {
+        message["reasoning_content"] = reasoning.as_str().into();
+    }
     if !completion.tool_calls.is_empty() {
         if completion.text.is_empty() {
             message["content"] = Value::Null;
@@ -207,6 +214,13 @@ impl ResponseMeta {
     }
 }
 
+/// A delta's text: the answer's, or the model's thought's.
+#[derive(Clone, Copy)]
+enum Text<'a> {
+    Answer(&'a str),
+    Thought(&'a str),
+}
+
 /// Where a stream reports the usage of its request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamUsage {
@@ -252,15 +266,20 @@ impl ChunkStream {
     /// A choice of a chunk: text, the ids of the tokens that completed it and the log probability
     /// of the last (with its character offset, for text completions), or the choice's finish
     /// reason.
-    fn content_choice(&self, index: usize, text: &str, token_ids: &[u32], logprob: Option<(&TokenLogprob, usize)>, reason: Option<&str>) -> Value {
+    fn content_choice(&self, index: usize, text: Text, token_ids: &[u32], logprob: Option<(&TokenLogprob, usize)>, reason: Option<&str>) -> Value {
         match self.meta.endpoint {
             Endpoint::Chat => {
-                let delta = if reason.is_some() { json!({}) } else { json!({"content": text}) };
+                let delta = match (reason, text) {
+                    (Some(_), _) => json!({}),
+                    (None, Text::Answer(text)) => json!({"content": text}),
+                    (None, Text::Thought(text)) => json!({"reasoning_content": text}),
+                };
                 let logprobs = logprob.map(|(l, _)| chat_logprobs(std::slice::from_ref(l)));
                 json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason, "token_ids": token_ids})
             }
             Endpoint::Completion => {
                 let logprobs = logprob.map(|(l, offset)| completion_logprobs(std::slice::from_ref(l), offset));
+                let (Text::Answer(text) | Text::Thought(text)) = text;
                 json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "token_ids": token_ids})
             }
         }
@@ -286,14 +305,15 @@ impl ChunkStream {
         self.chunk(json!({"index": choice, "text": echo.text, "logprobs": logprobs, "finish_reason": null, "token_ids": echo.tokens}))
     }
 
-    /// The chunk of a delta of choice `choice`: its text and the token that completed it, if any.
-    pub fn delta(&mut self, choice: usize, text: &str, token: Option<u32>, logprob: Option<&TokenLogprob>) -> Value {
+    /// The chunk of a delta of choice `choice`: its text (a thought's as `reasoning_content`) and
+    /// the token that completed it, if any.
+    pub fn delta(&mut self, choice: usize, delta: &Delta) -> Value {
         let offset = self.offsets.get(choice).copied().unwrap_or_default();
-        if let (Some(l), Some(offset)) = (logprob, self.offsets.get_mut(choice)) {
+        if let (Some(l), Some(offset)) = (&delta.logprob, self.offsets.get_mut(choice)) {
             *offset += token_text(&l.bytes).chars().count();
         }
-        let token_ids: &[u32] = token.as_slice();
-        self.chunk(self.content_choice(choice, text, token_ids, logprob.map(|l| (l, offset)), None))
+        let text = if delta.thought { Text::Thought(&delta.text) } else { Text::Answer(&delta.text) };
+        self.chunk(self.content_choice(choice, text, delta.token.as_slice(), delta.logprob.as_ref().map(|l| (l, offset)), None))
     }
 
     /// The chunks of choice `choice` ending as `completion` (and after the last choice, the usage
@@ -310,7 +330,7 @@ impl ChunkStream {
                 self.chunk(json!({"index": choice, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null, "token_ids": []}))
             })
             .collect();
-        chunks.push(self.chunk(self.content_choice(choice, "", &[], None, Some(reason))));
+        chunks.push(self.chunk(self.content_choice(choice, Text::Answer(""), &[], None, Some(reason))));
         let Some(completions) = self.results.record(choice, completion) else { return (chunks, None) };
         let usage = usage_json(&Completion::usage_of_choices(&completions));
         match self.usage {
@@ -339,8 +359,12 @@ mod tests {
         ResponseMeta { endpoint, id: "chatcmpl-1".into(), created: 7, model: "tiny".into() }
     }
 
+    fn answer(text: &str, token: Option<u32>) -> Delta {
+        Delta { text: text.into(), token, logprob: None, thought: false }
+    }
+
     fn completion() -> Completion {
-        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, drafts: None };
+        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, ..Default::default() };
         Completion { text: "Hi there".into(), tokens: vec![1, 2], finish_reason: FinishReason::Length, usage, ..Default::default() }
     }
 
@@ -365,7 +389,7 @@ mod tests {
     fn chat_stream_chunks_with_usage_in_a_chunk_of_its_own() {
         let mut stream = ChunkStream::new(meta(Endpoint::Chat), StreamUsage::OwnChunk, 1);
         let mut chunks = stream.start();
-        chunks.push(stream.delta(0, "Hi\nthere \"x\"", Some(9), None));
+        chunks.push(stream.delta(0, &answer("Hi\nthere \"x\"", Some(9))));
         let (end, completions) = stream.finish(0, completion());
         assert_eq!(completions, Some(vec![completion()]));
         chunks.extend(end);
@@ -385,7 +409,7 @@ mod tests {
     fn completion_stream_chunks_without_usage_and_with_usage_on_the_last() {
         let mut stream = ChunkStream::new(meta(Endpoint::Completion), StreamUsage::Omitted, 1);
         assert!(stream.start().is_empty());
-        let delta = stream.delta(0, "abc", None, None);
+        let delta = stream.delta(0, &answer("abc", None));
         assert_eq!(delta["object"], "text_completion");
         assert_eq!(delta["choices"][0]["text"], "abc");
         assert_eq!(delta["choices"][0]["token_ids"], json!([]));
@@ -397,7 +421,7 @@ mod tests {
         assert!(end[0].get("usage").is_none());
 
         let mut stream = ChunkStream::new(meta(Endpoint::Completion), StreamUsage::LastChunk, 1);
-        assert!(stream.delta(0, "abc", Some(3), None).get("usage").is_none());
+        assert!(stream.delta(0, &answer("abc", Some(3))).get("usage").is_none());
         let (end, _) = stream.finish(0, completion());
         assert_eq!(end.len(), 1);
         assert_eq!((&end[0]["choices"][0]["finish_reason"], &end[0]["usage"]["prompt_tokens_details"]), (&json!("length"), &json!({"cached_tokens": 3})));
@@ -408,7 +432,7 @@ mod tests {
         let mut stream = ChunkStream::new(meta(Endpoint::Chat), StreamUsage::OwnChunk, 2);
         let starts = stream.start();
         assert_eq!(starts.iter().map(|c| c["choices"][0]["index"].clone()).collect::<Vec<_>>(), [json!(0), json!(1)]);
-        assert_eq!(stream.delta(1, "b", Some(4), None)["choices"][0], json!({"index": 1, "delta": {"content": "b"}, "logprobs": null, "finish_reason": null, "token_ids": [4]}));
+        assert_eq!(stream.delta(1, &answer("b", Some(4)))["choices"][0], json!({"index": 1, "delta": {"content": "b"}, "logprobs": null, "finish_reason": null, "token_ids": [4]}));
         // The second choice of the prompt: its prompt tokens are the first's.
         let second = Completion { prompt_shared: true, ..completion() };
         let (first_end, completions) = stream.finish(1, second.clone());
@@ -438,5 +462,21 @@ mod tests {
         indexed["index"] = json!(0);
         assert_eq!(end[0]["choices"][0]["delta"], json!({"tool_calls": [indexed]}));
         assert_eq!((&end[1]["choices"][0]["finish_reason"], end[1]["usage"]["total_tokens"].as_u64()), (&json!("tool_calls"), Some(7)));
+    }
+
+    /// A reasoning model's thought: `reasoning_content` beside the content, in deltas of its own,
+    /// its tokens counted in the usage.
+    #[test]
+    fn a_thought_is_reasoning_content() {
+        let usage = Usage { completion_tokens: 6, reasoning_tokens: 4, ..completion().usage };
+        let thought = Completion { reasoning: Some("Hmm.".into()), usage, ..completion() };
+        let body = meta(Endpoint::Chat).completion(std::slice::from_ref(&thought));
+        assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "Hi there", "reasoning_content": "Hmm."}));
+        assert_eq!(body["usage"]["completion_tokens_details"], json!({"reasoning_tokens": 4}));
+        assert!(meta(Endpoint::Chat).completion(&[completion()])["usage"].get("completion_tokens_details").is_none());
+        let mut stream = ChunkStream::new(meta(Endpoint::Chat), StreamUsage::Omitted, 1);
+        let delta = stream.delta(0, &Delta { thought: true, ..answer("Hmm", Some(5)) });
+        assert_eq!(delta["choices"][0]["delta"], json!({"reasoning_content": "Hmm"}));
+        assert_eq!(stream.delta(0, &answer("Hi", Some(6)))["choices"][0]["delta"], json!({"content": "Hi"}));
     }
 }

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::request::{kind_of, read_chat, Parsed, RequestError, UnknownFields, Work};
 use super::response::chat_logprobs;
 use super::{ChatMessage, FinishReason, FunctionCall, TokenLogprob, ToolCall};
+use crate::engine::Delta;
 use crate::Completion;
 
 /// The `include` value that asks for the output tokens' log probabilities.
@@ -268,7 +269,10 @@ fn input_turns(input: &Value) -> Result<Conversation, RequestError> {
                 kept.push(json!({"type": "function_call_output", "id": id, "call_id": call_id, "output": fields["output"], "status": "completed"}));
                 messages.push(ChatMessage { role: "tool".into(), content: Some(output), tool_call_id: Some(call_id), ..Default::default() });
             }
-            "reasoning" => return Err(RequestError::unsupported("input", format!("{place}: reasoning items are not supported: Llama 3.1 does not reason apart from its output"))),
+            // A thought given back with the output it led to (as clients pass a response's whole
+            // output on): kept as an item, left out of the turns, as reasoning models' templates
+            // leave earlier thoughts out of the prompt.
+            "reasoning" => kept.push(item.clone()),
             "item_reference" => {
                 return Err(RequestError::unsupported("input", format!("{place}: item references are not supported: send the item, or continue its response with previous_response_id")))
             }
@@ -450,23 +454,33 @@ impl ResponseHeader {
                 "input_tokens": usage.prompt_tokens,
                 "input_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
                 "output_tokens": usage.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
                 "total_tokens": usage.total_tokens,
             });
         }
         object
     }
 
-    /// The finished response: a message with the text (none where the output is only calls),
-    /// then an item per function call.
+    /// The finished response: the model's thought where it wrote one, a message with the text
+    /// (none where the output is only calls), then an item per function call.
     pub fn response(&self, completion: &Completion) -> Value {
-        let mut output = vec![];
+        let mut output: Vec<Value> = completion.reasoning.iter().map(|thought| self.reasoning_item(Some(thought))).collect();
         if !completion.text.is_empty() || completion.tool_calls.is_empty() {
             let logprobs = completion.logprobs.as_deref().map(logprob_entries);
             output.push(self.message_item("completed", vec![text_part(&completion.text, logprobs)]));
         }
         output.extend(completion.tool_calls.iter().enumerate().map(|(k, call)| self.call_item(k, "completed", &call.id, &call.name, &call.arguments)));
         self.object(status_of(completion.finish_reason), output, Some(completion))
+    }
+
+    fn reasoning_id(&self) -> String {
+        format!("rs_{}", self.serial())
+    }
+
+    /// A reasoning item, its text a `reasoning_text` part (none while it streams).
+    fn reasoning_item(&self, text: Option<&str>) -> Value {
+        let content: Vec<Value> = text.iter().map(|&text| reasoning_part(text)).collect();
+        json!({"type": "reasoning", "id": self.reasoning_id(), "summary": [], "content": content})
     }
 
     fn message_item(&self, status: &str, content: Vec<Value>) -> Value {
@@ -496,6 +510,10 @@ fn status_of(reason: FinishReason) -> &'static str {
     }
 }
 
+fn reasoning_part(text: &str) -> Value {
+    json!({"type": "reasoning_text", "text": text})
+}
+
 /// An output_text part; its logprobs where the request asked for them.
 fn text_part(text: &str, logprobs: Option<Vec<Value>>) -> Value {
     let mut part = json!({"type": "output_text", "text": text, "annotations": []});
@@ -514,14 +532,20 @@ fn logprob_entries(logprobs: &[TokenLogprob]) -> Vec<Value> {
     }
 }
 
-/// A streamed response's events: `response.created` and `response.in_progress`, the message's
-/// item and text part opened at its first text, a delta per piece of text, then the finished
-/// response's items closed in turn (the message, each function call) and `response.completed`
-/// (or `response.incomplete`) with the whole response. Each event carries its type and a sequence
-/// number.
+/// A streamed response's events: `response.created` and `response.in_progress`; a reasoning
+/// model's thought as an item opened at its first text, a `reasoning_text` delta per piece, closed
+/// when the answer begins; the message's item and text part opened at its first text, a delta per
+/// piece of text, then the finished response's items closed in turn (the message, each function
+/// call) and `response.completed` (or `response.incomplete`) with the whole response. Each event
+/// carries its type and a sequence number.
 pub struct ResponseEvents {
     header: ResponseHeader,
     sequence: u64,
+    /// The thought's item: whether it was opened (its text came as deltas), the text so far, and
+    /// whether it is closed.
+    thought_open: bool,
+    thought: String,
+    thought_closed: bool,
     /// Whether the message's item is open (its text came as deltas).
     message_open: bool,
     logprobs: bool,
@@ -530,7 +554,12 @@ pub struct ResponseEvents {
 impl ResponseEvents {
     /// `logprobs`: whether the request asked for log probabilities.
     pub fn new(header: ResponseHeader, logprobs: bool) -> Self {
-        Self { header, sequence: 0, message_open: false, logprobs }
+        Self { header, sequence: 0, thought_open: false, thought: String::new(), thought_closed: false, message_open: false, logprobs }
+    }
+
+    /// The message's place in the output: after the thought, where there is one.
+    fn message_index(&self) -> usize {
+        self.thought_open as usize
     }
 
     pub fn header(&self) -> &ResponseHeader {
@@ -555,24 +584,59 @@ impl ResponseEvents {
         if self.message_open {
             return;
         }
+        self.close_thought(events);
         self.message_open = true;
         let item = self.header.message_item("in_progress", vec![]);
         let part = text_part("", self.logprobs.then(Vec::new));
-        let item_id = self.header.message_id();
-        events.push(self.event("response.output_item.added", json!({"output_index": 0, "item": item})));
-        events.push(self.event("response.content_part.added", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": part})));
+        let (item_id, output_index) = (self.header.message_id(), self.message_index());
+        events.push(self.event("response.output_item.added", json!({"output_index": output_index, "item": item})));
+        events.push(self.event("response.content_part.added", json!({"item_id": item_id, "output_index": output_index, "content_index": 0, "part": part})));
     }
 
-    /// The events of a piece of text and the log probability of the token that completed it.
-    pub fn delta(&mut self, text: &str, logprob: Option<&TokenLogprob>) -> Vec<Value> {
+    /// The thought comes first: its item opens at its first text.
+    fn open_thought(&mut self, events: &mut Vec<Value>) {
+        if self.thought_open {
+            return;
+        }
+        self.thought_open = true;
+        let item = self.header.reasoning_item(None);
+        let item_id = self.header.reasoning_id();
+        events.push(self.event("response.output_item.added", json!({"output_index": 0, "item": item})));
+        events.push(self.event("response.content_part.added", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "part": reasoning_part("")})));
+    }
+
+    /// Ends the thought's item, if it is open.
+    fn close_thought(&mut self, events: &mut Vec<Value>) {
+        if !self.thought_open || self.thought_closed {
+            return;
+        }
+        self.thought_closed = true;
+        let (item_id, thought) = (self.header.reasoning_id(), std::mem::take(&mut self.thought));
+        let place = json!({"item_id": item_id, "output_index": 0, "content_index": 0});
+        events.push(self.event("response.reasoning_text.done", with(&place, json!({"text": thought}))));
+        events.push(self.event("response.content_part.done", with(&place, json!({"part": reasoning_part(&thought)}))));
+        let item = self.header.reasoning_item(Some(&thought));
+        events.push(self.event("response.output_item.done", json!({"output_index": 0, "item": item})));
+    }
+
+    /// The events of a piece of text (of the thought or of the answer) and the log probability
+    /// of the token that completed it.
+    pub fn delta(&mut self, delta: &Delta) -> Vec<Value> {
         let mut events = vec![];
-        if text.is_empty() && logprob.is_none() {
+        if delta.text.is_empty() && delta.logprob.is_none() {
+            return events;
+        }
+        if delta.thought {
+            self.open_thought(&mut events);
+            self.thought.push_str(&delta.text);
+            let item_id = self.header.reasoning_id();
+            events.push(self.event("response.reasoning_text.delta", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta.text})));
             return events;
         }
         self.open_message(&mut events);
-        let entries = logprob.map(|l| logprob_entries(std::slice::from_ref(l))).unwrap_or_default();
-        let item_id = self.header.message_id();
-        events.push(self.event("response.output_text.delta", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": text, "logprobs": entries})));
+        let entries = delta.logprob.as_ref().map(|l| logprob_entries(std::slice::from_ref(l))).unwrap_or_default();
+        let (item_id, output_index) = (self.header.message_id(), self.message_index());
+        events.push(self.event("response.output_text.delta", json!({"item_id": item_id, "output_index": output_index, "content_index": 0, "delta": delta.text, "logprobs": entries})));
         events
     }
 
@@ -583,6 +647,15 @@ impl ResponseEvents {
         let mut events = vec![];
         for (output_index, item) in response["output"].as_array().into_iter().flatten().enumerate() {
             let item_id = &item["id"];
+            if item["type"] == "reasoning" {
+                // Streamed, it closed before the answer's first text; a thought of no text never opened.
+                if !self.thought_closed {
+                    self.thought = item["content"][0]["text"].as_str().unwrap_or_default().to_string();
+                }
+                self.open_thought(&mut events);
+                self.close_thought(&mut events);
+                continue;
+            }
             if item["type"] == "message" {
                 self.open_message(&mut events);
                 let part = &item["content"][0];
@@ -754,6 +827,7 @@ impl ResponseStore {
             let prefix = match item["type"].as_str() {
                 Some("function_call") => "fc",
                 Some("function_call_output") => "fco",
+                Some("reasoning") => "rs",
                 _ => "msg",
             };
             item["id"] = Value::String(format!("{prefix}_{serial}_in{k}"));
@@ -946,8 +1020,12 @@ mod tests {
     }
 
     fn completion(text: &str, calls: Vec<GeneratedToolCall>, reason: FinishReason) -> Completion {
-        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, drafts: None };
+        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, ..Default::default() };
         Completion { text: text.into(), tokens: vec![1, 2], finish_reason: reason, usage, tool_calls: calls, ..Default::default() }
+    }
+
+    fn delta(text: &str, logprob: Option<&TokenLogprob>, thought: bool) -> Delta {
+        Delta { text: text.into(), token: None, logprob: logprob.cloned(), thought }
     }
 
     fn weather_call() -> GeneratedToolCall {
@@ -984,9 +1062,9 @@ mod tests {
         let logprob = TokenLogprob { token: 4, bytes: b"Hi".to_vec(), logprob: -0.5, top: vec![] };
         let mut stream = ResponseEvents::new(header(), true);
         let mut events = stream.start();
-        events.extend(stream.delta("", None));
-        events.extend(stream.delta("Hi", Some(&logprob)));
-        events.extend(stream.delta(" there", None));
+        events.extend(stream.delta(&delta("", None, false)));
+        events.extend(stream.delta(&delta("Hi", Some(&logprob), false)));
+        events.extend(stream.delta(&delta(" there", None, false)));
         let done = Completion { logprobs: Some(vec![logprob.clone()]), ..completion("Hi there", vec![weather_call()], FinishReason::ToolCalls) };
         events.extend(stream.finish(&done));
         let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
@@ -1024,6 +1102,51 @@ mod tests {
         let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(kinds[0], "response.output_item.added");
         assert_eq!(kinds.last(), Some(&"response.incomplete"));
+    }
+
+    /// A reasoning model's thought is the first output item, streamed as `reasoning_text` and
+    /// closed when the answer begins; the answer's message comes after it.
+    #[test]
+    fn a_thought_is_a_reasoning_item_before_the_message() {
+        let usage = Usage { reasoning_tokens: 3, ..completion("", vec![], FinishReason::Stop).usage };
+        let thought = Completion { reasoning: Some("Hmm, hi.".into()), usage, ..completion("Hi", vec![], FinishReason::Stop) };
+        let response = header().response(&thought);
+        assert_eq!(response["output"][0], json!({"type": "reasoning", "id": "rs_7_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Hmm, hi."}]}));
+        assert_eq!((&response["output"][1]["type"], &response["usage"]["output_tokens_details"]), (&json!("message"), &json!({"reasoning_tokens": 3})));
+        let mut stream = ResponseEvents::new(header(), false);
+        let mut events = vec![];
+        for (text, is_thought) in [("Hmm,", true), (" hi.", true), ("Hi", false)] {
+            events.extend(stream.delta(&delta(text, None, is_thought)));
+        }
+        events.extend(stream.finish(&thought));
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        assert_eq!((&events[4]["text"], &events[6]["item"], &events[7]["output_index"]), (&json!("Hmm, hi."), &response["output"][0], &json!(1)));
+        assert_eq!((&events[9]["output_index"], &events[12]["output_index"]), (&json!(1), &json!(1)));
+        // Not streamed (a thought that ended with the output): opened and closed at the end.
+        let events = ResponseEvents::new(header(), false).finish(&thought);
+        assert_eq!((&events[0]["item"]["type"], &events[2]["text"], &events[4]["item"]), (&json!("reasoning"), &json!("Hmm, hi."), &response["output"][0]));
+        // Given back as input, a thought is an item and no turn.
+        let request = read(r#"{"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "x"}]}, {"role": "user", "content": "Hi"}]}"#).unwrap();
+        assert_eq!(chat_of(&request).messages.len(), 1);
     }
 
     #[test]

@@ -177,6 +177,18 @@ struct ModelArgs {
     /// wrong one; it reads the model's own bos_token and eos_token.
     #[arg(long, value_name = "FILE|TEMPLATE")]
     chat_template: Option<String>,
+    /// A reasoning model's thought (DeepSeek-R1's distilled Llamas: `<think>` ... `</think>`) in
+    /// chat responses: `auto` gives it apart from the answer, as `reasoning_content` (a response's
+    /// reasoning item), where the template speaks of `<think>` and the vocabulary has both markers
+    /// as tokens; `none` leaves it in the content as the model wrote it.
+    #[arg(long, value_enum, default_value_t = ReasoningFormat::Auto)]
+    reasoning_format: ReasoningFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ReasoningFormat {
+    Auto,
+    None,
 }
 
 impl ModelArgs {
@@ -381,7 +393,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull { reference, context } => {
             // The memory estimate needs a device; a download does not.
             let gpu = Gpu::new(&options).await.inspect_err(|e| eprintln!("no GPU for a memory estimate: {e}")).ok();
-            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None, quant: None, chat_template: None };
+            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None, quant: None, chat_template: None, reasoning_format: ReasoningFormat::Auto };
             let args = fetch_model(args, gpu.as_ref(), cli.quiet)?;
             println!("{}", args.model);
             Ok(())
@@ -518,7 +530,9 @@ async fn load_engine(gpu: &Gpu, args: &ModelArgs, options: &LoadOptions, quiet: 
     };
     let model = upload_model(gpu, &files, options, quiet).await?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let engine = Engine::new(model, tokenizer, template, seed)?.with_prompt_lookup(args.prompt_lookup);
+    let engine = Engine::new(model, tokenizer, template, seed)?
+        .with_prompt_lookup(args.prompt_lookup)
+        .with_reasoning_parsed(args.reasoning_format == ReasoningFormat::Auto);
     let Some(draft) = &args.draft_model else { return Ok(engine) };
     let files = load::open_model(Path::new(draft)).with_context(|| format!("opening the draft model {draft}"))?;
     // The draft's checkpoint matrices are re-encoded as the model's are.

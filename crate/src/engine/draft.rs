@@ -36,6 +36,13 @@ impl Engine {
         } else {
             vec![]
         };
+        if let Some(split) = sequence.thought.as_ref().filter(|split| split.thinking() && sequence.answer_constraint.is_some()) {
+            // The token after `</think>` takes the answer's grammar, which a row verifying a
+            // guess past it would be chosen without.
+            if let Some(end) = guessed.iter().position(|&token| token == split.end_marker()) {
+                guessed.truncate(end);
+            }
+        }
         if let Some(constraint) = sequence.constraint.as_mut().filter(|_| !guessed.is_empty()) {
             // A guess the grammar forbids is never taken: its row and those after it are wasted.
             let allowed = constraint.allowed_run(&[&draft[..], &guessed[..]].concat());

@@ -27,12 +27,16 @@ pub struct Delta {
     pub token: Option<u32>,
     /// The token's log probability, when the request asked for them.
     pub logprob: Option<TokenLogprob>,
+    /// Whether the text is the model's thought (before `</think>`), not its answer.
+    pub thought: bool,
 }
 
 /// A finished generation.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Completion {
     pub text: String,
+    /// The model's thought, where it wrote one (`reasoning_content`).
+    pub reasoning: Option<String>,
     pub tokens: Vec<u32>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
@@ -75,6 +79,7 @@ impl Completion {
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             cached_prompt_tokens: firsts().map(|c| c.usage.cached_prompt_tokens).sum(),
+            reasoning_tokens: choices.iter().map(|c| c.usage.reasoning_tokens).sum(),
             drafts: DraftUsage::sum(choices.iter().map(|c| c.usage.drafts)),
         }
     }

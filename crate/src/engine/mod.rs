@@ -19,6 +19,7 @@ use crate::gpu::ops::{Candidates, Selection, TokenSlot};
 use crate::grammar::{Constraint, GrammarError, Mask};
 use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFTS, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
+use crate::text::reasoning::{Part, ThoughtSplit};
 use crate::text::tool_calls::{ToolCallFormat, ToolCallStream};
 use crate::text::{ChatTemplate, RenderOptions, TextError, TextStream, Tokenizer};
 use crate::{Config, Llama, LoadOptions, Result};
@@ -136,6 +137,12 @@ struct Sequence {
     /// (computed while the GPU runs).
     constraint: Option<Constraint>,
     mask: Option<Result<Mask, GrammarError>>,
+    /// Tells its thought from its answer (a reasoning model's chat), and the thought so far.
+    thought: Option<ThoughtSplit>,
+    reasoning: String,
+    reasoning_tokens: usize,
+    /// The grammar its answer follows, set aside while it thinks.
+    answer_constraint: Option<Constraint>,
     /// Alternatives wanted with each token's log probability, and those recorded so far.
     top_logprobs: Option<usize>,
     logprobs: Vec<TokenLogprob>,
@@ -202,7 +209,13 @@ impl Sequence {
 
     /// Whether the next token is the argmax the GPU computes.
     fn plain_greedy(&self) -> bool {
-        self.sampler.options().is_plain_greedy() && self.constraint.is_none()
+        // Not while a grammar waits for the thought's end: the token after `</think>` takes its mask.
+        self.sampler.options().is_plain_greedy() && self.constraint.is_none() && self.answer_constraint.is_none()
+    }
+
+    /// How it ends for its length, if it has reached `max_tokens` or the context.
+    fn length_reached(&self, context: usize) -> Option<Ending> {
+        (self.generated() >= self.max_tokens || self.tokens.len() >= context).then_some(Ok(FinishReason::Length))
     }
 
     /// Whether the token is chosen from the full logits whatever the GPU's candidates hold: for
@@ -314,6 +327,14 @@ impl Engine {
     /// tokens (prompt lookup) and verify them in one pass.
     pub fn with_prompt_lookup(mut self, on: bool) -> Self {
         self.prompt_lookup = on;
+        self
+    }
+
+    /// With `on` (the default), the chats of a reasoning model (one whose template speaks of
+    /// `<think>` and whose vocabulary has `<think>` and `</think>` as tokens) give its thought
+    /// apart from its answer; without, the thought stays in the content.
+    pub fn with_reasoning_parsed(mut self, on: bool) -> Self {
+        self.prompter.parse_reasoning(on);
         self
     }
 
@@ -436,7 +457,8 @@ impl Engine {
     /// [`Engine::add_choices`] adds them, prompt by prompt: the choices of each prompt are what a
     /// request of that prompt alone would give. Every prompt is checked before any is queued.
     pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let Prepared { prompts, echoes, sampling: ref params, constraint, calling, prediction } = prepared;
+        let Prepared { prompts, echoes, sampling: ref params, constraint, calling, thought, prediction } = prepared;
+        let thinking = thought.as_ref().is_some_and(ThoughtSplit::thinking);
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());
         }
@@ -477,8 +499,12 @@ impl Engine {
                     stream: if calling.is_some() { TextStream::with_special_tokens() } else { TextStream::new() },
                     text: String::new(),
                     cancel: cancel.clone(),
-                    constraint: constraint.as_ref().map(Constraint::fork),
+                    constraint: constraint.as_ref().filter(|_| !thinking).map(Constraint::fork),
                     mask: None,
+                    thought: thought.clone(),
+                    reasoning: String::new(),
+                    reasoning_tokens: 0,
+                    answer_constraint: constraint.as_ref().filter(|_| thinking).map(Constraint::fork),
                     top_logprobs,
                     logprobs: vec![],
                     tool_calls: calling.clone().map(|(format, tools)| ToolCallStream::new(format, tools)),
@@ -999,23 +1025,45 @@ impl Engine {
         }
         // Log probabilities are of the output's tokens, which a stop token is not.
         sequence.logprobs.extend(logprob.clone());
+        let part = sequence.thought.as_mut().map_or(Part::Answer, |split| split.next(token));
+        if part != Part::Answer {
+            sequence.reasoning_tokens += 1;
+            let text = match part {
+                Part::Thought => sequence.stream.push(self.prompter.tokenizer(), token),
+                // A marker's own text is neither thought nor answer: the thought's pending text goes out.
+                _ => sequence.stream.finish(self.prompter.tokenizer()),
+            };
+            let text = match text {
+                Ok(text) => text,
+                Err(error) => return Some(Err(EngineError::from(error).into())),
+            };
+            if part == Part::ThoughtEnds {
+                sequence.constraint = sequence.answer_constraint.take();
+            }
+            sequence.reasoning.push_str(&text);
+            events.push((sequence.id, Event::Delta(Delta { text, token: Some(token), logprob, thought: true })));
+            return sequence.length_reached(context);
+        }
         if let Some(Err(error)) = sequence.constraint.as_mut().map(|c| c.accept(token)) {
             return Some(Err(EngineError::from(error).into()));
         }
-        let piece = match sequence.stream.push(self.prompter.tokenizer(), token) {
+        let mut piece = match sequence.stream.push(self.prompter.tokenizer(), token) {
             Ok(piece) => piece,
             Err(error) => return Some(Err(EngineError::from(error).into())),
         };
+        if let Some(split) = &mut sequence.thought {
+            piece = split.answer_text(piece);
+        }
         let (mut emit, stopped) = sequence.stops.push(&piece);
         if let Some(tool_calls) = &mut sequence.tool_calls {
             emit = tool_calls.push(&emit);
         }
         sequence.text.push_str(&emit);
-        events.push((sequence.id, Event::Delta(Delta { text: emit, token: Some(token), logprob })));
+        events.push((sequence.id, Event::Delta(Delta { text: emit, token: Some(token), logprob, thought: false })));
         if stopped {
             return Some(Ok(FinishReason::Stop));
         }
-        (sequence.generated() >= sequence.max_tokens || sequence.tokens.len() >= context).then_some(Ok(FinishReason::Length))
+        sequence.length_reached(context)
     }
 
     /// Ends a running sequence: its pages and slot given back, then closed ([`Engine::close`]).
@@ -1029,10 +1077,21 @@ impl Engine {
         if ending.is_ok() {
             let tail = match sequence.stops.stopped() {
                 true => Ok(String::new()),
-                false => sequence.stream.finish(self.prompter.tokenizer()).map(|tail| sequence.stops.flush(&tail)),
+                false => sequence.stream.finish(self.prompter.tokenizer()),
             };
+            let thinking = sequence.thought.as_ref().is_some_and(ThoughtSplit::thinking);
             match tail {
-                Ok(mut rest) => {
+                Ok(tail) if thinking => {
+                    if !tail.is_empty() {
+                        sequence.reasoning.push_str(&tail);
+                        events.push((sequence.id, Event::Delta(Delta { text: tail, token: None, logprob: None, thought: true })));
+                    }
+                }
+                Ok(mut tail) => {
+                    if let Some(split) = &mut sequence.thought {
+                        tail = split.answer_text(tail);
+                    }
+                    let mut rest = sequence.stops.flush(&tail);
                     if let Some(mut tool_calls) = sequence.tool_calls.take() {
                         let format = tool_calls.format();
                         tool_calls.push(&rest);
@@ -1042,7 +1101,7 @@ impl Engine {
                     }
                     if !rest.is_empty() {
                         sequence.text.push_str(&rest);
-                        events.push((sequence.id, Event::Delta(Delta { text: rest, token: None, logprob: None })));
+                        events.push((sequence.id, Event::Delta(Delta { text: rest, token: None, logprob: None, thought: false })));
                     }
                     if !sequence.calls.is_empty() && ending.as_ref().is_ok_and(|r| *r == FinishReason::Stop) {
                         ending = Ok(FinishReason::ToolCalls);
@@ -1134,14 +1193,17 @@ type Ending = Result<FinishReason>;
 fn completion(sequence: Sequence, reason: FinishReason) -> Completion {
     let prompt_tokens = sequence.prompt_len as u32;
     let completion_tokens = sequence.generated() as u32;
+    let thought = sequence.thought.as_ref().is_some_and(ThoughtSplit::thought);
     Completion {
         usage: Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
             cached_prompt_tokens: sequence.cached_prompt as u32,
+            reasoning_tokens: sequence.reasoning_tokens as u32,
             drafts: sequence.drafts,
         },
+        reasoning: thought.then_some(sequence.reasoning),
         prompt_shared: sequence.after.is_some(),
         echo: sequence.echo.map(|echo| Echo { tokens: sequence.tokens[..sequence.prompt_len].to_vec(), ..echo }),
         tokens: sequence.tokens[sequence.prompt_len..].to_vec(),

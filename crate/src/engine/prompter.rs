@@ -7,6 +7,7 @@ use super::{EngineError, Echo};
 use crate::api::request::{Prompt, TokenizeInput, Work};
 use crate::api::{ChatCompletionRequest, Prediction, ResponseFormat, SamplingParams, Tool, ToolChoice, ToolChoiceMode};
 use crate::grammar::{Constraint, Grammar, GrammarCompiler, RequiredCalls};
+use crate::text::reasoning::{ThinkTokens, ThoughtSplit};
 use crate::text::tool_calls::{ToolCallFormat, ToolSet, BUILTIN_TOOLS};
 use crate::text::{ChatTemplate, RenderOptions, SpecialTokens, TextError, Tokenizer};
 use crate::{Config, Result};
@@ -32,6 +33,9 @@ pub struct Prepared {
     pub(super) sampling: SamplingParams,
     pub(super) constraint: Option<Constraint>,
     pub(super) calling: Option<ToolCalling>,
+    /// Tells the output's thought from its answer, for a chat of a reasoning model; where the
+    /// prompt opened the thought, the grammar (if any) shapes the answer after it.
+    pub(super) thought: Option<ThoughtSplit>,
     /// The predicted output's tokens (none without a prediction).
     pub(super) prediction: Vec<u32>,
 }
@@ -47,6 +51,8 @@ pub struct Prompter {
     /// Positions a sequence may reach.
     context: usize,
     stop_tokens: Vec<u32>,
+    /// The thought markers of a reasoning model, when its chats' thoughts are told apart.
+    think_tokens: Option<ThinkTokens>,
     tables: Arc<VocabularyTables>,
 }
 
@@ -87,7 +93,19 @@ impl Prompter {
                 stop_tokens.push(id);
             }
         }
-        Self { tokenizer, template, bos_token_id: config.bos_token_id, vocab_size: config.vocab_size, context, stop_tokens, tables: Arc::default() }
+        let think_tokens = ThinkTokens::detect(template.source(), &tokenizer);
+        Self { tokenizer, template, bos_token_id: config.bos_token_id, vocab_size: config.vocab_size, context, stop_tokens, think_tokens, tables: Arc::default() }
+    }
+
+    /// With `on` (the default), a reasoning model's chats give its thought apart from its answer
+    /// (`reasoning_content`); without, the thought stays in the content as the model wrote it.
+    pub(super) fn parse_reasoning(&mut self, on: bool) {
+        self.think_tokens = if on { ThinkTokens::detect(self.template.source(), &self.tokenizer) } else { None };
+    }
+
+    /// The thought markers whose text chats leave out of their content, if any.
+    pub fn think_tokens(&self) -> Option<ThinkTokens> {
+        self.think_tokens
     }
 
     /// What a host read from a request ([`crate::api::request`]), ready for [`super::Engine::add_prepared`].
@@ -110,7 +128,7 @@ impl Prompter {
             })
             .collect::<Result<Vec<_>>>()?;
         let grammar = response_format_grammar(sampling)?;
-        let mut prepared = self.finish(ids, sampling, grammar, None)?;
+        let mut prepared = self.finish(ids, sampling, grammar, None, None)?;
         if echo {
             let logprobs = sampling.logprobs_wanted().map(|_| vec![]);
             let token_bytes = if logprobs.is_some() { self.token_bytes()? } else { Arc::default() };
@@ -130,7 +148,7 @@ impl Prompter {
 
     /// A prepared request: its grammar compiled and, when it wants log probabilities, the
     /// tokens' bytes built.
-    fn finish(&self, prompts: Vec<Vec<u32>>, sampling: &SamplingParams, grammar: Option<Grammar>, calling: Option<ToolCalling>) -> Result<Prepared> {
+    fn finish(&self, prompts: Vec<Vec<u32>>, sampling: &SamplingParams, grammar: Option<Grammar>, calling: Option<ToolCalling>, thought: Option<ThoughtSplit>) -> Result<Prepared> {
         let constraint = match grammar {
             Some(grammar) => Some(self.grammars()?.compile(&grammar).map_err(EngineError::from)?),
             None => None,
@@ -142,7 +160,7 @@ impl Prompter {
             Some(Prediction::Content { content }) => self.tokenizer.encode(content, false).map_err(EngineError::from)?,
             None => vec![],
         };
-        Ok(Prepared { prompts, echoes: None, sampling: sampling.clone(), constraint, calling, prediction })
+        Ok(Prepared { prompts, echoes: None, sampling: sampling.clone(), constraint, calling, thought, prediction })
     }
 
     /// Tokens that end generation.
@@ -247,7 +265,12 @@ impl Prompter {
                 Some(Grammar::tool_calls(&required).map_err(EngineError::ToolChoice)?)
             }
         };
-        self.finish(vec![prompt], &request.sampling, grammar, calling)
+        // A grammar shapes the whole output unless the prompt opened a thought: then the answer after it.
+        let thought = self
+            .think_tokens
+            .map(|markers| ThoughtSplit::new(markers, markers.opened_by(&prompt, &self.tokenizer)))
+            .filter(|split| split.thinking() || grammar.is_none());
+        self.finish(vec![prompt], &request.sampling, grammar, calling, thought)
     }
 
     /// The tools a chat request offers and how their calls are written, when they can be parsed.

@@ -5,6 +5,7 @@
 mod chat_template;
 mod gguf_tokenizer;
 mod json;
+pub mod reasoning;
 mod stream;
 mod strftime;
 mod tokenizer;

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llama_webgpu::api::request::Work;
-use llama_webgpu::api::{FinishReason, TokenLogprob};
-use llama_webgpu::engine::{ChoiceResults, Echo, EngineError, Event as EngineEvent, Load, Prepared, SequenceId};
+use llama_webgpu::api::FinishReason;
+use llama_webgpu::engine::{ChoiceResults, Delta, Echo, EngineError, Event as EngineEvent, Load, Prepared, SequenceId};
 use llama_webgpu::gpu::GpuError;
 use llama_webgpu::grammar::GrammarError;
 use llama_webgpu::{CancelToken, Completion, Engine};
@@ -45,9 +45,9 @@ pub struct Client {
 /// that ends them all.
 #[derive(Debug)]
 pub enum Event {
-    /// Text, the token that completed it (none for text held back until the end), and its log
-    /// probability when the request asked.
-    Delta { choice: usize, text: String, token: Option<u32>, logprob: Option<TokenLogprob> },
+    /// Text (of the thought or the answer), the token that completed it (none for text held back
+    /// until the end), and its log probability when the request asked.
+    Delta { choice: usize, delta: Delta },
     /// A completion's prompt given back before its first token.
     Echo { choice: usize, echo: Echo },
     Finished { choice: usize, completion: Completion },
@@ -354,7 +354,7 @@ fn deliver(id: SequenceId, event: EngineEvent, stats: &Stats, active: &mut Activ
                 stats.first_token_seconds.observe(running.started.elapsed().as_secs_f64());
             }
             let wanted = !delta.text.is_empty() || delta.token.is_some() || delta.logprob.is_some();
-            if wanted && running.job.events.send(Event::Delta { choice, text: delta.text, token: delta.token, logprob: delta.logprob }).is_err() {
+            if wanted && running.job.events.send(Event::Delta { choice, delta }).is_err() {
                 running.job.cancel.cancel();
             }
         }

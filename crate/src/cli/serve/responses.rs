@@ -8,8 +8,7 @@ use axum::response::{IntoResponse, Response};
 use llama_webgpu::api::request::RequestError;
 use llama_webgpu::api::response::{ChunkStream, ResponseMeta, StreamUsage};
 use llama_webgpu::api::responses::{responses_param, ResponseEvents};
-use llama_webgpu::api::TokenLogprob;
-use llama_webgpu::engine::Echo;
+use llama_webgpu::engine::{Delta, Echo};
 use llama_webgpu::Completion;
 use serde_json::{json, Value};
 
@@ -117,8 +116,8 @@ impl SseChunks {
         self.chunks.start().iter().map(sse_event).collect()
     }
 
-    pub fn delta(&mut self, choice: usize, text: &str, token: Option<u32>, logprob: Option<&TokenLogprob>) -> Bytes {
-        sse_event(&self.chunks.delta(choice, text, token, logprob))
+    pub fn delta(&mut self, choice: usize, delta: &Delta) -> Bytes {
+        sse_event(&self.chunks.delta(choice, delta))
     }
 
     pub fn echo(&mut self, choice: usize, echo: &Echo) -> Bytes {
@@ -149,7 +148,7 @@ impl EventFormat for SseChunks {
 
     fn events(&mut self, event: Event) -> (Vec<Bytes>, bool) {
         match event {
-            Event::Delta { choice, text, token, logprob } => (vec![self.delta(choice, &text, token, logprob.as_ref())], false),
+            Event::Delta { choice, delta } => (vec![self.delta(choice, &delta)], false),
             Event::Echo { choice, echo } => (vec![self.echo(choice, &echo)], false),
             Event::Finished { choice, completion } => self.finish(choice, completion),
             Event::Failed(error) => (self.error(&error), true),
@@ -183,7 +182,7 @@ impl EventFormat for ResponseSse {
 
     fn events(&mut self, event: Event) -> (Vec<Bytes>, bool) {
         match event {
-            Event::Delta { text, logprob, .. } => (Self::sse(self.events.delta(&text, logprob.as_ref())), false),
+            Event::Delta { delta, .. } => (Self::sse(self.events.delta(&delta)), false),
             // Chats echo nothing.
             Event::Echo { .. } => (vec![], false),
             Event::Finished { completion, .. } => {
@@ -213,7 +212,7 @@ mod tests {
     }
 
     fn completion() -> Completion {
-        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, drafts: None };
+        let usage = Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7, cached_prompt_tokens: 3, ..Default::default() };
         Completion { text: "Hi there".into(), tokens: vec![1, 2], finish_reason: FinishReason::Length, usage, ..Default::default() }
     }
 
@@ -228,7 +227,7 @@ mod tests {
     fn a_stream_is_one_event_per_chunk_and_done_after_the_last_choice() {
         let mut stream = SseChunks::new(meta(), true, 2);
         let mut events = stream.start();
-        events.push(stream.delta(1, "Hi\nthere \"x\"", Some(4), None));
+        events.push(stream.delta(1, &Delta { text: "Hi\nthere \"x\"".into(), token: Some(4), logprob: None, thought: false }));
         let (end, done) = stream.finish(1, Completion { prompt_shared: true, ..completion() });
         assert!(!done, "the stream goes on while choice 0 runs");
         events.extend(end);
