@@ -66,7 +66,7 @@ export interface EngineOptions {
   /**
    * A reasoning model's thought (DeepSeek-R1's distilled Llamas write `<think>` ... `</think>`
    * before answering): "auto" gives it apart from the answer, as the message's and deltas'
-   * `reasoning_content` (a response's `reasoning` item), where the model's template speaks of
+   * `reasoning` and `reasoning_content` (a response's `reasoning` item), where the model's template speaks of
    * `<think>` and its vocabulary has both markers as tokens; "none" leaves it in the content.
    * Where the prompt opens the thought, a `response_format` or required tool call shapes the
    * answer after it. Default "auto".
@@ -122,6 +122,9 @@ export interface ChatMessage {
   /** An assistant's calls, sent back with the conversation; `arguments` as JSON text or an object. */
   tool_calls?: { id?: string; type?: "function"; function: { name: string; arguments: string | object } }[];
   tool_call_id?: string;
+  /** An assistant's thought, sent back as a response gave it (`reasoning` is taken too). */
+  reasoning_content?: string;
+  reasoning?: string;
 }
 
 /** A function the model may call; the JSON keys keep their order into the prompt. */
@@ -298,8 +301,11 @@ export interface ChatCompletion {
   /** One per choice (`n`), in order. `content` is null when the output is only calls. */
   choices: {
     index: number;
-    /** `reasoning_content`: a reasoning model's thought, apart from its answer (`reasoningFormat`). */
-    message: { role: "assistant"; content: string | null; reasoning_content?: string; tool_calls?: ToolCall[] };
+    /**
+     * A reasoning model's thought, apart from its answer (`reasoningFormat`), under both names
+     * clients read: `reasoning` and `reasoning_content`.
+     */
+    message: { role: "assistant"; content: string | null; reasoning?: string; reasoning_content?: string; tool_calls?: ToolCall[] };
     logprobs: ChatLogprobs | null;
     finish_reason: FinishReason;
     token_ids: number[];
@@ -319,7 +325,7 @@ export interface ChatCompletionChunk {
    */
   choices: [{
     index: number;
-    delta: { role?: "assistant"; content?: string; reasoning_content?: string; tool_calls?: (ToolCall & { index: number })[] };
+    delta: { role?: "assistant"; content?: string; reasoning?: string; reasoning_content?: string; tool_calls?: (ToolCall & { index: number })[] };
     logprobs: ChatLogprobs | null;
     finish_reason: FinishReason | null;
     token_ids: number[];

@@ -33,22 +33,27 @@ API_KEY = "test-key-1234"
 RUN_DIR = tempfile.TemporaryDirectory(prefix="llama-webgpu-server-tests-")
 
 
-def truncated_tokenizer(vocab):
+def truncated_tokenizer(vocab, added=None):
     """Meta's Llama 3 tokenizer cut to its first `vocab` ids; byte-level BPE stays complete (the
-    first 256 ids are the bytes)."""
+    first 256 ids are the bytes). `added` (id -> text): tokens of their own, not special, in place
+    of the vocabulary's of those ids."""
+    added = added or {}
     if not TOKENIZER.exists():
         pytest.fail(f"{TOKENIZER} is missing: run scripts/fetch-tokenizer (scripts/setup does)")
     tokenizer = json.loads(TOKENIZER.read_text(encoding="utf-8"))
     model = tokenizer["model"]
-    kept = {token: id for token, id in model["vocab"].items() if id < vocab}
+    kept = {token: id for token, id in model["vocab"].items() if id < vocab and id not in added}
 
     def kept_merge(merge):
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
         return a in kept and b in kept and a + b in kept
 
-    model["vocab"] = kept
     model["merges"] = [m for m in model["merges"] if kept_merge(m)]
-    tokenizer["added_tokens"] = []
+    model["vocab"] = {**kept, **{text: id for id, text in added.items()}}
+    tokenizer["added_tokens"] = [
+        {"id": id, "content": text, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": False}
+        for id, text in added.items()
+    ]
     tokenizer["post_processor"] = None
     return tokenizer
 
@@ -192,9 +197,30 @@ def tools_server(model_dir, tmp_path_factory):
     process.stop()
 
 
+# The ids a reasoning model's thought markers take in the fixture's vocabulary (the two before
+# its BOS and EOS), and a template that opens the thought as DeepSeek-R1's does.
+THINK, THINK_END = 998, 999
+THINKING_TEMPLATE = "{%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: <think>\n"
+
+
+@pytest.fixture(scope="session")
+def thinking_server(model_dir, tmp_path_factory):
+    """The fixture as a reasoning model: `<think>` and `</think>` tokens of their own (not special,
+    as DeepSeek-R1's) and a template that opens the thought."""
+    directory = tmp_path_factory.mktemp("models") / "tiny-llama31-thinking"
+    shutil.copytree(model_dir, directory)
+    tokenizer = truncated_tokenizer(VOCAB, {THINK: "<think>", THINK_END: "</think>"})
+    with open(directory / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(tokenizer, f, ensure_ascii=False)
+    (directory / "chat_template.jinja").write_text(THINKING_TEMPLATE, encoding="utf-8")
+    process = Server(directory, "--parallel", "4", "--kv-memory", "1MiB")
+    yield process
+    process.stop()
+
+
 def pytest_exception_interact(node, call, report):
     """Shows the tail of the server's log with a failure."""
-    for name in ["server", "key_server", "tools_server"]:
+    for name in ["server", "key_server", "tools_server", "thinking_server"]:
         process = getattr(node, "funcargs", {}).get(name)
         if isinstance(process, Server):
             tail = "\n".join(process.log().splitlines()[-40:])

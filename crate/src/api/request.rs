@@ -405,6 +405,11 @@ fn normalize_message(message: &mut Value, index: usize) -> Result<(), RequestErr
         return Err(RequestError::invalid(format!("messages[{index}]: must be an object, got {}", kind_of(message))).param("messages"));
     };
     fields.retain(|name, value| !value.is_null() && !matches!(name.as_str(), "refusal" | "annotations"));
+    // A thought under its newer name (vLLM's `reasoning`); both come where a client sends back a
+    // message of ours as it came.
+    if let Some(reasoning) = fields.remove("reasoning") {
+        fields.entry("reasoning_content").or_insert(reasoning);
+    }
     if let Some(Value::Array(parts)) = fields.get("content") {
         let text = joined_text_parts(parts, &format!("messages[{index}].content"), "messages")?;
         fields.insert("content".into(), Value::String(text));
@@ -539,6 +544,11 @@ mod tests {
         assert_eq!(request.sampling.max_tokens, Some(5));
         assert_eq!(request.sampling.stop, Some(Stop::One("\n".into())));
         assert_eq!(request.sampling.seed, Some(u64::MAX));
+        // A reasoning model's message sent back as it came: its thought under either name, or both.
+        for thought in [r#""reasoning": "t""#, r#""reasoning_content": "t""#, r#""reasoning": "t", "reasoning_content": "t""#] {
+            let request = chat(&format!(r#"{{"messages": [{{"role": "assistant", "content": "ok", {thought}}}]}}"#));
+            assert_eq!(request.messages[0], ChatMessage { reasoning_content: Some("t".into()), ..ChatMessage::new("assistant", "ok") });
+        }
     }
 
     #[test]

@@ -78,11 +78,11 @@ fn tool_call_json(call: &GeneratedToolCall) -> Value {
 }
 
 /// A chat completion's message: content (null when the output is only calls), the calls, and
-/// the model's thought where it wrote one (`reasoning_content`, as vLLM and llama.cpp give it).
+/// the model's thought where it wrote one ([`thought_members`]).
 fn chat_message(completion: &Completion) -> Value {
     let mut message = json!({"role": "assistant", "content": completion.text});
     if let Some(reasoning) = &completion.reasoning {
-        message["reasoning_content"] = reasoning.as_str().into();
+        thought_members(&mut message, reasoning);
     }
     if !completion.tool_calls.is_empty() {
         if completion.text.is_empty() {
@@ -91,6 +91,15 @@ fn chat_message(completion: &Completion) -> Value {
         message["tool_calls"] = completion.tool_calls.iter().map(tool_call_json).collect();
     }
     message
+}
+
+/// A thought in a message or a delta under both of the names clients read it by: `reasoning`
+/// (vLLM's and OpenRouter's, after OpenAI's guidance) and `reasoning_content` (DeepSeek's,
+/// llama.cpp's, the Vercel AI SDK's).
+fn thought_members<'a>(object: &'a mut Value, text: &str) -> &'a mut Value {
+    object["reasoning"] = text.into();
+    object["reasoning_content"] = text.into();
+    object
 }
 
 /// A token's text for logprobs: its bytes, with a character cut in half shown as U+FFFD (the exact
@@ -272,7 +281,7 @@ impl ChunkStream {
                 let delta = match (reason, text) {
                     (Some(_), _) => json!({}),
                     (None, Text::Answer(text)) => json!({"content": text}),
-                    (None, Text::Thought(text)) => json!({"reasoning_content": text}),
+                    (None, Text::Thought(text)) => thought_members(&mut json!({}), text).clone(),
                 };
                 let logprobs = logprob.map(|(l, _)| chat_logprobs(std::slice::from_ref(l)));
                 json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason, "token_ids": token_ids})
@@ -471,12 +480,12 @@ mod tests {
         let usage = Usage { completion_tokens: 6, reasoning_tokens: 4, ..completion().usage };
         let thought = Completion { reasoning: Some("Hmm.".into()), usage, ..completion() };
         let body = meta(Endpoint::Chat).completion(std::slice::from_ref(&thought));
-        assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "Hi there", "reasoning_content": "Hmm."}));
+        assert_eq!(body["choices"][0]["message"], json!({"role": "assistant", "content": "Hi there", "reasoning": "Hmm.", "reasoning_content": "Hmm."}));
         assert_eq!(body["usage"]["completion_tokens_details"], json!({"reasoning_tokens": 4}));
         assert!(meta(Endpoint::Chat).completion(&[completion()])["usage"].get("completion_tokens_details").is_none());
         let mut stream = ChunkStream::new(meta(Endpoint::Chat), StreamUsage::Omitted, 1);
         let delta = stream.delta(0, &Delta { thought: true, ..answer("Hmm", Some(5)) });
-        assert_eq!(delta["choices"][0]["delta"], json!({"reasoning_content": "Hmm"}));
+        assert_eq!(delta["choices"][0]["delta"], json!({"reasoning": "Hmm", "reasoning_content": "Hmm"}));
         assert_eq!(stream.delta(0, &answer("Hi", Some(6)))["choices"][0]["delta"], json!({"content": "Hi"}));
     }
 }

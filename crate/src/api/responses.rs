@@ -623,14 +623,17 @@ impl ResponseEvents {
     /// of the token that completed it.
     pub fn delta(&mut self, delta: &Delta) -> Vec<Value> {
         let mut events = vec![];
-        if delta.text.is_empty() && delta.logprob.is_none() {
-            return events;
-        }
+        // A marker opens the thought's item (first in the output) even before it has text.
         if delta.thought {
             self.open_thought(&mut events);
-            self.thought.push_str(&delta.text);
-            let item_id = self.header.reasoning_id();
-            events.push(self.event("response.reasoning_text.delta", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta.text})));
+            if !delta.text.is_empty() {
+                self.thought.push_str(&delta.text);
+                let item_id = self.header.reasoning_id();
+                events.push(self.event("response.reasoning_text.delta", json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": delta.text})));
+            }
+            return events;
+        }
+        if delta.text.is_empty() && delta.logprob.is_none() {
             return events;
         }
         self.open_message(&mut events);
@@ -1115,7 +1118,7 @@ mod tests {
         assert_eq!((&response["output"][1]["type"], &response["usage"]["output_tokens_details"]), (&json!("message"), &json!({"reasoning_tokens": 3})));
         let mut stream = ResponseEvents::new(header(), false);
         let mut events = vec![];
-        for (text, is_thought) in [("Hmm,", true), (" hi.", true), ("Hi", false)] {
+        for (text, is_thought) in [("", true), ("Hmm,", true), (" hi.", true), ("", true), ("Hi", false)] {
             events.extend(stream.delta(&delta(text, None, is_thought)));
         }
         events.extend(stream.finish(&thought));

@@ -163,16 +163,18 @@ impl ChatTemplate {
         let swapped: Vec<ChatMessage> = messages
             .iter()
             .map(|message| {
-                let content = message.content.as_ref().map(|content| {
-                    specials.iter().zip(&placeholders).fold(content.clone(), |text, (special, placeholder)| {
-                        if text.contains(special.as_str()) {
-                            text.replace(special.as_str(), placeholder.encode_utf8(&mut [0; 4]))
-                        } else {
-                            text
-                        }
+                let swap = |text: &Option<String>| {
+                    text.as_ref().map(|text| {
+                        specials.iter().zip(&placeholders).fold(text.clone(), |text, (special, placeholder)| {
+                            if text.contains(special.as_str()) {
+                                text.replace(special.as_str(), placeholder.encode_utf8(&mut [0; 4]))
+                            } else {
+                                text
+                            }
+                        })
                     })
-                });
-                ChatMessage { content, ..message.clone() }
+                };
+                ChatMessage { content: swap(&message.content), reasoning_content: swap(&message.reasoning_content), ..message.clone() }
             })
             .collect();
         let text = self.render(&swapped, tools, add_generation_prompt, options)?;
