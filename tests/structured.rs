@@ -396,6 +396,31 @@ fn a_grammar_shapes_the_answer_after_the_thought() {
     assert!(answered > 0 && free_thoughts > 0, "{answered} answers, {free_thoughts} thoughts not shaped as JSON");
 }
 
+/// A template that lets the model answer at once (`enable_thinking: false` in the request's
+/// `chat_template_kwargs`, as Qwen3's and Cogito's templates read it) closes the thought in the
+/// prompt: the output is all answer.
+#[test]
+fn chat_template_kwargs_reach_the_template() {
+    let Some(gpu) = gpu() else { return };
+    let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 4, ..Default::default() };
+    let model = load_model(&gpu, FIXTURE, &options).unwrap();
+    let tokenizer = truncated_llama3_tokenizer_with(model.config().vocab_size, &[(THINK, "<think>"), (THINK_END, "</think>")]);
+    let template = "{{ messages[0].content }}\nassistant: <think>\n{% if enable_thinking is false %}\n</think>\n\n{% endif %}";
+    let mut engine = Engine::new(model, tokenizer, ChatTemplate::new(template).unwrap(), 1).unwrap();
+    let run = |engine: &mut Engine, kwargs: Option<Value>| {
+        let request = ChatCompletionRequest { chat_template_kwargs: kwargs.map(|k| k.as_object().unwrap().clone()), sampling: SamplingParams { max_tokens: Some(4), ..Default::default() }, ..chat("Hi") };
+        let prompt = engine.prompter().chat_prompt(&request, &RenderOptions::default()).unwrap();
+        let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 1).unwrap();
+        (prompt, finish_all(engine, &ids).remove(0))
+    };
+    let (thinking_prompt, thinking) = run(&mut engine, None);
+    let (answering_prompt, answering) = run(&mut engine, Some(json!({"enable_thinking": false})));
+    assert_eq!(thinking_prompt.last(), Some(&198), "the template opened the thought: <think>, then a line break");
+    assert!(answering_prompt.ends_with(&[THINK_END, 271]), "the template closed it: </think>, then two line breaks");
+    assert_eq!((thinking.reasoning.is_some(), answering.reasoning), (true, None));
+    assert_eq!((thinking.text.as_str(), answering.usage.reasoning_tokens), ("", 0));
+}
+
 /// No parsing where the template never speaks of thoughts, or the markers are not tokens.
 #[test]
 fn thoughts_are_told_apart_only_where_the_model_has_them() {

@@ -97,6 +97,10 @@ pub struct ChatCompletionRequest {
     /// Llama 3.1's built-in tools to enable: `brave_search`, `wolfram_alpha`, `code_interpreter`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin_tools: Option<Vec<String>>,
+    /// More variables for the chat template (vLLM's and llama.cpp's `chat_template_kwargs`), e.g.
+    /// `{"enable_thinking": false}` for templates that let a reasoning model answer at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub stream: bool,
     #[serde(flatten)]

@@ -118,6 +118,10 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
+/// The variables a chat template gets from the request and the model, which
+/// `chat_template_kwargs` may not set.
+const TEMPLATE_VARIABLES: [&str; 6] = ["messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"];
+
 /// A chat completion request (`POST /v1/chat/completions`'s body as a JSON object).
 pub fn read_chat(mut object: Map<String, Value>, unknown: UnknownFields) -> Result<Parsed, RequestError> {
     let Common { stream, include_usage, choices } = common_fields(&mut object, false)?;
@@ -161,6 +165,12 @@ pub fn read_chat(mut object: Map<String, Value>, unknown: UnknownFields) -> Resu
     }
     field::<bool>(&object, "parallel_tool_calls")?;
     field::<Vec<String>>(&object, "builtin_tools")?;
+    if let Some(kwargs) = field::<Map<String, Value>>(&object, "chat_template_kwargs")? {
+        if let Some(name) = kwargs.keys().find(|name| TEMPLATE_VARIABLES.contains(&name.as_str())) {
+            let message = format!("chat_template_kwargs.{name}: the request itself gives the template its {name}");
+            return Err(RequestError::invalid(message).param("chat_template_kwargs"));
+        }
+    }
 
     let request: ChatCompletionRequest = typed(object, unknown)?;
     Ok(Parsed { work: Work::Chat(request), choices, stream, include_usage })
@@ -342,6 +352,7 @@ fn common_fields(object: &mut Map<String, Value>, zero_tokens: bool) -> Result<C
         "tool_choice",
         "parallel_tool_calls",
         "builtin_tools",
+        "chat_template_kwargs",
         "prediction",
     ] {
         if object.get(name).is_some_and(Value::is_null) {
@@ -572,6 +583,12 @@ mod tests {
         assert_eq!(e.message, "messages: must be a list of messages, got a string");
         let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}"#);
         assert!(e.message.starts_with("max_tokens: invalid value: integer `-3`"), "{}", e.message);
+        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"messages": []}}"#);
+        assert_eq!((e.param.as_deref(), e.message.as_str()), (Some("chat_template_kwargs"), "chat_template_kwargs.messages: the request itself gives the template its messages"));
+        let e = chat_error(r#"{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": true}"#);
+        assert_eq!(e.param.as_deref(), Some("chat_template_kwargs"));
+        let request = chat(r#"{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": false}}"#);
+        assert_eq!(request.chat_template_kwargs.unwrap()["enable_thinking"], false);
     }
 
     #[test]

@@ -222,6 +222,9 @@ impl Prompter {
         if request.builtin_tools.is_some() {
             options.builtin_tools = request.builtin_tools.clone();
         }
+        if let Some(variables) = &request.chat_template_kwargs {
+            options.variables.extend(variables.clone());
+        }
         Ok(self.template.encode(&self.tokenizer, &request.messages, tools, add_generation_prompt, &options).map_err(EngineError::from)?)
     }
 

@@ -66,6 +66,8 @@ pub struct RenderOptions {
     /// cannot forge turns with `<|eot_id|><|start_header_id|>system...`. The template's own markup
     /// keeps its special tokens either way.
     pub special_tokens_in_content: bool,
+    /// More variables the template reads (a request's `chat_template_kwargs`).
+    pub variables: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `n` private-use characters that do not occur in `conversation` (as JSON).
@@ -189,7 +191,7 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         options: &RenderOptions,
     ) -> Result<String, TextError> {
-        let mut context: BTreeMap<&str, Value> = BTreeMap::new();
+        let mut context: BTreeMap<&str, Value> = options.variables.iter().map(|(name, value)| (name.as_str(), Value::from_serialize(value))).collect();
         context.insert("messages", Value::from_serialize(template_messages(messages)));
         context.insert("tools", tools.map_or(Value::from(()), Value::from_serialize));
         context.insert("documents", Value::from(()));
