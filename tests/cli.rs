@@ -88,6 +88,30 @@ fn a_chat_template_given_replaces_the_models() {
     assert!(stderr.contains("--chat-template \"chatml.jinja\": no such file, and not a template"), "{stderr}");
 }
 
+/// A reasoning model's thought goes apart from its answer (stderr, and `reasoning` in the JSON),
+/// unless `--reasoning-format none` leaves it in the text.
+#[test]
+fn a_thought_goes_apart_unless_the_reasoning_format_is_none() {
+    if gpu().is_none() {
+        return;
+    }
+    let model = common::fixture_with_tokenizer("tiny-llama31");
+    let tokenizer = common::truncated_llama3_tokenizer_with(1003, &[(998, "<think>"), (999, "</think>")]);
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_json().unwrap()).unwrap();
+    let run = |extra: &[&str]| {
+        let model = model.to_str().unwrap();
+        let args = [&["run", "--model", model, "--prompt", "hi", "--chat", "--chat-template", "{{ messages[0].content }}<think>\n", "-n", "6", "--temperature", "0"], extra].concat();
+        llama_webgpu(&args)
+    };
+    let json = |out: String| -> serde_json::Value { serde_json::from_str(&out).unwrap() };
+    let (parsed, raw) = (json(run(&["--json"])), json(run(&["--json", "--reasoning-format", "none"])));
+    assert_eq!(parsed["tokens"], raw["tokens"]);
+    // Greedy, the random model does not end its thought in 6 tokens: all of it is the thought.
+    assert_eq!((&parsed["text"], &parsed["reasoning"]), (&serde_json::json!(""), &raw["text"]), "{parsed} {raw}");
+    assert!(raw["reasoning"].is_null() && !raw["text"].as_str().unwrap().is_empty());
+    assert_eq!(run(&[]).trim(), "", "the thought is not on stdout");
+}
+
 /// The grid formats load from GGUF files but are not written here: `--quant` names why (a synthetic
 /// model in them still benchmarks, filled on the GPU).
 #[test]

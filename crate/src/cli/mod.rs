@@ -4,7 +4,7 @@ mod bench;
 pub mod heap;
 mod serve;
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -332,28 +332,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut engine = load_engine(&gpu, &model, &model.load_options(), cli.quiet).await?;
             let load_s = started.elapsed().as_secs_f64();
             let params = sampling.params();
-            let prompt_tokens = if chat {
-                let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", &prompt)], ..Default::default() };
-                engine.prompter().chat_prompt(&request, &Default::default())?
+            let started = Instant::now();
+            let on_text = |text: &str, thought: bool| {
+                if !json {
+                    write_delta(text, thought);
+                }
+            };
+            let mut events = terminal_events(cli.quiet, on_text);
+            let completion = if chat {
+                let request = ChatCompletionRequest { messages: vec![ChatMessage::new("user", &prompt)], sampling: params, ..Default::default() };
+                engine.chat_with_events(&request, &CancelToken::default(), &mut events).await?
             } else {
                 let mut ids: Vec<u32> = engine.model().config().bos_token_id.into_iter().collect();
                 ids.extend(engine.tokenizer().encode(&prompt, true).map_err(llama_webgpu::engine::EngineError::from)?);
-                ids
+                engine.generate_with_events(&ids, &params, &CancelToken::default(), &mut events).await?
             };
-            let started = Instant::now();
-            let mut stdout = std::io::stdout();
-            let on_text = |text: &str| {
-                if !json {
-                    let _ = stdout.write_all(text.as_bytes());
-                    let _ = stdout.flush();
-                }
-            };
-            let completion = engine.generate_with_events(&prompt_tokens, &params, &CancelToken::default(), &mut terminal_events(cli.quiet, on_text)).await?;
             let generate_s = started.elapsed().as_secs_f64();
             if json {
                 let out = serde_json::json!({
                     "adapter": gpu.info.name,
                     "text": completion.text,
+                    "reasoning": completion.reasoning,
                     "tokens": completion.tokens,
                     "finish_reason": completion.finish_reason,
                     "usage": completion.usage,
@@ -461,12 +460,7 @@ async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParam
         }
         let request = ChatCompletionRequest { messages: messages.clone(), sampling: params.clone(), ..Default::default() };
         let started = Instant::now();
-        let prompt = engine.prompter().chat_prompt(&request, &Default::default())?;
-        let on_text = |text: &str| {
-            print!("{text}");
-            let _ = std::io::stdout().flush();
-        };
-        let completion = engine.generate_with_events(&prompt, &params, &CancelToken::default(), &mut terminal_events(quiet, on_text)).await?;
+        let completion = engine.chat_with_events(&request, &CancelToken::default(), &mut terminal_events(quiet, write_delta)).await?;
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
             "\n[{} tokens, {:.1} tok/s, {} prompt tokens reused]",
@@ -474,7 +468,7 @@ async fn chat(engine: &mut Engine, system: Option<String>, params: SamplingParam
             completion.usage.completion_tokens as f64 / seconds,
             completion.usage.cached_prompt_tokens
         );
-        messages.push(ChatMessage::new("assistant", &completion.text));
+        messages.push(ChatMessage { reasoning_content: completion.reasoning, ..ChatMessage::new("assistant", &completion.text) });
     }
 }
 
@@ -590,9 +584,24 @@ fn load_bar(quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
+/// Writes a delta's text: the answer to stdout, a reasoning model's thought to stderr (dimmed on
+/// a terminal), so that stdout holds the answer alone.
+fn write_delta(text: &str, thought: bool) {
+    if !thought {
+        let mut stdout = std::io::stdout();
+        let _ = stdout.write_all(text.as_bytes());
+        let _ = stdout.flush();
+    } else if std::io::stderr().is_terminal() {
+        eprint!("\x1b[2m{text}\x1b[0m");
+    } else {
+        eprint!("{text}");
+    }
+}
+
 /// A generation's events on the terminal: while a prompt longer than a pass is computed, a
-/// progress bar on stderr (unless `quiet`); then each delta's text to `on_text`.
-fn terminal_events<'a>(quiet: bool, mut on_text: impl FnMut(&str) + 'a) -> impl FnMut(&Event) + 'a {
+/// progress bar on stderr (unless `quiet`); then each delta's text, and whether it is a thought,
+/// to `on_text`.
+fn terminal_events<'a>(quiet: bool, mut on_text: impl FnMut(&str, bool) + 'a) -> impl FnMut(&Event) + 'a {
     let mut bar: Option<indicatif::ProgressBar> = None;
     move |event| match event {
         Event::Prefill { done, total } if !quiet => {
@@ -610,7 +619,7 @@ fn terminal_events<'a>(quiet: bool, mut on_text: impl FnMut(&str) + 'a) -> impl 
             if let Some(bar) = bar.take() {
                 bar.finish_and_clear();
             }
-            on_text(&delta.text);
+            on_text(&delta.text, delta.thought);
         }
         _ => {}
     }

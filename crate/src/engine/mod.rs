@@ -419,6 +419,13 @@ impl Engine {
         self.run_to_end(id, on_event).await
     }
 
+    /// Runs a chat request alone to its end, as [`Engine::generate_with_events`] runs a prompt:
+    /// its deltas tell a reasoning model's thought from its answer, its tools' calls are parsed.
+    pub async fn chat_with_events(&mut self, request: &ChatCompletionRequest, cancel: &CancelToken, on_event: &mut dyn FnMut(&Event)) -> Result<Completion> {
+        let id = self.add_work(&Work::Chat(request.clone()), &RenderOptions::default(), cancel.clone(), 1)?[0];
+        self.run_to_end(id, on_event).await
+    }
+
     async fn run_to_end(&mut self, id: SequenceId, on_event: &mut dyn FnMut(&Event)) -> Result<Completion> {
         loop {
             for (sequence, event) in self.step().await? {
