@@ -197,6 +197,11 @@ export interface ChatCompletionParams extends SamplingParams {
   parallel_tool_calls?: boolean;
   /** Llama 3.1's built-in tools to enable: "brave_search", "wolfram_alpha", "code_interpreter". */
   builtin_tools?: string[];
+  /**
+   * More variables for the chat template, e.g. `{ enable_thinking: false }` where the template
+   * lets a reasoning model answer at once; not the request's own (messages, tools, ...).
+   */
+  chat_template_kwargs?: Record<string, unknown>;
   /** Return each output token's log probability (`choices[].logprobs`). */
   logprobs?: boolean;
   /** With `logprobs: true`: the most likely alternatives to return with each token, 0 to 20. */
