@@ -4,7 +4,7 @@ import { AbortError, clearModelCache, createEngine } from "../pkg/index.js";
 import { DEFAULT_SETTINGS, deleteConversation, listConversations, newConversation, saveConversation } from "./conversations.js";
 import { formatBytes, formatRate, formatSeconds } from "./format.js";
 import { streamingRenderer } from "./markdown.js";
-import { actionButton, figuresText, messageElement } from "./messages.js";
+import { actionButton, figuresText, foldThought, messageElement, thoughtElement } from "./messages.js";
 import { checkFit, describeAdapter, describeUrl, pickerModels } from "./models.js";
 import { explain, NO_WEBGPU } from "./problems.js";
 
@@ -188,10 +188,19 @@ async function generate() {
   let tokens = 0;
   let usage = null;
   let failure = null;
+  // A reasoning model's thought, shown as it comes and folded once, when the answer begins.
+  let thought = null;
+  let answering = false;
   try {
     const stream = engine.chat.completions.create({ messages, stream: true, signal: controller.signal, ...samplingOf(owner) });
     for await (const chunk of stream) {
       const choice = chunk.choices[0];
+      if (choice.delta.reasoning) {
+        if (!thought) article.querySelector(".content").before((thought = thoughtElement("", true)));
+        thought.querySelector(".thought-text").append(choice.delta.reasoning);
+      }
+      if (choice.delta.content && thought && !answering) foldThought(thought);
+      answering ||= Boolean(choice.delta.content);
       renderer.append(choice.delta.content ?? "");
       tokens += choice.token_ids.length;
       first ??= choice.token_ids.length ? performance.now() : null;
@@ -204,6 +213,7 @@ async function generate() {
     else failure = error;
   }
   reply.content = renderer.finish();
+  if (thought) reply.reasoning = thought.querySelector(".thought-text").textContent;
   $("messages").removeEventListener("scroll", follow);
   generation = null;
   const ended = performance.now();

@@ -1,6 +1,6 @@
 // Conversations kept in the browser's IndexedDB, one record each:
 //   {id, title, created, updated, system, settings: {temperature, top_p, max_tokens, seed},
-//    messages: [{role: "user" | "assistant", content, stopped?, figures?}]}
+//    messages: [{role: "user" | "assistant", content, reasoning?, stopped?, figures?}]}
 const DATABASE = "llama-webgpu-chat";
 const STORE = "conversations";
 

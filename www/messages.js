@@ -27,8 +27,35 @@ export function actionButton(label, action, { className = "", ariaLabel } = {}) 
 }
 
 /**
- * The element of `message` ({role, content, stopped?, figures?}); `actions` maps button labels to
- * what they do (e.g. {Edit: () => ...}).
+ * A reasoning model's thought, folded under a summary: open while it is being written (`thinking`)
+ * until `foldThought`, when the answer begins.
+ */
+export function thoughtElement(text, thinking = false) {
+  const details = document.createElement("details");
+  details.className = "thought";
+  const summary = document.createElement("summary");
+  const body = document.createElement("div");
+  body.className = "thought-text";
+  body.textContent = text;
+  details.append(summary, body);
+  if (thinking) {
+    details.open = true;
+    summary.textContent = "Thinking…";
+  } else {
+    foldThought(details);
+  }
+  return details;
+}
+
+/** Folds a thought whose answer has begun. */
+export function foldThought(details) {
+  details.open = false;
+  details.querySelector("summary").textContent = "Thought";
+}
+
+/**
+ * The element of `message` ({role, content, reasoning?, stopped?, figures?}); `actions` maps button
+ * labels to what they do (e.g. {Edit: () => ...}).
  */
 export function messageElement(message, actions = {}) {
   const article = document.createElement("article");
@@ -48,6 +75,7 @@ export function messageElement(message, actions = {}) {
     meta.append(figures);
   }
   for (const [label, action] of Object.entries(actions)) meta.append(actionButton(label, action));
+  if (message.reasoning) article.append(thoughtElement(message.reasoning));
   article.append(content, meta);
   return article;
 }
