@@ -36,9 +36,9 @@ impl Engine {
         } else {
             vec![]
         };
-        if let Some(split) = sequence.thought.as_ref().filter(|split| split.thinking() && sequence.answer_constraint.is_some()) {
-            // The token after `</think>` takes the answer's grammar, which a row verifying a
-            // guess past it would be chosen without.
+        if let (Some(split), Some(_)) = (&sequence.thought, &sequence.answer_constraint) {
+            // The token after `</think>` takes the answer's grammar, waiting while the sequence
+            // thinks, which a row verifying a guess past it would be chosen without.
             if let Some(end) = guessed.iter().position(|&token| token == split.end_marker()) {
                 guessed.truncate(end);
             }
