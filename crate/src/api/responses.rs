@@ -533,7 +533,7 @@ fn logprob_entries(logprobs: &[TokenLogprob]) -> Vec<Value> {
 }
 
 /// A streamed response's events: `response.created` and `response.in_progress`; a reasoning
-/// model's thought as an item opened at its first text, a `reasoning_text` delta per piece, closed
+/// model's thought as an item opened at its first delta, a `reasoning_text` delta per piece, closed
 /// when the answer begins; the message's item and text part opened at its first text, a delta per
 /// piece of text, then the finished response's items closed in turn (the message, each function
 /// call) and `response.completed` (or `response.incomplete`) with the whole response. Each event
@@ -593,7 +593,7 @@ impl ResponseEvents {
         events.push(self.event("response.content_part.added", json!({"item_id": item_id, "output_index": output_index, "content_index": 0, "part": part})));
     }
 
-    /// The thought comes first: its item opens at its first text.
+    /// The thought comes first: its item opens at its first delta (a marker's, before any text).
     fn open_thought(&mut self, events: &mut Vec<Value>) {
         if self.thought_open {
             return;
