@@ -271,19 +271,20 @@ fn required_tool_calls_are_calls_of_offered_tools() {
     assert!(error.contains("no tools are offered"), "{error}");
 }
 
-/// Mistral's call format (told from the `[TOOL_CALLS]` in a template): a required call is its
-/// marker and a list of calls, each parsed back, with the 9-character ids its template asks of a
-/// history's calls.
-#[test]
-fn required_mistral_calls_are_a_list_of_offered_tools() {
-    let template = SHORT_TOOL_TEMPLATE.replace("<|python_tag|>", "[TOOL_CALLS]");
-    let Some(mut engine) = engine_with(ChatTemplate::new(&template).unwrap()) else { return };
+/// Required calls on a template in one of Mistral's call formats (`markers` in place of Llama's
+/// `<|python_tag|>`): 4 seeds, each output only calls of `get_weather` whose arguments follow its
+/// schema, with the 9-character ids Mistral's template asks of a history's calls.
+fn required_mistral_calls(markers: &str, tool_choice: ToolChoice, parallel: bool) -> Vec<Completion> {
+    let template = SHORT_TOOL_TEMPLATE.replace("<|python_tag|>", markers);
+    let Some(mut engine) = engine_with(ChatTemplate::new(&template).unwrap()) else { return vec![] };
     let mut request = chat("What is the weather in Paris?");
     request.tools = Some(vec![weather_tool()]);
-    request.tool_choice = Some(ToolChoice::Mode(ToolChoiceMode::Required));
+    request.tool_choice = Some(tool_choice);
+    request.parallel_tool_calls = Some(parallel);
     request.sampling = SamplingParams { max_tokens: Some(90), ..json_params(None) };
     let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 4).unwrap();
-    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
+    let completions = finish_all(&mut engine, &ids);
+    for (seed, completion) in completions.iter().enumerate() {
         assert_eq!((completion.finish_reason, completion.text.as_str()), (FinishReason::ToolCalls, ""), "seed {seed}: {:?}", completion.tool_calls);
         assert!(!completion.tool_calls.is_empty());
         for call in &completion.tool_calls {
@@ -293,29 +294,24 @@ fn required_mistral_calls_are_a_list_of_offered_tools() {
             assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()), "{arguments}");
         }
     }
+    completions
 }
 
-/// Mistral's calls from its v11 tokenizer on, required: each `[TOOL_CALLS]`, an offered tool's name,
+/// Mistral's call format (told from the `[TOOL_CALLS]` in a template): a required call is its
+/// marker and a list of calls, each parsed back.
+#[test]
+fn required_mistral_calls_are_a_list_of_offered_tools() {
+    required_mistral_calls("[TOOL_CALLS]", ToolChoice::Mode(ToolChoiceMode::Required), true);
+}
+
+/// Mistral's calls from its v11 tokenizer on, a named function required: `[TOOL_CALLS]`, its name,
 /// `[ARGS]` and arguments following its schema (the markers spelled out: the fixture's vocabulary
-/// lacks them), parsed back with 9-character ids.
+/// lacks them), one call (the random model would go on calling).
 #[test]
 fn required_mistral_args_calls_name_offered_tools() {
-    let template = SHORT_TOOL_TEMPLATE.replace("<|python_tag|>", "[TOOL_CALLS] [ARGS]");
-    let Some(mut engine) = engine_with(ChatTemplate::new(&template).unwrap()) else { return };
-    let mut request = chat("What is the weather in Paris?");
-    request.tools = Some(vec![weather_tool()]);
-    request.tool_choice = Some(ToolChoice::Function { kind: "function".into(), function: NamedFunction { name: "get_weather".into() } });
-    request.parallel_tool_calls = Some(false); // one call: the random model would go on calling
-    request.sampling = SamplingParams { max_tokens: Some(90), ..json_params(None) };
-    let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 4).unwrap();
-    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
-        assert_eq!((completion.finish_reason, completion.text.as_str()), (FinishReason::ToolCalls, ""), "seed {seed}: {:?}", completion.tool_calls);
+    let named = ToolChoice::Function { kind: "function".into(), function: NamedFunction { name: "get_weather".into() } };
+    for completion in required_mistral_calls("[TOOL_CALLS] [ARGS]", named, false) {
         assert_eq!(completion.tool_calls.len(), 1);
-        let call = &completion.tool_calls[0];
-        assert_eq!(call.name, "get_weather");
-        assert!(call.id.len() == 9 && call.id.chars().all(|c| c.is_ascii_alphanumeric()), "{}", call.id);
-        let arguments: Value = serde_json::from_str(&call.arguments).unwrap();
-        assert!(["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()), "{arguments}");
     }
 }
 
