@@ -319,14 +319,19 @@ fn required_mistral_args_calls_name_offered_tools() {
 const THINK: u32 = 998;
 const THINK_END: u32 = 999;
 
-/// The fixture as a reasoning model whose template opens the thought (as DeepSeek-R1's does); its
-/// thoughts left in the content unless `parsed`.
-fn thinking_engine(gpu: &Gpu, parsed: bool) -> Engine {
+/// A template that opens the thought, as DeepSeek-R1's does.
+const THOUGHT_OPENED: &str = "{%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: <think>\n";
+
+/// The fixture as a reasoning model with `template`; its thoughts left in the content unless `parsed`.
+fn thinking_engine_with(gpu: &Gpu, template: &str, parsed: bool) -> Engine {
     let options = LoadOptions { context_length: Some(CONTEXT), max_sequences: 8, ..Default::default() };
     let model = load_model(gpu, FIXTURE, &options).unwrap();
     let tokenizer = truncated_llama3_tokenizer_with(model.config().vocab_size, &[(THINK, "<think>"), (THINK_END, "</think>")]);
-    let template = ChatTemplate::new("{%- for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: <think>\n").unwrap();
-    Engine::new(model, tokenizer, template, 1).unwrap().with_prompt_lookup(true).with_reasoning_parsed(parsed)
+    Engine::new(model, tokenizer, ChatTemplate::new(template).unwrap(), 1).unwrap().with_prompt_lookup(true).with_reasoning_parsed(parsed)
+}
+
+fn thinking_engine(gpu: &Gpu, parsed: bool) -> Engine {
+    thinking_engine_with(gpu, THOUGHT_OPENED, parsed)
 }
 
 /// Raises `</think>` so that the random model ends its thought within a few dozen tokens.
@@ -369,27 +374,46 @@ fn a_thought_is_told_apart_from_the_answer() {
     assert!((2..8).contains(&ended), "{ended} of 8 thoughts ended: the bias should end some, not all");
 }
 
-/// Where the prompt opened the thought, the grammar shapes the answer after `</think>`: the
-/// thought is free text, the answer JSON.
+/// The grammar shapes the answer after `</think>`: the thought is free text, the answer JSON;
+/// where the prompt opens no thought, the grammar's first mask lets one begin.
 #[test]
 fn a_grammar_shapes_the_answer_after_the_thought() {
     let Some(gpu) = gpu() else { return };
-    let mut engine = thinking_engine(&gpu, true);
-    let request = ChatCompletionRequest { sampling: thought_ending(Some(ResponseFormat::JsonObject)), ..chat("Answer in JSON.") };
-    let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 8).unwrap();
-    let (mut answered, mut free_thoughts) = (0, 0);
-    for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
-        let reasoning = completion.reasoning.as_deref().unwrap();
-        let thought = reasoning.trim_start();
-        free_thoughts += (!thought.is_empty() && !thought.starts_with('{')) as usize;
-        // The end of turn may come in the thought, where no grammar applies.
-        if completion.finish_reason == FinishReason::Stop && completion.tokens.contains(&THINK_END) {
-            answered += 1;
-            let value: Value = serde_json::from_str(&completion.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", completion.text));
-            assert!(value.is_object(), "seed {seed}: {value}");
+    // DeepSeek-R1's template before its update: it speaks of `</think>` (leaving earlier thoughts out) but opens none.
+    let unopened = THOUGHT_OPENED.replace("<think>\n", "{#- earlier thoughts end at </think> -#}");
+    // Where the thought may begin, `<think>` raised as much as `</think>`, so that some begin one and end it.
+    for (template, may_skip_it) in [(THOUGHT_OPENED, false), (unopened.as_str(), true)] {
+        let mut engine = thinking_engine_with(&gpu, template, true);
+        let mut sampling = thought_ending(Some(ResponseFormat::JsonObject));
+        if may_skip_it {
+            let bias = sampling.logit_bias.as_mut().unwrap();
+            bias.extend([(THINK.to_string(), 3.0), (THINK_END.to_string(), 3.0)]);
         }
+        let request = ChatCompletionRequest { sampling, ..chat("Answer in JSON.") };
+        let ids = engine.add_work(&Work::Chat(request), &RenderOptions::default(), CancelToken::default(), 8).unwrap();
+        let (mut answered, mut free_thoughts, mut skipped) = (0, 0, 0);
+        for (seed, completion) in finish_all(&mut engine, &ids).iter().enumerate() {
+            let Some(reasoning) = completion.reasoning.as_deref() else {
+                assert!(may_skip_it, "seed {seed}: the prompt opened a thought");
+                assert_eq!((completion.usage.reasoning_tokens, completion.tokens.first() == Some(&THINK)), (0, false));
+                skipped += 1;
+                if completion.finish_reason == FinishReason::Stop {
+                    let value: Value = serde_json::from_str(&completion.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", completion.text));
+                    assert!(value.is_object(), "seed {seed}: {value}");
+                }
+                continue;
+            };
+            let thought = reasoning.trim_start();
+            free_thoughts += (!thought.is_empty() && !thought.starts_with('{')) as usize;
+            // The end of turn may come in the thought, where no grammar applies.
+            if completion.finish_reason == FinishReason::Stop && completion.tokens.contains(&THINK_END) {
+                answered += 1;
+                let value: Value = serde_json::from_str(&completion.text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {:?}", completion.text));
+                assert!(value.is_object(), "seed {seed}: {value}");
+            }
+        }
+        assert!(answered > 0 && free_thoughts > 0, "{answered} answers, {free_thoughts} thoughts not shaped as JSON, {skipped} without a thought");
     }
-    assert!(answered > 0 && free_thoughts > 0, "{answered} answers, {free_thoughts} thoughts not shaped as JSON");
 }
 
 /// A template that lets the model answer at once (`enable_thinking: false` in the request's

@@ -252,6 +252,11 @@ impl Mask {
         self.0.is_allowed(token)
     }
 
+    /// Allows `token` too (one the grammar does not see, such as a thought's start marker).
+    pub fn allow(&mut self, token: u32) {
+        self.0.allow_token(token);
+    }
+
     /// Sets every disallowed token's logit to minus infinity.
     pub fn apply(&self, logits: &mut [f32]) {
         for (token, logit) in logits.iter_mut().enumerate() {

@@ -241,10 +241,14 @@ impl Sequence {
     /// token's row), samples.
     fn choose(&mut self, logits: &mut [f32]) -> Result<u32, GrammarError> {
         if let Some(constraint) = &mut self.constraint {
-            let mask = match self.mask.take() {
+            let mut mask = match self.mask.take() {
                 Some(mask) => mask?,
                 None => constraint.mask()?,
             };
+            // A reasoning model may think before the grammar's answer, as where the prompt opened the thought.
+            if let Some(start) = self.thought.as_ref().and_then(ThoughtSplit::may_begin) {
+                mask.allow(start);
+            }
             mask.apply(logits);
         }
         Ok(self.sampler.sample(logits))
@@ -1044,8 +1048,11 @@ impl Engine {
                 Ok(text) => text,
                 Err(error) => return Some(Err(EngineError::from(error).into())),
             };
-            if part == Part::ThoughtEnds {
-                sequence.constraint = sequence.answer_constraint.take();
+            // The grammar, fed none of the thought, waits for the answer.
+            match part {
+                Part::ThoughtBegins => sequence.answer_constraint = sequence.constraint.take(),
+                Part::ThoughtEnds => sequence.constraint = sequence.answer_constraint.take(),
+                Part::Thought | Part::Answer => {}
             }
             sequence.reasoning.push_str(&text);
             events.push((sequence.id, Event::Delta(Delta { text, token: Some(token), logprob, thought: true })));

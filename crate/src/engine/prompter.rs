@@ -33,8 +33,8 @@ pub struct Prepared {
     pub(super) sampling: SamplingParams,
     pub(super) constraint: Option<Constraint>,
     pub(super) calling: Option<ToolCalling>,
-    /// Tells the output's thought from its answer, for a chat of a reasoning model; where the
-    /// prompt opened the thought, the grammar (if any) shapes the answer after it.
+    /// Tells the output's thought from its answer, for a chat of a reasoning model; the grammar
+    /// (if any) shapes the answer after the thought.
     pub(super) thought: Option<ThoughtSplit>,
     /// The predicted output's tokens (none without a prediction).
     pub(super) prediction: Vec<u32>,
@@ -268,11 +268,7 @@ impl Prompter {
                 Some(Grammar::tool_calls(&required).map_err(EngineError::ToolChoice)?)
             }
         };
-        // A grammar shapes the whole output unless the prompt opened a thought: then the answer after it.
-        let thought = self
-            .think_tokens
-            .map(|markers| ThoughtSplit::new(markers, markers.opened_by(&prompt, &self.tokenizer)))
-            .filter(|split| split.thinking() || grammar.is_none());
+        let thought = self.think_tokens.map(|markers| ThoughtSplit::new(markers, markers.opened_by(&prompt, &self.tokenizer)));
         self.finish(vec![prompt], &request.sampling, grammar, calling, thought)
     }
 

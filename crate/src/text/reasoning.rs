@@ -98,6 +98,11 @@ impl ThoughtSplit {
         matches!(self.phase, Phase::Thought | Phase::Answer { after_thought: true })
     }
 
+    /// The token that would begin a thought, while one still may (nothing generated yet).
+    pub fn may_begin(&self) -> Option<u32> {
+        (self.phase == Phase::Start).then_some(self.markers.start)
+    }
+
     /// The token that would end the thought.
     pub fn end_marker(&self) -> u32 {
         self.markers.end
@@ -134,11 +139,11 @@ mod tests {
     #[test]
     fn a_thought_begins_only_at_the_start() {
         let mut split = ThoughtSplit::new(MARKERS, false);
-        assert!(!split.thinking());
+        assert!(!split.thinking() && split.may_begin() == Some(7));
         assert_eq!([7, 1, 8, 2].map(|t| split.next(t)), [Part::ThoughtBegins, Part::Thought, Part::ThoughtEnds, Part::Answer]);
         let mut split = ThoughtSplit::new(MARKERS, false);
         assert_eq!([1, 7, 8].map(|t| split.next(t)), [Part::Answer; 3]);
-        assert!(!split.thought());
+        assert!(!split.thought() && split.may_begin().is_none());
         // Without a thought, the answer keeps its leading whitespace.
         assert_eq!(split.answer_text(" x".into()), " x");
     }
