@@ -73,6 +73,14 @@ export interface EngineOptions {
    */
   reasoningFormat?: "auto" | "none";
   /**
+   * What a request that sets no temperature, top_p, top_k, min_p or repetition_penalty samples
+   * with: "model", as the model's files recommend (generation_config.json, a GGUF's
+   * general.sampling.*; `info().model.recommended_sampling`), as vLLM and llama.cpp do; "none",
+   * OpenAI's defaults (temperature 1, every token). Each setting a request gives is its own.
+   * Default "model".
+   */
+  samplingDefaults?: "model" | "none";
+  /**
    * Speculative decoding with a draft model: a smaller model with the same tokenizer (Llama 3.2
    * 1B for Llama 3.1 8B), given as `model` is, loaded after the model on the same device with as
    * many KV pages; it drafts up to 6 tokens a step for each request while fewer than 7 decode,
@@ -452,7 +460,14 @@ export interface EngineInfo {
   /** Whether decode matmuls run on int8 inputs (the `q8Activations` option). */
   q8_activations: boolean;
   limits: Record<string, number>;
-  model: { layers: number; hidden_size: number; vocab_size: number; context_length: number };
+  model: {
+    layers: number;
+    hidden_size: number;
+    vocab_size: number;
+    context_length: number;
+    /** The sampling the model's files recommend (`samplingDefaults`). */
+    recommended_sampling: { temperature?: number; top_p?: number; top_k?: number; min_p?: number; repetition_penalty?: number };
+  };
   /** "cache" when the weights are kept in the Cache API, else "network (why not)". */
   weights: string;
   /** The draft model (the `draftModel` option), where one was loaded. */

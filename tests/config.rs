@@ -4,7 +4,7 @@
 mod common;
 
 use common::fixture;
-use llama_webgpu::model::{Llama3Scaling, RopeScaling};
+use llama_webgpu::model::{Llama3Scaling, RopeScaling, SamplingDefaults};
 use llama_webgpu::Config;
 
 fn llama3(c: &Config) -> &Llama3Scaling {
@@ -48,6 +48,22 @@ fn llama_3_takes_stop_tokens_from_generation_config_and_has_no_scaling() {
     assert_eq!(c.eos_token_ids, [128001, 128009]);
     assert_eq!(c.rope.scaling, None);
     assert_eq!(c.max_position_embeddings, 8192);
+    assert!(c.sampling_defaults.is_empty());
+}
+
+/// generation_config.json's sampling settings (Llama 3.1 Instruct's: temperature 0.6, top_p 0.9)
+/// become the model's recommended sampling; a top_k of 0 or less is none.
+#[test]
+fn sampling_defaults_come_from_generation_config() {
+    let read = |f: &str| std::fs::read_to_string(fixture("configs").join(f)).unwrap();
+    let parse = |generation: &str| Config::from_hf_json(&read("llama-3.1-8b-instruct.config.json"), Some(generation)).unwrap().sampling_defaults;
+    let llama = parse(r#"{"bos_token_id": 128000, "do_sample": true, "eos_token_id": [128001, 128008, 128009], "temperature": 0.6, "top_p": 0.9}"#);
+    assert_eq!(llama, SamplingDefaults { temperature: Some(0.6), top_p: Some(0.9), ..Default::default() });
+    let all = parse(r#"{"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.05}"#);
+    assert_eq!(all, SamplingDefaults { temperature: Some(0.7), top_p: Some(0.8), top_k: Some(20), min_p: Some(0.05), repetition_penalty: Some(1.05) });
+    for off in ["-1", "0"] {
+        assert_eq!(parse(&format!(r#"{{"top_k": {off}}}"#)).top_k, None);
+    }
 }
 
 /// Mistral's checkpoints are Llama's architecture; a sliding window bounds the context, within

@@ -30,6 +30,35 @@ fn run(engine: &mut Engine, prompt: &[u32], params: &SamplingParams, cancel: &Ca
     (completion, deltas)
 }
 
+/// A model whose generation_config.json recommends greedy decoding: requests that set no sampling
+/// of their own decode greedily (the golden tokens), unless the engine leaves the recommendation
+/// out; each setting a request gives is its own (the rest still recommended).
+#[test]
+fn requests_without_sampling_take_the_models_recommendation() {
+    let Some(gpu) = gpu() else { return };
+    let dir = common::fixture_with_tokenizer(FIXTURE);
+    std::fs::write(dir.join("generation_config.json"), r#"{"eos_token_id": [1001, 1002], "temperature": 0.0, "top_p": 0.9}"#).unwrap();
+    let load = || {
+        let config = llama_webgpu::load::read_hf_config(&dir).unwrap();
+        let source = llama_webgpu::load::open_safetensors_dir(&dir).unwrap();
+        let model = pollster::block_on(llama_webgpu::Llama::load(&gpu, config, &source, &LoadOptions { context_length: Some(128), ..Default::default() }, &mut |_| {})).unwrap();
+        let tokenizer = truncated_llama3_tokenizer(model.config().vocab_size);
+        Engine::new(model, tokenizer, ChatTemplate::llama31(), 1).unwrap()
+    };
+    let golden = golden(FIXTURE).greedy;
+    let unset = SamplingParams { max_tokens: Some(32), seed: Some(3), ..Default::default() };
+    let mut recommended = load();
+    assert_eq!((recommended.sampling_defaults().temperature, recommended.sampling_defaults().top_p), (Some(0.0), Some(0.9)));
+    assert_eq!(run(&mut recommended, &golden.prompt, &unset, &CancelToken::default()).0.tokens, golden.tokens);
+    let hot = SamplingParams { temperature: Some(1.0), top_p: Some(1.0), ..unset.clone() };
+    let own = run(&mut recommended, &golden.prompt, &hot, &CancelToken::default()).0.tokens;
+    let mut openai = load().with_sampling_defaults(false);
+    assert!(openai.sampling_defaults().is_empty());
+    let sampled = run(&mut openai, &golden.prompt, &unset, &CancelToken::default()).0.tokens;
+    assert_ne!(sampled, golden.tokens, "temperature 1 samples another continuation");
+    assert_eq!(own, sampled, "a request's own temperature and top_p win over the recommendation");
+}
+
 #[test]
 fn greedy_generation_streams_the_golden_tokens_and_their_text() {
     let Some(mut engine) = engine() else { return };

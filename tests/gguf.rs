@@ -13,7 +13,7 @@ use common::gguf_writer::{
 };
 use common::{assert_close, fixture, gpu, random_vec, random_weight_bytes, rng};
 use llama_webgpu::load::{open_safetensors_dir, read_hf_config, Gguf, GgufHeader, LoadError, MetadataValue as V, WeightSource, WeightStream};
-use llama_webgpu::model::{Llama3Scaling, ModelError, Rope, RopeScaling};
+use llama_webgpu::model::{Llama3Scaling, ModelError, Rope, RopeScaling, SamplingDefaults};
 use llama_webgpu::quant::{quantize_rows, DType};
 use llama_webgpu::api::{ChatCompletionRequest, ChatMessage, SamplingParams};
 use llama_webgpu::text::{RenderOptions, TextStream};
@@ -432,6 +432,18 @@ fn config_comes_from_llama_metadata_and_rope_freqs() {
     );
     assert_eq!((c.max_position_embeddings, c.rms_norm_eps, c.rope.theta, c.rope.scaling.clone()), (131072, 1e-5, 500000.0, None));
     assert_eq!((c.tie_word_embeddings, c.bos_token_id, c.eos_token_ids.clone()), (false, Some(1), vec![2, 3]));
+    assert!(c.sampling_defaults.is_empty());
+    // The sampling llama.cpp's converter records from generation_config.json (top_k -1: none).
+    let sampling = tiny_llama_metadata()
+        .kv("general.sampling.temp", V::F32(0.6))
+        .kv("general.sampling.top_p", V::F32(0.95))
+        .kv("general.sampling.top_k", V::I32(-1))
+        .kv("general.sampling.min_p", V::F32(0.05))
+        .kv("general.sampling.penalty_repeat", V::F32(1.1));
+    let defaults = parse(sampling.build()).unwrap().config().unwrap().sampling_defaults;
+    assert_eq!(defaults, SamplingDefaults { temperature: Some(0.6), top_p: Some(0.95), top_k: None, min_p: Some(0.05), repetition_penalty: Some(1.1) });
+    let top_k = parse(tiny_llama_metadata().kv("general.sampling.top_k", V::I32(40)).build()).unwrap().config().unwrap().sampling_defaults.top_k;
+    assert_eq!(top_k, Some(40));
 
     // rope_freqs is kept as given: Llama 3.1's factors, another scaling's (Llama 3.2's factor 32 with a
     // smaller original context), any positive numbers; all ones is no scaling.

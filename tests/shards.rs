@@ -144,8 +144,12 @@ fn convert_takes_only_an_empty_or_new_folder_and_leaves_nothing_half_written() {
     let left: Vec<_> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, ["model"], "only the user's folder remains");
 
+    // The model's recommended sampling goes with it.
+    std::fs::write(source.join("generation_config.json"), r#"{"eos_token_id": [1001, 1002], "temperature": 0.6, "top_k": 40}"#).unwrap();
     load::convert(&source, DType::Q8_0, 1 << 20, &fresh, &mut |_| {}).unwrap();
-    assert!(ShardDir::open(&fresh).is_ok());
+    let shards = ShardDir::open(&fresh).unwrap();
+    assert_eq!(shards.manifest.model_config().unwrap().sampling_defaults, load::read_hf_config(&source).unwrap().sampling_defaults);
+    assert_eq!(shards.manifest.sampling_defaults.top_k, Some(40));
 }
 
 /// A source whose reads return a few odd-sized bytes at a time, as a network stream may: rows

@@ -38,6 +38,7 @@ pub fn synthetic_config(name: &str) -> Option<Config> {
         tie_word_embeddings: tied,
         bos_token_id: Some(128000),
         eos_token_ids: vec![128001, 128008, 128009],
+        sampling_defaults: Default::default(),
     })
 }
 

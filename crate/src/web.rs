@@ -221,6 +221,9 @@ struct WebLoadOptions {
     /// "auto" (the default): a reasoning model's thought apart from its answer
     /// (Engine::with_reasoning_parsed); "none": left in the content.
     reasoning_format: Option<String>,
+    /// "model" (the default): requests that set no sampling sample as the model's files
+    /// recommend (Engine::with_sampling_defaults); "none": OpenAI's defaults.
+    sampling_defaults: Option<String>,
     /// A smaller model of the same tokenizer that drafts tokens (Engine::with_draft_model), as
     /// `url` is given.
     draft_model: Option<String>,
@@ -266,7 +269,7 @@ fn start() {
 /// reference to a GGUF file on the Hub), replacing any loaded one (its requests end as on `unload`).
 /// `options`: `{contextLength?, maxStorageBinding?, maxSequences?, kvMemory?,
 /// specialTokensInContent?, kvType?, hubEndpoint?, q8Activations?, noSubgroups?, promptLookup?,
-/// draftModel?, reasoningFormat?}`. `on_progress(bytesDone, bytesTotal, tensor, stage)` is called as the load goes through its
+/// draftModel?, reasoningFormat?, samplingDefaults?}`. `on_progress(bytesDone, bytesTotal, tensor, stage)` is called as the load goes through its
 /// stages: "self-test" (the kernels checked on this GPU, before the weights), then per chunk of
 /// weights uploaded "download" or "cache" (where they came from), then "prepare" once they all
 /// are (the KV cache allocated, the passes built); a draft model's weights follow, their tensors
@@ -282,6 +285,11 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
         None | Some("auto") => true,
         Some("none") => false,
         Some(other) => return Err(request_error(Some("reasoningFormat"), format!("reasoningFormat: {other:?} is neither \"auto\" nor \"none\""))),
+    };
+    let model_sampling = match options.sampling_defaults.as_deref() {
+        None | Some("model") => true,
+        Some("none") => false,
+        Some(other) => return Err(request_error(Some("samplingDefaults"), format!("samplingDefaults: {other:?} is neither \"model\" nor \"none\""))),
     };
     let kv_type = match options.kv_type.as_deref() {
         None => None,
@@ -327,7 +335,8 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     let mut engine = Engine::new(model, tokenizer, template, seed)
         .map_err(to_js)?
         .with_prompt_lookup(options.prompt_lookup.unwrap_or(false))
-        .with_reasoning_parsed(parse_reasoning);
+        .with_reasoning_parsed(parse_reasoning)
+        .with_sampling_defaults(model_sampling);
     if let Some(draft_url) = &options.draft_model {
         let draft_source = open_web_model(draft_url, &options).await?;
         let draft_config = draft_source.config().map_err(to_js)?;
@@ -872,6 +881,7 @@ fn describe_engine(gpu: &Gpu, model: &Llama, source: Option<&WebModel>) -> serde
             "hidden_size": config.hidden_size,
             "vocab_size": config.vocab_size,
             "context_length": model.context_length(),
+            "recommended_sampling": config.sampling_defaults,
         },
         "weights": source.map(WebModel::storage),
         "wasm_memory_bytes": wasm_memory_bytes(),

@@ -198,6 +198,18 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
+    /// These parameters with `defaults` where they set none (a model's recommended sampling).
+    pub fn with_defaults(&self, defaults: &crate::model::SamplingDefaults) -> Self {
+        Self {
+            temperature: self.temperature.or(defaults.temperature),
+            top_p: self.top_p.or(defaults.top_p),
+            top_k: self.top_k.or(defaults.top_k),
+            min_p: self.min_p.or(defaults.min_p),
+            repetition_penalty: self.repetition_penalty.or(defaults.repetition_penalty),
+            ..self.clone()
+        }
+    }
+
     /// How many alternatives to return with each token's log probability; None: no logprobs.
     pub fn logprobs_wanted(&self) -> Option<usize> {
         match self.logprobs {

@@ -183,6 +183,18 @@ struct ModelArgs {
     /// as tokens; `none` leaves it in the content as the model wrote it.
     #[arg(long, value_enum, default_value_t = ReasoningFormat::Auto)]
     reasoning_format: ReasoningFormat,
+    /// What a request that sets no temperature, top_p, top_k, min_p or repetition_penalty samples
+    /// with: `model`, as the model's files recommend (generation_config.json, a GGUF's
+    /// general.sampling.*; Llama 3.1 Instruct: temperature 0.6, top_p 0.9), as vLLM and llama.cpp
+    /// do; `none`, OpenAI's defaults (temperature 1, every token).
+    #[arg(long, value_enum, default_value_t = SamplingDefaultsFrom::Model)]
+    sampling_defaults: SamplingDefaultsFrom,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SamplingDefaultsFrom {
+    Model,
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -392,7 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull { reference, context } => {
             // The memory estimate needs a device; a download does not.
             let gpu = Gpu::new(&options).await.inspect_err(|e| eprintln!("no GPU for a memory estimate: {e}")).ok();
-            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None, quant: None, chat_template: None, reasoning_format: ReasoningFormat::Auto };
+            let args = ModelArgs { model: reference, context, parallel: None, kv_memory: None, prompt_lookup: false, draft_model: None, quant: None, chat_template: None, reasoning_format: ReasoningFormat::Auto, sampling_defaults: SamplingDefaultsFrom::Model };
             let args = fetch_model(args, gpu.as_ref(), cli.quiet)?;
             println!("{}", args.model);
             Ok(())
@@ -526,7 +538,11 @@ async fn load_engine(gpu: &Gpu, args: &ModelArgs, options: &LoadOptions, quiet: 
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let engine = Engine::new(model, tokenizer, template, seed)?
         .with_prompt_lookup(args.prompt_lookup)
-        .with_reasoning_parsed(args.reasoning_format == ReasoningFormat::Auto);
+        .with_reasoning_parsed(args.reasoning_format == ReasoningFormat::Auto)
+        .with_sampling_defaults(args.sampling_defaults == SamplingDefaultsFrom::Model);
+    if !engine.sampling_defaults().is_empty() {
+        log::info!("requests that set no sampling of their own sample as the model recommends: {}", serde_json::json!(engine.sampling_defaults()));
+    }
     let Some(draft) = &args.draft_model else { return Ok(engine) };
     let files = load::open_model(Path::new(draft)).with_context(|| format!("opening the draft model {draft}"))?;
     // The draft's checkpoint matrices are re-encoded as the model's are.

@@ -17,7 +17,7 @@ use crate::api::request::Work;
 use crate::api::{ChatCompletionRequest, CompletionRequest, DraftUsage, FinishReason, GeneratedToolCall, SamplingParams, TokenLogprob, TopLogprob, Usage};
 use crate::gpu::ops::{Candidates, Selection, TokenSlot};
 use crate::grammar::{Constraint, GrammarError, Mask};
-use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, MAX_DRAFTS, PAGE_SIZE};
+use crate::model::{page_hash, Batch, KvPool, PageAllocator, PassOutput, PassTokens, SamplingDefaults, MAX_DRAFTS, PAGE_SIZE};
 use crate::sample::{SampleError, Sampler, SamplerOptions};
 use crate::text::reasoning::{Part, ThoughtSplit};
 use crate::text::tool_calls::{ToolCallFormat, ToolCallStream};
@@ -295,6 +295,8 @@ pub struct Engine {
     seeds: ChaCha8Rng,
     /// Whether sequences draft by prompt lookup ([`Engine::with_prompt_lookup`]).
     prompt_lookup: bool,
+    /// What requests that set no sampling of their own sample with ([`Engine::with_sampling_defaults`]).
+    sampling_defaults: SamplingDefaults,
     /// A smaller model of the same vocabulary that drafts tokens ([`Engine::with_draft_model`]).
     draft_model: Option<Llama>,
     /// Sequences that gave their pages back to make room ([`Engine::make_room`]), in all.
@@ -311,6 +313,12 @@ impl Engine {
         let pages = PageAllocator::new(model.kv_pool().pages);
         let free_slots = (0..model.max_sequences()).rev().collect();
         let prompter = Prompter::new(tokenizer, template, model.config(), model.context_length());
+        let mut sampling_defaults = model.config().sampling_defaults.clone();
+        // A bad value in the model's files costs its recommendation, not the load.
+        if let Err(error) = SamplerOptions::from_params(&SamplingParams::default().with_defaults(&sampling_defaults), model_vocab) {
+            log::warn!("the model's recommended sampling is left out: {error}");
+            sampling_defaults = SamplingDefaults::default();
+        }
         Ok(Self {
             model,
             prompter,
@@ -322,6 +330,7 @@ impl Engine {
             next_id: 0,
             seeds: ChaCha8Rng::seed_from_u64(seed),
             prompt_lookup: false,
+            sampling_defaults,
             draft_model: None,
             preemptions: 0,
         })
@@ -332,6 +341,22 @@ impl Engine {
     pub fn with_prompt_lookup(mut self, on: bool) -> Self {
         self.prompt_lookup = on;
         self
+    }
+
+    /// With `on` (the default), requests sample as the model's files recommend (generation_config.json,
+    /// a GGUF's `general.sampling.*`) where they set no temperature, top_p, top_k, min_p or
+    /// repetition_penalty of their own, as vLLM and llama.cpp do; without, OpenAI's defaults
+    /// (temperature 1, every token).
+    pub fn with_sampling_defaults(mut self, on: bool) -> Self {
+        if !on {
+            self.sampling_defaults = SamplingDefaults::default();
+        }
+        self
+    }
+
+    /// The sampling requests take where they set none ([`Engine::with_sampling_defaults`]).
+    pub fn sampling_defaults(&self) -> &SamplingDefaults {
+        &self.sampling_defaults
     }
 
     /// With `on` (the default), the chats of a reasoning model (one whose template speaks of
@@ -468,7 +493,8 @@ impl Engine {
     /// [`Engine::add_choices`] adds them, prompt by prompt: the choices of each prompt are what a
     /// request of that prompt alone would give. Every prompt is checked before any is queued.
     pub fn add_prepared(&mut self, prepared: Prepared, cancel: CancelToken, n: usize) -> Result<Vec<SequenceId>> {
-        let Prepared { prompts, echoes, sampling: ref params, constraint, calling, thought, prediction } = prepared;
+        let Prepared { prompts, echoes, sampling, constraint, calling, thought, prediction } = prepared;
+        let params = &sampling.with_defaults(&self.sampling_defaults);
         let thinking = thought.as_ref().is_some_and(ThoughtSplit::thinking);
         if !(1..=MAX_CHOICES).contains(&n) {
             return Err(EngineError::BadChoiceCount { n, max: MAX_CHOICES }.into());

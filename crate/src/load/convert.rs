@@ -109,6 +109,7 @@ fn convert_into(
         chat_template: Some(template.source().to_string()),
         bos_token: template.special_tokens().bos.clone(),
         eos_token: template.special_tokens().eos.clone(),
+        sampling_defaults: config.sampling_defaults.clone(),
         shards,
         tensors: written,
     };

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use super::{ChunkReader, LoadError, LoadFuture, SliceReader, SourceFile, Storage, TensorData, TensorLocation, WeightSource, WeightStream};
-use crate::model::{Config, ModelError, Rope, RopeScaling};
+use crate::model::{Config, ModelError, Rope, RopeScaling, SamplingDefaults};
 use crate::quant::DType;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -406,6 +406,14 @@ impl GgufHeader {
                 _ => token("tokenizer.ggml.bos_token_id")?,
             },
             eos_token_ids,
+            // As llama.cpp's converter writes generation_config.json's (top_k 0 or less: none).
+            sampling_defaults: SamplingDefaults {
+                temperature: h.get_f32("general.sampling.temp")?,
+                top_p: h.get_f32("general.sampling.top_p")?,
+                top_k: h.get("general.sampling.top_k").and_then(MetadataValue::as_u64).filter(|&k| k > 0).map(|k| k.min(u32::MAX.into()) as u32),
+                min_p: h.get_f32("general.sampling.min_p")?,
+                repetition_penalty: h.get_f32("general.sampling.penalty_repeat")?,
+            },
         };
         config.rope.scaling = self.frequency_factors(head_dim, rope_freqs)?;
         config.validate()?;

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{LoadError, SourceFile, TensorLocation};
+use crate::model::SamplingDefaults;
 use crate::quant::DType;
 use crate::text::{ChatTemplate, SpecialTokens, TextError};
 use crate::Config;
@@ -28,6 +29,9 @@ pub struct Manifest {
     pub bos_token: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token: Option<String>,
+    /// The sampling the model's files recommend, as `generation_config.json` gives it.
+    #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
+    pub sampling_defaults: SamplingDefaults,
     pub shards: Vec<Shard>,
     pub tensors: Vec<ShardTensor>,
 }
@@ -97,7 +101,8 @@ impl Manifest {
     }
 
     pub fn model_config(&self) -> Result<Config, crate::Error> {
-        Ok(Config::from_hf_json(&self.config.to_string(), None)?)
+        let generation = serde_json::to_string(&self.sampling_defaults).map_err(|e| LoadError::Manifest(e.to_string()))?;
+        Ok(Config::from_hf_json(&self.config.to_string(), Some(&generation))?)
     }
 
     pub fn files(&self) -> Vec<SourceFile> {

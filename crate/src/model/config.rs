@@ -1,7 +1,7 @@
 //! The model's hyperparameters, parsed from a Hugging Face `config.json` (Llama 3, 3.1, 3.2; the
 //! transformers-4 `rope_scaling` + `rope_theta` style and the transformers-5 `rope_parameters` style).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::ModelError;
 
@@ -22,6 +22,37 @@ pub struct Config {
     pub bos_token_id: Option<u32>,
     /// Every token that ends generation (Llama 3.1 Instruct: 128001, 128008, 128009).
     pub eos_token_ids: Vec<u32>,
+    /// The sampling the model's makers recommend (Llama 3.1 Instruct: temperature 0.6, top_p 0.9).
+    pub sampling_defaults: SamplingDefaults,
+}
+
+/// Sampling settings a model's files recommend (`generation_config.json`, a GGUF's
+/// `general.sampling.*`), which requests that set none of their own take, as vLLM's
+/// `--generation-config auto` and llama.cpp give them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// 0 or less in the files means every token: none.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "positive_top_k")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+}
+
+impl SamplingDefaults {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn positive_top_k<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    let top_k = Option::<i64>::deserialize(deserializer)?;
+    Ok(top_k.filter(|&k| k > 0).map(|k| k.min(u32::MAX as i64) as u32))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -111,10 +142,13 @@ impl TokenIds {
 #[derive(Deserialize)]
 struct GenerationConfig {
     eos_token_id: Option<TokenIds>,
+    #[serde(flatten)]
+    sampling: SamplingDefaults,
 }
 
 impl Config {
-    /// Parses `config.json`, then lets `generation_config.json` (when given) set the stop tokens.
+    /// Parses `config.json`, then lets `generation_config.json` (when given) set the stop tokens
+    /// and the sampling defaults.
     pub fn from_hf_json(config_json: &str, generation_config_json: Option<&str>) -> Result<Self, ModelError> {
         let hf: HfConfig = serde_json::from_str(config_json).map_err(|e| ModelError::Config(e.to_string()))?;
         // Mistral's checkpoints are Llama's architecture, with a sliding window in some.
@@ -133,9 +167,11 @@ impl Config {
         }
         let rope = rope(hf.rope_theta, hf.rope_parameters.or(hf.rope_scaling))?;
         let mut eos_token_ids = hf.eos_token_id.map(TokenIds::into_vec).unwrap_or_default();
+        let mut sampling_defaults = SamplingDefaults::default();
         if let Some(json) = generation_config_json {
             let generation: GenerationConfig =
                 serde_json::from_str(json).map_err(|e| ModelError::Config(format!("generation_config.json: {e}")))?;
+            sampling_defaults = generation.sampling;
             if let Some(ids) = generation.eos_token_id {
                 for id in ids.into_vec() {
                     if !eos_token_ids.contains(&id) {
@@ -162,6 +198,7 @@ impl Config {
             tie_word_embeddings: hf.tie_word_embeddings,
             bos_token_id: hf.bos_token_id.and_then(|ids| ids.into_vec().first().copied()),
             eos_token_ids,
+            sampling_defaults,
         };
         config.validate()?;
         Ok(config)

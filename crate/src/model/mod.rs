@@ -5,7 +5,7 @@ mod kv_pool;
 mod llama;
 mod memory;
 
-pub use config::{Config, Llama3Scaling, Rope, RopeScaling};
+pub use config::{Config, Llama3Scaling, Rope, RopeScaling, SamplingDefaults};
 pub use kv_pool::{page_hash, KvPool, PageAllocator, PrefixMatch, PAGE_SIZE};
 pub use crate::load::LoadProgress;
 pub use llama::{checkpoint_tensors, Batch, CheckpointTensor, Llama, LoadOptions, PassOutput, PassTokens, MAX_DRAFTS, MAX_DRAFT_PASS_TOKENS};
