@@ -88,6 +88,17 @@ fn to_js(error: crate::Error) -> JsValue {
     js_error(ErrorKind::from(&error), error.to_string())
 }
 
+/// An option that is `on` (its default) or "none", read as whether it is on; any other value is
+/// refused naming `param`.
+fn on_unless_none(value: Option<&str>, param: &str, on: &str) -> Result<bool, JsValue> {
+    match value {
+        None => Ok(true),
+        Some("none") => Ok(false),
+        Some(value) if value == on => Ok(true),
+        Some(other) => Err(request_error(Some(param), format!("{param}: {other:?} is neither {on:?} nor \"none\""))),
+    }
+}
+
 /// `error`, which the engine refused `work` with, thrown to JS: a `RequestError` when the request
 /// is at fault, naming the field as the request's API does.
 fn failure(work: &Work, reply: &Reply, error: crate::Error) -> JsValue {
@@ -281,16 +292,8 @@ pub async fn load(url: String, options: JsValue, on_progress: Function) -> Resul
     if !has_webgpu() {
         return Err(js_error(ErrorKind::NoWebGpu, "this browser has no WebGPU (navigator.gpu is missing)"));
     }
-    let parse_reasoning = match options.reasoning_format.as_deref() {
-        None | Some("auto") => true,
-        Some("none") => false,
-        Some(other) => return Err(request_error(Some("reasoningFormat"), format!("reasoningFormat: {other:?} is neither \"auto\" nor \"none\""))),
-    };
-    let model_sampling = match options.sampling_defaults.as_deref() {
-        None | Some("model") => true,
-        Some("none") => false,
-        Some(other) => return Err(request_error(Some("samplingDefaults"), format!("samplingDefaults: {other:?} is neither \"model\" nor \"none\""))),
-    };
+    let parse_reasoning = on_unless_none(options.reasoning_format.as_deref(), "reasoningFormat", "auto")?;
+    let model_sampling = on_unless_none(options.sampling_defaults.as_deref(), "samplingDefaults", "model")?;
     let kv_type = match options.kv_type.as_deref() {
         None => None,
         Some(name) => Some(KvType::from_name(name).ok_or_else(|| request_error(Some("kvType"), format!("kvType: {name:?} is not a KV type: {}", KvType::choices())))?),

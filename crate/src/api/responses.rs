@@ -532,6 +532,14 @@ fn logprob_entries(logprobs: &[TokenLogprob]) -> Vec<Value> {
     }
 }
 
+/// Where a streamed item stands: not yet sent, sent and taking deltas, or done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ItemState {
+    Unopened,
+    Open,
+    Closed,
+}
+
 /// A streamed response's events: `response.created` and `response.in_progress`; a reasoning
 /// model's thought as an item opened at its first delta, a `reasoning_text` delta per piece, closed
 /// when the answer begins; the message's item and text part opened at its first text, a delta per
@@ -541,11 +549,9 @@ fn logprob_entries(logprobs: &[TokenLogprob]) -> Vec<Value> {
 pub struct ResponseEvents {
     header: ResponseHeader,
     sequence: u64,
-    /// The thought's item: whether it was opened (its text came as deltas), the text so far, and
-    /// whether it is closed.
-    thought_open: bool,
+    /// The thought's item, and its text so far while it is open.
+    thought_item: ItemState,
     thought: String,
-    thought_closed: bool,
     /// Whether the message's item is open (its text came as deltas).
     message_open: bool,
     logprobs: bool,
@@ -554,12 +560,12 @@ pub struct ResponseEvents {
 impl ResponseEvents {
     /// `logprobs`: whether the request asked for log probabilities.
     pub fn new(header: ResponseHeader, logprobs: bool) -> Self {
-        Self { header, sequence: 0, thought_open: false, thought: String::new(), thought_closed: false, message_open: false, logprobs }
+        Self { header, sequence: 0, thought_item: ItemState::Unopened, thought: String::new(), message_open: false, logprobs }
     }
 
     /// The message's place in the output: after the thought, where there is one.
     fn message_index(&self) -> usize {
-        self.thought_open as usize
+        (self.thought_item != ItemState::Unopened) as usize
     }
 
     pub fn header(&self) -> &ResponseHeader {
@@ -595,10 +601,10 @@ impl ResponseEvents {
 
     /// The thought comes first: its item opens at its first delta (a marker's, before any text).
     fn open_thought(&mut self, events: &mut Vec<Value>) {
-        if self.thought_open {
+        if self.thought_item != ItemState::Unopened {
             return;
         }
-        self.thought_open = true;
+        self.thought_item = ItemState::Open;
         let item = self.header.reasoning_item(None);
         let item_id = self.header.reasoning_id();
         events.push(self.event("response.output_item.added", json!({"output_index": 0, "item": item})));
@@ -607,10 +613,10 @@ impl ResponseEvents {
 
     /// Ends the thought's item, if it is open.
     fn close_thought(&mut self, events: &mut Vec<Value>) {
-        if !self.thought_open || self.thought_closed {
+        if self.thought_item != ItemState::Open {
             return;
         }
-        self.thought_closed = true;
+        self.thought_item = ItemState::Closed;
         let (item_id, thought) = (self.header.reasoning_id(), std::mem::take(&mut self.thought));
         let place = json!({"item_id": item_id, "output_index": 0, "content_index": 0});
         events.push(self.event("response.reasoning_text.done", with(&place, json!({"text": thought}))));
@@ -652,7 +658,7 @@ impl ResponseEvents {
             let item_id = &item["id"];
             if item["type"] == "reasoning" {
                 // Streamed, it closed before the answer's first text; a thought of no text never opened.
-                if !self.thought_closed {
+                if self.thought_item != ItemState::Closed {
                     self.thought = item["content"][0]["text"].as_str().unwrap_or_default().to_string();
                 }
                 self.open_thought(&mut events);
